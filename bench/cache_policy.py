@@ -1,0 +1,42 @@
+"""How a request may reuse earlier work. The engine calls these hooks; variants supply them.
+
+The default policy reuses nothing. A policy that keeps state (`stateful`) gets cold runs
+(state cleared first) reported apart from warm ones by the runner.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from bench.models.base import PreparedPrompt, VLMAdapter
+
+
+@dataclass
+class PrefixHit:
+    cache: object  # a transformers Cache already holding the prefix's keys/values
+    cached_tokens: int
+
+
+class CachePolicy:
+    name = "none"
+    stateful = False
+
+    def restore_prefix(self, adapter: VLMAdapter, prepared: PreparedPrompt) -> PrefixHit | None:
+        """A working cache holding this request's prefix, or None on a miss."""
+        return None
+
+    def image_embeds(self, adapter: VLMAdapter, prepared: PreparedPrompt,
+                     compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """(image embeddings, whether they came from a cache)."""
+        return compute(), False
+
+    def store_prefix(self, adapter: VLMAdapter, prepared: PreparedPrompt, cache) -> None:
+        """Called after a full prefill with the cache holding prefix + suffix."""
+
+    def clear(self) -> None:
+        """Forget everything (the next request is cold)."""
+
+    def stats(self) -> dict:
+        return {}

@@ -1,0 +1,87 @@
+"""Command line: `python vila_prefix_benchmark.py ...` and `python -m bench [run|make-checkpoint|docs] ...`."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def run_main(argv: list[str] | None = None) -> int:
+    from bench.config import config_from_args
+    from bench.console import print_summary
+    from bench.errors import UsageError
+
+    try:
+        cfg = config_from_args(argv)
+        _quiet_libraries()
+        from bench.runner import Benchmark
+
+        bench = Benchmark(cfg)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        out_dir = bench.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are in {bench.out_dir}/runs.csv", file=sys.stderr)
+        return 130
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(bench.summary_rows(), out_dir, bench.source.weights)
+    return 0
+
+
+def make_checkpoint_main(argv: list[str]) -> int:
+    """Write a preset (random weights) to disk in its family's real layout."""
+    from bench.errors import UsageError
+
+    p = argparse.ArgumentParser(prog="python -m bench make-checkpoint")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    _quiet_libraries()
+    import torch
+
+    from bench.models.loader import build_preset, save_checkpoint
+
+    try:
+        adapter = build_preset(args.preset, None, torch.device(args.device), getattr(torch, args.dtype), args.seed)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pathlib import Path
+
+    save_checkpoint(adapter, Path(args.out))
+    print(f"wrote {args.preset} ({adapter.family} layout, weights=random) to {args.out}")
+    return 0
+
+
+def docs_main(argv: list[str]) -> int:
+    """Regenerate results/README.md's column tables from bench.metrics."""
+    from bench.docs import write_results_readme
+
+    path = write_results_readme(argv[0] if argv else "results/README.md")
+    print(f"wrote {path}")
+    return 0
+
+
+COMMANDS = {"run": run_main, "make-checkpoint": make_checkpoint_main, "docs": docs_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    return run_main(argv)

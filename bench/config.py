@@ -1,0 +1,80 @@
+"""One validated config per invocation; the CLI flags are generated from its fields."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+from bench.errors import UsageError
+
+DEMO_IMAGE = Path(__file__).parent / "assets" / "demo.png"
+DEFAULT_PRESET = "tiny-vila"
+
+
+def opt(help: str, default=None, aliases: tuple[str, ...] = ()):
+    return field(default=default, metadata={"help": help, "aliases": aliases})
+
+
+@dataclass
+class RunConfig:
+    model_path: str | None = opt("checkpoint directory (llava-hf layout, or VILA1.5 llm/ vision_tower/ mm_projector/)",
+                                 aliases=("--model_path",))
+    preset: str | None = opt("architecture preset with random weights (e.g. llava-1.5-7b, vila1.5-3b); "
+                             f"default {DEFAULT_PRESET} when no --model-path")
+    image_path: str | None = opt("image file (default: the demo image shipped with the repo)",
+                                 aliases=("--image_path", "--image-file"))
+    text_prompt: str | None = opt("the question to measure (default: a built-in list of questions)",
+                                  aliases=("--text_prompt", "--query"))
+    questions: str | None = opt("file with one measured question per line")
+    conv_mode: str | None = opt("conversation template: vicuna_v1, llama_3, hermes-2, plain (default: the model's)",
+                                aliases=("--conv_mode",))
+    variants: str = opt("comma-separated variants, parts joined by '+' (e.g. fp16,prefix)", "fp16")
+    num_runs: int = opt("measured runs per variant (at least)", 10, aliases=("--num_runs",))
+    min_seconds: float = opt("measured time per variant (at least), s", 1.0)
+    max_runs: int = opt("hard cap on measured runs per variant (0: 20 x --num-runs)", 0)
+    warmup: int = opt("warm-up runs per variant (unmeasured questions)", 2)
+    max_new_tokens: int = opt("tokens generated per request (fixed: EOS ignored)", 128,
+                              aliases=("--max_new_tokens",))
+    max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
+    device: str = opt("cuda, cuda:N, cpu or auto", "auto")
+    dtype: str = opt("float16, bfloat16, float32 or auto (float16 on CUDA, float32 on CPU)", "auto")
+    output_dir: str | None = opt("results directory (default results/local/<time>-<model>)")
+    seed: int = opt("seed for preset weights and sampling-free runs", 0)
+
+    def __post_init__(self):
+        if self.model_path and self.preset:
+            raise UsageError("give either --model-path or --preset, not both")
+        if not self.model_path and not self.preset:
+            self.preset = DEFAULT_PRESET
+        for name in ("num_runs", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.warmup < 0 or self.min_seconds < 0 or self.max_runs < 0:
+            raise UsageError("--warmup, --min-seconds and --max-runs must not be negative")
+        if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise UsageError(f"unknown --dtype {self.dtype!r}; choose auto, float16, bfloat16 or float32")
+        if self.image_path is None:
+            self.image_path = str(DEMO_IMAGE)
+        if self.max_runs == 0:
+            self.max_runs = 20 * self.num_runs
+
+    @property
+    def variant_specs(self) -> list[str]:
+        return [s.strip() for s in self.variants.split(",") if s.strip()]
+
+
+def build_parser(cls=RunConfig, prog: str = "vila_prefix_benchmark.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Benchmark VLM inference variants.")
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag, *f.metadata.get("aliases", ())]
+        default = None if f.default is MISSING else f.default
+        kind = str if "str" in str(f.type) else int if "int" in str(f.type) else float
+        parser.add_argument(*names, dest=f.name, type=kind, default=default,
+                            help=f"{f.metadata.get('help', '')} [default: {default}]")
+    return parser
+
+
+def config_from_args(argv: list[str] | None) -> RunConfig:
+    ns = build_parser().parse_args(argv)
+    return RunConfig(**vars(ns))

@@ -1,0 +1,44 @@
+"""Readable end-of-run table (rich), built from the summary rows."""
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.table import Table
+
+SHOWN = [("ttft_ms", "TTFT ms"), ("prefill_ms", "prefill ms"), ("vision_ms", "vision ms"),
+         ("tpot_ms", "TPOT ms"), ("decode_tok_s", "decode tok/s"), ("e2e_ms", "e2e ms"),
+         ("peak_alloc_mb", "peak MiB")]
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def print_summary(summary: list[dict], out_dir, weights: str, console: Console | None = None) -> None:
+    console = console or Console(width=None if Console().is_terminal else 160)
+    table = Table(title=f"median per run  (weights={weights})", show_lines=False)
+    for col in ("variant", "engine", "cache", "n"):
+        table.add_column(col)
+    for _, title in SHOWN:
+        table.add_column(title, justify="right")
+    table.add_column("valid")
+    keyed: dict[tuple, dict] = {}
+    for r in summary:
+        key = (r["model"], r["variant"], r["engine"], r["cache_state"], r["status"], r.get("error"))
+        keyed.setdefault(key, {})[r.get("metric")] = r
+    for (model, variant, engine, state, status, error), metrics in keyed.items():
+        if status != "ok":
+            table.add_row(variant, engine or "", "", "", f"[yellow]{status}: {error}[/]", *[""] * (len(SHOWN)))
+            continue
+        n = max(m.get("n", 0) for m in metrics.values())
+        valid = all(m.get("valid") for k, m in metrics.items() if k in ("e2e_ms", "ttft_ms"))
+        table.add_row(variant, engine, state, str(n),
+                      *[_fmt(metrics.get(k, {}).get("median")) for k, _ in SHOWN],
+                      "yes" if valid else "[red]no[/]")
+    console.print(table)
+    if weights == "random":
+        console.print("[bold]weights=random[/]: timings are real (shapes decide time); generated text is meaningless.")
+    console.print(f"results: {out_dir}/runs.csv, {out_dir}/summary.csv, {out_dir}/env.json")

@@ -1,0 +1,99 @@
+"""The `hf` engine: transformers' eager forward with a DynamicCache, greedy, fixed length.
+
+It is the loop `generate` runs for greedy search, written out so each phase is timed:
+preprocess (CPU) -> prefix restore -> vision -> prefill (first token on host) -> cache
+store -> one timed step per further token. EOS is ignored: every request decodes exactly
+`max_new_tokens` tokens, so runs are comparable.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from bench.cache_policy import CachePolicy
+from bench.models.base import VLMAdapter
+from bench.timing import Timeline, sum_by_label
+
+
+@dataclass
+class RequestResult:
+    tokens: list[int]
+    phases_ms: dict[str, float]  # preprocess, restore, vision, prefill, store, decode (summed)
+    step_ms: list[float]  # one entry per decode step (new_tokens - 1)
+    e2e_ms: float
+    prompt_tokens: int
+    prefix_tokens: int
+    cached_tokens: int
+    cache_hit: bool
+    extra: dict = field(default_factory=dict)
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, adapter: VLMAdapter, policy: CachePolicy):
+        self.adapter, self.policy = adapter, policy
+
+    def new_cache(self):
+        return DynamicCache()
+
+    @torch.inference_mode()
+    def run(self, image: Image.Image, question: str, max_new_tokens: int) -> RequestResult:
+        a, policy = self.adapter, self.policy
+        tl = Timeline(a.device)
+        t0 = time.perf_counter()
+        tl.mark("start", host_only=True)
+        prepared = a.prepare(image, question)
+        tl.mark("preprocess", host_only=True)
+
+        hit = policy.restore_prefix(a, prepared)
+        tl.mark("restore")
+        embeds_hit = False
+        if hit is None:
+            image_embeds, embeds_hit = policy.image_embeds(
+                a, prepared, lambda: a.encode_image(a.pixels_to_device(prepared)))
+            tl.mark("vision")
+            cache = self.new_cache()
+            embeds = torch.cat([a.prefix_embeds(prepared, image_embeds), a.embed_ids(prepared.suffix_ids)], dim=1)
+            logits = a.lm_forward(embeds, cache)
+            token = logits[:, -1].argmax(-1)
+            first = int(token.item())
+            tl.mark("prefill")
+            policy.store_prefix(a, prepared, cache)
+            tl.mark("store")
+            cached = 0
+        else:
+            tl.mark("vision")
+            cache = hit.cache
+            logits = a.lm_forward(a.embed_ids(prepared.suffix_ids), cache)
+            token = logits[:, -1].argmax(-1)
+            first = int(token.item())
+            tl.mark("prefill")
+            tl.mark("store")
+            cached = hit.cached_tokens
+
+        emb = a.input_embeddings()
+        generated = [token]
+        for _ in range(max_new_tokens - 1):
+            logits = a.lm_forward(emb(token[:, None]), cache)
+            token = logits[:, -1].argmax(-1)
+            generated.append(token)
+            tl.mark("decode")
+        tokens = [first] + torch.cat(generated[1:]).tolist() if len(generated) > 1 else [first]
+        e2e_ms = (time.perf_counter() - t0) * 1e3
+
+        phases = tl.phases_ms()
+        return RequestResult(
+            tokens=tokens,
+            phases_ms=sum_by_label(phases),
+            step_ms=[ms for label, ms in phases if label == "decode"],
+            e2e_ms=e2e_ms,
+            prompt_tokens=prepared.prompt_tokens,
+            prefix_tokens=prepared.prefix_tokens,
+            cached_tokens=cached,
+            cache_hit=hit is not None or embeds_hit,
+        )

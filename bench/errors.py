@@ -1,0 +1,5 @@
+"""Errors a user can act on: the CLI prints one line and exits with code 2."""
+
+
+class UsageError(Exception):
+    """Bad input from the user (missing image, bad model dir, unknown choice)."""

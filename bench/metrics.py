@@ -1,0 +1,124 @@
+"""The one place where result columns and metrics are defined (name, unit, meaning).
+
+results/README.md is generated from these tables (`python -m bench docs`), and a test checks
+that every CSV column written is documented here.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+from bench.engine import RequestResult
+
+# runs.csv: one row per request (warm-up rows included and labelled), in this column order.
+RUN_COLUMNS: dict[str, str] = {
+    "timestamp": "UTC time the row was written (ISO 8601)",
+    "model": "preset name or checkpoint directory name",
+    "family": "llava | vila",
+    "weights": "random (preset, or checkpoint written from a preset) | checkpoint (real weights)",
+    "variant": "variant spec as given, e.g. fp16, bnb4+prefix",
+    "engine": "hf (transformers eager forward + DynamicCache)",
+    "device": "cuda | cpu",
+    "dtype": "compute dtype of the unquantized parts",
+    "status": "ok | failed | skipped",
+    "error": "why a row is failed or skipped (empty when ok)",
+    "kind": "warmup | measured",
+    "run_index": "index within (variant, kind, cache_state)",
+    "question": "the question asked (warm-up questions are never measured ones)",
+    "cache_state": "none (variant keeps no cache) | cold (cache cleared before the run) | warm",
+    "cache_hit": "true when the request reused cached work (prefix KV or image embeddings)",
+    "prompt_tokens": "tokens in the full prompt, image tokens included",
+    "prefix_tokens": "tokens in the cacheable prefix (system prompt + image + separator)",
+    "cached_tokens": "prompt tokens whose KV came from the prefix cache (not prefilled)",
+    "new_tokens": "generated tokens (fixed: EOS ignored)",
+    "preprocess_ms": "CPU: image decode + processor + tokenization (host clock)",
+    "restore_ms": "prefix-cache lookup and restore into the working cache",
+    "vision_ms": "vision tower + projector (incl. host->device copy of pixels; ~0 on a cache hit)",
+    "prefill_ms": "LLM forward over the uncached prompt tokens until the first token id is on the host",
+    "store_ms": "saving the prefix into the cache after a cold prefill (0 for variants without a cache)",
+    "ttft_ms": "request start -> first token id on host = preprocess + restore + vision + prefill",
+    "decode_ms": "sum of the per-token decode steps (new_tokens - 1 steps)",
+    "tpot_ms": "(e2e - ttft) / (new_tokens - 1)",
+    "itl_p50_ms": "median decode-step latency",
+    "itl_p90_ms": "90th percentile decode-step latency",
+    "itl_p99_ms": "99th percentile decode-step latency",
+    "decode_tok_s": "(new_tokens - 1) / decode time",
+    "e2e_ms": "request start -> last token on host (wall clock)",
+    "peak_alloc_mb": "torch.cuda.max_memory_allocated during the request, MiB (empty on CPU)",
+    "peak_reserved_mb": "torch.cuda.max_memory_reserved during the request, MiB (empty on CPU)",
+    "nvml_used_mb": "peak device memory used as NVML reports it (all processes), MiB",
+    "gpu_util_pct": "mean NVML GPU utilisation sampled every 10 ms during the request, %",
+    "energy_j_per_token": "NVML total-energy counter delta over the request / new_tokens, J",
+    "weight_mb": "bytes of the model's parameters and buffers as loaded, MiB",
+    "output_text": "decoded output (first 80 characters; meaningless for random weights)",
+}
+
+# Metrics summarised per (model, variant, engine, cache_state) in summary.csv.
+SUMMARY_METRICS = [
+    "ttft_ms", "prefill_ms", "vision_ms", "preprocess_ms", "restore_ms", "store_ms", "decode_ms", "tpot_ms",
+    "itl_p50_ms", "itl_p99_ms", "decode_tok_s", "e2e_ms", "peak_alloc_mb", "peak_reserved_mb",
+    "nvml_used_mb", "gpu_util_pct", "energy_j_per_token",
+]
+
+SUMMARY_COLUMNS: dict[str, str] = {
+    "model": "as in runs.csv", "family": "as in runs.csv", "weights": "as in runs.csv",
+    "variant": "as in runs.csv", "engine": "as in runs.csv", "device": "as in runs.csv", "dtype": "as in runs.csv",
+    "cache_state": "none | cold | warm: cold and warm runs are never pooled",
+    "status": "ok | failed | skipped (then metric is empty and error says why)",
+    "error": "reason for failed/skipped",
+    "metric": "a runs.csv column name (unit in its name)",
+    "n": "measured runs summarised",
+    "median": "median of the runs", "mean": "mean of the runs",
+    "p90": "90th percentile", "p99": "99th percentile", "stdev": "sample standard deviation",
+    "ci_low": "bootstrap 95% CI of the median, lower bound", "ci_high": "upper bound",
+    "cv": "coefficient of variation (stdev / mean)",
+    "measured_s": "wall time of the measured runs summed, s",
+    "valid": "n >= --num-runs AND measured_s >= --min-seconds AND cv <= --max-cv",
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method) of a non-empty list."""
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def request_metrics(r: RequestResult, new_tokens: int) -> dict:
+    """Derived per-run metrics from one request's timed phases (definitions as RUN_COLUMNS)."""
+    p = r.phases_ms
+    ttft = p.get("preprocess", 0.0) + p.get("restore", 0.0) + p.get("vision", 0.0) + p.get("prefill", 0.0)
+    decode = sum(r.step_ms)
+    steps = len(r.step_ms)
+    out = {
+        "preprocess_ms": p.get("preprocess", 0.0),
+        "restore_ms": p.get("restore", 0.0),
+        "vision_ms": p.get("vision", 0.0),
+        "prefill_ms": p.get("prefill", 0.0),
+        "store_ms": p.get("store", 0.0),
+        "ttft_ms": ttft,
+        "decode_ms": decode,
+        "e2e_ms": r.e2e_ms,
+        "prompt_tokens": r.prompt_tokens,
+        "prefix_tokens": r.prefix_tokens,
+        "cached_tokens": r.cached_tokens,
+        "cache_hit": r.cache_hit,
+        "new_tokens": new_tokens,
+    }
+    if steps:
+        out.update(
+            tpot_ms=(r.e2e_ms - ttft) / steps,
+            itl_p50_ms=statistics.median(r.step_ms),
+            itl_p90_ms=percentile(r.step_ms, 90),
+            itl_p99_ms=percentile(r.step_ms, 99),
+            decode_tok_s=steps / (decode / 1e3) if decode > 0 else None,
+        )
+    return out
+
+
+def phases_total_ms(row: dict) -> float:
+    """Sum of the tiled phases; equals e2e_ms up to host overhead outside the timeline."""
+    return sum(row[k] or 0.0 for k in ("preprocess_ms", "restore_ms", "vision_ms", "prefill_ms", "store_ms",
+                                        "decode_ms"))

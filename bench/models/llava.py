@@ -1,0 +1,141 @@
+"""LLaVA-1.5 in the llava-hf layout, on transformers' LlavaForConditionalGeneration."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+
+from bench.models.base import PreparedPrompt, VLMAdapter
+from bench.templates import IMAGE_PLACEHOLDER, ConvTemplate
+
+
+class LlavaAdapter(VLMAdapter):
+    family = "llava"
+    image_separator = "\n"  # LLaVA: "<image>\n{question}"
+
+    def __init__(self, model: LlavaForConditionalGeneration, tokenizer, image_processor, template: ConvTemplate,
+                 weights: str, name: str):
+        super().__init__(template)
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        self.weights, self.name = weights, name
+        cfg = model.config
+        self.image_token_id = cfg.image_token_index
+        self.feature_layer = cfg.vision_feature_layer
+        self.select_strategy = cfg.vision_feature_select_strategy
+        v = cfg.vision_config
+        patches = (v.image_size // v.patch_size) ** 2
+        self.image_tokens = patches + 1 if self.select_strategy == "full" else patches
+
+    # CPU ---------------------------------------------------------------------------------
+    def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
+        pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        prefix_text, suffix_text = self.template.split(question, self.image_separator)
+        full = self._tokenize(prefix_text + suffix_text, add_bos=True)
+        prefix = self._tokenize(prefix_text, add_bos=True)
+        # The split point is the longest shared run of the whole prompt's ids and the prefix
+        # text's ids, so the prompt is tokenized exactly as the model expects.
+        split = 0
+        while split < min(len(full), len(prefix)) and full[split] == prefix[split]:
+            split += 1
+        image_pos = full.index(self.image_token_id)
+        if split <= image_pos:
+            raise ValueError("prefix/suffix split fell before the image token")
+        return PreparedPrompt(
+            pixel_values=pixel_values,
+            ids_before_image=full[:image_pos],
+            ids_after_image=full[image_pos + 1 : split],
+            suffix_ids=full[split:],
+            image_tokens=self.image_tokens,
+        )
+
+    # device ------------------------------------------------------------------------------
+    def language_model(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    def vision_modules(self) -> list[torch.nn.Module]:
+        return [self.model.model.vision_tower, self.model.model.multi_modal_projector]
+
+    def input_embeddings(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # Same computation as LlavaModel.get_image_features, written against the stable module
+        # attributes because that method's return type changed across transformers 5.x.
+        out = self.model.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        feats = out.hidden_states[self.feature_layer]
+        if self.select_strategy == "default":
+            feats = feats[:, 1:]
+        return self.model.model.multi_modal_projector(feats).to(self.dtype)
+
+    def lm_forward(self, inputs_embeds: torch.Tensor, cache, logits_to_keep: int = 1) -> torch.Tensor:
+        out = self.model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True,
+                         logits_to_keep=logits_to_keep)
+        return out.logits
+
+
+def is_llava_dir(path: Path, config: dict) -> bool:
+    return config.get("model_type") == "llava" and "llm_cfg" not in config and not (path / "llm").is_dir()
+
+
+def load_llava(path: Path, template: ConvTemplate, device: torch.device, dtype: torch.dtype, weights: str,
+               model_kwargs: dict | None = None) -> LlavaAdapter:
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, dtype=dtype, device_map={"": device}, use_safetensors=True, **(model_kwargs or {})
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    return LlavaAdapter(model, tokenizer, image_processor, template, weights, path.name)
+
+
+def llava_config(preset, tokenizer) -> LlavaConfig:
+    llm, vis = preset.llm, preset.vision
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    pad = tokenizer.convert_tokens_to_ids("<pad>")
+    return LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model", hidden_size=vis.hidden, intermediate_size=vis.mlp,
+            num_hidden_layers=vis.layers, num_attention_heads=vis.heads, image_size=vis.image_size,
+            patch_size=vis.patch, projection_dim=768 if vis.hidden >= 768 else vis.hidden,
+            hidden_act="quick_gelu", layer_norm_eps=1e-5,
+        ),
+        text_config=dict(
+            model_type="llama", hidden_size=llm.hidden, intermediate_size=llm.mlp,
+            num_hidden_layers=llm.layers, num_attention_heads=llm.heads, num_key_value_heads=llm.kv_heads,
+            vocab_size=llm.vocab, max_position_embeddings=llm.max_pos, rms_norm_eps=llm.rms_norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": llm.rope_theta},
+            tie_word_embeddings=llm.tie_embeddings, pad_token_id=pad, bos_token_id=1, eos_token_id=2,
+        ),
+        image_token_index=image_token,
+        image_seq_length=(vis.image_size // vis.patch) ** 2,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        pad_token_id=pad,
+        tie_word_embeddings=llm.tie_embeddings,
+    )
+
+
+def llava_image_processor(preset):
+    from transformers import CLIPImageProcessor
+
+    size = preset.vision.image_size
+    return CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_center_crop=True,
+        resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        do_convert_rgb=True,
+    )
+
+
+def build_llava_model(preset, tokenizer, device, dtype) -> LlavaForConditionalGeneration:
+    config = llava_config(preset, tokenizer)
+    with torch.device(device):
+        return LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
+
+
+def save_llava(adapter: LlavaAdapter, out: Path) -> None:
+    adapter.model.save_pretrained(out)
+    adapter.tokenizer.save_pretrained(out)
+    adapter.image_processor.save_pretrained(out)

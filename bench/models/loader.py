@@ -1,0 +1,84 @@
+"""Find and load a model: a checkpoint directory (LLaVA llava-hf or VILA1.5 layout) or a preset."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from bench.errors import UsageError
+from bench.models.base import VLMAdapter
+from bench.models.llava import (
+    LlavaAdapter, build_llava_model, is_llava_dir, llava_image_processor, load_llava, save_llava,
+)
+from bench.models.presets import Preset, get_preset
+from bench.models.tokenizer import build_tokenizer
+from bench.models.vila import VilaAdapter, build_vila_model, is_vila_dir, load_vila, save_vila, siglip_image_processor
+from bench.templates import TEMPLATE_SPECIAL_TOKENS, get_template
+
+# Written into checkpoints made from presets, so loading one still says weights=random.
+RANDOM_WEIGHTS_MARK = "bench_random_weights"
+
+DEFAULT_CONV_MODE = {"llava": "vicuna_v1", "vila": "vicuna_v1"}
+
+
+def read_checkpoint_config(path: Path) -> tuple[str, dict]:
+    """(family, top-level config) or a UsageError saying what the directory lacks."""
+    if not path.is_dir():
+        raise UsageError(f"--model-path {path} is not a directory")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise UsageError(f"--model-path {path} is not a LLaVA/VILA checkpoint: no config.json "
+                         "(expected llava-hf layout, or VILA1.5 with llm/, vision_tower/, mm_projector/)")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--model-path {path}: config.json is not valid JSON ({e})") from None
+    if is_vila_dir(path, config):
+        return "vila", config
+    if is_llava_dir(path, config):
+        if not any(path.glob("*.safetensors")):
+            raise UsageError(f"--model-path {path}: no *.safetensors weights (only safetensors are loaded)")
+        return "llava", config
+    raise UsageError(
+        f"--model-path {path} is not a LLaVA/VILA checkpoint (model_type={config.get('model_type')!r}); "
+        "supported: llava-hf layout (model_type llava) or VILA1.5 (llm/, vision_tower/, mm_projector/)"
+    )
+
+
+def load_checkpoint(path: Path, conv_mode: str | None, device: torch.device, dtype: torch.dtype,
+                    llm_load_kwargs: dict | None = None) -> VLMAdapter:
+    family, config = read_checkpoint_config(path)
+    weights = "random" if config.get(RANDOM_WEIGHTS_MARK) else "checkpoint"
+    template = get_template(conv_mode or DEFAULT_CONV_MODE[family])
+    if family == "vila":
+        if llm_load_kwargs and not (path / "llm" / "config.json").is_file():
+            pass
+        return load_vila(path, template, device, dtype, weights, config, llm_kwargs=llm_load_kwargs)
+    return load_llava(path, template, device, dtype, weights, model_kwargs=llm_load_kwargs)
+
+
+def build_preset(name: str, conv_mode: str | None, device: torch.device, dtype: torch.dtype,
+                 seed: int = 0) -> VLMAdapter:
+    """Random weights, created directly on `device` (a 7B model never passes through CPU memory)."""
+    preset: Preset = get_preset(name)
+    template = get_template(conv_mode or preset.conv_mode)
+    tokenizer = build_tokenizer(preset.tokenizer_base_vocab, list(preset.special_tokens) + TEMPLATE_SPECIAL_TOKENS)
+    if len(tokenizer) > preset.llm.vocab:
+        raise ValueError(f"tokenizer ({len(tokenizer)}) larger than the preset's vocab ({preset.llm.vocab})")
+    torch.manual_seed(seed)
+    if preset.family == "llava":
+        model = build_llava_model(preset, tokenizer, device, dtype)
+        model.config.__dict__[RANDOM_WEIGHTS_MARK] = True
+        return LlavaAdapter(model, tokenizer, llava_image_processor(preset), template, "random", name)
+    model = build_vila_model(preset, tokenizer, device, dtype)
+    model.top_config[RANDOM_WEIGHTS_MARK] = True
+    return VilaAdapter(model, tokenizer, siglip_image_processor(preset), template, "random", name)
+
+
+def save_checkpoint(adapter: VLMAdapter, out: Path) -> None:
+    """Write the model in its family's real on-disk layout (safetensors)."""
+    if isinstance(adapter, VilaAdapter):
+        save_vila(adapter, out)
+    else:
+        save_llava(adapter, out)

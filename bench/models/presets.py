@@ -1,0 +1,81 @@
+"""Architecture presets: exact real dimensions (MODELS.md) with random weights, plus tiny ones for tests.
+
+A preset only describes shapes; `bench.models.build` turns it into a model on the target
+device without first materialising it on the CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bench.errors import UsageError
+
+
+@dataclass(frozen=True)
+class LLMDims:
+    hidden: int
+    mlp: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    max_pos: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    hidden: int
+    mlp: int
+    layers: int
+    heads: int
+    image_size: int
+    patch: int = 14
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str  # "llava" | "vila"
+    llm: LLMDims
+    vision: VisionDims
+    conv_mode: str
+    tokenizer_base_vocab: int  # pieces before the special tokens (LLaVA: <image> lands at this id)
+    special_tokens: tuple[str, ...] = field(default=())
+
+
+CLIP_L_336 = VisionDims(hidden=1024, mlp=4096, layers=24, heads=16, image_size=336)
+SIGLIP_SO400M_384 = VisionDims(hidden=1152, mlp=4304, layers=27, heads=16, image_size=384)
+
+_LLAVA_SPECIAL = ("<image>", "<pad>")
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("llava-1.5-7b", "llava", LLMDims(4096, 11008, 32, 32, 32, 32064), CLIP_L_336, "vicuna_v1",
+               32000, _LLAVA_SPECIAL),
+        Preset("llava-1.5-13b", "llava", LLMDims(5120, 13824, 40, 40, 40, 32064), CLIP_L_336, "vicuna_v1",
+               32000, _LLAVA_SPECIAL),
+        Preset("vila1.5-3b", "vila", LLMDims(2560, 6912, 32, 20, 20, 32000), SIGLIP_SO400M_384, "vicuna_v1",
+               31990, ("<pad>",)),
+        Preset("vila1.5-8b", "vila",
+               LLMDims(4096, 14336, 32, 32, 8, 128256, max_pos=8192, rope_theta=500000.0),
+               SIGLIP_SO400M_384, "llama_3", 128000, ("<pad>",)),
+        Preset("vila1.5-13b", "vila", LLMDims(5120, 13824, 40, 40, 40, 32000), SIGLIP_SO400M_384, "vicuna_v1",
+               31990, ("<pad>",)),
+        # Tiny presets for tests: same code paths, seconds on a laptop CPU.
+        # tiny-llava: 56 px / patch 14 -> 16 patches (+CLS dropped) = 16 image tokens.
+        Preset("tiny-llava", "llava", LLMDims(64, 128, 2, 4, 2, 640), VisionDims(32, 64, 2, 2, 56),
+               "vicuna_v1", 600, _LLAVA_SPECIAL),
+        # tiny-vila: 70 px / patch 14 -> 5x5 patches, padded to 6x6 -> 9 image tokens (odd side path).
+        Preset("tiny-vila", "vila", LLMDims(64, 128, 2, 4, 2, 640), VisionDims(32, 64, 3, 2, 70),
+               "vicuna_v1", 600, ("<pad>",)),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UsageError(f"unknown --preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]

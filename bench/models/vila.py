@@ -1,0 +1,223 @@
+"""VILA1.5 assembled from stock transformers parts (no VILA repo, no trust_remote_code).
+
+On disk: config.json (model_type llava_llama, embedded llm_cfg / vision_tower_cfg /
+mm_projector_cfg), llm/ (LlamaForCausalLM + tokenizer), vision_tower/ (SiglipVisionModel +
+preprocessor_config.json), mm_projector/ (config.json + model.safetensors, keys layers.{1,2,4}.*).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoImageProcessor, AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel,
+)
+
+from bench.models.base import PreparedPrompt, VLMAdapter
+from bench.templates import ConvTemplate
+
+
+class DownSampleBlock(nn.Module):
+    """VILA's mlp_downsample front: N tokens -> sqrt(N) x sqrt(N) grid, odd sides zero-padded,
+    2x2 neighbourhoods folded into channels (the permutation of VILA's flat_square)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        side = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], side, side, -1)
+        n, w, h, c = x.shape
+        if w % 2 == 1:
+            x = torch.cat([x, x.new_zeros(n, 1, h, c)], dim=1)
+            n, w, h, c = x.shape
+        if h % 2 == 1:
+            x = torch.cat([x, x.new_zeros(n, w, 1, c)], dim=2)
+            n, w, h, c = x.shape
+        x = x.contiguous().view(n, w, h // 2, c * 2)
+        x = x.permute(0, 2, 1, 3).contiguous().view(n, h // 2, w // 2, c * 4)
+        x = x.permute(0, 2, 1, 3).contiguous()
+        return x.reshape(n, -1, c * 4)
+
+
+def mlp_downsample_projector(vision_hidden: int, llm_hidden: int) -> nn.Sequential:
+    # Indices match VILA's state dict: layers.1 LayerNorm, layers.2 Linear, layers.4 Linear.
+    c4 = vision_hidden * 4
+    return nn.Sequential(DownSampleBlock(), nn.LayerNorm(c4), nn.Linear(c4, llm_hidden), nn.GELU(),
+                         nn.Linear(llm_hidden, llm_hidden))
+
+
+def downsampled_tokens(patches_per_side: int) -> int:
+    half = (patches_per_side + 1) // 2
+    return half * half
+
+
+class VilaModel(nn.Module):
+    def __init__(self, llm: LlamaForCausalLM, vision_tower: SiglipVisionModel, mm_projector: nn.Sequential,
+                 top_config: dict):
+        super().__init__()
+        self.llm, self.vision_tower, self.mm_projector = llm, vision_tower, mm_projector
+        self.top_config = top_config
+
+
+class VilaAdapter(VLMAdapter):
+    family = "vila"
+    image_separator = ""  # VILA: "<image>{question}"; "\n" embeddings follow each image
+
+    def __init__(self, model: VilaModel, tokenizer, image_processor, template: ConvTemplate, weights: str,
+                 name: str):
+        super().__init__(template)
+        self.model, self.tokenizer, self.image_processor = model, tokenizer, image_processor
+        self.weights, self.name = weights, name
+        cfg = model.top_config
+        self.select_layer = cfg.get("mm_vision_select_layer", -2)
+        self.select_feature = cfg.get("mm_vision_select_feature", "cls_patch")
+        self.aspect = cfg.get("image_aspect_ratio", "resize")
+        vcfg = model.vision_tower.config
+        self.image_tokens = downsampled_tokens(vcfg.image_size // vcfg.patch_size)
+
+    def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
+        if self.aspect == "pad":
+            image = expand_to_square(image, self.image_processor.image_mean)
+        elif self.aspect == "resize":
+            size = self.model.vision_tower.config.image_size
+            image = image.convert("RGB").resize((size, size), Image.BICUBIC)
+        pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        prefix_text, suffix_text = self.template.split(question, self.image_separator)
+        head = prefix_text[: -len("<image>")]
+        # VILA tokenizes the text around each image separately (tokenizer_image_token): BOS only
+        # on the first chunk; then the tokenized "\n" after the image.
+        return PreparedPrompt(
+            pixel_values=pixel_values,
+            ids_before_image=self._tokenize(head, add_bos=True),
+            ids_after_image=self._tokenize("\n", add_bos=False),
+            suffix_ids=self._tokenize(suffix_text, add_bos=False),
+            image_tokens=self.image_tokens,
+        )
+
+    def language_model(self) -> torch.nn.Module:
+        return self.model.llm
+
+    def vision_modules(self) -> list[torch.nn.Module]:
+        return [self.model.vision_tower, self.model.mm_projector]
+
+    def input_embeddings(self) -> torch.nn.Embedding:
+        return self.model.llm.get_input_embeddings()
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        feats = out.hidden_states[self.select_layer]
+        if self.select_feature == "patch":  # SigLIP has no CLS: cls_patch keeps every token
+            feats = feats[:, 1:]
+        return self.model.mm_projector(feats).to(self.dtype)
+
+    def lm_forward(self, inputs_embeds: torch.Tensor, cache, logits_to_keep: int = 1) -> torch.Tensor:
+        out = self.model.llm(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True,
+                             logits_to_keep=logits_to_keep)
+        return out.logits
+
+
+def expand_to_square(image: Image.Image, mean) -> Image.Image:
+    image = image.convert("RGB")
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new("RGB", (side, side), tuple(int(m * 255) for m in mean))
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def is_vila_dir(path: Path, config: dict) -> bool:
+    has_parts = all((path / d).is_dir() for d in ("llm", "vision_tower", "mm_projector"))
+    return has_parts and (config.get("model_type") in ("llava_llama", "llava") or "llm_cfg" in config)
+
+
+def load_vila(path: Path, template: ConvTemplate, device: torch.device, dtype: torch.dtype, weights: str,
+              top_config: dict, llm_kwargs: dict | None = None) -> VilaAdapter:
+    llm = LlamaForCausalLM.from_pretrained(path / "llm", dtype=dtype, device_map={"": device},
+                                           use_safetensors=True, **(llm_kwargs or {}))
+    vision = SiglipVisionModel.from_pretrained(path / "vision_tower", dtype=dtype, device_map={"": device},
+                                               use_safetensors=True)
+    proj_cfg = json.loads((path / "mm_projector" / "config.json").read_text())
+    if proj_cfg.get("mm_projector_type") != "mlp_downsample":
+        from bench.errors import UsageError
+
+        raise UsageError(f"{path}: mm_projector type {proj_cfg.get('mm_projector_type')!r} is not supported "
+                         "(supported: mlp_downsample)")
+    state = load_file(str(path / "mm_projector" / "model.safetensors"))
+    state = {k.removeprefix("layers."): v for k, v in state.items()}
+    projector = mlp_downsample_projector(vision.config.hidden_size, llm.config.hidden_size)
+    projector.load_state_dict(state)
+    projector.to(device=device, dtype=dtype)
+    model = VilaModel(llm, vision, projector, top_config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path / "llm")
+    image_processor = AutoImageProcessor.from_pretrained(path / "vision_tower")
+    return VilaAdapter(model, tokenizer, image_processor, template, weights, path.name)
+
+
+def vila_configs(preset, tokenizer) -> tuple[LlamaConfig, SiglipVisionConfig]:
+    llm, vis = preset.llm, preset.vision
+    llm_cfg = LlamaConfig(
+        hidden_size=llm.hidden, intermediate_size=llm.mlp, num_hidden_layers=llm.layers,
+        num_attention_heads=llm.heads, num_key_value_heads=llm.kv_heads, vocab_size=llm.vocab,
+        max_position_embeddings=llm.max_pos, rms_norm_eps=llm.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": llm.rope_theta},
+        tie_word_embeddings=llm.tie_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    vis_cfg = SiglipVisionConfig(
+        hidden_size=vis.hidden, intermediate_size=vis.mlp, num_hidden_layers=vis.layers,
+        num_attention_heads=vis.heads, image_size=vis.image_size, patch_size=vis.patch,
+        hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
+    )
+    return llm_cfg, vis_cfg
+
+
+def vila_top_config(llm_cfg, vis_cfg, dtype) -> dict:
+    return {
+        "architectures": ["LlavaLlamaModel"],
+        "model_type": "llava_llama",
+        "image_aspect_ratio": "resize",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "cls_patch",
+        "mm_projector_type": "mlp_downsample",
+        "model_dtype": str(dtype),
+        "llm_cfg": llm_cfg.to_dict(),
+        "vision_tower_cfg": vis_cfg.to_dict(),
+        "mm_projector_cfg": {"mm_projector_type": "mlp_downsample", "model_type": "v2l_projector"},
+    }
+
+
+def siglip_image_processor(preset):
+    from transformers import SiglipImageProcessor
+
+    size = preset.vision.image_size
+    return SiglipImageProcessor(size={"height": size, "width": size}, resample=3, do_rescale=True,
+                                rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3,
+                                image_std=[0.5] * 3)
+
+
+def build_vila_model(preset, tokenizer, device, dtype) -> VilaModel:
+    llm_cfg, vis_cfg = vila_configs(preset, tokenizer)
+    with torch.device(device):
+        llm = LlamaForCausalLM._from_config(llm_cfg, dtype=dtype)
+        vision = SiglipVisionModel._from_config(vis_cfg, dtype=dtype)
+        projector = mlp_downsample_projector(vis_cfg.hidden_size, llm_cfg.hidden_size).to(dtype=dtype)
+    return VilaModel(llm, vision, projector, vila_top_config(llm_cfg, vis_cfg, dtype)).eval()
+
+
+def save_vila(adapter: VilaAdapter, out: Path) -> None:
+    model = adapter.model
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(model.top_config, indent=2, default=str))
+    model.llm.save_pretrained(out / "llm")
+    adapter.tokenizer.save_pretrained(out / "llm")
+    model.vision_tower.save_pretrained(out / "vision_tower")
+    adapter.image_processor.save_pretrained(out / "vision_tower")
+    proj_dir = out / "mm_projector"
+    proj_dir.mkdir(exist_ok=True)
+    (proj_dir / "config.json").write_text(json.dumps(model.top_config["mm_projector_cfg"], indent=2))
+    state = {f"layers.{k}": v.detach().contiguous().cpu() for k, v in model.mm_projector.state_dict().items()}
+    save_file(state, str(proj_dir / "model.safetensors"))

@@ -1,0 +1,225 @@
+"""The runner: for each variant, load (or reuse) the model, warm up, time N requests, write a
+row per run as it finishes, then the summary. It knows nothing about any particular variant."""
+from __future__ import annotations
+
+import gc
+import math
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from bench import envinfo
+from bench.config import RunConfig
+from bench.errors import UsageError
+from bench.gpu_monitor import GpuMonitor
+from bench.metrics import SUMMARY_METRICS, request_metrics
+from bench.questions import load_questions, warmup_questions
+from bench.results import run_writer, utc_now, write_json, write_summary
+from bench.source import ModelSource
+from bench.stats import is_valid, summarize
+from variants import parse_variant
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}; use cuda, cuda:N, cpu or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda given but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_image(path: str) -> Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--image-path {path}: no such file")
+    try:
+        with Image.open(p) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise UsageError(f"--image-path {path}: not a readable image ({e.__class__.__name__})") from None
+
+
+def printable(text: str) -> str:
+    """Output text safe for one CSV cell and a terminal (random weights emit control bytes)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def weight_mb(module: torch.nn.Module) -> float:
+    total = sum(t.numel() * t.element_size() for t in module.parameters())
+    total += sum(t.numel() * t.element_size() for t in module.buffers())
+    return total / 2**20
+
+
+class Benchmark:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        # Everything a user can get wrong is checked before any model is loaded.
+        self.variants = [parse_variant(s) for s in cfg.variant_specs]
+        if not self.variants:
+            raise UsageError("--variants is empty")
+        self.image = load_image(cfg.image_path)
+        self.questions = load_questions(cfg.questions, cfg.text_prompt)
+        self.warmups = warmup_questions(self.questions)
+        if cfg.conv_mode is not None:
+            from bench.templates import get_template
+
+            get_template(cfg.conv_mode)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        self.out_dir = Path(cfg.output_dir or f"results/local/{stamp}-{self.source.name}")
+        gpu_index = (self.device.index or 0) if self.device.type == "cuda" else None
+        self.monitor = GpuMonitor(gpu_index)
+        self.rows: list[dict] = []
+
+    # ------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.out_dir / "env.json", envinfo.collect(self.monitor.device_facts(), {
+            "config": asdict(self.cfg), "device": str(self.device), "dtype": str(self.dtype),
+            "model": self.source.name, "weights": self.source.weights,
+        }))
+        self.writer = run_writer(self.out_dir)
+        try:
+            adapter, loaded_key = None, None
+            for variant in self.variants:
+                base = self._base_row(variant)
+                reason = variant.unavailable_reason(self.device)
+                if reason:
+                    self._emit({**base, "status": "skipped", "error": reason})
+                    continue
+                try:
+                    key = variant.weights.key(vars(self.cfg))
+                    if key != loaded_key:
+                        adapter = loaded_key = None
+                        self._free()
+                        adapter = variant.weights.load(self.source, self.device, self.dtype, vars(self.cfg))
+                        loaded_key = key
+                    self._measure_variant(variant, adapter, base)
+                except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
+                    self._emit({**base, "status": "failed", "error": f"{e.__class__.__name__}: {e}"[:500]})
+                    adapter = loaded_key = None
+                    self._free()
+        finally:
+            self.writer.close()
+            write_summary(self.out_dir, self.summary_rows())
+        return self.out_dir
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _base_row(self, variant) -> dict:
+        return {
+            "model": self.source.name, "family": self.source.family, "weights": self.source.weights,
+            "variant": variant.name, "engine": variant.engine.name, "device": self.device.type,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def _emit(self, row: dict) -> None:
+        row = {"timestamp": utc_now(), **row}
+        self.writer.write(row)
+        self.rows.append(row)
+
+    # ------------------------------------------------------------------------------------
+    def _measure_variant(self, variant, adapter, base: dict) -> None:
+        cfg = self.cfg
+        policy = variant.cache.make_policy(vars(cfg))
+        engine = variant.engine.make_engine(adapter, policy)
+        base = {**base, "weight_mb": weight_mb(adapter.model), **variant.weights.describe(adapter)}
+        state = "warm" if policy.stateful else "none"
+
+        for i in range(cfg.warmup):
+            q = self.warmups[i % len(self.warmups)]
+            self._timed_run(engine, q, {**base, "kind": "warmup", "run_index": i, "cache_state": state})
+
+        groups = [("cold", cfg.num_runs)] if policy.stateful else []
+        groups.append((state, None))
+        for cache_state, fixed_n in groups:
+            bar = tqdm(total=fixed_n or cfg.num_runs, desc=f"{variant.name} [{cache_state}]", leave=False,
+                       disable=None)
+            n, measured_s = 0, 0.0
+            while True:
+                if fixed_n is not None and n >= fixed_n:
+                    break
+                if fixed_n is None and ((n >= cfg.num_runs and measured_s >= cfg.min_seconds) or n >= cfg.max_runs):
+                    break
+                if cache_state == "cold":
+                    policy.clear()
+                q = self.questions[n % len(self.questions)]
+                row = self._timed_run(engine, q, {**base, "kind": "measured", "run_index": n,
+                                                  "cache_state": cache_state})
+                measured_s += row["e2e_ms"] / 1e3
+                n += 1
+                bar.update(1)
+            bar.close()
+
+    def _timed_run(self, engine, question: str, base: dict) -> dict:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.monitor.start()
+        result = engine.run(self.image, question, self.cfg.max_new_tokens)
+        gpu = self.monitor.stop()
+        row = {**base, "status": "ok", "question": question,
+               **request_metrics(result, self.cfg.max_new_tokens),
+               "output_text": printable(engine.adapter.decode(result.tokens))[:80]}
+        if cuda:
+            row["peak_alloc_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            row["peak_reserved_mb"] = torch.cuda.max_memory_reserved(self.device) / 2**20
+        row["nvml_used_mb"] = gpu.nvml_used_mb
+        row["gpu_util_pct"] = gpu.gpu_util_pct
+        if gpu.energy_j is not None:
+            row["energy_j_per_token"] = gpu.energy_j / self.cfg.max_new_tokens
+        self._emit(row)
+        return row
+
+    # ------------------------------------------------------------------------------------
+    def summary_rows(self) -> list[dict]:
+        return summarize_runs(self.rows, self.cfg)
+
+
+GROUP_KEYS = ("model", "family", "weights", "variant", "engine", "device", "dtype", "cache_state")
+
+
+def summarize_runs(rows: list[dict], cfg: RunConfig) -> list[dict]:
+    """Per (model, variant, engine, cache_state): one row per metric; skipped/failed variants get
+    one row saying so. Cold and warm runs are never pooled."""
+    out: list[dict] = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("status") != "ok":
+            out.append({**{k: r.get(k) for k in GROUP_KEYS}, "status": r["status"], "error": r.get("error")})
+            continue
+        if r.get("kind") == "measured":
+            groups.setdefault(tuple(r.get(k) for k in GROUP_KEYS), []).append(r)
+    for key, runs in groups.items():
+        measured_s = sum(r["e2e_ms"] for r in runs) / 1e3
+        for metric in SUMMARY_METRICS:
+            values = [r.get(metric) for r in runs if r.get(metric) is not None]
+            if not values:
+                continue
+            s = summarize(values)
+            if s["n"] == 0:
+                continue
+            out.append({**dict(zip(GROUP_KEYS, key)), "status": "ok", "metric": metric, **s,
+                        "measured_s": measured_s,
+                        "valid": is_valid(s, cfg.num_runs, measured_s, cfg.min_seconds, cfg.max_cv)})
+    return out

@@ -1,0 +1,35 @@
+"""Where the model comes from: a checkpoint directory or a preset. Loads it on demand."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.models.base import VLMAdapter
+from bench.models.loader import RANDOM_WEIGHTS_MARK, build_preset, load_checkpoint, read_checkpoint_config
+from bench.models.presets import get_preset
+
+
+@dataclass
+class ModelSource:
+    model_path: str | None
+    preset: str | None
+    conv_mode: str | None
+    seed: int = 0
+
+    def __post_init__(self):
+        # Validate eagerly so a bad path/preset is a usage error before any work starts.
+        if self.model_path:
+            self.family, config = read_checkpoint_config(Path(self.model_path))
+            self.weights = "random" if config.get(RANDOM_WEIGHTS_MARK) else "checkpoint"
+            self.name = Path(self.model_path).resolve().name
+        else:
+            p = get_preset(self.preset)
+            self.family, self.weights, self.name = p.family, "random", p.name
+
+    def load(self, device: torch.device, dtype: torch.dtype, load_kwargs: dict | None = None) -> VLMAdapter:
+        """`load_kwargs` go to the LLM's from_pretrained (e.g. a quantization_config)."""
+        if self.model_path:
+            return load_checkpoint(Path(self.model_path), self.conv_mode, device, dtype, load_kwargs)
+        return build_preset(self.preset, self.conv_mode, device, dtype, seed=self.seed)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Fresh machine -> working environment in ./.venv.
+# CPU-only machines get the CPU build torch==2.13.0 (any other torch spec would pull GBs of
+# CUDA packages); machines with an NVIDIA driver keep the CUDA torch they have, or get one.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        # Reuse the system's CUDA torch when it has one.
+        "$PY" -m venv --system-site-packages .venv
+    else
+        "$PY" -m venv .venv
+    fi
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null
+if ! python -c "import torch" >/dev/null 2>&1; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        python -m pip install -q torch
+    else
+        python -m pip install -q torch==2.13.0
+    fi
+fi
+python -m pip install -q -e ".[quant,dev]"
+python -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}, cuda={torch.cuda.is_available()}')"

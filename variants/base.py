@@ -1,0 +1,98 @@
+"""The variant contract. A variant is up to one part of each kind, composed with '+':
+
+- weights: how the model's weights are stored and loaded (fp16, bnb8, bnb4, ...)
+- cache:   what a request may reuse (prefix KV, image embeddings)
+- engine:  how the forward passes are driven (hf)
+
+Each part says what it needs; the runner skips a variant whose needs the device lacks.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import torch
+
+from bench.cache_policy import CachePolicy
+from bench.engine import HFEngine
+from bench.models.base import VLMAdapter
+
+
+class Part:
+    name: str
+    kind: str
+    description: str
+    requires_cuda: bool = False
+    requires_packages: tuple[str, ...] = ()
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        if self.requires_cuda and device.type != "cuda":
+            return f"{self.name} needs a CUDA device"
+        for pkg in self.requires_packages:
+            if importlib.util.find_spec(pkg) is None:
+                return f"{self.name} needs the package {pkg!r} (not installed)"
+        return None
+
+
+class WeightsPart(Part):
+    kind = "weights"
+
+    def load(self, source, device: torch.device, dtype: torch.dtype, options: dict) -> VLMAdapter:
+        raise NotImplementedError
+
+    def key(self, options: dict) -> tuple:
+        """Two variants with the same key share one loaded model."""
+        return (self.name,)
+
+    def describe(self, adapter: VLMAdapter) -> dict:
+        return {}
+
+
+class CachePart(Part):
+    kind = "cache"
+
+    def make_policy(self, options: dict) -> CachePolicy:
+        raise NotImplementedError
+
+
+class EnginePart(Part):
+    kind = "engine"
+
+    def make_engine(self, adapter: VLMAdapter, policy: CachePolicy):
+        raise NotImplementedError
+
+
+class HFEnginePart(EnginePart):
+    name = "hf"
+    description = "transformers eager forward with a DynamicCache (the loop generate runs)"
+
+    def make_engine(self, adapter, policy):
+        return HFEngine(adapter, policy)
+
+
+class NoCachePart(CachePart):
+    name = "nocache"
+    description = "no reuse between requests"
+
+    def make_policy(self, options):
+        return CachePolicy()
+
+
+@dataclass
+class Variant:
+    spec: str
+    weights: WeightsPart
+    cache: CachePart
+    engine: EnginePart
+    parts: list[Part] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        for part in (self.weights, self.cache, self.engine):
+            reason = part.unavailable_reason(device)
+            if reason:
+                return reason
+        return None
