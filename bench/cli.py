@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 
@@ -24,7 +25,8 @@ def run_main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         from bench.runner import Benchmark
 
-        bench = Benchmark(cfg)
+        argv = sys.argv[1:] if argv is None else argv
+        bench = Benchmark(cfg, shlex.join(["vila_prefix_benchmark.py", *argv]))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,13 +33,13 @@ def _git_sha() -> str | None:
         return None
 
 
-def collect(gpu_facts: dict, extra: dict) -> dict:
+def collect(command: str, gpu_facts: dict, extra: dict) -> dict:
     import os
 
     import torch
 
     return {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": command,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "cuda_runtime": torch.version.cuda,

@@ -1,0 +1,48 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from bench.cli import _quiet_libraries  # noqa: E402
+
+_quiet_libraries()
+torch.set_num_threads(2)
+
+DEMO = ROOT / "bench" / "assets" / "demo.png"
+
+
+@pytest.fixture(scope="session")
+def demo_image():
+    from PIL import Image
+
+    return Image.open(DEMO).convert("RGB")
+
+
+def _write(preset: str, tmp_path_factory) -> Path:
+    from bench.models.loader import build_preset, save_checkpoint
+
+    out = tmp_path_factory.mktemp(preset) / preset
+    adapter = build_preset(preset, None, torch.device("cpu"), torch.float32, seed=0)
+    save_checkpoint(adapter, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    return _write("tiny-llava", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_vila_dir(tmp_path_factory):
+    return _write("tiny-vila", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dirs(tiny_llava_dir, tiny_vila_dir):
+    return {"llava": tiny_llava_dir, "vila": tiny_vila_dir}

@@ -1,0 +1,200 @@
+"""The command line as users run it: seed flags, outputs, and every error a user can act on."""
+import csv
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bench.cli import main, run_main
+from bench.metrics import RUN_COLUMNS, SUMMARY_COLUMNS, phases_total_ms
+from tests.conftest import DEMO, ROOT
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def floats(row):
+    return {k: float(v) if v not in ("", None) and k.endswith(("_ms", "_s", "_mb")) else v for k, v in row.items()}
+
+
+def test_seed_command_line(tiny_vila_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = run_main(["--num-runs", "3", "--model-path", str(tiny_vila_dir), "--image-path", str(DEMO),
+                   "--text-prompt", "What is in the picture?", "--conv-mode", "vicuna_v1",
+                   "--max-new-tokens", "12", "--min-seconds", "0", "--output-dir", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "weights=random" in printed and "runs.csv" in printed
+    with open(out / "runs.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header == list(RUN_COLUMNS)
+    rows = read_rows(out / "runs.csv")
+    measured = [r for r in rows if r["kind"] == "measured"]
+    assert len(measured) == 3 and all(r["question"] == "What is in the picture?" for r in measured)
+    assert all(r["question"] != "What is in the picture?" for r in rows if r["kind"] == "warmup")
+    for r in rows:
+        r = floats(r)
+        assert r["status"] == "ok" and r["weights"] == "random" and r["new_tokens"] == "12"
+        assert abs(phases_total_ms(r) - r["e2e_ms"]) <= 0.02 * r["e2e_ms"], r
+        assert int(r["prompt_tokens"]) > int(r["prefix_tokens"]) > 9 and r["cached_tokens"] == "0"
+        assert r["cache_state"] == "none" and r["cache_hit"] == "false"
+    summary = read_rows(out / "summary.csv")
+    assert list(summary[0]) == list(SUMMARY_COLUMNS)
+    ttft = [s for s in summary if s["metric"] == "ttft_ms"]
+    assert len(ttft) == 1 and ttft[0]["n"] == "3" and ttft[0]["cache_state"] == "none"
+    assert float(ttft[0]["ci_low"]) <= float(ttft[0]["median"]) <= float(ttft[0]["ci_high"])
+    import json
+
+    env = json.loads((out / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["config"]["num_runs"] == 3
+    assert env["command"].startswith("vila_prefix_benchmark.py --num-runs 3 --model-path")
+    assert {"transformers", "bitsandbytes", "cpu", "git_sha", "python"} <= set(env)
+
+
+def test_stop_rule_needs_runs_and_seconds(tmp_path):
+    out = tmp_path / "o"
+    assert run_main(["--preset", "tiny-llava", "--num-runs", "2", "--min-seconds", "0.5", "--max-new-tokens", "4",
+                     "--max-runs", "10000", "--warmup", "0", "--output-dir", str(out)]) == 0
+    measured = [r for r in read_rows(out / "runs.csv") if r["kind"] == "measured"]
+    assert len(measured) >= 2
+    assert sum(float(r["e2e_ms"]) for r in measured) >= 500
+    assert sum(float(r["e2e_ms"]) for r in measured[:-1]) < 500 or len(measured) == 2
+
+
+def test_max_runs_caps_the_stop_rule(tmp_path):
+    out = tmp_path / "o"
+    assert run_main(["--preset", "tiny-llava", "--num-runs", "2", "--min-seconds", "1000", "--max-new-tokens", "2",
+                     "--max-runs", "3", "--warmup", "0", "--output-dir", str(out)]) == 0
+    assert len([r for r in read_rows(out / "runs.csv") if r["kind"] == "measured"]) == 3
+    assert all(s["valid"] == "false" for s in read_rows(out / "summary.csv"))
+
+
+def test_default_run_no_arguments_is_fast(tmp_path):
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(ROOT / "vila_prefix_benchmark.py"), "--num-runs", "10"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr
+    assert "weights=random" in proc.stdout and "fp16" in proc.stdout
+    runs = list((tmp_path / "results" / "local").glob("*tiny-vila/runs.csv"))
+    assert len(runs) == 1
+    assert elapsed < 20, f"default run took {elapsed:.1f}s"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--image-path", "/nonexistent/cat.jpg"], "no such file"),
+    (["--conv-mode", "chatml"], "unknown --conv-mode 'chatml'; choose one of: vicuna_v1"),
+    (["--preset", "llava-99b"], "unknown --preset 'llava-99b'; choose one of: llava-1.5-7b"),
+    (["--variants", "fp16,turbo"], "unknown variant part 'turbo'"),
+    (["--model-path", "/nonexistent/model"], "is not a directory"),
+    (["--num-runs", "0"], "--num-runs must be at least 1"),
+    (["--questions", "/nonexistent/q.txt"], "--questions file not found"),
+])
+def test_usage_errors_exit_2_with_one_line(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unreadable_image(tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    assert main(["--image-path", str(bad)]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "no config.json"),
+    ('{"model_type": "bert"}', "is not a LLaVA/VILA checkpoint (model_type='bert')"),
+    ("{not json", "config.json is not valid JSON"),
+    ('{"model_type": "llava"}', "no *.safetensors"),
+])
+def test_bad_model_dir(tmp_path, content, needle, capsys):
+    d = tmp_path / "model"
+    d.mkdir()
+    if content is not None:
+        (d / "config.json").write_text(content)
+    assert main(["--model-path", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_entry_script_exit_code_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "vila_prefix_benchmark.py"), "--image-path", "nope.png"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: --image-path nope.png") and "Traceback" not in proc.stderr
+
+
+class _OOMWeights:
+    name, kind, description = "oomtest", "weights", "raises out-of-memory when loaded"
+
+    def unavailable_reason(self, device):
+        return None
+
+    def key(self, options):
+        return ("oomtest",)
+
+    def load(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    def describe(self, adapter):
+        return {}
+
+
+class _NeedsGpu(_OOMWeights):
+    name = "gpuonly"
+
+    def unavailable_reason(self, device):
+        return "gpuonly needs a CUDA device" if device.type != "cuda" else None
+
+
+def test_failed_variant_is_a_row_and_sweep_goes_on(tmp_path, monkeypatch):
+    import variants
+
+    real = variants.registry
+    monkeypatch.setattr(variants, "registry", lambda: {**real(), "oomtest": _OOMWeights(), "gpuonly": _NeedsGpu()})
+    out = tmp_path / "o"
+    rc = run_main(["--preset", "tiny-llava", "--variants", "oomtest,gpuonly,fp16", "--num-runs", "2",
+                   "--min-seconds", "0", "--max-new-tokens", "4", "--warmup", "0", "--output-dir", str(out)])
+    assert rc == 0
+    rows = read_rows(out / "runs.csv")
+    assert rows[0]["variant"] == "oomtest" and rows[0]["status"] == "failed"
+    assert "OutOfMemoryError" in rows[0]["error"]
+    assert rows[1]["variant"] == "gpuonly" and rows[1]["status"] == "skipped" and "CUDA" in rows[1]["error"]
+    assert [r["status"] for r in rows[2:]] == ["ok", "ok"]
+    statuses = {(s["variant"], s["status"]) for s in read_rows(out / "summary.csv")}
+    assert {("oomtest", "failed"), ("gpuonly", "skipped"), ("fp16", "ok")} <= statuses
+
+
+def test_ctrl_c_keeps_finished_rows(tmp_path, monkeypatch, capsys):
+    from bench import engine as engine_mod
+
+    calls = {"n": 0}
+    real_run = engine_mod.HFEngine.run
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(engine_mod.HFEngine, "run", flaky)
+    out = tmp_path / "o"
+    rc = run_main(["--preset", "tiny-vila", "--num-runs", "5", "--max-new-tokens", "4", "--warmup", "1",
+                   "--output-dir", str(out)])
+    assert rc == 130
+    rows = read_rows(out / "runs.csv")
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_results_readme_is_generated_from_metrics():
+    from bench.docs import render
+
+    assert (ROOT / "results" / "README.md").read_text() == render(), "run: python -m bench docs"

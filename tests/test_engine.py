@@ -1,0 +1,64 @@
+"""The hf engine is the greedy loop generate runs: same tokens, fixed length, tiled phases."""
+import pytest
+import torch
+
+from bench.cache_policy import CachePolicy
+from bench.engine import HFEngine
+from bench.metrics import phases_total_ms, request_metrics
+from bench.models.loader import load_checkpoint
+
+CPU = torch.device("cpu")
+N = 24
+
+
+def reference_generate(adapter, image, question, n):
+    """transformers' own generate on the same prompt (greedy, fixed length)."""
+    p = adapter.prepare(image, question)
+    with torch.no_grad():
+        if adapter.family == "llava":
+            ids = p.ids_before_image + [adapter.image_token_id] * p.image_tokens + p.ids_after_image + p.suffix_ids
+            out = adapter.model.generate(input_ids=torch.tensor([ids]), pixel_values=p.pixel_values,
+                                         max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            return out[0, len(ids):].tolist()
+        img = adapter.encode_image(adapter.pixels_to_device(p))
+        emb = torch.cat([adapter.prefix_embeds(p, img), adapter.embed_ids(p.suffix_ids)], dim=1)
+        out = adapter.model.llm.generate(inputs_embeds=emb, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out[0].tolist()
+
+
+@pytest.mark.parametrize("family", ["llava", "vila"])
+def test_engine_tokens_equal_generate(family, checkpoint_dirs, demo_image):
+    adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
+    engine = HFEngine(adapter, CachePolicy())
+    result = engine.run(demo_image, "What is shown?", N)
+    assert len(result.tokens) == N
+    assert result.tokens == reference_generate(adapter, demo_image, "What is shown?", N)
+    assert len(result.step_ms) == N - 1
+    assert not result.cache_hit and result.cached_tokens == 0
+
+
+def test_phases_add_up_to_e2e(checkpoint_dirs, demo_image):
+    adapter = load_checkpoint(checkpoint_dirs["vila"], None, CPU, torch.float32)
+    engine = HFEngine(adapter, CachePolicy())
+    for q in ("a", "What colors dominate the scene?"):
+        r = engine.run(demo_image, q, 16)
+        row = request_metrics(r, 16)
+        assert abs(phases_total_ms(row) - row["e2e_ms"]) <= 0.02 * row["e2e_ms"]
+        assert row["ttft_ms"] == pytest.approx(row["preprocess_ms"] + row["restore_ms"] + row["vision_ms"]
+                                               + row["prefill_ms"])
+        assert row["tpot_ms"] == pytest.approx((row["e2e_ms"] - row["ttft_ms"]) / 15)
+        assert row["decode_tok_s"] == pytest.approx(15 / (row["decode_ms"] / 1e3))
+
+
+def test_timeline_phases_tile():
+    from bench.timing import Timeline
+
+    tl = Timeline(CPU)
+    tl.mark("start", host_only=True)
+    for label in ("a", "b", "b", "c"):
+        sum(range(20000))
+        tl.mark(label)
+    phases = tl.phases_ms()
+    assert [p[0] for p in phases] == ["a", "b", "b", "c"]
+    assert all(ms > 0 for _, ms in phases)
+    assert sum(ms for _, ms in phases) <= tl.span_ms()
