@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from PIL import Image
 
 from bench.models.base import PreparedPrompt, VLMAdapter
 
@@ -23,9 +24,14 @@ class CachePolicy:
     name = "none"
     stateful = False
 
-    def restore_prefix(self, adapter: VLMAdapter, prepared: PreparedPrompt) -> PrefixHit | None:
-        """A working cache holding this request's prefix, or None on a miss."""
+    def lookup_prefix(self, adapter: VLMAdapter, prepared: PreparedPrompt, image: Image.Image) -> object | None:
+        """The stored prefix for this request, or None on a miss. Called before the image is
+        preprocessed: a hit skips the image processor, the vision tower and the prefix prefill."""
         return None
+
+    def restore_prefix(self, entry: object) -> PrefixHit:
+        """A working cache for this request, holding the looked-up prefix."""
+        raise NotImplementedError
 
     def image_embeds(self, adapter: VLMAdapter, prepared: PreparedPrompt,
                      compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:

@@ -35,6 +35,7 @@ class RunConfig:
     warmup: int = opt("warm-up runs per variant (unmeasured questions)", 2)
     max_new_tokens: int = opt("tokens generated per request (fixed: EOS ignored)", 128,
                               aliases=("--max_new_tokens",))
+    prefix_cache_mb: float = opt("byte budget of the prefix / image-embedding caches, MiB", 4096.0)
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
     device: str = opt("cuda, cuda:N, cpu or auto", "auto")
     dtype: str = opt("float16, bfloat16, float32 or auto (float16 on CUDA, float32 on CPU)", "auto")

@@ -32,11 +32,12 @@ RUN_COLUMNS: dict[str, str] = {
     "cached_tokens": "prompt tokens whose KV came from the prefix cache (not prefilled)",
     "new_tokens": "generated tokens (fixed: EOS ignored)",
     "preprocess_ms": "CPU: image decode + processor + tokenization (host clock)",
-    "restore_ms": "prefix-cache lookup and restore into the working cache",
+    "lookup_ms": "prefix-cache lookup: image-content SHA-256 + key match (0 for variants without a prefix cache)",
+    "restore_ms": "copying a cached prefix's keys/values into the request's working cache (the cost of reuse)",
     "vision_ms": "vision tower + projector (incl. host->device copy of pixels; ~0 on a cache hit)",
     "prefill_ms": "LLM forward over the uncached prompt tokens until the first token id is on the host",
     "store_ms": "saving the prefix into the cache after a cold prefill (0 for variants without a cache)",
-    "ttft_ms": "request start -> first token id on host = preprocess + restore + vision + prefill",
+    "ttft_ms": "request start -> first token id on host = preprocess + lookup + restore + vision + prefill",
     "decode_ms": "sum of the per-token decode steps (new_tokens - 1 steps)",
     "tpot_ms": "(e2e - ttft) / (new_tokens - 1)",
     "itl_p50_ms": "median decode-step latency",
@@ -55,7 +56,7 @@ RUN_COLUMNS: dict[str, str] = {
 
 # Metrics summarised per (model, variant, engine, cache_state) in summary.csv.
 SUMMARY_METRICS = [
-    "ttft_ms", "prefill_ms", "vision_ms", "preprocess_ms", "restore_ms", "store_ms", "decode_ms", "tpot_ms",
+    "ttft_ms", "prefill_ms", "vision_ms", "preprocess_ms", "lookup_ms", "restore_ms", "store_ms", "decode_ms", "tpot_ms",
     "itl_p50_ms", "itl_p99_ms", "decode_tok_s", "e2e_ms", "peak_alloc_mb", "peak_reserved_mb",
     "nvml_used_mb", "gpu_util_pct", "energy_j_per_token",
 ]
@@ -89,11 +90,12 @@ def percentile(values: list[float], q: float) -> float:
 def request_metrics(r: RequestResult, new_tokens: int) -> dict:
     """Derived per-run metrics from one request's timed phases (definitions as RUN_COLUMNS)."""
     p = r.phases_ms
-    ttft = p.get("preprocess", 0.0) + p.get("restore", 0.0) + p.get("vision", 0.0) + p.get("prefill", 0.0)
+    ttft = sum(p.get(k, 0.0) for k in ("preprocess", "lookup", "restore", "vision", "prefill"))
     decode = sum(r.step_ms)
     steps = len(r.step_ms)
     out = {
         "preprocess_ms": p.get("preprocess", 0.0),
+        "lookup_ms": p.get("lookup", 0.0),
         "restore_ms": p.get("restore", 0.0),
         "vision_ms": p.get("vision", 0.0),
         "prefill_ms": p.get("prefill", 0.0),
@@ -120,5 +122,5 @@ def request_metrics(r: RequestResult, new_tokens: int) -> dict:
 
 def phases_total_ms(row: dict) -> float:
     """Sum of the tiled phases; equals e2e_ms up to host overhead outside the timeline."""
-    return sum(row[k] or 0.0 for k in ("preprocess_ms", "restore_ms", "vision_ms", "prefill_ms", "store_ms",
+    return sum(row[k] or 0.0 for k in ("preprocess_ms", "lookup_ms", "restore_ms", "vision_ms", "prefill_ms", "store_ms",
                                         "decode_ms"))

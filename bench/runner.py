@@ -135,7 +135,7 @@ class Benchmark:
                         adapter = loaded_key = None
                         self._free()
                         adapter = variant.weights.load(self.source, self.device, self.dtype, vars(self.cfg))
-                        loaded_key = key
+                        adapter.weights_key = loaded_key = key
                     self._measure_variant(variant, adapter, base)
                 except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
                     self._emit({**base, "status": "failed", "error": f"{e.__class__.__name__}: {e}"[:500]})

@@ -18,7 +18,8 @@ import torch
 class _Mark:
     label: str
     host_s: float
-    event: object | None  # torch.cuda.Event when the phase ending here ran on the GPU
+    event: object | None  # torch.cuda.Event (CUDA only)
+    host_only: bool  # the phase ending here is measured on the host clock
 
 
 class Timeline:
@@ -28,10 +29,10 @@ class Timeline:
 
     def mark(self, label: str, host_only: bool = False) -> None:
         event = None
-        if self.cuda and not host_only:
+        if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
-        self._marks.append(_Mark(label, time.perf_counter(), event))
+        self._marks.append(_Mark(label, time.perf_counter(), event, host_only))
 
     def synchronize(self) -> None:
         if self.cuda:
@@ -42,7 +43,7 @@ class Timeline:
         self.synchronize()
         out = []
         for prev, cur in zip(self._marks, self._marks[1:]):
-            if prev.event is not None and cur.event is not None:
+            if not cur.host_only and prev.event is not None and cur.event is not None:
                 ms = prev.event.elapsed_time(cur.event)
             else:
                 ms = (cur.host_s - prev.host_s) * 1e3

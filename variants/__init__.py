@@ -6,7 +6,7 @@ import importlib
 from bench.errors import UsageError
 from variants.base import HFEnginePart, NoCachePart, Part, Variant
 
-_MODULES = ["variants.fp16"]
+_MODULES = ["variants.fp16", "variants.prefix"]
 
 
 def registry() -> dict[str, Part]:

@@ -19,11 +19,11 @@ from bench.templates import ConvTemplate
 class PreparedPrompt:
     """CPU-side result of preprocessing one request."""
 
-    pixel_values: torch.Tensor  # processor output, on the CPU
     ids_before_image: list[int]  # prefix text before the image (BOS, system prompt, user role)
     ids_after_image: list[int]  # prefix text after the image (e.g. "\n")
     suffix_ids: list[int]  # question + assistant header
     image_tokens: int
+    pixel_values: torch.Tensor | None = None  # processor output, on the CPU (None until processed)
 
     @property
     def prefix_tokens(self) -> int:
@@ -33,8 +33,8 @@ class PreparedPrompt:
     def prompt_tokens(self) -> int:
         return self.prefix_tokens + len(self.suffix_ids)
 
-    def image_digest(self) -> str:
-        """SHA-256 of the preprocessed pixels: the identity of the image content."""
+    def pixel_digest(self) -> str:
+        """SHA-256 of the preprocessed pixel tensor (what the seed's VILA fork keyed on)."""
         t = self.pixel_values.detach().contiguous().cpu()
         return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
 
@@ -52,13 +52,24 @@ class VLMAdapter:
     template: ConvTemplate
     weights: str  # "random" | "checkpoint"
     name: str  # preset name or checkpoint directory name
+    identity: str  # what makes two loaded models the same model (preset+seed, or resolved path)
+    weights_key: tuple = ("fp16",)  # set by the weights variant that loaded it
 
     def __init__(self, template: ConvTemplate):
         self.template = template
 
     # --- CPU side -------------------------------------------------------------------
-    def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
+    def prepare_text(self, question: str) -> PreparedPrompt:
+        """Tokenize the prompt around the image; pixels are left for `preprocess_image`."""
         raise NotImplementedError
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        raise NotImplementedError
+
+    def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
+        prepared = self.prepare_text(question)
+        prepared.pixel_values = self.preprocess_image(image)
+        return prepared
 
     def _tokenize(self, text: str, add_bos: bool) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
@@ -110,3 +121,10 @@ class VLMAdapter:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def image_content_digest(image: Image.Image) -> str:
+    """SHA-256 of the decoded image (mode, size, pixels): its content, not its path."""
+    h = hashlib.sha256(f"{image.mode}:{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()

@@ -29,8 +29,10 @@ class LlavaAdapter(VLMAdapter):
         self.image_tokens = patches + 1 if self.select_strategy == "full" else patches
 
     # CPU ---------------------------------------------------------------------------------
-    def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
-        pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"]
+
+    def prepare_text(self, question: str) -> PreparedPrompt:
         prefix_text, suffix_text = self.template.split(question, self.image_separator)
         full = self._tokenize(prefix_text + suffix_text, add_bos=True)
         prefix = self._tokenize(prefix_text, add_bos=True)
@@ -43,7 +45,6 @@ class LlavaAdapter(VLMAdapter):
         if split <= image_pos:
             raise ValueError("prefix/suffix split fell before the image token")
         return PreparedPrompt(
-            pixel_values=pixel_values,
             ids_before_image=full[:image_pos],
             ids_after_image=full[image_pos + 1 : split],
             suffix_ids=full[split:],
@@ -86,7 +87,9 @@ def load_llava(path: Path, template: ConvTemplate, device: torch.device, dtype: 
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)
-    return LlavaAdapter(model, tokenizer, image_processor, template, weights, path.name)
+    adapter = LlavaAdapter(model, tokenizer, image_processor, template, weights, path.name)
+    adapter.identity = str(path.resolve())
+    return adapter
 
 
 def llava_config(preset, tokenizer) -> LlavaConfig:

@@ -52,8 +52,6 @@ def load_checkpoint(path: Path, conv_mode: str | None, device: torch.device, dty
     weights = "random" if config.get(RANDOM_WEIGHTS_MARK) else "checkpoint"
     template = get_template(conv_mode or DEFAULT_CONV_MODE[family])
     if family == "vila":
-        if llm_load_kwargs and not (path / "llm" / "config.json").is_file():
-            pass
         return load_vila(path, template, device, dtype, weights, config, llm_kwargs=llm_load_kwargs)
     return load_llava(path, template, device, dtype, weights, model_kwargs=llm_load_kwargs)
 
@@ -70,10 +68,13 @@ def build_preset(name: str, conv_mode: str | None, device: torch.device, dtype: 
     if preset.family == "llava":
         model = build_llava_model(preset, tokenizer, device, dtype)
         model.config.__dict__[RANDOM_WEIGHTS_MARK] = True
-        return LlavaAdapter(model, tokenizer, llava_image_processor(preset), template, "random", name)
-    model = build_vila_model(preset, tokenizer, device, dtype)
-    model.top_config[RANDOM_WEIGHTS_MARK] = True
-    return VilaAdapter(model, tokenizer, siglip_image_processor(preset), template, "random", name)
+        adapter = LlavaAdapter(model, tokenizer, llava_image_processor(preset), template, "random", name)
+    else:
+        model = build_vila_model(preset, tokenizer, device, dtype)
+        model.top_config[RANDOM_WEIGHTS_MARK] = True
+        adapter = VilaAdapter(model, tokenizer, siglip_image_processor(preset), template, "random", name)
+    adapter.identity = f"preset:{name}:seed{seed}"
+    return adapter
 
 
 def save_checkpoint(adapter: VLMAdapter, out: Path) -> None:

@@ -77,19 +77,20 @@ class VilaAdapter(VLMAdapter):
         vcfg = model.vision_tower.config
         self.image_tokens = downsampled_tokens(vcfg.image_size // vcfg.patch_size)
 
-    def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         if self.aspect == "pad":
             image = expand_to_square(image, self.image_processor.image_mean)
         elif self.aspect == "resize":
             size = self.model.vision_tower.config.image_size
             image = image.convert("RGB").resize((size, size), Image.BICUBIC)
-        pixel_values = self.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        return self.image_processor(images=image, return_tensors="pt")["pixel_values"]
+
+    def prepare_text(self, question: str) -> PreparedPrompt:
         prefix_text, suffix_text = self.template.split(question, self.image_separator)
         head = prefix_text[: -len("<image>")]
         # VILA tokenizes the text around each image separately (tokenizer_image_token): BOS only
         # on the first chunk; then the tokenized "\n" after the image.
         return PreparedPrompt(
-            pixel_values=pixel_values,
             ids_before_image=self._tokenize(head, add_bos=True),
             ids_after_image=self._tokenize("\n", add_bos=False),
             suffix_ids=self._tokenize(suffix_text, add_bos=False),
@@ -154,7 +155,9 @@ def load_vila(path: Path, template: ConvTemplate, device: torch.device, dtype: t
     model = VilaModel(llm, vision, projector, top_config).eval()
     tokenizer = AutoTokenizer.from_pretrained(path / "llm")
     image_processor = AutoImageProcessor.from_pretrained(path / "vision_tower")
-    return VilaAdapter(model, tokenizer, image_processor, template, weights, path.name)
+    adapter = VilaAdapter(model, tokenizer, image_processor, template, weights, path.name)
+    adapter.identity = str(path.resolve())
+    return adapter
 
 
 def vila_configs(preset, tokenizer) -> tuple[LlamaConfig, SiglipVisionConfig]:
