@@ -36,6 +36,11 @@ class RunConfig:
     max_new_tokens: int = opt("tokens generated per request (fixed: EOS ignored)", 128,
                               aliases=("--max_new_tokens",))
     prefix_cache_mb: float = opt("byte budget of the prefix / image-embedding caches, MiB", 4096.0)
+    bnb_int8_threshold: float = opt("bnb8: LLM.int8 outlier threshold", 6.0)
+    bnb4_double_quant: bool = opt("bnb4: double quantization of the scales", False)
+    bnb4_compute_dtype: str = opt("bnb4: compute dtype float16, bfloat16 or auto (= --dtype)", "auto")
+    quantize_vision: bool = opt("weight variants also quantize the vision tower and projector", False)
+    fidelity: bool = opt("measure token_agree / kl_mean against the fp16 baseline for every variant", True)
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
     device: str = opt("cuda, cuda:N, cpu or auto", "auto")
     dtype: str = opt("float16, bfloat16, float32 or auto (float16 on CUDA, float32 on CPU)", "auto")
@@ -54,6 +59,8 @@ class RunConfig:
             raise UsageError("--warmup, --min-seconds and --max-runs must not be negative")
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise UsageError(f"unknown --dtype {self.dtype!r}; choose auto, float16, bfloat16 or float32")
+        if self.bnb4_compute_dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise UsageError(f"unknown --bnb4-compute-dtype {self.bnb4_compute_dtype!r}; choose auto, float16, bfloat16")
         if self.image_path is None:
             self.image_path = str(DEMO_IMAGE)
         if self.max_runs == 0:
@@ -70,9 +77,13 @@ def build_parser(cls=RunConfig, prog: str = "vila_prefix_benchmark.py") -> argpa
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *f.metadata.get("aliases", ())]
         default = None if f.default is MISSING else f.default
+        help_text = f"{f.metadata.get('help', '')} [default: {default}]"
+        if "bool" in str(f.type):
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+            continue
         kind = str if "str" in str(f.type) else int if "int" in str(f.type) else float
-        parser.add_argument(*names, dest=f.name, type=kind, default=default,
-                            help=f"{f.metadata.get('help', '')} [default: {default}]")
+        parser.add_argument(*names, dest=f.name, type=kind, default=default, help=help_text)
     return parser
 
 

@@ -8,13 +8,16 @@ from rich.table import Table
 
 SHOWN = [("ttft_ms", "TTFT ms"), ("prefill_ms", "prefill ms"), ("vision_ms", "vision ms"),
          ("tpot_ms", "TPOT ms"), ("decode_tok_s", "decode tok/s"), ("e2e_ms", "e2e ms"),
-         ("peak_alloc_mb", "peak MiB")]
+         ("peak_alloc_mb", "peak MiB"), ("weight_mb", "weights MiB"), ("token_agree", "token agree"),
+         ("kl_mean", "KL mean")]
 
 
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
-    return f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
+    if v != 0 and abs(v) < 0.01:
+        return f"{v:.1e}"
+    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
 
 
 def print_summary(summary: list[dict], out_dir, weights: str, console: Console | None = None) -> None:
@@ -40,5 +43,6 @@ def print_summary(summary: list[dict], out_dir, weights: str, console: Console |
                       "yes" if valid else "[red]no[/]")
     console.print(table)
     if weights == "random":
-        console.print("[bold]weights=random[/]: timings are real (shapes decide time); generated text is meaningless.")
+        console.print("[bold]weights=random[/]: timings are real (shapes decide time); generated text is meaningless, "
+                      "and token agree / KL measure numeric fidelity only.")
     console.print(f"results: {out_dir}/runs.csv, {out_dir}/summary.csv, {out_dir}/env.json")

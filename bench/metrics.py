@@ -51,6 +51,14 @@ RUN_COLUMNS: dict[str, str] = {
     "gpu_util_pct": "mean NVML GPU utilisation sampled every 10 ms during the request, %",
     "energy_j_per_token": "NVML total-energy counter delta over the request / new_tokens, J",
     "weight_mb": "bytes of the model's parameters and buffers as loaded, MiB",
+    "quantized": "what a weight variant quantized: none | llm | llm+vision",
+    "quantized_layers": "number of linear layers replaced by quantized ones",
+    "quantized_layers_mb": "bytes those layers keep quantized (packed weights + scales), MiB",
+    "quantized_layers_fp16_mb": "bytes the same layers' weights take in fp16, MiB",
+    "token_agree": "share of greedy tokens equal, position by position, to the fp16 baseline's on the fidelity probe",
+    "first_divergence": "index of the first generated token that differs from the baseline (empty: none differ)",
+    "kl_mean": "mean KL(baseline || variant) of next-token distributions, teacher-forced on the baseline's continuation",
+    "fidelity_probe": "the question the fidelity columns were measured on (against fp16 weights, hf engine, no cache)",
     "output_text": "decoded output (first 80 characters; meaningless for random weights)",
 }
 
@@ -58,7 +66,7 @@ RUN_COLUMNS: dict[str, str] = {
 SUMMARY_METRICS = [
     "ttft_ms", "prefill_ms", "vision_ms", "preprocess_ms", "lookup_ms", "restore_ms", "store_ms", "decode_ms", "tpot_ms",
     "itl_p50_ms", "itl_p99_ms", "decode_tok_s", "e2e_ms", "peak_alloc_mb", "peak_reserved_mb",
-    "nvml_used_mb", "gpu_util_pct", "energy_j_per_token",
+    "nvml_used_mb", "gpu_util_pct", "energy_j_per_token", "weight_mb", "token_agree", "kl_mean",
 ]
 
 SUMMARY_COLUMNS: dict[str, str] = {

@@ -44,3 +44,6 @@ def load_questions(path: str | None, text_prompt: str | None) -> list[str]:
 
 def warmup_questions(measured: list[str]) -> list[str]:
     return [q for q in WARMUP_QUESTIONS if q not in set(measured)]
+
+# The fidelity columns are measured on this question, never on a measured one.
+FIDELITY_PROBE = "Fidelity probe: describe everything you see, object by object."

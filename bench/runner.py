@@ -21,7 +21,8 @@ from bench.questions import load_questions, warmup_questions
 from bench.results import run_writer, utc_now, write_json, write_summary
 from bench.source import ModelSource
 from bench.stats import is_valid, summarize
-from variants import parse_variant
+from bench import fidelity
+from variants import baseline_variant, parse_variant
 
 
 def resolve_device(name: str) -> torch.device:
@@ -112,6 +113,7 @@ class Benchmark:
         gpu_index = (self.device.index or 0) if self.device.type == "cuda" else None
         self.monitor = GpuMonitor(gpu_index)
         self.rows: list[dict] = []
+        self.reference: fidelity.FidelityReference | None = None
 
     # ------------------------------------------------------------------------------------
     def run(self) -> Path:
@@ -136,7 +138,8 @@ class Benchmark:
                         self._free()
                         adapter = variant.weights.load(self.source, self.device, self.dtype, vars(self.cfg))
                         adapter.weights_key = loaded_key = key
-                    self._measure_variant(variant, adapter, base)
+                    fid = self._fidelity(variant, adapter)
+                    self._measure_variant(variant, adapter, {**base, **fid})
                 except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
                     self._emit({**base, "status": "failed", "error": f"{e.__class__.__name__}: {e}"[:500]})
                     adapter = loaded_key = None
@@ -145,6 +148,23 @@ class Benchmark:
             self.writer.close()
             write_summary(self.out_dir, self.summary_rows())
         return self.out_dir
+
+    def _fidelity(self, variant, adapter) -> dict:
+        """Fidelity columns for this variant; the fp16 reference is made once, first."""
+        if not self.cfg.fidelity:
+            return {}
+        base = baseline_variant()
+        if self.reference is None:
+            if variant.weights.key(vars(self.cfg)) == base.weights.key(vars(self.cfg)):
+                ref_adapter = adapter
+            else:  # load the baseline weights just for the reference, then free them
+                ref_adapter = base.weights.load(self.source, self.device, self.dtype, vars(self.cfg))
+            ref_engine = base.engine.make_engine(ref_adapter, base.cache.make_policy(vars(self.cfg)))
+            self.reference = fidelity.make_reference(ref_engine, self.image, self.cfg.max_new_tokens)
+            del ref_engine, ref_adapter
+            self._free()
+        engine = variant.engine.make_engine(adapter, variant.cache.make_policy(vars(self.cfg)))
+        return fidelity.compare(self.reference, engine, self.image)
 
     def _free(self) -> None:
         gc.collect()

@@ -28,8 +28,9 @@ class ModelSource:
             p = get_preset(self.preset)
             self.family, self.weights, self.name = p.family, "random", p.name
 
-    def load(self, device: torch.device, dtype: torch.dtype, load_kwargs: dict | None = None) -> VLMAdapter:
-        """`load_kwargs` go to the LLM's from_pretrained (e.g. a quantization_config)."""
+    def load(self, device: torch.device, dtype: torch.dtype, quantization: tuple | None = None) -> VLMAdapter:
+        """`quantization` = (transformers quantization config, include vision): applied while a
+        checkpoint loads. Presets ignore it (weight variants quantize them after building)."""
         if self.model_path:
-            return load_checkpoint(Path(self.model_path), self.conv_mode, device, dtype, load_kwargs)
+            return load_checkpoint(Path(self.model_path), self.conv_mode, device, dtype, quantization)
         return build_preset(self.preset, self.conv_mode, device, dtype, seed=self.seed)

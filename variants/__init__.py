@@ -6,7 +6,7 @@ import importlib
 from bench.errors import UsageError
 from variants.base import HFEnginePart, NoCachePart, Part, Variant
 
-_MODULES = ["variants.fp16", "variants.prefix"]
+_MODULES = ["variants.fp16", "variants.prefix", "variants.bnb"]
 
 
 def registry() -> dict[str, Part]:
@@ -38,6 +38,14 @@ def parse_variant(spec: str) -> Variant:
         engine=chosen.get("engine", parts["hf"]),
         parts=[chosen[k] for k in chosen],
     )
+
+
+BASELINE = "fp16"
+
+
+def baseline_variant() -> Variant:
+    """What fidelity is measured against: unquantized weights, hf engine, no cache."""
+    return parse_variant(BASELINE)
 
 
 def parse_variants(specs: str) -> list[Variant]:

@@ -45,7 +45,7 @@ class WeightsPart(Part):
         return (self.name,)
 
     def describe(self, adapter: VLMAdapter) -> dict:
-        return {}
+        return {"quantized": "none", "quantized_layers": 0}
 
 
 class CachePart(Part):

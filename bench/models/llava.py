@@ -1,6 +1,7 @@
 """LLaVA-1.5 in the llava-hf layout, on transformers' LlavaForConditionalGeneration."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -9,6 +10,9 @@ from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaFo
 
 from bench.models.base import PreparedPrompt, VLMAdapter
 from bench.templates import IMAGE_PLACEHOLDER, ConvTemplate
+
+
+VISION_MODULES = ["model.vision_tower", "model.multi_modal_projector"]
 
 
 class LlavaAdapter(VLMAdapter):
@@ -58,6 +62,10 @@ class LlavaAdapter(VLMAdapter):
     def vision_modules(self) -> list[torch.nn.Module]:
         return [self.model.model.vision_tower, self.model.model.multi_modal_projector]
 
+    def quantization_targets(self, include_vision: bool) -> list[torch.nn.Module]:
+        # The decoder stack only: lm_head stays in dtype.
+        return [self.model.model.language_model] + (self.vision_modules() if include_vision else [])
+
     def input_embeddings(self) -> torch.nn.Embedding:
         return self.model.get_input_embeddings()
 
@@ -81,9 +89,15 @@ def is_llava_dir(path: Path, config: dict) -> bool:
 
 
 def load_llava(path: Path, template: ConvTemplate, device: torch.device, dtype: torch.dtype, weights: str,
-               model_kwargs: dict | None = None) -> LlavaAdapter:
+               quantization: tuple | None = None) -> LlavaAdapter:
+    kwargs = {}
+    if quantization is not None:
+        qc, include_vision = copy.deepcopy(quantization[0]), quantization[1]
+        # lm_head stays in dtype; vision tower and projector too unless asked for.
+        qc.llm_int8_skip_modules = ["lm_head"] + ([] if include_vision else VISION_MODULES)
+        kwargs["quantization_config"] = qc
     model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, device_map={"": device}, use_safetensors=True, **(model_kwargs or {})
+        path, dtype=dtype, device_map={"": device}, use_safetensors=True, **kwargs
     ).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path)

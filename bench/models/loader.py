@@ -47,13 +47,13 @@ def read_checkpoint_config(path: Path) -> tuple[str, dict]:
 
 
 def load_checkpoint(path: Path, conv_mode: str | None, device: torch.device, dtype: torch.dtype,
-                    llm_load_kwargs: dict | None = None) -> VLMAdapter:
+                    quantization: tuple | None = None) -> VLMAdapter:
     family, config = read_checkpoint_config(path)
     weights = "random" if config.get(RANDOM_WEIGHTS_MARK) else "checkpoint"
     template = get_template(conv_mode or DEFAULT_CONV_MODE[family])
     if family == "vila":
-        return load_vila(path, template, device, dtype, weights, config, llm_kwargs=llm_load_kwargs)
-    return load_llava(path, template, device, dtype, weights, model_kwargs=llm_load_kwargs)
+        return load_vila(path, template, device, dtype, weights, config, quantization)
+    return load_llava(path, template, device, dtype, weights, quantization)
 
 
 def build_preset(name: str, conv_mode: str | None, device: torch.device, dtype: torch.dtype,

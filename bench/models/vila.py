@@ -6,6 +6,7 @@ preprocessor_config.json), mm_projector/ (config.json + model.safetensors, keys 
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -103,6 +104,10 @@ class VilaAdapter(VLMAdapter):
     def vision_modules(self) -> list[torch.nn.Module]:
         return [self.model.vision_tower, self.model.mm_projector]
 
+    def quantization_targets(self, include_vision: bool) -> list[torch.nn.Module]:
+        # The decoder stack only: lm_head stays in dtype.
+        return [self.model.llm.model] + (self.vision_modules() if include_vision else [])
+
     def input_embeddings(self) -> torch.nn.Embedding:
         return self.model.llm.get_input_embeddings()
 
@@ -136,11 +141,19 @@ def is_vila_dir(path: Path, config: dict) -> bool:
 
 
 def load_vila(path: Path, template: ConvTemplate, device: torch.device, dtype: torch.dtype, weights: str,
-              top_config: dict, llm_kwargs: dict | None = None) -> VilaAdapter:
+              top_config: dict, quantization: tuple | None = None) -> VilaAdapter:
+    llm_kwargs, vision_kwargs = {}, {}
+    if quantization is not None:
+        qc, include_vision = quantization
+        llm_kwargs["quantization_config"] = copy.deepcopy(qc)
+        llm_kwargs["quantization_config"].llm_int8_skip_modules = ["lm_head"]
+        if include_vision:
+            vision_kwargs["quantization_config"] = copy.deepcopy(qc)
+            vision_kwargs["quantization_config"].llm_int8_skip_modules = []
     llm = LlamaForCausalLM.from_pretrained(path / "llm", dtype=dtype, device_map={"": device},
-                                           use_safetensors=True, **(llm_kwargs or {}))
+                                           use_safetensors=True, **llm_kwargs)
     vision = SiglipVisionModel.from_pretrained(path / "vision_tower", dtype=dtype, device_map={"": device},
-                                               use_safetensors=True)
+                                               use_safetensors=True, **vision_kwargs)
     proj_cfg = json.loads((path / "mm_projector" / "config.json").read_text())
     if proj_cfg.get("mm_projector_type") != "mlp_downsample":
         from bench.errors import UsageError

@@ -1,0 +1,60 @@
+"""Answer-quality cost of a variant, against the fp16 baseline on the same input.
+
+- token_agree: share of the variant's greedy tokens equal, position by position, to the
+  baseline's (first_divergence: where they first differ).
+- kl_mean: mean KL(baseline || variant) of the next-token distributions, both teacher-forced
+  on the baseline's continuation, so one early flip does not make every later position moot.
+
+Measured once per variant outside the timed runs, on a probe question that is never measured.
+With random weights this is numeric fidelity only: the text means nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from bench.models.base import VLMAdapter
+from bench.questions import FIDELITY_PROBE
+
+
+@dataclass
+class FidelityReference:
+    question: str
+    tokens: list[int]
+    logprobs: torch.Tensor  # [new_tokens, vocab], float32, CPU
+
+
+@torch.inference_mode()
+def teacher_forced_logprobs(adapter: VLMAdapter, image, question: str, continuation: list[int]) -> torch.Tensor:
+    """Log-probabilities the model gives each position of `continuation` after the prompt."""
+    prepared = adapter.prepare(image, question)
+    image_embeds = adapter.encode_image(adapter.pixels_to_device(prepared))
+    embeds = torch.cat([adapter.prefix_embeds(prepared, image_embeds),
+                        adapter.embed_ids(prepared.suffix_ids + continuation[:-1])], dim=1)
+    logits = adapter.lm_forward(embeds, DynamicCache(), logits_to_keep=len(continuation))
+    return torch.log_softmax(logits[0].float(), dim=-1).cpu()
+
+
+def make_reference(engine, image, new_tokens: int, question: str = FIDELITY_PROBE) -> FidelityReference:
+    tokens = engine.run(image, question, new_tokens).tokens
+    return FidelityReference(question, tokens, teacher_forced_logprobs(engine.adapter, image, question, tokens))
+
+
+def kl_mean(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
+    kl = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
+    return float(kl.clamp_min(0).mean())
+
+
+def compare(ref: FidelityReference, engine, image) -> dict:
+    tokens = engine.run(image, ref.question, len(ref.tokens)).tokens
+    logprobs = teacher_forced_logprobs(engine.adapter, image, ref.question, ref.tokens)
+    pairs = list(zip(tokens, ref.tokens))
+    first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+    return {
+        "token_agree": sum(a == b for a, b in pairs) / len(ref.tokens),
+        "first_divergence": first,
+        "kl_mean": kl_mean(ref.logprobs, logprobs),
+        "fidelity_probe": ref.question,
+    }

@@ -1,0 +1,126 @@
+"""bitsandbytes weight variants: bnb8 (LLM.int8), bnb4 (NF4), bnb4-fp4 (FP4).
+
+Settings live in one transformers BitsAndBytesConfig. Real checkpoints are quantized while
+loading (from_pretrained(quantization_config=...)); presets, built with random weights on
+the device, have their nn.Linear layers swapped for bitsandbytes modules made from those
+weights with the same settings. By default only the language model's decoder is quantized
+(lm_head, vision tower and projector stay in --dtype, as deployed); --quantize-vision adds
+the vision tower and projector.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from variants.base import WeightsPart
+
+
+def _resolve_compute_dtype(options: dict, dtype: torch.dtype) -> torch.dtype:
+    name = options.get("bnb4_compute_dtype") or "auto"
+    return dtype if name == "auto" else getattr(torch, name)
+
+
+class BnbWeights(WeightsPart):
+    requires_packages = ("bitsandbytes",)
+
+    def __init__(self, name: str, mode: str, description: str):
+        self.name, self.mode, self.description = name, mode, description
+
+    def quantization_config(self, options: dict, dtype: torch.dtype):
+        from transformers import BitsAndBytesConfig
+
+        if self.mode == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=options.get("bnb_int8_threshold", 6.0))
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=self.mode,
+            bnb_4bit_use_double_quant=bool(options.get("bnb4_double_quant", False)),
+            bnb_4bit_compute_dtype=_resolve_compute_dtype(options, dtype),
+        )
+
+    def key(self, options: dict) -> tuple:
+        return (self.name, options.get("bnb_int8_threshold"), options.get("bnb4_double_quant"),
+                options.get("bnb4_compute_dtype"), options.get("quantize_vision"))
+
+    def load(self, source, device, dtype, options):
+        qc = self.quantization_config(options, dtype)
+        vision = bool(options.get("quantize_vision"))
+        if source.model_path:
+            adapter = source.load(device, dtype, quantization=(qc, vision))
+        else:
+            adapter = source.load(device, dtype)
+        # Presets: everything is swapped here. Checkpoints: from_pretrained quantized the
+        # transformers parts; only VILA's own projector (with --quantize-vision) is left.
+        for module in adapter.quantization_targets(vision):
+            swap_linears(module, qc, device)
+        return adapter
+
+    def describe(self, adapter) -> dict:
+        from bitsandbytes.nn import Linear4bit, Linear8bitLt
+
+        layers = [m for m in adapter.model.modules() if isinstance(m, (Linear4bit, Linear8bitLt))]
+        vision_q = any(isinstance(m, (Linear4bit, Linear8bitLt)) for v in adapter.vision_modules()
+                       for m in v.modules())
+        return {
+            "quantized": ("llm+vision" if vision_q else "llm") if layers else "none",
+            "quantized_layers": len(layers),
+            "quantized_layers_mb": sum(bnb_layer_bytes(m) for m in layers) / 2**20,
+            "quantized_layers_fp16_mb": sum(m.in_features * m.out_features * 2 for m in layers) / 2**20,
+        }
+
+
+def swap_linears(root: nn.Module, qc, device: torch.device) -> int:
+    """Replace every nn.Linear under `root` by the bitsandbytes module `qc` describes, built from
+    the layer's own weights (already on `device`). Returns the number of layers swapped."""
+    import bitsandbytes as bnb
+
+    swapped = 0
+    for parent in list(root.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear:
+                continue
+            has_bias = child.bias is not None
+            if qc.load_in_8bit:
+                new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=has_bias,
+                                          has_fp16_weights=False, threshold=qc.llm_int8_threshold, device="meta")
+                weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False, has_fp16_weights=False)
+                # Int8Params.to() only quantizes weights coming from the CPU; ours are already on
+                # the device (a 7B preset never visits the CPU), so quantize in place.
+                new.weight = weight._quantize(device)
+            else:
+                new = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=has_bias,
+                                        compute_dtype=qc.bnb_4bit_compute_dtype,
+                                        compress_statistics=qc.bnb_4bit_use_double_quant,
+                                        quant_type=qc.bnb_4bit_quant_type, device="meta")
+                new.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False,
+                                               quant_type=qc.bnb_4bit_quant_type,
+                                               compress_statistics=qc.bnb_4bit_use_double_quant,
+                                               module=new).to(device)
+            if has_bias:
+                new.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            new.train(child.training)  # LLM.int8 takes another path in training mode
+            setattr(parent, child_name, new)
+            swapped += 1
+    return swapped
+
+
+def bnb_layer_bytes(module: nn.Module) -> int:
+    """Bytes a quantized layer keeps: packed weight + scales (what a checkpoint stores)."""
+    w = module.weight
+    total = w.numel() * w.element_size()
+    state = getattr(w, "quant_state", None)
+    if state is not None:
+        total += sum(t.numel() * t.element_size() for t in state.as_dict(packed=True).values()
+                     if isinstance(t, torch.Tensor))
+    scb = getattr(w, "SCB", None)
+    if scb is not None:
+        total += scb.numel() * scb.element_size()
+    if module.bias is not None:
+        total += module.bias.numel() * module.bias.element_size()
+    return total
+
+
+PARTS = [
+    BnbWeights("bnb8", "int8", "bitsandbytes LLM.int8 (outlier threshold --bnb-int8-threshold)"),
+    BnbWeights("bnb4", "nf4", "bitsandbytes 4-bit NF4 (--bnb4-double-quant, --bnb4-compute-dtype)"),
+    BnbWeights("bnb4-fp4", "fp4", "bitsandbytes 4-bit FP4"),
+]
