@@ -186,7 +186,7 @@ def test_ctrl_c_keeps_finished_rows(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(engine_mod.HFEngine, "run", flaky)
     out = tmp_path / "o"
-    rc = run_main(["--preset", "tiny-vila", "--num-runs", "5", "--max-new-tokens", "4", "--warmup", "1",
+    rc = run_main(["--preset", "tiny-vila", "--num-runs", "5", "--max-new-tokens", "4", "--warmup", "1", "--no-fidelity",
                    "--output-dir", str(out)])
     assert rc == 130
     rows = read_rows(out / "runs.csv")
