@@ -27,8 +27,9 @@ def _cpu_model() -> str:
 
 def _git_sha() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).resolve().parent).stdout.strip() or None
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip()
+        return sha if len(sha) == 40 else None  # not a checkout (e.g. a copied tree)
     except Exception:
         return None
 
