@@ -79,7 +79,24 @@ def docs_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"run": run_main, "make-checkpoint": make_checkpoint_main, "docs": docs_main}
+def compare_main(argv: list[str]) -> int:
+    from bench.compare import main as compare
+
+    return compare(argv)
+
+
+def ci_bench_main(argv: list[str]) -> int:
+    """Run the tiny CPU benchmark CI gates on (see bench/ci.py)."""
+    from bench.ci import CI_BENCH_ARGS
+
+    if len(argv) != 1:
+        print("usage: python -m bench ci-bench OUTPUT_DIR", file=sys.stderr)
+        return 2
+    return run_main([*CI_BENCH_ARGS, "--output-dir", argv[0]])
+
+
+COMMANDS = {"run": run_main, "make-checkpoint": make_checkpoint_main, "docs": docs_main, "compare": compare_main,
+            "ci-bench": ci_bench_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,11 @@
+"""The tiny CPU benchmark our own CI gates on, and its gate settings (one place)."""
+
+CI_BENCH_ARGS = [
+    "--preset", "tiny-vila", "--device", "cpu", "--variants", "fp16,prefix", "--num-runs", "12",
+    "--min-seconds", "0", "--max-new-tokens", "32", "--warmup", "2", "--no-fidelity",
+    "--text-prompt", "What is shown in this image?",
+]
+# Gross regressions only: a broken KV cache or per-token work multiplies these; machine noise does not.
+CI_GATE_METRICS = "ttft_ms,tpot_ms"
+CI_GATE_FACTOR = 1.5
+BASELINE_DIR = "results/ci-baseline"
