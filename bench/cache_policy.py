@@ -16,8 +16,7 @@ from bench.models.base import PreparedPrompt, VLMAdapter
 
 @dataclass
 class PrefixHit:
-    cache: object  # a transformers Cache already holding the prefix's keys/values
-    cached_tokens: int
+    cached_tokens: int  # the working cache now holds this many prefix tokens
 
 
 class CachePolicy:
@@ -29,8 +28,8 @@ class CachePolicy:
         preprocessed: a hit skips the image processor, the vision tower and the prefix prefill."""
         return None
 
-    def restore_prefix(self, entry: object) -> PrefixHit:
-        """A working cache for this request, holding the looked-up prefix."""
+    def restore_prefix(self, entry: object, cache) -> PrefixHit:
+        """Copy the looked-up prefix into the request's (empty) working cache."""
         raise NotImplementedError
 
     def image_embeds(self, adapter: VLMAdapter, prepared: PreparedPrompt,

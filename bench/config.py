@@ -29,6 +29,8 @@ class RunConfig:
     conv_mode: str | None = opt("conversation template: vicuna_v1, llama_3, hermes-2, plain (default: the model's)",
                                 aliases=("--conv_mode",))
     variants: str = opt("comma-separated variants, parts joined by '+' (e.g. fp16,prefix)", "fp16")
+    engine: str | None = opt("comma list of engines to cross with every variant that names none: hf, static, graph "
+                             "(default: hf)")
     num_runs: int = opt("measured runs per variant (at least)", 10, aliases=("--num_runs",))
     min_seconds: float = opt("measured time per variant (at least), s", 1.0)
     max_runs: int = opt("hard cap on measured runs per variant (0: 20 x --num-runs)", 0)
@@ -68,7 +70,26 @@ class RunConfig:
 
     @property
     def variant_specs(self) -> list[str]:
-        return [s.strip() for s in self.variants.split(",") if s.strip()]
+        """--variants crossed with --engine (a spec that names an engine keeps it)."""
+        from variants import registry
+
+        specs = [s.strip() for s in self.variants.split(",") if s.strip()]
+        engines = [e.strip() for e in (self.engine or "").split(",") if e.strip()]
+        if not engines:
+            return specs
+        parts = registry()
+        for e in engines:
+            if e not in parts or parts[e].kind != "engine":
+                choices = [n for n, p in parts.items() if p.kind == "engine"]
+                raise UsageError(f"unknown --engine {e!r}; choose from: {', '.join(choices)}")
+        out = []
+        for spec in specs:
+            named = [n.strip() for n in spec.split("+")]
+            if any(n in parts and parts[n].kind == "engine" for n in named):
+                out.append(spec)
+            else:
+                out += [spec if e == "hf" else f"{spec}+{e}" for e in engines]
+        return out
 
 
 def build_parser(cls=RunConfig, prog: str = "vila_prefix_benchmark.py") -> argparse.ArgumentParser:

@@ -32,9 +32,11 @@ def print_summary(summary: list[dict], out_dir, weights: str, console: Console |
     for r in summary:
         key = (r["model"], r["variant"], r["engine"], r["cache_state"], r["status"], r.get("error"))
         keyed.setdefault(key, {})[r.get("metric")] = r
+    notes = []
     for (model, variant, engine, state, status, error), metrics in keyed.items():
         if status != "ok":
-            table.add_row(variant, engine or "", "", "", f"[yellow]{status}: {error}[/]", *[""] * (len(SHOWN)))
+            table.add_row(variant, engine or "", "", "0", *["-"] * len(SHOWN), f"[yellow]{status}[/]")
+            notes.append(f"[yellow]{variant}: {status}[/]: {error}")
             continue
         n = max(m.get("n", 0) for m in metrics.values())
         valid = all(m.get("valid") for k, m in metrics.items() if k in ("e2e_ms", "ttft_ms"))
@@ -42,6 +44,8 @@ def print_summary(summary: list[dict], out_dir, weights: str, console: Console |
                       *[_fmt(metrics.get(k, {}).get("median")) for k, _ in SHOWN],
                       "yes" if valid else "[red]no[/]")
     console.print(table)
+    for note in notes:
+        console.print(note)
     if weights == "random":
         console.print("[bold]weights=random[/]: timings are real (shapes decide time); generated text is meaningless, "
                       "and token agree / KL measure numeric fidelity only.")

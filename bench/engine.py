@@ -38,8 +38,20 @@ class HFEngine:
     def __init__(self, adapter: VLMAdapter, policy: CachePolicy):
         self.adapter, self.policy = adapter, policy
 
-    def new_cache(self):
+    def new_cache(self, prompt_tokens: int, max_new_tokens: int):
+        """The request's working KV cache (a fresh DynamicCache; StaticEngine reuses one buffer)."""
         return DynamicCache()
+
+    def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
+        """`steps` greedy steps after `token`, one timeline mark each; token ids stay on device."""
+        emb = self.adapter.input_embeddings()
+        out = []
+        for _ in range(steps):
+            logits = self.adapter.lm_forward(emb(token[:, None]), cache)
+            token = logits[:, -1].argmax(-1)
+            out.append(token)
+            tl.mark("decode")
+        return out
 
     @torch.inference_mode()
     def run(self, image: Image.Image, question: str, max_new_tokens: int) -> RequestResult:
@@ -52,7 +64,8 @@ class HFEngine:
 
         entry = policy.lookup_prefix(a, prepared, image)
         tl.mark("lookup")
-        hit = policy.restore_prefix(entry) if entry is not None else None
+        cache = self.new_cache(prepared.prompt_tokens, max_new_tokens)
+        hit = policy.restore_prefix(entry, cache) if entry is not None else None
         tl.mark("restore")
         embeds_hit = False
         if hit is None:
@@ -61,7 +74,6 @@ class HFEngine:
             image_embeds, embeds_hit = policy.image_embeds(
                 a, prepared, lambda: a.encode_image(a.pixels_to_device(prepared)))
             tl.mark("vision")
-            cache = self.new_cache()
             embeds = torch.cat([a.prefix_embeds(prepared, image_embeds), a.embed_ids(prepared.suffix_ids)], dim=1)
             logits = a.lm_forward(embeds, cache)
             token = logits[:, -1].argmax(-1)
@@ -71,21 +83,14 @@ class HFEngine:
             tl.mark("store")
             cached = 0
         else:
-            cache = hit.cache
             logits = a.lm_forward(a.embed_ids(prepared.suffix_ids), cache)
             token = logits[:, -1].argmax(-1)
             first = int(token.item())
             tl.mark("prefill")
             cached = hit.cached_tokens
 
-        emb = a.input_embeddings()
-        generated = [token]
-        for _ in range(max_new_tokens - 1):
-            logits = a.lm_forward(emb(token[:, None]), cache)
-            token = logits[:, -1].argmax(-1)
-            generated.append(token)
-            tl.mark("decode")
-        tokens = [first] + torch.cat(generated[1:]).tolist() if len(generated) > 1 else [first]
+        generated = self.decode(token, cache, max_new_tokens - 1, tl)
+        tokens = [first] + (torch.cat(generated).tolist() if generated else [])
         e2e_ms = (time.perf_counter() - t0) * 1e3
 
         phases = tl.phases_ms()

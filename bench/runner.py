@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from bench import envinfo
 from bench.config import RunConfig
-from bench.errors import UsageError
+from bench.errors import UsageError, VariantUnsupported
 from bench.gpu_monitor import GpuMonitor
 from bench.metrics import SUMMARY_METRICS, request_metrics
 from bench.questions import load_questions, warmup_questions
@@ -140,6 +140,8 @@ class Benchmark:
                         adapter.weights_key = loaded_key = key
                     fid = self._fidelity(variant, adapter)
                     self._measure_variant(variant, adapter, {**base, **fid})
+                except VariantUnsupported as e:
+                    self._emit({**base, "status": "skipped", "error": str(e)[:500]})
                 except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
                     self._emit({**base, "status": "failed", "error": f"{e.__class__.__name__}: {e}"[:500]})
                     adapter = loaded_key = None

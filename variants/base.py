@@ -70,6 +70,27 @@ class HFEnginePart(EnginePart):
         return HFEngine(adapter, policy)
 
 
+class StaticEnginePart(EnginePart):
+    name = "static"
+    description = "preallocated StaticCache reused across requests, eager steps (runs anywhere)"
+
+    def make_engine(self, adapter, policy):
+        from bench.static_engine import StaticEngine
+
+        return StaticEngine(adapter, policy)
+
+
+class GraphEnginePart(EnginePart):
+    name = "graph"
+    description = "StaticCache + decode step captured once in a CUDA graph and replayed per token"
+    requires_cuda = True
+
+    def make_engine(self, adapter, policy):
+        from bench.static_engine import GraphEngine
+
+        return GraphEngine(adapter, policy)
+
+
 class NoCachePart(CachePart):
     name = "nocache"
     description = "no reuse between requests"

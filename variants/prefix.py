@@ -11,9 +11,6 @@ the transformers Cache, never how weights are stored.
 """
 from __future__ import annotations
 
-import torch
-from transformers import DynamicCache
-
 from bench.cache_policy import CachePolicy, PrefixHit
 from bench.lru import ByteLRU
 from bench.models.base import image_content_digest
@@ -45,13 +42,13 @@ class PrefixKVPolicy(CachePolicy):
         self._pending_key = key if entry is None else None
         return entry
 
-    def restore_prefix(self, entry):
-        # One copy of the prefix into the request's own cache: DynamicCache grows by
-        # concatenation, so the stored tensors are never written to and need no deep copy.
-        cache = DynamicCache()
+    def restore_prefix(self, entry, cache):
+        # One copy of the prefix into the request's working cache, through the Cache API: a
+        # DynamicCache concatenates it (the stored tensors are never written to), a StaticCache
+        # copies it into its preallocated buffers. No Python objects are deep-copied.
         for layer, (k, v) in enumerate(entry):
             cache.update(k, v, layer)
-        return PrefixHit(cache=cache, cached_tokens=entry[0][0].shape[-2])
+        return PrefixHit(cached_tokens=entry[0][0].shape[-2])
 
     def store_prefix(self, adapter, prepared, cache):
         if self._pending_key is None:

@@ -94,6 +94,10 @@ class VLMAdapter:
     def vision_modules(self) -> list[torch.nn.Module]:
         raise NotImplementedError
 
+    def text_config(self):
+        """The language model's config (what a StaticCache is sized from)."""
+        raise NotImplementedError
+
     def quantization_targets(self, include_vision: bool) -> list[torch.nn.Module]:
         """Modules whose nn.Linear layers a weight variant quantizes."""
         raise NotImplementedError

@@ -62,6 +62,9 @@ class LlavaAdapter(VLMAdapter):
     def vision_modules(self) -> list[torch.nn.Module]:
         return [self.model.model.vision_tower, self.model.model.multi_modal_projector]
 
+    def text_config(self):
+        return self.model.config.get_text_config(decoder=True)
+
     def quantization_targets(self, include_vision: bool) -> list[torch.nn.Module]:
         # The decoder stack only: lm_head stays in dtype.
         return [self.model.model.language_model] + (self.vision_modules() if include_vision else [])

@@ -104,6 +104,9 @@ class VilaAdapter(VLMAdapter):
     def vision_modules(self) -> list[torch.nn.Module]:
         return [self.model.vision_tower, self.model.mm_projector]
 
+    def text_config(self):
+        return self.model.llm.config
+
     def quantization_targets(self, include_vision: bool) -> list[torch.nn.Module]:
         # The decoder stack only: lm_head stays in dtype.
         return [self.model.llm.model] + (self.vision_modules() if include_vision else [])

@@ -1,0 +1,68 @@
+"""The static-cache decode loop the graph engine replays: same greedy tokens as generate, with and
+without prefix reuse; the graph engine itself is a skipped row on a CPU."""
+import csv
+
+import pytest
+import torch
+
+from bench.cache_policy import CachePolicy
+from bench.cli import run_main
+from bench.config import RunConfig
+from bench.errors import UsageError
+from bench.models.loader import load_checkpoint
+from bench.static_engine import StaticEngine
+from tests.test_engine import reference_generate
+from variants.prefix import PrefixKVPolicy
+
+CPU = torch.device("cpu")
+N = 32
+
+
+@pytest.mark.parametrize("family", ["llava", "vila"])
+def test_static_cache_tokens_equal_generate(family, checkpoint_dirs, demo_image):
+    adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
+    engine = StaticEngine(adapter, CachePolicy())
+    for q in ("What is shown?", "Describe the colors in this picture, please."):
+        assert engine.run(demo_image, q, N).tokens == reference_generate(adapter, demo_image, q, N)
+    buffers = engine.cache  # one preallocated cache, reused by every request
+    engine.run(demo_image, "again", N)
+    assert engine.cache is buffers
+
+
+@pytest.mark.parametrize("family", ["llava", "vila"])
+def test_static_cache_with_prefix_reuse(family, checkpoint_dirs, demo_image):
+    adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
+    engine = StaticEngine(adapter, PrefixKVPolicy(64))
+    assert not engine.run(demo_image, "warm-up question", N).cache_hit
+    for q in ("What is shown?", "Describe the colors in this picture, please."):
+        r = engine.run(demo_image, q, N)
+        assert r.cache_hit and r.cached_tokens == r.prefix_tokens
+        assert r.tokens == reference_generate(adapter, demo_image, q, N)
+
+
+def test_static_cache_grows_for_a_longer_request(checkpoint_dirs, demo_image):
+    adapter = load_checkpoint(checkpoint_dirs["vila"], None, CPU, torch.float32)
+    engine = StaticEngine(adapter, CachePolicy())
+    engine.run(demo_image, "short", 4)
+    small = engine.max_len
+    r = engine.run(demo_image, "long " * 100, 200)
+    assert engine.max_len > small and engine.max_len >= r.prompt_tokens + 200
+    assert r.tokens == reference_generate(adapter, demo_image, "long " * 100, 200)
+
+
+def test_graph_engine_is_skipped_on_cpu_with_reason(tmp_path):
+    out = tmp_path / "o"
+    assert run_main(["--preset", "tiny-vila", "--variants", "fp16,prefix", "--engine", "hf,graph", "--num-runs", "2",
+                     "--min-seconds", "0", "--max-new-tokens", "4", "--warmup", "0", "--output-dir", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    graph = [r for r in rows if r["engine"] == "graph"]
+    assert {r["variant"] for r in graph} == {"fp16+graph", "prefix+graph"}
+    assert all(r["status"] == "skipped" and "CUDA" in r["error"] for r in graph)
+    assert {r["variant"] for r in rows if r["status"] == "ok"} == {"fp16", "prefix"}
+
+
+def test_engine_flag_crosses_variants():
+    cfg = RunConfig(variants="fp16,bnb4+static", engine="hf,graph")
+    assert cfg.variant_specs == ["fp16", "fp16+graph", "bnb4+static"]
+    with pytest.raises(UsageError, match="unknown --engine 'turbo'"):
+        RunConfig(variants="fp16", engine="turbo").variant_specs
