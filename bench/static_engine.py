@@ -37,7 +37,12 @@ class StaticEngine(HFEngine):
             self._drop_buffers()
             self.cache = StaticCache(config=self.adapter.text_config(), max_cache_len=self.max_len)
         else:
-            self.cache.reset()  # in place: zeroes the buffers and the write positions
+            # Rewind the write positions in place (same device tensors the graph captured).
+            # Stale keys/values need no zeroing: the attention mask never admits positions
+            # past the write position, and every slot is written before it is admitted.
+            for layer in self.cache.layers:
+                if layer.is_initialized:
+                    layer.cumulative_length.zero_()
         return self.cache
 
     def _drop_buffers(self) -> None:
