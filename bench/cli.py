@@ -95,7 +95,13 @@ def ci_bench_main(argv: list[str]) -> int:
     return run_main([*CI_BENCH_ARGS, "--output-dir", argv[0]])
 
 
-COMMANDS = {"run": run_main, "make-checkpoint": make_checkpoint_main, "docs": docs_main, "compare": compare_main,
+def report_main(argv: list[str]) -> int:
+    from bench.report import main as report
+
+    return report(argv)
+
+
+COMMANDS = {"report": report_main, "run": run_main, "make-checkpoint": make_checkpoint_main, "docs": docs_main, "compare": compare_main,
             "ci-bench": ci_bench_main}
 
 

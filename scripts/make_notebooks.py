@@ -1,0 +1,94 @@
+"""Write notebooks/*.ipynb (committed without outputs). Run after editing the cells below."""
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+ROOT = Path(__file__).resolve().parents[1]
+SETUP = """import os, sys
+from pathlib import Path
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+sys.path.insert(0, str(ROOT))
+import matplotlib.pyplot as plt
+import pandas as pd
+from IPython.display import Markdown, display
+pd.set_option("display.width", 200)"""
+
+compare = new_notebook(cells=[
+    new_markdown_cell("# Compare variants\n\nPoint `RESULTS_DIRS` at one or more results directories "
+                      "(each with `runs.csv` and `summary.csv`). Figures come from `bench.report`, the same code "
+                      "as `python -m bench report`. Skipped/failed variants and invalid summaries are shown, "
+                      "never dropped."),
+    new_code_cell("# Parameters (or set BENCH_RESULTS_DIRS, os.pathsep-separated)\n"
+                  "RESULTS_DIRS = ['../results/h200/llava-1.5-7b-engines', '../results/h200/vila1.5-3b-engines']",
+                  metadata={"tags": ["parameters"]}),
+    new_code_cell(SETUP + "\nfrom bench import report\n"
+                  "dirs = os.environ.get('BENCH_RESULTS_DIRS', '').split(os.pathsep) if os.environ.get('BENCH_RESULTS_DIRS') else RESULTS_DIRS\n"
+                  "runs, summary = report.load(dirs)\n"
+                  "if (runs['weights'] == 'random').any():\n"
+                  "    display(Markdown('**weights=random**: timings are real; text, token agreement and KL are numeric only.'))\n"
+                  "print(len(runs), 'runs from', dirs)"),
+    new_markdown_cell("## Time per phase (median per variant)"),
+    new_code_cell("report.fig_phases(runs); plt.show()"),
+    new_markdown_cell("## TTFT and TPOT with 95% CI (hatched: summary not valid)"),
+    new_code_cell("report.fig_latency_ci(summary); plt.show()"),
+    new_markdown_cell("## Speed-up over the fp16 baseline (hf engine)"),
+    new_code_cell("report.speedup_table(summary)"),
+    new_markdown_cell("## Memory"),
+    new_code_cell("fig = report.fig_memory(summary)\nplt.show() if fig else print('no memory columns (CPU run)')"),
+    new_markdown_cell("## Fidelity against speed"),
+    new_code_cell("report.fig_fidelity(summary); plt.show()"),
+    new_markdown_cell("## Prefix / embedding cache: cold vs warm TTFT"),
+    new_code_cell("fig = report.fig_cold_warm(summary)\nplt.show() if fig else print('no cache variants in these results')"),
+    new_markdown_cell("## Skipped, failed and invalid"),
+    new_code_cell("display(report.status_rows(summary))\n"
+                  "invalid = summary[(summary['status'] == 'ok') & (summary['valid'] == False)]\n"
+                  "invalid[['model', 'label', 'metric', 'n', 'cv', 'measured_s']]"),
+])
+
+regression = new_notebook(cells=[
+    new_markdown_cell("# Baseline vs candidate\n\nThe verdicts are those of `python -m bench compare` "
+                      "(one-sided Mann-Whitney U and a Hodges-Lehmann ratio larger than the factor)."),
+    new_code_cell("# Parameters (or set BENCH_BASELINE / BENCH_CANDIDATE)\n"
+                  "BASELINE = '../results/ci-baseline'\nCANDIDATE = '../results/ci-baseline'\n"
+                  "METRICS = ['ttft_ms', 'tpot_ms', 'prefill_ms', 'e2e_ms']\nALPHA, FACTOR = 0.01, 1.10",
+                  metadata={"tags": ["parameters"]}),
+    new_code_cell(SETUP + "\nfrom bench.compare import compare_runs, load_runs\n"
+                  "base = load_runs(os.environ.get('BENCH_BASELINE', BASELINE))\n"
+                  "cand = load_runs(os.environ.get('BENCH_CANDIDATE', CANDIDATE))\n"
+                  "metrics = [m for m in METRICS if m in base.columns and m in cand.columns]\n"
+                  "verdicts = pd.DataFrame(compare_runs(base, cand, metrics, ALPHA, FACTOR))\n"
+                  "verdicts[['model', 'variant', 'engine', 'cache_state', 'metric', 'baseline_median', "
+                  "'candidate_median', 'ratio', 'p_value', 'status']]"),
+    new_markdown_cell("## Ratios (candidate / baseline), coloured by verdict"),
+    new_code_cell("colour = {'regression': '#c44e52', 'improvement': '#55a868', 'unchanged': '#8c8c8c', "
+                  "'inconclusive': '#dd8452'}\n"
+                  "v = verdicts.assign(key=verdicts['variant'] + ' [' + verdicts['cache_state'] + '] ' + verdicts['metric'])\n"
+                  "fig, ax = plt.subplots(figsize=(9, 0.3 * len(v) + 1.5))\n"
+                  "ax.barh(v['key'], v['ratio'].fillna(1.0), color=[colour[s] for s in v['status']])\n"
+                  "ax.axvline(1.0, color='k', lw=0.8); ax.axvline(FACTOR, color='#c44e52', ls='--', lw=0.8)\n"
+                  "ax.axvline(1 / FACTOR, color='#55a868', ls='--', lw=0.8)\n"
+                  "ax.set_xlabel('candidate / baseline (Hodges-Lehmann); dashed: factor'); ax.invert_yaxis()\n"
+                  "plt.tight_layout(); plt.show()\n"
+                  "print('verdict:', 'regression' if (v['status'] == 'regression').any() else "
+                  "'inconclusive' if (v['status'] == 'inconclusive').any() else 'pass')"),
+    new_markdown_cell("## Per-run samples side by side"),
+    new_code_cell("for metric in metrics[:2]:\n"
+                  "    fig, ax = plt.subplots(figsize=(9, 3))\n"
+                  "    groups = sorted(set(base.groupby(['variant', 'cache_state']).groups) & "
+                  "set(cand.groupby(['variant', 'cache_state']).groups))\n"
+                  "    data, labels = [], []\n"
+                  "    for g in groups:\n"
+                  "        for name, df in (('base', base), ('cand', cand)):\n"
+                  "            sel = df[(df['variant'] == g[0]) & (df['cache_state'] == g[1])][metric].dropna()\n"
+                  "            data.append(sel.values); labels.append(f'{g[0]} [{g[1]}] {name}')\n"
+                  "    ax.boxplot(data, vert=False, tick_labels=labels); ax.set_xlabel(metric)\n"
+                  "    plt.tight_layout(); plt.show()"),
+])
+
+for nb in (compare, regression):
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+(ROOT / "notebooks").mkdir(exist_ok=True)
+nbformat.write(compare, ROOT / "notebooks" / "compare_variants.ipynb")
+nbformat.write(regression, ROOT / "notebooks" / "regression.ipynb")
+print("wrote notebooks/compare_variants.ipynb, notebooks/regression.ipynb")

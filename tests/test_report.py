@@ -1,0 +1,88 @@
+"""Notebooks execute (nbclient) against a tiny CPU run; the static report writes its figures."""
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from bench.cli import main, run_main
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("res") / "tiny"
+    assert run_main(["--preset", "tiny-llava", "--variants", "fp16,prefix,bnb4", "--engine", "hf,graph",
+                     "--num-runs", "5", "--min-seconds", "0", "--max-new-tokens", "8", "--warmup", "1",
+                     "--output-dir", str(out)]) == 0
+    return out
+
+
+def execute(name: str, env: dict):
+    nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return nb
+
+
+def outputs_text(nb) -> str:
+    return "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", ""))
+                     for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def test_compare_notebook_runs(tiny_results):
+    nb = execute("compare_variants.ipynb", {"BENCH_RESULTS_DIRS": str(tiny_results)})
+    text = outputs_text(nb)
+    assert "skipped" in text and "fp16+graph" in text  # the CPU-skipped graph variants are shown
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert images >= 4
+
+
+def test_regression_notebook_runs(tiny_results, tmp_path):
+    other = tmp_path / "other"
+    assert run_main(["--preset", "tiny-llava", "--variants", "fp16,prefix", "--num-runs", "5", "--min-seconds", "0",
+                     "--max-new-tokens", "8", "--warmup", "1", "--no-fidelity", "--output-dir", str(other)]) == 0
+    nb = execute("regression.ipynb", {"BENCH_BASELINE": str(tiny_results), "BENCH_CANDIDATE": str(other)})
+    assert "verdict:" in outputs_text(nb)
+
+
+def test_static_report(tiny_results, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(tiny_results), "--out", str(out)]) == 0
+    for name in ("phases", "latency_ci", "fidelity", "cold_warm"):
+        assert (out / f"{name}.png").stat().st_size > 10_000
+    md = (out / "report.md").read_text()
+    assert "Speed-up over fp16" in md and "| tiny-llava | fp16 |" in md and "skipped" in md
+    assert "weights=random" in md
+    assert main(["report", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def test_committed_notebooks_have_no_outputs():
+    for path in (ROOT / "notebooks").glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        assert all(not c.get("outputs") and c.get("execution_count") is None
+                   for c in nb.cells if c.cell_type == "code"), path
+
+
+def test_readme_block_is_generated_from_committed_results(tmp_path):
+    import shutil
+
+    from bench.report import embed_in_readme, write_report
+
+    dirs = [ROOT / "results" / "h200" / "llava-1.5-7b-engines", ROOT / "results" / "h200" / "vila1.5-3b-engines"]
+    readme = tmp_path / "README.md"
+    shutil.copy(ROOT / "README.md", readme)
+    report_md = write_report(dirs, tmp_path / "results" / "h200" / "report")
+    embed_in_readme(readme, report_md)
+    fresh = readme.read_text().replace(str(ROOT) + "/", "")
+    assert fresh == (ROOT / "README.md").read_text(), (
+        "regenerate: python -m bench report results/h200/llava-1.5-7b-engines results/h200/vila1.5-3b-engines "
+        "--out results/h200/report --readme README.md")
