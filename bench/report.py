@@ -168,7 +168,7 @@ def fig_memory(summary: pd.DataFrame):
         ax.invert_yaxis()
         ax.set_xlabel("GiB")
         ax.set_title(f"{model}: memory")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
@@ -217,7 +217,7 @@ def fig_cold_warm(summary: pd.DataFrame):
         ax.invert_yaxis()
         ax.set_xlabel("median TTFT, ms")
         ax.set_title(f"{model}: prefix / embedding cache, cold vs warm")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
