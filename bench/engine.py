@@ -1,9 +1,9 @@
 """The `hf` engine: transformers' eager forward with a DynamicCache, greedy, fixed length.
 
 It is the loop `generate` runs for greedy search, written out so each phase is timed:
-tokenize (CPU) -> prefix lookup -> restore -> [miss: image processor (CPU) -> vision] -> prefill
-(first token on host) -> [miss: cache store] -> one timed step per further token. EOS is ignored: every request decodes exactly
-`max_new_tokens` tokens, so runs are comparable.
+tokenize (CPU) -> prefix lookup -> restore -> [miss: image processor (CPU) -> vision] ->
+prefill (first token on host) -> [miss: cache store] -> one timed step per further token.
+EOS is ignored: every request decodes exactly `max_new_tokens` tokens, so runs are comparable.
 """
 from __future__ import annotations
 
@@ -74,8 +74,7 @@ class HFEngine:
             image_embeds, embeds_hit = policy.image_embeds(
                 a, prepared, lambda: a.encode_image(a.pixels_to_device(prepared)))
             tl.mark("vision")
-            embeds = torch.cat([a.prefix_embeds(prepared, image_embeds), a.embed_ids(prepared.suffix_ids)], dim=1)
-            logits = a.lm_forward(embeds, cache)
+            logits = a.lm_forward(a.prompt_embeds(prepared, image_embeds), cache)
             token = logits[:, -1].argmax(-1)
             first = int(token.item())
             tl.mark("prefill")

@@ -31,8 +31,7 @@ def teacher_forced_logprobs(adapter: VLMAdapter, image, question: str, continuat
     """Log-probabilities the model gives each position of `continuation` after the prompt."""
     prepared = adapter.prepare(image, question)
     image_embeds = adapter.encode_image(adapter.pixels_to_device(prepared))
-    embeds = torch.cat([adapter.prefix_embeds(prepared, image_embeds),
-                        adapter.embed_ids(prepared.suffix_ids + continuation[:-1])], dim=1)
+    embeds = adapter.prompt_embeds(prepared, image_embeds, continuation[:-1])
     logits = adapter.lm_forward(embeds, DynamicCache(), logits_to_keep=len(continuation))
     return torch.log_softmax(logits[0].float(), dim=-1).cpu()
 

@@ -150,6 +150,17 @@ def fig_latency_ci(summary: pd.DataFrame):
     return fig
 
 
+def _paired_barh(ax, table: pd.DataFrame, bars: list[tuple[str, float, str, str | None]], scale: float = 1.0):
+    """Two thin bars per row of `table`: (column, offset, legend label, colour) each; legend outside."""
+    y = range(len(table))
+    for column, offset, label, colour in bars:
+        if column in table:
+            ax.barh([i + offset for i in y], table[column] * scale, height=0.4, color=colour, label=label)
+    ax.set_yticks(list(y), table.index)
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
 def fig_memory(summary: pd.DataFrame):
     ok = summary[(summary["status"] == "ok") & (summary["metric"].isin(["peak_alloc_mb", "weight_mb"]))]
     models = _models(ok)
@@ -159,16 +170,10 @@ def fig_memory(summary: pd.DataFrame):
     for ax, model in zip(axes, models):
         t = ok[ok["model"] == model].pivot_table(index="label", columns="metric", values="median")
         t = t.reindex([lab for lab in label_order(t.index)])
-        y = range(len(t))
-        if "peak_alloc_mb" in t:
-            ax.barh([i + 0.2 for i in y], t["peak_alloc_mb"] / 1024, height=0.4, label="peak allocated (torch)")
-        if "weight_mb" in t:
-            ax.barh([i - 0.2 for i in y], t["weight_mb"] / 1024, height=0.4, label="weights as loaded")
-        ax.set_yticks(list(y), t.index)
-        ax.invert_yaxis()
+        _paired_barh(ax, t, [("peak_alloc_mb", 0.2, "peak allocated (torch)", None),
+                             ("weight_mb", -0.2, "weights as loaded", None)], scale=1 / 1024)
         ax.set_xlabel("GiB")
         ax.set_title(f"{model}: memory")
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
@@ -209,15 +214,10 @@ def fig_cold_warm(summary: pd.DataFrame):
     fig, axes = _axes(len(models), height=3.0)
     for ax, model in zip(axes, models):
         t = ok[ok["model"] == model].pivot_table(index="variant", columns="cache_state", values="median")
-        y = range(len(t))
-        for off, state, c in ((-0.2, "cold", "#c44e52"), (0.2, "warm", "#55a868")):
-            if state in t:
-                ax.barh([i + off for i in y], t[state], height=0.4, color=c, label=f"{state} (cache {'cleared' if state == 'cold' else 'hit'})")
-        ax.set_yticks(list(y), t.index)
-        ax.invert_yaxis()
+        _paired_barh(ax, t, [("cold", -0.2, "cold (cache cleared)", "#c44e52"),
+                             ("warm", 0.2, "warm (cache hit)", "#55a868")])
         ax.set_xlabel("median TTFT, ms")
         ax.set_title(f"{model}: prefix / embedding cache, cold vs warm")
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from bench import envinfo
+from bench import envinfo, fidelity
 from bench.config import RunConfig
 from bench.errors import UsageError, VariantUnsupported
 from bench.gpu_monitor import GpuMonitor
@@ -21,7 +21,6 @@ from bench.questions import load_questions, warmup_questions
 from bench.results import run_writer, utc_now, write_json, write_summary
 from bench.source import ModelSource
 from bench.stats import is_valid, summarize
-from bench import fidelity
 from variants import baseline_variant, parse_variant
 
 
@@ -54,15 +53,15 @@ def load_image(path: str) -> Image.Image:
         raise UsageError(f"--image-path {path}: not a readable image ({e.__class__.__name__})") from None
 
 
-def shape_matched_warmups(adapter, image, questions: list[str], limit: int = 16) -> list[str]:
+def shape_matched_warmups(adapter, questions: list[str], limit: int = 16) -> list[str]:
     """One warm-up per distinct measured prompt length, with other text of the same token count.
 
     GPU libraries pick kernels per shape on first use (seen on the H200: a 628-token prefill took
     58 ms the first time, 22 ms after), so every measured shape is warmed, never with a measured
     question: the question's words in reverse (or rotated) order, or filler words.
     """
-    def suffix_len(q: str) -> int:
-        return len(adapter.prepare(image, q).suffix_ids)
+    def suffix_len(q: str) -> int:  # tokenization only: the image is the same for every question
+        return len(adapter.prepare_text(q).suffix_ids)
 
     out, seen = [], set()
     for q in questions:
@@ -195,7 +194,7 @@ class Benchmark:
 
         warmups = [self.warmups[i % len(self.warmups)] for i in range(cfg.warmup)]
         if cfg.warmup:
-            warmups += shape_matched_warmups(adapter, self.image, self.questions)
+            warmups += shape_matched_warmups(adapter, self.questions)
         for i, q in enumerate(warmups):
             self._timed_run(engine, q, {**base, "kind": "warmup", "run_index": i, "cache_state": state})
 

@@ -21,7 +21,7 @@ def reference_generate(adapter, image, question, n):
                                          max_new_tokens=n, min_new_tokens=n, do_sample=False)
             return out[0, len(ids):].tolist()
         img = adapter.encode_image(adapter.pixels_to_device(p))
-        emb = torch.cat([adapter.prefix_embeds(p, img), adapter.embed_ids(p.suffix_ids)], dim=1)
+        emb = adapter.prompt_embeds(p, img)
         out = adapter.model.llm.generate(inputs_embeds=emb, max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return out[0].tolist()
 

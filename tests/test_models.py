@@ -16,7 +16,7 @@ def full_logits(adapter, image, question):
     p = adapter.prepare(image, question)
     with torch.no_grad():
         img = adapter.encode_image(adapter.pixels_to_device(p))
-        emb = torch.cat([adapter.prefix_embeds(p, img), adapter.embed_ids(p.suffix_ids)], dim=1)
+        emb = adapter.prompt_embeds(p, img)
         return adapter.lm_forward(emb, DynamicCache(), logits_to_keep=0)
 
 

@@ -124,6 +124,12 @@ class VLMAdapter:
             parts.append(self.embed_ids(prepared.ids_after_image))
         return torch.cat(parts, dim=1)
 
+    def prompt_embeds(self, prepared: PreparedPrompt, image_embeds: torch.Tensor,
+                      continuation: list[int] = ()) -> torch.Tensor:
+        """The whole prompt (prefix + suffix ids + optional continuation ids) as embeddings."""
+        return torch.cat([self.prefix_embeds(prepared, image_embeds),
+                          self.embed_ids(prepared.suffix_ids + list(continuation))], dim=1)
+
     def pixels_to_device(self, prepared: PreparedPrompt) -> torch.Tensor:
         return prepared.pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
 

@@ -19,7 +19,7 @@ def prompt(request, demo_image):
     p = adapter.prepare(demo_image, "What is shown in this image?")
     with torch.inference_mode():
         img = adapter.encode_image(adapter.pixels_to_device(p))
-        embeds = torch.cat([adapter.prefix_embeds(p, img), adapter.embed_ids(p.suffix_ids)], dim=1)
+        embeds = adapter.prompt_embeds(p, img)
     return adapter, embeds
 
 
