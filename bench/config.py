@@ -6,6 +6,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from bench.errors import UsageError
+from bench.quant.int4 import DEFAULT_DENSE_ROWS
 
 DEMO_IMAGE = Path(__file__).parent / "assets" / "demo.png"
 DEFAULT_PRESET = "tiny-vila"
@@ -41,6 +42,13 @@ class RunConfig:
     bnb_int8_threshold: float = opt("bnb8: LLM.int8 outlier threshold", 6.0)
     bnb4_double_quant: bool = opt("bnb4: double quantization of the scales", False)
     bnb4_compute_dtype: str = opt("bnb4: compute dtype float16, bfloat16 or auto (= --dtype)", "auto")
+    awq_calib: int = opt("awq4: calibration requests (image + question) run through the whole VLM", 8)
+    awq_calib_dir: str | None = opt("awq4: folder of calibration images (default: flips/crops of --image-path)")
+    int4_group_size: int = opt("awq4/rtn4: input channels per int4 scale and zero point", 128)
+    int4_dense_rows: int = opt("awq4/rtn4: above this many rows a linear dequantizes and runs a dense GEMM "
+                               "(prefill); at or below it the int4 kernel runs (decode)", DEFAULT_DENSE_ROWS)
+    int4_cache_dir: str = opt("awq4/rtn4: where quantized models are saved and reused ('' = never)",
+                              "~/.cache/vlm-bench/int4")
     quantize_vision: bool = opt("weight variants also quantize the vision tower and projector", False)
     fidelity: bool = opt("measure token_agree / kl_mean against the fp16 baseline for every variant", True)
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
@@ -63,6 +71,12 @@ class RunConfig:
             raise UsageError(f"unknown --dtype {self.dtype!r}; choose auto, float16, bfloat16 or float32")
         if self.bnb4_compute_dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise UsageError(f"unknown --bnb4-compute-dtype {self.bnb4_compute_dtype!r}; choose auto, float16, bfloat16")
+        if self.int4_group_size not in (32, 64, 128, 256):
+            raise UsageError(f"--int4-group-size must be 32, 64, 128 or 256, got {self.int4_group_size}")
+        if self.awq_calib < 1 or self.int4_dense_rows < 0:
+            raise UsageError("--awq-calib must be at least 1 and --int4-dense-rows not negative")
+        if self.awq_calib_dir and not Path(self.awq_calib_dir).is_dir():
+            raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no such directory")
         if self.image_path is None:
             self.image_path = str(DEMO_IMAGE)
         if self.max_runs == 0:

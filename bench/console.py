@@ -12,6 +12,14 @@ SHOWN = [("ttft_ms", "TTFT ms"), ("prefill_ms", "prefill ms"), ("vision_ms", "vi
          ("kl_mean", "KL mean")]
 
 
+def status(message: str) -> None:
+    """One progress line on stderr (the results table goes to stdout at the end)."""
+    import sys
+    import time
+
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from bench import envinfo, fidelity
 from bench.config import RunConfig
+from bench.console import status
 from bench.errors import UsageError, VariantUnsupported
 from bench.gpu_monitor import GpuMonitor
 from bench.metrics import SUMMARY_METRICS, request_metrics
@@ -126,7 +127,7 @@ class Benchmark:
             adapter, loaded_key = None, None
             for variant in self.variants:
                 base = self._base_row(variant)
-                reason = variant.unavailable_reason(self.device)
+                reason = variant.unavailable_reason(self.device) or variant.weights.source_reason(self.source)
                 if reason:
                     self._emit({**base, "status": "skipped", "error": reason})
                     continue
@@ -135,8 +136,10 @@ class Benchmark:
                     if key != loaded_key:
                         adapter = loaded_key = None
                         self._free()
+                        status(f"{variant.name}: loading {variant.weights.name} weights")
                         adapter = variant.weights.load(self.source, self.device, self.dtype, vars(self.cfg))
                         adapter.weights_key = loaded_key = key
+                    status(f"{variant.name}: fidelity probe, then measured runs")
                     fid = self._fidelity(variant, adapter)
                     self._measure_variant(variant, adapter, {**base, **fid})
                 except VariantUnsupported as e:
@@ -152,7 +155,7 @@ class Benchmark:
 
     def _fidelity(self, variant, adapter) -> dict:
         """Fidelity columns for this variant; the fp16 reference is made once, first."""
-        if not self.cfg.fidelity:
+        if not self.cfg.fidelity or self.source.prequantized:  # no fp16 weights to compare against
             return {}
         base = baseline_variant()
         if self.reference is None:

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 
 from bench.models.base import VLMAdapter
-from bench.models.loader import RANDOM_WEIGHTS_MARK, build_preset, load_checkpoint, read_checkpoint_config
+from bench.models.loader import (
+    RANDOM_WEIGHTS_MARK, awq_quantization, build_preset, load_checkpoint, read_checkpoint_config,
+)
 from bench.models.presets import get_preset
 
 
@@ -24,9 +26,11 @@ class ModelSource:
             self.family, config = read_checkpoint_config(Path(self.model_path))
             self.weights = "random" if config.get(RANDOM_WEIGHTS_MARK) else "checkpoint"
             self.name = Path(self.model_path).resolve().name
+            self.prequantized = awq_quantization(Path(self.model_path), self.family, config)
         else:
             p = get_preset(self.preset)
             self.family, self.weights, self.name = p.family, "random", p.name
+            self.prequantized = None
 
     def load(self, device: torch.device, dtype: torch.dtype, quantization: tuple | None = None) -> VLMAdapter:
         """`quantization` = (transformers quantization config, include vision): applied while a

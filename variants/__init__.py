@@ -6,7 +6,7 @@ import importlib
 from bench.errors import UsageError
 from variants.base import GraphEnginePart, HFEnginePart, NoCachePart, Part, StaticEnginePart, Variant
 
-_MODULES = ["variants.fp16", "variants.prefix", "variants.bnb"]
+_MODULES = ["variants.fp16", "variants.prefix", "variants.bnb", "variants.int4"]
 
 
 def registry() -> dict[str, Part]:

@@ -40,6 +40,12 @@ class WeightsPart(Part):
     def load(self, source, device: torch.device, dtype: torch.dtype, options: dict) -> VLMAdapter:
         raise NotImplementedError
 
+    def source_reason(self, source) -> str | None:
+        """Why these weights cannot come from `source` (None: they can)."""
+        if getattr(source, "prequantized", None):
+            return f"{self.name}: the checkpoint is already AWQ int4 (no {self.name} weights in it); use awq4"
+        return None
+
     def key(self, options: dict) -> tuple:
         """Two variants with the same key share one loaded model."""
         return (self.name,)

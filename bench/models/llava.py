@@ -92,8 +92,14 @@ def is_llava_dir(path: Path, config: dict) -> bool:
 
 
 def load_llava(path: Path, template: ConvTemplate, device: torch.device, dtype: torch.dtype, weights: str,
-               quantization: tuple | None = None) -> LlavaAdapter:
+               quantization: tuple | None = None, strip_quant: bool = False) -> LlavaAdapter:
     kwargs = {}
+    if strip_quant:  # AWQ checkpoint: load everything else; the caller puts the int4 linears in
+        config = LlavaConfig.from_pretrained(path)
+        for cfg in (config, config.get_text_config()):
+            if hasattr(cfg, "quantization_config"):
+                delattr(cfg, "quantization_config")
+        kwargs["config"] = config
     if quantization is not None:
         qc, include_vision = copy.deepcopy(quantization[0]), quantization[1]
         # lm_head stays in dtype; vision tower and projector too unless asked for.

@@ -46,14 +46,52 @@ def read_checkpoint_config(path: Path) -> tuple[str, dict]:
     )
 
 
+def awq_quantization(path: Path, family: str, config: dict) -> dict | None:
+    """The checkpoint's AutoAWQ quantization_config (None: not pre-quantized)."""
+    from bench.quant.awq_format import check_awq_config
+
+    qc = config.get("quantization_config")
+    if qc is None and family == "vila" and (path / "llm" / "config.json").is_file():
+        qc = json.loads((path / "llm" / "config.json").read_text()).get("quantization_config")
+    if not qc or str(qc.get("quant_method", "")).lower() != "awq":
+        return None
+    try:
+        check_awq_config(qc)
+    except ValueError as e:
+        raise UsageError(f"--model-path {path}: {e}") from None
+    return qc
+
+
 def load_checkpoint(path: Path, conv_mode: str | None, device: torch.device, dtype: torch.dtype,
                     quantization: tuple | None = None) -> VLMAdapter:
     family, config = read_checkpoint_config(path)
     weights = "random" if config.get(RANDOM_WEIGHTS_MARK) else "checkpoint"
     template = get_template(conv_mode or DEFAULT_CONV_MODE[family])
+    awq = awq_quantization(path, family, config)
     if family == "vila":
-        return load_vila(path, template, device, dtype, weights, config, quantization)
-    return load_llava(path, template, device, dtype, weights, quantization)
+        adapter = load_vila(path, template, device, dtype, weights, config, quantization, strip_quant=awq is not None)
+    else:
+        adapter = load_llava(path, template, device, dtype, weights, quantization, strip_quant=awq is not None)
+    if awq is not None:
+        load_awq_checkpoint(adapter, path, family, awq)
+    return adapter
+
+
+def load_awq_checkpoint(adapter: VLMAdapter, path: Path, family: str, qc: dict) -> None:
+    """Replace the decoder's linears (loaded without weights) by the checkpoint's AWQ int4 ones."""
+    from bench.quant.awq_format import check_awq_config
+    from bench.quant.int4 import DEFAULT_DENSE_ROWS
+    from bench.quant.store import checkpoint_awq_tensors, load_int4_tensors
+
+    if family == "vila":
+        files, keep = sorted((path / "llm").glob("*.safetensors")), (lambda k: True)
+    else:  # llava-hf: only the language model's keys ("language_model." in either naming)
+        files, keep = sorted(path.glob("*.safetensors")), (lambda k: "language_model." in k)
+    tensors = checkpoint_awq_tensors(files, keep)
+    if not tensors:
+        raise UsageError(f"--model-path {path}: quantization_config says AWQ but no qweight/qzeros/scales tensors")
+    load_int4_tensors(adapter, tensors, check_awq_config(qc), dense_rows=DEFAULT_DENSE_ROWS, strict=False)
+    adapter.prequantized = qc
 
 
 def build_preset(name: str, conv_mode: str | None, device: torch.device, dtype: torch.dtype,

@@ -144,8 +144,13 @@ def is_vila_dir(path: Path, config: dict) -> bool:
 
 
 def load_vila(path: Path, template: ConvTemplate, device: torch.device, dtype: torch.dtype, weights: str,
-              top_config: dict, quantization: tuple | None = None) -> VilaAdapter:
+              top_config: dict, quantization: tuple | None = None, strip_quant: bool = False) -> VilaAdapter:
     llm_kwargs, vision_kwargs = {}, {}
+    if strip_quant:  # AWQ checkpoint: load everything else; the caller puts the int4 linears in
+        llm_cfg = LlamaConfig.from_pretrained(path / "llm")
+        if hasattr(llm_cfg, "quantization_config"):
+            delattr(llm_cfg, "quantization_config")
+        llm_kwargs["config"] = llm_cfg
     if quantization is not None:
         qc, include_vision = quantization
         llm_kwargs["quantization_config"] = copy.deepcopy(qc)

@@ -1,0 +1,286 @@
+"""Group-wise int4 weights and the linear layer that runs them.
+
+Quantization parameters come from torchao's affine primitives (asymmetric, integer zero point,
+the AutoAWQ convention: w = (q - z) * s per group of `group_size` input channels).
+
+The layer has two paths, picked per call by the number of rows (tokens) it sees:
+- rows <= dense_rows: an int4 kernel reads the packed weight (decode, short suffixes);
+- rows >  dense_rows: the weight is dequantized to the activation dtype and a dense GEMM runs
+  (prefill). Int4 kernels are fast at a few rows and slow at many (H200, 4096x4096: tinygemm
+  10 us at M=1 but 597 us at M=512 against 25 us dense). No dense copy is kept.
+
+Kernels: on CUDA the Triton kernels of bench.quant.triton_int4 (why not torchao's tinygemm
+tensors: see there); on the CPU PyTorch's `_weight_int4pack_mm_for_cpu` (what torchao's
+Int4OpaqueTensor calls). torchao's tensors have no dequantize for the dense path, so the CPU
+kernel's packed layout, which is not documented as a formula, is learnt by packing
+coordinate-encoded matrices (each position's index, one 4-bit digit at a time) and reading back
+where every index landed.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QMIN, QMAX = 0, 15
+DEFAULT_DENSE_ROWS = 8  # H200: tinygemm beats dequantize+GEMM up to ~8-16 rows (int4_kernels_*.csv)
+TINYGEMM_MID = 8  # tinygemm dequantizes as (q - 8) * scale + zero_f
+
+
+# ---------------------------------------------------------------------------- quantization
+@dataclass
+class Int4Tensors:
+    """Unpacked group-wise int4 weight: q [N, K] in 0..15, scale and zero [N, K/group]."""
+
+    q: torch.Tensor  # int32
+    scale: torch.Tensor  # float
+    zero: torch.Tensor  # int32
+    group_size: int
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        g = self.group_size
+        n, k = self.q.shape
+        w = (self.q.view(n, k // g, g) - self.zero.unsqueeze(-1)).to(torch.float32) * self.scale.float().unsqueeze(-1)
+        return w.view(n, k).to(dtype)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> Int4Tensors:
+    """Round-to-nearest asymmetric int4, one (scale, zero) per `group_size` inputs of a row."""
+    from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine
+
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"in_features {k} is not a multiple of the group size {group_size}")
+    w = weight.detach().float()
+    block = (1, group_size)
+    scale, zero = choose_qparams_affine(w, MappingType.ASYMMETRIC, block, torch.int32, QMIN, QMAX,
+                                        eps=1e-6, scale_dtype=torch.float32, zero_point_dtype=torch.int32)
+    # Checkpoints store scales in fp16 (AutoAWQ): round here so a saved model equals this one.
+    scale = scale.clamp(min=6.2e-5).to(torch.float16).float()
+    q = quantize_affine(w, block, scale, zero, torch.int32, QMIN, QMAX)
+    return Int4Tensors(q, scale.view(n, k // group_size), zero.view(n, k // group_size), group_size)
+
+
+def fake_quantize_int4(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """quantize then dequantize (float32): what the int4 layer will compute with."""
+    return quantize_int4(weight, group_size).dequantize(torch.float32)
+
+
+# ---------------------------------------------------------------------------- kernel layouts
+CUDA_INNER_K_TILES = 8  # tinygemm tiles: 8 rows x 16*8 = 128 columns; K must be a multiple of 128
+CUDA_TILE = (8, 16 * CUDA_INNER_K_TILES)
+
+
+def _pack_nibbles(q: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """q int32 [N, K] (0..15) -> the int4 kernel's packed weight on `device`."""
+    if device.type == "cuda":
+        n, k = q.shape
+        if k % CUDA_TILE[1] or n % CUDA_TILE[0]:
+            raise ValueError(f"the CUDA int4 kernel needs out_features % 8 == 0 and in_features % 128 == 0, "
+                             f"got {n}x{k}")
+        u8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).contiguous().to(device)
+        return torch.ops.aten._convert_weight_to_int4pack(u8, CUDA_INNER_K_TILES)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous().cpu(), 1)
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Every 4-bit field of a packed tensor in memory order (low nibble of each byte first)."""
+    b = packed.contiguous().view(torch.uint8).reshape(-1)
+    return torch.stack((b & 15, b >> 4), dim=-1).reshape(-1)
+
+
+def _probe(n: int, k: int, device: torch.device) -> torch.Tensor:
+    """Source index (row-major into [n, k]) of every nibble the packer writes, as int64."""
+    total = n * k
+    idx = torch.arange(total, device=device)
+    where = torch.zeros(total, dtype=torch.long, device=device)
+    for d in range(max(1, math.ceil(math.log2(total) / 4))):
+        digit = ((idx >> (4 * d)) & 15).view(n, k).to(torch.int32)
+        where |= _nibbles(_pack_nibbles(digit, device)).long() << (4 * d)
+    if not torch.equal(torch.sort(where).values, idx):
+        raise RuntimeError(f"int4 kernel layout probe for {n}x{k} is not a permutation")
+    return where
+
+
+class KernelLayout:
+    """How to turn a packed weight back into q [N, K] for one (device type, N, K).
+
+    CUDA (tinygemm): each 8 x 128 tile of the weight packs into its own 128 int32 words, in an
+    order learnt once from an 8 x 128 probe and checked on a 2 x 2-tile probe. CPU: one probe of
+    the whole shape (tests only; the CPU layout is not tile-local)."""
+
+    def __init__(self, n: int, k: int, device: torch.device):
+        self.n, self.k, self.device = n, k, device
+        if device.type == "cuda":
+            self.block = bn, bk = CUDA_TILE
+            where = _probe(bn, bk, device)
+            big = _probe(2 * bn, 2 * bk, device).view(2, 2, bn * bk)
+            r, c = where // bk, where % bk
+            for i in range(2):
+                for j in range(2):
+                    if not torch.equal(big[i, j], (i * bn + r) * (2 * bk) + (j * bk + c)):
+                        raise RuntimeError("tinygemm int4 layout is not tile-local on this build; "
+                                           "the dense prefill path cannot unpack it")
+        else:
+            self.block = None
+            where = _probe(n, k, device)
+        self.inverse = torch.argsort(where).to(torch.int32 if where.numel() < 2**31 else torch.long)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """packed -> q [N, K] as uint8."""
+        return unpack_q(packed, self.inverse, self.n, self.k, self.block)
+
+
+def unpack_q(packed: torch.Tensor, inverse: torch.Tensor, n: int, k: int, block) -> torch.Tensor:
+    nib = _nibbles(packed)
+    if block is None:
+        return nib[inverse.long()].view(n, k)
+    bn, bk = block
+    tiles = nib.view(n // bn, k // bk, bn * bk)
+    q = tiles.index_select(-1, inverse.long()).view(n // bn, k // bk, bn, bk)
+    return q.permute(0, 2, 1, 3).reshape(n, k)
+
+
+# Weak: a scratch buffer lives as long as some layer holds it, so it goes with its model.
+_DENSE_SCRATCH: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+
+
+@lru_cache(maxsize=None)
+def _dense_pool():
+    return torch.cuda.graph_pool_handle()
+
+
+@lru_cache(maxsize=None)
+def kernel_layout(n: int, k: int, device: torch.device) -> KernelLayout:
+    return KernelLayout(n, k, device)
+
+
+@lru_cache(maxsize=None)
+def kernel_accepts(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether tinygemm on `device` takes activations of `dtype` (CUDA builds differ)."""
+    if device.type != "cuda":
+        return dtype in (torch.float32, torch.float16, torch.bfloat16)
+    try:
+        packed = _pack_nibbles(torch.zeros(8, 128, dtype=torch.int32), device)
+        sz = torch.ones(1, 8, 2, dtype=dtype, device=device)
+        torch.ops.aten._weight_int4pack_mm(torch.ones(1, 128, dtype=dtype, device=device), packed, 128, sz)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _dequantize_packed(packed: torch.Tensor, inverse: torch.Tensor, scale_and_zero: torch.Tensor, n: int, k: int,
+                       block, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    q = unpack_q(packed, inverse, n, k, block)
+    sz = scale_and_zero.to(dtype).transpose(0, 1)  # [N, K/g, 2]
+    w = (q.view(n, k // group_size, group_size).to(dtype) - TINYGEMM_MID) * sz[..., :1] + sz[..., 1:]
+    return w.view(n, k)
+
+
+# ---------------------------------------------------------------------------- the layer
+class Int4Linear(nn.Module):
+    """y = x @ W^T (+ b) with W held as group-wise int4 (see the module docstring for the paths).
+
+    `input_scale` (AWQ's 1/s, where it could not be folded into the previous layer) multiplies x.
+    Buffers: packed (the tinygemm kernel's layout for this device) + scale_and_zero [K/G, N, 2]
+    (tinygemm's convention: w = (q - 8) * scale + zero).
+    """
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, buffers: dict[str, torch.Tensor],
+                 bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
+                 dense_rows: int = DEFAULT_DENSE_ROWS):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.dense_rows = dense_rows
+        self.register_buffer("packed", buffers["packed"])
+        self.register_buffer("scale_and_zero", buffers["scale_and_zero"])
+        self.register_buffer("bias", bias)
+        self.register_buffer("input_scale", input_scale)
+
+    @classmethod
+    def from_int4(cls, t: Int4Tensors, device: torch.device, dtype: torch.dtype, bias=None, input_scale=None,
+                  dense_rows: int = DEFAULT_DENSE_ROWS) -> "Int4Linear":
+        n, k = t.q.shape
+        scale = t.scale.float().to(device)
+        kdtype = dtype if kernel_accepts(dtype, device) else torch.bfloat16
+        zero_f = (TINYGEMM_MID - t.zero.to(device).float()) * scale  # (q-8)*s + (8-z)*s = (q-z)*s
+        sz = torch.stack((scale, zero_f), dim=-1).transpose(0, 1).contiguous().to(kdtype)  # [K/g, N, 2]
+        buffers = {"packed": _pack_nibbles(t.q, device), "scale_and_zero": sz}
+        return cls(k, n, t.group_size, buffers,
+                   None if bias is None else bias.detach().to(device, dtype),
+                   None if input_scale is None else input_scale.detach().to(device, dtype), dense_rows)
+
+    @property
+    def layout(self) -> KernelLayout:
+        return kernel_layout(self.out_features, self.in_features, self.packed.device)
+
+    def to_int4(self) -> Int4Tensors:
+        """Back to (q, scale, integer zero): what checkpoints store."""
+        q = self.layout.unpack(self.packed).to(torch.int32)
+        sz = self.scale_and_zero.transpose(0, 1).float()
+        scale = sz[..., 0]
+        zero = torch.round(TINYGEMM_MID - sz[..., 1] / scale).to(torch.int32)
+        return Int4Tensors(q.cpu(), scale.cpu(), zero.cpu(), self.group_size)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        lay = self.layout
+        if self.packed.is_cuda:
+            return self._cuda_dense_weight(lay, dtype)
+        return _dequantize_packed(self.packed, lay.inverse, self.scale_and_zero, self.out_features,
+                                  self.in_features, lay.block, self.group_size, dtype)
+
+    def _cuda_dense_weight(self, lay: KernelLayout, dtype: torch.dtype) -> torch.Tensor:
+        """Dequantize into a scratch buffer shared by every layer of this shape (one layer's weight
+        is alive at a time: stream order makes the next layer's write wait for this GEMM).
+
+        The dequantize launch is replayed from a CUDA graph captured on first use: prefill runs
+        eagerly and is CPU-bound, and Triton's Python launch path costs more CPU per call than a
+        graph replay (seen on the H200: +11 ms on a 19 ms vila1.5-3b prefill with 224 launches)."""
+        from bench.quant.triton_int4 import dequantize_tinygemm
+
+        key = (self.out_features, self.in_features, dtype, self.packed.device)
+        out = _DENSE_SCRATCH.get(key)
+        if out is None:
+            out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.packed.device)
+            _DENSE_SCRATCH[key] = out
+        state = self.__dict__.setdefault("_dense", {})  # plain dict: not a buffer, not saved
+        state["scratch_" + str(dtype)] = out
+        args = (self.packed, self.scale_and_zero, lay.inverse, out, self.group_size)
+        if torch.cuda.is_current_stream_capturing():  # inside someone else's graph: launch directly
+            return dequantize_tinygemm(*args)
+        graph = state.get(dtype)
+        if graph is None:
+            dequantize_tinygemm(*args)  # compiles the kernel outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=_dense_pool()):
+                dequantize_tinygemm(*args)
+            state[dtype] = graph
+        graph.replay()
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_scale is not None:
+            x = x * self.input_scale
+        rows = x.numel() // self.in_features
+        if rows > self.dense_rows:
+            return F.linear(x, self.dense_weight(x.dtype), self.bias)
+        sz = self.scale_and_zero
+        x2 = x.reshape(rows, self.in_features).to(sz.dtype)
+        if x2.is_cuda:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, sz)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size, sz)
+        y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "
+                f"dense_rows={self.dense_rows}, input_scale={self.input_scale is not None}")

@@ -1,0 +1,122 @@
+"""Saving and loading int4 models in the AutoAWQ GEMM tensor format.
+
+- `save_int4` writes the decoder stack of a quantized LLM to one safetensors file: every Int4Linear
+  as {name}.qweight/.qzeros/.scales (+ .bias, + .input_scale where AWQ could not fold 1/s), every
+  other tensor of the stack (the RMSNorm weights AWQ rescaled) as it is. Metadata says how it
+  was made, so a benchmark can reuse it instead of calibrating again.
+- `load_int4_tensors` puts such tensors (or those of an AutoAWQ checkpoint) into a loaded model,
+  repacking each linear for this device's int4 kernel.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from bench.quant.awq import decoder_layers
+from bench.quant.awq_format import SUFFIXES, from_awq_gemm, to_awq_gemm
+from bench.quant.int4 import Int4Linear
+
+FORMAT = "bench-int4-awq-gemm-v1"
+
+
+def _stack_root(adapter) -> nn.Module:
+    return adapter.quantization_targets(False)[0]
+
+
+def save_int4(adapter, path: Path, meta: dict) -> None:
+    root = _stack_root(adapter)
+    tensors: dict[str, torch.Tensor] = {}
+    int4_names = set()
+    for name, m in root.named_modules():
+        if isinstance(m, Int4Linear):
+            int4_names.add(name)
+            for k, v in to_awq_gemm(m.to_int4()).items():
+                tensors[f"{name}.{k}"] = v
+            if m.bias is not None:
+                tensors[f"{name}.bias"] = m.bias.detach().cpu()
+            if m.input_scale is not None:
+                tensors[f"{name}.input_scale"] = m.input_scale.detach().cpu()
+    if not int4_names:
+        raise ValueError("no int4 layers to save")
+    for name, t in root.state_dict().items():
+        owner = name.rsplit(".", 1)[0]
+        if owner not in int4_names and ".layers." in f".{name}":
+            tensors[name] = t.detach().cpu().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True)})
+    tmp.replace(path)  # a crash mid-write never leaves a truncated file under the real name
+
+
+def read_meta(path: Path) -> dict:
+    with safe_open(str(path), "pt") as f:
+        md = f.metadata() or {}
+    if md.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a saved int4 model ({md.get('format')!r})")
+    return json.loads(md["meta"])
+
+
+def load_int4_file(adapter, path: Path, dense_rows: int) -> int:
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    group_size = read_meta(path)["group_size"]
+    return load_int4_tensors(adapter, tensors, group_size, dense_rows, strict=True)
+
+
+def load_int4_tensors(adapter, tensors: dict[str, torch.Tensor], group_size: int, dense_rows: int,
+                      strict: bool) -> int:
+    """Tensors named relative to the decoder stack ('layers.N....'). Returns linears replaced."""
+    root = _stack_root(adapter)
+    device, dtype = adapter.device, adapter.dtype
+    modules = dict(root.named_modules())
+    replaced = 0
+    rest = dict(tensors)
+    for key in [k for k in tensors if k.endswith(".qweight")]:
+        name = key[: -len(".qweight")]
+        old = modules.get(name)
+        if not isinstance(old, (nn.Linear, Int4Linear)):
+            raise ValueError(f"quantized tensor {key} has no linear layer {name!r} in this model")
+        t = from_awq_gemm(*(rest.pop(f"{name}.{s}") for s in SUFFIXES))
+        if t.group_size != group_size:
+            raise ValueError(f"{name}: group size {t.group_size} in the tensors, {group_size} in the config")
+        if tuple(t.q.shape) != (old.out_features, old.in_features):
+            raise ValueError(f"{name}: quantized shape {tuple(t.q.shape)} does not match the layer "
+                             f"({old.out_features}, {old.in_features})")
+        bias = rest.pop(f"{name}.bias", None)
+        if bias is None and isinstance(old, nn.Linear) and old.bias is not None:
+            bias = old.bias
+        new = Int4Linear.from_int4(t, device, dtype, bias=bias, input_scale=rest.pop(f"{name}.input_scale", None),
+                                   dense_rows=dense_rows)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else root, child, new)
+        replaced += 1
+    if rest:
+        missing, unexpected = root.load_state_dict({k: v.to(device) for k, v in rest.items()}, strict=False)
+        if strict and unexpected:
+            raise ValueError(f"saved int4 file has tensors this model lacks: {unexpected[:5]}")
+    expected = sum(len(list(m for m in layer.modules() if isinstance(m, (nn.Linear, Int4Linear))))
+                   for layer in decoder_layers(root))
+    if strict and replaced != expected:
+        raise ValueError(f"saved int4 file holds {replaced} quantized linears, the model has {expected}")
+    return replaced
+
+
+def checkpoint_awq_tensors(files: list[Path], key_filter) -> dict[str, torch.Tensor]:
+    """AWQ tensors of a checkpoint's safetensors, renamed relative to the decoder stack
+    ('...layers.N.self_attn.q_proj.qweight' -> 'layers.N.self_attn.q_proj.qweight')."""
+    out = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for k in f.keys():
+                if not key_filter(k) or ".layers." not in f".{k}":
+                    continue
+                base = k.rsplit(".", 1)
+                if base[-1] not in SUFFIXES:
+                    continue
+                out["layers." + k.split("layers.", 1)[1]] = f.get_tensor(k)
+    return out
