@@ -10,6 +10,7 @@ import torch
 from bench.cli import main, run_main
 from bench.metrics import RUN_COLUMNS, SUMMARY_COLUMNS, phases_total_ms
 from tests.conftest import DEMO, ROOT
+from variants.base import WeightsPart
 
 
 def read_rows(path):
@@ -131,21 +132,14 @@ def test_entry_script_exit_code_without_traceback(tmp_path):
     assert proc.stderr.strip().startswith("error: --image-path nope.png") and "Traceback" not in proc.stderr
 
 
-class _OOMWeights:
-    name, kind, description = "oomtest", "weights", "raises out-of-memory when loaded"
-
-    def unavailable_reason(self, device):
-        return None
+class _OOMWeights(WeightsPart):
+    name, description = "oomtest", "raises out-of-memory when loaded"
 
     def key(self, options):
         return ("oomtest",)
 
     def load(self, *a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    def describe(self, adapter):
-        return {}
-
 
 class _NeedsGpu(_OOMWeights):
     name = "gpuonly"

@@ -9,12 +9,17 @@ The layer has two paths, picked per call by the number of rows (tokens) it sees:
   (prefill). Int4 kernels are fast at a few rows and slow at many (H200, 4096x4096: tinygemm
   10 us at M=1 but 597 us at M=512 against 25 us dense). No dense copy is kept.
 
-Kernels: on CUDA the Triton kernels of bench.quant.triton_int4 (why not torchao's tinygemm
-tensors: see there); on the CPU PyTorch's `_weight_int4pack_mm_for_cpu` (what torchao's
-Int4OpaqueTensor calls). torchao's tensors have no dequantize for the dense path, so the CPU
-kernel's packed layout, which is not documented as a formula, is learnt by packing
-coordinate-encoded matrices (each position's index, one 4-bit digit at a time) and reading back
-where every index landed.
+Kernels: the int4 path is PyTorch's tinygemm, the kernel torchao's int4 tensors call
+(`_weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on the CPU), called directly
+rather than through Int4TilePackedTo4dTensor / Int4OpaqueTensor because those have no
+dequantize (the dense path needs one) and the CUDA one pads K to a multiple of 1024 on every
+call. The dense path on CUDA is the Triton kernel of bench.quant.triton_int4; on the CPU plain
+torch ops (tests only). Neither packed layout is documented as a formula, so it is learnt by
+packing coordinate-encoded matrices (each position's index, one 4-bit digit at a time) and
+reading back where every index landed.
+
+Tried and dropped (H200, CUDA-graph replay, 4096x4096 at one row): a Triton int4 GEMV of ours
+(8.9 us) and an inductor-fused dequantize-multiply-reduce (51 us), against tinygemm's 7.1 us.
 """
 from __future__ import annotations
 
