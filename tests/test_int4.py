@@ -284,6 +284,18 @@ def test_cli_on_autoawq_checkpoint_skips_fp16_and_runs_awq4(checkpoint_dirs, tmp
     assert by["awq4"]["status"] == "ok" and by["awq4"]["quant_method"] == "checkpoint"
 
 
+def test_autoawq_checkpoint_missing_a_layer_is_a_usage_error(checkpoint_dirs, tmp_path, capsys):
+    from bench.cli import run_main
+
+    awq_dir = write_autoawq_checkpoint(checkpoint_dirs["llava"], tmp_path / "awq", "llava")
+    for file in awq_dir.glob("*.safetensors"):
+        state = {k: v for k, v in load_file(str(file)).items() if ".layers.1.mlp.down_proj." not in k}
+        save_file(state, str(file), metadata={"format": "pt"})
+    assert run_main(["--model-path", str(awq_dir), "--variants", "awq4", "--num-runs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "neither int4 nor full weights" in err and "layers.1.mlp.down_proj" in err
+
+
 def test_int4_usage_errors(tmp_path, capsys):
     from bench.cli import run_main
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
@@ -91,6 +92,15 @@ def load_awq_checkpoint(adapter: VLMAdapter, path: Path, family: str, qc: dict) 
     if not tensors:
         raise UsageError(f"--model-path {path}: quantization_config says AWQ but no qweight/qzeros/scales tensors")
     load_int4_tensors(adapter, tensors, check_awq_config(qc), dense_rows=DEFAULT_DENSE_ROWS, strict=False)
+    # A decoder linear that is neither int4 nor stored in full would be left randomly initialised.
+    stored = set()
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            stored |= {"layers." + k.split("layers.", 1)[1] for k in f.keys() if keep(k) and ".layers." in f".{k}"}
+    root = adapter.quantization_targets(False)[0]
+    absent = [n for n, m in root.named_modules() if type(m) is torch.nn.Linear and f"{n}.weight" not in stored]
+    if absent:
+        raise UsageError(f"--model-path {path}: AWQ checkpoint has neither int4 nor full weights for {absent[:3]}")
     adapter.prequantized = qc
 
 
