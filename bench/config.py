@@ -6,7 +6,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from bench.errors import UsageError
-from bench.quant.int4 import DEFAULT_DENSE_ROWS
+from bench.quant import DEFAULT_DENSE_ROWS
 
 DEMO_IMAGE = Path(__file__).parent / "assets" / "demo.png"
 DEFAULT_PRESET = "tiny-vila"

@@ -1,7 +1,9 @@
-"""Readable end-of-run table (rich), built from the summary rows."""
+"""Console output: progress lines on stderr and the readable end-of-run table (rich)."""
 from __future__ import annotations
 
 import math
+import sys
+import time
 
 from rich.console import Console
 from rich.table import Table
@@ -14,9 +16,6 @@ SHOWN = [("ttft_ms", "TTFT ms"), ("prefill_ms", "prefill ms"), ("vision_ms", "vi
 
 def status(message: str) -> None:
     """One progress line on stderr (the results table goes to stdout at the end)."""
-    import sys
-    import time
-
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 

@@ -54,6 +54,16 @@ class WeightsPart(Part):
         return {"quantized": "none", "quantized_layers": 0}
 
 
+def quantized_columns(layers: list, layer_bytes, vision_quantized: bool = False) -> dict:
+    """The quantization columns every weight variant reports (definitions in bench.metrics)."""
+    return {
+        "quantized": ("llm+vision" if vision_quantized else "llm") if layers else "none",
+        "quantized_layers": len(layers),
+        "quantized_layers_mb": sum(layer_bytes(m) for m in layers) / 2**20,
+        "quantized_layers_fp16_mb": sum(m.in_features * m.out_features * 2 for m in layers) / 2**20,
+    }
+
+
 class CachePart(Part):
     kind = "cache"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from variants.base import WeightsPart
+from variants.base import WeightsPart, quantized_columns
 
 
 def _resolve_compute_dtype(options: dict, dtype: torch.dtype) -> torch.dtype:
@@ -60,12 +60,7 @@ class BnbWeights(WeightsPart):
         layers = [m for m in adapter.model.modules() if isinstance(m, (Linear4bit, Linear8bitLt))]
         vision_q = any(isinstance(m, (Linear4bit, Linear8bitLt)) for v in adapter.vision_modules()
                        for m in v.modules())
-        return {
-            "quantized": ("llm+vision" if vision_q else "llm") if layers else "none",
-            "quantized_layers": len(layers),
-            "quantized_layers_mb": sum(bnb_layer_bytes(m) for m in layers) / 2**20,
-            "quantized_layers_fp16_mb": sum(m.in_features * m.out_features * 2 for m in layers) / 2**20,
-        }
+        return quantized_columns(layers, bnb_layer_bytes, vision_q)
 
 
 def swap_linears(root: nn.Module, qc, device: torch.device) -> int:

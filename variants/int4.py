@@ -16,9 +16,9 @@ import torch
 
 from bench.console import status
 from bench.errors import VariantUnsupported
+from bench.quant import DEFAULT_DENSE_ROWS
 from bench.quant.awq import Int4Options, calibration_images, int4_layers, quantize_model
-from bench.quant.int4 import DEFAULT_DENSE_ROWS
-from variants.base import WeightsPart
+from variants.base import WeightsPart, quantized_columns
 
 VERSION = 1  # bump when quantization output changes, so old saved files are not reused
 
@@ -107,14 +107,8 @@ class Int4Weights(WeightsPart):
         return adapter
 
     def describe(self, adapter) -> dict:
-        layers = int4_layers(adapter)
-        return {
-            "quantized": "llm" if layers else "none",
-            "quantized_layers": len(layers),
-            "quantized_layers_mb": sum(m.weight_bytes() for m in layers) / 2**20,
-            "quantized_layers_fp16_mb": sum(m.in_features * m.out_features * 2 for m in layers) / 2**20,
-            **getattr(adapter, "int4_info", {}),
-        }
+        return {**quantized_columns(int4_layers(adapter), lambda m: m.weight_bytes()),
+                **getattr(adapter, "int4_info", {})}
 
 
 PARTS = [

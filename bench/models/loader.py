@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
@@ -80,23 +79,19 @@ def load_checkpoint(path: Path, conv_mode: str | None, device: torch.device, dty
 
 def load_awq_checkpoint(adapter: VLMAdapter, path: Path, family: str, qc: dict) -> None:
     """Replace the decoder's linears (loaded without weights) by the checkpoint's AWQ int4 ones."""
+    from bench.quant import DEFAULT_DENSE_ROWS
     from bench.quant.awq_format import check_awq_config
-    from bench.quant.int4 import DEFAULT_DENSE_ROWS
     from bench.quant.store import checkpoint_awq_tensors, load_int4_tensors
 
     if family == "vila":
         files, keep = sorted((path / "llm").glob("*.safetensors")), (lambda k: True)
     else:  # llava-hf: only the language model's keys ("language_model." in either naming)
         files, keep = sorted(path.glob("*.safetensors")), (lambda k: "language_model." in k)
-    tensors = checkpoint_awq_tensors(files, keep)
+    tensors, stored = checkpoint_awq_tensors(files, keep)
     if not tensors:
         raise UsageError(f"--model-path {path}: quantization_config says AWQ but no qweight/qzeros/scales tensors")
     load_int4_tensors(adapter, tensors, check_awq_config(qc), dense_rows=DEFAULT_DENSE_ROWS, strict=False)
     # A decoder linear that is neither int4 nor stored in full would be left randomly initialised.
-    stored = set()
-    for file in files:
-        with safe_open(str(file), "pt") as f:
-            stored |= {"layers." + k.split("layers.", 1)[1] for k in f.keys() if keep(k) and ".layers." in f".{k}"}
     root = adapter.quantization_targets(False)[0]
     absent = [n for n, m in root.named_modules() if type(m) is torch.nn.Linear and f"{n}.weight" not in stored]
     if absent:

@@ -28,7 +28,8 @@ from PIL import Image, ImageOps
 from torch import nn
 from transformers import DynamicCache
 
-from bench.quant.int4 import DEFAULT_DENSE_ROWS, Int4Linear, fake_quantize_int4, quantize_int4
+from bench.quant import DEFAULT_DENSE_ROWS
+from bench.quant.int4 import Int4Linear, fake_quantize_int4, quantize_int4
 
 log = logging.getLogger(__name__)
 

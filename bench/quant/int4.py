@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.quant import DEFAULT_DENSE_ROWS
+
 QMIN, QMAX = 0, 15
-DEFAULT_DENSE_ROWS = 8  # H200: tinygemm beats dequantize+GEMM up to ~8-16 rows (int4_kernels_*.csv)
 TINYGEMM_MID = 8  # tinygemm dequantizes as (q - 8) * scale + zero_f
 
 
@@ -196,14 +197,15 @@ class Int4Linear(nn.Module):
     (tinygemm's convention: w = (q - 8) * scale + zero).
     """
 
-    def __init__(self, in_features: int, out_features: int, group_size: int, buffers: dict[str, torch.Tensor],
+    def __init__(self, in_features: int, out_features: int, group_size: int, packed: torch.Tensor,
+                 scale_and_zero: torch.Tensor,
                  bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
                  dense_rows: int = DEFAULT_DENSE_ROWS):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.dense_rows = dense_rows
-        self.register_buffer("packed", buffers["packed"])
-        self.register_buffer("scale_and_zero", buffers["scale_and_zero"])
+        self.register_buffer("packed", packed)
+        self.register_buffer("scale_and_zero", scale_and_zero)
         self.register_buffer("bias", bias)
         self.register_buffer("input_scale", input_scale)
 
@@ -215,8 +217,7 @@ class Int4Linear(nn.Module):
         kdtype = dtype if kernel_accepts(dtype, device) else torch.bfloat16
         zero_f = (TINYGEMM_MID - t.zero.to(device).float()) * scale  # (q-8)*s + (8-z)*s = (q-z)*s
         sz = torch.stack((scale, zero_f), dim=-1).transpose(0, 1).contiguous().to(kdtype)  # [K/g, N, 2]
-        buffers = {"packed": _pack_nibbles(t.q, device), "scale_and_zero": sz}
-        return cls(k, n, t.group_size, buffers,
+        return cls(k, n, t.group_size, _pack_nibbles(t.q, device), sz,
                    None if bias is None else bias.detach().to(device, dtype),
                    None if input_scale is None else input_scale.detach().to(device, dtype), dense_rows)
 

@@ -106,17 +106,18 @@ def load_int4_tensors(adapter, tensors: dict[str, torch.Tensor], group_size: int
     return replaced
 
 
-def checkpoint_awq_tensors(files: list[Path], key_filter) -> dict[str, torch.Tensor]:
+def checkpoint_awq_tensors(files: list[Path], key_filter) -> tuple[dict[str, torch.Tensor], set[str]]:
     """AWQ tensors of a checkpoint's safetensors, renamed relative to the decoder stack
-    ('...layers.N.self_attn.q_proj.qweight' -> 'layers.N.self_attn.q_proj.qweight')."""
-    out = {}
+    ('...layers.N.self_attn.q_proj.qweight' -> 'layers.N.self_attn.q_proj.qweight'), and the
+    names of every decoder tensor the checkpoint stores (int4 or not), named the same way."""
+    out, stored = {}, set()
     for file in files:
         with safe_open(str(file), "pt") as f:
             for k in f.keys():
                 if not key_filter(k) or ".layers." not in f".{k}":
                     continue
-                base = k.rsplit(".", 1)
-                if base[-1] not in SUFFIXES:
-                    continue
-                out["layers." + k.split("layers.", 1)[1]] = f.get_tensor(k)
-    return out
+                name = "layers." + k.split("layers.", 1)[1]
+                stored.add(name)
+                if name.rsplit(".", 1)[-1] in SUFFIXES:
+                    out[name] = f.get_tensor(k)
+    return out, stored
