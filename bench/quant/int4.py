@@ -6,8 +6,9 @@ the AutoAWQ convention: w = (q - z) * s per group of `group_size` input channels
 The layer has two paths, picked per call by the number of rows (tokens) it sees:
 - rows <= dense_rows: an int4 kernel reads the packed weight (decode, short suffixes);
 - rows >  dense_rows: the weight is dequantized to the activation dtype and a dense GEMM runs
-  (prefill). Int4 kernels are fast at a few rows and slow at many (H200, 4096x4096: tinygemm
-  10 us at M=1 but 597 us at M=512 against 25 us dense). No dense copy is kept.
+  (prefill). Int4 kernels are fast at a few rows and slow at many (H200, 4096x4096, in
+  results/h200/int4_kernels_llava-1.5-7b.csv: tinygemm 7.2 us at M=1 against 9.3 us fp16, but
+  602 us at M=512 against 24 us fp16 and 40 us for dequantize + GEMM). No dense copy is kept.
 
 Kernels: the int4 path is PyTorch's tinygemm, the kernel torchao's int4 tensors call
 (`_weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on the CPU), called directly
@@ -18,8 +19,8 @@ torch ops (tests only). Neither packed layout is documented as a formula, so it 
 packing coordinate-encoded matrices (each position's index, one 4-bit digit at a time) and
 reading back where every index landed.
 
-Tried and dropped (H200, CUDA-graph replay, 4096x4096 at one row): a Triton int4 GEMV of ours
-(8.9 us) and an inductor-fused dequantize-multiply-reduce (51 us), against tinygemm's 7.1 us.
+Tried and dropped on the H200 (scratch experiments, not kept as results): a Triton int4 GEMV
+of ours and an inductor-fused dequantize-multiply-reduce, both slower than tinygemm at one row.
 """
 from __future__ import annotations
 
@@ -246,7 +247,7 @@ class Int4Linear(nn.Module):
 
         The dequantize launch is replayed from a CUDA graph captured on first use: prefill runs
         eagerly and is CPU-bound, and Triton's Python launch path costs more CPU per call than a
-        graph replay (seen on the H200: +11 ms on a 19 ms vila1.5-3b prefill with 224 launches)."""
+        graph replay (a 7B prefill makes 224 of these calls)."""
         from bench.quant.triton_int4 import dequantize_tinygemm
 
         key = (self.out_features, self.in_features, dtype, self.packed.device)

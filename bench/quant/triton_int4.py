@@ -5,8 +5,9 @@ few rows and slow at many, and neither PyTorch nor torchao can turn its packed w
 dense one (torchao's Int4TilePackedTo4dTensor has no dequantize). This kernel does, in one pass:
 each program takes one 8 x 128 tile, reads its packed words, and writes the tile row-major
 (coalesced), finding each element's nibble through the tile permutation that
-bench.quant.int4.KernelLayout learnt from the packer. One warp per tile measured fastest on the
-H200 (4096x4096: 15.7 us with 1 warp, 18.9 with 4, 22.2 with 8).
+bench.quant.int4.KernelLayout learnt from the packer. One warp per tile measured fastest of
+1, 2, 4 and 8 on the H200 (a scratch sweep; the kept numbers are `dequantize_only` in
+results/h200/int4_kernels_*.csv).
 """
 from __future__ import annotations
 
