@@ -42,6 +42,18 @@ class HFEngine:
         """The request's working KV cache (a fresh DynamicCache; StaticEngine reuses one buffer)."""
         return DynamicCache()
 
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector on device pixels (GraphEngine replays a captured graph)."""
+        return self.adapter.encode_image(pixel_values)
+
+    def prefill(self, embeds: torch.Tensor, cache, start: int) -> torch.Tensor:
+        """Forward `embeds` placed after the `start` tokens already in `cache`; last logits."""
+        return self.adapter.lm_forward(embeds, cache)
+
+    def describe(self) -> str:
+        """How this engine runs (the engine_detail column)."""
+        return "transformers forward, DynamicCache"
+
     def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
         """`steps` greedy steps after `token`, one timeline mark each; token ids stay on device."""
         emb = self.adapter.input_embeddings()
@@ -72,9 +84,9 @@ class HFEngine:
             prepared.pixel_values = a.preprocess_image(image)
             tl.mark("preprocess", host_only=True)
             image_embeds, embeds_hit = policy.image_embeds(
-                a, prepared, lambda: a.encode_image(a.pixels_to_device(prepared)))
+                a, prepared, lambda: self.encode_image(a.pixels_to_device(prepared)))
             tl.mark("vision")
-            logits = a.lm_forward(a.prompt_embeds(prepared, image_embeds), cache)
+            logits = self.prefill(a.prompt_embeds(prepared, image_embeds), cache, 0)
             token = logits[:, -1].argmax(-1)
             first = int(token.item())
             tl.mark("prefill")
@@ -82,7 +94,7 @@ class HFEngine:
             tl.mark("store")
             cached = 0
         else:
-            logits = a.lm_forward(a.embed_ids(prepared.suffix_ids), cache)
+            logits = self.prefill(a.embed_ids(prepared.suffix_ids), cache, hit.cached_tokens)
             token = logits[:, -1].argmax(-1)
             first = int(token.item())
             tl.mark("prefill")
@@ -102,4 +114,5 @@ class HFEngine:
             prefix_tokens=prepared.prefix_tokens,
             cached_tokens=cached,
             cache_hit=hit is not None or embeds_hit,
+            extra={"engine_detail": self.describe()},
         )

@@ -17,7 +17,10 @@ RUN_COLUMNS: dict[str, str] = {
     "family": "llava | vila",
     "weights": "random (preset, or checkpoint written from a preset) | checkpoint (real weights)",
     "variant": "variant spec as given, e.g. fp16, bnb4+prefix",
-    "engine": "hf (transformers eager forward + DynamicCache)",
+    "engine": "hf (transformers eager forward + DynamicCache) | static (own decoder over fixed KV buffers, eager) | "
+              "graph (static + CUDA graphs: compiled decode step, suffix buckets, vision tower)",
+    "engine_detail": "how the engine ran this request: decoder, fused projections, what is graphed or compiled, "
+                     "and why anything is not",
     "device": "cuda | cpu",
     "dtype": "compute dtype of the unquantized parts",
     "status": "ok | failed | skipped",
@@ -118,6 +121,7 @@ def request_metrics(r: RequestResult, new_tokens: int) -> dict:
         "prefix_tokens": r.prefix_tokens,
         "cached_tokens": r.cached_tokens,
         "cache_hit": r.cache_hit,
+        "engine_detail": r.extra.get("engine_detail", ""),
         "new_tokens": new_tokens,
     }
     if steps:

@@ -1,25 +1,30 @@
-"""Engines over a preallocated static KV cache.
+"""Engines over preallocated KV buffers, driven by our own decoder forward (bench.fast_decoder).
 
-- `static`: transformers' StaticCache (one buffer per layer, allocated once and reused by every
-  request), eager forward passes. Runs anywhere; it is the decode loop `graph` replays.
-- `graph`: the same, with the decode step captured once in a CUDA graph (torch.cuda.CUDAGraph)
-  and replayed per token, which removes the per-kernel CPU launch cost that bounds eager decode.
-  The step reads the token embedding from a fixed buffer and writes the next one back, so the
-  replays chain on the GPU; the cache's write position is a device tensor inside the graph.
-
-Prefill stays eager (variable length) with SDPA. Prefix reuse copies the cached prefix into
-the static buffers (bench.cache_policy / variants.prefix).
+- `static`: KV buffers allocated once and reused by every request; eager calls. Runs anywhere
+  (the CPU tests check its greedy tokens against transformers' generate); it is exactly the
+  sequence of calls `graph` captures.
+- `graph`: the same calls, captured in CUDA graphs and replayed:
+  * the decode step (one token; embedding of the next token written back on the GPU, so replays
+    chain without the host), with each decoder layer compiled by torch.compile first (one layer
+    compiled and reused by all: "regional compilation"), so elementwise work is fused;
+  * the suffix prefill after a prefix hit, one graph per length bucket (padded up);
+  * the vision tower + projector, one graph per pixel shape.
+  Full-prompt prefill stays eager (variable length) with flash attention.
+  Anything that cannot be compiled runs uncompiled inside the graph, and the row says so in
+  `engine_detail`; anything that cannot be captured makes the row `skipped` with the reason.
 """
 from __future__ import annotations
 
 import torch
-from transformers import StaticCache
+import torch.nn.functional as F
 
 from bench.engine import HFEngine
 from bench.errors import VariantUnsupported
+from bench.fast_decoder import KVBuffers, fast_decoder
 from bench.timing import Timeline
 
 CACHE_ROUND = 256  # buffer length granularity; a longer request reallocates (and recaptures)
+SUFFIX_BUCKETS = (16, 32, 64)  # suffix lengths (after a prefix hit) run as padded fixed-shape steps
 
 
 class StaticEngine(HFEngine):
@@ -27,83 +32,169 @@ class StaticEngine(HFEngine):
 
     def __init__(self, adapter, policy):
         super().__init__(adapter, policy)
-        self.cache: StaticCache | None = None
+        self.decoder = fast_decoder(adapter)
+        self.cache: KVBuffers | None = None
         self.max_len = 0
+        self.one = torch.ones((), dtype=torch.long, device=adapter.device)
 
-    def new_cache(self, prompt_tokens: int, max_new_tokens: int):
-        need = prompt_tokens + max_new_tokens
+    def describe(self) -> str:
+        return f"own decoder ({self.decoder.fusion}), static KV, eager"
+
+    def new_cache(self, prompt_tokens: int, max_new_tokens: int) -> KVBuffers:
+        need = prompt_tokens + max_new_tokens + SUFFIX_BUCKETS[-1]  # room for a padded bucket
         if self.cache is None or need > self.max_len:
             self.max_len = -(-need // CACHE_ROUND) * CACHE_ROUND
             self._drop_buffers()
-            self.cache = StaticCache(config=self.adapter.text_config(), max_cache_len=self.max_len)
+            self.cache = self.decoder.new_buffers(self.max_len)
         else:
-            # Rewind the write positions in place (same device tensors the graph captured).
-            # Stale keys/values need no zeroing: the attention mask never admits positions
-            # past the write position, and every slot is written before it is admitted.
-            for layer in self.cache.layers:
-                if layer.is_initialized:
-                    layer.cumulative_length.zero_()
+            self.cache.reset()
         return self.cache
 
     def _drop_buffers(self) -> None:
         self.cache = None
 
+    @staticmethod
+    def bucket(tokens: int) -> int | None:
+        return next((b for b in SUFFIX_BUCKETS if b >= tokens), None)
+
+    def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int) -> torch.Tensor:
+        bucket = self.bucket(embeds.shape[1]) if start else None
+        if bucket is None:
+            return self.decoder.prefill(embeds, cache, start)
+        return self.suffix_step(F.pad(embeds, (0, 0, 0, bucket - embeds.shape[1])), embeds.shape[1])
+
+    def suffix_step(self, padded: torch.Tensor, real: int) -> torch.Tensor:
+        n = torch.full((), real, dtype=torch.long, device=padded.device)
+        return self.decoder.step(padded, n, self.cache)
+
+    def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
+        out = []
+        for _ in range(steps):
+            logits = self.decoder.step(self.decoder.embed(token[:, None]), self.one, cache)
+            token = logits[:, -1].argmax(-1)
+            out.append(token)
+            tl.mark("decode")
+        return out
+
+
+class _Captured:
+    """A CUDA graph and the static tensors it reads and writes."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple, output):
+        self.graph, self.inputs, self.output = graph, inputs, output
+
 
 class GraphEngine(StaticEngine):
     name = "graph"
 
-    def __init__(self, adapter, policy):
+    def __init__(self, adapter, policy, compile_layers: bool = True):
         if adapter.device.type != "cuda":
             raise VariantUnsupported("the graph engine needs a CUDA device")
         super().__init__(adapter, policy)
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.lm_graphs: dict[object, _Captured] = {}
+        self.vision_graphs: dict[tuple, _Captured] = {}
+        self.notes: dict[str, str] = {}
+        self.layer_fn = None
+        if compile_layers:
+            torch._dynamo.reset()  # compiled code of an earlier model is not reused (nor kept alive)
+            self.layer_fn = torch.compile(self.decoder.layer_at, dynamic=False)
+
+    def describe(self) -> str:
+        compiled = "compiled layers" if self.layer_fn is not None else "uncompiled layers"
+        parts = [f"own decoder ({self.decoder.fusion}), static KV, CUDA-graph decode + suffix buckets "
+                 f"({compiled}), vision {self.notes.get('vision', 'graphed')}"]
+        parts += [f"{k}: {v}" for k, v in self.notes.items() if k not in ("vision",)]
+        return "; ".join(parts)
 
     def _drop_buffers(self) -> None:
-        self.graph = None  # its captured addresses die with the old cache
+        self.lm_graphs.clear()  # their captured addresses die with the old buffers
         super()._drop_buffers()
 
-    def _write_positions(self) -> list[torch.Tensor]:
-        return [layer.cumulative_length for layer in self.cache.layers]
-
-    def _step(self) -> None:
-        logits = self.adapter.lm_forward(self.step_embeds, self.cache)
-        self.step_token.copy_(logits[:, -1].argmax(-1))
-        self.step_embeds.copy_(self.adapter.input_embeddings()(self.step_token[:, None]))
-
-    def _capture(self, token: torch.Tensor) -> None:
-        emb = self.adapter.input_embeddings()
-        self.step_token = token.clone()
-        self.step_embeds = emb(token[:, None]).clone()
-        saved = [p.clone() for p in self._write_positions()]
+    # ---------------------------------------------------------------------------------- capture
+    def _capture(self, call, what: str, rewind: bool) -> tuple[torch.cuda.CUDAGraph, object]:
+        """Warm `call` up on a side stream (compiles, allocator, lazy init), then capture it."""
+        saved = self.cache.length.clone() if rewind else None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, lazy init)
+            with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._step()
+                    call()
+                    if rewind:  # warm-up steps wrote past the real tokens; nothing attends to those
+                        self.cache.length.copy_(saved)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self._step()
-        except Exception as e:  # a kernel that cannot be captured: say so, never fall back to eager
-            raise VariantUnsupported(f"decode step cannot be captured in a CUDA graph: "
+                out = call()
+        except Exception as e:  # never fall back to eager silently: the row is skipped with this
+            raise VariantUnsupported(f"{what} cannot be captured in a CUDA graph: "
                                      f"{e.__class__.__name__}: {str(e)[:200]}") from e
-        # The warm-up steps wrote keys/values past the prompt; rewind the write positions (the
-        # stale entries are overwritten by the real steps before anything attends to them).
-        for p, s in zip(self._write_positions(), saved):
-            p.copy_(s)
-        self.graph = graph
+        if rewind:
+            self.cache.length.copy_(saved)
+        return graph, out
+
+    def _lm_step(self, embeds, n_real):
+        try:
+            return self.decoder.step(embeds, n_real, self.cache, self.layer_fn)
+        except Exception as e:  # noqa: BLE001 - compile failures have many types; recorded below
+            if self.layer_fn is None or isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            self.notes["compile"] = f"torch.compile failed ({e.__class__.__name__}: {str(e)[:120]}), layers run " \
+                                    f"uncompiled"
+            self.layer_fn = None
+            return self.decoder.step(embeds, n_real, self.cache)
+
+    # ---------------------------------------------------------------------------------- vision
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        key = (tuple(pixel_values.shape), pixel_values.dtype)
+        cap = self.vision_graphs.get(key)
+        if cap is None:
+            if "vision" in self.notes:  # capture failed before: recorded, eager
+                return self.adapter.encode_image(pixel_values)
+            static = pixel_values.clone()
+            try:
+                graph, out = self._capture(lambda: self.adapter.encode_image(static), "vision tower", False)
+            except VariantUnsupported as e:
+                self.notes["vision"] = f"eager ({str(e)[:160]})"
+                return self.adapter.encode_image(pixel_values)
+            cap = self.vision_graphs[key] = _Captured(graph, (static,), out)
+        cap.inputs[0].copy_(pixel_values)
+        cap.graph.replay()
+        return cap.output.clone()  # the graph's output is overwritten by the next replay
+
+    # ---------------------------------------------------------------------------------- LM
+    def suffix_step(self, padded: torch.Tensor, real: int) -> torch.Tensor:
+        key = ("suffix", padded.shape[1])
+        cap = self.lm_graphs.get(key)
+        if cap is None:
+            static, n = padded.clone(), torch.full((), real, dtype=torch.long, device=padded.device)
+            graph, out = self._capture(lambda: self._lm_step(static, n), f"suffix prefill ({padded.shape[1]} tokens)",
+                                       True)
+            cap = self.lm_graphs[key] = _Captured(graph, (static, n), out)
+        cap.inputs[0].copy_(padded)
+        cap.inputs[1].fill_(real)
+        cap.graph.replay()
+        return cap.output
+
+    def _decode_call(self, token_buf, embeds_buf):
+        logits = self._lm_step(embeds_buf, self.one)
+        token_buf.copy_(logits[:, -1].argmax(-1))
+        embeds_buf.copy_(self.decoder.embed(token_buf[:, None]))
 
     def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
         if steps == 0:
             return []
-        if self.graph is None:
-            self._capture(token)
-        self.step_token.copy_(token)
-        self.step_embeds.copy_(self.adapter.input_embeddings()(token[:, None]))
+        cap = self.lm_graphs.get("decode")
+        if cap is None:
+            tok, emb = token.clone(), self.decoder.embed(token[:, None]).clone()
+            graph, _ = self._capture(lambda: self._decode_call(tok, emb), "decode step", True)
+            cap = self.lm_graphs["decode"] = _Captured(graph, (tok, emb), None)
+        tok, emb = cap.inputs
+        tok.copy_(token)
+        emb.copy_(self.decoder.embed(token[:, None]))
         out = []
         for _ in range(steps):
-            self.graph.replay()
-            out.append(self.step_token.clone())
+            cap.graph.replay()
+            out.append(tok.clone())
             tl.mark("decode")
         return out

@@ -1,4 +1,4 @@
-"""Where a graph-engine decode step spends its time: torch.profiler over eager static-cache
+"""Where a graph-engine decode step spends its time: torch.profiler over eager KV-buffer
 steps (the same kernels the CUDA graph replays), kernel time by name, against the replayed
 step time and the weight-bytes bandwidth floor. Writes a CSV of kernel shares.
 
@@ -41,15 +41,12 @@ def main() -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in a.language_model().parameters())
     if a.family == "llava":
         weight_bytes += a.model.lm_head.weight.numel() * 2
-    # Eager steps over the same static cache: the kernels the graph replays.
-    emb = a.input_embeddings()
+    # Eager steps over the same KV buffers with the same (compiled) layers: the kernels the graph replays.
     tok = torch.tensor([r.tokens[-1]], device="cuda")
-    positions = [layer.cumulative_length for layer in eng.cache.layers]
 
     def step():  # one decode step at the prompt's end (rewound each time: the buffer is finite)
-        for p in positions:
-            p.fill_(r.prompt_tokens)
-        a.lm_forward(emb(tok[:, None]), eng.cache)
+        eng.cache.length.fill_(r.prompt_tokens)
+        eng.decoder.step(eng.decoder.embed(tok[:, None]), eng.one, eng.cache, eng.layer_fn)
 
     with torch.inference_mode():
         for _ in range(3):

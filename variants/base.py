@@ -88,7 +88,7 @@ class HFEnginePart(EnginePart):
 
 class StaticEnginePart(EnginePart):
     name = "static"
-    description = "preallocated StaticCache reused across requests, eager steps (runs anywhere)"
+    description = "own decoder (fused q/k/v, gate/up) over KV buffers reused across requests, eager (runs anywhere)"
 
     def make_engine(self, adapter, policy):
         from bench.static_engine import StaticEngine
@@ -98,7 +98,7 @@ class StaticEnginePart(EnginePart):
 
 class GraphEnginePart(EnginePart):
     name = "graph"
-    description = "StaticCache + decode step captured once in a CUDA graph and replayed per token"
+    description = "static + CUDA graphs: compiled decode step, suffix-length buckets, vision tower"
     requires_cuda = True
 
     def make_engine(self, adapter, policy):

@@ -43,9 +43,12 @@ class PrefixKVPolicy(CachePolicy):
         return entry
 
     def restore_prefix(self, entry, cache):
-        # One copy of the prefix into the request's working cache, through the Cache API: a
-        # DynamicCache concatenates it (the stored tensors are never written to), a StaticCache
-        # copies it into its preallocated buffers. No Python objects are deep-copied.
+        # One copy of the prefix into the request's working cache; no Python objects are
+        # deep-copied. The static engines' KV buffers take it in one multi-tensor copy; a
+        # transformers DynamicCache concatenates it through the Cache API (the stored tensors
+        # are never written to).
+        if hasattr(cache, "load_prefix"):
+            return PrefixHit(cached_tokens=cache.load_prefix(entry))
         for layer, (k, v) in enumerate(entry):
             cache.update(k, v, layer)
         return PrefixHit(cached_tokens=entry[0][0].shape[-2])

@@ -72,6 +72,9 @@ class LlavaAdapter(VLMAdapter):
     def input_embeddings(self) -> torch.nn.Embedding:
         return self.model.get_input_embeddings()
 
+    def decoder_parts(self):
+        return self.model.model.language_model, self.model.lm_head
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # Same computation as LlavaModel.get_image_features, written against the stable module
         # attributes because that method's return type changed across transformers 5.x.

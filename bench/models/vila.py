@@ -114,6 +114,9 @@ class VilaAdapter(VLMAdapter):
     def input_embeddings(self) -> torch.nn.Embedding:
         return self.model.llm.get_input_embeddings()
 
+    def decoder_parts(self):
+        return self.model.llm.model, self.model.llm.lm_head
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         feats = out.hidden_states[self.select_layer]

@@ -1,0 +1,93 @@
+"""Linears that read the same input (q/k/v, gate/up) run as one GEMM where the weight kind allows.
+
+One wider GEMV reads the same bytes as three narrow ones but launches once and keeps more of the
+GPU busy: at decode, where every projection is a memory-bound GEMV, that is the difference
+between 3.2 and 3.6 TB/s on the H200 (see results/h200/decode_profile_*.csv for the unfused
+split-K launches).
+
+- nn.Linear: the weights are concatenated once and the original modules' weights become views
+  into the fused tensor, so memory does not grow and the HF forward still sees its modules.
+- Int4Linear: the int4 codes are repacked as one [sum N, K] matrix (exact: the codes and the
+  scale/zero pairs are concatenated, never re-quantized); on CUDA the originals' packed buffers
+  become views of the fused one where tinygemm's layout is tile-local (checked, not assumed).
+- anything else (bitsandbytes, ...): the modules are called one after another.
+
+Written here because transformers keeps q/k/v and gate/up as separate modules and no library
+fuses them in place for an existing model.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _fuse_dense(linears: list[nn.Linear]) -> nn.Linear:
+    weight = torch.cat([m.weight.detach() for m in linears], dim=0)
+    has_bias = linears[0].bias is not None
+    bias = torch.cat([m.bias.detach() for m in linears], dim=0) if has_bias else None
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(bias, requires_grad=False)
+    start = 0
+    for m in linears:  # originals become views: one copy of the weights, HF forward unchanged
+        n = m.out_features
+        m.weight = nn.Parameter(weight[start:start + n], requires_grad=False)
+        if has_bias:
+            m.bias = nn.Parameter(bias[start:start + n], requires_grad=False)
+        start += n
+    return fused
+
+
+def _fuse_int4(linears: list) -> nn.Module:
+    from bench.quant.int4 import Int4Linear, _pack_nibbles
+
+    first = linears[0]
+    device = first.packed.device
+    q = torch.cat([m.layout.unpack(m.packed) for m in linears], dim=0)
+    sz = torch.cat([m.scale_and_zero for m in linears], dim=1).contiguous()
+    has_bias = first.bias is not None
+    bias = torch.cat([m.bias for m in linears]) if has_bias else None
+    fused = Int4Linear(first.in_features, q.shape[0], first.group_size, _pack_nibbles(q, device), sz, bias,
+                       None, first.dense_rows)
+    if device.type == "cuda":  # share the packed codes when the layout is tile-local along N
+        start = 0
+        for m in linears:
+            rows = m.packed.shape[0]
+            view = fused.packed[start:start + rows]
+            if view.shape == m.packed.shape and torch.equal(view, m.packed):
+                m.packed = view
+            start += rows
+    return fused
+
+
+def _kind(linears: list) -> str | None:
+    from bench.quant.int4 import Int4Linear
+
+    if all(type(m) is nn.Linear for m in linears):
+        same = {(m.weight.dtype, m.weight.device, m.in_features, m.bias is None) for m in linears}
+        return "dense" if len(same) == 1 else None
+    if all(type(m) is Int4Linear for m in linears):
+        same = {(m.scale_and_zero.dtype, m.in_features, m.group_size, m.bias is None, m.dense_rows)
+                for m in linears}
+        if len(same) == 1 and all(m.input_scale is None for m in linears) \
+                and all(m.out_features % 8 == 0 for m in linears):
+            return "int4"
+    return None
+
+
+class FusedProjections(nn.Module):
+    """forward(x) -> one output per original linear, computed by one GEMM where possible."""
+
+    def __init__(self, linears: list[nn.Module]):
+        super().__init__()
+        self.sizes = [m.out_features for m in linears]
+        kind = _kind(linears)
+        self.kind = kind or "separate"
+        self.fused = {"dense": _fuse_dense, "int4": _fuse_int4}[kind](linears) if kind else None
+        self.parts = None if kind else nn.ModuleList(linears)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.fused is not None:
+            return self.fused(x).split(self.sizes, dim=-1)
+        return tuple(m(x) for m in self.parts)

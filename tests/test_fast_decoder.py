@@ -1,0 +1,117 @@
+"""The static engines' own decoder: fused projections are exact and share memory, the padded
+suffix step and the offset prefill agree with transformers, prefix restore is one copy."""
+import pytest
+import torch
+from torch import nn
+
+from bench.cache_policy import CachePolicy
+from bench.fast_decoder import FastDecoder, KVBuffers, fast_decoder
+from bench.fused_linear import FusedProjections
+from bench.models.loader import load_checkpoint
+from bench.static_engine import SUFFIX_BUCKETS, StaticEngine
+from tests.test_engine import reference_generate
+from variants.prefix import PrefixKVPolicy
+
+CPU = torch.device("cpu")
+
+
+def test_fused_dense_projections_are_exact_and_share_the_weights():
+    torch.manual_seed(0)
+    linears = [nn.Linear(64, n, bias=True) for n in (64, 16, 16)]
+    x = torch.randn(3, 5, 64)
+    want = [m(x) for m in linears]
+    fused = FusedProjections(linears)
+    assert fused.kind == "dense"
+    for got, w in zip(fused(x), want):
+        torch.testing.assert_close(got, w, rtol=1e-6, atol=1e-6)
+    # the originals now read the fused tensor: no second copy of the weights
+    base = fused.fused.weight.untyped_storage().data_ptr()
+    assert all(m.weight.untyped_storage().data_ptr() == base for m in linears)
+    for m, w in zip(linears, want):  # and still compute what they did
+        torch.testing.assert_close(m(x), w)
+
+
+def test_fused_int4_projections_equal_the_separate_kernels():
+    pytest.importorskip("torchao")
+    from bench.quant.int4 import Int4Linear, quantize_int4
+
+    torch.manual_seed(0)
+    parts = [Int4Linear.from_int4(quantize_int4(torch.randn(n, 256), 64), CPU, torch.float32) for n in (128, 32, 64)]
+    x = torch.randn(1, 3, 256)
+    want = [m(x) for m in parts]
+    fused = FusedProjections(parts)
+    assert fused.kind == "int4" and fused.fused.out_features == 224
+    for got, w in zip(fused(x), want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-5)
+
+
+def test_unfusable_kinds_run_separately():
+    class Odd(nn.Linear):  # e.g. a bitsandbytes layer: subclasses nn.Linear, own weight format
+        pass
+
+    linears = [Odd(8, 8), nn.Linear(8, 8)]
+    fused = FusedProjections(linears)
+    x = torch.randn(2, 8)
+    assert fused.kind == "separate"
+    assert all(torch.equal(a, m(x)) for a, m in zip(fused(x), linears))
+
+
+def test_kv_buffers_restore_a_prefix_in_one_copy():
+    kv = KVBuffers(layers=3, kv_heads=2, head_dim=4, max_len=16, device=CPU, dtype=torch.float32)
+    entry = [(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)) for _ in range(3)]
+    assert kv.load_prefix(entry) == 5 and kv.get_seq_length() == 5
+    for layer, (k, v) in zip(kv.layers, entry):
+        assert torch.equal(layer.keys[:, :, :5], k) and torch.equal(layer.values[:, :, :5], v)
+
+
+@pytest.mark.parametrize("family", ["llava", "vila"])
+def test_prefill_step_and_offset_prefill_give_the_same_logits(family, checkpoint_dirs, demo_image):
+    """The three ways to place tokens (fresh prefill, prefill after a prefix, padded device-position
+    step) compute the same last-token logits as one transformers forward over the whole prompt."""
+    adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
+    p = adapter.prepare(demo_image, "What colour is the sky in this picture?")
+    with torch.no_grad():
+        embeds = adapter.prompt_embeds(p, adapter.encode_image(adapter.pixels_to_device(p)))
+        want = adapter.lm_forward(embeds, None)[:, -1]
+        dec = fast_decoder(adapter)
+        n_prefix, total = p.prefix_tokens, embeds.shape[1]
+        kv = dec.new_buffers(256)
+        torch.testing.assert_close(dec.prefill(embeds, kv, 0)[:, -1], want, rtol=1e-4, atol=1e-4)
+        assert kv.get_seq_length() == total
+        kv.reset()
+        dec.prefill(embeds[:, :n_prefix], kv, 0)
+        torch.testing.assert_close(dec.prefill(embeds[:, n_prefix:], kv, n_prefix)[:, -1], want, rtol=1e-4,
+                                   atol=1e-4)
+        kv.reset()
+        dec.prefill(embeds[:, :n_prefix], kv, 0)
+        real = total - n_prefix
+        padded = torch.nn.functional.pad(embeds[:, n_prefix:], (0, 0, 0, SUFFIX_BUCKETS[-1] - real), value=7.0)
+        got = dec.step(padded, torch.tensor(real), kv)
+        torch.testing.assert_close(got[:, -1], want, rtol=1e-4, atol=1e-4)
+        assert kv.get_seq_length() == total  # the padding is not counted
+
+
+def test_a_suffix_longer_than_every_bucket_prefills_eagerly_after_the_prefix(checkpoint_dirs, demo_image):
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    engine = StaticEngine(adapter, PrefixKVPolicy(64))
+    engine.run(demo_image, "warm-up question", 4)
+    q = "Tell me everything " * 20
+    assert len(adapter.prepare_text(q).suffix_ids) > SUFFIX_BUCKETS[-1]
+    r = engine.run(demo_image, q, 12)
+    assert r.cache_hit and r.tokens == reference_generate(adapter, demo_image, q, 12)
+
+
+def test_engine_detail_says_how_the_request_ran(checkpoint_dirs, demo_image):
+    adapter = load_checkpoint(checkpoint_dirs["vila"], None, CPU, torch.float32)
+    r = StaticEngine(adapter, CachePolicy()).run(demo_image, "What is shown?", 3)
+    assert r.extra["engine_detail"] == "own decoder (qkv:dense,gate_up:dense), static KV, eager"
+
+
+def test_unsupported_decoder_is_a_skip_reason():
+    from bench.errors import VariantUnsupported
+
+    class Cfg:
+        model_type = "gpt2"
+
+    with pytest.raises(VariantUnsupported, match="llama, qwen2 decoders, not 'gpt2'"):
+        FastDecoder(None, None, Cfg())
