@@ -36,12 +36,13 @@ class KVLayer:
 
 
 class KVBuffers:
-    """Every layer's keys/values, allocated once; `length` (device) = tokens written so far."""
+    """Every layer's keys/values in one tensor, allocated once; `length` (device) = tokens written.
+
+    One tensor (not one per layer) so that saving or restoring a prefix is a single copy kernel."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, max_len: int, device, dtype, batch: int = 1):
-        shape = (batch, kv_heads, max_len, head_dim)
-        self.layers = [KVLayer(torch.zeros(shape, device=device, dtype=dtype),
-                               torch.zeros(shape, device=device, dtype=dtype)) for _ in range(layers)]
+        self.data = torch.zeros(layers, 2, batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.layers = [KVLayer(self.data[i, 0], self.data[i, 1]) for i in range(layers)]
         self.length = torch.zeros((), dtype=torch.long, device=device)
         self.max_len = max_len
 
@@ -49,11 +50,14 @@ class KVBuffers:
         # Stale keys/values need no zeroing: masks never admit a position before it is written.
         self.length.zero_()
 
-    def load_prefix(self, entry: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
-        """Copy a stored prefix (one (keys, values) per layer) to the front: one multi-tensor copy."""
-        n = entry[0][0].shape[-2]
-        dst = [t[..., :n, :] for layer in self.layers for t in (layer.keys, layer.values)]
-        torch._foreach_copy_(dst, [t for kv in entry for t in kv])
+    def save_prefix(self, n: int) -> torch.Tensor:
+        """A copy of the first n positions of every layer: [layers, 2, batch, kv_heads, n, head_dim]."""
+        return self.data[..., :n, :].clone()
+
+    def load_prefix(self, entry: torch.Tensor) -> int:
+        """Copy a saved prefix back to the front (one kernel); returns its length."""
+        n = entry.shape[-2]
+        self.data[..., :n, :].copy_(entry)
         self.length.fill_(n)
         return n
 
@@ -94,6 +98,11 @@ class FastDecoder(nn.Module):
         """How projections run, e.g. 'qkv:dense,gate_up:dense' (recorded per row)."""
         b = self.layers[0]
         return f"qkv:{b.qkv.kind},gate_up:{b.gate_up.kind}"
+
+    def set_fused_max_rows(self, rows: int) -> None:
+        """Above `rows` input rows the projections run unfused (bench.fused_linear.FUSED_MAX_ROWS)."""
+        for block in self.layers:
+            block.qkv.max_rows = block.gate_up.max_rows = rows
 
     def new_buffers(self, max_len: int, batch: int = 1) -> KVBuffers:
         p = self.embed.weight
@@ -140,8 +149,10 @@ class FastDecoder(nn.Module):
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h_last))
 
-    def prefill(self, embeds: torch.Tensor, kv: KVBuffers, start: int) -> torch.Tensor:
-        """Tokens at host-known positions start.. ; returns the last position's logits [b, 1, vocab]."""
+    def prefill(self, embeds: torch.Tensor, kv: KVBuffers, start: int, layer_fn=None) -> torch.Tensor:
+        """Tokens at host-known positions start.. ; returns the last position's logits [b, 1, vocab].
+        `layer_fn` replaces `layer_from` (e.g. a compiled copy)."""
+        layer_fn = layer_fn or self.layer_from
         end = start + embeds.shape[1]
         if end > kv.max_len:
             raise ValueError(f"{end} tokens do not fit the {kv.max_len}-token KV buffers")
@@ -150,7 +161,7 @@ class FastDecoder(nn.Module):
         mask = torch.arange(end, device=embeds.device)[None, :] <= pos[:, None] if start else None  # [t, end]
         h = embeds
         for block, layer in zip(self.layers, kv.layers):
-            h = self.layer_from(block, h, cos, sin, start, mask, layer.keys, layer.values)
+            h = layer_fn(block, h, cos, sin, start, mask, layer.keys, layer.values)
         kv.length.fill_(end)
         return self._logits(h[:, -1:])
 

@@ -76,18 +76,25 @@ def _kind(linears: list) -> str | None:
     return None
 
 
+# Fusion pays where the GEMMs are memory-bound (decode, short suffixes). Above this many rows the
+# original modules run: a long prefill is compute-bound either way, and the separate GEMMs are
+# the very calls transformers makes, so prefill keys/values stay bit-identical to the hf engine's.
+FUSED_MAX_ROWS = 64
+
+
 class FusedProjections(nn.Module):
     """forward(x) -> one output per original linear, computed by one GEMM where possible."""
 
-    def __init__(self, linears: list[nn.Module]):
+    def __init__(self, linears: list[nn.Module], max_rows: int = FUSED_MAX_ROWS):
         super().__init__()
         self.sizes = [m.out_features for m in linears]
+        self.max_rows = max_rows
         kind = _kind(linears)
         self.kind = kind or "separate"
         self.fused = {"dense": _fuse_dense, "int4": _fuse_int4}[kind](linears) if kind else None
-        self.parts = None if kind else nn.ModuleList(linears)
+        self.parts = nn.ModuleList(linears)  # views of the fused weights where fused: no extra memory
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.fused is not None:
+        if self.fused is not None and x.numel() // x.shape[-1] <= self.max_rows:
             return self.fused(x).split(self.sizes, dim=-1)
         return tuple(m(x) for m in self.parts)

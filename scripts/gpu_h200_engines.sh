@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# H200: hf vs graph engine side by side (fp16, prefix reuse, bnb4) on one preset.
-# usage: bash scripts/gpu_h200_engines.sh PRESET  -> $OUT/PRESET-engines/{runs,summary}.csv, env.json
+# H200: the hf and graph engines side by side on one preset, every weight/cache variant.
+# usage: bash scripts/gpu_h200_engines.sh PRESET [ENGINES] [VARIANTS]
+#   ENGINES default hf,graph; VARIANTS default fp16,prefix,bnb4,awq4,awq4+prefix
+#   -> $OUT/PRESET-engines-ENGINE/{runs,summary}.csv, env.json (one directory per engine)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null; export PYTHONPATH=/tmp/site:$PWD
-p=$1
-python3 vila_prefix_benchmark.py --preset "$p" --variants fp16,prefix,bnb4 --engine hf,graph --num-runs 20 \
-  --text-prompt "What is shown in this image?" --conv-mode vicuna_v1 --output-dir "$OUT/$p-engines" 2>&1 | tee "$OUT/$p-engines.log"
+p=$1; engines=${2:-hf,graph}; variants=${3:-fp16,prefix,bnb4,awq4,awq4+prefix}
+for e in ${engines//,/ }; do
+  python3 vila_prefix_benchmark.py --preset "$p" --variants "$variants" --engine "$e" --num-runs 20 \
+    --text-prompt "What is shown in this image?" --conv-mode vicuna_v1 --int4-cache-dir /tmp/int4-cache \
+    --output-dir "$OUT/$p-engines-$e" 2>&1 | grep -v Warning | tail -25
+done

@@ -56,12 +56,28 @@ def test_unfusable_kinds_run_separately():
     assert all(torch.equal(a, m(x)) for a, m in zip(fused(x), linears))
 
 
-def test_kv_buffers_restore_a_prefix_in_one_copy():
+def test_kv_buffers_save_and_restore_a_prefix_as_one_tensor():
     kv = KVBuffers(layers=3, kv_heads=2, head_dim=4, max_len=16, device=CPU, dtype=torch.float32)
-    entry = [(torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)) for _ in range(3)]
+    kv.data.normal_()
+    entry = kv.save_prefix(5)
+    assert entry.shape == (3, 2, 1, 2, 5, 4)
+    want = [(layer.keys[:, :, :5].clone(), layer.values[:, :, :5].clone()) for layer in kv.layers]
+    kv.data.zero_()
     assert kv.load_prefix(entry) == 5 and kv.get_seq_length() == 5
-    for layer, (k, v) in zip(kv.layers, entry):
+    for layer, (k, v) in zip(kv.layers, want):
         assert torch.equal(layer.keys[:, :, :5], k) and torch.equal(layer.values[:, :, :5], v)
+    assert not kv.data[..., 5:, :].any()
+
+
+def test_long_inputs_run_the_original_projections():
+    torch.manual_seed(0)
+    linears = [nn.Linear(32, 32) for _ in range(2)]
+    fused = FusedProjections(linears, max_rows=4)
+    calls = []
+    fused.fused.register_forward_hook(lambda *a: calls.append("fused"))
+    fused(torch.randn(1, 4, 32))
+    fused(torch.randn(1, 5, 32))
+    assert calls == ["fused"]
 
 
 @pytest.mark.parametrize("family", ["llava", "vila"])

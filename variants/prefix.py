@@ -44,7 +44,7 @@ class PrefixKVPolicy(CachePolicy):
 
     def restore_prefix(self, entry, cache):
         # One copy of the prefix into the request's working cache; no Python objects are
-        # deep-copied. The static engines' KV buffers take it in one multi-tensor copy; a
+        # deep-copied. The static engines' KV buffers take it in one copy kernel; a
         # transformers DynamicCache concatenates it through the Cache API (the stored tensors
         # are never written to).
         if hasattr(cache, "load_prefix"):
@@ -57,8 +57,12 @@ class PrefixKVPolicy(CachePolicy):
         if self._pending_key is None:
             return
         n = prepared.prefix_tokens
-        entry = [(layer.keys[..., :n, :].clone(), layer.values[..., :n, :].clone()) for layer in cache.layers]
-        self.lru.put(self._pending_key, entry, _nbytes(t for kv in entry for t in kv))
+        if hasattr(cache, "save_prefix"):  # the static engines' KV buffers: one tensor, one copy
+            entry = cache.save_prefix(n)
+            self.lru.put(self._pending_key, entry, _nbytes([entry]))
+        else:
+            entry = [(layer.keys[..., :n, :].clone(), layer.values[..., :n, :].clone()) for layer in cache.layers]
+            self.lru.put(self._pending_key, entry, _nbytes(t for kv in entry for t in kv))
         self._pending_key = None
 
     def clear(self):

@@ -1,0 +1,112 @@
+"""Where full-prompt prefill and the suffix step spend their time on the graph engine's decoder:
+wall time (CUDA events) and summed kernel time for each way of running the layers (eager or
+torch.compile'd with a dynamic length; projections fused or separate), plus the top kernels.
+
+    python scripts/gpu_prefill_profile.py --preset llava-1.5-7b --out $OUT/prefill_profile.csv
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.cache_policy import CachePolicy  # noqa: E402
+from bench.cli import _quiet_libraries  # noqa: E402
+from bench.config import DEMO_IMAGE  # noqa: E402
+from bench.models.loader import build_preset  # noqa: E402
+from bench.results import CsvWriter  # noqa: E402
+from bench.static_engine import GraphEngine  # noqa: E402
+
+
+def timed(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
+
+
+def kernels(fn, reps: int) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name] += e.device_time_total / 1e3 / reps
+    return per
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llava-1.5-7b")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    _quiet_libraries()
+    from PIL import Image
+
+    image = Image.open(DEMO_IMAGE).convert("RGB")
+    a = build_preset(args.preset, None, torch.device("cuda"), torch.float16)
+    eng = GraphEngine(a, CachePolicy())
+    r = eng.run(image, "What is shown in this image?", 8)
+    p = a.prepare(image, "What is shown in this image?")
+    dec, kv = eng.decoder, eng.cache
+    w = CsvWriter(Path(args.out), ["model", "what", "config", "tokens", "wall_ms", "kernel_ms", "top_kernels"])
+    with torch.inference_mode():
+        embeds = a.prompt_embeds(p, a.encode_image(a.pixels_to_device(p)))
+        compiled = torch.compile(dec.layer_from, dynamic=True)
+        blocks = [(b.qkv, b.gate_up) for b in dec.layers]
+        for fused in (False, True):
+            for proj in (x for pair in blocks for x in pair):
+                proj.max_rows = 10**9 if fused else 64
+            for name, fn in (("eager", None), ("compiled", compiled)):
+                call = lambda fn=fn: dec.prefill(embeds, kv, 0, fn)[:, -1].argmax(-1)  # noqa: E731
+                for _ in range(3):
+                    call()
+                wall = statistics.median(timed(call, args.reps))
+                per = kernels(call, 5)
+                top = "; ".join(f"{ms:.2f} {k[:50]}" for k, ms in sorted(per.items(), key=lambda kv: -kv[1])[:5])
+                cfg = f"{name}, {'fused' if fused else 'separate'} projections"
+                w.write({"model": args.preset, "what": "prefill", "config": cfg, "tokens": embeds.shape[1],
+                         "wall_ms": wall, "kernel_ms": sum(per.values()), "top_kernels": top})
+                print(f"prefill {embeds.shape[1]} tokens, {cfg}: wall {wall:.2f} ms, kernels "
+                      f"{sum(per.values()):.2f} ms | {top}", flush=True)
+        for proj in (x for pair in blocks for x in pair):
+            proj.max_rows = 64
+        prefix = embeds[:, :p.prefix_tokens]
+        for t in (1, 16):
+            x = embeds[:, p.prefix_tokens:p.prefix_tokens + 1].expand(1, t, -1).contiguous()
+            n = torch.tensor(t, device="cuda")
+
+            def call(x=x, n=n):
+                kv.length.fill_(p.prefix_tokens)
+                return dec.step(x, n, kv, eng.layer_fn)
+            dec.prefill(prefix, kv, 0)
+            for _ in range(3):
+                call()
+            per = kernels(call, 10)
+            wall = statistics.median(timed(call, args.reps))  # eager launches: an upper bound on the graph
+            top = "; ".join(f"{ms:.3f} {k[:50]}" for k, ms in sorted(per.items(), key=lambda kv: -kv[1])[:6])
+            w.write({"model": args.preset, "what": f"step (compiled layers, eager launch)", "config": "fused",
+                     "tokens": t, "wall_ms": wall, "kernel_ms": sum(per.values()), "top_kernels": top})
+            print(f"step {t} tokens: kernels {sum(per.values()):.3f} ms | {top}", flush=True)
+    w.close()
+    print("graph engine run:", {k: round(v, 2) for k, v in r.phases_ms.items()}, r.extra["engine_detail"])
+
+
+if __name__ == "__main__":
+    main()
