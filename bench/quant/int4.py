@@ -270,18 +270,16 @@ class Int4Linear(nn.Module):
         graph.replay()
         return out
 
+    @torch.compiler.disable  # its scratch buffers and per-layer graph replay stay eager under torch.compile
+    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(x.dtype), self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale
         rows = x.numel() // self.in_features
         if rows > self.dense_rows:
-            if x.is_cuda and torch.compiler.is_compiling():  # traced (graph engine): a plain kernel call
-                from bench.quant.triton_int4 import dequantize_tinygemm
-
-                w = torch.empty(self.out_features, self.in_features, dtype=x.dtype, device=x.device)
-                w = dequantize_tinygemm(self.packed, self.scale_and_zero, self.layout.inverse, w, self.group_size)
-                return F.linear(x, w, self.bias)
-            return F.linear(x, self.dense_weight(x.dtype), self.bias)
+            return self._dense_forward(x)
         sz = self.scale_and_zero
         x2 = x.reshape(rows, self.in_features).to(sz.dtype)
         if x2.is_cuda:
