@@ -106,14 +106,17 @@ class GraphEngine(StaticEngine):
         if compile_layers:
             torch._dynamo.reset()  # compiled code of an earlier model is not reused (nor kept alive)
             self.layer_fn = torch.compile(self.decoder.layer_at, dynamic=False)
-            self.prefill_fn = torch.compile(self.decoder.layer_from, dynamic=True)
+            if self.decoder.fusion == "qkv:dense,gate_up:dense":
+                self.prefill_fn = torch.compile(self.decoder.layer_from, dynamic=True)
+            else:  # int4's dense path and bitsandbytes break the graph at every linear: slower than eager
+                self.notes["prefill"] = "eager (quantized linears break a compiled graph at every call)"
 
     def describe(self) -> str:
         compiled = "compiled layers" if self.layer_fn is not None else "uncompiled layers"
-        prefill = "compiled" if self.prefill_fn is not None else "eager"
+        prefill = "compiled prefill" if self.prefill_fn is not None else "prefill " + self.notes.get("prefill", "eager")
         parts = [f"own decoder ({self.decoder.fusion}), static KV, CUDA-graph decode + suffix buckets "
-                 f"({compiled}), {prefill} prefill, vision {self.notes.get('vision', 'graphed')}"]
-        parts += [f"{k}: {v}" for k, v in self.notes.items() if k not in ("vision",)]
+                 f"({compiled}), {prefill}, vision {self.notes.get('vision', 'graphed')}"]
+        parts += [f"{k}: {v}" for k, v in self.notes.items() if k not in ("vision", "prefill")]
         return "; ".join(parts)
 
     def _drop_buffers(self) -> None:
@@ -163,7 +166,7 @@ class GraphEngine(StaticEngine):
             except Exception as e:  # noqa: BLE001 - recorded in engine_detail, then eager
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
-                self.notes["prefill"] = f"torch.compile failed ({e.__class__.__name__}: {str(e)[:120]}), eager"
+                self.notes["prefill"] = f"eager (torch.compile failed: {e.__class__.__name__}: {str(e)[:120]})"
                 self.prefill_fn = None
         return self.decoder.prefill(embeds, cache, start)
 
