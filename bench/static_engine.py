@@ -106,10 +106,10 @@ class GraphEngine(StaticEngine):
         if compile_layers:
             torch._dynamo.reset()  # compiled code of an earlier model is not reused (nor kept alive)
             self.layer_fn = torch.compile(self.decoder.layer_at, dynamic=False)
-            if self.decoder.fusion == "qkv:dense,gate_up:dense":
+            if "separate" not in self.decoder.fusion:  # dense or int4 (its dense path is one custom op)
                 self.prefill_fn = torch.compile(self.decoder.layer_from, dynamic=True)
-            else:  # int4's dense path and bitsandbytes break the graph at every linear: slower than eager
-                self.notes["prefill"] = "eager (quantized linears break a compiled graph at every call)"
+            else:  # bitsandbytes layers break a compiled graph at every call: slower than eager
+                self.notes["prefill"] = "eager (these linears break a compiled graph at every call)"
 
     def describe(self) -> str:
         compiled = "compiled layers" if self.layer_fn is not None else "uncompiled layers"

@@ -326,3 +326,14 @@ def test_cuda_int4_kernel_and_dense_path_match_the_weights(n, k, group):
         x = torch.randn(rows, k, device=dev, dtype=torch.float16)
         exact = x.float() @ ref.t()
         assert (layer(x).float() - exact).abs().max() / exact.abs().max() < 2 * tol, rows
+
+
+def test_dense_path_compiles_as_one_graph():
+    """The graph engine compiles whole decoder layers: the int4 prefill path is one opaque op
+    (no graph break), and compiled it computes what eager does."""
+    torch.manual_seed(0)
+    layer = Int4Linear.from_int4(quantize_int4(torch.randn(64, 256), 64), torch.device("cpu"), torch.float32,
+                                 dense_rows=4)
+    x = torch.randn(1, 20, 256)
+    compiled = torch.compile(lambda t: layer(t) * 2, dynamic=True, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x) * 2)

@@ -189,6 +189,62 @@ def _dequantize_packed(packed: torch.Tensor, inverse: torch.Tensor, scale_and_ze
     return w.view(n, k)
 
 
+# Per packed weight: its dequantize graph (and the scratch it writes), while the weight lives.
+_DENSE_GRAPHS: dict[tuple, tuple] = {}
+
+
+def _cuda_dense_weight(packed: torch.Tensor, scale_and_zero: torch.Tensor, lay: KernelLayout, group_size: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize into a scratch buffer shared by every layer of this shape (one layer's weight
+    is alive at a time: stream order makes the next layer's write wait for this GEMM).
+
+    The dequantize launch is replayed from a CUDA graph captured on first use: prefill runs
+    eagerly and is CPU-bound, and Triton's Python launch path costs more CPU per call than a
+    graph replay (a 7B prefill makes 224 of these calls)."""
+    from bench.quant.triton_int4 import dequantize_tinygemm
+
+    n, k = lay.n, lay.k
+    key = (n, k, dtype, packed.device)
+    out = _DENSE_SCRATCH.get(key)
+    if out is None:
+        out = torch.empty(n, k, dtype=dtype, device=packed.device)
+        _DENSE_SCRATCH[key] = out
+    args = (packed, scale_and_zero, lay.inverse, out, group_size)
+    if torch.cuda.is_current_stream_capturing():  # inside someone else's graph: launch directly
+        return dequantize_tinygemm(*args)
+    gkey = (packed.data_ptr(), tuple(packed.shape), dtype)
+    entry = _DENSE_GRAPHS.get(gkey)
+    if entry is None or entry[0]() is None or entry[2] is not out:
+        for dead in [k_ for k_, e in _DENSE_GRAPHS.items() if e[0]() is None]:
+            del _DENSE_GRAPHS[dead]  # weights freed: their graphs (and scratch refs) go too
+        dequantize_tinygemm(*args)  # compiles the kernel outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=_dense_pool()):
+            dequantize_tinygemm(*args)
+        entry = _DENSE_GRAPHS[gkey] = (weakref.ref(packed), graph, out)
+    entry[1].replay()
+    return out
+
+
+@torch.library.custom_op("vlm_bench::int4_dense_linear", mutates_args=())
+def int4_dense_linear(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
+                      bias: torch.Tensor | None, out_features: int, group_size: int) -> torch.Tensor:
+    """Dequantize + dense GEMM (the prefill path) as one opaque op, so torch.compile keeps a
+    layer with int4 linears in one graph instead of breaking it at every call."""
+    k = x.shape[-1]
+    lay = kernel_layout(out_features, k, packed.device)
+    if packed.is_cuda:
+        w = _cuda_dense_weight(packed, scale_and_zero, lay, group_size, x.dtype)
+    else:
+        w = _dequantize_packed(packed, lay.inverse, scale_and_zero, out_features, k, lay.block, group_size, x.dtype)
+    return F.linear(x, w, bias)
+
+
+@int4_dense_linear.register_fake
+def _(x, packed, scale_and_zero, bias, out_features, group_size):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 # ---------------------------------------------------------------------------- the layer
 class Int4Linear(nn.Module):
     """y = x @ W^T (+ b) with W held as group-wise int4 (see the module docstring for the paths).
@@ -242,37 +298,11 @@ class Int4Linear(nn.Module):
                                   self.in_features, lay.block, self.group_size, dtype)
 
     def _cuda_dense_weight(self, lay: KernelLayout, dtype: torch.dtype) -> torch.Tensor:
-        """Dequantize into a scratch buffer shared by every layer of this shape (one layer's weight
-        is alive at a time: stream order makes the next layer's write wait for this GEMM).
+        return _cuda_dense_weight(self.packed, self.scale_and_zero, lay, self.group_size, dtype)
 
-        The dequantize launch is replayed from a CUDA graph captured on first use: prefill runs
-        eagerly and is CPU-bound, and Triton's Python launch path costs more CPU per call than a
-        graph replay (a 7B prefill makes 224 of these calls)."""
-        from bench.quant.triton_int4 import dequantize_tinygemm
-
-        key = (self.out_features, self.in_features, dtype, self.packed.device)
-        out = _DENSE_SCRATCH.get(key)
-        if out is None:
-            out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.packed.device)
-            _DENSE_SCRATCH[key] = out
-        state = self.__dict__.setdefault("_dense", {})  # plain dict: not a buffer, not saved
-        state["scratch_" + str(dtype)] = out
-        args = (self.packed, self.scale_and_zero, lay.inverse, out, self.group_size)
-        if torch.cuda.is_current_stream_capturing():  # inside someone else's graph: launch directly
-            return dequantize_tinygemm(*args)
-        graph = state.get(dtype)
-        if graph is None:
-            dequantize_tinygemm(*args)  # compiles the kernel outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=_dense_pool()):
-                dequantize_tinygemm(*args)
-            state[dtype] = graph
-        graph.replay()
-        return out
-
-    @torch.compiler.disable  # its scratch buffers and per-layer graph replay stay eager under torch.compile
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dense_weight(x.dtype), self.bias)
+        return torch.ops.vlm_bench.int4_dense_linear(x, self.packed, self.scale_and_zero, self.bias,
+                                                     self.out_features, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
