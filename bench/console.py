@@ -11,7 +11,7 @@ from rich.table import Table
 SHOWN = [("ttft_ms", "TTFT ms"), ("prefill_ms", "prefill ms"), ("vision_ms", "vision ms"),
          ("tpot_ms", "TPOT ms"), ("decode_tok_s", "decode tok/s"), ("e2e_ms", "e2e ms"),
          ("peak_alloc_mb", "peak MiB"), ("weight_mb", "weights MiB"), ("token_agree", "token agree"),
-         ("kl_mean", "KL mean")]
+         ("kl_mean", "KL mean"), ("engine_kl_mean", "engine KL")]
 
 
 def status(message: str) -> None:

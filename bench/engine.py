@@ -54,6 +54,23 @@ class HFEngine:
         """How this engine runs (the engine_detail column)."""
         return "transformers forward, DynamicCache"
 
+    def forced_step(self, token: torch.Tensor, cache) -> torch.Tensor:
+        """One decode step on a given token (teacher forcing); logits [1, 1, vocab]."""
+        return self.adapter.lm_forward(self.adapter.input_embeddings()(token[:, None]), cache)
+
+    @torch.inference_mode()
+    def teacher_forced_logprobs(self, image: Image.Image, question: str, continuation: list[int]) -> torch.Tensor:
+        """Log-probabilities of each position of `continuation`, computed the way this engine
+        serves a request: its prefill, then one of its decode steps per token. [len, vocab] on CPU."""
+        a = self.adapter
+        prepared = a.prepare(image, question)
+        cache = self.new_cache(prepared.prompt_tokens, len(continuation))
+        image_embeds = self.encode_image(a.pixels_to_device(prepared))
+        rows = [self.prefill(a.prompt_embeds(prepared, image_embeds), cache, 0)[:, -1].float()]
+        for tok in continuation[:-1]:
+            rows.append(self.forced_step(torch.tensor([tok], device=a.device), cache)[:, -1].float())
+        return torch.log_softmax(torch.cat(rows), dim=-1).cpu()
+
     def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
         """`steps` greedy steps after `token`, one timeline mark each; token ids stay on device."""
         emb = self.adapter.input_embeddings()

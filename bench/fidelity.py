@@ -4,6 +4,11 @@
   baseline's (first_divergence: where they first differ).
 - kl_mean: mean KL(baseline || variant) of the next-token distributions, both teacher-forced
   on the baseline's continuation, so one early flip does not make every later position moot.
+  The variant's side runs transformers' forward: it measures the weights.
+- engine_kl_mean / engine_top1_agree: the same, but the variant's distributions come from its
+  own engine's prefill and decode steps (for `graph`: the replayed CUDA graph), so they measure
+  weights and engine together. With random weights near-tied top-2 logits are common, so a
+  rounding-level engine difference flips greedy tokens (token_agree) at KL ~ 0.
 
 Measured once per variant outside the timed runs, on a probe question that is never measured.
 With random weights this is numeric fidelity only: the text means nothing.
@@ -57,11 +62,14 @@ def kl_mean(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
 def compare(ref: FidelityReference, engine, image) -> dict:
     tokens = _greedy(engine, image, ref.question, len(ref.tokens))
     logprobs = teacher_forced_logprobs(engine.adapter, image, ref.question, ref.tokens)
+    engine_logprobs = engine.teacher_forced_logprobs(image, ref.question, ref.tokens)
     pairs = list(zip(tokens, ref.tokens))
     first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
     return {
         "token_agree": sum(a == b for a, b in pairs) / len(ref.tokens),
         "first_divergence": first,
         "kl_mean": kl_mean(ref.logprobs, logprobs),
+        "engine_kl_mean": kl_mean(ref.logprobs, engine_logprobs),
+        "engine_top1_agree": float((engine_logprobs.argmax(-1) == ref.logprobs.argmax(-1)).float().mean()),
         "fidelity_probe": ref.question,
     }

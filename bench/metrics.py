@@ -64,6 +64,9 @@ RUN_COLUMNS: dict[str, str] = {
     "token_agree": "share of greedy tokens equal, position by position, to the fp16 baseline's on the fidelity probe",
     "first_divergence": "index of the first generated token that differs from the baseline (empty: none differ)",
     "kl_mean": "mean KL(baseline || variant) of next-token distributions, teacher-forced on the baseline's continuation",
+    "engine_kl_mean": "kl_mean with the variant's distributions from its own engine (prefill + one decode step per "
+                      "token, teacher-forced): weights and engine numerics together",
+    "engine_top1_agree": "share of teacher-forced positions where the engine's top token equals the baseline's",
     "fidelity_probe": "the question the fidelity columns were measured on (against fp16 weights, hf engine, no cache)",
     "output_text": "decoded output (first 80 characters; meaningless for random weights)",
 }
@@ -73,6 +76,7 @@ SUMMARY_METRICS = [
     "ttft_ms", "prefill_ms", "vision_ms", "preprocess_ms", "lookup_ms", "restore_ms", "store_ms", "decode_ms", "tpot_ms",
     "itl_p50_ms", "itl_p99_ms", "decode_tok_s", "e2e_ms", "peak_alloc_mb", "peak_reserved_mb",
     "nvml_used_mb", "gpu_util_pct", "energy_j_per_token", "weight_mb", "token_agree", "kl_mean",
+    "engine_kl_mean", "engine_top1_agree",
 ]
 
 SUMMARY_COLUMNS: dict[str, str] = {

@@ -74,6 +74,9 @@ class StaticEngine(HFEngine):
         n = torch.full((), real, dtype=torch.long, device=padded.device)
         return self.decoder.step(padded, n, self.cache)
 
+    def forced_step(self, token: torch.Tensor, cache) -> torch.Tensor:
+        return self.decoder.step(self.decoder.embed(token[:, None]), self.one, cache)
+
     def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
         out = []
         for _ in range(steps):
@@ -206,18 +209,30 @@ class GraphEngine(StaticEngine):
         logits = self._lm_step(embeds_buf, self.one)
         token_buf.copy_(logits[:, -1].argmax(-1))
         embeds_buf.copy_(self.decoder.embed(token_buf[:, None]))
+        return logits
+
+    def _decode_graph(self, token: torch.Tensor) -> _Captured:
+        """The captured decode step, its inputs set to continue from `token`."""
+        cap = self.lm_graphs.get("decode")
+        if cap is None:
+            tok, emb = token.clone(), self.decoder.embed(token[:, None]).clone()
+            graph, logits = self._capture(lambda: self._decode_call(tok, emb), "decode step", True)
+            cap = self.lm_graphs["decode"] = _Captured(graph, (tok, emb), logits)
+        tok, emb = cap.inputs
+        tok.copy_(token)
+        emb.copy_(self.decoder.embed(token[:, None]))
+        return cap
+
+    def forced_step(self, token: torch.Tensor, cache) -> torch.Tensor:
+        cap = self._decode_graph(token)  # the same replay decode runs, fed the given token
+        cap.graph.replay()
+        return cap.output
 
     def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
         if steps == 0:
             return []
-        cap = self.lm_graphs.get("decode")
-        if cap is None:
-            tok, emb = token.clone(), self.decoder.embed(token[:, None]).clone()
-            graph, _ = self._capture(lambda: self._decode_call(tok, emb), "decode step", True)
-            cap = self.lm_graphs["decode"] = _Captured(graph, (tok, emb), None)
-        tok, emb = cap.inputs
-        tok.copy_(token)
-        emb.copy_(self.decoder.embed(token[:, None]))
+        cap = self._decode_graph(token)
+        tok = cap.inputs[0]
         out = []
         for _ in range(steps):
             cap.graph.replay()

@@ -131,3 +131,22 @@ def test_unsupported_decoder_is_a_skip_reason():
 
     with pytest.raises(VariantUnsupported, match="llama, qwen2 decoders, not 'gpt2'"):
         FastDecoder(None, None, Cfg())
+
+
+@pytest.mark.parametrize("family", ["llava", "vila"])
+def test_teacher_forced_through_the_engine_matches_transformers(family, checkpoint_dirs, demo_image):
+    """engine_kl_mean's input: the static engine's prefill + decode steps, fed the baseline's
+    tokens, give transformers' log-probs; a wrong decode step would not."""
+    from bench import fidelity
+
+    adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
+    q = "What is shown?"
+    cont = reference_generate(adapter, demo_image, q, 12)
+    want = fidelity.teacher_forced_logprobs(adapter, demo_image, q, cont)
+    engine = StaticEngine(adapter, CachePolicy())
+    got = engine.teacher_forced_logprobs(demo_image, q, cont)
+    assert got.shape == want.shape == (12, want.shape[1])
+    same = fidelity.kl_mean(want, got)
+    assert same < 1e-7
+    engine.decoder.layers[-1].down.weight.data.mul_(3.0)  # a numerically different decoder is seen
+    assert fidelity.kl_mean(want, engine.teacher_forced_logprobs(demo_image, q, cont)) > 1000 * max(same, 1e-9)
