@@ -337,3 +337,27 @@ def test_dense_path_compiles_as_one_graph():
     x = torch.randn(1, 20, 256)
     compiled = torch.compile(lambda t: layer(t) * 2, dynamic=True, fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x) * 2)
+
+
+@pytest.mark.parametrize("family", ["llava", "vila"])
+def test_int4_model_on_the_static_engine_fuses_and_matches_hf(family, checkpoint_dirs, demo_image):
+    """awq4/rtn4 weights under the static engines: q/k/v and gate/up become fused int4 GEMMs
+    (codes concatenated exactly) and the greedy tokens equal the hf engine's, prefix or not."""
+    from bench.cache_policy import CachePolicy
+    from bench.engine import HFEngine
+    from bench.models.loader import load_checkpoint
+    from bench.quant.awq import Int4Options, quantize_model
+    from bench.static_engine import StaticEngine
+    from variants.prefix import PrefixKVPolicy
+
+    adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
+    quantize_model(adapter, Int4Options(method="rtn", group_size=32))
+    q = "What is shown?"
+    want = HFEngine(adapter, CachePolicy()).run(demo_image, q, 16).tokens
+    engine = StaticEngine(adapter, CachePolicy())
+    assert engine.decoder.fusion == "qkv:int4,gate_up:int4"
+    assert engine.run(demo_image, q, 16).tokens == want
+    cached = StaticEngine(adapter, PrefixKVPolicy(64))
+    cached.run(demo_image, "warm-up", 2)
+    r = cached.run(demo_image, q, 16)
+    assert r.cache_hit and r.tokens == want

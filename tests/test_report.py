@@ -77,12 +77,16 @@ def test_readme_block_is_generated_from_committed_results(tmp_path):
 
     from bench.report import embed_in_readme, write_report
 
-    dirs = [ROOT / "results" / "h200" / "llava-1.5-7b-engines", ROOT / "results" / "h200" / "vila1.5-3b-engines"]
+    import re
+
+    # the block names its sources: regenerate from exactly those
+    sources = re.search(r"^Sources: (.+)\.$", (ROOT / "README.md").read_text(), re.M).group(1).split(", ")
+    assert sources and all((ROOT / d / "runs.csv").exists() for d in sources)
+    dirs = [ROOT / d for d in sources]
     readme = tmp_path / "README.md"
     shutil.copy(ROOT / "README.md", readme)
     report_md = write_report(dirs, tmp_path / "results" / "h200" / "report")
     embed_in_readme(readme, report_md)
     fresh = readme.read_text().replace(str(ROOT) + "/", "")
     assert fresh == (ROOT / "README.md").read_text(), (
-        "regenerate: python -m bench report results/h200/llava-1.5-7b-engines results/h200/vila1.5-3b-engines "
-        "--out results/h200/report --readme README.md")
+        f"regenerate: python -m bench report {' '.join(sources)} --out results/h200/report --readme README.md")
