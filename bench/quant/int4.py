@@ -226,18 +226,21 @@ def _cuda_dense_weight(packed: torch.Tensor, scale_and_zero: torch.Tensor, lay: 
     return out
 
 
+def dense_weight(packed: torch.Tensor, scale_and_zero: torch.Tensor, n: int, k: int, group_size: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The [n, k] weight in `dtype`: the Triton dequantizer on CUDA, plain torch on the CPU."""
+    lay = kernel_layout(n, k, packed.device)
+    if packed.is_cuda:
+        return _cuda_dense_weight(packed, scale_and_zero, lay, group_size, dtype)
+    return _dequantize_packed(packed, lay.inverse, scale_and_zero, n, k, lay.block, group_size, dtype)
+
+
 @torch.library.custom_op("vlm_bench::int4_dense_linear", mutates_args=())
 def int4_dense_linear(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor,
                       bias: torch.Tensor | None, out_features: int, group_size: int) -> torch.Tensor:
     """Dequantize + dense GEMM (the prefill path) as one opaque op, so torch.compile keeps a
     layer with int4 linears in one graph instead of breaking it at every call."""
-    k = x.shape[-1]
-    lay = kernel_layout(out_features, k, packed.device)
-    if packed.is_cuda:
-        w = _cuda_dense_weight(packed, scale_and_zero, lay, group_size, x.dtype)
-    else:
-        w = _dequantize_packed(packed, lay.inverse, scale_and_zero, out_features, k, lay.block, group_size, x.dtype)
-    return F.linear(x, w, bias)
+    return F.linear(x, dense_weight(packed, scale_and_zero, out_features, x.shape[-1], group_size, x.dtype), bias)
 
 
 @int4_dense_linear.register_fake
@@ -291,25 +294,16 @@ class Int4Linear(nn.Module):
         return Int4Tensors(q.cpu(), scale.cpu(), zero.cpu(), self.group_size)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        lay = self.layout
-        if self.packed.is_cuda:
-            return self._cuda_dense_weight(lay, dtype)
-        return _dequantize_packed(self.packed, lay.inverse, self.scale_and_zero, self.out_features,
-                                  self.in_features, lay.block, self.group_size, dtype)
-
-    def _cuda_dense_weight(self, lay: KernelLayout, dtype: torch.dtype) -> torch.Tensor:
-        return _cuda_dense_weight(self.packed, self.scale_and_zero, lay, self.group_size, dtype)
-
-    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.vlm_bench.int4_dense_linear(x, self.packed, self.scale_and_zero, self.bias,
-                                                     self.out_features, self.group_size)
+        return dense_weight(self.packed, self.scale_and_zero, self.out_features, self.in_features,
+                            self.group_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale
         rows = x.numel() // self.in_features
-        if rows > self.dense_rows:
-            return self._dense_forward(x)
+        if rows > self.dense_rows:  # one custom op: torch.compile keeps it inside its graph
+            return torch.ops.vlm_bench.int4_dense_linear(x, self.packed, self.scale_and_zero, self.bias,
+                                                         self.out_features, self.group_size)
         sz = self.scale_and_zero
         x2 = x.reshape(rows, self.in_features).to(sz.dtype)
         if x2.is_cuda:
