@@ -54,8 +54,8 @@ class HFEngine:
         """How this engine runs (the engine_detail column)."""
         return "transformers forward, DynamicCache"
 
-    def forced_step(self, token: torch.Tensor, cache) -> torch.Tensor:
-        """One decode step on a given token (teacher forcing); logits [1, 1, vocab]."""
+    def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
+        """One decode step on `token` (greedy decode and teacher forcing); logits [1, 1, vocab]."""
         return self.adapter.lm_forward(self.adapter.input_embeddings()(token[:, None]), cache)
 
     @torch.inference_mode()
@@ -68,16 +68,14 @@ class HFEngine:
         image_embeds = self.encode_image(a.pixels_to_device(prepared))
         rows = [self.prefill(a.prompt_embeds(prepared, image_embeds), cache, 0)[:, -1].float()]
         for tok in continuation[:-1]:
-            rows.append(self.forced_step(torch.tensor([tok], device=a.device), cache)[:, -1].float())
+            rows.append(self.decode_step(torch.tensor([tok], device=a.device), cache)[:, -1].float())
         return torch.log_softmax(torch.cat(rows), dim=-1).cpu()
 
     def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
         """`steps` greedy steps after `token`, one timeline mark each; token ids stay on device."""
-        emb = self.adapter.input_embeddings()
         out = []
         for _ in range(steps):
-            logits = self.adapter.lm_forward(emb(token[:, None]), cache)
-            token = logits[:, -1].argmax(-1)
+            token = self.decode_step(token, cache)[:, -1].argmax(-1)
             out.append(token)
             tl.mark("decode")
         return out

@@ -74,17 +74,8 @@ class StaticEngine(HFEngine):
         n = torch.full((), real, dtype=torch.long, device=padded.device)
         return self.decoder.step(padded, n, self.cache)
 
-    def forced_step(self, token: torch.Tensor, cache) -> torch.Tensor:
+    def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
         return self.decoder.step(self.decoder.embed(token[:, None]), self.one, cache)
-
-    def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
-        out = []
-        for _ in range(steps):
-            logits = self.decoder.step(self.decoder.embed(token[:, None]), self.one, cache)
-            token = logits[:, -1].argmax(-1)
-            out.append(token)
-            tl.mark("decode")
-        return out
 
 
 class _Captured:
@@ -98,21 +89,20 @@ class GraphEngine(StaticEngine):
     name = "graph"
     fused_max_rows = 2**62  # fused at every length: faster compiled prefill (see the docstring)
 
-    def __init__(self, adapter, policy, compile_layers: bool = True):
+    def __init__(self, adapter, policy):
         if adapter.device.type != "cuda":
             raise VariantUnsupported("the graph engine needs a CUDA device")
         super().__init__(adapter, policy)
         self.lm_graphs: dict[object, _Captured] = {}
         self.vision_graphs: dict[tuple, _Captured] = {}
         self.notes: dict[str, str] = {}
-        self.layer_fn = self.prefill_fn = None
-        if compile_layers:
-            torch._dynamo.reset()  # compiled code of an earlier model is not reused (nor kept alive)
-            self.layer_fn = torch.compile(self.decoder.layer_at, dynamic=False)
-            if "separate" not in self.decoder.fusion:  # dense or int4 (its dense path is one custom op)
-                self.prefill_fn = torch.compile(self.decoder.layer_from, dynamic=True)
-            else:  # bitsandbytes layers break a compiled graph at every call: slower than eager
-                self.notes["prefill"] = "eager (these linears break a compiled graph at every call)"
+        torch._dynamo.reset()  # compiled code of an earlier model is not reused (nor kept alive)
+        self.layer_fn = torch.compile(self.decoder.layer_at, dynamic=False)
+        self.prefill_fn = None
+        if "separate" not in self.decoder.fusion:  # dense or int4 (its dense path is one custom op)
+            self.prefill_fn = torch.compile(self.decoder.layer_from, dynamic=True)
+        else:  # bitsandbytes layers break a compiled graph at every call: slower than eager
+            self.notes["prefill"] = "eager (these linears break a compiled graph at every call)"
 
     def describe(self) -> str:
         compiled = "compiled layers" if self.layer_fn is not None else "uncompiled layers"
@@ -223,7 +213,7 @@ class GraphEngine(StaticEngine):
         emb.copy_(self.decoder.embed(token[:, None]))
         return cap
 
-    def forced_step(self, token: torch.Tensor, cache) -> torch.Tensor:
+    def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
         cap = self._decode_graph(token)  # the same replay decode runs, fed the given token
         cap.graph.replay()
         return cap.output
