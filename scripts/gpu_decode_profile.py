@@ -7,20 +7,13 @@ step time and the weight-bytes bandwidth floor. Writes a CSV of kernel shares.
 from __future__ import annotations
 
 import argparse
-import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpu_profile_common import graph_engine_after_one_request, kernel_times
 
-from bench.cache_policy import CachePolicy  # noqa: E402
-from bench.cli import _quiet_libraries  # noqa: E402
-from bench.config import DEMO_IMAGE  # noqa: E402
-from bench.models.loader import build_preset  # noqa: E402
-from bench.results import CsvWriter  # noqa: E402
-from bench.static_engine import GraphEngine  # noqa: E402
+from bench.results import CsvWriter
 
 
 def main() -> None:
@@ -29,14 +22,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    _quiet_libraries()
-    from PIL import Image
-    from torch.profiler import ProfilerActivity, profile
-
-    image = Image.open(DEMO_IMAGE).convert("RGB")
-    a = build_preset(args.preset, None, torch.device("cuda"), torch.float16)
-    eng = GraphEngine(a, CachePolicy())
-    r = eng.run(image, "What is shown in this image?", 128)
+    a, eng, _, r = graph_engine_after_one_request(args.preset, 128)
     step_ms = sorted(r.step_ms)[len(r.step_ms) // 2]
     weight_bytes = sum(p.numel() * p.element_size() for p in a.language_model().parameters())
     if a.family == "llava":
@@ -52,26 +38,18 @@ def main() -> None:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.steps):
-                step()
-            torch.cuda.synchronize()
-    per_kernel = defaultdict(lambda: [0.0, 0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[e.name][0] += e.device_time_total / 1e3 / args.steps
-            per_kernel[e.name][1] += 1
-    total = sum(v[0] for v in per_kernel.values())
+        per_kernel = kernel_times(step, args.steps)
+    total = sum(ms for ms, _ in per_kernel.values())
     w = CsvWriter(Path(args.out), ["model", "kernel", "ms_per_step", "launches_per_step", "share"])
     for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
-        w.write({"model": args.preset, "kernel": name[:120], "ms_per_step": ms, "launches_per_step": n / args.steps,
+        w.write({"model": args.preset, "kernel": name[:120], "ms_per_step": ms, "launches_per_step": n,
                  "share": ms / total})
     w.close()
-    launches = sum(v[1] for v in per_kernel.values()) / args.steps
+    launches = sum(n for _, n in per_kernel.values())
     print(f"{args.preset}: graph step {step_ms:.2f} ms; kernel time {total:.2f} ms in {launches:.0f} kernels/step; "
           f"LLM weights {weight_bytes / 1e9:.2f} GB -> {weight_bytes / step_ms / 1e6:.0f} GB/s achieved")
     for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:8]:
-        print(f"  {ms:6.3f} ms  {n / args.steps:5.0f}x  {name[:90]}")
+        print(f"  {ms:6.3f} ms  {n:5.0f}x  {name[:90]}")
 
 
 if __name__ == "__main__":

@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpu_profile_common import QUESTION, graph_engine_after_one_request, kernel_times
 
-from bench.cache_policy import CachePolicy  # noqa: E402
-from bench.cli import _quiet_libraries  # noqa: E402
-from bench.config import DEMO_IMAGE  # noqa: E402
-from bench.models.loader import build_preset  # noqa: E402
-from bench.results import CsvWriter  # noqa: E402
-from bench.static_engine import GraphEngine  # noqa: E402
+from bench.fused_linear import FUSED_MAX_ROWS
+from bench.results import CsvWriter
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -36,57 +30,34 @@ def timed(fn, reps: int) -> list[float]:
     return out
 
 
-def kernels(fn, reps: int) -> dict[str, float]:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    per = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            per[e.name] += e.device_time_total / 1e3 / reps
-    return per
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llava-1.5-7b")
     ap.add_argument("--out", required=True)
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
-    _quiet_libraries()
-    from PIL import Image
-
-    image = Image.open(DEMO_IMAGE).convert("RGB")
-    a = build_preset(args.preset, None, torch.device("cuda"), torch.float16)
-    eng = GraphEngine(a, CachePolicy())
-    r = eng.run(image, "What is shown in this image?", 8)
-    p = a.prepare(image, "What is shown in this image?")
+    a, eng, image, r = graph_engine_after_one_request(args.preset, 8)
+    p = a.prepare(image, QUESTION)
     dec, kv = eng.decoder, eng.cache
     w = CsvWriter(Path(args.out), ["model", "what", "config", "tokens", "wall_ms", "kernel_ms", "top_kernels"])
     with torch.inference_mode():
         embeds = a.prompt_embeds(p, a.encode_image(a.pixels_to_device(p)))
         compiled = torch.compile(dec.layer_from, dynamic=True)
-        blocks = [(b.qkv, b.gate_up) for b in dec.layers]
         for fused in (False, True):
-            for proj in (x for pair in blocks for x in pair):
-                proj.max_rows = 10**9 if fused else 64
+            dec.set_fused_max_rows(2**62 if fused else FUSED_MAX_ROWS)
             for name, fn in (("eager", None), ("compiled", compiled)):
                 call = lambda fn=fn: dec.prefill(embeds, kv, 0, fn)[:, -1].argmax(-1)  # noqa: E731
                 for _ in range(3):
                     call()
                 wall = statistics.median(timed(call, args.reps))
-                per = kernels(call, 5)
+                per = {k: ms for k, (ms, _) in kernel_times(call, 5).items()}
                 top = "; ".join(f"{ms:.2f} {k[:50]}" for k, ms in sorted(per.items(), key=lambda kv: -kv[1])[:5])
                 cfg = f"{name}, {'fused' if fused else 'separate'} projections"
                 w.write({"model": args.preset, "what": "prefill", "config": cfg, "tokens": embeds.shape[1],
                          "wall_ms": wall, "kernel_ms": sum(per.values()), "top_kernels": top})
                 print(f"prefill {embeds.shape[1]} tokens, {cfg}: wall {wall:.2f} ms, kernels "
                       f"{sum(per.values()):.2f} ms | {top}", flush=True)
-        for proj in (x for pair in blocks for x in pair):
-            proj.max_rows = 64
+        dec.set_fused_max_rows(FUSED_MAX_ROWS)
         prefix = embeds[:, :p.prefix_tokens]
         for t in (1, 16):
             x = embeds[:, p.prefix_tokens:p.prefix_tokens + 1].expand(1, t, -1).contiguous()
@@ -98,10 +69,10 @@ def main() -> None:
             dec.prefill(prefix, kv, 0)
             for _ in range(3):
                 call()
-            per = kernels(call, 10)
+            per = {k: ms for k, (ms, _) in kernel_times(call, 10).items()}
             wall = statistics.median(timed(call, args.reps))  # eager launches: an upper bound on the graph
             top = "; ".join(f"{ms:.3f} {k[:50]}" for k, ms in sorted(per.items(), key=lambda kv: -kv[1])[:6])
-            w.write({"model": args.preset, "what": f"step (compiled layers, eager launch)", "config": "fused",
+            w.write({"model": args.preset, "what": "step (compiled layers, eager launch)", "config": "fused",
                      "tokens": t, "wall_ms": wall, "kernel_ms": sum(per.values()), "top_kernels": top})
             print(f"step {t} tokens: kernels {sum(per.values()):.3f} ms | {top}", flush=True)
     w.close()

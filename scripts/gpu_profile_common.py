@@ -1,0 +1,46 @@
+"""What the GPU profiling scripts share: a preset on the graph engine after one real request,
+and CUDA kernel time by kernel name (torch.profiler)."""
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.cache_policy import CachePolicy  # noqa: E402
+from bench.cli import _quiet_libraries  # noqa: E402
+from bench.config import DEMO_IMAGE  # noqa: E402
+from bench.models.loader import build_preset  # noqa: E402
+from bench.static_engine import GraphEngine  # noqa: E402
+
+QUESTION = "What is shown in this image?"
+
+
+def graph_engine_after_one_request(preset: str, new_tokens: int):
+    """(adapter, engine, image, result): fp16 preset on CUDA, one request run (graphs captured)."""
+    from PIL import Image
+
+    _quiet_libraries()
+    image = Image.open(DEMO_IMAGE).convert("RGB")
+    adapter = build_preset(preset, None, torch.device("cuda"), torch.float16)
+    engine = GraphEngine(adapter, CachePolicy())
+    return adapter, engine, image, engine.run(image, QUESTION, new_tokens)
+
+
+def kernel_times(fn, reps: int) -> dict[str, tuple[float, float]]:
+    """CUDA kernel name -> (ms, launches) per call of `fn`, over `reps` profiled calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name][0] += e.device_time_total / 1e3
+            per[e.name][1] += 1
+    return {name: (ms / reps, n / reps) for name, (ms, n) in per.items()}
