@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from PIL import Image
 
 from bench.models.base import PreparedPrompt, VLMAdapter
+from bench.visual import VisualInput
 
 
 @dataclass
@@ -23,8 +23,8 @@ class CachePolicy:
     name = "none"
     stateful = False
 
-    def lookup_prefix(self, adapter: VLMAdapter, prepared: PreparedPrompt, image: Image.Image) -> object | None:
-        """The stored prefix for this request, or None on a miss. Called before the image is
+    def lookup_prefix(self, adapter: VLMAdapter, prepared: PreparedPrompt, visual: VisualInput) -> object | None:
+        """The stored prefix for this request, or None on a miss. Called before the images are
         preprocessed: a hit skips the image processor, the vision tower and the prefix prefill."""
         return None
 

@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 from transformers import DynamicCache
 
 from bench.cache_policy import CachePolicy
 from bench.models.base import VLMAdapter
 from bench.timing import Timeline, sum_by_label
+from bench.visual import as_visual
 
 
 @dataclass
@@ -59,11 +59,11 @@ class HFEngine:
         return self.adapter.lm_forward(self.adapter.input_embeddings()(token[:, None]), cache)
 
     @torch.inference_mode()
-    def teacher_forced_logprobs(self, image: Image.Image, question: str, continuation: list[int]) -> torch.Tensor:
+    def teacher_forced_logprobs(self, visual, question: str, continuation: list[int]) -> torch.Tensor:
         """Log-probabilities of each position of `continuation`, computed the way this engine
         serves a request: its prefill, then one of its decode steps per token. [len, vocab] on CPU."""
         a = self.adapter
-        prepared = a.prepare(image, question)
+        prepared = a.prepare(visual, question)
         cache = self.new_cache(prepared.prompt_tokens, len(continuation))
         image_embeds = self.encode_image(a.pixels_to_device(prepared))
         rows = [self.prefill(a.prompt_embeds(prepared, image_embeds), cache, 0)[:, -1].float()]
@@ -81,22 +81,24 @@ class HFEngine:
         return out
 
     @torch.inference_mode()
-    def run(self, image: Image.Image, question: str, max_new_tokens: int) -> RequestResult:
+    def run(self, visual, question: str, max_new_tokens: int) -> RequestResult:
+        """One request: `visual` is a VisualInput, one PIL image or a list of them."""
         a, policy = self.adapter, self.policy
         tl = Timeline(a.device)
         t0 = time.perf_counter()
         tl.mark("start", host_only=True)
-        prepared = a.prepare_text(question)
+        visual = as_visual(visual)
+        prepared = a.prepare_text(question, visual)
         tl.mark("preprocess", host_only=True)
 
-        entry = policy.lookup_prefix(a, prepared, image)
+        entry = policy.lookup_prefix(a, prepared, visual)
         tl.mark("lookup")
         cache = self.new_cache(prepared.prompt_tokens, max_new_tokens)
         hit = policy.restore_prefix(entry, cache) if entry is not None else None
         tl.mark("restore")
         embeds_hit = False
         if hit is None:
-            prepared.pixel_values = a.preprocess_image(image)
+            prepared.pixel_values = a.preprocess(visual)
             tl.mark("preprocess", host_only=True)
             image_embeds, embeds_hit = policy.image_embeds(
                 a, prepared, lambda: self.encode_image(a.pixels_to_device(prepared)))

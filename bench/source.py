@@ -19,6 +19,7 @@ class ModelSource:
     preset: str | None
     conv_mode: str | None
     seed: int = 0
+    max_tiles: int = 12  # InternVL: tiles per still image (grid + thumbnail)
 
     def __post_init__(self):
         # Validate eagerly so a bad path/preset is a usage error before any work starts.
@@ -36,5 +37,6 @@ class ModelSource:
         """`quantization` = (transformers quantization config, include vision): applied while a
         checkpoint loads. Presets ignore it (weight variants quantize them after building)."""
         if self.model_path:
-            return load_checkpoint(Path(self.model_path), self.conv_mode, device, dtype, quantization)
-        return build_preset(self.preset, self.conv_mode, device, dtype, seed=self.seed)
+            return load_checkpoint(Path(self.model_path), self.conv_mode, device, dtype, quantization,
+                                   max_tiles=self.max_tiles)
+        return build_preset(self.preset, self.conv_mode, device, dtype, seed=self.seed, max_tiles=self.max_tiles)

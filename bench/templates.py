@@ -19,6 +19,8 @@ LLAMA3_SYSTEM = (
     "content that the user provides, and assist the user with a variety of tasks using natural language."
 )
 
+INTERNVL_SYSTEM = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+
 
 @dataclass(frozen=True)
 class ConvTemplate:
@@ -31,10 +33,10 @@ class ConvTemplate:
     def render(self, message: str) -> str:
         return self.head.format(system=self.system) + message + self.tail
 
-    def split(self, question: str, image_separator: str) -> tuple[str, str]:
-        """(prefix, suffix) texts: prefix = head + image placeholder + separator."""
-        prefix = self.head.format(system=self.system) + IMAGE_PLACEHOLDER + image_separator
-        return prefix, question + self.tail
+    def split(self, question: str, image_block: str) -> tuple[str, str]:
+        """(prefix, suffix) texts: prefix = head + the images' placeholders (the adapter writes
+        them: placeholder, separator, labels), suffix = question + tail."""
+        return self.head.format(system=self.system) + image_block, question + self.tail
 
 
 TEMPLATES: dict[str, ConvTemplate] = {
@@ -56,6 +58,12 @@ TEMPLATES: dict[str, ConvTemplate] = {
             "<|im_end|><|im_start|>assistant\n",
         ),
         ConvTemplate("plain", "", "", "\n"),
+        # InternVL2.5/3 ("internvl2_5" in InternVL's conversation.py) and VITA-1.5's Qwen2.5 chat.
+        ConvTemplate("internvl2_5", INTERNVL_SYSTEM, "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n",
+                     "<|im_end|>\n<|im_start|>assistant\n"),
+        ConvTemplate("qwen2p5_instruct", "You are a helpful assistant.",
+                     "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n",
+                     "<|im_end|>\n<|im_start|>assistant\n"),
     )
 }
 

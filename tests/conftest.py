@@ -44,5 +44,10 @@ def tiny_vila_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def checkpoint_dirs(tiny_llava_dir, tiny_vila_dir):
-    return {"llava": tiny_llava_dir, "vila": tiny_vila_dir}
+def tiny_internvl_dir(tmp_path_factory):
+    return _write("tiny-internvl", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dirs(tiny_llava_dir, tiny_vila_dir, tiny_internvl_dir):
+    return {"llava": tiny_llava_dir, "vila": tiny_vila_dir, "internvl": tiny_internvl_dir}

@@ -27,7 +27,7 @@ def linear_types(module):
 
 
 @pytest.mark.parametrize("spec,cls", [("bnb8", Linear8bitLt), ("bnb4", Linear4bit), ("bnb4-fp4", Linear4bit)])
-@pytest.mark.parametrize("family", ["llava", "vila"])
+@pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
 def test_llm_linears_become_bnb_modules(spec, cls, family, checkpoint_dirs):
     for source in (ModelSource(None, f"tiny-{family}", None), ModelSource(str(checkpoint_dirs[family]), None, None)):
         adapter, info = load(spec, source)
@@ -35,12 +35,12 @@ def test_llm_linears_become_bnb_modules(spec, cls, family, checkpoint_dirs):
         assert linear_types(decoder) == {cls}
         for v in adapter.vision_modules():  # vision tower + projector stay unquantized by default
             assert not linear_types(v) & {Linear4bit, Linear8bitLt}
-        lm_head = adapter.model.lm_head if family == "llava" else adapter.model.llm.lm_head
+        lm_head = adapter.decoder_parts()[1]
         assert type(lm_head) is torch.nn.Linear
         assert info["quantized"] == "llm" and info["quantized_layers"] == 14  # 2 layers x 7 linears
 
 
-@pytest.mark.parametrize("family", ["llava", "vila"])
+@pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
 def test_quantize_vision_option(family, checkpoint_dirs):
     for source in (ModelSource(None, f"tiny-{family}", None), ModelSource(str(checkpoint_dirs[family]), None, None)):
         adapter, info = load("bnb4", source, quantize_vision=True)

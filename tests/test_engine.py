@@ -11,12 +11,20 @@ CPU = torch.device("cpu")
 N = 24
 
 
+def native_ids(adapter, p) -> list[int]:
+    """The prompt as the model's own processor writes it: one placeholder id per image token."""
+    ids = list(p.text_segments[0])
+    for n, seg in zip(p.image_tokens, p.text_segments[1:]):
+        ids += [adapter.image_token_id] * n + seg
+    return ids + p.suffix_ids
+
+
 def reference_generate(adapter, image, question, n):
     """transformers' own generate on the same prompt (greedy, fixed length)."""
     p = adapter.prepare(image, question)
     with torch.no_grad():
-        if adapter.family == "llava":
-            ids = p.ids_before_image + [adapter.image_token_id] * p.image_tokens + p.ids_after_image + p.suffix_ids
+        if adapter.family in ("llava", "internvl"):  # native classes: ids with image placeholders + pixels
+            ids = native_ids(adapter, p)
             out = adapter.model.generate(input_ids=torch.tensor([ids]), pixel_values=p.pixel_values,
                                          max_new_tokens=n, min_new_tokens=n, do_sample=False)
             return out[0, len(ids):].tolist()
@@ -26,7 +34,7 @@ def reference_generate(adapter, image, question, n):
         return out[0].tolist()
 
 
-@pytest.mark.parametrize("family", ["llava", "vila"])
+@pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
 def test_engine_tokens_equal_generate(family, checkpoint_dirs, demo_image):
     adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
     engine = HFEngine(adapter, CachePolicy())

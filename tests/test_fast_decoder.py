@@ -80,7 +80,7 @@ def test_long_inputs_run_the_original_projections():
     assert calls == ["fused"]
 
 
-@pytest.mark.parametrize("family", ["llava", "vila"])
+@pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
 def test_prefill_step_and_offset_prefill_give_the_same_logits(family, checkpoint_dirs, demo_image):
     """The three ways to place tokens (fresh prefill, prefill after a prefix, padded device-position
     step) compute the same last-token logits as one transformers forward over the whole prompt."""
@@ -133,7 +133,7 @@ def test_unsupported_decoder_is_a_skip_reason():
         FastDecoder(None, None, Cfg())
 
 
-@pytest.mark.parametrize("family", ["llava", "vila"])
+@pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
 def test_teacher_forced_through_the_engine_matches_transformers(family, checkpoint_dirs, demo_image):
     """engine_kl_mean's input: the static engine's prefill + decode steps, fed the baseline's
     tokens, give transformers' log-probs; a wrong decode step would not."""

@@ -250,7 +250,7 @@ def write_autoawq_checkpoint(src, dst, family: str, group: int = 32):
     return dst
 
 
-@pytest.mark.parametrize("family", ["llava", "vila"])
+@pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
 def test_autoawq_checkpoint_loads_and_equals_rtn(family, checkpoint_dirs, tmp_path, demo_image):
     from bench.quant.awq import Int4Options, int4_layers, quantize_model
     from bench.source import ModelSource
@@ -339,7 +339,7 @@ def test_dense_path_compiles_as_one_graph():
     torch.testing.assert_close(compiled(x), layer(x) * 2)
 
 
-@pytest.mark.parametrize("family", ["llava", "vila"])
+@pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
 def test_int4_model_on_the_static_engine_fuses_and_matches_hf(family, checkpoint_dirs, demo_image):
     """awq4/rtn4 weights under the static engines: q/k/v and gate/up become fused int4 GEMMs
     (codes concatenated exactly) and the greedy tokens equal the hf engine's, prefix or not."""

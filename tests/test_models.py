@@ -20,7 +20,8 @@ def full_logits(adapter, image, question):
         return adapter.lm_forward(emb, DynamicCache(), logits_to_keep=0)
 
 
-@pytest.mark.parametrize("family,preset", [("llava", "tiny-llava"), ("vila", "tiny-vila")])
+@pytest.mark.parametrize("family,preset", [("llava", "tiny-llava"), ("vila", "tiny-vila"),
+                                           ("internvl", "tiny-internvl")])
 def test_checkpoint_round_trip_logits_equal(family, preset, checkpoint_dirs, demo_image):
     saved = build_preset(preset, None, CPU, torch.float32, seed=0)
     loaded = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
@@ -58,7 +59,7 @@ def test_llava_layout_on_disk(tiny_llava_dir):
 def test_llava_embedding_path_matches_native_forward(tiny_llava_dir, demo_image):
     a = load_checkpoint(tiny_llava_dir, None, CPU, torch.float32)
     p = a.prepare(demo_image, "What is shown?")
-    ids = p.ids_before_image + [a.image_token_id] * p.image_tokens + p.ids_after_image + p.suffix_ids
+    ids = p.ids_before_image + [a.image_token_id] * p.total_image_tokens + p.ids_after_image + p.suffix_ids
     with torch.no_grad():
         native = a.model(input_ids=torch.tensor([ids]), pixel_values=p.pixel_values).logits
     torch.testing.assert_close(full_logits(a, demo_image, "What is shown?"), native, rtol=0, atol=1e-6)
@@ -101,7 +102,7 @@ def test_vila_uses_layer_minus_2_all_tokens(tiny_vila_dir, demo_image):
         expected = a.model.mm_projector(hs)
         assert hs.shape[1] == 25  # 70 px / 14 = 5x5, no CLS dropped
         torch.testing.assert_close(a.encode_image(px), expected)
-    assert p.image_tokens == 9
+    assert p.image_tokens == [9]
     assert p.ids_after_image == a.tokenizer("\n", add_special_tokens=False).input_ids
 
 

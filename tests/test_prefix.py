@@ -19,7 +19,7 @@ N = 32
 
 
 @pytest.mark.parametrize("conv", sorted(TEMPLATES))
-@pytest.mark.parametrize("family", ["llava", "vila"])
+@pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
 @pytest.mark.parametrize("policy_cls", [PrefixKVPolicy, ImageEmbedPolicy])
 def test_reuse_gives_same_greedy_tokens(family, conv, policy_cls, checkpoint_dirs, demo_image):
     adapter = load_checkpoint(checkpoint_dirs[family], conv, CPU, torch.float32)

@@ -18,7 +18,7 @@ CPU = torch.device("cpu")
 N = 32
 
 
-@pytest.mark.parametrize("family", ["llava", "vila"])
+@pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
 def test_static_cache_tokens_equal_generate(family, checkpoint_dirs, demo_image):
     adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
     engine = StaticEngine(adapter, CachePolicy())
@@ -29,7 +29,7 @@ def test_static_cache_tokens_equal_generate(family, checkpoint_dirs, demo_image)
     assert engine.cache is buffers
 
 
-@pytest.mark.parametrize("family", ["llava", "vila"])
+@pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
 def test_static_cache_with_prefix_reuse(family, checkpoint_dirs, demo_image):
     adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
     engine = StaticEngine(adapter, PrefixKVPolicy(64))

@@ -33,16 +33,16 @@ def test_render_exact_string(name):
 @pytest.mark.parametrize("sep", ["\n", ""])
 def test_split_is_prefix_plus_suffix(name, sep):
     t = TEMPLATES[name]
-    prefix, suffix = t.split(Q, sep)
+    prefix, suffix = t.split(Q, "<image>" + sep)
     assert prefix + suffix == t.render("<image>" + sep + Q)
     assert prefix.endswith("<image>" + sep)
     assert suffix.startswith(Q)
     # the prefix does not depend on the question
-    assert t.split("another question", sep)[0] == prefix
+    assert t.split("another question", "<image>" + sep)[0] == prefix
 
 
 def test_vila_places_image_directly_before_question():
-    prefix, suffix = TEMPLATES["vicuna_v1"].split(Q, "")
+    prefix, suffix = TEMPLATES["vicuna_v1"].split(Q, "<image>")
     assert (prefix + suffix).endswith("USER: <image>What is in the image? ASSISTANT:")
 
 

@@ -33,11 +33,11 @@ class PrefixKVPolicy(CachePolicy):
         self.lru = ByteLRU(int(capacity_mb * 2**20))
         self._pending_key = None
 
-    def key(self, adapter, prepared, image) -> tuple:
-        return (*_model_key(adapter), prepared.prefix_key_ids(), image_content_digest(image))
+    def key(self, adapter, prepared, visual) -> tuple:
+        return (*_model_key(adapter), prepared.prefix_key_ids(), image_content_digest(visual))
 
-    def lookup_prefix(self, adapter, prepared, image):
-        key = self.key(adapter, prepared, image)
+    def lookup_prefix(self, adapter, prepared, visual):
+        key = self.key(adapter, prepared, visual)
         entry = self.lru.get(key)
         self._pending_key = key if entry is None else None
         return entry

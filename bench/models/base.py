@@ -10,25 +10,43 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-import xxhash
 from PIL import Image
 
 from bench.templates import ConvTemplate
+from bench.visual import as_visual
 
 
 @dataclass
 class PreparedPrompt:
-    """CPU-side result of preprocessing one request."""
+    """CPU-side result of preprocessing one request.
 
-    ids_before_image: list[int]  # prefix text before the image (BOS, system prompt, user role)
-    ids_after_image: list[int]  # prefix text after the image (e.g. "\n")
+    The cacheable prefix is text_segments[0], image 1, text_segments[1], image 2, ...,
+    text_segments[-1]; then the suffix ids. One image: [ids before it, ids after it]."""
+
+    text_segments: list[list[int]]  # prefix text around the images (len = images + 1)
+    image_tokens: list[int]  # embeddings per image, in order
     suffix_ids: list[int]  # question + assistant header
-    image_tokens: int
     pixel_values: torch.Tensor | None = None  # processor output, on the CPU (None until processed)
+
+    def __post_init__(self):
+        if len(self.text_segments) != len(self.image_tokens) + 1:
+            raise ValueError("text_segments must surround the images (one more segment than images)")
+
+    @property
+    def ids_before_image(self) -> list[int]:
+        return self.text_segments[0]
+
+    @property
+    def ids_after_image(self) -> list[int]:
+        return self.text_segments[-1]
+
+    @property
+    def total_image_tokens(self) -> int:
+        return sum(self.image_tokens)
 
     @property
     def prefix_tokens(self) -> int:
-        return len(self.ids_before_image) + self.image_tokens + len(self.ids_after_image)
+        return sum(len(s) for s in self.text_segments) + self.total_image_tokens
 
     @property
     def prompt_tokens(self) -> int:
@@ -40,7 +58,40 @@ class PreparedPrompt:
         return hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()
 
     def prefix_key_ids(self) -> tuple[int, ...]:
-        return tuple(self.ids_before_image) + (-1,) + tuple(self.ids_after_image)
+        out: tuple[int, ...] = tuple(self.text_segments[0])
+        for n, seg in zip(self.image_tokens, self.text_segments[1:]):
+            out += (-n,) + tuple(seg)  # the image's token count is part of the layout
+        return out
+
+
+def split_at_image_tokens(ids: list[int], image_token: int, images: int, prefix_len: int
+                          ) -> tuple[list[list[int]], list[int]]:
+    """(text segments around the `images` placeholder ids, suffix ids) of one tokenized prompt
+    whose first `prefix_len` ids are the prefix (placeholders included)."""
+    where = [i for i, t in enumerate(ids) if t == image_token]
+    if len(where) != images:
+        raise ValueError(f"the prompt has {len(where)} image placeholders, expected {images}")
+    if prefix_len <= where[-1]:
+        raise ValueError("prefix/suffix split fell before the last image placeholder")
+    bounds = [-1] + where + [prefix_len]
+    segments = [ids[a + 1:b] for a, b in zip(bounds, bounds[1:])]
+    return segments, ids[prefix_len:]
+
+
+def prepare_by_placeholders(adapter, question: str, image_block: str, placeholder_id: int,
+                            image_tokens: list[int]) -> PreparedPrompt:
+    """Tokenize the whole prompt at once (as the model's own processor does), with one
+    placeholder id per image, and split it into text segments, images and suffix."""
+    prefix_text, suffix_text = adapter.template.split(question, image_block)
+    full = adapter._tokenize(prefix_text + suffix_text, add_bos=True)
+    prefix = adapter._tokenize(prefix_text, add_bos=True)
+    # The split point is the longest shared run of the whole prompt's ids and the prefix
+    # text's ids, so the prompt is tokenized exactly as the model expects.
+    split = 0
+    while split < min(len(full), len(prefix)) and full[split] == prefix[split]:
+        split += 1
+    segments, suffix = split_at_image_tokens(full, placeholder_id, len(image_tokens), split)
+    return PreparedPrompt(segments, list(image_tokens), suffix)
 
 
 class VLMAdapter:
@@ -60,17 +111,30 @@ class VLMAdapter:
         self.template = template
 
     # --- CPU side -------------------------------------------------------------------
-    def prepare_text(self, question: str) -> PreparedPrompt:
-        """Tokenize the prompt around the image; pixels are left for `preprocess_image`."""
+    def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
+        """Tokenize the prompt around the images (`visual`: a VisualInput, an image or a list;
+        None = one image of a size that does not matter); pixels are left for `preprocess`."""
         raise NotImplementedError
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """Pixels of one image: [crops, 3, H, W] (one crop except for tiling families)."""
         raise NotImplementedError
 
-    def prepare(self, image: Image.Image, question: str) -> PreparedPrompt:
-        prepared = self.prepare_text(question)
-        prepared.pixel_values = self.preprocess_image(image)
+    def preprocess(self, visual) -> torch.Tensor:
+        """Pixels of every image of the request, concatenated in prompt order."""
+        images = as_visual(visual).images
+        return torch.cat([self.preprocess_image(im) for im in images]) if len(images) > 1 \
+            else self.preprocess_image(images[0])
+
+    def prepare(self, visual, question: str) -> PreparedPrompt:
+        visual = as_visual(visual)
+        prepared = self.prepare_text(question, visual)
+        prepared.pixel_values = self.preprocess(visual)
         return prepared
+
+    @staticmethod
+    def image_count(visual) -> int:
+        return 1 if visual is None else len(as_visual(visual))
 
     def _tokenize(self, text: str, add_bos: bool) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
@@ -112,7 +176,8 @@ class VLMAdapter:
         raise NotImplementedError
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision tower + projector: [1, image_tokens, hidden] in the LLM's dtype."""
+        """Vision tower + projector over every crop of every image: [1, total image tokens, hidden]
+        in the LLM's dtype (images in prompt order)."""
         raise NotImplementedError
 
     def lm_forward(self, inputs_embeds: torch.Tensor, cache, logits_to_keep: int = 1) -> torch.Tensor:
@@ -125,9 +190,15 @@ class VLMAdapter:
         return self.input_embeddings()(t)
 
     def prefix_embeds(self, prepared: PreparedPrompt, image_embeds: torch.Tensor) -> torch.Tensor:
-        parts = [self.embed_ids(prepared.ids_before_image), image_embeds]
-        if prepared.ids_after_image:
-            parts.append(self.embed_ids(prepared.ids_after_image))
+        parts, at = [], 0
+        for segment, n in zip(prepared.text_segments, prepared.image_tokens + [0]):
+            if segment:
+                parts.append(self.embed_ids(segment))
+            if n:
+                parts.append(image_embeds[:, at:at + n])
+                at += n
+        if at != image_embeds.shape[1]:
+            raise ValueError(f"{image_embeds.shape[1]} image embeddings for {at} image tokens")
         return torch.cat(parts, dim=1)
 
     def prompt_embeds(self, prepared: PreparedPrompt, image_embeds: torch.Tensor,
@@ -143,12 +214,6 @@ class VLMAdapter:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def image_content_digest(image: Image.Image) -> str:
-    """128-bit XXH3 of the decoded image (mode, size, pixels): its content, not its path.
-
-    It is on the prefix-hit path (every warm request hashes its image), so it uses a
-    non-cryptographic hash: SHA-256 of a 640x480 image took 0.7-2 ms on the CPU machine (and
-    1.3 ms of a 26 ms warm TTFT on the H200 host), XXH3 runs at memory speed."""
-    h = xxhash.xxh3_128(f"{image.mode}:{image.size}".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
+def image_content_digest(visual) -> str:
+    """XXH3-128 of the request's images (bench.visual.VisualInput.content_digest)."""
+    return as_visual(visual).content_digest()

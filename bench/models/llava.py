@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
-from bench.models.base import PreparedPrompt, VLMAdapter
+from bench.models.base import PreparedPrompt, VLMAdapter, prepare_by_placeholders
 from bench.templates import IMAGE_PLACEHOLDER, ConvTemplate
 
 
@@ -36,24 +36,10 @@ class LlavaAdapter(VLMAdapter):
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"]
 
-    def prepare_text(self, question: str) -> PreparedPrompt:
-        prefix_text, suffix_text = self.template.split(question, self.image_separator)
-        full = self._tokenize(prefix_text + suffix_text, add_bos=True)
-        prefix = self._tokenize(prefix_text, add_bos=True)
-        # The split point is the longest shared run of the whole prompt's ids and the prefix
-        # text's ids, so the prompt is tokenized exactly as the model expects.
-        split = 0
-        while split < min(len(full), len(prefix)) and full[split] == prefix[split]:
-            split += 1
-        image_pos = full.index(self.image_token_id)
-        if split <= image_pos:
-            raise ValueError("prefix/suffix split fell before the image token")
-        return PreparedPrompt(
-            ids_before_image=full[:image_pos],
-            ids_after_image=full[image_pos + 1 : split],
-            suffix_ids=full[split:],
-            image_tokens=self.image_tokens,
-        )
+    def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
+        n = self.image_count(visual)
+        block = (IMAGE_PLACEHOLDER + self.image_separator) * n
+        return prepare_by_placeholders(self, question, block, self.image_token_id, [self.image_tokens] * n)
 
     # device ------------------------------------------------------------------------------
     def language_model(self) -> torch.nn.Module:
@@ -82,7 +68,8 @@ class LlavaAdapter(VLMAdapter):
         feats = out.hidden_states[self.feature_layer]
         if self.select_strategy == "default":
             feats = feats[:, 1:]
-        return self.model.model.multi_modal_projector(feats).to(self.dtype)
+        feats = self.model.model.multi_modal_projector(feats).to(self.dtype)
+        return feats.reshape(1, -1, feats.shape[-1])  # several images: their tokens in order
 
     def lm_forward(self, inputs_embeds: torch.Tensor, cache, logits_to_keep: int = 1) -> torch.Tensor:
         out = self.model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True,

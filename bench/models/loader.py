@@ -8,6 +8,9 @@ import torch
 
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
+from bench.models.internvl import (
+    InternVLAdapter, build_internvl_model, internvl_image_processor, is_internvl_dir, load_internvl, save_internvl,
+)
 from bench.models.llava import (
     LlavaAdapter, build_llava_model, is_llava_dir, llava_image_processor, load_llava, save_llava,
 )
@@ -19,7 +22,8 @@ from bench.templates import TEMPLATE_SPECIAL_TOKENS, get_template
 # Written into checkpoints made from presets, so loading one still says weights=random.
 RANDOM_WEIGHTS_MARK = "bench_random_weights"
 
-DEFAULT_CONV_MODE = {"llava": "vicuna_v1", "vila": "vicuna_v1"}
+DEFAULT_CONV_MODE = {"llava": "vicuna_v1", "vila": "vicuna_v1", "internvl": "internvl2_5"}
+LAYOUTS = "llava-hf layout, InternVL -hf layout, or VILA1.5 (llm/, vision_tower/, mm_projector/)"
 
 
 def read_checkpoint_config(path: Path) -> tuple[str, dict]:
@@ -28,21 +32,22 @@ def read_checkpoint_config(path: Path) -> tuple[str, dict]:
         raise UsageError(f"--model-path {path} is not a directory")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise UsageError(f"--model-path {path} is not a LLaVA/VILA checkpoint: no config.json "
-                         "(expected llava-hf layout, or VILA1.5 with llm/, vision_tower/, mm_projector/)")
+        raise UsageError(f"--model-path {path} is not a LLaVA/VILA/InternVL checkpoint: no config.json "
+                         f"(expected {LAYOUTS})")
     try:
         config = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise UsageError(f"--model-path {path}: config.json is not valid JSON ({e})") from None
     if is_vila_dir(path, config):
         return "vila", config
-    if is_llava_dir(path, config):
-        if not any(path.glob("*.safetensors")):
-            raise UsageError(f"--model-path {path}: no *.safetensors weights (only safetensors are loaded)")
-        return "llava", config
+    for family, matches in (("llava", is_llava_dir), ("internvl", is_internvl_dir)):
+        if matches(path, config):
+            if not any(path.glob("*.safetensors")):
+                raise UsageError(f"--model-path {path}: no *.safetensors weights (only safetensors are loaded)")
+            return family, config
     raise UsageError(
-        f"--model-path {path} is not a LLaVA/VILA checkpoint (model_type={config.get('model_type')!r}); "
-        "supported: llava-hf layout (model_type llava) or VILA1.5 (llm/, vision_tower/, mm_projector/)"
+        f"--model-path {path} is not a LLaVA/VILA/InternVL checkpoint (model_type={config.get('model_type')!r}); "
+        f"supported: {LAYOUTS}"
     )
 
 
@@ -63,13 +68,16 @@ def awq_quantization(path: Path, family: str, config: dict) -> dict | None:
 
 
 def load_checkpoint(path: Path, conv_mode: str | None, device: torch.device, dtype: torch.dtype,
-                    quantization: tuple | None = None) -> VLMAdapter:
+                    quantization: tuple | None = None, max_tiles: int = 12) -> VLMAdapter:
     family, config = read_checkpoint_config(path)
     weights = "random" if config.get(RANDOM_WEIGHTS_MARK) else "checkpoint"
     template = get_template(conv_mode or DEFAULT_CONV_MODE[family])
     awq = awq_quantization(path, family, config)
     if family == "vila":
         adapter = load_vila(path, template, device, dtype, weights, config, quantization, strip_quant=awq is not None)
+    elif family == "internvl":
+        adapter = load_internvl(path, template, device, dtype, weights, quantization, strip_quant=awq is not None,
+                                max_tiles=max_tiles)
     else:
         adapter = load_llava(path, template, device, dtype, weights, quantization, strip_quant=awq is not None)
     if awq is not None:
@@ -85,7 +93,7 @@ def load_awq_checkpoint(adapter: VLMAdapter, path: Path, family: str, qc: dict) 
 
     if family == "vila":
         files, keep = sorted((path / "llm").glob("*.safetensors")), (lambda k: True)
-    else:  # llava-hf: only the language model's keys ("language_model." in either naming)
+    else:  # llava-hf / InternVL-hf: only the language model's keys ("language_model." in either naming)
         files, keep = sorted(path.glob("*.safetensors")), (lambda k: "language_model." in k)
     tensors, stored = checkpoint_awq_tensors(files, keep)
     if not tensors:
@@ -100,11 +108,14 @@ def load_awq_checkpoint(adapter: VLMAdapter, path: Path, family: str, qc: dict) 
 
 
 def build_preset(name: str, conv_mode: str | None, device: torch.device, dtype: torch.dtype,
-                 seed: int = 0) -> VLMAdapter:
+                 seed: int = 0, max_tiles: int = 12) -> VLMAdapter:
     """Random weights, created directly on `device` (a 7B model never passes through CPU memory)."""
     preset: Preset = get_preset(name)
     template = get_template(conv_mode or preset.conv_mode)
-    tokenizer = build_tokenizer(preset.tokenizer_base_vocab, list(preset.special_tokens) + TEMPLATE_SPECIAL_TOKENS)
+    if preset.qwen_tokenizer:
+        tokenizer = build_tokenizer(preset.tokenizer_base_vocab, list(preset.special_tokens), qwen=True)
+    else:
+        tokenizer = build_tokenizer(preset.tokenizer_base_vocab, list(preset.special_tokens) + TEMPLATE_SPECIAL_TOKENS)
     if len(tokenizer) > preset.llm.vocab:
         raise ValueError(f"tokenizer ({len(tokenizer)}) larger than the preset's vocab ({preset.llm.vocab})")
     torch.manual_seed(seed)
@@ -112,6 +123,11 @@ def build_preset(name: str, conv_mode: str | None, device: torch.device, dtype: 
         model = build_llava_model(preset, tokenizer, device, dtype)
         model.config.__dict__[RANDOM_WEIGHTS_MARK] = True
         adapter = LlavaAdapter(model, tokenizer, llava_image_processor(preset), template, "random", name)
+    elif preset.family == "internvl":
+        model = build_internvl_model(preset, tokenizer, device, dtype)
+        model.config.__dict__[RANDOM_WEIGHTS_MARK] = True
+        adapter = InternVLAdapter(model, tokenizer, internvl_image_processor(preset, max_tiles), template, "random",
+                                  name, max_tiles)
     else:
         model = build_vila_model(preset, tokenizer, device, dtype)
         model.top_config[RANDOM_WEIGHTS_MARK] = True
@@ -124,5 +140,7 @@ def save_checkpoint(adapter: VLMAdapter, out: Path) -> None:
     """Write the model in its family's real on-disk layout (safetensors)."""
     if isinstance(adapter, VilaAdapter):
         save_vila(adapter, out)
+    elif isinstance(adapter, InternVLAdapter):
+        save_internvl(adapter, out)
     else:
         save_llava(adapter, out)

@@ -37,16 +37,36 @@ class VisionDims:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "llava" | "vila"
+    family: str  # "llava" | "vila" | "internvl"
     llm: LLMDims
     vision: VisionDims
     conv_mode: str
     tokenizer_base_vocab: int  # pieces before the special tokens (LLaVA: <image> lands at this id)
     special_tokens: tuple[str, ...] = field(default=())
+    qwen_tokenizer: bool = False  # no BOS; the special tokens are the model's whole special set
+    projector: str = ""  # internvl family: "" (InternVL: LayerNorm + MLP) or "mlp2x_gelu" (VITA-1.5)
+    note: str = ""  # how the preset relates to the real model (printed with --list-presets)
 
 
 CLIP_L_336 = VisionDims(hidden=1024, mlp=4096, layers=24, heads=16, image_size=336)
 SIGLIP_SO400M_384 = VisionDims(hidden=1152, mlp=4304, layers=27, heads=16, image_size=384)
+INTERNVIT_300M_448 = VisionDims(hidden=1024, mlp=4096, layers=24, heads=16, image_size=448)
+
+# Qwen2.5's special tokens (151643..151664), then InternVL's (151665..151673): <IMG_CONTEXT> = 151667.
+QWEN2_SPECIAL = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+)
+INTERNVL_SPECIAL = QWEN2_SPECIAL + ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>",
+                                    "<box>", "</box>")
+QWEN2_BASE_VOCAB = 151643
+
+
+def _qwen(hidden, mlp, layers, heads, kv, vocab=151674, tie=False) -> LLMDims:
+    return LLMDims(hidden, mlp, layers, heads, kv, vocab, max_pos=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+                   tie_embeddings=tie)
 
 _LLAVA_SPECIAL = ("<image>", "<pad>")
 
@@ -64,6 +84,16 @@ PRESETS: dict[str, Preset] = {
                SIGLIP_SO400M_384, "llama_3", 128000, ("<pad>",)),
         Preset("vila1.5-13b", "vila", LLMDims(5120, 13824, 40, 40, 40, 32000), SIGLIP_SO400M_384, "vicuna_v1",
                31990, ("<pad>",)),
+        # InternVL3-8B: MODELS.md. InternVL3-2B: InternViT-300M + Qwen2.5-1.5B (1536/8960/28/12/2,
+        # tied embeddings, per Qwen2.5-1.5B's published config; MODELS.md lists only the 8B).
+        Preset("internvl3-2b", "internvl", _qwen(1536, 8960, 28, 12, 2, tie=True), INTERNVIT_300M_448,
+               "internvl2_5", QWEN2_BASE_VOCAB, INTERNVL_SPECIAL, qwen_tokenizer=True),
+        Preset("internvl3-8b", "internvl", _qwen(3584, 18944, 28, 28, 4), INTERNVIT_300M_448,
+               "internvl2_5", QWEN2_BASE_VOCAB, INTERNVL_SPECIAL, qwen_tokenizer=True),
+        Preset("vita1.5-arch", "internvl", _qwen(3584, 18944, 28, 28, 4, vocab=152064), INTERNVIT_300M_448,
+               "qwen2p5_instruct", QWEN2_BASE_VOCAB, INTERNVL_SPECIAL, qwen_tokenizer=True, projector="mlp2x_gelu",
+               note="architecture preset: VITA-1.5's Qwen2.5-7B + InternViT-300M + mlp2x_gelu, image path only "
+                    "(no audio encoder), InternVL tiling and token layout"),
         # Tiny presets for tests: same code paths, seconds on a laptop CPU.
         # tiny-llava: 56 px / patch 14 -> 16 patches (+CLS dropped) = 16 image tokens.
         Preset("tiny-llava", "llava", LLMDims(64, 128, 2, 4, 2, 640), VisionDims(32, 64, 2, 2, 56),
@@ -71,6 +101,9 @@ PRESETS: dict[str, Preset] = {
         # tiny-vila: 70 px / patch 14 -> 5x5 patches, padded to 6x6 -> 9 image tokens (odd side path).
         Preset("tiny-vila", "vila", LLMDims(64, 128, 2, 4, 2, 640), VisionDims(32, 64, 3, 2, 70),
                "vicuna_v1", 600, ("<pad>",)),
+        # tiny-internvl: 56 px tiles / patch 14 -> 4x4 patches, pixel-shuffled to 2x2 = 4 tokens per tile.
+        Preset("tiny-internvl", "internvl", LLMDims(64, 128, 2, 4, 2, 640, rope_theta=1e6, rms_norm_eps=1e-6),
+               VisionDims(32, 64, 2, 2, 56), "internvl2_5", 600, INTERNVL_SPECIAL, qwen_tokenizer=True),
     )
 }
 

@@ -35,8 +35,9 @@ def _corpus() -> list[str]:
     return texts * 4
 
 
-def build_tokenizer(base_vocab: int, extra_special: list[str]) -> PreTrainedTokenizerFast:
-    """Train on the embedded corpus; ids of `extra_special` start at `base_vocab`."""
+def build_tokenizer(base_vocab: int, extra_special: list[str], qwen: bool = False) -> PreTrainedTokenizerFast:
+    """Train on the embedded corpus; ids of `extra_special` start at `base_vocab`.
+    `qwen`: Qwen2-style use (no BOS added, <|endoftext|> pads, <|im_end|> ends a turn)."""
     reserved = len(SPECIAL_BASE) + len(BYTE_TOKENS)
     if base_vocab < reserved + 64:
         raise ValueError(f"base_vocab must be at least {reserved + 64}")
@@ -65,6 +66,9 @@ def build_tokenizer(base_vocab: int, extra_special: list[str]) -> PreTrainedToke
     full.add_special_tokens(list(extra_special))
     from tokenizers.processors import TemplateProcessing
 
+    if qwen:
+        return PreTrainedTokenizerFast(tokenizer_object=full, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                       unk_token="<unk>", add_bos_token=False)
     full.post_processor = TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     hf = PreTrainedTokenizerFast(
         tokenizer_object=full,

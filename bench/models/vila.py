@@ -64,7 +64,6 @@ class VilaModel(nn.Module):
 
 class VilaAdapter(VLMAdapter):
     family = "vila"
-    image_separator = ""  # VILA: "<image>{question}"; "\n" embeddings follow each image
 
     def __init__(self, model: VilaModel, tokenizer, image_processor, template: ConvTemplate, weights: str,
                  name: str):
@@ -86,16 +85,16 @@ class VilaAdapter(VLMAdapter):
             image = image.convert("RGB").resize((size, size), Image.BICUBIC)
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"]
 
-    def prepare_text(self, question: str) -> PreparedPrompt:
-        prefix_text, suffix_text = self.template.split(question, self.image_separator)
-        head = prefix_text[: -len("<image>")]
+    def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
+        n = self.image_count(visual)
+        head, suffix_text = self.template.split(question, "")
         # VILA tokenizes the text around each image separately (tokenizer_image_token): BOS only
-        # on the first chunk; then the tokenized "\n" after the image.
+        # on the first chunk; then the tokenized "\n" after every image.
+        newline = self._tokenize("\n", add_bos=False)
         return PreparedPrompt(
-            ids_before_image=self._tokenize(head, add_bos=True),
-            ids_after_image=self._tokenize("\n", add_bos=False),
+            text_segments=[self._tokenize(head, add_bos=True)] + [list(newline) for _ in range(n)],
+            image_tokens=[self.image_tokens] * n,
             suffix_ids=self._tokenize(suffix_text, add_bos=False),
-            image_tokens=self.image_tokens,
         )
 
     def language_model(self) -> torch.nn.Module:
@@ -122,7 +121,8 @@ class VilaAdapter(VLMAdapter):
         feats = out.hidden_states[self.select_layer]
         if self.select_feature == "patch":  # SigLIP has no CLS: cls_patch keeps every token
             feats = feats[:, 1:]
-        return self.model.mm_projector(feats).to(self.dtype)
+        feats = self.model.mm_projector(feats).to(self.dtype)
+        return feats.reshape(1, -1, feats.shape[-1])  # several images: their tokens in order
 
     def lm_forward(self, inputs_embeds: torch.Tensor, cache, logits_to_keep: int = 1) -> torch.Tensor:
         out = self.model.llm(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True,

@@ -1,0 +1,45 @@
+"""What one request shows the model: one image, several images, or the sampled frames of a video.
+
+Adapters turn it into image placeholders in the prompt (one per image; InternVL labels frames
+"Frame1: ", "Frame2: " and tiles still images, never frames) and into pixels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import xxhash
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class VisualInput:
+    images: tuple[Image.Image, ...]
+    video: bool = False  # the images are frames of one clip (no tiling, "Frame{i}: " labels)
+
+    def __post_init__(self):
+        if not self.images:
+            raise ValueError("a request needs at least one image")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def content_digest(self) -> str:
+        """128-bit XXH3 of every image's mode, size and pixels (its content, not its path).
+
+        On the prefix-hit path (every warm request hashes its images), so a non-cryptographic
+        hash: SHA-256 of a 640x480 image took 0.7-2 ms on the CPU machine (and 1.3 ms of a 26 ms
+        warm TTFT on the H200 host); XXH3 runs at memory speed."""
+        h = xxhash.xxh3_128(b"video" if self.video else b"images")
+        for image in self.images:
+            h.update(f"{image.mode}:{image.size}".encode())
+            h.update(image.tobytes())
+        return h.hexdigest()
+
+
+def as_visual(visual) -> VisualInput:
+    """Accept a VisualInput, one PIL image, or a list of them (several images in one prompt)."""
+    if isinstance(visual, VisualInput):
+        return visual
+    if isinstance(visual, Image.Image):
+        return VisualInput((visual,))
+    return VisualInput(tuple(visual))
