@@ -1,5 +1,7 @@
 """How a request may reuse earlier work. The engine calls these hooks; variants supply them.
 
+A policy is a keyed store and knows nothing of cache formats: the engine turns its KV cache
+into an entry (`save_prefix`) and back (`restore_prefixes`), so a policy serves every engine.
 The default policy reuses nothing. A policy that keeps state (`stateful`) gets cold runs
 (state cleared first) reported apart from warm ones by the runner.
 """
@@ -15,30 +17,29 @@ from bench.visual import VisualInput
 
 
 @dataclass
-class PrefixHit:
-    cached_tokens: int  # the working cache now holds this many prefix tokens
+class PrefixLookup:
+    key: tuple
+    entry: object | None  # the stored prefix (engine format), None on a miss
 
 
 class CachePolicy:
     name = "none"
     stateful = False
 
-    def lookup_prefix(self, adapter: VLMAdapter, prepared: PreparedPrompt, visual: VisualInput) -> object | None:
-        """The stored prefix for this request, or None on a miss. Called before the images are
-        preprocessed: a hit skips the image processor, the vision tower and the prefix prefill."""
+    def lookup_prefix(self, adapter: VLMAdapter, prepared: PreparedPrompt, visual: VisualInput) -> PrefixLookup | None:
+        """The stored prefix for this request (None: this policy keeps no prefixes). Called before
+        the images are preprocessed: a hit skips the image processor, the vision tower and the
+        prefix prefill."""
         return None
 
-    def restore_prefix(self, entry: object, cache) -> PrefixHit:
-        """Copy the looked-up prefix into the request's (empty) working cache."""
-        raise NotImplementedError
+    def store_prefix(self, lookup: PrefixLookup, entry: object, nbytes: int) -> None:
+        """Keep `entry` (the prefix as the engine saved it) under the key a missed lookup made."""
 
-    def image_embeds(self, adapter: VLMAdapter, prepared: PreparedPrompt,
-                     compute: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, bool]:
-        """(image embeddings, whether they came from a cache)."""
-        return compute(), False
-
-    def store_prefix(self, adapter: VLMAdapter, prepared: PreparedPrompt, cache) -> None:
-        """Called after a full prefill with the cache holding prefix + suffix."""
+    def image_embeds(self, adapter: VLMAdapter, prepared: list[PreparedPrompt],
+                     compute: Callable[[list[int]], list[torch.Tensor]]) -> tuple[list[torch.Tensor], bool]:
+        """(image embeddings of every request of a batch, whether any came from a cache);
+        `compute(rows)` runs the vision tower once over those rows' pixels."""
+        return compute(list(range(len(prepared)))), False
 
     def clear(self) -> None:
         """Forget everything (the next request is cold)."""

@@ -38,28 +38,57 @@ class KVLayer:
 class KVBuffers:
     """Every layer's keys/values in one tensor, allocated once; `length` (device) = tokens written.
 
-    One tensor (not one per layer) so that saving or restoring a prefix is a single copy kernel."""
+    One tensor (not one per layer) so that saving or restoring a prefix is a single copy kernel.
+    A batch of several rows also keeps which columns are real (`valid`: rows padded to a common
+    length have masked gaps) and each row's next position (`next_pos`), both on the device so
+    graph replays update them."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, max_len: int, device, dtype, batch: int = 1):
         self.data = torch.zeros(layers, 2, batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.layers = [KVLayer(self.data[i, 0], self.data[i, 1]) for i in range(layers)]
         self.length = torch.zeros((), dtype=torch.long, device=device)
-        self.max_len = max_len
+        self.max_len, self.batch = max_len, batch
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device) if batch > 1 else None
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device) if batch > 1 else None
 
     def reset(self) -> None:
         # Stale keys/values need no zeroing: masks never admit a position before it is written.
         self.length.zero_()
+        if self.valid is not None:
+            self.valid.zero_()
+            self.next_pos.zero_()
 
-    def save_prefix(self, n: int) -> torch.Tensor:
-        """A copy of the first n positions of every layer: [layers, 2, batch, kv_heads, n, head_dim]."""
-        return self.data[..., :n, :].clone()
+    def positions(self) -> tuple:
+        """Where the next tokens go (copies); `set_positions` rewinds to them. Columns written
+        past the rewound length are never attended to (the causal mask stops at the query)."""
+        return self.length.clone(), None if self.next_pos is None else self.next_pos.clone()
 
-    def load_prefix(self, entry: torch.Tensor) -> int:
-        """Copy a saved prefix back to the front (one kernel); returns its length."""
-        n = entry.shape[-2]
-        self.data[..., :n, :].copy_(entry)
+    def set_positions(self, saved: tuple) -> None:
+        self.length.copy_(saved[0])
+        if self.next_pos is not None:
+            self.next_pos.copy_(saved[1])
+
+    def save_prefix(self, n: int, row: int = 0) -> torch.Tensor:
+        """A copy of one row's first n positions of every layer: [layers, 2, 1, kv_heads, n, head_dim]."""
+        return self.data[:, :, row:row + 1, :, :n].clone()
+
+    def load_prefixes(self, entries: list[torch.Tensor]) -> list[int]:
+        """Copy saved prefixes to the front of each row (one kernel when every row shows the same
+        prefix); rows of unequal length end in a masked gap. Returns their lengths."""
+        lengths = [e.shape[-2] for e in entries]
+        n = max(lengths)
+        if all(e is entries[0] for e in entries):
+            self.data[..., :n, :].copy_(entries[0])  # broadcast over the batch
+        else:
+            for b, e in enumerate(entries):
+                self.data[:, :, b:b + 1, :, :lengths[b]].copy_(e)
         self.length.fill_(n)
-        return n
+        if self.valid is not None:
+            dev = self.valid.device
+            self.valid.copy_(torch.arange(self.max_len, device=dev)[None, :]
+                             < torch.tensor(lengths, device=dev)[:, None])
+            self.next_pos.copy_(torch.tensor(lengths, device=dev))
+        return lengths
 
     def get_seq_length(self) -> int:
         return int(self.length)
@@ -133,9 +162,9 @@ class FastDecoder(nn.Module):
         end = start + h.shape[1]
         keys[:, :, start:end] = k
         values[:, :, start:end] = v
-        if start:
+        if mask is not None:
             o = self._sdpa(q, keys[:, :, :end], values[:, :, :end], mask=mask)
-        else:  # a fresh prompt attends only to itself: causal (flash) attention, no mask tensor
+        else:  # a fresh unpadded prompt attends only to itself: causal (flash) attention, no mask tensor
             o = self._sdpa(q, k, v, causal=h.shape[1] > 1)
         return self._out_mlp(block, h, o)
 
@@ -149,16 +178,30 @@ class FastDecoder(nn.Module):
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h_last))
 
-    def prefill(self, embeds: torch.Tensor, kv: KVBuffers, start: int, layer_fn=None) -> torch.Tensor:
-        """Tokens at host-known positions start.. ; returns the last position's logits [b, 1, vocab].
-        `layer_fn` replaces `layer_from` (e.g. a compiled copy)."""
+    def prefill(self, embeds: torch.Tensor, kv: KVBuffers, start: int, layer_fn=None,
+                valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens at host-known columns start.. ; returns the last column's logits [b, 1, vocab].
+        `layer_fn` replaces `layer_from` (e.g. a compiled copy). A batch of several rows may pass
+        `valid` [b, t] (False: a padding gap, masked out and skipped by the positions)."""
         layer_fn = layer_fn or self.layer_from
         end = start + embeds.shape[1]
         if end > kv.max_len:
             raise ValueError(f"{end} tokens do not fit the {kv.max_len}-token KV buffers")
-        pos = torch.arange(start, end, device=embeds.device)
-        cos, sin = self.rotary(embeds, pos[None])
-        mask = torch.arange(end, device=embeds.device)[None, :] <= pos[:, None] if start else None  # [t, end]
+        cols = torch.arange(start, end, device=embeds.device)
+        if kv.valid is None:  # one row, no gaps: positions are columns
+            if valid is not None:
+                raise ValueError("padding needs KV buffers made for a batch")
+            cos, sin = self.rotary(embeds, cols[None])
+            mask = torch.arange(end, device=embeds.device)[None, :] <= cols[:, None] if start else None  # [t, end]
+        else:
+            if valid is None:
+                valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+            kv.valid[:, start:end] = valid
+            pos = (kv.next_pos[:, None] + valid.long().cumsum(1) - 1).clamp_min(0)  # [b, t]
+            kv.next_pos.add_(valid.sum(1))
+            cos, sin = self.rotary(embeds, pos)
+            causal = torch.arange(end, device=embeds.device)[None, :] <= cols[:, None]
+            mask = (causal[None] & kv.valid[:, None, :end])[:, None]  # [b, 1, t, end]
         h = embeds
         for block, layer in zip(self.layers, kv.layers):
             h = layer_fn(block, h, cos, sin, start, mask, layer.keys, layer.values)
@@ -166,18 +209,27 @@ class FastDecoder(nn.Module):
         return self._logits(h[:, -1:])
 
     def step(self, embeds: torch.Tensor, n_real: torch.Tensor, kv: KVBuffers, layer_fn=None) -> torch.Tensor:
-        """Tokens written from the device position kv.length (graph-capturable); the first
-        `n_real` (device scalar) are real. Returns logits of the last real token [b, 1, vocab].
+        """Tokens written from the device column kv.length (graph-capturable); the first
+        `n_real` (device scalar) are real (a batch of several rows: all of them, as in decode).
+        Returns logits of the last real token [b, 1, vocab].
         `layer_fn` replaces `layer_at` (GraphEngine passes its compiled copy)."""
         layer_fn = layer_fn or self.layer_at
-        pos = kv.length + torch.arange(embeds.shape[1], device=embeds.device)  # [t]
-        cos, sin = self.rotary(embeds, pos[None])
-        mask = torch.arange(kv.max_len, device=embeds.device)[None, :] <= pos[:, None]  # [t, max_len]
+        cols = kv.length + torch.arange(embeds.shape[1], device=embeds.device)  # [t]
+        causal = torch.arange(kv.max_len, device=embeds.device)[None, :] <= cols[:, None]  # [t, max_len]
+        if kv.valid is None:
+            cos, sin = self.rotary(embeds, cols[None])
+            mask = causal
+        else:  # a batch: every row's tokens are real here (decode); positions skip each row's gaps
+            kv.valid.index_fill_(1, cols, True)
+            cos, sin = self.rotary(embeds, kv.next_pos[:, None] + torch.arange(embeds.shape[1], device=embeds.device))
+            mask = (causal[None] & kv.valid[:, None, :])[:, None]  # [b, 1, t, max_len]
         h = embeds
         for block, layer in zip(self.layers, kv.layers):
-            h = layer_fn(block, h, cos, sin, pos, mask, layer.keys, layer.values)
+            h = layer_fn(block, h, cos, sin, cols, mask, layer.keys, layer.values)
         last = h.index_select(1, (n_real - 1).reshape(1))
         kv.length.add_(n_real)
+        if kv.next_pos is not None:
+            kv.next_pos.add_(n_real)
         return self._logits(last)
 
 

@@ -41,21 +41,29 @@ class StaticEngine(HFEngine):
         self.decoder = fast_decoder(adapter)
         self.decoder.set_fused_max_rows(self.fused_max_rows)
         self.cache: KVBuffers | None = None
-        self.max_len = 0
+        self.max_len = self.batch = 0
         self.one = torch.ones((), dtype=torch.long, device=adapter.device)
 
     def describe(self) -> str:
         return f"own decoder ({self.decoder.fusion}), static KV, eager"
 
-    def new_cache(self, prompt_tokens: int, max_new_tokens: int) -> KVBuffers:
-        need = prompt_tokens + max_new_tokens + SUFFIX_BUCKETS[-1]  # room for a padded bucket
-        if self.cache is None or need > self.max_len:
-            self.max_len = -(-need // CACHE_ROUND) * CACHE_ROUND
+    def new_cache(self, prompt_tokens: int, max_new_tokens: int, batch: int = 1) -> KVBuffers:
+        # room for a padded bucket; a padded batch's prefixes may end in a gap of up to a prefix
+        need = prompt_tokens * (1 if batch == 1 else 2) + max_new_tokens + SUFFIX_BUCKETS[-1]
+        if self.cache is None or need > self.max_len or batch != self.batch:
+            self.max_len, self.batch = -(-need // CACHE_ROUND) * CACHE_ROUND, batch
             self._drop_buffers()
-            self.cache = self.decoder.new_buffers(self.max_len)
+            self.cache = self.decoder.new_buffers(self.max_len, batch)
         else:
             self.cache.reset()
         return self.cache
+
+    def restore_prefixes(self, entries: list, cache: KVBuffers) -> list[int]:
+        return cache.load_prefixes(entries)  # one copy kernel per distinct prefix
+
+    def save_prefix(self, cache: KVBuffers, row: int, n: int) -> tuple[object, int]:
+        entry = cache.save_prefix(n, row)
+        return entry, entry.numel() * entry.element_size()
 
     def _drop_buffers(self) -> None:
         self.cache = None
@@ -64,10 +72,14 @@ class StaticEngine(HFEngine):
     def bucket(tokens: int) -> int | None:
         return next((b for b in SUFFIX_BUCKETS if b >= tokens), None)
 
-    def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int) -> torch.Tensor:
-        bucket = self.bucket(embeds.shape[1]) if start else None
+    def bucketed(self, embeds: torch.Tensor, start: int, valid) -> int | None:
+        """The bucket a suffix prefill runs as (a single unpadded row after a prefix hit), or None."""
+        return self.bucket(embeds.shape[1]) if start and valid is None and embeds.shape[0] == 1 else None
+
+    def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
+        bucket = self.bucketed(embeds, start, valid)
         if bucket is None:
-            return self.decoder.prefill(embeds, cache, start)
+            return self.decoder.prefill(embeds, cache, start, valid=valid)
         return self.suffix_step(F.pad(embeds, (0, 0, 0, bucket - embeds.shape[1])), embeds.shape[1])
 
     def suffix_step(self, padded: torch.Tensor, real: int) -> torch.Tensor:
@@ -119,7 +131,7 @@ class GraphEngine(StaticEngine):
     # ---------------------------------------------------------------------------------- capture
     def _capture(self, call, what: str, rewind: bool) -> tuple[torch.cuda.CUDAGraph, object]:
         """Warm `call` up on a side stream (compiles, allocator, lazy init), then capture it."""
-        saved = self.cache.length.clone() if rewind else None
+        saved = self.cache.positions() if rewind else None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         try:
@@ -127,7 +139,7 @@ class GraphEngine(StaticEngine):
                 for _ in range(2):
                     call()
                     if rewind:  # warm-up steps wrote past the real tokens; nothing attends to those
-                        self.cache.length.copy_(saved)
+                        self.cache.set_positions(saved)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -136,7 +148,7 @@ class GraphEngine(StaticEngine):
             raise VariantUnsupported(f"{what} cannot be captured in a CUDA graph: "
                                      f"{e.__class__.__name__}: {str(e)[:200]}") from e
         if rewind:
-            self.cache.length.copy_(saved)
+            self.cache.set_positions(saved)
         return graph, out
 
     def _lm_step(self, embeds, n_real):
@@ -150,18 +162,18 @@ class GraphEngine(StaticEngine):
             self.layer_fn = None
             return self.decoder.step(embeds, n_real, self.cache)
 
-    def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int) -> torch.Tensor:
-        if start and self.bucket(embeds.shape[1]) is not None:
+    def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
+        if self.bucketed(embeds, start, valid) is not None:
             return super().prefill(embeds, cache, start)  # a captured suffix bucket
         if self.prefill_fn is not None:
             try:
-                return self.decoder.prefill(embeds, cache, start, self.prefill_fn)
+                return self.decoder.prefill(embeds, cache, start, self.prefill_fn, valid)
             except Exception as e:  # noqa: BLE001 - recorded in engine_detail, then eager
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
                 self.notes["prefill"] = f"eager (torch.compile failed: {e.__class__.__name__}: {str(e)[:120]})"
                 self.prefill_fn = None
-        return self.decoder.prefill(embeds, cache, start)
+        return self.decoder.prefill(embeds, cache, start, valid=valid)
 
     # ---------------------------------------------------------------------------------- vision
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -203,11 +215,13 @@ class GraphEngine(StaticEngine):
 
     def _decode_graph(self, token: torch.Tensor) -> _Captured:
         """The captured decode step, its inputs set to continue from `token`."""
-        cap = self.lm_graphs.get("decode")
+        key = ("decode", token.shape[0])
+        cap = self.lm_graphs.get(key)
         if cap is None:
             tok, emb = token.clone(), self.decoder.embed(token[:, None]).clone()
-            graph, logits = self._capture(lambda: self._decode_call(tok, emb), "decode step", True)
-            cap = self.lm_graphs["decode"] = _Captured(graph, (tok, emb), logits)
+            graph, logits = self._capture(lambda: self._decode_call(tok, emb), f"decode step (batch {token.shape[0]})",
+                                          True)
+            cap = self.lm_graphs[key] = _Captured(graph, (tok, emb), logits)
         tok, emb = cap.inputs
         tok.copy_(token)
         emb.copy_(self.decoder.embed(token[:, None]))

@@ -111,7 +111,7 @@ def test_unreadable_image(tmp_path, capsys):
 
 @pytest.mark.parametrize("content,needle", [
     (None, "no config.json"),
-    ('{"model_type": "bert"}', "is not a LLaVA/VILA checkpoint (model_type='bert')"),
+    ('{"model_type": "bert"}', "is not a LLaVA/VILA/InternVL checkpoint (model_type='bert')"),
     ("{not json", "config.json is not valid JSON"),
     ('{"model_type": "llava"}', "no *.safetensors"),
 ])

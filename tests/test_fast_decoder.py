@@ -63,7 +63,7 @@ def test_kv_buffers_save_and_restore_a_prefix_as_one_tensor():
     assert entry.shape == (3, 2, 1, 2, 5, 4)
     want = [(layer.keys[:, :, :5].clone(), layer.values[:, :, :5].clone()) for layer in kv.layers]
     kv.data.zero_()
-    assert kv.load_prefix(entry) == 5 and kv.get_seq_length() == 5
+    assert kv.load_prefixes([entry]) == [5] and kv.get_seq_length() == 5
     for layer, (k, v) in zip(kv.layers, want):
         assert torch.equal(layer.keys[:, :, :5], k) and torch.equal(layer.values[:, :, :5], v)
     assert not kv.data[..., 5:, :].any()

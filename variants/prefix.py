@@ -11,7 +11,7 @@ the transformers Cache, never how weights are stored.
 """
 from __future__ import annotations
 
-from bench.cache_policy import CachePolicy, PrefixHit
+from bench.cache_policy import CachePolicy, PrefixLookup
 from bench.lru import ByteLRU
 from bench.models.base import image_content_digest
 from variants.base import CachePart
@@ -31,39 +31,18 @@ class PrefixKVPolicy(CachePolicy):
 
     def __init__(self, capacity_mb: float):
         self.lru = ByteLRU(int(capacity_mb * 2**20))
-        self._pending_key = None
 
     def key(self, adapter, prepared, visual) -> tuple:
         return (*_model_key(adapter), prepared.prefix_key_ids(), image_content_digest(visual))
 
     def lookup_prefix(self, adapter, prepared, visual):
         key = self.key(adapter, prepared, visual)
-        entry = self.lru.get(key)
-        self._pending_key = key if entry is None else None
-        return entry
+        return PrefixLookup(key, self.lru.get(key))
 
-    def restore_prefix(self, entry, cache):
-        # One copy of the prefix into the request's working cache; no Python objects are
-        # deep-copied. The static engines' KV buffers take it in one copy kernel; a
-        # transformers DynamicCache concatenates it through the Cache API (the stored tensors
-        # are never written to).
-        if hasattr(cache, "load_prefix"):
-            return PrefixHit(cached_tokens=cache.load_prefix(entry))
-        for layer, (k, v) in enumerate(entry):
-            cache.update(k, v, layer)
-        return PrefixHit(cached_tokens=entry[0][0].shape[-2])
-
-    def store_prefix(self, adapter, prepared, cache):
-        if self._pending_key is None:
-            return
-        n = prepared.prefix_tokens
-        if hasattr(cache, "save_prefix"):  # the static engines' KV buffers: one tensor, one copy
-            entry = cache.save_prefix(n)
-            self.lru.put(self._pending_key, entry, _nbytes([entry]))
-        else:
-            entry = [(layer.keys[..., :n, :].clone(), layer.values[..., :n, :].clone()) for layer in cache.layers]
-            self.lru.put(self._pending_key, entry, _nbytes(t for kv in entry for t in kv))
-        self._pending_key = None
+    def store_prefix(self, lookup, entry, nbytes):
+        # The engine saved `entry` as one copy of the prefix (no Python objects deep-copied) and
+        # restores it the same way; the stored tensors are never written to.
+        self.lru.put(lookup.key, entry, nbytes)
 
     def clear(self):
         self.lru.clear()
@@ -81,13 +60,14 @@ class ImageEmbedPolicy(CachePolicy):
         self.lru = ByteLRU(int(capacity_mb * 2**20))
 
     def image_embeds(self, adapter, prepared, compute):
-        key = (*_model_key(adapter), prepared.pixel_digest())
-        cached = self.lru.get(key)
-        if cached is not None:
-            return cached, True
-        embeds = compute()
-        self.lru.put(key, embeds, _nbytes([embeds]))
-        return embeds, False
+        keys = [(*_model_key(adapter), p.pixel_digest()) for p in prepared]
+        found = [self.lru.get(k) for k in keys]
+        missing = [i for i, e in enumerate(found) if e is None]
+        if missing:
+            for i, embeds in zip(missing, compute(missing)):
+                found[i] = embeds
+                self.lru.put(keys[i], embeds, _nbytes([embeds]))
+        return found, len(missing) < len(prepared)
 
     def clear(self):
         self.lru.clear()

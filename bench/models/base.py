@@ -180,8 +180,10 @@ class VLMAdapter:
         in the LLM's dtype (images in prompt order)."""
         raise NotImplementedError
 
-    def lm_forward(self, inputs_embeds: torch.Tensor, cache, logits_to_keep: int = 1) -> torch.Tensor:
-        """Causal LM over embeddings, appending to `cache`; returns logits [1, keep, vocab]."""
+    def lm_forward(self, inputs_embeds: torch.Tensor, cache, logits_to_keep: int = 1, attention_mask=None,
+                   position_ids=None) -> torch.Tensor:
+        """Causal LM over embeddings, appending to `cache` (a transformers Cache); returns logits
+        [B, keep, vocab]. A padded batch passes the 2-D attention mask and the positions."""
         raise NotImplementedError
 
     # --- shared helpers -----------------------------------------------------------------

@@ -121,9 +121,10 @@ class InternVLAdapter(VLMAdapter):
         feats = m.multi_modal_projector(feats.reshape(tiles, -1, feats.shape[-1])).to(self.dtype)
         return feats.reshape(1, -1, feats.shape[-1])  # tiles of every image, in order
 
-    def lm_forward(self, inputs_embeds: torch.Tensor, cache, logits_to_keep: int = 1) -> torch.Tensor:
+    def lm_forward(self, inputs_embeds: torch.Tensor, cache, logits_to_keep: int = 1, attention_mask=None,
+                   position_ids=None) -> torch.Tensor:
         out = self.model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True,
-                         logits_to_keep=logits_to_keep)
+                         logits_to_keep=logits_to_keep, attention_mask=attention_mask, position_ids=position_ids)
         return out.logits
 
 

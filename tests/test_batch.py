@@ -1,0 +1,97 @@
+"""Batched requests: every row's greedy tokens equal the same request run alone, on both engine
+kinds, with prompts of unequal length (questions and, for InternVL, tile counts), cold and with
+prefixes restored from the cache."""
+import pytest
+import torch
+from PIL import Image
+
+from bench.cache_policy import CachePolicy
+from bench.engine import HFEngine, layout_rows
+from bench.models.loader import load_checkpoint
+from bench.static_engine import StaticEngine
+from variants.prefix import ImageEmbedPolicy, PrefixKVPolicy
+
+CPU = torch.device("cpu")
+N = 12
+QUESTIONS = ["What is shown?", "Describe every colour you can see in this picture in detail.", "Why?"]
+
+
+def alone(adapter, requests):
+    engine = HFEngine(adapter, CachePolicy())
+    return [engine.run(v, q, N).tokens for v, q in requests]
+
+
+def test_layout_puts_gaps_between_prefix_and_rest():
+    rows = [torch.arange(5.0).view(1, 5, 1), torch.arange(3.0).view(1, 3, 1) + 10]
+    embeds, valid = layout_rows(rows, [2, 1])
+    assert embeds[:, :, 0].tolist() == [[0, 1, 2, 3, 4], [10, 0, 0, 11, 12]]
+    assert valid.tolist() == [[True] * 5, [True, False, False, True, True]]
+    assert layout_rows(rows[:1], [2])[1] is None
+
+
+@pytest.mark.parametrize("engine_cls", [HFEngine, StaticEngine])
+@pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
+def test_batched_greedy_equals_unbatched(family, engine_cls, checkpoint_dirs, demo_image):
+    a = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
+    small = demo_image.resize((56, 56))  # InternVL: 1 tile vs 13 for the demo image
+    requests = [(demo_image, QUESTIONS[0]), (small, QUESTIONS[1]), (demo_image, QUESTIONS[2])]
+    want = alone(a, requests)
+    r = engine_cls(a, CachePolicy()).run_batch(requests, N)
+    assert r.batch_size == 3 and r.batch_tokens == want
+    assert r.tokens == want[0] and len(r.step_ms) == N - 1
+    if family == "internvl":
+        assert r.prompt_tokens > min(a.prepare_text(q, v).prompt_tokens for v, q in requests)  # padded
+
+
+@pytest.mark.parametrize("engine_cls", [HFEngine, StaticEngine])
+def test_batched_prefix_reuse_equals_unbatched(engine_cls, checkpoint_dirs, demo_image):
+    a = load_checkpoint(checkpoint_dirs["internvl"], None, CPU, torch.float32)
+    other = demo_image.resize((56, 56))
+    engine = engine_cls(a, PrefixKVPolicy(64))
+    cold = engine.run_batch([(demo_image, "warm-up one"), (other, "warm-up two")], 2)
+    assert not cold.cache_hit
+    requests = [(demo_image, QUESTIONS[0]), (other, QUESTIONS[1]), (demo_image, QUESTIONS[2])]
+    warm = engine.run_batch(requests, N)
+    assert warm.cache_hit and warm.cached_tokens == warm.prefix_tokens
+    assert warm.phases_ms.get("vision", 0.0) == 0.0
+    assert warm.batch_tokens == alone(a, requests)
+    # one row's prefix unknown: the batch runs cold for every row (and stores the new prefix)
+    third = demo_image.rotate(90)
+    mixed = engine.run_batch([(demo_image, QUESTIONS[0]), (third, QUESTIONS[0])], N)
+    assert not mixed.cache_hit and mixed.batch_tokens == alone(a, [(demo_image, QUESTIONS[0]), (third, QUESTIONS[0])])
+    assert engine.run(third, QUESTIONS[2], 2).cache_hit
+
+
+def test_batched_image_embedding_cache(checkpoint_dirs, demo_image):
+    a = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    engine = HFEngine(a, ImageEmbedPolicy(64))
+    flipped = demo_image.transpose(Image.FLIP_LEFT_RIGHT)
+    requests = [(demo_image, QUESTIONS[0]), (flipped, QUESTIONS[1])]
+    assert not engine.run_batch(requests, 2).cache_hit
+    r = engine.run_batch(requests, N)
+    assert r.cache_hit and r.batch_tokens == alone(a, requests)
+
+
+@pytest.mark.parametrize("engine_cls", [HFEngine, StaticEngine])
+def test_padded_rows_give_their_unbatched_logits(engine_cls, checkpoint_dirs, demo_image):
+    """Logit-level (greedy tokens of a tiny random model hardly move with positions): prefill and
+    two decode steps of a padded batch equal each row alone."""
+    a = load_checkpoint(checkpoint_dirs["vila"], None, CPU, torch.float32)
+    engine = engine_cls(a, CachePolicy())
+    prepared = [a.prepare(demo_image, q) for q in QUESTIONS]
+    rows = [a.prompt_embeds(p, a.encode_image(p.pixel_values)) for p in prepared]
+
+    def run(rows_, prefix):
+        cache = engine.new_cache(max(r.shape[1] for r in rows_), 4, len(rows_))
+        embeds, valid = layout_rows(rows_, prefix)
+        out = [engine.prefill(embeds, cache, 0, valid)[:, -1]]
+        tok = out[0].argmax(-1)
+        for _ in range(2):
+            out.append(engine.decode_step(tok, cache)[:, -1])
+            tok = out[-1].argmax(-1)
+        return torch.stack(out, 1)  # [B, 3, vocab]
+
+    with torch.inference_mode():
+        batched = run(rows, [p.prefix_tokens for p in prepared])
+        for b, (r, p) in enumerate(zip(rows, prepared)):
+            torch.testing.assert_close(batched[b], run([r], [p.prefix_tokens])[0], rtol=1e-4, atol=1e-4)
