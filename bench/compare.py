@@ -18,8 +18,10 @@ import pandas as pd
 from bench.regress import compare_samples
 
 DEFAULT_METRICS = ["ttft_ms", "tpot_ms", "prefill_ms", "e2e_ms", "peak_alloc_mb"]
-KEYS = ["model", "variant", "engine", "cache_state"]
-REQUIRED = set(KEYS) | {"kind", "status"}
+# Workload-point columns: results written before the sweep axes existed ran the default point.
+POINT_DEFAULTS = {"batch_size": 1, "question_tokens": 0, "num_images": 1, "loader": "", "new_tokens": 0}
+KEYS = ["model", "variant", "engine", "cache_state", *POINT_DEFAULTS]
+REQUIRED = {"model", "variant", "engine", "cache_state", "kind", "status"}
 
 
 class BadInput(Exception):
@@ -38,6 +40,13 @@ def load_runs(path: str | Path) -> pd.DataFrame:
         raise BadInput(f"{p}: not a runs.csv (missing columns: {', '.join(sorted(missing))})")
     df["engine"] = df["engine"].fillna("hf")
     df["cache_state"] = df["cache_state"].fillna("none")
+    for col, default in POINT_DEFAULTS.items():  # never NaN: groupby would drop those rows
+        if col not in df:
+            df[col] = default
+        elif isinstance(default, str):
+            df[col] = df[col].astype(object).where(df[col].notna(), default).astype(str)
+        else:
+            df[col] = df[col].fillna(default).astype(int)
     return df[(df["kind"] == "measured") & (df["status"] == "ok")]
 
 
@@ -68,13 +77,15 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
     from rich.table import Table
 
     table = Table(title="baseline vs candidate (ratio = candidate/baseline, Hodges-Lehmann)")
-    for col in ("model", "variant", "engine", "cache", "metric", "n b/c", "median b", "median c", "ratio", "p",
+    for col in ("model", "variant", "engine", "cache", "point", "metric", "n b/c", "median b", "median c", "ratio", "p",
                 "verdict"):
         table.add_column(col)
     style = {"regression": "red", "improvement": "green", "inconclusive": "yellow", "unchanged": ""}
     for r in rows:
         s = style[r["status"]]
-        table.add_row(r["model"], r["variant"], r["engine"], r["cache_state"], r["metric"],
+        point = f"b{r['batch_size']} n{r['new_tokens']}" + (f" q{r['question_tokens']}" if r["question_tokens"] else "") \
+            + (f" img{r['num_images']}" if r["num_images"] > 1 else "") + (f" {r['loader']}" if r["loader"] else "")
+        table.add_row(r["model"], r["variant"], r["engine"], r["cache_state"], point, r["metric"],
                       f"{r['n_baseline']}/{r['n_candidate']}", _fmt(r["baseline_median"]),
                       _fmt(r["candidate_median"]), _fmt(r["ratio"]), _fmt(r["p_value"]),
                       f"[{s}]{r['status']}[/]" if s else r["status"])
@@ -100,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             raise BadInput(f"metric(s) not in both results: {', '.join(unknown)}")
         rows = compare_runs(base, cand, metrics, args.alpha, args.factor, args.min_samples)
         if not rows:
-            raise BadInput("baseline and candidate have no (model, variant, engine, cache_state) in common")
+            raise BadInput("baseline and candidate have no (model, variant, engine, cache_state, workload point) "
+                           "in common")
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from bench.errors import UsageError
 from bench.quant import DEFAULT_DENSE_ROWS
+from bench.workload import LOADERS, VIDEO_MODES, int_list, name_list, workload_points
 
 DEMO_IMAGE = Path(__file__).parent / "assets" / "demo.png"
 DEFAULT_PRESET = "tiny-vila"
@@ -24,6 +25,13 @@ class RunConfig:
                              f"default {DEFAULT_PRESET} when no --model-path")
     image_path: str | None = opt("image file (default: the demo image shipped with the repo)",
                                  aliases=("--image_path", "--image-file"))
+    video_path: str | None = opt("video file (decoded with PyAV); frames sampled uniformly (--num-frames)")
+    frames_dir: str | None = opt("folder of extracted video frames (sorted by name), sampled like --video-path")
+    num_frames: int = opt("video: frames sampled uniformly (0: every frame)", 8)
+    video_mode: str = opt("video: frames (each request shows the next frame, as frame-by-frame analysis) or clip "
+                          "(each request shows all sampled frames as one video)", "frames")
+    loader: str = opt("video frames: serial (read + preprocess each frame when needed), prefetch (a background "
+                      "thread does it ahead), or both: serial,prefetch", "prefetch")
     text_prompt: str | None = opt("the question to measure (default: a built-in list of questions)",
                                   aliases=("--text_prompt", "--query"))
     questions: str | None = opt("file with one measured question per line")
@@ -32,6 +40,13 @@ class RunConfig:
     variants: str = opt("comma-separated variants, parts joined by '+' (e.g. fp16,prefix)", "fp16")
     engine: str | None = opt("comma list of engines to cross with every variant that names none: hf, static, graph "
                              "(default: hf)")
+    batch_size: str = opt("requests run together as one batch; a list sweeps it, e.g. 1,4,16", "1")
+    prompt_lengths: str | None = opt("question lengths in tokens to sweep, e.g. 16,128,512 (questions are "
+                                     "repeated or cut to length; default: as written)")
+    new_tokens: str | None = opt("generated-token counts to sweep, e.g. 32,128 (default: --max-new-tokens)")
+    num_images: str = opt("images per prompt (the image, then flips/rotations of it); a list sweeps it", "1")
+    max_tiles: int = opt("InternVL: tiles per still image (aspect-ratio grid + thumbnail, as its processor; "
+                         "1 = no tiling)", 12)
     num_runs: int = opt("measured runs per variant (at least)", 10, aliases=("--num_runs",))
     min_seconds: float = opt("measured time per variant (at least), s", 1.0)
     max_runs: int = opt("hard cap on measured runs per variant (0: 20 x --num-runs)", 0)
@@ -79,6 +94,21 @@ class RunConfig:
             raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no such directory")
         if self.image_path is None:
             self.image_path = str(DEMO_IMAGE)
+        if self.video_path and self.frames_dir:
+            raise UsageError("give --video-path or --frames-dir, not both")
+        if self.num_frames < 0 or self.max_tiles < 1:
+            raise UsageError("--num-frames must not be negative and --max-tiles must be at least 1")
+        if self.video_mode not in VIDEO_MODES:
+            raise UsageError(f"unknown --video-mode {self.video_mode!r}; choose {' or '.join(VIDEO_MODES)}")
+        loaders = name_list(self.loader, "--loader", LOADERS)
+        video = bool(self.video_path or self.frames_dir)
+        images = int_list(self.num_images, "--num-images")
+        if video and images != [1]:
+            raise UsageError("--num-images applies to image input; a video request shows its frames")
+        self.points = workload_points(
+            int_list(self.batch_size, "--batch-size"), int_list(self.prompt_lengths, "--prompt-lengths"),
+            int_list(self.new_tokens, "--new-tokens") or [self.max_new_tokens], images,
+            loaders if video and self.video_mode == "frames" else [])
         if self.max_runs == 0:
             self.max_runs = 20 * self.num_runs
 

@@ -191,7 +191,7 @@ class HFEngine:
         embeds_hit = False
         if not hit:
             for p, v in zip(prepared, visuals):
-                p.pixel_values = a.preprocess(v)
+                p.pixel_values = v.pixel_values if v.pixel_values is not None else a.preprocess(v)
             tl.mark("preprocess", host_only=True)
             image_embeds, embeds_hit = policy.image_embeds(a, prepared, lambda rows: self._encode_rows(prepared, rows))
             tl.mark("vision")

@@ -14,7 +14,7 @@ from bench.engine import RequestResult
 RUN_COLUMNS: dict[str, str] = {
     "timestamp": "UTC time the row was written (ISO 8601)",
     "model": "preset name or checkpoint directory name",
-    "family": "llava | vila",
+    "family": "llava | vila | internvl",
     "weights": "random (preset, or checkpoint written from a preset) | checkpoint (real weights)",
     "variant": "variant spec as given, e.g. fp16, bnb4+prefix",
     "engine": "hf (transformers eager forward + DynamicCache) | static (own decoder over fixed KV buffers, eager) | "
@@ -27,10 +27,17 @@ RUN_COLUMNS: dict[str, str] = {
     "error": "why a row is failed or skipped (empty when ok)",
     "kind": "warmup | measured",
     "run_index": "index within (variant, kind, cache_state)",
-    "question": "the question asked (warm-up questions are never measured ones)",
+    "question": "the question asked (the batch's first; warm-up questions are never measured ones)",
+    "batch_size": "requests run together as one batch (--batch-size); times are the batch's",
+    "question_tokens": "--prompt-lengths point: questions repeated or cut to this many tokens (empty: as written)",
+    "num_images": "images in each request's prompt (--num-images; video frames are counted in prompt_tokens)",
+    "loader": "video frames: serial (each frame read + preprocessed when needed) | prefetch (background thread "
+              "ahead of the GPU) | empty for other inputs",
+    "load_ms": "waiting for the batch's frames from the loader (host clock; 0 for image input)",
+    "stream_ms": "load_ms + e2e_ms: one step of a stream of requests (what GPU utilisation is sampled over)",
     "cache_state": "none (variant keeps no cache) | cold (cache cleared before the run) | warm",
     "cache_hit": "true when the request reused cached work (prefix KV or image embeddings)",
-    "prompt_tokens": "tokens in the full prompt, image tokens included",
+    "prompt_tokens": "tokens in the full prompt, image tokens included (a batch: its longest, every row padded to it)",
     "prefix_tokens": "tokens in the cacheable prefix (system prompt + image + separator)",
     "cached_tokens": "prompt tokens whose KV came from the prefix cache (not prefilled)",
     "new_tokens": "generated tokens (fixed: EOS ignored)",
@@ -46,13 +53,15 @@ RUN_COLUMNS: dict[str, str] = {
     "itl_p50_ms": "median decode-step latency",
     "itl_p90_ms": "90th percentile decode-step latency",
     "itl_p99_ms": "99th percentile decode-step latency",
-    "decode_tok_s": "(new_tokens - 1) / decode time",
+    "decode_tok_s": "(new_tokens - 1) x batch_size / decode time: tokens per second over the batch",
+    "requests_per_s": "batch_size / e2e time",
+    "output_tok_s": "new_tokens x batch_size / e2e time: generated tokens per second, prefill included",
     "e2e_ms": "request start -> last token on host (wall clock)",
     "peak_alloc_mb": "torch.cuda.max_memory_allocated during the request, MiB (empty on CPU)",
     "peak_reserved_mb": "torch.cuda.max_memory_reserved during the request, MiB (empty on CPU)",
     "nvml_used_mb": "peak device memory used as NVML reports it (all processes), MiB",
-    "gpu_util_pct": "mean NVML GPU utilisation sampled every 10 ms during the request, %",
-    "energy_j_per_token": "NVML total-energy counter delta over the request / new_tokens, J",
+    "gpu_util_pct": "mean NVML GPU utilisation sampled every 10 ms over load + request (stream_ms), %",
+    "energy_j_per_token": "NVML total-energy counter delta over load + request / (new_tokens x batch_size), J",
     "weight_mb": "bytes of the model's parameters and buffers as loaded, MiB",
     "quantized": "what a weight variant quantized: none | llm | llm+vision",
     "quantized_layers": "number of linear layers replaced by quantized ones",
@@ -74,7 +83,7 @@ RUN_COLUMNS: dict[str, str] = {
 # Metrics summarised per (model, variant, engine, cache_state) in summary.csv.
 SUMMARY_METRICS = [
     "ttft_ms", "prefill_ms", "vision_ms", "preprocess_ms", "lookup_ms", "restore_ms", "store_ms", "decode_ms", "tpot_ms",
-    "itl_p50_ms", "itl_p99_ms", "decode_tok_s", "e2e_ms", "peak_alloc_mb", "peak_reserved_mb",
+    "itl_p50_ms", "itl_p99_ms", "decode_tok_s", "requests_per_s", "output_tok_s", "load_ms", "stream_ms", "e2e_ms", "peak_alloc_mb", "peak_reserved_mb",
     "nvml_used_mb", "gpu_util_pct", "energy_j_per_token", "weight_mb", "token_agree", "kl_mean",
     "engine_kl_mean", "engine_top1_agree",
 ]
@@ -83,6 +92,9 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "model": "as in runs.csv", "family": "as in runs.csv", "weights": "as in runs.csv",
     "variant": "as in runs.csv", "engine": "as in runs.csv", "device": "as in runs.csv", "dtype": "as in runs.csv",
     "cache_state": "none | cold | warm: cold and warm runs are never pooled",
+    "batch_size": "as in runs.csv (workload point)", "question_tokens": "as in runs.csv (workload point)",
+    "new_tokens": "as in runs.csv (workload point)", "num_images": "as in runs.csv (workload point)",
+    "loader": "as in runs.csv (workload point)",
     "status": "ok | failed | skipped (then metric is empty and error says why)",
     "error": "reason for failed/skipped",
     "metric": "a runs.csv column name (unit in its name)",
@@ -127,6 +139,9 @@ def request_metrics(r: RequestResult, new_tokens: int) -> dict:
         "cache_hit": r.cache_hit,
         "engine_detail": r.extra.get("engine_detail", ""),
         "new_tokens": new_tokens,
+        "batch_size": r.batch_size,
+        "requests_per_s": r.batch_size / (r.e2e_ms / 1e3) if r.e2e_ms > 0 else None,
+        "output_tok_s": new_tokens * r.batch_size / (r.e2e_ms / 1e3) if r.e2e_ms > 0 else None,
     }
     if steps:
         out.update(
@@ -134,7 +149,7 @@ def request_metrics(r: RequestResult, new_tokens: int) -> dict:
             itl_p50_ms=statistics.median(r.step_ms),
             itl_p90_ms=percentile(r.step_ms, 90),
             itl_p99_ms=percentile(r.step_ms, 99),
-            decode_tok_s=steps / (decode / 1e3) if decode > 0 else None,
+            decode_tok_s=steps * r.batch_size / (decode / 1e3) if decode > 0 else None,
         )
     return out
 

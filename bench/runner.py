@@ -3,7 +3,7 @@ row per run as it finishes, then the summary. It knows nothing about any particu
 from __future__ import annotations
 
 import gc
-import math
+import time
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +22,7 @@ from bench.questions import load_questions, warmup_questions
 from bench.results import run_writer, utc_now, write_json, write_summary
 from bench.source import ModelSource
 from bench.stats import is_valid, summarize
+from bench.workload import WORKLOAD_KEYS, RequestSource, question_of_length
 from variants import baseline_variant, parse_variant
 
 
@@ -99,6 +100,11 @@ class Benchmark:
         if not self.variants:
             raise UsageError("--variants is empty")
         self.image = load_image(cfg.image_path)
+        self.frames = None
+        if cfg.video_path or cfg.frames_dir:
+            from bench.media import FrameSource
+
+            self.frames = FrameSource(cfg.video_path, cfg.frames_dir, cfg.num_frames)
         self.questions = load_questions(cfg.questions, cfg.text_prompt)
         self.warmups = warmup_questions(self.questions)
         if cfg.conv_mode is not None:
@@ -107,7 +113,7 @@ class Benchmark:
             get_template(cfg.conv_mode)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
-        self.source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed)
+        self.source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         self.out_dir = Path(cfg.output_dir or f"results/local/{stamp}-{self.source.name}")
         gpu_index = (self.device.index or 0) if self.device.type == "cuda" else None
@@ -142,6 +148,9 @@ class Benchmark:
                     status(f"{variant.name}: fidelity probe, then measured runs")
                     fid = self._fidelity(variant, adapter)
                     self._measure_variant(variant, adapter, {**base, **fid})
+                except _PointFailed:  # its row is written; the next variant runs
+                    adapter = loaded_key = None
+                    self._free()
                 except VariantUnsupported as e:
                     self._emit({**base, "status": "skipped", "error": str(e)[:500]})
                 except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
@@ -164,11 +173,22 @@ class Benchmark:
             else:  # load the baseline weights just for the reference, then free them
                 ref_adapter = base.weights.load(self.source, self.device, self.dtype, vars(self.cfg))
             ref_engine = base.engine.make_engine(ref_adapter, base.cache.make_policy(vars(self.cfg)))
-            self.reference = fidelity.make_reference(ref_engine, self.image, self.cfg.max_new_tokens)
+            self.reference = fidelity.make_reference(ref_engine, self.fidelity_visual, self.cfg.max_new_tokens)
             del ref_engine, ref_adapter
             self._free()
         engine = variant.engine.make_engine(adapter, variant.cache.make_policy(vars(self.cfg)))
-        return fidelity.compare(self.reference, engine, self.image)
+        return fidelity.compare(self.reference, engine, self.fidelity_visual)
+
+    @property
+    def fidelity_visual(self):
+        """What the fidelity probe shows: the run's image, the clip, or the first sampled frame."""
+        if self.frames is None:
+            return self.image
+        if self.cfg.video_mode == "clip":
+            if getattr(self, "_clip", None) is None:
+                self._clip = self.frames.clip()
+            return self._clip
+        return next(iter(self.frames))
 
     def _free(self) -> None:
         gc.collect()
@@ -189,40 +209,71 @@ class Benchmark:
 
     # ------------------------------------------------------------------------------------
     def _measure_variant(self, variant, adapter, base: dict) -> None:
-        cfg = self.cfg
-        policy = variant.cache.make_policy(vars(cfg))
+        """Every workload point on one engine (compiled code and graphs are reused across points)."""
+        policy = variant.cache.make_policy(vars(self.cfg))
         engine = variant.engine.make_engine(adapter, policy)
         base = {**base, "weight_mb": weight_mb(adapter.model), **variant.weights.describe(adapter)}
+        for point in self.cfg.points:
+            row = {**base, **point.columns()}
+            try:
+                self._measure_point(engine, policy, adapter, point, row)
+            except VariantUnsupported as e:
+                self._emit({**row, "status": "skipped", "error": str(e)[:500]})
+            except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
+                self._emit({**row, "status": "failed", "error": f"{e.__class__.__name__}: {e}"[:500]})
+                if isinstance(e, torch.OutOfMemoryError):  # the sweep goes on with the next point
+                    self._free()
+                    continue
+                raise _PointFailed() from e
+
+    def _point_questions(self, adapter, point) -> list[str]:
+        if point.question_tokens is None:
+            return self.questions
+        count = lambda q: len(adapter.prepare_text(q).suffix_ids) - self._tail_tokens(adapter)  # noqa: E731
+        return list(dict.fromkeys(question_of_length(count, q, point.question_tokens) for q in self.questions))
+
+    @staticmethod
+    def _tail_tokens(adapter) -> int:
+        """Suffix tokens that are not the question (the template's tail: assistant header)."""
+        return len(adapter.prepare_text("").suffix_ids)
+
+    def _measure_point(self, engine, policy, adapter, point, base: dict) -> None:
+        cfg = self.cfg
+        questions = self._point_questions(adapter, point)
         state = "warm" if policy.stateful else "none"
+        source = RequestSource(point, self.image, self.frames, cfg.video_mode, adapter.preprocess)
+        try:
+            warmups = [self.warmups[i % len(self.warmups)] for i in range(cfg.warmup)]
+            if cfg.warmup:
+                warmups += shape_matched_warmups(adapter, questions)
+            for i in range(len(warmups)):
+                self._timed_run(engine, source, warmups, i, point,
+                                {**base, "kind": "warmup", "run_index": i, "cache_state": state})
 
-        warmups = [self.warmups[i % len(self.warmups)] for i in range(cfg.warmup)]
-        if cfg.warmup:
-            warmups += shape_matched_warmups(adapter, self.questions)
-        for i, q in enumerate(warmups):
-            self._timed_run(engine, q, {**base, "kind": "warmup", "run_index": i, "cache_state": state})
+            groups = [("cold", cfg.num_runs)] if policy.stateful else []
+            groups.append((state, None))
+            for cache_state, fixed_n in groups:
+                bar = tqdm(total=fixed_n or cfg.num_runs, desc=f"{base['variant']} {point.label()} [{cache_state}]",
+                           leave=False, disable=None)
+                n, measured_s = 0, 0.0
+                while True:
+                    if fixed_n is not None and n >= fixed_n:
+                        break
+                    if fixed_n is None and ((n >= cfg.num_runs and measured_s >= cfg.min_seconds)
+                                            or n >= cfg.max_runs):
+                        break
+                    if cache_state == "cold":
+                        policy.clear()
+                    row = self._timed_run(engine, source, questions, n * point.batch_size, point,
+                                          {**base, "kind": "measured", "run_index": n, "cache_state": cache_state})
+                    measured_s += row["e2e_ms"] / 1e3
+                    n += 1
+                    bar.update(1)
+                bar.close()
+        finally:
+            source.close()
 
-        groups = [("cold", cfg.num_runs)] if policy.stateful else []
-        groups.append((state, None))
-        for cache_state, fixed_n in groups:
-            bar = tqdm(total=fixed_n or cfg.num_runs, desc=f"{variant.name} [{cache_state}]", leave=False,
-                       disable=None)
-            n, measured_s = 0, 0.0
-            while True:
-                if fixed_n is not None and n >= fixed_n:
-                    break
-                if fixed_n is None and ((n >= cfg.num_runs and measured_s >= cfg.min_seconds) or n >= cfg.max_runs):
-                    break
-                if cache_state == "cold":
-                    policy.clear()
-                q = self.questions[n % len(self.questions)]
-                row = self._timed_run(engine, q, {**base, "kind": "measured", "run_index": n,
-                                                  "cache_state": cache_state})
-                measured_s += row["e2e_ms"] / 1e3
-                n += 1
-                bar.update(1)
-            bar.close()
-
-    def _timed_run(self, engine, question: str, base: dict) -> dict:
+    def _timed_run(self, engine, source: RequestSource, questions: list[str], start: int, point, base: dict) -> dict:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -232,13 +283,17 @@ class Benchmark:
         gc.collect()
         gc.disable()
         try:
-            self.monitor.start()
-            result = engine.run(self.image, question, self.cfg.max_new_tokens)
+            self.monitor.start()  # GPU utilisation covers waiting for frames too: what a loader buys
+            t0 = time.perf_counter()
+            requests, waited_s = source.next(questions, start)
+            result = engine.run_batch(requests, point.new_tokens)
+            stream_ms = (time.perf_counter() - t0) * 1e3
             gpu = self.monitor.stop()
         finally:
             gc.enable()
-        row = {**base, "status": "ok", "question": question,
-               **request_metrics(result, self.cfg.max_new_tokens),
+        row = {**base, "status": "ok", "question": requests[0][1],
+               **request_metrics(result, point.new_tokens),
+               "load_ms": waited_s * 1e3, "stream_ms": stream_ms,
                "output_text": printable(engine.adapter.decode(result.tokens))[:80]}
         if cuda:
             row["peak_alloc_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -246,7 +301,7 @@ class Benchmark:
         row["nvml_used_mb"] = gpu.nvml_used_mb
         row["gpu_util_pct"] = gpu.gpu_util_pct
         if gpu.energy_j is not None:
-            row["energy_j_per_token"] = gpu.energy_j / self.cfg.max_new_tokens
+            row["energy_j_per_token"] = gpu.energy_j / (point.new_tokens * point.batch_size)
         self._emit(row)
         return row
 
@@ -255,7 +310,11 @@ class Benchmark:
         return summarize_runs(self.rows, self.cfg)
 
 
-GROUP_KEYS = ("model", "family", "weights", "variant", "engine", "device", "dtype", "cache_state")
+GROUP_KEYS = ("model", "family", "weights", "variant", "engine", "device", "dtype", "cache_state", *WORKLOAD_KEYS)
+
+
+class _PointFailed(Exception):
+    """A workload point failed (its row is written); the variant's model is freed."""
 
 
 def summarize_runs(rows: list[dict], cfg: RunConfig) -> list[dict]:

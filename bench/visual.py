@@ -7,14 +7,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import xxhash
 from PIL import Image
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class VisualInput:
     images: tuple[Image.Image, ...]
     video: bool = False  # the images are frames of one clip (no tiling, "Frame{i}: " labels)
+    # The adapter's processor output when a loader already made it (bench.media.FrameLoader runs
+    # the processor ahead, off the GPU's path); None: the engine runs the processor.
+    pixel_values: torch.Tensor | None = None
 
     def __post_init__(self):
         if not self.images:

@@ -170,7 +170,7 @@ def test_ctrl_c_keeps_finished_rows(tmp_path, monkeypatch, capsys):
     from bench import engine as engine_mod
 
     calls = {"n": 0}
-    real_run = engine_mod.HFEngine.run
+    real_run = engine_mod.HFEngine.run_batch
 
     def flaky(self, *a, **k):
         calls["n"] += 1
@@ -178,7 +178,7 @@ def test_ctrl_c_keeps_finished_rows(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt
         return real_run(self, *a, **k)
 
-    monkeypatch.setattr(engine_mod.HFEngine, "run", flaky)
+    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", flaky)
     out = tmp_path / "o"
     rc = run_main(["--preset", "tiny-vila", "--num-runs", "5", "--max-new-tokens", "4", "--warmup", "1", "--no-fidelity",
                    "--output-dir", str(out)])

@@ -12,8 +12,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-
 from bench.console import status
 from bench.errors import VariantUnsupported
 from bench.quant import DEFAULT_DENSE_ROWS
