@@ -184,7 +184,9 @@ class HFEngine:
 
         lookups = [policy.lookup_prefix(a, p, v) for p, v in zip(prepared, visuals)]
         tl.mark("lookup")
-        cache = self.new_cache(max(p.prompt_tokens for p in prepared), max_new_tokens, len(requests))
+        # columns a padded batch may use: prefixes and suffixes each padded to the longest
+        columns = max(p.prefix_tokens for p in prepared) + max(len(p.suffix_ids) for p in prepared)
+        cache = self.new_cache(columns, max_new_tokens, len(requests))
         hit = all(lk is not None and lk.entry is not None for lk in lookups)
         lengths = self.restore_prefixes([lk.entry for lk in lookups], cache) if hit else None
         tl.mark("restore")

@@ -48,8 +48,7 @@ class StaticEngine(HFEngine):
         return f"own decoder ({self.decoder.fusion}), static KV, eager"
 
     def new_cache(self, prompt_tokens: int, max_new_tokens: int, batch: int = 1) -> KVBuffers:
-        # room for a padded bucket; a padded batch's prefixes may end in a gap of up to a prefix
-        need = prompt_tokens * (1 if batch == 1 else 2) + max_new_tokens + SUFFIX_BUCKETS[-1]
+        need = prompt_tokens + max_new_tokens + SUFFIX_BUCKETS[-1]  # room for a padded bucket
         if self.cache is None or need > self.max_len or batch != self.batch:
             self.max_len, self.batch = -(-need // CACHE_ROUND) * CACHE_ROUND, batch
             self._drop_buffers()
