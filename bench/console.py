@@ -29,26 +29,37 @@ def _fmt(v) -> str:
 
 def print_summary(summary: list[dict], out_dir, weights: str, console: Console | None = None) -> None:
     console = console or Console(width=None if Console().is_terminal else 160)
+    def point(r: dict) -> str:  # the workload point, as WorkloadPoint.label writes it
+        from bench.workload import WorkloadPoint
+
+        return WorkloadPoint(r.get("batch_size") or 1, r.get("question_tokens") or None, r.get("new_tokens") or 0,
+                             r.get("num_images") or 1, r.get("loader") or "").label()
+
+    points = {point(r) for r in summary if r.get("status") == "ok"}
+    sweep = len(points) > 1
+    shown = SHOWN + ([("requests_per_s", "req/s"), ("output_tok_s", "out tok/s")] if sweep else [])
     table = Table(title=f"median per run  (weights={weights})", show_lines=False)
-    for col in ("variant", "engine", "cache", "n"):
+    for col in ("variant", "engine", "cache") + (("point",) if sweep else ()) + ("n",):
         table.add_column(col)
-    for _, title in SHOWN:
+    for _, title in shown:
         table.add_column(title, justify="right")
     table.add_column("valid")
     keyed: dict[tuple, dict] = {}
     for r in summary:
-        key = (r["model"], r["variant"], r["engine"], r["cache_state"], r["status"], r.get("error"))
+        key = (r["model"], r["variant"], r["engine"], r["cache_state"], point(r) if r["status"] == "ok" else "",
+               r["status"], r.get("error"))
         keyed.setdefault(key, {})[r.get("metric")] = r
     notes = []
-    for (model, variant, engine, state, status, error), metrics in keyed.items():
+    for (model, variant, engine, state, pt, status, error), metrics in keyed.items():
+        where = (pt,) if sweep else ()
         if status != "ok":
-            table.add_row(variant, engine or "", "", "0", *["-"] * len(SHOWN), f"[yellow]{status}[/]")
+            table.add_row(variant, engine or "", "", *where, "0", *["-"] * len(shown), f"[yellow]{status}[/]")
             notes.append(f"[yellow]{variant}: {status}[/]: {error}")
             continue
         n = max(m.get("n", 0) for m in metrics.values())
         valid = all(m.get("valid") for k, m in metrics.items() if k in ("e2e_ms", "ttft_ms"))
-        table.add_row(variant, engine, state, str(n),
-                      *[_fmt(metrics.get(k, {}).get("median")) for k, _ in SHOWN],
+        table.add_row(variant, engine, state, *where, str(n),
+                      *[_fmt(metrics.get(k, {}).get("median")) for k, _ in shown],
                       "yes" if valid else "[red]no[/]")
     console.print(table)
     for note in notes:

@@ -35,6 +35,8 @@ RUN_COLUMNS: dict[str, str] = {
               "ahead of the GPU) | empty for other inputs",
     "load_ms": "waiting for the batch's frames from the loader (host clock; 0 for image input)",
     "stream_ms": "load_ms + e2e_ms: one step of a stream of requests (what GPU utilisation is sampled over)",
+    "gpu_phase_pct": "share of stream_ms in the GPU phases (restore + vision + prefill + store + decode), %: the "
+                     "rest is host-only work (reading frames, the image processor, tokenizing, hashing)",
     "cache_state": "none (variant keeps no cache) | cold (cache cleared before the run) | warm",
     "cache_hit": "true when the request reused cached work (prefix KV or image embeddings)",
     "prompt_tokens": "tokens in the full prompt, image tokens included (a batch: its longest, every row padded to it)",
@@ -83,7 +85,7 @@ RUN_COLUMNS: dict[str, str] = {
 # Metrics summarised per (model, variant, engine, cache_state) in summary.csv.
 SUMMARY_METRICS = [
     "ttft_ms", "prefill_ms", "vision_ms", "preprocess_ms", "lookup_ms", "restore_ms", "store_ms", "decode_ms", "tpot_ms",
-    "itl_p50_ms", "itl_p99_ms", "decode_tok_s", "requests_per_s", "output_tok_s", "load_ms", "stream_ms", "e2e_ms", "peak_alloc_mb", "peak_reserved_mb",
+    "itl_p50_ms", "itl_p99_ms", "decode_tok_s", "requests_per_s", "output_tok_s", "load_ms", "stream_ms", "gpu_phase_pct", "e2e_ms", "peak_alloc_mb", "peak_reserved_mb",
     "nvml_used_mb", "gpu_util_pct", "energy_j_per_token", "weight_mb", "token_agree", "kl_mean",
     "engine_kl_mean", "engine_top1_agree",
 ]

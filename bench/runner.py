@@ -294,6 +294,7 @@ class Benchmark:
         row = {**base, "status": "ok", "question": requests[0][1],
                **request_metrics(result, point.new_tokens),
                "load_ms": waited_s * 1e3, "stream_ms": stream_ms,
+               "gpu_phase_pct": 100 * sum(result.phases_ms.get(k, 0.0) for k in GPU_PHASES) / stream_ms,
                "output_text": printable(engine.adapter.decode(result.tokens))[:80]}
         if cuda:
             row["peak_alloc_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
@@ -311,6 +312,9 @@ class Benchmark:
 
 
 GROUP_KEYS = ("model", "family", "weights", "variant", "engine", "device", "dtype", "cache_state", *WORKLOAD_KEYS)
+
+
+GPU_PHASES = ("restore", "vision", "prefill", "store", "decode")  # timed with CUDA events on a GPU
 
 
 class _PointFailed(Exception):
