@@ -101,6 +101,42 @@ def ci_bench_main(argv: list[str]) -> int:
     return run_main([*CI_BENCH_ARGS, "--output-dir", argv[0]])
 
 
+def summarize_main(argv: list[str]) -> int:
+    """Rebuild a results directory's summary.csv from its runs.csv and env.json (e.g. after a
+    run was interrupted, or when only runs.csv was copied off a machine)."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from bench.config import RunConfig
+    from bench.results import write_summary
+    from bench.runner import summarize_runs
+
+    if len(argv) != 1 or not (Path(argv[0]) / "runs.csv").is_file() or not (Path(argv[0]) / "env.json").is_file():
+        print("usage: python -m bench summarize RESULTS_DIR (with runs.csv and env.json)", file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    cfg = RunConfig(**json.loads((out / "env.json").read_text())["config"])
+
+    def value(text: str):
+        if text == "":
+            return None
+        if text in ("true", "false"):
+            return text == "true"
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with (out / "runs.csv").open(newline="") as f:
+        rows = [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    path = write_summary(out, summarize_runs(rows, cfg))
+    print(f"wrote {path} from {len(rows)} runs")
+    return 0
+
+
 def report_main(argv: list[str]) -> int:
     from bench.report import main as report
 
@@ -108,7 +144,7 @@ def report_main(argv: list[str]) -> int:
 
 
 COMMANDS = {"report": report_main, "run": run_main, "make-checkpoint": make_checkpoint_main, "docs": docs_main, "compare": compare_main,
-            "ci-bench": ci_bench_main}
+            "ci-bench": ci_bench_main, "summarize": summarize_main}
 
 
 def main(argv: list[str] | None = None) -> int:

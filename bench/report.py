@@ -33,7 +33,37 @@ def load(dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     for df in (runs_df, summary_df):
         df["cache_state"] = df["cache_state"].fillna("none")
         df["label"] = [_label(v, c) for v, c in zip(df["variant"], df["cache_state"])]
+    # The same variant from two directories of one model: say which directory each bar is
+    sources = summary_df.groupby(["model", "label"])["source"].nunique()
+    shared = set(sources[sources > 1].index)
+    for df in (runs_df, summary_df):
+        df["label"] = [f"{lab} ({src})" if (m, lab) in shared else lab
+                       for m, lab, src in zip(df["model"], df["label"], df["source"])]
+    for df in (runs_df, summary_df):
+        for col, default in POINT_DEFAULTS.items():  # results from before the sweep axes: the default point
+            if col not in df:
+                df[col] = default
+            df[col] = (df[col].astype(object) if isinstance(default, str) else df[col]).fillna(default)
     return runs_df, summary_df
+
+
+# A workload point's columns and the value results written before the sweep axes had.
+POINT_DEFAULTS = {"batch_size": 1, "question_tokens": 0, "new_tokens": 0, "num_images": 1, "loader": ""}
+
+
+def first_point(df: pd.DataFrame) -> pd.DataFrame:
+    """Each source directory's rows at its first workload point (a sweep's figures compare
+    points; the per-variant figures compare variants at one point). Skipped rows stay."""
+    keys = list(POINT_DEFAULTS)
+    keep = []
+    for _, g in df.groupby("source", sort=False):
+        ok = g[g["status"] == "ok"] if "status" in g else g
+        if ok.empty:
+            keep.append(g)
+            continue
+        first = ok.iloc[0][keys]
+        keep.append(g[(g["status"] != "ok") | (g[keys] == first).all(axis=1)])
+    return pd.concat(keep) if keep else df
 
 
 def _label(variant: str, cache_state: str) -> str:
@@ -222,8 +252,98 @@ def fig_cold_warm(summary: pd.DataFrame):
     return fig
 
 
+def _sweep(summary: pd.DataFrame, axis: str, metrics: list[str]) -> pd.DataFrame | None:
+    """Medians of `metrics` along one workload axis, the other axes held at each source's first
+    point; None when no source varies `axis`."""
+    ok = summary[(summary["status"] == "ok") & summary["metric"].isin(metrics)]
+    if ok.empty:
+        return None
+    others = [k for k in POINT_DEFAULTS if k != axis]
+    parts = []
+    for _, g in ok.groupby("source", sort=False):
+        if g[axis].nunique() < 2:
+            continue
+        first = g.iloc[0][others]
+        parts.append(g[(g[others] == first).all(axis=1)])
+    return pd.concat(parts) if parts else None
+
+
+def _lines(ax, t: pd.DataFrame, axis: str, metric: str, style: str = "-o"):
+    for label, g in t[t["metric"] == metric].groupby("label", sort=False):
+        g = g.sort_values(axis)
+        ax.plot(g[axis], g["median"], style, label=label)
+        bad = g[g["valid"] == False]  # noqa: E712 - pandas boolean column
+        ax.plot(bad[axis], bad["median"], "x", color="#c44e52", ms=9)
+
+
+def fig_batch(summary: pd.DataFrame):
+    """Latency and throughput against batch size (x: invalid summary)."""
+    t = _sweep(summary, "batch_size", ["ttft_ms", "tpot_ms", "e2e_ms", "output_tok_s", "requests_per_s"])
+    if t is None:
+        return None
+    models = _models(t)
+    fig, axes = plt.subplots(len(models), 3, figsize=(13, 3.6 * len(models)), squeeze=False)
+    for row, model in zip(axes, models):
+        m = t[t["model"] == model]
+        for ax, metric, title in ((row[0], "ttft_ms", "TTFT, ms"), (row[1], "tpot_ms", "TPOT (one step), ms"),
+                                  (row[2], "output_tok_s", "generated tokens / s (prefill included)")):
+            _lines(ax, m, "batch_size", metric)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size")
+            ax.set_title(f"{model}: {title}", fontsize=9)
+        row[2].legend(fontsize=7)
+    fig.suptitle("Batch sweep" + _weights_note(summary), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def fig_prompt_length(summary: pd.DataFrame):
+    """TTFT (and prefill) against the question's length in tokens."""
+    t = _sweep(summary, "question_tokens", ["ttft_ms", "prefill_ms"])
+    if t is None:
+        return None
+    models = _models(t)
+    fig, axes = _axes(len(models), width=8, height=3.4)
+    for ax, model in zip(axes, models):
+        m = t[t["model"] == model]
+        _lines(ax, m, "question_tokens", "ttft_ms")
+        ax.set_xlabel("question length, tokens")
+        ax.set_ylabel("median TTFT, ms")
+        ax.set_title(f"{model}: TTFT vs prompt length", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def fig_loader(summary: pd.DataFrame):
+    """Frame loading serial vs prefetch: share of each stream step the GPU works, and requests/s."""
+    ok = summary[(summary["status"] == "ok") & (summary["loader"].astype(str).isin(["serial", "prefetch"]))]
+    if ok.empty or ok["loader"].nunique() < 2:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(13, 1.2 + 0.7 * ok.groupby(["model", "variant", "batch_size"]).ngroups),
+                             sharey=True)
+    for ax, metric, title in ((axes[0], "gpu_phase_pct", "GPU phases / stream step, %"),
+                              (axes[1], "gpu_util_pct", "NVML GPU utilisation, % (lags)"),
+                              (axes[2], "requests_per_s", "requests / s")):
+        t = ok[ok["metric"] == metric].pivot_table(index=["model", "variant", "batch_size"], columns="loader",
+                                                   values="median")
+        if t.empty:
+            continue
+        t.index = [f"{m}\n{v} b{b}" for m, v, b in t.index]
+        _paired_barh(ax, t, [("serial", -0.2, "serial (read + preprocess when needed)", "#c44e52"),
+                             ("prefetch", 0.2, "prefetch (background thread ahead)", "#55a868")])
+        ax.get_legend().remove()
+        ax.set_title(title, fontsize=9)
+    axes[0].invert_yaxis()  # sharey: every axis inverted it once more
+    axes[-1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("Video frames: loading overlapped with GPU work or not" + _weights_note(summary), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 FIGURES = {"phases": fig_phases, "latency_ci": fig_latency_ci, "memory": fig_memory, "fidelity": fig_fidelity,
            "cold_warm": fig_cold_warm}
+SWEEP_FIGURES = {"batch": fig_batch, "prompt_length": fig_prompt_length, "loader": fig_loader}
 
 
 def _md(df: pd.DataFrame) -> str:
@@ -245,8 +365,9 @@ def write_report(dirs: list[str | Path], out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     runs, summary = load(dirs)
     written = []
-    for name, make in FIGURES.items():
-        fig = make(runs if name == "phases" else summary)
+    one_runs, one_summary = first_point(runs), first_point(summary)
+    for name, make in {**FIGURES, **SWEEP_FIGURES}.items():
+        fig = make(one_runs if name == "phases" else one_summary if name in FIGURES else summary)
         if fig is None:
             continue
         fig.savefig(out / f"{name}.png", dpi=110)
@@ -256,10 +377,13 @@ def write_report(dirs: list[str | Path], out: str | Path) -> Path:
     if (runs.get("weights") == "random").any():
         parts.append("**weights=random**: timings are real (shapes decide time); text, token agreement and KL "
                      "measure numeric behaviour only.")
-    sp = speedup_table(summary)
+    sp = speedup_table(one_summary)
     parts.append("## Speed-up over fp16 (hf engine)\n\nRatios of medians, baseline / variant (>1 is faster or "
                  "smaller). `valid` = enough runs, time and CV under the threshold for TTFT and TPOT.\n\n" + _md(sp))
     st = status_rows(summary)
+    if any(summary[k].nunique() > 1 for k in POINT_DEFAULTS):
+        parts.append("Workload sweeps: the table and the per-variant figures show each source's first workload "
+                     "point; the sweep figures (batch, prompt length, loader) show the axes.")
     if not st.empty:
         parts.append("## Skipped or failed\n\n" + _md(st))
     parts.append("\n".join(f"![{n}]({n}.png)" for n in written))

@@ -25,21 +25,31 @@ compare = new_notebook(cells=[
     new_code_cell(SETUP + "\nfrom bench import report\n"
                   "dirs = os.environ.get('BENCH_RESULTS_DIRS', '').split(os.pathsep) if os.environ.get('BENCH_RESULTS_DIRS') else RESULTS_DIRS\n"
                   "runs, summary = report.load(dirs)\n"
+                  "# per-variant figures: each directory's first workload point; the sweep figures show the axes\n"
+                  "one_runs, one_summary = report.first_point(runs), report.first_point(summary)\n"
                   "if (runs['weights'] == 'random').any():\n"
                   "    display(Markdown('**weights=random**: timings are real; text, token agreement and KL are numeric only.'))\n"
                   "print(len(runs), 'runs from', dirs)"),
     new_markdown_cell("## Time per phase (median per variant)"),
-    new_code_cell("report.fig_phases(runs); plt.show()"),
+    new_code_cell("report.fig_phases(one_runs); plt.show()"),
     new_markdown_cell("## TTFT and TPOT with 95% CI (hatched: summary not valid)"),
-    new_code_cell("report.fig_latency_ci(summary); plt.show()"),
+    new_code_cell("report.fig_latency_ci(one_summary); plt.show()"),
     new_markdown_cell("## Speed-up over the fp16 baseline (hf engine)"),
-    new_code_cell("report.speedup_table(summary)"),
+    new_code_cell("report.speedup_table(one_summary)"),
     new_markdown_cell("## Memory"),
-    new_code_cell("fig = report.fig_memory(summary)\nplt.show() if fig else print('no memory columns (CPU run)')"),
+    new_code_cell("fig = report.fig_memory(one_summary)\nplt.show() if fig else print('no memory columns (CPU run)')"),
     new_markdown_cell("## Fidelity against speed"),
-    new_code_cell("report.fig_fidelity(summary); plt.show()"),
+    new_code_cell("report.fig_fidelity(one_summary); plt.show()"),
     new_markdown_cell("## Prefix / embedding cache: cold vs warm TTFT"),
-    new_code_cell("fig = report.fig_cold_warm(summary)\nplt.show() if fig else print('no cache variants in these results')"),
+    new_code_cell("fig = report.fig_cold_warm(one_summary)\nplt.show() if fig else print('no cache variants in these results')"),
+    new_markdown_cell("## Sweeps: latency and throughput vs batch size (x: summary not valid)"),
+    new_code_cell("fig = report.fig_batch(summary)\nplt.show() if fig else print('no --batch-size sweep in these results')"),
+    new_markdown_cell("## Sweeps: TTFT vs prompt length"),
+    new_code_cell("fig = report.fig_prompt_length(summary)\n"
+                  "plt.show() if fig else print('no --prompt-lengths sweep in these results')"),
+    new_markdown_cell("## Video frames: serial vs prefetching loader"),
+    new_code_cell("fig = report.fig_loader(summary)\n"
+                  "plt.show() if fig else print('no --loader serial,prefetch comparison in these results')"),
     new_markdown_cell("## Skipped, failed and invalid"),
     new_code_cell("display(report.status_rows(summary))\n"
                   "invalid = summary[(summary['status'] == 'ok') & (summary['valid'] == False)]\n"

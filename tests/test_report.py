@@ -19,6 +19,15 @@ def tiny_results(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def sweep_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("res") / "sweep"
+    assert run_main(["--preset", "tiny-vila", "--variants", "fp16,prefix", "--batch-size", "1,2,4",
+                     "--prompt-lengths", "4,24", "--num-runs", "3", "--min-seconds", "0", "--max-new-tokens", "4",
+                     "--warmup", "0", "--no-fidelity", "--output-dir", str(out)]) == 0
+    return out
+
+
 def execute(name: str, env: dict):
     nb = nbformat.read(ROOT / "notebooks" / name, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit notebooks without outputs"
@@ -38,12 +47,17 @@ def outputs_text(nb) -> str:
                      for c in nb.cells if c.cell_type == "code" for o in c.outputs)
 
 
-def test_compare_notebook_runs(tiny_results):
+def test_compare_notebook_runs(tiny_results, sweep_results):
     nb = execute("compare_variants.ipynb", {"BENCH_RESULTS_DIRS": str(tiny_results)})
     text = outputs_text(nb)
     assert "skipped" in text and "fp16+graph" in text  # the CPU-skipped graph variants are shown
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert images >= 4
+    assert images >= 4 and "no --batch-size sweep" in text
+    nb = execute("compare_variants.ipynb", {"BENCH_RESULTS_DIRS": os.pathsep.join([str(tiny_results),
+                                                                                      str(sweep_results)])})
+    text = outputs_text(nb)
+    swept = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert swept == images + 2 and "no --batch-size sweep" not in text and "no --prompt-lengths sweep" not in text
 
 
 def test_regression_notebook_runs(tiny_results, tmp_path):
@@ -63,6 +77,24 @@ def test_static_report(tiny_results, tmp_path):
     assert "Speed-up over fp16" in md and "| tiny-llava | fp16 |" in md and "skipped" in md
     assert "weights=random" in md
     assert main(["report", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def test_sweep_figures_follow_the_axes(sweep_results, tmp_path):
+    from bench import report
+
+    runs, summary = report.load([sweep_results])
+    t = report._sweep(summary, "batch_size", ["tpot_ms"])
+    # batch sweep: the question length held at the first point's (4 tokens), every batch size present
+    assert set(t["question_tokens"]) == {4} and set(t["batch_size"]) == {1, 2, 4}
+    assert set(t["label"]) == {"fp16", "prefix [cold]", "prefix [warm]"}
+    p = report._sweep(summary, "question_tokens", ["ttft_ms"])
+    assert set(p["batch_size"]) == {1} and set(p["question_tokens"]) == {4, 24}
+    one = report.first_point(summary)
+    assert set(one[one["status"] == "ok"]["batch_size"]) == {1}
+    out = tmp_path / "r"
+    assert main(["report", str(sweep_results), "--out", str(out)]) == 0
+    assert (out / "batch.png").is_file() and (out / "prompt_length.png").is_file() and not (out / "loader.png").exists()
+    assert "first workload point" in (out / "report.md").read_text()
 
 
 def test_committed_notebooks_have_no_outputs():

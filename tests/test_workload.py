@@ -194,3 +194,21 @@ def test_workload_usage_errors(args, needle, capsys):
 def test_num_images_with_video_is_a_usage_error(frames_dir, capsys):
     assert run_main(["--frames-dir", str(frames_dir), "--num-images", "2"]) == 2
     assert "--num-images applies to image input" in capsys.readouterr().err
+
+
+def test_summary_rebuilds_from_runs_csv(tmp_path):
+    """`python -m bench summarize DIR` gives the summary the run wrote (to CSV precision)."""
+    import pandas as pd
+
+    from bench.cli import summarize_main
+
+    out = tmp_path / "s"
+    assert run_main(["--preset", "tiny-llava", "--batch-size", "1,2", "--max-new-tokens", "3", "--num-runs", "3",
+                     "--min-seconds", "0", "--warmup", "0", "--no-fidelity", "--output-dir", str(out)]) == 0
+    before = pd.read_csv(out / "summary.csv")
+    (out / "summary.csv").unlink()
+    assert summarize_main([str(out)]) == 0
+    after = pd.read_csv(out / "summary.csv")
+    assert len(after) == len(before) and list(after["metric"]) == list(before["metric"])
+    pd.testing.assert_series_equal(after["median"], before["median"], rtol=1e-5)
+    assert list(after["batch_size"]) == list(before["batch_size"]) and list(after["valid"]) == list(before["valid"])
