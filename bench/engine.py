@@ -167,6 +167,21 @@ class HFEngine:
         sizes = [prepared[i].total_image_tokens for i in rows]
         return list(embeds.split(sizes, dim=1))
 
+    def prefill_prefix(self, embeds: torch.Tensor, n: int) -> tuple[object, int]:
+        """Prefill one prefix alone (in a scratch cache of one row); (entry, bytes) as save_prefix."""
+        cache = self.scratch_cache(embeds.shape[1])
+        self.prefill(embeds, cache, 0)
+        return self.save_prefix(cache, 0, n)
+
+    def scratch_cache(self, tokens: int):
+        return HFCache()
+
+    def _suffix_prefill(self, prepared: list, cache, lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Every row's suffix after its restored prefix; (next token ids on device, on host)."""
+        embeds, valid = layout_rows([self.adapter.embed_ids(p.suffix_ids) for p in prepared], [0] * len(prepared))
+        token = self.prefill(embeds, cache, max(lengths), valid)[:, -1].argmax(-1)
+        return token, token.tolist()
+
     def run(self, visual, question: str, max_new_tokens: int) -> RequestResult:
         """One request: `visual` is a VisualInput, one PIL image or a list of them."""
         return self.run_batch([(visual, question)], max_new_tokens)
@@ -191,7 +206,26 @@ class HFEngine:
         lengths = self.restore_prefixes([lk.entry for lk in lookups], cache) if hit else None
         tl.mark("restore")
         embeds_hit = False
-        if not hit:
+        shared_miss = all(lk is not None and lk.entry is None for lk in lookups) \
+            and len({lk.key for lk in lookups}) == 1
+        if len(requests) > 1 and shared_miss:
+            # Every row misses on the same prefix (one image, several questions): prefill it once,
+            # store it, and restore it into every row, as a later warm batch would.
+            p0 = prepared[0]
+            p0.pixel_values = visuals[0].pixel_values if visuals[0].pixel_values is not None else a.preprocess(visuals[0])
+            tl.mark("preprocess", host_only=True)
+            image_embeds, embeds_hit = policy.image_embeds(a, [p0], lambda rows: self._encode_rows([p0], rows))
+            tl.mark("vision")
+            entry, nbytes = self.prefill_prefix(a.prefix_embeds(p0, image_embeds[0]), p0.prefix_tokens)
+            tl.mark("prefill")
+            policy.store_prefix(lookups[0], entry, nbytes)
+            tl.mark("store")
+            lengths = self.restore_prefixes([entry] * len(requests), cache)
+            tl.mark("restore")
+            token, first = self._suffix_prefill(prepared, cache, lengths)
+            tl.mark("prefill")
+            cached = 0
+        elif not hit:
             for p, v in zip(prepared, visuals):
                 p.pixel_values = v.pixel_values if v.pixel_values is not None else a.preprocess(v)
             tl.mark("preprocess", host_only=True)
@@ -211,10 +245,7 @@ class HFEngine:
             tl.mark("store")
             cached = 0
         else:
-            embeds, valid = layout_rows([a.embed_ids(p.suffix_ids) for p in prepared], [0] * len(prepared))
-            logits = self.prefill(embeds, cache, max(lengths), valid)
-            token = logits[:, -1].argmax(-1)
-            first = token.tolist()
+            token, first = self._suffix_prefill(prepared, cache, lengths)
             tl.mark("prefill")
             cached = lengths[0]
 

@@ -57,6 +57,10 @@ class StaticEngine(HFEngine):
             self.cache.reset()
         return self.cache
 
+    def scratch_cache(self, tokens: int) -> KVBuffers:
+        """One-row buffers for a prefix prefilled alone (the working buffers hold the batch)."""
+        return self.decoder.new_buffers(-(-tokens // CACHE_ROUND) * CACHE_ROUND, 1)
+
     def restore_prefixes(self, entries: list, cache: KVBuffers) -> list[int]:
         return cache.load_prefixes(entries)  # one copy kernel per distinct prefix
 

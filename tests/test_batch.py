@@ -95,3 +95,22 @@ def test_padded_rows_give_their_unbatched_logits(engine_cls, checkpoint_dirs, de
         batched = run(rows, [p.prefix_tokens for p in prepared])
         for b, (r, p) in enumerate(zip(rows, prepared)):
             torch.testing.assert_close(batched[b], run([r], [p.prefix_tokens])[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("engine_cls", [HFEngine, StaticEngine])
+def test_cold_batch_on_one_image_prefills_the_prefix_once(engine_cls, checkpoint_dirs, demo_image, monkeypatch):
+    a = load_checkpoint(checkpoint_dirs["internvl"], None, CPU, torch.float32)
+    requests = [(demo_image, q) for q in QUESTIONS]
+    want = alone(a, requests)
+    engine = engine_cls(a, PrefixKVPolicy(64))
+    calls = {"vision_images": 0, "prefill_rows": []}
+    encode, prefill = engine.encode_image, engine.prefill
+    monkeypatch.setattr(engine, "encode_image", lambda px: calls.__setitem__("vision_images", px.shape[0]) or encode(px))
+    monkeypatch.setattr(engine, "prefill", lambda e, c, s, v=None: calls["prefill_rows"].append((e.shape[0], s))
+                        or prefill(e, c, s, v))
+    cold = engine.run_batch(requests, N)
+    assert not cold.cache_hit and cold.batch_tokens == want
+    prefix = cold.prefix_tokens
+    assert calls["vision_images"] == 13  # one image's tiles, not three
+    assert calls["prefill_rows"] == [(1, 0), (3, prefix)]  # the prefix once, then the three suffixes
+    assert len(engine.policy.lru) == 1 and engine.run(demo_image, "Another question?", 2).cache_hit
