@@ -13,25 +13,24 @@ classes with the projector's LayerNorm removed; see `vita_projector`.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
-from transformers import AutoImageProcessor, AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration
+from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-from bench.models.base import PreparedPrompt, VLMAdapter, prepare_by_placeholders
+from bench.models.base import PreparedPrompt, prepare_by_placeholders
+from bench.models.native import NativeVLMAdapter, load_native
 from bench.templates import ConvTemplate
 from bench.visual import as_visual
 
-VISION_MODULES = ["model.vision_tower", "model.multi_modal_projector"]
 START_IMAGE, END_IMAGE, IMAGE_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 DEFAULT_MAX_TILES = 12
 
 
-class InternVLAdapter(VLMAdapter):
+class InternVLAdapter(NativeVLMAdapter):
     family = "internvl"
 
     def __init__(self, model: InternVLForConditionalGeneration, tokenizer, image_processor, template: ConvTemplate,
@@ -88,24 +87,6 @@ class InternVLAdapter(VLMAdapter):
         return torch.cat([self.preprocess_image(im, v.video) for im in v.images])
 
     # device ------------------------------------------------------------------------------
-    def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    def vision_modules(self) -> list[torch.nn.Module]:
-        return [self.model.model.vision_tower, self.model.model.multi_modal_projector]
-
-    def text_config(self):
-        return self.model.config.get_text_config(decoder=True)
-
-    def quantization_targets(self, include_vision: bool) -> list[torch.nn.Module]:
-        return [self.model.model.language_model] + (self.vision_modules() if include_vision else [])
-
-    def input_embeddings(self) -> torch.nn.Embedding:
-        return self.model.get_input_embeddings()
-
-    def decoder_parts(self):
-        return self.model.model.language_model, self.model.lm_head
-
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # InternVLModel.get_image_features, written against the module attributes because that
         # method's return type changed across transformers 5.x.
@@ -121,12 +102,6 @@ class InternVLAdapter(VLMAdapter):
         feats = m.multi_modal_projector(feats.reshape(tiles, -1, feats.shape[-1])).to(self.dtype)
         return feats.reshape(1, -1, feats.shape[-1])  # tiles of every image, in order
 
-    def lm_forward(self, inputs_embeds: torch.Tensor, cache, logits_to_keep: int = 1, attention_mask=None,
-                   position_ids=None) -> torch.Tensor:
-        out = self.model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True,
-                         logits_to_keep=logits_to_keep, attention_mask=attention_mask, position_ids=position_ids)
-        return out.logits
-
 
 def _pair(x) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
@@ -139,24 +114,10 @@ def is_internvl_dir(path: Path, config: dict) -> bool:
 def load_internvl(path: Path, template: ConvTemplate, device: torch.device, dtype: torch.dtype, weights: str,
                   quantization: tuple | None = None, strip_quant: bool = False,
                   max_tiles: int = DEFAULT_MAX_TILES) -> InternVLAdapter:
-    kwargs = {}
-    config = InternVLConfig.from_pretrained(path)
-    if strip_quant:  # AWQ checkpoint: load everything else; the caller puts the int4 linears in
-        for cfg in (config, config.get_text_config()):
-            if hasattr(cfg, "quantization_config"):
-                delattr(cfg, "quantization_config")
-        kwargs["config"] = config
-    if quantization is not None:
-        qc, include_vision = copy.deepcopy(quantization[0]), quantization[1]
-        qc.llm_int8_skip_modules = ["lm_head"] + ([] if include_vision else VISION_MODULES)
-        kwargs["quantization_config"] = qc
-    model = InternVLForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, device_map={"": device}, use_safetensors=True, **kwargs
-    ).eval()
+    model, config, tokenizer, image_processor = load_native(
+        InternVLForConditionalGeneration, InternVLConfig, path, device, dtype, quantization, strip_quant)
     if config.__dict__.get(VITA_MARK):
         vita_projector(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path)
     adapter = InternVLAdapter(model, tokenizer, image_processor, template, weights, path.name, max_tiles)
     adapter.identity = str(path.resolve())
     return adapter
@@ -220,9 +181,3 @@ def build_internvl_model(preset, tokenizer, device, dtype) -> InternVLForConditi
     if config.__dict__.get(VITA_MARK):
         vita_projector(model)
     return model
-
-
-def save_internvl(adapter: InternVLAdapter, out: Path) -> None:
-    adapter.model.save_pretrained(out)
-    adapter.tokenizer.save_pretrained(out)
-    adapter.image_processor.save_pretrained(out)

@@ -1,21 +1,18 @@
 """LLaVA-1.5 in the llava-hf layout, on transformers' LlavaForConditionalGeneration."""
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-from bench.models.base import PreparedPrompt, VLMAdapter, prepare_by_placeholders
+from bench.models.base import PreparedPrompt, prepare_by_placeholders
+from bench.models.native import NativeVLMAdapter, load_native
 from bench.templates import IMAGE_PLACEHOLDER, ConvTemplate
 
 
-VISION_MODULES = ["model.vision_tower", "model.multi_modal_projector"]
-
-
-class LlavaAdapter(VLMAdapter):
+class LlavaAdapter(NativeVLMAdapter):
     family = "llava"
     image_separator = "\n"  # LLaVA: "<image>\n{question}"
 
@@ -42,25 +39,6 @@ class LlavaAdapter(VLMAdapter):
         return prepare_by_placeholders(self, question, block, self.image_token_id, [self.image_tokens] * n)
 
     # device ------------------------------------------------------------------------------
-    def language_model(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    def vision_modules(self) -> list[torch.nn.Module]:
-        return [self.model.model.vision_tower, self.model.model.multi_modal_projector]
-
-    def text_config(self):
-        return self.model.config.get_text_config(decoder=True)
-
-    def quantization_targets(self, include_vision: bool) -> list[torch.nn.Module]:
-        # The decoder stack only: lm_head stays in dtype.
-        return [self.model.model.language_model] + (self.vision_modules() if include_vision else [])
-
-    def input_embeddings(self) -> torch.nn.Embedding:
-        return self.model.get_input_embeddings()
-
-    def decoder_parts(self):
-        return self.model.model.language_model, self.model.lm_head
-
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # Same computation as LlavaModel.get_image_features, written against the stable module
         # attributes because that method's return type changed across transformers 5.x.
@@ -71,12 +49,6 @@ class LlavaAdapter(VLMAdapter):
         feats = self.model.model.multi_modal_projector(feats).to(self.dtype)
         return feats.reshape(1, -1, feats.shape[-1])  # several images: their tokens in order
 
-    def lm_forward(self, inputs_embeds: torch.Tensor, cache, logits_to_keep: int = 1, attention_mask=None,
-                   position_ids=None) -> torch.Tensor:
-        out = self.model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True,
-                         logits_to_keep=logits_to_keep, attention_mask=attention_mask, position_ids=position_ids)
-        return out.logits
-
 
 def is_llava_dir(path: Path, config: dict) -> bool:
     return config.get("model_type") == "llava" and "llm_cfg" not in config and not (path / "llm").is_dir()
@@ -84,23 +56,8 @@ def is_llava_dir(path: Path, config: dict) -> bool:
 
 def load_llava(path: Path, template: ConvTemplate, device: torch.device, dtype: torch.dtype, weights: str,
                quantization: tuple | None = None, strip_quant: bool = False) -> LlavaAdapter:
-    kwargs = {}
-    if strip_quant:  # AWQ checkpoint: load everything else; the caller puts the int4 linears in
-        config = LlavaConfig.from_pretrained(path)
-        for cfg in (config, config.get_text_config()):
-            if hasattr(cfg, "quantization_config"):
-                delattr(cfg, "quantization_config")
-        kwargs["config"] = config
-    if quantization is not None:
-        qc, include_vision = copy.deepcopy(quantization[0]), quantization[1]
-        # lm_head stays in dtype; vision tower and projector too unless asked for.
-        qc.llm_int8_skip_modules = ["lm_head"] + ([] if include_vision else VISION_MODULES)
-        kwargs["quantization_config"] = qc
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, device_map={"": device}, use_safetensors=True, **kwargs
-    ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    image_processor = AutoImageProcessor.from_pretrained(path)
+    model, _, tokenizer, image_processor = load_native(LlavaForConditionalGeneration, LlavaConfig, path, device,
+                                                       dtype, quantization, strip_quant)
     adapter = LlavaAdapter(model, tokenizer, image_processor, template, weights, path.name)
     adapter.identity = str(path.resolve())
     return adapter
@@ -150,9 +107,3 @@ def build_llava_model(preset, tokenizer, device, dtype) -> LlavaForConditionalGe
     config = llava_config(preset, tokenizer)
     with torch.device(device):
         return LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
-
-
-def save_llava(adapter: LlavaAdapter, out: Path) -> None:
-    adapter.model.save_pretrained(out)
-    adapter.tokenizer.save_pretrained(out)
-    adapter.image_processor.save_pretrained(out)

@@ -9,11 +9,12 @@ import torch
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
 from bench.models.internvl import (
-    InternVLAdapter, build_internvl_model, internvl_image_processor, is_internvl_dir, load_internvl, save_internvl,
+    InternVLAdapter, build_internvl_model, internvl_image_processor, is_internvl_dir, load_internvl,
 )
 from bench.models.llava import (
-    LlavaAdapter, build_llava_model, is_llava_dir, llava_image_processor, load_llava, save_llava,
+    LlavaAdapter, build_llava_model, is_llava_dir, llava_image_processor, load_llava,
 )
+from bench.models.native import save_native
 from bench.models.presets import Preset, get_preset
 from bench.models.tokenizer import build_tokenizer
 from bench.models.vila import VilaAdapter, build_vila_model, is_vila_dir, load_vila, save_vila, siglip_image_processor
@@ -140,7 +141,5 @@ def save_checkpoint(adapter: VLMAdapter, out: Path) -> None:
     """Write the model in its family's real on-disk layout (safetensors)."""
     if isinstance(adapter, VilaAdapter):
         save_vila(adapter, out)
-    elif isinstance(adapter, InternVLAdapter):
-        save_internvl(adapter, out)
-    else:
-        save_llava(adapter, out)
+    else:  # LLaVA and InternVL: the -hf layout
+        save_native(adapter, out)
