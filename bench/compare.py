@@ -16,10 +16,9 @@ from pathlib import Path
 import pandas as pd
 
 from bench.regress import compare_samples
+from bench.workload import POINT_DEFAULTS, fill_point_columns, point_label
 
 DEFAULT_METRICS = ["ttft_ms", "tpot_ms", "prefill_ms", "e2e_ms", "peak_alloc_mb"]
-# Workload-point columns: results written before the sweep axes existed ran the default point.
-POINT_DEFAULTS = {"batch_size": 1, "question_tokens": 0, "num_images": 1, "loader": "", "new_tokens": 0}
 KEYS = ["model", "variant", "engine", "cache_state", *POINT_DEFAULTS]
 REQUIRED = {"model", "variant", "engine", "cache_state", "kind", "status"}
 
@@ -40,13 +39,7 @@ def load_runs(path: str | Path) -> pd.DataFrame:
         raise BadInput(f"{p}: not a runs.csv (missing columns: {', '.join(sorted(missing))})")
     df["engine"] = df["engine"].fillna("hf")
     df["cache_state"] = df["cache_state"].fillna("none")
-    for col, default in POINT_DEFAULTS.items():  # never NaN: groupby would drop those rows
-        if col not in df:
-            df[col] = default
-        elif isinstance(default, str):
-            df[col] = df[col].astype(object).where(df[col].notna(), default).astype(str)
-        else:
-            df[col] = df[col].fillna(default).astype(int)
+    fill_point_columns(df)
     return df[(df["kind"] == "measured") & (df["status"] == "ok")]
 
 
@@ -83,9 +76,7 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
     style = {"regression": "red", "improvement": "green", "inconclusive": "yellow", "unchanged": ""}
     for r in rows:
         s = style[r["status"]]
-        point = f"b{r['batch_size']} n{r['new_tokens']}" + (f" q{r['question_tokens']}" if r["question_tokens"] else "") \
-            + (f" img{r['num_images']}" if r["num_images"] > 1 else "") + (f" {r['loader']}" if r["loader"] else "")
-        table.add_row(r["model"], r["variant"], r["engine"], r["cache_state"], point, r["metric"],
+        table.add_row(r["model"], r["variant"], r["engine"], r["cache_state"], point_label(r), r["metric"],
                       f"{r['n_baseline']}/{r['n_candidate']}", _fmt(r["baseline_median"]),
                       _fmt(r["candidate_median"]), _fmt(r["ratio"]), _fmt(r["p_value"]),
                       f"[{s}]{r['status']}[/]" if s else r["status"])

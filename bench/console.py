@@ -29,11 +29,7 @@ def _fmt(v) -> str:
 
 def print_summary(summary: list[dict], out_dir, weights: str, console: Console | None = None) -> None:
     console = console or Console(width=None if Console().is_terminal else 160)
-    def point(r: dict) -> str:  # the workload point, as WorkloadPoint.label writes it
-        from bench.workload import WorkloadPoint
-
-        return WorkloadPoint(r.get("batch_size") or 1, r.get("question_tokens") or None, r.get("new_tokens") or 0,
-                             r.get("num_images") or 1, r.get("loader") or "").label()
+    from bench.workload import point_label as point
 
     points = {point(r) for r in summary if r.get("status") == "ok"}
     sweep = len(points) > 1

@@ -14,6 +14,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # headless: matplotlib picks Agg; notebooks: the inline backend
 import pandas as pd
 
+from bench.workload import POINT_DEFAULTS, fill_point_columns
+
 PHASES = [("preprocess_ms", "preprocess (CPU)"), ("lookup_ms", "prefix lookup"), ("restore_ms", "prefix restore"),
           ("vision_ms", "vision"), ("prefill_ms", "prefill"), ("store_ms", "cache store"), ("decode_ms", "decode")]
 BASELINE = ("fp16", "hf")
@@ -40,15 +42,8 @@ def load(dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         df["label"] = [f"{lab} ({src})" if (m, lab) in shared else lab
                        for m, lab, src in zip(df["model"], df["label"], df["source"])]
     for df in (runs_df, summary_df):
-        for col, default in POINT_DEFAULTS.items():  # results from before the sweep axes: the default point
-            if col not in df:
-                df[col] = default
-            df[col] = (df[col].astype(object) if isinstance(default, str) else df[col]).fillna(default)
+        fill_point_columns(df)
     return runs_df, summary_df
-
-
-# A workload point's columns and the value results written before the sweep axes had.
-POINT_DEFAULTS = {"batch_size": 1, "question_tokens": 0, "new_tokens": 0, "num_images": 1, "loader": ""}
 
 
 def first_point(df: pd.DataFrame) -> pd.DataFrame:
@@ -317,7 +312,7 @@ def fig_prompt_length(summary: pd.DataFrame):
 
 def fig_loader(summary: pd.DataFrame):
     """Frame loading serial vs prefetch: share of each stream step the GPU works, and requests/s."""
-    ok = summary[(summary["status"] == "ok") & (summary["loader"].astype(str).isin(["serial", "prefetch"]))]
+    ok = summary[(summary["status"] == "ok") & summary["loader"].isin(["serial", "prefetch"])]
     if ok.empty or ok["loader"].nunique() < 2:
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 1.2 + 0.7 * ok.groupby(["model", "variant", "batch_size"]).ngroups),

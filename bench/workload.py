@@ -37,6 +37,27 @@ class WorkloadPoint:
 
 
 WORKLOAD_KEYS = tuple(asdict(WorkloadPoint()))
+# Results written before the sweep axes existed ran the default point; new_tokens 0 = unknown.
+POINT_DEFAULTS = {"batch_size": 1, "question_tokens": 0, "new_tokens": 0, "num_images": 1, "loader": ""}
+
+
+def point_label(row) -> str:
+    """A results row's (or summary row's) workload point, as WorkloadPoint.label writes it."""
+    get = row.get
+    return WorkloadPoint(int(get("batch_size") or 1), int(get("question_tokens") or 0) or None,
+                         int(get("new_tokens") or 0), int(get("num_images") or 1), get("loader") or "").label()
+
+
+def fill_point_columns(df) -> None:
+    """Give a results DataFrame every workload-point column, never NaN (groupby drops NaN keys):
+    missing columns and empty cells take the default point's value."""
+    for col, default in POINT_DEFAULTS.items():
+        if col not in df:
+            df[col] = default
+        elif isinstance(default, str):
+            df[col] = df[col].astype(object).where(df[col].notna(), default).astype(str)
+        else:
+            df[col] = df[col].fillna(default).astype(int)
 
 
 def int_list(text: str | None, flag: str, minimum: int = 1) -> list[int]:
