@@ -42,6 +42,7 @@ class FrameSource:
         if bool(video_path) == bool(frames_dir):
             raise UsageError("give one of --video-path or --frames-dir")
         self.video_path, self.num_frames = video_path, num_frames
+        self._clip: VisualInput | None = None
         if frames_dir:
             d = Path(frames_dir)
             if not d.is_dir():
@@ -98,8 +99,10 @@ class FrameSource:
                     break
 
     def clip(self) -> VisualInput:
-        """All sampled frames as one video request."""
-        return VisualInput(tuple(self), video=True)
+        """All sampled frames as one video request (decoded once, then kept)."""
+        if self._clip is None:
+            self._clip = VisualInput(tuple(self), video=True)
+        return self._clip
 
 
 class FrameLoader:

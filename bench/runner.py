@@ -2,6 +2,7 @@
 row per run as it finishes, then the summary. It knows nothing about any particular variant."""
 from __future__ import annotations
 
+import functools
 import gc
 import time
 from dataclasses import asdict
@@ -179,15 +180,14 @@ class Benchmark:
         engine = variant.engine.make_engine(adapter, variant.cache.make_policy(vars(self.cfg)))
         return fidelity.compare(self.reference, engine, self.fidelity_visual)
 
-    @property
+    @functools.cached_property
     def fidelity_visual(self):
-        """What the fidelity probe shows: the run's image, the clip, or the first sampled frame."""
+        """What the fidelity probe shows: the run's image, the clip, or the first sampled frame
+        (read once: every variant is probed on it)."""
         if self.frames is None:
             return self.image
         if self.cfg.video_mode == "clip":
-            if getattr(self, "_clip", None) is None:
-                self._clip = self.frames.clip()
-            return self._clip
+            return self.frames.clip()
         return next(iter(self.frames))
 
     def _free(self) -> None:
@@ -229,7 +229,8 @@ class Benchmark:
     def _point_questions(self, adapter, point) -> list[str]:
         if point.question_tokens is None:
             return self.questions
-        count = lambda q: len(adapter.prepare_text(q).suffix_ids) - self._tail_tokens(adapter)  # noqa: E731
+        tail = self._tail_tokens(adapter)
+        count = lambda q: len(adapter.prepare_text(q).suffix_ids) - tail  # noqa: E731
         return list(dict.fromkeys(question_of_length(count, q, point.question_tokens) for q in self.questions))
 
     @staticmethod

@@ -156,9 +156,6 @@ class RequestSource:
         frames, waited = self.loader.next()
         return list(zip(frames, qs)), waited
 
-    def fidelity_visual(self) -> VisualInput | None:
-        return self.visual
-
     def close(self) -> None:
         if self.loader is not None:
             self.loader.close()
