@@ -212,7 +212,7 @@ class HFEngine:
             # Every row misses on the same prefix (one image, several questions): prefill it once,
             # store it, and restore it into every row, as a later warm batch would.
             p0 = prepared[0]
-            p0.pixel_values = visuals[0].pixel_values if visuals[0].pixel_values is not None else a.preprocess(visuals[0])
+            p0.pixel_values = a.pixels_for(visuals[0])
             tl.mark("preprocess", host_only=True)
             image_embeds, embeds_hit = policy.image_embeds(a, [p0], lambda rows: self._encode_rows([p0], rows))
             tl.mark("vision")
@@ -227,7 +227,7 @@ class HFEngine:
             cached = 0
         elif not hit:
             for p, v in zip(prepared, visuals):
-                p.pixel_values = v.pixel_values if v.pixel_values is not None else a.preprocess(v)
+                p.pixel_values = a.pixels_for(v)
             tl.mark("preprocess", host_only=True)
             image_embeds, embeds_hit = policy.image_embeds(a, prepared, lambda rows: self._encode_rows(prepared, rows))
             tl.mark("vision")

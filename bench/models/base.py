@@ -126,6 +126,11 @@ class VLMAdapter:
         return torch.cat([self.preprocess_image(im) for im in images]) if len(images) > 1 \
             else self.preprocess_image(images[0])
 
+    def pixels_for(self, visual) -> torch.Tensor:
+        """The request's pixels: what a frame loader already made, else the processor's output."""
+        visual = as_visual(visual)
+        return visual.pixel_values if visual.pixel_values is not None else self.preprocess(visual)
+
     def prepare(self, visual, question: str) -> PreparedPrompt:
         visual = as_visual(visual)
         prepared = self.prepare_text(question, visual)
