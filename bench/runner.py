@@ -101,6 +101,7 @@ class Benchmark:
         if not self.variants:
             raise UsageError("--variants is empty")
         self.image = load_image(cfg.image_path)
+        self.image_file = Path(cfg.image_path).read_bytes()  # what a request would carry (prefix key)
         self.frames = None
         if cfg.video_path or cfg.frames_dir:
             from bench.media import FrameSource
@@ -242,7 +243,8 @@ class Benchmark:
         cfg = self.cfg
         questions = self._point_questions(adapter, point)
         state = "warm" if policy.stateful else "none"
-        source = RequestSource(point, self.image, self.frames, cfg.video_mode, adapter.preprocess)
+        source = RequestSource(point, self.image, self.frames, cfg.video_mode, adapter.preprocess,
+                               self.image_file)
         try:
             warmups = [self.warmups[i % len(self.warmups)] for i in range(cfg.warmup)]
             if cfg.warmup:

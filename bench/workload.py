@@ -127,7 +127,8 @@ class RequestSource:
     """Each run's requests for one workload point.
 
     - image input: every request shows the same image(s) (`num_images` of them), so questions
-      after the first on an image can reuse its prefix;
+      after the first on an image can reuse its prefix; one image carries its file's bytes
+      (`image_file`), which the prefix cache keys on, as a server would on a request's upload;
     - video clip (`--video-mode clip`): every request shows all sampled frames as one video;
     - video frames (`--video-mode frames`): each request shows the next frame as a still image
       (tiled like one, as frame-by-frame analysis does; a batch: the next `batch_size` frames),
@@ -135,10 +136,11 @@ class RequestSource:
     """
 
     def __init__(self, point: WorkloadPoint, image: Image.Image | None, frames=None, video_mode: str = "",
-                 preprocess=None):
+                 preprocess=None, image_file: bytes | None = None):
         self.point, self.loader = point, None
         if frames is None:
-            self.visual = VisualInput(tuple(derived_images(image, point.num_images)))
+            encoded = (image_file,) if image_file is not None and point.num_images == 1 else None
+            self.visual = VisualInput(tuple(derived_images(image, point.num_images)), encoded=encoded)
         elif video_mode == "clip":
             self.visual = frames.clip()
         else:

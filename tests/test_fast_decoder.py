@@ -105,6 +105,12 @@ def test_prefill_step_and_offset_prefill_give_the_same_logits(family, checkpoint
         got = dec.step(padded, torch.tensor(real), kv)
         torch.testing.assert_close(got[:, -1], want, rtol=1e-4, atol=1e-4)
         assert kv.get_seq_length() == total  # the padding is not counted
+        # attending over only the columns up to the bucket's end: the same logits
+        kv.reset()
+        dec.prefill(embeds[:, :n_prefix], kv, 0)
+        kv.data[..., n_prefix + SUFFIX_BUCKETS[-1]:, :] = 1e4  # stale columns past the key range
+        got = dec.step(padded, torch.tensor(real), kv, key_len=n_prefix + SUFFIX_BUCKETS[-1])
+        torch.testing.assert_close(got[:, -1], want, rtol=1e-4, atol=1e-4)
 
 
 def test_a_suffix_longer_than_every_bucket_prefills_eagerly_after_the_prefix(checkpoint_dirs, demo_image):

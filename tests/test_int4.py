@@ -328,6 +328,28 @@ def test_cuda_int4_kernel_and_dense_path_match_the_weights(n, k, group):
         assert (layer(x).float() - exact).abs().max() / exact.abs().max() < 2 * tol, rows
 
 
+@cuda
+def test_cuda_compiled_dense_path_is_traced_and_matches_eager():
+    """Compiled, the dense path is the Triton dequantizer traced into the graph (no opaque op
+    left) and computes what the eager path (custom op + captured dequantize) does."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    layer = Int4Linear.from_int4(quantize_int4(torch.randn(2560, 2560, device=dev), 128), dev, torch.float16,
+                                 dense_rows=8)
+    x = torch.randn(1, 40, 2560, device=dev, dtype=torch.float16)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(lambda t: layer(t), backend=backend, dynamic=True, fullgraph=True)(x)
+    assert not any("int4_dense_linear" in t for t in seen) and any("triton_kernel_wrapper" in t for t in seen)
+    compiled = torch.compile(lambda t: layer(t) * 2, dynamic=True, fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x) * 2, rtol=2e-3, atol=2e-3)
+
+
 def test_dense_path_compiles_as_one_graph():
     """The graph engine compiles whole decoder layers: the int4 prefill path is one opaque op
     (no graph break), and compiled it computes what eager does."""

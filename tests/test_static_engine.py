@@ -66,3 +66,41 @@ def test_engine_flag_crosses_variants():
     assert cfg.variant_specs == ["fp16", "fp16+graph", "bnb4+static"]
     with pytest.raises(UsageError, match="unknown --engine 'turbo'"):
         RunConfig(variants="fp16", engine="turbo").variant_specs
+
+
+def test_a_resident_prefix_is_reused_in_place_and_forgotten_when_overwritten(checkpoint_dirs, demo_image,
+                                                                              monkeypatch):
+    """A warm request whose prefix the working buffers still hold copies nothing; after another
+    prompt overwrote them, the next hit copies the stored prefix back (checked on the buffers)."""
+    from PIL import ImageOps
+
+    from bench.fast_decoder import KVBuffers
+    from bench.visual import as_visual
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    policy = PrefixKVPolicy(64)
+    engine = StaticEngine(adapter, policy)
+    in_place_seen = []
+    load = KVBuffers.load_prefixes
+
+    def recording(self, entries, in_place=None):
+        in_place_seen.append(list(in_place or [False] * len(entries)))
+        return load(self, entries, in_place)
+
+    monkeypatch.setattr(KVBuffers, "load_prefixes", recording)
+    other = ImageOps.mirror(demo_image)
+    engine.run(demo_image, "warm-up question", N)  # miss: stores the prefix the row now holds
+    r = engine.run(demo_image, "What is shown?", N)
+    assert r.cache_hit and in_place_seen == [[True]]
+    assert r.tokens == reference_generate(adapter, demo_image, "What is shown?", N)
+    engine.run(other, "What is shown?", N)  # another image's prompt overwrites the row
+    q = "Describe the colors in this picture, please."
+    r = engine.run(demo_image, q, N)
+    assert r.cache_hit and in_place_seen[-1] == [False]
+    assert r.tokens == reference_generate(adapter, demo_image, q, N)
+    visual = as_visual(demo_image)
+    entry = policy.lookup_prefix(adapter, adapter.prepare_text(q, visual), visual).entry
+    assert torch.equal(engine.cache.data[..., :entry.shape[-2], :], entry)
+    engine.teacher_forced_logprobs(demo_image, q, r.tokens[:4])  # a full prefill from column 0
+    engine.run(demo_image, q, 4)
+    assert in_place_seen[-1] == [False]

@@ -3,6 +3,7 @@ axes (batch, question length, new tokens, images per prompt) run as one command.
 import csv
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +115,46 @@ def test_question_of_length_is_exact():
 def test_derived_images_are_distinct_and_same_size(demo_image):
     ims = derived_images(demo_image, 8)
     assert len({im.tobytes() for im in ims}) == 8 and {im.size for im in ims} == {demo_image.size}
+
+
+def test_a_single_image_request_is_keyed_by_its_file(demo_image, tmp_path):
+    """The prefix key hashes the bytes a request carried (no pixel copy); the same pixels in
+    another file are another key, a different file another key; without a file, the pixels."""
+    from bench.visual import VisualInput
+    from bench.workload import RequestSource, WorkloadPoint
+
+    png = (Path(__file__).parents[1] / "bench" / "assets" / "demo.png").read_bytes()
+    demo_image.save(tmp_path / "same.bmp")
+    bmp = (tmp_path / "same.bmp").read_bytes()
+    point = WorkloadPoint()
+    visual = RequestSource(point, demo_image, image_file=png).visual
+    assert visual.encoded == (png,)
+    assert visual.content_digest() == VisualInput((demo_image.copy(),), encoded=(png,)).content_digest()
+    assert visual.content_digest() != VisualInput((demo_image,), encoded=(bmp,)).content_digest()
+    assert VisualInput((demo_image,)).content_digest() == VisualInput((demo_image.copy(),)).content_digest()
+    assert VisualInput((demo_image,)).content_digest() != visual.content_digest()
+    two = RequestSource(WorkloadPoint(num_images=2), demo_image, image_file=png).visual
+    assert two.encoded is None  # derived images have no file: hashed by pixels
+    with pytest.raises(ValueError):
+        VisualInput((demo_image, demo_image), encoded=(png,))
+
+
+def test_fixed_prompt_text_is_tokenized_once(demo_image):
+    """A warm request tokenizes only what changes: the template text around the images is
+    memoized, and the prepared prompt is the same as without the memo."""
+    for preset in ("tiny-llava", "tiny-vila", "tiny-internvl"):
+        adapter = build_preset(preset, None, torch.device("cpu"), torch.float32)
+        first = adapter.prepare_text("What is shown?", demo_image)
+        calls = []
+        tokenize = adapter._tokenize
+        adapter._tokenize = lambda text, add_bos: calls.append(text) or tokenize(text, add_bos)
+        again = adapter.prepare_text("What is shown?", demo_image)
+        assert (again.text_segments, again.suffix_ids) == (first.text_segments, first.suffix_ids)
+        assert len(calls) == 1, (preset, calls)
+        fresh = build_preset(preset, None, torch.device("cpu"), torch.float32)
+        other = fresh.prepare_text("Something else entirely?", demo_image)
+        memo = adapter.prepare_text("Something else entirely?", demo_image)
+        assert (memo.text_segments, memo.suffix_ids) == (other.text_segments, other.suffix_ids)
 
 
 def test_points_are_the_cross_product():

@@ -84,7 +84,7 @@ def prepare_by_placeholders(adapter, question: str, image_block: str, placeholde
     placeholder id per image, and split it into text segments, images and suffix."""
     prefix_text, suffix_text = adapter.template.split(question, image_block)
     full = adapter._tokenize(prefix_text + suffix_text, add_bos=True)
-    prefix = adapter._tokenize(prefix_text, add_bos=True)
+    prefix = adapter._tokenize_fixed(prefix_text, add_bos=True)
     # The split point is the longest shared run of the whole prompt's ids and the prefix
     # text's ids, so the prompt is tokenized exactly as the model expects.
     split = 0
@@ -147,6 +147,20 @@ class VLMAdapter:
         if add_bos and not self.template.bos_in_text and bos is not None:
             ids = [bos] + ids
         return ids
+
+    _FIXED_TEXTS = 64  # memo bound: distinct system-prompt/image-block texts a run may show
+
+    def _tokenize_fixed(self, text: str, add_bos: bool) -> list[int]:
+        """`_tokenize` for text that recurs on every request (the template around the images):
+        memoized, so a warm request tokenizes only its question (one tokenizer call is ~0.2 ms
+        of host time on the H200 machine, a visible share of a 6 ms warm TTFT)."""
+        memo = self.__dict__.setdefault("_fixed_ids", {})
+        ids = memo.get((text, add_bos))
+        if ids is None:
+            if len(memo) >= self._FIXED_TEXTS:
+                memo.clear()
+            ids = memo[(text, add_bos)] = tuple(self._tokenize(text, add_bos))
+        return list(ids)
 
     # --- device side ------------------------------------------------------------------
     @property

@@ -90,9 +90,9 @@ class VilaAdapter(VLMAdapter):
         head, suffix_text = self.template.split(question, "")
         # VILA tokenizes the text around each image separately (tokenizer_image_token): BOS only
         # on the first chunk; then the tokenized "\n" after every image.
-        newline = self._tokenize("\n", add_bos=False)
+        newline = self._tokenize_fixed("\n", add_bos=False)
         return PreparedPrompt(
-            text_segments=[self._tokenize(head, add_bos=True)] + [list(newline) for _ in range(n)],
+            text_segments=[self._tokenize_fixed(head, add_bos=True)] + [list(newline) for _ in range(n)],
             image_tokens=[self.image_tokens] * n,
             suffix_ids=self._tokenize(suffix_text, add_bos=False),
         )

@@ -35,6 +35,11 @@ from torch import nn
 
 from bench.quant import DEFAULT_DENSE_ROWS
 
+try:
+    from bench.quant import triton_int4 as _triton_int4
+except ImportError:  # no Triton (CPU builds of torch): the dense path uses plain torch ops
+    _triton_int4 = None
+
 QMIN, QMAX = 0, 15
 TINYGEMM_MID = 8  # tinygemm dequantizes as (q - 8) * scale + zero_f
 
@@ -153,6 +158,10 @@ def unpack_q(packed: torch.Tensor, inverse: torch.Tensor, n: int, k: int, block)
     return q.permute(0, 2, 1, 3).reshape(n, k)
 
 
+# Compiled code traces the CUDA dense path (Triton dequantize + GEMM) instead of calling the
+# opaque custom op; False keeps the op (scripts/gpu_int4_prefill_profile.py compares the two).
+TRACE_DENSE = True
+
 # Weak: a scratch buffer lives as long as some layer holds it, so it goes with its model.
 _DENSE_SCRATCH: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
 
@@ -201,8 +210,7 @@ def _cuda_dense_weight(packed: torch.Tensor, scale_and_zero: torch.Tensor, lay: 
     The dequantize launch is replayed from a CUDA graph captured on first use: prefill runs
     eagerly and is CPU-bound, and Triton's Python launch path costs more CPU per call than a
     graph replay (a 7B prefill makes 224 of these calls)."""
-    from bench.quant.triton_int4 import dequantize_tinygemm
-
+    dequantize_tinygemm = _triton_int4.dequantize_tinygemm
     n, k = lay.n, lay.k
     key = (n, k, dtype, packed.device)
     out = _DENSE_SCRATCH.get(key)
@@ -268,6 +276,10 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale_and_zero", scale_and_zero)
         self.register_buffer("bias", bias)
         self.register_buffer("input_scale", input_scale)
+        # CUDA: the tile permutation the Triton dequantizer reads (one shared 4 KiB tensor per
+        # weight shape), held here so compiled code sees a buffer, not a cache lookup.
+        inverse = kernel_layout(out_features, in_features, packed.device).inverse if packed.is_cuda else None
+        self.register_buffer("tile_inverse", inverse, persistent=False)
 
     @classmethod
     def from_int4(cls, t: Int4Tensors, device: torch.device, dtype: torch.dtype, bias=None, input_scale=None,
@@ -301,7 +313,14 @@ class Int4Linear(nn.Module):
         if self.input_scale is not None:
             x = x * self.input_scale
         rows = x.numel() // self.in_features
-        if rows > self.dense_rows:  # one custom op: torch.compile keeps it inside its graph
+        if rows > self.dense_rows:
+            if TRACE_DENSE and self.tile_inverse is not None and torch.compiler.is_compiling():
+                # Compiled (the graph engine's prefill and suffix buckets): traced, so inductor
+                # launches the dequantizer itself; see triton_int4.dequantize_traceable.
+                w = _triton_int4.dequantize_traceable(self.packed, self.scale_and_zero, self.tile_inverse,
+                                                   self.out_features, self.in_features, self.group_size, x.dtype)
+                return F.linear(x, w, self.bias)
+            # Eager: one opaque op (a captured dequantize replayed, scratch shared by layers).
             return torch.ops.vlm_bench.int4_dense_linear(x, self.packed, self.scale_and_zero, self.bias,
                                                          self.out_features, self.group_size)
         sz = self.scale_and_zero

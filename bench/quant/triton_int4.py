@@ -44,3 +44,15 @@ def dequantize_tinygemm(packed: torch.Tensor, scale_and_zero: torch.Tensor, tile
                                                       MID=TINYGEMM_MID, num_warps=1)
     return out
 
+
+def dequantize_traceable(packed: torch.Tensor, scale_and_zero: torch.Tensor, tile_inverse: torch.Tensor, n: int,
+                         k: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+    """The dense [n, k] weight in a new tensor, written so torch.compile traces it: inductor then
+    launches the kernel from its generated code (a few microseconds of host time) instead of
+    calling back into Python per linear (the opaque custom op + graph replay of bench.quant.int4
+    cost ~45 us of host time each; a host-bound prefill makes 128 of them for vila1.5-3b)."""
+    out = torch.empty(n, k, dtype=dtype, device=packed.device)
+    torch.library.wrap_triton(_dequant_tinygemm_kernel)[((n // 8) * (k // 128),)](
+        packed, scale_and_zero, tile_inverse, out, n, k, G=group, MID=TINYGEMM_MID, num_warps=1)
+    return out
+
