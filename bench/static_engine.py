@@ -103,9 +103,13 @@ class StaticEngine(HFEngine):
         """The bucket a suffix prefill runs as (a single unpadded row after a prefix hit), or None."""
         return self.bucket(embeds.shape[1]) if start and valid is None and embeds.shape[0] == 1 else None
 
-    def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
+    def forget_overwritten(self, cache: KVBuffers, start: int) -> None:
+        """A prefill from column 0 of the working buffers overwrites every row's front."""
         if start == 0 and cache is self.cache:
-            self.resident = {}  # a new prompt overwrites every row's front
+            self.resident = {}
+
+    def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
+        self.forget_overwritten(cache, start)
         bucket = self.bucketed(embeds, start, valid)
         if bucket is None:
             return self.decoder.prefill(embeds, cache, start, valid=valid)
@@ -193,8 +197,7 @@ class GraphEngine(StaticEngine):
             return self.decoder.step(embeds, n_real, self.cache, key_len=key_len)
 
     def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
-        if start == 0 and cache is self.cache:
-            self.resident = {}  # a new prompt overwrites every row's front
+        self.forget_overwritten(cache, start)
         if self.bucketed(embeds, start, valid) is not None:
             return super().prefill(embeds, cache, start)  # a captured suffix bucket
         if self.prefill_fn is not None:

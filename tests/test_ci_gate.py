@@ -4,7 +4,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from bench.ci import BASELINE_DIR, CI_BENCH_ARGS, CI_GATE_FACTOR, CI_GATE_METRICS
 from bench.cli import main, run_main

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.quant.awq_format import AWQ_ORDER, from_awq_gemm, pack_columns, to_awq_gemm, unpack_columns
-from bench.quant.int4 import Int4Linear, Int4Tensors, quantize_int4
+from bench.quant.int4 import Int4Linear, quantize_int4
 
 pytest.importorskip("torchao")
 

@@ -1,6 +1,5 @@
 """Notebooks execute (nbclient) against a tiny CPU run; the static report writes its figures."""
 import os
-from pathlib import Path
 
 import nbformat
 import pytest
