@@ -138,6 +138,10 @@ class FastDecoder(nn.Module):
         for block in self.layers:
             block.qkv.max_rows = block.gate_up.max_rows = rows
 
+    def prefill_linears(self, rows: int) -> list[list[nn.Module]]:
+        """Per layer, the linear modules a prefill of `rows` rows runs (fused or not)."""
+        return [[*b.qkv.modules_for(rows), b.o, *b.gate_up.modules_for(rows), b.down] for b in self.layers]
+
     def new_buffers(self, max_len: int, batch: int = 1) -> KVBuffers:
         p = self.embed.weight
         return KVBuffers(len(self.layers), self.kv_heads, self.head_dim, max_len, p.device, p.dtype, batch)
@@ -184,10 +188,11 @@ class FastDecoder(nn.Module):
         return self.lm_head(self.norm(h_last))
 
     def prefill(self, embeds: torch.Tensor, kv: KVBuffers, start: int, layer_fn=None,
-                valid: torch.Tensor | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, prefetch=None) -> torch.Tensor:
         """Tokens at host-known columns start.. ; returns the last column's logits [b, 1, vocab].
         `layer_fn` replaces `layer_from` (e.g. a compiled copy). A batch of several rows may pass
-        `valid` [b, t] (False: a padding gap, masked out and skipped by the positions)."""
+        `valid` [b, t] (False: a padding gap, masked out and skipped by the positions).
+        `prefetch` (bench.quant.prefetch.DensePrefetch) is told before and after each layer."""
         layer_fn = layer_fn or self.layer_from
         end = start + embeds.shape[1]
         if end > kv.max_len:
@@ -209,8 +214,14 @@ class FastDecoder(nn.Module):
             mask = (causal[None] & kv.valid[:, None, :end])[:, None]  # [b, 1, t, end]
         mask = _additive(mask, embeds.dtype)
         h = embeds
-        for block, layer in zip(self.layers, kv.layers):
+        if prefetch is not None:
+            prefetch.begin()
+        for i, (block, layer) in enumerate(zip(self.layers, kv.layers)):
+            if prefetch is not None:
+                prefetch.before_layer(i)
             h = layer_fn(block, h, cos, sin, start, mask, layer.keys, layer.values)
+            if prefetch is not None:
+                prefetch.after_layer(i)
         kv.length.fill_(end)
         return self._logits(h[:, -1:])
 

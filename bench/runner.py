@@ -88,8 +88,10 @@ def printable(text: str) -> str:
 
 
 def weight_mb(module: torch.nn.Module) -> float:
+    """Parameters and buffers, less the int4 layers' prefill scratch (bench.quant.prefetch)."""
     total = sum(t.numel() * t.element_size() for t in module.parameters())
-    total += sum(t.numel() * t.element_size() for t in module.buffers())
+    total += sum(t.numel() * t.element_size() for name, t in module.named_buffers()
+                 if not name.endswith("prefill_weight"))
     return total / 2**20
 
 

@@ -28,6 +28,8 @@ from bench.engine import HFEngine
 from bench.errors import VariantUnsupported
 from bench.fast_decoder import KVBuffers, fast_decoder
 from bench.fused_linear import FUSED_MAX_ROWS
+from bench.quant.int4 import Int4Linear, use_prefill_weights
+from bench.quant.prefetch import DensePrefetch
 from bench.timing import Timeline
 
 CACHE_ROUND = 256  # buffer length granularity; a longer request reallocates (and recaptures)
@@ -36,6 +38,7 @@ SUFFIX_BUCKETS = (16, 32, 64)  # suffix lengths (after a prefix hit) run as padd
 # all of them: cuDNN attention of 32 queries costs 21.9 us per layer over 768 columns against
 # 26.9 us over 1024 (results/h200/sdpa_backends_h200.csv), 0.16 ms of a 7B warm suffix.
 KEY_ROUND = 128
+PREFILL_ROWS = 4096  # a full-prompt prefill's length, for which linears it runs (fused or not)
 
 
 class StaticEngine(HFEngine):
@@ -54,9 +57,31 @@ class StaticEngine(HFEngine):
         # the next request on the same prefix finds it in place and copies nothing, as a paged
         # KV cache would reference its blocks; a prefill from column 0 forgets every row.
         self.resident: dict[int, weakref.ref] = {}
+        self.prefetch = self._int4_prefetch()
+
+    def _int4_prefetch(self) -> DensePrefetch | None:
+        """Int4 weights: each layer's dense prefill weights dequantized a layer ahead (see
+        bench.quant.prefetch); None for other weights."""
+        per_layer = [[m for m in ms if isinstance(m, Int4Linear)] for ms in self.decoder.prefill_linears(PREFILL_ROWS)]
+        if not per_layer or not all(per_layer):
+            return None
+        try:
+            return DensePrefetch(per_layer, self.adapter.dtype)
+        except ValueError:  # layers of unequal shapes: each dequantizes in line
+            return None
+
+    def full_prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, layer_fn=None, valid=None):
+        """The decoder's prefill, int4 weights read from the prefetched slots where there are some."""
+        if self.prefetch is None:
+            return self.decoder.prefill(embeds, cache, start, layer_fn, valid)
+        with use_prefill_weights():
+            return self.decoder.prefill(embeds, cache, start, layer_fn, valid, self.prefetch)
+
+    def prefetch_note(self) -> str:
+        return ", int4 prefill weights dequantized a layer ahead" if self.prefetch is not None else ""
 
     def describe(self) -> str:
-        return f"own decoder ({self.decoder.fusion}), static KV, eager"
+        return f"own decoder ({self.decoder.fusion}), static KV, eager{self.prefetch_note()}"
 
     def new_cache(self, prompt_tokens: int, max_new_tokens: int, batch: int = 1) -> KVBuffers:
         need = prompt_tokens + max_new_tokens + SUFFIX_BUCKETS[-1]  # room for a padded bucket
@@ -112,7 +137,7 @@ class StaticEngine(HFEngine):
         self.forget_overwritten(cache, start)
         bucket = self.bucketed(embeds, start, valid)
         if bucket is None:
-            return self.decoder.prefill(embeds, cache, start, valid=valid)
+            return self.full_prefill(embeds, cache, start, valid=valid)
         key_len = min(cache.max_len, -(-(start + bucket) // KEY_ROUND) * KEY_ROUND)
         return self.suffix_step(F.pad(embeds, (0, 0, 0, bucket - embeds.shape[1])), embeds.shape[1], key_len)
 
@@ -154,7 +179,7 @@ class GraphEngine(StaticEngine):
         compiled = "compiled layers" if self.layer_fn is not None else "uncompiled layers"
         prefill = "compiled prefill" if self.prefill_fn is not None else "prefill " + self.notes.get("prefill", "eager")
         parts = [f"own decoder ({self.decoder.fusion}), static KV, CUDA-graph decode + suffix buckets "
-                 f"({compiled}), {prefill}, vision {self.notes.get('vision', 'graphed')}"]
+                 f"({compiled}), {prefill}{self.prefetch_note()}, vision {self.notes.get('vision', 'graphed')}"]
         parts += [f"{k}: {v}" for k, v in self.notes.items() if k not in ("vision", "prefill")]
         return "; ".join(parts)
 
@@ -202,13 +227,13 @@ class GraphEngine(StaticEngine):
             return super().prefill(embeds, cache, start)  # a captured suffix bucket
         if self.prefill_fn is not None:
             try:
-                return self.decoder.prefill(embeds, cache, start, self.prefill_fn, valid)
+                return self.full_prefill(embeds, cache, start, self.prefill_fn, valid)
             except Exception as e:  # noqa: BLE001 - recorded in engine_detail, then eager
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
                 self.notes["prefill"] = f"eager (torch.compile failed: {e.__class__.__name__}: {str(e)[:120]})"
                 self.prefill_fn = None
-        return self.decoder.prefill(embeds, cache, start, valid=valid)
+        return self.full_prefill(embeds, cache, start, valid=valid)
 
     # ---------------------------------------------------------------------------------- vision
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:

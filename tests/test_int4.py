@@ -383,3 +383,74 @@ def test_int4_model_on_the_static_engine_fuses_and_matches_hf(family, checkpoint
     cached.run(demo_image, "warm-up", 2)
     r = cached.run(demo_image, q, 16)
     assert r.cache_hit and r.tokens == want
+
+
+def test_prefetched_prefill_weights_give_the_in_line_logits(checkpoint_dirs, demo_image):
+    """Full prefill over int4 weights reads dense copies made a layer ahead, two slots shared by
+    alternate layers: the logits equal those of dequantizing in line (so every layer read its
+    own weights), and the slots are not counted as weights."""
+    from bench.cache_policy import CachePolicy
+    from bench.models.loader import load_checkpoint
+    from bench.quant.awq import Int4Options, quantize_model
+    from bench.runner import weight_mb
+    from bench.static_engine import StaticEngine
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    quantize_model(adapter, Int4Options(method="rtn", group_size=32))
+    before = weight_mb(adapter.model)
+    engine = StaticEngine(adapter, CachePolicy())
+    assert engine.prefetch is not None and "dequantized a layer ahead" in engine.describe()
+    assert weight_mb(adapter.model) == before
+    slots = engine.prefetch.slots
+    layers = engine.decoder.prefill_linears(4096)
+    assert [m.prefill_weight is slots[i % 2][j] for i, ms in enumerate(layers) for j, m in enumerate(ms)] \
+        == [True] * sum(len(ms) for ms in layers)
+    p = adapter.prepare(demo_image, "What is shown in this picture?")
+    with torch.no_grad():
+        embeds = adapter.prompt_embeds(p, adapter.encode_image(adapter.pixels_to_device(p)))
+        cache = engine.new_cache(embeds.shape[1], 4)
+        in_line = engine.decoder.prefill(embeds, cache, 0)
+        cache.reset()
+        prefetched = engine.full_prefill(embeds, cache, 0)
+    torch.testing.assert_close(prefetched, in_line, rtol=1e-5, atol=1e-5)
+    # the slots are what the layers read: slots left empty give other logits
+    engine.prefetch._dequantize = lambda i: [t.zero_() for t in engine.prefetch.slots[i % 2]]
+    with torch.no_grad():
+        cache.reset()
+        assert not torch.allclose(engine.full_prefill(embeds, cache, 0), in_line)
+
+
+@cuda
+def test_cuda_prefetched_prefill_matches_in_line():
+    """On CUDA the slots are filled on a side stream (captured per layer after the first
+    prefill): the prefill's logits equal dequantizing in line, on the first and later calls."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.fast_decoder import FastDecoder
+    from bench.quant.int4 import use_prefill_weights
+    from bench.quant.prefetch import DensePrefetch
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=5, num_attention_heads=2,
+                      num_key_value_heads=2, vocab_size=512)
+    model = LlamaForCausalLM(cfg).to(dev, torch.float16).eval()
+    for layer in model.model.layers:
+        for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                w = getattr(parent, name).weight.detach().float()
+                setattr(parent, name, Int4Linear.from_int4(quantize_int4(w, 128), dev, torch.float16, dense_rows=8))
+    dec = FastDecoder(model.model, model.lm_head, cfg)
+    dec.set_fused_max_rows(2**62)
+    prefetch = DensePrefetch(dec.prefill_linears(4096), torch.float16)
+    x = torch.randn(1, 300, 256, device=dev, dtype=torch.float16)
+    kv = dec.new_buffers(512)
+    with torch.inference_mode():
+        want = dec.prefill(x, kv, 0)
+        for _ in range(3):
+            kv.reset()
+            with use_prefill_weights():
+                got = dec.prefill(x, kv, 0, prefetch=prefetch)
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    assert len(prefetch.graphs) == 5

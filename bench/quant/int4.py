@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -160,6 +161,22 @@ def unpack_q(packed: torch.Tensor, inverse: torch.Tensor, n: int, k: int, block)
     return q.permute(0, 2, 1, 3).reshape(n, k)
 
 
+# On only while a prefill runs with its weights prefetched (bench.quant.prefetch): compiled code
+# reads it when traced, so the prefill's compiled layer and the captured steps' layer differ.
+USE_PREFILL_WEIGHTS = False
+
+
+@contextmanager
+def use_prefill_weights():
+    """Dense paths read `prefill_weight` (filled by a DensePrefetch) instead of dequantizing."""
+    global USE_PREFILL_WEIGHTS
+    USE_PREFILL_WEIGHTS = True
+    try:
+        yield
+    finally:
+        USE_PREFILL_WEIGHTS = False
+
+
 # Compiled code traces the CUDA dense path (Triton dequantize + GEMM) instead of calling the
 # opaque custom op; False keeps the op (scripts/gpu_int4_prefill_profile.py compares the two).
 TRACE_DENSE = True
@@ -282,6 +299,9 @@ class Int4Linear(nn.Module):
         # weight shape), held here so compiled code sees a buffer, not a cache lookup.
         inverse = kernel_layout(out_features, in_features, packed.device).inverse if packed.is_cuda else None
         self.register_buffer("tile_inverse", inverse, persistent=False)
+        # A dense copy of this weight made ahead of a prefill (bench.quant.prefetch), read by the
+        # dense path while `use_prefill_weights()` is on; a slot shared with other layers.
+        self.register_buffer("prefill_weight", None, persistent=False)
 
     @classmethod
     def from_int4(cls, t: Int4Tensors, device: torch.device, dtype: torch.dtype, bias=None, input_scale=None,
@@ -316,6 +336,8 @@ class Int4Linear(nn.Module):
             x = x * self.input_scale
         rows = x.numel() // self.in_features
         if rows > self.dense_rows:
+            if USE_PREFILL_WEIGHTS and self.prefill_weight is not None:
+                return F.linear(x, self.prefill_weight, self.bias)
             if TRACE_DENSE and self.tile_inverse is not None and torch.compiler.is_compiling():
                 # Compiled (the graph engine's prefill and suffix buckets): traced, so inductor
                 # launches the dequantizer itself; see triton_int4.dequantize_traceable.
@@ -335,7 +357,8 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.buffers())
+        held = (self.packed, self.scale_and_zero, self.bias, self.input_scale)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "

@@ -1,0 +1,88 @@
+"""Full-prompt prefill over int4 weights with the dequantization off the critical path.
+
+The dense prefill path (bench.quant.int4) turns each int4 weight back into a dense one and runs
+a dense GEMM. Dequantizing in line puts memory-bound work (read 0.5 B, write 2 B per weight)
+between compute-bound GEMMs: on the H200 it made llava-1.5-7b's awq4 prefill 1.40x fp16's
+(results/h200/llava-1.5-7b-graph-s14). Here a side stream dequantizes layer i+1's weights
+while layer i runs, into the other of two dense slots (double buffering), and the layers' dense
+paths read their slot (`Int4Linear.prefill_weight`, under `use_prefill_weights()`).
+
+Memory: two layers' dense weights (0.8 GB for a 7B in fp16) next to the int4 model, instead of
+the dense model's 13 GB; the benchmark's peak-memory columns include it.
+Written here: neither torchao nor transformers overlaps weight dequantization with compute.
+"""
+from __future__ import annotations
+
+import torch
+
+from bench.quant.int4 import Int4Linear
+
+
+class DensePrefetch:
+    """Dense slots for the int4 linears each decoder layer runs in a prefill, and the side
+    stream that fills them ahead. On the CPU the fill is synchronous (same results, no overlap)."""
+
+    def __init__(self, per_layer: list[list[Int4Linear]], dtype: torch.dtype):
+        shapes = [(m.out_features, m.in_features) for m in per_layer[0]]
+        if any([(m.out_features, m.in_features) for m in ms] != shapes for ms in per_layer):
+            raise ValueError("decoder layers with int4 linears of different shapes")
+        device = per_layer[0][0].packed.device
+        self.layers = per_layer
+        self.slots = [[torch.empty(s, dtype=dtype, device=device) for s in shapes] for _ in range(2)]
+        for i, linears in enumerate(per_layer):
+            for m, slot in zip(linears, self.slots[i % 2]):
+                m.prefill_weight = slot
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # layer -> its dequantize launches, captured
+        self.ready: list = [None] * len(per_layer)  # event: layer i's slot is filled
+        self.freed: list = [None] * len(per_layer)  # event: layer i has finished reading its slot
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for slot in self.slots for t in slot)
+
+    def _dequantize(self, i: int) -> None:
+        for m, slot in zip(self.layers[i], self.slots[i % 2]):
+            if self.cuda:
+                from bench.quant.triton_int4 import dequantize_tinygemm
+
+                dequantize_tinygemm(m.packed, m.scale_and_zero, m.tile_inverse, slot, m.group_size)
+            else:
+                slot.copy_(m.dense_weight(slot.dtype))
+
+    def _fill(self, i: int) -> None:
+        """Queue layer i's dequantization behind the last reader of its slot (layer i - 2)."""
+        if not self.cuda:
+            self._dequantize(i)
+            return
+        with torch.cuda.stream(self.stream):
+            if i >= 2:
+                self.stream.wait_event(self.freed[i - 2])
+            graph = self.graphs.get(i)
+            if graph is None:  # first prefill: the kernels run (and compile) once, then are captured
+                self._dequantize(i)
+                self.stream.synchronize()
+                graph = self.graphs[i] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=self.stream):
+                    self._dequantize(i)
+            graph.replay()
+            self.ready[i] = self.stream.record_event()
+
+    def begin(self) -> None:
+        """Before layer 0: the slots' last readers (an earlier prefill) come first, then fill 0 and 1."""
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            self.freed = [None] * len(self.layers)
+        for i in range(min(2, len(self.layers))):
+            self._fill(i)
+
+    def before_layer(self, i: int) -> None:
+        if self.cuda:
+            torch.cuda.current_stream().wait_event(self.ready[i])
+
+    def after_layer(self, i: int) -> None:
+        if self.cuda:
+            self.freed[i] = torch.cuda.current_stream().record_event()
+        if i + 2 < len(self.layers):
+            self._fill(i + 2)
