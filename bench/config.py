@@ -62,6 +62,8 @@ class RunConfig:
     int4_group_size: int = opt("awq4/rtn4: input channels per int4 scale and zero point", 128)
     int4_dense_rows: int = opt("awq4/rtn4: above this many rows a linear dequantizes and runs a dense GEMM "
                                "(prefill); at or below it the int4 kernel runs (decode)", DEFAULT_DENSE_ROWS)
+    int4_prefetch: bool = opt("awq4/rtn4: a side stream dequantizes the next layer's prefill weights while a layer "
+                              "runs (costs two layers' dense weights of memory)", True)
     int4_cache_dir: str = opt("awq4/rtn4: where quantized models are saved and reused ('' = never)",
                               "~/.cache/vlm-bench/int4")
     quantize_vision: bool = opt("weight variants also quantize the vision tower and projector", False)

@@ -62,6 +62,8 @@ class StaticEngine(HFEngine):
     def _int4_prefetch(self) -> DensePrefetch | None:
         """Int4 weights: each layer's dense prefill weights dequantized a layer ahead (see
         bench.quant.prefetch); None for other weights."""
+        if not getattr(self.adapter, "int4_prefetch", True):  # --no-int4-prefetch
+            return None
         per_layer = [[m for m in ms if isinstance(m, Int4Linear)] for ms in self.decoder.prefill_linears(PREFILL_ROWS)]
         if not per_layer or not all(per_layer):
             return None

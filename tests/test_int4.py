@@ -454,3 +454,19 @@ def test_cuda_prefetched_prefill_matches_in_line():
                 got = dec.prefill(x, kv, 0, prefetch=prefetch)
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     assert len(prefetch.graphs) == 5
+
+
+@pytest.mark.parametrize("flag,prefetched", [("--int4-prefetch", True), ("--no-int4-prefetch", False)])
+def test_int4_prefetch_flag_reaches_the_engine(flag, prefetched, tmp_path):
+    """--no-int4-prefetch keeps in-line dequantization (no dense slots); every row says which ran."""
+    import csv
+
+    from bench.cli import run_main
+
+    out = tmp_path / "o"
+    assert run_main(["--preset", "tiny-llava", "--variants", "rtn4", "--engine", "static", "--num-runs", "1",
+                     "--min-seconds", "0", "--max-new-tokens", "2", "--warmup", "0", "--no-fidelity",
+                     "--int4-cache-dir", "", "--int4-group-size", "32", flag, "--output-dir", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    assert rows and all(r["status"] == "ok" for r in rows)
+    assert all(("dequantized a layer ahead" in r["engine_detail"]) == prefetched for r in rows)
