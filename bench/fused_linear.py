@@ -94,11 +94,14 @@ class FusedProjections(nn.Module):
         self.fused = {"dense": _fuse_dense, "int4": _fuse_int4}[kind](linears) if kind else None
         self.parts = nn.ModuleList(linears)  # views of the fused weights where fused: no extra memory
 
+    def runs_fused(self, rows: int) -> bool:
+        return self.fused is not None and rows <= self.max_rows
+
     def modules_for(self, rows: int) -> list[nn.Module]:
         """The linear modules a call with `rows` input rows runs."""
-        return [self.fused] if self.fused is not None and rows <= self.max_rows else list(self.parts)
+        return [self.fused] if self.runs_fused(rows) else list(self.parts)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.fused is not None and x.numel() // x.shape[-1] <= self.max_rows:
+        if self.runs_fused(x.numel() // x.shape[-1]):
             return self.fused(x).split(self.sizes, dim=-1)
         return tuple(m(x) for m in self.parts)

@@ -6,20 +6,17 @@ step time and the weight-bytes bandwidth floor. Writes a CSV of kernel shares.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from gpu_profile_common import graph_engine_after_one_request, kernel_times
+from gpu_profile_common import graph_engine_after_one_request, kernel_times, profile_parser
 
 from bench.results import CsvWriter
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="llava-1.5-7b")
-    ap.add_argument("--out", required=True)
+    ap = profile_parser("llava-1.5-7b")
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
     a, eng, _, r = graph_engine_after_one_request(args.preset, 128)

@@ -10,35 +10,20 @@ rtn4 and awq4 run the same kernels; rtn4 needs no calibration.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 from pathlib import Path
 
 import torch
 
-from gpu_profile_common import QUESTION, kernel_times
+from gpu_profile_common import QUESTION, demo_image, event_times_ms, kernel_times, profile_parser
 
 from bench.cache_policy import CachePolicy
-from bench.cli import _quiet_libraries
-from bench.config import DEMO_IMAGE
 from bench.models.loader import build_preset
 from bench.quant import int4 as int4_module
 from bench.quant.awq import Int4Options, quantize_model
 from bench.results import CsvWriter
 from bench.static_engine import GraphEngine
-
-
-def timed(fn, reps: int) -> float:
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
 
 
 def host_ops(fn, reps: int, top: int = 8) -> str:
@@ -53,15 +38,10 @@ def host_ops(fn, reps: int, top: int = 8) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="vila1.5-3b")
-    ap.add_argument("--out", required=True)
+    ap = profile_parser("vila1.5-3b")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
-    _quiet_libraries()
-    from PIL import Image
-
-    image = Image.open(DEMO_IMAGE).convert("RGB")
+    image = demo_image()
     w = CsvWriter(Path(args.out), ["model", "weights", "dense_path", "tokens", "wall_ms", "kernel_ms", "top_host_ops"])
     for weights, traced in (("fp16", True), ("rtn4", True), ("rtn4", False)):
         adapter = build_preset(args.preset, None, torch.device("cuda"), torch.float16)
@@ -76,7 +56,7 @@ def main() -> None:
             call = lambda: engine.prefill(embeds, cache, 0)[:, -1].argmax(-1)  # noqa: E731
             for _ in range(3):
                 call()
-            wall = timed(call, args.reps)
+            wall = statistics.median(event_times_ms(call, args.reps))
             kernels = sum(ms for ms, _ in kernel_times(call, 5).values())
             ops = host_ops(call, 5)
         path = "-" if weights == "fp16" else ("traced Triton dequantize" if traced else "opaque custom op")

@@ -6,34 +6,19 @@ torch.compile'd with a dynamic length; projections fused or separate), plus the 
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
 import torch
 
-from gpu_profile_common import QUESTION, graph_engine_after_one_request, kernel_times
+from gpu_profile_common import QUESTION, event_times_ms, graph_engine_after_one_request, kernel_times, profile_parser
 
 from bench.fused_linear import FUSED_MAX_ROWS
 from bench.results import CsvWriter
 
 
-def timed(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return out
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="llava-1.5-7b")
-    ap.add_argument("--out", required=True)
+    ap = profile_parser("llava-1.5-7b")
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
     a, eng, image, r = graph_engine_after_one_request(args.preset, 8)
@@ -49,7 +34,7 @@ def main() -> None:
                 call = lambda fn=fn: dec.prefill(embeds, kv, 0, fn)[:, -1].argmax(-1)  # noqa: E731
                 for _ in range(3):
                     call()
-                wall = statistics.median(timed(call, args.reps))
+                wall = statistics.median(event_times_ms(call, args.reps))
                 per = {k: ms for k, (ms, _) in kernel_times(call, 5).items()}
                 top = "; ".join(f"{ms:.2f} {k[:50]}" for k, ms in sorted(per.items(), key=lambda kv: -kv[1])[:5])
                 cfg = f"{name}, {'fused' if fused else 'separate'} projections"
@@ -70,7 +55,7 @@ def main() -> None:
             for _ in range(3):
                 call()
             per = {k: ms for k, (ms, _) in kernel_times(call, 10).items()}
-            wall = statistics.median(timed(call, args.reps))  # eager launches: an upper bound on the graph
+            wall = statistics.median(event_times_ms(call, args.reps))  # eager launches: an upper bound on the graph
             top = "; ".join(f"{ms:.3f} {k[:50]}" for k, ms in sorted(per.items(), key=lambda kv: -kv[1])[:6])
             w.write({"model": args.preset, "what": "step (compiled layers, eager launch)", "config": "fused",
                      "tokens": t, "wall_ms": wall, "kernel_ms": sum(per.values()), "top_kernels": top})

@@ -2,6 +2,7 @@
 and CUDA kernel time by kernel name (torch.profiler)."""
 from __future__ import annotations
 
+import argparse
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -19,12 +20,38 @@ from bench.static_engine import GraphEngine  # noqa: E402
 QUESTION = "What is shown in this image?"
 
 
-def graph_engine_after_one_request(preset: str, new_tokens: int):
-    """(adapter, engine, image, result): fp16 preset on CUDA, one request run (graphs captured)."""
+def profile_parser(preset: str) -> argparse.ArgumentParser:
+    """--preset and --out, which every profiling script takes."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default=preset)
+    ap.add_argument("--out", required=True)
+    return ap
+
+
+def demo_image():
+    """The bundled demo image as RGB (library log noise silenced first)."""
     from PIL import Image
 
     _quiet_libraries()
-    image = Image.open(DEMO_IMAGE).convert("RGB")
+    return Image.open(DEMO_IMAGE).convert("RGB")
+
+
+def event_times_ms(fn, reps: int) -> list[float]:
+    """Wall time of each of `reps` calls of `fn`, CUDA events around the call."""
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
+
+
+def graph_engine_after_one_request(preset: str, new_tokens: int):
+    """(adapter, engine, image, result): fp16 preset on CUDA, one request run (graphs captured)."""
+    image = demo_image()
     adapter = build_preset(preset, None, torch.device("cuda"), torch.float16)
     engine = GraphEngine(adapter, CachePolicy())
     return adapter, engine, image, engine.run(image, QUESTION, new_tokens)

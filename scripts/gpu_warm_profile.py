@@ -6,7 +6,6 @@ token, and the host functions that take the most time (cProfile).
 """
 from __future__ import annotations
 
-import argparse
 import cProfile
 import gc
 import io
@@ -17,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from gpu_profile_common import QUESTION, kernel_times
+from gpu_profile_common import QUESTION, demo_image, kernel_times, profile_parser
 
-from bench.cli import _quiet_libraries
 from bench.config import DEMO_IMAGE
 from bench.gpu_monitor import GpuMonitor
 from bench.models.loader import build_preset
@@ -33,15 +31,10 @@ QUESTIONS = ["What is shown in this image?", "Describe the colors in this pictur
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="llava-1.5-7b")
-    ap.add_argument("--out", required=True)
+    ap = profile_parser("llava-1.5-7b")
     ap.add_argument("--reps", type=int, default=40)
     args = ap.parse_args()
-    _quiet_libraries()
-    from PIL import Image
-
-    image = Image.open(DEMO_IMAGE).convert("RGB")
+    image = demo_image()
     visual = VisualInput((image,), encoded=(Path(DEMO_IMAGE).read_bytes(),))  # as the benchmark's requests
     adapter = build_preset(args.preset, None, torch.device("cuda"), torch.float16)
     engine = GraphEngine(adapter, PrefixKVPolicy(4096))
@@ -83,11 +76,9 @@ def main() -> None:
             gc.enable()
             for k, v in r.phases_ms.items():
                 phases.setdefault(k, []).append(v)
-        ttft = 0.0
         parts = []
         for k in ("preprocess", "lookup", "restore", "prefill"):
             ms = statistics.median(phases.get(k, [0.0]))
-            ttft += ms
             parts.append(f"{k} {ms:.3f}")
             w.write({"model": args.preset, "what": f"warm phase median: {label}", "name": k, "ms": ms, "launches": ""})
         ttfts = [sum(p) for p in zip(*(phases[k] for k in ("preprocess", "lookup", "restore", "prefill")))]
@@ -100,16 +91,16 @@ def main() -> None:
             continue  # (a graph for another prefix length: replaying it here would write past its keys)
         walls = []
         with torch.inference_mode():  # the engine's buffers are inference tensors
+            saved = engine.cache.positions()
             for _ in range(20):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                saved = engine.cache.positions()
-                engine.cache.length.fill_(prefix_len)  # where a warm request's suffix starts
+                engine.cache.length.fill_(prefix_len)  # where a warm request's suffix starts (replays advance it)
                 a.record()
                 cap.graph.replay()
                 b.record()
                 torch.cuda.synchronize()
-                engine.cache.set_positions(saved)
                 walls.append(a.elapsed_time(b))
+            engine.cache.set_positions(saved)
         w.write({"model": args.preset, "what": "suffix graph replay alone", "name": f"bucket {key[1]} keys {key[2]}",
                  "ms": statistics.median(walls), "launches": ""})
         print(f"suffix graph (bucket {key[1]}) replay alone: {statistics.median(walls):.3f} ms", flush=True)

@@ -331,6 +331,14 @@ class Int4Linear(nn.Module):
         return dense_weight(self.packed, self.scale_and_zero, self.out_features, self.in_features,
                             self.group_size, dtype)
 
+    def dequantize_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Write the dense weight into `out` ([N, K], its dtype): the Triton dequantizer straight
+        into it on CUDA (capturable), plain torch ops on the CPU."""
+        if self.tile_inverse is not None:
+            return _triton_int4.dequantize_tinygemm(self.packed, self.scale_and_zero, self.tile_inverse, out,
+                                                    self.group_size)
+        return out.copy_(self.dense_weight(out.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale

@@ -44,12 +44,7 @@ class DensePrefetch:
 
     def _dequantize(self, i: int) -> None:
         for m, slot in zip(self.layers[i], self.slots[i % 2]):
-            if self.cuda:
-                from bench.quant.triton_int4 import dequantize_tinygemm
-
-                dequantize_tinygemm(m.packed, m.scale_and_zero, m.tile_inverse, slot, m.group_size)
-            else:
-                slot.copy_(m.dense_weight(slot.dtype))
+            m.dequantize_into(slot)
 
     def _fill(self, i: int) -> None:
         """Queue layer i's dequantization behind the last reader of its slot (layer i - 2)."""
