@@ -22,7 +22,7 @@ reading back where every index landed.
 Tried and dropped on the H200 (scratch experiments, not kept as results): a Triton int4 GEMV
 of ours and an inductor-fused dequantize-multiply-reduce, both slower than tinygemm at one row;
 a group-128 dequantizer taking four 8 x 128 tiles per program with per-row scale loads, which
-made llava-1.5-7b's awq4 prefill about 1.5x slower than this one.
+made llava-1.5-7b's awq4 prefill slower than this one.
 """
 from __future__ import annotations
 
