@@ -3,8 +3,10 @@
 For each weight shape of a preset's decoder and each M: cuBLAS fp16 F.linear; our Int4Linear's
 int4 path (PyTorch's tinygemm, as torchao's int4 tensors call it, with the casts our fp16 model
 needs); torchao's own Int4WeightOnlyConfig(tile_packed_to_4d) linear on bf16 input; our dense
-path (Triton dequantize + cuBLAS GEMM) and the dequantize alone. Each is captured 50 times in
-one CUDA graph and replayed, so the numbers are GPU time without launch overhead; median of 15.
+path (Triton dequantize + cuBLAS GEMM) and the dequantize alone, by the kernel that assumes the
+published tinygemm layout (what runs) and by the one that reads the learnt layout. Each is
+captured 50 times in one CUDA graph and replayed, so the numbers are GPU time without launch
+overhead; median of 15.
 
     python scripts/gpu_int4_kernels.py --preset llava-1.5-7b --out results/h200/int4_kernels_llava-1.5-7b.csv
 """
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.models.presets import get_preset  # noqa: E402
+from bench.quant import triton_int4  # noqa: E402
 from bench.quant.int4 import Int4Linear, quantize_int4  # noqa: E402
 from bench.results import CsvWriter  # noqa: E402
 
@@ -79,7 +82,8 @@ def main() -> None:
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k, device=dev, dtype=dtype) * 0.02
         layer = Int4Linear.from_int4(quantize_int4(w, args.group_size), dev, dtype)
-        print(f"{name}: int4 scales stored as {layer.scale_and_zero.dtype}", flush=True)
+        print(f"{name}: int4 scales stored as {layer.scale_and_zero.dtype}, published tile layout: "
+              f"{layer.published_layout}", flush=True)
         ao = torchao_int4(w, args.group_size)
         for m in (int(r) for r in args.rows.split(",")):
             x = torch.randn(m, k, device=dev, dtype=dtype)
@@ -91,7 +95,10 @@ def main() -> None:
             paths["int4_kernel"] = lambda: layer(x)
             paths["int4_dense"] = lambda: F.linear(x, layer.dense_weight(dtype))  # what layer(x) runs above dense_rows
             if m == 1:
-                paths["dequantize_only"] = lambda: layer.dense_weight(dtype)
+                paths["dequantize_only"] = lambda: layer.dense_weight(dtype)  # the published-layout kernel
+                gathered = torch.empty(n, k, device=dev, dtype=dtype)
+                paths["dequantize_gather"] = lambda: triton_int4.dequantize_tinygemm(  # the learnt-layout kernel
+                    layer.packed, layer.scale_and_zero, layer.tile_inverse, gathered, args.group_size, False)
             times = {p: graph_time_us(fn) for p, fn in paths.items()}
             for p, us in times.items():
                 writer.write({"preset": args.preset, "linear": name, "out_features": n, "in_features": k, "rows": m,

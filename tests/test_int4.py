@@ -329,6 +329,26 @@ def test_cuda_int4_kernel_and_dense_path_match_the_weights(n, k, group):
 
 
 @cuda
+@pytest.mark.parametrize("n,k,group", [(4096, 4096, 128), (48, 256, 32), (24, 512, 64), (16, 512, 256)])
+def test_cuda_published_layout_dequantizer_equals_the_learnt_layout_one(n, k, group):
+    """This build's packer writes the layout its source defines, and the dequantizer built on it
+    writes exactly what the one reading the learnt tile permutation writes."""
+    from bench.quant import triton_int4
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    layer = Int4Linear.from_int4(quantize_int4(torch.randn(n, k, device=dev), group), dev, torch.float16)
+    assert layer.published_layout
+    args = (layer.packed, layer.scale_and_zero, layer.tile_inverse)
+    fast = triton_int4.dequantize_tinygemm(*args, torch.empty(n, k, device=dev, dtype=torch.float16), group, True)
+    learnt = triton_int4.dequantize_tinygemm(*args, torch.empty(n, k, device=dev, dtype=torch.float16), group, False)
+    assert torch.equal(fast, learnt)
+    traced = torch.compile(lambda: triton_int4.dequantize_traceable(*args, n, k, group, torch.float16, True),
+                           fullgraph=True)()
+    assert torch.equal(traced, learnt)
+
+
+@cuda
 def test_cuda_compiled_dense_path_is_traced_and_matches_eager():
     """Compiled, the dense path is the Triton dequantizer traced into the graph (no opaque op
     left) and computes what the eager path (custom op + captured dequantize) does."""

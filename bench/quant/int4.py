@@ -22,7 +22,8 @@ reading back where every index landed.
 Tried and dropped on the H200 (scratch experiments, not kept as results): a Triton int4 GEMV
 of ours and an inductor-fused dequantize-multiply-reduce, both slower than tinygemm at one row;
 a group-128 dequantizer taking four 8 x 128 tiles per program with per-row scale loads, which
-made llava-1.5-7b's awq4 prefill slower than this one.
+made llava-1.5-7b's awq4 prefill slower; a dequantizer storing each word's nibbles straight to
+their scattered columns, slower than the gather kernel at most block sizes.
 """
 from __future__ import annotations
 
@@ -122,12 +123,25 @@ def _probe(n: int, k: int, device: torch.device) -> torch.Tensor:
     return where
 
 
+def tinygemm_tile_source() -> torch.Tensor:
+    """Row-major position in its 8 x 128 tile of each of the tile's 1024 nibbles, in memory order,
+    as PyTorch's packer defines it (_convert_weight_to_int4pack_cuda, 8 inner k-tiles: lane l of
+    32 owns row l // 4; its word w of 4 holds the columns 32 w + 2 (l % 4) + 8 i + lo, i = 0..3,
+    in nibble i + 4 lo). The Triton dequantizer builds this in; KernelLayout checks it against
+    what the packer of this build actually writes."""
+    m = torch.arange(CUDA_TILE[0] * CUDA_TILE[1])
+    nib, word, lane = m % 8, (m // 8) % 4, m // 32
+    col = 32 * word + 2 * (lane % 4) + 8 * (nib % 4) + nib // 4
+    return (lane // 4) * CUDA_TILE[1] + col
+
+
 class KernelLayout:
     """How to turn a packed weight back into q [N, K] for one (device type, N, K).
 
     CUDA (tinygemm): each 8 x 128 tile of the weight packs into its own 128 int32 words, in an
-    order learnt once from an 8 x 128 probe and checked on a 2 x 2-tile probe. CPU: one probe of
-    the whole shape (tests only; the CPU layout is not tile-local)."""
+    order learnt once from an 8 x 128 probe and checked on a 2 x 2-tile probe; `published` says
+    whether that order is tinygemm_tile_source() (the fast dequantizer's assumption). CPU: one
+    probe of the whole shape (tests only; the CPU layout is not tile-local)."""
 
     def __init__(self, n: int, k: int, device: torch.device):
         self.n, self.k, self.device = n, k, device
@@ -144,6 +158,7 @@ class KernelLayout:
         else:
             self.block = None
             where = _probe(n, k, device)
+        self.published = device.type == "cuda" and torch.equal(where.cpu(), tinygemm_tile_source())
         self.inverse = torch.argsort(where).to(torch.int32 if where.numel() < 2**31 else torch.long)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
@@ -236,7 +251,7 @@ def _cuda_dense_weight(packed: torch.Tensor, scale_and_zero: torch.Tensor, lay: 
     if out is None:
         out = torch.empty(n, k, dtype=dtype, device=packed.device)
         _DENSE_SCRATCH[key] = out
-    args = (packed, scale_and_zero, lay.inverse, out, group_size)
+    args = (packed, scale_and_zero, lay.inverse, out, group_size, lay.published)
     if torch.cuda.is_current_stream_capturing():  # inside someone else's graph: launch directly
         return dequantize_tinygemm(*args)
     gkey = (packed.data_ptr(), tuple(packed.shape), dtype)
@@ -297,8 +312,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("input_scale", input_scale)
         # CUDA: the tile permutation the Triton dequantizer reads (one shared 4 KiB tensor per
         # weight shape), held here so compiled code sees a buffer, not a cache lookup.
-        inverse = kernel_layout(out_features, in_features, packed.device).inverse if packed.is_cuda else None
-        self.register_buffer("tile_inverse", inverse, persistent=False)
+        lay = kernel_layout(out_features, in_features, packed.device) if packed.is_cuda else None
+        self.register_buffer("tile_inverse", None if lay is None else lay.inverse, persistent=False)
+        self.published_layout = lay is not None and lay.published  # the fast dequantizer applies
         # A dense copy of this weight made ahead of a prefill (bench.quant.prefetch), read by the
         # dense path while `use_prefill_weights()` is on; a slot shared with other layers.
         self.register_buffer("prefill_weight", None, persistent=False)
@@ -336,7 +352,7 @@ class Int4Linear(nn.Module):
         into it on CUDA (capturable), plain torch ops on the CPU."""
         if self.tile_inverse is not None:
             return _triton_int4.dequantize_tinygemm(self.packed, self.scale_and_zero, self.tile_inverse, out,
-                                                    self.group_size)
+                                                    self.group_size, self.published_layout)
         return out.copy_(self.dense_weight(out.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -350,7 +366,8 @@ class Int4Linear(nn.Module):
                 # Compiled (the graph engine's prefill and suffix buckets): traced, so inductor
                 # launches the dequantizer itself; see triton_int4.dequantize_traceable.
                 w = _triton_int4.dequantize_traceable(self.packed, self.scale_and_zero, self.tile_inverse,
-                                                   self.out_features, self.in_features, self.group_size, x.dtype)
+                                                      self.out_features, self.in_features, self.group_size, x.dtype,
+                                                      self.published_layout)
                 return F.linear(x, w, self.bias)
             # Eager: one opaque op (a captured dequantize replayed, scratch shared by layers).
             return torch.ops.vlm_bench.int4_dense_linear(x, self.packed, self.scale_and_zero, self.bias,
