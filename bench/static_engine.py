@@ -57,6 +57,7 @@ class StaticEngine(HFEngine):
         # the next request on the same prefix finds it in place and copies nothing, as a paged
         # KV cache would reference its blocks; a prefill from column 0 forgets every row.
         self.resident: dict[int, weakref.ref] = {}
+        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # suffix ids per bucket
         self.prefetch = self._int4_prefetch()
 
     def _int4_prefetch(self) -> DensePrefetch | None:
@@ -135,17 +136,67 @@ class StaticEngine(HFEngine):
         if start == 0 and cache is self.cache:
             self.resident = {}
 
+    def key_len(self, start: int, bucket: int) -> int:
+        """The columns a suffix bucket written at `start` attends over (see KEY_ROUND)."""
+        return min(self.cache.max_len, -(-(start + bucket) // KEY_ROUND) * KEY_ROUND)
+
     def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
         self.forget_overwritten(cache, start)
         bucket = self.bucketed(embeds, start, valid)
         if bucket is None:
             return self.full_prefill(embeds, cache, start, valid=valid)
-        key_len = min(cache.max_len, -(-(start + bucket) // KEY_ROUND) * KEY_ROUND)
-        return self.suffix_step(F.pad(embeds, (0, 0, 0, bucket - embeds.shape[1])), embeds.shape[1], key_len)
+        return self.suffix_step(F.pad(embeds, (0, 0, 0, bucket - embeds.shape[1])), embeds.shape[1],
+                                self.key_len(start, bucket))
+
+    def _lm_step(self, embeds, n_real, key_len: int | None = None):
+        """decoder.step on the working buffers (GraphEngine: its compiled layer)."""
+        return self.decoder.step(embeds, n_real, self.cache, key_len=key_len)
 
     def suffix_step(self, padded: torch.Tensor, real: int, key_len: int) -> torch.Tensor:
         n = torch.full((), real, dtype=torch.long, device=padded.device)
-        return self.decoder.step(padded, n, self.cache, key_len=key_len)
+        return self._lm_step(padded, n, key_len)
+
+    # -------------------------------------------------------------- a warm request's suffix
+    def _suffix_prefill(self, prepared: list, cache, lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """One request after a prefix hit in the working buffers: its suffix goes in as token
+        ids (`suffix_token`); batches and long suffixes take the embeddings path."""
+        if len(prepared) == 1 and cache is self.cache and cache.valid is None:
+            ids = prepared[0].suffix_ids
+            bucket = self.bucket(len(ids))
+            if bucket is not None:
+                return self.suffix_token(ids, lengths[0], bucket)
+        return super()._suffix_prefill(prepared, cache, lengths)
+
+    def _suffix_inputs(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(host staging, device input) for a bucket: [ids padded to `bucket`, real count].
+        The host side is pinned on CUDA, so staging a request is one asynchronous copy."""
+        found = self._staged.get(bucket)
+        if found is None:
+            dev = self.adapter.device
+            dev_in = torch.zeros(bucket + 1, dtype=torch.long, device=dev)
+            host = torch.zeros(bucket + 1, dtype=torch.long, pin_memory=True) if dev.type == "cuda" else dev_in
+            found = self._staged[bucket] = (host, dev_in)
+        return found
+
+    def suffix_token(self, ids: list[int], start: int, bucket: int) -> tuple[torch.Tensor, list[int]]:
+        """Greedy next token (device [1], host list) after the suffix `ids` written at `start`,
+        the prefix in place before it: the ids, padded to `bucket`, and their count go to the
+        device in one copy, and embedding, decoder step and argmax follow on the device (one
+        graph replay on GraphEngine: a warm request's first token costs the host a copy, a
+        replay and the read of the token, not a dozen launches)."""
+        host, dev_in = self._suffix_inputs(bucket)
+        staged = host.numpy()
+        staged[:len(ids)] = ids
+        staged[len(ids):bucket] = 0  # padding: written past the real tokens, never attended by them
+        staged[bucket] = len(ids)
+        if dev_in is not host:
+            dev_in.copy_(host, non_blocking=True)
+        token = self._suffix_token_call(dev_in, bucket, self.key_len(start, bucket))
+        return token, token.tolist()  # the read waits for the copy: `host` is free again after it
+
+    def _suffix_token_call(self, dev_in: torch.Tensor, bucket: int, key_len: int) -> torch.Tensor:
+        embeds = self.decoder.embed(dev_in[None, :bucket])
+        return self._lm_step(embeds, dev_in[bucket], key_len)[:, -1].argmax(-1)
 
     def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
         return self.decoder.step(self.decoder.embed(token[:, None]), self.one, cache)
@@ -268,6 +319,16 @@ class GraphEngine(StaticEngine):
         cap.inputs[1].fill_(real)
         cap.graph.replay()
         return cap.output
+
+    def _suffix_token_call(self, dev_in: torch.Tensor, bucket: int, key_len: int) -> torch.Tensor:
+        key = ("suffix ids", bucket, key_len)  # a graph per bucket and attended length
+        cap = self.lm_graphs.get(key)
+        if cap is None:
+            graph, out = self._capture(lambda: super(GraphEngine, self)._suffix_token_call(dev_in, bucket, key_len),
+                                       f"suffix prefill ({bucket} tokens)", True)
+            cap = self.lm_graphs[key] = _Captured(graph, (dev_in,), out)
+        cap.graph.replay()
+        return cap.output  # overwritten by the next replay: decode copies it before any
 
     def _decode_call(self, token_buf, embeds_buf):
         logits = self._lm_step(embeds_buf, self.one)

@@ -87,7 +87,7 @@ def main() -> None:
         print(f"{label:40s} TTFT {statistics.median(ttfts):.3f} ms | " + ", ".join(parts), flush=True)
     prefix_len = engine.run(visual, QUESTIONS[0], 1).cached_tokens
     for key, cap in engine.lm_graphs.items():  # each captured suffix graph replayed alone: its wall time
-        if key[0] != "suffix" or prefix_len + key[1] > key[2]:
+        if key[0] != "suffix ids" or prefix_len + key[1] > key[2]:
             continue  # (a graph for another prefix length: replaying it here would write past its keys)
         walls = []
         with torch.inference_mode():  # the engine's buffers are inference tensors

@@ -30,14 +30,26 @@ def test_static_cache_tokens_equal_generate(family, checkpoint_dirs, demo_image)
 
 
 @pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
-def test_static_cache_with_prefix_reuse(family, checkpoint_dirs, demo_image):
+def test_static_cache_with_prefix_reuse(family, checkpoint_dirs, demo_image, monkeypatch):
+    """Warm requests enter as suffix token ids (the path GraphEngine captures); a shorter suffix
+    after a longer one in the same bucket is unaffected by what the longer one left staged."""
     adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
     engine = StaticEngine(adapter, PrefixKVPolicy(64))
+    by_ids = []
+    suffix_token = StaticEngine.suffix_token
+    monkeypatch.setattr(StaticEngine, "suffix_token",
+                        lambda self, ids, start, bucket: by_ids.append(len(ids)) or suffix_token(self, ids, start, bucket))
     assert not engine.run(demo_image, "warm-up question", N).cache_hit
-    for q in ("What is shown?", "Describe the colors in this picture, please."):
+    long_q = "Describe the colors in this picture, please, and say which one covers the most area."
+    words = long_q.split()
+    suffix_len = lambda q: len(adapter.prepare_text(q).suffix_ids)  # noqa: E731
+    shorter = [" ".join(words[:i]) for i in range(1, len(words))]
+    short_q = next(q for q in shorter if engine.bucket(suffix_len(q)) == engine.bucket(suffix_len(long_q)))
+    for q in (long_q, short_q):
         r = engine.run(demo_image, q, N)
         assert r.cache_hit and r.cached_tokens == r.prefix_tokens
         assert r.tokens == reference_generate(adapter, demo_image, q, N)
+    assert len(by_ids) == 2 and by_ids[0] > by_ids[1] and engine.bucket(by_ids[0]) == engine.bucket(by_ids[1])
 
 
 def test_static_cache_grows_for_a_longer_request(checkpoint_dirs, demo_image):
@@ -104,3 +116,18 @@ def test_a_resident_prefix_is_reused_in_place_and_forgotten_when_overwritten(che
     engine.teacher_forced_logprobs(demo_image, q, r.tokens[:4])  # a full prefill from column 0
     engine.run(demo_image, q, 4)
     assert in_place_seen[-1] == [False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_engine_warm_requests_equal_generate(checkpoint_dirs, demo_image):
+    """On the graph engine a warm request is one captured graph from suffix ids to first token
+    (compiled layers, the matmul attention for the bucket's queries): greedy tokens as generate's."""
+    from bench.static_engine import GraphEngine
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), torch.float32)
+    engine = GraphEngine(adapter, PrefixKVPolicy(64))
+    assert not engine.run(demo_image, "warm-up question", N).cache_hit
+    for q in ("Describe the colors in this picture, please.", "Why?", "What is shown?"):
+        r = engine.run(demo_image, q, N)
+        assert r.cache_hit and r.tokens == reference_generate(adapter, demo_image, q, N), q
+    assert any(key[0] == "suffix ids" for key in engine.lm_graphs)
