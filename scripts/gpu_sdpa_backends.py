@@ -1,7 +1,9 @@
 """What each SDPA backend costs for the graph engine's attention shapes (H200): t queries of one
 row over a static KV buffer of `keys` columns with an additive mask (the decode step t=1 and the
-suffix buckets), 32 heads x 128, fp16. Each backend's calls are captured in a CUDA graph of 32
-calls (one per layer) and replayed, so launch overhead is excluded as in the engine.
+suffix buckets), 32 heads x 128, fp16: the SDPA backends, and `matmul_compiled` (the graph
+engine's compiled attention for several queries, FastDecoder._matmul_attention). Each one's
+calls are captured in a CUDA graph of 32 calls (one per layer) and replayed, so launch overhead
+is excluded as in the engine.
 
     python scripts/gpu_sdpa_backends.py --out $OUT/sdpa_backends.csv
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -18,21 +21,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.fast_decoder import FastDecoder  # noqa: E402
 from bench.results import CsvWriter  # noqa: E402
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH}
 
 
-def per_call_us(backend, q, k, v, mask, layers=32, reps=20) -> float:
-    with sdpa_kernel([backend]):
-        for _ in range(3):
-            F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(layers):
-                F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+def graphed_us(call, layers=32, reps=20) -> float:
+    """Per-call GPU time of `call`, captured `layers` times in one CUDA graph and replayed."""
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(layers):
+            call()
     times = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -42,6 +46,20 @@ def per_call_us(backend, q, k, v, mask, layers=32, reps=20) -> float:
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b) * 1e3 / layers)
     return statistics.median(times)
+
+
+def per_call_us(backend, q, k, v, mask) -> float:
+    with sdpa_kernel([backend]):
+        return graphed_us(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def matmul_attention_us(q, k, v, mask) -> float:
+    """FastDecoder._matmul_attention compiled as the graph engine's steps compile it."""
+    cfg = SimpleNamespace(model_type="llama", num_attention_heads=q.shape[1], num_key_value_heads=k.shape[1],
+                          hidden_size=q.shape[1] * q.shape[-1])
+    dec = FastDecoder(SimpleNamespace(embed_tokens=None, norm=None, rotary_emb=None, layers=[]), None, cfg)
+    fn = torch.compile(dec._matmul_attention, dynamic=False)
+    return graphed_us(lambda: fn(q, k, v, mask))
 
 
 def main() -> None:
@@ -58,9 +76,11 @@ def main() -> None:
             cols = length + torch.arange(t, device=dev)
             allowed = torch.arange(keys, device=dev)[None, :] <= cols[:, None]
             mask = torch.zeros(t, keys, device=dev, dtype=dt).masked_fill_(~allowed, float("-inf"))
-            for name, backend in BACKENDS.items():
+            runs = {name: (lambda b=backend: per_call_us(b, q, k, v, mask)) for name, backend in BACKENDS.items()}
+            runs["matmul_compiled"] = lambda: matmul_attention_us(q, k, v, mask)
+            for name, run in runs.items():
                 try:
-                    us = per_call_us(backend, q, k, v, mask)
+                    us = run()
                 except RuntimeError as e:
                     print(f"t={t} keys={keys} {name}: unavailable ({str(e)[:80]})", flush=True)
                     continue

@@ -1,5 +1,7 @@
 """The static engines' own decoder: fused projections are exact and share memory, the padded
 suffix step and the offset prefill agree with transformers, prefix restore is one copy."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -111,6 +113,33 @@ def test_prefill_step_and_offset_prefill_give_the_same_logits(family, checkpoint
         kv.data[..., n_prefix + SUFFIX_BUCKETS[-1]:, :] = 1e4  # stale columns past the key range
         got = dec.step(padded, torch.tensor(real), kv, key_len=n_prefix + SUFFIX_BUCKETS[-1])
         torch.testing.assert_close(got[:, -1], want, rtol=1e-4, atol=1e-4)
+        # traced by torch.compile (as the graph engine's steps are), the several queries of a
+        # bucket attend through the matmul path: the same logits
+        kv.reset()
+        dec.prefill(embeds[:, :n_prefix], kv, 0)
+        got = dec.step(padded, torch.tensor(real), kv, torch.compile(dec.layer_at, backend="eager", dynamic=False))
+        torch.testing.assert_close(got[:, -1], want, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_attention_equals_sdpa_with_grouped_heads_and_batch_masks():
+    """The compiled steps' attention (transformers' eager arithmetic) against SDPA: shared kv
+    heads, a causal-offset mask [t, keys] and a per-row mask with padding gaps [b, 1, t, keys]."""
+    from bench.fast_decoder import _additive
+
+    torch.manual_seed(0)
+    cfg = SimpleNamespace(model_type="llama", num_attention_heads=8, num_key_value_heads=2, hidden_size=64)
+    dec = FastDecoder(SimpleNamespace(embed_tokens=None, norm=None, rotary_emb=None, layers=[]), None, cfg)
+    b, t, keys = 2, 5, 24
+    q = torch.randn(b, 8, t, 8)
+    k, v = torch.randn(b, 2, keys, 8), torch.randn(b, 2, keys, 8)
+    cols = 10 + torch.arange(t)
+    causal = torch.arange(keys)[None, :] <= cols[:, None]
+    valid = torch.ones(b, keys, dtype=torch.bool)
+    valid[1, 3:7] = False
+    for mask in (causal, (causal[None] & valid[:, None])[:, None]):
+        add = _additive(mask, q.dtype)
+        torch.testing.assert_close(dec._matmul_attention(q, k, v, add), dec._sdpa(q, k, v, mask=add),
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_a_suffix_longer_than_every_bucket_prefills_eagerly_after_the_prefix(checkpoint_dirs, demo_image):
