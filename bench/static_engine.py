@@ -7,7 +7,8 @@
   * the decode step (one token; embedding of the next token written back on the GPU, so replays
     chain without the host), with each decoder layer compiled by torch.compile first (one layer
     compiled and reused by all: "regional compilation"), so elementwise work is fused;
-  * the suffix prefill after a prefix hit, one graph per length bucket (padded up);
+  * the suffix prefill after a prefix hit, one graph per length bucket (padded up), from the
+    suffix's token ids to its first token;
   * the vision tower + projector, one graph per pixel shape.
   Full-prompt prefill is not graphed (variable length): its layer is compiled with a dynamic
   length (flash attention, fused elementwise work) and q/k/v and gate/up run fused at every
@@ -22,7 +23,6 @@ from __future__ import annotations
 import weakref
 
 import torch
-import torch.nn.functional as F
 
 from bench.engine import HFEngine
 from bench.errors import VariantUnsupported
@@ -127,10 +127,6 @@ class StaticEngine(HFEngine):
     def bucket(tokens: int) -> int | None:
         return next((b for b in SUFFIX_BUCKETS if b >= tokens), None)
 
-    def bucketed(self, embeds: torch.Tensor, start: int, valid) -> int | None:
-        """The bucket a suffix prefill runs as (a single unpadded row after a prefix hit), or None."""
-        return self.bucket(embeds.shape[1]) if start and valid is None and embeds.shape[0] == 1 else None
-
     def forget_overwritten(self, cache: KVBuffers, start: int) -> None:
         """A prefill from column 0 of the working buffers overwrites every row's front."""
         if start == 0 and cache is self.cache:
@@ -141,20 +137,14 @@ class StaticEngine(HFEngine):
         return min(self.cache.max_len, -(-(start + bucket) // KEY_ROUND) * KEY_ROUND)
 
     def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
+        """Embeddings at host-known columns (a warm single request's short suffix instead enters
+        as token ids: `suffix_token`)."""
         self.forget_overwritten(cache, start)
-        bucket = self.bucketed(embeds, start, valid)
-        if bucket is None:
-            return self.full_prefill(embeds, cache, start, valid=valid)
-        return self.suffix_step(F.pad(embeds, (0, 0, 0, bucket - embeds.shape[1])), embeds.shape[1],
-                                self.key_len(start, bucket))
+        return self.full_prefill(embeds, cache, start, valid=valid)
 
     def _lm_step(self, embeds, n_real, key_len: int | None = None):
         """decoder.step on the working buffers (GraphEngine: its compiled layer)."""
         return self.decoder.step(embeds, n_real, self.cache, key_len=key_len)
-
-    def suffix_step(self, padded: torch.Tensor, real: int, key_len: int) -> torch.Tensor:
-        n = torch.full((), real, dtype=torch.long, device=padded.device)
-        return self._lm_step(padded, n, key_len)
 
     # -------------------------------------------------------------- a warm request's suffix
     def _suffix_prefill(self, prepared: list, cache, lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
@@ -276,8 +266,6 @@ class GraphEngine(StaticEngine):
 
     def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
         self.forget_overwritten(cache, start)
-        if self.bucketed(embeds, start, valid) is not None:
-            return super().prefill(embeds, cache, start)  # a captured suffix bucket
         if self.prefill_fn is not None:
             try:
                 return self.full_prefill(embeds, cache, start, self.prefill_fn, valid)
@@ -307,19 +295,6 @@ class GraphEngine(StaticEngine):
         return cap.output.clone()  # the graph's output is overwritten by the next replay
 
     # ---------------------------------------------------------------------------------- LM
-    def suffix_step(self, padded: torch.Tensor, real: int, key_len: int) -> torch.Tensor:
-        key = ("suffix", padded.shape[1], key_len)  # a graph per bucket and attended length
-        cap = self.lm_graphs.get(key)
-        if cap is None:
-            static, n = padded.clone(), torch.full((), real, dtype=torch.long, device=padded.device)
-            graph, out = self._capture(lambda: self._lm_step(static, n, key_len),
-                                       f"suffix prefill ({padded.shape[1]} tokens)", True)
-            cap = self.lm_graphs[key] = _Captured(graph, (static, n), out)
-        cap.inputs[0].copy_(padded)
-        cap.inputs[1].fill_(real)
-        cap.graph.replay()
-        return cap.output
-
     def _suffix_token_call(self, dev_in: torch.Tensor, bucket: int, key_len: int) -> torch.Tensor:
         key = ("suffix ids", bucket, key_len)  # a graph per bucket and attended length
         cap = self.lm_graphs.get(key)
