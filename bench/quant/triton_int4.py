@@ -67,17 +67,24 @@ def _dequant_gather_kernel(p_ptr, sz_ptr, inv_ptr, w_ptr, N, K, G: tl.constexpr,
     tl.store(w_ptr + n * K + k, ((q - MID) * s + z).to(w_ptr.dtype.element_ty))
 
 
+def _kernel_and_args(packed, scale_and_zero, tile_inverse, out, published: bool) -> tuple:
+    """The dequantizer for this layout and its positional arguments (both callers launch it)."""
+    n, k = out.shape
+    if published:
+        return _dequant_published_kernel, (packed, scale_and_zero, out, n, k)
+    return _dequant_gather_kernel, (packed, scale_and_zero, tile_inverse, out, n, k)
+
+
+def _grid(out: torch.Tensor) -> tuple[int]:
+    return ((out.shape[0] // 8) * (out.shape[1] // 128),)  # one program per 8 x 128 tile
+
+
 def dequantize_tinygemm(packed: torch.Tensor, scale_and_zero: torch.Tensor, tile_inverse: torch.Tensor,
                         out: torch.Tensor, group: int, published: bool) -> torch.Tensor:
     """Write the dense weight into `out` ([N, K], the activation dtype). `published`: the packed
     layout is the one the source defines (else `tile_inverse`, the learnt one, is read)."""
-    n, k = out.shape
-    grid = ((n // 8) * (k // 128),)
-    if published:
-        _dequant_published_kernel[grid](packed, scale_and_zero, out, n, k, G=group, MID=TINYGEMM_MID, num_warps=1)
-    else:
-        _dequant_gather_kernel[grid](packed, scale_and_zero, tile_inverse, out, n, k, G=group, MID=TINYGEMM_MID,
-                                     num_warps=1)
+    kernel, args = _kernel_and_args(packed, scale_and_zero, tile_inverse, out, published)
+    kernel[_grid(out)](*args, G=group, MID=TINYGEMM_MID, num_warps=1)
     return out
 
 
@@ -87,14 +94,9 @@ def dequantize_traceable(packed: torch.Tensor, scale_and_zero: torch.Tensor, til
     launches the kernel from its generated code (a few microseconds of host time) instead of
     calling back into Python per linear (the opaque custom op + graph replay of bench.quant.int4
     cost ~45 us of host time each; a host-bound prefill makes 128 of them for vila1.5-3b).
-    The launches repeat dequantize_tinygemm's with `wrap_triton` around the kernel: dynamo
-    traces that call written out, not a wrapper passed in."""
+    The launch is dequantize_tinygemm's with `wrap_triton` around the kernel, written out here:
+    dynamo traces that call, not a wrapper passed in."""
     out = torch.empty(n, k, dtype=dtype, device=packed.device)
-    grid = ((n // 8) * (k // 128),)
-    if published:
-        torch.library.wrap_triton(_dequant_published_kernel)[grid](packed, scale_and_zero, out, n, k, G=group,
-                                                                   MID=TINYGEMM_MID, num_warps=1)
-    else:
-        torch.library.wrap_triton(_dequant_gather_kernel)[grid](packed, scale_and_zero, tile_inverse, out, n, k,
-                                                                G=group, MID=TINYGEMM_MID, num_warps=1)
+    kernel, args = _kernel_and_args(packed, scale_and_zero, tile_inverse, out, published)
+    torch.library.wrap_triton(kernel)[_grid(out)](*args, G=group, MID=TINYGEMM_MID, num_warps=1)
     return out
