@@ -212,16 +212,24 @@ class FastDecoder(nn.Module):
         return self.lm_head(self.norm(h_last))
 
     def prefill(self, embeds: torch.Tensor, kv: KVBuffers, start: int, layer_fn=None,
-                valid: torch.Tensor | None = None, prefetch=None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, prefetch=None, n_real: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Tokens at host-known columns start.. ; returns the last column's logits [b, 1, vocab].
         `layer_fn` replaces `layer_from` (e.g. a compiled copy). A batch of several rows may pass
         `valid` [b, t] (False: a padding gap, masked out and skipped by the positions).
-        `prefetch` (bench.quant.prefetch.DensePrefetch) is told before and after each layer."""
+        `prefetch` (bench.quant.prefetch.DensePrefetch) is told before and after each layer.
+        `n_real` (device scalar, one unpadded row from column 0): only the first `n_real` tokens
+        are real, the rest pad the call to a fixed length (GraphEngine's captured prefill). Causal
+        attention keeps the padding out of the real tokens; its keys/values land past
+        `kv.length` = n_real, where nothing attends until a later token overwrites them. The
+        logits are the last real token's."""
         layer_fn = layer_fn or self.layer_from
         end = start + embeds.shape[1]
         if end > kv.max_len:
             raise ValueError(f"{end} tokens do not fit the {kv.max_len}-token KV buffers")
         cols = torch.arange(start, end, device=embeds.device)
+        if n_real is not None and (start or kv.valid is not None or valid is not None):
+            raise ValueError("n_real is for one unpadded row prefilled from column 0")
         if kv.valid is None:  # one row, no gaps: positions are columns
             if valid is not None:
                 raise ValueError("padding needs KV buffers made for a batch")
@@ -246,8 +254,11 @@ class FastDecoder(nn.Module):
             h = layer_fn(block, h, cos, sin, start, mask, layer.keys, layer.values)
             if prefetch is not None:
                 prefetch.after_layer(i)
-        kv.length.fill_(end)
-        return self._logits(h[:, -1:])
+        if n_real is None:
+            kv.length.fill_(end)
+            return self._logits(h[:, -1:])
+        kv.length.copy_(n_real)
+        return self._logits(h.index_select(1, (n_real - 1).reshape(1)))
 
     def step(self, embeds: torch.Tensor, n_real: torch.Tensor, kv: KVBuffers, layer_fn=None,
              key_len: int | None = None) -> torch.Tensor:

@@ -10,9 +10,12 @@
   * the suffix prefill after a prefix hit, one graph per length bucket (padded up), from the
     suffix's token ids to its first token;
   * the vision tower + projector, one graph per pixel shape.
-  Full-prompt prefill is not graphed (variable length): its layer is compiled with a dynamic
-  length (flash attention, fused elementwise work) and q/k/v and gate/up run fused at every
-  length (on the H200, llava-1.5-7b, 628 tokens: 29.3 ms eager -> 15.3 ms; prefill_profile CSV).
+  * a one-row full-prompt prefill (a cold single request), one graph per prompt length rounded
+    up to PREFILL_ROUND, padded after the prompt (causal attention keeps the padding out).
+  Full-prompt prefill's layer is compiled with a dynamic length (flash attention, fused
+  elementwise work) and q/k/v and gate/up run fused at every length (on the H200, llava-1.5-7b,
+  628 tokens: 29.3 ms eager -> 15.3 ms; prefill_profile CSV); batches, prefixes prefilled alone
+  and long suffixes run it uncaptured, the one-row prefill replays it captured.
   The static engine keeps long inputs on the original, separate projections, so its prefill is
   bit-identical to transformers'; the graph engine's is not (token_agree reports the effect).
   Anything that cannot be compiled runs uncompiled, and the row says so in `engine_detail`;
@@ -39,6 +42,12 @@ SUFFIX_BUCKETS = (16, 32, 64)  # suffix lengths (after a prefix hit) run as padd
 # 26.9 us over 1024 (results/h200/sdpa_backends_h200.csv), 0.16 ms of a 7B warm suffix.
 KEY_ROUND = 128
 PREFILL_ROWS = 4096  # a full-prompt prefill's length, for which linears it runs (fused or not)
+# GraphEngine captures a full-prompt prefill per prompt length rounded up to this (padding after
+# the prompt, which causal attention keeps out of it): a replay costs the host one launch instead
+# of the compiled layers' ~500, so prefill time stops depending on host speed (on the H200 the
+# uncaptured compiled prefill of llava-1.5-7b varied 16.5-20.6 ms between machines, CV 0.2, with
+# 13.9 ms of kernels: results/h200/llava-1.5-7b-*-s15, prefill_profile_llava-1.5-7b.csv).
+PREFILL_ROUND = 64
 
 
 class StaticEngine(HFEngine):
@@ -73,12 +82,13 @@ class StaticEngine(HFEngine):
         except ValueError:  # layers of unequal shapes: each dequantizes in line
             return None
 
-    def full_prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, layer_fn=None, valid=None):
+    def full_prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, layer_fn=None, valid=None,
+                     n_real=None):
         """The decoder's prefill, int4 weights read from the prefetched slots where there are some."""
         if self.prefetch is None:
-            return self.decoder.prefill(embeds, cache, start, layer_fn, valid)
+            return self.decoder.prefill(embeds, cache, start, layer_fn, valid, n_real=n_real)
         with use_prefill_weights():
-            return self.decoder.prefill(embeds, cache, start, layer_fn, valid, self.prefetch)
+            return self.decoder.prefill(embeds, cache, start, layer_fn, valid, self.prefetch, n_real)
 
     def prefetch_note(self) -> str:
         return ", int4 prefill weights dequantized a layer ahead" if self.prefetch is not None else ""
@@ -221,9 +231,11 @@ class GraphEngine(StaticEngine):
     def describe(self) -> str:
         compiled = "compiled layers" if self.layer_fn is not None else "uncompiled layers"
         prefill = "compiled prefill" if self.prefill_fn is not None else "prefill " + self.notes.get("prefill", "eager")
+        if self.prefill_fn is not None and "prefill graph" not in self.notes:
+            prefill += f" (one row from column 0: CUDA-graphed per {PREFILL_ROUND}-token length bucket)"
         parts = [f"own decoder ({self.decoder.fusion}), static KV, CUDA-graph decode + suffix buckets "
                  f"({compiled}), {prefill}{self.prefetch_note()}, vision {self.notes.get('vision', 'graphed')}"]
-        parts += [f"{k}: {v}" for k, v in self.notes.items() if k not in ("vision", "prefill")]
+        parts += [f"{k}: {v}" for k, v in self.notes.items() if k not in ("vision", "prefill")]  # incl. "prefill graph"
         return "; ".join(parts)
 
     def _drop_buffers(self) -> None:
@@ -266,6 +278,14 @@ class GraphEngine(StaticEngine):
 
     def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
         self.forget_overwritten(cache, start)
+        if (self.prefill_fn is not None and start == 0 and valid is None and cache is self.cache
+                and cache.valid is None and "prefill graph" not in self.notes):
+            padded = -(-embeds.shape[1] // PREFILL_ROUND) * PREFILL_ROUND
+            if padded <= cache.max_len:
+                try:
+                    return self._prefill_graphed(embeds, padded)
+                except VariantUnsupported as e:  # recorded in engine_detail; the compiled prefill runs
+                    self.notes["prefill graph"] = f"not captured ({str(e)[:160]})"
         if self.prefill_fn is not None:
             try:
                 return self.full_prefill(embeds, cache, start, self.prefill_fn, valid)
@@ -275,6 +295,26 @@ class GraphEngine(StaticEngine):
                 self.notes["prefill"] = f"eager (torch.compile failed: {e.__class__.__name__}: {str(e)[:120]})"
                 self.prefill_fn = None
         return self.full_prefill(embeds, cache, start, valid=valid)
+
+    def _prefill_graphed(self, embeds: torch.Tensor, padded: int) -> torch.Tensor:
+        """A one-row prefill from column 0 as the replay of the compiled prefill captured at
+        `padded` tokens (see PREFILL_ROUND); the logits are overwritten by the next replay."""
+        key = ("prefill", padded)
+        cap = self.lm_graphs.get(key)
+        if cap is None:
+            static = torch.zeros(1, padded, embeds.shape[-1], dtype=embeds.dtype, device=embeds.device)
+            n_real = torch.zeros((), dtype=torch.long, device=embeds.device)
+            static[:, :embeds.shape[1]].copy_(embeds)
+            n_real.fill_(embeds.shape[1])
+            graph, out = self._capture(
+                lambda: self.full_prefill(static, self.cache, 0, self.prefill_fn, n_real=n_real),
+                f"prefill ({padded} tokens)", False)
+            cap = self.lm_graphs[key] = _Captured(graph, (static, n_real), out)
+        static, n_real = cap.inputs
+        static[:, :embeds.shape[1]].copy_(embeds)  # the padding keeps stale finite embeddings
+        n_real.fill_(embeds.shape[1])
+        cap.graph.replay()
+        return cap.output
 
     # ---------------------------------------------------------------------------------- vision
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:

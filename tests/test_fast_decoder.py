@@ -84,8 +84,8 @@ def test_long_inputs_run_the_original_projections():
 
 @pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
 def test_prefill_step_and_offset_prefill_give_the_same_logits(family, checkpoint_dirs, demo_image):
-    """The three ways to place tokens (fresh prefill, prefill after a prefix, padded device-position
-    step) compute the same last-token logits as one transformers forward over the whole prompt."""
+    """The ways to place tokens (fresh prefill, unpadded or padded after the prompt; prefill after a
+    prefix; padded device-position step) compute the same last-token logits as one transformers forward over the whole prompt."""
     adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
     p = adapter.prepare(demo_image, "What colour is the sky in this picture?")
     with torch.no_grad():
@@ -95,6 +95,13 @@ def test_prefill_step_and_offset_prefill_give_the_same_logits(family, checkpoint
         n_prefix, total = p.prefix_tokens, embeds.shape[1]
         kv = dec.new_buffers(256)
         torch.testing.assert_close(dec.prefill(embeds, kv, 0)[:, -1], want, rtol=1e-4, atol=1e-4)
+        assert kv.get_seq_length() == total
+        # padded to a fixed length after the prompt (the graph engine's captured prefill): the
+        # last real token's logits, and the length counts the real tokens only
+        kv.reset()
+        pad = torch.nn.functional.pad(embeds, (0, 0, 0, 64 - total % 64), value=7.0)
+        torch.testing.assert_close(dec.prefill(pad, kv, 0, n_real=torch.tensor(total))[:, -1], want, rtol=1e-4,
+                                   atol=1e-4)
         assert kv.get_seq_length() == total
         kv.reset()
         dec.prefill(embeds[:, :n_prefix], kv, 0)

@@ -131,3 +131,49 @@ def test_cuda_graph_engine_warm_requests_equal_generate(checkpoint_dirs, demo_im
         r = engine.run(demo_image, q, N)
         assert r.cache_hit and r.tokens == reference_generate(adapter, demo_image, q, N), q
     assert any(key[0] == "suffix ids" for key in engine.lm_graphs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_engine_cold_requests_replay_a_captured_prefill(checkpoint_dirs, demo_image):
+    """A cold single request's prefill is one replay of the compiled prefill captured per
+    64-token length bucket (padded after the prompt): greedy tokens as generate's, for prompts
+    in one bucket and in another."""
+    from bench.static_engine import PREFILL_ROUND, GraphEngine
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), torch.float32)
+    engine = GraphEngine(adapter, CachePolicy())
+    lengths = []
+    for q in ("Describe the colors " * 30, "What is shown?", "Why?"):  # the longest first: no regrowth
+        r = engine.run(demo_image, q, N)
+        lengths.append(r.prompt_tokens)
+        assert r.tokens == reference_generate(adapter, demo_image, q, N), q
+    buckets = {key[1] for key in engine.lm_graphs if key[0] == "prefill"}
+    assert buckets == {-(-n // PREFILL_ROUND) * PREFILL_ROUND for n in lengths} and len(buckets) >= 2
+    assert "prefill graph" not in engine.notes and "CUDA-graphed per" in engine.describe()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_captured_prefill_takes_the_int4_prefetch_into_its_graph(checkpoint_dirs, demo_image):
+    """With int4 weights the side stream that dequantizes a layer ahead is forked and joined
+    inside the captured prefill: its replay gives the uncaptured prefill's logits."""
+    from bench.quant.awq import Int4Options, quantize_model
+    from bench.static_engine import PREFILL_ROUND, GraphEngine
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), torch.float16)
+    quantize_model(adapter, Int4Options(method="rtn", group_size=32))
+    engine = GraphEngine(adapter, CachePolicy())
+    assert engine.prefetch is not None
+    p = adapter.prepare(demo_image, "What is shown in this picture?")
+    with torch.inference_mode():
+        embeds = adapter.prompt_embeds(p, adapter.encode_image(adapter.pixels_to_device(p)))
+        n = embeds.shape[1]
+        cache = engine.new_cache(n, 4)
+        got = engine.prefill(embeds, cache, 0).clone()
+        got_again = engine.prefill(embeds, cache, 0).clone()  # a second replay: slots refilled
+        assert ("prefill", -(-n // PREFILL_ROUND) * PREFILL_ROUND) in engine.lm_graphs
+        assert "prefill graph" not in engine.notes
+        padded = torch.nn.functional.pad(embeds, (0, 0, 0, -(-n // PREFILL_ROUND) * PREFILL_ROUND - n))
+        cache.reset()
+        want = engine.full_prefill(padded, cache, 0, engine.prefill_fn, n_real=torch.tensor(n, device="cuda"))
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    assert torch.equal(got, got_again)

@@ -37,6 +37,7 @@ class DensePrefetch:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # layer -> its dequantize launches, captured
         self.ready: list = [None] * len(per_layer)  # event: layer i's slot is filled
         self.freed: list = [None] * len(per_layer)  # event: layer i has finished reading its slot
+        self.capturing = False  # the prefill is being captured (GraphEngine): launch, don't replay
 
     @property
     def nbytes(self) -> int:
@@ -55,18 +56,25 @@ class DensePrefetch:
             if i >= 2:
                 self.stream.wait_event(self.freed[i - 2])
             graph = self.graphs.get(i)
-            if graph is None:  # first prefill: the kernels run (and compile) once, then are captured
+            if self.capturing:  # the side stream joined the prefill's capture: its kernels go in it
+                self._dequantize(i)
+            elif graph is None:  # first prefill: the kernels run (and compile) once, then are captured
                 self._dequantize(i)
                 self.stream.synchronize()
                 graph = self.graphs[i] = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=self.stream):
                     self._dequantize(i)
-            graph.replay()
+                graph.replay()
+            else:
+                graph.replay()
             self.ready[i] = self.stream.record_event()
 
     def begin(self) -> None:
         """Before layer 0: the slots' last readers (an earlier prefill) come first, then fill 0 and 1."""
         if self.cuda:
+            # A captured prefill (GraphEngine) takes the side stream's work into its graph: the
+            # wait below forks the side stream from the capturing one, `before_layer` joins it.
+            self.capturing = torch.cuda.is_current_stream_capturing()
             self.stream.wait_stream(torch.cuda.current_stream())
             self.freed = [None] * len(self.layers)
         for i in range(min(2, len(self.layers))):
