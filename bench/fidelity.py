@@ -9,6 +9,13 @@
   own engine's prefill and decode steps (for `graph`: the replayed CUDA graph), so they measure
   weights and engine together. With random weights near-tied top-2 logits are common, so a
   rounding-level engine difference flips greedy tokens (token_agree) at KL ~ 0.
+- divergence_margin / divergence_margin_steps: how close the call was where the variant first
+  diverged: the baseline's log-prob margin of its own token over the variant's there, in nats
+  and in rounding steps of the logits' dtype at the baseline's top logit (0-1 steps: tied or
+  adjacent values, a rounding flip; many steps: the variant changed the answer).
+- ref_near_tie_share: share of the baseline's positions whose top-2 logits lie within one such
+  step: greedy decoding there flips under any change of kernels, so an engine that is not
+  bit-identical to the baseline diverges after about 1 / share tokens whatever its accuracy.
 
 Measured once per variant outside the timed runs, on a probe question that is never measured.
 With random weights this is numeric fidelity only: the text means nothing.
@@ -29,16 +36,28 @@ class FidelityReference:
     question: str
     tokens: list[int]
     logprobs: torch.Tensor  # [new_tokens, vocab], float32, CPU
+    step: torch.Tensor  # [new_tokens]: rounding step of the logits' dtype at each position's top logit
 
 
 @torch.inference_mode()
-def teacher_forced_logprobs(adapter: VLMAdapter, image, question: str, continuation: list[int]) -> torch.Tensor:
-    """Log-probabilities the model gives each position of `continuation` after the prompt."""
+def teacher_forced_logits(adapter: VLMAdapter, image, question: str, continuation: list[int]) -> torch.Tensor:
+    """The logits (model dtype, CPU) the model gives each position of `continuation` after the prompt."""
     prepared = adapter.prepare(image, question)
     image_embeds = adapter.encode_image(adapter.pixels_to_device(prepared))
     embeds = adapter.prompt_embeds(prepared, image_embeds, continuation[:-1])
-    logits = adapter.lm_forward(embeds, DynamicCache(), logits_to_keep=len(continuation))
-    return torch.log_softmax(logits[0].float(), dim=-1).cpu()
+    return adapter.lm_forward(embeds, DynamicCache(), logits_to_keep=len(continuation))[0].cpu()
+
+
+def teacher_forced_logprobs(adapter: VLMAdapter, image, question: str, continuation: list[int]) -> torch.Tensor:
+    """Log-probabilities the model gives each position of `continuation` after the prompt."""
+    return torch.log_softmax(teacher_forced_logits(adapter, image, question, continuation).float(), dim=-1)
+
+
+def rounding_step(values: torch.Tensor) -> torch.Tensor:
+    """Spacing of representable numbers of `values`' dtype at each value (one ulp), float32."""
+    finfo = torch.finfo(values.dtype)
+    exponent = torch.floor(torch.log2(values.float().abs().clamp_min(finfo.tiny)))
+    return finfo.eps * torch.exp2(exponent)
 
 
 def _greedy(engine, image, question: str, new_tokens: int) -> list[int]:
@@ -51,7 +70,25 @@ def _greedy(engine, image, question: str, new_tokens: int) -> list[int]:
 
 def make_reference(engine, image, new_tokens: int, question: str = FIDELITY_PROBE) -> FidelityReference:
     tokens = _greedy(engine, image, question, new_tokens)
-    return FidelityReference(question, tokens, teacher_forced_logprobs(engine.adapter, image, question, tokens))
+    logits = teacher_forced_logits(engine.adapter, image, question, tokens)
+    return FidelityReference(question, tokens, torch.log_softmax(logits.float(), dim=-1),
+                             rounding_step(logits.max(-1).values))
+
+
+def near_tie_share(ref: FidelityReference) -> float:
+    """Share of the reference's positions whose top-2 logits are within one rounding step."""
+    top2 = ref.logprobs.topk(2, dim=-1).values
+    return float(((top2[:, 0] - top2[:, 1]) <= ref.step).float().mean())
+
+
+def divergence(ref: FidelityReference, tokens: list[int]) -> dict:
+    """first_divergence and the reference's margin there (nats, rounding steps); None if none differ."""
+    first = next((i for i, (a, b) in enumerate(zip(tokens, ref.tokens)) if a != b), None)
+    if first is None:
+        return {"first_divergence": None, "divergence_margin": None, "divergence_margin_steps": None}
+    margin = float(ref.logprobs[first, ref.tokens[first]] - ref.logprobs[first, tokens[first]])
+    return {"first_divergence": first, "divergence_margin": margin,
+            "divergence_margin_steps": margin / float(ref.step[first])}
 
 
 def kl_mean(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
@@ -64,10 +101,10 @@ def compare(ref: FidelityReference, engine, image) -> dict:
     logprobs = teacher_forced_logprobs(engine.adapter, image, ref.question, ref.tokens)
     engine_logprobs = engine.teacher_forced_logprobs(image, ref.question, ref.tokens)
     pairs = list(zip(tokens, ref.tokens))
-    first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
     return {
         "token_agree": sum(a == b for a, b in pairs) / len(ref.tokens),
-        "first_divergence": first,
+        **divergence(ref, tokens),
+        "ref_near_tie_share": near_tie_share(ref),
         "kl_mean": kl_mean(ref.logprobs, logprobs),
         "engine_kl_mean": kl_mean(ref.logprobs, engine_logprobs),
         "engine_top1_agree": float((engine_logprobs.argmax(-1) == ref.logprobs.argmax(-1)).float().mean()),

@@ -18,7 +18,8 @@ RUN_COLUMNS: dict[str, str] = {
     "weights": "random (preset, or checkpoint written from a preset) | checkpoint (real weights)",
     "variant": "variant spec as given, e.g. fp16, bnb4+prefix",
     "engine": "hf (transformers eager forward + DynamicCache) | static (own decoder over fixed KV buffers, eager) | "
-              "graph (static + CUDA graphs: compiled decode step, suffix buckets, vision tower)",
+              "graph (static + CUDA graphs: compiled decode step, suffix buckets, one-row prefill per 64-token "
+              "bucket, vision tower)",
     "engine_detail": "how the engine ran this request: decoder, fused projections, what is graphed or compiled, "
                      "and why anything is not",
     "device": "cuda | cpu",
@@ -74,6 +75,12 @@ RUN_COLUMNS: dict[str, str] = {
     "quant_source": "int4: calibrated in this run, or loaded from the saved file named here",
     "token_agree": "share of greedy tokens equal, position by position, to the fp16 baseline's on the fidelity probe",
     "first_divergence": "index of the first generated token that differs from the baseline (empty: none differ)",
+    "divergence_margin": "at first_divergence: the baseline's log-prob margin of its token over the variant's "
+                         "(teacher-forced), nats; ~0 means a near-tie flipped by rounding",
+    "divergence_margin_steps": "divergence_margin in rounding steps of the logits' dtype at the baseline's top "
+                               "logit (fp16 at logit 4: 0.0039); 0-1: tied or adjacent values",
+    "ref_near_tie_share": "share of the baseline's teacher-forced positions whose top-2 logits are within one "
+                          "rounding step: any engine not bit-identical to the baseline flips these",
     "kl_mean": "mean KL(baseline || variant) of next-token distributions, teacher-forced on the baseline's continuation",
     "engine_kl_mean": "kl_mean with the variant's distributions from its own engine (prefill + one decode step per "
                       "token, teacher-forced): weights and engine numerics together",

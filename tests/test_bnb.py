@@ -81,6 +81,13 @@ def test_fidelity_columns(tmp_path):
     assert fid["bnb8"][3] == fid["bnb4"][3] == "llm"
     assert 0 < fid["bnb8"][1] < fid["bnb4"][1]
     assert fid["bnb4"][0] < 1.0 and fid["bnb4"][2] != ""
+    by_variant = {r["variant"]: r for r in rows}
+    assert by_variant["fp16"]["divergence_margin"] == by_variant["fp16"]["divergence_margin_steps"] == ""
+    # fp32 logits: bnb4's divergence is a real change of the answer, many rounding steps wide
+    assert float(by_variant["bnb4"]["divergence_margin"]) > 0
+    assert float(by_variant["bnb4"]["divergence_margin_steps"]) > 100
+    shares = {r["ref_near_tie_share"] for r in rows}
+    assert len(shares) == 1 and 0 <= float(shares.pop()) < 0.5  # a property of the baseline
 
 
 def test_missing_package_is_a_skipped_row(tmp_path, monkeypatch):
