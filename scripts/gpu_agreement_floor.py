@@ -1,0 +1,102 @@
+"""How far greedy tokens of transformers' own fp16 forward agree with themselves when nothing but
+the kernels changes, next to the static and graph engines (random weights).
+
+The `hf` engine is the reference (warmed, as the benchmark's fidelity probe does). Each other
+way of running the same weights on the same probe gives: token_agree, first_divergence, the
+reference's margin there in rounding steps of the logits' dtype (0-1: a rounding flip of a
+near-tie), and the reference's near-tie share. Ways:
+- hf again: the same kernels (run-to-run determinism);
+- hf, eager attention: transformers' other attention implementation (`attn_implementation="eager"`);
+- hf, StaticCache: transformers' forward over its StaticCache (what torch.compile-ing
+  transformers' decode step would run), eager;
+- static / graph: this harness's engines.
+
+    python scripts/gpu_agreement_floor.py --preset llava-1.5-7b --out results/h200/agreement_floor_llava-1.5-7b.csv
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.cache_policy import CachePolicy  # noqa: E402
+from bench.cli import _quiet_libraries  # noqa: E402
+from bench.config import DEMO_IMAGE  # noqa: E402
+from bench.engine import HFCache, HFEngine  # noqa: E402
+from bench.fidelity import _greedy, divergence, make_reference, near_tie_share  # noqa: E402
+from bench.models.loader import build_preset  # noqa: E402
+from bench.static_engine import GraphEngine, StaticEngine  # noqa: E402
+
+COLUMNS = ["model", "weights", "dtype", "device", "compared", "new_tokens", "token_agree", "first_divergence",
+           "divergence_margin", "divergence_margin_steps", "ref_near_tie_share"]
+
+
+class HFStaticCacheEngine(HFEngine):
+    """The hf engine over transformers' StaticCache instead of a DynamicCache."""
+
+    def new_cache(self, prompt_tokens: int, max_new_tokens: int, batch: int = 1):
+        from transformers import StaticCache
+
+        cache = HFCache()
+        cache.kv = StaticCache(config=self.adapter.text_config(), max_cache_len=prompt_tokens + max_new_tokens)
+        return cache
+
+
+def attention_module_owner(adapter):
+    """The transformers model whose attention implementation the LLM uses."""
+    return adapter.model if hasattr(adapter.model, "set_attn_implementation") else adapter.model.llm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llava-1.5-7b")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--ways", default="hf again,hf eager attention,hf StaticCache,static,graph")
+    args = ap.parse_args()
+    _quiet_libraries()
+    from PIL import Image
+
+    image = Image.open(DEMO_IMAGE).convert("RGB")
+    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    adapter = build_preset(args.preset, None, dev, dtype)
+    ref = make_reference(HFEngine(adapter, CachePolicy()), image, args.new_tokens)
+    engines = {
+        "hf again": lambda: HFEngine(adapter, CachePolicy()),
+        "hf StaticCache": lambda: HFStaticCacheEngine(adapter, CachePolicy()),
+        "static": lambda: StaticEngine(adapter, CachePolicy()),
+        "graph": lambda: GraphEngine(adapter, CachePolicy()),
+    }
+    rows = []
+    for way in args.ways.split(","):
+        if way == "hf eager attention":
+            owner = attention_module_owner(adapter)
+            owner.set_attn_implementation("eager")
+            try:
+                tokens = _greedy(HFEngine(adapter, CachePolicy()), image, ref.question, args.new_tokens)
+            finally:
+                owner.set_attn_implementation("sdpa")
+        else:
+            tokens = _greedy(engines[way](), image, ref.question, args.new_tokens)
+        row = {"model": args.preset, "weights": "random", "dtype": args.dtype, "device": dev.type, "compared": way,
+               "new_tokens": args.new_tokens,
+               "token_agree": sum(a == b for a, b in zip(tokens, ref.tokens)) / len(ref.tokens),
+               **divergence(ref, tokens), "ref_near_tie_share": near_tie_share(ref)}
+        rows.append(row)
+        print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
