@@ -28,6 +28,26 @@ from bench.fused_linear import FusedProjections
 
 SUPPORTED_DECODERS = ("llama", "qwen2")
 MATMUL_ATTENTION_MAX_T = 32  # compiled steps of up to this many queries attend by matmul (see _matmul_attention)
+# How traced (torch.compile'd) layers compute RMSNorm and SiLU-gating (`FastDecoder.numerics`):
+#  "fused": the modules as written; inductor fuses them and skips eager's fp16 roundings between ops.
+#  "eager-casts": eager's formulas op by op, for inductor's emulate_precision_casts to round where
+#    eager does (the compiling engine turns that option on); only the fp32 mean of RMSNorm sums in
+#    inductor's order.
+#  "eager-exact": also that mean by eager's own reduction kernel (an opaque op): the compiled layer
+#    writes what the eager one does, at one more kernel per norm.
+NUMERICS = ("fused", "eager-casts", "eager-exact")
+
+
+@torch.library.custom_op("vlmbench::eager_row_mean", mutates_args=())
+def eager_row_mean(x: torch.Tensor) -> torch.Tensor:
+    """x.mean(-1, keepdim=True) by ATen's reduction kernel, opaque to torch.compile (which would
+    sum in its own order). Written here: no library offers an order-preserving reduction."""
+    return x.mean(-1, keepdim=True)
+
+
+@eager_row_mean.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], 1)
 
 
 @dataclass
@@ -117,6 +137,7 @@ class FastDecoder(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scaling = self.head_dim ** -0.5
         self.gqa = self.kv_heads != self.heads
+        self.numerics = "fused"  # see NUMERICS; a compiling engine may choose another
         self.layers = nn.ModuleList()
         for layer in lm.layers:
             a, m = layer.self_attn, layer.mlp
@@ -148,9 +169,26 @@ class FastDecoder(nn.Module):
         return KVBuffers(len(self.layers), self.kv_heads, self.head_dim, max_len, p.device, p.dtype, batch)
 
     # ------------------------------------------------------------------------------------------
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """`norm(x)`; traced under eager numerics, transformers' RMSNorm written op by op."""
+        if self.numerics == "fused" or not torch.compiler.is_compiling() or not hasattr(norm, "variance_epsilon"):
+            return norm(x)
+        xf = x.to(torch.float32)
+        sq = xf * xf  # = pow(2): ATen squares by one multiplication
+        variance = eager_row_mean(sq) if self.numerics == "eager-exact" else sq.mean(-1, keepdim=True)
+        return norm.weight * (xf * torch.rsqrt(variance + norm.variance_epsilon)).to(x.dtype)
+
+    def _gate(self, block, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up; traced under eager numerics, SiLU as ATen's kernel computes it
+        (x / (1 + exp(-x)) in fp32, rounded to the input dtype)."""
+        if self.numerics == "fused" or not torch.compiler.is_compiling() or self.config.hidden_act != "silu":
+            return block.act(gate) * up
+        g = gate.to(torch.float32)
+        return (g / (1 + torch.exp(-g))).to(gate.dtype) * up
+
     def _qkv(self, block, h, cos, sin):
         b, t, _ = h.shape
-        q, k, v = block.qkv(block.ln1(h))
+        q, k, v = block.qkv(self._norm(block.ln1, h))
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -159,8 +197,8 @@ class FastDecoder(nn.Module):
     def _out_mlp(self, block, h, o):
         b, _, t, _ = o.shape
         h = h + block.o(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-        gate, up = block.gate_up(block.ln2(h))
-        return h + block.down(block.act(gate) * up)
+        gate, up = block.gate_up(self._norm(block.ln2, h))
+        return h + block.down(self._gate(block, gate, up))
 
     def _sdpa(self, q, k, v, mask=None, causal=False):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling,

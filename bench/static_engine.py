@@ -212,6 +212,7 @@ class _Captured:
 class GraphEngine(StaticEngine):
     name = "graph"
     fused_max_rows = 2**62  # fused at every length: faster compiled prefill (see the docstring)
+    numerics = "fused"  # how compiled layers round (bench.fast_decoder.NUMERICS)
 
     def __init__(self, adapter, policy):
         if adapter.device.type != "cuda":
@@ -221,10 +222,13 @@ class GraphEngine(StaticEngine):
         self.vision_graphs: dict[tuple, _Captured] = {}
         self.notes: dict[str, str] = {}
         torch._dynamo.reset()  # compiled code of an earlier model is not reused (nor kept alive)
-        self.layer_fn = torch.compile(self.decoder.layer_at, dynamic=False)
+        self.decoder.numerics = self.numerics
+        # eager numerics: inductor rounds to fp16 wherever the eager ops would
+        options = {} if self.numerics == "fused" else {"emulate_precision_casts": True}
+        self.layer_fn = torch.compile(self.decoder.layer_at, dynamic=False, options=options)
         self.prefill_fn = None
         if "separate" not in self.decoder.fusion:  # dense or int4 (its dense path is one custom op)
-            self.prefill_fn = torch.compile(self.decoder.layer_from, dynamic=True)
+            self.prefill_fn = torch.compile(self.decoder.layer_from, dynamic=True, options=options)
         else:  # bitsandbytes layers break a compiled graph at every call: slower than eager
             self.notes["prefill"] = "eager (these linears break a compiled graph at every call)"
 
@@ -234,7 +238,8 @@ class GraphEngine(StaticEngine):
         if self.prefill_fn is not None and "prefill graph" not in self.notes:
             prefill += f" (one row from column 0: CUDA-graphed per {PREFILL_ROUND}-token length bucket)"
         parts = [f"own decoder ({self.decoder.fusion}), static KV, CUDA-graph decode + suffix buckets "
-                 f"({compiled}), {prefill}{self.prefetch_note()}, vision {self.notes.get('vision', 'graphed')}"]
+                 f"({compiled}, {self.numerics} numerics), {prefill}{self.prefetch_note()}, "
+                 f"vision {self.notes.get('vision', 'graphed')}"]
         parts += [f"{k}: {v}" for k, v in self.notes.items() if k not in ("vision", "prefill")]  # incl. "prefill graph"
         return "; ".join(parts)
 

@@ -9,7 +9,13 @@ near-tie), and the reference's near-tie share. Ways:
 - hf, eager attention: transformers' other attention implementation (`attn_implementation="eager"`);
 - hf, StaticCache: transformers' forward over its StaticCache (what torch.compile-ing
   transformers' decode step would run), eager;
-- static / graph: this harness's engines.
+- static / graph: this harness's engines;
+- "graph, NUMERICS numerics" (bench.fast_decoder.NUMERICS): the graph engine whose compiled layers
+  round as eager does ("eager-casts") or also reduce as eager does ("eager-exact");
+- "graph, separate prefill projections" (q/k/v and gate/up unfused at prompt length, as `static`
+  and transformers) and "graph, uncompiled" (captured, not compiled; eager prefill).
+Each row also gives the way's median decode step as the benchmark's timeline measures it
+(`decode_step_ms`, a 128-token request after a warm one) and its `engine_detail`.
 
     python scripts/gpu_agreement_floor.py --preset llava-1.5-7b --out results/h200/agreement_floor_llava-1.5-7b.csv
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import sys
 from pathlib import Path
 
@@ -28,12 +35,13 @@ from bench.cache_policy import CachePolicy  # noqa: E402
 from bench.cli import _quiet_libraries  # noqa: E402
 from bench.config import DEMO_IMAGE  # noqa: E402
 from bench.engine import HFCache, HFEngine  # noqa: E402
-from bench.fidelity import _greedy, divergence, make_reference, near_tie_share  # noqa: E402
+from bench.fidelity import divergence, make_reference, near_tie_share  # noqa: E402
+from bench.fused_linear import FUSED_MAX_ROWS  # noqa: E402
 from bench.models.loader import build_preset  # noqa: E402
 from bench.static_engine import GraphEngine, StaticEngine  # noqa: E402
 
 COLUMNS = ["model", "weights", "dtype", "device", "compared", "new_tokens", "token_agree", "first_divergence",
-           "divergence_margin", "divergence_margin_steps", "ref_near_tie_share"]
+           "divergence_margin", "divergence_margin_steps", "ref_near_tie_share", "decode_step_ms", "engine_detail"]
 
 
 class HFStaticCacheEngine(HFEngine):
@@ -45,6 +53,21 @@ class HFStaticCacheEngine(HFEngine):
         cache = HFCache()
         cache.kv = StaticCache(config=self.adapter.text_config(), max_cache_len=prompt_tokens + max_new_tokens)
         return cache
+
+
+def graph_engine(numerics: str = "fused", separate_prefill: bool = False, compiled: bool = True):
+    """A GraphEngine class with the given numerics / prompt-length projections / compilation."""
+
+    class Engine(GraphEngine):
+        fused_max_rows = FUSED_MAX_ROWS if separate_prefill else GraphEngine.fused_max_rows
+
+        def __init__(self, adapter, policy):
+            super().__init__(adapter, policy)
+            if not compiled:
+                self.layer_fn = self.prefill_fn = None
+
+    Engine.numerics = numerics
+    return Engine
 
 
 def attention_module_owner(adapter):
@@ -59,7 +82,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--ways", default="hf again,hf eager attention,hf StaticCache,static,graph")
+    ap.add_argument("--ways", default="hf again;hf eager attention;hf StaticCache;static;graph;graph, eager-casts "
+                    "numerics;graph, eager-exact numerics;graph, separate prefill projections;graph, uncompiled",
+                    help="';'-separated")
     args = ap.parse_args()
     _quiet_libraries()
     from PIL import Image
@@ -69,28 +94,37 @@ def main() -> None:
     adapter = build_preset(args.preset, None, dev, dtype)
     ref = make_reference(HFEngine(adapter, CachePolicy()), image, args.new_tokens)
     engines = {
-        "hf again": lambda: HFEngine(adapter, CachePolicy()),
-        "hf StaticCache": lambda: HFStaticCacheEngine(adapter, CachePolicy()),
-        "static": lambda: StaticEngine(adapter, CachePolicy()),
-        "graph": lambda: GraphEngine(adapter, CachePolicy()),
+        "hf again": HFEngine,
+        "hf eager attention": HFEngine,
+        "hf StaticCache": HFStaticCacheEngine,
+        "static": StaticEngine,
+        "graph": graph_engine(),
+        "graph, eager-casts numerics": graph_engine("eager-casts"),
+        "graph, eager-exact numerics": graph_engine("eager-exact"),
+        "graph, separate prefill projections": graph_engine(separate_prefill=True),
+        "graph, uncompiled": graph_engine(compiled=False),
     }
     rows = []
-    for way in args.ways.split(","):
+    for way in [w.strip() for w in args.ways.split(";")]:
+        owner = attention_module_owner(adapter)
         if way == "hf eager attention":
-            owner = attention_module_owner(adapter)
             owner.set_attn_implementation("eager")
-            try:
-                tokens = _greedy(HFEngine(adapter, CachePolicy()), image, ref.question, args.new_tokens)
-            finally:
-                owner.set_attn_implementation("sdpa")
-        else:
-            tokens = _greedy(engines[way](), image, ref.question, args.new_tokens)
+        try:
+            engine = engines[way](adapter, CachePolicy())
+            engine.run(image, ref.question, args.new_tokens)  # warm (compiles, captures), as the fidelity probe
+            result = engine.run(image, ref.question, args.new_tokens)
+        finally:
+            owner.set_attn_implementation("sdpa")
+        tokens = result.tokens
         row = {"model": args.preset, "weights": "random", "dtype": args.dtype, "device": dev.type, "compared": way,
                "new_tokens": args.new_tokens,
                "token_agree": sum(a == b for a, b in zip(tokens, ref.tokens)) / len(ref.tokens),
-               **divergence(ref, tokens), "ref_near_tie_share": near_tie_share(ref)}
+               **divergence(ref, tokens), "ref_near_tie_share": near_tie_share(ref),
+               "decode_step_ms": statistics.median(result.step_ms), "engine_detail": engine.describe()}
         rows.append(row)
         print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        del engine
+        torch.cuda.empty_cache() if dev.type == "cuda" else None
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
         w = csv.DictWriter(f, COLUMNS)

@@ -192,3 +192,35 @@ def test_teacher_forced_through_the_engine_matches_transformers(family, checkpoi
     assert same < 1e-7
     engine.decoder.layers[-1].down.weight.data.mul_(3.0)  # a numerically different decoder is seen
     assert fidelity.kl_mean(want, engine.teacher_forced_logprobs(demo_image, q, cont)) > 1000 * max(same, 1e-9)
+
+
+def test_eager_exact_numerics_make_the_compiled_layer_write_what_eager_does(checkpoint_dirs, demo_image):
+    """Inductor sums RMSNorm's mean in its own order (and, in fp16, skips eager's roundings):
+    fused, a compiled decode step's logits differ from eager's in the last bits; with
+    "eager-exact" numerics (eager's formulas, the mean by ATen's kernel) they are bit-identical."""
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    engine = StaticEngine(adapter, CachePolicy())
+    dec = engine.decoder
+    with torch.inference_mode():
+        token = engine.run(demo_image, "What is shown?", 2).tokens[-1]
+        saved, length = engine.cache.data.clone(), engine.cache.length.clone()
+        emb = dec.embed(torch.tensor([[token]]))
+
+        def step(layer_fn=None):
+            engine.cache.data.copy_(saved)
+            engine.cache.length.copy_(length)
+            return dec.step(emb, engine.one, engine.cache, layer_fn)
+
+        want = step()
+        try:
+            got = {}
+            for numerics in ("fused", "eager-exact"):
+                torch._dynamo.reset()
+                dec.numerics = numerics
+                got[numerics] = step(torch.compile(dec.layer_at, dynamic=False))
+        finally:
+            dec.numerics = "fused"
+            torch._dynamo.reset()
+    assert torch.equal(got["eager-exact"], want)
+    assert not torch.equal(got["fused"], want)
+    torch.testing.assert_close(got["fused"], want, rtol=1e-5, atol=1e-5)

@@ -153,13 +153,21 @@ def test_cuda_graph_engine_cold_requests_replay_a_captured_prefill(checkpoint_di
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_captured_prefill_takes_the_int4_prefetch_into_its_graph(checkpoint_dirs, demo_image):
+def test_cuda_captured_prefill_takes_the_int4_prefetch_into_its_graph(demo_image, monkeypatch):
     """With int4 weights the side stream that dequantizes a layer ahead is forked and joined
     inside the captured prefill: its replay gives the uncaptured prefill's logits."""
+    import dataclasses
+
+    from bench.models import presets
+    from bench.models.loader import build_preset
     from bench.quant.awq import Int4Options, quantize_model
     from bench.static_engine import PREFILL_ROUND, GraphEngine
 
-    adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), torch.float16)
+    # tiny-llava with an LLM the CUDA int4 kernel takes (in_features a multiple of 128)
+    small = dataclasses.replace(presets.PRESETS["tiny-llava"], name="small-llava",
+                                llm=dataclasses.replace(presets.PRESETS["tiny-llava"].llm, hidden=256, mlp=512))
+    monkeypatch.setitem(presets.PRESETS, "small-llava", small)
+    adapter = build_preset("small-llava", None, torch.device("cuda"), torch.float16)
     quantize_model(adapter, Int4Options(method="rtn", group_size=32))
     engine = GraphEngine(adapter, CachePolicy())
     assert engine.prefetch is not None

@@ -1,0 +1,85 @@
+"""Does a torch.compile'd decoder layer write what the eager one does? Per numerics mode
+(bench.fast_decoder.NUMERICS), one decode step of a preset (random weights, after a real
+prompt's prefill), every layer fed the eager step's input for it: the share of output elements
+that differ from eager's and the largest difference, and the same for the step's logits.
+
+    python scripts/gpu_compile_numerics.py --preset llava-1.5-7b --out results/h200/compile_numerics_llava-1.5-7b.csv
+"""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_profile_common import QUESTION, demo_image, profile_parser  # noqa: E402
+
+from bench.cache_policy import CachePolicy  # noqa: E402
+from bench.fast_decoder import NUMERICS  # noqa: E402
+from bench.models.loader import build_preset  # noqa: E402
+from bench.static_engine import StaticEngine  # noqa: E402
+
+
+def main() -> None:
+    ap = profile_parser("llava-1.5-7b")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16")
+    args = ap.parse_args()
+    image = demo_image()
+    dev = torch.device(args.device)
+    a = build_preset(args.preset, None, dev, getattr(torch, args.dtype))
+    engine = StaticEngine(a, CachePolicy())
+    dec = engine.decoder
+    with torch.inference_mode():
+        first = engine.run(image, QUESTION, 2).tokens[-1]  # leaves the prompt + 1 token in the buffers
+        cache = engine.cache
+        kv_saved = cache.data.clone()
+        length = cache.length.clone()
+        inputs, outputs = [], []
+
+        def recording(*layer_args):
+            out = dec.layer_at(*layer_args)
+            inputs.append(tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in layer_args))
+            outputs.append(out.clone())
+            return out
+
+        emb = dec.embed(torch.tensor([[first]], device=dev))
+        want_logits = dec.step(emb, engine.one, cache, recording).clone()
+        rows = []
+        for numerics in NUMERICS:
+            torch._dynamo.reset()
+            dec.numerics = numerics
+            options = {} if numerics == "fused" else {"emulate_precision_casts": True}
+            fn = torch.compile(dec.layer_at, dynamic=False, options=options)
+            differ = total = 0
+            worst = 0.0
+            for args_i, want in zip(inputs, outputs):
+                block, h, cos, sin, pos, mask, keys, values = args_i
+                got = fn(block, h, cos, sin, pos, mask, keys.clone(), values.clone())
+                differ += int((got != want).sum())
+                total += want.numel()
+                worst = max(worst, float((got.float() - want.float()).abs().max()))
+            cache.data.copy_(kv_saved)
+            cache.length.copy_(length)
+            logits = dec.step(emb, engine.one, cache, fn)
+            cache.data.copy_(kv_saved)
+            cache.length.copy_(length)
+            row = {"model": args.preset, "weights": "random", "numerics": numerics,
+                   "layer_out_differ_share": differ / total, "layer_out_max_abs_diff": worst,
+                   "logits_differ_share": float((logits != want_logits).float().mean()),
+                   "logits_max_abs_diff": float((logits.float() - want_logits.float()).abs().max())}
+            rows.append(row)
+            print(row, flush=True)
+        dec.numerics = "fused"
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
