@@ -9,9 +9,10 @@ near-tie), and the reference's near-tie share. Ways:
 - hf, eager attention: transformers' other attention implementation (`attn_implementation="eager"`);
 - hf, StaticCache: transformers' forward over its StaticCache (what torch.compile-ing
   transformers' decode step would run), eager;
-- static / graph: this harness's engines;
+- static / graph: this harness's engines (graph with its default numerics);
 - "graph, NUMERICS numerics" (bench.fast_decoder.NUMERICS): the graph engine whose compiled layers
-  round as eager does ("eager-casts") or also reduce as eager does ("eager-exact");
+  fuse freely ("fused"), round as eager does ("eager-casts") or also reduce as eager does
+  ("eager-exact");
 - "graph, separate prefill projections" (q/k/v and gate/up unfused at prompt length, as `static`
   and transformers) and "graph, uncompiled" (captured, not compiled; eager prefill).
 Each row also gives the way's median decode step as the benchmark's timeline measures it
@@ -54,9 +55,13 @@ class HFStaticCacheEngine(HFEngine):
         cache.kv = StaticCache(config=self.adapter.text_config(), max_cache_len=prompt_tokens + max_new_tokens)
         return cache
 
+    def describe(self) -> str:
+        return "transformers forward, StaticCache"
 
-def graph_engine(numerics: str = "fused", separate_prefill: bool = False, compiled: bool = True):
-    """A GraphEngine class with the given numerics / prompt-length projections / compilation."""
+
+def graph_engine(numerics: str | None = None, separate_prefill: bool = False, compiled: bool = True):
+    """A GraphEngine class with the given numerics (default: the engine's) / prompt-length
+    projections / compilation."""
 
     class Engine(GraphEngine):
         fused_max_rows = FUSED_MAX_ROWS if separate_prefill else GraphEngine.fused_max_rows
@@ -66,7 +71,7 @@ def graph_engine(numerics: str = "fused", separate_prefill: bool = False, compil
             if not compiled:
                 self.layer_fn = self.prefill_fn = None
 
-    Engine.numerics = numerics
+    Engine.numerics = numerics or GraphEngine.numerics
     return Engine
 
 
@@ -82,8 +87,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16")
-    ap.add_argument("--ways", default="hf again;hf eager attention;hf StaticCache;static;graph;graph, eager-casts "
-                    "numerics;graph, eager-exact numerics;graph, separate prefill projections;graph, uncompiled",
+    ap.add_argument("--ways", default="hf again;hf eager attention;hf StaticCache;static;graph;graph, fused "
+                    "numerics;graph, eager-exact numerics;graph, uncompiled",
                     help="';'-separated")
     args = ap.parse_args()
     _quiet_libraries()
@@ -99,6 +104,7 @@ def main() -> None:
         "hf StaticCache": HFStaticCacheEngine,
         "static": StaticEngine,
         "graph": graph_engine(),
+        "graph, fused numerics": graph_engine("fused"),
         "graph, eager-casts numerics": graph_engine("eager-casts"),
         "graph, eager-exact numerics": graph_engine("eager-exact"),
         "graph, separate prefill projections": graph_engine(separate_prefill=True),

@@ -194,10 +194,12 @@ def test_teacher_forced_through_the_engine_matches_transformers(family, checkpoi
     assert fidelity.kl_mean(want, engine.teacher_forced_logprobs(demo_image, q, cont)) > 1000 * max(same, 1e-9)
 
 
-def test_eager_exact_numerics_make_the_compiled_layer_write_what_eager_does(checkpoint_dirs, demo_image):
+def test_eager_numerics_bring_the_compiled_layer_to_what_eager_writes(checkpoint_dirs, demo_image):
     """Inductor sums RMSNorm's mean in its own order (and, in fp16, skips eager's roundings):
-    fused, a compiled decode step's logits differ from eager's in the last bits; with
-    "eager-exact" numerics (eager's formulas, the mean by ATen's kernel) they are bit-identical."""
+    "fused", a compiled decode step's logits differ from eager's in the last bits; "eager-exact"
+    (eager's formulas, the mean by ATen's kernel) leaves far fewer differing elements (none with
+    this build on this CPU; 0.03% of a layer's outputs on the H200, where inductor's exp and rsqrt
+    are not ATen's: results/h200/compile_numerics_llava-1.5-7b.csv)."""
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
     engine = StaticEngine(adapter, CachePolicy())
     dec = engine.decoder
@@ -212,15 +214,16 @@ def test_eager_exact_numerics_make_the_compiled_layer_write_what_eager_does(chec
             return dec.step(emb, engine.one, engine.cache, layer_fn)
 
         want = step()
+        differ = {}
         try:
-            got = {}
             for numerics in ("fused", "eager-exact"):
                 torch._dynamo.reset()
                 dec.numerics = numerics
-                got[numerics] = step(torch.compile(dec.layer_at, dynamic=False))
+                got = step(torch.compile(dec.layer_at, dynamic=False))
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                differ[numerics] = int((got != want).sum())
         finally:
             dec.numerics = "fused"
             torch._dynamo.reset()
-    assert torch.equal(got["eager-exact"], want)
-    assert not torch.equal(got["fused"], want)
-    torch.testing.assert_close(got["fused"], want, rtol=1e-5, atol=1e-5)
+    assert differ["fused"] > 0, differ
+    assert differ["eager-exact"] <= differ["fused"] // 4, differ
