@@ -40,6 +40,12 @@ MATMUL_ATTENTION_MAX_T = 32  # compiled steps of up to this many queries attend 
 NUMERICS = ("fused", "eager-casts", "eager-exact")
 
 
+def inductor_options(numerics: str) -> dict:
+    """torch.compile options for layers traced under `numerics`: the eager ones have inductor
+    round to fp16 wherever the eager ops would."""
+    return {} if numerics == "fused" else {"emulate_precision_casts": True}
+
+
 @torch.library.custom_op("vlmbench::eager_row_mean", mutates_args=())
 def eager_row_mean(x: torch.Tensor) -> torch.Tensor:
     """x.mean(-1, keepdim=True) by ATen's reduction kernel, opaque to torch.compile (which would
@@ -171,9 +177,13 @@ class FastDecoder(nn.Module):
         return KVBuffers(len(self.layers), self.kv_heads, self.head_dim, max_len, p.device, p.dtype, batch)
 
     # ------------------------------------------------------------------------------------------
+    def _traced_eager_numerics(self) -> bool:
+        """Whether this call is being traced under one of the eager numerics (see NUMERICS)."""
+        return self.numerics != "fused" and torch.compiler.is_compiling()
+
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """`norm(x)`; traced under eager numerics, transformers' RMSNorm written op by op."""
-        if self.numerics == "fused" or not torch.compiler.is_compiling() or not hasattr(norm, "variance_epsilon"):
+        if not self._traced_eager_numerics() or not hasattr(norm, "variance_epsilon"):
             return norm(x)
         xf = x.to(torch.float32)
         sq = xf * xf  # = pow(2): ATen squares by one multiplication
@@ -183,7 +193,7 @@ class FastDecoder(nn.Module):
     def _gate(self, block, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """act(gate) * up; traced under eager numerics, SiLU as ATen's kernel computes it
         (x / (1 + exp(-x)) in fp32, rounded to the input dtype)."""
-        if self.numerics == "fused" or not torch.compiler.is_compiling() or self.config.hidden_act != "silu":
+        if not self._traced_eager_numerics() or self.config.hidden_act != "silu":
             return block.act(gate) * up
         g = gate.to(torch.float32)
         return (g / (1 + torch.exp(-g))).to(gate.dtype) * up

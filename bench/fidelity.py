@@ -91,6 +91,12 @@ def divergence(ref: FidelityReference, tokens: list[int]) -> dict:
             "divergence_margin_steps": margin / float(ref.step[first])}
 
 
+def agreement(ref: FidelityReference, tokens: list[int]) -> dict:
+    """token_agree, the first divergence and its margin, and the reference's near-tie share."""
+    return {"token_agree": sum(a == b for a, b in zip(tokens, ref.tokens)) / len(ref.tokens),
+            **divergence(ref, tokens), "ref_near_tie_share": near_tie_share(ref)}
+
+
 def kl_mean(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
     kl = (ref_logprobs.exp() * (ref_logprobs - logprobs)).sum(-1)
     return float(kl.clamp_min(0).mean())
@@ -100,11 +106,8 @@ def compare(ref: FidelityReference, engine, image) -> dict:
     tokens = _greedy(engine, image, ref.question, len(ref.tokens))
     logprobs = teacher_forced_logprobs(engine.adapter, image, ref.question, ref.tokens)
     engine_logprobs = engine.teacher_forced_logprobs(image, ref.question, ref.tokens)
-    pairs = list(zip(tokens, ref.tokens))
     return {
-        "token_agree": sum(a == b for a, b in pairs) / len(ref.tokens),
-        **divergence(ref, tokens),
-        "ref_near_tie_share": near_tie_share(ref),
+        **agreement(ref, tokens),
         "kl_mean": kl_mean(ref.logprobs, logprobs),
         "engine_kl_mean": kl_mean(ref.logprobs, engine_logprobs),
         "engine_top1_agree": float((engine_logprobs.argmax(-1) == ref.logprobs.argmax(-1)).float().mean()),

@@ -29,7 +29,7 @@ import torch
 
 from bench.engine import HFEngine
 from bench.errors import VariantUnsupported
-from bench.fast_decoder import KVBuffers, fast_decoder
+from bench.fast_decoder import KVBuffers, fast_decoder, inductor_options
 from bench.fused_linear import FUSED_MAX_ROWS
 from bench.quant.int4 import Int4Linear, use_prefill_weights
 from bench.quant.prefetch import DensePrefetch
@@ -228,8 +228,7 @@ class GraphEngine(StaticEngine):
         self.notes: dict[str, str] = {}
         torch._dynamo.reset()  # compiled code of an earlier model is not reused (nor kept alive)
         self.decoder.numerics = self.numerics
-        # eager numerics: inductor rounds to fp16 wherever the eager ops would
-        options = {} if self.numerics == "fused" else {"emulate_precision_casts": True}
+        options = inductor_options(self.numerics)
         self.layer_fn = torch.compile(self.decoder.layer_at, dynamic=False, options=options)
         self.prefill_fn = None
         if "separate" not in self.decoder.fusion:  # dense or int4 (its dense path is one custom op)
@@ -311,11 +310,9 @@ class GraphEngine(StaticEngine):
         `padded` tokens (see PREFILL_ROUND); the logits are overwritten by the next replay."""
         key = ("prefill", padded)
         cap = self.lm_graphs.get(key)
-        if cap is None:
+        if cap is None:  # captured on zeros (finite padding), then replayed on this prompt below
             static = torch.zeros(1, padded, embeds.shape[-1], dtype=embeds.dtype, device=embeds.device)
-            n_real = torch.zeros((), dtype=torch.long, device=embeds.device)
-            static[:, :embeds.shape[1]].copy_(embeds)
-            n_real.fill_(embeds.shape[1])
+            n_real = torch.full((), padded, dtype=torch.long, device=embeds.device)
             graph, out = self._capture(
                 lambda: self.full_prefill(static, self.cache, 0, self.prefill_fn, n_real=n_real),
                 f"prefill ({padded} tokens)", False)

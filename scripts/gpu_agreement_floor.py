@@ -22,8 +22,6 @@ Each row also gives the way's median decode step as the benchmark's timeline mea
 """
 from __future__ import annotations
 
-import argparse
-import csv
 import statistics
 import sys
 from pathlib import Path
@@ -32,13 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_profile_common import demo_image, profile_parser  # noqa: E402
+
 from bench.cache_policy import CachePolicy  # noqa: E402
-from bench.cli import _quiet_libraries  # noqa: E402
-from bench.config import DEMO_IMAGE  # noqa: E402
 from bench.engine import HFCache, HFEngine  # noqa: E402
-from bench.fidelity import divergence, make_reference, near_tie_share  # noqa: E402
+from bench.fidelity import agreement, make_reference  # noqa: E402
 from bench.fused_linear import FUSED_MAX_ROWS  # noqa: E402
 from bench.models.loader import build_preset  # noqa: E402
+from bench.results import CsvWriter  # noqa: E402
 from bench.static_engine import GraphEngine, StaticEngine  # noqa: E402
 
 COLUMNS = ["model", "weights", "dtype", "device", "compared", "new_tokens", "token_agree", "first_divergence",
@@ -81,9 +80,7 @@ def attention_module_owner(adapter):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="llava-1.5-7b")
-    ap.add_argument("--out", required=True)
+    ap = profile_parser("llava-1.5-7b")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16")
@@ -91,10 +88,7 @@ def main() -> None:
                     "numerics;graph, eager-exact numerics;graph, uncompiled",
                     help="';'-separated")
     args = ap.parse_args()
-    _quiet_libraries()
-    from PIL import Image
-
-    image = Image.open(DEMO_IMAGE).convert("RGB")
+    image = demo_image()
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     adapter = build_preset(args.preset, None, dev, dtype)
     ref = make_reference(HFEngine(adapter, CachePolicy()), image, args.new_tokens)
@@ -110,32 +104,34 @@ def main() -> None:
         "graph, separate prefill projections": graph_engine(separate_prefill=True),
         "graph, uncompiled": graph_engine(compiled=False),
     }
-    rows = []
+    writer = CsvWriter(Path(args.out), COLUMNS)
     for way in [w.strip() for w in args.ways.split(";")]:
-        owner = attention_module_owner(adapter)
+        engine = engines[way](adapter, CachePolicy())
         if way == "hf eager attention":
+            owner = attention_module_owner(adapter)
+            before = adapter.decoder_parts()[0].config._attn_implementation
             owner.set_attn_implementation("eager")
-        try:
-            engine = engines[way](adapter, CachePolicy())
-            engine.run(image, ref.question, args.new_tokens)  # warm (compiles, captures), as the fidelity probe
-            result = engine.run(image, ref.question, args.new_tokens)
-        finally:
-            owner.set_attn_implementation("sdpa")
-        tokens = result.tokens
+            try:
+                result = warm_then_run(engine, image, ref.question, args.new_tokens)
+            finally:
+                owner.set_attn_implementation(before)
+        else:
+            result = warm_then_run(engine, image, ref.question, args.new_tokens)
         row = {"model": args.preset, "weights": "random", "dtype": args.dtype, "device": dev.type, "compared": way,
-               "new_tokens": args.new_tokens,
-               "token_agree": sum(a == b for a, b in zip(tokens, ref.tokens)) / len(ref.tokens),
-               **divergence(ref, tokens), "ref_near_tie_share": near_tie_share(ref),
+               "new_tokens": args.new_tokens, **agreement(ref, result.tokens),
                "decode_step_ms": statistics.median(result.step_ms), "engine_detail": engine.describe()}
-        rows.append(row)
+        writer.write(row)
         print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
         del engine
-        torch.cuda.empty_cache() if dev.type == "cuda" else None
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    writer.close()
+
+
+def warm_then_run(engine, image, question: str, new_tokens: int):
+    """The second of two requests (the first compiles and captures), as the fidelity probe runs."""
+    engine.run(image, question, new_tokens)
+    return engine.run(image, question, new_tokens)
 
 
 if __name__ == "__main__":

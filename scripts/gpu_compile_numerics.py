@@ -7,7 +7,6 @@ that differ from eager's and the largest difference, and the same for the step's
 """
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
@@ -18,8 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_profile_common import QUESTION, demo_image, profile_parser  # noqa: E402
 
 from bench.cache_policy import CachePolicy  # noqa: E402
-from bench.fast_decoder import NUMERICS  # noqa: E402
+from bench.fast_decoder import NUMERICS, inductor_options  # noqa: E402
 from bench.models.loader import build_preset  # noqa: E402
+from bench.results import CsvWriter  # noqa: E402
 from bench.static_engine import StaticEngine  # noqa: E402
 
 
@@ -48,12 +48,12 @@ def main() -> None:
 
         emb = dec.embed(torch.tensor([[first]], device=dev))
         want_logits = dec.step(emb, engine.one, cache, recording).clone()
-        rows = []
+        writer = CsvWriter(Path(args.out), ["model", "weights", "numerics", "layer_out_differ_share",
+                                            "layer_out_max_abs_diff", "logits_differ_share", "logits_max_abs_diff"])
         for numerics in NUMERICS:
             torch._dynamo.reset()
             dec.numerics = numerics
-            options = {} if numerics == "fused" else {"emulate_precision_casts": True}
-            fn = torch.compile(dec.layer_at, dynamic=False, options=options)
+            fn = torch.compile(dec.layer_at, dynamic=False, options=inductor_options(numerics))
             differ = total = 0
             worst = 0.0
             for args_i, want in zip(inputs, outputs):
@@ -71,14 +71,10 @@ def main() -> None:
                    "layer_out_differ_share": differ / total, "layer_out_max_abs_diff": worst,
                    "logits_differ_share": float((logits != want_logits).float().mean()),
                    "logits_max_abs_diff": float((logits.float() - want_logits.float()).abs().max())}
-            rows.append(row)
+            writer.write(row)
             print(row, flush=True)
         dec.numerics = "fused"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    writer.close()
 
 
 if __name__ == "__main__":
