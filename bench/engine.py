@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from bench import attention_kernels
 from bench.cache_policy import CachePolicy
 from bench.models.base import VLMAdapter
 from bench.timing import Timeline, sum_by_label
@@ -127,7 +128,7 @@ class HFEngine:
 
     def describe(self) -> str:
         """How this engine runs (the engine_detail column)."""
-        return "transformers forward, DynamicCache"
+        return f"transformers forward, DynamicCache{attention_kernels.note(self.adapter.device)}"
 
     def decode_step(self, token: torch.Tensor, cache: HFCache) -> torch.Tensor:
         """One decode step on `token` [B] (greedy decode and teacher forcing); logits [B, 1, vocab]."""

@@ -34,16 +34,26 @@ MATMUL_ATTENTION_MAX_T = 32  # compiled steps of up to this many queries attend 
 #    eager does (the compiling engine turns that option on); only the fp32 mean of RMSNorm sums in
 #    inductor's order.
 #  "eager-exact": also that mean by eager's own reduction kernel (an opaque op), at two more
-#    kernels per norm: bit-identical to eager on the CPU; on the H200 0.03% of a layer's outputs
-#    still differ (inductor's exp/rsqrt are not ATen's), against 1.7% eager-casts and 48% fused
-#    (results/h200/compile_numerics_llava-1.5-7b.csv).
+#    kernels per norm: bit-identical to eager, on the CPU and on the H200 (llava-1.5-7b decode
+#    layers: 0 of their outputs differ, against 0.92% eager-casts and 48% fused, with
+#    deterministic attention kernels: results/h200/compile_numerics_llava-1.5-7b-deterministic.csv;
+#    the 0.03% measured earlier with cuDNN attention was that kernel's run-to-run noise).
 NUMERICS = ("fused", "eager-casts", "eager-exact")
 
 
 def inductor_options(numerics: str) -> dict:
     """torch.compile options for layers traced under `numerics`: the eager ones have inductor
     round to fp16 wherever the eager ops would."""
-    return {} if numerics == "fused" else {"emulate_precision_casts": True}
+    if numerics == "fused":
+        return {}
+    # division_rounding: IEEE division as ATen's (Triton's `/` is approximate), which SiLU's
+    # x / (1 + exp(-x)) needs to round as eager (on the H200 it makes a compiled SiLU-gate
+    # bit-identical to eager's); absent from older torch
+    from torch._inductor import config as inductor_config
+
+    division = {"eager_numerics.division_rounding": True} if hasattr(
+        getattr(inductor_config, "eager_numerics", None), "division_rounding") else {}
+    return {"emulate_precision_casts": True, **division}
 
 
 @torch.library.custom_op("vlmbench::eager_row_mean", mutates_args=())
@@ -146,6 +156,10 @@ class FastDecoder(nn.Module):
         self.scaling = self.head_dim ** -0.5
         self.gqa = self.kv_heads != self.heads
         self.numerics = "fused"  # see NUMERICS; a compiling engine may choose another
+        # Compiled one-query (decode) steps attend by `_matmul_attention` rather than SDPA: set
+        # where cuDNN attention is off (bench.attention_kernels), since SDPA with a mask then
+        # runs memory-efficient attention, ~4x slower for one query (sdpa_backends_h200.csv).
+        self.one_query_matmul = False
         self.layers = nn.ModuleList()
         for layer in lm.layers:
             a, m = layer.self_attn, layer.mlp
@@ -248,11 +262,13 @@ class FastDecoder(nn.Module):
 
     def layer_at(self, block, h, cos, sin, pos, mask, keys, values):
         """One layer for tokens at device positions `pos` (graph-capturable; what gets compiled).
-        Compiled, a few queries (the suffix buckets up to 32) attend through `_matmul_attention`."""
+        Compiled, a few queries (the suffix buckets up to 32; one too under `one_query_matmul`)
+        attend through `_matmul_attention`."""
         q, k, v = self._qkv(block, h, cos, sin)
         keys.index_copy_(2, pos, k)
         values.index_copy_(2, pos, v)
-        if 1 < q.shape[2] <= MATMUL_ATTENTION_MAX_T and torch.compiler.is_compiling():
+        t = q.shape[2]
+        if (1 < t or self.one_query_matmul) and t <= MATMUL_ATTENTION_MAX_T and torch.compiler.is_compiling():
             o = self._matmul_attention(q, keys, values, mask)
         else:
             o = self._sdpa(q, keys, values, mask=mask)

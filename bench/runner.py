@@ -13,7 +13,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from bench import envinfo, fidelity
+from bench import attention_kernels, envinfo, fidelity
 from bench.config import RunConfig
 from bench.console import status
 from bench.errors import UsageError, VariantUnsupported
@@ -128,8 +128,10 @@ class Benchmark:
     # ------------------------------------------------------------------------------------
     def run(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        attention_kernels.use(self.cfg.attention_kernels)
         write_json(self.out_dir / "env.json", envinfo.collect(self.command, self.monitor.device_facts(), {
             "config": asdict(self.cfg), "device": str(self.device), "dtype": str(self.dtype),
+            "sdpa_kernels": attention_kernels.describe(),
             "model": self.source.name, "weights": self.source.weights,
         }))
         self.writer = run_writer(self.out_dir)

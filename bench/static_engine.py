@@ -27,6 +27,7 @@ import weakref
 
 import torch
 
+from bench import attention_kernels
 from bench.engine import HFEngine
 from bench.errors import VariantUnsupported
 from bench.fast_decoder import KVBuffers, fast_decoder, inductor_options
@@ -94,7 +95,8 @@ class StaticEngine(HFEngine):
         return ", int4 prefill weights dequantized a layer ahead" if self.prefetch is not None else ""
 
     def describe(self) -> str:
-        return f"own decoder ({self.decoder.fusion}), static KV, eager{self.prefetch_note()}"
+        return (f"own decoder ({self.decoder.fusion}), static KV, eager{self.prefetch_note()}"
+                f"{attention_kernels.note(self.adapter.device)}")
 
     def new_cache(self, prompt_tokens: int, max_new_tokens: int, batch: int = 1) -> KVBuffers:
         need = prompt_tokens + max_new_tokens + SUFFIX_BUCKETS[-1]  # room for a padded bucket
@@ -213,10 +215,12 @@ class GraphEngine(StaticEngine):
     name = "graph"
     fused_max_rows = 2**62  # fused at every length: faster compiled prefill (see the docstring)
     # How compiled layers round (bench.fast_decoder.NUMERICS). "eager-casts": in llava-1.5-7b's
-    # decode step on the H200, 1.7% of a compiled layer's output elements differ from eager's
-    # against 48% "fused", at the same step time (4.55 ms); "eager-exact" brings it to 0.03% for
-    # 0.24 ms more per step (results/h200/compile_numerics_llava-1.5-7b.csv,
-    # agreement_numerics_llava-1.5-7b.csv).
+    # decode step on the H200, 0.92% of a compiled layer's output elements differ from eager's
+    # against 48% "fused", at the same step time (4.55 ms); "eager-exact" makes them identical for
+    # 0.24 ms more per step (results/h200/compile_numerics_llava-1.5-7b-deterministic.csv,
+    # agreement_numerics_llava-1.5-7b.csv). Identical layers alone do not give transformers'
+    # tokens: its decode attends with flash over exactly the keys so far, which no single
+    # captured graph can call (agreement_floor_llava-1.5-7b-deterministic.csv).
     numerics = "eager-casts"
 
     def __init__(self, adapter, policy):
@@ -228,6 +232,7 @@ class GraphEngine(StaticEngine):
         self.notes: dict[str, str] = {}
         torch._dynamo.reset()  # compiled code of an earlier model is not reused (nor kept alive)
         self.decoder.numerics = self.numerics
+        self.decoder.one_query_matmul = not attention_kernels.cudnn_allowed()
         options = inductor_options(self.numerics)
         self.layer_fn = torch.compile(self.decoder.layer_at, dynamic=False, options=options)
         self.prefill_fn = None
@@ -243,7 +248,7 @@ class GraphEngine(StaticEngine):
             prefill += f" (one row from column 0: CUDA-graphed per {PREFILL_ROUND}-token length bucket)"
         parts = [f"own decoder ({self.decoder.fusion}), static KV, CUDA-graph decode + suffix buckets "
                  f"({compiled}, {self.numerics} numerics), {prefill}{self.prefetch_note()}, "
-                 f"vision {self.notes.get('vision', 'graphed')}"]
+                 f"vision {self.notes.get('vision', 'graphed')}{attention_kernels.note(self.adapter.device)}"]
         parts += [f"{k}: {v}" for k, v in self.notes.items() if k not in ("vision", "prefill")]  # incl. "prefill graph"
         return "; ".join(parts)
 

@@ -192,3 +192,27 @@ def test_results_readme_is_generated_from_metrics():
     from bench.docs import render
 
     assert (ROOT / "results" / "README.md").read_text() == render(), "run: python -m bench docs"
+
+
+def test_attention_kernels_choice_is_applied_and_recorded(tmp_path):
+    """--attention-kernels deterministic (the default) turns cuDNN attention off for the run and
+    says so in env.json; auto leaves torch's choice; anything else is a usage error."""
+    import json
+
+    import torch
+
+    from bench import attention_kernels
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        assert main(["--num-runs", "1", "--warmup", "0", "--min-seconds", "0", "--max-new-tokens", "2",
+                     "--no-fidelity", "--output-dir", str(tmp_path / "det")]) == 0
+        env = json.loads((tmp_path / "det" / "env.json").read_text())
+        assert env["config"]["attention_kernels"] == "deterministic"
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and "cudnn" not in env["sdpa_kernels"]
+        attention_kernels.use("auto")
+        assert torch.backends.cuda.cudnn_sdp_enabled() and attention_kernels.describe().startswith("SDPA cudnn/")
+        assert attention_kernels.note(torch.device("cpu")) == ""
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    assert main(["--attention-kernels", "fastest"]) == 2

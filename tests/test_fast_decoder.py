@@ -198,9 +198,9 @@ def test_eager_exact_numerics_make_the_compiled_step_write_what_eager_does(check
     """With "eager-exact" numerics (eager's formulas, RMSNorm's mean by ATen's kernel) a compiled
     decode step's logits on the CPU are bit-identical to eager's. "fused" lets inductor sum the
     mean in its own order: with torch 2.13 here its logits differ in the last bits (torch 2.11's
-    CPU inductor happens to match). On the H200 eager-exact leaves 0.03% of a layer's outputs off
-    eager's, fused 48% (inductor's exp and rsqrt are not ATen's there:
-    results/h200/compile_numerics_llava-1.5-7b.csv)."""
+    CPU inductor happens to match). On the H200, with deterministic attention kernels, eager-exact
+    leaves none of a layer's outputs off eager's, fused 48%
+    (results/h200/compile_numerics_llava-1.5-7b-deterministic.csv)."""
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
     engine = StaticEngine(adapter, CachePolicy())
     dec = engine.decoder
@@ -227,3 +227,37 @@ def test_eager_exact_numerics_make_the_compiled_step_write_what_eager_does(check
             dec.numerics = "fused"
             torch._dynamo.reset()
     assert differ["eager-exact"] == 0, differ
+
+
+@pytest.mark.parametrize("one_query_matmul", [False, True])
+def test_a_compiled_decode_step_attends_by_matmul_where_cudnn_is_off(one_query_matmul, checkpoint_dirs,
+                                                                      demo_image, monkeypatch):
+    """With `one_query_matmul` (the graph engine sets it when --attention-kernels turns cuDNN off)
+    a traced one-token step attends through `_matmul_attention` (deterministic, near cuDNN's
+    speed) instead of SDPA, and gives the eager step's logits and next token."""
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    engine = StaticEngine(adapter, CachePolicy())
+    dec = engine.decoder
+    traced = []
+    matmul = dec._matmul_attention
+    monkeypatch.setattr(dec, "_matmul_attention", lambda *a: traced.append(a[0].shape[2]) or matmul(*a))
+    monkeypatch.setattr(dec, "one_query_matmul", one_query_matmul)
+    with torch.inference_mode():
+        token = engine.run(demo_image, "What is shown?", 2).tokens[-1]
+        saved, length = engine.cache.data.clone(), engine.cache.length.clone()
+        emb = dec.embed(torch.tensor([[token]]))
+
+        def step(layer_fn=None):
+            engine.cache.data.copy_(saved)
+            engine.cache.length.copy_(length)
+            return dec.step(emb, engine.one, engine.cache, layer_fn)
+
+        want = step()
+        torch._dynamo.reset()
+        try:
+            got = step(torch.compile(dec.layer_at, backend="eager", dynamic=False))
+        finally:
+            torch._dynamo.reset()
+    assert set(traced) == ({1} if one_query_matmul else set())  # traced for the one-query shape only
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert int(got.argmax(-1)) == int(want.argmax(-1))
