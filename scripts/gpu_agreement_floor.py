@@ -5,7 +5,8 @@ The `hf` engine is the reference (warmed, as the benchmark's fidelity probe does
 way of running the same weights on the same probe gives: token_agree, first_divergence, the
 reference's margin there in rounding steps of the logits' dtype (0-1: a rounding flip of a
 near-tie), and the reference's near-tie share. Ways:
-- hf again: the same kernels (run-to-run determinism);
+- hf again: the same kernels (run-to-run determinism); "WAY again" likewise for another way (two
+  fresh engines of it against each other);
 - hf, eager attention: transformers' other attention implementation (`attn_implementation="eager"`);
 - hf, StaticCache: transformers' forward over its StaticCache (what torch.compile-ing
   transformers' decode step would run), eager;
@@ -19,6 +20,7 @@ Each row also gives the way's median decode step as the benchmark's timeline mea
 (`decode_step_ms`, a 128-token request after a warm one) and its `engine_detail`.
 
     python scripts/gpu_agreement_floor.py --preset llava-1.5-7b --out results/h200/agreement_floor_llava-1.5-7b.csv
+        [--attention-kernels auto]  (bench.attention_kernels; default deterministic)
 """
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_profile_common import demo_image, profile_parser  # noqa: E402
 
+from bench import attention_kernels  # noqa: E402
+from bench.attention_kernels import ATTENTION_KERNELS  # noqa: E402
 from bench.cache_policy import CachePolicy  # noqa: E402
 from bench.engine import HFCache, HFEngine  # noqa: E402
 from bench.fidelity import agreement, make_reference  # noqa: E402
@@ -40,7 +44,8 @@ from bench.models.loader import build_preset  # noqa: E402
 from bench.results import CsvWriter  # noqa: E402
 from bench.static_engine import GraphEngine, StaticEngine  # noqa: E402
 
-COLUMNS = ["model", "weights", "dtype", "device", "compared", "new_tokens", "token_agree", "first_divergence",
+COLUMNS = ["model", "weights", "dtype", "device", "attention_kernels", "compared", "new_tokens", "token_agree",
+           "first_divergence",
            "divergence_margin", "divergence_margin_steps", "ref_near_tie_share", "decode_step_ms", "engine_detail"]
 
 
@@ -58,12 +63,13 @@ class HFStaticCacheEngine(HFEngine):
         return "transformers forward, StaticCache"
 
 
-def graph_engine(numerics: str | None = None, separate_prefill: bool = False, compiled: bool = True):
+def graph_engine(numerics: str | None = None, separate_prefill: bool = False, compiled: bool = True,
+                 separate_decode: bool = False):
     """A GraphEngine class with the given numerics (default: the engine's) / prompt-length
-    projections / compilation."""
+    projections (or at every length: the GEMVs transformers runs) / compilation."""
 
     class Engine(GraphEngine):
-        fused_max_rows = FUSED_MAX_ROWS if separate_prefill else GraphEngine.fused_max_rows
+        fused_max_rows = 0 if separate_decode else FUSED_MAX_ROWS if separate_prefill else GraphEngine.fused_max_rows
 
         def __init__(self, adapter, policy):
             super().__init__(adapter, policy)
@@ -86,8 +92,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--ways", default="hf again;hf eager attention;hf StaticCache;static;graph;graph, fused "
                     "numerics;graph, eager-exact numerics;graph, uncompiled",
-                    help="';'-separated")
+                    help="';'-separated; 'WAY again' (other than hf) compares two fresh engines of WAY")
+    ap.add_argument("--attention-kernels", default="deterministic", choices=ATTENTION_KERNELS)
     args = ap.parse_args()
+    attention_kernels.use(args.attention_kernels)
     image = demo_image()
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     adapter = build_preset(args.preset, None, dev, dtype)
@@ -103,11 +111,18 @@ def main() -> None:
         "graph, eager-exact numerics": graph_engine("eager-exact"),
         "graph, separate prefill projections": graph_engine(separate_prefill=True),
         "graph, uncompiled": graph_engine(compiled=False),
+        "graph, eager-exact numerics, separate projections": graph_engine("eager-exact", separate_decode=True),
     }
     writer = CsvWriter(Path(args.out), COLUMNS)
     for way in [w.strip() for w in args.ways.split(";")]:
-        engine = engines[way](adapter, CachePolicy())
-        if way == "hf eager attention":
+        repeated = way.removesuffix(" again") if way.endswith(" again") and way != "hf again" else None
+        engine = engines[repeated or way](adapter, CachePolicy())
+        if repeated:
+            first = warm_then_run(engine, image, ref.question, args.new_tokens).tokens
+            engine = engines[repeated](adapter, CachePolicy())
+            result = warm_then_run(engine, image, ref.question, args.new_tokens)
+            agree = self_agreement(first, result.tokens)
+        elif way == "hf eager attention":
             owner = attention_module_owner(adapter)
             before = adapter.decoder_parts()[0].config._attn_implementation
             owner.set_attn_implementation("eager")
@@ -117,8 +132,10 @@ def main() -> None:
                 owner.set_attn_implementation(before)
         else:
             result = warm_then_run(engine, image, ref.question, args.new_tokens)
-        row = {"model": args.preset, "weights": "random", "dtype": args.dtype, "device": dev.type, "compared": way,
-               "new_tokens": args.new_tokens, **agreement(ref, result.tokens),
+        if not repeated:
+            agree = agreement(ref, result.tokens)
+        row = {"model": args.preset, "weights": "random", "dtype": args.dtype, "device": dev.type,
+               "attention_kernels": args.attention_kernels, "compared": way, "new_tokens": args.new_tokens, **agree,
                "decode_step_ms": statistics.median(result.step_ms), "engine_detail": engine.describe()}
         writer.write(row)
         print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
@@ -126,6 +143,12 @@ def main() -> None:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     writer.close()
+
+
+def self_agreement(first: list[int], second: list[int]) -> dict:
+    """Two runs of one way against each other (the reference's margins do not apply)."""
+    div = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), None)
+    return {"token_agree": sum(a == b for a, b in zip(first, second)) / len(first), "first_divergence": div}
 
 
 def warm_then_run(engine, image, question: str, new_tokens: int):

@@ -4,6 +4,7 @@ prompt's prefill), every layer fed the eager step's input for it: the share of o
 that differ from eager's and the largest difference, and the same for the step's logits.
 
     python scripts/gpu_compile_numerics.py --preset llava-1.5-7b --out results/h200/compile_numerics_llava-1.5-7b.csv
+        [--attention-kernels auto]  (bench.attention_kernels; default deterministic)
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_profile_common import QUESTION, demo_image, profile_parser  # noqa: E402
 
+from bench import attention_kernels  # noqa: E402
+from bench.attention_kernels import ATTENTION_KERNELS  # noqa: E402
 from bench.cache_policy import CachePolicy  # noqa: E402
 from bench.fast_decoder import NUMERICS, inductor_options  # noqa: E402
 from bench.models.loader import build_preset  # noqa: E402
@@ -27,7 +30,9 @@ def main() -> None:
     ap = profile_parser("llava-1.5-7b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--attention-kernels", default="deterministic", choices=ATTENTION_KERNELS)
     args = ap.parse_args()
+    attention_kernels.use(args.attention_kernels)
     image = demo_image()
     dev = torch.device(args.device)
     a = build_preset(args.preset, None, dev, getattr(torch, args.dtype))
@@ -48,7 +53,12 @@ def main() -> None:
 
         emb = dec.embed(torch.tensor([[first]], device=dev))
         want_logits = dec.step(emb, engine.one, cache, recording).clone()
-        writer = CsvWriter(Path(args.out), ["model", "weights", "numerics", "layer_out_differ_share",
+        # the eager layer run again: what differs without compiling (nondeterministic attention)
+        rerun = [dec.layer_at(b, h, c, s, p, m, k.clone(), v.clone())
+                 for (b, h, c, s, p, m, k, v) in inputs]
+        rerun_share = sum(int((g != w).sum()) for g, w in zip(rerun, outputs)) / sum(w.numel() for w in outputs)
+        writer = CsvWriter(Path(args.out), ["model", "weights", "attention_kernels", "numerics", "inductor_options",
+                                            "eager_rerun_differ_share", "layer_out_differ_share",
                                             "layer_out_max_abs_diff", "logits_differ_share", "logits_max_abs_diff"])
         for numerics in NUMERICS:
             torch._dynamo.reset()
@@ -67,7 +77,9 @@ def main() -> None:
             logits = dec.step(emb, engine.one, cache, fn)
             cache.data.copy_(kv_saved)
             cache.length.copy_(length)
-            row = {"model": args.preset, "weights": "random", "numerics": numerics,
+            row = {"model": args.preset, "weights": "random", "attention_kernels": args.attention_kernels,
+                   "numerics": numerics, "inductor_options": inductor_options(numerics),
+                   "eager_rerun_differ_share": rerun_share,
                    "layer_out_differ_share": differ / total, "layer_out_max_abs_diff": worst,
                    "logits_differ_share": float((logits != want_logits).float().mean()),
                    "logits_max_abs_diff": float((logits.float() - want_logits.float()).abs().max())}
