@@ -1,48 +1,66 @@
-"""Which fused attention kernels torch's scaled_dot_product_attention may pick: one run-wide
-setting (--attention-kernels), written to env.json and to every row's engine_detail.
+"""Which fused attention kernels torch's scaled_dot_product_attention may pick for calls of few
+queries: one run-wide setting (--attention-kernels), written to env.json and to every row's
+engine_detail.
 
-- "deterministic" (the default): cuDNN attention off, so SDPA picks flash attention (no mask) or
-  memory-efficient attention (a mask), both of which give the same output for the same input.
-  On the H200 (torch 2.11) torch otherwise picks cuDNN for every call, and cuDNN's one-query
-  kernel (decode) combines its split keys in a varying order: repeating one call changes a few
-  output elements (results/h200/attention_determinism.csv), so transformers' own greedy tokens
-  change between identical requests wherever two logits nearly tie, and token_agree measured
-  against such a baseline is partly noise.
-- "auto": torch's own choice (cuDNN first where available; fastest, not reproducible).
+On the H200 (torch 2.11) SDPA picks cuDNN for every call. Its one-query kernel (decode) combines
+split keys in a varying order: of 50 repeats of one decode call 48 gave a different output,
+while its calls of 16 or more queries (prompts, suffixes after a cached prefix, vision towers)
+and flash, memory-efficient and math attention repeated exactly
+(results/h200/attention_determinism.csv). With random weights two logits often nearly tie, so
+greedy tokens then change between identical requests and token_agree is partly noise.
 
-The static engines' compiled steps attend by matmul + softmax (FastDecoder._matmul_attention),
-which is deterministic either way; with cuDNN off their one-query decode attention uses it too
-(memory-efficient attention would be ~4x slower there, results/h200/sdpa_backends_h200.csv).
+- "deterministic" (the default): calls of fewer than FEW_QUERIES new tokens run without cuDNN
+  (flash attention without a mask, memory-efficient attention with one); longer calls keep
+  torch's choice, which is faster there (cuDNN 19 us a layer for a 627-token prompt against
+  flash's 36). The graph engine's compiled one-query steps attend by matmul + softmax instead
+  (FastDecoder.one_query_matmul: 11.0 us a layer over 1024 columns, against cuDNN's 9.7 and
+  memory-efficient attention's 40.8).
+- "auto": torch's own choice everywhere (fastest decode attention, not reproducible).
 """
 from __future__ import annotations
 
-import torch
+from contextlib import contextmanager
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench.errors import UsageError
 
 ATTENTION_KERNELS = ("deterministic", "auto")
+FEW_QUERIES = 16  # the fewest queries for which cuDNN repeated exactly (attention_determinism.csv)
+_REPRODUCIBLE = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_choice = "deterministic"
 
 
 def use(choice: str) -> None:
-    """Apply `choice` (process-wide, as torch's own SDPA switches are)."""
+    """Apply `choice` for this process (read where attention of few queries is called)."""
+    global _choice
     if choice not in ATTENTION_KERNELS:
         raise UsageError(f"unknown --attention-kernels {choice!r}; choose {' or '.join(ATTENTION_KERNELS)}")
-    torch.backends.cuda.enable_cudnn_sdp(choice == "auto")
+    _choice = choice
 
 
-def cudnn_allowed() -> bool:
-    return torch.backends.cuda.cudnn_sdp_enabled()
+def deterministic() -> bool:
+    return _choice == "deterministic"
+
+
+@contextmanager
+def few_queries(n: int):
+    """Around eager SDPA calls of `n` new tokens each (decode: 1): without cuDNN when
+    deterministic and n < FEW_QUERIES, else unchanged."""
+    if not deterministic() or n >= FEW_QUERIES:
+        yield
+        return
+    with sdpa_kernel(_REPRODUCIBLE):
+        yield
 
 
 def describe() -> str:
-    """The CUDA SDPA kernels allowed now, e.g. 'SDPA flash/efficient/math'."""
-    b = torch.backends.cuda
-    allowed = [name for name, on in (("cudnn", b.cudnn_sdp_enabled()), ("flash", b.flash_sdp_enabled()),
-                                     ("efficient", b.mem_efficient_sdp_enabled()), ("math", b.math_sdp_enabled()))
-               if on]
-    return "SDPA " + "/".join(allowed)
+    """What the setting does, for engine_detail and env.json."""
+    if deterministic():
+        return f"SDPA without cuDNN below {FEW_QUERIES} queries (deterministic)"
+    return "SDPA as torch picks (auto)"
 
 
-def note(device: torch.device) -> str:
-    """", SDPA ..." for an engine_detail on CUDA; nothing elsewhere (the switches are CUDA's)."""
+def note(device) -> str:
+    """", SDPA ..." for an engine_detail on CUDA; nothing elsewhere (the choice is CUDA's)."""
     return f", {describe()}" if device.type == "cuda" else ""

@@ -92,12 +92,13 @@ class HFEngine:
                 ) -> torch.Tensor:
         """Forward `embeds` placed after the `start` tokens already in `cache` (`valid`: which
         of the new tokens are real, for a padded batch); last position's logits."""
-        if valid is None and cache.valid is None:
-            return self.adapter.lm_forward(embeds, cache.kv)
-        if valid is None:
-            valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-        mask, pos = cache.extend(valid)
-        return self.adapter.lm_forward(embeds, cache.kv, attention_mask=mask, position_ids=pos)
+        with attention_kernels.few_queries(embeds.shape[1]):
+            if valid is None and cache.valid is None:
+                return self.adapter.lm_forward(embeds, cache.kv)
+            if valid is None:
+                valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+            mask, pos = cache.extend(valid)
+            return self.adapter.lm_forward(embeds, cache.kv, attention_mask=mask, position_ids=pos)
 
     def restore_prefixes(self, entries: list, cache: HFCache) -> list[int]:
         """Copy each row's stored prefix into the empty working cache (rows of unequal length
@@ -133,10 +134,11 @@ class HFEngine:
     def decode_step(self, token: torch.Tensor, cache: HFCache) -> torch.Tensor:
         """One decode step on `token` [B] (greedy decode and teacher forcing); logits [B, 1, vocab]."""
         embeds = self.adapter.input_embeddings()(token[:, None])
-        if cache.valid is None:
-            return self.adapter.lm_forward(embeds, cache.kv)
-        mask, pos = cache.extend(torch.ones_like(token, dtype=torch.bool)[:, None])
-        return self.adapter.lm_forward(embeds, cache.kv, attention_mask=mask, position_ids=pos)
+        with attention_kernels.few_queries(1):
+            if cache.valid is None:
+                return self.adapter.lm_forward(embeds, cache.kv)
+            mask, pos = cache.extend(torch.ones_like(token, dtype=torch.bool)[:, None])
+            return self.adapter.lm_forward(embeds, cache.kv, attention_mask=mask, position_ids=pos)
 
     @torch.inference_mode()
     def teacher_forced_logprobs(self, visual, question: str, continuation: list[int]) -> torch.Tensor:

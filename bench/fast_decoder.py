@@ -157,8 +157,8 @@ class FastDecoder(nn.Module):
         self.gqa = self.kv_heads != self.heads
         self.numerics = "fused"  # see NUMERICS; a compiling engine may choose another
         # Compiled one-query (decode) steps attend by `_matmul_attention` rather than SDPA: set
-        # where cuDNN attention is off (bench.attention_kernels), since SDPA with a mask then
-        # runs memory-efficient attention, ~4x slower for one query (sdpa_backends_h200.csv).
+        # under deterministic attention kernels (bench.attention_kernels), where cuDNN may not
+        # run them and SDPA with a mask would run memory-efficient attention, ~4x slower.
         self.one_query_matmul = False
         self.layers = nn.ModuleList()
         for layer in lm.layers:

@@ -131,7 +131,7 @@ class Benchmark:
         attention_kernels.use(self.cfg.attention_kernels)
         write_json(self.out_dir / "env.json", envinfo.collect(self.command, self.monitor.device_facts(), {
             "config": asdict(self.cfg), "device": str(self.device), "dtype": str(self.dtype),
-            "sdpa_kernels": attention_kernels.describe(),
+            "attention_kernels": attention_kernels.describe(),
             "model": self.source.name, "weights": self.source.weights,
         }))
         self.writer = run_writer(self.out_dir)

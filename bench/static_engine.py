@@ -152,7 +152,8 @@ class StaticEngine(HFEngine):
         """Embeddings at host-known columns (a warm single request's short suffix instead enters
         as token ids: `suffix_token`)."""
         self.forget_overwritten(cache, start)
-        return self.full_prefill(embeds, cache, start, valid=valid)
+        with attention_kernels.few_queries(embeds.shape[1]):
+            return self.full_prefill(embeds, cache, start, valid=valid)
 
     def _lm_step(self, embeds, n_real, key_len: int | None = None):
         """decoder.step on the working buffers (GraphEngine: its compiled layer)."""
@@ -201,7 +202,8 @@ class StaticEngine(HFEngine):
         return self._lm_step(embeds, dev_in[bucket], key_len)[:, -1].argmax(-1)
 
     def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
-        return self.decoder.step(self.decoder.embed(token[:, None]), self.one, cache)
+        with attention_kernels.few_queries(1):
+            return self.decoder.step(self.decoder.embed(token[:, None]), self.one, cache)
 
 
 class _Captured:
@@ -232,7 +234,7 @@ class GraphEngine(StaticEngine):
         self.notes: dict[str, str] = {}
         torch._dynamo.reset()  # compiled code of an earlier model is not reused (nor kept alive)
         self.decoder.numerics = self.numerics
-        self.decoder.one_query_matmul = not attention_kernels.cudnn_allowed()
+        self.decoder.one_query_matmul = attention_kernels.deterministic()
         options = inductor_options(self.numerics)
         self.layer_fn = torch.compile(self.decoder.layer_at, dynamic=False, options=options)
         self.prefill_fn = None

@@ -195,24 +195,36 @@ def test_results_readme_is_generated_from_metrics():
 
 
 def test_attention_kernels_choice_is_applied_and_recorded(tmp_path):
-    """--attention-kernels deterministic (the default) turns cuDNN attention off for the run and
-    says so in env.json; auto leaves torch's choice; anything else is a usage error."""
+    """--attention-kernels deterministic (the default) keeps cuDNN attention from calls of few
+    queries only (inside `few_queries`), says so in env.json; auto leaves torch's choice
+    everywhere; anything else is a usage error."""
     import json
 
     import torch
 
     from bench import attention_kernels
 
-    before = torch.backends.cuda.cudnn_sdp_enabled()
+    cudnn = torch.backends.cuda.cudnn_sdp_enabled
+    before = cudnn()
     try:
         assert main(["--num-runs", "1", "--warmup", "0", "--min-seconds", "0", "--max-new-tokens", "2",
                      "--no-fidelity", "--output-dir", str(tmp_path / "det")]) == 0
         env = json.loads((tmp_path / "det" / "env.json").read_text())
         assert env["config"]["attention_kernels"] == "deterministic"
-        assert not torch.backends.cuda.cudnn_sdp_enabled() and "cudnn" not in env["sdpa_kernels"]
+        assert env["attention_kernels"] == attention_kernels.describe() and "deterministic" in env["attention_kernels"]
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        with attention_kernels.few_queries(1):
+            assert not cudnn()  # a decode step
+        with attention_kernels.few_queries(attention_kernels.FEW_QUERIES - 1):
+            assert not cudnn()
+        assert cudnn()  # restored
+        with attention_kernels.few_queries(attention_kernels.FEW_QUERIES):
+            assert cudnn()  # a prompt: torch's choice
         attention_kernels.use("auto")
-        assert torch.backends.cuda.cudnn_sdp_enabled() and attention_kernels.describe().startswith("SDPA cudnn/")
-        assert attention_kernels.note(torch.device("cpu")) == ""
+        with attention_kernels.few_queries(1):
+            assert cudnn()
+        assert "auto" in attention_kernels.describe() and attention_kernels.note(torch.device("cpu")) == ""
     finally:
+        attention_kernels.use("deterministic")
         torch.backends.cuda.enable_cudnn_sdp(before)
     assert main(["--attention-kernels", "fastest"]) == 2

@@ -65,7 +65,8 @@ def test_static_cache_grows_for_a_longer_request(checkpoint_dirs, demo_image):
 def test_graph_engine_is_skipped_on_cpu_with_reason(tmp_path):
     out = tmp_path / "o"
     assert run_main(["--preset", "tiny-vila", "--variants", "fp16,prefix", "--engine", "hf,graph", "--num-runs", "2",
-                     "--min-seconds", "0", "--max-new-tokens", "4", "--warmup", "0", "--output-dir", str(out)]) == 0
+                     "--min-seconds", "0", "--max-new-tokens", "4", "--warmup", "0", "--device", "cpu",
+                     "--output-dir", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "runs.csv")))
     graph = [r for r in rows if r["engine"] == "graph"]
     assert {r["variant"] for r in graph} == {"fp16+graph", "prefix+graph"}
