@@ -186,3 +186,40 @@ def test_cuda_captured_prefill_takes_the_int4_prefetch_into_its_graph(demo_image
         want = engine.full_prefill(padded, cache, 0, engine.prefill_fn, n_real=torch.tensor(n, device="cuda"))
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     assert torch.equal(got, got_again)
+
+
+@pytest.mark.parametrize("engine_cls", ["hf", "static"])
+def test_attention_of_few_queries_runs_without_cudnn(engine_cls, checkpoint_dirs, demo_image, monkeypatch):
+    """Under the default deterministic attention kernels every SDPA call of fewer than
+    FEW_QUERIES queries (decode steps, hf's short suffix after a prefix hit) sees cuDNN attention
+    switched off, and longer calls (prompt, vision tower) see torch's own setting; the engines
+    restore it after each call."""
+    import torch.nn.functional as F
+
+    from bench import attention_kernels
+    from bench.engine import HFEngine
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(q, *args, **kwargs):
+        seen.append((q.shape[-2], torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    try:
+        adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+        cls = HFEngine if engine_cls == "hf" else StaticEngine
+        engine = cls(adapter, PrefixKVPolicy(64))
+        engine.run(demo_image, "What is shown?", 4)
+        engine.run(demo_image, "Colors?", 4)  # a prefix hit: a short suffix, then decode
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+    few = {q for q, cudnn in seen if q < attention_kernels.FEW_QUERIES}
+    assert 1 in few, seen  # decode steps were seen
+    if engine_cls == "hf":  # and hf's short suffix (the static engine pads it to a 16-query bucket)
+        assert any(1 < q for q in few), seen
+    assert all(cudnn == (q >= attention_kernels.FEW_QUERIES) for q, cudnn in seen), seen
