@@ -33,11 +33,15 @@ _REPRODUCIBLE = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDP
 _choice = "deterministic"
 
 
+def check(choice: str) -> None:
+    if choice not in ATTENTION_KERNELS:
+        raise UsageError(f"unknown --attention-kernels {choice!r}; choose {' or '.join(ATTENTION_KERNELS)}")
+
+
 def use(choice: str) -> None:
     """Apply `choice` for this process (read where attention of few queries is called)."""
     global _choice
-    if choice not in ATTENTION_KERNELS:
-        raise UsageError(f"unknown --attention-kernels {choice!r}; choose {' or '.join(ATTENTION_KERNELS)}")
+    check(choice)
     _choice = choice
 
 

@@ -5,7 +5,7 @@ import argparse
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from bench.attention_kernels import ATTENTION_KERNELS
+from bench import attention_kernels
 from bench.errors import UsageError
 from bench.quant import DEFAULT_DENSE_ROWS
 from bench.workload import LOADERS, VIDEO_MODES, int_list, name_list, workload_points
@@ -69,9 +69,10 @@ class RunConfig:
                               "~/.cache/vlm-bench/int4")
     quantize_vision: bool = opt("weight variants also quantize the vision tower and projector", False)
     fidelity: bool = opt("measure token_agree / kl_mean against the fp16 baseline for every variant", True)
-    attention_kernels: str = opt("SDPA kernels: deterministic (cuDNN attention off: repeated requests give the same "
-                                 "tokens) or auto (torch's choice: on the H200 cuDNN, whose decode kernel is "
-                                 "not reproducible)", "deterministic")
+    attention_kernels: str = opt("SDPA kernels: deterministic (no cuDNN attention for calls of fewer than 16 "
+                                 "queries, such as decode steps: repeated requests give the same tokens) or auto "
+                                 "(torch's choice everywhere: on the H200 cuDNN, whose decode kernel does not "
+                                 "repeat its output)", "deterministic")
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
     device: str = opt("cuda, cuda:N, cpu or auto", "auto")
     dtype: str = opt("float16, bfloat16, float32 or auto (float16 on CUDA, float32 on CPU)", "auto")
@@ -104,9 +105,7 @@ class RunConfig:
             raise UsageError("give --video-path or --frames-dir, not both")
         if self.num_frames < 0 or self.max_tiles < 1:
             raise UsageError("--num-frames must not be negative and --max-tiles must be at least 1")
-        if self.attention_kernels not in ATTENTION_KERNELS:
-            raise UsageError(f"unknown --attention-kernels {self.attention_kernels!r}; "
-                             f"choose {' or '.join(ATTENTION_KERNELS)}")
+        attention_kernels.check(self.attention_kernels)
         if self.video_mode not in VIDEO_MODES:
             raise UsageError(f"unknown --video-mode {self.video_mode!r}; choose {' or '.join(VIDEO_MODES)}")
         loaders = name_list(self.loader, "--loader", LOADERS)

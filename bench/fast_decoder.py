@@ -47,8 +47,7 @@ def inductor_options(numerics: str) -> dict:
     if numerics == "fused":
         return {}
     # division_rounding: IEEE division as ATen's (Triton's `/` is approximate), which SiLU's
-    # x / (1 + exp(-x)) needs to round as eager (on the H200 it makes a compiled SiLU-gate
-    # bit-identical to eager's); absent from older torch
+    # x / (1 + exp(-x)) needs to round as eager does; absent from older torch
     from torch._inductor import config as inductor_config
 
     division = {"eager_numerics.division_rounding": True} if hasattr(
