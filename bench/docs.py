@@ -15,7 +15,8 @@ Each invocation writes one directory:
   stdev, bootstrap 95% CI of the median and a `valid` flag. Cold and warm cache runs are
   never pooled.
 - `env.json`: python, torch, transformers, bitsandbytes versions, GPU name, driver, clocks,
-  CPU, git sha and the full command line.
+  CPU, git sha, the full command line, the run's config and what its `--attention-kernels`
+  choice does.
 
 Times use CUDA events on a GPU and `perf_counter` elsewhere; the phases of a run tile it,
 so `preprocess + restore + vision + prefill + store + decode` equals `e2e_ms` (within 2%,
