@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bench.cache_policy import CachePolicy
-from bench.fast_decoder import FastDecoder, KVBuffers, fast_decoder
+from bench.fast_decoder import FastDecoder, KVBuffers, fast_decoder, inductor_options
 from bench.fused_linear import FusedProjections
 from bench.models.loader import load_checkpoint
 from bench.static_engine import SUFFIX_BUCKETS, StaticEngine
@@ -220,7 +220,7 @@ def test_eager_exact_numerics_make_the_compiled_step_write_what_eager_does(check
             for numerics in ("fused", "eager-exact"):
                 torch._dynamo.reset()
                 dec.numerics = numerics
-                got = step(torch.compile(dec.layer_at, dynamic=False))
+                got = step(torch.compile(dec.layer_at, dynamic=False, options=inductor_options(numerics)))
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
                 differ[numerics] = int((got != want).sum())
         finally:
