@@ -9,10 +9,8 @@ the first and in how many elements; and the call's time inside a CUDA graph (med
 """
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -20,37 +18,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gpu_profile_common import profile_parser  # noqa: E402
+from gpu_profile_common import compiled_matmul_attention, graphed_us, profile_parser  # noqa: E402
 
-from bench.fast_decoder import FastDecoder, _additive  # noqa: E402
+from bench.fast_decoder import _additive  # noqa: E402
 from bench.results import CsvWriter  # noqa: E402
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 COLUMNS = ["heads", "head_dim", "queries", "keys", "buffer", "call", "backend", "reruns", "calls_differing",
            "elements_differing", "us_per_call_graph", "error"]
-
-
-def graph_us(fn, calls: int = 32, reps: int = 30) -> float:
-    """Median time of one call, `calls` of them captured back to back in a CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / calls)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -72,9 +48,7 @@ def main() -> None:
     values = torch.randn(1, h, n, d, device=dev, dtype=torch.float16)
     q = torch.randn(1, 1, h, d, device=dev, dtype=torch.float16).transpose(1, 2)  # transformers' view
     scale = d ** -0.5
-    cfg = SimpleNamespace(model_type="llama", num_attention_heads=h, num_key_value_heads=h, hidden_size=h * d)
-    dec = FastDecoder(SimpleNamespace(embed_tokens=None, norm=None, rotary_emb=None, layers=[]), None, cfg)
-    matmul = torch.compile(dec._matmul_attention, dynamic=False)
+    matmul = compiled_matmul_attention(h, h, d)
     writer = CsvWriter(Path(args.out), COLUMNS)
     for length in [int(x) for x in args.keys.split(",")]:
         mask = _additive((torch.arange(n, device=dev) < length)[None, None, None], torch.float16)
@@ -120,7 +94,7 @@ def measure(writer: CsvWriter, fn, reruns: int, row: dict) -> None:
         outs = [fn() for _ in range(reruns)]
         row["calls_differing"] = sum(not torch.equal(o, first) for o in outs)
         row["elements_differing"] = sum(int((o != first).sum()) for o in outs)
-        row["us_per_call_graph"] = graph_us(fn)
+        row["us_per_call_graph"] = graphed_us(fn, warmup=1, reps=30)
     except RuntimeError as e:  # a backend that cannot run this call (e.g. flash with a mask)
         row["error"] = str(e).splitlines()[0][:160]
     writer.write(row)

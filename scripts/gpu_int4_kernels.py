@@ -13,7 +13,6 @@ overhead; median of 15.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -22,34 +21,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_profile_common import graphed_us  # noqa: E402
+
 from bench.models.presets import get_preset  # noqa: E402
 from bench.quant import triton_int4  # noqa: E402
 from bench.quant.int4 import Int4Linear, quantize_int4  # noqa: E402
 from bench.results import CsvWriter  # noqa: E402
 
 REPS = 50
-
-
-def graph_time_us(fn) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(REPS):
-            fn()
-    times = []
-    for _ in range(15):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / REPS)
-    return statistics.median(times)
 
 
 def torchao_int4(w: torch.Tensor, group: int):
@@ -99,7 +78,7 @@ def main() -> None:
                 gathered = torch.empty(n, k, device=dev, dtype=dtype)
                 paths["dequantize_gather"] = lambda: triton_int4.dequantize_tinygemm(  # the learnt-layout kernel
                     layer.packed, layer.scale_and_zero, layer.tile_inverse, gathered, args.group_size, False)
-            times = {p: graph_time_us(fn) for p, fn in paths.items()}
+            times = {p: graphed_us(fn, calls=REPS, reps=15) for p, fn in paths.items()}
             for p, us in times.items():
                 writer.write({"preset": args.preset, "linear": name, "out_features": n, "in_features": k, "rows": m,
                               "path": p, "us": round(us, 2), "vs_fp16": round(us / times["fp16"], 3)})

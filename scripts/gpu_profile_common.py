@@ -3,6 +3,7 @@ and CUDA kernel time by kernel name (torch.profiler)."""
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -47,6 +48,35 @@ def event_times_ms(fn, reps: int) -> list[float]:
         torch.cuda.synchronize()
         out.append(a.elapsed_time(b))
     return out
+
+
+def graphed_us(fn, calls: int = 32, reps: int = 20, warmup: int = 3) -> float:
+    """Median GPU time of one call of `fn`, `calls` of them captured back to back in one CUDA
+    graph (warmed up on a side stream first, as capture wants), the graph replayed `reps` times."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return statistics.median(t * 1e3 / calls for t in event_times_ms(graph.replay, reps))
+
+
+def compiled_matmul_attention(heads: int, kv_heads: int, head_dim: int):
+    """FastDecoder._matmul_attention for these dimensions, compiled as the graph engine's steps
+    compile it."""
+    from types import SimpleNamespace
+
+    from bench.fast_decoder import FastDecoder
+
+    cfg = SimpleNamespace(model_type="llama", num_attention_heads=heads, num_key_value_heads=kv_heads,
+                          hidden_size=heads * head_dim)
+    dec = FastDecoder(SimpleNamespace(embed_tokens=None, norm=None, rotary_emb=None, layers=[]), None, cfg)
+    return torch.compile(dec._matmul_attention, dynamic=False)
 
 
 def graph_engine_after_one_request(preset: str, new_tokens: int):

@@ -10,9 +10,7 @@ is excluded as in the engine.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -21,31 +19,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.fast_decoder import FastDecoder  # noqa: E402
+from gpu_profile_common import compiled_matmul_attention, graphed_us  # noqa: E402
+
 from bench.results import CsvWriter  # noqa: E402
 
 BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
             "math": SDPBackend.MATH}
-
-
-def graphed_us(call, layers=32, reps=20) -> float:
-    """Per-call GPU time of `call`, captured `layers` times in one CUDA graph and replayed."""
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(layers):
-            call()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / layers)
-    return statistics.median(times)
 
 
 def per_call_us(backend, q, k, v, mask) -> float:
@@ -55,10 +34,7 @@ def per_call_us(backend, q, k, v, mask) -> float:
 
 def matmul_attention_us(q, k, v, mask) -> float:
     """FastDecoder._matmul_attention compiled as the graph engine's steps compile it."""
-    cfg = SimpleNamespace(model_type="llama", num_attention_heads=q.shape[1], num_key_value_heads=k.shape[1],
-                          hidden_size=q.shape[1] * q.shape[-1])
-    dec = FastDecoder(SimpleNamespace(embed_tokens=None, norm=None, rotary_emb=None, layers=[]), None, cfg)
-    fn = torch.compile(dec._matmul_attention, dynamic=False)
+    fn = compiled_matmul_attention(q.shape[1], k.shape[1], q.shape[-1])
     return graphed_us(lambda: fn(q, k, v, mask))
 
 
