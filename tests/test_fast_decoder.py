@@ -194,6 +194,23 @@ def test_teacher_forced_through_the_engine_matches_transformers(family, checkpoi
     assert fidelity.kl_mean(want, engine.teacher_forced_logprobs(demo_image, q, cont)) > 1000 * max(same, 1e-9)
 
 
+def repeatable_decode_step(engine: StaticEngine, image):
+    """After a 2-token request, `step(layer_fn=None)`: the same one-token decode step each call
+    (buffers rewound first), through `layer_fn` (e.g. a compiled layer) or the eager layer.
+    Call under inference mode."""
+    dec = engine.decoder
+    token = engine.run(image, "What is shown?", 2).tokens[-1]
+    saved, length = engine.cache.data.clone(), engine.cache.length.clone()
+    emb = dec.embed(torch.tensor([[token]]))
+
+    def step(layer_fn=None):
+        engine.cache.data.copy_(saved)
+        engine.cache.length.copy_(length)
+        return dec.step(emb, engine.one, engine.cache, layer_fn)
+
+    return step
+
+
 def test_eager_exact_numerics_make_the_compiled_step_write_what_eager_does(checkpoint_dirs, demo_image):
     """With "eager-exact" numerics (eager's formulas, RMSNorm's mean by ATen's kernel) a compiled
     decode step's logits on the CPU are bit-identical to eager's. "fused" lets inductor sum the
@@ -205,15 +222,7 @@ def test_eager_exact_numerics_make_the_compiled_step_write_what_eager_does(check
     engine = StaticEngine(adapter, CachePolicy())
     dec = engine.decoder
     with torch.inference_mode():
-        token = engine.run(demo_image, "What is shown?", 2).tokens[-1]
-        saved, length = engine.cache.data.clone(), engine.cache.length.clone()
-        emb = dec.embed(torch.tensor([[token]]))
-
-        def step(layer_fn=None):
-            engine.cache.data.copy_(saved)
-            engine.cache.length.copy_(length)
-            return dec.step(emb, engine.one, engine.cache, layer_fn)
-
+        step = repeatable_decode_step(engine, demo_image)
         want = step()
         differ = {}
         try:
@@ -232,7 +241,7 @@ def test_eager_exact_numerics_make_the_compiled_step_write_what_eager_does(check
 @pytest.mark.parametrize("one_query_matmul", [False, True])
 def test_a_compiled_decode_step_attends_by_matmul_where_cudnn_is_off(one_query_matmul, checkpoint_dirs,
                                                                       demo_image, monkeypatch):
-    """With `one_query_matmul` (the graph engine sets it when --attention-kernels turns cuDNN off)
+    """With `one_query_matmul` (the graph engine sets it under deterministic --attention-kernels)
     a traced one-token step attends through `_matmul_attention` (deterministic, near cuDNN's
     speed) instead of SDPA, and gives the eager step's logits and next token."""
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
@@ -243,15 +252,7 @@ def test_a_compiled_decode_step_attends_by_matmul_where_cudnn_is_off(one_query_m
     monkeypatch.setattr(dec, "_matmul_attention", lambda *a: traced.append(a[0].shape[2]) or matmul(*a))
     monkeypatch.setattr(dec, "one_query_matmul", one_query_matmul)
     with torch.inference_mode():
-        token = engine.run(demo_image, "What is shown?", 2).tokens[-1]
-        saved, length = engine.cache.data.clone(), engine.cache.length.clone()
-        emb = dec.embed(torch.tensor([[token]]))
-
-        def step(layer_fn=None):
-            engine.cache.data.copy_(saved)
-            engine.cache.length.copy_(length)
-            return dec.step(emb, engine.one, engine.cache, layer_fn)
-
+        step = repeatable_decode_step(engine, demo_image)
         want = step()
         torch._dynamo.reset()
         try:
