@@ -81,9 +81,14 @@ def near_tie_share(ref: FidelityReference) -> float:
     return float(((top2[:, 0] - top2[:, 1]) <= ref.step).float().mean())
 
 
+def first_divergence(tokens: list[int], other: list[int]) -> int | None:
+    """The first position where two token lists differ (None: they agree throughout)."""
+    return next((i for i, (a, b) in enumerate(zip(tokens, other)) if a != b), None)
+
+
 def divergence(ref: FidelityReference, tokens: list[int]) -> dict:
     """first_divergence and the reference's margin there (nats, rounding steps); None if none differ."""
-    first = next((i for i, (a, b) in enumerate(zip(tokens, ref.tokens)) if a != b), None)
+    first = first_divergence(tokens, ref.tokens)
     if first is None:
         return {"first_divergence": None, "divergence_margin": None, "divergence_margin_steps": None}
     margin = float(ref.logprobs[first, ref.tokens[first]] - ref.logprobs[first, tokens[first]])

@@ -38,7 +38,7 @@ from bench import attention_kernels  # noqa: E402
 from bench.attention_kernels import ATTENTION_KERNELS  # noqa: E402
 from bench.cache_policy import CachePolicy  # noqa: E402
 from bench.engine import HFCache, HFEngine  # noqa: E402
-from bench.fidelity import agreement, make_reference  # noqa: E402
+from bench.fidelity import agreement, first_divergence, make_reference  # noqa: E402
 from bench.fused_linear import FUSED_MAX_ROWS  # noqa: E402
 from bench.models.loader import build_preset  # noqa: E402
 from bench.results import CsvWriter  # noqa: E402
@@ -147,8 +147,8 @@ def main() -> None:
 
 def self_agreement(first: list[int], second: list[int]) -> dict:
     """Two runs of one way against each other (the reference's margins do not apply)."""
-    div = next((i for i, (a, b) in enumerate(zip(first, second)) if a != b), None)
-    return {"token_agree": sum(a == b for a, b in zip(first, second)) / len(first), "first_divergence": div}
+    return {"token_agree": sum(a == b for a, b in zip(first, second)) / len(first),
+            "first_divergence": first_divergence(first, second)}
 
 
 def warm_then_run(engine, image, question: str, new_tokens: int):
