@@ -39,8 +39,8 @@ class RunConfig:
     conv_mode: str | None = opt("conversation template: vicuna_v1, llama_3, hermes-2, plain (default: the model's)",
                                 aliases=("--conv_mode",))
     variants: str = opt("comma-separated variants, parts joined by '+' (e.g. fp16,prefix)", "fp16")
-    engine: str | None = opt("comma list of engines to cross with every variant that names none: hf, static, graph "
-                             "(default: hf)")
+    engine: str | None = opt("comma list of engines to cross with every variant that names none: hf, static, graph, "
+                             "graph-exact (default: hf)")
     batch_size: str = opt("requests run together as one batch; a list sweeps it, e.g. 1,4,16", "1")
     prompt_lengths: str | None = opt("question lengths in tokens to sweep, e.g. 16,128,512 (questions are "
                                      "repeated or cut to length; default: as written)")

@@ -14,6 +14,12 @@ variants apply unchanged) and differs only in
   * `step(embeds, n_real, kv)` - the write position is the device tensor `kv.length`, so the call
     can be captured in a CUDA graph and replayed: decode (one token) and padded suffix buckets
     (`n_real` of the tokens are real; the padding is written past them and overwritten later).
+
+`exact` (set_exact; the `graph-exact` engine) makes every call do transformers' own arithmetic
+instead, so its logits are bit-identical to the hf engine's: projections fused only where the
+fused GEMM is bit-equal to the separate ones, layers split around transformers' own attention
+function called over exactly the keys so far with the mask transformers builds (`ExactLayers`),
+the final norm over every row. Nothing else differs (the same modules do the rest).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench import attention_kernels
 from bench.errors import VariantUnsupported
 from bench.fused_linear import FusedProjections
 
@@ -159,6 +166,8 @@ class FastDecoder(nn.Module):
         # under deterministic attention kernels (bench.attention_kernels), where cuDNN may not
         # run them and SDPA with a mask would run memory-efficient attention, ~4x slower.
         self.one_query_matmul = False
+        self.exact = False  # see set_exact
+        self.attention_fn = None  # transformers' attention function (set_exact)
         self.layers = nn.ModuleList()
         for layer in lm.layers:
             a, m = layer.self_attn, layer.mlp
@@ -168,13 +177,36 @@ class FastDecoder(nn.Module):
             block.o = a.o_proj
             block.gate_up = FusedProjections([m.gate_proj, m.up_proj])
             block.down = m.down_proj
+            block.attn = a  # transformers' attention module: what its attention function is called with (exact)
             self.layers.append(block)
 
     @property
     def fusion(self) -> str:
-        """How projections run, e.g. 'qkv:dense,gate_up:dense' (recorded per row)."""
+        """How projections run, e.g. 'qkv:dense,gate_up:dense' (recorded per row); exact:
+        'qkv:separate,gate_up:dense at one row (bit-equal)'."""
         b = self.layers[0]
-        return f"qkv:{b.qkv.kind},gate_up:{b.gate_up.kind}"
+        if not self.exact:
+            return f"qkv:{b.qkv.kind},gate_up:{b.gate_up.kind}"
+        say = lambda p: f"{p.kind} at one row (bit-equal)" if p.runs_fused(1) else "separate"  # noqa: E731
+        return f"qkv:{say(b.qkv)},gate_up:{say(b.gate_up)}"
+
+    def set_exact(self, on: bool) -> None:
+        """Reproduce transformers' arithmetic (see the module docstring) or not. On: each
+        projection group runs fused at one row if that is bit-equal to its separate modules on
+        this device (FusedProjections.bit_equal_at_one_row), else separately; attention goes
+        through the function transformers' own layers call (only 'sdpa' is reproduced)."""
+        self.exact = on
+        if not on:
+            return
+        impl = getattr(self.config, "_attn_implementation", None)
+        if impl != "sdpa":
+            raise VariantUnsupported(f"exact decoding reproduces transformers' sdpa attention; this model runs {impl!r}")
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        self.attention_fn = sdpa_attention_forward
+        for b in self.layers:
+            for group in (b.qkv, b.gate_up):
+                group.max_rows = 1 if group.bit_equal_at_one_row() else 0
 
     def set_fused_max_rows(self, rows: int) -> None:
         """Above `rows` input rows the projections run unfused (bench.fused_linear.FUSED_MAX_ROWS)."""
@@ -247,6 +279,35 @@ class FastDecoder(nn.Module):
         p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(p.view(b, kvh, (h // kvh) * t, -1), v).view(b, h, t, d)
 
+    def attend_hf(self, block, q, k, v, mask):
+        """transformers' attention call of `block` (exact): its sdpa function over exactly `k`/`v`,
+        under the run's attention-kernel choice for this many queries, as the hf engine calls it.
+        Returns [b, heads, t, head_dim] like `_sdpa` (a view of transformers' [b, t, heads, d])."""
+        with attention_kernels.few_queries(q.shape[2]):
+            out, _ = self.attention_fn(block.attn, q, k, v, mask, dropout=0.0, scaling=block.attn.scaling)
+        return out.transpose(1, 2)
+
+    # The parts of an exact layer around its attention call (ExactLayers compiles them): one
+    # function per use so that each compiles for its own shapes.
+    def exact_qkv_at(self, block, h, cos, sin, pos, keys, values):
+        q, k, v = self._qkv(block, h, cos, sin)
+        keys.index_copy_(2, pos, k)
+        values.index_copy_(2, pos, v)
+        return q
+
+    def exact_qkv_from(self, block, h, cos, sin, start: int, keys, values):
+        q, k, v = self._qkv(block, h, cos, sin)
+        end = start + h.shape[1]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return q, k, v
+
+    def exact_out_at(self, block, h, o):
+        return self._out_mlp(block, h, o)
+
+    def exact_out_from(self, block, h, o):
+        return self._out_mlp(block, h, o)
+
     def layer_from(self, block, h, cos, sin, start: int, mask, keys, values):
         """One layer for tokens at host-known positions start..start+t (eager prefill)."""
         q, k, v = self._qkv(block, h, cos, sin)
@@ -259,13 +320,16 @@ class FastDecoder(nn.Module):
             o = self._sdpa(q, k, v, causal=h.shape[1] > 1)
         return self._out_mlp(block, h, o)
 
-    def layer_at(self, block, h, cos, sin, pos, mask, keys, values):
-        """One layer for tokens at device positions `pos` (graph-capturable; what gets compiled).
+    def layer_at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None = None):
+        """One layer for tokens at device positions `pos` (graph-capturable; what gets compiled),
+        attending over the buffers' first `keys_end` columns (default all).
         Compiled, a few queries (the suffix buckets up to 32; one too under `one_query_matmul`)
         attend through `_matmul_attention`."""
         q, k, v = self._qkv(block, h, cos, sin)
         keys.index_copy_(2, pos, k)
         values.index_copy_(2, pos, v)
+        if keys_end is not None and keys_end != keys.shape[2]:
+            keys, values = keys[:, :, :keys_end], values[:, :, :keys_end]
         t = q.shape[2]
         if (1 < t or self.one_query_matmul) and t <= MATMUL_ATTENTION_MAX_T and torch.compiler.is_compiling():
             o = self._matmul_attention(q, keys, values, mask)
@@ -275,6 +339,15 @@ class FastDecoder(nn.Module):
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(h_last))
+
+    def _row_logits(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of row `index` (device [1]; default the last) of the last layer's output.
+        Exact: transformers norms every row and then keeps the one (a norm of one row may sum
+        in another order than a norm of many)."""
+        if self.exact:
+            normed = self.norm(h)
+            return self.lm_head(normed[:, -1:] if index is None else normed.index_select(1, index))
+        return self._logits(h[:, -1:] if index is None else h.index_select(1, index))
 
     def prefill(self, embeds: torch.Tensor, kv: KVBuffers, start: int, layer_fn=None,
                 valid: torch.Tensor | None = None, prefetch=None, n_real: torch.Tensor | None = None
@@ -300,6 +373,8 @@ class FastDecoder(nn.Module):
                 raise ValueError("padding needs KV buffers made for a batch")
             cos, sin = self.rotary(embeds, cols[None])
             mask = torch.arange(end, device=embeds.device)[None, :] <= cols[:, None] if start else None  # [t, end]
+        elif self.exact:
+            raise ValueError("exact decoding runs one unpadded row")
         else:
             if valid is None:
                 valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
@@ -309,7 +384,8 @@ class FastDecoder(nn.Module):
             cos, sin = self.rotary(embeds, pos)
             causal = torch.arange(end, device=embeds.device)[None, :] <= cols[:, None]
             mask = (causal[None] & kv.valid[:, None, :end])[:, None]  # [b, 1, t, end]
-        mask = _additive(mask, embeds.dtype)
+        # exact: the boolean [1, 1, t, end] mask transformers passes its attention
+        mask = (None if mask is None else mask[None, None]) if self.exact else _additive(mask, embeds.dtype)
         h = embeds
         if prefetch is not None:
             prefetch.begin()
@@ -321,41 +397,75 @@ class FastDecoder(nn.Module):
                 prefetch.after_layer(i)
         if n_real is None:
             kv.length.fill_(end)
-            return self._logits(h[:, -1:])
+            return self._row_logits(h)
         kv.length.copy_(n_real)
-        return self._logits(h.index_select(1, (n_real - 1).reshape(1)))
+        return self._row_logits(h, (n_real - 1).reshape(1))
 
     def step(self, embeds: torch.Tensor, n_real: torch.Tensor, kv: KVBuffers, layer_fn=None,
              key_len: int | None = None) -> torch.Tensor:
         """Tokens written from the device column kv.length (graph-capturable); the first
         `n_real` (device scalar) are real (a batch of several rows: all of them, as in decode).
         Returns logits of the last real token [b, 1, vocab].
-        `layer_fn` replaces `layer_at` (GraphEngine passes its compiled copy).
+        `layer_fn` replaces `layer_at` (GraphEngine passes its compiled copy); it gets the whole
+        buffers and the number of columns to attend over.
         `key_len`: attend over the buffers' first `key_len` columns only (the caller knows every
-        token written so far lies below it); default all `max_len` of them."""
+        token written so far lies below it); default all `max_len` of them. Exact: the caller
+        passes exactly the tokens there will be after this call (transformers attends over
+        exactly those; one token then goes without a mask, as there)."""
         layer_fn = layer_fn or self.layer_at
         keys_end = key_len or kv.max_len
-        cols = kv.length + torch.arange(embeds.shape[1], device=embeds.device)  # [t]
+        t = embeds.shape[1]
+        cols = kv.length + torch.arange(t, device=embeds.device)  # [t]
         causal = torch.arange(keys_end, device=embeds.device)[None, :] <= cols[:, None]  # [t, keys_end]
         if kv.valid is None:
             cos, sin = self.rotary(embeds, cols[None])
             mask = causal
+        elif self.exact:
+            raise ValueError("exact decoding runs one unpadded row")
         else:  # a batch: every row's tokens are real here (decode); positions skip each row's gaps
             kv.valid.index_fill_(1, cols, True)
-            cos, sin = self.rotary(embeds, kv.next_pos[:, None] + torch.arange(embeds.shape[1], device=embeds.device))
+            cos, sin = self.rotary(embeds, kv.next_pos[:, None] + torch.arange(t, device=embeds.device))
             mask = (causal[None] & kv.valid[:, None, :keys_end])[:, None]  # [b, 1, t, keys_end]
-        mask = _additive(mask, embeds.dtype)
+        if self.exact:
+            mask = None if t == 1 else mask[None, None]
+        else:
+            mask = _additive(mask, embeds.dtype)
         h = embeds
         for block, layer in zip(self.layers, kv.layers):
-            keys, values = layer.keys, layer.values
-            if keys_end != kv.max_len:
-                keys, values = keys[:, :, :keys_end], values[:, :, :keys_end]
-            h = layer_fn(block, h, cos, sin, cols, mask, keys, values)
-        last = h.index_select(1, (n_real - 1).reshape(1))
+            h = layer_fn(block, h, cos, sin, cols, mask, layer.keys, layer.values, keys_end)
+        index = (n_real - 1).reshape(1)
         kv.length.add_(n_real)
         if kv.next_pos is not None:
             kv.next_pos.add_(n_real)
-        return self._logits(last)
+        return self._row_logits(h, index)
+
+
+class ExactLayers:
+    """Layer functions reproducing transformers' arithmetic (FastDecoder.exact): `from_` for
+    prefill (host-known start), `at` for step (device positions). Each layer is its projections,
+    rotary and cache write, then transformers' attention function (`attend_hf`, called eagerly:
+    over exactly the keys so far, which changes shape every token), then the output projection
+    and MLP. `compile(fn, dynamic)` may compile the two parts (the graph engine: eager-exact
+    numerics keep them bit-identical to eager); they stay eager without it."""
+
+    def __init__(self, dec: FastDecoder, compile=None):
+        wrap = compile or (lambda fn, dynamic: fn)
+        self.dec = dec
+        self.qkv_at, self.out_at = wrap(dec.exact_qkv_at, False), wrap(dec.exact_out_at, False)
+        self.qkv_from, self.out_from = wrap(dec.exact_qkv_from, True), wrap(dec.exact_out_from, True)
+
+    def at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None = None):
+        q = self.qkv_at(block, h, cos, sin, pos, keys, values)
+        end = keys_end or keys.shape[2]
+        o = self.dec.attend_hf(block, q, keys[:, :, :end], values[:, :, :end], mask)
+        return self.out_at(block, h, o)
+
+    def from_(self, block, h, cos, sin, start: int, mask, keys, values):
+        q, k, v = self.qkv_from(block, h, cos, sin, start, keys, values)
+        if mask is not None:  # after earlier tokens: over the buffers (a fresh prompt: its own k/v, as transformers)
+            end = start + h.shape[1]
+            k, v = keys[:, :, :end], values[:, :, :end]
+        return self.out_from(block, h, self.dec.attend_hf(block, q, k, v, mask))
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -20,6 +20,9 @@
   bit-identical to transformers'; the graph engine's is not (token_agree reports the effect).
   Anything that cannot be compiled runs uncompiled, and the row says so in `engine_detail`;
   anything that cannot be captured makes the row `skipped` with the reason.
+- `graph-exact`: the graph engine doing transformers' arithmetic (`exact`), so its logits are
+  bit-identical to the hf engine's and its greedy tokens too, near-ties and all (with random
+  weights `graph` leaves hf's tokens at the first exact tie); the price is in GraphExactEngine.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import torch
 from bench import attention_kernels
 from bench.engine import HFEngine
 from bench.errors import VariantUnsupported
-from bench.fast_decoder import KVBuffers, fast_decoder, inductor_options
+from bench.fast_decoder import ExactLayers, KVBuffers, fast_decoder, inductor_options
 from bench.fused_linear import FUSED_MAX_ROWS
 from bench.quant.int4 import Int4Linear, use_prefill_weights
 from bench.quant.prefetch import DensePrefetch
@@ -54,11 +57,19 @@ PREFILL_ROUND = 64
 class StaticEngine(HFEngine):
     name = "static"
     fused_max_rows = FUSED_MAX_ROWS
+    # Reproduce transformers' arithmetic (FastDecoder.set_exact): logits bit-identical to the hf
+    # engine's, one request at a time; suffixes then run at their exact length (no buckets).
+    exact = False
 
     def __init__(self, adapter, policy):
         super().__init__(adapter, policy)
         self.decoder = fast_decoder(adapter)
         self.decoder.set_fused_max_rows(self.fused_max_rows)
+        self.decoder.set_exact(self.exact)
+        # Uncompiled layer functions (None: the decoder's own layer_at / layer_from)
+        exact_layers = ExactLayers(self.decoder) if self.exact else None
+        self.eager_step_layer = exact_layers.at if exact_layers else None
+        self.eager_prefill_layer = exact_layers.from_ if exact_layers else None
         self.cache: KVBuffers | None = None
         self.max_len = self.batch = 0
         self.one = torch.ones((), dtype=torch.long, device=adapter.device)
@@ -86,6 +97,7 @@ class StaticEngine(HFEngine):
     def full_prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, layer_fn=None, valid=None,
                      n_real=None):
         """The decoder's prefill, int4 weights read from the prefetched slots where there are some."""
+        layer_fn = layer_fn or self.eager_prefill_layer
         if self.prefetch is None:
             return self.decoder.prefill(embeds, cache, start, layer_fn, valid, n_real=n_real)
         with use_prefill_weights():
@@ -94,11 +106,17 @@ class StaticEngine(HFEngine):
     def prefetch_note(self) -> str:
         return ", int4 prefill weights dequantized a layer ahead" if self.prefetch is not None else ""
 
+    def exact_note(self) -> str:
+        return ", transformers' arithmetic (its attention call over exactly the keys so far)" if self.exact else ""
+
     def describe(self) -> str:
-        return (f"own decoder ({self.decoder.fusion}), static KV, eager{self.prefetch_note()}"
+        return (f"own decoder ({self.decoder.fusion}), static KV, eager{self.exact_note()}{self.prefetch_note()}"
                 f"{attention_kernels.note(self.adapter.device)}")
 
     def new_cache(self, prompt_tokens: int, max_new_tokens: int, batch: int = 1) -> KVBuffers:
+        if self.exact and batch != 1:
+            raise VariantUnsupported(f"the {self.name} engine runs one request at a time (it does not reproduce "
+                                     f"transformers' padded-batch masks); this point batches {batch}")
         need = prompt_tokens + max_new_tokens + SUFFIX_BUCKETS[-1]  # room for a padded bucket
         if self.cache is None or need > self.max_len or batch != self.batch:
             self.max_len, self.batch = -(-need // CACHE_ROUND) * CACHE_ROUND, batch
@@ -135,8 +153,10 @@ class StaticEngine(HFEngine):
         self.cache = None
         self.resident = {}
 
-    @staticmethod
-    def bucket(tokens: int) -> int | None:
+    def bucket(self, tokens: int) -> int | None:
+        """The padded length a suffix of `tokens` runs at (exact: its own length), None if too long."""
+        if self.exact:
+            return tokens if tokens <= SUFFIX_BUCKETS[-1] else None
         return next((b for b in SUFFIX_BUCKETS if b >= tokens), None)
 
     def forget_overwritten(self, cache: KVBuffers, start: int) -> None:
@@ -145,7 +165,10 @@ class StaticEngine(HFEngine):
             self.resident = {}
 
     def key_len(self, start: int, bucket: int) -> int:
-        """The columns a suffix bucket written at `start` attends over (see KEY_ROUND)."""
+        """The columns a suffix bucket written at `start` attends over (see KEY_ROUND; exact:
+        exactly the tokens so far, as transformers)."""
+        if self.exact:
+            return start + bucket
         return min(self.cache.max_len, -(-(start + bucket) // KEY_ROUND) * KEY_ROUND)
 
     def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
@@ -157,7 +180,7 @@ class StaticEngine(HFEngine):
 
     def _lm_step(self, embeds, n_real, key_len: int | None = None):
         """decoder.step on the working buffers (GraphEngine: its compiled layer)."""
-        return self.decoder.step(embeds, n_real, self.cache, key_len=key_len)
+        return self.decoder.step(embeds, n_real, self.cache, self.eager_step_layer, key_len)
 
     # -------------------------------------------------------------- a warm request's suffix
     def _suffix_prefill(self, prepared: list, cache, lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
@@ -202,8 +225,10 @@ class StaticEngine(HFEngine):
         return self._lm_step(embeds, dev_in[bucket], key_len)[:, -1].argmax(-1)
 
     def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
+        key_len = cache.get_seq_length() + 1 if self.exact else None  # exact: over exactly the keys so far
         with attention_kernels.few_queries(1):
-            return self.decoder.step(self.decoder.embed(token[:, None]), self.one, cache)
+            return self.decoder.step(self.decoder.embed(token[:, None]), self.one, cache, self.eager_step_layer,
+                                     key_len)
 
 
 class _Captured:
@@ -222,12 +247,15 @@ class GraphEngine(StaticEngine):
     # 0.24 ms more per step (results/h200/compile_numerics_llava-1.5-7b-deterministic.csv,
     # agreement_numerics_llava-1.5-7b.csv). Identical layers alone do not give transformers'
     # tokens: its decode attends with flash over exactly the keys so far, which no single
-    # captured graph can call (agreement_floor_llava-1.5-7b-deterministic.csv).
+    # captured graph can call (agreement_floor_llava-1.5-7b-deterministic.csv); GraphExactEngine
+    # captures one graph per length instead.
     numerics = "eager-casts"
+
+    prefill_round = PREFILL_ROUND
 
     def __init__(self, adapter, policy):
         if adapter.device.type != "cuda":
-            raise VariantUnsupported("the graph engine needs a CUDA device")
+            raise VariantUnsupported(f"the {self.name} engine needs a CUDA device")
         super().__init__(adapter, policy)
         self.lm_graphs: dict[object, _Captured] = {}
         self.vision_graphs: dict[tuple, _Captured] = {}
@@ -236,10 +264,13 @@ class GraphEngine(StaticEngine):
         self.decoder.numerics = self.numerics
         self.decoder.one_query_matmul = attention_kernels.deterministic()
         options = inductor_options(self.numerics)
-        self.layer_fn = torch.compile(self.decoder.layer_at, dynamic=False, options=options)
+        compile = lambda fn, dynamic: torch.compile(fn, dynamic=dynamic, options=options)  # noqa: E731
+        exact_layers = ExactLayers(self.decoder, compile) if self.exact else None
+        self.layer_fn = exact_layers.at if exact_layers else compile(self.decoder.layer_at, False)
         self.prefill_fn = None
-        if "separate" not in self.decoder.fusion:  # dense or int4 (its dense path is one custom op)
-            self.prefill_fn = torch.compile(self.decoder.layer_from, dynamic=True, options=options)
+        first = self.decoder.layers[0]
+        if "separate" not in (first.qkv.kind, first.gate_up.kind):  # dense or int4 (its dense path is one custom op)
+            self.prefill_fn = exact_layers.from_ if exact_layers else compile(self.decoder.layer_from, True)
         else:  # bitsandbytes layers break a compiled graph at every call: slower than eager
             self.notes["prefill"] = "eager (these linears break a compiled graph at every call)"
 
@@ -247,9 +278,12 @@ class GraphEngine(StaticEngine):
         compiled = "compiled layers" if self.layer_fn is not None else "uncompiled layers"
         prefill = "compiled prefill" if self.prefill_fn is not None else "prefill " + self.notes.get("prefill", "eager")
         if self.prefill_fn is not None and "prefill graph" not in self.notes:
-            prefill += f" (one row from column 0: CUDA-graphed per {PREFILL_ROUND}-token length bucket)"
-        parts = [f"own decoder ({self.decoder.fusion}), static KV, CUDA-graph decode + suffix buckets "
-                 f"({compiled}, {self.numerics} numerics), {prefill}{self.prefetch_note()}, "
+            prefill += (f" (one row from column 0: CUDA-graphed per {self.prefill_round}-token length bucket)"
+                        if self.prefill_round > 1 else " (one row from column 0: CUDA-graphed per prompt length)")
+        graphs = ("CUDA-graph decode (a graph per attended length) + suffixes (a graph per length and start)"
+                  if self.exact else "CUDA-graph decode + suffix buckets")
+        parts = [f"own decoder ({self.decoder.fusion}), static KV, {graphs} "
+                 f"({compiled}, {self.numerics} numerics){self.exact_note()}, {prefill}{self.prefetch_note()}, "
                  f"vision {self.notes.get('vision', 'graphed')}{attention_kernels.note(self.adapter.device)}"]
         parts += [f"{k}: {v}" for k, v in self.notes.items() if k not in ("vision", "prefill")]  # incl. "prefill graph"
         return "; ".join(parts)
@@ -259,20 +293,22 @@ class GraphEngine(StaticEngine):
         super()._drop_buffers()
 
     # ---------------------------------------------------------------------------------- capture
-    def _capture(self, call, what: str, rewind: bool) -> tuple[torch.cuda.CUDAGraph, object]:
-        """Warm `call` up on a side stream (compiles, allocator, lazy init), then capture it."""
+    def _capture(self, call, what: str, rewind: bool, warmups: int = 2, pool=None
+                 ) -> tuple[torch.cuda.CUDAGraph, object]:
+        """Warm `call` up on a side stream (compiles, allocator, lazy init), then capture it
+        (into the memory pool `pool` if given, shared with graphs that never run concurrently)."""
         saved = self.cache.positions() if rewind else None
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(stream):
-                for _ in range(2):
+                for _ in range(warmups):
                     call()
                     if rewind:  # warm-up steps wrote past the real tokens; nothing attends to those
                         self.cache.set_positions(saved)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=pool):
                 out = call()
         except Exception as e:  # never fall back to eager silently: the row is skipped with this
             raise VariantUnsupported(f"{what} cannot be captured in a CUDA graph: "
@@ -290,13 +326,13 @@ class GraphEngine(StaticEngine):
             self.notes["compile"] = f"torch.compile failed ({e.__class__.__name__}: {str(e)[:120]}), layers run " \
                                     f"uncompiled"
             self.layer_fn = None
-            return self.decoder.step(embeds, n_real, self.cache, key_len=key_len)
+            return self.decoder.step(embeds, n_real, self.cache, self.eager_step_layer, key_len)
 
     def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
         self.forget_overwritten(cache, start)
         if (self.prefill_fn is not None and start == 0 and valid is None and cache is self.cache
                 and cache.valid is None and "prefill graph" not in self.notes):
-            padded = -(-embeds.shape[1] // PREFILL_ROUND) * PREFILL_ROUND
+            padded = -(-embeds.shape[1] // self.prefill_round) * self.prefill_round
             if padded <= cache.max_len:
                 try:
                     return self._prefill_graphed(embeds, padded)
@@ -359,8 +395,8 @@ class GraphEngine(StaticEngine):
         cap.graph.replay()
         return cap.output  # overwritten by the next replay: decode copies it before any
 
-    def _decode_call(self, token_buf, embeds_buf):
-        logits = self._lm_step(embeds_buf, self.one)
+    def _decode_call(self, token_buf, embeds_buf, key_len: int | None = None):
+        logits = self._lm_step(embeds_buf, self.one, key_len)
         token_buf.copy_(logits[:, -1].argmax(-1))
         embeds_buf.copy_(self.decoder.embed(token_buf[:, None]))
         return logits
@@ -391,6 +427,77 @@ class GraphEngine(StaticEngine):
         tok = cap.inputs[0]
         out = []
         for _ in range(steps):
+            cap.graph.replay()
+            out.append(tok.clone())
+            tl.mark("decode")
+        return out
+
+
+class GraphExactEngine(GraphEngine):
+    """The graph engine doing transformers' arithmetic (StaticEngine.exact), so that its greedy
+    tokens are the hf engine's, ties and all, at graph speed less what exactness costs:
+    - layers compiled with "eager-exact" numerics (bit-identical to eager), in two parts around
+      transformers' own attention call, which runs eagerly over exactly the keys so far;
+    - projections fused only where bit-equal to the separate GEMMs transformers runs;
+    - one decode graph per attended length (the attention call's shape changes every token:
+      flash attention's key blocks and split count follow it), all in one memory pool; a graph
+      is captured the first time a length is reached (a warm-up request captures a request's);
+    - suffixes after a cached prefix at their exact length (a graph per length and start), the
+      full prompt captured per exact length (no padding), one request at a time.
+    """
+    name = "graph-exact"
+    exact = True
+    numerics = "eager-exact"
+    prefill_round = 1
+
+    def __init__(self, adapter, policy):
+        super().__init__(adapter, policy)
+        self._decode_pool = torch.cuda.graph_pool_handle()
+        self._decode_inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # (token, its embedding)
+
+    def _drop_buffers(self) -> None:
+        super()._drop_buffers()
+        self._decode_pool = torch.cuda.graph_pool_handle()  # the old graphs' memory goes with them
+
+    def _exact_decode_graph(self, key_len: int) -> _Captured:
+        """The decode step that attends over `key_len` keys (the buffers hold key_len - 1)."""
+        key = ("decode", 1, key_len)
+        cap = self.lm_graphs.get(key)
+        if cap is None:
+            tok, emb = self._decode_inputs
+            saved = tok.clone(), emb.clone()  # warm-up steps advance them; the replay must not
+            first = not any(k[0] == "decode" for k in self.lm_graphs)
+            graph, logits = self._capture(lambda: self._decode_call(tok, emb, key_len),
+                                          f"decode step ({key_len} keys)", True, warmups=2 if first else 1,
+                                          pool=self._decode_pool)
+            tok.copy_(saved[0])
+            emb.copy_(saved[1])
+            cap = self.lm_graphs[key] = _Captured(graph, (tok, emb), logits)
+        return cap
+
+    def _set_decode_input(self, token: torch.Tensor) -> None:
+        if self._decode_inputs is None:
+            self._decode_inputs = token.clone(), self.decoder.embed(token[:, None]).clone()
+        tok, emb = self._decode_inputs
+        tok.copy_(token)
+        emb.copy_(self.decoder.embed(token[:, None]))
+
+    def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
+        self._set_decode_input(token)
+        cap = self._exact_decode_graph(cache.get_seq_length() + 1)
+        cap.graph.replay()
+        return cap.output
+
+    def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
+        if steps == 0:
+            return []
+        # the one host read of the length: the first token is on the host already (nothing waits)
+        first = cache.get_seq_length() + 1
+        self._set_decode_input(token)
+        tok = self._decode_inputs[0]
+        out = []
+        for i in range(steps):
+            cap = self._exact_decode_graph(first + i)
             cap.graph.replay()
             out.append(tok.clone())
             tl.mark("decode")

@@ -55,8 +55,8 @@ def main() -> None:
         emb = dec.embed(torch.tensor([[first]], device=dev))
         want_logits = dec.step(emb, engine.one, cache, recording).clone()
         # the eager layer run again: what differs without compiling (nondeterministic attention)
-        rerun = [dec.layer_at(b, h, c, s, p, m, k.clone(), v.clone())
-                 for (b, h, c, s, p, m, k, v) in inputs]
+        rerun = [dec.layer_at(b, h, c, s, p, m, k.clone(), v.clone(), e)
+                 for (b, h, c, s, p, m, k, v, e) in inputs]
         rerun_share = sum(int((g != w).sum()) for g, w in zip(rerun, outputs)) / sum(w.numel() for w in outputs)
         writer = CsvWriter(Path(args.out), ["model", "weights", "attention_kernels", "numerics", "inductor_options",
                                             "eager_rerun_differ_share", "layer_out_differ_share",
@@ -68,8 +68,8 @@ def main() -> None:
             differ = total = 0
             worst = 0.0
             for args_i, want in zip(inputs, outputs):
-                block, h, cos, sin, pos, mask, keys, values = args_i
-                got = fn(block, h, cos, sin, pos, mask, keys.clone(), values.clone())
+                block, h, cos, sin, pos, mask, keys, values, keys_end = args_i
+                got = fn(block, h, cos, sin, pos, mask, keys.clone(), values.clone(), keys_end)
                 differ += int((got != want).sum())
                 total += want.numel()
                 worst = max(worst, float((got.float() - want.float()).abs().max()))

@@ -64,12 +64,13 @@ def test_static_cache_grows_for_a_longer_request(checkpoint_dirs, demo_image):
 
 def test_graph_engine_is_skipped_on_cpu_with_reason(tmp_path):
     out = tmp_path / "o"
-    assert run_main(["--preset", "tiny-vila", "--variants", "fp16,prefix", "--engine", "hf,graph", "--num-runs", "2",
+    assert run_main(["--preset", "tiny-vila", "--variants", "fp16,prefix", "--engine", "hf,graph,graph-exact",
+                     "--num-runs", "2",
                      "--min-seconds", "0", "--max-new-tokens", "4", "--warmup", "0", "--device", "cpu",
                      "--output-dir", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "runs.csv")))
-    graph = [r for r in rows if r["engine"] == "graph"]
-    assert {r["variant"] for r in graph} == {"fp16+graph", "prefix+graph"}
+    graph = [r for r in rows if r["engine"] in ("graph", "graph-exact")]
+    assert {r["variant"] for r in graph} == {"fp16+graph", "prefix+graph", "fp16+graph-exact", "prefix+graph-exact"}
     assert all(r["status"] == "skipped" and "CUDA" in r["error"] for r in graph)
     assert {r["variant"] for r in rows if r["status"] == "ok"} == {"fp16", "prefix"}
 
@@ -188,7 +189,7 @@ def test_cuda_captured_prefill_takes_the_int4_prefetch_into_its_graph(demo_image
     assert torch.equal(got, got_again)
 
 
-@pytest.mark.parametrize("engine_cls", ["hf", "static"])
+@pytest.mark.parametrize("engine_cls", ["hf", "static", "exact"])
 def test_attention_of_few_queries_runs_without_cudnn(engine_cls, checkpoint_dirs, demo_image, monkeypatch):
     """Under the default deterministic attention kernels every SDPA call of fewer than
     FEW_QUERIES queries (decode steps, hf's short suffix after a prefix hit) sees cuDNN attention
@@ -211,8 +212,10 @@ def test_attention_of_few_queries_runs_without_cudnn(engine_cls, checkpoint_dirs
     torch.backends.cuda.enable_cudnn_sdp(True)
     try:
         adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
-        cls = HFEngine if engine_cls == "hf" else StaticEngine
-        engine = cls(adapter, PrefixKVPolicy(64))
+        class Exact(StaticEngine):
+            exact = True
+
+        engine = {"hf": HFEngine, "static": StaticEngine, "exact": Exact}[engine_cls](adapter, PrefixKVPolicy(64))
         engine.run(demo_image, "What is shown?", 4)
         engine.run(demo_image, "Colors?", 4)  # a prefix hit: a short suffix, then decode
         assert torch.backends.cuda.cudnn_sdp_enabled()
@@ -220,6 +223,6 @@ def test_attention_of_few_queries_runs_without_cudnn(engine_cls, checkpoint_dirs
         torch.backends.cuda.enable_cudnn_sdp(before)
     few = {q for q, cudnn in seen if q < attention_kernels.FEW_QUERIES}
     assert 1 in few, seen  # decode steps were seen
-    if engine_cls == "hf":  # and hf's short suffix (the static engine pads it to a 16-query bucket)
+    if engine_cls != "static":  # and the short suffix (the static engine pads it to a 16-query bucket)
         assert any(1 < q for q in few), seen
     assert all(cudnn == (q >= attention_kernels.FEW_QUERIES) for q, cudnn in seen), seen

@@ -4,14 +4,15 @@ from __future__ import annotations
 import importlib
 
 from bench.errors import UsageError
-from variants.base import GraphEnginePart, HFEnginePart, NoCachePart, Part, StaticEnginePart, Variant
+from variants.base import (GraphEnginePart, GraphExactEnginePart, HFEnginePart, NoCachePart, Part, StaticEnginePart,
+                           Variant)
 
 _MODULES = ["variants.fp16", "variants.prefix", "variants.bnb", "variants.int4"]
 
 
 def registry() -> dict[str, Part]:
     parts: dict[str, Part] = {p.name: p for p in (HFEnginePart(), StaticEnginePart(), GraphEnginePart(),
-                                                  NoCachePart())}
+                                                  GraphExactEnginePart(), NoCachePart())}
     for mod in _MODULES:
         for p in importlib.import_module(mod).PARTS:
             parts[p.name] = p

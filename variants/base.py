@@ -107,6 +107,18 @@ class GraphEnginePart(EnginePart):
         return GraphEngine(adapter, policy)
 
 
+class GraphExactEnginePart(EnginePart):
+    name = "graph-exact"
+    description = ("graph engine doing transformers' arithmetic (logits bit-identical to hf): "
+                   "a decode graph per attended length, exact-length suffixes, one request at a time")
+    requires_cuda = True
+
+    def make_engine(self, adapter, policy):
+        from bench.static_engine import GraphExactEngine
+
+        return GraphExactEngine(adapter, policy)
+
+
 class NoCachePart(CachePart):
     name = "nocache"
     description = "no reuse between requests"

@@ -1,0 +1,156 @@
+"""Exact decoding (`StaticEngine.exact`, the `graph-exact` engine): transformers' arithmetic, so
+the logits are bit-identical to the hf engine's, cold and after a prefix hit, eager and with the
+layer parts compiled under eager-exact numerics; what it cannot reproduce is refused."""
+import pytest
+import torch
+
+from bench.cache_policy import CachePolicy
+from bench.engine import HFEngine
+from bench.errors import VariantUnsupported
+from bench.fast_decoder import ExactLayers, inductor_options
+from bench.fused_linear import FusedProjections
+from bench.models.loader import load_checkpoint
+from bench.static_engine import StaticEngine
+from variants.prefix import PrefixKVPolicy
+
+CPU = torch.device("cpu")
+QUESTIONS = ("What is shown in this image?", "Describe the colors you can see in it.")
+
+
+class ExactStatic(StaticEngine):
+    """The eager engine of graph-exact's calls (graph-exact needs CUDA)."""
+    exact = True
+
+
+class CompiledExactStatic(ExactStatic):
+    """ExactStatic with the layer parts compiled as graph-exact compiles them (inductor on the
+    CPU here), under `numerics`."""
+    numerics = "eager-exact"
+
+    def __init__(self, adapter, policy):
+        super().__init__(adapter, policy)
+        self.decoder.numerics = self.numerics
+        options = inductor_options(self.numerics)
+        layers = ExactLayers(self.decoder, lambda fn, dynamic: torch.compile(fn, dynamic=dynamic, options=options))
+        self.eager_step_layer, self.eager_prefill_layer = layers.at, layers.from_
+
+
+def recorded_logits(engine, image, new_tokens: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """A cold request, then a warm one (prefix hit) on the engine: both requests' tokens and every
+    decode step's logits, in order."""
+    logits = []
+    step = engine.decode_step
+
+    def recording(token, cache):
+        out = step(token, cache)
+        logits.append(out.clone())
+        return out
+
+    engine.decode_step = recording
+    tokens = []
+    for q in QUESTIONS:
+        r = engine.run(image, q, new_tokens)
+        tokens.append(r.tokens)
+    assert r.cache_hit
+    return tokens, logits
+
+
+@pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
+def test_exact_engine_gives_transformers_logits_bit_for_bit(family, checkpoint_dirs, demo_image):
+    """bf16 (where near-ties are common): every decode logit of a cold and a warm request is
+    bit-identical to the hf engine's, and so are the tokens; the default static engine's are not
+    (fused projections, its own masks and attention lengths, a one-row final norm)."""
+    adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.bfloat16)
+    want_tokens, want = recorded_logits(HFEngine(adapter, PrefixKVPolicy(64)), demo_image, 24)
+    tokens, got = recorded_logits(ExactStatic(adapter, PrefixKVPolicy(64)), demo_image, 24)
+    assert tokens == want_tokens
+    assert len(got) == len(want) == 2 * 23 and all(torch.equal(g, w) for g, w in zip(got, want))
+    _, static = recorded_logits(StaticEngine(adapter, PrefixKVPolicy(64)), demo_image, 24)
+    assert not all(torch.equal(g, w) for g, w in zip(static, want))
+
+
+def test_compiled_exact_layers_keep_the_logits_bit_identical(checkpoint_dirs, demo_image):
+    """graph-exact's compiled parts (eager-exact numerics) change nothing: teacher-forced log-probs
+    bit-identical to the hf engine's; compiled with inductor's own ("fused") numerics they are not."""
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.bfloat16)
+    q = QUESTIONS[0]
+    cont = HFEngine(adapter, CachePolicy()).run(demo_image, q, 16).tokens
+    want = HFEngine(adapter, CachePolicy()).teacher_forced_logprobs(demo_image, q, cont)
+
+    class Fused(CompiledExactStatic):
+        numerics = "fused"
+
+    got = {}
+    try:
+        for cls in (CompiledExactStatic, Fused):
+            torch._dynamo.reset()
+            got[cls.numerics] = cls(adapter, CachePolicy()).teacher_forced_logprobs(demo_image, q, cont)
+    finally:
+        torch._dynamo.reset()
+        adapter._fast_decoder.numerics = "fused"
+    assert torch.equal(got["eager-exact"], want)
+    assert not torch.equal(got["fused"], want)
+
+
+def test_exact_fusion_only_where_the_fused_gemm_is_bit_equal():
+    """A projection group runs fused at one row under exact decoding only if the fused GEMM gave
+    the separate modules' outputs exactly; a fused copy that drifted is caught."""
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(64, n, bias=False) for n in (32, 16, 16)]
+    group = FusedProjections(linears)
+    assert group.bit_equal_at_one_row()
+    other = FusedProjections([torch.nn.Linear(64, n, bias=False) for n in (32, 16)])
+    with torch.no_grad():  # the fused copy drifts from the separate weights (no longer their views)
+        other.fused.weight.data = other.fused.weight.data.clone()
+        other.fused.weight[3, 5] += 1e-3
+    assert not other.bit_equal_at_one_row()
+    assert not FusedProjections([torch.nn.Linear(64, 8), torch.nn.Linear(32, 8)]).bit_equal_at_one_row()
+
+
+def test_exact_engine_runs_one_request_at_a_time(checkpoint_dirs, demo_image):
+    """Padded batches use masks transformers builds its own way: a batch is refused (a skipped
+    row), a single request runs."""
+    adapter = load_checkpoint(checkpoint_dirs["vila"], None, CPU, torch.float32)
+    engine = ExactStatic(adapter, CachePolicy())
+    with pytest.raises(VariantUnsupported, match="one request at a time"):
+        engine.run_batch([(demo_image, "What?"), (demo_image, "Why is it here?")], 4)
+    assert len(engine.run(demo_image, "What?", 4).tokens) == 4
+    assert "transformers' arithmetic" in engine.describe()
+
+
+def test_exact_decoding_refuses_an_attention_it_does_not_reproduce(checkpoint_dirs):
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    config = adapter.text_config()
+    before = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        with pytest.raises(VariantUnsupported, match="reproduces transformers' sdpa attention; this model runs 'eager'"):
+            ExactStatic(adapter, CachePolicy())
+    finally:
+        config._attn_implementation = before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_graph_exact_engine_repeats_hf_from_captured_graphs(dtype, checkpoint_dirs, demo_image):
+    """graph-exact on a GPU: teacher-forced log-probs bit-identical to the hf engine's, a cold and
+    a warm request's tokens equal to its, from one decode graph per attended length that the
+    next request reuses rather than recaptures."""
+    from bench.static_engine import GraphExactEngine
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), dtype)
+    hf = HFEngine(adapter, PrefixKVPolicy(64))
+    want_tokens = [hf.run(demo_image, q, 16).tokens for q in QUESTIONS]
+    want = HFEngine(adapter, CachePolicy()).teacher_forced_logprobs(demo_image, QUESTIONS[0], want_tokens[0])
+    engine = GraphExactEngine(adapter, PrefixKVPolicy(64))
+    cold = engine.run(demo_image, QUESTIONS[0], 16)
+    assert cold.tokens == want_tokens[0]
+    decode = {k for k in engine.lm_graphs if k[0] == "decode"}
+    assert decode == {("decode", 1, cold.prompt_tokens + i) for i in range(1, 16)}
+    assert engine.run(demo_image, QUESTIONS[1], 16).tokens == want_tokens[1]  # warm: an exact-length suffix
+    assert any(k[0] == "suffix ids" for k in engine.lm_graphs)
+    engine.policy.clear()
+    assert engine.run(demo_image, QUESTIONS[0], 16).tokens == want_tokens[0]
+    assert engine.lm_graphs.keys() >= decode and ("prefill", cold.prompt_tokens) in engine.lm_graphs
+    got = GraphExactEngine(adapter, CachePolicy()).teacher_forced_logprobs(demo_image, QUESTIONS[0], want_tokens[0])
+    assert torch.equal(got, want)
