@@ -15,7 +15,10 @@ near-tie), and the reference's near-tie share. Ways:
   fuse freely ("fused"), round as eager does ("eager-casts") or also reduce as eager does
   ("eager-exact");
 - "graph, separate prefill projections" (q/k/v and gate/up unfused at prompt length, as `static`
-  and transformers) and "graph, uncompiled" (captured, not compiled; eager prefill).
+  and transformers) and "graph, uncompiled" (captured, not compiled; eager prefill);
+- graph-exact: the engine doing transformers' arithmetic (should agree 128/128, as hf again);
+  "graph-exact, uncompiled" captures its layer parts uncompiled (tells a compiled part that
+  does not round as eager from anything else).
 Each row also gives the way's median decode step as the benchmark's timeline measures it
 (`decode_step_ms`, a 128-token request after a warm one) and its `engine_detail`.
 
@@ -42,7 +45,7 @@ from bench.fidelity import agreement, first_divergence, make_reference  # noqa: 
 from bench.fused_linear import FUSED_MAX_ROWS  # noqa: E402
 from bench.models.loader import build_preset  # noqa: E402
 from bench.results import CsvWriter  # noqa: E402
-from bench.static_engine import GraphEngine, StaticEngine  # noqa: E402
+from bench.static_engine import GraphEngine, GraphExactEngine, StaticEngine  # noqa: E402
 
 COLUMNS = ["model", "weights", "dtype", "device", "attention_kernels", "compared", "new_tokens", "token_agree",
            "first_divergence",
@@ -80,6 +83,14 @@ def graph_engine(numerics: str | None = None, separate_prefill: bool = False, co
     return Engine
 
 
+class GraphExactUncompiled(GraphExactEngine):
+    """graph-exact with its layer parts captured uncompiled (eager)."""
+
+    def __init__(self, adapter, policy):
+        super().__init__(adapter, policy)
+        self.layer_fn, self.prefill_fn = self.eager_step_layer, self.eager_prefill_layer
+
+
 def attention_module_owner(adapter):
     """The transformers model whose attention implementation the LLM uses."""
     return adapter.model if hasattr(adapter.model, "set_attn_implementation") else adapter.model.llm
@@ -91,7 +102,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--ways", default="hf again;hf eager attention;hf StaticCache;static;graph;graph, fused "
-                    "numerics;graph, eager-exact numerics;graph, uncompiled",
+                    "numerics;graph, eager-exact numerics;graph, uncompiled;graph-exact;graph-exact again",
                     help="';'-separated; 'WAY again' (other than hf) compares two fresh engines of WAY")
     ap.add_argument("--attention-kernels", default="deterministic", choices=ATTENTION_KERNELS)
     args = ap.parse_args()
@@ -112,6 +123,8 @@ def main() -> None:
         "graph, separate prefill projections": graph_engine(separate_prefill=True),
         "graph, uncompiled": graph_engine(compiled=False),
         "graph, eager-exact numerics, separate projections": graph_engine("eager-exact", separate_decode=True),
+        "graph-exact": GraphExactEngine,
+        "graph-exact, uncompiled": GraphExactUncompiled,
     }
     writer = CsvWriter(Path(args.out), COLUMNS)
     for way in [w.strip() for w in args.ways.split(";")]:

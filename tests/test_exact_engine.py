@@ -154,3 +154,64 @@ def test_cuda_graph_exact_engine_repeats_hf_from_captured_graphs(dtype, checkpoi
     assert engine.lm_graphs.keys() >= decode and ("prefill", cold.prompt_tokens) in engine.lm_graphs
     got = GraphExactEngine(adapter, CachePolicy()).teacher_forced_logprobs(demo_image, QUESTIONS[0], want_tokens[0])
     assert torch.equal(got, want)
+
+
+class _ReplayedCall:
+    """A stand-in CUDA graph for the CPU: replay() runs the call again and writes its result into
+    the tensor the capture returned, as a graph replay writes its static output."""
+
+    def __init__(self, call, out):
+        self.call, self.out = call, out
+
+    def replay(self):
+        self.out.copy_(self.call())
+
+
+def fake_capture(self, call, what, rewind, warmups=2, pool=None):
+    """GraphEngine._capture without CUDA: the same warm-ups and rewinds, then the call run once
+    for its output tensor (a capture runs nothing: rewound again after)."""
+    saved = self.cache.positions() if rewind else None
+    for _ in range(warmups + 1):
+        out = call()
+        if rewind:
+            self.cache.set_positions(saved)
+    return _ReplayedCall(call, out), out
+
+
+def test_graph_exact_bookkeeping_gives_hf_tokens_with_a_stand_in_capture(checkpoint_dirs, demo_image, monkeypatch):
+    """graph-exact's own logic on the CPU (captures stood in by re-running the call): a decode
+    graph per attended length whose warm-ups do not disturb the token being decoded, exact-length
+    prefill and suffix graphs, graphs reused by later requests; tokens and teacher-forced
+    log-probs the hf engine's, bit for bit (bf16)."""
+    from bench.static_engine import GraphEngine, GraphExactEngine
+
+    monkeypatch.setattr(GraphEngine, "_capture", fake_capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+
+    class OnCpu(GraphExactEngine):
+        requires_cuda = False
+
+        def __init__(self, adapter, policy):
+            super().__init__(adapter, policy)
+            self.layer_fn, self.prefill_fn = self.eager_step_layer, self.eager_prefill_layer  # no compiling here
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.bfloat16)
+    hf = HFEngine(adapter, PrefixKVPolicy(64))
+    want = [hf.run(demo_image, q, 12).tokens for q in QUESTIONS]
+    engine = OnCpu(adapter, PrefixKVPolicy(64))
+    cold = engine.run(demo_image, QUESTIONS[0], 12)
+    assert cold.tokens == want[0]
+    n = cold.prompt_tokens
+    assert {k for k in engine.lm_graphs if k[0] == "decode"} == {("decode", 1, n + i) for i in range(1, 12)}
+    assert ("prefill", n) in engine.lm_graphs
+    warm = engine.run(demo_image, QUESTIONS[1], 12)
+    assert warm.cache_hit and warm.tokens == want[1]
+    t = warm.prompt_tokens - warm.cached_tokens
+    assert ("suffix ids", t, warm.prompt_tokens) in engine.lm_graphs
+    before = len(engine.lm_graphs)
+    engine.policy.clear()
+    assert engine.run(demo_image, QUESTIONS[0], 12).tokens == want[0]
+    assert len(engine.lm_graphs) == before  # every length already had its graph
+    logprobs = HFEngine(adapter, CachePolicy()).teacher_forced_logprobs(demo_image, QUESTIONS[0], want[0])
+    assert torch.equal(engine.teacher_forced_logprobs(demo_image, QUESTIONS[0], want[0]), logprobs)
+    assert "a graph per attended length" in engine.describe()
