@@ -204,9 +204,10 @@ class FastDecoder(nn.Module):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         self.attention_fn = sdpa_attention_forward
+        p = self.embed.weight
         for b in self.layers:
             for group in (b.qkv, b.gate_up):
-                group.max_rows = 1 if group.bit_equal_at_one_row() else 0
+                group.max_rows = 1 if group.bit_equal_at_one_row(p.device, p.dtype) else 0
 
     def set_fused_max_rows(self, rows: int) -> None:
         """Above `rows` input rows the projections run unfused (bench.fused_linear.FUSED_MAX_ROWS)."""

@@ -94,24 +94,26 @@ class FusedProjections(nn.Module):
         self.fused = {"dense": _fuse_dense, "int4": _fuse_int4}[kind](linears) if kind else None
         self.parts = nn.ModuleList(linears)  # views of the fused weights where fused: no extra memory
 
-    def bit_equal_at_one_row(self, probes: int = 3) -> bool:
-        """Whether the fused GEMM gives exactly the separate modules' outputs for one input row,
-        checked on `probes` random rows on this device (cached). Where it does, an engine that
-        must reproduce transformers' arithmetic may fuse its decode GEMVs. A kernel that sums each
-        output in the same order matches on every input; one that splits K otherwise (cuBLAS's
-        split-K for a narrower N, say) differs on almost any random row."""
+    def bit_equal_at_one_row(self, device: torch.device, dtype: torch.dtype, probes: int = 3) -> bool:
+        """Whether the fused GEMM gives exactly the separate modules' outputs for one input row of
+        `dtype` (the activations'), checked on `probes` random rows on `device` (cached). Where
+        it does, an engine that must reproduce transformers' arithmetic may fuse its decode GEMVs.
+        A kernel that sums each output in the same order matches on every input; one that splits
+        K otherwise (cuBLAS's split-K for a narrower N, say) differs on almost any random row. A
+        kernel that cannot run the probe counts as not equal (running separately is always exact)."""
         if self.fused is None:
             return False
         if getattr(self, "_bit_equal", None) is None:
-            first = self.parts[0]
-            like = first.weight if isinstance(first, nn.Linear) else first.scale_and_zero
-            gen = torch.Generator(device=like.device).manual_seed(0)
+            gen = torch.Generator(device=device).manual_seed(0)
             same = True
-            with torch.inference_mode():
-                for _ in range(probes):
-                    x = torch.randn(1, 1, first.in_features, generator=gen, device=like.device, dtype=like.dtype)
-                    fused = self.fused(x).split(self.sizes, dim=-1)
-                    same = same and all(torch.equal(f, m(x)) for f, m in zip(fused, self.parts))
+            try:
+                with torch.inference_mode():
+                    for _ in range(probes):
+                        x = torch.randn(1, 1, self.parts[0].in_features, generator=gen, device=device, dtype=dtype)
+                        fused = self.fused(x).split(self.sizes, dim=-1)
+                        same = same and all(torch.equal(f, m(x)) for f, m in zip(fused, self.parts))
+            except (RuntimeError, NotImplementedError):
+                same = False
             self._bit_equal = same
         return self._bit_equal
 

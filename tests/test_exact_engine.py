@@ -98,13 +98,14 @@ def test_exact_fusion_only_where_the_fused_gemm_is_bit_equal():
     torch.manual_seed(0)
     linears = [torch.nn.Linear(64, n, bias=False) for n in (32, 16, 16)]
     group = FusedProjections(linears)
-    assert group.bit_equal_at_one_row()
+    assert group.bit_equal_at_one_row(CPU, torch.float32)
     other = FusedProjections([torch.nn.Linear(64, n, bias=False) for n in (32, 16)])
     with torch.no_grad():  # the fused copy drifts from the separate weights (no longer their views)
         other.fused.weight.data = other.fused.weight.data.clone()
         other.fused.weight[3, 5] += 1e-3
-    assert not other.bit_equal_at_one_row()
-    assert not FusedProjections([torch.nn.Linear(64, 8), torch.nn.Linear(32, 8)]).bit_equal_at_one_row()
+    assert not other.bit_equal_at_one_row(CPU, torch.float32)
+    unfusable = FusedProjections([torch.nn.Linear(64, 8), torch.nn.Linear(32, 8)])
+    assert not unfusable.bit_equal_at_one_row(CPU, torch.float32)
 
 
 def test_exact_engine_runs_one_request_at_a_time(checkpoint_dirs, demo_image):
