@@ -59,7 +59,12 @@ def inductor_options(numerics: str) -> dict:
 
     division = {"eager_numerics.division_rounding": True} if hasattr(
         getattr(inductor_config, "eager_numerics", None), "division_rounding") else {}
-    return {"emulate_precision_casts": True, **division}
+    options = {"emulate_precision_casts": True, **division}
+    if numerics == "eager-exact":
+        # GEMMs exactly as eager calls them: no padding of unaligned sizes or strides (a padded
+        # GEMM may run another cuBLAS kernel, which sums in another order)
+        options.update({k: False for k in ("shape_padding", "comprehensive_padding") if hasattr(inductor_config, k)})
+    return options
 
 
 @torch.library.custom_op("vlmbench::eager_row_mean", mutates_args=())
