@@ -216,3 +216,51 @@ def test_graph_exact_bookkeeping_gives_hf_tokens_with_a_stand_in_capture(checkpo
     logprobs = HFEngine(adapter, CachePolicy()).teacher_forced_logprobs(demo_image, QUESTIONS[0], want[0])
     assert torch.equal(engine.teacher_forced_logprobs(demo_image, QUESTIONS[0], want[0]), logprobs)
     assert "a graph per attended length" in engine.describe()
+
+
+@pytest.mark.parametrize("family", ["vila", "internvl"])
+def test_graph_exact_bookkeeping_on_other_families(family, checkpoint_dirs, demo_image, monkeypatch):
+    """The same stand-in capture on VILA (Llama LLM) and InternVL (Qwen2: q/k/v biases, grouped
+    kv heads): a cold and a warm request give the hf engine's tokens."""
+    from bench.static_engine import GraphEngine, GraphExactEngine
+
+    monkeypatch.setattr(GraphEngine, "_capture", fake_capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(GraphExactEngine, "requires_cuda", False)
+    adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.bfloat16)
+    hf = HFEngine(adapter, PrefixKVPolicy(64))
+    want = [hf.run(demo_image, q, 12).tokens for q in QUESTIONS]
+    engine = GraphExactEngine(adapter, PrefixKVPolicy(64))
+    engine.layer_fn, engine.prefill_fn = engine.eager_step_layer, engine.eager_prefill_layer
+    assert [engine.run(demo_image, q, 12).tokens for q in QUESTIONS] == want
+
+
+def test_benchmark_reports_graph_exact_as_hf_exactly(tmp_path, monkeypatch):
+    """Through the whole benchmark (bf16 on the CPU, captures stood in, parts compiled by
+    inductor as on a GPU), cold and warm requests: graph-exact's rows report token_agree 1, engine_top1_agree 1 and
+    engine_kl_mean 0 against the hf baseline, and say how they ran."""
+    import csv
+
+    from bench.cli import run_main
+    from bench.static_engine import GraphEngine, GraphExactEngine
+    from variants.base import GraphExactEnginePart
+
+    monkeypatch.setattr(GraphEngine, "_capture", fake_capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(GraphExactEngine, "requires_cuda", False)
+    monkeypatch.setattr(GraphExactEnginePart, "requires_cuda", False)
+    out = tmp_path / "o"
+    try:
+        assert run_main(["--preset", "tiny-llava", "--variants", "prefix", "--engine", "graph-exact",
+                         "--num-runs", "2", "--min-seconds", "0", "--max-new-tokens", "12", "--warmup", "1",
+                         "--device", "cpu", "--dtype", "bfloat16", "--output-dir", str(out)]) == 0
+    finally:
+        torch._dynamo.reset()
+    rows = [r for r in csv.DictReader(open(out / "runs.csv")) if r["kind"] == "measured"]
+    assert {r["variant"] for r in rows} == {"prefix+graph-exact"}
+    assert {r["cache_state"] for r in rows} == {"cold", "warm"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert float(r["token_agree"]) == 1.0 and float(r["engine_top1_agree"]) == 1.0, r
+        assert float(r["engine_kl_mean"]) == 0.0, r
+        assert "transformers' arithmetic" in r["engine_detail"] and "eager-exact numerics" in r["engine_detail"]
