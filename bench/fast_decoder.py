@@ -306,7 +306,7 @@ class FastDecoder(nn.Module):
         end = start + h.shape[1]
         keys[:, :, start:end] = k
         values[:, :, start:end] = v
-        return q, k, v
+        return q, k.contiguous(), v.contiguous()  # as transformers' cache returns them (see ExactLayers)
 
     def exact_out_at(self, block, h, o):
         return self._out_mlp(block, h, o)
@@ -452,7 +452,13 @@ class ExactLayers:
     rotary and cache write, then transformers' attention function (`attend_hf`, called eagerly:
     over exactly the keys so far, which changes shape every token), then the output projection
     and MLP. `compile(fn, dynamic)` may compile the two parts (the graph engine: eager-exact
-    numerics keep them bit-identical to eager); they stay eager without it."""
+    numerics keep them bit-identical to eager); they stay eager without it.
+
+    Keys/values reach the attention call laid out as transformers' DynamicCache holds them
+    (contiguous [b, kv_heads, n, d]: it concatenates) wherever cuDNN may run it (FEW_QUERIES
+    queries or more: a cuDNN plan is chosen for the strides it is given); calls of fewer queries
+    (flash or memory-efficient attention, which only address by the strides) read views of the
+    buffers, so a decode step copies no cache."""
 
     def __init__(self, dec: FastDecoder, compile=None):
         wrap = compile or (lambda fn, dynamic: fn)
@@ -460,17 +466,23 @@ class ExactLayers:
         self.qkv_at, self.out_at = wrap(dec.exact_qkv_at, False), wrap(dec.exact_out_at, False)
         self.qkv_from, self.out_from = wrap(dec.exact_qkv_from, True), wrap(dec.exact_out_from, True)
 
+    @staticmethod
+    def _cache_layout(q, k, v):
+        if q.shape[2] >= attention_kernels.FEW_QUERIES:
+            return k.contiguous(), v.contiguous()
+        return k, v
+
     def at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None = None):
         q = self.qkv_at(block, h, cos, sin, pos, keys, values)
         end = keys_end or keys.shape[2]
-        o = self.dec.attend_hf(block, q, keys[:, :, :end], values[:, :, :end], mask)
-        return self.out_at(block, h, o)
+        k, v = self._cache_layout(q, keys[:, :, :end], values[:, :, :end])
+        return self.out_at(block, h, self.dec.attend_hf(block, q, k, v, mask))
 
     def from_(self, block, h, cos, sin, start: int, mask, keys, values):
-        q, k, v = self.qkv_from(block, h, cos, sin, start, keys, values)
+        q, k, v = self.qkv_from(block, h, cos, sin, start, keys, values)  # k, v contiguous, as a fresh cache's
         if mask is not None:  # after earlier tokens: over the buffers (a fresh prompt: its own k/v, as transformers)
             end = start + h.shape[1]
-            k, v = keys[:, :, :end], values[:, :, :end]
+            k, v = self._cache_layout(q, keys[:, :, :end], values[:, :, :end])
         return self.out_from(block, h, self.dec.attend_hf(block, q, k, v, mask))
 
 

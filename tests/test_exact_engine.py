@@ -14,7 +14,9 @@ from bench.static_engine import StaticEngine
 from variants.prefix import PrefixKVPolicy
 
 CPU = torch.device("cpu")
-QUESTIONS = ("What is shown in this image?", "Describe the colors you can see in it.")
+# a cold request, then prefix hits with a short suffix and with one of more than FEW_QUERIES tokens
+QUESTIONS = ("What is shown in this image?", "Colors?",
+             "List every object you can see in this picture, from left to right, with its color and size.")
 
 
 class ExactStatic(StaticEngine):
@@ -36,8 +38,8 @@ class CompiledExactStatic(ExactStatic):
 
 
 def recorded_logits(engine, image, new_tokens: int) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """A cold request, then a warm one (prefix hit) on the engine: both requests' tokens and every
-    decode step's logits, in order."""
+    """A cold request, then warm ones (prefix hits) on the engine: every request's tokens and
+    every decode step's logits, in order."""
     logits = []
     step = engine.decode_step
 
@@ -57,14 +59,14 @@ def recorded_logits(engine, image, new_tokens: int) -> tuple[list[list[int]], li
 
 @pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
 def test_exact_engine_gives_transformers_logits_bit_for_bit(family, checkpoint_dirs, demo_image):
-    """bf16 (where near-ties are common): every decode logit of a cold and a warm request is
+    """bf16 (where near-ties are common): every decode logit of a cold and two warm requests is
     bit-identical to the hf engine's, and so are the tokens; the default static engine's are not
     (fused projections, its own masks and attention lengths, a one-row final norm)."""
     adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.bfloat16)
     want_tokens, want = recorded_logits(HFEngine(adapter, PrefixKVPolicy(64)), demo_image, 24)
     tokens, got = recorded_logits(ExactStatic(adapter, PrefixKVPolicy(64)), demo_image, 24)
     assert tokens == want_tokens
-    assert len(got) == len(want) == 2 * 23 and all(torch.equal(g, w) for g, w in zip(got, want))
+    assert len(got) == len(want) == len(QUESTIONS) * 23 and all(torch.equal(g, w) for g, w in zip(got, want))
     _, static = recorded_logits(StaticEngine(adapter, PrefixKVPolicy(64)), demo_image, 24)
     assert not all(torch.equal(g, w) for g, w in zip(static, want))
 
