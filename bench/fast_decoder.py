@@ -250,16 +250,23 @@ class FastDecoder(nn.Module):
         return (g / (1 + torch.exp(-g))).to(gate.dtype) * up
 
     def _qkv(self, block, h, cos, sin):
-        b, t, _ = h.shape
-        q, k, v = block.qkv(self._norm(block.ln1, h))
+        return self._heads_rotated(*block.qkv(self._norm(block.ln1, h)), cos, sin)
+
+    def _heads_rotated(self, q, k, v, cos, sin):
+        """Projection outputs [b, t, n*d] as [b, n, t, d] heads, q and k rotated."""
+        b, t, _ = q.shape
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
-    def _out_mlp(self, block, h, o):
+    def _attn_out(self, block, h, o):
+        """The residual stream after attention: h + o_proj(o), o [b, heads, t, d]."""
         b, _, t, _ = o.shape
-        h = h + block.o(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        return h + block.o(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+    def _out_mlp(self, block, h, o):
+        h = self._attn_out(block, h, o)
         gate, up = block.gate_up(self._norm(block.ln2, h))
         return h + block.down(self._gate(block, gate, up))
 
@@ -293,13 +300,23 @@ class FastDecoder(nn.Module):
             out, _ = self.attention_fn(block.attn, q, k, v, mask, dropout=0.0, scaling=block.attn.scaling)
         return out.transpose(1, 2)
 
-    # The parts of an exact layer around its attention call (ExactLayers compiles them): one
-    # function per use so that each compiles for its own shapes.
-    def exact_qkv_at(self, block, h, cos, sin, pos, keys, values):
-        q, k, v = self._qkv(block, h, cos, sin)
+    # The parts of an exact layer between its GEMM groups and attention call (ExactLayers
+    # compiles them): one function per use so that each compiles for its own shapes.
+    def exact_norm_at(self, norm, h):
+        return self._norm(norm, h)
+
+    def exact_rotate_write_at(self, q, k, v, cos, sin, pos, keys, values):
+        q, k, v = self._heads_rotated(q, k, v, cos, sin)
         keys.index_copy_(2, pos, k)
         values.index_copy_(2, pos, v)
         return q
+
+    def exact_out_norm_at(self, block, h, o):
+        h = self._attn_out(block, h, o)
+        return h, self._norm(block.ln2, h)
+
+    def exact_mlp_at(self, block, h, gate, up):
+        return h + block.down(self._gate(block, gate, up))
 
     def exact_qkv_from(self, block, h, cos, sin, start: int, keys, values):
         q, k, v = self._qkv(block, h, cos, sin)
@@ -307,9 +324,6 @@ class FastDecoder(nn.Module):
         keys[:, :, start:end] = k
         values[:, :, start:end] = v
         return q, k.contiguous(), v.contiguous()  # as transformers' cache returns them (see ExactLayers)
-
-    def exact_out_at(self, block, h, o):
-        return self._out_mlp(block, h, o)
 
     def exact_out_from(self, block, h, o):
         return self._out_mlp(block, h, o)
@@ -448,11 +462,17 @@ class FastDecoder(nn.Module):
 
 class ExactLayers:
     """Layer functions reproducing transformers' arithmetic (FastDecoder.exact): `from_` for
-    prefill (host-known start), `at` for step (device positions). Each layer is its projections,
+    prefill (host-known start), `at` for step (device positions). A layer is its projections,
     rotary and cache write, then transformers' attention function (`attend_hf`, called eagerly:
     over exactly the keys so far, which changes shape every token), then the output projection
-    and MLP. `compile(fn, dynamic)` may compile the two parts (the graph engine: eager-exact
-    numerics keep them bit-identical to eager); they stay eager without it.
+    and MLP. `compile(fn, dynamic)` may compile the parts between GEMM groups and attention (the
+    graph engine: eager-exact numerics keep them bit-identical to eager); they stay eager
+    without it.
+
+    In `at` (decode steps and suffixes: memory-bound GEMVs) a group of projections that runs
+    separately (q/k/v, gate/up where fusing is not bit-equal) may run its GEMMs concurrently on
+    the `streams` given (CUDA, forked from and joined back to the current stream; a CUDA graph
+    captures them as parallel branches): the same kernels on the same inputs, so the same bits.
 
     Keys/values reach the attention call laid out as transformers' DynamicCache holds them
     (contiguous [b, kv_heads, n, d]: it concatenates) wherever cuDNN may run it (FEW_QUERIES
@@ -460,10 +480,11 @@ class ExactLayers:
     (flash or memory-efficient attention, which only address by the strides) read views of the
     buffers, so a decode step copies no cache."""
 
-    def __init__(self, dec: FastDecoder, compile=None):
+    def __init__(self, dec: FastDecoder, compile=None, streams: list | None = None):
         wrap = compile or (lambda fn, dynamic: fn)
-        self.dec = dec
-        self.qkv_at, self.out_at = wrap(dec.exact_qkv_at, False), wrap(dec.exact_out_at, False)
+        self.dec, self.streams = dec, streams
+        self.norm_at, self.rotate_write_at = wrap(dec.exact_norm_at, False), wrap(dec.exact_rotate_write_at, False)
+        self.out_norm_at, self.mlp_at = wrap(dec.exact_out_norm_at, False), wrap(dec.exact_mlp_at, False)
         self.qkv_from, self.out_from = wrap(dec.exact_qkv_from, True), wrap(dec.exact_out_from, True)
 
     @staticmethod
@@ -472,11 +493,29 @@ class ExactLayers:
             return k.contiguous(), v.contiguous()
         return k, v
 
+    def project(self, group: FusedProjections, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """group(x), its separate GEMMs side by side on the streams where there are some."""
+        rows = x.numel() // x.shape[-1]
+        parts = group.modules_for(rows)
+        if len(parts) == 1 or not self.streams or not x.is_cuda:
+            return group(x)
+        current = torch.cuda.current_stream()
+        out = [parts[0](x)]
+        for module, stream in zip(parts[1:], self.streams):
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                out.append(module(x))
+        for stream in self.streams[:len(parts) - 1]:
+            current.wait_stream(stream)
+        return tuple(out)
+
     def at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None = None):
-        q = self.qkv_at(block, h, cos, sin, pos, keys, values)
+        q, k, v = self.project(block.qkv, self.norm_at(block.ln1, h))
+        q = self.rotate_write_at(q, k, v, cos, sin, pos, keys, values)
         end = keys_end or keys.shape[2]
         k, v = self._cache_layout(q, keys[:, :, :end], values[:, :, :end])
-        return self.out_at(block, h, self.dec.attend_hf(block, q, k, v, mask))
+        h, x = self.out_norm_at(block, h, self.dec.attend_hf(block, q, k, v, mask))
+        return self.mlp_at(block, h, *self.project(block.gate_up, x))
 
     def from_(self, block, h, cos, sin, start: int, mask, keys, values):
         q, k, v = self.qkv_from(block, h, cos, sin, start, keys, values)  # k, v contiguous, as a fresh cache's

@@ -266,7 +266,7 @@ class GraphEngine(StaticEngine):
         self.decoder.one_query_matmul = attention_kernels.deterministic()
         options = inductor_options(self.numerics)
         compile = lambda fn, dynamic: torch.compile(fn, dynamic=dynamic, options=options)  # noqa: E731
-        exact_layers = ExactLayers(self.decoder, compile) if self.exact else None
+        exact_layers = ExactLayers(self.decoder, compile, self._projection_streams()) if self.exact else None
         self.layer_fn = exact_layers.at if exact_layers else compile(self.decoder.layer_at, False)
         self.prefill_fn = None
         first = self.decoder.layers[0]
@@ -274,6 +274,10 @@ class GraphEngine(StaticEngine):
             self.prefill_fn = exact_layers.from_ if exact_layers else compile(self.decoder.layer_from, True)
         else:  # bitsandbytes layers break a compiled graph at every call: slower than eager
             self.notes["prefill"] = "eager (these linears break a compiled graph at every call)"
+
+    def _projection_streams(self) -> list | None:
+        """Side streams for exact layers' separate GEMMs (ExactLayers.project); None: in turn."""
+        return None
 
     def describe(self) -> str:
         compiled = "compiled layers" if self.layer_fn is not None else "uncompiled layers"
@@ -450,6 +454,9 @@ class GraphExactEngine(GraphEngine):
     exact = True
     numerics = "eager-exact"
     prefill_round = 1
+    # A step's separate q/k/v (gate/up) GEMMs run side by side (ExactLayers.project): separately
+    # they are narrower GEMVs that each read at a lower rate than the fused one they replace.
+    concurrent_projections = True
 
     def __init__(self, adapter, policy):
         super().__init__(adapter, policy)
@@ -459,6 +466,16 @@ class GraphExactEngine(GraphEngine):
     def _drop_buffers(self) -> None:
         super()._drop_buffers()
         self._decode_pool = torch.cuda.graph_pool_handle()  # the old graphs' memory goes with them
+
+    def _projection_streams(self) -> list | None:
+        if not self.concurrent_projections or self.adapter.device.type != "cuda":
+            return None
+        return [torch.cuda.Stream(self.adapter.device) for _ in range(2)]  # the widest group has 3 GEMMs
+
+    def exact_note(self) -> str:
+        side = (", separate projections of a step side by side on 3 streams"
+                if self.concurrent_projections and "separate" in self.decoder.fusion else "")
+        return super().exact_note() + side
 
     def _exact_decode_graph(self, key_len: int) -> _Captured:
         """The decode step that attends over `key_len` keys (the buffers hold key_len - 1)."""

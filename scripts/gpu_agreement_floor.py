@@ -18,7 +18,8 @@ near-tie), and the reference's near-tie share. Ways:
   and transformers) and "graph, uncompiled" (captured, not compiled; eager prefill);
 - graph-exact: the engine doing transformers' arithmetic (should agree 128/128, as hf again);
   "graph-exact, uncompiled" captures its layer parts uncompiled (tells a compiled part that
-  does not round as eager from anything else).
+  does not round as eager from anything else); "graph-exact, projections in turn" runs a step's
+  separate GEMMs one after another rather than side by side (what the streams buy).
 Each row also gives the way's median decode step as the benchmark's timeline measures it
 (`decode_step_ms`, a 128-token request after a warm one) and its `engine_detail`.
 
@@ -91,6 +92,11 @@ class GraphExactUncompiled(GraphExactEngine):
         self.layer_fn, self.prefill_fn = self.eager_step_layer, self.eager_prefill_layer
 
 
+class GraphExactInTurn(GraphExactEngine):
+    """graph-exact with a step's separate projections one after another on one stream."""
+    concurrent_projections = False
+
+
 def attention_module_owner(adapter):
     """The transformers model whose attention implementation the LLM uses."""
     return adapter.model if hasattr(adapter.model, "set_attn_implementation") else adapter.model.llm
@@ -125,6 +131,7 @@ def main() -> None:
         "graph, eager-exact numerics, separate projections": graph_engine("eager-exact", separate_decode=True),
         "graph-exact": GraphExactEngine,
         "graph-exact, uncompiled": GraphExactUncompiled,
+        "graph-exact, projections in turn": GraphExactInTurn,
     }
     writer = CsvWriter(Path(args.out), COLUMNS)
     for way in [w.strip() for w in args.ways.split(";")]:

@@ -2,8 +2,9 @@
 # H200: the graph-exact engine (transformers' arithmetic in CUDA graphs) against hf and graph.
 # usage: bash scripts/gpu_h200_exact.sh STAGE [PRESET] [ENGINES]
 #   tests      the CUDA tests of the static, graph and graph-exact engines (tiny checkpoints)
-#   agreement  greedy agreement with hf over 128 tokens: hf again, graph, graph-exact (twice),
-#              graph-exact uncompiled -> $OUT/agreement_floor_PRESET-exact.csv
+#   agreement  greedy agreement with hf over 128 tokens and decode step times: hf again, graph,
+#              graph-exact (twice), with its projections in turn, uncompiled
+#              -> $OUT/agreement_floor_PRESET-exact.csv
 #   bench      fp16 and prefix on ENGINES (default hf,graph,graph-exact; one 10-minute device
 #              call may not hold all three for a 7B), 20 runs after 5 warm-ups
 #              -> $OUT/PRESET-exact-ENGINES/{runs,summary}.csv, env.json
@@ -16,7 +17,7 @@ case "$stage" in
     python3 -m pytest -q -p no:warnings tests/test_exact_engine.py tests/test_static_engine.py -k cuda 2>&1 | tail -15 ;;
   agreement)
     python3 scripts/gpu_agreement_floor.py --preset "$p" --out "$OUT/agreement_floor_$p-exact.csv" \
-      --ways "hf again;graph;graph-exact;graph-exact again;graph-exact, uncompiled" 2>&1 | grep -v Warning | tail -12 ;;
+      --ways "hf again;graph;graph-exact;graph-exact again;graph-exact, projections in turn;graph-exact, uncompiled" 2>&1 | grep -v Warning | tail -12 ;;
   bench)
     python3 vila_prefix_benchmark.py --preset "$p" --variants fp16,prefix --engine "$engines" \
       --num-runs 20 --warmup 5 --text-prompt "What is shown in this image?" --conv-mode vicuna_v1 \
