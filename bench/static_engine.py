@@ -441,9 +441,11 @@ class GraphEngine(StaticEngine):
 class GraphExactEngine(GraphEngine):
     """The graph engine doing transformers' arithmetic (StaticEngine.exact), so that its greedy
     tokens are the hf engine's, ties and all, at graph speed less what exactness costs:
-    - layers compiled with "eager-exact" numerics (bit-identical to eager), in two parts around
-      transformers' own attention call, which runs eagerly over exactly the keys so far;
-    - projections fused only where bit-equal to the separate GEMMs transformers runs;
+    - layers compiled with "eager-exact" numerics (bit-identical to eager), in parts between
+      their GEMM groups and transformers' own attention call, which runs eagerly over exactly
+      the keys so far (bench.fast_decoder.ExactLayers);
+    - projections fused only where bit-equal to the separate GEMMs transformers runs; a step's
+      separate ones side by side on two side streams (`concurrent_projections`);
     - one decode graph per attended length (the attention call's shape changes every token:
       flash attention's key blocks and split count follow it), all in one memory pool; a graph
       is captured the first time a length is reached (a warm-up request captures a request's);
