@@ -259,6 +259,8 @@ class GraphEngine(StaticEngine):
             raise VariantUnsupported(f"the {self.name} engine needs a CUDA device")
         super().__init__(adapter, policy)
         self.lm_graphs: dict[object, _Captured] = {}
+        self._decode_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> (token, its embedding)
+        self._decode_pool = self._new_decode_pool()
         self.vision_graphs: dict[tuple, _Captured] = {}
         self.notes: dict[str, str] = {}
         torch._dynamo.reset()  # compiled code of an earlier model is not reused (nor kept alive)
@@ -276,7 +278,11 @@ class GraphEngine(StaticEngine):
             self.notes["prefill"] = "eager (these linears break a compiled graph at every call)"
 
     def _projection_streams(self) -> list | None:
-        """Side streams for exact layers' separate GEMMs (ExactLayers.project); None: in turn."""
+        """Side streams for exact layers' separate GEMMs (FusedProjections.forward); None: in turn."""
+        return None
+
+    def _new_decode_pool(self):
+        """The memory pool decode graphs share (None: each its own; one graph per batch size)."""
         return None
 
     def describe(self) -> str:
@@ -295,6 +301,7 @@ class GraphEngine(StaticEngine):
 
     def _drop_buffers(self) -> None:
         self.lm_graphs.clear()  # their captured addresses die with the old buffers
+        self._decode_pool = self._new_decode_pool()  # and a shared pool's memory with them
         super()._drop_buffers()
 
     # ---------------------------------------------------------------------------------- capture
@@ -406,37 +413,56 @@ class GraphEngine(StaticEngine):
         embeds_buf.copy_(self.decoder.embed(token_buf[:, None]))
         return logits
 
-    def _decode_graph(self, token: torch.Tensor) -> _Captured:
-        """The captured decode step, its inputs set to continue from `token`."""
-        key = ("decode", token.shape[0])
+    def _decode_lengths(self, cache, steps: int) -> list[int | None]:
+        """The keys each of `steps` decode steps attends over (a graph per distinct value); None:
+        the whole buffers, one graph for every step."""
+        return [None] * steps
+
+    def _decode_graph(self, batch: int, key_len: int | None) -> _Captured:
+        """The captured decode step over `key_len` keys; every one of a batch size reads and writes
+        the same inputs (token, its embedding: `_set_decode_input`), so replays of different
+        graphs chain."""
+        key = ("decode", batch, key_len)
         cap = self.lm_graphs.get(key)
         if cap is None:
-            tok, emb = token.clone(), self.decoder.embed(token[:, None]).clone()
-            graph, logits = self._capture(lambda: self._decode_call(tok, emb), f"decode step (batch {token.shape[0]})",
-                                          True)
+            tok, emb = self._decode_inputs[batch]
+            saved = tok.clone(), emb.clone()  # warm-up steps advance them; the replay must not
+            first = not any(k[:2] == ("decode", batch) for k in self.lm_graphs)  # compiles, lazy init
+            what = f"decode step (batch {batch}" + (f", {key_len} keys)" if key_len else ")")
+            graph, logits = self._capture(lambda: self._decode_call(tok, emb, key_len), what, True,
+                                          warmups=2 if first else 1, pool=self._decode_pool)
+            tok.copy_(saved[0])
+            emb.copy_(saved[1])
             cap = self.lm_graphs[key] = _Captured(graph, (tok, emb), logits)
-        tok, emb = cap.inputs
-        tok.copy_(token)
-        emb.copy_(self.decoder.embed(token[:, None]))
         return cap
 
+    def _set_decode_input(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed `token` [B] to the decode graphs; returns the buffer their replays write the next
+        token to."""
+        inputs = self._decode_inputs.get(token.shape[0])
+        if inputs is None:
+            inputs = self._decode_inputs[token.shape[0]] = token.clone(), self.decoder.embed(token[:, None]).clone()
+        tok, emb = inputs
+        tok.copy_(token)
+        emb.copy_(self.decoder.embed(token[:, None]))
+        return tok
+
     def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
-        cap = self._decode_graph(token)  # the same replay decode runs, fed the given token
+        self._set_decode_input(token)  # the same replay decode runs, fed the given token
+        cap = self._decode_graph(token.shape[0], self._decode_lengths(cache, 1)[0])
         cap.graph.replay()
         return cap.output
 
     def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
         if steps == 0:
             return []
-        cap = self._decode_graph(token)
-        tok = cap.inputs[0]
+        tok = self._set_decode_input(token)
         out = []
-        for _ in range(steps):
-            cap.graph.replay()
+        for key_len in self._decode_lengths(cache, steps):
+            self._decode_graph(token.shape[0], key_len).graph.replay()
             out.append(tok.clone())
             tl.mark("decode")
         return out
-
 
 class GraphExactEngine(GraphEngine):
     """The graph engine doing transformers' arithmetic (StaticEngine.exact), so that its greedy
@@ -456,18 +482,12 @@ class GraphExactEngine(GraphEngine):
     exact = True
     numerics = "eager-exact"
     prefill_round = 1
-    # A step's separate q/k/v (gate/up) GEMMs run side by side (ExactLayers.project): separately
+    # A step's separate q/k/v (gate/up) GEMMs run side by side (FusedProjections.forward): separately
     # they are narrower GEMVs that each read at a lower rate than the fused one they replace.
     concurrent_projections = True
 
-    def __init__(self, adapter, policy):
-        super().__init__(adapter, policy)
-        self._decode_pool = torch.cuda.graph_pool_handle()
-        self._decode_inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # (token, its embedding)
-
-    def _drop_buffers(self) -> None:
-        super()._drop_buffers()
-        self._decode_pool = torch.cuda.graph_pool_handle()  # the old graphs' memory goes with them
+    def _new_decode_pool(self):
+        return torch.cuda.graph_pool_handle()  # a graph per attended length: their memory shared
 
     def _projection_streams(self) -> list | None:
         if not self.concurrent_projections or self.adapter.device.type != "cuda":
@@ -479,46 +499,7 @@ class GraphExactEngine(GraphEngine):
                 if self.concurrent_projections and "separate" in self.decoder.fusion else "")
         return super().exact_note() + side
 
-    def _exact_decode_graph(self, key_len: int) -> _Captured:
-        """The decode step that attends over `key_len` keys (the buffers hold key_len - 1)."""
-        key = ("decode", 1, key_len)
-        cap = self.lm_graphs.get(key)
-        if cap is None:
-            tok, emb = self._decode_inputs
-            saved = tok.clone(), emb.clone()  # warm-up steps advance them; the replay must not
-            first = not any(k[0] == "decode" for k in self.lm_graphs)
-            graph, logits = self._capture(lambda: self._decode_call(tok, emb, key_len),
-                                          f"decode step ({key_len} keys)", True, warmups=2 if first else 1,
-                                          pool=self._decode_pool)
-            tok.copy_(saved[0])
-            emb.copy_(saved[1])
-            cap = self.lm_graphs[key] = _Captured(graph, (tok, emb), logits)
-        return cap
-
-    def _set_decode_input(self, token: torch.Tensor) -> None:
-        if self._decode_inputs is None:
-            self._decode_inputs = token.clone(), self.decoder.embed(token[:, None]).clone()
-        tok, emb = self._decode_inputs
-        tok.copy_(token)
-        emb.copy_(self.decoder.embed(token[:, None]))
-
-    def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
-        self._set_decode_input(token)
-        cap = self._exact_decode_graph(cache.get_seq_length() + 1)
-        cap.graph.replay()
-        return cap.output
-
-    def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
-        if steps == 0:
-            return []
+    def _decode_lengths(self, cache, steps: int) -> list[int | None]:
         # the one host read of the length: the first token is on the host already (nothing waits)
         first = cache.get_seq_length() + 1
-        self._set_decode_input(token)
-        tok = self._decode_inputs[0]
-        out = []
-        for i in range(steps):
-            cap = self._exact_decode_graph(first + i)
-            cap.graph.replay()
-            out.append(tok.clone())
-            tl.mark("decode")
-        return out
+        return list(range(first, first + steps))
