@@ -357,9 +357,6 @@ class FastDecoder(nn.Module):
             o = self._sdpa(q, keys, values, mask=mask)
         return self._out_mlp(block, h, o)
 
-    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(h_last))
-
     def _row_logits(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of row `index` (device [1]; default the last) of the last layer's output.
         Exact: transformers norms every row and then keeps the one (a norm of one row may sum
@@ -367,7 +364,7 @@ class FastDecoder(nn.Module):
         if self.exact:
             normed = self.norm(h)
             return self.lm_head(normed[:, -1:] if index is None else normed.index_select(1, index))
-        return self._logits(h[:, -1:] if index is None else h.index_select(1, index))
+        return self.lm_head(self.norm(h[:, -1:] if index is None else h.index_select(1, index)))
 
     def prefill(self, embeds: torch.Tensor, kv: KVBuffers, start: int, layer_fn=None,
                 valid: torch.Tensor | None = None, prefetch=None, n_real: torch.Tensor | None = None
@@ -436,7 +433,9 @@ class FastDecoder(nn.Module):
         keys_end = key_len or kv.max_len
         t = embeds.shape[1]
         cols = kv.length + torch.arange(t, device=embeds.device)  # [t]
-        causal = torch.arange(keys_end, device=embeds.device)[None, :] <= cols[:, None]  # [t, keys_end]
+        # exact: one token attends to every key given, without a mask (transformers passes none)
+        causal = None if self.exact and t == 1 else \
+            torch.arange(keys_end, device=embeds.device)[None, :] <= cols[:, None]  # [t, keys_end]
         if kv.valid is None:
             cos, sin = self.rotary(embeds, cols[None])
             mask = causal
@@ -446,8 +445,8 @@ class FastDecoder(nn.Module):
             kv.valid.index_fill_(1, cols, True)
             cos, sin = self.rotary(embeds, kv.next_pos[:, None] + torch.arange(t, device=embeds.device))
             mask = (causal[None] & kv.valid[:, None, :keys_end])[:, None]  # [b, 1, t, keys_end]
-        if self.exact:
-            mask = None if t == 1 else mask[None, None]
+        if self.exact:  # the boolean [1, 1, t, keys_end] mask transformers passes its attention
+            mask = None if mask is None else mask[None, None]
         else:
             mask = _additive(mask, embeds.dtype)
         h = embeds
@@ -470,9 +469,9 @@ class ExactLayers:
     without it.
 
     In `at` (decode steps and suffixes: memory-bound GEMVs) a group of projections that runs
-    separately (q/k/v, gate/up where fusing is not bit-equal) may run its GEMMs concurrently on
-    the `streams` given (CUDA, forked from and joined back to the current stream; a CUDA graph
-    captures them as parallel branches): the same kernels on the same inputs, so the same bits.
+    separately (q/k/v, gate/up where fusing is not bit-equal) runs its GEMMs side by side on the
+    `streams` given (FusedProjections.forward): the same kernels on the same inputs, so the same
+    bits.
 
     Keys/values reach the attention call laid out as transformers' DynamicCache holds them
     (contiguous [b, kv_heads, n, d]: it concatenates) wherever cuDNN may run it (FEW_QUERIES
@@ -493,29 +492,13 @@ class ExactLayers:
             return k.contiguous(), v.contiguous()
         return k, v
 
-    def project(self, group: FusedProjections, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """group(x), its separate GEMMs side by side on the streams where there are some."""
-        rows = x.numel() // x.shape[-1]
-        parts = group.modules_for(rows)
-        if len(parts) == 1 or not self.streams or not x.is_cuda:
-            return group(x)
-        current = torch.cuda.current_stream()
-        out = [parts[0](x)]
-        for module, stream in zip(parts[1:], self.streams):
-            stream.wait_stream(current)
-            with torch.cuda.stream(stream):
-                out.append(module(x))
-        for stream in self.streams[:len(parts) - 1]:
-            current.wait_stream(stream)
-        return tuple(out)
-
     def at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None = None):
-        q, k, v = self.project(block.qkv, self.norm_at(block.ln1, h))
+        q, k, v = block.qkv(self.norm_at(block.ln1, h), self.streams)
         q = self.rotate_write_at(q, k, v, cos, sin, pos, keys, values)
         end = keys_end or keys.shape[2]
         k, v = self._cache_layout(q, keys[:, :, :end], values[:, :, :end])
         h, x = self.out_norm_at(block, h, self.dec.attend_hf(block, q, k, v, mask))
-        return self.mlp_at(block, h, *self.project(block.gate_up, x))
+        return self.mlp_at(block, h, *block.gate_up(x, self.streams))
 
     def from_(self, block, h, cos, sin, start: int, mask, keys, values):
         q, k, v = self.qkv_from(block, h, cos, sin, start, keys, values)  # k, v contiguous, as a fresh cache's

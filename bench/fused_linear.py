@@ -124,7 +124,21 @@ class FusedProjections(nn.Module):
         """The linear modules a call with `rows` input rows runs."""
         return [self.fused] if self.runs_fused(rows) else list(self.parts)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, x: torch.Tensor, streams: list | None = None) -> tuple[torch.Tensor, ...]:
+        """One output per original linear. Run separately, with CUDA side `streams` (one per module
+        after the first), the modules run side by side: each on its stream, forked from and joined
+        back to the current one (a CUDA graph captures them as parallel branches); the same
+        kernels on the same input, so the same outputs."""
         if self.runs_fused(x.numel() // x.shape[-1]):
             return self.fused(x).split(self.sizes, dim=-1)
-        return tuple(m(x) for m in self.parts)
+        if not streams or len(streams) < len(self.parts) - 1 or not x.is_cuda:
+            return tuple(m(x) for m in self.parts)
+        current = torch.cuda.current_stream()
+        out = [self.parts[0](x)]
+        for module, stream in zip(self.parts[1:], streams):
+            stream.wait_stream(current)
+            with torch.cuda.stream(stream):
+                out.append(module(x))
+        for stream in streams[:len(self.parts) - 1]:
+            current.wait_stream(stream)
+        return tuple(out)
