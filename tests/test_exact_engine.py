@@ -182,27 +182,34 @@ def fake_capture(self, call, what, rewind, warmups=2, pool=None):
     return _ReplayedCall(call, out), out
 
 
-def test_graph_exact_bookkeeping_gives_hf_tokens_with_a_stand_in_capture(checkpoint_dirs, demo_image, monkeypatch):
+@pytest.fixture
+def stand_in_capture(monkeypatch):
+    """The graph engines on the CPU: every capture stood in by `fake_capture`."""
+    from bench.static_engine import GraphEngine
+
+    monkeypatch.setattr(GraphEngine, "_capture", fake_capture)
+    monkeypatch.setattr(GraphEngine, "requires_cuda", False)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+
+
+def uncompiled(engine):
+    """A graph engine whose captured calls run its layers uncompiled (no compiling here)."""
+    engine.layer_fn, engine.prefill_fn = engine.eager_step_layer, engine.eager_prefill_layer
+    return engine
+
+
+def test_graph_exact_bookkeeping_gives_hf_tokens_with_a_stand_in_capture(checkpoint_dirs, demo_image,
+                                                                         stand_in_capture):
     """graph-exact's own logic on the CPU (captures stood in by re-running the call): a decode
     graph per attended length whose warm-ups do not disturb the token being decoded, exact-length
     prefill and suffix graphs, graphs reused by later requests; tokens and teacher-forced
     log-probs the hf engine's, bit for bit (bf16)."""
-    from bench.static_engine import GraphEngine, GraphExactEngine
-
-    monkeypatch.setattr(GraphEngine, "_capture", fake_capture)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-
-    class OnCpu(GraphExactEngine):
-        requires_cuda = False
-
-        def __init__(self, adapter, policy):
-            super().__init__(adapter, policy)
-            self.layer_fn, self.prefill_fn = self.eager_step_layer, self.eager_prefill_layer  # no compiling here
+    from bench.static_engine import GraphExactEngine
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.bfloat16)
     hf = HFEngine(adapter, PrefixKVPolicy(64))
     want = [hf.run(demo_image, q, 12).tokens for q in QUESTIONS]
-    engine = OnCpu(adapter, PrefixKVPolicy(64))
+    engine = uncompiled(GraphExactEngine(adapter, PrefixKVPolicy(64)))
     cold = engine.run(demo_image, QUESTIONS[0], 12)
     assert cold.tokens == want[0]
     n = cold.prompt_tokens
@@ -222,35 +229,27 @@ def test_graph_exact_bookkeeping_gives_hf_tokens_with_a_stand_in_capture(checkpo
 
 
 @pytest.mark.parametrize("family", ["vila", "internvl"])
-def test_graph_exact_bookkeeping_on_other_families(family, checkpoint_dirs, demo_image, monkeypatch):
+def test_graph_exact_bookkeeping_on_other_families(family, checkpoint_dirs, demo_image, stand_in_capture):
     """The same stand-in capture on VILA (Llama LLM) and InternVL (Qwen2: q/k/v biases, grouped
     kv heads): a cold and a warm request give the hf engine's tokens."""
-    from bench.static_engine import GraphEngine, GraphExactEngine
+    from bench.static_engine import GraphExactEngine
 
-    monkeypatch.setattr(GraphEngine, "_capture", fake_capture)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(GraphExactEngine, "requires_cuda", False)
     adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.bfloat16)
     hf = HFEngine(adapter, PrefixKVPolicy(64))
     want = [hf.run(demo_image, q, 12).tokens for q in QUESTIONS]
-    engine = GraphExactEngine(adapter, PrefixKVPolicy(64))
-    engine.layer_fn, engine.prefill_fn = engine.eager_step_layer, engine.eager_prefill_layer
+    engine = uncompiled(GraphExactEngine(adapter, PrefixKVPolicy(64)))
     assert [engine.run(demo_image, q, 12).tokens for q in QUESTIONS] == want
 
 
-def test_benchmark_reports_graph_exact_as_hf_exactly(tmp_path, monkeypatch):
+def test_benchmark_reports_graph_exact_as_hf_exactly(tmp_path, monkeypatch, stand_in_capture):
     """Through the whole benchmark (bf16 on the CPU, captures stood in, parts compiled by
-    inductor as on a GPU), cold and warm requests: graph-exact's rows report token_agree 1, engine_top1_agree 1 and
-    engine_kl_mean 0 against the hf baseline, and say how they ran."""
+    inductor as on a GPU), cold and warm requests: graph-exact's rows report token_agree 1,
+    engine_top1_agree 1 and engine_kl_mean 0 against the hf baseline, and say how they ran."""
     import csv
 
     from bench.cli import run_main
-    from bench.static_engine import GraphEngine, GraphExactEngine
     from variants.base import GraphExactEnginePart
 
-    monkeypatch.setattr(GraphEngine, "_capture", fake_capture)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(GraphExactEngine, "requires_cuda", False)
     monkeypatch.setattr(GraphExactEnginePart, "requires_cuda", False)
     out = tmp_path / "o"
     try:
@@ -267,3 +266,18 @@ def test_benchmark_reports_graph_exact_as_hf_exactly(tmp_path, monkeypatch):
         assert float(r["token_agree"]) == 1.0 and float(r["engine_top1_agree"]) == 1.0, r
         assert float(r["engine_kl_mean"]) == 0.0, r
         assert "transformers' arithmetic" in r["engine_detail"] and "eager-exact numerics" in r["engine_detail"]
+
+
+def test_graph_engine_replays_one_decode_graph_for_every_step_with_a_stand_in_capture(checkpoint_dirs, demo_image,
+                                                                                     stand_in_capture):
+    """The decode mechanism graph-exact shares with `graph` (stand-in captures, uncompiled): the
+    graph engine captures one decode step per batch size, replays it for every token, and gives
+    the static engine's tokens, cold and warm."""
+    from bench.static_engine import GraphEngine
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    static = StaticEngine(adapter, PrefixKVPolicy(64))
+    want = [static.run(demo_image, q, 12).tokens for q in QUESTIONS]
+    engine = uncompiled(GraphEngine(adapter, PrefixKVPolicy(64)))
+    assert [engine.run(demo_image, q, 12).tokens for q in QUESTIONS] == want
+    assert {k for k in engine.lm_graphs if k[0] == "decode"} == {("decode", 1, None)}
