@@ -19,7 +19,8 @@ RUN_COLUMNS: dict[str, str] = {
     "variant": "variant spec as given, e.g. fp16, bnb4+prefix",
     "engine": "hf (transformers eager forward + DynamicCache) | static (own decoder over fixed KV buffers, eager) | "
               "graph (static + CUDA graphs: compiled decode step, suffix buckets, one-row prefill per 64-token "
-              "bucket, vision tower)",
+              "bucket, vision tower) | graph-exact (graph doing transformers' arithmetic: logits bit-identical to "
+              "hf's, a decode graph per attended length)",
     "engine_detail": "how the engine ran this request: decoder, fused projections, what is graphed or compiled, "
                      "and why anything is not",
     "device": "cuda | cpu",
