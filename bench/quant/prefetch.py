@@ -58,14 +58,13 @@ class DensePrefetch:
             graph = self.graphs.get(i)
             if self.capturing:  # the side stream joined the prefill's capture: its kernels go in it
                 self._dequantize(i)
-            elif graph is None:  # first prefill: the kernels run (and compile) once, then are captured
-                self._dequantize(i)
-                self.stream.synchronize()
-                graph = self.graphs[i] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, stream=self.stream):
-                    self._dequantize(i)
-                graph.replay()
             else:
+                if graph is None:  # first prefill: the kernels run (and compile) once, then are captured
+                    self._dequantize(i)
+                    self.stream.synchronize()
+                    graph = self.graphs[i] = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, stream=self.stream):
+                        self._dequantize(i)
                 graph.replay()
             self.ready[i] = self.stream.record_event()
 
