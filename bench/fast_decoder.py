@@ -481,7 +481,7 @@ class ExactLayers:
 
     def __init__(self, dec: FastDecoder, compile=None, streams: list | None = None):
         wrap = compile or (lambda fn, dynamic: fn)
-        self.dec, self.streams = dec, streams
+        self.dec, self.streams, self.compiled = dec, streams, compile is not None
         self.norm_at, self.rotate_write_at = wrap(dec.exact_norm_at, False), wrap(dec.exact_rotate_write_at, False)
         self.out_norm_at, self.mlp_at = wrap(dec.exact_out_norm_at, False), wrap(dec.exact_mlp_at, False)
         self.qkv_from, self.out_from = wrap(dec.exact_qkv_from, True), wrap(dec.exact_out_from, True)

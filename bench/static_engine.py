@@ -54,6 +54,12 @@ PREFILL_ROWS = 4096  # a full-prompt prefill's length, for which linears it runs
 PREFILL_ROUND = 64
 
 
+def _compiled(layer_fn) -> bool:
+    """Whether a graph engine's layer function runs compiled code (None: the decoder's own, eager)."""
+    owner = getattr(layer_fn, "__self__", None)
+    return layer_fn is not None and (owner.compiled if isinstance(owner, ExactLayers) else True)
+
+
 class StaticEngine(HFEngine):
     name = "static"
     fused_max_rows = FUSED_MAX_ROWS
@@ -286,8 +292,8 @@ class GraphEngine(StaticEngine):
         return None
 
     def describe(self) -> str:
-        compiled = "compiled layers" if self.layer_fn is not None else "uncompiled layers"
-        prefill = "compiled prefill" if self.prefill_fn is not None else "prefill " + self.notes.get("prefill", "eager")
+        compiled = "compiled layers" if _compiled(self.layer_fn) else "uncompiled layers"
+        prefill = "compiled prefill" if _compiled(self.prefill_fn) else "prefill " + self.notes.get("prefill", "eager")
         if self.prefill_fn is not None and "prefill graph" not in self.notes:
             prefill += (f" (one row from column 0: CUDA-graphed per {self.prefill_round}-token length bucket)"
                         if self.prefill_round > 1 else " (one row from column 0: CUDA-graphed per prompt length)")

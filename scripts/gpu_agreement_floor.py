@@ -43,6 +43,7 @@ from bench.attention_kernels import ATTENTION_KERNELS  # noqa: E402
 from bench.cache_policy import CachePolicy  # noqa: E402
 from bench.engine import HFCache, HFEngine  # noqa: E402
 from bench.fidelity import agreement, first_divergence, make_reference  # noqa: E402
+from bench.fast_decoder import ExactLayers  # noqa: E402
 from bench.fused_linear import FUSED_MAX_ROWS  # noqa: E402
 from bench.models.loader import build_preset  # noqa: E402
 from bench.results import CsvWriter  # noqa: E402
@@ -85,11 +86,12 @@ def graph_engine(numerics: str | None = None, separate_prefill: bool = False, co
 
 
 class GraphExactUncompiled(GraphExactEngine):
-    """graph-exact with its layer parts captured uncompiled (eager)."""
+    """graph-exact with its layer parts captured uncompiled (eager); its projections still side by side."""
 
     def __init__(self, adapter, policy):
         super().__init__(adapter, policy)
-        self.layer_fn, self.prefill_fn = self.eager_step_layer, self.eager_prefill_layer
+        layers = ExactLayers(self.decoder, None, self._projection_streams())
+        self.layer_fn, self.prefill_fn = layers.at, layers.from_
 
 
 class GraphExactInTurn(GraphExactEngine):

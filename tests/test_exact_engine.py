@@ -209,7 +209,10 @@ def test_graph_exact_bookkeeping_gives_hf_tokens_with_a_stand_in_capture(checkpo
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.bfloat16)
     hf = HFEngine(adapter, PrefixKVPolicy(64))
     want = [hf.run(demo_image, q, 12).tokens for q in QUESTIONS]
-    engine = uncompiled(GraphExactEngine(adapter, PrefixKVPolicy(64)))
+    engine = GraphExactEngine(adapter, PrefixKVPolicy(64))
+    assert "(compiled layers" in engine.describe() and "compiled prefill" in engine.describe()
+    engine = uncompiled(engine)
+    assert "(uncompiled layers" in engine.describe() and "prefill eager" in engine.describe()  # says what runs
     cold = engine.run(demo_image, QUESTIONS[0], 12)
     assert cold.tokens == want[0]
     n = cold.prompt_tokens
