@@ -490,3 +490,119 @@ def test_int4_prefetch_flag_reaches_the_engine(flag, prefetched, tmp_path):
     rows = list(csv.DictReader(open(out / "runs.csv")))
     assert rows and all(r["status"] == "ok" for r in rows)
     assert all(("dequantized a layer ahead" in r["engine_detail"]) == prefetched for r in rows)
+
+
+# ------------------------------------------------------------------------ fused w4a16 prefill GEMM
+def test_published_packer_is_the_layout_the_unpacker_reads():
+    """pack_tinygemm_published writes each nibble where tinygemm_tile_source says (the layout the
+    dequantizers and the fused GEMM read): unpacking through that layout gives q back."""
+    from bench.quant.int4 import CUDA_TILE, pack_tinygemm_published, tinygemm_tile_source, unpack_q
+
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (24, 384), dtype=torch.int32)
+    packed = pack_tinygemm_published(q)
+    assert packed.dtype == torch.int32 and packed.numel() == 24 * 384 // 8
+    inverse = torch.argsort(tinygemm_tile_source())
+    assert torch.equal(unpack_q(packed, inverse, 24, 384, CUDA_TILE).long(), q.long())
+    # the first word holds row 0's columns 0, 8, 16, 24, 1, 9, 17, 25 in nibbles 0..7
+    cols = [0, 8, 16, 24, 1, 9, 17, 25]
+    assert packed[0].item() & 0xFFFFFFFF == sum(int(q[0, c]) << (4 * i) for i, c in enumerate(cols))
+
+
+FUSED_GEMM_CHECK = """
+import torch
+from bench.quant.int4 import pack_tinygemm_published, quantize_int4, tinygemm_scale_and_zero
+from bench.quant.triton_int4 import matmul_int4
+torch.manual_seed(0)
+for n, k, m, g, dt, bm in [(64, 256, 5, 32, torch.float32, 16), (128, 384, 70, 128, torch.float32, 32),
+                           (48, 256, 33, 64, torch.float16, 16)]:
+    t = quantize_int4(torch.randn(n, k), g)
+    x = torch.randn(m, k).to(dt)
+    sz = tinygemm_scale_and_zero(t, torch.device("cpu"), torch.float32)
+    got = matmul_int4(x, pack_tinygemm_published(t.q), sz, n, g,
+                      config={"BM": bm, "BN": 64, "num_warps": 1, "num_stages": 1})
+    assert got.dtype == dt and got.shape == (m, n)
+    want = x.float() @ t.dequantize(torch.float32).to(dt).float().T  # the dense path's weight, rounded to x's dtype
+    tol = (1e-3, 1e-2) if dt == torch.float32 else (2e-2, 0.25)
+    torch.testing.assert_close(got.float(), want, rtol=tol[0], atol=tol[1])
+print("fused ok")
+"""
+
+
+def test_fused_int4_gemm_in_the_triton_interpreter():
+    """The w4a16 GEMM kernel itself, run by Triton's interpreter on the CPU (TRITON_INTERPRET=1,
+    in a fresh process: it applies when kernels are defined): x @ W^T for weights packed in the
+    published layout, several group sizes, rows not a multiple of the block, 48 output features
+    (a 16-wide block), fp32 and fp16."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("needs triton (its interpreter runs the kernel on the CPU; CPU builds of torch come without it)")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), os.environ.get(
+        "PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", FUSED_GEMM_CHECK], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "fused ok" in done.stdout, done.stderr[-3000:]
+
+
+def test_fused_prefill_is_refused_where_it_cannot_run(tmp_path):
+    """On the CPU (no Triton kernel) --int4-fused-prefill makes the int4 rows skipped with the
+    reason; without it rows say their prefill dequantizes."""
+    import csv
+
+    from bench.cli import run_main
+
+    for flag, status in (("--int4-fused-prefill", "skipped"), ("--no-int4-fused-prefill", "ok")):
+        out = tmp_path / flag
+        assert run_main(["--preset", "tiny-llava", "--variants", "rtn4", "--num-runs", "1", "--min-seconds", "0",
+                         "--max-new-tokens", "2", "--warmup", "0", "--no-fidelity", "--int4-cache-dir", "",
+                         "--int4-group-size", "32", flag, "--output-dir", str(out)]) == 0
+        rows = list(csv.DictReader(open(out / "runs.csv")))
+        assert rows and all(r["status"] == status for r in rows), rows
+        if status == "skipped":
+            assert all("fused int4 prefill GEMM is a Triton kernel for CUDA" in r["error"] for r in rows)
+        else:
+            assert all(r["int4_prefill"] == "dequantize" for r in rows)
+
+
+@cuda
+@pytest.mark.parametrize("n,k,group", [(4096, 4096, 128), (2560, 6912, 128), (48, 256, 32)])
+def test_cuda_fused_prefill_matches_the_dequantizing_path(n, k, group):
+    """This build's packer writes what pack_tinygemm_published writes; the fused GEMM, eager and
+    compiled (traced into the graph), gives the dequantize + GEMM path's output within fp16
+    accumulation-order tolerance; decode rows still run tinygemm."""
+    from bench.quant.int4 import pack_tinygemm_published
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    t = quantize_int4(torch.randn(n, k, device=dev) * 0.02, group)
+    layer = Int4Linear.from_int4(t, dev, torch.float16, dense_rows=8)
+    assert layer.fused_prefill_reason() is None
+    assert torch.equal(layer.packed.reshape(-1).cpu(), pack_tinygemm_published(t.q.cpu()))
+    x = torch.randn(1, 230, k, device=dev, dtype=torch.float16)
+    dense = layer(x)
+    layer.fused_prefill = True
+    fused = layer(x)
+    scale = dense.float().abs().max()
+    assert (fused.float() - dense.float()).abs().max() <= 2e-3 * scale
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(node.target) for node in gm.graph.nodes)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(lambda v: layer(v), backend=backend, dynamic=True, fullgraph=True)(x)
+    assert any("triton_kernel_wrapper" in s for s in seen)
+    compiled = torch.compile(lambda v: layer(v), dynamic=True, fullgraph=True)(x)
+    assert (compiled.float() - fused.float()).abs().max() <= 2e-3 * scale
+    one = x[:, :1]
+    layer.fused_prefill = False
+    want_one = layer(one)
+    layer.fused_prefill = True
+    assert torch.equal(layer(one), want_one)  # below dense_rows: the int4 kernel either way
