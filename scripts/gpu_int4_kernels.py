@@ -45,11 +45,12 @@ def torchao_int4(w: torch.Tensor, group: int):
 
 
 def fused_call(x: torch.Tensor, layer: Int4Linear, cfg: str):
-    """The w4a16 GEMM on `layer`'s packed weight with tiles given as BMxBNwWARPSsSTAGES."""
-    tiles, rest = cfg.split("w")
+    """The w4a16 GEMM on `layer`'s packed weight with tiles given as BMxBNwWARPSsSTAGES[g]."""
+    gather = cfg.endswith("g")
+    tiles, rest = cfg.removesuffix("g").split("w")
     bm, bn = (int(v) for v in tiles.split("x"))
     warps, stages = (int(v) for v in rest.split("s"))
-    config = {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
+    config = {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages, "gather_x": gather}
     return lambda: triton_int4.matmul_int4(x, layer.packed, layer.scale_and_zero, layer.out_features,
                                            layer.group_size, config=config)
 
@@ -59,8 +60,10 @@ def main() -> None:
     ap.add_argument("--preset", default="llava-1.5-7b")
     ap.add_argument("--rows", default="1,2,4,8,16,32,64,128,230,512,628")
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--fused-configs", default="64x64w4s3,128x64w4s3,64x128w4s3,128x128w8s3,32x64w4s4,64x64w4s4",
-                    help="w4a16 GEMM tiles BMxBNwWARPSsSTAGES, comma-separated (the first is W4A16_CONFIG's default)")
+    ap.add_argument("--fused-configs", default="64x64w4s3,64x64w4s3g,128x64w4s3,128x64w4s3g,64x128w4s3,"
+                    "128x128w8s3,32x64w4s4,64x64w4s4",
+                    help="w4a16 GEMM tiles BMxBNwWARPSsSTAGES[g], comma-separated (g: gather_x; the first is "
+                         "W4A16_CONFIG's default)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.float16

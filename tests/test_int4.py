@@ -514,13 +514,15 @@ import torch
 from bench.quant.int4 import pack_tinygemm_published, quantize_int4, tinygemm_scale_and_zero
 from bench.quant.triton_int4 import matmul_int4
 torch.manual_seed(0)
-for n, k, m, g, dt, bm in [(64, 256, 5, 32, torch.float32, 16), (128, 384, 70, 128, torch.float32, 32),
-                           (48, 256, 33, 64, torch.float16, 16)]:
+f32, f16 = torch.float32, torch.float16
+for n, k, m, g, dt, bm, gather in [(64, 256, 5, 32, f32, 16, False), (128, 384, 70, 128, f32, 32, False),
+                                   (48, 256, 33, 64, f16, 16, False), (64, 256, 21, 32, f32, 16, True),
+                                   (128, 384, 40, 128, f16, 32, True)]:
     t = quantize_int4(torch.randn(n, k), g)
     x = torch.randn(m, k).to(dt)
     sz = tinygemm_scale_and_zero(t, torch.device("cpu"), torch.float32)
     got = matmul_int4(x, pack_tinygemm_published(t.q), sz, n, g,
-                      config={"BM": bm, "BN": 64, "num_warps": 1, "num_stages": 1})
+                      config={"BM": bm, "BN": 64, "num_warps": 1, "num_stages": 1, "gather_x": gather})
     assert got.dtype == dt and got.shape == (m, n)
     want = x.float() @ t.dequantize(torch.float32).to(dt).float().T  # the dense path's weight, rounded to x's dtype
     tol = (1e-3, 1e-2) if dt == torch.float32 else (2e-2, 0.25)
@@ -533,7 +535,7 @@ def test_fused_int4_gemm_in_the_triton_interpreter():
     """The w4a16 GEMM kernel itself, run by Triton's interpreter on the CPU (TRITON_INTERPRET=1,
     in a fresh process: it applies when kernels are defined): x @ W^T for weights packed in the
     published layout, several group sizes, rows not a multiple of the block, 48 output features
-    (a 16-wide block), fp32 and fp16."""
+    (a 16-wide block), fp32 and fp16, the weight permuted to x's order or x gathered to the weight's."""
     import importlib.util
     import os
     import subprocess

@@ -76,7 +76,7 @@ def _dequant_gather_kernel(p_ptr, sz_ptr, inv_ptr, w_ptr, N, K, G: tl.constexpr,
 
 @triton.jit
 def _w4a16_published_kernel(x_ptr, p_ptr, sz_ptr, o_ptr, M, N, K, sxm, som, G: tl.constexpr, MID: tl.constexpr,
-                            BM: tl.constexpr, BN: tl.constexpr):
+                            BM: tl.constexpr, BN: tl.constexpr, GATHER_X: tl.constexpr):
     # Programs that share an n-block (its weights) run one after another: pid -> (m fastest, n),
     # so a weight tile comes from HBM once and from L2 for the other m-blocks.
     pid = tl.program_id(0)
@@ -91,7 +91,12 @@ def _w4a16_published_kernel(x_ptr, p_ptr, sz_ptr, o_ptr, M, N, K, sxm, som, G: t
     ww = tl.arange(0, 4)[None, None, :]
     words_at = p_ptr + ((rn // 8) * (kt_count * 128) + (rn % 8) * 16)[:, None, None] + ll * 4 + ww
     j = tl.arange(0, 2)[:, None] * 4 + tl.arange(0, 4)[None, :]  # nibble index as [lo, i]
-    cols = tl.arange(0, 128)
+    if GATHER_X:  # x's columns in the words' order [l, w, lo, i] (column 32 w + 8 i + 2 l + lo)
+        lo_i = tl.arange(0, 2)[:, None] + 8 * tl.arange(0, 4)[None, :]
+        l_w = tl.reshape(32 * ww + 2 * ll, (4, 4))
+        cols = tl.reshape(l_w[:, :, None, None] + lo_i[None, None, :, :], (128,))
+    else:
+        cols = tl.arange(0, 128)
     m_ok = rm[:, None] < M
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kt in range(0, kt_count):
@@ -102,14 +107,18 @@ def _w4a16_published_kernel(x_ptr, p_ptr, sz_ptr, o_ptr, M, N, K, sxm, som, G: t
         z = tl.load(sz_ptr + so + 1).to(tl.float32)[:, :, :, None, None]
         q = (word[:, :, :, None, None] >> (4 * j)[None, None, None, :, :]) & 15
         w = ((q.to(tl.float32) - MID) * s + z).to(x_ptr.dtype.element_ty)  # [n, l, w, lo, i]: as the dense path
-        w = tl.reshape(tl.permute(w, (0, 2, 4, 1, 3)), (BN, 128))  # [n, w, i, l, lo]: row-major columns
+        if GATHER_X:  # the weight stays in register order; x is loaded to match it
+            w = tl.reshape(w, (BN, 128))
+        else:
+            w = tl.reshape(tl.permute(w, (0, 2, 4, 1, 3)), (BN, 128))  # [n, w, i, l, lo]: row-major columns
         x = tl.load(x_ptr + rm[:, None] * sxm + kt * 128 + cols[None, :], mask=m_ok, other=0.0)
         acc = tl.dot(x, tl.trans(w), acc)
     tl.store(o_ptr + rm[:, None] * som + rn[None, :], acc.to(o_ptr.dtype.element_ty), mask=m_ok)
 
 
-# Tile sizes of the w4a16 GEMM: (rows, output features) per program, warps, pipeline stages.
-W4A16_CONFIG = {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3}
+# Tile sizes of the w4a16 GEMM: (rows, output features) per program, warps, pipeline stages;
+# gather_x: load x's columns in the packed order instead of permuting the dequantized weight.
+W4A16_CONFIG = {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "gather_x": False}
 
 
 def fused_block_n(n: int, most: int | None = None) -> int | None:
@@ -137,7 +146,8 @@ def matmul_int4(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Ten
     kernel = torch.library.wrap_triton(_w4a16_published_kernel) if traceable else _w4a16_published_kernel
     grid = (triton.cdiv(m, cfg["BM"]) * (n // bn),)
     kernel[grid](x, packed, scale_and_zero, out, m, n, k, x.stride(0), out.stride(0), G=group, MID=TINYGEMM_MID,
-                 BM=cfg["BM"], BN=bn, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                 BM=cfg["BM"], BN=bn, GATHER_X=cfg["gather_x"], num_warps=cfg["num_warps"],
+                 num_stages=cfg["num_stages"])
     return out
 
 
