@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # H200: the graph-exact engine (transformers' arithmetic in CUDA graphs) against hf and graph.
 # usage: bash scripts/gpu_h200_exact.sh STAGE [PRESET] [ENGINES]
-#   tests      the CUDA tests of the static, graph and graph-exact engines (tiny checkpoints)
+#   tests      the CUDA tests of the static, graph and graph-exact engines and of the int4 kernels
+#              (the fused w4a16 prefill GEMM among them; tiny checkpoints)
 #   agreement  greedy agreement with hf over 128 tokens and decode step times: hf again, graph,
 #              graph-exact (twice), with its projections in turn, uncompiled
 #              -> $OUT/agreement_floor_PRESET-exact.csv
@@ -14,7 +15,8 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/
 stage=$1; p=${2:-llava-1.5-7b}; engines=${3:-hf,graph,graph-exact}
 case "$stage" in
   tests)
-    python3 -m pytest -q -p no:warnings tests/test_exact_engine.py tests/test_static_engine.py -k cuda 2>&1 | tail -15 ;;
+    python3 -m pytest -q -p no:warnings tests/test_exact_engine.py tests/test_static_engine.py tests/test_int4.py \
+      -k cuda -rfE 2>&1 | tail -25 ;;
   agreement)
     python3 scripts/gpu_agreement_floor.py --preset "$p" --out "$OUT/agreement_floor_$p-exact.csv" \
       --ways "hf again;graph;graph-exact;graph-exact again;graph-exact, projections in turn;graph-exact, uncompiled" 2>&1 | grep -v Warning | tail -12 ;;
