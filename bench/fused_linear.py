@@ -134,12 +134,13 @@ class FusedProjections(nn.Module):
             return self.fused(x).split(self.sizes, dim=-1)
         if not streams or len(streams) < len(self.parts) - 1 or not x.is_cuda:
             return tuple(m(x) for m in self.parts)
-        current = torch.cuda.current_stream()
-        out = [self.parts[0](x)]
-        for module, stream in zip(self.parts[1:], streams):
+        current, side = torch.cuda.current_stream(), streams[:len(self.parts) - 1]
+        for stream in side:  # fork every branch before the first GEMM is queued: none waits for it
             stream.wait_stream(current)
+        out = [self.parts[0](x)]
+        for module, stream in zip(self.parts[1:], side):
             with torch.cuda.stream(stream):
                 out.append(module(x))
-        for stream in streams[:len(self.parts) - 1]:
+        for stream in side:
             current.wait_stream(stream)
         return tuple(out)
