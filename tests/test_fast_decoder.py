@@ -58,6 +58,53 @@ def test_unfusable_kinds_run_separately():
     assert all(torch.equal(a, m(x)) for a, m in zip(fused(x), linears))
 
 
+def test_separate_projections_on_side_streams_fork_before_the_first_gemm(monkeypatch):
+    """Side by side means three wide: every side stream is forked from the current one before any
+    GEMM is queued (forked after the first, they would wait for it), each module runs on its own
+    stream, and the current stream joins them all before the outputs are used. Streams and
+    modules are stand-ins that record the order (no CUDA here)."""
+    from contextlib import contextmanager
+
+    events, active = [], ["current"]
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(("wait", self.name, other.name))
+
+    @contextmanager
+    def on(stream):
+        active.append(stream.name)
+        yield
+        active.pop()
+
+    class Recorder(nn.Module):
+        def __init__(self, i):
+            super().__init__()
+            self.i = i
+
+        def forward(self, x):
+            events.append(("gemm", self.i, active[-1]))
+            return self.i
+
+    class CudaInput:  # what forward reads of an input: its rows and that it lives on a GPU
+        shape, is_cuda = (1, 8), True
+
+        def numel(self):
+            return 8
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: Stream("current"))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    proj = FusedProjections([nn.Linear(8, 8, bias=False) for _ in range(3)], max_rows=0)  # never fused
+    proj.parts = nn.ModuleList(Recorder(i) for i in range(3))
+    assert proj(CudaInput(), [Stream("s1"), Stream("s2")]) == (0, 1, 2)
+    assert events == [("wait", "s1", "current"), ("wait", "s2", "current"),
+                      ("gemm", 0, "current"), ("gemm", 1, "s1"), ("gemm", 2, "s2"),
+                      ("wait", "current", "s1"), ("wait", "current", "s2")]
+
+
 def test_kv_buffers_save_and_restore_a_prefix_as_one_tensor():
     kv = KVBuffers(layers=3, kv_heads=2, head_dim=4, max_len=16, device=CPU, dtype=torch.float32)
     kv.data.normal_()
