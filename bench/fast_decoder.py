@@ -31,7 +31,7 @@ from torch import nn
 
 from bench import attention_kernels
 from bench.errors import VariantUnsupported
-from bench.fused_linear import FusedProjections
+from bench.fused_linear import FUSED_MAX_ROWS, FusedProjections
 
 SUPPORTED_DECODERS = ("llama", "qwen2")
 MATMUL_ATTENTION_MAX_T = 32  # compiled steps of up to this many queries attend by matmul (see _matmul_attention)
@@ -188,20 +188,26 @@ class FastDecoder(nn.Module):
     @property
     def fusion(self) -> str:
         """How projections run, e.g. 'qkv:dense,gate_up:dense' (recorded per row); exact:
-        'qkv:separate,gate_up:dense at one row (bit-equal)'."""
+        'qkv:separate,gate_up:dense at 1,19 rows (bit-equal), else separate' (the row counts met so far)."""
         b = self.layers[0]
         if not self.exact:
             return f"qkv:{b.qkv.kind},gate_up:{b.gate_up.kind}"
-        say = lambda p: f"{p.kind} at one row (bit-equal)" if p.runs_fused(1) else "separate"  # noqa: E731
+        def say(group):
+            rows = sorted(k[0] for k, same in group._bit_equal.items() if same and k[0] <= group.max_rows)
+            return f"{group.kind} at {_row_counts(rows)} rows (bit-equal), else separate" if rows else "separate"
+
         return f"qkv:{say(b.qkv)},gate_up:{say(b.gate_up)}"
 
     def set_exact(self, on: bool) -> None:
         """Reproduce transformers' arithmetic (see the module docstring) or not. On: each
-        projection group runs fused at one row if that is bit-equal to its separate modules on
-        this device (FusedProjections.bit_equal_at_one_row), else separately; attention goes
+        projection group runs fused at a row count (up to FUSED_MAX_ROWS) only if that is
+        bit-equal to its separate modules there on this device (FusedProjections.bit_equal_at,
+        checked the first time the count is met), else separately; attention goes
         through the function transformers' own layers call (only 'sdpa' is reproduced)."""
         self.exact = on
         if not on:
+            for b in self.layers:
+                b.qkv.exact_check = b.gate_up.exact_check = None
             return
         impl = getattr(self.config, "_attn_implementation", None)
         if impl != "sdpa":
@@ -212,7 +218,8 @@ class FastDecoder(nn.Module):
         p = self.embed.weight
         for b in self.layers:
             for group in (b.qkv, b.gate_up):
-                group.max_rows = 1 if group.bit_equal_at_one_row(p.device, p.dtype) else 0
+                group.exact_check = (p.device, p.dtype)
+                group.max_rows = min(group.max_rows, FUSED_MAX_ROWS)  # steps and suffixes; prefill runs separately
 
     def set_fused_max_rows(self, rows: int) -> None:
         """Above `rows` input rows the projections run unfused (bench.fused_linear.FUSED_MAX_ROWS)."""
@@ -506,6 +513,17 @@ class ExactLayers:
             end = start + h.shape[1]
             k, v = self._cache_layout(q, keys[:, :, :end], values[:, :, :end])
         return self.out_from(block, h, self.dec.attend_hf(block, q, k, v, mask))
+
+
+def _row_counts(rows: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1-3,7'."""
+    spans, start = [], None
+    for i, r in enumerate(rows):
+        start = r if start is None else start
+        if i + 1 == len(rows) or rows[i + 1] != r + 1:
+            spans.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ",".join(spans)
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -90,36 +90,51 @@ class FusedProjections(nn.Module):
         super().__init__()
         self.sizes = [m.out_features for m in linears]
         self.max_rows = max_rows
+        # (device, dtype) of the activations when the group must reproduce the separate modules'
+        # arithmetic: fused only at row counts where that is bit-equal (bit_equal_at); None: free.
+        self.exact_check: tuple | None = None
+        self._bit_equal: dict[tuple, bool] = {}
         kind = _kind(linears)
         self.kind = kind or "separate"
         self.fused = {"dense": _fuse_dense, "int4": _fuse_int4}[kind](linears) if kind else None
         self.parts = nn.ModuleList(linears)  # views of the fused weights where fused: no extra memory
 
-    def bit_equal_at_one_row(self, device: torch.device, dtype: torch.dtype, probes: int = 3) -> bool:
-        """Whether the fused GEMM gives exactly the separate modules' outputs for one input row of
-        `dtype` (the activations'), checked on `probes` random rows on `device` (cached). Where
-        it does, an engine that must reproduce transformers' arithmetic may fuse its decode GEMVs.
-        A kernel that sums each output in the same order matches on every input; one that splits
-        K otherwise (cuBLAS's split-K for a narrower N, say) differs on almost any random row. A
-        kernel that cannot run the probe counts as not equal (running separately is always exact)."""
+    def bit_equal_at(self, rows: int, device: torch.device, dtype: torch.dtype, probes: int = 3) -> bool:
+        """Whether the fused GEMM gives exactly the separate modules' outputs for `rows` input rows
+        of `dtype` (the activations'), checked on `probes` random inputs on `device` (cached per
+        row count). Where it does, an engine that must reproduce transformers' arithmetic may fuse
+        (`exact_check`). cuBLAS picks its kernel by shape, so the answer depends on the row count:
+        a kernel that sums each output in the same order matches on every input; one that splits
+        K otherwise (split-K for a narrower N, say) differs on almost any random input. A kernel
+        that cannot run the probe counts as not equal (running separately is always exact), as
+        does a count first met inside a CUDA-graph capture or a compiled trace (no probe there)."""
         if self.fused is None:
             return False
-        if getattr(self, "_bit_equal", None) is None:
+        key = (rows, str(device), dtype)
+        if key not in self._bit_equal:
+            if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                return False
             gen = torch.Generator(device=device).manual_seed(0)
             same = True
             try:
                 with torch.inference_mode():
                     for _ in range(probes):
-                        x = torch.randn(1, 1, self.parts[0].in_features, generator=gen, device=device, dtype=dtype)
+                        x = torch.randn(1, rows, self.parts[0].in_features, generator=gen, device=device, dtype=dtype)
                         fused = self.fused(x).split(self.sizes, dim=-1)
                         same = same and all(torch.equal(f, m(x)) for f, m in zip(fused, self.parts))
             except (RuntimeError, NotImplementedError):
                 same = False
-            self._bit_equal = same
-        return self._bit_equal
+            self._bit_equal[key] = same
+        return self._bit_equal[key]
 
     def runs_fused(self, rows: int) -> bool:
-        return self.fused is not None and rows <= self.max_rows
+        if self.fused is None or rows > self.max_rows:
+            return False
+        if self.exact_check is None:
+            return True
+        if torch.compiler.is_compiling():  # a traced call (exact prefill): separate, as transformers runs
+            return False
+        return self.bit_equal_at(rows, *self.exact_check)
 
     def modules_for(self, rows: int) -> list[nn.Module]:
         """The linear modules a call with `rows` input rows runs."""

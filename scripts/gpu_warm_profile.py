@@ -3,6 +3,7 @@ CUDA events, as the benchmark times them), the CUDA kernels of one warm request 
 token, and the host functions that take the most time (cProfile).
 
     python scripts/gpu_warm_profile.py --preset llava-1.5-7b --out $OUT/warm_profile_llava-1.5-7b.csv
+        [--engine graph-exact] [--conditions 1]  (the first N run-loop conditions only)
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from bench.config import DEMO_IMAGE
 from bench.gpu_monitor import GpuMonitor
 from bench.models.loader import build_preset
 from bench.results import CsvWriter
-from bench.static_engine import GraphEngine
+from bench.static_engine import GraphEngine, GraphExactEngine
 from bench.visual import VisualInput
 from variants.prefix import PrefixKVPolicy
 
@@ -33,15 +34,17 @@ QUESTIONS = ["What is shown in this image?", "Describe the colors in this pictur
 def main() -> None:
     ap = profile_parser("llava-1.5-7b")
     ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--engine", default="graph", choices=["graph", "graph-exact"])
+    ap.add_argument("--conditions", type=int, default=None, help="run only the first N run-loop conditions")
     args = ap.parse_args()
     image = demo_image()
     visual = VisualInput((image,), encoded=(Path(DEMO_IMAGE).read_bytes(),))  # as the benchmark's requests
     adapter = build_preset(args.preset, None, torch.device("cuda"), torch.float16)
-    engine = GraphEngine(adapter, PrefixKVPolicy(4096))
+    engine = {"graph": GraphEngine, "graph-exact": GraphExactEngine}[args.engine](adapter, PrefixKVPolicy(4096))
     engine.run(visual, QUESTION, 4)  # cold: stores the prefix, captures the graphs
     for q in QUESTIONS * 2:
         engine.run(visual, q, 2)  # warm: suffix bucket graphs captured
-    w = CsvWriter(Path(args.out), ["model", "what", "name", "ms", "launches"])
+    w = CsvWriter(Path(args.out), ["model", "engine", "what", "name", "ms", "launches"])
     monitor = GpuMonitor(torch.cuda.current_device())
     # What the benchmark's run loop does around each request, one piece at a time: which of
     # them (if any) moves a warm request's phases?
@@ -55,7 +58,7 @@ def main() -> None:
         "NVML monitor around each": dict(tokens=128, monitor=True),
         "as the benchmark (full gc + monitor)": dict(tokens=128, gc="full", monitor=True),
     }
-    for label, c in conditions.items():
+    for label, c in list(conditions.items())[:args.conditions]:
         phases: dict[str, list[float]] = {}
         for i in range(args.reps):
             torch.cuda.synchronize()
@@ -80,9 +83,9 @@ def main() -> None:
         for k in ("preprocess", "lookup", "restore", "prefill"):
             ms = statistics.median(phases.get(k, [0.0]))
             parts.append(f"{k} {ms:.3f}")
-            w.write({"model": args.preset, "what": f"warm phase median: {label}", "name": k, "ms": ms, "launches": ""})
+            w.write({"model": args.preset, "engine": args.engine, "what": f"warm phase median: {label}", "name": k, "ms": ms, "launches": ""})
         ttfts = [sum(p) for p in zip(*(phases[k] for k in ("preprocess", "lookup", "restore", "prefill")))]
-        w.write({"model": args.preset, "what": f"warm phase median: {label}", "name": "ttft (median of sums)",
+        w.write({"model": args.preset, "engine": args.engine, "what": f"warm phase median: {label}", "name": "ttft (median of sums)",
                  "ms": statistics.median(ttfts), "launches": ""})
         print(f"{label:40s} TTFT {statistics.median(ttfts):.3f} ms | " + ", ".join(parts), flush=True)
     prefix_len = engine.run(visual, QUESTIONS[0], 1).cached_tokens
@@ -101,7 +104,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 walls.append(a.elapsed_time(b))
             engine.cache.set_positions(saved)
-        w.write({"model": args.preset, "what": "suffix graph replay alone", "name": f"bucket {key[1]} keys {key[2]}",
+        w.write({"model": args.preset, "engine": args.engine, "what": "suffix graph replay alone", "name": f"bucket {key[1]} keys {key[2]}",
                  "ms": statistics.median(walls), "launches": ""})
         print(f"suffix graph (bucket {key[1]}) replay alone: {statistics.median(walls):.3f} ms", flush=True)
     one = lambda: engine.run(visual, QUESTIONS[1], 1)  # noqa: E731 - up to the first token only
@@ -109,9 +112,9 @@ def main() -> None:
     total = sum(ms for ms, _ in kernels.values())
     print(f"kernels of one warm request to its first token: {total:.3f} ms", flush=True)
     for name, (ms, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]:
-        w.write({"model": args.preset, "what": "warm request kernel", "name": name[:160], "ms": ms, "launches": n})
+        w.write({"model": args.preset, "engine": args.engine, "what": "warm request kernel", "name": name[:160], "ms": ms, "launches": n})
         print(f"  {ms:7.3f} ms {n:5.0f}x {name[:100]}", flush=True)
-    w.write({"model": args.preset, "what": "warm request kernels total", "name": "", "ms": total, "launches": ""})
+    w.write({"model": args.preset, "engine": args.engine, "what": "warm request kernels total", "name": "", "ms": total, "launches": ""})
     prof = cProfile.Profile()
     prof.enable()
     for i in range(20):

@@ -95,19 +95,25 @@ def test_compiled_exact_layers_keep_the_logits_bit_identical(checkpoint_dirs, de
 
 
 def test_exact_fusion_only_where_the_fused_gemm_is_bit_equal():
-    """A projection group runs fused at one row under exact decoding only if the fused GEMM gave
-    the separate modules' outputs exactly; a fused copy that drifted is caught."""
+    """A projection group runs fused under exact decoding only at row counts where the fused GEMM
+    gave the separate modules' outputs exactly; a fused copy that drifted is caught."""
     torch.manual_seed(0)
     linears = [torch.nn.Linear(64, n, bias=False) for n in (32, 16, 16)]
     group = FusedProjections(linears)
-    assert group.bit_equal_at_one_row(CPU, torch.float32)
+    assert group.bit_equal_at(1, CPU, torch.float32)
     other = FusedProjections([torch.nn.Linear(64, n, bias=False) for n in (32, 16)])
     with torch.no_grad():  # the fused copy drifts from the separate weights (no longer their views)
         other.fused.weight.data = other.fused.weight.data.clone()
         other.fused.weight[3, 5] += 1e-3
-    assert not other.bit_equal_at_one_row(CPU, torch.float32)
+    assert not other.bit_equal_at(1, CPU, torch.float32)
     unfusable = FusedProjections([torch.nn.Linear(64, 8), torch.nn.Linear(32, 8)])
-    assert not unfusable.bit_equal_at_one_row(CPU, torch.float32)
+    assert not unfusable.bit_equal_at(1, CPU, torch.float32)
+    # exact: fused at a row count only where checked bit-equal there, never above max_rows
+    group.exact_check = other.exact_check = (CPU, torch.float32)
+    group.max_rows = other.max_rows = 4
+    assert group.runs_fused(1) and group.runs_fused(3) and not group.runs_fused(5)
+    assert not other.runs_fused(1) and not other.runs_fused(3)
+    assert {k[0] for k in group._bit_equal} == {1, 3}  # checked per row count met, and only those
 
 
 def test_exact_engine_runs_one_request_at_a_time(checkpoint_dirs, demo_image):
