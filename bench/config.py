@@ -65,8 +65,6 @@ class RunConfig:
                                "(prefill); at or below it the int4 kernel runs (decode)", DEFAULT_DENSE_ROWS)
     int4_prefetch: bool = opt("awq4/rtn4: a side stream dequantizes the next layer's prefill weights while a layer "
                               "runs (costs two layers' dense weights of memory)", True)
-    int4_fused_prefill: bool = opt("awq4/rtn4: prefill GEMMs read the int4 codes (a Triton w4a16 GEMM, CUDA) instead "
-                                   "of dequantizing each weight for a dense GEMM; no prefetch", False)
     int4_cache_dir: str = opt("awq4/rtn4: where quantized models are saved and reused ('' = never)",
                               "~/.cache/vlm-bench/int4")
     quantize_vision: bool = opt("weight variants also quantize the vision tower and projector", False)

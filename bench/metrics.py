@@ -73,9 +73,6 @@ RUN_COLUMNS: dict[str, str] = {
     "quantized_layers_fp16_mb": "bytes the same layers' weights take in fp16, MiB",
     "quant_method": "how the int4 weights were made: awq | rtn | checkpoint (pre-quantized AWQ)",
     "quant_err_ratio": "awq4: calibration output error of AWQ divided by that of RTN (lower is better)",
-    "int4_prefill": "int4: how a prefill's GEMMs (above --int4-dense-rows rows) run: dequantize (each weight to a dense "
-                    "one, then cuBLAS; the static engines do it a layer ahead unless --no-int4-prefetch) | fused "
-                    "(--int4-fused-prefill: a Triton w4a16 GEMM reading the int4 codes)",
     "quant_source": "int4: calibrated in this run, or loaded from the saved file named here",
     "token_agree": "share of greedy tokens equal, position by position, to the fp16 baseline's on the fidelity probe",
     "first_divergence": "index of the first generated token that differs from the baseline (empty: none differ)",

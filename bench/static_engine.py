@@ -109,17 +109,14 @@ class StaticEngine(HFEngine):
         with use_prefill_weights():
             return self.decoder.prefill(embeds, cache, start, layer_fn, valid, self.prefetch, n_real)
 
-    def int4_prefill_note(self) -> str:
-        if self.prefetch is not None:
-            return ", int4 prefill weights dequantized a layer ahead"
-        first = next((m for m in self.decoder.modules() if isinstance(m, Int4Linear)), None)
-        return ", int4 prefill GEMMs fused (w4a16 on the packed weights)" if first and first.fused_prefill else ""
+    def prefetch_note(self) -> str:
+        return ", int4 prefill weights dequantized a layer ahead" if self.prefetch is not None else ""
 
     def exact_note(self) -> str:
         return ", transformers' arithmetic (its attention call over exactly the keys so far)" if self.exact else ""
 
     def describe(self) -> str:
-        return (f"own decoder ({self.decoder.fusion}), static KV, eager{self.exact_note()}{self.int4_prefill_note()}"
+        return (f"own decoder ({self.decoder.fusion}), static KV, eager{self.exact_note()}{self.prefetch_note()}"
                 f"{attention_kernels.note(self.adapter.device)}")
 
     def new_cache(self, prompt_tokens: int, max_new_tokens: int, batch: int = 1) -> KVBuffers:
@@ -303,7 +300,7 @@ class GraphEngine(StaticEngine):
         graphs = ("CUDA-graph decode (a graph per attended length) + suffixes (a graph per length and start)"
                   if self.exact else "CUDA-graph decode + suffix buckets")
         parts = [f"own decoder ({self.decoder.fusion}), static KV, {graphs} "
-                 f"({compiled}, {self.numerics} numerics){self.exact_note()}, {prefill}{self.int4_prefill_note()}, "
+                 f"({compiled}, {self.numerics} numerics){self.exact_note()}, {prefill}{self.prefetch_note()}, "
                  f"vision {self.notes.get('vision', 'graphed')}{attention_kernels.note(self.adapter.device)}"]
         parts += [f"{k}: {v}" for k, v in self.notes.items() if k not in ("vision", "prefill")]  # incl. "prefill graph"
         return "; ".join(parts)

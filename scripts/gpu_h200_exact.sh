@@ -2,7 +2,7 @@
 # H200: the graph-exact engine (transformers' arithmetic in CUDA graphs) against hf and graph.
 # usage: bash scripts/gpu_h200_exact.sh STAGE [PRESET] [ENGINES]
 #   tests      the CUDA tests of the static, graph and graph-exact engines and of the int4 kernels
-#              (the fused w4a16 prefill GEMM among them; tiny checkpoints)
+#              (tiny checkpoints)
 #   agreement  greedy agreement with hf over 128 tokens and decode step times: hf again, graph,
 #              graph-exact (twice), with its projections in turn, uncompiled
 #              -> $OUT/agreement_floor_PRESET-exact.csv

@@ -1,21 +1,12 @@
 #!/usr/bin/env bash
 # H200: int4 (rtn4 / awq4) against fp16 under the hf and graph engines on one preset, plus the
 # per-linear kernel costs that set --int4-dense-rows.
-# usage: bash scripts/gpu_h200_int4.sh PRESET [STAGES]   STAGES: any of kernels,graph,hf,fused (default
-#   kernels,graph,hf; fused: fp16 and awq4 on the graph engine, awq4 dequantizing (prefetched) then fused)
+# usage: bash scripts/gpu_h200_int4.sh PRESET [STAGES]   STAGES: any of kernels,graph,hf (default all)
 #   -> $OUT/int4_kernels_PRESET.csv, $OUT/PRESET-int4-ENGINE/{runs,summary}.csv, env.json, logs
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null; export PYTHONPATH=/tmp/site:$PWD
 p=$1; stages=${2:-kernels,graph,hf}
-if [[ $stages == *fused* ]]; then  # one machine, one process per prefill path (summaries are keyed by variant)
-  common=(--preset "$p" --engine graph --num-runs 20 --warmup 5 --awq-calib 4 --text-prompt "What is shown in this image?"
-          --conv-mode vicuna_v1 --int4-cache-dir /tmp/int4-cache)
-  python3 vila_prefix_benchmark.py "${common[@]}" --variants fp16,awq4 --output-dir "$OUT/$p-fused-ab/dequantize" 2>&1 \
-    | tee "$OUT/$p-fused-ab-dequantize.log" | grep -v Warning | tail -15
-  python3 vila_prefix_benchmark.py "${common[@]}" --variants awq4 --int4-fused-prefill \
-    --output-dir "$OUT/$p-fused-ab/fused" 2>&1 | tee "$OUT/$p-fused-ab-fused.log" | grep -v Warning | tail -15
-fi
 if [[ $stages == *kernels* ]]; then
   python3 scripts/gpu_int4_kernels.py --preset "$p" --out "$OUT/int4_kernels_$p.csv" 2>&1 | tee "$OUT/int4_kernels_$p.log"
 fi

@@ -4,8 +4,7 @@ For each weight shape of a preset's decoder and each M: cuBLAS fp16 F.linear; ou
 int4 path (PyTorch's tinygemm, as torchao's int4 tensors call it, with the casts our fp16 model
 needs); torchao's own Int4WeightOnlyConfig(tile_packed_to_4d) linear on bf16 input; our dense
 path (Triton dequantize + cuBLAS GEMM) and the dequantize alone, by the kernel that assumes the
-published tinygemm layout (what runs) and by the one that reads the learnt layout; the fused
-w4a16 GEMM (--int4-fused-prefill) at each tile configuration of --fused-configs. Each is
+published tinygemm layout (what runs) and by the one that reads the learnt layout. Each is
 captured 50 times in one CUDA graph and replayed, so the numbers are GPU time without launch
 overhead; median of 15.
 
@@ -44,26 +43,11 @@ def torchao_int4(w: torch.Tensor, group: int):
     return lin
 
 
-def fused_call(x: torch.Tensor, layer: Int4Linear, cfg: str):
-    """The w4a16 GEMM on `layer`'s packed weight with tiles given as BMxBNwWARPSsSTAGES[g]."""
-    gather = cfg.endswith("g")
-    tiles, rest = cfg.removesuffix("g").split("w")
-    bm, bn = (int(v) for v in tiles.split("x"))
-    warps, stages = (int(v) for v in rest.split("s"))
-    config = {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages, "gather_x": gather}
-    return lambda: triton_int4.matmul_int4(x, layer.packed, layer.scale_and_zero, layer.out_features,
-                                           layer.group_size, config=config)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llava-1.5-7b")
-    ap.add_argument("--rows", default="1,2,4,8,16,32,64,128,230,512,628")
+    ap.add_argument("--rows", default="1,2,4,8,16,32,64,128,512")
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--fused-configs", default="64x64w4s3,64x64w4s3g,128x64w4s3,128x64w4s3g,64x128w4s3,"
-                    "128x128w8s3,32x64w4s4,64x64w4s4",
-                    help="w4a16 GEMM tiles BMxBNwWARPSsSTAGES[g], comma-separated (g: gather_x; the first is "
-                         "W4A16_CONFIG's default)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.float16
@@ -89,22 +73,12 @@ def main() -> None:
             layer.dense_rows = 10**9
             paths["int4_kernel"] = lambda: layer(x)
             paths["int4_dense"] = lambda: F.linear(x, layer.dense_weight(dtype))  # what layer(x) runs above dense_rows
-            if m > 1 and layer.fused_prefill_reason() is None:
-                for cfg in args.fused_configs.split(","):
-                    paths[f"int4_fused_{cfg}"] = fused_call(x, layer, cfg)
             if m == 1:
                 paths["dequantize_only"] = lambda: layer.dense_weight(dtype)  # the published-layout kernel
                 gathered = torch.empty(n, k, device=dev, dtype=dtype)
                 paths["dequantize_gather"] = lambda: triton_int4.dequantize_tinygemm(  # the learnt-layout kernel
                     layer.packed, layer.scale_and_zero, layer.tile_inverse, gathered, args.group_size, False)
-            times = {}
-            for p, fn in paths.items():
-                try:
-                    times[p] = graphed_us(fn, calls=REPS, reps=15)
-                except Exception as e:  # noqa: BLE001 - a tile configuration Triton cannot build here
-                    if not p.startswith("int4_fused"):
-                        raise
-                    print(f"{name} M={m} {p}: {e.__class__.__name__}: {str(e)[:120]}", flush=True)
+            times = {p: graphed_us(fn, calls=REPS, reps=15) for p, fn in paths.items()}
             for p, us in times.items():
                 writer.write({"preset": args.preset, "linear": name, "out_features": n, "in_features": k, "rows": m,
                               "path": p, "us": round(us, 2), "vs_fp16": round(us / times["fp16"], 3)})

@@ -64,21 +64,11 @@ class Int4Weights(WeightsPart):
         return Path(root).expanduser() / f"{adapter.name}-{self.name}-g{opts.group_size}-{key}.safetensors"
 
     def load(self, source, device, dtype, options):
-        from bench.quant.awq import set_fused_prefill
-
-        adapter = self._quantized(source, device, dtype, options)
-        fused = bool(options.get("int4_fused_prefill", False))
-        set_fused_prefill(adapter, fused)
-        adapter.int4_prefetch = bool(options.get("int4_prefetch", True)) and not fused  # read by the static engines
-        adapter.int4_info["int4_prefill"] = "fused" if fused else "dequantize"
-        return adapter
-
-    def _quantized(self, source, device, dtype, options):
-        """The adapter with its decoder's linears int4: from the checkpoint, a saved file or quantized now."""
         from bench.quant.store import load_int4_file, read_meta, save_int4
 
         opts = self.options(options)
         adapter = source.load(device, dtype)
+        adapter.int4_prefetch = bool(options.get("int4_prefetch", True))  # read by the static engines
         if getattr(adapter, "prequantized", None):  # AutoAWQ checkpoint: already int4
             from bench.quant.awq import set_dense_rows
 

@@ -28,7 +28,6 @@ from PIL import Image, ImageOps
 from torch import nn
 from transformers import DynamicCache
 
-from bench.errors import VariantUnsupported
 from bench.quant import DEFAULT_DENSE_ROWS
 from bench.quant.int4 import Int4Linear, fake_quantize_int4, quantize_int4
 
@@ -270,14 +269,3 @@ def int4_layers(adapter) -> list[Int4Linear]:
 def set_dense_rows(adapter, rows: int) -> None:
     for m in int4_layers(adapter):
         m.dense_rows = rows
-
-
-def set_fused_prefill(adapter, on: bool) -> None:
-    """Int4 layers' prefill (above dense_rows): the w4a16 GEMM on the packed weights (on) or
-    dequantize + dense GEMM (off). A layer that cannot run fused makes it VariantUnsupported."""
-    layers = int4_layers(adapter)
-    reasons = {m.fused_prefill_reason() for m in layers} - {None} if on else set()
-    if reasons:
-        raise VariantUnsupported(f"--int4-fused-prefill: {sorted(reasons)[0]}")
-    for m in layers:
-        m.fused_prefill = on

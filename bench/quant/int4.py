@@ -23,7 +23,13 @@ Tried and dropped on the H200 (scratch experiments, not kept as results): a Trit
 of ours and an inductor-fused dequantize-multiply-reduce, both slower than tinygemm at one row;
 a group-128 dequantizer taking four 8 x 128 tiles per program with per-row scale loads, which
 made llava-1.5-7b's awq4 prefill slower; a dequantizer storing each word's nibbles straight to
-their scattered columns, slower than the gather kernel at most block sizes.
+their scattered columns, slower than the gather kernel at most block sizes. Timed and dropped
+(results/h200/int4_fused_gemm_vila1.5-3b.csv and vila1.5-3b-fused-ab/, code at commit 22efcfc):
+a Triton w4a16 GEMM dequantizing each k-tile in registers in front of tl.dot. At every tile
+configuration tried it was 2.5-5x slower than dequantize + cuBLAS (vila1.5-3b q/o at 230 rows:
+34 us best against 13.6 us, fp16 7.4 us), and vila's awq4 prefill took 14.2 ms against 5.7 ms;
+beating dequantize + GEMM needs a Marlin-class kernel (weights staged through shared memory,
+pipelined wgmma), not a register-dequantizing Triton loop.
 """
 from __future__ import annotations
 
@@ -133,24 +139,6 @@ def tinygemm_tile_source() -> torch.Tensor:
     nib, word, lane = m % 8, (m // 8) % 4, m // 32
     col = 32 * word + 2 * (lane % 4) + 8 * (nib % 4) + nib // 4
     return (lane // 4) * CUDA_TILE[1] + col
-
-
-def tinygemm_scale_and_zero(t: Int4Tensors, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(scale, integer zero) as tinygemm's [K/G, N, 2] scale_and_zero: w = (q - 8) * scale + zero_f."""
-    scale = t.scale.float().to(device)
-    zero_f = (TINYGEMM_MID - t.zero.to(device).float()) * scale  # (q-8)*s + (8-z)*s = (q-z)*s
-    return torch.stack((scale, zero_f), dim=-1).transpose(0, 1).contiguous().to(dtype)
-
-
-def pack_tinygemm_published(q: torch.Tensor) -> torch.Tensor:
-    """q [N, K] (values 0..15) packed as tinygemm_tile_source() lays it out, as flat int32 words
-    (what PyTorch's CUDA packer writes where KernelLayout.published; the CPU tests of the fused
-    GEMM build their weights with it)."""
-    n, k = q.shape
-    bn, bk = CUDA_TILE
-    tiles = q.to(torch.uint8).view(n // bn, bn, k // bk, bk).permute(0, 2, 1, 3).reshape(-1, bn * bk)
-    pairs = tiles[:, tinygemm_tile_source()].reshape(-1, 2)  # memory order, low nibble of a byte first
-    return (pairs[:, 0] | (pairs[:, 1] << 4)).contiguous().view(torch.int32)
 
 
 class KernelLayout:
@@ -336,16 +324,16 @@ class Int4Linear(nn.Module):
         # A dense copy of this weight made ahead of a prefill (bench.quant.prefetch), read by the
         # dense path while `use_prefill_weights()` is on; a slot shared with other layers.
         self.register_buffer("prefill_weight", None, persistent=False)
-        # Above dense_rows, run the w4a16 GEMM on the packed weight instead of dequantizing
-        # (--int4-fused-prefill; CUDA and the published layout only: see use_fused_prefill).
-        self.fused_prefill = False
 
     @classmethod
     def from_int4(cls, t: Int4Tensors, device: torch.device, dtype: torch.dtype, bias=None, input_scale=None,
                   dense_rows: int = DEFAULT_DENSE_ROWS) -> "Int4Linear":
         n, k = t.q.shape
+        scale = t.scale.float().to(device)
         kdtype = dtype if kernel_accepts(dtype, device) else torch.bfloat16
-        return cls(k, n, t.group_size, _pack_nibbles(t.q, device), tinygemm_scale_and_zero(t, device, kdtype),
+        zero_f = (TINYGEMM_MID - t.zero.to(device).float()) * scale  # (q-8)*s + (8-z)*s = (q-z)*s
+        sz = torch.stack((scale, zero_f), dim=-1).transpose(0, 1).contiguous().to(kdtype)  # [K/g, N, 2]
+        return cls(k, n, t.group_size, _pack_nibbles(t.q, device), sz,
                    None if bias is None else bias.detach().to(device, dtype),
                    None if input_scale is None else input_scale.detach().to(device, dtype), dense_rows)
 
@@ -378,11 +366,6 @@ class Int4Linear(nn.Module):
             x = x * self.input_scale
         rows = x.numel() // self.in_features
         if rows > self.dense_rows:
-            if self.fused_prefill:
-                y = _triton_int4.matmul_int4(x.reshape(rows, self.in_features), self.packed, self.scale_and_zero,
-                                             self.out_features, self.group_size, torch.compiler.is_compiling())
-                y = y.view(*x.shape[:-1], self.out_features)
-                return y if self.bias is None else y + self.bias
             if USE_PREFILL_WEIGHTS and self.prefill_weight is not None:
                 return F.linear(x, self.prefill_weight, self.bias)
             if TRACE_DENSE and self.tile_inverse is not None and torch.compiler.is_compiling():
@@ -403,17 +386,6 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size, sz)
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
-
-    def fused_prefill_reason(self) -> str | None:
-        """Why this layer cannot run the w4a16 GEMM (None: it can)."""
-        if not self.packed.is_cuda or _triton_int4 is None:
-            return "the fused int4 prefill GEMM is a Triton kernel for CUDA"
-        if not self.published_layout:
-            return "this build's tinygemm packing is not the published layout the fused GEMM reads"
-        if _triton_int4.fused_block_n(self.out_features) is None or self.group_size % 32:
-            return (f"the fused int4 GEMM needs out_features % 16 == 0 and a group size multiple of 32 "
-                    f"(a {self.out_features}-feature layer, group {self.group_size})")
-        return None
 
     def weight_bytes(self) -> int:
         held = (self.packed, self.scale_and_zero, self.bias, self.input_scale)

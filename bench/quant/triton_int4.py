@@ -15,13 +15,6 @@ one 8 x 128 tile (128 packed int32 words) per program, one warp each:
 On the H200 one tile and one warp per program was among the fastest of 1-8 tiles x 1-8 warps in
 a scratch sweep; `dequantize_only` (published) and `dequantize_gather` in
 results/h200/int4_kernels_*.csv are the kept numbers.
-
-`matmul_int4` is the other way to run a prefill over these weights (`--int4-fused-prefill`): a
-w4a16 GEMM that dequantizes each k-tile of the weight in registers and feeds it to the tensor
-cores, so the dense weight is never written to memory nor read back. Written here: PyTorch has
-no int4 GEMM for many rows (tinygemm is a GEMV-style kernel) and torchao's int4 tensors run
-tinygemm; the Marlin-style kernels that do this live in vLLM/gptqmodel builds that are not
-installable here and use their own packings.
 """
 from __future__ import annotations
 
@@ -72,83 +65,6 @@ def _dequant_gather_kernel(p_ptr, sz_ptr, inv_ptr, w_ptr, N, K, G: tl.constexpr,
     s = tl.load(sz_ptr + sz).to(tl.float32)
     z = tl.load(sz_ptr + sz + 1).to(tl.float32)
     tl.store(w_ptr + n * K + k, ((q - MID) * s + z).to(w_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _w4a16_published_kernel(x_ptr, p_ptr, sz_ptr, o_ptr, M, N, K, sxm, som, G: tl.constexpr, MID: tl.constexpr,
-                            BM: tl.constexpr, BN: tl.constexpr, GATHER_X: tl.constexpr):
-    # Programs that share an n-block (its weights) run one after another: pid -> (m fastest, n),
-    # so a weight tile comes from HBM once and from L2 for the other m-blocks.
-    pid = tl.program_id(0)
-    m_blocks = tl.cdiv(M, BM)
-    pid_m, pid_n = pid % m_blocks, pid // m_blocks
-    kt_count = K // 128
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    # Words of a k-tile for these rows as [row (BN), lane pair l (4), word w (4)] (the layout of
-    # _dequant_published_kernel, one 8 x 128 tile = 128 contiguous words per 8 rows).
-    ll = tl.arange(0, 4)[None, :, None]
-    ww = tl.arange(0, 4)[None, None, :]
-    words_at = p_ptr + ((rn // 8) * (kt_count * 128) + (rn % 8) * 16)[:, None, None] + ll * 4 + ww
-    j = tl.arange(0, 2)[:, None] * 4 + tl.arange(0, 4)[None, :]  # nibble index as [lo, i]
-    if GATHER_X:  # x's columns in the words' order [l, w, lo, i] (column 32 w + 8 i + 2 l + lo)
-        lo_i = tl.arange(0, 2)[:, None] + 8 * tl.arange(0, 4)[None, :]
-        l_w = tl.reshape(32 * ww + 2 * ll, (4, 4))
-        cols = tl.reshape(l_w[:, :, None, None] + lo_i[None, None, :, :], (128,))
-    else:
-        cols = tl.arange(0, 128)
-    m_ok = rm[:, None] < M
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kt in range(0, kt_count):
-        word = tl.load(words_at + kt * 128)
-        # A word's 8 columns lie in its 32-column group (G is a multiple of 32): one scale per (row, w).
-        so = (((kt * 128 + 32 * ww) // G) * N + rn[:, None, None]) * 2  # scale_and_zero is [K/G, N, 2]
-        s = tl.load(sz_ptr + so).to(tl.float32)[:, :, :, None, None]
-        z = tl.load(sz_ptr + so + 1).to(tl.float32)[:, :, :, None, None]
-        q = (word[:, :, :, None, None] >> (4 * j)[None, None, None, :, :]) & 15
-        w = ((q.to(tl.float32) - MID) * s + z).to(x_ptr.dtype.element_ty)  # [n, l, w, lo, i]: as the dense path
-        if GATHER_X:  # the weight stays in register order; x is loaded to match it
-            w = tl.reshape(w, (BN, 128))
-        else:
-            w = tl.reshape(tl.permute(w, (0, 2, 4, 1, 3)), (BN, 128))  # [n, w, i, l, lo]: row-major columns
-        x = tl.load(x_ptr + rm[:, None] * sxm + kt * 128 + cols[None, :], mask=m_ok, other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)
-    tl.store(o_ptr + rm[:, None] * som + rn[None, :], acc.to(o_ptr.dtype.element_ty), mask=m_ok)
-
-
-# Tile sizes of the w4a16 GEMM: (rows, output features) per program, warps, pipeline stages;
-# gather_x: load x's columns in the packed order instead of permuting the dequantized weight.
-W4A16_CONFIG = {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "gather_x": False}
-
-
-def fused_block_n(n: int, most: int | None = None) -> int | None:
-    """Output features per program of the w4a16 GEMM for an `n`-feature weight: the largest of
-    128..16 (powers of two, at most `most`) that divides n; None: none does, it cannot run fused."""
-    most = most or W4A16_CONFIG["BN"]
-    return next((bn for bn in (128, 64, 32, 16) if bn <= most and n % bn == 0), None)
-
-
-def matmul_int4(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, n: int, group: int,
-                traceable: bool = False, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T for W held in the published tinygemm layout (`packed`, `scale_and_zero`
-    [K/G, N, 2]): [M, n] in x's dtype, accumulated in fp32, each weight element rounded to x's
-    dtype first (as the dense path's dequantized weight is). `traceable`: launched through
-    torch.library.wrap_triton, so torch.compile traces it into its own graph (see
-    dequantize_traceable). `config`: tile sizes (default W4A16_CONFIG)."""
-    cfg = {**W4A16_CONFIG, **(config or {})}
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    m, k = x.shape
-    bn = fused_block_n(n, cfg["BN"])
-    if bn is None or k % 128 or group % 32:
-        raise ValueError(f"the w4a16 GEMM needs out_features % 16 == 0, in_features % 128 == 0 and a group "
-                         f"size multiple of 32; got {n}x{k}, group {group}")
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    kernel = torch.library.wrap_triton(_w4a16_published_kernel) if traceable else _w4a16_published_kernel
-    grid = (triton.cdiv(m, cfg["BM"]) * (n // bn),)
-    kernel[grid](x, packed, scale_and_zero, out, m, n, k, x.stride(0), out.stride(0), G=group, MID=TINYGEMM_MID,
-                 BM=cfg["BM"], BN=bn, GATHER_X=cfg["gather_x"], num_warps=cfg["num_warps"],
-                 num_stages=cfg["num_stages"])
-    return out
 
 
 def _kernel_and_args(packed, scale_and_zero, tile_inverse, out, published: bool) -> tuple:
