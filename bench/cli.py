@@ -105,6 +105,7 @@ def summarize_main(argv: list[str]) -> int:
     """Rebuild a results directory's summary.csv from its runs.csv and env.json (e.g. after a
     run was interrupted, or when only runs.csv was copied off a machine)."""
     import csv
+    import dataclasses
     import json
     from pathlib import Path
 
@@ -116,7 +117,10 @@ def summarize_main(argv: list[str]) -> int:
         print("usage: python -m bench summarize RESULTS_DIR (with runs.csv and env.json)", file=sys.stderr)
         return 2
     out = Path(argv[0])
-    cfg = RunConfig(**json.loads((out / "env.json").read_text())["config"])
+    saved = json.loads((out / "env.json").read_text())["config"]
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    # Options another version of the harness had (added or since removed) do not affect summaries.
+    cfg = RunConfig(**{k: v for k, v in saved.items() if k in known})
 
     def value(text: str):
         if text == "":

@@ -1,6 +1,7 @@
 """Video frames (PyAV, frame folders), uniform sampling, the prefetching loader, and the sweep
 axes (batch, question length, new tokens, images per prompt) run as one command."""
 import csv
+import json
 import statistics
 import time
 from pathlib import Path
@@ -248,6 +249,9 @@ def test_summary_rebuilds_from_runs_csv(tmp_path):
                      "--min-seconds", "0", "--warmup", "0", "--no-fidelity", "--output-dir", str(out)]) == 0
     before = pd.read_csv(out / "summary.csv")
     (out / "summary.csv").unlink()
+    env = json.loads((out / "env.json").read_text())
+    env["config"]["option_of_another_version"] = True  # results written by an older or newer harness
+    (out / "env.json").write_text(json.dumps(env))
     assert summarize_main([str(out)]) == 0
     after = pd.read_csv(out / "summary.csv")
     assert len(after) == len(before) and list(after["metric"]) == list(before["metric"])
