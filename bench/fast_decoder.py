@@ -194,7 +194,8 @@ class FastDecoder(nn.Module):
             return f"qkv:{b.qkv.kind},gate_up:{b.gate_up.kind}"
         def say(group):
             rows = sorted(k[0] for k, same in group._bit_equal.items() if same and k[0] <= group.max_rows)
-            return f"{group.kind} at {_row_counts(rows)} rows (bit-equal), else separate" if rows else "separate"
+            counts = f"{_row_counts(rows)} row{'s' if rows != [1] else ''}"
+            return f"{group.kind} at {counts} (bit-equal), else separate" if rows else "separate"
 
         return f"qkv:{say(b.qkv)},gate_up:{say(b.gate_up)}"
 
