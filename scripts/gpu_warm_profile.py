@@ -45,6 +45,7 @@ def main() -> None:
     for q in QUESTIONS * 2:
         engine.run(visual, q, 2)  # warm: suffix bucket graphs captured
     w = CsvWriter(Path(args.out), ["model", "engine", "what", "name", "ms", "launches"])
+    who = {"model": args.preset, "engine": args.engine}
     monitor = GpuMonitor(torch.cuda.current_device())
     # What the benchmark's run loop does around each request, one piece at a time: which of
     # them (if any) moves a warm request's phases?
@@ -83,9 +84,9 @@ def main() -> None:
         for k in ("preprocess", "lookup", "restore", "prefill"):
             ms = statistics.median(phases.get(k, [0.0]))
             parts.append(f"{k} {ms:.3f}")
-            w.write({"model": args.preset, "engine": args.engine, "what": f"warm phase median: {label}", "name": k, "ms": ms, "launches": ""})
+            w.write({**who, "what": f"warm phase median: {label}", "name": k, "ms": ms, "launches": ""})
         ttfts = [sum(p) for p in zip(*(phases[k] for k in ("preprocess", "lookup", "restore", "prefill")))]
-        w.write({"model": args.preset, "engine": args.engine, "what": f"warm phase median: {label}", "name": "ttft (median of sums)",
+        w.write({**who, "what": f"warm phase median: {label}", "name": "ttft (median of sums)",
                  "ms": statistics.median(ttfts), "launches": ""})
         print(f"{label:40s} TTFT {statistics.median(ttfts):.3f} ms | " + ", ".join(parts), flush=True)
     prefix_len = engine.run(visual, QUESTIONS[0], 1).cached_tokens
@@ -104,7 +105,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 walls.append(a.elapsed_time(b))
             engine.cache.set_positions(saved)
-        w.write({"model": args.preset, "engine": args.engine, "what": "suffix graph replay alone", "name": f"bucket {key[1]} keys {key[2]}",
+        w.write({**who, "what": "suffix graph replay alone", "name": f"bucket {key[1]} keys {key[2]}",
                  "ms": statistics.median(walls), "launches": ""})
         print(f"suffix graph (bucket {key[1]}) replay alone: {statistics.median(walls):.3f} ms", flush=True)
     one = lambda: engine.run(visual, QUESTIONS[1], 1)  # noqa: E731 - up to the first token only
@@ -112,9 +113,9 @@ def main() -> None:
     total = sum(ms for ms, _ in kernels.values())
     print(f"kernels of one warm request to its first token: {total:.3f} ms", flush=True)
     for name, (ms, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:15]:
-        w.write({"model": args.preset, "engine": args.engine, "what": "warm request kernel", "name": name[:160], "ms": ms, "launches": n})
+        w.write({**who, "what": "warm request kernel", "name": name[:160], "ms": ms, "launches": n})
         print(f"  {ms:7.3f} ms {n:5.0f}x {name[:100]}", flush=True)
-    w.write({"model": args.preset, "engine": args.engine, "what": "warm request kernels total", "name": "", "ms": total, "launches": ""})
+    w.write({**who, "what": "warm request kernels total", "name": "", "ms": total, "launches": ""})
     prof = cProfile.Profile()
     prof.enable()
     for i in range(20):
