@@ -365,6 +365,13 @@ class FastDecoder(nn.Module):
             o = self._sdpa(q, keys, values, mask=mask)
         return self._out_mlp(block, h, o)
 
+    def _layer_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The boolean mask (True: attend) as the layers take it: exact, as transformers passes
+        its attention ([t, end] -> [1, 1, t, end]); else the additive one SDPA would make of it."""
+        if self.exact:
+            return None if mask is None else mask[None, None]
+        return _additive(mask, dtype)
+
     def _row_logits(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of row `index` (device [1]; default the last) of the last layer's output.
         Exact: transformers norms every row and then keeps the one (a norm of one row may sum
@@ -409,8 +416,7 @@ class FastDecoder(nn.Module):
             cos, sin = self.rotary(embeds, pos)
             causal = torch.arange(end, device=embeds.device)[None, :] <= cols[:, None]
             mask = (causal[None] & kv.valid[:, None, :end])[:, None]  # [b, 1, t, end]
-        # exact: the boolean [1, 1, t, end] mask transformers passes its attention
-        mask = (None if mask is None else mask[None, None]) if self.exact else _additive(mask, embeds.dtype)
+        mask = self._layer_mask(mask, embeds.dtype)
         h = embeds
         if prefetch is not None:
             prefetch.begin()
@@ -453,10 +459,7 @@ class FastDecoder(nn.Module):
             kv.valid.index_fill_(1, cols, True)
             cos, sin = self.rotary(embeds, kv.next_pos[:, None] + torch.arange(t, device=embeds.device))
             mask = (causal[None] & kv.valid[:, None, :keys_end])[:, None]  # [b, 1, t, keys_end]
-        if self.exact:  # the boolean [1, 1, t, keys_end] mask transformers passes its attention
-            mask = None if mask is None else mask[None, None]
-        else:
-            mask = _additive(mask, embeds.dtype)
+        mask = self._layer_mask(mask, embeds.dtype)
         h = embeds
         for block, layer in zip(self.layers, kv.layers):
             h = layer_fn(block, h, cos, sin, cols, mask, layer.keys, layer.values, keys_end)
