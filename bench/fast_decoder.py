@@ -192,12 +192,7 @@ class FastDecoder(nn.Module):
         b = self.layers[0]
         if not self.exact:
             return f"qkv:{b.qkv.kind},gate_up:{b.gate_up.kind}"
-        def say(group):
-            rows = sorted(k[0] for k, same in group._bit_equal.items() if same and k[0] <= group.max_rows)
-            counts = f"{_row_counts(rows)} row{'s' if rows != [1] else ''}"
-            return f"{group.kind} at {counts} (bit-equal), else separate" if rows else "separate"
-
-        return f"qkv:{say(b.qkv)},gate_up:{say(b.gate_up)}"
+        return f"qkv:{_exact_fusion(b.qkv)},gate_up:{_exact_fusion(b.gate_up)}"
 
     def set_exact(self, on: bool) -> None:
         """Reproduce transformers' arithmetic (see the module docstring) or not. On: each
@@ -517,6 +512,14 @@ class ExactLayers:
             end = start + h.shape[1]
             k, v = self._cache_layout(q, keys[:, :, :end], values[:, :, :end])
         return self.out_from(block, h, self.dec.attend_hf(block, q, k, v, mask))
+
+
+def _exact_fusion(group: FusedProjections) -> str:
+    """'dense at 1,17-19 rows (bit-equal), else separate', or 'separate'."""
+    rows = group.exact_fused_rows()
+    if not rows:
+        return "separate"
+    return f"{group.kind} at {_row_counts(rows)} row{'s' if rows != [1] else ''} (bit-equal), else separate"
 
 
 def _row_counts(rows: list[int]) -> str:

@@ -106,12 +106,13 @@ class FusedProjections(nn.Module):
         a kernel that sums each output in the same order matches on every input; one that splits
         K otherwise (split-K for a narrower N, say) differs on almost any random input. A kernel
         that cannot run the probe counts as not equal (running separately is always exact), as
-        does a count first met inside a CUDA-graph capture or a compiled trace (no probe there)."""
+        does a count first met inside a CUDA-graph capture (no probe there; runs_fused does not
+        ask from a compiled trace)."""
         if self.fused is None:
             return False
         key = (rows, str(device), dtype)
         if key not in self._bit_equal:
-            if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 return False
             gen = torch.Generator(device=device).manual_seed(0)
             same = True
@@ -125,6 +126,10 @@ class FusedProjections(nn.Module):
                 same = False
             self._bit_equal[key] = same
         return self._bit_equal[key]
+
+    def exact_fused_rows(self) -> list[int]:
+        """Under `exact_check`: the row counts met so far at which the group runs fused, ascending."""
+        return sorted(k[0] for k, same in self._bit_equal.items() if same and k[0] <= self.max_rows)
 
     def runs_fused(self, rows: int) -> bool:
         if self.fused is None or rows > self.max_rows:
