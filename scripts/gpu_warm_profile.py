@@ -23,8 +23,8 @@ from bench.config import DEMO_IMAGE
 from bench.gpu_monitor import GpuMonitor
 from bench.models.loader import build_preset
 from bench.results import CsvWriter
-from bench.static_engine import GraphEngine, GraphExactEngine
 from bench.visual import VisualInput
+from variants import registry
 from variants.prefix import PrefixKVPolicy
 
 QUESTIONS = ["What is shown in this image?", "Describe the colors in this picture.", "Is there any text here?",
@@ -40,7 +40,7 @@ def main() -> None:
     image = demo_image()
     visual = VisualInput((image,), encoded=(Path(DEMO_IMAGE).read_bytes(),))  # as the benchmark's requests
     adapter = build_preset(args.preset, None, torch.device("cuda"), torch.float16)
-    engine = {"graph": GraphEngine, "graph-exact": GraphExactEngine}[args.engine](adapter, PrefixKVPolicy(4096))
+    engine = registry()[args.engine].make_engine(adapter, PrefixKVPolicy(4096))
     engine.run(visual, QUESTION, 4)  # cold: stores the prefix, captures the graphs
     for q in QUESTIONS * 2:
         engine.run(visual, q, 2)  # warm: suffix bucket graphs captured
