@@ -24,6 +24,7 @@ the final norm over every row. Nothing else differs (the same modules do the res
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from torch import nn
 from bench import attention_kernels
 from bench.errors import VariantUnsupported
 from bench.fused_linear import FUSED_MAX_ROWS, FusedProjections
+from bench.row_mean import ordered_row_mean
 
 SUPPORTED_DECODERS = ("llama", "qwen2")
 MATMUL_ATTENTION_MAX_T = 32  # compiled steps of up to this many queries attend by matmul (see _matmul_attention)
@@ -69,14 +71,22 @@ def inductor_options(numerics: str) -> dict:
 
 @torch.library.custom_op("vlmbench::eager_row_mean", mutates_args=())
 def eager_row_mean(x: torch.Tensor) -> torch.Tensor:
-    """x.mean(-1, keepdim=True) by ATen's reduction kernel, opaque to torch.compile (which would
-    sum in its own order). Written here: no library offers an order-preserving reduction."""
-    return x.mean(-1, keepdim=True)
+    """x.mean(-1, keepdim=True) summed in the order of ATen's reduction kernel (by that kernel, or
+    on CUDA where it matched it bit for bit, bench.row_mean's faster one), opaque to
+    torch.compile (which would sum in its own order)."""
+    return ordered_row_mean(x)
 
 
 @eager_row_mean.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], 1)
+
+
+class ExactMask(NamedTuple):
+    """An exact layer's attention mask: the boolean one transformers passes its attention call,
+    and the additive one SDPA makes of it ([1, 1, t, end] each)."""
+    boolean: torch.Tensor
+    additive: torch.Tensor
 
 
 @dataclass
@@ -360,11 +370,12 @@ class FastDecoder(nn.Module):
             o = self._sdpa(q, keys, values, mask=mask)
         return self._out_mlp(block, h, o)
 
-    def _layer_mask(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-        """The boolean mask (True: attend) as the layers take it: exact, as transformers passes
-        its attention ([t, end] -> [1, 1, t, end]); else the additive one SDPA would make of it."""
+    def _layer_mask(self, mask: torch.Tensor | None, dtype: torch.dtype):
+        """The boolean mask (True: attend) as the layers take it: exact, an ExactMask (the boolean
+        one as transformers passes its attention, [t, end] -> [1, 1, t, end], and the additive one
+        SDPA makes of it, made once per call); else the additive one."""
         if self.exact:
-            return None if mask is None else mask[None, None]
+            return None if mask is None else ExactMask(mask[None, None], _additive(mask[None, None], dtype))
         return _additive(mask, dtype)
 
     def _row_logits(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -479,11 +490,18 @@ class ExactLayers:
     `streams` given (FusedProjections.forward): the same kernels on the same inputs, so the same
     bits.
 
-    Keys/values reach the attention call laid out as transformers' DynamicCache holds them
-    (contiguous [b, kv_heads, n, d]: it concatenates) wherever cuDNN may run it (FEW_QUERIES
-    queries or more: a cuDNN plan is chosen for the strides it is given); calls of fewer queries
-    (flash or memory-efficient attention, which only address by the strides) read views of the
-    buffers, so a decode step copies no cache."""
+    The attention call (`attend`) reads views of the KV buffers, not the contiguous copies
+    transformers' DynamicCache hands it (it concatenates), and a call with a mask gets the
+    additive mask SDPA would make of transformers' boolean one, made once per step instead of
+    once per layer. Calls of fewer than FEW_QUERIES queries (flash or memory-efficient attention,
+    which address keys by their strides) always read views (with the boolean mask). Longer ones
+    (cuDNN, which picks a plan
+    for the strides it is given) do so at a shape only once that gave bit for bit the output of
+    transformers' own way (contiguous copies, boolean mask) on this device (checked the first
+    time the shape is met, outside a CUDA graph capture; until then and where it did not, they
+    take transformers' way). On the H200 it did at every suffix shape of llava-1.5-7b measured,
+    and saved 12-17 us a layer: two copies and the mask conversion
+    (results/h200/exact_kernels_h200.csv)."""
 
     def __init__(self, dec: FastDecoder, compile=None, streams: list | None = None):
         wrap = compile or (lambda fn, dynamic: fn)
@@ -491,27 +509,48 @@ class ExactLayers:
         self.norm_at, self.rotate_write_at = wrap(dec.exact_norm_at, False), wrap(dec.exact_rotate_write_at, False)
         self.out_norm_at, self.mlp_at = wrap(dec.exact_out_norm_at, False), wrap(dec.exact_mlp_at, False)
         self.qkv_from, self.out_from = wrap(dec.exact_qkv_from, True), wrap(dec.exact_out_from, True)
+        # (q shape, keys attended, masked) -> whether views + additive mask give transformers' bits
+        self.views_match: dict[tuple, bool] = {}
 
-    @staticmethod
-    def _cache_layout(q, k, v):
-        if q.shape[2] >= attention_kernels.FEW_QUERIES:
-            return k.contiguous(), v.contiguous()
-        return k, v
+    def attend(self, block, q, keys, values, end: int, mask: ExactMask | None):
+        """transformers' attention call of `block` over the buffers' first `end` columns (see the
+        class docstring for how the keys and mask reach it)."""
+        k, v = keys[:, :, :end], values[:, :, :end]
+        if q.shape[2] < attention_kernels.FEW_QUERIES:
+            return self.dec.attend_hf(block, q, k, v, None if mask is None else mask.boolean)
+        key = (tuple(q.shape), end, mask is not None)
+        fast = self.views_match.get(key)
+        if fast is None and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+            ours = self.dec.attend_hf(block, q, k, v, None if mask is None else mask.additive)
+            theirs = self.dec.attend_hf(block, q, k.contiguous(), v.contiguous(), None if mask is None else mask.boolean)
+            self.views_match[key] = torch.equal(ours, theirs)
+            return theirs
+        if fast:
+            return self.dec.attend_hf(block, q, k, v, None if mask is None else mask.additive)
+        return self.dec.attend_hf(block, q, k.contiguous(), v.contiguous(), None if mask is None else mask.boolean)
 
     def at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None = None):
         q, k, v = block.qkv(self.norm_at(block.ln1, h), self.streams)
         q = self.rotate_write_at(q, k, v, cos, sin, pos, keys, values)
-        end = keys_end or keys.shape[2]
-        k, v = self._cache_layout(q, keys[:, :, :end], values[:, :, :end])
-        h, x = self.out_norm_at(block, h, self.dec.attend_hf(block, q, k, v, mask))
+        o = self.attend(block, q, keys, values, keys_end or keys.shape[2], mask)
+        h, x = self.out_norm_at(block, h, o)
         return self.mlp_at(block, h, *block.gate_up(x, self.streams))
 
     def from_(self, block, h, cos, sin, start: int, mask, keys, values):
         q, k, v = self.qkv_from(block, h, cos, sin, start, keys, values)  # k, v contiguous, as a fresh cache's
-        if mask is not None:  # after earlier tokens: over the buffers (a fresh prompt: its own k/v, as transformers)
-            end = start + h.shape[1]
-            k, v = self._cache_layout(q, keys[:, :, :end], values[:, :, :end])
-        return self.out_from(block, h, self.dec.attend_hf(block, q, k, v, mask))
+        if mask is None:  # a fresh prompt attends its own k/v, as transformers
+            return self.out_from(block, h, self.dec.attend_hf(block, q, k, v, None))
+        return self.out_from(block, h, self.attend(block, q, keys, values, start + h.shape[1], mask))
+
+    def describe(self) -> str:
+        """How the attention calls of 16+ queries met so far ran, for engine_detail."""
+        if not self.views_match:
+            return ""
+        fast = sorted({k[0][2] for k, ok in self.views_match.items() if ok})
+        slow = sorted({k[0][2] for k, ok in self.views_match.items() if not ok})
+        parts = [f"views + additive mask at {_row_counts(fast)} queries (bit-equal)"] if fast else []
+        parts += [f"contiguous copies + boolean mask at {_row_counts(slow)} queries"] if slow else []
+        return "attention of 16+ queries: " + ", ".join(parts)
 
 
 def _exact_fusion(group: FusedProjections) -> str:

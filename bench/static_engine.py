@@ -30,7 +30,7 @@ import weakref
 
 import torch
 
-from bench import attention_kernels
+from bench import attention_kernels, row_mean
 from bench.engine import HFEngine
 from bench.errors import VariantUnsupported
 from bench.fast_decoder import ExactLayers, KVBuffers, fast_decoder, inductor_options
@@ -109,11 +109,19 @@ class StaticEngine(HFEngine):
         with use_prefill_weights():
             return self.decoder.prefill(embeds, cache, start, layer_fn, valid, self.prefetch, n_real)
 
+    def _step_layer(self):
+        """The layer function decode steps and suffixes run."""
+        return self.eager_step_layer
+
     def prefetch_note(self) -> str:
         return ", int4 prefill weights dequantized a layer ahead" if self.prefetch is not None else ""
 
     def exact_note(self) -> str:
-        return ", transformers' arithmetic (its attention call over exactly the keys so far)" if self.exact else ""
+        if not self.exact:
+            return ""
+        found = [n for n in (self._step_layer().__self__.describe(), row_mean.describe()) if n]
+        return ", transformers' arithmetic (its attention call over exactly the keys so far" + \
+            "".join(f"; {n}" for n in found) + ")"
 
     def describe(self) -> str:
         return (f"own decoder ({self.decoder.fusion}), static KV, eager{self.exact_note()}{self.prefetch_note()}"
@@ -282,6 +290,9 @@ class GraphEngine(StaticEngine):
             self.prefill_fn = exact_layers.from_ if exact_layers else compile(self.decoder.layer_from, True)
         else:  # bitsandbytes layers break a compiled graph at every call: slower than eager
             self.notes["prefill"] = "eager (these linears break a compiled graph at every call)"
+
+    def _step_layer(self):
+        return self.layer_fn or self.eager_step_layer
 
     def _projection_streams(self) -> list | None:
         """Side streams for exact layers' separate GEMMs (FusedProjections.forward); None: in turn."""

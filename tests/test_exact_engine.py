@@ -116,6 +116,53 @@ def test_exact_fusion_only_where_the_fused_gemm_is_bit_equal():
     assert {k[0] for k in group._bit_equal} == {1, 3}  # checked per row count met, and only those
 
 
+class _RecordingAttention:
+    """A stand-in FastDecoder for ExactLayers.attend: records how each attention call got its
+    keys and mask; `differs` makes the views + additive way give other bits than transformers'."""
+    exact_norm_at = exact_rotate_write_at = exact_out_norm_at = exact_mlp_at = exact_qkv_from = exact_out_from = None
+
+    def __init__(self, differs: bool):
+        self.differs, self.calls = differs, []
+
+    def attend_hf(self, block, q, k, v, mask):
+        way = ("contiguous" if k.is_contiguous() else "views",
+               None if mask is None else ("boolean" if mask.dtype == torch.bool else "additive"))
+        self.calls.append(way)
+        out = q.clone()
+        return out + 1 if self.differs and way == ("views", "additive") else out
+
+
+def _exact_mask(t: int, end: int):
+    from bench.fast_decoder import ExactMask, _additive
+
+    boolean = (torch.arange(end)[None, :] <= (end - t + torch.arange(t))[:, None])[None, None]
+    return ExactMask(boolean, _additive(boolean, torch.float32))
+
+
+@pytest.mark.parametrize("differs", [False, True])
+def test_exact_attention_reads_views_only_where_checked_bit_equal(differs):
+    """16+ queries (cuDNN's plans follow strides): the first call at a shape runs both ways and
+    returns transformers' (contiguous keys, boolean mask); later calls at that shape read views
+    of the buffers with the additive mask only if the two agreed bit for bit. Fewer queries
+    always read views, with the boolean mask, unchecked."""
+    dec = _RecordingAttention(differs)
+    layers = ExactLayers(dec)
+    keys, values = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8)
+    q = torch.randn(1, 2, 16, 8)
+    layers.attend(None, q, keys, values, 40, _exact_mask(16, 40))
+    assert dec.calls == [("views", "additive"), ("contiguous", "boolean")]
+    assert layers.views_match == {((1, 2, 16, 8), 40, True): not differs}
+    dec.calls.clear()
+    out = layers.attend(None, q, keys, values, 40, _exact_mask(16, 40))
+    assert dec.calls == [("contiguous", "boolean") if differs else ("views", "additive")]
+    assert torch.equal(out, q)  # transformers' bits either way
+    dec.calls.clear()
+    layers.attend(None, q[:, :, :3], keys, values, 40, _exact_mask(3, 40))
+    assert dec.calls == [("views", "boolean")] and len(layers.views_match) == 1
+    want = "contiguous copies + boolean mask at 16 queries" if differs else "views + additive mask at 16 queries"
+    assert want in layers.describe()
+
+
 def test_exact_engine_runs_one_request_at_a_time(checkpoint_dirs, demo_image):
     """Padded batches use masks transformers builds its own way: a batch is refused (a skipped
     row), a single request runs."""
@@ -228,6 +275,10 @@ def test_graph_exact_bookkeeping_gives_hf_tokens_with_a_stand_in_capture(checkpo
     assert warm.cache_hit and warm.tokens == want[1]
     t = warm.prompt_tokens - warm.cached_tokens
     assert ("suffix ids", t, warm.prompt_tokens) in engine.lm_graphs
+    long = engine.run(demo_image, QUESTIONS[2], 12)  # 16+ queries: views of the buffers once checked
+    assert long.cache_hit and long.tokens == want[2]
+    t = long.prompt_tokens - long.cached_tokens
+    assert f"views + additive mask at {t} queries (bit-equal)" in engine.describe()
     before = len(engine.lm_graphs)
     engine.policy.clear()
     assert engine.run(demo_image, QUESTIONS[0], 12).tokens == want[0]
