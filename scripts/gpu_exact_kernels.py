@@ -7,7 +7,8 @@
    over prefix + t keys, the boolean mask transformers builds). transformers hands it keys and
    values its DynamicCache concatenated (contiguous); the exact engine's buffers give views with
    another head stride. Rows: the call on views, with the additive mask SDPA would make of the
-   boolean one, and both, each against the contiguous + boolean call: bit-equal or not, the
+   boolean one, and both, and both with the mask's rows padded to 16 bytes (same values, another
+   row stride), each against the contiguous + boolean call: bit-equal or not, the
    kernels that ran, and the time inside a CUDA graph (the contiguous call including its two
    copies, as the engine pays them).
 
@@ -73,11 +74,15 @@ def probe_attention(writer: CsvWriter, heads: int, head_dim: int, prefixes: list
             cols = prefix + torch.arange(t, device="cuda")
             boolean = (torch.arange(end, device="cuda")[None, :] <= cols[:, None])[None, None]
             additive = torch.zeros(boolean.shape, dtype=torch.float16, device="cuda").masked_fill_(~boolean, float("-inf"))
+            padded = -(-end // 8) * 8  # rows of the mask 16-byte aligned: the same values, another row stride
+            aligned = torch.zeros(1, 1, t, padded, dtype=torch.float16, device="cuda")[..., :end]
+            aligned.masked_fill_(~boolean, float("-inf"))
             kv, vv = keys[:, :, :end], values[:, :, :end]
             ways = {"contiguous, boolean mask (transformers)": lambda: call(q, kv.contiguous(), vv.contiguous(), boolean),
                     "views, boolean mask": lambda: call(q, kv, vv, boolean),
                     "contiguous, additive mask": lambda: call(q, kv.contiguous(), vv.contiguous(), additive),
-                    "views, additive mask": lambda: call(q, kv, vv, additive)}
+                    "views, additive mask": lambda: call(q, kv, vv, additive),
+                    "views, additive mask with aligned rows": lambda: call(q, kv, vv, aligned)}
             want = ways["contiguous, boolean mask (transformers)"]().clone()
             for name, fn in ways.items():
                 row = {"probe": "attention", "shape": f"{heads}x{head_dim}, {t} queries, {end} keys", "variant": name}
@@ -94,15 +99,19 @@ def probe_attention(writer: CsvWriter, heads: int, head_dim: int, prefixes: list
 
 def main() -> None:
     ap = profile_parser("llava-1.5-7b")
-    ap.add_argument("--cols", default="1536,2560,3584,4096")
+    ap.add_argument("--cols", default="1536,2560,3584,4096", help="row mean widths ('' skips the row mean)")
     ap.add_argument("--rows", default="1,2,3,5,8,12,16,17,19,32,64,628")
     ap.add_argument("--prefixes", default="609,628")
     ap.add_argument("--queries", default="16,17,19,24,32,48,64")
+    ap.add_argument("--attention", default="32x128,32x80", help="HEADSxHEAD_DIM (llava-1.5-7b, vila1.5-3b)")
     args = ap.parse_args()
     writer = CsvWriter(Path(args.out), COLUMNS)
-    probe_row_mean(writer, [int(c) for c in args.cols.split(",")], [int(r) for r in args.rows.split(",")])
-    probe_attention(writer, 32, 128, [int(p) for p in args.prefixes.split(",")],
-                    [int(t) for t in args.queries.split(",")], 1024)
+    if args.cols:
+        probe_row_mean(writer, [int(c) for c in args.cols.split(",")], [int(r) for r in args.rows.split(",")])
+    for spec in args.attention.split(","):
+        heads, head_dim = (int(v) for v in spec.split("x"))
+        probe_attention(writer, heads, head_dim, [int(p) for p in args.prefixes.split(",")],
+                        [int(t) for t in args.queries.split(",")], 1024)
     writer.close()
 
 
