@@ -84,7 +84,8 @@ def _(x: torch.Tensor) -> torch.Tensor:
 
 class ExactMask(NamedTuple):
     """An exact layer's attention mask: the boolean one transformers passes its attention call,
-    and the additive one SDPA makes of it ([1, 1, t, end] each)."""
+    and the additive one SDPA makes of it, rows 16-byte aligned (_additive_aligned) ([1, 1, t,
+    end] each)."""
     boolean: torch.Tensor
     additive: torch.Tensor
 
@@ -375,7 +376,7 @@ class FastDecoder(nn.Module):
         one as transformers passes its attention, [t, end] -> [1, 1, t, end], and the additive one
         SDPA makes of it, made once per call); else the additive one."""
         if self.exact:
-            return None if mask is None else ExactMask(mask[None, None], _additive(mask[None, None], dtype))
+            return None if mask is None else ExactMask(mask[None, None], _additive_aligned(mask[None, None], dtype))
         return _additive(mask, dtype)
 
     def _row_logits(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
@@ -499,9 +500,9 @@ class ExactLayers:
     for the strides it is given) do so at a shape only once that gave bit for bit the output of
     transformers' own way (contiguous copies, boolean mask) on this device (checked the first
     time the shape is met, outside a CUDA graph capture; until then and where it did not, they
-    take transformers' way). On the H200 it did at every suffix shape of llava-1.5-7b measured,
-    and saved 12-17 us a layer: two copies and the mask conversion
-    (results/h200/exact_kernels_h200.csv)."""
+    take transformers' way). On the H200 it did at every suffix shape measured (16-64 queries,
+    llava-1.5-7b's and vila1.5-3b's heads), and with the mask's rows aligned took 18-22 us a
+    layer where transformers' way took 35-54 (results/h200/exact_attention_h200.csv)."""
 
     def __init__(self, dec: FastDecoder, compile=None, streams: list | None = None):
         wrap = compile or (lambda fn, dynamic: fn)
@@ -578,6 +579,17 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     if mask is None:
         return None
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _additive_aligned(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """_additive(mask), its rows 16-byte aligned (a view of wider storage): the same values at
+    another row stride. cuDNN attends with an unaligned mask (keys not a multiple of 8 in fp16)
+    much more slowly: 36.4 against 21.5 us a layer for llava-1.5-7b's 19-query warm suffix over
+    647 keys on the H200, the same bits (results/h200/exact_attention_h200.csv)."""
+    per_16_bytes = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+    end = mask.shape[-1]
+    storage = torch.zeros(*mask.shape[:-1], -(-end // per_16_bytes) * per_16_bytes, dtype=dtype, device=mask.device)
+    return storage[..., :end].masked_fill_(~mask, float("-inf"))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

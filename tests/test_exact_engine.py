@@ -341,3 +341,15 @@ def test_graph_engine_replays_one_decode_graph_for_every_step_with_a_stand_in_ca
     engine = uncompiled(GraphEngine(adapter, PrefixKVPolicy(64)))
     assert [engine.run(demo_image, q, 12).tokens for q in QUESTIONS] == want
     assert {k for k in engine.lm_graphs if k[0] == "decode"} == {("decode", 1, None)}
+
+
+def test_aligned_additive_mask_has_the_values_of_sdpas_own():
+    """The exact layers' additive mask: SDPA's conversion of the boolean one, value for value,
+    in rows that start 16 bytes apart (fp16: a multiple of 8 columns)."""
+    from bench.fast_decoder import _additive, _additive_aligned
+
+    boolean = (torch.arange(647)[None, :] <= (628 + torch.arange(19))[:, None])[None, None]
+    for dtype, per_row in ((torch.float16, 648), (torch.float32, 648), (torch.bfloat16, 648)):
+        got = _additive_aligned(boolean, dtype)
+        assert got.shape == (1, 1, 19, 647) and got.stride(-2) == per_row
+        assert torch.equal(got, _additive(boolean, dtype))
