@@ -1,6 +1,5 @@
 """Can the exact engine (graph-exact) run cheaper kernels and still get transformers' bits?
 
-0. `rms norm`: transformers' RMSNorm by ATen's ops against bench.row_mean's fused kernel.
 1. `row mean`: bench.row_mean's Triton kernel (ATen's summation order) against ATen's
    x.mean(-1, keepdim=True) for float32 rows of the hidden sizes of our presets: bit-equal (per
    lane order), and both kernels' time inside a CUDA graph.
@@ -56,26 +55,6 @@ def probe_row_mean(writer: CsvWriter, cols_list: list[int], rows_list: list[int]
                 print(row, flush=True)
 
 
-def probe_norm(writer: CsvWriter, cols: int, rows_list: list[int], eps: float = 1e-5) -> None:
-    """transformers' RMSNorm of fp16 rows: ATen's ops, the ATen-order mean kernel alone, and the
-    fused norm kernel (bit-equal to ATen's ops or not), each timed inside a CUDA graph."""
-    w = (1 + 0.1 * torch.randn(cols, device="cuda")).half()
-    for rows in rows_list:
-        x = (torch.randn(1, rows, cols, device="cuda") * 3).half()
-        sq = x.float() ** 2
-        want = row_mean.eager_rms_norm(x, w, eps)
-        shape = f"{rows}x{cols} fp16 (lanes {row_mean.aten_lanes(rows, cols)})"
-        ways = {"aten ops": (lambda: row_mean.eager_rms_norm(x, w, eps), True),
-                "mean kernel alone": (lambda: row_mean.ordered_mean(sq), None),
-                "fused norm kernel": (lambda: row_mean.fused_rms_norm(x, w, eps),
-                                      torch.equal(row_mean.fused_rms_norm(x, w, eps), want))}
-        for name, (fn, equal) in ways.items():
-            row = {"probe": "rms norm", "shape": shape, "variant": name, "bit_equal": equal,
-                   "us_per_call_graph": graphed_us(fn)}
-            writer.write(row)
-            print(row, flush=True)
-
-
 def probe_attention(writer: CsvWriter, heads: int, head_dim: int, prefixes: list[int], queries: list[int],
                     buffer: int) -> None:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -125,14 +104,11 @@ def main() -> None:
     ap.add_argument("--prefixes", default="609,628")
     ap.add_argument("--queries", default="16,17,19,24,32,48,64")
     ap.add_argument("--attention", default="32x128,32x80", help="HEADSxHEAD_DIM (llava-1.5-7b, vila1.5-3b)")
-    ap.add_argument("--norm-rows", default="1,19,628", help="fp16 RMSNorm row counts at 4096 columns ('' skips)")
     args = ap.parse_args()
     writer = CsvWriter(Path(args.out), COLUMNS)
     if args.cols:
         probe_row_mean(writer, [int(c) for c in args.cols.split(",")], [int(r) for r in args.rows.split(",")])
-    if args.norm_rows:
-        probe_norm(writer, 4096, [int(r) for r in args.norm_rows.split(",")])
-    for spec in filter(None, args.attention.split(",")):
+    for spec in args.attention.split(","):
         heads, head_dim = (int(v) for v in spec.split("x"))
         probe_attention(writer, heads, head_dim, [int(p) for p in args.prefixes.split(",")],
                         [int(t) for t in args.queries.split(",")], 1024)
