@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import attention_kernels, row_mean
+from bench import attention_kernels
 from bench.errors import VariantUnsupported
 from bench.fused_linear import FUSED_MAX_ROWS, FusedProjections
+from bench.row_mean import ordered_row_mean
 
 SUPPORTED_DECODERS = ("llama", "qwen2")
 MATMUL_ATTENTION_MAX_T = 32  # compiled steps of up to this many queries attend by matmul (see _matmul_attention)
@@ -41,9 +42,8 @@ MATMUL_ATTENTION_MAX_T = 32  # compiled steps of up to this many queries attend 
 #  "eager-casts": eager's formulas op by op, for inductor's emulate_precision_casts to round where
 #    eager does (the compiling engine turns that option on); only the fp32 mean of RMSNorm sums in
 #    inductor's order.
-#  "eager-exact": also that mean in eager's own order: the whole norm one opaque op
-#    (exact_rms_norm: bench.row_mean's kernel on CUDA, ATen's ops elsewhere): bit-identical to
-#    eager, on the CPU and on the H200 (llava-1.5-7b decode
+#  "eager-exact": also that mean by eager's own reduction kernel (an opaque op), at two more
+#    kernels per norm: bit-identical to eager, on the CPU and on the H200 (llava-1.5-7b decode
 #    layers: 0 of their outputs differ, against 0.92% eager-casts and 48% fused, with
 #    deterministic attention kernels: results/h200/compile_numerics_llava-1.5-7b-deterministic.csv;
 #    the 0.03% measured earlier with cuDNN attention was that kernel's run-to-run noise).
@@ -69,17 +69,17 @@ def inductor_options(numerics: str) -> dict:
     return options
 
 
-@torch.library.custom_op("vlmbench::exact_rms_norm", mutates_args=())
-def exact_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm with ATen's arithmetic, opaque to torch.compile (which would sum the
-    mean in its own order): bench.row_mean.exact_rms_norm (one fused kernel on CUDA where it
-    matched ATen's ops bit for bit, else those ops)."""
-    return row_mean.exact_rms_norm(x, weight, eps)
+@torch.library.custom_op("vlmbench::eager_row_mean", mutates_args=())
+def eager_row_mean(x: torch.Tensor) -> torch.Tensor:
+    """x.mean(-1, keepdim=True) summed in the order of ATen's reduction kernel (by that kernel, or
+    on CUDA where it matched it bit for bit, bench.row_mean's faster one), opaque to
+    torch.compile (which would sum in its own order)."""
+    return ordered_row_mean(x)
 
 
-@exact_rms_norm.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.empty_like(x)
+@eager_row_mean.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], 1)
 
 
 class ExactMask(NamedTuple):
@@ -250,10 +250,9 @@ class FastDecoder(nn.Module):
         """`norm(x)`; traced under eager numerics, transformers' RMSNorm written op by op."""
         if not self._traced_eager_numerics() or not hasattr(norm, "variance_epsilon"):
             return norm(x)
-        if self.numerics == "eager-exact":
-            return exact_rms_norm(x, norm.weight, norm.variance_epsilon)
         xf = x.to(torch.float32)
-        variance = (xf * xf).mean(-1, keepdim=True)  # xf * xf = pow(2): ATen squares by one multiplication
+        sq = xf * xf  # = pow(2): ATen squares by one multiplication
+        variance = eager_row_mean(sq) if self.numerics == "eager-exact" else sq.mean(-1, keepdim=True)
         return norm.weight * (xf * torch.rsqrt(variance + norm.variance_epsilon)).to(x.dtype)
 
     def _gate(self, block, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

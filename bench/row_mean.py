@@ -1,13 +1,12 @@
-"""transformers' RMSNorm (`weight * (x * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)`) as one
-Triton program per row whose mean sums in the exact order of ATen's own reduction kernel, so its
-output is bit-identical to the eager ops (`eager_rms_norm`) that the hf engine runs.
+"""`x.mean(-1, keepdim=True)` of a float32 CUDA tensor summed in the exact order of ATen's own
+reduction kernel, as one Triton program per row, so its result is bit-identical to ATen's.
 
-Why: the exact engine (graph-exact) must reproduce that norm bit for bit. ATen's mean kernel for a
-few thousand columns and 16 or more rows runs 16 rows per 512-thread block, one warp per row: 2
-blocks for a 19-token suffix, each warp summing 128 values per lane in a dependent chain. On the
-H200 that took 9.3 us per norm, 0.61 ms of llava-1.5-7b's 6.4 ms warm suffix
-(results/h200/warm_profile_llava-1.5-7b-graph-exact-rows.csv); with inductor's kernels around it a
-norm was three kernels. No library offers an order-preserving reduction, hence these kernels.
+Why: transformers' RMSNorm takes `hidden.pow(2).mean(-1)`, and the exact engine (graph-exact)
+must reproduce it bit for bit. ATen's kernel for a few thousand columns and 16 or more rows runs
+16 rows per 512-thread block, one warp per row: 2 blocks for a 19-token suffix, each warp
+summing 128 values per lane in a dependent chain. On the H200 that took 9.3 us per norm, 0.61 ms
+of llava-1.5-7b's 6.4 ms warm suffix (results/h200/warm_profile_llava-1.5-7b-graph-exact-rows.csv).
+No library offers an order-preserving reduction, hence this kernel.
 
 The order (ATen's Reduce.cuh, `input_vectorized_thread_reduce_impl` and `block_x_reduce`,
 for a contiguous row of H >= 128 float32 values, H % 4 == 0, 16-byte aligned):
@@ -22,11 +21,9 @@ for a contiguous row of H >= 128 float32 values, H % 4 == 0, 16-byte aligned):
   `LANE_ORDERS[1]`);
 - lane 0's sum times float32(rows) / float32(rows * H) (= float32(1 / H)) is the mean.
 ATen splits a row across warps (another order) when a lane would get
-min(16 x rows-per-block, 256) or more values; `aten_lanes` returns None then and the eager ops run.
-`ordered_mean` is the mean alone (the order's test: Triton's interpreter on the CPU, ATen on
-CUDA). Nothing is trusted blindly: `exact_rms_norm` runs the fused kernel at a configuration only
-after it matched `eager_rms_norm` bit for bit on this device (`norm_matches_eager`), else the
-eager ops run.
+min(16 x rows-per-block, 256) or more values; `aten_lanes` returns None then and callers keep
+ATen's kernel. Nothing here is trusted blindly: `ordered_row_mean` uses the kernel for a shape
+only after it matched ATen bit for bit on this device (`matches_aten`), else ATen runs.
 """
 from __future__ import annotations
 
@@ -65,21 +62,17 @@ def aten_lanes(rows: int, cols: int) -> int | None:
 
 
 if triton is not None:
-    from triton.language.extra import libdevice
-
     @triton.jit
-    def _aten_order_sum(base, COLS: tl.constexpr, LANES: tl.constexpr, ITERS: tl.constexpr,
-                        LOG2_LANES: tl.constexpr, ADJACENT_BELOW: tl.constexpr, SQUARE: tl.constexpr):
-        """The sum of one row (of its float32 squares if SQUARE) in ATen's order (module docstring)."""
+    def _row_mean_kernel(x_ptr, out_ptr, row_stride, factor, COLS: tl.constexpr, LANES: tl.constexpr,
+                         ITERS: tl.constexpr, LOG2_LANES: tl.constexpr, ADJACENT_BELOW: tl.constexpr):
+        row = tl.program_id(0)
         lane = tl.arange(0, LANES)[:, None]
         elem = tl.arange(0, 4)[None, :]
+        base = x_ptr + row.to(tl.int64) * row_stride
         acc = tl.zeros([LANES, 4], dtype=tl.float32)
         for i in tl.static_range(ITERS):  # unrolled: the loads issue together, the adds stay in order
             vec = i * LANES + lane
-            v = tl.load(base + vec * 4 + elem, mask=vec * 4 < COLS, other=0.0).to(tl.float32)
-            if SQUARE:
-                v = v * v  # ATen's pow(2): one multiplication
-            acc += v
+            acc += tl.load(base + vec * 4 + elem, mask=vec * 4 < COLS, other=0.0)
         # ((s0 + s1) + s2) + s3 per lane (a sum of one value and zeros is that value)
         s = tl.sum(tl.where(elem == 0, acc, 0.0), axis=1) + tl.sum(tl.where(elem == 1, acc, 0.0), axis=1)
         s = s + tl.sum(tl.where(elem == 2, acc, 0.0), axis=1)
@@ -90,44 +83,7 @@ if triton is not None:
                 s = tl.sum(tl.reshape(s, (LANES >> (k + 1), 2)), axis=1)
             else:
                 s = tl.sum(tl.reshape(s, (2, LANES >> (k + 1))), axis=0)
-        return tl.sum(s, axis=0)
-
-    @triton.jit
-    def _row_mean_kernel(x_ptr, out_ptr, row_stride, factor, COLS: tl.constexpr, LANES: tl.constexpr,
-                         ITERS: tl.constexpr, LOG2_LANES: tl.constexpr, ADJACENT_BELOW: tl.constexpr):
-        row = tl.program_id(0)
-        base = x_ptr + row.to(tl.int64) * row_stride
-        total = _aten_order_sum(base, COLS, LANES, ITERS, LOG2_LANES, ADJACENT_BELOW, False)
-        tl.store(out_ptr + row, total * factor)
-
-    @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, row_stride, factor, eps, COLS: tl.constexpr, LANES: tl.constexpr,
-                         ITERS: tl.constexpr, LOG2_LANES: tl.constexpr, ADJACENT_BELOW: tl.constexpr):
-        """transformers' RMSNorm of one row: weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype), each
-        op rounding where ATen's does (launched without FMA contraction)."""
-        row = tl.program_id(0)
-        base = x_ptr + row.to(tl.int64) * row_stride
-        variance = _aten_order_sum(base, COLS, LANES, ITERS, LOG2_LANES, ADJACENT_BELOW, True) * factor
-        r = libdevice.rsqrt(variance + eps)  # what inductor's and ATen's rsqrt call (__nv_rsqrtf)
-        cols = tl.arange(0, LANES * 4)
-        for i in tl.static_range(ITERS):
-            c = i * LANES * 4 + cols
-            x = tl.load(base + c, mask=c < COLS, other=0.0)
-            w = tl.load(w_ptr + c, mask=c < COLS, other=0.0)
-            y = (x.to(tl.float32) * r).to(x.dtype)
-            tl.store(out_ptr + row.to(tl.int64) * COLS + c, (w.to(tl.float32) * y.to(tl.float32)).to(x.dtype),
-                     mask=c < COLS)
-
-
-def _launch_shape(rows: int, cols: int, order: str) -> dict:
-    lanes = aten_lanes(rows, cols)
-    return dict(COLS=cols, LANES=lanes, ITERS=-(-(cols // VEC) // lanes), LOG2_LANES=lanes.bit_length() - 1,
-                ADJACENT_BELOW=32 if order == LANE_ORDERS[1] else 0, num_warps=max(1, min(lanes // 32, 4)))
-
-
-def _factor(rows: int, cols: int) -> float:
-    """MeanOps' factor: float32(rows) / float32(rows * cols), as ATen's mean kernel computes it."""
-    return float(torch.tensor(rows, dtype=torch.float32) / torch.tensor(rows * cols, dtype=torch.float32))
+        tl.store(out_ptr + row, tl.sum(s, axis=0) * factor)
 
 
 def ordered_mean(x: torch.Tensor, order: str = LANE_ORDERS[0]) -> torch.Tensor:
@@ -142,72 +98,55 @@ def ordered_mean(x: torch.Tensor, order: str = LANE_ORDERS[0]) -> torch.Tensor:
     if flat.data_ptr() != x.data_ptr() or (rows > 1 and flat.stride(0) % VEC):
         raise ValueError("rows must be contiguous and 16-byte aligned")
     out = torch.empty(rows, device=x.device, dtype=torch.float32)
-    _row_mean_kernel[(rows,)](flat, out, flat.stride(0), _factor(rows, cols), **_launch_shape(rows, cols, order))
+    factor = float(torch.tensor(rows, dtype=torch.float32) / torch.tensor(rows * cols, dtype=torch.float32))
+    adjacent_below = 32 if order == LANE_ORDERS[1] else 0
+    _row_mean_kernel[(rows,)](flat, out, flat.stride(0), factor, COLS=cols, LANES=lanes,
+                              ITERS=-(-(cols // VEC) // lanes), LOG2_LANES=lanes.bit_length() - 1,
+                              ADJACENT_BELOW=adjacent_below, num_warps=max(1, min(lanes // 32, 4)))
     return out.view(*x.shape[:-1], 1)
 
 
-# ------------------------------------------------------------------------ the whole RMSNorm
-def eager_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm / Qwen2RMSNorm forward, op for op (ATen's kernels)."""
-    xf = x.to(torch.float32)
-    variance = xf.pow(2).mean(-1, keepdim=True)
-    return weight * (xf * torch.rsqrt(variance + eps)).to(x.dtype)
+_matched: dict[tuple, str | None] = {}  # (device, lanes, cols) -> lane order matching ATen, None: neither
 
 
-def fused_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, order: str = LANE_ORDERS[0]) -> torch.Tensor:
-    """eager_rms_norm as one Triton program per row (x fp16/bf16 contiguous on CUDA, weight of its
-    dtype, `aten_lanes` not None for its shape)."""
-    cols = x.shape[-1]
-    rows = x.numel() // cols
-    if aten_lanes(rows, cols) is None or not x.is_contiguous() or x.data_ptr() % 16 \
-            or x.dtype not in (torch.float16, torch.bfloat16) or weight.dtype != x.dtype or weight.shape != (cols,):
-        raise ValueError(f"no fused RMSNorm for a {tuple(x.shape)} {x.dtype} tensor")
-    out = torch.empty_like(x)
-    _rms_norm_kernel[(rows,)](x, weight.contiguous(), out, cols, _factor(rows, cols), eps,
-                              enable_fp_fusion=False, **_launch_shape(rows, cols, order))
-    return out
-
-
-_norm_matched: dict[tuple, str | None] = {}  # (device, lanes, cols, dtype, eps) -> lane order, None: neither
-
-
-def norm_matches_eager(rows: int, cols: int, dtype: torch.dtype, eps: float, device, draws: int = 4) -> str | None:
-    """The lane order in which fused_rms_norm equals eager_rms_norm bit for bit for `rows` x
-    `cols` inputs of `dtype` on `device` (random rows of several magnitudes and a random weight,
-    `draws` times), or None; kept per (device, lanes, cols, dtype, eps)."""
-    key = (str(device), aten_lanes(rows, cols), cols, dtype, eps)
-    if key not in _norm_matched:
+def matches_aten(rows: int, cols: int, device, draws: int = 4) -> str | None:
+    """The lane order in which the kernel equals ATen's mean bit for bit for `rows` x `cols`
+    float32 on `device` (random squares of several magnitudes, `draws` times), or None. The
+    answer holds for every row count with the same `aten_lanes` (the order depends on nothing
+    else) and is kept per (device, lanes, cols)."""
+    lanes = aten_lanes(rows, cols)
+    key = (str(device), lanes, cols)
+    if key not in _matched:
         gen = torch.Generator(device=device).manual_seed(rows * 7919 + cols)
-        xs = [(torch.randn(rows, cols, device=device, generator=gen)
-               * torch.logspace(-2, 2, rows, device=device)[:, None]).to(dtype) for _ in range(draws)]
-        w = (1 + 0.1 * torch.randn(cols, device=device, generator=gen)).to(dtype)
-        wants = [eager_rms_norm(x, w, eps) for x in xs]
-        _norm_matched[key] = next((o for o in LANE_ORDERS
-                                   if all(torch.equal(fused_rms_norm(x, w, eps, o), want) for x, want in zip(xs, wants))),
-                                  None)
-    return _norm_matched[key]
+        xs = [torch.randn(rows, cols, device=device, generator=gen) ** 2
+              * torch.logspace(-4, 4, rows, device=device)[:, None] for _ in range(draws)]
+        wants = [x.mean(-1, keepdim=True) for x in xs]
+        _matched[key] = next((o for o in LANE_ORDERS
+                              if all(torch.equal(ordered_mean(x, o), w) for x, w in zip(xs, wants))), None)
+    return _matched[key]
 
 
-def exact_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """eager_rms_norm's result: by fused_rms_norm where it matched it bit for bit at this
-    configuration (checked the first time, never inside a CUDA graph capture), else op for op."""
+def ordered_row_mean(x: torch.Tensor) -> torch.Tensor:
+    """x.mean(-1, keepdim=True), bit-identical to ATen's: the Triton kernel where it matched ATen
+    at this configuration (checked the first time, never inside a CUDA graph capture), else ATen."""
+    if triton is None or x.device.type != "cuda" or x.dtype != torch.float32 or not x.is_contiguous() \
+            or x.data_ptr() % 16 or x.numel() == 0:
+        return x.mean(-1, keepdim=True)
     cols = x.shape[-1]
-    rows = x.numel() // max(cols, 1)
-    if triton is None or x.device.type != "cuda" or x.numel() == 0 or aten_lanes(rows, cols) is None \
-            or not x.is_contiguous() or x.data_ptr() % 16 or x.dtype not in (torch.float16, torch.bfloat16) \
-            or weight.dtype != x.dtype:
-        return eager_rms_norm(x, weight, eps)
-    key = (str(x.device), aten_lanes(rows, cols), cols, x.dtype, eps)
-    if key not in _norm_matched and torch.cuda.is_current_stream_capturing():
-        return eager_rms_norm(x, weight, eps)  # not checked yet: no probing inside a capture
-    order = norm_matches_eager(rows, cols, x.dtype, eps, x.device)
-    return eager_rms_norm(x, weight, eps) if order is None else fused_rms_norm(x, weight, eps, order)
+    lanes = aten_lanes(x.numel() // cols, cols)
+    if lanes is None:
+        return x.mean(-1, keepdim=True)
+    key = (str(x.device), lanes, cols)
+    if key not in _matched and torch.cuda.is_current_stream_capturing():
+        return x.mean(-1, keepdim=True)  # not checked yet: no probing inside a capture
+    order = matches_aten(x.numel() // cols, cols, x.device)
+    return x.mean(-1, keepdim=True) if order is None else ordered_mean(x, order)
 
 
 def describe() -> str:
-    """Where the fused RMSNorm ran in place of ATen's ops so far, for engine_detail ('' if nowhere)."""
-    used = sorted({(cols, lanes) for (_, lanes, cols, _, _), order in _norm_matched.items() if order is not None})
+    """Where the kernel ran in place of ATen's so far, for engine_detail ('' if nowhere)."""
+    used = sorted((cols, lanes) for (_, lanes, cols), order in _matched.items() if order is not None)
     if not used:
         return ""
-    return "RMSNorms by an ATen-order Triton kernel (bit-equal) at " + ", ".join(
+    return "row means by an ATen-order Triton kernel (bit-equal) at " + ", ".join(
         f"{cols} columns/{lanes} lanes" for cols, lanes in used)
