@@ -502,7 +502,7 @@ class ExactLayers:
     time the shape is met, outside a CUDA graph capture; until then and where it did not, they
     take transformers' way). On the H200 it did at every suffix shape measured (16-64 queries,
     llava-1.5-7b's and vila1.5-3b's heads), and with the mask's rows aligned took 18-22 us a
-    layer where transformers' way took 35-54 (results/h200/exact_attention_h200.csv)."""
+    layer where transformers' way took 32-54 (results/h200/exact_attention_h200.csv)."""
 
     def __init__(self, dec: FastDecoder, compile=None, streams: list | None = None):
         wrap = compile or (lambda fn, dynamic: fn)
