@@ -42,8 +42,9 @@ MATMUL_ATTENTION_MAX_T = 32  # compiled steps of up to this many queries attend 
 #  "eager-casts": eager's formulas op by op, for inductor's emulate_precision_casts to round where
 #    eager does (the compiling engine turns that option on); only the fp32 mean of RMSNorm sums in
 #    inductor's order.
-#  "eager-exact": also that mean by eager's own reduction kernel (an opaque op), at two more
-#    kernels per norm: bit-identical to eager, on the CPU and on the H200 (llava-1.5-7b decode
+#  "eager-exact": also that mean in eager's own summation order (an opaque op, eager_row_mean:
+#    ATen's kernel, or on CUDA bench.row_mean's where it matched it): bit-identical to eager, on
+#    the CPU and on the H200 (llava-1.5-7b decode
 #    layers: 0 of their outputs differ, against 0.92% eager-casts and 48% fused, with
 #    deterministic attention kernels: results/h200/compile_numerics_llava-1.5-7b-deterministic.csv;
 #    the 0.03% measured earlier with cuDNN attention was that kernel's run-to-run noise).
@@ -496,11 +497,10 @@ class ExactLayers:
     additive mask SDPA would make of transformers' boolean one, made once per step instead of
     once per layer. Calls of fewer than FEW_QUERIES queries (flash or memory-efficient attention,
     which address keys by their strides) always read views (with the boolean mask). Longer ones
-    (cuDNN, which picks a plan
-    for the strides it is given) do so at a shape only once that gave bit for bit the output of
-    transformers' own way (contiguous copies, boolean mask) on this device (checked the first
-    time the shape is met, outside a CUDA graph capture; until then and where it did not, they
-    take transformers' way). On the H200 it did at every suffix shape measured (16-64 queries,
+    (cuDNN, which picks a plan for the strides it is given) do so at a shape only once that gave
+    bit for bit the output of transformers' own way (contiguous copies, boolean mask) on this
+    device (checked the first time the shape is met, outside a CUDA graph capture; until then and
+    where it did not, they take transformers' way). On the H200 it did at every suffix shape measured (16-64 queries,
     llava-1.5-7b's and vila1.5-3b's heads), and with the mask's rows aligned took 18-22 us a
     layer where transformers' way took 32-54 (results/h200/exact_attention_h200.csv)."""
 
@@ -519,16 +519,16 @@ class ExactLayers:
         k, v = keys[:, :, :end], values[:, :, :end]
         if q.shape[2] < attention_kernels.FEW_QUERIES:
             return self.dec.attend_hf(block, q, k, v, None if mask is None else mask.boolean)
+        views = lambda: self.dec.attend_hf(block, q, k, v, None if mask is None else mask.additive)  # noqa: E731
+        transformers_way = lambda: self.dec.attend_hf(  # noqa: E731
+            block, q, k.contiguous(), v.contiguous(), None if mask is None else mask.boolean)
         key = (tuple(q.shape), end, mask is not None)
         fast = self.views_match.get(key)
         if fast is None and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-            ours = self.dec.attend_hf(block, q, k, v, None if mask is None else mask.additive)
-            theirs = self.dec.attend_hf(block, q, k.contiguous(), v.contiguous(), None if mask is None else mask.boolean)
-            self.views_match[key] = torch.equal(ours, theirs)
+            theirs = transformers_way()
+            self.views_match[key] = torch.equal(views(), theirs)
             return theirs
-        if fast:
-            return self.dec.attend_hf(block, q, k, v, None if mask is None else mask.additive)
-        return self.dec.attend_hf(block, q, k.contiguous(), v.contiguous(), None if mask is None else mask.boolean)
+        return views() if fast else transformers_way()
 
     def at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None = None):
         q, k, v = block.qkv(self.norm_at(block.ln1, h), self.streams)
