@@ -27,6 +27,8 @@ only after it matched ATen bit for bit on this device (`matches_aten`), else ATe
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 try:
@@ -44,6 +46,7 @@ def _last_pow2(n: int) -> int:
     return 1 << (int(n).bit_length() - 1)
 
 
+@lru_cache(maxsize=256)
 def aten_lanes(rows: int, cols: int) -> int | None:
     """ReduceConfig's block_width for a vectorized mean of `rows` rows of `cols` float32 values,
     or None where this module does not reproduce ATen (unvectorized, or split across warps)."""
@@ -98,12 +101,18 @@ def ordered_mean(x: torch.Tensor, order: str = LANE_ORDERS[0]) -> torch.Tensor:
     if flat.data_ptr() != x.data_ptr() or (rows > 1 and flat.stride(0) % VEC):
         raise ValueError("rows must be contiguous and 16-byte aligned")
     out = torch.empty(rows, device=x.device, dtype=torch.float32)
-    factor = float(torch.tensor(rows, dtype=torch.float32) / torch.tensor(rows * cols, dtype=torch.float32))
+    factor = _factor(rows, cols)
     adjacent_below = 32 if order == LANE_ORDERS[1] else 0
     _row_mean_kernel[(rows,)](flat, out, flat.stride(0), factor, COLS=cols, LANES=lanes,
                               ITERS=-(-(cols // VEC) // lanes), LOG2_LANES=lanes.bit_length() - 1,
                               ADJACENT_BELOW=adjacent_below, num_warps=max(1, min(lanes // 32, 4)))
     return out.view(*x.shape[:-1], 1)
+
+
+@lru_cache(maxsize=256)
+def _factor(rows: int, cols: int) -> float:
+    """MeanOps' factor as ATen's mean kernel computes it: float32(rows) / float32(rows * cols)."""
+    return float(torch.tensor(rows, dtype=torch.float32) / torch.tensor(rows * cols, dtype=torch.float32))
 
 
 _matched: dict[tuple, str | None] = {}  # (device, lanes, cols) -> lane order matching ATen, None: neither
