@@ -81,6 +81,11 @@ def near_tie_share(ref: FidelityReference) -> float:
     return float(((top2[:, 0] - top2[:, 1]) <= ref.step).float().mean())
 
 
+def token_agree(tokens: list[int], ref_tokens: list[int]) -> float:
+    """Share of the reference's tokens that `tokens` equals, position by position."""
+    return sum(a == b for a, b in zip(tokens, ref_tokens)) / len(ref_tokens)
+
+
 def first_divergence(tokens: list[int], other: list[int]) -> int | None:
     """The first position where two token lists differ (None: they agree throughout)."""
     return next((i for i, (a, b) in enumerate(zip(tokens, other)) if a != b), None)
@@ -98,7 +103,7 @@ def divergence(ref: FidelityReference, tokens: list[int]) -> dict:
 
 def agreement(ref: FidelityReference, tokens: list[int]) -> dict:
     """token_agree, the first divergence and its margin, and the reference's near-tie share."""
-    return {"token_agree": sum(a == b for a, b in zip(tokens, ref.tokens)) / len(ref.tokens),
+    return {"token_agree": token_agree(tokens, ref.tokens),
             **divergence(ref, tokens), "ref_near_tie_share": near_tie_share(ref)}
 
 

@@ -42,7 +42,7 @@ from bench import attention_kernels  # noqa: E402
 from bench.attention_kernels import ATTENTION_KERNELS  # noqa: E402
 from bench.cache_policy import CachePolicy  # noqa: E402
 from bench.engine import HFCache, HFEngine  # noqa: E402
-from bench.fidelity import agreement, first_divergence, make_reference  # noqa: E402
+from bench.fidelity import agreement, first_divergence, make_reference, token_agree  # noqa: E402
 from bench.fast_decoder import ExactLayers  # noqa: E402
 from bench.fused_linear import FUSED_MAX_ROWS  # noqa: E402
 from bench.models.loader import build_preset  # noqa: E402
@@ -169,7 +169,7 @@ def main() -> None:
 
 def self_agreement(first: list[int], second: list[int]) -> dict:
     """Two runs of one way against each other (the reference's margins do not apply)."""
-    return {"token_agree": sum(a == b for a, b in zip(first, second)) / len(first),
+    return {"token_agree": token_agree(second, first),
             "first_divergence": first_divergence(first, second)}
 
 

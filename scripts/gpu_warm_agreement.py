@@ -17,6 +17,7 @@ import torch
 
 from gpu_profile_common import demo_image, profile_parser
 
+from bench.fidelity import first_divergence, token_agree
 from bench.models.loader import build_preset
 from bench.results import CsvWriter
 from variants import registry
@@ -51,10 +52,9 @@ def main() -> None:
     for name in ["hf again", *args.engines.split(",")]:
         engine = parts[name.removesuffix(" again")].make_engine(adapter, PrefixKVPolicy(4096))
         for q, (suffix, want), (_, got) in zip(QUESTIONS, ref, warm_tokens(engine, image, args.new_tokens)):
-            first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
             row = {"model": args.preset, "weights": "random", "engine": name, "question": q, "suffix_tokens": suffix,
-                   "new_tokens": len(want), "token_agree": sum(a == b for a, b in zip(got, want)) / len(want),
-                   "first_divergence": first, "engine_detail": engine.describe()}
+                   "new_tokens": len(want), "token_agree": token_agree(got, want),
+                   "first_divergence": first_divergence(got, want), "engine_detail": engine.describe()}
             w.write(row)
             print({k: row[k] for k in ("engine", "suffix_tokens", "token_agree", "first_divergence")}, flush=True)
         del engine
