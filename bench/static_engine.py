@@ -84,7 +84,7 @@ class StaticEngine(HFEngine):
         # the next request on the same prefix finds it in place and copies nothing, as a paged
         # KV cache would reference its blocks; a prefill from column 0 forgets every row.
         self.resident: dict[int, weakref.ref] = {}
-        self._staged: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # suffix ids per bucket
+        self._staged: dict[int, tuple] = {}  # suffix ids per bucket: host, its numpy view, device
         self.prefetch = self._int4_prefetch()
 
     def _int4_prefetch(self) -> DensePrefetch | None:
@@ -207,34 +207,34 @@ class StaticEngine(HFEngine):
                 return self.suffix_token(ids, lengths[0], bucket)
         return super()._suffix_prefill(prepared, cache, lengths)
 
-    def _suffix_inputs(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(host staging, device input) for a bucket: [ids padded to `bucket`, real count].
-        The host side is pinned on CUDA, so staging a request is one asynchronous copy."""
+    def _suffix_inputs(self, bucket: int) -> tuple:
+        """(host staging, its numpy view, device input) for a bucket: [ids padded to `bucket`,
+        real count]. The host side is pinned on CUDA, so staging a request is one asynchronous
+        copy (GraphEngine: a node of the suffix graph, not a call of its own)."""
         found = self._staged.get(bucket)
         if found is None:
             dev = self.adapter.device
             dev_in = torch.zeros(bucket + 1, dtype=torch.long, device=dev)
             host = torch.zeros(bucket + 1, dtype=torch.long, pin_memory=True) if dev.type == "cuda" else dev_in
-            found = self._staged[bucket] = (host, dev_in)
+            found = self._staged[bucket] = (host, host.numpy(), dev_in)
         return found
 
     def suffix_token(self, ids: list[int], start: int, bucket: int) -> tuple[torch.Tensor, list[int]]:
         """Greedy next token (device [1], host list) after the suffix `ids` written at `start`,
         the prefix in place before it: the ids, padded to `bucket`, and their count go to the
         device in one copy, and embedding, decoder step and argmax follow on the device (one
-        graph replay on GraphEngine: a warm request's first token costs the host a copy, a
-        replay and the read of the token, not a dozen launches)."""
-        host, dev_in = self._suffix_inputs(bucket)
-        staged = host.numpy()
+        graph replay on GraphEngine: a warm request's first token costs the host a replay and
+        the read of the token, not a dozen launches)."""
+        host, staged, dev_in = self._suffix_inputs(bucket)
         staged[:len(ids)] = ids
         staged[len(ids):bucket] = 0  # padding: written past the real tokens, never attended by them
         staged[bucket] = len(ids)
-        if dev_in is not host:
-            dev_in.copy_(host, non_blocking=True)
-        token = self._suffix_token_call(dev_in, bucket, self.key_len(start, bucket))
+        token = self._suffix_token_call(host, dev_in, bucket, self.key_len(start, bucket))
         return token, token.tolist()  # the read waits for the copy: `host` is free again after it
 
-    def _suffix_token_call(self, dev_in: torch.Tensor, bucket: int, key_len: int) -> torch.Tensor:
+    def _suffix_token_call(self, host: torch.Tensor, dev_in: torch.Tensor, bucket: int, key_len: int) -> torch.Tensor:
+        if dev_in is not host:
+            dev_in.copy_(host, non_blocking=True)
         embeds = self.decoder.embed(dev_in[None, :bucket])
         return self._lm_step(embeds, dev_in[bucket], key_len)[:, -1].argmax(-1)
 
@@ -414,13 +414,14 @@ class GraphEngine(StaticEngine):
         return cap.output.clone()  # the graph's output is overwritten by the next replay
 
     # ---------------------------------------------------------------------------------- LM
-    def _suffix_token_call(self, dev_in: torch.Tensor, bucket: int, key_len: int) -> torch.Tensor:
+    def _suffix_token_call(self, host: torch.Tensor, dev_in: torch.Tensor, bucket: int, key_len: int) -> torch.Tensor:
         key = ("suffix ids", bucket, key_len)  # a graph per bucket and attended length
         cap = self.lm_graphs.get(key)
-        if cap is None:
-            graph, out = self._capture(lambda: super(GraphEngine, self)._suffix_token_call(dev_in, bucket, key_len),
+        if cap is None:  # the graph's first node copies the pinned staging buffer in
+            call = super(GraphEngine, self)._suffix_token_call
+            graph, out = self._capture(lambda: call(host, dev_in, bucket, key_len),
                                        f"suffix prefill ({bucket} tokens)", True)
-            cap = self.lm_graphs[key] = _Captured(graph, (dev_in,), out)
+            cap = self.lm_graphs[key] = _Captured(graph, (host, dev_in), out)
         cap.graph.replay()
         return cap.output  # overwritten by the next replay: decode copies it before any
 

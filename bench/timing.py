@@ -22,15 +22,23 @@ class _Mark:
     host_only: bool  # the phase ending here is measured on the host clock
 
 
+# Idle timing events per device, reused by later timelines: a request marks ~130 times (one per
+# decode step) and a new torch.cuda.Event costs a Python object and a cudaEventCreate on the host
+# path, five of them before a warm request's first token. (Hand-written: torch keeps no such pool.)
+_IDLE_EVENTS: dict[int, list] = {}
+
+
 class Timeline:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self._marks: list[_Mark] = []
+        self._phases: list[tuple[str, float]] | None = None
+        self._idle = _IDLE_EVENTS.setdefault(torch.cuda.current_device(), []) if self.cuda else []
 
     def mark(self, label: str, host_only: bool = False) -> None:
         event = None
         if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
+            event = self._idle.pop() if self._idle else torch.cuda.Event(enable_timing=True)
             event.record()
         self._marks.append(_Mark(label, time.perf_counter(), event, host_only))
 
@@ -39,7 +47,10 @@ class Timeline:
             torch.cuda.synchronize()
 
     def phases_ms(self) -> list[tuple[str, float]]:
-        """[(label, ms)] for every mark after the first."""
+        """[(label, ms)] for every mark after the first (read once: the events then go back to
+        the idle pool)."""
+        if self._phases is not None:
+            return list(self._phases)
         self.synchronize()
         out = []
         for prev, cur in zip(self._marks, self._marks[1:]):
@@ -48,7 +59,11 @@ class Timeline:
             else:
                 ms = (cur.host_s - prev.host_s) * 1e3
             out.append((cur.label, ms))
-        return out
+        self._phases = out
+        self._idle.extend(m.event for m in self._marks if m.event is not None)
+        for m in self._marks:
+            m.event = None
+        return list(out)
 
     def span_ms(self) -> float:
         """Wall time from the first mark to now (after synchronize)."""

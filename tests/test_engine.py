@@ -70,3 +70,24 @@ def test_timeline_phases_tile():
     assert [p[0] for p in phases] == ["a", "b", "b", "c"]
     assert all(ms > 0 for _, ms in phases)
     assert sum(ms for _, ms in phases) <= tl.span_ms()
+    assert tl.phases_ms() == phases  # read once, kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_timelines_reuse_their_events_and_time_each_phase():
+    from bench.timing import Timeline
+
+    x = torch.randn(2048, 2048, device="cuda")
+    x = (x @ x).tanh()  # cuBLAS set up before anything is timed
+    torch.cuda.synchronize()
+    measured = []
+    for work in (1, 8, 1):  # the second timeline reuses the first one's events
+        tl = Timeline(torch.device("cuda"))
+        tl.mark("start", host_only=True)
+        for _ in range(work):
+            x = (x @ x).tanh()
+        tl.mark("gpu")
+        tl.mark("idle")
+        measured.append(dict(tl.phases_ms()))
+    assert measured[1]["gpu"] > 3 * measured[0]["gpu"] and measured[1]["gpu"] > 3 * measured[2]["gpu"]
+    assert all(m["idle"] < m["gpu"] for m in measured)

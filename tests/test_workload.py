@@ -141,17 +141,19 @@ def test_a_single_image_request_is_keyed_by_its_file(demo_image, tmp_path):
 
 
 def test_fixed_prompt_text_is_tokenized_once(demo_image):
-    """A warm request tokenizes only what changes: the template text around the images is
-    memoized, and the prepared prompt is the same as without the memo."""
+    """A warm request tokenizes only what changes: the template text before the (last) image is
+    memoized, one tokenizer call covers the rest, and the prepared prompt is the same as
+    without the memo."""
     for preset in ("tiny-llava", "tiny-vila", "tiny-internvl"):
         adapter = build_preset(preset, None, torch.device("cpu"), torch.float32)
         first = adapter.prepare_text("What is shown?", demo_image)
         calls = []
-        tokenize = adapter._tokenize
-        adapter._tokenize = lambda text, add_bos: calls.append(text) or tokenize(text, add_bos)
+        encode = adapter._encode
+        adapter._encode = lambda text: calls.append(text) or encode(text)
         again = adapter.prepare_text("What is shown?", demo_image)
         assert (again.text_segments, again.suffix_ids) == (first.text_segments, first.suffix_ids)
         assert len(calls) == 1, (preset, calls)
+        assert "What is shown?" in calls[0] and adapter.template.system not in calls[0], (preset, calls)
         fresh = build_preset(preset, None, torch.device("cpu"), torch.float32)
         other = fresh.prepare_text("Something else entirely?", demo_image)
         memo = adapter.prepare_text("Something else entirely?", demo_image)

@@ -72,10 +72,10 @@ class InternVLAdapter(NativeVLMAdapter):
         else:
             block = one + "\n"
         counts = [self.tiles(im, video) * self.tokens_per_tile for im in images]
-        return prepare_by_placeholders(self, question, block, self.image_token_id, counts)
+        return prepare_by_placeholders(self, question, block, IMAGE_CONTEXT, self.image_token_id, counts)
 
     def _tokenize(self, text: str, add_bos: bool) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids  # Qwen2: no BOS
+        return self._encode(text)  # Qwen2: no BOS
 
     def preprocess_image(self, image: Image.Image, video: bool = False) -> torch.Tensor:
         tiled = not video and self.max_tiles > 1

@@ -36,7 +36,7 @@ class LlavaAdapter(NativeVLMAdapter):
     def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
         n = self.image_count(visual)
         block = (IMAGE_PLACEHOLDER + self.image_separator) * n
-        return prepare_by_placeholders(self, question, block, self.image_token_id, [self.image_tokens] * n)
+        return prepare_by_placeholders(self, question, block, IMAGE_PLACEHOLDER, self.image_token_id, [self.image_tokens] * n)
 
     # device ------------------------------------------------------------------------------
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ class NativeVLMAdapter(VLMAdapter):
         # The decoder stack only: lm_head stays in dtype.
         return [self.model.model.language_model] + (self.vision_modules() if include_vision else [])
 
-    def input_embeddings(self) -> torch.nn.Embedding:
+    def find_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.get_input_embeddings()
 
     def decoder_parts(self):

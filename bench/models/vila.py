@@ -110,7 +110,7 @@ class VilaAdapter(VLMAdapter):
         # The decoder stack only: lm_head stays in dtype.
         return [self.model.llm.model] + (self.vision_modules() if include_vision else [])
 
-    def input_embeddings(self) -> torch.nn.Embedding:
+    def find_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.llm.get_input_embeddings()
 
     def decoder_parts(self):
