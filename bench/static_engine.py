@@ -209,32 +209,35 @@ class StaticEngine(HFEngine):
 
     def _suffix_inputs(self, bucket: int) -> tuple:
         """(host staging, its numpy view, device input) for a bucket: [ids padded to `bucket`,
-        real count]. The host side is pinned on CUDA, so staging a request is one asynchronous
-        copy (GraphEngine: a node of the suffix graph, not a call of its own)."""
+        real count, start column]. The host side is pinned on CUDA, so staging a request is one
+        asynchronous copy (GraphEngine: a node of the suffix graph, not a call of its own)."""
         found = self._staged.get(bucket)
         if found is None:
             dev = self.adapter.device
-            dev_in = torch.zeros(bucket + 1, dtype=torch.long, device=dev)
-            host = torch.zeros(bucket + 1, dtype=torch.long, pin_memory=True) if dev.type == "cuda" else dev_in
+            dev_in = torch.zeros(bucket + 2, dtype=torch.long, device=dev)
+            host = torch.zeros(bucket + 2, dtype=torch.long, pin_memory=True) if dev.type == "cuda" else dev_in
             found = self._staged[bucket] = (host, host.numpy(), dev_in)
         return found
 
     def suffix_token(self, ids: list[int], start: int, bucket: int) -> tuple[torch.Tensor, list[int]]:
         """Greedy next token (device [1], host list) after the suffix `ids` written at `start`,
-        the prefix in place before it: the ids, padded to `bucket`, and their count go to the
-        device in one copy, and embedding, decoder step and argmax follow on the device (one
-        graph replay on GraphEngine: a warm request's first token costs the host a replay and
-        the read of the token, not a dozen launches)."""
+        the prefix in place before it: the ids, padded to `bucket`, their count and `start` go
+        to the device in one copy, and the buffers' length, embedding, decoder step and argmax
+        follow on the device (one graph replay on GraphEngine: a warm request's first token
+        costs the host a replay and the read of the token, not a dozen launches)."""
         host, staged, dev_in = self._suffix_inputs(bucket)
         staged[:len(ids)] = ids
         staged[len(ids):bucket] = 0  # padding: written past the real tokens, never attended by them
         staged[bucket] = len(ids)
+        staged[bucket + 1] = start
+        self.cache.take_deferred()  # (== start when deferred): the call below writes the length
         token = self._suffix_token_call(host, dev_in, bucket, self.key_len(start, bucket))
         return token, token.tolist()  # the read waits for the copy: `host` is free again after it
 
     def _suffix_token_call(self, host: torch.Tensor, dev_in: torch.Tensor, bucket: int, key_len: int) -> torch.Tensor:
         if dev_in is not host:
             dev_in.copy_(host, non_blocking=True)
+        self.cache.length.copy_(dev_in[bucket + 1])
         embeds = self.decoder.embed(dev_in[None, :bucket])
         return self._lm_step(embeds, dev_in[bucket], key_len)[:, -1].argmax(-1)
 
@@ -392,6 +395,7 @@ class GraphEngine(StaticEngine):
         static, n_real = cap.inputs
         static[:, :embeds.shape[1]].copy_(embeds)  # the padding keeps stale finite embeddings
         n_real.fill_(embeds.shape[1])
+        self.cache.take_deferred()  # the replay writes the length
         cap.graph.replay()
         return cap.output
 
@@ -466,6 +470,7 @@ class GraphEngine(StaticEngine):
         return tok
 
     def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
+        cache.settle()  # the replay advances the length on the device
         self._set_decode_input(token)  # the same replay decode runs, fed the given token
         cap = self._decode_graph(token.shape[0], self._decode_lengths(cache, 1)[0])
         cap.graph.replay()
@@ -474,6 +479,7 @@ class GraphEngine(StaticEngine):
     def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
         if steps == 0:
             return []
+        cache.settle()  # the replays advance the length on the device
         tok = self._set_decode_input(token)
         out = []
         for key_len in self._decode_lengths(cache, steps):

@@ -118,6 +118,26 @@ def test_kv_buffers_save_and_restore_a_prefix_as_one_tensor():
     assert not kv.data[..., 5:, :].any()
 
 
+def test_kv_length_deferred_by_reset_and_an_in_place_prefix_is_settled_before_use(monkeypatch):
+    """A warm request's reset and in-place prefix write nothing to the device; whatever reads
+    or advances the length first writes it (and a suffix call takes it with its inputs)."""
+    kv = KVBuffers(layers=1, kv_heads=1, head_dim=4, max_len=16, device=CPU, dtype=torch.float32)
+    kv.length.fill_(11)  # a previous request's end
+    writes = []
+    for name in ("fill_", "zero_", "copy_"):
+        monkeypatch.setattr(type(kv.length), name, lambda t, *a, _f=getattr(torch.Tensor, name), _n=name:
+                            writes.append(_n) or _f(t, *a))
+    kv.reset()
+    entry = torch.zeros(1, 2, 1, 1, 7, 4)
+    assert kv.load_prefixes([entry], in_place=[True]) == [7]
+    assert writes == [] and kv.get_seq_length() == 7 and int(kv.length) == 11
+    assert kv.positions()[0].item() == 7 and writes == ["fill_"]  # settled
+    kv.reset()
+    assert kv.take_deferred() == 0 and kv.deferred is None and kv.get_seq_length() == 7
+    kv.load_prefixes([entry])  # copied: written at once
+    assert kv.deferred is None and int(kv.length) == 7
+
+
 def test_long_inputs_run_the_original_projections():
     torch.manual_seed(0)
     linears = [nn.Linear(32, 32) for _ in range(2)]
