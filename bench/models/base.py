@@ -195,8 +195,8 @@ class VLMAdapter:
 
     # --- device side ------------------------------------------------------------------
     # device and dtype are read on every request (a warm one's host path is ~0.5 ms on the H200
-    # machine): the module they come from is found once. Nothing here replaces a model's
-    # embedding or first parameter after loading (weight variants swap Linear layers only).
+    # machine): the embedding module they come from is found once. Nothing here replaces it
+    # after loading (weight variants swap Linear layers only).
     @property
     def device(self) -> torch.device:
         return self.input_embeddings().weight.device
