@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -47,6 +48,37 @@ def event_times_ms(fn, reps: int) -> list[float]:
         b.record()
         torch.cuda.synchronize()
         out.append(a.elapsed_time(b))
+    return out
+
+
+def suffix_graph_replays(engine, start: int, reps: int = 20, before=None) -> dict:
+    """Each captured suffix graph that can run after a `start`-token prefix (its keys reach
+    start + its length), replayed alone `reps` times from column `start` (the start column its
+    staged inputs carry, which the graph copies in): {graph key: (host ms of each replay() call,
+    ms between CUDA events around it)}. `before` runs ahead of each replay (e.g. a sleep); the
+    buffers' positions are restored afterwards."""
+    out = {}
+    with torch.inference_mode():  # the engine's buffers are inference tensors
+        saved = engine.cache.positions()
+        for key, cap in engine.lm_graphs.items():
+            if key[0] != "suffix ids" or start + key[1] > key[2]:
+                continue  # (a graph for another prefix length: replaying it here would write past its keys)
+            engine._suffix_inputs(key[1])[1][key[1] + 1] = start
+            launch, gpu = [], []
+            for _ in range(reps):
+                torch.cuda.synchronize()
+                if before is not None:
+                    before()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                t = time.perf_counter()
+                cap.graph.replay()
+                launch.append((time.perf_counter() - t) * 1e3)
+                b.record()
+                torch.cuda.synchronize()
+                gpu.append(a.elapsed_time(b))
+            out[key] = (launch, gpu)
+        engine.cache.set_positions(saved)
     return out
 
 

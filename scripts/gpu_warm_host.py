@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_profile_common import QUESTION, demo_image, profile_parser
+from gpu_profile_common import QUESTION, demo_image, profile_parser, suffix_graph_replays
 
 from bench import timing
 from bench.config import DEMO_IMAGE
@@ -170,34 +170,16 @@ def main() -> None:
                      "n": ""})
             print(f"  {us:8.1f} us  {name}{tag}", flush=True)
 
-    prefix_len = r.cached_tokens
-    with torch.inference_mode():
-        for key, cap in getattr(engine, "lm_graphs", {}).items():
-            if key[0] != "suffix ids" or prefix_len + key[1] != key[2]:
-                continue
-            saved = engine.cache.positions()
-            for sleep in (0.0, 0.05):
-                launch, gpu = [], []
-                for _ in range(20):
-                    engine.cache.length.fill_(prefix_len)
-                    torch.cuda.synchronize()
-                    if sleep:
-                        time.sleep(sleep)
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    t = time.perf_counter()
-                    cap.graph.replay()
-                    launch.append((time.perf_counter() - t) * 1e3)
-                    b.record()
-                    torch.cuda.synchronize()
-                    gpu.append(a.elapsed_time(b))
-                tag = ", after a 50 ms sleep" if sleep else ""
+    if hasattr(engine, "lm_graphs"):
+        for sleep in (0.0, 0.05):
+            replays = suffix_graph_replays(engine, r.cached_tokens, before=(lambda: time.sleep(sleep)) if sleep else None)
+            tag = ", after a 50 ms sleep" if sleep else ""
+            for key, (launch, gpu) in replays.items():
                 for name, v in (("replay() host call", launch), ("events around replay()", gpu)):
                     w.write({**who, "what": f"suffix graph ({key[1]} tokens, {key[2]} keys){tag}", "name": name,
                              "ms": statistics.median(v), "start_ms": "", "n": len(v)})
                 print(f"suffix graph {key}{tag}: launch {statistics.median(launch):.3f} ms on the host, "
                       f"{statistics.median(gpu):.3f} ms between events", flush=True)
-            engine.cache.set_positions(saved)
 
     if args.trace:
         from torch.profiler import ProfilerActivity, profile

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from gpu_profile_common import QUESTION, demo_image, kernel_times, profile_parser
+from gpu_profile_common import QUESTION, demo_image, kernel_times, profile_parser, suffix_graph_replays
 
 from bench.config import DEMO_IMAGE
 from bench.gpu_monitor import GpuMonitor
@@ -90,21 +90,7 @@ def main() -> None:
                  "ms": statistics.median(ttfts), "launches": ""})
         print(f"{label:40s} TTFT {statistics.median(ttfts):.3f} ms | " + ", ".join(parts), flush=True)
     prefix_len = engine.run(visual, QUESTIONS[0], 1).cached_tokens
-    for key, cap in engine.lm_graphs.items():  # each captured suffix graph replayed alone: its wall time
-        if key[0] != "suffix ids" or prefix_len + key[1] > key[2]:
-            continue  # (a graph for another prefix length: replaying it here would write past its keys)
-        walls = []
-        with torch.inference_mode():  # the engine's buffers are inference tensors
-            saved = engine.cache.positions()
-            for _ in range(20):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                engine.cache.length.fill_(prefix_len)  # where a warm request's suffix starts (replays advance it)
-                a.record()
-                cap.graph.replay()
-                b.record()
-                torch.cuda.synchronize()
-                walls.append(a.elapsed_time(b))
-            engine.cache.set_positions(saved)
+    for key, (_, walls) in suffix_graph_replays(engine, prefix_len).items():  # each suffix graph alone
         w.write({**who, "what": "suffix graph replay alone", "name": f"bucket {key[1]} keys {key[2]}",
                  "ms": statistics.median(walls), "launches": ""})
         print(f"suffix graph (bucket {key[1]}) replay alone: {statistics.median(walls):.3f} ms", flush=True)
