@@ -16,13 +16,13 @@ pd.set_option("display.width", 200)"""
 
 compare = new_notebook(cells=[
     new_markdown_cell("# Compare variants\n\nPoint `RESULTS_DIRS` at one or more results directories "
-                      "(each with `runs.csv` and `summary.csv`). Figures come from `bench.report`, the same code "
+                      "(each with `runs.csv` and `summary.csv`). Figures come from `bench.analysis.report`, the same code "
                       "as `python -m bench report`. Skipped/failed variants and invalid summaries are shown, "
                       "never dropped."),
     new_code_cell("# Parameters (or set BENCH_RESULTS_DIRS, os.pathsep-separated)\n"
                   "RESULTS_DIRS = ['../results/h200/llava-1.5-7b-engines', '../results/h200/vila1.5-3b-engines']",
                   metadata={"tags": ["parameters"]}),
-    new_code_cell(SETUP + "\nfrom bench import report\n"
+    new_code_cell(SETUP + "\nfrom bench.analysis import report\n"
                   "dirs = os.environ.get('BENCH_RESULTS_DIRS', '').split(os.pathsep) if os.environ.get('BENCH_RESULTS_DIRS') else RESULTS_DIRS\n"
                   "runs, summary = report.load(dirs)\n"
                   "# per-variant figures: each directory's first workload point; the sweep figures show the axes\n"
@@ -63,7 +63,7 @@ regression = new_notebook(cells=[
                   "BASELINE = '../results/ci-baseline'\nCANDIDATE = '../results/ci-baseline'\n"
                   "METRICS = ['ttft_ms', 'tpot_ms', 'prefill_ms', 'e2e_ms']\nALPHA, FACTOR = 0.01, 1.10",
                   metadata={"tags": ["parameters"]}),
-    new_code_cell(SETUP + "\nfrom bench.compare import compare_runs, load_runs\n"
+    new_code_cell(SETUP + "\nfrom bench.analysis.compare import compare_runs, load_runs\n"
                   "base = load_runs(os.environ.get('BENCH_BASELINE', BASELINE))\n"
                   "cand = load_runs(os.environ.get('BENCH_CANDIDATE', CANDIDATE))\n"
                   "metrics = [m for m in METRICS if m in base.columns and m in cand.columns]\n"

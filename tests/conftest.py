@@ -9,9 +9,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.cli import _quiet_libraries  # noqa: E402
+from bench.cli.common import quiet_libraries  # noqa: E402
 
-_quiet_libraries()
+quiet_libraries()
 torch.set_num_threads(2)
 
 DEMO = ROOT / "bench" / "assets" / "demo.png"

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.cache_policy import CachePolicy
-from bench.engine import HFEngine, layout_rows
+from bench.engines.cache_policy import CachePolicy
+from bench.engines.hf import HFEngine, layout_rows
 from bench.models.loader import load_checkpoint
-from bench.static_engine import StaticEngine
+from bench.engines.static import StaticEngine
 from variants.prefix import ImageEmbedPolicy, PrefixKVPolicy
 
 CPU = torch.device("cpu")

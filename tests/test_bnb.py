@@ -8,7 +8,7 @@ pytest.importorskip("bitsandbytes")
 from bitsandbytes.nn import Linear4bit, Linear8bitLt  # noqa: E402
 
 from bench.cli import run_main  # noqa: E402
-from bench.source import ModelSource  # noqa: E402
+from bench.models.source import ModelSource  # noqa: E402
 from variants import parse_variant  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -4,8 +4,9 @@ import subprocess
 import sys
 import time
 
+import pytest
 
-from bench.ci import BASELINE_DIR, CI_BENCH_ARGS, CI_GATE_FACTOR, CI_GATE_METRICS
+from bench.cli.ci_bench import BASELINE_DIR, CI_BENCH_ARGS, CI_GATE_FACTOR, CI_GATE_METRICS
 from bench.cli import main, run_main
 from bench.models.vila import VilaAdapter
 from tests.conftest import ROOT
@@ -14,6 +15,7 @@ SMALL = ["--preset", "tiny-vila", "--device", "cpu", "--variants", "fp16", "--nu
          "--max-new-tokens", "16", "--warmup", "1", "--no-fidelity", "--text-prompt", "What is here?"]
 
 
+@pytest.mark.timing
 def test_ci_benchmark_against_committed_baseline(tmp_path):
     """Fails when a change breaks the KV cache or adds per-token work (gross slowdowns only)."""
     assert (ROOT / BASELINE_DIR / "runs.csv").is_file(), "refresh with: python -m bench ci-bench " + BASELINE_DIR
@@ -26,6 +28,7 @@ def test_ci_benchmark_against_committed_baseline(tmp_path):
     assert rc == 0, (tmp_path / "verdict.json").read_text()
 
 
+@pytest.mark.timing
 def test_gate_catches_injected_per_token_delay_and_passes_interleaved_aa(tmp_path, monkeypatch):
     a, b, slow = tmp_path / "a", tmp_path / "b", tmp_path / "slow"
     for _ in range(3):  # interleaved A/A: machine drift hits both sides alike
@@ -47,7 +50,7 @@ def test_gate_catches_injected_per_token_delay_and_passes_interleaved_aa(tmp_pat
 
 
 def test_ci_bench_args_are_a_valid_run_config():
-    from bench.config import config_from_args
+    from bench.run.config import config_from_args
 
     cfg = config_from_args(CI_BENCH_ARGS)
     assert cfg.num_runs >= 10 and not cfg.fidelity

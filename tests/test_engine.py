@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from bench.cache_policy import CachePolicy
-from bench.engine import HFEngine
-from bench.metrics import phases_total_ms, request_metrics
+from bench.engines.cache_policy import CachePolicy
+from bench.engines.hf import HFEngine
+from bench.measure.metrics import phases_total_ms, request_metrics
 from bench.models.loader import load_checkpoint
 
 CPU = torch.device("cpu")
@@ -59,7 +59,7 @@ def test_phases_add_up_to_e2e(checkpoint_dirs, demo_image):
 
 
 def test_timeline_phases_tile():
-    from bench.timing import Timeline
+    from bench.measure.timing import Timeline
 
     tl = Timeline(CPU)
     tl.mark("start", host_only=True)
@@ -75,7 +75,7 @@ def test_timeline_phases_tile():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_timelines_reuse_their_events_and_time_each_phase():
-    from bench.timing import Timeline
+    from bench.measure.timing import Timeline
 
     x = torch.randn(2048, 2048, device="cuda")
     x = (x @ x).tanh()  # cuBLAS set up before anything is timed

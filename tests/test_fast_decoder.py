@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from bench.cache_policy import CachePolicy
-from bench.fast_decoder import FastDecoder, KVBuffers, fast_decoder, inductor_options
-from bench.fused_linear import FusedProjections
+from bench.engines.cache_policy import CachePolicy
+from bench.engines.decoder import FastDecoder, KVBuffers, fast_decoder, inductor_options
+from bench.engines.fused_linear import FusedProjections
 from bench.models.loader import load_checkpoint
-from bench.static_engine import SUFFIX_BUCKETS, StaticEngine
+from bench.engines.static import SUFFIX_BUCKETS, StaticEngine
 from tests.test_engine import reference_generate
 from variants.prefix import PrefixKVPolicy
 
@@ -198,7 +198,7 @@ def test_prefill_step_and_offset_prefill_give_the_same_logits(family, checkpoint
 def test_matmul_attention_equals_sdpa_with_grouped_heads_and_batch_masks():
     """The compiled steps' attention (transformers' eager arithmetic) against SDPA: shared kv
     heads, a causal-offset mask [t, keys] and a per-row mask with padding gaps [b, 1, t, keys]."""
-    from bench.fast_decoder import _additive
+    from bench.engines.decoder import _additive
 
     torch.manual_seed(0)
     cfg = SimpleNamespace(model_type="llama", num_attention_heads=8, num_key_value_heads=2, hidden_size=64)
@@ -246,7 +246,7 @@ def test_unsupported_decoder_is_a_skip_reason():
 def test_teacher_forced_through_the_engine_matches_transformers(family, checkpoint_dirs, demo_image):
     """engine_kl_mean's input: the static engine's prefill + decode steps, fed the baseline's
     tokens, give transformers' log-probs; a wrong decode step would not."""
-    from bench import fidelity
+    from bench.run import fidelity
 
     adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
     q = "What is shown?"

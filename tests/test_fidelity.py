@@ -2,7 +2,7 @@
 first differing token, and the share of near-tied positions."""
 import torch
 
-from bench.fidelity import FidelityReference, divergence, near_tie_share, rounding_step
+from bench.run.fidelity import FidelityReference, divergence, near_tie_share, rounding_step
 
 
 def test_rounding_step_is_one_ulp_of_the_dtype():

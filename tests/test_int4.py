@@ -135,9 +135,9 @@ def _layer_errors(fp, quant, image) -> float:
 
 
 def test_awq_beats_rtn_on_planted_outliers(demo_image):
-    from bench import fidelity
-    from bench.engine import HFEngine
-    from bench.cache_policy import CachePolicy
+    from bench.run import fidelity
+    from bench.engines.hf import HFEngine
+    from bench.engines.cache_policy import CachePolicy
     from bench.models.loader import build_preset
     from bench.quant.awq import Int4Options, calibration_images, quantize_model
 
@@ -204,7 +204,7 @@ def test_saved_awq_model_reloads_with_identical_logits(preset, demo_image, tmp_p
 
 
 def test_variant_reuses_the_saved_model(tmp_path, demo_image):
-    from bench.source import ModelSource
+    from bench.models.source import ModelSource
     from variants import parse_variant
 
     opts = {"int4_group_size": 32, "awq_calib": 2, "int4_dense_rows": 32, "seed": 0,
@@ -253,7 +253,7 @@ def write_autoawq_checkpoint(src, dst, family: str, group: int = 32):
 @pytest.mark.parametrize("family", ["llava", "vila", "internvl"])
 def test_autoawq_checkpoint_loads_and_equals_rtn(family, checkpoint_dirs, tmp_path, demo_image):
     from bench.quant.awq import Int4Options, int4_layers, quantize_model
-    from bench.source import ModelSource
+    from bench.models.source import ModelSource
 
     src = checkpoint_dirs[family]
     awq_dir = write_autoawq_checkpoint(src, tmp_path / "awq", family)
@@ -385,11 +385,11 @@ def test_dense_path_compiles_as_one_graph():
 def test_int4_model_on_the_static_engine_fuses_and_matches_hf(family, checkpoint_dirs, demo_image):
     """awq4/rtn4 weights under the static engines: q/k/v and gate/up become fused int4 GEMMs
     (codes concatenated exactly) and the greedy tokens equal the hf engine's, prefix or not."""
-    from bench.cache_policy import CachePolicy
-    from bench.engine import HFEngine
+    from bench.engines.cache_policy import CachePolicy
+    from bench.engines.hf import HFEngine
     from bench.models.loader import load_checkpoint
     from bench.quant.awq import Int4Options, quantize_model
-    from bench.static_engine import StaticEngine
+    from bench.engines.static import StaticEngine
     from variants.prefix import PrefixKVPolicy
 
     adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.float32)
@@ -409,11 +409,11 @@ def test_prefetched_prefill_weights_give_the_in_line_logits(checkpoint_dirs, dem
     """Full prefill over int4 weights reads dense copies made a layer ahead, two slots shared by
     alternate layers: the logits equal those of dequantizing in line (so every layer read its
     own weights), and the slots are not counted as weights."""
-    from bench.cache_policy import CachePolicy
+    from bench.engines.cache_policy import CachePolicy
     from bench.models.loader import load_checkpoint
     from bench.quant.awq import Int4Options, quantize_model
-    from bench.runner import weight_mb
-    from bench.static_engine import StaticEngine
+    from bench.run.runner import weight_mb
+    from bench.engines.static import StaticEngine
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
     quantize_model(adapter, Int4Options(method="rtn", group_size=32))
@@ -446,7 +446,7 @@ def test_cuda_prefetched_prefill_matches_in_line():
     prefill): the prefill's logits equal dequantizing in line, on the first and later calls."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bench.fast_decoder import FastDecoder
+    from bench.engines.decoder import FastDecoder
     from bench.quant.int4 import use_prefill_weights
     from bench.quant.prefetch import DensePrefetch
 

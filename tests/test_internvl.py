@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
-from bench.engine import HFEngine
-from bench.cache_policy import CachePolicy
+from bench.engines.hf import HFEngine
+from bench.engines.cache_policy import CachePolicy
 from bench.models.loader import build_preset, load_checkpoint
-from bench.visual import VisualInput
+from bench.models.visual import VisualInput
 
 from test_engine import native_ids
 
@@ -95,7 +95,7 @@ def test_checkpoint_layout_on_disk(tiny_internvl_dir):
 
 
 def test_static_engine_with_prefix_on_video(checkpoint_dirs, demo_image):
-    from bench.static_engine import StaticEngine
+    from bench.engines.static import StaticEngine
     from variants.prefix import PrefixKVPolicy
 
     a = load_checkpoint(checkpoint_dirs["internvl"], None, CPU, torch.float32)

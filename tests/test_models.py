@@ -7,7 +7,7 @@ from transformers import DynamicCache
 
 from bench.models.loader import build_preset, load_checkpoint
 from bench.models.vila import DownSampleBlock, downsampled_tokens
-from bench.templates import TEMPLATES
+from bench.models.templates import TEMPLATES
 
 CPU = torch.device("cpu")
 
@@ -136,7 +136,7 @@ def test_big_presets_have_exact_dims():
     from bench.models.presets import PRESETS
     from bench.models.tokenizer import build_tokenizer
     from bench.models.vila import vila_configs
-    from bench.templates import TEMPLATE_SPECIAL_TOKENS
+    from bench.models.templates import TEMPLATE_SPECIAL_TOKENS
 
     p = PRESETS["llava-1.5-7b"]
     tok = build_tokenizer(p.tokenizer_base_vocab, list(p.special_tokens) + TEMPLATE_SPECIAL_TOKENS)

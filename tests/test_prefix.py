@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.cache_policy import CachePolicy
+from bench.engines.cache_policy import CachePolicy
 from bench.cli import run_main
-from bench.engine import HFEngine
-from bench.lru import ByteLRU
+from bench.engines.hf import HFEngine
+from bench.engines.lru import ByteLRU
 from bench.models.loader import build_preset, load_checkpoint
-from bench.templates import TEMPLATES
+from bench.models.templates import TEMPLATES
 from variants.prefix import ImageEmbedPolicy, PrefixKVPolicy
 
 CPU = torch.device("cpu")

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.compare import main as compare_main
-from bench.metrics import RUN_COLUMNS
-from bench.regress import compare_samples, hodges_lehmann_ratio, min_samples_ok
+from bench.cli.compare import main as compare_main
+from bench.measure.metrics import RUN_COLUMNS
+from bench.analysis.regress import compare_samples, hodges_lehmann_ratio, min_samples_ok
 
 
 def lognormal(rng, n, scale=1.0, sigma=0.05):

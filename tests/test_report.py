@@ -79,7 +79,7 @@ def test_static_report(tiny_results, tmp_path):
 
 
 def test_sweep_figures_follow_the_axes(sweep_results, tmp_path):
-    from bench import report
+    from bench.analysis import report
 
     runs, summary = report.load([sweep_results])
     t = report._sweep(summary, "batch_size", ["tpot_ms"])
@@ -106,7 +106,7 @@ def test_committed_notebooks_have_no_outputs():
 def test_readme_block_is_generated_from_committed_results(tmp_path):
     import shutil
 
-    from bench.report import embed_in_readme, write_report
+    from bench.analysis.report import embed_in_readme, write_report
 
     import re
 

@@ -1,4 +1,4 @@
-"""bench.row_mean: ATen's reduction order for a row mean, reproduced by a Triton kernel.
+"""bench.engines.row_mean: ATen's reduction order for a row mean, reproduced by a Triton kernel.
 
 On the CPU: which lane count ATen's CUDA kernel uses per shape, and the Triton kernel (in
 Triton's interpreter, where Triton is installed) against a plain-torch statement of that order.
@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from bench import row_mean
-from bench.row_mean import LANE_ORDERS, aten_lanes
+from bench.engines import row_mean
+from bench.engines.row_mean import LANE_ORDERS, aten_lanes
 
 
 @pytest.mark.parametrize("rows,cols,lanes", [

@@ -5,12 +5,12 @@ import csv
 import pytest
 import torch
 
-from bench.cache_policy import CachePolicy
+from bench.engines.cache_policy import CachePolicy
 from bench.cli import run_main
-from bench.config import RunConfig
+from bench.run.config import RunConfig
 from bench.errors import UsageError
 from bench.models.loader import load_checkpoint
-from bench.static_engine import StaticEngine
+from bench.engines.static import StaticEngine
 from tests.test_engine import reference_generate
 from variants.prefix import PrefixKVPolicy
 
@@ -88,8 +88,8 @@ def test_a_resident_prefix_is_reused_in_place_and_forgotten_when_overwritten(che
     prompt overwrote them, the next hit copies the stored prefix back (checked on the buffers)."""
     from PIL import ImageOps
 
-    from bench.fast_decoder import KVBuffers
-    from bench.visual import as_visual
+    from bench.engines.decoder import KVBuffers
+    from bench.models.visual import as_visual
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
     policy = PrefixKVPolicy(64)
@@ -124,7 +124,7 @@ def test_a_resident_prefix_is_reused_in_place_and_forgotten_when_overwritten(che
 def test_cuda_graph_engine_warm_requests_equal_generate(checkpoint_dirs, demo_image):
     """On the graph engine a warm request is one captured graph from suffix ids to first token
     (compiled layers, the matmul attention for the bucket's queries): greedy tokens as generate's."""
-    from bench.static_engine import GraphEngine
+    from bench.engines.static import GraphEngine
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), torch.float32)
     engine = GraphEngine(adapter, PrefixKVPolicy(64))
@@ -140,7 +140,7 @@ def test_cuda_graph_engine_cold_requests_replay_a_captured_prefill(checkpoint_di
     """A cold single request's prefill is one replay of the compiled prefill captured per
     64-token length bucket (padded after the prompt): greedy tokens as generate's, for prompts
     in one bucket and in another."""
-    from bench.static_engine import PREFILL_ROUND, GraphEngine
+    from bench.engines.static import PREFILL_ROUND, GraphEngine
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), torch.float32)
     engine = GraphEngine(adapter, CachePolicy())
@@ -163,7 +163,7 @@ def test_cuda_captured_prefill_takes_the_int4_prefetch_into_its_graph(demo_image
     from bench.models import presets
     from bench.models.loader import build_preset
     from bench.quant.awq import Int4Options, quantize_model
-    from bench.static_engine import PREFILL_ROUND, GraphEngine
+    from bench.engines.static import PREFILL_ROUND, GraphEngine
 
     # tiny-llava with an LLM the CUDA int4 kernel takes (in_features a multiple of 128)
     small = dataclasses.replace(presets.PRESETS["tiny-llava"], name="small-llava",
@@ -197,8 +197,8 @@ def test_attention_of_few_queries_runs_without_cudnn(engine_cls, checkpoint_dirs
     restore it after each call."""
     import torch.nn.functional as F
 
-    from bench import attention_kernels
-    from bench.engine import HFEngine
+    from bench.engines import attention_kernels
+    from bench.engines.hf import HFEngine
 
     seen = []
     sdpa = F.scaled_dot_product_attention

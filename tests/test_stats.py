@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from bench.metrics import percentile
-from bench.stats import bootstrap_median_ci, is_valid, summarize
+from bench.measure.metrics import percentile
+from bench.measure.stats import bootstrap_median_ci, is_valid, summarize
 
 
 def test_summary_matches_numpy():

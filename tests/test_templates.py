@@ -1,7 +1,7 @@
 import pytest
 
 from bench.errors import UsageError
-from bench.templates import TEMPLATES, get_template
+from bench.models.templates import TEMPLATES, get_template
 
 Q = "What is in the image?"
 

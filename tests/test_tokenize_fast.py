@@ -7,7 +7,7 @@ from tokenizers import AddedToken
 
 from bench.models.loader import build_preset, load_checkpoint
 from bench.models.plain_ids import PlainIds
-from bench.templates import TEMPLATES
+from bench.models.templates import TEMPLATES
 
 CPU = torch.device("cpu")
 QUESTIONS = ["What is shown here?", "  leading spaces and a trailing one ", "two\nlines\n", "café ☕ 42?",

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from bench.cli import run_main
-from bench.media import FrameLoader, FrameSource, sample_indices
+from bench.run.media import FrameLoader, FrameSource, sample_indices
 from bench.models.loader import build_preset
-from bench.workload import derived_images, question_of_length, workload_points
+from bench.run.workload import derived_images, question_of_length, workload_points
 
 CPU = torch.device("cpu")
 
@@ -121,8 +121,8 @@ def test_derived_images_are_distinct_and_same_size(demo_image):
 def test_a_single_image_request_is_keyed_by_its_file(demo_image, tmp_path):
     """The prefix key hashes the bytes a request carried (no pixel copy); the same pixels in
     another file are another key, a different file another key; without a file, the pixels."""
-    from bench.visual import VisualInput
-    from bench.workload import RequestSource, WorkloadPoint
+    from bench.models.visual import VisualInput
+    from bench.run.workload import RequestSource, WorkloadPoint
 
     png = (Path(__file__).parents[1] / "bench" / "assets" / "demo.png").read_bytes()
     demo_image.save(tmp_path / "same.bmp")
@@ -244,7 +244,7 @@ def test_summary_rebuilds_from_runs_csv(tmp_path):
     """`python -m bench summarize DIR` gives the summary the run wrote (to CSV precision)."""
     import pandas as pd
 
-    from bench.cli import summarize_main
+    from bench.cli.summarize import main as summarize_main
 
     out = tmp_path / "s"
     assert run_main(["--preset", "tiny-llava", "--batch-size", "1,2", "--max-new-tokens", "3", "--num-runs", "3",

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.cache_policy import CachePolicy
-from bench.engine import HFEngine
+from bench.engines.cache_policy import CachePolicy
+from bench.engines.hf import HFEngine
 from bench.models.base import VLMAdapter
 
 
@@ -55,7 +55,7 @@ class WeightsPart(Part):
 
 
 def quantized_columns(layers: list, layer_bytes, vision_quantized: bool = False) -> dict:
-    """The quantization columns every weight variant reports (definitions in bench.metrics)."""
+    """The quantization columns every weight variant reports (definitions in bench.measure.metrics)."""
     return {
         "quantized": ("llm+vision" if vision_quantized else "llm") if layers else "none",
         "quantized_layers": len(layers),
@@ -91,7 +91,7 @@ class StaticEnginePart(EnginePart):
     description = "own decoder (fused q/k/v, gate/up) over KV buffers reused across requests, eager (runs anywhere)"
 
     def make_engine(self, adapter, policy):
-        from bench.static_engine import StaticEngine
+        from bench.engines.static import StaticEngine
 
         return StaticEngine(adapter, policy)
 
@@ -102,7 +102,7 @@ class GraphEnginePart(EnginePart):
     requires_cuda = True
 
     def make_engine(self, adapter, policy):
-        from bench.static_engine import GraphEngine
+        from bench.engines.static import GraphEngine
 
         return GraphEngine(adapter, policy)
 
@@ -114,7 +114,7 @@ class GraphExactEnginePart(EnginePart):
     requires_cuda = True
 
     def make_engine(self, adapter, policy):
-        from bench.static_engine import GraphExactEngine
+        from bench.engines.static import GraphExactEngine
 
         return GraphExactEngine(adapter, policy)
 

@@ -12,7 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from bench.console import status
+from bench.log import status
 from bench.errors import VariantUnsupported
 from bench.quant import DEFAULT_DENSE_ROWS
 from bench.quant.awq import Int4Options, calibration_images, int4_layers, quantize_model
@@ -78,7 +78,7 @@ class Int4Weights(WeightsPart):
         images, digest = [], ""
         if self.method == "awq":
             from bench.models.base import image_content_digest
-            from bench.runner import load_image
+            from bench.models.visual import load_image
 
             extra = _load_image_dir(options["awq_calib_dir"]) if options.get("awq_calib_dir") else None
             images = calibration_images(load_image(options["image_path"]), opts.calib_samples, extra)

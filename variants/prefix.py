@@ -11,8 +11,8 @@ the transformers Cache, never how weights are stored.
 """
 from __future__ import annotations
 
-from bench.cache_policy import CachePolicy, PrefixLookup
-from bench.lru import ByteLRU
+from bench.engines.cache_policy import CachePolicy, PrefixLookup
+from bench.engines.lru import ByteLRU
 from bench.models.base import image_content_digest
 from variants.base import CachePart
 

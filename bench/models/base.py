@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from bench.models.plain_ids import PlainIds
-from bench.templates import ConvTemplate
-from bench.visual import as_visual
+from bench.models.templates import ConvTemplate
+from bench.models.visual import as_visual
 
 
 @dataclass
@@ -233,7 +233,7 @@ class VLMAdapter:
 
     def decoder_parts(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(the decoder stack with embed_tokens/layers/norm/rotary_emb, lm_head): what the static
-        engines' own forward (bench.fast_decoder) drives."""
+        engines' own forward (bench.engines.decoder) drives."""
         raise NotImplementedError
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -278,5 +278,5 @@ class VLMAdapter:
 
 
 def image_content_digest(visual) -> str:
-    """XXH3-128 of the request's images (bench.visual.VisualInput.content_digest)."""
+    """XXH3-128 of the request's images (bench.models.visual.VisualInput.content_digest)."""
     return as_visual(visual).content_digest()

@@ -22,8 +22,8 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from bench.models.base import PreparedPrompt, prepare_by_placeholders
 from bench.models.native import NativeVLMAdapter, load_native
-from bench.templates import ConvTemplate
-from bench.visual import as_visual
+from bench.models.templates import ConvTemplate
+from bench.models.visual import as_visual
 
 START_IMAGE, END_IMAGE, IMAGE_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

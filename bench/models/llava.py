@@ -9,7 +9,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from bench.models.base import PreparedPrompt, prepare_by_placeholders
 from bench.models.native import NativeVLMAdapter, load_native
-from bench.templates import IMAGE_PLACEHOLDER, ConvTemplate
+from bench.models.templates import IMAGE_PLACEHOLDER, ConvTemplate
 
 
 class LlavaAdapter(NativeVLMAdapter):

@@ -18,7 +18,7 @@ from bench.models.native import save_native
 from bench.models.presets import Preset, get_preset
 from bench.models.tokenizer import build_tokenizer
 from bench.models.vila import VilaAdapter, build_vila_model, is_vila_dir, load_vila, save_vila, siglip_image_processor
-from bench.templates import TEMPLATE_SPECIAL_TOKENS, get_template
+from bench.models.templates import TEMPLATE_SPECIAL_TOKENS, get_template
 
 # Written into checkpoints made from presets, so loading one still says weights=random.
 RANDOM_WEIGHTS_MARK = "bench_random_weights"

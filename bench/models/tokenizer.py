@@ -11,8 +11,8 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from bench.templates import TEMPLATES
-from bench.questions import BUILTIN_QUESTIONS, WARMUP_QUESTIONS
+from bench.models.templates import TEMPLATES
+from bench.models.prompts import BUILTIN_QUESTIONS, WARMUP_QUESTIONS
 
 _CORPUS = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.",

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from bench.models.base import PreparedPrompt, VLMAdapter
-from bench.templates import ConvTemplate
+from bench.models.templates import ConvTemplate
 
 
 class DownSampleBlock(nn.Module):

@@ -199,7 +199,7 @@ def use_prefill_weights():
 
 
 # Compiled code traces the CUDA dense path (Triton dequantize + GEMM) instead of calling the
-# opaque custom op; False keeps the op (scripts/gpu_int4_prefill_profile.py compares the two).
+# opaque custom op; False keeps the op (lab/gpu_int4_prefill_profile.py compares the two).
 TRACE_DENSE = True
 
 # Weak: a scratch buffer lives as long as some layer holds it, so it goes with its model.

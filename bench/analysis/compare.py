@@ -1,0 +1,78 @@
+"""Comparing the measured runs of two results (runs.csv files or results directories): load them,
+group them by result identity and metric, and give each group a regression verdict
+(bench.analysis.regress). The command line is bench.cli.compare."""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from bench.analysis.regress import compare_samples
+from bench.run.workload import POINT_DEFAULTS, fill_point_columns, point_label
+
+DEFAULT_METRICS = ["ttft_ms", "tpot_ms", "prefill_ms", "e2e_ms", "peak_alloc_mb"]
+KEYS = ["model", "variant", "engine", "cache_state", *POINT_DEFAULTS]
+REQUIRED = {"model", "variant", "engine", "cache_state", "kind", "status"}
+
+
+class BadInput(Exception):
+    pass
+
+
+def load_runs(path: str | Path) -> pd.DataFrame:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "runs.csv"
+    if not p.is_file():
+        raise BadInput(f"{path}: no runs.csv there")
+    df = pd.read_csv(p, dtype={"cache_state": str, "engine": str})
+    missing = REQUIRED - set(df.columns)
+    if missing:
+        raise BadInput(f"{p}: not a runs.csv (missing columns: {', '.join(sorted(missing))})")
+    df["engine"] = df["engine"].fillna("hf")
+    df["cache_state"] = df["cache_state"].fillna("none")
+    fill_point_columns(df)
+    return df[(df["kind"] == "measured") & (df["status"] == "ok")]
+
+
+def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, metrics: list[str], alpha: float,
+                 factor: float, min_samples: int = 5) -> list[dict]:
+    rows = []
+    groups_b = dict(list(base.groupby(KEYS)))
+    groups_c = dict(list(cand.groupby(KEYS)))
+    for key in sorted(set(groups_b) & set(groups_c)):
+        for metric in metrics:
+            if metric not in groups_b[key] or metric not in groups_c[key]:
+                continue
+            b = groups_b[key][metric].dropna().tolist()
+            c = groups_c[key][metric].dropna().tolist()
+            if not b and not c:
+                continue
+            v = compare_samples(b, c, metric, alpha=alpha, factor=factor, min_samples=min_samples)
+            rows.append({**dict(zip(KEYS, key)), "metric": metric, **asdict(v)})
+    return rows
+
+
+def _fmt(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
+
+
+def print_table(rows: list[dict], out=sys.stdout) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="baseline vs candidate (ratio = candidate/baseline, Hodges-Lehmann)")
+    for col in ("model", "variant", "engine", "cache", "point", "metric", "n b/c", "median b", "median c", "ratio", "p",
+                "verdict"):
+        table.add_column(col)
+    style = {"regression": "red", "improvement": "green", "inconclusive": "yellow", "unchanged": ""}
+    for r in rows:
+        s = style[r["status"]]
+        table.add_row(r["model"], r["variant"], r["engine"], r["cache_state"], point_label(r), r["metric"],
+                      f"{r['n_baseline']}/{r['n_candidate']}", _fmt(r["baseline_median"]),
+                      _fmt(r["candidate_median"]), _fmt(r["ratio"]), _fmt(r["p_value"]),
+                      f"[{s}]{r['status']}[/]" if s else r["status"])
+    Console(file=out, width=160).print(table)

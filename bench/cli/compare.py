@@ -1,0 +1,50 @@
+"""`vlm-bench compare BASELINE CANDIDATE`: per (model, variant, engine, cache_state, workload point,
+metric), compare the measured runs of two results (runs.csv files or results directories).
+
+Exit codes: 0 no regression, 1 at least one regression, 2 bad input (missing file, mismatched
+schema, nothing in common, or too few samples: inconclusive is never a pass).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench.analysis.compare import DEFAULT_METRICS, BadInput, compare_runs, load_runs, print_table
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench compare", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("baseline")
+    ap.add_argument("candidate")
+    ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma list of runs.csv columns")
+    ap.add_argument("--alpha", type=float, default=0.01, help="one-sided Mann-Whitney U significance level")
+    ap.add_argument("--factor", type=float, default=1.10, help="flag only changes larger than this ratio")
+    ap.add_argument("--min-samples", type=int, default=5, help="fewer measured runs on a side is inconclusive")
+    ap.add_argument("--json", dest="json_path", help="write the verdicts here as JSON")
+    args = ap.parse_args(argv)
+    try:
+        base, cand = load_runs(args.baseline), load_runs(args.candidate)
+        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        unknown = [m for m in metrics if m not in base.columns or m not in cand.columns]
+        if unknown:
+            raise BadInput(f"metric(s) not in both results: {', '.join(unknown)}")
+        rows = compare_runs(base, cand, metrics, args.alpha, args.factor, args.min_samples)
+        if not rows:
+            raise BadInput("baseline and candidate have no (model, variant, engine, cache_state, workload point) "
+                           "in common")
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_table(rows)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("regression", "improvement", "unchanged",
+                                                               "inconclusive")}
+    verdict = ("regression" if counts["regression"] else "inconclusive" if counts["inconclusive"] else "pass")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps({"verdict": verdict, "counts": counts, "alpha": args.alpha,
+                                                    "factor": args.factor, "comparisons": rows}, indent=2,
+                                                   default=str))
+    print(f"verdict: {verdict} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    return {"regression": 1, "inconclusive": 2, "pass": 0}[verdict]

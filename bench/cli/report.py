@@ -1,0 +1,26 @@
+"""`vlm-bench report DIR... --out OUT`: figures and tables (report.md) from results directories."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.analysis.report import embed_in_readme, write_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dirs", nargs="+", help="results directories (with runs.csv and summary.csv)")
+    ap.add_argument("--out", required=True, help="where report.md and the PNG figures go")
+    ap.add_argument("--readme", help="also replace the block between the report markers in this Markdown file")
+    args = ap.parse_args(argv)
+    try:
+        path = write_report(args.dirs, args.out)
+        if args.readme:
+            embed_in_readme(Path(args.readme), path)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,34 @@
+"""`vlm-bench run` (and `python vila_prefix_benchmark.py`): measure variants, write a results directory."""
+from __future__ import annotations
+
+import shlex
+import sys
+
+from bench.cli.common import quiet_libraries
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.analysis.console import print_summary
+    from bench.run.config import config_from_args
+    from bench.errors import UsageError
+
+    try:
+        cfg = config_from_args(argv)
+        quiet_libraries()
+        from bench.run.runner import Benchmark
+
+        argv = sys.argv[1:] if argv is None else argv
+        bench = Benchmark(cfg, shlex.join(["vila_prefix_benchmark.py", *argv]))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        out_dir = bench.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are in {bench.out_dir}/runs.csv", file=sys.stderr)
+        return 130
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print_summary(bench.summary_rows(), out_dir, bench.source.weights)
+    return 0

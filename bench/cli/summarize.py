@@ -1,0 +1,44 @@
+"""`vlm-bench summarize DIR`: rebuild summary.csv from runs.csv and env.json."""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str]) -> int:
+    """Rebuild a results directory's summary.csv from its runs.csv and env.json (e.g. after a
+    run was interrupted, or when only runs.csv was copied off a machine)."""
+    import csv
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from bench.run.config import RunConfig
+    from bench.measure.results import write_summary
+    from bench.run.runner import summarize_runs
+
+    if len(argv) != 1 or not (Path(argv[0]) / "runs.csv").is_file() or not (Path(argv[0]) / "env.json").is_file():
+        print("usage: python -m bench summarize RESULTS_DIR (with runs.csv and env.json)", file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    saved = json.loads((out / "env.json").read_text())["config"]
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    # Options another version of the harness had (added or since removed) do not affect summaries.
+    cfg = RunConfig(**{k: v for k, v in saved.items() if k in known})
+
+    def value(text: str):
+        if text == "":
+            return None
+        if text in ("true", "false"):
+            return text == "true"
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with (out / "runs.csv").open(newline="") as f:
+        rows = [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    path = write_summary(out, summarize_runs(rows, cfg))
+    print(f"wrote {path} from {len(rows)} runs")
+    return 0

@@ -1,0 +1,258 @@
+"""The `hf` engine: transformers' eager forward with a DynamicCache, greedy, fixed length.
+
+It is the loop `generate` runs for greedy search, written out so each phase is timed:
+tokenize (CPU) -> prefix lookup -> restore -> [miss: image processor (CPU) -> vision] ->
+prefill (first token on host) -> [miss: cache store] -> one timed step per further token.
+EOS is ignored: every request decodes exactly `max_new_tokens` tokens, so runs are comparable.
+
+A batch of requests runs as one: every row is laid out prefix | gap | suffix so all rows end at
+the last column (the gap is masked out of attention and skipped by the positions), which keeps
+each row's prefix at positions 0.. where the prefix cache stores and restores it. A batch of
+one has no gap and no mask: exactly the single-request path.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import DynamicCache
+
+from bench.engines import attention_kernels
+from bench.engines.cache_policy import CachePolicy
+from bench.models.base import VLMAdapter
+from bench.measure.request import RequestResult
+from bench.measure.timing import Timeline, sum_by_label
+from bench.models.visual import as_visual
+
+
+def layout_rows(rows: list[torch.Tensor], prefix_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack [1, n_b, H] rows as prefix | gap | rest, every row ending at the last column.
+    Returns (embeds [B, T, H], valid [B, T] bool, None when no row has a gap)."""
+    if len(rows) == 1:
+        return rows[0], None
+    t = max(r.shape[1] for r in rows)
+    out = rows[0].new_zeros(len(rows), t, rows[0].shape[-1])
+    valid = torch.zeros(len(rows), t, dtype=torch.bool, device=rows[0].device)
+    for b, (r, p) in enumerate(zip(rows, prefix_lens)):
+        gap = t - r.shape[1]
+        out[b, :p], out[b, p + gap:] = r[0, :p], r[0, p:]
+        valid[b, :p] = valid[b, p + gap:] = True
+    return out, (None if bool(valid.all()) else valid)
+
+
+class HFCache:
+    """A DynamicCache plus, for padded batches, the attention mask so far and each row's next
+    position (None for an unpadded batch: transformers' own positions and causal mask)."""
+
+    def __init__(self):
+        self.kv = DynamicCache()
+        self.valid: torch.Tensor | None = None  # [B, tokens in kv] bool
+        self.next_pos: torch.Tensor | None = None  # [B]
+
+    def extend(self, new_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention mask over cache + new tokens, positions of the new tokens) and record them."""
+        if self.next_pos is None:
+            self.next_pos = torch.zeros(new_valid.shape[0], dtype=torch.long, device=new_valid.device)
+        mask = new_valid if self.valid is None else torch.cat([self.valid, new_valid], dim=1)
+        pos = (self.next_pos[:, None] + new_valid.long().cumsum(1) - 1).clamp_min(0)
+        self.valid, self.next_pos = mask, self.next_pos + new_valid.sum(1)
+        return mask.long(), pos
+
+
+class HFEngine:
+    name = "hf"
+
+    def __init__(self, adapter: VLMAdapter, policy: CachePolicy):
+        self.adapter, self.policy = adapter, policy
+
+    def new_cache(self, prompt_tokens: int, max_new_tokens: int, batch: int = 1):
+        """The request's working KV cache (a fresh DynamicCache; StaticEngine reuses one buffer)."""
+        return HFCache()
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower + projector on device pixels (GraphEngine replays a captured graph)."""
+        return self.adapter.encode_image(pixel_values)
+
+    def prefill(self, embeds: torch.Tensor, cache: HFCache, start: int, valid: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Forward `embeds` placed after the `start` tokens already in `cache` (`valid`: which
+        of the new tokens are real, for a padded batch); last position's logits."""
+        with attention_kernels.few_queries(embeds.shape[1]):
+            if valid is None and cache.valid is None:
+                return self.adapter.lm_forward(embeds, cache.kv)
+            if valid is None:
+                valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+            mask, pos = cache.extend(valid)
+            return self.adapter.lm_forward(embeds, cache.kv, attention_mask=mask, position_ids=pos)
+
+    def restore_prefixes(self, entries: list, cache: HFCache) -> list[int]:
+        """Copy each row's stored prefix into the empty working cache (rows of unequal length
+        end in a masked gap); returns the prefix lengths. The stored tensors are not written."""
+        lengths = [e[0][0].shape[-2] for e in entries]
+        if len(entries) == 1:
+            for layer, (k, v) in enumerate(entries[0]):
+                cache.kv.update(k, v, layer)
+            return lengths
+        n = max(lengths)
+        for layer in range(len(entries[0])):
+            k0 = entries[0][layer][0]
+            k = k0.new_zeros(len(entries), *k0.shape[1:-2], n, k0.shape[-1])
+            v = torch.zeros_like(k)
+            for b, e in enumerate(entries):
+                k[b, ..., :lengths[b], :], v[b, ..., :lengths[b], :] = e[layer][0][0], e[layer][1][0]
+            cache.kv.update(k, v, layer)
+        dev = k0.device
+        cache.valid = torch.arange(n, device=dev)[None, :] < torch.tensor(lengths, device=dev)[:, None]
+        cache.next_pos = torch.tensor(lengths, device=dev)
+        return lengths
+
+    def save_prefix(self, cache: HFCache, row: int, n: int) -> tuple[object, int]:
+        """(row's first n positions of every layer, bytes): what the prefix cache stores."""
+        entry = [(layer.keys[row:row + 1, ..., :n, :].clone(), layer.values[row:row + 1, ..., :n, :].clone())
+                 for layer in cache.kv.layers]
+        return entry, sum(t.numel() * t.element_size() for kv in entry for t in kv)
+
+    def describe(self) -> str:
+        """How this engine runs (the engine_detail column)."""
+        return f"transformers forward, DynamicCache{attention_kernels.note(self.adapter.device)}"
+
+    def decode_step(self, token: torch.Tensor, cache: HFCache) -> torch.Tensor:
+        """One decode step on `token` [B] (greedy decode and teacher forcing); logits [B, 1, vocab]."""
+        embeds = self.adapter.input_embeddings()(token[:, None])
+        with attention_kernels.few_queries(1):
+            if cache.valid is None:
+                return self.adapter.lm_forward(embeds, cache.kv)
+            mask, pos = cache.extend(torch.ones_like(token, dtype=torch.bool)[:, None])
+            return self.adapter.lm_forward(embeds, cache.kv, attention_mask=mask, position_ids=pos)
+
+    @torch.inference_mode()
+    def teacher_forced_logprobs(self, visual, question: str, continuation: list[int]) -> torch.Tensor:
+        """Log-probabilities of each position of `continuation`, computed the way this engine
+        serves a request: its prefill, then one of its decode steps per token. [len, vocab] on CPU."""
+        a = self.adapter
+        prepared = a.prepare(visual, question)
+        cache = self.new_cache(prepared.prompt_tokens, len(continuation))
+        image_embeds = self.encode_image(a.pixels_to_device(prepared))
+        rows = [self.prefill(a.prompt_embeds(prepared, image_embeds), cache, 0)[:, -1].float()]
+        for tok in continuation[:-1]:
+            rows.append(self.decode_step(torch.tensor([tok], device=a.device), cache)[:, -1].float())
+        return torch.log_softmax(torch.cat(rows), dim=-1).cpu()
+
+    def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
+        """`steps` greedy steps after `token` [B], one timeline mark each; token ids stay on device."""
+        out = []
+        for _ in range(steps):
+            token = self.decode_step(token, cache)[:, -1].argmax(-1)
+            out.append(token)
+            tl.mark("decode")
+        return out
+
+    def _encode_rows(self, prepared: list, rows: list[int]) -> list[torch.Tensor]:
+        """Vision tower once over the pixels of `rows`; each row's embeddings [1, n, H]."""
+        a = self.adapter
+        pixels = torch.cat([prepared[i].pixel_values for i in rows]) if len(rows) > 1 else prepared[rows[0]].pixel_values
+        embeds = self.encode_image(pixels.to(a.device, dtype=a.dtype, non_blocking=True))
+        sizes = [prepared[i].total_image_tokens for i in rows]
+        return list(embeds.split(sizes, dim=1))
+
+    def prefill_prefix(self, embeds: torch.Tensor, n: int) -> tuple[object, int]:
+        """Prefill one prefix alone (in a scratch cache of one row); (entry, bytes) as save_prefix."""
+        cache = self.scratch_cache(embeds.shape[1])
+        self.prefill(embeds, cache, 0)
+        return self.save_prefix(cache, 0, n)
+
+    def scratch_cache(self, tokens: int):
+        return HFCache()
+
+    def _suffix_prefill(self, prepared: list, cache, lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
+        """Every row's suffix after its restored prefix; (next token ids on device, on host)."""
+        embeds, valid = layout_rows([self.adapter.embed_ids(p.suffix_ids) for p in prepared], [0] * len(prepared))
+        token = self.prefill(embeds, cache, max(lengths), valid)[:, -1].argmax(-1)
+        return token, token.tolist()
+
+    def run(self, visual, question: str, max_new_tokens: int) -> RequestResult:
+        """One request: `visual` is a VisualInput, one PIL image or a list of them."""
+        return self.run_batch([(visual, question)], max_new_tokens)
+
+    @torch.inference_mode()
+    def run_batch(self, requests: list[tuple[object, str]], max_new_tokens: int) -> RequestResult:
+        """Requests (visual, question) run as one batch; phases are the batch's."""
+        a, policy = self.adapter, self.policy
+        tl = Timeline(a.device)
+        t0 = time.perf_counter()
+        tl.mark("start", host_only=True)
+        visuals = [as_visual(v) for v, _ in requests]
+        prepared = [a.prepare_text(q, v) for v, (_, q) in zip(visuals, requests)]
+        tl.mark("preprocess", host_only=True)
+
+        lookups = [policy.lookup_prefix(a, p, v) for p, v in zip(prepared, visuals)]
+        tl.mark("lookup")
+        # columns a padded batch may use: prefixes and suffixes each padded to the longest
+        columns = max(p.prefix_tokens for p in prepared) + max(len(p.suffix_ids) for p in prepared)
+        cache = self.new_cache(columns, max_new_tokens, len(requests))
+        hit = all(lk is not None and lk.entry is not None for lk in lookups)
+        lengths = self.restore_prefixes([lk.entry for lk in lookups], cache) if hit else None
+        tl.mark("restore")
+        embeds_hit = False
+        shared_miss = all(lk is not None and lk.entry is None for lk in lookups) \
+            and len({lk.key for lk in lookups}) == 1
+        if len(requests) > 1 and shared_miss:
+            # Every row misses on the same prefix (one image, several questions): prefill it once,
+            # store it, and restore it into every row, as a later warm batch would.
+            p0 = prepared[0]
+            p0.pixel_values = a.pixels_for(visuals[0])
+            tl.mark("preprocess", host_only=True)
+            image_embeds, embeds_hit = policy.image_embeds(a, [p0], lambda rows: self._encode_rows([p0], rows))
+            tl.mark("vision")
+            entry, nbytes = self.prefill_prefix(a.prefix_embeds(p0, image_embeds[0]), p0.prefix_tokens)
+            tl.mark("prefill")
+            policy.store_prefix(lookups[0], entry, nbytes)
+            tl.mark("store")
+            lengths = self.restore_prefixes([entry] * len(requests), cache)
+            tl.mark("restore")
+            token, first = self._suffix_prefill(prepared, cache, lengths)
+            tl.mark("prefill")
+            cached = 0
+        elif not hit:
+            for p, v in zip(prepared, visuals):
+                p.pixel_values = a.pixels_for(v)
+            tl.mark("preprocess", host_only=True)
+            image_embeds, embeds_hit = policy.image_embeds(a, prepared, lambda rows: self._encode_rows(prepared, rows))
+            tl.mark("vision")
+            embeds, valid = layout_rows([a.prompt_embeds(p, e) for p, e in zip(prepared, image_embeds)],
+                                        [p.prefix_tokens for p in prepared])
+            logits = self.prefill(embeds, cache, 0, valid)
+            token = logits[:, -1].argmax(-1)
+            first = token.tolist()
+            tl.mark("prefill")
+            stored = set()
+            for row, (p, lk) in enumerate(zip(prepared, lookups)):
+                if lk is not None and lk.entry is None and lk.key not in stored:
+                    policy.store_prefix(lk, *self.save_prefix(cache, row, p.prefix_tokens))
+                    stored.add(lk.key)
+            tl.mark("store")
+            cached = 0
+        else:
+            token, first = self._suffix_prefill(prepared, cache, lengths)
+            tl.mark("prefill")
+            cached = lengths[0]
+
+        generated = self.decode(token, cache, max_new_tokens - 1, tl)
+        rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in first]
+        batch_tokens = [[f] + r for f, r in zip(first, rows)]
+        e2e_ms = (time.perf_counter() - t0) * 1e3
+
+        phases = tl.phases_ms()
+        return RequestResult(
+            tokens=batch_tokens[0],
+            phases_ms=sum_by_label(phases),
+            step_ms=[ms for label, ms in phases if label == "decode"],
+            e2e_ms=e2e_ms,
+            prompt_tokens=max(p.prompt_tokens for p in prepared),
+            prefix_tokens=prepared[0].prefix_tokens,
+            cached_tokens=cached,
+            cache_hit=hit or embeds_hit,
+            batch_size=len(requests),
+            batch_tokens=batch_tokens,
+            extra={"engine_detail": self.describe()},
+        )

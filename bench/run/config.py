@@ -1,0 +1,165 @@
+"""One validated config per invocation; the CLI flags are generated from its fields."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+from bench.engines import attention_kernels
+from bench.errors import UsageError
+from bench.quant import DEFAULT_DENSE_ROWS
+from bench.run.workload import LOADERS, VIDEO_MODES, int_list, name_list, workload_points
+
+DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
+DEFAULT_PRESET = "tiny-vila"
+
+
+def opt(help: str, default=None, aliases: tuple[str, ...] = ()):
+    return field(default=default, metadata={"help": help, "aliases": aliases})
+
+
+@dataclass
+class RunConfig:
+    model_path: str | None = opt("checkpoint directory (llava-hf layout, or VILA1.5 llm/ vision_tower/ mm_projector/)",
+                                 aliases=("--model_path",))
+    preset: str | None = opt("architecture preset with random weights (e.g. llava-1.5-7b, vila1.5-3b); "
+                             f"default {DEFAULT_PRESET} when no --model-path")
+    image_path: str | None = opt("image file (default: the demo image shipped with the repo)",
+                                 aliases=("--image_path", "--image-file"))
+    video_path: str | None = opt("video file (decoded with PyAV); frames sampled uniformly (--num-frames)")
+    frames_dir: str | None = opt("folder of extracted video frames (sorted by name), sampled like --video-path")
+    num_frames: int = opt("video: frames sampled uniformly (0: every frame)", 8)
+    video_mode: str = opt("video: frames (each request shows the next frame, as frame-by-frame analysis) or clip "
+                          "(each request shows all sampled frames as one video)", "frames")
+    loader: str = opt("video frames: serial (read + preprocess each frame when needed), prefetch (a background "
+                      "thread does it ahead), or both: serial,prefetch", "prefetch")
+    text_prompt: str | None = opt("the question to measure (default: a built-in list of questions)",
+                                  aliases=("--text_prompt", "--query"))
+    questions: str | None = opt("file with one measured question per line")
+    conv_mode: str | None = opt("conversation template: vicuna_v1, llama_3, hermes-2, plain (default: the model's)",
+                                aliases=("--conv_mode",))
+    variants: str = opt("comma-separated variants, parts joined by '+' (e.g. fp16,prefix)", "fp16")
+    engine: str | None = opt("comma list of engines to cross with every variant that names none: hf, static, graph, "
+                             "graph-exact (default: hf)")
+    batch_size: str = opt("requests run together as one batch; a list sweeps it, e.g. 1,4,16", "1")
+    prompt_lengths: str | None = opt("question lengths in tokens to sweep, e.g. 16,128,512 (questions are "
+                                     "repeated or cut to length; default: as written)")
+    new_tokens: str | None = opt("generated-token counts to sweep, e.g. 32,128 (default: --max-new-tokens)")
+    num_images: str = opt("images per prompt (the image, then flips/rotations of it); a list sweeps it", "1")
+    max_tiles: int = opt("InternVL: tiles per still image (aspect-ratio grid + thumbnail, as its processor; "
+                         "1 = no tiling)", 12)
+    num_runs: int = opt("measured runs per variant (at least)", 10, aliases=("--num_runs",))
+    min_seconds: float = opt("measured time per variant (at least), s", 1.0)
+    max_runs: int = opt("hard cap on measured runs per variant (0: 20 x --num-runs)", 0)
+    warmup: int = opt("warm-up runs per variant (unmeasured questions)", 2)
+    max_new_tokens: int = opt("tokens generated per request (fixed: EOS ignored)", 128,
+                              aliases=("--max_new_tokens",))
+    prefix_cache_mb: float = opt("byte budget of the prefix / image-embedding caches, MiB", 4096.0)
+    bnb_int8_threshold: float = opt("bnb8: LLM.int8 outlier threshold", 6.0)
+    bnb4_double_quant: bool = opt("bnb4: double quantization of the scales", False)
+    bnb4_compute_dtype: str = opt("bnb4: compute dtype float16, bfloat16 or auto (= --dtype)", "auto")
+    awq_calib: int = opt("awq4: calibration requests (image + question) run through the whole VLM", 8)
+    awq_calib_dir: str | None = opt("awq4: folder of calibration images (default: flips/crops of --image-path)")
+    int4_group_size: int = opt("awq4/rtn4: input channels per int4 scale and zero point", 128)
+    int4_dense_rows: int = opt("awq4/rtn4: above this many rows a linear dequantizes and runs a dense GEMM "
+                               "(prefill); at or below it the int4 kernel runs (decode)", DEFAULT_DENSE_ROWS)
+    int4_prefetch: bool = opt("awq4/rtn4: a side stream dequantizes the next layer's prefill weights while a layer "
+                              "runs (costs two layers' dense weights of memory)", True)
+    int4_cache_dir: str = opt("awq4/rtn4: where quantized models are saved and reused ('' = never)",
+                              "~/.cache/vlm-bench/int4")
+    quantize_vision: bool = opt("weight variants also quantize the vision tower and projector", False)
+    fidelity: bool = opt("measure token_agree / kl_mean against the fp16 baseline for every variant", True)
+    attention_kernels: str = opt("SDPA kernels: deterministic (no cuDNN attention for calls of fewer than 16 "
+                                 "queries, such as decode steps: repeated requests give the same tokens) or auto "
+                                 "(torch's choice everywhere: on the H200 cuDNN, whose decode kernel does not "
+                                 "repeat its output)", "deterministic")
+    max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
+    device: str = opt("cuda, cuda:N, cpu or auto", "auto")
+    dtype: str = opt("float16, bfloat16, float32 or auto (float16 on CUDA, float32 on CPU)", "auto")
+    output_dir: str | None = opt("results directory (default results/local/<time>-<model>)")
+    seed: int = opt("seed for preset weights and sampling-free runs", 0)
+
+    def __post_init__(self):
+        if self.model_path and self.preset:
+            raise UsageError("give either --model-path or --preset, not both")
+        if not self.model_path and not self.preset:
+            self.preset = DEFAULT_PRESET
+        for name in ("num_runs", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.warmup < 0 or self.min_seconds < 0 or self.max_runs < 0:
+            raise UsageError("--warmup, --min-seconds and --max-runs must not be negative")
+        if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise UsageError(f"unknown --dtype {self.dtype!r}; choose auto, float16, bfloat16 or float32")
+        if self.bnb4_compute_dtype not in ("auto", "float16", "bfloat16", "float32"):
+            raise UsageError(f"unknown --bnb4-compute-dtype {self.bnb4_compute_dtype!r}; choose auto, float16, bfloat16")
+        if self.int4_group_size not in (32, 64, 128, 256):
+            raise UsageError(f"--int4-group-size must be 32, 64, 128 or 256, got {self.int4_group_size}")
+        if self.awq_calib < 1 or self.int4_dense_rows < 0:
+            raise UsageError("--awq-calib must be at least 1 and --int4-dense-rows not negative")
+        if self.awq_calib_dir and not Path(self.awq_calib_dir).is_dir():
+            raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no such directory")
+        if self.image_path is None:
+            self.image_path = str(DEMO_IMAGE)
+        if self.video_path and self.frames_dir:
+            raise UsageError("give --video-path or --frames-dir, not both")
+        if self.num_frames < 0 or self.max_tiles < 1:
+            raise UsageError("--num-frames must not be negative and --max-tiles must be at least 1")
+        attention_kernels.check(self.attention_kernels)
+        if self.video_mode not in VIDEO_MODES:
+            raise UsageError(f"unknown --video-mode {self.video_mode!r}; choose {' or '.join(VIDEO_MODES)}")
+        loaders = name_list(self.loader, "--loader", LOADERS)
+        video = bool(self.video_path or self.frames_dir)
+        images = int_list(self.num_images, "--num-images")
+        if video and images != [1]:
+            raise UsageError("--num-images applies to image input; a video request shows its frames")
+        self.points = workload_points(
+            int_list(self.batch_size, "--batch-size"), int_list(self.prompt_lengths, "--prompt-lengths"),
+            int_list(self.new_tokens, "--new-tokens") or [self.max_new_tokens], images,
+            loaders if video and self.video_mode == "frames" else [])
+        if self.max_runs == 0:
+            self.max_runs = 20 * self.num_runs
+
+    @property
+    def variant_specs(self) -> list[str]:
+        """--variants crossed with --engine (a spec that names an engine keeps it)."""
+        from variants import registry
+
+        specs = [s.strip() for s in self.variants.split(",") if s.strip()]
+        engines = [e.strip() for e in (self.engine or "").split(",") if e.strip()]
+        if not engines:
+            return specs
+        parts = registry()
+        for e in engines:
+            if e not in parts or parts[e].kind != "engine":
+                choices = [n for n, p in parts.items() if p.kind == "engine"]
+                raise UsageError(f"unknown --engine {e!r}; choose from: {', '.join(choices)}")
+        out = []
+        for spec in specs:
+            named = [n.strip() for n in spec.split("+")]
+            if any(n in parts and parts[n].kind == "engine" for n in named):
+                out.append(spec)
+            else:
+                out += [spec if e == "hf" else f"{spec}+{e}" for e in engines]
+        return out
+
+
+def build_parser(cls=RunConfig, prog: str = "vila_prefix_benchmark.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Benchmark VLM inference variants.")
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag, *f.metadata.get("aliases", ())]
+        default = None if f.default is MISSING else f.default
+        help_text = f"{f.metadata.get('help', '')} [default: {default}]"
+        if "bool" in str(f.type):
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+            continue
+        kind = str if "str" in str(f.type) else int if "int" in str(f.type) else float
+        parser.add_argument(*names, dest=f.name, type=kind, default=default, help=help_text)
+    return parser
+
+
+def config_from_args(argv: list[str] | None) -> RunConfig:
+    ns = build_parser().parse_args(argv)
+    return RunConfig(**vars(ns))

@@ -1,0 +1,345 @@
+"""The runner: for each variant, load (or reuse) the model, warm up, time N requests, write a
+row per run as it finishes, then the summary. It knows nothing about any particular variant."""
+from __future__ import annotations
+
+import functools
+import gc
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench.engines import attention_kernels
+from bench.run import envinfo
+from bench.run import fidelity
+from bench.run.config import RunConfig
+from bench.log import status
+from bench.errors import UsageError, VariantUnsupported
+from bench.run.monitors import GpuMonitor
+from bench.measure.metrics import SUMMARY_METRICS, request_metrics
+from bench.run.questions import load_questions, warmup_questions
+from bench.measure.results import run_writer, utc_now, write_json, write_summary
+from bench.models.source import ModelSource
+from bench.measure.stats import is_valid, summarize
+from bench.models.visual import load_image
+from bench.run.workload import WORKLOAD_KEYS, RequestSource, question_of_length
+from variants import baseline_variant, parse_variant
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown --device {name!r}; use cuda, cuda:N, cpu or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda given but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def shape_matched_warmups(adapter, questions: list[str], limit: int = 16) -> list[str]:
+    """One warm-up per distinct measured prompt length, with other text of the same token count.
+
+    GPU libraries pick kernels per shape on first use (seen on the H200: a 628-token prefill took
+    58 ms the first time, 22 ms after), so every measured shape is warmed, never with a measured
+    question: the question's words in reverse (or rotated) order, or filler words.
+    """
+    def suffix_len(q: str) -> int:  # tokenization only: the image is the same for every question
+        return len(adapter.prepare_text(q).suffix_ids)
+
+    out, seen = [], set()
+    for q in questions:
+        target = suffix_len(q)
+        if target in seen or len(out) >= limit:
+            continue
+        seen.add(target)
+        words = q.split()
+        candidates = [" ".join(reversed(words)), " ".join(words[1:] + words[:1])]
+        candidates += [" ".join(["warm"] * k) for k in range(1, 2 * target + 2)]
+        for c in candidates:
+            if c not in questions and suffix_len(c) == target:
+                out.append(c)
+                break
+    return out
+
+
+def printable(text: str) -> str:
+    """Output text safe for one CSV cell and a terminal (random weights emit control bytes)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def weight_mb(module: torch.nn.Module) -> float:
+    """Parameters and buffers, less the int4 layers' prefill scratch (bench.quant.prefetch)."""
+    total = sum(t.numel() * t.element_size() for t in module.parameters())
+    total += sum(t.numel() * t.element_size() for name, t in module.named_buffers()
+                 if not name.endswith("prefill_weight"))
+    return total / 2**20
+
+
+class Benchmark:
+    def __init__(self, cfg: RunConfig, command: str = ""):
+        self.cfg, self.command = cfg, command
+        # Everything a user can get wrong is checked before any model is loaded.
+        self.variants = [parse_variant(s) for s in cfg.variant_specs]
+        if not self.variants:
+            raise UsageError("--variants is empty")
+        self.image = load_image(cfg.image_path)
+        self.image_file = Path(cfg.image_path).read_bytes()  # what a request would carry (prefix key)
+        self.frames = None
+        if cfg.video_path or cfg.frames_dir:
+            from bench.run.media import FrameSource
+
+            self.frames = FrameSource(cfg.video_path, cfg.frames_dir, cfg.num_frames)
+        self.questions = load_questions(cfg.questions, cfg.text_prompt)
+        self.warmups = warmup_questions(self.questions)
+        if cfg.conv_mode is not None:
+            from bench.models.templates import get_template
+
+            get_template(cfg.conv_mode)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        self.out_dir = Path(cfg.output_dir or f"results/local/{stamp}-{self.source.name}")
+        gpu_index = (self.device.index or 0) if self.device.type == "cuda" else None
+        self.monitor = GpuMonitor(gpu_index)
+        self.rows: list[dict] = []
+        self.reference: fidelity.FidelityReference | None = None
+
+    # ------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        attention_kernels.use(self.cfg.attention_kernels)
+        write_json(self.out_dir / "env.json", envinfo.collect(self.command, self.monitor.device_facts(), {
+            "config": asdict(self.cfg), "device": str(self.device), "dtype": str(self.dtype),
+            "attention_kernels": attention_kernels.describe(),
+            "model": self.source.name, "weights": self.source.weights,
+        }))
+        self.writer = run_writer(self.out_dir)
+        try:
+            adapter, loaded_key = None, None
+            for variant in self.variants:
+                base = self._base_row(variant)
+                reason = variant.unavailable_reason(self.device) or variant.weights.source_reason(self.source)
+                if reason:
+                    self._emit({**base, "status": "skipped", "error": reason})
+                    continue
+                try:
+                    key = variant.weights.key(vars(self.cfg))
+                    if key != loaded_key:
+                        adapter = loaded_key = None
+                        self._free()
+                        status(f"{variant.name}: loading {variant.weights.name} weights")
+                        adapter = variant.weights.load(self.source, self.device, self.dtype, vars(self.cfg))
+                        adapter.weights_key = loaded_key = key
+                    status(f"{variant.name}: fidelity probe, then measured runs")
+                    fid = self._fidelity(variant, adapter)
+                    self._measure_variant(variant, adapter, {**base, **fid})
+                except _PointFailed:  # its row is written; the next variant runs
+                    adapter = loaded_key = None
+                    self._free()
+                except VariantUnsupported as e:
+                    self._emit({**base, "status": "skipped", "error": str(e)[:500]})
+                except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
+                    self._emit({**base, "status": "failed", "error": f"{e.__class__.__name__}: {e}"[:500]})
+                    adapter = loaded_key = None
+                    self._free()
+        finally:
+            self.writer.close()
+            write_summary(self.out_dir, self.summary_rows())
+        return self.out_dir
+
+    def _fidelity(self, variant, adapter) -> dict:
+        """Fidelity columns for this variant; the fp16 reference is made once, first."""
+        if not self.cfg.fidelity or self.source.prequantized:  # no fp16 weights to compare against
+            return {}
+        base = baseline_variant()
+        if self.reference is None:
+            if variant.weights.key(vars(self.cfg)) == base.weights.key(vars(self.cfg)):
+                ref_adapter = adapter
+            else:  # load the baseline weights just for the reference, then free them
+                ref_adapter = base.weights.load(self.source, self.device, self.dtype, vars(self.cfg))
+            ref_engine = base.engine.make_engine(ref_adapter, base.cache.make_policy(vars(self.cfg)))
+            self.reference = fidelity.make_reference(ref_engine, self.fidelity_visual, self.cfg.max_new_tokens)
+            del ref_engine, ref_adapter
+            self._free()
+        engine = variant.engine.make_engine(adapter, variant.cache.make_policy(vars(self.cfg)))
+        return fidelity.compare(self.reference, engine, self.fidelity_visual)
+
+    @functools.cached_property
+    def fidelity_visual(self):
+        """What the fidelity probe shows: the run's image, the clip, or the first sampled frame
+        (read once: every variant is probed on it)."""
+        if self.frames is None:
+            return self.image
+        if self.cfg.video_mode == "clip":
+            return self.frames.clip()
+        return next(iter(self.frames))
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _base_row(self, variant) -> dict:
+        return {
+            "model": self.source.name, "family": self.source.family, "weights": self.source.weights,
+            "variant": variant.name, "engine": variant.engine.name, "device": self.device.type,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def _emit(self, row: dict) -> None:
+        row = {"timestamp": utc_now(), **row}
+        self.writer.write(row)
+        self.rows.append(row)
+
+    # ------------------------------------------------------------------------------------
+    def _measure_variant(self, variant, adapter, base: dict) -> None:
+        """Every workload point on one engine (compiled code and graphs are reused across points)."""
+        policy = variant.cache.make_policy(vars(self.cfg))
+        engine = variant.engine.make_engine(adapter, policy)
+        base = {**base, "weight_mb": weight_mb(adapter.model), **variant.weights.describe(adapter)}
+        for point in self.cfg.points:
+            row = {**base, **point.columns()}
+            try:
+                self._measure_point(engine, policy, adapter, point, row)
+            except VariantUnsupported as e:
+                self._emit({**row, "status": "skipped", "error": str(e)[:500]})
+            except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
+                self._emit({**row, "status": "failed", "error": f"{e.__class__.__name__}: {e}"[:500]})
+                if isinstance(e, torch.OutOfMemoryError):  # the sweep goes on with the next point
+                    self._free()
+                    continue
+                raise _PointFailed() from e
+
+    def _point_questions(self, adapter, point) -> list[str]:
+        if point.question_tokens is None:
+            return self.questions
+        tail = self._tail_tokens(adapter)
+        count = lambda q: len(adapter.prepare_text(q).suffix_ids) - tail  # noqa: E731
+        return list(dict.fromkeys(question_of_length(count, q, point.question_tokens) for q in self.questions))
+
+    @staticmethod
+    def _tail_tokens(adapter) -> int:
+        """Suffix tokens that are not the question (the template's tail: assistant header)."""
+        return len(adapter.prepare_text("").suffix_ids)
+
+    def _measure_point(self, engine, policy, adapter, point, base: dict) -> None:
+        cfg = self.cfg
+        questions = self._point_questions(adapter, point)
+        state = "warm" if policy.stateful else "none"
+        source = RequestSource(point, self.image, self.frames, cfg.video_mode, adapter.preprocess,
+                               self.image_file)
+        try:
+            warmups = [self.warmups[i % len(self.warmups)] for i in range(cfg.warmup)]
+            if cfg.warmup:
+                warmups += shape_matched_warmups(adapter, questions)
+            for i in range(len(warmups)):
+                self._timed_run(engine, source, warmups, i, point,
+                                {**base, "kind": "warmup", "run_index": i, "cache_state": state})
+
+            groups = [("cold", cfg.num_runs)] if policy.stateful else []
+            groups.append((state, None))
+            for cache_state, fixed_n in groups:
+                bar = tqdm(total=fixed_n or cfg.num_runs, desc=f"{base['variant']} {point.label()} [{cache_state}]",
+                           leave=False, disable=None)
+                n, measured_s = 0, 0.0
+                while True:
+                    if fixed_n is not None and n >= fixed_n:
+                        break
+                    if fixed_n is None and ((n >= cfg.num_runs and measured_s >= cfg.min_seconds)
+                                            or n >= cfg.max_runs):
+                        break
+                    if cache_state == "cold":
+                        policy.clear()
+                    row = self._timed_run(engine, source, questions, n * point.batch_size, point,
+                                          {**base, "kind": "measured", "run_index": n, "cache_state": cache_state})
+                    measured_s += row["e2e_ms"] / 1e3
+                    n += 1
+                    bar.update(1)
+                bar.close()
+        finally:
+            source.close()
+
+    def _timed_run(self, engine, source: RequestSource, questions: list[str], start: int, point, base: dict) -> dict:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        # Garbage is collected between requests, not during them (as timeit does): a full
+        # collection of a model-sized heap stalled single requests by ~20 ms on the H200 host.
+        gc.collect()
+        gc.disable()
+        try:
+            self.monitor.start()  # GPU utilisation covers waiting for frames too: what a loader buys
+            t0 = time.perf_counter()
+            requests, waited_s = source.next(questions, start)
+            result = engine.run_batch(requests, point.new_tokens)
+            stream_ms = (time.perf_counter() - t0) * 1e3
+            gpu = self.monitor.stop()
+        finally:
+            gc.enable()
+        row = {**base, "status": "ok", "question": requests[0][1],
+               **request_metrics(result, point.new_tokens),
+               "load_ms": waited_s * 1e3, "stream_ms": stream_ms,
+               "gpu_phase_pct": 100 * sum(result.phases_ms.get(k, 0.0) for k in GPU_PHASES) / stream_ms,
+               "output_text": printable(engine.adapter.decode(result.tokens))[:80]}
+        if cuda:
+            row["peak_alloc_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            row["peak_reserved_mb"] = torch.cuda.max_memory_reserved(self.device) / 2**20
+        row["nvml_used_mb"] = gpu.nvml_used_mb
+        row["gpu_util_pct"] = gpu.gpu_util_pct
+        if gpu.energy_j is not None:
+            row["energy_j_per_token"] = gpu.energy_j / (point.new_tokens * point.batch_size)
+        self._emit(row)
+        return row
+
+    # ------------------------------------------------------------------------------------
+    def summary_rows(self) -> list[dict]:
+        return summarize_runs(self.rows, self.cfg)
+
+
+GROUP_KEYS = ("model", "family", "weights", "variant", "engine", "device", "dtype", "cache_state", *WORKLOAD_KEYS)
+
+
+GPU_PHASES = ("restore", "vision", "prefill", "store", "decode")  # timed with CUDA events on a GPU
+
+
+class _PointFailed(Exception):
+    """A workload point failed (its row is written); the variant's model is freed."""
+
+
+def summarize_runs(rows: list[dict], cfg: RunConfig) -> list[dict]:
+    """Per (model, variant, engine, cache_state): one row per metric; skipped/failed variants get
+    one row saying so. Cold and warm runs are never pooled."""
+    out: list[dict] = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("status") != "ok":
+            out.append({**{k: r.get(k) for k in GROUP_KEYS}, "status": r["status"], "error": r.get("error")})
+            continue
+        if r.get("kind") == "measured":
+            groups.setdefault(tuple(r.get(k) for k in GROUP_KEYS), []).append(r)
+    for key, runs in groups.items():
+        measured_s = sum(r["e2e_ms"] for r in runs) / 1e3
+        for metric in SUMMARY_METRICS:
+            values = [r.get(metric) for r in runs if r.get(metric) is not None]
+            if not values:
+                continue
+            s = summarize(values)
+            if s["n"] == 0:
+                continue
+            out.append({**dict(zip(GROUP_KEYS, key)), "status": "ok", "metric": metric, **s,
+                        "measured_s": measured_s,
+                        "valid": is_valid(s, cfg.num_runs, measured_s, cfg.min_seconds, cfg.max_cv)})
+    return out

@@ -1,0 +1,163 @@
+"""The workload axes one command sweeps (their cross product), and where each run's requests
+come from: the image (or several of them), a video clip, or a video's frames one by one."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+from PIL import Image, ImageOps
+
+from bench.errors import UsageError
+from bench.models.visual import VisualInput
+
+VIDEO_MODES = ("clip", "frames")
+LOADERS = ("serial", "prefetch")
+
+
+@dataclass(frozen=True)
+class WorkloadPoint:
+    batch_size: int = 1  # requests run together as one batch
+    question_tokens: int | None = None  # questions stretched/cut to this many tokens (None: as given)
+    new_tokens: int = 128
+    num_images: int = 1  # images in each request's prompt (image input)
+    loader: str = ""  # video frames: serial | prefetch ("" for other inputs)
+
+    def columns(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        parts = [f"b{self.batch_size}", f"n{self.new_tokens}"]
+        if self.question_tokens:
+            parts.append(f"q{self.question_tokens}")
+        if self.num_images > 1:
+            parts.append(f"img{self.num_images}")
+        if self.loader:
+            parts.append(self.loader)
+        return " ".join(parts)
+
+
+WORKLOAD_KEYS = tuple(asdict(WorkloadPoint()))
+# Results written before the sweep axes existed ran the default point; new_tokens 0 = unknown.
+POINT_DEFAULTS = {"batch_size": 1, "question_tokens": 0, "new_tokens": 0, "num_images": 1, "loader": ""}
+
+
+def point_label(row) -> str:
+    """A results row's (or summary row's) workload point, as WorkloadPoint.label writes it."""
+    get = row.get
+    return WorkloadPoint(int(get("batch_size") or 1), int(get("question_tokens") or 0) or None,
+                         int(get("new_tokens") or 0), int(get("num_images") or 1), get("loader") or "").label()
+
+
+def fill_point_columns(df) -> None:
+    """Give a results DataFrame every workload-point column, never NaN (groupby drops NaN keys):
+    missing columns and empty cells take the default point's value."""
+    for col, default in POINT_DEFAULTS.items():
+        if col not in df:
+            df[col] = default
+        elif isinstance(default, str):
+            df[col] = df[col].astype(object).where(df[col].notna(), default).astype(str)
+        else:
+            df[col] = df[col].fillna(default).astype(int)
+
+
+def int_list(text: str | None, flag: str, minimum: int = 1) -> list[int]:
+    """'1,4,16' -> [1, 4, 16]; a clear usage error otherwise."""
+    if text is None or str(text).strip() == "":
+        return []
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+    if any(v < minimum for v in values):
+        raise UsageError(f"{flag}: every value must be at least {minimum}, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def name_list(text: str, flag: str, choices: tuple[str, ...]) -> list[str]:
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [v for v in values if v not in choices]
+    if bad or not values:
+        raise UsageError(f"{flag}: choose from {', '.join(choices)}, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def workload_points(batch_sizes: list[int], question_tokens: list[int], new_tokens: list[int],
+                    num_images: list[int], loaders: list[str]) -> list[WorkloadPoint]:
+    """The cross product, in the order given (empty axis: its default)."""
+    axes = itertools.product(batch_sizes or [1], question_tokens or [None], new_tokens or [128],
+                             num_images or [1], loaders or [""])
+    return [WorkloadPoint(*p) for p in axes]
+
+
+def question_of_length(count_tokens, question: str, n: int) -> str:
+    """`question`'s words repeated (or cut) to a question of exactly `n` tokens where the
+    tokenizer allows (else the nearest below, then one filler token at a time)."""
+    words = question.split() or ["what"]
+    out: list[str] = []
+    for w in itertools.cycle(words):
+        if count_tokens(" ".join(out + [w])) > n:
+            break
+        out.append(w)
+        if count_tokens(" ".join(out)) == n:
+            return " ".join(out)
+    text = " ".join(out)
+    for filler in ("a", "x", "."):
+        while count_tokens(text + " " + filler) <= n and count_tokens(text) < n:
+            text = text + " " + filler
+        if count_tokens(text) == n:
+            break
+    return text
+
+
+def derived_images(image: Image.Image, k: int) -> list[Image.Image]:
+    """`k` distinct images for a multi-image prompt: the image, then deterministic flips,
+    rotations and tone changes of it (same size, different content)."""
+    ops = [lambda im: im, ImageOps.mirror, ImageOps.flip, lambda im: im.rotate(180), ImageOps.invert,
+           ImageOps.grayscale, lambda im: ImageOps.solarize(im, 128), lambda im: ImageOps.posterize(im, 3)]
+    out = []
+    for i in range(k):
+        im = ops[i % len(ops)](image).convert("RGB")
+        if i >= len(ops):  # more images than transforms: shift the hue of the cycle
+            im = Image.eval(im, lambda v, s=i: (v + 37 * (s // len(ops))) % 256)
+        out.append(im)
+    return out
+
+
+class RequestSource:
+    """Each run's requests for one workload point.
+
+    - image input: every request shows the same image(s) (`num_images` of them), so questions
+      after the first on an image can reuse its prefix; one image carries its file's bytes
+      (`image_file`), which the prefix cache keys on, as a server would on a request's upload;
+    - video clip (`--video-mode clip`): every request shows all sampled frames as one video;
+    - video frames (`--video-mode frames`): each request shows the next frame as a still image
+      (tiled like one, as frame-by-frame analysis does; a batch: the next `batch_size` frames),
+      read serially or by the prefetching loader.
+    """
+
+    def __init__(self, point: WorkloadPoint, image: Image.Image | None, frames=None, video_mode: str = "",
+                 preprocess=None, image_file: bytes | None = None):
+        self.point, self.loader = point, None
+        if frames is None:
+            encoded = (image_file,) if image_file is not None and point.num_images == 1 else None
+            self.visual = VisualInput(tuple(derived_images(image, point.num_images)), encoded=encoded)
+        elif video_mode == "clip":
+            self.visual = frames.clip()
+        else:
+            from bench.run.media import FrameLoader
+
+            self.visual = None
+            self.loader = FrameLoader(frames, point.batch_size, point.loader == "prefetch",
+                                      preprocess if point.loader == "prefetch" else None)
+
+    def next(self, questions: list[str], start: int) -> tuple[list[tuple[VisualInput, str]], float]:
+        """(the run's batch of (visual, question), seconds spent waiting for frames)."""
+        qs = [questions[(start + i) % len(questions)] for i in range(self.point.batch_size)]
+        if self.loader is None:
+            return [(self.visual, q) for q in qs], 0.0
+        frames, waited = self.loader.next()
+        return list(zip(frames, qs)), waited
+
+    def close(self) -> None:
+        if self.loader is not None:
+            self.loader.close()

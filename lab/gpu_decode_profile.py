@@ -1,0 +1,53 @@
+"""Where a graph-engine decode step spends its time: torch.profiler over eager KV-buffer
+steps (the same kernels the CUDA graph replays), kernel time by name, against the replayed
+step time and the weight-bytes bandwidth floor. Writes a CSV of kernel shares.
+
+    python lab/gpu_decode_profile.py --preset llava-1.5-7b --out $OUT/decode_profile.csv
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gpu_profile_common import graph_engine_after_one_request, kernel_times, profile_parser
+
+from bench.measure.results import CsvWriter
+
+
+def main() -> None:
+    ap = profile_parser("llava-1.5-7b")
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    a, eng, _, r = graph_engine_after_one_request(args.preset, 128)
+    step_ms = sorted(r.step_ms)[len(r.step_ms) // 2]
+    weight_bytes = sum(p.numel() * p.element_size() for p in a.language_model().parameters())
+    if a.family == "llava":
+        weight_bytes += a.model.lm_head.weight.numel() * 2
+    # Eager steps over the same KV buffers with the same (compiled) layers: the kernels the graph replays.
+    tok = torch.tensor([r.tokens[-1]], device="cuda")
+
+    def step():  # one decode step at the prompt's end (rewound each time: the buffer is finite)
+        eng.cache.length.fill_(r.prompt_tokens)
+        eng.decoder.step(eng.decoder.embed(tok[:, None]), eng.one, eng.cache, eng.layer_fn)
+
+    with torch.inference_mode():
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        per_kernel = kernel_times(step, args.steps)
+    total = sum(ms for ms, _ in per_kernel.values())
+    w = CsvWriter(Path(args.out), ["model", "kernel", "ms_per_step", "launches_per_step", "share"])
+    for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
+        w.write({"model": args.preset, "kernel": name[:120], "ms_per_step": ms, "launches_per_step": n,
+                 "share": ms / total})
+    w.close()
+    launches = sum(n for _, n in per_kernel.values())
+    print(f"{args.preset}: graph step {step_ms:.2f} ms; kernel time {total:.2f} ms in {launches:.0f} kernels/step; "
+          f"LLM weights {weight_bytes / 1e9:.2f} GB -> {weight_bytes / step_ms / 1e6:.0f} GB/s achieved")
+    for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:8]:
+        print(f"  {ms:6.3f} ms  {n:5.0f}x  {name[:90]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Where the graph engine's full-prompt prefill spends host and GPU time with int4 weights
+against fp16 (H200): wall time (CUDA events around the prefill), summed kernel time, and the
+host-side ops that take the most CPU time (torch.profiler), for
+- fp16 weights,
+- rtn4 weights with the prefill's dense path traced into the compiled layer (the default),
+- rtn4 weights with the dense path as the opaque custom op (what the eager path runs).
+rtn4 and awq4 run the same kernels; rtn4 needs no calibration.
+
+    python lab/gpu_int4_prefill_profile.py --preset vila1.5-3b --out $OUT/int4_prefill_profile_vila1.5-3b.csv
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+from pathlib import Path
+
+import torch
+
+from gpu_profile_common import QUESTION, demo_image, event_times_ms, kernel_times, profile_parser
+
+from bench.engines.cache_policy import CachePolicy
+from bench.models.loader import build_preset
+from bench.quant import int4 as int4_module
+from bench.quant.awq import Int4Options, quantize_model
+from bench.measure.results import CsvWriter
+from bench.engines.static import GraphEngine
+
+
+def host_ops(fn, reps: int, top: int = 8) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]
+    return "; ".join(f"{e.self_cpu_time_total / reps / 1e3:.2f} ms {e.count // reps}x {e.key[:60]}" for e in rows)
+
+
+def main() -> None:
+    ap = profile_parser("vila1.5-3b")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    image = demo_image()
+    w = CsvWriter(Path(args.out), ["model", "weights", "dense_path", "tokens", "wall_ms", "kernel_ms", "top_host_ops"])
+    for weights, traced in (("fp16", True), ("rtn4", True), ("rtn4", False)):
+        adapter = build_preset(args.preset, None, torch.device("cuda"), torch.float16)
+        if weights == "rtn4":
+            quantize_model(adapter, Int4Options(method="rtn", group_size=128))
+        engine = GraphEngine(adapter, CachePolicy())
+        int4_module.TRACE_DENSE = traced  # read when the layer compiles (the engine reset dynamo)
+        with torch.inference_mode():
+            p = adapter.prepare(image, QUESTION)
+            embeds = adapter.prompt_embeds(p, adapter.encode_image(adapter.pixels_to_device(p)))
+            cache = engine.new_cache(embeds.shape[1], 8)
+            call = lambda: engine.prefill(embeds, cache, 0)[:, -1].argmax(-1)  # noqa: E731
+            for _ in range(3):
+                call()
+            wall = statistics.median(event_times_ms(call, args.reps))
+            kernels = sum(ms for ms, _ in kernel_times(call, 5).values())
+            ops = host_ops(call, 5)
+        path = "-" if weights == "fp16" else ("traced Triton dequantize" if traced else "opaque custom op")
+        w.write({"model": args.preset, "weights": weights, "dense_path": path, "tokens": embeds.shape[1],
+                 "wall_ms": wall, "kernel_ms": kernels, "top_host_ops": ops})
+        print(f"{weights:5s} {path:26s} {embeds.shape[1]} tokens: wall {wall:.2f} ms, kernels {kernels:.2f} ms | {ops}",
+              flush=True)
+        int4_module.TRACE_DENSE = True
+        engine = adapter = cache = embeds = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    w.close()
+
+
+if __name__ == "__main__":
+    main()

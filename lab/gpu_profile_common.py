@@ -1,0 +1,135 @@
+"""What the GPU profiling scripts share: a preset on the graph engine after one real request,
+and CUDA kernel time by kernel name (torch.profiler)."""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.engines.cache_policy import CachePolicy  # noqa: E402
+from bench.cli.common import quiet_libraries  # noqa: E402
+from bench.run.config import DEMO_IMAGE  # noqa: E402
+from bench.models.loader import build_preset  # noqa: E402
+from bench.engines.static import GraphEngine  # noqa: E402
+
+QUESTION = "What is shown in this image?"
+
+
+def profile_parser(preset: str) -> argparse.ArgumentParser:
+    """--preset and --out, which every profiling script takes."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default=preset)
+    ap.add_argument("--out", required=True)
+    return ap
+
+
+def demo_image():
+    """The bundled demo image as RGB (library log noise silenced first)."""
+    from PIL import Image
+
+    quiet_libraries()
+    return Image.open(DEMO_IMAGE).convert("RGB")
+
+
+def event_times_ms(fn, reps: int) -> list[float]:
+    """Wall time of each of `reps` calls of `fn`, CUDA events around the call."""
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b))
+    return out
+
+
+def suffix_graph_replays(engine, start: int, reps: int = 20, before=None) -> dict:
+    """Each captured suffix graph that can run after a `start`-token prefix (its keys reach
+    start + its length), replayed alone `reps` times from column `start` (the start column its
+    staged inputs carry, which the graph copies in): {graph key: (host ms of each replay() call,
+    ms between CUDA events around it)}. `before` runs ahead of each replay (e.g. a sleep); the
+    buffers' positions are restored afterwards."""
+    out = {}
+    with torch.inference_mode():  # the engine's buffers are inference tensors
+        saved = engine.cache.positions()
+        for key, cap in engine.lm_graphs.items():
+            if key[0] != "suffix ids" or start + key[1] > key[2]:
+                continue  # (a graph for another prefix length: replaying it here would write past its keys)
+            engine._suffix_inputs(key[1])[1][key[1] + 1] = start
+            launch, gpu = [], []
+            for _ in range(reps):
+                torch.cuda.synchronize()
+                if before is not None:
+                    before()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                t = time.perf_counter()
+                cap.graph.replay()
+                launch.append((time.perf_counter() - t) * 1e3)
+                b.record()
+                torch.cuda.synchronize()
+                gpu.append(a.elapsed_time(b))
+            out[key] = (launch, gpu)
+        engine.cache.set_positions(saved)
+    return out
+
+
+def graphed_us(fn, calls: int = 32, reps: int = 20, warmup: int = 3) -> float:
+    """Median GPU time of one call of `fn`, `calls` of them captured back to back in one CUDA
+    graph (warmed up on a side stream first, as capture wants), the graph replayed `reps` times."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return statistics.median(t * 1e3 / calls for t in event_times_ms(graph.replay, reps))
+
+
+def compiled_matmul_attention(heads: int, kv_heads: int, head_dim: int):
+    """FastDecoder._matmul_attention for these dimensions, compiled as the graph engine's steps
+    compile it."""
+    from types import SimpleNamespace
+
+    from bench.engines.decoder import FastDecoder
+
+    cfg = SimpleNamespace(model_type="llama", num_attention_heads=heads, num_key_value_heads=kv_heads,
+                          hidden_size=heads * head_dim)
+    dec = FastDecoder(SimpleNamespace(embed_tokens=None, norm=None, rotary_emb=None, layers=[]), None, cfg)
+    return torch.compile(dec._matmul_attention, dynamic=False)
+
+
+def graph_engine_after_one_request(preset: str, new_tokens: int):
+    """(adapter, engine, image, result): fp16 preset on CUDA, one request run (graphs captured)."""
+    image = demo_image()
+    adapter = build_preset(preset, None, torch.device("cuda"), torch.float16)
+    engine = GraphEngine(adapter, CachePolicy())
+    return adapter, engine, image, engine.run(image, QUESTION, new_tokens)
+
+
+def kernel_times(fn, reps: int) -> dict[str, tuple[float, float]]:
+    """CUDA kernel name -> (ms, launches) per call of `fn`, over `reps` profiled calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per = defaultdict(lambda: [0.0, 0])
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name][0] += e.device_time_total / 1e3
+            per[e.name][1] += 1
+    return {name: (ms / reps, n / reps) for name, (ms, n) in per.items()}
