@@ -21,7 +21,8 @@ from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from bench.models.base import PreparedPrompt, prepare_by_placeholders
-from bench.models.native import NativeVLMAdapter, load_native
+from bench.models.family import RANDOM_WEIGHTS_MARK, Family
+from bench.models.native import NativeVLMAdapter, load_native, save_native
 from bench.models.templates import ConvTemplate
 from bench.models.visual import as_visual
 
@@ -181,3 +182,18 @@ def build_internvl_model(preset, tokenizer, device, dtype) -> InternVLForConditi
     if config.__dict__.get(VITA_MARK):
         vita_projector(model)
     return model
+
+
+def build_internvl(preset, tokenizer, template: ConvTemplate, device, dtype, max_tiles: int) -> InternVLAdapter:
+    model = build_internvl_model(preset, tokenizer, device, dtype)
+    model.config.__dict__[RANDOM_WEIGHTS_MARK] = True
+    return InternVLAdapter(model, tokenizer, internvl_image_processor(preset, max_tiles), template, "random",
+                           preset.name, max_tiles)
+
+
+FAMILY = Family(
+    name="internvl", layout="InternVL -hf layout", default_conv_mode="internvl2_5", detect=is_internvl_dir,
+    load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles: load_internvl(
+        path, template, device, dtype, weights, quantization, strip_quant, max_tiles),
+    build=build_internvl, save=save_native, llm_key="language_model.",
+)

@@ -8,7 +8,8 @@ from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from bench.models.base import PreparedPrompt, prepare_by_placeholders
-from bench.models.native import NativeVLMAdapter, load_native
+from bench.models.family import RANDOM_WEIGHTS_MARK, Family
+from bench.models.native import NativeVLMAdapter, load_native, save_native
 from bench.models.templates import IMAGE_PLACEHOLDER, ConvTemplate
 
 
@@ -107,3 +108,17 @@ def build_llava_model(preset, tokenizer, device, dtype) -> LlavaForConditionalGe
     config = llava_config(preset, tokenizer)
     with torch.device(device):
         return LlavaForConditionalGeneration._from_config(config, dtype=dtype).eval()
+
+
+def build_llava(preset, tokenizer, template: ConvTemplate, device, dtype, max_tiles: int) -> LlavaAdapter:
+    model = build_llava_model(preset, tokenizer, device, dtype)
+    model.config.__dict__[RANDOM_WEIGHTS_MARK] = True
+    return LlavaAdapter(model, tokenizer, llava_image_processor(preset), template, "random", preset.name)
+
+
+FAMILY = Family(
+    name="llava", layout="llava-hf layout", default_conv_mode="vicuna_v1", detect=is_llava_dir,
+    load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles: load_llava(
+        path, template, device, dtype, weights, quantization, strip_quant),
+    build=build_llava, save=save_native, llm_key="language_model.",
+)

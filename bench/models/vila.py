@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from bench.models.base import PreparedPrompt, VLMAdapter
+from bench.models.family import RANDOM_WEIGHTS_MARK, Family
 from bench.models.templates import ConvTemplate
 
 
@@ -250,3 +251,18 @@ def save_vila(adapter: VilaAdapter, out: Path) -> None:
     (proj_dir / "config.json").write_text(json.dumps(model.top_config["mm_projector_cfg"], indent=2))
     state = {f"layers.{k}": v.detach().contiguous().cpu() for k, v in model.mm_projector.state_dict().items()}
     save_file(state, str(proj_dir / "model.safetensors"))
+
+
+def build_vila(preset, tokenizer, template: ConvTemplate, device, dtype, max_tiles: int) -> VilaAdapter:
+    model = build_vila_model(preset, tokenizer, device, dtype)
+    model.top_config[RANDOM_WEIGHTS_MARK] = True
+    return VilaAdapter(model, tokenizer, siglip_image_processor(preset), template, "random", preset.name)
+
+
+FAMILY = Family(
+    name="vila", layout="VILA1.5 (llm/, vision_tower/, mm_projector/)", default_conv_mode="vicuna_v1",
+    detect=is_vila_dir,
+    load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles: load_vila(
+        path, template, device, dtype, weights, config, quantization, strip_quant),
+    build=build_vila, save=save_vila, llm_dir="llm",
+)

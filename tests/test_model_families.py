@@ -1,0 +1,57 @@
+"""A model family is one module plus one registry line: the loader names none of them, and a family
+registered from outside the package is detected, loaded and written like the built-in ones."""
+import ast
+import dataclasses
+
+import torch
+
+from bench.cli import run_main
+from bench.models import llava, registry
+from bench.models.loader import build_preset, load_checkpoint, read_checkpoint_config, save_checkpoint
+from tests.conftest import ROOT
+
+
+def test_loader_names_no_family():
+    tree = ast.parse((ROOT / "bench" / "models" / "loader.py").read_text())
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not strings & set(registry.families()), "family-specific branches belong in the family's module"
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & {"bench.models.llava", "bench.models.vila", "bench.models.internvl"}
+
+
+def test_every_family_round_trips_a_preset(tmp_path):
+    for name, preset in (("llava", "tiny-llava"), ("vila", "tiny-vila"), ("internvl", "tiny-internvl")):
+        adapter = build_preset(preset, None, torch.device("cpu"), torch.float32)
+        save_checkpoint(adapter, tmp_path / name)
+        assert read_checkpoint_config(tmp_path / name)[0] == name
+        assert registry.get_family(name).default_conv_mode == load_checkpoint(
+            tmp_path / name, None, torch.device("cpu"), torch.float32).template.name
+
+
+def _toy_family():
+    """LLaVA's layout with a marker file: a family defined here, not in the package."""
+    base = llava.FAMILY
+
+    def save(adapter, out):
+        base.save(adapter, out)
+        (out / "TOY_LAYOUT").write_text("")
+
+    return dataclasses.replace(base, name="toy", layout="toy layout (llava-hf + TOY_LAYOUT)",
+                               detect=lambda path, config: (path / "TOY_LAYOUT").is_file(), save=save)
+
+
+def test_a_family_registered_from_outside_is_detected_and_runs(tmp_path):
+    toy = _toy_family()
+    registry.register(toy)
+    try:
+        adapter = build_preset("tiny-llava", None, torch.device("cpu"), torch.float32)
+        toy.save(adapter, tmp_path / "ckpt")
+        assert read_checkpoint_config(tmp_path / "ckpt")[0] == "toy"
+        assert run_main(["--model-path", str(tmp_path / "ckpt"), "--device", "cpu", "--num-runs", "2",
+                         "--min-seconds", "0", "--max-new-tokens", "4", "--warmup", "0", "--no-fidelity",
+                         "--output-dir", str(tmp_path / "out")]) == 0
+        rows = (tmp_path / "out" / "runs.csv").read_text().splitlines()
+        assert len(rows) == 3 and ",toy," in rows[1]
+    finally:
+        registry.unregister("toy")
+    assert read_checkpoint_config(tmp_path / "ckpt")[0] == "llava"
