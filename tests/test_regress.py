@@ -1,4 +1,5 @@
 """The regression gate's statistics on synthetic samples, and the compare command's exit codes."""
+import io
 import json
 
 import numpy as np
@@ -98,3 +99,98 @@ def test_compare_bad_input(tmp_path, capsys):
     assert compare_main([str(tmp_path / "a"), str(tmp_path / "a"), "--metrics", "nope_ms"]) == 2
     err = capsys.readouterr().err
     assert "no runs.csv" in err and "missing columns" in err and "nothing" not in err
+
+
+def test_throughput_gain_is_an_improvement_never_a_regression():
+    rng = np.random.default_rng(6)
+    for metric in ("output_tok_s", "requests_per_s", "decode_tok_s", "token_agree", "engine_top1_agree"):
+        up = compare_samples(lognormal(rng, 10, 100), lognormal(rng, 10, 130), metric)
+        down = compare_samples(lognormal(rng, 10, 100), lognormal(rng, 10, 70), metric)
+        assert (up.status, down.status) == ("improvement", "regression"), metric
+    # the direction can also be given (a column the table does not know)
+    assert compare_samples(lognormal(rng, 10, 100), lognormal(rng, 10, 130), "my_rate",
+                           higher_better=True).status == "improvement"
+    assert compare_samples(lognormal(rng, 10, 100), lognormal(rng, 10, 130), "my_ms").status == "regression"
+
+
+def test_every_summarized_metric_has_a_direction():
+    from bench.analysis.regress import HIGHER_IS_BETTER
+    from bench.measure.schema import BY_NAME, COLUMNS, SUMMARY_METRICS
+
+    assert SUMMARY_METRICS and all(BY_NAME[m].higher_is_better is not None for m in SUMMARY_METRICS)
+    assert all(c.unit for c in COLUMNS if c.summarized)
+    assert {"output_tok_s", "requests_per_s", "decode_tok_s", "token_agree", "engine_top1_agree"} <= HIGHER_IS_BETTER
+    assert not any(m.endswith(("_ms", "_mb")) for m in HIGHER_IS_BETTER)
+
+
+def write_identity_runs(path, groups: list[tuple[dict, float]], n=10, seed=7):
+    """runs.csv with a group of measured runs per (identity overrides, ttft scale)."""
+    rng = np.random.default_rng(seed)
+    base = {"model": "m", "family": "llava", "weights": "random", "variant": "fp16", "engine": "hf",
+            "device": "cuda", "dtype": "float16", "cache_state": "none", "batch_size": 1, "new_tokens": 32,
+            "num_images": 1, "loader": "", "kind": "measured", "status": "ok"}
+    rows = [{**base, **over, "ttft_ms": x, "tpot_ms": x / 10, "prefill_ms": x / 2, "e2e_ms": x * 10}
+            for over, scale in groups for x in lognormal(rng, n, scale)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).reindex(columns=list(RUN_COLUMNS)).to_csv(path, index=False)
+
+
+@pytest.mark.parametrize("column,a,b", [("dtype", "float16", "bfloat16"), ("device", "cuda", "cpu"),
+                                        ("family", "llava", "vila"), ("weights", "random", "checkpoint"),
+                                        ("batch_size", 1, 4), ("new_tokens", 32, 128)])
+def test_compare_never_pools_rows_that_differ_in_identity(tmp_path, column, a, b):
+    from bench.analysis.compare import compare_runs, load_runs, print_table
+
+    # one directory holds both values: the slow one (b) must not dilute or mask the fast one (a)
+    write_identity_runs(tmp_path / "base" / "runs.csv", [({column: a}, 100), ({column: b}, 300)])
+    write_identity_runs(tmp_path / "cand" / "runs.csv", [({column: a}, 100), ({column: b}, 300)], seed=8)
+    rows = compare_runs(load_runs(tmp_path / "base"), load_runs(tmp_path / "cand"), ["ttft_ms"], 0.01, 1.1)
+    assert sorted(str(r[column]) for r in rows) == sorted([str(a), str(b)])
+    assert all(r["n_baseline"] == r["n_candidate"] == 10 for r in rows)
+    medians = {str(r[column]): r["baseline_median"] for r in rows}
+    assert medians[str(a)] < 150 < medians[str(b)]
+    assert compare_main([str(tmp_path / "base"), str(tmp_path / "cand")]) == 0
+    if column in ("dtype", "device", "family", "weights"):  # the table says which row is which
+        out = io.StringIO()
+        print_table(rows, out=out)
+        assert column in out.getvalue() and str(b) in out.getvalue()
+    # a candidate of the other value only has nothing in common with a baseline of the one
+    write_identity_runs(tmp_path / "only_b" / "runs.csv", [({column: b}, 100)])
+    write_identity_runs(tmp_path / "only_a" / "runs.csv", [({column: a}, 100)])
+    assert compare_main([str(tmp_path / "only_a"), str(tmp_path / "only_b")]) == 2
+
+
+def test_compare_reads_files_without_the_newer_identity_columns(tmp_path):
+    """Older runs.csv files lack engine, family, weights, device, dtype, the workload point and
+    run_id: they load with the documented defaults and still compare with themselves."""
+    from bench.analysis.compare import load_runs
+    from bench.measure.schema import IDENTITY_DEFAULTS, RESULT_KEY
+
+    write_runs(tmp_path / "old" / "runs.csv", {"fp16": lognormal(np.random.default_rng(9), 10)}, extra_cols=False)
+    df = pd.read_csv(tmp_path / "old" / "runs.csv").drop(columns=["engine"])
+    df.to_csv(tmp_path / "old" / "runs.csv", index=False)
+    runs = load_runs(tmp_path / "old")
+    assert len(runs) == 10
+    for k in (*RESULT_KEY, "run_id"):
+        if k not in ("model", "variant", "cache_state"):
+            assert (runs[k] == IDENTITY_DEFAULTS[k]).all(), k
+    assert compare_main([str(tmp_path / "old"), str(tmp_path / "old")]) == 0
+
+
+def test_compare_pools_one_sides_invocations_but_summaries_do_not(tmp_path):
+    """Two invocations appended to one directory: compare pools each side's runs (the run id
+    always differs across directories); summarize_runs keeps the invocations apart."""
+    from types import SimpleNamespace
+
+    from bench.analysis.compare import compare_runs, load_runs
+    from bench.run.runner import summarize_runs
+
+    write_identity_runs(tmp_path / "a" / "runs.csv", [({"run_id": "r1"}, 100), ({"run_id": "r2"}, 100)])
+    write_identity_runs(tmp_path / "b" / "runs.csv", [({"run_id": "r3"}, 100)])
+    rows = compare_runs(load_runs(tmp_path / "a"), load_runs(tmp_path / "b"), ["ttft_ms"], 0.01, 1.1)
+    assert [(r["n_baseline"], r["n_candidate"]) for r in rows] == [(20, 10)]
+    runs = [{k: None if pd.isna(v) else v for k, v in r.items()}  # empty cells, as `summarize` reads them
+            for r in pd.read_csv(tmp_path / "a" / "runs.csv").to_dict("records")]
+    cfg = SimpleNamespace(num_runs=5, min_seconds=0, max_cv=1.0)
+    ttft = [r for r in summarize_runs(runs, cfg) if r.get("metric") == "ttft_ms"]
+    assert sorted((r["run_id"], r["n"]) for r in ttft) == [("r1", 10), ("r2", 10)]

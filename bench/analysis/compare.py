@@ -1,6 +1,9 @@
 """Comparing the measured runs of two results (runs.csv files or results directories): load them,
-group them by result identity and metric, and give each group a regression verdict
-(bench.analysis.regress). The command line is bench.cli.compare."""
+group them by result identity (bench.measure.schema.RESULT_KEY: model, family, weights, variant,
+engine, device, dtype, cache state and workload point) and metric, and give each group a
+regression verdict (bench.analysis.regress). Rows that differ in any identity column are never
+pooled; the runs of one side are pooled across its invocations (run ids). The command line is
+bench.cli.compare."""
 from __future__ import annotations
 
 import math
@@ -11,11 +14,13 @@ from pathlib import Path
 import pandas as pd
 
 from bench.analysis.regress import compare_samples
-from bench.run.workload import POINT_DEFAULTS, fill_point_columns, point_label
+from bench.measure.schema import RESULT_KEY, fill_identity_columns, point_label
 
 DEFAULT_METRICS = ["ttft_ms", "tpot_ms", "prefill_ms", "e2e_ms", "peak_alloc_mb"]
-KEYS = ["model", "variant", "engine", "cache_state", *POINT_DEFAULTS]
-REQUIRED = {"model", "variant", "engine", "cache_state", "kind", "status"}
+KEYS = list(RESULT_KEY)
+# Identity columns the table shows only when the compared rows differ in them.
+OPTIONAL_SHOWN = ("family", "weights", "device", "dtype")
+REQUIRED = {"model", "variant", "kind", "status"}  # identity columns beyond these have defaults
 
 
 class BadInput(Exception):
@@ -28,13 +33,12 @@ def load_runs(path: str | Path) -> pd.DataFrame:
         p = p / "runs.csv"
     if not p.is_file():
         raise BadInput(f"{path}: no runs.csv there")
-    df = pd.read_csv(p, dtype={"cache_state": str, "engine": str})
+    df = pd.read_csv(p, dtype={k: str for k in ("cache_state", "engine", "family", "weights", "device", "dtype",
+                                                "run_id")})
     missing = REQUIRED - set(df.columns)
     if missing:
         raise BadInput(f"{p}: not a runs.csv (missing columns: {', '.join(sorted(missing))})")
-    df["engine"] = df["engine"].fillna("hf")
-    df["cache_state"] = df["cache_state"].fillna("none")
-    fill_point_columns(df)
+    fill_identity_columns(df)  # columns older versions did not write: their documented defaults
     return df[(df["kind"] == "measured") & (df["status"] == "ok")]
 
 
@@ -65,13 +69,15 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
     from rich.table import Table
 
     table = Table(title="baseline vs candidate (ratio = candidate/baseline, Hodges-Lehmann)")
-    for col in ("model", "variant", "engine", "cache", "point", "metric", "n b/c", "median b", "median c", "ratio", "p",
-                "verdict"):
+    extra = [k for k in OPTIONAL_SHOWN if len({r.get(k) for r in rows}) > 1]
+    for col in ("model", *extra, "variant", "engine", "cache", "point", "metric", "n b/c", "median b", "median c",
+                "ratio", "p", "verdict"):
         table.add_column(col)
     style = {"regression": "red", "improvement": "green", "inconclusive": "yellow", "unchanged": ""}
     for r in rows:
         s = style[r["status"]]
-        table.add_row(r["model"], r["variant"], r["engine"], r["cache_state"], point_label(r), r["metric"],
+        table.add_row(r["model"], *[str(r[k]) for k in extra], r["variant"], r["engine"], r["cache_state"],
+                      point_label(r), r["metric"],
                       f"{r['n_baseline']}/{r['n_candidate']}", _fmt(r["baseline_median"]),
                       _fmt(r["candidate_median"]), _fmt(r["ratio"]), _fmt(r["p_value"]),
                       f"[{s}]{r['status']}[/]" if s else r["status"])

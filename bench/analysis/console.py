@@ -6,10 +6,14 @@ import math
 from rich.console import Console
 from rich.table import Table
 
-SHOWN = [("ttft_ms", "TTFT ms"), ("prefill_ms", "prefill ms"), ("vision_ms", "vision ms"),
-         ("tpot_ms", "TPOT ms"), ("decode_tok_s", "decode tok/s"), ("e2e_ms", "e2e ms"),
-         ("peak_alloc_mb", "peak MiB"), ("weight_mb", "weights MiB"), ("token_agree", "token agree"),
-         ("kl_mean", "KL mean"), ("engine_kl_mean", "engine KL")]
+from bench.measure.schema import RESULT_KEY, WORKLOAD_KEYS, point_label, title
+
+# Metrics shown (their titles: bench.measure.schema); a sweep adds SWEEP_SHOWN.
+SHOWN = [(m, title(m)) for m in ("ttft_ms", "prefill_ms", "vision_ms", "tpot_ms", "decode_tok_s", "e2e_ms",
+                                 "peak_alloc_mb", "weight_mb", "token_agree", "kl_mean", "engine_kl_mean")]
+SWEEP_SHOWN = [(m, title(m)) for m in ("requests_per_s", "output_tok_s")]
+# A row of the table per result: its identity (the workload point as one label) and its status.
+_IDENTITY = [k for k in RESULT_KEY if k not in WORKLOAD_KEYS]
 
 
 def _fmt(v) -> str:
@@ -22,24 +26,25 @@ def _fmt(v) -> str:
 
 def print_summary(summary: list[dict], out_dir, weights: str, console: Console | None = None) -> None:
     console = console or Console(width=None if Console().is_terminal else 160)
-    from bench.run.workload import point_label as point
-
-    points = {point(r) for r in summary if r.get("status") == "ok"}
+    points = {point_label(r) for r in summary if r.get("status") == "ok"}
     sweep = len(points) > 1
-    shown = SHOWN + ([("requests_per_s", "req/s"), ("output_tok_s", "out tok/s")] if sweep else [])
+    shown = SHOWN + (SWEEP_SHOWN if sweep else [])
     table = Table(title=f"median per run  (weights={weights})", show_lines=False)
     for col in ("variant", "engine", "cache") + (("point",) if sweep else ()) + ("n",):
         table.add_column(col)
-    for _, title in shown:
-        table.add_column(title, justify="right")
+    for _, heading in shown:
+        table.add_column(heading, justify="right")
     table.add_column("valid")
     keyed: dict[tuple, dict] = {}
     for r in summary:
-        key = (r["model"], r["variant"], r["engine"], r["cache_state"], point(r) if r["status"] == "ok" else "",
+        key = (*(r.get(k) for k in _IDENTITY), point_label(r) if r["status"] == "ok" else "", r.get("run_id"),
                r["status"], r.get("error"))
         keyed.setdefault(key, {})[r.get("metric")] = r
     notes = []
-    for (model, variant, engine, state, pt, status, error), metrics in keyed.items():
+    for key, metrics in keyed.items():
+        ident = dict(zip(_IDENTITY, key))
+        variant, engine, state = ident["variant"], ident["engine"], ident["cache_state"]
+        pt, status, error = key[-4], key[-2], key[-1]
         where = (pt,) if sweep else ()
         if status != "ok":
             table.add_row(variant, engine or "", "", *where, "0", *["-"] * len(shown), f"[yellow]{status}[/]")

@@ -5,7 +5,9 @@ a change counts only when it is both significant and larger than a factor.
 - size: the Hodges-Lehmann estimate of the candidate/baseline ratio (median of all pairwise
   ratios), the estimator that goes with the U test and is steadier than a ratio of medians;
 - fewer than `min_samples` runs on a side, or too few for the test to ever reach alpha, is
-  "inconclusive", never a pass.
+  "inconclusive", never a pass;
+- direction: bench.measure.schema's table says which metrics are better higher (throughput,
+  agreement); every other metric is a cost (ms, MiB, J, KL).
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import mannwhitneyu
 
-# Metrics where larger is better; every other metric is a cost (ms, MiB, J).
-HIGHER_IS_BETTER = {"decode_tok_s", "token_agree"}
+from bench.measure.schema import COLUMNS, higher_is_better
+
+# Metrics where larger is better (from the column table); every other metric is a cost.
+HIGHER_IS_BETTER = frozenset(c.name for c in COLUMNS if c.higher_is_better)
 
 
 @dataclass(frozen=True)
@@ -40,14 +44,17 @@ def min_samples_ok(n1: int, n2: int, alpha: float) -> bool:
 
 
 def compare_samples(baseline, candidate, metric: str, alpha: float = 0.01, factor: float = 1.10,
-                    min_samples: int = 5) -> Verdict:
+                    min_samples: int = 5, higher_better: bool | None = None) -> Verdict:
+    """`higher_better`: the metric's direction; None takes it from bench.measure.schema."""
     b = np.asarray([x for x in baseline if x is not None and not math.isnan(x)], dtype=float)
     c = np.asarray([x for x in candidate if x is not None and not math.isnan(x)], dtype=float)
     medians = (float(np.median(b)) if len(b) else math.nan, float(np.median(c)) if len(c) else math.nan)
     too_few = min(len(b), len(c)) < min_samples or not min_samples_ok(len(b), len(c), alpha)
     if too_few or np.any(b <= 0) or np.any(c <= 0):
         return Verdict("inconclusive", math.nan, math.nan, len(b), len(c), *medians)
-    worse = "less" if metric in HIGHER_IS_BETTER else "greater"
+    if higher_better is None:
+        higher_better = higher_is_better(metric)
+    worse = "less" if higher_better else "greater"
     better = "greater" if worse == "less" else "less"
     p_worse = float(mannwhitneyu(c, b, alternative=worse, method="auto").pvalue)
     p_better = float(mannwhitneyu(c, b, alternative=better, method="auto").pvalue)

@@ -13,11 +13,14 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # headless: matplotlib picks Agg; notebooks: the inline backend
 import pandas as pd
 
-from bench.run.workload import POINT_DEFAULTS, fill_point_columns
+from bench.measure.schema import WORKLOAD_KEYS, fill_identity_columns
 
 PHASES = [("preprocess_ms", "preprocess (CPU)"), ("lookup_ms", "prefix lookup"), ("restore_ms", "prefix restore"),
           ("vision_ms", "vision"), ("prefill_ms", "prefill"), ("store_ms", "cache store"), ("decode_ms", "decode")]
 BASELINE = ("fp16", "hf")
+# Identity columns (bench.measure.schema.RESULT_KEY, and the run id) a label names when one
+# directory holds rows of one model and variant that differ in them: such rows are never pooled.
+LABEL_IDENTITY = ("family", "weights", "engine", "device", "dtype", "run_id")
 
 
 def load(dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -32,23 +35,36 @@ def load(dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
             bucket.append(df)
     runs_df, summary_df = pd.concat(runs, ignore_index=True), pd.concat(summaries, ignore_index=True)
     for df in (runs_df, summary_df):
-        df["cache_state"] = df["cache_state"].fillna("none")
+        fill_identity_columns(df)  # columns older versions did not write: their documented defaults
         df["label"] = [_label(v, c) for v, c in zip(df["variant"], df["cache_state"])]
+    # One directory, one model and variant, rows differing in identity (two dtypes, devices,
+    # invocations): the label names what differs
+    both = pd.concat([runs_df, summary_df], ignore_index=True)
+    groups = both.groupby(["source", "model", "label"])
+    varying = {c: set(n[n > 1].index) for c in LABEL_IDENTITY for n in [groups[c].nunique()]}
+    for df in (runs_df, summary_df):
+        keys = list(zip(df["source"], df["model"], df["label"]))
+        extra = pd.Series("", index=df.index)
+        for c, where in varying.items():
+            if where:
+                hit = [k in where for k in keys]
+                extra[hit] += " " + df.loc[hit, c].astype(str)
+        df["label"] = df["label"] + extra
     # The same variant from two directories of one model: say which directory each bar is
     sources = summary_df.groupby(["model", "label"])["source"].nunique()
     shared = set(sources[sources > 1].index)
     for df in (runs_df, summary_df):
         df["label"] = [f"{lab} ({src})" if (m, lab) in shared else lab
                        for m, lab, src in zip(df["model"], df["label"], df["source"])]
-    for df in (runs_df, summary_df):
-        fill_point_columns(df)
+        # the label less the cache state: what a cold/warm pair shares
+        df["series"] = [lab.replace(f" [{c}]", "", 1) for lab, c in zip(df["label"], df["cache_state"])]
     return runs_df, summary_df
 
 
 def first_point(df: pd.DataFrame) -> pd.DataFrame:
     """Each source directory's rows at its first workload point (a sweep's figures compare
     points; the per-variant figures compare variants at one point). Skipped rows stay."""
-    keys = list(POINT_DEFAULTS)
+    keys = list(WORKLOAD_KEYS)
     keep = []
     for _, g in df.groupby("source", sort=False):
         ok = g[g["status"] == "ok"] if "status" in g else g
@@ -84,14 +100,24 @@ def status_rows(summary: pd.DataFrame) -> pd.DataFrame:
     return summary[summary["status"] != "ok"][["model", "variant", "engine", "status", "error"]].drop_duplicates()
 
 
+def _baseline_for(bases: pd.DataFrame, row) -> pd.DataFrame:
+    """The baseline rows to hold a variant's row against: those of its own identity (dtype,
+    device, family, weights) and directory where there are such, else any of its model's."""
+    for col in ("dtype", "device", "family", "weights", "source"):
+        same = bases[bases[col] == row[col]]
+        if not same.empty:
+            bases = same
+    return bases
+
+
 def speedup_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Median ratios baseline / variant (>1 = faster) per model, for TTFT, TPOT and e2e."""
     out = []
     ok = summary[summary["status"] == "ok"]
     for model, g in ok.groupby("model"):
-        base = g[(g["variant"] == BASELINE[0]) & (g["engine"] == BASELINE[1])]
-        bmed = base.set_index("metric")["median"]
+        bases = g[(g["variant"] == BASELINE[0]) & (g["engine"] == BASELINE[1])]
         for label, v in g.groupby("label", sort=False):
+            bmed = _baseline_for(bases, v.iloc[0]).drop_duplicates("metric").set_index("metric")["median"]
             vmed = v.set_index("metric")["median"]
             row = {"model": model, "variant": label}
             for m in ("ttft_ms", "tpot_ms", "e2e_ms", "peak_alloc_mb"):
@@ -237,7 +263,7 @@ def fig_cold_warm(summary: pd.DataFrame):
         return None
     fig, axes = _axes(len(models), height=3.0)
     for ax, model in zip(axes, models):
-        t = ok[ok["model"] == model].pivot_table(index="variant", columns="cache_state", values="median")
+        t = ok[ok["model"] == model].pivot_table(index="series", columns="cache_state", values="median")
         _paired_barh(ax, t, [("cold", -0.2, "cold (cache cleared)", "#c44e52"),
                              ("warm", 0.2, "warm (cache hit)", "#55a868")])
         ax.set_xlabel("median TTFT, ms")
@@ -252,7 +278,7 @@ def _sweep(summary: pd.DataFrame, axis: str, metrics: list[str]) -> pd.DataFrame
     ok = summary[(summary["status"] == "ok") & summary["metric"].isin(metrics)]
     if ok.empty:
         return None
-    others = [k for k in POINT_DEFAULTS if k != axis]
+    others = [k for k in WORKLOAD_KEYS if k != axis]
     parts = []
     for _, g in ok.groupby("source", sort=False):
         if g[axis].nunique() < 2:
@@ -375,7 +401,7 @@ def write_report(dirs: list[str | Path], out: str | Path) -> Path:
     parts.append("## Speed-up over fp16 (hf engine)\n\nRatios of medians, baseline / variant (>1 is faster or "
                  "smaller). `valid` = enough runs, time and CV under the threshold for TTFT and TPOT.\n\n" + _md(sp))
     st = status_rows(summary)
-    if any(summary[k].nunique() > 1 for k in POINT_DEFAULTS):
+    if any(summary[k].nunique() > 1 for k in WORKLOAD_KEYS):
         parts.append("Workload sweeps: the table and the per-variant figures show each source's first workload "
                      "point; the sweep figures (batch, prompt length, loader) show the axes.")
     if not st.empty:

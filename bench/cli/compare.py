@@ -1,5 +1,6 @@
-"""`vlm-bench compare BASELINE CANDIDATE`: per (model, variant, engine, cache_state, workload point,
-metric), compare the measured runs of two results (runs.csv files or results directories).
+"""`vlm-bench compare BASELINE CANDIDATE`: per result identity (model, family, weights, variant,
+engine, device, dtype, cache_state, workload point: bench.measure.schema.RESULT_KEY) and metric,
+compare the measured runs of two results (runs.csv files or results directories).
 
 Exit codes: 0 no regression, 1 at least one regression, 2 bad input (missing file, mismatched
 schema, nothing in common, or too few samples: inconclusive is never a pass).
@@ -33,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
             raise BadInput(f"metric(s) not in both results: {', '.join(unknown)}")
         rows = compare_runs(base, cand, metrics, args.alpha, args.factor, args.min_samples)
         if not rows:
-            raise BadInput("baseline and candidate have no (model, variant, engine, cache_state, workload point) "
-                           "in common")
+            raise BadInput("baseline and candidate have no result (model, family, weights, variant, engine, device, "
+                           "dtype, cache_state, workload point) in common")
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

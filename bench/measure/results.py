@@ -4,10 +4,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.measure.metrics import RUN_COLUMNS, SUMMARY_COLUMNS
+from bench.errors import UsageError
+from bench.measure.schema import RUN_COLUMNS, SUMMARY_COLUMNS
 
 
 def _cell(v):
@@ -27,6 +29,12 @@ class CsvWriter:
     def __init__(self, path: Path, columns: list[str]):
         self.path, self.columns = path, columns
         new = not path.exists() or path.stat().st_size == 0
+        if not new:
+            with path.open(newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+            if header != columns:  # appending would put values under the wrong names
+                raise UsageError(f"{path} has other columns (written by another version of the harness): "
+                                 "use a new --output-dir")
         self._f = path.open("a", newline="", encoding="utf-8")
         self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="raise")
         if new:
@@ -58,6 +66,11 @@ def write_summary(out_dir: Path, rows: list[dict]) -> Path:
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def new_run_id() -> str:
+    """One invocation's id: its UTC start time and a random suffix, e.g. 20250101-120000-3fa2c1."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
 def utc_now() -> str:

@@ -19,13 +19,14 @@ from bench.run.config import RunConfig
 from bench.log import status
 from bench.errors import UsageError, VariantUnsupported
 from bench.run.monitors import GpuMonitor
-from bench.measure.metrics import SUMMARY_METRICS, request_metrics
+from bench.measure.metrics import request_metrics
+from bench.measure.schema import SUMMARY_KEY, SUMMARY_METRICS, result_key
 from bench.run.questions import load_questions, warmup_questions
-from bench.measure.results import run_writer, utc_now, write_json, write_summary
+from bench.measure.results import new_run_id, run_writer, utc_now, write_json, write_summary
 from bench.models.source import ModelSource
 from bench.measure.stats import is_valid, summarize
 from bench.models.visual import load_image
-from bench.run.workload import WORKLOAD_KEYS, RequestSource, question_of_length
+from bench.run.workload import RequestSource, question_of_length
 from variants import baseline_variant, parse_variant
 
 
@@ -114,18 +115,19 @@ class Benchmark:
         gpu_index = (self.device.index or 0) if self.device.type == "cuda" else None
         self.monitor = GpuMonitor(gpu_index)
         self.rows: list[dict] = []
+        self.run_id = new_run_id()  # on every row and in env.json
         self.reference: fidelity.FidelityReference | None = None
 
     # ------------------------------------------------------------------------------------
     def run(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         attention_kernels.use(self.cfg.attention_kernels)
+        self.writer = run_writer(self.out_dir)  # first: refuses a runs.csv with other columns
         write_json(self.out_dir / "env.json", envinfo.collect(self.command, self.monitor.device_facts(), {
             "config": asdict(self.cfg), "device": str(self.device), "dtype": str(self.dtype),
             "attention_kernels": attention_kernels.describe(),
-            "model": self.source.name, "weights": self.source.weights,
+            "model": self.source.name, "weights": self.source.weights, "run_id": self.run_id,
         }))
-        self.writer = run_writer(self.out_dir)
         try:
             adapter, loaded_key = None, None
             for variant in self.variants:
@@ -199,7 +201,7 @@ class Benchmark:
         }
 
     def _emit(self, row: dict) -> None:
-        row = {"timestamp": utc_now(), **row}
+        row = {"timestamp": utc_now(), "run_id": self.run_id, **row}
         self.writer.write(row)
         self.rows.append(row)
 
@@ -309,9 +311,6 @@ class Benchmark:
         return summarize_runs(self.rows, self.cfg)
 
 
-GROUP_KEYS = ("model", "family", "weights", "variant", "engine", "device", "dtype", "cache_state", *WORKLOAD_KEYS)
-
-
 GPU_PHASES = ("restore", "vision", "prefill", "store", "decode")  # timed with CUDA events on a GPU
 
 
@@ -320,16 +319,18 @@ class _PointFailed(Exception):
 
 
 def summarize_runs(rows: list[dict], cfg: RunConfig) -> list[dict]:
-    """Per (model, variant, engine, cache_state): one row per metric; skipped/failed variants get
-    one row saying so. Cold and warm runs are never pooled."""
+    """Per result (bench.measure.schema.SUMMARY_KEY: its identity, workload point and run id): one
+    row per metric; skipped/failed variants get one row saying so. Rows that differ in any key
+    column (cold and warm runs, dtypes, devices, invocations...) are never pooled."""
     out: list[dict] = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r.get("status") != "ok":
-            out.append({**{k: r.get(k) for k in GROUP_KEYS}, "status": r["status"], "error": r.get("error")})
+            out.append({**dict(zip(SUMMARY_KEY, result_key(r, SUMMARY_KEY))), "status": r["status"],
+                        "error": r.get("error")})
             continue
         if r.get("kind") == "measured":
-            groups.setdefault(tuple(r.get(k) for k in GROUP_KEYS), []).append(r)
+            groups.setdefault(result_key(r, SUMMARY_KEY), []).append(r)
     for key, runs in groups.items():
         measured_s = sum(r["e2e_ms"] for r in runs) / 1e3
         for metric in SUMMARY_METRICS:
@@ -339,7 +340,7 @@ def summarize_runs(rows: list[dict], cfg: RunConfig) -> list[dict]:
             s = summarize(values)
             if s["n"] == 0:
                 continue
-            out.append({**dict(zip(GROUP_KEYS, key)), "status": "ok", "metric": metric, **s,
+            out.append({**dict(zip(SUMMARY_KEY, key)), "status": "ok", "metric": metric, **s,
                         "measured_s": measured_s,
                         "valid": is_valid(s, cfg.num_runs, measured_s, cfg.min_seconds, cfg.max_cv)})
     return out

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from PIL import Image, ImageOps
 
 from bench.errors import UsageError
+from bench.measure.schema import WORKLOAD_KEYS, point_label
 from bench.models.visual import VisualInput
 
 VIDEO_MODES = ("clip", "frames")
@@ -16,6 +17,9 @@ LOADERS = ("serial", "prefetch")
 
 @dataclass(frozen=True)
 class WorkloadPoint:
+    """One point of the sweep axes; its fields are the workload columns of a result's identity
+    (bench.measure.schema: WORKLOAD_KEYS, their defaults for older results, point_label)."""
+
     batch_size: int = 1  # requests run together as one batch
     question_tokens: int | None = None  # questions stretched/cut to this many tokens (None: as given)
     new_tokens: int = 128
@@ -26,38 +30,10 @@ class WorkloadPoint:
         return asdict(self)
 
     def label(self) -> str:
-        parts = [f"b{self.batch_size}", f"n{self.new_tokens}"]
-        if self.question_tokens:
-            parts.append(f"q{self.question_tokens}")
-        if self.num_images > 1:
-            parts.append(f"img{self.num_images}")
-        if self.loader:
-            parts.append(self.loader)
-        return " ".join(parts)
+        return point_label(self.columns())
 
 
-WORKLOAD_KEYS = tuple(asdict(WorkloadPoint()))
-# Results written before the sweep axes existed ran the default point; new_tokens 0 = unknown.
-POINT_DEFAULTS = {"batch_size": 1, "question_tokens": 0, "new_tokens": 0, "num_images": 1, "loader": ""}
-
-
-def point_label(row) -> str:
-    """A results row's (or summary row's) workload point, as WorkloadPoint.label writes it."""
-    get = row.get
-    return WorkloadPoint(int(get("batch_size") or 1), int(get("question_tokens") or 0) or None,
-                         int(get("new_tokens") or 0), int(get("num_images") or 1), get("loader") or "").label()
-
-
-def fill_point_columns(df) -> None:
-    """Give a results DataFrame every workload-point column, never NaN (groupby drops NaN keys):
-    missing columns and empty cells take the default point's value."""
-    for col, default in POINT_DEFAULTS.items():
-        if col not in df:
-            df[col] = default
-        elif isinstance(default, str):
-            df[col] = df[col].astype(object).where(df[col].notna(), default).astype(str)
-        else:
-            df[col] = df[col].fillna(default).astype(int)
+assert tuple(asdict(WorkloadPoint())) == WORKLOAD_KEYS, "WorkloadPoint's fields: bench.measure.schema.WORKLOAD_KEYS"
 
 
 def int_list(text: str | None, flag: str, minimum: int = 1) -> list[int]:

@@ -1,0 +1,248 @@
+"""The one definition of every results column and metric, and of a result's identity.
+
+- COLUMNS: every runs.csv column, in file order, with its unit, its direction (higher is
+  better: True, lower is better: False, not a metric: None), its meaning and whether
+  summary.csv summarises it. RUN_COLUMNS, SUMMARY_METRICS, the regression gate's direction
+  (bench.analysis.regress), the console's labels and results/README.md (`python -m bench docs`)
+  all come from it.
+- RESULT_KEY: the columns that say which result a row belongs to. Rows that differ in any of
+  them are never pooled (summaries, compare, report, console). Files written before a column
+  existed load with IDENTITY_DEFAULTS for it (fill_identity_columns).
+
+A new column is added here, then written by whatever measures it (bench.measure.metrics for
+the per-request timings, bench.run for the rest) and the docs regenerated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    unit: str  # "" for text, identity and flags
+    higher_is_better: bool | None  # None: not a metric (identity, facts about the request, text)
+    description: str
+    summarized: bool = False  # summary.csv has a row per group for it
+    label: str = ""  # short title for tables (console); the name when empty
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name
+
+
+def _c(name, unit, better, description, summarized=False, label=""):
+    return Column(name, unit, better, description, summarized, label)
+
+
+ENGINES = ("hf (transformers eager forward + DynamicCache) | static (own decoder over fixed KV buffers, eager) | "
+           "graph (static + CUDA graphs: compiled decode step, suffix buckets, one-row prefill per 64-token "
+           "bucket, vision tower) | graph-exact (graph doing transformers' arithmetic: logits bit-identical to "
+           "hf's, a decode graph per attended length)")
+
+# runs.csv: one row per request (warm-up rows included and labelled), in this column order.
+COLUMNS: tuple[Column, ...] = (
+    _c("timestamp", "ISO 8601", None, "UTC time the row was written (ISO 8601)"),
+    _c("run_id", "", None, "one id per invocation (UTC start time + random suffix), also in env.json: rows of "
+                           "two invocations appended to one runs.csv are never summarised together"),
+    _c("model", "", None, "preset name or checkpoint directory name"),
+    _c("family", "", None, "llava | vila | internvl"),
+    _c("weights", "", None, "random (preset, or checkpoint written from a preset) | checkpoint (real weights)"),
+    _c("variant", "", None, "variant spec as given, e.g. fp16, bnb4+prefix"),
+    _c("engine", "", None, ENGINES),
+    _c("engine_detail", "", None, "how the engine ran this request: decoder, fused projections, what is graphed or "
+                                  "compiled, and why anything is not"),
+    _c("device", "", None, "cuda | cpu"),
+    _c("dtype", "", None, "compute dtype of the unquantized parts"),
+    _c("status", "", None, "ok | failed | skipped"),
+    _c("error", "", None, "why a row is failed or skipped (empty when ok)"),
+    _c("kind", "", None, "warmup | measured"),
+    _c("run_index", "", None, "index within (variant, kind, cache_state)"),
+    _c("question", "", None, "the question asked (the batch's first; warm-up questions are never measured ones)"),
+    _c("batch_size", "requests", None, "requests run together as one batch (--batch-size); times are the batch's"),
+    _c("question_tokens", "tokens", None, "--prompt-lengths point: questions repeated or cut to this many tokens "
+                                          "(empty: as written)"),
+    _c("num_images", "images", None, "images in each request's prompt (--num-images; video frames are counted in "
+                                     "prompt_tokens)"),
+    _c("loader", "", None, "video frames: serial (each frame read + preprocessed when needed) | prefetch "
+                           "(background thread ahead of the GPU) | empty for other inputs"),
+    _c("load_ms", "ms", False, "waiting for the batch's frames from the loader (host clock; 0 for image input)", True),
+    _c("stream_ms", "ms", False, "load_ms + e2e_ms: one step of a stream of requests (what GPU utilisation is "
+                                 "sampled over)", True),
+    _c("gpu_phase_pct", "%", True, "share of stream_ms in the GPU phases (restore + vision + prefill + store + "
+                                   "decode), %: the rest is host-only work (reading frames, the image processor, "
+                                   "tokenizing, hashing)", True),
+    _c("cache_state", "", None, "none (variant keeps no cache) | cold (cache cleared before the run) | warm"),
+    _c("cache_hit", "", None, "true when the request reused cached work (prefix KV or image embeddings)"),
+    _c("prompt_tokens", "tokens", None, "tokens in the full prompt, image tokens included (a batch: its longest, "
+                                        "every row padded to it)"),
+    _c("prefix_tokens", "tokens", None, "tokens in the cacheable prefix (system prompt + image + separator)"),
+    _c("cached_tokens", "tokens", None, "prompt tokens whose KV came from the prefix cache (not prefilled)"),
+    _c("new_tokens", "tokens", None, "generated tokens (fixed: EOS ignored)"),
+    _c("preprocess_ms", "ms", False, "CPU: image decode + processor + tokenization (host clock)", True),
+    _c("lookup_ms", "ms", False, "prefix-cache lookup: image-content SHA-256 + key match (0 for variants without a "
+                                 "prefix cache)", True),
+    _c("restore_ms", "ms", False, "copying a cached prefix's keys/values into the request's working cache (the "
+                                  "cost of reuse)", True),
+    _c("vision_ms", "ms", False, "vision tower + projector (incl. host->device copy of pixels; ~0 on a cache hit)",
+       True, "vision ms"),
+    _c("prefill_ms", "ms", False, "LLM forward over the uncached prompt tokens until the first token id is on the "
+                                  "host", True, "prefill ms"),
+    _c("store_ms", "ms", False, "saving the prefix into the cache after a cold prefill (0 for variants without a "
+                                "cache)", True),
+    _c("ttft_ms", "ms", False, "request start -> first token id on host = preprocess + lookup + restore + vision + "
+                               "prefill", True, "TTFT ms"),
+    _c("decode_ms", "ms", False, "sum of the per-token decode steps (new_tokens - 1 steps)", True),
+    _c("tpot_ms", "ms", False, "(e2e - ttft) / (new_tokens - 1)", True, "TPOT ms"),
+    _c("itl_p50_ms", "ms", False, "median decode-step latency", True),
+    _c("itl_p90_ms", "ms", False, "90th percentile decode-step latency"),
+    _c("itl_p99_ms", "ms", False, "99th percentile decode-step latency", True),
+    _c("decode_tok_s", "tokens/s", True, "(new_tokens - 1) x batch_size / decode time: tokens per second over the "
+                                         "batch", True, "decode tok/s"),
+    _c("requests_per_s", "requests/s", True, "batch_size / e2e time", True, "req/s"),
+    _c("output_tok_s", "tokens/s", True, "new_tokens x batch_size / e2e time: generated tokens per second, prefill "
+                                         "included", True, "out tok/s"),
+    _c("e2e_ms", "ms", False, "request start -> last token on host (wall clock)", True, "e2e ms"),
+    _c("peak_alloc_mb", "MiB", False, "torch.cuda.max_memory_allocated during the request, MiB (empty on CPU)",
+       True, "peak MiB"),
+    _c("peak_reserved_mb", "MiB", False, "torch.cuda.max_memory_reserved during the request, MiB (empty on CPU)",
+       True),
+    _c("nvml_used_mb", "MiB", False, "peak device memory used as NVML reports it (all processes), MiB", True),
+    _c("gpu_util_pct", "%", True, "mean NVML GPU utilisation sampled every 10 ms over load + request (stream_ms), %",
+       True),
+    _c("energy_j_per_token", "J/token", False, "NVML total-energy counter delta over load + request / (new_tokens x "
+                                               "batch_size), J", True),
+    _c("weight_mb", "MiB", False, "bytes of the model's parameters and buffers as loaded, MiB", True, "weights MiB"),
+    _c("quantized", "", None, "what a weight variant quantized: none | llm | llm+vision"),
+    _c("quantized_layers", "layers", None, "number of linear layers replaced by quantized ones"),
+    _c("quantized_layers_mb", "MiB", None, "bytes those layers keep quantized (packed weights + scales), MiB"),
+    _c("quantized_layers_fp16_mb", "MiB", None, "bytes the same layers' weights take in fp16, MiB"),
+    _c("quant_method", "", None, "how the int4 weights were made: awq | rtn | checkpoint (pre-quantized AWQ)"),
+    _c("quant_err_ratio", "ratio", False, "awq4: calibration output error of AWQ divided by that of RTN (lower is "
+                                          "better)"),
+    _c("quant_source", "", None, "int4: calibrated in this run, or loaded from the saved file named here"),
+    _c("token_agree", "share (0-1)", True, "share of greedy tokens equal, position by position, to the fp16 "
+                                           "baseline's on the fidelity probe", True, "token agree"),
+    _c("first_divergence", "token index", None, "index of the first generated token that differs from the baseline "
+                                                "(empty: none differ)"),
+    _c("divergence_margin", "nats", None, "at first_divergence: the baseline's log-prob margin of its token over the "
+                                          "variant's (teacher-forced), nats; ~0 means a near-tie flipped by rounding"),
+    _c("divergence_margin_steps", "rounding steps", None, "divergence_margin in rounding steps of the logits' dtype "
+                                                          "at the baseline's top logit (fp16 at logit 4: 0.0039); "
+                                                          "0-1: tied or adjacent values"),
+    _c("ref_near_tie_share", "share (0-1)", None, "share of the baseline's teacher-forced positions whose top-2 "
+                                                  "logits are within one rounding step: any engine not "
+                                                  "bit-identical to the baseline flips these"),
+    _c("kl_mean", "nats", False, "mean KL(baseline || variant) of next-token distributions, teacher-forced on the "
+                                 "baseline's continuation", True, "KL mean"),
+    _c("engine_kl_mean", "nats", False, "kl_mean with the variant's distributions from its own engine (prefill + "
+                                        "one decode step per token, teacher-forced): weights and engine numerics "
+                                        "together", True, "engine KL"),
+    _c("engine_top1_agree", "share (0-1)", True, "share of teacher-forced positions where the engine's top token "
+                                                 "equals the baseline's", True),
+    _c("fidelity_probe", "", None, "the question the fidelity columns were measured on (against fp16 weights, hf "
+                                   "engine, no cache)"),
+    _c("output_text", "", None, "decoded output (first 80 characters; meaningless for random weights)"),
+)
+
+BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
+RUN_COLUMNS: dict[str, str] = {c.name: c.description for c in COLUMNS}
+# Metrics summarised per result (RESULT_KEY, and run_id) in summary.csv, in runs.csv order.
+SUMMARY_METRICS: list[str] = [c.name for c in COLUMNS if c.summarized]
+
+
+def higher_is_better(name: str) -> bool:
+    """The direction of a metric: True when larger values are better. Columns without a
+    direction (and names not in the table) count as costs, as ms, MiB and J do."""
+    col = BY_NAME.get(name)
+    return bool(col and col.higher_is_better)
+
+
+def title(name: str) -> str:
+    """A column's short label for tables (its name when it has none)."""
+    col = BY_NAME.get(name)
+    return col.title if col else name
+
+
+# ---- a result's identity --------------------------------------------------------------------
+# The workload point: one point of the sweep axes (bench.run.workload.WorkloadPoint has these fields).
+WORKLOAD_KEYS = ("batch_size", "question_tokens", "new_tokens", "num_images", "loader")
+# Results written before the sweep axes existed ran the default point; new_tokens 0 = unknown.
+POINT_DEFAULTS = {"batch_size": 1, "question_tokens": 0, "new_tokens": 0, "num_images": 1, "loader": ""}
+assert tuple(POINT_DEFAULTS) == WORKLOAD_KEYS
+
+# Which result a row belongs to, across results directories: what compare matches a baseline's
+# rows to a candidate's by, and what summaries, the report and the console never pool across.
+RESULT_KEY = ("model", "family", "weights", "variant", "engine", "device", "dtype", "cache_state", *WORKLOAD_KEYS)
+# Within one results directory, the invocation too (runs.csv is appended to when a directory is
+# reused): summary.csv groups by this. compare pools the runs of one side across run ids.
+SUMMARY_KEY = (*RESULT_KEY, "run_id")
+
+# Values for identity columns a results file lacks (written before the column existed) or
+# leaves empty: no engine column meant the transformers engine, no cache_state no cache;
+# "" is "not recorded" (then such rows match only rows that did not record it either).
+IDENTITY_DEFAULTS = {"model": "", "family": "", "weights": "", "variant": "", "engine": "hf", "device": "",
+                     "dtype": "", "cache_state": "none", **POINT_DEFAULTS, "run_id": ""}
+assert set(IDENTITY_DEFAULTS) == set(SUMMARY_KEY)
+
+SUMMARY_COLUMNS: dict[str, str] = {
+    "model": "as in runs.csv", "family": "as in runs.csv", "weights": "as in runs.csv",
+    "variant": "as in runs.csv", "engine": "as in runs.csv", "device": "as in runs.csv", "dtype": "as in runs.csv",
+    "cache_state": "none | cold | warm: cold and warm runs are never pooled",
+    "batch_size": "as in runs.csv (workload point)", "question_tokens": "as in runs.csv (workload point)",
+    "new_tokens": "as in runs.csv (workload point)", "num_images": "as in runs.csv (workload point)",
+    "loader": "as in runs.csv (workload point)",
+    "status": "ok | failed | skipped (then metric is empty and error says why)",
+    "error": "reason for failed/skipped",
+    "metric": "a runs.csv column name (unit in its name)",
+    "n": "measured runs summarised",
+    "median": "median of the runs", "mean": "mean of the runs",
+    "p90": "90th percentile", "p99": "99th percentile", "stdev": "sample standard deviation",
+    "ci_low": "bootstrap 95% CI of the median, lower bound", "ci_high": "upper bound",
+    "cv": "coefficient of variation (stdev / mean)",
+    "measured_s": "wall time of the measured runs summed, s",
+    "valid": "n >= --num-runs AND measured_s >= --min-seconds AND cv <= --max-cv",
+    "run_id": "as in runs.csv: runs of different invocations are never pooled",
+}
+assert set(SUMMARY_KEY) <= set(SUMMARY_COLUMNS)
+
+
+def point_label(row) -> str:
+    """A results row's (or summary row's) workload point, e.g. 'b4 n128 q32 img2 prefetch'
+    (bench.run.workload.WorkloadPoint.label writes the same)."""
+    get = row.get
+    parts = [f"b{int(get('batch_size') or 1)}", f"n{int(get('new_tokens') or 0)}"]
+    if int(get("question_tokens") or 0):
+        parts.append(f"q{int(get('question_tokens'))}")
+    if int(get("num_images") or 1) > 1:
+        parts.append(f"img{int(get('num_images'))}")
+    if get("loader"):
+        parts.append(get("loader"))
+    return " ".join(parts)
+
+
+def _fill(df, defaults: dict) -> None:
+    for col, default in defaults.items():
+        if col not in df:
+            df[col] = default
+        elif isinstance(default, str):
+            df[col] = df[col].astype(object).where(df[col].notna(), default).astype(str)
+        else:
+            df[col] = df[col].fillna(default).astype(int)
+
+
+def fill_point_columns(df) -> None:
+    """Give a results DataFrame every workload-point column, never NaN (groupby drops NaN keys):
+    missing columns and empty cells take the default point's value."""
+    _fill(df, POINT_DEFAULTS)
+
+
+def fill_identity_columns(df) -> None:
+    """Give a results DataFrame (runs.csv or summary.csv) every SUMMARY_KEY column, never NaN:
+    missing columns and empty cells take IDENTITY_DEFAULTS."""
+    _fill(df, IDENTITY_DEFAULTS)
+
+
+def result_key(row, keys=RESULT_KEY) -> tuple:
+    """A row's (dict's) identity as a tuple, in `keys` order."""
+    return tuple(row.get(k) for k in keys)
