@@ -28,6 +28,7 @@ Each row also gives the way's median decode step as the benchmark's timeline mea
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -38,16 +39,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_profile_common import demo_image, profile_parser  # noqa: E402
 
-from bench.engines import attention_kernels  # noqa: E402
 from bench.engines.attention_kernels import ATTENTION_KERNELS  # noqa: E402
 from bench.engines.cache_policy import CachePolicy  # noqa: E402
 from bench.engines.hf import HFCache, HFEngine  # noqa: E402
 from bench.run.fidelity import agreement, first_divergence, make_reference, token_agree  # noqa: E402
-from bench.engines.decoder import ExactLayers  # noqa: E402
+from bench.engines.exact import ExactLayers  # noqa: E402
 from bench.engines.fused_linear import FUSED_MAX_ROWS  # noqa: E402
 from bench.models.loader import build_preset  # noqa: E402
 from bench.measure.results import CsvWriter  # noqa: E402
-from bench.engines.static import GraphEngine, GraphExactEngine, StaticEngine  # noqa: E402
+from bench.engines.graph import GraphEngine  # noqa: E402
+from bench.engines.graph_exact import GraphExactEngine  # noqa: E402
+from bench.engines.static import StaticEngine  # noqa: E402
 
 COLUMNS = ["model", "weights", "dtype", "device", "attention_kernels", "compared", "new_tokens", "token_agree",
            "first_divergence",
@@ -74,29 +76,31 @@ def graph_engine(numerics: str | None = None, separate_prefill: bool = False, co
     projections (or at every length: the GEMVs transformers runs) / compilation."""
 
     class Engine(GraphEngine):
-        fused_max_rows = 0 if separate_decode else FUSED_MAX_ROWS if separate_prefill else GraphEngine.fused_max_rows
+        default_spec = dataclasses.replace(
+            GraphEngine.default_spec, numerics=numerics or GraphEngine.default_spec.numerics,
+            fused_max_rows=(0 if separate_decode else FUSED_MAX_ROWS if separate_prefill
+                            else GraphEngine.default_spec.fused_max_rows))
 
-        def __init__(self, adapter, policy):
-            super().__init__(adapter, policy)
+        def __init__(self, adapter, policy, spec=None):
+            super().__init__(adapter, policy, spec)
             if not compiled:
                 self.layer_fn = self.prefill_fn = None
 
-    Engine.numerics = numerics or GraphEngine.numerics
     return Engine
 
 
 class GraphExactUncompiled(GraphExactEngine):
     """graph-exact with its layer parts captured uncompiled (eager); its projections still side by side."""
 
-    def __init__(self, adapter, policy):
-        super().__init__(adapter, policy)
+    def __init__(self, adapter, policy, spec=None):
+        super().__init__(adapter, policy, spec)
         layers = ExactLayers(self.decoder, None, self._projection_streams())
         self.layer_fn, self.prefill_fn = layers.at, layers.from_
 
 
 class GraphExactInTurn(GraphExactEngine):
     """graph-exact with a step's separate projections one after another on one stream."""
-    concurrent_projections = False
+    default_spec = dataclasses.replace(GraphExactEngine.default_spec, concurrent_projections=False)
 
 
 def attention_module_owner(adapter):
@@ -114,11 +118,9 @@ def main() -> None:
                     help="';'-separated; 'WAY again' (other than hf) compares two fresh engines of WAY")
     ap.add_argument("--attention-kernels", default="deterministic", choices=ATTENTION_KERNELS)
     args = ap.parse_args()
-    attention_kernels.use(args.attention_kernels)
     image = demo_image()
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
     adapter = build_preset(args.preset, None, dev, dtype)
-    ref = make_reference(HFEngine(adapter, CachePolicy()), image, args.new_tokens)
     engines = {
         "hf again": HFEngine,
         "hf eager attention": HFEngine,
@@ -135,13 +137,17 @@ def main() -> None:
         "graph-exact, uncompiled": GraphExactUncompiled,
         "graph-exact, projections in turn": GraphExactInTurn,
     }
+    # every engine under the chosen attention kernels (the reference's too)
+    make = lambda cls: cls(adapter, CachePolicy(), dataclasses.replace(  # noqa: E731
+        cls.default_spec, attention=args.attention_kernels))
+    ref = make_reference(make(HFEngine), image, args.new_tokens)
     writer = CsvWriter(Path(args.out), COLUMNS)
     for way in [w.strip() for w in args.ways.split(";")]:
         repeated = way.removesuffix(" again") if way.endswith(" again") and way != "hf again" else None
-        engine = engines[repeated or way](adapter, CachePolicy())
+        engine = make(engines[repeated or way])
         if repeated:
             first = warm_then_run(engine, image, ref.question, args.new_tokens).tokens
-            engine = engines[repeated](adapter, CachePolicy())
+            engine = make(engines[repeated])
             result = warm_then_run(engine, image, ref.question, args.new_tokens)
             agree = self_agreement(first, result.tokens)
         elif way == "hf eager attention":

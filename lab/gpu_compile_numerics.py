@@ -8,6 +8,7 @@ that differ from eager's and the largest difference, and the same for the step's
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -32,14 +33,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--attention-kernels", default="deterministic", choices=ATTENTION_KERNELS)
     args = ap.parse_args()
-    attention_kernels.use(args.attention_kernels)
     image = demo_image()
     dev = torch.device(args.device)
     a = build_preset(args.preset, None, dev, getattr(torch, args.dtype))
-    engine = StaticEngine(a, CachePolicy())
+    engine = StaticEngine(a, CachePolicy(), dataclasses.replace(StaticEngine.default_spec,
+                                                                attention=args.attention_kernels))
     dec = engine.decoder
     # one-query calls, eager and compiled alike, under the chosen kernels (cuDNN's would repeat inexactly)
-    with torch.inference_mode(), attention_kernels.few_queries(1):
+    with torch.inference_mode(), attention_kernels.few_queries(args.attention_kernels, 1):
         first = engine.run(image, QUESTION, 2).tokens[-1]  # leaves the prompt + 1 token in the buffers
         cache = engine.cache
         kv_saved = cache.data.clone()

@@ -20,10 +20,18 @@ from gpu_profile_common import QUESTION, demo_image, event_times_ms, kernel_time
 
 from bench.engines.cache_policy import CachePolicy
 from bench.models.loader import build_preset
-from bench.quant import int4 as int4_module
 from bench.quant.awq import Int4Options, quantize_model
+from bench.quant.int4 import Int4Linear
 from bench.measure.results import CsvWriter
-from bench.engines.static import GraphEngine
+from bench.engines.graph import GraphEngine
+
+
+def trace_dense(engine, on: bool) -> None:
+    """Every int4 linear of the engine's model and decoder (its fused groups) traces the dense
+    path when compiled (`Int4Linear.trace_dense`), or calls the opaque op."""
+    for module in (*engine.adapter.model.modules(), *engine.decoder.modules()):
+        if isinstance(module, Int4Linear):
+            module.trace_dense = on
 
 
 def host_ops(fn, reps: int, top: int = 8) -> str:
@@ -48,7 +56,7 @@ def main() -> None:
         if weights == "rtn4":
             quantize_model(adapter, Int4Options(method="rtn", group_size=128))
         engine = GraphEngine(adapter, CachePolicy())
-        int4_module.TRACE_DENSE = traced  # read when the layer compiles (the engine reset dynamo)
+        trace_dense(engine, traced)  # read when the layer compiles (the engine reset dynamo)
         with torch.inference_mode():
             p = adapter.prepare(image, QUESTION)
             embeds = adapter.prompt_embeds(p, adapter.encode_image(adapter.pixels_to_device(p)))
@@ -64,7 +72,7 @@ def main() -> None:
                  "wall_ms": wall, "kernel_ms": kernels, "top_host_ops": ops})
         print(f"{weights:5s} {path:26s} {embeds.shape[1]} tokens: wall {wall:.2f} ms, kernels {kernels:.2f} ms | {ops}",
               flush=True)
-        int4_module.TRACE_DENSE = True
+        trace_dense(engine, True)
         engine = adapter = cache = embeds = None
         gc.collect()
         torch.cuda.empty_cache()

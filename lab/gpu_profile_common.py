@@ -17,7 +17,7 @@ from bench.engines.cache_policy import CachePolicy  # noqa: E402
 from bench.cli.common import quiet_libraries  # noqa: E402
 from bench.run.config import DEMO_IMAGE  # noqa: E402
 from bench.models.loader import build_preset  # noqa: E402
-from bench.engines.static import GraphEngine  # noqa: E402
+from bench.engines.graph import GraphEngine  # noqa: E402
 
 QUESTION = "What is shown in this image?"
 

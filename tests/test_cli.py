@@ -221,20 +221,26 @@ def test_attention_kernels_choice_is_applied_and_recorded(tmp_path):
                      "--no-fidelity", "--output-dir", str(tmp_path / "det")]) == 0
         env = json.loads((tmp_path / "det" / "env.json").read_text())
         assert env["config"]["attention_kernels"] == "deterministic"
-        assert env["attention_kernels"] == attention_kernels.describe() and "deterministic" in env["attention_kernels"]
+        policy = env["config"]["attention_kernels"]
+        assert env["attention_kernels"] == attention_kernels.describe(policy)
+        assert "deterministic" in env["attention_kernels"]
+        assert env["engines"]["hf"]["attention"] == policy  # the spec each engine was made with
         torch.backends.cuda.enable_cudnn_sdp(True)
-        with attention_kernels.few_queries(1):
+        with attention_kernels.few_queries(policy, 1):
             assert not cudnn()  # a decode step
-        with attention_kernels.few_queries(attention_kernels.FEW_QUERIES - 1):
+        with attention_kernels.few_queries(policy, attention_kernels.FEW_QUERIES - 1):
             assert not cudnn()
         assert cudnn()  # restored
-        with attention_kernels.few_queries(attention_kernels.FEW_QUERIES):
+        with attention_kernels.few_queries(policy, attention_kernels.FEW_QUERIES):
             assert cudnn()  # a prompt: torch's choice
-        attention_kernels.use("auto")
-        with attention_kernels.few_queries(1):
+        with attention_kernels.few_queries("auto", 1):
             assert cudnn()
-        assert "auto" in attention_kernels.describe() and attention_kernels.note(torch.device("cpu")) == ""
+        assert "auto" in attention_kernels.describe("auto")
+        assert attention_kernels.note(torch.device("cpu"), "auto") == ""
     finally:
-        attention_kernels.use("deterministic")
         torch.backends.cuda.enable_cudnn_sdp(before)
+    assert main(["--num-runs", "1", "--warmup", "0", "--min-seconds", "0", "--max-new-tokens", "2", "--engine", "static",
+                 "--attention-kernels", "auto", "--output-dir", str(tmp_path / "auto")]) == 0
+    env = json.loads((tmp_path / "auto" / "env.json").read_text())  # the static engine and the fidelity reference
+    assert {name: spec["attention"] for name, spec in env["engines"].items()} == {"static": "auto", "hf": "auto"}
     assert main(["--attention-kernels", "fastest"]) == 2

@@ -1,4 +1,4 @@
-"""Exact decoding (`StaticEngine.exact`, the `graph-exact` engine): transformers' arithmetic, so
+"""Exact decoding (`StaticExactEngine`, the `graph-exact` engine): transformers' arithmetic, so
 the logits are bit-identical to the hf engine's, cold and after a prefix hit, eager and with the
 layer parts compiled under eager-exact numerics; what it cannot reproduce is refused."""
 import pytest
@@ -7,10 +7,12 @@ import torch
 from bench.engines.cache_policy import CachePolicy
 from bench.engines.hf import HFEngine
 from bench.errors import VariantUnsupported
-from bench.engines.decoder import ExactLayers, inductor_options
+from bench.engines.decoder import inductor_options
+from bench.engines.exact import ExactLayers
 from bench.engines.fused_linear import FusedProjections
 from bench.models.loader import load_checkpoint
 from bench.engines.static import StaticEngine
+from bench.engines.static_exact import StaticExactEngine
 from variants.prefix import PrefixKVPolicy
 
 CPU = torch.device("cpu")
@@ -19,9 +21,7 @@ QUESTIONS = ("What is shown in this image?", "Colors?",
              "List every object you can see in this picture, from left to right, with its color and size.")
 
 
-class ExactStatic(StaticEngine):
-    """The eager engine of graph-exact's calls (graph-exact needs CUDA)."""
-    exact = True
+ExactStatic = StaticExactEngine  # the eager engine of graph-exact's calls (graph-exact needs CUDA)
 
 
 class CompiledExactStatic(ExactStatic):
@@ -29,8 +29,8 @@ class CompiledExactStatic(ExactStatic):
     CPU here), under `numerics`."""
     numerics = "eager-exact"
 
-    def __init__(self, adapter, policy):
-        super().__init__(adapter, policy)
+    def __init__(self, adapter, policy, spec=None):
+        super().__init__(adapter, policy, spec)
         self.decoder.numerics = self.numerics
         options = inductor_options(self.numerics)
         layers = ExactLayers(self.decoder, lambda fn, dynamic: torch.compile(fn, dynamic=dynamic, options=options))
@@ -133,7 +133,8 @@ class _RecordingAttention:
 
 
 def _exact_mask(t: int, end: int):
-    from bench.engines.decoder import ExactMask, _additive
+    from bench.engines.decoder import _additive
+    from bench.engines.exact import ExactMask
 
     boolean = (torch.arange(end)[None, :] <= (end - t + torch.arange(t))[:, None])[None, None]
     return ExactMask(boolean, _additive(boolean, torch.float32))
@@ -192,7 +193,7 @@ def test_cuda_graph_exact_engine_repeats_hf_from_captured_graphs(dtype, checkpoi
     """graph-exact on a GPU: teacher-forced log-probs bit-identical to the hf engine's, a cold and
     a warm request's tokens equal to its, from one decode graph per attended length that the
     next request reuses rather than recaptures."""
-    from bench.engines.static import GraphExactEngine
+    from bench.engines.graph_exact import GraphExactEngine
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), dtype)
     hf = HFEngine(adapter, PrefixKVPolicy(64))
@@ -238,7 +239,7 @@ def fake_capture(self, call, what, rewind, warmups=2, pool=None):
 @pytest.fixture
 def stand_in_capture(monkeypatch):
     """The graph engines on the CPU: every capture stood in by `fake_capture`."""
-    from bench.engines.static import GraphEngine
+    from bench.engines.graph import GraphEngine
 
     monkeypatch.setattr(GraphEngine, "_capture", fake_capture)
     monkeypatch.setattr(GraphEngine, "requires_cuda", False)
@@ -257,7 +258,7 @@ def test_graph_exact_bookkeeping_gives_hf_tokens_with_a_stand_in_capture(checkpo
     graph per attended length whose warm-ups do not disturb the token being decoded, exact-length
     prefill and suffix graphs, graphs reused by later requests; tokens and teacher-forced
     log-probs the hf engine's, bit for bit (bf16)."""
-    from bench.engines.static import GraphExactEngine
+    from bench.engines.graph_exact import GraphExactEngine
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.bfloat16)
     hf = HFEngine(adapter, PrefixKVPolicy(64))
@@ -292,7 +293,7 @@ def test_graph_exact_bookkeeping_gives_hf_tokens_with_a_stand_in_capture(checkpo
 def test_graph_exact_bookkeeping_on_other_families(family, checkpoint_dirs, demo_image, stand_in_capture):
     """The same stand-in capture on VILA (Llama LLM) and InternVL (Qwen2: q/k/v biases, grouped
     kv heads): a cold and a warm request give the hf engine's tokens."""
-    from bench.engines.static import GraphExactEngine
+    from bench.engines.graph_exact import GraphExactEngine
 
     adapter = load_checkpoint(checkpoint_dirs[family], None, CPU, torch.bfloat16)
     hf = HFEngine(adapter, PrefixKVPolicy(64))
@@ -333,7 +334,7 @@ def test_graph_engine_replays_one_decode_graph_for_every_step_with_a_stand_in_ca
     """The decode mechanism graph-exact shares with `graph` (stand-in captures, uncompiled): the
     graph engine captures one decode step per batch size, replays it for every token, and gives
     the static engine's tokens, cold and warm."""
-    from bench.engines.static import GraphEngine
+    from bench.engines.graph import GraphEngine
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
     static = StaticEngine(adapter, PrefixKVPolicy(64))
@@ -346,7 +347,8 @@ def test_graph_engine_replays_one_decode_graph_for_every_step_with_a_stand_in_ca
 def test_aligned_additive_mask_has_the_values_of_sdpas_own():
     """The exact layers' additive mask: SDPA's conversion of the boolean one, value for value,
     in rows that start 16 bytes apart (fp16: a multiple of 8 columns)."""
-    from bench.engines.decoder import _additive, _additive_aligned
+    from bench.engines.decoder import _additive
+    from bench.engines.exact import _additive_aligned
 
     boolean = (torch.arange(647)[None, :] <= (628 + torch.arange(19))[:, None])[None, None]
     for dtype, per_row in ((torch.float16, 648), (torch.float32, 648), (torch.bfloat16, 648)):

@@ -7,10 +7,12 @@ import torch
 from torch import nn
 
 from bench.engines.cache_policy import CachePolicy
-from bench.engines.decoder import FastDecoder, KVBuffers, fast_decoder, inductor_options
+from bench.engines.decoder import FastDecoder, fast_decoder, inductor_options
 from bench.engines.fused_linear import FusedProjections
 from bench.models.loader import load_checkpoint
-from bench.engines.static import SUFFIX_BUCKETS, StaticEngine
+from bench.engines.kv_buffers import KVBuffers
+from bench.engines.spec import SUFFIX_BUCKETS
+from bench.engines.static import StaticEngine
 from tests.test_engine import reference_generate
 from variants.prefix import PrefixKVPolicy
 

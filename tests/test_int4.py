@@ -447,7 +447,6 @@ def test_cuda_prefetched_prefill_matches_in_line():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.engines.decoder import FastDecoder
-    from bench.quant.int4 import use_prefill_weights
     from bench.quant.prefetch import DensePrefetch
 
     dev = torch.device("cuda")
@@ -470,7 +469,7 @@ def test_cuda_prefetched_prefill_matches_in_line():
         want = dec.prefill(x, kv, 0)
         for _ in range(3):
             kv.reset()
-            with use_prefill_weights():
+            with prefetch.reading():
                 got = dec.prefill(x, kv, 0, prefetch=prefetch)
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     assert len(prefetch.graphs) == 5

@@ -88,7 +88,7 @@ def test_a_resident_prefix_is_reused_in_place_and_forgotten_when_overwritten(che
     prompt overwrote them, the next hit copies the stored prefix back (checked on the buffers)."""
     from PIL import ImageOps
 
-    from bench.engines.decoder import KVBuffers
+    from bench.engines.kv_buffers import KVBuffers
     from bench.models.visual import as_visual
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
@@ -124,7 +124,7 @@ def test_a_resident_prefix_is_reused_in_place_and_forgotten_when_overwritten(che
 def test_cuda_graph_engine_warm_requests_equal_generate(checkpoint_dirs, demo_image):
     """On the graph engine a warm request is one captured graph from suffix ids to first token
     (compiled layers, the matmul attention for the bucket's queries): greedy tokens as generate's."""
-    from bench.engines.static import GraphEngine
+    from bench.engines.graph import GraphEngine
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), torch.float32)
     engine = GraphEngine(adapter, PrefixKVPolicy(64))
@@ -140,7 +140,8 @@ def test_cuda_graph_engine_cold_requests_replay_a_captured_prefill(checkpoint_di
     """A cold single request's prefill is one replay of the compiled prefill captured per
     64-token length bucket (padded after the prompt): greedy tokens as generate's, for prompts
     in one bucket and in another."""
-    from bench.engines.static import PREFILL_ROUND, GraphEngine
+    from bench.engines.graph import GraphEngine
+    from bench.engines.spec import PREFILL_ROUND
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), torch.float32)
     engine = GraphEngine(adapter, CachePolicy())
@@ -163,7 +164,8 @@ def test_cuda_captured_prefill_takes_the_int4_prefetch_into_its_graph(demo_image
     from bench.models import presets
     from bench.models.loader import build_preset
     from bench.quant.awq import Int4Options, quantize_model
-    from bench.engines.static import PREFILL_ROUND, GraphEngine
+    from bench.engines.graph import GraphEngine
+    from bench.engines.spec import PREFILL_ROUND
 
     # tiny-llava with an LLM the CUDA int4 kernel takes (in_features a multiple of 128)
     small = dataclasses.replace(presets.PRESETS["tiny-llava"], name="small-llava",
@@ -212,10 +214,10 @@ def test_attention_of_few_queries_runs_without_cudnn(engine_cls, checkpoint_dirs
     torch.backends.cuda.enable_cudnn_sdp(True)
     try:
         adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
-        class Exact(StaticEngine):
-            exact = True
+        from bench.engines.static_exact import StaticExactEngine
 
-        engine = {"hf": HFEngine, "static": StaticEngine, "exact": Exact}[engine_cls](adapter, PrefixKVPolicy(64))
+        engine = {"hf": HFEngine, "static": StaticEngine, "exact": StaticExactEngine}[engine_cls](adapter,
+                                                                                              PrefixKVPolicy(64))
         engine.run(demo_image, "What is shown?", 4)
         engine.run(demo_image, "Colors?", 4)  # a prefix hit: a short suffix, then decode
         assert torch.backends.cuda.cudnn_sdp_enabled()

@@ -8,6 +8,7 @@ Each part says what it needs; the runner skips a variant whose needs the device 
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ import torch
 
 from bench.engines.cache_policy import CachePolicy
 from bench.engines.hf import HFEngine
+from bench.engines.spec import EngineSpec
 from bench.models.base import VLMAdapter
 
 
@@ -74,26 +76,35 @@ class CachePart(Part):
 class EnginePart(Part):
     kind = "engine"
 
-    def make_engine(self, adapter: VLMAdapter, policy: CachePolicy):
+    def engine_class(self) -> type:
+        """The engine this part makes (imported when asked: the static engines pull in more)."""
         raise NotImplementedError
+
+    def spec(self, **overrides) -> EngineSpec:
+        """The engine's spec: its class default with the run's `overrides` (EngineSpec fields,
+        e.g. attention=..., int4_prefetch=...)."""
+        return dataclasses.replace(self.engine_class().default_spec, **overrides)
+
+    def make_engine(self, adapter: VLMAdapter, policy: CachePolicy, **overrides):
+        return self.engine_class()(adapter, policy, spec=self.spec(**overrides))
 
 
 class HFEnginePart(EnginePart):
     name = "hf"
     description = "transformers eager forward with a DynamicCache (the loop generate runs)"
 
-    def make_engine(self, adapter, policy):
-        return HFEngine(adapter, policy)
+    def engine_class(self):
+        return HFEngine
 
 
 class StaticEnginePart(EnginePart):
     name = "static"
     description = "own decoder (fused q/k/v, gate/up) over KV buffers reused across requests, eager (runs anywhere)"
 
-    def make_engine(self, adapter, policy):
+    def engine_class(self):
         from bench.engines.static import StaticEngine
 
-        return StaticEngine(adapter, policy)
+        return StaticEngine
 
 
 class GraphEnginePart(EnginePart):
@@ -101,10 +112,10 @@ class GraphEnginePart(EnginePart):
     description = "static + CUDA graphs: compiled decode step, suffix-length buckets, vision tower"
     requires_cuda = True
 
-    def make_engine(self, adapter, policy):
-        from bench.engines.static import GraphEngine
+    def engine_class(self):
+        from bench.engines.graph import GraphEngine
 
-        return GraphEngine(adapter, policy)
+        return GraphEngine
 
 
 class GraphExactEnginePart(EnginePart):
@@ -113,10 +124,10 @@ class GraphExactEnginePart(EnginePart):
                    "a decode graph per attended length, exact-length suffixes, one request at a time")
     requires_cuda = True
 
-    def make_engine(self, adapter, policy):
-        from bench.engines.static import GraphExactEngine
+    def engine_class(self):
+        from bench.engines.graph_exact import GraphExactEngine
 
-        return GraphExactEngine(adapter, policy)
+        return GraphExactEngine
 
 
 class NoCachePart(CachePart):

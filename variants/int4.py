@@ -68,7 +68,6 @@ class Int4Weights(WeightsPart):
 
         opts = self.options(options)
         adapter = source.load(device, dtype)
-        adapter.int4_prefetch = bool(options.get("int4_prefetch", True))  # read by the static engines
         if getattr(adapter, "prequantized", None):  # AutoAWQ checkpoint: already int4
             from bench.quant.awq import set_dense_rows
 

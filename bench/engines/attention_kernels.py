@@ -1,6 +1,6 @@
 """Which fused attention kernels torch's scaled_dot_product_attention may pick for calls of few
-queries: one run-wide setting (--attention-kernels), written to env.json and to every row's
-engine_detail.
+queries: a policy each engine gets in its spec (bench.engines.spec.EngineSpec.attention; a run's
+--attention-kernels), written to env.json and to every row's engine_detail.
 
 On the H200 (torch 2.11) SDPA picks cuDNN for every call. Its one-query kernel (decode) combines
 split keys in a varying order: of 50 repeats of one decode call 48 gave a different output,
@@ -30,7 +30,6 @@ ATTENTION_KERNELS = ("deterministic", "auto")
 # measured and are treated as the one-query case
 FEW_QUERIES = 16
 _REPRODUCIBLE = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-_choice = "deterministic"
 
 
 def check(choice: str) -> None:
@@ -38,35 +37,28 @@ def check(choice: str) -> None:
         raise UsageError(f"unknown --attention-kernels {choice!r}; choose {' or '.join(ATTENTION_KERNELS)}")
 
 
-def use(choice: str) -> None:
-    """Apply `choice` for this process (read where attention of few queries is called)."""
-    global _choice
-    check(choice)
-    _choice = choice
-
-
-def deterministic() -> bool:
-    return _choice == "deterministic"
+def deterministic(policy: str) -> bool:
+    return policy == "deterministic"
 
 
 @contextmanager
-def few_queries(n: int):
-    """Around eager SDPA calls of `n` new tokens each (decode: 1): without cuDNN when
-    deterministic and n < FEW_QUERIES, else unchanged."""
-    if not deterministic() or n >= FEW_QUERIES:
+def few_queries(policy: str, n: int):
+    """Around eager SDPA calls of `n` new tokens each (decode: 1) under `policy`: without cuDNN
+    when deterministic and n < FEW_QUERIES, else unchanged."""
+    if not deterministic(policy) or n >= FEW_QUERIES:
         yield
         return
     with sdpa_kernel(_REPRODUCIBLE):
         yield
 
 
-def describe() -> str:
-    """What the setting does, for engine_detail and env.json."""
-    if deterministic():
+def describe(policy: str) -> str:
+    """What `policy` does, for engine_detail and env.json."""
+    if deterministic(policy):
         return f"SDPA without cuDNN below {FEW_QUERIES} queries (deterministic)"
     return "SDPA as torch picks (auto)"
 
 
-def note(device) -> str:
+def note(device, policy: str) -> str:
     """", SDPA ..." for an engine_detail on CUDA; nothing elsewhere (the choice is CUDA's)."""
-    return f", {describe()}" if device.type == "cuda" else ""
+    return f", {describe(policy)}" if device.type == "cuda" else ""

@@ -15,40 +15,26 @@ variants apply unchanged) and differs only in
     can be captured in a CUDA graph and replayed: decode (one token) and padded suffix buckets
     (`n_real` of the tokens are real; the padding is written past them and overwritten later).
 
-`exact` (set_exact; the `graph-exact` engine) makes every call do transformers' own arithmetic
-instead, so its logits are bit-identical to the hf engine's: projections fused only where the
-fused GEMM is bit-equal to the separate ones, layers split around transformers' own attention
-function called over exactly the keys so far with the mask transformers builds (`ExactLayers`),
-the final norm over every row. Nothing else differs (the same modules do the rest).
+A subclass may do transformers' own arithmetic instead (ExactDecoder, the `graph-exact`
+engine's): it overrides the hooks that say how projections fuse, how a call's mask is made and
+handed to the layers, how a batch of padded rows is taken and how the last row's logits are
+computed.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.engines import attention_kernels
 from bench.errors import VariantUnsupported
-from bench.engines.fused_linear import FUSED_MAX_ROWS, FusedProjections
+from bench.engines.fused_linear import FusedProjections
+from bench.engines.kv_buffers import KVBuffers
 from bench.engines.row_mean import ordered_row_mean
+from bench.engines.spec import NUMERICS
 
 SUPPORTED_DECODERS = ("llama", "qwen2")
 MATMUL_ATTENTION_MAX_T = 32  # compiled steps of up to this many queries attend by matmul (see _matmul_attention)
-# How traced (torch.compile'd) layers compute RMSNorm and SiLU-gating (`FastDecoder.numerics`):
-#  "fused": the modules as written; inductor fuses them and skips eager's fp16 roundings between ops.
-#  "eager-casts": eager's formulas op by op, for inductor's emulate_precision_casts to round where
-#    eager does (the compiling engine turns that option on); only the fp32 mean of RMSNorm sums in
-#    inductor's order.
-#  "eager-exact": also that mean in eager's own summation order (an opaque op, eager_row_mean:
-#    ATen's kernel, or on CUDA bench.engines.row_mean's where it matched it): bit-identical to eager, on
-#    the CPU and on the H200 (llava-1.5-7b decode
-#    layers: 0 of their outputs differ, against 0.92% eager-casts and 48% fused, with
-#    deterministic attention kernels: results/h200/compile_numerics_llava-1.5-7b-deterministic.csv;
-#    the 0.03% measured earlier with cuDNN attention was that kernel's run-to-run noise).
-NUMERICS = ("fused", "eager-casts", "eager-exact")
+__all__ = ["NUMERICS", "FastDecoder", "KVBuffers", "fast_decoder", "inductor_options"]  # NUMERICS: see spec.py
 
 
 def inductor_options(numerics: str) -> dict:
@@ -83,115 +69,12 @@ def _(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], 1)
 
 
-class ExactMask(NamedTuple):
-    """An exact layer's attention mask: the boolean one transformers passes its attention call,
-    and the additive one SDPA makes of it, rows 16-byte aligned (_additive_aligned) ([1, 1, t,
-    end] each)."""
-    boolean: torch.Tensor
-    additive: torch.Tensor
-
-
-@dataclass
-class KVLayer:
-    keys: torch.Tensor  # [batch, kv_heads, max_len, head_dim]
-    values: torch.Tensor
-
-
-class KVBuffers:
-    """Every layer's keys/values in one tensor, allocated once; `length` (device) = tokens written.
-
-    One tensor (not one per layer) so that saving or restoring a prefix is a single copy kernel.
-    A batch of several rows also keeps which columns are real (`valid`: rows padded to a common
-    length have masked gaps) and each row's next position (`next_pos`), both on the device so
-    graph replays update them.
-
-    One row's length may be `deferred`: known on the host, not yet written to the device. A warm
-    request resets the buffers and finds its prefix already in place, so neither needs a kernel;
-    its suffix graph writes the length it starts from itself (with its token ids), and anything
-    else that reads or advances the length on the device settles it first (`settle`). Two
-    launches less on the host path to the first token (~0.1 ms cold on the H200 machine)."""
-
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, max_len: int, device, dtype, batch: int = 1):
-        self.data = torch.zeros(layers, 2, batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
-        self.layers = [KVLayer(self.data[i, 0], self.data[i, 1]) for i in range(layers)]
-        self.length = torch.zeros((), dtype=torch.long, device=device)
-        self.deferred: int | None = None  # the length when the device tensor does not hold it yet
-        self.max_len, self.batch = max_len, batch
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device) if batch > 1 else None
-        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device) if batch > 1 else None
-
-    def reset(self) -> None:
-        # Stale keys/values need no zeroing: masks never admit a position before it is written.
-        if self.valid is None:
-            self.deferred = 0
-            return
-        self.length.zero_()
-        self.valid.zero_()
-        self.next_pos.zero_()
-
-    def settle(self) -> None:
-        """Write a deferred length to the device (never inside a capture: it would be a constant)."""
-        if self.deferred is not None:
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("a deferred KV length reached a CUDA graph capture")
-            self.length.fill_(self.deferred)
-            self.deferred = None
-
-    def take_deferred(self) -> int | None:
-        """The deferred length, now the caller's to write (a suffix graph does, from its inputs)."""
-        n, self.deferred = self.deferred, None
-        return n
-
-    def positions(self) -> tuple:
-        """Where the next tokens go (copies); `set_positions` rewinds to them. Columns written
-        past the rewound length are never attended to (the causal mask stops at the query)."""
-        self.settle()
-        return self.length.clone(), None if self.next_pos is None else self.next_pos.clone()
-
-    def set_positions(self, saved: tuple) -> None:
-        self.deferred = None
-        self.length.copy_(saved[0])
-        if self.next_pos is not None:
-            self.next_pos.copy_(saved[1])
-
-    def save_prefix(self, n: int, row: int = 0) -> torch.Tensor:
-        """A copy of one row's first n positions of every layer: [layers, 2, 1, kv_heads, n, head_dim]."""
-        return self.data[:, :, row:row + 1, :, :n].clone()
-
-    def load_prefixes(self, entries: list[torch.Tensor], in_place: list[bool] | None = None) -> list[int]:
-        """Copy saved prefixes to the front of each row (one kernel when every row shows the same
-        prefix); rows of unequal length end in a masked gap. Rows whose `in_place` is True
-        already hold their prefix and are not copied. Returns the lengths."""
-        lengths = [e.shape[-2] for e in entries]
-        n = max(lengths)
-        in_place = in_place or [False] * len(entries)
-        if all(in_place):
-            if self.valid is None:  # nothing to write: the row holds its prefix
-                self.deferred = n
-                return lengths
-        elif all(e is entries[0] for e in entries):
-            self.data[..., :n, :].copy_(entries[0])  # broadcast over the batch
-        else:
-            for b, e in enumerate(entries):
-                if not in_place[b]:
-                    self.data[:, :, b:b + 1, :, :lengths[b]].copy_(e)
-        self.deferred = None
-        self.length.fill_(n)
-        if self.valid is not None:
-            dev = self.valid.device
-            self.valid.copy_(torch.arange(self.max_len, device=dev)[None, :]
-                             < torch.tensor(lengths, device=dev)[:, None])
-            self.next_pos.copy_(torch.tensor(lengths, device=dev))
-        return lengths
-
-    def get_seq_length(self) -> int:
-        return self.deferred if self.deferred is not None else int(self.length)
-
-
 class FastDecoder(nn.Module):
     """See the module docstring. Holds references to the model's modules, never copies."""
 
-    def __init__(self, lm: nn.Module, lm_head: nn.Module, config):
+    def __init__(self, lm: nn.Module, lm_head: nn.Module, config, blocks: nn.ModuleList | None = None):
+        """`blocks`: the layers another decoder of the same model built (shared, not rebuilt:
+        fusing rebinds weights; doing it twice would not)."""
         super().__init__()
         if config.model_type not in SUPPORTED_DECODERS:
             raise VariantUnsupported(f"the static engines drive {', '.join(SUPPORTED_DECODERS)} decoders, "
@@ -210,9 +93,12 @@ class FastDecoder(nn.Module):
         # under deterministic attention kernels (bench.engines.attention_kernels), where cuDNN may not
         # run them and SDPA with a mask would run memory-efficient attention, ~4x slower.
         self.one_query_matmul = False
-        self.exact = False  # see set_exact
-        self.attention_fn = None  # transformers' attention function (set_exact)
-        self.layers = nn.ModuleList()
+        self.layers = blocks if blocks is not None else self._blocks(lm)
+
+    @staticmethod
+    def _blocks(lm: nn.Module) -> nn.ModuleList:
+        """Per decoder layer, its modules with q/k/v and gate/up grouped (FusedProjections)."""
+        blocks = nn.ModuleList()
         for layer in lm.layers:
             a, m = layer.self_attn, layer.mlp
             block = nn.Module()
@@ -221,45 +107,28 @@ class FastDecoder(nn.Module):
             block.o = a.o_proj
             block.gate_up = FusedProjections([m.gate_proj, m.up_proj])
             block.down = m.down_proj
-            block.attn = a  # transformers' attention module: what its attention function is called with (exact)
-            self.layers.append(block)
+            block.attn = a  # transformers' attention module: what its attention function is called with
+            blocks.append(block)
+        return blocks
 
     @property
     def fusion(self) -> str:
-        """How projections run, e.g. 'qkv:dense,gate_up:dense' (recorded per row); exact:
-        'qkv:separate,gate_up:dense at 1,19 rows (bit-equal), else separate' (the row counts met so far)."""
+        """How projections run, e.g. 'qkv:dense,gate_up:dense' (recorded per row)."""
         b = self.layers[0]
-        if not self.exact:
-            return f"qkv:{b.qkv.kind},gate_up:{b.gate_up.kind}"
-        return f"qkv:{_exact_fusion(b.qkv)},gate_up:{_exact_fusion(b.gate_up)}"
-
-    def set_exact(self, on: bool) -> None:
-        """Reproduce transformers' arithmetic (see the module docstring) or not. On: each
-        projection group runs fused at a row count (up to FUSED_MAX_ROWS) only if that is
-        bit-equal to its separate modules there on this device (FusedProjections.bit_equal_at,
-        checked the first time the count is met), else separately; attention goes
-        through the function transformers' own layers call (only 'sdpa' is reproduced)."""
-        self.exact = on
-        if not on:
-            for b in self.layers:
-                b.qkv.exact_check = b.gate_up.exact_check = None
-            return
-        impl = getattr(self.config, "_attn_implementation", None)
-        if impl != "sdpa":
-            raise VariantUnsupported(f"exact decoding reproduces transformers' sdpa attention; this model runs {impl!r}")
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        self.attention_fn = sdpa_attention_forward
-        p = self.embed.weight
-        for b in self.layers:
-            for group in (b.qkv, b.gate_up):
-                group.exact_check = (p.device, p.dtype)
-                group.max_rows = min(group.max_rows, FUSED_MAX_ROWS)  # steps and suffixes; prefill runs separately
+        return f"qkv:{b.qkv.kind},gate_up:{b.gate_up.kind}"
 
     def set_fused_max_rows(self, rows: int) -> None:
-        """Above `rows` input rows the projections run unfused (bench.engines.fused_linear.FUSED_MAX_ROWS)."""
+        """Above `rows` input rows the projections run unfused (bench.engines.fused_linear.FUSED_MAX_ROWS),
+        under this decoder's fusion rule (`_set_fusion_rule`). The blocks may be shared by several
+        decoders of one model: an engine sets both when it is made."""
         for block in self.layers:
             block.qkv.max_rows = block.gate_up.max_rows = rows
+        self._set_fusion_rule()
+
+    def _set_fusion_rule(self) -> None:
+        """Every projection group fused at every row count up to its max_rows."""
+        for b in self.layers:
+            b.qkv.exact_check = b.gate_up.exact_check = None
 
     def prefill_linears(self, rows: int) -> list[list[nn.Module]]:
         """Per layer, the linear modules a prefill of `rows` rows runs (fused or not)."""
@@ -334,42 +203,6 @@ class FastDecoder(nn.Module):
         p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(p.view(b, kvh, (h // kvh) * t, -1), v).view(b, h, t, d)
 
-    def attend_hf(self, block, q, k, v, mask):
-        """transformers' attention call of `block` (exact): its sdpa function over exactly `k`/`v`,
-        under the run's attention-kernel choice for this many queries, as the hf engine calls it.
-        Returns [b, heads, t, head_dim] like `_sdpa` (a view of transformers' [b, t, heads, d])."""
-        with attention_kernels.few_queries(q.shape[2]):
-            out, _ = self.attention_fn(block.attn, q, k, v, mask, dropout=0.0, scaling=block.attn.scaling)
-        return out.transpose(1, 2)
-
-    # The parts of an exact layer between its GEMM groups and attention call (ExactLayers
-    # compiles them): one function per use so that each compiles for its own shapes.
-    def exact_norm_at(self, norm, h):
-        return self._norm(norm, h)
-
-    def exact_rotate_write_at(self, q, k, v, cos, sin, pos, keys, values):
-        q, k, v = self._heads_rotated(q, k, v, cos, sin)
-        keys.index_copy_(2, pos, k)
-        values.index_copy_(2, pos, v)
-        return q
-
-    def exact_out_norm_at(self, block, h, o):
-        h = self._attn_out(block, h, o)
-        return h, self._norm(block.ln2, h)
-
-    def exact_mlp_at(self, block, h, gate, up):
-        return h + block.down(self._gate(block, gate, up))
-
-    def exact_qkv_from(self, block, h, cos, sin, start: int, keys, values):
-        q, k, v = self._qkv(block, h, cos, sin)
-        end = start + h.shape[1]
-        keys[:, :, start:end] = k
-        values[:, :, start:end] = v
-        return q, k.contiguous(), v.contiguous()  # as transformers' cache returns them (see ExactLayers)
-
-    def exact_out_from(self, block, h, o):
-        return self._out_mlp(block, h, o)
-
     def layer_from(self, block, h, cos, sin, start: int, mask, keys, values):
         """One layer for tokens at host-known positions start..start+t (eager prefill)."""
         q, k, v = self._qkv(block, h, cos, sin)
@@ -400,21 +233,39 @@ class FastDecoder(nn.Module):
         return self._out_mlp(block, h, o)
 
     def _layer_mask(self, mask: torch.Tensor | None, dtype: torch.dtype):
-        """The boolean mask (True: attend) as the layers take it: exact, an ExactMask (the boolean
-        one as transformers passes its attention, [t, end] -> [1, 1, t, end], and the additive one
-        SDPA makes of it, made once per call); else the additive one."""
-        if self.exact:
-            return None if mask is None else ExactMask(mask[None, None], _additive_aligned(mask[None, None], dtype))
+        """The boolean mask (True: attend) as the layers take it: the additive one."""
         return _additive(mask, dtype)
 
     def _row_logits(self, h: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of row `index` (device [1]; default the last) of the last layer's output.
-        Exact: transformers norms every row and then keeps the one (a norm of one row may sum
-        in another order than a norm of many)."""
-        if self.exact:
-            normed = self.norm(h)
-            return self.lm_head(normed[:, -1:] if index is None else normed.index_select(1, index))
+        """Logits of row `index` (device [1]; default the last) of the last layer's output."""
         return self.lm_head(self.norm(h[:, -1:] if index is None else h.index_select(1, index)))
+
+    def _padded_rows(self, embeds: torch.Tensor, kv: KVBuffers, start: int, end: int, cols: torch.Tensor,
+                     valid: torch.Tensor | None):
+        """(cos, sin, boolean mask [b, 1, t, end]) of a prefill into buffers made for a batch:
+        `valid` [b, t] (default all True) says which new tokens are real; positions skip each
+        row's gaps."""
+        if valid is None:
+            valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+        kv.valid[:, start:end] = valid
+        pos = (kv.next_pos[:, None] + valid.long().cumsum(1) - 1).clamp_min(0)  # [b, t]
+        kv.next_pos.add_(valid.sum(1))
+        cos, sin = self.rotary(embeds, pos)
+        causal = torch.arange(end, device=embeds.device)[None, :] <= cols[:, None]
+        return cos, sin, (causal[None] & kv.valid[:, None, :end])[:, None]  # [b, 1, t, end]
+
+    def _step_causal(self, t: int, keys_end: int, cols: torch.Tensor) -> torch.Tensor | None:
+        """A step's causal mask [t, keys_end] over the buffers' columns (True: attend)."""
+        return torch.arange(keys_end, device=cols.device)[None, :] <= cols[:, None]
+
+    def _padded_step(self, embeds: torch.Tensor, kv: KVBuffers, cols: torch.Tensor, causal: torch.Tensor,
+                     keys_end: int):
+        """(cos, sin, boolean mask [b, 1, t, keys_end]) of a step on buffers made for a batch:
+        every row's tokens are real here (decode); positions skip each row's gaps."""
+        t = embeds.shape[1]
+        kv.valid.index_fill_(1, cols, True)
+        cos, sin = self.rotary(embeds, kv.next_pos[:, None] + torch.arange(t, device=embeds.device))
+        return cos, sin, (causal[None] & kv.valid[:, None, :keys_end])[:, None]  # [b, 1, t, keys_end]
 
     def prefill(self, embeds: torch.Tensor, kv: KVBuffers, start: int, layer_fn=None,
                 valid: torch.Tensor | None = None, prefetch=None, n_real: torch.Tensor | None = None
@@ -440,17 +291,8 @@ class FastDecoder(nn.Module):
                 raise ValueError("padding needs KV buffers made for a batch")
             cos, sin = self.rotary(embeds, cols[None])
             mask = torch.arange(end, device=embeds.device)[None, :] <= cols[:, None] if start else None  # [t, end]
-        elif self.exact:
-            raise ValueError("exact decoding runs one unpadded row")
         else:
-            if valid is None:
-                valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
-            kv.valid[:, start:end] = valid
-            pos = (kv.next_pos[:, None] + valid.long().cumsum(1) - 1).clamp_min(0)  # [b, t]
-            kv.next_pos.add_(valid.sum(1))
-            cos, sin = self.rotary(embeds, pos)
-            causal = torch.arange(end, device=embeds.device)[None, :] <= cols[:, None]
-            mask = (causal[None] & kv.valid[:, None, :end])[:, None]  # [b, 1, t, end]
+            cos, sin, mask = self._padded_rows(embeds, kv, start, end, cols, valid)
         mask = self._layer_mask(mask, embeds.dtype)
         h = embeds
         if prefetch is not None:
@@ -476,26 +318,18 @@ class FastDecoder(nn.Module):
         `layer_fn` replaces `layer_at` (GraphEngine passes its compiled copy); it gets the whole
         buffers and the number of columns to attend over.
         `key_len`: attend over the buffers' first `key_len` columns only (the caller knows every
-        token written so far lies below it); default all `max_len` of them. Exact: the caller
-        passes exactly the tokens there will be after this call (transformers attends over
-        exactly those; one token then goes without a mask, as there)."""
+        token written so far lies below it); default all `max_len` of them."""
         layer_fn = layer_fn or self.layer_at
         keys_end = key_len or kv.max_len
         t = embeds.shape[1]
         kv.settle()
         cols = kv.length + torch.arange(t, device=embeds.device)  # [t]
-        # exact: one token attends to every key given, without a mask (transformers passes none)
-        causal = None if self.exact and t == 1 else \
-            torch.arange(keys_end, device=embeds.device)[None, :] <= cols[:, None]  # [t, keys_end]
+        causal = self._step_causal(t, keys_end, cols)  # [t, keys_end]
         if kv.valid is None:
             cos, sin = self.rotary(embeds, cols[None])
             mask = causal
-        elif self.exact:
-            raise ValueError("exact decoding runs one unpadded row")
-        else:  # a batch: every row's tokens are real here (decode); positions skip each row's gaps
-            kv.valid.index_fill_(1, cols, True)
-            cos, sin = self.rotary(embeds, kv.next_pos[:, None] + torch.arange(t, device=embeds.device))
-            mask = (causal[None] & kv.valid[:, None, :keys_end])[:, None]  # [b, 1, t, keys_end]
+        else:  # a batch
+            cos, sin, mask = self._padded_step(embeds, kv, cols, causal, keys_end)
         mask = self._layer_mask(mask, embeds.dtype)
         h = embeds
         for block, layer in zip(self.layers, kv.layers):
@@ -507,118 +341,12 @@ class FastDecoder(nn.Module):
         return self._row_logits(h, index)
 
 
-class ExactLayers:
-    """Layer functions reproducing transformers' arithmetic (FastDecoder.exact): `from_` for
-    prefill (host-known start), `at` for step (device positions). A layer is its projections,
-    rotary and cache write, then transformers' attention function (`attend_hf`, called eagerly:
-    over exactly the keys so far, which changes shape every token), then the output projection
-    and MLP. `compile(fn, dynamic)` may compile the parts between GEMM groups and attention (the
-    graph engine: eager-exact numerics keep them bit-identical to eager); they stay eager
-    without it.
-
-    In `at` (decode steps and suffixes: memory-bound GEMVs) a group of projections that runs
-    separately (q/k/v, gate/up where fusing is not bit-equal) runs its GEMMs side by side on the
-    `streams` given (FusedProjections.forward): the same kernels on the same inputs, so the same
-    bits.
-
-    The attention call (`attend`) reads views of the KV buffers, not the contiguous copies
-    transformers' DynamicCache hands it (it concatenates), and a call with a mask gets the
-    additive mask SDPA would make of transformers' boolean one, made once per step instead of
-    once per layer. Calls of fewer than FEW_QUERIES queries (flash or memory-efficient attention,
-    which address keys by their strides) always read views (with the boolean mask). Longer ones
-    (cuDNN, which picks a plan for the strides it is given) do so at a shape only once that gave
-    bit for bit the output of transformers' own way (contiguous copies, boolean mask) on this
-    device (checked the first time the shape is met, outside a CUDA graph capture; until then and
-    where it did not, they take transformers' way). On the H200 it did at every suffix shape measured (16-64 queries,
-    llava-1.5-7b's and vila1.5-3b's heads), and with the mask's rows aligned took 18-22 us a
-    layer where transformers' way took 32-54 (results/h200/exact_attention_h200.csv)."""
-
-    def __init__(self, dec: FastDecoder, compile=None, streams: list | None = None):
-        wrap = compile or (lambda fn, dynamic: fn)
-        self.dec, self.streams, self.compiled = dec, streams, compile is not None
-        self.norm_at, self.rotate_write_at = wrap(dec.exact_norm_at, False), wrap(dec.exact_rotate_write_at, False)
-        self.out_norm_at, self.mlp_at = wrap(dec.exact_out_norm_at, False), wrap(dec.exact_mlp_at, False)
-        self.qkv_from, self.out_from = wrap(dec.exact_qkv_from, True), wrap(dec.exact_out_from, True)
-        # (q shape, keys attended, masked) -> whether views + additive mask give transformers' bits
-        self.views_match: dict[tuple, bool] = {}
-
-    def attend(self, block, q, keys, values, end: int, mask: ExactMask | None):
-        """transformers' attention call of `block` over the buffers' first `end` columns (see the
-        class docstring for how the keys and mask reach it)."""
-        k, v = keys[:, :, :end], values[:, :, :end]
-        if q.shape[2] < attention_kernels.FEW_QUERIES:
-            return self.dec.attend_hf(block, q, k, v, None if mask is None else mask.boolean)
-        views = lambda: self.dec.attend_hf(block, q, k, v, None if mask is None else mask.additive)  # noqa: E731
-        transformers_way = lambda: self.dec.attend_hf(  # noqa: E731
-            block, q, k.contiguous(), v.contiguous(), None if mask is None else mask.boolean)
-        key = (tuple(q.shape), end, mask is not None)
-        fast = self.views_match.get(key)
-        if fast is None and not (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-            theirs = transformers_way()
-            self.views_match[key] = torch.equal(views(), theirs)
-            return theirs
-        return views() if fast else transformers_way()
-
-    def at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None = None):
-        q, k, v = block.qkv(self.norm_at(block.ln1, h), self.streams)
-        q = self.rotate_write_at(q, k, v, cos, sin, pos, keys, values)
-        o = self.attend(block, q, keys, values, keys_end or keys.shape[2], mask)
-        h, x = self.out_norm_at(block, h, o)
-        return self.mlp_at(block, h, *block.gate_up(x, self.streams))
-
-    def from_(self, block, h, cos, sin, start: int, mask, keys, values):
-        q, k, v = self.qkv_from(block, h, cos, sin, start, keys, values)  # k, v contiguous, as a fresh cache's
-        if mask is None:  # a fresh prompt attends its own k/v, as transformers
-            return self.out_from(block, h, self.dec.attend_hf(block, q, k, v, None))
-        return self.out_from(block, h, self.attend(block, q, keys, values, start + h.shape[1], mask))
-
-    def describe(self) -> str:
-        """How the attention calls of 16+ queries met so far ran, for engine_detail."""
-        if not self.views_match:
-            return ""
-        fast = sorted({k[0][2] for k, ok in self.views_match.items() if ok})
-        slow = sorted({k[0][2] for k, ok in self.views_match.items() if not ok})
-        parts = [f"views + additive mask at {_row_counts(fast)} queries (bit-equal)"] if fast else []
-        parts += [f"contiguous copies + boolean mask at {_row_counts(slow)} queries"] if slow else []
-        return "attention of 16+ queries: " + ", ".join(parts)
-
-
-def _exact_fusion(group: FusedProjections) -> str:
-    """'dense at 1,17-19 rows (bit-equal), else separate', or 'separate'."""
-    rows = group.exact_fused_rows()
-    if not rows:
-        return "separate"
-    return f"{group.kind} at {_row_counts(rows)} row{'s' if rows != [1] else ''} (bit-equal), else separate"
-
-
-def _row_counts(rows: list[int]) -> str:
-    """[1, 2, 3, 7] -> '1-3,7'."""
-    spans, start = [], None
-    for i, r in enumerate(rows):
-        start = r if start is None else start
-        if i + 1 == len(rows) or rows[i + 1] != r + 1:
-            spans.append(f"{start}" if start == r else f"{start}-{r}")
-            start = None
-    return ",".join(spans)
-
-
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """A boolean attention mask (True: attend) as the additive one SDPA turns it into, made once
     per call instead of once per layer (32 fewer kernels in every captured step)."""
     if mask is None:
         return None
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-
-
-def _additive_aligned(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """_additive(mask), its rows 16-byte aligned (a view of wider storage): the same values at
-    another row stride. cuDNN attends with an unaligned mask (keys not a multiple of 8 in fp16)
-    much more slowly: 36.4 against 21.5 us a layer for llava-1.5-7b's 19-query warm suffix over
-    647 keys on the H200, the same bits (results/h200/exact_attention_h200.csv)."""
-    per_16_bytes = max(1, 16 // torch.empty((), dtype=dtype).element_size())
-    end = mask.shape[-1]
-    storage = torch.zeros(*mask.shape[:-1], -(-end // per_16_bytes) * per_16_bytes, dtype=dtype, device=mask.device)
-    return storage[..., :end].masked_fill_(~mask, float("-inf"))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -629,11 +357,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def fast_decoder(adapter) -> FastDecoder:
-    """The adapter's FastDecoder, built once (fusing rebinds weights; doing it twice would not)."""
+def fast_decoder(adapter, cls: type[FastDecoder] | None = None, **options) -> FastDecoder:
+    """The adapter's FastDecoder, built once (fusing rebinds weights; doing it twice would not).
+    `cls`: a new decoder of that subclass of FastDecoder over the same blocks (`options`: its
+    own constructor arguments)."""
     dec = adapter.__dict__.get("_fast_decoder")
     if dec is None:
         lm, head = adapter.decoder_parts()
         dec = FastDecoder(lm, head, adapter.text_config())
         adapter._fast_decoder = dec
-    return dec
+    if cls is None or cls is FastDecoder:
+        return dec
+    lm, head = adapter.decoder_parts()
+    return cls(lm, head, adapter.text_config(), dec.layers, **options)

@@ -49,7 +49,7 @@ def _fuse_int4(linears: list) -> nn.Module:
     has_bias = first.bias is not None
     bias = torch.cat([m.bias for m in linears]) if has_bias else None
     fused = Int4Linear(first.in_features, q.shape[0], first.group_size, _pack_nibbles(q, device), sz, bias,
-                       None, first.dense_rows)
+                       None, first.dense_rows, first.trace_dense)
     if device.type == "cuda":  # share the packed codes when the layout is tile-local along N
         start = 0
         for m in linears:

@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from bench.engines import attention_kernels
 from bench.engines.cache_policy import CachePolicy
+from bench.engines.spec import EngineSpec
 from bench.models.base import VLMAdapter
 from bench.measure.request import RequestResult
 from bench.measure.timing import Timeline, sum_by_label
@@ -61,9 +62,11 @@ class HFCache:
 
 class HFEngine:
     name = "hf"
+    default_spec = EngineSpec()  # reads `attention` only
 
-    def __init__(self, adapter: VLMAdapter, policy: CachePolicy):
+    def __init__(self, adapter: VLMAdapter, policy: CachePolicy, spec: EngineSpec | None = None):
         self.adapter, self.policy = adapter, policy
+        self.spec = self.default_spec if spec is None else spec
 
     def new_cache(self, prompt_tokens: int, max_new_tokens: int, batch: int = 1):
         """The request's working KV cache (a fresh DynamicCache; StaticEngine reuses one buffer)."""
@@ -77,7 +80,7 @@ class HFEngine:
                 ) -> torch.Tensor:
         """Forward `embeds` placed after the `start` tokens already in `cache` (`valid`: which
         of the new tokens are real, for a padded batch); last position's logits."""
-        with attention_kernels.few_queries(embeds.shape[1]):
+        with attention_kernels.few_queries(self.spec.attention, embeds.shape[1]):
             if valid is None and cache.valid is None:
                 return self.adapter.lm_forward(embeds, cache.kv)
             if valid is None:
@@ -114,12 +117,12 @@ class HFEngine:
 
     def describe(self) -> str:
         """How this engine runs (the engine_detail column)."""
-        return f"transformers forward, DynamicCache{attention_kernels.note(self.adapter.device)}"
+        return f"transformers forward, DynamicCache{attention_kernels.note(self.adapter.device, self.spec.attention)}"
 
     def decode_step(self, token: torch.Tensor, cache: HFCache) -> torch.Tensor:
         """One decode step on `token` [B] (greedy decode and teacher forcing); logits [B, 1, vocab]."""
         embeds = self.adapter.input_embeddings()(token[:, None])
-        with attention_kernels.few_queries(1):
+        with attention_kernels.few_queries(self.spec.attention, 1):
             if cache.valid is None:
                 return self.adapter.lm_forward(embeds, cache.kv)
             mask, pos = cache.extend(torch.ones_like(token, dtype=torch.bool)[:, None])

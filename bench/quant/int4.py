@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import weakref
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -182,26 +181,6 @@ def unpack_q(packed: torch.Tensor, inverse: torch.Tensor, n: int, k: int, block)
     return q.permute(0, 2, 1, 3).reshape(n, k)
 
 
-# On only while a prefill runs with its weights prefetched (bench.quant.prefetch): compiled code
-# reads it when traced, so the prefill's compiled layer and the captured steps' layer differ.
-USE_PREFILL_WEIGHTS = False
-
-
-@contextmanager
-def use_prefill_weights():
-    """Dense paths read `prefill_weight` (filled by a DensePrefetch) instead of dequantizing."""
-    global USE_PREFILL_WEIGHTS
-    USE_PREFILL_WEIGHTS = True
-    try:
-        yield
-    finally:
-        USE_PREFILL_WEIGHTS = False
-
-
-# Compiled code traces the CUDA dense path (Triton dequantize + GEMM) instead of calling the
-# opaque custom op; False keeps the op (lab/gpu_int4_prefill_profile.py compares the two).
-TRACE_DENSE = True
-
 # Weak: a scratch buffer lives as long as some layer holds it, so it goes with its model.
 _DENSE_SCRATCH: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
 
@@ -303,15 +282,20 @@ class Int4Linear(nn.Module):
     `input_scale` (AWQ's 1/s, where it could not be folded into the previous layer) multiplies x.
     Buffers: packed (the tinygemm kernel's layout for this device) + scale_and_zero [K/G, N, 2]
     (tinygemm's convention: w = (q - 8) * scale + zero).
+
+    `trace_dense`: compiled code traces the CUDA dense path (Triton dequantize + GEMM) instead of
+    calling the opaque custom op; False keeps the op (lab/gpu_int4_prefill_profile.py compares
+    the two). Read when a layer compiles.
     """
 
     def __init__(self, in_features: int, out_features: int, group_size: int, packed: torch.Tensor,
                  scale_and_zero: torch.Tensor,
                  bias: torch.Tensor | None = None, input_scale: torch.Tensor | None = None,
-                 dense_rows: int = DEFAULT_DENSE_ROWS):
+                 dense_rows: int = DEFAULT_DENSE_ROWS, trace_dense: bool = True):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.dense_rows = dense_rows
+        self.trace_dense = trace_dense
         self.register_buffer("packed", packed)
         self.register_buffer("scale_and_zero", scale_and_zero)
         self.register_buffer("bias", bias)
@@ -322,8 +306,12 @@ class Int4Linear(nn.Module):
         self.register_buffer("tile_inverse", None if lay is None else lay.inverse, persistent=False)
         self.published_layout = lay is not None and lay.published  # the fast dequantizer applies
         # A dense copy of this weight made ahead of a prefill (bench.quant.prefetch), read by the
-        # dense path while `use_prefill_weights()` is on; a slot shared with other layers.
+        # dense path while `read_prefill_weight` is on (DensePrefetch.reading: only while a prefill
+        # runs with its weights prefetched); a slot shared with other layers. Compiled code reads
+        # the flag when traced, so the prefill's compiled layer reads the slot and the captured
+        # steps' layer does not.
         self.register_buffer("prefill_weight", None, persistent=False)
+        self.read_prefill_weight = False
 
     @classmethod
     def from_int4(cls, t: Int4Tensors, device: torch.device, dtype: torch.dtype, bias=None, input_scale=None,
@@ -366,9 +354,9 @@ class Int4Linear(nn.Module):
             x = x * self.input_scale
         rows = x.numel() // self.in_features
         if rows > self.dense_rows:
-            if USE_PREFILL_WEIGHTS and self.prefill_weight is not None:
+            if self.read_prefill_weight and self.prefill_weight is not None:
                 return F.linear(x, self.prefill_weight, self.bias)
-            if TRACE_DENSE and self.tile_inverse is not None and torch.compiler.is_compiling():
+            if self.trace_dense and self.tile_inverse is not None and torch.compiler.is_compiling():
                 # Compiled (the graph engine's prefill and suffix buckets): traced, so inductor
                 # launches the dequantizer itself; see triton_int4.dequantize_traceable.
                 w = _triton_int4.dequantize_traceable(self.packed, self.scale_and_zero, self.tile_inverse,

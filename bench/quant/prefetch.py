@@ -5,13 +5,15 @@ a dense GEMM. Dequantizing in line puts memory-bound work (read 0.5 B, write 2 B
 between compute-bound GEMMs: on the H200 it made llava-1.5-7b's awq4 prefill 1.40x fp16's
 (results/h200/llava-1.5-7b-graph-s14). Here a side stream dequantizes layer i+1's weights
 while layer i runs, into the other of two dense slots (double buffering), and the layers' dense
-paths read their slot (`Int4Linear.prefill_weight`, under `use_prefill_weights()`).
+paths read their slot (`Int4Linear.prefill_weight`, while `DensePrefetch.reading()`).
 
 Memory: two layers' dense weights (0.8 GB for a 7B in fp16) next to the int4 model, instead of
 the dense model's 13 GB; the benchmark's peak-memory columns include it.
 Written here: neither torchao nor transformers overlaps weight dequantization with compute.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 
@@ -38,6 +40,20 @@ class DensePrefetch:
         self.ready: list = [None] * len(per_layer)  # event: layer i's slot is filled
         self.freed: list = [None] * len(per_layer)  # event: layer i has finished reading its slot
         self.capturing = False  # the prefill is being captured (GraphEngine): launch, don't replay
+
+    @contextmanager
+    def reading(self):
+        """Around a prefill that tells this prefetch its layers (`begin`, `before_layer`,
+        `after_layer`): its linears' dense paths read their slots (`Int4Linear.read_prefill_weight`)
+        instead of dequantizing, and not after (decode steps and suffixes dequantize their own)."""
+        linears = [m for ms in self.layers for m in ms]
+        for m in linears:
+            m.read_prefill_weight = True
+        try:
+            yield
+        finally:
+            for m in linears:
+                m.read_prefill_weight = False
 
     @property
     def nbytes(self) -> int:

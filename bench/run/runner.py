@@ -121,11 +121,11 @@ class Benchmark:
     # ------------------------------------------------------------------------------------
     def run(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        attention_kernels.use(self.cfg.attention_kernels)
         self.writer = run_writer(self.out_dir)  # first: refuses a runs.csv with other columns
         write_json(self.out_dir / "env.json", envinfo.collect(self.command, self.monitor.device_facts(), {
             "config": asdict(self.cfg), "device": str(self.device), "dtype": str(self.dtype),
-            "attention_kernels": attention_kernels.describe(),
+            "attention_kernels": attention_kernels.describe(self.cfg.attention_kernels),
+            "engines": self._engine_specs(),
             "model": self.source.name, "weights": self.source.weights, "run_id": self.run_id,
         }))
         try:
@@ -161,6 +161,20 @@ class Benchmark:
             write_summary(self.out_dir, self.summary_rows())
         return self.out_dir
 
+    def _engine_options(self) -> dict:
+        """The run's options every engine's spec takes (bench.engines.spec.EngineSpec fields)."""
+        return {"attention": self.cfg.attention_kernels, "int4_prefetch": self.cfg.int4_prefetch}
+
+    def _make_engine(self, part, adapter, policy):
+        return part.make_engine(adapter, policy, **self._engine_options())
+
+    def _engine_specs(self) -> dict:
+        """The spec of every engine the run may use (its variants', the fidelity reference's), by name."""
+        parts = [v.engine for v in self.variants]
+        if self.cfg.fidelity and not self.source.prequantized:
+            parts.append(baseline_variant().engine)
+        return {part.name: asdict(part.spec(**self._engine_options())) for part in parts}
+
     def _fidelity(self, variant, adapter) -> dict:
         """Fidelity columns for this variant; the fp16 reference is made once, first."""
         if not self.cfg.fidelity or self.source.prequantized:  # no fp16 weights to compare against
@@ -171,11 +185,11 @@ class Benchmark:
                 ref_adapter = adapter
             else:  # load the baseline weights just for the reference, then free them
                 ref_adapter = base.weights.load(self.source, self.device, self.dtype, vars(self.cfg))
-            ref_engine = base.engine.make_engine(ref_adapter, base.cache.make_policy(vars(self.cfg)))
+            ref_engine = self._make_engine(base.engine, ref_adapter, base.cache.make_policy(vars(self.cfg)))
             self.reference = fidelity.make_reference(ref_engine, self.fidelity_visual, self.cfg.max_new_tokens)
             del ref_engine, ref_adapter
             self._free()
-        engine = variant.engine.make_engine(adapter, variant.cache.make_policy(vars(self.cfg)))
+        engine = self._make_engine(variant.engine, adapter, variant.cache.make_policy(vars(self.cfg)))
         return fidelity.compare(self.reference, engine, self.fidelity_visual)
 
     @functools.cached_property
@@ -209,7 +223,7 @@ class Benchmark:
     def _measure_variant(self, variant, adapter, base: dict) -> None:
         """Every workload point on one engine (compiled code and graphs are reused across points)."""
         policy = variant.cache.make_policy(vars(self.cfg))
-        engine = variant.engine.make_engine(adapter, policy)
+        engine = self._make_engine(variant.engine, adapter, policy)
         base = {**base, "weight_mb": weight_mb(adapter.model), **variant.weights.describe(adapter)}
         for point in self.cfg.points:
             row = {**base, **point.columns()}

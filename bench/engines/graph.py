@@ -1,0 +1,284 @@
+"""The `graph` engine: the static engine's calls (bench.engines.static) captured in CUDA graphs
+and replayed:
+- the decode step (one token; embedding of the next token written back on the GPU, so replays
+  chain without the host), with each decoder layer compiled by torch.compile first (one layer
+  compiled and reused by all: "regional compilation"), so elementwise work is fused;
+- the suffix prefill after a prefix hit, one graph per length bucket (padded up), from the
+  suffix's token ids to its first token;
+- the vision tower + projector, one graph per pixel shape.
+- a one-row full-prompt prefill (a cold single request), one graph per prompt length rounded
+  up to the spec's prefill_round (PREFILL_ROUND), padded after the prompt (causal attention keeps
+  the padding out).
+Full-prompt prefill's layer is compiled with a dynamic length (flash attention, fused
+elementwise work) and q/k/v and gate/up run fused at every length (on the H200, llava-1.5-7b,
+628 tokens: 29.3 ms eager -> 15.3 ms; prefill_profile CSV); batches, prefixes prefilled alone
+and long suffixes run it uncaptured, the one-row prefill replays it captured.
+Unlike the static engine's, its prefill is not bit-identical to transformers' (token_agree
+reports the effect); bench.engines.graph_exact's engine is.
+Anything that cannot be compiled runs uncompiled, and the row says so in `engine_detail`;
+anything that cannot be captured makes the row `skipped` with the reason.
+"""
+from __future__ import annotations
+
+import torch
+
+from bench.engines import attention_kernels
+from bench.engines.decoder import inductor_options
+from bench.engines.kv_buffers import KVBuffers
+from bench.engines.spec import EngineSpec
+from bench.engines.static import StaticEngine
+from bench.errors import VariantUnsupported
+from bench.measure.timing import Timeline
+
+
+class _Captured:
+    """A CUDA graph and the static tensors it reads and writes."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: tuple, output):
+        self.graph, self.inputs, self.output = graph, inputs, output
+
+
+class GraphEngine(StaticEngine):
+    name = "graph"
+    # fused_max_rows: fused at every length, a faster compiled prefill (see the module docstring).
+    # numerics: how compiled layers round (bench.engines.spec.NUMERICS). "eager-casts": in llava-1.5-7b's
+    # decode step on the H200, 0.92% of a compiled layer's output elements differ from eager's
+    # against 48% "fused", at the same step time (4.55 ms); "eager-exact" makes them identical for
+    # 0.24 ms more per step (results/h200/compile_numerics_llava-1.5-7b-deterministic.csv,
+    # agreement_numerics_llava-1.5-7b.csv). Identical layers alone do not give transformers'
+    # tokens: its decode attends with flash over exactly the keys so far, which no single
+    # captured graph can call (agreement_floor_llava-1.5-7b-deterministic.csv); GraphExactEngine
+    # captures one graph per length instead.
+    default_spec = EngineSpec(numerics="eager-casts", fused_max_rows=2**62)
+    requires_cuda = True  # (the CPU tests of graph-exact's bookkeeping stand in a fake capture)
+
+    def __init__(self, adapter, policy, spec: EngineSpec | None = None):
+        if self.requires_cuda and adapter.device.type != "cuda":
+            raise VariantUnsupported(f"the {self.name} engine needs a CUDA device")
+        super().__init__(adapter, policy, spec)
+        self.lm_graphs: dict[object, _Captured] = {}
+        self._decode_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> (token, its embedding)
+        self._decode_pool = self._new_decode_pool()
+        self.vision_graphs: dict[tuple, _Captured] = {}
+        self.notes: dict[str, str] = {}
+        torch._dynamo.reset()  # compiled code of an earlier model is not reused (nor kept alive)
+        self.decoder.numerics = self.spec.numerics
+        self.decoder.one_query_matmul = attention_kernels.deterministic(self.spec.attention)
+        options = inductor_options(self.spec.numerics)
+        compile = lambda fn, dynamic: torch.compile(fn, dynamic=dynamic, options=options)  # noqa: E731
+        self.layer_fn = self._compiled_step_layer(compile)
+        self.prefill_fn = None
+        first = self.decoder.layers[0]
+        if "separate" not in (first.qkv.kind, first.gate_up.kind):  # dense or int4 (its dense path is one custom op)
+            self.prefill_fn = self._compiled_prefill_layer(compile)
+        else:  # bitsandbytes layers break a compiled graph at every call: slower than eager
+            self.notes["prefill"] = "eager (these linears break a compiled graph at every call)"
+
+    def _compiled_step_layer(self, compile):
+        """The layer function decode steps and suffixes run, compiled by `compile(fn, dynamic)`."""
+        return compile(self.decoder.layer_at, False)
+
+    def _compiled_prefill_layer(self, compile):
+        """The layer function full prefills run, compiled (dynamic length)."""
+        return compile(self.decoder.layer_from, True)
+
+    def _step_layer(self):
+        return self.layer_fn or self.eager_step_layer
+
+    def _compiled(self, layer_fn) -> bool:
+        """Whether a layer function runs compiled code (None: the decoder's own, eager)."""
+        return layer_fn is not None
+
+    def _graphs_note(self) -> str:
+        """What this engine captures, for engine_detail."""
+        return "CUDA-graph decode + suffix buckets"
+
+    def _new_decode_pool(self):
+        """The memory pool decode graphs share (None: each its own; one graph per batch size)."""
+        return None
+
+    def describe(self) -> str:
+        compiled = "compiled layers" if self._compiled(self.layer_fn) else "uncompiled layers"
+        prefill = ("compiled prefill" if self._compiled(self.prefill_fn)
+                   else "prefill " + self.notes.get("prefill", "eager"))
+        prefill_round = self.spec.prefill_round
+        if self.prefill_fn is not None and "prefill graph" not in self.notes:
+            prefill += (f" (one row from column 0: CUDA-graphed per {prefill_round}-token length bucket)"
+                        if prefill_round > 1 else " (one row from column 0: CUDA-graphed per prompt length)")
+        parts = [f"own decoder ({self.decoder.fusion}), static KV, {self._graphs_note()} "
+                 f"({compiled}, {self.spec.numerics} numerics){self.arithmetic_note()}, {prefill}"
+                 f"{self.prefetch_note()}, "
+                 f"vision {self.notes.get('vision', 'graphed')}"
+                 f"{attention_kernels.note(self.adapter.device, self.spec.attention)}"]
+        parts += [f"{k}: {v}" for k, v in self.notes.items() if k not in ("vision", "prefill")]  # incl. "prefill graph"
+        return "; ".join(parts)
+
+    def _drop_buffers(self) -> None:
+        self.lm_graphs.clear()  # their captured addresses die with the old buffers
+        self._decode_pool = self._new_decode_pool()  # and a shared pool's memory with them
+        super()._drop_buffers()
+
+    # ---------------------------------------------------------------------------------- capture
+    def _capture(self, call, what: str, rewind: bool, warmups: int = 2, pool=None
+                 ) -> tuple[torch.cuda.CUDAGraph, object]:
+        """Warm `call` up on a side stream (compiles, allocator, lazy init), then capture it
+        (into the memory pool `pool` if given, shared with graphs that never run concurrently)."""
+        saved = self.cache.positions() if rewind else None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(warmups):
+                    call()
+                    if rewind:  # warm-up steps wrote past the real tokens; nothing attends to those
+                        self.cache.set_positions(saved)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = call()
+        except Exception as e:  # never fall back to eager silently: the row is skipped with this
+            raise VariantUnsupported(f"{what} cannot be captured in a CUDA graph: "
+                                     f"{e.__class__.__name__}: {str(e)[:200]}") from e
+        if rewind:
+            self.cache.set_positions(saved)
+        return graph, out
+
+    def _lm_step(self, embeds, n_real, key_len: int | None = None):
+        try:
+            return self.decoder.step(embeds, n_real, self.cache, self.layer_fn, key_len)
+        except Exception as e:  # noqa: BLE001 - compile failures have many types; recorded below
+            if self.layer_fn is None or isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            self.notes["compile"] = f"torch.compile failed ({e.__class__.__name__}: {str(e)[:120]}), layers run " \
+                                    f"uncompiled"
+            self.layer_fn = None
+            return self.decoder.step(embeds, n_real, self.cache, self.eager_step_layer, key_len)
+
+    def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
+        self.forget_overwritten(cache, start)
+        if (self.prefill_fn is not None and start == 0 and valid is None and cache is self.cache
+                and cache.valid is None and "prefill graph" not in self.notes):
+            padded = -(-embeds.shape[1] // self.spec.prefill_round) * self.spec.prefill_round
+            if padded <= cache.max_len:
+                try:
+                    return self._prefill_graphed(embeds, padded)
+                except VariantUnsupported as e:  # recorded in engine_detail; the compiled prefill runs
+                    self.notes["prefill graph"] = f"not captured ({str(e)[:160]})"
+        if self.prefill_fn is not None:
+            try:
+                return self.full_prefill(embeds, cache, start, self.prefill_fn, valid)
+            except Exception as e:  # noqa: BLE001 - recorded in engine_detail, then eager
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    raise
+                self.notes["prefill"] = f"eager (torch.compile failed: {e.__class__.__name__}: {str(e)[:120]})"
+                self.prefill_fn = None
+        return self.full_prefill(embeds, cache, start, valid=valid)
+
+    def _prefill_graphed(self, embeds: torch.Tensor, padded: int) -> torch.Tensor:
+        """A one-row prefill from column 0 as the replay of the compiled prefill captured at
+        `padded` tokens (a multiple of the spec's prefill_round); the logits are overwritten by
+        the next replay."""
+        key = ("prefill", padded)
+        cap = self.lm_graphs.get(key)
+        if cap is None:  # captured on zeros (finite padding), then replayed on this prompt below
+            static = torch.zeros(1, padded, embeds.shape[-1], dtype=embeds.dtype, device=embeds.device)
+            n_real = torch.full((), padded, dtype=torch.long, device=embeds.device)
+            graph, out = self._capture(
+                lambda: self.full_prefill(static, self.cache, 0, self.prefill_fn, n_real=n_real),
+                f"prefill ({padded} tokens)", False)
+            cap = self.lm_graphs[key] = _Captured(graph, (static, n_real), out)
+        static, n_real = cap.inputs
+        static[:, :embeds.shape[1]].copy_(embeds)  # the padding keeps stale finite embeddings
+        n_real.fill_(embeds.shape[1])
+        self.cache.take_deferred()  # the replay writes the length
+        cap.graph.replay()
+        return cap.output
+
+    # ---------------------------------------------------------------------------------- vision
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        key = (tuple(pixel_values.shape), pixel_values.dtype)
+        cap = self.vision_graphs.get(key)
+        if cap is None:
+            if "vision" in self.notes:  # capture failed before: recorded, eager
+                return self.adapter.encode_image(pixel_values)
+            static = pixel_values.clone()
+            try:
+                graph, out = self._capture(lambda: self.adapter.encode_image(static), "vision tower", False)
+            except VariantUnsupported as e:
+                self.notes["vision"] = f"eager ({str(e)[:160]})"
+                return self.adapter.encode_image(pixel_values)
+            cap = self.vision_graphs[key] = _Captured(graph, (static,), out)
+        cap.inputs[0].copy_(pixel_values)
+        cap.graph.replay()
+        return cap.output.clone()  # the graph's output is overwritten by the next replay
+
+    # ---------------------------------------------------------------------------------- LM
+    def _suffix_token_call(self, host: torch.Tensor, dev_in: torch.Tensor, bucket: int, key_len: int) -> torch.Tensor:
+        key = ("suffix ids", bucket, key_len)  # a graph per bucket and attended length
+        cap = self.lm_graphs.get(key)
+        if cap is None:  # the graph's first node copies the pinned staging buffer in
+            call = super(GraphEngine, self)._suffix_token_call
+            graph, out = self._capture(lambda: call(host, dev_in, bucket, key_len),
+                                       f"suffix prefill ({bucket} tokens)", True)
+            cap = self.lm_graphs[key] = _Captured(graph, (host, dev_in), out)
+        cap.graph.replay()
+        return cap.output  # overwritten by the next replay: decode copies it before any
+
+    def _decode_call(self, token_buf, embeds_buf, key_len: int | None = None):
+        logits = self._lm_step(embeds_buf, self.one, key_len)
+        token_buf.copy_(logits[:, -1].argmax(-1))
+        embeds_buf.copy_(self.decoder.embed(token_buf[:, None]))
+        return logits
+
+    def _decode_lengths(self, cache, steps: int) -> list[int | None]:
+        """The keys each of `steps` decode steps attends over (a graph per distinct value); None:
+        the whole buffers, one graph for every step."""
+        return [None] * steps
+
+    def _decode_graph(self, batch: int, key_len: int | None) -> _Captured:
+        """The captured decode step over `key_len` keys; every one of a batch size reads and writes
+        the same inputs (token, its embedding: `_set_decode_input`), so replays of different
+        graphs chain."""
+        key = ("decode", batch, key_len)
+        cap = self.lm_graphs.get(key)
+        if cap is None:
+            tok, emb = self._decode_inputs[batch]
+            saved = tok.clone(), emb.clone()  # warm-up steps advance them; the replay must not
+            first = not any(k[:2] == ("decode", batch) for k in self.lm_graphs)  # compiles, lazy init
+            what = f"decode step (batch {batch}" + (f", {key_len} keys)" if key_len else ")")
+            graph, logits = self._capture(lambda: self._decode_call(tok, emb, key_len), what, True,
+                                          warmups=2 if first else 1, pool=self._decode_pool)
+            tok.copy_(saved[0])
+            emb.copy_(saved[1])
+            cap = self.lm_graphs[key] = _Captured(graph, (tok, emb), logits)
+        return cap
+
+    def _set_decode_input(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed `token` [B] to the decode graphs; returns the buffer their replays write the next
+        token to."""
+        inputs = self._decode_inputs.get(token.shape[0])
+        if inputs is None:
+            inputs = self._decode_inputs[token.shape[0]] = token.clone(), self.decoder.embed(token[:, None]).clone()
+        tok, emb = inputs
+        tok.copy_(token)
+        emb.copy_(self.decoder.embed(token[:, None]))
+        return tok
+
+    def decode_step(self, token: torch.Tensor, cache) -> torch.Tensor:
+        cache.settle()  # the replay advances the length on the device
+        self._set_decode_input(token)  # the same replay decode runs, fed the given token
+        cap = self._decode_graph(token.shape[0], self._decode_lengths(cache, 1)[0])
+        cap.graph.replay()
+        return cap.output
+
+    def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
+        if steps == 0:
+            return []
+        cache.settle()  # the replays advance the length on the device
+        tok = self._set_decode_input(token)
+        out = []
+        for key_len in self._decode_lengths(cache, steps):
+            self._decode_graph(token.shape[0], key_len).graph.replay()
+            out.append(tok.clone())
+            tl.mark("decode")
+        return out

@@ -1,0 +1,73 @@
+"""An engine's knobs, as one frozen value given at construction (`Engine(adapter, policy, spec)`).
+
+Every engine class has its default (`default_spec`); a run replaces the fields its options set
+(the attention kernels, the int4 prefetch: variants.base.EnginePart.spec) and writes the spec
+of each engine it uses to env.json. Nothing an engine does depends on process-wide settings.
+
+The hf engine reads `attention` only; the rest is for the engines over our own decoder
+(bench.engines.static and the graph engines).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bench.engines import attention_kernels
+from bench.engines.fused_linear import FUSED_MAX_ROWS
+
+CACHE_ROUND = 256  # buffer length granularity; a longer request reallocates (and recaptures)
+SUFFIX_BUCKETS = (16, 32, 64)  # suffix lengths (after a prefix hit) run as padded fixed-shape steps
+# A suffix bucket attends over the buffers' columns up to its end rounded up to this, not over
+# all of them: cuDNN attention of 32 queries costs 21.9 us per layer over 768 columns against
+# 26.9 us over 1024 (results/h200/sdpa_backends_h200.csv), 0.16 ms of a 7B warm suffix.
+KEY_ROUND = 128
+PREFILL_ROWS = 4096  # a full-prompt prefill's length, for which linears it runs (fused or not)
+# GraphEngine captures a full-prompt prefill per prompt length rounded up to this (padding after
+# the prompt, which causal attention keeps out of it): a replay costs the host one launch instead
+# of the compiled layers' ~500, so prefill time stops depending on host speed (on the H200 the
+# uncaptured compiled prefill of llava-1.5-7b varied 16.5-20.6 ms between machines, CV 0.2, with
+# 13.9 ms of kernels: results/h200/llava-1.5-7b-*-s15, prefill_profile_llava-1.5-7b.csv).
+PREFILL_ROUND = 64
+
+# How traced (torch.compile'd) layers compute RMSNorm and SiLU-gating (`FastDecoder.numerics`):
+#  "fused": the modules as written; inductor fuses them and skips eager's fp16 roundings between ops.
+#  "eager-casts": eager's formulas op by op, for inductor's emulate_precision_casts to round where
+#    eager does (the compiling engine turns that option on); only the fp32 mean of RMSNorm sums in
+#    inductor's order.
+#  "eager-exact": also that mean in eager's own summation order (an opaque op, eager_row_mean:
+#    ATen's kernel, or on CUDA bench.engines.row_mean's where it matched it): bit-identical to eager, on
+#    the CPU and on the H200 (llava-1.5-7b decode
+#    layers: 0 of their outputs differ, against 0.92% eager-casts and 48% fused, with
+#    deterministic attention kernels: results/h200/compile_numerics_llava-1.5-7b-deterministic.csv;
+#    the 0.03% measured earlier with cuDNN attention was that kernel's run-to-run noise).
+NUMERICS = ("fused", "eager-casts", "eager-exact")
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    # SDPA kernels for calls of few queries (bench.engines.attention_kernels): "deterministic" or "auto"
+    attention: str = "deterministic"
+    # how compiled layers round (NUMERICS); engines that compile nothing ignore it
+    numerics: str = "fused"
+    # above this many input rows q/k/v and gate/up run as their separate modules (fused_linear)
+    fused_max_rows: int = FUSED_MAX_ROWS
+    suffix_buckets: tuple[int, ...] = SUFFIX_BUCKETS
+    cache_round: int = CACHE_ROUND
+    key_round: int = KEY_ROUND
+    prefill_rows: int = PREFILL_ROWS
+    # a captured one-row prefill's length granularity (graph engines; 1: every prompt length)
+    prefill_round: int = PREFILL_ROUND
+    # a step's separate projections side by side on CUDA side streams (graph-exact)
+    concurrent_projections: bool = False
+    # int4 weights: a side stream dequantizes the next layer's prefill weights (bench.quant.prefetch)
+    int4_prefetch: bool = True
+
+    def __post_init__(self):
+        attention_kernels.check(self.attention)
+        if self.numerics not in NUMERICS:
+            raise ValueError(f"unknown numerics {self.numerics!r}; choose from {', '.join(NUMERICS)}")
+        buckets = tuple(self.suffix_buckets)
+        if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+            raise ValueError(f"suffix buckets must be distinct positive lengths in ascending order, got {buckets}")
+        object.__setattr__(self, "suffix_buckets", buckets)
+        if min(self.cache_round, self.key_round, self.prefill_round, self.prefill_rows) < 1 or self.fused_max_rows < 0:
+            raise ValueError(f"engine spec with a round below 1 or negative fused_max_rows: {self}")
