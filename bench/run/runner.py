@@ -127,7 +127,7 @@ class Benchmark:
         }))
         self.writer = run_writer(self.out_dir)
         try:
-            adapter, loaded_key = None, None
+            loaded = None
             for variant in self.variants:
                 base = self._base_row(variant)
                 reason = variant.unavailable_reason(self.device) or variant.weights.source_reason(self.source)
@@ -135,45 +135,56 @@ class Benchmark:
                     self._emit({**base, "status": "skipped", "error": reason})
                     continue
                 try:
-                    key = variant.weights.key(vars(self.cfg))
-                    if key != loaded_key:
-                        adapter = loaded_key = None
+                    options = variant.weights.options(self.cfg)
+                    if loaded is None or variant.weights.key(options) != loaded.weights_key:
+                        loaded = None
                         self._free()
                         status(f"{variant.name}: loading {variant.weights.name} weights")
-                        adapter = variant.weights.load(self.source, self.device, self.dtype, vars(self.cfg))
-                        adapter.weights_key = loaded_key = key
+                        loaded = variant.weights.load(self.source, self.device, self.dtype, options)
                     status(f"{variant.name}: fidelity probe, then measured runs")
-                    fid = self._fidelity(variant, adapter)
-                    self._measure_variant(variant, adapter, {**base, **fid})
+                    fid = self._fidelity(variant, loaded)
+                    self._measure_variant(variant, loaded, {**base, **fid})
                 except _PointFailed:  # its row is written; the next variant runs
-                    adapter = loaded_key = None
+                    loaded = None
                     self._free()
                 except VariantUnsupported as e:
                     self._emit({**base, "status": "skipped", "error": str(e)[:500]})
                 except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
                     self._emit({**base, "status": "failed", "error": f"{e.__class__.__name__}: {e}"[:500]})
-                    adapter = loaded_key = None
+                    loaded = None
                     self._free()
         finally:
             self.writer.close()
             write_summary(self.out_dir, self.summary_rows())
         return self.out_dir
 
-    def _fidelity(self, variant, adapter) -> dict:
+    def _policy(self, variant, loaded):
+        """A fresh cache policy of the variant's cache part for this loaded model."""
+        return variant.cache.make_policy(variant.cache.options(self.cfg), loaded.weights_key)
+
+    @staticmethod
+    def _engine(variant, loaded, policy):
+        # The static engines still read the int4 prefetch choice off the adapter
+        # (bench.engines.static); it is the loaded model's.
+        loaded.adapter.int4_prefetch = loaded.int4_prefetch
+        return variant.engine.make_engine(loaded.adapter, policy)
+
+    def _fidelity(self, variant, loaded) -> dict:
         """Fidelity columns for this variant; the fp16 reference is made once, first."""
         if not self.cfg.fidelity or self.source.prequantized:  # no fp16 weights to compare against
             return {}
         base = baseline_variant()
         if self.reference is None:
-            if variant.weights.key(vars(self.cfg)) == base.weights.key(vars(self.cfg)):
-                ref_adapter = adapter
+            base_options = base.weights.options(self.cfg)
+            if loaded.weights_key == base.weights.key(base_options):
+                ref = loaded
             else:  # load the baseline weights just for the reference, then free them
-                ref_adapter = base.weights.load(self.source, self.device, self.dtype, vars(self.cfg))
-            ref_engine = base.engine.make_engine(ref_adapter, base.cache.make_policy(vars(self.cfg)))
+                ref = base.weights.load(self.source, self.device, self.dtype, base_options)
+            ref_engine = self._engine(base, ref, self._policy(base, ref))
             self.reference = fidelity.make_reference(ref_engine, self.fidelity_visual, self.cfg.max_new_tokens)
-            del ref_engine, ref_adapter
+            del ref_engine, ref
             self._free()
-        engine = variant.engine.make_engine(adapter, variant.cache.make_policy(vars(self.cfg)))
+        engine = self._engine(variant, loaded, self._policy(variant, loaded))
         return fidelity.compare(self.reference, engine, self.fidelity_visual)
 
     @functools.cached_property
@@ -204,11 +215,12 @@ class Benchmark:
         self.rows.append(row)
 
     # ------------------------------------------------------------------------------------
-    def _measure_variant(self, variant, adapter, base: dict) -> None:
+    def _measure_variant(self, variant, loaded, base: dict) -> None:
         """Every workload point on one engine (compiled code and graphs are reused across points)."""
-        policy = variant.cache.make_policy(vars(self.cfg))
-        engine = variant.engine.make_engine(adapter, policy)
-        base = {**base, "weight_mb": weight_mb(adapter.model), **variant.weights.describe(adapter)}
+        adapter = loaded.adapter
+        policy = self._policy(variant, loaded)
+        engine = self._engine(variant, loaded, policy)
+        base = {**base, "weight_mb": weight_mb(adapter.model), **loaded.columns()}
         for point in self.cfg.points:
             row = {**base, **point.columns()}
             try:
