@@ -18,8 +18,8 @@ def load(spec, source, **options):
     opts = {"bnb_int8_threshold": 6.0, "bnb4_double_quant": False, "bnb4_compute_dtype": "auto",
             "quantize_vision": False, **options}
     part = parse_variant(spec).weights
-    adapter = part.load(source, CPU, torch.float32, opts)
-    return adapter, part.describe(adapter)
+    loaded = part.load(source, CPU, torch.float32, part.options(opts))
+    return loaded.adapter, loaded.columns()
 
 
 def linear_types(module):

@@ -210,17 +210,20 @@ def test_variant_reuses_the_saved_model(tmp_path, demo_image):
     opts = {"int4_group_size": 32, "awq_calib": 2, "int4_dense_rows": 32, "seed": 0,
             "int4_cache_dir": str(tmp_path), "image_path": str(__import__("tests.conftest").conftest.DEMO)}
     v = parse_variant("awq4")
-    first = v.weights.load(ModelSource(None, "tiny-vila", None), CPU, torch.float32, opts)
-    assert first.int4_info["quant_source"].startswith("calibrated")
+    first = v.weights.load(ModelSource(None, "tiny-vila", None), CPU, torch.float32, v.weights.options(opts))
+    assert first.facts["quant_source"].startswith("calibrated")
     files = list(tmp_path.glob("tiny-vila-awq4-g32-*.safetensors"))
     assert len(files) == 1
-    second = v.weights.load(ModelSource(None, "tiny-vila", None), CPU, torch.float32, opts)
-    assert second.int4_info["quant_source"] == str(files[0])
-    assert second.int4_info["quant_err_ratio"] == pytest.approx(first.int4_info["quant_err_ratio"])
-    assert torch.equal(_logits(first, demo_image), _logits(second, demo_image))
+    second = v.weights.load(ModelSource(None, "tiny-vila", None), CPU, torch.float32, v.weights.options(opts))
+    assert second.facts["quant_source"] == str(files[0])
+    assert second.facts["quant_err_ratio"] == pytest.approx(first.facts["quant_err_ratio"])
+    assert second.columns()["quant_source"] == str(files[0])
+    assert torch.equal(_logits(first.adapter, demo_image), _logits(second.adapter, demo_image))
     # a different group size is another model: not reused
-    other = v.weights.load(ModelSource(None, "tiny-vila", None), CPU, torch.float32, {**opts, "int4_group_size": 64})
-    assert other.int4_info["quant_source"].startswith("calibrated")
+    other = v.weights.load(ModelSource(None, "tiny-vila", None), CPU, torch.float32,
+                           v.weights.options({**opts, "int4_group_size": 64}))
+    assert other.facts["quant_source"].startswith("calibrated")
+    assert other.weights_key != first.weights_key == second.weights_key
 
 
 # ------------------------------------------------------------------------ AutoAWQ checkpoints

@@ -75,8 +75,10 @@ def test_other_model_is_a_miss(demo_image):
     rb = HFEngine(b, policy).run(demo_image, "b", 4)
     assert not rb.cache_hit
     assert rb.tokens == HFEngine(b, CachePolicy()).run(demo_image, "b", 4).tokens
-    b.weights_key = ("bnb4",)  # same model, other weights variant
-    assert not HFEngine(b, policy).run(demo_image, "c", 4).cache_hit
+    other_weights = PrefixKVPolicy(64, weights_key=("bnb4",))  # same model, other weights variant,
+    other_weights.lru = policy.lru  # one store
+    assert HFEngine(b, policy).run(demo_image, "c", 4).cache_hit
+    assert not HFEngine(b, other_weights).run(demo_image, "c", 4).cache_hit
 
 
 def test_lru_evicts_by_bytes_and_never_crosses_keys():

@@ -1,4 +1,10 @@
-"""Variant registry: every part from every module listed here; specs compose parts with '+'."""
+"""Variant registry: every part from every module listed here; specs compose parts with '+'.
+
+A new variant is one module in variants/ with a PARTS list, plus its name in _MODULES. A part
+defined elsewhere (a plugin, a test) joins with register(part) and leaves with unregister(name).
+Either way its name is usable in --variants and its options' flags (Part.options_class) join
+the command line (bench.run.config composes the run config from option_classes()).
+"""
 from __future__ import annotations
 
 import importlib
@@ -8,6 +14,9 @@ from variants.base import (GraphEnginePart, GraphExactEnginePart, HFEnginePart, 
                            Variant)
 
 _MODULES = ["variants.fp16", "variants.prefix", "variants.bnb", "variants.int4"]
+KINDS = ("weights", "cache", "engine")
+
+_registered: dict[str, Part] = {}  # parts added with register(), after the modules' own
 
 
 def registry() -> dict[str, Part]:
@@ -16,7 +25,40 @@ def registry() -> dict[str, Part]:
     for mod in _MODULES:
         for p in importlib.import_module(mod).PARTS:
             parts[p.name] = p
+    parts.update(_registered)
     return parts
+
+
+def register(part: Part) -> Part:
+    """Make `part` (an instance of a WeightsPart, CachePart or EnginePart subclass) a variant
+    part: usable in --variants by its name, its options' flags on the command line of runs
+    configured from now on. Returns the part."""
+    if not isinstance(part, Part) or getattr(part, "kind", None) not in KINDS:
+        raise TypeError(f"register() takes a weights, cache or engine part, not {part!r}")
+    name = getattr(part, "name", "")
+    if not name or any(c in name for c in "+, "):
+        raise ValueError(f"a variant part needs a name without '+', ',' or spaces, not {name!r}")
+    if name in registry():
+        raise ValueError(f"a variant part named {name!r} exists already")
+    _registered[name] = part
+    return part
+
+
+def unregister(name: str) -> Part:
+    """Remove a part added with register() (the modules' own parts stay)."""
+    if name not in _registered:
+        raise KeyError(f"no registered variant part named {name!r}")
+    return _registered.pop(name)
+
+
+def option_classes() -> list[type]:
+    """The options dataclasses of every part, each once, in registry order."""
+    out: list[type] = []
+    for part in registry().values():
+        cls = part.options_class
+        if cls is not None and cls not in out:
+            out.append(cls)
+    return out
 
 
 def parse_variant(spec: str) -> Variant:

@@ -4,7 +4,11 @@
 - cache:   what a request may reuse (prefix KV, image embeddings)
 - engine:  how the forward passes are driven (hf)
 
-Each part says what it needs; the runner skips a variant whose needs the device lacks.
+Each part says what it needs; the runner skips a variant whose needs the device lacks. A part
+with settings declares them as a dataclass (`options_class`, see variants.options): its flags
+join the command line, and the part receives an instance of it (`options(config)`).
+A weights part's `load` returns a LoadedModel: the adapter and what the run needs to know about
+how its weights came to be.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from bench.engines.cache_policy import CachePolicy
 from bench.engines.hf import HFEngine
 from bench.engines.spec import EngineSpec
 from bench.models.base import VLMAdapter
+from variants.options import opt, options_from
 
 
 class Part:
@@ -26,6 +31,12 @@ class Part:
     description: str
     requires_cuda: bool = False
     requires_packages: tuple[str, ...] = ()
+    options_class: type | None = None  # a dataclass of this part's settings (None: it has none)
+
+    def options(self, config):
+        """This part's typed options read from `config` (the run config, or a mapping whose
+        missing keys take the defaults); None for a part without options."""
+        return None if self.options_class is None else options_from(self.options_class, config)
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if self.requires_cuda and device.type != "cuda":
@@ -36,19 +47,47 @@ class Part:
         return None
 
 
+@dataclass(frozen=True)
+class WeightsOptions:
+    """Settings every weights part that quantizes may read."""
+    quantize_vision: bool = opt("weight variants also quantize the vision tower and projector", False)
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model and what the run needs to know about its weights."""
+    adapter: VLMAdapter
+    weights: WeightsPart  # the part that loaded it
+    weights_key: tuple  # weights.key(options): two variants with the same key share this model
+    facts: dict = field(default_factory=dict)  # columns fixed by the load (int4: quant_method, quant_source, ...)
+    int4_prefetch: bool = True  # int4 layers: dequantize the next layer's prefill weights ahead (static engines)
+
+    def columns(self) -> dict:
+        """The quantization columns of a run row (definitions in bench.measure.metrics), measured
+        from the model as it is now (bitsandbytes layers move their scales into layer state on
+        their first forward, which changes the bytes counted), and the facts of the load."""
+        return {**self.weights.describe(self.adapter), **self.facts}
+
+
 class WeightsPart(Part):
     kind = "weights"
 
-    def load(self, source, device: torch.device, dtype: torch.dtype, options: dict) -> VLMAdapter:
+    def load(self, source, device: torch.device, dtype: torch.dtype, options) -> LoadedModel:
+        """Load the model from `source` with these weights; `options` is self.options(config)."""
         raise NotImplementedError
+
+    def loaded(self, adapter: VLMAdapter, options, facts: dict | None = None,
+               int4_prefetch: bool = True) -> LoadedModel:
+        """The record `load` returns for `adapter`."""
+        return LoadedModel(adapter, self, self.key(options), dict(facts or {}), int4_prefetch)
 
     def source_reason(self, source) -> str | None:
         """Why these weights cannot come from `source` (None: they can)."""
-        if getattr(source, "prequantized", None):
+        if source.prequantized:
             return f"{self.name}: the checkpoint is already AWQ int4 (no {self.name} weights in it); use awq4"
         return None
 
-    def key(self, options: dict) -> tuple:
+    def key(self, options) -> tuple:
         """Two variants with the same key share one loaded model."""
         return (self.name,)
 
@@ -69,7 +108,9 @@ def quantized_columns(layers: list, layer_bytes, vision_quantized: bool = False)
 class CachePart(Part):
     kind = "cache"
 
-    def make_policy(self, options: dict) -> CachePolicy:
+    def make_policy(self, options, weights_key: tuple) -> CachePolicy:
+        """A fresh policy for one model; `weights_key` (LoadedModel.weights_key) says which weights
+        it was loaded with, so entries of other weights never match."""
         raise NotImplementedError
 
 
@@ -134,7 +175,7 @@ class NoCachePart(CachePart):
     name = "nocache"
     description = "no reuse between requests"
 
-    def make_policy(self, options):
+    def make_policy(self, options, weights_key):
         return CachePolicy()
 
 

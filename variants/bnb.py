@@ -9,41 +9,58 @@ the vision tower and projector.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from variants.base import WeightsPart, quantized_columns
+from bench.errors import UsageError
+from variants.base import WeightsOptions, WeightsPart, quantized_columns
+from variants.options import opt
+
+COMPUTE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
-def _resolve_compute_dtype(options: dict, dtype: torch.dtype) -> torch.dtype:
-    name = options.get("bnb4_compute_dtype") or "auto"
-    return dtype if name == "auto" else getattr(torch, name)
+@dataclass(frozen=True)
+class BnbOptions(WeightsOptions):
+    bnb_int8_threshold: float = opt("bnb8: LLM.int8 outlier threshold", 6.0)
+    bnb4_double_quant: bool = opt("bnb4: double quantization of the scales", False)
+    bnb4_compute_dtype: str = opt("bnb4: compute dtype float16, bfloat16 or auto (= --dtype)", "auto")
+
+    def __post_init__(self):
+        if self.bnb4_compute_dtype not in COMPUTE_DTYPES:
+            raise UsageError(f"unknown --bnb4-compute-dtype {self.bnb4_compute_dtype!r}; choose auto, float16, bfloat16")
+
+    def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The 4-bit layers' compute dtype; `dtype` is the run's (what auto means)."""
+        return dtype if self.bnb4_compute_dtype == "auto" else getattr(torch, self.bnb4_compute_dtype)
 
 
 class BnbWeights(WeightsPart):
     requires_packages = ("bitsandbytes",)
+    options_class = BnbOptions
 
     def __init__(self, name: str, mode: str, description: str):
         self.name, self.mode, self.description = name, mode, description
 
-    def quantization_config(self, options: dict, dtype: torch.dtype):
+    def quantization_config(self, options: BnbOptions, dtype: torch.dtype):
         from transformers import BitsAndBytesConfig
 
         if self.mode == "int8":
-            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=options.get("bnb_int8_threshold", 6.0))
+            return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=options.bnb_int8_threshold)
         return BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type=self.mode,
-            bnb_4bit_use_double_quant=bool(options.get("bnb4_double_quant", False)),
-            bnb_4bit_compute_dtype=_resolve_compute_dtype(options, dtype),
+            bnb_4bit_use_double_quant=bool(options.bnb4_double_quant),
+            bnb_4bit_compute_dtype=options.compute_dtype(dtype),
         )
 
-    def key(self, options: dict) -> tuple:
-        return (self.name, options.get("bnb_int8_threshold"), options.get("bnb4_double_quant"),
-                options.get("bnb4_compute_dtype"), options.get("quantize_vision"))
+    def key(self, options: BnbOptions) -> tuple:
+        return (self.name, options.bnb_int8_threshold, options.bnb4_double_quant, options.bnb4_compute_dtype,
+                options.quantize_vision)
 
-    def load(self, source, device, dtype, options):
+    def load(self, source, device, dtype, options: BnbOptions):
         qc = self.quantization_config(options, dtype)
-        vision = bool(options.get("quantize_vision"))
+        vision = bool(options.quantize_vision)
         if source.model_path:
             adapter = source.load(device, dtype, quantization=(qc, vision))
         else:
@@ -52,7 +69,7 @@ class BnbWeights(WeightsPart):
         # transformers parts; only VILA's own projector (with --quantize-vision) is left.
         for module in adapter.quantization_targets(vision):
             swap_linears(module, qc, device)
-        return adapter
+        return self.loaded(adapter, options)
 
     def describe(self, adapter) -> dict:
         from bitsandbytes.nn import Linear4bit, Linear8bitLt

@@ -7,7 +7,7 @@ class Fp16Weights(WeightsPart):
     description = "unquantized weights in --dtype (the baseline; fp32 on CPU by default)"
 
     def load(self, source, device, dtype, options):
-        return source.load(device, dtype)
+        return self.loaded(source.load(device, dtype), options)
 
 
 PARTS = [Fp16Weights()]

@@ -10,15 +10,45 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.log import status
-from bench.errors import VariantUnsupported
+from bench.errors import UsageError, VariantUnsupported
 from bench.quant import DEFAULT_DENSE_ROWS
 from bench.quant.awq import Int4Options, calibration_images, int4_layers, quantize_model
 from variants.base import WeightsPart, quantized_columns
+from variants.options import opt, run_fact
 
 VERSION = 1  # bump when quantization output changes, so old saved files are not reused
+
+
+@dataclass(frozen=True)
+class Int4VariantOptions:
+    awq_calib: int = opt("awq4: calibration requests (image + question) run through the whole VLM", 8)
+    awq_calib_dir: str | None = opt("awq4: folder of calibration images (default: flips/crops of --image-path)")
+    int4_group_size: int = opt("awq4/rtn4: input channels per int4 scale and zero point", 128)
+    int4_dense_rows: int = opt("awq4/rtn4: above this many rows a linear dequantizes and runs a dense GEMM "
+                               "(prefill); at or below it the int4 kernel runs (decode)", DEFAULT_DENSE_ROWS)
+    int4_prefetch: bool = opt("awq4/rtn4: a side stream dequantizes the next layer's prefill weights while a layer "
+                              "runs (costs two layers' dense weights of memory)", True)
+    int4_cache_dir: str = opt("awq4/rtn4: where quantized models are saved and reused ('' = never)",
+                              "~/.cache/vlm-bench/int4")
+    image_path: str | None = run_fact()  # awq4 calibrates on this image (unless --awq-calib-dir)
+    seed: int = run_fact()
+
+    def __post_init__(self):
+        if self.int4_group_size not in (32, 64, 128, 256):
+            raise UsageError(f"--int4-group-size must be 32, 64, 128 or 256, got {self.int4_group_size}")
+        if self.awq_calib < 1 or self.int4_dense_rows < 0:
+            raise UsageError("--awq-calib must be at least 1 and --int4-dense-rows not negative")
+        if self.awq_calib_dir and not Path(self.awq_calib_dir).is_dir():
+            raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no such directory")
+
+    def quantization(self, method: str) -> Int4Options:
+        """What bench.quant.awq needs to quantize with `method` (awq or rtn)."""
+        return Int4Options(method=method, group_size=self.int4_group_size, calib_samples=self.awq_calib,
+                           dense_rows=self.int4_dense_rows, seed=self.seed)
 
 
 def _load_image_dir(path: str) -> list:
@@ -32,28 +62,24 @@ def _load_image_dir(path: str) -> list:
 
 class Int4Weights(WeightsPart):
     requires_packages = ("torchao",)
+    options_class = Int4VariantOptions
 
     def __init__(self, name: str, method: str, description: str):
         self.name, self.method, self.description = name, method, description
 
-    def options(self, options: dict) -> Int4Options:
-        return Int4Options(method=self.method, group_size=options.get("int4_group_size", 128),
-                           calib_samples=options.get("awq_calib", 8),
-                           dense_rows=options.get("int4_dense_rows", DEFAULT_DENSE_ROWS), seed=options.get("seed", 0))
-
-    def key(self, options: dict) -> tuple:
-        o = self.options(options)
+    def key(self, options: Int4VariantOptions) -> tuple:
+        o = options.quantization(self.method)
         return (self.name, o.group_size, o.calib_samples if self.method == "awq" else None,
-                options.get("awq_calib_dir") if self.method == "awq" else None, options.get("image_path"),
+                options.awq_calib_dir if self.method == "awq" else None, options.image_path,
                 o.dense_rows)
 
     def source_reason(self, source) -> str | None:
-        if getattr(source, "prequantized", None) and self.method != "awq":
+        if source.prequantized and self.method != "awq":
             return f"{self.name}: the checkpoint is already AWQ int4; only awq4 applies to it"
         return None
 
-    def _saved_path(self, options: dict, adapter, opts: Int4Options, image_digest: str) -> Path | None:
-        root = options.get("int4_cache_dir", "")
+    def _saved_path(self, options: Int4VariantOptions, adapter, opts: Int4Options, image_digest: str) -> Path | None:
+        root = options.int4_cache_dir
         if not root:
             return None
         ident = {"v": VERSION, "model": adapter.identity, "dtype": str(adapter.dtype), "method": self.method,
@@ -63,50 +89,51 @@ class Int4Weights(WeightsPart):
         key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
         return Path(root).expanduser() / f"{adapter.name}-{self.name}-g{opts.group_size}-{key}.safetensors"
 
-    def load(self, source, device, dtype, options):
+    def load(self, source, device, dtype, options: Int4VariantOptions):
         from bench.quant.store import load_int4_file, read_meta, save_int4
 
-        opts = self.options(options)
+        opts = options.quantization(self.method)
         adapter = source.load(device, dtype)
-        if getattr(adapter, "prequantized", None):  # AutoAWQ checkpoint: already int4
+
+        def done(facts: dict):
+            return self.loaded(adapter, options, facts, int4_prefetch=bool(options.int4_prefetch))
+
+        if source.prequantized:  # AutoAWQ checkpoint: already int4
             from bench.quant.awq import set_dense_rows
 
             set_dense_rows(adapter, opts.dense_rows)
-            adapter.int4_info = {"quant_method": "checkpoint", "quant_source": "checkpoint"}
-            return adapter
+            return done({"quant_method": "checkpoint", "quant_source": "checkpoint"})
         images, digest = [], ""
         if self.method == "awq":
             from bench.models.base import image_content_digest
             from bench.models.visual import load_image
 
-            extra = _load_image_dir(options["awq_calib_dir"]) if options.get("awq_calib_dir") else None
-            images = calibration_images(load_image(options["image_path"]), opts.calib_samples, extra)
+            extra = _load_image_dir(options.awq_calib_dir) if options.awq_calib_dir else None
+            images = calibration_images(load_image(options.image_path), opts.calib_samples, extra)
             digest = hashlib.sha256("".join(image_content_digest(i) for i in images).encode()).hexdigest()
         saved = self._saved_path(options, adapter, opts, digest)
         if saved is not None and saved.is_file():
             status(f"{self.name}: loading the saved int4 model {saved}")
             meta = read_meta(saved)
             load_int4_file(adapter, saved, opts.dense_rows)
-            adapter.int4_info = {"quant_method": self.method, "quant_err_ratio": meta.get("err_ratio"),
-                                 "quant_source": str(saved)}
-            return adapter
+            return done({"quant_method": self.method, "quant_err_ratio": meta.get("err_ratio"),
+                         "quant_source": str(saved)})
         status(f"{self.name}: quantizing {adapter.name} ({'AWQ calibration on ' + str(len(images)) + ' requests' if images else 'round-to-nearest'})")
         report = quantize_model(adapter, opts, images)
         status(f"{self.name}: done in {report.seconds:.1f} s" + (f", AWQ/RTN calibration error {report.err_ratio:.3f}"
                                                                if report.err_ratio is not None else ""))
-        adapter.int4_info = {"quant_method": self.method, "quant_err_ratio": report.err_ratio,
-                             "quant_source": f"calibrated ({report.seconds:.1f} s, {report.calib_tokens} tokens)"
-                             if self.method == "awq" else "quantized in this run"}
+        facts = {"quant_method": self.method, "quant_err_ratio": report.err_ratio,
+                 "quant_source": f"calibrated ({report.seconds:.1f} s, {report.calib_tokens} tokens)"
+                 if self.method == "awq" else "quantized in this run"}
         if saved is not None:
             status(f"{self.name}: saving to {saved}")
             save_int4(adapter, saved, {"group_size": opts.group_size, "method": self.method,
                                        "err_ratio": report.err_ratio, "calib_tokens": report.calib_tokens,
                                        "model": adapter.identity})
-        return adapter
+        return done(facts)
 
     def describe(self, adapter) -> dict:
-        return {**quantized_columns(int4_layers(adapter), lambda m: m.weight_bytes()),
-                **getattr(adapter, "int4_info", {})}
+        return quantized_columns(int4_layers(adapter), lambda m: m.weight_bytes())
 
 
 PARTS = [

@@ -11,14 +11,22 @@ the transformers Cache, never how weights are stored.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from bench.engines.cache_policy import CachePolicy, PrefixLookup
 from bench.engines.lru import ByteLRU
 from bench.models.base import image_content_digest
 from variants.base import CachePart
+from variants.options import opt
 
 
-def _model_key(adapter) -> tuple:
-    return (adapter.identity, str(adapter.dtype), adapter.weights_key)
+@dataclass(frozen=True)
+class CacheOptions:
+    prefix_cache_mb: float = opt("byte budget of the prefix / image-embedding caches, MiB", 4096.0)
+
+
+def _model_key(adapter, weights_key: tuple) -> tuple:
+    return (adapter.identity, str(adapter.dtype), weights_key)
 
 
 def _nbytes(tensors) -> int:
@@ -29,11 +37,12 @@ class PrefixKVPolicy(CachePolicy):
     name = "prefix"
     stateful = True
 
-    def __init__(self, capacity_mb: float):
+    def __init__(self, capacity_mb: float, weights_key: tuple = ()):
         self.lru = ByteLRU(int(capacity_mb * 2**20))
+        self.weights_key = weights_key  # the loaded model's (LoadedModel.weights_key): part of every key
 
     def key(self, adapter, prepared, visual) -> tuple:
-        return (*_model_key(adapter), prepared.prefix_key_ids(), image_content_digest(visual))
+        return (*_model_key(adapter, self.weights_key), prepared.prefix_key_ids(), image_content_digest(visual))
 
     def lookup_prefix(self, adapter, prepared, visual):
         key = self.key(adapter, prepared, visual)
@@ -56,11 +65,12 @@ class ImageEmbedPolicy(CachePolicy):
     name = "embedcache"
     stateful = True
 
-    def __init__(self, capacity_mb: float):
+    def __init__(self, capacity_mb: float, weights_key: tuple = ()):
         self.lru = ByteLRU(int(capacity_mb * 2**20))
+        self.weights_key = weights_key  # the loaded model's (LoadedModel.weights_key): part of every key
 
     def image_embeds(self, adapter, prepared, compute):
-        keys = [(*_model_key(adapter), p.pixel_digest()) for p in prepared]
+        keys = [(*_model_key(adapter, self.weights_key), p.pixel_digest()) for p in prepared]
         found = [self.lru.get(k) for k in keys]
         missing = [i for i, e in enumerate(found) if e is None]
         if missing:
@@ -76,17 +86,19 @@ class ImageEmbedPolicy(CachePolicy):
 class PrefixPart(CachePart):
     name = "prefix"
     description = "prefix KV cache: system prompt + image keys/values reused across questions"
+    options_class = CacheOptions
 
-    def make_policy(self, options):
-        return PrefixKVPolicy(options.get("prefix_cache_mb", 4096))
+    def make_policy(self, options: CacheOptions, weights_key):
+        return PrefixKVPolicy(options.prefix_cache_mb, weights_key)
 
 
 class EmbedCachePart(CachePart):
     name = "embedcache"
     description = "seed fork's cache: image embeddings by SHA-256 of the preprocessed image (LLM prefill still runs)"
+    options_class = CacheOptions
 
-    def make_policy(self, options):
-        return ImageEmbedPolicy(options.get("prefix_cache_mb", 4096))
+    def make_policy(self, options: CacheOptions, weights_key):
+        return ImageEmbedPolicy(options.prefix_cache_mb, weights_key)
 
 
 PARTS = [PrefixPart(), EmbedCachePart()]

@@ -12,7 +12,7 @@ def main(argv: list[str]) -> int:
     import json
     from pathlib import Path
 
-    from bench.run.config import RunConfig
+    from bench.run.config import config_class
     from bench.measure.results import write_summary
     from bench.run.runner import summarize_runs
 
@@ -21,6 +21,7 @@ def main(argv: list[str]) -> int:
         return 2
     out = Path(argv[0])
     saved = json.loads((out / "env.json").read_text())["config"]
+    RunConfig = config_class()
     known = {f.name for f in dataclasses.fields(RunConfig)}
     # Options another version of the harness had (added or since removed) do not affect summaries.
     cfg = RunConfig(**{k: v for k, v in saved.items() if k in known})

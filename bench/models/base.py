@@ -109,7 +109,6 @@ class VLMAdapter:
     weights: str  # "random" | "checkpoint"
     name: str  # preset name or checkpoint directory name
     identity: str  # what makes two loaded models the same model (preset+seed, or resolved path)
-    weights_key: tuple = ("fp16",)  # set by the weights variant that loaded it
 
     def __init__(self, template: ConvTemplate):
         self.template = template

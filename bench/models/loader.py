@@ -85,7 +85,6 @@ def load_awq_checkpoint(adapter: VLMAdapter, path: Path, family: str, qc: dict) 
     absent = [n for n, m in root.named_modules() if type(m) is torch.nn.Linear and f"{n}.weight" not in stored]
     if absent:
         raise UsageError(f"--model-path {path}: AWQ checkpoint has neither int4 nor full weights for {absent[:3]}")
-    adapter.prequantized = qc
 
 
 def build_preset(name: str, conv_mode: str | None, device: torch.device, dtype: torch.dtype,

@@ -1,25 +1,29 @@
-"""One validated config per invocation; the CLI flags are generated from its fields."""
+"""One validated config per invocation; the CLI flags are generated from its fields.
+
+The run config is composed: the run's own fields (RunFields) with the options of every variant
+part (variants.option_classes(), each field declared once in its part's options dataclass)
+inserted after --max-new-tokens. config_class() composes it for the parts registered now;
+RunConfig is the composition for the package's own parts.
+"""
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 from bench.engines import attention_kernels
 from bench.errors import UsageError
-from bench.quant import DEFAULT_DENSE_ROWS
 from bench.run.workload import LOADERS, VIDEO_MODES, int_list, name_list, workload_points
+from variants.options import flag_fields, opt, options_from, run_facts
 
 DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
 DEFAULT_PRESET = "tiny-vila"
-
-
-def opt(help: str, default=None, aliases: tuple[str, ...] = ()):
-    return field(default=default, metadata={"help": help, "aliases": aliases})
+PART_OPTIONS_AFTER = "max_new_tokens"  # where the variant parts' flags go in the field (and --help) order
 
 
 @dataclass
-class RunConfig:
+class RunFields:
+    """The run's own settings (the variant parts' are in their options dataclasses)."""
     model_path: str | None = opt("checkpoint directory (llava-hf layout, or VILA1.5 llm/ vision_tower/ mm_projector/)",
                                  aliases=("--model_path",))
     preset: str | None = opt("architecture preset with random weights (e.g. llava-1.5-7b, vila1.5-3b); "
@@ -54,20 +58,6 @@ class RunConfig:
     warmup: int = opt("warm-up runs per variant (unmeasured questions)", 2)
     max_new_tokens: int = opt("tokens generated per request (fixed: EOS ignored)", 128,
                               aliases=("--max_new_tokens",))
-    prefix_cache_mb: float = opt("byte budget of the prefix / image-embedding caches, MiB", 4096.0)
-    bnb_int8_threshold: float = opt("bnb8: LLM.int8 outlier threshold", 6.0)
-    bnb4_double_quant: bool = opt("bnb4: double quantization of the scales", False)
-    bnb4_compute_dtype: str = opt("bnb4: compute dtype float16, bfloat16 or auto (= --dtype)", "auto")
-    awq_calib: int = opt("awq4: calibration requests (image + question) run through the whole VLM", 8)
-    awq_calib_dir: str | None = opt("awq4: folder of calibration images (default: flips/crops of --image-path)")
-    int4_group_size: int = opt("awq4/rtn4: input channels per int4 scale and zero point", 128)
-    int4_dense_rows: int = opt("awq4/rtn4: above this many rows a linear dequantizes and runs a dense GEMM "
-                               "(prefill); at or below it the int4 kernel runs (decode)", DEFAULT_DENSE_ROWS)
-    int4_prefetch: bool = opt("awq4/rtn4: a side stream dequantizes the next layer's prefill weights while a layer "
-                              "runs (costs two layers' dense weights of memory)", True)
-    int4_cache_dir: str = opt("awq4/rtn4: where quantized models are saved and reused ('' = never)",
-                              "~/.cache/vlm-bench/int4")
-    quantize_vision: bool = opt("weight variants also quantize the vision tower and projector", False)
     fidelity: bool = opt("measure token_agree / kl_mean against the fp16 baseline for every variant", True)
     attention_kernels: str = opt("SDPA kernels: deterministic (no cuDNN attention for calls of fewer than 16 "
                                  "queries, such as decode steps: repeated requests give the same tokens) or auto "
@@ -78,6 +68,11 @@ class RunConfig:
     dtype: str = opt("float16, bfloat16, float32 or auto (float16 on CUDA, float32 on CPU)", "auto")
     output_dir: str | None = opt("results directory (default results/local/<time>-<model>)")
     seed: int = opt("seed for preset weights and sampling-free runs", 0)
+
+
+class RunConfigBase:
+    """What every composed run config does: validation and the variant list."""
+    option_classes: tuple[type, ...] = ()  # the variant parts' options dataclasses composed in
 
     def __post_init__(self):
         if self.model_path and self.preset:
@@ -91,16 +86,10 @@ class RunConfig:
             raise UsageError("--warmup, --min-seconds and --max-runs must not be negative")
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise UsageError(f"unknown --dtype {self.dtype!r}; choose auto, float16, bfloat16 or float32")
-        if self.bnb4_compute_dtype not in ("auto", "float16", "bfloat16", "float32"):
-            raise UsageError(f"unknown --bnb4-compute-dtype {self.bnb4_compute_dtype!r}; choose auto, float16, bfloat16")
-        if self.int4_group_size not in (32, 64, 128, 256):
-            raise UsageError(f"--int4-group-size must be 32, 64, 128 or 256, got {self.int4_group_size}")
-        if self.awq_calib < 1 or self.int4_dense_rows < 0:
-            raise UsageError("--awq-calib must be at least 1 and --int4-dense-rows not negative")
-        if self.awq_calib_dir and not Path(self.awq_calib_dir).is_dir():
-            raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no such directory")
         if self.image_path is None:
             self.image_path = str(DEMO_IMAGE)
+        for cls in self.option_classes:  # each options dataclass checks its own values
+            self.part_options(cls)
         if self.video_path and self.frames_dir:
             raise UsageError("give --video-path or --frames-dir, not both")
         if self.num_frames < 0 or self.max_tiles < 1:
@@ -119,6 +108,10 @@ class RunConfig:
             loaders if video and self.video_mode == "frames" else [])
         if self.max_runs == 0:
             self.max_runs = 20 * self.num_runs
+
+    def part_options(self, cls: type):
+        """The options dataclass `cls` filled from this config."""
+        return options_from(cls, self)
 
     @property
     def variant_specs(self) -> list[str]:
@@ -144,7 +137,49 @@ class RunConfig:
         return out
 
 
-def build_parser(cls=RunConfig, prog: str = "vila_prefix_benchmark.py") -> argparse.ArgumentParser:
+def _copy(f):
+    return field(default=f.default, default_factory=f.default_factory, metadata=f.metadata)
+
+
+def compose(option_classes) -> type:
+    """A RunConfig dataclass: RunFields with the flag fields of `option_classes` after
+    --max-new-tokens (the run facts the options read must be run fields)."""
+    option_classes = tuple(option_classes)
+    run = list(fields(RunFields))
+    names = {f.name for f in run}
+    missing = run_facts(option_classes) - names
+    if missing:
+        raise TypeError(f"variant options read run facts the run config lacks: {', '.join(sorted(missing))}")
+    parts = flag_fields(option_classes)
+    clash = [f.name for f in parts if f.name in names]
+    if clash:
+        raise TypeError(f"variant options {', '.join(clash)} clash with the run's own fields")
+    at = [f.name for f in run].index(PART_OPTIONS_AFTER) + 1
+    specs = [(f.name, f.type, _copy(f)) for f in run[:at] + parts + run[at:]]
+    cls = make_dataclass("RunConfig", specs, bases=(RunConfigBase,),
+                         namespace={"option_classes": option_classes, "__module__": __name__})
+    cls.__doc__ = "The run's validated settings: its own fields and every variant part's options."
+    return cls
+
+
+_composed: dict[tuple, type] = {}
+
+
+def config_class() -> type:
+    """The RunConfig for the variant parts registered now (composed once per set of parts)."""
+    from variants import option_classes
+
+    key = tuple(option_classes())
+    if key not in _composed:
+        _composed[key] = compose(key)
+    return _composed[key]
+
+
+RunConfig = config_class()
+
+
+def build_parser(cls=None, prog: str = "vila_prefix_benchmark.py") -> argparse.ArgumentParser:
+    cls = cls or config_class()
     parser = argparse.ArgumentParser(prog=prog, description="Benchmark VLM inference variants.")
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -161,5 +196,6 @@ def build_parser(cls=RunConfig, prog: str = "vila_prefix_benchmark.py") -> argpa
 
 
 def config_from_args(argv: list[str] | None) -> RunConfig:
-    ns = build_parser().parse_args(argv)
-    return RunConfig(**vars(ns))
+    cls = config_class()
+    ns = build_parser(cls).parse_args(argv)
+    return cls(**vars(ns))

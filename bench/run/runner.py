@@ -129,7 +129,7 @@ class Benchmark:
             "model": self.source.name, "weights": self.source.weights, "run_id": self.run_id,
         }))
         try:
-            adapter, loaded_key = None, None
+            loaded = None
             for variant in self.variants:
                 base = self._base_row(variant)
                 reason = variant.unavailable_reason(self.device) or variant.weights.source_reason(self.source)
@@ -137,36 +137,34 @@ class Benchmark:
                     self._emit({**base, "status": "skipped", "error": reason})
                     continue
                 try:
-                    key = variant.weights.key(vars(self.cfg))
-                    if key != loaded_key:
-                        adapter = loaded_key = None
+                    options = variant.weights.options(self.cfg)
+                    if loaded is None or variant.weights.key(options) != loaded.weights_key:
+                        loaded = None
                         self._free()
                         status(f"{variant.name}: loading {variant.weights.name} weights")
-                        adapter = variant.weights.load(self.source, self.device, self.dtype, vars(self.cfg))
-                        adapter.weights_key = loaded_key = key
+                        loaded = variant.weights.load(self.source, self.device, self.dtype, options)
                     status(f"{variant.name}: fidelity probe, then measured runs")
-                    fid = self._fidelity(variant, adapter)
-                    self._measure_variant(variant, adapter, {**base, **fid})
+                    fid = self._fidelity(variant, loaded)
+                    self._measure_variant(variant, loaded, {**base, **fid})
                 except _PointFailed:  # its row is written; the next variant runs
-                    adapter = loaded_key = None
+                    loaded = None
                     self._free()
                 except VariantUnsupported as e:
                     self._emit({**base, "status": "skipped", "error": str(e)[:500]})
                 except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
                     self._emit({**base, "status": "failed", "error": f"{e.__class__.__name__}: {e}"[:500]})
-                    adapter = loaded_key = None
+                    loaded = None
                     self._free()
         finally:
             self.writer.close()
             write_summary(self.out_dir, self.summary_rows())
         return self.out_dir
 
-    def _engine_options(self) -> dict:
-        """The run's options every engine's spec takes (bench.engines.spec.EngineSpec fields)."""
-        return {"attention": self.cfg.attention_kernels, "int4_prefetch": self.cfg.int4_prefetch}
-
-    def _make_engine(self, part, adapter, policy):
-        return part.make_engine(adapter, policy, **self._engine_options())
+    def _engine_options(self, loaded=None) -> dict:
+        """The run's options every engine's spec takes (bench.engines.spec.EngineSpec fields); the
+        int4 prefetch choice is the loaded model's (its weights part's options)."""
+        prefetch = self.cfg.int4_prefetch if loaded is None else loaded.int4_prefetch
+        return {"attention": self.cfg.attention_kernels, "int4_prefetch": prefetch}
 
     def _engine_specs(self) -> dict:
         """The spec of every engine the run may use (its variants', the fidelity reference's), by name."""
@@ -175,21 +173,29 @@ class Benchmark:
             parts.append(baseline_variant().engine)
         return {part.name: asdict(part.spec(**self._engine_options())) for part in parts}
 
-    def _fidelity(self, variant, adapter) -> dict:
+    def _policy(self, variant, loaded):
+        """A fresh cache policy of the variant's cache part for this loaded model."""
+        return variant.cache.make_policy(variant.cache.options(self.cfg), loaded.weights_key)
+
+    def _engine(self, variant, loaded, policy):
+        return variant.engine.make_engine(loaded.adapter, policy, **self._engine_options(loaded))
+
+    def _fidelity(self, variant, loaded) -> dict:
         """Fidelity columns for this variant; the fp16 reference is made once, first."""
         if not self.cfg.fidelity or self.source.prequantized:  # no fp16 weights to compare against
             return {}
         base = baseline_variant()
         if self.reference is None:
-            if variant.weights.key(vars(self.cfg)) == base.weights.key(vars(self.cfg)):
-                ref_adapter = adapter
+            base_options = base.weights.options(self.cfg)
+            if loaded.weights_key == base.weights.key(base_options):
+                ref = loaded
             else:  # load the baseline weights just for the reference, then free them
-                ref_adapter = base.weights.load(self.source, self.device, self.dtype, vars(self.cfg))
-            ref_engine = self._make_engine(base.engine, ref_adapter, base.cache.make_policy(vars(self.cfg)))
+                ref = base.weights.load(self.source, self.device, self.dtype, base_options)
+            ref_engine = self._engine(base, ref, self._policy(base, ref))
             self.reference = fidelity.make_reference(ref_engine, self.fidelity_visual, self.cfg.max_new_tokens)
-            del ref_engine, ref_adapter
+            del ref_engine, ref
             self._free()
-        engine = self._make_engine(variant.engine, adapter, variant.cache.make_policy(vars(self.cfg)))
+        engine = self._engine(variant, loaded, self._policy(variant, loaded))
         return fidelity.compare(self.reference, engine, self.fidelity_visual)
 
     @functools.cached_property
@@ -220,11 +226,12 @@ class Benchmark:
         self.rows.append(row)
 
     # ------------------------------------------------------------------------------------
-    def _measure_variant(self, variant, adapter, base: dict) -> None:
+    def _measure_variant(self, variant, loaded, base: dict) -> None:
         """Every workload point on one engine (compiled code and graphs are reused across points)."""
-        policy = variant.cache.make_policy(vars(self.cfg))
-        engine = self._make_engine(variant.engine, adapter, policy)
-        base = {**base, "weight_mb": weight_mb(adapter.model), **variant.weights.describe(adapter)}
+        adapter = loaded.adapter
+        policy = self._policy(variant, loaded)
+        engine = self._engine(variant, loaded, policy)
+        base = {**base, "weight_mb": weight_mb(adapter.model), **loaded.columns()}
         for point in self.cfg.points:
             row = {**base, **point.columns()}
             try:

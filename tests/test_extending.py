@@ -1,0 +1,119 @@
+"""A variant part defined outside the package joins with variants.register(): its name works in
+--variants, its options dataclass's fields become flags, and its rows land in runs.csv."""
+import csv
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import variants
+from bench.cli import run_main
+from bench.errors import UsageError
+from bench.run.config import build_parser, config_class, config_from_args
+from variants.base import CachePart, WeightsPart
+from variants.options import opt
+from variants.prefix import PrefixKVPolicy
+
+RUN = ["--preset", "tiny-vila", "--device", "cpu", "--num-runs", "2", "--min-seconds", "0", "--max-new-tokens", "4",
+       "--warmup", "0", "--no-fidelity"]
+
+
+@dataclass(frozen=True)
+class ToyOptions:
+    toy_scale: float = opt("toy: factor every linear weight of the decoder is multiplied by", 1.0)
+
+    def __post_init__(self):
+        if self.toy_scale <= 0:
+            raise UsageError(f"--toy-scale must be positive, got {self.toy_scale}")
+
+
+class ToyWeights(WeightsPart):
+    """fp16 weights with the decoder's linears scaled by --toy-scale (1: unchanged)."""
+    name = "toy"
+    description = "test part: fp16 weights, decoder linears scaled by --toy-scale"
+    options_class = ToyOptions
+
+    def key(self, options: ToyOptions) -> tuple:
+        return (self.name, options.toy_scale)
+
+    def load(self, source, device, dtype, options: ToyOptions):
+        adapter = source.load(device, dtype)
+        with torch.no_grad():
+            for m in adapter.quantization_targets(False)[0].modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.mul_(options.toy_scale)
+        return self.loaded(adapter, options, {"quant_method": f"scaled x{options.toy_scale}"})
+
+
+class ToyCache(CachePart):
+    """The prefix cache, recording the weights key each policy was made for."""
+    name = "toycache"
+    description = "test part: prefix KV cache that records its weights keys"
+    made_for: list = []
+
+    def make_policy(self, options, weights_key):
+        self.made_for.append(weights_key)
+        return PrefixKVPolicy(64, weights_key)
+
+
+@pytest.fixture
+def toy():
+    parts = [variants.register(ToyWeights()), variants.register(ToyCache())]
+    yield parts
+    for p in parts:
+        variants.unregister(p.name)
+
+
+def read(path):
+    return list(csv.DictReader(open(path)))
+
+
+def test_registered_parts_run_and_write_rows(toy, tmp_path):
+    out = tmp_path / "o"
+    assert run_main([*RUN, "--variants", "fp16,toy,toy+toycache", "--toy-scale", "1.0", "--output-dir", str(out)]) == 0
+    rows = [r for r in read(out / "runs.csv") if r["kind"] == "measured"]
+    assert {r["variant"] for r in rows} == {"fp16", "toy", "toy+toycache"}
+    assert all(r["status"] == "ok" for r in rows)
+    toys = [r for r in rows if r["variant"].startswith("toy")]
+    assert all(r["quant_method"] == "scaled x1.0" for r in toys)
+    # scale 1 changes nothing: the same tokens as fp16
+    assert {r["output_text"] for r in toys} == {r["output_text"] for r in rows if r["variant"] == "fp16"}
+    assert ToyCache.made_for[-1] == ("toy", 1.0)  # the cache is made for the loaded model's weights
+    cached = [r for r in toys if r["variant"] == "toy+toycache"]
+    assert {r["cache_state"] for r in cached} == {"cold", "warm"}
+    assert all(r["cache_hit"] == "true" for r in cached if r["cache_state"] == "warm")
+
+
+def test_registered_options_are_flags(toy, capsys):
+    assert "toy_scale" in {f for f in config_class().__dataclass_fields__}
+    help_text = build_parser().format_help()
+    assert "--toy-scale" in help_text and "factor every linear weight" in help_text
+    assert config_from_args(["--toy-scale", "0.5"]).toy_scale == 0.5
+    assert config_from_args([]).toy_scale == 1.0
+    assert variants.registry()["toy"].options(config_from_args(["--toy-scale", "2"])) == ToyOptions(2.0)
+    with pytest.raises(UsageError, match="--toy-scale must be positive"):  # the options check their values
+        config_from_args(["--toy-scale", "0"])
+    with pytest.raises(SystemExit):
+        config_from_args(["--no-such-flag", "1"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_unregistered_part_leaves_no_flag(capsys):
+    variants.register(ToyWeights())
+    variants.unregister("toy")
+    assert "toy" not in variants.registry()
+    assert "--toy-scale" not in build_parser().format_help()
+    with pytest.raises(SystemExit):
+        config_from_args(["--toy-scale", "2"])
+    assert "unrecognized arguments: --toy-scale" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="unknown variant part 'toy'"):
+        variants.parse_variant("toy")
+
+
+def test_register_refuses_clashes(toy):
+    with pytest.raises(ValueError, match="exists already"):
+        variants.register(ToyWeights())
+    with pytest.raises(TypeError):
+        variants.register(ToyOptions())
+    with pytest.raises(KeyError):
+        variants.unregister("fp16")  # the package's own parts stay
