@@ -7,7 +7,7 @@ import torch
 from bench.engines.cache_policy import CachePolicy
 from bench.engines.hf import HFEngine
 from bench.errors import VariantUnsupported
-from bench.engines.decoder import inductor_options
+from bench.engines.decoder import fast_decoder, inductor_options
 from bench.engines.exact import ExactLayers
 from bench.engines.fused_linear import FusedProjections
 from bench.models.loader import load_checkpoint
@@ -89,7 +89,7 @@ def test_compiled_exact_layers_keep_the_logits_bit_identical(checkpoint_dirs, de
             got[cls.numerics] = cls(adapter, CachePolicy()).teacher_forced_logprobs(demo_image, q, cont)
     finally:
         torch._dynamo.reset()
-        adapter._fast_decoder.numerics = "fused"
+        fast_decoder(adapter).numerics = "fused"
     assert torch.equal(got["eager-exact"], want)
     assert not torch.equal(got["fused"], want)
 

@@ -22,6 +22,8 @@ computed.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -357,15 +359,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+# The decoder built over each loaded model's modules (weak: it goes with its model).
+_BUILT: "weakref.WeakKeyDictionary[object, FastDecoder]" = weakref.WeakKeyDictionary()
+
+
 def fast_decoder(adapter, cls: type[FastDecoder] | None = None, **options) -> FastDecoder:
     """The adapter's FastDecoder, built once (fusing rebinds weights; doing it twice would not).
     `cls`: a new decoder of that subclass of FastDecoder over the same blocks (`options`: its
     own constructor arguments)."""
-    dec = adapter.__dict__.get("_fast_decoder")
+    dec = _BUILT.get(adapter)
     if dec is None:
         lm, head = adapter.decoder_parts()
-        dec = FastDecoder(lm, head, adapter.text_config())
-        adapter._fast_decoder = dec
+        dec = _BUILT[adapter] = FastDecoder(lm, head, adapter.text_config())
     if cls is None or cls is FastDecoder:
         return dec
     lm, head = adapter.decoder_parts()

@@ -1,6 +1,6 @@
 """Architecture presets: exact real dimensions (MODELS.md) with random weights, plus tiny ones for tests.
 
-A preset only describes shapes; `bench.models.build` turns it into a model on the target
+A preset only describes shapes; `bench.models.loader.build_preset` turns it into a model on the target
 device without first materialising it on the CPU.
 """
 from __future__ import annotations
