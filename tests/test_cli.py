@@ -224,7 +224,8 @@ def test_attention_kernels_choice_is_applied_and_recorded(tmp_path):
         policy = env["config"]["attention_kernels"]
         assert env["attention_kernels"] == attention_kernels.describe(policy)
         assert "deterministic" in env["attention_kernels"]
-        assert env["engines"]["hf"]["attention"] == policy  # the spec each engine was made with
+        assert env["engines"]["fp16"]["engine"] == "hf"
+        assert env["engines"]["fp16"]["attention"] == policy  # the spec each engine was made with
         torch.backends.cuda.enable_cudnn_sdp(True)
         with attention_kernels.few_queries(policy, 1):
             assert not cudnn()  # a decode step
@@ -242,5 +243,6 @@ def test_attention_kernels_choice_is_applied_and_recorded(tmp_path):
     assert main(["--num-runs", "1", "--warmup", "0", "--min-seconds", "0", "--max-new-tokens", "2", "--engine", "static",
                  "--attention-kernels", "auto", "--output-dir", str(tmp_path / "auto")]) == 0
     env = json.loads((tmp_path / "auto" / "env.json").read_text())  # the static engine and the fidelity reference
-    assert {name: spec["attention"] for name, spec in env["engines"].items()} == {"static": "auto", "hf": "auto"}
+    assert {name: (spec["engine"], spec["attention"]) for name, spec in env["engines"].items()} == {
+        "fp16+static": ("static", "auto"), "fidelity reference": ("hf", "auto")}
     assert main(["--attention-kernels", "fastest"]) == 2

@@ -492,3 +492,5 @@ def test_int4_prefetch_flag_reaches_the_engine(flag, prefetched, tmp_path):
     rows = list(csv.DictReader(open(out / "runs.csv")))
     assert rows and all(r["status"] == "ok" for r in rows)
     assert all(("dequantized a layer ahead" in r["engine_detail"]) == prefetched for r in rows)
+    env = json.loads((out / "env.json").read_text())  # the spec the engine ran with
+    assert env["engines"]["rtn4+static"]["int4_prefetch"] is prefetched

@@ -60,10 +60,9 @@ class LoadedModel:
     weights: WeightsPart  # the part that loaded it
     weights_key: tuple  # weights.key(options): two variants with the same key share this model
     facts: dict = field(default_factory=dict)  # columns fixed by the load (int4: quant_method, quant_source, ...)
-    int4_prefetch: bool = True  # int4 layers: dequantize the next layer's prefill weights ahead (static engines)
 
     def columns(self) -> dict:
-        """The quantization columns of a run row (definitions in bench.measure.metrics), measured
+        """The quantization columns of a run row (definitions in bench.measure.schema), measured
         from the model as it is now (bitsandbytes layers move their scales into layer state on
         their first forward, which changes the bytes counted), and the facts of the load."""
         return {**self.weights.describe(self.adapter), **self.facts}
@@ -76,10 +75,14 @@ class WeightsPart(Part):
         """Load the model from `source` with these weights; `options` is self.options(config)."""
         raise NotImplementedError
 
-    def loaded(self, adapter: VLMAdapter, options, facts: dict | None = None,
-               int4_prefetch: bool = True) -> LoadedModel:
+    def loaded(self, adapter: VLMAdapter, options, facts: dict | None = None) -> LoadedModel:
         """The record `load` returns for `adapter`."""
-        return LoadedModel(adapter, self, self.key(options), dict(facts or {}), int4_prefetch)
+        return LoadedModel(adapter, self, self.key(options), dict(facts or {}))
+
+    def engine_options(self, options) -> dict:
+        """EngineSpec fields these weights choose for the engines that run them (int4: whether
+        prefill weights are dequantized a layer ahead); none by default."""
+        return {}
 
     def source_reason(self, source) -> str | None:
         """Why these weights cannot come from `source` (None: they can)."""

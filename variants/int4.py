@@ -67,6 +67,9 @@ class Int4Weights(WeightsPart):
     def __init__(self, name: str, method: str, description: str):
         self.name, self.method, self.description = name, method, description
 
+    def engine_options(self, options: Int4VariantOptions) -> dict:
+        return {"int4_prefetch": bool(options.int4_prefetch)}
+
     def key(self, options: Int4VariantOptions) -> tuple:
         o = options.quantization(self.method)
         return (self.name, o.group_size, o.calib_samples if self.method == "awq" else None,
@@ -96,7 +99,7 @@ class Int4Weights(WeightsPart):
         adapter = source.load(device, dtype)
 
         def done(facts: dict):
-            return self.loaded(adapter, options, facts, int4_prefetch=bool(options.int4_prefetch))
+            return self.loaded(adapter, options, facts)
 
         if source.prequantized:  # AutoAWQ checkpoint: already int4
             from bench.quant.awq import set_dense_rows

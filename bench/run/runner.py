@@ -160,25 +160,28 @@ class Benchmark:
             write_summary(self.out_dir, self.summary_rows())
         return self.out_dir
 
-    def _engine_options(self, loaded=None) -> dict:
-        """The run's options every engine's spec takes (bench.engines.spec.EngineSpec fields); the
-        int4 prefetch choice is the loaded model's (its weights part's options)."""
-        prefetch = self.cfg.int4_prefetch if loaded is None else loaded.int4_prefetch
-        return {"attention": self.cfg.attention_kernels, "int4_prefetch": prefetch}
+    def _engine_options(self, variant) -> dict:
+        """EngineSpec fields this run sets for the variant's engine: the run's attention kernels and
+        whatever its weights part chooses (bench.engines.spec)."""
+        weights = variant.weights
+        return {"attention": self.cfg.attention_kernels, **weights.engine_options(weights.options(self.cfg))}
 
     def _engine_specs(self) -> dict:
-        """The spec of every engine the run may use (its variants', the fidelity reference's), by name."""
-        parts = [v.engine for v in self.variants]
+        """The spec each variant's engine runs with, by variant (and the fidelity reference's)."""
+        specs = {v.name: {"engine": v.engine.name, **asdict(v.engine.spec(**self._engine_options(v)))}
+                 for v in self.variants}
         if self.cfg.fidelity and not self.source.prequantized:
-            parts.append(baseline_variant().engine)
-        return {part.name: asdict(part.spec(**self._engine_options())) for part in parts}
+            base = baseline_variant()
+            specs["fidelity reference"] = {"engine": base.engine.name,
+                                           **asdict(base.engine.spec(**self._engine_options(base)))}
+        return specs
 
     def _policy(self, variant, loaded):
         """A fresh cache policy of the variant's cache part for this loaded model."""
         return variant.cache.make_policy(variant.cache.options(self.cfg), loaded.weights_key)
 
     def _engine(self, variant, loaded, policy):
-        return variant.engine.make_engine(loaded.adapter, policy, **self._engine_options(loaded))
+        return variant.engine.make_engine(loaded.adapter, policy, **self._engine_options(variant))
 
     def _fidelity(self, variant, loaded) -> dict:
         """Fidelity columns for this variant; the fp16 reference is made once, first."""
