@@ -21,7 +21,8 @@ from gpu_profile_common import QUESTION, demo_image, profile_parser  # noqa: E40
 from bench.engines import attention_kernels  # noqa: E402
 from bench.engines.attention_kernels import ATTENTION_KERNELS  # noqa: E402
 from bench.engines.cache_policy import CachePolicy  # noqa: E402
-from bench.engines.decoder import NUMERICS, inductor_options  # noqa: E402
+from bench.engines.decoder import inductor_options  # noqa: E402
+from bench.engines.spec import NUMERICS  # noqa: E402
 from bench.models.loader import build_preset  # noqa: E402
 from bench.measure.results import CsvWriter  # noqa: E402
 from bench.engines.static import StaticEngine  # noqa: E402

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from bench.cli import main, run_main
-from bench.measure.metrics import RUN_COLUMNS, SUMMARY_COLUMNS, phases_total_ms
+from bench.measure.metrics import phases_total_ms
+from bench.measure.schema import RUN_COLUMNS, SUMMARY_COLUMNS
 from tests.conftest import DEMO, ROOT
 from variants.base import WeightsPart
 

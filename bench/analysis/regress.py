@@ -17,10 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import mannwhitneyu
 
-from bench.measure.schema import COLUMNS, higher_is_better
+from bench.measure.schema import higher_is_better
 
-# Metrics where larger is better (from the column table); every other metric is a cost.
-HIGHER_IS_BETTER = frozenset(c.name for c in COLUMNS if c.higher_is_better)
 
 
 @dataclass(frozen=True)

@@ -101,12 +101,17 @@ def status_rows(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def _baseline_for(bases: pd.DataFrame, row) -> pd.DataFrame:
-    """The baseline rows to hold a variant's row against: those of its own identity (dtype,
-    device, family, weights) and directory where there are such, else any of its model's."""
-    for col in ("dtype", "device", "family", "weights", "source"):
-        same = bases[bases[col] == row[col]]
-        if not same.empty:
-            bases = same
+    """The baseline rows to hold a variant's row against: those of its own identity (family,
+    weights, device, dtype, workload point), from its own directory where it has them. Empty when
+    there is none, or when several runs would qualify (the table then says nothing, never a
+    ratio against another identity or a pooled one)."""
+    for col in ("family", "weights", "device", "dtype", *WORKLOAD_KEYS):
+        if col in bases and col in row:
+            bases = bases[bases[col] == row[col]]
+    if "source" in bases and (bases["source"] == row.get("source")).any():
+        bases = bases[bases["source"] == row["source"]]
+    if bases["metric"].duplicated().any():
+        return bases.iloc[0:0]
     return bases
 
 

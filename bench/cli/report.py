@@ -1,4 +1,11 @@
-"""`vlm-bench report DIR... --out OUT`: figures and tables (report.md) from results directories."""
+"""Figures and a Markdown summary (report.md) from results directories, without Jupyter.
+
+    python -m bench report RESULTS_DIR [RESULTS_DIR ...] --out DIR
+
+The comparison notebook calls the same functions (bench.analysis.report), so the notebook and the
+static report always show the same thing. Skipped/failed variants and invalid summaries are shown
+as such.
+"""
 from __future__ import annotations
 
 import argparse

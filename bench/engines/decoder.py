@@ -32,11 +32,9 @@ from bench.errors import VariantUnsupported
 from bench.engines.fused_linear import FusedProjections
 from bench.engines.kv_buffers import KVBuffers
 from bench.engines.row_mean import ordered_row_mean
-from bench.engines.spec import NUMERICS
 
 SUPPORTED_DECODERS = ("llama", "qwen2")
 MATMUL_ATTENTION_MAX_T = 32  # compiled steps of up to this many queries attend by matmul (see _matmul_attention)
-__all__ = ["NUMERICS", "FastDecoder", "KVBuffers", "fast_decoder", "inductor_options"]  # NUMERICS: see spec.py
 
 
 def inductor_options(numerics: str) -> dict:
@@ -90,7 +88,7 @@ class FastDecoder(nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scaling = self.head_dim ** -0.5
         self.gqa = self.kv_heads != self.heads
-        self.numerics = "fused"  # see NUMERICS; a compiling engine may choose another
+        self.numerics = "fused"  # see bench.engines.spec.NUMERICS; a compiling engine may choose another
         # Compiled one-query (decode) steps attend by `_matmul_attention` rather than SDPA: set
         # under deterministic attention kernels (bench.engines.attention_kernels), where cuDNN may not
         # run them and SDPA with a mask would run memory-efficient attention, ~4x slower.
@@ -142,7 +140,7 @@ class FastDecoder(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def _traced_eager_numerics(self) -> bool:
-        """Whether this call is being traced under one of the eager numerics (see NUMERICS)."""
+        """Whether this call is being traced under one of the eager numerics (bench.engines.spec.NUMERICS)."""
         return self.numerics != "fused" and torch.compiler.is_compiling()
 
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,6 @@ import math
 import statistics
 
 from bench.measure.request import RequestResult
-from bench.measure.schema import RUN_COLUMNS, SUMMARY_COLUMNS, SUMMARY_METRICS
-
-# The column tables are re-exported for code that imported them from here before schema.py.
-__all__ = ["RUN_COLUMNS", "SUMMARY_COLUMNS", "SUMMARY_METRICS", "percentile", "request_metrics", "phases_total_ms"]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -147,8 +147,15 @@ COLUMNS: tuple[Column, ...] = (
 
 BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
 RUN_COLUMNS: dict[str, str] = {c.name: c.description for c in COLUMNS}
-# Metrics summarised per result (RESULT_KEY, and run_id) in summary.csv, in runs.csv order.
-SUMMARY_METRICS: list[str] = [c.name for c in COLUMNS if c.summarized]
+# Metrics summarised per result (RESULT_KEY, and run_id) in summary.csv, in this order (latency
+# first, then throughput, host and GPU facts, memory, fidelity); exactly the `summarized` columns.
+SUMMARY_METRICS: list[str] = [
+    "ttft_ms", "prefill_ms", "vision_ms", "preprocess_ms", "lookup_ms", "restore_ms", "store_ms", "decode_ms",
+    "tpot_ms", "itl_p50_ms", "itl_p99_ms", "decode_tok_s", "requests_per_s", "output_tok_s", "load_ms", "stream_ms",
+    "gpu_phase_pct", "e2e_ms", "peak_alloc_mb", "peak_reserved_mb", "nvml_used_mb", "gpu_util_pct",
+    "energy_j_per_token", "weight_mb", "token_agree", "kl_mean", "engine_kl_mean", "engine_top1_agree",
+]
+assert sorted(SUMMARY_METRICS) == sorted(c.name for c in COLUMNS if c.summarized), "SUMMARY_METRICS != summarized"
 
 
 def higher_is_better(name: str) -> bool:
@@ -229,12 +236,6 @@ def _fill(df, defaults: dict) -> None:
             df[col] = df[col].astype(object).where(df[col].notna(), default).astype(str)
         else:
             df[col] = df[col].fillna(default).astype(int)
-
-
-def fill_point_columns(df) -> None:
-    """Give a results DataFrame every workload-point column, never NaN (groupby drops NaN keys):
-    missing columns and empty cells take the default point's value."""
-    _fill(df, POINT_DEFAULTS)
 
 
 def fill_identity_columns(df) -> None:
