@@ -160,3 +160,159 @@ def test_output_dir_is_a_file(tmp_path, capsys):
     rc = run_main([*RUN, "--output-dir", str(f)])
     assert_one_line(capsys, rc, "--output-dir", "is a file")
     assert f.read_text() == "x"
+
+
+# ----------------------------------------------------------------------------------- subcommands
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("good") / "run"
+    assert run_main([*RUN, "--min-seconds", "0", "--output-dir", str(out)]) == 0
+    return out
+
+
+def corrupted(results_dir, tmp_path, name, data):
+    """A copy of the good results directory with `name` replaced by `data` (bytes or text)."""
+    import shutil
+
+    d = tmp_path / f"bad-{name.replace('.', '-')}"
+    shutil.copytree(results_dir, d)
+    if isinstance(data, str):
+        (d / name).write_text(data, encoding="utf-8")
+    else:
+        (d / name).write_bytes(data)
+    return d
+
+
+def runs_text(results_dir):
+    return (results_dir / "runs.csv").read_text()
+
+
+def _metric_cell(text, value):
+    """runs.csv text with the first measured row's ttft_ms cell replaced by `value`."""
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(text)))
+    col = rows[0].index("ttft_ms")
+    row = next(r for r in rows[1:] if r[rows[0].index("kind")] == "measured")
+    row[col] = value
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+BAD_RUNS = {
+    "empty": lambda good: b"",
+    "binary": lambda good: bytes(range(256)) * 4,
+    "latin-1": lambda good: good.replace("tiny-vila", "tiny-vil\xe9").encode("latin-1", "replace"),
+    "foreign-header": lambda good: "date,open,high,low,close\n2024-01-01,1,2,0.5,1.5\n",
+    "truncated": lambda good: good[: good.index("\n", good.index("measured")) - 40],
+    "nan-cell": lambda good: _metric_cell(good, "nan"),
+    "text-cell": lambda good: _metric_cell(good, "fast"),
+}
+
+
+def bad_sub(capsys, args, *needles, out=None):
+    TRIED.append(" ".join(str(a) for a in args))
+    rc = main([str(a) for a in args])
+    err = assert_one_line(capsys, rc, *needles)
+    if out is not None:
+        assert not out.exists(), "a refused command must write nothing"
+    return err
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_compare_bad_runs_csv(results_dir, tmp_path, capsys, case):
+    bad = corrupted(results_dir, tmp_path, "runs.csv", BAD_RUNS[case](runs_text(results_dir)))
+    js = tmp_path / "verdict.json"
+    bad_sub(capsys, ["compare", results_dir, bad, "--json", js], "runs.csv", out=js)
+    bad_sub(capsys, ["compare", bad / "runs.csv", results_dir], "runs.csv")
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_report_bad_runs_csv(results_dir, tmp_path, capsys, case):
+    bad = corrupted(results_dir, tmp_path, "runs.csv", BAD_RUNS[case](runs_text(results_dir)))
+    out = tmp_path / "report"
+    bad_sub(capsys, ["report", results_dir, bad, "--out", out], "runs.csv", out=out)
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_summarize_bad_runs_csv(results_dir, tmp_path, capsys, case):
+    bad = corrupted(results_dir, tmp_path, "runs.csv", BAD_RUNS[case](runs_text(results_dir)))
+    before = (bad / "summary.csv").read_bytes()
+    bad_sub(capsys, ["summarize", bad], "runs.csv")
+    assert (bad / "summary.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize("case,data", [("empty", b""), ("foreign", "a,b\n1,2\n"),
+                                       ("text-cell", None)])
+def test_report_bad_summary_csv(results_dir, tmp_path, capsys, case, data):
+    if data is None:
+        text = (results_dir / "summary.csv").read_text().splitlines()
+        head = text[0].split(",")
+        row = text[1].split(",")
+        row[head.index("median")] = "slow"
+        data = "\n".join([text[0], ",".join(row), *text[2:]]) + "\n"
+    bad = corrupted(results_dir, tmp_path, "summary.csv", data)
+    out = tmp_path / "report"
+    bad_sub(capsys, ["report", bad, "--out", out], "summary.csv", out=out)
+
+
+@pytest.mark.parametrize("data,needle", [(b"", "empty"), ("{not json", "not valid JSON"),
+                                         ('{"python": "3.12"}', "no run config"), ("[1, 2]", "no run config"),
+                                         ('{"config": {"max_cv": -1}}', "not valid here")])
+def test_summarize_bad_env_json(results_dir, tmp_path, capsys, data, needle):
+    bad = corrupted(results_dir, tmp_path, "env.json", data)
+    bad_sub(capsys, ["summarize", bad], "env.json", needle)
+
+
+def test_report_same_dir_twice_and_out_a_file(results_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    bad_sub(capsys, ["report", results_dir, results_dir, "--out", out], "given twice", out=out)
+    f = tmp_path / "report.txt"
+    f.write_text("keep me")
+    bad_sub(capsys, ["report", results_dir, "--out", f], "--out", "existing file")
+    assert f.read_text() == "keep me"
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", readme], "--readme", out=out)
+
+
+def test_compare_same_dir_twice_is_a_comparison(results_dir, capsys):
+    # compare A A is allowed: every result is compared with itself (too few runs here: inconclusive)
+    rc = main(["compare", str(results_dir), str(results_dir), "--min-samples", "1"])
+    out = capsys.readouterr()
+    assert rc in (0, 2) and "Traceback" not in out.err and "verdict" in out.out
+
+
+def test_compare_bad_flags(results_dir, tmp_path, capsys):
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--json", tmp_path], "--json", "directory")
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--alpha", "2"], "--alpha")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--preset", "nope"], "--preset 'nope'"),
+    (["--preset", "tiny-vila", "--dtype", "float8"], "--dtype 'float8'"),
+    (["--preset", "tiny-vila", "--device", "mps"], "--device 'mps'"),
+])
+def test_make_checkpoint_bad_flags(tmp_path, capsys, args, needle):
+    out = tmp_path / "ckpt"
+    bad_sub(capsys, ["make-checkpoint", *args, "--out", out], needle, out=out)
+
+
+def test_make_checkpoint_into_existing(tmp_path, capsys):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", d], "non-empty directory")
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
+    f = tmp_path / "file"
+    f.write_text("x")
+    bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", f], "existing file")
+
+
+def test_count_of_bad_inputs(capsys):
+    """Runs last: how many bad inputs this module tried (every one above was handled)."""
+    with capsys.disabled():
+        print(f"\nbad inputs tried: {len(TRIED)}")
+    assert len(TRIED) >= 40
