@@ -311,6 +311,30 @@ def test_make_checkpoint_into_existing(tmp_path, capsys):
     bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", f], "existing file")
 
 
+def test_context_limit_checked_after_load_when_config_is_silent(tiny_vila_dir, tmp_path, capsys):
+    """No max_position_embeddings in config.json: checked on the loaded model, before any
+    measured run (transformers' Llama default: 2,048 positions)."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_vila_dir, ckpt)
+    for cfg_file in ckpt.rglob("config.json"):
+        cfg = json.loads(cfg_file.read_text())
+        for c in (cfg, cfg.get("text_config") or {}, cfg.get("llm_config") or {}):
+            c.pop("max_position_embeddings", None)
+        cfg_file.write_text(json.dumps(cfg))
+    out = tmp_path / "results"
+    TRIED.append("checkpoint without max positions, --max-new-tokens 3000")
+    rc = run_main(["--model-path", str(ckpt), "--device", "cpu", "--num-runs", "1", "--warmup", "0",
+                   "--no-fidelity", "--max-new-tokens", "3000", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]  # after the loading status line
+    assert len(errors) == 1 and "--max-new-tokens" in errors[0] and "2,048" in errors[0], err
+    runs = out / "runs.csv"
+    assert not runs.exists() or "measured" not in runs.read_text()  # refused before any measured run
+
+
 def test_count_of_bad_inputs(capsys):
     """Runs last: how many bad inputs this module tried (every one above was handled)."""
     with capsys.disabled():

@@ -109,3 +109,21 @@ def check_sizes(cfg, dims: ModelDims, model: str, questions: list[str], frames, 
                 raise UsageError(f"--batch-size {p.batch_size}: the KV cache alone needs {_gib(need)} ({total:,} "
                                  f"tokens x batch {p.batch_size:,}) but {device} has {_gib(have)} available; "
                                  "lower --batch-size")
+
+
+def loaded_max_pos(model) -> int | None:
+    """The loaded language model's positions (for checkpoints whose config.json does not say):
+    the first module config that has max_position_embeddings (a wrapper's text config, or the
+    language model inside a family's own wrapper module)."""
+    if model is None:
+        return None
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        candidates = [config, getattr(config, "llm_config", None)]
+        if hasattr(config, "get_text_config"):
+            candidates.insert(0, config.get_text_config())
+        for c in candidates:
+            v = getattr(c, "max_position_embeddings", None)
+            if isinstance(v, int) and v > 0:
+                return v
+    return None
