@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
             readme = read_text(Path(args.readme), "a Markdown file")
             if START not in readme or END not in readme:
                 raise BadInput(f"--readme {args.readme}: no report markers ({START} ... {END})")
+            if not Path(args.out).resolve().is_relative_to(Path(args.readme).resolve().parent):
+                raise BadInput(f"--out {args.out} must be inside the folder of --readme {args.readme} "
+                               "(the README links to its figures)")
         path = write_report(args.dirs, args.out)
         if args.readme:
             embed_in_readme(Path(args.readme), path)
