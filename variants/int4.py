@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.log import status
+from bench.models.visual import check_image_file, load_image
 from bench.errors import UsageError, VariantUnsupported
 from bench.quant import DEFAULT_DENSE_ROWS
 from bench.quant.awq import Int4Options, calibration_images, int4_layers, quantize_model
@@ -42,8 +43,11 @@ class Int4VariantOptions:
             raise UsageError(f"--int4-group-size must be 32, 64, 128 or 256, got {self.int4_group_size}")
         if self.awq_calib < 1 or self.int4_dense_rows < 0:
             raise UsageError("--awq-calib must be at least 1 and --int4-dense-rows not negative")
-        if self.awq_calib_dir and not Path(self.awq_calib_dir).is_dir():
-            raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no such directory")
+        if self.awq_calib_dir:
+            if not Path(self.awq_calib_dir).is_dir():
+                raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no such directory")
+            for f in _calib_files(self.awq_calib_dir):  # each opens and verifies before any model loads
+                check_image_file(f, "--awq-calib-dir")
 
     def quantization(self, method: str) -> Int4Options:
         """What bench.quant.awq needs to quantize with `method` (awq or rtn)."""
@@ -51,13 +55,15 @@ class Int4VariantOptions:
                            dense_rows=self.int4_dense_rows, seed=self.seed)
 
 
-def _load_image_dir(path: str) -> list:
-    from PIL import Image
+def _calib_files(path: str) -> list[Path]:
+    return sorted(p for p in Path(path).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
 
-    files = sorted(p for p in Path(path).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+
+def _load_image_dir(path: str) -> list:
+    files = _calib_files(path)
     if not files:
         raise VariantUnsupported(f"--awq-calib-dir {path}: no images")
-    return [Image.open(p).convert("RGB") for p in files]
+    return [load_image(p, "--awq-calib-dir") for p in files]
 
 
 class Int4Weights(WeightsPart):

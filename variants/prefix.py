@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from bench.engines.cache_policy import CachePolicy, PrefixLookup
 from bench.engines.lru import ByteLRU
 from bench.models.base import image_content_digest
+from bench.errors import UsageError
 from variants.base import CachePart
 from variants.options import opt
 
@@ -23,6 +24,12 @@ from variants.options import opt
 @dataclass(frozen=True)
 class CacheOptions:
     prefix_cache_mb: float = opt("byte budget of the prefix / image-embedding caches, MiB", 4096.0)
+
+    def __post_init__(self):
+        import math
+
+        if not (math.isfinite(self.prefix_cache_mb) and self.prefix_cache_mb > 0):
+            raise UsageError(f"--prefix-cache-mb must be a positive number of MiB, got {self.prefix_cache_mb}")
 
 
 def _model_key(adapter, weights_key: tuple) -> tuple:

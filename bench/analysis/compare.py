@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.analysis.inputs import BadInput, check_results_csv
 from bench.analysis.regress import compare_samples
 from bench.measure.schema import RESULT_KEY, fill_identity_columns, point_label
 
@@ -23,18 +24,18 @@ OPTIONAL_SHOWN = ("family", "weights", "device", "dtype")
 REQUIRED = {"model", "variant", "kind", "status"}  # identity columns beyond these have defaults
 
 
-class BadInput(Exception):
-    pass
-
-
 def load_runs(path: str | Path) -> pd.DataFrame:
     p = Path(path)
     if p.is_dir():
         p = p / "runs.csv"
     if not p.is_file():
         raise BadInput(f"{path}: no runs.csv there")
-    df = pd.read_csv(p, dtype={k: str for k in ("cache_state", "engine", "family", "weights", "device", "dtype",
-                                                "run_id")})
+    check_results_csv(p, "runs")
+    try:
+        df = pd.read_csv(p, dtype={k: str for k in ("cache_state", "engine", "family", "weights", "device", "dtype",
+                                                    "run_id")})
+    except (ValueError, pd.errors.ParserError) as e:  # what the check above did not foresee
+        raise BadInput(f"{p}: not a readable runs.csv ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
     missing = REQUIRED - set(df.columns)
     if missing:
         raise BadInput(f"{p}: not a runs.csv (missing columns: {', '.join(sorted(missing))})")
@@ -64,7 +65,7 @@ def _fmt(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
 
 
-def print_table(rows: list[dict], out=sys.stdout) -> None:
+def print_table(rows: list[dict], out=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -81,4 +82,4 @@ def print_table(rows: list[dict], out=sys.stdout) -> None:
                       f"{r['n_baseline']}/{r['n_candidate']}", _fmt(r["baseline_median"]),
                       _fmt(r["candidate_median"]), _fmt(r["ratio"]), _fmt(r["p_value"]),
                       f"[{s}]{r['status']}[/]" if s else r["status"])
-    Console(file=out, width=160).print(table)
+    Console(file=out or sys.stdout, width=160).print(table)

@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # headless: matplotlib picks Agg; notebooks: the inline backend
 import pandas as pd
 
+from bench.analysis.inputs import BadInput, check_out_dir, check_results_csv
 from bench.measure.schema import WORKLOAD_KEYS, fill_identity_columns
 
 PHASES = [("preprocess_ms", "preprocess (CPU)"), ("lookup_ms", "prefix lookup"), ("restore_ms", "prefix restore"),
@@ -23,14 +24,33 @@ BASELINE = ("fp16", "hf")
 LABEL_IDENTITY = ("family", "weights", "engine", "device", "dtype", "run_id")
 
 
+def check_dirs(dirs: list[str | Path]) -> None:
+    """BadInput unless every directory is a results directory with well-formed runs.csv and
+    summary.csv, each given once."""
+    seen: dict[Path, str] = {}
+    for d in dirs:
+        key = Path(d).resolve()
+        if key in seen:
+            raise BadInput(f"{d}: given twice (also as {seen[key]}); give each results directory once")
+        seen[key] = str(d)
+        if not Path(d).is_dir():
+            raise BadInput(f"{d}: not a results directory")
+        for name in ("runs", "summary"):
+            if not (Path(d) / f"{name}.csv").is_file():
+                raise BadInput(f"{d}: no {name}.csv")
+            check_results_csv(Path(d) / f"{name}.csv", name)
+
+
 def load(dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    check_dirs(dirs)
     runs, summaries = [], []
     for d in dirs:
         d = Path(d)
         for name, bucket in (("runs.csv", runs), ("summary.csv", summaries)):
-            if not (d / name).is_file():
-                raise FileNotFoundError(f"{d}: no {name}")
-            df = pd.read_csv(d / name, dtype={"error": str, "cache_state": str})
+            try:
+                df = pd.read_csv(d / name, dtype={"error": str, "cache_state": str})
+            except (ValueError, pd.errors.ParserError) as e:  # what check_dirs did not foresee
+                raise BadInput(f"{d / name}: not readable ({e.__class__.__name__})") from None
             df["source"] = d.name
             bucket.append(df)
     runs_df, summary_df = pd.concat(runs, ignore_index=True), pd.concat(summaries, ignore_index=True)
@@ -387,8 +407,9 @@ def _md(df: pd.DataFrame) -> str:
 
 def write_report(dirs: list[str | Path], out: str | Path) -> Path:
     out = Path(out)
+    check_out_dir(out)
+    runs, summary = load(dirs)  # every input checked before --out is made
     out.mkdir(parents=True, exist_ok=True)
-    runs, summary = load(dirs)
     written = []
     one_runs, one_summary = first_point(runs), first_point(summary)
     for name, make in {**FIGURES, **SWEEP_FIGURES}.items():

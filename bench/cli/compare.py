@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from bench.analysis.inputs import check_out_file
 from bench.analysis.compare import DEFAULT_METRICS, BadInput, compare_runs, load_runs, print_table
 
 
@@ -27,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_path", help="write the verdicts here as JSON")
     args = ap.parse_args(argv)
     try:
+        if args.json_path:
+            check_out_file(args.json_path, "--json")
+        if not (0 < args.alpha < 1) or not args.factor >= 1 or args.min_samples < 1:
+            raise BadInput("--alpha must be between 0 and 1, --factor at least 1 and --min-samples at least 1")
         base, cand = load_runs(args.baseline), load_runs(args.candidate)
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
         unknown = [m for m in metrics if m not in base.columns or m not in cand.columns]

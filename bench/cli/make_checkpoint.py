@@ -19,16 +19,28 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     quiet_libraries()
+    from pathlib import Path
+
     import torch
 
     from bench.models.loader import build_preset, save_checkpoint
+    from bench.models.presets import get_preset
+    from bench.run.runner import resolve_device
 
     try:
-        adapter = build_preset(args.preset, None, torch.device(args.device), getattr(torch, args.dtype), args.seed)
+        get_preset(args.preset)
+        if args.dtype not in ("float16", "bfloat16", "float32"):
+            raise UsageError(f"unknown --dtype {args.dtype!r}; choose float16, bfloat16 or float32")
+        device = resolve_device(args.device)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {args.out} is an existing file; give a new or empty directory")
+        if out.is_dir() and any(out.iterdir()):
+            raise UsageError(f"--out {args.out} is a non-empty directory; give a new or empty directory")
+        adapter = build_preset(args.preset, None, device, getattr(torch, args.dtype), args.seed)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from pathlib import Path
 
     save_checkpoint(adapter, Path(args.out))
     print(f"wrote {args.preset} ({adapter.family} layout, weights=random) to {args.out}")

@@ -12,7 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.analysis.report import embed_in_readme, write_report
+from bench.analysis.inputs import BadInput, read_text
+from bench.analysis.report import END, START, embed_in_readme, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,10 +24,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", help="also replace the block between the report markers in this Markdown file")
     args = ap.parse_args(argv)
     try:
+        if args.readme:
+            readme = read_text(Path(args.readme), "a Markdown file")
+            if START not in readme or END not in readme:
+                raise BadInput(f"--readme {args.readme}: no report markers ({START} ... {END})")
+            if not Path(args.out).resolve().is_relative_to(Path(args.readme).resolve().parent):
+                raise BadInput(f"--out {args.out} must be inside the folder of --readme {args.readme} "
+                               "(the README links to its figures)")
         path = write_report(args.dirs, args.out)
         if args.readme:
             embed_in_readme(Path(args.readme), path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, BadInput) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -9,9 +9,10 @@ def main(argv: list[str]) -> int:
     run was interrupted, or when only runs.csv was copied off a machine)."""
     import csv
     import dataclasses
-    import json
     from pathlib import Path
 
+    from bench.analysis.inputs import BadInput, check_results_csv, read_env_config
+    from bench.errors import UsageError
     from bench.run.config import config_class
     from bench.measure.results import write_summary
     from bench.run.runner import summarize_runs
@@ -20,11 +21,19 @@ def main(argv: list[str]) -> int:
         print("usage: python -m bench summarize RESULTS_DIR (with runs.csv and env.json)", file=sys.stderr)
         return 2
     out = Path(argv[0])
-    saved = json.loads((out / "env.json").read_text())["config"]
-    RunConfig = config_class()
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    # Options another version of the harness had (added or since removed) do not affect summaries.
-    cfg = RunConfig(**{k: v for k, v in saved.items() if k in known})
+    try:
+        saved = read_env_config(out / "env.json")
+        check_results_csv(out / "runs.csv", "runs")
+        RunConfig = config_class()
+        known = {f.name for f in dataclasses.fields(RunConfig)}
+        # Options another version of the harness had (added or since removed) do not affect summaries.
+        try:
+            cfg = RunConfig(**{k: v for k, v in saved.items() if k in known})
+        except (UsageError, TypeError, ValueError) as e:
+            raise BadInput(f"{out / 'env.json'}: its run config is not valid here ({e})") from None
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     def value(text: str):
         if text == "":

@@ -5,6 +5,7 @@ Adapters turn it into image placeholders in the prompt (one per image; InternVL 
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,13 +67,45 @@ def as_visual(visual) -> VisualInput:
     return VisualInput(tuple(visual))
 
 
-def load_image(path: str, flag: str = "--image-path") -> Image.Image:
-    """An image file as RGB; a usage error naming `flag` when it is missing or unreadable."""
+def _image_error(e: BaseException) -> str:
+    """What is wrong with an image file, in words (a decompression bomb: its pixel count)."""
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return (f"too large to decode safely ({e}); give a smaller image (at most "
+                f"{Image.MAX_IMAGE_PIXELS} pixels)").replace("\n", " ")
+    return f"not a readable image ({e.__class__.__name__})"
+
+
+def _bad_image_errors() -> tuple[type[BaseException], ...]:
+    return (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning)
+
+
+def check_image_file(path: str | Path, flag: str) -> None:
+    """Open and verify an image file without decoding all its pixels (header, size against
+    PIL's decompression-bomb limit, and the format's own integrity check); a usage error naming
+    `flag` and the file otherwise."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{flag} {path}: no such file")
     try:
-        with Image.open(p) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise UsageError(f"{flag} {path}: not a readable image ({e.__class__.__name__})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                im.verify()
+    except _bad_image_errors() as e:
+        raise UsageError(f"{flag} {path}: {_image_error(e)}") from None
+
+
+def load_image(path: str | Path, flag: str = "--image-path") -> Image.Image:
+    """An image file as RGB; a usage error naming `flag` when it is missing, unreadable, or so
+    large that decoding it could exhaust memory (PIL's decompression-bomb limit)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                return im.convert("RGB")
+    except _bad_image_errors() as e:
+        raise UsageError(f"{flag} {path}: {_image_error(e)}") from None

@@ -8,6 +8,7 @@ RunConfig is the composition for the package's own parts.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from variants.options import flag_fields, opt, options_from, run_facts
 
 DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
 DEFAULT_PRESET = "tiny-vila"
+MAX_TILES = 64  # InternVL tiles per still image (its processors use max_num 12, some configs up to 40)
+MAX_FRAMES = 4096  # sampled video frames (each is at least one image token of the prompt)
 PART_OPTIONS_AFTER = "max_new_tokens"  # where the variant parts' flags go in the field (and --help) order
 
 
@@ -94,6 +97,15 @@ class RunConfigBase:
             raise UsageError("give --video-path or --frames-dir, not both")
         if self.num_frames < 0 or self.max_tiles < 1:
             raise UsageError("--num-frames must not be negative and --max-tiles must be at least 1")
+        if self.max_tiles > MAX_TILES:
+            raise UsageError(f"--max-tiles {self.max_tiles}: at most {MAX_TILES} tiles per image "
+                             "(InternVL's processors use up to 12; 40 at most)")
+        if self.num_frames > MAX_FRAMES:
+            raise UsageError(f"--num-frames {self.num_frames}: at most {MAX_FRAMES} (0: every frame)")
+        if not (math.isfinite(self.max_cv) and self.max_cv > 0):
+            raise UsageError(f"--max-cv must be a positive number (e.g. 0.10), got {self.max_cv}")
+        if not math.isfinite(self.min_seconds):
+            raise UsageError(f"--min-seconds must be a finite number, got {self.min_seconds}")
         attention_kernels.check(self.attention_kernels)
         if self.video_mode not in VIDEO_MODES:
             raise UsageError(f"unknown --video-mode {self.video_mode!r}; choose {' or '.join(VIDEO_MODES)}")

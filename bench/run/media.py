@@ -15,10 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from PIL import Image, UnidentifiedImageError
-
 from bench.errors import UsageError
-from bench.models.visual import VisualInput
+from bench.models.visual import VisualInput, check_image_file, load_image
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -57,6 +55,9 @@ class FrameSource:
             self.files = None
             self.total = self._count_video_frames()
         self.indices = sample_indices(self.total, num_frames)
+        if self.files is not None:  # every sampled frame opens and verifies before any model loads
+            for i in self.indices:
+                check_image_file(self.files[i], "--frames-dir")
 
     def _open(self):
         try:
@@ -81,12 +82,7 @@ class FrameSource:
     def __iter__(self) -> Iterator[Image.Image]:
         if self.files is not None:
             for i in self.indices:
-                try:
-                    with Image.open(self.files[i]) as im:
-                        yield im.convert("RGB")
-                except (UnidentifiedImageError, OSError) as e:
-                    raise UsageError(f"--frames-dir: {self.files[i].name} is not a readable image "
-                                     f"({e.__class__.__name__})") from None
+                yield load_image(self.files[i], "--frames-dir")
             return
         wanted = set(self.indices)
         with self._open() as container:

@@ -13,11 +13,25 @@ def load_questions(path: str | None, text_prompt: str | None) -> list[str]:
         p = Path(path)
         if not p.is_file():
             raise UsageError(f"--questions file not found: {path}")
-        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        data = p.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--questions {path}: not UTF-8 text (byte {e.start}); save it as UTF-8, "
+                             "one question per line") from None
+        if "\x00" in text:
+            raise UsageError(f"--questions {path}: a binary file (NUL bytes); give UTF-8 text, one question per line")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not lines:
             raise UsageError(f"--questions file has no questions: {path}")
         return lines
     if text_prompt:
+        try:  # argv that is not UTF-8 arrives with lone surrogates (surrogateescape)
+            text_prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise UsageError("--text-prompt is not valid UTF-8 text; pass the question in UTF-8") from None
+        if "\x00" in text_prompt:
+            raise UsageError("--text-prompt contains a NUL character; pass plain text")
         return [text_prompt]
     return list(BUILTIN_QUESTIONS)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import gc
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from bench.errors import UsageError, VariantUnsupported
 from bench.run.monitors import GpuMonitor
 from bench.measure.metrics import request_metrics
 from bench.measure.schema import SUMMARY_KEY, SUMMARY_METRICS, result_key
+from bench.run.limits import check_sizes, loaded_max_pos, model_dims
 from bench.run.questions import load_questions, warmup_questions
 from bench.measure.results import new_run_id, run_writer, utc_now, write_json, write_summary
 from bench.models.source import ModelSource
@@ -31,14 +32,22 @@ from variants import baseline_variant, parse_variant
 
 
 def resolve_device(name: str) -> torch.device:
+    """cpu, cuda, cuda:N or auto; anything else (mps, meta, xpu, a missing GPU) is a usage error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown --device {name!r}; use cuda, cuda:N, cpu or auto") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda given but no CUDA device is available")
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise UsageError(f"unsupported --device {name!r}; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is available here; use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s) "
+                             f"(cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")
     return device
 
 
@@ -110,6 +119,10 @@ class Benchmark:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
+        self.dims = model_dims(cfg.model_path, cfg.preset)
+        check_sizes(cfg, self.dims, self.source.name, self.questions, self.frames, self.device, self.dtype)
+        if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+            raise UsageError(f"--output-dir {cfg.output_dir} is a file; give a directory")
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
         self.out_dir = Path(cfg.output_dir or f"results/local/{stamp}-{self.source.name}")
         gpu_index = (self.device.index or 0) if self.device.type == "cuda" else None
@@ -143,6 +156,7 @@ class Benchmark:
                         self._free()
                         status(f"{variant.name}: loading {variant.weights.name} weights")
                         loaded = variant.weights.load(self.source, self.device, self.dtype, options)
+                        self._check_loaded_positions(loaded.adapter)
                     status(f"{variant.name}: fidelity probe, then measured runs")
                     fid = self._fidelity(variant, loaded)
                     self._measure_variant(variant, loaded, {**base, **fid})
@@ -159,6 +173,16 @@ class Benchmark:
             self.writer.close()
             write_summary(self.out_dir, self.summary_rows())
         return self.out_dir
+
+    def _check_loaded_positions(self, adapter) -> None:
+        """A checkpoint whose config.json did not give its positions: the prompt-length check
+        runs on the loaded model, before any measured run (a UsageError: exit 2)."""
+        if self.dims.max_pos is not None:
+            return
+        max_pos = loaded_max_pos(getattr(adapter, "model", None))
+        if max_pos is not None:
+            self.dims = replace(self.dims, max_pos=max_pos)
+            check_sizes(self.cfg, self.dims, self.source.name, self.questions, self.frames, self.device, self.dtype)
 
     def _engine_options(self, variant) -> dict:
         """EngineSpec fields this run sets for the variant's engine: the run's attention kernels and

@@ -1,0 +1,97 @@
+"""Checks on the files compare, report and summarize read: one BadInput saying which file is
+wrong and how, before anything is computed or written.
+
+A results file must be UTF-8 text, non-empty, with the columns vlm-bench writes, every row as
+many fields as the header (a truncated copy fails here), and a number or nothing in every
+metric cell (the harness writes a missing value as an empty cell, never "nan" or text)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+from bench.measure.schema import COLUMNS
+
+RUN_METRICS = frozenset(c.name for c in COLUMNS if c.higher_is_better is not None)
+SUMMARY_NUMBERS = frozenset(("n", "median", "mean", "p90", "p99", "stdev", "ci_low", "ci_high", "cv", "measured_s"))
+RUNS_REQUIRED = frozenset(("model", "variant", "kind", "status"))
+SUMMARY_REQUIRED = frozenset(("model", "variant", "status", "metric", "median"))
+
+
+class BadInput(Exception):
+    """A results file or argument the subcommand cannot use (printed as one line, exit 2)."""
+
+
+def read_text(path: Path, what: str) -> str:
+    """The file's text, or BadInput when it is missing, empty, binary or not UTF-8."""
+    if not path.is_file():
+        raise BadInput(f"{path}: no such file (expected {what})")
+    data = path.read_bytes()
+    if not data.strip():
+        raise BadInput(f"{path}: empty file (expected {what})")
+    if b"\0" in data:
+        raise BadInput(f"{path}: a binary file, not {what}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{path}: not UTF-8 text at byte {e.start} (expected {what})") from None
+
+
+def check_results_csv(path: Path, kind: str = "runs") -> None:
+    """BadInput unless `path` is a well-formed runs.csv (kind "runs") or summary.csv ("summary")."""
+    what = f"a {kind}.csv written by vlm-bench"
+    text = read_text(path, what)
+    required, numbers = (RUNS_REQUIRED, RUN_METRICS) if kind == "runs" else (SUMMARY_REQUIRED, SUMMARY_NUMBERS)
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        header = next(reader)
+        missing = required - set(header)
+        if missing:
+            raise BadInput(f"{path}: not {what} (missing columns: {', '.join(sorted(missing))})")
+        checked = [(i, name) for i, name in enumerate(header) if name in numbers]
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise BadInput(f"{path}: line {reader.line_num} has {len(row)} fields, the header {len(header)} "
+                               "(truncated or corrupt: restore the file or re-run)")
+            for i, name in checked:
+                cell = row[i].strip()
+                if cell == "":
+                    continue
+                try:
+                    ok = not math.isnan(float(cell))
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise BadInput(f"{path}: line {reader.line_num}, column {name}: {cell[:40]!r} is not a number")
+    except csv.Error as e:
+        raise BadInput(f"{path}: not a readable CSV ({e})") from None
+
+
+def read_env_config(path: Path) -> dict:
+    """The run config saved in a results directory's env.json."""
+    text = read_text(path, "env.json written by vlm-bench run")
+    try:
+        env = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(env, dict) or not isinstance(env.get("config"), dict):
+        raise BadInput(f"{path}: no run config (\"config\") in it; was it written by vlm-bench run?")
+    return env["config"]
+
+
+def check_out_dir(path: str | Path, flag: str = "--out") -> None:
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise BadInput(f"{flag} {path} is an existing file; give a directory")
+
+
+def check_out_file(path: str | Path, flag: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        raise BadInput(f"{flag} {path} is a directory; give a file path")
+    if not p.parent.is_dir():
+        raise BadInput(f"{flag} {path}: no directory {p.parent}")

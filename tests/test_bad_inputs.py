@@ -1,0 +1,349 @@
+"""Every bad input is one line on stderr naming the input, exit code 2, nothing written, and it
+is refused before any model loads. Fixtures are built here, small; runs go in-process."""
+import json
+import struct
+import zlib
+
+import pytest
+import torch
+from PIL import Image
+
+from bench.cli import main, run_main
+from tests.conftest import DEMO
+
+RUN = ["--preset", "tiny-vila", "--device", "cpu", "--num-runs", "1", "--warmup", "0", "--no-fidelity",
+       "--max-new-tokens", "4"]
+TRIED: list[str] = []  # every bad input the module tries (counted in the report)
+
+
+def png_header(path, width, height):
+    """A PNG whose header claims width x height pixels (a decompression bomb, a few bytes long)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def small_png(path, size=(8, 8)):
+    Image.new("RGB", size, (120, 30, 200)).save(path)
+    return path
+
+
+def assert_one_line(capsys, rc, *needles):
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+def bad_run(tmp_path, capsys, args, *needles):
+    out = tmp_path / "results"
+    TRIED.append(" ".join(str(a) for a in args))
+    rc = run_main([*RUN, "--output-dir", str(out), *args])
+    assert_one_line(capsys, rc, *needles)
+    assert not out.exists(), "a refused run must write nothing"
+
+
+# ---------------------------------------------------------------------------------------- images
+def test_image_bomb(tmp_path, capsys):
+    bomb = png_header(tmp_path / "bomb.png", 100_000, 100_000)
+    bad_run(tmp_path, capsys, ["--image-path", str(bomb)], "--image-path", "bomb.png", "too large")
+
+
+def test_image_bomb_warning_range(tmp_path, capsys, monkeypatch):
+    # between MAX_IMAGE_PIXELS and twice it PIL only warns: still refused
+    img = small_png(tmp_path / "big.png", (40, 40))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    bad_run(tmp_path, capsys, ["--image-path", str(img)], "big.png", "too large")
+
+
+def test_frames_dir_bomb_and_garbage(tmp_path, capsys):
+    d = tmp_path / "frames"
+    d.mkdir()
+    small_png(d / "000.png")
+    png_header(d / "001.png", 80_000, 80_000)
+    bad_run(tmp_path, capsys, ["--frames-dir", str(d)], "--frames-dir", "001.png", "too large")
+    (d / "001.png").write_bytes(b"garbage, not a png")
+    bad_run(tmp_path, capsys, ["--frames-dir", str(d)], "--frames-dir", "001.png", "not a readable image")
+    truncated = (tmp_path / "t.png")
+    small_png(truncated, (64, 64))
+    (d / "001.png").write_bytes(truncated.read_bytes()[:60])
+    bad_run(tmp_path, capsys, ["--frames-dir", str(d)], "001.png")
+
+
+@pytest.mark.parametrize("content", ["bomb", "garbage"])
+def test_awq_calib_dir_bad_files(tmp_path, capsys, content):
+    d = tmp_path / "calib"
+    d.mkdir()
+    small_png(d / "a.png")
+    if content == "bomb":
+        png_header(d / "b.png", 90_000, 90_000)
+    else:
+        (d / "b.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    bad_run(tmp_path, capsys, ["--variants", "awq4", "--awq-calib-dir", str(d)], "--awq-calib-dir", "b.")
+
+
+# ------------------------------------------------------------------------------------------ text
+def test_text_prompt_not_utf8(tmp_path, capsys):
+    prompt = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")  # how Linux hands over a latin-1 argv
+    bad_run(tmp_path, capsys, ["--text-prompt", prompt], "--text-prompt", "UTF-8")
+
+
+@pytest.mark.parametrize("data", [b"Qu'est-ce que c'est ? caf\xe9\n", b"\x00\x01\x02\xff\xfe binary\x00",
+                                  b"valid utf-8 but \x00 binary\n"])
+def test_questions_not_utf8_text(tmp_path, capsys, data):
+    q = tmp_path / "q.txt"
+    q.write_bytes(data)
+    bad_run(tmp_path, capsys, ["--questions", str(q)], "--questions", "q.txt", "UTF-8")
+
+
+def test_prompt_longer_than_context(tmp_path, capsys):
+    q = tmp_path / "long.txt"
+    q.write_text("word " * 60_000 + "\n")
+    bad_run(tmp_path, capsys, ["--questions", str(q)], "--questions", "4,096")
+    bad_run(tmp_path, capsys, ["--text-prompt", "why " * 5000], "--text-prompt", "4,096")
+
+
+def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
+    # a checkpoint: the limit comes from its config.json before the weights load
+    from bench.run.limits import model_dims
+
+    dims = model_dims(str(tiny_vila_dir), None)
+    assert dims.max_pos == 4096 and dims.layers == 2
+    out = tmp_path / "results"
+    TRIED.append("checkpoint --max-new-tokens 5000")
+    rc = run_main(["--model-path", str(tiny_vila_dir), "--device", "cpu", "--num-runs", "1", "--warmup", "0",
+                   "--no-fidelity", "--max-new-tokens", "5000", "--output-dir", str(out)])
+    assert_one_line(capsys, rc, "--max-new-tokens", "4,096")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------- flags
+@pytest.mark.parametrize("args,needle", [
+    (["--batch-size", str(10**9)], "--batch-size 1000000000"),
+    (["--max-new-tokens", "100000"], "--max-new-tokens"),
+    (["--new-tokens", "4,100000"], "--new-tokens"),
+    (["--prompt-lengths", str(10**7)], "--prompt-lengths"),
+    (["--max-tiles", str(10**6)], "--max-tiles"),
+    (["--num-frames", str(10**8)], "--num-frames"),
+    (["--max-cv", "-0.5"], "--max-cv"),
+    (["--max-cv", "0"], "--max-cv"),
+    (["--max-cv", "nan"], "--max-cv"),
+    (["--variants", "prefix", "--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
+    (["--variants", "prefix", "--prefix-cache-mb", "0"], "--prefix-cache-mb"),
+    (["--device", "mps"], "--device 'mps'"),
+    (["--device", "meta"], "--device 'meta'"),
+    (["--device", "xpu"], "--device 'xpu'"),
+    (["--device", "cpu:3"], "--device 'cpu:3'"),
+    (["--batch-size", "abc"], "--batch-size"),
+])
+def test_flags_that_can_never_run(tmp_path, capsys, args, needle):
+    bad_run(tmp_path, capsys, args, needle)
+
+
+def test_missing_gpu_index_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    bad_run(tmp_path, capsys, ["--device", "cuda:7"], "--device cuda:7", "2 CUDA device")
+
+
+def test_output_dir_is_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    TRIED.append("--output-dir FILE")
+    rc = run_main([*RUN, "--output-dir", str(f)])
+    assert_one_line(capsys, rc, "--output-dir", "is a file")
+    assert f.read_text() == "x"
+
+
+# ----------------------------------------------------------------------------------- subcommands
+@pytest.fixture(scope="module")
+def results_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("good") / "run"
+    assert run_main([*RUN, "--min-seconds", "0", "--output-dir", str(out)]) == 0
+    return out
+
+
+def corrupted(results_dir, tmp_path, name, data):
+    """A copy of the good results directory with `name` replaced by `data` (bytes or text)."""
+    import shutil
+
+    d = tmp_path / f"bad-{name.replace('.', '-')}"
+    shutil.copytree(results_dir, d)
+    if isinstance(data, str):
+        (d / name).write_text(data, encoding="utf-8")
+    else:
+        (d / name).write_bytes(data)
+    return d
+
+
+def runs_text(results_dir):
+    return (results_dir / "runs.csv").read_text()
+
+
+def _metric_cell(text, value):
+    """runs.csv text with the first measured row's ttft_ms cell replaced by `value`."""
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(text)))
+    col = rows[0].index("ttft_ms")
+    row = next(r for r in rows[1:] if r[rows[0].index("kind")] == "measured")
+    row[col] = value
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+BAD_RUNS = {
+    "empty": lambda good: b"",
+    "binary": lambda good: bytes(range(256)) * 4,
+    "latin-1": lambda good: good.replace("tiny-vila", "tiny-vil\xe9").encode("latin-1", "replace"),
+    "foreign-header": lambda good: "date,open,high,low,close\n2024-01-01,1,2,0.5,1.5\n",
+    "truncated": lambda good: good[: good.index("\n", good.index("measured")) - 40],
+    "nan-cell": lambda good: _metric_cell(good, "nan"),
+    "text-cell": lambda good: _metric_cell(good, "fast"),
+}
+
+
+def bad_sub(capsys, args, *needles, out=None):
+    TRIED.append(" ".join(str(a) for a in args))
+    rc = main([str(a) for a in args])
+    err = assert_one_line(capsys, rc, *needles)
+    if out is not None:
+        assert not out.exists(), "a refused command must write nothing"
+    return err
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_compare_bad_runs_csv(results_dir, tmp_path, capsys, case):
+    bad = corrupted(results_dir, tmp_path, "runs.csv", BAD_RUNS[case](runs_text(results_dir)))
+    js = tmp_path / "verdict.json"
+    bad_sub(capsys, ["compare", results_dir, bad, "--json", js], "runs.csv", out=js)
+    bad_sub(capsys, ["compare", bad / "runs.csv", results_dir], "runs.csv")
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_report_bad_runs_csv(results_dir, tmp_path, capsys, case):
+    bad = corrupted(results_dir, tmp_path, "runs.csv", BAD_RUNS[case](runs_text(results_dir)))
+    out = tmp_path / "report"
+    bad_sub(capsys, ["report", results_dir, bad, "--out", out], "runs.csv", out=out)
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_summarize_bad_runs_csv(results_dir, tmp_path, capsys, case):
+    bad = corrupted(results_dir, tmp_path, "runs.csv", BAD_RUNS[case](runs_text(results_dir)))
+    before = (bad / "summary.csv").read_bytes()
+    bad_sub(capsys, ["summarize", bad], "runs.csv")
+    assert (bad / "summary.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize("case,data", [("empty", b""), ("foreign", "a,b\n1,2\n"),
+                                       ("text-cell", None)])
+def test_report_bad_summary_csv(results_dir, tmp_path, capsys, case, data):
+    if data is None:
+        text = (results_dir / "summary.csv").read_text().splitlines()
+        head = text[0].split(",")
+        row = text[1].split(",")
+        row[head.index("median")] = "slow"
+        data = "\n".join([text[0], ",".join(row), *text[2:]]) + "\n"
+    bad = corrupted(results_dir, tmp_path, "summary.csv", data)
+    out = tmp_path / "report"
+    bad_sub(capsys, ["report", bad, "--out", out], "summary.csv", out=out)
+
+
+@pytest.mark.parametrize("data,needle", [(b"", "empty"), ("{not json", "not valid JSON"),
+                                         ('{"python": "3.12"}', "no run config"), ("[1, 2]", "no run config"),
+                                         ('{"config": {"max_cv": -1}}', "not valid here")])
+def test_summarize_bad_env_json(results_dir, tmp_path, capsys, data, needle):
+    bad = corrupted(results_dir, tmp_path, "env.json", data)
+    bad_sub(capsys, ["summarize", bad], "env.json", needle)
+
+
+def test_report_same_dir_twice_and_out_a_file(results_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    bad_sub(capsys, ["report", results_dir, results_dir, "--out", out], "given twice", out=out)
+    f = tmp_path / "report.txt"
+    f.write_text("keep me")
+    bad_sub(capsys, ["report", results_dir, "--out", f], "--out", "existing file")
+    assert f.read_text() == "keep me"
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", readme], "--readme", out=out)
+    readme.write_bytes(b"\x00\x01binary")
+    bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", readme], "README.md", "binary", out=out)
+    elsewhere = tmp_path / "docs" / "README.md"
+    elsewhere.parent.mkdir()
+    from bench.analysis.report import END, START
+    elsewhere.write_text(f"{START}\n{END}\n")
+    bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", elsewhere], "--out", out=out)
+
+
+def test_compare_same_dir_twice_is_a_comparison(results_dir, capsys):
+    # compare A A is allowed: every result is compared with itself (too few runs here: inconclusive)
+    rc = main(["compare", str(results_dir), str(results_dir), "--min-samples", "1"])
+    out = capsys.readouterr()
+    assert rc in (0, 2) and "Traceback" not in out.err and "verdict" in out.out
+
+
+def test_compare_bad_flags(results_dir, tmp_path, capsys):
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--json", tmp_path], "--json", "directory")
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--alpha", "2"], "--alpha")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--preset", "nope"], "--preset 'nope'"),
+    (["--preset", "tiny-vila", "--dtype", "float8"], "--dtype 'float8'"),
+    (["--preset", "tiny-vila", "--device", "mps"], "--device 'mps'"),
+])
+def test_make_checkpoint_bad_flags(tmp_path, capsys, args, needle):
+    out = tmp_path / "ckpt"
+    bad_sub(capsys, ["make-checkpoint", *args, "--out", out], needle, out=out)
+
+
+def test_make_checkpoint_into_existing(tmp_path, capsys):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "notes.txt").write_text("mine")
+    bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", d], "non-empty directory")
+    assert sorted(p.name for p in d.iterdir()) == ["notes.txt"]
+    f = tmp_path / "file"
+    f.write_text("x")
+    bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", f], "existing file")
+
+
+def test_context_limit_checked_after_load_when_config_is_silent(tiny_vila_dir, tmp_path, capsys):
+    """No max_position_embeddings in config.json: checked on the loaded model, before any
+    measured run (transformers' Llama default: 2,048 positions)."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_vila_dir, ckpt)
+    for cfg_file in ckpt.rglob("config.json"):
+        cfg = json.loads(cfg_file.read_text())
+        for c in (cfg, cfg.get("text_config") or {}, cfg.get("llm_config") or {}):
+            c.pop("max_position_embeddings", None)
+        cfg_file.write_text(json.dumps(cfg))
+    out = tmp_path / "results"
+    TRIED.append("checkpoint without max positions, --max-new-tokens 3000")
+    rc = run_main(["--model-path", str(ckpt), "--device", "cpu", "--num-runs", "1", "--warmup", "0",
+                   "--no-fidelity", "--max-new-tokens", "3000", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]  # after the loading status line
+    assert len(errors) == 1 and "--max-new-tokens" in errors[0] and "2,048" in errors[0], err
+    runs = out / "runs.csv"
+    assert not runs.exists() or "measured" not in runs.read_text()  # refused before any measured run
+
+
+def test_count_of_bad_inputs(capsys):
+    """Runs last: how many bad inputs this module tried (every one above was handled)."""
+    with capsys.disabled():
+        print(f"\nbad inputs tried: {len(TRIED)}")
+
