@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 from bench.cli import main, run_main
-from tests.conftest import DEMO
 
 RUN = ["--preset", "tiny-vila", "--device", "cpu", "--num-runs", "1", "--warmup", "0", "--no-fidelity",
        "--max-new-tokens", "4"]

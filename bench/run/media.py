@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from PIL import Image
+
 from bench.errors import UsageError
 from bench.models.visual import VisualInput, check_image_file, load_image
 
