@@ -255,3 +255,11 @@ def test_rows_are_fsynced(tmp_path, monkeypatch):
     w.write({"a": 1, "b": 2})
     assert len(synced) == n + 1
     w.close()
+
+
+def test_default_output_dirs_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # within one second the second run gets its own directory
+        assert run_main(TINY) == 0
+    dirs = sorted((tmp_path / "results" / "local").iterdir())
+    assert len(dirs) == 2 and all((d / "summary.csv").is_file() for d in dirs)

@@ -128,12 +128,14 @@ class Benchmark:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        self.out_dir = Path(cfg.output_dir or f"results/local/{stamp}-{self.source.name}")
-        gpu_index = (self.device.index or 0) if self.device.type == "cuda" else None
-        self.monitor = GpuMonitor(gpu_index)
         self.rows: list[dict] = []
         self.run_id = new_run_id()  # on every row and in env.json
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        self.out_dir = Path(cfg.output_dir or f"results/local/{stamp}-{self.source.name}")
+        if not cfg.output_dir and self.out_dir.exists():  # two runs in one second: the default stays new
+            self.out_dir = Path(f"results/local/{self.run_id}-{self.source.name}")
+        gpu_index = (self.device.index or 0) if self.device.type == "cuda" else None
+        self.monitor = GpuMonitor(gpu_index)
         self.reference: fidelity.FidelityReference | None = None
         # The results directory has one owner: refused here, before anything is written.
         self.mode = "resume" if cfg.resume else "append" if cfg.append else "new"
