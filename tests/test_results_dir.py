@@ -263,3 +263,20 @@ def test_default_output_dirs_never_collide(tmp_path, monkeypatch):
         assert run_main(TINY) == 0
     dirs = sorted((tmp_path / "results" / "local").iterdir())
     assert len(dirs) == 2 and all((d / "summary.csv").is_file() for d in dirs)
+
+
+def test_memory_error_while_summarising_keeps_the_previous_summary(finished, tmp_path, monkeypatch, capsys):
+    from bench.run import runner
+
+    out = copy_of(finished, tmp_path)
+    before = (out / "summary.csv").read_bytes()
+
+    def no_memory(*a, **k):
+        raise MemoryError("cannot allocate")
+
+    monkeypatch.setattr(runner, "summarize_runs", no_memory)
+    assert run_main([*TINY, "--append", "--output-dir", str(out)]) == 0  # the rows were measured
+    assert (out / "summary.csv").read_bytes() == before  # never half-written, never 0 bytes
+    assert "python -m bench summarize" in capsys.readouterr().err
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name == LOCK_NAME]
+    assert len({r["run_id"] for r in read_rows(out / "runs.csv")}) == 2

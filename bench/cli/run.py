@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_summary(bench.summary_rows(), out_dir, bench.source.weights)
+    try:
+        print_summary(bench.summary_rows(), out_dir, bench.source.weights)
+    except Exception as e:  # noqa: BLE001 - the rows are in runs.csv; the exit code still tells
+        print(f"warning: no summary printed ({e.__class__.__name__}: {e})", file=sys.stderr)
     code = bench.exit_code()
     if code == 3:
         print("error: nothing measured: every variant was skipped or failed (reasons in runs.csv)", file=sys.stderr)
