@@ -103,7 +103,8 @@ def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
     assert json.loads((out / "env.json").read_text())["resumed"]
 
 
-def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop_at", [4, 8])  # in fp16's second point; in prefix's first warm group
+def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeypatch, stop_at):
     out = tmp_path / "o"
     args = [*TINY, "--variants", "fp16,prefix", "--new-tokens", "2,4", "--output-dir", str(out)]
     real = engine_mod.HFEngine.run_batch
@@ -111,18 +112,18 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeyp
 
     def interrupted(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 4:  # fp16's second point, after its first run
+        if calls["n"] == stop_at:
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
     monkeypatch.setattr(engine_mod.HFEngine, "run_batch", interrupted)
     assert run_main(args) == 130
     first = read_rows(out / "runs.csv")
-    assert len(first) == 3
+    assert len(first) == stop_at - 1
     monkeypatch.setattr(engine_mod.HFEngine, "run_batch", real)
     assert run_main([*args[:-2], "--resume", "--output-dir", str(out)]) == 0
     rows = read_rows(out / "runs.csv")
-    assert rows[:3] == first and {r["run_id"] for r in rows} == {first[0]["run_id"]}  # the same run
+    assert rows[:stop_at - 1] == first and {r["run_id"] for r in rows} == {first[0]["run_id"]}  # the same run
     groups = {}
     for r in rows:
         assert r["status"] == "ok" and r["kind"] == "measured"
@@ -130,6 +131,7 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeyp
     assert set(groups) == {(v, n, c) for n in ("2", "4") for v, c in
                            [("fp16", "none"), ("prefix", "cold"), ("prefix", "warm")]}
     assert all(sorted(ix) == [0, 1] for ix in groups.values()), groups  # no group run twice
+    assert all(r["cache_hit"] == "true" for r in rows if r["cache_state"] == "warm")  # warm after a resume too
     ttft = [s for s in read_rows(out / "summary.csv") if s["metric"] == "ttft_ms"]
     assert len(ttft) == 6 and all(s["n"] == "2" for s in ttft)
 

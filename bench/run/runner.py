@@ -411,6 +411,7 @@ class Benchmark:
 
             groups = [("cold", cfg.num_runs)] if policy.stateful else []
             groups.append((state, None))
+            ran_cold = False
             for cache_state, fixed_n in groups:
                 done = [r for r in prior if r.get("kind") == "measured" and r.get("cache_state") == cache_state]
                 if done and self._group_done(done, fixed_n):
@@ -418,6 +419,12 @@ class Benchmark:
                 bar = tqdm(total=fixed_n or cfg.num_runs, desc=f"{base['variant']} {point.label()} [{cache_state}]",
                            leave=False, disable=None)
                 n, measured_s = len(done), sum(float(r.get("e2e_ms") or 0) for r in done) / 1e3
+                if policy.stateful and cache_state == "warm" and prior and not ran_cold:
+                    # --resume: the cache is empty in this process; one unrecorded run fills it as
+                    # the cold runs would have, so the first recorded warm run is warm
+                    self._timed_run(engine, source, questions, 0, point,
+                                    {**base, "kind": "measured", "run_index": -1, "cache_state": "cold"}, False)
+                ran_cold = ran_cold or cache_state == "cold"
                 while True:
                     if fixed_n is not None and n >= fixed_n:
                         break
