@@ -32,8 +32,8 @@ def test_ci_benchmark_against_committed_baseline(tmp_path):
 def test_gate_catches_injected_per_token_delay_and_passes_interleaved_aa(tmp_path, monkeypatch):
     a, b, slow = tmp_path / "a", tmp_path / "b", tmp_path / "slow"
     for _ in range(3):  # interleaved A/A: machine drift hits both sides alike
-        assert run_main([*SMALL, "--output-dir", str(a)]) == 0
-        assert run_main([*SMALL, "--output-dir", str(b)]) == 0
+        assert run_main([*SMALL, "--append", "--output-dir", str(a)]) == 0
+        assert run_main([*SMALL, "--append", "--output-dir", str(b)]) == 0
     assert main(["compare", str(a), str(b), "--metrics", CI_GATE_METRICS, "--factor", str(CI_GATE_FACTOR)]) == 0
 
     real = VilaAdapter.lm_forward
@@ -45,7 +45,7 @@ def test_gate_catches_injected_per_token_delay_and_passes_interleaved_aa(tmp_pat
 
     monkeypatch.setattr(VilaAdapter, "lm_forward", with_delay)
     for _ in range(3):
-        assert run_main([*SMALL, "--output-dir", str(slow)]) == 0
+        assert run_main([*SMALL, "--append", "--output-dir", str(slow)]) == 0
     assert main(["compare", str(a), str(slow), "--metrics", CI_GATE_METRICS, "--factor", str(CI_GATE_FACTOR)]) == 1
 
 

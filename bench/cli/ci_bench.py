@@ -22,4 +22,5 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m bench ci-bench OUTPUT_DIR", file=sys.stderr)
         return 2
-    return run_main([*CI_BENCH_ARGS, "--output-dir", argv[0]])
+    # --append: a baseline is refreshed by running this twice into one directory (README)
+    return run_main([*CI_BENCH_ARGS, "--append", "--output-dir", argv[0]])

@@ -1,4 +1,7 @@
-"""`vlm-bench run` (and `python vila_prefix_benchmark.py`): measure variants, write a results directory."""
+"""`vlm-bench run` (and `python vila_prefix_benchmark.py`): measure variants, write a results directory.
+
+Exit codes (bench.run.config.EXIT_CODES): 0 all measured, 1 some variant or point failed, 2 usage
+error, 3 nothing measured, 130 interrupted (finished rows kept)."""
 from __future__ import annotations
 
 import shlex
@@ -30,5 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print_summary(bench.summary_rows(), out_dir, bench.source.weights)
-    return 0
+    try:
+        print_summary(bench.summary_rows(), out_dir, bench.source.weights)
+    except Exception as e:  # noqa: BLE001 - the rows are in runs.csv; the exit code still tells
+        print(f"warning: no summary printed ({e.__class__.__name__}: {e})", file=sys.stderr)
+    code = bench.exit_code()
+    if code == 3:
+        print("error: nothing measured: every variant was skipped or failed (reasons in runs.csv)", file=sys.stderr)
+    elif code == 1:
+        print("warning: some variants or points failed (reasons in runs.csv)", file=sys.stderr)
+    return code

@@ -6,19 +6,21 @@ import sys
 
 def main(argv: list[str]) -> int:
     """Rebuild a results directory's summary.csv from its runs.csv and env.json (e.g. after a
-    run was interrupted, or when only runs.csv was copied off a machine)."""
-    import csv
+    run was interrupted, or when only runs.csv was copied off a machine). Runs (run_id) are
+    summarised apart; --pool-runs pools every run's rows of one result."""
     import dataclasses
     from pathlib import Path
 
     from bench.analysis.inputs import BadInput, check_results_csv, read_env_config
     from bench.errors import UsageError
     from bench.run.config import config_class
-    from bench.measure.results import write_summary
+    from bench.measure.results import read_runs, write_summary
     from bench.run.runner import summarize_runs
 
+    pool = "--pool-runs" in argv
+    argv = [a for a in argv if a != "--pool-runs"]
     if len(argv) != 1 or not (Path(argv[0]) / "runs.csv").is_file() or not (Path(argv[0]) / "env.json").is_file():
-        print("usage: python -m bench summarize RESULTS_DIR (with runs.csv and env.json)", file=sys.stderr)
+        print("usage: python -m bench summarize RESULTS_DIR [--pool-runs] (with runs.csv and env.json)", file=sys.stderr)
         return 2
     out = Path(argv[0])
     try:
@@ -35,20 +37,9 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    def value(text: str):
-        if text == "":
-            return None
-        if text in ("true", "false"):
-            return text == "true"
-        for kind in (int, float):
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-        return text
-
-    with (out / "runs.csv").open(newline="") as f:
-        rows = [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    rows = read_runs(out / "runs.csv")
+    if pool:  # one summary per result across every run of the directory (run_id left empty)
+        rows = [{**r, "run_id": ""} for r in rows]
     path = write_summary(out, summarize_runs(rows, cfg))
     print(f"wrote {path} from {len(rows)} runs")
     return 0

@@ -1,10 +1,14 @@
-"""The one CSV writer (append + flush per row) and the env.json / summary writers."""
+"""The one CSV writer (append + flush + fsync per row), the atomic env.json / summary writers,
+and a results directory's ownership: its lock file and the checks before a run writes into it."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
+import os
 import secrets
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,8 +27,8 @@ def _cell(v):
 
 
 class CsvWriter:
-    """Writes rows with a fixed column list; each row is flushed (and fsynced) as it is written,
-    so a crash or Ctrl-C never loses a finished run."""
+    """Writes rows with a fixed column list; each row is flushed and fsynced as it is written,
+    so a crash, Ctrl-C or power loss never loses a finished run."""
 
     def __init__(self, path: Path, columns: list[str]):
         self.path, self.columns = path, columns
@@ -39,11 +43,15 @@ class CsvWriter:
         self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="raise")
         if new:
             self._w.writeheader()
-            self._f.flush()
+            self._sync()
+
+    def _sync(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
 
     def write(self, row: dict) -> None:
         self._w.writerow({k: _cell(row.get(k)) for k in self.columns})
-        self._f.flush()
+        self._sync()
 
     def close(self) -> None:
         self._f.close()
@@ -53,19 +61,171 @@ def run_writer(out_dir: Path) -> CsvWriter:
     return CsvWriter(out_dir / "runs.csv", list(RUN_COLUMNS))
 
 
+def _atomic_write(path: Path, write) -> None:
+    """Write a file through a temporary file in its directory, fsynced, then os.replace: readers
+    see the old file or the new one, never a partial (or 0-byte) one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def write_summary(out_dir: Path, rows: list[dict]) -> Path:
+    """summary.csv, replaced atomically (the rows are formatted before the file is touched)."""
     path = out_dir / "summary.csv"
-    if path.exists():
-        path.unlink()
-    w = CsvWriter(path, list(SUMMARY_COLUMNS))
-    for r in rows:
-        w.write(r)
-    w.close()
+    columns = list(SUMMARY_COLUMNS)
+    cells = [{k: _cell(r.get(k)) for k in columns} for r in rows]
+
+    def write(f):
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="raise")
+        w.writeheader()
+        w.writerows(cells)
+
+    _atomic_write(path, write)
     return path
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    _atomic_write(path, lambda f: f.write(text))
+
+
+def _value(text: str):
+    if text == "":
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_runs(path: Path) -> list[dict]:
+    """runs.csv's rows with cells typed back (empty: None, true/false, numbers)."""
+    with path.open(newline="", encoding="utf-8") as f:
+        return [{k: _value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+# ---------------------------------------------------------------------------------------------
+# A results directory has one owner: one run writes it (or one --append / --resume after it).
+LOCK_NAME = ".lock"
+RESULT_FILES = ("runs.csv", "summary.csv", "env.json")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def lock_holder(out_dir: Path) -> int | None:
+    """The PID of the live process holding out_dir's lock, or None (no lock, or a stale one)."""
+    try:
+        text = (out_dir / LOCK_NAME).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        return None
+    try:
+        pid = int(text.split()[0])
+    except (ValueError, IndexError):
+        return None  # unreadable content: treated as stale
+    return pid if _pid_alive(pid) else None
+
+
+def check_output_dir(out_dir: Path, mode: str) -> None:
+    """Refuse (UsageError, nothing written) an --output-dir this run may not write: a file, an
+    unwritable place, a directory another live run holds, a non-empty directory unless `mode` is
+    "append" or "resume" ("new" otherwise), or a directory whose files are not this harness's."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--output-dir {out_dir} is a file, not a directory")
+    probe = out_dir
+    while not probe.exists():  # the nearest existing folder is where it would be created
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--output-dir {out_dir}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir {out_dir} is not writable")
+    if not out_dir.exists():
+        return
+    holder = lock_holder(out_dir)
+    if holder is not None:
+        raise UsageError(f"--output-dir {out_dir} is in use by another run (PID {holder}, "
+                         f"lock file {out_dir / LOCK_NAME})")
+    entries = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK_NAME)
+    if not entries:
+        return
+    runs = out_dir / "runs.csv"
+    if runs.is_file() and runs.stat().st_size:
+        with runs.open(newline="", encoding="utf-8", errors="replace") as f:
+            header = next(csv.reader(f), [])
+        if header != list(RUN_COLUMNS):
+            raise UsageError(f"{runs} has columns this harness does not write (another program's or "
+                             "another version's file): use a new --output-dir")
+    if mode == "new":
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UsageError(f"--output-dir {out_dir} is not empty ({shown}): give --append to add a run to it, "
+                         "--resume to finish its run, or a new --output-dir")
+    if not (runs.is_file() and (out_dir / "env.json").is_file()):
+        raise UsageError(f"--output-dir {out_dir} holds files but no results of this harness "
+                         "(runs.csv and env.json): use a new --output-dir")
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir {out_dir} is not writable")
+
+
+class DirLock:
+    """out_dir/.lock holding this process's PID, created with O_EXCL; a lock whose PID is dead
+    is taken over. release() removes it (only while it still holds this PID)."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / LOCK_NAME
+        self.pid = os.getpid()
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = lock_holder(out_dir)
+                if holder is not None:
+                    raise UsageError(f"--output-dir {out_dir} is in use by another run (PID {holder}, "
+                                     f"lock file {self.path})") from None
+                try:
+                    self.path.unlink()  # stale: its process is gone
+                except FileNotFoundError:
+                    pass
+                continue
+            except OSError as e:
+                raise UsageError(f"--output-dir {out_dir} is not writable ({errno.errorcode.get(e.errno, e)})") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{self.pid}\n")
+            return
+        raise UsageError(f"--output-dir {out_dir}: could not take its lock file {self.path}")
+
+    def release(self) -> None:
+        try:
+            if self.path.read_text().split()[:1] == [str(self.pid)]:
+                self.path.unlink()
+        except (OSError, IndexError):
+            pass
 
 
 def new_run_id() -> str:

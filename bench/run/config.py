@@ -69,7 +69,11 @@ class RunFields:
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
     device: str = opt("cuda, cuda:N, cpu or auto", "auto")
     dtype: str = opt("float16, bfloat16, float32 or auto (float16 on CUDA, float32 on CPU)", "auto")
-    output_dir: str | None = opt("results directory (default results/local/<time>-<model>)")
+    output_dir: str | None = opt("results directory (default results/local/<time>-<model>); it must be new or "
+                                 "empty unless --append or --resume")
+    append: bool = opt("add this run (a new run_id) to --output-dir's runs.csv; summaries keep runs apart", False)
+    resume: bool = opt("finish --output-dir's interrupted run (same run_id, same configuration): groups "
+                       "already complete are not run again", False)
     seed: int = opt("seed for preset weights and sampling-free runs", 0)
 
 
@@ -80,6 +84,10 @@ class RunConfigBase:
     def __post_init__(self):
         if self.model_path and self.preset:
             raise UsageError("give either --model-path or --preset, not both")
+        if self.append and self.resume:
+            raise UsageError("give --append or --resume, not both")
+        if (self.append or self.resume) and not self.output_dir:
+            raise UsageError(f"--{'append' if self.append else 'resume'} needs --output-dir")
         if not self.model_path and not self.preset:
             self.preset = DEFAULT_PRESET
         for name in ("num_runs", "max_new_tokens"):
@@ -190,9 +198,22 @@ def config_class() -> type:
 RunConfig = config_class()
 
 
+# Settings that say where and how results are written, not what is measured: left out of the
+# configuration fingerprint --resume compares.
+NOT_FINGERPRINTED = ("output_dir", "append", "resume")
+
+EXIT_CODES = """exit codes:
+  0    every variant and point measured
+  1    some variant or point failed (others measured)
+  2    usage error (bad flag, input or --output-dir); nothing written
+  3    nothing measured (every variant skipped or failed)
+  130  interrupted (Ctrl-C); finished rows are kept in runs.csv"""
+
+
 def build_parser(cls=None, prog: str = "vila_prefix_benchmark.py") -> argparse.ArgumentParser:
     cls = cls or config_class()
-    parser = argparse.ArgumentParser(prog=prog, description="Benchmark VLM inference variants.")
+    parser = argparse.ArgumentParser(prog=prog, description="Benchmark VLM inference variants.",
+                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *f.metadata.get("aliases", ())]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
+import json
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -15,7 +17,7 @@ from tqdm import tqdm
 from bench.engines import attention_kernels
 from bench.run import envinfo
 from bench.run import fidelity
-from bench.run.config import RunConfig
+from bench.run.config import NOT_FINGERPRINTED, RunConfig
 from bench.log import status
 from bench.errors import UsageError, VariantUnsupported
 from bench.run.monitors import GpuMonitor
@@ -23,7 +25,8 @@ from bench.measure.metrics import request_metrics
 from bench.measure.schema import SUMMARY_KEY, SUMMARY_METRICS, result_key
 from bench.run.limits import check_sizes, loaded_max_pos, model_dims
 from bench.run.questions import load_questions, warmup_questions
-from bench.measure.results import new_run_id, run_writer, utc_now, write_json, write_summary
+from bench.measure.results import (DirLock, check_output_dir, new_run_id, read_runs, run_writer, utc_now,
+                                   write_json, write_summary)
 from bench.models.source import ModelSource
 from bench.measure.stats import is_valid, summarize
 from bench.models.visual import load_image
@@ -88,6 +91,21 @@ def printable(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def config_fingerprint(config: dict) -> tuple[str, dict]:
+    """What --resume compares: the run's settings less where its results go (NOT_FINGERPRINTED),
+    as JSON would store them, and their SHA-256."""
+    settings = json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_FINGERPRINTED},
+                                     sort_keys=True, default=str))
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16], settings
+
+
+def _point_key(row) -> tuple:
+    """A row's workload point as text (runs.csv cells and in-memory values compare alike)."""
+    from bench.measure.schema import WORKLOAD_KEYS
+
+    return tuple("" if row.get(k) is None else str(row.get(k)) for k in WORKLOAD_KEYS)
+
+
 def weight_mb(module: torch.nn.Module) -> float:
     """Parameters and buffers, less the int4 layers' prefill scratch (bench.quant.prefetch)."""
     total = sum(t.numel() * t.element_size() for t in module.parameters())
@@ -121,58 +139,156 @@ class Benchmark:
         self.source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
         self.dims = model_dims(cfg.model_path, cfg.preset)
         check_sizes(cfg, self.dims, self.source.name, self.questions, self.frames, self.device, self.dtype)
-        if cfg.output_dir and Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
-            raise UsageError(f"--output-dir {cfg.output_dir} is a file; give a directory")
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        self.out_dir = Path(cfg.output_dir or f"results/local/{stamp}-{self.source.name}")
-        gpu_index = (self.device.index or 0) if self.device.type == "cuda" else None
-        self.monitor = GpuMonitor(gpu_index)
         self.rows: list[dict] = []
         self.run_id = new_run_id()  # on every row and in env.json
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        self.out_dir = Path(cfg.output_dir or f"results/local/{stamp}-{self.source.name}")
+        if not cfg.output_dir and self.out_dir.exists():  # two runs in one second: the default stays new
+            self.out_dir = Path(f"results/local/{self.run_id}-{self.source.name}")
+        gpu_index = (self.device.index or 0) if self.device.type == "cuda" else None
+        self.monitor = GpuMonitor(gpu_index)
         self.reference: fidelity.FidelityReference | None = None
+        # The results directory has one owner: refused here, before anything is written.
+        self.mode = "resume" if cfg.resume else "append" if cfg.append else "new"
+        check_output_dir(self.out_dir, self.mode)
+        self.prior: dict[tuple, list[dict]] = {}  # --resume: this run's rows already in runs.csv, by variant/point
+        self.old_env: dict | None = None
+        if self.out_dir.is_dir() and (self.out_dir / "env.json").is_file() and self.mode != "new":
+            try:
+                self.old_env = json.loads((self.out_dir / "env.json").read_text())
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{self.out_dir / 'env.json'} is not readable JSON ({e.__class__.__name__}): "
+                                 "use a new --output-dir") from None
+        self.fingerprint, settings = config_fingerprint(asdict(cfg))
+        if self.mode == "resume" and self.old_env is not None:
+            self._prepare_resume(settings)
+        self.summary: list[dict] | None = None
+
+    def _prepare_resume(self, settings: dict) -> None:
+        old_settings = config_fingerprint(self.old_env.get("config") or {})[1]
+        if old_settings != settings:
+            changed = sorted(k for k in set(old_settings) | set(settings) if old_settings.get(k) != settings.get(k))
+            shown = ", ".join(f"--{k.replace('_', '-')} {old_settings.get(k)!r} -> {settings.get(k)!r}"
+                              for k in changed[:3]) + (", ..." if len(changed) > 3 else "")
+            raise UsageError(f"--resume: {self.out_dir} holds a run of another configuration ({shown}): "
+                             "give its settings, or --append for a new run")
+        self.run_id = self.old_env.get("run_id") or self.run_id
+        for r in read_runs(self.out_dir / "runs.csv"):
+            if r.get("run_id") == self.run_id:
+                key = (r.get("variant"), _point_key(r) if r.get("batch_size") is not None else None)
+                self.prior.setdefault(key, []).append(r)
+
+    def _env(self) -> dict:
+        """env.json's content for this invocation (--append: every run's, under "runs")."""
+        env = envinfo.collect(self.command, self.monitor.device_facts(), {
+            "config": asdict(self.cfg), "fingerprint": self.fingerprint, "device": str(self.device),
+            "dtype": str(self.dtype), "attention_kernels": attention_kernels.describe(self.cfg.attention_kernels),
+            "engines": self._engine_specs(),
+            "model": self.source.name, "weights": self.source.weights, "run_id": self.run_id,
+        })
+        old = self.old_env
+        if self.mode == "resume" and old is not None:
+            return {**old, "resumed": [*old.get("resumed", []), {"at": utc_now(), "command": self.command}]}
+        if self.mode == "append" and old is not None:
+            runs = dict(old.get("runs") or {old.get("run_id", "?"): {k: v for k, v in old.items() if k != "runs"}})
+            runs[self.run_id] = env
+            return {**env, "runs": runs}
+        return env
 
     # ------------------------------------------------------------------------------------
     def run(self) -> Path:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = run_writer(self.out_dir)  # first: refuses a runs.csv with other columns
-        write_json(self.out_dir / "env.json", envinfo.collect(self.command, self.monitor.device_facts(), {
-            "config": asdict(self.cfg), "device": str(self.device), "dtype": str(self.dtype),
-            "attention_kernels": attention_kernels.describe(self.cfg.attention_kernels),
-            "engines": self._engine_specs(),
-            "model": self.source.name, "weights": self.source.weights, "run_id": self.run_id,
-        }))
         try:
-            loaded = None
-            for variant in self.variants:
-                base = self._base_row(variant)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--output-dir {self.out_dir} cannot be created ({e.strerror})") from None
+        lock = DirLock(self.out_dir)  # a concurrent writer is refused here
+        try:
+            self.writer = run_writer(self.out_dir)  # refuses a runs.csv with other columns
+            try:
+                write_json(self.out_dir / "env.json", self._env())
+                self._run_variants()
+            finally:
+                self.writer.close()
+                self._write_summary()
+        finally:
+            lock.release()
+        return self.out_dir
+
+    def _write_summary(self) -> None:
+        """summary.csv from every run in runs.csv (this one only when the directory was new); a
+        failure here (a host out of memory) keeps the previous file and says how to rebuild it."""
+        try:
+            rows = self.rows if self.mode == "new" else read_runs(self.out_dir / "runs.csv")
+            self.summary = summarize_runs(rows, self.cfg)
+            write_summary(self.out_dir, self.summary)
+        except Exception as e:  # noqa: BLE001 - the rows are safe in runs.csv
+            self.summary = None
+            status(f"summary.csv not written ({e.__class__.__name__}: {e}); "
+                   f"rebuild it with: python -m bench summarize {self.out_dir}")
+
+    def exit_code(self) -> int:
+        """0: all measured; 1: something failed, something measured; 3: nothing measured."""
+        rows = [*self.rows, *(r for rs in self.prior.values() for r in rs)]
+        measured = any(r.get("status") == "ok" and r.get("kind") == "measured" for r in rows)
+        failed = any(r.get("status") == "failed" for r in rows)
+        return 3 if not measured else 1 if failed else 0
+
+    def _point_done(self, variant_name: str, point) -> bool:
+        """--resume: the point has its outcome already (a failed or skipped row, or every
+        measured group complete by the stop rule)."""
+        rows = self.prior.get((variant_name, _point_key(point.columns())), [])
+        if any(r.get("status") != "ok" for r in rows):
+            return True
+        groups: dict[str, list[dict]] = {}
+        for r in rows:
+            if r.get("kind") == "measured":
+                groups.setdefault(r.get("cache_state"), []).append(r)
+        if "none" in groups:
+            return self._group_done(groups["none"], None)
+        if "cold" in groups:
+            return self._group_done(groups["cold"], self.cfg.num_runs) and self._group_done(groups.get("warm", []), None)
+        return False
+
+    def _group_done(self, rows: list[dict], fixed_n: int | None) -> bool:
+        n = len(rows)
+        measured_s = sum(float(r.get("e2e_ms") or 0) for r in rows) / 1e3
+        if fixed_n is not None:
+            return n >= fixed_n
+        cfg = self.cfg
+        return (n >= cfg.num_runs and measured_s >= cfg.min_seconds) or n >= cfg.max_runs
+
+    def _run_variants(self) -> None:
+        loaded = None
+        for variant in self.variants:
+            base = self._base_row(variant)
+            if self.prior.get((variant.name, None)) or (
+                    self.mode == "resume" and all(self._point_done(variant.name, p) for p in self.cfg.points)):
+                continue  # --resume: this variant's outcome is in runs.csv already
+            try:
                 reason = variant.unavailable_reason(self.device) or variant.weights.source_reason(self.source)
                 if reason:
                     self._emit({**base, "status": "skipped", "error": reason})
                     continue
-                try:
-                    options = variant.weights.options(self.cfg)
-                    if loaded is None or variant.weights.key(options) != loaded.weights_key:
-                        loaded = None
-                        self._free()
-                        status(f"{variant.name}: loading {variant.weights.name} weights")
-                        loaded = variant.weights.load(self.source, self.device, self.dtype, options)
-                        self._check_loaded_positions(loaded.adapter)
-                    status(f"{variant.name}: fidelity probe, then measured runs")
-                    fid = self._fidelity(variant, loaded)
-                    self._measure_variant(variant, loaded, {**base, **fid})
-                except _PointFailed:  # its row is written; the next variant runs
+                options = variant.weights.options(self.cfg)
+                if loaded is None or variant.weights.key(options) != loaded.weights_key:
                     loaded = None
                     self._free()
-                except VariantUnsupported as e:
-                    self._emit({**base, "status": "skipped", "error": str(e)[:500]})
-                except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
-                    self._emit({**base, "status": "failed", "error": f"{e.__class__.__name__}: {e}"[:500]})
-                    loaded = None
-                    self._free()
-        finally:
-            self.writer.close()
-            write_summary(self.out_dir, self.summary_rows())
-        return self.out_dir
+                    status(f"{variant.name}: loading {variant.weights.name} weights")
+                    loaded = variant.weights.load(self.source, self.device, self.dtype, options)
+                    self._check_loaded_positions(loaded.adapter)
+                status(f"{variant.name}: fidelity probe, then measured runs")
+                fid = self._fidelity(variant, loaded)
+                self._measure_variant(variant, loaded, {**base, **fid})
+                continue
+            except VariantUnsupported as e:
+                self._emit({**base, "status": "skipped", "error": str(e)[:500]})
+                continue
+            except UsageError:  # the user's to fix (e.g. a prompt longer than the loaded model's context)
+                raise
+            except Exception as e:  # noqa: BLE001 - any fault (host or device out of memory too) is this variant's
+                self._emit({**base, "status": "failed", "error": _reason(e)})
+            loaded = None  # outside the handler: the exception's frames no longer hold its tensors
+            self._free()
 
     def _check_loaded_positions(self, adapter) -> None:
         """A checkpoint whose config.json did not give its positions: the prompt-length check
@@ -254,23 +370,41 @@ class Benchmark:
 
     # ------------------------------------------------------------------------------------
     def _measure_variant(self, variant, loaded, base: dict) -> None:
-        """Every workload point on one engine (compiled code and graphs are reused across points)."""
+        """Every workload point on one engine (compiled code and graphs are reused across points).
+
+        A point that fails gets a failed row with the reason; the engine and its cache are then
+        freed and made again from the loaded model, and the next point runs on them. If that
+        remake fails too, every remaining point gets a failed row saying why."""
         adapter = loaded.adapter
         policy = self._policy(variant, loaded)
         engine = self._engine(variant, loaded, policy)
         base = {**base, "weight_mb": weight_mb(adapter.model), **loaded.columns()}
-        for point in self.cfg.points:
+        points = self.cfg.points
+        for i, point in enumerate(points):
+            if self.mode == "resume" and self._point_done(variant.name, point):
+                continue
             row = {**base, **point.columns()}
+            failed = False
             try:
                 self._measure_point(engine, policy, adapter, point, row)
             except VariantUnsupported as e:
                 self._emit({**row, "status": "skipped", "error": str(e)[:500]})
-            except (torch.OutOfMemoryError, RuntimeError, ValueError, NotImplementedError) as e:
-                self._emit({**row, "status": "failed", "error": f"{e.__class__.__name__}: {e}"[:500]})
-                if isinstance(e, torch.OutOfMemoryError):  # the sweep goes on with the next point
-                    self._free()
-                    continue
-                raise _PointFailed() from e
+            except Exception as e:  # noqa: BLE001 - MemoryError, OutOfMemoryError, any other fault
+                self._emit({**row, "status": "failed", "error": _reason(e)})
+                failed = True
+            if not failed:
+                continue
+            engine = policy = None
+            self._free()
+            try:
+                policy = self._policy(variant, loaded)
+                engine = self._engine(variant, loaded, policy)
+            except Exception as e:  # noqa: BLE001
+                why = f"not run: the engine could not be made again after {point.label()} failed: {_reason(e)}"
+                for rest in points[i + 1:]:
+                    if not (self.mode == "resume" and self._point_done(variant.name, rest)):
+                        self._emit({**base, **rest.columns(), "status": "failed", "error": why[:500]})
+                return
 
     def _point_questions(self, adapter, point) -> list[str]:
         if point.question_tokens is None:
@@ -290,20 +424,34 @@ class Benchmark:
         state = "warm" if policy.stateful else "none"
         source = RequestSource(point, self.image, self.frames, cfg.video_mode, adapter.preprocess,
                                self.image_file)
+        # --resume: this point's rows already written (warm-ups then run again unrecorded, and a
+        # measured group goes on from its count; complete groups are not run again).
+        prior = [r for r in self.prior.get((base["variant"], _point_key(point.columns())), []) if r.get("status") == "ok"]
         try:
             warmups = [self.warmups[i % len(self.warmups)] for i in range(cfg.warmup)]
             if cfg.warmup:
                 warmups += shape_matched_warmups(adapter, questions)
+            record_warmups = not any(r.get("kind") == "warmup" for r in prior)
             for i in range(len(warmups)):
                 self._timed_run(engine, source, warmups, i, point,
-                                {**base, "kind": "warmup", "run_index": i, "cache_state": state})
+                                {**base, "kind": "warmup", "run_index": i, "cache_state": state}, record_warmups)
 
             groups = [("cold", cfg.num_runs)] if policy.stateful else []
             groups.append((state, None))
+            ran_cold = False
             for cache_state, fixed_n in groups:
+                done = [r for r in prior if r.get("kind") == "measured" and r.get("cache_state") == cache_state]
+                if done and self._group_done(done, fixed_n):
+                    continue
                 bar = tqdm(total=fixed_n or cfg.num_runs, desc=f"{base['variant']} {point.label()} [{cache_state}]",
                            leave=False, disable=None)
-                n, measured_s = 0, 0.0
+                n, measured_s = len(done), sum(float(r.get("e2e_ms") or 0) for r in done) / 1e3
+                if policy.stateful and cache_state == "warm" and prior and not ran_cold:
+                    # --resume: the cache is empty in this process; one unrecorded run fills it as
+                    # the cold runs would have, so the first recorded warm run is warm
+                    self._timed_run(engine, source, questions, 0, point,
+                                    {**base, "kind": "measured", "run_index": -1, "cache_state": "cold"}, False)
+                ran_cold = ran_cold or cache_state == "cold"
                 while True:
                     if fixed_n is not None and n >= fixed_n:
                         break
@@ -321,7 +469,8 @@ class Benchmark:
         finally:
             source.close()
 
-    def _timed_run(self, engine, source: RequestSource, questions: list[str], start: int, point, base: dict) -> dict:
+    def _timed_run(self, engine, source: RequestSource, questions: list[str], start: int, point, base: dict,
+                   record: bool = True) -> dict:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -351,19 +500,25 @@ class Benchmark:
         row["gpu_util_pct"] = gpu.gpu_util_pct
         if gpu.energy_j is not None:
             row["energy_j_per_token"] = gpu.energy_j / (point.new_tokens * point.batch_size)
-        self._emit(row)
+        if record:
+            self._emit(row)
         return row
 
     # ------------------------------------------------------------------------------------
     def summary_rows(self) -> list[dict]:
-        return summarize_runs(self.rows, self.cfg)
+        """What summary.csv holds (every run of the directory's runs.csv when appending or resuming)."""
+        if self.summary is None:
+            rows = self.rows if self.mode == "new" else read_runs(self.out_dir / "runs.csv")
+            return summarize_runs(rows, self.cfg)
+        return self.summary
 
 
 GPU_PHASES = ("restore", "vision", "prefill", "store", "decode")  # timed with CUDA events on a GPU
 
 
-class _PointFailed(Exception):
-    """A workload point failed (its row is written); the variant's model is freed."""
+def _reason(e: BaseException) -> str:
+    """A failed row's error cell: the exception's class and message, one line, at most 500 chars."""
+    return " ".join(f"{e.__class__.__name__}: {e}".split())[:500]
 
 
 def summarize_runs(rows: list[dict], cfg: RunConfig) -> list[dict]:

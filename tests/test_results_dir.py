@@ -1,0 +1,284 @@
+"""A results directory has one owner (refusals, --append, --resume, the lock file), exit codes,
+faults that stay in their variant or point, and durable writes."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import variants
+from bench.cli import main, run_main
+from bench.engines import hf as engine_mod
+from bench.measure.results import LOCK_NAME, CsvWriter
+from variants.base import WeightsPart
+
+TINY = ["--preset", "tiny-vila", "--device", "cpu", "--num-runs", "2", "--min-seconds", "0", "--max-new-tokens", "4",
+        "--warmup", "0", "--no-fidelity"]
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def snapshot(d):
+    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+
+
+def one_line_error(capsys, needle):
+    err = capsys.readouterr().err
+    assert needle in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One finished tiny run (read-only for the tests that use it: they copy it)."""
+    out = tmp_path_factory.mktemp("finished") / "o"
+    assert run_main([*TINY, "--output-dir", str(out)]) == 0
+    return out
+
+
+def copy_of(finished, tmp_path):
+    import shutil
+
+    out = tmp_path / "o"
+    shutil.copytree(finished, out)
+    return out
+
+
+def test_rerun_into_non_empty_dir_is_refused_and_changes_nothing(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run_main([*TINY, "--output-dir", str(out)]) == 2
+    one_line_error(capsys, "is not empty")
+    assert snapshot(out) == before
+    other = tmp_path / "other"  # any file makes a directory non-empty
+    other.mkdir()
+    (other / "notes.txt").write_text("mine\n")
+    assert run_main([*TINY, "--output-dir", str(other)]) == 2
+    one_line_error(capsys, "is not empty (notes.txt)")
+    assert snapshot(other) == {"notes.txt": b"mine\n"}
+
+
+def test_append_adds_a_run_and_summaries_keep_runs_apart(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    assert run_main([*TINY, "--append", "--output-dir", str(out)]) == 0
+    rows = read_rows(out / "runs.csv")
+    run_ids = list(dict.fromkeys(r["run_id"] for r in rows))
+    assert len(run_ids) == 2 and all(run_ids)
+    ttft = [s for s in read_rows(out / "summary.csv") if s["metric"] == "ttft_ms"]
+    assert sorted(s["run_id"] for s in ttft) == sorted(run_ids)  # one summary per run, never pooled
+    assert all(s["n"] == "2" for s in ttft)
+    env = json.loads((out / "env.json").read_text())
+    assert env["run_id"] == run_ids[1] and set(env["runs"]) == set(run_ids)
+    # asked for, runs pool
+    assert main(["summarize", str(out), "--pool-runs"]) == 0
+    ttft = [s for s in read_rows(out / "summary.csv") if s["metric"] == "ttft_ms"]
+    assert len(ttft) == 1 and ttft[0]["n"] == "4" and ttft[0]["run_id"] == ""
+    assert main(["summarize", str(out)]) == 0
+    assert len([s for s in read_rows(out / "summary.csv") if s["metric"] == "ttft_ms"]) == 2
+
+
+def test_append_to_a_new_dir_is_a_first_run(tmp_path):
+    out = tmp_path / "new"
+    assert run_main([*TINY, "--append", "--output-dir", str(out)]) == 0
+    assert len({r["run_id"] for r in read_rows(out / "runs.csv")}) == 1
+
+
+def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run_main([*TINY[:-1], "--fidelity", "--resume", "--output-dir", str(out)]) == 2
+    one_line_error(capsys, "another configuration (--fidelity False -> True)")
+    assert snapshot(out) == before
+    # the same configuration, finished already: nothing runs again
+    assert run_main([*TINY, "--resume", "--output-dir", str(out)]) == 0
+    assert read_rows(out / "runs.csv") == read_rows(finished / "runs.csv")
+    assert json.loads((out / "env.json").read_text())["resumed"]
+
+
+@pytest.mark.parametrize("stop_at", [4, 8])  # in fp16's second point; in prefix's first warm group
+def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeypatch, stop_at):
+    out = tmp_path / "o"
+    args = [*TINY, "--variants", "fp16,prefix", "--new-tokens", "2,4", "--output-dir", str(out)]
+    real = engine_mod.HFEngine.run_batch
+    calls = {"n": 0}
+
+    def interrupted(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", interrupted)
+    assert run_main(args) == 130
+    first = read_rows(out / "runs.csv")
+    assert len(first) == stop_at - 1
+    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", real)
+    assert run_main([*args[:-2], "--resume", "--output-dir", str(out)]) == 0
+    rows = read_rows(out / "runs.csv")
+    assert rows[:stop_at - 1] == first and {r["run_id"] for r in rows} == {first[0]["run_id"]}  # the same run
+    groups = {}
+    for r in rows:
+        assert r["status"] == "ok" and r["kind"] == "measured"
+        groups.setdefault((r["variant"], r["new_tokens"], r["cache_state"]), []).append(int(r["run_index"]))
+    assert set(groups) == {(v, n, c) for n in ("2", "4") for v, c in
+                           [("fp16", "none"), ("prefix", "cold"), ("prefix", "warm")]}
+    assert all(sorted(ix) == [0, 1] for ix in groups.values()), groups  # no group run twice
+    assert all(r["cache_hit"] == "true" for r in rows if r["cache_state"] == "warm")  # warm after a resume too
+    ttft = [s for s in read_rows(out / "summary.csv") if s["metric"] == "ttft_ms"]
+    assert len(ttft) == 6 and all(s["n"] == "2" for s in ttft)
+
+
+def test_a_held_lock_refuses_and_a_stale_one_is_taken(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(f"{os.getpid()}\n")  # a live process holds it
+    assert run_main([*TINY, "--output-dir", str(out)]) == 2
+    one_line_error(capsys, f"in use by another run (PID {os.getpid()}")
+    assert snapshot(out) == {LOCK_NAME: f"{os.getpid()}\n".encode()}
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK_NAME).write_text(f"{dead.pid}\n")
+    assert run_main([*TINY, "--output-dir", str(out)]) == 0
+    assert not (out / LOCK_NAME).exists()  # removed at exit
+    assert {"runs.csv", "summary.csv", "env.json"} <= set(snapshot(out))
+
+
+def test_output_dir_that_is_a_file_or_foreign(tmp_path, capsys):
+    f = tmp_path / "results.txt"
+    f.write_text("keep me\n")
+    assert run_main([*TINY, "--output-dir", str(f)]) == 2
+    one_line_error(capsys, "is a file, not a directory")
+    assert f.read_text() == "keep me\n"
+    assert run_main([*TINY, "--output-dir", str(f / "sub")]) == 2
+    one_line_error(capsys, "is a file, not a directory")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "runs.csv").write_text("date,price\n2024-01-01,3\n")
+    for flag in ([], ["--append"], ["--resume"]):
+        assert run_main([*TINY, *flag, "--output-dir", str(foreign)]) == 2
+        one_line_error(capsys, "columns this harness does not write")
+    assert snapshot(foreign) == {"runs.csv": b"date,price\n2024-01-01,3\n"}
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_output_dir(tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        assert run_main([*TINY, "--output-dir", str(ro / "o")]) == 2
+        one_line_error(capsys, "is not writable")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o700)
+
+
+def test_exit_3_when_nothing_is_measured(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run_main([*TINY, "--variants", "fp16+graph", "--output-dir", str(out)]) == 3
+    assert "nothing measured" in capsys.readouterr().err
+    assert [r["status"] for r in read_rows(out / "runs.csv")] == ["skipped"]
+    assert [s["status"] for s in read_rows(out / "summary.csv")] == ["skipped"]
+
+
+class _Broken(WeightsPart):
+    name, description = "brokentest", "test part: its weights fail to load"
+
+    def key(self, options):
+        return (self.name,)
+
+    def load(self, *a, **k):
+        raise KeyError("no such tensor: lm_head.weight")  # not one of the errors a part usually raises
+
+
+@pytest.fixture
+def broken():
+    part = variants.register(_Broken())
+    yield part
+    variants.unregister(part.name)
+
+
+def test_exit_1_when_one_variant_fails_and_another_is_measured(broken, tmp_path):
+    out = tmp_path / "o"
+    assert run_main([*TINY, "--variants", "brokentest,fp16", "--output-dir", str(out)]) == 1
+    rows = read_rows(out / "runs.csv")
+    assert rows[0]["variant"] == "brokentest" and rows[0]["status"] == "failed"
+    assert rows[0]["error"].startswith("KeyError:")
+    assert [r["status"] for r in rows[1:]] == ["ok", "ok"]
+
+
+def test_memory_error_in_one_point_leaves_the_next_point_its_rows(tmp_path):
+    out = tmp_path / "o"
+    real = engine_mod.HFEngine.run_batch
+    calls = {"n": 0}
+
+    def host_oom(self, requests, new_tokens, *a, **k):
+        calls["n"] += 1
+        if new_tokens == 2 and calls["n"] == 2:
+            raise MemoryError("cannot allocate 64 GiB")
+        return real(self, requests, new_tokens, *a, **k)
+
+    import unittest.mock as mock
+
+    with mock.patch.object(engine_mod.HFEngine, "run_batch", host_oom):
+        rc = run_main([*TINY, "--new-tokens", "2,4", "--output-dir", str(out)])
+    assert rc == 1
+    rows = read_rows(out / "runs.csv")
+    n2 = [r for r in rows if r["new_tokens"] == "2"]
+    assert [r["status"] for r in n2] == ["ok", "failed"] and n2[1]["error"] == "MemoryError: cannot allocate 64 GiB"
+    n4 = [r for r in rows if r["new_tokens"] == "4"]
+    assert [r["status"] for r in n4] == ["ok", "ok"]
+    summary = read_rows(out / "summary.csv")
+    assert any(s["new_tokens"] == "4" and s["metric"] == "ttft_ms" and s["n"] == "2" for s in summary)
+    assert any(s["new_tokens"] == "2" and s["status"] == "failed" for s in summary)
+
+
+def test_exit_codes_are_in_help():
+    from bench.run.config import build_parser
+
+    text = build_parser().format_help()
+    assert "exit codes:" in text and "130" in text and "nothing measured" in text
+
+
+def test_rows_are_fsynced(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    w = CsvWriter(tmp_path / "x.csv", ["a", "b"])
+    n = len(synced)
+    w.write({"a": 1, "b": 2})
+    assert len(synced) == n + 1
+    w.close()
+
+
+def test_default_output_dirs_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):  # within one second the second run gets its own directory
+        assert run_main(TINY) == 0
+    dirs = sorted((tmp_path / "results" / "local").iterdir())
+    assert len(dirs) == 2 and all((d / "summary.csv").is_file() for d in dirs)
+
+
+def test_memory_error_while_summarising_keeps_the_previous_summary(finished, tmp_path, monkeypatch, capsys):
+    from bench.run import runner
+
+    out = copy_of(finished, tmp_path)
+    before = (out / "summary.csv").read_bytes()
+
+    def no_memory(*a, **k):
+        raise MemoryError("cannot allocate")
+
+    monkeypatch.setattr(runner, "summarize_runs", no_memory)
+    assert run_main([*TINY, "--append", "--output-dir", str(out)]) == 0  # the rows were measured
+    assert (out / "summary.csv").read_bytes() == before  # never half-written, never 0 bytes
+    assert "python -m bench summarize" in capsys.readouterr().err
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name == LOCK_NAME]
+    assert len({r["run_id"] for r in read_rows(out / "runs.csv")}) == 2
