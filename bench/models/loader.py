@@ -2,7 +2,6 @@
 (bench.models.registry), or a preset. Nothing here names a family."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
 from bench.models.family import RANDOM_WEIGHTS_MARK
+from bench.models.files import read_json_object
 from bench.models.presets import Preset, get_preset
 from bench.models.registry import families, get_family, layouts
 from bench.models.templates import TEMPLATE_SPECIAL_TOKENS, get_template
@@ -24,13 +24,12 @@ def read_checkpoint_config(path: Path) -> tuple[str, dict]:
     if not cfg_file.is_file():
         raise UsageError(f"--model-path {path} is not a LLaVA/VILA/InternVL checkpoint: no config.json "
                          f"(expected {layouts()})")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--model-path {path}: config.json is not valid JSON ({e})") from None
+    config = read_json_object(cfg_file, f"--model-path {path}")
     for family in families().values():
         if family.detect(path, config):
-            if not family.llm_files(path)[0]:
+            if family.check is not None:
+                family.check(path, config)
+            elif not family.llm_files(path)[0]:
                 raise UsageError(f"--model-path {path}: no *.safetensors weights (only safetensors are loaded)")
             return family.name, config
     raise UsageError(
@@ -46,7 +45,7 @@ def awq_quantization(path: Path, family: str, config: dict) -> dict | None:
     qc = config.get("quantization_config")
     llm_config = path / get_family(family).llm_dir / "config.json"
     if qc is None and get_family(family).llm_dir and llm_config.is_file():
-        qc = json.loads(llm_config.read_text()).get("quantization_config")
+        qc = read_json_object(llm_config, f"--model-path {path}").get("quantization_config")
     if not qc or str(qc.get("quant_method", "")).lower() != "awq":
         return None
     try:
