@@ -160,15 +160,58 @@ def _vila_vision_truncated(d, family):
     _truncate(d / "vision_tower" / "model.safetensors")
 
 
+def _tokenizer_garbage(d, family):
+    (_llm(d, family) / "tokenizer.json").write_text("{garbage")
+
+
+def _tokenizer_empty_object(d, family):
+    (_llm(d, family) / "tokenizer.json").write_text("{}")
+
+
+def _preprocessor_list(d, family):
+    (d / "vision_tower" if family == "vila" else d).joinpath("preprocessor_config.json").write_text("[]")
+
+
+def _preprocessor_unknown_class(d, family):
+    (d / "vision_tower" if family == "vila" else d).joinpath("preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "NoSuchProcessor"}))
+
+
+def _index_garbage(d, family):
+    folder = _shard(_llm(d, family))
+    (folder / "model.safetensors.index.json").write_text("nope")
+
+
+def _config_bad_field(d, family):
+    f = _llm(d, family) / "config.json"
+    cfg = json.loads(f.read_text())
+    if "text_config" in cfg:
+        cfg["text_config"]["hidden_size"] = "abc"
+    else:
+        cfg["hidden_size"] = "abc"
+    f.write_text(json.dumps(cfg))
+
+
+def _vila_part_config_null(d, family):
+    (d / "llm" / "config.json").write_text("null")
+
+
+def _vila_vision_no_config(d, family):
+    (d / "vision_tower" / "config.json").unlink()
+
+
 ALL = ("llava", "vila", "internvl")
 CASES = [(fam, fn) for fn in (_missing_shard, _zero_byte, _config_list, _config_null, _config_not_utf8,
-                              _no_preprocessor, _no_tokenizer, _shape_mismatch, _missing_tensor, _header_past_end)
+                              _no_preprocessor, _no_tokenizer, _shape_mismatch, _missing_tensor, _header_past_end,
+                              _tokenizer_garbage, _tokenizer_empty_object, _preprocessor_list,
+                              _preprocessor_unknown_class, _index_garbage, _config_bad_field)
          for fam in ALL]
 CASES += [(fam, lambda d, family: _truncate(_llm(d, family) / "model.safetensors")) for fam in ALL]
 CASES += [(fam, lambda d, family: _garbage(_llm(d, family) / "model.safetensors")) for fam in ALL]
 CASES += [("vila", fn) for fn in (_vila_no_projector_weights, _vila_pickle_llm, _vila_pickle_projector,
                                   _vila_projector_config_list, _vila_projector_config_type, _vila_projector_shape,
-                                  _vila_projector_missing_tensor, _vila_vision_truncated)]
+                                  _vila_projector_missing_tensor, _vila_vision_truncated, _vila_part_config_null,
+                                  _vila_vision_no_config)]
 CASES += [(fam, lambda d, family: (d / "model.safetensors").rename(d / "pytorch_model.bin"))
           for fam in ("llava", "internvl")]
 

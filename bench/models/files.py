@@ -15,6 +15,8 @@ from bench.errors import UsageError
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json")
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
@@ -137,10 +139,20 @@ def check_shapes(tensors: dict[str, tuple[str, tuple[int, ...]]], expected: dict
                              f"implies {list(shape)}; the weights do not belong to this config.json")
 
 
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message squeezed onto one line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def require_tokenizer(folder: Path, what: str) -> None:
+    """Tokenizer files are there, and those that are JSON are JSON objects."""
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise UsageError(f"{what}: no tokenizer files in {folder} (expected one of {', '.join(TOKENIZER_FILES)}); "
                          "copy them from the original checkpoint")
+    for name in TOKENIZER_JSON:
+        if (folder / name).is_file():
+            read_json_object(folder / name, what)
 
 
 def require_preprocessor(folder: Path, what: str) -> None:

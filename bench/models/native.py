@@ -12,7 +12,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
-from bench.models.files import check_shapes, checked_weights, require_preprocessor, require_tokenizer
+from bench.models.files import check_shapes, checked_weights, one_line, require_preprocessor, require_tokenizer
 
 VISION_MODULES = ["model.vision_tower", "model.multi_modal_projector"]
 
@@ -78,6 +78,8 @@ def native_checker(model_cls, config_cls, adjust=None):
         require_preprocessor(path, what)
         if not config.get("quantization_config"):  # AWQ: the int4 tensors are checked when they load
             check_shapes(tensors, expected_tensors(model_cls, config_cls, path, what, set(tensors), adjust), what, path)
+        tokenizer_from(path, what)  # loads (no code runs): a broken file is an error before the run starts
+        image_processor_from(path, what)
 
     return check
 
@@ -95,8 +97,9 @@ def expected_tensors(model_cls, config_cls, path: Path, what: str, names: set[st
             model = model_cls._from_config(config)
         if adjust is not None:  # what the family's load changes in the module tree
             adjust(model, config)
-    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
-        raise UsageError(f"{what}: {path / 'config.json'} does not describe a model ({e})") from None
+    except Exception as e:  # noqa: BLE001 - transformers' config validation raises many error types
+        raise UsageError(f"{what}: {path / 'config.json'} does not describe a model ({one_line(e)}); restore the "
+                         "checkpoint's original file") from None
     state = model.state_dict()
     tied = {k for k in state if k.endswith("lm_head.weight")} if config.get_text_config().tie_word_embeddings else set()
     candidates = [{k: tuple(v.shape) for k, v in state.items() if k not in tied}]
@@ -117,10 +120,10 @@ def pretrained(model_cls, path: Path, what: str, check_keys: bool = True, **kwar
     try:
         model, info = model_cls.from_pretrained(path, use_safetensors=True, output_loading_info=True, **kwargs)
     except (RuntimeError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(e, 300)
         if "size mismatch" in str(e) or "shape" in str(e).lower():
-            raise UsageError(f"{what}: weights in {path} do not match its config.json ({first[:300]})") from None
-        raise UsageError(f"{what}: cannot load the model in {path} ({first[:300]})") from None
+            raise UsageError(f"{what}: weights in {path} do not match its config.json ({first})") from None
+        raise UsageError(f"{what}: cannot load the model in {path} ({first})") from None
     mismatched = info.get("mismatched_keys") or []
     if mismatched:
         name = mismatched[0][0] if isinstance(mismatched[0], (tuple, list)) else mismatched[0]
@@ -137,15 +140,15 @@ def pretrained(model_cls, path: Path, what: str, check_keys: bool = True, **kwar
 def tokenizer_from(folder: Path, what: str):
     try:
         return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"{what}: cannot load the tokenizer in {folder} ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
+        raise UsageError(f"{what}: cannot load the tokenizer in {folder} ({one_line(e)})") from None
 
 
 def image_processor_from(folder: Path, what: str):
     try:
         return AutoImageProcessor.from_pretrained(folder)
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"{what}: cannot load the image processor in {folder} ({str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__})") from None
+    except Exception as e:  # noqa: BLE001 - as above
+        raise UsageError(f"{what}: cannot load the image processor in {folder} ({one_line(e)})") from None
 
 
 def save_native(adapter: NativeVLMAdapter, out: Path) -> None:

@@ -22,7 +22,7 @@ from bench.errors import UsageError
 from bench.models.base import PreparedPrompt, VLMAdapter
 from bench.models.family import RANDOM_WEIGHTS_MARK, Family
 from bench.models.files import (
-    check_shapes, checked_weights, read_json_object, require_preprocessor, require_tokenizer,
+    check_shapes, checked_weights, one_line, read_json_object, require_preprocessor, require_tokenizer,
 )
 from bench.models.native import image_processor_from, pretrained, tokenizer_from
 from bench.models.templates import ConvTemplate
@@ -170,8 +170,8 @@ def _part_config(config_cls, folder: Path, what: str):
         raise UsageError(f"{what}: no config.json in {folder}; copy it from the original checkpoint")
     try:
         return config_cls.from_dict(data)
-    except (TypeError, ValueError, KeyError) as e:
-        raise UsageError(f"{what}: {folder / 'config.json'} does not describe a model ({e})") from None
+    except Exception as e:  # noqa: BLE001 - transformers' config validation raises many error types
+        raise UsageError(f"{what}: {folder / 'config.json'} does not describe a model ({one_line(e)})") from None
 
 
 def check_vila(path: Path, config: dict) -> None:
@@ -189,12 +189,14 @@ def check_vila(path: Path, config: dict) -> None:
         if not quantized:  # AWQ llm/: the int4 tensors are checked when they load
             try:
                 expected = _expected_shapes(model_cls, cfg)
-            except (RuntimeError, ValueError, TypeError) as e:
-                raise UsageError(f"{what}: {folder / 'config.json'} does not describe a model ({e})") from None
+            except Exception as e:  # noqa: BLE001 - as above
+                raise UsageError(f"{what}: {folder / 'config.json'} does not describe a model ({one_line(e)})") from None
             check_shapes(tensors, expected, what, folder)
         configs[part] = cfg
     require_tokenizer(path / "llm", what)
     require_preprocessor(path / "vision_tower", what)
+    tokenizer_from(path / "llm", what)
+    image_processor_from(path / "vision_tower", what)
     proj = path / "mm_projector"
     if not (proj / "config.json").is_file():
         raise UsageError(f"{what}: no config.json in {proj}; copy it from the original checkpoint")
