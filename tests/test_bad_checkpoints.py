@@ -354,3 +354,23 @@ def test_group_size_falls_back_per_layer():
     assert layer_group_size(11008, 256) == 256
     assert layer_group_size(100, 128) is None  # stays dense
     assert layer_group_size(64, 32) == 32  # never coarser than asked
+
+
+@pytest.mark.parametrize("family", ["llava", "vila"])
+@pytest.mark.parametrize("damage", ["no-scales", "scales-shape"])
+def test_broken_autoawq_checkpoint_is_one_line_usage_error(family, damage, checkpoint_dirs, tmp_path, capsys):
+    from tests.test_int4 import write_autoawq_checkpoint
+
+    d = write_autoawq_checkpoint(checkpoint_dirs[family], tmp_path / "awq", family)
+    f = _llm(d, family) / "model.safetensors"
+    key = _first_key(f, "layers.0.mlp.up_proj.scales")
+    if damage == "no-scales":
+        _rewrite_tensors(f, lambda t: t.pop(key))
+    else:
+        _rewrite_tensors(f, lambda t: t.__setitem__(key, t[key][:, :-8].contiguous()))
+    out = tmp_path / "out"
+    rc = run_main(["--model-path", str(d), *RUN, "--variants", "awq4", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "up_proj" in lines[0], err
+    assert not out.exists()

@@ -160,3 +160,26 @@ def require_preprocessor(folder: Path, what: str) -> None:
     if not file.is_file():
         raise UsageError(f"{what}: no preprocessor_config.json in {folder}; copy it from the original checkpoint")
     read_json_object(file, what)
+
+
+def check_awq_tensors(tensors: dict[str, tuple[str, tuple[int, ...]]], group_size: int, what: str,
+                      where: Path) -> None:
+    """AutoAWQ GEMM layout: each quantized linear has qweight [K, N/8], qzeros [K/G, N/8] (int32)
+    and scales [K/G, N], G the config's group size."""
+    for key, (_, qshape) in tensors.items():
+        if not key.endswith(".qweight"):
+            continue
+        name = key[: -len(".qweight")]
+        zeros, scales = tensors.get(f"{name}.qzeros"), tensors.get(f"{name}.scales")
+        if zeros is None or scales is None:
+            raise UsageError(f"{what}: {name} has a qweight but no {'qzeros' if zeros is None else 'scales'} in "
+                             f"{where}; the AWQ checkpoint is incomplete")
+        ok = len(qshape) == 2 and len(zeros[1]) == 2 and len(scales[1]) == 2 and group_size > 0
+        if ok:
+            k, n8 = qshape
+            groups = k // group_size
+            ok = (k % group_size == 0 and zeros[1] == (groups, n8) and scales[1] == (groups, n8 * 8))
+        if not ok:
+            raise UsageError(f"{what}: AWQ tensors of {name} in {where} have inconsistent shapes (qweight "
+                             f"{list(qshape)}, qzeros {list(zeros[1])}, scales {list(scales[1])}, group size "
+                             f"{group_size}); re-download or re-quantize the checkpoint")

@@ -9,7 +9,7 @@ import torch
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
 from bench.models.family import RANDOM_WEIGHTS_MARK
-from bench.models.files import read_json_object
+from bench.models.files import one_line, read_json_object
 from bench.models.presets import Preset, get_preset
 from bench.models.registry import families, get_family, layouts
 from bench.models.templates import TEMPLATE_SPECIAL_TOKENS, get_template
@@ -78,7 +78,11 @@ def load_awq_checkpoint(adapter: VLMAdapter, path: Path, family: str, qc: dict) 
     tensors, stored = checkpoint_awq_tensors(files, keep)
     if not tensors:
         raise UsageError(f"--model-path {path}: quantization_config says AWQ but no qweight/qzeros/scales tensors")
-    load_int4_tensors(adapter, tensors, check_awq_config(qc), dense_rows=DEFAULT_DENSE_ROWS, strict=False)
+    try:
+        load_int4_tensors(adapter, tensors, check_awq_config(qc), dense_rows=DEFAULT_DENSE_ROWS, strict=False)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UsageError(f"--model-path {path}: the AWQ int4 tensors do not fit the model ({one_line(e)}); "
+                         "re-download or re-quantize the checkpoint") from None
     # A decoder linear that is neither int4 nor stored in full would be left randomly initialised.
     root = adapter.quantization_targets(False)[0]
     absent = [n for n, m in root.named_modules() if type(m) is torch.nn.Linear and f"{n}.weight" not in stored]

@@ -12,7 +12,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
-from bench.models.files import check_shapes, checked_weights, one_line, require_preprocessor, require_tokenizer
+from bench.models.files import check_awq_tensors, check_shapes, checked_weights, one_line, require_preprocessor, require_tokenizer
 
 VISION_MODULES = ["model.vision_tower", "model.multi_modal_projector"]
 
@@ -76,7 +76,10 @@ def native_checker(model_cls, config_cls, adjust=None):
         tensors = checked_weights(path, what)
         require_tokenizer(path, what)
         require_preprocessor(path, what)
-        if not config.get("quantization_config"):  # AWQ: the int4 tensors are checked when they load
+        qc = config.get("quantization_config")
+        if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq":
+            check_awq_tensors(tensors, int(qc.get("group_size", qc.get("q_group_size", 128)) or 0), what, path)
+        elif not qc:
             check_shapes(tensors, expected_tensors(model_cls, config_cls, path, what, set(tensors), adjust), what, path)
         tokenizer_from(path, what)  # loads (no code runs): a broken file is an error before the run starts
         image_processor_from(path, what)
