@@ -2,6 +2,7 @@
 (bench.models.registry), or a preset. Nothing here names a family."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -16,8 +17,30 @@ from bench.models.templates import TEMPLATE_SPECIAL_TOKENS, get_template
 from bench.models.tokenizer import build_tokenizer
 
 
+# Directories that passed their family's check, by their files' (path, size, mtime): a run checks
+# once, not at every load, and a directory changed since is checked again.
+_CHECKED: dict[tuple, tuple[str, dict]] = {}
+
+
+def _files_state(path: Path) -> tuple:
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file())
+
+
 def read_checkpoint_config(path: Path) -> tuple[str, dict]:
-    """(family, top-level config) or a UsageError saying what the directory lacks."""
+    """(family, top-level config) or a UsageError saying what the directory lacks or what is
+    broken in it (the family's check runs before anything loads)."""
+    if path.is_dir():
+        state = (str(path.resolve()), _files_state(path))
+        if state in _CHECKED:
+            family, config = _CHECKED[state]
+            return family, copy.deepcopy(config)
+        family, config = _read_checkpoint_config(path)
+        _CHECKED[state] = (family, copy.deepcopy(config))
+        return family, config
+    return _read_checkpoint_config(path)
+
+
+def _read_checkpoint_config(path: Path) -> tuple[str, dict]:
     if not path.is_dir():
         raise UsageError(f"--model-path {path} is not a directory")
     cfg_file = path / "config.json"
