@@ -17,8 +17,9 @@ from bench.models.templates import TEMPLATE_SPECIAL_TOKENS, get_template
 from bench.models.tokenizer import build_tokenizer
 
 
-# Directories that passed their family's check, by their files' (path, size, mtime): a run checks
-# once, not at every load, and a directory changed since is checked again.
+# Directories that passed their family's check, by their files' (path, size, mtime) and the
+# families registered: a run checks once, not at every load; a changed directory (or registry) is
+# checked again.
 _CHECKED: dict[tuple, tuple[str, dict]] = {}
 
 
@@ -30,7 +31,7 @@ def read_checkpoint_config(path: Path) -> tuple[str, dict]:
     """(family, top-level config) or a UsageError saying what the directory lacks or what is
     broken in it (the family's check runs before anything loads)."""
     if path.is_dir():
-        state = (str(path.resolve()), _files_state(path))
+        state = (str(path.resolve()), _files_state(path), tuple((n, id(f)) for n, f in families().items()))
         if state in _CHECKED:
             family, config = _CHECKED[state]
             return family, copy.deepcopy(config)
