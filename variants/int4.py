@@ -28,7 +28,10 @@ VERSION = 1  # bump when quantization output changes, so old saved files are not
 class Int4VariantOptions:
     awq_calib: int = opt("awq4: calibration requests (image + question) run through the whole VLM", 8)
     awq_calib_dir: str | None = opt("awq4: folder of calibration images (default: flips/crops of --image-path)")
-    int4_group_size: int = opt("awq4/rtn4: input channels per int4 scale and zero point", 128)
+    int4_group_size: int = opt("awq4/rtn4: input channels per int4 scale and zero point (32, 64, 128 or 256); a "
+                               "layer whose in_features it does not divide uses the largest smaller size that "
+                               "does, and one that none divides stays in --dtype (columns quant_group_size, "
+                               "quant_dense_layers)", 128)
     int4_dense_rows: int = opt("awq4/rtn4: above this many rows a linear dequantizes and runs a dense GEMM "
                                "(prefill); at or below it the int4 kernel runs (decode)", DEFAULT_DENSE_ROWS)
     int4_prefetch: bool = opt("awq4/rtn4: a side stream dequantizes the next layer's prefill weights while a layer "
@@ -66,6 +69,19 @@ def _load_image_dir(path: str) -> list:
     return [load_image(p, "--awq-calib-dir") for p in files]
 
 
+def model_fingerprint(source) -> list | None:
+    """A checkpoint's files as (relative path, size, mtime) plus its config.json text: a changed,
+    replaced or re-downloaded checkpoint gets another key. None for presets (name + seed say it)."""
+    path = getattr(source, "model_path", None)
+    if not path:
+        return None
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    config = (root / "config.json").read_bytes() if (root / "config.json").is_file() else b""
+    return [hashlib.sha256(config).hexdigest()] + [
+        (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
 class Int4Weights(WeightsPart):
     requires_packages = ("torchao",)
     options_class = Int4VariantOptions
@@ -87,19 +103,27 @@ class Int4Weights(WeightsPart):
             return f"{self.name}: the checkpoint is already AWQ int4; only awq4 applies to it"
         return None
 
-    def _saved_path(self, options: Int4VariantOptions, adapter, opts: Int4Options, image_digest: str) -> Path | None:
+    def _saved_path(self, options: Int4VariantOptions, adapter, opts: Int4Options, image_digest: str,
+                    source=None) -> Path | None:
+        """Where this quantized model is saved: the name hashes everything that made it: the model
+        (a preset's name and seed; a checkpoint's path, config and every file's size and mtime),
+        dtype, method, group size and search settings; for awq4 also the calibration (requests,
+        images, seed), the conversation template and the tiling (max_tiles) the calibration
+        prompts were made with."""
         root = options.int4_cache_dir
         if not root:
             return None
-        ident = {"v": VERSION, "model": adapter.identity, "dtype": str(adapter.dtype), "method": self.method,
-                 "group": opts.group_size, "grid": opts.grid, "rows": opts.max_rows}
+        ident = {"v": VERSION, "model": adapter.identity, "files": model_fingerprint(source),
+                 "dtype": str(adapter.dtype), "method": self.method, "group": opts.group_size, "grid": opts.grid,
+                 "rows": opts.max_rows}
         if self.method == "awq":
-            ident.update(calib=opts.calib_samples, images=image_digest, seed=opts.seed)
-        key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+            ident.update(calib=opts.calib_samples, images=image_digest, seed=opts.seed,
+                         template=repr(adapter.template), max_tiles=getattr(adapter, "max_tiles", None))
+        key = hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return Path(root).expanduser() / f"{adapter.name}-{self.name}-g{opts.group_size}-{key}.safetensors"
 
     def load(self, source, device, dtype, options: Int4VariantOptions):
-        from bench.quant.store import load_int4_file, read_meta, save_int4
+        from bench.quant.store import load_int4_tensors, read_int4_file, save_int4
 
         opts = options.quantization(self.method)
         adapter = source.load(device, dtype)
@@ -120,13 +144,19 @@ class Int4Weights(WeightsPart):
             extra = _load_image_dir(options.awq_calib_dir) if options.awq_calib_dir else None
             images = calibration_images(load_image(options.image_path), opts.calib_samples, extra)
             digest = hashlib.sha256("".join(image_content_digest(i) for i in images).encode()).hexdigest()
-        saved = self._saved_path(options, adapter, opts, digest)
+        saved = self._saved_path(options, adapter, opts, digest, source)
         if saved is not None and saved.is_file():
             status(f"{self.name}: loading the saved int4 model {saved}")
-            meta = read_meta(saved)
-            load_int4_file(adapter, saved, opts.dense_rows)
-            return done({"quant_method": self.method, "quant_err_ratio": meta.get("err_ratio"),
-                         "quant_source": str(saved)})
+            try:
+                meta, tensors = read_int4_file(saved)
+                load_int4_tensors(adapter, tensors, meta["group_size"], opts.dense_rows, strict=True)
+                return done({"quant_method": self.method, "quant_err_ratio": meta.get("err_ratio"),
+                             "quant_source": str(saved)})
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                status(f"warning: {self.name}: discarding the saved int4 model {saved} "
+                       f"({' '.join(str(e).split())[:200]}); quantizing again")
+                saved.unlink(missing_ok=True)
+                adapter = source.load(device, dtype)  # the failed load may have replaced some layers
         status(f"{self.name}: quantizing {adapter.name} ({'AWQ calibration on ' + str(len(images)) + ' requests' if images else 'round-to-nearest'})")
         report = quantize_model(adapter, opts, images)
         status(f"{self.name}: done in {report.seconds:.1f} s" + (f", AWQ/RTN calibration error {report.err_ratio:.3f}"
@@ -142,7 +172,16 @@ class Int4Weights(WeightsPart):
         return done(facts)
 
     def describe(self, adapter) -> dict:
-        return quantized_columns(int4_layers(adapter), lambda m: m.weight_bytes())
+        from torch import nn
+
+        from bench.quant.awq import decoder_layers
+
+        layers = int4_layers(adapter)
+        root = adapter.quantization_targets(False)[0]
+        dense = sum(1 for layer in decoder_layers(root) for m in layer.modules() if type(m) is nn.Linear)
+        return {**quantized_columns(layers, lambda m: m.weight_bytes()),
+                "quant_group_size": ",".join(str(g) for g in sorted({m.group_size for m in layers})),
+                "quant_dense_layers": dense}
 
 
 PARTS = [

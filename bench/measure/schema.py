@@ -121,6 +121,11 @@ COLUMNS: tuple[Column, ...] = (
     _c("quant_err_ratio", "ratio", False, "awq4: calibration output error of AWQ divided by that of RTN (lower is "
                                           "better)"),
     _c("quant_source", "", None, "int4: calibrated in this run, or loaded from the saved file named here"),
+    _c("quant_group_size", "channels", None, "int4: input channels per scale group as used: --int4-group-size, or "
+                                            "for a layer whose in_features it does not divide the largest supported "
+                                            "smaller size that does (several values listed as 64,128)"),
+    _c("quant_dense_layers", "layers", None, "int4: decoder linears left in --dtype because no supported group size "
+                                             "(32, 64, 128, 256) divides their in_features"),
     _c("token_agree", "share (0-1)", True, "share of greedy tokens equal, position by position, to the fp16 "
                                            "baseline's on the fidelity probe", True, "token agree"),
     _c("first_divergence", "token index", None, "index of the first generated token that differs from the baseline "

@@ -29,6 +29,9 @@ class Family:
     llm_dir: str = ""
     # Which keys of the top-level safetensors are the language model's (AWQ checkpoints); None: all.
     llm_key: str | None = None
+    # (checkpoint dir, its config.json) -> None, or a UsageError naming the file that is missing,
+    # broken or does not match the config. Runs before anything loads.
+    check: Callable[[Path, dict], None] | None = None
 
     def llm_files(self, path: Path) -> tuple[list[Path], Callable[[str], bool]]:
         """(safetensors files holding the language model, which of their keys are its)."""

@@ -22,7 +22,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from bench.models.base import PreparedPrompt, prepare_by_placeholders
 from bench.models.family import RANDOM_WEIGHTS_MARK, Family
-from bench.models.native import NativeVLMAdapter, load_native, save_native
+from bench.models.native import NativeVLMAdapter, load_native, native_checker, save_native
 from bench.models.templates import ConvTemplate
 from bench.models.visual import as_visual
 
@@ -195,5 +195,7 @@ FAMILY = Family(
     name="internvl", layout="InternVL -hf layout", default_conv_mode="internvl2_5", detect=is_internvl_dir,
     load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles: load_internvl(
         path, template, device, dtype, weights, quantization, strip_quant, max_tiles),
-    build=build_internvl, save=save_native, llm_key="language_model.",
+    build=build_internvl, save=save_native, llm_key="language_model.", 
+    check=native_checker(InternVLForConditionalGeneration, InternVLConfig,
+                         adjust=lambda model, config: config.__dict__.get(VITA_MARK) and vita_projector(model)),
 )

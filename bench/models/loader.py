@@ -2,7 +2,7 @@
 (bench.models.registry), or a preset. Nothing here names a family."""
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 
 import torch
@@ -10,27 +10,50 @@ import torch
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
 from bench.models.family import RANDOM_WEIGHTS_MARK
+from bench.models.files import one_line, read_json_object
 from bench.models.presets import Preset, get_preset
 from bench.models.registry import families, get_family, layouts
 from bench.models.templates import TEMPLATE_SPECIAL_TOKENS, get_template
 from bench.models.tokenizer import build_tokenizer
 
 
+# Directories that passed their family's check, by their files' (path, size, mtime) and the
+# families registered: a run checks once, not at every load; a changed directory (or registry) is
+# checked again.
+_CHECKED: dict[tuple, tuple[str, dict]] = {}
+
+
+def _files_state(path: Path) -> tuple:
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file())
+
+
 def read_checkpoint_config(path: Path) -> tuple[str, dict]:
-    """(family, top-level config) or a UsageError saying what the directory lacks."""
+    """(family, top-level config) or a UsageError saying what the directory lacks or what is
+    broken in it (the family's check runs before anything loads)."""
+    if path.is_dir():
+        state = (str(path.resolve()), _files_state(path), tuple((n, id(f)) for n, f in families().items()))
+        if state in _CHECKED:
+            family, config = _CHECKED[state]
+            return family, copy.deepcopy(config)
+        family, config = _read_checkpoint_config(path)
+        _CHECKED[state] = (family, copy.deepcopy(config))
+        return family, config
+    return _read_checkpoint_config(path)
+
+
+def _read_checkpoint_config(path: Path) -> tuple[str, dict]:
     if not path.is_dir():
         raise UsageError(f"--model-path {path} is not a directory")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise UsageError(f"--model-path {path} is not a LLaVA/VILA/InternVL checkpoint: no config.json "
                          f"(expected {layouts()})")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"--model-path {path}: config.json is not valid JSON ({e})") from None
+    config = read_json_object(cfg_file, f"--model-path {path}")
     for family in families().values():
         if family.detect(path, config):
-            if not family.llm_files(path)[0]:
+            if family.check is not None:
+                family.check(path, config)
+            elif not family.llm_files(path)[0]:
                 raise UsageError(f"--model-path {path}: no *.safetensors weights (only safetensors are loaded)")
             return family.name, config
     raise UsageError(
@@ -46,7 +69,7 @@ def awq_quantization(path: Path, family: str, config: dict) -> dict | None:
     qc = config.get("quantization_config")
     llm_config = path / get_family(family).llm_dir / "config.json"
     if qc is None and get_family(family).llm_dir and llm_config.is_file():
-        qc = json.loads(llm_config.read_text()).get("quantization_config")
+        qc = read_json_object(llm_config, f"--model-path {path}").get("quantization_config")
     if not qc or str(qc.get("quant_method", "")).lower() != "awq":
         return None
     try:
@@ -79,7 +102,11 @@ def load_awq_checkpoint(adapter: VLMAdapter, path: Path, family: str, qc: dict) 
     tensors, stored = checkpoint_awq_tensors(files, keep)
     if not tensors:
         raise UsageError(f"--model-path {path}: quantization_config says AWQ but no qweight/qzeros/scales tensors")
-    load_int4_tensors(adapter, tensors, check_awq_config(qc), dense_rows=DEFAULT_DENSE_ROWS, strict=False)
+    try:
+        load_int4_tensors(adapter, tensors, check_awq_config(qc), dense_rows=DEFAULT_DENSE_ROWS, strict=False)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise UsageError(f"--model-path {path}: the AWQ int4 tensors do not fit the model ({one_line(e)}); "
+                         "re-download or re-quantize the checkpoint") from None
     # A decoder linear that is neither int4 nor stored in full would be left randomly initialised.
     root = adapter.quantization_targets(False)[0]
     absent = [n for n, m in root.named_modules() if type(m) is torch.nn.Linear and f"{n}.weight" not in stored]

@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer
 
+from bench.errors import UsageError
 from bench.models.base import VLMAdapter
+from bench.models.files import check_awq_tensors, check_shapes, checked_weights, one_line, require_preprocessor, require_tokenizer
 
 VISION_MODULES = ["model.vision_tower", "model.multi_modal_projector"]
 
@@ -59,9 +61,97 @@ def load_native(model_cls, config_cls, path: Path, device: torch.device, dtype: 
         # lm_head stays in dtype; vision tower and projector too unless asked for.
         qc.llm_int8_skip_modules = ["lm_head"] + ([] if include_vision else VISION_MODULES)
         kwargs["quantization_config"] = qc
-    model = model_cls.from_pretrained(path, dtype=dtype, device_map={"": device}, use_safetensors=True,
-                                      **kwargs).eval()
-    return model, config, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    model = pretrained(model_cls, path, f"--model-path {path}", check_keys=not strip_quant, dtype=dtype,
+                       device_map={"": device}, **kwargs).eval()
+    return model, config, tokenizer_from(path, f"--model-path {path}"), image_processor_from(path, f"--model-path {path}")
+
+
+def native_checker(model_cls, config_cls, adjust=None):
+    """check(path, config) for a -hf layout: before loading, the weights are whole safetensors
+    (headers, shards) holding every tensor the config implies, in its shape; the tokenizer and the
+    image processor config are there."""
+
+    def check(path: Path, config: dict) -> None:
+        what = f"--model-path {path}"
+        tensors = checked_weights(path, what)
+        require_tokenizer(path, what)
+        require_preprocessor(path, what)
+        qc = config.get("quantization_config")
+        if isinstance(qc, dict) and str(qc.get("quant_method", "")).lower() == "awq":
+            check_awq_tensors(tensors, int(qc.get("group_size", qc.get("q_group_size", 128)) or 0), what, path)
+        elif not qc:
+            check_shapes(tensors, expected_tensors(model_cls, config_cls, path, what, set(tensors), adjust), what, path)
+        tokenizer_from(path, what)  # loads (no code runs): a broken file is an error before the run starts
+        image_processor_from(path, what)
+
+    return check
+
+
+def expected_tensors(model_cls, config_cls, path: Path, what: str, names: set[str],
+                     adjust=None) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} the config implies (the model built on the meta device, then `adjust`ed
+    as the family's load does), named as the
+    files name them: transformers' current names or the legacy ones save_pretrained writes."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    try:
+        config = config_cls.from_pretrained(path)
+        with torch.device("meta"):
+            model = model_cls._from_config(config)
+        if adjust is not None:  # what the family's load changes in the module tree
+            adjust(model, config)
+    except Exception as e:  # noqa: BLE001 - transformers' config validation raises many error types
+        raise UsageError(f"{what}: {path / 'config.json'} does not describe a model ({one_line(e)}); restore the "
+                         "checkpoint's original file") from None
+    state = model.state_dict()
+    tied = {k for k in state if k.endswith("lm_head.weight")} if config.get_text_config().tie_word_embeddings else set()
+    candidates = [{k: tuple(v.shape) for k, v in state.items() if k not in tied}]
+    try:
+        reverted = revert_weight_conversion(model, {k: v for k, v in state.items() if k not in tied})
+        candidates.append({k: tuple(v.shape) for k, v in reverted.items()})
+    except Exception:  # noqa: BLE001 - no reverse mapping for this model: current names only
+        pass
+    best = max(candidates, key=lambda c: len(names & set(c)))
+    if len(names & set(best)) < len(best) // 2:
+        return {k: v for k, v in best.items() if k in names}  # unfamiliar naming: shapes of what matches
+    return best
+
+
+def pretrained(model_cls, path: Path, what: str, check_keys: bool = True, **kwargs):
+    """model_cls.from_pretrained from safetensors only, refusing weights whose shapes differ from
+    the config and tensors the files lack (which would run on uninitialised weights)."""
+    try:
+        model, info = model_cls.from_pretrained(path, use_safetensors=True, output_loading_info=True, **kwargs)
+    except (RuntimeError, ValueError, OSError) as e:
+        first = one_line(e, 300)
+        if "size mismatch" in str(e) or "shape" in str(e).lower():
+            raise UsageError(f"{what}: weights in {path} do not match its config.json ({first})") from None
+        raise UsageError(f"{what}: cannot load the model in {path} ({first})") from None
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        name = mismatched[0][0] if isinstance(mismatched[0], (tuple, list)) else mismatched[0]
+        raise UsageError(f"{what}: tensor {name!r} in {path} has a shape the config.json does not imply; "
+                         "the weights do not belong to this config")
+    missing = sorted(info.get("missing_keys") or [])
+    if check_keys and missing:
+        raise UsageError(f"{what}: tensor {missing[0]!r} is missing from the weights in {path}"
+                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; the checkpoint is "
+                         "incomplete")
+    return model
+
+
+def tokenizer_from(folder: Path, what: str):
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
+        raise UsageError(f"{what}: cannot load the tokenizer in {folder} ({one_line(e)})") from None
+
+
+def image_processor_from(folder: Path, what: str):
+    try:
+        return AutoImageProcessor.from_pretrained(folder)
+    except Exception as e:  # noqa: BLE001 - as above
+        raise UsageError(f"{what}: cannot load the image processor in {folder} ({one_line(e)})") from None
 
 
 def save_native(adapter: NativeVLMAdapter, out: Path) -> None:

@@ -15,11 +15,16 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
-    AutoImageProcessor, AutoTokenizer, LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel,
+    LlamaConfig, LlamaForCausalLM, SiglipVisionConfig, SiglipVisionModel,
 )
 
+from bench.errors import UsageError
 from bench.models.base import PreparedPrompt, VLMAdapter
 from bench.models.family import RANDOM_WEIGHTS_MARK, Family
+from bench.models.files import (
+    check_awq_tensors, check_shapes, checked_weights, one_line, read_json_object, require_preprocessor, require_tokenizer,
+)
+from bench.models.native import image_processor_from, pretrained, tokenizer_from
 from bench.models.templates import ConvTemplate
 
 
@@ -149,6 +154,65 @@ def is_vila_dir(path: Path, config: dict) -> bool:
     return has_parts and (config.get("model_type") in ("llava_llama", "llava") or "llm_cfg" in config)
 
 
+def _expected_shapes(model_cls, config) -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} the config implies (the model built on the meta device, no memory)."""
+    with torch.device("meta"):
+        model = model_cls._from_config(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _part_config(config_cls, folder: Path, what: str):
+    data = read_json_object(folder / "config.json", what) if (folder / "config.json").is_file() else None
+    if data is None:
+        raise UsageError(f"{what}: no config.json in {folder}; copy it from the original checkpoint")
+    try:
+        return config_cls.from_dict(data)
+    except Exception as e:  # noqa: BLE001 - transformers' config validation raises many error types
+        raise UsageError(f"{what}: {folder / 'config.json'} does not describe a model ({one_line(e)})") from None
+
+
+def check_vila(path: Path, config: dict) -> None:
+    """Before loading: llm/, vision_tower/ and mm_projector/ each hold a config, whole safetensors
+    weights of the shapes their config implies, and (llm/) a tokenizer, (vision_tower/) an image
+    processor config."""
+    what = f"--model-path {path}"
+    configs = {}
+    for part, config_cls, model_cls in (("llm", LlamaConfig, LlamaForCausalLM),
+                                        ("vision_tower", SiglipVisionConfig, SiglipVisionModel)):
+        folder = path / part
+        cfg = _part_config(config_cls, folder, what)
+        tensors = checked_weights(folder, what)
+        quantized = getattr(cfg, "quantization_config", None)
+        if isinstance(quantized, dict) and str(quantized.get("quant_method", "")).lower() == "awq":
+            group = int(quantized.get("group_size", quantized.get("q_group_size", 128)) or 0)
+            check_awq_tensors(tensors, group, what, folder)
+        elif not quantized:
+            try:
+                expected = _expected_shapes(model_cls, cfg)
+            except Exception as e:  # noqa: BLE001 - as above
+                raise UsageError(f"{what}: {folder / 'config.json'} does not describe a model ({one_line(e)})") from None
+            check_shapes(tensors, expected, what, folder)
+        configs[part] = cfg
+    require_tokenizer(path / "llm", what)
+    require_preprocessor(path / "vision_tower", what)
+    tokenizer_from(path / "llm", what)
+    image_processor_from(path / "vision_tower", what)
+    proj = path / "mm_projector"
+    if not (proj / "config.json").is_file():
+        raise UsageError(f"{what}: no config.json in {proj}; copy it from the original checkpoint")
+    proj_cfg = read_json_object(proj / "config.json", what)
+    if proj_cfg.get("mm_projector_type") != "mlp_downsample":
+        raise UsageError(f"{what}: {proj / 'config.json'}: mm_projector_type {proj_cfg.get('mm_projector_type')!r} "
+                         "is not supported (supported: mlp_downsample)")
+    tensors = checked_weights(proj, what)
+    c4, h = configs["vision_tower"].hidden_size * 4, configs["llm"].hidden_size
+    check_shapes(tensors, {"layers.1.weight": (c4,), "layers.1.bias": (c4,), "layers.2.weight": (h, c4),
+                           "layers.2.bias": (h,), "layers.4.weight": (h, h), "layers.4.bias": (h,)}, what, proj)
+
+
 def load_vila(path: Path, template: ConvTemplate, device: torch.device, dtype: torch.dtype, weights: str,
               top_config: dict, quantization: tuple | None = None, strip_quant: bool = False) -> VilaAdapter:
     llm_kwargs, vision_kwargs = {}, {}
@@ -164,24 +228,30 @@ def load_vila(path: Path, template: ConvTemplate, device: torch.device, dtype: t
         if include_vision:
             vision_kwargs["quantization_config"] = copy.deepcopy(qc)
             vision_kwargs["quantization_config"].llm_int8_skip_modules = []
-    llm = LlamaForCausalLM.from_pretrained(path / "llm", dtype=dtype, device_map={"": device},
-                                           use_safetensors=True, **llm_kwargs)
-    vision = SiglipVisionModel.from_pretrained(path / "vision_tower", dtype=dtype, device_map={"": device},
-                                               use_safetensors=True, **vision_kwargs)
-    proj_cfg = json.loads((path / "mm_projector" / "config.json").read_text())
+    what = f"--model-path {path}"
+    llm = pretrained(LlamaForCausalLM, path / "llm", what, check_keys=not strip_quant, dtype=dtype,
+                     device_map={"": device}, **llm_kwargs)
+    vision = pretrained(SiglipVisionModel, path / "vision_tower", what, dtype=dtype, device_map={"": device},
+                        **vision_kwargs)
+    proj_dir = path / "mm_projector"
+    proj_cfg = read_json_object(proj_dir / "config.json", what)
     if proj_cfg.get("mm_projector_type") != "mlp_downsample":
-        from bench.errors import UsageError
-
-        raise UsageError(f"{path}: mm_projector type {proj_cfg.get('mm_projector_type')!r} is not supported "
+        raise UsageError(f"{what}: mm_projector type {proj_cfg.get('mm_projector_type')!r} is not supported "
                          "(supported: mlp_downsample)")
-    state = load_file(str(path / "mm_projector" / "model.safetensors"))
+    state = {}
+    for file in sorted(proj_dir.glob("*.safetensors")):
+        state.update(load_file(str(file)))
     state = {k.removeprefix("layers."): v for k, v in state.items()}
     projector = mlp_downsample_projector(vision.config.hidden_size, llm.config.hidden_size)
-    projector.load_state_dict(state)
+    try:
+        projector.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UsageError(f"{what}: the projector weights in {proj_dir} do not match the model "
+                         f"({' '.join(str(e).split())[:300]})") from None
     projector.to(device=device, dtype=dtype)
     model = VilaModel(llm, vision, projector, top_config).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path / "llm")
-    image_processor = AutoImageProcessor.from_pretrained(path / "vision_tower")
+    tokenizer = tokenizer_from(path / "llm", what)
+    image_processor = image_processor_from(path / "vision_tower", what)
     adapter = VilaAdapter(model, tokenizer, image_processor, template, weights, path.name)
     adapter.identity = str(path.resolve())
     return adapter
@@ -264,5 +334,5 @@ FAMILY = Family(
     detect=is_vila_dir,
     load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles: load_vila(
         path, template, device, dtype, weights, config, quantization, strip_quant),
-    build=build_vila, save=save_vila, llm_dir="llm",
+    build=build_vila, save=save_vila, llm_dir="llm", check=check_vila,
 )

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from bench.quant import DEFAULT_DENSE_ROWS
-from bench.quant.int4 import Int4Linear, fake_quantize_int4, quantize_int4
+from bench.quant.int4 import Int4Linear, fake_quantize_int4, layer_group_size, quantize_int4
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class QuantReport:
     rtn_err: list[float] = field(default_factory=list)
     awq_err: list[float] = field(default_factory=list)
     runtime_scaled: int = 0  # linears that multiply their input by 1/s (not foldable)
+    dense: int = 0  # linears left in dtype: no supported group size divides their in_features
     calib_tokens: int = 0
     seconds: float = 0.0
 
@@ -239,13 +240,19 @@ def quantize_model(adapter, opts: Int4Options, images: list[Image.Image] | None 
             scales = []
             for g in groups:
                 rec = recorders.pop(g.linears[0])
+                group_size = layer_group_size(g.linears[0].in_features, opts.group_size)
+                if group_size is None:  # stays dense: nothing to search
+                    scales.append(None)
+                    continue
                 rows = torch.cat(rec.rows)
                 s, err, rtn = search_scale([l.weight for l in g.linears], rec.mean_abs(), rows,
-                                           opts.group_size, opts.grid)
+                                           group_size, opts.grid)
                 report.awq_err.append(err)
                 report.rtn_err.append(rtn)
                 scales.append(s)
             for g, s in zip(groups, scales):  # all searches saw the original weights
+                if s is None:
+                    continue
                 inv = apply_scale(g, s)
                 if inv is not None:
                     for lin in g.linears:
@@ -253,7 +260,11 @@ def quantize_model(adapter, opts: Int4Options, images: list[Image.Image] | None 
                         report.runtime_scaled += 1
         for g in groups:
             for lin in g.linears:
-                t = quantize_int4(lin.weight, opts.group_size)
+                group_size = layer_group_size(lin.in_features, opts.group_size)
+                if group_size is None:
+                    report.dense += 1
+                    continue
+                t = quantize_int4(lin.weight, group_size)
                 new = Int4Linear.from_int4(t, device, dtype, bias=lin.bias, input_scale=input_scale.get(lin),
                                            dense_rows=opts.dense_rows)
                 _replace(layer, lin, new)

@@ -70,6 +70,19 @@ class Int4Tensors:
         return w.view(n, k).to(dtype)
 
 
+GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm kernels take
+
+
+def layer_group_size(in_features: int, group_size: int) -> int | None:
+    """The group size a linear with `in_features` inputs is quantized with when `group_size` is
+    asked for: `group_size` when it divides in_features, else the largest smaller supported size
+    that does (finer groups: never less accurate); None when none does (the layer stays dense)."""
+    for g in sorted(GROUP_SIZES, reverse=True):
+        if g <= group_size and in_features % g == 0:
+            return g
+    return None
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int) -> Int4Tensors:
     """Round-to-nearest asymmetric int4, one (scale, zero) per `group_size` inputs of a row."""
     from torchao.quantization.quant_primitives import MappingType, choose_qparams_affine, quantize_affine

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from bench.quant.awq import decoder_layers
 from bench.quant.awq_format import SUFFIXES, from_awq_gemm, to_awq_gemm
-from bench.quant.int4 import Int4Linear
+from bench.quant.int4 import Int4Linear, layer_group_size
 
 FORMAT = "bench-int4-awq-gemm-v1"
 
@@ -49,23 +50,58 @@ def save_int4(adapter, path: Path, meta: dict) -> None:
             tensors[name] = t.detach().cpu().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True)})
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True),
+                                           "sha256": tensors_digest(tensors)})
     tmp.replace(path)  # a crash mid-write never leaves a truncated file under the real name
 
 
-def read_meta(path: Path) -> dict:
-    with safe_open(str(path), "pt") as f:
-        md = f.metadata() or {}
+class CorruptInt4File(ValueError):
+    """A saved int4 file that cannot be trusted: unreadable, not ours, or its checksum differs."""
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _open_checked(path: Path, tensors: bool) -> tuple[dict, dict[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), "pt") as f:
+            md = f.metadata() or {}
+            data = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for broken files
+        raise CorruptInt4File(f"{path} cannot be read ({' '.join(str(e).split())[:200]})") from None
     if md.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a saved int4 model ({md.get('format')!r})")
-    return json.loads(md["meta"])
+        raise CorruptInt4File(f"{path} is not a saved int4 model ({md.get('format')!r})")
+    try:
+        meta = json.loads(md["meta"])
+    except (KeyError, json.JSONDecodeError):
+        raise CorruptInt4File(f"{path}: its metadata is not readable") from None
+    if not isinstance(meta, dict):
+        raise CorruptInt4File(f"{path}: its metadata is not readable")
+    if tensors and md.get("sha256") != tensors_digest(data):
+        raise CorruptInt4File(f"{path}: checksum mismatch (the file was changed after it was saved)")
+    return meta, data
+
+
+def read_meta(path: Path) -> dict:
+    return _open_checked(path, tensors=False)[0]
+
+
+def read_int4_file(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(metadata, tensors) of a saved int4 model after checking its checksum; CorruptInt4File if
+    it is unreadable, not a saved int4 model, or was changed after it was saved."""
+    return _open_checked(path, tensors=True)
 
 
 def load_int4_file(adapter, path: Path, dense_rows: int) -> int:
-    with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    group_size = read_meta(path)["group_size"]
-    return load_int4_tensors(adapter, tensors, group_size, dense_rows, strict=True)
+    meta, tensors = read_int4_file(path)
+    return load_int4_tensors(adapter, tensors, meta["group_size"], dense_rows, strict=True)
 
 
 def load_int4_tensors(adapter, tensors: dict[str, torch.Tensor], group_size: int, dense_rows: int,
@@ -82,7 +118,7 @@ def load_int4_tensors(adapter, tensors: dict[str, torch.Tensor], group_size: int
         if not isinstance(old, (nn.Linear, Int4Linear)):
             raise ValueError(f"quantized tensor {key} has no linear layer {name!r} in this model")
         t = from_awq_gemm(*(rest.pop(f"{name}.{s}") for s in SUFFIXES))
-        if t.group_size != group_size:
+        if t.group_size not in (group_size, layer_group_size(old.in_features, group_size)):
             raise ValueError(f"{name}: group size {t.group_size} in the tensors, {group_size} in the config")
         if tuple(t.q.shape) != (old.out_features, old.in_features):
             raise ValueError(f"{name}: quantized shape {tuple(t.q.shape)} does not match the layer "
@@ -99,7 +135,8 @@ def load_int4_tensors(adapter, tensors: dict[str, torch.Tensor], group_size: int
         missing, unexpected = root.load_state_dict({k: v.to(device) for k, v in rest.items()}, strict=False)
         if strict and unexpected:
             raise ValueError(f"saved int4 file has tensors this model lacks: {unexpected[:5]}")
-    expected = sum(len(list(m for m in layer.modules() if isinstance(m, (nn.Linear, Int4Linear))))
+    expected = sum(len(list(m for m in layer.modules() if isinstance(m, Int4Linear) or (
+        isinstance(m, nn.Linear) and layer_group_size(m.in_features, group_size) is not None)))
                    for layer in decoder_layers(root))
     if strict and replaced != expected:
         raise ValueError(f"saved int4 file holds {replaced} quantized linears, the model has {expected}")

@@ -1,0 +1,185 @@
+"""Checks on a checkpoint's files that every family shares, run before anything is loaded: JSON
+configs that are JSON objects, safetensors files whose header and data are whole, sharded
+checkpoints whose index names only shards that exist, weights that are safetensors (pickle files
+are never loaded), and the tokenizer and image-processor files. Each failure is a UsageError
+naming the file and what to do."""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+from bench.errors import UsageError
+
+INDEX = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json")
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER = 100 * 2**20  # the safetensors library's own limit
+
+
+def read_json_object(file: Path, what: str) -> dict:
+    """The JSON object in `file`, or a UsageError saying why it is not one."""
+    try:
+        raw = file.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{what}: cannot read {file} ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{what}: {file} is not UTF-8 text; restore the checkpoint's original file") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{what}: {file} is not valid JSON ({e}); restore the checkpoint's original file") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{what}: {file} holds a JSON {type(data).__name__ if data is not None else 'null'}, "
+                         "not an object; restore the checkpoint's original file")
+    return data
+
+
+def _broken(file: Path, what: str, why: str) -> UsageError:
+    return UsageError(f"{what}: {file} is not a valid safetensors file ({why}); re-download or re-convert it")
+
+
+def safetensors_header(file: Path, what: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} from the header of `file`, after checking that the header is
+    whole and that every tensor's bytes lie inside the file."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _broken(file, what, f"{size} bytes, shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > MAX_HEADER or 8 + n > size:
+                raise _broken(file, what, f"header length {n} does not fit in {size} bytes (truncated or not "
+                                          "safetensors)")
+            raw = f.read(n)
+    except OSError as e:
+        raise UsageError(f"{what}: cannot read {file} ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _broken(file, what, "the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _broken(file, what, "the header is not a JSON object")
+    data = size - 8 - n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(d) for d in info["shape"]), info["data_offsets"]
+            width = DTYPE_BYTES[dtype]
+        except (KeyError, TypeError, ValueError):
+            raise _broken(file, what, f"bad header entry for {name!r}") from None
+        if not (0 <= begin <= end <= data):
+            raise _broken(file, what, f"tensor {name!r} ends at byte {end} of {data} data bytes (truncated)")
+        if end - begin != math.prod(shape) * width:
+            raise _broken(file, what, f"tensor {name!r} has {end - begin} bytes for shape {list(shape)} {dtype}")
+        out[name] = (dtype, shape)
+    return out
+
+
+def weight_files(folder: Path, what: str) -> list[Path]:
+    """The safetensors files holding a model's weights in `folder`, checked: a sharded checkpoint's
+    index must be a JSON object whose every shard exists; pickle-only weights are refused."""
+    index = folder / INDEX
+    if index.exists():
+        data = read_json_object(index, what)
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UsageError(f"{what}: {index} has no weight_map; restore the checkpoint's original file")
+        shards = sorted(set(str(v) for v in weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise UsageError(f"{what}: shard {folder / missing[0]} listed in {INDEX} is missing"
+                             f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; download every shard")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    if pickles:
+        raise UsageError(f"{what}: {folder} has only pickle weights ({', '.join(pickles[:3])}), which are never "
+                         "loaded (they can run code); convert them to safetensors")
+    raise UsageError(f"{what}: no *.safetensors weights in {folder} (only safetensors are loaded)")
+
+
+def checked_weights(folder: Path, what: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor of the model in `folder` ({name: (dtype, shape)}), each file's header checked;
+    with an index, every tensor it lists must be in the shard it names."""
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    files = weight_files(folder, what)
+    for file in files:
+        tensors.update(safetensors_header(file, what))
+    index = folder / INDEX
+    if index.exists():
+        listed = read_json_object(index, what)["weight_map"]
+        absent = [k for k in listed if k not in tensors]
+        if absent:
+            raise UsageError(f"{what}: tensor {absent[0]!r} listed in {index} is in no shard; re-download the "
+                             "checkpoint")
+    return tensors
+
+
+def check_shapes(tensors: dict[str, tuple[str, tuple[int, ...]]], expected: dict[str, tuple[int, ...]],
+                 what: str, where: Path) -> None:
+    """Every tensor in `expected` is in `tensors` with that shape."""
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise UsageError(f"{what}: tensor {name!r} is missing from {where}; the checkpoint is incomplete")
+        if tuple(tensors[name][1]) != tuple(shape):
+            raise UsageError(f"{what}: tensor {name!r} in {where} has shape {list(tensors[name][1])}, the config "
+                             f"implies {list(shape)}; the weights do not belong to this config.json")
+
+
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message squeezed onto one line."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def require_tokenizer(folder: Path, what: str) -> None:
+    """Tokenizer files are there, and those that are JSON are JSON objects."""
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise UsageError(f"{what}: no tokenizer files in {folder} (expected one of {', '.join(TOKENIZER_FILES)}); "
+                         "copy them from the original checkpoint")
+    for name in TOKENIZER_JSON:
+        if (folder / name).is_file():
+            read_json_object(folder / name, what)
+
+
+def require_preprocessor(folder: Path, what: str) -> None:
+    file = folder / "preprocessor_config.json"
+    if not file.is_file():
+        raise UsageError(f"{what}: no preprocessor_config.json in {folder}; copy it from the original checkpoint")
+    read_json_object(file, what)
+
+
+def check_awq_tensors(tensors: dict[str, tuple[str, tuple[int, ...]]], group_size: int, what: str,
+                      where: Path) -> None:
+    """AutoAWQ GEMM layout: each quantized linear has qweight [K, N/8], qzeros [K/G, N/8] (int32)
+    and scales [K/G, N], G the config's group size."""
+    for key, (_, qshape) in tensors.items():
+        if not key.endswith(".qweight"):
+            continue
+        name = key[: -len(".qweight")]
+        zeros, scales = tensors.get(f"{name}.qzeros"), tensors.get(f"{name}.scales")
+        if zeros is None or scales is None:
+            raise UsageError(f"{what}: {name} has a qweight but no {'qzeros' if zeros is None else 'scales'} in "
+                             f"{where}; the AWQ checkpoint is incomplete")
+        ok = len(qshape) == 2 and len(zeros[1]) == 2 and len(scales[1]) == 2 and group_size > 0
+        if ok:
+            k, n8 = qshape
+            groups = k // group_size
+            ok = (k % group_size == 0 and zeros[1] == (groups, n8) and scales[1] == (groups, n8 * 8))
+        if not ok:
+            raise UsageError(f"{what}: AWQ tensors of {name} in {where} have inconsistent shapes (qweight "
+                             f"{list(qshape)}, qzeros {list(zeros[1])}, scales {list(scales[1])}, group size "
+                             f"{group_size}); re-download or re-quantize the checkpoint")
