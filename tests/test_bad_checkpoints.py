@@ -329,8 +329,8 @@ WEIGHTS = ("fp16", "bnb8", "bnb4", "bnb4-fp4", "awq4", "rtn4")
 @pytest.mark.parametrize("preset", ["tiny-llava", "tiny-vila", "tiny-internvl"])
 def test_every_weights_variant_runs_on_every_tiny_preset(preset, tmp_path):
     out = tmp_path / "out"
-    rc = run_main(["--preset", preset, "--variants", ",".join(WEIGHTS), *RUN, "--int4-cache-dir", "",
-                   "--output-dir", str(out)])
+    rc = run_main(["--preset", preset, "--variants", ",".join(WEIGHTS), *RUN, "--min-seconds", "0",
+                   "--awq-calib", "2", "--int4-cache-dir", "", "--output-dir", str(out)])
     assert rc == 0
     with open(out / "runs.csv", newline="") as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}

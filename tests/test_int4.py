@@ -494,3 +494,16 @@ def test_int4_prefetch_flag_reaches_the_engine(flag, prefetched, tmp_path):
     assert all(("dequantized a layer ahead" in r["engine_detail"]) == prefetched for r in rows)
     env = json.loads((out / "env.json").read_text())  # the spec the engine ran with
     assert env["engines"]["rtn4+static"]["int4_prefetch"] is prefetched
+
+
+def test_layers_the_cuda_kernel_cannot_take_stay_dense():
+    """The tiny presets' 64-wide layers fit the CPU kernel (group 64) but not CUDA's 8 x 128 tiles:
+    on a CUDA device they stay dense instead of failing the variant."""
+    from bench.quant.int4 import layer_group_size
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert layer_group_size(64, 128, 64, cpu) == 64
+    assert layer_group_size(64, 128, 64, cuda) is None
+    assert layer_group_size(4096, 128, 11008, cuda) == 128
+    assert layer_group_size(4096, 128, 11004, cuda) is None  # out_features not a multiple of 8
+    assert layer_group_size(96, 128) == 32

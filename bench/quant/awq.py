@@ -240,7 +240,8 @@ def quantize_model(adapter, opts: Int4Options, images: list[Image.Image] | None 
             scales = []
             for g in groups:
                 rec = recorders.pop(g.linears[0])
-                group_size = layer_group_size(g.linears[0].in_features, opts.group_size)
+                group_size = layer_group_size(g.linears[0].in_features, opts.group_size, g.linears[0].out_features,
+                                              device)
                 if group_size is None:  # stays dense: nothing to search
                     scales.append(None)
                     continue
@@ -260,7 +261,7 @@ def quantize_model(adapter, opts: Int4Options, images: list[Image.Image] | None 
                         report.runtime_scaled += 1
         for g in groups:
             for lin in g.linears:
-                group_size = layer_group_size(lin.in_features, opts.group_size)
+                group_size = layer_group_size(lin.in_features, opts.group_size, lin.out_features, device)
                 if group_size is None:
                     report.dense += 1
                     continue

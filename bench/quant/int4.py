@@ -73,10 +73,15 @@ class Int4Tensors:
 GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm kernels take
 
 
-def layer_group_size(in_features: int, group_size: int) -> int | None:
+def layer_group_size(in_features: int, group_size: int, out_features: int | None = None,
+                     device: torch.device | None = None) -> int | None:
     """The group size a linear with `in_features` inputs is quantized with when `group_size` is
     asked for: `group_size` when it divides in_features, else the largest smaller supported size
-    that does (finer groups: never less accurate); None when none does (the layer stays dense)."""
+    that does (finer groups: never less accurate); None when none does, or when the int4 kernel of
+    `device` cannot take the layer's shape (CUDA's tiles: CUDA_TILE): the layer stays dense."""
+    if device is not None and device.type == "cuda" and (
+            in_features % CUDA_TILE[1] or (out_features is not None and out_features % CUDA_TILE[0])):
+        return None
     for g in sorted(GROUP_SIZES, reverse=True):
         if g <= group_size and in_features % g == 0:
             return g

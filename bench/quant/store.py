@@ -136,7 +136,7 @@ def load_int4_tensors(adapter, tensors: dict[str, torch.Tensor], group_size: int
         if strict and unexpected:
             raise ValueError(f"saved int4 file has tensors this model lacks: {unexpected[:5]}")
     expected = sum(len(list(m for m in layer.modules() if isinstance(m, Int4Linear) or (
-        isinstance(m, nn.Linear) and layer_group_size(m.in_features, group_size) is not None)))
+        isinstance(m, nn.Linear) and layer_group_size(m.in_features, group_size, m.out_features, device) is not None)))
                    for layer in decoder_layers(root))
     if strict and replaced != expected:
         raise ValueError(f"saved int4 file holds {replaced} quantized linears, the model has {expected}")
