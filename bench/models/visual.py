@@ -80,10 +80,9 @@ def _bad_image_errors() -> tuple[type[BaseException], ...]:
             Image.DecompressionBombWarning)
 
 
-def check_image_file(path: str | Path, flag: str) -> None:
-    """Open and verify an image file without decoding all its pixels (header, size against
-    PIL's decompression-bomb limit, and the format's own integrity check); a usage error naming
-    `flag` and the file otherwise."""
+def _opened(path: str | Path, flag: str, use):
+    """use(the opened image) for an image file; a usage error naming `flag` and the file when it is
+    missing, unreadable, or past PIL's decompression-bomb limit (its warning counts as one)."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"{flag} {path}: no such file")
@@ -91,21 +90,17 @@ def check_image_file(path: str | Path, flag: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(p) as im:
-                im.verify()
+                return use(im)
     except _bad_image_errors() as e:
         raise UsageError(f"{flag} {path}: {_image_error(e)}") from None
+
+
+def check_image_file(path: str | Path, flag: str) -> None:
+    """Open and verify an image file without decoding all its pixels (header, size against
+    PIL's decompression-bomb limit, and the format's own integrity check)."""
+    _opened(path, flag, lambda im: im.verify())
 
 
 def load_image(path: str | Path, flag: str = "--image-path") -> Image.Image:
-    """An image file as RGB; a usage error naming `flag` when it is missing, unreadable, or so
-    large that decoding it could exhaust memory (PIL's decompression-bomb limit)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{flag} {path}: no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
-                return im.convert("RGB")
-    except _bad_image_errors() as e:
-        raise UsageError(f"{flag} {path}: {_image_error(e)}") from None
+    """An image file as RGB (a usage error naming `flag` when it cannot be, as _opened)."""
+    return _opened(path, flag, lambda im: im.convert("RGB"))
