@@ -21,7 +21,6 @@ DEFAULT_METRICS = ["ttft_ms", "tpot_ms", "prefill_ms", "e2e_ms", "peak_alloc_mb"
 KEYS = list(RESULT_KEY)
 # Identity columns the table shows only when the compared rows differ in them.
 OPTIONAL_SHOWN = ("family", "weights", "device", "dtype")
-REQUIRED = {"model", "variant", "kind", "status"}  # identity columns beyond these have defaults
 
 
 def load_runs(path: str | Path) -> pd.DataFrame:
@@ -36,9 +35,6 @@ def load_runs(path: str | Path) -> pd.DataFrame:
                                                     "run_id")})
     except (ValueError, pd.errors.ParserError) as e:  # what the check above did not foresee
         raise BadInput(f"{p}: not a readable runs.csv ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
-    missing = REQUIRED - set(df.columns)
-    if missing:
-        raise BadInput(f"{p}: not a runs.csv (missing columns: {', '.join(sorted(missing))})")
     fill_identity_columns(df)  # columns older versions did not write: their documented defaults
     return df[(df["kind"] == "measured") & (df["status"] == "ok")]
 
