@@ -15,7 +15,7 @@ import pandas as pd
 
 from bench.analysis.inputs import BadInput, check_results_csv
 from bench.analysis.regress import compare_samples
-from bench.measure.schema import RESULT_KEY, fill_identity_columns, point_label
+from bench.measure.schema import RESULT_KEY, counted, fill_identity_columns, point_label
 
 DEFAULT_METRICS = ["ttft_ms", "tpot_ms", "prefill_ms", "e2e_ms", "peak_alloc_mb"]
 KEYS = list(RESULT_KEY)
@@ -36,7 +36,7 @@ def load_runs(path: str | Path) -> pd.DataFrame:
     except (ValueError, pd.errors.ParserError) as e:  # what the check above did not foresee
         raise BadInput(f"{p}: not a readable runs.csv ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
     fill_identity_columns(df)  # columns older versions did not write: their documented defaults
-    return df[(df["kind"] == "measured") & (df["status"] == "ok")]
+    return counted(df)  # ok measured runs that neither compiled nor captured
 
 
 def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, metrics: list[str], alpha: float,

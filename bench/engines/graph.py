@@ -29,6 +29,7 @@ from bench.engines.spec import EngineSpec
 from bench.engines.static import StaticEngine
 from bench.errors import VariantUnsupported
 from bench.measure.timing import Timeline
+from bench.measure.compile_events import note_capture
 
 
 class _Captured:
@@ -134,6 +135,7 @@ class GraphEngine(StaticEngine):
                         self.cache.set_positions(saved)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
+            note_capture()
             with torch.cuda.graph(graph, pool=pool):
                 out = call()
         except Exception as e:  # never fall back to eager silently: the row is skipped with this

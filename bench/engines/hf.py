@@ -258,4 +258,5 @@ class HFEngine:
             batch_size=len(requests),
             batch_tokens=batch_tokens,
             extra={"engine_detail": self.describe()},
+            cpu_phases_ms=None if tl.cuda else sum_by_label(tl.cpu_phases_ms()),
         )

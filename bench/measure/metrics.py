@@ -17,10 +17,13 @@ def percentile(values: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
+TTFT_PHASES = ("preprocess", "lookup", "restore", "vision", "prefill")
+
+
 def request_metrics(r: RequestResult, new_tokens: int) -> dict:
     """Derived per-run metrics from one request's timed phases (definitions: bench.measure.schema)."""
     p = r.phases_ms
-    ttft = sum(p.get(k, 0.0) for k in ("preprocess", "lookup", "restore", "vision", "prefill"))
+    ttft = sum(p.get(k, 0.0) for k in TTFT_PHASES)
     decode = sum(r.step_ms)
     steps = len(r.step_ms)
     out = {
@@ -43,6 +46,12 @@ def request_metrics(r: RequestResult, new_tokens: int) -> dict:
         "requests_per_s": r.batch_size / (r.e2e_ms / 1e3) if r.e2e_ms > 0 else None,
         "output_tok_s": new_tokens * r.batch_size / (r.e2e_ms / 1e3) if r.e2e_ms > 0 else None,
     }
+    if r.cpu_phases_ms is not None:
+        c = r.cpu_phases_ms
+        cpu_ttft = sum(c.get(k, 0.0) for k in TTFT_PHASES)
+        out["cpu_ttft_ms"] = cpu_ttft
+        if steps:
+            out["cpu_tpot_ms"] = (sum(c.values()) - cpu_ttft) / steps
     if steps:
         out.update(
             tpot_ms=(r.e2e_ms - ttft) / steps,

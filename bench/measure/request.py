@@ -17,3 +17,4 @@ class RequestResult:
     batch_size: int = 1
     batch_tokens: list[list[int]] = field(default_factory=list)  # every request's tokens
     extra: dict = field(default_factory=dict)
+    cpu_phases_ms: dict[str, float] | None = None  # process CPU time per phase (CPU device only)

@@ -52,6 +52,9 @@ COLUMNS: tuple[Column, ...] = (
     _c("engine", "", None, ENGINES),
     _c("engine_detail", "", None, "how the engine ran this request: decoder, fused projections, what is graphed or "
                                   "compiled, and why anything is not"),
+    _c("compiles", "events", None, "torch.compile compilations + CUDA graph captures during this request: warm-up "
+                               "covers every shape, so a measured row with any is left out of summary.csv and "
+                               "compare (and another clean run is made)"),
     _c("device", "", None, "cuda | cpu"),
     _c("dtype", "", None, "compute dtype of the unquantized parts"),
     _c("status", "", None, "ok | failed | skipped"),
@@ -79,7 +82,10 @@ COLUMNS: tuple[Column, ...] = (
     _c("prefix_tokens", "tokens", None, "tokens in the cacheable prefix (system prompt + image + separator)"),
     _c("cached_tokens", "tokens", None, "prompt tokens whose KV came from the prefix cache (not prefilled)"),
     _c("new_tokens", "tokens", None, "generated tokens (fixed: EOS ignored)"),
-    _c("preprocess_ms", "ms", False, "CPU: image decode + processor + tokenization (host clock)", True),
+    _c("preprocess_device", "", None, "where the image processor ran: cpu | cuda (--preprocess; env.json's "
+                                       "`preprocess` says why a processor stayed on the host)"),
+    _c("preprocess_ms", "ms", False, "image processor (on preprocess_device, waited for) + tokenization (host "
+                                     "clock)", True),
     _c("lookup_ms", "ms", False, "prefix-cache lookup: image-content SHA-256 + key match (0 for variants without a "
                                  "prefix cache)", True),
     _c("restore_ms", "ms", False, "copying a cached prefix's keys/values into the request's working cache (the "
@@ -103,6 +109,15 @@ COLUMNS: tuple[Column, ...] = (
     _c("output_tok_s", "tokens/s", True, "new_tokens x batch_size / e2e time: generated tokens per second, prefill "
                                          "included", True, "out tok/s"),
     _c("e2e_ms", "ms", False, "request start -> last token on host (wall clock)", True, "e2e ms"),
+    _c("cpu_ttft_ms", "ms", False, "CPU device: process CPU time (every thread) over the ttft_ms interval: the "
+                                   "work, which another program on the machine barely changes (empty on CUDA)", True),
+    _c("cpu_tpot_ms", "ms", False, "CPU device: process CPU time per decode step, over the tpot_ms interval", True),
+    _c("calib_ms", "ms", False, "--calibrate: process CPU time of a fixed reference workload "
+                                "(bench.measure.calibration), mean of just before and just after the request", True),
+    _c("ttft_rel", "x reference", False, "--calibrate: cpu_ttft_ms / calib_ms (comparable across load and machines)",
+       True),
+    _c("tpot_rel", "x reference", False, "--calibrate: cpu_tpot_ms / calib_ms (comparable across load and machines)",
+       True),
     _c("peak_alloc_mb", "MiB", False, "torch.cuda.max_memory_allocated during the request, MiB (empty on CPU)",
        True, "peak MiB"),
     _c("peak_reserved_mb", "MiB", False, "torch.cuda.max_memory_reserved during the request, MiB (empty on CPU)",
@@ -157,10 +172,39 @@ RUN_COLUMNS: dict[str, str] = {c.name: c.description for c in COLUMNS}
 SUMMARY_METRICS: list[str] = [
     "ttft_ms", "prefill_ms", "vision_ms", "preprocess_ms", "lookup_ms", "restore_ms", "store_ms", "decode_ms",
     "tpot_ms", "itl_p50_ms", "itl_p99_ms", "decode_tok_s", "requests_per_s", "output_tok_s", "load_ms", "stream_ms",
-    "gpu_phase_pct", "e2e_ms", "peak_alloc_mb", "peak_reserved_mb", "nvml_used_mb", "gpu_util_pct",
+    "gpu_phase_pct", "e2e_ms", "cpu_ttft_ms", "cpu_tpot_ms", "calib_ms", "ttft_rel", "tpot_rel", "peak_alloc_mb", "peak_reserved_mb", "nvml_used_mb", "gpu_util_pct",
     "energy_j_per_token", "weight_mb", "token_agree", "kl_mean", "engine_kl_mean", "engine_top1_agree",
 ]
 assert sorted(SUMMARY_METRICS) == sorted(c.name for c in COLUMNS if c.summarized), "SUMMARY_METRICS != summarized"
+
+
+# The phases a time is made of: when its cv makes a summary invalid, the phase with the largest
+# standard deviation is named (invalid_reason), so host noise is told from device noise.
+PHASES_OF = {
+    "ttft_ms": ("preprocess_ms", "lookup_ms", "restore_ms", "vision_ms", "prefill_ms"),
+    "e2e_ms": ("preprocess_ms", "lookup_ms", "restore_ms", "vision_ms", "prefill_ms", "store_ms", "decode_ms"),
+    "stream_ms": ("load_ms", "preprocess_ms", "lookup_ms", "restore_ms", "vision_ms", "prefill_ms", "store_ms",
+                  "decode_ms"),
+}
+
+
+def counts_in_summary(row) -> bool:
+    """Whether a runs.csv row (dict) is summarised and compared: an ok measured run that neither
+    compiled nor captured."""
+    compiles = row.get("compiles")
+    try:
+        compiles = float(compiles) if compiles not in (None, "") else 0.0
+    except (TypeError, ValueError):
+        compiles = 0.0
+    return row.get("status") == "ok" and row.get("kind") == "measured" and not compiles > 0
+
+
+def counted(df):
+    """The rows of a runs DataFrame that counts_in_summary keeps (pandas, same rule)."""
+    import pandas as pd
+
+    compiles = pd.to_numeric(df["compiles"], errors="coerce").fillna(0) if "compiles" in df else 0
+    return df[(df["kind"] == "measured") & (df["status"] == "ok") & ~(compiles > 0)]
 
 
 def higher_is_better(name: str) -> bool:
@@ -208,12 +252,15 @@ SUMMARY_COLUMNS: dict[str, str] = {
     "error": "reason for failed/skipped",
     "metric": "a runs.csv column name (unit in its name)",
     "n": "measured runs summarised",
+    "excluded": "measured runs left out: they compiled or captured (runs.csv column compiles > 0)",
     "median": "median of the runs", "mean": "mean of the runs",
     "p90": "90th percentile", "p99": "99th percentile", "stdev": "sample standard deviation",
     "ci_low": "bootstrap 95% CI of the median, lower bound", "ci_high": "upper bound",
     "cv": "coefficient of variation (stdev / mean)",
     "measured_s": "wall time of the measured runs summed, s",
     "valid": "n >= --num-runs AND measured_s >= --min-seconds AND cv <= --max-cv",
+    "invalid_reason": "why valid is false: each unmet condition, and for a time made of phases (ttft_ms, e2e_ms, "
+                      "stream_ms) its noisiest phase with that phase's cv",
     "run_id": "as in runs.csv: runs of different invocations are never pooled",
 }
 assert set(SUMMARY_KEY) <= set(SUMMARY_COLUMNS)

@@ -42,5 +42,19 @@ def summarize(samples: list[float]) -> dict:
     }
 
 
+def invalid_reasons(summary: dict, min_runs: int, measured_s: float, min_seconds: float, max_cv: float
+                    ) -> list[str]:
+    """Each unmet validity condition, worded for a reader; empty when the summary is valid."""
+    out = []
+    n, cv = summary.get("n", 0), summary.get("cv", math.inf)
+    if n < min_runs:
+        out.append(f"{n} runs < --num-runs {min_runs}")
+    if measured_s < min_seconds:
+        out.append(f"{measured_s:.2f} s measured < --min-seconds {min_seconds:g}")
+    if not cv <= max_cv:
+        out.append(f"cv {cv:.2f} > --max-cv {max_cv:g}")
+    return out
+
+
 def is_valid(summary: dict, min_runs: int, measured_s: float, min_seconds: float, max_cv: float) -> bool:
-    return summary.get("n", 0) >= min_runs and measured_s >= min_seconds and summary.get("cv", math.inf) <= max_cv
+    return not invalid_reasons(summary, min_runs, measured_s, min_seconds, max_cv)

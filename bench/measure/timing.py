@@ -4,7 +4,9 @@ Each `mark(label)` ends the phase called `label`; the phase began at the previou
 phases tile the request with no gaps and add up to the timeline's span. On CUDA a mark
 records an event (no synchronisation on the hot path); elsewhere it reads perf_counter.
 Host-only phases (CPU preprocessing) use the host clock on every device. Conversion to
-milliseconds happens once, in `phases_ms()`, after a single synchronize.
+milliseconds happens once, in `phases_ms()`, after a single synchronize. On the CPU device each
+mark also reads the process's CPU time (`cpu_phases_ms()`): the work a phase did, which another
+program competing for the cores does not change the way it changes wall time.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ class _Mark:
     host_s: float
     event: object | None  # torch.cuda.Event (CUDA only)
     host_only: bool  # the phase ending here is measured on the host clock
+    cpu_s: float | None = None  # process CPU time (CPU device only)
 
 
 # Idle timing events per device, reused by later timelines: a request marks ~130 times (one per
@@ -40,7 +43,8 @@ class Timeline:
         if self.cuda:
             event = self._idle.pop() if self._idle else torch.cuda.Event(enable_timing=True)
             event.record()
-        self._marks.append(_Mark(label, time.perf_counter(), event, host_only))
+        self._marks.append(_Mark(label, time.perf_counter(), event, host_only,
+                                 None if self.cuda else time.process_time()))
 
     def synchronize(self) -> None:
         if self.cuda:
@@ -64,6 +68,12 @@ class Timeline:
         for m in self._marks:
             m.event = None
         return list(out)
+
+    def cpu_phases_ms(self) -> list[tuple[str, float]] | None:
+        """[(label, process CPU ms)] for every mark after the first; None on CUDA."""
+        if self.cuda:
+            return None
+        return [(cur.label, (cur.cpu_s - prev.cpu_s) * 1e3) for prev, cur in zip(self._marks, self._marks[1:])]
 
     def span_ms(self) -> float:
         """Wall time from the first mark to now (after synchronize)."""

@@ -6,7 +6,9 @@ then the suffix ids (question + assistant header). The engine only talks to this
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +29,7 @@ class PreparedPrompt:
     text_segments: list[list[int]]  # prefix text around the images (len = images + 1)
     image_tokens: list[int]  # embeddings per image, in order
     suffix_ids: list[int]  # question + assistant header
-    pixel_values: torch.Tensor | None = None  # processor output, on the CPU (None until processed)
+    pixel_values: torch.Tensor | None = None  # processor output (None until processed)
 
     def __post_init__(self):
         if len(self.text_segments) != len(self.image_tokens) + 1:
@@ -98,6 +100,21 @@ def prepare_by_placeholders(adapter, question: str, image_block: str, placeholde
     return PreparedPrompt(segments, list(image_tokens), suffix)
 
 
+_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def host_preprocessing():
+    """Within it, this thread's image processing stays on the host whatever the adapter's
+    `preprocess_device` (a background frame loader must not queue work on the stream the
+    measured request is timed on)."""
+    _THREAD.host_only = True
+    try:
+        yield
+    finally:
+        _THREAD.host_only = False
+
+
 class VLMAdapter:
     """Base class; subclasses set the attributes below and implement the abstract methods."""
 
@@ -110,8 +127,25 @@ class VLMAdapter:
     name: str  # preset name or checkpoint directory name
     identity: str  # what makes two loaded models the same model (preset+seed, or resolved path)
 
+    # Where the image processor runs: None on the host (its default); a device for processors
+    # that can run there (transformers' torchvision-backed ones take `device=`): set by
+    # bench.run.preprocess after a check that the processor really returns pixels there.
+    preprocess_device: torch.device | None = None
+
     def __init__(self, template: ConvTemplate):
         self.template = template
+
+    def run_processor(self, image, **kwargs) -> torch.Tensor:
+        """The image processor's pixel_values for `image`, on `preprocess_device` when one is set.
+        A device's processor queues GPU work: it is waited for here, so the host-clock
+        `preprocess` phase holds all of it and nothing spills into the next phase's time."""
+        device = self.preprocess_device
+        if device is None or getattr(_THREAD, "host_only", False):
+            return self.image_processor(images=image, return_tensors="pt", **kwargs)["pixel_values"]
+        pixels = self.image_processor(images=image, return_tensors="pt", device=device, **kwargs)["pixel_values"]
+        if pixels.device.type == "cuda":
+            torch.cuda.current_stream(pixels.device).synchronize()
+        return pixels
 
     # --- CPU side -------------------------------------------------------------------
     def prepare_text(self, question: str, visual=None) -> PreparedPrompt:

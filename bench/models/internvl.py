@@ -80,8 +80,7 @@ class InternVLAdapter(NativeVLMAdapter):
 
     def preprocess_image(self, image: Image.Image, video: bool = False) -> torch.Tensor:
         tiled = not video and self.max_tiles > 1
-        return self.image_processor(images=image, crop_to_patches=tiled, max_patches=self.max_tiles,
-                                    min_patches=1, return_tensors="pt")["pixel_values"]
+        return self.run_processor(image, crop_to_patches=tiled, max_patches=self.max_tiles, min_patches=1)
 
     def preprocess(self, visual) -> torch.Tensor:
         v = as_visual(visual)

@@ -32,7 +32,7 @@ class LlavaAdapter(NativeVLMAdapter):
 
     # CPU ---------------------------------------------------------------------------------
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        return self.run_processor(image)
 
     def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
         n = self.image_count(visual)

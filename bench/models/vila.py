@@ -88,8 +88,19 @@ class VilaAdapter(VLMAdapter):
             image = expand_to_square(image, self.image_processor.image_mean)
         elif self.aspect == "resize":
             size = self.model.vision_tower.config.image_size
-            image = image.convert("RGB").resize((size, size), Image.BICUBIC)
-        return self.image_processor(images=image, return_tensors="pt")["pixel_values"]
+            image = image if image.mode == "RGB" else image.convert("RGB")
+            if not self._processor_squashes_to(size):
+                image = image.resize((size, size), Image.BICUBIC)
+        return self.run_processor(image)
+
+    def _processor_squashes_to(self, size: int) -> bool:
+        """Whether the image processor itself resizes any image to size x size, bicubic (SigLIP's
+        does): VILA's own resize before it is then the same operation, done where the processor
+        runs (on the GPU with --preprocess device) instead of on the host first."""
+        p = self.image_processor
+        target = getattr(p, "size", None) or {}
+        return (getattr(p, "do_resize", True) and target.get("height") == size and target.get("width") == size
+                and int(getattr(p, "resample", 3)) == 3)
 
     def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
         n = self.image_count(visual)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.quant import DEFAULT_DENSE_ROWS
+from bench.measure.compile_events import note_capture
 
 try:
     from bench.quant import triton_int4 as _triton_int4
@@ -264,6 +265,7 @@ def _cuda_dense_weight(packed: torch.Tensor, scale_and_zero: torch.Tensor, lay: 
             del _DENSE_GRAPHS[dead]  # weights freed: their graphs (and scratch refs) go too
         dequantize_tinygemm(*args)  # compiles the kernel outside the capture
         graph = torch.cuda.CUDAGraph()
+        note_capture()
         with torch.cuda.graph(graph, pool=_dense_pool()):
             dequantize_tinygemm(*args)
         entry = _DENSE_GRAPHS[gkey] = (weakref.ref(packed), graph, out)

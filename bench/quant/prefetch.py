@@ -18,6 +18,7 @@ from contextlib import contextmanager
 import torch
 
 from bench.quant.int4 import Int4Linear
+from bench.measure.compile_events import note_capture
 
 
 class DensePrefetch:
@@ -79,6 +80,7 @@ class DensePrefetch:
                     self._dequantize(i)
                     self.stream.synchronize()
                     graph = self.graphs[i] = torch.cuda.CUDAGraph()
+                    note_capture()
                     with torch.cuda.graph(graph, stream=self.stream):
                         self._dequantize(i)
                 graph.replay()

@@ -21,6 +21,8 @@ DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
 DEFAULT_PRESET = "tiny-vila"
 MAX_TILES = 64  # InternVL tiles per still image (its processors use max_num 12, some configs up to 40)
 MAX_FRAMES = 4096  # sampled video frames (each is at least one image token of the prompt)
+PREPROCESS_PLACES = ("device", "cpu")
+MAX_CPU_THREADS = 1024
 PART_OPTIONS_AFTER = "max_new_tokens"  # where the variant parts' flags go in the field (and --help) order
 
 
@@ -68,6 +70,14 @@ class RunFields:
                                  "repeat its output)", "deterministic")
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
     device: str = opt("cuda, cuda:N, cpu or auto", "auto")
+    preprocess: str = opt("where the image processor runs: device (the request's device, for processors that can: "
+                          "transformers' torchvision-backed ones; any other stays on the host and env.json says "
+                          "why) or cpu", "device")
+    cpu_threads: int = opt("torch CPU threads (0: 1 with a CUDA device, where the host only processes images and "
+                           "launches kernels; torch's default, every core, when the model runs on the CPU)", 0)
+    calibrate: bool = opt("CPU device: measure a fixed reference workload's CPU time next to every measured "
+                          "request and record the request's CPU times relative to it (calib_ms, ttft_rel, "
+                          "tpot_rel): comparable across load and machines (ci-bench gates on them)", False)
     dtype: str = opt("float16, bfloat16, float32 or auto (float16 on CUDA, float32 on CPU)", "auto")
     output_dir: str | None = opt("results directory (default results/local/<time>-<model>); it must be new or "
                                  "empty unless --append or --resume")
@@ -115,6 +125,10 @@ class RunConfigBase:
         if not math.isfinite(self.min_seconds):
             raise UsageError(f"--min-seconds must be a finite number, got {self.min_seconds}")
         attention_kernels.check(self.attention_kernels)
+        if self.preprocess not in PREPROCESS_PLACES:
+            raise UsageError(f"unknown --preprocess {self.preprocess!r}; choose {' or '.join(PREPROCESS_PLACES)}")
+        if not 0 <= self.cpu_threads <= MAX_CPU_THREADS:
+            raise UsageError(f"--cpu-threads must be between 0 (auto) and {MAX_CPU_THREADS}, got {self.cpu_threads}")
         if self.video_mode not in VIDEO_MODES:
             raise UsageError(f"unknown --video-mode {self.video_mode!r}; choose {' or '.join(VIDEO_MODES)}")
         loaders = name_list(self.loader, "--loader", LOADERS)

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 from PIL import Image
 
 from bench.errors import UsageError
+from bench.models.base import host_preprocessing
 from bench.models.visual import VisualInput, check_image_file, load_image
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -135,6 +136,10 @@ class FrameLoader:
         return out
 
     def _fill(self) -> None:
+        with host_preprocessing():  # never on the stream the measured requests are timed on
+            self._fill_queue()
+
+    def _fill_queue(self) -> None:
         while not self._stop.is_set():
             try:
                 item = self._read_batch()

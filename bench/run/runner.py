@@ -15,20 +15,22 @@ import torch
 from tqdm import tqdm
 
 from bench.engines import attention_kernels
-from bench.run import envinfo
+from bench.measure import calibration, compile_events
+from bench.run import envinfo, host
 from bench.run import fidelity
+from bench.run.preprocess import place_preprocessing
 from bench.run.config import NOT_FINGERPRINTED, RunConfig
 from bench.log import status
 from bench.errors import UsageError, VariantUnsupported
 from bench.run.monitors import GpuMonitor
 from bench.measure.metrics import request_metrics
-from bench.measure.schema import SUMMARY_KEY, SUMMARY_METRICS, result_key
+from bench.measure.schema import PHASES_OF, SUMMARY_KEY, SUMMARY_METRICS, counts_in_summary, result_key
 from bench.run.limits import check_sizes, loaded_max_pos, model_dims
 from bench.run.questions import load_questions, warmup_questions
 from bench.measure.results import (DirLock, check_output_dir, new_run_id, read_runs, run_writer, utc_now,
                                    write_json, write_summary)
 from bench.models.source import ModelSource
-from bench.measure.stats import is_valid, summarize
+from bench.measure.stats import invalid_reasons, summarize
 from bench.models.visual import load_image
 from bench.run.workload import RequestSource, question_of_length
 from variants import baseline_variant, parse_variant
@@ -136,6 +138,10 @@ class Benchmark:
             get_template(cfg.conv_mode)
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.cpu_threads = host.cpu_threads(cfg.cpu_threads, self.device)
+        if cfg.calibrate and self.device.type != "cpu":
+            raise UsageError("--calibrate measures host CPU work: it needs --device cpu")
+        self.preprocess_facts: dict[str, dict] = {}  # by variant: where its image processing ran, and why
         self.source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
         self.dims = model_dims(cfg.model_path, cfg.preset)
         check_sizes(cfg, self.dims, self.source.name, self.questions, self.frames, self.device, self.dtype)
@@ -183,7 +189,7 @@ class Benchmark:
         env = envinfo.collect(self.command, self.monitor.device_facts(), {
             "config": asdict(self.cfg), "fingerprint": self.fingerprint, "device": str(self.device),
             "dtype": str(self.dtype), "attention_kernels": attention_kernels.describe(self.cfg.attention_kernels),
-            "engines": self._engine_specs(),
+            "engines": self._engine_specs(), "host": self.host_facts, "preprocess": self.preprocess_facts,
             "model": self.source.name, "weights": self.source.weights, "run_id": self.run_id,
         })
         old = self.old_env
@@ -204,11 +210,14 @@ class Benchmark:
         lock = DirLock(self.out_dir)  # a concurrent writer is refused here
         try:
             self.writer = run_writer(self.out_dir)  # refuses a runs.csv with other columns
+            self.host_facts = host.set_cpu_threads(self.cpu_threads)
             try:
                 write_json(self.out_dir / "env.json", self._env())
                 self._run_variants()
             finally:
                 self.writer.close()
+                if self.preprocess_facts:  # decided per loaded model, after the first write
+                    write_json(self.out_dir / "env.json", self._env())
                 self._write_summary()
         finally:
             lock.release()
@@ -276,7 +285,10 @@ class Benchmark:
                     status(f"{variant.name}: loading {variant.weights.name} weights")
                     loaded = variant.weights.load(self.source, self.device, self.dtype, options)
                     self._check_loaded_positions(loaded.adapter)
-                status(f"{variant.name}: fidelity probe, then measured runs")
+                self.preprocess_facts[variant.name] = place_preprocessing(
+                    loaded.adapter, self.cfg.preprocess, self.device, self.fidelity_visual)
+                status(f"{variant.name}: fidelity probe, then measured runs" if self.cfg.fidelity
+                       else f"{variant.name}: measured runs")
                 fid = self._fidelity(variant, loaded)
                 self._measure_variant(variant, loaded, {**base, **fid})
                 continue
@@ -352,6 +364,7 @@ class Benchmark:
         return next(iter(self.frames))
 
     def _free(self) -> None:
+        host.release_frozen()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -432,9 +445,17 @@ class Benchmark:
             if cfg.warmup:
                 warmups += shape_matched_warmups(adapter, questions)
             record_warmups = not any(r.get("kind") == "warmup" for r in prior)
-            for i in range(len(warmups)):
+            # A cache's cold requests (prefill of the whole prompt, then store) meet other shapes
+            # than its warm ones: each shape-matched warm-up runs cold, then warm.
+            plan = [(i, "warm" if policy.stateful else state) for i in range(len(warmups))]
+            if policy.stateful:
+                plan = [(i, s) for i, _ in plan for s in (("cold", "warm") if i >= cfg.warmup else ("warm",))]
+            for k, (i, cache_state) in enumerate(plan):
+                if cache_state == "cold":
+                    policy.clear()
                 self._timed_run(engine, source, warmups, i, point,
-                                {**base, "kind": "warmup", "run_index": i, "cache_state": state}, record_warmups)
+                                {**base, "kind": "warmup", "run_index": k,
+                                 "cache_state": None if policy.stateful else state}, record_warmups)
 
             groups = [("cold", cfg.num_runs)] if policy.stateful else []
             groups.append((state, None))
@@ -445,26 +466,33 @@ class Benchmark:
                     continue
                 bar = tqdm(total=fixed_n or cfg.num_runs, desc=f"{base['variant']} {point.label()} [{cache_state}]",
                            leave=False, disable=None)
+                done = [r for r in done if counts_in_summary(r)]
                 n, measured_s = len(done), sum(float(r.get("e2e_ms") or 0) for r in done) / 1e3
+                attempts = n
                 if policy.stateful and cache_state == "warm" and prior and not ran_cold:
                     # --resume: the cache is empty in this process; one unrecorded run fills it as
                     # the cold runs would have, so the first recorded warm run is warm
                     self._timed_run(engine, source, questions, 0, point,
                                     {**base, "kind": "measured", "run_index": -1, "cache_state": "cold"}, False)
                 ran_cold = ran_cold or cache_state == "cold"
-                while True:
+                host.before_measured_group()
+                # n counts clean runs (bench.measure.schema.counts_in_summary): a run that compiled
+                # or captured is recorded, left out, and made again (at most --max-runs attempts).
+                while attempts < cfg.max_runs:
                     if fixed_n is not None and n >= fixed_n:
                         break
-                    if fixed_n is None and ((n >= cfg.num_runs and measured_s >= cfg.min_seconds)
-                                            or n >= cfg.max_runs):
+                    if fixed_n is None and n >= cfg.num_runs and measured_s >= cfg.min_seconds:
                         break
                     if cache_state == "cold":
                         policy.clear()
                     row = self._timed_run(engine, source, questions, n * point.batch_size, point,
-                                          {**base, "kind": "measured", "run_index": n, "cache_state": cache_state})
-                    measured_s += row["e2e_ms"] / 1e3
-                    n += 1
-                    bar.update(1)
+                                          {**base, "kind": "measured", "run_index": attempts,
+                                           "cache_state": cache_state})
+                    attempts += 1
+                    if counts_in_summary(row):
+                        measured_s += row["e2e_ms"] / 1e3
+                        n += 1
+                        bar.update(1)
                 bar.close()
         finally:
             source.close()
@@ -475,24 +503,31 @@ class Benchmark:
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(self.device)
-        # Garbage is collected between requests, not during them (as timeit does): a full
-        # collection of a model-sized heap stalled single requests by ~20 ms on the H200 host.
-        gc.collect()
-        gc.disable()
-        try:
+        calibrate = self.cfg.calibrate and base["kind"] == "measured"
+        calib_ms = calibration.reference_ms() if calibrate else None
+        with host.one_request():  # garbage collection: bench.run.host
+            compiles = compile_events.count()
             self.monitor.start()  # GPU utilisation covers waiting for frames too: what a loader buys
             t0 = time.perf_counter()
             requests, waited_s = source.next(questions, start)
             result = engine.run_batch(requests, point.new_tokens)
             stream_ms = (time.perf_counter() - t0) * 1e3
             gpu = self.monitor.stop()
-        finally:
-            gc.enable()
-        row = {**base, "status": "ok", "question": requests[0][1],
+            compiles = compile_events.count() - compiles
+        if base["cache_state"] is None:  # a cache's warm-up: cold or warm as it turned out
+            base = {**base, "cache_state": "warm" if result.cache_hit else "cold"}
+        row = {**base, "status": "ok", "question": requests[0][1], "compiles": compiles,
+               "preprocess_device": (engine.adapter.preprocess_device or torch.device("cpu")).type,
                **request_metrics(result, point.new_tokens),
                "load_ms": waited_s * 1e3, "stream_ms": stream_ms,
                "gpu_phase_pct": 100 * sum(result.phases_ms.get(k, 0.0) for k in GPU_PHASES) / stream_ms,
                "output_text": printable(engine.adapter.decode(result.tokens))[:80]}
+        if calibrate:
+            calib_ms = (calib_ms + calibration.reference_ms()) / 2
+            row["calib_ms"] = calib_ms
+            row["ttft_rel"] = row["cpu_ttft_ms"] / calib_ms
+            if row.get("cpu_tpot_ms") is not None:
+                row["tpot_rel"] = row["cpu_tpot_ms"] / calib_ms
         if cuda:
             row["peak_alloc_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
             row["peak_reserved_mb"] = torch.cuda.max_memory_reserved(self.device) / 2**20
@@ -534,16 +569,26 @@ def summarize_runs(rows: list[dict], cfg: RunConfig) -> list[dict]:
             continue
         if r.get("kind") == "measured":
             groups.setdefault(result_key(r, SUMMARY_KEY), []).append(r)
-    for key, runs in groups.items():
-        measured_s = sum(r["e2e_ms"] for r in runs) / 1e3
+    for key, group in groups.items():
+        runs = [r for r in group if counts_in_summary(r)]
+        excluded = len(group) - len(runs)
+        measured_s = sum(float(r["e2e_ms"]) for r in runs) / 1e3
+        stats = {}
         for metric in SUMMARY_METRICS:
             values = [r.get(metric) for r in runs if r.get(metric) is not None]
-            if not values:
-                continue
-            s = summarize(values)
-            if s["n"] == 0:
-                continue
+            s = summarize(values) if values else {"n": 0}
+            if s["n"]:
+                stats[metric] = s
+        for metric, s in stats.items():
+            reasons = invalid_reasons(s, cfg.num_runs, measured_s, cfg.min_seconds, cfg.max_cv)
+            valid = not reasons
+            if not s["cv"] <= cfg.max_cv and metric in PHASES_OF:
+                phase = max((p for p in PHASES_OF[metric] if p in stats), key=lambda p: stats[p]["stdev"],
+                            default=None)
+                if phase is not None:
+                    reasons.append(f"noisiest phase {phase} (sd {stats[phase]['stdev']:.3g} ms, "
+                                   f"cv {stats[phase]['cv']:.2f})")
             out.append({**dict(zip(SUMMARY_KEY, key)), "status": "ok", "metric": metric, **s,
-                        "measured_s": measured_s,
-                        "valid": is_valid(s, cfg.num_runs, measured_s, cfg.min_seconds, cfg.max_cv)})
+                        "excluded": excluded, "measured_s": measured_s, "valid": valid,
+                        "invalid_reason": "; ".join(reasons)})
     return out

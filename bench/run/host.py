@@ -1,0 +1,65 @@
+"""The host side of measured runs: torch's CPU threads, and when garbage is collected.
+
+Threads. With a CUDA device the host only processes images (when the processor stays on the
+host), tokenizes and launches kernels; torch's default of one thread per core then costs more
+than it gives: on the H200 host (16 threads) the CPU image processor took 18 ms median / 31 ms
+p90 right after a garbage collection against 5.8 / 6.9 ms with one thread (its worker threads
+sleep during the collection's pause and are woken by the next request). `--cpu-threads 0`
+(auto) is therefore 1 with a CUDA device, torch's default when the model itself runs on the
+CPU. The number used is written to env.json (`host.cpu_threads`).
+
+Garbage collection (measured: lab/gpu_host_gc.py, results/reference/h200/host-gc/): before a
+group of measured runs one full collection, then `gc.freeze()`, which moves every live object
+(the model's modules, the tokenizer, the caches) out of the collector's reach; during a request
+the collector is off; after it, outside the timed interval, the young generation is collected
+(cheap: frozen objects are never traversed). A full collection before every request, as timeit
+does, walks the whole heap each time and leaves the processor's thread pool and the caches cold
+for the request that follows. At the end of a variant the heap is unfrozen so the model's
+reference cycles can be freed.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+
+import torch
+
+
+def cpu_threads(requested: int, device: torch.device) -> int:
+    """The torch CPU thread count a run uses: `requested`, or for 0 (auto) 1 with a CUDA device and
+    torch's default (every core) on the CPU."""
+    if requested:
+        return requested
+    return 1 if device.type == "cuda" else torch.get_num_threads()
+
+
+def set_cpu_threads(n: int) -> dict:
+    """Set torch's intra-op threads to `n`; what env.json records."""
+    torch.set_num_threads(n)
+    return {"cpu_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "gc": "full collection + gc.freeze() before each group of measured runs; off during a request; "
+                  "young generation collected after it"}
+
+
+def before_measured_group() -> None:
+    """One full collection, then freeze what survived (bench.run.host's docstring)."""
+    gc.collect()
+    gc.freeze()
+
+
+@contextlib.contextmanager
+def one_request():
+    """The collector is off for the request and its young generation is collected afterwards."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+        gc.collect(0)
+
+
+def release_frozen() -> None:
+    """Unfreeze the heap (a variant is done: its model's cycles may be collected)."""
+    gc.unfreeze()

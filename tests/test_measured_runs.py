@@ -1,0 +1,126 @@
+"""What makes a measured run trustworthy: no compilation or capture inside one (counted, left
+out, replaced), warm-ups that cover a cache's cold and warm shapes, validity that says why,
+the host's threads and garbage collection, and where images are processed."""
+import csv
+import gc
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bench.cli import run_main
+from bench.engines.hf import HFEngine
+from bench.measure import compile_events
+from bench.models.loader import build_preset
+from bench.run import host
+from bench.run.preprocess import place_preprocessing
+from bench.run.runner import summarize_runs
+
+BASE = ["--preset", "tiny-vila", "--device", "cpu", "--num-runs", "4", "--min-seconds", "0", "--max-new-tokens", "4",
+        "--warmup", "1", "--no-fidelity", "--text-prompt", "What is here?"]
+
+
+def _rows(out, name="runs.csv"):
+    return list(csv.DictReader(open(out / name)))
+
+
+def test_a_run_that_compiles_is_recorded_left_out_and_replaced(tmp_path, monkeypatch):
+    real, calls = HFEngine.run_batch, []
+
+    def capturing_on_the_fourth_call(self, requests, new_tokens):
+        calls.append(1)
+        if len(calls) == 4:  # two warm-ups (one generic, one shape-matched), then the 2nd measured run
+            compile_events.note_capture()
+        return real(self, requests, new_tokens)
+
+    monkeypatch.setattr(HFEngine, "run_batch", capturing_on_the_fourth_call)
+    out = tmp_path / "o"
+    assert run_main([*BASE, "--variants", "fp16", "--output-dir", str(out)]) == 0
+    measured = [r for r in _rows(out) if r["kind"] == "measured"]
+    assert [r["compiles"] for r in measured] == ["0", "1", "0", "0", "0"]  # 4 clean runs, one more made
+    ttft = next(s for s in _rows(out, "summary.csv") if s["metric"] == "ttft_ms")
+    assert (ttft["n"], ttft["excluded"]) == ("4", "1")
+    clean = sorted(float(r["ttft_ms"]) for r in measured if r["compiles"] == "0")
+    assert float(ttft["median"]) == pytest.approx((clean[1] + clean[2]) / 2)
+
+    from bench.analysis.compare import load_runs  # compare leaves it out too
+    assert len(load_runs(out)) == 4
+
+
+def test_a_cache_is_warmed_up_cold_and_warm_for_each_measured_shape(tmp_path):
+    out = tmp_path / "o"
+    assert run_main([*BASE, "--variants", "prefix", "--output-dir", str(out)]) == 0
+    warmups = [r for r in _rows(out) if r["kind"] == "warmup"]
+    # the generic warm-up (cold: the cache is empty), then the shape-matched one cold, then warm
+    assert [(r["cache_state"], r["cache_hit"]) for r in warmups] == [
+        ("cold", "false"), ("cold", "false"), ("warm", "true")]
+    assert all(r["question"] != "What is here?" for r in warmups)
+
+
+def _group(cv_phase_ms: list[float], n=6):
+    rows = []
+    for i in range(n):
+        pre = cv_phase_ms[i % len(cv_phase_ms)]
+        rows.append({"model": "m", "variant": "fp16", "engine": "graph", "status": "ok", "kind": "measured",
+                     "cache_state": "none", "run_id": "r", "compiles": 0, "preprocess_ms": pre,
+                     "vision_ms": 4.0 + 0.01 * i, "prefill_ms": 4.0, "ttft_ms": pre + 8.0 + 0.01 * i,
+                     "tpot_ms": 2.5, "e2e_ms": 300.0})
+    return rows
+
+
+def test_an_invalid_summary_says_why_and_names_its_noisiest_phase():
+    cfg = SimpleNamespace(num_runs=10, min_seconds=1.0, max_cv=0.10)
+    summary = summarize_runs(_group([2.0, 30.0]), cfg)
+    by_metric = {s["metric"]: s for s in summary}
+    ttft = by_metric["ttft_ms"]
+    assert not ttft["valid"]
+    assert "6 runs < --num-runs 10" in ttft["invalid_reason"]
+    assert "cv " in ttft["invalid_reason"] and "noisiest phase preprocess_ms" in ttft["invalid_reason"]
+    tpot = by_metric["tpot_ms"]  # steady, but too few runs
+    assert tpot["invalid_reason"] == "6 runs < --num-runs 10"
+    cfg = SimpleNamespace(num_runs=6, min_seconds=1.0, max_cv=0.10)
+    assert {s["metric"]: s for s in summarize_runs(_group([2.0, 2.0]), cfg)}["ttft_ms"]["invalid_reason"] == ""
+
+
+def test_host_threads_and_preprocessing_are_recorded(tmp_path):
+    out = tmp_path / "o"
+    assert run_main([*BASE, "--variants", "fp16", "--cpu-threads", "1", "--output-dir", str(out)]) == 0
+    env = json.loads((out / "env.json").read_text())
+    assert env["host"]["cpu_threads"] == 1 and "gc.freeze" in env["host"]["gc"]
+    assert env["preprocess"]["fp16"]["device"] == "cpu"
+    assert env["preprocess"]["fp16"]["why"] == "the model runs on the CPU"
+    assert {r["preprocess_device"] for r in _rows(out)} == {"cpu"}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cpu-threads", "-1"], "--cpu-threads"), (["--preprocess", "gpu"], "--preprocess"),
+])
+def test_bad_host_flags_are_usage_errors(tmp_path, capsys, flags, message):
+    out = tmp_path / "o"
+    assert run_main([*BASE, "--variants", "fp16", *flags, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()
+
+
+def test_a_processor_that_cannot_take_the_device_stays_on_the_host(demo_image):
+    adapter = build_preset("tiny-vila", None, torch.device("cpu"), torch.float32)
+    facts = place_preprocessing(adapter, "device", torch.device("meta"), demo_image)  # any non-host device
+    if type(adapter.image_processor).__name__.endswith("Pil"):  # no torchvision here: PIL processor
+        assert facts["device"] == "cpu" and "not torchvision-backed" in facts["why"]
+        assert adapter.preprocess_device is None
+    assert place_preprocessing(adapter, "cpu", torch.device("cuda"), demo_image)["why"] == "--preprocess cpu"
+    assert adapter.preprocess_device is None
+
+
+def test_garbage_collection_discipline():
+    host.before_measured_group()
+    try:
+        assert gc.get_freeze_count() > 0  # the model's heap is out of the collector's reach
+        with host.one_request():
+            assert not gc.isenabled()
+        assert gc.isenabled()
+    finally:
+        host.release_frozen()
+    assert gc.get_freeze_count() == 0
