@@ -24,3 +24,4 @@ if ! python -c "import torch" >/dev/null 2>&1; then
 fi
 python -m pip install -q -e ".[quant,dev]"
 python -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}, cuda={torch.cuda.is_available()}')"
+echo "ready (nothing to activate): .venv/bin/python vila_prefix_benchmark.py runs the benchmark, .venv/bin/python -m pytest the tests"

@@ -23,7 +23,7 @@ near-tie), and the reference's near-tie share. Ways:
 Each row also gives the way's median decode step as the benchmark's timeline measures it
 (`decode_step_ms`, a 128-token request after a warm one) and its `engine_detail`.
 
-    python lab/gpu_agreement_floor.py --preset llava-1.5-7b --out results/h200/agreement_floor_llava-1.5-7b.csv
+    python lab/gpu_agreement_floor.py --preset llava-1.5-7b --out agreement_floor_llava-1.5-7b.csv
         [--attention-kernels auto]  (bench.engines.attention_kernels; default deterministic)
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ of the graph engine's steps; then prompts (causal), suffixes after a cached pref
 vision towers (non-causal): of `--reruns` repeats of the identical call, how many differ from
 the first and in how many elements; and the call's time inside a CUDA graph (median, us).
 
-    python lab/gpu_attention_determinism.py --out results/h200/attention_determinism.csv
+    python lab/gpu_attention_determinism.py --out attention_determinism.csv
 """
 from __future__ import annotations
 

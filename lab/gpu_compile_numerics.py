@@ -3,7 +3,7 @@
 prompt's prefill), every layer fed the eager step's input for it: the share of output elements
 that differ from eager's and the largest difference, and the same for the step's logits.
 
-    python lab/gpu_compile_numerics.py --preset llava-1.5-7b --out results/h200/compile_numerics_llava-1.5-7b.csv
+    python lab/gpu_compile_numerics.py --preset llava-1.5-7b --out compile_numerics_llava-1.5-7b.csv
         [--attention-kernels auto]  (bench.engines.attention_kernels; default deterministic)
 """
 from __future__ import annotations

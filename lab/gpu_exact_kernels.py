@@ -12,7 +12,7 @@
    kernels that ran, and the time inside a CUDA graph (the contiguous call including its two
    copies, as the engine pays them).
 
-    python lab/gpu_exact_kernels.py --out results/h200/exact_kernels_h200.csv
+    python lab/gpu_exact_kernels.py --out exact_kernels_h200.csv
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ published tinygemm layout (what runs) and by the one that reads the learnt layou
 captured 50 times in one CUDA graph and replayed, so the numbers are GPU time without launch
 overhead; median of 15.
 
-    python lab/gpu_int4_kernels.py --preset llava-1.5-7b --out results/h200/int4_kernels_llava-1.5-7b.csv
+    python lab/gpu_int4_kernels.py --preset llava-1.5-7b --out int4_kernels_llava-1.5-7b.csv
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ length, token_agree with the hf engine's warm request and the first divergence (
 near-ties are frequent, so only arithmetic identical to transformers' keeps all of them).
 
     python lab/gpu_warm_agreement.py --preset llava-1.5-7b --engines graph-exact,graph \
-        --out results/h200/warm_agreement_llava-1.5-7b.csv
+        --out warm_agreement_llava-1.5-7b.csv
 """
 from __future__ import annotations
 

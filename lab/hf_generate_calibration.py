@@ -5,7 +5,7 @@ logits processors, stopping criteria and host syncs. This measures `generate` it
 (prefill = generate with 1 new token; decode/token = (t(N) - t(1)) / (N - 1)), CUDA-synchronised
 wall clock, median of --runs, and appends rows to --out (CSV).
 
-    python lab/hf_generate_calibration.py --preset llava-1.5-7b --out results/h200/hf_generate_calibration.csv
+    python lab/hf_generate_calibration.py --preset llava-1.5-7b --out hf_generate_calibration.csv
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ compare = new_notebook(cells=[
                       "as `python -m bench report`. Skipped/failed variants and invalid summaries are shown, "
                       "never dropped."),
     new_code_cell("# Parameters (or set BENCH_RESULTS_DIRS, os.pathsep-separated)\n"
-                  "RESULTS_DIRS = ['../results/h200/llava-1.5-7b-engines', '../results/h200/vila1.5-3b-engines']",
+                  "RESULTS_DIRS = ['../results/reference/h200/llava-1.5-7b-graph-engines']",
                   metadata={"tags": ["parameters"]}),
     new_code_cell(SETUP + "\nfrom bench.analysis import report\n"
                   "dirs = os.environ.get('BENCH_RESULTS_DIRS', '').split(os.pathsep) if os.environ.get('BENCH_RESULTS_DIRS') else RESULTS_DIRS\n"

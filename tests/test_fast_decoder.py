@@ -286,7 +286,7 @@ def test_eager_exact_numerics_make_the_compiled_step_write_what_eager_does(check
     mean in its own order: with torch 2.13 here its logits differ in the last bits (torch 2.11's
     CPU inductor happens to match). On the H200, with deterministic attention kernels, eager-exact
     leaves none of a layer's outputs off eager's, fused 48%
-    (results/h200/compile_numerics_llava-1.5-7b-deterministic.csv)."""
+    (f67f436:results/h200/compile_numerics_llava-1.5-7b-deterministic.csv)."""
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
     engine = StaticEngine(adapter, CachePolicy())
     dec = engine.decoder

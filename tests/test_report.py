@@ -101,23 +101,3 @@ def test_committed_notebooks_have_no_outputs():
         nb = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") and c.get("execution_count") is None
                    for c in nb.cells if c.cell_type == "code"), path
-
-
-def test_readme_block_is_generated_from_committed_results(tmp_path):
-    import shutil
-
-    from bench.analysis.report import embed_in_readme, write_report
-
-    import re
-
-    # the block names its sources: regenerate from exactly those
-    sources = re.search(r"^Sources: (.+)\.$", (ROOT / "README.md").read_text(), re.M).group(1).split(", ")
-    assert sources and all((ROOT / d / "runs.csv").exists() for d in sources)
-    dirs = [ROOT / d for d in sources]
-    readme = tmp_path / "README.md"
-    shutil.copy(ROOT / "README.md", readme)
-    report_md = write_report(dirs, tmp_path / "results" / "h200" / "report")
-    embed_in_readme(readme, report_md)
-    fresh = readme.read_text().replace(str(ROOT) + "/", "")
-    assert fresh == (ROOT / "README.md").read_text(), (
-        f"regenerate: python -m bench report {' '.join(sources)} --out results/h200/report --readme README.md")

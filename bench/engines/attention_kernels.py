@@ -6,7 +6,7 @@ On the H200 (torch 2.11) SDPA picks cuDNN for every call. Its one-query kernel (
 split keys in a varying order: of 50 repeats of one decode call 48 gave a different output,
 while its calls of 16 or more queries (prompts, suffixes after a cached prefix, vision towers)
 and flash, memory-efficient and math attention repeated exactly
-(results/h200/attention_determinism.csv). With random weights two logits often nearly tie, so
+(f67f436:results/h200/attention_determinism.csv). With random weights two logits often nearly tie, so
 greedy tokens then change between identical requests and token_agree is partly noise.
 
 - "deterministic" (the default): calls of fewer than FEW_QUERIES new tokens run without cuDNN

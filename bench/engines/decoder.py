@@ -3,7 +3,7 @@ buffers, built from the loaded transformers model's own modules.
 
 Why not transformers' forward: per decoder layer it launches ~60 kernels (mask building, rotary
 pieces, cache bookkeeping), which bounds both eager prefill and the graph-captured decode step
-on the H200 (results/h200/decode_profile_llava-1.5-7b.csv). This forward calls the same modules
+on the H200 (f67f436:results/h200/decode_profile_llava-1.5-7b.csv). This forward calls the same modules
 for everything numeric (RMSNorm, rotary embedding, activation, projections, lm_head, so weight
 variants apply unchanged) and differs only in
 - q/k/v and gate/up run as one GEMM each (bench.engines.fused_linear),
@@ -190,7 +190,7 @@ class FastDecoder(nn.Module):
         groups of a shared kv head stacked so keys are never repeated. Compiled, it is two
         batched GEMMs, a fused softmax and a copy: in llava-1.5-7b's warm suffix graph on the H200
         (32 queries over 768 keys) they take 0.41 ms over 32 layers where cuDNN SDPA took 0.67 ms
-        (the `warm request kernel` rows of results/h200/warm_profile_llava-1.5-7b.csv; the cuDNN
+        (the `warm request kernel` rows of f67f436:results/h200/warm_profile_llava-1.5-7b.csv; the cuDNN
         figure is that file as of commit 26ea28e). Alone (sdpa_backends_h200.csv, `matmul_compiled`) it beats
         cuDNN at 16 queries (9.4 against 21.4 us per layer, 768 keys), about ties at 32 and loses
         at 64 and at one query: only steps of 2-32 queries use it (`MATMUL_ATTENTION_MAX_T`)."""

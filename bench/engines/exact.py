@@ -149,7 +149,7 @@ class ExactLayers:
     device (checked the first time the shape is met, outside a CUDA graph capture; until then and
     where it did not, they take transformers' way). On the H200 it did at every suffix shape measured (16-64 queries,
     llava-1.5-7b's and vila1.5-3b's heads), and with the mask's rows aligned took 18-22 us a
-    layer where transformers' way took 32-54 (results/h200/exact_attention_h200.csv)."""
+    layer where transformers' way took 32-54 (f67f436:results/h200/exact_attention_h200.csv)."""
 
     def __init__(self, dec: ExactDecoder, compile=None, streams: list | None = None):
         wrap = compile or (lambda fn, dynamic: fn)
@@ -224,7 +224,7 @@ def _additive_aligned(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """_additive(mask), its rows 16-byte aligned (a view of wider storage): the same values at
     another row stride. cuDNN attends with an unaligned mask (keys not a multiple of 8 in fp16)
     much more slowly: 36.4 against 21.5 us a layer for llava-1.5-7b's 19-query warm suffix over
-    647 keys on the H200, the same bits (results/h200/exact_attention_h200.csv)."""
+    647 keys on the H200, the same bits (f67f436:results/h200/exact_attention_h200.csv)."""
     per_16_bytes = max(1, 16 // torch.empty((), dtype=dtype).element_size())
     end = mask.shape[-1]
     storage = torch.zeros(*mask.shape[:-1], -(-end // per_16_bytes) * per_16_bytes, dtype=dtype, device=mask.device)

@@ -2,7 +2,7 @@
 
 One wider GEMV reads the same bytes as three narrow ones but launches once and keeps more of the
 GPU busy: at decode, where every projection is a memory-bound GEMV, that is the difference
-between 3.2 and 3.6 TB/s on the H200 (see results/h200/decode_profile_*.csv for the unfused
+between 3.2 and 3.6 TB/s on the H200 (see f67f436:results/h200/decode_profile_*.csv for the unfused
 split-K launches).
 
 - nn.Linear: the weights are concatenated once and the original modules' weights become views

@@ -45,7 +45,7 @@ class GraphEngine(StaticEngine):
     # numerics: how compiled layers round (bench.engines.spec.NUMERICS). "eager-casts": in llava-1.5-7b's
     # decode step on the H200, 0.92% of a compiled layer's output elements differ from eager's
     # against 48% "fused", at the same step time (4.55 ms); "eager-exact" makes them identical for
-    # 0.24 ms more per step (results/h200/compile_numerics_llava-1.5-7b-deterministic.csv,
+    # 0.24 ms more per step (f67f436:results/h200/compile_numerics_llava-1.5-7b-deterministic.csv,
     # agreement_numerics_llava-1.5-7b.csv). Identical layers alone do not give transformers'
     # tokens: its decode attends with flash over exactly the keys so far, which no single
     # captured graph can call (agreement_floor_llava-1.5-7b-deterministic.csv); GraphExactEngine

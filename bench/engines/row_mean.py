@@ -5,7 +5,7 @@ Why: transformers' RMSNorm takes `hidden.pow(2).mean(-1)`, and the exact engine 
 must reproduce it bit for bit. ATen's kernel for a few thousand columns and 16 or more rows runs
 16 rows per 512-thread block, one warp per row: 2 blocks for a 19-token suffix, each warp
 summing 128 values per lane in a dependent chain. On the H200 that took 9.3 us per norm, 0.61 ms
-of llava-1.5-7b's 6.4 ms warm suffix (results/h200/warm_profile_llava-1.5-7b-graph-exact-rows.csv).
+of llava-1.5-7b's 6.4 ms warm suffix (f67f436:results/h200/warm_profile_llava-1.5-7b-graph-exact-rows.csv).
 No library offers an order-preserving reduction, hence this kernel.
 
 The order (ATen's Reduce.cuh, `input_vectorized_thread_reduce_impl` and `block_x_reduce`,

@@ -18,14 +18,14 @@ CACHE_ROUND = 256  # buffer length granularity; a longer request reallocates (an
 SUFFIX_BUCKETS = (16, 32, 64)  # suffix lengths (after a prefix hit) run as padded fixed-shape steps
 # A suffix bucket attends over the buffers' columns up to its end rounded up to this, not over
 # all of them: cuDNN attention of 32 queries costs 21.9 us per layer over 768 columns against
-# 26.9 us over 1024 (results/h200/sdpa_backends_h200.csv), 0.16 ms of a 7B warm suffix.
+# 26.9 us over 1024 (f67f436:results/h200/sdpa_backends_h200.csv), 0.16 ms of a 7B warm suffix.
 KEY_ROUND = 128
 PREFILL_ROWS = 4096  # a full-prompt prefill's length, for which linears it runs (fused or not)
 # GraphEngine captures a full-prompt prefill per prompt length rounded up to this (padding after
 # the prompt, which causal attention keeps out of it): a replay costs the host one launch instead
 # of the compiled layers' ~500, so prefill time stops depending on host speed (on the H200 the
 # uncaptured compiled prefill of llava-1.5-7b varied 16.5-20.6 ms between machines, CV 0.2, with
-# 13.9 ms of kernels: results/h200/llava-1.5-7b-*-s15, prefill_profile_llava-1.5-7b.csv).
+# 13.9 ms of kernels: f67f436:results/h200/llava-1.5-7b-*-s15, prefill_profile_llava-1.5-7b.csv).
 PREFILL_ROUND = 64
 
 # How traced (torch.compile'd) layers compute RMSNorm and SiLU-gating (`FastDecoder.numerics`):
@@ -37,7 +37,7 @@ PREFILL_ROUND = 64
 #    ATen's kernel, or on CUDA bench.engines.row_mean's where it matched it): bit-identical to eager, on
 #    the CPU and on the H200 (llava-1.5-7b decode
 #    layers: 0 of their outputs differ, against 0.92% eager-casts and 48% fused, with
-#    deterministic attention kernels: results/h200/compile_numerics_llava-1.5-7b-deterministic.csv;
+#    deterministic attention kernels: f67f436:results/h200/compile_numerics_llava-1.5-7b-deterministic.csv;
 #    the 0.03% measured earlier with cuDNN attention was that kernel's run-to-run noise).
 NUMERICS = ("fused", "eager-casts", "eager-exact")
 

@@ -7,7 +7,7 @@ The layer has two paths, picked per call by the number of rows (tokens) it sees:
 - rows <= dense_rows: an int4 kernel reads the packed weight (decode, short suffixes);
 - rows >  dense_rows: the weight is dequantized to the activation dtype and a dense GEMM runs
   (prefill). Int4 kernels are fast at a few rows and slow at many (H200, 4096x4096, in
-  results/h200/int4_kernels_llava-1.5-7b.csv: tinygemm 7.2 us at M=1 against 9.3 us fp16, but
+  f67f436:results/h200/int4_kernels_llava-1.5-7b.csv: tinygemm 7.2 us at M=1 against 9.3 us fp16, but
   602 us at M=512 against 24 us fp16 and 40 us for dequantize + GEMM). No dense copy is kept.
 
 Kernels: the int4 path is PyTorch's tinygemm, the kernel torchao's int4 tensors call
@@ -24,7 +24,7 @@ of ours and an inductor-fused dequantize-multiply-reduce, both slower than tinyg
 a group-128 dequantizer taking four 8 x 128 tiles per program with per-row scale loads, which
 made llava-1.5-7b's awq4 prefill slower; a dequantizer storing each word's nibbles straight to
 their scattered columns, slower than the gather kernel at most block sizes. Timed and dropped
-(results/h200/int4_fused_gemm_vila1.5-3b.csv and vila1.5-3b-fused-ab/, code at commit 22efcfc):
+(f67f436:results/h200/int4_fused_gemm_vila1.5-3b.csv and vila1.5-3b-fused-ab/, code at commit 22efcfc):
 a Triton w4a16 GEMM dequantizing each k-tile in registers in front of tl.dot. At every tile
 configuration tried it was 2.5-5x slower than dequantize + cuBLAS (vila1.5-3b q/o at 230 rows:
 34 us best against 13.6 us, fp16 7.4 us), and vila's awq4 prefill took 14.2 ms against 5.7 ms;

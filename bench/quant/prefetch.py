@@ -3,7 +3,7 @@
 The dense prefill path (bench.quant.int4) turns each int4 weight back into a dense one and runs
 a dense GEMM. Dequantizing in line puts memory-bound work (read 0.5 B, write 2 B per weight)
 between compute-bound GEMMs: on the H200 it made llava-1.5-7b's awq4 prefill 1.40x fp16's
-(results/h200/llava-1.5-7b-graph-s14). Here a side stream dequantizes layer i+1's weights
+(f67f436:results/h200/llava-1.5-7b-graph-s14). Here a side stream dequantizes layer i+1's weights
 while layer i runs, into the other of two dense slots (double buffering), and the layers' dense
 paths read their slot (`Int4Linear.prefill_weight`, while `DensePrefetch.reading()`).
 

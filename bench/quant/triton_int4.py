@@ -14,7 +14,7 @@ one 8 x 128 tile (128 packed int32 words) per program, one warp each:
 
 On the H200 one tile and one warp per program was among the fastest of 1-8 tiles x 1-8 warps in
 a scratch sweep; `dequantize_only` (published) and `dequantize_gather` in
-results/h200/int4_kernels_*.csv are the kept numbers.
+f67f436:results/h200/int4_kernels_*.csv are the kept numbers.
 """
 from __future__ import annotations
 

@@ -1,0 +1,80 @@
+"""The documentation cannot drift from the code or the reference runs: reference runs carry a
+generated MANIFEST, docs/findings.md and the README's variants table are what the generators
+write, the README names every subcommand, and every relative link resolves."""
+import re
+import shutil
+
+import pytest
+
+from bench.analysis.generated_blocks import markers, replace_block, variants_table
+from bench.analysis.reference import (REQUIRED_FIELDS, manifest_fields, read_manifest, reference_dirs,
+                                      render_findings, write_manifest)
+from bench.cli import COMMANDS
+from bench.errors import UsageError
+from tests.conftest import ROOT
+
+REGENERATE = "regenerate: python scripts/write_docs.py"
+
+
+def test_every_reference_run_has_a_manifest_generated_from_its_env_json():
+    dirs = reference_dirs(ROOT / "results" / "reference")
+    assert dirs
+    for d in dirs:
+        assert not re.search(r"-[0-9a-f]{7,40}$", d.name), f"{d.name}: the commit belongs in MANIFEST, not the name"
+        assert all((d / f).is_file() for f in ("runs.csv", "summary.csv", "env.json")), d
+        m = read_manifest(d)
+        assert all(m.get(k) for k in REQUIRED_FIELDS), (d, m)
+        assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", m["date"]) and re.fullmatch(r"[0-9a-f]{7,40}", m["commit"])
+        fresh = manifest_fields(d, m["commit"], m["shows"])
+        assert m == fresh, f"{d}: MANIFEST is not what scripts/write_manifest.py writes"
+
+
+def test_write_manifest_takes_date_and_command_from_env_json(tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "results" / "reference" / "h200" / "tiny-vila-int4", run)
+    (run / "MANIFEST").unlink()
+    write_manifest(run, "abc1234", "what it shows")
+    m = read_manifest(run)
+    assert m["date"] == "2026-12-04" and m["commit"] == "abc1234" and m["shows"] == "what it shows"
+    assert m["command"].startswith("python vila_prefix_benchmark.py --variants awq4,rtn4")
+    assert "env_git_sha" in m  # env.json records another sha than the one given
+    (run / "env.json").unlink()
+    with pytest.raises(UsageError):
+        write_manifest(run, "abc1234", "what it shows")
+
+
+def test_findings_are_generated_from_the_reference_runs():
+    text = (ROOT / "docs" / "findings.md").read_text()
+    assert text == render_findings(ROOT / "results" / "reference"), REGENERATE
+    for d in reference_dirs(ROOT / "results" / "reference"):
+        assert f"commit {read_manifest(d)['commit']}: {d.name}" in text
+
+
+def test_readme_variants_table_is_the_registry():
+    readme = (ROOT / "README.md").read_text()
+    assert readme == replace_block(readme, "variants", variants_table()), REGENERATE
+    assert markers("variants")[0] in readme
+
+
+def test_readme_names_every_subcommand_and_fits_a_screenful_of_pages():
+    readme = (ROOT / "README.md").read_text()
+    missing = [c for c in COMMANDS if f"`{c}`" not in readme]
+    assert not missing, f"README.md does not list the subcommands {missing}"
+    assert len(readme.splitlines()) <= 150
+
+
+def test_relative_links_in_readme_and_docs_resolve():
+    pages = [ROOT / "README.md", ROOT / "results" / "README.md", ROOT / "lab" / "README.md",
+             *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to {target}, which is missing"
+
+
+def test_ci_runs_the_readme_set_up_and_test_commands():
+    readme = (ROOT / "README.md").read_text()
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci == ["./environment_setup.sh", ".venv/bin/python -m pytest"]
+    assert all(f"\n{cmd}" in readme for cmd in ci)
