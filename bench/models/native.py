@@ -66,6 +66,11 @@ def load_native(model_cls, config_cls, path: Path, device: torch.device, dtype: 
     return model, config, tokenizer_from(path, f"--model-path {path}"), image_processor_from(path, f"--model-path {path}")
 
 
+def native_text_config(config_cls):
+    """text_config(path) for a -hf layout: the language model's part of the config load_native reads."""
+    return lambda path: config_cls.from_pretrained(path).get_text_config(decoder=True)
+
+
 def native_checker(model_cls, config_cls, adjust=None):
     """check(path, config) for a -hf layout: before loading, the weights are whole safetensors
     (headers, shards) holding every tensor the config implies, in its shape; the tokenizer and the

@@ -335,4 +335,5 @@ FAMILY = Family(
     load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles: load_vila(
         path, template, device, dtype, weights, config, quantization, strip_quant),
     build=build_vila, save=save_vila, llm_dir="llm", check=check_vila,
+    text_config=lambda path: LlamaConfig.from_pretrained(path / "llm"),
 )
