@@ -228,6 +228,48 @@ class DirLock:
             pass
 
 
+RESULT_FILES = ("runs.csv", "env.json", "summary.csv")  # what a run writes into its directory
+
+
+class DirState:
+    """What a results directory held before a run (runs.csv's length, env.json's and summary.csv's
+    bytes, and which of its folders did not exist yet), so that a run refused after it began
+    writing (a usage error found once the model is loaded) puts it back: restore() truncates
+    runs.csv, rewrites what changed, removes the files and empty folders the run created."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.created: list[Path] = []  # innermost first
+        d = out_dir
+        while not d.exists() and d != d.parent:
+            self.created.append(d)
+            d = d.parent
+        self.files: dict[str, int | bytes] = {}
+        for name in RESULT_FILES if out_dir.is_dir() else ():
+            f = out_dir / name
+            if f.is_file():
+                self.files[name] = f.stat().st_size if name == "runs.csv" else f.read_bytes()
+
+    def restore(self) -> None:
+        for name in RESULT_FILES:
+            f, old = self.out_dir / name, self.files.get(name)
+            try:
+                if old is None:
+                    f.unlink(missing_ok=True)
+                elif isinstance(old, int):
+                    if f.stat().st_size != old:
+                        os.truncate(f, old)
+                elif f.read_bytes() != old:
+                    _atomic_write(f, lambda out, text=old.decode("utf-8"): out.write(text))
+            except (OSError, UnicodeDecodeError):
+                pass  # best effort: the usage error is what the user is told
+        for d in self.created:
+            try:
+                d.rmdir()  # only while empty
+            except OSError:
+                break
+
+
 def new_run_id() -> str:
     """One invocation's id: its UTC start time and a random suffix, e.g. 20250101-120000-3fa2c1."""
     return datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
