@@ -153,19 +153,25 @@ def lock_holder(out_dir: Path) -> int | None:
     return pid if _pid_alive(pid) else None
 
 
+def check_creatable(path: Path, flag: str, writable: bool = True) -> None:
+    """A usage error naming `flag` unless `path` is a directory or could be made one: the nearest
+    folder of it that exists is a directory (and, `writable`, one this process may write in)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a directory")
+    probe = path
+    while not probe.exists() and probe != probe.parent:  # the nearest existing folder is where it would be made
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{flag} {path}: {probe} is a file, not a directory")
+    if writable and not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} is not writable")
+
+
 def check_output_dir(out_dir: Path, mode: str) -> None:
     """Refuse (UsageError, nothing written) an --output-dir this run may not write: a file, an
     unwritable place, a directory another live run holds, a non-empty directory unless `mode` is
     "append" or "resume" ("new" otherwise), or a directory whose files are not this harness's."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--output-dir {out_dir} is a file, not a directory")
-    probe = out_dir
-    while not probe.exists():  # the nearest existing folder is where it would be created
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"--output-dir {out_dir}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--output-dir {out_dir} is not writable")
+    check_creatable(out_dir, "--output-dir")
     if not out_dir.exists():
         return
     holder = lock_holder(out_dir)

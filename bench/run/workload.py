@@ -38,13 +38,16 @@ assert tuple(asdict(WorkloadPoint())) == WORKLOAD_KEYS, "WorkloadPoint's fields:
 
 
 def int_list(text: str | None, flag: str, minimum: int = 1) -> list[int]:
-    """'1,4,16' -> [1, 4, 16]; a clear usage error otherwise."""
-    if text is None or str(text).strip() == "":
+    """'1,4,16' -> [1, 4, 16] (None, a flag not given: []); a clear usage error otherwise (a
+    given flag with no number in it too)."""
+    if text is None:
         return []
     try:
         values = [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise UsageError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+        values = None
+    if not values:
+        raise UsageError(f"{flag} takes comma-separated whole numbers, got {text!r}")
     if any(v < minimum for v in values):
         raise UsageError(f"{flag}: every value must be at least {minimum}, got {text!r}")
     return list(dict.fromkeys(values))
