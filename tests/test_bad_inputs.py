@@ -41,10 +41,18 @@ def assert_one_line(capsys, rc, *needles):
     return err
 
 
+def exit_code(command, args) -> int:
+    """The exit code of an in-process command (argparse exits instead of returning)."""
+    try:
+        return command([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+
+
 def bad_run(tmp_path, capsys, args, *needles):
     out = tmp_path / "results"
     TRIED.append(" ".join(str(a) for a in args))
-    rc = run_main([*RUN, "--output-dir", str(out), *args])
+    rc = exit_code(run_main, [*RUN, "--output-dir", str(out), *args])
     assert_one_line(capsys, rc, *needles)
     assert not out.exists(), "a refused run must write nothing"
 
@@ -76,10 +84,14 @@ def test_frames_dir_bomb_and_garbage(tmp_path, capsys):
     bad_run(tmp_path, capsys, ["--frames-dir", str(d)], "001.png")
 
 
-@pytest.mark.parametrize("content", ["bomb", "garbage"])
+@pytest.mark.parametrize("content", ["bomb", "garbage", "no images"])
 def test_awq_calib_dir_bad_files(tmp_path, capsys, content):
     d = tmp_path / "calib"
     d.mkdir()
+    if content == "no images":
+        (d / "notes.txt").write_text("no image here")
+        bad_run(tmp_path, capsys, ["--variants", "awq4", "--awq-calib-dir", str(d)], "--awq-calib-dir", "no image")
+        return
     small_png(d / "a.png")
     if content == "bomb":
         png_header(d / "b.png", 90_000, 90_000)
@@ -152,6 +164,11 @@ def test_text_prompt_not_utf8(tmp_path, capsys):
     bad_run(tmp_path, capsys, ["--text-prompt", prompt], "--text-prompt", "UTF-8")
 
 
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t"])
+def test_text_prompt_empty(tmp_path, capsys, prompt):
+    bad_run(tmp_path, capsys, ["--text-prompt", prompt], "--text-prompt", "empty")
+
+
 @pytest.mark.parametrize("data", [b"Qu'est-ce que c'est ? caf\xe9\n", b"\x00\x01\x02\xff\xfe binary\x00",
                                   b"valid utf-8 but \x00 binary\n"])
 def test_questions_not_utf8_text(tmp_path, capsys, data):
@@ -199,6 +216,13 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--device", "xpu"], "--device 'xpu'"),
     (["--device", "cpu:3"], "--device 'cpu:3'"),
     (["--batch-size", "abc"], "--batch-size"),
+    (["--batch-size", ""], "--batch-size"),
+    (["--new-tokens", ","], "--new-tokens"),
+    (["--seed", "abc"], "--seed"),
+    (["--awq-calib", "many"], "--awq-calib"),
+    (["--no-such-flag", "1"], "--no-such-flag"),
+    (["--variants", "bnb8", "--bnb-int8-threshold", "-1"], "--bnb-int8-threshold"),
+    (["--bnb-int8-threshold", "nan"], "--bnb-int8-threshold"),
 ])
 def test_flags_that_can_never_run(tmp_path, capsys, args, needle):
     bad_run(tmp_path, capsys, args, needle)
@@ -208,6 +232,15 @@ def test_missing_gpu_index_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     bad_run(tmp_path, capsys, ["--device", "cuda:7"], "--device cuda:7", "2 CUDA device")
+
+
+@pytest.mark.parametrize("flag", ["--int4-cache-dir", "--output-dir"])
+@pytest.mark.parametrize("under", [False, True])
+def test_directory_flags_that_are_files(tmp_path, capsys, flag, under):
+    f = tmp_path / "file"
+    f.write_text("x")
+    bad_run(tmp_path, capsys, [flag, str(f / "sub" if under else f)], flag, "is a file")
+    assert f.read_text() == "x"
 
 
 def test_output_dir_is_a_file(tmp_path, capsys):
@@ -271,7 +304,7 @@ BAD_RUNS = {
 
 def bad_sub(capsys, args, *needles, out=None):
     TRIED.append(" ".join(str(a) for a in args))
-    rc = main([str(a) for a in args])
+    rc = exit_code(main, args)
     err = assert_one_line(capsys, rc, *needles)
     if out is not None:
         assert not out.exists(), "a refused command must write nothing"
@@ -352,6 +385,27 @@ def test_compare_same_dir_twice_is_a_comparison(results_dir, capsys):
 def test_compare_bad_flags(results_dir, tmp_path, capsys):
     bad_sub(capsys, ["compare", results_dir, results_dir, "--json", tmp_path], "--json", "directory")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--alpha", "2"], "--alpha")
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--metrics", "model,ttft_ms"], "--metrics model", "not numbers")
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--metrics", ","], "--metrics is empty")
+    bad_sub(capsys, ["compare", results_dir], "candidate")
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--min-samples", "few"], "--min-samples")
+
+
+def test_report_out_under_a_file(results_dir, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    bad_sub(capsys, ["report", results_dir, "--out", f / "report"], "--out", "is a file")
+    bad_sub(capsys, ["report", results_dir], "--out")
+
+
+def test_docs_bad_arguments(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a flag is never taken for the file to write
+    bad_sub(capsys, ["docs", "--no-such-flag"], "--no-such-flag")
+    bad_sub(capsys, ["docs", tmp_path], "is a directory")
+    f = tmp_path / "file"
+    f.write_text("x")
+    bad_sub(capsys, ["docs", f / "README.md"], "no directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -373,6 +427,10 @@ def test_make_checkpoint_into_existing(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", f], "existing file")
+    bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", f / "ckpt"], "--out", "is a file")
+    bad_sub(capsys, ["make-checkpoint", "--out", tmp_path / "new"], "--preset", out=tmp_path / "new")
+    bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", tmp_path / "new", "--seed", "x"], "--seed",
+            out=tmp_path / "new")
 
 
 @pytest.mark.parametrize("out_exists", [False, True])
