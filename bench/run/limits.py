@@ -81,9 +81,10 @@ def _check_point(cfg, dims: ModelDims, model: str, point, text: int, image: int,
     if dims.max_pos is not None and total > dims.max_pos:
         parts = {new_flag: point.new_tokens, text_flag: text, image_flag: image}
         flag = max(parts, key=parts.get)
+        advice = f"lower {flag}" if flag.startswith("--") else "give a shorter question with --text-prompt"
         raise UsageError(f"{flag}: the request {words[1]} {total:,} positions ({text:,} {words[0]} + {image:,} "
                          f"image tokens + {point.new_tokens:,} new tokens) but {model} has {dims.max_pos:,}; "
-                         f"lower {flag}")
+                         f"{advice}")
     if dims.layers and dims.kv_heads and dims.head_dim:
         need = 2 * dims.layers * dims.kv_heads * dims.head_dim * total * point.batch_size * dtype.itemsize
         have = available_bytes(device)
