@@ -192,6 +192,25 @@ def _config_bad_field(d, family):
     f.write_text(json.dumps(cfg))
 
 
+def _layers_past_the_weights(d, family):
+    # a config that claims a million layers: refused, never built (not even on the meta device)
+    f = _llm(d, family) / "config.json"
+    cfg = json.loads(f.read_text())
+    (cfg.get("text_config") or cfg)["num_hidden_layers"] = 10**6
+    f.write_text(json.dumps(cfg))
+
+
+def _preprocessor_size(side):
+    def change(d, family):
+        f = (d / "vision_tower" if family == "vila" else d) / "preprocessor_config.json"
+        cfg = json.loads(f.read_text())
+        cfg["size"] = {"height": side, "width": side} if isinstance(cfg.get("size"), dict) and "height" in cfg["size"] \
+            else {"shortest_edge": side}
+        f.write_text(json.dumps(cfg))
+    change.__name__ = f"_preprocessor_size_{side}"
+    return change
+
+
 def _vila_part_config_null(d, family):
     (d / "llm" / "config.json").write_text("null")
 
@@ -204,7 +223,8 @@ ALL = ("llava", "vila", "internvl")
 CASES = [(fam, fn) for fn in (_missing_shard, _zero_byte, _config_list, _config_null, _config_not_utf8,
                               _no_preprocessor, _no_tokenizer, _shape_mismatch, _missing_tensor, _header_past_end,
                               _tokenizer_garbage, _tokenizer_empty_object, _preprocessor_list,
-                              _preprocessor_unknown_class, _index_garbage, _config_bad_field)
+                              _preprocessor_unknown_class, _index_garbage, _config_bad_field,
+                              _layers_past_the_weights, _preprocessor_size(60_000), _preprocessor_size(0))
          for fam in ALL]
 CASES += [(fam, lambda d, family: _truncate(_llm(d, family) / "model.safetensors")) for fam in ALL]
 CASES += [(fam, lambda d, family: _garbage(_llm(d, family) / "model.safetensors")) for fam in ALL]

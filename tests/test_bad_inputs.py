@@ -41,10 +41,18 @@ def assert_one_line(capsys, rc, *needles):
     return err
 
 
+def exit_code(command, args) -> int:
+    """The exit code of an in-process command (argparse exits instead of returning)."""
+    try:
+        return command([str(a) for a in args])
+    except SystemExit as e:
+        return e.code
+
+
 def bad_run(tmp_path, capsys, args, *needles):
     out = tmp_path / "results"
     TRIED.append(" ".join(str(a) for a in args))
-    rc = run_main([*RUN, "--output-dir", str(out), *args])
+    rc = exit_code(run_main, [*RUN, "--output-dir", str(out), *args])
     assert_one_line(capsys, rc, *needles)
     assert not out.exists(), "a refused run must write nothing"
 
@@ -76,10 +84,14 @@ def test_frames_dir_bomb_and_garbage(tmp_path, capsys):
     bad_run(tmp_path, capsys, ["--frames-dir", str(d)], "001.png")
 
 
-@pytest.mark.parametrize("content", ["bomb", "garbage"])
+@pytest.mark.parametrize("content", ["bomb", "garbage", "no images"])
 def test_awq_calib_dir_bad_files(tmp_path, capsys, content):
     d = tmp_path / "calib"
     d.mkdir()
+    if content == "no images":
+        (d / "notes.txt").write_text("no image here")
+        bad_run(tmp_path, capsys, ["--variants", "awq4", "--awq-calib-dir", str(d)], "--awq-calib-dir", "no image")
+        return
     small_png(d / "a.png")
     if content == "bomb":
         png_header(d / "b.png", 90_000, 90_000)
@@ -88,10 +100,73 @@ def test_awq_calib_dir_bad_files(tmp_path, capsys, content):
     bad_run(tmp_path, capsys, ["--variants", "awq4", "--awq-calib-dir", str(d)], "--awq-calib-dir", "b.")
 
 
+def ffv1_video(path, side=256, frames=2):
+    """A small lossless video of side x side frames (ffv1 in Matroska: the frame size is the
+    container's, stored as two-byte EBML elements for sides of 256..65535)."""
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = side, side, "yuv420p"
+        for _ in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.zeros((side, side, 3), dtype=np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def test_video_bomb_refused_before_a_frame_is_decoded(tmp_path, capsys):
+    # a 1 KB video whose header declares 12000x12000 frames (past PIL's limit, as for images)
+    video = ffv1_video(tmp_path / "v.mkv")
+    data = video.read_bytes()
+    side = (256).to_bytes(2, "big")
+    assert data.count(b"\xb0\x82" + side) == 1 and data.count(b"\xba\x82" + side) == 1  # PixelWidth, PixelHeight
+    huge = (12000).to_bytes(2, "big")
+    video.write_bytes(data.replace(b"\xb0\x82" + side, b"\xb0\x82" + huge).replace(b"\xba\x82" + side, b"\xba\x82" + huge))
+    bad_run(tmp_path, capsys, ["--video-path", str(video)], "--video-path", "v.mkv", "12000x12000", "too large")
+
+
+def test_video_frames_held_to_the_image_limit(tmp_path, capsys, monkeypatch):
+    video = ffv1_video(tmp_path / "v.mkv")  # a real, decodable video, past a lowered limit
+    image = small_png(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for mode in ("clip", "frames"):
+        bad_run(tmp_path, capsys, ["--image-path", str(image), "--video-path", str(video), "--video-mode", mode],
+                "--video-path", "256x256", "too large")
+
+
+def test_video_without_video_or_frames(tmp_path, capsys):
+    av = pytest.importorskip("av")
+    import numpy as np
+
+    audio = tmp_path / "a.wav"
+    with av.open(str(audio), "w") as out:
+        stream = out.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), dtype=np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            out.mux(packet)
+    bad_run(tmp_path, capsys, ["--video-path", str(audio)], "--video-path", "no video stream")
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(ffv1_video(tmp_path / "v.mkv").read_bytes()[:600])  # header only: no frame
+    bad_run(tmp_path, capsys, ["--video-path", str(cut)], "--video-path", "cut.mkv")
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n")
+    bad_run(tmp_path, capsys, ["--video-path", str(text)], "--video-path", "not a readable video")
+
+
 # ------------------------------------------------------------------------------------------ text
 def test_text_prompt_not_utf8(tmp_path, capsys):
     prompt = b"caf\xe9 au lait".decode("utf-8", "surrogateescape")  # how Linux hands over a latin-1 argv
     bad_run(tmp_path, capsys, ["--text-prompt", prompt], "--text-prompt", "UTF-8")
+
+
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t"])
+def test_text_prompt_empty(tmp_path, capsys, prompt):
+    bad_run(tmp_path, capsys, ["--text-prompt", prompt], "--text-prompt", "empty")
 
 
 @pytest.mark.parametrize("data", [b"Qu'est-ce que c'est ? caf\xe9\n", b"\x00\x01\x02\xff\xfe binary\x00",
@@ -141,6 +216,13 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--device", "xpu"], "--device 'xpu'"),
     (["--device", "cpu:3"], "--device 'cpu:3'"),
     (["--batch-size", "abc"], "--batch-size"),
+    (["--batch-size", ""], "--batch-size"),
+    (["--new-tokens", ","], "--new-tokens"),
+    (["--seed", "abc"], "--seed"),
+    (["--awq-calib", "many"], "--awq-calib"),
+    (["--no-such-flag", "1"], "--no-such-flag"),
+    (["--variants", "bnb8", "--bnb-int8-threshold", "-1"], "--bnb-int8-threshold"),
+    (["--bnb-int8-threshold", "nan"], "--bnb-int8-threshold"),
 ])
 def test_flags_that_can_never_run(tmp_path, capsys, args, needle):
     bad_run(tmp_path, capsys, args, needle)
@@ -150,6 +232,15 @@ def test_missing_gpu_index_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     bad_run(tmp_path, capsys, ["--device", "cuda:7"], "--device cuda:7", "2 CUDA device")
+
+
+@pytest.mark.parametrize("flag", ["--int4-cache-dir", "--output-dir"])
+@pytest.mark.parametrize("under", [False, True])
+def test_directory_flags_that_are_files(tmp_path, capsys, flag, under):
+    f = tmp_path / "file"
+    f.write_text("x")
+    bad_run(tmp_path, capsys, [flag, str(f / "sub" if under else f)], flag, "is a file")
+    assert f.read_text() == "x"
 
 
 def test_output_dir_is_a_file(tmp_path, capsys):
@@ -213,7 +304,7 @@ BAD_RUNS = {
 
 def bad_sub(capsys, args, *needles, out=None):
     TRIED.append(" ".join(str(a) for a in args))
-    rc = main([str(a) for a in args])
+    rc = exit_code(main, args)
     err = assert_one_line(capsys, rc, *needles)
     if out is not None:
         assert not out.exists(), "a refused command must write nothing"
@@ -294,6 +385,27 @@ def test_compare_same_dir_twice_is_a_comparison(results_dir, capsys):
 def test_compare_bad_flags(results_dir, tmp_path, capsys):
     bad_sub(capsys, ["compare", results_dir, results_dir, "--json", tmp_path], "--json", "directory")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--alpha", "2"], "--alpha")
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--metrics", "model,ttft_ms"], "--metrics model", "not numbers")
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--metrics", ","], "--metrics is empty")
+    bad_sub(capsys, ["compare", results_dir], "candidate")
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--min-samples", "few"], "--min-samples")
+
+
+def test_report_out_under_a_file(results_dir, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    bad_sub(capsys, ["report", results_dir, "--out", f / "report"], "--out", "is a file")
+    bad_sub(capsys, ["report", results_dir], "--out")
+
+
+def test_docs_bad_arguments(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a flag is never taken for the file to write
+    bad_sub(capsys, ["docs", "--no-such-flag"], "--no-such-flag")
+    bad_sub(capsys, ["docs", tmp_path], "is a directory")
+    f = tmp_path / "file"
+    f.write_text("x")
+    bad_sub(capsys, ["docs", f / "README.md"], "no directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -315,12 +427,19 @@ def test_make_checkpoint_into_existing(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", f], "existing file")
+    bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", f / "ckpt"], "--out", "is a file")
+    bad_sub(capsys, ["make-checkpoint", "--out", tmp_path / "new"], "--preset", out=tmp_path / "new")
+    bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", tmp_path / "new", "--seed", "x"], "--seed",
+            out=tmp_path / "new")
 
 
-def test_context_limit_checked_after_load_when_config_is_silent(tiny_vila_dir, tmp_path, capsys):
-    """No max_position_embeddings in config.json: checked on the loaded model, before any
-    measured run (transformers' Llama default: 2,048 positions)."""
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_context_limit_when_config_is_silent(tiny_vila_dir, tmp_path, capsys, out_exists):
+    """No max_position_embeddings in config.json: the positions are the config class's default,
+    as loading reads them (transformers' Llama: 2,048), known before anything loads or is written."""
     import shutil
+
+    from bench.run.limits import model_dims
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_vila_dir, ckpt)
@@ -329,16 +448,52 @@ def test_context_limit_checked_after_load_when_config_is_silent(tiny_vila_dir, t
         for c in (cfg, cfg.get("text_config") or {}, cfg.get("llm_config") or {}):
             c.pop("max_position_embeddings", None)
         cfg_file.write_text(json.dumps(cfg))
+    assert model_dims(str(ckpt), None).max_pos == 2048
     out = tmp_path / "results"
+    if out_exists:
+        out.mkdir()
     TRIED.append("checkpoint without max positions, --max-new-tokens 3000")
     rc = run_main(["--model-path", str(ckpt), "--device", "cpu", "--num-runs", "1", "--warmup", "0",
                    "--no-fidelity", "--max-new-tokens", "3000", "--output-dir", str(out)])
+    assert_one_line(capsys, rc, "--max-new-tokens", "2,048")
+    assert (out.exists() and not any(out.iterdir())) if out_exists else not out.exists()
+
+
+def refused_after_load(capsys, rc, *needles):
+    """A usage error only the loaded tokenizer shows: progress lines, then one error line."""
     err = capsys.readouterr().err
-    assert rc == 2 and "Traceback" not in err
-    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]  # after the loading status line
-    assert len(errors) == 1 and "--max-new-tokens" in errors[0] and "2,048" in errors[0], err
-    runs = out / "runs.csv"
-    assert not runs.exists() or "measured" not in runs.read_text()  # refused before any measured run
+    assert rc == 2 and "Traceback" not in err, err
+    errors = [ln for ln in err.splitlines() if not ln.startswith("[")]  # "[12:00:00] loading ..." lines
+    assert len(errors) == 1 and errors[0].startswith("error: "), err
+    for n in needles:
+        assert n in errors[0], err
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--text-prompt", "x" * 4100], "--text-prompt"),  # one word: the lower bound is 1 token, it is 4,100
+    (["--prompt-lengths", "16,4070"], "--prompt-lengths"),  # the template and image tokens come on top
+    (["--max-new-tokens", "4060"], "--max-new-tokens"),  # the fidelity probe generates --max-new-tokens
+])
+def test_prompt_longer_than_context_once_tokenized(tmp_path, capsys, args, needle):
+    out = tmp_path / "new" / "results"
+    TRIED.append(" ".join(args)[:60])
+    run = [a for a in RUN if a != "--no-fidelity"] if needle == "--max-new-tokens" else RUN
+    extra = ["--new-tokens", "4"] if needle == "--max-new-tokens" else []
+    rc = run_main([*run, *extra, "--output-dir", str(out), *args])
+    refused_after_load(capsys, rc, needle, "positions", "4,096")
+    assert not (tmp_path / "new").exists(), "a refused run must leave nothing behind"
+
+
+def test_prompt_refused_after_load_leaves_an_appended_dir_as_it_was(results_dir, tmp_path, capsys):
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(results_dir, d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    TRIED.append("--append with a prompt too long once tokenized")
+    rc = run_main([*RUN, "--output-dir", str(d), "--append", "--text-prompt", "y" * 4100])
+    refused_after_load(capsys, rc, "--text-prompt", "4,096")
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
 
 
 def test_count_of_bad_inputs(capsys):

@@ -9,6 +9,7 @@ the vision tower and projector.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,9 @@ class BnbOptions(WeightsOptions):
     bnb4_compute_dtype: str = opt("bnb4: compute dtype float16, bfloat16 or auto (= --dtype)", "auto")
 
     def __post_init__(self):
+        if not (math.isfinite(self.bnb_int8_threshold) and self.bnb_int8_threshold >= 0):
+            raise UsageError(f"--bnb-int8-threshold must be a finite number, at least 0 (0: no outlier columns), "
+                             f"got {self.bnb_int8_threshold}")
         if self.bnb4_compute_dtype not in COMPUTE_DTYPES:
             raise UsageError(f"unknown --bnb4-compute-dtype {self.bnb4_compute_dtype!r}; choose auto, float16, bfloat16")
 

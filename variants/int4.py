@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.log import status
+from bench.measure.results import check_creatable
 from bench.models.visual import check_image_file, load_image
 from bench.errors import UsageError, VariantUnsupported
 from bench.quant import DEFAULT_DENSE_ROWS
@@ -49,8 +50,13 @@ class Int4VariantOptions:
         if self.awq_calib_dir:
             if not Path(self.awq_calib_dir).is_dir():
                 raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no such directory")
-            for f in _calib_files(self.awq_calib_dir):  # each opens and verifies before any model loads
+            files = _calib_files(self.awq_calib_dir)
+            if not files:
+                raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no image files ({', '.join(CALIB_SUFFIXES)})")
+            for f in files:  # each opens and verifies before any model loads
                 check_image_file(f, "--awq-calib-dir")
+        if self.int4_cache_dir:  # (an unwritable one only warns: the model is quantized again next time)
+            check_creatable(Path(self.int4_cache_dir).expanduser(), "--int4-cache-dir", writable=False)
 
     def quantization(self, method: str) -> Int4Options:
         """What bench.quant.awq needs to quantize with `method` (awq or rtn)."""
@@ -58,8 +64,11 @@ class Int4VariantOptions:
                            dense_rows=self.int4_dense_rows, seed=self.seed)
 
 
+CALIB_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
 def _calib_files(path: str) -> list[Path]:
-    return sorted(p for p in Path(path).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+    return sorted(p for p in Path(path).iterdir() if p.suffix.lower() in CALIB_SUFFIXES)
 
 
 def _load_image_dir(path: str) -> list:
@@ -166,9 +175,13 @@ class Int4Weights(WeightsPart):
                  if self.method == "awq" else "quantized in this run"}
         if saved is not None:
             status(f"{self.name}: saving to {saved}")
-            save_int4(adapter, saved, {"group_size": opts.group_size, "method": self.method,
-                                       "err_ratio": report.err_ratio, "calib_tokens": report.calib_tokens,
-                                       "model": adapter.identity})
+            try:
+                save_int4(adapter, saved, {"group_size": opts.group_size, "method": self.method,
+                                           "err_ratio": report.err_ratio, "calib_tokens": report.calib_tokens,
+                                           "model": adapter.identity})
+            except OSError as e:  # the quantized model is measured all the same, only not kept
+                status(f"warning: {self.name}: the int4 model was not saved to {saved} ({e.strerror or e}); "
+                       "it is quantized again next time")
         return done(facts)
 
     def describe(self, adapter) -> dict:

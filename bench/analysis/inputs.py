@@ -12,6 +12,8 @@ import json
 import math
 from pathlib import Path
 
+from bench.errors import UsageError
+from bench.measure.results import check_creatable
 from bench.measure.schema import COLUMNS
 
 RUN_METRICS = frozenset(c.name for c in COLUMNS if c.higher_is_better is not None)
@@ -84,9 +86,14 @@ def read_env_config(path: Path) -> dict:
 
 
 def check_out_dir(path: str | Path, flag: str = "--out") -> None:
+    """A directory that is there or can be made (its nearest existing folder a writable directory)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise BadInput(f"{flag} {path} is an existing file; give a directory")
+    try:
+        check_creatable(p, flag)
+    except UsageError as e:
+        raise BadInput(str(e)) from None
 
 
 def check_out_file(path: str | Path, flag: str) -> None:

@@ -12,13 +12,16 @@ import json
 import sys
 from pathlib import Path
 
+from pandas.api.types import is_numeric_dtype
+
 from bench.analysis.inputs import check_out_file
+from bench.errors import ArgumentParser
 from bench.analysis.compare import DEFAULT_METRICS, BadInput, compare_runs, load_runs, print_table
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench compare", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m bench compare", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("baseline")
     ap.add_argument("candidate")
     ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma list of runs.csv columns")
@@ -34,9 +37,15 @@ def main(argv: list[str] | None = None) -> int:
             raise BadInput("--alpha must be between 0 and 1, --factor at least 1 and --min-samples at least 1")
         base, cand = load_runs(args.baseline), load_runs(args.candidate)
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        if not metrics:
+            raise BadInput(f"--metrics is empty; give runs.csv columns, e.g. {','.join(DEFAULT_METRICS)}")
         unknown = [m for m in metrics if m not in base.columns or m not in cand.columns]
         if unknown:
             raise BadInput(f"metric(s) not in both results: {', '.join(unknown)}")
+        text = [m for m in metrics if not (is_numeric_dtype(base[m]) and is_numeric_dtype(cand[m]))]
+        if text:
+            raise BadInput(f"--metrics {', '.join(text)}: not numbers (an identity or text column); give measured "
+                           f"columns, e.g. {','.join(DEFAULT_METRICS)}")
         rows = compare_runs(base, cand, metrics, args.alpha, args.factor, args.min_samples)
         if not rows:
             raise BadInput("baseline and candidate have no result (model, family, weights, variant, engine, device, "
@@ -49,8 +58,12 @@ def main(argv: list[str] | None = None) -> int:
                                                                "inconclusive")}
     verdict = ("regression" if counts["regression"] else "inconclusive" if counts["inconclusive"] else "pass")
     if args.json_path:
-        Path(args.json_path).write_text(json.dumps({"verdict": verdict, "counts": counts, "alpha": args.alpha,
-                                                    "factor": args.factor, "comparisons": rows}, indent=2,
-                                                   default=str))
+        try:
+            Path(args.json_path).write_text(json.dumps({"verdict": verdict, "counts": counts, "alpha": args.alpha,
+                                                        "factor": args.factor, "comparisons": rows}, indent=2,
+                                                       default=str))
+        except OSError as e:
+            print(f"error: --json {args.json_path}: cannot write it ({e.strerror or e})", file=sys.stderr)
+            return 2
     print(f"verdict: {verdict} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
     return {"regression": 1, "inconclusive": 2, "pass": 0}[verdict]

@@ -1,7 +1,7 @@
 """`vlm-bench make-checkpoint`: write a preset to disk in its family's real layout."""
 from __future__ import annotations
 
-import argparse
+from bench.errors import ArgumentParser
 import sys
 
 from bench.cli.common import quiet_libraries
@@ -11,7 +11,7 @@ def main(argv: list[str]) -> int:
     """Write a preset (random weights) to disk in its family's real layout."""
     from bench.errors import UsageError
 
-    p = argparse.ArgumentParser(prog="python -m bench make-checkpoint")
+    p = ArgumentParser(prog="python -m bench make-checkpoint")
     p.add_argument("--preset", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cpu")
@@ -19,10 +19,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     quiet_libraries()
+    import shutil
     from pathlib import Path
 
     import torch
 
+    from bench.measure.results import check_creatable
     from bench.models.loader import build_preset, save_checkpoint
     from bench.models.presets import get_preset
     from bench.run.runner import resolve_device
@@ -37,11 +39,21 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"--out {args.out} is an existing file; give a new or empty directory")
         if out.is_dir() and any(out.iterdir()):
             raise UsageError(f"--out {args.out} is a non-empty directory; give a new or empty directory")
+        check_creatable(out, "--out")
         adapter = build_preset(args.preset, None, device, getattr(torch, args.dtype), args.seed)
+        existed = out.is_dir()
+        try:
+            save_checkpoint(adapter, out)
+        except OSError as e:  # a full disk, a place that refuses writes: no half-written checkpoint stays
+            if existed:
+                for p in out.iterdir():
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+            else:
+                shutil.rmtree(out, ignore_errors=True)
+            raise UsageError(f"--out {args.out}: the checkpoint could not be written ({e.strerror or e})") from None
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    save_checkpoint(adapter, Path(args.out))
     print(f"wrote {args.preset} ({adapter.family} layout, weights=random) to {args.out}")
     return 0

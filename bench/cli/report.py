@@ -13,12 +13,13 @@ import sys
 from pathlib import Path
 
 from bench.analysis.inputs import BadInput, read_text
+from bench.errors import ArgumentParser
 from bench.analysis.report import END, START, embed_in_readme, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench report", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m bench report", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", help="results directories (with runs.csv and summary.csv)")
     ap.add_argument("--out", required=True, help="where report.md and the PNG figures go")
     ap.add_argument("--readme", help="also replace the block between the report markers in this Markdown file")

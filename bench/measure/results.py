@@ -153,19 +153,25 @@ def lock_holder(out_dir: Path) -> int | None:
     return pid if _pid_alive(pid) else None
 
 
+def check_creatable(path: Path, flag: str, writable: bool = True) -> None:
+    """A usage error naming `flag` unless `path` is a directory or could be made one: the nearest
+    folder of it that exists is a directory (and, `writable`, one this process may write in)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a directory")
+    probe = path
+    while not probe.exists() and probe != probe.parent:  # the nearest existing folder is where it would be made
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{flag} {path}: {probe} is a file, not a directory")
+    if writable and not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} is not writable")
+
+
 def check_output_dir(out_dir: Path, mode: str) -> None:
     """Refuse (UsageError, nothing written) an --output-dir this run may not write: a file, an
     unwritable place, a directory another live run holds, a non-empty directory unless `mode` is
     "append" or "resume" ("new" otherwise), or a directory whose files are not this harness's."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--output-dir {out_dir} is a file, not a directory")
-    probe = out_dir
-    while not probe.exists():  # the nearest existing folder is where it would be created
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"--output-dir {out_dir}: {probe} is a file, not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--output-dir {out_dir} is not writable")
+    check_creatable(out_dir, "--output-dir")
     if not out_dir.exists():
         return
     holder = lock_holder(out_dir)
@@ -226,6 +232,48 @@ class DirLock:
                 self.path.unlink()
         except (OSError, IndexError):
             pass
+
+
+RESULT_FILES = ("runs.csv", "env.json", "summary.csv")  # what a run writes into its directory
+
+
+class DirState:
+    """What a results directory held before a run (runs.csv's length, env.json's and summary.csv's
+    bytes, and which of its folders did not exist yet), so that a run refused after it began
+    writing (a usage error found once the model is loaded) puts it back: restore() truncates
+    runs.csv, rewrites what changed, removes the files and empty folders the run created."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.created: list[Path] = []  # innermost first
+        d = out_dir
+        while not d.exists() and d != d.parent:
+            self.created.append(d)
+            d = d.parent
+        self.files: dict[str, int | bytes] = {}
+        for name in RESULT_FILES if out_dir.is_dir() else ():
+            f = out_dir / name
+            if f.is_file():
+                self.files[name] = f.stat().st_size if name == "runs.csv" else f.read_bytes()
+
+    def restore(self) -> None:
+        for name in RESULT_FILES:
+            f, old = self.out_dir / name, self.files.get(name)
+            try:
+                if old is None:
+                    f.unlink(missing_ok=True)
+                elif isinstance(old, int):
+                    if f.stat().st_size != old:
+                        os.truncate(f, old)
+                elif f.read_bytes() != old:
+                    _atomic_write(f, lambda out, text=old.decode("utf-8"): out.write(text))
+            except (OSError, UnicodeDecodeError):
+                pass  # best effort: the usage error is what the user is told
+        for d in self.created:
+            try:
+                d.rmdir()  # only while empty
+            except OSError:
+                break
 
 
 def new_run_id() -> str:

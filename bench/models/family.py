@@ -32,6 +32,9 @@ class Family:
     # (checkpoint dir, its config.json) -> None, or a UsageError naming the file that is missing,
     # broken or does not match the config. Runs before anything loads.
     check: Callable[[Path, dict], None] | None = None
+    # (checkpoint dir) -> the language model's transformers config as loading reads it (the config
+    # class's defaults where config.json is silent): positions and KV-cache sizes before any load.
+    text_config: Callable[[Path], object] | None = None
 
     def llm_files(self, path: Path) -> tuple[list[Path], Callable[[str], bool]]:
         """(safetensors files holding the language model, which of their keys are its)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
@@ -156,10 +157,37 @@ def require_tokenizer(folder: Path, what: str) -> None:
 
 
 def require_preprocessor(folder: Path, what: str) -> None:
+    """preprocessor_config.json is a JSON object whose image sizes (size, crop_size) are positive
+    and within the limit image files are held to (PIL's decompression-bomb limit): a processor
+    told to resize to 60000x60000 would take minutes and tens of GB per image."""
+    from PIL import Image
+
     file = folder / "preprocessor_config.json"
     if not file.is_file():
         raise UsageError(f"{what}: no preprocessor_config.json in {folder}; copy it from the original checkpoint")
-    read_json_object(file, what)
+    config = read_json_object(file, what)
+    for key in ("size", "crop_size"):
+        value = config.get(key)
+        sides = value.values() if isinstance(value, dict) else [value]
+        for side in (s for s in sides if isinstance(s, (int, float)) and not isinstance(s, bool)):
+            if side <= 0 or side * side > (Image.MAX_IMAGE_PIXELS or float("inf")):
+                raise UsageError(f"{what}: {file} asks for images of side {side} ({key}), not a usable size (at "
+                                 f"most {Image.MAX_IMAGE_PIXELS:,} pixels); restore the checkpoint's original file")
+
+
+LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
+
+
+def check_layer_counts(configs, names, what: str, where: Path) -> None:
+    """No config claims more layers than the weights hold (their names' largest `.layers.N.`),
+    checked before a model is built from the config to list the tensors it implies: building a
+    billion layers, even on the meta device, would not finish."""
+    held = 1 + max((int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))), default=-1)
+    for config in configs:
+        layers = getattr(config, "num_hidden_layers", None)
+        if isinstance(layers, int) and layers > held:
+            raise UsageError(f"{what}: {where / 'config.json'} says num_hidden_layers={layers} but the weights hold "
+                             f"{held} layers; the weights do not belong to this config.json")
 
 
 def check_awq_tensors(tensors: dict[str, tuple[str, tuple[int, ...]]], group_size: int, what: str,

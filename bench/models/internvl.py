@@ -22,7 +22,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from bench.models.base import PreparedPrompt, prepare_by_placeholders
 from bench.models.family import RANDOM_WEIGHTS_MARK, Family
-from bench.models.native import NativeVLMAdapter, load_native, native_checker, save_native
+from bench.models.native import NativeVLMAdapter, load_native, native_checker, native_text_config, save_native
 from bench.models.templates import ConvTemplate
 from bench.models.visual import as_visual
 
@@ -197,4 +197,5 @@ FAMILY = Family(
     build=build_internvl, save=save_native, llm_key="language_model.", 
     check=native_checker(InternVLForConditionalGeneration, InternVLConfig,
                          adjust=lambda model, config: config.__dict__.get(VITA_MARK) and vita_projector(model)),
+    text_config=native_text_config(InternVLConfig),
 )

@@ -9,7 +9,7 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from bench.models.base import PreparedPrompt, prepare_by_placeholders
 from bench.models.family import RANDOM_WEIGHTS_MARK, Family
-from bench.models.native import NativeVLMAdapter, load_native, native_checker, save_native
+from bench.models.native import NativeVLMAdapter, load_native, native_checker, native_text_config, save_native
 from bench.models.templates import IMAGE_PLACEHOLDER, ConvTemplate
 
 
@@ -121,5 +121,5 @@ FAMILY = Family(
     load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles: load_llava(
         path, template, device, dtype, weights, quantization, strip_quant),
     build=build_llava, save=save_native, llm_key="language_model.", 
-    check=native_checker(LlavaForConditionalGeneration, LlavaConfig),
+    check=native_checker(LlavaForConditionalGeneration, LlavaConfig), text_config=native_text_config(LlavaConfig),
 )

@@ -62,6 +62,19 @@ def _read_checkpoint_config(path: Path) -> tuple[str, dict]:
     )
 
 
+def checkpoint_text_config(path: Path):
+    """The checkpoint's language-model config as loading reads it, without loading weights (None:
+    its family cannot say, or transformers cannot read it; the family's check has run first)."""
+    family, _ = read_checkpoint_config(path)
+    read = get_family(family).text_config
+    if read is None:
+        return None
+    try:
+        return read(path)
+    except Exception:  # noqa: BLE001 - transformers' config validation raises many error types
+        return None
+
+
 def awq_quantization(path: Path, family: str, config: dict) -> dict | None:
     """The checkpoint's AutoAWQ quantization_config (None: not pre-quantized)."""
     from bench.quant.awq_format import check_awq_config

@@ -12,7 +12,8 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
-from bench.models.files import check_awq_tensors, check_shapes, checked_weights, one_line, require_preprocessor, require_tokenizer
+from bench.models.files import (check_awq_tensors, check_layer_counts, check_shapes, checked_weights, one_line,
+                                require_preprocessor, require_tokenizer)
 
 VISION_MODULES = ["model.vision_tower", "model.multi_modal_projector"]
 
@@ -66,6 +67,11 @@ def load_native(model_cls, config_cls, path: Path, device: torch.device, dtype: 
     return model, config, tokenizer_from(path, f"--model-path {path}"), image_processor_from(path, f"--model-path {path}")
 
 
+def native_text_config(config_cls):
+    """text_config(path) for a -hf layout: the language model's part of the config load_native reads."""
+    return lambda path: config_cls.from_pretrained(path).get_text_config(decoder=True)
+
+
 def native_checker(model_cls, config_cls, adjust=None):
     """check(path, config) for a -hf layout: before loading, the weights are whole safetensors
     (headers, shards) holding every tensor the config implies, in its shape; the tokenizer and the
@@ -96,6 +102,11 @@ def expected_tensors(model_cls, config_cls, path: Path, what: str, names: set[st
 
     try:
         config = config_cls.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers' config validation raises many error types
+        raise UsageError(f"{what}: {path / 'config.json'} does not describe a model ({one_line(e)}); restore the "
+                         "checkpoint's original file") from None
+    check_layer_counts([config.get_text_config(), getattr(config, "vision_config", None)], names, what, path)
+    try:
         with torch.device("meta"):
             model = model_cls._from_config(config)
         if adjust is not None:  # what the family's load changes in the module tree

@@ -22,7 +22,8 @@ from bench.errors import UsageError
 from bench.models.base import PreparedPrompt, VLMAdapter
 from bench.models.family import RANDOM_WEIGHTS_MARK, Family
 from bench.models.files import (
-    check_awq_tensors, check_shapes, checked_weights, one_line, read_json_object, require_preprocessor, require_tokenizer,
+    check_awq_tensors, check_layer_counts, check_shapes, checked_weights, one_line, read_json_object,
+    require_preprocessor, require_tokenizer,
 )
 from bench.models.native import image_processor_from, pretrained, tokenizer_from
 from bench.models.templates import ConvTemplate
@@ -201,6 +202,7 @@ def check_vila(path: Path, config: dict) -> None:
             group = int(quantized.get("group_size", quantized.get("q_group_size", 128)) or 0)
             check_awq_tensors(tensors, group, what, folder)
         elif not quantized:
+            check_layer_counts([cfg], tensors, what, folder)
             try:
                 expected = _expected_shapes(model_cls, cfg)
             except Exception as e:  # noqa: BLE001 - as above
@@ -346,4 +348,5 @@ FAMILY = Family(
     load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles: load_vila(
         path, template, device, dtype, weights, config, quantization, strip_quant),
     build=build_vila, save=save_vila, llm_dir="llm", check=check_vila,
+    text_config=lambda path: LlamaConfig.from_pretrained(path / "llm"),
 )

@@ -75,6 +75,16 @@ def _image_error(e: BaseException) -> str:
     return f"not a readable image ({e.__class__.__name__})"
 
 
+def check_frame_size(width: int, height: int, flag: str, path: str | Path) -> None:
+    """A usage error when frames of width x height pixels (a video's, known before any is
+    decoded) are past the limit image files are held to (PIL's decompression-bomb limit,
+    Image.MAX_IMAGE_PIXELS; its warning range counts, as for images)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise UsageError(f"{flag} {path}: frames of {width}x{height} = {width * height:,} pixels are too large to "
+                         f"decode safely; give a video of at most {limit:,} pixels per frame")
+
+
 def _bad_image_errors() -> tuple[type[BaseException], ...]:
     return (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning)
@@ -95,10 +105,14 @@ def _opened(path: str | Path, flag: str, use):
         raise UsageError(f"{flag} {path}: {_image_error(e)}") from None
 
 
-def check_image_file(path: str | Path, flag: str) -> None:
+def check_image_file(path: str | Path, flag: str) -> tuple[int, int]:
     """Open and verify an image file without decoding all its pixels (header, size against
-    PIL's decompression-bomb limit, and the format's own integrity check)."""
-    _opened(path, flag, lambda im: im.verify())
+    PIL's decompression-bomb limit, and the format's own integrity check); its (width, height)."""
+    def verified(im):
+        im.verify()
+        return im.size
+
+    return _opened(path, flag, verified)
 
 
 def load_image(path: str | Path, flag: str = "--image-path") -> Image.Image:

@@ -13,7 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 from bench.engines import attention_kernels
-from bench.errors import UsageError
+from bench.errors import ArgumentParser, UsageError
 from bench.run.workload import LOADERS, VIDEO_MODES, int_list, name_list, workload_points
 from variants.options import flag_fields, opt, options_from, run_facts
 
@@ -226,8 +226,8 @@ EXIT_CODES = """exit codes:
 
 def build_parser(cls=None, prog: str = "vila_prefix_benchmark.py") -> argparse.ArgumentParser:
     cls = cls or config_class()
-    parser = argparse.ArgumentParser(prog=prog, description="Benchmark VLM inference variants.",
-                                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=prog, description="Benchmark VLM inference variants.",
+                            epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *f.metadata.get("aliases", ())]

@@ -1,9 +1,10 @@
-"""Sizes that can never run, refused before any model loads: a prompt (question, image tokens
-and new tokens) longer than the model's positions, and a batch whose KV cache alone exceeds
-the device's memory. The model's dimensions come from its preset or its config.json."""
+"""Sizes that can never run, refused before any measured run: a prompt (text, image tokens and
+new tokens) longer than the model's positions, and a batch whose KV cache alone exceeds the
+device's memory. Before any model loads, from lower bounds (`check_sizes`; the model's
+dimensions from its preset, or its checkpoint's config read as loading reads it); once the
+tokenizer is loaded, on every workload point's prompts tokenized exactly (`check_prompt`)."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,35 +24,17 @@ class ModelDims:
     image_tokens: int = 1  # a lower bound on the tokens one image adds to the prompt
 
 
-def _llm_config(path: Path, config: dict) -> dict:
-    """The language model's part of a checkpoint's config (llava text_config, InternVL
-    llm_config, VILA llm/config.json), else the top level."""
-    for key in ("text_config", "llm_config"):
-        if isinstance(config.get(key), dict):
-            return config[key]
-    llm = path / "llm" / "config.json"
-    if llm.is_file():
-        try:
-            return json.loads(llm.read_text())
-        except (OSError, ValueError):
-            return {}
-    return config
-
-
 def model_dims(model_path: str | None, preset: str | None) -> ModelDims:
     if not model_path:
         p = PRESETS[preset]
         llm, side = p.llm, p.vision.image_size // p.vision.patch
         return ModelDims(llm.max_pos, llm.layers, llm.kv_heads, llm.hidden // llm.heads, max(1, (side // 2) ** 2))
-    path = Path(model_path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-        llm = _llm_config(path, config)
-    except (OSError, ValueError):
-        return ModelDims(None)
+    from bench.models.loader import checkpoint_text_config
+
+    text = checkpoint_text_config(Path(model_path))
 
     def whole(key):
-        v = llm.get(key)
+        v = getattr(text, key, None)
         return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
     heads, hidden = whole("num_attention_heads"), whole("hidden_size")
@@ -78,37 +61,59 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
+def _flags(cfg, point, frames) -> tuple[str, str, str]:
+    """The flags that set a request's new tokens, text and image tokens (named in refusals)."""
+    new_flag = "--new-tokens" if cfg.new_tokens else "--max-new-tokens"
+    text_flag = ("--prompt-lengths" if point.question_tokens else f"--questions {cfg.questions}" if cfg.questions
+                 else "--text-prompt" if cfg.text_prompt else "the built-in questions")
+    image_flag = "--num-frames" if frames is not None and cfg.video_mode == "clip" else "--num-images"
+    return new_flag, text_flag, image_flag
+
+
+def _check_point(cfg, dims: ModelDims, model: str, point, text: int, image: int, frames, device: torch.device,
+                 dtype: torch.dtype, exact: bool, new_flag: str | None = None) -> None:
+    """A usage error naming the largest part when `text` + `image` tokens and the point's new
+    tokens exceed the model's positions, or their KV cache at the point's batch the device."""
+    total = text + image + point.new_tokens
+    flags = _flags(cfg, point, frames)
+    new_flag, text_flag, image_flag = new_flag or flags[0], flags[1], flags[2]
+    words = ("text tokens", "needs") if exact else ("question tokens", "needs at least")
+    if dims.max_pos is not None and total > dims.max_pos:
+        parts = {new_flag: point.new_tokens, text_flag: text, image_flag: image}
+        flag = max(parts, key=parts.get)
+        advice = f"lower {flag}" if flag.startswith("--") else "give a shorter question with --text-prompt"
+        raise UsageError(f"{flag}: the request {words[1]} {total:,} positions ({text:,} {words[0]} + {image:,} "
+                         f"image tokens + {point.new_tokens:,} new tokens) but {model} has {dims.max_pos:,}; "
+                         f"{advice}")
+    if dims.layers and dims.kv_heads and dims.head_dim:
+        need = 2 * dims.layers * dims.kv_heads * dims.head_dim * total * point.batch_size * dtype.itemsize
+        have = available_bytes(device)
+        if have is not None and need > have:
+            raise UsageError(f"--batch-size {point.batch_size}: the KV cache alone needs {_gib(need)} ({total:,} "
+                             f"tokens x batch {point.batch_size:,}) but {device} has {_gib(have)} available; "
+                             "lower --batch-size")
+
+
 def check_sizes(cfg, dims: ModelDims, model: str, questions: list[str], frames, device: torch.device,
                 dtype: torch.dtype) -> None:
     """UsageError naming the flag when a workload point cannot fit the model's positions or the
     device's memory (lower bounds: a question has at least one token per word)."""
     words = max((len(q.split()) for q in questions), default=0)
-    text_flag = (f"--questions {cfg.questions}" if cfg.questions else "--text-prompt" if cfg.text_prompt
-                 else "the built-in questions")
-    if frames is not None and cfg.video_mode == "clip":
-        images_per_request, image_flag = len(frames), "--num-frames"
-    else:
-        images_per_request, image_flag = None, "--num-images"
+    images_per_request = len(frames) if frames is not None and cfg.video_mode == "clip" else None
     for p in cfg.points:
         images = images_per_request if images_per_request is not None else p.num_images
-        question = p.question_tokens or words
-        image_tokens = images * dims.image_tokens
-        total = question + image_tokens + p.new_tokens
-        if dims.max_pos is not None and total > dims.max_pos:
-            new_flag = "--new-tokens" if cfg.new_tokens else "--max-new-tokens"
-            parts = {new_flag: p.new_tokens, "--prompt-lengths" if p.question_tokens else text_flag: question,
-                     image_flag: image_tokens}
-            flag = max(parts, key=parts.get)
-            raise UsageError(f"{flag}: the request needs at least {total:,} positions ({question:,} question tokens"
-                             f" + {image_tokens:,} image tokens + {p.new_tokens:,} new tokens) but {model} has "
-                             f"{dims.max_pos:,}; lower {flag}")
-        if dims.layers and dims.kv_heads and dims.head_dim:
-            need = 2 * dims.layers * dims.kv_heads * dims.head_dim * total * p.batch_size * dtype.itemsize
-            have = available_bytes(device)
-            if have is not None and need > have:
-                raise UsageError(f"--batch-size {p.batch_size}: the KV cache alone needs {_gib(need)} ({total:,} "
-                                 f"tokens x batch {p.batch_size:,}) but {device} has {_gib(have)} available; "
-                                 "lower --batch-size")
+        _check_point(cfg, dims, model, p, p.question_tokens or words, images * dims.image_tokens, frames, device,
+                     dtype, exact=False)
+
+
+def check_prompt(cfg, dims: ModelDims, model: str, point, prepared, frames, device: torch.device,
+                 dtype: torch.dtype, new_flag: str | None = None) -> None:
+    """check_sizes for one workload point's longest prompt as the adapter tokenized it (a
+    bench.models.base.PreparedPrompt: its prefix with the image tokens, and its suffix);
+    `new_flag`: the flag that set the point's new tokens, where not the sweep's."""
+    image = prepared.total_image_tokens
+    _check_point(cfg, dims, model, point, prepared.prompt_tokens - image, image, frames, device, dtype,
+                 exact=True, new_flag=new_flag)
 
 
 def loaded_max_pos(model) -> int | None:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from bench.errors import UsageError
 from bench.models.base import host_preprocessing
-from bench.models.visual import VisualInput, check_image_file, load_image
+from bench.models.visual import VisualInput, check_frame_size, check_image_file, load_image
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -37,7 +37,10 @@ def sample_indices(total: int, num: int) -> list[int]:
 
 class FrameSource:
     """The sampled frames of a video (`--video-path`, decoded with PyAV) or of a folder of
-    images (`--frames-dir`, sorted by name). Iterating decodes them in order, lazily."""
+    images (`--frames-dir`, sorted by name). Iterating decodes them in order, lazily.
+
+    Before any frame is decoded, every sampled frame's size is known (`sizes`) and held to the
+    limit image files are (a video's frame size from its stream's header)."""
 
     def __init__(self, video_path: str | None = None, frames_dir: str | None = None, num_frames: int = 8):
         if bool(video_path) == bool(frames_dir):
@@ -56,11 +59,12 @@ class FrameSource:
             if not Path(video_path).is_file():
                 raise UsageError(f"--video-path {video_path}: no such file")
             self.files = None
-            self.total = self._count_video_frames()
+            self.total, size = self._count_video_frames()
         self.indices = sample_indices(self.total, num_frames)
         if self.files is not None:  # every sampled frame opens and verifies before any model loads
-            for i in self.indices:
-                check_image_file(self.files[i], "--frames-dir")
+            self.sizes = [check_image_file(self.files[i], "--frames-dir") for i in self.indices]
+        else:
+            self.sizes = [size] * len(self.indices)
 
     def _open(self):
         try:
@@ -72,12 +76,33 @@ class FrameSource:
         except Exception as e:  # av raises its own error types per container problem
             raise UsageError(f"--video-path {self.video_path}: not a readable video ({e.__class__.__name__})") from None
 
-    def _count_video_frames(self) -> int:
+    def _count_video_frames(self) -> tuple[int, tuple[int, int]]:
+        """(frames in the video, their (width, height)), from the stream's header where it says;
+        refused before a frame is decoded when the frames are past the image size limit."""
+        import av
+
         with self._open() as container:
+            if not container.streams.video:
+                raise UsageError(f"--video-path {self.video_path}: no video stream in the file")
             stream = container.streams.video[0]
-            if stream.frames:
-                return stream.frames
-            return sum(1 for _ in container.decode(stream))  # containers without a frame count
+            size = (stream.codec_context.width, stream.codec_context.height)
+            check_frame_size(*size, "--video-path", self.video_path)
+            total = stream.frames
+            if not total:  # containers without a frame count: decode them all (each checked)
+                try:
+                    for frame in container.decode(stream):
+                        self._check_frame(frame)
+                        total += 1
+                except av.error.FFmpegError as e:
+                    raise UsageError(f"--video-path {self.video_path}: not a readable video "
+                                     f"({e.__class__.__name__})") from None
+            if not total:
+                raise UsageError(f"--video-path {self.video_path}: the video has no frames")
+            return total, size
+
+    def _check_frame(self, frame) -> None:
+        """A decoded frame's size is held to the limit too (a stream may change size midway)."""
+        check_frame_size(frame.width, frame.height, "--video-path", self.video_path)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -93,6 +118,7 @@ class FrameSource:
             stream.thread_type = "AUTO"
             for i, frame in enumerate(container.decode(stream)):
                 if i in wanted:
+                    self._check_frame(frame)
                     yield frame.to_image().convert("RGB")
                 if i >= self.indices[-1]:
                     break

@@ -9,7 +9,7 @@ def load_questions(path: str | None, text_prompt: str | None) -> list[str]:
 
     from bench.errors import UsageError
 
-    if path:
+    if path is not None:
         p = Path(path)
         if not p.is_file():
             raise UsageError(f"--questions file not found: {path}")
@@ -25,7 +25,9 @@ def load_questions(path: str | None, text_prompt: str | None) -> list[str]:
         if not lines:
             raise UsageError(f"--questions file has no questions: {path}")
         return lines
-    if text_prompt:
+    if text_prompt is not None:
+        if not text_prompt.strip():
+            raise UsageError("--text-prompt is empty; give the question to ask")
         try:  # argv that is not UTF-8 arrives with lone surrogates (surrogateescape)
             text_prompt.encode("utf-8")
         except UnicodeEncodeError:

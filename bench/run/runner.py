@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from bench.engines import attention_kernels
@@ -25,14 +26,15 @@ from bench.errors import UsageError, VariantUnsupported
 from bench.run.monitors import GpuMonitor
 from bench.measure.metrics import request_metrics
 from bench.measure.schema import PHASES_OF, SUMMARY_KEY, SUMMARY_METRICS, counts_in_summary, result_key
-from bench.run.limits import check_sizes, loaded_max_pos, model_dims
+from bench.run.limits import check_prompt, check_sizes, loaded_max_pos, model_dims
 from bench.run.questions import load_questions, warmup_questions
-from bench.measure.results import (DirLock, check_output_dir, new_run_id, read_runs, run_writer, utc_now,
+from bench.measure.results import (DirLock, DirState, check_output_dir, new_run_id, read_runs, run_writer, utc_now,
                                    write_json, write_summary)
+from bench.models.prompts import FIDELITY_PROBE
 from bench.models.source import ModelSource
 from bench.measure.stats import invalid_reasons, summarize
-from bench.models.visual import load_image
-from bench.run.workload import RequestSource, question_of_length
+from bench.models.visual import VisualInput, load_image
+from bench.run.workload import RequestSource, WorkloadPoint, question_of_length
 from variants import baseline_variant, parse_variant
 
 
@@ -145,6 +147,8 @@ class Benchmark:
         self.source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
         self.dims = model_dims(cfg.model_path, cfg.preset)
         check_sizes(cfg, self.dims, self.source.name, self.questions, self.frames, self.device, self.dtype)
+        self.prompts_checked = False  # check_prompt ran on the first loaded tokenizer
+        self.point_questions: dict[int, list[str]] = {}  # --prompt-lengths: questions by token count
         self.rows: list[dict] = []
         self.run_id = new_run_id()  # on every row and in env.json
         stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -203,6 +207,17 @@ class Benchmark:
 
     # ------------------------------------------------------------------------------------
     def run(self) -> Path:
+        """Measure every variant into the results directory; a usage error found on the way (one
+        only a loaded model shows) leaves the directory as it was before."""
+        before = DirState(self.out_dir)
+        try:
+            self._run_into_dir()
+        except UsageError:
+            before.restore()
+            raise
+        return self.out_dir
+
+    def _run_into_dir(self) -> None:
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -211,17 +226,21 @@ class Benchmark:
         try:
             self.writer = run_writer(self.out_dir)  # refuses a runs.csv with other columns
             self.host_facts = host.set_cpu_threads(self.cpu_threads)
+            refused = False
             try:
                 write_json(self.out_dir / "env.json", self._env())
                 self._run_variants()
+            except UsageError:
+                refused = True
+                raise
             finally:
                 self.writer.close()
-                if self.preprocess_facts:  # decided per loaded model, after the first write
+                if self.preprocess_facts and not refused:  # decided per loaded model, after the first write
                     write_json(self.out_dir / "env.json", self._env())
-                self._write_summary()
+                if not refused:
+                    self._write_summary()
         finally:
             lock.release()
-        return self.out_dir
 
     def _write_summary(self) -> None:
         """summary.csv from every run in runs.csv (this one only when the directory was new); a
@@ -284,7 +303,7 @@ class Benchmark:
                     self._free()
                     status(f"{variant.name}: loading {variant.weights.name} weights")
                     loaded = variant.weights.load(self.source, self.device, self.dtype, options)
-                    self._check_loaded_positions(loaded.adapter)
+                    self._check_prompts(loaded.adapter)
                 self.preprocess_facts[variant.name] = place_preprocessing(
                     loaded.adapter, self.cfg.preprocess, self.device, self.fidelity_visual)
                 status(f"{variant.name}: fidelity probe, then measured runs" if self.cfg.fidelity
@@ -302,15 +321,38 @@ class Benchmark:
             loaded = None  # outside the handler: the exception's frames no longer hold its tensors
             self._free()
 
-    def _check_loaded_positions(self, adapter) -> None:
-        """A checkpoint whose config.json did not give its positions: the prompt-length check
-        runs on the loaded model, before any measured run (a UsageError: exit 2)."""
-        if self.dims.max_pos is not None:
+    def _check_prompts(self, adapter) -> None:
+        """Every workload point's longest prompt (measured and warm-up questions, and the fidelity
+        probe), tokenized as its runs are, against the model's positions and the device's
+        memory, before any measured run: a UsageError (exit 2). Once: every variant of a run
+        tokenizes alike. Positions not known before loading come from the loaded model."""
+        if self.prompts_checked:
             return
-        max_pos = loaded_max_pos(getattr(adapter, "model", None))
-        if max_pos is not None:
-            self.dims = replace(self.dims, max_pos=max_pos)
-            check_sizes(self.cfg, self.dims, self.source.name, self.questions, self.frames, self.device, self.dtype)
+        if self.dims.max_pos is None:
+            self.dims = replace(self.dims, max_pos=loaded_max_pos(getattr(adapter, "model", None)))
+        cfg = self.cfg
+        checks = [(p, self._point_questions(adapter, p) + self.warmups[:cfg.warmup], None) for p in cfg.points]
+        if cfg.fidelity and not self.source.prequantized:  # the probe generates --max-new-tokens tokens
+            checks.append((WorkloadPoint(new_tokens=cfg.max_new_tokens), [FIDELITY_PROBE], "--max-new-tokens"))
+        for point, questions, new_flag in checks:
+            prompts = [adapter.prepare_text(q, v) for v in self._size_visuals(point) for q in questions]
+            longest = max(prompts, key=lambda prepared: prepared.prompt_tokens)
+            check_prompt(cfg, self.dims, self.source.name, point, longest, self.frames, self.device, self.dtype,
+                         new_flag)
+        self.prompts_checked = True
+
+    def _size_visuals(self, point) -> list[VisualInput]:
+        """What a point's requests show, as far as their token counts go (which depend on the
+        images' number and sizes only): the image `num_images` times (its derived images are
+        the same size), the clip's frames, or one frame of each size the frames come in."""
+        if self.frames is None:
+            return [VisualInput((self.image,) * point.num_images)]
+        sizes = self.frames.sizes
+        if not all(w and h for w, h in sizes):  # a video stream that does not say: its first frame
+            sizes = [next(iter(self.frames)).size] * len(sizes)
+        if self.cfg.video_mode == "clip":
+            return [VisualInput(tuple(Image.new("1", s) for s in sizes), video=True)]
+        return [VisualInput((Image.new("1", s),)) for s in dict.fromkeys(sizes)]
 
     def _engine_options(self, variant) -> dict:
         """EngineSpec fields this run sets for the variant's engine: the run's attention kernels and
@@ -420,11 +462,16 @@ class Benchmark:
                 return
 
     def _point_questions(self, adapter, point) -> list[str]:
-        if point.question_tokens is None:
+        """The point's questions: as given, or stretched/cut to its question tokens (made once a
+        run: every variant's tokenizer is the source's)."""
+        n = point.question_tokens
+        if n is None:
             return self.questions
-        tail = self._tail_tokens(adapter)
-        count = lambda q: len(adapter.prepare_text(q).suffix_ids) - tail  # noqa: E731
-        return list(dict.fromkeys(question_of_length(count, q, point.question_tokens) for q in self.questions))
+        if n not in self.point_questions:
+            tail = self._tail_tokens(adapter)
+            count = lambda q: len(adapter.prepare_text(q).suffix_ids) - tail  # noqa: E731
+            self.point_questions[n] = list(dict.fromkeys(question_of_length(count, q, n) for q in self.questions))
+        return self.point_questions[n]
 
     @staticmethod
     def _tail_tokens(adapter) -> int:
