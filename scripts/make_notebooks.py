@@ -14,44 +14,46 @@ import pandas as pd
 from IPython.display import Markdown, display
 pd.set_option("display.width", 200)"""
 
+SHOW = """
+def show(fig, absent: str) -> None:
+    \"\"\"Draw a figure, or say why there is none.\"\"\"
+    plt.show() if fig is not None else print(absent)"""
+
 compare = new_notebook(cells=[
     new_markdown_cell("# Compare variants\n\nPoint `RESULTS_DIRS` at one or more results directories "
-                      "(each with `runs.csv` and `summary.csv`). Figures come from `bench.analysis.report`, the same code "
-                      "as `python -m bench report`. Skipped/failed variants and invalid summaries are shown, "
-                      "never dropped."),
+                      "(each with `runs.csv` and `summary.csv`). Figures come from `bench.analysis.figures`, the same "
+                      "code as `python -m bench report`. Each result is labelled (variant, cache state, and its source "
+                      "directory or run where several hold the model), never averaged with another. Skipped/failed "
+                      "variants and invalid summaries are shown, never dropped."),
     new_code_cell("# Parameters (or set BENCH_RESULTS_DIRS, os.pathsep-separated)\n"
                   "RESULTS_DIRS = ['../results/h200/llava-1.5-7b-engines', '../results/h200/vila1.5-3b-engines']",
                   metadata={"tags": ["parameters"]}),
-    new_code_cell(SETUP + "\nfrom bench.analysis import report\n"
+    new_code_cell(SETUP + SHOW + "\nfrom bench.analysis import figures, report, sources\n"
                   "dirs = os.environ.get('BENCH_RESULTS_DIRS', '').split(os.pathsep) if os.environ.get('BENCH_RESULTS_DIRS') else RESULTS_DIRS\n"
-                  "runs, summary = report.load(dirs)\n"
-                  "# per-variant figures: each directory's first workload point; the sweep figures show the axes\n"
-                  "one_runs, one_summary = report.first_point(runs), report.first_point(summary)\n"
+                  "runs, summary = sources.load(dirs)\n"
                   "if (runs['weights'] == 'random').any():\n"
                   "    display(Markdown('**weights=random**: timings are real; text, token agreement and KL are numeric only.'))\n"
                   "print(len(runs), 'runs from', dirs)"),
-    new_markdown_cell("## Time per phase (median per variant)"),
-    new_code_cell("report.fig_phases(one_runs); plt.show()"),
+    new_markdown_cell("## Time per phase (median per result; each directory's first workload point)"),
+    new_code_cell("show(figures.fig_phases(summary), 'no phase columns in these results')"),
     new_markdown_cell("## TTFT and TPOT with 95% CI (hatched: summary not valid)"),
-    new_code_cell("report.fig_latency_ci(one_summary); plt.show()"),
+    new_code_cell("show(figures.fig_latency_ci(summary), 'no TTFT/TPOT in these results')"),
     new_markdown_cell("## Speed-up over the fp16 baseline (hf engine)"),
-    new_code_cell("report.speedup_table(one_summary)"),
+    new_code_cell("report.speedup_table(summary)"),
     new_markdown_cell("## Memory"),
-    new_code_cell("fig = report.fig_memory(one_summary)\nplt.show() if fig else print('no memory columns (CPU run)')"),
-    new_markdown_cell("## Fidelity against speed"),
-    new_code_cell("report.fig_fidelity(one_summary); plt.show()"),
+    new_code_cell("show(figures.fig_memory(summary), 'no memory columns in these results')"),
+    new_markdown_cell("## Fidelity and decode speed"),
+    new_code_cell("show(figures.fig_fidelity(summary), 'no fidelity columns (run without --no-fidelity)')"),
     new_markdown_cell("## Prefix / embedding cache: cold vs warm TTFT"),
-    new_code_cell("fig = report.fig_cold_warm(one_summary)\nplt.show() if fig else print('no cache variants in these results')"),
+    new_code_cell("show(figures.fig_cold_warm(summary), 'no cache variants in these results')"),
     new_markdown_cell("## Sweeps: latency and throughput vs batch size (x: summary not valid)"),
-    new_code_cell("fig = report.fig_batch(summary)\nplt.show() if fig else print('no --batch-size sweep in these results')"),
+    new_code_cell("show(figures.fig_batch(summary), 'no --batch-size sweep in these results')"),
     new_markdown_cell("## Sweeps: TTFT vs prompt length"),
-    new_code_cell("fig = report.fig_prompt_length(summary)\n"
-                  "plt.show() if fig else print('no --prompt-lengths sweep in these results')"),
+    new_code_cell("show(figures.fig_prompt_length(summary), 'no --prompt-lengths sweep in these results')"),
     new_markdown_cell("## Video frames: serial vs prefetching loader"),
-    new_code_cell("fig = report.fig_loader(summary)\n"
-                  "plt.show() if fig else print('no --loader serial,prefetch comparison in these results')"),
+    new_code_cell("show(figures.fig_loader(summary), 'no --loader serial,prefetch comparison in these results')"),
     new_markdown_cell("## Skipped, failed and invalid"),
-    new_code_cell("display(report.status_rows(summary))\n"
+    new_code_cell("display(sources.status_rows(summary))\n"
                   "invalid = summary[(summary['status'] == 'ok') & (summary['valid'] == False)]\n"
                   "invalid[['model', 'label', 'metric', 'n', 'cv', 'measured_s']]"),
 ])
