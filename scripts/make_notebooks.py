@@ -65,37 +65,22 @@ regression = new_notebook(cells=[
                   "BASELINE = '../results/ci-baseline'\nCANDIDATE = '../results/ci-baseline'\n"
                   "METRICS = ['ttft_ms', 'tpot_ms', 'prefill_ms', 'e2e_ms']\nALPHA, FACTOR = 0.01, 1.10",
                   metadata={"tags": ["parameters"]}),
-    new_code_cell(SETUP + "\nfrom bench.analysis.compare import compare_runs, load_runs\n"
+    new_code_cell(SETUP + SHOW + "\nfrom bench.analysis import compare_figures\n"
+                  "from bench.analysis.compare import compare_runs, load_runs\n"
                   "base = load_runs(os.environ.get('BENCH_BASELINE', BASELINE))\n"
                   "cand = load_runs(os.environ.get('BENCH_CANDIDATE', CANDIDATE))\n"
                   "metrics = [m for m in METRICS if m in base.columns and m in cand.columns]\n"
                   "verdicts = pd.DataFrame(compare_runs(base, cand, metrics, ALPHA, FACTOR))\n"
                   "verdicts[['model', 'variant', 'engine', 'cache_state', 'metric', 'baseline_median', "
-                  "'candidate_median', 'ratio', 'p_value', 'status']]"),
+                  "'candidate_median', 'ratio', 'p_value', 'status']] if len(verdicts) else verdicts"),
     new_markdown_cell("## Ratios (candidate / baseline), coloured by verdict"),
-    new_code_cell("colour = {'regression': '#c44e52', 'improvement': '#55a868', 'unchanged': '#8c8c8c', "
-                  "'inconclusive': '#dd8452'}\n"
-                  "v = verdicts.assign(key=verdicts['variant'] + ' [' + verdicts['cache_state'] + '] ' + verdicts['metric'])\n"
-                  "fig, ax = plt.subplots(figsize=(9, 0.3 * len(v) + 1.5))\n"
-                  "ax.barh(v['key'], v['ratio'].fillna(1.0), color=[colour[s] for s in v['status']])\n"
-                  "ax.axvline(1.0, color='k', lw=0.8); ax.axvline(FACTOR, color='#c44e52', ls='--', lw=0.8)\n"
-                  "ax.axvline(1 / FACTOR, color='#55a868', ls='--', lw=0.8)\n"
-                  "ax.set_xlabel('candidate / baseline (Hodges-Lehmann); dashed: factor'); ax.invert_yaxis()\n"
-                  "plt.tight_layout(); plt.show()\n"
-                  "print('verdict:', 'regression' if (v['status'] == 'regression').any() else "
-                  "'inconclusive' if (v['status'] == 'inconclusive').any() else 'pass')"),
+    new_code_cell("show(compare_figures.fig_ratios(verdicts, FACTOR), 'no result in both directories')\n"
+                  "status = verdicts['status'] if len(verdicts) else pd.Series(dtype=str)\n"
+                  "print('verdict:', 'regression' if (status == 'regression').any() else "
+                  "'inconclusive' if (status == 'inconclusive').any() or status.empty else 'pass')"),
     new_markdown_cell("## Per-run samples side by side"),
     new_code_cell("for metric in metrics[:2]:\n"
-                  "    fig, ax = plt.subplots(figsize=(9, 3))\n"
-                  "    groups = sorted(set(base.groupby(['variant', 'cache_state']).groups) & "
-                  "set(cand.groupby(['variant', 'cache_state']).groups))\n"
-                  "    data, labels = [], []\n"
-                  "    for g in groups:\n"
-                  "        for name, df in (('base', base), ('cand', cand)):\n"
-                  "            sel = df[(df['variant'] == g[0]) & (df['cache_state'] == g[1])][metric].dropna()\n"
-                  "            data.append(sel.values); labels.append(f'{g[0]} [{g[1]}] {name}')\n"
-                  "    ax.boxplot(data, vert=False, tick_labels=labels); ax.set_xlabel(metric)\n"
-                  "    plt.tight_layout(); plt.show()"),
+                  "    show(compare_figures.fig_samples(base, cand, metric), f'{metric}: no result in both directories')"),
 ])
 
 for nb in (compare, regression):

@@ -7,6 +7,7 @@ from nbclient import NotebookClient
 
 from bench.cli import main, run_main
 from tests.conftest import ROOT
+from tests.synthetic_results import write_results
 
 
 @pytest.fixture(scope="module")
@@ -60,11 +61,13 @@ def test_compare_notebook_runs(tiny_results, sweep_results):
 
 
 def test_regression_notebook_runs(tiny_results, tmp_path):
-    other = tmp_path / "other"
-    assert run_main(["--preset", "tiny-llava", "--variants", "fp16,prefix", "--num-runs", "5", "--min-seconds", "0",
-                     "--max-new-tokens", "8", "--warmup", "1", "--no-fidelity", "--output-dir", str(other)]) == 0
+    # the candidate: results files of the same identity as the tiny run's fp16 and prefix
+    other = write_results(tmp_path / "other", [{"variant": "fp16"}, {"variant": "prefix", "cache_state": "cold"},
+                                               {"variant": "prefix", "cache_state": "warm"}])
     nb = execute("regression.ipynb", {"BENCH_BASELINE": str(tiny_results), "BENCH_CANDIDATE": str(other)})
     assert "verdict:" in outputs_text(nb)
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert images == 3  # the ratios, and the samples of two metrics
 
 
 def test_static_report(tiny_results, tmp_path):

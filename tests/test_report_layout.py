@@ -3,14 +3,18 @@ the harness's own writers (tests.synthetic_results): every table cell is one num
 result is averaged with another, every figure's text is readable (no two texts overlap, none
 leaves the figure), and failed and skipped results are visible in the figures."""
 import re
+from pathlib import Path
 
 import matplotlib.pyplot as plt
+import nbformat
 import pandas as pd
 import pytest
 from matplotlib.text import Text
 
-from bench.analysis import figures, report, sources
+from bench.analysis import compare_figures, figures, report, sources
+from bench.analysis.compare import compare_runs, load_runs
 from bench.analysis.plotting import mib_unit
+from tests.conftest import ROOT
 from tests.synthetic_results import write_results
 
 SHARED = [{"variant": "fp16"}, {"variant": "prefix", "cache_state": "cold"},
@@ -178,3 +182,27 @@ def test_labels_name_what_differs_and_nothing_else():
                        "run_id": ["r1", "r1", "r2", "r1", "r1"]})
     sources.label_results(df)
     assert list(df["label"]) == ["fp16 float16", "fp16 float32 run r1", "fp16 float32 run r2", "bnb4", "fp16"]
+
+
+# ---- the regression notebook's figures -----------------------------------------------------
+def test_regression_figures_have_title_legend_and_readable_text(tmp_path, monkeypatch):
+    results = [{"variant": "fp16"}, {"variant": "prefix", "cache_state": "warm"}]
+    base = write_results(tmp_path / "base", results, runs=6, run_id="r1")
+    cand = write_results(tmp_path / "cand", [{**results[0], "scale": 1.5}, results[1]], runs=6, run_id="r2", seed=1)
+    b, c = load_runs(base), load_runs(cand)
+    verdicts = pd.DataFrame(compare_runs(b, c, ["ttft_ms", "tpot_ms"], 0.01, 1.1))
+    fig = compare_figures.fig_ratios(verdicts, 1.1)
+    ax = fig.axes[0]
+    assert "Candidate vs baseline" in ax.get_title()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "regression" in legend and "1.1: slower / larger beyond" in legend
+    texts = assert_readable(fig, monkeypatch)
+    assert "fp16 ttft_ms" in texts and "prefix [warm] tpot_ms" in texts
+    plt.close(fig)
+    fig = compare_figures.fig_samples(b, c, "ttft_ms")
+    texts = assert_readable(fig, monkeypatch)
+    assert "fp16 baseline" in texts and "prefix [warm] candidate" in texts and "ttft_ms" in fig.axes[0].get_title()
+    plt.close(fig)
+    cells = "\n".join(c.source for c in nbformat.read(ROOT / "notebooks" / "regression.ipynb", as_version=4).cells)
+    assert "compare_figures.fig_ratios(verdicts, FACTOR)" in cells and "compare_figures.fig_samples(" in cells
+    assert Path(ROOT / "scripts" / "make_notebooks.py").read_text().count("compare_figures.fig_ratios") == 1
