@@ -5,7 +5,7 @@ running a model.
 
 A result is a dict of identity columns (model, variant, engine, cache_state, the workload point,
 dtype, ...) and optionally `status` and `error` (a failed or skipped variant writes one row, as
-the runner does) and `scale` (multiplies every time, so results differ visibly).
+the runner does), `scale` (multiplies every time, so results differ visibly) and `kl_mean`.
 """
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ DEFAULTS = {"model": "tiny-llava", "family": "llava", "weights": "random", "vari
             "new_tokens": 8, "num_images": 1, "loader": ""}
 
 
-def _timings(rng: random.Random, result: dict, scale: float) -> dict:
+def _timings(rng: random.Random, result: dict, spec: dict) -> dict:
     """One request's columns, its phases tiling e2e as the runner's do."""
+    scale = spec.get("scale", 1.0)
     jitter = lambda v: v * scale * rng.uniform(0.97, 1.03)  # noqa: E731
     warm = result["cache_state"] == "warm"
     cached = result["cache_state"] in ("cold", "warm")
@@ -41,7 +42,7 @@ def _timings(rng: random.Random, result: dict, scale: float) -> dict:
             "stream_ms": e2e, "gpu_phase_pct": 95.0, "prompt_tokens": 106, "prefix_tokens": 79,
             "cached_tokens": 79 if warm else 0, "cache_hit": warm,
             "weight_mb": 0.3 if quantized else 0.76, "token_agree": 0.75 if quantized else 1.0,
-            "kl_mean": 0.02 if quantized else 0.0, "engine_kl_mean": 0.02 if quantized else 1e-8,
+            "kl_mean": spec.get("kl_mean", 0.02 if quantized else 0.0), "engine_kl_mean": 0.02 if quantized else 1e-8,
             "engine_top1_agree": 1.0, "output_text": "random weights"}
 
 
@@ -67,7 +68,7 @@ def write_results(out: Path, results: list[dict], runs: int = 5, run_id: str = "
         for i in range(runs + 1):
             kind = "warmup" if i == 0 else "measured"
             rows.append({**base, "status": "ok", "kind": kind, "run_index": max(i - 1, 0),
-                         **_timings(rng, result, spec.get("scale", 1.0))})
+                         **_timings(rng, result, spec)})
             writer.write(rows[-1])
     writer.close()
     write_summary(out, summarize_runs(rows, RunConfig(num_runs=runs, min_seconds=0.0)))

@@ -36,8 +36,8 @@ def three_dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def many(tmp_path_factory):
     """A summary of 30 results at each of three batch sizes (10 variants and cache states x 3
-    engines), one failed and one skipped variant, and a second model's loader and prompt-length
-    sweep: every figure has something to draw."""
+    engines), one failed and one skipped variant, a second model's loader and prompt-length
+    sweep and a third model's two int4 results: every figure has something to draw."""
     root = tmp_path_factory.mktemp("many")
     kinds = [("fp16", "none"), ("bnb8", "none"), ("bnb4", "none"), ("awq4", "none"), ("rtn4", "none"),
              ("prefix", "cold"), ("prefix", "warm"), ("bnb4+prefix", "cold"), ("bnb4+prefix", "warm"),
@@ -53,6 +53,9 @@ def many(tmp_path_factory):
               "error": "graph-exact needs a CUDA device"}]
     video = [{"model": "tiny-vila", "family": "vila", "variant": v, "loader": loader, "question_tokens": q}
              for v in ("fp16", "bnb4", "awq4") for loader in ("serial", "prefetch") for q in (4, 24)]
+    # int4 only: KL values within one decade of each other (a log axis without a decade inside)
+    video += [{"model": "tiny-internvl", "family": "internvl", "variant": v, "kl_mean": kl}
+              for v, kl in (("awq4", 4.4e-6), ("rtn4", 5.1e-6))]
     dirs = [write_results(root / "wide", wide, runs=3), write_results(root / "video", video, runs=3)]
     return sources.load(dirs)[1]
 
@@ -156,6 +159,8 @@ def test_every_figure_is_readable_with_30_results(many, name, monkeypatch):
         assert FAILED in texts and SKIPPED in texts
         assert "skipped: graph-exact needs a CUDA device" in texts
         assert any(t.startswith("failed: RuntimeError: CUDA out of memory") and t.endswith("…") for t in texts)
+    if name in ("phases", "latency_ci", "memory", "fidelity"):  # every model, whatever its workload point
+        assert all(any(t.startswith(f"{m}: ") for t in texts) for m in ("tiny-llava", "tiny-vila", "tiny-internvl"))
     if name == "phases":
         assert {"decode", "cache store", "prefill", "vision"} <= set(texts)  # every phase in the legend
     plt.close(fig)

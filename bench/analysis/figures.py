@@ -1,16 +1,19 @@
 """The report's figures, from a loaded summary (bench.analysis.sources.load): one function per
 figure, each returning a matplotlib Figure (or None when the results hold nothing it shows).
 
-Per-variant figures (phases, latency_ci, memory, fidelity, cold_warm) show each source's first
-workload point, one row per labelled result; failed and skipped results appear as rows that say
+Per-variant figures (phases, latency_ci, memory, fidelity, cold_warm) show each model's first
+workload point in each source, one row per labelled result; failed and skipped results appear as rows that say
 so. Sweep figures (batch, prompt_length, loader) show the workload axes. A value shown is one
 result's median, never a mean over results.
 """
 from __future__ import annotations
 
+import math
+
 import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.lines import Line2D
+from matplotlib.ticker import NullFormatter
 
 from bench.analysis.plotting import (TICK_FONT, bar_rows, fit_notes, label_width, legend_outside, mib_unit,
                                      new_figure)
@@ -163,8 +166,13 @@ def fig_fidelity(summary: pd.DataFrame):
         y = range(len(rows))
         kl = t["kl_mean"]
         ax = row[0]
-        ax.scatter(kl.clip(lower=KL_FLOOR), y, color="#4c72b0", s=24, zorder=3)
+        shown = kl.clip(lower=KL_FLOOR)
+        ax.scatter(shown, y, color="#4c72b0", s=24, zorder=3)
         ax.set_xscale("log")
+        if shown.notna().any():  # whole decades at both ends: labelled ticks even when the values lie close
+            lo, hi = math.floor(math.log10(shown.min())), math.ceil(math.log10(shown.max()))
+            ax.set_xlim(10.0 ** lo / 2, 10.0 ** max(hi, lo + 1) * 2)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"KL(fp16 || variant), nats (log; {KL_FLOOR:g} = identical)", fontsize=9)
         ax.set_title(f"{model}: KL to fp16", fontsize=10)
         ax.grid(axis="x", lw=0.4, alpha=0.5)
@@ -209,14 +217,14 @@ def fig_cold_warm(summary: pd.DataFrame):
 
 # ---- sweeps ---------------------------------------------------------------------------------
 def _sweep(summary: pd.DataFrame, axis: str, metrics: list[str]) -> pd.DataFrame | None:
-    """Medians of `metrics` along one workload axis, the other axes held at each source's first
-    point; None when no source varies `axis`."""
+    """Medians of `metrics` along one workload axis, the other axes held at the first point of
+    each model in each source; None when none varies `axis`."""
     ok = summary[(summary["status"] == "ok") & summary["metric"].isin(metrics)]
     if ok.empty:
         return None
     others = [k for k in WORKLOAD_KEYS if k != axis]
     parts = []
-    for _, g in ok.groupby("source", sort=False):
+    for _, g in ok.groupby(["source", "model"], sort=False):
         if g[axis].nunique() < 2:
             continue
         first = g.iloc[0][others]

@@ -47,7 +47,7 @@ def _one_result(rows: pd.DataFrame, what: str) -> pd.Series:
 
 
 def speedup_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per result at each source's first workload point: medians of TTFT, TPOT, e2e and
+    """One row per result at its model's first workload point in its source: medians of TTFT, TPOT, e2e and
     peak memory, each with its ratio baseline / variant (>1 = faster or smaller; empty without a
     baseline of the same identity), fidelity and whether the latency summaries are valid."""
     out = []
@@ -121,8 +121,8 @@ def write_report(dirs: list[str | Path], out: str | Path) -> Path:
     st = status_rows(summary)
     ok = summary[summary["status"] == "ok"]
     if any(ok[k].nunique() > 1 for k in WORKLOAD_KEYS):
-        parts.append("Workload sweeps: the table and the per-variant figures show each source's first workload "
-                     "point; the sweep figures (batch, prompt length, loader) show the axes.")
+        parts.append("Workload sweeps: the table and the per-variant figures show each model's first workload "
+                     "point in each directory; the sweep figures (batch, prompt length, loader) show the axes.")
     if not st.empty:
         parts.append("## Skipped or failed\n\n" + _md(st))
     parts.append("\n".join(f"![{n}]({n}.png)" for n in written))

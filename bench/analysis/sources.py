@@ -98,12 +98,12 @@ def label_results(df: pd.DataFrame) -> None:
 
 
 def first_point(df: pd.DataFrame) -> pd.DataFrame:
-    """Each source directory's rows at its first workload point (a sweep's figures compare
-    points; the per-variant figures and the table compare results at one point). Skipped and
-    failed rows stay. Applying it twice changes nothing."""
+    """The rows of each model of each source directory at its first workload point (a sweep's
+    figures compare points; the per-variant figures and the table compare results at one
+    point). Skipped and failed rows stay. Applying it twice changes nothing."""
     keys = list(WORKLOAD_KEYS)
     keep = []
-    for _, g in df.groupby("source", sort=False):
+    for _, g in df.groupby(["source", "model"], sort=False):
         ok = g[g["status"] == "ok"] if "status" in g else g
         if ok.empty:
             keep.append(g)
