@@ -14,44 +14,46 @@ import pandas as pd
 from IPython.display import Markdown, display
 pd.set_option("display.width", 200)"""
 
+SHOW = """
+def show(fig, absent: str) -> None:
+    \"\"\"Draw a figure, or say why there is none.\"\"\"
+    plt.show() if fig is not None else print(absent)"""
+
 compare = new_notebook(cells=[
     new_markdown_cell("# Compare variants\n\nPoint `RESULTS_DIRS` at one or more results directories "
-                      "(each with `runs.csv` and `summary.csv`). Figures come from `bench.analysis.report`, the same code "
-                      "as `python -m bench report`. Skipped/failed variants and invalid summaries are shown, "
-                      "never dropped."),
+                      "(each with `runs.csv` and `summary.csv`). Figures come from `bench.analysis.figures`, the same "
+                      "code as `python -m bench report`. Each result is labelled (variant, cache state, and its source "
+                      "directory or run where several hold the model), never averaged with another. Skipped/failed "
+                      "variants and invalid summaries are shown, never dropped."),
     new_code_cell("# Parameters (or set BENCH_RESULTS_DIRS, os.pathsep-separated)\n"
                   "RESULTS_DIRS = ['../results/reference/h200/llava-1.5-7b-graph-engines']",
                   metadata={"tags": ["parameters"]}),
-    new_code_cell(SETUP + "\nfrom bench.analysis import report\n"
+    new_code_cell(SETUP + SHOW + "\nfrom bench.analysis import figures, report, sources\n"
                   "dirs = os.environ.get('BENCH_RESULTS_DIRS', '').split(os.pathsep) if os.environ.get('BENCH_RESULTS_DIRS') else RESULTS_DIRS\n"
-                  "runs, summary = report.load(dirs)\n"
-                  "# per-variant figures: each directory's first workload point; the sweep figures show the axes\n"
-                  "one_runs, one_summary = report.first_point(runs), report.first_point(summary)\n"
+                  "runs, summary = sources.load(dirs)\n"
                   "if (runs['weights'] == 'random').any():\n"
                   "    display(Markdown('**weights=random**: timings are real; text, token agreement and KL are numeric only.'))\n"
                   "print(len(runs), 'runs from', dirs)"),
-    new_markdown_cell("## Time per phase (median per variant)"),
-    new_code_cell("report.fig_phases(one_runs); plt.show()"),
+    new_markdown_cell("## Time per phase (median per result; each directory's first workload point)"),
+    new_code_cell("show(figures.fig_phases(summary), 'no phase columns in these results')"),
     new_markdown_cell("## TTFT and TPOT with 95% CI (hatched: summary not valid)"),
-    new_code_cell("report.fig_latency_ci(one_summary); plt.show()"),
+    new_code_cell("show(figures.fig_latency_ci(summary), 'no TTFT/TPOT in these results')"),
     new_markdown_cell("## Speed-up over the fp16 baseline (hf engine)"),
-    new_code_cell("report.speedup_table(one_summary)"),
+    new_code_cell("report.speedup_table(summary)"),
     new_markdown_cell("## Memory"),
-    new_code_cell("fig = report.fig_memory(one_summary)\nplt.show() if fig else print('no memory columns (CPU run)')"),
-    new_markdown_cell("## Fidelity against speed"),
-    new_code_cell("report.fig_fidelity(one_summary); plt.show()"),
+    new_code_cell("show(figures.fig_memory(summary), 'no memory columns in these results')"),
+    new_markdown_cell("## Fidelity and decode speed"),
+    new_code_cell("show(figures.fig_fidelity(summary), 'no fidelity columns (run without --no-fidelity)')"),
     new_markdown_cell("## Prefix / embedding cache: cold vs warm TTFT"),
-    new_code_cell("fig = report.fig_cold_warm(one_summary)\nplt.show() if fig else print('no cache variants in these results')"),
+    new_code_cell("show(figures.fig_cold_warm(summary), 'no cache variants in these results')"),
     new_markdown_cell("## Sweeps: latency and throughput vs batch size (x: summary not valid)"),
-    new_code_cell("fig = report.fig_batch(summary)\nplt.show() if fig else print('no --batch-size sweep in these results')"),
+    new_code_cell("show(figures.fig_batch(summary), 'no --batch-size sweep in these results')"),
     new_markdown_cell("## Sweeps: TTFT vs prompt length"),
-    new_code_cell("fig = report.fig_prompt_length(summary)\n"
-                  "plt.show() if fig else print('no --prompt-lengths sweep in these results')"),
+    new_code_cell("show(figures.fig_prompt_length(summary), 'no --prompt-lengths sweep in these results')"),
     new_markdown_cell("## Video frames: serial vs prefetching loader"),
-    new_code_cell("fig = report.fig_loader(summary)\n"
-                  "plt.show() if fig else print('no --loader serial,prefetch comparison in these results')"),
+    new_code_cell("show(figures.fig_loader(summary), 'no --loader serial,prefetch comparison in these results')"),
     new_markdown_cell("## Skipped, failed and invalid"),
-    new_code_cell("display(report.status_rows(summary))\n"
+    new_code_cell("display(sources.status_rows(summary))\n"
                   "invalid = summary[(summary['status'] == 'ok') & (summary['valid'] == False)]\n"
                   "invalid[['model', 'label', 'metric', 'n', 'cv', 'measured_s']]"),
 ])
@@ -63,37 +65,22 @@ regression = new_notebook(cells=[
                   "BASELINE = '../results/ci-baseline'\nCANDIDATE = '../results/ci-baseline'\n"
                   "METRICS = ['ttft_ms', 'tpot_ms', 'prefill_ms', 'e2e_ms']\nALPHA, FACTOR = 0.01, 1.10",
                   metadata={"tags": ["parameters"]}),
-    new_code_cell(SETUP + "\nfrom bench.analysis.compare import compare_runs, load_runs\n"
+    new_code_cell(SETUP + SHOW + "\nfrom bench.analysis import compare_figures\n"
+                  "from bench.analysis.compare import compare_runs, load_runs\n"
                   "base = load_runs(os.environ.get('BENCH_BASELINE', BASELINE))\n"
                   "cand = load_runs(os.environ.get('BENCH_CANDIDATE', CANDIDATE))\n"
                   "metrics = [m for m in METRICS if m in base.columns and m in cand.columns]\n"
                   "verdicts = pd.DataFrame(compare_runs(base, cand, metrics, ALPHA, FACTOR))\n"
                   "verdicts[['model', 'variant', 'engine', 'cache_state', 'metric', 'baseline_median', "
-                  "'candidate_median', 'ratio', 'p_value', 'status']]"),
+                  "'candidate_median', 'ratio', 'p_value', 'status']] if len(verdicts) else verdicts"),
     new_markdown_cell("## Ratios (candidate / baseline), coloured by verdict"),
-    new_code_cell("colour = {'regression': '#c44e52', 'improvement': '#55a868', 'unchanged': '#8c8c8c', "
-                  "'inconclusive': '#dd8452'}\n"
-                  "v = verdicts.assign(key=verdicts['variant'] + ' [' + verdicts['cache_state'] + '] ' + verdicts['metric'])\n"
-                  "fig, ax = plt.subplots(figsize=(9, 0.3 * len(v) + 1.5))\n"
-                  "ax.barh(v['key'], v['ratio'].fillna(1.0), color=[colour[s] for s in v['status']])\n"
-                  "ax.axvline(1.0, color='k', lw=0.8); ax.axvline(FACTOR, color='#c44e52', ls='--', lw=0.8)\n"
-                  "ax.axvline(1 / FACTOR, color='#55a868', ls='--', lw=0.8)\n"
-                  "ax.set_xlabel('candidate / baseline (Hodges-Lehmann); dashed: factor'); ax.invert_yaxis()\n"
-                  "plt.tight_layout(); plt.show()\n"
-                  "print('verdict:', 'regression' if (v['status'] == 'regression').any() else "
-                  "'inconclusive' if (v['status'] == 'inconclusive').any() else 'pass')"),
+    new_code_cell("show(compare_figures.fig_ratios(verdicts, FACTOR), 'no result in both directories')\n"
+                  "status = verdicts['status'] if len(verdicts) else pd.Series(dtype=str)\n"
+                  "print('verdict:', 'regression' if (status == 'regression').any() else "
+                  "'inconclusive' if (status == 'inconclusive').any() or status.empty else 'pass')"),
     new_markdown_cell("## Per-run samples side by side"),
     new_code_cell("for metric in metrics[:2]:\n"
-                  "    fig, ax = plt.subplots(figsize=(9, 3))\n"
-                  "    groups = sorted(set(base.groupby(['variant', 'cache_state']).groups) & "
-                  "set(cand.groupby(['variant', 'cache_state']).groups))\n"
-                  "    data, labels = [], []\n"
-                  "    for g in groups:\n"
-                  "        for name, df in (('base', base), ('cand', cand)):\n"
-                  "            sel = df[(df['variant'] == g[0]) & (df['cache_state'] == g[1])][metric].dropna()\n"
-                  "            data.append(sel.values); labels.append(f'{g[0]} [{g[1]}] {name}')\n"
-                  "    ax.boxplot(data, vert=False, tick_labels=labels); ax.set_xlabel(metric)\n"
-                  "    plt.tight_layout(); plt.show()"),
+                  "    show(compare_figures.fig_samples(base, cand, metric), f'{metric}: no result in both directories')"),
 ])
 
 for nb in (compare, regression):

@@ -7,6 +7,7 @@ from nbclient import NotebookClient
 
 from bench.cli import main, run_main
 from tests.conftest import ROOT
+from tests.synthetic_results import write_results
 
 
 @pytest.fixture(scope="module")
@@ -60,17 +61,19 @@ def test_compare_notebook_runs(tiny_results, sweep_results):
 
 
 def test_regression_notebook_runs(tiny_results, tmp_path):
-    other = tmp_path / "other"
-    assert run_main(["--preset", "tiny-llava", "--variants", "fp16,prefix", "--num-runs", "5", "--min-seconds", "0",
-                     "--max-new-tokens", "8", "--warmup", "1", "--no-fidelity", "--output-dir", str(other)]) == 0
+    # the candidate: results files of the same identity as the tiny run's fp16 and prefix
+    other = write_results(tmp_path / "other", [{"variant": "fp16"}, {"variant": "prefix", "cache_state": "cold"},
+                                               {"variant": "prefix", "cache_state": "warm"}])
     nb = execute("regression.ipynb", {"BENCH_BASELINE": str(tiny_results), "BENCH_CANDIDATE": str(other)})
     assert "verdict:" in outputs_text(nb)
+    images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert images == 3  # the ratios, and the samples of two metrics
 
 
 def test_static_report(tiny_results, tmp_path):
     out = tmp_path / "report"
     assert main(["report", str(tiny_results), "--out", str(out)]) == 0
-    for name in ("phases", "latency_ci", "fidelity", "cold_warm"):
+    for name in ("phases", "latency_ci", "memory", "fidelity", "cold_warm"):
         assert (out / f"{name}.png").stat().st_size > 10_000
     md = (out / "report.md").read_text()
     assert "Speed-up over fp16" in md and "| tiny-llava | fp16 |" in md and "skipped" in md
@@ -79,16 +82,16 @@ def test_static_report(tiny_results, tmp_path):
 
 
 def test_sweep_figures_follow_the_axes(sweep_results, tmp_path):
-    from bench.analysis import report
+    from bench.analysis import figures, sources
 
-    runs, summary = report.load([sweep_results])
-    t = report._sweep(summary, "batch_size", ["tpot_ms"])
+    runs, summary = sources.load([sweep_results])
+    t = figures._sweep(summary, "batch_size", ["tpot_ms"])
     # batch sweep: the question length held at the first point's (4 tokens), every batch size present
     assert set(t["question_tokens"]) == {4} and set(t["batch_size"]) == {1, 2, 4}
     assert set(t["label"]) == {"fp16", "prefix [cold]", "prefix [warm]"}
-    p = report._sweep(summary, "question_tokens", ["ttft_ms"])
+    p = figures._sweep(summary, "question_tokens", ["ttft_ms"])
     assert set(p["batch_size"]) == {1} and set(p["question_tokens"]) == {4, 24}
-    one = report.first_point(summary)
+    one = sources.first_point(summary)
     assert set(one[one["status"] == "ok"]["batch_size"]) == {1}
     out = tmp_path / "r"
     assert main(["report", str(sweep_results), "--out", str(out)]) == 0
