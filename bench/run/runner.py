@@ -276,7 +276,8 @@ class Benchmark:
                     status(f"{variant.name}: loading {variant.weights.name} weights")
                     loaded = variant.weights.load(self.source, self.device, self.dtype, options)
                     self._check_loaded_positions(loaded.adapter)
-                status(f"{variant.name}: fidelity probe, then measured runs")
+                probe = self.cfg.fidelity and not self.source.prequantized  # as _fidelity decides
+                status(f"{variant.name}: {'fidelity probe, then ' if probe else ''}measured runs")
                 fid = self._fidelity(variant, loaded)
                 self._measure_variant(variant, loaded, {**base, **fid})
                 continue
