@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.py") 
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        print_summary(bench.summary_rows(), out_dir, bench.source.weights)
+        print_summary(bench.summary_rows(), out_dir, bench.source.weights, wide=cfg.wide)
     except Exception as e:  # noqa: BLE001 - the rows are in runs.csv; the exit code still tells
         print(f"warning: no summary printed ({e.__class__.__name__}: {e})", file=sys.stderr)
     code = bench.exit_code()

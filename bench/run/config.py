@@ -76,6 +76,8 @@ class RunFields:
     resume: bool = opt("finish --output-dir's interrupted run (same run_id, same configuration): groups "
                        "already complete are not run again", False)
     seed: int = opt("seed for preset weights and sampling-free runs", 0)
+    wide: bool = opt("console summary with every column at the terminal's width (otherwise the key columns "
+                     "in 100 columns; the CSV files hold everything either way)", False)
 
 
 class RunConfigBase:
@@ -201,7 +203,7 @@ RunConfig = config_class()
 
 # Settings that say where and how results are written, not what is measured: left out of the
 # configuration fingerprint --resume compares.
-NOT_FINGERPRINTED = ("output_dir", "append", "resume")
+NOT_FINGERPRINTED = ("output_dir", "append", "resume", "wide")
 
 EXIT_CODES = """exit codes:
   0    every variant and point measured
