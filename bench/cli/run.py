@@ -12,6 +12,7 @@ from bench.cli.common import quiet_libraries
 
 
 def parser(prog: str = f"{PROG} run"):
+    quiet_libraries()
     from bench.run.config import build_parser
 
     return build_parser(prog=prog, description=describe("run")[:-1] + " (runs.csv, summary.csv, env.json).")
@@ -19,6 +20,7 @@ def parser(prog: str = f"{PROG} run"):
 
 def main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.py") -> int:
     """Run the benchmark; `prog` is the command it was called as (its --help and env.json's command)."""
+    quiet_libraries()  # before the run config imports the model libraries
     from bench.analysis.console import print_summary
     from bench.run.config import config_from_args
     from bench.errors import UsageError
@@ -26,7 +28,6 @@ def main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.py") 
     argv = sys.argv[1:] if argv is None else argv
     try:
         cfg = config_from_args(argv, parser(prog))
-        quiet_libraries()
         from bench.run.runner import Benchmark
 
         bench = Benchmark(cfg, shlex.join([*prog.split(), *argv]))

@@ -20,14 +20,12 @@ def parser() -> ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    import dataclasses
     from pathlib import Path
 
     from bench.analysis.inputs import BadInput, check_results_csv, read_env_config
     from bench.errors import UsageError
-    from bench.run.config import config_class
     from bench.measure.results import read_runs, write_summary
-    from bench.run.runner import summarize_runs
+    from bench.run.summary import ValidityRule, summarize_runs
 
     out = Path(args.results_dir)
     try:
@@ -36,12 +34,13 @@ def main(argv: list[str]) -> int:
             raise BadInput(f"{out} is not a results directory: no {' or '.join(missing)}")
         saved = read_env_config(out / "env.json")
         check_results_csv(out / "runs.csv", "runs")
-        RunConfig = config_class()
-        known = {f.name for f in dataclasses.fields(RunConfig)}
-        # Options another version of the harness had (added or since removed) do not affect summaries.
+        # The summary reads three of the run's settings; the rest (whichever version of the
+        # harness wrote them) do not affect it.
         try:
-            cfg = RunConfig(**{k: v for k, v in saved.items() if k in known})
-        except (UsageError, TypeError, ValueError) as e:
+            rule = ValidityRule(*(saved[k] for k in ("num_runs", "min_seconds", "max_cv")))
+        except KeyError as e:
+            raise BadInput(f"{out / 'env.json'}: its run config is not valid here (no {e.args[0]})") from None
+        except UsageError as e:
             raise BadInput(f"{out / 'env.json'}: its run config is not valid here ({e})") from None
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
@@ -50,6 +49,6 @@ def main(argv: list[str]) -> int:
     rows = read_runs(out / "runs.csv")
     if args.pool_runs:  # one summary per result across every run of the directory (run_id left empty)
         rows = [{**r, "run_id": ""} for r in rows]
-    path = write_summary(out, summarize_runs(rows, cfg))
+    path = write_summary(out, summarize_runs(rows, rule))
     print(f"wrote {path} from {len(rows)} runs")
     return 0

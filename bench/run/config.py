@@ -8,12 +8,12 @@ RunConfig is the composition for the package's own parts.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 from bench.engines import attention_kernels
 from bench.errors import ArgumentParser, UsageError
+from bench.run.summary import ValidityRule
 from bench.run.workload import LOADERS, VIDEO_MODES, int_list, name_list, workload_points
 from variants.options import flag_fields, opt, options_from, run_facts
 
@@ -113,10 +113,7 @@ class RunConfigBase:
                              "(InternVL's processors use up to 12; 40 at most)")
         if self.num_frames > MAX_FRAMES:
             raise UsageError(f"--num-frames {self.num_frames}: at most {MAX_FRAMES} (0: every frame)")
-        if not (math.isfinite(self.max_cv) and self.max_cv > 0):
-            raise UsageError(f"--max-cv must be a positive number (e.g. 0.10), got {self.max_cv}")
-        if not math.isfinite(self.min_seconds):
-            raise UsageError(f"--min-seconds must be a finite number, got {self.min_seconds}")
+        ValidityRule(self.num_runs, self.min_seconds, self.max_cv)  # --max-cv, --min-seconds: as summaries check them
         attention_kernels.check(self.attention_kernels)
         if self.video_mode not in VIDEO_MODES:
             raise UsageError(f"unknown --video-mode {self.video_mode!r}; choose {' or '.join(VIDEO_MODES)}")

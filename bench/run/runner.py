@@ -22,13 +22,12 @@ from bench.log import status
 from bench.errors import UsageError, VariantUnsupported
 from bench.run.monitors import GpuMonitor
 from bench.measure.metrics import request_metrics
-from bench.measure.schema import SUMMARY_KEY, SUMMARY_METRICS, result_key
 from bench.run.limits import check_sizes, loaded_max_pos, model_dims
 from bench.run.questions import load_questions, warmup_questions
+from bench.run.summary import summarize_runs
 from bench.measure.results import (DirLock, check_output_dir, new_run_id, read_runs, run_writer, utc_now,
                                    write_json, write_summary)
 from bench.models.source import ModelSource
-from bench.measure.stats import is_valid, summarize
 from bench.models.visual import load_image
 from bench.run.workload import RequestSource, question_of_length
 from variants import baseline_variant, parse_variant
@@ -520,31 +519,3 @@ GPU_PHASES = ("restore", "vision", "prefill", "store", "decode")  # timed with C
 def _reason(e: BaseException) -> str:
     """A failed row's error cell: the exception's class and message, one line, at most 500 chars."""
     return " ".join(f"{e.__class__.__name__}: {e}".split())[:500]
-
-
-def summarize_runs(rows: list[dict], cfg: RunConfig) -> list[dict]:
-    """Per result (bench.measure.schema.SUMMARY_KEY: its identity, workload point and run id): one
-    row per metric; skipped/failed variants get one row saying so. Rows that differ in any key
-    column (cold and warm runs, dtypes, devices, invocations...) are never pooled."""
-    out: list[dict] = []
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r.get("status") != "ok":
-            out.append({**dict(zip(SUMMARY_KEY, result_key(r, SUMMARY_KEY))), "status": r["status"],
-                        "error": r.get("error")})
-            continue
-        if r.get("kind") == "measured":
-            groups.setdefault(result_key(r, SUMMARY_KEY), []).append(r)
-    for key, runs in groups.items():
-        measured_s = sum(r["e2e_ms"] for r in runs) / 1e3
-        for metric in SUMMARY_METRICS:
-            values = [r.get(metric) for r in runs if r.get(metric) is not None]
-            if not values:
-                continue
-            s = summarize(values)
-            if s["n"] == 0:
-                continue
-            out.append({**dict(zip(SUMMARY_KEY, key)), "status": "ok", "metric": metric, **s,
-                        "measured_s": measured_s,
-                        "valid": is_valid(s, cfg.num_runs, measured_s, cfg.min_seconds, cfg.max_cv)})
-    return out
