@@ -3,10 +3,11 @@ each with a main(argv) -> exit code; `python vila_prefix_benchmark.py FLAGS` is 
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from dataclasses import dataclass
+
+from bench.errors import ArgumentParser, UsageError
 
 PROG = "vlm-bench"
 
@@ -56,12 +57,10 @@ def version() -> str:
             return "unknown"
 
 
-def parser() -> argparse.ArgumentParser:
+def parser() -> ArgumentParser:
     """The top-level parser: its help and --version (each command parses its own flags)."""
     width = max(map(len, COMMANDS)) + 2
     commands = "\n".join(f"  {name:<{width}}{command.help}" for name, command in COMMANDS.items())
-    from bench.errors import ArgumentParser
-
     ap = ArgumentParser(
         prog=PROG, usage=f"{PROG} [-h] [--version] COMMAND ...",
         description="Measure what prefix KV-cache reuse, bitsandbytes 8/4-bit and AWQ int4 save (and cost in\n"
@@ -91,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     if name == "run":
         return run_main(argv[1:], prog=f"{PROG} run")
     if name in COMMANDS:
-        from bench.errors import UsageError
-
         try:
             return importlib.import_module(f"bench.cli.{COMMANDS[name].module}").main(argv[1:])
         except UsageError as e:
