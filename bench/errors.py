@@ -1,18 +1,36 @@
 """Errors a user can act on: the CLI prints one line and exits with code 2."""
 import argparse
+import textwrap
 
 
 class UsageError(Exception):
     """Bad input from the user (missing image, bad model dir, unknown choice)."""
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser whose errors (an unknown flag, a value of the wrong type) are one line on
-    stderr and exit code 2, as every other usage error, instead of the whole usage text."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
 class VariantUnsupported(Exception):
     """This variant cannot run here (device, kernel capture): a skipped row with the reason."""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps at spaces only (names such as graph-exact or bnb4-fp4 stay whole); a description or
+    epilog written with line breaks is printed as written."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad command line raised as a UsageError (one line, exit 2) instead of a
+    usage block; --help and --version print and exit 0 as usual."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(f"{message} ({self.prog} --help lists the flags)")

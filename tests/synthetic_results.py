@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bench.measure.results import run_writer, write_json, write_summary
 from bench.run.config import RunConfig
-from bench.run.runner import summarize_runs
+from bench.run.summary import summarize_runs
 
 DEFAULTS = {"model": "tiny-llava", "family": "llava", "weights": "random", "variant": "fp16", "engine": "hf",
             "device": "cpu", "dtype": "float32", "cache_state": "none", "batch_size": 1, "question_tokens": None,

@@ -29,8 +29,9 @@ def test_seed_command_line(tiny_vila_dir, tmp_path, capsys):
                    "--text-prompt", "What is in the picture?", "--conv-mode", "vicuna_v1",
                    "--max-new-tokens", "12", "--min-seconds", "0", "--output-dir", str(out)])
     assert rc == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
     assert "weights=random" in printed and "runs.csv" in printed
+    assert "fp16: fidelity probe, then measured runs" in err
     with open(out / "runs.csv", newline="") as f:
         header = next(csv.reader(f))
     assert header == list(RUN_COLUMNS)
@@ -196,7 +197,8 @@ def test_ctrl_c_keeps_finished_rows(tmp_path, monkeypatch, capsys):
     assert rc == 130
     rows = read_rows(out / "runs.csv")
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
-    assert "interrupted" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "measured runs" in err and "fidelity" not in err  # --no-fidelity
 
 
 def test_results_readme_is_generated_from_metrics():

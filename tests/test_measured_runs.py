@@ -4,7 +4,6 @@ the host's threads and garbage collection, and where images are processed."""
 import csv
 import gc
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from bench.measure import compile_events
 from bench.models.loader import build_preset
 from bench.run import host
 from bench.run.preprocess import place_preprocessing
-from bench.run.runner import summarize_runs
+from bench.run.summary import ValidityRule, summarize_runs
 
 BASE = ["--preset", "tiny-vila", "--device", "cpu", "--num-runs", "4", "--min-seconds", "0", "--max-new-tokens", "4",
         "--warmup", "1", "--no-fidelity", "--text-prompt", "What is here?"]
@@ -70,7 +69,7 @@ def _group(cv_phase_ms: list[float], n=6):
 
 
 def test_an_invalid_summary_says_why_and_names_its_noisiest_phase():
-    cfg = SimpleNamespace(num_runs=10, min_seconds=1.0, max_cv=0.10)
+    cfg = ValidityRule(num_runs=10, min_seconds=1.0, max_cv=0.10)
     summary = summarize_runs(_group([2.0, 30.0]), cfg)
     by_metric = {s["metric"]: s for s in summary}
     ttft = by_metric["ttft_ms"]
@@ -79,7 +78,7 @@ def test_an_invalid_summary_says_why_and_names_its_noisiest_phase():
     assert "cv " in ttft["invalid_reason"] and "noisiest phase preprocess_ms" in ttft["invalid_reason"]
     tpot = by_metric["tpot_ms"]  # steady, but too few runs
     assert tpot["invalid_reason"] == "6 runs < --num-runs 10"
-    cfg = SimpleNamespace(num_runs=6, min_seconds=1.0, max_cv=0.10)
+    cfg = ValidityRule(num_runs=6, min_seconds=1.0, max_cv=0.10)
     assert {s["metric"]: s for s in summarize_runs(_group([2.0, 2.0]), cfg)}["ttft_ms"]["invalid_reason"] == ""
 
 

@@ -184,7 +184,7 @@ def test_compare_pools_one_sides_invocations_but_summaries_do_not(tmp_path):
     from types import SimpleNamespace
 
     from bench.analysis.compare import compare_runs, load_runs
-    from bench.run.runner import summarize_runs
+    from bench.run.summary import summarize_runs
 
     write_identity_runs(tmp_path / "a" / "runs.csv", [({"run_id": "r1"}, 100), ({"run_id": "r2"}, 100)])
     write_identity_runs(tmp_path / "b" / "runs.csv", [({"run_id": "r3"}, 100)])

@@ -70,7 +70,8 @@ def parse_variant(spec: str) -> Variant:
         raise UsageError("empty variant spec")
     for name in names:
         if name not in parts:
-            raise UsageError(f"unknown variant part {name!r} in {spec!r}; choose from: {', '.join(parts)}")
+            kinds = "; ".join(f"{kind} {', '.join(n for n, p in parts.items() if p.kind == kind)}" for kind in KINDS)
+            raise UsageError(f"unknown variant part {name!r} in {spec!r}; parts: {kinds} (vlm-bench list)")
         part = parts[name]
         if part.kind in chosen:
             raise UsageError(f"variant {spec!r} has two {part.kind} parts: {chosen[part.kind].name} and {name}")

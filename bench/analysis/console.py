@@ -1,19 +1,32 @@
-"""Console output: the readable end-of-run table (rich). Progress lines: bench.log."""
+"""Console output: the readable end-of-run table (rich). Progress lines: bench.log.
+
+By default the table fits NARROW columns (or a narrower terminal): the identity columns stay
+whole and metrics are left out, least important first, until it fits; `wide` shows every metric.
+The CSV files hold everything either way.
+"""
 from __future__ import annotations
 
 import math
 
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from bench.measure.schema import RESULT_KEY, WORKLOAD_KEYS, point_label, title
 
-# Metrics shown (their titles: bench.measure.schema); a sweep adds SWEEP_SHOWN.
-SHOWN = [(m, title(m)) for m in ("ttft_ms", "prefill_ms", "vision_ms", "tpot_ms", "decode_tok_s", "e2e_ms",
-                                 "peak_alloc_mb", "weight_mb", "token_agree", "kl_mean", "engine_kl_mean")]
-SWEEP_SHOWN = [(m, title(m)) for m in ("requests_per_s", "output_tok_s")]
+NARROW = 100
+# Metrics shown with `wide`, in this order; a sweep adds SWEEP_SHOWN.
+SHOWN = ["ttft_ms", "prefill_ms", "vision_ms", "tpot_ms", "decode_tok_s", "e2e_ms", "peak_alloc_mb", "weight_mb",
+         "token_agree", "kl_mean", "engine_kl_mean"]
+SWEEP_SHOWN = ["requests_per_s", "output_tok_s"]
+# The narrow table keeps the first metrics of this list that fit (shown in SHOWN's order).
+PRIORITY = ["ttft_ms", "tpot_ms", "token_agree", "e2e_ms", "decode_tok_s", "requests_per_s", "peak_alloc_mb",
+            "prefill_ms", "vision_ms", "output_tok_s", "kl_mean", "weight_mb", "engine_kl_mean"]
 # A row of the table per result: its identity (the workload point as one label) and its status.
 _IDENTITY = [k for k in RESULT_KEY if k not in WORKLOAD_KEYS]
+_SHARED = ("model", "device")  # in the title when every row has the same one, else columns
+_STATUS_ORDER = {"ok": 0, "skipped": 1}  # then failed (and anything else)
 
 
 def _fmt(v) -> str:
@@ -24,40 +37,96 @@ def _fmt(v) -> str:
     return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 1000 else f"{v:.0f}"
 
 
-def print_summary(summary: list[dict], out_dir, weights: str, console: Console | None = None) -> None:
-    console = console or Console(width=None if Console().is_terminal else 160)
-    points = {point_label(r) for r in summary if r.get("status") == "ok"}
-    sweep = len(points) > 1
-    shown = SHOWN + (SWEEP_SHOWN if sweep else [])
-    table = Table(title=f"median per run  (weights={weights})", show_lines=False)
-    for col in ("variant", "engine", "cache") + (("point",) if sweep else ()) + ("n",):
-        table.add_column(col)
-    for _, heading in shown:
-        table.add_column(heading, justify="right")
-    table.add_column("valid")
+def _results(summary: list[dict]) -> list[tuple[dict, str, str, str | None, dict]]:
+    """(identity, point label, status, error, metric -> summary row) per result: ok results first,
+    then skipped, then failed, each in the order they ran."""
     keyed: dict[tuple, dict] = {}
     for r in summary:
-        key = (*(r.get(k) for k in _IDENTITY), point_label(r) if r["status"] == "ok" else "", r.get("run_id"),
-               r["status"], r.get("error"))
+        ok = r.get("status") == "ok"
+        key = (*(r.get(k) for k in _IDENTITY), point_label(r) if ok else "", r.get("run_id"), r.get("status"),
+               r.get("error"))
         keyed.setdefault(key, {})[r.get("metric")] = r
-    notes = []
-    for key, metrics in keyed.items():
-        ident = dict(zip(_IDENTITY, key))
-        variant, engine, state = ident["variant"], ident["engine"], ident["cache_state"]
-        pt, status, error = key[-4], key[-2], key[-1]
-        where = (pt,) if sweep else ()
+    out = [(dict(zip(_IDENTITY, key)), key[-4], key[-2], key[-1], metrics) for key, metrics in keyed.items()]
+    return sorted(out, key=lambda result: _STATUS_ORDER.get(result[2], 2))
+
+
+def _sweep(results) -> bool:
+    return len({point for _, point, status, _, _ in results if status == "ok"}) > 1
+
+
+def all_metrics(summary: list[dict]) -> list[str]:
+    """The metric columns of the wide table: SHOWN, and SWEEP_SHOWN for a sweep."""
+    return SHOWN + (SWEEP_SHOWN if _sweep(_results(summary)) else [])
+
+
+def summary_table(summary: list[dict], weights: str, metrics: list[str] | None = None) -> Table:
+    """The table of `summary` (summary.csv rows) with these metric columns (default: all_metrics)."""
+    results = _results(summary)
+    sweep = _sweep(results)
+    metrics = all_metrics(summary) if metrics is None else metrics
+    shared = {k: {ident[k] for ident, *_ in results} for k in _SHARED}
+    in_title = [k for k in _SHARED if len(shared[k]) == 1 and next(iter(shared[k]))]
+    heading = ", ".join(f"{k} {next(iter(shared[k]))}" for k in in_title)
+    table = Table(title=f"median per run: {heading + ', ' if heading else ''}weights={weights}", box=box.SIMPLE_HEAD,
+                  show_edge=False, padding=(0, 1, 0, 0), title_justify="left")  # two spaces between columns
+    identity = [k for k in _SHARED if k not in in_title] + ["variant", "engine", "dtype", "cache_state"]
+    for k in identity:
+        table.add_column("cache" if k == "cache_state" else k, no_wrap=True)
+    if sweep:
+        table.add_column("point", no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True)
+    for m in metrics:
+        table.add_column(title(m).replace(" ", "\n", 1), justify="right", no_wrap=True)
+    table.add_column("valid", no_wrap=True)
+    for ident, point, status, _, values in results:
+        cells = [str(ident[k] or "") for k in identity] + ([point if status == "ok" else ""] if sweep else [])
         if status != "ok":
-            table.add_row(variant, engine or "", "", *where, "0", *["-"] * len(shown), f"[yellow]{status}[/]")
-            notes.append(f"[yellow]{variant}: {status}[/]: {error}")
+            table.add_row(*cells, "0", *["-"] * len(metrics), f"[yellow]{status}[/]")
             continue
-        n = max(m.get("n", 0) for m in metrics.values())
-        valid = all(m.get("valid") for k, m in metrics.items() if k in ("e2e_ms", "ttft_ms"))
-        table.add_row(variant, engine, state, *where, str(n),
-                      *[_fmt(metrics.get(k, {}).get("median")) for k, _ in shown],
+        n = max(m.get("n", 0) for m in values.values())
+        valid = all(m.get("valid") for k, m in values.items() if k in ("e2e_ms", "ttft_ms"))
+        table.add_row(*cells, str(n), *[_fmt(values.get(k, {}).get("median")) for k in metrics],
                       "yes" if valid else "[red]no[/]")
+    return table
+
+
+def _width(console: Console, table: Table) -> int:
+    return Measurement.get(console, console.options.update(width=10_000), table).maximum
+
+
+def fitted_table(summary: list[dict], weights: str, console: Console, width: int) -> tuple[Table, list[str]]:
+    """The table with the most important metrics that fit `width` columns, and the measured metrics
+    left out (a metric no result measured, e.g. token agree with --no-fidelity, is left out silently)."""
+    measured = {r.get("metric") for r in summary if r.get("status") == "ok" and _fmt(r.get("median")) != "-"}
+    shown = [m for m in all_metrics(summary) if m in measured]
+    for k in range(len(shown), 0, -1):
+        keep = set(sorted(shown, key=PRIORITY.index)[:k])
+        metrics = [m for m in shown if m in keep]
+        table = summary_table(summary, weights, metrics)
+        if _width(console, table) <= width:
+            return table, [m for m in shown if m not in keep]
+    return summary_table(summary, weights, []), shown
+
+
+def print_summary(summary: list[dict], out_dir, weights: str, console: Console | None = None,
+                  wide: bool = False) -> None:
+    """Print the end-of-run table, the reasons of skipped/failed results and where the files are."""
+    if console is None:
+        terminal = Console()
+        width = terminal.width if terminal.is_terminal else None
+        console = Console(width=width if wide else min(width or NARROW, NARROW))
+        if wide and width is None:  # not a terminal: as wide as the table
+            console = Console(width=max(NARROW, _width(console, summary_table(summary, weights))))
+    if wide:
+        table, hidden = summary_table(summary, weights), []
+    else:
+        table, hidden = fitted_table(summary, weights, console, console.width)
     console.print(table)
-    for note in notes:
-        console.print(note)
+    if hidden:
+        console.print(f"not shown here: {', '.join(title(m) for m in hidden)} (--wide, or summary.csv)")
+    for ident, _, status, error, _ in _results(summary):
+        if status != "ok":
+            console.print(f"[yellow]{ident['variant']} ({ident['engine']}): {status}[/]: {error}")
     if weights == "random":
         console.print("[bold]weights=random[/]: timings are real (shapes decide time); generated text is meaningless, "
                       "and token agree / KL measure numeric fidelity only.")

@@ -1,23 +1,101 @@
-"""Command line: `vlm-bench SUBCOMMAND ...` (= `python -m bench ...`); with no subcommand it runs
-the benchmark (`python vila_prefix_benchmark.py ...`). One module per subcommand."""
+"""Command line: `vlm-bench COMMAND ...` (= `python -m bench COMMAND ...`). One module per command,
+each with a main(argv) -> exit code; `python vila_prefix_benchmark.py FLAGS` is `vlm-bench run FLAGS`.
+"""
 from __future__ import annotations
 
 import importlib
 import sys
+from dataclasses import dataclass
 
-# subcommand -> module in bench.cli with a main(argv) -> exit code
-COMMANDS = {"run": "run", "summarize": "summarize", "compare": "compare", "report": "report", "docs": "docs",
-            "make-checkpoint": "make_checkpoint", "ci-bench": "ci_bench"}
+from bench.errors import ArgumentParser, UsageError
+
+PROG = "vlm-bench"
 
 
-def run_main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class Command:
+    module: str  # in bench.cli, with main(argv) -> exit code
+    help: str  # one line: the listing's and the command's own --help description
+
+
+COMMANDS: dict[str, Command] = {
+    "run": Command("run", "measure variants of a model; write a results directory"),
+    "list": Command("listing", "list the presets, variant parts, engines and templates"),
+    "summarize": Command("summarize", "rebuild summary.csv from a results directory's runs.csv"),
+    "compare": Command("compare", "regression verdict between two results (the gate)"),
+    "report": Command("report", "figures and report.md from results directories"),
+    "make-checkpoint": Command("make_checkpoint", "write a preset (random weights) as a real checkpoint"),
+    "ci-bench": Command("ci_bench", "run the tiny CPU benchmark that the CI gate compares"),
+    "docs": Command("docs", "regenerate results/README.md from the metric table"),
+}
+
+
+def describe(name: str) -> str:
+    """Command `name`'s --help description: its line in the listing, as a sentence."""
+    line = COMMANDS[name].help
+    return line[0].upper() + line[1:] + "."
+
+
+def version() -> str:
+    """The installed package's version; from pyproject.toml when run from a source tree."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("vlm-bench")
+    except PackageNotFoundError:
+        from pathlib import Path
+
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            return "unknown"
+        pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+        try:
+            return tomllib.loads(pyproject.read_text())["project"]["version"]
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
+
+
+def parser() -> ArgumentParser:
+    """The top-level parser: its help and --version (each command parses its own flags)."""
+    width = max(map(len, COMMANDS)) + 2
+    commands = "\n".join(f"  {name:<{width}}{command.help}" for name, command in COMMANDS.items())
+    ap = ArgumentParser(
+        prog=PROG, usage=f"{PROG} [-h] [--version] COMMAND ...",
+        description="Measure what prefix KV-cache reuse, bitsandbytes 8/4-bit and AWQ int4 save (and cost in\n"
+                    "answer quality) on a vision-language model.",
+        epilog=f"commands:\n{commands}\n\n"
+               f"`{PROG} COMMAND --help` shows a command's flags. Flags without a command run `run`:\n"
+               f"`{PROG} --num-runs 3 ...` = `{PROG} run --num-runs 3 ...`\n"
+               "                         = `python vila_prefix_benchmark.py --num-runs 3 ...`.")
+    ap.add_argument("--version", action="version", version=f"{PROG} {version()}")
+    return ap
+
+
+def run_main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.py") -> int:
     from bench.cli.run import main as run
 
-    return run(argv)
+    return run(argv, prog=prog)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in COMMANDS:
-        return importlib.import_module(f"bench.cli.{COMMANDS[argv[0]]}").main(argv[1:])
-    return run_main(argv)
+    if not argv or argv[0] in ("-h", "--help", "--version"):
+        try:
+            parser().parse_args(argv[:1] or ["--help"])
+        except SystemExit as e:
+            return int(e.code or 0)
+    name = argv[0]
+    if name == "run":
+        return run_main(argv[1:], prog=f"{PROG} run")
+    if name in COMMANDS:
+        try:
+            return importlib.import_module(f"bench.cli.{COMMANDS[name].module}").main(argv[1:])
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if name.startswith("-"):  # the benchmark's flags without a command: `run`, as the seed script took them
+        return run_main(argv, prog=f"{PROG} run")
+    print(f"error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)} ({PROG} --help)", file=sys.stderr)
+    return 2

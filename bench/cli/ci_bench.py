@@ -1,8 +1,11 @@
 """`vlm-bench ci-bench DIR`: the tiny CPU benchmark our own CI gates on, and its gate settings (one place)."""
 from __future__ import annotations
 
-import sys
+import shlex
+import textwrap
 
+from bench.cli import PROG, describe
+from bench.errors import ArgumentParser
 
 # One CPU thread and --calibrate: every request is timed next to a fixed reference workload
 # (bench.measure.calibration) and the gate compares the ratios, so another process on the
@@ -18,12 +21,22 @@ CI_GATE_FACTOR = 1.25  # beside a CPU burner A/A pairs measured up to 1.17; the 
 BASELINE_DIR = "results/ci-baseline"
 
 
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(
+        prog=f"{PROG} ci-bench",
+        description=f"{describe('ci-bench')[:-1]}, the same as:\n  {PROG} run {shlex.join(CI_BENCH_ARGS)} "
+                    "--append --output-dir OUTPUT_DIR",
+        epilog=textwrap.fill(f"The gate compares {CI_GATE_METRICS} with {BASELINE_DIR} and flags slowdowns "
+                             f"larger than x{CI_GATE_FACTOR}. Running it twice into one new directory makes a "
+                             "baseline.", 79))
+    ap.add_argument("output_dir", metavar="OUTPUT_DIR", help="results directory (new, or one written by ci-bench: "
+                                                             "the run is appended)")
+    return ap
+
+
 def main(argv: list[str]) -> int:
     """Run the tiny CPU benchmark CI gates on (settings above)."""
+    args = parser().parse_args(argv)
     from bench.cli.run import main as run_main
 
-    if len(argv) != 1:
-        print("usage: python -m bench ci-bench OUTPUT_DIR", file=sys.stderr)
-        return 2
-    # --append: a baseline is refreshed by running this twice into one directory (README)
-    return run_main([*CI_BENCH_ARGS, "--append", "--output-dir", argv[0]])
+    return run_main([*CI_BENCH_ARGS, "--append", "--output-dir", args.output_dir], prog=f"{PROG} run")

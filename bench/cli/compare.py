@@ -1,35 +1,48 @@
-"""`vlm-bench compare BASELINE CANDIDATE`: per result identity (model, family, weights, variant,
-engine, device, dtype, cache_state, workload point: bench.measure.schema.RESULT_KEY) and metric,
-compare the measured runs of two results (runs.csv files or results directories).
-
-Exit codes: 0 no regression, 1 at least one regression, 2 bad input (missing file, mismatched
-schema, nothing in common, or too few samples: inconclusive is never a pass).
-"""
+"""`vlm-bench compare BASELINE CANDIDATE`: the regression verdict between two results."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 from pandas.api.types import is_numeric_dtype
 
-from bench.analysis.inputs import check_out_file
+from bench.cli import PROG, describe
 from bench.errors import ArgumentParser
+from bench.analysis.inputs import check_out_file
 from bench.analysis.compare import DEFAULT_METRICS, BadInput, compare_runs, load_runs, print_table
+
+_DETAILS = """\
+Per result identity (model, family, weights, variant, engine, device, dtype, cache_state,
+workload point: bench.measure.schema.RESULT_KEY) and metric, compare the measured runs of two
+results (runs.csv files or results directories): a change is flagged when it is significant
+(one-sided Mann-Whitney U at --alpha) and larger than --factor.
+
+exit codes:
+  0  no regression
+  1  at least one regression
+  2  bad input (missing file, mismatched schema, nothing in common) or inconclusive (too few
+     samples): inconclusive is never a pass"""
+
+
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(prog=f"{PROG} compare", description=describe("compare") + "\n\n" + _DETAILS)
+    ap.add_argument("baseline", help="runs.csv, or a results directory holding one")
+    ap.add_argument("candidate", help="runs.csv, or a results directory holding one")
+    ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                    help=f"comma list of runs.csv columns (default: {','.join(DEFAULT_METRICS)})")
+    ap.add_argument("--alpha", type=float, default=0.01,
+                    help="one-sided Mann-Whitney U significance level (default: 0.01)")
+    ap.add_argument("--factor", type=float, default=1.10,
+                    help="flag only changes larger than this ratio (default: 1.10)")
+    ap.add_argument("--min-samples", type=int, default=5,
+                    help="fewer measured runs on a side is inconclusive (default: 5)")
+    ap.add_argument("--json", dest="json_path", help="also write the verdicts here as JSON (default: none)")
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = ArgumentParser(prog="python -m bench compare", description=__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("baseline")
-    ap.add_argument("candidate")
-    ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma list of runs.csv columns")
-    ap.add_argument("--alpha", type=float, default=0.01, help="one-sided Mann-Whitney U significance level")
-    ap.add_argument("--factor", type=float, default=1.10, help="flag only changes larger than this ratio")
-    ap.add_argument("--min-samples", type=int, default=5, help="fewer measured runs on a side is inconclusive")
-    ap.add_argument("--json", dest="json_path", help="write the verdicts here as JSON")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         if args.json_path:
             check_out_file(args.json_path, "--json")

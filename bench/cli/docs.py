@@ -1,26 +1,33 @@
-"""`vlm-bench docs [OUT]`: regenerate results/README.md from the metric table."""
+"""`vlm-bench docs [PATH]`: regenerate results/README.md from the metric table."""
 from __future__ import annotations
 
 import sys
 
+from bench.cli import PROG, describe
+from bench.errors import ArgumentParser
+
+DEFAULT_PATH = "results/README.md"
+
+
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(prog=f"{PROG} docs", description=describe("docs"))
+    ap.add_argument("path", nargs="?", default=DEFAULT_PATH, help=f"the file written (default: {DEFAULT_PATH})")
+    return ap
+
 
 def main(argv: list[str]) -> int:
-    """Regenerate results/README.md's column tables from bench.measure.schema."""
+    args = parser().parse_args(argv)
     from bench.analysis.docs import write_results_readme
     from bench.analysis.inputs import BadInput, check_out_file
-    from bench.errors import ArgumentParser
 
-    ap = ArgumentParser(prog="python -m bench docs", description=__doc__)
-    ap.add_argument("out", nargs="?", default="results/README.md", help="the file to write [default: %(default)s]")
-    args = ap.parse_args(argv)
     try:
-        check_out_file(args.out, "python -m bench docs")
-        path = write_results_readme(args.out)
+        check_out_file(args.path, f"{PROG} docs")
+        path = write_results_readme(args.path)
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"error: python -m bench docs {args.out}: cannot write it ({e.strerror or e})", file=sys.stderr)
+        print(f"error: {PROG} docs {args.path}: cannot write it ({e.strerror or e})", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0

@@ -1,23 +1,35 @@
 """`vlm-bench make-checkpoint`: write a preset to disk in its family's real layout."""
 from __future__ import annotations
 
-from bench.errors import ArgumentParser
 import sys
 
+from bench.cli import PROG, describe
 from bench.cli.common import quiet_libraries
+from bench.errors import ArgumentParser
+
+
+def parser() -> ArgumentParser:
+    quiet_libraries()  # before the model modules are imported (torchao's load messages)
+    from bench.models.presets import PRESETS
+    from bench.models.registry import layouts
+
+    p = ArgumentParser(prog=f"{PROG} make-checkpoint",
+                       description=f"{describe('make-checkpoint')[:-1]}: {layouts()}. The directory is a "
+                                   "--model-path for `run`.")
+    p.add_argument("--preset", required=True,
+                   help=f"the architecture written (required); one of: {', '.join(PRESETS)}")
+    p.add_argument("--out", required=True, help="a new or empty directory (required)")
+    p.add_argument("--device", default="cpu", help="where the weights are made: cuda, cuda:N, cpu or auto "
+                                                   "(default: cpu)")
+    p.add_argument("--dtype", default="float16", help="float16, bfloat16 or float32 (default: float16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    return p
 
 
 def main(argv: list[str]) -> int:
-    """Write a preset (random weights) to disk in its family's real layout."""
     from bench.errors import UsageError
 
-    p = ArgumentParser(prog="python -m bench make-checkpoint")
-    p.add_argument("--preset", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float16")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     quiet_libraries()
     import shutil
     from pathlib import Path

@@ -1,6 +1,6 @@
 """Figures and a Markdown summary (report.md) from results directories, without Jupyter.
 
-    python -m bench report RESULTS_DIR [RESULTS_DIR ...] --out DIR
+    vlm-bench report RESULTS_DIR [RESULTS_DIR ...] --out DIR
 
 The comparison notebook calls the same functions (bench.analysis.report), so the notebook and the
 static report always show the same thing. Skipped/failed variants and invalid summaries are shown
@@ -8,22 +8,26 @@ as such.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from bench.analysis.inputs import BadInput, read_text
+from bench.cli import PROG, describe
 from bench.errors import ArgumentParser
+from bench.analysis.inputs import BadInput, read_text
 from bench.analysis.report import END, START, embed_in_readme, write_report
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = ArgumentParser(prog="python -m bench report", description=__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(prog=f"{PROG} report", description=describe("report") + "\n\n" + __doc__.split("\n\n", 1)[1])
     ap.add_argument("dirs", nargs="+", help="results directories (with runs.csv and summary.csv)")
-    ap.add_argument("--out", required=True, help="where report.md and the PNG figures go")
-    ap.add_argument("--readme", help="also replace the block between the report markers in this Markdown file")
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", required=True, help="where report.md and the PNG figures go (required)")
+    ap.add_argument("--readme", help="also replace the block between the report markers in this Markdown file "
+                                         "(default: none)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         if args.readme:
             readme = read_text(Path(args.readme), "a Markdown file")

@@ -7,21 +7,30 @@ from __future__ import annotations
 import shlex
 import sys
 
+from bench.cli import PROG, describe
 from bench.cli.common import quiet_libraries
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser(prog: str = f"{PROG} run"):
+    quiet_libraries()
+    from bench.run.config import build_parser
+
+    return build_parser(prog=prog, description=describe("run")[:-1] + " (runs.csv, summary.csv, env.json).")
+
+
+def main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.py") -> int:
+    """Run the benchmark; `prog` is the command it was called as (its --help and env.json's command)."""
+    quiet_libraries()  # before the run config imports the model libraries
     from bench.analysis.console import print_summary
     from bench.run.config import config_from_args
     from bench.errors import UsageError
 
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = config_from_args(argv)
-        quiet_libraries()
+        cfg = config_from_args(argv, parser(prog))
         from bench.run.runner import Benchmark
 
-        argv = sys.argv[1:] if argv is None else argv
-        bench = Benchmark(cfg, shlex.join(["vila_prefix_benchmark.py", *argv]))
+        bench = Benchmark(cfg, shlex.join([*prog.split(), *argv]))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -34,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        print_summary(bench.summary_rows(), out_dir, bench.source.weights)
+        print_summary(bench.summary_rows(), out_dir, bench.source.weights, wide=cfg.wide)
     except Exception as e:  # noqa: BLE001 - the rows are in runs.csv; the exit code still tells
         print(f"warning: no summary printed ({e.__class__.__name__}: {e})", file=sys.stderr)
     code = bench.exit_code()

@@ -3,43 +3,52 @@ from __future__ import annotations
 
 import sys
 
+from bench.cli import PROG, describe
+from bench.errors import ArgumentParser
+
+
+def parser() -> ArgumentParser:
+    ap = ArgumentParser(prog=f"{PROG} summarize",
+                        description=describe("summarize")[:-1] + " and env.json (e.g. after an interrupted run, or "
+                                    "when only runs.csv and env.json were copied off a machine). Runs (run_id) are "
+                                    "summarised apart.")
+    ap.add_argument("results_dir", metavar="RESULTS_DIR", help="a results directory with runs.csv and env.json")
+    ap.add_argument("--pool-runs", action="store_true",
+                    help="one summary per result across every run of the directory (default: one per run_id)")
+    return ap
+
 
 def main(argv: list[str]) -> int:
-    """Rebuild a results directory's summary.csv from its runs.csv and env.json (e.g. after a
-    run was interrupted, or when only runs.csv was copied off a machine). Runs (run_id) are
-    summarised apart; --pool-runs pools every run's rows of one result."""
-    import dataclasses
+    args = parser().parse_args(argv)
     from pathlib import Path
 
     from bench.analysis.inputs import BadInput, check_results_csv, read_env_config
     from bench.errors import UsageError
-    from bench.run.config import config_class
     from bench.measure.results import read_runs, write_summary
-    from bench.run.runner import summarize_runs
+    from bench.run.summary import ValidityRule, summarize_runs
 
-    pool = "--pool-runs" in argv
-    argv = [a for a in argv if a != "--pool-runs"]
-    if len(argv) != 1 or not (Path(argv[0]) / "runs.csv").is_file() or not (Path(argv[0]) / "env.json").is_file():
-        print("usage: python -m bench summarize RESULTS_DIR [--pool-runs] (with runs.csv and env.json)", file=sys.stderr)
-        return 2
-    out = Path(argv[0])
+    out = Path(args.results_dir)
     try:
+        missing = [name for name in ("runs.csv", "env.json") if not (out / name).is_file()]
+        if missing:
+            raise BadInput(f"{out} is not a results directory: no {' or '.join(missing)}")
         saved = read_env_config(out / "env.json")
         check_results_csv(out / "runs.csv", "runs")
-        RunConfig = config_class()
-        known = {f.name for f in dataclasses.fields(RunConfig)}
-        # Options another version of the harness had (added or since removed) do not affect summaries.
+        # The summary reads three of the run's settings; the rest (whichever version of the
+        # harness wrote them) do not affect it.
         try:
-            cfg = RunConfig(**{k: v for k, v in saved.items() if k in known})
-        except (UsageError, TypeError, ValueError) as e:
+            rule = ValidityRule(*(saved[k] for k in ("num_runs", "min_seconds", "max_cv")))
+        except KeyError as e:
+            raise BadInput(f"{out / 'env.json'}: its run config is not valid here (no {e.args[0]})") from None
+        except UsageError as e:
             raise BadInput(f"{out / 'env.json'}: its run config is not valid here ({e})") from None
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     rows = read_runs(out / "runs.csv")
-    if pool:  # one summary per result across every run of the directory (run_id left empty)
+    if args.pool_runs:  # one summary per result across every run of the directory (run_id left empty)
         rows = [{**r, "run_id": ""} for r in rows]
-    path = write_summary(out, summarize_runs(rows, cfg))
+    path = write_summary(out, summarize_runs(rows, rule))
     print(f"wrote {path} from {len(rows)} runs")
     return 0

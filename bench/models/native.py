@@ -12,6 +12,7 @@ from transformers import AutoImageProcessor, AutoTokenizer
 
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
+from bench.models.cache_arg import cache_arg
 from bench.models.files import (check_awq_tensors, check_layer_counts, check_shapes, checked_weights, one_line,
                                 require_preprocessor, require_tokenizer)
 
@@ -42,7 +43,7 @@ class NativeVLMAdapter(VLMAdapter):
 
     def lm_forward(self, inputs_embeds: torch.Tensor, cache, logits_to_keep: int = 1, attention_mask=None,
                    position_ids=None) -> torch.Tensor:
-        out = self.model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True,
+        out = self.model(inputs_embeds=inputs_embeds, **cache_arg(self.model, cache), use_cache=True,
                          logits_to_keep=logits_to_keep, attention_mask=attention_mask, position_ids=position_ids)
         return out.logits
 

@@ -20,6 +20,7 @@ from transformers import (
 
 from bench.errors import UsageError
 from bench.models.base import PreparedPrompt, VLMAdapter
+from bench.models.cache_arg import cache_arg
 from bench.models.family import RANDOM_WEIGHTS_MARK, Family
 from bench.models.files import (
     check_awq_tensors, check_layer_counts, check_shapes, checked_weights, one_line, read_json_object,
@@ -144,7 +145,7 @@ class VilaAdapter(VLMAdapter):
 
     def lm_forward(self, inputs_embeds: torch.Tensor, cache, logits_to_keep: int = 1, attention_mask=None,
                    position_ids=None) -> torch.Tensor:
-        out = self.model.llm(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True,
+        out = self.model.llm(inputs_embeds=inputs_embeds, **cache_arg(self.model.llm, cache), use_cache=True,
                              logits_to_keep=logits_to_keep, attention_mask=attention_mask,
                              position_ids=position_ids)
         return out.logits

@@ -8,12 +8,12 @@ RunConfig is the composition for the package's own parts.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 from bench.engines import attention_kernels
 from bench.errors import ArgumentParser, UsageError
+from bench.run.summary import ValidityRule
 from bench.run.workload import LOADERS, VIDEO_MODES, int_list, name_list, workload_points
 from variants.options import flag_fields, opt, options_from, run_facts
 
@@ -31,8 +31,8 @@ class RunFields:
     """The run's own settings (the variant parts' are in their options dataclasses)."""
     model_path: str | None = opt("checkpoint directory (llava-hf layout, or VILA1.5 llm/ vision_tower/ mm_projector/)",
                                  aliases=("--model_path",))
-    preset: str | None = opt("architecture preset with random weights (e.g. llava-1.5-7b, vila1.5-3b); "
-                             f"default {DEFAULT_PRESET} when no --model-path")
+    preset: str | None = opt(f"architecture preset with random weights (default: {DEFAULT_PRESET} when no "
+                             "--model-path)")
     image_path: str | None = opt("image file (default: the demo image shipped with the repo)",
                                  aliases=("--image_path", "--image-file"))
     video_path: str | None = opt("video file (decoded with PyAV); frames sampled uniformly (--num-frames)")
@@ -45,11 +45,12 @@ class RunFields:
     text_prompt: str | None = opt("the question to measure (default: a built-in list of questions)",
                                   aliases=("--text_prompt", "--query"))
     questions: str | None = opt("file with one measured question per line")
-    conv_mode: str | None = opt("conversation template: vicuna_v1, llama_3, hermes-2, plain (default: the model's)",
+    conv_mode: str | None = opt("conversation template (default: the model's)",
                                 aliases=("--conv_mode",))
-    variants: str = opt("comma-separated variants, parts joined by '+' (e.g. fp16,prefix)", "fp16")
-    engine: str | None = opt("comma list of engines to cross with every variant that names none: hf, static, graph, "
-                             "graph-exact (default: hf)")
+    variants: str = opt("comma-separated variants, each up to one part of each kind joined by '+' (e.g. "
+                        "fp16,prefix,bnb4+prefix+static); a variant's weights are fp16, its cache nocache and its "
+                        "engine hf unless it names another", "fp16")
+    engine: str | None = opt("comma list of engines to cross with every variant that names none (default: hf)")
     batch_size: str = opt("requests run together as one batch; a list sweeps it, e.g. 1,4,16", "1")
     prompt_lengths: str | None = opt("question lengths in tokens to sweep, e.g. 16,128,512 (questions are "
                                      "repeated or cut to length; default: as written)")
@@ -79,12 +80,14 @@ class RunFields:
                           "request and record the request's CPU times relative to it (calib_ms, ttft_rel, "
                           "tpot_rel): comparable across load and machines (ci-bench gates on them)", False)
     dtype: str = opt("float16, bfloat16, float32 or auto (float16 on CUDA, float32 on CPU)", "auto")
-    output_dir: str | None = opt("results directory (default results/local/<time>-<model>); it must be new or "
+    output_dir: str | None = opt("results directory (default: results/local/<time>-<model>); it must be new or "
                                  "empty unless --append or --resume")
     append: bool = opt("add this run (a new run_id) to --output-dir's runs.csv; summaries keep runs apart", False)
     resume: bool = opt("finish --output-dir's interrupted run (same run_id, same configuration): groups "
                        "already complete are not run again", False)
     seed: int = opt("seed for preset weights and sampling-free runs", 0)
+    wide: bool = opt("console summary with every column at the terminal's width (otherwise the key columns "
+                     "in 100 columns; the CSV files hold everything either way)", False)
 
 
 class RunConfigBase:
@@ -120,10 +123,7 @@ class RunConfigBase:
                              "(InternVL's processors use up to 12; 40 at most)")
         if self.num_frames > MAX_FRAMES:
             raise UsageError(f"--num-frames {self.num_frames}: at most {MAX_FRAMES} (0: every frame)")
-        if not (math.isfinite(self.max_cv) and self.max_cv > 0):
-            raise UsageError(f"--max-cv must be a positive number (e.g. 0.10), got {self.max_cv}")
-        if not math.isfinite(self.min_seconds):
-            raise UsageError(f"--min-seconds must be a finite number, got {self.min_seconds}")
+        ValidityRule(self.num_runs, self.min_seconds, self.max_cv)  # --max-cv, --min-seconds: as summaries check them
         attention_kernels.check(self.attention_kernels)
         if self.preprocess not in PREPROCESS_PLACES:
             raise UsageError(f"unknown --preprocess {self.preprocess!r}; choose {' or '.join(PREPROCESS_PLACES)}")
@@ -214,7 +214,7 @@ RunConfig = config_class()
 
 # Settings that say where and how results are written, not what is measured: left out of the
 # configuration fingerprint --resume compares.
-NOT_FINGERPRINTED = ("output_dir", "append", "resume")
+NOT_FINGERPRINTED = ("output_dir", "append", "resume", "wide")
 
 EXIT_CODES = """exit codes:
   0    every variant and point measured
@@ -224,15 +224,54 @@ EXIT_CODES = """exit codes:
   130  interrupted (Ctrl-C); finished rows are kept in runs.csv"""
 
 
-def build_parser(cls=None, prog: str = "vila_prefix_benchmark.py") -> argparse.ArgumentParser:
+def _variant_parts() -> str:
+    from variants import KINDS, registry
+
+    parts = registry()
+    return "parts: " + "; ".join(f"{kind} {', '.join(n for n, p in parts.items() if p.kind == kind)}"
+                                 for kind in KINDS)
+
+
+def _engines() -> str:
+    from variants import registry
+
+    return "one of: " + ", ".join(name for name, part in registry().items() if part.kind == "engine")
+
+
+def _presets() -> str:
+    from bench.models.presets import PRESETS
+
+    return "one of: " + ", ".join(PRESETS)
+
+
+def _templates() -> str:
+    from bench.models.templates import TEMPLATES
+
+    return "one of: " + ", ".join(TEMPLATES)
+
+
+# The names a flag accepts, read from the registries when --help is built (`vlm-bench list` describes them).
+VALID_VALUES = {"preset": _presets, "conv_mode": _templates, "variants": _variant_parts, "engine": _engines}
+
+
+def flag_help(text: str, default, values: str = "") -> str:
+    """A flag's help: its text, its default stated once (the text's own "(default: ...)" where it
+    explains one, else the field's), then the valid values."""
+    if "default" not in text.lower():
+        text += f" (default: {'none' if default is None else repr(default) if default == '' else default})"
+    return f"{text}; {values}" if values else text
+
+
+def build_parser(cls=None, prog: str = "vila_prefix_benchmark.py",
+                 description: str = "Measure variants of a vision-language model.") -> argparse.ArgumentParser:
     cls = cls or config_class()
-    parser = ArgumentParser(prog=prog, description="Benchmark VLM inference variants.",
-                            epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog=prog, description=description, epilog=EXIT_CODES)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *f.metadata.get("aliases", ())]
         default = None if f.default is MISSING else f.default
-        help_text = f"{f.metadata.get('help', '')} [default: {default}]"
+        values = VALID_VALUES[f.name]() if f.name in VALID_VALUES else ""
+        help_text = flag_help(f.metadata.get("help", ""), default, values).replace("%", "%%")
         if "bool" in str(f.type):
             parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)
@@ -242,7 +281,8 @@ def build_parser(cls=None, prog: str = "vila_prefix_benchmark.py") -> argparse.A
     return parser
 
 
-def config_from_args(argv: list[str] | None) -> RunConfig:
+def config_from_args(argv: list[str] | None, parser: argparse.ArgumentParser | None = None) -> RunConfig:
+    """The run config of a command line (parsed by `parser`, default build_parser())."""
     cls = config_class()
-    ns = build_parser(cls).parse_args(argv)
+    ns = (parser or build_parser(cls)).parse_args(argv)
     return cls(**vars(ns))

@@ -25,14 +25,14 @@ from bench.log import status
 from bench.errors import UsageError, VariantUnsupported
 from bench.run.monitors import GpuMonitor
 from bench.measure.metrics import request_metrics
-from bench.measure.schema import PHASES_OF, SUMMARY_KEY, SUMMARY_METRICS, counts_in_summary, result_key
+from bench.measure.schema import counts_in_summary
 from bench.run.limits import check_prompt, check_sizes, loaded_max_pos, model_dims
 from bench.run.questions import load_questions, warmup_questions
+from bench.run.summary import summarize_runs
 from bench.measure.results import (DirLock, DirState, check_output_dir, new_run_id, read_runs, run_writer, utc_now,
                                    write_json, write_summary)
 from bench.models.prompts import FIDELITY_PROBE
 from bench.models.source import ModelSource
-from bench.measure.stats import invalid_reasons, summarize
 from bench.models.visual import VisualInput, load_image
 from bench.run.workload import RequestSource, WorkloadPoint, question_of_length
 from variants import baseline_variant, parse_variant
@@ -306,8 +306,8 @@ class Benchmark:
                     self._check_prompts(loaded.adapter)
                 self.preprocess_facts[variant.name] = place_preprocessing(
                     loaded.adapter, self.cfg.preprocess, self.device, self.fidelity_visual)
-                status(f"{variant.name}: fidelity probe, then measured runs" if self.cfg.fidelity
-                       else f"{variant.name}: measured runs")
+                probe = self.cfg.fidelity and not self.source.prequantized  # as _fidelity decides
+                status(f"{variant.name}: {'fidelity probe, then ' if probe else ''}measured runs")
                 fid = self._fidelity(variant, loaded)
                 self._measure_variant(variant, loaded, {**base, **fid})
                 continue
@@ -601,41 +601,3 @@ GPU_PHASES = ("restore", "vision", "prefill", "store", "decode")  # timed with C
 def _reason(e: BaseException) -> str:
     """A failed row's error cell: the exception's class and message, one line, at most 500 chars."""
     return " ".join(f"{e.__class__.__name__}: {e}".split())[:500]
-
-
-def summarize_runs(rows: list[dict], cfg: RunConfig) -> list[dict]:
-    """Per result (bench.measure.schema.SUMMARY_KEY: its identity, workload point and run id): one
-    row per metric; skipped/failed variants get one row saying so. Rows that differ in any key
-    column (cold and warm runs, dtypes, devices, invocations...) are never pooled."""
-    out: list[dict] = []
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if r.get("status") != "ok":
-            out.append({**dict(zip(SUMMARY_KEY, result_key(r, SUMMARY_KEY))), "status": r["status"],
-                        "error": r.get("error")})
-            continue
-        if r.get("kind") == "measured":
-            groups.setdefault(result_key(r, SUMMARY_KEY), []).append(r)
-    for key, group in groups.items():
-        runs = [r for r in group if counts_in_summary(r)]
-        excluded = len(group) - len(runs)
-        measured_s = sum(float(r["e2e_ms"]) for r in runs) / 1e3
-        stats = {}
-        for metric in SUMMARY_METRICS:
-            values = [r.get(metric) for r in runs if r.get(metric) is not None]
-            s = summarize(values) if values else {"n": 0}
-            if s["n"]:
-                stats[metric] = s
-        for metric, s in stats.items():
-            reasons = invalid_reasons(s, cfg.num_runs, measured_s, cfg.min_seconds, cfg.max_cv)
-            valid = not reasons
-            if not s["cv"] <= cfg.max_cv and metric in PHASES_OF:
-                phase = max((p for p in PHASES_OF[metric] if p in stats), key=lambda p: stats[p]["stdev"],
-                            default=None)
-                if phase is not None:
-                    reasons.append(f"noisiest phase {phase} (sd {stats[phase]['stdev']:.3g} ms, "
-                                   f"cv {stats[phase]['cv']:.2f})")
-            out.append({**dict(zip(SUMMARY_KEY, key)), "status": "ok", "metric": metric, **s,
-                        "excluded": excluded, "measured_s": measured_s, "valid": valid,
-                        "invalid_reason": "; ".join(reasons)})
-    return out

@@ -1,0 +1,66 @@
+"""Summaries of measured runs: runs.csv rows in, summary.csv rows out. Imports no model code
+(no torch), so `vlm-bench summarize` starts fast and quiet."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from bench.errors import UsageError
+from bench.measure.schema import PHASES_OF, SUMMARY_KEY, SUMMARY_METRICS, counts_in_summary, result_key
+from bench.measure.stats import invalid_reasons, summarize
+
+
+@dataclass(frozen=True)
+class ValidityRule:
+    """What a valid summary needs: the run's --num-runs, --min-seconds and --max-cv (a run config
+    has these fields, so it serves as one too)."""
+    num_runs: int
+    min_seconds: float
+    max_cv: float
+
+    def __post_init__(self):
+        if not isinstance(self.num_runs, int) or self.num_runs < 1:
+            raise UsageError("--num-runs must be at least 1")
+        if not (isinstance(self.min_seconds, (int, float)) and math.isfinite(self.min_seconds)
+                and self.min_seconds >= 0):
+            raise UsageError(f"--min-seconds must be a finite number, at least 0, got {self.min_seconds}")
+        if not (isinstance(self.max_cv, (int, float)) and math.isfinite(self.max_cv) and self.max_cv > 0):
+            raise UsageError(f"--max-cv must be a positive number (e.g. 0.10), got {self.max_cv}")
+
+
+def summarize_runs(rows: list[dict], rule: ValidityRule) -> list[dict]:
+    """Per result (bench.measure.schema.SUMMARY_KEY: its identity, workload point and run id): one
+    row per metric; skipped/failed variants get one row saying so. Rows that differ in any key
+    column (cold and warm runs, dtypes, devices, invocations...) are never pooled."""
+    out: list[dict] = []
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get("status") != "ok":
+            out.append({**dict(zip(SUMMARY_KEY, result_key(r, SUMMARY_KEY))), "status": r["status"],
+                        "error": r.get("error")})
+            continue
+        if r.get("kind") == "measured":
+            groups.setdefault(result_key(r, SUMMARY_KEY), []).append(r)
+    for key, group in groups.items():
+        runs = [r for r in group if counts_in_summary(r)]
+        excluded = len(group) - len(runs)
+        measured_s = sum(float(r["e2e_ms"]) for r in runs) / 1e3
+        stats = {}
+        for metric in SUMMARY_METRICS:
+            values = [r.get(metric) for r in runs if r.get(metric) is not None]
+            s = summarize(values) if values else {"n": 0}
+            if s["n"]:
+                stats[metric] = s
+        for metric, s in stats.items():
+            reasons = invalid_reasons(s, rule.num_runs, measured_s, rule.min_seconds, rule.max_cv)
+            valid = not reasons
+            if not s["cv"] <= rule.max_cv and metric in PHASES_OF:
+                phase = max((p for p in PHASES_OF[metric] if p in stats), key=lambda p: stats[p]["stdev"],
+                            default=None)
+                if phase is not None:
+                    reasons.append(f"noisiest phase {phase} (sd {stats[phase]['stdev']:.3g} ms, "
+                                   f"cv {stats[phase]['cv']:.2f})")
+            out.append({**dict(zip(SUMMARY_KEY, key)), "status": "ok", "metric": metric, **s,
+                        "excluded": excluded, "measured_s": measured_s, "valid": valid,
+                        "invalid_reason": "; ".join(reasons)})
+    return out
