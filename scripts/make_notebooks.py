@@ -26,7 +26,7 @@ compare = new_notebook(cells=[
                       "directory or run where several hold the model), never averaged with another. Skipped/failed "
                       "variants and invalid summaries are shown, never dropped."),
     new_code_cell("# Parameters (or set BENCH_RESULTS_DIRS, os.pathsep-separated)\n"
-                  "RESULTS_DIRS = ['../results/reference/h200/llava-1.5-7b-graph-engines']",
+                  "RESULTS_DIRS = ['../results/reference/h200/llava-1.5-7b-fp16-prefix-engines', '../results/reference/h200/vila1.5-3b-fp16-prefix-engines']",
                   metadata={"tags": ["parameters"]}),
     new_code_cell(SETUP + SHOW + "\nfrom bench.analysis import figures, report, sources\n"
                   "dirs = os.environ.get('BENCH_RESULTS_DIRS', '').split(os.pathsep) if os.environ.get('BENCH_RESULTS_DIRS') else RESULTS_DIRS\n"

@@ -1,7 +1,7 @@
 """Write a reference run's MANIFEST from its env.json (date, command, GPU, weights), the commit
 whose code ran and one line saying what the run shows. Run from the repository root:
 
-    python scripts/write_manifest.py results/reference/h200/llava-1.5-7b-graph-engines \\
+    python scripts/write_manifest.py results/reference/h200/llava-1.5-7b-fp16-prefix-engines \\
         --commit 6ce36a0 --shows "graph and graph-exact engines, cold and warm prefix cache"
 
 Then `python scripts/write_docs.py` puts the run into docs/findings.md.

@@ -316,6 +316,7 @@ def test_benchmark_reports_graph_exact_as_hf_exactly(tmp_path, monkeypatch, stan
     try:
         assert run_main(["--preset", "tiny-llava", "--variants", "prefix", "--engine", "graph-exact",
                          "--num-runs", "2", "--min-seconds", "0", "--max-new-tokens", "12", "--warmup", "1",
+                         "--text-prompt", "What is here?",
                          "--device", "cpu", "--dtype", "bfloat16", "--output-dir", str(out)]) == 0
     finally:
         torch._dynamo.reset()

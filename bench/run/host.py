@@ -8,7 +8,7 @@ sleep during the collection's pause and are woken by the next request). `--cpu-t
 (auto) is therefore 1 with a CUDA device, torch's default when the model itself runs on the
 CPU. The number used is written to env.json (`host.cpu_threads`).
 
-Garbage collection (measured: lab/gpu_host_gc.py, results/reference/h200/host-gc/): before a
+Garbage collection (lab/gpu_host_gc.py compares the disciplines on the GPU host): before a
 group of measured runs one full collection, then `gc.freeze()`, which moves every live object
 (the model's modules, the tokenizer, the caches) out of the collector's reach; during a request
 the collector is off; after it, outside the timed interval, the young generation is collected
