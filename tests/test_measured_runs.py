@@ -114,7 +114,7 @@ def test_a_processor_that_cannot_take_the_device_stays_on_the_host(demo_image):
 
 
 def test_garbage_collection_discipline():
-    host.before_measured_group()
+    host.before_warmup()
     try:
         assert gc.get_freeze_count() > 0  # the model's heap is out of the collector's reach
         with host.one_request():

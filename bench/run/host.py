@@ -9,13 +9,15 @@ sleep during the collection's pause and are woken by the next request). `--cpu-t
 CPU. The number used is written to env.json (`host.cpu_threads`).
 
 Garbage collection (lab/gpu_host_gc.py compares the disciplines on the GPU host): before a
-group of measured runs one full collection, then `gc.freeze()`, which moves every live object
+workload point's warm-up, one full collection, then `gc.freeze()`, which moves every live object
 (the model's modules, the tokenizer, the caches) out of the collector's reach; during a request
 the collector is off; after it, outside the timed interval, the young generation is collected
-(cheap: frozen objects are never traversed). A full collection before every request, as timeit
-does, walks the whole heap each time and leaves the processor's thread pool and the caches cold
-for the request that follows. At the end of a variant the heap is unfrozen so the model's
-reference cycles can be freed.
+(cheap: frozen objects are never traversed). A full collection walks the whole heap and leaves
+caches and the processor's thread pool cold for the request that follows: on the H200 the first
+measured run after one took up to 2 ms longer to process its image than the rest (5 of 8 groups)
+(results/reference/h200/*-fp16-prefix-engines, made with the collection right before the
+measured runs), so the warm-up runs come after it. At the end of a variant the heap is unfrozen
+so the model's reference cycles can be freed.
 """
 from __future__ import annotations
 
@@ -37,11 +39,11 @@ def set_cpu_threads(n: int) -> dict:
     """Set torch's intra-op threads to `n`; what env.json records."""
     torch.set_num_threads(n)
     return {"cpu_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
-            "gc": "full collection + gc.freeze() before each group of measured runs; off during a request; "
+            "gc": "full collection + gc.freeze() before each workload point's warm-up; off during a request; "
                   "young generation collected after it"}
 
 
-def before_measured_group() -> None:
+def before_warmup() -> None:
     """One full collection, then freeze what survived (bench.run.host's docstring)."""
     gc.collect()
     gc.freeze()

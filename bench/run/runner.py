@@ -488,6 +488,7 @@ class Benchmark:
         # measured group goes on from its count; complete groups are not run again).
         prior = [r for r in self.prior.get((base["variant"], _point_key(point.columns())), []) if r.get("status") == "ok"]
         try:
+            host.before_warmup()  # a full collection now, not before the measured runs (bench.run.host)
             warmups = [self.warmups[i % len(self.warmups)] for i in range(cfg.warmup)]
             if cfg.warmup:
                 warmups += shape_matched_warmups(adapter, questions)
@@ -522,7 +523,6 @@ class Benchmark:
                     self._timed_run(engine, source, questions, 0, point,
                                     {**base, "kind": "measured", "run_index": -1, "cache_state": "cold"}, False)
                 ran_cold = ran_cold or cache_state == "cold"
-                host.before_measured_group()
                 # n counts clean runs (bench.measure.schema.counts_in_summary): a run that compiled
                 # or captured is recorded, left out, and made again (at most --max-runs attempts).
                 while attempts < cfg.max_runs:
