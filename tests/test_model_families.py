@@ -3,6 +3,7 @@ registered from outside the package is detected, loaded and written like the bui
 import ast
 import dataclasses
 
+import pytest
 import torch
 
 from bench.cli import run_main
@@ -32,8 +33,8 @@ def _toy_family():
     """LLaVA's layout with a marker file: a family defined here, not in the package."""
     base = llava.FAMILY
 
-    def save(adapter, out):
-        base.save(adapter, out)
+    def save(adapter, out, max_shard_size=None):
+        base.save(adapter, out, max_shard_size)
         (out / "TOY_LAYOUT").write_text("")
 
     return dataclasses.replace(base, name="toy", layout="toy layout (llava-hf + TOY_LAYOUT)",
@@ -55,3 +56,32 @@ def test_a_family_registered_from_outside_is_detected_and_runs(tmp_path):
     finally:
         registry.unregister("toy")
     assert read_checkpoint_config(tmp_path / "ckpt")[0] == "llava"
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-vila", "tiny-internvl"])
+def test_sharded_checkpoints_load_and_answer_as_single_files(preset, checkpoint_dirs, demo_image, tmp_path):
+    """make-checkpoint --shard-size writes the published layout (shards + model.safetensors.index.json,
+    for VILA in llm/ and vision_tower/); loaded, it gives the single-file checkpoint's greedy tokens."""
+    from bench.cli import main
+    from bench.engines.cache_policy import CachePolicy
+    from bench.engines.hf import HFEngine
+
+    out = tmp_path / preset
+    assert main(["make-checkpoint", "--preset", preset, "--out", str(out), "--dtype", "float32",
+                 "--shard-size", "100KB"]) == 0
+    indexed = [out / "llm", out / "vision_tower"] if preset == "tiny-vila" else [out]
+    for folder in indexed:
+        assert (folder / "model.safetensors.index.json").is_file()
+        assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+        assert not (folder / "model.safetensors").exists()
+    cpu = torch.device("cpu")
+    tokens = [HFEngine(load_checkpoint(d, None, cpu, torch.float32), CachePolicy()).run(
+        demo_image, "What is here?", 6).tokens for d in (out, checkpoint_dirs[preset.removeprefix("tiny-")])]
+    assert tokens[0] == tokens[1]
+
+
+def test_shard_size_must_be_a_size(tmp_path, capsys):
+    from bench.cli import main
+
+    assert main(["make-checkpoint", "--preset", "tiny-vila", "--out", str(tmp_path / "c"), "--shard-size", "big"]) == 2
+    assert "--shard-size" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -1,11 +1,14 @@
 """`vlm-bench make-checkpoint`: write a preset to disk in its family's real layout."""
 from __future__ import annotations
 
+import re
 import sys
 
 from bench.cli import PROG, describe
 from bench.cli.common import quiet_libraries
 from bench.errors import ArgumentParser
+
+SHARD_SIZE = re.compile(r"[1-9][0-9]*(KB|MB|GB)")  # what transformers' save_pretrained takes
 
 
 def parser() -> ArgumentParser:
@@ -23,6 +26,9 @@ def parser() -> ArgumentParser:
                                                    "(default: cpu)")
     p.add_argument("--dtype", default="float16", help="float16, bfloat16 or float32 (default: float16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    p.add_argument("--shard-size", help="write the weights in shards of at most this size with a "
+                                        "model.safetensors.index.json, as published checkpoints are, e.g. 5GB or "
+                                        "200KB (default: transformers' shard size, one file for small models)")
     return p
 
 
@@ -43,6 +49,8 @@ def main(argv: list[str]) -> int:
 
     try:
         get_preset(args.preset)
+        if args.shard_size is not None and not SHARD_SIZE.fullmatch(args.shard_size):
+            raise UsageError(f"--shard-size {args.shard_size!r}: give a size such as 5GB, 500MB or 200KB")
         if args.dtype not in ("float16", "bfloat16", "float32"):
             raise UsageError(f"unknown --dtype {args.dtype!r}; choose float16, bfloat16 or float32")
         device = resolve_device(args.device)
@@ -55,7 +63,7 @@ def main(argv: list[str]) -> int:
         adapter = build_preset(args.preset, None, device, getattr(torch, args.dtype), args.seed)
         existed = out.is_dir()
         try:
-            save_checkpoint(adapter, out)
+            save_checkpoint(adapter, out, args.shard_size)
         except OSError as e:  # a full disk, a place that refuses writes: no half-written checkpoint stays
             if existed:
                 for p in out.iterdir():

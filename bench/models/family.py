@@ -23,7 +23,7 @@ class Family:
     # (preset, tokenizer, template, device, dtype, max_tiles) -> adapter with random weights
     build: Callable[..., object]
     # (adapter, out dir) -> the checkpoint in this family's layout
-    save: Callable[[object, Path], None]
+    save: Callable[[object, Path, str | None], None]  # (adapter, out, max_shard_size)
     # Where the language model's own files are: "" = the top level (the -hf layouts), or a
     # sub-folder (VILA's llm/) holding its config.json and safetensors.
     llm_dir: str = ""

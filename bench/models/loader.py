@@ -144,6 +144,7 @@ def build_preset(name: str, conv_mode: str | None, device: torch.device, dtype: 
     return adapter
 
 
-def save_checkpoint(adapter: VLMAdapter, out: Path) -> None:
-    """Write the model in its family's real on-disk layout (safetensors)."""
-    get_family(adapter.family).save(adapter, out)
+def save_checkpoint(adapter: VLMAdapter, out: Path, max_shard_size: str | None = None) -> None:
+    """Write the model in its family's real on-disk layout (safetensors; shards of at most
+    `max_shard_size` with an index, as published checkpoints are)."""
+    get_family(adapter.family).save(adapter, out, max_shard_size)

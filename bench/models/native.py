@@ -166,8 +166,10 @@ def image_processor_from(folder: Path, what: str):
         raise UsageError(f"{what}: cannot load the image processor in {folder} ({one_line(e)})") from None
 
 
-def save_native(adapter: NativeVLMAdapter, out: Path) -> None:
-    """The -hf layout: model (safetensors), tokenizer and image processor in one directory."""
-    adapter.model.save_pretrained(out)
+def save_native(adapter: NativeVLMAdapter, out: Path, max_shard_size: str | None = None) -> None:
+    """The -hf layout: model (safetensors, sharded with model.safetensors.index.json when larger
+    than `max_shard_size`, e.g. "5GB"; None: transformers' default), tokenizer and image
+    processor in one directory."""
+    adapter.model.save_pretrained(out, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
     adapter.tokenizer.save_pretrained(out)
     adapter.image_processor.save_pretrained(out)

@@ -322,13 +322,16 @@ def build_vila_model(preset, tokenizer, device, dtype) -> VilaModel:
     return VilaModel(llm, vision, projector, vila_top_config(llm_cfg, vis_cfg, dtype)).eval()
 
 
-def save_vila(adapter: VilaAdapter, out: Path) -> None:
+def save_vila(adapter: VilaAdapter, out: Path, max_shard_size: str | None = None) -> None:
+    """VILA1.5's published layout; the LLM and the vision tower sharded with an index when their
+    weights pass `max_shard_size` (e.g. "2GB"; None: transformers' default)."""
+    shard = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model = adapter.model
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(model.top_config, indent=2, default=str))
-    model.llm.save_pretrained(out / "llm")
+    model.llm.save_pretrained(out / "llm", **shard)
     adapter.tokenizer.save_pretrained(out / "llm")
-    model.vision_tower.save_pretrained(out / "vision_tower")
+    model.vision_tower.save_pretrained(out / "vision_tower", **shard)
     adapter.image_processor.save_pretrained(out / "vision_tower")
     proj_dir = out / "mm_projector"
     proj_dir.mkdir(exist_ok=True)
