@@ -85,3 +85,37 @@ def test_shard_size_must_be_a_size(tmp_path, capsys):
 
     assert main(["make-checkpoint", "--preset", "tiny-vila", "--out", str(tmp_path / "c"), "--shard-size", "big"]) == 2
     assert "--shard-size" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("preset, files", [("tiny-vila", "sentencepiece"), ("tiny-llava", "both")])
+def test_sentencepiece_tokenizer_files_load_and_answer_as_tokenizer_json(preset, files, checkpoint_dirs, demo_image,
+                                                                         tmp_path):
+    """VILA1.5's llm/ ships only tokenizer.model + tokenizer_config.json, LLaVA-1.5 both files: such
+    checkpoints load (transformers converts the SentencePiece model) and tokenize prompts to the
+    ids of the tokenizer.json checkpoint, so greedy tokens match."""
+    from bench.cli import main
+    from bench.engines.cache_policy import CachePolicy
+    from bench.engines.hf import HFEngine
+
+    out = tmp_path / preset
+    assert main(["make-checkpoint", "--preset", preset, "--out", str(out), "--dtype", "float32",
+                 "--tokenizer-files", files]) == 0
+    folder = out / "llm" if preset == "tiny-vila" else out
+    assert (folder / "tokenizer.model").is_file()
+    assert (folder / "tokenizer.json").is_file() == (files == "both")
+    cpu = torch.device("cpu")
+    adapters = [load_checkpoint(d, None, cpu, torch.float32) for d in (out, checkpoint_dirs[preset.removeprefix("tiny-")])]
+    if files == "sentencepiece":
+        assert type(adapters[0].tokenizer).__name__ == "LlamaTokenizer"
+    prompts = [a.prepare_text("What is in the picture? Describe it.") for a in adapters]
+    assert prompts[0].text_segments == prompts[1].text_segments and prompts[0].suffix_ids == prompts[1].suffix_ids
+    tokens = [HFEngine(a, CachePolicy()).run(demo_image, "What is here?", 6).tokens for a in adapters]
+    assert tokens[0] == tokens[1]
+
+
+def test_sentencepiece_files_are_refused_for_a_qwen_tokenizer(tmp_path, capsys):
+    from bench.cli import main
+
+    assert main(["make-checkpoint", "--preset", "tiny-internvl", "--out", str(tmp_path / "c"),
+                 "--tokenizer-files", "sentencepiece"]) == 2
+    assert "--tokenizer-files" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -7,6 +7,7 @@ import sys
 from bench.cli import PROG, describe
 from bench.cli.common import quiet_libraries
 from bench.errors import ArgumentParser
+from bench.models.sentencepiece_files import TOKENIZER_FILES
 
 SHARD_SIZE = re.compile(r"[1-9][0-9]*(KB|MB|GB)")  # what transformers' save_pretrained takes
 
@@ -29,6 +30,10 @@ def parser() -> ArgumentParser:
     p.add_argument("--shard-size", help="write the weights in shards of at most this size with a "
                                         "model.safetensors.index.json, as published checkpoints are, e.g. 5GB or "
                                         "200KB (default: transformers' shard size, one file for small models)")
+    p.add_argument("--tokenizer-files", default="json", choices=TOKENIZER_FILES,
+                   help="the tokenizer as tokenizer.json, as a SentencePiece tokenizer.model with a published-style "
+                        "tokenizer_config.json (VILA1.5's llm/ ships only that), or both (as LLaVA-1.5 does); "
+                        "LLaVA and VILA presets only (default: json)")
     return p
 
 
@@ -45,6 +50,7 @@ def main(argv: list[str]) -> int:
     from bench.measure.results import check_creatable
     from bench.models.loader import build_preset, save_checkpoint
     from bench.models.presets import get_preset
+    from bench.models.sentencepiece_files import write_sentencepiece
     from bench.run.runner import resolve_device
 
     try:
@@ -53,6 +59,9 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"--shard-size {args.shard_size!r}: give a size such as 5GB, 500MB or 200KB")
         if args.dtype not in ("float16", "bfloat16", "float32"):
             raise UsageError(f"unknown --dtype {args.dtype!r}; choose float16, bfloat16 or float32")
+        if args.tokenizer_files != "json" and get_preset(args.preset).family == "internvl":
+            raise UsageError(f"--tokenizer-files {args.tokenizer_files}: {args.preset}'s Qwen2 tokenizer is published as "
+                             "tokenizer.json; SentencePiece files are written for LLaVA and VILA presets")
         device = resolve_device(args.device)
         out = Path(args.out)
         if out.exists() and not out.is_dir():
@@ -64,6 +73,10 @@ def main(argv: list[str]) -> int:
         existed = out.is_dir()
         try:
             save_checkpoint(adapter, out, args.shard_size)
+            if args.tokenizer_files != "json":
+                for folder in (out, out / "llm"):  # the llava-hf root, VILA's llm/
+                    if (folder / "tokenizer.json").is_file():
+                        write_sentencepiece(folder, keep_json=args.tokenizer_files == "both")
         except OSError as e:  # a full disk, a place that refuses writes: no half-written checkpoint stays
             if existed:
                 for p in out.iterdir():
