@@ -41,7 +41,7 @@ def test_a_run_that_compiles_is_recorded_left_out_and_replaced(tmp_path, monkeyp
     ttft = next(s for s in _rows(out, "summary.csv") if s["metric"] == "ttft_ms")
     assert (ttft["n"], ttft["excluded"]) == ("4", "1")
     clean = sorted(float(r["ttft_ms"]) for r in measured if r["compiles"] == "0")
-    assert float(ttft["median"]) == pytest.approx((clean[1] + clean[2]) / 2)
+    assert float(ttft["median"]) == pytest.approx((clean[1] + clean[2]) / 2, abs=1e-2)  # cells are rounded
 
     from bench.analysis.compare import load_runs  # compare leaves it out too
     assert len(load_runs(out)) == 4
