@@ -18,7 +18,7 @@ from tests.conftest import ROOT
 
 # The gate's measurement settings (CI_BENCH_ARGS) on a smaller workload.
 SMALL = ["--preset", "tiny-vila", "--device", "cpu", "--variants", "fp16", "--num-runs", "10", "--min-seconds", "0",
-         "--max-new-tokens", "16", "--warmup", "1", "--no-fidelity", "--cpu-threads", "1", "--calibrate",
+         "--max-new-tokens", "32", "--warmup", "1", "--no-fidelity", "--cpu-threads", "1", "--calibrate",
          "--text-prompt", "What is here?"]
 
 
