@@ -161,8 +161,9 @@ def _drain(recv, job: Job, progress: Progress) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 def run_ray(bench, jobs: list[Job]) -> None:
-    """Each job a Ray task holding one whole GPU (never a fraction: a shared GPU skews timings);
-    a task returns its messages when its job ends, handled as each finishes (ray.wait)."""
+    """Each job a Ray task holding one whole GPU (never a fraction: a shared GPU skews timings).
+    A task is a streaming generator: its rows reach this process as they are made, so a task
+    that dies loses only the work it had not finished."""
     try:
         import ray
     except ImportError:
@@ -176,7 +177,7 @@ def run_ray(bench, jobs: list[Job]) -> None:
             if cfg.workers:
                 options["num_gpus"] = cfg.workers  # logical GPUs (a CPU run's tasks still ask for one each)
         ray.init(**options)
-    task = ray.remote(num_gpus=1, max_retries=0)(_ray_job)
+    task = ray.remote(num_gpus=1, max_retries=0, num_returns="streaming")(_ray_job)
     progress = Progress(bench, jobs)
     pending = {}
     try:
@@ -187,31 +188,50 @@ def run_ray(bench, jobs: list[Job]) -> None:
         status(f"sweep: {len(jobs)} job(s) as Ray tasks on {int(gpus)} GPU(s)")
         pending = {task.remote(worker.payload(bench, job, "ray")): job for job in largest_first(jobs)}
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                job = pending.pop(ref)
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for gen in ready:
+                job = pending[gen]
                 try:
-                    messages = ray.get(ref)
+                    message = ray.get(next(gen))
+                except StopIteration:
+                    del pending[gen]
+                    progress.lost(job, "the Ray task ended before the job finished", {"worker": "ray"})
+                    continue
                 except ray.exceptions.RayError as e:
+                    del pending[gen]
                     reason = " ".join(f"Ray task failed: {e.__class__.__name__}: {e}".split())
                     progress.lost(job, reason, {"worker": "ray"})
                     continue
-                for message in messages:
-                    progress.handle(job, message)
-                progress.lost(job, "the Ray task ended before the job finished", {"worker": "ray"})
+                progress.handle(job, message)
     finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        for gen in pending:  # an interrupted or refused sweep: its tasks stop
+            try:
+                ray.cancel(gen, force=True)
+            except (TypeError, ValueError, ray.exceptions.RayError):
+                pass
         progress.close()
         if started:
             ray.shutdown()
 
 
-def _ray_job(work: dict) -> list:
-    """A Ray task: the job measured on the GPU Ray gave it; its messages, in order."""
+def _ray_job(work: dict):
+    """A Ray task: the job measured on the GPU Ray gave it (in a thread), its messages yielded
+    as they come."""
+    import queue
+    import threading
+
     import ray
 
     work = {**work, "name": f"ray:{ray.get_runtime_context().get_node_id()[:8]}"}
-    messages: list = []
-    worker.measure_job(work, messages.append)
-    return messages
+    messages: queue.Queue = queue.Queue()
+    end = object()
+
+    def measure():
+        try:
+            worker.measure_job(work, messages.put)
+        finally:
+            messages.put(end)
+
+    threading.Thread(target=measure, daemon=True).start()
+    while (message := messages.get()) is not end:
+        yield message
