@@ -80,6 +80,12 @@ def test_executor_flags_are_checked(args, message):
         config_from_args(args)
 
 
+def test_gpu_workers_on_the_cpu_are_refused_and_nothing_is_written(tmp_path):
+    out = tmp_path / "o"
+    assert run_main([*RUN, "--gpus", "0", "--output-dir", str(out)]) == 2
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_local_workers_give_the_serial_rows_and_a_dead_worker_failed_rows(serial, crash, tmp_path):
     out = tmp_path / "o"
     assert run_main([*RUN, "--variants", "fp16,prefix,crash", "--workers", "2", "--output-dir", str(out)]) == 1

@@ -65,12 +65,14 @@ def run(bench, jobs: list[Job]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-def local_slots(cfg) -> list[str | None]:
+def local_slots(cfg, device) -> list[str | None]:
     """One entry per worker: the GPU it sees (CUDA_VISIBLE_DEVICES), or None on the CPU."""
     if cfg.workers:
-        if cfg.device not in ("cpu", "auto") and not cfg.device.startswith("cpu"):
-            raise UsageError("--workers runs CPU worker processes: use --device cpu, or --gpus for GPU workers")
+        if device.type != "cpu":  # workers sharing one GPU would time each other
+            raise UsageError("--workers runs CPU worker processes: give --device cpu, or --gpus for a worker per GPU")
         return [None] * cfg.workers
+    if device.type != "cuda":
+        raise UsageError("--gpus runs a worker per GPU: give --device cuda (or auto), or --workers N for CPU workers")
     import torch
 
     if not torch.cuda.is_available():
@@ -90,7 +92,7 @@ def local_slots(cfg) -> list[str | None]:
 def run_local(bench, jobs: list[Job]) -> None:
     """Each job in a fresh spawned process (a dead one takes only its job with it), at most one
     per slot at a time; messages come through a pipe per process, read as they arrive."""
-    slots = local_slots(bench.cfg)
+    slots = local_slots(bench.cfg, bench.device)
     cpu_threads = max(1, (os.cpu_count() or 1) // len(slots)) if slots[0] is None else 0
     ctx = multiprocessing.get_context("spawn")
     queue = largest_first(jobs)

@@ -562,7 +562,8 @@ class Benchmark:
                 if done and self._group_done(done, fixed_n):
                     continue
                 bar = tqdm(total=fixed_n or cfg.num_runs, desc=f"{base['variant']} {point.label()} [{cache_state}]",
-                           leave=False, disable=None)
+                           leave=False,
+                           disable=None if self.placement["worker"] == "serial" else True)  # a sweep has one bar
                 done = [r for r in done if counts_in_summary(r)]
                 n, measured_s = len(done), sum(float(r.get("e2e_ms") or 0) for r in done) / 1e3
                 attempts = n
