@@ -28,7 +28,7 @@ class Progress:
         self.finished: dict[int, set[str]] = {j.index: set() for j in jobs}
         self.done: set[int] = set()
 
-    def handle(self, job: Job, message) -> None:
+    def handle(self, job: Job, message, placement: dict) -> None:
         kind, value = message
         if kind == "row":
             self.bench.record(value)
@@ -41,7 +41,7 @@ class Progress:
         elif kind == "usage":
             raise UsageError(value)
         elif kind == "error":
-            self.lost(job, value, {})
+            self.lost(job, value, placement)
 
     def lost(self, job: Job, reason: str, placement: dict) -> None:
         """The job's unfinished work as failed rows."""
@@ -114,19 +114,19 @@ def run_local(bench, jobs: list[Job]) -> None:
             wait([*running, *(p.sentinel for p, _, _ in running.values())], timeout=POLL_S)
             for recv in list(running):
                 proc, job, slot = running[recv]
-                if _drain(recv, job, progress) and proc.is_alive():
+                where = {"worker": f"local:{slot}", **({"gpu": slots[slot]} if slots[slot] is not None else {})}
+                if _drain(recv, job, progress, where) and proc.is_alive():
                     continue
                 proc.join(timeout=POLL_S)
                 if proc.is_alive():  # its pipe closed, yet the process lingers
                     proc.kill()
                     proc.join()
-                _drain(recv, job, progress)
+                _drain(recv, job, progress, where)
                 recv.close()
                 del running[recv]
                 free.append(slot)
-                gpu = {"gpu": slots[slot]} if slots[slot] is not None else {}
                 progress.lost(job, f"worker local:{slot} exited with code {proc.exitcode} before the job "
-                                   "finished", {"worker": f"local:{slot}", **gpu})
+                                   "finished", where)
     finally:
         for recv, (proc, _, _) in running.items():
             proc.kill()
@@ -151,11 +151,11 @@ def _start_with_gpu(proc, gpu: str | None) -> None:
             os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
-def _drain(recv, job: Job, progress: Progress) -> bool:
+def _drain(recv, job: Job, progress: Progress, placement: dict) -> bool:
     """Handle every message waiting on `recv`; False once its sender has closed it."""
     try:
         while recv.poll():
-            progress.handle(job, recv.recv())
+            progress.handle(job, recv.recv(), placement)
     except (EOFError, OSError):
         return False
     return True
@@ -204,7 +204,7 @@ def run_ray(bench, jobs: list[Job]) -> None:
                     reason = " ".join(f"Ray task failed: {e.__class__.__name__}: {e}".split())
                     progress.lost(job, reason, {"worker": "ray"})
                     continue
-                progress.handle(job, message)
+                progress.handle(job, message, {"worker": "ray"})
     finally:
         for gen in pending:  # an interrupted or refused sweep: its tasks stop
             try:
