@@ -22,6 +22,6 @@ if ! python -c "import torch" >/dev/null 2>&1; then
         python -m pip install -q torch==2.13.0
     fi
 fi
-python -m pip install -q -e ".[quant,dev]"
+python -m pip install -q -e ".[quant,dev,ray]"
 python -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}, cuda={torch.cuda.is_available()}')"
 echo "ready (nothing to activate): .venv/bin/python vila_prefix_benchmark.py runs the benchmark, .venv/bin/python -m pytest the tests"

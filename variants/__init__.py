@@ -44,6 +44,11 @@ def register(part: Part) -> Part:
     return part
 
 
+def registered() -> list[Part]:
+    """The parts added with register(), in order (a worker process registers them again)."""
+    return list(_registered.values())
+
+
 def unregister(name: str) -> Part:
     """Remove a part added with register() (the modules' own parts stay)."""
     if name not in _registered:

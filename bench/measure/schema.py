@@ -57,6 +57,11 @@ COLUMNS: tuple[Column, ...] = (
                                "compare (and another clean run is made)"),
     _c("device", "", None, "cuda | cpu"),
     _c("dtype", "", None, "compute dtype of the unquantized parts"),
+    _c("worker", "", None, "the process that measured the row: serial (the run's own), local:N (--executor "
+                           "local's worker N) or ray:<node id> (--executor ray)"),
+    _c("host", "", None, "host name of the machine that measured the row"),
+    _c("gpu", "", None, "the GPU that measured the row as the machine numbers it (through CUDA_VISIBLE_DEVICES); "
+                        "empty on the CPU"),
     _c("status", "", None, "ok | failed | skipped"),
     _c("error", "", None, "why a row is failed or skipped (empty when ok)"),
     _c("kind", "", None, "warmup | measured"),

@@ -22,6 +22,7 @@ DEFAULT_PRESET = "tiny-vila"
 MAX_TILES = 64  # InternVL tiles per still image (its processors use max_num 12, some configs up to 40)
 MAX_FRAMES = 4096  # sampled video frames (each is at least one image token of the prompt)
 PREPROCESS_PLACES = ("device", "cpu")
+EXECUTORS = ("serial", "local", "ray")
 MAX_CPU_THREADS = 1024
 PART_OPTIONS_AFTER = "max_new_tokens"  # where the variant parts' flags go in the field (and --help) order
 
@@ -71,6 +72,16 @@ class RunFields:
                                  "repeat its output)", "deterministic")
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
     device: str = opt("cuda, cuda:N, cpu or auto", "auto")
+    executor: str = opt("how the sweep's jobs (the variants sharing one loaded model) run: serial (this process), "
+                         "local (a worker process per --gpus entry, or --workers processes on --device cpu) or ray "
+                         "(a Ray task per job with a whole GPU; --ray-address) (default: local when --gpus or "
+                         "--workers is given, else serial)", "")
+    gpus: str | None = opt("local executor: GPUs to run workers on, one worker process per GPU (CUDA_VISIBLE_DEVICES "
+                           "set per worker), e.g. 0,1,2,3 or all")
+    workers: int = opt("local executor on --device cpu: worker processes; ray executor started here: logical GPUs "
+                       "the local Ray instance offers (0: the GPUs it finds)", 0)
+    ray_address: str | None = opt("ray executor: the cluster to join (auto: the one this machine belongs to, as under "
+                                  "`ray job submit`; default: start a local Ray instance)")
     preprocess: str = opt("where the image processor runs: device (the request's device, for processors that can: "
                           "transformers' torchvision-backed ones; any other stays on the host and env.json says "
                           "why) or cpu", "device")
@@ -129,6 +140,7 @@ class RunConfigBase:
             raise UsageError(f"unknown --preprocess {self.preprocess!r}; choose {' or '.join(PREPROCESS_PLACES)}")
         if not 0 <= self.cpu_threads <= MAX_CPU_THREADS:
             raise UsageError(f"--cpu-threads must be between 0 (auto) and {MAX_CPU_THREADS}, got {self.cpu_threads}")
+        self._check_executor()
         if self.video_mode not in VIDEO_MODES:
             raise UsageError(f"unknown --video-mode {self.video_mode!r}; choose {' or '.join(VIDEO_MODES)}")
         loaders = name_list(self.loader, "--loader", LOADERS)
@@ -142,6 +154,25 @@ class RunConfigBase:
             loaders if video and self.video_mode == "frames" else [])
         if self.max_runs == 0:
             self.max_runs = 20 * self.num_runs
+
+    def _check_executor(self) -> None:
+        if not self.executor:
+            self.executor = "local" if self.gpus or self.workers else "serial"
+        if self.executor not in EXECUTORS:
+            raise UsageError(f"unknown --executor {self.executor!r}; choose {', '.join(EXECUTORS)}")
+        if self.workers < 0:
+            raise UsageError("--workers must not be negative")
+        if self.executor != "local" and self.gpus:
+            raise UsageError(f"--gpus applies to --executor local (Ray gives each job a GPU), not {self.executor}")
+        if self.executor == "local":
+            if self.gpus and self.workers:
+                raise UsageError("give --gpus (a worker per GPU) or --workers (CPU worker processes), not both")
+            if not self.gpus and not self.workers:
+                raise UsageError("--executor local needs --gpus (e.g. 0,1 or all) or --workers N with --device cpu")
+            if self.gpus and self.gpus != "all":
+                int_list(self.gpus, "--gpus", 0)
+        if self.ray_address and self.executor != "ray":
+            raise UsageError("--ray-address applies to --executor ray")
 
     def part_options(self, cls: type):
         """The options dataclass `cls` filled from this config."""
@@ -214,7 +245,7 @@ RunConfig = config_class()
 
 # Settings that say where and how results are written, not what is measured: left out of the
 # configuration fingerprint --resume compares.
-NOT_FINGERPRINTED = ("output_dir", "append", "resume", "wide")
+NOT_FINGERPRINTED = ("output_dir", "append", "resume", "wide", "executor", "gpus", "workers", "ray_address")
 
 EXIT_CODES = """exit codes:
   0    every variant and point measured

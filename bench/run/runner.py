@@ -6,6 +6,8 @@ import functools
 import gc
 import hashlib
 import json
+import os
+import socket
 import time
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
@@ -21,6 +23,7 @@ from bench.run import envinfo, host
 from bench.run import fidelity
 from bench.run.preprocess import place_preprocessing
 from bench.run.config import NOT_FINGERPRINTED, RunConfig
+from bench.run.plan import Job, build_plan
 from bench.log import status
 from bench.errors import UsageError, VariantUnsupported
 from bench.run.monitors import GpuMonitor
@@ -119,8 +122,12 @@ def weight_mb(module: torch.nn.Module) -> float:
 
 
 class Benchmark:
-    def __init__(self, cfg: RunConfig, command: str = ""):
+    """`worker`: set when the run is one job of a sweep in a worker process (bench.run.worker):
+    its name, run_id, mode and --resume rows; the rows then go to `sink`, not to a directory."""
+
+    def __init__(self, cfg: RunConfig, command: str = "", worker: dict | None = None):
         self.cfg, self.command = cfg, command
+        self.sink = None  # where a worker's rows go (the parent writes them)
         # Everything a user can get wrong is checked before any model is loaded.
         self.variants = [parse_variant(s) for s in cfg.variant_specs]
         if not self.variants:
@@ -158,6 +165,13 @@ class Benchmark:
         gpu_index = (self.device.index or 0) if self.device.type == "cuda" else None
         self.monitor = GpuMonitor(gpu_index)
         self.reference: fidelity.FidelityReference | None = None
+        self.placement = {"worker": "serial", "host": socket.gethostname(), "gpu": _gpu_label(self.device)}
+        self.plan = build_plan(cfg)
+        self.summary: list[dict] | None = None
+        if worker is not None:
+            self.run_id, self.mode, self.prior = worker["run_id"], worker["mode"], worker["prior"]
+            self.placement["worker"] = worker["name"]
+            return
         # The results directory has one owner: refused here, before anything is written.
         self.mode = "resume" if cfg.resume else "append" if cfg.append else "new"
         check_output_dir(self.out_dir, self.mode)
@@ -172,7 +186,6 @@ class Benchmark:
         self.fingerprint, settings = config_fingerprint(asdict(cfg))
         if self.mode == "resume" and self.old_env is not None:
             self._prepare_resume(settings)
-        self.summary: list[dict] | None = None
 
     def _prepare_resume(self, settings: dict) -> None:
         old_settings = config_fingerprint(self.old_env.get("config") or {})[1]
@@ -286,40 +299,58 @@ class Benchmark:
         return (n >= cfg.num_runs and measured_s >= cfg.min_seconds) or n >= cfg.max_runs
 
     def _run_variants(self) -> None:
+        if self.cfg.executor == "serial":
+            for job in self.plan:
+                self.run_job(job)
+            return
+        from bench.run import executors
+
+        executors.run(self, self.plan)
+
+    def run_job(self, job: Job, finished=None) -> None:
+        """The job's variants in order, loading their weights once; `finished(name)` is called
+        as each variant's rows are all out."""
         loaded = None
-        for variant in self.variants:
-            base = self._base_row(variant)
-            if self.prior.get((variant.name, None)) or (
-                    self.mode == "resume" and all(self._point_done(variant.name, p) for p in self.cfg.points)):
-                continue  # --resume: this variant's outcome is in runs.csv already
-            try:
-                reason = variant.unavailable_reason(self.device) or variant.weights.source_reason(self.source)
-                if reason:
-                    self._emit({**base, "status": "skipped", "error": reason})
-                    continue
-                options = variant.weights.options(self.cfg)
-                if loaded is None or variant.weights.key(options) != loaded.weights_key:
-                    loaded = None
-                    self._free()
-                    status(f"{variant.name}: loading {variant.weights.name} weights")
-                    loaded = variant.weights.load(self.source, self.device, self.dtype, options)
-                    self._check_prompts(loaded.adapter)
-                self.preprocess_facts[variant.name] = place_preprocessing(
-                    loaded.adapter, self.cfg.preprocess, self.device, self.fidelity_visual)
-                probe = self.cfg.fidelity and not self.source.prequantized  # as _fidelity decides
-                status(f"{variant.name}: {'fidelity probe, then ' if probe else ''}measured runs")
-                fid = self._fidelity(variant, loaded)
-                self._measure_variant(variant, loaded, {**base, **fid})
-                continue
-            except VariantUnsupported as e:
-                self._emit({**base, "status": "skipped", "error": str(e)[:500]})
-                continue
-            except UsageError:  # the user's to fix (e.g. a prompt longer than the loaded model's context)
-                raise
-            except Exception as e:  # noqa: BLE001 - any fault (host or device out of memory too) is this variant's
-                self._emit({**base, "status": "failed", "error": _reason(e)})
-            loaded = None  # outside the handler: the exception's frames no longer hold its tensors
-            self._free()
+        for variant in (self.variants[i] for i in job.variants):
+            loaded = self._run_variant(variant, loaded)
+            if finished is not None:
+                finished(variant.name)
+
+    def _run_variant(self, variant, loaded):
+        """One variant's rows; returns the loaded model for the next variant (None when freed)."""
+        base = self._base_row(variant)
+        if self.prior.get((variant.name, None)) or (
+                self.mode == "resume" and all(self._point_done(variant.name, p) for p in self.cfg.points)):
+            return loaded  # --resume: this variant's outcome is in runs.csv already
+        try:
+            reason = variant.unavailable_reason(self.device) or variant.weights.source_reason(self.source)
+            if reason:
+                self._emit({**base, "status": "skipped", "error": reason})
+                return loaded
+            options = variant.weights.options(self.cfg)
+            if loaded is None or variant.weights.key(options) != loaded.weights_key:
+                loaded = None
+                self._free()
+                status(f"{variant.name}: loading {variant.weights.name} weights")
+                loaded = variant.weights.load(self.source, self.device, self.dtype, options)
+                self._check_prompts(loaded.adapter)
+            self.preprocess_facts[variant.name] = place_preprocessing(
+                loaded.adapter, self.cfg.preprocess, self.device, self.fidelity_visual)
+            probe = self.cfg.fidelity and not self.source.prequantized  # as _fidelity decides
+            status(f"{variant.name}: {'fidelity probe, then ' if probe else ''}measured runs")
+            fid = self._fidelity(variant, loaded)
+            self._measure_variant(variant, loaded, {**base, **fid})
+            return loaded
+        except VariantUnsupported as e:
+            self._emit({**base, "status": "skipped", "error": str(e)[:500]})
+            return loaded
+        except UsageError:  # the user's to fix (e.g. a prompt longer than the loaded model's context)
+            raise
+        except Exception as e:  # noqa: BLE001 - any fault (host or device out of memory too) is this variant's
+            self._emit({**base, "status": "failed", "error": _reason(e)})
+        loaded = None  # outside the handler: the exception's frames no longer hold its tensors
+        self._free()
+        return None
 
     def _check_prompts(self, adapter) -> None:
         """Every workload point's longest prompt (measured and warm-up questions, and the fidelity
@@ -419,9 +450,28 @@ class Benchmark:
         }
 
     def _emit(self, row: dict) -> None:
-        row = {"timestamp": utc_now(), "run_id": self.run_id, **row}
-        self.writer.write(row)
+        self.record({"timestamp": utc_now(), "run_id": self.run_id, **self.placement, **row})
+
+    def record(self, row: dict) -> None:
+        """A finished row: to the results directory's runs.csv (a worker's: to its sink)."""
+        if self.sink is not None:
+            self.sink(row)
+        else:
+            self.writer.write(row)
         self.rows.append(row)
+
+    def lost_job_rows(self, job: Job, finished: set[str], reason: str, placement: dict) -> None:
+        """Failed rows for the work a dead worker left: every workload point of each of the job's
+        variants not finished (nor already complete under --resume)."""
+        for variant in (self.variants[i] for i in job.variants):
+            if variant.name in finished or self.prior.get((variant.name, None)):
+                continue
+            for point in self.cfg.points:
+                if self.mode == "resume" and self._point_done(variant.name, point):
+                    continue
+                self.record({"timestamp": utc_now(), "run_id": self.run_id, **placement,
+                             **self._base_row(variant), **point.columns(), "status": "failed",
+                             "error": reason[:500]})
 
     # ------------------------------------------------------------------------------------
     def _measure_variant(self, variant, loaded, base: dict) -> None:
@@ -513,7 +563,8 @@ class Benchmark:
                 if done and self._group_done(done, fixed_n):
                     continue
                 bar = tqdm(total=fixed_n or cfg.num_runs, desc=f"{base['variant']} {point.label()} [{cache_state}]",
-                           leave=False, disable=None)
+                           leave=False,
+                           disable=None if self.placement["worker"] == "serial" else True)  # a sweep has one bar
                 done = [r for r in done if counts_in_summary(r)]
                 n, measured_s = len(done), sum(float(r.get("e2e_ms") or 0) for r in done) / 1e3
                 attempts = n
@@ -596,6 +647,15 @@ class Benchmark:
 
 
 GPU_PHASES = ("restore", "vision", "prefill", "store", "decode")  # timed with CUDA events on a GPU
+
+
+def _gpu_label(device: torch.device) -> str:
+    """The GPU as the machine numbers it (CUDA_VISIBLE_DEVICES maps this process's cuda:N)."""
+    if device.type != "cuda":
+        return ""
+    index = device.index or 0
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return visible[index] if index < len(visible) else str(index)
 
 
 def _reason(e: BaseException) -> str:

@@ -1,0 +1,113 @@
+"""A sweep's jobs in worker processes (the local executor) and Ray tasks give the rows the serial
+run gives; a worker that dies leaves failed rows for its job, and the sweep ends."""
+import csv
+import os
+
+import pytest
+
+import variants
+from bench.cli import run_main
+from bench.errors import UsageError
+from bench.run.config import config_from_args
+from bench.run.plan import build_plan, largest_first
+from variants.base import WeightsPart
+
+RUN = ["--preset", "tiny-vila", "--device", "cpu", "--num-runs", "2", "--min-seconds", "0", "--max-new-tokens", "4",
+       "--warmup", "0", "--no-fidelity"]
+SAME = ("model", "family", "weights", "variant", "engine", "device", "dtype", "status", "kind", "run_index", "question",
+        "cache_state", "cache_hit", "batch_size", "prompt_tokens", "new_tokens", "host", "gpu")
+
+
+class CrashWeights(WeightsPart):
+    """Weights whose loading ends the process at once, as a segfault or the OOM killer would."""
+    name = "crash"
+    description = "test part: loading ends the process"
+
+    def key(self, options) -> tuple:
+        return (self.name,)
+
+    def load(self, source, device, dtype, options):
+        os._exit(70)
+
+
+@pytest.fixture
+def crash():
+    part = variants.register(CrashWeights())
+    yield part
+    variants.unregister(part.name)
+
+
+def rows_of(out):
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    assert len({r["run_id"] for r in rows}) == 1
+    return rows
+
+
+def identity(rows):
+    """The rows less what differs run to run (timings, times, outputs, the process)."""
+    return sorted(tuple(r.get(k, "") for k in SAME) for r in rows)
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    out = tmp_path_factory.mktemp("serial") / "o"
+    assert run_main([*RUN, "--variants", "fp16,prefix", "--output-dir", str(out)]) == 0
+    rows = rows_of(out)
+    assert {r["worker"] for r in rows} == {"serial"}
+    return rows
+
+
+def test_plan_groups_variants_sharing_weights():
+    cfg = config_from_args(["--variants", "fp16,prefix,rtn4,rtn4+prefix,fp16+static"])
+    plan = build_plan(cfg)
+    assert [job.specs for job in plan] == [("fp16", "prefix"), ("rtn4", "rtn4+prefix"), ("fp16+static",)]
+    assert [v for job in plan for v in job.variants] == list(range(5))  # the serial order
+    assert [job.index for job in largest_first(plan)] == [0, 1, 2]
+    cfg = config_from_args(["--variants", "fp16,rtn4,rtn4+prefix", "--batch-size", "1,2"])
+    assert [job.size for job in largest_first(build_plan(cfg))] == [4, 2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "0", "--workers", "2"], "not both"),
+    (["--executor", "local"], "needs --gpus"),
+    (["--executor", "ray", "--gpus", "0"], "--gpus applies to --executor local"),
+    (["--ray-address", "auto"], "--ray-address applies to --executor ray"),
+    (["--executor", "slurm"], "unknown --executor"),
+    (["--gpus", "a,b"], "--gpus takes comma-separated whole numbers"),
+])
+def test_executor_flags_are_checked(args, message):
+    with pytest.raises(UsageError, match=message):
+        config_from_args(args)
+
+
+def test_gpu_workers_on_the_cpu_are_refused_and_nothing_is_written(tmp_path):
+    out = tmp_path / "o"
+    assert run_main([*RUN, "--gpus", "0", "--output-dir", str(out)]) == 2
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_local_workers_give_the_serial_rows_and_a_dead_worker_failed_rows(serial, crash, tmp_path):
+    out = tmp_path / "o"
+    assert run_main([*RUN, "--variants", "fp16,prefix,crash", "--workers", "2", "--output-dir", str(out)]) == 1
+    rows = rows_of(out)
+    lost = [r for r in rows if r["variant"] == "crash"]
+    assert [r["status"] for r in lost] == ["failed"]  # one per workload point
+    assert "worker local:" in lost[0]["error"] and "exited with code 70" in lost[0]["error"]
+    measured = [r for r in rows if r["variant"] != "crash"]
+    assert identity(measured) == identity(serial)
+    assert len({r["worker"] for r in measured}) == 1 and measured[0]["worker"].startswith("local:")
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    assert {r["variant"] for r in summary} >= {"fp16", "prefix"}
+
+
+def test_ray_tasks_give_the_serial_rows_and_a_dead_task_failed_rows(serial, crash, tmp_path):
+    pytest.importorskip("ray", reason="Ray is the optional 'ray' extra")
+    out = tmp_path / "o"
+    assert run_main([*RUN, "--variants", "fp16,prefix,crash", "--executor", "ray", "--workers", "2",
+                     "--output-dir", str(out)]) == 1
+    rows = rows_of(out)
+    lost = [r for r in rows if r["variant"] == "crash"]
+    assert [r["status"] for r in lost] == ["failed"] and "Ray task failed" in lost[0]["error"]
+    measured = [r for r in rows if r["variant"] != "crash"]
+    assert identity(measured) == identity(serial)
+    assert all(r["worker"].startswith("ray:") for r in measured)
