@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.py") 
     from bench.errors import UsageError
 
     argv = sys.argv[1:] if argv is None else argv
+    from bench.cli.endpoint import wants_endpoint
+
+    if wants_endpoint(argv):  # a server measured as its client
+        from bench.cli.endpoint import main as endpoint
+
+        return endpoint(argv, prog)
     try:
         cfg = config_from_args(argv, parser(prog))
         from bench.run.runner import Benchmark
