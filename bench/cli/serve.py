@@ -45,10 +45,34 @@ def main(argv: list[str]) -> int:
     from bench.serve.app import create_app
     from bench.serve.loading import load_engine
 
+    _Server = _server_class()
     engine, variant, model = load_engine(cfg)
     name = serve["served_model_name"] or model
     app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
                      cfg.num_frames, serve["max_tokens_limit"])
     status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1")
-    uvicorn.run(app, host=serve["host"], port=serve["port"], log_level="warning")
+    _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run()
+    status("server stopped")
     return 0
+
+
+def _server_class():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, ending with exit code 0 on SIGINT or SIGTERM once it has shut down
+        (uvicorn raises the captured signal again after its shutdown)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    return Server
