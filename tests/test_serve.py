@@ -100,6 +100,10 @@ def test_openai_client_streamed_and_not_match_the_in_process_engine(server, clie
     cold = engine.adapter.decode(engine.run(visual, question, 8).tokens)
     warm = engine.adapter.decode(engine.run(visual, question, 8).tokens)
     assert text in (cold, warm)  # greedy: the in-process engine's text, cache miss or hit as on the server
+    seen = []
+    engine.token_hook = seen.append  # what the server streams from: every position as it is generated
+    tokens = engine.run(visual, question, 8).tokens
+    assert [row[0] for row in seen] == tokens and engine.adapter.decode(tokens) == warm
 
 
 def test_a_malformed_request_gets_a_400_and_the_next_one_succeeds(server, client, image_url):

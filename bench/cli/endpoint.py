@@ -36,8 +36,8 @@ def parser(prog: str = f"{PROG} run") -> ArgumentParser:
                     help="shared: every request shows the same image (a prefix cache can reuse it); distinct: "
                          "each request a different image (default: shared)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals (default: 0)")
-    ap.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default: 600)")
-    ap.add_argument("--max-cv", type=float, default=0.10, help="summary validity: largest coefficient of variation")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default: 600.0)")
+    ap.add_argument("--max-cv", type=float, default=0.10, help="summary validity: largest coefficient of variation (default: 0.1)")
     ap.add_argument("--output-dir", default=None, help="results directory, new or empty (default: results/local/...)")
     return ap
 

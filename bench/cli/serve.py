@@ -20,7 +20,7 @@ def parser():
     ap.add_argument("--max-batch", type=int, default=1,
                     help="requests run together as one batch at most (default: 1)")
     ap.add_argument("--batch-window-ms", type=float, default=5.0,
-                    help="with --max-batch above 1: how long the worker waits for more requests (default: 5)")
+                    help="with --max-batch above 1: how long the worker waits for more requests (default: 5.0)")
     ap.add_argument("--served-model-name", default=None,
                     help="the model id clients send and /v1/models lists (default: the preset or checkpoint name)")
     ap.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default: 4096)")
