@@ -15,7 +15,9 @@ def parser(prog: str = f"{PROG} run"):
     quiet_libraries()
     from bench.run.config import build_parser
 
-    return build_parser(prog=prog, description=describe("run")[:-1] + " (runs.csv, summary.csv, env.json).")
+    return build_parser(prog=prog, description=describe("run")[:-1] + " (runs.csv, summary.csv, env.json). "
+                        "`--endpoint URL --model NAME` measures an OpenAI-compatible server instead "
+                        f"(`{prog} --endpoint URL --help`).")
 
 
 def main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.py") -> int:

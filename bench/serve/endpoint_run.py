@@ -15,7 +15,7 @@ from bench.measure.results import (DirLock, check_output_dir, new_run_id, run_wr
                                    write_summary)
 from bench.models.visual import load_image
 from bench.run import envinfo
-from bench.run.questions import load_questions, warmup_questions
+from bench.run.questions import warmup_questions
 from bench.run.summary import ValidityRule, summarize_runs
 from bench.serve import client as cl
 
