@@ -157,6 +157,13 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     assert len(ttft) == 4 and (ttft["n"] == 4).all()
     env = json.loads((out / "env.json").read_text())
     assert env["engine"] == "endpoint" and "uvicorn" in env["server"]
+    assert main(["summarize", str(out)]) == 0  # the results directory is an ordinary one
+
+    distinct = tmp_path / "distinct"
+    assert main(["run", "--endpoint", server["url"] + "/v1", "--model", MODEL, "--prefix", "distinct",
+                 "--num-prompts", "2", "--max-new-tokens", "2", "--output-dir", str(distinct)]) == 0
+    rows = pd.read_csv(distinct / "runs.csv")
+    assert (rows.loc[rows["kind"] == "measured", "server_prefix_hit_rate"] == 0.0).all()  # no image seen before
 
 
 def test_endpoint_mode_refuses_a_bad_flag_and_writes_nothing(tmp_path, capsys):

@@ -33,13 +33,14 @@ class Point:
         return f"c{self.concurrency} r{'inf' if math.isinf(self.rate) else f'{self.rate:g}'}"
 
 
-def image_urls(image_file: bytes, image, n: int, distinct: bool) -> list[str]:
+def image_urls(image_file: bytes, image, n: int, distinct: bool, start: int = 0) -> list[str]:
     """Each request's image as a data: URL: the image file itself for all (shared prefix), or a
-    different derived image each (distinct prefixes)."""
+    different derived image each (distinct prefixes: derived images start+1 .. start+n, never the
+    image itself)."""
     if not distinct:
         return [f"data:image/png;base64,{base64.b64encode(image_file).decode()}"] * n
     out = []
-    for im in derived_images(image, n):
+    for im in derived_images(image, start + n + 1)[start + 1:]:
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         out.append(f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}")

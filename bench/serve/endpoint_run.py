@@ -54,7 +54,10 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
             rows, server = asyncio.run(_measure(cfg, image_file, image, run_id, writer))
         finally:
             writer.close()
-        env = envinfo.collect(command, {}, {"config": {k: str(v) for k, v in vars(cfg).items()}, "run_id": run_id,
+        config = {k: str(v) for k, v in vars(cfg).items() if k != "api_key"}
+        # what `summarize` rebuilds summary.csv with (a point's requests are its runs)
+        config.update(num_runs=max(cfg.num_prompts, 1), min_seconds=0.0, max_cv=cfg.max_cv)
+        env = envinfo.collect(command, {}, {"config": config, "run_id": run_id,
                                             "model": cfg.model, "engine": "endpoint", "server": server})
         write_json(out / "env.json", env)
         summary = summarize_runs(rows, ValidityRule(max(cfg.num_prompts, 1), 0.0, cfg.max_cv))
@@ -73,15 +76,18 @@ async def _measure(cfg: EndpointConfig, image_file: bytes, image, run_id: str, w
         server = await cl.server_identity(client, base_url)
         metrics_url = base_url.removesuffix("/").removesuffix("/v1") + "/metrics"
         warm_qs = warmup_questions(cfg.questions) or cfg.questions
-        urls = cl.image_urls(image_file, image, cfg.num_prompts, cfg.distinct_images)
+        shared = cl.image_urls(image_file, image, 1, False)[0]
+        k = 0  # --prefix distinct: every request of the run shows an image no other request showed
         for new_tokens in cfg.new_tokens:
             for point in cfg.points:
+                urls = cl.image_urls(image_file, image, cfg.num_prompts, cfg.distinct_images, k)
+                k += cfg.num_prompts
                 base = {"run_id": run_id, "model": cfg.model, "family": "", "weights": "served",
                         "variant": point.label(), "engine": "endpoint", "device": "", "dtype": "",
                         "cache_state": "none", "batch_size": 1, "new_tokens": new_tokens, "num_images": 1,
                         "loader": "", "concurrency": point.concurrency,
                         "request_rate": "inf" if math.isinf(point.rate) else point.rate, "server": server}
-                warm = [cl.payload(cfg.model, warm_qs[i % len(warm_qs)], urls[0], new_tokens)
+                warm = [cl.payload(cfg.model, warm_qs[i % len(warm_qs)], shared, new_tokens)
                         for i in range(cfg.warmup)]
                 for i, result in enumerate(await cl.run_point(client, warm, cl.Point(1, math.inf), cfg.seed)):
                     rows.append(_emit(writer, {**base, **result, "kind": "warmup", "run_index": i,
