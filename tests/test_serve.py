@@ -139,7 +139,8 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
 
     out = tmp_path / "endpoint"
     code = main(["run", "--endpoint", server["url"] + "/v1", "--model", MODEL, "--concurrency", "1,4",
-                 "--request-rate", "50,inf", "--num-prompts", "4", "--max-new-tokens", "4", "--output-dir", str(out)])
+                 "--request-rate", "50,inf", "--num-prompts", "4", "--max-new-tokens", "4", "--slo", "ttft_ms=1e9",
+                 "--output-dir", str(out)])
     assert code == 0
     runs = pd.read_csv(out / "runs.csv")
     measured = runs[runs["kind"] == "measured"]
@@ -152,6 +153,7 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     # one shared image: after each point's warm-up every request reuses the server's cached prefix
     assert (measured["server_prefix_hit_rate"] == 1.0).all()
     assert measured["server"].str.contains("uvicorn").all()
+    assert measured["slo_met"].all() and (measured["goodput_rps"] > 0).all()  # a bound every request meets
     summary = pd.read_csv(out / "summary.csv")
     ttft = summary[summary["metric"] == "ttft_ms"]
     assert len(ttft) == 4 and (ttft["n"] == 4).all()
@@ -170,9 +172,10 @@ def test_endpoint_mode_refuses_a_bad_flag_and_writes_nothing(tmp_path, capsys):
     from bench.cli import main
 
     out = tmp_path / "never"
-    assert main(["run", "--endpoint", "http://127.0.0.1:9/v1", "--model", MODEL, "--request-rate", "0",
-                 "--output-dir", str(out)]) == 2
-    assert "--request-rate" in capsys.readouterr().err and not out.exists()
+    for flag, value in (("--request-rate", "0"), ("--slo", "ttft=5"), ("--concurrency", "0")):
+        assert main(["run", "--endpoint", "http://127.0.0.1:9/v1", "--model", MODEL, flag, value,
+                     "--output-dir", str(out)]) == 2
+        assert flag in capsys.readouterr().err and not out.exists()
 
 
 def test_the_server_stops_cleanly_on_sigterm(server):

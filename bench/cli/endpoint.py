@@ -38,8 +38,31 @@ def parser(prog: str = f"{PROG} run") -> ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals (default: 0)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default: 600.0)")
     ap.add_argument("--max-cv", type=float, default=0.10, help="summary validity: largest coefficient of variation (default: 0.1)")
+    ap.add_argument("--slo", default=None, help="goodput: bounds a request must meet, e.g. ttft_ms=500,tpot_ms=50 "
+                    f"(any of {', '.join(SLO_METRICS)}; default: none)")
     ap.add_argument("--output-dir", default=None, help="results directory, new or empty (default: results/local/...)")
     return ap
+
+
+SLO_METRICS = ("ttft_ms", "tpot_ms", "e2e_ms", "itl_p99_ms")
+
+
+def _slo(text: str | None) -> dict | None:
+    """'ttft_ms=500,tpot_ms=50' -> {'ttft_ms': 500.0, 'tpot_ms': 50.0}."""
+    if text is None:
+        return None
+    out = {}
+    for item in text.split(","):
+        name, _, value = item.strip().partition("=")
+        try:
+            bound = float(value)
+        except ValueError:
+            bound = -1.0
+        if name not in SLO_METRICS or not bound > 0:
+            raise UsageError(f"--slo takes name=bound pairs of {', '.join(SLO_METRICS)} with positive bounds, "
+                             f"got {text!r}")
+        out[name] = bound
+    return out
 
 
 def _rates(text: str) -> list[float]:
@@ -77,7 +100,8 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
         cfg = endpoint_run.EndpointConfig(
             ns.endpoint, ns.model, points, ns.num_prompts, int_list(ns.new_tokens, "--max-new-tokens"), image,
             load_questions(ns.questions, ns.text_prompt), ns.prefix == "distinct", ns.warmup, ns.seed,
-            Path(ns.output_dir) if ns.output_dir else None, ns.timeout, ns.max_cv, os.environ.get("OPENAI_API_KEY"))
+            Path(ns.output_dir) if ns.output_dir else None, ns.timeout, ns.max_cv, os.environ.get("OPENAI_API_KEY"),
+            _slo(ns.slo))
         out, rows, _ = endpoint_run.run(cfg, shlex.join([*prog.split(), *argv]))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -174,6 +174,10 @@ COLUMNS: tuple[Column, ...] = (
                                                       "requests, from the server's /metrics before and after "
                                                       "(vlm-bench serve's counters; vLLM's prefix_cache ones, in "
                                                       "tokens); empty when the server exposes none"),
+    _c("slo_met", "", None, "endpoint mode with --slo: the request succeeded within every bound given (e.g. "
+                            "ttft_ms=500,tpot_ms=50)"),
+    _c("goodput_rps", "requests/s", True, "endpoint mode with --slo: the point's requests that met the SLO per second "
+                                          "of the point's wall time (first request sent to last answer)"),
     _c("output_text", "", None, "decoded output (first 80 characters; meaningless for random weights)"),
 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +37,7 @@ class EndpointConfig:
     timeout_s: float
     max_cv: float
     api_key: str | None = None
+    slo: dict | None = None  # metric column -> bound (ms): goodput counts requests within every bound
 
 
 def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[dict]]:
@@ -95,8 +97,17 @@ async def _measure(cfg: EndpointConfig, image_file: bytes, image, run_id: str, w
                 questions = [cfg.questions[i % len(cfg.questions)] for i in range(cfg.num_prompts)]
                 bodies = [cl.payload(cfg.model, q, u, new_tokens) for q, u in zip(questions, urls)]
                 before = await cl.prefix_counters(client, metrics_url)
+                t0 = time.perf_counter()
                 results = await cl.run_point(client, bodies, point, cfg.seed)
+                wall_s = time.perf_counter() - t0
                 after = await cl.prefix_counters(client, metrics_url)
+                if cfg.slo:
+                    for r in results:
+                        r["slo_met"] = r["status"] == "ok" and all(
+                            r.get(k) is not None and r[k] <= bound for k, bound in cfg.slo.items())
+                    goodput = sum(r["slo_met"] for r in results) / wall_s
+                    for r in results:
+                        r["goodput_rps"] = goodput
                 hit_rate = None
                 if before and after and after[1] > before[1]:
                     hit_rate = (after[0] - before[0]) / (after[1] - before[1])
