@@ -10,11 +10,10 @@ import sys
 import time
 
 import httpx
+import openai
 import pytest
 
 from tests.conftest import ROOT
-
-openai = pytest.importorskip("openai")
 
 MODEL = "tiny-vila"
 SERVE = ["--preset", MODEL, "--device", "cpu", "--variants", "prefix", "--max-new-tokens", "8", "--max-batch", "4",

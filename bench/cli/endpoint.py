@@ -86,6 +86,9 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
 
     ns = parser(prog).parse_args(argv)
     try:
+        from bench.cli.serve import need_serve_extra
+
+        need_serve_extra()
         from bench.models.visual import check_image_file
         from bench.serve import client, endpoint_run
 

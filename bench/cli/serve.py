@@ -38,6 +38,7 @@ def main(argv: list[str]) -> int:
     if not 0 < serve["port"] < 65536:
         raise UsageError(f"--port {serve['port']}: not a TCP port")
     cfg = config_class()(**ns)
+    need_serve_extra()
 
     import uvicorn
 
@@ -54,6 +55,15 @@ def main(argv: list[str]) -> int:
     _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run()
     status("server stopped")
     return 0
+
+
+def need_serve_extra() -> None:
+    """A usage error naming the extra to install when the serving libraries are missing."""
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client", "httpx") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"serving needs {', '.join(missing)}: pip install -e '.[serve]'")
 
 
 def _server_class():
