@@ -26,6 +26,8 @@ def parser(prog: str = f"{PROG} run") -> ArgumentParser:
     ap.add_argument("--request-rate", default="inf", help="mean request arrivals per second (seeded Poisson), inf: "
                     "all at once; a list sweeps it, e.g. 2,8,inf (default: inf)")
     ap.add_argument("--num-prompts", type=int, default=10, help="measured requests per point (default: 10)")
+    ap.add_argument("--duration", type=float, default=None, help="seconds each point sends requests for, instead "
+                    "of --num-prompts (at rate inf: a new request whenever a concurrency slot frees; default: none)")
     ap.add_argument("--warmup", type=int, default=1, help="warm-up requests before each point (default: 1)")
     ap.add_argument("--max-new-tokens", "--new-tokens", dest="new_tokens", default="128",
                     help="max_tokens of each request; a list sweeps it (default: 128)")
@@ -94,8 +96,8 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
 
         if not ns.endpoint.startswith(("http://", "https://")):
             raise UsageError(f"--endpoint {ns.endpoint!r}: give an http:// or https:// URL")
-        if ns.num_prompts < 1 or ns.warmup < 0:
-            raise UsageError("--num-prompts must be at least 1 and --warmup not negative")
+        if ns.num_prompts < 1 or ns.warmup < 0 or (ns.duration is not None and not ns.duration > 0):
+            raise UsageError("--num-prompts must be at least 1, --duration positive and --warmup not negative")
         image = ns.image_path or str(DEMO_IMAGE)
         check_image_file(image, "--image-path")
         points = [client.Point(c, r) for c in int_list(ns.concurrency, "--concurrency")
@@ -104,7 +106,7 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
             ns.endpoint, ns.model, points, ns.num_prompts, int_list(ns.new_tokens, "--max-new-tokens"), image,
             load_questions(ns.questions, ns.text_prompt), ns.prefix == "distinct", ns.warmup, ns.seed,
             Path(ns.output_dir) if ns.output_dir else None, ns.timeout, ns.max_cv, os.environ.get("OPENAI_API_KEY"),
-            _slo(ns.slo))
+            _slo(ns.slo), ns.duration)
         out, rows, _ = endpoint_run.run(cfg, shlex.join([*prog.split(), *argv]))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

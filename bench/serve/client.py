@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import httpx
 
 from bench.measure.metrics import percentile
-from bench.run.workload import derived_images
+from bench.run.workload import derived_image
 
 
 @dataclass(frozen=True)
@@ -33,18 +33,15 @@ class Point:
         return f"c{self.concurrency} r{'inf' if math.isinf(self.rate) else f'{self.rate:g}'}"
 
 
-def image_urls(image_file: bytes, image, n: int, distinct: bool, start: int = 0) -> list[str]:
-    """Each request's image as a data: URL: the image file itself for all (shared prefix), or a
-    different derived image each (distinct prefixes: derived images start+1 .. start+n, never the
-    image itself)."""
-    if not distinct:
-        return [f"data:image/png;base64,{base64.b64encode(image_file).decode()}"] * n
-    out = []
-    for im in derived_images(image, start + n + 1)[start + 1:]:
-        buf = io.BytesIO()
-        im.save(buf, format="PNG")
-        out.append(f"data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}")
-    return out
+def data_url(png: bytes) -> str:
+    return f"data:image/png;base64,{base64.b64encode(png).decode()}"
+
+
+def distinct_image_url(image, i: int) -> str:
+    """The i-th request's own image (derived image i + 1: never the image itself) as a data: URL."""
+    buf = io.BytesIO()
+    derived_image(image, i + 1).save(buf, format="PNG")
+    return data_url(buf.getvalue())
 
 
 def payload(model: str, question: str, image_url: str, max_tokens: int) -> dict:
@@ -99,20 +96,36 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> dict:
     return row
 
 
-async def run_point(client: httpx.AsyncClient, bodies: list[dict], point: Point, seed: int) -> list[dict]:
-    """Every body sent as the point says; rows in the order sent."""
+async def run_point(client: httpx.AsyncClient, body, point: Point, seed: int, count: int | None,
+                    duration_s: float | None = None) -> list[dict]:
+    """Requests body(0), body(1), ... sent as the point says: `count` of them, or as many as
+    arrive within `duration_s` (at rate inf: a new one whenever one of the `concurrency` slots
+    frees); rows in the order sent."""
     rng = random.Random(seed)
     gate = asyncio.Semaphore(point.concurrency)
+    closed_loop = duration_s is not None and math.isinf(point.rate)
 
-    async def send(body):
-        async with gate:
-            return await one_request(client, body)
+    async def send(b, held: bool):
+        if not held:
+            await gate.acquire()
+        try:
+            return await one_request(client, b)
+        finally:
+            gate.release()
 
-    tasks = []
-    for i, body in enumerate(bodies):
+    tasks, t0, i = [], time.perf_counter(), 0
+    while (i < count) if duration_s is None else (time.perf_counter() - t0 < duration_s):
         if i and not math.isinf(point.rate):
             await asyncio.sleep(rng.expovariate(point.rate))
-        tasks.append(asyncio.create_task(send(body)))
+            if duration_s is not None and time.perf_counter() - t0 >= duration_s:
+                break
+        if closed_loop:
+            await gate.acquire()
+            if time.perf_counter() - t0 >= duration_s:
+                gate.release()
+                break
+        tasks.append(asyncio.create_task(send(body(i), closed_loop)))
+        i += 1
     return list(await asyncio.gather(*tasks))
 
 

@@ -37,7 +37,8 @@ class EndpointConfig:
     timeout_s: float
     max_cv: float
     api_key: str | None = None
-    slo: dict | None = None  # metric column -> bound (ms): goodput counts requests within every bound
+    slo: dict | None = None
+    duration_s: float | None = None  # a point sends requests for this long (instead of num_prompts)  # metric column -> bound (ms): goodput counts requests within every bound
 
 
 def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[dict]]:
@@ -78,12 +79,10 @@ async def _measure(cfg: EndpointConfig, image_file: bytes, image, run_id: str, w
         server = await cl.server_identity(client, base_url)
         metrics_url = base_url.removesuffix("/").removesuffix("/v1") + "/metrics"
         warm_qs = warmup_questions(cfg.questions) or cfg.questions
-        shared = cl.image_urls(image_file, image, 1, False)[0]
+        shared = cl.data_url(image_file)
         k = 0  # --prefix distinct: every request of the run shows an image no other request showed
         for new_tokens in cfg.new_tokens:
             for point in cfg.points:
-                urls = cl.image_urls(image_file, image, cfg.num_prompts, cfg.distinct_images, k)
-                k += cfg.num_prompts
                 base = {"run_id": run_id, "model": cfg.model, "family": "", "weights": "served",
                         "variant": point.label(), "engine": "endpoint", "device": "", "dtype": "",
                         "cache_state": "none", "batch_size": 1, "new_tokens": new_tokens, "num_images": 1,
@@ -91,28 +90,34 @@ async def _measure(cfg: EndpointConfig, image_file: bytes, image, run_id: str, w
                         "request_rate": "inf" if math.isinf(point.rate) else point.rate, "server": server}
                 warm = [cl.payload(cfg.model, warm_qs[i % len(warm_qs)], shared, new_tokens)
                         for i in range(cfg.warmup)]
-                for i, result in enumerate(await cl.run_point(client, warm, cl.Point(1, math.inf), cfg.seed)):
+                for i, result in enumerate(await cl.run_point(client, warm.__getitem__, cl.Point(1, math.inf),
+                                                              cfg.seed, len(warm))):
                     rows.append(_emit(writer, {**base, **result, "kind": "warmup", "run_index": i,
                                                "question": warm[i]["messages"][0]["content"][1]["text"]}))
-                questions = [cfg.questions[i % len(cfg.questions)] for i in range(cfg.num_prompts)]
-                bodies = [cl.payload(cfg.model, q, u, new_tokens) for q, u in zip(questions, urls)]
+
+                def body(i, start=k, new_tokens=new_tokens):
+                    url = cl.distinct_image_url(image, start + i) if cfg.distinct_images else shared
+                    return cl.payload(cfg.model, cfg.questions[i % len(cfg.questions)], url, new_tokens)
+
                 before = await cl.prefix_counters(client, metrics_url)
                 t0 = time.perf_counter()
-                results = await cl.run_point(client, bodies, point, cfg.seed)
+                results = await cl.run_point(client, body, point, cfg.seed, cfg.num_prompts, cfg.duration_s)
                 wall_s = time.perf_counter() - t0
+                k += len(results)
                 after = await cl.prefix_counters(client, metrics_url)
                 if cfg.slo:
                     for r in results:
                         r["slo_met"] = r["status"] == "ok" and all(
-                            r.get(k) is not None and r[k] <= bound for k, bound in cfg.slo.items())
+                            r.get(name) is not None and r[name] <= bound for name, bound in cfg.slo.items())
                     goodput = sum(r["slo_met"] for r in results) / wall_s
                     for r in results:
                         r["goodput_rps"] = goodput
                 hit_rate = None
                 if before and after and after[1] > before[1]:
                     hit_rate = (after[0] - before[0]) / (after[1] - before[1])
-                for i, (q, result) in enumerate(zip(questions, results)):
-                    rows.append(_emit(writer, {**base, **result, "kind": "measured", "run_index": i, "question": q,
+                for i, result in enumerate(results):
+                    rows.append(_emit(writer, {**base, **result, "kind": "measured", "run_index": i,
+                                               "question": cfg.questions[i % len(cfg.questions)],
                                                "server_prefix_hit_rate": hit_rate}))
     return rows, server
 

@@ -65,6 +65,7 @@ class Worker:
                 return None
             if not first.cancelled.is_set():
                 break
+            self.metrics.requests.labels("cancelled").inc()
         batch = [first]
         deadline = time.monotonic() + self.window_s
         while len(batch) < self.max_batch:
@@ -77,6 +78,7 @@ class Worker:
                 self.jobs.put(None)
                 break
             if job.cancelled.is_set():
+                self.metrics.requests.labels("cancelled").inc()
                 continue
             if job.request.max_tokens != first.request.max_tokens:
                 self._held = job  # runs next, still in arrival order
