@@ -7,7 +7,7 @@ from tests.conftest import ROOT
 # Higher layers may import lower ones, never the reverse. Modules at bench/ itself (errors, log)
 # are the base every layer may use.
 LAYERS = ["bench.measure", "bench.quant", "bench.models", "bench.engines", "variants", "bench.run",
-          "bench.analysis", "bench.cli"]
+          "bench.serve", "bench.analysis", "bench.cli"]
 PACKAGES = ("bench", "variants")
 
 

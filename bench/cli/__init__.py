@@ -20,6 +20,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "run": Command("run", "measure variants of a model; write a results directory"),
+    "serve": Command("serve", "serve a model, variant and engine over an OpenAI-compatible HTTP API"),
     "list": Command("listing", "list the presets, variant parts, engines and templates"),
     "summarize": Command("summarize", "rebuild summary.csv from a results directory's runs.csv"),
     "compare": Command("compare", "regression verdict between two results (the gate)"),

@@ -15,7 +15,9 @@ def parser(prog: str = f"{PROG} run"):
     quiet_libraries()
     from bench.run.config import build_parser
 
-    return build_parser(prog=prog, description=describe("run")[:-1] + " (runs.csv, summary.csv, env.json).")
+    return build_parser(prog=prog, description=describe("run")[:-1] + " (runs.csv, summary.csv, env.json). "
+                        "`--endpoint URL --model NAME` measures an OpenAI-compatible server instead "
+                        f"(`{prog} --endpoint URL --help`).")
 
 
 def main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.py") -> int:
@@ -26,6 +28,12 @@ def main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.py") 
     from bench.errors import UsageError
 
     argv = sys.argv[1:] if argv is None else argv
+    from bench.cli.endpoint import wants_endpoint
+
+    if wants_endpoint(argv):  # a server measured as its client
+        from bench.cli.endpoint import main as endpoint
+
+        return endpoint(argv, prog)
     try:
         cfg = config_from_args(argv, parser(prog))
         from bench.run.runner import Benchmark

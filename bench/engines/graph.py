@@ -283,4 +283,6 @@ class GraphEngine(StaticEngine):
             self._decode_graph(token.shape[0], key_len).graph.replay()
             out.append(tok.clone())
             tl.mark("decode")
+            if self.token_hook is not None:
+                self.token_hook(out[-1].tolist())
         return out

@@ -63,6 +63,9 @@ class HFCache:
 class HFEngine:
     name = "hf"
     default_spec = EngineSpec()  # reads `attention` only
+    # Called with every row's token ids (list[int]) as each position is generated: the first after
+    # prefill, then after every decode step (a server streams them). None: no per-token host sync.
+    token_hook = None
 
     def __init__(self, adapter: VLMAdapter, policy: CachePolicy, spec: EngineSpec | None = None):
         self.adapter, self.policy = adapter, policy
@@ -148,6 +151,8 @@ class HFEngine:
             token = self.decode_step(token, cache)[:, -1].argmax(-1)
             out.append(token)
             tl.mark("decode")
+            if self.token_hook is not None:
+                self.token_hook(token.tolist())
         return out
 
     def _encode_rows(self, prepared: list, rows: list[int]) -> list[torch.Tensor]:
@@ -240,6 +245,8 @@ class HFEngine:
             tl.mark("prefill")
             cached = lengths[0]
 
+        if self.token_hook is not None:
+            self.token_hook(first)
         generated = self.decode(token, cache, max_new_tokens - 1, tl)
         rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in first]
         batch_tokens = [[f] + r for f, r in zip(first, rows)]

@@ -35,7 +35,8 @@ def _c(name, unit, better, description, summarized=False, label=""):
     return Column(name, unit, better, description, summarized, label)
 
 
-ENGINES = ("hf (transformers eager forward + DynamicCache) | static (own decoder over fixed KV buffers, eager) | "
+ENGINES = ("endpoint (an OpenAI-compatible server, measured as its client: `run --endpoint`) | "
+           "hf (transformers eager forward + DynamicCache) | static (own decoder over fixed KV buffers, eager) | "
            "graph (static + CUDA graphs: compiled decode step, suffix buckets, one-row prefill per 64-token "
            "bucket, vision tower) | graph-exact (graph doing transformers' arithmetic: logits bit-identical to "
            "hf's, a decode graph per attended length)")
@@ -167,6 +168,21 @@ COLUMNS: tuple[Column, ...] = (
                                                  "equals the baseline's", True),
     _c("fidelity_probe", "", None, "the question the fidelity columns were measured on (against fp16 weights, hf "
                                    "engine, no cache)"),
+    _c("concurrency", "requests", None, "endpoint mode: requests in flight at most (--concurrency); empty in-process"),
+    _c("request_rate", "requests/s", None, "endpoint mode: mean arrival rate of the seeded Poisson arrivals "
+                                           "(--request-rate; inf: all at once, held to the concurrency)"),
+    _c("output_tokens", "tokens", None, "endpoint mode: tokens the server generated (its usage, else the content "
+                                        "chunks counted)"),
+    _c("server", "", None, "endpoint mode: the server's URL and what it says it is (its `server` header, its "
+                           "/version)"),
+    _c("server_prefix_hit_rate", "share (0-1)", True, "endpoint mode: prefix-cache hits / lookups over the point's "
+                                                      "requests, from the server's /metrics before and after "
+                                                      "(vlm-bench serve's counters; vLLM's prefix_cache ones, in "
+                                                      "tokens); empty when the server exposes none"),
+    _c("slo_met", "", None, "endpoint mode with --slo: the request succeeded within every bound given (e.g. "
+                            "ttft_ms=500,tpot_ms=50)"),
+    _c("goodput_rps", "requests/s", True, "endpoint mode with --slo: the point's requests that met the SLO per second "
+                                          "of the point's wall time (first request sent to last answer)"),
     _c("output_text", "", None, "decoded output (first 80 characters; meaningless for random weights)"),
 )
 

@@ -93,18 +93,22 @@ def question_of_length(count_tokens, question: str, n: int) -> str:
     return text
 
 
+_DERIVE = (lambda im: im, ImageOps.mirror, ImageOps.flip, lambda im: im.rotate(180), ImageOps.invert,
+           ImageOps.grayscale, lambda im: ImageOps.solarize(im, 128), lambda im: ImageOps.posterize(im, 3))
+
+
+def derived_image(image: Image.Image, i: int) -> Image.Image:
+    """The i-th derived image: the image, then deterministic flips, rotations and tone changes of
+    it (same size, different content); past the transforms, their cycle with shifted hues."""
+    im = _DERIVE[i % len(_DERIVE)](image).convert("RGB")
+    if i >= len(_DERIVE):
+        im = Image.eval(im, lambda v, s=i: (v + 37 * (s // len(_DERIVE))) % 256)
+    return im
+
+
 def derived_images(image: Image.Image, k: int) -> list[Image.Image]:
-    """`k` distinct images for a multi-image prompt: the image, then deterministic flips,
-    rotations and tone changes of it (same size, different content)."""
-    ops = [lambda im: im, ImageOps.mirror, ImageOps.flip, lambda im: im.rotate(180), ImageOps.invert,
-           ImageOps.grayscale, lambda im: ImageOps.solarize(im, 128), lambda im: ImageOps.posterize(im, 3)]
-    out = []
-    for i in range(k):
-        im = ops[i % len(ops)](image).convert("RGB")
-        if i >= len(ops):  # more images than transforms: shift the hue of the cycle
-            im = Image.eval(im, lambda v, s=i: (v + 37 * (s // len(ops))) % 256)
-        out.append(im)
-    return out
+    """`k` distinct images for a multi-image prompt (derived_image 0 .. k-1)."""
+    return [derived_image(image, i) for i in range(k)]
 
 
 class RequestSource:

@@ -1,0 +1,117 @@
+"""`vlm-bench run --endpoint URL --model NAME`: the run's workload against an OpenAI-compatible server
+(bench.serve.client), written as a results directory like an in-process run's."""
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from bench.cli import PROG
+from bench.errors import ArgumentParser, UsageError
+
+
+def wants_endpoint(argv: list[str]) -> bool:
+    return any(a == "--endpoint" or a.startswith("--endpoint=") for a in argv)
+
+
+def parser(prog: str = f"{PROG} run") -> ArgumentParser:
+    ap = ArgumentParser(prog=f"{prog} --endpoint", description="Measure an OpenAI-compatible server on the run's "
+                        "workload (streamed chat completions with the image as a data: URL).")
+    ap.add_argument("--endpoint", required=True, help="the server's OpenAI API base URL, e.g. http://127.0.0.1:8000/v1")
+    ap.add_argument("--model", required=True, help="the model name the server serves (its /v1/models id)")
+    ap.add_argument("--concurrency", default="1", help="requests in flight at most; a list sweeps it, e.g. 1,4,16 "
+                    "(default: 1)")
+    ap.add_argument("--request-rate", default="inf", help="mean request arrivals per second (seeded Poisson), inf: "
+                    "all at once; a list sweeps it, e.g. 2,8,inf (default: inf)")
+    ap.add_argument("--num-prompts", type=int, default=10, help="measured requests per point (default: 10)")
+    ap.add_argument("--duration", type=float, default=None, help="seconds each point sends requests for, instead "
+                    "of --num-prompts (at rate inf: a new request whenever a concurrency slot frees; default: none)")
+    ap.add_argument("--warmup", type=int, default=1, help="warm-up requests before each point (default: 1)")
+    ap.add_argument("--max-new-tokens", "--new-tokens", dest="new_tokens", default="128",
+                    help="max_tokens of each request; a list sweeps it (default: 128)")
+    ap.add_argument("--image-path", default=None, help="image file (default: the demo image)")
+    ap.add_argument("--text-prompt", default=None, help="the question (default: the built-in list)")
+    ap.add_argument("--questions", default=None, help="file with one question per line")
+    ap.add_argument("--prefix", choices=("shared", "distinct"), default="shared",
+                    help="shared: every request shows the same image (a prefix cache can reuse it); distinct: "
+                         "each request a different image (default: shared)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the Poisson arrivals (default: 0)")
+    ap.add_argument("--timeout", type=float, default=600.0, help="seconds a request may take (default: 600.0)")
+    ap.add_argument("--max-cv", type=float, default=0.10, help="summary validity: largest coefficient of variation (default: 0.1)")
+    ap.add_argument("--slo", default=None, help="goodput: bounds a request must meet, e.g. ttft_ms=500,tpot_ms=50 "
+                    f"(any of {', '.join(SLO_METRICS)}; default: none)")
+    ap.add_argument("--output-dir", default=None, help="results directory, new or empty (default: results/local/...)")
+    return ap
+
+
+SLO_METRICS = ("ttft_ms", "tpot_ms", "e2e_ms", "itl_p99_ms")
+
+
+def _slo(text: str | None) -> dict | None:
+    """'ttft_ms=500,tpot_ms=50' -> {'ttft_ms': 500.0, 'tpot_ms': 50.0}."""
+    if text is None:
+        return None
+    out = {}
+    for item in text.split(","):
+        name, _, value = item.strip().partition("=")
+        try:
+            bound = float(value)
+        except ValueError:
+            bound = -1.0
+        if name not in SLO_METRICS or not bound > 0:
+            raise UsageError(f"--slo takes name=bound pairs of {', '.join(SLO_METRICS)} with positive bounds, "
+                             f"got {text!r}")
+        out[name] = bound
+    return out
+
+
+def _rates(text: str) -> list[float]:
+    out = []
+    for x in text.split(","):
+        x = x.strip()
+        try:
+            v = math.inf if x == "inf" else float(x)
+        except ValueError:
+            v = -1.0
+        if not v > 0:
+            raise UsageError(f"--request-rate takes positive numbers or inf, got {text!r}")
+        out.append(v)
+    return list(dict.fromkeys(out))
+
+
+def main(argv: list[str], prog: str = f"{PROG} run") -> int:
+    from bench.run.config import DEMO_IMAGE
+    from bench.run.questions import load_questions
+    from bench.run.workload import int_list
+
+    ns = parser(prog).parse_args(argv)
+    try:
+        from bench.cli.serve import need_serve_extra
+
+        need_serve_extra()
+        from bench.models.visual import check_image_file
+        from bench.serve import client, endpoint_run
+
+        if not ns.endpoint.startswith(("http://", "https://")):
+            raise UsageError(f"--endpoint {ns.endpoint!r}: give an http:// or https:// URL")
+        if ns.num_prompts < 1 or ns.warmup < 0 or (ns.duration is not None and not ns.duration > 0):
+            raise UsageError("--num-prompts must be at least 1, --duration positive and --warmup not negative")
+        image = ns.image_path or str(DEMO_IMAGE)
+        check_image_file(image, "--image-path")
+        points = [client.Point(c, r) for c in int_list(ns.concurrency, "--concurrency")
+                  for r in _rates(ns.request_rate)]
+        cfg = endpoint_run.EndpointConfig(
+            ns.endpoint, ns.model, points, ns.num_prompts, int_list(ns.new_tokens, "--max-new-tokens"), image,
+            load_questions(ns.questions, ns.text_prompt), ns.prefix == "distinct", ns.warmup, ns.seed,
+            Path(ns.output_dir) if ns.output_dir else None, ns.timeout, ns.max_cv, os.environ.get("OPENAI_API_KEY"),
+            _slo(ns.slo), ns.duration)
+        out, rows, _ = endpoint_run.run(cfg, shlex.join([*prog.split(), *argv]))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    measured = [r for r in rows if r["kind"] == "measured"]
+    ok = [r for r in measured if r["status"] == "ok"]
+    print(f"{len(ok)}/{len(measured)} measured requests ok; rows in {out}/runs.csv, summary in {out}/summary.csv")
+    return 3 if not ok else 1 if len(ok) < len(measured) else 0

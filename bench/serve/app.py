@@ -1,0 +1,156 @@
+"""`vlm-bench serve`'s HTTP application: OpenAI-compatible chat completions over one loaded engine.
+
+Framework: FastAPI on uvicorn. The engine runs on its own thread (bench.serve.worker), so the
+server's job is many concurrent connections that mostly wait: an asyncio server does that on one
+thread, Server-Sent Events are a StreamingResponse, and a client that disconnects cancels its
+response generator (which cancels its job). FastAPI + uvicorn is also what vLLM and SGLang serve
+their OpenAI APIs with, so the HTTP layer measured here is the one those servers add.
+
+Streaming sends each token's text as the engine generates it (the engines' per-token hook), so a
+client's time to the first content chunk is the engine's time to its first token plus HTTP.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from bench.serve.metrics import CONTENT_TYPE, ServerMetrics
+from bench.serve.protocol import ApiError, parse_chat
+from bench.serve.worker import Job, Worker
+
+
+class TextStream:
+    """Token ids -> text deltas whose concatenation is the decoded whole (a delta is held back
+    while the text decoded so far is not an extension of what was sent)."""
+
+    def __init__(self, decode):
+        self.decode, self.tokens, self.sent = decode, [], ""
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.decode(self.tokens)
+        if not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def rest(self) -> str:
+        """At the end: whatever the whole text adds to what was sent (replacing nothing)."""
+        text = self.decode(self.tokens)
+        return text[len(self.sent):] if text.startswith(self.sent) else ""
+
+
+def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int = 1, window_s: float = 0.005,
+               num_frames: int = 8, max_tokens_limit: int = 4096) -> FastAPI:
+    metrics = ServerMetrics()
+    worker = Worker(engine, metrics, max_batch, window_s)
+    decode = engine.adapter.decode
+    created = int(time.time())
+
+    async def lifespan(app):
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="vlm-bench", lifespan=lifespan)
+    app.state.worker = worker
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        if e.status < 500:
+            metrics.requests.labels("invalid").inc()
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "vlm-bench"}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.text(), media_type=CONTENT_TYPE)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError("the request body is not valid JSON") from None
+        if isinstance(body, dict) and body.get("model") not in (None, model_name):
+            raise ApiError(f"model {body.get('model')!r} is not served here; this server serves {model_name!r}",
+                           status=404, param="model", kind="not_found_error")
+        chat_request = await asyncio.to_thread(parse_chat, body, default_max_tokens, max_tokens_limit, num_frames)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        job = Job(chat_request, lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+        worker.submit(job)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        head = {"id": rid, "created": int(time.time()), "model": model_name}
+        if chat_request.stream:
+            return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage),
+                                     media_type="text/event-stream")
+        text = TextStream(decode)
+        try:
+            while True:
+                kind, value = await events.get()
+                if kind == "token":
+                    text.add(value)
+                elif kind == "error":
+                    raise ApiError(value, status=500, kind="server_error")
+                else:
+                    break
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.decode(text.tokens)},
+                             "finish_reason": "length"}],
+                "usage": value["usage"]}
+
+    return app
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_usage: bool):
+    """The chunks of a streamed completion (OpenAI's format), then [DONE]; cancelling the job
+    when the client goes away (the generator is closed or cancelled)."""
+    text = TextStream(decode)
+
+    def chunk(delta: dict, finish=None) -> str:
+        return _sse({**head, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await events.get()
+            if kind == "token":
+                delta = text.add(value)
+                if delta:
+                    yield chunk({"content": delta})
+            elif kind == "error":
+                yield _sse({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
+                break
+            else:
+                rest = text.rest()
+                if rest:
+                    yield chunk({"content": rest})
+                yield chunk({}, "length")
+                if include_usage:
+                    yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": value["usage"]})
+                break
+        yield _sse("[DONE]")
+    finally:
+        job.cancelled.set()  # a no-op once the job is done; frees its slot when the client left early

@@ -1,0 +1,32 @@
+"""One engine for a server, loaded as the runner loads a variant's (weights, cache policy, engine)."""
+from __future__ import annotations
+
+from bench.errors import UsageError
+from bench.models.source import ModelSource
+from bench.models.visual import load_image
+from bench.run import host
+from bench.run.preprocess import place_preprocessing
+from bench.run.runner import resolve_device, resolve_dtype
+from variants import parse_variant
+
+
+def load_engine(cfg):
+    """(engine, variant name, model name) for a run config naming exactly one variant."""
+    specs = cfg.variant_specs
+    if len(specs) != 1:
+        raise UsageError(f"serve runs one variant; --variants/--engine name {len(specs)}: {', '.join(specs)}")
+    variant = parse_variant(specs[0])
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    host.set_cpu_threads(host.cpu_threads(cfg.cpu_threads, device))
+    source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
+    reason = variant.unavailable_reason(device) or variant.weights.source_reason(source)
+    if reason:
+        raise UsageError(f"variant {variant.name} cannot run here: {reason}")
+    options = variant.weights.options(cfg)
+    loaded = variant.weights.load(source, device, dtype, options)
+    place_preprocessing(loaded.adapter, cfg.preprocess, device, load_image(cfg.image_path))
+    policy = variant.cache.make_policy(variant.cache.options(cfg), loaded.weights_key)
+    engine = variant.engine.make_engine(loaded.adapter, policy, attention=cfg.attention_kernels,
+                                        **variant.weights.engine_options(options))
+    return engine, variant.name, source.name

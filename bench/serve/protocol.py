@@ -1,0 +1,143 @@
+"""The OpenAI chat-completions request a server accepts, checked into what an engine runs.
+
+Content parts: `text`, `image_url` (a `data:` URL or a local path, `file://` or plain) and
+`video_url` (the same; its frames sampled uniformly as the run's --num-frames). The question is the
+text of the last user message; the model's template supplies the system prompt (which, with the
+images, is the cacheable prefix), so `system` messages and earlier turns are not sent to the model.
+Decoding is greedy and fixed-length as in every measured run: `temperature` above 0 and `n` above 1
+are refused, and a request generates exactly `max_tokens` tokens (finish_reason `length`).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from bench.models.visual import VisualInput
+
+
+class ApiError(Exception):
+    """A request the server refuses: HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.kind = status, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": None}}
+
+
+@dataclass
+class ChatRequest:
+    visual: VisualInput
+    question: str
+    max_tokens: int
+    stream: bool
+    include_usage: bool = False
+
+
+def _bytes_of(url: str, param: str) -> bytes:
+    """A `data:` URL's payload or a local file's bytes (remote URLs are not fetched)."""
+    if url.startswith("data:"):
+        head, _, payload = url.partition(",")
+        if ";base64" not in head:
+            raise ApiError("data: URLs must be base64-encoded", param=param)
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError("the data: URL is not valid base64", param=param) from None
+    if url.startswith(("http://", "https://")):
+        raise ApiError("remote URLs are not fetched: send a data: URL or a path on the server", param=param)
+    path = Path(url.removeprefix("file://"))
+    if not path.is_file():
+        raise ApiError(f"no such file on the server: {path}", param=param)
+    return path.read_bytes()
+
+
+def _image(url: str, param: str) -> tuple[Image.Image, bytes]:
+    data = _bytes_of(url, param)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB"), data
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        raise ApiError(f"the image cannot be decoded ({e.__class__.__name__})", param=param) from None
+
+
+def _video(url: str, param: str, num_frames: int) -> VisualInput:
+    from bench.errors import UsageError
+    from bench.run.media import FrameSource
+
+    data = _bytes_of(url, param)
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as f:
+        f.write(data)
+        f.flush()
+        try:
+            return FrameSource(f.name, None, num_frames).clip()
+        except (UsageError, OSError, ValueError) as e:
+            raise ApiError(f"the video cannot be decoded ({e})", param=param) from None
+
+
+def _url(part: dict, key: str, param: str) -> str:
+    value = part.get(key)
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url:
+        raise ApiError(f"{key} needs a url", param=param)
+    return url
+
+
+def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames: int = 8) -> ChatRequest:
+    """A request body (parsed JSON) as a ChatRequest; ApiError (400) naming what is wrong."""
+    if not isinstance(body, dict):
+        raise ApiError("the request body must be a JSON object")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ApiError("messages must be a non-empty list of message objects", param="messages")
+    temperature = body.get("temperature")
+    if temperature is not None and (not isinstance(temperature, (int, float)) or temperature > 0):
+        raise ApiError("only greedy decoding is served: temperature must be 0 or absent", param="temperature")
+    if body.get("n") not in (None, 1):
+        raise ApiError("n must be 1", param="n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = default_max_tokens if max_tokens is None else max_tokens
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_tokens_limit:
+        raise ApiError(f"max_tokens must be a whole number from 1 to {max_tokens_limit}", param="max_tokens")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError("stream must be true or false", param="stream")
+    options = body.get("stream_options") or {}
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    if not users:
+        raise ApiError("no user message", param="messages")
+    i = users[-1]
+    content = messages[i].get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+        raise ApiError("content must be a string or a list of content parts", param=f"messages[{i}].content")
+    texts, images, encoded, video = [], [], [], None
+    for j, part in enumerate(parts):
+        param = f"messages[{i}].content[{j}]"
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            image, data = _image(_url(part, "image_url", param), param)
+            images.append(image)
+            encoded.append(data)
+        elif kind == "video_url":
+            if video is not None:
+                raise ApiError("one video per request", param=param)
+            video = _video(_url(part, "video_url", param), param, num_frames)
+        else:
+            raise ApiError(f"unsupported content part {kind!r}: text, image_url or video_url", param=param)
+    if video is not None and images:
+        raise ApiError("a request shows images or a video, not both", param=f"messages[{i}].content")
+    if video is None and not images:
+        raise ApiError("a request needs an image_url or a video_url", param=f"messages[{i}].content")
+    visual = video or VisualInput(tuple(images), encoded=tuple(encoded))
+    return ChatRequest(visual, " ".join(texts), max_tokens, stream, bool(options.get("include_usage")))

@@ -1,0 +1,126 @@
+"""The one thread that runs the engine (engines are not thread-safe) and the FIFO queue in front of it.
+
+Jobs run in arrival order. With --max-batch N the worker, after taking a job, waits up to the
+batching window for more and runs up to N consecutive jobs with the same max_tokens as one batch
+(the engines' run_batch). Tokens reach each job as the engine produces them (the engines' per-token
+hook). A job whose client went away is dropped before it runs; a batch whose jobs have all gone
+away stops at its next token, so a disconnected client frees its slot.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from bench.serve.metrics import ServerMetrics
+from bench.serve.protocol import ChatRequest
+
+
+class _Abandoned(Exception):
+    """Every job of the running batch was cancelled."""
+
+
+@dataclass(eq=False)
+class Job:
+    request: ChatRequest
+    # Called on the worker thread: ("token", int) per generated token, then ("done", dict) or
+    # ("error", str). The server hands these to the request's event loop.
+    emit: Callable[[str, object], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class Worker:
+    def __init__(self, engine, metrics: ServerMetrics, max_batch: int = 1, window_s: float = 0.005):
+        self.engine, self.metrics = engine, metrics
+        self.max_batch, self.window_s = max_batch, window_s
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self._held: Job | None = None  # taken from the queue, not batchable with the batch before it
+        self._thread = threading.Thread(target=self._loop, name="engine-worker", daemon=True)
+        self.stateful = getattr(engine.policy, "stateful", False)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.jobs.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+        self.metrics.queue_depth.inc()
+
+    def _take(self, block: bool, timeout: float | None = None) -> Job | None:
+        job = self.jobs.get(block, timeout)
+        if job is not None:
+            self.metrics.queue_depth.dec()
+        return job
+
+    def _next_batch(self) -> list[Job] | None:
+        """The next batch (None: stop). Cancelled jobs are dropped here."""
+        while True:
+            first, self._held = self._held or self._take(True), None
+            if first is None:
+                return None
+            if not first.cancelled.is_set():
+                break
+            self.metrics.requests.labels("cancelled").inc()
+        batch = [first]
+        deadline = time.monotonic() + self.window_s
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                job = self._take(left > 0, max(left, 0)) if left > 0 else self._take(False)
+            except queue.Empty:
+                break
+            if job is None:  # stop after this batch
+                self.jobs.put(None)
+                break
+            if job.cancelled.is_set():
+                self.metrics.requests.labels("cancelled").inc()
+                continue
+            if job.request.max_tokens != first.request.max_tokens:
+                self._held = job  # runs next, still in arrival order
+                break
+            batch.append(job)
+        return batch
+
+    def _loop(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        engine = self.engine
+
+        def hook(tokens: list[int]) -> None:
+            if all(job.cancelled.is_set() for job in batch):
+                raise _Abandoned
+            for job, token in zip(batch, tokens):
+                if not job.cancelled.is_set():
+                    job.emit("token", token)
+
+        engine.token_hook = hook
+        try:
+            result = engine.run_batch([(j.request.visual, j.request.question) for j in batch],
+                                      batch[0].request.max_tokens)
+        except _Abandoned:
+            self.metrics.requests.labels("cancelled").inc(len(batch))
+            return
+        except Exception as e:  # noqa: BLE001 - the batch fails, the server keeps serving
+            for job in batch:
+                job.emit("error", f"{e.__class__.__name__}: {e}")
+            self.metrics.requests.labels("error").inc(len(batch))
+            return
+        finally:
+            engine.token_hook = None
+        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": batch[0].request.max_tokens}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        for job in batch:
+            job.emit("done", {"usage": usage, "cached_tokens": result.cached_tokens, "cache_hit": result.cache_hit})
+        m = self.metrics
+        m.requests.labels("ok").inc(len(batch))
+        m.prompt_tokens.inc(usage["prompt_tokens"] * len(batch))
+        m.generated_tokens.inc(usage["completion_tokens"] * len(batch))
+        if self.stateful:
+            (m.prefix_hits if result.cache_hit else m.prefix_misses).inc(len(batch))

@@ -1,0 +1,188 @@
+"""`vlm-bench serve` on loopback with tiny-vila on the CPU, driven by the official openai client and by
+`vlm-bench run --endpoint`; the server is a real subprocess (one for the module)."""
+import base64
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ROOT
+
+MODEL = "tiny-vila"
+SERVE = ["--preset", MODEL, "--device", "cpu", "--variants", "prefix", "--max-new-tokens", "8", "--max-batch", "4",
+         "--batch-window-ms", "20", "--cpu-threads", "1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "bench", "serve", *SERVE, "--port", str(port)], cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not come up: {log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    yield {"url": url, "proc": proc, "log": log}
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def image_url():
+    from bench.run.config import DEMO_IMAGE
+
+    return "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
+
+
+def _messages(question, image_url):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                         {"type": "text", "text": question}]}]
+
+
+def _cancelled(url: str) -> float:
+    """vlm-bench serve's count of requests whose clients went away before they finished."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "vlm_requests_total" and s.labels.get("status") == "cancelled")
+
+
+def test_openai_client_streamed_and_not_match_the_in_process_engine(server, client, image_url):
+    from bench.models.visual import VisualInput, load_image
+    from bench.run.config import DEMO_IMAGE, config_class
+    from bench.serve.loading import load_engine
+
+    question = "What is in the picture?"
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    whole = client.chat.completions.create(model=MODEL, messages=_messages(question, image_url), max_tokens=8)
+    text = whole.choices[0].message.content
+    assert whole.usage.completion_tokens == 8 and whole.choices[0].finish_reason == "length"
+    chunks = list(client.chat.completions.create(model=MODEL, messages=_messages(question, image_url), max_tokens=8,
+                                                 stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text and chunks[-1].usage.completion_tokens == 8
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # token by token, not one blob
+
+    cfg = config_class()(preset=MODEL, device="cpu", variants="prefix", cpu_threads=1)
+    engine, _, _ = load_engine(cfg)
+    visual = VisualInput((load_image(DEMO_IMAGE),), encoded=(DEMO_IMAGE.read_bytes(),))
+    cold = engine.adapter.decode(engine.run(visual, question, 8).tokens)
+    warm = engine.adapter.decode(engine.run(visual, question, 8).tokens)
+    assert text in (cold, warm)  # greedy: the in-process engine's text, cache miss or hit as on the server
+    seen = []
+    engine.token_hook = seen.append  # what the server streams from: every position as it is generated
+    tokens = engine.run(visual, question, 8).tokens
+    assert [row[0] for row in seen] == tokens and engine.adapter.decode(tokens) == warm
+
+
+def test_a_malformed_request_gets_a_400_and_the_next_one_succeeds(server, client, image_url):
+    r = httpx.post(f"{server['url']}/v1/chat/completions", content=b"{not json", timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=_messages("Hi?", image_url), temperature=0.7)
+    assert "greedy" in str(e.value)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "no image"}])
+    ok = client.chat.completions.create(model=MODEL, messages=_messages("Hi?", image_url), max_tokens=3)
+    assert ok.usage.completion_tokens == 3
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client, image_url):
+    before = _cancelled(server["url"])
+    body = {"model": MODEL, "max_tokens": 400, "stream": True, "messages": _messages("Go on.", image_url)}
+    with httpx.stream("POST", f"{server['url']}/v1/chat/completions", json=body, timeout=30) as r:
+        chunks = (json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:"))
+        assert next(c for c in chunks if c["choices"][0]["delta"].get("content"))  # the engine is generating
+    # closed with most of the 400 tokens to come: the engine stops at its next token
+    deadline = time.monotonic() + 30
+    while _cancelled(server["url"]) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _cancelled(server["url"]) == before + 1
+    ok = client.chat.completions.create(model=MODEL, messages=_messages("And now?", image_url), max_tokens=2)
+    assert ok.usage.completion_tokens == 2 and server["proc"].poll() is None
+
+
+def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_path):
+    import pandas as pd
+
+    from bench.cli import main
+
+    out = tmp_path / "endpoint"
+    code = main(["run", "--endpoint", server["url"] + "/v1", "--model", MODEL, "--concurrency", "1,4",
+                 "--request-rate", "50,inf", "--num-prompts", "4", "--max-new-tokens", "4", "--slo", "ttft_ms=1e9",
+                 "--output-dir", str(out)])
+    assert code == 0
+    runs = pd.read_csv(out / "runs.csv")
+    measured = runs[runs["kind"] == "measured"]
+    assert len(measured) == 16 and set(measured["status"]) == {"ok"} and set(runs["engine"]) == {"endpoint"}
+    assert sorted(set(measured["variant"])) == ["c1 r50", "c1 rinf", "c4 r50", "c4 rinf"]
+    assert sorted(set(measured["concurrency"])) == [1, 4]
+    assert (measured["output_tokens"] == 4).all() and (measured["new_tokens"] == 4).all()
+    assert (measured["ttft_ms"] > 0).all() and (measured["ttft_ms"] < measured["e2e_ms"]).all()
+    assert (measured["tpot_ms"] > 0).all() and measured["itl_p50_ms"].notna().all()
+    # one shared image: after each point's warm-up every request reuses the server's cached prefix
+    assert (measured["server_prefix_hit_rate"] == 1.0).all()
+    assert measured["server"].str.contains("uvicorn").all()
+    assert measured["slo_met"].all() and (measured["goodput_rps"] > 0).all()  # a bound every request meets
+    summary = pd.read_csv(out / "summary.csv")
+    ttft = summary[summary["metric"] == "ttft_ms"]
+    assert len(ttft) == 4 and (ttft["n"] == 4).all()
+    env = json.loads((out / "env.json").read_text())
+    assert env["engine"] == "endpoint" and "uvicorn" in env["server"]
+    assert main(["summarize", str(out)]) == 0  # the results directory is an ordinary one
+
+    distinct = tmp_path / "distinct"  # for a second, two requests in flight, each with an image never sent before
+    assert main(["run", "--endpoint", server["url"] + "/v1", "--model", MODEL, "--prefix", "distinct",
+                 "--duration", "1", "--concurrency", "2", "--max-new-tokens", "2", "--output-dir", str(distinct)]) == 0
+    rows = pd.read_csv(distinct / "runs.csv")
+    measured = rows[rows["kind"] == "measured"]
+    assert len(measured) >= 2 and (measured["status"] == "ok").all()
+    assert (measured["server_prefix_hit_rate"] == 0.0).all()
+
+
+def test_endpoint_mode_refuses_a_bad_flag_and_writes_nothing(tmp_path, capsys):
+    from bench.cli import main
+
+    out = tmp_path / "never"
+    for flag, value in (("--request-rate", "0"), ("--slo", "ttft=5"), ("--concurrency", "0"), ("--duration", "0")):
+        assert main(["run", "--endpoint", "http://127.0.0.1:9/v1", "--model", MODEL, flag, value,
+                     "--output-dir", str(out)]) == 2
+        assert flag in capsys.readouterr().err and not out.exists()
+
+
+def test_the_server_stops_cleanly_on_sigterm(server):
+    """Last: it ends the module's server."""
+    proc = server["proc"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    log = server["log"].read_text()
+    assert "server stopped" in log and "Traceback" not in log
