@@ -173,3 +173,34 @@ def test_preset_geometry():
     assert (p.vision.hidden, p.vision.layers, p.vision.image_size, p.vision.patch) == (1024, 24, 448, 14)
     assert p.tokenizer_base_vocab + len(p.special_tokens) == p.llm.vocab
     assert p.special_tokens.index("<IMG_CONTEXT>") + p.tokenizer_base_vocab == 92546
+
+
+def test_published_sentencepiece_tokenizer_loads_without_its_code(ckpt, tmp_path):
+    """As published: tokenizer.model with a tokenizer_config.json naming InternLM2Tokenizer (auto_map)."""
+    from bench.models.sentencepiece_files import write_sentencepiece
+
+    sp = tmp_path / "sp"
+    shutil.copytree(ckpt, sp)
+    write_sentencepiece(sp, keep_json=False)
+    config = json.loads((sp / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="InternLM2Tokenizer",
+                  auto_map={"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]})
+    (sp / "tokenizer_config.json").write_text(json.dumps(config))
+    a, b = (load_checkpoint(d, None, CPU, torch.float32) for d in (sp, ckpt))
+    clip = VisualInput(tuple(Image.new("RGB", (60, 40)) for _ in range(4)), video=True)
+    pa, pb = (x.prepare_text("Describe the image in detail.", clip) for x in (a, b))
+    assert not (sp / "tokenizer.json").exists()
+    assert (pa.text_segments, pa.suffix_ids) == (pb.text_segments, pb.suffix_ids)
+    _no_checkpoint_code(sp)
+
+
+def test_sharded_checkpoint_loads_the_same_weights(ckpt, tmp_path):
+    adapter = build_preset("tiny-internvideo", None, CPU, torch.float32)
+    save_checkpoint(adapter, tmp_path / "sharded", "40KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert "language_model.model.layers.0.attention.wqkv.weight" in index["weight_map"]
+    ids = torch.tensor([[1, 40, 500, 7]])
+    a, b = (load_checkpoint(d, None, CPU, torch.float32) for d in (tmp_path / "sharded", ckpt))
+    with torch.no_grad():
+        torch.testing.assert_close(a.model(input_ids=ids).logits, b.model(input_ids=ids).logits)
