@@ -53,6 +53,7 @@ def test_written_as_published(ckpt):
     config = json.loads((ckpt / "config.json").read_text())
     assert config["architectures"] == ["InternVLChatModel"] and "auto_map" in config
     assert config["llm_config"]["model_type"] == "internlm2" and config["template"] == "internvl2_5"
+    assert config["llm_config"]["rope_scaling"] == {"type": "dynamic", "factor": 2.0}
     names = set(load_file(str(ckpt / "model.safetensors")))
     assert {"language_model.model.tok_embeddings.weight", "language_model.model.layers.1.attention.wqkv.weight",
             "language_model.model.layers.0.feed_forward.w3.weight", "language_model.output.weight",

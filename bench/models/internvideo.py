@@ -31,6 +31,7 @@ from bench.models.visual import as_visual
 GROUP_FRAMES = 4  # frames merged together (the published model's local_num_frames)
 FRAME_TOKENS = 16  # visual tokens per frame after merging (its num_tome_tokens 64 / 4)
 FRAME_TOKENS_KEY = "bench_frame_tokens"  # config.json of tiny test checkpoints: another per-frame count
+ROPE_SCALING_KEY = "internlm2_rope_scaling"  # the checkpoint's rope_scaling, kept on the native config
 
 
 class InternVideoAdapter(InternVLAdapter):
@@ -99,9 +100,14 @@ def native_config(config: dict, image_token_id: int, bos: int | None = None, eos
     size = int(config.get("force_image_size") or vis["image_size"])
     rope = {"rope_type": "default", "rope_theta": float(llm.get("rope_theta", 10000.0))}
     scaling = llm.get("rope_scaling")
-    if scaling:
-        rope.update(rope_type=scaling.get("type", scaling.get("rope_type")), factor=float(scaling["factor"]))
-    return InternVLConfig(
+    kind = scaling and scaling.get("type", scaling.get("rope_type"))
+    if kind == "linear":
+        rope.update(rope_type="linear", factor=float(scaling["factor"]))
+    # InternLM2's dynamic NTK scaling changes the rotary base only past max_position_embeddings,
+    # which no prompt reaches (longer ones are refused before a run): there it is the plain rope,
+    # without transformers' dynamic update (a host-side check per forward, which CUDA graphs
+    # cannot capture).
+    native = InternVLConfig(
         vision_config=dict(
             hidden_size=vis["hidden_size"], intermediate_size=vis["intermediate_size"],
             num_hidden_layers=vis["num_hidden_layers"], num_attention_heads=vis["num_attention_heads"],
@@ -125,6 +131,8 @@ def native_config(config: dict, image_token_id: int, bos: int | None = None, eos
         vision_feature_layer=int(config.get("select_layer", -1)), vision_feature_select_strategy="default",
         tie_word_embeddings=bool(llm.get("tie_word_embeddings", False)),
     )
+    native.__dict__[ROPE_SCALING_KEY] = dict(scaling) if scaling else None
+    return native
 
 
 def _heads(config: dict) -> tuple[int, int]:
@@ -218,7 +226,7 @@ def remote_config(adapter: InternVideoAdapter) -> dict:
     cfg = adapter.model.config
     t, v = cfg.get_text_config(), cfg.vision_config
     rope = dict(t.rope_parameters)
-    scaling = {"type": rope["rope_type"], "factor": rope["factor"]} if rope.get("rope_type") in ROPE_TYPES else None
+    scaling = cfg.__dict__.get(ROPE_SCALING_KEY)
     out = {
         "architectures": [ARCHITECTURE],
         "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
