@@ -205,3 +205,20 @@ def test_sharded_checkpoint_loads_the_same_weights(ckpt, tmp_path):
     a, b = (load_checkpoint(d, None, CPU, torch.float32) for d in (tmp_path / "sharded", ckpt))
     with torch.no_grad():
         torch.testing.assert_close(a.model(input_ids=ids).logits, b.model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda c: c["llm_config"].update(num_hidden_layers=3), "layers.2.attention.wqkv.weight' is missing"),
+    (lambda c: c["llm_config"].update(num_key_value_heads=4), "the config implies [192, 64]"),
+    (lambda c: c["vision_config"].update(qk_normalization=True), "qk_normalization"),
+    (lambda c: c["llm_config"].update(rope_scaling={"type": "yarn", "factor": 2}), "not one of dynamic, linear"),
+])
+def test_config_the_weights_do_not_fit_is_refused_before_loading(ckpt, tmp_path, change, needle):
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    config = json.loads((bad / "config.json").read_text())
+    change(config)
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError) as e:
+        read_checkpoint_config(bad)
+    assert needle in str(e.value) and "\n" not in str(e.value)
