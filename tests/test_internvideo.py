@@ -222,3 +222,20 @@ def test_config_the_weights_do_not_fit_is_refused_before_loading(ckpt, tmp_path,
     with pytest.raises(UsageError) as e:
         read_checkpoint_config(bad)
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_checkpoint_answers_as_the_model_it_was_written_from(ckpt):
+    """The layout's renaming and qkv packing lose nothing: vision features and greedy logits of a
+    clip prompt equal those of the in-memory model make-checkpoint wrote."""
+    built = build_preset("tiny-internvideo", None, CPU, torch.float32)
+    loaded = load_checkpoint(ckpt, None, CPU, torch.float32)
+    clip = VisualInput(tuple(Image.new("RGB", (64, 48), (40 * i, 200, 9 * i)) for i in range(4)), video=True)
+    with torch.no_grad():
+        outs = []
+        for a in (built, loaded):
+            prepared = a.prepare(clip, "What happens?")
+            embeds = a.encode_image(a.pixels_to_device(prepared))
+            outs.append((embeds, a.model(inputs_embeds=a.prompt_embeds(prepared, embeds)).logits))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    assert outs[0][1].shape[1] == loaded.prepare_text("What happens?", clip).prompt_tokens
