@@ -239,3 +239,22 @@ def test_checkpoint_answers_as_the_model_it_was_written_from(ckpt):
     torch.testing.assert_close(outs[0][0], outs[1][0])
     torch.testing.assert_close(outs[0][1], outs[1][1])
     assert outs[0][1].shape[1] == loaded.prepare_text("What happens?", clip).prompt_tokens
+
+
+def test_internvl2_5_remote_layout_runs_unmerged(ckpt, tmp_path):
+    """The same layout with InternVL2.5's own model code named (no token merging): tiles of all
+    their tokens, any frame count, still images tiled."""
+    plain = tmp_path / "internvl2_5"
+    shutil.copytree(ckpt, plain)
+    config = json.loads((plain / "config.json").read_text())
+    config.pop("bench_frame_tokens")
+    config["auto_map"] = {k: v.replace("_hico2", "") for k, v in config["auto_map"].items()}
+    (plain / "config.json").write_text(json.dumps(config))
+    adapter = load_checkpoint(plain, None, CPU, torch.float32, max_tiles=12)
+    clip = VisualInput(tuple(Image.new("RGB", (64, 48), (40 * i, 0, 0)) for i in range(3)), video=True)
+    prepared = adapter.prepare(clip, "What happens?")
+    assert prepared.image_tokens == [4] * 3  # 56 px tiles: 4x4 patches pixel-shuffled to 4 tokens
+    with torch.no_grad():
+        assert adapter.encode_image(adapter.pixels_to_device(prepared)).shape == (1, 12, 64)
+    wide = Image.new("RGB", (200, 100))
+    assert adapter.tiles(wide) > 1 and adapter.prepare_text("q", wide).image_tokens == [4 * adapter.tiles(wide)]

@@ -9,7 +9,10 @@ merging (bench.models.token_merge) down to 64, i.e. 16 tokens per frame, before 
 request's frame count must be a multiple of 4; every image or frame is one 448-px tile (no tiling,
 as the model's video path cuts frames). Frames are labelled "Frame{i}: " and each is
 `<img>` + 16 `<IMG_CONTEXT>` + `</img>`; the chat template is `internvl2_5`; the InternLM2
-tokenizer adds BOS.
+tokenizer adds BOS. Which model it is, is read from config.json's auto_map (data, never imported):
+`modeling_internvl_chat_hico2` is InternVideo2.5; a config naming InternVL2.5's own
+`modeling_internvl_chat` (InternVL2.5-8B has this layout too) runs unmerged, 256 tokens per tile,
+still images tiled as the -hf InternVL family does.
 """
 from __future__ import annotations
 
@@ -38,22 +41,28 @@ class InternVideoAdapter(InternVLAdapter):
     family = "internvideo"
 
     def __init__(self, model, tokenizer, image_processor, template: ConvTemplate, weights: str, name: str,
-                 frame_tokens: int = FRAME_TOKENS):
-        super().__init__(model, tokenizer, image_processor, template, weights, name, max_tiles=1)
-        self.merged_from = self.tokens_per_tile
-        self.tokens_per_tile = self.frame_tokens = frame_tokens
+                 frame_tokens: int | None = FRAME_TOKENS, max_tiles: int = 1):
+        """frame_tokens: tokens per frame after merging; None: no merging (InternVL2.5's own model,
+        tiles of 256 tokens, still images tiled up to `max_tiles`)."""
+        super().__init__(model, tokenizer, image_processor, template, weights, name,
+                         max_tiles=1 if frame_tokens else max_tiles)
+        self.frame_tokens = frame_tokens
+        if frame_tokens:
+            self.tokens_per_tile = frame_tokens
         self.metric_heads = model.config.get_text_config().num_attention_heads
 
     def _tokenize(self, text: str, add_bos: bool) -> list[int]:
         return VLMAdapter._tokenize(self, text, add_bos)  # InternLM2: BOS first
 
     def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
-        if visual is not None and len(as_visual(visual)) % GROUP_FRAMES:
+        if self.frame_tokens and visual is not None and len(as_visual(visual)) % GROUP_FRAMES:
             raise UsageError(f"{self.name} merges the visual tokens of every {GROUP_FRAMES} frames: give a multiple "
                              f"of {GROUP_FRAMES} frames or images per request, not {len(as_visual(visual))}")
         return super().prepare_text(question, visual)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if not self.frame_tokens:
+            return super().encode_image(pixel_values)
         m = self.model.model
         want_hidden = self.feature_layer != -1
         out = m.vision_tower(pixel_values=pixel_values, output_hidden_states=want_hidden, return_dict=True)
@@ -135,6 +144,15 @@ def native_config(config: dict, image_token_id: int, bos: int | None = None, eos
     return native
 
 
+def merged_frame_tokens(config: dict) -> int | None:
+    """Tokens per frame after merging: InternVideo2.5's model (its auto_map names
+    modeling_internvl_chat_hico2) merges to 16; None: InternVL2.5's own, unmerged."""
+    if FRAME_TOKENS_KEY in config:
+        return int(config[FRAME_TOKENS_KEY])
+    auto = config.get("auto_map") if isinstance(config.get("auto_map"), dict) else {}
+    return FRAME_TOKENS if any("hico" in str(v) for v in auto.values()) else None
+
+
 def _heads(config: dict) -> tuple[int, int]:
     llm = config["llm_config"]
     return llm["num_attention_heads"], llm.get("num_key_value_heads", llm["num_attention_heads"])
@@ -186,7 +204,7 @@ def check_internvideo(path: Path, config: dict) -> None:
 
 
 def load_internvideo(path: Path, template: ConvTemplate, device: torch.device, dtype: torch.dtype,
-                     weights: str) -> InternVideoAdapter:
+                     weights: str, max_tiles: int = 12) -> InternVideoAdapter:
     from safetensors.torch import load_file
 
     what = f"--model-path {path}"
@@ -209,9 +227,9 @@ def load_internvideo(path: Path, template: ConvTemplate, device: torch.device, d
                          f"{'missing from' if missing else 'not expected in'} the weights in {path}")
     if native.tie_word_embeddings:
         model.tie_weights()
-    processor = internvl_image_processor(_Size(native.vision_config.image_size[0]), 1)
-    adapter = InternVideoAdapter(model, tokenizer, processor, template, weights, path.name,
-                                 int(config.get(FRAME_TOKENS_KEY, FRAME_TOKENS)))
+    frame_tokens = merged_frame_tokens(config)
+    processor = internvl_image_processor(_Size(native.vision_config.image_size[0]), 1 if frame_tokens else max_tiles)
+    adapter = InternVideoAdapter(model, tokenizer, processor, template, weights, path.name, frame_tokens, max_tiles)
     adapter.identity = str(path.resolve())
     return adapter
 
@@ -256,7 +274,9 @@ def remote_config(adapter: InternVideoAdapter) -> dict:
             "initializer_factor": v.layer_scale_init_value, "drop_path_rate": 0.0, "use_flash_attn": True,
         },
     }
-    if adapter.frame_tokens != FRAME_TOKENS:
+    if not adapter.frame_tokens:  # InternVL2.5's own model
+        out["auto_map"] = {k: v.replace("_hico2", "") for k, v in out["auto_map"].items()}
+    elif adapter.frame_tokens != FRAME_TOKENS:
         out[FRAME_TOKENS_KEY] = adapter.frame_tokens
     if cfg.__dict__.get(RANDOM_WEIGHTS_MARK):
         out[RANDOM_WEIGHTS_MARK] = True
@@ -312,7 +332,7 @@ FAMILY = Family(
     name="internvideo", layout="InternVL remote-code layout (InternVLChatModel with InternLM2)",
     default_conv_mode="internvl2_5", detect=is_internvideo_dir,
     load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles:
-        load_internvideo(path, template, device, dtype, weights),
+        load_internvideo(path, template, device, dtype, weights, max_tiles),
     build=build_internvideo, save=save_internvideo, llm_key="language_model.", check=check_internvideo,
     text_config=_text_config,
 )
