@@ -33,7 +33,7 @@ def parser() -> ArgumentParser:
     p.add_argument("--tokenizer-files", default="json", choices=TOKENIZER_FILES,
                    help="the tokenizer as tokenizer.json, as a SentencePiece tokenizer.model with a published-style "
                         "tokenizer_config.json (VILA1.5's llm/ ships only that), or both (as LLaVA-1.5 does); "
-                        "LLaVA and VILA presets only (default: json)")
+                        "LLaVA, VILA and InternVideo presets (InternLM2 publishes tokenizer.model) (default: json)")
     return p
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"unknown --dtype {args.dtype!r}; choose float16, bfloat16 or float32")
         if args.tokenizer_files != "json" and get_preset(args.preset).family == "internvl":
             raise UsageError(f"--tokenizer-files {args.tokenizer_files}: {args.preset}'s Qwen2 tokenizer is published as "
-                             "tokenizer.json; SentencePiece files are written for LLaVA and VILA presets")
+                             "tokenizer.json; SentencePiece files are written for LLaVA, VILA and InternVideo presets")
         device = resolve_device(args.device)
         out = Path(args.out)
         if out.exists() and not out.is_dir():

@@ -135,7 +135,8 @@ def build_preset(name: str, conv_mode: str | None, device: torch.device, dtype: 
     if preset.qwen_tokenizer:
         tokenizer = build_tokenizer(preset.tokenizer_base_vocab, list(preset.special_tokens), qwen=True)
     else:
-        tokenizer = build_tokenizer(preset.tokenizer_base_vocab, list(preset.special_tokens) + TEMPLATE_SPECIAL_TOKENS)
+        extra = TEMPLATE_SPECIAL_TOKENS if preset.template_tokens else []
+        tokenizer = build_tokenizer(preset.tokenizer_base_vocab, list(preset.special_tokens) + extra)
     if len(tokenizer) > preset.llm.vocab:
         raise ValueError(f"tokenizer ({len(tokenizer)}) larger than the preset's vocab ({preset.llm.vocab})")
     torch.manual_seed(seed)

@@ -37,7 +37,7 @@ class VisionDims:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "llava" | "vila" | "internvl"
+    family: str  # "llava" | "vila" | "internvl" | "internvideo"
     llm: LLMDims
     vision: VisionDims
     conv_mode: str
@@ -46,6 +46,8 @@ class Preset:
     qwen_tokenizer: bool = False  # no BOS; the special tokens are the model's whole special set
     projector: str = ""  # internvl family: "" (InternVL: LayerNorm + MLP) or "mlp2x_gelu" (VITA-1.5)
     note: str = ""  # how the preset relates to the real model (printed with --list-presets)
+    template_tokens: bool = True  # add the chat templates' markers to the tokenizer (False: `special_tokens` has them)
+    frame_tokens: int = 0  # internvideo family: visual tokens per frame after token merging (0: the model's 16)
 
 
 CLIP_L_336 = VisionDims(hidden=1024, mlp=4096, layers=24, heads=16, image_size=336)
@@ -62,6 +64,11 @@ QWEN2_SPECIAL = (
 INTERNVL_SPECIAL = QWEN2_SPECIAL + ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>",
                                     "<box>", "</box>")
 QWEN2_BASE_VOCAB = 151643
+
+# InternLM2's special tokens (92538..92543), then InternVL's (92544..92552): <IMG_CONTEXT> = 92546.
+INTERNLM2_SPECIAL = ("<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>",
+                     "<|im_start|>") + INTERNVL_SPECIAL[len(QWEN2_SPECIAL):]
+INTERNLM2_BASE_VOCAB = 92538
 
 
 def _qwen(hidden, mlp, layers, heads, kv, vocab=151674, tie=False) -> LLMDims:
@@ -94,6 +101,13 @@ PRESETS: dict[str, Preset] = {
                "qwen2p5_instruct", QWEN2_BASE_VOCAB, INTERNVL_SPECIAL, qwen_tokenizer=True, projector="mlp2x_gelu",
                note="architecture preset: VITA-1.5's Qwen2.5-7B + InternViT-300M + mlp2x_gelu, image path only "
                     "(no audio encoder), InternVL tiling and token layout"),
+        # InternVideo2.5-Chat-8B: InternLM2.5-7B (4096/14336/32/8 kv, vocab 92553, rope 1e6 with dynamic
+        # scaling x2) + InternViT-300M; 16 merged tokens per frame (clip mode, frames in groups of 4).
+        Preset("internvideo2.5-8b", "internvideo",
+               LLMDims(4096, 14336, 32, 32, 8, 92553, max_pos=32768, rope_theta=1e6, rms_norm_eps=1e-5),
+               INTERNVIT_300M_448, "internvl2_5", INTERNLM2_BASE_VOCAB, INTERNLM2_SPECIAL, template_tokens=False,
+               note="InternVideo2.5-Chat-8B geometry: 16 visual tokens per frame (token merging over groups of "
+                    "4 frames), clips of 4..80 frames"),
         # Tiny presets for tests: same code paths, seconds on a laptop CPU.
         # tiny-llava: 56 px / patch 14 -> 16 patches (+CLS dropped) = 16 image tokens.
         Preset("tiny-llava", "llava", LLMDims(64, 128, 2, 4, 2, 640), VisionDims(32, 64, 2, 2, 56),
@@ -104,6 +118,10 @@ PRESETS: dict[str, Preset] = {
         # tiny-internvl: 56 px tiles / patch 14 -> 4x4 patches, pixel-shuffled to 2x2 = 4 tokens per tile.
         Preset("tiny-internvl", "internvl", LLMDims(64, 128, 2, 4, 2, 640, rope_theta=1e6, rms_norm_eps=1e-6),
                VisionDims(32, 64, 2, 2, 56), "internvl2_5", 600, INTERNVL_SPECIAL, qwen_tokenizer=True),
+        # tiny-internvideo: 56 px frames -> 4 tokens each, merged to 1 per frame (16 -> 8 -> 4 per group of 4).
+        Preset("tiny-internvideo", "internvideo", LLMDims(64, 128, 2, 4, 2, 640, rope_theta=1e6),
+               VisionDims(32, 64, 2, 2, 56), "internvl2_5", 600, INTERNLM2_SPECIAL, template_tokens=False,
+               frame_tokens=1),
     )
 }
 

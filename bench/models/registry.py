@@ -14,6 +14,7 @@ _MODULES = [
     "bench.models.vila",      # VILA1.5: llm/ + vision_tower/ + mm_projector/ (checked first: its config may say llava)
     "bench.models.llava",     # LLaVA-1.5, llava-hf layout
     "bench.models.internvl",  # InternVL3 -hf layout (and VITA-1.5-shaped presets)
+    "bench.models.internvideo",  # InternVideo2.5: InternVL remote-code layout with InternLM2
 ]
 
 
