@@ -22,7 +22,7 @@ def test_loader_names_no_family():
 
 def test_every_family_round_trips_a_preset(tmp_path):
     for name, preset in (("llava", "tiny-llava"), ("vila", "tiny-vila"), ("internvl", "tiny-internvl"),
-                         ("internvideo", "tiny-internvideo")):
+                         ("internvideo", "tiny-internvideo"), ("vita", "tiny-vita")):
         adapter = build_preset(preset, None, torch.device("cpu"), torch.float32)
         save_checkpoint(adapter, tmp_path / name)
         assert read_checkpoint_config(tmp_path / name)[0] == name

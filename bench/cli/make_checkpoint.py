@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"--shard-size {args.shard_size!r}: give a size such as 5GB, 500MB or 200KB")
         if args.dtype not in ("float16", "bfloat16", "float32"):
             raise UsageError(f"unknown --dtype {args.dtype!r}; choose float16, bfloat16 or float32")
-        if args.tokenizer_files != "json" and get_preset(args.preset).family == "internvl":
+        if args.tokenizer_files != "json" and get_preset(args.preset).qwen_tokenizer:
             raise UsageError(f"--tokenizer-files {args.tokenizer_files}: {args.preset}'s Qwen2 tokenizer is published as "
                              "tokenizer.json; SentencePiece files are written for LLaVA, VILA and InternVideo presets")
         device = resolve_device(args.device)

@@ -8,7 +8,7 @@ has more than one; so the prompt length depends on the image's size (not its pix
 -hf processor writes them; several still images are labelled "Image-{i}: " as InternVL's chat
 does.
 
-The VITA-1.5 architecture preset (Qwen2.5-7B + InternViT-300M + mlp2x_gelu) runs on the same
+VITA-1.5 (Qwen2.5-7B + InternViT-300M + mlp2x_gelu, bench.models.vita) runs on the same
 classes with the projector's LayerNorm removed; see `vita_projector`.
 """
 from __future__ import annotations

@@ -37,7 +37,7 @@ class VisionDims:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    family: str  # "llava" | "vila" | "internvl" | "internvideo"
+    family: str  # "llava" | "vila" | "internvl" | "internvideo" | "vita"
     llm: LLMDims
     vision: VisionDims
     conv_mode: str
@@ -97,10 +97,10 @@ PRESETS: dict[str, Preset] = {
                "internvl2_5", QWEN2_BASE_VOCAB, INTERNVL_SPECIAL, qwen_tokenizer=True),
         Preset("internvl3-8b", "internvl", _qwen(3584, 18944, 28, 28, 4), INTERNVIT_300M_448,
                "internvl2_5", QWEN2_BASE_VOCAB, INTERNVL_SPECIAL, qwen_tokenizer=True),
-        Preset("vita1.5-arch", "internvl", _qwen(3584, 18944, 28, 28, 4, vocab=152064), INTERNVIT_300M_448,
+        Preset("vita1.5-arch", "vita", _qwen(3584, 18944, 28, 28, 4, vocab=152064), INTERNVIT_300M_448,
                "qwen2p5_instruct", QWEN2_BASE_VOCAB, INTERNVL_SPECIAL, qwen_tokenizer=True, projector="mlp2x_gelu",
-               note="architecture preset: VITA-1.5's Qwen2.5-7B + InternViT-300M + mlp2x_gelu, image path only "
-                    "(no audio encoder), InternVL tiling and token layout"),
+               note="architecture preset: VITA-1.5's Qwen2.5-7B + InternViT-300M + mlp2x_gelu (no audio encoder), "
+                    "one <image> per tile or frame as its demo; make-checkpoint writes VITA's layout"),
         # InternVideo2.5-Chat-8B: InternLM2.5-7B (4096/14336/32/8 kv, vocab 92553, rope 1e6 with dynamic
         # scaling x2) + InternViT-300M; 16 merged tokens per frame (clip mode, frames in groups of 4).
         Preset("internvideo2.5-8b", "internvideo",
@@ -122,6 +122,9 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny-internvideo", "internvideo", LLMDims(64, 128, 2, 4, 2, 640, rope_theta=1e6),
                VisionDims(32, 64, 2, 2, 56), "internvl2_5", 600, INTERNLM2_SPECIAL, template_tokens=False,
                frame_tokens=1),
+        # tiny-vita: 56 px tiles -> 4 tokens each; InternViT head width 64 as VITA's (1 head of 64).
+        Preset("tiny-vita", "vita", LLMDims(64, 128, 2, 4, 2, 640, rope_theta=1e6, rms_norm_eps=1e-6),
+               VisionDims(64, 128, 2, 1, 56), "qwen2p5_instruct", 600, QWEN2_SPECIAL, qwen_tokenizer=True),
     )
 }
 

@@ -13,8 +13,9 @@ from bench.models.family import Family
 _MODULES = [
     "bench.models.vila",      # VILA1.5: llm/ + vision_tower/ + mm_projector/ (checked first: its config may say llava)
     "bench.models.llava",     # LLaVA-1.5, llava-hf layout
-    "bench.models.internvl",  # InternVL3 -hf layout (and VITA-1.5-shaped presets)
+    "bench.models.internvl",  # InternVL3 -hf layout
     "bench.models.internvideo",  # InternVideo2.5: InternVL remote-code layout with InternLM2
+    "bench.models.vita",      # VITA-1.5: VITAQwen2ForCausalLM (Qwen2.5 + InternViT + mlp2x_gelu)
 ]
 
 
