@@ -77,18 +77,25 @@ def test_feature_path_is_vitas_and_audio_is_ignored(ckpt):
     assert not [m for m in sys.modules if "vita_qwen2" in m]
 
 
+def _decode(adapter, ids):  # the tiny tokenizer's decoder writes a space after special tokens
+    return adapter.tokenizer.decode(ids).replace("|> ", "|>")
+
+
 def test_prompt_has_one_image_per_tile_before_the_question(ckpt):
     a = load_checkpoint(ckpt, None, CPU, torch.float32, max_tiles=12)
     wide = Image.new("RGB", (200, 100))
     tiles = a.tiles(wide)
     prepared = a.prepare_text("What is it?", wide)
     assert tiles > 1 and prepared.image_tokens == [4 * tiles]
-    head, after = (a.tokenizer.decode(s) for s in prepared.text_segments)
-    assert head.replace(" ", "") == "<|im_start|>system\nYouareahelpfulassistant.<|im_end|>\n<|im_start|>user\n"
+    head, after = (_decode(a, s) for s in prepared.text_segments)
+    assert head.startswith("<|im_start|>system\nYou are an AI robot and your name is VITA.")
+    assert head.endswith("Please note that you are seeing the image, not the video.<|im_end|>\n<|im_start|>user\n")
     assert after == "\n"
     assert a.tokenizer.decode(prepared.suffix_ids).replace(" ", "") == "Whatisit?<|im_end|>\n<|im_start|>assistant\n"
     clip = a.prepare_text("q", VisualInput(tuple(Image.new("RGB", (64, 48)) for _ in range(3)), video=True))
     assert clip.image_tokens == [4, 4, 4] and clip.text_segments[1:] == [[], [], prepared.text_segments[1]]
+    assert _decode(a, clip.text_segments[0]).endswith("seeing the video, not the image.<|im_end|>\n"
+                                                               "<|im_start|>user\n")
 
 
 def test_checkpoint_answers_as_the_model_it_was_written_from(ckpt):

@@ -28,6 +28,11 @@ Where the names come from (VITA-MLLM/VITA on GitHub):
 Prompt (video_audio_demo.py, vita/constants.py): one `<image>` per tile (or per video frame),
 all together before the question, then "\\n" + question, in the `qwen2p5_instruct` template;
 the text around the placeholders is tokenized separately (tokenizer_image_token), as here.
+vita/conversation.py's qwen2p5_instruct (Qwen2.5's <|im_start|>role\\n...<|im_end|>\\n turns)
+picks its system prompt by modality: `IMAGE_SYSTEM` for images, `VIDEO_SYSTEM` for video frames
+(the same texts as mixtral_two's in upstream vita/conversation.py; the qwen2p5_instruct entry
+comes from a later copy of that file and is not confirmed upstream). With that template they
+replace its generic system prompt; another --conv-mode keeps its own.
 Still images are tiled by InternVL's dynamic_preprocess (1..12 tiles + thumbnail, here
 GotOcr2ImageProcessor's crop_to_patches, ImageNet mean/std as InternViT's CLIPImageProcessor).
 
@@ -40,6 +45,7 @@ resizing (image_aspect_ratio "pad"), here a frame is resized to one 448-px tile 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -63,6 +69,15 @@ PIXEL_SHUFFLE_SCALE = 0.5  # InternViTVisionTower.scale_pix_shuffle: multiplies 
 VIT = "model.vision_tower.vision_tower."
 HEAD_DIM = 64  # InternViT-300M: 1024 / 16 heads
 _AUDIO = re.compile(r"model\.audio_")
+_SYSTEM = ("You are an AI robot and your name is VITA. \n- You are a multimodal large language model developed by the "
+           "open source community. Your aim is to be helpful, honest and harmless. \n- You support the ability to "
+           "communicate fluently and answer user questions in multiple languages of the user's choice. \n- If the "
+           "user corrects the wrong answer you generated, you will apologize and discuss the correct answer with "
+           "the user. \n- You must answer the question strictly according to the content of the {0} given by the "
+           "user, and it is strictly forbidden to answer the question without the content of the {0}. Please note "
+           "that you are seeing the {0}, not the {1}.")
+IMAGE_SYSTEM, VIDEO_SYSTEM = _SYSTEM.format("image", "video"), _SYSTEM.format("video", "image")
+VITA_TEMPLATE = "qwen2p5_instruct"
 
 
 class VITAAdapter(InternVLAdapter):
@@ -74,7 +89,10 @@ class VITAAdapter(InternVLAdapter):
         else:
             v = as_visual(visual)
             images, video = list(v.images), v.video
-        head, suffix_text = self.template.split(question, "")
+        template = self.template
+        if template.name == VITA_TEMPLATE:
+            template = dataclasses.replace(template, system=VIDEO_SYSTEM if video else IMAGE_SYSTEM)
+        head, suffix_text = template.split(question, "")
         # "<image>" x tiles + "\n" + question: the placeholders are adjacent, so the text between
         # images is empty; the "\n" closes the cacheable prefix.
         segments = [self._tokenize_fixed(head, add_bos=True)] + [[] for _ in images[1:]]
@@ -326,7 +344,7 @@ def _text_config(path: Path):
 
 
 FAMILY = Family(
-    name="vita", layout="VITA-1.5 layout (VITAQwen2ForCausalLM)", default_conv_mode="qwen2p5_instruct",
+    name="vita", layout="VITA-1.5 layout (VITAQwen2ForCausalLM)", default_conv_mode=VITA_TEMPLATE,
     detect=is_vita_dir,
     load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles:
         load_vita(path, template, device, dtype, weights, max_tiles),
