@@ -19,13 +19,14 @@ Where the names come from (VITA-MLLM/VITA on GitHub):
   The 0.5 factor is folded into the projector's first Linear at load (exact: a power of two),
   and unfolded when written.
 - vita/model/multimodal_projector/builder.py: `mlp2x_gelu` = nn.Sequential(Linear, GELU, Linear),
-  so `model.mm_projector.0.*` and `model.mm_projector.2.*`; the stored revision of builder.py
-  sizes the first Linear `mm_hidden_size * 5`, while a published module dump of VITA-1.5 shows
-  Linear(4096 -> 3584) (= 4 x 1024 after pixel shuffle): checkpoints whose projector input is
-  not 4 x the InternViT width are refused.
+  so `model.mm_projector.0.*` and `model.mm_projector.2.*`, the first Linear taking
+  `mm_hidden_size` (an earlier revision took `mm_hidden_size * 5`); a published module dump of
+  VITA-1.5 shows Linear(4096 -> 3584) (= 4 x 1024 after pixel shuffle): checkpoints whose
+  projector input is not 4 x the InternViT width are refused.
 - Audio (`model.audio_encoder.*`, its adapter included): not needed for image and video
   questions; every tensor under `model.audio_` is skipped unread.
-Prompt (video_audio_demo.py, vita/constants.py): one `<image>` per tile (or per video frame),
+Prompt (video_audio_demo.py, vita/constants.py): `DEFAULT_IMAGE_TOKEN * p_num + "\\n" + qs`,
+i.e. one `<image>` per tile (dynamic_preprocess min_num=1, max_num=12, use_thumbnail) or per frame,
 all together before the question, then "\\n" + question, in the `qwen2p5_instruct` template;
 the text around the placeholders is tokenized separately (tokenizer_image_token), as here.
 vita/conversation.py's qwen2p5_instruct (Qwen2.5's <|im_start|>role\\n...<|im_end|>\\n turns)
