@@ -20,7 +20,7 @@ Where the names come from (VITA-MLLM/VITA on GitHub):
   and unfolded when written.
 - vita/model/multimodal_projector/builder.py: `mlp2x_gelu` = nn.Sequential(Linear, GELU, Linear),
   so `model.mm_projector.0.*` and `model.mm_projector.2.*`, the first Linear taking
-  `mm_hidden_size` (an earlier revision took `mm_hidden_size * 5`); a published module dump of
+  `mm_hidden_size` (one revision of builder.py takes `mm_hidden_size * 5`); a published module dump of
   VITA-1.5 shows Linear(4096 -> 3584) (= 4 x 1024 after pixel shuffle): checkpoints whose
   projector input is not 4 x the InternViT width are refused.
 - Audio (`model.audio_encoder.*`, its adapter included): not needed for image and video
