@@ -145,3 +145,12 @@ def test_bad_layouts_are_refused_in_one_line(ckpt, frames, tmp_path, capsys, cha
     assert not (tmp_path / "o").exists()
     with pytest.raises(UsageError):
         read_checkpoint_config(bad)
+
+
+def test_sharded_checkpoint_loads_the_same_weights(ckpt, tmp_path):
+    built = build_preset("tiny-vita", None, CPU, torch.float32)
+    save_checkpoint(built, tmp_path / "sharded", "100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    a, b = (load_checkpoint(d, None, CPU, torch.float32).model.state_dict() for d in (ckpt, tmp_path / "sharded"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
