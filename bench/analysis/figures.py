@@ -20,7 +20,7 @@ from bench.analysis.plotting import (TICK_FONT, bar_rows, fit_notes, label_width
 from bench.analysis.sources import colours, first_point, label_order
 from bench.measure.schema import WORKLOAD_KEYS, point_label
 
-PHASES = [("preprocess_ms", "preprocess (CPU)"), ("lookup_ms", "prefix lookup"), ("restore_ms", "prefix restore"),
+PHASES = [("preprocess_ms", "preprocess (image + text)"), ("lookup_ms", "prefix lookup"), ("restore_ms", "prefix restore"),
           ("vision_ms", "vision"), ("prefill_ms", "prefill"), ("store_ms", "cache store"), ("decode_ms", "decode")]
 BEFORE_FIRST_TOKEN = [p for p in PHASES if p[0] not in ("decode_ms", "store_ms")]
 MEMORY = {"weight_mb": ("weights as loaded", "#4c72b0"), "peak_alloc_mb": ("peak allocated (torch, GPU)", "#dd8452")}
