@@ -228,15 +228,10 @@ def load_internvideo(path: Path, template: ConvTemplate, device: torch.device, d
     if native.tie_word_embeddings:
         model.tie_weights()
     frame_tokens = merged_frame_tokens(config)
-    processor = internvl_image_processor(_Size(native.vision_config.image_size[0]), 1 if frame_tokens else max_tiles)
+    processor = internvl_image_processor(native.vision_config.image_size[0], 1 if frame_tokens else max_tiles)
     adapter = InternVideoAdapter(model, tokenizer, processor, template, weights, path.name, frame_tokens, max_tiles)
     adapter.identity = str(path.resolve())
     return adapter
-
-
-class _Size:  # what internvl_image_processor reads from a preset
-    def __init__(self, size: int):
-        self.vision = type("V", (), {"image_size": size})()
 
 
 def remote_config(adapter: InternVideoAdapter) -> dict:
@@ -319,7 +314,8 @@ def build_internvideo(preset, tokenizer, template: ConvTemplate, device, dtype, 
     with torch.device(device):
         model = InternVLForConditionalGeneration._from_config(native, dtype=dtype).eval()
     model.config.__dict__[RANDOM_WEIGHTS_MARK] = True
-    return InternVideoAdapter(model, tokenizer, internvl_image_processor(preset, 1), template, "random", preset.name,
+    processor = internvl_image_processor(preset.vision.image_size, 1)
+    return InternVideoAdapter(model, tokenizer, processor, template, "random", preset.name,
                               preset.frame_tokens or FRAME_TOKENS)
 
 

@@ -59,12 +59,17 @@ class InternVLAdapter(NativeVLMAdapter):
         return self.image_processor.get_number_of_image_patches(
             h, w, {"crop_to_patches": True, "max_patches": self.max_tiles, "min_patches": 1})
 
-    def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
+    @staticmethod
+    def images_of(visual) -> tuple[list, bool]:
+        """The request's images (one of no particular size for None: the prompt layout alone) and
+        whether they are a video's frames."""
         if visual is None:
-            images, video = [None], False
-        else:
-            v = as_visual(visual)
-            images, video = list(v.images), v.video
+            return [None], False
+        v = as_visual(visual)
+        return list(v.images), v.video
+
+    def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
+        images, video = self.images_of(visual)
         one = START_IMAGE + IMAGE_CONTEXT + END_IMAGE
         if video:
             block = "\n".join(f"Frame{i + 1}: {one}" for i in range(len(images))) + "\n"
@@ -163,10 +168,11 @@ def vita_projector(model: InternVLForConditionalGeneration) -> None:
     model.model.multi_modal_projector.layer_norm = nn.Identity()
 
 
-def internvl_image_processor(preset, max_tiles: int = DEFAULT_MAX_TILES):
+def internvl_image_processor(size: int, max_tiles: int = DEFAULT_MAX_TILES):
+    """InternVL's processor for `size` x `size` tiles (a preset's vision.image_size, or a
+    checkpoint's vision config)."""
     from transformers import GotOcr2ImageProcessor
 
-    size = preset.vision.image_size
     return GotOcr2ImageProcessor(
         size={"height": size, "width": size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles,
         resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
@@ -186,8 +192,8 @@ def build_internvl_model(preset, tokenizer, device, dtype) -> InternVLForConditi
 def build_internvl(preset, tokenizer, template: ConvTemplate, device, dtype, max_tiles: int) -> InternVLAdapter:
     model = build_internvl_model(preset, tokenizer, device, dtype)
     model.config.__dict__[RANDOM_WEIGHTS_MARK] = True
-    return InternVLAdapter(model, tokenizer, internvl_image_processor(preset, max_tiles), template, "random",
-                           preset.name, max_tiles)
+    processor = internvl_image_processor(preset.vision.image_size, max_tiles)
+    return InternVLAdapter(model, tokenizer, processor, template, "random", preset.name, max_tiles)
 
 
 FAMILY = Family(

@@ -62,7 +62,6 @@ from bench.models.internvl import InternVLAdapter, internvl_image_processor, vit
 from bench.models.internvl_remote import to_native as internvit_to_native
 from bench.models.internvl_remote import to_remote as internvit_to_remote
 from bench.models.templates import ConvTemplate
-from bench.models.visual import as_visual
 
 ARCHITECTURE, MODEL_TYPE = "VITAQwen2ForCausalLM", "vita-qwen2"
 IMAGE_PLACEHOLDER = "<image>"  # DEFAULT_IMAGE_TOKEN: one per tile / frame
@@ -85,11 +84,7 @@ class VITAAdapter(InternVLAdapter):
     family = "vita"
 
     def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
-        if visual is None:
-            images, video = [None], False
-        else:
-            v = as_visual(visual)
-            images, video = list(v.images), v.video
+        images, video = self.images_of(visual)
         template = self.template
         if template.name == VITA_TEMPLATE:
             template = dataclasses.replace(template, system=VIDEO_SYSTEM if video else IMAGE_SYSTEM)
@@ -255,8 +250,7 @@ def load_vita(path: Path, template: ConvTemplate, device: torch.device, dtype: t
 
     what = f"--model-path {path}"
     config = read_json_object(path / "config.json", what)
-    check_vita(path, config)
-    tokenizer = vita_tokenizer(path, what)
+    tokenizer = vita_tokenizer(path, what)  # (check_vita ran before: bench.models.loader)
     vis = _vision_dims(checked_weights(path, what), what)
     native = native_config(config, vis, int(config["vocab_size"]), tokenizer.convert_tokens_to_ids("<|im_end|>"))
     state: dict[str, torch.Tensor] = {}
@@ -273,15 +267,10 @@ def load_vita(path: Path, template: ConvTemplate, device: torch.device, dtype: t
     model.load_state_dict(state, strict=not native.tie_word_embeddings)
     if native.tie_word_embeddings:
         model.tie_weights()
-    processor = internvl_image_processor(_Size(vis["image_size"]), max_tiles)
+    processor = internvl_image_processor(vis["image_size"], max_tiles)
     adapter = VITAAdapter(model, tokenizer, processor, template, weights, path.name, max_tiles)
     adapter.identity = str(path.resolve())
     return adapter
-
-
-class _Size:  # what internvl_image_processor reads from a preset
-    def __init__(self, size: int):
-        self.vision = type("V", (), {"image_size": size})()
 
 
 def published_config(adapter: VITAAdapter) -> dict:
@@ -334,8 +323,8 @@ def build_vita(preset, tokenizer, template: ConvTemplate, device, dtype, max_til
         model = InternVLForConditionalGeneration._from_config(native_config(config, dims, llm.vocab), dtype=dtype).eval()
     vita_projector(model)
     model.config.__dict__[RANDOM_WEIGHTS_MARK] = True
-    return VITAAdapter(model, tokenizer, internvl_image_processor(preset, max_tiles), template, "random",
-                       preset.name, max_tiles)
+    processor = internvl_image_processor(preset.vision.image_size, max_tiles)
+    return VITAAdapter(model, tokenizer, processor, template, "random", preset.name, max_tiles)
 
 
 def _text_config(path: Path):
