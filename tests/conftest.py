@@ -18,6 +18,17 @@ DEMO = ROOT / "bench" / "assets" / "demo.png"
 
 
 @pytest.fixture(scope="session")
+def frames(tmp_path_factory):
+    """A folder of 12 small video frames (frame_000.png ...), for --frames-dir."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("frames")
+    for i in range(12):
+        Image.new("RGB", (64, 48), (20 * i, 90, 200 - 10 * i)).save(d / f"frame_{i:03d}.png")
+    return d
+
+
+@pytest.fixture(scope="session")
 def demo_image():
     from PIL import Image
 

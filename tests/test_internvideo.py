@@ -36,14 +36,6 @@ def ckpt(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def frames(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ivframes")
-    for i in range(12):
-        Image.new("RGB", (64, 48), (20 * i, 90, 200 - 10 * i)).save(d / f"frame_{i:03d}.png")
-    return d
-
-
 def _no_checkpoint_code(ckpt):
     loaded = [m for m in sys.modules.values() if str(getattr(m, "__file__", "") or "").startswith(str(ckpt))]
     assert not loaded and not any(n.split(".")[-1] in {c[:-3] for c in CODE_FILES} for n in sys.modules)

@@ -35,14 +35,6 @@ def ckpt(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def frames(tmp_path_factory):
-    d = tmp_path_factory.mktemp("vitaframes")
-    for i in range(4):
-        Image.new("RGB", (64, 48), (40 * i, 90, 200 - 10 * i)).save(d / f"frame_{i:03d}.png")
-    return d
-
-
 def test_written_as_published(ckpt):
     config = json.loads((ckpt / "config.json").read_text())
     assert config["architectures"] == ["VITAQwen2ForCausalLM"] and config["mm_projector_type"] == "mlp2x_gelu"
