@@ -151,6 +151,7 @@ class Benchmark:
         if cfg.calibrate and self.device.type != "cpu":
             raise UsageError("--calibrate measures host CPU work: it needs --device cpu")
         self.preprocess_facts: dict[str, dict] = {}  # by variant: where its image processing ran, and why
+        self._placement: dict = {}  # the loaded model's (bench.run.preprocess.place_preprocessing)
         self.source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
         self.dims = model_dims(cfg.model_path, cfg.preset)
         check_sizes(cfg, self.dims, self.source.name, self.questions, self.frames, self.device, self.dtype)
@@ -334,8 +335,9 @@ class Benchmark:
                 status(f"{variant.name}: loading {variant.weights.name} weights")
                 loaded = variant.weights.load(self.source, self.device, self.dtype, options)
                 self._check_prompts(loaded.adapter)
-            self.preprocess_facts[variant.name] = place_preprocessing(
-                loaded.adapter, self.cfg.preprocess, self.device, self.fidelity_visual)
+                self._placement = place_preprocessing(  # once per loaded model
+                    loaded.adapter, self.cfg.preprocess, self.device, self.fidelity_visual)
+            self.preprocess_facts[variant.name] = self._placement
             probe = self.cfg.fidelity and not self.source.prequantized  # as _fidelity decides
             status(f"{variant.name}: {'fidelity probe, then ' if probe else ''}measured runs")
             fid = self._fidelity(variant, loaded)
