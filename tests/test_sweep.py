@@ -2,6 +2,7 @@
 run gives; a worker that dies leaves failed rows for its job, and the sweep ends."""
 import csv
 import os
+import time
 
 import pytest
 
@@ -28,6 +29,25 @@ class CrashWeights(WeightsPart):
 
     def load(self, source, device, dtype, options):
         os._exit(70)
+
+
+class HangWeights(WeightsPart):
+    """Weights whose loading never ends, as a deadlocked driver call would."""
+    name = "hang"
+    description = "test part: loading never returns"
+
+    def key(self, options) -> tuple:
+        return (self.name,)
+
+    def load(self, source, device, dtype, options):
+        time.sleep(3600)
+
+
+@pytest.fixture
+def hang():
+    part = variants.register(HangWeights())
+    yield part
+    variants.unregister(part.name)
 
 
 @pytest.fixture
@@ -111,3 +131,17 @@ def test_ray_tasks_give_the_serial_rows_and_a_dead_task_failed_rows(serial, cras
     measured = [r for r in rows if r["variant"] != "crash"]
     assert identity(measured) == identity(serial)
     assert all(r["worker"].startswith("ray:") for r in measured)
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_hung_worker_is_stopped_after_worker_timeout_and_its_job_failed(hang, executor, tmp_path):
+    if executor == "ray":
+        pytest.importorskip("ray", reason="Ray is the optional 'ray' extra")
+    out = tmp_path / "o"
+    t0 = time.monotonic()
+    assert run_main([*RUN, "--variants", "hang", "--executor", executor, "--workers", "1", "--worker-timeout", "2",
+                     "--output-dir", str(out)]) == 3  # nothing measured
+    assert time.monotonic() - t0 < 600  # never the hour the part sleeps
+    rows = rows_of(out)
+    assert [r["status"] for r in rows] == ["failed"]
+    assert "sent nothing for 2 s (--worker-timeout) and was stopped" in rows[0]["error"]

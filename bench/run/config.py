@@ -82,6 +82,9 @@ class RunFields:
                        "the local Ray instance offers (0: the GPUs it finds)", 0)
     ray_address: str | None = opt("ray executor: the cluster to join (auto: the one this machine belongs to, as under "
                                   "`ray job submit`; default: start a local Ray instance)")
+    worker_timeout: float = opt("local and ray executors: a worker that finishes no row for this many seconds is "
+                                "stopped, and its job's unfinished work becomes failed rows (0: wait forever)",
+                                3600.0)
     preprocess: str = opt("where the image processor runs: device (the request's device, for processors that can: "
                           "transformers' torchvision-backed ones; any other stays on the host and env.json says "
                           "why) or cpu", "device")
@@ -171,6 +174,8 @@ class RunConfigBase:
                 raise UsageError("--executor local needs --gpus (e.g. 0,1 or all) or --workers N with --device cpu")
             if self.gpus and self.gpus != "all":
                 int_list(self.gpus, "--gpus", 0)
+        if not self.worker_timeout >= 0:
+            raise UsageError("--worker-timeout must be a number of seconds, 0 or more")
         if self.ray_address and self.executor != "ray":
             raise UsageError("--ray-address applies to --executor ray")
 
@@ -245,7 +250,8 @@ RunConfig = config_class()
 
 # Settings that say where and how results are written, not what is measured: left out of the
 # configuration fingerprint --resume compares.
-NOT_FINGERPRINTED = ("output_dir", "append", "resume", "wide", "executor", "gpus", "workers", "ray_address")
+NOT_FINGERPRINTED = ("output_dir", "append", "resume", "wide", "executor", "gpus", "workers", "ray_address",
+                     "worker_timeout")
 
 EXIT_CODES = """exit codes:
   0    every variant and point measured

@@ -1,12 +1,14 @@
 """Executors of a sweep plan beyond the serial one: local worker processes (one per GPU, or N on
 the CPU) and Ray tasks (a whole GPU each). Jobs go out largest first; the finished rows come
-back to this process, which alone writes runs.csv (Benchmark.record). A worker that dies turns
-the work its job had left into failed rows saying so; the other jobs still run."""
+back to this process, which alone writes runs.csv (Benchmark.record). A worker that dies, or
+sends nothing for --worker-timeout seconds (a hang: it is stopped), turns the work its job had
+left into failed rows saying so; the other jobs still run."""
 from __future__ import annotations
 
 import multiprocessing
 import os
 import sys
+import time
 from multiprocessing.connection import wait
 
 from tqdm import tqdm
@@ -27,9 +29,27 @@ class Progress:
         self.bar = tqdm(total=sum(j.size for j in jobs), desc="sweep", unit="group", disable=None)
         self.finished: dict[int, set[str]] = {j.index: set() for j in jobs}
         self.done: set[int] = set()
+        self.timeout_s = bench.cfg.worker_timeout
+        self.heard: dict[int, float] = {}  # job -> when its worker last sent something (monotonic s)
+
+    def started(self, job: Job) -> None:
+        self.heard[job.index] = time.monotonic()
+
+    def stalled(self, job: Job) -> bool:
+        """Whether the job's worker has sent nothing for --worker-timeout seconds (a Ray task's
+        silence counts from its first message: until then the cluster may not have run it)."""
+        heard = self.heard.get(job.index)
+        return bool(self.timeout_s) and heard is not None and time.monotonic() - heard > self.timeout_s
+
+    def stall_reason(self, worker_name: str) -> str:
+        return (f"worker {worker_name} sent nothing for {self.timeout_s:g} s (--worker-timeout) and was stopped "
+                "before the job finished")
 
     def handle(self, job: Job, message, placement: dict) -> None:
+        self.heard[job.index] = time.monotonic()
         kind, value = message
+        if kind == "start":
+            return
         if kind == "row":
             self.bench.record(value)
         elif kind == "variant":
@@ -111,22 +131,28 @@ def run_local(bench, jobs: list[Job]) -> None:
                 _start_with_gpu(proc, slots[slot])
                 send.close()  # the child holds the only sending end: EOF when it exits
                 running[recv] = (proc, job, slot)
+                progress.started(job)
             wait([*running, *(p.sentinel for p, _, _ in running.values())], timeout=POLL_S)
             for recv in list(running):
                 proc, job, slot = running[recv]
                 where = {"worker": f"local:{slot}", **({"gpu": slots[slot]} if slots[slot] is not None else {})}
-                if _drain(recv, job, progress, where) and proc.is_alive():
+                alive = _drain(recv, job, progress, where) and proc.is_alive()
+                if alive and not progress.stalled(job):
                     continue
-                proc.join(timeout=POLL_S)
-                if proc.is_alive():  # its pipe closed, yet the process lingers
+                if alive:  # a hang: the process lives but its job makes no progress
                     proc.kill()
-                    proc.join()
+                    reason = progress.stall_reason(f"local:{slot}")
+                else:
+                    proc.join(timeout=POLL_S)
+                    if proc.is_alive():  # its pipe closed, yet the process lingers
+                        proc.kill()
+                    reason = f"worker local:{slot} exited with code {proc.exitcode} before the job finished"
+                proc.join()
                 _drain(recv, job, progress, where)
                 recv.close()
                 del running[recv]
                 free.append(slot)
-                progress.lost(job, f"worker local:{slot} exited with code {proc.exitcode} before the job "
-                                   "finished", where)
+                progress.lost(job, reason, where)
     finally:
         for recv, (proc, _, _) in running.items():
             proc.kill()
@@ -190,7 +216,13 @@ def run_ray(bench, jobs: list[Job]) -> None:
         status(f"sweep: {len(jobs)} job(s) as Ray tasks on {int(gpus)} GPU(s)")
         pending = {task.remote(worker.payload(bench, job, "ray")): job for job in largest_first(jobs)}
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            for gen, job in list(pending.items()):
+                if gen in ready or not progress.stalled(job):
+                    continue
+                del pending[gen]
+                _cancel(ray, gen)
+                progress.lost(job, progress.stall_reason("ray"), {"worker": "ray"})
             for gen in ready:
                 job = pending[gen]
                 try:
@@ -207,13 +239,17 @@ def run_ray(bench, jobs: list[Job]) -> None:
                 progress.handle(job, message, {"worker": "ray"})
     finally:
         for gen in pending:  # an interrupted or refused sweep: its tasks stop
-            try:
-                ray.cancel(gen, force=True)
-            except (TypeError, ValueError, ray.exceptions.RayError):
-                pass
+            _cancel(ray, gen)
         progress.close()
         if started:
             ray.shutdown()
+
+
+def _cancel(ray, gen) -> None:
+    try:
+        ray.cancel(gen, force=True)
+    except (TypeError, ValueError, ray.exceptions.RayError):
+        pass
 
 
 def _ray_job(work: dict):

@@ -1,9 +1,10 @@
 """One job of a sweep in a worker process: what the parent sends (a payload) and what the
 worker sends back (messages). The parent alone writes the results directory.
 
-Messages, in order: ("row", row) for every finished row, ("variant", name) as each variant's
-rows are all out, then ("done", preprocess facts by variant); or ("usage", message) for an
-error the user can act on, or ("error", reason) when the job could not start."""
+Messages, in order: ("start", worker name) as the job begins, ("row", row) for every finished
+row, ("variant", name) as each variant's rows are all out, then ("done", preprocess facts by
+variant); or ("usage", message) for an error the user can act on, or ("error", reason) when the
+job could not start."""
 from __future__ import annotations
 
 from dataclasses import fields
@@ -38,6 +39,7 @@ def measure_job(work: dict, send) -> None:
     """Measure the payload's job, every message through send(message)."""
     from bench.run.runner import Benchmark, _reason
 
+    send(("start", work["name"]))
     try:
         for part in work["parts"]:
             if part.name not in variants.registry():
