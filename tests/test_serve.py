@@ -112,6 +112,9 @@ def test_a_malformed_request_gets_a_400_and_the_next_one_succeeds(server, client
     assert "greedy" in str(e.value)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "no image"}])
+    with pytest.raises(openai.BadRequestError) as e:  # 4,096 new tokens after the prompt: past tiny-vila's positions
+        client.chat.completions.create(model=MODEL, messages=_messages("Hi?", image_url), max_tokens=4096)
+    assert "positions" in str(e.value)
     ok = client.chat.completions.create(model=MODEL, messages=_messages("Hi?", image_url), max_tokens=3)
     assert ok.usage.completion_tokens == 3
 
