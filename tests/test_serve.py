@@ -112,6 +112,9 @@ def test_a_malformed_request_gets_a_400_and_the_next_one_succeeds(server, client
     assert "greedy" in str(e.value)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "no image"}])
+    with pytest.raises(openai.BadRequestError) as e:  # 4,096 new tokens after the prompt: past tiny-vila's positions
+        client.chat.completions.create(model=MODEL, messages=_messages("Hi?", image_url), max_tokens=4096)
+    assert "positions" in str(e.value)
     ok = client.chat.completions.create(model=MODEL, messages=_messages("Hi?", image_url), max_tokens=3)
     assert ok.usage.completion_tokens == 3
 
@@ -162,21 +165,57 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
 
     distinct = tmp_path / "distinct"  # for a second, two requests in flight, each with an image never sent before
     assert main(["run", "--endpoint", server["url"] + "/v1", "--model", MODEL, "--prefix", "distinct",
-                 "--duration", "1", "--concurrency", "2", "--max-new-tokens", "2", "--output-dir", str(distinct)]) == 0
+                 "--duration", "1", "--concurrency", "2", "--max-new-tokens", "2", "--num-images", "1,2",
+                 "--output-dir", str(distinct)]) == 0
     rows = pd.read_csv(distinct / "runs.csv")
     measured = rows[rows["kind"] == "measured"]
-    assert len(measured) >= 2 and (measured["status"] == "ok").all()
+    assert len(measured) >= 4 and (measured["status"] == "ok").all() and set(measured["num_images"]) == {1, 2}
     assert (measured["server_prefix_hit_rate"] == 0.0).all()
+
+
+def test_endpoint_mode_sweeps_prompt_lengths_and_images_as_in_process_runs_do(server, tiny_vila_dir, tmp_path):
+    import pandas as pd
+
+    from bench.cli import main
+    from bench.models.native import local_tokenizer
+
+    out, tokenizer = tmp_path / "axes", tiny_vila_dir / "llm"  # the served preset's tokenizer files
+    assert main(["run", "--endpoint", server["url"] + "/v1", "--model", MODEL, "--prompt-lengths", "8,24",
+                 "--tokenizer", str(tokenizer), "--num-images", "1,2", "--num-prompts", "2", "--max-new-tokens", "2",
+                 "--output-dir", str(out)]) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    measured = runs[runs["kind"] == "measured"]
+    assert (measured["status"] == "ok").all() and len(measured) == 8
+    points = list(dict.fromkeys(zip(runs["question_tokens"], runs["num_images"])))
+    assert points == [(8, 1), (8, 2), (24, 1), (24, 2)]  # prompt length, then images per prompt
+    tok = local_tokenizer(tokenizer, "--tokenizer")
+    for n, question in zip(runs["question_tokens"], runs["question"]):  # warm-ups too: the point's shape
+        assert len(tok.encode(question, add_special_tokens=False)) == n
+    # the server's own count: 16 more question tokens, and a second image's tokens
+    prompt = measured.groupby(["question_tokens", "num_images"])["prompt_tokens"].agg(set).to_dict()
+    assert all(len(v) == 1 for v in prompt.values())
+    prompt = {k: v.pop() for k, v in prompt.items()}
+    assert prompt[24, 1] - prompt[8, 1] == prompt[24, 2] - prompt[8, 2] == 16 and prompt[8, 2] > prompt[8, 1]
+    assert (measured["server_prefix_hit_rate"] == 1.0).all()  # the shared images, both of them, cached
+    summary = pd.read_csv(out / "summary.csv")
+    ttft = summary[summary["metric"] == "ttft_ms"]
+    assert sorted(zip(ttft["question_tokens"], ttft["num_images"])) == sorted(points) and (ttft["n"] == 2).all()
 
 
 def test_endpoint_mode_refuses_a_bad_flag_and_writes_nothing(tmp_path, capsys):
     from bench.cli import main
 
     out = tmp_path / "never"
-    for flag, value in (("--request-rate", "0"), ("--slo", "ttft=5"), ("--concurrency", "0"), ("--duration", "0")):
-        assert main(["run", "--endpoint", "http://127.0.0.1:9/v1", "--model", MODEL, flag, value,
+    bad = [[flag, value] for flag, value in (("--request-rate", "0"), ("--slo", "ttft=5"), ("--concurrency", "0"),
+                                             ("--duration", "0"), ("--num-images", "0"))]
+    bad += [["--prompt-lengths", "8"],  # no tokenizer to count its tokens with: --tokenizer named
+            ["--tokenizer", str(tmp_path), "--prompt-lengths", "8"]]  # a directory with no tokenizer files
+    for args in bad:
+        flag = "--tokenizer" if "--prompt-lengths" in args else args[0]
+        assert main(["run", "--endpoint", "http://127.0.0.1:9/v1", "--model", MODEL, *args,
                      "--output-dir", str(out)]) == 2
-        assert flag in capsys.readouterr().err and not out.exists()
+        err = capsys.readouterr().err
+        assert flag in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_the_server_stops_cleanly_on_sigterm(server):

@@ -31,6 +31,13 @@ def parser(prog: str = f"{PROG} run") -> ArgumentParser:
     ap.add_argument("--warmup", type=int, default=1, help="warm-up requests before each point (default: 1)")
     ap.add_argument("--max-new-tokens", "--new-tokens", dest="new_tokens", default="128",
                     help="max_tokens of each request; a list sweeps it (default: 128)")
+    ap.add_argument("--prompt-lengths", default=None, help="question lengths in tokens to sweep, e.g. 16,128,512 "
+                    "(questions are repeated or cut to length, counted with --tokenizer; default: as written)")
+    ap.add_argument("--tokenizer", default=None, help="a local directory with the served model's tokenizer files "
+                    "(tokenizer.json or tokenizer.model with its config), which --prompt-lengths counts tokens "
+                    "with (required by it; default: none)")
+    ap.add_argument("--num-images", default="1", help="images per prompt (the image, then flips/rotations of it, "
+                    "one image_url part each); a list sweeps it (default: 1)")
     ap.add_argument("--image-path", default=None, help="image file (default: the demo image)")
     ap.add_argument("--text-prompt", default=None, help="the question (default: the built-in list)")
     ap.add_argument("--questions", default=None, help="file with one question per line")
@@ -106,7 +113,8 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
             ns.endpoint, ns.model, points, ns.num_prompts, int_list(ns.new_tokens, "--max-new-tokens"), image,
             load_questions(ns.questions, ns.text_prompt), ns.prefix == "distinct", ns.warmup, ns.seed,
             Path(ns.output_dir) if ns.output_dir else None, ns.timeout, ns.max_cv, os.environ.get("OPENAI_API_KEY"),
-            _slo(ns.slo), ns.duration)
+            _slo(ns.slo), ns.duration, int_list(ns.prompt_lengths, "--prompt-lengths"),
+            int_list(ns.num_images, "--num-images"), ns.tokenizer)
         out, rows, _ = endpoint_run.run(cfg, shlex.join([*prog.split(), *argv]))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -154,9 +154,17 @@ def pretrained(model_cls, path: Path, what: str, check_keys: bool = True, **kwar
 
 def tokenizer_from(folder: Path, what: str):
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
         raise UsageError(f"{what}: cannot load the tokenizer in {folder} ({one_line(e)})") from None
+
+
+def local_tokenizer(folder: Path, what: str):
+    """A directory's tokenizer on its own (no model with it), its files checked as a checkpoint's."""
+    if not folder.is_dir():
+        raise UsageError(f"{what}: not a directory")
+    require_tokenizer(folder, what)
+    return tokenizer_from(folder, what)
 
 
 def image_processor_from(folder: Path, what: str):

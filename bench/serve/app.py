@@ -19,8 +19,9 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from bench.run.limits import loaded_max_pos
 from bench.serve.metrics import CONTENT_TYPE, ServerMetrics
-from bench.serve.protocol import ApiError, parse_chat
+from bench.serve.protocol import ApiError, check_fits, parse_chat
 from bench.serve.worker import Job, Worker
 
 
@@ -50,7 +51,13 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
     metrics = ServerMetrics()
     worker = Worker(engine, metrics, max_batch, window_s)
     decode = engine.adapter.decode
+    max_pos = loaded_max_pos(getattr(engine.adapter, "model", None))
     created = int(time.time())
+
+    def checked(body):
+        request = parse_chat(body, default_max_tokens, max_tokens_limit, num_frames)
+        check_fits(engine.adapter, request, max_pos)
+        return request
 
     async def lifespan(app):
         worker.start()
@@ -88,7 +95,7 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
         if isinstance(body, dict) and body.get("model") not in (None, model_name):
             raise ApiError(f"model {body.get('model')!r} is not served here; this server serves {model_name!r}",
                            status=404, param="model", kind="not_found_error")
-        chat_request = await asyncio.to_thread(parse_chat, body, default_max_tokens, max_tokens_limit, num_frames)
+        chat_request = await asyncio.to_thread(checked, body)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Job(chat_request, lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))

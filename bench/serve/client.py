@@ -37,18 +37,31 @@ def data_url(png: bytes) -> str:
     return f"data:image/png;base64,{base64.b64encode(png).decode()}"
 
 
-def distinct_image_url(image, i: int) -> str:
-    """The i-th request's own image (derived image i + 1: never the image itself) as a data: URL."""
+def image_url(image) -> str:
+    """A PIL image as a PNG data: URL."""
     buf = io.BytesIO()
-    derived_image(image, i + 1).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return data_url(buf.getvalue())
 
 
-def payload(model: str, question: str, image_url: str, max_tokens: int) -> dict:
+def shared_image_urls(image_file: bytes, image, k: int) -> list[str]:
+    """The `k` images every request of a point shows with --prefix shared, as an in-process run's
+    (bench.run.workload.derived_images): the image file's own bytes, then derived images 1 .. k-1."""
+    return [data_url(image_file)] + [image_url(derived_image(image, i)) for i in range(1, k)]
+
+
+def distinct_image_urls(image, first: int, k: int) -> list[str]:
+    """Derived images first .. first + k - 1: one request's images under --prefix distinct (the
+    caller starts each request where the previous one stopped, past the shared images)."""
+    return [image_url(derived_image(image, first + i)) for i in range(k)]
+
+
+def payload(model: str, question: str, image_urls: list[str], max_tokens: int) -> dict:
+    """A streamed chat completion showing the images (one image_url part each), then the question."""
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
     return {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
-                                                      {"type": "text", "text": question}]}]}
+            "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]}
 
 
 async def one_request(client: httpx.AsyncClient, body: dict) -> dict:

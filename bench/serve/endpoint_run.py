@@ -1,23 +1,27 @@
-"""An endpoint-mode run: every (concurrency, request rate) point's requests, warm-ups first, one
-runs.csv row per request (engine `endpoint`, variant `c<concurrency> r<rate>`), then summary.csv
-and env.json, in the results directory layout in-process runs write."""
+"""An endpoint-mode run: for every workload point (new tokens x question length x images per
+prompt, the in-process run's axes and columns) every (concurrency, request rate) point's requests,
+warm-ups first, one runs.csv row per request (engine `endpoint`, variant `c<concurrency> r<rate>`),
+then summary.csv and env.json, in the results directory layout in-process runs write."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 
+from bench.errors import UsageError
 from bench.measure.results import (DirLock, check_output_dir, new_run_id, run_writer, utc_now, write_json,
                                    write_summary)
 from bench.models.visual import load_image
 from bench.run import envinfo
 from bench.run.questions import warmup_questions
 from bench.run.summary import ValidityRule, summarize_runs
+from bench.run.workload import WorkloadPoint, question_of_length
 from bench.serve import client as cl
 
 
@@ -37,8 +41,34 @@ class EndpointConfig:
     timeout_s: float
     max_cv: float
     api_key: str | None = None
-    slo: dict | None = None
-    duration_s: float | None = None  # a point sends requests for this long (instead of num_prompts)  # metric column -> bound (ms): goodput counts requests within every bound
+    slo: dict | None = None  # metric column -> bound (ms): goodput counts requests within every bound
+    duration_s: float | None = None  # a point sends requests for this long (instead of num_prompts)
+    prompt_lengths: list[int] = field(default_factory=list)  # question lengths in tokens (empty: as written)
+    num_images: list[int] = field(default_factory=lambda: [1])  # images per request
+    tokenizer: str | None = None  # directory whose tokenizer counts --prompt-lengths' tokens
+
+
+def point_questions(cfg: EndpointConfig) -> dict[int | None, tuple[list[str], list[str]]]:
+    """Question length (None: as written) -> (measured questions, warm-up questions), stretched or
+    cut to that many tokens of --tokenizer (the question alone, no special tokens) as in-process
+    runs make them (bench.run.workload.question_of_length)."""
+    warm = warmup_questions(cfg.questions) or cfg.questions
+    if not cfg.prompt_lengths:
+        return {None: (cfg.questions, warm)}
+    if cfg.tokenizer is None:
+        raise UsageError("--prompt-lengths counts tokens with the served model's tokenizer: give --tokenizer DIR "
+                         "(a directory with its tokenizer files)")
+    from bench.models.native import local_tokenizer
+
+    tokenizer = local_tokenizer(Path(cfg.tokenizer), f"--tokenizer {cfg.tokenizer}")
+
+    def count(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    def stretched(qs: list[str], n: int) -> list[str]:
+        return list(dict.fromkeys(question_of_length(count, q, n) for q in qs))
+
+    return {n: (stretched(cfg.questions, n), stretched(warm, n)) for n in cfg.prompt_lengths}
 
 
 def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[dict]]:
@@ -47,6 +77,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = cfg.output_dir or Path(f"results/local/{stamp}-endpoint-{cfg.model.replace('/', '_')}")
     check_output_dir(out, "new")
+    questions = point_questions(cfg)
     image_file = Path(cfg.image_path).read_bytes()
     image = load_image(cfg.image_path)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +85,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
     try:
         writer = run_writer(out)
         try:
-            rows, server = asyncio.run(_measure(cfg, image_file, image, run_id, writer))
+            rows, server = asyncio.run(_measure(cfg, questions, image_file, image, run_id, writer))
         finally:
             writer.close()
         config = {k: str(v) for k, v in vars(cfg).items() if k != "api_key"}
@@ -70,7 +101,8 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
     return out, rows, summary
 
 
-async def _measure(cfg: EndpointConfig, image_file: bytes, image, run_id: str, writer) -> tuple[list[dict], str]:
+async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, image, run_id: str,
+                   writer) -> tuple[list[dict], str]:
     base_url = cfg.endpoint.rstrip("/") + "/"
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=max(p.concurrency for p in cfg.points) + 2)
@@ -78,32 +110,35 @@ async def _measure(cfg: EndpointConfig, image_file: bytes, image, run_id: str, w
     async with httpx.AsyncClient(base_url=base_url, timeout=cfg.timeout_s, limits=limits, headers=headers) as client:
         server = await cl.server_identity(client, base_url)
         metrics_url = base_url.removesuffix("/").removesuffix("/v1") + "/metrics"
-        warm_qs = warmup_questions(cfg.questions) or cfg.questions
-        shared = cl.data_url(image_file)
-        k = 0  # --prefix distinct: every request of the run shows an image no other request showed
-        for new_tokens in cfg.new_tokens:
+        shared = {n: cl.shared_image_urls(image_file, image, n) for n in cfg.num_images}
+        # --prefix distinct: no image of a request is shown by any other request of the run, warm-ups'
+        # shared images included: requests take consecutive derived images from max(num_images) on
+        k = max(cfg.num_images)
+        for new_tokens, length, num_images in itertools.product(cfg.new_tokens, questions, cfg.num_images):
+            measured_qs, warm_qs = questions[length]
+            workload = WorkloadPoint(question_tokens=length, new_tokens=new_tokens, num_images=num_images)
             for point in cfg.points:
                 base = {"run_id": run_id, "model": cfg.model, "family": "", "weights": "served",
                         "variant": point.label(), "engine": "endpoint", "device": "", "dtype": "",
-                        "cache_state": "none", "batch_size": 1, "new_tokens": new_tokens, "num_images": 1,
-                        "loader": "", "concurrency": point.concurrency,
+                        "cache_state": "none", **workload.columns(), "concurrency": point.concurrency,
                         "request_rate": "inf" if math.isinf(point.rate) else point.rate, "server": server}
-                warm = [cl.payload(cfg.model, warm_qs[i % len(warm_qs)], shared, new_tokens)
+                warm = [cl.payload(cfg.model, warm_qs[i % len(warm_qs)], shared[num_images], new_tokens)
                         for i in range(cfg.warmup)]
                 for i, result in enumerate(await cl.run_point(client, warm.__getitem__, cl.Point(1, math.inf),
                                                               cfg.seed, len(warm))):
                     rows.append(_emit(writer, {**base, **result, "kind": "warmup", "run_index": i,
-                                               "question": warm[i]["messages"][0]["content"][1]["text"]}))
+                                               "question": warm_qs[i % len(warm_qs)]}))
 
-                def body(i, start=k, new_tokens=new_tokens):
-                    url = cl.distinct_image_url(image, start + i) if cfg.distinct_images else shared
-                    return cl.payload(cfg.model, cfg.questions[i % len(cfg.questions)], url, new_tokens)
+                def body(i, start=k, new_tokens=new_tokens, num_images=num_images, qs=measured_qs):
+                    urls = (cl.distinct_image_urls(image, start + i * num_images, num_images)
+                            if cfg.distinct_images else shared[num_images])
+                    return cl.payload(cfg.model, qs[i % len(qs)], urls, new_tokens)
 
                 before = await cl.prefix_counters(client, metrics_url)
                 t0 = time.perf_counter()
                 results = await cl.run_point(client, body, point, cfg.seed, cfg.num_prompts, cfg.duration_s)
                 wall_s = time.perf_counter() - t0
-                k += len(results)
+                k += len(results) * num_images
                 after = await cl.prefix_counters(client, metrics_url)
                 if cfg.slo:
                     for r in results:
@@ -117,7 +152,7 @@ async def _measure(cfg: EndpointConfig, image_file: bytes, image, run_id: str, w
                     hit_rate = (after[0] - before[0]) / (after[1] - before[1])
                 for i, result in enumerate(results):
                     rows.append(_emit(writer, {**base, **result, "kind": "measured", "run_index": i,
-                                               "question": cfg.questions[i % len(cfg.questions)],
+                                               "question": measured_qs[i % len(measured_qs)],
                                                "server_prefix_hit_rate": hit_rate}))
     return rows, server
 

@@ -5,7 +5,9 @@ Content parts: `text`, `image_url` (a `data:` URL or a local path, `file://` or 
 text of the last user message; the model's template supplies the system prompt (which, with the
 images, is the cacheable prefix), so `system` messages and earlier turns are not sent to the model.
 Decoding is greedy and fixed-length as in every measured run: `temperature` above 0 and `n` above 1
-are refused, and a request generates exactly `max_tokens` tokens (finish_reason `length`).
+are refused, and a request generates exactly `max_tokens` tokens (finish_reason `length`). A request
+the model cannot take (images its family cannot show together, or a prompt plus `max_tokens` longer
+than its positions) is refused before it queues (check_fits).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from bench.errors import UsageError
 from bench.models.visual import VisualInput
 
 
@@ -70,7 +73,6 @@ def _image(url: str, param: str) -> tuple[Image.Image, bytes]:
 
 
 def _video(url: str, param: str, num_frames: int) -> VisualInput:
-    from bench.errors import UsageError
     from bench.run.media import FrameSource
 
     data = _bytes_of(url, param)
@@ -141,3 +143,15 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
         raise ApiError("a request needs an image_url or a video_url", param=f"messages[{i}].content")
     visual = video or VisualInput(tuple(images), encoded=tuple(encoded))
     return ChatRequest(visual, " ".join(texts), max_tokens, stream, bool(options.get("include_usage")))
+
+
+def check_fits(adapter, request: ChatRequest, max_pos: int | None) -> None:
+    """ApiError (400) when the model cannot take the request: the adapter refuses its images (as it
+    refuses them in-process), or its prompt plus max_tokens exceeds the model's positions."""
+    try:
+        prompt = adapter.prepare_text(request.question, request.visual).prompt_tokens
+    except UsageError as e:
+        raise ApiError(str(e), param="messages") from None
+    if max_pos is not None and prompt + request.max_tokens > max_pos:
+        raise ApiError(f"the request needs {prompt + request.max_tokens:,} positions ({prompt:,} prompt tokens + "
+                       f"{request.max_tokens:,} max_tokens) but the model has {max_pos:,}", param="max_tokens")
