@@ -177,6 +177,8 @@ def test_sweep_runs_every_point_into_one_directory(tmp_path):
     points = {(r["variant"], r["batch_size"], r["new_tokens"], r["num_images"], r["cache_state"]) for r in measured}
     assert len(points) == 2 * 2 * 2 * 2 + 2 * 2 * 2  # prefix also has cold runs
     assert all(r["status"] == "ok" and r["question_tokens"] == "12" for r in measured)
+    adapter = build_preset("tiny-internvl", None, CPU, torch.float32)
+    assert {adapter.count_tokens(r["question"]) for r in measured} == {12}  # the question alone, as endpoint mode
     two = [r for r in measured if r["num_images"] == "2" and r["batch_size"] == "3"]
     one = [r for r in measured if r["num_images"] == "1" and r["batch_size"] == "3"]
     assert int(two[0]["prompt_tokens"]) > int(one[0]["prompt_tokens"])

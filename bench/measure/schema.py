@@ -70,7 +70,7 @@ COLUMNS: tuple[Column, ...] = (
     _c("question", "", None, "the question asked (the batch's first; warm-up questions are never measured ones)"),
     _c("batch_size", "requests", None, "requests run together as one batch (--batch-size); times are the batch's"),
     _c("question_tokens", "tokens", None, "--prompt-lengths point: questions repeated or cut to this many tokens "
-                                          "(empty: as written)"),
+                                          "(the question alone, no special tokens; empty: as written)"),
     _c("num_images", "images", None, "images in each request's prompt (--num-images; video frames are counted in "
                                      "prompt_tokens)"),
     _c("loader", "", None, "video frames: serial (each frame read + preprocessed when needed) | prefetch "

@@ -185,6 +185,10 @@ class VLMAdapter:
             found = self._plain_ids = PlainIds(self.tokenizer)
         return found(text)
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of `text` alone, without special tokens (what --prompt-lengths counts)."""
+        return len(self._encode(text))
+
     def _tokenize(self, text: str, add_bos: bool) -> list[int]:
         ids = self._encode(text)
         bos = self.tokenizer.bos_token_id

@@ -514,21 +514,15 @@ class Benchmark:
                 return
 
     def _point_questions(self, adapter, point) -> list[str]:
-        """The point's questions: as given, or stretched/cut to its question tokens (made once a
-        run: every variant's tokenizer is the source's)."""
+        """The point's questions: as given, or stretched/cut to its question tokens, counted as the
+        question alone without special tokens (as endpoint mode counts them with --tokenizer), so
+        both modes send the same text. Made once a run: every variant's tokenizer is the source's."""
         n = point.question_tokens
         if n is None:
             return self.questions
         if n not in self.point_questions:
-            tail = self._tail_tokens(adapter)
-            count = lambda q: len(adapter.prepare_text(q).suffix_ids) - tail  # noqa: E731
-            self.point_questions[n] = list(dict.fromkeys(question_of_length(count, q, n) for q in self.questions))
+            self.point_questions[n] = list(dict.fromkeys(question_of_length(adapter.count_tokens, q, n) for q in self.questions))
         return self.point_questions[n]
-
-    @staticmethod
-    def _tail_tokens(adapter) -> int:
-        """Suffix tokens that are not the question (the template's tail: assistant header)."""
-        return len(adapter.prepare_text("").suffix_ids)
 
     def _measure_point(self, engine, policy, adapter, point, base: dict) -> None:
         cfg = self.cfg
