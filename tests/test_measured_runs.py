@@ -123,3 +123,20 @@ def test_garbage_collection_discipline():
     finally:
         host.release_frozen()
     assert gc.get_freeze_count() == 0
+
+
+def test_gpu_monitor_averages_the_driver_samples_of_the_request_only():
+    """NVML samples (the library's own structs) before the request's start are left out; no GPU
+    here means no readings at all, never an error."""
+    import pynvml
+
+    from bench.run.monitors import GpuMonitor, GpuSample, mean_since
+
+    samples = (pynvml.c_nvmlSample_t * 3)()
+    for s, (t, v) in zip(samples, [(100, 90), (200, 40), (300, 60)]):
+        s.timeStamp, s.sampleValue.uiVal = t, v
+    assert mean_since(pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, samples, 150) == 50.0
+    assert mean_since(pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, samples, 301) is None
+    monitor = GpuMonitor(None)
+    monitor.start()
+    assert not monitor.available and monitor.stop() == GpuSample()

@@ -128,8 +128,10 @@ COLUMNS: tuple[Column, ...] = (
        True, "peak MiB"),
     _c("peak_reserved_mb", "MiB", False, "torch.cuda.max_memory_reserved during the request, MiB (empty on CPU)",
        True),
-    _c("nvml_used_mb", "MiB", False, "peak device memory used as NVML reports it (all processes), MiB", True),
-    _c("gpu_util_pct", "%", True, "mean NVML GPU utilisation sampled every 10 ms over load + request (stream_ms), %",
+    _c("nvml_used_mb", "MiB", False, "device memory used as NVML reports it (all processes), the larger of its "
+                                     "readings just before and just after the request, MiB", True),
+    _c("gpu_util_pct", "%", True, "mean of the driver's NVML GPU utilisation samples taken during load + request "
+                                  "(stream_ms; its last period's reading when the request was shorter), %",
        True),
     _c("energy_j_per_token", "J/token", False, "NVML total-energy counter delta over load + request / (new_tokens x "
                                                "batch_size), J", True),

@@ -1,11 +1,15 @@
-"""NVML sampling in a background thread: memory used, utilisation, energy (nvidia-ml-py).
+"""NVML readings around each request (nvidia-ml-py): memory used, utilisation, energy.
 
-Readings are per request: `start()` before it, `stop()` after it returns the averages,
-peaks and the energy counter's delta. Where NVML or a GPU is absent every value is None.
+`start()` before a request and `stop()` after it read NVML; nothing runs during the request. The
+driver keeps its own utilisation samples (one per sampling period: 1/6 s to 1 s, as NVML
+documents), so `stop()` asks it for those taken since `start()` (nvmlDeviceGetSamples) instead of
+a thread polling the counter: a thread waking every few milliseconds takes the interpreter lock
+from the request's host work for a value that changes a few times a second. Where NVML or a GPU
+is absent every value is None.
 """
 from __future__ import annotations
 
-import threading
+import time
 from dataclasses import dataclass
 
 
@@ -16,9 +20,19 @@ class GpuSample:
     energy_j: float | None = None
 
 
+# c_nvmlValue_t's member for each nvmlValueType_t (NVML_VALUE_TYPE_DOUBLE = 0, ...)
+_VALUE_FIELDS = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+
+
+def mean_since(value_type: int, samples, t0_us: int) -> float | None:
+    """Mean value of NVML samples (c_nvmlSample_t) taken at or after t0_us (CPU time, µs)."""
+    field = _VALUE_FIELDS[value_type] if 0 <= value_type < len(_VALUE_FIELDS) else "uiVal"
+    values = [float(getattr(s.sampleValue, field)) for s in samples if s.timeStamp >= t0_us]
+    return sum(values) / len(values) if values else None
+
+
 class GpuMonitor:
-    def __init__(self, device_index: int | None, interval_s: float = 0.01):
-        self.interval_s = interval_s
+    def __init__(self, device_index: int | None):
         self._handle = None
         self._nvml = None
         if device_index is None:
@@ -36,46 +50,43 @@ class GpuMonitor:
     def available(self) -> bool:
         return self._handle is not None
 
-    def _energy_mj(self) -> float | None:
+    def _read(self, fn):
         try:
-            return float(self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
-        except Exception:
+            return fn(self._nvml, self._handle)
+        except Exception:  # a reading the device does not offer stays empty
             return None
 
-    def _sample(self) -> None:
-        n = self._nvml
-        try:
-            self._used.append(n.nvmlDeviceGetMemoryInfo(self._handle).used / 2**20)
-            self._util.append(n.nvmlDeviceGetUtilizationRates(self._handle).gpu)
-        except Exception:
-            pass
+    def _energy_mj(self) -> float | None:
+        return self._read(lambda n, h: float(n.nvmlDeviceGetTotalEnergyConsumption(h)))
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
+    def _used_mb(self) -> float | None:
+        return self._read(lambda n, h: n.nvmlDeviceGetMemoryInfo(h).used / 2**20)
+
+    def _utilization_since(self, t0_us: int) -> float | None:
+        """Mean of the driver's utilisation samples since t0_us; the current reading (the last
+        sampling period) when the request was shorter than a period."""
+        found = self._read(lambda n, h: mean_since(*n.nvmlDeviceGetSamples(h, n.NVML_GPU_UTILIZATION_SAMPLES,
+                                                                           t0_us), t0_us))
+        if found is None:
+            found = self._read(lambda n, h: float(n.nvmlDeviceGetUtilizationRates(h).gpu))
+        return found
 
     def start(self) -> None:
         if not self.available:
             return
-        self._used, self._util = [], []
-        self._stop = threading.Event()
+        self._used0 = self._used_mb()
         self._e0 = self._energy_mj()
-        self._sample()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
+        self._t0_us = int(time.time() * 1e6)
 
     def stop(self) -> GpuSample:
         if not self.available:
             return GpuSample()
-        self._stop.set()
-        self._thread.join()
-        self._sample()
         e1 = self._energy_mj()
-        energy = (e1 - self._e0) / 1e3 if e1 is not None and self._e0 is not None else None
+        used = [u for u in (self._used0, self._used_mb()) if u is not None]
         return GpuSample(
-            nvml_used_mb=max(self._used) if self._used else None,
-            gpu_util_pct=sum(self._util) / len(self._util) if self._util else None,
-            energy_j=energy,
+            nvml_used_mb=max(used) if used else None,
+            gpu_util_pct=self._utilization_since(self._t0_us),
+            energy_j=(e1 - self._e0) / 1e3 if e1 is not None and self._e0 is not None else None,
         )
 
     def device_facts(self) -> dict:
