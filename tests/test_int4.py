@@ -496,6 +496,55 @@ def test_int4_prefetch_flag_reaches_the_engine(flag, prefetched, tmp_path):
     assert env["engines"]["rtn4+static"]["int4_prefetch"] is prefetched
 
 
+def test_prefill_copy_gives_the_same_tokens_and_is_counted_as_weights(tmp_path):
+    """--int4-prefill-copy: prefill reads a dense copy of each int4 weight instead of dequantizing
+    (same tokens, no prefetch slots); the copies are a column of their own and part of weight_mb."""
+    import csv
+
+    from bench.cli import run_main
+
+    rows = {}
+    for flag in ("--no-int4-prefill-copy", "--int4-prefill-copy"):
+        out = tmp_path / flag
+        assert run_main(["--preset", "tiny-llava", "--variants", "rtn4", "--engine", "static", "--num-runs", "2",
+                         "--min-seconds", "0", "--max-new-tokens", "6", "--warmup", "0", "--no-fidelity",
+                         "--int4-cache-dir", "", "--int4-group-size", "32", flag, "--output-dir", str(out)]) == 0
+        rows[flag] = [r for r in csv.DictReader(open(out / "runs.csv")) if r["kind"] == "measured"]
+    plain, copy = rows["--no-int4-prefill-copy"], rows["--int4-prefill-copy"]
+    assert [r["output_text"] for r in copy] == [r["output_text"] for r in plain]
+    assert float(plain[0]["int4_prefill_copy_mb"]) == 0
+    extra = float(copy[0]["int4_prefill_copy_mb"])
+    assert extra == pytest.approx(float(copy[0]["quantized_layers_fp16_mb"]) * 2)  # float32 on the CPU
+    assert float(copy[0]["weight_mb"]) == pytest.approx(float(plain[0]["weight_mb"]) + extra)
+    assert "dequantized a layer ahead" in plain[0]["engine_detail"]
+    assert "dequantized a layer ahead" not in copy[0]["engine_detail"]
+
+
+def test_prefill_copy_reaches_fused_projections_as_views(checkpoint_dirs, demo_image):
+    """Fused q/k/v and gate/up layers hold one dense copy; the originals' copies are views of it,
+    and rows above dense_rows through either give the dequantizing path's outputs."""
+    from bench.engines.fused_linear import FusedProjections
+    from bench.models.loader import load_checkpoint
+    from bench.quant.awq import Int4Options, quantize_model
+    from bench.quant.int4 import Int4Linear
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    quantize_model(adapter, Int4Options(method="rtn", group_size=32))
+    attn = next(m for m in adapter.model.modules() if isinstance(getattr(m, "q_proj", None), Int4Linear))
+    linears = [attn.q_proj, attn.k_proj, attn.v_proj]
+    x = torch.randn(1, 20, linears[0].in_features)
+    want = [m(x) for m in linears]
+    for m in linears:
+        m.keep_dense_copy(torch.float32)
+    fused = FusedProjections(linears)
+    for got, w in zip(fused(x), want):
+        torch.testing.assert_close(got, w)
+    whole = fused.fused.dense_copy
+    assert all(m.dense_copy.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr() for m in linears)
+    for m, w in zip(linears, want):
+        torch.testing.assert_close(m(x), w)
+
+
 def test_layers_the_cuda_kernel_cannot_take_stay_dense():
     """The tiny presets' 64-wide layers fit the CPU kernel (group 64) but not CUDA's 8 x 128 tiles:
     on a CUDA device they stay dense instead of failing the variant."""

@@ -37,6 +37,10 @@ class Int4VariantOptions:
                                "(prefill); at or below it the int4 kernel runs (decode)", DEFAULT_DENSE_ROWS)
     int4_prefetch: bool = opt("awq4/rtn4: a side stream dequantizes the next layer's prefill weights while a layer "
                               "runs (costs two layers' dense weights of memory)", True)
+    int4_prefill_copy: bool = opt("awq4/rtn4: keep a dense --dtype copy of every int4 weight for the calls above "
+                                  "--int4-dense-rows (prefill, long suffixes): prefill at the dense model's speed "
+                                  "for the dense weights' memory on top of the int4 ones (column "
+                                  "int4_prefill_copy_mb, counted in weight_mb); replaces --int4-prefetch", False)
     int4_cache_dir: str = opt("awq4/rtn4: where quantized models are saved and reused ('' = never)",
                               "~/.cache/vlm-bench/int4")
     image_path: str | None = run_fact()  # awq4 calibrates on this image (unless --awq-calib-dir)
@@ -99,13 +103,14 @@ class Int4Weights(WeightsPart):
         self.name, self.method, self.description = name, method, description
 
     def engine_options(self, options: Int4VariantOptions) -> dict:
-        return {"int4_prefetch": bool(options.int4_prefetch)}
+        # with dense copies there is nothing to dequantize ahead
+        return {"int4_prefetch": bool(options.int4_prefetch) and not options.int4_prefill_copy}
 
     def key(self, options: Int4VariantOptions) -> tuple:
         o = options.quantization(self.method)
         return (self.name, o.group_size, o.calib_samples if self.method == "awq" else None,
                 options.awq_calib_dir if self.method == "awq" else None, options.image_path,
-                o.dense_rows)
+                o.dense_rows, bool(options.int4_prefill_copy))
 
     def source_reason(self, source) -> str | None:
         if source.prequantized and self.method != "awq":
@@ -138,6 +143,9 @@ class Int4Weights(WeightsPart):
         adapter = source.load(device, dtype)
 
         def done(facts: dict):
+            if options.int4_prefill_copy:
+                for m in int4_layers(adapter):
+                    m.keep_dense_copy(dtype)
             return self.loaded(adapter, options, facts)
 
         if source.prequantized:  # AutoAWQ checkpoint: already int4
@@ -192,7 +200,9 @@ class Int4Weights(WeightsPart):
         layers = int4_layers(adapter)
         root = adapter.quantization_targets(False)[0]
         dense = sum(1 for layer in decoder_layers(root) for m in layer.modules() if type(m) is nn.Linear)
+        copies = [m.dense_copy for m in layers if m.dense_copy is not None]
         return {**quantized_columns(layers, lambda m: m.weight_bytes()),
+                "int4_prefill_copy_mb": sum(t.numel() * t.element_size() for t in copies) / 2**20,
                 "quant_group_size": ",".join(str(g) for g in sorted({m.group_size for m in layers})),
                 "quant_dense_layers": dense}
 

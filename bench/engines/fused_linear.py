@@ -50,6 +50,12 @@ def _fuse_int4(linears: list) -> nn.Module:
     bias = torch.cat([m.bias for m in linears]) if has_bias else None
     fused = Int4Linear(first.in_features, q.shape[0], first.group_size, _pack_nibbles(q, device), sz, bias,
                        None, first.dense_rows, first.trace_dense)
+    if first.dense_copy is not None:  # --int4-prefill-copy: one fused copy, the originals' become views of it
+        fused.dense_copy = torch.cat([m.dense_copy for m in linears], dim=0)
+        start = 0
+        for m in linears:
+            m.dense_copy = fused.dense_copy[start:start + m.out_features]
+            start += m.out_features
     if device.type == "cuda":  # share the packed codes when the layout is tile-local along N
         start = 0
         for m in linears:
@@ -68,8 +74,8 @@ def _kind(linears: list) -> str | None:
         same = {(m.weight.dtype, m.weight.device, m.in_features, m.bias is None) for m in linears}
         return "dense" if len(same) == 1 else None
     if all(type(m) is Int4Linear for m in linears):
-        same = {(m.scale_and_zero.dtype, m.in_features, m.group_size, m.bias is None, m.dense_rows)
-                for m in linears}
+        same = {(m.scale_and_zero.dtype, m.in_features, m.group_size, m.bias is None, m.dense_rows,
+                 m.dense_copy is None) for m in linears}
         if len(same) == 1 and all(m.input_scale is None for m in linears) \
                 and all(m.out_features % 8 == 0 for m in linears):
             return "int4"

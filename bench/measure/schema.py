@@ -140,6 +140,8 @@ COLUMNS: tuple[Column, ...] = (
     _c("quantized_layers", "layers", None, "number of linear layers replaced by quantized ones"),
     _c("quantized_layers_mb", "MiB", None, "bytes those layers keep quantized (packed weights + scales), MiB"),
     _c("quantized_layers_fp16_mb", "MiB", None, "bytes the same layers' weights take in fp16, MiB"),
+    _c("int4_prefill_copy_mb", "MiB", False, "int4: dense copies of the int4 weights kept for prefill "
+                                             "(--int4-prefill-copy; 0 without), included in weight_mb"),
     _c("quant_method", "", None, "how the int4 weights were made: awq | rtn | checkpoint (pre-quantized AWQ)"),
     _c("quant_err_ratio", "ratio", False, "awq4: calibration output error of AWQ divided by that of RTN (lower is "
                                           "better)"),

@@ -332,6 +332,9 @@ class Int4Linear(nn.Module):
         # steps' layer does not.
         self.register_buffer("prefill_weight", None, persistent=False)
         self.read_prefill_weight = False
+        # --int4-prefill-copy: this weight dense, kept for every call above dense_rows (prefill at
+        # the dense model's speed, for the dense model's weight memory on top of the int4 one).
+        self.register_buffer("dense_copy", None, persistent=False)
 
     @classmethod
     def from_int4(cls, t: Int4Tensors, device: torch.device, dtype: torch.dtype, bias=None, input_scale=None,
@@ -374,6 +377,8 @@ class Int4Linear(nn.Module):
             x = x * self.input_scale
         rows = x.numel() // self.in_features
         if rows > self.dense_rows:
+            if self.dense_copy is not None:
+                return F.linear(x, self.dense_copy, self.bias)
             if self.read_prefill_weight and self.prefill_weight is not None:
                 return F.linear(x, self.prefill_weight, self.bias)
             if self.trace_dense and self.tile_inverse is not None and torch.compiler.is_compiling():
@@ -395,10 +400,15 @@ class Int4Linear(nn.Module):
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
+    def keep_dense_copy(self, dtype: torch.dtype) -> None:
+        """Hold this weight dense (`dense_copy`) for the calls above dense_rows."""
+        self.dense_copy = self.dense_weight(dtype)
+
     def weight_bytes(self) -> int:
         held = (self.packed, self.scale_and_zero, self.bias, self.input_scale)
         return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "
-                f"dense_rows={self.dense_rows}, input_scale={self.input_scale is not None}")
+                f"dense_rows={self.dense_rows}, input_scale={self.input_scale is not None}, "
+                f"dense_copy={self.dense_copy is not None}")
