@@ -516,8 +516,8 @@ def test_prefill_copy_gives_the_same_tokens_and_is_counted_as_weights(tmp_path):
     extra = float(copy[0]["int4_prefill_copy_mb"])
     assert extra == pytest.approx(float(copy[0]["quantized_layers_fp16_mb"]) * 2)  # float32 on the CPU
     assert float(copy[0]["weight_mb"]) == pytest.approx(float(plain[0]["weight_mb"]) + extra)
-    assert "dequantized a layer ahead" in plain[0]["engine_detail"]
-    assert "dequantized a layer ahead" not in copy[0]["engine_detail"]
+    assert "dequantized a layer ahead" in plain[0]["engine_detail"] and float(plain[0]["int4_prefetch_mb"]) > 0
+    assert "dequantized a layer ahead" not in copy[0]["engine_detail"] and copy[0]["int4_prefetch_mb"] == ""
 
 
 def test_prefill_copy_reaches_fused_projections_as_views(checkpoint_dirs, demo_image):

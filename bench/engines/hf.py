@@ -118,6 +118,11 @@ class HFEngine:
                  for layer in cache.kv.layers]
         return entry, sum(t.numel() * t.element_size() for kv in entry for t in kv)
 
+    def memory_columns(self) -> dict:
+        """Device memory this engine holds beside the weights and the KV cache, as row columns
+        (definitions in bench.measure.schema); none here."""
+        return {}
+
     def describe(self) -> str:
         """How this engine runs (the engine_detail column)."""
         return f"transformers forward, DynamicCache{attention_kernels.note(self.adapter.device, self.spec.attention)}"

@@ -76,6 +76,9 @@ class StaticEngine(HFEngine):
         """The layer function decode steps and suffixes run."""
         return self.eager_step_layer
 
+    def memory_columns(self) -> dict:
+        return {"int4_prefetch_mb": self.prefetch.nbytes / 2**20 if self.prefetch is not None else None}
+
     def prefetch_note(self) -> str:
         return ", int4 prefill weights dequantized a layer ahead" if self.prefetch is not None else ""
 

@@ -142,6 +142,9 @@ COLUMNS: tuple[Column, ...] = (
     _c("quantized_layers_fp16_mb", "MiB", None, "bytes the same layers' weights take in fp16, MiB"),
     _c("int4_prefill_copy_mb", "MiB", False, "int4: dense copies of the int4 weights kept for prefill "
                                              "(--int4-prefill-copy; 0 without), included in weight_mb"),
+    _c("int4_prefetch_mb", "MiB", False, "int4 on the static and graph engines: the two dense slots prefill "
+                                         "weights are dequantized into a layer ahead (--int4-prefetch), not in "
+                                         "weight_mb; empty without"),
     _c("quant_method", "", None, "how the int4 weights were made: awq | rtn | checkpoint (pre-quantized AWQ)"),
     _c("quant_err_ratio", "ratio", False, "awq4: calibration output error of AWQ divided by that of RTN (lower is "
                                           "better)"),

@@ -485,7 +485,7 @@ class Benchmark:
         adapter = loaded.adapter
         policy = self._policy(variant, loaded)
         engine = self._engine(variant, loaded, policy)
-        base = {**base, "weight_mb": weight_mb(adapter.model), **loaded.columns()}
+        base = {**base, "weight_mb": weight_mb(adapter.model), **loaded.columns(), **engine.memory_columns()}
         points = self.cfg.points
         for i, point in enumerate(points):
             if self.mode == "resume" and self._point_done(variant.name, point):
