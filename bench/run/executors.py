@@ -92,6 +92,8 @@ def local_slots(cfg, device) -> list[str | None]:
             raise UsageError("--workers runs CPU worker processes: give --device cpu, or --gpus for a worker per GPU")
         return [None] * cfg.workers
     if device.type != "cuda":
+        if cfg.device == "auto":  # auto found no GPU
+            raise UsageError("--gpus: no CUDA device is available here; use --workers N with --device cpu")
         raise UsageError("--gpus runs a worker per GPU: give --device cuda (or auto), or --workers N for CPU workers")
     import torch
 
