@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fresh machine -> working environment in ./.venv.
-# CPU-only machines get the CPU build torch==2.13.0 (any other torch spec would pull GBs of
-# CUDA packages); machines with an NVIDIA driver keep the CUDA torch they have, or get one.
+# CPU-only machines get the CPU build torch==2.13.0+cpu from PyTorch's CPU index (PyPI's Linux
+# torch wheels pull GBs of CUDA packages); machines with an NVIDIA driver keep the CUDA torch they
+# have, or get one.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -19,7 +20,7 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     if command -v nvidia-smi >/dev/null 2>&1; then
         python -m pip install -q torch
     else
-        python -m pip install -q torch==2.13.0
+        python -m pip install -q torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu
     fi
 fi
 python -m pip install -q -e ".[quant,dev,ray]"

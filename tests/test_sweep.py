@@ -106,6 +106,16 @@ def test_gpu_workers_on_the_cpu_are_refused_and_nothing_is_written(tmp_path):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_gpu_workers_without_a_gpu_say_none_is_there(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")
+    auto = [a for a in RUN if a not in ("--device", "cpu")]  # --device auto, which finds no GPU
+    assert run_main([*auto, "--gpus", "all", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--gpus: no CUDA device is available here" in capsys.readouterr().err
+
+
 def test_local_workers_give_the_serial_rows_and_a_dead_worker_failed_rows(serial, crash, tmp_path):
     out = tmp_path / "o"
     assert run_main([*RUN, "--variants", "fp16,prefix,crash", "--workers", "2", "--output-dir", str(out)]) == 1

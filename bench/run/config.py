@@ -89,7 +89,7 @@ class RunFields:
                           "transformers' torchvision-backed ones; any other stays on the host and env.json says "
                           "why) or cpu", "device")
     cpu_threads: int = opt("torch CPU threads (0: 1 with a CUDA device, where the host only processes images and "
-                           "launches kernels; torch's default, every core, when the model runs on the CPU)", 0)
+                           "launches kernels; every core, torch's own choice, when the model runs on the CPU)", 0)
     calibrate: bool = opt("CPU device: measure a fixed reference workload's CPU time next to every measured "
                           "request and record the request's CPU times relative to it (calib_ms, ttft_rel, "
                           "tpot_rel): comparable across load and machines (ci-bench gates on them)", False)

@@ -92,6 +92,8 @@ def local_slots(cfg, device) -> list[str | None]:
             raise UsageError("--workers runs CPU worker processes: give --device cpu, or --gpus for a worker per GPU")
         return [None] * cfg.workers
     if device.type != "cuda":
+        if cfg.device == "auto":  # auto found no GPU
+            raise UsageError("--gpus: no CUDA device is available here; use --workers N with --device cpu")
         raise UsageError("--gpus runs a worker per GPU: give --device cuda (or auto), or --workers N for CPU workers")
     import torch
 
@@ -195,7 +197,7 @@ def run_ray(bench, jobs: list[Job]) -> None:
     try:
         import ray
     except ImportError:
-        raise UsageError("--executor ray needs Ray: pip install 'vlm-bench[ray]' (or pip install ray)") from None
+        raise UsageError("--executor ray needs Ray: pip install -e '.[ray]' (or pip install ray)") from None
     cfg = bench.cfg
     started = not ray.is_initialized()
     if started:
@@ -204,7 +206,11 @@ def run_ray(bench, jobs: list[Job]) -> None:
             options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
             if cfg.workers:
                 options["num_gpus"] = cfg.workers  # logical GPUs (a CPU run's tasks still ask for one each)
-        ray.init(**options)
+        try:
+            ray.init(**options)
+        except ConnectionError as e:  # no cluster at --ray-address (Ray's message names its own CLI flag)
+            raise UsageError(f"--ray-address {cfg.ray_address}: no Ray cluster to join ({str(e).split('. ')[0]}); "
+                             "leave --ray-address out to start a local Ray instance") from None
     task = ray.remote(num_gpus=1, max_retries=0, num_returns="streaming")(_ray_job)
     progress = Progress(bench, jobs)
     pending = {}
