@@ -94,3 +94,8 @@ def test_ci_bench_args_are_a_valid_run_config():
 
     cfg = config_from_args(CI_BENCH_ARGS)
     assert cfg.num_runs >= 10 and not cfg.fidelity
+
+
+def test_readme_states_the_gate_as_it_runs():
+    readme = (ROOT / "README.md").read_text()
+    assert f"--metrics {CI_GATE_METRICS} --factor {CI_GATE_FACTOR}" in readme
