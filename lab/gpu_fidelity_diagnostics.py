@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engines.cache_policy import CachePolicy  # noqa: E402
-from bench.cli.common import quiet_libraries  # noqa: E402
+from bench.quiet import quiet_libraries  # noqa: E402
 from bench.run.config import DEMO_IMAGE  # noqa: E402
 from bench.engines.hf import HFEngine  # noqa: E402
 from bench.run.fidelity import kl_mean, teacher_forced_logprobs  # noqa: E402

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.cli.common import quiet_libraries  # noqa: E402
+from bench.quiet import quiet_libraries  # noqa: E402
 from bench.run.config import DEMO_IMAGE  # noqa: E402
 from bench.models.loader import build_preset  # noqa: E402
 from bench.measure.results import CsvWriter, utc_now  # noqa: E402

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench.cli.common import quiet_libraries  # noqa: E402
+from bench.quiet import quiet_libraries  # noqa: E402
 
 quiet_libraries()
 torch.set_num_threads(2)

@@ -130,6 +130,17 @@ def test_local_workers_give_the_serial_rows_and_a_dead_worker_failed_rows(serial
     assert {r["variant"] for r in summary} >= {"fp16", "prefix"}
 
 
+def test_summary_keeps_the_variants_order_whatever_order_jobs_finish_in(tmp_path):
+    """One worker takes the largest job (fp16 + prefix) first; the summary still lists rtn4 first."""
+    out = tmp_path / "o"
+    assert run_main([*RUN, "--variants", "rtn4,fp16,prefix", "--int4-cache-dir", "", "--workers", "1",
+                     "--output-dir", str(out)]) == 0
+    rows = rows_of(out)
+    assert list(dict.fromkeys(r["variant"] for r in rows)) == ["fp16", "prefix", "rtn4"]  # as they finished
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    assert list(dict.fromkeys(r["variant"] for r in summary)) == ["rtn4", "fp16", "prefix"]
+
+
 def test_ray_tasks_give_the_serial_rows_and_a_dead_task_failed_rows(serial, crash, tmp_path):
     pytest.importorskip("ray", reason="Ray is the optional 'ray' extra")
     out = tmp_path / "o"

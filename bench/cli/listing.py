@@ -3,7 +3,7 @@ engines, conversation templates, checkpoint layouts)."""
 from __future__ import annotations
 
 from bench.cli import PROG, describe
-from bench.cli.common import quiet_libraries
+from bench.quiet import quiet_libraries
 from bench.errors import ArgumentParser
 
 

@@ -5,7 +5,7 @@ import re
 import sys
 
 from bench.cli import PROG, describe
-from bench.cli.common import quiet_libraries
+from bench.quiet import quiet_libraries
 from bench.errors import ArgumentParser
 from bench.models.sentencepiece_files import TOKENIZER_FILES
 

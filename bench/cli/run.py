@@ -8,7 +8,7 @@ import shlex
 import sys
 
 from bench.cli import PROG, describe
-from bench.cli.common import quiet_libraries
+from bench.quiet import quiet_libraries
 
 
 def parser(prog: str = f"{PROG} run"):

@@ -3,7 +3,7 @@ chosen with `run`'s flags (e.g. `--preset tiny-vila --variants awq4+prefix --eng
 from __future__ import annotations
 
 from bench.cli import PROG, describe
-from bench.cli.common import quiet_libraries
+from bench.quiet import quiet_libraries
 from bench.errors import UsageError
 
 SERVE_FLAGS = ("host", "port", "max_batch", "batch_window_ms", "served_model_name", "max_tokens_limit")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import sys
 import time
 from multiprocessing.connection import wait
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from bench.errors import UsageError
 from bench.log import status
-from bench.run import worker
+from bench.run import spawned, worker
 from bench.run.plan import Job, largest_first
 
 POLL_S = 5.0  # how often a wait for messages also looks at the workers' liveness
@@ -128,8 +129,9 @@ def run_local(bench, jobs: list[Job]) -> None:
                 slot, job = free.pop(0), queue.pop(0)
                 name = f"local:{slot}"
                 recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=worker.process_main, name=f"vlm-bench {name}",
-                                   args=(worker.payload(bench, job, name, cpu_threads), send), daemon=True)
+                work = pickle.dumps(worker.payload(bench, job, name, cpu_threads))
+                proc = ctx.Process(target=spawned.process_main, name=f"vlm-bench {name}", args=(work, send),
+                                   daemon=True)
                 _start_with_gpu(proc, slots[slot])
                 send.close()  # the child holds the only sending end: EOF when it exits
                 running[recv] = (proc, job, slot)
@@ -211,7 +213,7 @@ def run_ray(bench, jobs: list[Job]) -> None:
         except ConnectionError as e:  # no cluster at --ray-address (Ray's message names its own CLI flag)
             raise UsageError(f"--ray-address {cfg.ray_address}: no Ray cluster to join ({str(e).split('. ')[0]}); "
                              "leave --ray-address out to start a local Ray instance") from None
-    task = ray.remote(num_gpus=1, max_retries=0, num_returns="streaming")(_ray_job)
+    task = ray.remote(num_gpus=1, max_retries=0, num_returns="streaming")(spawned.ray_job)
     progress = Progress(bench, jobs)
     pending = {}
     try:
@@ -220,7 +222,7 @@ def run_ray(bench, jobs: list[Job]) -> None:
             raise UsageError("--executor ray: the Ray cluster offers no GPU (each job takes a whole one); "
                              "on a CPU machine give --workers N for N logical GPUs")
         status(f"sweep: {len(jobs)} job(s) as Ray tasks on {int(gpus)} GPU(s)")
-        pending = {task.remote(worker.payload(bench, job, "ray")): job for job in largest_first(jobs)}
+        pending = {task.remote(pickle.dumps(worker.payload(bench, job, "ray"))): job for job in largest_first(jobs)}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
             for gen, job in list(pending.items()):
@@ -256,26 +258,3 @@ def _cancel(ray, gen) -> None:
         ray.cancel(gen, force=True)
     except (TypeError, ValueError, ray.exceptions.RayError):
         pass
-
-
-def _ray_job(work: dict):
-    """A Ray task: the job measured on the GPU Ray gave it (in a thread), its messages yielded
-    as they come."""
-    import queue
-    import threading
-
-    import ray
-
-    work = {**work, "name": f"ray:{ray.get_runtime_context().get_node_id()[:8]}"}
-    messages: queue.Queue = queue.Queue()
-    end = object()
-
-    def measure():
-        try:
-            worker.measure_job(work, messages.put)
-        finally:
-            messages.put(end)
-
-    threading.Thread(target=measure, daemon=True).start()
-    while (message := messages.get()) is not end:
-        yield message

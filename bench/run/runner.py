@@ -260,8 +260,7 @@ class Benchmark:
         """summary.csv from every run in runs.csv (this one only when the directory was new); a
         failure here (a host out of memory) keeps the previous file and says how to rebuild it."""
         try:
-            rows = self.rows if self.mode == "new" else read_runs(self.out_dir / "runs.csv")
-            self.summary = summarize_runs(rows, self.cfg)
+            self.summary = self._summarize()
             write_summary(self.out_dir, self.summary)
         except Exception as e:  # noqa: BLE001 - the rows are safe in runs.csv
             self.summary = None
@@ -636,10 +635,14 @@ class Benchmark:
     # ------------------------------------------------------------------------------------
     def summary_rows(self) -> list[dict]:
         """What summary.csv holds (every run of the directory's runs.csv when appending or resuming)."""
-        if self.summary is None:
-            rows = self.rows if self.mode == "new" else read_runs(self.out_dir / "runs.csv")
-            return summarize_runs(rows, self.cfg)
-        return self.summary
+        return self._summarize() if self.summary is None else self.summary
+
+    def _summarize(self) -> list[dict]:
+        if self.mode != "new":
+            return summarize_runs(read_runs(self.out_dir / "runs.csv"), self.cfg)
+        # in the order of --variants, however the sweep's workers finished (a stable sort)
+        order = {v.name: i for i, v in reversed(list(enumerate(self.variants)))}
+        return summarize_runs(sorted(self.rows, key=lambda r: order.get(r.get("variant"), len(order))), self.cfg)
 
 
 GPU_PHASES = ("restore", "vision", "prefill", "store", "decode")  # timed with CUDA events on a GPU

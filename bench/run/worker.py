@@ -60,12 +60,3 @@ def measure_job(work: dict, send) -> None:
         send(("usage", str(e)))
         return
     send(("done", bench.preprocess_facts))
-
-
-def process_main(work: dict, conn) -> None:
-    """A local worker process's entry: the messages go through `conn` (a pipe's sending end)."""
-    try:
-        measure_job(work, conn.send)
-    finally:
-        conn.close()
-

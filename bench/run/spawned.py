@@ -1,0 +1,51 @@
+"""The entries of the processes a sweep starts: local worker processes and Ray tasks.
+
+Each quiets the model libraries (bench.quiet) before anything imports them. The job therefore
+arrives pickled and is unpickled only after: unpickling it imports the variant parts, and with
+them torchao and transformers, whose import-time messages would otherwise print once per worker.
+"""
+from __future__ import annotations
+
+import pickle
+
+
+def _job(work: bytes) -> dict:
+    from bench.quiet import quiet_libraries
+
+    quiet_libraries()
+    return pickle.loads(work)
+
+
+def process_main(work: bytes, conn) -> None:
+    """A local worker process: the job's messages go through `conn` (a pipe's sending end)."""
+    try:
+        from bench.run import worker
+
+        worker.measure_job(_job(work), conn.send)
+    finally:
+        conn.close()
+
+
+def ray_job(work: bytes):
+    """A Ray task: the job measured on the GPU Ray gave it (in a thread), its messages yielded
+    as they come."""
+    import queue
+    import threading
+
+    import ray
+
+    from bench.run import worker
+
+    job = {**_job(work), "name": f"ray:{ray.get_runtime_context().get_node_id()[:8]}"}
+    messages: queue.Queue = queue.Queue()
+    end = object()
+
+    def measure():
+        try:
+            worker.measure_job(job, messages.put)
+        finally:
+            messages.put(end)
+
+    threading.Thread(target=measure, daemon=True).start()
+    while (message := messages.get()) is not end:
+        yield message
