@@ -33,6 +33,11 @@ class Progress:
         self.timeout_s = bench.cfg.worker_timeout
         self.heard: dict[int, float] = {}  # job -> when its worker last sent something (monotonic s)
 
+    @property
+    def poll_s(self) -> float:
+        """How long a wait for messages lasts before liveness and silence are looked at again."""
+        return min(POLL_S, max(self.timeout_s / 4, 0.25)) if self.timeout_s else POLL_S
+
     def started(self, job: Job) -> None:
         self.heard[job.index] = time.monotonic()
 
@@ -136,7 +141,7 @@ def run_local(bench, jobs: list[Job]) -> None:
                 send.close()  # the child holds the only sending end: EOF when it exits
                 running[recv] = (proc, job, slot)
                 progress.started(job)
-            wait([*running, *(p.sentinel for p, _, _ in running.values())], timeout=POLL_S)
+            wait([*running, *(p.sentinel for p, _, _ in running.values())], timeout=progress.poll_s)
             for recv in list(running):
                 proc, job, slot = running[recv]
                 where = {"worker": f"local:{slot}", **({"gpu": slots[slot]} if slots[slot] is not None else {})}
@@ -224,7 +229,7 @@ def run_ray(bench, jobs: list[Job]) -> None:
         status(f"sweep: {len(jobs)} job(s) as Ray tasks on {int(gpus)} GPU(s)")
         pending = {task.remote(pickle.dumps(worker.payload(bench, job, "ray"))): job for job in largest_first(jobs)}
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=POLL_S)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=progress.poll_s)
             for gen, job in list(pending.items()):
                 if gen in ready or not progress.stalled(job):
                     continue
