@@ -526,7 +526,6 @@ def test_prefill_copy_reaches_fused_projections_as_views(checkpoint_dirs, demo_i
     from bench.engines.fused_linear import FusedProjections
     from bench.models.loader import load_checkpoint
     from bench.quant.awq import Int4Options, quantize_model
-    from bench.quant.int4 import Int4Linear
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
     quantize_model(adapter, Int4Options(method="rtn", group_size=32))
@@ -543,6 +542,28 @@ def test_prefill_copy_reaches_fused_projections_as_views(checkpoint_dirs, demo_i
     assert all(m.dense_copy.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr() for m in linears)
     for m, w in zip(linears, want):
         torch.testing.assert_close(m(x), w)
+    whole.zero_()  # the copies are what those rows read: zeroed, only the biases are left
+    for m in linears:
+        bias = torch.zeros(m.out_features) if m.bias is None else m.bias
+        torch.testing.assert_close(m(x), bias.expand(1, 20, -1))
+    assert all(torch.count_nonzero(m(x[:, :1])) for m in linears)  # one row: the int4 kernel
+
+
+def _cuda_layers(n, k, count, group=128):
+    return [Int4Linear.from_int4(quantize_int4(torch.randn(n, k) * 0.02, group), torch.device("cuda"),
+                                 torch.float16) for _ in range(count)]
+
+
+@cuda
+def test_cuda_prefill_copies_are_each_layers_own():
+    """On CUDA dense_weight returns a scratch buffer shared by a shape's layers: each copy is a
+    tensor of its own holding its own layer's weight."""
+    layers = _cuda_layers(256, 256, 3)
+    for m in layers:
+        m.keep_dense_copy(torch.float16)
+    assert len({m.dense_copy.data_ptr() for m in layers}) == 3
+    for m in layers:
+        torch.testing.assert_close(m.dense_copy, m.to_int4().dequantize(torch.float16).cuda())
 
 
 def test_layers_the_cuda_kernel_cannot_take_stay_dense():

@@ -167,13 +167,14 @@ class Int4Weights(WeightsPart):
             try:
                 meta, tensors = read_int4_file(saved)
                 load_int4_tensors(adapter, tensors, meta["group_size"], opts.dense_rows, strict=True)
-                return done({"quant_method": self.method, "quant_err_ratio": meta.get("err_ratio"),
-                             "quant_source": str(saved)})
             except (ValueError, KeyError, TypeError, RuntimeError) as e:
                 status(f"warning: {self.name}: discarding the saved int4 model {saved} "
                        f"({' '.join(str(e).split())[:200]}); quantizing again")
                 saved.unlink(missing_ok=True)
                 adapter = source.load(device, dtype)  # the failed load may have replaced some layers
+            else:  # (outside the try: running out of memory afterwards says nothing about the file)
+                return done({"quant_method": self.method, "quant_err_ratio": meta.get("err_ratio"),
+                             "quant_source": str(saved)})
         status(f"{self.name}: quantizing {adapter.name} ({'AWQ calibration on ' + str(len(images)) + ' requests' if images else 'round-to-nearest'})")
         report = quantize_model(adapter, opts, images)
         status(f"{self.name}: done in {report.seconds:.1f} s" + (f", AWQ/RTN calibration error {report.err_ratio:.3f}"

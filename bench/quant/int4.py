@@ -401,8 +401,10 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def keep_dense_copy(self, dtype: torch.dtype) -> None:
-        """Hold this weight dense (`dense_copy`) for the calls above dense_rows."""
-        self.dense_copy = self.dense_weight(dtype)
+        """Hold this weight dense (`dense_copy`) for the calls above dense_rows: its own tensor
+        (dense_weight's CUDA result is a scratch buffer every layer of the shape shares)."""
+        out = torch.empty(self.out_features, self.in_features, dtype=dtype, device=self.packed.device)
+        self.dense_copy = self.dequantize_into(out)
 
     def weight_bytes(self) -> int:
         held = (self.packed, self.scale_and_zero, self.bias, self.input_scale)
