@@ -32,20 +32,25 @@ class CrashWeights(WeightsPart):
 
 
 class HangWeights(WeightsPart):
-    """Weights whose loading never ends, as a deadlocked driver call would."""
+    """Weights whose loading never ends, as a deadlocked driver call would; it leaves a file
+    saying the worker got there."""
     name = "hang"
     description = "test part: loading never returns"
+
+    def __init__(self, marker):
+        self.marker = str(marker)
 
     def key(self, options) -> tuple:
         return (self.name,)
 
     def load(self, source, device, dtype, options):
+        open(self.marker, "w").close()
         time.sleep(3600)
 
 
 @pytest.fixture
-def hang():
-    part = variants.register(HangWeights())
+def hang(tmp_path):
+    part = variants.register(HangWeights(tmp_path / "loading"))
     yield part
     variants.unregister(part.name)
 
@@ -160,9 +165,18 @@ def test_a_hung_worker_is_stopped_after_worker_timeout_and_its_job_failed(hang, 
         pytest.importorskip("ray", reason="Ray is the optional 'ray' extra")
     out = tmp_path / "o"
     t0 = time.monotonic()
-    assert run_main([*RUN, "--variants", "hang", "--executor", executor, "--workers", "1", "--worker-timeout", "2",
+    assert run_main([*RUN, "--variants", "hang", "--executor", executor, "--workers", "1", "--worker-timeout", "3",
                      "--output-dir", str(out)]) == 3  # nothing measured
     assert time.monotonic() - t0 < 600  # never the hour the part sleeps
+    assert os.path.exists(hang.marker)  # stopped while loading, not while starting
     rows = rows_of(out)
     assert [r["status"] for r in rows] == ["failed"]
-    assert "sent nothing for 2 s (--worker-timeout) and was stopped" in rows[0]["error"]
+    assert "sent nothing for 3 s (--worker-timeout) and was stopped" in rows[0]["error"]
+
+
+def test_an_unreachable_ray_address_is_a_usage_error_and_nothing_is_written(tmp_path, capsys):
+    pytest.importorskip("ray", reason="Ray is the optional 'ray' extra")
+    out = tmp_path / "o"
+    assert run_main([*RUN, "--executor", "ray", "--ray-address", "127.0.0.1:1", "--output-dir", str(out)]) == 2
+    assert "--ray-address 127.0.0.1:1: no Ray cluster answers there" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import socket
 import sys
 import time
 from multiprocessing.connection import wait
@@ -20,6 +21,7 @@ from bench.run import spawned, worker
 from bench.run.plan import Job, largest_first
 
 POLL_S = 5.0  # how often a wait for messages also looks at the workers' liveness
+STARTUP_S = 300.0  # a local worker's start (process, imports) may take this long even with a shorter --worker-timeout
 
 
 class Progress:
@@ -32,6 +34,7 @@ class Progress:
         self.done: set[int] = set()
         self.timeout_s = bench.cfg.worker_timeout
         self.heard: dict[int, float] = {}  # job -> when its worker last sent something (monotonic s)
+        self.begun: set[int] = set()  # jobs whose worker has said it started them
 
     @property
     def poll_s(self) -> float:
@@ -39,13 +42,19 @@ class Progress:
         return min(POLL_S, max(self.timeout_s / 4, 0.25)) if self.timeout_s else POLL_S
 
     def started(self, job: Job) -> None:
+        """A local worker process was started for the job."""
         self.heard[job.index] = time.monotonic()
 
     def stalled(self, job: Job) -> bool:
-        """Whether the job's worker has sent nothing for --worker-timeout seconds (a Ray task's
-        silence counts from its first message: until then the cluster may not have run it)."""
+        """Whether the job's worker has sent nothing for --worker-timeout seconds since its last
+        message. Before its first ("start", once the worker has imported what it needs) a local
+        worker gets at least STARTUP_S; a Ray task's silence counts only from its first message
+        (until then the cluster may not have run it)."""
         heard = self.heard.get(job.index)
-        return bool(self.timeout_s) and heard is not None and time.monotonic() - heard > self.timeout_s
+        if not self.timeout_s or heard is None:
+            return False
+        limit = self.timeout_s if job.index in self.begun else max(self.timeout_s, STARTUP_S)
+        return time.monotonic() - heard > limit
 
     def stall_reason(self, worker_name: str) -> str:
         return (f"worker {worker_name} sent nothing for {self.timeout_s:g} s (--worker-timeout) and was stopped "
@@ -55,6 +64,7 @@ class Progress:
         self.heard[job.index] = time.monotonic()
         kind, value = message
         if kind == "start":
+            self.begun.add(job.index)
             return
         if kind == "row":
             self.bench.record(value)
@@ -213,6 +223,10 @@ def run_ray(bench, jobs: list[Job]) -> None:
             options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
             if cfg.workers:
                 options["num_gpus"] = cfg.workers  # logical GPUs (a CPU run's tasks still ask for one each)
+        unreachable = _unreachable(cfg.ray_address)
+        if unreachable:  # Ray itself would retry for minutes
+            raise UsageError(f"--ray-address {cfg.ray_address}: no Ray cluster answers there ({unreachable}); "
+                             "leave --ray-address out to start a local Ray instance")
         try:
             ray.init(**options)
         except ConnectionError as e:  # no cluster at --ray-address (Ray's message names its own CLI flag)
@@ -227,12 +241,14 @@ def run_ray(bench, jobs: list[Job]) -> None:
             raise UsageError("--executor ray: the Ray cluster offers no GPU (each job takes a whole one); "
                              "on a CPU machine give --workers N for N logical GPUs")
         status(f"sweep: {len(jobs)} job(s) as Ray tasks on {int(gpus)} GPU(s)")
-        pending = {task.remote(pickle.dumps(worker.payload(bench, job, "ray"))): job for job in largest_first(jobs)}
+        # cloudpickle, as Ray pickles: a part registered from a script (__main__) travels by value
+        pending = {task.remote(ray.cloudpickle.dumps(worker.payload(bench, job, "ray"))): job
+                   for job in largest_first(jobs)}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=progress.poll_s)
             for gen, job in list(pending.items()):
-                if gen in ready or not progress.stalled(job):
-                    continue
+                if gen in ready or not progress.stalled(job) or ray.wait([gen], timeout=0)[0]:
+                    continue  # (the last: a message waits, not yet read)
                 del pending[gen]
                 _cancel(ray, gen)
                 progress.lost(job, progress.stall_reason("ray"), {"worker": "ray"})
@@ -256,6 +272,21 @@ def run_ray(bench, jobs: list[Job]) -> None:
         progress.close()
         if started:
             ray.shutdown()
+
+
+def _unreachable(address: str | None) -> str | None:
+    """Why nothing listens at a --ray-address of the form [ray://]HOST:PORT (None: something
+    does, or the address is another form, such as auto, for Ray to judge)."""
+    if not address:
+        return None
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def _cancel(ray, gen) -> None:

@@ -9,19 +9,21 @@ from __future__ import annotations
 import pickle
 
 
-def _job(work: bytes) -> dict:
+def _quiet() -> None:
+    """Before bench.run.worker is imported: it imports transformers and huggingface_hub, which read
+    their settings (HF_HUB_OFFLINE) at import."""
     from bench.quiet import quiet_libraries
 
     quiet_libraries()
-    return pickle.loads(work)
 
 
 def process_main(work: bytes, conn) -> None:
     """A local worker process: the job's messages go through `conn` (a pipe's sending end)."""
     try:
+        _quiet()
         from bench.run import worker
 
-        worker.measure_job(_job(work), conn.send)
+        worker.measure_job(pickle.loads(work), conn.send)
     finally:
         conn.close()
 
@@ -32,11 +34,12 @@ def ray_job(work: bytes):
     import queue
     import threading
 
+    _quiet()
     import ray
 
     from bench.run import worker
 
-    job = {**_job(work), "name": f"ray:{ray.get_runtime_context().get_node_id()[:8]}"}
+    job = {**pickle.loads(work), "name": f"ray:{ray.get_runtime_context().get_node_id()[:8]}"}
     messages: queue.Queue = queue.Queue()
     end = object()
 
