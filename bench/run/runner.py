@@ -37,7 +37,7 @@ from bench.measure.results import (DirLock, DirState, check_output_dir, new_run_
 from bench.models.prompts import FIDELITY_PROBE
 from bench.models.source import ModelSource
 from bench.models.visual import VisualInput, load_image
-from bench.run.workload import RequestSource, WorkloadPoint, question_of_length
+from bench.run.workload import RequestSource, WorkloadPoint, questions_of_length
 from variants import baseline_variant, parse_variant
 
 
@@ -520,7 +520,7 @@ class Benchmark:
         if n is None:
             return self.questions
         if n not in self.point_questions:
-            self.point_questions[n] = list(dict.fromkeys(question_of_length(adapter.count_tokens, q, n) for q in self.questions))
+            self.point_questions[n] = questions_of_length(adapter.count_tokens, self.questions, n)
         return self.point_questions[n]
 
     def _measure_point(self, engine, policy, adapter, point, base: dict) -> None:

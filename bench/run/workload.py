@@ -93,6 +93,11 @@ def question_of_length(count_tokens, question: str, n: int) -> str:
     return text
 
 
+def questions_of_length(count_tokens, questions: list[str], n: int) -> list[str]:
+    """Each question made `n` tokens long (question_of_length), duplicates dropped, order kept."""
+    return list(dict.fromkeys(question_of_length(count_tokens, q, n) for q in questions))
+
+
 _DERIVE = (lambda im: im, ImageOps.mirror, ImageOps.flip, lambda im: im.rotate(180), ImageOps.invert,
            ImageOps.grayscale, lambda im: ImageOps.solarize(im, 128), lambda im: ImageOps.posterize(im, 3))
 

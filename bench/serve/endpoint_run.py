@@ -21,7 +21,7 @@ from bench.models.visual import load_image
 from bench.run import envinfo
 from bench.run.questions import warmup_questions
 from bench.run.summary import ValidityRule, summarize_runs
-from bench.run.workload import WorkloadPoint, question_of_length
+from bench.run.workload import WorkloadPoint, questions_of_length
 from bench.serve import client as cl
 
 
@@ -51,7 +51,7 @@ class EndpointConfig:
 def point_questions(cfg: EndpointConfig) -> dict[int | None, tuple[list[str], list[str]]]:
     """Question length (None: as written) -> (measured questions, warm-up questions), stretched or
     cut to that many tokens of --tokenizer (the question alone, no special tokens) as in-process
-    runs make them (bench.run.workload.question_of_length)."""
+    runs make them (bench.run.workload.questions_of_length)."""
     warm = warmup_questions(cfg.questions) or cfg.questions
     if not cfg.prompt_lengths:
         return {None: (cfg.questions, warm)}
@@ -65,10 +65,8 @@ def point_questions(cfg: EndpointConfig) -> dict[int | None, tuple[list[str], li
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
 
-    def stretched(qs: list[str], n: int) -> list[str]:
-        return list(dict.fromkeys(question_of_length(count, q, n) for q in qs))
-
-    return {n: (stretched(cfg.questions, n), stretched(warm, n)) for n in cfg.prompt_lengths}
+    return {n: (questions_of_length(count, cfg.questions, n), questions_of_length(count, warm, n))
+            for n in cfg.prompt_lengths}
 
 
 def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[dict]]:
@@ -134,6 +132,8 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
                             if cfg.distinct_images else shared[num_images])
                     return cl.payload(cfg.model, qs[i % len(qs)], urls, new_tokens)
 
+                if cfg.duration_s is None:  # made before the clock starts (distinct images: PNG encoding)
+                    body = [body(i) for i in range(cfg.num_prompts)].__getitem__
                 before = await cl.prefix_counters(client, metrics_url)
                 t0 = time.perf_counter()
                 results = await cl.run_point(client, body, point, cfg.seed, cfg.num_prompts, cfg.duration_s)
