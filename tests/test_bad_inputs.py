@@ -501,3 +501,119 @@ def test_count_of_bad_inputs(capsys):
     with capsys.disabled():
         print(f"\nbad inputs tried: {len(TRIED)}")
 
+
+
+# ------------------------------------------------------------------------------- endpoint mode
+class _FakeServer:
+    """An HTTP server on 127.0.0.1 in a thread: GET answers `models` (a JSON body, or a 404 when
+    None), POST streams `chunks` as Server-Sent Events."""
+
+    def __init__(self, models=None, chunks=()):
+        import http.server
+        import threading
+
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, body: bytes, kind: str):
+                self.send_response(status)
+                self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if fake.models is None:
+                    self._send(404, b"<html>not here</html>", "text/html")
+                else:
+                    self._send(200, json.dumps(fake.models).encode(), "application/json")
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                events = "".join(f"data: {c}\n\n" for c in [*fake.chunks, "[DONE]"])
+                self._send(200, events.encode(), "text/event-stream")
+
+        self.models, self.chunks = models, list(chunks)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def bad_endpoint(tmp_path, capsys, url, args, *needles, model="m"):
+    out = tmp_path / "endpoint"
+    TRIED.append(f"--endpoint {url} {' '.join(args)}")
+    rc = exit_code(main, ["run", "--endpoint", url, "--model", model, "--num-prompts", "1", "--warmup", "0",
+                          "--output-dir", out, *args])
+    assert_one_line(capsys, rc, *needles)
+    assert not out.exists(), "a refused run must write nothing"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--num-prompts", "x"], "--num-prompts"),
+    (["--append"], "--append"),  # in-process flags are not endpoint mode's
+    (["--timeout", "0"], "--timeout"),
+    (["--timeout", "nan"], "--timeout"),
+    (["--duration", "inf"], "--duration"),  # would send requests for ever
+    (["--max-cv", "nan"], "--max-cv"),
+    (["--max-cv", "0"], "--max-cv"),
+])
+def test_endpoint_flags_that_can_never_run(tmp_path, capsys, args, needle):
+    bad_endpoint(tmp_path, capsys, f"http://127.0.0.1:{_closed_port()}/v1", args, needle)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://", "127.0.0.1:8000/v1", "ftp://host/v1"])
+def test_endpoint_url_that_is_not_one(tmp_path, capsys, url):
+    bad_endpoint(tmp_path, capsys, url, [], "--endpoint", "URL")
+
+
+def test_endpoint_server_not_there_or_not_openai(tmp_path, capsys):
+    """Refused before anything is written: nothing listens, a plain web server, a model it does
+    not serve."""
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    bad_endpoint(tmp_path, capsys, url, [], "--endpoint", "cannot reach")
+    with _FakeServer(models=None) as plain:
+        bad_endpoint(tmp_path, capsys, plain.url, [], "not an OpenAI API", "HTTP 404")
+    with _FakeServer(models={"object": "list", "data": [{"id": "served-one"}]}) as other:
+        bad_endpoint(tmp_path, capsys, other.url, [], "--model 'm'", "served-one", model="m")
+
+
+@pytest.mark.parametrize("chunks,reason", [
+    (["[1]"], "not an object"),
+    (['{"choices": "abc"}'], "not OpenAI's"),
+    (['{"choices": [{"delta": {"content": "a"}}], "usage": "many"}'], "not OpenAI's"),
+    (['{"error": "boom"}'], "boom"),
+    (["{{{"], "JSONDecodeError"),
+])
+def test_endpoint_stream_not_openai_is_a_failed_row(tmp_path, capsys, chunks, reason):
+    """A server that answers /models but streams something else: every request a failed row with
+    the reason, the run goes on, exit code 3 (nothing measured)."""
+    import csv
+
+    out = tmp_path / "endpoint"
+    TRIED.append(f"endpoint stream {chunks[0]}")
+    with _FakeServer(models={"data": [{"id": "m"}]}, chunks=chunks) as fake:
+        rc = exit_code(main, ["run", "--endpoint", fake.url, "--model", "m", "--num-prompts", "2", "--warmup", "0",
+                              "--output-dir", out])
+    err = capsys.readouterr().err
+    assert rc == 3 and "Traceback" not in err, err
+    with open(out / "runs.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"] == "measured"]
+    assert len(rows) == 2 and all(r["status"] == "failed" and reason in r["error"] for r in rows), rows

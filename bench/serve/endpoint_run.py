@@ -1,6 +1,8 @@
 """An endpoint-mode run: every (concurrency, request rate) point's requests, warm-ups first, one
 runs.csv row per request (engine `endpoint`, variant `c<concurrency> r<rate>`), then summary.csv
-and env.json, in the results directory layout in-process runs write."""
+and env.json, in the results directory layout in-process runs write. A server that cannot be
+reached or does not serve the model at the start is a usage error before anything is written; a
+request that fails later is a failed row (bench.serve.client)."""
 from __future__ import annotations
 
 import asyncio
@@ -49,6 +51,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
     check_output_dir(out, "new")
     image_file = Path(cfg.image_path).read_bytes()
     image = load_image(cfg.image_path)
+    cl.check_server(cfg.endpoint, cfg.model, _headers(cfg), cfg.timeout_s)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     lock = DirLock(out)
     try:
@@ -72,7 +75,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
 
 async def _measure(cfg: EndpointConfig, image_file: bytes, image, run_id: str, writer) -> tuple[list[dict], str]:
     base_url = cfg.endpoint.rstrip("/") + "/"
-    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    headers = _headers(cfg)
     limits = httpx.Limits(max_connections=max(p.concurrency for p in cfg.points) + 2)
     rows: list[dict] = []
     async with httpx.AsyncClient(base_url=base_url, timeout=cfg.timeout_s, limits=limits, headers=headers) as client:
@@ -120,6 +123,10 @@ async def _measure(cfg: EndpointConfig, image_file: bytes, image, run_id: str, w
                                                "question": cfg.questions[i % len(cfg.questions)],
                                                "server_prefix_hit_rate": hit_rate}))
     return rows, server
+
+
+def _headers(cfg: EndpointConfig) -> dict:
+    return {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
 
 
 def _emit(writer, row: dict) -> dict:
