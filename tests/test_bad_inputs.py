@@ -223,6 +223,13 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--no-such-flag", "1"], "--no-such-flag"),
     (["--variants", "bnb8", "--bnb-int8-threshold", "-1"], "--bnb-int8-threshold"),
     (["--bnb-int8-threshold", "nan"], "--bnb-int8-threshold"),
+    (["--workers", "1", "--worker-timeout", "nan"], "--worker-timeout"),
+    (["--executor", "serial", "--workers", "2"], "--workers"),  # would be ignored
+    (["--gpus", ""], "--gpus is empty"),  # would run serially
+    (["--executor", "ray", "--ray-address", ""], "--ray-address ''"),
+    (["--executor", "ray", "--ray-address", "garbage"], "--ray-address 'garbage'"),
+    (["--executor", "ray", "--ray-address", "10.0.0.1:99999"], "HOST:PORT"),
+    (["--executor", "ray", "--ray-address", "10.0.0.1:6379", "--workers", "2"], "--ray-address"),
 ])
 def test_flags_that_can_never_run(tmp_path, capsys, args, needle):
     bad_run(tmp_path, capsys, args, needle)
@@ -232,6 +239,13 @@ def test_missing_gpu_index_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     bad_run(tmp_path, capsys, ["--device", "cuda:7"], "--device cuda:7", "2 CUDA device")
+
+
+def test_ray_cluster_that_cannot_be_reached(tmp_path, capsys):
+    # refused at once (Ray itself retries for minutes), the results directory left as it was
+    pytest.importorskip("ray")
+    bad_run(tmp_path, capsys, ["--executor", "ray", "--ray-address", f"127.0.0.1:{_closed_port()}"],
+            "--ray-address", "cannot reach the Ray cluster")
 
 
 @pytest.mark.parametrize("flag", ["--int4-cache-dir", "--output-dir"])

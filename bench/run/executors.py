@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import sys
 import time
 from multiprocessing.connection import wait
@@ -204,7 +205,7 @@ def run_ray(bench, jobs: list[Job]) -> None:
             options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
             if cfg.workers:
                 options["num_gpus"] = cfg.workers  # logical GPUs (a CPU run's tasks still ask for one each)
-        ray.init(**options)
+        _init_ray(ray, options)
     task = ray.remote(num_gpus=1, max_retries=0, num_returns="streaming")(_ray_job)
     progress = Progress(bench, jobs)
     pending = {}
@@ -243,6 +244,29 @@ def run_ray(bench, jobs: list[Job]) -> None:
         progress.close()
         if started:
             ray.shutdown()
+
+
+RAY_CONNECT_S = 5.0  # how long the cluster's address may take to accept a connection
+
+
+def _init_ray(ray, options: dict) -> None:
+    """ray.init, with a cluster that cannot be reached (Ray would retry for minutes) or refuses
+    the connection as a usage error."""
+    from bench.run.config import ray_endpoint
+
+    address = options["address"]
+    where = ray_endpoint(address) if address else None
+    if where is not None:
+        try:
+            socket.create_connection(where, timeout=RAY_CONNECT_S).close()
+        except OSError as e:
+            raise UsageError(f"--ray-address {address}: cannot reach the Ray cluster ({e.strerror or e}); give a "
+                             "running cluster's address, or leave --ray-address out to start Ray here") from None
+    try:
+        ray.init(**options)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        what = f"--ray-address {address}" if address else "--executor ray"
+        raise UsageError(f"{what}: Ray did not start or connect ({e.__class__.__name__}: {' '.join(str(e).split())})") from None
 
 
 def _cancel(ray, gen) -> None:
