@@ -631,3 +631,85 @@ def test_endpoint_stream_not_openai_is_a_failed_row(tmp_path, capsys, chunks, re
     with open(out / "runs.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["kind"] == "measured"]
     assert len(rows) == 2 and all(r["status"] == "failed" and reason in r["error"] for r in rows), rows
+
+
+# ----------------------------------------------------------------------------------------- serve
+@pytest.fixture
+def taken_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+SERVE = ["serve", "--preset", "tiny-vila", "--device", "cpu", "--max-new-tokens", "4"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    ([], "cannot listen there"),  # the port is taken: refused before the model loads
+    (["--host", "no.such.host.invalid"], "--host 'no.such.host.invalid'"),
+    (["--batch-window-ms", "nan"], "--batch-window-ms"),
+    (["--batch-window-ms", "inf", "--max-batch", "2"], "--batch-window-ms"),  # the batcher would wait for ever
+    (["--workers", "2"], "unrecognized arguments: --workers"),  # a server runs no sweep
+    (["--output-dir", "somewhere"], "unrecognized arguments: --output-dir"),
+    (["--max-new-tokens", "5000"], "--max-tokens-limit"),  # every request without max_tokens would be refused
+    (["--max-new-tokens", "4096", "--max-tokens-limit", "8000"], "4,096"),  # past the model's positions
+])
+def test_serve_flags_that_can_never_serve(capsys, taken_port, args, needle):
+    # every case names the taken port: a check that let its case through fails on the port, never serves
+    bad_sub(capsys, [*SERVE, "--port", taken_port, *args], needle)
+
+
+@pytest.fixture(scope="module")
+def served():
+    """vlm-bench serve's application over tiny-vila, in this process (fastapi's TestClient)."""
+    from fastapi.testclient import TestClient
+
+    from bench.run.config import config_class
+    from bench.serve.app import create_app
+    from bench.serve.loading import load_engine
+
+    engine, _, name = load_engine(config_class()(preset="tiny-vila", device="cpu", cpu_threads=1))
+    with TestClient(create_app(engine, name, 4, max_batch=2)) as client:
+        yield client
+
+
+def _chat(image: bytes | None = None, question="What is it?", **extra) -> dict:
+    import base64
+
+    from bench.run.config import DEMO_IMAGE
+
+    url = "data:image/png;base64," + base64.b64encode(image or DEMO_IMAGE.read_bytes()).decode()
+    return {"model": "tiny-vila", "max_tokens": 2, **extra, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]}
+
+
+@pytest.mark.parametrize("body,param,needle", [
+    (_chat(stream=True, stream_options="usage"), "stream_options", "object"),
+    (_chat(stream=True, stream_options=[1]), "stream_options", "object"),
+    (_chat(temperature=-1), "temperature", "greedy"),
+    (json.dumps(_chat()).replace('"max_tokens": 2', '"max_tokens": 2, "temperature": NaN'), "temperature", "greedy"),
+    (_chat(question="word " * 5000), "messages", "positions"),  # past the model's 4,096
+    (_chat(question="word " * 5000, stream=True), "messages", "positions"),  # streamed: a status too
+    (_chat(max_tokens=4096), "messages", "positions"),  # the prompt comes on top
+])
+def test_serve_bad_request_is_a_4xx_and_the_server_serves_on(served, body, param, needle):
+    TRIED.append(f"serve request {param}")
+    r = served.post("/v1/chat/completions", **({"content": body} if isinstance(body, str) else {"json": body}),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and needle in error["message"]
+    ok = served.post("/v1/chat/completions", json=_chat())
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+def test_serve_image_past_the_pixel_limit(served, tmp_path, monkeypatch):
+    # between PIL's limit and twice it PIL only warns: refused as image files are
+    TRIED.append("serve image past the pixel limit")
+    image = small_png(tmp_path / "big.png", (40, 40)).read_bytes()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    r = served.post("/v1/chat/completions", json=_chat(image))
+    assert r.status_code == 400 and "too large" in r.json()["error"]["message"], r.text

@@ -321,10 +321,15 @@ def flag_help(text: str, default, values: str = "") -> str:
 
 
 def build_parser(cls=None, prog: str = "vila_prefix_benchmark.py",
-                 description: str = "Measure variants of a vision-language model.") -> argparse.ArgumentParser:
+                 description: str = "Measure variants of a vision-language model.",
+                 leave_out: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The run's flags, one per config field (less the fields in `leave_out`, which keep their
+    defaults: a command that has no use for them refuses them as unknown flags)."""
     cls = cls or config_class()
     parser = ArgumentParser(prog=prog, description=description, epilog=EXIT_CODES)
     for f in fields(cls):
+        if f.name in leave_out:
+            continue
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *f.metadata.get("aliases", ())]
         default = None if f.default is MISSING else f.default

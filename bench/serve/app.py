@@ -7,7 +7,10 @@ response generator (which cancels its job). FastAPI + uvicorn is also what vLLM 
 their OpenAI APIs with, so the HTTP layer measured here is the one those servers add.
 
 Streaming sends each token's text as the engine generates it (the engines' per-token hook), so a
-client's time to the first content chunk is the engine's time to its first token plus HTTP.
+client's time to the first content chunk is the engine's time to its first token plus HTTP. The
+response starts with the first token: a request refused before it (a prompt and max_tokens past
+the model's positions: 400) or failed (500) gets an HTTP status and an OpenAI error body, streamed
+or not.
 """
 from __future__ import annotations
 
@@ -47,8 +50,10 @@ class TextStream:
 
 def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int = 1, window_s: float = 0.005,
                num_frames: int = 8, max_tokens_limit: int = 4096) -> FastAPI:
+    from bench.run.limits import loaded_max_pos
+
     metrics = ServerMetrics()
-    worker = Worker(engine, metrics, max_batch, window_s)
+    worker = Worker(engine, metrics, max_batch, window_s, loaded_max_pos(engine.adapter.model))
     decode = engine.adapter.decode
     created = int(time.time())
 
@@ -95,19 +100,29 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
         worker.submit(job)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": model_name}
+        try:
+            first = await events.get()  # a request refused or failed before its first token gets a status
+            if first[0] == "invalid":
+                raise ApiError(first[1], param="messages")
+            if first[0] == "error":
+                raise ApiError(first[1], status=500, kind="server_error")
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
         if chat_request.stream:
-            return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage),
+            return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage, first),
                                      media_type="text/event-stream")
         text = TextStream(decode)
         try:
+            kind, value = first
             while True:
-                kind, value = await events.get()
                 if kind == "token":
                     text.add(value)
                 elif kind == "error":
                     raise ApiError(value, status=500, kind="server_error")
                 else:
                     break
+                kind, value = await events.get()
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
@@ -123,10 +138,12 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_usage: bool):
+async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_usage: bool, first: tuple):
     """The chunks of a streamed completion (OpenAI's format), then [DONE]; cancelling the job
-    when the client goes away (the generator is closed or cancelled)."""
+    when the client goes away (the generator is closed or cancelled). `first`: the job's first
+    event, already taken from `events`."""
     text = TextStream(decode)
+    pending = [first]
 
     def chunk(delta: dict, finish=None) -> str:
         return _sse({**head, "object": "chat.completion.chunk",
@@ -135,7 +152,7 @@ async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_u
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
-            kind, value = await events.get()
+            kind, value = pending.pop() if pending else await events.get()
             if kind == "token":
                 delta = text.add(value)
                 if delta:

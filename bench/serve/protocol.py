@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from bench.errors import UsageError
 from bench.models.visual import VisualInput
 
 
@@ -64,13 +65,16 @@ def _image(url: str, param: str) -> tuple[Image.Image, bytes]:
     data = _bytes_of(url, param)
     try:
         with Image.open(io.BytesIO(data)) as im:
+            limit = Image.MAX_IMAGE_PIXELS  # as image files are held to (PIL warns past it, refuses past twice)
+            if limit and im.width * im.height > limit:
+                raise ApiError(f"the image ({im.width}x{im.height} = {im.width * im.height:,} pixels) is too large to "
+                               f"decode safely; send at most {limit:,} pixels", param=param)
             return im.convert("RGB"), data
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ApiError(f"the image cannot be decoded ({e.__class__.__name__})", param=param) from None
 
 
 def _video(url: str, param: str, num_frames: int) -> VisualInput:
-    from bench.errors import UsageError
     from bench.run.media import FrameSource
 
     data = _bytes_of(url, param)
@@ -99,7 +103,8 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise ApiError("messages must be a non-empty list of message objects", param="messages")
     temperature = body.get("temperature")
-    if temperature is not None and (not isinstance(temperature, (int, float)) or temperature > 0):
+    if temperature is not None and (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+                                    or temperature != 0):
         raise ApiError("only greedy decoding is served: temperature must be 0 or absent", param="temperature")
     if body.get("n") not in (None, 1):
         raise ApiError("n must be 1", param="n")
@@ -111,6 +116,8 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
     if not isinstance(stream, bool):
         raise ApiError("stream must be true or false", param="stream")
     options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError("stream_options must be an object", param="stream_options")
     users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
     if not users:
         raise ApiError("no user message", param="messages")
