@@ -394,3 +394,79 @@ def test_broken_autoawq_checkpoint_is_one_line_usage_error(family, damage, check
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "up_proj" in lines[0], err
     assert not out.exists()
+
+
+# ------------------------------------------------- SentencePiece tokenizers and InternVideo2.5
+@pytest.fixture(scope="module")
+def vila_sentencepiece(tiny_vila_dir, tmp_path_factory):
+    """tiny-vila with its llm/ tokenizer as VILA1.5 publishes it: tokenizer.model, no tokenizer.json."""
+    from bench.models.sentencepiece_files import write_sentencepiece
+
+    d = _copy(tiny_vila_dir, tmp_path_factory.mktemp("vila-sp"))
+    write_sentencepiece(d / "llm", keep_json=False)
+    return d
+
+
+def _sp_garbage(d):
+    (d / "llm" / "tokenizer.model").write_bytes(b"not a sentencepiece model " * 20)
+
+
+def _sp_empty(d):  # transformers loads it as a tokenizer of the added tokens only
+    (d / "llm" / "tokenizer.model").write_bytes(b"")
+
+
+def _sp_a_folder(d):
+    (d / "llm" / "tokenizer.model").unlink()
+    (d / "llm" / "tokenizer.model").mkdir()
+
+
+def _sp_config_only(d):
+    (d / "llm" / "tokenizer.model").unlink()
+
+
+@pytest.mark.parametrize("breaks,needle", [(_sp_garbage, "not a SentencePiece model"),
+                                           (_sp_empty, "not a SentencePiece model"),
+                                           (_sp_a_folder, "no tokenizer vocabulary"),
+                                           (_sp_config_only, "no tokenizer vocabulary")],
+                         ids=["garbage", "empty", "a-folder", "config-only"])
+def test_broken_sentencepiece_tokenizer_is_one_line_usage_error(breaks, needle, vila_sentencepiece, tmp_path,
+                                                                capsys):
+    d = _copy(vila_sentencepiece, tmp_path)
+    breaks(d)
+    out = tmp_path / "out"
+    rc = run_main(["--model-path", str(d), *RUN, "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_internvideo_dir(tmp_path_factory):
+    from bench.models.loader import build_preset, save_checkpoint
+
+    out = tmp_path_factory.mktemp("internvideo") / "tiny-internvideo"
+    save_checkpoint(build_preset("tiny-internvideo", None, torch.device("cpu"), torch.float32), out)
+    return out
+
+
+@pytest.mark.parametrize("frame_tokens", [None, "abc", 0, 10**6])
+def test_internvideo_merge_past_the_frame_tokens_is_one_line_usage_error(frame_tokens, tiny_internvideo_dir,
+                                                                          tmp_path, frames, capsys):
+    """The merged tokens per frame must be what a frame gives or fewer (no key: the published 16,
+    more than tiny-internvideo's 4), refused before loading, not a failed row at run time."""
+    from bench.models.internvideo import FRAME_TOKENS_KEY
+
+    d = _copy(tiny_internvideo_dir, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop(FRAME_TOKENS_KEY)
+    if frame_tokens is not None:
+        cfg[FRAME_TOKENS_KEY] = frame_tokens
+    (d / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    rc = run_main(["--model-path", str(d), *RUN, "--frames-dir", str(frames), "--num-frames", "4", "--video-mode",
+                   "clip", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(d) in lines[0], err
+    assert not out.exists()

@@ -223,6 +223,13 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--no-such-flag", "1"], "--no-such-flag"),
     (["--variants", "bnb8", "--bnb-int8-threshold", "-1"], "--bnb-int8-threshold"),
     (["--bnb-int8-threshold", "nan"], "--bnb-int8-threshold"),
+    (["--workers", "1", "--worker-timeout", "nan"], "--worker-timeout"),
+    (["--executor", "serial", "--workers", "2"], "--workers"),  # would be ignored
+    (["--gpus", ""], "--gpus is empty"),  # would run serially
+    (["--executor", "ray", "--ray-address", ""], "--ray-address ''"),
+    (["--executor", "ray", "--ray-address", "garbage"], "--ray-address 'garbage'"),
+    (["--executor", "ray", "--ray-address", "10.0.0.1:99999"], "HOST:PORT"),
+    (["--executor", "ray", "--ray-address", "10.0.0.1:6379", "--workers", "2"], "--ray-address"),
 ])
 def test_flags_that_can_never_run(tmp_path, capsys, args, needle):
     bad_run(tmp_path, capsys, args, needle)
@@ -232,6 +239,13 @@ def test_missing_gpu_index_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     bad_run(tmp_path, capsys, ["--device", "cuda:7"], "--device cuda:7", "2 CUDA device")
+
+
+def test_ray_cluster_that_cannot_be_reached(tmp_path, capsys):
+    # refused at once (Ray itself retries for minutes), the results directory left as it was
+    pytest.importorskip("ray")
+    bad_run(tmp_path, capsys, ["--executor", "ray", "--ray-address", f"127.0.0.1:{_closed_port()}"],
+            "--ray-address", "cannot reach the Ray cluster")
 
 
 @pytest.mark.parametrize("flag", ["--int4-cache-dir", "--output-dir"])
@@ -501,3 +515,202 @@ def test_count_of_bad_inputs(capsys):
     with capsys.disabled():
         print(f"\nbad inputs tried: {len(TRIED)}")
 
+
+
+# ------------------------------------------------------------------------------- endpoint mode
+class _FakeServer:
+    """An HTTP server on 127.0.0.1 in a thread: GET answers `models` (a JSON body, or a 404 when
+    None), POST streams `chunks` as Server-Sent Events."""
+
+    def __init__(self, models=None, chunks=()):
+        import http.server
+        import threading
+
+        fake = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _send(self, status, body: bytes, kind: str):
+                self.send_response(status)
+                self.send_header("content-type", kind)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):
+                if fake.models is None:
+                    self._send(404, b"<html>not here</html>", "text/html")
+                else:
+                    self._send(200, json.dumps(fake.models).encode(), "application/json")
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("content-length") or 0))
+                events = "".join(f"data: {c}\n\n" for c in [*fake.chunks, "[DONE]"])
+                self._send(200, events.encode(), "text/event-stream")
+
+        self.models, self.chunks = models, list(chunks)
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def bad_endpoint(tmp_path, capsys, url, args, *needles, model="m"):
+    out = tmp_path / "endpoint"
+    TRIED.append(f"--endpoint {url} {' '.join(args)}")
+    rc = exit_code(main, ["run", "--endpoint", url, "--model", model, "--num-prompts", "1", "--warmup", "0",
+                          "--output-dir", out, *args])
+    assert_one_line(capsys, rc, *needles)
+    assert not out.exists(), "a refused run must write nothing"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--num-prompts", "x"], "--num-prompts"),
+    (["--append"], "--append"),  # in-process flags are not endpoint mode's
+    (["--timeout", "0"], "--timeout"),
+    (["--timeout", "nan"], "--timeout"),
+    (["--duration", "inf"], "--duration"),  # would send requests for ever
+    (["--max-cv", "nan"], "--max-cv"),
+    (["--max-cv", "0"], "--max-cv"),
+])
+def test_endpoint_flags_that_can_never_run(tmp_path, capsys, args, needle):
+    bad_endpoint(tmp_path, capsys, f"http://127.0.0.1:{_closed_port()}/v1", args, needle)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://", "127.0.0.1:8000/v1", "ftp://host/v1"])
+def test_endpoint_url_that_is_not_one(tmp_path, capsys, url):
+    bad_endpoint(tmp_path, capsys, url, [], "--endpoint", "URL")
+
+
+def test_endpoint_server_not_there_or_not_openai(tmp_path, capsys):
+    """Refused before anything is written: nothing listens, a plain web server, a model it does
+    not serve."""
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    bad_endpoint(tmp_path, capsys, url, [], "--endpoint", "cannot reach")
+    with _FakeServer(models=None) as plain:
+        bad_endpoint(tmp_path, capsys, plain.url, [], "not an OpenAI API", "HTTP 404")
+    with _FakeServer(models={"object": "list", "data": [{"id": "served-one"}]}) as other:
+        bad_endpoint(tmp_path, capsys, other.url, [], "--model 'm'", "served-one", model="m")
+
+
+@pytest.mark.parametrize("chunks,reason", [
+    (["[1]"], "not an object"),
+    (['{"choices": "abc"}'], "not OpenAI's"),
+    (['{"choices": [{"delta": {"content": "a"}}], "usage": "many"}'], "not OpenAI's"),
+    (['{"error": "boom"}'], "boom"),
+    (["{{{"], "JSONDecodeError"),
+])
+def test_endpoint_stream_not_openai_is_a_failed_row(tmp_path, capsys, chunks, reason):
+    """A server that answers /models but streams something else: every request a failed row with
+    the reason, the run goes on, exit code 3 (nothing measured)."""
+    import csv
+
+    out = tmp_path / "endpoint"
+    TRIED.append(f"endpoint stream {chunks[0]}")
+    with _FakeServer(models={"data": [{"id": "m"}]}, chunks=chunks) as fake:
+        rc = exit_code(main, ["run", "--endpoint", fake.url, "--model", "m", "--num-prompts", "2", "--warmup", "0",
+                              "--output-dir", out])
+    err = capsys.readouterr().err
+    assert rc == 3 and "Traceback" not in err, err
+    with open(out / "runs.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"] == "measured"]
+    assert len(rows) == 2 and all(r["status"] == "failed" and reason in r["error"] for r in rows), rows
+
+
+# ----------------------------------------------------------------------------------------- serve
+@pytest.fixture
+def taken_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+SERVE = ["serve", "--preset", "tiny-vila", "--device", "cpu", "--max-new-tokens", "4"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    ([], "cannot listen there"),  # the port is taken: refused before the model loads
+    (["--host", "no.such.host.invalid"], "--host 'no.such.host.invalid'"),
+    (["--batch-window-ms", "nan"], "--batch-window-ms"),
+    (["--batch-window-ms", "inf", "--max-batch", "2"], "--batch-window-ms"),  # the batcher would wait for ever
+    (["--workers", "2"], "unrecognized arguments: --workers"),  # a server runs no sweep
+    (["--output-dir", "somewhere"], "unrecognized arguments: --output-dir"),
+    (["--max-new-tokens", "5000"], "--max-tokens-limit"),  # every request without max_tokens would be refused
+    (["--max-new-tokens", "4096", "--max-tokens-limit", "8000"], "4,096"),  # past the model's positions
+])
+def test_serve_flags_that_can_never_serve(capsys, taken_port, args, needle):
+    # every case names the taken port: a check that let its case through fails on the port, never serves
+    bad_sub(capsys, [*SERVE, "--port", taken_port, *args], needle)
+
+
+@pytest.fixture(scope="module")
+def served():
+    """vlm-bench serve's application over tiny-vila, in this process (fastapi's TestClient)."""
+    from fastapi.testclient import TestClient
+
+    from bench.run.config import config_class
+    from bench.serve.app import create_app
+    from bench.serve.loading import load_engine
+
+    engine, _, name = load_engine(config_class()(preset="tiny-vila", device="cpu", cpu_threads=1))
+    with TestClient(create_app(engine, name, 4, max_batch=2)) as client:
+        yield client
+
+
+def _chat(image: bytes | None = None, question="What is it?", **extra) -> dict:
+    import base64
+
+    from bench.run.config import DEMO_IMAGE
+
+    url = "data:image/png;base64," + base64.b64encode(image or DEMO_IMAGE.read_bytes()).decode()
+    return {"model": "tiny-vila", "max_tokens": 2, **extra, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]}
+
+
+@pytest.mark.parametrize("body,param,needle", [
+    (_chat(stream=True, stream_options="usage"), "stream_options", "object"),
+    (_chat(stream=True, stream_options=[1]), "stream_options", "object"),
+    (_chat(temperature=-1), "temperature", "greedy"),
+    (json.dumps(_chat()).replace('"max_tokens": 2', '"max_tokens": 2, "temperature": NaN'), "temperature", "greedy"),
+    (_chat(question="word " * 5000), "messages", "positions"),  # past the model's 4,096
+    (_chat(question="word " * 5000, stream=True), "messages", "positions"),  # streamed: a status too
+    (_chat(max_tokens=4096), "messages", "positions"),  # the prompt comes on top
+])
+def test_serve_bad_request_is_a_4xx_and_the_server_serves_on(served, body, param, needle):
+    TRIED.append(f"serve request {param}")
+    r = served.post("/v1/chat/completions", **({"content": body} if isinstance(body, str) else {"json": body}),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and needle in error["message"]
+    ok = served.post("/v1/chat/completions", json=_chat())
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # what the test sends
+def test_serve_image_past_the_pixel_limit(served, tmp_path, monkeypatch):
+    # between PIL's limit and twice it PIL only warns: refused as image files are
+    TRIED.append("serve image past the pixel limit")
+    image = small_png(tmp_path / "big.png", (40, 40)).read_bytes()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    r = served.post("/v1/chat/completions", json=_chat(image))
+    assert r.status_code == 400 and "too large" in r.json()["error"]["message"], r.text

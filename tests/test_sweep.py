@@ -172,11 +172,3 @@ def test_a_hung_worker_is_stopped_after_worker_timeout_and_its_job_failed(hang, 
     rows = rows_of(out)
     assert [r["status"] for r in rows] == ["failed"]
     assert "sent nothing for 3 s (--worker-timeout) and was stopped" in rows[0]["error"]
-
-
-def test_an_unreachable_ray_address_is_a_usage_error_and_nothing_is_written(tmp_path, capsys):
-    pytest.importorskip("ray", reason="Ray is the optional 'ray' extra")
-    out = tmp_path / "o"
-    assert run_main([*RUN, "--executor", "ray", "--ray-address", "127.0.0.1:1", "--output-dir", str(out)]) == 2
-    assert "--ray-address 127.0.0.1:1: no Ray cluster answers there" in capsys.readouterr().err
-    assert not out.exists() or not any(out.iterdir())

@@ -88,23 +88,42 @@ def _rates(text: str) -> list[float]:
     return list(dict.fromkeys(out))
 
 
+def _check_url(url: str) -> None:
+    """An http(s) URL with a host and a valid port (what the server is reached at is checked by
+    the run, bench.serve.client.check_server)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:  # a port past 65535, or not a number
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise UsageError(f"--endpoint {url!r}: give an http:// or https:// URL with a host (and a port from 1 to "
+                         "65535), e.g. http://127.0.0.1:8000/v1")
+
+
 def main(argv: list[str], prog: str = f"{PROG} run") -> int:
     from bench.run.config import DEMO_IMAGE
     from bench.run.questions import load_questions
     from bench.run.workload import int_list
 
-    ns = parser(prog).parse_args(argv)
     try:
+        ns = parser(prog).parse_args(argv)
         from bench.cli.serve import need_serve_extra
 
         need_serve_extra()
         from bench.models.visual import check_image_file
+        from bench.run.summary import ValidityRule
         from bench.serve import client, endpoint_run
 
-        if not ns.endpoint.startswith(("http://", "https://")):
-            raise UsageError(f"--endpoint {ns.endpoint!r}: give an http:// or https:// URL")
-        if ns.num_prompts < 1 or ns.warmup < 0 or (ns.duration is not None and not ns.duration > 0):
-            raise UsageError("--num-prompts must be at least 1, --duration positive and --warmup not negative")
+        _check_url(ns.endpoint)
+        if ns.num_prompts < 1 or ns.warmup < 0:
+            raise UsageError("--num-prompts must be at least 1 and --warmup not negative")
+        for flag, value in (("--duration", ns.duration), ("--timeout", ns.timeout)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UsageError(f"{flag} must be a positive, finite number of seconds, got {value}")
+        ValidityRule(ns.num_prompts, 0.0, ns.max_cv)  # --max-cv as summaries check it
         image = ns.image_path or str(DEMO_IMAGE)
         check_image_file(image, "--image-path")
         points = [client.Point(c, r) for c in int_list(ns.concurrency, "--concurrency")

@@ -7,6 +7,9 @@ from bench.quiet import quiet_libraries
 from bench.errors import UsageError
 
 SERVE_FLAGS = ("host", "port", "max_batch", "batch_window_ms", "served_model_name", "max_tokens_limit")
+# run's flags a server has no use for (it runs no sweep and writes no results directory): refused
+NOT_SERVED = ("executor", "gpus", "workers", "ray_address", "worker_timeout", "output_dir", "append", "resume")
+MAX_WINDOW_MS = 60_000.0
 
 
 def parser():
@@ -14,7 +17,7 @@ def parser():
     from bench.run.config import build_parser
 
     ap = build_parser(prog=f"{PROG} serve", description=describe("serve") + " Model, variant and engine flags "
-                      "are `run`'s; --max-new-tokens is a request's default max_tokens.")
+                      "are `run`'s; --max-new-tokens is a request's default max_tokens.", leave_out=NOT_SERVED)
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     ap.add_argument("--max-batch", type=int, default=1,
@@ -33,18 +36,26 @@ def main(argv: list[str]) -> int:
 
     ns = vars(parser().parse_args(argv))
     serve = {k: ns.pop(k) for k in SERVE_FLAGS}
-    if serve["max_batch"] < 1 or serve["batch_window_ms"] < 0 or serve["max_tokens_limit"] < 1:
-        raise UsageError("--max-batch and --max-tokens-limit must be at least 1, --batch-window-ms not negative")
+    if serve["max_batch"] < 1 or serve["max_tokens_limit"] < 1:
+        raise UsageError("--max-batch and --max-tokens-limit must be at least 1")
+    if not 0 <= serve["batch_window_ms"] <= MAX_WINDOW_MS:  # nan and inf too
+        raise UsageError(f"--batch-window-ms must be from 0 to {MAX_WINDOW_MS:,.0f}, got {serve['batch_window_ms']}")
     if not 0 < serve["port"] < 65536:
         raise UsageError(f"--port {serve['port']}: not a TCP port")
     cfg = config_class()(**ns)
+    if cfg.max_new_tokens > serve["max_tokens_limit"]:
+        raise UsageError(f"--max-new-tokens {cfg.max_new_tokens} (a request's default max_tokens) is past "
+                         f"--max-tokens-limit {serve['max_tokens_limit']}")
     need_serve_extra()
+    from bench.serve.loading import check_default_request, load_engine
+
+    check_default_request(cfg)
+    sock = listening_socket(serve["host"], serve["port"])  # taken before the model loads
 
     import uvicorn
 
     from bench.log import status
     from bench.serve.app import create_app
-    from bench.serve.loading import load_engine
 
     _Server = _server_class()
     engine, variant, model = load_engine(cfg)
@@ -52,9 +63,29 @@ def main(argv: list[str]) -> int:
     app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
                      cfg.num_frames, serve["max_tokens_limit"])
     status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1")
-    _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run()
+    _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run(sockets=[sock])
     status("server stopped")
     return 0
+
+
+def listening_socket(host: str, port: int):
+    """A socket bound to host:port (uvicorn listens on it), or a usage error saying why not."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise UsageError(f"--host {host!r}: not an address ({e.args[-1]})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def need_serve_extra() -> None:

@@ -147,13 +147,36 @@ def one_line(e: BaseException, limit: int = 200) -> str:
 
 
 def require_tokenizer(folder: Path, what: str) -> None:
-    """Tokenizer files are there, and those that are JSON are JSON objects."""
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-        raise UsageError(f"{what}: no tokenizer files in {folder} (expected one of {', '.join(TOKENIZER_FILES)}); "
+    """Tokenizer files with a vocabulary are there (a tokenizer_config.json alone loads as a
+    tokenizer of its added tokens only), those that are JSON are JSON objects, and a SentencePiece
+    tokenizer.model that is the vocabulary (no tokenizer.json beside it) is one."""
+    vocab = [f for f in TOKENIZER_FILES if f != "tokenizer_config.json"]
+    if not any((folder / f).is_file() for f in vocab):
+        raise UsageError(f"{what}: no tokenizer vocabulary in {folder} (expected one of {', '.join(vocab)}); "
                          "copy them from the original checkpoint")
     for name in TOKENIZER_JSON:
         if (folder / name).is_file():
             read_json_object(folder / name, what)
+    if not (folder / "tokenizer.json").is_file() and (folder / "tokenizer.model").is_file():
+        _require_sentencepiece(folder / "tokenizer.model", what)
+
+
+def _require_sentencepiece(file: Path, what: str) -> None:
+    """A usage error unless `file` is a serialized SentencePiece model with pieces (transformers
+    takes an empty one for a tokenizer without a vocabulary, and other bytes for a tiktoken file)."""
+    try:
+        from google.protobuf.message import DecodeError
+        from sentencepiece import sentencepiece_model_pb2 as pb
+    except ImportError:  # then transformers cannot read it either, and says so
+        return
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(file.read_bytes())
+    except (DecodeError, OSError):
+        proto.Clear()
+    if not len(proto.pieces):
+        raise UsageError(f"{what}: {file} is not a SentencePiece model (no vocabulary in it); restore the "
+                         "checkpoint's original file")
 
 
 def require_preprocessor(folder: Path, what: str) -> None:

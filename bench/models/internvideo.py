@@ -191,11 +191,18 @@ def check_internvideo(path: Path, config: dict) -> None:
     require_tokenizer(path, what)
     try:
         native = native_config(config, 0)
+        frame_tokens = merged_frame_tokens(config)
         with torch.device("meta"):
             model = InternVLForConditionalGeneration._from_config(native)
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"{what}: {path / 'config.json'} does not describe a model ({one_line(e)}); restore the "
                          "checkpoint's original file") from None
+    side = native.vision_config.image_size[0] // native.vision_config.patch_size[0]
+    per_frame = int(side * native.downsample_ratio) ** 2  # a frame's tokens after the pixel shuffle
+    if frame_tokens is not None and not 1 <= frame_tokens <= per_frame:
+        raise UsageError(f"{what}: the token merging keeps {frame_tokens} tokens per frame but the vision tower "
+                         f"gives {per_frame} ({side}x{side} patches, downsample_ratio {native.downsample_ratio}); "
+                         "restore the checkpoint's original config.json")
     expected = to_remote(model.state_dict(), *_heads(config))
     if native.tie_word_embeddings:
         expected.pop("language_model.output.weight", None)

@@ -165,8 +165,14 @@ class RunConfigBase:
             raise UsageError(f"unknown --executor {self.executor!r}; choose {', '.join(EXECUTORS)}")
         if self.workers < 0:
             raise UsageError("--workers must not be negative")
+        if self.gpus is not None and not self.gpus.strip():
+            raise UsageError("--gpus is empty; give GPU indices, e.g. 0,1, or all")
         if self.executor != "local" and self.gpus:
             raise UsageError(f"--gpus applies to --executor local (Ray gives each job a GPU), not {self.executor}")
+        if self.workers and (self.executor == "serial" or self.ray_address):
+            raise UsageError("--workers applies to --executor local (CPU worker processes) and to a Ray instance "
+                             "started here (its logical GPUs), not to "
+                             f"{'a cluster joined with --ray-address' if self.ray_address else '--executor serial'}")
         if self.executor == "local":
             if self.gpus and self.workers:
                 raise UsageError("give --gpus (a worker per GPU) or --workers (CPU worker processes), not both")
@@ -176,8 +182,10 @@ class RunConfigBase:
                 int_list(self.gpus, "--gpus", 0)
         if not self.worker_timeout >= 0:
             raise UsageError("--worker-timeout must be a number of seconds, 0 or more")
-        if self.ray_address and self.executor != "ray":
+        if self.ray_address is not None and self.executor != "ray":
             raise UsageError("--ray-address applies to --executor ray")
+        if self.ray_address is not None:
+            ray_endpoint(self.ray_address)
 
     def part_options(self, cls: type):
         """The options dataclass `cls` filled from this config."""
@@ -205,6 +213,19 @@ class RunConfigBase:
             else:
                 out += [spec if e == "hf" else f"{spec}+{e}" for e in engines]
         return out
+
+
+def ray_endpoint(address: str) -> tuple[str, int] | None:
+    """--ray-address as (host, port) to reach (None: auto, Ray's own discovery); a usage error for
+    anything else than auto, HOST:PORT or ray://HOST:PORT."""
+    text = address.strip()
+    if text == "auto":
+        return None
+    host, _, port = text.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit() and 0 < int(port) < 65536 and "/" not in host:
+        return host.strip("[]"), int(port)
+    raise UsageError(f"--ray-address {address!r}: give HOST:PORT (the cluster's GCS, e.g. 10.0.0.1:6379), "
+                     "ray://HOST:PORT (Ray Client) or auto")
 
 
 def _copy(f):
@@ -300,10 +321,15 @@ def flag_help(text: str, default, values: str = "") -> str:
 
 
 def build_parser(cls=None, prog: str = "vila_prefix_benchmark.py",
-                 description: str = "Measure variants of a vision-language model.") -> argparse.ArgumentParser:
+                 description: str = "Measure variants of a vision-language model.",
+                 leave_out: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """The run's flags, one per config field (less the fields in `leave_out`, which keep their
+    defaults: a command that has no use for them refuses them as unknown flags)."""
     cls = cls or config_class()
     parser = ArgumentParser(prog=prog, description=description, epilog=EXIT_CODES)
     for f in fields(cls):
+        if f.name in leave_out:
+            continue
         flag = "--" + f.name.replace("_", "-")
         names = [flag, *f.metadata.get("aliases", ())]
         default = None if f.default is MISSING else f.default

@@ -223,15 +223,7 @@ def run_ray(bench, jobs: list[Job]) -> None:
             options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
             if cfg.workers:
                 options["num_gpus"] = cfg.workers  # logical GPUs (a CPU run's tasks still ask for one each)
-        unreachable = _unreachable(cfg.ray_address)
-        if unreachable:  # Ray itself would retry for minutes
-            raise UsageError(f"--ray-address {cfg.ray_address}: no Ray cluster answers there ({unreachable}); "
-                             "leave --ray-address out to start a local Ray instance")
-        try:
-            ray.init(**options)
-        except ConnectionError as e:  # no cluster at --ray-address (Ray's message names its own CLI flag)
-            raise UsageError(f"--ray-address {cfg.ray_address}: no Ray cluster to join ({str(e).split('. ')[0]}); "
-                             "leave --ray-address out to start a local Ray instance") from None
+        _init_ray(ray, options)
     task = ray.remote(num_gpus=1, max_retries=0, num_returns="streaming")(spawned.ray_job)
     progress = Progress(bench, jobs)
     pending = {}
@@ -274,19 +266,27 @@ def run_ray(bench, jobs: list[Job]) -> None:
             ray.shutdown()
 
 
-def _unreachable(address: str | None) -> str | None:
-    """Why nothing listens at a --ray-address of the form [ray://]HOST:PORT (None: something
-    does, or the address is another form, such as auto, for Ray to judge)."""
-    if not address:
-        return None
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return None
+RAY_CONNECT_S = 5.0  # how long the cluster's address may take to accept a connection
+
+
+def _init_ray(ray, options: dict) -> None:
+    """ray.init, with a cluster that cannot be reached (Ray would retry for minutes) or refuses
+    the connection as a usage error."""
+    from bench.run.config import ray_endpoint
+
+    address = options["address"]
+    where = ray_endpoint(address) if address else None
+    if where is not None:
+        try:
+            socket.create_connection(where, timeout=RAY_CONNECT_S).close()
+        except OSError as e:
+            raise UsageError(f"--ray-address {address}: cannot reach the Ray cluster ({e.strerror or e}); give a "
+                             "running cluster's address, or leave --ray-address out to start Ray here") from None
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as e:
-        return e.strerror or str(e)
-    return None
+        ray.init(**options)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        what = f"--ray-address {address}" if address else "--executor ray"
+        raise UsageError(f"{what}: Ray did not start or connect ({e.__class__.__name__}: {' '.join(str(e).split())})") from None
 
 
 def _cancel(ray, gen) -> None:

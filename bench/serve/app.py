@@ -7,7 +7,10 @@ response generator (which cancels its job). FastAPI + uvicorn is also what vLLM 
 their OpenAI APIs with, so the HTTP layer measured here is the one those servers add.
 
 Streaming sends each token's text as the engine generates it (the engines' per-token hook), so a
-client's time to the first content chunk is the engine's time to its first token plus HTTP.
+client's time to the first content chunk is the engine's time to its first token plus HTTP. The
+response starts with the first token: a request refused before it (a prompt and max_tokens past
+the model's positions: 400) or failed (500) gets an HTTP status and an OpenAI error body, streamed
+or not.
 """
 from __future__ import annotations
 
@@ -19,9 +22,8 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from bench.run.limits import loaded_max_pos
 from bench.serve.metrics import CONTENT_TYPE, ServerMetrics
-from bench.serve.protocol import ApiError, check_fits, parse_chat
+from bench.serve.protocol import ApiError, parse_chat
 from bench.serve.worker import Job, Worker
 
 
@@ -48,16 +50,17 @@ class TextStream:
 
 def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int = 1, window_s: float = 0.005,
                num_frames: int = 8, max_tokens_limit: int = 4096) -> FastAPI:
+    from bench.run.limits import loaded_max_pos
+
     metrics = ServerMetrics()
-    worker = Worker(engine, metrics, max_batch, window_s)
+    worker = Worker(engine, metrics, max_batch, window_s, loaded_max_pos(engine.adapter.model))
     decode = engine.adapter.decode
-    max_pos = loaded_max_pos(getattr(engine.adapter, "model", None))
     created = int(time.time())
 
     def checked(body):
-        request = parse_chat(body, default_max_tokens, max_tokens_limit, num_frames)
-        check_fits(engine.adapter, request, max_pos)
-        return request
+        # (whether the model can take it is checked on the engine thread, which owns the
+        # tokenizer: Worker._fits; a refusal arrives as the job's first event)
+        return parse_chat(body, default_max_tokens, max_tokens_limit, num_frames)
 
     async def lifespan(app):
         worker.start()
@@ -102,19 +105,29 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
         worker.submit(job)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": model_name}
+        try:
+            first = await events.get()  # a request refused or failed before its first token gets a status
+            if first[0] == "invalid":
+                raise ApiError(first[1], param="messages")
+            if first[0] == "error":
+                raise ApiError(first[1], status=500, kind="server_error")
+        except asyncio.CancelledError:
+            job.cancelled.set()
+            raise
         if chat_request.stream:
-            return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage),
+            return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage, first),
                                      media_type="text/event-stream")
         text = TextStream(decode)
         try:
+            kind, value = first
             while True:
-                kind, value = await events.get()
                 if kind == "token":
                     text.add(value)
                 elif kind == "error":
                     raise ApiError(value, status=500, kind="server_error")
                 else:
                     break
+                kind, value = await events.get()
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
@@ -130,10 +143,12 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_usage: bool):
+async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_usage: bool, first: tuple):
     """The chunks of a streamed completion (OpenAI's format), then [DONE]; cancelling the job
-    when the client goes away (the generator is closed or cancelled)."""
+    when the client goes away (the generator is closed or cancelled). `first`: the job's first
+    event, already taken from `events`."""
     text = TextStream(decode)
+    pending = [first]
 
     def chunk(delta: dict, finish=None) -> str:
         return _sse({**head, "object": "chat.completion.chunk",
@@ -142,7 +157,7 @@ async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_u
     try:
         yield chunk({"role": "assistant", "content": ""})
         while True:
-            kind, value = await events.get()
+            kind, value = pending.pop() if pending else await events.get()
             if kind == "token":
                 delta = text.add(value)
                 if delta:

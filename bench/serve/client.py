@@ -5,6 +5,11 @@ content, the gaps between content chunks (ITL), TPOT = (e2e - ttft) / (output to
 output tokens (the server's usage, else content chunks counted). Requests of a point arrive as a
 seeded Poisson process at --request-rate (inf: all at once) with at most --concurrency in flight
 (httpx, asyncio). A point's server prefix-cache hit rate comes from /metrics before and after it.
+
+Before anything is written the server must answer GET /models as an OpenAI API listing --model
+(check_server): one that cannot be reached, answers something else, or does not serve the model
+is a usage error. Once the run is under way, a request that fails (the server went away, an
+error status, a stream not in OpenAI's format) is a failed row and the run goes on.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from bench.errors import UsageError
 from bench.measure.metrics import percentile
 from bench.run.workload import derived_image
 
@@ -64,6 +70,56 @@ def payload(model: str, question: str, image_urls: list[str], max_tokens: int) -
             "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]}
 
 
+def check_server(base_url: str, model: str, headers: dict, timeout_s: float) -> None:
+    """A usage error unless the server at `base_url` answers GET models as an OpenAI API that
+    lists `model` (within `timeout_s`, 30 s at most)."""
+    url = base_url.rstrip("/") + "/models"
+    try:
+        r = httpx.get(url, headers=headers, timeout=min(timeout_s, 30.0))
+    except httpx.HTTPError as e:
+        raise UsageError(f"--endpoint {base_url}: cannot reach the server ({e.__class__.__name__}: "
+                         f"{' '.join(str(e).split()) or 'no answer'})") from None
+    if r.status_code in (401, 403):
+        raise UsageError(f"--endpoint {base_url}: the server refused the request (HTTP {r.status_code}); set "
+                         "OPENAI_API_KEY to its API key")
+    try:
+        data = r.json().get("data") if r.status_code == 200 else None
+    except (ValueError, AttributeError):
+        data = None
+    if not isinstance(data, list):
+        raise UsageError(f"--endpoint {base_url}: not an OpenAI API (GET {url} answered HTTP {r.status_code} "
+                         "without a model list); give the API's base URL, e.g. http://HOST:PORT/v1")
+    served = [m.get("id") for m in data if isinstance(m, dict)]
+    if model not in served:
+        raise UsageError(f"--model {model!r} is not served at {base_url}; it serves: "
+                         f"{', '.join(map(str, served)) or 'no model'}")
+
+
+class MalformedStream(Exception):
+    """A stream chunk that is not OpenAI's chat.completion.chunk."""
+
+
+def _chunk_parts(data: str) -> tuple[dict | None, list[str], str | None]:
+    """(usage, content pieces, error message) of one streamed chunk."""
+    obj = json.loads(data)
+    if not isinstance(obj, dict):
+        raise MalformedStream(f"a chunk is a JSON {type(obj).__name__}, not an object")
+    if obj.get("error"):
+        error = obj["error"]
+        return None, [], str(error.get("message", error) if isinstance(error, dict) else error)[:500]
+    usage, choices = obj.get("usage"), obj.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices) or \
+            (usage is not None and not isinstance(usage, dict)):
+        raise MalformedStream("a chunk's choices or usage are not OpenAI's")
+    pieces = []
+    for choice in choices:
+        delta = choice.get("delta") or {}
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if content:
+            pieces.append(str(content))
+    return usage, pieces, None
+
+
 async def one_request(client: httpx.AsyncClient, body: dict) -> dict:
     """One streamed completion's measurements (status failed with the reason on any error)."""
     t0 = time.perf_counter()
@@ -79,25 +135,26 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> dict:
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                obj = json.loads(data)
-                if obj.get("error"):
-                    return {"status": "failed", "error": str(obj["error"].get("message", obj["error"]))[:500]}
-                usage = obj.get("usage") or usage
-                for choice in obj.get("choices") or []:
-                    content = (choice.get("delta") or {}).get("content")
-                    if content:
-                        times.append(time.perf_counter())
-                        text.append(content)
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
+                chunk_usage, pieces, error = _chunk_parts(data)
+                if error is not None:
+                    return {"status": "failed", "error": error}
+                usage = chunk_usage or usage
+                for content in pieces:
+                    times.append(time.perf_counter())
+                    text.append(content)
+    except (httpx.HTTPError, json.JSONDecodeError, MalformedStream) as e:
         return {"status": "failed", "error": f"{e.__class__.__name__}: {e}"[:500]}
     e2e = (time.perf_counter() - t0) * 1e3
     if not times:
         return {"status": "failed", "error": "the server sent no content"}
     ttft = (times[0] - t0) * 1e3
-    out_tokens = (usage or {}).get("completion_tokens") or len(times)
+    out_tokens = (usage or {}).get("completion_tokens")
+    if not isinstance(out_tokens, int) or isinstance(out_tokens, bool) or out_tokens < 1:
+        out_tokens = len(times)  # the server's usage is missing or not a count: content chunks counted
+    prompt_tokens = (usage or {}).get("prompt_tokens")
     gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
     row = {"status": "ok", "ttft_ms": ttft, "e2e_ms": e2e, "output_tokens": out_tokens,
-           "prompt_tokens": (usage or {}).get("prompt_tokens"), "output_text": "".join(text)[:80],
+           "prompt_tokens": prompt_tokens if isinstance(prompt_tokens, int) else None, "output_text": "".join(text)[:80],
            "requests_per_s": 1e3 / e2e, "output_tok_s": out_tokens / (e2e / 1e3)}
     if out_tokens > 1:
         row["tpot_ms"] = (e2e - ttft) / (out_tokens - 1)
@@ -116,7 +173,9 @@ async def run_point(client: httpx.AsyncClient, body, point: Point, seed: int, co
     frees); rows in the order sent."""
     rng = random.Random(seed)
     gate = asyncio.Semaphore(point.concurrency)
-    closed_loop = duration_s is not None and math.isinf(point.rate)
+    # rate inf: a request goes out as a slot frees, its task made only then (never more tasks than
+    # slots, however many requests the point sends)
+    closed_loop = math.isinf(point.rate)
 
     async def send(b, held: bool):
         if not held:
@@ -134,7 +193,7 @@ async def run_point(client: httpx.AsyncClient, body, point: Point, seed: int, co
                 break
         if closed_loop:
             await gate.acquire()
-            if time.perf_counter() - t0 >= duration_s:
+            if duration_s is not None and time.perf_counter() - t0 >= duration_s:
                 gate.release()
                 break
         tasks.append(asyncio.create_task(send(body(i), closed_loop)))

@@ -1,7 +1,9 @@
 """An endpoint-mode run: for every workload point (new tokens x question length x images per
 prompt, the in-process run's axes and columns) every (concurrency, request rate) point's requests,
 warm-ups first, one runs.csv row per request (engine `endpoint`, variant `c<concurrency> r<rate>`),
-then summary.csv and env.json, in the results directory layout in-process runs write."""
+then summary.csv and env.json, in the results directory layout in-process runs write. A server
+that cannot be reached or does not serve the model at the start is a usage error before anything
+is written; a request that fails later is a failed row (bench.serve.client)."""
 from __future__ import annotations
 
 import asyncio
@@ -78,6 +80,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
     questions = point_questions(cfg)
     image_file = Path(cfg.image_path).read_bytes()
     image = load_image(cfg.image_path)
+    cl.check_server(cfg.endpoint, cfg.model, _headers(cfg), cfg.timeout_s)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     lock = DirLock(out)
     try:
@@ -102,7 +105,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
 async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, image, run_id: str,
                    writer) -> tuple[list[dict], str]:
     base_url = cfg.endpoint.rstrip("/") + "/"
-    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    headers = _headers(cfg)
     limits = httpx.Limits(max_connections=max(p.concurrency for p in cfg.points) + 2)
     rows: list[dict] = []
     async with httpx.AsyncClient(base_url=base_url, timeout=cfg.timeout_s, limits=limits, headers=headers) as client:
@@ -155,6 +158,10 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
                                                "question": measured_qs[i % len(measured_qs)],
                                                "server_prefix_hit_rate": hit_rate}))
     return rows, server
+
+
+def _headers(cfg: EndpointConfig) -> dict:
+    return {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
 
 
 def _emit(writer, row: dict) -> dict:

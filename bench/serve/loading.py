@@ -5,9 +5,19 @@ from bench.errors import UsageError
 from bench.models.source import ModelSource
 from bench.models.visual import load_image
 from bench.run import host
+from bench.run.limits import check_sizes, model_dims
 from bench.run.preprocess import place_preprocessing
 from bench.run.runner import resolve_device, resolve_dtype
 from variants import parse_variant
+
+
+def check_default_request(cfg) -> None:
+    """A usage error unless a request of the default max_tokens (--max-new-tokens) with one image
+    fits the model's positions (and its KV cache the device), known before the model loads."""
+    device = resolve_device(cfg.device)
+    source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
+    check_sizes(cfg, model_dims(cfg.model_path, cfg.preset), source.name, [], None, device,
+                resolve_dtype(cfg.dtype, device))
 
 
 def load_engine(cfg):

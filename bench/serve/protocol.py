@@ -7,7 +7,7 @@ images, is the cacheable prefix), so `system` messages and earlier turns are not
 Decoding is greedy and fixed-length as in every measured run: `temperature` above 0 and `n` above 1
 are refused, and a request generates exactly `max_tokens` tokens (finish_reason `length`). A request
 the model cannot take (images its family cannot show together, or a prompt plus `max_tokens` longer
-than its positions) is refused before it queues (check_fits).
+than its positions) is refused with a 400 before it runs (bench.serve.worker, Worker._fits).
 """
 from __future__ import annotations
 
@@ -67,6 +67,10 @@ def _image(url: str, param: str) -> tuple[Image.Image, bytes]:
     data = _bytes_of(url, param)
     try:
         with Image.open(io.BytesIO(data)) as im:
+            limit = Image.MAX_IMAGE_PIXELS  # as image files are held to (PIL warns past it, refuses past twice)
+            if limit and im.width * im.height > limit:
+                raise ApiError(f"the image ({im.width}x{im.height} = {im.width * im.height:,} pixels) is too large to "
+                               f"decode safely; send at most {limit:,} pixels", param=param)
             return im.convert("RGB"), data
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ApiError(f"the image cannot be decoded ({e.__class__.__name__})", param=param) from None
@@ -101,7 +105,8 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise ApiError("messages must be a non-empty list of message objects", param="messages")
     temperature = body.get("temperature")
-    if temperature is not None and (not isinstance(temperature, (int, float)) or temperature > 0):
+    if temperature is not None and (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+                                    or temperature != 0):
         raise ApiError("only greedy decoding is served: temperature must be 0 or absent", param="temperature")
     if body.get("n") not in (None, 1):
         raise ApiError("n must be 1", param="n")
@@ -113,6 +118,8 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
     if not isinstance(stream, bool):
         raise ApiError("stream must be true or false", param="stream")
     options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError("stream_options must be an object", param="stream_options")
     users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
     if not users:
         raise ApiError("no user message", param="messages")
@@ -143,15 +150,3 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
         raise ApiError("a request needs an image_url or a video_url", param=f"messages[{i}].content")
     visual = video or VisualInput(tuple(images), encoded=tuple(encoded))
     return ChatRequest(visual, " ".join(texts), max_tokens, stream, bool(options.get("include_usage")))
-
-
-def check_fits(adapter, request: ChatRequest, max_pos: int | None) -> None:
-    """ApiError (400) when the model cannot take the request: the adapter refuses its images (as it
-    refuses them in-process), or its prompt plus max_tokens exceeds the model's positions."""
-    try:
-        prompt = adapter.prepare_text(request.question, request.visual).prompt_tokens
-    except UsageError as e:
-        raise ApiError(str(e), param="messages") from None
-    if max_pos is not None and prompt + request.max_tokens > max_pos:
-        raise ApiError(f"the request needs {prompt + request.max_tokens:,} positions ({prompt:,} prompt tokens + "
-                       f"{request.max_tokens:,} max_tokens) but the model has {max_pos:,}", param="max_tokens")

@@ -26,14 +26,17 @@ class _Abandoned(Exception):
 class Job:
     request: ChatRequest
     # Called on the worker thread: ("token", int) per generated token, then ("done", dict) or
-    # ("error", str). The server hands these to the request's event loop.
+    # ("error", str); or ("invalid", str) alone for a request the model cannot take (too long).
+    # The server hands these to the request's event loop.
     emit: Callable[[str, object], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 class Worker:
-    def __init__(self, engine, metrics: ServerMetrics, max_batch: int = 1, window_s: float = 0.005):
+    def __init__(self, engine, metrics: ServerMetrics, max_batch: int = 1, window_s: float = 0.005,
+                 max_positions: int | None = None):
         self.engine, self.metrics = engine, metrics
+        self.max_positions = max_positions  # the model's; a longer request is refused ("invalid")
         self.max_batch, self.window_s = max_batch, window_s
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self._held: Job | None = None  # taken from the queue, not batchable with the batch before it
@@ -88,7 +91,29 @@ class Worker:
 
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
-            self._run(batch)
+            batch = [job for job in batch if self._fits(job)]
+            if batch:
+                self._run(batch)
+
+    def _fits(self, job: Job) -> bool:
+        """Whether the job's prompt (tokenized as the engine will) and max_tokens fit the model's
+        positions; one that does not gets ("invalid", why). On this thread: the tokenizer is the
+        engine's."""
+        from bench.errors import UsageError
+
+        r = job.request
+        try:
+            prompt = self.engine.adapter.prepare_text(r.question, r.visual).prompt_tokens
+        except UsageError as e:  # the family cannot show this visual input (e.g. a frame count)
+            reason = str(e)
+        else:
+            if self.max_positions is None or prompt + r.max_tokens <= self.max_positions:
+                return True
+            reason = (f"the request needs {prompt + r.max_tokens:,} positions ({prompt:,} prompt tokens + "
+                      f"{r.max_tokens:,} max_tokens) but the model has {self.max_positions:,}")
+        job.emit("invalid", reason)
+        self.metrics.requests.labels("invalid").inc()
+        return False
 
     def _run(self, batch: list[Job]) -> None:
         engine = self.engine
