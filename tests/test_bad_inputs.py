@@ -313,6 +313,7 @@ BAD_RUNS = {
     "truncated": lambda good: good[: good.index("\n", good.index("measured")) - 40],
     "nan-cell": lambda good: _metric_cell(good, "nan"),
     "text-cell": lambda good: _metric_cell(good, "fast"),
+    "header-only": lambda good: good[: good.index("\n") + 1],
 }
 
 
@@ -441,6 +442,7 @@ def test_make_checkpoint_into_existing(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", f], "existing file")
+    bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", ""], "--out is empty")
     bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", f / "ckpt"], "--out", "is a file")
     bad_sub(capsys, ["make-checkpoint", "--out", tmp_path / "new"], "--preset", out=tmp_path / "new")
     bad_sub(capsys, ["make-checkpoint", "--preset", "tiny-vila", "--out", tmp_path / "new", "--seed", "x"], "--seed",

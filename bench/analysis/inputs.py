@@ -53,9 +53,11 @@ def check_results_csv(path: Path, kind: str = "runs") -> None:
         if missing:
             raise BadInput(f"{path}: not {what} (missing columns: {', '.join(sorted(missing))})")
         checked = [(i, name) for i, name in enumerate(header) if name in numbers]
+        rows = 0
         for row in reader:
             if not row:
                 continue
+            rows += 1
             if len(row) != len(header):
                 raise BadInput(f"{path}: line {reader.line_num} has {len(row)} fields, the header {len(header)} "
                                "(truncated or corrupt: restore the file or re-run)")
@@ -69,6 +71,8 @@ def check_results_csv(path: Path, kind: str = "runs") -> None:
                     ok = False
                 if not ok:
                     raise BadInput(f"{path}: line {reader.line_num}, column {name}: {cell[:40]!r} is not a number")
+        if kind == "runs" and not rows:
+            raise BadInput(f"{path}: no rows (a run stopped before its first finished request?)")
     except csv.Error as e:
         raise BadInput(f"{path}: not a readable CSV ({e})") from None
 

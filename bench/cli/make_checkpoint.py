@@ -63,6 +63,8 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"--tokenizer-files {args.tokenizer_files}: {args.preset}'s Qwen2 tokenizer is published as "
                              "tokenizer.json; SentencePiece files are written for LLaVA, VILA and InternVideo presets")
         device = resolve_device(args.device)
+        if not args.out.strip():
+            raise UsageError("--out is empty; give a new or empty directory")
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {args.out} is an existing file; give a new or empty directory")
