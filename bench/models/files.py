@@ -146,6 +146,20 @@ def one_line(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def named_tokenizer(path: Path, what: str, classes: tuple[tuple[str, type], ...]):
+    """The tokenizer of the first (file name, tokenizer class) of `classes` whose file `path`
+    holds, loaded by that class: families whose config.json AutoTokenizer must not read (its
+    auto_map names the checkpoint's own code, or its model_type is one transformers lacks)."""
+    for name, cls in classes:
+        if (path / name).is_file():
+            try:
+                return cls.from_pretrained(path, trust_remote_code=False)
+            except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
+                raise UsageError(f"{what}: cannot load the tokenizer in {path / name} ({one_line(e)})") from None
+    names = " or ".join(name for name, _ in classes)
+    raise UsageError(f"{what}: no {names} in {path}; copy them from the original checkpoint")
+
+
 def require_tokenizer(folder: Path, what: str) -> None:
     """Tokenizer files with a vocabulary are there (a tokenizer_config.json alone loads as a
     tokenizer of its added tokens only), those that are JSON are JSON objects, and a SentencePiece

@@ -24,7 +24,8 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 from bench.errors import UsageError
 from bench.models.base import PreparedPrompt, VLMAdapter
 from bench.models.family import RANDOM_WEIGHTS_MARK, Family
-from bench.models.files import check_shapes, checked_weights, one_line, read_json_object, require_tokenizer, weight_files
+from bench.models.files import (check_shapes, checked_weights, named_tokenizer, one_line, read_json_object,
+                                require_tokenizer, weight_files)
 from bench.models.internvl import IMAGE_CONTEXT, InternVLAdapter, internvl_image_processor
 from bench.models.internvl_remote import ARCHITECTURE, ROPE_TYPES, to_native, to_remote
 from bench.models.templates import ConvTemplate
@@ -164,13 +165,7 @@ def internvideo_tokenizer(path: Path, what: str):
     AutoTokenizer would read config.json, whose auto_map names the checkpoint's own code."""
     from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
-    for name, cls in (("tokenizer.json", PreTrainedTokenizerFast), ("tokenizer.model", LlamaTokenizer)):
-        if (path / name).is_file():
-            try:
-                return cls.from_pretrained(path, trust_remote_code=False)
-            except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
-                raise UsageError(f"{what}: cannot load the tokenizer in {path / name} ({one_line(e)})") from None
-    raise UsageError(f"{what}: no tokenizer.json or tokenizer.model in {path}; copy them from the original checkpoint")
+    return named_tokenizer(path, what, (("tokenizer.json", PreTrainedTokenizerFast), ("tokenizer.model", LlamaTokenizer)))
 
 
 def _image_token(tokenizer, what: str) -> int:

@@ -57,7 +57,8 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 from bench.errors import UsageError
 from bench.models.base import PreparedPrompt
 from bench.models.family import RANDOM_WEIGHTS_MARK, Family
-from bench.models.files import checked_weights, one_line, read_json_object, require_tokenizer, weight_files
+from bench.models.files import (checked_weights, named_tokenizer, read_json_object, require_tokenizer,
+                                weight_files)
 from bench.models.internvl import InternVLAdapter, internvl_image_processor, vita_projector
 from bench.models.internvl_remote import to_native as internvit_to_native
 from bench.models.internvl_remote import to_remote as internvit_to_remote
@@ -206,13 +207,7 @@ def vita_tokenizer(path: Path, what: str):
     model_type is VITA's own, which AutoTokenizer does not know)."""
     from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
 
-    for name, cls in (("tokenizer.json", PreTrainedTokenizerFast), ("vocab.json", Qwen2Tokenizer)):
-        if (path / name).is_file():
-            try:
-                return cls.from_pretrained(path, trust_remote_code=False)
-            except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
-                raise UsageError(f"{what}: cannot load the tokenizer in {path / name} ({one_line(e)})") from None
-    raise UsageError(f"{what}: no tokenizer.json or vocab.json in {path}; copy them from the original checkpoint")
+    return named_tokenizer(path, what, (("tokenizer.json", PreTrainedTokenizerFast), ("vocab.json", Qwen2Tokenizer)))
 
 
 def check_vita(path: Path, config: dict) -> None:
