@@ -62,3 +62,23 @@ def tiny_internvl_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def checkpoint_dirs(tiny_llava_dir, tiny_vila_dir, tiny_internvl_dir):
     return {"llava": tiny_llava_dir, "vila": tiny_vila_dir, "internvl": tiny_internvl_dir}
+
+
+def assert_answers_as_built(preset: str, ckpt: Path, visual, question: str):
+    """The checkpoint make-checkpoint wrote from `preset` gives the in-memory model's vision
+    features and prompt logits for `visual` + `question`; returns (loaded adapter, logits)."""
+    from bench.models.loader import build_preset, load_checkpoint
+
+    cpu = torch.device("cpu")
+    built = build_preset(preset, None, cpu, torch.float32)
+    loaded = load_checkpoint(ckpt, None, cpu, torch.float32)
+    with torch.no_grad():
+        outs = []
+        for a in (built, loaded):
+            prepared = a.prepare(visual, question)
+            embeds = a.encode_image(a.pixels_to_device(prepared))
+            outs.append((embeds, a.model(inputs_embeds=a.prompt_embeds(prepared, embeds)).logits))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    return loaded, outs[1][1]
+

@@ -19,6 +19,7 @@ from bench.models.loader import build_preset, load_checkpoint, read_checkpoint_c
 from bench.models.presets import get_preset
 from bench.models.token_merge import merge_schedule, merge_tokens
 from bench.models.visual import VisualInput
+from tests.conftest import assert_answers_as_built
 
 CPU = torch.device("cpu")
 CODE_FILES = ("modeling_internvl_chat_hico2.py", "configuration_internvl_chat.py", "modeling_internlm2.py",
@@ -219,18 +220,9 @@ def test_config_the_weights_do_not_fit_is_refused_before_loading(ckpt, tmp_path,
 def test_checkpoint_answers_as_the_model_it_was_written_from(ckpt):
     """The layout's renaming and qkv packing lose nothing: vision features and greedy logits of a
     clip prompt equal those of the in-memory model make-checkpoint wrote."""
-    built = build_preset("tiny-internvideo", None, CPU, torch.float32)
-    loaded = load_checkpoint(ckpt, None, CPU, torch.float32)
     clip = VisualInput(tuple(Image.new("RGB", (64, 48), (40 * i, 200, 9 * i)) for i in range(4)), video=True)
-    with torch.no_grad():
-        outs = []
-        for a in (built, loaded):
-            prepared = a.prepare(clip, "What happens?")
-            embeds = a.encode_image(a.pixels_to_device(prepared))
-            outs.append((embeds, a.model(inputs_embeds=a.prompt_embeds(prepared, embeds)).logits))
-    torch.testing.assert_close(outs[0][0], outs[1][0])
-    torch.testing.assert_close(outs[0][1], outs[1][1])
-    assert outs[0][1].shape[1] == loaded.prepare_text("What happens?", clip).prompt_tokens
+    loaded, logits = assert_answers_as_built("tiny-internvideo", ckpt, clip, "What happens?")
+    assert logits.shape[1] == loaded.prepare_text("What happens?", clip).prompt_tokens
 
 
 def test_internvl2_5_remote_layout_runs_unmerged(ckpt, tmp_path):

@@ -17,6 +17,7 @@ from bench.cli import run_main
 from bench.errors import UsageError
 from bench.models.loader import build_preset, load_checkpoint, read_checkpoint_config, save_checkpoint
 from bench.models.visual import VisualInput
+from tests.conftest import assert_answers_as_built
 
 CPU = torch.device("cpu")
 AUDIO = {"model.audio_encoder.encoder.enc.0.core.conv.0.weight": torch.randn(8, 1, 3, 3),
@@ -91,17 +92,8 @@ def test_prompt_has_one_image_per_tile_before_the_question(ckpt):
 
 
 def test_checkpoint_answers_as_the_model_it_was_written_from(ckpt):
-    built = build_preset("tiny-vita", None, CPU, torch.float32)
-    loaded = load_checkpoint(ckpt, None, CPU, torch.float32)
     image = VisualInput((Image.new("RGB", (120, 60), (40, 200, 9)),), video=False)
-    with torch.no_grad():
-        outs = []
-        for a in (built, loaded):
-            prepared = a.prepare(image, "What is it?")
-            embeds = a.encode_image(a.pixels_to_device(prepared))
-            outs.append((embeds, a.model(inputs_embeds=a.prompt_embeds(prepared, embeds)).logits))
-    torch.testing.assert_close(outs[0][0], outs[1][0])
-    torch.testing.assert_close(outs[0][1], outs[1][1])
+    assert_answers_as_built("tiny-vita", ckpt, image, "What is it?")
 
 
 @pytest.mark.parametrize("media", ["image", "clip"])
