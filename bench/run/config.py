@@ -82,8 +82,9 @@ class RunFields:
                        "the local Ray instance offers (0: the GPUs it finds)", 0)
     ray_address: str | None = opt("ray executor: the cluster to join (auto: the one this machine belongs to, as under "
                                   "`ray job submit`; default: start a local Ray instance)")
-    worker_timeout: float = opt("local and ray executors: a worker that finishes no row for this many seconds is "
-                                "stopped, and its job's unfinished work becomes failed rows (0: wait forever)",
+    worker_timeout: float = opt("local and ray executors: a worker that sends nothing (no finished row) for this "
+                                "many seconds after its last message is stopped, and its job's unfinished work "
+                                "becomes failed rows; a local worker has at least 300 s to start (0: wait forever)",
                                 3600.0)
     preprocess: str = opt("where the image processor runs: device (the request's device, for processors that can: "
                           "transformers' torchvision-backed ones; any other stays on the host and env.json says "
