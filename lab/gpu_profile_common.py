@@ -3,7 +3,6 @@ and CUDA kernel time by kernel name (torch.profiler)."""
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -84,18 +83,11 @@ def suffix_graph_replays(engine, start: int, reps: int = 20, before=None) -> dic
 
 def graphed_us(fn, calls: int = 32, reps: int = 20, warmup: int = 3) -> float:
     """Median GPU time of one call of `fn`, `calls` of them captured back to back in one CUDA
-    graph (warmed up on a side stream first, as capture wants), the graph replayed `reps` times."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return statistics.median(t * 1e3 / calls for t in event_times_ms(graph.replay, reps))
+    graph and replayed `reps` times (bench.measure.timing.call_us, what the measured int4 kernel
+    choice times with)."""
+    from bench.measure.timing import call_us
+
+    return call_us(fn, torch.device("cuda"), calls, reps, warmup)
 
 
 def compiled_matmul_attention(heads: int, kv_heads: int, head_dim: int):

@@ -1,8 +1,8 @@
 """int4 weight variants: awq4 (activation-aware, calibrated) and rtn4 (round-to-nearest control).
 
 Both quantize every linear of the LLM's decoder (lm_head, vision tower and projector stay in
---dtype, as AutoAWQ deploys) to group-wise int4 run by the tinygemm kernel, with a dense path for
-prefill (bench.quant.int4). A quantized model is saved under --int4-cache-dir, keyed by everything
+--dtype, as AutoAWQ deploys) to group-wise int4 run by a W4A16 kernel (tinygemm unless
+--int4-kernels says otherwise: bench.quant.w4a16), with a dense path for prefill (bench.quant.int4). A quantized model is saved under --int4-cache-dir, keyed by everything
 that made it, and loaded from there next time. A checkpoint that is already AutoAWQ GEMM int4
 loads as awq4 without calibration.
 """
@@ -19,6 +19,7 @@ from bench.models.visual import check_image_file, load_image
 from bench.errors import UsageError, VariantUnsupported
 from bench.quant import DEFAULT_DENSE_ROWS
 from bench.quant.awq import Int4Options, calibration_images, int4_layers, quantize_model
+from bench.quant.w4a16.choice import modes as kernel_modes
 from variants.base import WeightsPart, quantized_columns
 from variants.options import opt, run_fact
 
@@ -41,6 +42,12 @@ class Int4VariantOptions:
                                   "--int4-dense-rows (prefill, long suffixes): prefill at the dense model's speed "
                                   "for the dense weights' memory on top of the int4 ones (column "
                                   "int4_prefill_copy_mb, counted in weight_mb); replaces --int4-prefetch", False)
+    int4_kernels: str = opt("awq4/rtn4 on the static and graph engines: the W4A16 kernel for calls of few rows "
+                            "(decode, short suffixes): tinygemm (PyTorch's), measured (every kernel that runs "
+                            "here timed and checked per weight shape at 1-64 rows, the fastest correct one per "
+                            "row count, kept in --int4-cache-dir/kernels.json), or one kernel by name up to "
+                            "--int4-dense-rows (python -m bench int4-kernels lists them); column int4_kernels",
+                            "tinygemm")
     int4_cache_dir: str = opt("awq4/rtn4: where quantized models are saved and reused ('' = never)",
                               "~/.cache/vlm-bench/int4")
     image_path: str | None = run_fact()  # awq4 calibrates on this image (unless --awq-calib-dir)
@@ -59,6 +66,8 @@ class Int4VariantOptions:
                 raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no image files ({', '.join(CALIB_SUFFIXES)})")
             for f in files:  # each opens and verifies before any model loads
                 check_image_file(f, "--awq-calib-dir")
+        if self.int4_kernels not in kernel_modes():
+            raise UsageError(f"--int4-kernels must be one of {', '.join(kernel_modes())}, got {self.int4_kernels!r}")
         if self.int4_cache_dir:  # (an unwritable one only warns: the model is quantized again next time)
             check_creatable(Path(self.int4_cache_dir).expanduser(), "--int4-cache-dir", writable=False)
 
@@ -104,7 +113,9 @@ class Int4Weights(WeightsPart):
 
     def engine_options(self, options: Int4VariantOptions) -> dict:
         # with dense copies there is nothing to dequantize ahead
-        return {"int4_prefetch": bool(options.int4_prefetch) and not options.int4_prefill_copy}
+        cache = str(Path(options.int4_cache_dir).expanduser() / "kernels.json") if options.int4_cache_dir else ""
+        return {"int4_prefetch": bool(options.int4_prefetch) and not options.int4_prefill_copy,
+                "int4_kernels": options.int4_kernels, "int4_kernel_cache": cache}
 
     def key(self, options: Int4VariantOptions) -> tuple:
         o = options.quantization(self.method)

@@ -25,6 +25,7 @@ COMMANDS: dict[str, Command] = {
     "summarize": Command("summarize", "rebuild summary.csv from a results directory's runs.csv"),
     "compare": Command("compare", "regression verdict between two results (the gate)"),
     "report": Command("report", "figures and report.md from results directories"),
+    "int4-kernels": Command("int4_kernels", "list the int4 kernels and what a measured kernel choice chose"),
     "make-checkpoint": Command("make_checkpoint", "write a preset (random weights) as a real checkpoint"),
     "ci-bench": Command("ci_bench", "run the tiny CPU benchmark that the CI gate compares"),
     "docs": Command("docs", "regenerate results/README.md from the metric table"),

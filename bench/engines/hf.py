@@ -24,6 +24,8 @@ from bench.models.base import VLMAdapter
 from bench.measure.request import RequestResult
 from bench.measure.timing import Timeline, sum_by_label
 from bench.models.visual import as_visual
+from bench.quant.int4 import Int4Linear
+from bench.quant.w4a16.choice import DEFAULT, choose_kernels, plans_column
 
 
 def layout_rows(rows: list[torch.Tensor], prefix_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -70,6 +72,11 @@ class HFEngine:
     def __init__(self, adapter: VLMAdapter, policy: CachePolicy, spec: EngineSpec | None = None):
         self.adapter, self.policy = adapter, policy
         self.spec = self.default_spec if spec is None else spec
+        if type(self) is HFEngine:  # transformers' modules run int4 weights on the default kernels
+            choose_kernels(self._int4_layers(), DEFAULT, adapter.dtype)
+
+    def _int4_layers(self) -> list:
+        return [m for m in self.adapter.model.modules() if isinstance(m, Int4Linear)]
 
     def new_cache(self, prompt_tokens: int, max_new_tokens: int, batch: int = 1):
         """The request's working KV cache (a fresh DynamicCache; StaticEngine reuses one buffer)."""
@@ -119,9 +126,9 @@ class HFEngine:
         return entry, sum(t.numel() * t.element_size() for kv in entry for t in kv)
 
     def memory_columns(self) -> dict:
-        """Device memory this engine holds beside the weights and the KV cache, as row columns
-        (definitions in bench.measure.schema); none here."""
-        return {}
+        """Device memory this engine holds beside the weights and the KV cache, and the int4
+        kernels it runs, as row columns (definitions in bench.measure.schema)."""
+        return {"int4_kernels": plans_column(self._int4_layers())}
 
     def describe(self) -> str:
         """How this engine runs (the engine_detail column)."""

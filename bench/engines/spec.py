@@ -60,6 +60,10 @@ class EngineSpec:
     concurrent_projections: bool = False
     # int4 weights: a side stream dequantizes the next layer's prefill weights (bench.quant.prefetch)
     int4_prefetch: bool = True
+    # int4 weights: the kernel per row count of the step's linears (bench.quant.w4a16.choice:
+    # tinygemm | measured | a kernel's name) and where measurements are kept ('' = not kept)
+    int4_kernels: str = "tinygemm"
+    int4_kernel_cache: str = ""
 
     def __post_init__(self):
         attention_kernels.check(self.attention)

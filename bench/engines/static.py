@@ -7,6 +7,7 @@ projections, so its prefill is bit-identical to transformers'.
 from __future__ import annotations
 
 import weakref
+from pathlib import Path
 
 import torch
 
@@ -17,6 +18,7 @@ from bench.engines.kv_buffers import KVBuffers
 from bench.engines.spec import EngineSpec
 from bench.quant.int4 import Int4Linear
 from bench.quant.prefetch import DensePrefetch
+from bench.quant.w4a16.choice import ROW_POINTS, KernelChoice, choose_kernels
 
 
 class StaticEngine(HFEngine):
@@ -39,6 +41,7 @@ class StaticEngine(HFEngine):
         self.resident: dict[int, weakref.ref] = {}
         self._staged: dict[int, tuple] = {}  # suffix ids per bucket: host, its numpy view, device
         self.prefetch = self._int4_prefetch()
+        self.int4_kernels = self._choose_int4_kernels()
 
     def _make_decoder(self) -> FastDecoder:
         """The decoder this engine drives (the model's FastDecoder; its blocks are shared by every
@@ -63,6 +66,16 @@ class StaticEngine(HFEngine):
         except ValueError:  # layers of unequal shapes: each dequantizes in line
             return None
 
+    def _choose_int4_kernels(self) -> KernelChoice | None:
+        """Int4 weights: the kernel each linear a step or short suffix runs uses per row count
+        (--int4-kernels; measured ones once per device and shape); None for other weights."""
+        layers = [m for rows in (1, *ROW_POINTS) for ms in self.decoder.prefill_linears(rows) for m in ms
+                  if isinstance(m, Int4Linear)]
+        if not layers:
+            return None
+        cache = Path(self.spec.int4_kernel_cache).expanduser() if self.spec.int4_kernel_cache else None
+        return choose_kernels(layers, self.spec.int4_kernels, self.adapter.dtype, cache)
+
     def full_prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, layer_fn=None, valid=None,
                      n_real=None):
         """The decoder's prefill, int4 weights read from the prefetched slots where there are some."""
@@ -77,7 +90,10 @@ class StaticEngine(HFEngine):
         return self.eager_step_layer
 
     def memory_columns(self) -> dict:
-        return {"int4_prefetch_mb": self.prefetch.nbytes / 2**20 if self.prefetch is not None else None}
+        choice = self.int4_kernels
+        return {"int4_prefetch_mb": self.prefetch.nbytes / 2**20 if self.prefetch is not None else None,
+                "int4_kernels": choice.column() if choice is not None else None,
+                "int4_kernel_mb": choice.extra_mb() if choice is not None else None}
 
     def prefetch_note(self) -> str:
         return ", int4 prefill weights dequantized a layer ahead" if self.prefetch is not None else ""

@@ -145,6 +145,12 @@ COLUMNS: tuple[Column, ...] = (
     _c("int4_prefetch_mb", "MiB", False, "int4 on the static and graph engines: the two dense slots prefill "
                                          "weights are dequantized into a layer ahead (--int4-prefetch), not in "
                                          "weight_mb; empty without"),
+    _c("int4_kernels", "", None, "int4: the W4A16 kernel each weight shape runs per row count, e.g. '1-4 "
+                                 "gemlite-gemv-revsplitk, 5-8 tinygemm, >8 dense' (--int4-kernels; shapes listed as "
+                                 "out x in when they differ; dense: dequantize + GEMM)"),
+    _c("int4_kernel_mb", "MiB", False, "int4 on the static and graph engines: weights the chosen kernels keep in "
+                                       "their own packed format beside the tinygemm-packed ones (gemlite), not in "
+                                       "weight_mb; 0 when none"),
     _c("quant_method", "", None, "how the int4 weights were made: awq | rtn | checkpoint (pre-quantized AWQ)"),
     _c("quant_err_ratio", "ratio", False, "awq4: calibration output error of AWQ divided by that of RTN (lower is "
                                           "better)"),

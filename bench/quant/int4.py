@@ -3,12 +3,15 @@
 Quantization parameters come from torchao's affine primitives (asymmetric, integer zero point,
 the AutoAWQ convention: w = (q - z) * s per group of `group_size` input channels).
 
-The layer has two paths, picked per call by the number of rows (tokens) it sees:
-- rows <= dense_rows: an int4 kernel reads the packed weight (decode, short suffixes);
-- rows >  dense_rows: the weight is dequantized to the activation dtype and a dense GEMM runs
-  (prefill). Int4 kernels are fast at a few rows and slow at many (H200, 4096x4096, in
+The layer has two paths, picked per call by the number of rows (tokens) it sees (kernel_at):
+- few rows (decode, short suffixes): a W4A16 kernel reads int4 weights. By default PyTorch's
+  tinygemm up to dense_rows; `--int4-kernels` sets another kernel or one measured per row count
+  (bench.quant.w4a16: the kernels, and the measured choice per device and shape);
+- more rows (prefill): the weight is dequantized to the activation dtype and a dense GEMM runs.
+  Int4 kernels are fast at a few rows and slow at many (H200, 4096x4096, in
   f67f436:results/h200/int4_kernels_llava-1.5-7b.csv: tinygemm 7.2 us at M=1 against 9.3 us fp16, but
-  602 us at M=512 against 24 us fp16 and 40 us for dequantize + GEMM). No dense copy is kept.
+  602 us at M=512 against 24 us fp16 and 40 us for dequantize + GEMM). No dense copy is kept
+  unless asked for (--int4-prefill-copy).
 
 Kernels: the int4 path is PyTorch's tinygemm, the kernel torchao's int4 tensors call
 (`_weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on the CPU), called directly
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.quant import DEFAULT_DENSE_ROWS
+from bench.quant.w4a16.registry import KERNELS
 from bench.measure.compile_events import note_capture
 
 try:
@@ -335,6 +339,11 @@ class Int4Linear(nn.Module):
         # --int4-prefill-copy: this weight dense, kept for every call above dense_rows (prefill at
         # the dense model's speed, for the dense model's weight memory on top of the int4 one).
         self.register_buffer("dense_copy", None, persistent=False)
+        # The kernel per row count (kernel_at; --int4-kernels) and, per kernel weight format
+        # other than `packed` (bench.quant.w4a16: state_key), its non-tensor arguments; its
+        # tensors are the buffers kernel_<state_key>_<name>.
+        self.row_plan: tuple[tuple[int, str], ...] | None = None
+        self.kernel_meta: dict[str, object] = {}
 
     @classmethod
     def from_int4(cls, t: Int4Tensors, device: torch.device, dtype: torch.dtype, bias=None, input_scale=None,
@@ -372,31 +381,75 @@ class Int4Linear(nn.Module):
                                                     self.group_size, self.published_layout)
         return out.copy_(self.dense_weight(out.dtype))
 
+    def kernel_at(self, rows: int) -> str:
+        """The kernel (bench.quant.w4a16.registry name) a call of `rows` rows runs: `row_plan`'s
+        first entry whose row bound takes it; without a plan tinygemm up to dense_rows. Above the
+        plan (or dense_rows): "dense", the prefill path."""
+        if self.row_plan is None:
+            return "tinygemm" if rows <= self.dense_rows else "dense"
+        for top, name in self.row_plan:
+            if rows <= top:
+                return name
+        return "dense"
+
+    def set_row_plan(self, plan: tuple[tuple[int, str], ...] | None, dtype: torch.dtype) -> None:
+        """Run `plan` ((max rows, kernel name), ascending; None: the default) from now on: the
+        kernels' own weight formats are made (or kept) for the kernels it names, the others' dropped."""
+        names = {"tinygemm", "dense"} if plan is None else {name for _, name in plan}
+        keys = {KERNELS[n].state_key for n in names} - {None}
+        for key in set(self.kernel_meta) - keys:
+            self.drop_kernel_state(key)
+        for n in names:
+            self.attach_kernel_state(n, dtype)
+        self.row_plan = None if plan is None else tuple((int(top), str(name)) for top, name in plan)
+
+    def attach_kernel_state(self, name: str, dtype: torch.dtype) -> None:
+        """Make kernel `name`'s own weight format from this layer's codes, unless it is held already."""
+        kernel = KERNELS[name]
+        key = kernel.state_key
+        if key is None or key in self.kernel_meta:
+            return
+        tensors, meta = kernel.prepare(self, dtype)
+        for n, t in tensors.items():
+            self.register_buffer(f"kernel_{key}_{n}", t, persistent=False)
+        self.kernel_meta[key] = meta
+
+    def drop_kernel_state(self, key: str) -> None:
+        for n in [n for n, _ in self.named_buffers(recurse=False) if n.startswith(f"kernel_{key}_")]:
+            delattr(self, n)
+        self.kernel_meta.pop(key, None)
+
+    def kernel_state_bytes(self) -> int:
+        """Bytes of the kernels' own weight formats this layer holds (beside its packed weight)."""
+        return sum(t.numel() * t.element_size() for n, t in self.named_buffers(recurse=False)
+                   if n.startswith("kernel_") and t is not None)
+
+    def dense_forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W^T (+ bias) with W dense: the prefill path (a kept dense copy, a prefetched slot,
+        the traced dequantizer when compiling on CUDA, else one opaque dequantize + GEMM op)."""
+        if self.dense_copy is not None:
+            return F.linear(x, self.dense_copy, bias)
+        if self.read_prefill_weight and self.prefill_weight is not None:
+            return F.linear(x, self.prefill_weight, bias)
+        if self.trace_dense and self.tile_inverse is not None and torch.compiler.is_compiling():
+            # Compiled (the graph engine's prefill and suffix buckets): traced, so inductor
+            # launches the dequantizer itself; see triton_int4.dequantize_traceable.
+            w = _triton_int4.dequantize_traceable(self.packed, self.scale_and_zero, self.tile_inverse,
+                                                  self.out_features, self.in_features, self.group_size, x.dtype,
+                                                  self.published_layout)
+            return F.linear(x, w, bias)
+        # Eager: one opaque op (a captured dequantize replayed, scratch shared by layers).
+        return torch.ops.vlm_bench.int4_dense_linear(x, self.packed, self.scale_and_zero, bias,
+                                                     self.out_features, self.group_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_scale is not None:
             x = x * self.input_scale
         rows = x.numel() // self.in_features
-        if rows > self.dense_rows:
-            if self.dense_copy is not None:
-                return F.linear(x, self.dense_copy, self.bias)
-            if self.read_prefill_weight and self.prefill_weight is not None:
-                return F.linear(x, self.prefill_weight, self.bias)
-            if self.trace_dense and self.tile_inverse is not None and torch.compiler.is_compiling():
-                # Compiled (the graph engine's prefill and suffix buckets): traced, so inductor
-                # launches the dequantizer itself; see triton_int4.dequantize_traceable.
-                w = _triton_int4.dequantize_traceable(self.packed, self.scale_and_zero, self.tile_inverse,
-                                                      self.out_features, self.in_features, self.group_size, x.dtype,
-                                                      self.published_layout)
-                return F.linear(x, w, self.bias)
-            # Eager: one opaque op (a captured dequantize replayed, scratch shared by layers).
-            return torch.ops.vlm_bench.int4_dense_linear(x, self.packed, self.scale_and_zero, self.bias,
-                                                         self.out_features, self.group_size)
-        sz = self.scale_and_zero
-        x2 = x.reshape(rows, self.in_features).to(sz.dtype)
-        if x2.is_cuda:
-            y = torch.ops.aten._weight_int4pack_mm(x2, self.packed, self.group_size, sz)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.group_size, sz)
+        name = self.kernel_at(rows)
+        if name == "dense":
+            return self.dense_forward(x, self.bias)
+        y = KERNELS[name].run(self, x.reshape(rows, self.in_features))
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -413,4 +466,4 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "
                 f"dense_rows={self.dense_rows}, input_scale={self.input_scale is not None}, "
-                f"dense_copy={self.dense_copy is not None}")
+                f"dense_copy={self.dense_copy is not None}, row_plan={self.row_plan}")

@@ -114,10 +114,12 @@ def _point_key(row) -> tuple:
 
 
 def weight_mb(module: torch.nn.Module) -> float:
-    """Parameters and buffers, less the int4 layers' prefill scratch (bench.quant.prefetch)."""
+    """Parameters and buffers, less the int4 layers' prefill scratch (bench.quant.prefetch) and
+    the weight formats of their chosen kernels (int4_kernel_mb, counted by the engine: the fused
+    projections that hold most of them live outside the model)."""
     total = sum(t.numel() * t.element_size() for t in module.parameters())
     total += sum(t.numel() * t.element_size() for name, t in module.named_buffers()
-                 if not name.endswith("prefill_weight"))
+                 if not name.endswith("prefill_weight") and not name.rpartition(".")[2].startswith("kernel_"))
     return total / 2**20
 
 

@@ -1,0 +1,31 @@
+"""What a W4A16 kernel is to Int4Linear."""
+from __future__ import annotations
+
+import torch
+
+
+class W4A16Kernel:
+    """y = x @ W^T for an Int4Linear's weight and x of few rows.
+
+    `state_key`: the name of the extra weight format the kernel reads (None: it reads the
+    layer's own packed weight); kernels with the same key share one prepared copy, which the
+    layer holds as buffers named `kernel_<state_key>_<name>` (counted in weight_mb)."""
+
+    name = ""
+    state_key: str | None = None
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        """Why this kernel cannot run on `device` with activations of `dtype`; None when it can."""
+        return None
+
+    def shape_unsupported(self, layer) -> str | None:
+        """Why this kernel cannot take the layer's weight (its shape, group size); None when it can."""
+        return None
+
+    def prepare(self, layer, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], object]:
+        """(tensors, meta) of the kernel's own weight format, made from the layer's int4 codes."""
+        return {}, None
+
+    def run(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in_features] (the activation dtype) -> [rows, out_features], no bias."""
+        raise NotImplementedError

@@ -1,0 +1,289 @@
+"""Which W4A16 kernel each Int4Linear runs per row count (`--int4-kernels`).
+
+- `tinygemm` (default): PyTorch's tinygemm up to --int4-dense-rows, dequantize + GEMM above;
+- a kernel's name (bench.quant.w4a16.registry): that kernel up to --int4-dense-rows;
+- `measured`: per weight shape (out, in, group) and activation dtype, every kernel that runs on
+  the device is called at each row count of ROW_POINTS on one of the layers' own weights, checked
+  against the dequantized weight times x in fp32 (max |error| / max |reference| at most
+  TOLERANCE), and timed (bench.measure.timing.call_us: on CUDA inside a CUDA graph, as the graph
+  engine's steps run). The fastest correct kernel at a point serves the row counts from the
+  point below it up to it; above the last point the dense path runs. A kernel that fails, is
+  wrong, or cannot be captured is left out with the reason.
+
+Measurements are kept in a JSON file (the int4 cache directory's `kernels.json`), keyed by the
+device's name, the library versions, the shape, dtype, points and candidates: the choice is made
+once per device and shape, and reused by later runs. `python -m bench int4-kernels` prints or
+writes the measured table.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.errors import VariantUnsupported
+from bench.log import status
+from bench.measure.results import write_json
+from bench.measure.timing import call_us
+from bench.quant.w4a16.registry import KERNELS
+
+ROW_POINTS = (1, 2, 4, 8, 16, 32, 64)
+TOLERANCE = 2e-2  # max |y - reference| / max |reference|; fp16 int4 kernels sit near 1e-3
+DEFAULT = "tinygemm"
+MEASURED = "measured"
+CACHE_VERSION = 1
+
+
+def modes() -> list[str]:
+    """What --int4-kernels takes."""
+    return [DEFAULT, MEASURED, *(n for n in KERNELS if n != DEFAULT)]
+
+
+@dataclass
+class ShapePlan:
+    """The kernel per row count for one weight shape, and what was measured to choose it."""
+
+    shape: tuple[int, int, int]  # out_features, in_features, group size
+    plan: tuple[tuple[int, str], ...]
+    us: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel -> rows -> microseconds
+    err: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel -> rows -> max relative error
+    left_out: dict[str, str] = field(default_factory=dict)  # kernel -> why it was not a candidate
+    cached: bool = False
+
+    def to_json(self) -> dict:
+        return {"plan": [list(p) for p in self.plan], "us": self.us, "err": self.err, "left_out": self.left_out}
+
+    @classmethod
+    def from_json(cls, shape, d: dict) -> "ShapePlan":
+        def rows(table):
+            return {k: {int(r): float(v) for r, v in by.items()} for k, by in table.items()}
+
+        plan = tuple((int(top), str(name)) for top, name in d["plan"])
+        if not plan or any(name not in KERNELS for _, name in plan):
+            raise ValueError(f"unknown kernel in {plan}")
+        return cls(tuple(shape), plan, rows(d["us"]), rows(d["err"]), dict(d["left_out"]), cached=True)
+
+
+def plan_text(plan: tuple[tuple[int, str], ...] | None, dense_rows: int) -> str:
+    """'1-4 gemlite-gemv-revsplitk, 5-16 tinygemm, >16 dense'."""
+    plan = list(plan or ((dense_rows, DEFAULT),))
+    while plan and plan[-1][1] == "dense":  # the dense path runs above the plan anyway
+        plan.pop()
+    if not plan:
+        return "dense"
+    parts, low = [], 1
+    for top, name in plan:
+        parts.append(f"{low}-{top} {name}" if top > low else f"{top} {name}")
+        low = top + 1
+    return ", ".join(parts + [f">{plan[-1][0]} dense"])
+
+
+def plans_column(layers) -> str | None:
+    """The int4_kernels column: each weight shape's kernel per row count, as the layers hold it."""
+    seen: dict[tuple, str] = {}
+    for m in layers:
+        seen.setdefault((m.out_features, m.in_features), plan_text(m.row_plan, m.dense_rows))
+    if not seen:
+        return None
+    if len(set(seen.values())) == 1:
+        return next(iter(seen.values()))
+    return "; ".join(f"{n}x{k}: {text}" for (n, k), text in seen.items())
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"torch": torch.__version__}
+    for pkg in ("triton", "gemlite"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu {platform.machine()} {platform.processor() or ''}".strip()
+
+
+def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidates) -> str:
+    return json.dumps({"device": _device_name(device), "versions": _versions(), "dtype": str(dtype),
+                       "shape": list(shape), "points": list(points), "candidates": sorted(candidates)}, sort_keys=True)
+
+
+class PlanCache:
+    """Measured plans in one JSON file (none kept when `path` is None); an unreadable file is
+    replaced, with a warning."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries: dict[str, dict] = {}
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                if data.get("version") != CACHE_VERSION:
+                    raise ValueError(f"version {data.get('version')}")
+                self.entries = dict(data["entries"])
+            except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+                status(f"warning: int4 kernel measurements {path} unreadable ({e}); measuring again")
+
+    def get(self, key: str, shape) -> ShapePlan | None:
+        d = self.entries.get(key)
+        if d is None:
+            return None
+        try:
+            return ShapePlan.from_json(shape, d)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    def put(self, key: str, plan: ShapePlan) -> None:
+        self.entries[key] = plan.to_json()
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.path, {"version": CACHE_VERSION, "entries": self.entries})
+        except OSError as e:  # the plan is used all the same, only measured again next time
+            status(f"warning: int4 kernel measurements not saved to {self.path} ({e.strerror or e})")
+
+
+def candidates(layer, device: torch.device, dtype: torch.dtype) -> tuple[list[str], dict[str, str]]:
+    """(kernels that may run this layer here, {kernel: why not} for the others)."""
+    ok, why = [], {}
+    for name, k in KERNELS.items():
+        reason = k.unavailable(device, dtype) or k.shape_unsupported(layer)
+        if reason:
+            why[name] = reason
+        else:
+            ok.append(name)
+    return ok, why
+
+
+def _short(e: BaseException) -> str:
+    return f"{e.__class__.__name__}: {' '.join(str(e).split())[:200]}"
+
+
+def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | None = None) -> ShapePlan:
+    """Time and check every candidate kernel on `layer` at each row count of `points`."""
+    device = layer.packed.device
+    ok, left_out = candidates(layer, device, dtype)
+    names = ok if names is None else [n for n in names if n in ok]
+    gen = torch.Generator(device=device).manual_seed(0)
+    w = layer.to_int4().dequantize(torch.float32).to(device)  # its own tensor: freed below
+    inputs = {}
+    for rows in points:
+        x = torch.randn(rows, layer.in_features, generator=gen, device=device, dtype=torch.float32).to(dtype)
+        inputs[rows] = (x, x.float() @ w.T)
+    del w
+    plan = ShapePlan((layer.out_features, layer.in_features, layer.group_size), (), left_out=left_out)
+    for name in names:
+        kernel = KERNELS[name]
+        try:
+            layer.attach_kernel_state(name, dtype)
+            us, err = {}, {}
+            for rows, (x, ref) in inputs.items():
+                y = kernel.run(layer, x).float()
+                err[rows] = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                us[rows] = call_us(lambda x=x: kernel.run(layer, x), device)
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run (or be captured) here is left out
+            left_out[name] = _short(e)
+            continue
+        plan.us[name], plan.err[name] = us, err
+    best = []
+    for rows in points:
+        timed = [(plan.us[n][rows], n) for n in plan.us if plan.err[n][rows] <= TOLERANCE]
+        if not timed:
+            raise VariantUnsupported(f"no int4 kernel gives correct results for {plan.shape[0]}x{plan.shape[1]} "
+                                     f"at {rows} rows here ({'; '.join(f'{k}: {v}' for k, v in left_out.items())})")
+        best.append((rows, min(timed)[1]))
+    merged: list[tuple[int, str]] = []
+    for rows, name in best:  # consecutive points with one winner are one range
+        if merged and merged[-1][1] == name:
+            merged[-1] = (rows, name)
+        else:
+            merged.append((rows, name))
+    plan.plan = tuple(merged)
+    return plan
+
+
+@dataclass
+class KernelChoice:
+    """What --int4-kernels decided for an engine's int4 layers."""
+
+    mode: str
+    layers: list
+    plans: dict[tuple, ShapePlan] = field(default_factory=dict)
+
+    def column(self) -> str | None:
+        return plans_column(self.layers)
+
+    def extra_mb(self) -> float:
+        return sum(m.kernel_state_bytes() for m in self.layers) / 2**20
+
+    def table(self) -> list[dict]:
+        """One row per (shape, kernel, row count) measured."""
+        return table_rows(self.plans.values())
+
+
+def table_rows(plans) -> list[dict]:
+    rows = []
+    for p in plans:
+        for name in sorted(set(p.us) | set(p.left_out)):
+            if name not in p.us:
+                rows.append({"out_features": p.shape[0], "in_features": p.shape[1], "group_size": p.shape[2],
+                             "kernel": name, "rows": None, "us": None, "max_rel_err": None, "chosen": False,
+                             "left_out": p.left_out[name]})
+                continue
+            for r, us in sorted(p.us[name].items()):
+                serving = next((n for top, n in p.plan if r <= top), "dense")
+                rows.append({"out_features": p.shape[0], "in_features": p.shape[1], "group_size": p.shape[2],
+                             "kernel": name, "rows": r, "us": round(us, 3), "max_rel_err": p.err[name][r],
+                             "chosen": serving == name, "left_out": ""})
+    return rows
+
+
+def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | None = None,
+                   points=ROW_POINTS) -> KernelChoice:
+    """Give every layer of `layers` (Int4Linear) its kernel per row count under `mode`."""
+    layers = list({id(m): m for m in layers}.values())
+    choice = KernelChoice(mode, layers)
+    if not layers:
+        return choice
+    if mode == DEFAULT:
+        for m in layers:
+            m.set_row_plan(None, dtype)
+        return choice
+    device = layers[0].packed.device
+    if mode != MEASURED:
+        if mode not in KERNELS:
+            raise ValueError(f"unknown int4 kernel {mode!r}; choose from {', '.join(modes())}")
+        for m in layers:
+            reason = KERNELS[mode].unavailable(device, dtype) or KERNELS[mode].shape_unsupported(m)
+            if reason:
+                raise VariantUnsupported(f"--int4-kernels {mode}: {reason}")
+        for m in layers:
+            m.set_row_plan(((m.dense_rows, mode),), dtype)
+        return choice
+    cache = PlanCache(cache_file)
+    by_shape: dict[tuple, list] = {}
+    for m in layers:
+        by_shape.setdefault((m.out_features, m.in_features, m.group_size), []).append(m)
+    for shape, group in by_shape.items():
+        names, _ = candidates(group[0], device, dtype)
+        key = cache_key(device, dtype, shape, points, names)
+        plan = cache.get(key, shape)
+        if plan is None:
+            status(f"int4 kernels: measuring {', '.join(names)} for {shape[0]}x{shape[1]} (group {shape[2]}) "
+                   f"at {len(points)} row counts")
+            plan = measure(group[0], dtype, points, names)
+            cache.put(key, plan)
+        choice.plans[shape] = plan
+        for m in group:
+            m.set_row_plan(plan.plan, dtype)
+    return choice

@@ -1,0 +1,21 @@
+"""Every W4A16 kernel Int4Linear can run, by name (a kernel is one module plus a line here)."""
+from __future__ import annotations
+
+from bench.quant.w4a16.base import W4A16Kernel
+from bench.quant.w4a16.dense import Dense
+from bench.quant.w4a16.gemlite import Gemlite
+from bench.quant.w4a16.tinygemm import Tinygemm
+
+KERNELS: dict[str, W4A16Kernel] = {k.name: k for k in (
+    Tinygemm(),
+    Dense(),
+    Gemlite("GEMV"),
+    Gemlite("GEMV_REVSPLITK"),
+    Gemlite("GEMV_SPLITK"),
+    Gemlite("GEMM_SPLITK"),
+    Gemlite("GEMM"),
+)}
+
+
+def kernel(name: str) -> W4A16Kernel:
+    return KERNELS[name]

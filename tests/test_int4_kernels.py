@@ -1,0 +1,197 @@
+"""W4A16 kernels per row count (--int4-kernels): each kernel against dequantize + matmul at every
+row count it serves, the measured choice (never a slower or a wrong kernel; kept once per device
+and shape), and the flag end to end."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from bench.quant.int4 import Int4Linear, quantize_int4
+from bench.quant.w4a16 import choice
+from bench.quant.w4a16.base import W4A16Kernel
+from bench.quant.w4a16.registry import KERNELS
+
+pytest.importorskip("torchao")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
+RUN = ["--preset", "tiny-llava", "--variants", "rtn4", "--engine", "static", "--num-runs", "2", "--min-seconds", "0",
+       "--max-new-tokens", "6", "--warmup", "0", "--no-fidelity", "--int4-group-size", "32"]
+
+
+def _layer(n=256, k=256, group=64, bias=True, seed=0) -> Int4Linear:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    b = torch.randn(n, generator=g) if bias else None
+    return Int4Linear.from_int4(quantize_int4(w, group), DEVICE, DTYPE, bias=b)
+
+
+def _reference(m: Int4Linear, x: torch.Tensor) -> torch.Tensor:
+    w = m.to_int4().dequantize(torch.float32).to(x.device)
+    y = x.float() @ w.T
+    return y if m.bias is None else y + m.bias.float()
+
+
+@pytest.mark.parametrize("name", list(KERNELS))
+def test_each_kernel_gives_dequantize_matmul_at_every_row_count_it_serves(name):
+    kernel = KERNELS[name]
+    why = kernel.unavailable(DEVICE, DTYPE)
+    if why:
+        pytest.skip(why)
+    m = _layer()
+    m.set_row_plan(((choice.ROW_POINTS[-1], name),), DTYPE)
+    assert all(m.kernel_at(r) == name for r in range(1, choice.ROW_POINTS[-1] + 1))
+    assert m.kernel_at(choice.ROW_POINTS[-1] + 1) == "dense"
+    for rows in (*choice.ROW_POINTS, 3, 5):
+        x = torch.randn(1, rows, m.in_features, device=DEVICE).to(DTYPE)
+        y, want = m(x), _reference(m, x)
+        assert y.shape == (1, rows, m.out_features) and y.dtype == DTYPE
+        err = ((y.float() - want).abs().max() / want.abs().max()).item()
+        assert err < (1e-5 if DTYPE == torch.float32 else 5e-3), (name, rows, err)
+
+
+def test_a_plan_sends_each_row_count_to_its_kernel():
+    m = _layer()
+    assert [m.kernel_at(r) for r in (1, 8, 9, 500)] == ["tinygemm"] * 2 + ["dense"] * 2  # no plan: dense_rows
+    m.set_row_plan(((2, "dense"), (16, "tinygemm")), DTYPE)
+    assert [m.kernel_at(r) for r in (1, 2, 3, 16, 17)] == ["dense", "dense", "tinygemm", "tinygemm", "dense"]
+    assert choice.plans_column([m]) == "1-2 dense, 3-16 tinygemm, >16 dense"
+    assert choice.plan_text(((4, "tinygemm"), (64, "dense")), 8) == "1-4 tinygemm, >4 dense"
+    assert choice.plan_text(((64, "dense"),), 8) == "dense"
+    m.set_row_plan(None, DTYPE)
+    assert choice.plans_column([m, _layer(128, 256)]) == "1-8 tinygemm, >8 dense"
+
+
+class _Slow(W4A16Kernel):
+    """Right, and much slower than tinygemm: tinygemm 10 times."""
+
+    name = "test-slow"
+
+    def run(self, layer, x):
+        for _ in range(10):
+            y = KERNELS["tinygemm"].run(layer, x)
+        return y
+
+
+class _Wrong(W4A16Kernel):
+    """Fast and wrong."""
+
+    name = "test-wrong"
+
+    def run(self, layer, x):
+        return x.new_zeros(x.shape[0], layer.out_features)
+
+
+class _Broken(W4A16Kernel):
+    name = "test-broken"
+
+    def run(self, layer, x):
+        raise RuntimeError("no kernel image for this device")
+
+
+@pytest.fixture
+def odd_kernels(monkeypatch):
+    for k in (_Slow(), _Wrong(), _Broken()):
+        monkeypatch.setitem(KERNELS, k.name, k)
+
+
+def test_measured_choice_takes_neither_a_slower_nor_a_wrong_kernel(odd_kernels):
+    m = _layer(bias=False)
+    plan = choice.measure(m, DTYPE, points=(1, 4))
+    names = {name for _, name in plan.plan}
+    assert names and names <= {"tinygemm", "dense"}, plan.plan
+    assert [top for top, _ in plan.plan][-1] == 4 and list(plan.plan) == sorted(plan.plan)
+    assert all(plan.err["test-wrong"][r] == pytest.approx(1.0) for r in (1, 4))
+    assert set(plan.us["test-slow"]) == {1, 4}  # timed, and not chosen
+    assert "no kernel image" in plan.left_out["test-broken"]
+    rows = choice.table_rows([plan])
+    assert not any(r["chosen"] for r in rows if r["kernel"].startswith("test-"))
+    assert sum(r["chosen"] for r in rows) == 2  # one kernel per measured row count
+    assert [r["left_out"] for r in rows if r["kernel"] == "test-broken"] != [""]
+
+
+def test_measured_choice_is_made_once_per_device_and_shape(tmp_path):
+    cache = tmp_path / "kernels.json"
+    layers = [_layer(seed=i) for i in range(3)] + [_layer(128, 256, seed=9)]
+    first = choice.choose_kernels(layers, "measured", DTYPE, cache, points=(1, 8))
+    assert set(first.plans) == {(256, 256, 64), (128, 256, 64)}  # measured on one layer per shape
+    assert not any(p.cached for p in first.plans.values())
+    assert all(m.row_plan == first.plans[(m.out_features, m.in_features, 64)].plan for m in layers)
+    saved = json.loads(cache.read_text())
+    assert len(saved["entries"]) == 2 and all(json.loads(k)["device"] for k in saved["entries"])
+    again = choice.choose_kernels([_layer(seed=5)], "measured", DTYPE, cache, points=(1, 8))
+    assert again.plans[(256, 256, 64)].cached and again.plans[(256, 256, 64)].plan == first.plans[(256, 256, 64)].plan
+    choice.choose_kernels([_layer(seed=5)], "measured", DTYPE, cache, points=(1, 2))  # other points: measured
+    assert len(json.loads(cache.read_text())["entries"]) == 3
+    cache.write_text("{not json")
+    redo = choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 8))  # unreadable: measured again
+    assert not redo.plans[(256, 256, 64)].cached and len(json.loads(cache.read_text())["entries"]) == 1
+
+
+def test_forced_kernel_the_device_cannot_run_is_refused():
+    from bench.errors import VariantUnsupported
+
+    name = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, DTYPE)), None)
+    if name is None:
+        pytest.skip("every kernel runs here")
+    with pytest.raises(VariantUnsupported, match=name):
+        choice.choose_kernels([_layer()], name, DTYPE)
+
+
+def test_int4_kernels_flag_end_to_end(tmp_path, capsys):
+    """--int4-kernels measured on the static engine: same tokens as tinygemm, the choice in every
+    row, measurements kept in --int4-cache-dir and written out by `int4-kernels --out`; a kernel
+    this device cannot run is a skipped row; an unknown one a usage error."""
+    from bench.cli import main, run_main
+
+    cache_dir = tmp_path / "int4"
+    rows = {}
+    for mode in ("tinygemm", "measured"):
+        out = tmp_path / mode
+        assert run_main([*RUN, "--int4-cache-dir", str(cache_dir), "--int4-kernels", mode,
+                         "--output-dir", str(out)]) == 0
+        rows[mode] = [r for r in csv.DictReader(open(out / "runs.csv")) if r["kind"] == "measured"]
+    assert [r["output_text"] for r in rows["measured"]] == [r["output_text"] for r in rows["tinygemm"]]
+    assert {r["int4_kernels"] for r in rows["tinygemm"]} == {"1-8 tinygemm, >8 dense"}
+    measured = rows["measured"][0]["int4_kernels"]
+    assert measured == "dense" or measured.endswith(" dense") and "tinygemm" in measured
+    assert float(rows["measured"][0]["int4_kernel_mb"]) == 0  # CPU kernels read the layers' own weights
+    assert (cache_dir / "kernels.json").is_file()
+
+    table = tmp_path / "kernels.csv"
+    assert main(["int4-kernels", str(cache_dir / "kernels.json"), "--out", str(table)]) == 0
+    written = list(csv.DictReader(open(table)))
+    assert {r["kernel"] for r in written} >= {"tinygemm", "dense"}
+    assert {r["rows"] for r in written if r["rows"]} == {str(r) for r in choice.ROW_POINTS}
+    assert any(r["chosen"] == "true" for r in written)
+    assert main(["int4-kernels", str(cache_dir / "kernels.json"), "--out", str(table)]) == 2  # exists
+    (tmp_path / "bad.json").write_text("[]")
+    assert main(["int4-kernels", str(tmp_path / "bad.json")]) == 2
+
+    unrunnable = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, torch.float32)), None)
+    if unrunnable:
+        out = tmp_path / "forced"
+        assert run_main([*RUN, "--int4-cache-dir", "", "--int4-kernels", unrunnable, "--output-dir", str(out)]) == 3
+        (row,) = list(csv.DictReader(open(out / "runs.csv")))
+        assert row["status"] == "skipped" and unrunnable in row["error"]
+    capsys.readouterr()
+    assert run_main([*RUN, "--int4-kernels", "nope", "--output-dir", str(tmp_path / "n")]) == 2
+    assert "--int4-kernels must be one of" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_measured_kernels_hold_one_extra_format_per_layer():
+    """On CUDA a measured plan that names a gemlite kernel makes gemlite's packed copy once per
+    layer; a plan without one drops it."""
+    m = _layer(4096, 4096, 128, bias=False)
+    plan = choice.measure(m, torch.float16, points=(1, 4, 16))
+    names = {n for _, n in plan.plan}
+    m.set_row_plan(plan.plan, torch.float16)
+    has = any(KERNELS[n].state_key == "gemlite" for n in names)
+    assert (m.kernel_state_bytes() > 0) == has
+    m.set_row_plan(None, torch.float16)
+    assert m.kernel_state_bytes() == 0
