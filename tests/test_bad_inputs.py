@@ -671,9 +671,10 @@ def served():
 
     from bench.run.config import config_class
     from bench.serve.app import create_app
-    from bench.serve.loading import load_engine
+    from bench.serve.loading import load_engine, model_source
 
-    engine, _, name = load_engine(config_class()(preset="tiny-vila", device="cpu", cpu_threads=1))
+    cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1)
+    engine, _, name = load_engine(cfg, model_source(cfg))
     with TestClient(create_app(engine, name, 4, max_batch=2)) as client:
         yield client
 

@@ -79,7 +79,7 @@ def _cancelled(url: str) -> float:
 def test_openai_client_streamed_and_not_match_the_in_process_engine(server, client, image_url):
     from bench.models.visual import VisualInput, load_image
     from bench.run.config import DEMO_IMAGE, config_class
-    from bench.serve.loading import load_engine
+    from bench.serve.loading import load_engine, model_source
 
     question = "What is in the picture?"
     assert [m.id for m in client.models.list().data] == [MODEL]
@@ -93,7 +93,7 @@ def test_openai_client_streamed_and_not_match_the_in_process_engine(server, clie
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # token by token, not one blob
 
     cfg = config_class()(preset=MODEL, device="cpu", variants="prefix", cpu_threads=1)
-    engine, _, _ = load_engine(cfg)
+    engine, _, _ = load_engine(cfg, model_source(cfg))
     visual = VisualInput((load_image(DEMO_IMAGE),), encoded=(DEMO_IMAGE.read_bytes(),))
     cold = engine.adapter.decode(engine.run(visual, question, 8).tokens)
     warm = engine.adapter.decode(engine.run(visual, question, 8).tokens)

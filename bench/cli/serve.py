@@ -47,9 +47,10 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--max-new-tokens {cfg.max_new_tokens} (a request's default max_tokens) is past "
                          f"--max-tokens-limit {serve['max_tokens_limit']}")
     need_serve_extra()
-    from bench.serve.loading import check_default_request, load_engine
+    from bench.serve.loading import check_default_request, load_engine, model_source
 
-    check_default_request(cfg)
+    source = model_source(cfg)
+    check_default_request(cfg, source)
     sock = listening_socket(serve["host"], serve["port"])  # taken before the model loads
 
     import uvicorn
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> int:
     from bench.serve.app import create_app
 
     _Server = _server_class()
-    engine, variant, model = load_engine(cfg)
+    engine, variant, model = load_engine(cfg, source)
     name = serve["served_model_name"] or model
     app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
                      cfg.num_frames, serve["max_tokens_limit"])
