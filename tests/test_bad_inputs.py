@@ -555,14 +555,16 @@ class _FakeServer:
         self.models, self.chunks = models, list(chunks)
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc):  # the server and its thread end with the test
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.thread.join()
 
 
 def _closed_port() -> int:

@@ -27,26 +27,28 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """The server process, stopped at the end of the module however its tests end."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     with log.open("w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "bench", "serve", *SERVE, "--port", str(port)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=err)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not come up: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield {"url": url, "port": port, "proc": proc, "log": log}
+    finally:
+        if proc.poll() is None:
             proc.kill()
-            pytest.fail(f"the server did not come up: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
-    yield {"url": url, "proc": proc, "log": log}
-    if proc.poll() is None:
-        proc.kill()
         proc.wait()
 
 
