@@ -656,6 +656,9 @@ SERVE = ["serve", "--preset", "tiny-vila", "--device", "cpu", "--max-new-tokens"
     (["--host", "no.such.host.invalid"], "--host 'no.such.host.invalid'"),
     (["--batch-window-ms", "nan"], "--batch-window-ms"),
     (["--batch-window-ms", "inf", "--max-batch", "2"], "--batch-window-ms"),  # the batcher would wait for ever
+    (["--max-request-mb", "0"], "--max-request-mb"),  # every request with a body would be refused
+    (["--max-request-mb", "-1"], "--max-request-mb"),
+    (["--max-request-mb", "nan"], "--max-request-mb"),
     (["--workers", "2"], "unrecognized arguments: --workers"),  # a server runs no sweep
     (["--output-dir", "somewhere"], "unrecognized arguments: --output-dir"),
     (["--max-new-tokens", "5000"], "--max-tokens-limit"),  # every request without max_tokens would be refused
