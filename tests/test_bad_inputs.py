@@ -555,14 +555,16 @@ class _FakeServer:
         self.models, self.chunks = models, list(chunks)
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc):  # the server and its thread end with the test
         self.httpd.shutdown()
         self.httpd.server_close()
+        self.thread.join()
 
 
 def _closed_port() -> int:
@@ -654,6 +656,9 @@ SERVE = ["serve", "--preset", "tiny-vila", "--device", "cpu", "--max-new-tokens"
     (["--host", "no.such.host.invalid"], "--host 'no.such.host.invalid'"),
     (["--batch-window-ms", "nan"], "--batch-window-ms"),
     (["--batch-window-ms", "inf", "--max-batch", "2"], "--batch-window-ms"),  # the batcher would wait for ever
+    (["--max-request-mb", "0"], "--max-request-mb"),  # every request with a body would be refused
+    (["--max-request-mb", "-1"], "--max-request-mb"),
+    (["--max-request-mb", "nan"], "--max-request-mb"),
     (["--workers", "2"], "unrecognized arguments: --workers"),  # a server runs no sweep
     (["--output-dir", "somewhere"], "unrecognized arguments: --output-dir"),
     (["--max-new-tokens", "5000"], "--max-tokens-limit"),  # every request without max_tokens would be refused
@@ -671,9 +676,10 @@ def served():
 
     from bench.run.config import config_class
     from bench.serve.app import create_app
-    from bench.serve.loading import load_engine
+    from bench.serve.loading import load_engine, model_source
 
-    engine, _, name = load_engine(config_class()(preset="tiny-vila", device="cpu", cpu_threads=1))
+    cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1)
+    engine, _, name = load_engine(cfg, model_source(cfg))
     with TestClient(create_app(engine, name, 4, max_batch=2)) as client:
         yield client
 

@@ -16,7 +16,8 @@ from tests.conftest import ROOT
 
 MODEL = "tiny-vila"
 SERVE = ["--preset", MODEL, "--device", "cpu", "--variants", "prefix", "--max-new-tokens", "8", "--max-batch", "4",
-         "--batch-window-ms", "20", "--cpu-threads", "1"]
+         "--batch-window-ms", "20", "--cpu-threads", "1", "--max-request-mb", "1"]
+LIMIT = 1 << 20  # --max-request-mb 1, in bytes
 
 
 def _free_port() -> int:
@@ -27,26 +28,28 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """The server process, stopped at the end of the module however its tests end."""
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "server.log"
     with log.open("w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "bench", "serve", *SERVE, "--port", str(port)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=err)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the server did not come up: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield {"url": url, "port": port, "proc": proc, "log": log}
+    finally:
+        if proc.poll() is None:
             proc.kill()
-            pytest.fail(f"the server did not come up: {log.read_text()[-2000:]}")
-        time.sleep(0.2)
-    yield {"url": url, "proc": proc, "log": log}
-    if proc.poll() is None:
-        proc.kill()
         proc.wait()
 
 
@@ -67,19 +70,20 @@ def _messages(question, image_url):
                                          {"type": "text", "text": question}]}]
 
 
-def _cancelled(url: str) -> float:
-    """vlm-bench serve's count of requests whose clients went away before they finished."""
+def _requests(url: str, status: str) -> float:
+    """vlm-bench serve's count of requests by outcome (cancelled: their clients went away before they
+    finished; invalid: refused)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"{url}/metrics").text
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "vlm_requests_total" and s.labels.get("status") == "cancelled")
+               if s.name == "vlm_requests_total" and s.labels.get("status") == status)
 
 
 def test_openai_client_streamed_and_not_match_the_in_process_engine(server, client, image_url):
     from bench.models.visual import VisualInput, load_image
     from bench.run.config import DEMO_IMAGE, config_class
-    from bench.serve.loading import load_engine
+    from bench.serve.loading import load_engine, model_source
 
     question = "What is in the picture?"
     assert [m.id for m in client.models.list().data] == [MODEL]
@@ -93,7 +97,7 @@ def test_openai_client_streamed_and_not_match_the_in_process_engine(server, clie
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # token by token, not one blob
 
     cfg = config_class()(preset=MODEL, device="cpu", variants="prefix", cpu_threads=1)
-    engine, _, _ = load_engine(cfg)
+    engine, _, _ = load_engine(cfg, model_source(cfg))
     visual = VisualInput((load_image(DEMO_IMAGE),), encoded=(DEMO_IMAGE.read_bytes(),))
     cold = engine.adapter.decode(engine.run(visual, question, 8).tokens)
     warm = engine.adapter.decode(engine.run(visual, question, 8).tokens)
@@ -119,17 +123,65 @@ def test_a_malformed_request_gets_a_400_and_the_next_one_succeeds(server, client
     assert ok.usage.completion_tokens == 3
 
 
+def _too_large(r: httpx.Response, declared: int | None = None):
+    error = r.json()["error"]
+    assert r.status_code == 413 and r.headers["connection"] == "close", r.text
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert f"limit of {LIMIT:,} bytes" in error["message"]
+    assert declared is None or f"({declared:,} bytes)" in error["message"]
+
+
+def test_a_body_past_the_limit_gets_a_413_before_it_is_read_whole(server, client, image_url):
+    import h11
+
+    before = _requests(server["url"], "invalid")
+    # a Content-Length past the limit: answered from the headers, with only the body's first bytes sent
+    declared, conn = 1 << 30, h11.Connection(h11.CLIENT)
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=30) as s:
+        s.sendall(conn.send(h11.Request(method="POST", target="/v1/chat/completions", headers=[
+            ("host", "127.0.0.1"), ("content-type", "application/json"), ("content-length", str(declared))])))
+        s.sendall(conn.send(h11.Data(data=b"{" + b" " * 1023)))
+        events = []
+        while not events or not isinstance(events[-1], (h11.EndOfMessage, h11.ConnectionClosed)):
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(s.recv(65536))
+            else:
+                events.append(event)
+    head, data = events[0], b"".join(e.data for e in events if isinstance(e, h11.Data))
+    _too_large(httpx.Response(head.status_code, headers=head.headers, content=data), declared)
+
+    # a chunked body that would not end (64 MiB): refused once past the limit, the connection closed and
+    # the upload stopped
+    sent = 0
+
+    def chunks(cap=64 * LIMIT):
+        nonlocal sent
+        while sent < cap:
+            sent += 65536
+            yield b" " * 65536
+
+    _too_large(httpx.post(f"{server['url']}/v1/chat/completions", content=chunks(), timeout=30))
+    assert sent < 32 * LIMIT  # what the sockets' buffers hold past the limit, not the whole 64 MiB
+    assert _requests(server["url"], "invalid") == before + 2
+
+    # under the limit: 0.9 MiB (of a system message, which the model is not shown) is served
+    system = {"role": "system", "content": "x" * (9 * LIMIT // 10)}
+    ok = client.chat.completions.create(model=MODEL, messages=[system, *_messages("Hi?", image_url)], max_tokens=2)
+    assert ok.usage.completion_tokens == 2
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client, image_url):
-    before = _cancelled(server["url"])
+    before = _requests(server["url"], "cancelled")
     body = {"model": MODEL, "max_tokens": 400, "stream": True, "messages": _messages("Go on.", image_url)}
     with httpx.stream("POST", f"{server['url']}/v1/chat/completions", json=body, timeout=30) as r:
         chunks = (json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:"))
         assert next(c for c in chunks if c["choices"][0]["delta"].get("content"))  # the engine is generating
     # closed with most of the 400 tokens to come: the engine stops at its next token
     deadline = time.monotonic() + 30
-    while _cancelled(server["url"]) == before and time.monotonic() < deadline:
+    while _requests(server["url"], "cancelled") == before and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _cancelled(server["url"]) == before + 1
+    assert _requests(server["url"], "cancelled") == before + 1
     ok = client.chat.completions.create(model=MODEL, messages=_messages("And now?", image_url), max_tokens=2)
     assert ok.usage.completion_tokens == 2 and server["proc"].poll() is None
 

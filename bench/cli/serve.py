@@ -6,7 +6,8 @@ from bench.cli import PROG, describe
 from bench.quiet import quiet_libraries
 from bench.errors import UsageError
 
-SERVE_FLAGS = ("host", "port", "max_batch", "batch_window_ms", "served_model_name", "max_tokens_limit")
+SERVE_FLAGS = ("host", "port", "max_batch", "batch_window_ms", "served_model_name", "max_tokens_limit",
+               "max_request_mb")
 # run's flags a server has no use for (it runs no sweep and writes no results directory): refused
 NOT_SERVED = ("executor", "gpus", "workers", "ray_address", "worker_timeout", "output_dir", "append", "resume")
 MAX_WINDOW_MS = 60_000.0
@@ -15,6 +16,7 @@ MAX_WINDOW_MS = 60_000.0
 def parser():
     quiet_libraries()
     from bench.run.config import build_parser
+    from bench.serve.body_limit import MAX_REQUEST_MB
 
     ap = build_parser(prog=f"{PROG} serve", description=describe("serve") + " Model, variant and engine flags "
                       "are `run`'s; --max-new-tokens is a request's default max_tokens.", leave_out=NOT_SERVED)
@@ -27,6 +29,9 @@ def parser():
     ap.add_argument("--served-model-name", default=None,
                     help="the model id clients send and /v1/models lists (default: the preset or checkpoint name)")
     ap.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens accepted (default: 4096)")
+    ap.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_MB, metavar="MIB",
+                    help="largest request body accepted, in MiB (images travel in it as base64 data: URLs); a "
+                         f"larger one gets HTTP 413 before it is read whole (default: {MAX_REQUEST_MB:g})")
     return ap
 
 
@@ -40,6 +45,8 @@ def main(argv: list[str]) -> int:
         raise UsageError("--max-batch and --max-tokens-limit must be at least 1")
     if not 0 <= serve["batch_window_ms"] <= MAX_WINDOW_MS:  # nan and inf too
         raise UsageError(f"--batch-window-ms must be from 0 to {MAX_WINDOW_MS:,.0f}, got {serve['batch_window_ms']}")
+    if not 0 < serve["max_request_mb"] < float("inf"):  # nan too
+        raise UsageError(f"--max-request-mb must be a positive, finite number of MiB, got {serve['max_request_mb']}")
     if not 0 < serve["port"] < 65536:
         raise UsageError(f"--port {serve['port']}: not a TCP port")
     cfg = config_class()(**ns)
@@ -47,9 +54,10 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--max-new-tokens {cfg.max_new_tokens} (a request's default max_tokens) is past "
                          f"--max-tokens-limit {serve['max_tokens_limit']}")
     need_serve_extra()
-    from bench.serve.loading import check_default_request, load_engine
+    from bench.serve.loading import check_default_request, load_engine, model_source
 
-    check_default_request(cfg)
+    source = model_source(cfg)
+    check_default_request(cfg, source)
     sock = listening_socket(serve["host"], serve["port"])  # taken before the model loads
 
     import uvicorn
@@ -58,10 +66,10 @@ def main(argv: list[str]) -> int:
     from bench.serve.app import create_app
 
     _Server = _server_class()
-    engine, variant, model = load_engine(cfg)
+    engine, variant, model = load_engine(cfg, source)
     name = serve["served_model_name"] or model
     app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
-                     cfg.num_frames, serve["max_tokens_limit"])
+                     cfg.num_frames, serve["max_tokens_limit"], serve["max_request_mb"])
     status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1")
     _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run(sockets=[sock])
     status("server stopped")

@@ -10,7 +10,8 @@ Streaming sends each token's text as the engine generates it (the engines' per-t
 client's time to the first content chunk is the engine's time to its first token plus HTTP. The
 response starts with the first token: a request refused before it (a prompt and max_tokens past
 the model's positions: 400) or failed (500) gets an HTTP status and an OpenAI error body, streamed
-or not.
+or not. A request body past the server's limit (--max-request-mb) is refused with 413 before it is
+read whole (bench.serve.body_limit).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from bench.serve.body_limit import MAX_REQUEST_MB, MIB, RequestBodyLimit
 from bench.serve.metrics import CONTENT_TYPE, ServerMetrics
 from bench.serve.protocol import ApiError, parse_chat
 from bench.serve.worker import Job, Worker
@@ -49,7 +51,7 @@ class TextStream:
 
 
 def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int = 1, window_s: float = 0.005,
-               num_frames: int = 8, max_tokens_limit: int = 4096) -> FastAPI:
+               num_frames: int = 8, max_tokens_limit: int = 4096, max_request_mb: float = MAX_REQUEST_MB) -> FastAPI:
     from bench.run.limits import loaded_max_pos
 
     metrics = ServerMetrics()
@@ -69,6 +71,8 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
 
     app = FastAPI(title="vlm-bench", lifespan=lifespan)
     app.state.worker = worker
+    app.add_middleware(RequestBodyLimit, max_bytes=int(max_request_mb * MIB),
+                       refused=lambda: metrics.requests.labels("invalid").inc())
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):

@@ -11,17 +11,22 @@ from bench.run.runner import resolve_device, resolve_dtype
 from variants import parse_variant
 
 
-def check_default_request(cfg) -> None:
+def model_source(cfg) -> ModelSource:
+    """The checkpoint or preset a run config names (a usage error when there is none such)."""
+    return ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
+
+
+def check_default_request(cfg, source: ModelSource) -> None:
     """A usage error unless a request of the default max_tokens (--max-new-tokens) with one image
     fits the model's positions (and its KV cache the device), known before the model loads."""
     device = resolve_device(cfg.device)
-    source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
     check_sizes(cfg, model_dims(cfg.model_path, cfg.preset), source.name, [], None, device,
                 resolve_dtype(cfg.dtype, device))
 
 
-def load_engine(cfg):
-    """(engine, variant name, model name) for a run config naming exactly one variant."""
+def load_engine(cfg, source: ModelSource):
+    """(engine, variant name, model name) for a run config naming exactly one variant, its model
+    `source` (model_source(cfg))."""
     specs = cfg.variant_specs
     if len(specs) != 1:
         raise UsageError(f"serve runs one variant; --variants/--engine name {len(specs)}: {', '.join(specs)}")
@@ -29,7 +34,6 @@ def load_engine(cfg):
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     host.set_cpu_threads(host.cpu_threads(cfg.cpu_threads, device))
-    source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
     reason = variant.unavailable_reason(device) or variant.weights.source_reason(source)
     if reason:
         raise UsageError(f"variant {variant.name} cannot run here: {reason}")
