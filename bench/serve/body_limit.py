@@ -5,6 +5,8 @@ memory: a request whose Content-Length is past it is answered before any of its 
 body without one (chunked) is counted as the application reads it and refused at the first piece
 that takes it past the limit. The refusal closes the connection (`Connection: close`), so the server
 stops receiving the rest of the body rather than reading it to throw it away.
+
+Written here because neither Starlette nor uvicorn limits a request body's size.
 """
 from __future__ import annotations
 
