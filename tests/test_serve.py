@@ -277,3 +277,28 @@ def test_the_server_stops_cleanly_on_sigterm(server):
     assert proc.wait(timeout=30) == 0
     log = server["log"].read_text()
     assert "server stopped" in log and "Traceback" not in log
+
+
+def test_a_served_prompt_is_tokenized_once():
+    """The server checks that a request fits with the prompt the engine then runs (not a second
+    tokenization on the engine thread)."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from bench.run.config import DEMO_IMAGE, config_class
+    from bench.serve.app import create_app
+    from bench.serve.loading import load_engine, model_source
+
+    cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1)
+    engine, _, name = load_engine(cfg, model_source(cfg))
+    adapter, calls = engine.adapter, []
+    tokenize = adapter.prepare_text
+    adapter.prepare_text = lambda *a, **k: calls.append(a) or tokenize(*a, **k)
+    url = "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
+    body = {"model": name, "max_tokens": 3, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]}]}
+    with TestClient(create_app(engine, name, 4)) as client:
+        r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    assert len(calls) == 1

@@ -195,14 +195,18 @@ class HFEngine:
         return self.run_batch([(visual, question)], max_new_tokens)
 
     @torch.inference_mode()
-    def run_batch(self, requests: list[tuple[object, str]], max_new_tokens: int) -> RequestResult:
-        """Requests (visual, question) run as one batch; phases are the batch's."""
+    def run_batch(self, requests: list[tuple[object, str]], max_new_tokens: int,
+                  prepared: list | None = None) -> RequestResult:
+        """Requests (visual, question) run as one batch; phases are the batch's. `prepared`: each
+        request's adapter.prepare_text result where the caller made it already (the server does,
+        to check that the request fits), so the prompt is not tokenized twice."""
         a, policy = self.adapter, self.policy
         tl = Timeline(a.device)
         t0 = time.perf_counter()
         tl.mark("start", host_only=True)
         visuals = [as_visual(v) for v, _ in requests]
-        prepared = [a.prepare_text(q, v) for v, (_, q) in zip(visuals, requests)]
+        if prepared is None:
+            prepared = [a.prepare_text(q, v) for v, (_, q) in zip(visuals, requests)]
         tl.mark("preprocess", host_only=True)
 
         lookups = [policy.lookup_prefix(a, p, v) for p, v in zip(prepared, visuals)]

@@ -30,6 +30,7 @@ class Job:
     # The server hands these to the request's event loop.
     emit: Callable[[str, object], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
+    prepared: object = None  # the prompt as the engine tokenizes it (Worker._fits makes it; the engine reuses it)
 
 
 class Worker:
@@ -100,10 +101,12 @@ class Worker:
         positions; one that does not gets ("invalid", why). On this thread: the tokenizer is the
         engine's."""
         from bench.errors import UsageError
+        from bench.models.visual import as_visual
 
         r = job.request
         try:
-            prompt = self.engine.adapter.prepare_text(r.question, r.visual).prompt_tokens
+            job.prepared = self.engine.adapter.prepare_text(r.question, as_visual(r.visual))
+            prompt = job.prepared.prompt_tokens
         except UsageError as e:  # the family cannot show this visual input (e.g. a frame count)
             reason = str(e)
         else:
@@ -128,7 +131,7 @@ class Worker:
         engine.token_hook = hook
         try:
             result = engine.run_batch([(j.request.visual, j.request.question) for j in batch],
-                                      batch[0].request.max_tokens)
+                                      batch[0].request.max_tokens, [j.prepared for j in batch])
         except _Abandoned:
             self.metrics.requests.labels("cancelled").inc(len(batch))
             return
