@@ -2,9 +2,10 @@
 
 Both quantize every linear of the LLM's decoder (lm_head, vision tower and projector stay in
 --dtype, as AutoAWQ deploys) to group-wise int4 run by a W4A16 kernel (tinygemm unless
---int4-kernels says otherwise: bench.quant.w4a16), with a dense path for prefill (bench.quant.int4). A quantized model is saved under --int4-cache-dir, keyed by everything
-that made it, and loaded from there next time. A checkpoint that is already AutoAWQ GEMM int4
-loads as awq4 without calibration.
+--int4-kernels says otherwise: bench.quant.w4a16), with a dense path for prefill
+(bench.quant.int4). A quantized model is saved under --int4-cache-dir, keyed by everything that
+made it, and loaded from there next time. A checkpoint that is already AutoAWQ GEMM int4 loads
+as awq4 without calibration.
 """
 from __future__ import annotations
 

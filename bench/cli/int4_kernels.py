@@ -27,7 +27,7 @@ def _entries(path, explicit: bool) -> list[tuple[dict, object]]:
     import json
 
     from bench.errors import UsageError
-    from bench.quant.w4a16.choice import CACHE_VERSION, ShapePlan
+    from bench.quant.w4a16.measurements import CACHE_VERSION, ShapePlan
 
     if not path.is_file():
         if explicit:
