@@ -467,6 +467,22 @@ def test_int4_kernels_command_bad_paths(tmp_path, capsys):
             out=tmp_path / "t.csv")
 
 
+def test_serve_int4_kernel_the_device_cannot_run():
+    # known only once the model is loaded: still a usage error (exit 2), never a traceback
+    from bench.errors import UsageError
+    from bench.quant.w4a16.registry import KERNELS
+    from bench.run.config import config_class
+    from bench.serve.loading import load_engine
+
+    pytest.importorskip("torchao")
+    name = next(n for n, k in KERNELS.items() if k.unavailable(torch.device("cpu"), torch.float32))
+    TRIED.append(f"serve --int4-kernels {name}")
+    cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1, variants="rtn4+static",
+                         int4_kernels=name, int4_cache_dir="", int4_group_size=32)
+    with pytest.raises(UsageError, match=f"rtn4\\+static cannot run here: --int4-kernels {name}"):
+        load_engine(cfg)
+
+
 def test_report_out_under_a_file(results_dir, tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
