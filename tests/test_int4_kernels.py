@@ -322,3 +322,23 @@ def test_cuda_measured_kernels_hold_one_extra_format_per_layer():
     assert (m.kernel_state_bytes() > 0) == has
     m.set_row_plan(None, torch.float16)
     assert m.kernel_state_bytes() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", [n for n in KERNELS if n.startswith("gemlite-")])
+def test_cuda_gemlite_kernel_compiles_whole_and_matches_eager(name):
+    """The graph engine compiles layers calling gemlite's kernels: one opaque op in the graph, no
+    break, once per row count, the eager results (split-K kernels sum in another order)."""
+    import torch._dynamo.testing
+
+    why = KERNELS[name].unavailable(DEVICE, torch.float16)
+    if why:
+        pytest.skip(why)
+    m = Int4Linear.from_int4(quantize_int4(torch.randn(512, 1024) * 0.02, 128), DEVICE, torch.float16)
+    m.set_row_plan(None, torch.float16, kernel=name)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(lambda t: m(t), backend=counter, fullgraph=True, dynamic=False)
+    for rows in (1, 1, 4):
+        x = torch.randn(1, rows, 1024, device=DEVICE, dtype=torch.float16)
+        torch.testing.assert_close(compiled(x), m(x), rtol=1e-2, atol=1e-2)
+    assert counter.frame_count == 2
