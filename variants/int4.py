@@ -18,7 +18,7 @@ from bench.log import status
 from bench.measure.results import check_creatable
 from bench.models.visual import check_image_file, load_image
 from bench.errors import UsageError, VariantUnsupported
-from bench.quant import DEFAULT_DENSE_ROWS
+from bench.quant import DEFAULT_CACHE_DIR, DEFAULT_DENSE_ROWS, KERNELS_FILE
 from bench.quant.awq import Int4Options, calibration_images, int4_layers, quantize_model
 from bench.quant.w4a16.choice import modes as kernel_modes
 from variants.base import WeightsPart, quantized_columns
@@ -49,8 +49,8 @@ class Int4VariantOptions:
                             "row count, kept in --int4-cache-dir/kernels.json), or one kernel by name up to "
                             "--int4-dense-rows (python -m bench int4-kernels lists them); column int4_kernels",
                             "tinygemm")
-    int4_cache_dir: str = opt("awq4/rtn4: where quantized models are saved and reused ('' = never)",
-                              "~/.cache/vlm-bench/int4")
+    int4_cache_dir: str = opt("awq4/rtn4: where quantized models (and kernel measurements) are saved and reused "
+                              "('' = never)", DEFAULT_CACHE_DIR)
     image_path: str | None = run_fact()  # awq4 calibrates on this image (unless --awq-calib-dir)
     seed: int = run_fact()
 
@@ -114,7 +114,7 @@ class Int4Weights(WeightsPart):
 
     def engine_options(self, options: Int4VariantOptions) -> dict:
         # with dense copies there is nothing to dequantize ahead
-        cache = str(Path(options.int4_cache_dir).expanduser() / "kernels.json") if options.int4_cache_dir else ""
+        cache = str(Path(options.int4_cache_dir).expanduser() / KERNELS_FILE) if options.int4_cache_dir else ""
         return {"int4_prefetch": bool(options.int4_prefetch) and not options.int4_prefill_copy,
                 "int4_kernels": options.int4_kernels, "int4_kernel_cache": cache}
 

@@ -4,9 +4,10 @@ kernels.json), as a table or, with --out, a CSV (one row per shape, kernel and r
 from __future__ import annotations
 
 from bench.cli import PROG, describe
+from bench.quant import DEFAULT_CACHE_DIR, KERNELS_FILE
 from bench.errors import ArgumentParser
 
-DEFAULT_FILE = "~/.cache/vlm-bench/int4/kernels.json"  # --int4-cache-dir's default + kernels.json
+DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
 CSV_COLUMNS = ["device", "dtype", "versions", "dense_copy", "out_features", "in_features", "group_size", "kernel",
                "rows", "us", "max_rel_err", "chosen", "left_out"]
 
