@@ -406,6 +406,83 @@ def test_compare_bad_flags(results_dir, tmp_path, capsys):
     bad_sub(capsys, ["compare", results_dir, results_dir, "--min-samples", "few"], "--min-samples")
 
 
+# --------------------------------------------------------------------- int4 kernel choice
+@pytest.mark.parametrize("value,variant", [("", "rtn4"), ("TINYGEMM", "rtn4"), ("gemlite", "awq4"), ("nope", "fp16")])
+def test_int4_kernels_bad_value(tmp_path, capsys, value, variant):
+    # refused before any model loads, with an fp16 variant too (as every awq4/rtn4 flag's bad value)
+    bad_run(tmp_path, capsys, ["--variants", variant, "--int4-kernels", value], "--int4-kernels must be one of")
+
+
+def _kernel_measurements(path, **entry) -> None:
+    """A kernels.json of one measured plan, written as a run writes it; `entry` overrides its fields."""
+    from bench.quant.w4a16.measurements import PlanCache, ShapePlan, cache_key
+
+    key = cache_key(torch.device("cpu"), torch.float32, (32, 256, 64), (1,), ["tinygemm"])
+    PlanCache(path).put(key, ShapePlan((32, 256, 64), ((1, "tinygemm"),), {"tinygemm": {1: 2.0}},
+                                       {"tinygemm": {1: 1e-6}}))
+    if entry:
+        data = json.loads(path.read_text())
+        data["entries"] = {key: {**data["entries"][key], **entry}}
+        path.write_text(json.dumps(data))
+
+
+BAD_KERNEL_FILES = {
+    "not UTF-8": lambda p: p.write_bytes(b"\xff\xfe{}"),
+    "not JSON": lambda p: p.write_text("{\"version\": 1, "),
+    "a list": lambda p: p.write_text("[]"),
+    "another version": lambda p: p.write_text('{"version": 9, "entries": {}}'),
+    "entries a list": lambda p: p.write_text('{"version": 1, "entries": []}'),
+    "key not JSON": lambda p: p.write_text('{"version": 1, "entries": {"k": {}}}'),
+    "key without fields": lambda p: p.write_text('{"version": 1, "entries": {"{\\"shape\\": [1, 2, 3]}": {}}}'),
+    "plan not pairs": lambda p: _kernel_measurements(p, plan=[[1]]),
+    "plan descending": lambda p: _kernel_measurements(p, plan=[[4, "tinygemm"], [2, "dense"]]),
+    "errors for other rows": lambda p: _kernel_measurements(p, err={"tinygemm": {"2": 0.0}}),
+    "a time not a number": lambda p: _kernel_measurements(p, us={"tinygemm": {"1": "fast"}}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_KERNEL_FILES))
+def test_int4_kernels_command_bad_file(tmp_path, capsys, case):
+    f = tmp_path / "kernels.json"
+    BAD_KERNEL_FILES[case](f)
+    out = tmp_path / "table.csv"
+    bad_sub(capsys, ["int4-kernels", f], "kernels.json", "not an int4 kernel measurements file")
+    bad_sub(capsys, ["int4-kernels", f, "--out", out], "kernels.json", out=out)
+
+
+def test_int4_kernels_command_bad_paths(tmp_path, capsys):
+    good = tmp_path / "kernels.json"
+    _kernel_measurements(good)
+    bad_sub(capsys, ["int4-kernels", tmp_path], "is a directory")
+    bad_sub(capsys, ["int4-kernels", tmp_path / "none.json"], "no such file")
+    bad_sub(capsys, ["int4-kernels", good, "--out", tmp_path / "missing" / "t.csv"], "--out", "existing directory",
+            out=tmp_path / "missing")
+    bad_sub(capsys, ["int4-kernels", good, "--out", tmp_path], "--out", "existing directory")
+    kept = tmp_path / "kept.csv"
+    kept.write_text("keep me")
+    bad_sub(capsys, ["int4-kernels", good, "--out", kept], "--out", "exists")
+    assert kept.read_text() == "keep me"
+    (tmp_path / "empty.json").write_text('{"version": 1, "entries": {}}')
+    bad_sub(capsys, ["int4-kernels", tmp_path / "empty.json", "--out", tmp_path / "t.csv"], "no measurements",
+            out=tmp_path / "t.csv")
+
+
+def test_serve_int4_kernel_the_device_cannot_run():
+    # known only once the model is loaded: still a usage error (exit 2), never a traceback
+    from bench.errors import UsageError
+    from bench.quant.w4a16.registry import KERNELS
+    from bench.run.config import config_class
+    from bench.serve.loading import load_engine
+
+    pytest.importorskip("torchao")
+    name = next(n for n, k in KERNELS.items() if k.unavailable(torch.device("cpu"), torch.float32))
+    TRIED.append(f"serve --int4-kernels {name}")
+    cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1, variants="rtn4+static",
+                         int4_kernels=name, int4_cache_dir="", int4_group_size=32)
+    with pytest.raises(UsageError, match=f"rtn4\\+static cannot run here: --int4-kernels {name}"):
+        load_engine(cfg)
+
+
 def test_report_out_under_a_file(results_dir, tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")

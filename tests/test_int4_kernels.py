@@ -65,6 +65,22 @@ def test_a_plan_sends_each_row_count_to_its_kernel():
     assert choice.plans_column([m, _layer(128, 256)]) == "1-8 tinygemm, >8 dense"
 
 
+def test_a_plan_compiles_whole_once_per_row_count():
+    """The graph engine compiles decoder layers calling Int4Linear: under a plan the forward
+    traces without a graph break, compiles once per row count (never per call), and computes
+    what eager does."""
+    import torch._dynamo.testing
+
+    m = _layer()
+    m.set_row_plan(((2, "dense"), (16, "tinygemm")), DTYPE)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(lambda t: m(t), backend=counter, fullgraph=True, dynamic=False)
+    for rows in (1, 1, 4, 4, 40, 40):
+        x = torch.randn(1, rows, m.in_features, device=DEVICE).to(DTYPE)
+        torch.testing.assert_close(compiled(x), m(x))
+    assert counter.frame_count == 3
+
+
 class _Slow(W4A16Kernel):
     """Right, and much slower than tinygemm: tinygemm 10 times."""
 
@@ -126,9 +142,10 @@ def test_measured_choice_is_made_once_per_device_and_shape(tmp_path):
     assert again.plans[(256, 256, 64)].cached and again.plans[(256, 256, 64)].plan == first.plans[(256, 256, 64)].plan
     choice.choose_kernels([_layer(seed=5)], "measured", DTYPE, cache, points=(1, 2))  # other points: measured
     assert len(json.loads(cache.read_text())["entries"]) == 3
-    cache.write_text("{not json")
-    redo = choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 8))  # unreadable: measured again
-    assert not redo.plans[(256, 256, 64)].cached and len(json.loads(cache.read_text())["entries"]) == 1
+    cache.write_text("{not json")  # unreadable: replaced, holding what this process measured
+    redo = choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 8))
+    assert redo.plans[(256, 256, 64)].plan == first.plans[(256, 256, 64)].plan
+    assert len(json.loads(cache.read_text())["entries"]) == 1
 
 
 def test_forced_kernel_the_device_cannot_run_is_refused():
@@ -139,6 +156,116 @@ def test_forced_kernel_the_device_cannot_run_is_refused():
         pytest.skip("every kernel runs here")
     with pytest.raises(VariantUnsupported, match=name):
         choice.choose_kernels([_layer()], name, DTYPE)
+
+
+def test_a_forced_kernel_serves_up_to_dense_rows_as_it_is_when_called(odd_kernels):
+    """--int4-kernels NAME runs NAME up to the layer's dense_rows, also when dense_rows is set
+    after the choice (bench.quant.awq.set_dense_rows sets the attribute)."""
+    m = _layer()
+    chosen = choice.choose_kernels([m], "test-slow", DTYPE)
+    assert [m.kernel_at(r) for r in (1, 8, 9)] == ["test-slow", "test-slow", "dense"]
+    m.dense_rows = 16
+    assert [m.kernel_at(r) for r in (9, 16, 17)] == ["test-slow", "test-slow", "dense"]
+    assert chosen.column() == "1-16 test-slow, >16 dense"
+
+
+def _plan(kernel="tinygemm") -> "choice.ShapePlan":
+    return choice.ShapePlan((32, 256, 64), ((1, kernel),), {kernel: {1: 1.0}}, {kernel: {1: 0.0}})
+
+
+def _key(points=(1,), shape=(32, 256, 64)) -> str:
+    from bench.quant.w4a16.measurements import cache_key
+
+    return cache_key(DEVICE, DTYPE, shape, points, ["tinygemm"])
+
+
+def test_two_writers_keep_each_others_measurements(tmp_path):
+    """Two runs (on two GPUs, say) open kernels.json before either saves: the file ends up with
+    both runs' plans, not the last writer's alone."""
+    from bench.quant.w4a16.measurements import PlanCache
+
+    path = tmp_path / "kernels.json"
+    first, second = PlanCache(path), PlanCache(path)
+    first.put(_key((3,)), _plan())
+    second.put(_key((5,)), _plan())
+    assert set(json.loads(path.read_text())["entries"]) == {_key((3,)), _key((5,))}
+
+
+def test_a_kept_plan_naming_an_unknown_kernel_is_measured_again(tmp_path, capsys):
+    """An entry naming a kernel this harness does not have (another version's file) is not
+    used: the shape is measured again, and the entry stays in the file for its owner (and
+    `int4-kernels` lists it)."""
+    from bench.cli import main
+    from bench.quant.w4a16.measurements import PlanCache
+
+    path = tmp_path / "kernels.json"
+    PlanCache(path).put(_key((7,)), _plan())
+    data = json.loads(path.read_text())
+    data["entries"] = {_key((1, 2), (96, 256, 64)): {**data["entries"][_key((7,))], "plan": [[2, "marlin"]]}}
+    path.write_text(json.dumps(data))
+    got = choice.choose_kernels([_layer(96, 256)], "measured", DTYPE, path, points=(1, 2))
+    assert not got.plans[(96, 256, 64)].cached and {n for _, n in got.plans[(96, 256, 64)].plan} <= set(KERNELS)
+    assert len(json.loads(path.read_text())["entries"]) == 2
+    capsys.readouterr()
+    assert main(["int4-kernels", str(path)]) == 0 and "1-2 marlin, >2 dense" in capsys.readouterr().out
+
+
+def test_a_dense_copy_is_measured_apart(tmp_path):
+    """--int4-prefill-copy makes `dense` read a kept dense weight instead of dequantizing: a plan
+    measured with copies is not reused for layers without (nor the other way round)."""
+    path = tmp_path / "kernels.json"
+    plain = choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, path, points=(1, 2))
+    copied = _layer(64, 256)
+    copied.keep_dense_copy(DTYPE)
+    with_copy = choice.choose_kernels([copied], "measured", DTYPE, path, points=(1, 2))
+    assert not plain.plans[(64, 256, 64)].cached and not with_copy.plans[(64, 256, 64)].cached
+    assert sorted(json.loads(k)["dense_copy"] for k in json.loads(path.read_text())["entries"]) == [False, True]
+
+
+def _recorded_logits(engine, image) -> list[torch.Tensor]:
+    logits, step = [], engine.decode_step
+
+    def recording(token, cache):
+        out = step(token, cache)
+        logits.append(out.clone())
+        return out
+
+    engine.decode_step = recording
+    engine.run(image, "What is shown?", 6)
+    return logits
+
+
+def test_engines_over_one_model_each_run_their_own_kernels(tiny_llava_dir, demo_image):
+    """Engines made one after another over one loaded model (a run's variants and fidelity
+    probe): each sets every int4 linear of its decoder, fused or not, whatever the one before
+    chose; a measured choice is measured once, kept file or not; the exact engine runs the hf
+    engine's kernels whatever --int4-kernels says, so its logits stay bit-identical."""
+    from bench.engines.cache_policy import CachePolicy
+    from bench.engines.hf import HFEngine
+    from bench.engines.spec import EngineSpec
+    from bench.engines.static import StaticEngine
+    from bench.engines.static_exact import StaticExactEngine
+    from bench.models.loader import load_checkpoint
+    from bench.quant.awq import Int4Options, quantize_model
+
+    adapter = load_checkpoint(tiny_llava_dir, None, torch.device("cpu"), torch.float32)
+    quantize_model(adapter, Int4Options(method="rtn", group_size=64))
+    forced = StaticEngine(adapter, CachePolicy(), EngineSpec(int4_kernels="dense"))
+    every = [m for m in forced.decoder.modules() if isinstance(m, Int4Linear)]
+    assert len(every) > len([m for m in adapter.model.modules() if isinstance(m, Int4Linear)])  # + fused
+    few = forced.int4_kernels.layers  # what steps and short suffixes run: fused q/k/v and gate/up, o, down
+    assert {m.kernel_at(1) for m in few} == {"dense"} and forced.memory_columns()["int4_kernels"] == "dense"
+    assert {m.kernel_at(1) for m in every if m not in few} == {"tinygemm"}  # the separate ones, for prefill
+    first = StaticEngine(adapter, CachePolicy(), EngineSpec(int4_kernels="measured")).int4_kernels
+    again = StaticEngine(adapter, CachePolicy(), EngineSpec(int4_kernels="measured")).int4_kernels
+    assert all(p.cached for p in again.plans.values())
+    assert {s: p.plan for s, p in again.plans.items()} == {s: p.plan for s, p in first.plans.items()}
+    assert {(m.kernel, m.row_plan) for m in every if m not in again.layers} == {("tinygemm", None)}
+    want = _recorded_logits(HFEngine(adapter, CachePolicy()), demo_image)
+    exact = StaticExactEngine(adapter, CachePolicy(), EngineSpec(int4_kernels="dense"))
+    assert exact.memory_columns()["int4_kernels"] == "1-8 tinygemm, >8 dense"
+    got = _recorded_logits(exact, demo_image)
+    assert len(got) == len(want) == 5 and all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_int4_kernels_flag_end_to_end(tmp_path, capsys):
@@ -195,3 +322,23 @@ def test_cuda_measured_kernels_hold_one_extra_format_per_layer():
     assert (m.kernel_state_bytes() > 0) == has
     m.set_row_plan(None, torch.float16)
     assert m.kernel_state_bytes() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", [n for n in KERNELS if n.startswith("gemlite-")])
+def test_cuda_gemlite_kernel_compiles_whole_and_matches_eager(name):
+    """The graph engine compiles layers calling gemlite's kernels: one opaque op in the graph, no
+    break, once per row count, the eager results (split-K kernels sum in another order)."""
+    import torch._dynamo.testing
+
+    why = KERNELS[name].unavailable(DEVICE, torch.float16)
+    if why:
+        pytest.skip(why)
+    m = Int4Linear.from_int4(quantize_int4(torch.randn(512, 1024) * 0.02, 128), DEVICE, torch.float16)
+    m.set_row_plan(None, torch.float16, kernel=name)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(lambda t: m(t), backend=counter, fullgraph=True, dynamic=False)
+    for rows in (1, 1, 4):
+        x = torch.randn(1, rows, 1024, device=DEVICE, dtype=torch.float16)
+        torch.testing.assert_close(compiled(x), m(x), rtol=1e-2, atol=1e-2)
+    assert counter.frame_count == 2

@@ -2,9 +2,10 @@
 
 Both quantize every linear of the LLM's decoder (lm_head, vision tower and projector stay in
 --dtype, as AutoAWQ deploys) to group-wise int4 run by a W4A16 kernel (tinygemm unless
---int4-kernels says otherwise: bench.quant.w4a16), with a dense path for prefill (bench.quant.int4). A quantized model is saved under --int4-cache-dir, keyed by everything
-that made it, and loaded from there next time. A checkpoint that is already AutoAWQ GEMM int4
-loads as awq4 without calibration.
+--int4-kernels says otherwise: bench.quant.w4a16), with a dense path for prefill
+(bench.quant.int4). A quantized model is saved under --int4-cache-dir, keyed by everything that
+made it, and loaded from there next time. A checkpoint that is already AutoAWQ GEMM int4 loads
+as awq4 without calibration.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from bench.log import status
 from bench.measure.results import check_creatable
 from bench.models.visual import check_image_file, load_image
 from bench.errors import UsageError, VariantUnsupported
-from bench.quant import DEFAULT_DENSE_ROWS
+from bench.quant import DEFAULT_CACHE_DIR, DEFAULT_DENSE_ROWS, KERNELS_FILE
 from bench.quant.awq import Int4Options, calibration_images, int4_layers, quantize_model
 from bench.quant.w4a16.choice import modes as kernel_modes
 from variants.base import WeightsPart, quantized_columns
@@ -48,8 +49,8 @@ class Int4VariantOptions:
                             "row count, kept in --int4-cache-dir/kernels.json), or one kernel by name up to "
                             "--int4-dense-rows (python -m bench int4-kernels lists them); column int4_kernels",
                             "tinygemm")
-    int4_cache_dir: str = opt("awq4/rtn4: where quantized models are saved and reused ('' = never)",
-                              "~/.cache/vlm-bench/int4")
+    int4_cache_dir: str = opt("awq4/rtn4: where quantized models (and kernel measurements) are saved and reused "
+                              "('' = never)", DEFAULT_CACHE_DIR)
     image_path: str | None = run_fact()  # awq4 calibrates on this image (unless --awq-calib-dir)
     seed: int = run_fact()
 
@@ -113,7 +114,7 @@ class Int4Weights(WeightsPart):
 
     def engine_options(self, options: Int4VariantOptions) -> dict:
         # with dense copies there is nothing to dequantize ahead
-        cache = str(Path(options.int4_cache_dir).expanduser() / "kernels.json") if options.int4_cache_dir else ""
+        cache = str(Path(options.int4_cache_dir).expanduser() / KERNELS_FILE) if options.int4_cache_dir else ""
         return {"int4_prefetch": bool(options.int4_prefetch) and not options.int4_prefill_copy,
                 "int4_kernels": options.int4_kernels, "int4_kernel_cache": cache}
 

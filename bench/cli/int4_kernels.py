@@ -4,11 +4,12 @@ kernels.json), as a table or, with --out, a CSV (one row per shape, kernel and r
 from __future__ import annotations
 
 from bench.cli import PROG, describe
+from bench.quant import DEFAULT_CACHE_DIR, KERNELS_FILE
 from bench.errors import ArgumentParser
 
-DEFAULT_FILE = "~/.cache/vlm-bench/int4/kernels.json"  # --int4-cache-dir's default + kernels.json
-CSV_COLUMNS = ["device", "dtype", "versions", "out_features", "in_features", "group_size", "kernel", "rows", "us",
-               "max_rel_err", "chosen", "left_out"]
+DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
+CSV_COLUMNS = ["device", "dtype", "versions", "dense_copy", "out_features", "in_features", "group_size", "kernel",
+               "rows", "us", "max_rel_err", "chosen", "left_out"]
 
 
 def parser() -> ArgumentParser:
@@ -17,34 +18,41 @@ def parser() -> ArgumentParser:
                     help=f"kernel measurements (default {DEFAULT_FILE}; another --int4-cache-dir keeps them in "
                          "its kernels.json)")
     ap.add_argument("--out", metavar="CSV", default=None,
-                    help="write every measurement to this CSV (device, dtype, library versions, shape, kernel, "
-                         "rows, us, max_rel_err, chosen, left_out); default: print the choices")
+                    help="write every measurement to this new CSV (device, dtype, library versions, dense copy or "
+                         "not, shape, kernel, rows, us, max_rel_err, chosen, left_out); default: print the choices")
     return ap
 
 
 def _entries(path, explicit: bool) -> list[tuple[dict, object]]:
     """[(key fields, ShapePlan)] of the file; [] when the default file does not exist yet."""
-    import json
-
     from bench.errors import UsageError
-    from bench.quant.w4a16.choice import CACHE_VERSION, ShapePlan
+    from bench.quant.w4a16.measurements import parse_entry, read_entries
 
-    if not path.is_file():
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; give the kernels.json file in it")
+    if not path.exists():
         if explicit:
             raise UsageError(f"{path}: no such file")
         return []
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("version") != CACHE_VERSION:
-            raise ValueError(f"version {data.get('version')!r}, expected {CACHE_VERSION}")
-        out = []
-        for key, entry in data["entries"].items():
-            fields = json.loads(key)
-            out.append((fields, ShapePlan.from_json(fields["shape"], entry)))
-        return out
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path} is not an int4 kernel measurements file ({e.__class__.__name__}: "
-                         f"{' '.join(str(e).split())[:160]})") from None
+        return [parse_entry(key, entry) for key, entry in read_entries(path).items()]
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:
+        raise UsageError(f"{path} is not an int4 kernel measurements file ({' '.join(str(e).split())[:200]})") from None
+
+
+def _check_out(out) -> None:
+    import os
+
+    from bench.errors import UsageError
+
+    if out.is_dir() or not out.parent.is_dir():
+        raise UsageError(f"--out {out}: give a file in an existing directory")
+    if out.exists():
+        raise UsageError(f"--out {out} exists; give a new file")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {out.parent} is not writable")
 
 
 def main(argv: list[str]) -> int:
@@ -52,7 +60,7 @@ def main(argv: list[str]) -> int:
     from pathlib import Path
 
     from bench.errors import UsageError
-    from bench.measure.results import CsvWriter
+    from bench.measure.results import write_csv
     from bench.quiet import quiet_libraries
 
     quiet_libraries()
@@ -64,24 +72,21 @@ def main(argv: list[str]) -> int:
     from bench.quant.w4a16.registry import KERNELS
 
     path = Path(args.file or DEFAULT_FILE).expanduser()
+    out = Path(args.out) if args.out is not None else None
+    if out is not None:
+        _check_out(out)
     entries = _entries(path, args.file is not None)
-    if args.out is not None:
-        out = Path(args.out)
-        if out.is_dir() or not out.parent.is_dir():
-            raise UsageError(f"--out {out}: give a file in an existing directory")
-        if out.exists():
-            raise UsageError(f"--out {out} exists; give a new file")
+    if out is not None:
         if not entries:
             raise UsageError(f"{path} holds no measurements; run with --int4-kernels measured first")
-        writer = CsvWriter(out, CSV_COLUMNS)
+        rows = [{"device": fields["device"], "dtype": fields["dtype"],
+                 "versions": " ".join(f"{k}={v}" for k, v in sorted(fields["versions"].items())),
+                 "dense_copy": fields.get("dense_copy"), **row}
+                for fields, plan in entries for row in table_rows([plan])]
         try:
-            for fields, plan in entries:
-                for row in table_rows([plan]):
-                    writer.write({"device": fields["device"], "dtype": fields["dtype"],
-                                  "versions": " ".join(f"{k}={v}" for k, v in sorted(fields["versions"].items())),
-                                  **row})
-        finally:
-            writer.close()
+            write_csv(out, CSV_COLUMNS, rows)
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot write it ({e.strerror or e})") from None
         print(out)
         return 0
 
@@ -105,6 +110,7 @@ def main(argv: list[str]) -> int:
         chosen.add_column(column, overflow="fold")
     for fields, plan in entries:
         n, k, g = plan.shape
-        chosen.add_row(fields["device"], fields["dtype"], f"{n}x{k}, g{g}", plan_text(plan.plan, 0))
+        copy = ", dense copy" if fields.get("dense_copy") else ""
+        chosen.add_row(fields["device"], fields["dtype"], f"{n}x{k}, g{g}{copy}", plan_text(plan.plan, 0))
     console.print(chosen)
     return 0

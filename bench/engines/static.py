@@ -18,7 +18,7 @@ from bench.engines.kv_buffers import KVBuffers
 from bench.engines.spec import EngineSpec
 from bench.quant.int4 import Int4Linear
 from bench.quant.prefetch import DensePrefetch
-from bench.quant.w4a16.choice import ROW_POINTS, KernelChoice, choose_kernels
+from bench.quant.w4a16.choice import DEFAULT, ROW_POINTS, KernelChoice, choose_kernels
 
 
 class StaticEngine(HFEngine):
@@ -67,14 +67,26 @@ class StaticEngine(HFEngine):
             return None
 
     def _choose_int4_kernels(self) -> KernelChoice | None:
-        """Int4 weights: the kernel each linear a step or short suffix runs uses per row count
-        (--int4-kernels; measured ones once per device and shape); None for other weights."""
-        layers = [m for rows in (1, *ROW_POINTS) for ms in self.decoder.prefill_linears(rows) for m in ms
-                  if isinstance(m, Int4Linear)]
+        """Int4 weights: the kernel per row count of every int4 linear this engine's decoder
+        holds (--int4-kernels; measured ones once per device and shape), whatever an earlier
+        engine over the same model chose: those a call of at most max(64, --int4-dense-rows)
+        rows runs (fused or not) take the mode, the others the default; None for other weights."""
+        layers = [m for m in self.decoder.modules() if isinstance(m, Int4Linear)]
         if not layers:
             return None
+        mode, dtype = self._int4_kernel_mode(), self.adapter.dtype
+        if mode == DEFAULT:
+            return choose_kernels(layers, DEFAULT, dtype)
+        rows = sorted({1, *ROW_POINTS, *(m.dense_rows for m in layers)})
+        few = {id(m): m for r in rows for ms in self.decoder.prefill_linears(r) for m in ms
+               if isinstance(m, Int4Linear)}
+        choose_kernels([m for m in layers if id(m) not in few], DEFAULT, dtype)
         cache = Path(self.spec.int4_kernel_cache).expanduser() if self.spec.int4_kernel_cache else None
-        return choose_kernels(layers, self.spec.int4_kernels, self.adapter.dtype, cache)
+        return choose_kernels(few.values(), mode, dtype, cache)
+
+    def _int4_kernel_mode(self) -> str:
+        """--int4-kernels as this engine runs it."""
+        return self.spec.int4_kernels
 
     def full_prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, layer_fn=None, valid=None,
                      n_real=None):

@@ -13,6 +13,7 @@ from bench.engines.exact import ExactDecoder, ExactLayers
 from bench.engines.decoder import fast_decoder
 from bench.engines.static import StaticEngine
 from bench.errors import VariantUnsupported
+from bench.quant.w4a16.choice import DEFAULT
 
 
 class ExactRequests:
@@ -25,6 +26,11 @@ class ExactRequests:
     def _eager_layers(self) -> tuple:
         layers = ExactLayers(self.decoder)
         return layers.at, layers.from_
+
+    def _int4_kernel_mode(self) -> str:
+        """The default int4 kernels, whatever --int4-kernels says: the hf engine's modules run
+        them, and another kernel rounds otherwise (the int4_kernels column says which ran)."""
+        return DEFAULT
 
     def arithmetic_note(self) -> str:
         found = [n for n in (self._step_layer().__self__.describe(), row_mean.describe()) if n]

@@ -79,10 +79,8 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
-def write_summary(out_dir: Path, rows: list[dict]) -> Path:
-    """summary.csv, replaced atomically (the rows are formatted before the file is touched)."""
-    path = out_dir / "summary.csv"
-    columns = list(SUMMARY_COLUMNS)
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:
+    """A whole CSV, written atomically (the rows are formatted before the file is touched)."""
     cells = [{k: _cell(r.get(k)) for k in columns} for r in rows]
 
     def write(f):
@@ -92,6 +90,11 @@ def write_summary(out_dir: Path, rows: list[dict]) -> Path:
 
     _atomic_write(path, write)
     return path
+
+
+def write_summary(out_dir: Path, rows: list[dict]) -> Path:
+    """summary.csv, replaced atomically."""
+    return write_csv(out_dir / "summary.csv", list(SUMMARY_COLUMNS), rows)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.quant import DEFAULT_DENSE_ROWS
-from bench.quant.w4a16.registry import KERNELS
+from bench.quant.w4a16.registry import DEFAULT_KERNEL, KERNELS
 from bench.measure.compile_events import note_capture
 
 try:
@@ -339,9 +339,11 @@ class Int4Linear(nn.Module):
         # --int4-prefill-copy: this weight dense, kept for every call above dense_rows (prefill at
         # the dense model's speed, for the dense model's weight memory on top of the int4 one).
         self.register_buffer("dense_copy", None, persistent=False)
-        # The kernel per row count (kernel_at; --int4-kernels) and, per kernel weight format
-        # other than `packed` (bench.quant.w4a16: state_key), its non-tensor arguments; its
-        # tensors are the buffers kernel_<state_key>_<name>.
+        # The kernel per row count (kernel_at; --int4-kernels): `kernel` up to dense_rows unless
+        # a measured `row_plan` says otherwise; per kernel weight format other than `packed`
+        # (bench.quant.w4a16: state_key), its non-tensor arguments; its tensors are the buffers
+        # kernel_<state_key>_<name>.
+        self.kernel = DEFAULT_KERNEL
         self.row_plan: tuple[tuple[int, str], ...] | None = None
         self.kernel_meta: dict[str, object] = {}
 
@@ -383,24 +385,28 @@ class Int4Linear(nn.Module):
 
     def kernel_at(self, rows: int) -> str:
         """The kernel (bench.quant.w4a16.registry name) a call of `rows` rows runs: `row_plan`'s
-        first entry whose row bound takes it; without a plan tinygemm up to dense_rows. Above the
-        plan (or dense_rows): "dense", the prefill path."""
+        first entry whose row bound takes it; without a plan `kernel` up to dense_rows (read per
+        call, so a changed dense_rows moves the bound). Above the plan (or dense_rows): "dense",
+        the prefill path."""
         if self.row_plan is None:
-            return "tinygemm" if rows <= self.dense_rows else "dense"
+            return self.kernel if rows <= self.dense_rows else "dense"
         for top, name in self.row_plan:
             if rows <= top:
                 return name
         return "dense"
 
-    def set_row_plan(self, plan: tuple[tuple[int, str], ...] | None, dtype: torch.dtype) -> None:
-        """Run `plan` ((max rows, kernel name), ascending; None: the default) from now on: the
-        kernels' own weight formats are made (or kept) for the kernels it names, the others' dropped."""
-        names = {"tinygemm", "dense"} if plan is None else {name for _, name in plan}
+    def set_row_plan(self, plan: tuple[tuple[int, str], ...] | None, dtype: torch.dtype,
+                     kernel: str = DEFAULT_KERNEL) -> None:
+        """Run `plan` ((max rows, kernel name), ascending) from now on, or without one (None)
+        `kernel` up to dense_rows: the kernels' own weight formats are made (or kept) for the
+        kernels it names, the others' dropped."""
+        names = {kernel, "dense"} if plan is None else {name for _, name in plan}
         keys = {KERNELS[n].state_key for n in names} - {None}
         for key in set(self.kernel_meta) - keys:
             self.drop_kernel_state(key)
         for n in names:
             self.attach_kernel_state(n, dtype)
+        self.kernel = kernel if plan is None else DEFAULT_KERNEL
         self.row_plan = None if plan is None else tuple((int(top), str(name)) for top, name in plan)
 
     def attach_kernel_state(self, name: str, dtype: torch.dtype) -> None:
@@ -466,4 +472,4 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "
                 f"dense_rows={self.dense_rows}, input_scale={self.input_scale is not None}, "
-                f"dense_copy={self.dense_copy is not None}, row_plan={self.row_plan}")
+                f"dense_copy={self.dense_copy is not None}, kernel={self.kernel}, row_plan={self.row_plan}")

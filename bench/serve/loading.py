@@ -1,7 +1,7 @@
 """One engine for a server, loaded as the runner loads a variant's (weights, cache policy, engine)."""
 from __future__ import annotations
 
-from bench.errors import UsageError
+from bench.errors import UsageError, VariantUnsupported
 from bench.models.source import ModelSource
 from bench.models.visual import load_image
 from bench.run import host
@@ -41,6 +41,9 @@ def load_engine(cfg, source: ModelSource):
     loaded = variant.weights.load(source, device, dtype, options)
     place_preprocessing(loaded.adapter, cfg.preprocess, device, load_image(cfg.image_path))
     policy = variant.cache.make_policy(variant.cache.options(cfg), loaded.weights_key)
-    engine = variant.engine.make_engine(loaded.adapter, policy, attention=cfg.attention_kernels,
-                                        **variant.weights.engine_options(options))
+    try:  # what only the loaded model shows (e.g. an int4 kernel this device cannot run)
+        engine = variant.engine.make_engine(loaded.adapter, policy, attention=cfg.attention_kernels,
+                                            **variant.weights.engine_options(options))
+    except VariantUnsupported as e:
+        raise UsageError(f"variant {variant.name} cannot run here: {e}") from None
     return engine, variant.name, source.name

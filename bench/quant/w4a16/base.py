@@ -9,7 +9,8 @@ class W4A16Kernel:
 
     `state_key`: the name of the extra weight format the kernel reads (None: it reads the
     layer's own packed weight); kernels with the same key share one prepared copy, which the
-    layer holds as buffers named `kernel_<state_key>_<name>` (counted in weight_mb)."""
+    layer holds as buffers named `kernel_<state_key>_<name>` (counted in the int4_kernel_mb
+    column, not in weight_mb)."""
 
     name = ""
     state_key: str | None = None

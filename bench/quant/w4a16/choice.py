@@ -10,14 +10,12 @@
   point below it up to it; above the last point the dense path runs. A kernel that fails, is
   wrong, or cannot be captured is left out with the reason.
 
-Measurements are kept in a JSON file (the int4 cache directory's `kernels.json`), keyed by the
-device's name, the library versions, the shape, dtype, points and candidates: the choice is made
-once per device and shape, and reused by later runs. `python -m bench int4-kernels` prints or
-writes the measured table.
+Measured plans are kept once per device and shape (bench.quant.w4a16.measurements: in this
+process and in the int4 cache directory's `kernels.json`). `python -m bench int4-kernels`
+prints or writes the measured table.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,15 +23,14 @@ import torch
 
 from bench.errors import VariantUnsupported
 from bench.log import status
-from bench.measure.results import write_json
 from bench.measure.timing import call_us
-from bench.quant.w4a16.registry import KERNELS
+from bench.quant.w4a16.measurements import PlanCache, ShapePlan, cache_key
+from bench.quant.w4a16.registry import DEFAULT_KERNEL, KERNELS
 
 ROW_POINTS = (1, 2, 4, 8, 16, 32, 64)
 TOLERANCE = 2e-2  # max |y - reference| / max |reference|; fp16 int4 kernels sit near 1e-3
-DEFAULT = "tinygemm"
+DEFAULT = DEFAULT_KERNEL
 MEASURED = "measured"
-CACHE_VERSION = 1
 
 
 def modes() -> list[str]:
@@ -41,34 +38,9 @@ def modes() -> list[str]:
     return [DEFAULT, MEASURED, *(n for n in KERNELS if n != DEFAULT)]
 
 
-@dataclass
-class ShapePlan:
-    """The kernel per row count for one weight shape, and what was measured to choose it."""
-
-    shape: tuple[int, int, int]  # out_features, in_features, group size
-    plan: tuple[tuple[int, str], ...]
-    us: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel -> rows -> microseconds
-    err: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel -> rows -> max relative error
-    left_out: dict[str, str] = field(default_factory=dict)  # kernel -> why it was not a candidate
-    cached: bool = False
-
-    def to_json(self) -> dict:
-        return {"plan": [list(p) for p in self.plan], "us": self.us, "err": self.err, "left_out": self.left_out}
-
-    @classmethod
-    def from_json(cls, shape, d: dict) -> "ShapePlan":
-        def rows(table):
-            return {k: {int(r): float(v) for r, v in by.items()} for k, by in table.items()}
-
-        plan = tuple((int(top), str(name)) for top, name in d["plan"])
-        if not plan or any(name not in KERNELS for _, name in plan):
-            raise ValueError(f"unknown kernel in {plan}")
-        return cls(tuple(shape), plan, rows(d["us"]), rows(d["err"]), dict(d["left_out"]), cached=True)
-
-
-def plan_text(plan: tuple[tuple[int, str], ...] | None, dense_rows: int) -> str:
-    """'1-4 gemlite-gemv-revsplitk, 5-16 tinygemm, >16 dense'."""
-    plan = list(plan or ((dense_rows, DEFAULT),))
+def plan_text(plan: tuple[tuple[int, str], ...] | None, dense_rows: int, kernel: str = DEFAULT) -> str:
+    """'1-4 gemlite-gemv-revsplitk, 5-16 tinygemm, >16 dense' (no plan: `kernel` up to dense_rows)."""
+    plan = list(plan if plan is not None else ((dense_rows, kernel),))
     while plan and plan[-1][1] == "dense":  # the dense path runs above the plan anyway
         plan.pop()
     if not plan:
@@ -84,73 +56,12 @@ def plans_column(layers) -> str | None:
     """The int4_kernels column: each weight shape's kernel per row count, as the layers hold it."""
     seen: dict[tuple, str] = {}
     for m in layers:
-        seen.setdefault((m.out_features, m.in_features), plan_text(m.row_plan, m.dense_rows))
+        seen.setdefault((m.out_features, m.in_features), plan_text(m.row_plan, m.dense_rows, m.kernel))
     if not seen:
         return None
     if len(set(seen.values())) == 1:
         return next(iter(seen.values()))
     return "; ".join(f"{n}x{k}: {text}" for (n, k), text in seen.items())
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"torch": torch.__version__}
-    for pkg in ("triton", "gemlite"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import platform
-
-    return f"cpu {platform.machine()} {platform.processor() or ''}".strip()
-
-
-def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidates) -> str:
-    return json.dumps({"device": _device_name(device), "versions": _versions(), "dtype": str(dtype),
-                       "shape": list(shape), "points": list(points), "candidates": sorted(candidates)}, sort_keys=True)
-
-
-class PlanCache:
-    """Measured plans in one JSON file (none kept when `path` is None); an unreadable file is
-    replaced, with a warning."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        self.entries: dict[str, dict] = {}
-        if path is not None and path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                if data.get("version") != CACHE_VERSION:
-                    raise ValueError(f"version {data.get('version')}")
-                self.entries = dict(data["entries"])
-            except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
-                status(f"warning: int4 kernel measurements {path} unreadable ({e}); measuring again")
-
-    def get(self, key: str, shape) -> ShapePlan | None:
-        d = self.entries.get(key)
-        if d is None:
-            return None
-        try:
-            return ShapePlan.from_json(shape, d)
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None
-
-    def put(self, key: str, plan: ShapePlan) -> None:
-        self.entries[key] = plan.to_json()
-        if self.path is None:
-            return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(self.path, {"version": CACHE_VERSION, "entries": self.entries})
-        except OSError as e:  # the plan is used all the same, only measured again next time
-            status(f"warning: int4 kernel measurements not saved to {self.path} ({e.strerror or e})")
 
 
 def candidates(layer, device: torch.device, dtype: torch.dtype) -> tuple[list[str], dict[str, str]]:
@@ -268,15 +179,15 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
             if reason:
                 raise VariantUnsupported(f"--int4-kernels {mode}: {reason}")
         for m in layers:
-            m.set_row_plan(((m.dense_rows, mode),), dtype)
+            m.set_row_plan(None, dtype, kernel=mode)  # up to dense_rows, as it is when a call comes
         return choice
     cache = PlanCache(cache_file)
-    by_shape: dict[tuple, list] = {}
+    groups: dict[tuple, list] = {}  # (shape, dense copy): what `dense` reads differs
     for m in layers:
-        by_shape.setdefault((m.out_features, m.in_features, m.group_size), []).append(m)
-    for shape, group in by_shape.items():
+        groups.setdefault(((m.out_features, m.in_features, m.group_size), m.dense_copy is not None), []).append(m)
+    for (shape, copy), group in groups.items():
         names, _ = candidates(group[0], device, dtype)
-        key = cache_key(device, dtype, shape, points, names)
+        key = cache_key(device, dtype, shape, points, names, copy)
         plan = cache.get(key, shape)
         if plan is None:
             status(f"int4 kernels: measuring {', '.join(names)} for {shape[0]}x{shape[1]} (group {shape[2]}) "

@@ -6,6 +6,7 @@ from bench.quant.w4a16.dense import Dense
 from bench.quant.w4a16.gemlite import Gemlite
 from bench.quant.w4a16.tinygemm import Tinygemm
 
+DEFAULT_KERNEL = "tinygemm"  # what Int4Linear runs up to dense_rows unless told otherwise
 KERNELS: dict[str, W4A16Kernel] = {k.name: k for k in (
     Tinygemm(),
     Dense(),
@@ -15,7 +16,3 @@ KERNELS: dict[str, W4A16Kernel] = {k.name: k for k in (
     Gemlite("GEMM_SPLITK"),
     Gemlite("GEMM"),
 )}
-
-
-def kernel(name: str) -> W4A16Kernel:
-    return KERNELS[name]

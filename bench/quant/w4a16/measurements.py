@@ -1,0 +1,208 @@
+"""The measured kernel choices' file (the int4 cache directory's `kernels.json`): one entry per
+device, library versions, dtype, weight shape, row counts, candidates and dense copy or not,
+holding the plan chosen and what was measured to choose it.
+
+Entries are kept in this process too, so every engine of a run reuses a plan measured once,
+kept file or not. Writers merge their entries into the file under a lock (filelock), so runs
+on several GPUs at once keep each other's; an unreadable file is replaced, with a warning.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.log import status
+from bench.measure.results import write_json
+from bench.quant.w4a16.registry import KERNELS
+
+CACHE_VERSION = 1
+LOCK_SECONDS = 60  # a writer waits this long for another's lock, then keeps its plan unsaved
+KEY_FIELDS = {"device": str, "versions": dict, "dtype": str, "shape": list, "points": list, "candidates": list}
+_KEPT: dict[str, dict] = {}  # key -> entry: what this process measured or read
+
+
+@dataclass
+class ShapePlan:
+    """The kernel per row count for one weight shape, and what was measured to choose it."""
+
+    shape: tuple[int, int, int]  # out_features, in_features, group size
+    plan: tuple[tuple[int, str], ...]
+    us: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel -> rows -> microseconds
+    err: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel -> rows -> max relative error
+    left_out: dict[str, str] = field(default_factory=dict)  # kernel -> why it was not a candidate
+    cached: bool = False  # measured before (this process or the file), not now
+
+    def to_json(self) -> dict:
+        return {"plan": [list(p) for p in self.plan], "us": self.us, "err": self.err, "left_out": self.left_out}
+
+    @classmethod
+    def from_json(cls, shape, d) -> "ShapePlan":
+        """The plan an entry holds; ValueError saying what is wrong with it. Kernel names are
+        not checked here: a file may name the kernels of another version of the harness."""
+        d = _object(d, "an entry")
+        plan = tuple((_count(p[0]), _text(p[1])) if isinstance(p, list) and len(p) == 2 else _bad("plan", p)
+                     for p in _list(d.get("plan"), "'plan'"))
+        tops = [top for top, _ in plan]
+        if not plan or tops != sorted(set(tops)):
+            raise ValueError(f"plan {plan}: empty, or row bounds not ascending")
+
+        def table(name: str) -> dict[str, dict[int, float]]:
+            return {_text(k): {_count(r): _number(v) for r, v in _object(by, f"{name!r} of {k}").items()}
+                    for k, by in _object(d.get(name), repr(name)).items()}
+
+        us, err = table("us"), table("err")
+        if {k: set(v) for k, v in us.items()} != {k: set(v) for k, v in err.items()}:
+            raise ValueError("'us' and 'err' name other kernels or row counts")
+        left_out = {_text(k): _text(v) for k, v in _object(d.get("left_out"), "'left_out'").items()}
+        return cls(_shape(shape), plan, us, err, left_out, cached=True)
+
+
+def _bad(what: str, value):
+    raise ValueError(f"{what}: {value!r} is not a (row count, kernel) pair")
+
+
+def _object(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is {type(value).__name__}, not an object")
+    return value
+
+
+def _list(value, what: str) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} is {type(value).__name__}, not a list")
+    return value
+
+
+def _text(value) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not a string")
+    return value
+
+
+def _count(value) -> int:
+    """A positive row count or size, as an int or the string of one (JSON object keys)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit() or int(value) < 1:
+        raise ValueError(f"{value!r} is not a positive whole number")
+    return int(value)
+
+
+def _number(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{value!r} is not a number")
+    return float(value)
+
+
+def _shape(value) -> tuple[int, int, int]:
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise ValueError(f"shape {value!r} is not [out_features, in_features, group_size]")
+    return tuple(_count(v) for v in value)
+
+
+def parse_entry(key: str, entry) -> tuple[dict, ShapePlan]:
+    """(the key's fields, the plan) of one entry of the file; ValueError saying what is wrong."""
+    try:
+        fields = json.loads(key)
+    except ValueError:
+        raise ValueError(f"a key is not JSON: {key[:120]!r}") from None
+    fields = _object(fields, "a key")
+    for name, kind in KEY_FIELDS.items():
+        if not isinstance(fields.get(name), kind):
+            raise ValueError(f"key field {name!r} missing or not a {kind.__name__}: {key[:120]}")
+    return fields, ShapePlan.from_json(fields["shape"], entry)
+
+
+def read_entries(path: Path) -> dict:
+    """The entries of a measurements file, not yet checked one by one; ValueError (OSError
+    where it cannot be read) saying why it is not one."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    data = json.loads(text)  # JSONDecodeError is a ValueError
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        found = data.get("version") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"not a version {CACHE_VERSION} measurements object (found {found!r})")
+    return _object(data.get("entries"), "'entries'")
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"torch": torch.__version__}
+    for pkg in ("triton", "gemlite"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu {platform.machine()} {platform.processor() or ''}".strip()
+
+
+def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidates, dense_copy: bool = False) -> str:
+    """`dense_copy`: the layers keep a dense copy (--int4-prefill-copy), which the `dense` kernel
+    reads instead of dequantizing: another measurement."""
+    return json.dumps({"device": _device_name(device), "versions": _versions(), "dtype": str(dtype),
+                       "shape": list(shape), "points": list(points), "candidates": sorted(candidates),
+                       "dense_copy": bool(dense_copy)}, sort_keys=True)
+
+
+class PlanCache:
+    """Measured plans: this process's, then the file's (none kept there when `path` is None)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.entries: dict[str, dict] = self._read("measuring again") if path is not None else {}
+
+    def _read(self, then: str) -> dict:
+        if not self.path.exists():
+            return {}
+        try:
+            return dict(read_entries(self.path))
+        except (ValueError, OSError) as e:
+            status(f"warning: int4 kernel measurements {self.path} unreadable ({' '.join(str(e).split())[:160]}); "
+                   f"{then}")
+            return {}
+
+    def get(self, key: str, shape) -> ShapePlan | None:
+        """The plan kept under `key`, if it names only kernels this harness has."""
+        for d in (_KEPT.get(key), self.entries.get(key)):
+            try:
+                plan = ShapePlan.from_json(shape, d)
+            except ValueError:
+                continue
+            if all(name in KERNELS for _, name in plan.plan):
+                if self.path is not None and key not in self.entries:
+                    self._save(key, d)  # measured earlier in this process: into this file too
+                _KEPT[key] = d
+                return plan
+        return None
+
+    def put(self, key: str, plan: ShapePlan) -> None:
+        _KEPT[key] = plan.to_json()
+        if self.path is not None:
+            self._save(key, _KEPT[key])
+
+    def _save(self, key: str, entry: dict) -> None:
+        """Merge the entry into the file as it is now (another process may have added some)."""
+        from filelock import FileLock, Timeout
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(f"{self.path}.lock", timeout=LOCK_SECONDS):
+                self.entries = {**self._read("replacing it"), key: entry}
+                write_json(self.path, {"version": CACHE_VERSION, "entries": self.entries})
+        except Timeout:
+            status(f"warning: int4 kernel measurements not saved to {self.path} (its lock was held for "
+                   f"{LOCK_SECONDS} s)")
+        except OSError as e:  # the plan is used all the same, only measured again by a later run
+            status(f"warning: int4 kernel measurements not saved to {self.path} ({e.strerror or e})")
