@@ -472,7 +472,7 @@ def test_serve_int4_kernel_the_device_cannot_run():
     from bench.errors import UsageError
     from bench.quant.w4a16.registry import KERNELS
     from bench.run.config import config_class
-    from bench.serve.loading import load_engine
+    from bench.serve.loading import load_engine, model_source
 
     pytest.importorskip("torchao")
     name = next(n for n, k in KERNELS.items() if k.unavailable(torch.device("cpu"), torch.float32))
@@ -480,7 +480,7 @@ def test_serve_int4_kernel_the_device_cannot_run():
     cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1, variants="rtn4+static",
                          int4_kernels=name, int4_cache_dir="", int4_group_size=32)
     with pytest.raises(UsageError, match=f"rtn4\\+static cannot run here: --int4-kernels {name}"):
-        load_engine(cfg)
+        load_engine(cfg, model_source(cfg))
 
 
 def test_report_out_under_a_file(results_dir, tmp_path, capsys):

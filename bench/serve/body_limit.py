@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse
 from bench.serve.protocol import ApiError
 
 MIB = 1 << 20
-MAX_REQUEST_MB = 64.0  # a few images as base64 data: URLs (a third larger than their files)
+MAX_REQUEST_MB = 64  # a few images as base64 data: URLs (a third larger than their files)
 
 
 class _PastLimit(Exception):
