@@ -53,6 +53,19 @@ def test_each_kernel_gives_dequantize_matmul_at_every_row_count_it_serves(name):
         assert err < (1e-5 if DTYPE == torch.float32 else 5e-3), (name, rows, err)
 
 
+def test_fbgemm_kernels_take_the_layers_own_codes_scales_and_zeros():
+    """FBGEMM's int4 format is w = (q - 8) * scale + zero per group (int4_row_quantize_zp): the
+    recentred codes with the layer's scale_and_zero pairs give its dequantized weight exactly."""
+    m = _layer(bias=False)
+    t = m.to_int4()
+    sz = m.scale_and_zero.float().cpu()  # [K/G, N, 2]
+    n, k, g = m.out_features, m.in_features, m.group_size
+    q8 = (t.q - 8).to(torch.int8).float().view(n, k // g, g)
+    w = q8 * sz[..., 0].t().unsqueeze(-1) + sz[..., 1].t().unsqueeze(-1)
+    torch.testing.assert_close(w.view(n, k), t.dequantize(torch.float32), rtol=1e-6, atol=1e-6)
+    assert int(q8.min()) >= -8 and int(q8.max()) <= 7  # int4 as FBGEMM's pack_int4 takes it
+
+
 def test_a_plan_sends_each_row_count_to_its_kernel():
     m = _layer()
     assert [m.kernel_at(r) for r in (1, 8, 9, 500)] == ["tinygemm"] * 2 + ["dense"] * 2  # no plan: dense_rows

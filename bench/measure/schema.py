@@ -149,7 +149,7 @@ COLUMNS: tuple[Column, ...] = (
                                  "gemlite-gemv-revsplitk, 5-8 tinygemm, >8 dense' (--int4-kernels; shapes listed as "
                                  "out x in when they differ; dense: dequantize + GEMM)"),
     _c("int4_kernel_mb", "MiB", False, "int4 on the static and graph engines: weights the chosen kernels keep in "
-                                       "their own packed format beside the tinygemm-packed ones (gemlite), not in "
+                                       "their own packed format beside the tinygemm-packed ones (gemlite, FBGEMM), not in "
                                        "weight_mb; 0 when none"),
     _c("quant_method", "", None, "how the int4 weights were made: awq | rtn | checkpoint (pre-quantized AWQ)"),
     _c("quant_err_ratio", "ratio", False, "awq4: calibration output error of AWQ divided by that of RTN (lower is "

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from bench.quant.w4a16.base import W4A16Kernel
 from bench.quant.w4a16.dense import Dense
+from bench.quant.w4a16.fbgemm import Fbgemm
 from bench.quant.w4a16.gemlite import Gemlite
 from bench.quant.w4a16.tinygemm import Tinygemm
 
@@ -15,4 +16,6 @@ KERNELS: dict[str, W4A16Kernel] = {k.name: k for k in (
     Gemlite("GEMV_SPLITK"),
     Gemlite("GEMM_SPLITK"),
     Gemlite("GEMM"),
+    Fbgemm("bf16i4bf16_rowwise", shuffled=False),
+    Fbgemm("bf16i4bf16_shuffled", shuffled=True),
 )}

@@ -1,0 +1,70 @@
+"""FBGEMM's CUTLASS mixed-input int4 kernels (`pip install fbgemm-gpu-genai`, BSD): bfloat16
+activations times int4 weights with a bfloat16 scale and zero per group, the kernels torchao's
+Int4Tensor / Int4PreshuffledTensor call.
+
+Their format is tinygemm's convention, w = (q - 8) * scale + zero, so the layer's own codes and
+scale_and_zero pairs go in exactly (the codes recentred to int8 and packed two per byte by
+FBGEMM's pack_int4; the scales and zeros rounded to bfloat16):
+- `fbgemm-rowwise`: `bf16i4bf16_rowwise` on the packed codes as they are;
+- `fbgemm-shuffled`: `bf16i4bf16_shuffled` on codes and scales FBGEMM's `preshuffle_i4` reorders
+  for its Hopper kernel (groups of 128 or more).
+Activations of another dtype are cast to bfloat16 and the output back (Int4Linear does the latter).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from bench.quant.w4a16.base import W4A16Kernel
+
+
+@lru_cache(maxsize=None)
+def _gen_ai():
+    """(FBGEMM's gen_ai quantize module, None) or (None, why it cannot be used)."""
+    try:
+        import fbgemm_gpu.experimental.gen_ai  # noqa: F401 - registers torch.ops.fbgemm's gen_ai kernels
+        from fbgemm_gpu.experimental.gen_ai import quantize
+    except Exception as e:  # noqa: BLE001 - not installed, or built for another torch / CUDA
+        return None, (f"FBGEMM gen_ai cannot be imported ({e.__class__.__name__}: {str(e)[:120]}); "
+                      "pip install fbgemm-gpu-genai (the build for this torch)")
+    return quantize, None
+
+
+class Fbgemm(W4A16Kernel):
+    def __init__(self, op: str, shuffled: bool):
+        self.op, self.shuffled = op, shuffled
+        self.name = "fbgemm-shuffled" if shuffled else "fbgemm-rowwise"
+        self.state_key = self.name.replace("-", "_")
+
+    def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if device.type != "cuda":
+            return f"{self.name} runs on CUDA only"
+        if self.shuffled and torch.cuda.get_device_capability(device) < (9, 0):
+            return f"{self.name} needs a Hopper GPU or newer (compute capability 9.0)"
+        why = _gen_ai()[1]
+        if why is None and not hasattr(torch.ops.fbgemm, self.op):
+            why = f"this FBGEMM build has no {self.op}"
+        return why
+
+    def shape_unsupported(self, layer) -> str | None:
+        if self.shuffled and layer.group_size < 128:
+            return f"{self.name} needs groups of 128 or more, not {layer.group_size}"
+        return None
+
+    def prepare(self, layer, dtype: torch.dtype):
+        quantize, _ = _gen_ai()
+        dev = layer.packed.device
+        q = (layer.to_int4().q - 8).to(torch.int8).to(dev)
+        sz = layer.scale_and_zero  # [K/G, N, 2]: (scale, zero) of w = (q - 8) * scale + zero
+        scale = sz[..., 0].to(torch.bfloat16).contiguous()
+        zero = sz[..., 1].to(torch.bfloat16).contiguous()
+        wq = quantize.pack_int4(q)
+        if self.shuffled:
+            wq, scale = torch.ops.fbgemm.preshuffle_i4(wq, scale)
+        return {"wq": wq, "scale": scale, "zero": zero}, None
+
+    def run(self, layer, x: torch.Tensor) -> torch.Tensor:
+        key = self.state_key
+        wq, scale, zero = (getattr(layer, f"kernel_{key}_{n}") for n in ("wq", "scale", "zero"))
+        return getattr(torch.ops.fbgemm, self.op)(x.to(torch.bfloat16).contiguous(), wq, scale, zero)
