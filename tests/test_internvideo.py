@@ -135,6 +135,28 @@ def test_clip_runs_through_the_benchmark(ckpt, frames, tmp_path):
     _no_checkpoint_code(ckpt)
 
 
+def test_awq4_calibrates_and_probes_in_groups_of_four_images(ckpt, tmp_path, capsys):
+    """A model that merges every 4 frames takes images in fours: AWQ's calibration requests and
+    the fidelity probe show 4 images when the run's requests do (--num-images 4); one image per
+    request is a one-line usage error naming the flags, nothing written."""
+    import csv
+
+    pytest.importorskip("torchao")
+    out = tmp_path / "run"
+    args = ["--model-path", str(ckpt), "--variants", "fp16,awq4", "--engine", "static", "--max-new-tokens", "3",
+            "--num-runs", "1", "--min-seconds", "0", "--warmup", "0", "--int4-group-size", "32",
+            "--int4-cache-dir", "", "--awq-calib", "2"]
+    assert run_main([*args, "--num-images", "4", "--output-dir", str(out)]) == 0
+    with open(out / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["variant"] for r in rows if r["status"] == "ok"} == {"fp16+static", "awq4+static"}
+    assert all(r["token_agree"] != "" and r["num_images"] == "4" for r in rows)
+    capsys.readouterr()
+    assert run_main([*args, "--output-dir", str(tmp_path / "one")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the load's status lines
+    assert last.startswith("error: ") and "--num-images 4" in last and not (tmp_path / "one").exists()
+
+
 def test_unmappable_remote_config_is_refused_in_one_line(ckpt, frames, tmp_path, capsys):
     bad = tmp_path / "qwen-llm"
     shutil.copytree(ckpt, bad)

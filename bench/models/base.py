@@ -132,6 +132,10 @@ class VLMAdapter:
     # bench.run.preprocess after a check that the processor really returns pixels there.
     preprocess_device: torch.device | None = None
 
+    # A request shows a multiple of this many images or frames (InternVideo2.5 merges the tokens
+    # of every 4 frames): what builders of requests the user did not write (AWQ calibration) give.
+    visual_group: int = 1
+
     def __init__(self, template: ConvTemplate):
         self.template = template
 

@@ -50,6 +50,7 @@ class InternVideoAdapter(InternVLAdapter):
         self.frame_tokens = frame_tokens
         if frame_tokens:
             self.tokens_per_tile = frame_tokens
+            self.visual_group = GROUP_FRAMES
         self.metric_heads = model.config.get_text_config().num_attention_heads
 
     def _tokenize(self, text: str, add_bos: bool) -> list[int]:
@@ -58,7 +59,9 @@ class InternVideoAdapter(InternVLAdapter):
     def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
         if self.frame_tokens and visual is not None and len(as_visual(visual)) % GROUP_FRAMES:
             raise UsageError(f"{self.name} merges the visual tokens of every {GROUP_FRAMES} frames: give a multiple "
-                             f"of {GROUP_FRAMES} frames or images per request, not {len(as_visual(visual))}")
+                             f"of {GROUP_FRAMES} frames or images per request, not {len(as_visual(visual))} "
+                             f"(e.g. --num-images {GROUP_FRAMES}, or --video-mode clip with --num-frames "
+                             f"{4 * GROUP_FRAMES})")
         return super().prepare_text(question, visual)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:

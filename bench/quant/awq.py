@@ -148,7 +148,9 @@ def calibration_images(image: Image.Image, n: int, extra: list[Image.Image] | No
 
 @torch.inference_mode()
 def calibrate(adapter, images: list[Image.Image], opts: Int4Options) -> tuple[dict, int]:
-    """Run len(images) requests through the VLM; return {group linear: InputRecorder}, tokens."""
+    """Run len(images) requests through the VLM (request i shows image i, or for a model that
+    takes images in groups of `adapter.visual_group`, images i, i+1, ... as one group);
+    return {group linear: InputRecorder}, tokens."""
     root = adapter.quantization_targets(False)[0]
     gen = torch.Generator().manual_seed(opts.seed)
     per_call = max(1, opts.max_rows // max(1, len(images)))
@@ -160,8 +162,10 @@ def calibrate(adapter, images: list[Image.Image], opts: Int4Options) -> tuple[di
             hooks.append(g.linears[0].register_forward_pre_hook(rec))
     tokens = 0
     try:
+        group = getattr(adapter, "visual_group", 1)  # images per request the model takes (4: InternVideo2.5)
         for i, im in enumerate(images):
-            prepared = adapter.prepare(im, CALIBRATION_QUESTIONS[i % len(CALIBRATION_QUESTIONS)])
+            visual = im if group == 1 else [images[(i + j) % len(images)] for j in range(group)]
+            prepared = adapter.prepare(visual, CALIBRATION_QUESTIONS[i % len(CALIBRATION_QUESTIONS)])
             embeds = adapter.prompt_embeds(prepared, adapter.encode_image(adapter.pixels_to_device(prepared)))
             adapter.lm_forward(embeds, DynamicCache(), logits_to_keep=1)
             tokens += embeds.shape[1]

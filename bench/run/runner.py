@@ -37,7 +37,7 @@ from bench.measure.results import (DirLock, DirState, check_output_dir, new_run_
 from bench.models.prompts import FIDELITY_PROBE
 from bench.models.source import ModelSource
 from bench.models.visual import VisualInput, load_image
-from bench.run.workload import RequestSource, WorkloadPoint, questions_of_length
+from bench.run.workload import RequestSource, WorkloadPoint, derived_images, questions_of_length
 from variants import baseline_variant, parse_variant
 
 
@@ -367,13 +367,18 @@ class Benchmark:
         cfg = self.cfg
         checks = [(p, self._point_questions(adapter, p) + self.warmups[:cfg.warmup], None) for p in cfg.points]
         if cfg.fidelity and not self.source.prequantized:  # the probe generates --max-new-tokens tokens
-            checks.append((WorkloadPoint(new_tokens=cfg.max_new_tokens), [FIDELITY_PROBE], "--max-new-tokens"))
+            checks.append((WorkloadPoint(new_tokens=cfg.max_new_tokens, num_images=self._probe_images()),
+                           [FIDELITY_PROBE], "--max-new-tokens"))
         for point, questions, new_flag in checks:
             prompts = [adapter.prepare_text(q, v) for v in self._size_visuals(point) for q in questions]
             longest = max(prompts, key=lambda prepared: prepared.prompt_tokens)
             check_prompt(cfg, self.dims, self.source.name, point, longest, self.frames, self.device, self.dtype,
                          new_flag)
         self.prompts_checked = True
+
+    def _probe_images(self) -> int:
+        """Images the fidelity probe shows with image input: the fewest a workload point shows."""
+        return min(p.num_images for p in self.cfg.points)
 
     def _size_visuals(self, point) -> list[VisualInput]:
         """What a point's requests show, as far as their token counts go (which depend on the
@@ -431,10 +436,12 @@ class Benchmark:
 
     @functools.cached_property
     def fidelity_visual(self):
-        """What the fidelity probe shows: the run's image, the clip, or the first sampled frame
-        (read once: every variant is probed on it)."""
+        """What the fidelity probe shows: the run's image (as many images as the run's requests
+        show at fewest: --num-images), the clip, or the first sampled frame (read once: every
+        variant is probed on it)."""
         if self.frames is None:
-            return self.image
+            n = self._probe_images()
+            return self.image if n == 1 else VisualInput(tuple(derived_images(self.image, n)))
         if self.cfg.video_mode == "clip":
             return self.frames.clip()
         return next(iter(self.frames))

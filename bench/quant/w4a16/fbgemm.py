@@ -23,7 +23,7 @@ from bench.quant.w4a16.base import W4A16Kernel
 def _gen_ai():
     """(FBGEMM's gen_ai quantize module, None) or (None, why it cannot be used)."""
     try:
-        import fbgemm_gpu.experimental.gen_ai  # noqa: F401 - registers torch.ops.fbgemm's gen_ai kernels
+        # (the package's __init__, run by this import, registers torch.ops.fbgemm's gen_ai kernels)
         from fbgemm_gpu.experimental.gen_ai import quantize
     except Exception as e:  # noqa: BLE001 - not installed, or built for another torch / CUDA
         return None, (f"FBGEMM gen_ai cannot be imported ({e.__class__.__name__}: {str(e)[:120]}); "
