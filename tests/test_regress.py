@@ -195,3 +195,33 @@ def test_compare_pools_one_sides_invocations_but_summaries_do_not(tmp_path):
     cfg = SimpleNamespace(num_runs=5, min_seconds=0, max_cv=1.0)
     ttft = [r for r in summarize_runs(runs, cfg) if r.get("metric") == "ttft_ms"]
     assert sorted((r["run_id"], r["n"]) for r in ttft) == [("r1", 10), ("r2", 10)]
+
+
+def test_compare_across_pairs_a_served_endpoint_with_its_in_process_run(tmp_path, capsys):
+    """--across names identity columns the sides may differ in (an endpoint's rows say engine
+    endpoint, weights served, no family/device/dtype); rows pair on the rest, and a side with
+    two values of such a column for one result is refused, never pooled."""
+    from tests.synthetic_results import write_results
+
+    inproc = {"model": "llava-1.5-7b", "family": "llava", "weights": "random", "variant": "fp16+graph",
+              "engine": "graph", "device": "cuda", "dtype": "float16"}
+    served = {"model": "llava-1.5-7b", "family": "", "weights": "served", "variant": "c1", "engine": "endpoint",
+              "device": "", "dtype": ""}
+    write_results(tmp_path / "inproc", [inproc], runs=8)
+    write_results(tmp_path / "same", [served], runs=8, seed=1)
+    write_results(tmp_path / "slow", [{**served, "scale": 1.3}], runs=8, seed=2)
+    write_results(tmp_path / "two", [served, {**served, "variant": "c4"}], runs=8, seed=3)
+    across = ["--across", "engine,variant,weights,family,device,dtype", "--metrics", "ttft_ms,tpot_ms"]
+    assert compare_main([str(tmp_path / "inproc"), str(tmp_path / "same")]) == 2  # nothing in common
+    assert "--across" in capsys.readouterr().err
+    out = tmp_path / "v.json"
+    assert compare_main([str(tmp_path / "inproc"), str(tmp_path / "same"), *across, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["comparisons"]
+    assert {(r["engine"], r["variant"], r["metric"]) for r in rows} == {
+        ("graph -> endpoint", "fp16+graph -> c1", m) for m in ("ttft_ms", "tpot_ms")}
+    assert compare_main([str(tmp_path / "inproc"), str(tmp_path / "slow"), *across]) == 1
+    capsys.readouterr()
+    assert compare_main([str(tmp_path / "inproc"), str(tmp_path / "two"), *across]) == 2
+    assert "2 variant values (c1, c4)" in capsys.readouterr().err
+    assert compare_main([str(tmp_path / "inproc"), str(tmp_path / "same"), "--across", "ttft_ms"]) == 2
+    assert "not an identity column" in capsys.readouterr().err

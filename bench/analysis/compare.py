@@ -39,12 +39,35 @@ def load_runs(path: str | Path) -> pd.DataFrame:
     return counted(df)  # ok measured runs that neither compiled nor captured
 
 
+def _single_valued(groups: dict, across: list[str], side: str) -> None:
+    """BadInput unless each group holds one value of every `across` column: rows that differ in
+    an identity column are never pooled, --across or not."""
+    for key, g in groups.items():
+        for col in across:
+            values = sorted(g[col].astype(str).unique())
+            if len(values) > 1:
+                raise BadInput(f"--across {col}: the {side} has {len(values)} {col} values ({', '.join(values[:4])}) "
+                               f"for one result ({', '.join(str(k) for k in key[:3])}, ...); compare a results "
+                               "directory holding one of them")
+
+
 def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, metrics: list[str], alpha: float,
-                 factor: float, min_samples: int = 5) -> list[dict]:
+                 factor: float, min_samples: int = 5, across: tuple[str, ...] = ()) -> list[dict]:
+    """A verdict per result and metric. `across`: identity columns in which the two sides may
+    differ (the others pair their rows), e.g. engine and variant for a served endpoint against
+    the in-process run it serves; a side must then hold one value of each per result, and the
+    verdict's column reads 'baseline value -> candidate value' where they differ."""
+    keys = [k for k in KEYS if k not in across]
     rows = []
-    groups_b = dict(list(base.groupby(KEYS)))
-    groups_c = dict(list(cand.groupby(KEYS)))
+    groups_b = dict(list(base.groupby(keys)))
+    groups_c = dict(list(cand.groupby(keys)))
+    _single_valued(groups_b, list(across), "baseline")
+    _single_valued(groups_c, list(across), "candidate")
     for key in sorted(set(groups_b) & set(groups_c)):
+        paired = {}
+        for col in across:
+            b_val, c_val = str(groups_b[key][col].iloc[0]), str(groups_c[key][col].iloc[0])
+            paired[col] = b_val if b_val == c_val else f"{b_val} -> {c_val}"
         for metric in metrics:
             if metric not in groups_b[key] or metric not in groups_c[key]:
                 continue
@@ -53,7 +76,7 @@ def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, metrics: list[str], alp
             if not b and not c:
                 continue
             v = compare_samples(b, c, metric, alpha=alpha, factor=factor, min_samples=min_samples)
-            rows.append({**dict(zip(KEYS, key)), "metric": metric, **asdict(v)})
+            rows.append({**dict(zip(keys, key)), **paired, "metric": metric, **asdict(v)})
     return rows
 
 

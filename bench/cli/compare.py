@@ -10,13 +10,14 @@ from pandas.api.types import is_numeric_dtype
 from bench.cli import PROG, describe
 from bench.errors import ArgumentParser
 from bench.analysis.inputs import check_out_file
-from bench.analysis.compare import DEFAULT_METRICS, BadInput, compare_runs, load_runs, print_table
+from bench.analysis.compare import DEFAULT_METRICS, KEYS, BadInput, compare_runs, load_runs, print_table
 
 _DETAILS = """\
 Per result identity (model, family, weights, variant, engine, device, dtype, cache_state,
 workload point: bench.measure.schema.RESULT_KEY) and metric, compare the measured runs of two
 results (runs.csv files or results directories): a change is flagged when it is significant
-(one-sided Mann-Whitney U at --alpha) and larger than --factor.
+(one-sided Mann-Whitney U at --alpha) and larger than --factor. --across pairs results that
+differ in the columns it names (a served endpoint against the in-process run it serves).
 
 exit codes:
   0  no regression
@@ -37,6 +38,11 @@ def parser() -> ArgumentParser:
                     help="flag only changes larger than this ratio (default: 1.10)")
     ap.add_argument("--min-samples", type=int, default=5,
                     help="fewer measured runs on a side is inconclusive (default: 5)")
+    ap.add_argument("--across", default="", metavar="COLUMNS",
+                    help="comma list of identity columns the two sides may differ in; rows pair on the others, "
+                         "e.g. engine,variant,weights,family,device,dtype for a served endpoint (run --endpoint) "
+                         "against the in-process run of the model it serves, or cache_state (default: none: "
+                         "every identity column pairs)")
     ap.add_argument("--json", dest="json_path", help="also write the verdicts here as JSON (default: none)")
     return ap
 
@@ -59,10 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         if text:
             raise BadInput(f"--metrics {', '.join(text)}: not numbers (an identity or text column); give measured "
                            f"columns, e.g. {','.join(DEFAULT_METRICS)}")
-        rows = compare_runs(base, cand, metrics, args.alpha, args.factor, args.min_samples)
+        across = tuple(dict.fromkeys(c.strip() for c in args.across.split(",") if c.strip()))
+        wrong = [c for c in across if c not in KEYS]
+        if wrong:
+            raise BadInput(f"--across {', '.join(wrong)}: not an identity column; choose from {', '.join(KEYS)}")
+        rows = compare_runs(base, cand, metrics, args.alpha, args.factor, args.min_samples, across)
         if not rows:
-            raise BadInput("baseline and candidate have no result (model, family, weights, variant, engine, device, "
-                           "dtype, cache_state, workload point) in common")
+            paired = [k for k in KEYS if k not in across]
+            raise BadInput(f"baseline and candidate have no result ({', '.join(paired)}) in common"
+                           + ("" if across else "; --across names columns they may differ in"))
     except BadInput as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
