@@ -66,6 +66,22 @@ def test_fbgemm_kernels_take_the_layers_own_codes_scales_and_zeros():
     assert int(q8.min()) >= -8 and int(q8.max()) <= 7  # int4 as FBGEMM's pack_int4 takes it
 
 
+def test_fbgemm_kernels_refuse_gpus_and_groups_their_cutlass_code_cannot_take():
+    """Both FBGEMM kernels are SM90 CUTLASS code with a K tile of 64: Hopper alone (not Ampere,
+    not Blackwell), groups of whole tiles (the shuffled one 128 or more, as FBGEMM asks)."""
+    from bench.quant.w4a16.fbgemm import arch_unsupported
+
+    for name in ("fbgemm-rowwise", "fbgemm-shuffled"):
+        assert arch_unsupported(name, (9, 0)) is None
+        assert all(name in arch_unsupported(name, cc) for cc in ((8, 0), (8, 9), (10, 0), (12, 0)))
+        assert KERNELS[name].unavailable(torch.device("cpu"), torch.bfloat16) == f"{name} runs on CUDA only"
+    why = {g: {n: KERNELS[n].shape_unsupported(_layer(group=g)) for n in ("fbgemm-rowwise", "fbgemm-shuffled")}
+           for g in (32, 64, 128)}
+    assert why[32]["fbgemm-rowwise"] and why[32]["fbgemm-shuffled"]
+    assert why[64]["fbgemm-rowwise"] is None and why[64]["fbgemm-shuffled"]
+    assert why[128] == {"fbgemm-rowwise": None, "fbgemm-shuffled": None}
+
+
 def test_a_plan_sends_each_row_count_to_its_kernel():
     m = _layer()
     assert [m.kernel_at(r) for r in (1, 8, 9, 500)] == ["tinygemm"] * 2 + ["dense"] * 2  # no plan: dense_rows

@@ -6,8 +6,11 @@ Their format is tinygemm's convention, w = (q - 8) * scale + zero, so the layer'
 scale_and_zero pairs go in exactly (the codes recentred to int8 and packed two per byte by
 FBGEMM's pack_int4; the scales and zeros rounded to bfloat16):
 - `fbgemm-rowwise`: `bf16i4bf16_rowwise` on the packed codes as they are;
-- `fbgemm-shuffled`: `bf16i4bf16_shuffled` on codes and scales FBGEMM's `preshuffle_i4` reorders
-  for its Hopper kernel (groups of 128 or more).
+- `fbgemm-shuffled`: `bf16i4bf16_shuffled` on the codes FBGEMM's `preshuffle_i4` reorders (a
+  bfloat16 scale comes back as it went in; the zero is never reordered, as in torchao's
+  Int4PreshuffledTensor), groups of 128 or more as FBGEMM's quantize_int4_preshuffle asks.
+Both are one CUTLASS SM90 kernel (TMA, warp-specialized wgmma; K tile 64): Hopper only, and a
+group must span whole K tiles (CUTLASS refuses others at the call, "cutlass cannot implement").
 Activations of another dtype are cast to bfloat16 and the output back (Int4Linear does the latter).
 """
 from __future__ import annotations
@@ -31,6 +34,18 @@ def _gen_ai():
     return quantize, None
 
 
+K_TILE = 64  # the kernels' K tile (128 bytes of bfloat16): CUTLASS takes groups of whole tiles
+SHUFFLED_MIN_GROUP = 128
+
+
+def arch_unsupported(name: str, capability: tuple[int, int]) -> str | None:
+    """Why kernel `name` cannot run on a GPU of `capability`: SM90 (wgmma) code runs on Hopper
+    alone, neither on earlier GPUs nor on Blackwell (sm_90a code is not forward compatible)."""
+    if capability[0] != 9:
+        return f"{name} needs a Hopper GPU (compute capability 9.x), not {capability[0]}.{capability[1]}"
+    return None
+
+
 class Fbgemm(W4A16Kernel):
     def __init__(self, op: str, shuffled: bool):
         self.op, self.shuffled = op, shuffled
@@ -40,16 +55,17 @@ class Fbgemm(W4A16Kernel):
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if device.type != "cuda":
             return f"{self.name} runs on CUDA only"
-        if self.shuffled and torch.cuda.get_device_capability(device) < (9, 0):
-            return f"{self.name} needs a Hopper GPU or newer (compute capability 9.0)"
-        why = _gen_ai()[1]
+        why = arch_unsupported(self.name, torch.cuda.get_device_capability(device)) or _gen_ai()[1]
         if why is None and not hasattr(torch.ops.fbgemm, self.op):
             why = f"this FBGEMM build has no {self.op}"
         return why
 
     def shape_unsupported(self, layer) -> str | None:
-        if self.shuffled and layer.group_size < 128:
-            return f"{self.name} needs groups of 128 or more, not {layer.group_size}"
+        g = layer.group_size
+        if self.shuffled and g < SHUFFLED_MIN_GROUP:
+            return f"{self.name} needs groups of {SHUFFLED_MIN_GROUP} or more, not {g}"
+        if g % K_TILE and g != layer.in_features:
+            return f"{self.name} needs groups of a multiple of {K_TILE} inputs (its K tile), not {g}"
         return None
 
     def prepare(self, layer, dtype: torch.dtype):
