@@ -157,6 +157,19 @@ def test_awq4_calibrates_and_probes_in_groups_of_four_images(ckpt, tmp_path, cap
     assert last.startswith("error: ") and "--num-images 4" in last and not (tmp_path / "one").exists()
 
 
+def test_frames_mode_is_refused_in_one_line_naming_clip_mode(ckpt, frames, tmp_path, capsys):
+    """--video-mode frames shows one frame per request, which a model merging every 4 frames cannot
+    take: one line naming --video-mode clip (not --num-images, which video input refuses), exit 2,
+    nothing written."""
+    out = tmp_path / "frames"
+    rc = run_main(["--model-path", str(ckpt), "--frames-dir", str(frames), "--num-frames", "8", "--video-mode",
+                   "frames", "--variants", "fp16", "--engine", "static", "--max-new-tokens", "2", "--num-runs", "1",
+                   "--min-seconds", "0", "--warmup", "0", "--output-dir", str(out)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("error: ") and "not 1 " in last and not out.exists()
+    assert "--video-mode clip with --num-frames a multiple of 4" in last
+
+
 def test_unmappable_remote_config_is_refused_in_one_line(ckpt, frames, tmp_path, capsys):
     bad = tmp_path / "qwen-llm"
     shutil.copytree(ckpt, bad)

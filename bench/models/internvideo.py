@@ -60,8 +60,8 @@ class InternVideoAdapter(InternVLAdapter):
         if self.frame_tokens and visual is not None and len(as_visual(visual)) % GROUP_FRAMES:
             raise UsageError(f"{self.name} merges the visual tokens of every {GROUP_FRAMES} frames: give a multiple "
                              f"of {GROUP_FRAMES} frames or images per request, not {len(as_visual(visual))} "
-                             f"(e.g. --num-images {GROUP_FRAMES}, or --video-mode clip with --num-frames "
-                             f"{4 * GROUP_FRAMES})")
+                             f"(image input: --num-images {GROUP_FRAMES}; video: --video-mode clip with --num-frames "
+                             f"a multiple of {GROUP_FRAMES}, since --video-mode frames shows one frame per request)")
         return super().prepare_text(question, visual)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
