@@ -225,3 +225,65 @@ def test_compare_across_pairs_a_served_endpoint_with_its_in_process_run(tmp_path
     assert "2 variant values (c1, c4)" in capsys.readouterr().err
     assert compare_main([str(tmp_path / "inproc"), str(tmp_path / "same"), "--across", "ttft_ms"]) == 2
     assert "not an identity column" in capsys.readouterr().err
+
+
+def test_compare_across_bad_and_edge_inputs_are_one_line_errors_or_paired_never_pooled(tmp_path, capsys):
+    """--across: given empty is refused; a workload column pairs two points (the table shows
+    'b1 n8 -> b4 n8'); every identity column pairs two single results and refuses a side holding
+    two; an older runs.csv without a column pairs through its default; an across column the
+    table hides when results share it is shown when the sides differ in it; numbers in a text
+    identity column with an empty cell stay text ("1", not "1.0")."""
+    import csv
+
+    from bench.analysis.compare import KEYS
+    from tests.synthetic_results import write_results
+
+    write_results(tmp_path / "a", [{}], runs=8)
+    write_results(tmp_path / "b4", [{"batch_size": 4}], runs=8, seed=1)
+    write_results(tmp_path / "two", [{}, {"variant": "bnb8"}], runs=8, seed=2)
+    write_results(tmp_path / "served", [{"weights": "served", "engine": "endpoint"}], runs=8, seed=3)
+    metric = ["--metrics", "ttft_ms"]
+    for bad in ("", " , "):
+        assert compare_main([str(tmp_path / "a"), str(tmp_path / "a"), "--across", bad, *metric]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --across is empty") and "\n" not in err
+
+    out = tmp_path / "v.json"
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "b4"), "--across", "batch_size", *metric,
+                         "--json", str(out)]) == 1
+    assert "b1 n8 -> b4 n8" in capsys.readouterr().out
+    (row,) = json.loads(out.read_text())["comparisons"]
+    assert row["batch_size"] == "1 -> 4" and row["across"] == {"batch_size": [1, 4]} and row["num_images"] == 1
+
+    every = ["--across", ",".join(KEYS), *metric]
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "b4"), *every]) == 1
+    capsys.readouterr()
+    assert compare_main([str(tmp_path / "two"), str(tmp_path / "a"), *every]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --across variant: the baseline has 2 variant values") and "\n" not in err
+
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "served"), "--across", "weights,engine", *metric]) == 0
+    assert "random -> served" in capsys.readouterr().out  # weights: a column the table shows when it differs
+
+    with open(tmp_path / "a" / "runs.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    old = tmp_path / "old"
+    old.mkdir()
+    with open(old / "runs.csv", "w", newline="") as f:  # written before the family column existed
+        w = csv.DictWriter(f, [c for c in rows[0] if c != "family"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    assert compare_main([str(old), str(tmp_path / "a"), *metric]) == 2
+    capsys.readouterr()
+    assert compare_main([str(old), str(tmp_path / "a"), "--across", "family", *metric, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["comparisons"][0]["family"] == "- -> llava"
+
+    numeric = tmp_path / "numeric"
+    numeric.mkdir()
+    with open(numeric / "runs.csv", "w", newline="") as f:  # variant "1"; the warm-up row's left empty
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows({**r, "variant": "" if r["kind"] == "warmup" else "1"} for r in rows)
+    capsys.readouterr()
+    assert compare_main([str(numeric), str(tmp_path / "a"), "--across", "variant", *metric, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["comparisons"][0]["across"] == {"variant": ["1", "fp16"]}

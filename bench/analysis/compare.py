@@ -15,7 +15,8 @@ import pandas as pd
 
 from bench.analysis.inputs import BadInput, check_results_csv
 from bench.analysis.regress import compare_samples
-from bench.measure.schema import RESULT_KEY, counted, fill_identity_columns, point_label
+from bench.measure.schema import (IDENTITY_DEFAULTS, RESULT_KEY, WORKLOAD_KEYS, counted, fill_identity_columns,
+                                  point_label)
 
 DEFAULT_METRICS = ["ttft_ms", "tpot_ms", "prefill_ms", "e2e_ms", "peak_alloc_mb"]
 KEYS = list(RESULT_KEY)
@@ -31,43 +32,59 @@ def load_runs(path: str | Path) -> pd.DataFrame:
         raise BadInput(f"{path}: no runs.csv there")
     check_results_csv(p, "runs")
     try:
-        df = pd.read_csv(p, dtype={k: str for k in ("cache_state", "engine", "family", "weights", "device", "dtype",
-                                                    "run_id")})
+        # Text identity columns as text: a column of numbers (and empty cells) is no float ("1.0" != "1").
+        df = pd.read_csv(p, dtype={k: str for k, v in IDENTITY_DEFAULTS.items() if isinstance(v, str)})
     except (ValueError, pd.errors.ParserError) as e:  # what the check above did not foresee
         raise BadInput(f"{p}: not a readable runs.csv ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
     fill_identity_columns(df)  # columns older versions did not write: their documented defaults
     return counted(df)  # ok measured runs that neither compiled nor captured
 
 
-def _single_valued(groups: dict, across: list[str], side: str) -> None:
+def _groups(df: pd.DataFrame, keys: list[str]) -> dict:
+    """{key tuple: rows} by `keys`; no keys (--across names every identity column): one group."""
+    if not keys:
+        return {(): df} if len(df) else {}
+    return dict(list(df.groupby(keys)))
+
+
+def _native(v):
+    """A cell as JSON and the table take it (numpy scalars as Python ones)."""
+    return v.item() if hasattr(v, "item") else v
+
+
+def _single_valued(groups: dict, keys: list[str], across: list[str], side: str) -> None:
     """BadInput unless each group holds one value of every `across` column: rows that differ in
     an identity column are never pooled, --across or not."""
     for key, g in groups.items():
         for col in across:
             values = sorted(g[col].astype(str).unique())
             if len(values) > 1:
+                result = (", ".join(f"{k} {v}" for k, v in list(zip(keys, key))[:3]) + ", ...") if key else "all its rows"
                 raise BadInput(f"--across {col}: the {side} has {len(values)} {col} values ({', '.join(values[:4])}) "
-                               f"for one result ({', '.join(str(k) for k in key[:3])}, ...); compare a results "
-                               "directory holding one of them")
+                               f"for one result ({result}); compare a results directory holding one of them")
+
+
+def _paired(b, c):
+    """An --across column's cell: the value both sides share, or 'baseline -> candidate'."""
+    return b if b == c else f"{b if b != '' else '-'} -> {c if c != '' else '-'}"
 
 
 def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, metrics: list[str], alpha: float,
                  factor: float, min_samples: int = 5, across: tuple[str, ...] = ()) -> list[dict]:
     """A verdict per result and metric. `across`: identity columns in which the two sides may
     differ (the others pair their rows), e.g. engine and variant for a served endpoint against
-    the in-process run it serves; a side must then hold one value of each per result, and the
-    verdict's column reads 'baseline value -> candidate value' where they differ."""
+    the in-process run it serves; a side must then hold one value of each per result, the
+    verdict's column reads 'baseline value -> candidate value' where they differ, and its
+    `across` holds {column: [baseline value, candidate value]}."""
+    across = list(across)
     keys = [k for k in KEYS if k not in across]
     rows = []
-    groups_b = dict(list(base.groupby(keys)))
-    groups_c = dict(list(cand.groupby(keys)))
-    _single_valued(groups_b, list(across), "baseline")
-    _single_valued(groups_c, list(across), "candidate")
+    groups_b, groups_c = _groups(base, keys), _groups(cand, keys)
+    _single_valued(groups_b, keys, across, "baseline")
+    _single_valued(groups_c, keys, across, "candidate")
     for key in sorted(set(groups_b) & set(groups_c)):
-        paired = {}
-        for col in across:
-            b_val, c_val = str(groups_b[key][col].iloc[0]), str(groups_c[key][col].iloc[0])
-            paired[col] = b_val if b_val == c_val else f"{b_val} -> {c_val}"
+        sides = {col: [_native(groups_b[key][col].iloc[0]), _native(groups_c[key][col].iloc[0])] for col in across}
+        paired = {col: _paired(b, c) for col, (b, c) in sides.items()}
         for metric in metrics:
             if metric not in groups_b[key] or metric not in groups_c[key]:
                 continue
@@ -76,8 +93,23 @@ def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, metrics: list[str], alp
             if not b and not c:
                 continue
             v = compare_samples(b, c, metric, alpha=alpha, factor=factor, min_samples=min_samples)
-            rows.append({**dict(zip(keys, key)), **paired, "metric": metric, **asdict(v)})
+            rows.append({**{k: _native(x) for k, x in zip(keys, key)}, **paired, "metric": metric, **asdict(v),
+                         **({"across": sides} if across else {})})
     return rows
+
+
+def _differs(rows: list[dict], col: str) -> bool:
+    """Whether the compared rows differ in `col`: between results, or between the sides (--across)."""
+    return len({str(r.get(col)) for r in rows}) > 1 or any(
+        len({str(v) for v in r.get("across", {}).get(col, ())}) > 1 for r in rows)
+
+
+def _point(r: dict) -> str:
+    """The row's workload point; where --across pairs two points, 'baseline point -> candidate point'."""
+    across = r.get("across", {})
+    b, c = ({k: across[k][i] if k in across else r.get(k) for k in WORKLOAD_KEYS} for i in (0, 1))
+    b, c = point_label(b), point_label(c)
+    return b if b == c else f"{b} -> {c}"
 
 
 def _fmt(x: float) -> str:
@@ -89,7 +121,7 @@ def print_table(rows: list[dict], out=None) -> None:
     from rich.table import Table
 
     table = Table(title="baseline vs candidate (ratio = candidate/baseline, Hodges-Lehmann)")
-    extra = [k for k in OPTIONAL_SHOWN if len({r.get(k) for r in rows}) > 1]
+    extra = [k for k in OPTIONAL_SHOWN if _differs(rows, k)]
     for col in ("model", *extra, "variant", "engine", "cache", "point", "metric", "n b/c", "median b", "median c",
                 "ratio", "p", "verdict"):
         table.add_column(col)
@@ -97,7 +129,7 @@ def print_table(rows: list[dict], out=None) -> None:
     for r in rows:
         s = style[r["status"]]
         table.add_row(r["model"], *[str(r[k]) for k in extra], r["variant"], r["engine"], r["cache_state"],
-                      point_label(r), r["metric"],
+                      _point(r), r["metric"],
                       f"{r['n_baseline']}/{r['n_candidate']}", _fmt(r["baseline_median"]),
                       _fmt(r["candidate_median"]), _fmt(r["ratio"]), _fmt(r["p_value"]),
                       f"[{s}]{r['status']}[/]" if s else r["status"])

@@ -38,7 +38,7 @@ def parser() -> ArgumentParser:
                     help="flag only changes larger than this ratio (default: 1.10)")
     ap.add_argument("--min-samples", type=int, default=5,
                     help="fewer measured runs on a side is inconclusive (default: 5)")
-    ap.add_argument("--across", default="", metavar="COLUMNS",
+    ap.add_argument("--across", metavar="COLUMNS",
                     help="comma list of identity columns the two sides may differ in; rows pair on the others, "
                          "e.g. engine,variant,weights,family,device,dtype for a served endpoint (run --endpoint) "
                          "against the in-process run of the model it serves, or cache_state (default: none: "
@@ -65,13 +65,17 @@ def main(argv: list[str] | None = None) -> int:
         if text:
             raise BadInput(f"--metrics {', '.join(text)}: not numbers (an identity or text column); give measured "
                            f"columns, e.g. {','.join(DEFAULT_METRICS)}")
-        across = tuple(dict.fromkeys(c.strip() for c in args.across.split(",") if c.strip()))
+        across = tuple(dict.fromkeys(c.strip() for c in (args.across or "").split(",") if c.strip()))
+        if args.across is not None and not across:
+            raise BadInput("--across is empty; give identity columns the sides may differ in, e.g. engine,variant")
         wrong = [c for c in across if c not in KEYS]
         if wrong:
             raise BadInput(f"--across {', '.join(wrong)}: not an identity column; choose from {', '.join(KEYS)}")
         rows = compare_runs(base, cand, metrics, args.alpha, args.factor, args.min_samples, across)
         if not rows:
             paired = [k for k in KEYS if k not in across]
+            if not paired:
+                raise BadInput("baseline or candidate has no measured run to compare")
             raise BadInput(f"baseline and candidate have no result ({', '.join(paired)}) in common"
                            + ("" if across else "; --across names columns they may differ in"))
     except BadInput as e:
