@@ -371,3 +371,60 @@ def test_cuda_gemlite_kernel_compiles_whole_and_matches_eager(name):
         x = torch.randn(1, rows, 1024, device=DEVICE, dtype=torch.float16)
         torch.testing.assert_close(compiled(x), m(x), rtol=1e-2, atol=1e-2)
     assert counter.frame_count == 2
+
+
+def test_a_prefill_kernel_runs_above_the_plan_and_is_refused_with_a_dense_copy(tmp_path, capsys):
+    """--int4-prefill-kernel: the linears a full prefill runs take the kernel above their plans
+    (fused projections, which prefill never runs, keep dense), prefetch is off, the rows say so,
+    and an engine made later resets them; a kernel the device lacks is a skipped row; a bad
+    value or one with --int4-prefill-copy is a usage error."""
+    from bench.cli import run_main
+
+    m = _layer()
+    m.set_prefill_kernel("tinygemm", DTYPE)
+    assert m.kernel_at(1) == "tinygemm" and m.kernel_at(500) == "tinygemm"
+    assert choice.plans_column([m]) == "tinygemm"
+    x = torch.randn(1, 100, m.in_features, device=DEVICE).to(DTYPE)
+    y, want = m(x), _reference(m, x)
+    assert ((y.float() - want).abs().max() / want.abs().max()).item() < 1e-4
+    m.set_prefill_kernel("dense", DTYPE)
+    assert m.kernel_at(500) == "dense"
+
+    out = tmp_path / "run"
+    assert run_main([*RUN, "--int4-cache-dir", "", "--int4-prefill-kernel", "tinygemm", "--output-dir", str(out)]) == 0
+    rows = [r for r in csv.DictReader(open(out / "runs.csv")) if r["kind"] == "measured"]
+    assert rows and {r["int4_prefill_kernel"] for r in rows} == {"tinygemm"}
+    assert {r["int4_prefetch_mb"] for r in rows} == {""}  # nothing to dequantize ahead
+    assert "dequantized a layer ahead" not in rows[0]["engine_detail"]
+
+    unrunnable = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, torch.float32)), None)
+    if unrunnable:
+        out = tmp_path / "forced"
+        assert run_main([*RUN, "--int4-cache-dir", "", "--int4-prefill-kernel", unrunnable,
+                         "--output-dir", str(out)]) == 3
+        (row,) = list(csv.DictReader(open(out / "runs.csv")))
+        assert row["status"] == "skipped" and f"--int4-prefill-kernel {unrunnable}" in row["error"]
+    for bad in (["--int4-prefill-kernel", "nope"], ["--int4-prefill-kernel", "tinygemm", "--int4-prefill-copy"]):
+        capsys.readouterr()
+        assert run_main([*RUN, *bad, "--output-dir", str(tmp_path / "bad")]) == 2
+        assert "--int4-prefill-" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_engines_set_the_prefill_kernel_on_the_linears_a_prefill_runs(checkpoint_dirs):
+    from bench.engines.cache_policy import CachePolicy
+    from bench.engines.hf import HFEngine
+    from bench.engines.spec import EngineSpec
+    from bench.engines.static import StaticEngine
+    from bench.models.loader import load_checkpoint
+    from bench.quant.awq import Int4Options, int4_layers, quantize_model
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cpu"), torch.float32)
+    quantize_model(adapter, Int4Options(method="rtn", group_size=32))
+    engine = StaticEngine(adapter, CachePolicy(), EngineSpec(int4_prefill_kernel="tinygemm", int4_prefetch=False))
+    prefill = {id(m) for ms in engine.decoder.prefill_linears(4096) for m in ms}
+    every = [m for m in engine.decoder.modules() if isinstance(m, Int4Linear)]
+    assert {m.prefill_kernel for m in every if id(m) in prefill} == {"tinygemm"}
+    assert {m.prefill_kernel for m in every if id(m) not in prefill} == {"dense"}  # fused: decode only
+    assert engine.memory_columns()["int4_prefill_kernel"] == "tinygemm"
+    HFEngine(adapter, CachePolicy())
+    assert {m.prefill_kernel for m in int4_layers(adapter)} == {"dense"}

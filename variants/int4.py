@@ -21,6 +21,7 @@ from bench.errors import UsageError, VariantUnsupported
 from bench.quant import DEFAULT_CACHE_DIR, DEFAULT_DENSE_ROWS, KERNELS_FILE
 from bench.quant.awq import Int4Options, calibration_images, int4_layers, quantize_model
 from bench.quant.w4a16.choice import modes as kernel_modes
+from bench.quant.w4a16.registry import KERNELS
 from variants.base import WeightsPart, quantized_columns
 from variants.options import opt, run_fact
 
@@ -49,6 +50,11 @@ class Int4VariantOptions:
                             "row count, kept in --int4-cache-dir/kernels.json), or one kernel by name up to "
                             "--int4-dense-rows (python -m bench int4-kernels lists them); column int4_kernels",
                             "tinygemm")
+    int4_prefill_kernel: str = opt("awq4/rtn4 on the static and graph engines: the kernel a full prefill's "
+                                   "linears run above the decode kernels' rows: dense (dequantize + GEMM, "
+                                   "with --int4-prefetch) or a W4A16 kernel by name that reads int4 weights "
+                                   "itself (e.g. fbgemm-shuffled; python -m bench int4-kernels lists them); "
+                                   "column int4_prefill_kernel", "dense")
     int4_cache_dir: str = opt("awq4/rtn4: where quantized models (and kernel measurements) are saved and reused "
                               "('' = never)", DEFAULT_CACHE_DIR)
     image_path: str | None = run_fact()  # awq4 calibrates on this image (unless --awq-calib-dir)
@@ -67,6 +73,12 @@ class Int4VariantOptions:
                 raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no image files ({', '.join(CALIB_SUFFIXES)})")
             for f in files:  # each opens and verifies before any model loads
                 check_image_file(f, "--awq-calib-dir")
+        if self.int4_prefill_kernel != "dense" and self.int4_prefill_kernel not in KERNELS:
+            raise UsageError(f"--int4-prefill-kernel must be dense or one of {', '.join(KERNELS)}, "
+                             f"got {self.int4_prefill_kernel!r}")
+        if self.int4_prefill_kernel != "dense" and self.int4_prefill_copy:
+            raise UsageError("--int4-prefill-copy keeps dense weights for the dense prefill path; it does not go "
+                             f"with --int4-prefill-kernel {self.int4_prefill_kernel}")
         if self.int4_kernels not in kernel_modes():
             raise UsageError(f"--int4-kernels must be one of {', '.join(kernel_modes())}, got {self.int4_kernels!r}")
         if self.int4_cache_dir:  # (an unwritable one only warns: the model is quantized again next time)
@@ -115,8 +127,10 @@ class Int4Weights(WeightsPart):
     def engine_options(self, options: Int4VariantOptions) -> dict:
         # with dense copies there is nothing to dequantize ahead
         cache = str(Path(options.int4_cache_dir).expanduser() / KERNELS_FILE) if options.int4_cache_dir else ""
-        return {"int4_prefetch": bool(options.int4_prefetch) and not options.int4_prefill_copy,
-                "int4_kernels": options.int4_kernels, "int4_kernel_cache": cache}
+        dense = not options.int4_prefill_copy and options.int4_prefill_kernel == "dense"  # what prefetch fills
+        return {"int4_prefetch": bool(options.int4_prefetch) and dense,
+                "int4_kernels": options.int4_kernels, "int4_kernel_cache": cache,
+                "int4_prefill_kernel": options.int4_prefill_kernel}
 
     def key(self, options: Int4VariantOptions) -> tuple:
         o = options.quantization(self.method)

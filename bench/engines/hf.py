@@ -25,7 +25,7 @@ from bench.measure.request import RequestResult
 from bench.measure.timing import Timeline, sum_by_label
 from bench.models.visual import as_visual
 from bench.quant.int4 import Int4Linear
-from bench.quant.w4a16.choice import DEFAULT, choose_kernels, plans_column
+from bench.quant.w4a16.choice import DEFAULT, choose_kernels, plans_column, set_prefill_kernel
 
 
 def layout_rows(rows: list[torch.Tensor], prefix_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -74,6 +74,7 @@ class HFEngine:
         self.spec = self.default_spec if spec is None else spec
         if type(self) is HFEngine:  # transformers' modules run int4 weights on the default kernels
             choose_kernels(self._int4_layers(), DEFAULT, adapter.dtype)
+            set_prefill_kernel(self._int4_layers(), "dense", adapter.dtype)
 
     def _int4_layers(self) -> list:
         return [m for m in self.adapter.model.modules() if isinstance(m, Int4Linear)]
@@ -128,7 +129,8 @@ class HFEngine:
     def memory_columns(self) -> dict:
         """Device memory this engine holds beside the weights and the KV cache, and the int4
         kernels it runs, as row columns (definitions in bench.measure.schema)."""
-        return {"int4_kernels": plans_column(self._int4_layers())}
+        layers = self._int4_layers()
+        return {"int4_kernels": plans_column(layers), "int4_prefill_kernel": "dense" if layers else None}
 
     def describe(self) -> str:
         """How this engine runs (the engine_detail column)."""

@@ -64,6 +64,8 @@ class EngineSpec:
     # tinygemm | measured | a kernel's name) and where measurements are kept ('' = not kept)
     int4_kernels: str = "tinygemm"
     int4_kernel_cache: str = ""
+    # int4 weights: the kernel a full prefill's linears run ("dense": dequantize + GEMM)
+    int4_prefill_kernel: str = "dense"
 
     def __post_init__(self):
         attention_kernels.check(self.attention)

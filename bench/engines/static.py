@@ -18,7 +18,7 @@ from bench.engines.kv_buffers import KVBuffers
 from bench.engines.spec import EngineSpec
 from bench.quant.int4 import Int4Linear
 from bench.quant.prefetch import DensePrefetch
-from bench.quant.w4a16.choice import DEFAULT, ROW_POINTS, KernelChoice, choose_kernels
+from bench.quant.w4a16.choice import DEFAULT, ROW_POINTS, KernelChoice, choose_kernels, set_prefill_kernel
 
 
 class StaticEngine(HFEngine):
@@ -70,11 +70,16 @@ class StaticEngine(HFEngine):
         """Int4 weights: the kernel per row count of every int4 linear this engine's decoder
         holds (--int4-kernels; measured ones once per device and shape), whatever an earlier
         engine over the same model chose: those a call of at most max(64, --int4-dense-rows)
-        rows runs (fused or not) take the mode, the others the default; None for other weights."""
+        rows runs (fused or not) take the mode, the others the default; those a full prefill
+        runs take --int4-prefill-kernel above that. None for other weights."""
         layers = [m for m in self.decoder.modules() if isinstance(m, Int4Linear)]
         if not layers:
             return None
         mode, dtype = self._int4_kernel_mode(), self.adapter.dtype
+        prefill = {id(m): m for ms in self.decoder.prefill_linears(self.spec.prefill_rows) for m in ms
+                   if isinstance(m, Int4Linear)}
+        set_prefill_kernel([m for m in layers if id(m) not in prefill], "dense", dtype)
+        set_prefill_kernel(prefill.values(), self._int4_prefill_kernel(), dtype)
         if mode == DEFAULT:
             return choose_kernels(layers, DEFAULT, dtype)
         rows = sorted({1, *ROW_POINTS, *(m.dense_rows for m in layers)})
@@ -83,6 +88,10 @@ class StaticEngine(HFEngine):
         choose_kernels([m for m in layers if id(m) not in few], DEFAULT, dtype)
         cache = Path(self.spec.int4_kernel_cache).expanduser() if self.spec.int4_kernel_cache else None
         return choose_kernels(few.values(), mode, dtype, cache)
+
+    def _int4_prefill_kernel(self) -> str:
+        """--int4-prefill-kernel as this engine runs it."""
+        return self.spec.int4_prefill_kernel
 
     def _int4_kernel_mode(self) -> str:
         """--int4-kernels as this engine runs it."""
@@ -105,6 +114,7 @@ class StaticEngine(HFEngine):
         choice = self.int4_kernels
         return {"int4_prefetch_mb": self.prefetch.nbytes / 2**20 if self.prefetch is not None else None,
                 "int4_kernels": choice.column() if choice is not None else None,
+                "int4_prefill_kernel": self._int4_prefill_kernel() if choice is not None else None,
                 "int4_kernel_mb": choice.extra_mb() if choice is not None else None}
 
     def prefetch_note(self) -> str:

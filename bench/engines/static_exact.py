@@ -27,6 +27,10 @@ class ExactRequests:
         layers = ExactLayers(self.decoder)
         return layers.at, layers.from_
 
+    def _int4_prefill_kernel(self) -> str:
+        """The dense prefill path, whatever --int4-prefill-kernel says (as _int4_kernel_mode)."""
+        return "dense"
+
     def _int4_kernel_mode(self) -> str:
         """The default int4 kernels, whatever --int4-kernels says: the hf engine's modules run
         them, and another kernel rounds otherwise (the int4_kernels column says which ran)."""

@@ -344,6 +344,7 @@ class Int4Linear(nn.Module):
         # (bench.quant.w4a16: state_key), its non-tensor arguments; its tensors are the buffers
         # kernel_<state_key>_<name>.
         self.kernel = DEFAULT_KERNEL
+        self.prefill_kernel = "dense"  # above the plan (--int4-prefill-kernel)
         self.row_plan: tuple[tuple[int, str], ...] | None = None
         self.kernel_meta: dict[str, object] = {}
 
@@ -386,28 +387,37 @@ class Int4Linear(nn.Module):
     def kernel_at(self, rows: int) -> str:
         """The kernel (bench.quant.w4a16.registry name) a call of `rows` rows runs: `row_plan`'s
         first entry whose row bound takes it; without a plan `kernel` up to dense_rows (read per
-        call, so a changed dense_rows moves the bound). Above the plan (or dense_rows): "dense",
-        the prefill path."""
+        call, so a changed dense_rows moves the bound). Above the plan (or dense_rows):
+        `prefill_kernel`, by default "dense" (the dequantizing prefill path)."""
         if self.row_plan is None:
-            return self.kernel if rows <= self.dense_rows else "dense"
+            return self.kernel if rows <= self.dense_rows else self.prefill_kernel
         for top, name in self.row_plan:
             if rows <= top:
                 return name
-        return "dense"
+        return self.prefill_kernel
 
     def set_row_plan(self, plan: tuple[tuple[int, str], ...] | None, dtype: torch.dtype,
                      kernel: str = DEFAULT_KERNEL) -> None:
         """Run `plan` ((max rows, kernel name), ascending) from now on, or without one (None)
         `kernel` up to dense_rows: the kernels' own weight formats are made (or kept) for the
         kernels it names, the others' dropped."""
-        names = {kernel, "dense"} if plan is None else {name for _, name in plan}
+        self.kernel = kernel if plan is None else DEFAULT_KERNEL
+        self.row_plan = None if plan is None else tuple((int(top), str(name)) for top, name in plan)
+        self._sync_kernel_states(dtype)
+
+    def set_prefill_kernel(self, name: str, dtype: torch.dtype) -> None:
+        """Run kernel `name` for the calls above the plan (prefill) instead of the dense path."""
+        self.prefill_kernel = name
+        self._sync_kernel_states(dtype)
+
+    def _sync_kernel_states(self, dtype: torch.dtype) -> None:
+        """Hold the weight formats of exactly the kernels this layer may run."""
+        names = {self.kernel, self.prefill_kernel, "dense", *(name for _, name in self.row_plan or ())}
         keys = {KERNELS[n].state_key for n in names} - {None}
         for key in set(self.kernel_meta) - keys:
             self.drop_kernel_state(key)
         for n in names:
             self.attach_kernel_state(n, dtype)
-        self.kernel = kernel if plan is None else DEFAULT_KERNEL
-        self.row_plan = None if plan is None else tuple((int(top), str(name)) for top, name in plan)
 
     def attach_kernel_state(self, name: str, dtype: torch.dtype) -> None:
         """Make kernel `name`'s own weight format from this layer's codes, unless it is held already."""
@@ -472,4 +482,5 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, group={self.group_size}, "
                 f"dense_rows={self.dense_rows}, input_scale={self.input_scale is not None}, "
-                f"dense_copy={self.dense_copy is not None}, kernel={self.kernel}, row_plan={self.row_plan}")
+                f"dense_copy={self.dense_copy is not None}, kernel={self.kernel}, row_plan={self.row_plan}, "
+                f"prefill_kernel={self.prefill_kernel}")

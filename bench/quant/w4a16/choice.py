@@ -38,25 +38,28 @@ def modes() -> list[str]:
     return [DEFAULT, MEASURED, *(n for n in KERNELS if n != DEFAULT)]
 
 
-def plan_text(plan: tuple[tuple[int, str], ...] | None, dense_rows: int, kernel: str = DEFAULT) -> str:
-    """'1-4 gemlite-gemv-revsplitk, 5-16 tinygemm, >16 dense' (no plan: `kernel` up to dense_rows)."""
+def plan_text(plan: tuple[tuple[int, str], ...] | None, dense_rows: int, kernel: str = DEFAULT,
+              prefill: str = "dense") -> str:
+    """'1-4 gemlite-gemv-revsplitk, 5-16 tinygemm, >16 dense' (no plan: `kernel` up to dense_rows;
+    `prefill`: what runs above it)."""
     plan = list(plan if plan is not None else ((dense_rows, kernel),))
-    while plan and plan[-1][1] == "dense":  # the dense path runs above the plan anyway
+    while plan and plan[-1][1] == prefill:  # what runs above the plan anyway
         plan.pop()
     if not plan:
-        return "dense"
+        return prefill
     parts, low = [], 1
     for top, name in plan:
         parts.append(f"{low}-{top} {name}" if top > low else f"{top} {name}")
         low = top + 1
-    return ", ".join(parts + [f">{plan[-1][0]} dense"])
+    return ", ".join(parts + [f">{plan[-1][0]} {prefill}"])
 
 
 def plans_column(layers) -> str | None:
     """The int4_kernels column: each weight shape's kernel per row count, as the layers hold it."""
     seen: dict[tuple, str] = {}
     for m in layers:
-        seen.setdefault((m.out_features, m.in_features), plan_text(m.row_plan, m.dense_rows, m.kernel))
+        seen.setdefault((m.out_features, m.in_features),
+                        plan_text(m.row_plan, m.dense_rows, m.kernel, m.prefill_kernel))
     if not seen:
         return None
     if len(set(seen.values())) == 1:
@@ -198,3 +201,22 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
         for m in group:
             m.set_row_plan(plan.plan, dtype)
     return choice
+
+
+def set_prefill_kernel(layers, name: str, dtype: torch.dtype) -> None:
+    """Give `layers` (the int4 linears a prefill runs) kernel `name` above their plans
+    (--int4-prefill-kernel; "dense": the dequantizing prefill path). VariantUnsupported when the
+    kernel cannot run here or take a layer's weight."""
+    layers = list({id(m): m for m in layers}.values())
+    if not layers:
+        return
+    if name != "dense":
+        if name not in KERNELS:
+            raise ValueError(f"unknown int4 kernel {name!r}; choose from {', '.join(KERNELS)}")
+        device = layers[0].packed.device
+        for m in layers:
+            reason = KERNELS[name].unavailable(device, dtype) or KERNELS[name].shape_unsupported(m)
+            if reason:
+                raise VariantUnsupported(f"--int4-prefill-kernel {name}: {reason}")
+    for m in layers:
+        m.set_prefill_kernel(name, dtype)
