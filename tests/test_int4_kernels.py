@@ -428,3 +428,25 @@ def test_engines_set_the_prefill_kernel_on_the_linears_a_prefill_runs(checkpoint
     assert engine.memory_columns()["int4_prefill_kernel"] == "tinygemm"
     HFEngine(adapter, CachePolicy())
     assert {m.prefill_kernel for m in int4_layers(adapter)} == {"dense"}
+
+
+def test_measured_choice_takes_only_the_named_candidates(tmp_path, capsys):
+    from bench.cli import run_main
+
+    layers = [_layer()]
+    chosen = choice.choose_kernels(layers, "measured", DTYPE, None, points=(1, 8), allowed=("tinygemm",))
+    (plan,) = chosen.plans.values()
+    assert {n for _, n in plan.plan} == {"tinygemm"} and set(plan.us) == {"tinygemm"}
+    assert "--int4-kernel-candidates" in plan.left_out["dense"]
+    unrunnable = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, torch.float32)), None)
+    if unrunnable:
+        out = tmp_path / "none"
+        assert run_main([*RUN, "--int4-cache-dir", "", "--int4-kernels", "measured", "--int4-kernel-candidates",
+                         unrunnable, "--output-dir", str(out)]) == 3
+        (row,) = list(csv.DictReader(open(out / "runs.csv")))
+        assert row["status"] == "skipped" and "none of them runs here" in row["error"]
+    for bad in ("nope", "tinygemm,nope", ","):
+        capsys.readouterr()
+        assert run_main([*RUN, "--int4-kernels", "measured", "--int4-kernel-candidates", bad,
+                         "--output-dir", str(tmp_path / "bad")]) == 2
+        assert "--int4-kernel-candidates" in capsys.readouterr().err and not (tmp_path / "bad").exists()

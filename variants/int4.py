@@ -50,6 +50,9 @@ class Int4VariantOptions:
                             "row count, kept in --int4-cache-dir/kernels.json), or one kernel by name up to "
                             "--int4-dense-rows (python -m bench int4-kernels lists them); column int4_kernels",
                             "tinygemm")
+    int4_kernel_candidates: str = opt("awq4/rtn4 with --int4-kernels measured: comma list of the kernels to time "
+                                      "and choose from (e.g. tinygemm,gemlite-gemv-revsplitk,fbgemm-rowwise); "
+                                      "default: every kernel that runs here")
     int4_prefill_kernel: str = opt("awq4/rtn4 on the static and graph engines: the kernel a full prefill's "
                                    "linears run above the decode kernels' rows: dense (dequantize + GEMM, "
                                    "with --int4-prefetch) or a W4A16 kernel by name that reads int4 weights "
@@ -79,10 +82,19 @@ class Int4VariantOptions:
         if self.int4_prefill_kernel != "dense" and self.int4_prefill_copy:
             raise UsageError("--int4-prefill-copy keeps dense weights for the dense prefill path; it does not go "
                              f"with --int4-prefill-kernel {self.int4_prefill_kernel}")
+        wrong = [n for n in self.candidate_kernels() if n not in KERNELS]
+        if wrong or (self.int4_kernel_candidates is not None and not self.candidate_kernels()):
+            raise UsageError(f"--int4-kernel-candidates: {', '.join(wrong) or 'empty'}; give kernels of "
+                             f"{', '.join(KERNELS)}")
         if self.int4_kernels not in kernel_modes():
             raise UsageError(f"--int4-kernels must be one of {', '.join(kernel_modes())}, got {self.int4_kernels!r}")
         if self.int4_cache_dir:  # (an unwritable one only warns: the model is quantized again next time)
             check_creatable(Path(self.int4_cache_dir).expanduser(), "--int4-cache-dir", writable=False)
+
+    def candidate_kernels(self) -> tuple[str, ...]:
+        """--int4-kernel-candidates as names (empty: every kernel that runs here)."""
+        text = self.int4_kernel_candidates or ""
+        return tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
 
     def quantization(self, method: str) -> Int4Options:
         """What bench.quant.awq needs to quantize with `method` (awq or rtn)."""
@@ -130,7 +142,8 @@ class Int4Weights(WeightsPart):
         dense = not options.int4_prefill_copy and options.int4_prefill_kernel == "dense"  # what prefetch fills
         return {"int4_prefetch": bool(options.int4_prefetch) and dense,
                 "int4_kernels": options.int4_kernels, "int4_kernel_cache": cache,
-                "int4_prefill_kernel": options.int4_prefill_kernel}
+                "int4_prefill_kernel": options.int4_prefill_kernel,
+                "int4_kernel_candidates": options.candidate_kernels()}
 
     def key(self, options: Int4VariantOptions) -> tuple:
         o = options.quantization(self.method)

@@ -64,6 +64,7 @@ class EngineSpec:
     # tinygemm | measured | a kernel's name) and where measurements are kept ('' = not kept)
     int4_kernels: str = "tinygemm"
     int4_kernel_cache: str = ""
+    int4_kernel_candidates: tuple[str, ...] = ()  # the kernels `measured` chooses from (empty: all)
     # int4 weights: the kernel a full prefill's linears run ("dense": dequantize + GEMM)
     int4_prefill_kernel: str = "dense"
 

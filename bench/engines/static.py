@@ -87,7 +87,7 @@ class StaticEngine(HFEngine):
                if isinstance(m, Int4Linear)}
         choose_kernels([m for m in layers if id(m) not in few], DEFAULT, dtype)
         cache = Path(self.spec.int4_kernel_cache).expanduser() if self.spec.int4_kernel_cache else None
-        return choose_kernels(few.values(), mode, dtype, cache)
+        return choose_kernels(few.values(), mode, dtype, cache, allowed=self.spec.int4_kernel_candidates)
 
     def _int4_prefill_kernel(self) -> str:
         """--int4-prefill-kernel as this engine runs it."""

@@ -88,6 +88,7 @@ def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | Non
     device = layer.packed.device
     ok, left_out = candidates(layer, device, dtype)
     names = ok if names is None else [n for n in names if n in ok]
+    left_out.update({n: "not a candidate (--int4-kernel-candidates)" for n in ok if n not in names})
     gen = torch.Generator(device=device).manual_seed(0)
     w = layer.to_int4().dequantize(torch.float32).to(device)  # its own tensor: freed below
     inputs = {}
@@ -163,8 +164,9 @@ def table_rows(plans) -> list[dict]:
 
 
 def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | None = None,
-                   points=ROW_POINTS) -> KernelChoice:
-    """Give every layer of `layers` (Int4Linear) its kernel per row count under `mode`."""
+                   points=ROW_POINTS, allowed: tuple[str, ...] = ()) -> KernelChoice:
+    """Give every layer of `layers` (Int4Linear) its kernel per row count under `mode`;
+    `allowed`: the kernels `measured` may choose from (empty: every one that runs here)."""
     layers = list({id(m): m for m in layers}.values())
     choice = KernelChoice(mode, layers)
     if not layers:
@@ -190,6 +192,11 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
         groups.setdefault(((m.out_features, m.in_features, m.group_size), m.dense_copy is not None), []).append(m)
     for (shape, copy), group in groups.items():
         names, _ = candidates(group[0], device, dtype)
+        if allowed:
+            names = [n for n in names if n in allowed]
+            if not names:
+                raise VariantUnsupported(f"--int4-kernel-candidates {','.join(allowed)}: none of them runs here "
+                                         f"on {shape[0]}x{shape[1]} (group {shape[2]})")
         key = cache_key(device, dtype, shape, points, names, copy)
         plan = cache.get(key, shape)
         if plan is None:
