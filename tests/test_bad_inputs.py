@@ -413,6 +413,15 @@ def test_int4_kernels_bad_value(tmp_path, capsys, value, variant):
     bad_run(tmp_path, capsys, ["--variants", variant, "--int4-kernels", value], "--int4-kernels must be one of")
 
 
+@pytest.mark.parametrize("args,needle", [
+    (["--int4-prefill-kernel", "fbgemm"], "--int4-prefill-kernel must be one of"),
+    (["--int4-prefill-kernel", ""], "--int4-prefill-kernel must be one of"),
+    (["--int4-prefill-kernel", "tinygemm", "--int4-prefill-copy"], "--int4-prefill-copy"),
+])
+def test_int4_prefill_kernel_bad_values(tmp_path, capsys, args, needle):
+    bad_run(tmp_path, capsys, ["--variants", "rtn4", *args], needle)
+
+
 def _kernel_measurements(path, **entry) -> None:
     """A kernels.json of one measured plan, written as a run writes it; `entry` overrides its fields."""
     from bench.quant.w4a16.measurements import PlanCache, ShapePlan, cache_key
@@ -480,6 +489,11 @@ def test_serve_int4_kernel_the_device_cannot_run():
     cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1, variants="rtn4+static",
                          int4_kernels=name, int4_cache_dir="", int4_group_size=32)
     with pytest.raises(UsageError, match=f"rtn4\\+static cannot run here: --int4-kernels {name}"):
+        load_engine(cfg, model_source(cfg))
+    TRIED.append(f"serve --int4-prefill-kernel {name}")
+    cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1, variants="rtn4+static",
+                         int4_prefill_kernel=name, int4_cache_dir="", int4_group_size=32)
+    with pytest.raises(UsageError, match=f"rtn4\\+static cannot run here: --int4-prefill-kernel {name}"):
         load_engine(cfg, model_source(cfg))
 
 

@@ -374,10 +374,9 @@ def test_cuda_gemlite_kernel_compiles_whole_and_matches_eager(name):
 
 
 def test_a_prefill_kernel_runs_above_the_plan_and_is_refused_with_a_dense_copy(tmp_path, capsys):
-    """--int4-prefill-kernel: the linears a full prefill runs take the kernel above their plans
-    (fused projections, which prefill never runs, keep dense), prefetch is off, the rows say so,
-    and an engine made later resets them; a kernel the device lacks is a skipped row; a bad
-    value or one with --int4-prefill-copy is a usage error."""
+    """--int4-prefill-kernel: a layer runs the kernel above its plan, prefetch is off, the rows
+    say so; a kernel the device lacks is a skipped row; a bad value or one with
+    --int4-prefill-copy is a usage error."""
     from bench.cli import run_main
 
     m = _layer()
@@ -393,7 +392,7 @@ def test_a_prefill_kernel_runs_above_the_plan_and_is_refused_with_a_dense_copy(t
     out = tmp_path / "run"
     assert run_main([*RUN, "--int4-cache-dir", "", "--int4-prefill-kernel", "tinygemm", "--output-dir", str(out)]) == 0
     rows = [r for r in csv.DictReader(open(out / "runs.csv")) if r["kind"] == "measured"]
-    assert rows and {r["int4_prefill_kernel"] for r in rows} == {"tinygemm"}
+    assert rows and {(r["int4_prefill_kernel"], r["int4_kernels"]) for r in rows} == {("tinygemm", "tinygemm")}
     assert {r["int4_prefetch_mb"] for r in rows} == {""}  # nothing to dequantize ahead
     assert "dequantized a layer ahead" not in rows[0]["engine_detail"]
 
@@ -410,24 +409,106 @@ def test_a_prefill_kernel_runs_above_the_plan_and_is_refused_with_a_dense_copy(t
         assert "--int4-prefill-" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
-def test_engines_set_the_prefill_kernel_on_the_linears_a_prefill_runs(checkpoint_dirs):
+class _Copy(W4A16Kernel):
+    """Right, reading a weight format of its own (a dense copy), as gemlite's and FBGEMM's do."""
+
+    name = "test-copy"
+    state_key = "test_copy"
+
+    def prepare(self, layer, dtype):
+        return {"w": layer.to_int4().dequantize(torch.float32).to(layer.packed.device, dtype)}, None
+
+    def run(self, layer, x):
+        return x @ layer.kernel_test_copy_w.T
+
+
+def _int4_rtn(ckpt, dtype=torch.float32, dense_rows=8):
+    from bench.models.loader import load_checkpoint
+    from bench.quant.awq import Int4Options, quantize_model
+
+    adapter = load_checkpoint(ckpt, None, torch.device("cpu"), dtype)
+    quantize_model(adapter, Int4Options(method="rtn", group_size=32, dense_rows=dense_rows))
+    return adapter
+
+
+def test_every_call_above_the_decode_rows_runs_the_prefill_kernel(tiny_llava_dir, monkeypatch):
+    """Suffix buckets and batched steps of more rows than --int4-dense-rows run fused q/k/v and
+    gate/up: they take the prefill kernel too, as o, down and the separate projections of a full
+    prefill do, and the column says one plan; only linears that run such calls hold the kernel's
+    weights, all counted in int4_kernel_mb; there is no prefetch; the hf engine resets them."""
     from bench.engines.cache_policy import CachePolicy
     from bench.engines.hf import HFEngine
     from bench.engines.spec import EngineSpec
     from bench.engines.static import StaticEngine
-    from bench.models.loader import load_checkpoint
-    from bench.quant.awq import Int4Options, int4_layers, quantize_model
+    from bench.quant.awq import int4_layers
 
-    adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cpu"), torch.float32)
-    quantize_model(adapter, Int4Options(method="rtn", group_size=32))
-    engine = StaticEngine(adapter, CachePolicy(), EngineSpec(int4_prefill_kernel="tinygemm", int4_prefetch=False))
-    prefill = {id(m) for ms in engine.decoder.prefill_linears(4096) for m in ms}
-    every = [m for m in engine.decoder.modules() if isinstance(m, Int4Linear)]
-    assert {m.prefill_kernel for m in every if id(m) in prefill} == {"tinygemm"}
-    assert {m.prefill_kernel for m in every if id(m) not in prefill} == {"dense"}  # fused: decode only
-    assert engine.memory_columns()["int4_prefill_kernel"] == "tinygemm"
+    monkeypatch.setitem(KERNELS, "test-copy", _Copy())
+    adapter = _int4_rtn(tiny_llava_dir)
+    engine = StaticEngine(adapter, CachePolicy(), EngineSpec(int4_kernels="dense", int4_prefill_kernel="test-copy"))
+    every = engine._int4_layers()
+    for rows in (1, 8, 9, 16, 64, 65, 300):
+        ran = {m.kernel_at(rows) for ms in engine.decoder.prefill_linears(rows) for m in ms}
+        assert ran == {"dense" if rows <= 8 else "test-copy"}, rows
+    cols = engine.memory_columns()
+    assert cols["int4_kernels"] == "1-8 dense, >8 test-copy" and cols["int4_prefill_kernel"] == "test-copy"
+    assert cols["int4_prefetch_mb"] is None and engine.prefetch is None  # asked for, nothing to fill
+    held = sum(m.kernel_state_bytes() for m in every)
+    assert cols["int4_kernel_mb"] == held / 2**20 and all(m.kernel_state_bytes() for m in every)
+
+    # a measured plan up to 64 rows covers every call the fused projections run: no copy for them
+    measured = StaticEngine(adapter, CachePolicy(), EngineSpec(int4_kernels="measured", int4_prefill_kernel="test-copy",
+                                                               int4_kernel_candidates=("tinygemm",)))
+    fused = [b.qkv.fused for b in measured.decoder.layers] + [b.gate_up.fused for b in measured.decoder.layers]
+    assert {m.prefill_kernel for m in fused} == {"dense"} and not any(m.kernel_state_bytes() for m in fused)
+    assert measured.memory_columns()["int4_kernels"] == "1-64 tinygemm, >64 test-copy"
+    assert {m.kernel_at(4096) for ms in measured.decoder.prefill_linears(4096) for m in ms} == {"test-copy"}
+
     HFEngine(adapter, CachePolicy())
     assert {m.prefill_kernel for m in int4_layers(adapter)} == {"dense"}
+    assert not any(m.kernel_state_bytes() for m in int4_layers(adapter))
+
+
+def test_with_no_dense_rows_every_call_runs_the_prefill_kernel(tiny_llava_dir):
+    """--int4-dense-rows 0: no call runs a decode kernel; the column names the one that runs."""
+    from bench.engines.cache_policy import CachePolicy
+    from bench.engines.spec import EngineSpec
+    from bench.engines.static import StaticEngine
+
+    adapter = _int4_rtn(tiny_llava_dir, dense_rows=0)
+    engine = StaticEngine(adapter, CachePolicy(), EngineSpec(int4_prefetch=False))
+    assert engine.memory_columns()["int4_kernels"] == "dense"
+    engine = StaticEngine(adapter, CachePolicy(), EngineSpec(int4_prefill_kernel="tinygemm"))
+    assert {m.kernel_at(1) for ms in engine.decoder.prefill_linears(1) for m in ms} == {"tinygemm"}
+    assert engine.memory_columns()["int4_kernels"] == "tinygemm"
+
+
+def test_an_engine_without_prefetch_frees_the_slots_of_an_earlier_one(tiny_llava_dir, demo_image):
+    """Prefetch slots an earlier engine gave the model's linears are neither read nor kept by an
+    engine whose prefill runs another kernel (or the hf engine); the exact engines keep the
+    dense prefill, and its prefetch, whatever --int4-prefill-kernel says."""
+    from bench.engines.cache_policy import CachePolicy
+    from bench.engines.hf import HFEngine
+    from bench.engines.spec import EngineSpec
+    from bench.engines.static import StaticEngine
+    from bench.engines.static_exact import StaticExactEngine
+
+    adapter = _int4_rtn(tiny_llava_dir)
+    spec = EngineSpec(int4_prefill_kernel="tinygemm")
+    exact = StaticExactEngine(adapter, CachePolicy(), spec)
+    assert exact.prefetch is not None and exact.memory_columns()["int4_prefill_kernel"] == "dense"
+    slotted = [m for ms in exact.prefetch.layers for m in ms]
+    assert all(m.prefill_weight is not None for m in slotted)
+    engine = StaticEngine(adapter, CachePolicy(), spec)
+    assert engine.prefetch is None and all(m.prefill_weight is None for m in engine._int4_layers())
+    want = engine.run(demo_image, "What is shown?", 4)
+    StaticExactEngine(adapter, CachePolicy(), spec)
+    HFEngine(adapter, CachePolicy())
+    assert all(m.prefill_weight is None for m in slotted)
+    assert StaticEngine(adapter, CachePolicy(), spec).run(demo_image, "What is shown?", 4).tokens == want.tokens
+    wide = StaticEngine(adapter, CachePolicy(), EngineSpec(fused_max_rows=2**62))  # prefill runs fused, as graph's
+    fused = {id(m): m for ms in wide.prefetch.layers for m in ms}
+    kept = {id(m) for ms in StaticEngine(adapter, CachePolicy()).prefetch.layers for m in ms}
+    assert fused.keys() - kept and all(m.prefill_weight is None for i, m in fused.items() if i not in kept)
 
 
 def test_measured_choice_takes_only_the_named_candidates(tmp_path, capsys):
@@ -450,3 +531,4 @@ def test_measured_choice_takes_only_the_named_candidates(tmp_path, capsys):
         assert run_main([*RUN, "--int4-kernels", "measured", "--int4-kernel-candidates", bad,
                          "--output-dir", str(tmp_path / "bad")]) == 2
         assert "--int4-kernel-candidates" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+

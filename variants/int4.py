@@ -53,11 +53,11 @@ class Int4VariantOptions:
     int4_kernel_candidates: str = opt("awq4/rtn4 with --int4-kernels measured: comma list of the kernels to time "
                                       "and choose from (e.g. tinygemm,gemlite-gemv-revsplitk,fbgemm-rowwise); "
                                       "default: every kernel that runs here")
-    int4_prefill_kernel: str = opt("awq4/rtn4 on the static and graph engines: the kernel a full prefill's "
-                                   "linears run above the decode kernels' rows: dense (dequantize + GEMM, "
-                                   "with --int4-prefetch) or a W4A16 kernel by name that reads int4 weights "
-                                   "itself (e.g. fbgemm-shuffled; python -m bench int4-kernels lists them); "
-                                   "column int4_prefill_kernel", "dense")
+    int4_prefill_kernel: str = opt("awq4/rtn4 on the static and graph engines: the kernel every call above the "
+                                   "decode kernels' rows runs (a full prefill, longer suffixes and batched steps): "
+                                   "dense (dequantize + GEMM, with --int4-prefetch) or a W4A16 kernel by name that "
+                                   "reads int4 weights itself (e.g. fbgemm-shuffled; python -m bench int4-kernels "
+                                   "lists them); column int4_prefill_kernel", "dense")
     int4_cache_dir: str = opt("awq4/rtn4: where quantized models (and kernel measurements) are saved and reused "
                               "('' = never)", DEFAULT_CACHE_DIR)
     image_path: str | None = run_fact()  # awq4 calibrates on this image (unless --awq-calib-dir)
@@ -76,8 +76,8 @@ class Int4VariantOptions:
                 raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no image files ({', '.join(CALIB_SUFFIXES)})")
             for f in files:  # each opens and verifies before any model loads
                 check_image_file(f, "--awq-calib-dir")
-        if self.int4_prefill_kernel != "dense" and self.int4_prefill_kernel not in KERNELS:
-            raise UsageError(f"--int4-prefill-kernel must be dense or one of {', '.join(KERNELS)}, "
+        if self.int4_prefill_kernel not in KERNELS:
+            raise UsageError(f"--int4-prefill-kernel must be one of {', '.join(KERNELS)}, "
                              f"got {self.int4_prefill_kernel!r}")
         if self.int4_prefill_kernel != "dense" and self.int4_prefill_copy:
             raise UsageError("--int4-prefill-copy keeps dense weights for the dense prefill path; it does not go "
@@ -137,10 +137,10 @@ class Int4Weights(WeightsPart):
         self.name, self.method, self.description = name, method, description
 
     def engine_options(self, options: Int4VariantOptions) -> dict:
-        # with dense copies there is nothing to dequantize ahead
+        # with dense copies there is nothing to dequantize ahead (nor where the engine's prefill
+        # runs another kernel: it makes no prefetch then)
         cache = str(Path(options.int4_cache_dir).expanduser() / KERNELS_FILE) if options.int4_cache_dir else ""
-        dense = not options.int4_prefill_copy and options.int4_prefill_kernel == "dense"  # what prefetch fills
-        return {"int4_prefetch": bool(options.int4_prefetch) and dense,
+        return {"int4_prefetch": bool(options.int4_prefetch) and not options.int4_prefill_copy,
                 "int4_kernels": options.int4_kernels, "int4_kernel_cache": cache,
                 "int4_prefill_kernel": options.int4_prefill_kernel,
                 "int4_kernel_candidates": options.candidate_kernels()}

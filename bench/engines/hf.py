@@ -25,6 +25,7 @@ from bench.measure.request import RequestResult
 from bench.measure.timing import Timeline, sum_by_label
 from bench.models.visual import as_visual
 from bench.quant.int4 import Int4Linear
+from bench.quant.prefetch import drop_slots
 from bench.quant.w4a16.choice import DEFAULT, choose_kernels, plans_column, set_prefill_kernel
 
 
@@ -75,6 +76,7 @@ class HFEngine:
         if type(self) is HFEngine:  # transformers' modules run int4 weights on the default kernels
             choose_kernels(self._int4_layers(), DEFAULT, adapter.dtype)
             set_prefill_kernel(self._int4_layers(), "dense", adapter.dtype)
+            drop_slots(self._int4_layers())  # an earlier engine's prefetch slots: nothing reads them
 
     def _int4_layers(self) -> list:
         return [m for m in self.adapter.model.modules() if isinstance(m, Int4Linear)]

@@ -58,14 +58,16 @@ class EngineSpec:
     prefill_round: int = PREFILL_ROUND
     # a step's separate projections side by side on CUDA side streams (graph-exact)
     concurrent_projections: bool = False
-    # int4 weights: a side stream dequantizes the next layer's prefill weights (bench.quant.prefetch)
+    # int4 weights: a side stream dequantizes the next layer's prefill weights (bench.quant.prefetch),
+    # where the engine's prefill runs the dense path (see int4_prefill_kernel)
     int4_prefetch: bool = True
     # int4 weights: the kernel per row count of the step's linears (bench.quant.w4a16.choice:
     # tinygemm | measured | a kernel's name) and where measurements are kept ('' = not kept)
     int4_kernels: str = "tinygemm"
     int4_kernel_cache: str = ""
     int4_kernel_candidates: tuple[str, ...] = ()  # the kernels `measured` chooses from (empty: all)
-    # int4 weights: the kernel a full prefill's linears run ("dense": dequantize + GEMM)
+    # int4 weights: the kernel every call above the decode kernels' rows runs (a full prefill,
+    # longer suffixes and batched steps; "dense": dequantize + GEMM)
     int4_prefill_kernel: str = "dense"
 
     def __post_init__(self):

@@ -17,7 +17,7 @@ from bench.engines.hf import HFEngine
 from bench.engines.kv_buffers import KVBuffers
 from bench.engines.spec import EngineSpec
 from bench.quant.int4 import Int4Linear
-from bench.quant.prefetch import DensePrefetch
+from bench.quant.prefetch import DensePrefetch, drop_slots
 from bench.quant.w4a16.choice import DEFAULT, ROW_POINTS, KernelChoice, choose_kernels, set_prefill_kernel
 
 
@@ -52,10 +52,16 @@ class StaticEngine(HFEngine):
         """(step, prefill) layer functions of eager calls; None: the decoder's own."""
         return None, None
 
+    def _int4_layers(self) -> list:
+        """Every int4 linear this engine's decoder runs or may run, the fused ones included."""
+        return [m for m in self.decoder.modules() if isinstance(m, Int4Linear)]
+
     def _int4_prefetch(self) -> DensePrefetch | None:
         """Int4 weights: each layer's dense prefill weights dequantized a layer ahead (see
-        bench.quant.prefetch); None for other weights."""
-        if not self.spec.int4_prefetch:  # --no-int4-prefetch
+        bench.quant.prefetch), where the prefill runs the dense path; None otherwise. No linear
+        keeps the slots an earlier engine over the model gave it."""
+        drop_slots(self._int4_layers())
+        if not self.spec.int4_prefetch or self._int4_prefill_kernel() != "dense":  # --no-int4-prefetch
             return None
         per_layer = [[m for m in ms if isinstance(m, Int4Linear)]
                      for ms in self.decoder.prefill_linears(self.spec.prefill_rows)]
@@ -70,24 +76,33 @@ class StaticEngine(HFEngine):
         """Int4 weights: the kernel per row count of every int4 linear this engine's decoder
         holds (--int4-kernels; measured ones once per device and shape), whatever an earlier
         engine over the same model chose: those a call of at most max(64, --int4-dense-rows)
-        rows runs (fused or not) take the mode, the others the default; those a full prefill
-        runs take --int4-prefill-kernel above that. None for other weights."""
-        layers = [m for m in self.decoder.modules() if isinstance(m, Int4Linear)]
+        rows runs (fused or not) take the mode, the others the default; above those rows every
+        call runs --int4-prefill-kernel (a full prefill, and suffixes or batched steps of more
+        rows), on whichever linears it runs, fused or not. None for other weights."""
+        layers = self._int4_layers()
         if not layers:
             return None
-        mode, dtype = self._int4_kernel_mode(), self.adapter.dtype
-        prefill = {id(m): m for ms in self.decoder.prefill_linears(self.spec.prefill_rows) for m in ms
-                   if isinstance(m, Int4Linear)}
-        set_prefill_kernel([m for m in layers if id(m) not in prefill], "dense", dtype)
-        set_prefill_kernel(prefill.values(), self._int4_prefill_kernel(), dtype)
-        if mode == DEFAULT:
+        mode, prefill, dtype = self._int4_kernel_mode(), self._int4_prefill_kernel(), self.adapter.dtype
+        if mode == DEFAULT and prefill == "dense":
+            set_prefill_kernel(layers, "dense", dtype)
             return choose_kernels(layers, DEFAULT, dtype)
-        rows = sorted({1, *ROW_POINTS, *(m.dense_rows for m in layers)})
-        few = {id(m): m for r in rows for ms in self.decoder.prefill_linears(r) for m in ms
-               if isinstance(m, Int4Linear)}
+        few = self._int4_linears_at(sorted({1, *ROW_POINTS, *(m.dense_rows for m in layers)}))
         choose_kernels([m for m in layers if id(m) not in few], DEFAULT, dtype)
         cache = Path(self.spec.int4_kernel_cache).expanduser() if self.spec.int4_kernel_cache else None
-        return choose_kernels(few.values(), mode, dtype, cache, allowed=self.spec.int4_kernel_candidates)
+        choice = choose_kernels(few.values(), mode, dtype, cache, allowed=self.spec.int4_kernel_candidates)
+        # the linears a call of more rows than their decode rows runs (only those hold the
+        # kernel's own weight format): checked at one row past each bound and at a full prefill
+        tops = sorted({m.decode_rows() + 1 for m in layers} | {self.spec.prefill_rows})
+        above = {i: m for r in tops for i, m in self._int4_linears_at([r]).items() if m.decode_rows() < r}
+        set_prefill_kernel([m for m in layers if id(m) not in above], "dense", dtype)
+        set_prefill_kernel(above.values(), prefill, dtype)
+        choice.prefill = prefill
+        return choice
+
+    def _int4_linears_at(self, rows) -> dict:
+        """{id: layer} of the int4 linears calls of each of `rows` rows run (fused or not)."""
+        return {id(m): m for r in rows for ms in self.decoder.prefill_linears(r) for m in ms
+                if isinstance(m, Int4Linear)}
 
     def _int4_prefill_kernel(self) -> str:
         """--int4-prefill-kernel as this engine runs it."""
@@ -115,7 +130,8 @@ class StaticEngine(HFEngine):
         return {"int4_prefetch_mb": self.prefetch.nbytes / 2**20 if self.prefetch is not None else None,
                 "int4_kernels": choice.column() if choice is not None else None,
                 "int4_prefill_kernel": self._int4_prefill_kernel() if choice is not None else None,
-                "int4_kernel_mb": choice.extra_mb() if choice is not None else None}
+                "int4_kernel_mb": (sum(m.kernel_state_bytes() for m in self._int4_layers()) / 2**20
+                                   if choice is not None else None)}
 
     def prefetch_note(self) -> str:
         return ", int4 prefill weights dequantized a layer ahead" if self.prefetch is not None else ""

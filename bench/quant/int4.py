@@ -396,6 +396,13 @@ class Int4Linear(nn.Module):
                 return name
         return self.prefill_kernel
 
+    def decode_rows(self) -> int:
+        """The most rows a call runs the decode kernels at (the plan's last bound, else
+        dense_rows); calls of more rows run `prefill_kernel`."""
+        if self.row_plan is None:
+            return self.dense_rows
+        return self.row_plan[-1][0] if self.row_plan else 0
+
     def set_row_plan(self, plan: tuple[tuple[int, str], ...] | None, dtype: torch.dtype,
                      kernel: str = DEFAULT_KERNEL) -> None:
         """Run `plan` ((max rows, kernel name), ascending) from now on, or without one (None)

@@ -21,6 +21,14 @@ from bench.quant.int4 import Int4Linear
 from bench.measure.compile_events import note_capture
 
 
+def drop_slots(layers) -> None:
+    """`layers` (Int4Linear) read no prefetched slot from now on: an engine without a prefetch
+    frees the slots an earlier engine over the model gave them (their memory goes with it)."""
+    for m in layers:
+        m.prefill_weight = None
+        m.read_prefill_weight = False
+
+
 class DensePrefetch:
     """Dense slots for the int4 linears each decoder layer runs in a prefill, and the side
     stream that fills them ahead. On the CPU the fill is synchronous (same results, no overlap)."""

@@ -42,7 +42,7 @@ def plan_text(plan: tuple[tuple[int, str], ...] | None, dense_rows: int, kernel:
               prefill: str = "dense") -> str:
     """'1-4 gemlite-gemv-revsplitk, 5-16 tinygemm, >16 dense' (no plan: `kernel` up to dense_rows;
     `prefill`: what runs above it)."""
-    plan = list(plan if plan is not None else ((dense_rows, kernel),))
+    plan = [(top, name) for top, name in (plan if plan is not None else ((dense_rows, kernel),)) if top >= 1]
     while plan and plan[-1][1] == prefill:  # what runs above the plan anyway
         plan.pop()
     if not plan:
@@ -54,12 +54,13 @@ def plan_text(plan: tuple[tuple[int, str], ...] | None, dense_rows: int, kernel:
     return ", ".join(parts + [f">{plan[-1][0]} {prefill}"])
 
 
-def plans_column(layers) -> str | None:
-    """The int4_kernels column: each weight shape's kernel per row count, as the layers hold it."""
+def plans_column(layers, prefill: str | None = None) -> str | None:
+    """The int4_kernels column: each weight shape's kernel per row count, as the layers hold it;
+    `prefill`: what the calls above the plans run (default: each layer's prefill_kernel)."""
     seen: dict[tuple, str] = {}
     for m in layers:
         seen.setdefault((m.out_features, m.in_features),
-                        plan_text(m.row_plan, m.dense_rows, m.kernel, m.prefill_kernel))
+                        plan_text(m.row_plan, m.dense_rows, m.kernel, prefill or m.prefill_kernel))
     if not seen:
         return None
     if len(set(seen.values())) == 1:
@@ -129,17 +130,16 @@ def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | Non
 
 @dataclass
 class KernelChoice:
-    """What --int4-kernels decided for an engine's int4 layers."""
+    """What --int4-kernels decided for an engine's int4 layers (`layers`: those it chose for);
+    `prefill`: what the engine's calls above their plans run (--int4-prefill-kernel)."""
 
     mode: str
     layers: list
     plans: dict[tuple, ShapePlan] = field(default_factory=dict)
+    prefill: str = "dense"
 
     def column(self) -> str | None:
-        return plans_column(self.layers)
-
-    def extra_mb(self) -> float:
-        return sum(m.kernel_state_bytes() for m in self.layers) / 2**20
+        return plans_column(self.layers, self.prefill)
 
     def table(self) -> list[dict]:
         """One row per (shape, kernel, row count) measured."""
@@ -227,3 +227,4 @@ def set_prefill_kernel(layers, name: str, dtype: torch.dtype) -> None:
                 raise VariantUnsupported(f"--int4-prefill-kernel {name}: {reason}")
     for m in layers:
         m.set_prefill_kernel(name, dtype)
+
