@@ -511,6 +511,22 @@ def test_an_engine_without_prefetch_frees_the_slots_of_an_earlier_one(tiny_llava
     assert fused.keys() - kept and all(m.prefill_weight is None for i, m in fused.items() if i not in kept)
 
 
+def test_fidelity_kl_measures_the_weights_whatever_kernels_an_engine_chose(tiny_llava_dir, demo_image):
+    """kl_mean's side runs transformers' forward on the default kernels: an engine's prefill
+    kernel (tinygemm rounds otherwise in bfloat16) changes neither it nor, after, the engine's."""
+    from bench.engines.cache_policy import CachePolicy
+    from bench.engines.spec import EngineSpec
+    from bench.engines.static import StaticEngine
+    from bench.run.fidelity import teacher_forced_logits
+
+    adapter = _int4_rtn(tiny_llava_dir, torch.bfloat16)
+    want = teacher_forced_logits(adapter, demo_image, "What is shown?", [5, 6, 7, 8])
+    engine = StaticEngine(adapter, CachePolicy(), EngineSpec(int4_prefill_kernel="tinygemm", int4_kernels="dense"))
+    routes = [(m.kernel, m.prefill_kernel) for m in engine._int4_layers()]
+    assert torch.equal(teacher_forced_logits(adapter, demo_image, "What is shown?", [5, 6, 7, 8]), want)
+    assert [(m.kernel, m.prefill_kernel) for m in engine._int4_layers()] == routes
+
+
 def test_measured_choice_takes_only_the_named_candidates(tmp_path, capsys):
     from bench.cli import run_main
 

@@ -29,6 +29,8 @@ from transformers import DynamicCache
 
 from bench.models.base import VLMAdapter
 from bench.models.prompts import FIDELITY_PROBE
+from bench.quant.awq import int4_layers
+from bench.quant.w4a16.choice import default_kernels
 
 
 @dataclass
@@ -41,11 +43,14 @@ class FidelityReference:
 
 @torch.inference_mode()
 def teacher_forced_logits(adapter: VLMAdapter, image, question: str, continuation: list[int]) -> torch.Tensor:
-    """The logits (model dtype, CPU) the model gives each position of `continuation` after the prompt."""
-    prepared = adapter.prepare(image, question)
-    image_embeds = adapter.encode_image(adapter.pixels_to_device(prepared))
-    embeds = adapter.prompt_embeds(prepared, image_embeds, continuation[:-1])
-    return adapter.lm_forward(embeds, DynamicCache(), logits_to_keep=len(continuation))[0].cpu()
+    """The logits (model dtype, CPU) the model gives each position of `continuation` after the
+    prompt: its weights alone, so int4 linears run the default kernels whatever kernels an engine
+    over the model chose (--int4-kernels, --int4-prefill-kernel: engine_kl_mean measures those)."""
+    with default_kernels(int4_layers(adapter)):
+        prepared = adapter.prepare(image, question)
+        image_embeds = adapter.encode_image(adapter.pixels_to_device(prepared))
+        embeds = adapter.prompt_embeds(prepared, image_embeds, continuation[:-1])
+        return adapter.lm_forward(embeds, DynamicCache(), logits_to_keep=len(continuation))[0].cpu()
 
 
 def teacher_forced_logprobs(adapter: VLMAdapter, image, question: str, continuation: list[int]) -> torch.Tensor:

@@ -16,6 +16,7 @@ prints or writes the measured table.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -228,3 +229,18 @@ def set_prefill_kernel(layers, name: str, dtype: torch.dtype) -> None:
     for m in layers:
         m.set_prefill_kernel(name, dtype)
 
+
+@contextmanager
+def default_kernels(layers):
+    """Within: `layers` (Int4Linear) run the default kernels (tinygemm up to dense_rows, the dense
+    path above), whatever an engine chose for them, and run it again after; the kernels' own
+    weight formats stay held."""
+    layers = list({id(m): m for m in layers}.values())
+    saved = [(m.kernel, m.row_plan, m.prefill_kernel) for m in layers]
+    for m in layers:
+        m.kernel, m.row_plan, m.prefill_kernel = DEFAULT, None, "dense"
+    try:
+        yield
+    finally:
+        for m, (kernel, plan, prefill) in zip(layers, saved):
+            m.kernel, m.row_plan, m.prefill_kernel = kernel, plan, prefill
