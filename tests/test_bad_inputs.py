@@ -417,8 +417,11 @@ def test_int4_kernels_bad_value(tmp_path, capsys, value, variant):
     (["--int4-prefill-kernel", "fbgemm"], "--int4-prefill-kernel must be one of"),
     (["--int4-prefill-kernel", ""], "--int4-prefill-kernel must be one of"),
     (["--int4-prefill-kernel", "tinygemm", "--int4-prefill-copy"], "--int4-prefill-copy"),
+    (["--int4-kernels", "measured", "--int4-kernel-candidates", " , "], "--int4-kernel-candidates"),
+    (["--int4-kernels", "measured", "--int4-kernel-candidates", "tinygemm;dense"], "unknown tinygemm;dense"),
+    (["--int4-kernel-candidates", "tinygemm"], "does not go with --int4-kernels tinygemm"),
 ])
-def test_int4_prefill_kernel_bad_values(tmp_path, capsys, args, needle):
+def test_int4_prefill_kernel_and_candidates_bad_values(tmp_path, capsys, args, needle):
     bad_run(tmp_path, capsys, ["--variants", "rtn4", *args], needle)
 
 

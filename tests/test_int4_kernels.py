@@ -542,9 +542,31 @@ def test_measured_choice_takes_only_the_named_candidates(tmp_path, capsys):
                          unrunnable, "--output-dir", str(out)]) == 3
         (row,) = list(csv.DictReader(open(out / "runs.csv")))
         assert row["status"] == "skipped" and "none of them runs here" in row["error"]
-    for bad in ("nope", "tinygemm,nope", ","):
+        assert KERNELS[unrunnable].unavailable(DEVICE, torch.float32) in row["error"]  # and why not
+    for bad in (["measured", "nope"], ["measured", "tinygemm,nope"], ["measured", ","], ["tinygemm", "tinygemm"],
+                ["dense", "tinygemm,dense"]):  # without `measured` it would change nothing: refused
         capsys.readouterr()
-        assert run_main([*RUN, "--int4-kernels", "measured", "--int4-kernel-candidates", bad,
+        assert run_main([*RUN, "--int4-kernels", bad[0], "--int4-kernel-candidates", bad[1],
                          "--output-dir", str(tmp_path / "bad")]) == 2
         assert "--int4-kernel-candidates" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
+
+def test_kernel_measurements_of_other_candidates_are_kept_and_listed_apart(tmp_path, capsys, monkeypatch):
+    """Plans measured from two candidate sets are two entries of kernels.json, and `int4-kernels`
+    says which candidates each was chosen from (table and --out)."""
+    from bench.cli import main
+
+    path = tmp_path / "kernels.json"
+    for allowed in (("tinygemm",), ("dense",), ("dense", "tinygemm")):
+        chosen = choice.choose_kernels([_layer()], "measured", DTYPE, path, points=(1, 2), allowed=allowed)
+        assert {n for _, n in chosen.plans[(256, 256, 64)].plan} <= set(allowed)
+    keys = [json.loads(k) for k in json.loads(path.read_text())["entries"]]
+    assert sorted(k["candidates"] for k in keys) == [["dense"], ["dense", "tinygemm"], ["tinygemm"]]
+    capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "200")  # the table's width (not a terminal here)
+    assert main(["int4-kernels", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "dense, tinygemm" in out and out.count("256x256, g64") == 3
+    assert main(["int4-kernels", str(path), "--out", str(tmp_path / "t.csv")]) == 0
+    assert {r["candidates"] for r in csv.DictReader(open(tmp_path / "t.csv"))} == {"tinygemm", "dense",
+                                                                                  "dense tinygemm"}

@@ -20,7 +20,7 @@ from bench.models.visual import check_image_file, load_image
 from bench.errors import UsageError, VariantUnsupported
 from bench.quant import DEFAULT_CACHE_DIR, DEFAULT_DENSE_ROWS, KERNELS_FILE
 from bench.quant.awq import Int4Options, calibration_images, int4_layers, quantize_model
-from bench.quant.w4a16.choice import modes as kernel_modes
+from bench.quant.w4a16.choice import MEASURED, modes as kernel_modes
 from bench.quant.w4a16.registry import KERNELS
 from variants.base import WeightsPart, quantized_columns
 from variants.options import opt, run_fact
@@ -50,8 +50,8 @@ class Int4VariantOptions:
                             "row count, kept in --int4-cache-dir/kernels.json), or one kernel by name up to "
                             "--int4-dense-rows (python -m bench int4-kernels lists them); column int4_kernels",
                             "tinygemm")
-    int4_kernel_candidates: str = opt("awq4/rtn4 with --int4-kernels measured: comma list of the kernels to time "
-                                      "and choose from (e.g. tinygemm,gemlite-gemv-revsplitk,fbgemm-rowwise); "
+    int4_kernel_candidates: str = opt("awq4/rtn4 with --int4-kernels measured (only): comma list of the kernels "
+                                      "to time and choose from (e.g. tinygemm,gemlite-gemv-revsplitk,fbgemm-rowwise); "
                                       "default: every kernel that runs here")
     int4_prefill_kernel: str = opt("awq4/rtn4 on the static and graph engines: the kernel every call above the "
                                    "decode kernels' rows runs (a full prefill, longer suffixes and batched steps): "
@@ -82,12 +82,17 @@ class Int4VariantOptions:
         if self.int4_prefill_kernel != "dense" and self.int4_prefill_copy:
             raise UsageError("--int4-prefill-copy keeps dense weights for the dense prefill path; it does not go "
                              f"with --int4-prefill-kernel {self.int4_prefill_kernel}")
-        wrong = [n for n in self.candidate_kernels() if n not in KERNELS]
-        if wrong or (self.int4_kernel_candidates is not None and not self.candidate_kernels()):
-            raise UsageError(f"--int4-kernel-candidates: {', '.join(wrong) or 'empty'}; give kernels of "
-                             f"{', '.join(KERNELS)}")
         if self.int4_kernels not in kernel_modes():
             raise UsageError(f"--int4-kernels must be one of {', '.join(kernel_modes())}, got {self.int4_kernels!r}")
+        if self.int4_kernel_candidates is not None:
+            wrong = [n for n in self.candidate_kernels() if n not in KERNELS]
+            if wrong or not self.candidate_kernels():
+                raise UsageError(f"--int4-kernel-candidates {self.int4_kernel_candidates!r}: "
+                                 f"{'unknown ' + ', '.join(wrong) if wrong else 'no kernel named'}; give a comma "
+                                 f"list of {', '.join(KERNELS)}")
+            if self.int4_kernels != MEASURED:
+                raise UsageError("--int4-kernel-candidates limits what --int4-kernels measured chooses from; it "
+                                 f"does not go with --int4-kernels {self.int4_kernels}")
         if self.int4_cache_dir:  # (an unwritable one only warns: the model is quantized again next time)
             check_creatable(Path(self.int4_cache_dir).expanduser(), "--int4-cache-dir", writable=False)
 

@@ -8,8 +8,8 @@ from bench.quant import DEFAULT_CACHE_DIR, KERNELS_FILE
 from bench.errors import ArgumentParser
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
-CSV_COLUMNS = ["device", "dtype", "versions", "dense_copy", "out_features", "in_features", "group_size", "kernel",
-               "rows", "us", "max_rel_err", "chosen", "left_out"]
+CSV_COLUMNS = ["device", "dtype", "versions", "dense_copy", "candidates", "out_features", "in_features", "group_size",
+               "kernel", "rows", "us", "max_rel_err", "chosen", "left_out"]
 
 
 def parser() -> ArgumentParser:
@@ -19,7 +19,8 @@ def parser() -> ArgumentParser:
                          "its kernels.json)")
     ap.add_argument("--out", metavar="CSV", default=None,
                     help="write every measurement to this new CSV (device, dtype, library versions, dense copy or "
-                         "not, shape, kernel, rows, us, max_rel_err, chosen, left_out); default: print the choices")
+                         "not, the candidates chosen from, shape, kernel, rows, us, max_rel_err, chosen, left_out); "
+                         "default: print the choices")
     return ap
 
 
@@ -81,7 +82,8 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"{path} holds no measurements; run with --int4-kernels measured first")
         rows = [{"device": fields["device"], "dtype": fields["dtype"],
                  "versions": " ".join(f"{k}={v}" for k, v in sorted(fields["versions"].items())),
-                 "dense_copy": fields.get("dense_copy"), **row}
+                 "dense_copy": fields.get("dense_copy"), "candidates": " ".join(map(str, fields["candidates"])),
+                 **row}
                 for fields, plan in entries for row in table_rows([plan])]
         try:
             write_csv(out, CSV_COLUMNS, rows)
@@ -106,11 +108,13 @@ def main(argv: list[str]) -> int:
         console.print(f"no measurements in {path} (a run with --int4-kernels measured makes them)")
         return 0
     chosen = Table(title=f"measured choices ({path})", title_justify="left", box=None, header_style="bold")
-    for column in ("device", "dtype", "shape (out x in, group)", "kernel per row count"):
+    for column in ("device", "dtype", "shape (out x in, group)", "candidates"):
         chosen.add_column(column, overflow="fold")
+    chosen.add_column("kernel per row count", no_wrap=True)  # the answer: others fold first
     for fields, plan in entries:
         n, k, g = plan.shape
         copy = ", dense copy" if fields.get("dense_copy") else ""
-        chosen.add_row(fields["device"], fields["dtype"], f"{n}x{k}, g{g}{copy}", plan_text(plan.plan, 0))
+        chosen.add_row(fields["device"], fields["dtype"], f"{n}x{k}, g{g}{copy}",
+                       ", ".join(map(str, fields["candidates"])), plan_text(plan.plan, 0))
     console.print(chosen)
     return 0

@@ -192,12 +192,13 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
     for m in layers:
         groups.setdefault(((m.out_features, m.in_features, m.group_size), m.dense_copy is not None), []).append(m)
     for (shape, copy), group in groups.items():
-        names, _ = candidates(group[0], device, dtype)
+        names, why = candidates(group[0], device, dtype)
         if allowed:
             names = [n for n in names if n in allowed]
             if not names:
                 raise VariantUnsupported(f"--int4-kernel-candidates {','.join(allowed)}: none of them runs here "
-                                         f"on {shape[0]}x{shape[1]} (group {shape[2]})")
+                                         f"on {shape[0]}x{shape[1]} (group {shape[2]}): "
+                                         + "; ".join(why.get(n, f"{n}: unknown") for n in allowed))
         key = cache_key(device, dtype, shape, points, names, copy)
         plan = cache.get(key, shape)
         if plan is None:
