@@ -463,9 +463,13 @@ def test_every_call_above_the_decode_rows_runs_the_prefill_kernel(tiny_llava_dir
     assert measured.memory_columns()["int4_kernels"] == "1-64 tinygemm, >64 test-copy"
     assert {m.kernel_at(4096) for ms in measured.decoder.prefill_linears(4096) for m in ms} == {"test-copy"}
 
+    engine = StaticEngine(adapter, CachePolicy(), EngineSpec(int4_kernels="dense", int4_prefill_kernel="test-copy"))
+    assert any(m.kernel_state_bytes() for m in engine._int4_layers() if m not in int4_layers(adapter))
     HFEngine(adapter, CachePolicy())
     assert {m.prefill_kernel for m in int4_layers(adapter)} == {"dense"}
     assert not any(m.kernel_state_bytes() for m in int4_layers(adapter))
+    # the fused projections (outside the model, never run by hf) let their copies go too
+    assert not any(m.kernel_state_bytes() for m in engine._int4_layers())
 
 
 def test_with_no_dense_rows_every_call_runs_the_prefill_kernel(tiny_llava_dir):

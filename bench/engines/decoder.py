@@ -361,6 +361,12 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 _BUILT: "weakref.WeakKeyDictionary[object, FastDecoder]" = weakref.WeakKeyDictionary()
 
 
+def built_decoder(adapter) -> FastDecoder | None:
+    """The adapter's FastDecoder if an engine built one (its fused projections live there, outside
+    the model), else None."""
+    return _BUILT.get(adapter)
+
+
 def fast_decoder(adapter, cls: type[FastDecoder] | None = None, **options) -> FastDecoder:
     """The adapter's FastDecoder, built once (fusing rebinds weights; doing it twice would not).
     `cls`: a new decoder of that subclass of FastDecoder over the same blocks (`options`: its

@@ -19,6 +19,7 @@ from transformers import DynamicCache
 
 from bench.engines import attention_kernels
 from bench.engines.cache_policy import CachePolicy
+from bench.engines.decoder import built_decoder
 from bench.engines.spec import EngineSpec
 from bench.models.base import VLMAdapter
 from bench.measure.request import RequestResult
@@ -74,9 +75,14 @@ class HFEngine:
         self.adapter, self.policy = adapter, policy
         self.spec = self.default_spec if spec is None else spec
         if type(self) is HFEngine:  # transformers' modules run int4 weights on the default kernels
-            choose_kernels(self._int4_layers(), DEFAULT, adapter.dtype)
-            set_prefill_kernel(self._int4_layers(), "dense", adapter.dtype)
-            drop_slots(self._int4_layers())  # an earlier engine's prefetch slots: nothing reads them
+            # (and a static engine's fused projections, which this engine never runs, drop the
+            # weight formats that engine's kernels kept)
+            dec = built_decoder(adapter)
+            fused = [m for m in dec.modules() if isinstance(m, Int4Linear)] if dec is not None else []
+            every = list({id(m): m for m in [*self._int4_layers(), *fused]}.values())
+            choose_kernels(every, DEFAULT, adapter.dtype)
+            set_prefill_kernel(every, "dense", adapter.dtype)
+            drop_slots(every)  # an earlier engine's prefetch slots: nothing reads them
 
     def _int4_layers(self) -> list:
         return [m for m in self.adapter.model.modules() if isinstance(m, Int4Linear)]
