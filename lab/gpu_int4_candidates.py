@@ -8,7 +8,7 @@ bench.engines.fused_linear makes them; o and down alone), for each row count M:
 - tinygemm: Int4Linear's int4 path (PyTorch's `_weight_int4pack_mm`, what runs today);
 - dense: Int4Linear's prefill path (Triton dequantize + cuBLAS);
 - gemlite/<setting>/<kernel>: gemlite's GemLiteLinear on the same int4 codes, scales and zero
-  points (its hqq convention (q - z) * s is ours), for each packing width (32, 8), each autotune
+  points (packed with fma_mode=False: (q - z) * s as ours), for each packing width (32, 8), each autotune
   setting (`default`: its defaults, no config for an H200; `h100`: its shipped H100 config;
   `max`: its exhaustive autotune) and each of its kernels forced by forward_manual, plus `auto`
   (its own pick by M).
@@ -71,7 +71,7 @@ def gemlite_layers(t, n: int, k: int, dtype, dev, settings: list[str], widths: l
             gemlite.set_packing_bitwidth(bits)
             layer = GemLiteLinear(4, group_size=t.group_size, in_features=k, out_features=n,
                                   input_dtype=DType.FP16, output_dtype=DType.FP16)
-            layer.pack(t.q.to(dev, torch.uint8), t.scale.to(dev, dtype), t.zero.to(dev, dtype), None)
+            layer.pack(t.q.to(dev, torch.uint8), t.scale.to(dev, dtype), t.zero.to(dev, dtype), None, fma_mode=False)
             out[f"p{bits}/{setting}"] = layer
     return out
 
