@@ -251,6 +251,21 @@ def test_a_dense_copy_is_measured_apart(tmp_path):
     assert sorted(json.loads(k)["dense_copy"] for k in json.loads(path.read_text())["entries"]) == [False, True]
 
 
+@pytest.mark.parametrize("distribution", ["fbgemm_gpu_genai", "gemlite"])
+def test_a_kernel_librarys_upgrade_is_measured_again(tmp_path, monkeypatch, distribution):
+    """A measurement is keyed by the versions of the libraries whose kernels it timed (FBGEMM's
+    too): after an upgrade the kept plan is not reused."""
+    keys = []
+    for version in ("1.0.0", "1.1.0"):
+        info = tmp_path / version / f"{distribution}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+        with monkeypatch.context() as m:
+            m.syspath_prepend(str(tmp_path / version))
+            keys.append(_key())
+    assert keys[0] != keys[1] and all(json.loads(k)["versions"] for k in keys)
+
+
 def _recorded_logits(engine, image) -> list[torch.Tensor]:
     logits, step = [], engine.decode_step
 

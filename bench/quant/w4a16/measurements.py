@@ -20,6 +20,9 @@ from bench.quant.w4a16.registry import KERNELS
 
 CACHE_VERSION = 1
 LOCK_SECONDS = 60  # a writer waits this long for another's lock, then keeps its plan unsaved
+# the distributions whose versions key a measurement besides torch's: the kernels' libraries
+# (FBGEMM's gen_ai kernels ship in either of its two)
+KERNEL_LIBRARIES = ("triton", "gemlite", "fbgemm-gpu-genai", "fbgemm-gpu")
 KEY_FIELDS = {"device": str, "versions": dict, "dtype": str, "shape": list, "points": list, "candidates": list}
 _KEPT: dict[str, dict] = {}  # key -> entry: what this process measured or read
 
@@ -132,7 +135,7 @@ def _versions() -> dict:
     import importlib.metadata as md
 
     out = {"torch": torch.__version__}
-    for pkg in ("triton", "gemlite"):
+    for pkg in KERNEL_LIBRARIES:
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
