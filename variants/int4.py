@@ -20,7 +20,7 @@ from bench.models.visual import check_image_file, load_image
 from bench.errors import UsageError, VariantUnsupported
 from bench.quant import DEFAULT_CACHE_DIR, DEFAULT_DENSE_ROWS, KERNELS_FILE
 from bench.quant.awq import Int4Options, calibration_images, int4_layers, quantize_model
-from bench.quant.w4a16.choice import MEASURED, modes as kernel_modes
+from bench.quant.w4a16.choice import DEFAULT, MEASURED, ROW_POINTS, modes as kernel_modes
 from bench.quant.w4a16.registry import KERNELS
 from variants.base import WeightsPart, quantized_columns
 from variants.options import opt, run_fact
@@ -36,28 +36,30 @@ class Int4VariantOptions:
                                "layer whose in_features it does not divide uses the largest smaller size that "
                                "does, and one that none divides stays in --dtype (columns quant_group_size, "
                                "quant_dense_layers)", 128)
-    int4_dense_rows: int = opt("awq4/rtn4: above this many rows a linear dequantizes and runs a dense GEMM "
-                               "(prefill); at or below it the int4 kernel runs (decode)", DEFAULT_DENSE_ROWS)
+    int4_dense_rows: int = opt("awq4/rtn4: above this many rows a linear runs the prefill path (dequantize + dense "
+                               "GEMM, or --int4-prefill-kernel); at or below it the int4 kernel runs (decode; "
+                               "--int4-kernels measured sets its own bounds)", DEFAULT_DENSE_ROWS)
     int4_prefetch: bool = opt("awq4/rtn4: a side stream dequantizes the next layer's prefill weights while a layer "
                               "runs (costs two layers' dense weights of memory)", True)
     int4_prefill_copy: bool = opt("awq4/rtn4: keep a dense --dtype copy of every int4 weight for the calls above "
                                   "--int4-dense-rows (prefill, long suffixes): prefill at the dense model's speed "
                                   "for the dense weights' memory on top of the int4 ones (column "
                                   "int4_prefill_copy_mb, counted in weight_mb); replaces --int4-prefetch", False)
-    int4_kernels: str = opt("awq4/rtn4 on the static and graph engines: the W4A16 kernel for calls of few rows "
-                            "(decode, short suffixes): tinygemm (PyTorch's), measured (every kernel that runs "
-                            "here timed and checked per weight shape at 1-64 rows, the fastest correct one per "
-                            "row count, kept in --int4-cache-dir/kernels.json), or one kernel by name up to "
-                            "--int4-dense-rows (python -m bench int4-kernels lists them); column int4_kernels",
-                            "tinygemm")
+    int4_kernels: str = opt("awq4/rtn4 on the static and graph engines (hf and the exact ones run tinygemm): the "
+                            "W4A16 kernel for calls of few rows (decode, short suffixes): tinygemm (PyTorch's), "
+                            "measured (every kernel that runs here timed and checked per weight shape at "
+                            f"{ROW_POINTS[0]}-{ROW_POINTS[-1]} rows, the fastest correct one per row count, kept in "
+                            "--int4-cache-dir/kernels.json), or one kernel by name up to --int4-dense-rows (python "
+                            "-m bench int4-kernels lists them); column int4_kernels", DEFAULT)
     int4_kernel_candidates: str = opt("awq4/rtn4 with --int4-kernels measured (only): comma list of the kernels "
                                       "to time and choose from (e.g. tinygemm,gemlite-gemv-revsplitk,fbgemm-rowwise); "
                                       "default: every kernel that runs here")
-    int4_prefill_kernel: str = opt("awq4/rtn4 on the static and graph engines: the kernel every call above the "
-                                   "decode kernels' rows runs (a full prefill, longer suffixes and batched steps): "
-                                   "dense (dequantize + GEMM, with --int4-prefetch) or a W4A16 kernel by name that "
-                                   "reads int4 weights itself (e.g. fbgemm-shuffled; python -m bench int4-kernels "
-                                   "lists them); column int4_prefill_kernel", "dense")
+    int4_prefill_kernel: str = opt("awq4/rtn4 on the static and graph engines (hf and the exact ones run dense): "
+                                   "the kernel every call above the decode kernels' rows runs (a full prefill, "
+                                   "longer suffixes and batched steps): dense (dequantize + GEMM, with "
+                                   "--int4-prefetch) or a W4A16 kernel by name that reads int4 weights itself (e.g. "
+                                   "fbgemm-shuffled; python -m bench int4-kernels lists them); column "
+                                   "int4_prefill_kernel", "dense")
     int4_cache_dir: str = opt("awq4/rtn4: where quantized models (and kernel measurements) are saved and reused "
                               "('' = never)", DEFAULT_CACHE_DIR)
     image_path: str | None = run_fact()  # awq4 calibrates on this image (unless --awq-calib-dir)
@@ -253,6 +255,7 @@ class Int4Weights(WeightsPart):
 
 
 PARTS = [
-    Int4Weights("awq4", "awq", "AWQ int4 (--awq-calib requests through the VLM, --int4-group-size), tinygemm decode"),
+    Int4Weights("awq4", "awq", "AWQ int4 (--awq-calib requests through the VLM, --int4-group-size), tinygemm "
+                               "decode unless --int4-kernels"),
     Int4Weights("rtn4", "rtn", "round-to-nearest int4, same kernel and format as awq4 (the control)"),
 ]

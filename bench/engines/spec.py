@@ -1,8 +1,9 @@
 """An engine's knobs, as one frozen value given at construction (`Engine(adapter, policy, spec)`).
 
 Every engine class has its default (`default_spec`); a run replaces the fields its options set
-(the attention kernels, the int4 prefetch: variants.base.EnginePart.spec) and writes the spec
-of each engine it uses to env.json. Nothing an engine does depends on process-wide settings.
+(the attention kernels, the int4 prefetch and kernels: variants.base.EnginePart.spec) and
+writes the spec of each engine it uses to env.json. Nothing an engine does depends on
+process-wide settings.
 
 The hf engine reads `attention` only; the rest is for the engines over our own decoder
 (bench.engines.static and the graph engines).
@@ -62,7 +63,7 @@ class EngineSpec:
     # where the engine's prefill runs the dense path (see int4_prefill_kernel)
     int4_prefetch: bool = True
     # int4 weights: the kernel per row count of the step's linears (bench.quant.w4a16.choice:
-    # tinygemm | measured | a kernel's name) and where measurements are kept ('' = not kept)
+    # tinygemm | measured | a kernel's name) and the file measurements are kept in ('' = not kept)
     int4_kernels: str = "tinygemm"
     int4_kernel_cache: str = ""
     int4_kernel_candidates: tuple[str, ...] = ()  # the kernels `measured` chooses from (empty: all)

@@ -148,9 +148,10 @@ COLUMNS: tuple[Column, ...] = (
     _c("int4_kernels", "", None, "int4: the W4A16 kernel each weight shape runs per row count, e.g. '1-4 "
                                  "gemlite-gemv-revsplitk, 5-8 tinygemm, >8 dense' (--int4-kernels; shapes listed as "
                                  "out x in when they differ; dense: dequantize + GEMM)"),
-    _c("int4_prefill_kernel", "", None, "int4 on the static and graph engines: what every call above the decode "
-                                        "kernels' rows runs (a full prefill, longer suffixes and batched steps): "
-                                        "dense (dequantize + GEMM) or a W4A16 kernel (--int4-prefill-kernel)"),
+    _c("int4_prefill_kernel", "", None, "int4: what every call above the decode kernels' rows runs (a full "
+                                        "prefill, longer suffixes and batched steps): dense (dequantize + GEMM) "
+                                        "or a W4A16 kernel (--int4-prefill-kernel; the static and graph engines "
+                                        "only, the others run dense)"),
     _c("int4_kernel_mb", "MiB", False, "int4 on the static and graph engines: weights the chosen kernels keep in "
                                        "their own packed format beside the tinygemm-packed ones (gemlite, FBGEMM), not in "
                                        "weight_mb; 0 when none"),

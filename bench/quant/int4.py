@@ -7,13 +7,14 @@ The layer has two paths, picked per call by the number of rows (tokens) it sees 
 - few rows (decode, short suffixes): a W4A16 kernel reads int4 weights. By default PyTorch's
   tinygemm up to dense_rows; `--int4-kernels` sets another kernel or one measured per row count
   (bench.quant.w4a16: the kernels, and the measured choice per device and shape);
-- more rows (prefill): the weight is dequantized to the activation dtype and a dense GEMM runs.
+- more rows (prefill): by default the weight is dequantized to the activation dtype and a dense
+  GEMM runs (`--int4-prefill-kernel` names a W4A16 kernel to run there instead).
   Int4 kernels are fast at a few rows and slow at many (H200, 4096x4096, in
   f67f436:results/h200/int4_kernels_llava-1.5-7b.csv: tinygemm 7.2 us at M=1 against 9.3 us fp16, but
   602 us at M=512 against 24 us fp16 and 40 us for dequantize + GEMM). No dense copy is kept
   unless asked for (--int4-prefill-copy).
 
-Kernels: the int4 path is PyTorch's tinygemm, the kernel torchao's int4 tensors call
+Kernels: the default int4 path is PyTorch's tinygemm, the kernel torchao's int4 tensors call
 (`_weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on the CPU), called directly
 rather than through Int4TilePackedTo4dTensor / Int4OpaqueTensor because those have no
 dequantize (the dense path needs one) and the CUDA one pads K to a multiple of 1024 on every

@@ -5,7 +5,8 @@ import torch
 
 
 class W4A16Kernel:
-    """y = x @ W^T for an Int4Linear's weight and x of few rows.
+    """y = x @ W^T for an Int4Linear's weight and x of any number of rows (the calls its layer
+    gives it: few under --int4-kernels, many under --int4-prefill-kernel).
 
     `state_key`: the name of the extra weight format the kernel reads (None: it reads the
     layer's own packed weight); kernels with the same key share one prepared copy, which the

@@ -1,14 +1,17 @@
 """Which W4A16 kernel each Int4Linear runs per row count (`--int4-kernels`).
 
-- `tinygemm` (default): PyTorch's tinygemm up to --int4-dense-rows, dequantize + GEMM above;
+- `tinygemm` (default): PyTorch's tinygemm up to --int4-dense-rows;
 - a kernel's name (bench.quant.w4a16.registry): that kernel up to --int4-dense-rows;
 - `measured`: per weight shape (out, in, group) and activation dtype, every kernel that runs on
-  the device is called at each row count of ROW_POINTS on one of the layers' own weights, checked
-  against the dequantized weight times x in fp32 (max |error| / max |reference| at most
-  TOLERANCE), and timed (bench.measure.timing.call_us: on CUDA inside a CUDA graph, as the graph
-  engine's steps run). The fastest correct kernel at a point serves the row counts from the
-  point below it up to it; above the last point the dense path runs. A kernel that fails, is
-  wrong, or cannot be captured is left out with the reason.
+  the device (of those --int4-kernel-candidates names, if it does) is called at each row count of
+  ROW_POINTS on one of the layers' own weights, checked against the dequantized weight times x in
+  fp32 (max |error| / max |reference| at most TOLERANCE), and timed (bench.measure.timing.call_us:
+  on CUDA inside a CUDA graph, as the graph engine's steps run). The fastest correct kernel at a
+  point serves the row counts from the point below it up to it. A kernel that fails, is wrong, or
+  cannot be captured is left out with the reason.
+
+Above those rows every call runs the layer's prefill kernel (`set_prefill_kernel`,
+--int4-prefill-kernel; by default dequantize + GEMM).
 
 Measured plans are kept once per device and shape (bench.quant.w4a16.measurements: in this
 process and in the int4 cache directory's `kernels.json`). `python -m bench int4-kernels`
@@ -142,12 +145,9 @@ class KernelChoice:
     def column(self) -> str | None:
         return plans_column(self.layers, self.prefill)
 
-    def table(self) -> list[dict]:
-        """One row per (shape, kernel, row count) measured."""
-        return table_rows(self.plans.values())
-
 
 def table_rows(plans) -> list[dict]:
+    """One row per (shape, kernel, row count) measured, and one per kernel left out."""
     rows = []
     for p in plans:
         for name in sorted(set(p.us) | set(p.left_out)):
