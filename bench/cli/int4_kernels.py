@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bench.cli import PROG, describe
 from bench.quant import DEFAULT_CACHE_DIR, KERNELS_FILE
-from bench.errors import ArgumentParser
+from bench.errors import ArgumentParser, UsageError
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
 CSV_COLUMNS = ["device", "dtype", "versions", "dense_copy", "candidates", "out_features", "in_features", "group_size",
@@ -26,7 +26,6 @@ def parser() -> ArgumentParser:
 
 def _entries(path, explicit: bool) -> list[tuple[dict, object]]:
     """[(key fields, ShapePlan)] of the file; [] when the default file does not exist yet."""
-    from bench.errors import UsageError
     from bench.quant.w4a16.measurements import parse_entry, read_entries
 
     if path.is_dir():
@@ -46,8 +45,6 @@ def _entries(path, explicit: bool) -> list[tuple[dict, object]]:
 def _check_out(out) -> None:
     import os
 
-    from bench.errors import UsageError
-
     if out.is_dir() or not out.parent.is_dir():
         raise UsageError(f"--out {out}: give a file in an existing directory")
     if out.exists():
@@ -60,7 +57,6 @@ def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
     from pathlib import Path
 
-    from bench.errors import UsageError
     from bench.measure.results import write_csv
     from bench.quiet import quiet_libraries
 

@@ -162,7 +162,7 @@ def calibrate(adapter, images: list[Image.Image], opts: Int4Options) -> tuple[di
             hooks.append(g.linears[0].register_forward_pre_hook(rec))
     tokens = 0
     try:
-        group = getattr(adapter, "visual_group", 1)  # images per request the model takes (4: InternVideo2.5)
+        group = adapter.visual_group  # images per request the model takes (4: InternVideo2.5)
         for i, im in enumerate(images):
             visual = im if group == 1 else [images[(i + j) % len(images)] for j in range(group)]
             prepared = adapter.prepare(visual, CALIBRATION_QUESTIONS[i % len(CALIBRATION_QUESTIONS)])
