@@ -1,6 +1,7 @@
 """The documentation cannot drift from the code or the reference runs: reference runs carry a
 generated MANIFEST, docs/findings.md and the README's variants table are what the generators
-write, the README names every subcommand, and every relative link resolves."""
+write, the README names every subcommand, the numbers the docs state are the code's, and every
+relative link resolves."""
 import re
 import shutil
 
@@ -61,6 +62,19 @@ def test_readme_names_every_subcommand_and_fits_a_screenful_of_pages():
     missing = [c for c in COMMANDS if f"`{c}`" not in readme]
     assert not missing, f"README.md does not list the subcommands {missing}"
     assert len(readme.splitlines()) <= 150
+
+
+def test_numbers_the_docs_state_are_the_codes():
+    """The constants docs/int4.md and docs/serving.md state in words: the measured kernel
+    choice's row counts and error bound, and the server's default body limit."""
+    from bench.quant.w4a16.choice import ROW_POINTS, TOLERANCE
+    from bench.serve.body_limit import MAX_REQUEST_MB
+
+    int4 = " ".join((ROOT / "docs" / "int4.md").read_text().split())
+    points = ", ".join(map(str, ROW_POINTS[:-1])) + f" and {ROW_POINTS[-1]} rows"
+    assert points in int4 and f"above {ROW_POINTS[-1]} rows" in int4 and f"at most {TOLERANCE:.0%})" in int4
+    serving = " ".join((ROOT / "docs" / "serving.md").read_text().split())
+    assert f"default {MAX_REQUEST_MB:g}," in serving
 
 
 def test_relative_links_in_readme_and_docs_resolve():
