@@ -89,44 +89,41 @@ def sum_by_label(phases: list[tuple[str, float]]) -> dict[str, float]:
 
 
 def call_us(fn, device: torch.device, calls: int | None = None, reps: int | None = None, warmup: int = 3) -> float:
-    """Median time of one call of `fn`, microseconds: what a kernel costs where it runs.
+    """Median time of one call of `fn`, microseconds: what a kernel costs where it runs, timed by
+    a Timeline (events on CUDA, the host clock elsewhere), one phase per repetition.
 
     CUDA: `calls` calls captured back to back in one CUDA graph (warmed up on a side stream
-    first, as capture wants) and the graph replayed `reps` times between events, so the time is
-    the GPU's without launch overhead (the graph engine replays its steps the same way); a
-    function that cannot be captured raises. Elsewhere: wall time of `calls` calls in a row,
-    median over `reps` repetitions (fewer of each by default: a CPU call takes far longer)."""
+    first, as capture wants) and the graph replayed `reps` times, so the time is the GPU's
+    without launch overhead (the graph engine replays its steps the same way); a function that
+    cannot be captured raises. Elsewhere: `calls` calls in a row per repetition (fewer calls and
+    repetitions by default: a CPU call takes far longer)."""
     import statistics
 
     cuda = device.type == "cuda"
     calls = calls or (32 if cuda else 8)
     reps = reps or (15 if cuda else 5)
-    if not cuda:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
+    if cuda:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
             for _ in range(calls):
                 fn()
-            times.append((time.perf_counter() - t0) * 1e6 / calls)
-        return statistics.median(times)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+        run = graph.replay
+    else:
         for _ in range(warmup):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
+
+        def run():
+            for _ in range(calls):
+                fn()
+    timeline = Timeline(device)
+    timeline.mark("start")
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(times)
+        run()
+        timeline.mark("repetition")
+    return statistics.median(ms * 1e3 / calls for _, ms in timeline.phases_ms())

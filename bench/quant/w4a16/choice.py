@@ -198,7 +198,7 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
             if not names:
                 raise VariantUnsupported(f"--int4-kernel-candidates {','.join(allowed)}: none of them runs here "
                                          f"on {shape[0]}x{shape[1]} (group {shape[2]}): "
-                                         + "; ".join(why.get(n, f"{n}: unknown") for n in allowed))
+                                         + "; ".join(dict.fromkeys(why.get(n, f"{n}: unknown") for n in allowed)))
         key = cache_key(device, dtype, shape, points, names, copy)
         plan = cache.get(key, shape)
         if plan is None:
