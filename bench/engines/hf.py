@@ -25,9 +25,9 @@ from bench.models.base import VLMAdapter
 from bench.measure.request import RequestResult
 from bench.measure.timing import Timeline, sum_by_label
 from bench.models.visual import as_visual
-from bench.quant.int4 import Int4Linear
+from bench.quant.int4 import int4_modules
 from bench.quant.prefetch import drop_slots
-from bench.quant.w4a16.choice import DEFAULT, choose_kernels, plans_column, set_prefill_kernel
+from bench.quant.w4a16.choice import plans_column, reset_kernels
 
 
 def layout_rows(rows: list[torch.Tensor], prefix_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -78,14 +78,12 @@ class HFEngine:
             # (and a static engine's fused projections, which this engine never runs, drop the
             # weight formats that engine's kernels kept)
             dec = built_decoder(adapter)
-            fused = [m for m in dec.modules() if isinstance(m, Int4Linear)] if dec is not None else []
-            every = list({id(m): m for m in [*self._int4_layers(), *fused]}.values())
-            choose_kernels(every, DEFAULT, adapter.dtype)
-            set_prefill_kernel(every, "dense", adapter.dtype)
+            every = [*self._int4_layers(), *(int4_modules(dec) if dec is not None else [])]
+            reset_kernels(every, adapter.dtype)
             drop_slots(every)  # an earlier engine's prefetch slots: nothing reads them
 
     def _int4_layers(self) -> list:
-        return [m for m in self.adapter.model.modules() if isinstance(m, Int4Linear)]
+        return int4_modules(self.adapter.model)
 
     def new_cache(self, prompt_tokens: int, max_new_tokens: int, batch: int = 1):
         """The request's working KV cache (a fresh DynamicCache; StaticEngine reuses one buffer)."""

@@ -16,9 +16,10 @@ from bench.engines.decoder import FastDecoder, fast_decoder
 from bench.engines.hf import HFEngine
 from bench.engines.kv_buffers import KVBuffers
 from bench.engines.spec import EngineSpec
-from bench.quant.int4 import Int4Linear
+from bench.quant.int4 import Int4Linear, int4_modules
 from bench.quant.prefetch import DensePrefetch, drop_slots
-from bench.quant.w4a16.choice import DEFAULT, ROW_POINTS, KernelChoice, choose_kernels, set_prefill_kernel
+from bench.quant.w4a16.choice import (DEFAULT, ROW_POINTS, KernelChoice, choose_kernels, reset_kernels,
+                                      set_prefill_kernel)
 
 
 class StaticEngine(HFEngine):
@@ -54,7 +55,7 @@ class StaticEngine(HFEngine):
 
     def _int4_layers(self) -> list:
         """Every int4 linear this engine's decoder runs or may run, the fused ones included."""
-        return [m for m in self.decoder.modules() if isinstance(m, Int4Linear)]
+        return int4_modules(self.decoder)
 
     def _int4_prefetch(self) -> DensePrefetch | None:
         """Int4 weights: each layer's dense prefill weights dequantized a layer ahead (see
@@ -84,8 +85,8 @@ class StaticEngine(HFEngine):
             return None
         mode, prefill, dtype = self._int4_kernel_mode(), self._int4_prefill_kernel(), self.adapter.dtype
         if mode == DEFAULT and prefill == "dense":
-            set_prefill_kernel(layers, "dense", dtype)
-            return choose_kernels(layers, DEFAULT, dtype)
+            reset_kernels(layers, dtype)
+            return KernelChoice(DEFAULT, layers)
         few = self._int4_linears_at(sorted({1, *ROW_POINTS, *(m.dense_rows for m in layers)}))
         choose_kernels([m for m in layers if id(m) not in few], DEFAULT, dtype)
         cache = Path(self.spec.int4_kernel_cache).expanduser() if self.spec.int4_kernel_cache else None

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from bench.quant import DEFAULT_DENSE_ROWS
-from bench.quant.int4 import Int4Linear, fake_quantize_int4, layer_group_size, quantize_int4
+from bench.quant.int4 import Int4Linear, fake_quantize_int4, int4_modules, layer_group_size, quantize_int4
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def quantize_model(adapter, opts: Int4Options, images: list[Image.Image] | None 
 
 
 def int4_layers(adapter) -> list[Int4Linear]:
-    return [m for m in adapter.model.modules() if isinstance(m, Int4Linear)]
+    return int4_modules(adapter.model)
 
 
 def set_dense_rows(adapter, rows: int) -> None:

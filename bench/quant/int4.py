@@ -492,3 +492,8 @@ class Int4Linear(nn.Module):
                 f"dense_rows={self.dense_rows}, input_scale={self.input_scale is not None}, "
                 f"dense_copy={self.dense_copy is not None}, kernel={self.kernel}, row_plan={self.row_plan}, "
                 f"prefill_kernel={self.prefill_kernel}")
+
+
+def int4_modules(root: nn.Module) -> list[Int4Linear]:
+    """Every Int4Linear under `root` (a model, or a decoder holding fused projections)."""
+    return [m for m in root.modules() if isinstance(m, Int4Linear)]

@@ -72,11 +72,29 @@ def plans_column(layers, prefill: str | None = None) -> str | None:
     return "; ".join(f"{n}x{k}: {text}" for (n, k), text in seen.items())
 
 
+def _why_not(name: str, layer, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why kernel `name` cannot run `layer` on `device` with `dtype` activations; None if it can."""
+    kernel = KERNELS[name]
+    return kernel.unavailable(device, dtype) or kernel.shape_unsupported(layer)
+
+
+def _require(name: str, layers: list, dtype: torch.dtype, flag: str, choices) -> None:
+    """ValueError for a name not in `choices`; VariantUnsupported (naming `flag`) when kernel
+    `name` cannot run one of `layers` here."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown int4 kernel {name!r}; choose from {', '.join(choices)}")
+    device = layers[0].packed.device
+    for m in layers:
+        reason = _why_not(name, m, device, dtype)
+        if reason:
+            raise VariantUnsupported(f"{flag} {name}: {reason}")
+
+
 def candidates(layer, device: torch.device, dtype: torch.dtype) -> tuple[list[str], dict[str, str]]:
     """(kernels that may run this layer here, {kernel: why not} for the others)."""
     ok, why = [], {}
-    for name, k in KERNELS.items():
-        reason = k.unavailable(device, dtype) or k.shape_unsupported(layer)
+    for name in KERNELS:
+        reason = _why_not(name, layer, device, dtype)
         if reason:
             why[name] = reason
         else:
@@ -178,12 +196,7 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
         return choice
     device = layers[0].packed.device
     if mode != MEASURED:
-        if mode not in KERNELS:
-            raise ValueError(f"unknown int4 kernel {mode!r}; choose from {', '.join(modes())}")
-        for m in layers:
-            reason = KERNELS[mode].unavailable(device, dtype) or KERNELS[mode].shape_unsupported(m)
-            if reason:
-                raise VariantUnsupported(f"--int4-kernels {mode}: {reason}")
+        _require(mode, layers, dtype, "--int4-kernels", modes())
         for m in layers:
             m.set_row_plan(None, dtype, kernel=mode)  # up to dense_rows, as it is when a call comes
         return choice
@@ -220,15 +233,16 @@ def set_prefill_kernel(layers, name: str, dtype: torch.dtype) -> None:
     if not layers:
         return
     if name != "dense":
-        if name not in KERNELS:
-            raise ValueError(f"unknown int4 kernel {name!r}; choose from {', '.join(KERNELS)}")
-        device = layers[0].packed.device
-        for m in layers:
-            reason = KERNELS[name].unavailable(device, dtype) or KERNELS[name].shape_unsupported(m)
-            if reason:
-                raise VariantUnsupported(f"--int4-prefill-kernel {name}: {reason}")
+        _require(name, layers, dtype, "--int4-prefill-kernel", KERNELS)
     for m in layers:
         m.set_prefill_kernel(name, dtype)
+
+
+def reset_kernels(layers, dtype: torch.dtype) -> None:
+    """`layers` run the default kernels from now on (tinygemm up to dense_rows, the dense path
+    above), the weight formats of any others dropped."""
+    set_prefill_kernel(layers, "dense", dtype)
+    choose_kernels(layers, DEFAULT, dtype)
 
 
 @contextmanager
