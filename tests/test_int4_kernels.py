@@ -589,3 +589,14 @@ def test_kernel_measurements_of_other_candidates_are_kept_and_listed_apart(tmp_p
     assert main(["int4-kernels", str(path), "--out", str(tmp_path / "t.csv")]) == 0
     assert {r["candidates"] for r in csv.DictReader(open(tmp_path / "t.csv"))} == {"tinygemm", "dense",
                                                                                   "dense tinygemm"}
+
+
+def test_a_cuda_measurement_is_keyed_by_the_cuda_runtime_and_driver():
+    """On CUDA the key holds the runtime's version and the driver's (when NVML answers), so a
+    driver update measures again; a CPU key holds neither."""
+    from bench.quant.w4a16 import measurements
+
+    cuda = measurements._versions(torch.device("cuda"))
+    assert cuda["cuda"] == torch.version.cuda
+    assert ("driver" in cuda) == (measurements._driver_version() is not None)
+    assert not {"cuda", "driver"} & set(measurements._versions(torch.device("cpu")))

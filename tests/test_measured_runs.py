@@ -47,6 +47,28 @@ def test_a_run_that_compiles_is_recorded_left_out_and_replaced(tmp_path, monkeyp
     assert len(load_runs(out)) == 4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton compiles for a GPU)")
+def test_a_triton_compilation_outside_torch_compile_is_counted():
+    """A Triton kernel's JIT compilation (gemlite's autotuning compiles this way) counts as one-time
+    work, like torch.compile's: a measured run that met one is left out."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def scaled(x_ptr, n, k: tl.constexpr, block: tl.constexpr):
+        i = tl.program_id(0) * block + tl.arange(0, block)
+        tl.store(x_ptr + i, tl.load(x_ptr + i, mask=i < n) * k, mask=i < n)
+
+    x = torch.ones(64, device="cuda")
+    before = compile_events.count()
+    scaled[(1,)](x, 64, k=3, block=64)  # a constexpr never compiled before: a new kernel
+    torch.cuda.synchronize()
+    assert compile_events.count() > before
+    again = compile_events.count()
+    scaled[(1,)](x, 64, k=3, block=64)  # compiled already: nothing new
+    assert compile_events.count() == again and x[0].item() == 9
+
+
 def test_a_cache_is_warmed_up_cold_and_warm_for_each_measured_shape(tmp_path):
     out = tmp_path / "o"
     assert run_main([*BASE, "--variants", "prefix", "--output-dir", str(out)]) == 0

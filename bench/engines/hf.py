@@ -74,13 +74,17 @@ class HFEngine:
     def __init__(self, adapter: VLMAdapter, policy: CachePolicy, spec: EngineSpec | None = None):
         self.adapter, self.policy = adapter, policy
         self.spec = self.default_spec if spec is None else spec
-        if type(self) is HFEngine:  # transformers' modules run int4 weights on the default kernels
-            # (and a static engine's fused projections, which this engine never runs, drop the
-            # weight formats that engine's kernels kept)
-            dec = built_decoder(adapter)
-            every = [*self._int4_layers(), *(int4_modules(dec) if dec is not None else [])]
-            reset_kernels(every, adapter.dtype)
-            drop_slots(every)  # an earlier engine's prefetch slots: nothing reads them
+        self._reset_int4_layers()
+
+    def _reset_int4_layers(self) -> None:
+        """transformers' modules run int4 weights on the default kernels (and a static engine's
+        fused projections, which this engine never runs, drop the weight formats that engine's
+        kernels kept, and an earlier engine's prefetch slots: nothing reads them). StaticEngine
+        sets its own."""
+        dec = built_decoder(self.adapter)
+        every = [*self._int4_layers(), *(int4_modules(dec) if dec is not None else [])]
+        reset_kernels(every, self.adapter.dtype)
+        drop_slots(every)
 
     def _int4_layers(self) -> list:
         return int4_modules(self.adapter.model)

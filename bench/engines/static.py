@@ -44,6 +44,10 @@ class StaticEngine(HFEngine):
         self.prefetch = self._int4_prefetch()
         self.int4_kernels = self._choose_int4_kernels()
 
+    def _reset_int4_layers(self) -> None:
+        """Nothing here: the decoder's int4 kernels and prefetch are set once it is built
+        (_choose_int4_kernels, _int4_prefetch)."""
+
     def _make_decoder(self) -> FastDecoder:
         """The decoder this engine drives (the model's FastDecoder; its blocks are shared by every
         engine over the model, which is why each sets their fusion when it is made)."""

@@ -4,14 +4,19 @@ with its count and left out of the summary).
 
 Compilations are torch.compile's (TorchDynamo's `unique_graphs` counter: one per graph it
 compiles, recompilations for new shapes included, with inductor's autotuning inside them).
-Captures are counted by every place that captures a CUDA graph (`note_capture`): torch has no
-counter for those. (Hand-written: no library counts both.)
+Triton JIT compilations outside torch.compile (our int4 kernels, gemlite's autotuning, which
+compiles each configuration it tries for a new shape) are counted by Triton's post-compile hook
+(`triton.knobs.runtime.jit_post_compile_hook`, Triton >= 3.4), set once Triton is imported and
+chained to any hook set before. Captures are counted by every place that captures a CUDA graph
+(`note_capture`): torch has no counter for those. (Hand-written: no library counts all three.)
 """
 from __future__ import annotations
 
 import sys
 
 _captures = 0
+_triton_compiles = 0
+_triton_hooked = False
 
 
 def note_capture() -> None:
@@ -27,6 +32,26 @@ def _compilations() -> int:
     return int(utils.counters["stats"].get("unique_graphs", 0))
 
 
+def _hook_triton() -> None:
+    """Count Triton's JIT compilations from now on, once Triton is imported (never imported here)."""
+    global _triton_hooked
+    triton = sys.modules.get("triton")
+    knobs = getattr(triton, "knobs", None)
+    if _triton_hooked or knobs is None:  # not imported yet, or a Triton without knobs (< 3.4)
+        return
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def counted(*args, **kwargs):
+        global _triton_compiles
+        _triton_compiles += 1
+        return previous(*args, **kwargs) if previous is not None else None
+
+    knobs.runtime.jit_post_compile_hook = counted
+    _triton_hooked = True
+
+
 def count() -> int:
-    """Compilations + captures so far in this process; a timed interval's is the difference."""
-    return _compilations() + _captures
+    """Compilations (torch.compile's and Triton's) + captures so far in this process; a timed
+    interval's is the difference."""
+    _hook_triton()
+    return _compilations() + _triton_compiles + _captures

@@ -8,11 +8,9 @@ The layer has two paths, picked per call by the number of rows (tokens) it sees 
   tinygemm up to dense_rows; `--int4-kernels` sets another kernel or one measured per row count
   (bench.quant.w4a16: the kernels, and the measured choice per device and shape);
 - more rows (prefill): by default the weight is dequantized to the activation dtype and a dense
-  GEMM runs (`--int4-prefill-kernel` names a W4A16 kernel to run there instead).
-  Int4 kernels are fast at a few rows and slow at many (H200, 4096x4096, in
-  f67f436:results/h200/int4_kernels_llava-1.5-7b.csv: tinygemm 7.2 us at M=1 against 9.3 us fp16, but
-  602 us at M=512 against 24 us fp16 and 40 us for dequantize + GEMM). No dense copy is kept
-  unless asked for (--int4-prefill-copy).
+  GEMM runs (`--int4-prefill-kernel` names a W4A16 kernel to run there instead): int4
+  kernels are fast at a few rows and slow at many (docs/int4.md). No dense copy is kept unless
+  asked for (--int4-prefill-copy).
 
 Kernels: the default int4 path is PyTorch's tinygemm, the kernel torchao's int4 tensors call
 (`_weight_int4pack_mm` on CUDA, `_weight_int4pack_mm_for_cpu` on the CPU), called directly
@@ -23,17 +21,7 @@ torch ops (tests only). Neither packed layout is documented as a formula, so it 
 packing coordinate-encoded matrices (each position's index, one 4-bit digit at a time) and
 reading back where every index landed.
 
-Tried and dropped on the H200 (scratch experiments, not kept as results): a Triton int4 GEMV
-of ours and an inductor-fused dequantize-multiply-reduce, both slower than tinygemm at one row;
-a group-128 dequantizer taking four 8 x 128 tiles per program with per-row scale loads, which
-made llava-1.5-7b's awq4 prefill slower; a dequantizer storing each word's nibbles straight to
-their scattered columns, slower than the gather kernel at most block sizes. Timed and dropped
-(f67f436:results/h200/int4_fused_gemm_vila1.5-3b.csv and vila1.5-3b-fused-ab/, code at commit 22efcfc):
-a Triton w4a16 GEMM dequantizing each k-tile in registers in front of tl.dot. At every tile
-configuration tried it was 2.5-5x slower than dequantize + cuBLAS (vila1.5-3b q/o at 230 rows:
-34 us best against 13.6 us, fp16 7.4 us), and vila's awq4 prefill took 14.2 ms against 5.7 ms;
-beating dequantize + GEMM needs a Marlin-class kernel (weights staged through shared memory,
-pipelined wgmma), not a register-dequantizing Triton loop.
+Kernels tried on the H200 and dropped, with their numbers: docs/int4.md.
 """
 from __future__ import annotations
 
@@ -117,6 +105,16 @@ def fake_quantize_int4(weight: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- kernel layouts
+KERNEL_STATE_PREFIX = "kernel_"  # buffers holding a kernel's own weight format: kernel_<state key>_<tensor>
+
+
+def is_extra_buffer(name: str) -> bool:
+    """Whether the (dotted) buffer name is one an int4 layer holds beside its weight: the prefill
+    scratch slot (bench.quant.prefetch) or a kernel's own weight format (int4_kernel_mb)."""
+    leaf = name.rpartition(".")[2]
+    return leaf == "prefill_weight" or leaf.startswith(KERNEL_STATE_PREFIX)
+
+
 CUDA_INNER_K_TILES = 8  # tinygemm tiles: 8 rows x 16*8 = 128 columns; K must be a multiple of 128
 CUDA_TILE = (8, 16 * CUDA_INNER_K_TILES)
 
@@ -435,18 +433,23 @@ class Int4Linear(nn.Module):
             return
         tensors, meta = kernel.prepare(self, dtype)
         for n, t in tensors.items():
-            self.register_buffer(f"kernel_{key}_{n}", t, persistent=False)
+            self.register_buffer(f"{KERNEL_STATE_PREFIX}{key}_{n}", t, persistent=False)
         self.kernel_meta[key] = meta
 
+    def kernel_state(self, key: str, *names: str) -> list[torch.Tensor]:
+        """The tensors `names` of the weight format held under state key `key`."""
+        return [getattr(self, f"{KERNEL_STATE_PREFIX}{key}_{n}") for n in names]
+
     def drop_kernel_state(self, key: str) -> None:
-        for n in [n for n, _ in self.named_buffers(recurse=False) if n.startswith(f"kernel_{key}_")]:
+        prefix = f"{KERNEL_STATE_PREFIX}{key}_"
+        for n in [n for n, _ in self.named_buffers(recurse=False) if n.startswith(prefix)]:
             delattr(self, n)
         self.kernel_meta.pop(key, None)
 
     def kernel_state_bytes(self) -> int:
         """Bytes of the kernels' own weight formats this layer holds (beside its packed weight)."""
         return sum(t.numel() * t.element_size() for n, t in self.named_buffers(recurse=False)
-                   if n.startswith("kernel_") and t is not None)
+                   if n.startswith(KERNEL_STATE_PREFIX) and t is not None)
 
     def dense_forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x @ W^T (+ bias) with W dense: the prefill path (a kept dense copy, a prefetched slot,

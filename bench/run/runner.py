@@ -29,6 +29,7 @@ from bench.errors import UsageError, VariantUnsupported
 from bench.run.monitors import GpuMonitor
 from bench.measure.metrics import request_metrics
 from bench.measure.schema import counts_in_summary
+from bench.quant.int4 import is_extra_buffer
 from bench.run.limits import check_prompt, check_sizes, loaded_max_pos, model_dims
 from bench.run.questions import load_questions, warmup_questions
 from bench.run.summary import summarize_runs
@@ -118,8 +119,7 @@ def weight_mb(module: torch.nn.Module) -> float:
     the weight formats of their chosen kernels (int4_kernel_mb, counted by the engine: the fused
     projections that hold most of them live outside the model)."""
     total = sum(t.numel() * t.element_size() for t in module.parameters())
-    total += sum(t.numel() * t.element_size() for name, t in module.named_buffers()
-                 if not name.endswith("prefill_weight") and not name.rpartition(".")[2].startswith("kernel_"))
+    total += sum(t.numel() * t.element_size() for name, t in module.named_buffers() if not is_extra_buffer(name))
     return total / 2**20
 
 

@@ -82,5 +82,5 @@ class Fbgemm(W4A16Kernel):
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
         key = self.state_key
-        wq, scale, zero = (getattr(layer, f"kernel_{key}_{n}") for n in ("wq", "scale", "zero"))
+        wq, scale, zero = layer.kernel_state(key, "wq", "scale", "zero")
         return getattr(torch.ops.fbgemm, self.op)(x.to(torch.bfloat16).contiguous(), wq, scale, zero)

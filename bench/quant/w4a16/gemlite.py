@@ -69,7 +69,7 @@ class Gemlite(W4A16Kernel):
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
         key = self.state_key
-        args = [getattr(layer, f"kernel_{key}_{n}") for n in _TENSORS]
+        args = layer.kernel_state(key, *_TENSORS)
         meta, index = layer.kernel_meta[key]
         x = x.to(args[1].dtype).contiguous()  # the activation dtype it was packed for (its scales')
         return torch.ops.gemlite.forward_functional(x, None, args, list(meta), index[self.matmul_type])

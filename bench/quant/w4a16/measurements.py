@@ -8,6 +8,7 @@ on several GPUs at once keep each other's; an unreadable file is replaced, with 
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,10 +132,31 @@ def read_entries(path: Path) -> dict:
     return _object(data.get("entries"), "'entries'")
 
 
-def _versions() -> dict:
+@functools.cache  # asked once per process, not once per layer shape
+def _driver_version() -> str | None:
+    try:
+        import pynvml  # nvidia-ml-py
+
+        pynvml.nvmlInit()
+        try:
+            return str(pynvml.nvmlSystemGetDriverVersion())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no library or no driver to ask: the key goes without it
+        return None
+
+
+def _versions(device: torch.device) -> dict:
+    """torch's, the kernel libraries', and on CUDA the runtime's and the driver's (a driver update
+    can change the kernels' speed, so a plan measured under another is measured again)."""
     import importlib.metadata as md
 
     out = {"torch": torch.__version__}
+    if device.type == "cuda":
+        out["cuda"] = torch.version.cuda
+        driver = _driver_version()
+        if driver is not None:
+            out["driver"] = driver
     for pkg in KERNEL_LIBRARIES:
         try:
             out[pkg] = md.version(pkg)
@@ -154,7 +176,7 @@ def _device_name(device: torch.device) -> str:
 def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidates, dense_copy: bool = False) -> str:
     """`dense_copy`: the layers keep a dense copy (--int4-prefill-copy), which the `dense` kernel
     reads instead of dequantizing: another measurement."""
-    return json.dumps({"device": _device_name(device), "versions": _versions(), "dtype": str(dtype),
+    return json.dumps({"device": _device_name(device), "versions": _versions(device), "dtype": str(dtype),
                        "shape": list(shape), "points": list(points), "candidates": sorted(candidates),
                        "dense_copy": bool(dense_copy)}, sort_keys=True)
 
