@@ -136,9 +136,10 @@ def test_clip_runs_through_the_benchmark(ckpt, frames, tmp_path):
 
 
 def test_awq4_calibrates_and_probes_in_groups_of_four_images(ckpt, tmp_path, capsys):
-    """A model that merges every 4 frames takes images in fours: AWQ's calibration requests and
-    the fidelity probe show 4 images when the run's requests do (--num-images 4); one image per
-    request is a one-line usage error naming the flags, nothing written."""
+    """A model that merges every 4 frames takes images in fours: by default a request shows 4 (the
+    image and 3 derived from it), and AWQ's calibration requests and the fidelity probe show 4
+    too; --num-images 1 is a one-line usage error naming the flags, before the model loads,
+    nothing written."""
     import csv
 
     pytest.importorskip("torchao")
@@ -146,15 +147,15 @@ def test_awq4_calibrates_and_probes_in_groups_of_four_images(ckpt, tmp_path, cap
     args = ["--model-path", str(ckpt), "--variants", "fp16,awq4", "--engine", "static", "--max-new-tokens", "3",
             "--num-runs", "1", "--min-seconds", "0", "--warmup", "0", "--int4-group-size", "32",
             "--int4-cache-dir", "", "--awq-calib", "2"]
-    assert run_main([*args, "--num-images", "4", "--output-dir", str(out)]) == 0
+    assert run_main([*args, "--output-dir", str(out)]) == 0
     with open(out / "runs.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["variant"] for r in rows if r["status"] == "ok"} == {"fp16+static", "awq4+static"}
     assert all(r["token_agree"] != "" and r["num_images"] == "4" for r in rows)
     capsys.readouterr()
-    assert run_main([*args, "--output-dir", str(tmp_path / "one")]) == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the load's status lines
-    assert last.startswith("error: ") and "--num-images 4" in last and not (tmp_path / "one").exists()
+    assert run_main([*args, "--num-images", "1", "--output-dir", str(tmp_path / "one")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "--num-images 4" in err and not (tmp_path / "one").exists()
 
 
 def test_frames_mode_is_refused_in_one_line_naming_clip_mode(ckpt, frames, tmp_path, capsys):
@@ -165,8 +166,8 @@ def test_frames_mode_is_refused_in_one_line_naming_clip_mode(ckpt, frames, tmp_p
     rc = run_main(["--model-path", str(ckpt), "--frames-dir", str(frames), "--num-frames", "8", "--video-mode",
                    "frames", "--variants", "fp16", "--engine", "static", "--max-new-tokens", "2", "--num-runs", "1",
                    "--min-seconds", "0", "--warmup", "0", "--output-dir", str(out)])
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert rc == 2 and last.startswith("error: ") and "not 1 " in last and not out.exists()
+    last = capsys.readouterr().err.strip()
+    assert rc == 2 and last.startswith("error: ") and "\n" not in last and "not 1 " in last and not out.exists()
     assert "--video-mode clip with --num-frames a multiple of 4" in last
 
 

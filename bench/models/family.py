@@ -35,6 +35,9 @@ class Family:
     # (checkpoint dir) -> the language model's transformers config as loading reads it (the config
     # class's defaults where config.json is silent): positions and KV-cache sizes before any load.
     text_config: Callable[[Path], object] | None = None
+    # (checkpoint's config.json, None for a preset) -> the images or frames a request must show a
+    # multiple of (InternVideo2.5 merges every 4 frames' tokens); None: any number.
+    visual_group: Callable[[dict | None], int] | None = None
 
     def llm_files(self, path: Path) -> tuple[list[Path], Callable[[str], bool]]:
         """(safetensors files holding the language model, which of their keys are its)."""

@@ -30,7 +30,7 @@ from bench.models.internvl import IMAGE_CONTEXT, InternVLAdapter, internvl_image
 from bench.models.internvl_remote import ARCHITECTURE, ROPE_TYPES, to_native, to_remote
 from bench.models.templates import ConvTemplate
 from bench.models.token_merge import merge_tokens
-from bench.models.visual import as_visual
+from bench.models.visual import as_visual, group_refusal
 
 GROUP_FRAMES = 4  # frames merged together (the published model's local_num_frames)
 FRAME_TOKENS = 16  # visual tokens per frame after merging (its num_tome_tokens 64 / 4)
@@ -58,10 +58,7 @@ class InternVideoAdapter(InternVLAdapter):
 
     def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
         if self.frame_tokens and visual is not None and len(as_visual(visual)) % GROUP_FRAMES:
-            raise UsageError(f"{self.name} merges the visual tokens of every {GROUP_FRAMES} frames: give a multiple "
-                             f"of {GROUP_FRAMES} frames or images per request, not {len(as_visual(visual))} "
-                             f"(image input: --num-images {GROUP_FRAMES}; video: --video-mode clip with --num-frames "
-                             f"a multiple of {GROUP_FRAMES}, since --video-mode frames shows one frame per request)")
+            raise UsageError(group_refusal(self.name, GROUP_FRAMES, len(as_visual(visual))))
         return super().prepare_text(question, visual)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -336,4 +333,5 @@ FAMILY = Family(
         load_internvideo(path, template, device, dtype, weights, max_tiles),
     build=build_internvideo, save=save_internvideo, llm_key="language_model.", check=check_internvideo,
     text_config=_text_config,
+    visual_group=lambda config: GROUP_FRAMES if config is None or merged_frame_tokens(config) else 1,
 )

@@ -67,6 +67,14 @@ def as_visual(visual) -> VisualInput:
     return VisualInput(tuple(visual))
 
 
+def group_refusal(model: str, group: int, shown: int) -> str:
+    """Why `shown` images or frames per request cannot go to a model that merges the visual tokens
+    of every `group` of them (InternVideo2.5), and what to give instead."""
+    return (f"{model} merges the visual tokens of every {group} frames: give a multiple of {group} frames or "
+            f"images per request, not {shown} (image input: --num-images {group}; video: --video-mode clip with "
+            f"--num-frames a multiple of {group}, since --video-mode frames shows one frame per request)")
+
+
 def _image_error(e: BaseException) -> str:
     """What is wrong with an image file, in words (a decompression bomb: its pixel count)."""
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):

@@ -56,7 +56,8 @@ class RunFields:
     prompt_lengths: str | None = opt("question lengths in tokens to sweep, e.g. 16,128,512 (questions are "
                                      "repeated or cut to length; default: as written)")
     new_tokens: str | None = opt("generated-token counts to sweep, e.g. 32,128 (default: --max-new-tokens)")
-    num_images: str = opt("images per prompt (the image, then flips/rotations of it); a list sweeps it", "1")
+    num_images: str | None = opt("images per prompt (the image, then flips/rotations of it); a list sweeps it "
+                                 "(default: 1, or the frames a model merges together: 4 for InternVideo2.5)")
     max_tiles: int = opt("InternVL: tiles per still image (aspect-ratio grid + thumbnail, as its processor; "
                          "1 = no tiling)", 12)
     num_runs: int = opt("measured runs per variant (at least)", 10, aliases=("--num_runs",))
@@ -149,8 +150,8 @@ class RunConfigBase:
             raise UsageError(f"unknown --video-mode {self.video_mode!r}; choose {' or '.join(VIDEO_MODES)}")
         loaders = name_list(self.loader, "--loader", LOADERS)
         video = bool(self.video_path or self.frames_dir)
-        images = int_list(self.num_images, "--num-images")
-        if video and images != [1]:
+        images = int_list(self.num_images, "--num-images") if self.num_images is not None else []
+        if video and images not in ([], [1]):
             raise UsageError("--num-images applies to image input; a video request shows its frames")
         self.points = workload_points(
             int_list(self.batch_size, "--batch-size"), int_list(self.prompt_lengths, "--prompt-lengths"),

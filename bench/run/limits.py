@@ -13,6 +13,7 @@ import torch
 
 from bench.errors import UsageError
 from bench.models.presets import PRESETS
+from bench.models.visual import group_refusal
 
 
 @dataclass(frozen=True)
@@ -22,15 +23,22 @@ class ModelDims:
     kv_heads: int | None = None
     head_dim: int | None = None
     image_tokens: int = 1  # a lower bound on the tokens one image adds to the prompt
+    visual_group: int = 1  # a request shows a multiple of this many images or frames (bench.models.family)
 
 
 def model_dims(model_path: str | None, preset: str | None) -> ModelDims:
+    from bench.models.registry import get_family
+
     if not model_path:
         p = PRESETS[preset]
         llm, side = p.llm, p.vision.image_size // p.vision.patch
-        return ModelDims(llm.max_pos, llm.layers, llm.kv_heads, llm.hidden // llm.heads, max(1, (side // 2) ** 2))
-    from bench.models.loader import checkpoint_text_config
+        group = get_family(p.family).visual_group
+        return ModelDims(llm.max_pos, llm.layers, llm.kv_heads, llm.hidden // llm.heads, max(1, (side // 2) ** 2),
+                         group(None) if group else 1)
+    from bench.models.loader import checkpoint_text_config, read_checkpoint_config
 
+    family, config = read_checkpoint_config(Path(model_path))
+    group = get_family(family).visual_group
     text = checkpoint_text_config(Path(model_path))
 
     def whole(key):
@@ -40,7 +48,7 @@ def model_dims(model_path: str | None, preset: str | None) -> ModelDims:
     heads, hidden = whole("num_attention_heads"), whole("hidden_size")
     head_dim = whole("head_dim") or (hidden // heads if heads and hidden else None)
     return ModelDims(whole("max_position_embeddings"), whole("num_hidden_layers"),
-                     whole("num_key_value_heads") or heads, head_dim)
+                     whole("num_key_value_heads") or heads, head_dim, visual_group=group(config) if group else 1)
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -102,6 +110,9 @@ def check_sizes(cfg, dims: ModelDims, model: str, questions: list[str], frames, 
     images_per_request = len(frames) if frames is not None and cfg.video_mode == "clip" else None
     for p in cfg.points:
         images = images_per_request if images_per_request is not None else p.num_images
+        shown = 1 if frames is not None and cfg.video_mode != "clip" else images  # --video-mode frames: one each
+        if shown % dims.visual_group:
+            raise UsageError(group_refusal(model, dims.visual_group, shown))
         _check_point(cfg, dims, model, p, p.question_tokens or words, images * dims.image_tokens, frames, device,
                      dtype, exact=False)
 

@@ -2,6 +2,7 @@
 row per run as it finishes, then the summary. It knows nothing about any particular variant."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import hashlib
@@ -156,6 +157,8 @@ class Benchmark:
         self._placement: dict = {}  # the loaded model's (bench.run.preprocess.place_preprocessing)
         self.source = ModelSource(cfg.model_path, cfg.preset, cfg.conv_mode, cfg.seed, cfg.max_tiles)
         self.dims = model_dims(cfg.model_path, cfg.preset)
+        if cfg.num_images is None and self.frames is None and self.dims.visual_group > 1:  # the model's default
+            cfg.points = [dataclasses.replace(p, num_images=self.dims.visual_group) for p in cfg.points]
         check_sizes(cfg, self.dims, self.source.name, self.questions, self.frames, self.device, self.dtype)
         self.prompts_checked = False  # check_prompt ran on the first loaded tokenizer
         self.point_questions: dict[int, list[str]] = {}  # --prompt-lengths: questions by token count
