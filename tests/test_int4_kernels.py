@@ -600,3 +600,73 @@ def test_a_cuda_measurement_is_keyed_by_the_cuda_runtime_and_driver():
     assert cuda["cuda"] == torch.version.cuda
     assert ("driver" in cuda) == (measurements._driver_version() is not None)
     assert not {"cuda", "driver"} & set(measurements._versions(torch.device("cpu")))
+
+
+class _Tuning(W4A16Kernel):
+    """A kernel that tunes itself per row count, as gemlite's do: it records the rows it was
+    first called at."""
+    name = "test-tuning"
+    tunes_per_rows = True
+
+    def __init__(self):
+        self.rows = []
+
+    def run(self, layer, x):
+        self.rows.append(x.shape[0])
+        return KERNELS["tinygemm"].run(layer, x)
+
+
+def test_a_chosen_kernel_that_tunes_per_row_count_is_called_at_every_row_count_it_serves(monkeypatch):
+    """Chosen by name, it serves 1..--int4-dense-rows: each of those row counts is called once
+    when it is chosen (its tuning done before any warm-up or capture), once per weight shape,
+    not once per layer."""
+    tuning = _Tuning()
+    monkeypatch.setitem(KERNELS, tuning.name, tuning)
+    layers = [_layer(64, 256), _layer(64, 256, seed=1), _layer(128, 256)]
+    choice.choose_kernels(layers, tuning.name, DTYPE)
+    dense_rows = layers[0].dense_rows
+    assert sorted(tuning.rows) == sorted(list(range(1, dense_rows + 1)) * 2)  # two shapes
+
+
+def test_measured_calls_run_the_layers_forward_casts_included():
+    """What is timed is what forward runs: the kernel's output cast back to the activations'
+    dtype (tinygemm's CUDA kernel returns bfloat16 for a float16 model)."""
+    m = _layer(bias=False)
+    x = torch.randn(3, m.in_features, device=DEVICE, dtype=DTYPE)
+    for name in ("tinygemm", "dense"):
+        y = m.run_kernel(name, x)
+        assert y.dtype == DTYPE and y.shape == (3, m.out_features)
+        torch.testing.assert_close(y.float(), _reference(m, x).float(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(m(x), m.run_kernel(m.kernel_at(3), x))
+
+
+def test_a_fake_is_registered_for_an_fbgemm_op_that_has_none():
+    """FBGEMM 1.6.0 defines bf16i4bf16_shuffled without a fake (meta) implementation, which
+    torch.compile needs: one is registered, giving [rows, out_features] in bfloat16."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bench.quant.w4a16 import fbgemm
+
+    if hasattr(torch.ops.fbgemm, "bf16i4bf16_shuffled"):
+        pytest.skip("FBGEMM is loaded here: its own op is checked on the GPU")
+    lib = torch.library.Library("fbgemm", "FRAGMENT")  # the schema FBGEMM defines, without its kernels
+    lib.define("bf16i4bf16_shuffled(Tensor X, Tensor W, Tensor w_scale_group, Tensor w_zero_group) -> Tensor")
+    fbgemm._register_fakes()
+    fbgemm._register_fakes()  # a second call leaves the registered one alone
+    with FakeTensorMode():
+        x, w = torch.empty(5, 256, dtype=torch.bfloat16), torch.empty(64, 128, dtype=torch.int8)
+        sz = torch.empty(2, 64, dtype=torch.bfloat16)
+        y = torch.ops.fbgemm.bf16i4bf16_shuffled(x, w, sz, sz)
+    assert y.shape == (5, 64) and y.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU's L2 cache)")
+def test_timed_calls_cycle_over_layers_holding_twice_the_l2_cache():
+    """A decode step reads each layer's weight from memory, not from L2: timed calls go through
+    layers of the shape holding at least twice the L2 cache (all of them when they hold less)."""
+    layers = [_layer(1024, 1024, seed=i) for i in range(40)]
+    turn = choice.rotation(layers, DEVICE)
+    l2 = torch.cuda.get_device_properties(DEVICE).L2_cache_size
+    held = sum(m.weight_bytes() for m in turn)
+    assert held >= 2 * l2 or turn == layers
+    assert len(turn) == 1 or sum(m.weight_bytes() for m in turn[:-1]) < 2 * l2

@@ -52,6 +52,7 @@ class GraphEngine(StaticEngine):
     # captures one graph per length instead.
     default_spec = EngineSpec(numerics="eager-casts", fused_max_rows=2**62)
     requires_cuda = True  # (the CPU tests of graph-exact's bookkeeping stand in a fake capture)
+    replays_graphs = True  # decode steps and suffix buckets replay CUDA graphs
 
     def __init__(self, adapter, policy, spec: EngineSpec | None = None):
         if self.requires_cuda and adapter.device.type != "cuda":

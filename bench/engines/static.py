@@ -25,6 +25,7 @@ from bench.quant.w4a16.choice import (DEFAULT, ROW_POINTS, KernelChoice, choose_
 class StaticEngine(HFEngine):
     name = "static"
     default_spec = EngineSpec()
+    replays_graphs = False  # its calls launch eagerly (measured int4 kernels are timed so)
 
     def __init__(self, adapter, policy, spec: EngineSpec | None = None):
         super().__init__(adapter, policy, spec)
@@ -94,7 +95,8 @@ class StaticEngine(HFEngine):
         few = self._int4_linears_at(sorted({1, *ROW_POINTS, *(m.dense_rows for m in layers)}))
         choose_kernels([m for m in layers if id(m) not in few], DEFAULT, dtype)
         cache = Path(self.spec.int4_kernel_cache).expanduser() if self.spec.int4_kernel_cache else None
-        choice = choose_kernels(few.values(), mode, dtype, cache, allowed=self.spec.int4_kernel_candidates)
+        choice = choose_kernels(few.values(), mode, dtype, cache, allowed=self.spec.int4_kernel_candidates,
+                                graph=self.replays_graphs)
         # the linears a call of more rows than their decode rows runs (only those hold the
         # kernel's own weight format): checked at one row past each bound and at a full prefill
         tops = sorted({m.decode_rows() + 1 for m in layers} | {self.spec.prefill_rows})

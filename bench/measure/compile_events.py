@@ -8,13 +8,16 @@ Triton JIT compilations outside torch.compile (our int4 kernels, gemlite's autot
 compiles each configuration it tries for a new shape) are counted by Triton's post-compile hook
 (`triton.knobs.runtime.jit_post_compile_hook`, Triton >= 3.4), set once Triton is imported and
 chained to any hook set before. Captures are counted by every place that captures a CUDA graph
-(`note_capture`): torch has no counter for those. (Hand-written: no library counts all three.)
+(`note_capture`): torch has no counter for those. Autotuning that compiles nothing new (a Triton
+autotuner benchmarking its compiled configurations for a new row count) is counted by the
+module that runs it, through `add_counter`. (Hand-written: no library counts all of these.)
 """
 from __future__ import annotations
 
 import sys
 
 _captures = 0
+_counters: dict[str, object] = {}  # name -> () -> int: one-time work counted by the module that runs it
 _triton_compiles = 0
 _triton_hooked = False
 
@@ -30,6 +33,11 @@ def _compilations() -> int:
     if utils is None:
         return 0
     return int(utils.counters["stats"].get("unique_graphs", 0))
+
+
+def add_counter(name: str, counter) -> None:
+    """Count what `counter()` (a running total) counts as one-time work too (once per name)."""
+    _counters.setdefault(name, counter)
 
 
 def _hook_triton() -> None:
@@ -54,4 +62,4 @@ def count() -> int:
     """Compilations (torch.compile's and Triton's) + captures so far in this process; a timed
     interval's is the difference."""
     _hook_triton()
-    return _compilations() + _triton_compiles + _captures
+    return _compilations() + _triton_compiles + _captures + sum(int(c()) for c in _counters.values())

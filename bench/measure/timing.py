@@ -88,21 +88,25 @@ def sum_by_label(phases: list[tuple[str, float]]) -> dict[str, float]:
     return totals
 
 
-def call_us(fn, device: torch.device, calls: int | None = None, reps: int | None = None, warmup: int = 3) -> float:
+def call_us(fn, device: torch.device, calls: int | None = None, reps: int | None = None, warmup: int = 3,
+            graph: bool = True) -> float:
     """Median time of one call of `fn`, microseconds: what a kernel costs where it runs, timed by
     a Timeline (events on CUDA, the host clock elsewhere), one phase per repetition.
 
-    CUDA: `calls` calls captured back to back in one CUDA graph (warmed up on a side stream
-    first, as capture wants) and the graph replayed `reps` times, so the time is the GPU's
+    CUDA with `graph`: `calls` calls captured back to back in one CUDA graph (warmed up on a side
+    stream first, as capture wants) and the graph replayed `reps` times, so the time is the GPU's
     without launch overhead (the graph engine replays its steps the same way); a function that
-    cannot be captured raises. Elsewhere: `calls` calls in a row per repetition (fewer calls and
-    repetitions by default: a CPU call takes far longer)."""
+    cannot be captured raises. Otherwise: `calls` calls launched in a row per repetition, so the
+    time includes what launching costs the host where the GPU waits for it (as eager engines
+    run; fewer calls and repetitions on the CPU by default: a CPU call takes far longer).
+    `fn` is called `warmup` + `calls` times in order (a function cycling over several layers
+    sees each in turn)."""
     import statistics
 
     cuda = device.type == "cuda"
     calls = calls or (32 if cuda else 8)
     reps = reps or (15 if cuda else 5)
-    if cuda:
+    if cuda and graph:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

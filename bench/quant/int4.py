@@ -476,9 +476,13 @@ class Int4Linear(nn.Module):
         name = self.kernel_at(rows)
         if name == "dense":
             return self.dense_forward(x, self.bias)
-        y = KERNELS[name].run(self, x.reshape(rows, self.in_features))
-        y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = self.run_kernel(name, x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def run_kernel(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, in_features] -> [rows, out_features] in x's dtype by kernel `name`, its casts
+        included, as forward runs it (no bias; the measured choice times exactly this)."""
+        return KERNELS[name].run(self, x).to(x.dtype)
 
     def keep_dense_copy(self, dtype: torch.dtype) -> None:
         """Hold this weight dense (`dense_copy`) for the calls above dense_rows: its own tensor

@@ -44,7 +44,9 @@ from variants import baseline_variant, parse_variant
 
 
 def resolve_device(name: str) -> torch.device:
-    """cpu, cuda, cuda:N or auto; anything else (mps, meta, xpu, a missing GPU) is a usage error."""
+    """cpu, cuda, cuda:N or auto; anything else (mps, meta, xpu, a missing GPU) is a usage error.
+    cuda:N becomes this process's current CUDA device: kernels that launch on the current device
+    (Triton's, FBGEMM's) run on N's tensors there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -60,6 +62,8 @@ def resolve_device(name: str) -> torch.device:
         if device.index is not None and device.index >= count:
             raise UsageError(f"--device {name}: this machine has {count} CUDA device(s) "
                              f"(cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")
+        if device.index is not None:
+            torch.cuda.set_device(device)
     return device
 
 

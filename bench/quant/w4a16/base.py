@@ -15,6 +15,10 @@ class W4A16Kernel:
 
     name = ""
     state_key: str | None = None
+    # Tunes itself on its first call at each row count (gemlite's autotuners): a layer given it is
+    # called once at every row count it serves when chosen, so no tuning falls in a measured run
+    # or a CUDA graph capture.
+    tunes_per_rows = False
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this kernel cannot run on `device` with activations of `dtype`; None when it can."""

@@ -5,10 +5,15 @@
 - `measured`: per weight shape (out, in, group) and activation dtype, every kernel that runs on
   the device (of those --int4-kernel-candidates names, if it does) is called at each row count of
   ROW_POINTS on one of the layers' own weights, checked against the dequantized weight times x in
-  fp32 (max |error| / max |reference| at most TOLERANCE), and timed (bench.measure.timing.call_us:
-  on CUDA inside a CUDA graph, as the graph engine's steps run). The fastest correct kernel at a
-  point serves the row counts from the point below it up to it. A kernel that fails, is wrong, or
-  cannot be captured is left out with the reason.
+  fp32 (max |error| / max |reference| at most TOLERANCE), and timed as the layer's forward runs it,
+  casts included (bench.measure.timing.call_us: on CUDA inside a CUDA graph where the engine
+  replays its steps so, else launched eagerly, host overhead included). Timed calls cycle over
+  enough layers of the shape that their weights exceed twice the GPU's L2 cache, so each call
+  reads its weight from memory as a decode step does, not from L2. The fastest correct kernel at
+  a point serves the row counts from the point below it up to it. A kernel that fails, is wrong,
+  or cannot be captured is left out with the reason. A chosen kernel that tunes itself per row
+  count (gemlite's) is called once at every row count it serves, so its tuning is done before
+  any warm-up, capture or measured run.
 
 Above those rows every call runs the layer's prefill kernel (`set_prefill_kernel`,
 --int4-prefill-kernel; by default dequantize + GEMM).
@@ -19,6 +24,7 @@ prints or writes the measured table.
 """
 from __future__ import annotations
 
+import itertools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,9 +112,28 @@ def _short(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {' '.join(str(e).split())[:200]}"
 
 
-def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | None = None) -> ShapePlan:
-    """Time and check every candidate kernel on `layer` at each row count of `points`."""
+L2_MULTIPLE = 2  # timed calls cycle over layers holding at least this many L2 caches of weights
+
+
+def rotation(layers, device: torch.device) -> list:
+    """The layers (of one shape) timed calls cycle over: on CUDA as many as hold L2_MULTIPLE times
+    the GPU's L2 cache in int4 weights (all of them when they hold less), else the first."""
+    layers = list(layers)
+    if device.type != "cuda":
+        return layers[:1]
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    need = max(1, -(-L2_MULTIPLE * l2 // max(1, layers[0].weight_bytes())))
+    return layers[:need]
+
+
+def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | None = None, graph: bool = True,
+            cycle: list | None = None) -> ShapePlan:
+    """Time and check every candidate kernel on `layer` at each row count of `points`; `graph`:
+    time it captured in a CUDA graph (else launched eagerly); `cycle`: layers of the same shape
+    timed calls go through in turn (default: `layer` alone; each is given the candidates' weight
+    formats, which a row plan set afterwards drops where it does not use them)."""
     device = layer.packed.device
+    cycle = cycle or [layer]
     ok, left_out = candidates(layer, device, dtype)
     names = ok if names is None else [n for n in names if n in ok]
     left_out.update({n: "not a candidate (--int4-kernel-candidates)" for n in ok if n not in names})
@@ -121,14 +146,16 @@ def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | Non
     del w
     plan = ShapePlan((layer.out_features, layer.in_features, layer.group_size), (), left_out=left_out)
     for name in names:
-        kernel = KERNELS[name]
         try:
-            layer.attach_kernel_state(name, dtype)
+            for m in cycle:
+                m.attach_kernel_state(name, dtype)
             us, err = {}, {}
             for rows, (x, ref) in inputs.items():
-                y = kernel.run(layer, x).float()
+                y = layer.run_kernel(name, x).float()
                 err[rows] = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-                us[rows] = call_us(lambda x=x: kernel.run(layer, x), device)
+                turn = itertools.cycle(cycle)
+                us[rows] = call_us(lambda x=x: next(turn).run_kernel(name, x), device,
+                                   calls=max(32, len(cycle)) if device.type == "cuda" else None, graph=graph)
         except Exception as e:  # noqa: BLE001 - a kernel that cannot run (or be captured) here is left out
             left_out[name] = _short(e)
             continue
@@ -183,9 +210,10 @@ def table_rows(plans) -> list[dict]:
 
 
 def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | None = None,
-                   points=ROW_POINTS, allowed: tuple[str, ...] = ()) -> KernelChoice:
+                   points=ROW_POINTS, allowed: tuple[str, ...] = (), graph: bool = True) -> KernelChoice:
     """Give every layer of `layers` (Int4Linear) its kernel per row count under `mode`;
-    `allowed`: the kernels `measured` may choose from (empty: every one that runs here)."""
+    `allowed`: the kernels `measured` may choose from (empty: every one that runs here);
+    `graph`: the engine replays its calls in CUDA graphs (measured so; else launched eagerly)."""
     layers = list({id(m): m for m in layers}.values())
     choice = KernelChoice(mode, layers)
     if not layers:
@@ -199,6 +227,7 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
         _require(mode, layers, dtype, "--int4-kernels", modes())
         for m in layers:
             m.set_row_plan(None, dtype, kernel=mode)  # up to dense_rows, as it is when a call comes
+        tune_per_rows(layers, dtype)
         return choice
     cache = PlanCache(cache_file)
     groups: dict[tuple, list] = {}  # (shape, dense copy): what `dense` reads differs
@@ -212,17 +241,34 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
                 raise VariantUnsupported(f"--int4-kernel-candidates {','.join(allowed)}: none of them runs here "
                                          f"on {shape[0]}x{shape[1]} (group {shape[2]}): "
                                          + "; ".join(dict.fromkeys(why.get(n, f"{n}: unknown") for n in allowed)))
-        key = cache_key(device, dtype, shape, points, names, copy)
+        key = cache_key(device, dtype, shape, points, names, copy, graph)
         plan = cache.get(key, shape)
         if plan is None:
             status(f"int4 kernels: measuring {', '.join(names)} for {shape[0]}x{shape[1]} (group {shape[2]}) "
                    f"at {len(points)} row counts")
-            plan = measure(group[0], dtype, points, names)
+            plan = measure(group[0], dtype, points, names, graph, rotation(group, device))
             cache.put(key, plan)
         choice.plans[shape] = plan
         for m in group:
             m.set_row_plan(plan.plan, dtype)
+    tune_per_rows(layers, dtype)
     return choice
+
+
+def tune_per_rows(layers, dtype: torch.dtype) -> None:
+    """Call each weight shape's kernels that tune per row count (W4A16Kernel.tunes_per_rows) once
+    at every row count they serve, so their tuning is done now (it compiles and synchronizes,
+    which no measured run or CUDA graph capture may contain)."""
+    seen = set()
+    for m in layers:
+        shape = (m.out_features, m.in_features, m.group_size, m.row_plan, m.kernel, m.dense_rows)
+        if shape in seen:
+            continue
+        seen.add(shape)
+        for rows in range(1, m.decode_rows() + 1):
+            name = m.kernel_at(rows)
+            if name != "dense" and KERNELS[name].tunes_per_rows:
+                m.run_kernel(name, torch.zeros(rows, m.in_features, dtype=dtype, device=m.packed.device))
 
 
 def set_prefill_kernel(layers, name: str, dtype: torch.dtype) -> None:

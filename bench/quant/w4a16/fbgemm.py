@@ -1,6 +1,7 @@
 """FBGEMM's CUTLASS mixed-input int4 kernels (`pip install fbgemm-gpu-genai`, BSD): bfloat16
-activations times int4 weights with a bfloat16 scale and zero per group, the kernels torchao's
-Int4Tensor / Int4PreshuffledTensor call.
+activations times int4 weights with a bfloat16 scale and zero per group. torchao 0.18's
+Int4Tensor / Int4PreshuffledTensor call the same kernels under MSLK's op names
+(torch.ops.mslk.bf16i4bf16_rowwise / _shuffled / preshuffle_i4: same schemas, same formats).
 
 Their format is tinygemm's convention, w = (q - 8) * scale + zero, so the layer's own codes and
 scale_and_zero pairs go in exactly (the codes recentred to int8 and packed two per byte by
@@ -10,8 +11,11 @@ FBGEMM's pack_int4; the scales and zeros rounded to bfloat16):
   bfloat16 scale comes back as it went in; the zero is never reordered, as in torchao's
   Int4PreshuffledTensor), groups of 128 or more as FBGEMM's quantize_int4_preshuffle asks.
 Both are one CUTLASS SM90 kernel (TMA, warp-specialized wgmma; K tile 64): Hopper only, and a
-group must span whole K tiles (CUTLASS refuses others at the call, "cutlass cannot implement").
-Activations of another dtype are cast to bfloat16 and the output back (Int4Linear does the latter).
+group must span whole K tiles. FBGEMM does not check that at the call (it never asks CUTLASS's
+can_implement), so shape_unsupported refuses other group sizes here. Activations of another
+dtype are cast to bfloat16 and the output back (Int4Linear.run_kernel does the latter).
+FBGEMM 1.6.0 registers no fake (meta) implementation of bf16i4bf16_shuffled, which torch.compile
+needs to trace a call: one is registered here, giving the output's shape and dtype.
 """
 from __future__ import annotations
 
@@ -31,7 +35,18 @@ def _gen_ai():
     except Exception as e:  # noqa: BLE001 - not installed, or built for another torch / CUDA
         return None, (f"FBGEMM gen_ai cannot be imported ({e.__class__.__name__}: {str(e)[:120]}); "
                       "pip install fbgemm-gpu-genai (the build for this torch)")
+    _register_fakes()
     return quantize, None
+
+
+def _register_fakes() -> None:
+    """A fake implementation of each op that lacks one (torch.compile traces calls with it)."""
+    for op in ("bf16i4bf16_rowwise", "bf16i4bf16_shuffled"):
+        if not hasattr(torch.ops.fbgemm, op) or torch._C._dispatch_has_kernel_for_dispatch_key(f"fbgemm::{op}",
+                                                                                               "Meta"):
+            continue
+        torch.library.register_fake(f"fbgemm::{op}")(
+            lambda X, W, w_scale_group, w_zero_group: X.new_empty((*X.shape[:-1], W.shape[0]), dtype=torch.bfloat16))
 
 
 K_TILE = 64  # the kernels' K tile (128 bytes of bfloat16): CUTLASS takes groups of whole tiles
@@ -77,6 +92,8 @@ class Fbgemm(W4A16Kernel):
         zero = sz[..., 1].to(torch.bfloat16).contiguous()
         wq = quantize.pack_int4(q)
         if self.shuffled:
+            # it reorders wq in place on CUDA's legacy default stream: nothing else may be pending
+            torch.cuda.current_stream(dev).synchronize()
             wq, scale = torch.ops.fbgemm.preshuffle_i4(wq, scale)
         return {"wq": wq, "scale": scale, "zero": zero}, None
 

@@ -6,11 +6,17 @@ do (gemlite's default folds the zero point into -z * s rounded to the activation
 computes q * s + that: in bfloat16 up to 6% of a quantization step off).
 
 All share one packed copy per layer (state_key "gemlite"). gemlite imports on CUDA machines only
-(it reads the GPU's name at import) and autotunes each kernel per shape and row-count bucket on
-its first call there: the measured choice calls every kernel before timing it, the graph engine
-warms every call up before capturing it, and elsewhere a run's warm-up requests take the tuning
-(as they take compilation). A call is gemlite's registered op (torch.ops.gemlite.forward_functional),
-which torch.compile keeps in its graph as one opaque call.
+(it reads the GPU's name at import; it ships tuned configurations for a few GPUs, matched by
+name, and tunes on others). Its kernels autotune on their first call at each shape and row
+count (the three GEMVs key on the exact row count, the two GEMMs on a bucket of it; gemlite
+0.6.0.post2, triton_kernels/*_kernels.py KEYS), benchmarking with host synchronization, which a
+CUDA graph capture cannot contain: a layer given a gemlite kernel is therefore called once at
+every row count it serves when the kernel is chosen (W4A16Kernel.tunes_per_rows), and a tuning
+that still falls inside a measured run is counted as one-time work (compile_events, the
+autotuners' cache sizes). In bfloat16 the GEMVs' split-K sums use fp32 atomics, not bfloat16
+ones (gemlite.set_native_atomic_bfp16(False)): rounded bfloat16 adds over K = 11008 cost about
+1.5% of |y|. A call is gemlite's registered op (torch.ops.gemlite.forward_functional), which
+torch.compile keeps in its graph as one opaque call.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from functools import lru_cache
 
 import torch
 
+from bench.measure import compile_events
 from bench.quant.w4a16.base import W4A16Kernel
 
 _TENSORS = ("W_q", "scales", "zeros", "meta_scale")  # GemLiteLinear.get_tensor_args(), in its order
@@ -28,13 +35,23 @@ def _gemlite():
     """(the gemlite module, None) or (None, why it cannot be imported)."""
     try:
         import gemlite
+        from gemlite.triton_kernels import gemm_kernels, gemm_splitK_kernels, gemv_kernels, gemv_revsplitK_kernels
+        from gemlite.triton_kernels import gemv_splitK_kernels
     except Exception as e:  # noqa: BLE001 - not installed, no GPU, a Triton it cannot use
         return None, f"gemlite cannot be imported ({e.__class__.__name__}: {str(e)[:120]}); pip install gemlite"
+    gemlite.set_native_atomic_bfp16(False)
+    # each module's entry point holds its Triton autotuners in `.kernel`; an autotuner's `cache`
+    # gains one entry per key it tuned (gemlite 0.6.0.post2 reads them so in core.cache_config)
+    tuners = [k for entry in (gemv_kernels.gemv, gemv_revsplitK_kernels.gemv_revsplitK,
+                              gemv_splitK_kernels.gemv_splitK, gemm_splitK_kernels.gemm_splitK, gemm_kernels.gemm)
+              for k in entry.kernel]
+    compile_events.add_counter("gemlite autotuning", lambda: sum(len(getattr(k, "cache", {})) for k in tuners))
     return gemlite, None
 
 
 class Gemlite(W4A16Kernel):
     state_key = "gemlite"
+    tunes_per_rows = True
 
     def __init__(self, matmul_type: str):
         self.matmul_type = matmul_type  # gemlite's name: GEMV, GEMV_REVSPLITK, GEMV_SPLITK, GEMM_SPLITK, GEMM

@@ -173,12 +173,15 @@ def _device_name(device: torch.device) -> str:
     return f"cpu {platform.machine()} {platform.processor() or ''}".strip()
 
 
-def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidates, dense_copy: bool = False) -> str:
+def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidates, dense_copy: bool = False,
+              graph: bool = True) -> str:
     """`dense_copy`: the layers keep a dense copy (--int4-prefill-copy), which the `dense` kernel
-    reads instead of dequantizing: another measurement."""
+    reads instead of dequantizing: another measurement. `graph`: timed inside CUDA graphs (the
+    graph engines) or launched eagerly (the others): on CUDA another measurement too."""
     return json.dumps({"device": _device_name(device), "versions": _versions(device), "dtype": str(dtype),
                        "shape": list(shape), "points": list(points), "candidates": sorted(candidates),
-                       "dense_copy": bool(dense_copy)}, sort_keys=True)
+                       "dense_copy": bool(dense_copy), "graph": bool(graph) and device.type == "cuda"},
+                      sort_keys=True)
 
 
 class PlanCache:
