@@ -8,7 +8,7 @@ from bench.quant import DEFAULT_CACHE_DIR, KERNELS_FILE
 from bench.errors import ArgumentParser, UsageError
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
-CSV_COLUMNS = ["device", "dtype", "versions", "dense_copy", "candidates", "out_features", "in_features", "group_size",
+CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "candidates", "out_features", "in_features", "group_size",
                "kernel", "rows", "us", "max_rel_err", "chosen", "left_out"]
 
 
@@ -18,8 +18,9 @@ def parser() -> ArgumentParser:
                     help=f"kernel measurements (default {DEFAULT_FILE}; another --int4-cache-dir keeps them in "
                          "its kernels.json)")
     ap.add_argument("--out", metavar="CSV", default=None,
-                    help="write every measurement to this new CSV (device, dtype, library versions, dense copy or "
-                         "not, the candidates chosen from, shape, kernel, rows, us, max_rel_err, chosen, left_out); "
+                    help="write every measurement to this new CSV (device, dtype, library versions, CUDA graph "
+                         "or eager, dense copy or not, the candidates chosen from, shape, kernel, rows, us, "
+                         "max_rel_err, chosen, left_out); "
                          "default: print the choices")
     return ap
 
@@ -78,7 +79,7 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"{path} holds no measurements; run with --int4-kernels measured first")
         rows = [{"device": fields["device"], "dtype": fields["dtype"],
                  "versions": " ".join(f"{k}={v}" for k, v in sorted(fields["versions"].items())),
-                 "dense_copy": fields.get("dense_copy"), "candidates": " ".join(map(str, fields["candidates"])),
+                 "graph": fields.get("graph"), "dense_copy": fields.get("dense_copy"), "candidates": " ".join(map(str, fields["candidates"])),
                  **row}
                 for fields, plan in entries for row in table_rows([plan])]
         try:
@@ -109,7 +110,8 @@ def main(argv: list[str]) -> int:
     chosen.add_column("kernel per row count", no_wrap=True)  # the answer: others fold first
     for fields, plan in entries:
         n, k, g = plan.shape
-        copy = ", dense copy" if fields.get("dense_copy") else ""
+        eager = fields.get("graph") is False and not fields["device"].startswith("cpu")  # timed launched eagerly
+        copy = (", dense copy" if fields.get("dense_copy") else "") + (", eager" if eager else "")
         chosen.add_row(fields["device"], fields["dtype"], f"{n}x{k}, g{g}{copy}",
                        ", ".join(map(str, fields["candidates"])), plan_text(plan.plan, 0))
     console.print(chosen)
