@@ -104,6 +104,11 @@ def test_three_directories_sharing_variants_give_one_number_per_cell(three_dirs,
         assert fp16["speedup ttft"] == "1" and fp16["speedup peak_alloc"] == "-"  # CPU: no peak memory
 
 
+def test_table_numbers_from_a_thousand_up_are_written_whole():
+    md = report._md(pd.DataFrame({"variant": ["a", "b", "c"], "e2e_ms median": [1099.4, 4.2e-5, float("nan")]}))
+    assert [r["e2e_ms median"] for r in markdown_tables(md)[0]] == ["1099", "4.2e-05", "-"]  # not 1.1e+03
+
+
 def test_cold_warm_draws_each_directorys_own_medians(three_dirs):
     _, summary = sources.load(three_dirs)
     fig = figures.fig_cold_warm(summary)
