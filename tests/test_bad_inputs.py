@@ -755,6 +755,7 @@ SERVE = ["serve", "--preset", "tiny-vila", "--device", "cpu", "--max-new-tokens"
     (["--max-request-mb", "nan"], "--max-request-mb"),
     (["--workers", "2"], "unrecognized arguments: --workers"),  # a server runs no sweep
     (["--output-dir", "somewhere"], "unrecognized arguments: --output-dir"),
+    (["--num-runs", "3"], "unrecognized arguments: --num-runs"),  # nor measures
     (["--max-new-tokens", "5000"], "--max-tokens-limit"),  # every request without max_tokens would be refused
     (["--max-new-tokens", "4096", "--max-tokens-limit", "8000"], "4,096"),  # past the model's positions
 ])

@@ -63,6 +63,14 @@ def test_each_flag_states_its_default_once(name):
             assert action.default in (None, "") or isinstance(action.default, bool), (action.dest, action.help)
 
 
+def test_serve_help_shows_only_what_a_server_uses(capsys):
+    assert call(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--num-runs", "--warmup", "--batch-size", "--output-dir", "--fidelity", "--wide", "--text-prompt"):
+        assert flag not in out, flag
+    assert "stopped (Ctrl-C or SIGTERM)" in out and "runs.csv" not in out  # its own exit codes, not run's
+
+
 def test_run_help_lists_every_registered_name():
     from bench.models.presets import PRESETS
     from bench.models.templates import TEMPLATES
