@@ -402,7 +402,7 @@ def test_compare_bad_flags(results_dir, tmp_path, capsys):
     bad_sub(capsys, ["compare", results_dir, results_dir, "--alpha", "2"], "--alpha")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--metrics", "model,ttft_ms"], "--metrics model", "not numbers")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--metrics", ","], "--metrics is empty")
-    bad_sub(capsys, ["compare", results_dir], "candidate")
+    bad_sub(capsys, ["compare", results_dir], "CANDIDATE")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--min-samples", "few"], "--min-samples")
 
 

@@ -31,6 +31,8 @@ def test_no_command_lists_the_commands(argv, capsys):
     assert out.startswith(f"usage: {PROG}")
     for name, command in COMMANDS.items():
         assert re.search(rf"^  {re.escape(name)} +{re.escape(command.help)}$", out, re.M), name
+    same = [line.index("= `") for line in out.splitlines() if "= `" in line]
+    assert len(same) == 2 and same[0] == same[1]  # the equivalent command lines line up
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
