@@ -101,6 +101,18 @@ def test_list_shows_every_registry_entry(capsys):
         assert part.description.split()[0] in words
 
 
+def test_int4_kernels_lists_every_kernel_once_per_row(capsys, monkeypatch, tmp_path):
+    from bench.quant.w4a16.registry import KERNELS
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no measurements file yet
+    assert call(["int4-kernels"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("int4 kernels (") and "torch." not in lines[0]
+    for name in KERNELS:  # the row names its kernel once, the reason it cannot run here does not repeat it
+        row = next(line for line in lines if line.split()[:1] == [name])
+        assert row.split().count(name) == 1, row
+
+
 def test_unknown_command_is_one_line_naming_the_commands(capsys):
     assert call(["nonsense"]) == 2
     err = capsys.readouterr().err
