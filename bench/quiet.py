@@ -6,33 +6,30 @@ import logging
 import os
 
 
-class _Repeats(logging.Filter):
-    """Drops a logger's records that start with `prefix`: all of them, or all after the first."""
+class _Drop(logging.Filter):
+    """Drops a logger's records whose message starts with `prefix`."""
 
-    def __init__(self, prefix: str, keep_first: bool):
+    def __init__(self, prefix: str):
         super().__init__()
-        self.prefix, self.keep_first, self.seen = prefix, keep_first, False
+        self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.prefix):
-            return True
-        keep = self.keep_first and not self.seen
-        self.seen = True
-        return keep
+        return not str(record.msg).startswith(self.prefix)
 
 
-# (logger, message prefix, keep the first): each is logged from inside a library, not by us.
+# (logger, message prefix): each is logged from inside a library, not by us.
 FILTERS = [
     # bitsandbytes 0.50.2 (autograd/_functions.py, MatMul8bitLt.forward): logged on every forward of
-    # every 8-bit layer whose input is not float16 (bnb8 on a CPU in float32): once says it.
-    ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast from", True),
+    # every 8-bit layer whose input is not float16 (bnb8 on a CPU in float32), in the middle of the
+    # measured requests; the bnb8 variant says it once as it loads (variants/bnb.py).
+    ("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast from"),
     # bitsandbytes 0.50.2 (backends/cpu/ops.py, at import on CPUs with AVX512-BF16): tries to fetch a
     # 4-bit GEMM kernel from the Hugging Face hub (`kernels-community`) and logs the failure; the
     # run is offline (HF_HUB_OFFLINE below) and bitsandbytes falls back to its own kernel.
-    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community", False),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
     # kernels 0.19.1 (_internals/hf_hub.py), on that fetch in offline mode: says it skips the
     # publisher check (the kernel is not in the local cache, so none is loaded).
-    ("kernels._internals.hf_hub", "Skipping publisher trust check for", False),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for"),
 ]
 
 
@@ -41,10 +38,10 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Models, tokenizers and kernels come from local files only: no hub access at run time.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for name, prefix, keep_first in FILTERS:
+    for name, prefix in FILTERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _Repeats) and f.prefix == prefix for f in logger.filters):
-            logger.addFilter(_Repeats(prefix, keep_first))
+        if not any(isinstance(f, _Drop) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_Drop(prefix))
     # torchao 0.18 reports optional CUDA extensions it cannot load on CPU builds, and torch 2.13 warns
     # about torchao's enum registrations: neither concerns the int4 kernels used here.
     logging.getLogger("torchao").setLevel(logging.ERROR)

@@ -5,7 +5,8 @@ running a model.
 
 A result is a dict of identity columns (model, variant, engine, cache_state, the workload point,
 dtype, ...) and optionally `status` and `error` (a failed or skipped variant writes one row, as
-the runner does), `scale` (multiplies every time, so results differ visibly) and `kl_mean`.
+the runner does), `scale` (multiplies every time, so results differ visibly), `kl_mean` and
+`token_agree`.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def _timings(rng: random.Random, result: dict, spec: dict) -> dict:
             "requests_per_s": batch / e2e * 1e3, "output_tok_s": new * batch / e2e * 1e3, "load_ms": 0.0,
             "stream_ms": e2e, "gpu_phase_pct": 95.0, "prompt_tokens": 106, "prefix_tokens": 79,
             "cached_tokens": 79 if warm else 0, "cache_hit": warm,
-            "weight_mb": 0.3 if quantized else 0.76, "token_agree": 0.75 if quantized else 1.0,
+            "weight_mb": 0.3 if quantized else 0.76, "token_agree": spec.get("token_agree", 0.75 if quantized else 1.0),
             "kl_mean": spec.get("kl_mean", 0.02 if quantized else 0.0), "engine_kl_mean": 0.02 if quantized else 1e-8,
             "engine_top1_agree": 1.0, "output_text": "random weights"}
 

@@ -402,7 +402,7 @@ def test_compare_bad_flags(results_dir, tmp_path, capsys):
     bad_sub(capsys, ["compare", results_dir, results_dir, "--alpha", "2"], "--alpha")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--metrics", "model,ttft_ms"], "--metrics model", "not numbers")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--metrics", ","], "--metrics is empty")
-    bad_sub(capsys, ["compare", results_dir], "candidate")
+    bad_sub(capsys, ["compare", results_dir], "CANDIDATE")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--min-samples", "few"], "--min-samples")
 
 
@@ -755,6 +755,7 @@ SERVE = ["serve", "--preset", "tiny-vila", "--device", "cpu", "--max-new-tokens"
     (["--max-request-mb", "nan"], "--max-request-mb"),
     (["--workers", "2"], "unrecognized arguments: --workers"),  # a server runs no sweep
     (["--output-dir", "somewhere"], "unrecognized arguments: --output-dir"),
+    (["--num-runs", "3"], "unrecognized arguments: --num-runs"),  # nor measures
     (["--max-new-tokens", "5000"], "--max-tokens-limit"),  # every request without max_tokens would be refused
     (["--max-new-tokens", "4096", "--max-tokens-limit", "8000"], "4,096"),  # past the model's positions
 ])

@@ -31,6 +31,8 @@ def test_no_command_lists_the_commands(argv, capsys):
     assert out.startswith(f"usage: {PROG}")
     for name, command in COMMANDS.items():
         assert re.search(rf"^  {re.escape(name)} +{re.escape(command.help)}$", out, re.M), name
+    same = [line.index("= `") for line in out.splitlines() if "= `" in line]
+    assert len(same) == 2 and same[0] == same[1]  # the equivalent command lines line up
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
@@ -63,6 +65,14 @@ def test_each_flag_states_its_default_once(name):
             assert action.default in (None, "") or isinstance(action.default, bool), (action.dest, action.help)
 
 
+def test_serve_help_shows_only_what_a_server_uses(capsys):
+    assert call(["serve", "--help"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--num-runs", "--warmup", "--batch-size", "--output-dir", "--fidelity", "--wide", "--text-prompt"):
+        assert flag not in out, flag
+    assert "stopped (Ctrl-C or SIGTERM)" in out and "runs.csv" not in out  # its own exit codes, not run's
+
+
 def test_run_help_lists_every_registered_name():
     from bench.models.presets import PRESETS
     from bench.models.templates import TEMPLATES
@@ -89,6 +99,18 @@ def test_list_shows_every_registry_entry(capsys):
         assert name in words, name
     for part in registry().values():  # with its description
         assert part.description.split()[0] in words
+
+
+def test_int4_kernels_lists_every_kernel_once_per_row(capsys, monkeypatch, tmp_path):
+    from bench.quant.w4a16.registry import KERNELS
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no measurements file yet
+    assert call(["int4-kernels"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("int4 kernels (") and "torch." not in lines[0]
+    for name in KERNELS:  # the row names its kernel once, the reason it cannot run here does not repeat it
+        row = next(line for line in lines if line.split()[:1] == [name])
+        assert row.split().count(name) == 1, row
 
 
 def test_unknown_command_is_one_line_naming_the_commands(capsys):

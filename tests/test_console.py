@@ -50,6 +50,8 @@ def test_table_fits_100_columns_with_whole_names_dtype_and_ok_rows_first():
         assert heading in text
     assert "not shown here:" in text and "--wide" in text
     assert "b16 n128" in text  # the workload point
+    assert "valid no: a TTFT or TPOT summary missed" in " ".join(text.split())  # what "no" means
+    assert lines[-1] == "results in results/local/x/: runs.csv, summary.csv, env.json"
 
 
 def test_wide_shows_every_metric():
@@ -63,3 +65,21 @@ def test_wide_shows_every_metric():
 def test_narrow_terminal_keeps_names_whole():
     lines = render(width=80)
     assert max(map(len, lines)) <= 80 and "awq4+prefix+graph-exact" in "\n".join(lines)
+
+
+def test_valid_means_ttft_and_tpot_as_in_the_report():
+    """A result whose TPOT summary is not valid is not valid (the report's speedup table reads
+    the same VALIDITY_METRICS), and the note below the table gives the reason."""
+    from bench.measure.schema import VALIDITY_METRICS
+
+    base = {"model": "m", "variant": "bnb8", "engine": "hf", "device": "cpu", "dtype": "float32",
+            "cache_state": "none", "batch_size": 1, "new_tokens": 8, "status": "ok", "n": 10, "median": 5.0}
+    rows = [{**base, "metric": m, "valid": m != "tpot_ms",
+             "invalid_reason": "cv 0.12 > --max-cv 0.1" if m == "tpot_ms" else ""}
+            for m in ("ttft_ms", "tpot_ms", "e2e_ms")]
+    console = Console(width=NARROW, record=True, file=open("/dev/null", "w"))
+    print_summary(rows, "out", "checkpoint", console=console)
+    lines = console.export_text().splitlines()
+    row = next(line for line in lines if line.startswith("bnb8"))
+    assert VALIDITY_METRICS == ("ttft_ms", "tpot_ms") and row.split()[-1] == "no"
+    assert "bnb8 none b1 n8 TPOT: cv 0.12 > --max-cv 0.1" in " ".join(" ".join(lines).split())

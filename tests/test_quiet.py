@@ -34,17 +34,24 @@ def two_runs(tmp_path_factory):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     short, long = proc.stderr.split(MARK)
-    return out, dependency_lines(short), dependency_lines(long)
+    return out, dependency_lines(short), dependency_lines(long), proc.stderr
 
 
 def test_dependency_output_does_not_grow_with_requests(two_runs):
-    _, short, long = two_runs
+    _, short, long, _ = two_runs
     assert len(long) <= len(short), long
     assert not any("kernels-community" in line or "publisher trust" in line for line in short + long)
 
 
+def test_no_dependency_line_at_all_and_bnb8_says_its_float16_cast_itself(two_runs):
+    _, short, long, stderr = two_runs
+    assert short == [] and long == []  # only the harness's own progress lines
+    assert stderr.count("bnb8: LLM.int8 casts float32 inputs to float16") == 2  # once per run, as it loads
+
+
+
 def test_summarize_imports_no_model_library(two_runs):
-    out, _, _ = two_runs
+    out, _, _, _ = two_runs
     code = ("import sys; from bench.cli import main; rc = main(['summarize', sys.argv[1]]); "
             "assert rc == 0; assert not {'torch', 'transformers', 'torchao', 'bitsandbytes'} & set(sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code, str(out / "long")], cwd=ROOT, capture_output=True, text=True,

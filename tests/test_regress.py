@@ -161,6 +161,24 @@ def test_compare_never_pools_rows_that_differ_in_identity(tmp_path, column, a, b
     assert compare_main([str(tmp_path / "only_a"), str(tmp_path / "only_b")]) == 2
 
 
+def test_compare_table_fits_100_columns_with_whole_names_and_shared_identity_said_once(tmp_path):
+    from bench.analysis.compare import compare_runs, load_runs, print_table
+
+    long = [("bnb4-fp4+embedcache+static", "static"), ("awq4+prefix+graph-exact", "graph-exact"), ("fp16", "hf")]
+    for side, seed in (("base", 7), ("cand", 8)):
+        write_identity_runs(tmp_path / side / "runs.csv", [({"variant": v, "engine": e}, 100) for v, e in long],
+                            seed=seed)
+    rows = compare_runs(load_runs(tmp_path / "base"), load_runs(tmp_path / "cand"),
+                        ["ttft_ms", "tpot_ms", "prefill_ms", "e2e_ms"], 0.01, 1.1)
+    out = io.StringIO()
+    print_table(rows, out=out)
+    lines = out.getvalue().splitlines()
+    assert max(map(len, lines)) <= 100
+    assert {v for v, _ in long} | {e for _, e in long} <= set(out.getvalue().split())
+    # what every row shares is said once, above the table
+    assert lines[0] == "baseline vs candidate: model m, cache none, point b1 n32, 10/10 runs (baseline/candidate)"
+
+
 def test_compare_reads_files_without_the_newer_identity_columns(tmp_path):
     """Older runs.csv files lack engine, family, weights, device, dtype, the workload point and
     run_id: they load with the documented defaults and still compare with themselves."""

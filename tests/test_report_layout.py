@@ -104,6 +104,11 @@ def test_three_directories_sharing_variants_give_one_number_per_cell(three_dirs,
         assert fp16["speedup ttft"] == "1" and fp16["speedup peak_alloc"] == "-"  # CPU: no peak memory
 
 
+def test_table_numbers_from_a_thousand_up_are_written_whole():
+    md = report._md(pd.DataFrame({"variant": ["a", "b", "c"], "e2e_ms median": [1099.4, 4.2e-5, float("nan")]}))
+    assert [r["e2e_ms median"] for r in markdown_tables(md)[0]] == ["1099", "4.2e-05", "-"]  # not 1.1e+03
+
+
 def test_cold_warm_draws_each_directorys_own_medians(three_dirs):
     _, summary = sources.load(three_dirs)
     fig = figures.fig_cold_warm(summary)
@@ -160,9 +165,23 @@ def test_every_figure_is_readable_with_30_results(many, name, monkeypatch):
         assert "skipped: graph-exact needs a CUDA device" in texts
         assert any(t.startswith("failed: RuntimeError: CUDA out of memory") and t.endswith("…") for t in texts)
     if name in ("phases", "latency_ci", "memory", "fidelity"):  # every model, whatever its workload point
-        assert all(any(t.startswith(f"{m}: ") for t in texts) for m in ("tiny-llava", "tiny-vila", "tiny-internvl"))
+        assert all(any(t.startswith((f"{m}: ", f"{m} at ")) for t in texts)
+                   for m in ("tiny-llava", "tiny-vila", "tiny-internvl"))
+    if name in ("phases", "latency_ci", "memory", "fidelity", "cold_warm"):  # a swept model: the point shown
+        assert any(t.startswith("tiny-llava at b1 n8: ") for t in texts)
+        assert not any(t.startswith("tiny-internvl at") for t in texts)  # measured at one point
     if name == "phases":
         assert {"decode", "cache store", "prefill", "vision"} <= set(texts)  # every phase in the legend
+    plt.close(fig)
+
+
+def test_token_agreement_bars_say_their_value_zero_included(tmp_path, monkeypatch):
+    d = write_results(tmp_path / "r", [{"variant": "fp16"}, {"variant": "bnb4", "token_agree": 0.0},
+                                       {"variant": "rtn4", "token_agree": 0.375}], runs=3)
+    fig = figures.fig_fidelity(sources.load([d])[1])
+    texts = assert_readable(fig, monkeypatch)
+    assert [t.get_text() for t in fig.axes[1].texts] == ["1.00", "0.00", "0.38"]  # a share of 0 draws no bar
+    assert "token agreement" in texts
     plt.close(fig)
 
 

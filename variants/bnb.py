@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from bench.errors import UsageError
+from bench.log import status
 from variants.base import WeightsOptions, WeightsPart, quantized_columns
 from variants.options import opt
 
@@ -63,6 +64,10 @@ class BnbWeights(WeightsPart):
                 options.quantize_vision)
 
     def load(self, source, device, dtype, options: BnbOptions):
+        if self.mode == "int8" and dtype != torch.float16:
+            # what bitsandbytes would otherwise log on every forward (bench.quiet filters it)
+            status(f"{self.name}: LLM.int8 casts {str(dtype).removeprefix('torch.')} inputs to float16 in every "
+                   "8-bit layer")
         qc = self.quantization_config(options, dtype)
         vision = bool(options.quantize_vision)
         if source.model_path:

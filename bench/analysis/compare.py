@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.analysis.console import NARROW
 from bench.analysis.inputs import BadInput, check_results_csv
 from bench.analysis.regress import compare_samples
 from bench.measure.schema import (IDENTITY_DEFAULTS, RESULT_KEY, WORKLOAD_KEYS, counted, fill_identity_columns,
@@ -112,25 +113,48 @@ def _point(r: dict) -> str:
     return b if b == c else f"{b} -> {c}"
 
 
-def _fmt(x: float) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
+def _fmt(x: float, digits: int = 4) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
 
-def print_table(rows: list[dict], out=None) -> None:
+def _cells(r: dict, extra: list[str]) -> dict[str, str]:
+    """A verdict's identity cells and run counts by column heading (the optional identity
+    columns where rows differ)."""
+    return {"model": str(r["model"]), **{k: str(r[k]) for k in extra}, "variant": str(r["variant"]),
+            "engine": str(r["engine"]), "cache": str(r["cache_state"]), "point": _point(r),
+            "n b/c": f"{r['n_baseline']}/{r['n_candidate']}"}
+
+
+def print_table(rows: list[dict], out=None, width: int = NARROW) -> None:
+    """The verdicts as a table of at most `width` columns: an identity column (or the run
+    counts) holding one value in every row is said once above the table instead."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="baseline vs candidate (ratio = candidate/baseline, Hodges-Lehmann)")
     extra = [k for k in OPTIONAL_SHOWN if _differs(rows, k)]
-    for col in ("model", *extra, "variant", "engine", "cache", "point", "metric", "n b/c", "median b", "median c",
-                "ratio", "p", "verdict"):
-        table.add_column(col)
+    cells = [_cells(r, extra) for r in rows]
+    heads = list(cells[0]) if cells else []
+    shared = [h for h in heads if h != "variant" and len({c[h] for c in cells}) == 1]
+    shown = [h for h in heads if h not in shared]
+    said = ", ".join(f"{cells[0][h]} runs (baseline/candidate)" if h == "n b/c" else f"{h} {cells[0][h]}"
+                     for h in shared)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+    identity = [h for h in shown if h != "n b/c"]
+    numbers = [h for h in ("n b/c", "median b", "median c", "ratio", "p") if h not in shared]
+    for h in [*identity, "metric"]:
+        table.add_column(h, overflow="fold")
+    for h in numbers:
+        table.add_column(h, justify="right", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
     style = {"regression": "red", "improvement": "green", "inconclusive": "yellow", "unchanged": ""}
-    for r in rows:
+    for r, c in zip(rows, cells):
+        c = {**c, "median b": _fmt(r["baseline_median"]), "median c": _fmt(r["candidate_median"]),
+             "ratio": _fmt(r["ratio"], 3), "p": _fmt(r["p_value"], 2)}
         s = style[r["status"]]
-        table.add_row(r["model"], *[str(r[k]) for k in extra], r["variant"], r["engine"], r["cache_state"],
-                      _point(r), r["metric"],
-                      f"{r['n_baseline']}/{r['n_candidate']}", _fmt(r["baseline_median"]),
-                      _fmt(r["candidate_median"]), _fmt(r["ratio"]), _fmt(r["p_value"]),
+        table.add_row(*[c[h] for h in identity], r["metric"], *[c[h] for h in numbers],
                       f"[{s}]{r['status']}[/]" if s else r["status"])
-    Console(file=out or sys.stdout, width=160).print(table)
+    console = Console(file=out or sys.stdout, width=width)
+    console.print(f"baseline vs candidate{': ' + said if said else ''}")
+    console.print(table)
+    console.print("ratio: candidate / baseline (Hodges-Lehmann estimate); p: one-sided Mann-Whitney U")

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from bench.measure.schema import RESULT_KEY, WORKLOAD_KEYS, point_label, title
+from bench.measure.schema import RESULT_KEY, VALIDITY_METRICS, WORKLOAD_KEYS, point_label, title
 
 NARROW = 100
 # Metrics shown with `wide`, in this order; a sweep adds SWEEP_SHOWN.
@@ -84,10 +84,29 @@ def summary_table(summary: list[dict], weights: str, metrics: list[str] | None =
             table.add_row(*cells, "0", *["-"] * len(metrics), f"[yellow]{status}[/]")
             continue
         n = max(m.get("n", 0) for m in values.values())
-        valid = all(m.get("valid") for k, m in values.items() if k in ("e2e_ms", "ttft_ms"))
+        valid = _valid(values)
         table.add_row(*cells, str(n), *[_fmt(values.get(k, {}).get("median")) for k in metrics],
                       "yes" if valid else "[red]no[/]")
     return table
+
+
+def _valid(values: dict) -> bool:
+    """Whether a result's summaries of VALIDITY_METRICS are all valid."""
+    return all(m.get("valid") for k, m in values.items() if k in VALIDITY_METRICS)
+
+
+def _invalid_note(summary: list[dict]) -> str | None:
+    """What `valid no` means, with the first invalid result's reason (None when every ok result is valid)."""
+    for ident, point, status, _, values in _results(summary):
+        if status != "ok" or _valid(values):
+            continue
+        metric, row = next((k, values[k]) for k in VALIDITY_METRICS if k in values and not values[k].get("valid"))
+        reason = str(row.get("invalid_reason") or "").split(";")[0]
+        names = [title(m).split()[0] for m in VALIDITY_METRICS]
+        example = f", e.g. {ident['variant']} {ident['cache_state']} {point} {title(metric).split()[0]}: {reason}"
+        return (f"valid no: a {' or '.join(names)} summary missed --num-runs, --min-seconds or --max-cv (why: "
+                f"summary.csv invalid_reason{example if reason else ''})")
+    return None
 
 
 def _width(console: Console, table: Table) -> int:
@@ -127,7 +146,10 @@ def print_summary(summary: list[dict], out_dir, weights: str, console: Console |
     for ident, _, status, error, _ in _results(summary):
         if status != "ok":
             console.print(f"[yellow]{ident['variant']} ({ident['engine']}): {status}[/]: {error}")
+    note = _invalid_note(summary)
+    if note:
+        console.print(note)
     if weights == "random":
-        console.print("[bold]weights=random[/]: timings are real (shapes decide time); generated text is meaningless, "
-                      "and token agree / KL measure numeric fidelity only.")
-    console.print(f"results: {out_dir}/runs.csv, {out_dir}/summary.csv, {out_dir}/env.json")
+        console.print("[bold]weights=random[/]: timings are real (shapes decide time), generated text is meaningless;")
+        console.print("token agree and KL measure numeric fidelity only.")
+    console.print(f"results in {out_dir}/: runs.csv, summary.csv, env.json")

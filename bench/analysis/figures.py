@@ -2,8 +2,8 @@
 figure, each returning a matplotlib Figure (or None when the results hold nothing it shows).
 
 Per-variant figures (phases, latency_ci, memory, fidelity, cold_warm) show each model's first
-workload point in each source, one row per labelled result; failed and skipped results appear as rows that say
-so. Sweep figures (batch, prompt_length, loader) show the workload axes. A value shown is one
+workload point in each source (named in the panel's title when the model was measured at
+several), one row per labelled result; failed and skipped results appear as rows that say so. Sweep figures (batch, prompt_length, loader) show the workload axes. A value shown is one
 result's median, never a mean over results.
 """
 from __future__ import annotations
@@ -55,20 +55,35 @@ def _medians(s: pd.DataFrame, model: str, rows: list[str], metrics: list[str]) -
     return ok.pivot(index="label", columns="metric", values="median").reindex(index=rows, columns=metrics)
 
 
+def _points(df: pd.DataFrame) -> list[str]:
+    """The workload points (point_label) of these rows' ok results."""
+    ok = df[df["status"] == "ok"].drop_duplicates(list(WORKLOAD_KEYS))
+    return sorted({point_label(r) for r in ok[list(WORKLOAD_KEYS)].to_dict("records")})
+
+
+def _panel_name(summary: pd.DataFrame, model: str) -> str:
+    """What a per-variant panel of `model` is titled: the model, and the workload point it shows
+    (its first in each source) when the model was measured at several."""
+    m = summary[summary["model"] == model]
+    if len(_points(m)) < 2:
+        return model
+    return f"{model} at {' / '.join(_points(first_point(m)))}"
+
+
 def _per_variant(summary: pd.DataFrame, metrics: list[str], ncols: int, width: float):
-    """(figure, grid, [(model, rows, notes, medians)]) for a per-variant figure of these metrics:
-    a row of panels per model, its results then its failed and skipped ones; None when no result
-    has any of the metrics."""
+    """(figure, grid, [(model, rows, notes, medians, heading)]) for a per-variant figure of these
+    metrics: a row of panels per model (titled `heading`: _panel_name), its results then its failed
+    and skipped ones; None when no result has any of the metrics."""
     s = first_point(summary)
     panels = []
     for model in _models(s):
         rows, notes = _panel_rows(s, model, metrics)
         if rows:
-            panels.append((model, rows, notes, _medians(s, model, rows, metrics)))
-    if not any(len(rows) > len(notes) for _, rows, notes, _ in panels):
+            panels.append((model, rows, notes, _medians(s, model, rows, metrics), _panel_name(summary, model)))
+    if not any(len(rows) > len(notes) for _, rows, notes, _, _ in panels):
         return None
-    widest = label_width(r for _, rows, _, _ in panels for r in rows)
-    fig, grid = new_figure([len(rows) for _, rows, _, _ in panels], ncols, width + widest)
+    widest = label_width(r for _, rows, _, _, _ in panels for r in rows)
+    fig, grid = new_figure([len(rows) for _, rows, _, _, _ in panels], ncols, width + widest)
     for row in grid:
         for ax in row[1:]:
             ax.tick_params(axis="y", labelleft=False)
@@ -83,7 +98,7 @@ def fig_phases(summary: pd.DataFrame):
         return None
     fig, grid, panels = made
     cmap = plt.get_cmap("Set2")
-    for row, (model, rows, notes, t) in zip(grid, panels):
+    for row, (model, rows, notes, t, heading) in zip(grid, panels):
         for ax, phases, title in ((row[0], PHASES, "whole request"),
                                   (row[1], BEFORE_FIRST_TOKEN, "until the first token")):
             left = pd.Series(0.0, index=t.index)
@@ -95,7 +110,7 @@ def fig_phases(summary: pd.DataFrame):
                     left += vals
             bar_rows(ax, rows, notes if ax is row[0] else None)
             ax.set_xlabel("median ms per request (phases stacked)", fontsize=9)
-            ax.set_title(f"{model}: {title}", fontsize=10)
+            ax.set_title(f"{heading}: {title}", fontsize=10)
     handles, names = grid[0][0].get_legend_handles_labels()
     fig.legend(handles, names, loc="outside lower center", ncols=len(PHASES), fontsize=TICK_FONT)
     fig.suptitle("Time per phase" + _weights_note(summary), fontsize=10)
@@ -111,7 +126,7 @@ def fig_latency_ci(summary: pd.DataFrame):
     fig, grid, panels = made
     s = first_point(summary)
     col = colours(s[s["status"] == "ok"]["label"])
-    for row, (model, rows, notes, _) in zip(grid, panels):
+    for row, (model, rows, notes, _, heading) in zip(grid, panels):
         for ax, metric, title in ((row[0], "ttft_ms", "TTFT, ms"), (row[1], "tpot_ms", "TPOT, ms/token")):
             t = s[(s["model"] == model) & (s["status"] == "ok") & (s["metric"] == metric)].set_index("label")
             t = t.reindex(rows)
@@ -124,7 +139,7 @@ def fig_latency_ci(summary: pd.DataFrame):
                     bar.set_hatch("//")
             bar_rows(ax, rows, notes if ax is row[0] else None)
             ax.set_xlabel(f"median {title}", fontsize=9)
-            ax.set_title(f"{model}: {title.split(',')[0]}", fontsize=10)
+            ax.set_title(f"{heading}: {title.split(',')[0]}", fontsize=10)
     fig.suptitle("Latency: median with its 95% bootstrap CI (error bar); hatched: summary not valid"
                  + _weights_note(summary), fontsize=10)
     fit_notes(fig)
@@ -138,7 +153,7 @@ def fig_memory(summary: pd.DataFrame):
     if made is None:
         return None
     fig, grid, panels = made
-    for (ax,), (model, rows, notes, t) in zip(grid, panels):
+    for (ax,), (model, rows, notes, t, heading) in zip(grid, panels):
         scale, unit = mib_unit(t.max().max() if t.notna().any().any() else 0.0)  # each model its own unit
         shown = [m for m in metrics if t[m].notna().any()]  # peak_alloc_mb is empty on the CPU
         for k, metric in enumerate(shown):
@@ -146,8 +161,8 @@ def fig_memory(summary: pd.DataFrame):
             ax.barh([i + offset for i in range(len(rows))], t[metric].fillna(0) * scale,
                     height=0.4 if len(shown) > 1 else 0.6, color=MEMORY[metric][1], label=MEMORY[metric][0])
         bar_rows(ax, rows, notes)
-        ax.set_xlabel(unit, fontsize=9)
-        ax.set_title(f"{model}: memory", fontsize=10)
+        ax.set_xlabel(f"memory, {unit}", fontsize=9)
+        ax.set_title(f"{heading}: memory", fontsize=10)
         legend_outside(ax)
     fit_notes(fig)
     return fig
@@ -162,7 +177,7 @@ def fig_fidelity(summary: pd.DataFrame):
     if made is None:
         return None
     fig, grid, panels = made
-    for row, (model, rows, notes, t) in zip(grid, panels):
+    for row, (model, rows, notes, t, heading) in zip(grid, panels):
         y = range(len(rows))
         kl = t["kl_mean"]
         ax = row[0]
@@ -174,10 +189,13 @@ def fig_fidelity(summary: pd.DataFrame):
             ax.set_xlim(10.0 ** lo / 2, 10.0 ** max(hi, lo + 1) * 2)
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(f"KL(fp16 || variant), nats (log; {KL_FLOOR:g} = identical)", fontsize=9)
-        ax.set_title(f"{model}: KL to fp16", fontsize=10)
+        ax.set_title(f"{heading}: KL to fp16", fontsize=10)
         ax.grid(axis="x", lw=0.4, alpha=0.5)
         row[1].barh(y, t["token_agree"].fillna(0), height=0.6, color="#55a868")
-        row[1].set_xlim(0, 1.05)
+        for i, share in enumerate(t["token_agree"]):  # the value: a share of 0 draws no bar
+            if pd.notna(share):
+                row[1].text(share + 0.01, i, f"{share:.2f}", va="center", fontsize=7)
+        row[1].set_xlim(0, 1.15)
         row[1].set_xlabel("share of tokens equal to fp16's", fontsize=9)
         row[1].set_title("token agreement", fontsize=10)
         row[2].barh(y, t["tpot_ms"].fillna(0), height=0.6, color="#8172b3")
@@ -210,7 +228,7 @@ def fig_cold_warm(summary: pd.DataFrame):
             ax.barh([i + offset for i in y], t[state].fillna(0), height=0.4, color=colour, label=name)
         bar_rows(ax, list(t.index))
         ax.set_xlabel("median TTFT, ms", fontsize=9)
-        ax.set_title(f"{model}: prefix / embedding cache, cold vs warm", fontsize=10)
+        ax.set_title(f"{_panel_name(summary, model)}: prefix / embedding cache, cold vs warm", fontsize=10)
         legend_outside(ax)
     return fig
 

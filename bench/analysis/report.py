@@ -20,7 +20,7 @@ import pandas as pd
 from bench.analysis import figures
 from bench.analysis.inputs import check_out_dir
 from bench.analysis.sources import BASELINE, first_point, label_order, load, status_rows
-from bench.measure.schema import WORKLOAD_KEYS
+from bench.measure.schema import VALIDITY_METRICS, WORKLOAD_KEYS
 
 
 def _baseline_for(bases: pd.DataFrame, row) -> pd.DataFrame:
@@ -65,7 +65,7 @@ def speedup_table(summary: pd.DataFrame) -> pd.DataFrame:
                     bmed[m] / vmed[m] if m in bmed and m in vmed else math.nan)
             for m in ("kl_mean", "token_agree"):
                 row[m] = vmed.get(m, math.nan)
-            row["valid"] = bool(v[v["metric"].isin(["ttft_ms", "tpot_ms"])]["valid"].all())
+            row["valid"] = bool(v[v["metric"].isin(VALIDITY_METRICS)]["valid"].all())
             out.append(row)
     df = pd.DataFrame(out)
     if df.empty:
@@ -83,7 +83,7 @@ def _md(df: pd.DataFrame) -> str:
         if isinstance(v, (bool, np.bool_)):
             return "yes" if v else "no"
         if isinstance(v, numbers.Real):
-            return "-" if math.isnan(v) else f"{v:.3g}"
+            return "-" if math.isnan(v) else f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
         if isinstance(v, str):
             return v.replace("|", "\\|").replace("\n", " ") or "-"
         raise TypeError(f"table cell {v!r}: not a number or text")

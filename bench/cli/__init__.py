@@ -63,14 +63,15 @@ def parser() -> ArgumentParser:
     """The top-level parser: its help and --version (each command parses its own flags)."""
     width = max(map(len, COMMANDS)) + 2
     commands = "\n".join(f"  {name:<{width}}{command.help}" for name, command in COMMANDS.items())
+    same = f"`{PROG} --num-runs 3 ...` "
     ap = ArgumentParser(
         prog=PROG, usage=f"{PROG} [-h] [--version] COMMAND ...",
         description="Measure what prefix KV-cache reuse, bitsandbytes 8/4-bit and AWQ int4 save (and cost in\n"
                     "answer quality) on a vision-language model.",
         epilog=f"commands:\n{commands}\n\n"
                f"`{PROG} COMMAND --help` shows a command's flags. Flags without a command run `run`:\n"
-               f"`{PROG} --num-runs 3 ...` = `{PROG} run --num-runs 3 ...`\n"
-               "                         = `python vila_prefix_benchmark.py --num-runs 3 ...`.")
+               f"{same}= `{PROG} run --num-runs 3 ...`\n"
+               f"{' ' * len(same)}= `python vila_prefix_benchmark.py --num-runs 3 ...`.")
     ap.add_argument("--version", action="version", version=f"{PROG} {version()}")
     return ap
 

@@ -28,8 +28,8 @@ exit codes:
 
 def parser() -> ArgumentParser:
     ap = ArgumentParser(prog=f"{PROG} compare", description=describe("compare") + "\n\n" + _DETAILS)
-    ap.add_argument("baseline", help="runs.csv, or a results directory holding one")
-    ap.add_argument("candidate", help="runs.csv, or a results directory holding one")
+    ap.add_argument("baseline", metavar="BASELINE", help="runs.csv, or a results directory holding one")
+    ap.add_argument("candidate", metavar="CANDIDATE", help="runs.csv, or a results directory holding one")
     ap.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                     help=f"comma list of runs.csv columns (default: {','.join(DEFAULT_METRICS)})")
     ap.add_argument("--alpha", type=float, default=0.01,

@@ -92,13 +92,15 @@ def main(argv: list[str]) -> int:
     console = Console()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    kernels = Table(title=f"int4 kernels (--int4-kernels NAME, or measured; here: {device.type}, {dtype})",
-                    title_justify="left", box=None, header_style="bold")
+    console.print(f"int4 kernels (--int4-kernels NAME, or measured; here: {device.type}, "
+                  f"{str(dtype).removeprefix('torch.')})")
+    kernels = Table(box=None, header_style="bold")
     kernels.add_column("kernel", no_wrap=True)
     kernels.add_column("own weight format", no_wrap=True)
     kernels.add_column("here", overflow="fold")
     for name, k in KERNELS.items():
-        kernels.add_row(name, k.state_key or "-", k.unavailable(device, dtype) or "runs")
+        reason = k.unavailable(device, dtype)  # a sentence naming the kernel: the row names it already
+        kernels.add_row(name, k.state_key or "-", reason.removeprefix(f"{name} ") if reason else "runs")
     console.print(kernels)
     console.print()
     if not entries:

@@ -19,8 +19,8 @@ from bench.analysis.report import END, START, embed_in_readme, write_report
 
 def parser() -> ArgumentParser:
     ap = ArgumentParser(prog=f"{PROG} report", description=describe("report") + "\n\n" + __doc__.split("\n\n", 1)[1])
-    ap.add_argument("dirs", nargs="+", help="results directories (with runs.csv and summary.csv)")
-    ap.add_argument("--out", required=True, help="where report.md and the PNG figures go (required)")
+    ap.add_argument("dirs", nargs="+", metavar="RESULTS_DIR", help="results directories (with runs.csv and summary.csv)")
+    ap.add_argument("--out", required=True, metavar="DIR", help="where report.md and the PNG figures go (required)")
     ap.add_argument("--readme", help="also replace the block between the report markers in this Markdown file "
                                          "(default: none)")
     return ap

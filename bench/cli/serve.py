@@ -8,8 +8,15 @@ from bench.errors import UsageError
 
 SERVE_FLAGS = ("host", "port", "max_batch", "batch_window_ms", "served_model_name", "max_tokens_limit",
                "max_request_mb")
-# run's flags a server has no use for (it runs no sweep and writes no results directory): refused
-NOT_SERVED = ("executor", "gpus", "workers", "ray_address", "worker_timeout", "output_dir", "append", "resume")
+# run's flags a server has no use for: refused. It runs no sweep (executors, workload points,
+# measured questions and media), measures nothing and writes no results directory.
+NOT_SERVED = ("executor", "gpus", "workers", "ray_address", "worker_timeout", "output_dir", "append", "resume",
+              "batch_size", "prompt_lengths", "new_tokens", "num_images", "text_prompt", "questions", "video_path",
+              "frames_dir", "video_mode", "loader", "num_runs", "min_seconds", "max_runs", "warmup", "max_cv",
+              "fidelity", "calibrate", "wide")
+EXIT_CODES = """exit codes:
+  0  stopped (Ctrl-C or SIGTERM) once the running batch is done
+  2  usage error (bad flag, a taken port, a variant this device cannot run); nothing served"""
 MAX_WINDOW_MS = 60_000.0
 
 
@@ -20,6 +27,7 @@ def parser():
 
     ap = build_parser(prog=f"{PROG} serve", description=describe("serve") + " Model, variant and engine flags "
                       "are `run`'s; --max-new-tokens is a request's default max_tokens.", leave_out=NOT_SERVED)
+    ap.epilog = EXIT_CODES  # not run's
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     ap.add_argument("--max-batch", type=int, default=1,

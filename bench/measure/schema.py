@@ -301,6 +301,10 @@ SUMMARY_COLUMNS: dict[str, str] = {
 assert set(SUMMARY_KEY) <= set(SUMMARY_COLUMNS)
 
 
+# A result is valid (the console's and the report's `valid`) when its summaries of these are.
+VALIDITY_METRICS = ("ttft_ms", "tpot_ms")
+
+
 def point_label(row) -> str:
     """A results row's (or summary row's) workload point, e.g. 'b4 n128 q32 img2 prefetch'
     (bench.run.workload.WorkloadPoint.label writes the same)."""
