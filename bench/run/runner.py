@@ -34,6 +34,7 @@ from bench.run.questions import load_questions, warmup_questions
 from bench.run.summary import summarize_runs
 from bench.measure.results import (DirLock, DirState, check_output_dir, new_run_id, read_runs, run_writer, utc_now,
                                    write_json, write_summary)
+from bench.models.base import QuestionError
 from bench.models.prompts import FIDELITY_PROBE
 from bench.models.source import ModelSource
 from bench.models.visual import VisualInput, load_image
@@ -370,7 +371,11 @@ class Benchmark:
             checks.append((WorkloadPoint(new_tokens=cfg.max_new_tokens, num_images=self._probe_images()),
                            [FIDELITY_PROBE], "--max-new-tokens"))
         for point, questions, new_flag in checks:
-            prompts = [adapter.prepare_text(q, v) for v in self._size_visuals(point) for q in questions]
+            try:
+                prompts = [adapter.prepare_text(q, v) for v in self._size_visuals(point) for q in questions]
+            except QuestionError as e:
+                flag = f"--questions {cfg.questions}" if cfg.questions else "--text-prompt"
+                raise UsageError(f"{flag}: {e}") from None
             longest = max(prompts, key=lambda prepared: prepared.prompt_tokens)
             check_prompt(cfg, self.dims, self.source.name, point, longest, self.frames, self.device, self.dtype,
                          new_flag)
