@@ -35,6 +35,8 @@ class Family:
     # (checkpoint dir) -> the language model's transformers config as loading reads it (the config
     # class's defaults where config.json is silent): positions and KV-cache sizes before any load.
     text_config: Callable[[Path], object] | None = None
+    # The model classes config.json's "architectures" may name for this layout (empty: any).
+    architectures: tuple[str, ...] = ()
 
     def llm_files(self, path: Path) -> tuple[list[Path], Callable[[str], bool]]:
         """(safetensors files holding the language model, which of their keys are its)."""

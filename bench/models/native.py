@@ -149,6 +149,11 @@ def pretrained(model_cls, path: Path, what: str, check_keys: bool = True, **kwar
         raise UsageError(f"{what}: tensor {missing[0]!r} is missing from the weights in {path}"
                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; the checkpoint is "
                          "incomplete")
+    unexpected = sorted(info.get("unexpected_keys") or [])  # less those the model class declares ignorable
+    if check_keys and unexpected:
+        raise UsageError(f"{what}: tensor {unexpected[0]!r} in {path} is not part of the model the config.json "
+                         f"describes{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; the "
+                         "weights do not belong to this config")
     return model
 
 
