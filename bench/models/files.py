@@ -228,8 +228,8 @@ def require_preprocessor(folder: Path, what: str) -> None:
 # above zero, wherever they appear in a config (its text, vision and language-model parts too).
 POSITIVE_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim", "image_size",
-                 "patch_size", "mm_hidden_size")
-POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+                 "patch_size", "mm_hidden_size", "force_image_size")
+POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "downsample_ratio")
 
 
 def check_config_values(config: dict, what: str, file: Path) -> None:

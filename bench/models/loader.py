@@ -106,7 +106,18 @@ def load_checkpoint(path: Path, conv_mode: str | None, device: torch.device, dty
     adapter = spec.load(path, config, template, device, dtype, weights, quantization, awq is not None, max_tiles)
     if awq is not None:
         load_awq_checkpoint(adapter, path, family, awq)
+    check_finite(adapter.model, f"--model-path {path}")
     return adapter
+
+
+def check_finite(model: torch.nn.Module, what: str) -> None:
+    """Every floating-point weight the checkpoint loaded is finite: a NaN or infinite value (a
+    corrupt download or a diverged training run) makes every measured output garbage."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+                raise UsageError(f"{what}: tensor {name!r} holds NaN or infinite values; the checkpoint is corrupt "
+                                 "(re-download it)")
 
 
 def load_awq_checkpoint(adapter: VLMAdapter, path: Path, family: str, qc: dict) -> None:

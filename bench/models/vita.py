@@ -222,6 +222,10 @@ def check_vita(path: Path, config: dict) -> None:
     tensors = checked_weights(path, what)
     require_tokenizer(path, what)
     vis = _vision_dims(tensors, what)
+    proj_in = tensors["model.mm_projector.0.weight"][1][1]
+    if config.get("mm_hidden_size", proj_in) != proj_in:
+        raise UsageError(f"{what}: {path / 'config.json'} gives mm_hidden_size {config['mm_hidden_size']} but the "
+                         f"projector takes {proj_in} features; the weights do not belong to this config.json")
     try:
         native = native_config(config, vis, int(config["vocab_size"]))
         with torch.device("meta"):
