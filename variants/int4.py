@@ -25,6 +25,7 @@ from bench.quant.w4a16.registry import KERNELS
 from variants.base import WeightsPart, quantized_columns
 from variants.options import empty_flag, opt, run_fact
 
+MAX_CALIB = 1024  # calibration requests (each runs the whole VLM, outside any measurement)
 VERSION = 1  # bump when quantization output changes, so old saved files are not reused
 
 
@@ -73,6 +74,9 @@ class Int4VariantOptions:
             raise UsageError(f"--int4-group-size must be 32, 64, 128 or 256, got {self.int4_group_size}")
         if self.awq_calib < 1 or self.int4_dense_rows < 0:
             raise UsageError("--awq-calib must be at least 1 and --int4-dense-rows not negative")
+        if self.awq_calib > MAX_CALIB:
+            raise UsageError(f"--awq-calib {self.awq_calib}: at most {MAX_CALIB:,} calibration requests (AutoAWQ "
+                             "calibrates on 128 samples)")
         if self.awq_calib_dir:
             problem = path_problem(self.awq_calib_dir, "directory")
             if problem:

@@ -127,6 +127,8 @@ class RunConfigBase:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.warmup < 0 or self.min_seconds < 0 or self.max_runs < 0:
             raise UsageError("--warmup, --min-seconds and --max-runs must not be negative")
+        if not -2**63 <= self.seed < 2**64:  # what torch.manual_seed takes
+            raise UsageError(f"--seed {self.seed}: give a whole number from 0 to 2**64 - 1")
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise UsageError(f"unknown --dtype {self.dtype!r}; choose auto, float16, bfloat16 or float32")
         if self.image_path is None:
@@ -164,6 +166,9 @@ class RunConfigBase:
             loaders if video and self.video_mode == "frames" else [])
         if self.max_runs == 0:
             self.max_runs = 20 * self.num_runs
+        elif self.max_runs < self.num_runs:
+            raise UsageError(f"--max-runs {self.max_runs} caps the runs below --num-runs {self.num_runs}; give "
+                             "--max-runs at least --num-runs (0: 20 x --num-runs)")
 
     def _check_executor(self) -> None:
         if not self.executor:
