@@ -3,8 +3,6 @@ faults that stay in their variant or point, and durable writes."""
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -137,15 +135,18 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeyp
 
 
 def test_a_held_lock_refuses_and_a_stale_one_is_taken(tmp_path, capsys):
+    import fcntl
+
     out = tmp_path / "o"
     out.mkdir()
-    (out / LOCK_NAME).write_text(f"{os.getpid()}\n")  # a live process holds it
-    assert run_main([*TINY, "--output-dir", str(out)]) == 2
-    one_line_error(capsys, f"in use by another run (PID {os.getpid()}")
-    assert snapshot(out) == {LOCK_NAME: f"{os.getpid()}\n".encode()}
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (out / LOCK_NAME).write_text(f"{dead.pid}\n")
+    (out / LOCK_NAME).write_text(f"{os.getpid()}\n")
+    with open(out / LOCK_NAME) as held:  # a live run holds its lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run_main([*TINY, "--output-dir", str(out)]) == 2
+        one_line_error(capsys, f"in use by another run (PID {os.getpid()}")
+        assert snapshot(out) == {LOCK_NAME: f"{os.getpid()}\n".encode()}
+    # a stale lock file, even one whose PID is a live process now (PID 1: reused), is taken over
+    (out / LOCK_NAME).write_text("1\n")
     assert run_main([*TINY, "--output-dir", str(out)]) == 0
     assert not (out / LOCK_NAME).exists()  # removed at exit
     assert {"runs.csv", "summary.csv", "env.json"} <= set(snapshot(out))
