@@ -174,6 +174,8 @@ def lock_holder(out_dir: Path) -> int | None:
 def check_creatable(path: Path, flag: str, writable: bool = True) -> None:
     """A usage error naming `flag` unless `path` is a directory or could be made one: the nearest
     folder of it that exists is a directory (and, `writable`, one this process may write in)."""
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{flag} {path} is a broken symbolic link (or a loop); point it at a directory or remove it")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} is a file, not a directory")
     probe = path

@@ -1,5 +1,6 @@
 """Which questions a run measures and warms up on (texts: bench.models.prompts). Warm-up questions
 never overlap the measured ones."""
+import os
 import unicodedata
 
 from bench.models.prompts import BUILTIN_QUESTIONS, WARMUP_QUESTIONS
@@ -43,7 +44,10 @@ def load_questions(path: str | None, text_prompt: str | None) -> list[str]:
         try:  # argv that is not UTF-8 arrives with lone surrogates (surrogateescape)
             text_prompt.encode("utf-8")
         except UnicodeEncodeError:
-            raise UsageError("--text-prompt is not valid UTF-8 text; pass the question in UTF-8") from None
+            try:  # UTF-8 bytes read under an ASCII locale (LC_ALL=C without UTF-8 mode) are the question still
+                text_prompt = os.fsencode(text_prompt).decode("utf-8")
+            except UnicodeDecodeError:
+                raise UsageError("--text-prompt is not valid UTF-8 text; pass the question in UTF-8") from None
         if "\x00" in text_prompt:
             raise UsageError("--text-prompt contains a NUL character; pass plain text")
         return [text_prompt]
