@@ -8,8 +8,12 @@ from bench.errors import UsageError
 
 SERVE_FLAGS = ("host", "port", "max_batch", "batch_window_ms", "served_model_name", "max_tokens_limit",
                "max_request_mb")
-# run's flags a server has no use for (it runs no sweep and writes no results directory): refused
-NOT_SERVED = ("executor", "gpus", "workers", "ray_address", "worker_timeout", "output_dir", "append", "resume")
+# run's flags a server has no use for (it runs no sweep, measures nothing itself and writes no results
+# directory; its requests bring their questions, images and max_tokens): refused as unknown flags
+NOT_SERVED = ("executor", "gpus", "workers", "ray_address", "worker_timeout", "output_dir", "append", "resume",
+              "num_runs", "min_seconds", "max_runs", "warmup", "fidelity", "calibrate", "wide", "max_cv",
+              "batch_size", "prompt_lengths", "new_tokens", "num_images", "questions", "text_prompt", "video_path",
+              "frames_dir", "video_mode", "loader")
 MAX_WINDOW_MS = 60_000.0
 
 
@@ -20,6 +24,8 @@ def parser():
 
     ap = build_parser(prog=f"{PROG} serve", description=describe("serve") + " Model, variant and engine flags "
                       "are `run`'s; --max-new-tokens is a request's default max_tokens.", leave_out=NOT_SERVED)
+    ap.epilog = ("exit codes:\n  0    the server stopped (Ctrl-C or SIGTERM)\n"
+                 "  2    usage error (bad flag, model, variant or port); nothing served")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     ap.add_argument("--max-batch", type=int, default=1,
@@ -47,6 +53,8 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--batch-window-ms must be from 0 to {MAX_WINDOW_MS:,.0f}, got {serve['batch_window_ms']}")
     if not 0 < serve["max_request_mb"] < float("inf"):  # nan too
         raise UsageError(f"--max-request-mb must be a positive, finite number of MiB, got {serve['max_request_mb']}")
+    if serve["served_model_name"] is not None and not serve["served_model_name"].strip():
+        raise UsageError("--served-model-name is empty; give the model id clients send, or leave the flag out")
     if not 0 < serve["port"] < 65536:
         raise UsageError(f"--port {serve['port']}: not a TCP port")
     cfg = config_class()(**ns)
