@@ -1,6 +1,10 @@
 """Errors a user can act on: the CLI prints one line and exits with code 2."""
 import argparse
+import errno
+import os
+import stat
 import textwrap
+from pathlib import Path
 
 
 class UsageError(Exception):
@@ -9,6 +13,28 @@ class UsageError(Exception):
 
 class VariantUnsupported(Exception):
     """This variant cannot run here (device, kernel capture): a skipped row with the reason."""
+
+
+def path_problem(path, want: str = "file") -> str | None:
+    """Why `path` cannot be read as a `want` ("file": a regular file; "directory"), in words for
+    an error message (None: it can): missing, a broken or looping symbolic link, the other kind,
+    a FIFO or device (reading one could block for ever), or not readable."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        return "a broken symbolic link (its target does not exist)" if p.is_symlink() else f"no such {want}"
+    except OSError as e:
+        return "a symbolic link loop" if e.errno == errno.ELOOP else f"cannot be read ({e.strerror or e})"
+    if want == "directory":
+        if not stat.S_ISDIR(mode):
+            return "a file, not a directory"
+        return None if os.access(p, os.R_OK | os.X_OK) else "not readable (permission denied)"
+    if stat.S_ISDIR(mode):
+        return "a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "not a regular file (a FIFO, socket or device)"
+    return None if os.access(p, os.R_OK) else "not readable (permission denied)"
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -211,6 +211,32 @@ def _preprocessor_size(side):
     return change
 
 
+def _set_text_config(key, value):
+    def change(d, family):
+        f = _llm(d, family) / "config.json"
+        cfg = json.loads(f.read_text())
+        (cfg.get("text_config") or cfg)[key] = value
+        f.write_text(json.dumps(cfg))  # NaN is written as the literal NaN, which json reads back
+    change.__name__ = f"_{key}_{value}"
+    return change
+
+
+def _architectures_wrong(d, family):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["architectures"] = ["Qwen2VLForConditionalGeneration"]
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _embedding_stored_as_int32(d, family):
+    f = _llm(d, family) / "model.safetensors"
+    key = _first_key(f, "embed_tokens")
+    _rewrite_tensors(f, lambda t: t.__setitem__(key, t[key].to(torch.int32)))
+
+
+def _unexpected_tensor(d, family):
+    _rewrite_tensors(_llm(d, family) / "model.safetensors", lambda t: t.__setitem__("model.extra.weight", torch.zeros(3)))
+
+
 def _vila_part_config_null(d, family):
     (d / "llm" / "config.json").write_text("null")
 
@@ -224,7 +250,11 @@ CASES = [(fam, fn) for fn in (_missing_shard, _zero_byte, _config_list, _config_
                               _no_preprocessor, _no_tokenizer, _shape_mismatch, _missing_tensor, _header_past_end,
                               _tokenizer_garbage, _tokenizer_empty_object, _preprocessor_list,
                               _preprocessor_unknown_class, _index_garbage, _config_bad_field,
-                              _layers_past_the_weights, _preprocessor_size(60_000), _preprocessor_size(0))
+                              _layers_past_the_weights, _preprocessor_size(60_000), _preprocessor_size(0),
+                              _set_text_config("rms_norm_eps", float("nan")),
+                              _set_text_config("num_attention_heads", -4),
+                              _set_text_config("max_position_embeddings", 0), _architectures_wrong,
+                              _embedding_stored_as_int32)
          for fam in ALL]
 CASES += [(fam, lambda d, family: _truncate(_llm(d, family) / "model.safetensors")) for fam in ALL]
 CASES += [(fam, lambda d, family: _garbage(_llm(d, family) / "model.safetensors")) for fam in ALL]
@@ -232,6 +262,25 @@ CASES += [("vila", fn) for fn in (_vila_no_projector_weights, _vila_pickle_llm, 
                                   _vila_projector_config_list, _vila_projector_config_type, _vila_projector_shape,
                                   _vila_projector_missing_tensor, _vila_vision_truncated, _vila_part_config_null,
                                   _vila_vision_no_config)]
+def _llava_image_token_past_vocab(d, family):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["image_token_index"] = 10**6
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _llava_nan_weights(d, family):  # found once the weights are loaded: still refused, nothing written
+    f = d / "model.safetensors"
+    key = _first_key(f, "embed_tokens")
+    _rewrite_tensors(f, lambda t: t.__setitem__(key, torch.full_like(t[key], float("nan"))))
+
+
+def _vila_model_type_wrong(d, family):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "qwen2_vl"
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+CASES += [("llava", _llava_image_token_past_vocab), ("vila", _vila_model_type_wrong)]
 CASES += [(fam, lambda d, family: (d / "model.safetensors").rename(d / "pytorch_model.bin"))
           for fam in ("llava", "internvl")]
 
@@ -254,6 +303,23 @@ def test_broken_checkpoint_is_one_line_usage_error(case, checkpoint_dirs, tmp_pa
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     assert str(d) in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("family,breaks", [(fam, _unexpected_tensor) for fam in ALL] + [("llava", _llava_nan_weights)],
+                         ids=[f"{fam}-unexpected_tensor" for fam in ALL] + ["llava-nan_weights"])
+def test_broken_checkpoint_found_once_loaded(family, breaks, checkpoint_dirs, tmp_path, capsys):
+    """What transformers' loading reports (a tensor the model does not have, less the names its
+    class declares ignorable) and weight values: a one-line usage error after the progress lines,
+    nothing written."""
+    d = _copy(checkpoint_dirs[family], tmp_path)
+    breaks(d, family)
+    out = tmp_path / "out"
+    rc = run_main(["--model-path", str(d), *RUN, "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.strip() and not line.startswith("[")]
+    assert rc == 2 and "Traceback" not in err, err
+    assert len(errors) == 1 and errors[0].startswith("error: ") and str(d) in errors[0], err
     assert not out.exists()
 
 
@@ -466,6 +532,62 @@ def test_internvideo_merge_past_the_frame_tokens_is_one_line_usage_error(frame_t
     out = tmp_path / "out"
     rc = run_main(["--model-path", str(d), *RUN, "--frames-dir", str(frames), "--num-frames", "4", "--video-mode",
                    "clip", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(d) in lines[0], err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_vita_dir(tmp_path_factory):
+    from bench.models.loader import build_preset, save_checkpoint
+
+    out = tmp_path_factory.mktemp("vita") / "tiny-vita"
+    save_checkpoint(build_preset("tiny-vita", None, torch.device("cpu"), torch.float32), out)
+    return out
+
+
+def _top_config(**changes):
+    def change(d):
+        cfg = json.loads((d / "config.json").read_text())
+        for key, value in changes.items():
+            inner = key not in cfg and key in cfg.get("llm_config", {})  # InternVideo's language model sizes
+            (cfg["llm_config"] if inner else cfg)[key] = value
+        (d / "config.json").write_text(json.dumps(cfg))
+    return change
+
+
+def _int32_embedding(d):
+    from safetensors import safe_open
+
+    f = d / "model.safetensors"
+    with safe_open(str(f), "pt") as h:
+        key = next(k for k in h.keys() if "tok_embeddings" in k or "embed_tokens" in k)
+    _rewrite_tensors(f, lambda t: t.__setitem__(key, t[key].to(torch.int32)))
+
+
+@pytest.mark.parametrize("family,breaks", [
+    ("internvideo", _top_config(num_attention_heads=-4)),  # a traceback from building the model before
+    ("internvideo", _top_config(hidden_size=float("nan"))),
+    ("internvideo", _top_config(downsample_ratio=0)),  # a division by zero before
+    ("internvideo", _top_config(force_image_size=-56)),  # a failed row before
+    ("internvideo", _top_config(architectures=["InternVLForConditionalGeneration"])),
+    ("internvideo", _top_config(model_type="llava")),
+    ("internvideo", _int32_embedding),
+    ("vita", _top_config(num_attention_heads=-4)),
+    ("vita", _top_config(rms_norm_eps=float("nan"))),
+    ("vita", _top_config(vocab_size=0)),
+    ("vita", _top_config(mm_hidden_size=999)),  # the projector takes another width
+    ("vita", _top_config(architectures=["Qwen2ForCausalLM"])),
+    ("vita", _int32_embedding),
+])
+def test_broken_internvideo_and_vita_checkpoints(family, breaks, tiny_internvideo_dir, tiny_vita_dir, tmp_path,
+                                                 capsys):
+    d = _copy(tiny_internvideo_dir if family == "internvideo" else tiny_vita_dir, tmp_path)
+    breaks(d)
+    out = tmp_path / "out"
+    extra = ["--num-images", "4"] if family == "internvideo" else []  # its frames merge in fours
+    rc = run_main(["--model-path", str(d), *RUN, *extra, "--output-dir", str(out)])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(d) in lines[0], err

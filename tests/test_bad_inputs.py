@@ -169,6 +169,24 @@ def test_text_prompt_empty(tmp_path, capsys, prompt):
     bad_run(tmp_path, capsys, ["--text-prompt", prompt], "--text-prompt", "empty")
 
 
+def test_questions_file_of_invisible_lines(tmp_path, capsys):
+    q = tmp_path / "q.txt"
+    q.write_text("\ufeff\n\u200b\u200b\n \t\n", encoding="utf-8")
+    bad_run(tmp_path, capsys, ["--questions", q], "--questions", "no questions")
+
+
+@pytest.mark.parametrize("preset,question", [("tiny-llava", "<image> What is it?"),
+                                             ("tiny-internvl", "What is <IMG_CONTEXT> here?")])
+def test_question_holding_the_image_placeholder(tmp_path, capsys, preset, question):
+    """The model would look for one image more than the request shows: a usage error naming the
+    flag (known once the tokenizer is loaded), never a failed row."""
+    out = tmp_path / "new" / "results"
+    TRIED.append(f"{preset} question with its image placeholder")
+    rc = run_main([*RUN, "--preset", preset, "--output-dir", str(out), "--text-prompt", question])
+    refused_after_load(capsys, rc, "--text-prompt", "image placeholder")
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.parametrize("data", [b"Qu'est-ce que c'est ? caf\xe9\n", b"\x00\x01\x02\xff\xfe binary\x00",
                                   b"valid utf-8 but \x00 binary\n"])
 def test_questions_not_utf8_text(tmp_path, capsys, data):
@@ -230,6 +248,21 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--executor", "ray", "--ray-address", "garbage"], "--ray-address 'garbage'"),
     (["--executor", "ray", "--ray-address", "10.0.0.1:99999"], "HOST:PORT"),
     (["--executor", "ray", "--ray-address", "10.0.0.1:6379", "--workers", "2"], "--ray-address"),
+    # an empty path or name is a mistake, never the default
+    (["--image-path", ""], "--image-path is empty"),
+    (["--frames-dir", ""], "--frames-dir is empty"),
+    (["--preset", ""], "--preset is empty"),
+    (["--output-dir", ""], "--output-dir is empty"),
+    (["--variants", "awq4", "--awq-calib-dir", ""], "--awq-calib-dir is empty"),
+    # contradictory or out of range
+    (["--text-prompt", "What is it?", "--questions", "q.txt"], "--text-prompt or --questions, not both"),
+    (["--text-prompt", "\ufeff\u200b"], "--text-prompt is empty"),  # invisible characters only
+    (["--num-runs", "5", "--max-runs", "2"], "--max-runs 2"),
+    (["--seed", str(2**70)], "--seed"),
+    (["--variants", "awq4", "--awq-calib", "100000"], "--awq-calib 100000"),
+    (["--variants", "+"], "--variants '+'"),
+    (["--variants", "fp16,nocache"], "given twice"),  # one variant under two names
+    (["--engine", "hf,hf"], "given twice"),
 ])
 def test_flags_that_can_never_run(tmp_path, capsys, args, needle):
     bad_run(tmp_path, capsys, args, needle)
@@ -255,6 +288,53 @@ def test_directory_flags_that_are_files(tmp_path, capsys, flag, under):
     f.write_text("x")
     bad_run(tmp_path, capsys, [flag, str(f / "sub" if under else f)], flag, "is a file")
     assert f.read_text() == "x"
+
+
+def _path_of_kind(tmp_path, kind):
+    """A path that is not a readable regular file: a directory, a FIFO (reading it would block), a
+    broken symbolic link or a symbolic link loop."""
+    import os
+
+    p = tmp_path / f"{kind}.png"
+    if kind == "directory":
+        p.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "broken link":
+        p.symlink_to(tmp_path / "gone.png")
+    else:
+        p.symlink_to(p)
+    return p
+
+
+@pytest.mark.parametrize("flag", ["--image-path", "--questions", "--video-path"])
+@pytest.mark.parametrize("kind,needle", [("directory", "a directory, not a file"),
+                                         ("fifo", "not a regular file"),
+                                         ("broken link", "broken symbolic link"),
+                                         ("loop", "symbolic link loop")])
+def test_input_path_that_is_not_a_file_is_named(tmp_path, capsys, flag, kind, needle):
+    bad_run(tmp_path, capsys, [flag, _path_of_kind(tmp_path, kind)], flag, needle)
+
+
+def test_directory_flags_given_a_file(tmp_path, capsys):
+    f = small_png(tmp_path / "a.png")
+    bad_run(tmp_path, capsys, ["--frames-dir", f], "--frames-dir", "a file, not a directory")
+    bad_run(tmp_path, capsys, ["--variants", "awq4", "--awq-calib-dir", f], "--awq-calib-dir", "a file, not a directory")
+    link = tmp_path / "results-link"
+    link.symlink_to(tmp_path / "gone")
+    TRIED.append("--output-dir a broken symbolic link")
+    rc = exit_code(run_main, [*RUN, "--output-dir", str(link)])
+    assert_one_line(capsys, rc, "--output-dir", "broken symbolic link")
+    assert link.is_symlink() and not (tmp_path / "gone").exists()
+
+
+def test_exif_orientation_turns_the_image_upright(tmp_path):
+    from bench.models.visual import load_image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown turned by 90 degrees
+    Image.new("RGB", (64, 48), (120, 30, 200)).save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    assert load_image(tmp_path / "phone.jpg").size == (48, 64)
 
 
 def test_output_dir_is_a_file(tmp_path, capsys):
@@ -404,6 +484,31 @@ def test_compare_bad_flags(results_dir, tmp_path, capsys):
     bad_sub(capsys, ["compare", results_dir, results_dir, "--metrics", ","], "--metrics is empty")
     bad_sub(capsys, ["compare", results_dir], "CANDIDATE")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--min-samples", "few"], "--min-samples")
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--factor", "inf"], "--factor")  # nothing could regress
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--json", ""], "--json is empty")
+
+
+def test_empty_output_paths_of_subcommands(results_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an empty path is never taken for the current folder
+    bad_sub(capsys, ["report", results_dir, "--out", ""], "--out is empty")
+    bad_sub(capsys, ["report", results_dir, "--out", tmp_path / "r", "--readme", tmp_path / "none.md"],
+            "--readme", "no such file", out=tmp_path / "r")
+    bad_sub(capsys, ["ci-bench", ""], "OUTPUT_DIR is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_summarize_refuses_a_directory_a_run_is_writing(results_dir, tmp_path, capsys):
+    import fcntl
+    import os
+
+    from bench.measure.results import LOCK_NAME
+
+    d = corrupted(results_dir, tmp_path, LOCK_NAME, f"{os.getpid()}\n")
+    before = (d / "summary.csv").read_bytes()
+    with open(d / LOCK_NAME) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        bad_sub(capsys, ["summarize", d], "being written by a run", f"PID {os.getpid()}")
+    assert (d / "summary.csv").read_bytes() == before
 
 
 # --------------------------------------------------------------------- int4 kernel choice
@@ -467,6 +572,10 @@ def test_int4_kernels_command_bad_paths(tmp_path, capsys):
     _kernel_measurements(good)
     bad_sub(capsys, ["int4-kernels", tmp_path], "is a directory")
     bad_sub(capsys, ["int4-kernels", tmp_path / "none.json"], "no such file")
+    import os
+
+    os.mkfifo(tmp_path / "fifo.json")  # reading it would block for ever
+    bad_sub(capsys, ["int4-kernels", tmp_path / "fifo.json"], "not a regular file")
     bad_sub(capsys, ["int4-kernels", good, "--out", tmp_path / "missing" / "t.csv"], "--out", "existing directory",
             out=tmp_path / "missing")
     bad_sub(capsys, ["int4-kernels", good, "--out", tmp_path], "--out", "existing directory")
@@ -684,11 +793,17 @@ def bad_endpoint(tmp_path, capsys, url, args, *needles, model="m"):
     (["--timeout", "0"], "--timeout"),
     (["--timeout", "nan"], "--timeout"),
     (["--duration", "inf"], "--duration"),  # would send requests for ever
+    (["--duration", "5"], "not both"),  # with --num-prompts: which one would stop the point?
+    (["--tokenizer", "/nonexistent/tok"], "--tokenizer /nonexistent/tok: no such directory"),  # before any request
     (["--max-cv", "nan"], "--max-cv"),
     (["--max-cv", "0"], "--max-cv"),
 ])
 def test_endpoint_flags_that_can_never_run(tmp_path, capsys, args, needle):
     bad_endpoint(tmp_path, capsys, f"http://127.0.0.1:{_closed_port()}/v1", args, needle)
+
+
+def test_endpoint_model_name_empty(tmp_path, capsys):
+    bad_endpoint(tmp_path, capsys, f"http://127.0.0.1:{_closed_port()}/v1", [], "--model is empty", model="")
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://", "127.0.0.1:8000/v1", "ftp://host/v1"])
@@ -758,6 +873,12 @@ SERVE = ["serve", "--preset", "tiny-vila", "--device", "cpu", "--max-new-tokens"
     (["--num-runs", "3"], "unrecognized arguments: --num-runs"),  # nor measures
     (["--max-new-tokens", "5000"], "--max-tokens-limit"),  # every request without max_tokens would be refused
     (["--max-new-tokens", "4096", "--max-tokens-limit", "8000"], "4,096"),  # past the model's positions
+    (["--num-runs", "4"], "unrecognized arguments: --num-runs"),  # measurement flags are run's, not serve's
+    (["--questions", "q.txt"], "unrecognized arguments: --questions"),
+    (["--served-model-name", ""], "--served-model-name is empty"),
+    (["--image-path", "/nonexistent/cat.png"], "--image-path /nonexistent/cat.png: no such file"),
+    (["--variants", "fp16+graph"], "cannot run here"),  # checked before the port is taken
+    (["--variants", "fp16,prefix"], "serve runs one variant"),
 ])
 def test_serve_flags_that_can_never_serve(capsys, taken_port, args, needle):
     # every case names the taken port: a check that let its case through fails on the port, never serves

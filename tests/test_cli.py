@@ -105,7 +105,7 @@ def test_default_run_no_arguments_is_fast(tmp_path):
     (["--variants", "fp16,turbo"], "unknown variant part 'turbo'"),
     (["--model-path", "/nonexistent/model"], "is not a directory"),
     (["--num-runs", "0"], "--num-runs must be at least 1"),
-    (["--questions", "/nonexistent/q.txt"], "--questions file not found"),
+    (["--questions", "/nonexistent/q.txt"], "--questions /nonexistent/q.txt: no such file"),
 ])
 def test_usage_errors_exit_2_with_one_line(args, needle, capsys):
     assert main(args) == 2
@@ -123,7 +123,7 @@ def test_unreadable_image(tmp_path, capsys):
 
 @pytest.mark.parametrize("content,needle", [
     (None, "no config.json"),
-    ('{"model_type": "bert"}', "is not a LLaVA/VILA/InternVL checkpoint (model_type='bert')"),
+    ('{"model_type": "bert"}', "is not a checkpoint of a supported model (model_type='bert')"),
     ("{not json", "config.json is not valid JSON"),
     ('{"model_type": "llava"}', "no *.safetensors"),
 ])

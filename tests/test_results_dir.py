@@ -3,8 +3,6 @@ faults that stay in their variant or point, and durable writes."""
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -137,15 +135,18 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeyp
 
 
 def test_a_held_lock_refuses_and_a_stale_one_is_taken(tmp_path, capsys):
+    import fcntl
+
     out = tmp_path / "o"
     out.mkdir()
-    (out / LOCK_NAME).write_text(f"{os.getpid()}\n")  # a live process holds it
-    assert run_main([*TINY, "--output-dir", str(out)]) == 2
-    one_line_error(capsys, f"in use by another run (PID {os.getpid()}")
-    assert snapshot(out) == {LOCK_NAME: f"{os.getpid()}\n".encode()}
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (out / LOCK_NAME).write_text(f"{dead.pid}\n")
+    (out / LOCK_NAME).write_text(f"{os.getpid()}\n")
+    with open(out / LOCK_NAME) as held:  # a live run holds its lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert run_main([*TINY, "--output-dir", str(out)]) == 2
+        one_line_error(capsys, f"in use by another run (PID {os.getpid()}")
+        assert snapshot(out) == {LOCK_NAME: f"{os.getpid()}\n".encode()}
+    # a stale lock file, even one whose PID is a live process now (PID 1: reused), is taken over
+    (out / LOCK_NAME).write_text("1\n")
     assert run_main([*TINY, "--output-dir", str(out)]) == 0
     assert not (out / LOCK_NAME).exists()  # removed at exit
     assert {"runs.csv", "summary.csv", "env.json"} <= set(snapshot(out))
@@ -282,3 +283,57 @@ def test_memory_error_while_summarising_keeps_the_previous_summary(finished, tmp
     assert "python -m bench summarize" in capsys.readouterr().err
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp") or p.name == LOCK_NAME]
     assert len({r["run_id"] for r in read_rows(out / "runs.csv")}) == 2
+
+
+def test_append_after_a_row_cut_off_keeps_every_run_apart(finished, tmp_path, capsys):
+    out = copy_of(finished, tmp_path)
+    runs = out / "runs.csv"
+    whole = runs.read_bytes()
+    runs.write_bytes(whole[:-25])  # a run killed while writing its last row
+    assert run_main([*TINY, "--append", "--output-dir", str(out)]) == 0
+    assert "its last row was cut off" in capsys.readouterr().err
+    rows = read_rows(runs)
+    old, new = [r for r in rows if r["run_id"] == rows[0]["run_id"]], [r for r in rows if r["run_id"] != rows[0]["run_id"]]
+    assert len(old) == 1 and len(new) == 2  # the cut row dropped, the new run's rows whole, none glued onto it
+    assert all(r["status"] == "ok" and r["ttft_ms"] for r in new)
+
+
+@pytest.mark.parametrize("name,data,mode,needle", [
+    ("env.json", "[1, 2]", "--append", "not an env.json this harness writes"),
+    ("env.json", '{"config": "fp16", "run_id": "x"}', "--resume", "not an env.json this harness writes"),
+    ("runs.csv", None, "--resume", "is not UTF-8 text"),
+])
+def test_append_or_resume_onto_damaged_files(finished, tmp_path, capsys, name, data, mode, needle):
+    out = copy_of(finished, tmp_path)
+    if data is None:  # rows of binary under the harness's own header
+        text = (out / name).read_bytes()
+        data = text[: text.index(b"\n") + 1] + b"\xff\xfe\x00 binary\n"
+    (out / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run_main([*TINY, mode, "--output-dir", str(out)]) == 2
+    one_line_error(capsys, needle)
+    assert snapshot(out) == before
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """A CI job's timeout or `kill`: exit 130, finished rows and their summary kept, lock released."""
+    import signal
+
+    out = tmp_path / "o"
+    real = engine_mod.HFEngine.run_batch
+    calls = {"n": 0}
+
+    def terminated(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", terminated)
+    assert run_main([*TINY, "--num-runs", "5", "--output-dir", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    rows = read_rows(out / "runs.csv")
+    assert 1 <= len(rows) < 5 and all(r["status"] == "ok" for r in rows)
+    assert (out / "summary.csv").is_file() and not (out / LOCK_NAME).exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only

@@ -72,7 +72,7 @@ def parse_variant(spec: str) -> Variant:
     chosen: dict[str, Part] = {}
     names = [s.strip() for s in spec.split("+") if s.strip()]
     if not names:
-        raise UsageError("empty variant spec")
+        raise UsageError(f"--variants {spec!r}: a variant names no part; give e.g. fp16 or bnb4+prefix")
     for name in names:
         if name not in parts:
             kinds = "; ".join(f"{kind} {', '.join(n for n, p in parts.items() if p.kind == kind)}" for kind in KINDS)

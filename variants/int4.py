@@ -17,21 +17,23 @@ from pathlib import Path
 from bench.log import status
 from bench.measure.results import check_creatable
 from bench.models.visual import check_image_file, load_image
-from bench.errors import UsageError, VariantUnsupported
+from bench.errors import UsageError, VariantUnsupported, path_problem
 from bench.quant import DEFAULT_CACHE_DIR, DEFAULT_DENSE_ROWS, KERNELS_FILE
 from bench.quant.awq import Int4Options, calibration_images, int4_layers, quantize_model
 from bench.quant.w4a16.choice import DEFAULT, MEASURED, ROW_POINTS, modes as kernel_modes
 from bench.quant.w4a16.registry import KERNELS
 from variants.base import WeightsPart, quantized_columns
-from variants.options import opt, run_fact
+from variants.options import empty_flag, opt, run_fact
 
+MAX_CALIB = 1024  # calibration requests (each runs the whole VLM, outside any measurement)
 VERSION = 1  # bump when quantization output changes, so old saved files are not reused
 
 
 @dataclass(frozen=True)
 class Int4VariantOptions:
     awq_calib: int = opt("awq4: calibration requests (image + question) run through the whole VLM", 8)
-    awq_calib_dir: str | None = opt("awq4: folder of calibration images (default: flips/crops of --image-path)")
+    awq_calib_dir: str | None = opt("awq4: folder of calibration images (default: flips/crops of --image-path)",
+                                    nonempty="a directory")
     int4_group_size: int = opt("awq4/rtn4: input channels per int4 scale and zero point (32, 64, 128 or 256); a "
                                "layer whose in_features it does not divide uses the largest smaller size that "
                                "does, and one that none divides stays in --dtype (columns quant_group_size, "
@@ -66,13 +68,19 @@ class Int4VariantOptions:
     seed: int = run_fact()
 
     def __post_init__(self):
+        if empty_flag(self):
+            raise UsageError(empty_flag(self))
         if self.int4_group_size not in (32, 64, 128, 256):
             raise UsageError(f"--int4-group-size must be 32, 64, 128 or 256, got {self.int4_group_size}")
         if self.awq_calib < 1 or self.int4_dense_rows < 0:
             raise UsageError("--awq-calib must be at least 1 and --int4-dense-rows not negative")
+        if self.awq_calib > MAX_CALIB:
+            raise UsageError(f"--awq-calib {self.awq_calib}: at most {MAX_CALIB:,} calibration requests (AutoAWQ "
+                             "calibrates on 128 samples)")
         if self.awq_calib_dir:
-            if not Path(self.awq_calib_dir).is_dir():
-                raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no such directory")
+            problem = path_problem(self.awq_calib_dir, "directory")
+            if problem:
+                raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: {problem}")
             files = _calib_files(self.awq_calib_dir)
             if not files:
                 raise UsageError(f"--awq-calib-dir {self.awq_calib_dir}: no image files ({', '.join(CALIB_SUFFIXES)})")

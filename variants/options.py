@@ -13,9 +13,20 @@ from collections.abc import Mapping
 from dataclasses import MISSING, Field, field, fields, is_dataclass
 
 
-def opt(help: str, default=None, aliases: tuple[str, ...] = ()):
-    """A field that is a command-line flag: --name-with-dashes, plus `aliases`."""
-    return field(default=default, metadata={"help": help, "aliases": aliases})
+def opt(help: str, default=None, aliases: tuple[str, ...] = (), nonempty: str = ""):
+    """A field that is a command-line flag: --name-with-dashes, plus `aliases`. `nonempty` (what
+    to give, e.g. "a path"): an empty value is refused rather than taken for the default."""
+    return field(default=default, metadata={"help": help, "aliases": aliases, "nonempty": nonempty})
+
+
+def empty_flag(options) -> str | None:
+    """The first flag of a dataclass of options whose value is empty though it must not be (an
+    empty --image-path is a mistake, not the demo image), as an error message; None if none."""
+    for f in fields(options):
+        value = getattr(options, f.name, None)
+        if f.metadata.get("nonempty") and isinstance(value, str) and not value.strip():
+            return f"--{f.name.replace('_', '-')} is empty; give {f.metadata['nonempty']} or leave the flag out"
+    return None
 
 
 def run_fact():

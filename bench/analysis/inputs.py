@@ -91,6 +91,8 @@ def read_env_config(path: Path) -> dict:
 
 def check_out_dir(path: str | Path, flag: str = "--out") -> None:
     """A directory that is there or can be made (its nearest existing folder a writable directory)."""
+    if not str(path).strip():
+        raise BadInput(f"{flag} is empty; give a directory")
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise BadInput(f"{flag} {path} is an existing file; give a directory")
@@ -101,6 +103,8 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> None:
 
 
 def check_out_file(path: str | Path, flag: str) -> None:
+    if not str(path).strip():
+        raise BadInput(f"{flag} is empty; give a file path")
     p = Path(path)
     if p.is_dir():
         raise BadInput(f"{flag} {path} is a directory; give a file path")

@@ -5,7 +5,7 @@ import shlex
 import textwrap
 
 from bench.cli import PROG, describe
-from bench.errors import ArgumentParser
+from bench.errors import ArgumentParser, UsageError
 
 # One CPU thread and --calibrate: every request is timed next to a fixed reference workload
 # (bench.measure.calibration) and the gate compares the ratios, so another process on the
@@ -39,6 +39,8 @@ def parser() -> ArgumentParser:
 def main(argv: list[str]) -> int:
     """Run the tiny CPU benchmark CI gates on (settings above)."""
     args = parser().parse_args(argv)
+    if not args.output_dir.strip():
+        raise UsageError("OUTPUT_DIR is empty; give the results directory to write")
     from bench.cli.run import main as run_main
 
     return run_main([*CI_BENCH_ARGS, "--append", "--output-dir", args.output_dir], prog=f"{PROG} run")

@@ -50,10 +50,11 @@ def parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.json_path:
+        if args.json_path is not None:
             check_out_file(args.json_path, "--json")
-        if not (0 < args.alpha < 1) or not args.factor >= 1 or args.min_samples < 1:
-            raise BadInput("--alpha must be between 0 and 1, --factor at least 1 and --min-samples at least 1")
+        if not (0 < args.alpha < 1) or not 1 <= args.factor < float("inf") or args.min_samples < 1:
+            raise BadInput("--alpha must be between 0 and 1, --factor a finite number at least 1 and --min-samples "
+                           "at least 1")
         base, cand = load_runs(args.baseline), load_runs(args.candidate)
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
         if not metrics:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bench.cli import PROG
-from bench.errors import ArgumentParser, UsageError
+from bench.errors import ArgumentParser, UsageError, path_problem
 
 
 def wants_endpoint(argv: list[str]) -> bool:
@@ -25,7 +25,7 @@ def parser(prog: str = f"{PROG} run") -> ArgumentParser:
                     "(default: 1)")
     ap.add_argument("--request-rate", default="inf", help="mean request arrivals per second (seeded Poisson), inf: "
                     "all at once; a list sweeps it, e.g. 2,8,inf (default: inf)")
-    ap.add_argument("--num-prompts", type=int, default=10, help="measured requests per point (default: 10)")
+    ap.add_argument("--num-prompts", type=int, default=None, help="measured requests per point (default: 10)")
     ap.add_argument("--duration", type=float, default=None, help="seconds each point sends requests for, instead "
                     "of --num-prompts (at rate inf: a new request whenever a concurrency slot frees; default: none)")
     ap.add_argument("--warmup", type=int, default=1, help="warm-up requests before each point (default: 1)")
@@ -118,6 +118,15 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
         from bench.serve import client, endpoint_run
 
         _check_url(ns.endpoint)
+        if not ns.model.strip():
+            raise UsageError("--model is empty; give the model id the server serves (its /v1/models id)")
+        if ns.duration is not None and ns.num_prompts is not None:
+            raise UsageError("give --duration (send for that long) or --num-prompts (send that many), not both")
+        ns.num_prompts = 10 if ns.num_prompts is None else ns.num_prompts
+        if ns.tokenizer is not None:  # local inputs are checked before the server is asked anything
+            problem = path_problem(ns.tokenizer, "directory") if ns.tokenizer.strip() else "empty"
+            if problem:
+                raise UsageError(f"--tokenizer {ns.tokenizer}: {problem}; give the served model's tokenizer folder")
         if ns.num_prompts < 1 or ns.warmup < 0:
             raise UsageError("--num-prompts must be at least 1 and --warmup not negative")
         for flag, value in (("--duration", ns.duration), ("--timeout", ns.timeout)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bench.cli import PROG, describe
 from bench.quant import DEFAULT_CACHE_DIR, KERNELS_FILE
-from bench.errors import ArgumentParser, UsageError
+from bench.errors import ArgumentParser, UsageError, path_problem
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
 CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "candidates", "out_features", "in_features", "group_size",
@@ -31,10 +31,13 @@ def _entries(path, explicit: bool) -> list[tuple[dict, object]]:
 
     if path.is_dir():
         raise UsageError(f"{path} is a directory; give the kernels.json file in it")
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         if explicit:
             raise UsageError(f"{path}: no such file")
         return []
+    problem = path_problem(path)  # a FIFO would block the read for ever
+    if problem:
+        raise UsageError(f"{path}: {problem}")
     try:
         return [parse_entry(key, entry) for key, entry in read_entries(path).items()]
     except OSError as e:

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from bench.cli import PROG, describe
-from bench.errors import ArgumentParser
-from bench.analysis.inputs import BadInput, read_text
+from bench.errors import ArgumentParser, path_problem
+from bench.analysis.inputs import BadInput, check_out_dir, read_text
 from bench.analysis.report import END, START, embed_in_readme, write_report
 
 
@@ -29,7 +29,11 @@ def parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.readme:
+        check_out_dir(args.out)
+        if args.readme is not None:
+            problem = path_problem(args.readme) if args.readme.strip() else "empty; give a Markdown file"
+            if problem:
+                raise BadInput(f"--readme {args.readme}: {problem}")
             readme = read_text(Path(args.readme), "a Markdown file")
             if START not in readme or END not in readme:
                 raise BadInput(f"--readme {args.readme}: no report markers ({START} ... {END})")

@@ -24,11 +24,15 @@ def main(argv: list[str]) -> int:
 
     from bench.analysis.inputs import BadInput, check_results_csv, read_env_config
     from bench.errors import UsageError
-    from bench.measure.results import read_runs, write_summary
+    from bench.measure.results import LOCK_NAME, lock_holder, read_runs, write_summary
     from bench.run.summary import ValidityRule, summarize_runs
 
     out = Path(args.results_dir)
     try:
+        holder = lock_holder(out)
+        if holder is not None:  # its summary.csv is the run's to write; one written now would miss rows
+            raise BadInput(f"{out} is being written by a run ({f'PID {holder}, ' if holder > 0 else ''}lock file "
+                           f"{out / LOCK_NAME}); summarize it once the run has ended")
         missing = [name for name in ("runs.csv", "env.json") if not (out / name).is_file()]
         if missing:
             raise BadInput(f"{out} is not a results directory: no {' or '.join(missing)}")

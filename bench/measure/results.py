@@ -39,6 +39,14 @@ class CsvWriter:
             if header != columns:  # appending would put values under the wrong names
                 raise UsageError(f"{path} has other columns (written by another version of the harness): "
                                  "use a new --output-dir")
+            data = path.read_bytes()
+            cut = 0 if data.endswith(b"\n") else len(data) - data.rfind(b"\n") - 1
+            if cut:  # a row cut off by a killed run: rows appended to it would be glued onto it
+                from bench.log import status
+
+                status(f"warning: {path}: its last row was cut off ({cut} bytes without a line end, from a run "
+                       "killed while writing it); it is dropped")
+                os.truncate(path, len(data) - cut)
         self._f = path.open("a", newline="", encoding="utf-8")
         self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="raise")
         if new:
@@ -115,50 +123,59 @@ def _value(text: str):
     return text
 
 
+def whole_rows(text: str) -> str:
+    """runs.csv's text less a last row cut off without its line end (a run killed while writing it)."""
+    return text if not text or text.endswith("\n") else text[: text.rfind("\n") + 1]
+
+
 def read_runs(path: Path) -> list[dict]:
-    """runs.csv's rows with cells typed back (empty: None, true/false, numbers)."""
-    with path.open(newline="", encoding="utf-8") as f:
-        return [{k: _value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    """runs.csv's whole rows with cells typed back (empty: None, true/false, numbers)."""
+    import io
+
+    with path.open(encoding="utf-8", newline="") as f:
+        text = whole_rows(f.read())
+    return [{k: _value(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(text, newline=""))]
 
 
 # ---------------------------------------------------------------------------------------------
 # A results directory has one owner: one run writes it (or one --append / --resume after it).
 LOCK_NAME = ".lock"
-RESULT_FILES = ("runs.csv", "summary.csv", "env.json")
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
+def _locked(path: Path) -> int | None:
+    """The lock file's PID while a live process holds its lock (fcntl.flock: the kernel releases it
+    when its holder exits, killed or not, so a stale file is never mistaken for a live run even
+    when its PID has been reused); None when nobody holds it."""
+    import fcntl
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    except OSError:
-        return False
-    return True
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file, or one this process cannot open (a directory): nobody holds it
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode("ascii", "replace").split()
+            return int(text[0]) if text and text[0].isdigit() else -1
+        except OSError:
+            return None
+        return None
+    finally:
+        os.close(fd)
 
 
 def lock_holder(out_dir: Path) -> int | None:
-    """The PID of the live process holding out_dir's lock, or None (no lock, or a stale one)."""
-    try:
-        text = (out_dir / LOCK_NAME).read_text().strip()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError:
-        return None
-    try:
-        pid = int(text.split()[0])
-    except (ValueError, IndexError):
-        return None  # unreadable content: treated as stale
-    return pid if _pid_alive(pid) else None
+    """The PID of the live process holding out_dir's lock (-1 when it wrote none yet), or None
+    (no lock file, or a stale one)."""
+    return _locked(out_dir / LOCK_NAME)
 
 
 def check_creatable(path: Path, flag: str, writable: bool = True) -> None:
     """A usage error naming `flag` unless `path` is a directory or could be made one: the nearest
     folder of it that exists is a directory (and, `writable`, one this process may write in)."""
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"{flag} {path} is a broken symbolic link (or a loop); point it at a directory or remove it")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} is a file, not a directory")
     probe = path
@@ -179,8 +196,8 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
         return
     holder = lock_holder(out_dir)
     if holder is not None:
-        raise UsageError(f"--output-dir {out_dir} is in use by another run (PID {holder}, "
-                         f"lock file {out_dir / LOCK_NAME})")
+        shown = f"PID {holder}, " if holder > 0 else ""
+        raise UsageError(f"--output-dir {out_dir} is in use by another run ({shown}lock file {out_dir / LOCK_NAME})")
     entries = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK_NAME)
     if not entries:
         return
@@ -188,6 +205,12 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
     if runs.is_file() and runs.stat().st_size:
         with runs.open(newline="", encoding="utf-8", errors="replace") as f:
             header = next(csv.reader(f), [])
+        if mode != "new" and header == list(RUN_COLUMNS):
+            try:
+                runs.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{runs} is not UTF-8 text (byte {e.start}): not a file this harness wrote intact; "
+                                 "use a new --output-dir") from None
         if header != list(RUN_COLUMNS):
             raise UsageError(f"{runs} has columns this harness does not write (another program's or "
                              "another version's file): use a new --output-dir")
@@ -203,37 +226,42 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
 
 
 class DirLock:
-    """out_dir/.lock holding this process's PID, created with O_EXCL; a lock whose PID is dead
-    is taken over. release() removes it (only while it still holds this PID)."""
+    """out_dir/.lock, held with fcntl.flock for as long as this run writes the directory (the
+    kernel drops it when the process ends, however it ends) and holding the PID for the message
+    a refused run prints; a lock file nobody holds is stale and taken over. release() removes it."""
 
     def __init__(self, out_dir: Path):
+        import fcntl
+
         self.path = out_dir / LOCK_NAME
         self.pid = os.getpid()
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = lock_holder(out_dir)
-                if holder is not None:
-                    raise UsageError(f"--output-dir {out_dir} is in use by another run (PID {holder}, "
-                                     f"lock file {self.path})") from None
-                try:
-                    self.path.unlink()  # stale: its process is gone
-                except FileNotFoundError:
-                    pass
-                continue
-            except OSError as e:
-                raise UsageError(f"--output-dir {out_dir} is not writable ({errno.errorcode.get(e.errno, e)})") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{self.pid}\n")
-            return
-        raise UsageError(f"--output-dir {out_dir}: could not take its lock file {self.path}")
+        if self.path.is_dir() or self.path.is_symlink():
+            raise UsageError(f"--output-dir {out_dir}: its lock file {self.path} is not a file; remove it")
+        try:
+            self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError as e:
+            raise UsageError(f"--output-dir {out_dir} is not writable ({errno.errorcode.get(e.errno, e)})") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(self._fd)
+            if not isinstance(e, BlockingIOError):
+                raise UsageError(f"--output-dir {out_dir}: cannot lock {self.path} ({e.strerror or e}); use a "
+                                 "directory on a local file system") from None
+            holder = lock_holder(out_dir)
+            shown = f"PID {holder}, " if holder and holder > 0 else ""
+            raise UsageError(f"--output-dir {out_dir} is in use by another run ({shown}lock file {self.path})") from None
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, f"{self.pid}\n".encode())
 
     def release(self) -> None:
         try:
-            if self.path.read_text().split()[:1] == [str(self.pid)]:
-                self.path.unlink()
-        except (OSError, IndexError):
+            self.path.unlink()
+        except OSError:
+            pass
+        try:
+            os.close(self._fd)  # the lock goes with the descriptor
+        except OSError:
             pass
 
 

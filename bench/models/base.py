@@ -67,6 +67,10 @@ class PreparedPrompt:
         return out
 
 
+class QuestionError(ValueError):
+    """A question the model cannot be asked as written (it holds the model's image placeholder)."""
+
+
 def split_at_image_tokens(ids: list[int], image_token: int, images: int, prefix_len: int
                           ) -> tuple[list[list[int]], list[int]]:
     """(text segments around the `images` placeholder ids, suffix ids) of one tokenized prompt
@@ -86,6 +90,9 @@ def prepare_by_placeholders(adapter, question: str, image_block: str, placeholde
     """Tokenize the whole prompt as the model's own processor does (in one call; per request
     only the text from the last `placeholder`, an added token: `_tokenize_prompt`), with one
     placeholder id per image, and split it into text segments, images and suffix."""
+    if placeholder in question:  # the model would look for one image more than the request has
+        raise QuestionError(f"the question holds {placeholder!r}, the image placeholder of {adapter.name}; remove it "
+                            "(the harness places each image's tokens itself)")
     prefix_text, suffix_text = adapter.template.split(question, image_block)
     full = adapter._tokenize_prompt(prefix_text + suffix_text, prefix_text.rindex(placeholder))
     prefix = adapter._tokenize_fixed(prefix_text, add_bos=True)

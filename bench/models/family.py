@@ -38,6 +38,8 @@ class Family:
     # (checkpoint's config.json, None for a preset) -> the images or frames a request must show a
     # multiple of (InternVideo2.5 merges every 4 frames' tokens); None: any number.
     visual_group: Callable[[dict | None], int] | None = None
+    # The model classes config.json's "architectures" may name for this layout (empty: any).
+    architectures: tuple[str, ...] = ()
 
     def llm_files(self, path: Path) -> tuple[list[Path], Callable[[str], bool]]:
         """(safetensors files holding the language model, which of their keys are its)."""

@@ -129,12 +129,24 @@ def checked_weights(folder: Path, what: str) -> dict[str, tuple[str, tuple[int, 
     return tensors
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2")
+
+
+def check_weight_dtype(name: str, dtype: str, what: str, where: Path) -> None:
+    """A model weight or bias is stored as floating point (an integer one would be cast to float
+    on load without a word: its values are not the model's)."""
+    if name.endswith((".weight", ".bias")) and dtype not in FLOAT_DTYPES:
+        raise UsageError(f"{what}: tensor {name!r} in {where} is stored as {dtype}, not floating point; the "
+                         "weights are corrupt or of another format: re-download or re-convert the checkpoint")
+
+
 def check_shapes(tensors: dict[str, tuple[str, tuple[int, ...]]], expected: dict[str, tuple[int, ...]],
                  what: str, where: Path) -> None:
-    """Every tensor in `expected` is in `tensors` with that shape."""
+    """Every tensor in `expected` is in `tensors` with that shape, a weight in floating point."""
     for name, shape in expected.items():
         if name not in tensors:
             raise UsageError(f"{what}: tensor {name!r} is missing from {where}; the checkpoint is incomplete")
+        check_weight_dtype(name, tensors[name][0], what, where)
         if tuple(tensors[name][1]) != tuple(shape):
             raise UsageError(f"{what}: tensor {name!r} in {where} has shape {list(tensors[name][1])}, the config "
                              f"implies {list(shape)}; the weights do not belong to this config.json")
@@ -210,6 +222,48 @@ def require_preprocessor(folder: Path, what: str) -> None:
             if side <= 0 or side * side > (Image.MAX_IMAGE_PIXELS or float("inf")):
                 raise UsageError(f"{what}: {file} asks for images of side {side} ({key}), not a usable size (at "
                                  f"most {Image.MAX_IMAGE_PIXELS:,} pixels); restore the checkpoint's original file")
+
+
+# Sizes a model config gives as whole numbers above zero, and numbers that must be finite and
+# above zero, wherever they appear in a config (its text, vision and language-model parts too).
+POSITIVE_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "max_position_embeddings", "head_dim", "image_size",
+                 "patch_size", "mm_hidden_size", "force_image_size")
+POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "downsample_ratio")
+
+
+def check_config_values(config: dict, what: str, file: Path) -> None:
+    """A usage error when a config (or a config nested in it) gives a size that is not a whole
+    number above zero, or an epsilon or RoPE base that is not a finite number above zero (a NaN
+    or negative value in config.json builds a model that computes garbage or cannot be built)."""
+    def bad(key, value, kind):
+        raise UsageError(f"{what}: {file} gives {key} = {value!r}, not {kind}; restore the checkpoint's "
+                         "original file")
+
+    for key, value in config.items():
+        if isinstance(value, dict):
+            check_config_values(value, what, file)
+        elif value is None or isinstance(value, (list, str)):
+            continue
+        elif key in POSITIVE_INTS and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            bad(key, value, "a whole number above zero")
+        elif key in POSITIVE_NUMBERS and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                          or not 0 < value < math.inf):
+            bad(key, value, "a finite number above zero")
+
+
+def check_architectures(config: dict, accepted: tuple[str, ...], layout: str, what: str, file: Path) -> None:
+    """config.json's "architectures" (when it says) names a model class of the layout it was found
+    to be: weights of another model in a familiar layout are refused, not loaded into this one."""
+    names = config.get("architectures")
+    if names is None or not accepted:
+        return
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise UsageError(f"{what}: {file} gives architectures = {names!r}, not a list of class names; restore "
+                         "the checkpoint's original file")
+    if names and not set(names) & set(accepted):
+        raise UsageError(f"{what}: {file} names architectures {', '.join(names)}, but a checkpoint in the "
+                         f"{layout} is {' or '.join(accepted)}; give a checkpoint of a supported model")
 
 
 LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")

@@ -79,7 +79,9 @@ class InternVideoAdapter(InternVLAdapter):
 
 # ------------------------------------------------------------------------------------------ layout
 def is_internvideo_dir(path: Path, config: dict) -> bool:
-    return ARCHITECTURE in (config.get("architectures") or []) or config.get("model_type") == "internvl_chat"
+    model_type = config.get("model_type")  # when it says, it must say this layout's
+    return model_type in (None, "internvl_chat") and (ARCHITECTURE in (config.get("architectures") or [])
+                                                      or model_type == "internvl_chat")
 
 
 def _refusal(config: dict) -> str | None:
@@ -189,7 +191,7 @@ def check_internvideo(path: Path, config: dict) -> None:
         frame_tokens = merged_frame_tokens(config)
         with torch.device("meta"):
             model = InternVLForConditionalGeneration._from_config(native)
-    except (KeyError, TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - transformers' config validation and torch raise many error types
         raise UsageError(f"{what}: {path / 'config.json'} does not describe a model ({one_line(e)}); restore the "
                          "checkpoint's original file") from None
     side = native.vision_config.image_size[0] // native.vision_config.patch_size[0]
@@ -332,6 +334,6 @@ FAMILY = Family(
     load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles:
         load_internvideo(path, template, device, dtype, weights, max_tiles),
     build=build_internvideo, save=save_internvideo, llm_key="language_model.", check=check_internvideo,
-    text_config=_text_config,
+    text_config=_text_config, architectures=("InternVLChatModel",),
     visual_group=lambda config: GROUP_FRAMES if config is None or merged_frame_tokens(config) else 1,
 )

@@ -203,5 +203,5 @@ FAMILY = Family(
     build=build_internvl, save=save_native, llm_key="language_model.", 
     check=native_checker(InternVLForConditionalGeneration, InternVLConfig,
                          adjust=lambda model, config: config.__dict__.get(VITA_MARK) and vita_projector(model)),
-    text_config=native_text_config(InternVLConfig),
+    text_config=native_text_config(InternVLConfig), architectures=("InternVLForConditionalGeneration",),
 )

@@ -122,4 +122,5 @@ FAMILY = Family(
         path, template, device, dtype, weights, quantization, strip_quant),
     build=build_llava, save=save_native, llm_key="language_model.", 
     check=native_checker(LlavaForConditionalGeneration, LlavaConfig), text_config=native_text_config(LlavaConfig),
+    architectures=("LlavaForConditionalGeneration",),
 )

@@ -10,7 +10,7 @@ import torch
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
 from bench.models.family import RANDOM_WEIGHTS_MARK
-from bench.models.files import one_line, read_json_object
+from bench.models.files import check_architectures, check_config_values, one_line, read_json_object
 from bench.models.presets import Preset, get_preset
 from bench.models.registry import families, get_family, layouts
 from bench.models.templates import TEMPLATE_SPECIAL_TOKENS, get_template
@@ -46,18 +46,22 @@ def _read_checkpoint_config(path: Path) -> tuple[str, dict]:
         raise UsageError(f"--model-path {path} is not a directory")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise UsageError(f"--model-path {path} is not a LLaVA/VILA/InternVL checkpoint: no config.json "
+        raise UsageError(f"--model-path {path} is not a checkpoint of a supported model: no config.json "
                          f"(expected {layouts()})")
-    config = read_json_object(cfg_file, f"--model-path {path}")
+    what = f"--model-path {path}"
+    config = read_json_object(cfg_file, what)
+    for part in [cfg_file, *sorted(path.glob("*/config.json"))]:  # VILA's llm/, vision_tower/, mm_projector/
+        check_config_values(config if part == cfg_file else read_json_object(part, what), what, part)
     for family in families().values():
         if family.detect(path, config):
+            check_architectures(config, family.architectures, family.layout, what, cfg_file)
             if family.check is not None:
                 family.check(path, config)
             elif not family.llm_files(path)[0]:
                 raise UsageError(f"--model-path {path}: no *.safetensors weights (only safetensors are loaded)")
             return family.name, config
     raise UsageError(
-        f"--model-path {path} is not a LLaVA/VILA/InternVL checkpoint (model_type={config.get('model_type')!r}); "
+        f"--model-path {path} is not a checkpoint of a supported model (model_type={config.get('model_type')!r}); "
         f"supported: {layouts()}"
     )
 
@@ -102,7 +106,18 @@ def load_checkpoint(path: Path, conv_mode: str | None, device: torch.device, dty
     adapter = spec.load(path, config, template, device, dtype, weights, quantization, awq is not None, max_tiles)
     if awq is not None:
         load_awq_checkpoint(adapter, path, family, awq)
+    check_finite(adapter.model, f"--model-path {path}")
     return adapter
+
+
+def check_finite(model: torch.nn.Module, what: str) -> None:
+    """Every floating-point weight the checkpoint loaded is finite: a NaN or infinite value (a
+    corrupt download or a diverged training run) makes every measured output garbage."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+                raise UsageError(f"{what}: tensor {name!r} holds NaN or infinite values; the checkpoint is corrupt "
+                                 "(re-download it)")
 
 
 def load_awq_checkpoint(adapter: VLMAdapter, path: Path, family: str, qc: dict) -> None:

@@ -88,10 +88,21 @@ def native_checker(model_cls, config_cls, adjust=None):
             check_awq_tensors(tensors, int(qc.get("group_size", qc.get("q_group_size", 128)) or 0), what, path)
         elif not qc:
             check_shapes(tensors, expected_tensors(model_cls, config_cls, path, what, set(tensors), adjust), what, path)
+        check_image_token(config, what, path)
         tokenizer_from(path, what)  # loads (no code runs): a broken file is an error before the run starts
         image_processor_from(path, what)
 
     return check
+
+
+def check_image_token(config: dict, what: str, path: Path) -> None:
+    """The image placeholder's id is a token of the language model's vocabulary (one past it
+    makes every request fail at its embedding lookup)."""
+    token = config.get("image_token_id", config.get("image_token_index"))
+    vocab = (config.get("text_config") or {}).get("vocab_size")
+    if isinstance(token, int) and isinstance(vocab, int) and not 0 <= token < vocab:
+        raise UsageError(f"{what}: {path / 'config.json'} gives the image token id {token}, outside the "
+                         f"vocabulary of {vocab:,} tokens; restore the checkpoint's original file")
 
 
 def expected_tensors(model_cls, config_cls, path: Path, what: str, names: set[str],
@@ -149,6 +160,11 @@ def pretrained(model_cls, path: Path, what: str, check_keys: bool = True, **kwar
         raise UsageError(f"{what}: tensor {missing[0]!r} is missing from the weights in {path}"
                          f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; the checkpoint is "
                          "incomplete")
+    unexpected = sorted(info.get("unexpected_keys") or [])  # less those the model class declares ignorable
+    if check_keys and unexpected:
+        raise UsageError(f"{what}: tensor {unexpected[0]!r} in {path} is not part of the model the config.json "
+                         f"describes{f' (and {len(unexpected) - 1} more)' if len(unexpected) > 1 else ''}; the "
+                         "weights do not belong to this config")
     return model
 
 

@@ -164,7 +164,8 @@ def expand_to_square(image: Image.Image, mean) -> Image.Image:
 
 def is_vila_dir(path: Path, config: dict) -> bool:
     has_parts = all((path / d).is_dir() for d in ("llm", "vision_tower", "mm_projector"))
-    return has_parts and (config.get("model_type") in ("llava_llama", "llava") or "llm_cfg" in config)
+    model_type = config.get("model_type")
+    return has_parts and (model_type in ("llava_llama", "llava") or (model_type is None and "llm_cfg" in config))
 
 
 def _expected_shapes(model_cls, config) -> dict[str, tuple[int, ...]]:
@@ -353,4 +354,5 @@ FAMILY = Family(
         path, template, device, dtype, weights, config, quantization, strip_quant),
     build=build_vila, save=save_vila, llm_dir="llm", check=check_vila,
     text_config=lambda path: LlamaConfig.from_pretrained(path / "llm"),
+    architectures=("LlavaLlamaModel", "LlavaLlamaForCausalLM"),
 )

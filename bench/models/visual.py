@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 import xxhash
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from bench.errors import UsageError
+from bench.errors import UsageError, path_problem
 
 
 @dataclass(eq=False)
@@ -102,8 +102,9 @@ def _opened(path: str | Path, flag: str, use):
     """use(the opened image) for an image file; a usage error naming `flag` and the file when it is
     missing, unreadable, or past PIL's decompression-bomb limit (its warning counts as one)."""
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"{flag} {path}: no such file")
+    problem = path_problem(p)
+    if problem:
+        raise UsageError(f"{flag} {path}: {problem}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -123,6 +124,12 @@ def check_image_file(path: str | Path, flag: str) -> tuple[int, int]:
     return _opened(path, flag, verified)
 
 
+def upright_rgb(im: Image.Image) -> Image.Image:
+    """An opened image as RGB pixels the way it is shown: turned by its EXIF orientation (a phone
+    photo stored sideways), as transformers' load_image does."""
+    return ImageOps.exif_transpose(im).convert("RGB")
+
+
 def load_image(path: str | Path, flag: str = "--image-path") -> Image.Image:
-    """An image file as RGB (a usage error naming `flag` when it cannot be, as _opened)."""
-    return _opened(path, flag, lambda im: im.convert("RGB"))
+    """An image file as upright RGB (a usage error naming `flag` when it cannot be, as _opened)."""
+    return _opened(path, flag, upright_rgb)

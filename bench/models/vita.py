@@ -57,8 +57,8 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 from bench.errors import UsageError
 from bench.models.base import PreparedPrompt
 from bench.models.family import RANDOM_WEIGHTS_MARK, Family
-from bench.models.files import (checked_weights, named_tokenizer, read_json_object, require_tokenizer,
-                                weight_files)
+from bench.models.files import (check_weight_dtype, checked_weights, named_tokenizer, one_line, read_json_object,
+                                require_tokenizer, weight_files)
 from bench.models.internvl import InternVLAdapter, internvl_image_processor, vita_projector
 from bench.models.internvl_remote import to_native as internvit_to_native
 from bench.models.internvl_remote import to_remote as internvit_to_remote
@@ -100,7 +100,9 @@ class VITAAdapter(InternVLAdapter):
 
 # ------------------------------------------------------------------------------------------ layout
 def is_vita_dir(path: Path, config: dict) -> bool:
-    return ARCHITECTURE in (config.get("architectures") or []) or str(config.get("model_type", "")).lower() == MODEL_TYPE
+    model_type = config.get("model_type")  # when it says, it must say this layout's
+    return (model_type is None or str(model_type).lower() == MODEL_TYPE) and (
+        ARCHITECTURE in (config.get("architectures") or []) or str(model_type).lower() == MODEL_TYPE)
 
 
 def _vision_dims(tensors: dict[str, tuple[str, tuple[int, ...]]], what: str) -> dict:
@@ -220,10 +222,18 @@ def check_vita(path: Path, config: dict) -> None:
     tensors = checked_weights(path, what)
     require_tokenizer(path, what)
     vis = _vision_dims(tensors, what)
-    native = native_config(config, vis, int(config["vocab_size"]))
-    with torch.device("meta"):
-        model = InternVLForConditionalGeneration._from_config(native)
-    vita_projector(model)
+    proj_in = tensors["model.mm_projector.0.weight"][1][1]
+    if config.get("mm_hidden_size", proj_in) != proj_in:
+        raise UsageError(f"{what}: {path / 'config.json'} gives mm_hidden_size {config['mm_hidden_size']} but the "
+                         f"projector takes {proj_in} features; the weights do not belong to this config.json")
+    try:
+        native = native_config(config, vis, int(config["vocab_size"]))
+        with torch.device("meta"):
+            model = InternVLForConditionalGeneration._from_config(native)
+        vita_projector(model)
+    except Exception as e:  # noqa: BLE001 - transformers' config validation and torch raise many error types
+        raise UsageError(f"{what}: {path / 'config.json'} does not describe a model ({one_line(e)}); restore the "
+                         "checkpoint's original file") from None
     expected = {k: tuple(v.shape) for k, v in to_published(model.state_dict()).items()}
     if native.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -232,6 +242,7 @@ def check_vita(path: Path, config: dict) -> None:
             continue
         if name not in expected:
             raise UsageError(f"{what}: tensor {name!r} is not part of VITA-1.5's layout")
+        check_weight_dtype(name, tensors[name][0], what, path)
         if tuple(shape) != expected.pop(name):
             raise UsageError(f"{what}: tensor {name!r} has shape {list(shape)}, which config.json does not "
                              f"give; restore the checkpoint's original config.json")
@@ -334,4 +345,5 @@ FAMILY = Family(
     load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles:
         load_vita(path, template, device, dtype, weights, max_tiles),
     build=build_vita, save=save_vita, llm_key="model.layers.", check=check_vita, text_config=_text_config,
+    architectures=("VITAQwen2ForCausalLM",),
 )

@@ -15,7 +15,7 @@ from bench.engines import attention_kernels
 from bench.errors import ArgumentParser, UsageError
 from bench.run.summary import ValidityRule
 from bench.run.workload import LOADERS, VIDEO_MODES, int_list, name_list, workload_points
-from variants.options import flag_fields, opt, options_from, run_facts
+from variants.options import empty_flag, flag_fields, opt, options_from, run_facts
 
 DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
 DEFAULT_PRESET = "tiny-vila"
@@ -31,13 +31,15 @@ PART_OPTIONS_AFTER = "max_new_tokens"  # where the variant parts' flags go in th
 class RunFields:
     """The run's own settings (the variant parts' are in their options dataclasses)."""
     model_path: str | None = opt("checkpoint directory (llava-hf layout, or VILA1.5 llm/ vision_tower/ mm_projector/)",
-                                 aliases=("--model_path",))
+                                 aliases=("--model_path",), nonempty="a directory")
     preset: str | None = opt(f"architecture preset with random weights (default: {DEFAULT_PRESET} when no "
-                             "--model-path)")
+                             "--model-path)", nonempty="a preset name")
     image_path: str | None = opt("image file (default: the demo image shipped with the repo)",
-                                 aliases=("--image_path", "--image-file"))
-    video_path: str | None = opt("video file (decoded with PyAV); frames sampled uniformly (--num-frames)")
-    frames_dir: str | None = opt("folder of extracted video frames (sorted by name), sampled like --video-path")
+                                 aliases=("--image_path", "--image-file"), nonempty="a path")
+    video_path: str | None = opt("video file (decoded with PyAV); frames sampled uniformly (--num-frames)",
+                                 nonempty="a path")
+    frames_dir: str | None = opt("folder of extracted video frames (sorted by name), sampled like --video-path",
+                                 nonempty="a directory")
     num_frames: int = opt("video: frames sampled uniformly (0: every frame)", 8)
     video_mode: str = opt("video: frames (each request shows the next frame, as frame-by-frame analysis) or clip "
                           "(each request shows all sampled frames as one video)", "frames")
@@ -45,9 +47,9 @@ class RunFields:
                       "thread does it ahead), or both: serial,prefetch", "prefetch")
     text_prompt: str | None = opt("the question to measure (default: a built-in list of questions)",
                                   aliases=("--text_prompt", "--query"))
-    questions: str | None = opt("file with one measured question per line")
+    questions: str | None = opt("file with one measured question per line", nonempty="a path")
     conv_mode: str | None = opt("conversation template (default: the model's)",
-                                aliases=("--conv_mode",))
+                                aliases=("--conv_mode",), nonempty="a template name")
     variants: str = opt("comma-separated variants, each up to one part of each kind joined by '+' (e.g. "
                         "fp16,prefix,bnb4+prefix+static); a variant's weights are fp16, its cache nocache and its "
                         "engine hf unless it names another", "fp16")
@@ -97,7 +99,7 @@ class RunFields:
                           "tpot_rel): comparable across load and machines (ci-bench gates on them)", False)
     dtype: str = opt("float16, bfloat16, float32 or auto (float16 on CUDA, float32 on CPU)", "auto")
     output_dir: str | None = opt("results directory (default: results/local/<time>-<model>); it must be new or "
-                                 "empty unless --append or --resume")
+                                 "empty unless --append or --resume", nonempty="a directory")
     append: bool = opt("add this run (a new run_id) to --output-dir's runs.csv; summaries keep runs apart", False)
     resume: bool = opt("finish --output-dir's interrupted run (same run_id, same configuration): groups "
                        "already complete are not run again", False)
@@ -111,6 +113,8 @@ class RunConfigBase:
     option_classes: tuple[type, ...] = ()  # the variant parts' options dataclasses composed in
 
     def __post_init__(self):
+        if empty_flag(self):  # every flag's, the variant parts' too
+            raise UsageError(empty_flag(self))
         if self.model_path and self.preset:
             raise UsageError("give either --model-path or --preset, not both")
         if self.append and self.resume:
@@ -124,6 +128,8 @@ class RunConfigBase:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.warmup < 0 or self.min_seconds < 0 or self.max_runs < 0:
             raise UsageError("--warmup, --min-seconds and --max-runs must not be negative")
+        if not -2**63 <= self.seed < 2**64:  # what torch.manual_seed takes
+            raise UsageError(f"--seed {self.seed}: give a whole number from 0 to 2**64 - 1")
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise UsageError(f"unknown --dtype {self.dtype!r}; choose auto, float16, bfloat16 or float32")
         if self.image_path is None:
@@ -132,6 +138,8 @@ class RunConfigBase:
             self.part_options(cls)
         if self.video_path and self.frames_dir:
             raise UsageError("give --video-path or --frames-dir, not both")
+        if self.questions is not None and self.text_prompt is not None:
+            raise UsageError("give --text-prompt or --questions, not both")
         if self.num_frames < 0 or self.max_tiles < 1:
             raise UsageError("--num-frames must not be negative and --max-tiles must be at least 1")
         if self.max_tiles > MAX_TILES:
@@ -159,6 +167,9 @@ class RunConfigBase:
             loaders if video and self.video_mode == "frames" else [])
         if self.max_runs == 0:
             self.max_runs = 20 * self.num_runs
+        elif self.max_runs < self.num_runs:
+            raise UsageError(f"--max-runs {self.max_runs} caps the runs below --num-runs {self.num_runs}; give "
+                             "--max-runs at least --num-runs (0: 20 x --num-runs)")
 
     def _check_executor(self) -> None:
         if not self.executor:
@@ -281,7 +292,7 @@ EXIT_CODES = """exit codes:
   1    some variant or point failed (others measured)
   2    usage error (bad flag, input or --output-dir); nothing written
   3    nothing measured (every variant skipped or failed)
-  130  interrupted (Ctrl-C); finished rows are kept in runs.csv"""
+  130  interrupted (Ctrl-C or SIGTERM); finished rows are kept in runs.csv"""
 
 
 def _variant_parts() -> str:

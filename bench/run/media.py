@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
-from bench.errors import UsageError
+from bench.errors import UsageError, path_problem
 from bench.models.base import host_preprocessing
 from bench.models.visual import VisualInput, check_frame_size, check_image_file, load_image
 
@@ -49,15 +49,17 @@ class FrameSource:
         self._clip: VisualInput | None = None
         if frames_dir:
             d = Path(frames_dir)
-            if not d.is_dir():
-                raise UsageError(f"--frames-dir {frames_dir}: no such directory")
+            problem = path_problem(d, "directory")
+            if problem:
+                raise UsageError(f"--frames-dir {frames_dir}: {problem}")
             self.files = sorted(p for p in d.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
             if not self.files:
                 raise UsageError(f"--frames-dir {frames_dir}: no image files ({', '.join(FRAME_SUFFIXES)})")
             self.total = len(self.files)
         else:
-            if not Path(video_path).is_file():
-                raise UsageError(f"--video-path {video_path}: no such file")
+            problem = path_problem(video_path)
+            if problem:
+                raise UsageError(f"--video-path {video_path}: {problem}")
             self.files = None
             self.total, size = self._count_video_frames()
         self.indices = sample_indices(self.total, num_frames)

@@ -36,6 +36,7 @@ from bench.run.questions import load_questions, warmup_questions
 from bench.run.summary import summarize_runs
 from bench.measure.results import (DirLock, DirState, check_output_dir, new_run_id, read_runs, run_writer, utc_now,
                                    write_json, write_summary)
+from bench.models.base import QuestionError
 from bench.models.prompts import FIDELITY_PROBE
 from bench.models.source import ModelSource
 from bench.models.visual import VisualInput, load_image
@@ -139,6 +140,14 @@ class Benchmark:
         self.variants = [parse_variant(s) for s in cfg.variant_specs]
         if not self.variants:
             raise UsageError("--variants is empty")
+        seen: dict[tuple, str] = {}
+        for v in self.variants:  # the same parts twice: measured twice, one name's rows mixed in one summary
+            parts = (v.weights.name, v.cache.name, v.engine.name)
+            if parts in seen:
+                same = f"{seen[parts]!r} and {v.name!r} are" if seen[parts] != v.name else f"{v.name!r} is"
+                raise UsageError(f"--variants/--engine: {same} the same variant ({'+'.join(parts)}) given twice; "
+                                 "give it once")
+            seen[parts] = v.name
         self.image = load_image(cfg.image_path)
         self.image_file = Path(cfg.image_path).read_bytes()  # what a request would carry (prefix key)
         self.frames = None
@@ -193,6 +202,11 @@ class Benchmark:
             except (OSError, ValueError) as e:
                 raise UsageError(f"{self.out_dir / 'env.json'} is not readable JSON ({e.__class__.__name__}): "
                                  "use a new --output-dir") from None
+            old = self.old_env
+            if not (isinstance(old, dict) and isinstance(old.get("config", {}), dict)
+                    and isinstance(old.get("runs", {}), dict) and isinstance(old.get("run_id", ""), str)):
+                raise UsageError(f"{self.out_dir / 'env.json'} is not an env.json this harness writes (its config, "
+                                 "runs or run_id are of another kind): use a new --output-dir")
         self.fingerprint, settings = config_fingerprint(asdict(cfg))
         if self.mode == "resume" and self.old_env is not None:
             self._prepare_resume(settings)
@@ -377,7 +391,11 @@ class Benchmark:
             checks.append((WorkloadPoint(new_tokens=cfg.max_new_tokens, num_images=self._probe_images()),
                            [FIDELITY_PROBE], "--max-new-tokens"))
         for point, questions, new_flag in checks:
-            prompts = [adapter.prepare_text(q, v) for v in self._size_visuals(point) for q in questions]
+            try:
+                prompts = [adapter.prepare_text(q, v) for v in self._size_visuals(point) for q in questions]
+            except QuestionError as e:
+                flag = f"--questions {cfg.questions}" if cfg.questions else "--text-prompt"
+                raise UsageError(f"{flag}: {e}") from None
             longest = max(prompts, key=lambda prepared: prepared.prompt_tokens)
             check_prompt(cfg, self.dims, self.source.name, point, longest, self.frames, self.device, self.dtype,
                          new_flag)

@@ -17,26 +17,36 @@ def model_source(cfg) -> ModelSource:
 
 
 def check_default_request(cfg, source: ModelSource) -> None:
-    """A usage error unless a request of the default max_tokens (--max-new-tokens) with one image
-    fits the model's positions (and its KV cache the device), known before the model loads."""
+    """A usage error unless the run config names one variant this device can run, --image-path is
+    an image, and a request of the default max_tokens (--max-new-tokens) with one image fits the
+    model's positions (and its KV cache the device): all known before the model loads."""
+    served_variant(cfg, source)
+    load_image(cfg.image_path)
     device = resolve_device(cfg.device)
     check_sizes(cfg, model_dims(cfg.model_path, cfg.preset), source.name, [], None, device,
                 resolve_dtype(cfg.dtype, device))
 
 
-def load_engine(cfg, source: ModelSource):
-    """(engine, variant name, model name) for a run config naming exactly one variant, its model
-    `source` (model_source(cfg))."""
+def served_variant(cfg, source: ModelSource):
+    """The one variant the run config names, or a usage error (several, or one this device or
+    model cannot run)."""
     specs = cfg.variant_specs
     if len(specs) != 1:
         raise UsageError(f"serve runs one variant; --variants/--engine name {len(specs)}: {', '.join(specs)}")
     variant = parse_variant(specs[0])
+    reason = variant.unavailable_reason(resolve_device(cfg.device)) or variant.weights.source_reason(source)
+    if reason:
+        raise UsageError(f"variant {variant.name} cannot run here: {reason}")
+    return variant
+
+
+def load_engine(cfg, source: ModelSource):
+    """(engine, variant name, model name) for a run config naming exactly one variant, its model
+    `source` (model_source(cfg))."""
+    variant = served_variant(cfg, source)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     host.set_cpu_threads(host.cpu_threads(cfg.cpu_threads, device))
-    reason = variant.unavailable_reason(device) or variant.weights.source_reason(source)
-    if reason:
-        raise UsageError(f"variant {variant.name} cannot run here: {reason}")
     options = variant.weights.options(cfg)
     loaded = variant.weights.load(source, device, dtype, options)
     place_preprocessing(loaded.adapter, cfg.preprocess, device, load_image(cfg.image_path))

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from bench.errors import UsageError
-from bench.models.visual import VisualInput
+from bench.models.visual import VisualInput, upright_rgb
 
 
 class ApiError(Exception):
@@ -71,7 +71,7 @@ def _image(url: str, param: str) -> tuple[Image.Image, bytes]:
             if limit and im.width * im.height > limit:
                 raise ApiError(f"the image ({im.width}x{im.height} = {im.width * im.height:,} pixels) is too large to "
                                f"decode safely; send at most {limit:,} pixels", param=param)
-            return im.convert("RGB"), data
+            return upright_rgb(im), data
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ApiError(f"the image cannot be decoded ({e.__class__.__name__})", param=param) from None
 

@@ -101,13 +101,15 @@ class Worker:
         positions; one that does not gets ("invalid", why). On this thread: the tokenizer is the
         engine's."""
         from bench.errors import UsageError
+        from bench.models.base import QuestionError
         from bench.models.visual import as_visual
 
         r = job.request
         try:
             job.prepared = self.engine.adapter.prepare_text(r.question, as_visual(r.visual))
             prompt = job.prepared.prompt_tokens
-        except UsageError as e:  # the family cannot show this visual input (e.g. a frame count)
+        except (UsageError, QuestionError) as e:  # the family cannot show this visual input (e.g. a frame count)
+            # or the question holds the model's image placeholder
             reason = str(e)
         else:
             if self.max_positions is None or prompt + r.max_tokens <= self.max_positions:
