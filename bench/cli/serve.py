@@ -55,6 +55,8 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--batch-window-ms must be from 0 to {MAX_WINDOW_MS:,.0f}, got {serve['batch_window_ms']}")
     if not 0 < serve["max_request_mb"] < float("inf"):  # nan too
         raise UsageError(f"--max-request-mb must be a positive, finite number of MiB, got {serve['max_request_mb']}")
+    if not serve["host"].strip():
+        raise UsageError("--host is empty; give an address to listen on (0.0.0.0: every interface)")
     if serve["served_model_name"] is not None and not serve["served_model_name"].strip():
         raise UsageError("--served-model-name is empty; give the model id clients send, or leave the flag out")
     if not 0 < serve["port"] < 65536:
