@@ -200,6 +200,9 @@ def test_prompt_longer_than_context(tmp_path, capsys):
     q.write_text("word " * 60_000 + "\n")
     bad_run(tmp_path, capsys, ["--questions", str(q)], "--questions", "4,096")
     bad_run(tmp_path, capsys, ["--text-prompt", "why " * 5000], "--text-prompt", "4,096")
+    # one 3 MB word: refused from its length before it is tokenized (which took minutes)
+    q.write_text("x" * 3_000_000 + "\n")
+    bad_run(tmp_path, capsys, ["--questions", str(q)], "--questions", "at least 11,")
 
 
 def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):

@@ -16,6 +16,11 @@ from bench.models.presets import PRESETS
 from bench.models.visual import group_refusal
 
 
+# No tokenizer the harness loads has a token of more characters (LLaMA's and Qwen2's longest are
+# runs of spaces or dashes of a few dozen): a lower bound on a text's tokens that holds for any.
+MAX_TOKEN_CHARS = 256
+
+
 @dataclass(frozen=True)
 class ModelDims:
     max_pos: int | None  # positions the language model was built for (None: not known before loading)
@@ -105,8 +110,9 @@ def _check_point(cfg, dims: ModelDims, model: str, point, text: int, image: int,
 def check_sizes(cfg, dims: ModelDims, model: str, questions: list[str], frames, device: torch.device,
                 dtype: torch.dtype) -> None:
     """UsageError naming the flag when a workload point cannot fit the model's positions or the
-    device's memory (lower bounds: a question has at least one token per word)."""
-    words = max((len(q.split()) for q in questions), default=0)
+    device's memory (lower bounds: a question has at least one token per word, and one per
+    MAX_TOKEN_CHARS characters), before any tokenizer or model loads."""
+    words = max((max(len(q.split()), -(-len(q) // MAX_TOKEN_CHARS)) for q in questions), default=0)
     images_per_request = len(frames) if frames is not None and cfg.video_mode == "clip" else None
     for p in cfg.points:
         images = images_per_request if images_per_request is not None else p.num_images
