@@ -471,6 +471,11 @@ def test_report_same_dir_twice_and_out_a_file(results_dir, tmp_path, capsys):
     from bench.analysis.report import END, START
     elsewhere.write_text(f"{START}\n{END}\n")
     bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", elsewhere], "--out", out=out)
+    other = tmp_path / "notes"  # another program's folder: the report's files never mix into it
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    bad_sub(capsys, ["report", results_dir, "--out", other], "--out", "not a report's")
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
 def test_compare_same_dir_twice_is_a_comparison(results_dir, capsys):

@@ -20,16 +20,28 @@ from bench.analysis.report import END, START, embed_in_readme, write_report
 def parser() -> ArgumentParser:
     ap = ArgumentParser(prog=f"{PROG} report", description=describe("report") + "\n\n" + __doc__.split("\n\n", 1)[1])
     ap.add_argument("dirs", nargs="+", metavar="RESULTS_DIR", help="results directories (with runs.csv and summary.csv)")
-    ap.add_argument("--out", required=True, metavar="DIR", help="where report.md and the PNG figures go (required)")
+    ap.add_argument("--out", required=True, metavar="DIR", help="where report.md and the PNG figures go: a new or empty directory, or an earlier report's (required)")
     ap.add_argument("--readme", help="also replace the block between the report markers in this Markdown file "
                                          "(default: none)")
     return ap
+
+
+def _check_report_dir(out: Path) -> None:
+    """--out is new, empty, or an earlier report's (report.md and PNG figures, which it replaces):
+    a report never mixes its files into a folder of other files."""
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not (p.name == "report.md" or p.suffix == ".png"))
+    if foreign:
+        raise BadInput(f"--out {out} holds files that are not a report's ({', '.join(foreign[:3])}"
+                       f"{', ...' if len(foreign) > 3 else ''}); give a new or empty directory, or an earlier report's")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         check_out_dir(args.out)
+        _check_report_dir(Path(args.out))
         if args.readme is not None:
             problem = path_problem(args.readme) if args.readme.strip() else "empty; give a Markdown file"
             if problem:
