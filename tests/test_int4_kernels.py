@@ -55,14 +55,15 @@ def test_each_kernel_gives_dequantize_matmul_at_every_row_count_it_serves(name):
 
 def test_fbgemm_kernels_take_the_layers_own_codes_scales_and_zeros():
     """FBGEMM's int4 format is w = (q - 8) * scale + zero per group (int4_row_quantize_zp): the
-    recentred codes with the layer's scale_and_zero pairs give its dequantized weight exactly."""
+    recentred codes with the layer's scale_and_zero pairs give the weight the layer's own dense
+    path gives, exactly (on CUDA those pairs are bfloat16, as tinygemm takes them)."""
     m = _layer(bias=False)
     t = m.to_int4()
     sz = m.scale_and_zero.float().cpu()  # [K/G, N, 2]
     n, k, g = m.out_features, m.in_features, m.group_size
     q8 = (t.q - 8).to(torch.int8).float().view(n, k // g, g)
     w = q8 * sz[..., 0].t().unsqueeze(-1) + sz[..., 1].t().unsqueeze(-1)
-    torch.testing.assert_close(w.view(n, k), t.dequantize(torch.float32), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.view(n, k), m.dense_weight(torch.float32).cpu(), rtol=1e-6, atol=1e-6)
     assert int(q8.min()) >= -8 and int(q8.max()) <= 7  # int4 as FBGEMM's pack_int4 takes it
 
 
@@ -157,7 +158,7 @@ def test_measured_choice_takes_neither_a_slower_nor_a_wrong_kernel(odd_kernels, 
     m = _layer(bias=False)
     plan = choice.measure(m, DTYPE, points=(1, 4))
     names = {name for _, name in plan.plan}
-    assert names and names <= {"tinygemm", "dense"}, plan.plan
+    assert names and not any(n.startswith("test-") for n in names), plan.plan
     assert [top for top, _ in plan.plan][-1] == 4 and list(plan.plan) == sorted(plan.plan)
     assert all(plan.err["test-wrong"][r] == pytest.approx(1.0) for r in (1, 4))
     assert set(plan.us["test-slow"]) == {1, 4}  # timed, and not chosen
@@ -335,11 +336,13 @@ def test_int4_kernels_flag_end_to_end(tmp_path, capsys):
         assert run_main([*RUN, "--int4-cache-dir", str(cache_dir), "--int4-kernels", mode,
                          "--output-dir", str(out)]) == 0
         rows[mode] = [r for r in csv.DictReader(open(out / "runs.csv")) if r["kind"] == "measured"]
-    assert [r["output_text"] for r in rows["measured"]] == [r["output_text"] for r in rows["tinygemm"]]
     assert {r["int4_kernels"] for r in rows["tinygemm"]} == {"1-8 tinygemm, >8 dense"}
     measured = rows["measured"][0]["int4_kernels"]
-    assert measured == "dense" or measured.endswith(" dense") and "tinygemm" in measured
-    assert float(rows["measured"][0]["int4_kernel_mb"]) == 0  # CPU kernels read the layers' own weights
+    assert measured == "dense" or measured.endswith(" dense")
+    if DEVICE.type == "cpu":  # the CPU's kernels (tinygemm, dense) read the layers' own weights
+        assert [r["output_text"] for r in rows["measured"]] == [r["output_text"] for r in rows["tinygemm"]]
+        assert "tinygemm" in measured and float(rows["measured"][0]["int4_kernel_mb"]) == 0
+    # (on CUDA another kernel may win and round otherwise: with random weights a near-tie flips a token)
     assert (cache_dir / "kernels.json").is_file()
 
     table = tmp_path / "kernels.csv"
