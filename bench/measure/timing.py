@@ -113,11 +113,11 @@ def call_us(fn, device: torch.device, calls: int | None = None, reps: int | None
             for _ in range(warmup):
                 fn()
         torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
             for _ in range(calls):
                 fn()
-        run = graph.replay
+        run = captured.replay
     else:
         for _ in range(warmup):
             fn()

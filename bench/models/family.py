@@ -36,8 +36,8 @@ class Family:
     # class's defaults where config.json is silent): positions and KV-cache sizes before any load.
     text_config: Callable[[Path], object] | None = None
     # (checkpoint's config.json, None for a preset) -> the images or frames a request must show a
-    # multiple of (InternVideo2.5 merges every 4 frames' tokens); None: any number.
-    visual_group: Callable[[dict | None], int] | None = None
+    # multiple of (InternVideo2.5 merges every 4 frames' tokens; 1: any number).
+    visual_group: Callable[[dict | None], int] = lambda config: 1
     # The model classes config.json's "architectures" may name for this layout (empty: any).
     architectures: tuple[str, ...] = ()
 

@@ -113,8 +113,8 @@ class RunConfigBase:
     option_classes: tuple[type, ...] = ()  # the variant parts' options dataclasses composed in
 
     def __post_init__(self):
-        if empty_flag(self):  # every flag's, the variant parts' too
-            raise UsageError(empty_flag(self))
+        if empty := empty_flag(self):  # every flag's, the variant parts' too
+            raise UsageError(empty)
         if self.model_path and self.preset:
             raise UsageError("give either --model-path or --preset, not both")
         if self.append and self.resume:
@@ -138,8 +138,6 @@ class RunConfigBase:
             self.part_options(cls)
         if self.video_path and self.frames_dir:
             raise UsageError("give --video-path or --frames-dir, not both")
-        if self.questions is not None and self.text_prompt is not None:
-            raise UsageError("give --text-prompt or --questions, not both")
         if self.num_frames < 0 or self.max_tiles < 1:
             raise UsageError("--num-frames must not be negative and --max-tiles must be at least 1")
         if self.max_tiles > MAX_TILES:

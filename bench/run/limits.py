@@ -37,13 +37,11 @@ def model_dims(model_path: str | None, preset: str | None) -> ModelDims:
     if not model_path:
         p = PRESETS[preset]
         llm, side = p.llm, p.vision.image_size // p.vision.patch
-        group = get_family(p.family).visual_group
         return ModelDims(llm.max_pos, llm.layers, llm.kv_heads, llm.hidden // llm.heads, max(1, (side // 2) ** 2),
-                         group(None) if group else 1)
+                         get_family(p.family).visual_group(None))
     from bench.models.loader import checkpoint_text_config, read_checkpoint_config
 
     family, config = read_checkpoint_config(Path(model_path))
-    group = get_family(family).visual_group
     text = checkpoint_text_config(Path(model_path))
 
     def whole(key):
@@ -53,7 +51,8 @@ def model_dims(model_path: str | None, preset: str | None) -> ModelDims:
     heads, hidden = whole("num_attention_heads"), whole("hidden_size")
     head_dim = whole("head_dim") or (hidden // heads if heads and hidden else None)
     return ModelDims(whole("max_position_embeddings"), whole("num_hidden_layers"),
-                     whole("num_key_value_heads") or heads, head_dim, visual_group=group(config) if group else 1)
+                     whole("num_key_value_heads") or heads, head_dim,
+                     visual_group=get_family(family).visual_group(config))
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -108,6 +108,11 @@ def candidates(layer, device: torch.device, dtype: torch.dtype) -> tuple[list[st
     return ok, why
 
 
+def _distinct(layers) -> list:
+    """`layers` in order, each once (a fused projection can be reached along several paths)."""
+    return list({id(m): m for m in layers}.values())
+
+
 def _short(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {' '.join(str(e).split())[:200]}"
 
@@ -214,7 +219,7 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
     """Give every layer of `layers` (Int4Linear) its kernel per row count under `mode`;
     `allowed`: the kernels `measured` may choose from (empty: every one that runs here);
     `graph`: the engine replays its calls in CUDA graphs (measured so; else launched eagerly)."""
-    layers = list({id(m): m for m in layers}.values())
+    layers = _distinct(layers)
     choice = KernelChoice(mode, layers)
     if not layers:
         return choice
@@ -275,7 +280,7 @@ def set_prefill_kernel(layers, name: str, dtype: torch.dtype) -> None:
     """Give `layers` (the int4 linears a prefill runs) kernel `name` above their plans
     (--int4-prefill-kernel; "dense": the dequantizing prefill path). VariantUnsupported when the
     kernel cannot run here or take a layer's weight."""
-    layers = list({id(m): m for m in layers}.values())
+    layers = _distinct(layers)
     if not layers:
         return
     if name != "dense":
@@ -296,7 +301,7 @@ def default_kernels(layers):
     """Within: `layers` (Int4Linear) run the default kernels (tinygemm up to dense_rows, the dense
     path above), whatever an engine chose for them, and run it again after; the kernels' own
     weight formats stay held."""
-    layers = list({id(m): m for m in layers}.values())
+    layers = _distinct(layers)
     saved = [(m.kernel, m.row_plan, m.prefill_kernel) for m in layers]
     for m in layers:
         m.kernel, m.row_plan, m.prefill_kernel = DEFAULT, None, "dense"
