@@ -137,7 +137,7 @@ def test_big_presets_have_exact_dims():
 
 
 def test_vita_preset_is_internvl_shaped_without_the_projector_norm():
-    a = build_preset("vita1.5-arch", None, torch.device("meta"), torch.float16)
+    a = build_preset("vita1.5", None, torch.device("meta"), torch.float16)
     proj = a.model.model.multi_modal_projector
     assert isinstance(proj.layer_norm, torch.nn.Identity)
     assert (proj.linear_1.in_features, proj.linear_1.out_features, proj.linear_2.out_features) == (4096, 3584, 3584)

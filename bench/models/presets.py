@@ -97,7 +97,7 @@ PRESETS: dict[str, Preset] = {
                "internvl2_5", QWEN2_BASE_VOCAB, INTERNVL_SPECIAL, qwen_tokenizer=True),
         Preset("internvl3-8b", "internvl", _qwen(3584, 18944, 28, 28, 4), INTERNVIT_300M_448,
                "internvl2_5", QWEN2_BASE_VOCAB, INTERNVL_SPECIAL, qwen_tokenizer=True),
-        Preset("vita1.5-arch", "vita", _qwen(3584, 18944, 28, 28, 4, vocab=152064), INTERNVIT_300M_448,
+        Preset("vita1.5", "vita", _qwen(3584, 18944, 28, 28, 4, vocab=152064), INTERNVIT_300M_448,
                "qwen2p5_instruct", QWEN2_BASE_VOCAB, INTERNVL_SPECIAL, qwen_tokenizer=True, projector="mlp2x_gelu",
                note="architecture preset: VITA-1.5's Qwen2.5-7B + InternViT-300M + mlp2x_gelu (no audio encoder), "
                     "one <image> per tile or frame as its demo; make-checkpoint writes VITA's layout"),

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Served vs in-process on one GPU: llava-1.5-7b (weights=random), fp16 on the graph engine.
+# In-process run, then `vlm-bench serve` (one request at a time) measured by the endpoint mode at
+# concurrency 1 and over 1/4/16, then a server batching up to 16 requests over 1/4/16.
+# Usage: bash lab/gpu_serve_reference.sh OUT_DIR
+set -u
+OUT=${1:?output directory}
+PY=${PYTHON:-python3}
+Q='What is shown in this image?'
+PRESET=${PRESET:-llava-1.5-7b}; ENGINE=${ENGINE:-graph}
+MODEL=(--preset "$PRESET" --variants fp16 --engine "$ENGINE")
+mkdir -p "$OUT"
+
+wait_health() {  # port
+  for _ in $(seq 1 240); do
+    $PY - "$1" <<'PYEOF' && return 0
+import sys, httpx
+try:
+    sys.exit(0 if httpx.get(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2).status_code == 200 else 1)
+except httpx.HTTPError:
+    sys.exit(1)
+PYEOF
+    sleep 1
+  done
+  return 1
+}
+
+serve() {  # port log extra-args...
+  local port=$1 log=$2; shift 2
+  $PY -m bench serve "${MODEL[@]}" --port "$port" --served-model-name "$PRESET" "$@" >"$log" 2>&1 &
+  SERVER=$!
+  wait_health "$port" || { echo "server on $port did not come up"; tail -20 "$log"; }
+}
+
+stop() { kill -INT "$SERVER"; wait "$SERVER"; echo "server exit $?"; }
+
+set -x
+$PY vila_prefix_benchmark.py "${MODEL[@]}" --num-runs 10 --text-prompt "$Q" \
+  --output-dir "$OUT/$PRESET-fp16-$ENGINE-inprocess"
+
+serve 8100 "$OUT/serve-max-batch-1.log"
+$PY -m bench run --endpoint http://127.0.0.1:8100/v1 --model "$PRESET" --text-prompt "$Q" \
+  --concurrency 1 --num-prompts 20 --output-dir "$OUT/$PRESET-fp16-$ENGINE-served-c1"
+$PY -m bench run --endpoint http://127.0.0.1:8100/v1 --model "$PRESET" --text-prompt "$Q" \
+  --concurrency 1,4,16 --num-prompts 32 --output-dir "$OUT/$PRESET-fp16-$ENGINE-served-fifo-sweep"
+stop
+
+serve 8101 "$OUT/serve-max-batch-16.log" --max-batch 16
+$PY -m bench run --endpoint http://127.0.0.1:8101/v1 --model "$PRESET" --text-prompt "$Q" \
+  --concurrency 1,4,16 --num-prompts 32 --output-dir "$OUT/$PRESET-fp16-$ENGINE-served-batch16-sweep"
+stop
