@@ -103,11 +103,20 @@ def compiled_matmul_attention(heads: int, kv_heads: int, head_dim: int):
     return torch.compile(dec._matmul_attention, dynamic=False)
 
 
-def graph_engine_after_one_request(preset: str, new_tokens: int):
-    """(adapter, engine, image, result): fp16 preset on CUDA, one request run (graphs captured)."""
+def graph_engine_after_one_request(preset: str, new_tokens: int, weights: str = "fp16", spec=None):
+    """(adapter, engine, image, result): the preset on CUDA in fp16, its decoder linears
+    round-to-nearest int4 (group 128) when `weights` is "rtn4" (awq4 runs the same kernels), on
+    the graph engine with `spec` (an EngineSpec: e.g. its int4 kernels), one request run (graphs
+    captured)."""
     image = demo_image()
     adapter = build_preset(preset, None, torch.device("cuda"), torch.float16)
-    engine = GraphEngine(adapter, CachePolicy())
+    if weights == "rtn4":
+        from bench.quant.awq import Int4Options, quantize_model
+
+        quantize_model(adapter, Int4Options(method="rtn", group_size=128))
+    elif weights != "fp16":
+        raise SystemExit(f"--weights: fp16 or rtn4, got {weights!r}")
+    engine = GraphEngine(adapter, CachePolicy(), spec)
     return adapter, engine, image, engine.run(image, QUESTION, new_tokens)
 
 
