@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Served vs in-process on one GPU: llava-1.5-7b (weights=random), fp16 on the graph engine.
-# In-process run, then `vlm-bench serve` (one request at a time) measured by the endpoint mode at
-# concurrency 1 and over 1/4/16, then a server batching up to 16 requests over 1/4/16.
+# In-process run, then `vlm-bench serve` batching up to 16 queued requests (no batching window:
+# a lone request starts at once) measured by the endpoint mode at concurrency 1, then over 1/4/16.
 # Usage: bash lab/gpu_serve_reference.sh OUT_DIR
 set -u
 OUT=${1:?output directory}
@@ -38,14 +38,9 @@ set -x
 $PY vila_prefix_benchmark.py "${MODEL[@]}" --num-runs 10 --text-prompt "$Q" \
   --output-dir "$OUT/$PRESET-fp16-$ENGINE-inprocess"
 
-serve 8100 "$OUT/serve-max-batch-1.log"
+serve 8100 "$OUT/serve.log" --max-batch 16 --batch-window-ms 0
 $PY -m bench run --endpoint http://127.0.0.1:8100/v1 --model "$PRESET" --text-prompt "$Q" \
   --concurrency 1 --num-prompts 20 --output-dir "$OUT/$PRESET-fp16-$ENGINE-served-c1"
 $PY -m bench run --endpoint http://127.0.0.1:8100/v1 --model "$PRESET" --text-prompt "$Q" \
-  --concurrency 1,4,16 --num-prompts 32 --output-dir "$OUT/$PRESET-fp16-$ENGINE-served-fifo-sweep"
-stop
-
-serve 8101 "$OUT/serve-max-batch-16.log" --max-batch 16
-$PY -m bench run --endpoint http://127.0.0.1:8101/v1 --model "$PRESET" --text-prompt "$Q" \
-  --concurrency 1,4,16 --num-prompts 32 --output-dir "$OUT/$PRESET-fp16-$ENGINE-served-batch16-sweep"
+  --concurrency 1,4,16 --num-prompts 32 --output-dir "$OUT/$PRESET-fp16-$ENGINE-served-sweep"
 stop
