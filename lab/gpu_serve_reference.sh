@@ -11,8 +11,9 @@ PRESET=${PRESET:-llava-1.5-7b}; ENGINE=${ENGINE:-graph}
 MODEL=(--preset "$PRESET" --variants fp16 --engine "$ENGINE")
 mkdir -p "$OUT"
 
-wait_health() {  # port
+wait_health() {  # port pid
   for _ in $(seq 1 240); do
+    kill -0 "$2" 2>/dev/null || return 1
     $PY - "$1" <<'PYEOF' && return 0
 import sys, httpx
 try:
@@ -29,13 +30,13 @@ serve() {  # port log extra-args...
   local port=$1 log=$2; shift 2
   $PY -m bench serve "${MODEL[@]}" --port "$port" --served-model-name "$PRESET" "$@" >"$log" 2>&1 &
   SERVER=$!
-  wait_health "$port" || { echo "server on $port did not come up"; tail -20 "$log"; }
+  wait_health "$port" "$SERVER" || { echo "server on $port did not come up"; tail -20 "$log"; exit 1; }
 }
 
 stop() { kill -INT "$SERVER"; wait "$SERVER"; echo "server exit $?"; }
 
 set -x
-$PY vila_prefix_benchmark.py "${MODEL[@]}" --num-runs 10 --text-prompt "$Q" \
+[ -n "${SKIP_INPROCESS:-}" ] || $PY vila_prefix_benchmark.py "${MODEL[@]}" --num-runs 10 --text-prompt "$Q" \
   --output-dir "$OUT/$PRESET-fp16-$ENGINE-inprocess"
 
 serve 8100 "$OUT/serve.log" --max-batch 16 --batch-window-ms 0
