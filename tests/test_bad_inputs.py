@@ -876,6 +876,8 @@ SERVE = ["serve", "--preset", "tiny-vila", "--device", "cpu", "--max-new-tokens"
     (["--max-request-mb", "0"], "--max-request-mb"),  # every request with a body would be refused
     (["--max-request-mb", "-1"], "--max-request-mb"),
     (["--max-request-mb", "nan"], "--max-request-mb"),
+    (["--image-cache-mb", "-1"], "--image-cache-mb"),
+    (["--image-cache-mb", "inf"], "--image-cache-mb"),
     (["--workers", "2"], "unrecognized arguments: --workers"),  # a server runs no sweep
     (["--output-dir", "somewhere"], "unrecognized arguments: --output-dir"),
     (["--num-runs", "3"], "unrecognized arguments: --num-runs"),  # nor measures

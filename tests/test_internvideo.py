@@ -195,6 +195,19 @@ def test_token_merging_averages_the_most_similar_tokens():
     torch.testing.assert_close(merge_tokens(x, 3, heads=1), torch.tensor([[[0.0, 1], [1, 0.1], [3, 0]]]))
 
 
+
+def test_token_merging_sums_several_tokens_into_one_match_exactly():
+    """Three A tokens match one B token: their size-weighted mean, with no scatter (whose CUDA
+    atomics add in no fixed order) in the way; repeated calls are identical."""
+    x = torch.tensor([[[1.0, 0], [1, 0], [1, 0.01], [0, 1], [1, 0.02], [0, 2], [0.5, -1], [0, 4]]])
+    # A = 0, 2, 4, 6; B = 1, 3, 5, 7. A 0, 2 and 4 point along B 1 and are merged into it; A 6
+    # matches nothing well and stays (first), then B.
+    merged = merge_tokens(x, 5, heads=1)
+    expected = torch.tensor([[[0.5, -1], [1, 0.0075], [0, 1], [0, 2], [0, 4]]])  # (0+0+.01+.02)/4
+    torch.testing.assert_close(merged, expected)
+    assert all(torch.equal(merge_tokens(x, 5, heads=1), merged) for _ in range(3))
+
+
 def test_preset_geometry():
     p = get_preset("internvideo2.5-8b")
     assert (p.llm.hidden, p.llm.mlp, p.llm.layers, p.llm.heads, p.llm.kv_heads, p.llm.vocab) == \
@@ -278,3 +291,13 @@ def test_internvl2_5_remote_layout_runs_unmerged(ckpt, tmp_path):
         assert adapter.encode_image(adapter.pixels_to_device(prepared)).shape == (1, 12, 64)
     wide = Image.new("RGB", (200, 100))
     assert adapter.tiles(wide) > 1 and adapter.prepare_text("q", wide).image_tokens == [4 * adapter.tiles(wide)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scatter_add's atomics)")
+def test_token_merging_is_deterministic_on_cuda():
+    """The real model's merge (4 frames x 256 tokens down to 64) gives the same tokens every call
+    in fp16, though many A tokens share a match."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4 * 256, 1024, generator=g).half().cuda()
+    first = merge_tokens(x, 4 * FRAME_TOKENS, heads=16)
+    assert all(torch.equal(merge_tokens(x, 4 * FRAME_TOKENS, heads=16), first) for _ in range(5))

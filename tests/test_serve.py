@@ -1,6 +1,7 @@
 """`vlm-bench serve` on loopback with tiny-vila on the CPU, driven by the official openai client and by
 `vlm-bench run --endpoint`; the server is a real subprocess (one for the module)."""
 import base64
+import io
 import json
 import signal
 import socket
@@ -106,6 +107,52 @@ def test_openai_client_streamed_and_not_match_the_in_process_engine(server, clie
     engine.token_hook = seen.append  # what the server streams from: every position as it is generated
     tokens = engine.run(visual, question, 8).tokens
     assert [row[0] for row in seen] == tokens and engine.adapter.decode(tokens) == warm
+
+
+def _metric(url: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def _png_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_an_image_sent_again_in_the_same_bytes_is_not_decoded_again(server, client):
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 30), (12, 200, 7))
+    image.putpixel((3, 4), (0, 0, 255))
+    first, same_pixels = _png_url(image), _png_url(image.convert("RGBA"))  # other bytes, same picture
+    hits, misses = (_metric(server["url"], f"vlm_image_cache_{k}_total") for k in ("hits", "misses"))
+    answers = [client.chat.completions.create(model=MODEL, messages=_messages("Colour?", url), max_tokens=4)
+               .choices[0].message.content for url in (first, first, same_pixels)]
+    assert _metric(server["url"], "vlm_image_cache_hits_total") - hits == 1
+    assert _metric(server["url"], "vlm_image_cache_misses_total") - misses == 2
+    assert answers[0] == answers[1] == answers[2]  # the kept image is the one decoding gives
+
+
+def test_decoded_images_keep_what_fits_and_count_lookups():
+    from PIL import Image
+
+    from bench.serve.image_cache import DecodedImages
+
+    looked, decoded = [], []
+
+    def decode(data):
+        decoded.append(data)
+        return Image.new("RGB", (512, 512) if data == b"big" else (8, 8))
+
+    cache = DecodedImages(0.5, looked.append)  # 512 KiB: an 8x8 image fits, a 512x512 one (768 KiB) does not
+    a = cache.get_or_decode(b"small", decode)
+    assert cache.get_or_decode(b"small", decode) is a
+    cache.get_or_decode(b"big", decode)
+    cache.get_or_decode(b"big", decode)
+    assert decoded == [b"small", b"big", b"big"] and looked == [False, True, False, False]
 
 
 def test_a_malformed_request_gets_a_400_and_the_next_one_succeeds(server, client, image_url):

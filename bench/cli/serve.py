@@ -7,7 +7,7 @@ from bench.quiet import quiet_libraries
 from bench.errors import UsageError
 
 SERVE_FLAGS = ("host", "port", "max_batch", "batch_window_ms", "served_model_name", "max_tokens_limit",
-               "max_request_mb")
+               "max_request_mb", "image_cache_mb")
 # run's flags a server has no use for: refused. It runs no sweep (executors, workload points,
 # measured questions and media), measures nothing and writes no results directory.
 NOT_SERVED = ("executor", "gpus", "workers", "ray_address", "worker_timeout", "output_dir", "append", "resume",
@@ -24,6 +24,7 @@ def parser():
     quiet_libraries()
     from bench.run.config import build_parser
     from bench.serve.body_limit import MAX_REQUEST_MB
+    from bench.serve.image_cache import DEFAULT_MB as DEFAULT_IMAGE_CACHE_MB
 
     ap = build_parser(prog=f"{PROG} serve", description=describe("serve") + " Model, variant and engine flags "
                       "are `run`'s; --max-new-tokens is a request's default max_tokens.", leave_out=NOT_SERVED)
@@ -40,6 +41,9 @@ def parser():
     ap.add_argument("--max-request-mb", type=float, default=MAX_REQUEST_MB, metavar="MIB",
                     help="largest request body accepted, in MiB (images travel in it as base64 data: URLs); a "
                          f"larger one gets HTTP 413 before it is read whole (default: {MAX_REQUEST_MB:g})")
+    ap.add_argument("--image-cache-mb", type=float, default=DEFAULT_IMAGE_CACHE_MB, metavar="MIB",
+                    help="decoded request images kept by their bytes, so an image sent again is not decoded again "
+                         f"(0: off; default: {DEFAULT_IMAGE_CACHE_MB:g})")
     return ap
 
 
@@ -55,6 +59,9 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--batch-window-ms must be from 0 to {MAX_WINDOW_MS:,.0f}, got {serve['batch_window_ms']}")
     if not 0 < serve["max_request_mb"] < float("inf"):  # nan too
         raise UsageError(f"--max-request-mb must be a positive, finite number of MiB, got {serve['max_request_mb']}")
+    if not 0 <= serve["image_cache_mb"] < float("inf"):  # nan too
+        raise UsageError(f"--image-cache-mb must be 0 (off) or a positive, finite number of MiB, got "
+                         f"{serve['image_cache_mb']}")
     if not serve["host"].strip():
         raise UsageError("--host is empty; give an address to listen on (0.0.0.0: every interface)")
     if serve["served_model_name"] is not None and not serve["served_model_name"].strip():
@@ -75,13 +82,15 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     from bench.log import status
+    from bench.run import host
     from bench.serve.app import create_app
 
     _Server = _server_class()
     engine, variant, model = load_engine(cfg, source)
     name = serve["served_model_name"] or model
     app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
-                     cfg.num_frames, serve["max_tokens_limit"], serve["max_request_mb"])
+                     cfg.num_frames, serve["max_tokens_limit"], serve["max_request_mb"], serve["image_cache_mb"])
+    host.before_warmup()  # the loaded heap frozen out of the collector's walks (bench.serve.worker)
     status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1")
     _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run(sockets=[sock])
     status("server stopped")

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bench.serve.body_limit import MAX_REQUEST_MB, MIB, RequestBodyLimit
 from bench.serve.metrics import CONTENT_TYPE, ServerMetrics
+from bench.serve.image_cache import DEFAULT_MB as DEFAULT_IMAGE_CACHE_MB, DecodedImages
 from bench.serve.protocol import ApiError, parse_chat
 from bench.serve.worker import Job, Worker
 
@@ -51,10 +52,13 @@ class TextStream:
 
 
 def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int = 1, window_s: float = 0.005,
-               num_frames: int = 8, max_tokens_limit: int = 4096, max_request_mb: float = MAX_REQUEST_MB) -> FastAPI:
+               num_frames: int = 8, max_tokens_limit: int = 4096, max_request_mb: float = MAX_REQUEST_MB,
+               image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB) -> FastAPI:
     from bench.run.limits import loaded_max_pos
 
     metrics = ServerMetrics()
+    images = None if not image_cache_mb else DecodedImages(
+        image_cache_mb, lambda hit: (metrics.image_hits if hit else metrics.image_misses).inc())
     worker = Worker(engine, metrics, max_batch, window_s, loaded_max_pos(engine.adapter.model))
     decode = engine.adapter.decode
     created = int(time.time())
@@ -62,7 +66,7 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
     def checked(body):
         # (whether the model can take it is checked on the engine thread, which owns the
         # tokenizer: Worker._fits; a refusal arrives as the job's first event)
-        return parse_chat(body, default_max_tokens, max_tokens_limit, num_frames)
+        return parse_chat(body, default_max_tokens, max_tokens_limit, num_frames, images)
 
     async def lifespan(app):
         worker.start()

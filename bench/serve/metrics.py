@@ -19,6 +19,9 @@ class ServerMetrics:
                                    "a cache)", registry=r)
         self.prefix_misses = Counter("vlm_prefix_cache_misses", "requests that prefilled their prefix (variants "
                                      "with a cache)", registry=r)
+        self.image_hits = Counter("vlm_image_cache_hits", "request images found decoded (sent before in the same "
+                                  "bytes)", registry=r)
+        self.image_misses = Counter("vlm_image_cache_misses", "request images decoded", registry=r)
         self.queue_depth = Gauge("vlm_queue_depth", "requests waiting for the engine", registry=r)
 
     def text(self) -> bytes:

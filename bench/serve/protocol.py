@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from bench.errors import UsageError
 from bench.models.visual import VisualInput, upright_rgb
+from bench.serve.image_cache import DecodedImages
 
 
 class ApiError(Exception):
@@ -63,17 +64,23 @@ def _bytes_of(url: str, param: str) -> bytes:
     return path.read_bytes()
 
 
-def _image(url: str, param: str) -> tuple[Image.Image, bytes]:
-    data = _bytes_of(url, param)
+def _decode(data: bytes, param: str) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as im:
             limit = Image.MAX_IMAGE_PIXELS  # as image files are held to (PIL warns past it, refuses past twice)
             if limit and im.width * im.height > limit:
                 raise ApiError(f"the image ({im.width}x{im.height} = {im.width * im.height:,} pixels) is too large to "
                                f"decode safely; send at most {limit:,} pixels", param=param)
-            return upright_rgb(im), data
+            return upright_rgb(im)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ApiError(f"the image cannot be decoded ({e.__class__.__name__})", param=param) from None
+
+
+def _image(url: str, param: str, decoded: DecodedImages | None) -> tuple[Image.Image, bytes]:
+    data = _bytes_of(url, param)
+    if decoded is None:
+        return _decode(data, param), data
+    return decoded.get_or_decode(data, lambda d: _decode(d, param)), data
 
 
 def _video(url: str, param: str, num_frames: int) -> VisualInput:
@@ -97,8 +104,10 @@ def _url(part: dict, key: str, param: str) -> str:
     return url
 
 
-def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames: int = 8) -> ChatRequest:
-    """A request body (parsed JSON) as a ChatRequest; ApiError (400) naming what is wrong."""
+def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames: int = 8,
+               decoded: DecodedImages | None = None) -> ChatRequest:
+    """A request body (parsed JSON) as a ChatRequest; ApiError (400) naming what is wrong. Images
+    an earlier request sent in the same bytes come from `decoded` (none: each image is decoded)."""
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
     messages = body.get("messages")
@@ -135,7 +144,7 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind == "image_url":
-            image, data = _image(_url(part, "image_url", param), param)
+            image, data = _image(_url(part, "image_url", param), param, decoded)
             images.append(image)
             encoded.append(data)
         elif kind == "video_url":

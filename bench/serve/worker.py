@@ -5,6 +5,11 @@ batching window for more and runs up to N consecutive jobs with the same max_tok
 (the engines' run_batch). Tokens reach each job as the engine produces them (the engines' per-token
 hook). A job whose client went away is dropped before it runs; a batch whose jobs have all gone
 away stops at its next token, so a disconnected client frees its slot.
+
+Garbage collection follows the measured runs' discipline (bench.run.host): the server freezes the
+loaded heap before it serves (as vLLM does after loading), the collector is off while a batch runs
+and its young generation is collected after it, so a collection's pause never lands inside a
+request's TTFT or between its tokens.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from bench.run import host
 from bench.serve.metrics import ServerMetrics
 from bench.serve.protocol import ChatRequest
 
@@ -94,7 +100,8 @@ class Worker:
         while (batch := self._next_batch()) is not None:
             batch = [job for job in batch if self._fits(job)]
             if batch:
-                self._run(batch)
+                with host.one_request():  # the collector off while the batch runs, as in measured runs
+                    self._run(batch)
 
     def _fits(self, job: Job) -> bool:
         """Whether the job's prompt (tokenized as the engine will) and max_tokens fit the model's
