@@ -349,3 +349,16 @@ def test_a_served_prompt_is_tokenized_once():
         r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     assert len(calls) == 1
+
+
+def test_a_server_warms_up_every_batch_size_before_it_listens(server):
+    from bench.models.visual import load_image
+    from bench.run.config import DEMO_IMAGE, config_class
+    from bench.serve.loading import load_engine, model_source, warm_up
+
+    assert "warming up: every batch size up to 4" in server["log"].read_text()
+    cfg = config_class()(preset=MODEL, device="cpu", variants="prefix", cpu_threads=1)
+    engine, _, _ = load_engine(cfg, model_source(cfg))
+    assert warm_up(engine, load_image(DEMO_IMAGE), 3, 2) == 6  # sizes 1-3, a miss then a hit each
+    stats = engine.policy.stats()  # one lookup per row: the first misses and stores, every later one hits
+    assert (stats["misses"], stats["hits"]) == (1, 1 + 2 * 2 + 2 * 3)

@@ -2,12 +2,14 @@
 chosen with `run`'s flags (e.g. `--preset tiny-vila --variants awq4+prefix --engine static`)."""
 from __future__ import annotations
 
+import argparse
+
 from bench.cli import PROG, describe
 from bench.quiet import quiet_libraries
 from bench.errors import UsageError
 
 SERVE_FLAGS = ("host", "port", "max_batch", "batch_window_ms", "served_model_name", "max_tokens_limit",
-               "max_request_mb", "image_cache_mb")
+               "max_request_mb", "image_cache_mb", "warmup_batches")
 # run's flags a server has no use for: refused. It runs no sweep (executors, workload points,
 # measured questions and media), measures nothing and writes no results directory.
 NOT_SERVED = ("executor", "gpus", "workers", "ray_address", "worker_timeout", "output_dir", "append", "resume",
@@ -44,6 +46,10 @@ def parser():
     ap.add_argument("--image-cache-mb", type=float, default=DEFAULT_IMAGE_CACHE_MB, metavar="MIB",
                     help="decoded request images kept by their bytes, so an image sent again is not decoded again "
                          f"(0: off; default: {DEFAULT_IMAGE_CACHE_MB:g})")
+    ap.add_argument("--warmup-batches", action=argparse.BooleanOptionalAction, default=True,
+                    help="before listening, run --image-path at every batch size up to --max-batch "
+                         "(--max-new-tokens each), so no request waits for a batch shape's compilation "
+                         "(default: on)")
     return ap
 
 
@@ -90,6 +96,12 @@ def main(argv: list[str]) -> int:
     name = serve["served_model_name"] or model
     app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
                      cfg.num_frames, serve["max_tokens_limit"], serve["max_request_mb"], serve["image_cache_mb"])
+    if serve["warmup_batches"]:
+        from bench.models.visual import load_image
+        from bench.serve.loading import warm_up
+
+        status(f"warming up: every batch size up to {serve['max_batch']}, {cfg.max_new_tokens} tokens each")
+        warm_up(engine, load_image(cfg.image_path), serve["max_batch"], cfg.max_new_tokens)
     host.before_warmup()  # the loaded heap frozen out of the collector's walks (bench.serve.worker)
     status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1")
     _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run(sockets=[sock])
