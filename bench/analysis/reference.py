@@ -42,6 +42,12 @@ def manifest_fields(run_dir: Path, commit: str, shows: str) -> dict[str, str]:
         "gpu": (f"{env.get('gpu_name') or env.get('cpu') or env.get('device')} (driver {env.get('driver')}), "
                 f"torch {env.get('torch')}, transformers {env.get('transformers')}"),
         "weights": str(env.get("weights", "")),
+    }
+    if env.get("server"):  # an endpoint run: the client's machine; the server's model is its own
+        fields["gpu"] = (f"served by {env['server']} (the server's GPU as the run it is compared with); client "
+                         f"{env.get('cpu')}, torch {env.get('torch')}")
+        fields["weights"] = "the server's"
+    fields |= {
         "command": shlex.join(argv),
         "shows": " ".join(shows.split()),
     }
@@ -85,8 +91,13 @@ def _fmt(v) -> str:
     return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
+def _text(v) -> str:
+    return "-" if v is None or (not isinstance(v, str) and pd.isna(v)) else str(v)
+
+
 def findings_table(summary: pd.DataFrame) -> str:
-    """One row per (model, variant, engine, cache state, dtype, device): medians; valid = TTFT and TPOT valid."""
+    """One row per (model, variant, engine, cache state, dtype, device): medians; valid = TTFT and TPOT
+    valid, else the rows' status where they did not run (skipped, failed)."""
     key = ["model", "variant", "engine", "cache_state", "dtype", "device"]
     head = ["model", "variant", "cache", "dtype", "device", *FINDING_METRICS.values(), "valid"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -94,8 +105,10 @@ def findings_table(summary: pd.DataFrame) -> str:
         row = dict(zip(key, k))
         med = dict(zip(g["metric"], g["median"]))
         valid = g[g["metric"].isin(["ttft_ms", "tpot_ms"])]["valid"].astype(str).str.lower()
-        cells = [row["model"], row["variant"], row["cache_state"], row["dtype"], row["device"],
-                 *(_fmt(med.get(m)) for m in FINDING_METRICS), "yes" if len(valid) and (valid == "true").all() else "no"]
+        status = set(g["status"].dropna()) - {"ok"} if "status" in g else set()
+        verdict = "yes" if len(valid) and (valid == "true").all() else ", ".join(sorted(status)) or "no"
+        cells = [*(_text(row[c]) for c in ("model", "variant", "cache_state", "dtype", "device")),
+                 *(_fmt(med.get(m)) for m in FINDING_METRICS), verdict]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
