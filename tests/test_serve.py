@@ -253,6 +253,9 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     assert (measured["tpot_ms"] > 0).all() and measured["itl_p50_ms"].notna().all()
     # one shared image: after each point's warm-up every request reuses the server's cached prefix
     assert (measured["server_prefix_hit_rate"] == 1.0).all()
+    # the server's own TTFT (its /metrics histogram over the point): part of what the client measured
+    point = measured.groupby("variant").agg(server=("server_ttft_ms", "first"), client=("ttft_ms", "mean"))
+    assert (point["server"] > 0).all() and (point["server"] < point["client"]).all()
     assert measured["server"].str.contains("uvicorn").all()
     assert measured["slo_met"].all() and (measured["goodput_rps"] > 0).all()  # a bound every request meets
     summary = pd.read_csv(out / "summary.csv")
@@ -362,3 +365,51 @@ def test_a_server_warms_up_every_batch_size_before_it_listens(server):
     assert warm_up(engine, load_image(DEMO_IMAGE), 3, 2) == 6  # sizes 1-3, a miss then a hit each
     stats = engine.policy.stats()  # one lookup per row: the first misses and stores, every later one hits
     assert (stats["misses"], stats["hits"]) == (1, 1 + 2 * 2 + 2 * 3)
+
+
+def test_server_counters_read_vllm_metrics_too(tmp_path):
+    """vLLM's /metrics names (prefix-cache queries and hits in tokens, its TTFT histogram), served by a
+    real HTTP server on loopback: the point's hit rate and mean server TTFT from before and after."""
+    import asyncio
+    import functools
+    import http.server
+    import threading
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from bench.serve.client import server_counters
+
+    reg = CollectorRegistry()
+    queries = Counter("vllm:prefix_cache_queries", "tokens looked up", ["model_name"], registry=reg)
+    hits = Counter("vllm:prefix_cache_hits", "tokens hit", ["model_name"], registry=reg)
+    ttft = Histogram("vllm:time_to_first_token_seconds", "ttft", ["model_name"], registry=reg)
+    (tmp_path / "metrics").write_bytes(b"")
+
+    def publish():
+        (tmp_path / "metrics").write_bytes(generate_latest(reg))
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/metrics"
+
+        async def read():
+            async with httpx.AsyncClient() as c:
+                return await server_counters(c, url)
+
+        queries.labels("m").inc(100)
+        hits.labels("m").inc(10)
+        ttft.labels("m").observe(0.5)
+        publish()
+        before = asyncio.run(read())
+        queries.labels("m").inc(300)
+        hits.labels("m").inc(240)
+        ttft.labels("m").observe(0.02)
+        ttft.labels("m").observe(0.04)
+        publish()
+        after = asyncio.run(read())
+        httpd.shutdown()
+    assert after.prefix_hit_rate(before) == pytest.approx(0.8)
+    assert after.mean_ttft_ms(before) == pytest.approx(30.0)
+    assert after.mean_ttft_ms(after) is None  # no request between: no mean

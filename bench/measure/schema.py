@@ -196,6 +196,10 @@ COLUMNS: tuple[Column, ...] = (
                                                       "requests, from the server's /metrics before and after "
                                                       "(vlm-bench serve's counters; vLLM's prefix_cache ones, in "
                                                       "tokens); empty when the server exposes none"),
+    _c("server_ttft_ms", "ms", False, "endpoint mode: the server's own mean time to first token over the point's "
+                                      "requests, from its /metrics histogram before and after (vlm-bench serve's "
+                                      "vlm_time_to_first_token_seconds, vLLM's); ttft_ms minus it is what HTTP, "
+                                      "the client and the network add; empty when the server exposes none"),
     _c("slo_met", "", None, "endpoint mode with --slo: the request succeeded within every bound given (e.g. "
                             "ttft_ms=500,tpot_ms=50)"),
     _c("goodput_rps", "requests/s", True, "endpoint mode with --slo: the point's requests that met the SLO per second "

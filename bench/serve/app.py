@@ -99,6 +99,7 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
+        arrived = time.perf_counter()
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -119,6 +120,7 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
                 raise ApiError(first[1], param="messages")
             if first[0] == "error":
                 raise ApiError(first[1], status=500, kind="server_error")
+            metrics.ttft.observe(time.perf_counter() - arrived)
         except asyncio.CancelledError:
             job.cancelled.set()
             raise

@@ -204,28 +204,51 @@ async def run_point(client: httpx.AsyncClient, body, point: Point, seed: int, co
 # Prefix-cache counters a server may expose: (hits, lookups or misses, whether the second counts lookups).
 PREFIX_COUNTERS = (("vlm_prefix_cache_hits", "vlm_prefix_cache_misses", False),
                    ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries", True))
+# Time-to-first-token histograms a server may expose (seconds): vlm-bench serve's, vLLM's.
+TTFT_HISTOGRAMS = ("vlm_time_to_first_token_seconds", "vllm:time_to_first_token_seconds")
 
 
-async def prefix_counters(client: httpx.AsyncClient, metrics_url: str) -> tuple[float, float] | None:
-    """(hits, lookups) summed over labels from the server's /metrics; None when it exposes none."""
+@dataclass(frozen=True)
+class ServerCounters:
+    """What a point reads from the server's /metrics before and after it."""
+    prefix: tuple[float, float] | None  # (hits, lookups)
+    ttft: tuple[float, float] | None  # (seconds summed, requests)
+
+    def prefix_hit_rate(self, before: ServerCounters) -> float | None:
+        if self.prefix and before.prefix and self.prefix[1] > before.prefix[1]:
+            return (self.prefix[0] - before.prefix[0]) / (self.prefix[1] - before.prefix[1])
+        return None
+
+    def mean_ttft_ms(self, before: ServerCounters) -> float | None:
+        if self.ttft and before.ttft and self.ttft[1] > before.ttft[1]:
+            return (self.ttft[0] - before.ttft[0]) / (self.ttft[1] - before.ttft[1]) * 1e3
+        return None
+
+
+NO_COUNTERS = ServerCounters(None, None)
+
+
+async def server_counters(client: httpx.AsyncClient, metrics_url: str) -> ServerCounters:
+    """The prefix-cache counters (summed over labels) and the TTFT histogram's sum and count from the
+    server's /metrics; a part the server does not expose (or no /metrics) is None."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
         r = await client.get(metrics_url)
         if r.status_code != 200:
-            return None
+            return NO_COUNTERS
         totals: dict[str, float] = {}
         for family in text_string_to_metric_families(r.text):
             for sample in family.samples:
-                if sample.name.endswith("_total"):
-                    name = sample.name.removesuffix("_total")
-                    totals[name] = totals.get(name, 0.0) + sample.value
+                name = sample.name.removesuffix("_total")
+                totals[name] = totals.get(name, 0.0) + sample.value
     except (httpx.HTTPError, ValueError):
-        return None
-    for hits, other, is_lookups in PREFIX_COUNTERS:
-        if hits in totals and other in totals:
-            return totals[hits], totals[other] if is_lookups else totals[hits] + totals[other]
-    return None
+        return NO_COUNTERS
+    prefix = next(((totals[hits], totals[other] if is_lookups else totals[hits] + totals[other])
+                   for hits, other, is_lookups in PREFIX_COUNTERS if hits in totals and other in totals), None)
+    ttft = next(((totals[f"{h}_sum"], totals[f"{h}_count"]) for h in TTFT_HISTOGRAMS
+                 if f"{h}_sum" in totals and f"{h}_count" in totals), None)
+    return ServerCounters(prefix, ttft)
 
 
 async def server_identity(client: httpx.AsyncClient, base_url: str) -> str:

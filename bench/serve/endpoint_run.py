@@ -137,12 +137,12 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
 
                 if cfg.duration_s is None:  # made before the clock starts (distinct images: PNG encoding)
                     body = [body(i) for i in range(cfg.num_prompts)].__getitem__
-                before = await cl.prefix_counters(client, metrics_url)
+                before = await cl.server_counters(client, metrics_url)
                 t0 = time.perf_counter()
                 results = await cl.run_point(client, body, point, cfg.seed, cfg.num_prompts, cfg.duration_s)
                 wall_s = time.perf_counter() - t0
                 k += len(results) * num_images
-                after = await cl.prefix_counters(client, metrics_url)
+                after = await cl.server_counters(client, metrics_url)
                 if cfg.slo:
                     for r in results:
                         r["slo_met"] = r["status"] == "ok" and all(
@@ -150,13 +150,11 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
                     goodput = sum(r["slo_met"] for r in results) / wall_s
                     for r in results:
                         r["goodput_rps"] = goodput
-                hit_rate = None
-                if before and after and after[1] > before[1]:
-                    hit_rate = (after[0] - before[0]) / (after[1] - before[1])
+                server_side = {"server_prefix_hit_rate": after.prefix_hit_rate(before),
+                               "server_ttft_ms": after.mean_ttft_ms(before)}
                 for i, result in enumerate(results):
                     rows.append(_emit(writer, {**base, **result, "kind": "measured", "run_index": i,
-                                               "question": measured_qs[i % len(measured_qs)],
-                                               "server_prefix_hit_rate": hit_rate}))
+                                               "question": measured_qs[i % len(measured_qs)], **server_side}))
     return rows, server
 
 

@@ -37,6 +37,7 @@ class Job:
     emit: Callable[[str, object], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     prepared: object = None  # the prompt as the engine tokenizes it (Worker._fits makes it; the engine reuses it)
+    queued: float = 0.0  # time.perf_counter() when submitted
 
 
 class Worker:
@@ -58,6 +59,7 @@ class Worker:
         self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
+        job.queued = time.perf_counter()
         self.jobs.put(job)
         self.metrics.queue_depth.inc()
 
@@ -65,6 +67,7 @@ class Worker:
         job = self.jobs.get(block, timeout)
         if job is not None:
             self.metrics.queue_depth.dec()
+            self.metrics.queue_time.observe(time.perf_counter() - job.queued)
         return job
 
     def _next_batch(self) -> list[Job] | None:
