@@ -413,3 +413,39 @@ def test_server_counters_read_vllm_metrics_too(tmp_path):
     assert after.prefix_hit_rate(before) == pytest.approx(0.8)
     assert after.mean_ttft_ms(before) == pytest.approx(30.0)
     assert after.mean_ttft_ms(after) is None  # no request between: no mean
+
+
+def test_a_model_that_takes_images_in_fours_serves_after_warming_up_with_four(tmp_path):
+    """InternVideo2.5 merges every 4 images: the server checks and warms up with 4, answers a
+    request of 4 and refuses one of 1 with a 400."""
+    port = _free_port()
+    log = tmp_path / "server.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "bench", "serve", "--preset", "tiny-internvideo", "--device",
+                                 "cpu", "--cpu-threads", "1", "--max-new-tokens", "3", "--max-batch", "2",
+                                 "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        from PIL import Image
+
+        urls = [_png_url(Image.new("RGB", (32, 32), (40 * i, 90, 200))) for i in range(4)]
+
+        def ask(k):
+            return httpx.post(url, timeout=60, json={"model": "tiny-internvideo", "messages": [{"role": "user", "content": [
+                *({"type": "image_url", "image_url": {"url": u}} for u in urls[:k]), {"type": "text", "text": "What?"}]}]})
+        assert ask(4).json()["usage"]["completion_tokens"] == 3
+        refused = ask(1)
+        assert refused.status_code == 400 and "multiple of 4" in refused.json()["error"]["message"]
+        assert "warming up: every batch size up to 2" in log.read_text()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -1,6 +1,8 @@
 """One engine for a server, loaded as the runner loads a variant's (weights, cache policy, engine)."""
 from __future__ import annotations
 
+import dataclasses
+
 from bench.errors import UsageError, VariantUnsupported
 from bench.models.source import ModelSource
 from bench.models.visual import load_image
@@ -18,13 +20,16 @@ def model_source(cfg) -> ModelSource:
 
 def check_default_request(cfg, source: ModelSource) -> None:
     """A usage error unless the run config names one variant this device can run, --image-path is
-    an image, and a request of the default max_tokens (--max-new-tokens) with one image fits the
-    model's positions (and its KV cache the device): all known before the model loads."""
+    an image, and a request of the default max_tokens (--max-new-tokens) with its images fits the
+    model's positions (and its KV cache the device): all known before the model loads. The
+    request shows as many images as the model takes together (one, or InternVideo2.5's 4)."""
     served_variant(cfg, source)
     load_image(cfg.image_path)
     device = resolve_device(cfg.device)
-    check_sizes(cfg, model_dims(cfg.model_path, cfg.preset), source.name, [], None, device,
-                resolve_dtype(cfg.dtype, device))
+    dims = model_dims(cfg.model_path, cfg.preset)
+    # a request shows as many images as the model takes together (InternVideo2.5: 4)
+    cfg.points = [dataclasses.replace(p, num_images=dims.visual_group) for p in cfg.points]
+    check_sizes(cfg, dims, source.name, [], None, device, resolve_dtype(cfg.dtype, device))
 
 
 def served_variant(cfg, source: ModelSource):
@@ -60,7 +65,8 @@ def load_engine(cfg, source: ModelSource):
 
 
 def warm_up(engine, image, max_batch: int, max_tokens: int) -> int:
-    """Run the image with warm-up questions (never measured ones) at every batch size up to
+    """Run the image (with derived ones up to the images the model takes together) with warm-up
+    questions (never measured ones) at every batch size up to
     `max_batch`, `max_tokens` tokens each, before the server listens: an engine compiles and
     captures each batch shape on its first use, which would otherwise land inside a served
     request's TTFT (on the H200 a llava-1.5-7b server's first batches of 2 to 16 requests took
@@ -68,8 +74,10 @@ def warm_up(engine, image, max_batch: int, max_tokens: int) -> int:
     ready for requests showing that image. Returns the batches run."""
     from bench.models.prompts import WARMUP_QUESTIONS
     from bench.models.visual import VisualInput
+    from bench.run.workload import derived_images
 
-    visual = VisualInput((image,))
+    # as many images as the model takes together (InternVideo2.5: 4), as a run's --num-images
+    visual = VisualInput(tuple(derived_images(image, engine.adapter.visual_group)))
     runs = 2 if getattr(engine.policy, "stateful", False) else 1
     done = 0
     for size in range(1, max_batch + 1):
