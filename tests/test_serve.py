@@ -449,3 +449,27 @@ def test_a_model_that_takes_images_in_fours_serves_after_warming_up_with_four(tm
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_garbage_that_outlives_a_batch_is_collected_on_a_server_that_is_never_idle():
+    """The collector is off during each batch and only the young generation is collected after
+    it; objects a batch's end finds alive (a request's response still being sent) move to an older
+    generation, which must still be collected when batches run back to back."""
+    import gc
+    import weakref
+
+    from bench.run import host
+
+    class Node:
+        pass
+
+    gc.collect()
+    refs, held = [], None
+    for _ in range(100):
+        with host.one_request():
+            node = Node()
+            node.self = node  # a cycle: only the collector frees it
+            refs.append(weakref.ref(node))
+            held, node = node, None  # alive at the batch's end, garbage during the next batch
+    held = None
+    assert sum(r() is not None for r in refs) <= 2 * gc.get_threshold()[1]
