@@ -355,16 +355,19 @@ def test_a_served_prompt_is_tokenized_once():
 
 
 def test_a_server_warms_up_every_batch_size_before_it_listens(server):
-    from bench.models.visual import load_image
+    from bench.models.visual import VisualInput, load_image
     from bench.run.config import DEMO_IMAGE, config_class
     from bench.serve.loading import load_engine, model_source, warm_up
 
     assert "warming up: every batch size up to 4" in server["log"].read_text()
     cfg = config_class()(preset=MODEL, device="cpu", variants="prefix", cpu_threads=1)
     engine, _, _ = load_engine(cfg, model_source(cfg))
-    assert warm_up(engine, load_image(DEMO_IMAGE), 3, 2) == 6  # sizes 1-3, a miss then a hit each
+    assert warm_up(engine, load_image(DEMO_IMAGE), 3, 2, DEMO_IMAGE.read_bytes()) == 6  # sizes 1-3, twice each
     stats = engine.policy.stats()  # one lookup per row: the first misses and stores, every later one hits
     assert (stats["misses"], stats["hits"]) == (1, 1 + 2 * 2 + 2 * 3)
+    # keyed by the file's bytes, as a served request sending that file: its first request is a hit
+    visual = VisualInput((load_image(DEMO_IMAGE),), encoded=(DEMO_IMAGE.read_bytes(),))
+    assert engine.run(visual, "Another question?", 2).cache_hit
 
 
 def test_server_counters_read_vllm_metrics_too(tmp_path):
@@ -471,5 +474,5 @@ def test_garbage_that_outlives_a_batch_is_collected_on_a_server_that_is_never_id
             node.self = node  # a cycle: only the collector frees it
             refs.append(weakref.ref(node))
             held, node = node, None  # alive at the batch's end, garbage during the next batch
-    held = None
+    del held
     assert sum(r() is not None for r in refs) <= 2 * gc.get_threshold()[1]

@@ -44,8 +44,8 @@ def manifest_fields(run_dir: Path, commit: str, shows: str) -> dict[str, str]:
         "weights": str(env.get("weights", "")),
     }
     if env.get("server"):  # an endpoint run: the client's machine; the server's model is its own
-        fields["gpu"] = (f"served by {env['server']} (the server's GPU as the run it is compared with); client "
-                         f"{env.get('cpu')}, torch {env.get('torch')}")
+        fields["gpu"] = (f"served by {env['server']} (its GPU: see shows); client {env.get('cpu')}, "
+                         f"torch {env.get('torch')}")
         fields["weights"] = "the server's"
     fields |= {
         "command": shlex.join(argv),

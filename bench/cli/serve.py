@@ -3,6 +3,7 @@ chosen with `run`'s flags (e.g. `--preset tiny-vila --variants awq4+prefix --eng
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from bench.cli import PROG, describe
 from bench.quiet import quiet_libraries
@@ -101,7 +102,8 @@ def main(argv: list[str]) -> int:
         from bench.serve.loading import warm_up
 
         status(f"warming up: every batch size up to {serve['max_batch']}, {cfg.max_new_tokens} tokens each")
-        warm_up(engine, load_image(cfg.image_path), serve["max_batch"], cfg.max_new_tokens)
+        warm_up(engine, load_image(cfg.image_path), serve["max_batch"], cfg.max_new_tokens,
+                Path(cfg.image_path).read_bytes())
     host.before_warmup()  # the loaded heap frozen out of the collector's walks (bench.serve.worker)
     status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1")
     _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run(sockets=[sock])

@@ -6,7 +6,7 @@ prefix cache reuses) gets the image decoded then, instead of decoding it again: 
 H200. An in-process run decodes its image once too, so with the cache a served TTFT and an
 in-process one count the same work. Images are keyed by a 128-bit XXH3 of their encoded bytes
 (two files of the same pixels are two entries, never a wrong hit), bounded by their decoded size
-(width x height x 3 bytes) in a byte-bounded LRU; the server's /metrics counts hits and misses.
+(width x height x 4 bytes, as Pillow keeps RGB) in a byte-bounded LRU; the server's /metrics counts hits and misses.
 Several request threads parse at once, so every access holds a lock.
 """
 from __future__ import annotations
@@ -37,5 +37,5 @@ class DecodedImages:
             return image
         image = decode(data)
         with self._lock:
-            self._lru.put(key, image, image.width * image.height * len(image.getbands()))
+            self._lru.put(key, image, image.width * image.height * 4)  # Pillow keeps RGB pixels in 4 bytes
         return image

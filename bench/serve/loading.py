@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 from bench.errors import UsageError, VariantUnsupported
 from bench.models.source import ModelSource
 from bench.models.visual import load_image
@@ -64,25 +66,34 @@ def load_engine(cfg, source: ModelSource):
     return engine, variant.name, source.name
 
 
-def warm_up(engine, image, max_batch: int, max_tokens: int) -> int:
+def warm_up(engine, image, max_batch: int, max_tokens: int, image_file: bytes | None = None) -> int:
     """Run the image (with derived ones up to the images the model takes together) with warm-up
     questions (never measured ones) at every batch size up to
     `max_batch`, `max_tokens` tokens each, before the server listens: an engine compiles and
     captures each batch shape on its first use, which would otherwise land inside a served
     request's TTFT (on the H200 a llava-1.5-7b server's first batches of 2 to 16 requests took
     seconds). With a prefix cache each size runs twice, the second a hit, so both paths are
-    ready for requests showing that image. Returns the batches run."""
+    ready for requests showing that image (`image_file`: its file's bytes, which key it as a
+    request sending that file keys it). Returns the batches run; a batch the device has no memory
+    for is a usage error naming --max-batch."""
     from bench.models.prompts import WARMUP_QUESTIONS
     from bench.models.visual import VisualInput
     from bench.run.workload import derived_images
 
     # as many images as the model takes together (InternVideo2.5: 4), as a run's --num-images
-    visual = VisualInput(tuple(derived_images(image, engine.adapter.visual_group)))
+    images = tuple(derived_images(image, engine.adapter.visual_group))
+    # one image: keyed by its file's bytes, as a request sending that file is, so its prefix is a hit
+    visual = VisualInput(images, encoded=(image_file,) if image_file is not None and len(images) == 1 else None)
     runs = 2 if getattr(engine.policy, "stateful", False) else 1
     done = 0
     for size in range(1, max_batch + 1):
         rows = [(visual, WARMUP_QUESTIONS[i % len(WARMUP_QUESTIONS)]) for i in range(size)]
         for _ in range(runs):
-            engine.run_batch(rows, max_tokens)
+            try:
+                engine.run_batch(rows, max_tokens)
+            except torch.OutOfMemoryError:
+                raise UsageError(f"--max-batch {max_batch}: a batch of {size} requests ({max_tokens} tokens each) "
+                                 "runs out of device memory while warming up; lower --max-batch or "
+                                 "--max-new-tokens") from None
             done += 1
     return done
