@@ -10,7 +10,7 @@ from bench.quiet import quiet_libraries
 from bench.errors import UsageError
 
 SERVE_FLAGS = ("host", "port", "max_batch", "batch_window_ms", "served_model_name", "max_tokens_limit",
-               "max_request_mb", "image_cache_mb", "warmup_batches")
+               "max_request_mb", "image_cache_mb", "prewarm")
 # run's flags a server has no use for: refused. It runs no sweep (executors, workload points,
 # measured questions and media), measures nothing and writes no results directory.
 NOT_SERVED = ("executor", "gpus", "workers", "ray_address", "worker_timeout", "output_dir", "append", "resume",
@@ -45,9 +45,9 @@ def parser():
                     help="largest request body accepted, in MiB (images travel in it as base64 data: URLs); a "
                          f"larger one gets HTTP 413 before it is read whole (default: {MAX_REQUEST_MB:g})")
     ap.add_argument("--image-cache-mb", type=float, default=DEFAULT_IMAGE_CACHE_MB, metavar="MIB",
-                    help="decoded request images kept by their bytes, so an image sent again is not decoded again "
-                         f"(0: off; default: {DEFAULT_IMAGE_CACHE_MB:g})")
-    ap.add_argument("--warmup-batches", action=argparse.BooleanOptionalAction, default=True,
+                    help="MiB of decoded request images kept by their bytes, so an image sent again is not "
+                         f"decoded again; 0 turns it off (default: {DEFAULT_IMAGE_CACHE_MB})")
+    ap.add_argument("--prewarm", action=argparse.BooleanOptionalAction, default=True,
                     help="before listening, run --image-path at every batch size up to --max-batch "
                          "(--max-new-tokens each), so no request waits for a batch shape's compilation "
                          "(default: on)")
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
     name = serve["served_model_name"] or model
     app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
                      cfg.num_frames, serve["max_tokens_limit"], serve["max_request_mb"], serve["image_cache_mb"])
-    if serve["warmup_batches"]:
+    if serve["prewarm"]:
         from bench.models.visual import load_image
         from bench.serve.loading import warm_up
 

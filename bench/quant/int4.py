@@ -363,12 +363,14 @@ class Int4Linear(nn.Module):
     def layout(self) -> KernelLayout:
         return kernel_layout(self.out_features, self.in_features, self.packed.device)
 
-    def to_int4(self) -> Int4Tensors:
-        """Back to (q, scale, integer zero): what checkpoints store."""
+    def to_int4(self, on_device: bool = False) -> Int4Tensors:
+        """Back to (q, scale, integer zero): what checkpoints store; on the host unless `on_device`."""
         q = self.layout.unpack(self.packed).to(torch.int32)
         sz = self.scale_and_zero.transpose(0, 1).float()
         scale = sz[..., 0]
         zero = torch.round(TINYGEMM_MID - sz[..., 1] / scale).to(torch.int32)
+        if on_device:
+            return Int4Tensors(q, scale, zero, self.group_size)
         return Int4Tensors(q.cpu(), scale.cpu(), zero.cpu(), self.group_size)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:

@@ -36,8 +36,8 @@ def save_int4(adapter, path: Path, meta: dict) -> None:
     for name, m in root.named_modules():
         if isinstance(m, Int4Linear):
             int4_names.add(name)
-            for k, v in to_awq_gemm(m.to_int4()).items():
-                tensors[f"{name}.{k}"] = v
+            for k, v in to_awq_gemm(m.to_int4(on_device=True)).items():  # packed on the layer's device
+                tensors[f"{name}.{k}"] = v.cpu()
             if m.bias is not None:
                 tensors[f"{name}.bias"] = m.bias.detach().cpu()
             if m.input_scale is not None:
@@ -117,7 +117,7 @@ def load_int4_tensors(adapter, tensors: dict[str, torch.Tensor], group_size: int
         old = modules.get(name)
         if not isinstance(old, (nn.Linear, Int4Linear)):
             raise ValueError(f"quantized tensor {key} has no linear layer {name!r} in this model")
-        t = from_awq_gemm(*(rest.pop(f"{name}.{s}") for s in SUFFIXES))
+        t = from_awq_gemm(*(rest.pop(f"{name}.{s}") for s in SUFFIXES), device=device)
         if t.group_size not in (group_size, layer_group_size(old.in_features, group_size)):
             raise ValueError(f"{name}: group size {t.group_size} in the tensors, {group_size} in the config")
         if tuple(t.q.shape) != (old.out_features, old.in_features):

@@ -17,7 +17,7 @@ import xxhash
 
 from bench.engines.lru import ByteLRU
 
-DEFAULT_MB = 256.0
+DEFAULT_MB = 256
 
 
 class DecodedImages:
