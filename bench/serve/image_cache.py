@@ -1,13 +1,14 @@
 """Decoded request images, kept by the bytes they arrived as (`serve --image-cache-mb`).
 
 A request that shows the same image file as an earlier one (the shared system prompt + image a
-prefix cache reuses) gets the image decoded then, instead of decoding it again: decoding the
-640x480 demo PNG takes 2.4 ms on the CPU machine, a tenth of llava-1.5-7b's whole TTFT on the
-H200. An in-process run decodes its image once too, so with the cache a served TTFT and an
-in-process one count the same work. Images are keyed by a 128-bit XXH3 of their encoded bytes
-(two files of the same pixels are two entries, never a wrong hit), bounded by their decoded size
-(width x height x 4 bytes, as Pillow keeps RGB) in a byte-bounded LRU; the server's /metrics counts hits and misses.
-Several request threads parse at once, so every access holds a lock.
+prefix cache reuses) gets the image decoded then, instead of decoding it again: PNG decoding of
+the 640x480 demo image took 2.4 ms on a 2-core CPU machine, a noticeable share of a 7B model's
+TTFT on an H200 (results/reference/h200/llava-1.5-7b-fp16-graph-inprocess). An in-process run
+decodes its image once too, so with the cache a served TTFT and an in-process one count the same
+work. Images are keyed by a 128-bit XXH3 of their encoded bytes (two files of the same pixels
+are two entries, never a wrong hit), bounded by their decoded size (width x height x 4 bytes, as
+Pillow keeps RGB) in a byte-bounded LRU; the server's /metrics counts hits and misses. Several
+request threads parse at once, so every access holds a lock.
 """
 from __future__ import annotations
 
