@@ -1,6 +1,7 @@
 """`vlm-bench serve` on loopback with tiny-vila on the CPU, driven by the official openai client and by
 `vlm-bench run --endpoint`; the server is a real subprocess (one for the module)."""
 import base64
+import contextlib
 import io
 import json
 import signal
@@ -27,13 +28,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The server process, stopped at the end of the module however its tests end."""
+@contextlib.contextmanager
+def _serving(args: list[str], log):
+    """`vlm-bench serve ARGS` on a free loopback port, once /health answers: {url, port, proc, log};
+    killed on leaving however the test ends."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
     with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "bench", "serve", *SERVE, "--port", str(port)], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "bench", "serve", *args, "--port", str(port)], cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=err)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -52,6 +53,13 @@ def server(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The server process, stopped at the end of the module however its tests end."""
+    with _serving(SERVE, tmp_path_factory.mktemp("serve") / "server.log") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -421,23 +429,10 @@ def test_server_counters_read_vllm_metrics_too(tmp_path):
 def test_a_model_that_takes_images_in_fours_serves_after_warming_up_with_four(tmp_path):
     """InternVideo2.5 merges every 4 images: the server checks and warms up with 4, answers a
     request of 4 and refuses one of 1 with a 400."""
-    port = _free_port()
-    log = tmp_path / "server.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "bench", "serve", "--preset", "tiny-internvideo", "--device",
-                                 "cpu", "--cpu-threads", "1", "--max-new-tokens", "3", "--max-batch", "2",
-                                 "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.2)
+    args = ["--preset", "tiny-internvideo", "--device", "cpu", "--cpu-threads", "1", "--max-new-tokens", "3",
+            "--max-batch", "2"]
+    with _serving(args, tmp_path / "server.log") as running:
+        url = running["url"] + "/v1/chat/completions"
         from PIL import Image
 
         urls = [_png_url(Image.new("RGB", (32, 32), (40 * i, 90, 200))) for i in range(4)]
@@ -448,10 +443,7 @@ def test_a_model_that_takes_images_in_fours_serves_after_warming_up_with_four(tm
         assert ask(4).json()["usage"]["completion_tokens"] == 3
         refused = ask(1)
         assert refused.status_code == 400 and "multiple of 4" in refused.json()["error"]["message"]
-        assert "warming up: every batch size up to 2" in log.read_text()
-    finally:
-        proc.kill()
-        proc.wait()
+        assert "warming up: every batch size up to 2" in running["log"].read_text()
 
 
 def test_garbage_that_outlives_a_batch_is_collected_on_a_server_that_is_never_idle():
