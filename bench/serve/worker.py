@@ -115,6 +115,12 @@ class Worker:
         from bench.models.visual import as_visual
 
         r = job.request
+        group, shown = self.engine.adapter.visual_group, len(as_visual(r.visual))
+        if shown % group:  # said in a client's terms (the adapter's refusal names run's flags)
+            job.emit("invalid", f"this model merges the visual tokens of every {group} images or frames: send a "
+                                f"multiple of {group} image_url parts (or a video) per request, not {shown}")
+            self.metrics.requests.labels("invalid").inc()
+            return False
         try:
             job.prepared = self.engine.adapter.prepare_text(r.question, as_visual(r.visual))
             prompt = job.prepared.prompt_tokens
