@@ -388,7 +388,7 @@ def test_server_counters_read_vllm_metrics_too(tmp_path):
 
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-    from bench.serve.client import server_counters
+    from bench.serve.client import Api, server_counters
 
     reg = CollectorRegistry()
     queries = Counter("vllm:prefix_cache_queries", "tokens looked up", ["model_name"], registry=reg)
@@ -406,8 +406,8 @@ def test_server_counters_read_vllm_metrics_too(tmp_path):
         url = f"http://127.0.0.1:{httpd.server_address[1]}/metrics"
 
         async def read():
-            async with httpx.AsyncClient() as c:
-                return await server_counters(c, url)
+            async with Api(url, {}, 30.0) as api:
+                return await server_counters(api, url)
 
         queries.labels("m").inc(100)
         hits.labels("m").inc(10)

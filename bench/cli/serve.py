@@ -135,7 +135,7 @@ def need_serve_extra() -> None:
     """A usage error naming the extra to install when the serving libraries are missing."""
     import importlib.util
 
-    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client", "httpx") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client", "aiohttp") if importlib.util.find_spec(m) is None]
     if missing:
         raise UsageError(f"serving needs {', '.join(missing)}: pip install -e '.[serve]'")
 

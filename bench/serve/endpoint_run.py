@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 
 from bench.errors import UsageError
 from bench.measure.results import (DirLock, check_output_dir, new_run_id, run_writer, utc_now, write_json,
@@ -105,11 +104,10 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
 async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, image, run_id: str,
                    writer) -> tuple[list[dict], str]:
     base_url = cfg.endpoint.rstrip("/") + "/"
-    headers = _headers(cfg)
-    limits = httpx.Limits(max_connections=max(p.concurrency for p in cfg.points) + 2)
     rows: list[dict] = []
-    async with httpx.AsyncClient(base_url=base_url, timeout=cfg.timeout_s, limits=limits, headers=headers) as client:
-        server = await cl.server_identity(client, base_url)
+    connections = max(p.concurrency for p in cfg.points) + 2
+    async with cl.Api(base_url, _headers(cfg), cfg.timeout_s, connections) as client:
+        server = await cl.server_identity(client)
         metrics_url = base_url.removesuffix("/").removesuffix("/v1") + "/metrics"
         shared = {n: cl.shared_image_urls(image_file, image, n) for n in cfg.num_images}
         # --prefix distinct: no image of a request is shown by any other request of the run, warm-ups'
