@@ -39,15 +39,12 @@ def _merge_step(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: in
     # several A tokens can match one B token, and CUDA's scatter_add adds them with atomics in no
     # fixed order, so the same frames gave different tokens run to run (on the H200 an fp16 run's
     # teacher-forced KL against itself was 0.08 on internvideo2.5-8b); the product is deterministic.
-    onehot = None
+    onehot = torch.nn.functional.one_hot(into[..., 0], x.shape[1] // 2).to(x.dtype).transpose(1, 2)  # [n, |B|, r]
 
     def merge(t: torch.Tensor) -> torch.Tensor:
-        nonlocal onehot
         a, b = t[:, ::2], t[:, 1::2]
         n, _, c = a.shape
         stay = a.gather(1, kept.expand(n, kept.shape[1], c))
-        if onehot is None or onehot.dtype != t.dtype:
-            onehot = torch.nn.functional.one_hot(into[..., 0], b.shape[1]).to(t.dtype).transpose(1, 2)
         b = b + onehot @ a.gather(1, moved.expand(n, r, c))  # [n, |B|, r] @ [n, r, c]
         return torch.cat([stay, b], dim=1)
 

@@ -29,7 +29,6 @@ def check_default_request(cfg, source: ModelSource) -> None:
     load_image(cfg.image_path)
     device = resolve_device(cfg.device)
     dims = model_dims(cfg.model_path, cfg.preset)
-    # a request shows as many images as the model takes together (InternVideo2.5: 4)
     cfg.points = [dataclasses.replace(p, num_images=dims.visual_group) for p in cfg.points]
     check_sizes(cfg, dims, source.name, [], None, device, resolve_dtype(cfg.dtype, device))
 

@@ -8,8 +8,8 @@ away stops at its next token, so a disconnected client frees its slot.
 
 Garbage collection follows the measured runs' discipline (bench.run.host): the server freezes the
 loaded heap before it serves (as vLLM does after loading), the collector is off while a batch runs
-and its young generation is collected after it, so a collection's pause never lands inside a
-request's TTFT or between its tokens.
+and what is due is collected after it (bench.run.host.collect_due), so a collection's pause never
+lands inside a request's TTFT or between its tokens.
 """
 from __future__ import annotations
 
@@ -115,23 +115,24 @@ class Worker:
         from bench.models.visual import as_visual
 
         r = job.request
-        group, shown = self.engine.adapter.visual_group, len(as_visual(r.visual))
-        if shown % group:  # said in a client's terms (the adapter's refusal names run's flags)
-            job.emit("invalid", f"this model merges the visual tokens of every {group} images or frames: send a "
-                                f"multiple of {group} image_url parts (or a video) per request, not {shown}")
-            self.metrics.requests.labels("invalid").inc()
-            return False
+        visual = as_visual(r.visual)
+        group = self.engine.adapter.visual_group
+        if len(visual) % group:  # said in a client's terms (the adapter's refusal names run's flags)
+            return self._refuse(job, f"this model merges the visual tokens of every {group} images or frames: "
+                                     f"send a multiple of {group} image_url parts (or a video) per request, not "
+                                     f"{len(visual)}")
         try:
-            job.prepared = self.engine.adapter.prepare_text(r.question, as_visual(r.visual))
+            job.prepared = self.engine.adapter.prepare_text(r.question, visual)
             prompt = job.prepared.prompt_tokens
         except (UsageError, QuestionError) as e:  # the family cannot show this visual input (e.g. a frame count)
-            # or the question holds the model's image placeholder
-            reason = str(e)
-        else:
-            if self.max_positions is None or prompt + r.max_tokens <= self.max_positions:
-                return True
-            reason = (f"the request needs {prompt + r.max_tokens:,} positions ({prompt:,} prompt tokens + "
-                      f"{r.max_tokens:,} max_tokens) but the model has {self.max_positions:,}")
+            return self._refuse(job, str(e))  # or the question holds the model's image placeholder
+        if self.max_positions is None or prompt + r.max_tokens <= self.max_positions:
+            return True
+        return self._refuse(job, f"the request needs {prompt + r.max_tokens:,} positions ({prompt:,} prompt tokens "
+                                 f"+ {r.max_tokens:,} max_tokens) but the model has {self.max_positions:,}")
+
+    def _refuse(self, job: Job, reason: str) -> bool:
+        """The job refused with ("invalid", reason), counted; False."""
         job.emit("invalid", reason)
         self.metrics.requests.labels("invalid").inc()
         return False
