@@ -45,3 +45,8 @@ $PY -m bench run --endpoint http://127.0.0.1:8100/v1 --model "$PRESET" --text-pr
 $PY -m bench run --endpoint http://127.0.0.1:8100/v1 --model "$PRESET" --text-prompt "$Q" \
   --concurrency 1,4,16 --num-prompts 32 --output-dir "$OUT/$PRESET-fp16-$ENGINE-served-sweep"
 stop
+# served against in-process at concurrency 1, the served row's engine phases from the server's timings
+$PY -m bench compare "$OUT/$PRESET-fp16-$ENGINE-inprocess" "$OUT/$PRESET-fp16-$ENGINE-served-c1" \
+  --across engine,variant,weights,family,device,dtype --metrics ttft_ms,tpot_ms,preprocess_ms,vision_ms,prefill_ms \
+  --factor 1.10 >"$OUT/compare-c1.txt" 2>&1
+cat "$OUT/compare-c1.txt"

@@ -105,7 +105,8 @@ def main(argv: list[str]) -> int:
         warm_up(engine, load_image(cfg.image_path), serve["max_batch"], cfg.max_new_tokens,
                 Path(cfg.image_path).read_bytes())
     host.before_warmup()  # the loaded heap frozen out of the collector's walks (bench.serve.worker)
-    status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1")
+    status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1 "
+           f"({http_stack()})")
     _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run(sockets=[sock])
     status("server stopped")
     return 0
@@ -138,6 +139,17 @@ def need_serve_extra() -> None:
     missing = [m for m in ("fastapi", "uvicorn", "prometheus_client", "aiohttp") if importlib.util.find_spec(m) is None]
     if missing:
         raise UsageError(f"serving needs {', '.join(missing)}: pip install -e '.[serve]'")
+
+
+def http_stack() -> str:
+    """The event loop and HTTP parser uvicorn picks ("auto": uvloop and httptools where installed)."""
+    import importlib.util
+
+    def have(module: str) -> bool:
+        return importlib.util.find_spec(module) is not None
+
+    return (f"{'uvloop' if have('uvloop') else 'asyncio'} event loop, "
+            f"{'httptools' if have('httptools') else 'h11'} HTTP parser")
 
 
 def _server_class():

@@ -179,6 +179,11 @@ class HFEngine:
                 self.token_hook(token.tolist())
         return out
 
+    def _first_token(self, first: list[int]) -> None:
+        """Every row's first token to the per-token hook, as soon as it is on the host."""
+        if self.token_hook is not None:
+            self.token_hook(first)
+
     def _encode_rows(self, prepared: list, rows: list[int]) -> list[torch.Tensor]:
         """Vision tower once over the pixels of `rows`; each row's embeddings [1, n, H]."""
         a = self.adapter
@@ -248,6 +253,7 @@ class HFEngine:
             tl.mark("restore")
             token, first = self._suffix_prefill(prepared, cache, lengths)
             tl.mark("prefill")
+            self._first_token(first)
             cached = 0
         elif not hit:
             for p, v in zip(prepared, visuals):
@@ -261,6 +267,7 @@ class HFEngine:
             token = logits[:, -1].argmax(-1)
             first = token.tolist()
             tl.mark("prefill")
+            self._first_token(first)  # before the prefix is stored: store_ms is not part of TTFT
             stored = set()
             for row, (p, lk) in enumerate(zip(prepared, lookups)):
                 if lk is not None and lk.entry is None and lk.key not in stored:
@@ -271,10 +278,9 @@ class HFEngine:
         else:
             token, first = self._suffix_prefill(prepared, cache, lengths)
             tl.mark("prefill")
+            self._first_token(first)
             cached = lengths[0]
 
-        if self.token_hook is not None:
-            self.token_hook(first)
         generated = self.decode(token, cache, max_new_tokens - 1, tl)
         rows = torch.stack(generated, dim=1).tolist() if generated else [[] for _ in first]
         batch_tokens = [[f] + r for f, r in zip(first, rows)]

@@ -196,10 +196,12 @@ COLUMNS: tuple[Column, ...] = (
                                                       "requests, from the server's /metrics before and after "
                                                       "(vlm-bench serve's counters; vLLM's prefix_cache ones, in "
                                                       "tokens); empty when the server exposes none"),
-    _c("server_ttft_ms", "ms", False, "endpoint mode: the server's own mean time to first token over the point's "
-                                      "requests, from its /metrics histogram before and after (vlm-bench serve's "
-                                      "vlm_time_to_first_token_seconds, vLLM's); ttft_ms minus it is what HTTP, "
-                                      "the client and the network add; empty when the server exposes none"),
+    _c("server_ttft_ms", "ms", False, "endpoint mode: the server's own time to first token: the request's, where "
+                                      "the response reports it (vlm-bench serve's `timings`, which also fill the "
+                                      "row's preprocess_ms ... store_ms with its engine's phases), else the point's "
+                                      "mean from the server's /metrics histogram before and after (vLLM's "
+                                      "time_to_first_token_seconds); ttft_ms minus it is what HTTP, the client and "
+                                      "the network add; empty when the server reports neither", True),
     _c("slo_met", "", None, "endpoint mode with --slo: the request succeeded within every bound given (e.g. "
                             "ttft_ms=500,tpot_ms=50)"),
     _c("goodput_rps", "requests/s", True, "endpoint mode with --slo: the point's requests that met the SLO per second "
@@ -214,7 +216,7 @@ RUN_COLUMNS: dict[str, str] = {c.name: c.description for c in COLUMNS}
 SUMMARY_METRICS: list[str] = [
     "ttft_ms", "prefill_ms", "vision_ms", "preprocess_ms", "lookup_ms", "restore_ms", "store_ms", "decode_ms",
     "tpot_ms", "itl_p50_ms", "itl_p99_ms", "decode_tok_s", "requests_per_s", "output_tok_s", "load_ms", "stream_ms",
-    "gpu_phase_pct", "e2e_ms", "cpu_ttft_ms", "cpu_tpot_ms", "calib_ms", "ttft_rel", "tpot_rel", "peak_alloc_mb", "peak_reserved_mb", "nvml_used_mb", "gpu_util_pct",
+    "gpu_phase_pct", "e2e_ms", "server_ttft_ms", "cpu_ttft_ms", "cpu_tpot_ms", "calib_ms", "ttft_rel", "tpot_rel", "peak_alloc_mb", "peak_reserved_mb", "nvml_used_mb", "gpu_util_pct",
     "energy_j_per_token", "weight_mb", "token_agree", "kl_mean", "engine_kl_mean", "engine_top1_agree",
 ]
 assert sorted(SUMMARY_METRICS) == sorted(c.name for c in COLUMNS if c.summarized), "SUMMARY_METRICS != summarized"

@@ -12,6 +12,14 @@ response starts with the first token: a request refused before it (a prompt and 
 the model's positions: 400) or failed (500) gets an HTTP status and an OpenAI error body, streamed
 or not. A request body past the server's limit (--max-request-mb) is refused with 413 before it is
 read whole (bench.serve.body_limit).
+
+A completed response reports, beside OpenAI's fields, where its time went on the server: `usage`
+carries `prompt_tokens_details.cached_tokens` (OpenAI's field: prompt tokens whose KV came from the
+prefix cache) and the response (streamed: its last chunk with choices) a `timings` object, as
+llama.cpp's server does: `ttft_ms` (request read -> first token handed to HTTP), `queue_ms` and the
+engine's phases before the first token (`preprocess_ms` ... `store_ms`, bench.measure.schema's
+columns). Endpoint mode files them in the request's row, so a served row shows the same phase
+breakdown as an in-process one and `ttft_ms - server_ttft_ms` is what HTTP and the client add.
 """
 from __future__ import annotations
 
@@ -120,12 +128,13 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
                 raise ApiError(first[1], param="messages")
             if first[0] == "error":
                 raise ApiError(first[1], status=500, kind="server_error")
-            metrics.ttft.observe(time.perf_counter() - arrived)
+            ttft_s = time.perf_counter() - arrived
+            metrics.ttft.observe(ttft_s)
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
         if chat_request.stream:
-            return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage, first),
+            return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage, first, ttft_s),
                                      media_type="text/event-stream")
         text = TextStream(decode)
         try:
@@ -144,25 +153,36 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text.decode(text.tokens)},
                              "finish_reason": "length"}],
-                "usage": value["usage"]}
+                "usage": _usage(value), "timings": _timings(value, ttft_s)}
 
     return app
+
+
+def _usage(done: dict) -> dict:
+    """OpenAI's usage of a completed job (its "done" event), prompt_tokens_details included."""
+    return {**done["usage"], "prompt_tokens_details": {"cached_tokens": done["cached_tokens"]}}
+
+
+def _timings(done: dict, ttft_s: float) -> dict:
+    """Where a completed request's time went on the server, ms (the module docstring)."""
+    return {"ttft_ms": ttft_s * 1e3, **done["timings"]}
 
 
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_usage: bool, first: tuple):
+async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_usage: bool, first: tuple,
+                  ttft_s: float):
     """The chunks of a streamed completion (OpenAI's format), then [DONE]; cancelling the job
     when the client goes away (the generator is closed or cancelled). `first`: the job's first
-    event, already taken from `events`."""
+    event, already taken from `events`; `ttft_s`: the server's time to it."""
     text = TextStream(decode)
     pending = [first]
 
-    def chunk(delta: dict, finish=None) -> str:
+    def chunk(delta: dict, finish=None, **extra) -> str:
         return _sse({**head, "object": "chat.completion.chunk",
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
 
     try:
         yield chunk({"role": "assistant", "content": ""})
@@ -179,9 +199,9 @@ async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_u
                 rest = text.rest()
                 if rest:
                     yield chunk({"content": rest})
-                yield chunk({}, "length")
+                yield chunk({}, "length", timings=_timings(value, ttft_s))
                 if include_usage:
-                    yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": value["usage"]})
+                    yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(value)})
                 break
         yield _sse("[DONE]")
     finally:

@@ -2,7 +2,10 @@
 
 Each request streams (`stream: true`, usage requested); per request: TTFT to the first chunk with
 content, the gaps between content chunks (ITL), TPOT = (e2e - ttft) / (output tokens - 1), e2e,
-output tokens (the server's usage, else content chunks counted). Requests of a point arrive as a
+output tokens (the server's usage, else content chunks counted); where the server reports them
+(vlm-bench serve: the response's `timings`, OpenAI's usage.prompt_tokens_details), the server's own
+TTFT, its engine's phases before the first token and the prompt tokens the prefix cache gave.
+Requests of a point arrive as a
 seeded Poisson process at --request-rate (inf: all at once) with at most --concurrency in flight
 (asyncio, aiohttp: what vLLM's `bench serve` uses; a streamed request to a loopback echo server
 took 0.75 ms median with it against 1.6 ms with httpx on a 2-core CPU machine, time that counts
@@ -130,14 +133,37 @@ class MalformedStream(Exception):
     """A stream chunk that is not OpenAI's chat.completion.chunk."""
 
 
-def _chunk_parts(data: str) -> tuple[dict | None, list[str], str | None]:
-    """(usage, content pieces, error message) of one streamed chunk."""
+# A response's `timings` (vlm-bench serve's, bench.serve.app) -> row columns: the server's TTFT and
+# the engine's phases before the first token. Other servers' keys (llama.cpp's) are not read.
+SERVER_TIMINGS = {"ttft_ms": "server_ttft_ms", "preprocess_ms": "preprocess_ms", "lookup_ms": "lookup_ms",
+                  "restore_ms": "restore_ms", "vision_ms": "vision_ms", "prefill_ms": "prefill_ms",
+                  "store_ms": "store_ms"}
+
+
+def _server_columns(timings) -> dict:
+    """The row columns a response's `timings` object gives (numbers only; anything else ignored)."""
+    if not isinstance(timings, dict):
+        return {}
+    return {column: float(timings[key]) for key, column in SERVER_TIMINGS.items()
+            if isinstance(timings.get(key), (int, float)) and not isinstance(timings[key], bool)
+            and math.isfinite(timings[key]) and timings[key] >= 0}
+
+
+def _cached_tokens(usage: dict | None) -> int | None:
+    """OpenAI's usage.prompt_tokens_details.cached_tokens, where the server reports it."""
+    details = (usage or {}).get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return cached if isinstance(cached, int) and not isinstance(cached, bool) and cached >= 0 else None
+
+
+def _chunk_parts(data: str) -> tuple[dict | None, list[str], str | None, dict]:
+    """(usage, content pieces, error message, server columns from `timings`) of one streamed chunk."""
     obj = json.loads(data)
     if not isinstance(obj, dict):
         raise MalformedStream(f"a chunk is a JSON {type(obj).__name__}, not an object")
     if obj.get("error"):
         error = obj["error"]
-        return None, [], str(error.get("message", error) if isinstance(error, dict) else error)[:500]
+        return None, [], str(error.get("message", error) if isinstance(error, dict) else error)[:500], {}
     usage, choices = obj.get("usage"), obj.get("choices") or []
     if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices) or \
             (usage is not None and not isinstance(usage, dict)):
@@ -148,13 +174,13 @@ def _chunk_parts(data: str) -> tuple[dict | None, list[str], str | None]:
         content = delta.get("content") if isinstance(delta, dict) else None
         if content:
             pieces.append(str(content))
-    return usage, pieces, None
+    return usage, pieces, None, _server_columns(obj.get("timings"))
 
 
 async def one_request(api: Api, body: dict) -> dict:
     """One streamed completion's measurements (status failed with the reason on any error)."""
     t0 = time.perf_counter()
-    times, text, usage = [], [], None
+    times, text, usage, server = [], [], None, {}
     try:
         async with api.session.post(api.url("chat/completions"), json=body) as r:
             if r.status != 200:
@@ -167,10 +193,10 @@ async def one_request(api: Api, body: dict) -> dict:
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                chunk_usage, pieces, error = _chunk_parts(data)
+                chunk_usage, pieces, error, chunk_server = _chunk_parts(data)
                 if error is not None:
                     return {"status": "failed", "error": error}
-                usage = chunk_usage or usage
+                usage, server = chunk_usage or usage, chunk_server or server
                 for content in pieces:
                     times.append(time.perf_counter())
                     text.append(content)
@@ -187,7 +213,10 @@ async def one_request(api: Api, body: dict) -> dict:
     gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
     row = {"status": "ok", "ttft_ms": ttft, "e2e_ms": e2e, "output_tokens": out_tokens,
            "prompt_tokens": prompt_tokens if isinstance(prompt_tokens, int) else None, "output_text": "".join(text)[:80],
-           "requests_per_s": 1e3 / e2e, "output_tok_s": out_tokens / (e2e / 1e3)}
+           "requests_per_s": 1e3 / e2e, "output_tok_s": out_tokens / (e2e / 1e3), **server}
+    cached = _cached_tokens(usage)
+    if cached is not None:
+        row.update(cached_tokens=cached, cache_hit=cached > 0)
     if out_tokens > 1:
         row["tpot_ms"] = (e2e - ttft) / (out_tokens - 1)
         row["decode_ms"] = e2e - ttft

@@ -24,6 +24,11 @@ from bench.serve.metrics import ServerMetrics
 from bench.serve.protocol import ChatRequest
 
 
+# The engine's phases a response's timings report (bench.measure.schema's columns of those names + _ms;
+# all but store come before the first token, as in-process TTFT counts them); 0 for one not run
+ENGINE_PHASES = ("preprocess", "lookup", "restore", "vision", "prefill", "store")
+
+
 class _Abandoned(Exception):
     """Every job of the running batch was cancelled."""
 
@@ -38,6 +43,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     prepared: object = None  # the prompt as the engine tokenizes it (Worker._fits makes it; the engine reuses it)
     queued: float = 0.0  # time.perf_counter() when submitted
+    taken: float = 0.0  # time.perf_counter() when the engine thread took it from the queue
 
 
 class Worker:
@@ -66,8 +72,9 @@ class Worker:
     def _take(self, block: bool, timeout: float | None = None) -> Job | None:
         job = self.jobs.get(block, timeout)
         if job is not None:
+            job.taken = time.perf_counter()
             self.metrics.queue_depth.dec()
-            self.metrics.queue_time.observe(time.perf_counter() - job.queued)
+            self.metrics.queue_time.observe(job.taken - job.queued)
         return job
 
     def _next_batch(self) -> list[Job] | None:
@@ -163,8 +170,11 @@ class Worker:
             engine.token_hook = None
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": batch[0].request.max_tokens}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        # the engine's phases (the batch's, as in-process batch rows report them)
+        phases = {f"{name}_ms": result.phases_ms.get(name, 0.0) for name in ENGINE_PHASES}
         for job in batch:
-            job.emit("done", {"usage": usage, "cached_tokens": result.cached_tokens, "cache_hit": result.cache_hit})
+            job.emit("done", {"usage": usage, "cached_tokens": result.cached_tokens, "cache_hit": result.cache_hit,
+                              "timings": {"queue_ms": (job.taken - job.queued) * 1e3, **phases}})
         m = self.metrics
         m.requests.labels("ok").inc(len(batch))
         m.prompt_tokens.inc(usage["prompt_tokens"] * len(batch))
