@@ -5,7 +5,7 @@
 # mixed-input GEMM for prefill. Usage: bash lab/gpu_int4_reference.sh PRESET OUT_DIR [CANDIDATES]
 set -u
 PRESET=${1:?preset}; OUT=${2:?output directory}
-CANDIDATES=${3:-tinygemm,dense,gemlite-gemv-revsplitk,fbgemm-shuffled}
+CANDIDATES=${3:-tinygemm,dense,gemlite-gemv-revsplitk,fbgemm-shuffled,triton-tiles,triton-tiles-splitk}
 PY=${PYTHON:-python3}
 CACHE="$OUT/int4-cache-$PRESET"
 RUN=($PY vila_prefix_benchmark.py --preset "$PRESET" --engine graph --num-runs 10 --int4-cache-dir "$CACHE"

@@ -382,10 +382,10 @@ def test_cuda_measured_kernels_hold_one_extra_format_per_layer():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", [n for n in KERNELS if n.startswith("gemlite-")])
-def test_cuda_gemlite_kernel_compiles_whole_and_matches_eager(name):
-    """The graph engine compiles layers calling gemlite's kernels: one opaque op in the graph, no
-    break, once per row count, the eager results (split-K kernels sum in another order)."""
+@pytest.mark.parametrize("name", [n for n in KERNELS if n.startswith(("gemlite-", "triton-tiles"))])
+def test_cuda_triton_kernel_compiles_whole_and_matches_eager(name):
+    """The graph engine compiles layers calling gemlite's kernels and ours: one opaque op in the
+    graph, no break, once per row count, the eager results (split-K kernels sum in another order)."""
     import torch._dynamo.testing
 
     why = KERNELS[name].unavailable(DEVICE, torch.float16)
@@ -683,3 +683,67 @@ def test_timed_calls_cycle_over_layers_holding_twice_the_l2_cache():
     held = sum(m.weight_bytes() for m in turn)
     assert held >= 2 * l2 or turn == layers
     assert len(turn) == 1 or sum(m.weight_bytes() for m in turn[:-1]) < 2 * l2
+
+
+# Triton 3.6's interpreter turns a scalar into an int with int(), which NumPy 2.4 refuses for the
+# one-element arrays it holds scalars in: the test's interpreter reads the element instead.
+_INTERPRETED_TILES = r"""
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+import triton.runtime.interpreter as interpreter
+
+_patch = interpreter._patch_lang_tensor
+
+def _patched(tensor, scope):
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+interpreter._patch_lang_tensor = _patched
+from bench.quant.int4 import TINYGEMM_MID, quantize_int4, tinygemm_tile_source
+from bench.quant import triton_w4a16
+
+def pack_published(q):
+    # q [N, K] -> tinygemm's CUDA words: every 8 x 128 tile 128 int32 words, nibbles where
+    # tinygemm_tile_source puts them (what the CUDA packer writes when KernelLayout.published)
+    n, k = q.shape
+    tiles = q.view(n // 8, 8, k // 128, 128).permute(0, 2, 1, 3).reshape(n // 8, k // 128, 1024)
+    nib = tiles[..., tinygemm_tile_source()].long().view(n // 8, k // 128, 128, 8)
+    return (nib << (4 * torch.arange(8))).sum(-1).to(torch.int32).contiguous()
+
+torch.manual_seed(0)
+worst = 0.0
+for n, k, g in ((48, 384, 32), (64, 256, 128)):
+    t = quantize_int4(torch.randn(n, k) * 0.05, g)
+    zero_f = (TINYGEMM_MID - t.zero.float()) * t.scale
+    sz = torch.stack((t.scale, zero_f), -1).transpose(0, 1).contiguous().half()  # [K/G, N, 2]
+    w = t.dequantize(torch.float32)
+    packed = pack_published(t.q)
+    for rows in (1, 2, 3, 5, 17):
+        x = torch.randn(rows, k).half()
+        want = x.float() @ w.T
+        for cfg in ({"TN": 1, "BKT": 2, "SPLIT_K": 1}, {"TN": 2, "BKT": 1, "SPLIT_K": 1},
+                    {"TN": 4, "BKT": 2, "SPLIT_K": 2}):
+            if rows > triton_w4a16.ELEMENTWISE_ROWS and cfg["TN"] < 2:
+                continue  # tl.dot takes 16 weight rows or more (autotuning prunes these)
+            y = triton_w4a16.tiles_mm(x, packed, sz, n, g, cfg["SPLIT_K"] > 1, cfg)
+            assert y.shape == (rows, n) and y.dtype == torch.float16, (y.shape, y.dtype)
+            worst = max(worst, ((y.float() - want).abs().max() / want.abs().max()).item())
+print(worst)
+"""
+
+
+def test_the_tiles_kernel_multiplies_by_the_published_tile_layout_in_tritons_interpreter():
+    """Our Triton kernel (bench.quant.triton_w4a16) on CPU tensors in Triton's interpreter: weights
+    packed as tinygemm's CUDA packer writes them, every program shape it launches (one row
+    block, several, split K, elementwise and tl.dot), against dequantize + matmul in fp32."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED_TILES], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) < 1e-3  # the fp16 output's rounding; a wrong nibble is far more

@@ -5,6 +5,7 @@ from bench.quant.w4a16.base import W4A16Kernel
 from bench.quant.w4a16.dense import Dense
 from bench.quant.w4a16.fbgemm import Fbgemm
 from bench.quant.w4a16.gemlite import Gemlite
+from bench.quant.w4a16.tiles import Tiles
 from bench.quant.w4a16.tinygemm import Tinygemm
 
 DEFAULT_KERNEL = "tinygemm"  # what Int4Linear runs up to dense_rows unless told otherwise
@@ -18,4 +19,6 @@ KERNELS: dict[str, W4A16Kernel] = {k.name: k for k in (
     Gemlite("GEMM"),
     Fbgemm("bf16i4bf16_rowwise", shuffled=False),
     Fbgemm("bf16i4bf16_shuffled", shuffled=True),
+    Tiles(split_k=False),
+    Tiles(split_k=True),
 )}

@@ -1,0 +1,168 @@
+"""A Triton W4A16 matmul over the int4 layer's own packed weight (tinygemm's published tile layout).
+
+y = x @ W^T for few rows, reading the weight where the layer keeps it: no second packed copy (the
+gemlite and FBGEMM kernels each hold one) and no dense one. Every 8 x 128 tile of W is 128
+consecutive int32 words (bench.quant.int4.tinygemm_tile_source: word (row n, lane pair l, word w)
+holds columns 32 w + 2 l + 8 i + lo of row n in nibble i + 4 lo), and a row's tiles follow one
+another along K, so a program's weight rows are one contiguous stream.
+
+Instead of moving the nibbles into column order, each program reads x in the nibbles' order (x is a
+few rows, read from L1/L2): per k-tile, q[n, lw, j] (lw = 4 l + w, j = i + 4 lo) meets
+x[m, 32 w + 2 l + 8 i + lo]. A word's 8 columns lie in one 32-column run, so one (scale, zero)
+pair per (row, word) covers them (groups are 32 or more), and with groups of 128 or more one per
+(row, k-tile). The weight is dequantized as the dense
+path does, (q - 8) * scale + zero in fp32; up to 4 rows multiply and reduce elementwise, more rows
+(padded to 16) run tl.dot on the weight in the activation dtype.
+
+`tiles_mm` launches one program per TN x 8 weight rows (and per 16 or fewer x rows); with
+`split_k` also one per share of K, the shares added into an fp32 output by atomics. Block sizes,
+warps and stages autotune per (N, K, rows block, split or not) on the first call (Triton's
+autotuner: host-synchronized benchmarks, so never inside a CUDA graph capture; the kernel class
+asks to be called once per row count before any capture, bench.quant.w4a16.tiles). Hand-written
+because no maintained library multiplies by this layout: tinygemm's own kernel is the one that
+does, and it is what this is measured against.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TINYGEMM_MID = 8
+DOT_ROWS = 16  # x rows a tl.dot program takes (its M block); up to ELEMENTWISE_ROWS reduce elementwise
+ELEMENTWISE_ROWS = 4
+
+
+def _configs(split: bool) -> list:
+    """A dozen candidates each (every key tunes them all: kept few, so a 7B's shapes tune in seconds)."""
+    if split:
+        space = [(tn, bkt, 4, sk) for tn in (2, 4) for bkt in (2, 4) for sk in (2, 4, 8)]
+    else:
+        space = [(tn, bkt, warps, 1) for tn in (1, 2, 4) for bkt in (2, 8) for warps in (2, 4)]
+    return [triton.Config({"TN": tn, "BKT": bkt, "SPLIT_K": sk}, num_warps=warps, num_stages=3)
+            for tn, bkt, warps, sk in space]
+
+
+def _bench(fn, quantiles):
+    """Triton's benchmark, shorter than its default (25 ms warm-up, 100 ms of repetitions)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=10, quantiles=quantiles)
+
+
+MAX_PRODUCTS = 32768  # elementwise: x rows x weight rows x columns multiplied per step, at most
+
+
+def _prune(configs, named_args, **kwargs):
+    """tl.dot needs 16 weight rows or more (TN >= 2); the elementwise product of a step stays
+    within MAX_PRODUCTS (registers); a share of K is at least one block of tiles."""
+    k_tiles = named_args["K"] // 128
+    rows_block = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
+
+    def fits(c) -> bool:
+        tn, bkt = c.kwargs["TN"], c.kwargs["BKT"]
+        if rows_block <= ELEMENTWISE_ROWS:
+            return rows_block * tn * 8 * bkt * 128 <= MAX_PRODUCTS
+        return tn >= 2 and tn * 8 * bkt * 128 <= MAX_PRODUCTS // 2
+
+    kept = [c for c in configs if fits(c) and c.kwargs["SPLIT_K"] * c.kwargs["BKT"] <= max(k_tiles, 1)]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _tiles_mm_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
+                     G: tl.constexpr, BLOCK_M: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
+                     SPLIT_K: tl.constexpr, MID: tl.constexpr):
+    BN: tl.constexpr = TN * 8
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    k_tiles = K // 128
+    n = pid_n * BN + tl.arange(0, BN)  # weight rows
+    n_ok = n < N
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # x rows
+    m_ok = m < M
+    lw = tl.arange(0, 16)  # word of a tile row: lane pair l = lw // 4, word w = lw % 4
+    j = tl.arange(0, 8)  # nibble: i = j % 4, lo = j // 4
+    # column of nibble (lw, j) inside its tile, and the word's 32-column run
+    col = (32 * (lw % 4) + 2 * (lw // 4))[:, None] + (8 * (j % 4) + j // 4)[None, :]  # [16, 8]
+    run = 32 * (lw % 4)  # [16]
+    per = tl.cdiv(k_tiles, SPLIT_K)  # k-tiles of a share
+    kt_lo = pid_k * per
+    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    for step in range(0, tl.cdiv(per, BKT)):
+        kt = kt_lo + step * BKT + tl.arange(0, BKT)  # [BKT]
+        k_ok = (kt < kt_lo + per) & (kt < k_tiles)
+        w_ok = n_ok[:, None, None] & k_ok[None, :, None]
+        words = tl.load(p_ptr + ((n // 8)[:, None, None] * k_tiles + kt[None, :, None]) * 128
+                        + (n % 8)[:, None, None] * 16 + lw[None, None, :], mask=w_ok, other=0)  # [BN, BKT, 16]
+        if G >= 128:  # one (scale, zero) per row and k-tile
+            so = ((kt * 128 // G)[None, :] * N + n[:, None]) * 2  # [BN, BKT]
+            tile_ok = n_ok[:, None] & k_ok[None, :]
+            s = tl.load(sz_ptr + so, mask=tile_ok, other=0.0).to(tl.float32)[:, :, None, None]
+            z = tl.load(sz_ptr + so + 1, mask=tile_ok, other=0.0).to(tl.float32)[:, :, None, None]
+        else:  # one per row and word (a word's 8 columns lie in one 32-column run)
+            g = (kt[:, None] * 128 + run[None, :]) // G  # [BKT, 16]
+            so = (g[None, :, :] * N + n[:, None, None]) * 2
+            s = tl.load(sz_ptr + so, mask=w_ok, other=0.0).to(tl.float32)[:, :, :, None]
+            z = tl.load(sz_ptr + so + 1, mask=w_ok, other=0.0).to(tl.float32)[:, :, :, None]
+        q = (words[:, :, :, None] >> (4 * j)[None, None, None, :]) & 15  # [BN, BKT, 16, 8]
+        w = (q.to(tl.float32) - MID) * s + z
+        xo = (kt * 128)[:, None, None] + col[None, :, :]  # [BKT, 16, 8]
+        x = tl.load(x_ptr + m[:, None, None, None] * stride_xm + xo[None, :, :, :],
+                    mask=m_ok[:, None, None, None] & k_ok[None, :, None, None], other=0.0)  # [BLOCK_M, BKT, 16, 8]
+        if BLOCK_M <= 4:
+            wf = tl.reshape(w, (1, BN, BKT * 128))
+            xf = tl.reshape(x.to(tl.float32), (BLOCK_M, 1, BKT * 128))
+            acc += tl.sum(wf * xf, axis=2)
+        else:
+            wf = tl.reshape(w.to(x_ptr.dtype.element_ty), (BN, BKT * 128))
+            xf = tl.reshape(x, (BLOCK_M, BKT * 128))
+            acc = tl.dot(xf, tl.trans(wf), acc)
+    y = y_ptr + m[:, None] * stride_ym + n[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(y, acc, mask=ok, sem="relaxed")
+
+
+_tuned = triton.autotune(_configs(split=False), key=["N", "K", "BLOCK_M"], do_bench=_bench,
+                         prune_configs_by={"early_config_prune": _prune})(_tiles_mm_kernel)
+_tuned_split = triton.autotune(_configs(split=True), key=["N", "K", "BLOCK_M"], reset_to_zero=["y_ptr"],
+                               do_bench=_bench, prune_configs_by={"early_config_prune": _prune})(_tiles_mm_kernel)
+
+
+def rows_block(rows: int) -> int:
+    """The x rows one program takes for a call of `rows` rows."""
+    if rows <= ELEMENTWISE_ROWS:
+        return 1 if rows == 1 else (2 if rows == 2 else 4)
+    return DOT_ROWS
+
+
+def tiles_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, out_features: int,
+             group_size: int, split_k: bool, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] (float16 or bfloat16, or float32 with `config` in Triton's interpreter) times the
+    packed int4 weight [N = out_features, K]^T -> [M, N] in x's dtype. `config` (TN, BKT, SPLIT_K,
+    num_warps, num_stages) skips autotuning (tests; the interpreter cannot benchmark)."""
+    x = x.contiguous()
+    rows, k = x.shape
+    n = out_features
+    block = rows_block(rows)
+    y = torch.zeros(rows, n, dtype=torch.float32, device=x.device) if split_k else \
+        torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    args = (x, packed, scale_and_zero, y, rows, n, k, x.stride(0), y.stride(0))
+    if config is not None:
+        config = dict(config)
+        launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 2)}
+        grid = (triton.cdiv(n, 8 * config["TN"]), triton.cdiv(rows, block), config["SPLIT_K"])
+        _tiles_mm_kernel[grid](*args, G=group_size, BLOCK_M=block, MID=TINYGEMM_MID, **config, **launch)
+    else:
+        def grid(meta):
+            return triton.cdiv(n, 8 * meta["TN"]), triton.cdiv(rows, block), meta["SPLIT_K"]
+
+        (_tuned_split if split_k else _tuned)[grid](*args, G=group_size, BLOCK_M=block, MID=TINYGEMM_MID)
+    return y.to(x.dtype) if split_k else y
+
+
+def tuning_count() -> int:
+    """Keys the autotuners have tuned so far (compile_events counts a tuning inside a measured run)."""
+    return len(_tuned.cache) + len(_tuned_split.cache)
