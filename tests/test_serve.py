@@ -378,6 +378,35 @@ def test_a_served_prompt_is_tokenized_once():
     assert len(calls) == 1
 
 
+def test_the_engine_is_loaded_and_served_on_one_thread_of_its_own():
+    """On the CPU a model run on one thread (warm-up) and served from another ran twice as slowly
+    (bench.serve.worker): the server loads, warms up and serves on its engine thread."""
+    import base64
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from bench.run.config import DEMO_IMAGE, config_class
+    from bench.serve.app import create_app
+    from bench.serve.loading import load_engine, model_source
+    from bench.serve.worker import EngineThread
+
+    cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1)
+    engine_thread, seen = EngineThread(), []
+    engine, _, name = engine_thread.call(load_engine, cfg, model_source(cfg))
+    loaded_on = engine_thread.call(threading.get_ident)
+    run_batch = engine.run_batch
+    engine.run_batch = lambda *a: seen.append(threading.get_ident()) or run_batch(*a)
+    url = "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
+    body = {"model": name, "max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]}]}
+    with TestClient(create_app(engine, name, 4, engine_thread=engine_thread)) as client:
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert seen == [loaded_on] and loaded_on != threading.get_ident()
+    with pytest.raises(ValueError, match="invalid literal"):  # a failure there is raised to the caller
+        engine_thread.call(int, "not a number")
+
+
 def test_a_server_warms_up_every_batch_size_before_it_listens(server):
     from bench.models.visual import VisualInput, load_image
     from bench.run.config import DEMO_IMAGE, config_class

@@ -92,18 +92,22 @@ def main(argv: list[str]) -> int:
     from bench.run import host
     from bench.serve.app import create_app
 
+    from bench.serve.worker import EngineThread
+
     _Server = _server_class()
-    engine, variant, model = load_engine(cfg, source)
+    engine_thread = EngineThread()  # loads, warms up and serves the engine (bench.serve.worker)
+    engine, variant, model = engine_thread.call(load_engine, cfg, source)
     name = serve["served_model_name"] or model
     app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
-                     cfg.num_frames, serve["max_tokens_limit"], serve["max_request_mb"], serve["image_cache_mb"])
+                     cfg.num_frames, serve["max_tokens_limit"], serve["max_request_mb"], serve["image_cache_mb"],
+                     engine_thread)
     if serve["prewarm"]:
         from bench.models.visual import load_image
         from bench.serve.loading import warm_up
 
         status(f"warming up: every batch size up to {serve['max_batch']}, {cfg.max_new_tokens} tokens each")
-        warm_up(engine, load_image(cfg.image_path), serve["max_batch"], cfg.max_new_tokens,
-                Path(cfg.image_path).read_bytes())
+        engine_thread.call(warm_up, engine, load_image(cfg.image_path), serve["max_batch"], cfg.max_new_tokens,
+                           Path(cfg.image_path).read_bytes())
     host.before_warmup()  # the loaded heap frozen out of the collector's walks (bench.serve.worker)
     status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1 "
            f"({http_stack()})")

@@ -35,7 +35,7 @@ from bench.serve.body_limit import MAX_REQUEST_MB, MIB, RequestBodyLimit
 from bench.serve.metrics import CONTENT_TYPE, ServerMetrics
 from bench.serve.image_cache import DEFAULT_MB as DEFAULT_IMAGE_CACHE_MB, DecodedImages
 from bench.serve.protocol import ApiError, parse_chat
-from bench.serve.worker import Job, Worker
+from bench.serve.worker import EngineThread, Job, Worker
 
 
 class TextStream:
@@ -61,13 +61,14 @@ class TextStream:
 
 def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int = 1, window_s: float = 0.005,
                num_frames: int = 8, max_tokens_limit: int = 4096, max_request_mb: float = MAX_REQUEST_MB,
-               image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB) -> FastAPI:
+               image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB, engine_thread: EngineThread | None = None) -> FastAPI:
+    """`engine_thread`: the thread the engine was loaded on, which serves it (bench.serve.worker)."""
     from bench.run.limits import loaded_max_pos
 
     metrics = ServerMetrics()
     images = None if not image_cache_mb else DecodedImages(
         image_cache_mb, lambda hit: (metrics.image_hits if hit else metrics.image_misses).inc())
-    worker = Worker(engine, metrics, max_batch, window_s, loaded_max_pos(engine.adapter.model))
+    worker = Worker(engine, metrics, max_batch, window_s, loaded_max_pos(engine.adapter.model), engine_thread)
     decode = engine.adapter.decode
     created = int(time.time())
 

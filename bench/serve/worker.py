@@ -1,5 +1,12 @@
 """The one thread that runs the engine (engines are not thread-safe) and the FIFO queue in front of it.
 
+The engine is loaded, warmed up and served on that same thread (EngineThread): on the CPU, a
+model that had run on the main thread (warm-up, AWQ calibration) ran twice as slowly when served
+from another thread (each thread that enters OpenMP parallel code gets its own team of workers,
+two teams contending for the cores; tiny-llava's vision and prefill 1.1 -> 2.5 ms on 2 cores),
+and on CUDA it keeps the thread that captured the graphs and made the cuBLAS handles the one
+that replays and calls them.
+
 Jobs run in arrival order. With --max-batch N the worker, after taking a job, waits up to the
 batching window for more and runs up to N consecutive jobs with the same max_tokens as one batch
 (the engines' run_batch). Tokens reach each job as the engine produces them (the engines' per-token
@@ -16,6 +23,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,6 +35,35 @@ from bench.serve.protocol import ChatRequest
 # The engine's phases a response's timings report (bench.measure.schema's columns of those names + _ms;
 # all but store come before the first token, as in-process TTFT counts them); 0 for one not run
 ENGINE_PHASES = ("preprocess", "lookup", "restore", "vision", "prefill", "store")
+
+
+class EngineThread:
+    """One daemon thread running the calls given to it, in order (the engine's whole life: load,
+    warm up, serve). Hand-written rather than a one-worker ThreadPoolExecutor, whose thread is
+    joined at exit: a Ctrl-C while a model loads would wait for the load to finish."""
+
+    def __init__(self):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            future, fn, args = self._calls.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(e)
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._calls.put((future, fn, args))
+        return future
+
+    def call(self, fn, *args):
+        """fn(*args) on the engine thread; its result, or its exception raised here."""
+        return self.submit(fn, *args).result()
 
 
 class _Abandoned(Exception):
@@ -48,21 +85,28 @@ class Job:
 
 class Worker:
     def __init__(self, engine, metrics: ServerMetrics, max_batch: int = 1, window_s: float = 0.005,
-                 max_positions: int | None = None):
+                 max_positions: int | None = None, thread: EngineThread | None = None):
+        """`thread`: the one the engine was loaded on (a new one when None)."""
         self.engine, self.metrics = engine, metrics
         self.max_positions = max_positions  # the model's; a longer request is refused ("invalid")
         self.max_batch, self.window_s = max_batch, window_s
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self._held: Job | None = None  # taken from the queue, not batchable with the batch before it
-        self._thread = threading.Thread(target=self._loop, name="engine-worker", daemon=True)
+        self._thread = thread
+        self._serving: Future | None = None
         self.stateful = getattr(engine.policy, "stateful", False)
 
     def start(self) -> None:
-        self._thread.start()
+        self._thread = self._thread or EngineThread()
+        self._serving = self._thread.submit(self._loop)
 
     def stop(self, timeout: float = 30.0) -> None:
         self.jobs.put(None)
-        self._thread.join(timeout)
+        if self._serving is not None:
+            try:
+                self._serving.result(timeout)
+            except TimeoutError:  # a batch still running: the process may end under it
+                pass
 
     def submit(self, job: Job) -> None:
         job.queued = time.perf_counter()
