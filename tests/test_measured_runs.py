@@ -104,6 +104,28 @@ def test_an_invalid_summary_says_why_and_names_its_noisiest_phase():
     assert {s["metric"]: s for s in summarize_runs(_group([2.0, 2.0]), cfg)}["ttft_ms"]["invalid_reason"] == ""
 
 
+def test_an_endpoint_point_that_queues_by_design_is_not_judged_by_its_spread():
+    """Several requests in flight, or Poisson arrivals: the spread is the server's queueing, what the
+    point measures; one request at a time, back to back: a spread is noise, as in-process."""
+    cfg = ValidityRule(num_runs=6, min_seconds=0.0, max_cv=0.10)
+
+    def point(concurrency, rate):
+        return [{**r, "engine": "endpoint", "concurrency": concurrency, "request_rate": rate}
+                for r in _group([2.0, 30.0])]
+
+    def ttft(rows):
+        return {s["metric"]: s for s in summarize_runs(rows, cfg)}["ttft_ms"]
+
+    assert not ttft(point(1, "inf"))["valid"] and "cv " in ttft(point(1, "inf"))["invalid_reason"]
+    for concurrency, rate in ((4, "inf"), (1, 2.0), ("4", "8.0")):  # read back from runs.csv: text
+        queued = ttft(point(concurrency, rate))
+        assert queued["valid"] and queued["invalid_reason"] == "" and queued["cv"] > 0.1
+    assert not ttft([{**r, "concurrency": 4} for r in _group([2.0, 30.0])])["valid"]  # in-process rows: judged
+    short = ValidityRule(num_runs=10, min_seconds=0.0, max_cv=0.10)  # too few requests: still invalid
+    assert {s["metric"]: s for s in summarize_runs(point(4, "inf"), short)}["ttft_ms"]["invalid_reason"] == \
+        "6 runs < --num-runs 10"
+
+
 def test_host_threads_and_preprocessing_are_recorded(tmp_path):
     out = tmp_path / "o"
     assert run_main([*BASE, "--variants", "fp16", "--cpu-threads", "1", "--output-dir", str(out)]) == 0

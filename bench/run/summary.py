@@ -28,10 +28,25 @@ class ValidityRule:
             raise UsageError(f"--max-cv must be a positive number (e.g. 0.10), got {self.max_cv}")
 
 
+def queueing_point(row: dict) -> bool:
+    """Whether the row is of an endpoint point whose requests queue by design (more than one in
+    flight, or Poisson arrivals): their spread is what the point measures (the server's queueing
+    and batching, reported as p90, p99 and cv), not noise, so --max-cv does not judge it."""
+    if row.get("engine") != "endpoint":
+        return False
+    try:
+        concurrency = float(row.get("concurrency") or 1)
+        rate = float(row.get("request_rate") or math.inf)
+    except (TypeError, ValueError):
+        return False
+    return concurrency > 1 or math.isfinite(rate)
+
+
 def summarize_runs(rows: list[dict], rule: ValidityRule) -> list[dict]:
     """Per result (bench.measure.schema.SUMMARY_KEY: its identity, workload point and run id): one
     row per metric; skipped/failed variants get one row saying so. Rows that differ in any key
-    column (cold and warm runs, dtypes, devices, invocations...) are never pooled."""
+    column (cold and warm runs, dtypes, devices, invocations...) are never pooled. The cv bound
+    does not judge endpoint points that queue by design (queueing_point)."""
     out: list[dict] = []
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -45,6 +60,7 @@ def summarize_runs(rows: list[dict], rule: ValidityRule) -> list[dict]:
         runs = [r for r in group if counts_in_summary(r)]
         excluded = len(group) - len(runs)
         measured_s = sum(float(r["e2e_ms"]) for r in runs) / 1e3
+        max_cv = math.inf if queueing_point(group[0]) else rule.max_cv
         stats = {}
         for metric in SUMMARY_METRICS:
             values = [r.get(metric) for r in runs if r.get(metric) is not None]
@@ -52,9 +68,9 @@ def summarize_runs(rows: list[dict], rule: ValidityRule) -> list[dict]:
             if s["n"]:
                 stats[metric] = s
         for metric, s in stats.items():
-            reasons = invalid_reasons(s, rule.num_runs, measured_s, rule.min_seconds, rule.max_cv)
+            reasons = invalid_reasons(s, rule.num_runs, measured_s, rule.min_seconds, max_cv)
             valid = not reasons
-            if not s["cv"] <= rule.max_cv and metric in PHASES_OF:
+            if not s["cv"] <= max_cv and metric in PHASES_OF:
                 phase = max((p for p in PHASES_OF[metric] if p in stats), key=lambda p: stats[p]["stdev"],
                             default=None)
                 if phase is not None:
