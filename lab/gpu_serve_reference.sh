@@ -50,3 +50,4 @@ $PY -m bench compare "$OUT/$PRESET-fp16-$ENGINE-inprocess" "$OUT/$PRESET-fp16-$E
   --across engine,variant,weights,family,device,dtype --metrics ttft_ms,tpot_ms,preprocess_ms,vision_ms,prefill_ms \
   --factor 1.10 >"$OUT/compare-c1.txt" 2>&1
 cat "$OUT/compare-c1.txt"
+for d in c1 sweep; do $PY lab/served_overhead.py "$OUT/$PRESET-fp16-$ENGINE-served-$d"; done | tee "$OUT/served-overhead.txt"

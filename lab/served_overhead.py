@@ -1,0 +1,28 @@
+"""Where a served request's TTFT goes, from an endpoint run against `vlm-bench serve` (whose
+responses report the server's TTFT and the engine's phases): medians over the measured rows of
+each point of the client's TTFT, the server's, the engine's phases before the first token, the
+server's own part (parsing, image lookup, queue and thread hand-offs: server TTFT - phases) and
+HTTP + client (client TTFT - server TTFT).
+Usage: python lab/served_overhead.py ENDPOINT_RESULTS_DIR"""
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+PHASES = ["preprocess_ms", "lookup_ms", "restore_ms", "vision_ms", "prefill_ms"]
+
+
+def main(directory: str) -> None:
+    runs = pd.read_csv(Path(directory) / "runs.csv")
+    runs = runs[(runs["kind"] == "measured") & (runs["status"] == "ok")]
+    if runs["server_ttft_ms"].isna().all() or runs[PHASES].isna().all().all():
+        sys.exit(f"{directory}: the server reported no timings (not vlm-bench serve, or an older one)")
+    rows = runs.assign(engine_ms=runs[PHASES].sum(axis=1))
+    rows = rows.assign(server_own_ms=rows["server_ttft_ms"] - rows["engine_ms"],
+                       http_client_ms=rows["ttft_ms"] - rows["server_ttft_ms"])
+    cols = ["ttft_ms", "server_ttft_ms", "engine_ms", *PHASES, "server_own_ms", "http_client_ms"]
+    print(rows.groupby("variant")[cols].median().round(3).T.to_string())
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
