@@ -34,14 +34,13 @@ ELEMENTWISE_ROWS = 4
 
 
 def _configs(split: bool) -> list:
-    """Six candidates each: every (shape, rows block) key benchmarks them all and each compiles
-    once per rows block, so kept few (a 7B's four shapes then tune in seconds)."""
+    """The candidates (pruned per call by _prune): every (shape, rows block) key benchmarks those
+    left, and each compiles once per rows block, so kept few (a 7B's four shapes tune in seconds)."""
     if split:
-        space = [(tn, 4, 4, sk) for tn in (2, 4) for sk in (2, 4, 8)]
+        space = [(tn, bkt, sk) for tn in (1, 2) for bkt in (2, 4) for sk in (2, 4, 8)]
     else:
-        space = [(tn, bkt, 4, 1) for tn in (1, 2, 4) for bkt in (2, 8)]
-    return [triton.Config({"TN": tn, "BKT": bkt, "SPLIT_K": sk}, num_warps=warps, num_stages=3)
-            for tn, bkt, warps, sk in space]
+        space = [(tn, bkt, 1) for tn in (1, 2, 4) for bkt in (1, 2, 4, 8)]
+    return [triton.Config({"TN": tn, "BKT": bkt, "SPLIT_K": sk}, num_warps=4, num_stages=3) for tn, bkt, sk in space]
 
 
 def _bench(fn, quantiles):
@@ -49,23 +48,59 @@ def _bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=10, quantiles=quantiles)
 
 
-MAX_PRODUCTS = 32768  # elementwise: x rows x weight rows x columns multiplied per step, at most
+MAX_ACC = 8192  # elementwise: products held per program (x rows x weight rows x columns), registers
+MAX_TILE = 8192  # tl.dot: weight values dequantized per step
 
 
 def _prune(configs, named_args, **kwargs):
-    """tl.dot needs 16 weight rows or more (TN >= 2); the elementwise product of a step stays
-    within MAX_PRODUCTS (registers); a share of K is at least one block of tiles."""
+    """tl.dot needs 16 weight rows or more (TN >= 2); what a program holds stays within MAX_ACC
+    or MAX_TILE values (registers); a share of K is at least one block of tiles."""
     k_tiles = named_args["K"] // 128
     rows_block = kwargs.get("BLOCK_M", named_args.get("BLOCK_M"))
 
     def fits(c) -> bool:
-        tn, bkt = c.kwargs["TN"], c.kwargs["BKT"]
+        values = c.kwargs["TN"] * 8 * c.kwargs["BKT"] * 128
         if rows_block <= ELEMENTWISE_ROWS:
-            return rows_block * tn * 8 * bkt * 128 <= MAX_PRODUCTS
-        return tn >= 2 and tn * 8 * bkt * 128 <= MAX_PRODUCTS // 2
+            return rows_block * values <= MAX_ACC
+        return c.kwargs["TN"] >= 2 and values <= MAX_TILE
 
     kept = [c for c in configs if fits(c) and c.kwargs["SPLIT_K"] * c.kwargs["BKT"] <= max(k_tiles, 1)]
-    return kept or configs[:1]
+    return kept or [min(configs, key=lambda c: (c.kwargs["TN"] < 2, c.kwargs["TN"] * c.kwargs["BKT"]))]
+
+
+@triton.jit
+def _weights(p_ptr, sz_ptr, n, n_ok, kt, k_ok, k_tiles, N, G: tl.constexpr, MID: tl.constexpr):
+    """Rows n's k-tiles kt dequantized, fp32 [BN, BKT, 16, 8] in the nibbles' order: [row, tile,
+    word lw = 4 l + w, nibble j = i + 4 lo]."""
+    lw = tl.arange(0, 16)
+    j = tl.arange(0, 8)
+    w_ok = n_ok[:, None, None] & k_ok[None, :, None]
+    words = tl.load(p_ptr + ((n // 8)[:, None, None] * k_tiles + kt[None, :, None]) * 128
+                    + (n % 8)[:, None, None] * 16 + lw[None, None, :], mask=w_ok, other=0)  # [BN, BKT, 16]
+    if G >= 128:  # one (scale, zero) per row and k-tile
+        so = ((kt * 128 // G)[None, :] * N + n[:, None]) * 2  # [BN, BKT]
+        tile_ok = n_ok[:, None] & k_ok[None, :]
+        s = tl.load(sz_ptr + so, mask=tile_ok, other=0.0).to(tl.float32)[:, :, None, None]
+        z = tl.load(sz_ptr + so + 1, mask=tile_ok, other=0.0).to(tl.float32)[:, :, None, None]
+    else:  # one per row and word (a word's 8 columns lie in the 32-column run 32 w ..)
+        g = (kt[:, None] * 128 + (32 * (lw % 4))[None, :]) // G  # [BKT, 16]
+        so = (g[None, :, :] * N + n[:, None, None]) * 2
+        s = tl.load(sz_ptr + so, mask=w_ok, other=0.0).to(tl.float32)[:, :, :, None]
+        z = tl.load(sz_ptr + so + 1, mask=w_ok, other=0.0).to(tl.float32)[:, :, :, None]
+    q = (words[:, :, :, None] >> (4 * j)[None, None, None, :]) & 15  # [BN, BKT, 16, 8]
+    return (q.to(tl.float32) - MID) * s + z
+
+
+@triton.jit
+def _activations(x_ptr, m, m_ok, kt, k_ok, stride_xm):
+    """x rows m at the columns of _weights' nibbles, [BLOCK_M, BKT, 16, 8] in x's dtype: nibble
+    (lw = 4 l + w, j = i + 4 lo) of a tile holds column 32 w + 2 l + 8 i + lo."""
+    lw = tl.arange(0, 16)
+    j = tl.arange(0, 8)
+    col = (32 * (lw % 4) + 2 * (lw // 4))[:, None] + (8 * (j % 4) + j // 4)[None, :]  # [16, 8]
+    xo = (kt * 128)[:, None, None] + col[None, :, :]  # [BKT, 16, 8]
+    return tl.load(x_ptr + m[:, None, None, None] * stride_xm + xo[None, :, :, :],
+                   mask=m_ok[:, None, None, None] & k_ok[None, :, None, None], other=0.0)
 
 
 @triton.jit
@@ -73,6 +108,7 @@ def _tiles_mm_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                      G: tl.constexpr, BLOCK_M: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
                      SPLIT_K: tl.constexpr, MID: tl.constexpr):
     BN: tl.constexpr = TN * 8
+    BK: tl.constexpr = BKT * 128
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -81,43 +117,26 @@ def _tiles_mm_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
     n_ok = n < N
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # x rows
     m_ok = m < M
-    lw = tl.arange(0, 16)  # word of a tile row: lane pair l = lw // 4, word w = lw % 4
-    j = tl.arange(0, 8)  # nibble: i = j % 4, lo = j // 4
-    # column of nibble (lw, j) inside its tile, and the word's 32-column run
-    col = (32 * (lw % 4) + 2 * (lw // 4))[:, None] + (8 * (j % 4) + j // 4)[None, :]  # [16, 8]
-    run = 32 * (lw % 4)  # [16]
     per = tl.cdiv(k_tiles, SPLIT_K)  # k-tiles of a share
     kt_lo = pid_k * per
-    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-    for step in range(0, tl.cdiv(per, BKT)):
-        kt = kt_lo + step * BKT + tl.arange(0, BKT)  # [BKT]
-        k_ok = (kt < kt_lo + per) & (kt < k_tiles)
-        w_ok = n_ok[:, None, None] & k_ok[None, :, None]
-        words = tl.load(p_ptr + ((n // 8)[:, None, None] * k_tiles + kt[None, :, None]) * 128
-                        + (n % 8)[:, None, None] * 16 + lw[None, None, :], mask=w_ok, other=0)  # [BN, BKT, 16]
-        if G >= 128:  # one (scale, zero) per row and k-tile
-            so = ((kt * 128 // G)[None, :] * N + n[:, None]) * 2  # [BN, BKT]
-            tile_ok = n_ok[:, None] & k_ok[None, :]
-            s = tl.load(sz_ptr + so, mask=tile_ok, other=0.0).to(tl.float32)[:, :, None, None]
-            z = tl.load(sz_ptr + so + 1, mask=tile_ok, other=0.0).to(tl.float32)[:, :, None, None]
-        else:  # one per row and word (a word's 8 columns lie in one 32-column run)
-            g = (kt[:, None] * 128 + run[None, :]) // G  # [BKT, 16]
-            so = (g[None, :, :] * N + n[:, None, None]) * 2
-            s = tl.load(sz_ptr + so, mask=w_ok, other=0.0).to(tl.float32)[:, :, :, None]
-            z = tl.load(sz_ptr + so + 1, mask=w_ok, other=0.0).to(tl.float32)[:, :, :, None]
-        q = (words[:, :, :, None] >> (4 * j)[None, None, None, :]) & 15  # [BN, BKT, 16, 8]
-        w = (q.to(tl.float32) - MID) * s + z
-        xo = (kt * 128)[:, None, None] + col[None, :, :]  # [BKT, 16, 8]
-        x = tl.load(x_ptr + m[:, None, None, None] * stride_xm + xo[None, :, :, :],
-                    mask=m_ok[:, None, None, None] & k_ok[None, :, None, None], other=0.0)  # [BLOCK_M, BKT, 16, 8]
-        if BLOCK_M <= 4:
-            wf = tl.reshape(w, (1, BN, BKT * 128))
-            xf = tl.reshape(x.to(tl.float32), (BLOCK_M, 1, BKT * 128))
-            acc += tl.sum(wf * xf, axis=2)
-        else:
-            wf = tl.reshape(w.to(x_ptr.dtype.element_ty), (BN, BKT * 128))
-            xf = tl.reshape(x, (BLOCK_M, BKT * 128))
-            acc = tl.dot(xf, tl.trans(wf), acc)
+    if BLOCK_M <= 4:
+        # products summed elementwise along the loop, reduced across the program's threads once
+        prods = tl.zeros((BLOCK_M, BN, BK), dtype=tl.float32)
+        for step in range(0, tl.cdiv(per, BKT)):
+            kt = kt_lo + step * BKT + tl.arange(0, BKT)
+            k_ok = (kt < kt_lo + per) & (kt < k_tiles)
+            w = tl.reshape(_weights(p_ptr, sz_ptr, n, n_ok, kt, k_ok, k_tiles, N, G, MID), (1, BN, BK))
+            x = tl.reshape(_activations(x_ptr, m, m_ok, kt, k_ok, stride_xm).to(tl.float32), (BLOCK_M, 1, BK))
+            prods += w * x
+        acc = tl.sum(prods, axis=2)
+    else:
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+        for step in range(0, tl.cdiv(per, BKT)):
+            kt = kt_lo + step * BKT + tl.arange(0, BKT)
+            k_ok = (kt < kt_lo + per) & (kt < k_tiles)
+            w = _weights(p_ptr, sz_ptr, n, n_ok, kt, k_ok, k_tiles, N, G, MID).to(x_ptr.dtype.element_ty)
+            x = _activations(x_ptr, m, m_ok, kt, k_ok, stride_xm)
+            acc = tl.dot(tl.reshape(x, (BLOCK_M, BK)), tl.trans(tl.reshape(w, (BN, BK))), acc)
     y = y_ptr + m[:, None] * stride_ym + n[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
