@@ -949,3 +949,16 @@ def test_serve_image_past_the_pixel_limit(served, tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     r = served.post("/v1/chat/completions", json=_chat(image))
     assert r.status_code == 400 and "too large" in r.json()["error"]["message"], r.text
+
+
+def test_endpoint_output_dir_not_empty_names_what_endpoint_mode_takes(tmp_path, capsys):
+    # endpoint mode has no --append or --resume: the refusal must not suggest them
+    out = tmp_path / "endpoint"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    TRIED.append("--endpoint URL --output-dir NON-EMPTY")
+    rc = exit_code(main, ["run", "--endpoint", f"http://127.0.0.1:{_closed_port()}/v1", "--model", "m",
+                          "--output-dir", out])
+    err = assert_one_line(capsys, rc, "--output-dir", "not empty", "give a new or empty --output-dir")
+    assert "--append" not in err and "--resume" not in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

@@ -104,6 +104,7 @@ def _check_url(url: str) -> None:
 
 
 def main(argv: list[str], prog: str = f"{PROG} run") -> int:
+    from bench.measure.results import check_output_dir
     from bench.run.config import DEMO_IMAGE
     from bench.run.questions import load_questions
     from bench.run.workload import int_list
@@ -127,6 +128,8 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
             problem = path_problem(ns.tokenizer, "directory") if ns.tokenizer.strip() else "empty"
             if problem:
                 raise UsageError(f"--tokenizer {ns.tokenizer}: {problem}; give the served model's tokenizer folder")
+        if ns.output_dir is not None:  # written anew: endpoint mode neither appends nor resumes
+            check_output_dir(Path(ns.output_dir), "fresh")
         if ns.num_prompts < 1 or ns.warmup < 0:
             raise UsageError("--num-prompts must be at least 1 and --warmup not negative")
         for flag, value in (("--duration", ns.duration), ("--timeout", ns.timeout)):
