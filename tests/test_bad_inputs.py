@@ -814,6 +814,18 @@ def test_endpoint_model_name_empty(tmp_path, capsys):
     bad_endpoint(tmp_path, capsys, f"http://127.0.0.1:{_closed_port()}/v1", [], "--model is empty", model="")
 
 
+@pytest.mark.parametrize("flag", ["--image-path", "--questions", "--output-dir"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_endpoint_empty_path_flag_is_not_the_default(tmp_path, capsys, monkeypatch, flag, value):
+    # an empty --image-path is a mistake, not the demo image; an empty --output-dir not results/local
+    monkeypatch.chdir(tmp_path)
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    TRIED.append(f"--endpoint URL {flag} {value!r}")
+    rc = exit_code(main, ["run", "--endpoint", url, "--model", "m", "--num-prompts", "1", flag, value])
+    assert_one_line(capsys, rc, f"{flag} is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://", "127.0.0.1:8000/v1", "ftp://host/v1"])
 def test_endpoint_url_that_is_not_one(tmp_path, capsys, url):
     bad_endpoint(tmp_path, capsys, url, [], "--endpoint", "URL")
