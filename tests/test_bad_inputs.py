@@ -735,11 +735,12 @@ class _FakeServer:
     """An HTTP server on 127.0.0.1 in a thread: GET answers `models` (a JSON body, or a 404 when
     None), POST streams `chunks` as Server-Sent Events."""
 
-    def __init__(self, models=None, chunks=()):
+    def __init__(self, models=None, chunks=(), hold=False):
         import http.server
         import threading
 
         fake = self
+        self.posted, self.release = threading.Event(), threading.Event()  # hold: POSTs wait for release
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -760,6 +761,9 @@ class _FakeServer:
 
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("content-length") or 0))
+                fake.posted.set()
+                if hold:
+                    fake.release.wait(60)
                 events = "".join(f"data: {c}\n\n" for c in [*fake.chunks, "[DONE]"])
                 self._send(200, events.encode(), "text/event-stream")
 
@@ -773,6 +777,7 @@ class _FakeServer:
         return self
 
     def __exit__(self, *exc):  # the server and its thread end with the test
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()
@@ -974,3 +979,24 @@ def test_endpoint_output_dir_not_empty_names_what_endpoint_mode_takes(tmp_path, 
     err = assert_one_line(capsys, rc, "--output-dir", "not empty", "give a new or empty --output-dir")
     assert "--append" not in err and "--resume" not in err, err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_endpoint_run_interrupted_is_one_line_exit_130(tmp_path):
+    """Ctrl-C while a request is in flight: no traceback, exit code 130, one line naming where
+    the finished requests' rows are (as an interrupted in-process run)."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "endpoint"
+    TRIED.append("--endpoint URL interrupted")
+    with _FakeServer(models={"data": [{"id": "m"}]}, hold=True) as fake:
+        proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--endpoint", fake.url, "--model", "m",
+                                 "--num-prompts", "1", "--warmup", "0", "--output-dir", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert fake.posted.wait(60), proc.communicate(timeout=5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("interrupted: ") and str(out / "runs.csv") in lines[0], err

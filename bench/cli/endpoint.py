@@ -150,10 +150,20 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
             None if ns.output_dir is None else Path(ns.output_dir), ns.timeout, ns.max_cv, os.environ.get("OPENAI_API_KEY"),
             _slo(ns.slo), ns.duration, int_list(ns.prompt_lengths, "--prompt-lengths"),
             int_list(ns.num_images, "--num-images"), ns.tokenizer)
-        out, rows, _ = endpoint_run.run(cfg, shlex.join([*prog.split(), *argv]))
+        from bench.cli.run import terminate_as_interrupt
+
+        with terminate_as_interrupt():  # SIGTERM (a CI job's timeout) stops it as Ctrl-C does
+            out, rows, _ = endpoint_run.run(cfg, shlex.join([*prog.split(), *argv]))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        runs = Path(ns.output_dir) / "runs.csv" if ns.output_dir else None
+        where = (f"the finished requests' rows are in {runs}" if runs is not None and runs.is_file()
+                 else "nothing measured was kept" if runs is not None else
+                 "the finished requests' rows, if any, are in its results/local/ directory's runs.csv")
+        print(f"\ninterrupted: {where} (no summary.csv or env.json: the run did not finish)", file=sys.stderr)
+        return 130
     measured = [r for r in rows if r["kind"] == "measured"]
     ok = [r for r in measured if r["status"] == "ok"]
     print(f"{len(ok)}/{len(measured)} measured requests ok; rows in {out}/runs.csv, summary in {out}/summary.csv")
