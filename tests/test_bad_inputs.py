@@ -660,6 +660,29 @@ def test_make_checkpoint_into_existing(tmp_path, capsys):
             out=tmp_path / "new")
 
 
+@pytest.mark.parametrize("existed", [False, True])
+def test_make_checkpoint_interrupted_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch, existed):
+    # Ctrl-C once the weights are on disk but before the checkpoint is whole (its tokenizer files)
+    import bench.models.loader as loader
+
+    real = loader.save_checkpoint
+
+    def save_then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader, "save_checkpoint", save_then_interrupt)
+    out = tmp_path / "ckpt"
+    if existed:
+        out.mkdir()
+    TRIED.append("make-checkpoint interrupted")
+    rc = exit_code(main, ["make-checkpoint", "--preset", "tiny-llava", "--out", out, "--dtype", "float32"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 130 and len(lines) == 1 and lines[0].startswith("interrupted: ") and "Traceback" not in err, err
+    assert (list(out.iterdir()) == []) if existed else not out.exists()
+
+
 @pytest.mark.parametrize("out_exists", [False, True])
 def test_context_limit_when_config_is_silent(tiny_vila_dir, tmp_path, capsys, out_exists):
     """No max_position_embeddings in config.json: the positions are the config class's default,
