@@ -660,6 +660,29 @@ def test_make_checkpoint_into_existing(tmp_path, capsys):
             out=tmp_path / "new")
 
 
+@pytest.mark.parametrize("existed", [False, True])
+def test_make_checkpoint_interrupted_while_writing_leaves_nothing(tmp_path, capsys, monkeypatch, existed):
+    # Ctrl-C once the weights are on disk but before the checkpoint is whole (its tokenizer files)
+    import bench.models.loader as loader
+
+    real = loader.save_checkpoint
+
+    def save_then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loader, "save_checkpoint", save_then_interrupt)
+    out = tmp_path / "ckpt"
+    if existed:
+        out.mkdir()
+    TRIED.append("make-checkpoint interrupted")
+    rc = exit_code(main, ["make-checkpoint", "--preset", "tiny-llava", "--out", out, "--dtype", "float32"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 130 and len(lines) == 1 and lines[0].startswith("interrupted: ") and "Traceback" not in err, err
+    assert (list(out.iterdir()) == []) if existed else not out.exists()
+
+
 @pytest.mark.parametrize("out_exists", [False, True])
 def test_context_limit_when_config_is_silent(tiny_vila_dir, tmp_path, capsys, out_exists):
     """No max_position_embeddings in config.json: the positions are the config class's default,
@@ -735,11 +758,12 @@ class _FakeServer:
     """An HTTP server on 127.0.0.1 in a thread: GET answers `models` (a JSON body, or a 404 when
     None), POST streams `chunks` as Server-Sent Events."""
 
-    def __init__(self, models=None, chunks=()):
+    def __init__(self, models=None, chunks=(), hold=False):
         import http.server
         import threading
 
         fake = self
+        self.posted, self.release = threading.Event(), threading.Event()  # hold: POSTs wait for release
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -760,6 +784,9 @@ class _FakeServer:
 
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("content-length") or 0))
+                fake.posted.set()
+                if hold:
+                    fake.release.wait(60)
                 events = "".join(f"data: {c}\n\n" for c in [*fake.chunks, "[DONE]"])
                 self._send(200, events.encode(), "text/event-stream")
 
@@ -773,6 +800,7 @@ class _FakeServer:
         return self
 
     def __exit__(self, *exc):  # the server and its thread end with the test
+        self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()
@@ -812,6 +840,18 @@ def test_endpoint_flags_that_can_never_run(tmp_path, capsys, args, needle):
 
 def test_endpoint_model_name_empty(tmp_path, capsys):
     bad_endpoint(tmp_path, capsys, f"http://127.0.0.1:{_closed_port()}/v1", [], "--model is empty", model="")
+
+
+@pytest.mark.parametrize("flag", ["--image-path", "--questions", "--output-dir"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_endpoint_empty_path_flag_is_not_the_default(tmp_path, capsys, monkeypatch, flag, value):
+    # an empty --image-path is a mistake, not the demo image; an empty --output-dir not results/local
+    monkeypatch.chdir(tmp_path)
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    TRIED.append(f"--endpoint URL {flag} {value!r}")
+    rc = exit_code(main, ["run", "--endpoint", url, "--model", "m", "--num-prompts", "1", flag, value])
+    assert_one_line(capsys, rc, f"{flag} is empty")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://", "127.0.0.1:8000/v1", "ftp://host/v1"])
@@ -949,3 +989,37 @@ def test_serve_image_past_the_pixel_limit(served, tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     r = served.post("/v1/chat/completions", json=_chat(image))
     assert r.status_code == 400 and "too large" in r.json()["error"]["message"], r.text
+
+
+def test_endpoint_output_dir_not_empty_names_what_endpoint_mode_takes(tmp_path, capsys):
+    # endpoint mode has no --append or --resume: the refusal must not suggest them
+    out = tmp_path / "endpoint"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    TRIED.append("--endpoint URL --output-dir NON-EMPTY")
+    rc = exit_code(main, ["run", "--endpoint", f"http://127.0.0.1:{_closed_port()}/v1", "--model", "m",
+                          "--output-dir", out])
+    err = assert_one_line(capsys, rc, "--output-dir", "not empty", "give a new or empty --output-dir")
+    assert "--append" not in err and "--resume" not in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_endpoint_run_interrupted_is_one_line_exit_130(tmp_path):
+    """Ctrl-C while a request is in flight: no traceback, exit code 130, one line naming where
+    the finished requests' rows are (as an interrupted in-process run)."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "endpoint"
+    TRIED.append("--endpoint URL interrupted")
+    with _FakeServer(models={"data": [{"id": "m"}]}, hold=True) as fake:
+        proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--endpoint", fake.url, "--model", "m",
+                                 "--num-prompts", "1", "--warmup", "0", "--output-dir", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert fake.posted.wait(60), proc.communicate(timeout=5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("interrupted: ") and str(out / "runs.csv") in lines[0], err

@@ -104,6 +104,7 @@ def _check_url(url: str) -> None:
 
 
 def main(argv: list[str], prog: str = f"{PROG} run") -> int:
+    from bench.measure.results import check_output_dir
     from bench.run.config import DEMO_IMAGE
     from bench.run.questions import load_questions
     from bench.run.workload import int_list
@@ -123,30 +124,46 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
         if ns.duration is not None and ns.num_prompts is not None:
             raise UsageError("give --duration (send for that long) or --num-prompts (send that many), not both")
         ns.num_prompts = 10 if ns.num_prompts is None else ns.num_prompts
+        for flag, what in (("image_path", "an image file"), ("questions", "a file"), ("output_dir", "a directory")):
+            value = getattr(ns, flag)  # empty is a mistake, not the default (the demo image, results/local)
+            if value is not None and not value.strip():
+                raise UsageError(f"--{flag.replace('_', '-')} is empty; give {what} or leave the flag out")
         if ns.tokenizer is not None:  # local inputs are checked before the server is asked anything
             problem = path_problem(ns.tokenizer, "directory") if ns.tokenizer.strip() else "empty"
             if problem:
                 raise UsageError(f"--tokenizer {ns.tokenizer}: {problem}; give the served model's tokenizer folder")
+        if ns.output_dir is not None:  # written anew: endpoint mode neither appends nor resumes
+            check_output_dir(Path(ns.output_dir), "fresh")
         if ns.num_prompts < 1 or ns.warmup < 0:
             raise UsageError("--num-prompts must be at least 1 and --warmup not negative")
         for flag, value in (("--duration", ns.duration), ("--timeout", ns.timeout)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UsageError(f"{flag} must be a positive, finite number of seconds, got {value}")
         ValidityRule(ns.num_prompts, 0.0, ns.max_cv)  # --max-cv as summaries check it
-        image = ns.image_path or str(DEMO_IMAGE)
+        image = str(DEMO_IMAGE) if ns.image_path is None else ns.image_path
         check_image_file(image, "--image-path")
         points = [client.Point(c, r) for c in int_list(ns.concurrency, "--concurrency")
                   for r in _rates(ns.request_rate)]
         cfg = endpoint_run.EndpointConfig(
             ns.endpoint, ns.model, points, ns.num_prompts, int_list(ns.new_tokens, "--max-new-tokens"), image,
             load_questions(ns.questions, ns.text_prompt), ns.prefix == "distinct", ns.warmup, ns.seed,
-            Path(ns.output_dir) if ns.output_dir else None, ns.timeout, ns.max_cv, os.environ.get("OPENAI_API_KEY"),
+            None if ns.output_dir is None else Path(ns.output_dir), ns.timeout, ns.max_cv, os.environ.get("OPENAI_API_KEY"),
             _slo(ns.slo), ns.duration, int_list(ns.prompt_lengths, "--prompt-lengths"),
             int_list(ns.num_images, "--num-images"), ns.tokenizer)
-        out, rows, _ = endpoint_run.run(cfg, shlex.join([*prog.split(), *argv]))
+        from bench.cli.run import terminate_as_interrupt
+
+        with terminate_as_interrupt():  # SIGTERM (a CI job's timeout) stops it as Ctrl-C does
+            out, rows, _ = endpoint_run.run(cfg, shlex.join([*prog.split(), *argv]))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        runs = Path(ns.output_dir) / "runs.csv" if ns.output_dir else None
+        where = (f"the finished requests' rows are in {runs}" if runs is not None and runs.is_file()
+                 else "nothing measured was kept" if runs is not None else
+                 "the finished requests' rows, if any, are in its results/local/ directory's runs.csv")
+        print(f"\ninterrupted: {where} (no summary.csv or env.json: the run did not finish)", file=sys.stderr)
+        return 130
     measured = [r for r in rows if r["kind"] == "measured"]
     ok = [r for r in measured if r["status"] == "ok"]
     print(f"{len(ok)}/{len(measured)} measured requests ok; rows in {out}/runs.csv, summary in {out}/summary.csv")

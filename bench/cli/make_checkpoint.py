@@ -79,16 +79,21 @@ def main(argv: list[str]) -> int:
                 for folder in (out, out / "llm"):  # the llava-hf root, VILA's llm/
                     if (folder / "tokenizer.json").is_file():
                         write_sentencepiece(folder, keep_json=args.tokenizer_files == "both")
-        except OSError as e:  # a full disk, a place that refuses writes: no half-written checkpoint stays
-            if existed:
+        except (OSError, KeyboardInterrupt) as e:  # a full disk, a place that refuses writes, Ctrl-C: no
+            if existed:                                 # half-written checkpoint stays
                 for p in out.iterdir():
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
             else:
                 shutil.rmtree(out, ignore_errors=True)
+            if isinstance(e, KeyboardInterrupt):
+                raise
             raise UsageError(f"--out {args.out}: the checkpoint could not be written ({e.strerror or e})") from None
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # SIGINT; nothing of the checkpoint is left
+        print(f"\ninterrupted: no checkpoint written to {args.out}", file=sys.stderr)
+        return 130
 
     print(f"wrote {args.preset} ({adapter.family} layout, weights=random) to {args.out}")
     return 0

@@ -190,7 +190,8 @@ def check_creatable(path: Path, flag: str, writable: bool = True) -> None:
 def check_output_dir(out_dir: Path, mode: str) -> None:
     """Refuse (UsageError, nothing written) an --output-dir this run may not write: a file, an
     unwritable place, a directory another live run holds, a non-empty directory unless `mode` is
-    "append" or "resume" ("new" otherwise), or a directory whose files are not this harness's."""
+    "append" or "resume" ("new" otherwise; "fresh": new, for a command that cannot append or
+    resume, e.g. `run --endpoint`), or a directory whose files are not this harness's."""
     check_creatable(out_dir, "--output-dir")
     if not out_dir.exists():
         return
@@ -205,7 +206,7 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
     if runs.is_file() and runs.stat().st_size:
         with runs.open(newline="", encoding="utf-8", errors="replace") as f:
             header = next(csv.reader(f), [])
-        if mode != "new" and header == list(RUN_COLUMNS):
+        if mode not in ("new", "fresh") and header == list(RUN_COLUMNS):
             try:
                 runs.read_bytes().decode("utf-8")
             except UnicodeDecodeError as e:
@@ -214,8 +215,10 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
         if header != list(RUN_COLUMNS):
             raise UsageError(f"{runs} has columns this harness does not write (another program's or "
                              "another version's file): use a new --output-dir")
-    if mode == "new":
+    if mode in ("new", "fresh"):
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        if mode == "fresh":
+            raise UsageError(f"--output-dir {out_dir} is not empty ({shown}): give a new or empty --output-dir")
         raise UsageError(f"--output-dir {out_dir} is not empty ({shown}): give --append to add a run to it, "
                          "--resume to finish its run, or a new --output-dir")
     if not (runs.is_file() and (out_dir / "env.json").is_file()):
