@@ -21,6 +21,7 @@ from bench.engines import attention_kernels
 from bench.engines.cache_policy import CachePolicy
 from bench.engines.decoder import built_decoder
 from bench.engines.spec import EngineSpec
+from bench.log import status
 from bench.models.base import VLMAdapter
 from bench.measure.request import RequestResult
 from bench.measure.timing import Timeline, sum_by_label
@@ -28,6 +29,7 @@ from bench.models.visual import as_visual
 from bench.quant.int4 import int4_modules
 from bench.quant.prefetch import drop_slots
 from bench.quant.w4a16.choice import plans_column, reset_kernels
+from bench.quant.w4a16.registry import DEFAULT_KERNEL
 
 
 def layout_rows(rows: list[torch.Tensor], prefix_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -85,6 +87,18 @@ class HFEngine:
         every = [*self._int4_layers(), *(int4_modules(dec) if dec is not None else [])]
         reset_kernels(every, self.adapter.dtype)
         drop_slots(every)
+        if self._int4_layers():
+            self._note_int4_kernels(DEFAULT_KERNEL, "dense")
+
+    def _note_int4_kernels(self, kernels: str, prefill: str) -> None:
+        """A one-line warning when this engine runs int4 weights on other kernels than
+        --int4-kernels / --int4-prefill-kernel ask for (the int4_kernels column says what ran)."""
+        asked = [f"{flag} {want}" for flag, want, runs in (("--int4-kernels", self.spec.int4_kernels, kernels),
+                                                         ("--int4-prefill-kernel", self.spec.int4_prefill_kernel,
+                                                          prefill)) if want != runs]
+        if asked:
+            status(f"warning: the {self.name} engine runs int4 weights on {kernels} (prefill: {prefill}); "
+                   f"{' and '.join(asked)} {'apply' if len(asked) > 1 else 'applies'} to the static and graph engines")
 
     def _int4_layers(self) -> list:
         return int4_modules(self.adapter.model)

@@ -89,6 +89,7 @@ class StaticEngine(HFEngine):
         if not layers:
             return None
         mode, prefill, dtype = self._int4_kernel_mode(), self._int4_prefill_kernel(), self.adapter.dtype
+        self._note_int4_kernels(mode, prefill)  # an engine that runs other kernels than asked says so
         if mode == DEFAULT and prefill == "dense":
             reset_kernels(layers, dtype)
             return KernelChoice(DEFAULT, layers)
