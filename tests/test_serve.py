@@ -353,6 +353,28 @@ def test_the_server_stops_cleanly_on_sigterm(server):
     assert "server stopped" in log and "Traceback" not in log
 
 
+def test_a_server_stopped_while_it_loads_exits_at_once_with_code_0(tmp_path):
+    """Ctrl-C or SIGTERM while the model loads on its engine thread (or warms up there): the
+    process ends without waiting for the load, exit code 0 as when serving, no traceback."""
+    procs = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        log = (tmp_path / f"{sig.name}.log").open("w+")
+        procs[sig] = log, subprocess.Popen(  # SIGINT as a terminal sends it (a shell's & may ignore it)
+            [sys.executable, "-m", "bench", "serve", *SERVE, "--port", str(_free_port())], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=log, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for sig, (log, proc) in procs.items():
+        deadline = time.monotonic() + 60
+        while "loading" not in (tmp_path / f"{sig.name}.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(sig)
+    for sig, (log, proc) in procs.items():
+        rc = proc.wait(timeout=30)
+        text = (tmp_path / f"{sig.name}.log").read_text()
+        log.close()
+        assert rc == 0 and "Traceback" not in text, (sig.name, rc, text[-2000:])
+        assert "stopped before serving" in text or "server stopped" in text
+
+
 def test_a_served_prompt_is_tokenized_once():
     """The server checks that a request fits with the prompt the engine then runs (not a second
     tokenization on the engine thread)."""
