@@ -400,6 +400,28 @@ def test_a_served_prompt_is_tokenized_once():
     assert len(calls) == 1
 
 
+def test_a_served_image_embedding_hit_says_cache_hit_with_no_cached_tokens():
+    """embedcache reuses image embeddings but no prompt tokens' keys and values: the response's
+    timings say cache_hit, as the in-process row does, where cached_tokens 0 cannot."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from bench.run.config import DEMO_IMAGE, config_class
+    from bench.serve.app import create_app
+    from bench.serve.loading import load_engine, model_source
+
+    cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1, variants="embedcache")
+    engine, _, name = load_engine(cfg, model_source(cfg))
+    url = "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
+    body = {"model": name, "max_tokens": 1, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]}]}
+    with TestClient(create_app(engine, name, 4)) as client:
+        cold, warm = (client.post("/v1/chat/completions", json=body).json() for _ in range(2))
+    assert [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in (cold, warm)] == [0, 0]
+    assert [r["timings"]["cache_hit"] for r in (cold, warm)] == [False, True]
+
+
 def test_the_engine_is_loaded_and_served_on_one_thread_of_its_own():
     """On the CPU a model run on one thread (warm-up) and served from another ran twice as slowly
     (bench.serve.worker): the server loads, warms up and serves on its engine thread."""
