@@ -279,11 +279,15 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     phases = measured[[f"{p}_ms" for p in ("preprocess", "lookup", "restore", "vision", "prefill")]]
     assert phases.notna().all().all() and (measured["prefill_ms"] > 0).all() and measured["store_ms"].notna().all()
     assert (phases.sum(axis=1) < measured["server_ttft_ms"]).all()
+    # the point's mean from /metrics: its own column, one value per point, never summarized as requests
+    assert (measured.groupby("variant")["server_mean_ttft_ms"].nunique() == 1).all()
+    assert measured["server_ttft_ms"].nunique() > 1
     assert measured["server"].str.contains("uvicorn").all()
     assert measured["slo_met"].all() and (measured["goodput_rps"] > 0).all()  # a bound every request meets
     summary = pd.read_csv(out / "summary.csv")
     ttft = summary[summary["metric"] == "ttft_ms"]
     assert len(ttft) == 4 and (ttft["n"] == 4).all()
+    assert "server_ttft_ms" in set(summary["metric"]) and "server_mean_ttft_ms" not in set(summary["metric"])
     env = json.loads((out / "env.json").read_text())
     assert env["engine"] == "endpoint" and "uvicorn" in env["server"]
     assert main(["summarize", str(out)]) == 0  # the results directory is an ordinary one
