@@ -894,6 +894,45 @@ def test_endpoint_stream_not_openai_is_a_failed_row(tmp_path, capsys, chunks, re
     assert len(rows) == 2 and all(r["status"] == "failed" and reason in r["error"] for r in rows), rows
 
 
+_HUGE = "1" + "0" * 400  # a JSON int past float's range
+
+
+@pytest.mark.parametrize("timings,details,completion,want", [
+    # llama.cpp's server: a timings object with other keys; vLLM: prompt_tokens_details null
+    ('{"prompt_n": 9, "prompt_ms": 12.5, "predicted_ms": 30.1, "cache_n": 4}', "null", "2",
+     {"server_ttft_ms": "", "prefill_ms": "", "cached_tokens": "", "cache_hit": "", "output_tokens": "2"}),
+    ('"fast"', '{"cached_tokens": 16}', "2", {"server_ttft_ms": "", "cached_tokens": "16", "cache_hit": "true"}),
+    # ours, with an image-embedding hit: no cached prompt tokens, yet cached work reused
+    ('{"ttft_ms": 5.5, "prefill_ms": 2, "cache_hit": true}', '{"cached_tokens": 0}', "2",
+     {"server_ttft_ms": "5.5", "prefill_ms": "2", "cached_tokens": "0", "cache_hit": "true"}),
+    # numbers no count or time can be: ignored, never a crash
+    (f'{{"ttft_ms": {_HUGE}, "vision_ms": -1, "prefill_ms": true, "cache_hit": 1}}',
+     f'{{"cached_tokens": {_HUGE}}}', _HUGE,
+     {"server_ttft_ms": "", "vision_ms": "", "prefill_ms": "", "cached_tokens": "", "cache_hit": "",
+      "output_tokens": "2"}),
+])
+def test_endpoint_usage_and_timings_of_other_shapes_are_filed_or_left_out(tmp_path, capsys, timings, details,
+                                                                          completion, want):
+    """Other servers' `timings` and usage details (llama.cpp's, vLLM's null), and values out of any
+    range: each request an ok row with what could be read, the rest left empty."""
+    import csv
+
+    out = tmp_path / "endpoint"
+    chunks = ['{"choices": [{"delta": {"content": "a"}}]}',
+              f'{{"choices": [{{"delta": {{"content": "b"}}, "finish_reason": "length"}}], "timings": {timings}}}',
+              f'{{"choices": [], "usage": {{"prompt_tokens": 9, "completion_tokens": {completion}, '
+              f'"prompt_tokens_details": {details}}}}}']
+    with _FakeServer(models={"data": [{"id": "m"}]}, chunks=chunks) as fake:
+        rc = exit_code(main, ["run", "--endpoint", fake.url, "--model", "m", "--num-prompts", "2", "--warmup", "0",
+                              "--output-dir", out])
+    err = capsys.readouterr().err
+    assert rc == 0 and "Traceback" not in err, err
+    with open(out / "runs.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"] == "measured"]
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows), rows
+    assert [{k: r[k] for k in want} for r in rows] == [want, want]
+
+
 # ----------------------------------------------------------------------------------------- serve
 @pytest.fixture
 def taken_port():

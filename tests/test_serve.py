@@ -279,11 +279,15 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     phases = measured[[f"{p}_ms" for p in ("preprocess", "lookup", "restore", "vision", "prefill")]]
     assert phases.notna().all().all() and (measured["prefill_ms"] > 0).all() and measured["store_ms"].notna().all()
     assert (phases.sum(axis=1) < measured["server_ttft_ms"]).all()
+    # the point's mean from /metrics: its own column, one value per point, never summarized as requests
+    assert (measured.groupby("variant")["server_mean_ttft_ms"].nunique() == 1).all()
+    assert measured["server_ttft_ms"].nunique() > 1
     assert measured["server"].str.contains("uvicorn").all()
     assert measured["slo_met"].all() and (measured["goodput_rps"] > 0).all()  # a bound every request meets
     summary = pd.read_csv(out / "summary.csv")
     ttft = summary[summary["metric"] == "ttft_ms"]
     assert len(ttft) == 4 and (ttft["n"] == 4).all()
+    assert "server_ttft_ms" in set(summary["metric"]) and "server_mean_ttft_ms" not in set(summary["metric"])
     env = json.loads((out / "env.json").read_text())
     assert env["engine"] == "endpoint" and "uvicorn" in env["server"]
     assert main(["summarize", str(out)]) == 0  # the results directory is an ordinary one
@@ -353,6 +357,28 @@ def test_the_server_stops_cleanly_on_sigterm(server):
     assert "server stopped" in log and "Traceback" not in log
 
 
+def test_a_server_stopped_while_it_loads_exits_at_once_with_code_0(tmp_path):
+    """Ctrl-C or SIGTERM while the model loads on its engine thread (or warms up there): the
+    process ends without waiting for the load, exit code 0 as when serving, no traceback."""
+    procs = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        log = (tmp_path / f"{sig.name}.log").open("w+")
+        procs[sig] = log, subprocess.Popen(  # SIGINT as a terminal sends it (a shell's & may ignore it)
+            [sys.executable, "-m", "bench", "serve", *SERVE, "--port", str(_free_port())], cwd=ROOT,
+            stdout=subprocess.DEVNULL, stderr=log, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    for sig, (log, proc) in procs.items():
+        deadline = time.monotonic() + 60
+        while "loading" not in (tmp_path / f"{sig.name}.log").read_text() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(sig)
+    for sig, (log, proc) in procs.items():
+        rc = proc.wait(timeout=30)
+        text = (tmp_path / f"{sig.name}.log").read_text()
+        log.close()
+        assert rc == 0 and "Traceback" not in text, (sig.name, rc, text[-2000:])
+        assert "stopped before serving" in text or "server stopped" in text
+
+
 def test_a_served_prompt_is_tokenized_once():
     """The server checks that a request fits with the prompt the engine then runs (not a second
     tokenization on the engine thread)."""
@@ -376,6 +402,28 @@ def test_a_served_prompt_is_tokenized_once():
         r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
     assert len(calls) == 1
+
+
+def test_a_served_image_embedding_hit_says_cache_hit_with_no_cached_tokens():
+    """embedcache reuses image embeddings but no prompt tokens' keys and values: the response's
+    timings say cache_hit, as the in-process row does, where cached_tokens 0 cannot."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from bench.run.config import DEMO_IMAGE, config_class
+    from bench.serve.app import create_app
+    from bench.serve.loading import load_engine, model_source
+
+    cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1, variants="embedcache")
+    engine, _, name = load_engine(cfg, model_source(cfg))
+    url = "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
+    body = {"model": name, "max_tokens": 1, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]}]}
+    with TestClient(create_app(engine, name, 4)) as client:
+        cold, warm = (client.post("/v1/chat/completions", json=body).json() for _ in range(2))
+    assert [r["usage"]["prompt_tokens_details"]["cached_tokens"] for r in (cold, warm)] == [0, 0]
+    assert [r["timings"]["cache_hit"] for r in (cold, warm)] == [False, True]
 
 
 def test_the_engine_is_loaded_and_served_on_one_thread_of_its_own():

@@ -18,7 +18,7 @@ NOT_SERVED = ("executor", "gpus", "workers", "ray_address", "worker_timeout", "o
               "frames_dir", "video_mode", "loader", "num_runs", "min_seconds", "max_runs", "warmup", "max_cv",
               "fidelity", "calibrate", "wide")
 EXIT_CODES = """exit codes:
-  0  stopped (Ctrl-C or SIGTERM) once the running batch is done
+  0  stopped (Ctrl-C or SIGTERM): once the running batch is done; while loading or warming up, at once
   2  usage error (bad flag, a taken port, a variant this device cannot run); nothing served"""
 MAX_WINDOW_MS = 60_000.0
 
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--max-new-tokens {cfg.max_new_tokens} (a request's default max_tokens) is past "
                          f"--max-tokens-limit {serve['max_tokens_limit']}")
     need_serve_extra()
-    from bench.serve.loading import check_default_request, load_engine, model_source
+    from bench.serve.loading import check_default_request, model_source
 
     source = model_source(cfg)
     check_default_request(cfg, source)
@@ -90,17 +90,38 @@ def main(argv: list[str]) -> int:
 
     from bench.log import status
     from bench.run import host
+    from bench.cli.run import terminate_as_interrupt
     from bench.serve.app import create_app
 
-    from bench.serve.worker import EngineThread
-
     _Server = _server_class()
-    engine_thread = EngineThread()  # loads, warms up and serves the engine (bench.serve.worker)
-    engine, variant, model = engine_thread.call(load_engine, cfg, source)
-    name = serve["served_model_name"] or model
+    try:
+        with terminate_as_interrupt():  # Ctrl-C or SIGTERM before serving: exit 0 at once, as when serving
+            engine, variant, name, engine_thread = _load_and_warm_up(cfg, source, serve)
+    except KeyboardInterrupt:
+        status("stopped before serving")
+        _exit_now(0)
     app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
                      cfg.num_frames, serve["max_tokens_limit"], serve["max_request_mb"], serve["image_cache_mb"],
                      engine_thread)
+    host.before_warmup()  # the loaded heap frozen out of the collector's walks (bench.serve.worker)
+    status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1 "
+           f"({http_stack()})")
+    _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run(sockets=[sock])
+    status("server stopped")
+    return 0
+
+
+def _load_and_warm_up(cfg, source, serve: dict):
+    """(engine, variant name, served model name, its EngineThread): the engine loaded and, with
+    --prewarm, warmed up on the thread that will serve it (bench.serve.worker). The engine thread
+    is a daemon: a Ctrl-C here ends the process without waiting for the load to finish."""
+    from bench.log import status
+    from bench.serve.loading import load_engine
+    from bench.serve.worker import EngineThread
+
+    status(f"loading {source.name} ({cfg.variant_specs[0]})")
+    engine_thread = EngineThread()
+    engine, variant, model = engine_thread.call(load_engine, cfg, source)
     if serve["prewarm"]:
         from bench.models.visual import load_image
         from bench.serve.loading import warm_up
@@ -108,12 +129,20 @@ def main(argv: list[str]) -> int:
         status(f"warming up: every batch size up to {serve['max_batch']}, {cfg.max_new_tokens} tokens each")
         engine_thread.call(warm_up, engine, load_image(cfg.image_path), serve["max_batch"], cfg.max_new_tokens,
                            Path(cfg.image_path).read_bytes())
-    host.before_warmup()  # the loaded heap frozen out of the collector's walks (bench.serve.worker)
-    status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1 "
-           f"({http_stack()})")
-    _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run(sockets=[sock])
-    status("server stopped")
-    return 0
+    return engine, variant, serve["served_model_name"] or model, engine_thread
+
+
+def _exit_now(code: int) -> None:
+    """End the process at once with `code`, skipping the interpreter's shutdown: the engine thread
+    may be inside the model's native code (loading, warming up), and finalizing the interpreter
+    under it aborts the process (C++ "terminate called without an active exception"). Nothing is
+    left to clean up before serving: nothing was written, and the socket closes with the process."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def listening_socket(host: str, port: int):

@@ -196,12 +196,16 @@ COLUMNS: tuple[Column, ...] = (
                                                       "requests, from the server's /metrics before and after "
                                                       "(vlm-bench serve's counters; vLLM's prefix_cache ones, in "
                                                       "tokens); empty when the server exposes none"),
-    _c("server_ttft_ms", "ms", False, "endpoint mode: the server's own time to first token: the request's, where "
+    _c("server_ttft_ms", "ms", False, "endpoint mode: the server's own time to first token for the request, where "
                                       "the response reports it (vlm-bench serve's `timings`, which also fill the "
-                                      "row's preprocess_ms ... store_ms with its engine's phases), else the point's "
-                                      "mean from the server's /metrics histogram before and after (vLLM's "
-                                      "time_to_first_token_seconds); ttft_ms minus it is what HTTP, the client and "
-                                      "the network add; empty when the server reports neither", True),
+                                      "row's preprocess_ms ... store_ms with its engine's phases); ttft_ms minus it "
+                                      "is what HTTP, the client and the network add; empty when the response has "
+                                      "none (server_mean_ttft_ms may have the point's mean)", True),
+    _c("server_mean_ttft_ms", "ms", False, "endpoint mode: the server's mean time to first token over the point's "
+                                           "requests (the same on each of its rows), from its /metrics histogram "
+                                           "before and after (vlm-bench serve's vlm_time_to_first_token_seconds, "
+                                           "vLLM's time_to_first_token_seconds); not summarized (one value per "
+                                           "point, not per request); empty when the server exposes none"),
     _c("slo_met", "", None, "endpoint mode with --slo: the request succeeded within every bound given (e.g. "
                             "ttft_ms=500,tpot_ms=50)"),
     _c("goodput_rps", "requests/s", True, "endpoint mode with --slo: the point's requests that met the SLO per second "

@@ -18,7 +18,8 @@ carries `prompt_tokens_details.cached_tokens` (OpenAI's field: prompt tokens who
 prefix cache) and the response (streamed: its last chunk with choices) a `timings` object, as
 llama.cpp's server does: `ttft_ms` (request read -> first token handed to HTTP), `queue_ms` and the
 engine's phases before the first token (`preprocess_ms` ... `store_ms`, bench.measure.schema's
-columns). Endpoint mode files them in the request's row, so a served row shows the same phase
+columns) and `cache_hit` (the request reused cached work: a prefix, or image embeddings, which
+leave cached_tokens 0). Endpoint mode files them in the request's row, so a served row shows the same phase
 breakdown as an in-process one and `ttft_ms - server_ttft_ms` is what HTTP and the client add.
 """
 from __future__ import annotations

@@ -140,20 +140,41 @@ SERVER_TIMINGS = {"ttft_ms": "server_ttft_ms", "preprocess_ms": "preprocess_ms",
                   "store_ms": "store_ms"}
 
 
+MAX_COUNT = 2**53  # a token count past it is no count (and past float's range, no number)
+
+
+def _count(value) -> int | None:
+    """A JSON value that is a token count (an int from 0 to MAX_COUNT, not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT else None
+
+
+def _ms(value) -> float | None:
+    """A JSON value that is a time in ms (a finite number, at least 0, not a bool), else None."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        ms = float(value)
+    except OverflowError:  # an int past float's range
+        return None
+    return ms if math.isfinite(ms) and ms >= 0 else None
+
+
 def _server_columns(timings) -> dict:
-    """The row columns a response's `timings` object gives (numbers only; anything else ignored)."""
+    """The row columns a response's `timings` object gives (numbers only; anything else ignored),
+    and cache_hit where it says (vlm-bench serve: a hit on the image-embedding cache reuses work
+    with no cached prompt tokens)."""
     if not isinstance(timings, dict):
         return {}
-    return {column: float(timings[key]) for key, column in SERVER_TIMINGS.items()
-            if isinstance(timings.get(key), (int, float)) and not isinstance(timings[key], bool)
-            and math.isfinite(timings[key]) and timings[key] >= 0}
+    columns = {column: _ms(timings.get(key)) for key, column in SERVER_TIMINGS.items()}
+    if isinstance(timings.get("cache_hit"), bool):
+        columns["cache_hit"] = timings["cache_hit"]
+    return {k: v for k, v in columns.items() if v is not None}
 
 
 def _cached_tokens(usage: dict | None) -> int | None:
     """OpenAI's usage.prompt_tokens_details.cached_tokens, where the server reports it."""
     details = (usage or {}).get("prompt_tokens_details")
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return cached if isinstance(cached, int) and not isinstance(cached, bool) and cached >= 0 else None
+    return _count(details.get("cached_tokens")) if isinstance(details, dict) else None
 
 
 def _chunk_parts(data: str) -> tuple[dict | None, list[str], str | None, dict]:
@@ -206,17 +227,18 @@ async def one_request(api: Api, body: dict) -> dict:
     if not times:
         return {"status": "failed", "error": "the server sent no content"}
     ttft = (times[0] - t0) * 1e3
-    out_tokens = (usage or {}).get("completion_tokens")
-    if not isinstance(out_tokens, int) or isinstance(out_tokens, bool) or out_tokens < 1:
+    out_tokens = _count((usage or {}).get("completion_tokens"))
+    if not out_tokens:
         out_tokens = len(times)  # the server's usage is missing or not a count: content chunks counted
-    prompt_tokens = (usage or {}).get("prompt_tokens")
+    prompt_tokens = _count((usage or {}).get("prompt_tokens"))
     gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
     row = {"status": "ok", "ttft_ms": ttft, "e2e_ms": e2e, "output_tokens": out_tokens,
-           "prompt_tokens": prompt_tokens if isinstance(prompt_tokens, int) else None, "output_text": "".join(text)[:80],
+           "prompt_tokens": prompt_tokens, "output_text": "".join(text)[:80],
            "requests_per_s": 1e3 / e2e, "output_tok_s": out_tokens / (e2e / 1e3), **server}
     cached = _cached_tokens(usage)
     if cached is not None:
-        row.update(cached_tokens=cached, cache_hit=cached > 0)
+        row["cached_tokens"] = cached
+        row.setdefault("cache_hit", cached > 0)  # the server's own word (timings) first
     if out_tokens > 1:
         row["tpot_ms"] = (e2e - ttft) / (out_tokens - 1)
         row["decode_ms"] = e2e - ttft

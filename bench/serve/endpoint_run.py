@@ -149,10 +149,10 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
                     for r in results:
                         r["goodput_rps"] = goodput
                 server_side = {"server_prefix_hit_rate": after.prefix_hit_rate(before),
-                               "server_ttft_ms": after.mean_ttft_ms(before)}
-                for i, result in enumerate(results):  # a request's own server TTFT (timings) before the mean
-                    rows.append(_emit(writer, {**base, **server_side, **result, "kind": "measured", "run_index": i,
-                                               "question": measured_qs[i % len(measured_qs)]}))
+                               "server_mean_ttft_ms": after.mean_ttft_ms(before)}
+                for i, result in enumerate(results):
+                    rows.append(_emit(writer, {**base, **result, "kind": "measured", "run_index": i,
+                                               "question": measured_qs[i % len(measured_qs)], **server_side}))
     return rows, server
 
 

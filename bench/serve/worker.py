@@ -218,7 +218,8 @@ class Worker:
         phases = {f"{name}_ms": result.phases_ms.get(name, 0.0) for name in ENGINE_PHASES}
         for job in batch:
             job.emit("done", {"usage": usage, "cached_tokens": result.cached_tokens, "cache_hit": result.cache_hit,
-                              "timings": {"queue_ms": (job.taken - job.queued) * 1e3, **phases}})
+                              "timings": {"queue_ms": (job.taken - job.queued) * 1e3, **phases,
+                                          "cache_hit": result.cache_hit}})
         m = self.metrics
         m.requests.labels("ok").inc(len(batch))
         m.prompt_tokens.inc(usage["prompt_tokens"] * len(batch))
