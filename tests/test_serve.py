@@ -120,6 +120,10 @@ def test_openai_client_streamed_and_not_match_the_in_process_engine(server, clie
     engine.token_hook = lambda tokens: order.append("token")
     cold = engine.adapter.decode(engine.run(visual, question, 8).tokens)
     assert order[:2] == ["token", "store"]  # a cold request's first token goes out before its prefix is stored
+    engine.policy.clear()
+    order.clear()
+    engine.run_batch([(visual, question), (visual, "And the colours?")], 2)  # one prefix both rows miss on
+    assert order[:2] == ["token", "store"]
     engine.token_hook = None
     warm = engine.adapter.decode(engine.run(visual, question, 8).tokens)
     assert text in (cold, warm)  # greedy: the in-process engine's text, cache miss or hit as on the server

@@ -253,7 +253,8 @@ class HFEngine:
             and len({lk.key for lk in lookups}) == 1
         if len(requests) > 1 and shared_miss:
             # Every row misses on the same prefix (one image, several questions): prefill it once,
-            # store it, and restore it into every row, as a later warm batch would.
+            # restore it into every row, as a later warm batch would, and store it once the first
+            # tokens are out (store_ms is not part of TTFT).
             p0 = prepared[0]
             p0.pixel_values = a.pixels_for(visuals[0])
             tl.mark("preprocess", host_only=True)
@@ -261,13 +262,13 @@ class HFEngine:
             tl.mark("vision")
             entry, nbytes = self.prefill_prefix(a.prefix_embeds(p0, image_embeds[0]), p0.prefix_tokens)
             tl.mark("prefill")
-            policy.store_prefix(lookups[0], entry, nbytes)
-            tl.mark("store")
             lengths = self.restore_prefixes([entry] * len(requests), cache)
             tl.mark("restore")
             token, first = self._suffix_prefill(prepared, cache, lengths)
             tl.mark("prefill")
             self._first_token(first)
+            policy.store_prefix(lookups[0], entry, nbytes)
+            tl.mark("store")
             cached = 0
         elif not hit:
             for p, v in zip(prepared, visuals):
