@@ -157,12 +157,11 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        runs = Path(ns.output_dir) / "runs.csv" if ns.output_dir else None
-        where = (f"the finished requests' rows are in {runs}" if runs is not None and runs.is_file()
-                 else "nothing measured was kept" if runs is not None else
-                 "the finished requests' rows, if any, are in its results/local/ directory's runs.csv")
-        print(f"\ninterrupted: {where} (no summary.csv or env.json: the run did not finish)", file=sys.stderr)
+    except KeyboardInterrupt as e:  # endpoint_run.Interrupted once the run has a directory
+        out = getattr(e, "out", None)
+        where = "nothing measured was kept" if out is None else \
+            f"the finished requests' rows and their summary are in {out}"
+        print(f"\ninterrupted: {where}", file=sys.stderr)
         return 130
     measured = [r for r in rows if r["kind"] == "measured"]
     ok = [r for r in measured if r["status"] == "ok"]

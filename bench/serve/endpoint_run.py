@@ -16,8 +16,8 @@ from pathlib import Path
 
 
 from bench.errors import UsageError
-from bench.measure.results import (DirLock, check_output_dir, new_run_id, run_writer, utc_now, write_json,
-                                   write_summary)
+from bench.measure.results import (DirLock, check_output_dir, new_run_id, read_runs, run_writer, utc_now,
+                                   write_json, write_summary)
 from bench.models.visual import load_image
 from bench.run import envinfo
 from bench.run.questions import warmup_questions
@@ -70,8 +70,17 @@ def point_questions(cfg: EndpointConfig) -> dict[int | None, tuple[list[str], li
             for n in cfg.prompt_lengths}
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped the run; `out` holds the finished requests' rows, their summary
+    and env.json, as an interrupted in-process run's directory does."""
+
+    def __init__(self, out: Path):
+        super().__init__(str(out))
+        self.out = out
+
+
 def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[dict]]:
-    """(results directory, rows, summary rows)."""
+    """(results directory, rows, summary rows); Interrupted when stopped part-way."""
     run_id = new_run_id()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     out = cfg.output_dir or Path(f"results/local/{stamp}-endpoint-{cfg.model.replace('/', '_')}")
@@ -84,20 +93,28 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
     lock = DirLock(out)
     try:
         writer = run_writer(out)
+        interrupted = False
         try:
             rows, server = asyncio.run(_measure(cfg, questions, image_file, image, run_id, writer))
+        except KeyboardInterrupt:  # the rows written so far are the run's
+            interrupted = True
         finally:
             writer.close()
+        if interrupted:
+            rows = read_runs(out / "runs.csv") if (out / "runs.csv").is_file() else []
+            server = next((r.get("server") for r in rows if r.get("server")), "")
         config = {k: str(v) for k, v in vars(cfg).items() if k != "api_key"}
         # what `summarize` rebuilds summary.csv with (a point's requests are its runs)
         config.update(num_runs=max(cfg.num_prompts, 1), min_seconds=0.0, max_cv=cfg.max_cv)
-        env = envinfo.collect(command, {}, {"config": config, "run_id": run_id,
-                                            "model": cfg.model, "engine": "endpoint", "server": server})
+        env = envinfo.collect(command, {}, {"config": config, "run_id": run_id, "model": cfg.model,
+                                            "engine": "endpoint", "server": server, "interrupted": interrupted})
         write_json(out / "env.json", env)
         summary = summarize_runs(rows, ValidityRule(max(cfg.num_prompts, 1), 0.0, cfg.max_cv))
         write_summary(out, summary)
     finally:
         lock.release()
+    if interrupted:
+        raise Interrupted(out)
     return out, rows, summary
 
 
