@@ -186,25 +186,28 @@ async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_u
         return _sse({**head, "object": "chat.completion.chunk",
                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
 
+    # the role's chunk goes out in one write with the first token's (one send less before a
+    # client sees its first content)
+    lead = chunk({"role": "assistant", "content": ""})
     try:
-        yield chunk({"role": "assistant", "content": ""})
         while True:
             kind, value = pending.pop() if pending else await events.get()
             if kind == "token":
                 delta = text.add(value)
                 if delta:
-                    yield chunk({"content": delta})
+                    yield lead + chunk({"content": delta})
+                    lead = ""
             elif kind == "error":
-                yield _sse({"error": {"message": value, "type": "server_error", "param": None, "code": None}})
-                break
+                yield lead + _sse({"error": {"message": value, "type": "server_error", "param": None,
+                                             "code": None}}) + _sse("[DONE]")
+                return
             else:
                 rest = text.rest()
-                if rest:
-                    yield chunk({"content": rest})
-                yield chunk({}, "length", timings=_timings(value, ttft_s))
+                out = lead + (chunk({"content": rest}) if rest else "") + \
+                    chunk({}, "length", timings=_timings(value, ttft_s))
                 if include_usage:
-                    yield _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(value)})
-                break
-        yield _sse("[DONE]")
+                    out += _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(value)})
+                yield out + _sse("[DONE]")
+                return
     finally:
         job.cancelled.set()  # a no-op once the job is done; frees its slot when the client left early
