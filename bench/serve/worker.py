@@ -81,6 +81,7 @@ class Job:
     prepared: object = None  # the prompt as the engine tokenizes it (Worker._fits makes it; the engine reuses it)
     queued: float = 0.0  # time.perf_counter() when submitted
     taken: float = 0.0  # time.perf_counter() when the engine thread took it from the queue
+    tokenize_ms: float = 0.0  # making `prepared` (an in-process run counts it in its preprocess phase)
 
 
 class Worker:
@@ -173,7 +174,9 @@ class Worker:
                                      f"send a multiple of {group} image_url parts (or a video) per request, not "
                                      f"{len(visual)}")
         try:
+            start = time.perf_counter()
             job.prepared = self.engine.adapter.prepare_text(r.question, visual)
+            job.tokenize_ms = (time.perf_counter() - start) * 1e3
             prompt = job.prepared.prompt_tokens
         except (UsageError, QuestionError) as e:  # the family cannot show this visual input (e.g. a frame count)
             return self._refuse(job, str(e))  # or the question holds the model's image placeholder
@@ -216,6 +219,8 @@ class Worker:
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         # the engine's phases (the batch's, as in-process batch rows report them)
         phases = {f"{name}_ms": result.phases_ms.get(name, 0.0) for name in ENGINE_PHASES}
+        # the batch's prompts were tokenized before it ran (_fits); in-process runs count that in preprocess
+        phases["preprocess_ms"] += sum(job.tokenize_ms for job in batch)
         for job in batch:
             job.emit("done", {"usage": usage, "cached_tokens": result.cached_tokens, "cache_hit": result.cache_hit,
                               "timings": {"queue_ms": (job.taken - job.queued) * 1e3, **phases,
