@@ -880,18 +880,26 @@ def test_endpoint_server_not_there_or_not_openai(tmp_path, capsys):
 def test_endpoint_stream_not_openai_is_a_failed_row(tmp_path, capsys, chunks, reason):
     """A server that answers /models but streams something else: every request a failed row with
     the reason, the run goes on, exit code 3 (nothing measured)."""
+    TRIED.append(f"endpoint stream {chunks[0]}")
+    rows = _two_streamed_requests(tmp_path, capsys, chunks, 3)  # nothing measured
+    assert all(r["status"] == "failed" and reason in r["error"] for r in rows), rows
+
+
+def _two_streamed_requests(tmp_path, capsys, chunks: list[str], rc: int) -> list[dict]:
+    """The measured rows of an endpoint run of two requests against a server streaming `chunks`
+    to each; the run's exit code is `rc`, with no traceback."""
     import csv
 
     out = tmp_path / "endpoint"
-    TRIED.append(f"endpoint stream {chunks[0]}")
     with _FakeServer(models={"data": [{"id": "m"}]}, chunks=chunks) as fake:
-        rc = exit_code(main, ["run", "--endpoint", fake.url, "--model", "m", "--num-prompts", "2", "--warmup", "0",
-                              "--output-dir", out])
+        code = exit_code(main, ["run", "--endpoint", fake.url, "--model", "m", "--num-prompts", "2", "--warmup", "0",
+                                "--output-dir", out])
     err = capsys.readouterr().err
-    assert rc == 3 and "Traceback" not in err, err
+    assert code == rc and "Traceback" not in err, err
     with open(out / "runs.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["kind"] == "measured"]
-    assert len(rows) == 2 and all(r["status"] == "failed" and reason in r["error"] for r in rows), rows
+    assert len(rows) == 2, rows
+    return rows
 
 
 _HUGE = "1" + "0" * 400  # a JSON int past float's range
@@ -915,21 +923,12 @@ def test_endpoint_usage_and_timings_of_other_shapes_are_filed_or_left_out(tmp_pa
                                                                           completion, want):
     """Other servers' `timings` and usage details (llama.cpp's, vLLM's null), and values out of any
     range: each request an ok row with what could be read, the rest left empty."""
-    import csv
-
-    out = tmp_path / "endpoint"
     chunks = ['{"choices": [{"delta": {"content": "a"}}]}',
               f'{{"choices": [{{"delta": {{"content": "b"}}, "finish_reason": "length"}}], "timings": {timings}}}',
               f'{{"choices": [], "usage": {{"prompt_tokens": 9, "completion_tokens": {completion}, '
               f'"prompt_tokens_details": {details}}}}}']
-    with _FakeServer(models={"data": [{"id": "m"}]}, chunks=chunks) as fake:
-        rc = exit_code(main, ["run", "--endpoint", fake.url, "--model", "m", "--num-prompts", "2", "--warmup", "0",
-                              "--output-dir", out])
-    err = capsys.readouterr().err
-    assert rc == 0 and "Traceback" not in err, err
-    with open(out / "runs.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["kind"] == "measured"]
-    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows), rows
+    rows = _two_streamed_requests(tmp_path, capsys, chunks, 0)
+    assert all(r["status"] == "ok" for r in rows), rows
     assert [{k: r[k] for k in want} for r in rows] == [want, want]
 
 

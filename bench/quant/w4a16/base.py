@@ -35,3 +35,12 @@ class W4A16Kernel:
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in_features] (the activation dtype) -> [rows, out_features], no bias."""
         raise NotImplementedError
+
+
+def cuda_half_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why a CUDA kernel taking float16 or bfloat16 activations cannot run on `device` with `dtype`."""
+    if device.type != "cuda":
+        return f"{name} runs on CUDA only"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{name} takes float16 or bfloat16 activations, not {dtype}"
+    return None

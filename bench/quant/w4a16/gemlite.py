@@ -25,7 +25,7 @@ from functools import lru_cache
 import torch
 
 from bench.measure import compile_events
-from bench.quant.w4a16.base import W4A16Kernel
+from bench.quant.w4a16.base import W4A16Kernel, cuda_half_unavailable
 
 _TENSORS = ("W_q", "scales", "zeros", "meta_scale")  # GemLiteLinear.get_tensor_args(), in its order
 
@@ -58,11 +58,7 @@ class Gemlite(W4A16Kernel):
         self.name = "gemlite-" + matmul_type.lower().replace("_", "-")
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        if device.type != "cuda":
-            return f"{self.name} runs on CUDA only"
-        if dtype not in (torch.float16, torch.bfloat16):
-            return f"{self.name} takes float16 or bfloat16 activations, not {dtype}"
-        return _gemlite()[1]
+        return cuda_half_unavailable(self.name, device, dtype) or _gemlite()[1]
 
     def shape_unsupported(self, layer) -> str | None:
         if layer.in_features % 32 or layer.group_size < 16:

@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 
 from bench.measure import compile_events
-from bench.quant.w4a16.base import W4A16Kernel
+from bench.quant.w4a16.base import W4A16Kernel, cuda_half_unavailable
 
 
 @lru_cache(maxsize=None)
@@ -48,11 +48,7 @@ class Tiles(W4A16Kernel):
         self.name = "triton-tiles-splitk" if split_k else "triton-tiles"
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        if device.type != "cuda":
-            return f"{self.name} runs on CUDA only"
-        if dtype not in (torch.float16, torch.bfloat16):
-            return f"{self.name} takes float16 or bfloat16 activations, not {dtype}"
-        return _module()[1]
+        return cuda_half_unavailable(self.name, device, dtype) or _module()[1]
 
     def shape_unsupported(self, layer) -> str | None:
         if not layer.published_layout:
