@@ -91,3 +91,22 @@ def test_cuda_timelines_reuse_their_events_and_time_each_phase():
         measured.append(dict(tl.phases_ms()))
     assert measured[1]["gpu"] > 3 * measured[0]["gpu"] and measured[1]["gpu"] > 3 * measured[2]["gpu"]
     assert all(m["idle"] < m["gpu"] for m in measured)
+
+
+def test_a_token_feed_hands_every_step_to_the_hook_in_order():
+    """On the CPU each step's ids go to the hook at once; on CUDA one step late (after the next
+    step is queued), all of them by the flush, in order."""
+    from bench.engines.token_feed import TokenFeed
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        seen = []
+        feed = TokenFeed(seen.append)
+        for step in range(5):
+            tokens = torch.tensor([step, 10 + step], device=device)
+            if device == "cuda":
+                torch.cuda._sleep(1_000_000)  # a step still running when its ids are pushed
+            feed.push(tokens * 1)
+            assert len(seen) == (step + 1 if device == "cpu" else step)
+        feed.flush()
+        assert seen == [[s, 10 + s] for s in range(5)], device

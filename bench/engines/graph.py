@@ -27,6 +27,7 @@ from bench.engines.decoder import inductor_options
 from bench.engines.kv_buffers import KVBuffers
 from bench.engines.spec import EngineSpec
 from bench.engines.static import StaticEngine
+from bench.engines.token_feed import TokenFeed
 from bench.errors import VariantUnsupported
 from bench.measure.timing import Timeline
 from bench.measure.compile_events import note_capture
@@ -280,10 +281,13 @@ class GraphEngine(StaticEngine):
         cache.settle()  # the replays advance the length on the device
         tok = self._set_decode_input(token)
         out = []
+        feed = None if self.token_hook is None else TokenFeed(self.token_hook)
         for key_len in self._decode_lengths(cache, steps):
             self._decode_graph(token.shape[0], key_len).graph.replay()
             out.append(tok.clone())
             tl.mark("decode")
-            if self.token_hook is not None:
-                self.token_hook(out[-1].tolist())
+            if feed is not None:
+                feed.push(out[-1])
+        if feed is not None:
+            feed.flush()
         return out

@@ -21,6 +21,7 @@ from bench.engines import attention_kernels
 from bench.engines.cache_policy import CachePolicy
 from bench.engines.decoder import built_decoder
 from bench.engines.spec import EngineSpec
+from bench.engines.token_feed import TokenFeed
 from bench.log import status
 from bench.models.base import VLMAdapter
 from bench.measure.request import RequestResult
@@ -70,7 +71,8 @@ class HFEngine:
     name = "hf"
     default_spec = EngineSpec()  # reads `attention` only
     # Called with every row's token ids (list[int]) as each position is generated: the first after
-    # prefill, then after every decode step (a server streams them). None: no per-token host sync.
+    # prefill, then after every decode step, as soon as the step is done (bench.engines.token_feed;
+    # a server streams them). None: no per-token host sync.
     token_hook = None
 
     def __init__(self, adapter: VLMAdapter, policy: CachePolicy, spec: EngineSpec | None = None):
@@ -185,12 +187,15 @@ class HFEngine:
     def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
         """`steps` greedy steps after `token` [B], one timeline mark each; token ids stay on device."""
         out = []
+        feed = None if self.token_hook is None else TokenFeed(self.token_hook)
         for _ in range(steps):
             token = self.decode_step(token, cache)[:, -1].argmax(-1)
             out.append(token)
             tl.mark("decode")
-            if self.token_hook is not None:
-                self.token_hook(token.tolist())
+            if feed is not None:
+                feed.push(token)
+        if feed is not None:
+            feed.flush()
         return out
 
     def _first_token(self, first: list[int]) -> None:
