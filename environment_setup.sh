@@ -24,5 +24,10 @@ if ! python -c "import torch" >/dev/null 2>&1; then
     fi
 fi
 python -m pip install -q -e ".[quant,dev,ray]"
+if ! command -v nvidia-smi >/dev/null 2>&1 && ! python -c "import triton" >/dev/null 2>&1; then
+    # CPU-only: the tests run our Triton int4 kernel in Triton's interpreter (the version the GPU
+    # reference machine has; CUDA builds of torch bring their own Triton, left as it is)
+    python -m pip install -q "triton==3.6.0"
+fi
 python -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}, cuda={torch.cuda.is_available()}')"
 echo "ready (nothing to activate): .venv/bin/python vila_prefix_benchmark.py runs the benchmark, .venv/bin/python -m pytest the tests"

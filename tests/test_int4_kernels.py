@@ -709,13 +709,14 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch
 import triton.runtime.interpreter as interpreter
 
-_patch = interpreter._patch_lang_tensor
+_patch = getattr(interpreter, "_patch_lang_tensor", None)  # (Triton versions without it need no help)
 
 def _patched(tensor, scope):
     _patch(tensor, scope)
     scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-interpreter._patch_lang_tensor = _patched
+if _patch is not None:
+    interpreter._patch_lang_tensor = _patched
 from bench.quant.int4 import TINYGEMM_MID, quantize_int4, tinygemm_tile_source
 from bench.quant import triton_w4a16
 
