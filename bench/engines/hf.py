@@ -198,10 +198,17 @@ class HFEngine:
             feed.flush()
         return out
 
-    def _first_token(self, first: list[int]) -> None:
-        """Every row's first token to the per-token hook, as soon as it is on the host."""
-        if self.token_hook is not None:
-            self.token_hook(first)
+    def _first_token(self, first: list[int], store=None) -> None:
+        """Every row's first token to the per-token hook, as soon as it is on the host; then
+        `store()` (the prefix cache's store: store_ms is not part of TTFT), also when the hook
+        stops the batch (a server's clients all gone): the prefix is prefilled by then, and a
+        later request on it finds it stored."""
+        try:
+            if self.token_hook is not None:
+                self.token_hook(first)
+        finally:
+            if store is not None:
+                store()
 
     def _encode_rows(self, prepared: list, rows: list[int]) -> list[torch.Tensor]:
         """Vision tower once over the pixels of `rows`; each row's embeddings [1, n, H]."""
@@ -271,8 +278,7 @@ class HFEngine:
             tl.mark("restore")
             token, first = self._suffix_prefill(prepared, cache, lengths)
             tl.mark("prefill")
-            self._first_token(first)
-            policy.store_prefix(lookups[0], entry, nbytes)
+            self._first_token(first, lambda: policy.store_prefix(lookups[0], entry, nbytes))
             tl.mark("store")
             cached = 0
         elif not hit:
@@ -287,12 +293,15 @@ class HFEngine:
             token = logits[:, -1].argmax(-1)
             first = token.tolist()
             tl.mark("prefill")
-            self._first_token(first)  # before the prefix is stored: store_ms is not part of TTFT
-            stored = set()
-            for row, (p, lk) in enumerate(zip(prepared, lookups)):
-                if lk is not None and lk.entry is None and lk.key not in stored:
-                    policy.store_prefix(lk, *self.save_prefix(cache, row, p.prefix_tokens))
-                    stored.add(lk.key)
+
+            def store():
+                stored = set()
+                for row, (p, lk) in enumerate(zip(prepared, lookups)):
+                    if lk is not None and lk.entry is None and lk.key not in stored:
+                        policy.store_prefix(lk, *self.save_prefix(cache, row, p.prefix_tokens))
+                        stored.add(lk.key)
+
+            self._first_token(first, store)
             tl.mark("store")
             cached = 0
         else:
