@@ -13,6 +13,7 @@ one has no gap and no mask: exactly the single-request path.
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 from transformers import DynamicCache
@@ -67,6 +68,10 @@ class HFCache:
         return mask.long(), pos
 
 
+# Warnings already given, per loaded model (every engine made over it would repeat them)
+_SAID: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class HFEngine:
     name = "hf"
     default_spec = EngineSpec()  # reads `attention` only
@@ -98,9 +103,14 @@ class HFEngine:
         asked = [f"{flag} {want}" for flag, want, runs in (("--int4-kernels", self.spec.int4_kernels, kernels),
                                                          ("--int4-prefill-kernel", self.spec.int4_prefill_kernel,
                                                           prefill)) if want != runs]
-        if asked:
-            status(f"warning: the {self.name} engine runs int4 weights on {kernels} (prefill: {prefill}); "
+        if not asked:
+            return
+        message = (f"warning: the {self.name} engine runs int4 weights on {kernels} (prefill: {prefill}); "
                    f"{' and '.join(asked)} {'apply' if len(asked) > 1 else 'applies'} to the static and graph engines")
+        said = _SAID.setdefault(self.adapter.model, set())
+        if message not in said:  # once per model: a run makes its engine again (fidelity probe, a failed point)
+            said.add(message)
+            status(message)
 
     def _int4_layers(self) -> list:
         return int4_modules(self.adapter.model)
