@@ -1044,7 +1044,7 @@ def test_endpoint_output_dir_not_empty_names_what_endpoint_mode_takes(tmp_path, 
 
 def test_endpoint_run_interrupted_is_one_line_exit_130(tmp_path):
     """Ctrl-C while a request is in flight: no traceback, exit code 130, one line naming where
-    the finished requests' rows are, with their summary and env.json (as an interrupted
+    the rows written so far are (none here), with their summary and env.json (as an interrupted
     in-process run), so the directory is an ordinary results directory."""
     import signal
     import subprocess
@@ -1062,5 +1062,6 @@ def test_endpoint_run_interrupted_is_one_line_exit_130(tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith("interrupted: ") and str(out) in lines[0], err
+    assert "no request's row had been written" in lines[0], err  # the one request was still in flight
     assert {p.name for p in out.iterdir()} >= {"runs.csv", "summary.csv", "env.json"}
     assert json.loads((out / "env.json").read_text())["interrupted"] is True

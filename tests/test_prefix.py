@@ -122,3 +122,25 @@ def test_cold_and_warm_rows_and_ttft_gain(tmp_path):
     assert set(ttft) == {("fp16", "none"), ("embedcache", "cold"), ("embedcache", "warm"), ("prefix", "cold"),
                          ("prefix", "warm")}
     assert ttft[("prefix", "warm")] < 0.7 * ttft[("fp16", "none")], ttft
+
+
+@pytest.mark.parametrize("questions", [["q one"], ["q one", "q two"]])  # a request; a batch on one prefix
+def test_a_batch_stopped_at_its_first_token_keeps_its_prefix(questions, demo_image):
+    """A server stops a batch whose clients have all gone (the per-token hook raises) at its first
+    token; the prefix it prefilled is stored all the same, so a later request on it is a hit."""
+    class Gone(Exception):
+        pass
+
+    def hook(tokens):
+        raise Gone
+
+    adapter = build_preset("tiny-llava", None, CPU, torch.float32, seed=0)
+    policy = PrefixKVPolicy(64)
+    engine = HFEngine(adapter, policy)
+    engine.token_hook = hook
+    with pytest.raises(Gone):
+        engine.run_batch([(demo_image, q) for q in questions], 4)
+    engine.token_hook = None
+    assert len(policy.lru) == 1
+    warm = engine.run(demo_image, "q three", 4)
+    assert warm.cache_hit and warm.tokens == HFEngine(adapter, CachePolicy()).run(demo_image, "q three", 4).tokens

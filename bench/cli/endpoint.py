@@ -158,9 +158,11 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # endpoint_run.Interrupted once the run has a directory
-        out = getattr(e, "out", None)
-        where = "nothing measured was kept" if out is None else \
-            f"the finished requests' rows and their summary are in {out}"
+        out, n = getattr(e, "out", None), getattr(e, "rows", 0)
+        where = ("nothing measured was kept" if out is None else
+                 f"no request's row had been written (a point's are written when it ends); {out} holds none"
+                 if not n else f"the rows of {n} requests (a point's are written when it ends) and their summary "
+                               f"are in {out}")
         print(f"\ninterrupted: {where}", file=sys.stderr)
         return 130
     measured = [r for r in rows if r["kind"] == "measured"]

@@ -13,6 +13,7 @@ one has no gap and no mask: exactly the single-request path.
 from __future__ import annotations
 
 import time
+import weakref
 
 import torch
 from transformers import DynamicCache
@@ -67,6 +68,10 @@ class HFCache:
         return mask.long(), pos
 
 
+# Warnings already given, per loaded model (every engine made over it would repeat them)
+_SAID: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class HFEngine:
     name = "hf"
     default_spec = EngineSpec()  # reads `attention` only
@@ -98,9 +103,14 @@ class HFEngine:
         asked = [f"{flag} {want}" for flag, want, runs in (("--int4-kernels", self.spec.int4_kernels, kernels),
                                                          ("--int4-prefill-kernel", self.spec.int4_prefill_kernel,
                                                           prefill)) if want != runs]
-        if asked:
-            status(f"warning: the {self.name} engine runs int4 weights on {kernels} (prefill: {prefill}); "
+        if not asked:
+            return
+        message = (f"warning: the {self.name} engine runs int4 weights on {kernels} (prefill: {prefill}); "
                    f"{' and '.join(asked)} {'apply' if len(asked) > 1 else 'applies'} to the static and graph engines")
+        said = _SAID.setdefault(self.adapter.model, set())
+        if message not in said:  # once per model: a run makes its engine again (fidelity probe, a failed point)
+            said.add(message)
+            status(message)
 
     def _int4_layers(self) -> list:
         return int4_modules(self.adapter.model)
@@ -198,10 +208,17 @@ class HFEngine:
             feed.flush()
         return out
 
-    def _first_token(self, first: list[int]) -> None:
-        """Every row's first token to the per-token hook, as soon as it is on the host."""
-        if self.token_hook is not None:
-            self.token_hook(first)
+    def _first_token(self, first: list[int], store=None) -> None:
+        """Every row's first token to the per-token hook, as soon as it is on the host; then
+        `store()` (the prefix cache's store: store_ms is not part of TTFT), also when the hook
+        stops the batch (a server's clients all gone): the prefix is prefilled by then, and a
+        later request on it finds it stored."""
+        try:
+            if self.token_hook is not None:
+                self.token_hook(first)
+        finally:
+            if store is not None:
+                store()
 
     def _encode_rows(self, prepared: list, rows: list[int]) -> list[torch.Tensor]:
         """Vision tower once over the pixels of `rows`; each row's embeddings [1, n, H]."""
@@ -271,8 +288,7 @@ class HFEngine:
             tl.mark("restore")
             token, first = self._suffix_prefill(prepared, cache, lengths)
             tl.mark("prefill")
-            self._first_token(first)
-            policy.store_prefix(lookups[0], entry, nbytes)
+            self._first_token(first, lambda: policy.store_prefix(lookups[0], entry, nbytes))
             tl.mark("store")
             cached = 0
         elif not hit:
@@ -287,12 +303,15 @@ class HFEngine:
             token = logits[:, -1].argmax(-1)
             first = token.tolist()
             tl.mark("prefill")
-            self._first_token(first)  # before the prefix is stored: store_ms is not part of TTFT
-            stored = set()
-            for row, (p, lk) in enumerate(zip(prepared, lookups)):
-                if lk is not None and lk.entry is None and lk.key not in stored:
-                    policy.store_prefix(lk, *self.save_prefix(cache, row, p.prefix_tokens))
-                    stored.add(lk.key)
+
+            def store():
+                stored = set()
+                for row, (p, lk) in enumerate(zip(prepared, lookups)):
+                    if lk is not None and lk.entry is None and lk.key not in stored:
+                        policy.store_prefix(lk, *self.save_prefix(cache, row, p.prefix_tokens))
+                        stored.add(lk.key)
+
+            self._first_token(first, store)
             tl.mark("store")
             cached = 0
         else:

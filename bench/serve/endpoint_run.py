@@ -71,12 +71,13 @@ def point_questions(cfg: EndpointConfig) -> dict[int | None, tuple[list[str], li
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C (or SIGTERM) stopped the run; `out` holds the finished requests' rows, their summary
-    and env.json, as an interrupted in-process run's directory does."""
+    """Ctrl-C (or SIGTERM) stopped the run; `out` holds the `rows` rows written before it (a
+    point's requests are written when the point ends), their summary and env.json, as an
+    interrupted in-process run's directory does."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, rows: int):
         super().__init__(str(out))
-        self.out = out
+        self.out, self.rows = out, rows
 
 
 def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[dict]]:
@@ -114,7 +115,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
     finally:
         lock.release()
     if interrupted:
-        raise Interrupted(out)
+        raise Interrupted(out, len(rows))
     return out, rows, summary
 
 
