@@ -337,3 +337,16 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
     assert 1 <= len(rows) < 5 and all(r["status"] == "ok" for r in rows)
     assert (out / "summary.csv").is_file() and not (out / LOCK_NAME).exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+
+
+def test_files_written_whole_get_the_mode_an_ordinary_new_file_gets(tmp_path):
+    """summary.csv and env.json go through a temporary file; they end up readable as runs.csv is
+    (the umask's mode), not mkstemp's owner-only 0600."""
+    import stat
+
+    from bench.measure.results import write_json
+
+    (tmp_path / "plain").write_text("x")
+    write_json(tmp_path / "env.json", {"a": 1})
+    mode = stat.S_IMODE((tmp_path / "env.json").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode)

@@ -69,11 +69,21 @@ def run_writer(out_dir: Path) -> CsvWriter:
     return CsvWriter(out_dir / "runs.csv", list(RUN_COLUMNS))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file under this process's umask
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write a file through a temporary file in its directory, fsynced, then os.replace: readers
     see the old file or the new one, never a partial (or 0-byte) one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 would make results readable by their writer alone
         with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
             write(f)
             f.flush()
