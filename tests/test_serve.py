@@ -459,6 +459,38 @@ def test_the_engine_is_loaded_and_served_on_one_thread_of_its_own():
         engine_thread.call(int, "not a number")
 
 
+def test_a_batch_hands_each_steps_tokens_to_the_event_loop_in_one_call():
+    """Two requests batched together: every position's two tokens reach the server's event loop
+    in one call (one wake-up per step, not one per request), and each stream gets its own."""
+    import base64
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from bench.run.config import DEMO_IMAGE, config_class
+    from bench.serve.app import create_app
+    from bench.serve.loading import load_engine, model_source
+
+    cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1)
+    engine, _, name = load_engine(cfg, model_source(cfg))
+    url = "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
+
+    def body(question):
+        return {"model": name, "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]}]}
+
+    with TestClient(create_app(engine, name, 4, max_batch=2, window_s=2.0)) as client:
+        worker, posts = client.app.state.worker, []
+        post = worker.post
+        worker.post = lambda fn, live: posts.append(len(live)) or post(fn, live)
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda q: client.post("/v1/chat/completions", json=body(q)),
+                                    ["What is it?", "Which colours?"]))
+    assert [a.status_code for a in answers] == [200, 200]
+    assert all(a.json()["usage"]["completion_tokens"] == 5 for a in answers)
+    assert posts == [2] * 5  # one call per position, carrying both requests' tokens
+
+
 def test_a_server_warms_up_every_batch_size_before_it_listens(server):
     from bench.models.visual import VisualInput, load_image
     from bench.run.config import DEMO_IMAGE, config_class

@@ -77,11 +77,20 @@ class Job:
     # ("error", str); or ("invalid", str) alone for a request the model cannot take (too long).
     # The server hands these to the request's event loop.
     emit: Callable[[str, object], None]
+    # The same hand-over made on the event loop's thread (where Worker.post runs it): a decode
+    # step's tokens for every job of a batch reach the loop in one call, not one per job.
+    put: Callable[[str, object], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     prepared: object = None  # the prompt as the engine tokenizes it (Worker._fits makes it; the engine reuses it)
     queued: float = 0.0  # time.perf_counter() when submitted
     taken: float = 0.0  # time.perf_counter() when the engine thread took it from the queue
     tokenize_ms: float = 0.0  # making `prepared` (an in-process run counts it in its preprocess phase)
+
+
+def _put_tokens(live: list) -> None:
+    """On the event loop: each (job, token) of a decode step handed over."""
+    for job, token in live:
+        job.put("token", token)
 
 
 class Worker:
@@ -95,6 +104,8 @@ class Worker:
         self._held: Job | None = None  # taken from the queue, not batchable with the batch before it
         self._thread = thread
         self._serving: Future | None = None
+        # The server's loop.call_soon_threadsafe, set once it runs: each step's tokens go in one call
+        self.post: Callable | None = None
         self.stateful = getattr(engine.policy, "stateful", False)
 
     def start(self) -> None:
@@ -197,8 +208,11 @@ class Worker:
         def hook(tokens: list[int]) -> None:
             if all(job.cancelled.is_set() for job in batch):
                 raise _Abandoned
-            for job, token in zip(batch, tokens):
-                if not job.cancelled.is_set():
+            live = [(job, token) for job, token in zip(batch, tokens) if not job.cancelled.is_set()]
+            if self.post is not None and all(job.put is not None for job, _ in live):
+                self.post(_put_tokens, live)  # one wake-up of the loop for the whole step
+            else:
+                for job, token in live:
                     job.emit("token", token)
 
         engine.token_hook = hook
