@@ -94,19 +94,24 @@ def main(argv: list[str]) -> int:
     from bench.serve.app import create_app
 
     _Server = _server_class()
+    serving = False
     try:
-        with terminate_as_interrupt():  # Ctrl-C or SIGTERM before serving: exit 0 at once, as when serving
+        # Ctrl-C or SIGTERM before uvicorn takes the signals over (or after it gives them back):
+        # exit 0 at once, as when serving (a SIGTERM in between would otherwise kill the process)
+        with terminate_as_interrupt():
             engine, variant, name, engine_thread = _load_and_warm_up(cfg, source, serve)
+            app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
+                             cfg.num_frames, serve["max_tokens_limit"], serve["max_request_mb"],
+                             serve["image_cache_mb"], engine_thread)
+            host.before_warmup()  # the loaded heap frozen out of the collector's walks (bench.serve.worker)
+            status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1 "
+                   f"({http_stack()})")
+            serving = True
+            _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run(
+                sockets=[sock])
     except KeyboardInterrupt:
-        status("stopped before serving")
+        status("server stopped" if serving else "stopped before serving")
         _exit_now(0)
-    app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
-                     cfg.num_frames, serve["max_tokens_limit"], serve["max_request_mb"], serve["image_cache_mb"],
-                     engine_thread)
-    host.before_warmup()  # the loaded heap frozen out of the collector's walks (bench.serve.worker)
-    status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1 "
-           f"({http_stack()})")
-    _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run(sockets=[sock])
     status("server stopped")
     return 0
 
