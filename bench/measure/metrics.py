@@ -18,6 +18,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 TTFT_PHASES = ("preprocess", "lookup", "restore", "vision", "prefill")
+PHASES = (*TTFT_PHASES, "store")  # a request's phases before its decode steps (store: after its first token)
 
 
 def request_metrics(r: RequestResult, new_tokens: int) -> dict:

@@ -79,8 +79,7 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
         return parse_chat(body, default_max_tokens, max_tokens_limit, num_frames, images)
 
     async def lifespan(app):
-        worker.post = asyncio.get_running_loop().call_soon_threadsafe
-        worker.start()
+        worker.start(asyncio.get_running_loop().call_soon_threadsafe)
         yield
         worker.stop()
 
@@ -119,10 +118,8 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
             raise ApiError(f"model {body.get('model')!r} is not served here; this server serves {model_name!r}",
                            status=404, param="model", kind="not_found_error")
         chat_request = await asyncio.to_thread(checked, body)
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        job = Job(chat_request, lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)),
-                  lambda kind, value: events.put_nowait((kind, value)))
+        job = Job(chat_request, lambda kind, value: events.put_nowait((kind, value)))
         worker.submit(job)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": model_name}

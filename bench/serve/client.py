@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from bench.errors import UsageError
-from bench.measure.metrics import percentile
+from bench.measure.metrics import PHASES, percentile
 from bench.run.workload import derived_image
 
 
@@ -134,10 +134,8 @@ class MalformedStream(Exception):
 
 
 # A response's `timings` (vlm-bench serve's, bench.serve.app) -> row columns: the server's TTFT and
-# the engine's phases before the first token. Other servers' keys (llama.cpp's) are not read.
-SERVER_TIMINGS = {"ttft_ms": "server_ttft_ms", "preprocess_ms": "preprocess_ms", "lookup_ms": "lookup_ms",
-                  "restore_ms": "restore_ms", "vision_ms": "vision_ms", "prefill_ms": "prefill_ms",
-                  "store_ms": "store_ms"}
+# the engine's phases (bench.measure.metrics.PHASES). Other servers' keys (llama.cpp's) are not read.
+SERVER_TIMINGS = {"ttft_ms": "server_ttft_ms", **{f"{phase}_ms": f"{phase}_ms" for phase in PHASES}}
 
 
 MAX_COUNT = 2**53  # a token count past it is no count (and past float's range, no number)

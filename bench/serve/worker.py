@@ -27,14 +27,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
+from bench.measure.metrics import PHASES
 from bench.run import host
 from bench.serve.metrics import ServerMetrics
 from bench.serve.protocol import ChatRequest
-
-
-# The engine's phases a response's timings report (bench.measure.schema's columns of those names + _ms;
-# all but store come before the first token, as in-process TTFT counts them); 0 for one not run
-ENGINE_PHASES = ("preprocess", "lookup", "restore", "vision", "prefill", "store")
 
 
 class EngineThread:
@@ -73,13 +69,10 @@ class _Abandoned(Exception):
 @dataclass(eq=False)
 class Job:
     request: ChatRequest
-    # Called on the worker thread: ("token", int) per generated token, then ("done", dict) or
-    # ("error", str); or ("invalid", str) alone for a request the model cannot take (too long).
-    # The server hands these to the request's event loop.
-    emit: Callable[[str, object], None]
-    # The same hand-over made on the event loop's thread (where Worker.post runs it): a decode
-    # step's tokens for every job of a batch reach the loop in one call, not one per job.
-    put: Callable[[str, object], None] | None = None
+    # Run on the server's event loop (the worker posts it there): ("token", int) per generated
+    # token, then ("done", dict) or ("error", str); or ("invalid", str) alone for a request the
+    # model cannot take (too long).
+    put: Callable[[str, object], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     prepared: object = None  # the prompt as the engine tokenizes it (Worker._fits makes it; the engine reuses it)
     queued: float = 0.0  # time.perf_counter() when submitted
@@ -88,7 +81,7 @@ class Job:
 
 
 def _put_tokens(live: list) -> None:
-    """On the event loop: each (job, token) of a decode step handed over."""
+    """On the event loop: each (job, token) of a decode step handed over (one post for them all)."""
     for job, token in live:
         job.put("token", token)
 
@@ -104,11 +97,14 @@ class Worker:
         self._held: Job | None = None  # taken from the queue, not batchable with the batch before it
         self._thread = thread
         self._serving: Future | None = None
-        # The server's loop.call_soon_threadsafe, set once it runs: each step's tokens go in one call
-        self.post: Callable | None = None
+        self.post: Callable | None = None  # runs a call on the server's event loop (start's `post`)
         self.stateful = getattr(engine.policy, "stateful", False)
 
-    def start(self) -> None:
+    def start(self, post: Callable) -> None:
+        """Serve from now on; `post(fn, *args)` runs fn on the server's event loop (its
+        call_soon_threadsafe): each job's events, and each decode step's tokens for a whole batch
+        in one call (one wake-up of the loop per step, not one per request)."""
+        self.post = post
         self._thread = self._thread or EngineThread()
         self._serving = self._thread.submit(self._loop)
 
@@ -198,7 +194,7 @@ class Worker:
 
     def _refuse(self, job: Job, reason: str) -> bool:
         """The job refused with ("invalid", reason), counted; False."""
-        job.emit("invalid", reason)
+        self.post(job.put, "invalid", reason)
         self.metrics.requests.labels("invalid").inc()
         return False
 
@@ -208,12 +204,7 @@ class Worker:
         def hook(tokens: list[int]) -> None:
             if all(job.cancelled.is_set() for job in batch):
                 raise _Abandoned
-            live = [(job, token) for job, token in zip(batch, tokens) if not job.cancelled.is_set()]
-            if self.post is not None and all(job.put is not None for job, _ in live):
-                self.post(_put_tokens, live)  # one wake-up of the loop for the whole step
-            else:
-                for job, token in live:
-                    job.emit("token", token)
+            self.post(_put_tokens, [(job, token) for job, token in zip(batch, tokens) if not job.cancelled.is_set()])
 
         engine.token_hook = hook
         try:
@@ -224,7 +215,7 @@ class Worker:
             return
         except Exception as e:  # noqa: BLE001 - the batch fails, the server keeps serving
             for job in batch:
-                job.emit("error", f"{e.__class__.__name__}: {e}")
+                self.post(job.put, "error", f"{e.__class__.__name__}: {e}")
             self.metrics.requests.labels("error").inc(len(batch))
             return
         finally:
@@ -232,11 +223,11 @@ class Worker:
         usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": batch[0].request.max_tokens}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         # the engine's phases (the batch's, as in-process batch rows report them)
-        phases = {f"{name}_ms": result.phases_ms.get(name, 0.0) for name in ENGINE_PHASES}
+        phases = {f"{name}_ms": result.phases_ms.get(name, 0.0) for name in PHASES}  # 0 for one not run
         # the batch's prompts were tokenized before it ran (_fits); in-process runs count that in preprocess
         phases["preprocess_ms"] += sum(job.tokenize_ms for job in batch)
         for job in batch:
-            job.emit("done", {"usage": usage, "cached_tokens": result.cached_tokens, "cache_hit": result.cache_hit,
+            self.post(job.put, "done", {"usage": usage, "cached_tokens": result.cached_tokens, "cache_hit": result.cache_hit,
                               "timings": {"queue_ms": (job.taken - job.queued) * 1e3, **phases,
                                           "cache_hit": result.cache_hit}})
         m = self.metrics
