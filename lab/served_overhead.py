@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pandas as pd
 
-PHASES = ["preprocess_ms", "lookup_ms", "restore_ms", "vision_ms", "prefill_ms"]
+from bench.measure.metrics import TTFT_PHASES
+
+PHASES = [f"{phase}_ms" for phase in TTFT_PHASES]  # the engine's phases before the first token
 
 
 def main(directory: str) -> None:
