@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench.quant.int4 import Int4Linear, quantize_int4
-from bench.quant.w4a16 import choice
+from bench.quant.w4a16 import choice, measurements
 from bench.quant.w4a16.base import W4A16Kernel
 from bench.quant.w4a16.registry import KERNELS
 
@@ -167,6 +167,43 @@ def test_measured_choice_takes_neither_a_slower_nor_a_wrong_kernel(odd_kernels, 
     assert not any(r["chosen"] for r in rows if r["kernel"].startswith("test-"))
     assert sum(r["chosen"] for r in rows) == 2  # one kernel per measured row count
     assert [r["left_out"] for r in rows if r["kernel"] == "test-broken"] != [""]
+
+
+class _FewRows(W4A16Kernel):
+    """Right, for few rows only (a GEMV): it records the rows it is called at."""
+
+    name = "test-few-rows"
+    max_rows = 2
+
+    def __init__(self):
+        self.rows = set()
+
+    def run(self, layer, x):
+        self.rows.add(x.shape[0])
+        return KERNELS["tinygemm"].run(layer, x)
+
+
+def test_a_kernel_with_a_row_limit_is_measured_and_chosen_up_to_it_only(monkeypatch):
+    """gemlite's GEMVs serve at most 4 rows under gemlite's own dispatch: they are neither tuned
+    nor timed above (each tuning costs seconds per row count on the GPU), and never chosen there."""
+    few = _FewRows()
+    monkeypatch.setitem(KERNELS, few.name, few)
+    m = _layer(bias=False)
+    plan = choice.measure(m, DTYPE, points=(1, 2, 4, 8), names=["tinygemm", few.name])
+    assert few.rows == {1, 2} and set(plan.us[few.name]) == set(plan.err[few.name]) == {1, 2}
+    assert set(plan.us["tinygemm"]) == {1, 2, 4, 8}
+    assert plan.plan[-1] == (8, "tinygemm") and all(top <= 2 for top, n in plan.plan if n == few.name)
+    rows = choice.table_rows([plan])
+    assert sorted(r["rows"] for r in rows if r["kernel"] == few.name) == [1, 2]
+    assert measurements.ShapePlan.from_json(plan.shape, plan.to_json()).us == plan.us  # kept and read back
+
+    monkeypatch.setattr(few, "max_rows", 1)
+    plan = choice.measure(m, DTYPE, points=(2, 4), names=["tinygemm", few.name])
+    assert few.name not in plan.us and "at most 1 rows" in plan.left_out[few.name]
+    assert {n for _, n in plan.plan} == {"tinygemm"}
+    gemvs = [k for k in KERNELS.values() if k.name.startswith("gemlite-gemv")]
+    assert len(gemvs) == 3 and {k.max_rows for k in gemvs} == {4}
+    assert KERNELS["gemlite-gemm"].max_rows is None and KERNELS["gemlite-gemm-splitk"].max_rows is None
 
 
 def test_measured_choice_is_made_once_per_device_and_shape(tmp_path):
@@ -624,7 +661,6 @@ def test_kernel_measurements_of_other_candidates_are_kept_and_listed_apart(tmp_p
 def test_a_cuda_measurement_is_keyed_by_the_cuda_runtime_and_driver():
     """On CUDA the key holds the runtime's version and the driver's (when NVML answers), so a
     driver update measures again; a CPU key holds neither."""
-    from bench.quant.w4a16 import measurements
 
     cuda = measurements._versions(torch.device("cuda"))
     assert cuda["cuda"] == torch.version.cuda

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bench.quant.w4a16.base import autotune_bench
+
 TINYGEMM_MID = 8
 DOT_ROWS = 16  # x rows a tl.dot program takes (its M block); up to ELEMENTWISE_ROWS reduce elementwise
 ELEMENTWISE_ROWS = 4
@@ -41,11 +43,6 @@ def _configs(split: bool) -> list:
     else:
         space = [(tn, bkt, 1) for tn in (1, 2, 4) for bkt in (1, 2, 4, 8)]
     return [triton.Config({"TN": tn, "BKT": bkt, "SPLIT_K": sk}, num_warps=4, num_stages=3) for tn, bkt, sk in space]
-
-
-def _bench(fn, quantiles):
-    """Triton's benchmark, shorter than its default (25 ms warm-up, 100 ms of repetitions)."""
-    return triton.testing.do_bench(fn, warmup=5, rep=10, quantiles=quantiles)
 
 
 MAX_ACC = 8192  # elementwise: products held per program (x rows x weight rows x columns), registers
@@ -145,10 +142,11 @@ def _tiles_mm_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
         tl.atomic_add(y, acc, mask=ok, sem="relaxed")
 
 
-_tuned = triton.autotune(_configs(split=False), key=["N", "K", "BLOCK_M"], do_bench=_bench,
+_tuned = triton.autotune(_configs(split=False), key=["N", "K", "BLOCK_M"], do_bench=autotune_bench,
                          prune_configs_by={"early_config_prune": _prune})(_tiles_mm_kernel)
 _tuned_split = triton.autotune(_configs(split=True), key=["N", "K", "BLOCK_M"], reset_to_zero=["y_ptr"],
-                               do_bench=_bench, prune_configs_by={"early_config_prune": _prune})(_tiles_mm_kernel)
+                               do_bench=autotune_bench,
+                               prune_configs_by={"early_config_prune": _prune})(_tiles_mm_kernel)
 
 
 def rows_block(rows: int) -> int:

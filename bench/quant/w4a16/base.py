@@ -19,6 +19,9 @@ class W4A16Kernel:
     # called once at every row count it serves when chosen, so no tuning falls in a measured run
     # or a CUDA graph capture.
     tunes_per_rows = False
+    # The most rows `--int4-kernels measured` times it at (None: every row count): a kernel built
+    # for few rows, whose time grows with them (a GEMV), is not tuned and timed where it cannot win.
+    max_rows: int | None = None
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this kernel cannot run on `device` with activations of `dtype`; None when it can."""
@@ -35,6 +38,16 @@ class W4A16Kernel:
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
         """x [rows, in_features] (the activation dtype) -> [rows, out_features], no bias."""
         raise NotImplementedError
+
+
+def autotune_bench(fn, quantiles):
+    """The benchmark Triton's autotuners run for each candidate configuration of our kernels and
+    gemlite's: Triton's own (L2 flushed between calls) over 5 ms of warm-up and 10 ms of calls, not
+    its default 25 and 100; a kernel of a few to tens of microseconds still gets hundreds of calls,
+    and a 7B's weight shapes tune in seconds, not minutes."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=10, quantiles=quantiles)
 
 
 def cuda_half_unavailable(name: str, device: torch.device, dtype: torch.dtype) -> str | None:

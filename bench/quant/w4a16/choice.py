@@ -11,7 +11,8 @@
   enough layers of the shape that their weights exceed twice the GPU's L2 cache, so each call
   reads its weight from memory as a decode step does, not from L2. The fastest correct kernel at
   a point serves the row counts from the point below it up to it. A kernel that fails, is wrong,
-  or cannot be captured is left out with the reason. A chosen kernel that tunes itself per row
+  or cannot be captured is left out with the reason; a kernel with a row limit (W4A16Kernel.max_rows:
+  gemlite's GEMVs) is measured up to it only. A chosen kernel that tunes itself per row
   count (gemlite's) is called once at every row count it serves, so its tuning is done before
   any warm-up, capture or measured run.
 
@@ -151,11 +152,16 @@ def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | Non
     del w
     plan = ShapePlan((layer.out_features, layer.in_features, layer.group_size), (), left_out=left_out)
     for name in names:
+        limit = KERNELS[name].max_rows
+        served = {rows: xr for rows, xr in inputs.items() if limit is None or rows <= limit}
+        if not served:
+            left_out[name] = f"serves at most {limit} rows; the fewest measured is {min(inputs)}"
+            continue
         try:
             for m in cycle:
                 m.attach_kernel_state(name, dtype)
             us, err = {}, {}
-            for rows, (x, ref) in inputs.items():
+            for rows, (x, ref) in served.items():
                 y = layer.run_kernel(name, x).float()
                 err[rows] = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
                 turn = itertools.cycle(cycle)
@@ -167,7 +173,7 @@ def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | Non
         plan.us[name], plan.err[name] = us, err
     best = []
     for rows in points:
-        timed = [(plan.us[n][rows], n) for n in plan.us if plan.err[n][rows] <= TOLERANCE]
+        timed = [(plan.us[n][rows], n) for n in plan.us if rows in plan.us[n] and plan.err[n][rows] <= TOLERANCE]
         if not timed:
             raise VariantUnsupported(f"no int4 kernel gives correct results for {plan.shape[0]}x{plan.shape[1]} "
                                      f"at {rows} rows here ({'; '.join(f'{k}: {v}' for k, v in left_out.items())})")

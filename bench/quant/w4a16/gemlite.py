@@ -9,8 +9,9 @@ All share one packed copy per layer (state_key "gemlite"). gemlite imports on CU
 (it reads the GPU's name at import; it ships tuned configurations for a few GPUs, matched by
 name, and tunes on others). Its kernels autotune on their first call at each shape and row
 count (the three GEMVs key on the exact row count, the two GEMMs on a bucket of it; gemlite
-0.6.0.post2, triton_kernels/*_kernels.py KEYS), benchmarking with host synchronization, which a
-CUDA graph capture cannot contain: a layer given a gemlite kernel is therefore called once at
+0.6.0.post2, triton_kernels/*_kernels.py KEYS), benchmarking each candidate configuration (over
+bench.quant.w4a16.base.autotune_bench's 15 ms, not Triton's default 125) with host
+synchronization, which a CUDA graph capture cannot contain: a layer given a gemlite kernel is therefore called once at
 every row count it serves when the kernel is chosen (W4A16Kernel.tunes_per_rows), and a tuning
 that still falls inside a measured run is counted as one-time work (compile_events, the
 autotuners' cache sizes). In bfloat16 the GEMVs' split-K sums use fp32 atomics, not bfloat16
@@ -25,8 +26,12 @@ from functools import lru_cache
 import torch
 
 from bench.measure import compile_events
-from bench.quant.w4a16.base import W4A16Kernel, cuda_half_unavailable
+from bench.quant.w4a16.base import W4A16Kernel, autotune_bench, cuda_half_unavailable
 
+# gemlite's own dispatch sends 4-bit weights to a GEMV up to 4 rows (gemlite.core.get_matmul_type);
+# a GEMV's time grows with the rows (it reads the weight once per row block), so above that it is
+# neither tuned nor timed
+GEMV_ROWS = 4
 _TENSORS = ("W_q", "scales", "zeros", "meta_scale")  # GemLiteLinear.get_tensor_args(), in its order
 
 
@@ -46,6 +51,9 @@ def _gemlite():
                               gemv_splitK_kernels.gemv_splitK, gemm_splitK_kernels.gemm_splitK, gemm_kernels.gemm)
               for k in entry.kernel]
     compile_events.add_counter("gemlite autotuning", lambda: sum(len(getattr(k, "cache", {})) for k in tuners))
+    for k in tuners:  # gemlite builds its autotuners with Triton's default benchmark (25 + 100 ms per
+        if hasattr(k, "_do_bench"):  # configuration); Triton 3.x keeps the one it runs here
+            k._do_bench = autotune_bench
     return gemlite, None
 
 
@@ -56,6 +64,8 @@ class Gemlite(W4A16Kernel):
     def __init__(self, matmul_type: str):
         self.matmul_type = matmul_type  # gemlite's name: GEMV, GEMV_REVSPLITK, GEMV_SPLITK, GEMM_SPLITK, GEMM
         self.name = "gemlite-" + matmul_type.lower().replace("_", "-")
+        if matmul_type.startswith("GEMV"):
+            self.max_rows = GEMV_ROWS
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         return cuda_half_unavailable(self.name, device, dtype) or _gemlite()[1]
