@@ -120,3 +120,38 @@ def test_sentencepiece_files_are_refused_for_a_qwen_tokenizer(tmp_path, capsys):
     assert main(["make-checkpoint", "--preset", "tiny-internvl", "--out", str(tmp_path / "c"),
                  "--tokenizer-files", "sentencepiece"]) == 2
     assert "--tokenizer-files" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_image_processor_loads_by_its_named_class_where_the_auto_class_needs_torchvision(tiny_llava_dir, tmp_path,
+                                                                                         monkeypatch):
+    """transformers 5.17 (the GPU reference machine's) refuses AutoImageProcessor itself without
+    torchvision, with an ImportError, while CLIPImageProcessor & co. fall back to PIL: the
+    checkpoint's image processor still loads, by the class its preprocessor_config.json names;
+    a name that is not a transformers image processor is never looked up further."""
+    import json
+    import shutil
+
+    import transformers
+
+    from bench.errors import UsageError
+    from bench.models import native
+
+    want = native.image_processor_from(tiny_llava_dir, "x")
+
+    class Refusing:  # AutoImageProcessor as transformers 5.17 has it without torchvision
+        @staticmethod
+        def from_pretrained(*args, **kwargs):
+            raise ImportError("AutoImageProcessor requires the Torchvision library but it was not found")
+
+    monkeypatch.setattr(native, "AutoImageProcessor", Refusing)
+    got = native.image_processor_from(tiny_llava_dir, "x")
+    assert isinstance(got, transformers.BaseImageProcessor) and got.to_dict() == want.to_dict()
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llava_dir, bad)
+    config = json.loads((bad / "preprocessor_config.json").read_text())
+    for name in ("AutoModel", "os.system", "NoSuchImageProcessor"):
+        (bad / "preprocessor_config.json").write_text(json.dumps({**config, "image_processor_type": name}))
+        assert native._named_image_processor(bad) is None
+        with pytest.raises(UsageError, match="cannot load the image processor.*Torchvision"):
+            native.image_processor_from(bad, "x")

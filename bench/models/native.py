@@ -185,9 +185,35 @@ def local_tokenizer(folder: Path, what: str):
 
 def image_processor_from(folder: Path, what: str):
     try:
-        return AutoImageProcessor.from_pretrained(folder)
+        try:
+            return AutoImageProcessor.from_pretrained(folder)
+        except ImportError:
+            named = _named_image_processor(folder)
+            if named is None:
+                raise
+            return named.from_pretrained(folder)
     except Exception as e:  # noqa: BLE001 - as above
         raise UsageError(f"{what}: cannot load the image processor in {folder} ({one_line(e)})") from None
+
+
+def _named_image_processor(folder: Path):
+    """The transformers image processor class preprocessor_config.json names (its
+    image_processor_type, a name transformers exports: never code from the checkpoint), or None.
+    transformers 5.17 refuses AutoImageProcessor itself without torchvision, while the class it
+    would pick falls back to its PIL version; later versions pick the PIL backend themselves."""
+    import json
+
+    import transformers
+    from transformers.image_processing_utils import BaseImageProcessor
+
+    try:
+        name = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8")).get("image_processor_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(name, str) or not name.isidentifier():
+        return None
+    cls = getattr(transformers, name.removesuffix("Fast"), None)
+    return cls if isinstance(cls, type) and issubclass(cls, BaseImageProcessor) else None
 
 
 def save_native(adapter: NativeVLMAdapter, out: Path, max_shard_size: str | None = None) -> None:
