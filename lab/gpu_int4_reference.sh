@@ -3,7 +3,9 @@
 # awq4+prefix at batch 1, 4 and 16 with the decode kernel per row count measured on this GPU,
 # then the kernel table, then awq4 with the opt-in dense prefill copy and with FBGEMM's
 # mixed-input GEMM for prefill. Usage: bash lab/gpu_int4_reference.sh PRESET OUT_DIR [CANDIDATES]
+# STAGES=batch or STAGES=prefill runs one half (a 7B's whole set takes longer than ten minutes).
 set -u
+STAGES=${STAGES:-batch prefill}
 PRESET=${1:?preset}; OUT=${2:?output directory}
 CANDIDATES=${3:-tinygemm,dense,gemlite-gemv-revsplitk,fbgemm-shuffled,triton-tiles,triton-tiles-splitk}
 PY=${PYTHON:-python3}
@@ -11,7 +13,12 @@ CACHE="$OUT/int4-cache-$PRESET"
 RUN=($PY vila_prefix_benchmark.py --preset "$PRESET" --engine graph --num-runs 10 --int4-cache-dir "$CACHE"
      --int4-kernels measured --int4-kernel-candidates "$CANDIDATES" --text-prompt 'What is shown in this image?')
 set -x
-"${RUN[@]}" --variants fp16,awq4,awq4+prefix --batch-size 1,4,16 --output-dir "$OUT/$PRESET-int4-graph-batch"
-$PY -m bench int4-kernels "$CACHE/kernels.json" --out "$OUT/$PRESET-int4-graph-batch/int4_kernels_$PRESET.csv"
-"${RUN[@]}" --variants awq4 --int4-prefill-copy --output-dir "$OUT/$PRESET-awq4-prefill-copy"
-"${RUN[@]}" --variants awq4 --int4-prefill-kernel fbgemm-shuffled --output-dir "$OUT/$PRESET-awq4-prefill-fbgemm"
+if [[ " $STAGES " == *" batch "* ]]; then
+  "${RUN[@]}" --variants fp16,awq4,awq4+prefix --batch-size 1,4,16 --output-dir "$OUT/$PRESET-int4-graph-batch"
+  $PY -m bench int4-kernels "$CACHE/kernels.json" --out "$OUT/$PRESET-int4-graph-batch/int4_kernels_$PRESET.csv"
+fi
+if [[ " $STAGES " == *" prefill "* ]]; then
+  "${RUN[@]}" --variants fp16,awq4 --output-dir "$OUT/$PRESET-awq4-prefill-default"
+  "${RUN[@]}" --variants awq4 --int4-prefill-copy --output-dir "$OUT/$PRESET-awq4-prefill-copy"
+  "${RUN[@]}" --variants awq4 --int4-prefill-kernel fbgemm-shuffled --output-dir "$OUT/$PRESET-awq4-prefill-fbgemm"
+fi
