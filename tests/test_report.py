@@ -70,6 +70,15 @@ def test_regression_notebook_runs(tiny_results, tmp_path):
     assert images == 3  # the ratios, and the samples of two metrics
 
 
+def test_notebooks_take_paths_relative_to_the_repository_root():
+    """As typed at the repository root (`BENCH_BASELINE=results/ci-baseline jupyter nbconvert --execute
+    notebooks/...`), though the kernel runs in notebooks/."""
+    nb = execute("regression.ipynb", {"BENCH_BASELINE": "results/ci-baseline", "BENCH_CANDIDATE": "results/ci-baseline"})
+    assert "verdict: pass" in outputs_text(nb)
+    nb = execute("compare_variants.ipynb", {"BENCH_RESULTS_DIRS": "results/ci-baseline"})
+    assert "results/ci-baseline" in outputs_text(nb)
+
+
 def test_static_report(tiny_results, tmp_path):
     out = tmp_path / "report"
     assert main(["report", str(tiny_results), "--out", str(out)]) == 0
