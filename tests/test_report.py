@@ -90,6 +90,19 @@ def test_static_report(tiny_results, tmp_path):
     assert main(["report", str(tmp_path / "nope"), "--out", str(out)]) == 2
 
 
+def test_report_into_a_readme_between_the_markers_its_help_names(tiny_results, tmp_path, capsys):
+    from bench.analysis.report import END, START
+    from bench.cli.report import parser
+
+    assert START in " ".join(parser().format_help().split()) and END in parser().format_help()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Ours\n\n{START}\n{END}\n\nafter\n")
+    assert main(["report", str(tiny_results), "--out", str(tmp_path / "r"), "--readme", str(readme)]) == 0
+    assert f"and its block in {readme}" in capsys.readouterr().out
+    text = readme.read_text()
+    assert text.startswith("# Ours") and text.endswith("after\n") and "Speed-up over fp16" in text
+
+
 def test_sweep_figures_follow_the_axes(sweep_results, tmp_path):
     from bench.analysis import figures, sources
 
