@@ -16,8 +16,8 @@ Each invocation writes one directory:
   `run_id`: rows that differ in any of them (cold and warm cache runs, two dtypes, two
   devices, two workload points, two invocations) are never pooled.
 - `env.json`: python, torch, transformers, bitsandbytes versions, GPU name, driver, clocks,
-  CPU, git sha, the full command line, the run's config and what its `--attention-kernels`
-  choice does.
+  CPU, git sha (`git_dirty`: tracked files had uncommitted changes, so the sha is not all that
+  ran), the full command line, the run's config and what its `--attention-kernels` choice does.
 
 Times use CUDA events on a GPU and `perf_counter` elsewhere; the phases of a run tile it,
 so `preprocess + lookup + restore + vision + prefill + store + decode` equals `e2e_ms` (within 2%,
