@@ -12,7 +12,11 @@ sys.path.insert(0, str(ROOT))
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
-pd.set_option("display.width", 200)"""
+pd.set_option("display.width", 200)
+
+
+def repo_path(p: str) -> str:  # a relative path is taken from the repository root (the kernel runs in notebooks/)
+    return str(Path(p) if Path(p).is_absolute() else ROOT / p)"""
 
 SHOW = """
 def show(fig, absent: str) -> None:
@@ -25,11 +29,13 @@ compare = new_notebook(cells=[
                       "code as `python -m bench report`. Each result is labelled (variant, cache state, and its source "
                       "directory or run where several hold the model), never averaged with another. Skipped/failed "
                       "variants and invalid summaries are shown, never dropped."),
-    new_code_cell("# Parameters (or set BENCH_RESULTS_DIRS, os.pathsep-separated)\n"
-                  "RESULTS_DIRS = ['../results/reference/h200/llava-1.5-7b-fp16-prefix-engines', '../results/reference/h200/vila1.5-3b-fp16-prefix-engines']",
+    new_code_cell("# Parameters (or set BENCH_RESULTS_DIRS, os.pathsep-separated); relative paths are from the "
+                  "repository root\n"
+                  "RESULTS_DIRS = ['results/reference/h200/llava-1.5-7b-fp16-prefix-engines', 'results/reference/h200/vila1.5-3b-fp16-prefix-engines']",
                   metadata={"tags": ["parameters"]}),
     new_code_cell(SETUP + SHOW + "\nfrom bench.analysis import figures, report, sources\n"
                   "dirs = os.environ.get('BENCH_RESULTS_DIRS', '').split(os.pathsep) if os.environ.get('BENCH_RESULTS_DIRS') else RESULTS_DIRS\n"
+                  "dirs = [repo_path(d) for d in dirs]\n"
                   "runs, summary = sources.load(dirs)\n"
                   "if (runs['weights'] == 'random').any():\n"
                   "    display(Markdown('**weights=random**: timings are real; text, token agreement and KL are numeric only.'))\n"
@@ -61,18 +67,21 @@ compare = new_notebook(cells=[
 regression = new_notebook(cells=[
     new_markdown_cell("# Baseline vs candidate\n\nThe verdicts are those of `python -m bench compare` "
                       "(one-sided Mann-Whitney U and a Hodges-Lehmann ratio larger than the factor)."),
-    new_code_cell("# Parameters (or set BENCH_BASELINE / BENCH_CANDIDATE)\n"
-                  "BASELINE = '../results/ci-baseline'\nCANDIDATE = '../results/ci-baseline'\n"
-                  "METRICS = ['ttft_ms', 'tpot_ms', 'prefill_ms', 'e2e_ms']\nALPHA, FACTOR = 0.01, 1.10",
+    new_code_cell("# Parameters (or set BENCH_BASELINE / BENCH_CANDIDATE); relative paths are from the repository root\n"
+                  "BASELINE = 'results/ci-baseline'\nCANDIDATE = 'results/ci-baseline'\n"
+                  "METRICS = ['ttft_ms', 'tpot_ms', 'prefill_ms', 'e2e_ms', 'peak_alloc_mb']  # compare's defaults\n"
+                  "ALPHA, FACTOR = 0.01, 1.10",
                   metadata={"tags": ["parameters"]}),
     new_code_cell(SETUP + SHOW + "\nfrom bench.analysis import compare_figures\n"
                   "from bench.analysis.compare import compare_runs, load_runs\n"
-                  "base = load_runs(os.environ.get('BENCH_BASELINE', BASELINE))\n"
-                  "cand = load_runs(os.environ.get('BENCH_CANDIDATE', CANDIDATE))\n"
+                  "base = load_runs(repo_path(os.environ.get('BENCH_BASELINE', BASELINE)))\n"
+                  "cand = load_runs(repo_path(os.environ.get('BENCH_CANDIDATE', CANDIDATE)))\n"
+                  "if (base['weights'] == 'random').any() or (cand['weights'] == 'random').any():\n"
+                  "    display(Markdown('**weights=random**: timings are real (shapes decide time); text is meaningless.'))\n"
                   "metrics = [m for m in METRICS if m in base.columns and m in cand.columns]\n"
                   "verdicts = pd.DataFrame(compare_runs(base, cand, metrics, ALPHA, FACTOR))\n"
                   "verdicts[['model', 'variant', 'engine', 'cache_state', 'metric', 'baseline_median', "
-                  "'candidate_median', 'ratio', 'p_value', 'status']] if len(verdicts) else verdicts"),
+                  "'candidate_median', 'ratio', 'p_value', 'status', 'reason']] if len(verdicts) else verdicts"),
     new_markdown_cell("## Ratios (candidate / baseline), coloured by verdict"),
     new_code_cell("show(compare_figures.fig_ratios(verdicts, FACTOR), 'no result in both directories')\n"
                   "status = verdicts['status'] if len(verdicts) else pd.Series(dtype=str)\n"

@@ -56,6 +56,9 @@ def test_seed_command_line(tiny_vila_dir, tmp_path, capsys):
     assert env["torch"] == torch.__version__ and env["config"]["num_runs"] == 3
     assert env["command"].startswith("vila_prefix_benchmark.py --num-runs 3 --model-path")
     assert {"transformers", "bitsandbytes", "cpu", "git_sha", "python"} <= set(env)
+    changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.strip()
+    assert env["git_dirty"] is bool(changed)  # uncommitted changes to the code: git_sha is not all that ran
 
 
 def test_stop_rule_needs_runs_and_seconds(tmp_path):

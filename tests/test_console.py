@@ -67,6 +67,18 @@ def test_narrow_terminal_keeps_names_whole():
     assert max(map(len, lines)) <= 80 and "awq4+prefix+graph-exact" in "\n".join(lines)
 
 
+def test_random_weights_note_speaks_of_fidelity_only_where_it_was_measured():
+    def note(rows) -> str:
+        console = Console(width=NARROW, record=True, file=open("/dev/null", "w"))
+        print_summary(rows, "results/local/x", "random", console=console)
+        return " ".join(console.export_text().split())
+
+    assert "weights=random" in note(summary_rows()) and "numeric fidelity only" in note(summary_rows())
+    without = [r for r in summary_rows() if r.get("metric") not in ("token_agree", "kl_mean", "engine_kl_mean")]
+    said = note(without)  # --no-fidelity: no such columns, nothing said of them
+    assert "generated text is meaningless." in said and "token agree" not in said
+
+
 def test_valid_means_ttft_and_tpot_as_in_the_report():
     """A result whose TPOT summary is not valid is not valid (the report's speedup table reads
     the same VALIDITY_METRICS), and the note below the table gives the reason."""

@@ -49,7 +49,12 @@ def test_too_few_samples_is_inconclusive():
     assert not min_samples_ok(4, 4, 0.01)  # best attainable p = 1/70
     assert min_samples_ok(5, 5, 0.01)  # 1/252
     v = compare_samples([1.0, 1.1, 1.2, 1.0], [5.0, 5.1, 5.2, 5.0], "ttft_ms")
-    assert v.status == "inconclusive"
+    assert v.status == "inconclusive" and v.reason == "fewer than --min-samples 5 runs on a side"
+    v = compare_samples([1.0, 1.1, 1.2, 1.0], [5.0, 5.1, 5.2, 5.0], "ttft_ms", min_samples=2)
+    assert v.status == "inconclusive" and v.reason == "too few runs for p < --alpha 0.01"
+    v = compare_samples([0.0, 1.1, 1.2, 1.0, 1.0], [5.0, 5.1, 5.2, 5.0, 5.3], "ttft_ms")
+    assert v.status == "inconclusive" and "at or below zero" in v.reason
+    assert compare_samples([1.0, 1.1, 1.2, 1.0, 1.0], [5.0, 5.1, 5.2, 5.0, 5.3], "ttft_ms").reason == ""
 
 
 def test_hodges_lehmann_ratio():
@@ -93,11 +98,14 @@ def test_compare_bad_input(tmp_path, capsys):
     (tmp_path / "bad.csv").write_text("x,y\n1,2\n")
     assert compare_main([str(tmp_path / "a"), str(tmp_path / "bad.csv")]) == 2
     write_runs(tmp_path / "few" / "runs.csv", {"fp16": lognormal(rng, 3)})
+    early = capsys.readouterr().err
     assert compare_main([str(tmp_path / "a"), str(tmp_path / "few")]) == 2  # inconclusive, never a pass
+    out = capsys.readouterr().out  # and says why
+    assert "inconclusive: fewer than --min-samples 5 runs on a side (4 of 4 verdicts)" in out, out
     write_runs(tmp_path / "other" / "runs.csv", {"bnb4": lognormal(rng, 10)})
     assert compare_main([str(tmp_path / "a"), str(tmp_path / "other")]) == 2
     assert compare_main([str(tmp_path / "a"), str(tmp_path / "a"), "--metrics", "nope_ms"]) == 2
-    err = capsys.readouterr().err
+    err = early + capsys.readouterr().err
     assert "no runs.csv" in err and "missing columns" in err and "nothing" not in err
 
 

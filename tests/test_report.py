@@ -70,6 +70,15 @@ def test_regression_notebook_runs(tiny_results, tmp_path):
     assert images == 3  # the ratios, and the samples of two metrics
 
 
+def test_notebooks_take_paths_relative_to_the_repository_root():
+    """As typed at the repository root (`BENCH_BASELINE=results/ci-baseline jupyter nbconvert --execute
+    notebooks/...`), though the kernel runs in notebooks/."""
+    nb = execute("regression.ipynb", {"BENCH_BASELINE": "results/ci-baseline", "BENCH_CANDIDATE": "results/ci-baseline"})
+    assert "verdict: pass" in outputs_text(nb)
+    nb = execute("compare_variants.ipynb", {"BENCH_RESULTS_DIRS": "results/ci-baseline"})
+    assert "results/ci-baseline" in outputs_text(nb)
+
+
 def test_static_report(tiny_results, tmp_path):
     out = tmp_path / "report"
     assert main(["report", str(tiny_results), "--out", str(out)]) == 0
@@ -79,6 +88,19 @@ def test_static_report(tiny_results, tmp_path):
     assert "Speed-up over fp16" in md and "| tiny-llava | fp16 |" in md and "skipped" in md
     assert "weights=random" in md
     assert main(["report", str(tmp_path / "nope"), "--out", str(out)]) == 2
+
+
+def test_report_into_a_readme_between_the_markers_its_help_names(tiny_results, tmp_path, capsys):
+    from bench.analysis.report import END, START
+    from bench.cli.report import parser
+
+    assert START in " ".join(parser().format_help().split()) and END in parser().format_help()
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Ours\n\n{START}\n{END}\n\nafter\n")
+    assert main(["report", str(tiny_results), "--out", str(tmp_path / "r"), "--readme", str(readme)]) == 0
+    assert f"and its block in {readme}" in capsys.readouterr().out
+    text = readme.read_text()
+    assert text.startswith("# Ours") and text.endswith("after\n") and "Speed-up over fp16" in text
 
 
 def test_sweep_figures_follow_the_axes(sweep_results, tmp_path):

@@ -82,6 +82,21 @@ def test_append_adds_a_run_and_summaries_keep_runs_apart(finished, tmp_path, cap
     assert len([s for s in read_rows(out / "summary.csv") if s["metric"] == "ttft_ms"]) == 2
 
 
+def test_summarize_counts_the_measured_runs_not_the_warm_ups(tmp_path, capsys):
+    import shutil
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "ci"
+    shutil.copytree(ROOT / "results" / "ci-baseline", out)
+    rows = read_rows(out / "runs.csv")
+    measured = sum(r["kind"] == "measured" for r in rows)
+    assert 0 < measured < len(rows)
+    assert main(["summarize", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"from {measured} measured runs (and {len(rows) - measured} other rows of runs.csv" in said, said
+
+
 def test_append_to_a_new_dir_is_a_first_run(tmp_path):
     out = tmp_path / "new"
     assert run_main([*TINY, "--append", "--output-dir", str(out)]) == 0

@@ -1,4 +1,6 @@
 """The column table and a result's identity (bench.measure.schema): one definition each."""
+import re
+
 import pytest
 
 from bench.measure.results import CsvWriter
@@ -33,6 +35,11 @@ def test_docs_render_unit_and_direction():
     text = render()
     assert "| `output_tok_s` | tokens/s | higher | yes |" in text
     assert "| `ttft_ms` | ms | lower | yes |" in text
+    # a description listing values as 'a | b' stays in its cell: every table row has its table's cells
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            cells = re.split(r"(?<!\\)\|", line)[1:-1]
+            assert len(cells) in (2, 5), line
 
 
 def test_csv_writer_never_appends_under_other_columns(tmp_path):

@@ -20,6 +20,7 @@ NARROW = 100
 SHOWN = ["ttft_ms", "prefill_ms", "vision_ms", "tpot_ms", "decode_tok_s", "e2e_ms", "peak_alloc_mb", "weight_mb",
          "token_agree", "kl_mean", "engine_kl_mean"]
 SWEEP_SHOWN = ["requests_per_s", "output_tok_s"]
+FIDELITY_METRICS = ("token_agree", "kl_mean", "engine_kl_mean")
 # The narrow table keeps the first metrics of this list that fit (shown in SHOWN's order).
 PRIORITY = ["ttft_ms", "tpot_ms", "token_agree", "e2e_ms", "decode_tok_s", "requests_per_s", "peak_alloc_mb",
             "prefill_ms", "vision_ms", "output_tok_s", "kl_mean", "weight_mb", "engine_kl_mean"]
@@ -150,6 +151,10 @@ def print_summary(summary: list[dict], out_dir, weights: str, console: Console |
     if note:
         console.print(note)
     if weights == "random":
-        console.print("[bold]weights=random[/]: timings are real (shapes decide time), generated text is meaningless;")
-        console.print("token agree and KL measure numeric fidelity only.")
+        fidelity = any(r.get("metric") in FIDELITY_METRICS and _fmt(r.get("median")) != "-" for r in summary
+                       if r.get("status") == "ok")
+        console.print("[bold]weights=random[/]: timings are real (shapes decide time), generated text is meaningless"
+                      + (";" if fidelity else "."))
+        if fidelity:  # not said of columns a run without the fidelity probe does not have
+            console.print("token agree and KL measure numeric fidelity only.")
     console.print(f"results in {out_dir}/: runs.csv, summary.csv, env.json")

@@ -16,11 +16,11 @@ Each invocation writes one directory:
   `run_id`: rows that differ in any of them (cold and warm cache runs, two dtypes, two
   devices, two workload points, two invocations) are never pooled.
 - `env.json`: python, torch, transformers, bitsandbytes versions, GPU name, driver, clocks,
-  CPU, git sha, the full command line, the run's config and what its `--attention-kernels`
-  choice does.
+  CPU, git sha (`git_dirty`: tracked files had uncommitted changes, so the sha is not all that
+  ran), the full command line, the run's config and what its `--attention-kernels` choice does.
 
 Times use CUDA events on a GPU and `perf_counter` elsewhere; the phases of a run tile it,
-so `preprocess + restore + vision + prefill + store + decode` equals `e2e_ms` (within 2%,
+so `preprocess + lookup + restore + vision + prefill + store + decode` equals `e2e_ms` (within 2%,
 checked by the tests). Decode length is fixed (EOS ignored). `weights=random` rows come from
 presets: their timings are real, their text is meaningless.
 
@@ -36,16 +36,21 @@ baseline (`python -m bench ci-bench`).
 DIRECTION = {True: "higher", False: "lower", None: ""}
 
 
+def _cell(text: str) -> str:
+    """A table cell's text: a '|' in it (the descriptions list values as 'a | b') escaped, or it splits the cell."""
+    return text.replace("|", "\\|")
+
+
 def _table(columns: dict[str, str]) -> str:
     lines = ["| column | meaning |", "|---|---|"]
-    lines += [f"| `{k}` | {v} |" for k, v in columns.items()]
+    lines += [f"| `{k}` | {_cell(v)} |" for k, v in columns.items()]
     return "\n".join(lines)
 
 
 def _run_table() -> str:
     lines = ["| column | unit | better | summarised | meaning |", "|---|---|---|---|---|"]
     lines += [f"| `{c.name}` | {c.unit} | {DIRECTION[c.higher_is_better]} | {'yes' if c.summarized else ''} | "
-              f"{c.description} |" for c in COLUMNS]
+              f"{_cell(c.description)} |" for c in COLUMNS]
     return "\n".join(lines)
 
 

@@ -30,6 +30,7 @@ class Verdict:
     n_candidate: int
     baseline_median: float
     candidate_median: float
+    reason: str = ""  # why a verdict is inconclusive
 
 
 def hodges_lehmann_ratio(baseline: np.ndarray, candidate: np.ndarray) -> float:
@@ -47,9 +48,16 @@ def compare_samples(baseline, candidate, metric: str, alpha: float = 0.01, facto
     b = np.asarray([x for x in baseline if x is not None and not math.isnan(x)], dtype=float)
     c = np.asarray([x for x in candidate if x is not None and not math.isnan(x)], dtype=float)
     medians = (float(np.median(b)) if len(b) else math.nan, float(np.median(c)) if len(c) else math.nan)
-    too_few = min(len(b), len(c)) < min_samples or not min_samples_ok(len(b), len(c), alpha)
-    if too_few or np.any(b <= 0) or np.any(c <= 0):
-        return Verdict("inconclusive", math.nan, math.nan, len(b), len(c), *medians)
+    if min(len(b), len(c)) < min_samples:
+        why = f"fewer than --min-samples {min_samples} runs on a side"
+    elif not min_samples_ok(len(b), len(c), alpha):
+        why = f"too few runs for p < --alpha {alpha:g}"
+    elif np.any(b <= 0) or np.any(c <= 0):
+        why = "a value at or below zero (no ratio)"
+    else:
+        why = ""
+    if why:
+        return Verdict("inconclusive", math.nan, math.nan, len(b), len(c), *medians, reason=why)
     if higher_better is None:
         higher_better = higher_is_better(metric)
     worse = "less" if higher_better else "greater"

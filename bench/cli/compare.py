@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from pandas.api.types import is_numeric_dtype
@@ -95,4 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --json {args.json_path}: cannot write it ({e.strerror or e})", file=sys.stderr)
             return 2
     print(f"verdict: {verdict} ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    reasons = Counter(r["reason"] for r in rows if r["status"] == "inconclusive")
+    for reason, n in reasons.items():  # exit 2 says why, so a CI log shows what to change
+        print(f"inconclusive: {reason} ({n} of {len(rows)} verdicts)")
     return {"regression": 1, "inconclusive": 2, "pass": 0}[verdict]

@@ -21,8 +21,9 @@ def parser() -> ArgumentParser:
     ap = ArgumentParser(prog=f"{PROG} report", description=describe("report") + "\n\n" + __doc__.split("\n\n", 1)[1])
     ap.add_argument("dirs", nargs="+", metavar="RESULTS_DIR", help="results directories (with runs.csv and summary.csv)")
     ap.add_argument("--out", required=True, metavar="DIR", help="where report.md and the PNG figures go: a new or empty directory, or an earlier report's (required)")
-    ap.add_argument("--readme", help="also replace the block between the report markers in this Markdown file "
-                                         "(default: none)")
+    ap.add_argument("--readme", help=f"also write the report into this Markdown file, between the lines {START} "
+                                     f"and {END} it must hold (--out inside its folder, for the figures' links) "
+                                     "(default: none)")
     return ap
 
 
@@ -58,5 +59,5 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, BadInput) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path}")
+    print(f"wrote {path}" + (f" and its block in {args.readme}" if args.readme else ""))
     return 0

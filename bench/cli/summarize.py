@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
     from bench.analysis.inputs import BadInput, check_results_csv, read_env_config
     from bench.errors import UsageError
     from bench.measure.results import LOCK_NAME, lock_holder, read_runs, write_summary
+    from bench.measure.schema import counts_in_summary
     from bench.run.summary import ValidityRule, summarize_runs
 
     out = Path(args.results_dir)
@@ -54,5 +55,8 @@ def main(argv: list[str]) -> int:
     if args.pool_runs:  # one summary per result across every run of the directory (run_id left empty)
         rows = [{**r, "run_id": ""} for r in rows]
     path = write_summary(out, summarize_runs(rows, rule))
-    print(f"wrote {path} from {len(rows)} runs")
+    counted = sum(map(counts_in_summary, rows))
+    other = len(rows) - counted
+    print(f"wrote {path} from {counted} measured runs"
+          + (f" (and {other} other rows of runs.csv: warm-ups, runs that compiled, skipped or failed)" if other else ""))
     return 0

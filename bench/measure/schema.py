@@ -47,7 +47,7 @@ COLUMNS: tuple[Column, ...] = (
     _c("run_id", "", None, "one id per invocation (UTC start time + random suffix), also in env.json: rows of "
                            "two invocations appended to one runs.csv are never summarised together"),
     _c("model", "", None, "preset name or checkpoint directory name"),
-    _c("family", "", None, "llava | vila | internvl"),
+    _c("family", "", None, "llava | vila | internvl | internvideo | vita"),
     _c("weights", "", None, "random (preset, or checkpoint written from a preset) | checkpoint (real weights)"),
     _c("variant", "", None, "variant spec as given, e.g. fp16, bnb4+prefix"),
     _c("engine", "", None, ENGINES),
@@ -59,7 +59,7 @@ COLUMNS: tuple[Column, ...] = (
     _c("device", "", None, "cuda | cpu"),
     _c("dtype", "", None, "compute dtype of the unquantized parts"),
     _c("worker", "", None, "the process that measured the row: serial (the run's own), local:N (--executor "
-                           "local's worker N) or ray:<node id> (--executor ray)"),
+                           "local's worker N) or `ray:<node id>` (--executor ray)"),
     _c("host", "", None, "host name of the machine that measured the row"),
     _c("gpu", "", None, "the GPU that measured the row as the machine numbers it (through CUDA_VISIBLE_DEVICES); "
                         "empty on the CPU"),
@@ -92,8 +92,8 @@ COLUMNS: tuple[Column, ...] = (
                                        "`preprocess` says why a processor stayed on the host)"),
     _c("preprocess_ms", "ms", False, "image processor (on preprocess_device, waited for) + tokenization (host "
                                      "clock)", True),
-    _c("lookup_ms", "ms", False, "prefix-cache lookup: image-content SHA-256 + key match (0 for variants without a "
-                                 "prefix cache)", True),
+    _c("lookup_ms", "ms", False, "prefix-cache lookup: XXH3 of the image content + key match (0 for variants "
+                                 "without a prefix cache)", True),
     _c("restore_ms", "ms", False, "copying a cached prefix's keys/values into the request's working cache (the "
                                   "cost of reuse)", True),
     _c("vision_ms", "ms", False, "vision tower + projector (incl. host->device copy of pixels; ~0 on a cache hit)",

@@ -30,7 +30,9 @@ PART_OPTIONS_AFTER = "max_new_tokens"  # where the variant parts' flags go in th
 @dataclass
 class RunFields:
     """The run's own settings (the variant parts' are in their options dataclasses)."""
-    model_path: str | None = opt("checkpoint directory (llava-hf layout, or VILA1.5 llm/ vision_tower/ mm_projector/)",
+    model_path: str | None = opt("checkpoint directory in a family's published layout: LLaVA-1.5 (llava-hf), VILA1.5 "
+                                 "(llm/ vision_tower/ mm_projector/), InternVL3 (-hf), InternVideo2.5, VITA-1.5 "
+                                 "(`list` shows the layouts)",
                                  aliases=("--model_path",), nonempty="a directory")
     preset: str | None = opt(f"architecture preset with random weights (default: {DEFAULT_PRESET} when no "
                              "--model-path)", nonempty="a preset name")
@@ -65,7 +67,9 @@ class RunFields:
     num_runs: int = opt("measured runs per variant (at least)", 10, aliases=("--num_runs",))
     min_seconds: float = opt("measured time per variant (at least), s", 1.0)
     max_runs: int = opt("hard cap on measured runs per variant (0: 20 x --num-runs)", 0)
-    warmup: int = opt("warm-up runs per variant (unmeasured questions)", 2)
+    warmup: int = opt("warm-up runs per variant (unmeasured questions); when at least 1, also one per distinct "
+                      "prompt length of the measured questions (cold, then warm, with a cache), so no measured run "
+                      "meets a new shape (0: none)", 2)
     max_new_tokens: int = opt("tokens generated per request (fixed: EOS ignored)", 128,
                               aliases=("--max_new_tokens",))
     fidelity: bool = opt("measure token_agree / kl_mean against the fp16 baseline for every variant", True)
@@ -103,7 +107,8 @@ class RunFields:
     append: bool = opt("add this run (a new run_id) to --output-dir's runs.csv; summaries keep runs apart", False)
     resume: bool = opt("finish --output-dir's interrupted run (same run_id, same configuration): groups "
                        "already complete are not run again", False)
-    seed: int = opt("seed for preset weights and sampling-free runs", 0)
+    seed: int = opt("seed of preset weights and of the rows AWQ calibration keeps (decoding is greedy either "
+                    "way)", 0)
     wide: bool = opt("console summary with every column at the terminal's width (otherwise the key columns "
                      "in 100 columns; the CSV files hold everything either way)", False)
 

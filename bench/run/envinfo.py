@@ -34,6 +34,17 @@ def _git_sha() -> str | None:
         return None
 
 
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit git_sha names (the code that ran is not that
+    commit's); None outside a checkout."""
+    try:
+        proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                              text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+        return bool(proc.stdout.strip()) if proc.returncode == 0 else None
+    except Exception:
+        return None
+
+
 def collect(command: str, gpu_facts: dict, extra: dict) -> dict:
     import os
 
@@ -51,6 +62,7 @@ def collect(command: str, gpu_facts: dict, extra: dict) -> dict:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "git_sha": _git_sha(),
+        "git_dirty": _git_dirty(),
         **gpu_facts,
         **extra,
     }
