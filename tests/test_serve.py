@@ -257,7 +257,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client, ima
     assert ok.usage.completion_tokens == 2 and server["proc"].poll() is None
 
 
-def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_path):
+def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_path, capsys):
     import pandas as pd
 
     from bench.cli import main
@@ -267,6 +267,14 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
                  "--request-rate", "50,inf", "--num-prompts", "4", "--max-new-tokens", "4", "--slo", "ttft_ms=1e9",
                  "--output-dir", str(out)])
     assert code == 0
+    # the end-of-run table: one line per point, the client's and the server's TTFT, no in-process columns
+    printed = capsys.readouterr().out
+    assert "median per request: model " + MODEL + ", weights=served" in printed
+    lines = {v: next(line for line in printed.splitlines() if line.startswith(v + " "))
+             for v in ("c1 r50", "c1 rinf", "c4 r50", "c4 rinf")}
+    assert all(" endpoint " in line for line in lines.values())
+    assert "server" in printed and "req/s" in printed and "MB" not in printed and "agree" not in printed
+    assert "16/16 measured requests ok" in printed and "results in " in printed
     runs = pd.read_csv(out / "runs.csv")
     measured = runs[runs["kind"] == "measured"]
     assert len(measured) == 16 and set(measured["status"]) == {"ok"} and set(runs["engine"]) == {"endpoint"}

@@ -20,10 +20,15 @@ NARROW = 100
 SHOWN = ["ttft_ms", "prefill_ms", "vision_ms", "tpot_ms", "decode_tok_s", "e2e_ms", "peak_alloc_mb", "weight_mb",
          "token_agree", "kl_mean", "engine_kl_mean"]
 SWEEP_SHOWN = ["requests_per_s", "output_tok_s"]
+# A served run's (engine `endpoint`: one row per request, a variant per concurrency and rate):
+# the client's timings, the server's own TTFT, throughput, and the engine phases our server reports
+SERVED_SHOWN = ["ttft_ms", "server_ttft_ms", "tpot_ms", "itl_p99_ms", "e2e_ms", "requests_per_s", "output_tok_s",
+                "goodput_rps", "prefill_ms", "vision_ms"]
 FIDELITY_METRICS = ("token_agree", "kl_mean", "engine_kl_mean")
 # The narrow table keeps the first metrics of this list that fit (shown in SHOWN's order).
 PRIORITY = ["ttft_ms", "tpot_ms", "token_agree", "e2e_ms", "decode_tok_s", "requests_per_s", "peak_alloc_mb",
-            "prefill_ms", "vision_ms", "output_tok_s", "kl_mean", "weight_mb", "engine_kl_mean"]
+            "server_ttft_ms", "output_tok_s", "goodput_rps", "itl_p99_ms", "prefill_ms", "vision_ms", "kl_mean",
+            "weight_mb", "engine_kl_mean"]
 # A row of the table per result: its identity (the workload point as one label) and its status.
 _IDENTITY = [k for k in RESULT_KEY if k not in WORKLOAD_KEYS]
 _SHARED = ("model", "device")  # in the title when every row has the same one, else columns
@@ -55,8 +60,16 @@ def _sweep(results) -> bool:
     return len({point for _, point, status, _, _ in results if status == "ok"}) > 1
 
 
+def _served(summary: list[dict]) -> bool:
+    """Whether the results are a served endpoint's, measured as its client (run --endpoint)."""
+    return bool(summary) and all(r.get("engine") == "endpoint" for r in summary)
+
+
 def all_metrics(summary: list[dict]) -> list[str]:
-    """The metric columns of the wide table: SHOWN, and SWEEP_SHOWN for a sweep."""
+    """The metric columns of the wide table: SHOWN, and SWEEP_SHOWN for a sweep; SERVED_SHOWN for
+    a served endpoint's results."""
+    if _served(summary):
+        return SERVED_SHOWN
     return SHOWN + (SWEEP_SHOWN if _sweep(_results(summary)) else [])
 
 
@@ -68,9 +81,11 @@ def summary_table(summary: list[dict], weights: str, metrics: list[str] | None =
     shared = {k: {ident[k] for ident, *_ in results} for k in _SHARED}
     in_title = [k for k in _SHARED if len(shared[k]) == 1 and next(iter(shared[k]))]
     heading = ", ".join(f"{k} {next(iter(shared[k]))}" for k in in_title)
-    table = Table(title=f"median per run: {heading + ', ' if heading else ''}weights={weights}", box=box.SIMPLE_HEAD,
+    per = "request" if _served(summary) else "run"
+    table = Table(title=f"median per {per}: {heading + ', ' if heading else ''}weights={weights}", box=box.SIMPLE_HEAD,
                   show_edge=False, padding=(0, 1, 0, 0), title_justify="left")  # two spaces between columns
     identity = [k for k in _SHARED if k not in in_title] + ["variant", "engine", "dtype", "cache_state"]
+    identity = [k for k in identity if any(ident[k] for ident, *_ in results)]  # a served run has no device, dtype
     for k in identity:
         table.add_column("cache" if k == "cache_state" else k, no_wrap=True)
     if sweep:
@@ -105,7 +120,8 @@ def _invalid_note(summary: list[dict]) -> str | None:
         reason = str(row.get("invalid_reason") or "").split(";")[0]
         names = [title(m).split()[0] for m in VALIDITY_METRICS]
         example = f", e.g. {ident['variant']} {ident['cache_state']} {point} {title(metric).split()[0]}: {reason}"
-        return (f"valid no: a {' or '.join(names)} summary missed --num-runs, --min-seconds or --max-cv (why: "
+        flags = "--num-prompts or --max-cv" if _served(summary) else "--num-runs, --min-seconds or --max-cv"
+        return (f"valid no: a {' or '.join(names)} summary missed {flags} (why: "
                 f"summary.csv invalid_reason{example if reason else ''})")
     return None
 

@@ -50,6 +50,8 @@ def parser(prog: str = f"{PROG} run") -> ArgumentParser:
     ap.add_argument("--slo", default=None, help="goodput: bounds a request must meet, e.g. ttft_ms=500,tpot_ms=50 "
                     f"(any of {', '.join(SLO_METRICS)}; default: none)")
     ap.add_argument("--output-dir", default=None, help="results directory, new or empty (default: results/local/...)")
+    ap.add_argument("--wide", action="store_true", help="console summary with every column at the terminal's width "
+                    "(otherwise the key columns that fit 100; summary.csv holds all)")
     return ap
 
 
@@ -153,7 +155,7 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
         from bench.cli.run import terminate_as_interrupt
 
         with terminate_as_interrupt():  # SIGTERM (a CI job's timeout) stops it as Ctrl-C does
-            out, rows, _ = endpoint_run.run(cfg, shlex.join([*prog.split(), *argv]))
+            out, rows, summary = endpoint_run.run(cfg, shlex.join([*prog.split(), *argv]))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -165,7 +167,10 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
                                f"are in {out}")
         print(f"\ninterrupted: {where}", file=sys.stderr)
         return 130
+    from bench.analysis.console import print_summary
+
     measured = [r for r in rows if r["kind"] == "measured"]
     ok = [r for r in measured if r["status"] == "ok"]
-    print(f"{len(ok)}/{len(measured)} measured requests ok; rows in {out}/runs.csv, summary in {out}/summary.csv")
+    print_summary(summary, out, "served", wide=ns.wide)
+    print(f"{len(ok)}/{len(measured)} measured requests ok")
     return 3 if not ok else 1 if len(ok) < len(measured) else 0

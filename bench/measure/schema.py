@@ -108,7 +108,7 @@ COLUMNS: tuple[Column, ...] = (
     _c("tpot_ms", "ms", False, "(e2e - ttft) / (new_tokens - 1)", True, "TPOT ms"),
     _c("itl_p50_ms", "ms", False, "median decode-step latency", True),
     _c("itl_p90_ms", "ms", False, "90th percentile decode-step latency"),
-    _c("itl_p99_ms", "ms", False, "99th percentile decode-step latency", True),
+    _c("itl_p99_ms", "ms", False, "99th percentile decode-step latency", True, "ITL p99 ms"),
     _c("decode_tok_s", "tokens/s", True, "(new_tokens - 1) x batch_size / decode time: tokens per second over the "
                                          "batch", True, "decode tok/s"),
     _c("requests_per_s", "requests/s", True, "batch_size / e2e time", True, "req/s"),
@@ -200,7 +200,7 @@ COLUMNS: tuple[Column, ...] = (
                                       "the response reports it (vlm-bench serve's `timings`, which also fill the "
                                       "row's preprocess_ms ... store_ms with its engine's phases); ttft_ms minus it "
                                       "is what HTTP, the client and the network add; empty when the response has "
-                                      "none (server_mean_ttft_ms may have the point's mean)", True),
+                                      "none (server_mean_ttft_ms may have the point's mean)", True, "server TTFT ms"),
     _c("server_mean_ttft_ms", "ms", False, "endpoint mode: the server's mean time to first token over the point's "
                                            "requests (the same on each of its rows), from its /metrics histogram "
                                            "before and after (vlm-bench serve's vlm_time_to_first_token_seconds, "
