@@ -1,26 +1,29 @@
 """Regenerate what the documentation derives from the code and the reference runs:
 the variants table in README.md (from the variant registry) and docs/findings.md (from
-results/reference/*/*/MANIFEST and summary.csv). Run from the repository root:
+results/reference/*/*/MANIFEST and summary.csv), both in the repository this script is in:
 
     python scripts/write_docs.py
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from bench.analysis.generated_blocks import replace_block, variants_table  # noqa: E402
 from bench.analysis.reference import REFERENCE_ROOT, render_findings  # noqa: E402
 
 
 def main() -> int:
-    readme = Path("README.md")
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    readme = ROOT / "README.md"
     readme.write_text(replace_block(readme.read_text(), "variants", variants_table()))
-    findings = Path("docs/findings.md")
+    findings = ROOT / "docs" / "findings.md"
     findings.parent.mkdir(exist_ok=True)
-    findings.write_text(render_findings(REFERENCE_ROOT))
+    findings.write_text(render_findings(ROOT / REFERENCE_ROOT))
     print(f"wrote {readme}, {findings}")
     return 0
 
