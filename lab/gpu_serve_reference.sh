@@ -11,8 +11,9 @@ PRESET=${PRESET:-llava-1.5-7b}; ENGINE=${ENGINE:-graph}
 MODEL=(--preset "$PRESET" --variants fp16 --engine "$ENGINE")
 mkdir -p "$OUT"
 
-wait_health() {  # port pid
-  for _ in $(seq 1 240); do
+wait_health() {  # port pid: up to HEALTH_WAIT_S seconds (loading, compiling and capturing every batch size)
+  local deadline=$((SECONDS + ${HEALTH_WAIT_S:-1200}))
+  while [ "$SECONDS" -lt "$deadline" ]; do
     kill -0 "$2" 2>/dev/null || return 1
     $PY - "$1" <<'PYEOF' && return 0
 import sys, httpx
@@ -33,7 +34,13 @@ serve() {  # port log extra-args...
   wait_health "$port" "$SERVER" || { echo "server on $port did not come up"; tail -20 "$log"; exit 1; }
 }
 
-stop() { kill -INT "$SERVER"; wait "$SERVER"; echo "server exit $?"; }
+# SIGTERM, not SIGINT: a background job of a script starts with SIGINT ignored, so a server still
+# loading or warming up (before uvicorn installs its handlers) would not stop on it
+stop() { kill -TERM "$SERVER"; wait "$SERVER"; echo "server exit $?"; SERVER=; }
+# a server still running when the script ends (it did not come up in time, a client run was
+# interrupted) is stopped, not left holding the GPU and the port
+SERVER=
+trap '[ -z "$SERVER" ] || { kill -TERM "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; }' EXIT
 
 set -x
 [ -n "${SKIP_INPROCESS:-}" ] || $PY vila_prefix_benchmark.py "${MODEL[@]}" --num-runs 10 --text-prompt "$Q" \

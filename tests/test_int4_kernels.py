@@ -801,3 +801,23 @@ def test_the_tiles_kernel_multiplies_by_the_published_tile_layout_in_tritons_int
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert float(done.stdout.split()[-1]) < 1e-3  # the fp16 output's rounding; a wrong nibble is far more
+
+
+def test_the_tiles_kernel_compiles_for_sm90_without_a_gpu():
+    """Our Triton kernel compiled for an H100 / H200 (sm_90) by Triton's compiler and ptxas, as the
+    JIT specializes it for a call: an elementwise program (one row, fp16) and a tl.dot program
+    with split K (16 rows, bf16, groups of 64) compile, fit the registers without spilling, and
+    run on tensor cores and fp32 atomics. (The interpreter checks none of this; lab/triton_tiles_aot.py
+    compiles every configuration the autotuner keeps.)"""
+    pytest.importorskip("triton")
+    from bench.quant import triton_aot
+
+    why = triton_aot.unavailable()
+    if why:
+        pytest.skip(why)
+    elementwise = triton_aot.compile_tiles(1, 4096, 4096, 128, torch.float16, False, {"TN": 1, "BKT": 2, "SPLIT_K": 1})
+    dot = triton_aot.compile_tiles(16, 4096, 11008, 64, torch.bfloat16, True, {"TN": 2, "BKT": 2, "SPLIT_K": 4})
+    for c in (elementwise, dot):
+        assert c.spill_bytes == 0 and c.registers <= 255, (c.registers, c.spill_bytes)
+    assert "mma.sync" not in elementwise.ptx and "st.global" in elementwise.ptx
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in dot.ptx and "atom.global" in dot.ptx

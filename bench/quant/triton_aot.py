@@ -1,0 +1,86 @@
+"""bench.quant.triton_w4a16's kernel compiled for a CUDA GPU that is not here.
+
+Triton's own compiler and the ptxas its wheel ships turn the kernel into PTX and a cubin for a
+named compute capability without a GPU or a CUDA driver, specialized as the JIT specializes it for
+a call of the given shape (argument types, 16-byte alignment and divisibility, a row count of 1 as
+a constant). What Triton's interpreter does not check (power-of-two ranges, tl.dot's shapes and
+types, layouts, constexpr types, atomics) fails here as it would on the GPU, and ptxas reports
+the registers and the spills of each configuration (the tests and lab/triton_tiles_aot.py).
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class Compiled:
+    registers: int
+    spill_bytes: int  # spill stores + spill loads, bytes per thread
+    shared_bytes: int
+    ptx: str
+
+
+def unavailable() -> str | None:
+    """Why the kernel cannot be compiled here for a CUDA target, or None."""
+    try:
+        from triton.backends.nvidia import compiler as nvidia
+    except Exception as e:  # noqa: BLE001 - no Triton, or one without its NVIDIA backend
+        return f"Triton's NVIDIA backend cannot be imported ({e.__class__.__name__}: {str(e)[:120]})"
+    ptxas = nvidia.get_ptxas(90).path
+    if not ptxas or not Path(ptxas).is_file():
+        return "Triton's NVIDIA backend has no ptxas"
+    return None
+
+
+def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
+    """(registers, spill bytes) ptxas -v reports for the kernel's PTX."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        done = subprocess.run([nvidia.get_ptxas(90).path, "-v", f"--gpu-name={arch}", str(src), "-o",
+                               str(Path(tmp) / "k.o")], capture_output=True, text=True, check=True)
+    regs = re.search(r"Used (\d+) registers", done.stderr)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
+    return int(regs.group(1)), int(spill.group(1)) + int(spill.group(2))
+
+
+def compile_tiles(rows: int, n: int, k: int, group_size: int, dtype: torch.dtype, split_k: bool, config: dict,
+                  capability: int = 90, scale_dtype: torch.dtype | None = None) -> Compiled:
+    """The kernel as bench.quant.triton_w4a16.tiles_mm launches it for x [rows, k] of `dtype` and
+    a weight [n, k] in groups of `group_size`, with `config` (TN, BKT, SPLIT_K, num_warps,
+    num_stages), compiled for compute capability `capability` (90: H100 / H200). Raises Triton's
+    compile error (or ptxas') where the GPU's would."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from bench.quant import triton_w4a16 as tw
+
+    fn = tw._tiles_mm_kernel
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    # meta tensors give the JIT's binder what it reads (dtype, an aligned address) without memory
+    x = torch.empty(rows, k, dtype=dtype, device="meta")
+    packed = torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, device="meta")
+    sz = torch.empty(k // group_size, n, 2, dtype=scale_dtype or dtype, device="meta")
+    y = torch.empty(rows, n, dtype=torch.float32 if split_k else dtype, device="meta")
+    config = dict(config)
+    kwargs = {"G": group_size, "BLOCK_M": tw.rows_block(rows), "MID": tw.TINYGEMM_MID,
+              "num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3), **config}
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(x, packed, sz, y, rows, n, k, x.stride(0), y.stride(0), **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    from triton.backends.nvidia.compiler import sm_arch_from_capability
+
+    regs, spills = _ptxas_usage(kernel.asm["ptx"], sm_arch_from_capability(capability))
+    return Compiled(regs, spills, kernel.metadata.shared, kernel.asm["ptx"])
