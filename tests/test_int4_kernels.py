@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -820,4 +821,6 @@ def test_the_tiles_kernel_compiles_for_sm90_without_a_gpu():
     for c in (elementwise, dot):
         assert c.spill_bytes == 0 and c.registers <= 255, (c.registers, c.spill_bytes)
     assert "mma.sync" not in elementwise.ptx and "st.global" in elementwise.ptx
+    for c in (elementwise, dot):  # codes become floats by bit operations, not int -> float conversions
+        assert not re.search(r"cvt\.rn\.f32\.[su]32", c.ptx)
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in dot.ptx and "atom.global" in dot.ptx
