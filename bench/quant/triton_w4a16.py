@@ -68,9 +68,17 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit
 def _weights(p_ptr, sz_ptr, n, n_ok, kt, k_ok, k_tiles, N, G: tl.constexpr, MID: tl.constexpr):
     """Rows n's k-tiles kt dequantized, fp32 [BN, BKT, 16, 8] in the nibbles' order: [row, tile,
-    word lw = 4 l + w, nibble j = i + 4 lo]."""
+    word lw = 4 l + w, nibble j = i + 4 lo].
+
+    Each nibble becomes a float without an int -> float conversion (a quarter-rate instruction on
+    the SMs) and without being shifted down: nibble i of a word's 16-bit half, masked in place and
+    set into the mantissa of 2^23, is the float 2^23 + q 16^i, and 2^23 off it leaves q 16^i
+    exactly; its scale takes the 16^-i (exact, a power of two) and the zero point takes -MID s,
+    so w = (q 16^i)(s 16^-i) + (z - MID s) = (q - MID) s + z rounded once, as before. A word
+    costs one shift (its high half) and each nibble two bit operations and three float ones; the
+    kernel is bound by the instructions it issues per weight, not by memory, at few rows."""
     lw = tl.arange(0, 16)
-    j = tl.arange(0, 8)
+    i = tl.arange(0, 4)
     w_ok = n_ok[:, None, None] & k_ok[None, :, None]
     words = tl.load(p_ptr + ((n // 8)[:, None, None] * k_tiles + kt[None, :, None]) * 128
                     + (n % 8)[:, None, None] * 16 + lw[None, None, :], mask=w_ok, other=0)  # [BN, BKT, 16]
@@ -84,21 +92,24 @@ def _weights(p_ptr, sz_ptr, n, n_ok, kt, k_ok, k_tiles, N, G: tl.constexpr, MID:
         so = (g[None, :, :] * N + n[:, None, None]) * 2
         s = tl.load(sz_ptr + so, mask=w_ok, other=0.0).to(tl.float32)[:, :, :, None]
         z = tl.load(sz_ptr + so + 1, mask=w_ok, other=0.0).to(tl.float32)[:, :, :, None]
-    q = (words[:, :, :, None] >> (4 * j)[None, None, None, :]) & 15  # [BN, BKT, 16, 8]
-    # q - MID exactly, without an int -> float conversion (a quarter-rate instruction on the SMs;
-    # the kernel issues about as many instructions per weight as the memory delivers weights):
-    # q in the low mantissa bits of 2^23 is the float 2^23 + q, from which 2^23 + MID is subtracted
-    f = (q | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + MID)
-    return f * s + z
+    half = tl.arange(0, 2)
+    mask = (15 << (4 * i))[None, None, None, None, :]  # nibble i of a 16-bit half, in place
+    unit = ((127 - 4 * i) << 23).to(tl.float32, bitcast=True)[None, None, None, None, :]  # 16^-i
+    s_i = s[:, :, :, :, None] * unit
+    z_mid = (z - MID * s)[:, :, :, :, None]
+    halves = words[:, :, :, None] >> (16 * half)[None, None, None, :]  # [BN, BKT, 16, 2]
+    f = ((halves[:, :, :, :, None] & mask) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    w = f * s_i + z_mid  # [BN, BKT, 16, 2, 4]: nibble i + 4 lo at [.., lo, i]
+    return tl.reshape(w, (w.shape[0], w.shape[1], 16, 8))
 
 
 @triton.jit
 def _activations(x_ptr, m, m_ok, kt, k_ok, stride_xm):
     """x rows m at the columns of _weights' nibbles, [BLOCK_M, BKT, 16, 8] in x's dtype: nibble
-    (lw = 4 l + w, j = i + 4 lo) of a tile holds column 32 w + 2 l + 8 i + lo."""
+    (lw = 4 l + w, c = i + 4 lo) of a tile holds column 32 w + 2 l + 8 i + lo."""
     lw = tl.arange(0, 16)
-    j = tl.arange(0, 8)
-    col = (32 * (lw % 4) + 2 * (lw // 4))[:, None] + (8 * (j % 4) + j // 4)[None, :]  # [16, 8]
+    c = tl.arange(0, 8)
+    col = (32 * (lw % 4) + 2 * (lw // 4))[:, None] + (8 * (c % 4) + c // 4)[None, :]  # [16, 8]
     xo = (kt * 128)[:, None, None] + col[None, :, :]  # [BKT, 16, 8]
     return tl.load(x_ptr + m[:, None, None, None] * stride_xm + xo[None, :, :, :],
                    mask=m_ok[:, None, None, None] & k_ok[None, :, None, None], other=0.0)
