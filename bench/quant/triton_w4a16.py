@@ -74,9 +74,9 @@ def _weights(p_ptr, sz_ptr, n, n_ok, kt, k_ok, k_tiles, N, G: tl.constexpr, MID:
     the SMs) and without being shifted down: nibble i of a word's 16-bit half, masked in place and
     set into the mantissa of 2^23, is the float 2^23 + q 16^i, and 2^23 off it leaves q 16^i
     exactly; its scale takes the 16^-i (exact, a power of two) and the zero point takes -MID s,
-    so w = (q 16^i)(s 16^-i) + (z - MID s) = (q - MID) s + z rounded once, as before. A word
-    costs one shift (its high half) and each nibble two bit operations and three float ones; the
-    kernel is bound by the instructions it issues per weight, not by memory, at few rows."""
+    so w = (q 16^i)(s 16^-i) + (z - MID s) = (q - MID) s + z rounded once, as dequantizing does.
+    A half word costs one shift and each nibble one bit operation (mask and set fused) and three
+    float ones: at few rows the kernel is bound by the instructions it issues per weight."""
     lw = tl.arange(0, 16)
     i = tl.arange(0, 4)
     w_ok = n_ok[:, None, None] & k_ok[None, :, None]
