@@ -253,6 +253,44 @@ def test_compare_across_pairs_a_served_endpoint_with_its_in_process_run(tmp_path
     assert "not an identity column" in capsys.readouterr().err
 
 
+def test_compare_where_narrows_a_side_to_one_result(tmp_path, capsys):
+    """--baseline-where / --candidate-where COLUMN=VALUE keep one side's runs holding those
+    identity values: a cache variant's warm result against a served run (which has cache_state
+    none), one point of an endpoint sweep. A value the side does not hold, a column that is no
+    identity column, or a bad pair is a one-line error naming the flag."""
+    from tests.synthetic_results import write_results
+
+    inproc = {"model": "m", "variant": "prefix", "engine": "graph"}
+    write_results(tmp_path / "inproc", [{**inproc, "cache_state": "cold", "scale": 3.0},
+                                        {**inproc, "cache_state": "warm"}], runs=8)
+    served = {"model": "m", "weights": "served", "engine": "endpoint", "cache_state": "none"}
+    write_results(tmp_path / "sweep", [{**served, "variant": "c1 rinf"},
+                                       {**served, "variant": "c4 rinf", "scale": 3.0}], runs=8, seed=1)
+    across = ["--across", "engine,variant,weights,cache_state", "--metrics", "tpot_ms"]  # alike cold, warm, none
+    pair = [str(tmp_path / "inproc"), str(tmp_path / "sweep"), *across]
+    assert compare_main(pair) == 2
+    assert "pick one with --baseline-where cache_state=cold" in capsys.readouterr().err
+    out = tmp_path / "v.json"
+    assert compare_main([*pair, "--baseline-where", "cache_state=warm", "--candidate-where", "variant=c1 rinf",
+                         "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["comparisons"]
+    assert row["across"]["cache_state"] == ["warm", "none"] and row["across"]["variant"] == ["prefix", "c1 rinf"]
+    assert row["status"] == "unchanged" and row["n_baseline"] == row["n_candidate"] == 8
+    # the slower point and the cold result: each a regression or an improvement, never pooled
+    assert compare_main([*pair, "--baseline-where", "cache_state=warm", "--candidate-where", "variant=c4 rinf"]) == 1
+    assert compare_main([*pair, "--baseline-where", "cache_state=cold", "--candidate-where", "variant=c1 rinf"]) == 0
+    assert "improvement 1" in capsys.readouterr().out
+    for flag, value, said in (("--baseline-where", "cache_state=hot", "cache_state there: cold, warm"),
+                              ("--candidate-where", "variant=c2", "variant there: c1 rinf, c4 rinf"),
+                              ("--baseline-where", "ttft_ms=1", "give identity COLUMN=VALUE pairs"),
+                              ("--baseline-where", "cache_state", "give identity COLUMN=VALUE pairs"),
+                              ("--baseline-where", " , ", "is empty"),
+                              ("--candidate-where", "variant=c1 rinf,variant=c4 rinf", "names variant twice")):
+        assert compare_main([*pair, flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag}") and said in err and "\n" not in err, err
+
+
 def test_compare_across_bad_and_edge_inputs_are_one_line_errors_or_paired_never_pooled(tmp_path, capsys):
     """--across: given empty is refused; a workload column pairs two points (the table shows
     'b1 n8 -> b4 n8'); every identity column pairs two single results and refuses a side holding

@@ -41,6 +41,41 @@ def load_runs(path: str | Path) -> pd.DataFrame:
     return counted(df)  # ok measured runs that neither compiled nor captured
 
 
+def parse_where(text: str | None, flag: str) -> dict[str, str]:
+    """'cache_state=warm,variant=c1 rinf' -> {column: value}; BadInput naming `flag` when it is
+    not such a list of identity columns."""
+    if text is None:
+        return {}
+    where: dict[str, str] = {}
+    for part in (p for p in text.split(",") if p.strip()):
+        column, sep, value = part.partition("=")
+        column = column.strip()
+        if not sep or column not in KEYS:
+            raise BadInput(f"{flag} {part.strip()!r}: give identity COLUMN=VALUE pairs, e.g. cache_state=warm "
+                           f"(columns: {', '.join(KEYS)})")
+        if column in where:
+            raise BadInput(f"{flag} names {column} twice")
+        where[column] = value.strip()
+    if not where:
+        raise BadInput(f"{flag} is empty; give identity COLUMN=VALUE pairs, e.g. cache_state=warm")
+    return where
+
+
+def select(df: pd.DataFrame, where: dict[str, str], side: str, flag: str) -> pd.DataFrame:
+    """The runs of `df` whose identity columns hold `where`'s values (compared as text, an empty
+    cell as ''); BadInput naming the values there are when none does."""
+    keep = pd.Series(True, index=df.index)
+    for column, value in where.items():
+        cells = df[column].map(lambda v: "" if pd.isna(v) else str(_native(v)))
+        if value not in set(cells):
+            raise BadInput(f"{flag} {column}={value}: the {side} has no such run ({column} there: "
+                           f"{', '.join(sorted(set(cells))) or 'none'})")
+        keep &= cells == value
+    if not keep.any():
+        raise BadInput(f"{flag}: no run of the {side} holds all of {', '.join(f'{k}={v}' for k, v in where.items())}")
+    return df[keep]
+
+
 def _groups(df: pd.DataFrame, keys: list[str]) -> dict:
     """{key tuple: rows} by `keys`; no keys (--across names every identity column): one group."""
     if not keys:
@@ -62,7 +97,7 @@ def _single_valued(groups: dict, keys: list[str], across: list[str], side: str) 
             if len(values) > 1:
                 result = (", ".join(f"{k} {v}" for k, v in list(zip(keys, key))[:3]) + ", ...") if key else "all its rows"
                 raise BadInput(f"--across {col}: the {side} has {len(values)} {col} values ({', '.join(values[:4])}) "
-                               f"for one result ({result}); compare a results directory holding one of them")
+                               f"for one result ({result}); pick one with --{side}-where {col}={values[0]}")
 
 
 def _paired(b, c):

@@ -11,7 +11,8 @@ from pandas.api.types import is_numeric_dtype
 from bench.cli import PROG, describe
 from bench.errors import ArgumentParser
 from bench.analysis.inputs import check_out_file
-from bench.analysis.compare import DEFAULT_METRICS, KEYS, BadInput, compare_runs, load_runs, print_table
+from bench.analysis.compare import (DEFAULT_METRICS, KEYS, BadInput, compare_runs, load_runs, parse_where,
+                                    print_table, select)
 
 _DETAILS = """\
 Per result identity (model, family, weights, variant, engine, device, dtype, cache_state,
@@ -44,6 +45,11 @@ def parser() -> ArgumentParser:
                          "e.g. engine,variant,weights,family,device,dtype for a served endpoint (run --endpoint) "
                          "against the in-process run of the model it serves, or cache_state (default: none: "
                          "every identity column pairs)")
+    for side in ("baseline", "candidate"):
+        ap.add_argument(f"--{side}-where", metavar="COLUMN=VALUE,...",
+                        help=f"compare only the {side}'s runs holding these identity values, e.g. cache_state=warm "
+                             f"(an in-process prefix run's warm results against a served run), or variant='c1 rinf' "
+                             f"(one point of an endpoint sweep) (default: all)")
     ap.add_argument("--json", dest="json_path", help="also write the verdicts here as JSON (default: none)")
     return ap
 
@@ -56,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         if not (0 < args.alpha < 1) or not 1 <= args.factor < float("inf") or args.min_samples < 1:
             raise BadInput("--alpha must be between 0 and 1, --factor a finite number at least 1 and --min-samples "
                            "at least 1")
-        base, cand = load_runs(args.baseline), load_runs(args.candidate)
+        base_where = parse_where(args.baseline_where, "--baseline-where")
+        cand_where = parse_where(args.candidate_where, "--candidate-where")
+        base = select(load_runs(args.baseline), base_where, "baseline", "--baseline-where")
+        cand = select(load_runs(args.candidate), cand_where, "candidate", "--candidate-where")
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
         if not metrics:
             raise BadInput(f"--metrics is empty; give runs.csv columns, e.g. {','.join(DEFAULT_METRICS)}")
