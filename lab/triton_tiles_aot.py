@@ -5,7 +5,12 @@ For the decoder linears of llava-1.5-7b and vila1.5-3b, each row block (1, 2, 4 
 16 on tl.dot), group size, activation dtype and split-K or not, the configurations
 bench.quant.triton_w4a16._prune keeps are compiled once each (a kernel depends on the shape only
 through what the autotuner keeps and the arguments' divisibility, the same for all these shapes),
-and one line per compile says ok or the error, registers, spill bytes and shared memory.
+and one line per compile says ok or the error, registers, spill bytes and shared memory, and the
+machine instructions of its K loop (cuobjdump's SASS): in all, per weight a thread takes per step,
+int -> float conversions among them, and the most frequent. At a few rows the kernel is bound by
+the instructions it issues per weight: an SM issues at most 128 thread-instructions a cycle, and
+int4 weights streamed at 4 TB/s over an H200's 132 SMs at 1.98 GHz are 8e12 a second, 31 per SM
+and cycle, so 4 instructions per weight at most (fewer for the half-rate integer ones).
 
     python lab/triton_tiles_aot.py [--capability 90] [--groups 128 64] [--out table.csv]
 """
@@ -65,11 +70,17 @@ def main(argv=None) -> int:
                         try:
                             c = triton_aot.compile_tiles(rows, 4096, 4096, g, getattr(torch, dt), split, cfg,
                                                          args.capability)
+                            loop = triton_aot.loop_instructions(c.cubin)
+                            per_thread = tn * 8 * bkt * 128 // (warps * 32)  # weights a thread takes per step
                             row.update(result="ok", regs=c.registers, spill_bytes=c.spill_bytes,
-                                       shared=c.shared_bytes)
+                                       shared=c.shared_bytes, loop_instructions=sum(loop.values()),
+                                       per_weight=round(sum(loop.values()) / per_thread, 2),
+                                       int_to_float=loop["I2F"] + loop["I2FP"],
+                                       top=" ".join(f"{k}:{v}" for k, v in loop.most_common(6)))
                         except Exception as e:  # noqa: BLE001 - the table reports each compile error
                             row.update(result=f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}",
-                                       regs="", spill_bytes="", shared="")
+                                       regs="", spill_bytes="", shared="", loop_instructions="", per_weight="",
+                                       int_to_float="", top="")
                         table.append(row)
                         print(" ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if args.out:

@@ -823,4 +823,8 @@ def test_the_tiles_kernel_compiles_for_sm90_without_a_gpu():
     assert "mma.sync" not in elementwise.ptx and "st.global" in elementwise.ptx
     for c in (elementwise, dot):  # codes become floats by bit operations, not int -> float conversions
         assert not re.search(r"cvt\.rn\.f32\.[su]32", c.ptx)
+        loop = triton_aot.loop_instructions(c.cubin)  # the K loop's machine code
+        assert loop["LDG"] + loop["LDGSTS"] + loop["LDS"] > 0 and loop["I2F"] + loop["I2FP"] == 0, loop
+    assert triton_aot.loop_instructions(dot.cubin)["HMMA"] > 0  # tensor cores in the loop
+    assert triton_aot.loop_instructions(elementwise.cubin)["HMMA"] == 0
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in dot.ptx and "atom.global" in dot.ptx

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,28 @@ class Compiled:
     spill_bytes: int  # spill stores + spill loads, bytes per thread
     shared_bytes: int
     ptx: str
+    cubin: bytes = b""
+
+
+def loop_instructions(cubin: bytes) -> Counter:
+    """The machine instructions (SASS, by opcode) of the kernel's first loop, its K loop: what a
+    thread issues per step, from the cuobjdump of Triton's wheel."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.cubin"
+        src.write_bytes(cubin)
+        sass = subprocess.run([str(Path(nvidia.get_ptxas(90).path).with_name("cuobjdump")), "-sass", str(src)],
+                              capture_output=True, text=True, check=True).stdout
+    code = [(int(m.group(1), 16), m.group(2).strip())
+            for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    for at, text in code:  # the first branch back: the end of the first loop
+        target = re.search(r"\bBRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < at:
+            start = int(target.group(1), 16)
+            ops = [t.split()[1] if t.startswith("@") else t.split()[0] for a, t in code if start <= a <= at]
+            return Counter(op.split(".")[0] for op in ops)
+    return Counter()
 
 
 def unavailable() -> str | None:
@@ -83,4 +106,4 @@ def compile_tiles(rows: int, n: int, k: int, group_size: int, dtype: torch.dtype
     from triton.backends.nvidia.compiler import sm_arch_from_capability
 
     regs, spills = _ptxas_usage(kernel.asm["ptx"], sm_arch_from_capability(capability))
-    return Compiled(regs, spills, kernel.metadata.shared, kernel.asm["ptx"])
+    return Compiled(regs, spills, kernel.metadata.shared, kernel.asm["ptx"], kernel.asm["cubin"])
