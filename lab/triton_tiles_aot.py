@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     p.add_argument("--out", help="also write the table as CSV here")
     args = p.parse_args(argv)
-    why = triton_aot.unavailable()
+    why = triton_aot.unavailable(args.capability)
     if why:
         print(why, file=sys.stderr)
         return 2

@@ -26,26 +26,28 @@ class Compiled:
     ptx: str
 
 
-def unavailable() -> str | None:
-    """Why the kernel cannot be compiled here for a CUDA target, or None."""
+def unavailable(capability: int = 90) -> str | None:
+    """Why the kernel cannot be compiled here for compute capability `capability`, or None."""
     try:
         from triton.backends.nvidia import compiler as nvidia
     except Exception as e:  # noqa: BLE001 - no Triton, or one without its NVIDIA backend
         return f"Triton's NVIDIA backend cannot be imported ({e.__class__.__name__}: {str(e)[:120]})"
-    ptxas = nvidia.get_ptxas(90).path
+    ptxas = nvidia.get_ptxas(capability).path
     if not ptxas or not Path(ptxas).is_file():
-        return "Triton's NVIDIA backend has no ptxas"
+        return f"Triton's NVIDIA backend has no ptxas for compute capability {capability}"
     return None
 
 
-def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
-    """(registers, spill bytes) ptxas -v reports for the kernel's PTX."""
+def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
+    """(registers, spill bytes) ptxas -v reports for the kernel's PTX, by the ptxas Triton itself
+    runs for `capability` (sm_100 and later have their own)."""
     from triton.backends.nvidia import compiler as nvidia
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        done = subprocess.run([nvidia.get_ptxas(90).path, "-v", f"--gpu-name={arch}", str(src), "-o",
+        done = subprocess.run([nvidia.get_ptxas(capability).path, "-v",
+                               f"--gpu-name={nvidia.sm_arch_from_capability(capability)}", str(src), "-o",
                                str(Path(tmp) / "k.o")], capture_output=True, text=True, check=True)
     regs = re.search(r"Used (\d+) registers", done.stderr)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
@@ -80,7 +82,5 @@ def compile_tiles(rows: int, n: int, k: int, group_size: int, dtype: torch.dtype
     bound, specialization, options = binder(x, packed, sz, y, rows, n, k, x.stride(0), y.stride(0), **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
-
-    regs, spills = _ptxas_usage(kernel.asm["ptx"], sm_arch_from_capability(capability))
+    regs, spills = _ptxas_usage(kernel.asm["ptx"], capability)
     return Compiled(regs, spills, kernel.metadata.shared, kernel.asm["ptx"])
