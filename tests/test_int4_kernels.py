@@ -838,3 +838,5 @@ def test_the_tiles_kernel_compiles_for_a_capability_with_its_own_ptxas():
     c = triton_aot.compile_tiles(1, 4096, 4096, 128, torch.float16, False, {"TN": 1, "BKT": 2, "SPLIT_K": 1},
                                  capability=100)
     assert c.registers > 0 and c.spill_bytes == 0 and ".target sm_100a" in c.ptx
+    with pytest.raises(RuntimeError, match=r"ptxas for sm_100a refused .*syntax error"):  # its reason, one line
+        triton_aot._ptxas_usage(c.ptx.replace(".entry", "not ptx .entry", 1), 100)

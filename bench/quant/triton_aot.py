@@ -40,15 +40,19 @@ def unavailable(capability: int = 90) -> str | None:
 
 def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
     """(registers, spill bytes) ptxas -v reports for the kernel's PTX, by the ptxas Triton itself
-    runs for `capability` (sm_100 and later have their own)."""
+    runs for `capability` (sm_100 and later have their own); RuntimeError with ptxas' own message
+    when it refuses the PTX."""
     from triton.backends.nvidia import compiler as nvidia
 
+    arch = nvidia.sm_arch_from_capability(capability)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        done = subprocess.run([nvidia.get_ptxas(capability).path, "-v",
-                               f"--gpu-name={nvidia.sm_arch_from_capability(capability)}", str(src), "-o",
-                               str(Path(tmp) / "k.o")], capture_output=True, text=True, check=True)
+        done = subprocess.run([nvidia.get_ptxas(capability).path, "-v", f"--gpu-name={arch}", str(src), "-o",
+                               str(Path(tmp) / "k.o")], capture_output=True, text=True)
+    if done.returncode:
+        said = "; ".join(line.strip() for line in done.stderr.splitlines() if line.strip())
+        raise RuntimeError(f"ptxas for {arch} refused the kernel's PTX: {said or f'exit {done.returncode}'}")
     regs = re.search(r"Used (\d+) registers", done.stderr)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
     return int(regs.group(1)), int(spill.group(1)) + int(spill.group(2))
