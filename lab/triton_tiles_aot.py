@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     p.add_argument("--out", help="also write the table as CSV here")
     args = p.parse_args(argv)
-    why = triton_aot.unavailable()
+    why = triton_aot.unavailable(args.capability)
     if why:
         print(why, file=sys.stderr)
         return 2
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
                         try:
                             c = triton_aot.compile_tiles(rows, 4096, 4096, g, getattr(torch, dt), split, cfg,
                                                          args.capability)
-                            loop = triton_aot.loop_instructions(c.cubin)
+                            loop = triton_aot.loop_instructions(c.cubin, args.capability)
                             per_thread = tn * 8 * bkt * 128 // (warps * 32)  # weights a thread takes per step
                             row.update(result="ok", regs=c.registers, spill_bytes=c.spill_bytes,
                                        shared=c.shared_bytes, loop_instructions=sum(loop.values()),

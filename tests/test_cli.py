@@ -61,6 +61,28 @@ def test_seed_command_line(tiny_vila_dir, tmp_path, capsys):
     assert env["git_dirty"] is bool(changed)  # uncommitted changes to the code: git_sha is not all that ran
 
 
+def test_git_dirty_says_whether_tracked_files_changed(tmp_path, monkeypatch):
+    """env.json's git_dirty: a tracked file changed since the commit is dirty, an untracked file
+    is not (results directories, caches), and a directory outside a checkout has no answer."""
+    from bench.run.envinfo import _git_dirty
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "code.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "code.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    (repo / "runs.csv").write_text("untracked\n")
+    assert _git_dirty(repo) is False
+    (repo / "code.py").write_text("x = 2\n")
+    assert _git_dirty(repo) is True
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no checkout above tmp_path counts
+    assert _git_dirty(outside) is None
+
+
 def test_stop_rule_needs_runs_and_seconds(tmp_path):
     out = tmp_path / "o"
     assert run_main(["--preset", "tiny-llava", "--num-runs", "2", "--min-seconds", "0.5", "--max-new-tokens", "4",

@@ -3,8 +3,8 @@ import re
 
 from rich.console import Console
 
-from bench.analysis.console import NARROW, SHOWN, SWEEP_SHOWN, print_summary
-from bench.measure.schema import title
+from bench.analysis.console import NARROW, PRIORITY, SERVED_SHOWN, SHOWN, SWEEP_SHOWN, print_summary
+from bench.measure.schema import SUMMARY_METRICS, title
 
 LONG = ["awq4+prefix+graph-exact", "bnb4-fp4+embedcache+static", "fp16+graph-exact", "fp16"]
 
@@ -65,6 +65,14 @@ def test_wide_shows_every_metric():
 def test_narrow_terminal_keeps_names_whole():
     lines = render(width=80)
     assert max(map(len, lines)) <= 80 and "awq4+prefix+graph-exact" in "\n".join(lines)
+
+
+def test_every_metric_a_table_shows_is_one_summary_csv_has():
+    """The table shows summary.csv's medians: a column of a metric that is not summarised (one
+    value per point, e.g. goodput_rps) would be empty in every row."""
+    shown = {*SHOWN, *SWEEP_SHOWN, *SERVED_SHOWN}
+    assert shown <= set(SUMMARY_METRICS), shown - set(SUMMARY_METRICS)
+    assert shown <= set(PRIORITY), shown - set(PRIORITY)  # the narrow table ranks each
 
 
 def test_random_weights_note_speaks_of_fidelity_only_where_it_was_measured():

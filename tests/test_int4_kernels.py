@@ -828,3 +828,19 @@ def test_the_tiles_kernel_compiles_for_sm90_without_a_gpu():
     assert triton_aot.loop_instructions(dot.cubin)["HMMA"] > 0  # tensor cores in the loop
     assert triton_aot.loop_instructions(elementwise.cubin)["HMMA"] == 0
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in dot.ptx and "atom.global" in dot.ptx
+
+
+def test_the_tiles_kernel_compiles_for_a_capability_with_its_own_ptxas():
+    """sm_100 (B200) PTX goes through the ptxas Triton ships for it (the sm_90 one refuses it),
+    as lab/triton_tiles_aot.py --capability 100 asks."""
+    pytest.importorskip("triton")
+    from bench.quant import triton_aot
+
+    why = triton_aot.unavailable(100)
+    if why:
+        pytest.skip(why)
+    c = triton_aot.compile_tiles(1, 4096, 4096, 128, torch.float16, False, {"TN": 1, "BKT": 2, "SPLIT_K": 1},
+                                 capability=100)
+    assert c.registers > 0 and c.spill_bytes == 0 and ".target sm_100a" in c.ptx
+    with pytest.raises(RuntimeError, match=r"ptxas for sm_100a refused .*syntax error"):  # its reason, one line
+        triton_aot._ptxas_usage(c.ptx.replace(".entry", "not ptx .entry", 1), 100)

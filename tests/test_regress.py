@@ -291,6 +291,18 @@ def test_compare_where_narrows_a_side_to_one_result(tmp_path, capsys):
         assert err.startswith(f"error: {flag}") and said in err and "\n" not in err, err
 
 
+def test_compare_without_where_flags_never_speaks_of_them(tmp_path, capsys):
+    """A side with no measured run (its variant skipped) is refused as before --baseline-where
+    and --candidate-where existed: the error names neither flag when neither was given."""
+    from tests.synthetic_results import write_results
+
+    write_results(tmp_path / "a", [{"variant": "fp16"}], runs=6)
+    write_results(tmp_path / "b", [{"variant": "fp16", "status": "skipped", "error": "no GPU"}])
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "-where" not in err, err
+
+
 def test_compare_across_bad_and_edge_inputs_are_one_line_errors_or_paired_never_pooled(tmp_path, capsys):
     """--across: given empty is refused; a workload column pairs two points (the table shows
     'b1 n8 -> b4 n8'); every identity column pairs two single results and refuses a side holding

@@ -63,7 +63,9 @@ def parse_where(text: str | None, flag: str) -> dict[str, str]:
 
 def select(df: pd.DataFrame, where: dict[str, str], side: str, flag: str) -> pd.DataFrame:
     """The runs of `df` whose identity columns hold `where`'s values (compared as text, an empty
-    cell as ''); BadInput naming the values there are when none does."""
+    cell as ''); BadInput naming the values there are when none does. No `where`: `df` as it is."""
+    if not where:
+        return df
     keep = pd.Series(True, index=df.index)
     for column, value in where.items():
         cells = df[column].map(lambda v: "" if pd.isna(v) else str(_native(v)))

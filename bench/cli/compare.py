@@ -25,7 +25,8 @@ exit codes:
   0  no regression
   1  at least one regression
   2  bad input (missing file, mismatched schema, nothing in common) or inconclusive (too few
-     samples): inconclusive is never a pass"""
+     runs on a side for --min-samples or --alpha, or a value at or below zero; a line says
+     which): inconclusive is never a pass"""
 
 
 def parser() -> ArgumentParser:

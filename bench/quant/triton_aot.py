@@ -28,15 +28,16 @@ class Compiled:
     cubin: bytes = b""
 
 
-def loop_instructions(cubin: bytes) -> Counter:
+def loop_instructions(cubin: bytes, capability: int = 90) -> Counter:
     """The machine instructions (SASS, by opcode) of the kernel's first loop, its K loop: what a
-    thread issues per step, from the cuobjdump of Triton's wheel."""
+    thread issues per step, from the cuobjdump of Triton's wheel (beside its ptxas for `capability`)."""
     from triton.backends.nvidia import compiler as nvidia
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.cubin"
         src.write_bytes(cubin)
-        sass = subprocess.run([str(Path(nvidia.get_ptxas(90).path).with_name("cuobjdump")), "-sass", str(src)],
+        cuobjdump = Path(nvidia.get_ptxas(capability).path).with_name("cuobjdump")
+        sass = subprocess.run([str(cuobjdump), "-sass", str(src)],
                               capture_output=True, text=True, check=True).stdout
     code = [(int(m.group(1), 16), m.group(2).strip())
             for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
@@ -49,27 +50,33 @@ def loop_instructions(cubin: bytes) -> Counter:
     return Counter()
 
 
-def unavailable() -> str | None:
-    """Why the kernel cannot be compiled here for a CUDA target, or None."""
+def unavailable(capability: int = 90) -> str | None:
+    """Why the kernel cannot be compiled here for compute capability `capability`, or None."""
     try:
         from triton.backends.nvidia import compiler as nvidia
     except Exception as e:  # noqa: BLE001 - no Triton, or one without its NVIDIA backend
         return f"Triton's NVIDIA backend cannot be imported ({e.__class__.__name__}: {str(e)[:120]})"
-    ptxas = nvidia.get_ptxas(90).path
+    ptxas = nvidia.get_ptxas(capability).path
     if not ptxas or not Path(ptxas).is_file():
-        return "Triton's NVIDIA backend has no ptxas"
+        return f"Triton's NVIDIA backend has no ptxas for compute capability {capability}"
     return None
 
 
-def _ptxas_usage(ptx: str, arch: str) -> tuple[int, int]:
-    """(registers, spill bytes) ptxas -v reports for the kernel's PTX."""
+def _ptxas_usage(ptx: str, capability: int) -> tuple[int, int]:
+    """(registers, spill bytes) ptxas -v reports for the kernel's PTX, by the ptxas Triton itself
+    runs for `capability` (sm_100 and later have their own); RuntimeError with ptxas' own message
+    when it refuses the PTX."""
     from triton.backends.nvidia import compiler as nvidia
 
+    arch = nvidia.sm_arch_from_capability(capability)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        done = subprocess.run([nvidia.get_ptxas(90).path, "-v", f"--gpu-name={arch}", str(src), "-o",
-                               str(Path(tmp) / "k.o")], capture_output=True, text=True, check=True)
+        done = subprocess.run([nvidia.get_ptxas(capability).path, "-v", f"--gpu-name={arch}", str(src), "-o",
+                               str(Path(tmp) / "k.o")], capture_output=True, text=True)
+    if done.returncode:
+        said = "; ".join(line.strip() for line in done.stderr.splitlines() if line.strip())
+        raise RuntimeError(f"ptxas for {arch} refused the kernel's PTX: {said or f'exit {done.returncode}'}")
     regs = re.search(r"Used (\d+) registers", done.stderr)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", done.stderr)
     return int(regs.group(1)), int(spill.group(1)) + int(spill.group(2))
@@ -103,7 +110,5 @@ def compile_tiles(rows: int, n: int, k: int, group_size: int, dtype: torch.dtype
     bound, specialization, options = binder(x, packed, sz, y, rows, n, k, x.stride(0), y.stride(0), **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-    from triton.backends.nvidia.compiler import sm_arch_from_capability
-
-    regs, spills = _ptxas_usage(kernel.asm["ptx"], sm_arch_from_capability(capability))
+    regs, spills = _ptxas_usage(kernel.asm["ptx"], capability)
     return Compiled(regs, spills, kernel.metadata.shared, kernel.asm["ptx"], kernel.asm["cubin"])

@@ -34,12 +34,12 @@ def _git_sha() -> str | None:
         return None
 
 
-def _git_dirty() -> bool | None:
-    """Whether tracked files differ from the commit git_sha names (the code that ran is not that
-    commit's); None outside a checkout."""
+def _git_dirty(where: Path | None = None) -> bool | None:
+    """Whether tracked files of the checkout holding `where` (default: this code's) differ from
+    the commit git_sha names (the code that ran is not that commit's); None outside a checkout."""
     try:
         proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                              text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+                              text=True, timeout=5, cwd=where or Path(__file__).resolve().parent)
         return bool(proc.stdout.strip()) if proc.returncode == 0 else None
     except Exception:
         return None
