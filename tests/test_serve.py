@@ -467,6 +467,35 @@ def test_the_engine_is_loaded_and_served_on_one_thread_of_its_own():
         engine_thread.call(int, "not a number")
 
 
+def test_a_signal_another_thread_receives_interrupts_a_wait_on_the_engine_thread():
+    """The kernel may deliver a Ctrl-C or SIGTERM to any thread of the server (the engine's while
+    it loads a model, a math library's): the main thread, waiting for the engine thread's call,
+    still runs the handler at once, not when the call returns (a flaky stop-while-loading test
+    under load: the server went on loading past the test's 30 s)."""
+    import threading
+
+    from bench.serve.worker import EngineThread
+
+    engine_thread, released, late = EngineThread(), threading.Event(), []
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    def signalled_on_the_engine_thread():  # the main thread is waiting for this call by now
+        signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+        if not released.wait(20):  # the main thread never woke: return, and say so
+            late.append(True)
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            engine_thread.call(signalled_on_the_engine_thread)
+    finally:
+        released.set()
+        signal.signal(signal.SIGUSR1, previous)
+    assert not late, "the handler ran only when the engine thread's call returned"
+
+
 def test_a_batch_hands_each_steps_tokens_to_the_event_loop_in_one_call():
     """Two requests batched together: every position's two tokens reach the server's event loop
     in one call (one wake-up per step, not one per request), and each stream gets its own."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,6 +31,9 @@ from bench.measure.metrics import PHASES
 from bench.run import host
 from bench.serve.metrics import ServerMetrics
 from bench.serve.protocol import ChatRequest
+
+
+WAKE_S = 0.1  # how often a caller waiting on the engine thread wakes to run signal handlers
 
 
 class EngineThread:
@@ -58,8 +61,15 @@ class EngineThread:
         return future
 
     def call(self, fn, *args):
-        """fn(*args) on the engine thread; its result, or its exception raised here."""
-        return self.submit(fn, *args).result()
+        """fn(*args) on the engine thread; its result, or its exception raised here. The caller
+        wakes every WAKE_S while it waits: a Ctrl-C or SIGTERM the kernel delivered to another
+        thread (the engine's, a math library's) interrupts no wait but the one it lands in, and
+        Python runs the handler only when the main thread next executes, which an untimed wait
+        would put off until the call returned (a model's whole load)."""
+        future = self.submit(fn, *args)
+        while not wait([future], timeout=WAKE_S).done:
+            pass
+        return future.result()
 
 
 class _Abandoned(Exception):
