@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from bench.analysis.console import NARROW
 from bench.cli import PROG
 from bench.errors import ArgumentParser, UsageError, path_problem
 
@@ -51,7 +52,7 @@ def parser(prog: str = f"{PROG} run") -> ArgumentParser:
                     f"(any of {', '.join(SLO_METRICS)}; default: none)")
     ap.add_argument("--output-dir", default=None, help="results directory, new or empty (default: results/local/...)")
     ap.add_argument("--wide", action="store_true", help="console summary with every column at the terminal's width "
-                    "(otherwise the key columns that fit 100; summary.csv holds all)")
+                    f"(otherwise the key columns in {NARROW} columns; the CSV files hold everything either way)")
     return ap
 
 

@@ -74,7 +74,8 @@ def _weights(p_ptr, sz_ptr, n, n_ok, kt, k_ok, k_tiles, N, G: tl.constexpr, MID:
     the SMs) and without being shifted down: nibble i of a word's 16-bit half, masked in place and
     set into the mantissa of 2^23, is the float 2^23 + q 16^i, and 2^23 off it leaves q 16^i
     exactly; its scale takes the 16^-i (exact, a power of two) and the zero point takes -MID s,
-    so w = (q 16^i)(s 16^-i) + (z - MID s) = (q - MID) s + z rounded once, as dequantizing does.
+    so w = (q 16^i)(s 16^-i) + (z - MID s) = (q - MID) s + z rounded once, as dequantizing does
+    (z - MID s is exact in fp32 for the zero points the quantizer writes, (MID - zero) s).
     A half word costs one shift and each nibble one bit operation (mask and set fused) and three
     float ones: at few rows the kernel is bound by the instructions it issues per weight."""
     lw = tl.arange(0, 16)
@@ -185,7 +186,7 @@ def tiles_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     args = (x, packed, scale_and_zero, y, rows, n, k, x.stride(0), y.stride(0))
     if config is not None:
         config = dict(config)
-        launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 2)}
+        launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3)}
         grid = (triton.cdiv(n, 8 * config["TN"]), triton.cdiv(rows, block), config["SPLIT_K"])
         _tiles_mm_kernel[grid](*args, G=group_size, BLOCK_M=block, MID=TINYGEMM_MID, **config, **launch)
     else:

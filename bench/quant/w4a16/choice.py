@@ -155,7 +155,7 @@ def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | Non
         limit = KERNELS[name].max_rows
         served = {rows: xr for rows, xr in inputs.items() if limit is None or rows <= limit}
         if not served:
-            left_out[name] = f"serves at most {limit} rows; the fewest measured is {min(inputs)}"
+            left_out[name] = f"serves at most {limit} row{'s' * (limit != 1)}; the fewest measured is {min(inputs)}"
             continue
         try:
             for m in cycle:
