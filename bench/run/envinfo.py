@@ -25,24 +25,27 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def _git_sha() -> str | None:
+def _git(args: list[str], where: Path | None = None) -> str | None:
+    """git's output for `args` in the checkout holding `where` (default: this code's); None when
+    git fails or is missing (not a checkout, e.g. a copied tree)."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent).stdout.strip()
-        return sha if len(sha) == 40 else None  # not a checkout (e.g. a copied tree)
+        proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+                              cwd=where or Path(__file__).resolve().parent)
     except Exception:
         return None
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def _git_sha() -> str | None:
+    sha = _git(["rev-parse", "HEAD"])
+    return sha if sha is not None and len(sha) == 40 else None
 
 
 def _git_dirty(where: Path | None = None) -> bool | None:
     """Whether tracked files of the checkout holding `where` (default: this code's) differ from
     the commit git_sha names (the code that ran is not that commit's); None outside a checkout."""
-    try:
-        proc = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                              text=True, timeout=5, cwd=where or Path(__file__).resolve().parent)
-        return bool(proc.stdout.strip()) if proc.returncode == 0 else None
-    except Exception:
-        return None
+    status = _git(["status", "--porcelain", "--untracked-files=no"], where)
+    return None if status is None else bool(status)
 
 
 def collect(command: str, gpu_facts: dict, extra: dict) -> dict:
