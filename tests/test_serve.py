@@ -571,11 +571,11 @@ def test_server_counters_read_vllm_metrics_too(tmp_path):
     handler.log_message = lambda *a: None
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/metrics"
+        api_url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"  # /metrics beside it
 
         async def read():
-            async with Api(url, {}, 30.0) as api:
-                return await server_counters(api, url)
+            async with Api(api_url, {}, 30.0) as api:
+                return await server_counters(api)
 
         queries.labels("m").inc(100)
         hits.labels("m").inc(10)

@@ -87,6 +87,10 @@ class Api:
     def url(self, path: str) -> str:
         return self.base_url + path
 
+    def server_url(self, path: str) -> str:
+        """A path beside the API on its server (/metrics, /version): the base URL less its /v1."""
+        return self.base_url.rstrip("/").removesuffix("/v1") + path
+
     async def __aenter__(self) -> Api:
         self.session = aiohttp.ClientSession(headers=self.headers, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                                              connector=aiohttp.TCPConnector(limit=self.connections))
@@ -309,13 +313,13 @@ class ServerCounters:
 NO_COUNTERS = ServerCounters(None, None)
 
 
-async def server_counters(api: Api, metrics_url: str) -> ServerCounters:
+async def server_counters(api: Api) -> ServerCounters:
     """The prefix-cache counters (summed over labels) and the TTFT histogram's sum and count from the
     server's /metrics; a part the server does not expose (or no /metrics) is None."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
-        async with api.session.get(metrics_url) as r:
+        async with api.session.get(api.server_url("/metrics")) as r:
             if r.status != 200:
                 return NO_COUNTERS
             body = await r.text(errors="replace")
@@ -340,7 +344,7 @@ async def server_identity(api: Api) -> str:
         async with api.session.get(api.url("models")) as r:
             if r.headers.get("server"):
                 parts.append(r.headers["server"])
-        async with api.session.get(api.base_url.rstrip("/").removesuffix("/v1") + "/version") as v:
+        async with api.session.get(api.server_url("/version")) as v:
             if v.status == 200:
                 parts.append(f"version {(await v.text(errors='replace')).strip()[:80]}")
     except HTTP_ERRORS:

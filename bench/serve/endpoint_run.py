@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-
 from bench.errors import UsageError
 from bench.measure.results import (DirLock, check_output_dir, new_run_id, read_runs, run_writer, utc_now,
                                    write_json, write_summary)
@@ -126,7 +125,6 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
     connections = max(p.concurrency for p in cfg.points) + 2
     async with cl.Api(base_url, _headers(cfg), cfg.timeout_s, connections) as client:
         server = await cl.server_identity(client)
-        metrics_url = base_url.removesuffix("/").removesuffix("/v1") + "/metrics"
         shared = {n: cl.shared_image_urls(image_file, image, n) for n in cfg.num_images}
         # --prefix distinct: no image of a request is shown by any other request of the run, warm-ups'
         # shared images included: requests take consecutive derived images from max(num_images) on
@@ -153,12 +151,12 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
 
                 if cfg.duration_s is None:  # made before the clock starts (distinct images: PNG encoding)
                     body = [body(i) for i in range(cfg.num_prompts)].__getitem__
-                before = await cl.server_counters(client, metrics_url)
+                before = await cl.server_counters(client)
                 t0 = time.perf_counter()
                 results = await cl.run_point(client, body, point, cfg.seed, cfg.num_prompts, cfg.duration_s)
                 wall_s = time.perf_counter() - t0
                 k += len(results) * num_images
-                after = await cl.server_counters(client, metrics_url)
+                after = await cl.server_counters(client)
                 if cfg.slo:
                     for r in results:
                         r["slo_met"] = r["status"] == "ok" and all(
