@@ -126,6 +126,11 @@ def _invalid_note(summary: list[dict]) -> str | None:
     return None
 
 
+def _measured(summary: list[dict]) -> set[str]:
+    """The metrics some ok result has a median of (token agree with --no-fidelity has none)."""
+    return {r.get("metric") for r in summary if r.get("status") == "ok" and _fmt(r.get("median")) != "-"}
+
+
 def _width(console: Console, table: Table) -> int:
     return Measurement.get(console, console.options.update(width=10_000), table).maximum
 
@@ -133,7 +138,7 @@ def _width(console: Console, table: Table) -> int:
 def fitted_table(summary: list[dict], weights: str, console: Console, width: int) -> tuple[Table, list[str]]:
     """The table with the most important metrics that fit `width` columns, and the measured metrics
     left out (a metric no result measured, e.g. token agree with --no-fidelity, is left out silently)."""
-    measured = {r.get("metric") for r in summary if r.get("status") == "ok" and _fmt(r.get("median")) != "-"}
+    measured = _measured(summary)
     shown = [m for m in all_metrics(summary) if m in measured]
     for k in range(len(shown), 0, -1):
         keep = set(sorted(shown, key=PRIORITY.index)[:k])
@@ -167,8 +172,7 @@ def print_summary(summary: list[dict], out_dir, weights: str, console: Console |
     if note:
         console.print(note)
     if weights == "random":
-        fidelity = any(r.get("metric") in FIDELITY_METRICS and _fmt(r.get("median")) != "-" for r in summary
-                       if r.get("status") == "ok")
+        fidelity = bool(_measured(summary) & set(FIDELITY_METRICS))
         console.print("[bold]weights=random[/]: timings are real (shapes decide time), generated text is meaningless"
                       + (";" if fidelity else "."))
         if fidelity:  # not said of columns a run without the fidelity probe does not have
