@@ -110,3 +110,7 @@ def test_a_token_feed_hands_every_step_to_the_hook_in_order():
             assert len(seen) == (step + 1 if device == "cpu" else step)
         feed.flush()
         assert seen == [[s, 10 + s] for s in range(5)], device
+        idle = TokenFeed(None)  # an engine with no hook: nothing is copied or handed over
+        idle.push(torch.tensor([1], device=device))
+        idle.flush()
+        assert idle._pending is None and not idle._events

@@ -281,13 +281,11 @@ class GraphEngine(StaticEngine):
         cache.settle()  # the replays advance the length on the device
         tok = self._set_decode_input(token)
         out = []
-        feed = None if self.token_hook is None else TokenFeed(self.token_hook)
+        feed = TokenFeed(self.token_hook)
         for key_len in self._decode_lengths(cache, steps):
             self._decode_graph(token.shape[0], key_len).graph.replay()
             out.append(tok.clone())
             tl.mark("decode")
-            if feed is not None:
-                feed.push(out[-1])
-        if feed is not None:
-            feed.flush()
+            feed.push(out[-1])
+        feed.flush()
         return out

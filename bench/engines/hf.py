@@ -197,15 +197,13 @@ class HFEngine:
     def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:
         """`steps` greedy steps after `token` [B], one timeline mark each; token ids stay on device."""
         out = []
-        feed = None if self.token_hook is None else TokenFeed(self.token_hook)
+        feed = TokenFeed(self.token_hook)
         for _ in range(steps):
             token = self.decode_step(token, cache)[:, -1].argmax(-1)
             out.append(token)
             tl.mark("decode")
-            if feed is not None:
-                feed.push(token)
-        if feed is not None:
-            feed.flush()
+            feed.push(token)
+        feed.flush()
         return out
 
     def _first_token(self, first: list[int], store=None) -> None:

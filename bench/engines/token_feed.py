@@ -16,6 +16,8 @@ import torch
 
 class TokenFeed:
     def __init__(self, hook):
+        """`hook`: the engine's per-token hook; None: no hook, and the feed does nothing (no copy,
+        no host sync)."""
         self.hook = hook
         self._pending: tuple[torch.Tensor, object] | None = None
         self._events: list = []  # two CUDA events, used in turn: the held step's and the newest
@@ -24,6 +26,8 @@ class TokenFeed:
     def push(self, tokens: torch.Tensor) -> None:
         """A step's ids [B] (call after queuing the step that made them, before queuing the next);
         the previous step's ids go to the hook now."""
+        if self.hook is None:
+            return
         if not tokens.is_cuda:
             self.hook(tokens.tolist())
             return
