@@ -237,9 +237,9 @@ class Worker:
         # the batch's prompts were tokenized before it ran (_fits); in-process runs count that in preprocess
         phases["preprocess_ms"] += sum(job.tokenize_ms for job in batch)
         for job in batch:
-            self.post(job.put, "done", {"usage": usage, "cached_tokens": result.cached_tokens, "cache_hit": result.cache_hit,
-                              "timings": {"queue_ms": (job.taken - job.queued) * 1e3, **phases,
-                                          "cache_hit": result.cache_hit}})
+            timings = {"queue_ms": (job.taken - job.queued) * 1e3, **phases, "cache_hit": result.cache_hit}
+            self.post(job.put, "done", {"usage": usage, "cached_tokens": result.cached_tokens,
+                                        "cache_hit": result.cache_hit, "timings": timings})
         m = self.metrics
         m.requests.labels("ok").inc(len(batch))
         m.prompt_tokens.inc(usage["prompt_tokens"] * len(batch))

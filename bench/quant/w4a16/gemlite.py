@@ -11,8 +11,8 @@ name, and tunes on others). Its kernels autotune on their first call at each sha
 count (the three GEMVs key on the exact row count, the two GEMMs on a bucket of it; gemlite
 0.6.0.post2, triton_kernels/*_kernels.py KEYS), benchmarking each candidate configuration (over
 bench.quant.w4a16.base.autotune_bench's 15 ms, not Triton's default 125) with host
-synchronization, which a CUDA graph capture cannot contain: a layer given a gemlite kernel is therefore called once at
-every row count it serves when the kernel is chosen (W4A16Kernel.tunes_per_rows), and a tuning
+synchronization, which a CUDA graph capture cannot contain: a layer given a gemlite kernel is
+therefore called once at every row count it serves when the kernel is chosen (W4A16Kernel.tunes_per_rows), and a tuning
 that still falls inside a measured run is counted as one-time work (compile_events, the
 autotuners' cache sizes). In bfloat16 the GEMVs' split-K sums use fp32 atomics, not bfloat16
 ones (gemlite.set_native_atomic_bfp16(False)): rounded bfloat16 adds over K = 11008 cost about
