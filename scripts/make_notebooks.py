@@ -1,10 +1,13 @@
 """Write notebooks/*.ipynb (committed without outputs). Run after editing the cells below."""
+import sys
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.analysis.compare import DEFAULT_METRICS  # noqa: E402
 SETUP = """import os, sys
 from pathlib import Path
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
@@ -69,7 +72,7 @@ regression = new_notebook(cells=[
                       "(one-sided Mann-Whitney U and a Hodges-Lehmann ratio larger than the factor)."),
     new_code_cell("# Parameters (or set BENCH_BASELINE / BENCH_CANDIDATE); relative paths are from the repository root\n"
                   "BASELINE = 'results/ci-baseline'\nCANDIDATE = 'results/ci-baseline'\n"
-                  "METRICS = ['ttft_ms', 'tpot_ms', 'prefill_ms', 'e2e_ms', 'peak_alloc_mb']  # compare's defaults\n"
+                  f"METRICS = {DEFAULT_METRICS!r}  # compare's defaults\n"
                   "ALPHA, FACTOR = 0.01, 1.10",
                   metadata={"tags": ["parameters"]}),
     new_code_cell(SETUP + SHOW + "\nfrom bench.analysis import compare_figures\n"
