@@ -637,3 +637,91 @@ def test_garbage_that_outlives_a_batch_is_collected_on_a_server_that_is_never_id
             held, node = node, None  # alive at the batch's end, garbage during the next batch
     del held
     assert sum(r() is not None for r in refs) <= 2 * gc.get_threshold()[1]
+
+
+@contextlib.contextmanager
+def _uvicorn(app):
+    """`app` served by uvicorn on a free loopback port from a thread of this process: its URL."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _served_tiny_vila(run_batch_around):
+    """tiny-vila on the CPU in an app whose engine's run_batch is `run_batch_around(run_batch)`."""
+    from bench.run.config import config_class
+    from bench.serve.app import create_app
+    from bench.serve.loading import load_engine, model_source
+
+    cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1)
+    engine, _, name = load_engine(cfg, model_source(cfg))
+    engine.run_batch = run_batch_around(engine.run_batch)
+    return create_app(engine, name, 4), name
+
+
+def test_a_streamed_response_starts_while_the_engine_works_on_its_first_token(image_url):
+    """The response's status and headers go out once the request's batch starts, so only the
+    first chunk is left to send when the first token comes (a client's TTFT then has one write
+    of HTTP in it, not the response's start too)."""
+    import threading
+
+    headers_seen, waited = threading.Event(), []
+
+    def around(run_batch):
+        def held(*args):
+            waited.append(headers_seen.wait(10))  # the client has the response's head before any token
+            return run_batch(*args)
+        return held
+
+    app, name = _served_tiny_vila(around)
+    body = {"model": name, "max_tokens": 3, "stream": True, "messages": _messages("What is it?", image_url)}
+    with _uvicorn(app) as url, httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        headers_seen.set()
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert waited == [True]
+    timings = json.loads(lines[-2][5:])["timings"]
+    assert lines[-1] == "data: [DONE]" and timings["ttft_ms"] > 0
+
+
+def test_a_batch_that_fails_after_its_response_started_ends_the_stream_with_an_error(image_url):
+    """A streamed request whose batch fails gets OpenAI's in-stream error event (its status went
+    out when the batch started), which endpoint mode files as a failed row; unstreamed, a 500;
+    the server serves the next request."""
+    import asyncio
+
+    from bench.serve.client import Api, one_request
+
+    failures = [RuntimeError("the engine failed"), RuntimeError("the engine failed again")]
+
+    def around(run_batch):
+        return lambda *args: run_batch(*args) if not failures else (_ for _ in ()).throw(failures.pop(0))
+
+    app, name = _served_tiny_vila(around)
+    body = {"model": name, "max_tokens": 3, "stream": True, "messages": _messages("What is it?", image_url)}
+
+    async def streamed(url):
+        async with Api(f"{url}/v1", {}, 60) as api:
+            return await one_request(api, body)
+
+    with _uvicorn(app) as url:
+        row = asyncio.run(streamed(url))
+        plain = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=60)
+        ok = asyncio.run(streamed(url))
+    assert row == {"status": "failed", "error": "RuntimeError: the engine failed"}
+    assert plain.status_code == 500 and plain.json()["error"] == {
+        "message": "RuntimeError: the engine failed again", "type": "server_error", "param": None, "code": None}
+    assert ok["status"] == "ok" and ok["output_tokens"] == 3

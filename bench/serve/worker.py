@@ -79,15 +79,21 @@ class _Abandoned(Exception):
 @dataclass(eq=False)
 class Job:
     request: ChatRequest
-    # Run on the server's event loop (the worker posts it there): ("token", int) per generated
-    # token, then ("done", dict) or ("error", str); or ("invalid", str) alone for a request the
-    # model cannot take (too long).
+    # Run on the server's event loop (the worker posts it there): ("accepted", None) when its batch
+    # starts, ("token", int) per generated token, then ("done", dict) or ("error", str); or
+    # ("invalid", str) alone for a request the model cannot take (too long).
     put: Callable[[str, object], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     prepared: object = None  # the prompt as the engine tokenizes it (Worker._fits makes it; the engine reuses it)
     queued: float = 0.0  # time.perf_counter() when submitted
     taken: float = 0.0  # time.perf_counter() when the engine thread took it from the queue
     tokenize_ms: float = 0.0  # making `prepared` (an in-process run counts it in its preprocess phase)
+
+
+def _put_accepted(batch: list) -> None:
+    """On the event loop: each job of a batch about to run told so (one post for them all)."""
+    for job in batch:
+        job.put("accepted", None)
 
 
 def _put_tokens(live: list) -> None:
@@ -172,6 +178,7 @@ class Worker:
         while (batch := self._next_batch()) is not None:
             batch = [job for job in batch if self._fits(job)]
             if batch:
+                self.post(_put_accepted, batch)
                 with host.one_request():  # the collector off while the batch runs, as in measured runs
                     self._run(batch)
 
