@@ -3,6 +3,9 @@ chosen with `run`'s flags (e.g. `--preset tiny-vila --variants awq4+prefix --eng
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import threading
 from pathlib import Path
 
 from bench.cli import PROG, describe
@@ -90,20 +93,22 @@ def main(argv: list[str]) -> int:
 
     from bench.log import status
     from bench.run import host
-    from bench.cli.run import terminate_as_interrupt
     from bench.serve.app import create_app
+    from bench.serve.worker import EngineThread
 
     _Server = _server_class()
-    serving = False
+    serving, stop = False, threading.Event()
     try:
         # Ctrl-C or SIGTERM before uvicorn takes the signals over (or after it gives them back):
         # exit 0 at once, as when serving (a SIGTERM in between would otherwise kill the process)
-        with terminate_as_interrupt():
-            engine, variant, name, engine_thread = _load_and_warm_up(cfg, source, serve)
+        with stop_on_signals(stop):
+            engine, variant, name, engine_thread = _load_and_warm_up(cfg, source, serve, EngineThread(stop))
             app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
                              cfg.num_frames, serve["max_tokens_limit"], serve["max_request_mb"],
                              serve["image_cache_mb"], engine_thread)
             host.before_warmup()  # the loaded heap frozen out of the collector's walks (bench.serve.worker)
+            if stop.is_set():
+                raise KeyboardInterrupt
             status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1 "
                    f"({http_stack()})")
             serving = True
@@ -116,16 +121,32 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _load_and_warm_up(cfg, source, serve: dict):
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event):
+    """Within it, SIGINT and SIGTERM set `stop` (a wait on the engine thread then raises
+    KeyboardInterrupt: bench.serve.worker.EngineThread.call) instead of raising from the handler:
+    Python runs a handler wherever the main thread is, inside a finalizer (`__del__`) too, where
+    an exception is printed and dropped (a SIGTERM during warm-up was lost so, and the server went
+    on to serve)."""
+    def handler(signum, frame):
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _load_and_warm_up(cfg, source, serve: dict, engine_thread):
     """(engine, variant name, served model name, its EngineThread): the engine loaded and, with
-    --prewarm, warmed up on the thread that will serve it (bench.serve.worker). The engine thread
-    is a daemon: a Ctrl-C here ends the process without waiting for the load to finish."""
+    --prewarm, warmed up on `engine_thread`, which will serve it (bench.serve.worker). The engine
+    thread is a daemon: a Ctrl-C here ends the process without waiting for the load to finish."""
     from bench.log import status
     from bench.serve.loading import load_engine
-    from bench.serve.worker import EngineThread
 
     status(f"loading {source.name} ({cfg.variant_specs[0]})")
-    engine_thread = EngineThread()
     engine, variant, model = engine_thread.call(load_engine, cfg, source)
     if serve["prewarm"]:
         from bench.models.visual import load_image
@@ -191,9 +212,6 @@ def http_stack() -> str:
 
 
 def _server_class():
-    import contextlib
-    import signal
-
     import uvicorn
 
     class Server(uvicorn.Server):

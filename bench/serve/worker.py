@@ -41,7 +41,9 @@ class EngineThread:
     warm up, serve). Hand-written rather than a one-worker ThreadPoolExecutor, whose thread is
     joined at exit: a Ctrl-C while a model loads would wait for the load to finish."""
 
-    def __init__(self):
+    def __init__(self, stop: threading.Event | None = None):
+        """`stop`: set (by a signal handler) to end a wait in call() with KeyboardInterrupt."""
+        self.stop = stop or threading.Event()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -61,14 +63,16 @@ class EngineThread:
         return future
 
     def call(self, fn, *args):
-        """fn(*args) on the engine thread; its result, or its exception raised here. The caller
-        wakes every WAKE_S while it waits: a Ctrl-C or SIGTERM the kernel delivered to another
-        thread (the engine's, a math library's) interrupts no wait but the one it lands in, and
-        Python runs the handler only when the main thread next executes, which an untimed wait
-        would put off until the call returned (a model's whole load)."""
+        """fn(*args) on the engine thread; its result, or its exception raised here; or
+        KeyboardInterrupt once `stop` is set. The caller wakes every WAKE_S while it waits: a
+        Ctrl-C or SIGTERM the kernel delivered to another thread (the engine's, a math library's)
+        interrupts no wait but the one it lands in, and Python runs the handler only when the main
+        thread next executes, which an untimed wait would put off until the call returned (a
+        model's whole load)."""
         future = self.submit(fn, *args)
         while not wait([future], timeout=WAKE_S).done:
-            pass
+            if self.stop.is_set():
+                raise KeyboardInterrupt
         return future.result()
 
 
