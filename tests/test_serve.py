@@ -301,7 +301,7 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     assert len(ttft) == 4 and (ttft["n"] == 4).all()
     assert "server_ttft_ms" in set(summary["metric"]) and "server_mean_ttft_ms" not in set(summary["metric"])
     env = json.loads((out / "env.json").read_text())
-    assert env["engine"] == "endpoint" and "uvicorn" in env["server"]
+    assert env["engine"] == "endpoint" and "uvicorn" in env["server"] and env["client_event_loop"] == "uvloop"
     assert main(["summarize", str(out)]) == 0  # the results directory is an ordinary one
 
     distinct = tmp_path / "distinct"  # for a second, two requests in flight, each with an image never sent before
@@ -725,3 +725,68 @@ def test_a_batch_that_fails_after_its_response_started_ends_the_stream_with_an_e
     assert plain.status_code == 500 and plain.json()["error"] == {
         "message": "RuntimeError: the engine failed again", "type": "server_error", "param": None, "code": None}
     assert ok["status"] == "ok" and ok["output_tokens"] == 3
+
+
+def test_a_request_whose_images_were_decoded_before_is_checked_on_the_event_loop(monkeypatch, image_url):
+    """An image seen before (the shared prefix's) needs no decoding, so its request is checked on
+    the event loop without a hop to a thread and back; a new image is decoded on a thread (it
+    would hold up every connection); each lookup counted once either way."""
+    import threading
+
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    import bench.serve.app as served
+    from bench.serve.protocol import parse_chat
+
+    calls = []
+
+    def recorded(*args):  # (blocking, outcome, thread) of each parse
+        outcome = "would block"
+        try:
+            result = parse_chat(*args)
+            outcome = "parsed"
+            return result
+        finally:
+            calls.append((args[-1], outcome, threading.get_ident()))
+
+    monkeypatch.setattr(served, "parse_chat", recorded)
+    app, name = _served_tiny_vila(lambda run_batch: run_batch)
+    body = {"model": name, "max_tokens": 2, "messages": _messages("What is it?", image_url)}
+    with TestClient(app) as client:
+        per_request = []
+        for _ in range(2):
+            calls.clear()
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+            per_request.append(list(calls))
+        counts = {s.name: s.value for f in text_string_to_metric_families(client.get("/metrics").text)
+                  for s in f.samples}
+    first, again = per_request
+    assert [c[:2] for c in first] == [(False, "would block"), (True, "parsed")]
+    assert [c[:2] for c in again] == [(False, "parsed")]
+    loop_thread = first[0][2]
+    assert first[1][2] != loop_thread and again[0][2] == loop_thread
+    assert counts["vlm_image_cache_hits_total"] == 1 and counts["vlm_image_cache_misses_total"] == 1
+
+
+def test_a_stop_signal_handled_inside_a_finalizer_still_stops_the_load():
+    """Python runs a signal handler wherever the main thread is, a `__del__` included, where an
+    exception raised by the handler is printed and dropped: a SIGTERM during warm-up was lost so
+    and the server went on to serve. The handler sets a flag the wait on the engine thread sees."""
+    import threading
+
+    from bench.cli.serve import stop_on_signals
+    from bench.serve.worker import EngineThread
+
+    class SignalledWhileFinalized:
+        def __del__(self):
+            signal.raise_signal(signal.SIGTERM)  # the handler runs here, inside the finalizer
+
+    stop, before = threading.Event(), signal.getsignal(signal.SIGTERM)
+    with stop_on_signals(stop):
+        finalized = SignalledWhileFinalized()
+        del finalized
+        start = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            EngineThread(stop).call(time.sleep, 10)  # a load
+    assert time.monotonic() - start < 5 and signal.getsignal(signal.SIGTERM) is before

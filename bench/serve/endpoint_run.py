@@ -6,7 +6,6 @@ that cannot be reached or does not serve the model at the start is a usage error
 is written; a request that fails later is a failed row (bench.serve.client)."""
 from __future__ import annotations
 
-import asyncio
 import itertools
 import math
 import time
@@ -95,7 +94,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
         writer = run_writer(out)
         interrupted = False
         try:
-            rows, server = asyncio.run(_measure(cfg, questions, image_file, image, run_id, writer))
+            rows, server = cl.run_async(_measure(cfg, questions, image_file, image, run_id, writer))
         except KeyboardInterrupt:  # the rows written so far are the run's
             interrupted = True
         finally:
@@ -107,7 +106,8 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
         # what `summarize` rebuilds summary.csv with (a point's requests are its runs)
         config.update(num_runs=max(cfg.num_prompts, 1), min_seconds=0.0, max_cv=cfg.max_cv)
         env = envinfo.collect(command, {}, {"config": config, "run_id": run_id, "model": cfg.model,
-                                            "engine": "endpoint", "server": server, "interrupted": interrupted})
+                                            "engine": "endpoint", "server": server, "interrupted": interrupted,
+                                            "client_event_loop": cl.event_loop()})
         write_json(out / "env.json", env)
         summary = summarize_runs(rows, ValidityRule(max(cfg.num_prompts, 1), 0.0, cfg.max_cv))
         write_summary(out, summary)

@@ -27,6 +27,19 @@ class DecodedImages:
         self._lock = threading.Lock()
         self._on_lookup = on_lookup  # called with True (hit) or False (miss)
 
+    def cached(self, data: bytes):
+        """The image `data` decoded to earlier, or None; not counted (a request looks its images up
+        here first, and counts them with hits() once it has them all, or decodes them with
+        get_or_decode, which counts)."""
+        with self._lock:
+            return self._lru.get(xxhash.xxh3_128_digest(data))
+
+    def hits(self, n: int) -> None:
+        """Count `n` lookups that found their image (with cached)."""
+        if self._on_lookup is not None:
+            for _ in range(n):
+                self._on_lookup(True)
+
     def get_or_decode(self, data: bytes, decode):
         """The image `data` decodes to: the kept one, or decode(data), kept when it fits."""
         key = xxhash.xxh3_128_digest(data)

@@ -37,6 +37,11 @@ class ApiError(Exception):
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": None}}
 
 
+class WouldBlock(Exception):
+    """parse_chat(blocking=False) met work that would hold up the server's event loop: an image
+    not decoded before, a local file to read, a video to decode."""
+
+
 @dataclass
 class ChatRequest:
     visual: VisualInput
@@ -76,7 +81,15 @@ def _decode(data: bytes, param: str) -> Image.Image:
         raise ApiError(f"the image cannot be decoded ({e.__class__.__name__})", param=param) from None
 
 
-def _image(url: str, param: str, decoded: DecodedImages | None) -> tuple[Image.Image, bytes]:
+def _image(url: str, param: str, decoded: DecodedImages | None, blocking: bool) -> tuple[Image.Image, bytes]:
+    if not blocking:
+        if decoded is None or not url.startswith("data:"):
+            raise WouldBlock
+        data = _bytes_of(url, param)
+        image = decoded.cached(data)
+        if image is None:
+            raise WouldBlock
+        return image, data
     data = _bytes_of(url, param)
     if decoded is None:
         return _decode(data, param), data
@@ -105,9 +118,11 @@ def _url(part: dict, key: str, param: str) -> str:
 
 
 def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames: int = 8,
-               decoded: DecodedImages | None = None) -> ChatRequest:
+               decoded: DecodedImages | None = None, blocking: bool = True) -> ChatRequest:
     """A request body (parsed JSON) as a ChatRequest; ApiError (400) naming what is wrong. Images
-    an earlier request sent in the same bytes come from `decoded` (none: each image is decoded)."""
+    an earlier request sent in the same bytes come from `decoded` (none: each image is decoded).
+    blocking=False: WouldBlock rather than decode an image or a video or read a file (the server
+    then parses the request on a thread of its own)."""
     if not isinstance(body, dict):
         raise ApiError("the request body must be a JSON object")
     messages = body.get("messages")
@@ -144,12 +159,14 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind == "image_url":
-            image, data = _image(_url(part, "image_url", param), param, decoded)
+            image, data = _image(_url(part, "image_url", param), param, decoded, blocking)
             images.append(image)
             encoded.append(data)
         elif kind == "video_url":
             if video is not None:
                 raise ApiError("one video per request", param=param)
+            if not blocking:
+                raise WouldBlock
             video = _video(_url(part, "video_url", param), param, num_frames)
         else:
             raise ApiError(f"unsupported content part {kind!r}: text, image_url or video_url", param=param)
@@ -157,5 +174,7 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
         raise ApiError("a request shows images or a video, not both", param=f"messages[{i}].content")
     if video is None and not images:
         raise ApiError("a request needs an image_url or a video_url", param=f"messages[{i}].content")
+    if not blocking and images:
+        decoded.hits(len(images))  # every image was there (else WouldBlock, and a parse that counts)
     visual = video or VisualInput(tuple(images), encoded=tuple(encoded))
     return ChatRequest(visual, " ".join(texts), max_tokens, stream, bool(options.get("include_usage")))
