@@ -9,13 +9,15 @@ STAGES=${STAGES:-batch prefill}
 PRESET=${1:?preset}; OUT=${2:?output directory}
 CANDIDATES=${3:-tinygemm,dense,gemlite-gemv-revsplitk,fbgemm-shuffled,triton-tiles,triton-tiles-splitk}
 PY=${PYTHON:-python3}
-CACHE="$OUT/int4-cache-$PRESET"
+# the quantized models (GBs) stay out of OUT, which holds results only; kernels.json is copied there
+CACHE=${INT4_CACHE_DIR:-${TMPDIR:-/tmp}/vlm-bench-int4-cache-$PRESET}
 RUN=($PY vila_prefix_benchmark.py --preset "$PRESET" --engine graph --num-runs 10 --int4-cache-dir "$CACHE"
      --int4-kernels measured --int4-kernel-candidates "$CANDIDATES" --text-prompt 'What is shown in this image?')
 set -x
 if [[ " $STAGES " == *" batch "* ]]; then
   "${RUN[@]}" --variants fp16,awq4,awq4+prefix --batch-size 1,4,16 --output-dir "$OUT/$PRESET-int4-graph-batch"
   $PY -m bench int4-kernels "$CACHE/kernels.json" --out "$OUT/$PRESET-int4-graph-batch/int4_kernels_$PRESET.csv"
+  cp "$CACHE/kernels.json" "$OUT/$PRESET-int4-graph-batch/"
 fi
 if [[ " $STAGES " == *" prefill "* ]]; then
   "${RUN[@]}" --variants fp16,awq4 --output-dir "$OUT/$PRESET-awq4-prefill-default"
