@@ -29,7 +29,9 @@ def parser(prog: str = f"{PROG} run") -> ArgumentParser:
     ap.add_argument("--num-prompts", type=int, default=None, help="measured requests per point (default: 10)")
     ap.add_argument("--duration", type=float, default=None, help="seconds each point sends requests for, instead "
                     "of --num-prompts (at rate inf: a new request whenever a concurrency slot frees; default: none)")
-    ap.add_argument("--warmup", type=int, default=1, help="warm-up requests before each point (default: 1)")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up requests before each point, one at a time "
+                    "(default: 2, as in-process runs: after one, a served llava-1.5-7b still met a cold first "
+                    "request)")
     ap.add_argument("--max-new-tokens", "--new-tokens", dest="new_tokens", default="128",
                     help="max_tokens of each request; a list sweeps it (default: 128)")
     ap.add_argument("--prompt-lengths", default=None, help="question lengths in tokens to sweep, e.g. 16,128,512 "
