@@ -261,3 +261,40 @@ def test_summary_rebuilds_from_runs_csv(tmp_path):
     assert len(after) == len(before) and list(after["metric"]) == list(before["metric"])
     pd.testing.assert_series_equal(after["median"], before["median"], rtol=1e-5)
     assert list(after["batch_size"]) == list(before["batch_size"]) and list(after["valid"]) == list(before["valid"])
+
+
+def test_a_clip_is_keyed_by_the_files_its_frames_came_from(frames_dir, video_path, monkeypatch):
+    """A clip's prefix key hashes the frame files, or the video file and how many frames were
+    sampled from it, never the decoded frames' pixels (80 frames' pixels took most of a warm
+    TTFT); a changed frame file or another frame count is another key."""
+    import shutil
+
+    from PIL import Image
+
+    from bench.run.media import FrameSource
+
+    from_dir = FrameSource(frames_dir=str(frames_dir), num_frames=4).clip()
+    files = sorted(p for p in frames_dir.iterdir() if p.suffix == ".png")
+    assert from_dir.encoded is not None and len(from_dir.encoded) == 4
+    assert set(from_dir.encoded) <= {p.read_bytes() for p in files}
+    from_video = FrameSource(video_path=str(video_path), num_frames=4).clip()
+    assert from_video.container == video_path.read_bytes()
+
+    monkeypatch.setattr(Image.Image, "tobytes", lambda *a, **k: pytest.fail("a frame's pixels were copied"))
+    keys = {from_dir.content_digest(), from_video.content_digest(),
+            FrameSource(video_path=str(video_path), num_frames=8).clip().content_digest()}
+    assert len(keys) == 3
+    assert FrameSource(frames_dir=str(frames_dir), num_frames=4).clip().content_digest() == from_dir.content_digest()
+    assert FrameSource(video_path=str(video_path), num_frames=4).clip().content_digest() == \
+        from_video.content_digest()
+    monkeypatch.undo()
+
+    changed = frames_dir.parent / "changed"
+    shutil.copytree(frames_dir, changed)
+    first = sorted(p for p in changed.iterdir() if p.suffix == ".png")[FrameSource(
+        frames_dir=str(changed), num_frames=4).indices[0]]
+    with Image.open(first) as im:
+        im = im.copy()
+    im.putpixel((0, 0), (1, 2, 3))
+    im.save(first)
+    assert FrameSource(frames_dir=str(changed), num_frames=4).clip().content_digest() != from_dir.content_digest()

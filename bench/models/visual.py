@@ -23,28 +23,42 @@ class VisualInput:
     # The adapter's processor output when a loader already made it (bench.run.media.FrameLoader runs
     # the processor ahead, off the GPU's path); None: the engine runs the processor.
     pixel_values: torch.Tensor | None = None
-    # The images' files as the request carried them (e.g. --image-path's bytes), when known.
+    # The images' files as the request carried them (e.g. --image-path's bytes, --frames-dir's
+    # frame files), when known.
     encoded: tuple[bytes, ...] | None = None
+    # The video file the frames were sampled from (uniformly, len(images) of them), as the request
+    # carried it (--video-path's bytes, a served video_url's upload), when known.
+    container: bytes | None = None
 
     def __post_init__(self):
         if not self.images:
             raise ValueError("a request needs at least one image")
         if self.encoded is not None and len(self.encoded) != len(self.images):
             raise ValueError(f"{len(self.encoded)} encoded files for {len(self.images)} images")
+        if self.container is not None and (not self.video or self.encoded is not None):
+            raise ValueError("a video file is the source of a clip's frames, not of images or frame files")
 
     def __len__(self) -> int:
         return len(self.images)
 
     def content_digest(self) -> str:
-        """128-bit XXH3 of the request's images: their encoded files where the request carried
-        them, else every image's mode, size and pixels (content, never a path).
+        """128-bit XXH3 of the request's images: the video file its frames were sampled from (and
+        how many), or their encoded files, where the request carried them; else every image's
+        mode, size and pixels (content, never a path).
 
         On the prefix-hit path (every warm request hashes its images), so a non-cryptographic
         hash: SHA-256 of a 640x480 image took 0.7-2 ms on the CPU machine (and 1.3 ms of a 26 ms
         warm TTFT on the H200 host); XXH3 runs at memory speed. Hashing the file a request
         carries, as a server can before decoding it, also skips copying the decoded pixels out
         of PIL (`tobytes`: 0.2 ms for 640x480 here, most of a warm lookup's 0.7 ms on the H200
-        host). The same pixels in two different files are two keys (a miss, never a wrong hit)."""
+        host; an 80-frame clip's pixels took most of a warm TTFT on an H100:
+        results/reference/h100/internvideo2.5-8b-fp16-prefix-awq4-graph-clip80, lookup_ms). The
+        same pixels in two different files are two keys (a miss, never a wrong hit)."""
+        if self.container is not None:
+            h = xxhash.xxh3_128(b"video-container")
+            h.update(len(self.images).to_bytes(8, "little"))  # the frames sampled: their count decides which
+            h.update(self.container)
+            return h.hexdigest()
         if self.encoded is not None:
             h = xxhash.xxh3_128(b"video-files" if self.video else b"image-files")
             for data in self.encoded:

@@ -126,9 +126,16 @@ class FrameSource:
                     break
 
     def clip(self) -> VisualInput:
-        """All sampled frames as one video request (decoded once, then kept)."""
+        """All sampled frames as one video request (decoded once, then kept), carrying the files
+        they came from (the frame files, or the video file), which key a prefix cache's lookup
+        without hashing the frames' pixels (bench.models.visual.VisualInput.content_digest)."""
         if self._clip is None:
-            self._clip = VisualInput(tuple(self), video=True)
+            frames = tuple(self)
+            if self.files is not None:
+                encoded = tuple(self.files[i].read_bytes() for i in self.indices)
+                self._clip = VisualInput(frames, video=True, encoded=encoded)
+            else:
+                self._clip = VisualInput(frames, video=True, container=Path(self.video_path).read_bytes())
         return self._clip
 
 
