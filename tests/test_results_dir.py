@@ -354,6 +354,36 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped interrupt, as meant
+def test_a_stop_signal_handled_inside_a_finalizer_still_stops_the_run(tmp_path, monkeypatch, capsys):
+    """Python runs a handler wherever the main thread is, a `__del__` included, where the
+    KeyboardInterrupt it raises is printed and dropped: the run still stops before its next timed
+    run, exit 130, finished rows kept."""
+    import signal
+
+    out = tmp_path / "o"
+    real = engine_mod.HFEngine.run_batch
+    calls = {"n": 0}
+
+    class SignalledWhileFinalized:
+        def __del__(self):
+            signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the finalizer
+
+    def interrupted_in_a_finalizer(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            finalized = SignalledWhileFinalized()
+            del finalized  # its KeyboardInterrupt is dropped; the run goes on to its next run
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", interrupted_in_a_finalizer)
+    assert run_main([*TINY, "--num-runs", "5", "--output-dir", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    rows = read_rows(out / "runs.csv")
+    assert 1 <= len(rows) < 5 and all(r["status"] == "ok" for r in rows)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_files_written_whole_get_the_mode_an_ordinary_new_file_gets(tmp_path):
     """summary.csv and env.json go through a temporary file; they end up readable as runs.csv is
     (the umask's mode), not mkstemp's owner-only 0600."""

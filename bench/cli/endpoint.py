@@ -155,9 +155,12 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
             None if ns.output_dir is None else Path(ns.output_dir), ns.timeout, ns.max_cv, os.environ.get("OPENAI_API_KEY"),
             _slo(ns.slo), ns.duration, int_list(ns.prompt_lengths, "--prompt-lengths"),
             int_list(ns.num_images, "--num-images"), ns.tokenizer)
-        from bench.cli.run import terminate_as_interrupt
+        import signal
 
-        with terminate_as_interrupt():  # SIGTERM (a CI job's timeout) stops it as Ctrl-C does
+        from bench.run.interrupt import signals_interrupt
+
+        # SIGTERM (a CI job's timeout) stops it as Ctrl-C does (Ctrl-C: asyncio's own handling)
+        with signals_interrupt((signal.SIGTERM,)):
             out, rows, summary = endpoint_run.run(cfg, shlex.join([*prog.split(), *argv]))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,11 +4,8 @@ Exit codes (bench.run.config.EXIT_CODES): 0 all measured, 1 some variant or poin
 error, 3 nothing measured, 130 interrupted (finished rows kept)."""
 from __future__ import annotations
 
-import contextlib
 import shlex
-import signal
 import sys
-import threading
 
 from bench.cli import PROG, describe
 from bench.quiet import quiet_libraries
@@ -21,22 +18,6 @@ def parser(prog: str = f"{PROG} run"):
     return build_parser(prog=prog, description=describe("run")[:-1] + " (runs.csv, summary.csv, env.json). "
                         "`--endpoint URL --model NAME` measures an OpenAI-compatible server instead "
                         f"(`{prog} --endpoint URL --help`).")
-
-
-@contextlib.contextmanager
-def terminate_as_interrupt():
-    """Within it, SIGTERM (a CI job's timeout, `kill`) stops the run as Ctrl-C does: the summary of
-    the finished rows is written, the lock released, exit code 130."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
-    try:
-        yield
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.py") -> int:
@@ -62,7 +43,9 @@ def main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.py") 
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        with terminate_as_interrupt():
+        from bench.run.interrupt import signals_interrupt
+
+        with signals_interrupt():  # Ctrl-C and SIGTERM (a CI job's timeout) alike
             out_dir = bench.run()
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished runs are in {bench.out_dir}/runs.csv", file=sys.stderr)

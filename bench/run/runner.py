@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from bench.engines import attention_kernels
 from bench.measure import calibration, compile_events
-from bench.run import envinfo, host
+from bench.run import envinfo, host, interrupt
 from bench.run import fidelity
 from bench.run.preprocess import place_preprocessing
 from bench.run.config import NOT_FINGERPRINTED, RunConfig
@@ -626,6 +626,7 @@ class Benchmark:
 
     def _timed_run(self, engine, source: RequestSource, questions: list[str], start: int, point, base: dict,
                    record: bool = True) -> dict:
+        interrupt.check()  # a Ctrl-C whose KeyboardInterrupt a finalizer dropped (bench.run.interrupt)
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
