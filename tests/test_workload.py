@@ -134,8 +134,11 @@ def test_a_single_image_request_is_keyed_by_its_file(demo_image, tmp_path):
     assert visual.content_digest() != VisualInput((demo_image,), encoded=(bmp,)).content_digest()
     assert VisualInput((demo_image,)).content_digest() == VisualInput((demo_image.copy(),)).content_digest()
     assert VisualInput((demo_image,)).content_digest() != visual.content_digest()
+    from bench.models.visual import png_bytes
+
     two = RequestSource(WorkloadPoint(num_images=2), demo_image, image_file=png).visual
-    assert two.encoded is None  # derived images have no file: hashed by pixels
+    assert two.encoded == (png, png_bytes(derived_images(demo_image, 2)[1]))  # a derived image as PNG
+    assert RequestSource(WorkloadPoint(num_images=2), demo_image).visual.encoded is None  # no file: pixels
     with pytest.raises(ValueError):
         VisualInput((demo_image, demo_image), encoded=(png,))
 

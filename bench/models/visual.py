@@ -5,6 +5,7 @@ Adapters turn it into image placeholders in the prompt (one per image; InternVL 
 """
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,14 @@ class VisualInput:
             h.update(f"{image.mode}:{image.size}".encode())
             h.update(image.tobytes())
         return h.hexdigest()
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """`image` as a PNG file: how a request carries an image made rather than read from a file
+    (endpoint mode's data: URLs; the derived images of a multi-image prompt)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def as_visual(visual) -> VisualInput:

@@ -10,7 +10,7 @@ from PIL import Image, ImageOps
 
 from bench.errors import UsageError
 from bench.measure.schema import WORKLOAD_KEYS, point_label
-from bench.models.visual import VisualInput
+from bench.models.visual import VisualInput, png_bytes
 
 VIDEO_MODES = ("clip", "frames")
 LOADERS = ("serial", "prefetch")
@@ -120,8 +120,11 @@ class RequestSource:
     """Each run's requests for one workload point.
 
     - image input: every request shows the same image(s) (`num_images` of them), so questions
-      after the first on an image can reuse its prefix; one image carries its file's bytes
-      (`image_file`), which the prefix cache keys on, as a server would on a request's upload;
+      after the first on an image can reuse its prefix; the request carries the files a client
+      would send (`image_file`'s bytes, then the derived images as PNG), which the prefix cache
+      keys on, as a server would on a request's uploads (hashing pixels instead took a quarter of
+      a warm TTFT for InternVideo2.5's 4 images on an H100:
+      results/reference/h100/internvideo2.5-8b-fp16-prefix-awq4-graph-image, lookup_ms);
     - video clip (`--video-mode clip`): every request shows all sampled frames as one video;
     - video frames (`--video-mode frames`): each request shows the next frame as a still image
       (tiled like one, as frame-by-frame analysis does; a batch: the next `batch_size` frames),
@@ -132,8 +135,11 @@ class RequestSource:
                  preprocess=None, image_file: bytes | None = None):
         self.point, self.loader = point, None
         if frames is None:
-            encoded = (image_file,) if image_file is not None and point.num_images == 1 else None
-            self.visual = VisualInput(tuple(derived_images(image, point.num_images)), encoded=encoded)
+            images = tuple(derived_images(image, point.num_images))
+            # the files a request would carry: the image's own, then the derived images as PNG
+            # (as endpoint mode sends them), made here, before any run
+            encoded = None if image_file is None else (image_file, *map(png_bytes, images[1:]))
+            self.visual = VisualInput(images, encoded=encoded)
         elif video_mode == "clip":
             self.visual = frames.clip()
         else:

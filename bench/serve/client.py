@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import importlib.util
-import io
 import json
 import math
 import random
@@ -33,6 +32,7 @@ import aiohttp
 
 from bench.errors import UsageError
 from bench.measure.metrics import PHASES, percentile
+from bench.models.visual import png_bytes
 from bench.run.workload import derived_image
 
 
@@ -51,9 +51,7 @@ def data_url(png: bytes) -> str:
 
 def image_url(image) -> str:
     """A PIL image as a PNG data: URL."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return data_url(buf.getvalue())
+    return data_url(png_bytes(image))
 
 
 def shared_image_urls(image_file: bytes, image, k: int) -> list[str]:
