@@ -790,3 +790,33 @@ def test_a_stop_signal_handled_inside_a_finalizer_still_stops_the_load():
         with pytest.raises(KeyboardInterrupt):
             EngineThread(stop).call(time.sleep, 10)  # a load
     assert time.monotonic() - start < 5 and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stop_signal_that_lands_before_uvicorn_takes_the_signals_over_still_stops_the_server():
+    """A SIGTERM after the load's last check of the flag but before uvicorn installs its own
+    handlers (the event loop's setup) only sets the flag: the server stops rather than serve on."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from bench.cli.serve import _server_class, stop_on_signals
+
+    stop = threading.Event()
+    server = _server_class(stop)(uvicorn.Config(FastAPI(), host="127.0.0.1", port=_free_port(), log_level="warning"))
+    went_on = []
+
+    def stop_it_anyway():  # the server has ignored the signal: end the test
+        if not server.should_exit:
+            went_on.append(server.started)
+            server.should_exit = True
+
+    timer = threading.Timer(10, stop_it_anyway)
+    timer.start()
+    try:
+        with stop_on_signals(stop), pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+            server.run()
+    finally:
+        timer.cancel()
+    assert went_on == [] and not server.started

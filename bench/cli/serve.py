@@ -96,8 +96,8 @@ def main(argv: list[str]) -> int:
     from bench.serve.app import create_app
     from bench.serve.worker import EngineThread
 
-    _Server = _server_class()
     serving, stop = False, threading.Event()
+    _Server = _server_class(stop)
     try:
         # Ctrl-C or SIGTERM before uvicorn takes the signals over (or after it gives them back):
         # exit 0 at once, as when serving (a SIGTERM in between would otherwise kill the process)
@@ -211,7 +211,9 @@ def http_stack() -> str:
             f"{'httptools' if have('httptools') else 'h11'} HTTP parser")
 
 
-def _server_class():
+def _server_class(stop: threading.Event):
+    """`stop`: the flag stop_on_signals sets (a signal that came before the server took the
+    signals over stops it before it starts)."""
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -222,6 +224,8 @@ def _server_class():
         def capture_signals(self):
             previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
             try:
+                if stop.is_set():  # signalled after the load's last check, before the handlers above
+                    raise KeyboardInterrupt
                 yield
             finally:
                 for s, handler in previous.items():
