@@ -660,8 +660,9 @@ def _uvicorn(app):
         thread.join(30)
 
 
-def _served_tiny_vila(run_batch_around):
-    """tiny-vila on the CPU in an app whose engine's run_batch is `run_batch_around(run_batch)`."""
+def _served_tiny_vila(run_batch_around, **app_options):
+    """tiny-vila on the CPU in an app (create_app's `app_options`) whose engine's run_batch is
+    `run_batch_around(run_batch)`."""
     from bench.run.config import config_class
     from bench.serve.app import create_app
     from bench.serve.loading import load_engine, model_source
@@ -669,7 +670,7 @@ def _served_tiny_vila(run_batch_around):
     cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1)
     engine, _, name = load_engine(cfg, model_source(cfg))
     engine.run_batch = run_batch_around(engine.run_batch)
-    return create_app(engine, name, 4), name
+    return create_app(engine, name, 4, **app_options), name
 
 
 def test_a_streamed_response_starts_while_the_engine_works_on_its_first_token(image_url):
@@ -820,3 +821,97 @@ def test_a_stop_signal_that_lands_before_uvicorn_takes_the_signals_over_still_st
     finally:
         timer.cancel()
     assert went_on == [] and not server.started
+
+
+def _counted(url: str) -> dict:
+    """vlm-bench serve's /metrics samples by name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text) for s in f.samples}
+
+
+def test_a_client_that_leaves_while_its_request_is_queued_never_gets_it_run(image_url):
+    """The request waits behind another's batch; its client disconnects: the worker drops it when
+    it comes to it (no prefill for no one), counted as cancelled, and the server serves on."""
+    import threading
+
+    release, ran = threading.Event(), []
+
+    def around(run_batch):
+        def held(requests, *args):
+            ran.append(requests[0][1])
+            assert release.wait(30)
+            return run_batch(requests, *args)
+        return held
+
+    app, name = _served_tiny_vila(around)
+    body = {"model": name, "max_tokens": 2, "stream": True}
+    with _uvicorn(app) as url:
+        first = threading.Thread(target=httpx.post, args=(f"{url}/v1/chat/completions",),
+                                 kwargs={"json": {**body, "messages": _messages("First?", image_url)}, "timeout": 60})
+        first.start()
+        deadline = time.monotonic() + 30
+        while not ran and time.monotonic() < deadline:  # the first request's batch holds the engine
+            time.sleep(0.01)
+        with pytest.raises(httpx.ReadTimeout):  # queued behind it, then the client leaves
+            httpx.post(f"{url}/v1/chat/completions", json={**body, "messages": _messages("Left?", image_url)},
+                       timeout=httpx.Timeout(60, read=0.5))
+        queued = app.state.worker.jobs.queue
+        while not (queued and queued[0].cancelled.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the server has seen the disconnect
+        release.set()
+        first.join(60)
+        ok = httpx.post(f"{url}/v1/chat/completions", json={**body, "messages": _messages("Next?", image_url)},
+                        timeout=60)
+        counts = _counted(url)
+    assert ok.status_code == 200 and ran == ["First?", "Next?"]
+    assert counts[("vlm_requests_total", (("status", "cancelled"),))] == 1
+    assert counts[("vlm_requests_total", (("status", "ok"),))] == 2
+
+
+def test_a_response_reaches_its_client_after_the_server_has_counted_it(image_url):
+    """/metrics read right after a response already counts it (endpoint mode reads the prefix
+    counters after a point's last response)."""
+    from fastapi.testclient import TestClient
+
+    app, name = _served_tiny_vila(lambda run_batch: run_batch)
+    body = {"model": name, "max_tokens": 2, "messages": _messages("What is it?", image_url)}
+    with TestClient(app) as client:
+        worker, seen = app.state.worker, []
+        post = worker.post
+
+        def recorded(fn, *args):
+            if args and args[0] == "done":
+                seen.append(worker.metrics.requests.labels("ok")._value.get())
+            return post(fn, *args)
+
+        worker.post = recorded
+        for _ in range(3):
+            assert client.post("/v1/chat/completions", json=body).status_code == 200
+    assert seen == [1, 2, 3]
+
+
+def test_a_client_that_leaves_a_batch_others_finish_is_counted_cancelled(image_url):
+    """Two requests batched; one client leaves after its first token, the other reads to the end:
+    the batch runs on for the one, and /metrics counts one ok and one cancelled."""
+    import threading
+
+    app, name = _served_tiny_vila(lambda run_batch: run_batch, max_batch=2, window_s=2.0)
+    body = {"model": name, "max_tokens": 300, "stream": True}  # long enough to outlast the disconnect
+    with _uvicorn(app) as url:
+        def leave_early():
+            with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60,
+                              json={**body, "messages": _messages("Leaving?", image_url)}) as r:
+                chunks = (json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:"))
+                assert next(c for c in chunks if c["choices"][0]["delta"].get("content"))
+
+        leaving = threading.Thread(target=leave_early)
+        leaving.start()
+        stayed = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                            json={**body, "messages": _messages("Staying?", image_url)})
+        leaving.join(60)
+        counts = _counted(url)
+    assert stayed.status_code == 200 and stayed.text.rstrip().endswith("data: [DONE]")
+    assert counts[("vlm_requests_total", (("status", "cancelled"),))] == 1
+    assert counts[("vlm_requests_total", (("status", "ok"),))] == 1

@@ -146,11 +146,13 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": model_name}
         try:
-            first = await events.get()  # a request refused before its batch runs gets a status
+            first = await _first_event(events, request)  # a request refused before its batch runs gets a status
             if first[0] == "invalid":
                 raise ApiError(first[1], param="messages")
-        except asyncio.CancelledError:
-            job.cancelled.set()
+        except (asyncio.CancelledError, _ClientGone) as e:
+            job.cancelled.set()  # the worker drops it when it comes to it
+            if isinstance(e, _ClientGone):
+                return Response(status_code=499)  # nginx's "client closed request": no one reads it
             raise
         if chat_request.stream:  # the response starts now, while the engine works on the first token
             return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage, first,
@@ -183,6 +185,29 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
         return ttft_s
 
     return app
+
+
+class _ClientGone(Exception):
+    """The client went away while its request waited for its batch."""
+
+
+async def _first_event(events: asyncio.Queue, request: Request) -> tuple:
+    """The job's first event; _ClientGone if the client disconnects first (uvicorn does not cancel
+    a handler whose client left, and a queued request would otherwise run its prefill for no one)."""
+    async def client_gone():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    get, gone = asyncio.ensure_future(events.get()), asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not get.done():
+            get.cancel()
+    if get.done() and not get.cancelled():
+        return get.result()
+    raise _ClientGone
 
 
 def _usage(done: dict) -> dict:

@@ -247,13 +247,18 @@ class Worker:
         phases = {f"{name}_ms": result.phases_ms.get(name, 0.0) for name in PHASES}  # 0 for one not run
         # the batch's prompts were tokenized before it ran (_fits); in-process runs count that in preprocess
         phases["preprocess_ms"] += sum(job.tokenize_ms for job in batch)
-        for job in batch:
-            timings = {"queue_ms": (job.taken - job.queued) * 1e3, **phases, "cache_hit": result.cache_hit}
-            self.post(job.put, "done", {"usage": usage, "cached_tokens": result.cached_tokens,
-                                        "cache_hit": result.cache_hit, "timings": timings})
-        m = self.metrics
-        m.requests.labels("ok").inc(len(batch))
+        # counted before any client hears of the end, so /metrics read after a response has it;
+        # a job whose client left while the rest of its batch ran on is cancelled, not ok (the
+        # tokens and the prefix lookup were made for it all the same)
+        m, gone = self.metrics, sum(job.cancelled.is_set() for job in batch)
+        m.requests.labels("ok").inc(len(batch) - gone)
+        if gone:
+            m.requests.labels("cancelled").inc(gone)
         m.prompt_tokens.inc(usage["prompt_tokens"] * len(batch))
         m.generated_tokens.inc(usage["completion_tokens"] * len(batch))
         if self.stateful:
             (m.prefix_hits if result.cache_hit else m.prefix_misses).inc(len(batch))
+        for job in batch:
+            timings = {"queue_ms": (job.taken - job.queued) * 1e3, **phases, "cache_hit": result.cache_hit}
+            self.post(job.put, "done", {"usage": usage, "cached_tokens": result.cached_tokens,
+                                        "cache_hit": result.cache_hit, "timings": timings})
