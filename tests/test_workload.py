@@ -282,6 +282,9 @@ def test_a_clip_is_keyed_by_the_files_its_frames_came_from(frames_dir, video_pat
     assert set(from_dir.encoded) <= {p.read_bytes() for p in files}
     from_video = FrameSource(video_path=str(video_path), num_frames=4).clip()
     assert from_video.container == video_path.read_bytes()
+    monkeypatch.setattr("bench.run.media.CONTAINER_KEY_BYTES", video_path.stat().st_size - 1)
+    assert FrameSource(video_path=str(video_path), num_frames=4).clip().container is None  # too large: pixels
+    monkeypatch.undo()
 
     monkeypatch.setattr(Image.Image, "tobytes", lambda *a, **k: pytest.fail("a frame's pixels were copied"))
     keys = {from_dir.content_digest(), from_video.content_digest(),
