@@ -48,7 +48,7 @@ set -x
 
 serve 8100 "$OUT/serve.log" --max-batch 16 --batch-window-ms 0
 $PY -m bench run --endpoint http://127.0.0.1:8100/v1 --model "$PRESET" --text-prompt "$Q" \
-  --concurrency 1 --num-prompts 20 --output-dir "$OUT/$PRESET-fp16-$ENGINE-served-c1"
+  --concurrency 1 --num-prompts 32 --output-dir "$OUT/$PRESET-fp16-$ENGINE-served-c1"
 $PY -m bench run --endpoint http://127.0.0.1:8100/v1 --model "$PRESET" --text-prompt "$Q" \
   --concurrency 1,4,16 --num-prompts 32 --output-dir "$OUT/$PRESET-fp16-$ENGINE-served-sweep"
 stop
