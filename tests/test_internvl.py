@@ -65,6 +65,21 @@ def test_video_frames_and_several_images(tiny, demo_image):
     assert "Image-1:<img>" in text and "Image-2:<img>" in text
 
 
+def test_a_requests_images_go_through_the_processor_in_one_call_in_order(tiny, demo_image, monkeypatch):
+    """Frames (and several tiled images of different sizes) are processed in one call, giving
+    each image's tiles in prompt order, exactly as processing them one by one does."""
+    small = demo_image.resize((200, 100))
+    for visual in (VisualInput(tuple(demo_image.rotate(a) for a in (0, 90, 180, 270)), video=True),
+                   VisualInput((demo_image, small, demo_image.rotate(180)))):
+        one_by_one = torch.cat([tiny.preprocess_image(im, visual.video) for im in visual.images])
+        calls = []
+        processor = tiny.image_processor
+        monkeypatch.setattr(tiny, "image_processor", lambda **kw: calls.append(kw) or processor(**kw))
+        together = tiny.preprocess(visual)
+        monkeypatch.undo()
+        assert len(calls) == 1 and torch.equal(together, one_by_one)
+
+
 @pytest.mark.parametrize("family", ["llava", "internvl"])
 def test_several_images_match_the_native_forward(family, checkpoint_dirs, demo_image):
     """Image embeddings land at their own placeholders: the native class on ids + pixels of two
