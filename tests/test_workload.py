@@ -99,6 +99,8 @@ def test_prefetch_hides_frame_reading_behind_the_consumer(frames_dir):
         loader.close()
         assert seen == (source.indices * 2)[:16]  # same frames, same order
         assert all(f.pixel_values is not None for f in frames)
+        files = sorted(p for p in frames_dir.iterdir() if p.suffix == ".png")
+        assert [f.encoded for f in frames] == [(files[i].read_bytes(),) for i in (source.indices * 2)[14:16]]
         waits[prefetch] = statistics.median(w[1:])
     assert waits[False] >= 0.05  # two frames read while the GPU waits
     assert waits[True] < 0.02  # ready before asked for

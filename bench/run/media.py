@@ -128,6 +128,16 @@ class FrameSource:
                 if i >= self.indices[-1]:
                     break
 
+    def requests(self) -> Iterator[VisualInput]:
+        """Each sampled frame as a request of its own (`--video-mode frames`), carrying its file
+        where it has one (--frames-dir), which keys a prefix cache's lookup as a clip's do."""
+        if self.files is None:
+            for frame in self:
+                yield VisualInput((frame,))
+            return
+        for i in self.indices:
+            yield VisualInput((load_image(self.files[i], "--frames-dir"),), encoded=(self.files[i].read_bytes(),))
+
     def clip(self) -> VisualInput:
         """All sampled frames as one video request (decoded once, then kept), carrying the files
         they came from (the frame files, or the video file), which key a prefix cache's lookup
@@ -164,14 +174,14 @@ class FrameLoader:
             self._thread = threading.Thread(target=self._fill, daemon=True, name="frame-prefetch")
             self._thread.start()
 
-    def _cycle(self) -> Iterator[Image.Image]:
+    def _cycle(self) -> Iterator[VisualInput]:
         while True:
-            yield from self.source
+            yield from self.source.requests()
 
     def _read_batch(self) -> list[VisualInput]:
         out = []
         for _ in range(self.batch):
-            v = VisualInput((next(self._frames),))
+            v = next(self._frames)
             if self.preprocess is not None:
                 v.pixel_values = self.preprocess(v)  # the processor runs here, off the GPU's path
             out.append(v)
