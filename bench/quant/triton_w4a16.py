@@ -6,9 +6,10 @@ consecutive int32 words (bench.quant.int4.tinygemm_tile_source: word (row n, lan
 holds columns 32 w + 2 l + 8 i + lo of row n in nibble i + 4 lo), and a row's tiles follow one
 another along K, so a program's weight rows are one contiguous stream.
 
-Instead of moving the nibbles into column order, each program reads x in the nibbles' order (x is a
-few rows, read from L1/L2): per k-tile, q[n, lw, j] (lw = 4 l + w, j = i + 4 lo) meets
-x[m, 32 w + 2 l + 8 i + lo]. A word's 8 columns lie in one 32-column run, so one (scale, zero)
+Instead of moving the nibbles into column order, each program takes x in the nibbles' order (x is
+a few rows, read from L1/L2): per k-tile, q[n, lw, j] (lw = 4 l + w, j = i + 4 lo) meets
+x[m, 32 w + 2 l + 8 i + lo] (the elementwise path reads x as it lies and permutes it in
+registers, the tl.dot path gathers it). A word's 8 columns lie in one 32-column run, so one (scale, zero)
 pair per (row, word) covers them (groups are 32 or more), and with groups of 128 or more one per
 (row, k-tile). The weight is dequantized as the dense
 path does, (q - 8) * scale + zero in fp32; up to 4 rows multiply and reduce elementwise, more rows
@@ -117,6 +118,22 @@ def _activations(x_ptr, m, m_ok, kt, k_ok, stride_xm):
 
 
 @triton.jit
+def _activations_in_order(x_ptr, m, m_ok, kt, k_ok, stride_xm):
+    """The same values as _activations, read as x lies (each k-tile's 128 columns in one piece,
+    vectorized) and put into the nibbles' order in registers: column 32 w + 8 i + 2 l + lo is
+    [w, i, l, lo] of the tile, wanted at [l, w, lo, i]. For the elementwise path: its K loop
+    issues fewer instructions per weight than with _activations' gather (sm_90 SASS, at one row
+    8.25 -> 6.84 for the best configuration: lab/triton_tiles_aot.py); the tl.dot path more."""
+    BKT: tl.constexpr = kt.shape[0]
+    BM: tl.constexpr = m.shape[0]
+    col = tl.arange(0, 128)
+    x = tl.load(x_ptr + m[:, None, None] * stride_xm + (kt * 128)[None, :, None] + col[None, None, :],
+                mask=m_ok[:, None, None] & k_ok[None, :, None], other=0.0)  # [BLOCK_M, BKT, 128]
+    x = tl.permute(tl.reshape(x, (BM, BKT, 4, 4, 4, 2)), (0, 1, 4, 2, 5, 3))  # [m, kt, l, w, lo, i]
+    return tl.reshape(x, (BM, BKT, 16, 8))
+
+
+@triton.jit
 def _tiles_mm_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
                      G: tl.constexpr, BLOCK_M: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
                      SPLIT_K: tl.constexpr, MID: tl.constexpr):
@@ -139,7 +156,7 @@ def _tiles_mm_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
             kt = kt_lo + step * BKT + tl.arange(0, BKT)
             k_ok = (kt < kt_lo + per) & (kt < k_tiles)
             w = tl.reshape(_weights(p_ptr, sz_ptr, n, n_ok, kt, k_ok, k_tiles, N, G, MID), (1, BN, BK))
-            x = tl.reshape(_activations(x_ptr, m, m_ok, kt, k_ok, stride_xm).to(tl.float32), (BLOCK_M, 1, BK))
+            x = tl.reshape(_activations_in_order(x_ptr, m, m_ok, kt, k_ok, stride_xm).to(tl.float32), (BLOCK_M, 1, BK))
             prods += w * x
         acc = tl.sum(prods, axis=2)
     else:
