@@ -158,3 +158,19 @@ def test_big_presets_have_exact_dims():
     assert (vis.hidden_size, vis.intermediate_size, vis.num_hidden_layers, vis.image_size) == (1152, 4304, 27, 384)
     llm8, _ = vila_configs(PRESETS["vila1.5-8b"], tok)
     assert (llm8.num_key_value_heads, llm8.vocab_size, llm8.rope_parameters["rope_theta"]) == (8, 128256, 500000.0)
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-vila"])
+def test_several_images_go_through_the_processor_in_one_call_in_order(preset, demo_image, monkeypatch):
+    """A multi-image request's images (each fitted as the family does: VILA pads) are processed in
+    one call, giving the pixels processing them one by one gives, in prompt order."""
+    from bench.models.visual import VisualInput
+
+    a = build_preset(preset, None, torch.device("cpu"), torch.float32)
+    images = (demo_image, demo_image.resize((200, 100)), demo_image.rotate(90, expand=True))
+    one_by_one = torch.cat([a.preprocess_image(im) for im in images])
+    calls = []
+    processor = a.image_processor
+    monkeypatch.setattr(a, "image_processor", lambda **kw: calls.append(kw) or processor(**kw))
+    together = a.preprocess(VisualInput(images))
+    assert len(calls) == 1 and torch.equal(together, one_by_one)

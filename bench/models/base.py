@@ -164,15 +164,21 @@ class VLMAdapter:
         None = one image of a size that does not matter); pixels are left for `preprocess`."""
         raise NotImplementedError
 
+    def fit_image(self, image: Image.Image) -> Image.Image:
+        """What the family does to an image before its processor (VILA pads or resizes); as is."""
+        return image
+
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         """Pixels of one image: [crops, 3, H, W] (one crop except for tiling families)."""
-        raise NotImplementedError
+        return self.run_processor(self.fit_image(image))
 
     def preprocess(self, visual) -> torch.Tensor:
-        """Pixels of every image of the request, concatenated in prompt order."""
+        """Pixels of every image of the request, in prompt order, from one call of the processor
+        (a device processor takes them as one batch, with one wait for the device)."""
         images = as_visual(visual).images
-        return torch.cat([self.preprocess_image(im) for im in images]) if len(images) > 1 \
-            else self.preprocess_image(images[0])
+        if len(images) == 1:
+            return self.preprocess_image(images[0])
+        return self.run_processor([self.fit_image(im) for im in images])
 
     def pixels_for(self, visual) -> torch.Tensor:
         """The request's pixels: what a frame loader already made, else the processor's output."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from bench.models.base import PreparedPrompt, prepare_by_placeholders
@@ -31,9 +30,6 @@ class LlavaAdapter(NativeVLMAdapter):
         self.image_tokens = patches + 1 if self.select_strategy == "full" else patches
 
     # CPU ---------------------------------------------------------------------------------
-    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
-        return self.run_processor(image)
-
     def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
         n = self.image_count(visual)
         block = (IMAGE_PLACEHOLDER + self.image_separator) * n

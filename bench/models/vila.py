@@ -85,15 +85,15 @@ class VilaAdapter(VLMAdapter):
         vcfg = model.vision_tower.config
         self.image_tokens = downsampled_tokens(vcfg.image_size // vcfg.patch_size)
 
-    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+    def fit_image(self, image: Image.Image) -> Image.Image:
         if self.aspect == "pad":
-            image = expand_to_square(image, self.image_processor.image_mean)
-        elif self.aspect == "resize":
+            return expand_to_square(image, self.image_processor.image_mean)
+        if self.aspect == "resize":
             size = self.model.vision_tower.config.image_size
             image = image if image.mode == "RGB" else image.convert("RGB")
             if not self._processor_squashes_to(size):
                 image = image.resize((size, size), Image.BICUBIC)
-        return self.run_processor(image)
+        return image
 
     def _processor_squashes_to(self, size: int) -> bool:
         """Whether the image processor itself resizes any image to size x size, bicubic (SigLIP's
