@@ -774,22 +774,20 @@ def test_a_stop_signal_handled_inside_a_finalizer_still_stops_the_load():
     """Python runs a signal handler wherever the main thread is, a `__del__` included, where an
     exception raised by the handler is printed and dropped: a SIGTERM during warm-up was lost so
     and the server went on to serve. The handler sets a flag the wait on the engine thread sees."""
-    import threading
-
-    from bench.cli.serve import stop_on_signals
+    from bench.run.interrupt import requested, signals_interrupt
     from bench.serve.worker import EngineThread
 
     class SignalledWhileFinalized:
         def __del__(self):
             signal.raise_signal(signal.SIGTERM)  # the handler runs here, inside the finalizer
 
-    stop, before = threading.Event(), signal.getsignal(signal.SIGTERM)
-    with stop_on_signals(stop):
+    before = signal.getsignal(signal.SIGTERM)
+    with signals_interrupt(raise_now=False):
         finalized = SignalledWhileFinalized()
         del finalized
         start = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
-            EngineThread(stop).call(time.sleep, 10)  # a load
+            EngineThread(requested).call(time.sleep, 10)  # a load
     assert time.monotonic() - start < 5 and signal.getsignal(signal.SIGTERM) is before
 
 
@@ -801,10 +799,10 @@ def test_a_stop_signal_that_lands_before_uvicorn_takes_the_signals_over_still_st
     import uvicorn
     from fastapi import FastAPI
 
-    from bench.cli.serve import _server_class, stop_on_signals
+    from bench.cli.serve import _server_class
+    from bench.run.interrupt import requested, signals_interrupt
 
-    stop = threading.Event()
-    server = _server_class(stop)(uvicorn.Config(FastAPI(), host="127.0.0.1", port=_free_port(), log_level="warning"))
+    server = _server_class(requested)(uvicorn.Config(FastAPI(), host="127.0.0.1", port=_free_port(), log_level="warning"))
     went_on = []
 
     def stop_it_anyway():  # the server has ignored the signal: end the test
@@ -815,7 +813,7 @@ def test_a_stop_signal_that_lands_before_uvicorn_takes_the_signals_over_still_st
     timer = threading.Timer(10, stop_it_anyway)
     timer.start()
     try:
-        with stop_on_signals(stop), pytest.raises(KeyboardInterrupt):
+        with signals_interrupt(raise_now=False), pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGTERM)
             server.run()
     finally:

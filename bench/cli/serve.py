@@ -92,16 +92,17 @@ def main(argv: list[str]) -> int:
     import uvicorn
 
     from bench.log import status
-    from bench.run import host
+    from bench.run import host, interrupt
     from bench.serve.app import create_app
     from bench.serve.worker import EngineThread
 
-    serving, stop = False, threading.Event()
-    _Server = _server_class(stop)
+    stop = interrupt.requested
+    serving, _Server = False, _server_class(stop)
     try:
         # Ctrl-C or SIGTERM before uvicorn takes the signals over (or after it gives them back):
-        # exit 0 at once, as when serving (a SIGTERM in between would otherwise kill the process)
-        with stop_on_signals(stop):
+        # exit 0 at once, as when serving (a SIGTERM in between would otherwise kill the process);
+        # recorded, not raised from the handler (bench.run.interrupt), and seen by the waits
+        with interrupt.signals_interrupt(raise_now=False):
             engine, variant, name, engine_thread = _load_and_warm_up(cfg, source, serve, EngineThread(stop))
             app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
                              cfg.num_frames, serve["max_tokens_limit"], serve["max_request_mb"],
@@ -119,24 +120,6 @@ def main(argv: list[str]) -> int:
         _exit_now(0)
     status("server stopped")
     return 0
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event):
-    """Within it, SIGINT and SIGTERM set `stop` (a wait on the engine thread then raises
-    KeyboardInterrupt: bench.serve.worker.EngineThread.call) instead of raising from the handler:
-    Python runs a handler wherever the main thread is, inside a finalizer (`__del__`) too, where
-    an exception is printed and dropped (a SIGTERM during warm-up was lost so, and the server went
-    on to serve)."""
-    def handler(signum, frame):
-        stop.set()
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _load_and_warm_up(cfg, source, serve: dict, engine_thread):
@@ -212,8 +195,8 @@ def http_stack() -> str:
 
 
 def _server_class(stop: threading.Event):
-    """`stop`: the flag stop_on_signals sets (a signal that came before the server took the
-    signals over stops it before it starts)."""
+    """`stop`: the flag a stop signal sets (bench.run.interrupt; one that came before the server
+    took the signals over stops it before it starts)."""
     import uvicorn
 
     class Server(uvicorn.Server):

@@ -1,9 +1,10 @@
-"""Ctrl-C and SIGTERM during a run: KeyboardInterrupt at once, and the request kept until the run
-sees it.
+"""Ctrl-C and SIGTERM: the request recorded (`requested`) and, in a run, KeyboardInterrupt at once.
 
 Python runs a signal handler wherever the main thread is, a finalizer (`__del__`) included, and an
-exception raised there is printed and dropped: the run would go on as if nothing were asked. So
-the handler also records the request, and the runner checks it before each timed run (check()).
+exception raised there is printed and dropped: a run would go on as if nothing were asked, and a
+server warming up went on to serve. So the handler records the request, which the runner checks
+before each timed run (check()) and the server's waits on its engine thread check as they wake
+(bench.serve.worker.EngineThread); a run also raises at once, where that is not dropped.
 """
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ def check() -> None:
 
 
 @contextlib.contextmanager
-def signals_interrupt(signals=(signal.SIGINT, signal.SIGTERM)):
-    """Within it, `signals` (SIGTERM: a CI job's timeout, `kill`) stop the run as Ctrl-C does:
-    KeyboardInterrupt, and the request recorded for check(). The previous handlers come back after."""
+def signals_interrupt(signals=(signal.SIGINT, signal.SIGTERM), raise_now: bool = True):
+    """Within it, `signals` (SIGTERM: a CI job's timeout, `kill`) are recorded in `requested` and,
+    with raise_now, stop the run as Ctrl-C does (KeyboardInterrupt). The previous handlers come
+    back after."""
     def handler(signum, frame):
         requested.set()
-        raise KeyboardInterrupt
+        if raise_now:
+            raise KeyboardInterrupt
 
     main_thread = threading.current_thread() is threading.main_thread()  # signals are set there only
     requested.clear()

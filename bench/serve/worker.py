@@ -42,7 +42,8 @@ class EngineThread:
     joined at exit: a Ctrl-C while a model loads would wait for the load to finish."""
 
     def __init__(self, stop: threading.Event | None = None):
-        """`stop`: set (by a signal handler) to end a wait in call() with KeyboardInterrupt."""
+        """`stop`: set (by a signal handler: bench.run.interrupt) to end a wait in call() with
+        KeyboardInterrupt."""
         self.stop = stop or threading.Event()
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
