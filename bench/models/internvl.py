@@ -83,17 +83,20 @@ class InternVLAdapter(NativeVLMAdapter):
     def _tokenize(self, text: str, add_bos: bool) -> list[int]:
         return self._encode(text)  # Qwen2: no BOS
 
-    def preprocess_image(self, image: Image.Image, video: bool = False) -> torch.Tensor:
+    def _tiled(self, images, video: bool) -> torch.Tensor:
+        """The processor's tiles of `images` (one image or a list): still images tiled, frames not."""
         tiled = not video and self.max_tiles > 1
-        return self.run_processor(image, crop_to_patches=tiled, max_patches=self.max_tiles, min_patches=1)
+        return self.run_processor(images, crop_to_patches=tiled, max_patches=self.max_tiles, min_patches=1)
+
+    def preprocess_image(self, image: Image.Image, video: bool = False) -> torch.Tensor:
+        return self._tiled(image, video)
 
     def preprocess(self, visual) -> torch.Tensor:
         """Every image's tiles (a frame: one tile), in order, from one call of the processor: a
         fast (device) processor resizes and normalizes images of one size as one batch, one
         wait for the device instead of one per frame (an 80-frame clip: 80 calls)."""
         v = as_visual(visual)
-        tiled = not v.video and self.max_tiles > 1
-        return self.run_processor(list(v.images), crop_to_patches=tiled, max_patches=self.max_tiles, min_patches=1)
+        return self._tiled(list(v.images), v.video)
 
     # device ------------------------------------------------------------------------------
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:

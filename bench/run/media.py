@@ -113,10 +113,20 @@ class FrameSource:
         return len(self.indices)
 
     def __iter__(self) -> Iterator[Image.Image]:
+        for frame, _ in self.frames_with_files():
+            yield frame
+
+    def frames_with_files(self) -> Iterator[tuple[Image.Image, bytes | None]]:
+        """Each sampled frame with its file's bytes (--frames-dir), or None (decoded from a video)."""
         if self.files is not None:
             for i in self.indices:
-                yield load_image(self.files[i], "--frames-dir")
+                yield load_image(self.files[i], "--frames-dir"), self.files[i].read_bytes()
             return
+        for frame in self._decoded():
+            yield frame, None
+
+    def _decoded(self) -> Iterator[Image.Image]:
+        """The sampled frames of the video, decoded in order."""
         wanted = set(self.indices)
         with self._open() as container:
             stream = container.streams.video[0]
@@ -131,22 +141,18 @@ class FrameSource:
     def requests(self) -> Iterator[VisualInput]:
         """Each sampled frame as a request of its own (`--video-mode frames`), carrying its file
         where it has one (--frames-dir), which keys a prefix cache's lookup as a clip's do."""
-        if self.files is None:
-            for frame in self:
-                yield VisualInput((frame,))
-            return
-        for i in self.indices:
-            yield VisualInput((load_image(self.files[i], "--frames-dir"),), encoded=(self.files[i].read_bytes(),))
+        for frame, data in self.frames_with_files():
+            yield VisualInput((frame,), encoded=None if data is None else (data,))
 
     def clip(self) -> VisualInput:
         """All sampled frames as one video request (decoded once, then kept), carrying the files
         they came from (the frame files, or the video file), which key a prefix cache's lookup
         without hashing the frames' pixels (bench.models.visual.VisualInput.content_digest)."""
         if self._clip is None:
-            frames = tuple(self)
+            pairs = list(self.frames_with_files())
+            frames = tuple(frame for frame, _ in pairs)
             if self.files is not None:
-                encoded = tuple(self.files[i].read_bytes() for i in self.indices)
-                self._clip = VisualInput(frames, video=True, encoded=encoded)
+                self._clip = VisualInput(frames, video=True, encoded=tuple(data for _, data in pairs))
             else:
                 # a video file keys its clip when it is small enough to hold and hash at each lookup,
                 # and every sampled frame decoded (the frame count then says which were sampled)

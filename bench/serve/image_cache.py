@@ -31,8 +31,11 @@ class DecodedImages:
         """The image `data` decoded to earlier, or None; not counted (a request looks its images up
         here first, and counts them with hits() once it has them all, or decodes them with
         get_or_decode, which counts)."""
+        return self._get(xxhash.xxh3_128_digest(data))
+
+    def _get(self, key: bytes):
         with self._lock:
-            return self._lru.get(xxhash.xxh3_128_digest(data))
+            return self._lru.get(key)
 
     def hits(self, n: int) -> None:
         """Count `n` lookups that found their image (with cached)."""
@@ -43,8 +46,7 @@ class DecodedImages:
     def get_or_decode(self, data: bytes, decode):
         """The image `data` decodes to: the kept one, or decode(data), kept when it fits."""
         key = xxhash.xxh3_128_digest(data)
-        with self._lock:
-            image = self._lru.get(key)
+        image = self._get(key)
         if self._on_lookup is not None:
             self._on_lookup(image is not None)
         if image is not None:

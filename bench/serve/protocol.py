@@ -82,15 +82,14 @@ def _decode(data: bytes, param: str) -> Image.Image:
 
 
 def _image(url: str, param: str, decoded: DecodedImages | None, blocking: bool) -> tuple[Image.Image, bytes]:
+    if not blocking and (decoded is None or not url.startswith("data:")):
+        raise WouldBlock  # no cache to find it in, or a file to read
+    data = _bytes_of(url, param)
     if not blocking:
-        if decoded is None or not url.startswith("data:"):
-            raise WouldBlock
-        data = _bytes_of(url, param)
         image = decoded.cached(data)
         if image is None:
             raise WouldBlock
         return image, data
-    data = _bytes_of(url, param)
     if decoded is None:
         return _decode(data, param), data
     return decoded.get_or_decode(data, lambda d: _decode(d, param)), data
