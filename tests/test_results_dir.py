@@ -331,25 +331,33 @@ def test_append_or_resume_onto_damaged_files(finished, tmp_path, capsys, name, d
     assert snapshot(out) == before
 
 
-def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
-    """A CI job's timeout or `kill`: exit 130, finished rows and their summary kept, lock released."""
-    import signal
-
+def _signalled_at_the_second_batch(signal_it, tmp_path, monkeypatch, capsys) -> list[dict]:
+    """A 5-run tiny run whose second batch first calls signal_it(): it ends with exit 130 and
+    "interrupted", keeping 1 to 4 rows, all ok; those rows."""
     out = tmp_path / "o"
     real = engine_mod.HFEngine.run_batch
     calls = {"n": 0}
 
-    def terminated(self, *a, **k):
+    def signalled(self, *a, **k):
         calls["n"] += 1
         if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal_it()
         return real(self, *a, **k)
 
-    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", terminated)
+    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", signalled)
     assert run_main([*TINY, "--num-runs", "5", "--output-dir", str(out)]) == 130
     assert "interrupted" in capsys.readouterr().err
     rows = read_rows(out / "runs.csv")
     assert 1 <= len(rows) < 5 and all(r["status"] == "ok" for r in rows)
+    return rows
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path, monkeypatch, capsys):
+    """A CI job's timeout or `kill`: exit 130, finished rows and their summary kept, lock released."""
+    import signal
+
+    _signalled_at_the_second_batch(lambda: os.kill(os.getpid(), signal.SIGTERM), tmp_path, monkeypatch, capsys)
+    out = tmp_path / "o"
     assert (out / "summary.csv").is_file() and not (out / LOCK_NAME).exists()
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
 
@@ -361,25 +369,12 @@ def test_a_stop_signal_handled_inside_a_finalizer_still_stops_the_run(tmp_path, 
     run, exit 130, finished rows kept."""
     import signal
 
-    out = tmp_path / "o"
-    real = engine_mod.HFEngine.run_batch
-    calls = {"n": 0}
-
     class SignalledWhileFinalized:
         def __del__(self):
             signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the finalizer
 
-    def interrupted_in_a_finalizer(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            SignalledWhileFinalized()  # finalized at once: its KeyboardInterrupt is dropped, the run goes on
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", interrupted_in_a_finalizer)
-    assert run_main([*TINY, "--num-runs", "5", "--output-dir", str(out)]) == 130
-    assert "interrupted" in capsys.readouterr().err
-    rows = read_rows(out / "runs.csv")
-    assert 1 <= len(rows) < 5 and all(r["status"] == "ok" for r in rows)
+    # finalized at once: its KeyboardInterrupt is dropped, the run goes on to its next timed run
+    _signalled_at_the_second_batch(SignalledWhileFinalized, tmp_path, monkeypatch, capsys)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
