@@ -913,3 +913,43 @@ def test_a_client_that_leaves_a_batch_others_finish_is_counted_cancelled(image_u
     assert stayed.status_code == 200 and stayed.text.rstrip().endswith("data: [DONE]")
     assert counts[("vlm_requests_total", (("status", "cancelled"),))] == 1
     assert counts[("vlm_requests_total", (("status", "ok"),))] == 1
+
+
+def test_an_unstreamed_client_that_leaves_mid_generation_stops_its_batch(image_url):
+    """An unstreamed request's client gives up while its tokens are being generated: the batch (its
+    alone) stops at its next token instead of generating the rest for no one, is counted
+    cancelled, and the server serves on."""
+    import threading
+
+    steps, generating = [], threading.Event()
+
+    def around(run_batch):
+        engine = run_batch.__self__
+
+        def slowed(*args):
+            hook = engine.token_hook
+
+            def hook_slowly(tokens):
+                steps.append(len(tokens))
+                generating.set()
+                time.sleep(0.01)  # 300 tokens take 3 s at least
+                hook(tokens)
+            engine.token_hook = hook_slowly
+            return run_batch(*args)
+        return slowed
+
+    app, name = _served_tiny_vila(around)
+    body = {"model": name, "max_tokens": 300, "messages": _messages("Go on?", image_url)}
+    with _uvicorn(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+        assert generating.is_set()
+        deadline = time.monotonic() + 30
+        while _counted(url).get(("vlm_requests_total", (("status", "cancelled"),))) != 1:
+            assert time.monotonic() < deadline, "the batch was not stopped"
+            time.sleep(0.05)
+        ok = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=60)
+        counts = _counted(url)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    assert 0 < len(steps) - 2 < 200  # stopped well before its 300 tokens (the 2: the last request's)
+    assert counts[("vlm_requests_total", (("status", "ok"),))] == 1

@@ -145,21 +145,19 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
         worker.submit(job)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": model_name}
+        watch = asyncio.ensure_future(_watch_client(request, job, events))
         try:
-            first = await _first_event(events, request)  # a request refused before its batch runs gets a status
+            first = await events.get()  # a request refused before its batch runs gets a status
             if first[0] == "invalid":
                 raise ApiError(first[1], param="messages")
-        except (asyncio.CancelledError, _ClientGone) as e:
-            job.cancelled.set()  # the worker drops it when it comes to it
-            if isinstance(e, _ClientGone):
-                return Response(status_code=499)  # nginx's "client closed request": no one reads it
-            raise
-        if chat_request.stream:  # the response starts now, while the engine works on the first token
-            return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage, first,
-                                             lambda: first_token(arrived)),
-                                     media_type="text/event-stream")
-        text, ttft_s = TextStream(decode), None
-        try:
+            if chat_request.stream:  # the response starts now, while the engine works on the first token
+                if first[0] == "gone":
+                    return _gone()
+                watch.cancel()  # from here the stream's own sends see a client leave
+                return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage, first,
+                                                 lambda: first_token(arrived)),
+                                         media_type="text/event-stream")
+            text, ttft_s = TextStream(decode), None
             kind, value = first
             while True:
                 if kind == "token":
@@ -167,12 +165,16 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
                     text.add(value)
                 elif kind == "error":
                     raise ApiError(value, status=500, kind="server_error")
+                elif kind == "gone":
+                    return _gone()
                 elif kind == "done":
                     break
                 kind, value = await events.get()
         except asyncio.CancelledError:
             job.cancelled.set()
             raise
+        finally:
+            watch.cancel()
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text.decode(text.tokens)},
                              "finish_reason": "length"}],
@@ -187,27 +189,20 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
     return app
 
 
-class _ClientGone(Exception):
-    """The client went away while its request waited for its batch."""
+def _gone() -> Response:
+    """The answer to a request whose client left: nginx's "client closed request" (no one reads it)."""
+    return Response(status_code=499)
 
 
-async def _first_event(events: asyncio.Queue, request: Request) -> tuple:
-    """The job's first event; _ClientGone if the client disconnects first (uvicorn does not cancel
-    a handler whose client left, and a queued request would otherwise run its prefill for no one)."""
-    async def client_gone():
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    get, gone = asyncio.ensure_future(events.get()), asyncio.ensure_future(client_gone())
-    try:
-        await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not get.done():
-            get.cancel()
-    if get.done() and not get.cancelled():
-        return get.result()
-    raise _ClientGone
+async def _watch_client(request: Request, job: Job, events: asyncio.Queue) -> None:
+    """Until cancelled: when the client disconnects, its job is cancelled (the worker drops it if
+    it is queued; a batch of it alone stops at its next token) and ("gone", None) is queued for
+    the handler. uvicorn does not cancel a handler whose client left, so without this a queued
+    request would run its prefill for no one and an unstreamed one would generate to the end."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled.set()
+    events.put_nowait(("gone", None))
 
 
 def _usage(done: dict) -> dict:
@@ -252,6 +247,8 @@ async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_u
             elif kind == "error":  # the batch failed after the response started: an error event, as vLLM sends
                 yield lead + _sse({"error": {"message": value, "type": "server_error", "param": None,
                                              "code": None}}) + _sse("[DONE]")
+                return
+            elif kind == "gone":  # the client left just as the response started
                 return
             elif kind == "done":
                 rest = text.rest()
