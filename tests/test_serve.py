@@ -269,7 +269,8 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     assert code == 0
     # the end-of-run table: one line per point, the client's and the server's TTFT, no in-process columns
     printed = capsys.readouterr().out
-    assert "median per request: model " + MODEL + ", weights=served" in printed
+    # the server states what it runs (its /v1/models entry)
+    assert f"median per request: model {MODEL}, device cpu, weights=random" in printed
     lines = {v: next(line for line in printed.splitlines() if line.startswith(v + " "))
              for v in ("c1 r50", "c1 rinf", "c4 r50", "c4 rinf")}
     assert all(" endpoint " in line for line in lines.values())
@@ -278,6 +279,9 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     runs = pd.read_csv(out / "runs.csv")
     measured = runs[runs["kind"] == "measured"]
     assert len(measured) == 16 and set(measured["status"]) == {"ok"} and set(runs["engine"]) == {"endpoint"}
+    # what the server runs, from its /v1/models entry: the identity columns an in-process row has
+    identity = runs[["model", "family", "weights", "device", "dtype"]].drop_duplicates().to_dict("records")
+    assert identity == [{"model": MODEL, "family": "vila", "weights": "random", "device": "cpu", "dtype": "float32"}]
     assert sorted(set(measured["variant"])) == ["c1 r50", "c1 rinf", "c4 r50", "c4 rinf"]
     assert sorted(set(measured["concurrency"])) == [1, 4]
     assert (measured["output_tokens"] == 4).all() and (measured["new_tokens"] == 4).all()
@@ -302,6 +306,8 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     assert "server_ttft_ms" in set(summary["metric"]) and "server_mean_ttft_ms" not in set(summary["metric"])
     env = json.loads((out / "env.json").read_text())
     assert env["engine"] == "endpoint" and "uvicorn" in env["server"] and env["client_event_loop"] == "uvloop"
+    assert env["served"] == {"model": MODEL, "family": "vila", "weights": "random", "variant": "prefix",
+                             "engine": "hf", "device": "cpu", "dtype": "float32"}
     assert main(["summarize", str(out)]) == 0  # the results directory is an ordinary one
 
     distinct = tmp_path / "distinct"  # for a second, two requests in flight, each with an image never sent before
@@ -313,6 +319,19 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     assert len(measured) >= 4 and (measured["status"] == "ok").all() and set(measured["num_images"]) == {1, 2}
     assert (measured["server_prefix_hit_rate"] == 0.0).all()
     assert not measured["cache_hit"].any() and (measured["cached_tokens"] == 0).all()
+
+
+def test_a_servers_model_entry_states_what_it_runs_in_strings_only():
+    """vlm-bench serve's "vlm_bench" object in /v1/models is read; another server's entry (vLLM's
+    has no such object) or one whose values are not strings states nothing."""
+    from bench.serve.client import served_identity
+
+    assert served_identity({"id": "m", "vlm_bench": {"weights": "random", "device": "cuda"}}) == \
+        {"weights": "random", "device": "cuda"}
+    assert served_identity({"id": "m", "root": "llava-hf/llava-1.5-7b-hf", "max_model_len": 4096}) == {}
+    assert served_identity({"id": "m", "vlm_bench": ["random"]}) == {}
+    assert served_identity({"id": "m", "vlm_bench": {"weights": 1, "family": None, "dtype": "float16"}}) == \
+        {"dtype": "float16"}
 
 
 def test_endpoint_mode_sweeps_prompt_lengths_and_images_as_in_process_runs_do(server, tiny_vila_dir, tmp_path):

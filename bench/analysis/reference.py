@@ -46,7 +46,8 @@ def manifest_fields(run_dir: Path, commit: str, shows: str) -> dict[str, str]:
     if env.get("server"):  # an endpoint run: the client's machine; the server's model is its own
         fields["gpu"] = (f"served by {env['server']} (its GPU: see shows); client {env.get('cpu')}, "
                          f"torch {env.get('torch')}")
-        fields["weights"] = "the server's"
+        served = env.get("served") if isinstance(env.get("served"), dict) else {}
+        fields["weights"] = f"{served['weights']} (the server's)" if served.get("weights") else "the server's"
     fields |= {
         "command": shlex.join(argv),
         "shows": " ".join(shows.split()),

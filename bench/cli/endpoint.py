@@ -177,6 +177,7 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
 
     measured = [r for r in rows if r["kind"] == "measured"]
     ok = [r for r in measured if r["status"] == "ok"]
-    print_summary(summary, out, "served", wide=ns.wide)
+    # as the server states it (vlm-bench serve does: bench.serve.client.served_identity), else "served"
+    print_summary(summary, out, rows[0]["weights"] if rows else "served", wide=ns.wide)
     print(f"{len(ok)}/{len(measured)} measured requests ok")
     return 3 if not ok else 1 if len(ok) < len(measured) else 0

@@ -83,7 +83,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--max-new-tokens {cfg.max_new_tokens} (a request's default max_tokens) is past "
                          f"--max-tokens-limit {serve['max_tokens_limit']}")
     need_serve_extra()
-    from bench.serve.loading import check_default_request, model_source
+    from bench.serve.loading import check_default_request, model_source, served_identity
 
     source = model_source(cfg)
     check_default_request(cfg, source)
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
             engine, variant, name, engine_thread = _load_and_warm_up(cfg, source, serve, EngineThread(stop))
             app = create_app(engine, name, cfg.max_new_tokens, serve["max_batch"], serve["batch_window_ms"] / 1e3,
                              cfg.num_frames, serve["max_tokens_limit"], serve["max_request_mb"],
-                             serve["image_cache_mb"], engine_thread)
+                             serve["image_cache_mb"], engine_thread, served_identity(cfg, source))
             host.before_warmup()  # the loaded heap frozen out of the collector's walks (bench.serve.worker)
             if stop.is_set():
                 raise KeyboardInterrupt

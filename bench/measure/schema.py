@@ -48,7 +48,8 @@ COLUMNS: tuple[Column, ...] = (
                            "two invocations appended to one runs.csv are never summarised together"),
     _c("model", "", None, "preset name or checkpoint directory name"),
     _c("family", "", None, "llava | vila | internvl | internvideo | vita"),
-    _c("weights", "", None, "random (preset, or checkpoint written from a preset) | checkpoint (real weights)"),
+    _c("weights", "", None, "random (preset, or checkpoint written from a preset) | checkpoint (real weights); "
+       "endpoint rows: as the server states (vlm-bench serve does), else served"),
     _c("variant", "", None, "variant spec as given, e.g. fp16, bnb4+prefix"),
     _c("engine", "", None, ENGINES),
     _c("engine_detail", "", None, "how the engine ran this request: decoder, fused projections, what is graphed or "

@@ -68,6 +68,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def identity_columns(source, variant, device: torch.device, dtype: torch.dtype) -> dict:
+    """The result key's columns that name what ran (bench.measure.schema.RESULT_KEY): the model
+    `source`, the variant, its engine, device and dtype."""
+    return {"model": source.name, "family": source.family, "weights": source.weights, "variant": variant.name,
+            "engine": variant.engine.name, "device": device.type, "dtype": str(dtype).removeprefix("torch.")}
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
@@ -478,11 +485,7 @@ class Benchmark:
             torch.cuda.empty_cache()
 
     def _base_row(self, variant) -> dict:
-        return {
-            "model": self.source.name, "family": self.source.family, "weights": self.source.weights,
-            "variant": variant.name, "engine": variant.engine.name, "device": self.device.type,
-            "dtype": str(self.dtype).removeprefix("torch."),
-        }
+        return identity_columns(self.source, variant, self.device, self.dtype)
 
     def _emit(self, row: dict) -> None:
         self.record({"timestamp": utc_now(), "run_id": self.run_id, **self.placement, **row})

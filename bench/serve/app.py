@@ -70,8 +70,11 @@ class TextStream:
 
 def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int = 1, window_s: float = 0.005,
                num_frames: int = 8, max_tokens_limit: int = 4096, max_request_mb: float = MAX_REQUEST_MB,
-               image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB, engine_thread: EngineThread | None = None) -> FastAPI:
-    """`engine_thread`: the thread the engine was loaded on, which serves it (bench.serve.worker)."""
+               image_cache_mb: float = DEFAULT_IMAGE_CACHE_MB, engine_thread: EngineThread | None = None,
+               identity: dict | None = None) -> FastAPI:
+    """`engine_thread`: the thread the engine was loaded on, which serves it (bench.serve.worker);
+    `identity`: what it runs in the result key's columns (bench.serve.loading.served_identity),
+    stated in the model's /v1/models entry under "vlm_bench" for endpoint mode's rows."""
     from bench.run.limits import loaded_max_pos
 
     metrics = ServerMetrics()
@@ -121,8 +124,8 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "vlm-bench"}]}
+        card = {"id": model_name, "object": "model", "created": created, "owned_by": "vlm-bench"}
+        return {"object": "list", "data": [{**card, "vlm_bench": identity} if identity else card]}
 
     @app.get("/metrics")
     async def prometheus():

@@ -118,9 +118,24 @@ def run_async(coro):
     return asyncio.run(coro)
 
 
-def check_server(base_url: str, model: str, headers: dict, timeout_s: float) -> None:
-    """A usage error unless the server at `base_url` answers GET models as an OpenAI API that
-    lists `model` (within `timeout_s`, 30 s at most)."""
+# The columns of a served model's identity a server may state in its /v1/models entry (vlm-bench
+# serve does, under "vlm_bench": bench.serve.app) that endpoint rows take (their engine stays
+# "endpoint" and their variant names the point; what the server runs is in env.json's "served")
+SERVED_COLUMNS = ("family", "weights", "device", "dtype")
+
+
+def served_identity(entry: dict) -> dict:
+    """What a server's /v1/models `entry` states about the model it runs (vlm-bench serve's
+    "vlm_bench" object: model, family, weights, variant, engine, device, dtype), strings only;
+    {} for any other server."""
+    card = entry.get("vlm_bench")
+    return {k: v for k, v in card.items() if isinstance(k, str) and isinstance(v, str)} \
+        if isinstance(card, dict) else {}
+
+
+def check_server(base_url: str, model: str, headers: dict, timeout_s: float) -> dict:
+    """`model`'s entry in the server's model list; a usage error unless the server at `base_url`
+    answers GET models as an OpenAI API that lists `model` (within `timeout_s`, 30 s at most)."""
     url = base_url.rstrip("/") + "/models"
 
     async def get() -> tuple[int, str]:
@@ -142,10 +157,12 @@ def check_server(base_url: str, model: str, headers: dict, timeout_s: float) -> 
     if not isinstance(data, list):
         raise UsageError(f"--endpoint {base_url}: not an OpenAI API (GET {url} answered HTTP {status} "
                          "without a model list); give the API's base URL, e.g. http://HOST:PORT/v1")
-    served = [m.get("id") for m in data if isinstance(m, dict)]
-    if model not in served:
+    entries = [m for m in data if isinstance(m, dict)]
+    entry = next((m for m in entries if m.get("id") == model), None)
+    if entry is None:
         raise UsageError(f"--model {model!r} is not served at {base_url}; it serves: "
-                         f"{', '.join(map(str, served)) or 'no model'}")
+                         f"{', '.join(str(m.get('id')) for m in entries) or 'no model'}")
+    return entry
 
 
 class MalformedStream(Exception):

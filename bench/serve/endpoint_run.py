@@ -87,14 +87,15 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
     questions = point_questions(cfg)
     image_file = Path(cfg.image_path).read_bytes()
     image = load_image(cfg.image_path)
-    cl.check_server(cfg.endpoint, cfg.model, _headers(cfg), cfg.timeout_s)  # before anything is written
+    # before anything is written
+    served = cl.served_identity(cl.check_server(cfg.endpoint, cfg.model, _headers(cfg), cfg.timeout_s))
     out.mkdir(parents=True, exist_ok=True)
     lock = DirLock(out)
     try:
         writer = run_writer(out)
         interrupted = False
         try:
-            rows, server = cl.run_async(_measure(cfg, questions, image_file, image, run_id, writer))
+            rows, server = cl.run_async(_measure(cfg, questions, image_file, image, run_id, writer, served))
         except KeyboardInterrupt:  # the rows written so far are the run's
             interrupted = True
         finally:
@@ -106,8 +107,8 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
         # what `summarize` rebuilds summary.csv with (a point's requests are its runs)
         config.update(num_runs=max(cfg.num_prompts, 1), min_seconds=0.0, max_cv=cfg.max_cv)
         env = envinfo.collect(command, {}, {"config": config, "run_id": run_id, "model": cfg.model,
-                                            "engine": "endpoint", "server": server, "interrupted": interrupted,
-                                            "client_event_loop": cl.event_loop()})
+                                            "engine": "endpoint", "server": server, "served": served,
+                                            "interrupted": interrupted, "client_event_loop": cl.event_loop()})
         write_json(out / "env.json", env)
         summary = summarize_runs(rows, ValidityRule(max(cfg.num_prompts, 1), 0.0, cfg.max_cv))
         write_summary(out, summary)
@@ -119,7 +120,8 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
 
 
 async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, image, run_id: str,
-                   writer) -> tuple[list[dict], str]:
+                   writer, served: dict) -> tuple[list[dict], str]:
+    """`served`: what the server says it runs (bench.serve.client.served_identity)."""
     base_url = cfg.endpoint.rstrip("/") + "/"
     rows: list[dict] = []
     connections = max(p.concurrency for p in cfg.points) + 2
@@ -133,8 +135,9 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
             measured_qs, warm_qs = questions[length]
             workload = WorkloadPoint(question_tokens=length, new_tokens=new_tokens, num_images=num_images)
             for point in cfg.points:
-                base = {"run_id": run_id, "model": cfg.model, "family": "", "weights": "served",
-                        "variant": point.label(), "engine": "endpoint", "device": "", "dtype": "",
+                base = {"run_id": run_id, "model": cfg.model, "family": "", "weights": "served", "device": "",
+                        "dtype": "", **{k: served[k] for k in cl.SERVED_COLUMNS if k in served},
+                        "variant": point.label(), "engine": "endpoint",
                         "cache_state": "none", **workload.columns(), "concurrency": point.concurrency,
                         "request_rate": "inf" if math.isinf(point.rate) else point.rate, "server": server}
                 warm = [cl.payload(cfg.model, warm_qs[i % len(warm_qs)], shared[num_images], new_tokens)

@@ -11,7 +11,7 @@ from bench.models.visual import load_image
 from bench.run import host
 from bench.run.limits import check_sizes, model_dims
 from bench.run.preprocess import place_preprocessing
-from bench.run.runner import resolve_device, resolve_dtype
+from bench.run.runner import identity_columns, resolve_device, resolve_dtype
 from variants import parse_variant
 
 
@@ -44,6 +44,14 @@ def served_variant(cfg, source: ModelSource):
     if reason:
         raise UsageError(f"variant {variant.name} cannot run here: {reason}")
     return variant
+
+
+def served_identity(cfg, source: ModelSource) -> dict:
+    """What the server runs, in the result key's columns an in-process row has (model, family,
+    weights, variant, engine, device, dtype): its /v1/models entry carries them, and endpoint mode
+    files them in its rows (bench.serve.client.check_server)."""
+    device = resolve_device(cfg.device)
+    return identity_columns(source, served_variant(cfg, source), device, resolve_dtype(cfg.dtype, device))
 
 
 def load_engine(cfg, source: ModelSource):
