@@ -169,6 +169,37 @@ def test_garbage_collection_discipline():
     assert gc.get_freeze_count() == 0
 
 
+def test_no_garbage_is_collected_while_a_cuda_graph_is_captured(monkeypatch):
+    """bench.measure.capture: the collector is off inside every capture (a graph destroyed by a
+    collection there would break it) and as it was after, an exception inside included. torch's
+    own capture context is stood in for: this machine has no CUDA device."""
+    import contextlib
+
+    from bench.measure.capture import capturing
+
+    seen = []
+
+    @contextlib.contextmanager
+    def graph(g, **options):
+        seen.append((g, options, gc.isenabled()))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    with capturing("g", pool="p"):
+        assert not gc.isenabled()
+    assert gc.isenabled() and seen == [("g", {"pool": "p"}, False)]
+    with pytest.raises(ValueError), capturing("h"):
+        raise ValueError
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with capturing("i"):
+            pass
+        assert not gc.isenabled()  # left as it was
+    finally:
+        gc.enable()
+
+
 def test_gpu_monitor_averages_the_driver_samples_of_the_request_only():
     """NVML samples (the library's own structs) before the request's start are left out; no GPU
     here means no readings at all, never an error."""
@@ -184,3 +215,28 @@ def test_gpu_monitor_averages_the_driver_samples_of_the_request_only():
     monitor = GpuMonitor(None)
     monitor.start()
     assert not monitor.available and monitor.stop() == GpuSample()
+
+
+def test_an_engine_in_a_reference_cycle_is_freed_before_the_next_one_is_made(tmp_path, monkeypatch):
+    """Every engine (the fidelity reference's and probe's, each variant's) is freed once done, even
+    held in a reference cycle under a frozen heap and with the next variant reusing the loaded
+    weights: left to a later collection, a CUDA graph it holds could be destroyed inside another
+    capture, which breaks that capture (bench.measure.capture)."""
+    import weakref
+
+    made, alive_at_make = [], []
+    init = HFEngine.__init__
+
+    def in_a_cycle(self, *args, **kwargs):
+        alive_at_make.append(sum(ref() is not None for ref in made))
+        init(self, *args, **kwargs)
+        self.itself = self  # a reference cycle, as compiled closures and hooks make
+        made.append(weakref.ref(self))
+
+    monkeypatch.setattr(HFEngine, "__init__", in_a_cycle)
+    out = tmp_path / "o"
+    flags = [f for f in BASE if f != "--no-fidelity"]
+    assert run_main([*flags, "--variants", "fp16,prefix", "--output-dir", str(out)]) == 0
+    assert {r["status"] for r in _rows(out)} == {"ok"}
+    # the reference, then per variant the probe and the measured runs' engine
+    assert len(made) == 5 and alive_at_make == [0] * 5

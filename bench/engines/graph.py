@@ -31,6 +31,7 @@ from bench.engines.token_feed import TokenFeed
 from bench.errors import VariantUnsupported
 from bench.measure.timing import Timeline
 from bench.measure.compile_events import note_capture
+from bench.measure.capture import capturing
 
 
 class _Captured:
@@ -138,7 +139,7 @@ class GraphEngine(StaticEngine):
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             note_capture()
-            with torch.cuda.graph(graph, pool=pool):
+            with capturing(graph, pool=pool):
                 out = call()
         except Exception as e:  # never fall back to eager silently: the row is skipped with this
             raise VariantUnsupported(f"{what} cannot be captured in a CUDA graph: "

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.measure.capture import capturing
+
 
 @dataclass
 class _Mark:
@@ -114,7 +116,7 @@ def call_us(fn, device: torch.device, calls: int | None = None, reps: int | None
                 fn()
         torch.cuda.current_stream().wait_stream(side)
         captured = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(captured):
+        with capturing(captured):
             for _ in range(calls):
                 fn()
         run = captured.replay

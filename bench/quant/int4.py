@@ -37,6 +37,7 @@ from torch import nn
 from bench.quant import DEFAULT_DENSE_ROWS
 from bench.quant.w4a16.registry import DEFAULT_KERNEL, KERNELS
 from bench.measure.compile_events import note_capture
+from bench.measure.capture import capturing
 
 try:
     from bench.quant import triton_int4 as _triton_int4
@@ -269,7 +270,7 @@ def _cuda_dense_weight(packed: torch.Tensor, scale_and_zero: torch.Tensor, lay: 
         dequantize_tinygemm(*args)  # compiles the kernel outside the capture
         graph = torch.cuda.CUDAGraph()
         note_capture()
-        with torch.cuda.graph(graph, pool=_dense_pool()):
+        with capturing(graph, pool=_dense_pool()):
             dequantize_tinygemm(*args)
         entry = _DENSE_GRAPHS[gkey] = (weakref.ref(packed), graph, out)
     entry[1].replay()

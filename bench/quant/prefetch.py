@@ -19,6 +19,7 @@ import torch
 
 from bench.quant.int4 import Int4Linear
 from bench.measure.compile_events import note_capture
+from bench.measure.capture import capturing
 
 
 def drop_slots(layers) -> None:
@@ -89,7 +90,7 @@ class DensePrefetch:
                     self.stream.synchronize()
                     graph = self.graphs[i] = torch.cuda.CUDAGraph()
                     note_capture()
-                    with torch.cuda.graph(graph, stream=self.stream):
+                    with capturing(graph, stream=self.stream):
                         self._dequantize(i)
                 graph.replay()
             self.ready[i] = self.stream.record_event()

@@ -371,6 +371,7 @@ class Benchmark:
             status(f"{variant.name}: {'fidelity probe, then ' if probe else ''}measured runs")
             fid = self._fidelity(variant, loaded)
             self._measure_variant(variant, loaded, {**base, **fid})
+            self._free()  # the variant's engine, its graphs and buffers, freed before the next variant's
             return loaded
         except VariantUnsupported as e:
             self._emit({**base, "status": "skipped", "error": str(e)[:500]})
@@ -464,7 +465,10 @@ class Benchmark:
             del ref_engine, ref
             self._free()
         engine = self._engine(variant, loaded, self._policy(variant, loaded))
-        return fidelity.compare(self.reference, engine, self.fidelity_visual)
+        columns = fidelity.compare(self.reference, engine, self.fidelity_visual)
+        del engine
+        self._free()  # the probe's engine (graphs, buffers) freed before the measured runs' is made
+        return columns
 
     @functools.cached_property
     def fidelity_visual(self):
@@ -479,6 +483,9 @@ class Benchmark:
         return next(iter(self.frames))
 
     def _free(self) -> None:
+        """Garbage freed now (frozen too: bench.run.host), and on CUDA the cached blocks: an
+        engine no longer used, in reference cycles, would otherwise keep its graphs and buffers
+        until some later collection (inside a CUDA graph capture: bench.measure.capture)."""
         host.release_frozen()
         gc.collect()
         if self.device.type == "cuda":
