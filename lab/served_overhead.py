@@ -1,8 +1,9 @@
 """Where a served request's TTFT goes, from an endpoint run against `vlm-bench serve` (whose
 responses report the server's TTFT and the engine's phases): medians over the measured rows of
 each point of the client's TTFT, the server's, the engine's phases before the first token, the
-server's own part (parsing, image lookup, queue and thread hand-offs: server TTFT - phases) and
-HTTP + client (client TTFT - server TTFT).
+server's own part (server TTFT - phases) with the pieces the server reports (intake: parsing and
+images; queue: waiting for and waking the engine thread; handoff: the first token's hop to the
+event loop) and the rest, and HTTP + client (client TTFT - server TTFT).
 Usage: python lab/served_overhead.py ENDPOINT_RESULTS_DIR"""
 import sys
 from pathlib import Path
@@ -12,6 +13,9 @@ import pandas as pd
 from bench.measure.metrics import TTFT_PHASES
 
 PHASES = [f"{phase}_ms" for phase in TTFT_PHASES]  # the engine's phases before the first token
+# the server's own part's pieces it reports (the rest, server_other_ms: the engine thread from
+# taking the request to its batch's first phase, and from the first token to handing it over)
+PARTS = ["server_intake_ms", "server_queue_ms", "server_handoff_ms"]
 
 
 def main(directory: str) -> None:
@@ -23,6 +27,9 @@ def main(directory: str) -> None:
     rows = rows.assign(server_own_ms=rows["server_ttft_ms"] - rows["engine_ms"],
                        http_client_ms=rows["ttft_ms"] - rows["server_ttft_ms"])
     cols = ["ttft_ms", "server_ttft_ms", "engine_ms", *PHASES, "server_own_ms", "http_client_ms"]
+    if PARTS[0] in rows and rows[PARTS].notna().all(axis=None):  # servers since the parts were reported
+        rows = rows.assign(server_other_ms=rows["server_own_ms"] - rows[PARTS].sum(axis=1))
+        cols[cols.index("server_own_ms") + 1:cols.index("server_own_ms") + 1] = [*PARTS, "server_other_ms"]
     print(rows.groupby("variant")[cols].median().round(3).T.to_string())
 
 

@@ -295,6 +295,12 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     phases = measured[[f"{p}_ms" for p in ("preprocess", "lookup", "restore", "vision", "prefill")]]
     assert phases.notna().all().all() and (measured["prefill_ms"] > 0).all() and measured["store_ms"].notna().all()
     assert (phases.sum(axis=1) < measured["server_ttft_ms"]).all()
+    # and the server's own pieces of it: disjoint intervals, so with the phases before the first
+    # token they add up to at most the server's TTFT
+    parts = measured[["server_intake_ms", "server_queue_ms", "server_handoff_ms"]]
+    assert parts.notna().all().all() and (parts >= 0).all().all() and (measured["server_handoff_ms"] > 0).all()
+    before_first = phases.sum(axis=1)  # preprocess ... prefill
+    assert (before_first + parts.sum(axis=1) <= measured["server_ttft_ms"] + 1e-3).all()
     # the point's mean from /metrics: its own column, one value per point, never summarized as requests
     assert (measured.groupby("variant")["server_mean_ttft_ms"].nunique() == 1).all()
     assert measured["server_ttft_ms"].nunique() > 1

@@ -202,6 +202,14 @@ COLUMNS: tuple[Column, ...] = (
                                       "row's preprocess_ms ... store_ms with its engine's phases); ttft_ms minus it "
                                       "is what HTTP, the client and the network add; empty when the response has "
                                       "none (server_mean_ttft_ms may have the point's mean)", True, "server TTFT ms"),
+    _c("server_intake_ms", "ms", False, "endpoint mode against vlm-bench serve: the part of server_ttft_ms from the "
+                                        "request read to its being queued (parsing, images)"),
+    _c("server_queue_ms", "ms", False, "endpoint mode against vlm-bench serve: the part of server_ttft_ms from "
+                                       "queued to taken by the engine thread (other requests' batches, the thread's "
+                                       "wake-up)"),
+    _c("server_handoff_ms", "ms", False, "endpoint mode against vlm-bench serve: the part of server_ttft_ms from the "
+                                         "engine thread having the first token to its being handed to HTTP (the hop "
+                                         "to the event loop)"),
     _c("server_mean_ttft_ms", "ms", False, "endpoint mode: the server's mean time to first token over the point's "
                                            "requests (the same on each of its rows), from its /metrics histogram "
                                            "before and after (vlm-bench serve's vlm_time_to_first_token_seconds, "

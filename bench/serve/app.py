@@ -20,11 +20,14 @@ server's limit (--max-request-mb) is refused with 413 before it is read whole
 A completed response reports, beside OpenAI's fields, where its time went on the server: `usage`
 carries `prompt_tokens_details.cached_tokens` (OpenAI's field: prompt tokens whose KV came from the
 prefix cache) and the response (streamed: its last chunk with choices) a `timings` object, as
-llama.cpp's server does: `ttft_ms` (request read -> first token handed to HTTP), `queue_ms` and the
-engine's phases before the first token (`preprocess_ms` ... `store_ms`, bench.measure.schema's
-columns) and `cache_hit` (the request reused cached work: a prefix, or image embeddings, which
-leave cached_tokens 0). Endpoint mode files them in the request's row, so a served row shows the same phase
-breakdown as an in-process one and `ttft_ms - server_ttft_ms` is what HTTP and the client add.
+llama.cpp's server does: `ttft_ms` (request read -> first token handed to HTTP), its parts
+`intake_ms` (read -> queued: parsing, images), `queue_ms` (queued -> taken by the engine thread)
+and `handoff_ms` (the engine thread had the first token -> handed to HTTP), the engine's phases
+before the first token (`preprocess_ms` ... `store_ms`, bench.measure.schema's columns) and
+`cache_hit` (the request reused cached work: a prefix, or image embeddings, which leave
+cached_tokens 0). Endpoint mode files them in the request's row, so a served row shows the same
+phase breakdown as an in-process one, `ttft_ms - server_ttft_ms` is what HTTP and the client add,
+and the server's own part is told apart (lab/served_overhead.py).
 """
 from __future__ import annotations
 
@@ -158,13 +161,13 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
                     return _gone()
                 watch.cancel()  # from here the stream's own sends see a client leave
                 return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage, first,
-                                                 lambda: first_token(arrived)),
+                                                 lambda: first_token(arrived, job)),
                                          media_type="text/event-stream")
-            text, ttft_s = TextStream(decode), None
+            text, stamp = TextStream(decode), None
             kind, value = first
             while True:
                 if kind == "token":
-                    ttft_s = ttft_s or first_token(arrived)
+                    stamp = stamp or first_token(arrived, job)
                     text.add(value)
                 elif kind == "error":
                     raise ApiError(value, status=500, kind="server_error")
@@ -181,13 +184,17 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text.decode(text.tokens)},
                              "finish_reason": "length"}],
-                "usage": _usage(value), "timings": _timings(value, ttft_s)}
+                "usage": _usage(value), "timings": _timings(value, stamp)}
 
-    def first_token(arrived: float) -> float:
-        """The server's TTFT of a request whose first token is being handed to HTTP now, s (counted)."""
-        ttft_s = time.perf_counter() - arrived
-        metrics.ttft.observe(ttft_s)
-        return ttft_s
+    def first_token(arrived: float, job: Job) -> dict:
+        """The server's TTFT of a request (read at `arrived`) whose first token is being handed to
+        HTTP now (counted), and two of its parts, ms: `intake_ms` (the request read to queued:
+        parsing, images) and `handoff_ms` (the engine thread had the token to now: the hop to the
+        event loop and the response's own task)."""
+        now = time.perf_counter()
+        metrics.ttft.observe(now - arrived)
+        return {"ttft_ms": (now - arrived) * 1e3, "intake_ms": (job.queued - arrived) * 1e3,
+                "handoff_ms": (now - job.first_token_at) * 1e3}
 
     return app
 
@@ -213,9 +220,10 @@ def _usage(done: dict) -> dict:
     return {**done["usage"], "prompt_tokens_details": {"cached_tokens": done["cached_tokens"]}}
 
 
-def _timings(done: dict, ttft_s: float) -> dict:
-    """Where a completed request's time went on the server, ms (the module docstring)."""
-    return {"ttft_ms": ttft_s * 1e3, **done["timings"]}
+def _timings(done: dict, stamp: dict) -> dict:
+    """Where a completed request's time went on the server, ms (the module docstring): `stamp`
+    from its first token (first_token), the rest from its "done" event."""
+    return {**stamp, **done["timings"]}
 
 
 def _sse(data: dict | str) -> str:
@@ -226,10 +234,10 @@ async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_u
                   first_token):
     """The chunks of a streamed completion (OpenAI's format), then [DONE]; cancelling the job
     when the client goes away (the generator is closed or cancelled). `first`: the job's first
-    event, already taken from `events`; `first_token()`: the server's TTFT, s, called as the
-    first token is handed to HTTP."""
+    event, already taken from `events`; `first_token()`: the server's TTFT and its parts (ms),
+    called as the first token is handed to HTTP."""
     text = TextStream(decode)
-    pending, ttft_s = [first], None
+    pending, stamp = [first], None
 
     def chunk(delta: dict, finish=None, **extra) -> str:
         return _sse({**head, "object": "chat.completion.chunk",
@@ -242,7 +250,7 @@ async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_u
         while True:
             kind, value = pending.pop() if pending else await events.get()
             if kind == "token":
-                ttft_s = ttft_s or first_token()
+                stamp = stamp or first_token()
                 delta = text.add(value)
                 if delta:
                     yield lead + chunk({"content": delta})
@@ -256,7 +264,7 @@ async def _stream(job: Job, events: asyncio.Queue, head: dict, decode, include_u
             elif kind == "done":
                 rest = text.rest()
                 out = lead + (chunk({"content": rest}) if rest else "") + \
-                    chunk({}, "length", timings=_timings(value, ttft_s))
+                    chunk({}, "length", timings=_timings(value, stamp))
                 if include_usage:
                     out += _sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(value)})
                 yield out + _sse("[DONE]")

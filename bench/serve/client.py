@@ -171,7 +171,8 @@ class MalformedStream(Exception):
 
 # A response's `timings` (vlm-bench serve's, bench.serve.app) -> row columns: the server's TTFT and
 # the engine's phases (bench.measure.metrics.PHASES). Other servers' keys (llama.cpp's) are not read.
-SERVER_TIMINGS = {"ttft_ms": "server_ttft_ms", **{f"{phase}_ms": f"{phase}_ms" for phase in PHASES}}
+SERVER_TIMINGS = {"ttft_ms": "server_ttft_ms", "intake_ms": "server_intake_ms", "queue_ms": "server_queue_ms",
+                  "handoff_ms": "server_handoff_ms", **{f"{phase}_ms": f"{phase}_ms" for phase in PHASES}}
 
 
 MAX_COUNT = 2**53  # a token count past it is no count (and past float's range, no number)

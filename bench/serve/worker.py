@@ -92,6 +92,7 @@ class Job:
     prepared: object = None  # the prompt as the engine tokenizes it (Worker._fits makes it; the engine reuses it)
     queued: float = 0.0  # time.perf_counter() when submitted
     taken: float = 0.0  # time.perf_counter() when the engine thread took it from the queue
+    first_token_at: float = 0.0  # time.perf_counter() when the engine thread had its first token
     tokenize_ms: float = 0.0  # making `prepared` (an in-process run counts it in its preprocess phase)
 
 
@@ -226,6 +227,10 @@ class Worker:
         def hook(tokens: list[int]) -> None:
             if all(job.cancelled.is_set() for job in batch):
                 raise _Abandoned
+            if not batch[0].first_token_at:  # the batch's first step
+                now = time.perf_counter()
+                for job in batch:
+                    job.first_token_at = now
             self.post(_put_tokens, [(job, token) for job, token in zip(batch, tokens) if not job.cancelled.is_set()])
 
         engine.token_hook = hook
