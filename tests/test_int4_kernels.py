@@ -166,8 +166,17 @@ def test_measured_choice_takes_neither_a_slower_nor_a_wrong_kernel(odd_kernels, 
     assert "no kernel image" in plan.left_out["test-broken"]
     rows = choice.table_rows([plan])
     assert not any(r["chosen"] for r in rows if r["kernel"].startswith("test-"))
+    timed = [r for r in rows if r["us"] is not None]  # and the bandwidth each call's time would take
+    assert timed and all(r["int4_gb_per_s"] == pytest.approx(
+        choice.int4_gb_per_s(r["out_features"], r["in_features"], r["group_size"], r["us"]), rel=1e-3) for r in timed)
     assert sum(r["chosen"] for r in rows) == 2  # one kernel per measured row count
     assert [r["left_out"] for r in rows if r["kernel"] == "test-broken"] != [""]
+
+
+def test_a_kernels_bandwidth_counts_the_int4_weights_with_their_scales_and_zeros():
+    # 4096 x 4096 at group 128: 8 MiB of nibbles + 4096 * 32 groups * (fp16 scale + fp16 zero)
+    assert choice.int4_gb_per_s(4096, 4096, 128, 10.0) == pytest.approx((8388608 + 524288) / 10e-6 / 1e9)
+    assert choice.int4_gb_per_s(4096, 4096, 128, 20.0) == pytest.approx(choice.int4_gb_per_s(4096, 4096, 128, 10.0) / 2)
 
 
 class _FewRows(W4A16Kernel):

@@ -9,7 +9,7 @@ from bench.errors import ArgumentParser, UsageError, path_problem
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
 CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "candidates", "out_features", "in_features", "group_size",
-               "kernel", "rows", "us", "max_rel_err", "chosen", "left_out"]
+               "kernel", "rows", "us", "int4_gb_per_s", "max_rel_err", "chosen", "left_out"]
 
 
 def parser() -> ArgumentParser:

@@ -202,6 +202,15 @@ class KernelChoice:
         return plans_column(self.layers, self.prefill)
 
 
+def int4_gb_per_s(out_features: int, in_features: int, group_size: int, us: float) -> float:
+    """The bandwidth a call of `us` microseconds would take to read the layer's int4 weights once,
+    GB/s: 4-bit weights plus an fp16 scale and zero per group of `group_size` inputs per output,
+    the least a W4A16 kernel reads (activations and outputs are small at few rows). Against the
+    GPU's memory bandwidth it says how far a kernel is from the limit of reading its weights."""
+    nbytes = out_features * in_features // 2 + out_features * (in_features // group_size) * 2 * 2
+    return nbytes / (us * 1e-6) / 1e9
+
+
 def table_rows(plans) -> list[dict]:
     """One row per (shape, kernel, row count) measured, and one per kernel left out."""
     rows = []
@@ -209,13 +218,14 @@ def table_rows(plans) -> list[dict]:
         for name in sorted(set(p.us) | set(p.left_out)):
             if name not in p.us:
                 rows.append({"out_features": p.shape[0], "in_features": p.shape[1], "group_size": p.shape[2],
-                             "kernel": name, "rows": None, "us": None, "max_rel_err": None, "chosen": False,
-                             "left_out": p.left_out[name]})
+                             "kernel": name, "rows": None, "us": None, "int4_gb_per_s": None, "max_rel_err": None,
+                             "chosen": False, "left_out": p.left_out[name]})
                 continue
             for r, us in sorted(p.us[name].items()):
                 serving = next((n for top, n in p.plan if r <= top), "dense")
                 rows.append({"out_features": p.shape[0], "in_features": p.shape[1], "group_size": p.shape[2],
-                             "kernel": name, "rows": r, "us": round(us, 3), "max_rel_err": p.err[name][r],
+                             "kernel": name, "rows": r, "us": round(us, 3),
+                             "int4_gb_per_s": float(f"{int4_gb_per_s(*p.shape, us):.4g}"), "max_rel_err": p.err[name][r],
                              "chosen": serving == name, "left_out": ""})
     return rows
 
