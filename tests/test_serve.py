@@ -338,6 +338,8 @@ def test_a_servers_model_entry_states_what_it_runs_in_strings_only():
     assert served_identity({"id": "m", "vlm_bench": ["random"]}) == {}
     assert served_identity({"id": "m", "vlm_bench": {"weights": 1, "family": None, "dtype": "float16"}}) == \
         {"dtype": "float16"}
+    # an empty or blank value, or one that would break a line of the console's table, states nothing
+    assert served_identity({"id": "m", "vlm_bench": {"weights": "", "family": " ", "device": "cuda\n0"}}) == {}
 
 
 def test_endpoint_mode_sweeps_prompt_lengths_and_images_as_in_process_runs_do(server, tiny_vila_dir, tmp_path):
