@@ -159,7 +159,12 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
             if chat_request.stream:  # the response starts now, while the engine works on the first token
                 if first[0] == "gone":
                     return _gone()
-                watch.cancel()  # from here the stream's own sends see a client leave
+                # from here the response sees a client leave: uvicorn states ASGI spec 2.3, for which
+                # Starlette's StreamingResponse reads receive() for http.disconnect beside the stream
+                # (and cancels it, which cancels the job: _stream). Two readers of receive() would
+                # race for its messages; a disconnect the watcher let pass stays for that reader
+                # (uvicorn answers every receive() after one with http.disconnect)
+                watch.cancel()
                 return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage, first,
                                                  lambda: first_token(arrived, job)),
                                          media_type="text/event-stream")
