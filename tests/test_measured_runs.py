@@ -240,3 +240,45 @@ def test_an_engine_in_a_reference_cycle_is_freed_before_the_next_one_is_made(tmp
     assert {r["status"] for r in _rows(out)} == {"ok"}
     # the reference, then per variant the probe and the measured runs' engine
     assert len(made) == 5 and alive_at_make == [0] * 5
+
+
+def test_an_engine_of_a_variant_skipped_midway_is_freed_before_the_next_one_is_made(tmp_path, monkeypatch):
+    """A variant found unsupported after its engine was made (on CUDA: a graph its fidelity probe
+    cannot capture; stood in for here by the probe refusing the prefix variant) is skipped, and
+    its engine, in a reference cycle, is freed before the next variant's is made, as a finished
+    variant's is. The automatic collector is off, so only the runner's own collections free it."""
+    import weakref
+
+    from bench.errors import VariantUnsupported
+    from bench.run import fidelity
+
+    made, alive_at_make = [], []
+    init, compare = HFEngine.__init__, fidelity.compare
+
+    def in_a_cycle(self, *args, **kwargs):
+        alive_at_make.append(sum(ref() is not None for ref in made))
+        init(self, *args, **kwargs)
+        self.itself = self
+        made.append(weakref.ref(self))
+
+    def refusing_prefix(reference, engine, visual):
+        columns = compare(reference, engine, visual)  # the probe ran: its engine did work
+        if engine.policy.stateful:
+            raise VariantUnsupported("the prefix variant's probe cannot be captured here")
+        return columns
+
+    monkeypatch.setattr(HFEngine, "__init__", in_a_cycle)
+    monkeypatch.setattr(fidelity, "compare", refusing_prefix)
+    out = tmp_path / "o"
+    flags = [f for f in BASE if f != "--no-fidelity"]
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        assert run_main([*flags, "--variants", "prefix,fp16", "--output-dir", str(out)]) == 0
+    finally:
+        if enabled:
+            gc.enable()
+    rows = _rows(out)
+    assert {(r["variant"], r["status"]) for r in rows} == {("prefix", "skipped"), ("fp16", "ok")}
+    # the reference, the prefix probe's (skipped), then fp16's probe and measured runs' engine
+    assert len(made) == 4 and alive_at_make == [0] * 4

@@ -338,6 +338,8 @@ def test_a_servers_model_entry_states_what_it_runs_in_strings_only():
     assert served_identity({"id": "m", "vlm_bench": ["random"]}) == {}
     assert served_identity({"id": "m", "vlm_bench": {"weights": 1, "family": None, "dtype": "float16"}}) == \
         {"dtype": "float16"}
+    # an empty or blank value, or one that would break a line of the console's table, states nothing
+    assert served_identity({"id": "m", "vlm_bench": {"weights": "", "family": " ", "device": "cuda\n0"}}) == {}
 
 
 def test_endpoint_mode_sweeps_prompt_lengths_and_images_as_in_process_runs_do(server, tiny_vila_dir, tmp_path):
@@ -978,3 +980,46 @@ def test_an_unstreamed_client_that_leaves_mid_generation_stops_its_batch(image_u
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
     assert 0 < len(steps) - 2 < 200  # stopped well before its 300 tokens (the 2: the last request's)
     assert counts[("vlm_requests_total", (("status", "ok"),))] == 1
+
+
+def test_a_request_held_back_for_the_next_batch_counts_the_batch_before_it_as_queued(image_url):
+    """With --max-batch 2, a request that arrives while a batch is being formed but cannot join it
+    (another max_tokens) is held back for the next batch: until that starts it is still waiting,
+    so its queue_ms (and the queue-time histogram) covers the batch before it, as a request left
+    in the queue would, and the server's own part is not put down to anything else."""
+    import threading
+
+    runs = {}  # max_tokens -> (start, end) of its batch, perf_counter s
+
+    def around(run_batch):
+        def timed(requests, max_tokens, *rest):
+            start = time.perf_counter()
+            time.sleep(0.2)  # the batch before the held request takes a while
+            try:
+                return run_batch(requests, max_tokens, *rest)
+            finally:
+                runs[max_tokens] = (start, time.perf_counter())
+        return timed
+
+    app, name = _served_tiny_vila(around, max_batch=2, window_s=1.0)
+    bodies = [{"model": name, "max_tokens": n, "messages": _messages("Which?", image_url)} for n in (3, 2)]
+    answers = {}
+
+    def post(body):
+        answers[body["max_tokens"]] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+
+    with _uvicorn(app) as url:
+        threads = [threading.Thread(target=post, args=(body,)) for body in bodies]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)  # the second arrives within the first's batching window
+        for thread in threads:
+            thread.join(60)
+        counts = _counted(url)
+    assert {n: a.status_code for n, a in answers.items()} == {3: 200, 2: 200} and len(runs) == 2
+    first, held = sorted(runs, key=lambda n: runs[n][0])
+    before = runs[first][1] - runs[first][0]
+    assert answers[held].json()["timings"]["queue_ms"] >= before * 1e3
+    assert counts[("vlm_request_queue_time_seconds_count", ())] == 2
+    assert counts[("vlm_request_queue_time_seconds_sum", ())] >= before
+    assert counts[("vlm_queue_depth", ())] == 0

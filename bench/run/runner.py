@@ -373,16 +373,17 @@ class Benchmark:
             self._measure_variant(variant, loaded, {**base, **fid})
             self._free()  # the variant's engine, its graphs and buffers, freed before the next variant's
             return loaded
-        except VariantUnsupported as e:
+        except VariantUnsupported as e:  # the loaded weights serve the next variant
             self._emit({**base, "status": "skipped", "error": str(e)[:500]})
-            return loaded
         except UsageError:  # the user's to fix (e.g. a prompt longer than the loaded model's context)
             raise
         except Exception as e:  # noqa: BLE001 - any fault (host or device out of memory too) is this variant's
             self._emit({**base, "status": "failed", "error": _reason(e)})
-        loaded = None  # outside the handler: the exception's frames no longer hold its tensors
+            loaded = None
+        # outside the handler, whose exception's frames hold what the variant made (an engine found
+        # unsupported midway, e.g. by a capture in its fidelity probe, with its graphs and buffers)
         self._free()
-        return None
+        return loaded
 
     def _check_prompts(self, adapter) -> None:
         """Every workload point's longest prompt (measured and warm-up questions, and the fidelity

@@ -21,13 +21,13 @@ A completed response reports, beside OpenAI's fields, where its time went on the
 carries `prompt_tokens_details.cached_tokens` (OpenAI's field: prompt tokens whose KV came from the
 prefix cache) and the response (streamed: its last chunk with choices) a `timings` object, as
 llama.cpp's server does: `ttft_ms` (request read -> first token handed to HTTP), its parts
-`intake_ms` (read -> queued: parsing, images), `queue_ms` (queued -> taken by the engine thread)
-and `handoff_ms` (the engine thread had the first token -> handed to HTTP), the engine's phases
-before the first token (`preprocess_ms` ... `store_ms`, bench.measure.schema's columns) and
-`cache_hit` (the request reused cached work: a prefix, or image embeddings, which leave
-cached_tokens 0). Endpoint mode files them in the request's row, so a served row shows the same
-phase breakdown as an in-process one, `ttft_ms - server_ttft_ms` is what HTTP and the client add,
-and the server's own part is told apart (lab/served_overhead.py).
+`intake_ms` (read -> queued: parsing, images), `queue_ms` (queued -> the engine thread takes it
+for its batch) and `handoff_ms` (the engine thread had the first token -> handed to HTTP), the
+engine's phases before the first token (`preprocess_ms` ... `store_ms`, bench.measure.schema's
+columns) and `cache_hit` (the request reused cached work: a prefix, or image embeddings, which
+leave cached_tokens 0). Endpoint mode files them in the request's row, so a served row shows the
+same phase breakdown as an in-process one, `ttft_ms - server_ttft_ms` is what HTTP and the client
+add, and the server's own part is told apart (lab/served_overhead.py).
 """
 from __future__ import annotations
 
@@ -159,7 +159,12 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
             if chat_request.stream:  # the response starts now, while the engine works on the first token
                 if first[0] == "gone":
                     return _gone()
-                watch.cancel()  # from here the stream's own sends see a client leave
+                # from here the response sees a client leave: uvicorn states ASGI spec 2.3, for which
+                # Starlette's StreamingResponse reads receive() for http.disconnect beside the stream
+                # (and cancels it, which cancels the job: _stream). Two readers of receive() would
+                # race for its messages; a disconnect the watcher let pass stays for that reader
+                # (uvicorn answers every receive() after one with http.disconnect)
+                watch.cancel()
                 return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage, first,
                                                  lambda: first_token(arrived, job)),
                                          media_type="text/event-stream")

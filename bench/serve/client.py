@@ -126,10 +126,11 @@ SERVED_COLUMNS = ("family", "weights", "device", "dtype")
 
 def served_identity(entry: dict) -> dict:
     """What a server's /v1/models `entry` states about the model it runs (vlm-bench serve's
-    "vlm_bench" object: model, family, weights, variant, engine, device, dtype), strings only;
-    {} for any other server."""
+    "vlm_bench" object: model, family, weights, variant, engine, device, dtype), each a non-empty
+    line of printable text (else left out: a row keeps its default, e.g. weights `served`); {} for
+    any other server."""
     card = entry.get("vlm_bench")
-    return {k: v for k, v in card.items() if isinstance(k, str) and isinstance(v, str)} \
+    return {k: v for k, v in card.items() if isinstance(v, str) and v.strip() and v.isprintable()} \
         if isinstance(card, dict) else {}
 
 

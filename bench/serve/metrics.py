@@ -27,7 +27,8 @@ class ServerMetrics:
         self.image_misses = Counter("vlm_image_cache_misses", "request images decoded", registry=r)
         self.ttft = Histogram("vlm_time_to_first_token_seconds", "request headers read -> its first token handed "
                               "to the HTTP side (the server's part of a client's TTFT)", buckets=SECONDS_BUCKETS, registry=r)
-        self.queue_time = Histogram("vlm_request_queue_time_seconds", "request queued -> the engine thread takes it",
+        self.queue_time = Histogram("vlm_request_queue_time_seconds",
+                                    "request queued -> the engine thread takes it for its batch",
                                     buckets=SECONDS_BUCKETS, registry=r)
         self.queue_depth = Gauge("vlm_queue_depth", "requests waiting for the engine", registry=r)
 

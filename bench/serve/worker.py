@@ -91,7 +91,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     prepared: object = None  # the prompt as the engine tokenizes it (Worker._fits makes it; the engine reuses it)
     queued: float = 0.0  # time.perf_counter() when submitted
-    taken: float = 0.0  # time.perf_counter() when the engine thread took it from the queue
+    taken: float = 0.0  # time.perf_counter() when the engine thread took it for its batch (or dropped it)
     first_token_at: float = 0.0  # time.perf_counter() when the engine thread had its first token
     tokenize_ms: float = 0.0  # making `prepared` (an in-process run counts it in its preprocess phase)
 
@@ -143,20 +143,20 @@ class Worker:
         self.jobs.put(job)
         self.metrics.queue_depth.inc()
 
-    def _take(self, block: bool, timeout: float | None = None) -> Job | None:
-        job = self.jobs.get(block, timeout)
-        if job is not None:
-            job.taken = time.perf_counter()
-            self.metrics.queue_depth.dec()
-            self.metrics.queue_time.observe(job.taken - job.queued)
-        return job
+    def _taken(self, job: Job) -> None:
+        """The job's wait is over: its batch starts (or it is dropped). A job held back for the
+        next batch is still waiting (for the batch before it), in queue_ms and the queue's depth."""
+        job.taken = time.perf_counter()
+        self.metrics.queue_depth.dec()
+        self.metrics.queue_time.observe(job.taken - job.queued)
 
     def _next_batch(self) -> list[Job] | None:
         """The next batch (None: stop). Cancelled jobs are dropped here."""
         while True:
-            first, self._held = self._held or self._take(True), None
+            first, self._held = self._held or self.jobs.get(), None
             if first is None:
                 return None
+            self._taken(first)
             if not first.cancelled.is_set():
                 break
             self.metrics.requests.labels("cancelled").inc()
@@ -165,18 +165,20 @@ class Worker:
         while len(batch) < self.max_batch:
             left = deadline - time.monotonic()
             try:
-                job = self._take(left > 0, max(left, 0)) if left > 0 else self._take(False)
+                job = self.jobs.get(timeout=left) if left > 0 else self.jobs.get_nowait()
             except queue.Empty:
                 break
             if job is None:  # stop after this batch
                 self.jobs.put(None)
                 break
             if job.cancelled.is_set():
+                self._taken(job)
                 self.metrics.requests.labels("cancelled").inc()
                 continue
             if job.request.max_tokens != first.request.max_tokens:
                 self._held = job  # runs next, still in arrival order
                 break
+            self._taken(job)
             batch.append(job)
         return batch
 
