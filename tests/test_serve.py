@@ -1023,3 +1023,29 @@ def test_a_request_held_back_for_the_next_batch_counts_the_batch_before_it_as_qu
     assert counts[("vlm_request_queue_time_seconds_count", ())] == 2
     assert counts[("vlm_request_queue_time_seconds_sum", ())] >= before
     assert counts[("vlm_queue_depth", ())] == 0
+
+
+def test_a_request_whose_prompt_cannot_be_made_gets_a_500_and_the_server_serves_on(image_url):
+    """An unexpected failure while the engine thread tokenizes a request (before its batch) is that
+    request's 500, streamed or not, counted as an error; the engine thread serves the next one."""
+    app, name = _served_tiny_vila(lambda run_batch: run_batch)
+    adapter = app.state.worker.engine.adapter
+    prepare = adapter.prepare_text
+
+    def failing(question, visual):
+        if question == "Boom?":
+            raise RuntimeError("tokenizer broke")
+        return prepare(question, visual)
+
+    adapter.prepare_text = failing
+    body = {"model": name, "max_tokens": 2}
+    with _uvicorn(app) as url:
+        for stream in (False, True):
+            bad = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                             json={**body, "stream": stream, "messages": _messages("Boom?", image_url)})
+            assert bad.status_code == 500 and "tokenizer broke" in bad.json()["error"]["message"]
+        ok = httpx.post(f"{url}/v1/chat/completions", json={**body, "messages": _messages("Fine?", image_url)},
+                        timeout=60)
+        counts = _counted(url)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+    assert counts[("vlm_requests_total", (("status", "error"),))] == 2

@@ -156,6 +156,8 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
             first = await events.get()  # a request refused before its batch runs gets a status
             if first[0] == "invalid":
                 raise ApiError(first[1], param="messages")
+            if first[0] == "error":  # failed before its batch ran: a status, streamed or not
+                raise ApiError(first[1], status=500, kind="server_error")
             if chat_request.stream:  # the response starts now, while the engine works on the first token
                 if first[0] == "gone":
                     return _gone()

@@ -86,7 +86,8 @@ class Job:
     request: ChatRequest
     # Run on the server's event loop (the worker posts it there): ("accepted", None) when its batch
     # starts, ("token", int) per generated token, then ("done", dict) or ("error", str); or
-    # ("invalid", str) alone for a request the model cannot take (too long).
+    # ("invalid", str) alone for a request the model cannot take (too long), ("error", str) alone for one
+    # whose prompt could not be made.
     put: Callable[[str, object], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     prepared: object = None  # the prompt as the engine tokenizes it (Worker._fits makes it; the engine reuses it)
@@ -192,8 +193,8 @@ class Worker:
 
     def _fits(self, job: Job) -> bool:
         """Whether the job's prompt (tokenized as the engine will) and max_tokens fit the model's
-        positions; one that does not gets ("invalid", why). On this thread: the tokenizer is the
-        engine's."""
+        positions; one that does not gets ("invalid", why), one whose tokenizing fails otherwise
+        ("error", why). On this thread: the tokenizer is the engine's."""
         from bench.errors import UsageError
         from bench.models.base import QuestionError
         from bench.models.visual import as_visual
@@ -212,6 +213,10 @@ class Worker:
             prompt = job.prepared.prompt_tokens
         except (UsageError, QuestionError) as e:  # the family cannot show this visual input (e.g. a frame count)
             return self._refuse(job, str(e))  # or the question holds the model's image placeholder
+        except Exception as e:  # noqa: BLE001 - the request fails (a 500), the server keeps serving
+            self.post(job.put, "error", f"{e.__class__.__name__}: {e}")
+            self.metrics.requests.labels("error").inc()
+            return False
         if self.max_positions is None or prompt + r.max_tokens <= self.max_positions:
             return True
         return self._refuse(job, f"the request needs {prompt + r.max_tokens:,} positions ({prompt:,} prompt tokens "
