@@ -14,6 +14,7 @@ from bench.measure import compile_events
 from bench.models.loader import build_preset
 from bench.run import host
 from bench.run.preprocess import place_preprocessing
+from bench.run.runner import Benchmark
 from bench.run.summary import ValidityRule, summarize_runs
 
 BASE = ["--preset", "tiny-vila", "--device", "cpu", "--num-runs", "4", "--min-seconds", "0", "--max-new-tokens", "4",
@@ -218,10 +219,11 @@ def test_gpu_monitor_averages_the_driver_samples_of_the_request_only():
 
 
 def test_an_engine_in_a_reference_cycle_is_freed_before_the_next_one_is_made(tmp_path, monkeypatch):
-    """Every engine (the fidelity reference's and probe's, each variant's) is freed once done, even
-    held in a reference cycle under a frozen heap and with the next variant reusing the loaded
-    weights: left to a later collection, a CUDA graph it holds could be destroyed inside another
-    capture, which breaks that capture (bench.measure.capture)."""
+    """On CUDA every engine (the fidelity reference's and probe's, each variant's) is freed once
+    done, even held in a reference cycle under a frozen heap and with the next variant reusing the
+    loaded weights: left to a later collection, its device memory would sit beside the next
+    engine's and a CUDA graph it holds could be destroyed inside another capture, which breaks
+    that capture (bench.measure.capture)."""
     import weakref
 
     made, alive_at_make = [], []
@@ -234,6 +236,7 @@ def test_an_engine_in_a_reference_cycle_is_freed_before_the_next_one_is_made(tmp
         made.append(weakref.ref(self))
 
     monkeypatch.setattr(HFEngine, "__init__", in_a_cycle)
+    monkeypatch.setattr(Benchmark, "FREE_ENGINES_ON", ("cuda", "cpu"))  # as on CUDA (this machine has none)
     out = tmp_path / "o"
     flags = [f for f in BASE if f != "--no-fidelity"]
     assert run_main([*flags, "--variants", "fp16,prefix", "--output-dir", str(out)]) == 0
@@ -268,6 +271,7 @@ def test_an_engine_of_a_variant_skipped_midway_is_freed_before_the_next_one_is_m
         return columns
 
     monkeypatch.setattr(HFEngine, "__init__", in_a_cycle)
+    monkeypatch.setattr(Benchmark, "FREE_ENGINES_ON", ("cuda", "cpu"))  # as on CUDA (this machine has none)
     monkeypatch.setattr(fidelity, "compare", refusing_prefix)
     out = tmp_path / "o"
     flags = [f for f in BASE if f != "--no-fidelity"]

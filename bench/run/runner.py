@@ -140,6 +140,8 @@ class Benchmark:
     """`worker`: set when the run is one job of a sweep in a worker process (bench.run.worker):
     its name, run_id, mode and --resume rows; the rows then go to `sink`, not to a directory."""
 
+    FREE_ENGINES_ON = ("cuda",)  # device types whose engines are freed as soon as done (_engine_done)
+
     def __init__(self, cfg: RunConfig, command: str = "", worker: dict | None = None):
         self.cfg, self.command = cfg, command
         self.sink = None  # where a worker's rows go (the parent writes them)
@@ -371,18 +373,22 @@ class Benchmark:
             status(f"{variant.name}: {'fidelity probe, then ' if probe else ''}measured runs")
             fid = self._fidelity(variant, loaded)
             self._measure_variant(variant, loaded, {**base, **fid})
-            self._free()  # the variant's engine, its graphs and buffers, freed before the next variant's
+            self._engine_done()  # the variant's, before the next variant's is made
             return loaded
         except VariantUnsupported as e:  # the loaded weights serve the next variant
             self._emit({**base, "status": "skipped", "error": str(e)[:500]})
+            skipped = True
         except UsageError:  # the user's to fix (e.g. a prompt longer than the loaded model's context)
             raise
         except Exception as e:  # noqa: BLE001 - any fault (host or device out of memory too) is this variant's
             self._emit({**base, "status": "failed", "error": _reason(e)})
-            loaded = None
+            loaded, skipped = None, False
         # outside the handler, whose exception's frames hold what the variant made (an engine found
         # unsupported midway, e.g. by a capture in its fidelity probe, with its graphs and buffers)
-        self._free()
+        if skipped:
+            self._engine_done()
+        else:  # the loaded weights too
+            self._free()
         return loaded
 
     def _check_prompts(self, adapter) -> None:
@@ -468,7 +474,7 @@ class Benchmark:
         engine = self._engine(variant, loaded, self._policy(variant, loaded))
         columns = fidelity.compare(self.reference, engine, self.fidelity_visual)
         del engine
-        self._free()  # the probe's engine (graphs, buffers) freed before the measured runs' is made
+        self._engine_done()  # the probe's, before the measured runs' is made
         return columns
 
     @functools.cached_property
@@ -482,6 +488,17 @@ class Benchmark:
         if self.cfg.video_mode == "clip":
             return self.frames.clip()
         return next(iter(self.frames))
+
+    def _engine_done(self) -> None:
+        """An engine is no longer used (a variant's, a fidelity probe's): on a device in
+        FREE_ENGINES_ON it is freed now (_free), before the next engine is made beside it: its
+        CUDA graphs, memory pools and buffers are device memory, and in a reference cycle under
+        the frozen heap it would otherwise outlive its variant (its graphs once destroyed by a
+        collection inside a later capture: bench.measure.capture). On the CPU its memory is the
+        host's and goes at the next point's collection; a full collection costs 0.2-0.4 s with
+        a test process's heap, twice per variant."""
+        if self.device.type in self.FREE_ENGINES_ON:
+            self._free()
 
     def _free(self) -> None:
         """Garbage freed now (frozen too: bench.run.host), and on CUDA the cached blocks: an
