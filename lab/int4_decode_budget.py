@@ -1,0 +1,51 @@
+"""Where an int4 decode step's time goes, from a reference run with measured kernels: per batch
+size, fp16's and the int4 variant's TPOT (medians from summary.csv), the time the chosen W4A16
+kernels take per step (the kernel table's microseconds at that many rows, one call per weight
+shape per decoder layer, summed over the layers) and what the rest of the step takes (lm_head,
+attention, norms, the step's other kernels), with the bandwidth at which the chosen kernels read
+the int4 weights (int4_gb_per_s).
+Usage: python lab/int4_decode_budget.py RESULTS_DIR [PRESET]
+(RESULTS_DIR holds summary.csv, runs.csv and int4_kernels_*.csv, e.g.
+results/reference/h100/llava-1.5-7b-int4-graph-batch; PRESET defaults to the runs' model)"""
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from bench.quant.w4a16.choice import int4_gb_per_s
+from bench.quiet import quiet_libraries
+from bench.run.limits import model_dims
+
+
+def main(directory: str, preset: str | None = None) -> None:
+    quiet_libraries()
+    d = Path(directory)
+    runs = pd.read_csv(d / "runs.csv", usecols=["model", "variant"])
+    preset = preset or runs["model"].iloc[0]
+    layers = model_dims(None, preset).layers
+    table = pd.concat([pd.read_csv(f) for f in sorted(d.glob("int4_kernels_*.csv"))])
+    chosen = table[table["chosen"].astype(bool) & table["us"].notna()].copy()
+    chosen["gb_s"] = [int4_gb_per_s(n, k, g, us) for n, k, g, us in
+                      zip(chosen["out_features"], chosen["in_features"], chosen["group_size"], chosen["us"])]
+    summary = pd.read_csv(d / "summary.csv")
+    tpot = summary[summary["metric"] == "tpot_ms"].pivot_table(index="batch_size", columns="variant", values="median")
+    int4 = next(v for v in tpot.columns if v.startswith(("awq4", "rtn4")) and "prefix" not in v)
+    fp16 = next(v for v in tpot.columns if v.startswith("fp16"))
+    out = []
+    for batch in tpot.index:
+        rows = chosen[chosen["rows"] == batch]
+        if rows.empty:  # a batch size the table has no row count for
+            continue
+        kernels_ms = rows["us"].sum() * layers / 1e3
+        out.append({"batch": int(batch), f"tpot {fp16} ms": tpot.at[batch, fp16], f"tpot {int4} ms": tpot.at[batch, int4],
+                    "speed-up": tpot.at[batch, fp16] / tpot.at[batch, int4], "int4 kernels ms": kernels_ms,
+                    "rest ms": tpot.at[batch, int4] - kernels_ms,
+                    "kernels": ", ".join(f"{n}x{k} {name} {us:.1f}us {gb:.0f}GB/s" for n, k, name, us, gb in
+                                         zip(rows["out_features"], rows["in_features"], rows["kernel"], rows["us"],
+                                             rows["gb_s"]))})
+    print(f"{preset}: {layers} decoder layers, one call per weight shape per layer per step")
+    print(pd.DataFrame(out).round(3).to_string(index=False))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
