@@ -158,9 +158,9 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
                 raise ApiError(first[1], param="messages")
             if first[0] == "error":  # failed before its batch ran: a status, streamed or not
                 raise ApiError(first[1], status=500, kind="server_error")
+            if first[0] == "gone":
+                return _gone()
             if chat_request.stream:  # the response starts now, while the engine works on the first token
-                if first[0] == "gone":
-                    return _gone()
                 # from here the response sees a client leave: uvicorn states ASGI spec 2.3, for which
                 # Starlette's StreamingResponse reads receive() for http.disconnect beside the stream
                 # (and cancels it, which cancels the job: _stream). Two readers of receive() would
@@ -170,12 +170,12 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
                 return StreamingResponse(_stream(job, events, head, decode, chat_request.include_usage, first,
                                                  lambda: first_token(arrived, job)),
                                          media_type="text/event-stream")
-            text, stamp = TextStream(decode), None
+            tokens, stamp = [], None  # decoded once, at the end (no deltas to send)
             kind, value = first
             while True:
                 if kind == "token":
                     stamp = stamp or first_token(arrived, job)
-                    text.add(value)
+                    tokens.append(value)
                 elif kind == "error":
                     raise ApiError(value, status=500, kind="server_error")
                 elif kind == "gone":
@@ -189,7 +189,7 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
         finally:
             watch.cancel()
         return {**head, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.decode(text.tokens)},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": decode(tokens)},
                              "finish_reason": "length"}],
                 "usage": _usage(value), "timings": _timings(value, stamp)}
 

@@ -214,13 +214,18 @@ class Worker:
         except (UsageError, QuestionError) as e:  # the family cannot show this visual input (e.g. a frame count)
             return self._refuse(job, str(e))  # or the question holds the model's image placeholder
         except Exception as e:  # noqa: BLE001 - the request fails (a 500), the server keeps serving
-            self.post(job.put, "error", f"{e.__class__.__name__}: {e}")
-            self.metrics.requests.labels("error").inc()
+            self._fail([job], e)
             return False
         if self.max_positions is None or prompt + r.max_tokens <= self.max_positions:
             return True
         return self._refuse(job, f"the request needs {prompt + r.max_tokens:,} positions ({prompt:,} prompt tokens "
                                  f"+ {r.max_tokens:,} max_tokens) but the model has {self.max_positions:,}")
+
+    def _fail(self, jobs: list[Job], e: Exception) -> None:
+        """Each of `jobs` failed with ("error", why), counted."""
+        for job in jobs:
+            self.post(job.put, "error", f"{e.__class__.__name__}: {e}")
+        self.metrics.requests.labels("error").inc(len(jobs))
 
     def _refuse(self, job: Job, reason: str) -> bool:
         """The job refused with ("invalid", reason), counted; False."""
@@ -248,9 +253,7 @@ class Worker:
             self.metrics.requests.labels("cancelled").inc(len(batch))
             return
         except Exception as e:  # noqa: BLE001 - the batch fails, the server keeps serving
-            for job in batch:
-                self.post(job.put, "error", f"{e.__class__.__name__}: {e}")
-            self.metrics.requests.labels("error").inc(len(batch))
+            self._fail(batch, e)
             return
         finally:
             engine.token_hook = None
