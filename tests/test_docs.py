@@ -92,3 +92,23 @@ def test_ci_runs_the_readme_set_up_and_test_commands():
           if line.strip() and not line.startswith(("#", "set ", "cd "))]
     assert ci == ["./environment_setup.sh", ".venv/bin/python -m pytest"]
     assert all(f"\n{cmd}" in readme for cmd in ci)
+
+
+def test_findings_table_keeps_each_workload_point_apart():
+    """A run over --batch-size 1,16 gives a row per batch size with that point's medians, not one
+    row holding whichever point came last."""
+    import pandas as pd
+
+    from bench.analysis.reference import findings_table
+
+    rows = [{"model": "m", "variant": "awq4+graph", "engine": "graph", "cache_state": "none", "dtype": "float16",
+             "device": "cuda", "batch_size": b, "new_tokens": 128, "question_tokens": 0, "num_images": 1,
+             "loader": None, "status": "ok", "metric": metric, "median": value, "valid": True}
+            for b, tpot in ((1, 3.4), (16, 9.0)) for metric, value in (("ttft_ms", 20.0 * b), ("tpot_ms", tpot))]
+    rows.append({**rows[0], "variant": "bnb4", "batch_size": float("nan"), "status": "skipped", "metric": "ttft_ms",
+                 "median": float("nan"), "valid": False})
+    lines = findings_table(pd.DataFrame(rows)).splitlines()[2:]
+    assert len(lines) == 3
+    assert lines[0].startswith("| m | awq4+graph | none | b1 n128 |") and "| 20 |" in lines[0] and "| 3.4 |" in lines[0]
+    assert lines[1].startswith("| m | awq4+graph | none | b16 n128 |") and "| 320 |" in lines[1] and "| 9 |" in lines[1]
+    assert lines[2].startswith("| m | bnb4 | none | b1 n128 |") and lines[2].endswith("| skipped |")

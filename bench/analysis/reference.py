@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import UsageError
+from bench.measure.schema import POINT_DEFAULTS, point_label
 
 REFERENCE_ROOT = Path("results/reference")
 REQUIRED_FIELDS = ("date", "commit", "gpu", "weights", "command", "shows")
@@ -97,10 +98,14 @@ def _text(v) -> str:
 
 
 def findings_table(summary: pd.DataFrame) -> str:
-    """One row per (model, variant, engine, cache state, dtype, device): medians; valid = TTFT and TPOT
-    valid, else the rows' status where they did not run (skipped, failed)."""
-    key = ["model", "variant", "engine", "cache_state", "dtype", "device"]
-    head = ["model", "variant", "cache", "dtype", "device", *FINDING_METRICS.values(), "valid"]
+    """One row per (model, variant, engine, cache state, dtype, device, workload point): medians;
+    valid = TTFT and TPOT valid, else the rows' status where they did not run (skipped, failed)."""
+    summary = summary.copy()
+    points = [c for c in POINT_DEFAULTS if c in summary]
+    cells = summary[points].astype(object)
+    summary["point"] = [point_label(r) for r in cells.where(cells.notna(), None).to_dict("records")] if points else "-"
+    key = ["model", "variant", "engine", "cache_state", "dtype", "device", "point"]
+    head = ["model", "variant", "cache", "point", "dtype", "device", *FINDING_METRICS.values(), "valid"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for k, g in summary.groupby(key, sort=False, dropna=False):
         row = dict(zip(key, k))
@@ -108,7 +113,7 @@ def findings_table(summary: pd.DataFrame) -> str:
         valid = g[g["metric"].isin(["ttft_ms", "tpot_ms"])]["valid"].astype(str).str.lower()
         status = set(g["status"].dropna()) - {"ok"} if "status" in g else set()
         verdict = "yes" if len(valid) and (valid == "true").all() else ", ".join(sorted(status)) or "no"
-        cells = [*(_text(row[c]) for c in ("model", "variant", "cache_state", "dtype", "device")),
+        cells = [*(_text(row[c]) for c in ("model", "variant", "cache_state", "point", "dtype", "device")),
                  *(_fmt(med.get(m)) for m in FINDING_METRICS), verdict]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
