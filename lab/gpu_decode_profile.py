@@ -5,9 +5,18 @@ step time and the weight-bytes bandwidth floor. Writes a CSV of kernel shares.
     python lab/gpu_decode_profile.py --preset llava-1.5-7b --out $OUT/decode_profile.csv
     python lab/gpu_decode_profile.py --preset llava-1.5-7b --weights rtn4 --int4-kernels measured \
         --out $OUT/decode_profile_rtn4.csv
+    cp results/reference/h100/llava-1.5-7b-int4-graph-batch/kernels.json /tmp/kernels.json
+    python lab/gpu_decode_profile.py --preset llava-1.5-7b --batch-size 16 --out $OUT/decode_profile_b16.csv
+    python lab/gpu_decode_profile.py --preset llava-1.5-7b --weights rtn4 --int4-kernels measured \
+        --int4-kernel-candidates tinygemm,dense,gemlite-gemv-revsplitk,fbgemm-shuffled,triton-tiles,gemlite-gemm-splitk,gemlite-gemm \
+        --int4-kernel-cache /tmp/kernels.json --batch-size 16 --out $OUT/decode_profile_rtn4_b16.csv
 
 With int4 weights the kernels per row count are --int4-kernels' (as `run`'s flag; `measured`
-chooses per shape on this GPU first, --int4-kernel-candidates limiting the candidates).
+chooses per shape on this GPU first, --int4-kernel-candidates limiting the candidates;
+--int4-kernel-cache reuses a kernels.json measured on this kind of GPU with those candidates, e.g. a
+reference run's, and adds what it measures to it).
+--batch-size B profiles a step of B rows (after a batch of B requests), the kernels a batched
+decode step replays.
 """
 from __future__ import annotations
 
@@ -27,18 +36,20 @@ def main() -> None:
     ap.add_argument("--weights", default="fp16", help="fp16 or rtn4")
     ap.add_argument("--int4-kernels", default="tinygemm")
     ap.add_argument("--int4-kernel-candidates", default=None)
+    ap.add_argument("--int4-kernel-cache", default="", help="a kernels.json to reuse (default: measure)")
+    ap.add_argument("--batch-size", type=int, default=1)
     args = ap.parse_args()
-    spec = EngineSpec(int4_kernels=args.int4_kernels, int4_kernel_cache="",
+    spec = EngineSpec(int4_kernels=args.int4_kernels, int4_kernel_cache=args.int4_kernel_cache,
                       int4_kernel_candidates=tuple(args.int4_kernel_candidates.split(","))
                       if args.int4_kernel_candidates else ())
-    a, eng, _, r = graph_engine_after_one_request(args.preset, 128, args.weights, spec)
+    a, eng, _, r = graph_engine_after_one_request(args.preset, 128, args.weights, spec, args.batch_size)
     step_ms = sorted(r.step_ms)[len(r.step_ms) // 2]
     weight_bytes = sum(t.numel() * t.element_size() for t in (*a.language_model().parameters(),
                                                                  *a.language_model().buffers()))
     if a.family == "llava":
         weight_bytes += a.model.lm_head.weight.numel() * 2
     # Eager steps over the same KV buffers with the same (compiled) layers: the kernels the graph replays.
-    tok = torch.tensor([r.tokens[-1]], device="cuda")
+    tok = torch.full((args.batch_size,), r.tokens[-1], device="cuda")
 
     def step():  # one decode step at the prompt's end (rewound each time: the buffer is finite)
         eng.cache.length.fill_(r.prompt_tokens)
@@ -50,15 +61,16 @@ def main() -> None:
         torch.cuda.synchronize()
         per_kernel = kernel_times(step, args.steps)
     total = sum(ms for ms, _ in per_kernel.values())
-    w = CsvWriter(Path(args.out), ["model", "weights", "int4_kernels", "step_ms", "kernel", "ms_per_step",
-                                   "launches_per_step", "share"])
+    w = CsvWriter(Path(args.out), ["model", "weights", "batch_size", "int4_kernels", "step_ms", "kernel",
+                                   "ms_per_step", "launches_per_step", "share"])
     plan = eng.int4_kernels.column() if eng.int4_kernels is not None else ""
     for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
-        w.write({"model": args.preset, "weights": args.weights, "int4_kernels": plan, "step_ms": step_ms,
+        w.write({"model": args.preset, "weights": args.weights, "batch_size": args.batch_size, "int4_kernels": plan,
+                 "step_ms": step_ms,
                  "kernel": name[:120], "ms_per_step": ms, "launches_per_step": n, "share": ms / total})
     w.close()
     launches = sum(n for _, n in per_kernel.values())
-    print(f"{args.preset} {args.weights} {plan}: graph step {step_ms:.2f} ms; kernel time {total:.2f} ms in {launches:.0f} kernels/step; "
+    print(f"{args.preset} {args.weights} b{args.batch_size} {plan}: graph step {step_ms:.2f} ms; kernel time {total:.2f} ms in {launches:.0f} kernels/step; "
           f"LLM weights {weight_bytes / 1e9:.2f} GB -> {weight_bytes / step_ms / 1e6:.0f} GB/s achieved")
     for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:8]:
         print(f"  {ms:6.3f} ms  {n:5.0f}x  {name[:90]}")

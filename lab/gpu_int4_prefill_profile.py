@@ -7,6 +7,10 @@ host-side ops that take the most CPU time (torch.profiler), for
 rtn4 and awq4 run the same kernels; rtn4 needs no calibration.
 
     python lab/gpu_int4_prefill_profile.py --preset vila1.5-3b --out $OUT/int4_prefill_profile_vila1.5-3b.csv
+
+--kernels-out also writes each configuration's kernels by name (ms and launches per prefill), so
+fp16's and int4's prefill can be set side by side kernel by kernel (the dequantize kernels, the
+GEMMs on the dequantized weights, and what is common to both).
 """
 from __future__ import annotations
 
@@ -48,9 +52,12 @@ def host_ops(fn, reps: int, top: int = 8) -> str:
 def main() -> None:
     ap = profile_parser("vila1.5-3b")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--kernels-out", default=None, help="a CSV of every kernel per configuration")
     args = ap.parse_args()
     image = demo_image()
     w = CsvWriter(Path(args.out), ["model", "weights", "dense_path", "tokens", "wall_ms", "kernel_ms", "top_host_ops"])
+    kw = CsvWriter(Path(args.kernels_out), ["model", "weights", "dense_path", "kernel", "ms", "launches"]) \
+        if args.kernels_out else None
     for weights, traced in (("fp16", True), ("rtn4", True), ("rtn4", False)):
         adapter = build_preset(args.preset, None, torch.device("cuda"), torch.float16)
         if weights == "rtn4":
@@ -65,9 +72,13 @@ def main() -> None:
             for _ in range(3):
                 call()
             wall = statistics.median(event_times_ms(call, args.reps))
-            kernels = sum(ms for ms, _ in kernel_times(call, 5).values())
+            per_kernel = kernel_times(call, 5)
+            kernels = sum(ms for ms, _ in per_kernel.values())
             ops = host_ops(call, 5)
         path = "-" if weights == "fp16" else ("traced Triton dequantize" if traced else "opaque custom op")
+        for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]) if kw is not None else ():
+            kw.write({"model": args.preset, "weights": weights, "dense_path": path, "kernel": name[:160],
+                      "ms": ms, "launches": n})
         w.write({"model": args.preset, "weights": weights, "dense_path": path, "tokens": embeds.shape[1],
                  "wall_ms": wall, "kernel_ms": kernels, "top_host_ops": ops})
         print(f"{weights:5s} {path:26s} {embeds.shape[1]} tokens: wall {wall:.2f} ms, kernels {kernels:.2f} ms | {ops}",
@@ -77,6 +88,8 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
     w.close()
+    if kw is not None:
+        kw.close()
 
 
 if __name__ == "__main__":
