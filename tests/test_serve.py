@@ -283,6 +283,7 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     identity = runs[["model", "family", "weights", "device", "dtype"]].drop_duplicates().to_dict("records")
     assert identity == [{"model": MODEL, "family": "vila", "weights": "random", "device": "cpu", "dtype": "float32"}]
     assert sorted(set(measured["variant"])) == ["c1 r50", "c1 rinf", "c4 r50", "c4 rinf"]
+    assert set(runs["engine_detail"]) == {"served prefix on the hf engine"}
     assert sorted(set(measured["concurrency"])) == [1, 4]
     assert (measured["output_tokens"] == 4).all() and (measured["new_tokens"] == 4).all()
     assert (measured["ttft_ms"] > 0).all() and (measured["ttft_ms"] < measured["e2e_ms"]).all()

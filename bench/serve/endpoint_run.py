@@ -128,6 +128,9 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
     async with cl.Api(base_url, _headers(cfg), cfg.timeout_s, connections) as client:
         server = await cl.server_identity(client)
         shared = {n: cl.shared_image_urls(image_file, image, n) for n in cfg.num_images}
+        # the variant and engine a vlm-bench server states it runs (the row's variant is the point)
+        served_detail = f"served {served['variant']} on the {served['engine']} engine" \
+            if "variant" in served and "engine" in served else ""
         # --prefix distinct: no image of a request is shown by any other request of the run, warm-ups'
         # shared images included: requests take consecutive derived images from max(num_images) on
         k = max(cfg.num_images)
@@ -137,7 +140,7 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
             for point in cfg.points:
                 base = {"run_id": run_id, "model": cfg.model, "family": "", "weights": "served", "device": "",
                         "dtype": "", **{k: served[k] for k in cl.SERVED_COLUMNS if k in served},
-                        "variant": point.label(), "engine": "endpoint",
+                        "variant": point.label(), "engine": "endpoint", "engine_detail": served_detail,
                         "cache_state": "none", **workload.columns(), "concurrency": point.concurrency,
                         "request_rate": "inf" if math.isinf(point.rate) else point.rate, "server": server}
                 warm = [cl.payload(cfg.model, warm_qs[i % len(warm_qs)], shared[num_images], new_tokens)
