@@ -73,6 +73,29 @@ def test_timeline_phases_tile():
     assert tl.phases_ms() == phases  # read once, kept
 
 
+def test_phases_on_one_clock_count_a_hidden_host_phase_once():
+    """A batch's cache filled on the GPU (restore, 3 ms) while the host preprocesses its images
+    (12 ms from the restore mark): the overlap counts once, in the GPU phase, and the phases add
+    up to the span (on two clocks they added up to 15 ms + the rest, 3 ms over the wall time)."""
+    from bench.measure.timing import tile
+
+    marks = [("preprocess", 1.0, None),  # host-only: prompts tokenized, 1 ms
+             ("restore", 1.01, 4.0),  # queued by 1.01 ms on the host, done on the GPU at 4 ms
+             ("preprocess", 13.01, None),  # images: host 1.01 -> 13.01 ms, under the restore's GPU work until 4
+             ("vision", 13.2, 20.0), ("prefill", 13.5, 30.0)]
+    phases = tile(marks)
+    assert [label for label, _ in phases] == [m[0] for m in marks]
+    assert [round(ms, 6) for _, ms in phases] == [1.0, 3.0, 9.01, 6.99, 10.0]
+    assert sum(ms for _, ms in phases) == pytest.approx(30.0)
+    # wholly hidden: a host phase that ended before the GPU finished the phase before it is 0
+    assert tile([("restore", 0.1, 5.0), ("preprocess", 3.0, None), ("vision", 3.1, 8.0)]) == \
+        [("restore", 5.0), ("preprocess", 0.0), ("vision", 3.0)]
+    # GPU marks alone: the events' own differences
+    assert tile([("a", 0.1, 2.0), ("b", 0.2, 2.5), ("c", 0.3, 7.5)]) == [("a", 2.0), ("b", 0.5), ("c", 5.0)]
+    # the host clock alone (CPU): the host's differences
+    assert tile([("a", 2.0, None), ("b", 2.5, None)]) == [("a", 2.0), ("b", 0.5)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_timelines_reuse_their_events_and_time_each_phase():
     from bench.measure.timing import Timeline

@@ -92,11 +92,12 @@ COLUMNS: tuple[Column, ...] = (
     _c("preprocess_device", "", None, "where the image processor ran: cpu | cuda (--preprocess; env.json's "
                                        "`preprocess` says why a processor stayed on the host)"),
     _c("preprocess_ms", "ms", False, "image processor (on preprocess_device, waited for) + tokenization (host "
-                                     "clock)", True),
+                                     "clock; time it ran under the GPU's work of the phase before counts there, "
+                                     "once)", True),
     _c("lookup_ms", "ms", False, "prefix-cache lookup: XXH3 of the image content + key match (0 for variants "
                                  "without a prefix cache)", True),
-    _c("restore_ms", "ms", False, "copying a cached prefix's keys/values into the request's working cache (the "
-                                  "cost of reuse)", True),
+    _c("restore_ms", "ms", False, "making the request's working cache and copying a cached prefix's keys/values "
+                                  "into it (the cost of reuse)", True),
     _c("vision_ms", "ms", False, "vision tower + projector (incl. host->device copy of pixels; ~0 on a cache hit)",
        True, "vision ms"),
     _c("prefill_ms", "ms", False, "LLM forward over the uncached prompt tokens until the first token id is on the "

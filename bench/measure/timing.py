@@ -3,8 +3,11 @@
 Each `mark(label)` ends the phase called `label`; the phase began at the previous mark, so
 phases tile the request with no gaps and add up to the timeline's span. On CUDA a mark
 records an event (no synchronisation on the hot path); elsewhere it reads perf_counter.
-Host-only phases (CPU preprocessing) use the host clock on every device. Conversion to
-milliseconds happens once, in `phases_ms()`, after a single synchronize. On the CPU device each
+Host-only phases (CPU preprocessing) end on the host clock on every device. Conversion to
+milliseconds happens once, in `phases_ms()`, after a single synchronize, on one clock (`tile`):
+a host-only phase that ran while the GPU was still on the phase before it (a batch's images
+preprocessed while its cache is being filled) counts only from where that phase ended, so the
+overlap is not counted twice. On the CPU device each
 mark also reads the process's CPU time (`cpu_phases_ms()`): the work a phase did, which another
 program competing for the cores does not change the way it changes wall time.
 """
@@ -58,13 +61,10 @@ class Timeline:
         if self._phases is not None:
             return list(self._phases)
         self.synchronize()
-        out = []
-        for prev, cur in zip(self._marks, self._marks[1:]):
-            if not cur.host_only and prev.event is not None and cur.event is not None:
-                ms = prev.event.elapsed_time(cur.event)
-            else:
-                ms = (cur.host_s - prev.host_s) * 1e3
-            out.append((cur.label, ms))
+        first = self._marks[0]
+        out = tile([(m.label, (m.host_s - first.host_s) * 1e3,
+                     None if m.host_only or first.event is None or m.event is None else first.event.elapsed_time(m.event))
+                    for m in self._marks[1:]])
         self._phases = out
         self._idle.extend(m.event for m in self._marks if m.event is not None)
         for m in self._marks:
@@ -81,6 +81,23 @@ class Timeline:
         """Wall time from the first mark to now (after synchronize)."""
         self.synchronize()
         return (time.perf_counter() - self._marks[0].host_s) * 1e3
+
+
+def tile(marks: list[tuple[str, float, float | None]]) -> list[tuple[str, float]]:
+    """Phases [(label, ms)] from marks after the first, each (label, host ms since the first
+    mark, GPU ms since the first mark's event or None for a host-only mark), on one clock: a mark
+    is where its phase ended (a GPU mark: when the GPU reached its event; a host-only one: when
+    the host got there), and no earlier than the mark before it. The first event is taken to fire
+    as it is recorded (the GPU idle when a timeline starts, as requests start after a
+    synchronize); GPU marks alone give their events' own differences. So phases add up to the
+    span, and a host-only phase hidden under GPU work of the phase before it counts only what
+    the GPU had not already covered (0 when wholly hidden)."""
+    out, at = [], 0.0
+    for label, host_ms, gpu_ms in marks:
+        end = max(at, host_ms if gpu_ms is None else gpu_ms)
+        out.append((label, end - at))
+        at = end
+    return out
 
 
 def sum_by_label(phases: list[tuple[str, float]]) -> dict[str, float]:
