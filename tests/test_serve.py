@@ -160,6 +160,30 @@ def test_an_image_sent_again_in_the_same_bytes_is_not_decoded_again(server, clie
     assert answers[0] == answers[1] == answers[2]  # the kept image is the one decoding gives
 
 
+def test_a_streamed_text_holds_back_a_character_split_over_byte_tokens(tiny_vila_dir):
+    """Byte-fallback tokens: a character whose bytes are not all there yet is held back, not sent
+    as U+FFFD (after which nothing more was sent); the deltas add up to the decoded whole, and a
+    character cut off at the end goes out as the unstreamed text has it."""
+    from transformers import AutoTokenizer
+
+    from bench.serve.app import TextStream
+
+    tok = AutoTokenizer.from_pretrained(tiny_vila_dir / "llm")
+
+    def decode(ids):
+        return tok.decode(ids, skip_special_tokens=True)
+
+    for text in ("Café é naïve", "I like 😀 and 日本語 too"):
+        ids = tok.encode(text, add_special_tokens=False)
+        assert any("\ufffd" in decode(ids[:k]) for k in range(1, len(ids))), "no split character to test"
+        for cut in (len(ids), len(ids) - 1):
+            stream = TextStream(decode)
+            deltas = [stream.add(i) for i in ids[:cut]]
+            assert not any("\ufffd" in d for d in deltas)
+            assert "".join(deltas) + stream.rest() == decode(ids[:cut])
+        assert decode(ids).strip() == text
+
+
 def test_decoded_images_keep_what_fits_and_count_lookups():
     from PIL import Image
 

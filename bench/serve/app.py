@@ -51,8 +51,12 @@ INLINE_PARSE_BYTES = 256 * 1024
 
 
 class TextStream:
-    """Token ids -> text deltas whose concatenation is the decoded whole (a delta is held back
-    while the text decoded so far is not an extension of what was sent)."""
+    """Token ids -> text deltas whose concatenation is the decoded whole. A delta is held back
+    while the text decoded so far ends in U+FFFD (a character whose UTF-8 bytes are split over
+    byte-fallback tokens, not whole yet: sent as it is, the next token's decode would no longer
+    extend what was sent) or is not an extension of what was sent. (Hand-written: transformers'
+    TextStreamer holds text back to word boundaries, which would hold back the first token's
+    chunk too.)"""
 
     def __init__(self, decode):
         self.decode, self.tokens, self.sent = decode, [], ""
@@ -60,13 +64,14 @@ class TextStream:
     def add(self, token: int) -> str:
         self.tokens.append(token)
         text = self.decode(self.tokens)
-        if not text.startswith(self.sent):
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
             return ""
         delta, self.sent = text[len(self.sent):], text
         return delta
 
     def rest(self) -> str:
-        """At the end: whatever the whole text adds to what was sent (replacing nothing)."""
+        """At the end: whatever the whole text adds to what was sent (replacing nothing; a
+        character cut off by max_tokens goes out as U+FFFD, as an unstreamed response has it)."""
         text = self.decode(self.tokens)
         return text[len(self.sent):] if text.startswith(self.sent) else ""
 
