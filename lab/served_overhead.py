@@ -14,8 +14,8 @@ from bench.measure.metrics import TTFT_PHASES
 
 PHASES = [f"{phase}_ms" for phase in TTFT_PHASES]  # the engine's phases before the first token
 # the server's own part's pieces it reports (the rest, server_other_ms: the engine thread from
-# taking the request to its batch's first phase (the batching window), and from the batch's last
-# phase before the first token to having that token on the host)
+# closing the batch to its first phase (the prompts' checks), and from the batch's last phase
+# before the first token to having that token on the host)
 PARTS = ["server_intake_ms", "server_queue_ms", "server_handoff_ms"]
 
 

@@ -1050,6 +1050,37 @@ def test_a_request_held_back_for_the_next_batch_counts_the_batch_before_it_as_qu
     assert counts[("vlm_queue_depth", ())] == 0
 
 
+def test_a_batchs_requests_report_their_own_prompts_and_the_batching_window_as_queued(image_url):
+    """Two questions of different lengths batched together report the prompt_tokens each has
+    alone (not the batch's longest), and a request alone in its batch has the batching window it
+    waited out in queue_ms (it was in none of the parts the server reports)."""
+    import threading
+
+    app, name = _served_tiny_vila(lambda run_batch: run_batch, max_batch=2, window_s=0.3)
+    questions = ["Which?", "Which colour is the largest shape, and where is it in the picture? " * 4]
+
+    def post(question, answers):
+        body = {"model": name, "max_tokens": 2, "messages": _messages(question, image_url)}
+        answers[question] = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+
+    with _uvicorn(app) as url:
+        alone, together = {}, {}
+        for question in questions:
+            post(question, alone)
+        threads = [threading.Thread(target=post, args=(question, together)) for question in questions]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        counts = _counted(url)
+    prompts = {q: a["usage"]["prompt_tokens"] for q, a in alone.items()}
+    assert prompts[questions[1]] > prompts[questions[0]]
+    assert {q: a["usage"]["prompt_tokens"] for q, a in together.items()} == prompts
+    assert all(a["usage"]["total_tokens"] == prompts[q] + 2 for q, a in together.items())
+    assert all(a["timings"]["queue_ms"] >= 300 for a in alone.values())  # the window, waited out alone
+    assert counts[("vlm_prompt_tokens_total", ())] == 2 * sum(prompts.values())
+
+
 def test_a_request_whose_prompt_cannot_be_made_gets_a_500_and_the_server_serves_on(image_url):
     """An unexpected failure while the engine thread tokenizes a request (before its batch) is that
     request's 500, streamed or not, counted as an error; the engine thread serves the next one."""

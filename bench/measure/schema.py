@@ -206,8 +206,8 @@ COLUMNS: tuple[Column, ...] = (
     _c("server_intake_ms", "ms", False, "endpoint mode against vlm-bench serve: the part of server_ttft_ms from the "
                                         "request read to its being queued (parsing, images)"),
     _c("server_queue_ms", "ms", False, "endpoint mode against vlm-bench serve: the part of server_ttft_ms from "
-                                       "queued to taken by the engine thread (other requests' batches, the thread's "
-                                       "wake-up)"),
+                                       "queued to its batch closing (other requests' batches, the thread's "
+                                       "wake-up, the batching window)"),
     _c("server_handoff_ms", "ms", False, "endpoint mode against vlm-bench serve: the part of server_ttft_ms from the "
                                          "engine thread having the first token to its being handed to HTTP (the hop "
                                          "to the event loop)"),

@@ -21,9 +21,9 @@ A completed response reports, beside OpenAI's fields, where its time went on the
 carries `prompt_tokens_details.cached_tokens` (OpenAI's field: prompt tokens whose KV came from the
 prefix cache) and the response (streamed: its last chunk with choices) a `timings` object, as
 llama.cpp's server does: `ttft_ms` (request read -> first token handed to HTTP), its parts
-`intake_ms` (read -> queued: parsing, images), `queue_ms` (queued -> the engine thread takes it
-for its batch) and `handoff_ms` (the engine thread had the first token -> handed to HTTP), the
-engine's phases before the first token (`preprocess_ms` ... `store_ms`, bench.measure.schema's
+`intake_ms` (read -> queued: parsing, images), `queue_ms` (queued -> its batch closes: other
+batches, the batching window) and `handoff_ms` (the engine thread had the first token -> handed to
+HTTP), the engine's phases before the first token (`preprocess_ms` ... `store_ms`, bench.measure.schema's
 columns) and `cache_hit` (the request reused cached work: a prefix, or image embeddings, which
 leave cached_tokens 0). Endpoint mode files them in the request's row, so a served row shows the
 same phase breakdown as an in-process one, `ttft_ms - server_ttft_ms` is what HTTP and the client

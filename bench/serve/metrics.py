@@ -28,7 +28,7 @@ class ServerMetrics:
         self.ttft = Histogram("vlm_time_to_first_token_seconds", "request headers read -> its first token handed "
                               "to the HTTP side (the server's part of a client's TTFT)", buckets=SECONDS_BUCKETS, registry=r)
         self.queue_time = Histogram("vlm_request_queue_time_seconds",
-                                    "request queued -> the engine thread takes it for its batch",
+                                    "request queued -> its batch closes (other batches, the batching window)",
                                     buckets=SECONDS_BUCKETS, registry=r)
         self.queue_depth = Gauge("vlm_queue_depth", "requests waiting for the engine", registry=r)
 

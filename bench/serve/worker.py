@@ -92,7 +92,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     prepared: object = None  # the prompt as the engine tokenizes it (Worker._fits makes it; the engine reuses it)
     queued: float = 0.0  # time.perf_counter() when submitted
-    taken: float = 0.0  # time.perf_counter() when the engine thread took it for its batch (or dropped it)
+    taken: float = 0.0  # time.perf_counter() when its batch closed (the batching window over) or it was dropped
     first_token_at: float = 0.0  # time.perf_counter() when the engine thread had its first token
     tokenize_ms: float = 0.0  # making `prepared` (an in-process run counts it in its preprocess phase)
 
@@ -157,9 +157,9 @@ class Worker:
             first, self._held = self._held or self.jobs.get(), None
             if first is None:
                 return None
-            self._taken(first)
             if not first.cancelled.is_set():
                 break
+            self._taken(first)
             self.metrics.requests.labels("cancelled").inc()
         batch = [first]
         deadline = time.monotonic() + self.window_s
@@ -179,8 +179,9 @@ class Worker:
             if job.request.max_tokens != first.request.max_tokens:
                 self._held = job  # runs next, still in arrival order
                 break
-            self._taken(job)
             batch.append(job)
+        for job in batch:  # the batch is closed: its jobs' wait ends, the batching window's part too
+            self._taken(job)
         return batch
 
     def _loop(self) -> None:
@@ -257,8 +258,7 @@ class Worker:
             return
         finally:
             engine.token_hook = None
-        usage = {"prompt_tokens": result.prompt_tokens, "completion_tokens": batch[0].request.max_tokens}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        new_tokens = batch[0].request.max_tokens
         # the engine's phases (the batch's, as in-process batch rows report them)
         phases = {f"{name}_ms": result.phases_ms.get(name, 0.0) for name in PHASES}  # 0 for one not run
         # the batch's prompts were tokenized before it ran (_fits); in-process runs count that in preprocess
@@ -266,15 +266,18 @@ class Worker:
         # counted before any client hears of the end, so /metrics read after a response has it;
         # a job whose client left while the rest of its batch ran on is cancelled, not ok (the
         # tokens and the prefix lookup were made for it all the same)
-        m, gone = self.metrics, sum(job.cancelled.is_set() for job in batch)
-        m.requests.labels("ok").inc(len(batch) - gone)
-        if gone:
-            m.requests.labels("cancelled").inc(gone)
-        m.prompt_tokens.inc(usage["prompt_tokens"] * len(batch))
-        m.generated_tokens.inc(usage["completion_tokens"] * len(batch))
+        m, done = self.metrics, [job for job in batch if not job.cancelled.is_set()]
+        m.requests.labels("ok").inc(len(done))
+        if len(done) < len(batch):
+            m.requests.labels("cancelled").inc(len(batch) - len(done))
+        # each request's own prompt (the batch's result has the longest, which its rows are padded to)
+        m.prompt_tokens.inc(sum(job.prepared.prompt_tokens for job in done))
+        m.generated_tokens.inc(new_tokens * len(done))
         if self.stateful:
             (m.prefix_hits if result.cache_hit else m.prefix_misses).inc(len(batch))
         for job in batch:
+            usage = {"prompt_tokens": job.prepared.prompt_tokens, "completion_tokens": new_tokens,
+                     "total_tokens": job.prepared.prompt_tokens + new_tokens}
             timings = {"queue_ms": (job.taken - job.queued) * 1e3, **phases, "cache_hit": result.cache_hit}
             self.post(job.put, "done", {"usage": usage, "cached_tokens": result.cached_tokens,
                                         "cache_hit": result.cache_hit, "timings": timings})
