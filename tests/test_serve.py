@@ -203,9 +203,41 @@ def test_decoded_images_keep_what_fits_and_count_lookups():
     assert decoded == [b"small", b"big", b"big"] and looked == [False, True, False, False]
 
 
-def test_a_malformed_request_gets_a_400_and_the_next_one_succeeds(server, client, image_url):
-    r = httpx.post(f"{server['url']}/v1/chat/completions", content=b"{not json", timeout=30)
-    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+def _malformed_pngs() -> dict[str, bytes]:
+    """PNGs whose decoding raises other than UnidentifiedImageError/OSError: a text chunk that
+    inflates past PIL's limit (ValueError) and an IDAT chunk of the wrong length (SyntaxError)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info, text = PngInfo(), io.BytesIO()
+    info.add_text("k", "v" * 10_000_000, zip=True)
+    Image.new("RGB", (8, 8)).save(text, "PNG", pnginfo=info)
+    broken = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(broken, "PNG")
+    data = bytearray(broken.getvalue())
+    assert data[37:41] == b"IDAT"
+    data[36] -= 43  # the IDAT chunk's length
+    return {"text chunk": text.getvalue(), "chunk length": bytes(data)}
+
+
+def test_a_malformed_request_gets_a_400_counted_once_and_the_next_one_succeeds(server, client, image_url):
+    url = f"{server['url']}/v1/chat/completions"
+    before = _requests(server["url"], "invalid")
+    refused = 0
+    for body in (b"{not json", b"[" * 100_000 + b"]" * 100_000, b'{"max_tokens": ' + b"9" * 5000 + b"}"):
+        r = httpx.post(url, content=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+        assert "not valid JSON" in r.json()["error"]["message"]
+        refused += 1
+    bad_parts = [*({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+                   for png in _malformed_pngs().values()),
+                 {"type": "image_url", "image_url": {"url": "/tmp/" + "a" * 5000}},
+                 {"type": "text", "text": 5}]
+    for part in bad_parts:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": [part, {"type": "text", "text": "Hi?"}]}]}
+        r = httpx.post(url, json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0]", r.text
+        refused += 1
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=_messages("Hi?", image_url), temperature=0.7)
     assert "greedy" in str(e.value)
@@ -214,8 +246,23 @@ def test_a_malformed_request_gets_a_400_and_the_next_one_succeeds(server, client
     with pytest.raises(openai.BadRequestError) as e:  # 4,096 new tokens after the prompt: past tiny-vila's positions
         client.chat.completions.create(model=MODEL, messages=_messages("Hi?", image_url), max_tokens=4096)
     assert "positions" in str(e.value)
+    refused += 3
+    assert _requests(server["url"], "invalid") == before + refused  # each refusal once
     ok = client.chat.completions.create(model=MODEL, messages=_messages("Hi?", image_url), max_tokens=3)
     assert ok.usage.completion_tokens == 3
+    body = {"model": MODEL, "messages": _messages("Hi?", image_url), "max_completion_tokens": None, "max_tokens": 2}
+    assert httpx.post(url, json=body, timeout=60).json()["usage"]["completion_tokens"] == 2
+
+
+def test_a_video_that_cannot_be_decoded_is_refused_in_the_clients_terms():
+    """Not in run's (--video-path) nor with the server's temporary file's name."""
+    from bench.serve.protocol import ApiError, parse_chat
+
+    part = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(b"\0" * 64).decode()}}
+    with pytest.raises(ApiError) as e:
+        parse_chat({"messages": [{"role": "user", "content": [part, {"type": "text", "text": "Hi?"}]}]}, 4, 64)
+    assert str(e.value).startswith("the video cannot be decoded (") and e.value.param == "messages[0].content[0]"
+    assert "--video-path" not in str(e.value) and "/tmp" not in str(e.value) and ".mp4" not in str(e.value)
 
 
 def _too_large(r: httpx.Response, declared: int | None = None):

@@ -145,7 +145,7 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
         raw = await request.body()
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, an int past Python's digits, nested too deep
             raise ApiError("the request body is not valid JSON") from None
         if isinstance(body, dict) and body.get("model") not in (None, model_name):
             raise ApiError(f"model {body.get('model')!r} is not served here; this server serves {model_name!r}",

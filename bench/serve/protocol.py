@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from bench.errors import UsageError
 from bench.models.visual import VisualInput, upright_rgb
@@ -64,9 +64,12 @@ def _bytes_of(url: str, param: str) -> bytes:
     if url.startswith(("http://", "https://")):
         raise ApiError("remote URLs are not fetched: send a data: URL or a path on the server", param=param)
     path = Path(url.removeprefix("file://"))
-    if not path.is_file():
-        raise ApiError(f"no such file on the server: {path}", param=param)
-    return path.read_bytes()
+    try:
+        if path.is_file():
+            return path.read_bytes()
+    except (OSError, ValueError) as e:  # a name too long, a file that cannot be read
+        raise ApiError(f"the file cannot be read on the server ({e.__class__.__name__})", param=param) from None
+    raise ApiError(f"no such file on the server: {path}", param=param)
 
 
 def _decode(data: bytes, param: str) -> Image.Image:
@@ -77,7 +80,10 @@ def _decode(data: bytes, param: str) -> Image.Image:
                 raise ApiError(f"the image ({im.width}x{im.height} = {im.width * im.height:,} pixels) is too large to "
                                f"decode safely; send at most {limit:,} pixels", param=param)
             return upright_rgb(im)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+    except ApiError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed file raises what its plugin meets (UnidentifiedImageError,
+        # OSError, ValueError, SyntaxError, EOFError, struct.error, ...): the request's image, a 400
         raise ApiError(f"the image cannot be decoded ({e.__class__.__name__})", param=param) from None
 
 
@@ -104,8 +110,9 @@ def _video(url: str, param: str, num_frames: int) -> VisualInput:
         f.flush()
         try:
             return FrameSource(f.name, None, num_frames).clip()
-        except (UsageError, OSError, ValueError) as e:
-            raise ApiError(f"the video cannot be decoded ({e})", param=param) from None
+        except (UsageError, OSError, ValueError) as e:  # said in run's terms: "--video-path FILE: why"
+            why = str(e).removeprefix(f"--video-path {f.name}: ")
+            raise ApiError(f"the video cannot be decoded ({why})", param=param) from None
 
 
 def _url(part: dict, key: str, param: str) -> str:
@@ -133,7 +140,8 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
         raise ApiError("only greedy decoding is served: temperature must be 0 or absent", param="temperature")
     if body.get("n") not in (None, 1):
         raise ApiError("n must be 1", param="n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")  # OpenAI's name since max_tokens; null is absent
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
     max_tokens = default_max_tokens if max_tokens is None else max_tokens
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= max_tokens_limit:
         raise ApiError(f"max_tokens must be a whole number from 1 to {max_tokens_limit}", param="max_tokens")
@@ -155,7 +163,9 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
     for j, part in enumerate(parts):
         param = f"messages[{i}].content[{j}]"
         kind = part.get("type")
-        if kind == "text" and isinstance(part.get("text"), str):
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ApiError("a text part's text must be a string", param=param)
             texts.append(part["text"])
         elif kind == "image_url":
             image, data = _image(_url(part, "image_url", param), param, decoded, blocking)

@@ -229,9 +229,9 @@ class Worker:
         self.metrics.requests.labels("error").inc(len(jobs))
 
     def _refuse(self, job: Job, reason: str) -> bool:
-        """The job refused with ("invalid", reason), counted; False."""
+        """The job refused with ("invalid", reason); False. (Counted where its 400 is answered, with
+        every other refusal: the app's ApiError handler.)"""
         self.post(job.put, "invalid", reason)
-        self.metrics.requests.labels("invalid").inc()
         return False
 
     def _run(self, batch: list[Job]) -> None:
