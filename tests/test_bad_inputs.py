@@ -617,6 +617,24 @@ def test_serve_int4_kernel_the_device_cannot_run():
         load_engine(cfg, model_source(cfg))
 
 
+def test_serve_default_max_tokens_past_the_positions_with_the_template():
+    """Past the lower bounds checked before loading (no template, 4 image tokens), the warm-up
+    request as the loaded model tokenizes it: a usage error before any warm-up runs."""
+    from bench.errors import UsageError
+    from bench.run.config import config_class
+    from bench.serve.loading import check_default_request, check_loaded_default_request, load_engine, model_source
+
+    TRIED.append("serve --max-new-tokens 4090 (fits the lower bound, not the template)")
+    cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1, max_new_tokens=4090)
+    source = model_source(cfg)
+    check_default_request(cfg, source)  # the lower bound fits
+    engine = load_engine(cfg, source)[0]
+    with pytest.raises(UsageError, match=r"^--max-new-tokens: the request needs 4,\d+ positions .* tiny-vila has 4,096"):
+        check_loaded_default_request(engine, cfg, source, 1)
+    cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1, max_new_tokens=8)
+    check_loaded_default_request(engine, cfg, source, 4)
+
+
 def test_report_out_under_a_file(results_dir, tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")

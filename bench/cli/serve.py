@@ -127,10 +127,11 @@ def _load_and_warm_up(cfg, source, serve: dict, engine_thread):
     --prewarm, warmed up on `engine_thread`, which will serve it (bench.serve.worker). The engine
     thread is a daemon: a Ctrl-C here ends the process without waiting for the load to finish."""
     from bench.log import status
-    from bench.serve.loading import load_engine
+    from bench.serve.loading import check_loaded_default_request, load_engine
 
     status(f"loading {source.name} ({cfg.variant_specs[0]})")
     engine, variant, model = engine_thread.call(load_engine, cfg, source)
+    engine_thread.call(check_loaded_default_request, engine, cfg, source, serve["max_batch"])
     if serve["prewarm"]:
         from bench.models.visual import load_image
         from bench.serve.loading import warm_up

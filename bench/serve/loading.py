@@ -33,6 +33,30 @@ def check_default_request(cfg, source: ModelSource) -> None:
     check_sizes(cfg, dims, source.name, [], None, device, resolve_dtype(cfg.dtype, device))
 
 
+def check_loaded_default_request(engine, cfg, source: ModelSource, max_batch: int) -> None:
+    """check_default_request once the model is loaded, on its tokenizer and template: the warm-up
+    requests (the default max_tokens, --max-new-tokens, with the images the model takes together)
+    tokenized exactly fit the model's positions, and their KV cache at --max-batch the device; a
+    usage error naming the flag otherwise, before any warm-up runs. (Before loading only lower
+    bounds are known: a default that no request could use would start a server that refuses
+    every request without max_tokens.)"""
+    from bench.models.prompts import WARMUP_QUESTIONS
+    from bench.models.visual import VisualInput
+    from bench.run.limits import check_prompt, loaded_max_pos
+    from bench.run.workload import derived_images
+
+    adapter = engine.adapter
+    dims = model_dims(cfg.model_path, cfg.preset)
+    dims = dataclasses.replace(dims, max_pos=loaded_max_pos(getattr(adapter, "model", None)) or dims.max_pos)
+    visual = VisualInput(tuple(derived_images(load_image(cfg.image_path), adapter.visual_group)))
+    longest = max((adapter.prepare_text(q, visual) for q in WARMUP_QUESTIONS), key=lambda p: p.prompt_tokens)
+    point = dataclasses.replace(cfg.points[0], new_tokens=cfg.max_new_tokens, batch_size=max_batch,
+                                num_images=adapter.visual_group)
+    device = resolve_device(cfg.device)
+    check_prompt(cfg, dims, source.name, point, longest, None, device, resolve_dtype(cfg.dtype, device),
+                 "--max-new-tokens")
+
+
 def served_variant(cfg, source: ModelSource):
     """The one variant the run config names, or a usage error (several, or one this device or
     model cannot run)."""
