@@ -629,7 +629,7 @@ def test_serve_default_max_tokens_past_the_positions_with_the_template():
     source = model_source(cfg)
     check_default_request(cfg, source)  # the lower bound fits
     engine = load_engine(cfg, source)[0]
-    with pytest.raises(UsageError, match=r"^--max-new-tokens: the request needs 4,\d+ positions .* tiny-vila has 4,096"):
+    with pytest.raises(UsageError, match=r"^--max-new-tokens: the request needs 4,\d+ positions .* has 4,096"):
         check_loaded_default_request(engine, cfg, source, 1)
     cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1, max_new_tokens=8)
     check_loaded_default_request(engine, cfg, source, 4)
@@ -886,6 +886,15 @@ def test_endpoint_server_not_there_or_not_openai(tmp_path, capsys):
         bad_endpoint(tmp_path, capsys, plain.url, [], "not an OpenAI API", "HTTP 404")
     with _FakeServer(models={"object": "list", "data": [{"id": "served-one"}]}) as other:
         bad_endpoint(tmp_path, capsys, other.url, [], "--model 'm'", "served-one", model="m")
+    with _FakeServer(models={"object": "list", "data": [{"object": "model"}]}) as nameless:
+        bad_endpoint(tmp_path, capsys, nameless.url, [], "--model 'm'", "it serves no model by name", model="m")
+
+
+def test_endpoint_output_dir_the_system_will_not_make(tmp_path, capsys):
+    """A place no one can make a directory in (/proc; root passes the access check): one line, not
+    a traceback."""
+    with _FakeServer(models={"object": "list", "data": [{"id": "m"}]}) as server:
+        bad_endpoint(tmp_path, capsys, server.url, ["--output-dir", "/proc/vlm-bench/x"], "--output-dir /proc/")
 
 
 @pytest.mark.parametrize("chunks,reason", [
@@ -894,6 +903,8 @@ def test_endpoint_server_not_there_or_not_openai(tmp_path, capsys):
     (['{"choices": [{"delta": {"content": "a"}}], "usage": "many"}'], "not OpenAI's"),
     (['{"error": "boom"}'], "boom"),
     (["{{{"], "JSONDecodeError"),
+    # a count past what was asked for: TPOT and tok/s would be made up
+    (['{"choices": [{"delta": {"content": "a"}}], "usage": {"completion_tokens": 100000}}'], "more than the"),
 ])
 def test_endpoint_stream_not_openai_is_a_failed_row(tmp_path, capsys, chunks, reason):
     """A server that answers /models but streams something else: every request a failed row with

@@ -122,9 +122,10 @@ def test_an_endpoint_point_that_queues_by_design_is_not_judged_by_its_spread():
         queued = ttft(point(concurrency, rate))
         assert queued["valid"] and queued["invalid_reason"] == "" and queued["cv"] > 0.1
     assert not ttft([{**r, "concurrency": 4} for r in _group([2.0, 30.0])])["valid"]  # in-process rows: judged
-    short = ValidityRule(num_runs=10, min_seconds=0.0, max_cv=0.10)  # too few requests: still invalid
+    short = ValidityRule(num_runs=10, min_seconds=0.0, max_cv=0.10)  # too few requests: still invalid,
+    # in endpoint mode's terms (it takes no --num-runs)
     assert {s["metric"]: s for s in summarize_runs(point(4, "inf"), short)}["ttft_ms"]["invalid_reason"] == \
-        "6 runs < --num-runs 10"
+        "6 requests < --num-prompts 10"
 
 
 def test_host_threads_and_preprocessing_are_recorded(tmp_path):

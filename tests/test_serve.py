@@ -140,10 +140,14 @@ def _metric(url: str, name: str) -> float:
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
 
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
 def _png_url(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return _data_url(buf.getvalue())
 
 
 def test_an_image_sent_again_in_the_same_bytes_is_not_decoded_again(server, client):
@@ -229,8 +233,7 @@ def test_a_malformed_request_gets_a_400_counted_once_and_the_next_one_succeeds(s
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
         assert "not valid JSON" in r.json()["error"]["message"]
         refused += 1
-    bad_parts = [*({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
-                   for png in _malformed_pngs().values()),
+    bad_parts = [*({"type": "image_url", "image_url": {"url": _data_url(png)}} for png in _malformed_pngs().values()),
                  {"type": "image_url", "image_url": {"url": "/tmp/" + "a" * 5000}},
                  {"type": "text", "text": 5}]
     for part in bad_parts:

@@ -197,6 +197,16 @@ def check_creatable(path: Path, flag: str, writable: bool = True) -> None:
         raise UsageError(f"{flag} {path} is not writable")
 
 
+def make_dir(path: Path, flag: str) -> None:
+    """Make the directory `path` (and its parents), a usage error naming `flag` when it cannot
+    be made (a place check_creatable passes but the system refuses: /proc, a full disk, root's
+    write access to a read-only file system)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path} cannot be created ({e.strerror or e.__class__.__name__})") from None
+
+
 def check_output_dir(out_dir: Path, mode: str) -> None:
     """Refuse (UsageError, nothing written) an --output-dir this run may not write: a file, an
     unwritable place, a directory another live run holds, a non-empty directory unless `mode` is

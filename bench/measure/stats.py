@@ -42,13 +42,15 @@ def summarize(samples: list[float]) -> dict:
     }
 
 
-def invalid_reasons(summary: dict, min_runs: int, measured_s: float, min_seconds: float, max_cv: float
-                    ) -> list[str]:
-    """Each unmet validity condition, worded for a reader; empty when the summary is valid."""
+def invalid_reasons(summary: dict, min_runs: int, measured_s: float, min_seconds: float, max_cv: float,
+                    runs: tuple[str, str] = ("runs", "--num-runs")) -> list[str]:
+    """Each unmet validity condition, worded for a reader; empty when the summary is valid.
+    `runs`: what a run is called and the flag that sets how many (endpoint mode: requests,
+    --num-prompts)."""
     out = []
     n, cv = summary.get("n", 0), summary.get("cv", math.inf)
     if n < min_runs:
-        out.append(f"{n} runs < --num-runs {min_runs}")
+        out.append(f"{n} {runs[0]} < {runs[1]} {min_runs}")
     if measured_s < min_seconds:
         out.append(f"{measured_s:.2f} s measured < --min-seconds {min_seconds:g}")
     if not cv <= max_cv:

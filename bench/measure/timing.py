@@ -63,8 +63,8 @@ class Timeline:
         self.synchronize()
         first = self._marks[0]
         out = tile([(m.label, (m.host_s - first.host_s) * 1e3,
-                     None if m.host_only or first.event is None or m.event is None else first.event.elapsed_time(m.event))
-                    for m in self._marks[1:]])
+                     None if m.host_only or first.event is None or m.event is None
+                     else first.event.elapsed_time(m.event)) for m in self._marks[1:]])
         self._phases = out
         self._idle.extend(m.event for m in self._marks if m.event is not None)
         for m in self._marks:

@@ -34,8 +34,8 @@ from bench.quant.int4 import is_extra_buffer
 from bench.run.limits import check_prompt, check_sizes, loaded_max_pos, model_dims
 from bench.run.questions import load_questions, warmup_questions
 from bench.run.summary import summarize_runs
-from bench.measure.results import (DirLock, DirState, check_output_dir, new_run_id, read_runs, run_writer, utc_now,
-                                   write_json, write_summary)
+from bench.measure.results import (DirLock, DirState, check_output_dir, make_dir, new_run_id, read_runs, run_writer,
+                                   utc_now, write_json, write_summary)
 from bench.models.base import QuestionError
 from bench.models.prompts import FIDELITY_PROBE
 from bench.models.source import ModelSource
@@ -264,10 +264,7 @@ class Benchmark:
         return self.out_dir
 
     def _run_into_dir(self) -> None:
-        try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--output-dir {self.out_dir} cannot be created ({e.strerror})") from None
+        make_dir(self.out_dir, "--output-dir")
         lock = DirLock(self.out_dir)  # a concurrent writer is refused here
         try:
             self.writer = run_writer(self.out_dir)  # refuses a runs.csv with other columns

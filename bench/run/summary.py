@@ -61,6 +61,7 @@ def summarize_runs(rows: list[dict], rule: ValidityRule) -> list[dict]:
         excluded = len(group) - len(runs)
         measured_s = sum(float(r["e2e_ms"]) for r in runs) / 1e3
         max_cv = math.inf if queueing_point(group[0]) else rule.max_cv
+        runs_named = ("requests", "--num-prompts") if group[0].get("engine") == "endpoint" else ("runs", "--num-runs")
         stats = {}
         for metric in SUMMARY_METRICS:
             values = [r.get(metric) for r in runs if r.get(metric) is not None]
@@ -68,7 +69,7 @@ def summarize_runs(rows: list[dict], rule: ValidityRule) -> list[dict]:
             if s["n"]:
                 stats[metric] = s
         for metric, s in stats.items():
-            reasons = invalid_reasons(s, rule.num_runs, measured_s, rule.min_seconds, max_cv)
+            reasons = invalid_reasons(s, rule.num_runs, measured_s, rule.min_seconds, max_cv, runs_named)
             valid = not reasons
             if not s["cv"] <= max_cv and metric in PHASES_OF:
                 phase = max((p for p in PHASES_OF[metric] if p in stats), key=lambda p: stats[p]["stdev"],

@@ -158,11 +158,11 @@ def check_server(base_url: str, model: str, headers: dict, timeout_s: float) -> 
     if not isinstance(data, list):
         raise UsageError(f"--endpoint {base_url}: not an OpenAI API (GET {url} answered HTTP {status} "
                          "without a model list); give the API's base URL, e.g. http://HOST:PORT/v1")
-    entries = [m for m in data if isinstance(m, dict)]
-    entry = next((m for m in entries if m.get("id") == model), None)
+    entries = [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+    entry = next((m for m in entries if m["id"] == model), None)
     if entry is None:
-        raise UsageError(f"--model {model!r} is not served at {base_url}; it serves: "
-                         f"{', '.join(str(m.get('id')) for m in entries) or 'no model'}")
+        raise UsageError(f"--model {model!r} is not served at {base_url}; it serves "
+                         f"{': ' + ', '.join(m['id'] for m in entries) if entries else 'no model by name'}")
     return entry
 
 
@@ -266,6 +266,10 @@ async def one_request(api: Api, body: dict) -> dict:
     out_tokens = _count((usage or {}).get("completion_tokens"))
     if not out_tokens:
         out_tokens = len(times)  # the server's usage is missing or not a count: content chunks counted
+    asked = _count(body.get("max_tokens"))
+    if asked is not None and out_tokens > asked:  # TPOT and tok/s would divide by tokens never made
+        return {"status": "failed", "error": f"the server's usage says {out_tokens} completion tokens, more than "
+                                             f"the {asked} max_tokens asked for"}
     prompt_tokens = _count((usage or {}).get("prompt_tokens"))
     gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
     row = {"status": "ok", "ttft_ms": ttft, "e2e_ms": e2e, "output_tokens": out_tokens,

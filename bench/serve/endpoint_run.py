@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.errors import UsageError
-from bench.measure.results import (DirLock, check_output_dir, new_run_id, read_runs, run_writer, utc_now,
+from bench.measure.results import (DirLock, check_output_dir, make_dir, new_run_id, read_runs, run_writer, utc_now,
                                    write_json, write_summary)
 from bench.models.visual import load_image
 from bench.run import envinfo
@@ -89,7 +89,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
     image = load_image(cfg.image_path)
     # before anything is written
     served = cl.served_identity(cl.check_server(cfg.endpoint, cfg.model, _headers(cfg), cfg.timeout_s))
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out, "--output-dir")
     lock = DirLock(out)
     try:
         writer = run_writer(out)
