@@ -257,6 +257,30 @@ def test_a_malformed_request_gets_a_400_counted_once_and_the_next_one_succeeds(s
     assert httpx.post(url, json=body, timeout=60).json()["usage"]["completion_tokens"] == 2
 
 
+def test_a_requests_images_together_are_held_to_a_pixel_budget(monkeypatch):
+    """Each image within the one-image limit, yet together past the request's budget: a 400
+    naming the first image past it, found decoded or not (small compressible images in a body
+    within --max-request-mb could otherwise make the server decode tens of GB)."""
+    from PIL import Image
+
+    from bench.serve import protocol
+    from bench.serve.image_cache import DecodedImages
+
+    monkeypatch.setattr(protocol, "REQUEST_PIXELS", 3 * 64 * 64)
+    url = _png_url(Image.new("L", (64, 64), 128))
+
+    def body(n):
+        parts = [{"type": "image_url", "image_url": {"url": url}}] * n
+        return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "Hi?"}]}]}
+
+    cache = DecodedImages(64)
+    for decoded, blocking in ((None, True), (cache, True), (cache, False)):  # (cache, False): all found decoded
+        assert len(protocol.parse_chat(body(3), 4, 64, decoded=decoded, blocking=blocking).visual.images) == 3
+        with pytest.raises(protocol.ApiError, match="more than 12,288 pixels together") as e:
+            protocol.parse_chat(body(4), 4, 64, decoded=decoded, blocking=blocking)
+        assert e.value.param == "messages[0].content[3]" and e.value.status == 400
+
+
 def test_a_video_that_cannot_be_decoded_is_refused_in_the_clients_terms():
     """Not in run's (--video-path) nor with the server's temporary file's name."""
     from bench.serve.protocol import ApiError, parse_chat

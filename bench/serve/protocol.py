@@ -72,13 +72,34 @@ def _bytes_of(url: str, param: str) -> bytes:
     raise ApiError(f"no such file on the server: {path}", param=param)
 
 
-def _decode(data: bytes, param: str) -> Image.Image:
+# A request's images together, in pixels: twice what one image file may have (PIL warns past
+# MAX_IMAGE_PIXELS and refuses past twice that), so a body within --max-request-mb of small,
+# highly compressible images cannot make the server decode tens of GB (each image alone is
+# checked against MAX_IMAGE_PIXELS as well).
+REQUEST_PIXELS = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
+
+
+class _PixelBudget:
+    """What is left of a request's REQUEST_PIXELS as its images are read."""
+
+    def __init__(self):
+        self.left = REQUEST_PIXELS
+
+    def take(self, width: int, height: int, param: str) -> None:
+        if width * height > self.left:
+            raise ApiError(f"the request's images have more than {REQUEST_PIXELS:,} pixels together; send "
+                           "fewer or smaller images", param=param)
+        self.left -= width * height
+
+
+def _decode(data: bytes, param: str, budget: _PixelBudget) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # the size is known from the header, before decoding
             limit = Image.MAX_IMAGE_PIXELS  # as image files are held to (PIL warns past it, refuses past twice)
             if limit and im.width * im.height > limit:
                 raise ApiError(f"the image ({im.width}x{im.height} = {im.width * im.height:,} pixels) is too large to "
                                f"decode safely; send at most {limit:,} pixels", param=param)
+            budget.take(im.width, im.height, param)
             return upright_rgb(im)
     except ApiError:
         raise
@@ -87,7 +108,8 @@ def _decode(data: bytes, param: str) -> Image.Image:
         raise ApiError(f"the image cannot be decoded ({e.__class__.__name__})", param=param) from None
 
 
-def _image(url: str, param: str, decoded: DecodedImages | None, blocking: bool) -> tuple[Image.Image, bytes]:
+def _image(url: str, param: str, decoded: DecodedImages | None, blocking: bool,
+           budget: _PixelBudget) -> tuple[Image.Image, bytes]:
     if not blocking and (decoded is None or not url.startswith("data:")):
         raise WouldBlock  # no cache to find it in, or a file to read
     data = _bytes_of(url, param)
@@ -95,10 +117,20 @@ def _image(url: str, param: str, decoded: DecodedImages | None, blocking: bool) 
         image = decoded.cached(data)
         if image is None:
             raise WouldBlock
+        budget.take(image.width, image.height, param)
         return image, data
     if decoded is None:
-        return _decode(data, param), data
-    return decoded.get_or_decode(data, lambda d: _decode(d, param)), data
+        return _decode(data, param, budget), data
+    made = []  # a decode counts its pixels before it decodes; an image found decoded is counted here
+
+    def decode(d: bytes) -> Image.Image:
+        made.append(d)
+        return _decode(d, param, budget)
+
+    image = decoded.get_or_decode(data, decode)
+    if not made:
+        budget.take(image.width, image.height, param)
+    return image, data
 
 
 def _video(url: str, param: str, num_frames: int) -> VisualInput:
@@ -159,7 +191,7 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
     parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
     if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
         raise ApiError("content must be a string or a list of content parts", param=f"messages[{i}].content")
-    texts, images, encoded, video = [], [], [], None
+    texts, images, encoded, video, budget = [], [], [], None, _PixelBudget()
     for j, part in enumerate(parts):
         param = f"messages[{i}].content[{j}]"
         kind = part.get("type")
@@ -168,7 +200,7 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
                 raise ApiError("a text part's text must be a string", param=param)
             texts.append(part["text"])
         elif kind == "image_url":
-            image, data = _image(_url(part, "image_url", param), param, decoded, blocking)
+            image, data = _image(_url(part, "image_url", param), param, decoded, blocking, budget)
             images.append(image)
             encoded.append(data)
         elif kind == "video_url":
