@@ -91,6 +91,36 @@ def test_compare_exit_codes_and_json(tmp_path, capsys):
     assert "regression" in capsys.readouterr().out
 
 
+def test_a_result_the_candidate_lost_fails_the_comparison_and_says_why(tmp_path, capsys):
+    """The baseline measured fp16 and rtn4; the candidate's rtn4 was skipped (or not run): the
+    fp16 verdicts alone would pass, so the lost result is a `missing` verdict, exit 1, with the
+    skip's reason; --allow-missing passes and still lists it."""
+    rng = np.random.default_rng(6)
+    write_runs(tmp_path / "base" / "runs.csv", {"fp16": lognormal(rng, 10, 100), "rtn4": lognormal(rng, 10, 80)})
+    write_runs(tmp_path / "cand" / "runs.csv", {"fp16": lognormal(rng, 10, 100)})
+    runs = pd.read_csv(tmp_path / "cand" / "runs.csv")
+    skipped = {**{c: None for c in runs.columns}, "model": "m", "variant": "rtn4", "engine": "hf",
+               "status": "skipped", "error": "--int4-kernels triton-tiles needs CUDA"}
+    (tmp_path / "skipped").mkdir()
+    pd.concat([runs, pd.DataFrame([skipped])]).to_csv(tmp_path / "skipped" / "runs.csv", index=False)
+    out = tmp_path / "v.json"
+    for cand, why in (("skipped", "skipped in the candidate: --int4-kernels triton-tiles needs CUDA"),
+                      ("cand", "not in the candidate")):
+        capsys.readouterr()
+        assert compare_main([str(tmp_path / "base"), str(tmp_path / cand), "--json", str(out)]) == 1
+        text = capsys.readouterr().out
+        assert "verdict: missing" in text and "missing: rtn4 hf none " in text and f": {why}\n" in text, text
+        verdict = json.loads(out.read_text())
+        lost = [c for c in verdict["comparisons"] if c["status"] == "missing"]
+        assert [(c["variant"], c["n_baseline"], c["n_candidate"], c["reason"]) for c in lost] == \
+            [("rtn4", 10, 0, why)]
+        assert {c["status"] for c in verdict["comparisons"] if c["variant"] == "fp16"} == {"unchanged"}
+        assert compare_main([str(tmp_path / "base"), str(tmp_path / cand), "--allow-missing"]) == 0
+        assert "(--allow-missing)" in capsys.readouterr().out
+    # results the candidate adds are no loss
+    assert compare_main([str(tmp_path / "cand"), str(tmp_path / "base")]) == 0
+
+
 def test_compare_bad_input(tmp_path, capsys):
     rng = np.random.default_rng(5)
     write_runs(tmp_path / "a" / "runs.csv", {"fp16": lognormal(rng, 10)})
@@ -292,13 +322,17 @@ def test_compare_where_narrows_a_side_to_one_result(tmp_path, capsys):
 
 
 def test_compare_without_where_flags_never_speaks_of_them(tmp_path, capsys):
-    """A side with no measured run (its variant skipped) is refused as before --baseline-where
-    and --candidate-where existed: the error names neither flag when neither was given."""
+    """A side with no measured run: the candidate's variant skipped is a lost result (exit 1,
+    saying why); a baseline with none is refused; neither names --baseline-where or
+    --candidate-where when neither was given."""
     from tests.synthetic_results import write_results
 
     write_results(tmp_path / "a", [{"variant": "fp16"}], runs=6)
     write_results(tmp_path / "b", [{"variant": "fp16", "status": "skipped", "error": "no GPU"}])
-    assert compare_main([str(tmp_path / "a"), str(tmp_path / "b")]) == 2
+    assert compare_main([str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    said = capsys.readouterr()
+    assert "skipped in the candidate: no GPU" in said.out and "-where" not in said.out + said.err, said
+    assert compare_main([str(tmp_path / "b"), str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "-where" not in err, err
 

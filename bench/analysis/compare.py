@@ -26,6 +26,13 @@ OPTIONAL_SHOWN = ("family", "weights", "device", "dtype")
 
 
 def load_runs(path: str | Path) -> pd.DataFrame:
+    """The measured runs of a result that count (ok, no compilation or capture inside them)."""
+    return counted(load_rows(path))
+
+
+def load_rows(path: str | Path) -> pd.DataFrame:
+    """Every row of a result's runs.csv (warm-ups, skipped and failed rows too), identity columns
+    older versions did not write filled with their documented defaults."""
     p = Path(path)
     if p.is_dir():
         p = p / "runs.csv"
@@ -38,7 +45,7 @@ def load_runs(path: str | Path) -> pd.DataFrame:
     except (ValueError, pd.errors.ParserError) as e:  # what the check above did not foresee
         raise BadInput(f"{p}: not a readable runs.csv ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
     fill_identity_columns(df)  # columns older versions did not write: their documented defaults
-    return counted(df)  # ok measured runs that neither compiled nor captured
+    return df
 
 
 def parse_where(text: str | None, flag: str) -> dict[str, str]:
@@ -107,13 +114,33 @@ def _paired(b, c):
     return b if b == c else f"{b if b != '' else '-'} -> {c if c != '' else '-'}"
 
 
+def _lost_reason(key: dict, cand_rows: pd.DataFrame | None) -> str:
+    """Why the candidate has no measured run of a result the baseline has: its skipped or failed
+    row of that model, variant and engine (such a row stands for the variant's every point),
+    else that it did not run it."""
+    if cand_rows is not None and len(cand_rows):
+        same = pd.Series(True, index=cand_rows.index)
+        for col in ("model", "variant", "engine"):
+            if col in key:
+                same &= cand_rows[col].astype(str) == str(key[col])
+        for status in ("failed", "skipped"):
+            hit = cand_rows[same & (cand_rows["status"] == status)]
+            if len(hit):
+                error = hit["error"].iloc[0] if "error" in hit else ""
+                return f"{status} in the candidate" + (f": {error}" if isinstance(error, str) and error else "")
+    return "not in the candidate"
+
+
 def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, metrics: list[str], alpha: float,
-                 factor: float, min_samples: int = 5, across: tuple[str, ...] = ()) -> list[dict]:
-    """A verdict per result and metric. `across`: identity columns in which the two sides may
-    differ (the others pair their rows), e.g. engine and variant for a served endpoint against
-    the in-process run it serves; a side must then hold one value of each per result, the
-    verdict's column reads 'baseline value -> candidate value' where they differ, and its
-    `across` holds {column: [baseline value, candidate value]}."""
+                 factor: float, min_samples: int = 5, across: tuple[str, ...] = (),
+                 cand_rows: pd.DataFrame | None = None) -> list[dict]:
+    """A verdict per result and metric, and a `missing` one per result the baseline measured and
+    the candidate did not (a gate that passed on what was left would hide a variant lost to a
+    failure or a skip; `cand_rows`: every row of the candidate, to say why). `across`: identity
+    columns in which the two sides may differ (the others pair their rows), e.g. engine and
+    variant for a served endpoint against the in-process run it serves; a side must then hold
+    one value of each per result, the verdict's column reads 'baseline value -> candidate value'
+    where they differ, and its `across` holds {column: [baseline value, candidate value]}."""
     across = list(across)
     keys = [k for k in KEYS if k not in across]
     rows = []
@@ -133,6 +160,13 @@ def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, metrics: list[str], alp
             v = compare_samples(b, c, metric, alpha=alpha, factor=factor, min_samples=min_samples)
             rows.append({**{k: _native(x) for k, x in zip(keys, key)}, **paired, "metric": metric, **asdict(v),
                          **({"across": sides} if across else {})})
+    for key in sorted(set(groups_b) - set(groups_c)):
+        identity = {k: _native(x) for k, x in zip(keys, key)}
+        g = groups_b[key]
+        shown = {col: _native(g[col].iloc[0]) for col in across}
+        rows.append({**identity, **shown, "metric": "-", "status": "missing", "ratio": math.nan,
+                     "p_value": math.nan, "n_baseline": len(g), "n_candidate": 0, "baseline_median": math.nan,
+                     "candidate_median": math.nan, "reason": _lost_reason({**identity, **shown}, cand_rows)})
     return rows
 
 
@@ -184,7 +218,7 @@ def print_table(rows: list[dict], out=None, width: int = NARROW) -> None:
     for h in numbers:
         table.add_column(h, justify="right", no_wrap=True)
     table.add_column("verdict", no_wrap=True)
-    style = {"regression": "red", "improvement": "green", "inconclusive": "yellow", "unchanged": ""}
+    style = {"regression": "red", "missing": "red", "improvement": "green", "inconclusive": "yellow", "unchanged": ""}
     for r, c in zip(rows, cells):
         c = {**c, "median b": _fmt(r["baseline_median"]), "median c": _fmt(r["candidate_median"]),
              "ratio": _fmt(r["ratio"], 3), "p": _fmt(r["p_value"], 2)}

@@ -15,7 +15,7 @@ from bench.analysis.plotting import (TICK_FONT, bar_rows, boxplot_horizontal, fi
                                      legend_outside, new_figure)
 from bench.measure.schema import WORKLOAD_KEYS, point_label
 
-VERDICT_COLOURS = {"regression": "#c44e52", "improvement": "#55a868", "unchanged": "#8c8c8c",
+VERDICT_COLOURS = {"regression": "#c44e52", "missing": "#8b1a1a", "improvement": "#55a868", "unchanged": "#8c8c8c",
                    "inconclusive": "#dd8452"}
 NAMED = ("model", "family", "weights", "engine", "device", "dtype")  # named when the rows differ in them
 

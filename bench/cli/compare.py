@@ -11,8 +11,9 @@ from pandas.api.types import is_numeric_dtype
 from bench.cli import PROG, describe
 from bench.errors import ArgumentParser
 from bench.analysis.inputs import check_out_file
-from bench.analysis.compare import (DEFAULT_METRICS, KEYS, BadInput, compare_runs, load_runs, parse_where,
+from bench.analysis.compare import (DEFAULT_METRICS, KEYS, BadInput, compare_runs, load_rows, parse_where,
                                     print_table, select)
+from bench.measure.schema import counted, point_label
 
 _DETAILS = """\
 Per result identity (model, family, weights, variant, engine, device, dtype, cache_state,
@@ -21,9 +22,13 @@ results (runs.csv files or results directories): a change is flagged when it is 
 (one-sided Mann-Whitney U at --alpha) and larger than --factor. --across pairs results that
 differ in the columns it names (a served endpoint against the in-process run it serves).
 
+A result the baseline measured and the candidate did not (skipped, failed or not run) is a
+"missing" verdict, which fails the comparison as a regression does: a gate must not pass on
+what was left of a sweep. --allow-missing lets a candidate measure fewer results.
+
 exit codes:
-  0  no regression
-  1  at least one regression
+  0  no regression, nothing missing
+  1  at least one regression, or a result missing from the candidate (without --allow-missing)
   2  bad input (missing file, mismatched schema, nothing in common) or inconclusive (too few
      runs on a side for --min-samples or --alpha, or a value at or below zero; a line says
      which): inconclusive is never a pass"""
@@ -51,6 +56,8 @@ def parser() -> ArgumentParser:
                         help=f"compare only the {side}'s runs holding these identity values, e.g. cache_state=warm "
                              f"(an in-process prefix run's warm results against a served run), or variant='c1 rinf' "
                              f"(one point of an endpoint sweep) (default: all)")
+    ap.add_argument("--allow-missing", action="store_true",
+                    help="pass although the candidate lacks results the baseline has (still listed as missing)")
     ap.add_argument("--json", dest="json_path", help="also write the verdicts here as JSON (default: none)")
     return ap
 
@@ -65,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                            "at least 1")
         base_where = parse_where(args.baseline_where, "--baseline-where")
         cand_where = parse_where(args.candidate_where, "--candidate-where")
-        base = select(load_runs(args.baseline), base_where, "baseline", "--baseline-where")
-        cand = select(load_runs(args.candidate), cand_where, "candidate", "--candidate-where")
+        base = select(counted(load_rows(args.baseline)), base_where, "baseline", "--baseline-where")
+        cand_rows = load_rows(args.candidate)
+        cand = select(counted(cand_rows), cand_where, "candidate", "--candidate-where")
         metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
         if not metrics:
             raise BadInput(f"--metrics is empty; give runs.csv columns, e.g. {','.join(DEFAULT_METRICS)}")
@@ -83,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         wrong = [c for c in across if c not in KEYS]
         if wrong:
             raise BadInput(f"--across {', '.join(wrong)}: not an identity column; choose from {', '.join(KEYS)}")
-        rows = compare_runs(base, cand, metrics, args.alpha, args.factor, args.min_samples, across)
-        if not rows:
+        rows = compare_runs(base, cand, metrics, args.alpha, args.factor, args.min_samples, across, cand_rows)
+        lost_some = any(r["status"] == "missing" and r["reason"] != "not in the candidate" for r in rows)
+        if not lost_some and not any(r["status"] != "missing" for r in rows):  # no result in common
             paired = [k for k in KEYS if k not in across]
             if not paired:
                 raise BadInput("baseline or candidate has no measured run to compare")
@@ -94,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print_table(rows)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("regression", "improvement", "unchanged",
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("regression", "missing", "improvement", "unchanged",
                                                                "inconclusive")}
-    verdict = ("regression" if counts["regression"] else "inconclusive" if counts["inconclusive"] else "pass")
+    lost = counts["missing"] and not args.allow_missing
+    verdict = ("regression" if counts["regression"] else "missing" if lost
+               else "inconclusive" if counts["inconclusive"] else "pass")
     if args.json_path:
         try:
             Path(args.json_path).write_text(json.dumps({"verdict": verdict, "counts": counts, "alpha": args.alpha,
@@ -109,4 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     reasons = Counter(r["reason"] for r in rows if r["status"] == "inconclusive")
     for reason, n in reasons.items():  # exit 2 says why, so a CI log shows what to change
         print(f"inconclusive: {reason} ({n} of {len(rows)} verdicts)")
-    return {"regression": 1, "inconclusive": 2, "pass": 0}[verdict]
+    for r in rows:
+        if r["status"] == "missing":
+            print(f"missing: {r['variant']} {r['engine']} {r['cache_state']} {point_label(r)}: {r['reason']}"
+                  + (" (--allow-missing)" if args.allow_missing else ""))
+    return {"regression": 1, "missing": 1, "inconclusive": 2, "pass": 0}[verdict]
