@@ -264,7 +264,11 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--seed", str(2**70)], "--seed"),
     (["--variants", "awq4", "--awq-calib", "100000"], "--awq-calib 100000"),
     (["--variants", "+"], "--variants '+'"),
+    (["--variants", "fp16+"], "an empty part"),  # a part left out, not the default
+    (["--variants", "+prefix"], "an empty part"),
+    (["--engine", ""], "--engine is empty"),  # not hf, as no --engine would be
     (["--variants", "fp16,nocache"], "given twice"),  # one variant under two names
+    (["--variants", "prefix + static,static+prefix"], "'prefix+static' is the same variant"),
     (["--engine", "hf,hf"], "given twice"),
 ])
 def test_flags_that_can_never_run(tmp_path, capsys, args, needle):

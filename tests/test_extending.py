@@ -116,3 +116,13 @@ def test_register_refuses_clashes(toy):
         variants.register(ToyOptions())
     with pytest.raises(KeyError):
         variants.unregister("fp16")  # the package's own parts stay
+
+
+def test_a_variant_has_one_name_however_it_is_spelled():
+    """Its parts in kind order (weights, cache, engine), no spaces: the name every row carries, so
+    two spellings never make two results of one variant."""
+    for spec, name in (("prefix + static", "prefix+static"), ("static+awq4+prefix", "awq4+prefix+static"),
+                       (" fp16 ", "fp16"), ("graph+fp16", "fp16+graph"), ("awq4+prefix+graph", "awq4+prefix+graph")):
+        assert variants.parse_variant(spec).name == name
+    cfg = config_from_args(["--variants", "prefix + bnb4", "--engine", "hf,static"])
+    assert [variants.parse_variant(s).name for s in cfg.variant_specs] == ["bnb4+prefix", "bnb4+prefix+static"]

@@ -67,12 +67,16 @@ def option_classes() -> list[type]:
 
 
 def parse_variant(spec: str) -> Variant:
-    """'bnb4+prefix' -> Variant; weights default fp16, cache none, engine hf."""
+    """'bnb4+prefix' -> Variant; weights default fp16, cache none, engine hf. Its name is the parts
+    it names in kind order (weights, cache, engine) joined with '+', so one variant has one name
+    in every row however it was spelled ('prefix + bnb4' is bnb4+prefix)."""
     parts = registry()
     chosen: dict[str, Part] = {}
-    names = [s.strip() for s in spec.split("+") if s.strip()]
-    if not names:
+    names = [s.strip() for s in spec.split("+")]
+    if not any(names):
         raise UsageError(f"--variants {spec!r}: a variant names no part; give e.g. fp16 or bnb4+prefix")
+    if "" in names:
+        raise UsageError(f"--variants {spec!r}: an empty part between '+'; give e.g. fp16 or bnb4+prefix")
     for name in names:
         if name not in parts:
             kinds = "; ".join(f"{kind} {', '.join(n for n, p in parts.items() if p.kind == kind)}" for kind in KINDS)
@@ -81,12 +85,13 @@ def parse_variant(spec: str) -> Variant:
         if part.kind in chosen:
             raise UsageError(f"variant {spec!r} has two {part.kind} parts: {chosen[part.kind].name} and {name}")
         chosen[part.kind] = part
+    named = [chosen[k] for k in KINDS if k in chosen]
     return Variant(
-        spec=spec,
+        spec="+".join(p.name for p in named),
         weights=chosen.get("weights", parts["fp16"]),
         cache=chosen.get("cache", parts["nocache"]),
         engine=chosen.get("engine", parts["hf"]),
-        parts=[chosen[k] for k in chosen],
+        parts=named,
     )
 
 

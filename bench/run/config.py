@@ -214,6 +214,8 @@ class RunConfigBase:
 
         specs = [s.strip() for s in self.variants.split(",") if s.strip()]
         engines = [e.strip() for e in (self.engine or "").split(",") if e.strip()]
+        if self.engine is not None and not engines:
+            raise UsageError("--engine is empty; give engines to cross with the variants, e.g. static,graph")
         if not engines:
             return specs
         parts = registry()
