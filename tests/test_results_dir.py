@@ -65,7 +65,11 @@ def test_rerun_into_non_empty_dir_is_refused_and_changes_nothing(finished, tmp_p
 
 def test_append_adds_a_run_and_summaries_keep_runs_apart(finished, tmp_path, capsys):
     out = copy_of(finished, tmp_path)
+    capsys.readouterr()
     assert run_main([*TINY, "--append", "--output-dir", str(out)]) == 0
+    said = capsys.readouterr().out  # the table is this run's: one line per result, the earlier run said so
+    assert sum(line.startswith("fp16 ") for line in said.splitlines()) == 1, said
+    assert "hold 1 earlier run too, by run_id" in " ".join(said.split()), said
     rows = read_rows(out / "runs.csv")
     run_ids = list(dict.fromkeys(r["run_id"] for r in rows))
     assert len(run_ids) == 2 and all(run_ids)

@@ -150,8 +150,9 @@ def fitted_table(summary: list[dict], weights: str, console: Console, width: int
 
 
 def print_summary(summary: list[dict], out_dir, weights: str, console: Console | None = None,
-                  wide: bool = False) -> None:
-    """Print the end-of-run table, the reasons of skipped/failed results and where the files are."""
+                  wide: bool = False, earlier_runs: int = 0) -> None:
+    """Print the end-of-run table, the reasons of skipped/failed results and where the files are;
+    `earlier_runs`: other runs the directory holds (--append), whose results are not in `summary`."""
     if console is None:
         terminal = Console()
         width = terminal.width if terminal.is_terminal else None
@@ -177,4 +178,6 @@ def print_summary(summary: list[dict], out_dir, weights: str, console: Console |
                       + (";" if fidelity else "."))
         if fidelity:  # not said of columns a run without the fidelity probe does not have
             console.print("token agree and KL measure numeric fidelity only.")
-    console.print(f"results in {out_dir}/: runs.csv, summary.csv, env.json")
+    console.print(f"results in {out_dir}/: runs.csv, summary.csv, env.json"
+                  + (f" (this run's; summary.csv and runs.csv hold {earlier_runs} earlier run"
+                     f"{'s' if earlier_runs > 1 else ''} too, by run_id)" if earlier_runs else ""))

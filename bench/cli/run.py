@@ -54,7 +54,11 @@ def main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.py") 
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        print_summary(bench.summary_rows(), out_dir, bench.source.weights, wide=cfg.wide)
+        # this invocation's results (with --append the directory holds earlier runs' too: in summary.csv)
+        summary = bench.summary_rows()
+        mine = [r for r in summary if r.get("run_id") == bench.run_id]
+        earlier = len({r.get("run_id") for r in summary} - {bench.run_id})
+        print_summary(mine, out_dir, bench.source.weights, wide=cfg.wide, earlier_runs=earlier)
     except Exception as e:  # noqa: BLE001 - the rows are in runs.csv; the exit code still tells
         print(f"warning: no summary printed ({e.__class__.__name__}: {e})", file=sys.stderr)
     code = bench.exit_code()
