@@ -103,6 +103,24 @@ def test_prefix_cache_respects_byte_budget(checkpoint_dirs, demo_image):
     engine.run(demo_image, "a", 2)
     assert not engine.run(demo_image, "b", 2).cache_hit
     assert policy.lru.rejected == 2 and len(policy.lru) == 0
+    assert policy.refusal().startswith("--prefix-cache-mb 0.001 cannot hold one prefix's keys and values (")
+    policy.clear()
+    assert policy.refusal() is None
+
+
+def test_a_cache_too_small_for_one_entry_fails_its_point_instead_of_warm_rows_that_never_hit(tmp_path):
+    """Its cold rows stand (what they measure happened); the warm group is a failed row saying
+    which flag to raise, never "warm" rows of cold requests."""
+    out = tmp_path / "o"
+    assert run_main(["--preset", "tiny-vila", "--device", "cpu", "--variants", "prefix,embedcache", "--num-runs", "2",
+                     "--max-new-tokens", "4", "--min-seconds", "0", "--warmup", "0", "--no-fidelity",
+                     "--prefix-cache-mb", "0.0001", "--output-dir", str(out)]) == 1
+    rows = list(csv.DictReader(open(out / "runs.csv")))
+    for variant in ("prefix", "embedcache"):
+        mine = [r for r in rows if r["variant"] == variant]
+        assert {r["cache_state"] for r in mine if r["status"] == "ok"} == {"cold"}
+        failed = [r for r in mine if r["status"] == "failed"]
+        assert len(failed) == 1 and "--prefix-cache-mb 0.0001 cannot hold one" in failed[0]["error"], failed
 
 
 def test_cold_and_warm_rows_and_ttft_gain(tmp_path):

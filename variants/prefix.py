@@ -40,13 +40,36 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class PrefixKVPolicy(CachePolicy):
-    name = "prefix"
+class _BudgetedPolicy(CachePolicy):
+    """A policy keeping its entries in a ByteLRU of --prefix-cache-mb, which says when one entry
+    alone is larger than the budget."""
     stateful = True
+    entry = "entry"  # what one entry is, in refusal()
 
     def __init__(self, capacity_mb: float, weights_key: tuple = ()):
+        self.capacity_mb = capacity_mb
         self.lru = ByteLRU(int(capacity_mb * 2**20))
         self.weights_key = weights_key  # the loaded model's (LoadedModel.weights_key): part of every key
+        self.refused_bytes = 0  # the largest entry refused since the last clear()
+
+    def _put(self, key, value, nbytes: int) -> None:
+        if not self.lru.put(key, value, nbytes):
+            self.refused_bytes = max(self.refused_bytes, nbytes)
+
+    def clear(self):
+        self.lru.clear()
+        self.refused_bytes = 0
+
+    def refusal(self) -> str | None:
+        if not self.refused_bytes:
+            return None
+        return (f"--prefix-cache-mb {self.capacity_mb:g} cannot hold one {self.entry} "
+                f"({self.refused_bytes / 2**20:,.2f} MiB): no request could reuse it")
+
+
+class PrefixKVPolicy(_BudgetedPolicy):
+    name = "prefix"
+    entry = "prefix's keys and values"
 
     def key(self, adapter, prepared, visual) -> tuple:
         return (*_model_key(adapter, self.weights_key), prepared.prefix_key_ids(), image_content_digest(visual))
@@ -58,23 +81,16 @@ class PrefixKVPolicy(CachePolicy):
     def store_prefix(self, lookup, entry, nbytes):
         # The engine saved `entry` as one copy of the prefix (no Python objects deep-copied) and
         # restores it the same way; the stored tensors are never written to.
-        self.lru.put(lookup.key, entry, nbytes)
-
-    def clear(self):
-        self.lru.clear()
+        self._put(lookup.key, entry, nbytes)
 
     def stats(self):
         return {"entries": len(self.lru), "bytes": self.lru.bytes, "hits": self.lru.hits, "misses": self.lru.misses,
                 "evictions": self.lru.evictions}
 
 
-class ImageEmbedPolicy(CachePolicy):
+class ImageEmbedPolicy(_BudgetedPolicy):
     name = "embedcache"
-    stateful = True
-
-    def __init__(self, capacity_mb: float, weights_key: tuple = ()):
-        self.lru = ByteLRU(int(capacity_mb * 2**20))
-        self.weights_key = weights_key  # the loaded model's (LoadedModel.weights_key): part of every key
+    entry = "image's embeddings"
 
     def image_embeds(self, adapter, prepared, compute):
         keys = [(*_model_key(adapter, self.weights_key), p.pixel_digest()) for p in prepared]
@@ -83,11 +99,8 @@ class ImageEmbedPolicy(CachePolicy):
         if missing:
             for i, embeds in zip(missing, compute(missing)):
                 found[i] = embeds
-                self.lru.put(keys[i], embeds, _nbytes([embeds]))
+                self._put(keys[i], embeds, _nbytes([embeds]))
         return found, len(missing) < len(prepared)
-
-    def clear(self):
-        self.lru.clear()
 
 
 class PrefixPart(CachePart):

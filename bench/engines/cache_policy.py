@@ -44,5 +44,10 @@ class CachePolicy:
     def clear(self) -> None:
         """Forget everything (the next request is cold)."""
 
+    def refusal(self) -> str | None:
+        """Why an entry was not kept since the last clear(): larger than the whole budget (warm
+        requests can then never hit); None when every entry was kept."""
+        return None
+
     def stats(self) -> dict:
         return {}

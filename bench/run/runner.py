@@ -667,6 +667,9 @@ class Benchmark:
             stream_ms = (time.perf_counter() - t0) * 1e3
             gpu = self.monitor.stop()
             compiles = compile_events.count() - compiles
+        if base["cache_state"] == "warm" and not result.cache_hit and engine.policy.refusal():
+            # "warm" rows that never hit would be cold numbers under a warm label: the point fails
+            raise RuntimeError(f"{engine.policy.refusal()}; raise it")
         if base["cache_state"] is None:  # a cache's warm-up: cold or warm as it turned out
             base = {**base, "cache_state": "warm" if result.cache_hit else "cold"}
         row = {**base, "status": "ok", "question": requests[0][1], "compiles": compiles,
