@@ -90,6 +90,14 @@ def test_static_report(tiny_results, tmp_path):
     assert main(["report", str(tmp_path / "nope"), "--out", str(out)]) == 2
 
 
+def test_a_report_of_nothing_measured_says_so_instead_of_an_empty_table(tmp_path):
+    write_results(tmp_path / "skipped", [{"variant": "rtn4+static", "status": "skipped", "error": "needs CUDA"}])
+    assert main(["report", str(tmp_path / "skipped"), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "No measured result (see Skipped or failed)." in md and "needs CUDA" in md
+    assert all(line.count("|") != 1 and line.strip() != "|  |" for line in md.splitlines()), md
+
+
 def test_report_into_a_readme_between_the_markers_its_help_names(tiny_results, tmp_path, capsys):
     from bench.analysis.report import END, START
     from bench.cli.report import parser

@@ -115,9 +115,10 @@ def write_report(dirs: list[str | Path], out: str | Path) -> Path:
         parts.append("**weights=random**: timings are real (shapes decide time); text, token agreement and KL "
                      "measure numeric behaviour only.")
     sp = speedup_table(summary)
-    parts.append("## Speed-up over fp16 (hf engine)\n\nRatios of medians, baseline / variant (>1 is faster or "
-                 "smaller; - where a result has no baseline of its own identity or no such column). `valid` = "
-                 "enough runs, time and CV under the threshold for TTFT and TPOT.\n\n" + _md(sp))
+    parts.append("## Speed-up over fp16 (hf engine)\n\n" + (
+        "Ratios of medians, baseline / variant (>1 is faster or smaller; - where a result has no baseline of its "
+        "own identity or no such column). `valid` = enough runs, time and CV under the threshold for TTFT and "
+        "TPOT.\n\n" + _md(sp) if not sp.empty else "No measured result (see Skipped or failed)."))
     st = status_rows(summary)
     ok = summary[summary["status"] == "ok"]
     if any(ok[k].nunique() > 1 for k in WORKLOAD_KEYS):
