@@ -317,6 +317,22 @@ def test_append_after_a_row_cut_off_keeps_every_run_apart(finished, tmp_path, ca
     assert all(r["status"] == "ok" and r["ttft_ms"] for r in new)
 
 
+def test_summarize_report_and_compare_leave_out_a_row_cut_off_as_resume_does(finished, tmp_path, capsys):
+    """What a run killed mid-row leaves: its whole rows are read, the cut one left out with a
+    warning (it was refused as a corrupt file, though --resume and --append take it)."""
+    out = copy_of(finished, tmp_path)
+    runs = out / "runs.csv"
+    runs.write_bytes(runs.read_bytes()[:-25])
+    capsys.readouterr()
+    assert main(["summarize", str(out)]) == 0
+    assert "from 1 measured runs" in capsys.readouterr().out
+    assert main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    assert "its last row was cut off" in capsys.readouterr().err
+    assert main(["compare", str(finished), str(out), "--min-samples", "1"]) in (0, 2)  # 1 run: inconclusive
+    said = capsys.readouterr()
+    assert "its last row was cut off" in said.err and "2/1 runs" in said.out, said
+
+
 @pytest.mark.parametrize("name,data,mode,needle", [
     ("env.json", "[1, 2]", "--append", "not an env.json this harness writes"),
     ("env.json", '{"config": "fp16", "run_id": "x"}', "--resume", "not an env.json this harness writes"),

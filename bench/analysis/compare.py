@@ -6,6 +6,7 @@ pooled; the runs of one side are pooled across its invocations (run ids). The co
 bench.cli.compare."""
 from __future__ import annotations
 
+import io
 import math
 import sys
 from dataclasses import asdict
@@ -38,10 +39,10 @@ def load_rows(path: str | Path) -> pd.DataFrame:
         p = p / "runs.csv"
     if not p.is_file():
         raise BadInput(f"{path}: no runs.csv there")
-    check_results_csv(p, "runs")
+    text = check_results_csv(p, "runs")
     try:
         # Text identity columns as text: a column of numbers (and empty cells) is no float ("1.0" != "1").
-        df = pd.read_csv(p, dtype={k: str for k, v in IDENTITY_DEFAULTS.items() if isinstance(v, str)})
+        df = pd.read_csv(io.StringIO(text), dtype={k: str for k, v in IDENTITY_DEFAULTS.items() if isinstance(v, str)})
     except (ValueError, pd.errors.ParserError) as e:  # what the check above did not foresee
         raise BadInput(f"{p}: not a readable runs.csv ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
     fill_identity_columns(df)  # columns older versions did not write: their documented defaults

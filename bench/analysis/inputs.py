@@ -3,17 +3,20 @@ wrong and how, before anything is computed or written.
 
 A results file must be UTF-8 text, non-empty, with the columns vlm-bench writes, every row as
 many fields as the header (a truncated copy fails here), and a number or nothing in every
-metric cell (the harness writes a missing value as an empty cell, never "nan" or text)."""
+metric cell (the harness writes a missing value as an empty cell, never "nan" or text). A
+runs.csv's last row cut off without its line end (a run killed while writing it) is left out
+with a warning, as --resume and --append leave it out."""
 from __future__ import annotations
 
 import csv
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 from bench.errors import UsageError
-from bench.measure.results import check_creatable
+from bench.measure.results import check_creatable, whole_rows
 from bench.measure.schema import COLUMNS
 
 RUN_METRICS = frozenset(c.name for c in COLUMNS if c.higher_is_better is not None)
@@ -41,10 +44,15 @@ def read_text(path: Path, what: str) -> str:
         raise BadInput(f"{path}: not UTF-8 text at byte {e.start} (expected {what})") from None
 
 
-def check_results_csv(path: Path, kind: str = "runs") -> None:
-    """BadInput unless `path` is a well-formed runs.csv (kind "runs") or summary.csv ("summary")."""
+def check_results_csv(path: Path, kind: str = "runs") -> str:
+    """The text of `path`, a well-formed runs.csv (kind "runs": less a last row cut off, with a
+    warning) or summary.csv ("summary"); BadInput when it is not one."""
     what = f"a {kind}.csv written by vlm-bench"
     text = read_text(path, what)
+    if kind == "runs" and whole_rows(text) != text:
+        print(f"warning: {path}: its last row was cut off ({len(text) - len(whole_rows(text))} characters without a "
+              "line end, from a run killed while writing it); it is left out", file=sys.stderr)
+        text = whole_rows(text)
     required, numbers = (RUNS_REQUIRED, RUN_METRICS) if kind == "runs" else (SUMMARY_REQUIRED, SUMMARY_NUMBERS)
     try:
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
@@ -75,6 +83,7 @@ def check_results_csv(path: Path, kind: str = "runs") -> None:
             raise BadInput(f"{path}: no rows (a run stopped before its first finished request?)")
     except csv.Error as e:
         raise BadInput(f"{path}: not a readable CSV ({e})") from None
+    return text
 
 
 def read_env_config(path: Path) -> dict:

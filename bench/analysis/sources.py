@@ -7,6 +7,7 @@ that both hold fp16 for one model give two labelled rows, never a mean of the tw
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -21,10 +22,11 @@ BASELINE = ("fp16", "hf")
 NAMED_IDENTITY = ("family", "weights", "engine", "device", "dtype")
 
 
-def check_dirs(dirs: list[str | Path]) -> None:
-    """BadInput unless every directory is a results directory with well-formed runs.csv and
-    summary.csv, each given once."""
+def check_dirs(dirs: list[str | Path]) -> dict[tuple[str, str], str]:
+    """{(directory, "runs.csv" or "summary.csv"): its text as checked}; BadInput unless every
+    directory is a results directory with well-formed runs.csv and summary.csv, each given once."""
     seen: dict[Path, str] = {}
+    texts = {}
     for d in dirs:
         key = Path(d).resolve()
         if key in seen:
@@ -35,7 +37,8 @@ def check_dirs(dirs: list[str | Path]) -> None:
         for name in ("runs", "summary"):
             if not (Path(d) / f"{name}.csv").is_file():
                 raise BadInput(f"{d}: no {name}.csv")
-            check_results_csv(Path(d) / f"{name}.csv", name)
+            texts[(str(d), f"{name}.csv")] = check_results_csv(Path(d) / f"{name}.csv", name)
+    return texts
 
 
 def source_names(dirs: list[str | Path]) -> list[str]:
@@ -53,13 +56,14 @@ def load(dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """runs.csv and summary.csv of every directory, one DataFrame each, with `source` (the
     directory, source_names), `label` (one result's name in tables and figures: label_results)
     and `series` (the label less its cache state: what a cold/warm pair shares)."""
-    check_dirs(dirs)
+    texts = check_dirs(dirs)
     runs, summaries = [], []
     for d, source in zip(dirs, source_names(dirs)):
         d = Path(d)
         for name, bucket in (("runs.csv", runs), ("summary.csv", summaries)):
             try:
-                df = pd.read_csv(d / name, dtype={"error": str, "cache_state": str, "run_id": str})
+                df = pd.read_csv(io.StringIO(texts[(str(d), name)]),
+                                 dtype={"error": str, "cache_state": str, "run_id": str})
             except (ValueError, pd.errors.ParserError) as e:  # what check_dirs did not foresee
                 raise BadInput(f"{d / name}: not readable ({e.__class__.__name__})") from None
             df["source"] = source
