@@ -306,6 +306,19 @@ def test_broken_checkpoint_is_one_line_usage_error(case, checkpoint_dirs, tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.parametrize("part", ["vision_tower", "mm_projector", "llm"])
+def test_a_vila_checkpoint_without_a_part_folder_names_it(part, checkpoint_dirs, tmp_path, capsys):
+    import shutil
+
+    d = _copy(checkpoint_dirs["vila"], tmp_path)
+    shutil.rmtree(d / part)
+    out = tmp_path / "out"
+    assert run_main(["--model-path", str(d), *RUN, "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --model-path {d}: a VILA checkpoint without {part}/ ") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("family,breaks", [(fam, _unexpected_tensor) for fam in ALL] + [("llava", _llava_nan_weights)],
                          ids=[f"{fam}-unexpected_tensor" for fam in ALL] + ["llava-nan_weights"])
 def test_broken_checkpoint_found_once_loaded(family, breaks, checkpoint_dirs, tmp_path, capsys):

@@ -162,10 +162,17 @@ def expand_to_square(image: Image.Image, mean) -> Image.Image:
     return canvas
 
 
+VILA_PARTS = ("llm", "vision_tower", "mm_projector")
+
+
 def is_vila_dir(path: Path, config: dict) -> bool:
-    has_parts = all((path / d).is_dir() for d in ("llm", "vision_tower", "mm_projector"))
+    """VILA's own model_type (or its embedded part configs) whatever folders are there, so that a
+    missing part folder is named (check_vila); model_type llava (also Hugging Face LLaVA's) only
+    with VILA's part folders."""
     model_type = config.get("model_type")
-    return has_parts and (model_type in ("llava_llama", "llava") or (model_type is None and "llm_cfg" in config))
+    if model_type == "llava_llama" or (model_type is None and "llm_cfg" in config):
+        return True
+    return model_type == "llava" and all((path / d).is_dir() for d in VILA_PARTS)
 
 
 def _expected_shapes(model_cls, config) -> dict[str, tuple[int, ...]]:
@@ -193,6 +200,11 @@ def check_vila(path: Path, config: dict) -> None:
     weights of the shapes their config implies, and (llm/) a tokenizer, (vision_tower/) an image
     processor config."""
     what = f"--model-path {path}"
+    missing = [f"{d}/" for d in VILA_PARTS if not (path / d).is_dir()]
+    if missing:
+        raise UsageError(f"{what}: a VILA checkpoint without {' or '.join(missing)} (VILA keeps its language model, "
+                         "vision tower and projector in llm/, vision_tower/ and mm_projector/); copy the folder "
+                         "from the original checkpoint")
     configs = {}
     for part, config_cls, model_cls in (("llm", LlamaConfig, LlamaForCausalLM),
                                         ("vision_tower", SiglipVisionConfig, SiglipVisionModel)):
