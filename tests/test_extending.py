@@ -119,10 +119,13 @@ def test_register_refuses_clashes(toy):
 
 
 def test_a_variant_has_one_name_however_it_is_spelled():
-    """Its parts in kind order (weights, cache, engine), no spaces: the name every row carries, so
-    two spellings never make two results of one variant."""
+    """Its parts other than the defaults in kind order (weights, cache, engine), fp16 first where
+    it names no weights or cache, no spaces: the name every row carries, so two spellings never
+    make two results of one variant (the names of committed results are these already)."""
     for spec, name in (("prefix + static", "prefix+static"), ("static+awq4+prefix", "awq4+prefix+static"),
-                       (" fp16 ", "fp16"), ("graph+fp16", "fp16+graph"), ("awq4+prefix+graph", "awq4+prefix+graph")):
+                       (" fp16 ", "fp16"), ("graph+fp16", "fp16+graph"), ("awq4+prefix+graph", "awq4+prefix+graph"),
+                       ("fp16+prefix", "prefix"), ("prefix+hf", "prefix"), ("nocache", "fp16"), ("hf", "fp16"),
+                       ("graph", "fp16+graph"), ("fp16+nocache+graph-exact", "fp16+graph-exact"), ("awq4+hf", "awq4")):
         assert variants.parse_variant(spec).name == name
     cfg = config_from_args(["--variants", "prefix + bnb4", "--engine", "hf,static"])
-    assert [variants.parse_variant(s).name for s in cfg.variant_specs] == ["bnb4+prefix", "bnb4+prefix+static"]
+    assert cfg.variant_specs == ["bnb4+prefix", "bnb4+prefix+static"]

@@ -67,9 +67,11 @@ def option_classes() -> list[type]:
 
 
 def parse_variant(spec: str) -> Variant:
-    """'bnb4+prefix' -> Variant; weights default fp16, cache none, engine hf. Its name is the parts
-    it names in kind order (weights, cache, engine) joined with '+', so one variant has one name
-    in every row however it was spelled ('prefix + bnb4' is bnb4+prefix)."""
+    """'bnb4+prefix' -> Variant; weights default fp16, cache none, engine hf. Its name, the one
+    every row carries, is its parts other than the defaults in kind order (weights, cache,
+    engine) joined with '+', fp16 first where it names no weights or cache: one variant has one
+    name however it is spelled ('prefix + bnb4' is bnb4+prefix, 'fp16+prefix+hf' is prefix,
+    'graph' is fp16+graph, 'nocache' is fp16)."""
     parts = registry()
     chosen: dict[str, Part] = {}
     names = [s.strip() for s in spec.split("+")]
@@ -85,13 +87,16 @@ def parse_variant(spec: str) -> Variant:
         if part.kind in chosen:
             raise UsageError(f"variant {spec!r} has two {part.kind} parts: {chosen[part.kind].name} and {name}")
         chosen[part.kind] = part
-    named = [chosen[k] for k in KINDS if k in chosen]
+    defaults = {"weights": parts["fp16"], "cache": parts["nocache"], "engine": parts["hf"]}
+    shown = [chosen[k] for k in KINDS if k in chosen and chosen[k] is not defaults[k]]
+    if not any(p.kind in ("weights", "cache") for p in shown):
+        shown.insert(0, defaults["weights"])
     return Variant(
-        spec="+".join(p.name for p in named),
-        weights=chosen.get("weights", parts["fp16"]),
-        cache=chosen.get("cache", parts["nocache"]),
-        engine=chosen.get("engine", parts["hf"]),
-        parts=named,
+        spec="+".join(p.name for p in shown),
+        weights=chosen.get("weights", defaults["weights"]),
+        cache=chosen.get("cache", defaults["cache"]),
+        engine=chosen.get("engine", defaults["engine"]),
+        parts=[chosen[k] for k in KINDS if k in chosen],
     )
 
 

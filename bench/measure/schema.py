@@ -50,7 +50,9 @@ COLUMNS: tuple[Column, ...] = (
     _c("family", "", None, "llava | vila | internvl | internvideo | vita"),
     _c("weights", "", None, "random (preset, or checkpoint written from a preset) | checkpoint (real weights); "
        "endpoint rows: as the server states (vlm-bench serve does), else served"),
-    _c("variant", "", None, "variant spec as given, e.g. fp16, bnb4+prefix"),
+    _c("variant", "", None, "variant name: its parts other than the defaults in kind order (weights, cache, "
+                            "engine), fp16 first where it names no weights or cache, e.g. fp16, bnb4+prefix, "
+                            "fp16+graph"),
     _c("engine", "", None, ENGINES),
     _c("engine_detail", "", None, "how the engine ran this request: decoder, fused projections, what is graphed or "
                                   "compiled, and why anything is not"),

@@ -209,15 +209,16 @@ class RunConfigBase:
 
     @property
     def variant_specs(self) -> list[str]:
-        """--variants crossed with --engine (a spec that names an engine keeps it)."""
-        from variants import registry
+        """--variants crossed with --engine (a spec that names an engine keeps it), each by its
+        variant's name (variants.parse_variant: what its rows carry, however it was spelled)."""
+        from variants import parse_variant, registry
 
         specs = [s.strip() for s in self.variants.split(",") if s.strip()]
         engines = [e.strip() for e in (self.engine or "").split(",") if e.strip()]
         if self.engine is not None and not engines:
             raise UsageError("--engine is empty; give engines to cross with the variants, e.g. static,graph")
         if not engines:
-            return specs
+            return [parse_variant(s).name for s in specs]
         parts = registry()
         for e in engines:
             if e not in parts or parts[e].kind != "engine":
@@ -230,7 +231,7 @@ class RunConfigBase:
                 out.append(spec)
             else:
                 out += [spec if e == "hf" else f"{spec}+{e}" for e in engines]
-        return out
+        return [parse_variant(s).name for s in out]
 
 
 def ray_endpoint(address: str) -> tuple[str, int] | None:
