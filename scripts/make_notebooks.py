@@ -76,19 +76,21 @@ regression = new_notebook(cells=[
                   "ALPHA, FACTOR = 0.01, 1.10",
                   metadata={"tags": ["parameters"]}),
     new_code_cell(SETUP + SHOW + "\nfrom bench.analysis import compare_figures\n"
-                  "from bench.analysis.compare import compare_runs, load_runs\n"
+                  "from bench.analysis.compare import compare_runs, load_rows, load_runs\n"
                   "base = load_runs(repo_path(os.environ.get('BENCH_BASELINE', BASELINE)))\n"
+                  "cand_rows = load_rows(repo_path(os.environ.get('BENCH_CANDIDATE', CANDIDATE)))  # skipped, failed too\n"
                   "cand = load_runs(repo_path(os.environ.get('BENCH_CANDIDATE', CANDIDATE)))\n"
                   "if (base['weights'] == 'random').any() or (cand['weights'] == 'random').any():\n"
                   "    display(Markdown('**weights=random**: timings are real (shapes decide time); text is meaningless.'))\n"
                   "metrics = [m for m in METRICS if m in base.columns and m in cand.columns]\n"
-                  "verdicts = pd.DataFrame(compare_runs(base, cand, metrics, ALPHA, FACTOR))\n"
+                  "verdicts = pd.DataFrame(compare_runs(base, cand, metrics, ALPHA, FACTOR, cand_rows=cand_rows))\n"
                   "verdicts[['model', 'variant', 'engine', 'cache_state', 'metric', 'baseline_median', "
                   "'candidate_median', 'ratio', 'p_value', 'status', 'reason']] if len(verdicts) else verdicts"),
     new_markdown_cell("## Ratios (candidate / baseline), coloured by verdict"),
     new_code_cell("show(compare_figures.fig_ratios(verdicts, FACTOR), 'no result in both directories')\n"
                   "status = verdicts['status'] if len(verdicts) else pd.Series(dtype=str)\n"
                   "print('verdict:', 'regression' if (status == 'regression').any() else "
+                  "'missing' if (status == 'missing').any() else "
                   "'inconclusive' if (status == 'inconclusive').any() or status.empty else 'pass')"),
     new_markdown_cell("## Per-run samples side by side"),
     new_code_cell("for metric in metrics[:2]:\n"

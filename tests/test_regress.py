@@ -121,6 +121,38 @@ def test_a_result_the_candidate_lost_fails_the_comparison_and_says_why(tmp_path,
     assert compare_main([str(tmp_path / "cand"), str(tmp_path / "base")]) == 0
 
 
+def test_a_missing_results_reason_is_its_points_and_where_narrowing_is_no_loss(tmp_path, capsys):
+    """A point's failed row explains that point only, a whole variant's skipped row every point of
+    it; a result --candidate-where leaves out is not missing; --allow-missing never passes a
+    comparison of nothing."""
+    from tests.synthetic_results import write_results
+
+    base = write_results(tmp_path / "base", [{"variant": "fp16"}, {"variant": "fp16", "batch_size": 4},
+                                             {"variant": "prefix"}], runs=6)
+    cand = write_results(tmp_path / "cand", [{"variant": "fp16"},
+                                             {"variant": "prefix", "status": "skipped", "error": "no GPU"}], runs=6)
+    runs = pd.read_csv(cand / "runs.csv")
+    oom = {**runs.iloc[0].to_dict(), "kind": None, "status": "failed", "batch_size": 4,
+           "error": "OutOfMemoryError at b4"}
+    pd.concat([runs, pd.DataFrame([{k: oom.get(k) for k in runs.columns}])]).to_csv(cand / "runs.csv", index=False)
+    out = tmp_path / "v.json"
+    assert compare_main([str(base), str(cand), "--json", str(out)]) == 1
+    lost = {(c["variant"], c["batch_size"]): c["reason"] for c in json.loads(out.read_text())["comparisons"]
+            if c["status"] == "missing"}
+    assert lost == {("fp16", 4): "failed in the candidate: OutOfMemoryError at b4",
+                    ("prefix", 1): "skipped in the candidate: no GPU"}
+    assert compare_main([str(base), str(cand), "--candidate-where", "variant=fp16", "--json", str(out)]) == 1
+    assert [(c["variant"], c["batch_size"]) for c in json.loads(out.read_text())["comparisons"]
+            if c["status"] == "missing"] == [("fp16", 4)]
+    assert compare_main([str(base), str(cand), "--candidate-where", "variant=fp16", "--baseline-where",
+                         "batch_size=1"]) == 0
+    capsys.readouterr()
+    only_lost = write_results(tmp_path / "lost", [{"variant": "prefix", "status": "skipped", "error": "no GPU"}])
+    assert compare_main([str(base), str(only_lost), "--baseline-where", "variant=prefix"]) == 1
+    assert compare_main([str(base), str(only_lost), "--baseline-where", "variant=prefix", "--allow-missing"]) == 2
+    assert "no result" in capsys.readouterr().err
+
+
 def test_compare_bad_input(tmp_path, capsys):
     rng = np.random.default_rng(5)
     write_runs(tmp_path / "a" / "runs.csv", {"fp16": lognormal(rng, 10)})

@@ -45,6 +45,8 @@ def load_rows(path: str | Path) -> pd.DataFrame:
         df = pd.read_csv(io.StringIO(text), dtype={k: str for k, v in IDENTITY_DEFAULTS.items() if isinstance(v, str)})
     except (ValueError, pd.errors.ParserError) as e:  # what the check above did not foresee
         raise BadInput(f"{p}: not a readable runs.csv ({e.__class__.__name__}: {str(e).splitlines()[0][:120]})") from None
+    # a skipped or failed row of a whole variant has no workload point (one of a point has)
+    df["point_given"] = df[[k for k in WORKLOAD_KEYS if k != "loader" and k in df]].notna().all(axis=1)
     fill_identity_columns(df)  # columns older versions did not write: their documented defaults
     return df
 
@@ -117,27 +119,33 @@ def _paired(b, c):
 
 def _lost_reason(key: dict, cand_rows: pd.DataFrame | None) -> str:
     """Why the candidate has no measured run of a result the baseline has: its skipped or failed
-    row of that model, variant and engine (such a row stands for the variant's every point),
-    else that it did not run it."""
-    if cand_rows is not None and len(cand_rows):
-        same = pd.Series(True, index=cand_rows.index)
-        for col in ("model", "variant", "engine"):
-            if col in key:
-                same &= cand_rows[col].astype(str) == str(key[col])
-        for status in ("failed", "skipped"):
-            hit = cand_rows[same & (cand_rows["status"] == status)]
-            if len(hit):
-                error = hit["error"].iloc[0] if "error" in hit else ""
-                return f"{status} in the candidate" + (f": {error}" if isinstance(error, str) and error else "")
+    row of that model, variant, engine and workload point, or else of the whole variant (a row
+    with no point, load_rows' point_given), else that it did not run it."""
+    if cand_rows is None or not len(cand_rows):
+        return "not in the candidate"
+    same = cand_rows["status"].isin(("failed", "skipped"))
+    for col in ("model", "variant", "engine"):
+        if col in key:
+            same &= cand_rows[col].astype(str) == str(key[col])
+    given = cand_rows["point_given"] if "point_given" in cand_rows else pd.Series(False, index=cand_rows.index)
+    at_point = pd.Series(True, index=cand_rows.index)
+    for col in WORKLOAD_KEYS:
+        if col in key and col in cand_rows:
+            at_point &= cand_rows[col].astype(str) == str(key[col])
+    for hit in (cand_rows[same & given & at_point], cand_rows[same & ~given]):
+        if len(hit):
+            status, error = hit["status"].iloc[0], hit["error"].iloc[0] if "error" in hit else ""
+            return f"{status} in the candidate" + (f": {error}" if isinstance(error, str) and error else "")
     return "not in the candidate"
 
 
 def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, metrics: list[str], alpha: float,
                  factor: float, min_samples: int = 5, across: tuple[str, ...] = (),
-                 cand_rows: pd.DataFrame | None = None) -> list[dict]:
+                 cand_rows: pd.DataFrame | None = None, cand_where: dict[str, str] | None = None) -> list[dict]:
     """A verdict per result and metric, and a `missing` one per result the baseline measured and
     the candidate did not (a gate that passed on what was left would hide a variant lost to a
-    failure or a skip; `cand_rows`: every row of the candidate, to say why). `across`: identity
+    failure or a skip; `cand_rows`: every row of the candidate, to say why), of those the
+    candidate's selection (`cand_where`, select's) could hold. `across`: identity
     columns in which the two sides may differ (the others pair their rows), e.g. engine and
     variant for a served endpoint against the in-process run it serves; a side must then hold
     one value of each per result, the verdict's column reads 'baseline value -> candidate value'
@@ -163,6 +171,8 @@ def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, metrics: list[str], alp
                          **({"across": sides} if across else {})})
     for key in sorted(set(groups_b) - set(groups_c)):
         identity = {k: _native(x) for k, x in zip(keys, key)}
+        if any(col in identity and str(identity[col]) != value for col, value in (cand_where or {}).items()):
+            continue  # left out of the candidate by --candidate-where, not lost
         g = groups_b[key]
         shown = {col: _native(g[col].iloc[0]) for col in across}
         rows.append({**identity, **shown, "metric": "-", "status": "missing", "ratio": math.nan,

@@ -2,10 +2,10 @@
 wrong and how, before anything is computed or written.
 
 A results file must be UTF-8 text, non-empty, with the columns vlm-bench writes, every row as
-many fields as the header (a truncated copy fails here), and a number or nothing in every
+many fields as the header (a row short of fields fails here), and a number or nothing in every
 metric cell (the harness writes a missing value as an empty cell, never "nan" or text). A
-runs.csv's last row cut off without its line end (a run killed while writing it) is left out
-with a warning, as --resume and --append leave it out."""
+runs.csv's last row without its line end (the harness ends every row with one: a run killed
+while writing it) is left out with a warning, as --resume and --append leave it out."""
 from __future__ import annotations
 
 import csv

@@ -57,7 +57,8 @@ def parser() -> ArgumentParser:
                              f"(an in-process prefix run's warm results against a served run), or variant='c1 rinf' "
                              f"(one point of an endpoint sweep) (default: all)")
     ap.add_argument("--allow-missing", action="store_true",
-                    help="pass although the candidate lacks results the baseline has (still listed as missing)")
+                    help="pass although the candidate lacks results the baseline has (still listed as missing; "
+                         "default: such a result fails the comparison)")
     ap.add_argument("--json", dest="json_path", help="also write the verdicts here as JSON (default: none)")
     return ap
 
@@ -91,9 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         wrong = [c for c in across if c not in KEYS]
         if wrong:
             raise BadInput(f"--across {', '.join(wrong)}: not an identity column; choose from {', '.join(KEYS)}")
-        rows = compare_runs(base, cand, metrics, args.alpha, args.factor, args.min_samples, across, cand_rows)
+        rows = compare_runs(base, cand, metrics, args.alpha, args.factor, args.min_samples, across, cand_rows,
+                            cand_where)
+        # nothing compared: an error, unless the candidate lost (skipped, failed) what the baseline
+        # has, which fails as missing; --allow-missing never passes a comparison of nothing
         lost_some = any(r["status"] == "missing" and r["reason"] != "not in the candidate" for r in rows)
-        if not lost_some and not any(r["status"] != "missing" for r in rows):  # no result in common
+        if (args.allow_missing or not lost_some) and not any(r["status"] != "missing" for r in rows):
             paired = [k for k in KEYS if k not in across]
             if not paired:
                 raise BadInput("baseline or candidate has no measured run to compare")
