@@ -639,6 +639,8 @@ def test_serve_default_max_tokens_past_the_positions_with_the_template():
         check_loaded_default_request(engine, cfg, source, 1)
     cfg = config_class()(preset="tiny-vila", device="cpu", cpu_threads=1, max_new_tokens=8)
     check_loaded_default_request(engine, cfg, source, 4)
+    with pytest.raises(UsageError, match=r"^--max-batch 1000000000000: the KV cache alone .* lower --max-batch$"):
+        check_loaded_default_request(engine, cfg, source, 10**12)
 
 
 def test_report_out_under_a_file(results_dir, tmp_path, capsys):
@@ -891,7 +893,7 @@ def test_endpoint_server_not_there_or_not_openai(tmp_path, capsys):
     with _FakeServer(models=None) as plain:
         bad_endpoint(tmp_path, capsys, plain.url, [], "not an OpenAI API", "HTTP 404")
     with _FakeServer(models={"object": "list", "data": [{"id": "served-one"}]}) as other:
-        bad_endpoint(tmp_path, capsys, other.url, [], "--model 'm'", "served-one", model="m")
+        bad_endpoint(tmp_path, capsys, other.url, [], "--model 'm'", "it serves: served-one", model="m")
     with _FakeServer(models={"object": "list", "data": [{"object": "model"}]}) as nameless:
         bad_endpoint(tmp_path, capsys, nameless.url, [], "--model 'm'", "it serves no model by name", model="m")
 

@@ -1130,7 +1130,15 @@ def test_a_batchs_requests_report_their_own_prompts_and_the_batching_window_as_q
     waited out in queue_ms (it was in none of the parts the server reports)."""
     import threading
 
-    app, name = _served_tiny_vila(lambda run_batch: run_batch, max_batch=2, window_s=0.3)
+    batches = []  # the requests of each batch run
+
+    def around(run_batch):
+        def counted(requests, *rest):
+            batches.append(len(requests))
+            return run_batch(requests, *rest)
+        return counted
+
+    app, name = _served_tiny_vila(around, max_batch=2, window_s=0.3)
     questions = ["Which?", "Which colour is the largest shape, and where is it in the picture? " * 4]
 
     def post(question, answers):
@@ -1147,6 +1155,7 @@ def test_a_batchs_requests_report_their_own_prompts_and_the_batching_window_as_q
         for thread in threads:
             thread.join(60)
         counts = _counted(url)
+    assert batches == [1, 1, 2]  # alone, alone, together
     prompts = {q: a["usage"]["prompt_tokens"] for q, a in alone.items()}
     assert prompts[questions[1]] > prompts[questions[0]]
     assert {q: a["usage"]["prompt_tokens"] for q, a in together.items()} == prompts

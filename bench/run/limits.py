@@ -83,7 +83,7 @@ def _flags(cfg, point, frames) -> tuple[str, str, str]:
 
 
 def _check_point(cfg, dims: ModelDims, model: str, point, text: int, image: int, frames, device: torch.device,
-                 dtype: torch.dtype, exact: bool, new_flag: str | None = None) -> None:
+                 dtype: torch.dtype, exact: bool, new_flag: str | None = None, batch_flag: str = "--batch-size") -> None:
     """A usage error naming the largest part when `text` + `image` tokens and the point's new
     tokens exceed the model's positions, or their KV cache at the point's batch the device."""
     total = text + image + point.new_tokens
@@ -101,9 +101,9 @@ def _check_point(cfg, dims: ModelDims, model: str, point, text: int, image: int,
         need = 2 * dims.layers * dims.kv_heads * dims.head_dim * total * point.batch_size * dtype.itemsize
         have = available_bytes(device)
         if have is not None and need > have:
-            raise UsageError(f"--batch-size {point.batch_size}: the KV cache alone needs {_gib(need)} ({total:,} "
+            raise UsageError(f"{batch_flag} {point.batch_size}: the KV cache alone needs {_gib(need)} ({total:,} "
                              f"tokens x batch {point.batch_size:,}) but {device} has {_gib(have)} available; "
-                             "lower --batch-size")
+                             f"lower {batch_flag}")
 
 
 def check_sizes(cfg, dims: ModelDims, model: str, questions: list[str], frames, device: torch.device,
@@ -123,13 +123,14 @@ def check_sizes(cfg, dims: ModelDims, model: str, questions: list[str], frames, 
 
 
 def check_prompt(cfg, dims: ModelDims, model: str, point, prepared, frames, device: torch.device,
-                 dtype: torch.dtype, new_flag: str | None = None) -> None:
+                 dtype: torch.dtype, new_flag: str | None = None, batch_flag: str = "--batch-size") -> None:
     """check_sizes for one workload point's longest prompt as the adapter tokenized it (a
     bench.models.base.PreparedPrompt: its prefix with the image tokens, and its suffix);
-    `new_flag`: the flag that set the point's new tokens, where not the sweep's."""
+    `new_flag` / `batch_flag`: the flags that set the point's new tokens and batch, where not
+    the sweep's (serve: --max-new-tokens, --max-batch)."""
     image = prepared.total_image_tokens
     _check_point(cfg, dims, model, point, prepared.prompt_tokens - image, image, frames, device, dtype,
-                 exact=True, new_flag=new_flag)
+                 exact=True, new_flag=new_flag, batch_flag=batch_flag)
 
 
 def loaded_max_pos(model) -> int | None:

@@ -161,8 +161,8 @@ def check_server(base_url: str, model: str, headers: dict, timeout_s: float) -> 
     entries = [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
     entry = next((m for m in entries if m["id"] == model), None)
     if entry is None:
-        raise UsageError(f"--model {model!r} is not served at {base_url}; it serves "
-                         f"{': ' + ', '.join(m['id'] for m in entries) if entries else 'no model by name'}")
+        served = ": " + ", ".join(m["id"] for m in entries) if entries else " no model by name"
+        raise UsageError(f"--model {model!r} is not served at {base_url}; it serves{served}")
     return entry
 
 
@@ -264,12 +264,12 @@ async def one_request(api: Api, body: dict) -> dict:
         return {"status": "failed", "error": "the server sent no content"}
     ttft = (times[0] - t0) * 1e3
     out_tokens = _count((usage or {}).get("completion_tokens"))
-    if not out_tokens:
-        out_tokens = len(times)  # the server's usage is missing or not a count: content chunks counted
     asked = _count(body.get("max_tokens"))
-    if asked is not None and out_tokens > asked:  # TPOT and tok/s would divide by tokens never made
+    if out_tokens and asked is not None and out_tokens > asked:  # TPOT, tok/s: divided by tokens never made
         return {"status": "failed", "error": f"the server's usage says {out_tokens} completion tokens, more than "
                                              f"the {asked} max_tokens asked for"}
+    if not out_tokens:
+        out_tokens = len(times)  # the server's usage is missing or not a count: content chunks counted
     prompt_tokens = _count((usage or {}).get("prompt_tokens"))
     gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
     row = {"status": "ok", "ttft_ms": ttft, "e2e_ms": e2e, "output_tokens": out_tokens,

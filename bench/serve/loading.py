@@ -54,7 +54,7 @@ def check_loaded_default_request(engine, cfg, source: ModelSource, max_batch: in
                                 num_images=adapter.visual_group)
     device = resolve_device(cfg.device)
     check_prompt(cfg, dims, source.name, point, longest, None, device, resolve_dtype(cfg.dtype, device),
-                 "--max-new-tokens")
+                 "--max-new-tokens", "--max-batch")
 
 
 def served_variant(cfg, source: ModelSource):

@@ -143,7 +143,7 @@ def _video(url: str, param: str, num_frames: int) -> VisualInput:
         try:
             return FrameSource(f.name, None, num_frames).clip()
         except (UsageError, OSError, ValueError) as e:  # said in run's terms: "--video-path FILE: why"
-            why = str(e).removeprefix(f"--video-path {f.name}: ")
+            why = str(e).removeprefix(f"--video-path {f.name}: ").removeprefix("--video-path ")
             raise ApiError(f"the video cannot be decoded ({why})", param=param) from None
 
 

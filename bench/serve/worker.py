@@ -264,8 +264,8 @@ class Worker:
         # the batch's prompts were tokenized before it ran (_fits); in-process runs count that in preprocess
         phases["preprocess_ms"] += sum(job.tokenize_ms for job in batch)
         # counted before any client hears of the end, so /metrics read after a response has it;
-        # a job whose client left while the rest of its batch ran on is cancelled, not ok (the
-        # tokens and the prefix lookup were made for it all the same)
+        # a job whose client left while the rest of its batch ran on is cancelled, not ok, and its
+        # tokens are not among the completed requests' (its prefix lookup was made all the same)
         m, done = self.metrics, [job for job in batch if not job.cancelled.is_set()]
         m.requests.labels("ok").inc(len(done))
         if len(done) < len(batch):
