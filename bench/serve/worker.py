@@ -279,5 +279,7 @@ class Worker:
             usage = {"prompt_tokens": job.prepared.prompt_tokens, "completion_tokens": new_tokens,
                      "total_tokens": job.prepared.prompt_tokens + new_tokens}
             timings = {"queue_ms": (job.taken - job.queued) * 1e3, **phases, "cache_hit": result.cache_hit}
-            self.post(job.put, "done", {"usage": usage, "cached_tokens": result.cached_tokens,
+            # a hit restores every request's own prefix (the result's count is its first request's)
+            cached = job.prepared.prefix_tokens if result.cached_tokens else 0
+            self.post(job.put, "done", {"usage": usage, "cached_tokens": cached,
                                         "cache_hit": result.cache_hit, "timings": timings})
