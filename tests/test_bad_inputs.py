@@ -939,6 +939,20 @@ def _two_streamed_requests(tmp_path, capsys, chunks: list[str], rc: int) -> list
     return rows
 
 
+def test_endpoint_text_of_control_bytes_keeps_runs_csv_readable(tmp_path, capsys):
+    """A random-weights model served streams NUL and other control characters: the row's
+    output_text holds their escapes, so summarize, report and compare read the directory."""
+    chunks = ['{"choices": [{"delta": {"content": "a\\u0000\\u0007b"}}]}',
+              '{"choices": [{"delta": {"content": "\\u001bc"}, "finish_reason": "length"}]}']
+    rows = _two_streamed_requests(tmp_path, capsys, chunks, 0)
+    assert [r["output_text"] for r in rows] == ["a\\x00\\x07b\\x1bc"] * 2, rows
+    out = tmp_path / "endpoint"
+    assert b"\0" not in (out / "runs.csv").read_bytes()
+    assert main(["summarize", str(out)]) == 0
+    assert main(["compare", str(out), str(out), "--metrics", "ttft_ms"]) in (0, 2)
+    assert "not a runs.csv" not in capsys.readouterr().err
+
+
 _HUGE = "1" + "0" * 400  # a JSON int past float's range
 
 

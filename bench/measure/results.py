@@ -16,6 +16,12 @@ from bench.errors import UsageError
 from bench.measure.schema import RUN_COLUMNS, SUMMARY_COLUMNS
 
 
+def printable(text: str) -> str:
+    """Text safe for one CSV cell and a terminal: characters that are not printable (random
+    weights emit control bytes, NUL among them) as their escapes."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _cell(v):
     if v is None:
         return ""
@@ -23,6 +29,8 @@ def _cell(v):
         return "true" if v else "false"
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.6g}"
+    if isinstance(v, str):  # whatever a row holds (a server's text too), the file stays text
+        return printable(v)
     return v
 
 

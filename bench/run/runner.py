@@ -34,8 +34,8 @@ from bench.quant.int4 import is_extra_buffer
 from bench.run.limits import check_prompt, check_sizes, loaded_max_pos, model_dims
 from bench.run.questions import load_questions, warmup_questions
 from bench.run.summary import summarize_runs
-from bench.measure.results import (DirLock, DirState, check_output_dir, make_dir, new_run_id, read_runs, run_writer,
-                                   utc_now, write_json, write_summary)
+from bench.measure.results import (DirLock, DirState, check_output_dir, make_dir, new_run_id, printable, read_runs,
+                                   run_writer, utc_now, write_json, write_summary)
 from bench.models.base import QuestionError
 from bench.models.prompts import FIDELITY_PROBE
 from bench.models.source import ModelSource
@@ -105,11 +105,6 @@ def shape_matched_warmups(adapter, questions: list[str], limit: int = 16) -> lis
                 out.append(c)
                 break
     return out
-
-
-def printable(text: str) -> str:
-    """Output text safe for one CSV cell and a terminal (random weights emit control bytes)."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def config_fingerprint(config: dict) -> tuple[str, dict]:

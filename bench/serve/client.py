@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from bench.errors import UsageError
+from bench.measure.results import printable
 from bench.measure.metrics import PHASES, percentile
 from bench.models.visual import png_bytes
 from bench.run.workload import derived_image
@@ -273,7 +274,7 @@ async def one_request(api: Api, body: dict) -> dict:
     prompt_tokens = _count((usage or {}).get("prompt_tokens"))
     gaps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
     row = {"status": "ok", "ttft_ms": ttft, "e2e_ms": e2e, "output_tokens": out_tokens,
-           "prompt_tokens": prompt_tokens, "output_text": "".join(text)[:80],
+           "prompt_tokens": prompt_tokens, "output_text": printable("".join(text))[:80],
            "requests_per_s": 1e3 / e2e, "output_tok_s": out_tokens / (e2e / 1e3), **server}
     cached = _cached_tokens(usage)
     if cached is not None:
