@@ -309,16 +309,14 @@ class Benchmark:
             if r.get("kind") == "measured":
                 groups.setdefault(r.get("cache_state"), []).append(r)
         if "none" in groups:
-            return self._group_done(groups["none"], None)
+            return self._group_done(groups["none"])
         if "cold" in groups:
-            return self._group_done(groups["cold"], self.cfg.num_runs) and self._group_done(groups.get("warm", []), None)
+            return self._group_done(groups["cold"]) and self._group_done(groups.get("warm", []))
         return False
 
-    def _group_done(self, rows: list[dict], fixed_n: int | None) -> bool:
+    def _group_done(self, rows: list[dict]) -> bool:
         n = len(rows)
         measured_s = sum(float(r.get("e2e_ms") or 0) for r in rows) / 1e3
-        if fixed_n is not None:
-            return n >= fixed_n
         cfg = self.cfg
         return (n >= cfg.num_runs and measured_s >= cfg.min_seconds) or n >= cfg.max_runs
 
@@ -604,14 +602,14 @@ class Benchmark:
                                 {**base, "kind": "warmup", "run_index": k,
                                  "cache_state": None if policy.stateful else state}, record_warmups)
 
-            groups = [("cold", cfg.num_runs)] if policy.stateful else []
-            groups.append((state, None))
+            # each group, cold and warm alike, stops after --num-runs runs and --min-seconds (or --max-runs)
+            groups = ["cold", state] if policy.stateful else [state]
             ran_cold = False
-            for cache_state, fixed_n in groups:
+            for cache_state in groups:
                 done = [r for r in prior if r.get("kind") == "measured" and r.get("cache_state") == cache_state]
-                if done and self._group_done(done, fixed_n):
+                if done and self._group_done(done):
                     continue
-                bar = tqdm(total=fixed_n or cfg.num_runs, desc=f"{base['variant']} {point.label()} [{cache_state}]",
+                bar = tqdm(total=cfg.num_runs, desc=f"{base['variant']} {point.label()} [{cache_state}]",
                            leave=False,
                            disable=None if self.placement["worker"] == "serial" else True)  # a sweep has one bar
                 done = [r for r in done if counts_in_summary(r)]
@@ -626,9 +624,7 @@ class Benchmark:
                 # n counts clean runs (bench.measure.schema.counts_in_summary): a run that compiled
                 # or captured is recorded, left out, and made again (at most --max-runs attempts).
                 while attempts < cfg.max_runs:
-                    if fixed_n is not None and n >= fixed_n:
-                        break
-                    if fixed_n is None and n >= cfg.num_runs and measured_s >= cfg.min_seconds:
+                    if n >= cfg.num_runs and measured_s >= cfg.min_seconds:
                         break
                     if cache_state == "cold":
                         policy.clear()
