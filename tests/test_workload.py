@@ -216,6 +216,23 @@ def test_video_frames_with_and_without_prefetch(tmp_path, video_path):
         statistics.median(float(r["preprocess_ms"]) for r in serial)
 
 
+def test_a_cache_in_frames_mode_measures_its_cold_runs_and_says_why_no_warm_ones(tmp_path, frames_dir):
+    """Each request shows its own frame: no request can reuse another's prefix or embeddings, so
+    the cold rows stand and the warm group is a skipped row saying why (it was "warm" rows of
+    requests that all missed)."""
+    out = tmp_path / "frames"
+    assert run_main(["--preset", "tiny-vila", "--frames-dir", str(frames_dir), "--num-frames", "6",
+                     "--variants", "fp16,prefix,embedcache", "--max-new-tokens", "3", "--num-runs", "2",
+                     "--min-seconds", "0", "--warmup", "1", "--no-fidelity", "--output-dir", str(out)]) == 0
+    got = rows(out / "runs.csv")
+    for variant in ("prefix", "embedcache"):
+        mine = [r for r in got if r["variant"] == variant]
+        assert {r["cache_state"] for r in mine if r["kind"] == "measured"} == {"cold"}
+        skipped = [r for r in mine if r["status"] == "skipped"]
+        assert len(skipped) == 1 and "--video-mode frames shows each request its own frame" in skipped[0]["error"]
+    assert all(r["status"] == "ok" for r in got if r["variant"] == "fp16")
+
+
 def test_video_clip_mode_shows_every_frame(tmp_path, frames_dir):
     out = tmp_path / "clip"
     rc = run_main(["--preset", "tiny-internvl", "--frames-dir", str(frames_dir), "--num-frames", "5",

@@ -606,6 +606,10 @@ class Benchmark:
             groups = ["cold", state] if policy.stateful else [state]
             ran_cold = False
             for cache_state in groups:
+                if cache_state == "warm" and self.frames is not None and cfg.video_mode == "frames":
+                    raise VariantUnsupported("warm runs not measured: --video-mode frames shows each request its "
+                                             "own frame, so no request reuses another's cached work (the cold rows "
+                                             "are this variant's measurement)")
                 done = [r for r in prior if r.get("kind") == "measured" and r.get("cache_state") == cache_state]
                 if done and self._group_done(done):
                     continue
@@ -658,9 +662,11 @@ class Benchmark:
             stream_ms = (time.perf_counter() - t0) * 1e3
             gpu = self.monitor.stop()
             compiles = compile_events.count() - compiles
-        if base["cache_state"] == "warm" and not result.cache_hit and engine.policy.refusal():
-            # "warm" rows that never hit would be cold numbers under a warm label: the point fails
-            raise RuntimeError(f"{engine.policy.refusal()}; raise it")
+        if base["cache_state"] == "warm" and not result.cache_hit:
+            # a "warm" row that missed would be a cold number under a warm label: the point fails
+            why = engine.policy.refusal()
+            raise RuntimeError(f"{why}; raise it" if why else "a warm request missed the cache (no earlier request "
+                               "stored what it shows)")
         if base["cache_state"] is None:  # a cache's warm-up: cold or warm as it turned out
             base = {**base, "cache_state": "warm" if result.cache_hit else "cold"}
         row = {**base, "status": "ok", "question": requests[0][1], "compiles": compiles,
