@@ -405,6 +405,16 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     assert measured["server_ttft_ms"].nunique() > 1
     assert measured["server"].str.contains("uvicorn").all()
     assert measured["slo_met"].all() and (measured["goodput_rps"] > 0).all()  # a bound every request meets
+    # the point's throughput: one value per point (every request met the SLO: goodput is all of it);
+    # with 4 in flight more requests per second than one request's own rate
+    per_point = measured.groupby("variant")[["point_rps", "goodput_rps", "point_output_tok_s"]].agg(["nunique", "first"])
+    assert (per_point[("point_rps", "nunique")] == 1).all()
+    assert per_point[("point_rps", "first")].tolist() == pytest.approx(per_point[("goodput_rps", "first")].tolist(),
+                                                                      rel=1e-4)  # (6 significant digits in CSV)
+    assert per_point[("point_output_tok_s", "first")].tolist() == pytest.approx(
+        (4 * per_point[("point_rps", "first")]).tolist(), rel=1e-4)
+    c4 = measured[measured["variant"] == "c4 rinf"]
+    assert c4["point_rps"].iloc[0] > c4["requests_per_s"].median()
     summary = pd.read_csv(out / "summary.csv")
     ttft = summary[summary["metric"] == "ttft_ms"]
     assert len(ttft) == 4 and (ttft["n"] == 4).all()

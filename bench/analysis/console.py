@@ -22,13 +22,13 @@ SHOWN = ["ttft_ms", "prefill_ms", "vision_ms", "tpot_ms", "decode_tok_s", "e2e_m
 SWEEP_SHOWN = ["requests_per_s", "output_tok_s"]
 # A served run's (engine `endpoint`: one row per request, a variant per concurrency and rate):
 # the client's timings, the server's own TTFT, throughput, and the engine phases our server reports
-SERVED_SHOWN = ["ttft_ms", "server_ttft_ms", "tpot_ms", "itl_p99_ms", "e2e_ms", "requests_per_s", "output_tok_s",
+SERVED_SHOWN = ["ttft_ms", "server_ttft_ms", "tpot_ms", "itl_p99_ms", "e2e_ms", "point_rps", "point_output_tok_s",
                 "prefill_ms", "vision_ms"]
 FIDELITY_METRICS = ("token_agree", "kl_mean", "engine_kl_mean")
 # The narrow table keeps the first metrics of this list that fit (shown in SHOWN's order).
-PRIORITY = ["ttft_ms", "tpot_ms", "token_agree", "e2e_ms", "decode_tok_s", "requests_per_s", "peak_alloc_mb",
-            "server_ttft_ms", "output_tok_s", "itl_p99_ms", "prefill_ms", "vision_ms", "kl_mean",
-            "weight_mb", "engine_kl_mean"]
+PRIORITY = ["ttft_ms", "tpot_ms", "token_agree", "e2e_ms", "decode_tok_s", "requests_per_s", "point_rps",
+            "peak_alloc_mb", "server_ttft_ms", "output_tok_s", "point_output_tok_s", "itl_p99_ms", "prefill_ms",
+            "vision_ms", "kl_mean", "weight_mb", "engine_kl_mean"]
 # A row of the table per result: its identity (the workload point as one label) and its status.
 _IDENTITY = [k for k in RESULT_KEY if k not in WORKLOAD_KEYS]
 _SHARED = ("model", "device")  # in the title when every row has the same one, else columns

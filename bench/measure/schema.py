@@ -222,6 +222,13 @@ COLUMNS: tuple[Column, ...] = (
                             "ttft_ms=500,tpot_ms=50)"),
     _c("goodput_rps", "requests/s", True, "endpoint mode with --slo: the point's requests that met the SLO per second "
                                           "of the point's wall time (first request sent to last answer)"),
+    _c("point_rps", "requests/s", True, "endpoint mode: the point's completed requests per second of its wall time "
+                                        "(first request sent to last answer): the server's throughput at the point's "
+                                        "concurrency and rate (the same on each of its rows; requests_per_s is one "
+                                        "request's)", True, "point req/s"),
+    _c("point_output_tok_s", "tokens/s", True, "endpoint mode: the point's completed requests' generated tokens per "
+                                               "second of its wall time (the same on each of its rows)", True,
+       "point tok/s"),
     _c("output_text", "", None, "decoded output (first 80 characters; meaningless for random weights)"),
 )
 
@@ -232,7 +239,7 @@ RUN_COLUMNS: dict[str, str] = {c.name: c.description for c in COLUMNS}
 SUMMARY_METRICS: list[str] = [
     "ttft_ms", "prefill_ms", "vision_ms", "preprocess_ms", "lookup_ms", "restore_ms", "store_ms", "decode_ms",
     "tpot_ms", "itl_p50_ms", "itl_p99_ms", "decode_tok_s", "requests_per_s", "output_tok_s", "load_ms", "stream_ms",
-    "gpu_phase_pct", "e2e_ms", "server_ttft_ms", "cpu_ttft_ms", "cpu_tpot_ms", "calib_ms", "ttft_rel", "tpot_rel", "peak_alloc_mb", "peak_reserved_mb", "nvml_used_mb", "gpu_util_pct",
+    "gpu_phase_pct", "e2e_ms", "server_ttft_ms", "point_rps", "point_output_tok_s", "cpu_ttft_ms", "cpu_tpot_ms", "calib_ms", "ttft_rel", "tpot_rel", "peak_alloc_mb", "peak_reserved_mb", "nvml_used_mb", "gpu_util_pct",
     "energy_j_per_token", "weight_mb", "token_agree", "kl_mean", "engine_kl_mean", "engine_top1_agree",
 ]
 assert sorted(SUMMARY_METRICS) == sorted(c.name for c in COLUMNS if c.summarized), "SUMMARY_METRICS != summarized"

@@ -163,6 +163,11 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
                 wall_s = time.perf_counter() - t0
                 k += len(results) * num_images
                 after = await cl.server_counters(client)
+                done = [r for r in results if r["status"] == "ok"]
+                throughput = {"point_rps": len(done) / wall_s,
+                              "point_output_tok_s": sum(r["output_tokens"] for r in done) / wall_s}
+                for r in done:
+                    r.update(throughput)
                 if cfg.slo:
                     for r in results:
                         r["slo_met"] = r["status"] == "ok" and all(
