@@ -6,7 +6,9 @@ attention, norms, the step's other kernels), with the bandwidth at which the cho
 the int4 weights (int4_gb_per_s).
 Usage: python lab/int4_decode_budget.py RESULTS_DIR [PRESET]
 (RESULTS_DIR holds summary.csv, runs.csv and int4_kernels_*.csv, e.g.
-results/reference/h100/llava-1.5-7b-int4-graph-batch; PRESET defaults to the runs' model)"""
+results/reference/h100/llava-1.5-7b-int4-graph-batch, as lab/gpu_int4_reference.sh writes them:
+a run of fp16 and awq4 or rtn4 with --int4-kernels measured, then `python -m bench int4-kernels
+CACHE/kernels.json --out RESULTS_DIR/int4_kernels_PRESET.csv`; PRESET defaults to the runs' model)"""
 import sys
 from pathlib import Path
 
@@ -23,14 +25,20 @@ def main(directory: str, preset: str | None = None) -> None:
     runs = pd.read_csv(d / "runs.csv", usecols=["model", "variant"])
     preset = preset or runs["model"].iloc[0]
     layers = model_dims(None, preset).layers
-    table = pd.concat([pd.read_csv(f) for f in sorted(d.glob("int4_kernels_*.csv"))])
+    tables = sorted(d.glob("int4_kernels_*.csv"))
+    if not tables:
+        sys.exit(f"{d}: no int4_kernels_*.csv (write one with: python -m bench int4-kernels "
+                 f"INT4_CACHE_DIR/kernels.json --out {d}/int4_kernels_{preset}.csv)")
+    table = pd.concat([pd.read_csv(f) for f in tables])
     chosen = table[table["chosen"].astype(bool) & table["us"].notna()].copy()
     chosen["gb_s"] = [int4_gb_per_s(n, k, g, us) for n, k, g, us in
                       zip(chosen["out_features"], chosen["in_features"], chosen["group_size"], chosen["us"])]
     summary = pd.read_csv(d / "summary.csv")
     tpot = summary[summary["metric"] == "tpot_ms"].pivot_table(index="batch_size", columns="variant", values="median")
-    int4 = next(v for v in tpot.columns if v.startswith(("awq4", "rtn4")) and "prefix" not in v)
-    fp16 = next(v for v in tpot.columns if v.startswith("fp16"))
+    int4 = next((v for v in tpot.columns if v.startswith(("awq4", "rtn4")) and "prefix" not in v), None)
+    fp16 = next((v for v in tpot.columns if v.startswith("fp16")), None)
+    if int4 is None or fp16 is None:
+        sys.exit(f"{d}: needs an fp16 variant and an awq4 or rtn4 one (without prefix) measured side by side")
     out = []
     for batch in tpot.index:
         rows = chosen[chosen["rows"] == batch]
