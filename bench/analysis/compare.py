@@ -232,7 +232,7 @@ def print_table(rows: list[dict], out=None, width: int = NARROW) -> None:
     style = {"regression": "red", "missing": "red", "improvement": "green", "inconclusive": "yellow", "unchanged": ""}
     for r, c in zip(rows, cells):
         c = {**c, "median b": _fmt(r["baseline_median"]), "median c": _fmt(r["candidate_median"]),
-             "ratio": _fmt(r["ratio"], 3), "p": _fmt(r["p_value"], 2)}
+             "ratio": _fmt(r["ratio"], 4), "p": _fmt(r["p_value"], 2)}
         s = style[r["status"]]
         table.add_row(*[c[h] for h in identity], r["metric"], *[c[h] for h in numbers],
                       f"[{s}]{r['status']}[/]" if s else r["status"])

@@ -232,7 +232,8 @@ def run_ray(bench, jobs: list[Job]) -> None:
         if gpus < 1:
             raise UsageError("--executor ray: the Ray cluster offers no GPU (each job takes a whole one); "
                              "on a CPU machine give --workers N for N logical GPUs")
-        status(f"sweep: {len(jobs)} job(s) as Ray tasks on {int(gpus)} GPU(s)")
+        logical = "logical " if bench.device.type != "cuda" else ""  # --workers N on a CPU: N slots named GPU
+        status(f"sweep: {len(jobs)} job(s) as Ray tasks on {int(gpus)} {logical}GPU(s)")
         # cloudpickle, as Ray pickles: a part registered from a script (__main__) travels by value
         pending = {task.remote(ray.cloudpickle.dumps(worker.payload(bench, job, "ray"))): job
                    for job in largest_first(jobs)}
