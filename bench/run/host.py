@@ -19,13 +19,39 @@ request that follows: on the H200 the first measured run after one took up to 2 
 process its image than the rest (5 of 8 groups) (results/reference/h200/*-fp16-prefix-engines,
 made with the collection right before the measured runs), so the warm-up runs come after it.
 At the end of a variant the heap is unfrozen so the model's reference cycles can be freed.
+
+Memory allocator (pin_allocator). glibc's malloc serves a block above its mmap threshold with
+fresh pages from mmap (zero-filled, a page fault on each first touch) and unmaps it on free; the
+threshold moves up as such blocks are freed, so the same code either reuses heap memory or
+faults in new pages on every call depending on the process's history: tiny-vila's CPU image
+processing took 2.4-2.6 ms per request in most processes and 3.8-4.2 ms in about one in eight
+(4.7 ms with every block above 64 KiB mmapped), which failed the CPU regression gate with no
+change to the code. The threshold is pinned at glibc's largest (32 MiB) and the heap is not
+trimmed below 1 GiB, so every process is of the fast kind (1.8 ms in isolation, every process).
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 
 import torch
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def pin_allocator() -> str:
+    """Pin glibc malloc's mmap and trim thresholds (the module's docstring); what env.json records.
+    (Hand-written: mallopt has no Python binding, and jemalloc or tcmalloc would have to be
+    preloaded before the interpreter starts.)"""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): its allocator as it is
+        return "unchanged (no glibc mallopt)"
+    if mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1:
+        return "glibc malloc: mmap threshold 32 MiB, trim threshold 1 GiB"
+    return "unchanged (glibc refused mallopt)"
 
 
 def cpu_threads(requested: int, device: torch.device) -> int:
@@ -37,9 +63,11 @@ def cpu_threads(requested: int, device: torch.device) -> int:
 
 
 def set_cpu_threads(n: int) -> dict:
-    """Set torch's intra-op threads to `n`; what env.json records."""
+    """Set torch's intra-op threads to `n` and pin the allocator (pin_allocator); what env.json
+    records."""
     torch.set_num_threads(n)
     return {"cpu_threads": torch.get_num_threads(), "interop_threads": torch.get_num_interop_threads(),
+            "allocator": pin_allocator(),
             "gc": "full collection + gc.freeze() before each workload point's warm-up; off during a request; "
                   "young generation collected after it"}
 
