@@ -409,3 +409,13 @@ def test_files_written_whole_get_the_mode_an_ordinary_new_file_gets(tmp_path):
     write_json(tmp_path / "env.json", {"a": 1})
     mode = stat.S_IMODE((tmp_path / "env.json").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+
+
+def test_text_cells_escape_control_characters_and_keep_every_other_character():
+    """What breaks a one-line cell or a terminal (NUL, escapes, line ends, lone surrogates) is
+    escaped; text of any script, non-breaking spaces and joiners are kept as written."""
+    from bench.measure.results import printable
+
+    kept = "Qu'est-ce que c'est\u00a0? \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 \U0001F469\u200d\U0001F4BB soft\u00adhyphen 日本"
+    assert printable(kept) == kept
+    assert printable("a\x00b\x1b[31m\nc\u2028\ud800") == "a\\x00b\\x1b[31m\\nc\\u2028\\ud800"

@@ -9,6 +9,7 @@ import math
 import os
 import secrets
 import tempfile
+import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,10 +17,16 @@ from bench.errors import UsageError
 from bench.measure.schema import RUN_COLUMNS, SUMMARY_COLUMNS
 
 
+_UNSAFE = frozenset(("Cc", "Cs", "Zl", "Zp"))  # control characters (NUL, escapes, line ends), lone surrogates, separators
+
+
 def printable(text: str) -> str:
-    """Text safe for one CSV cell and a terminal: characters that are not printable (random
-    weights emit control bytes, NUL among them) as their escapes."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    """Text safe for one line of a CSV cell and a terminal: control characters (random weights
+    emit them, NUL among them), lone surrogates and line separators as their escapes; every other
+    character (non-breaking spaces, joiners, any script) as it is."""
+    if text.isprintable():
+        return text
+    return "".join(repr(c)[1:-1] if unicodedata.category(c) in _UNSAFE else c for c in text)
 
 
 def _cell(v):
