@@ -419,6 +419,9 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     ttft = summary[summary["metric"] == "ttft_ms"]
     assert len(ttft) == 4 and (ttft["n"] == 4).all()
     assert "server_ttft_ms" in set(summary["metric"]) and "server_mean_ttft_ms" not in set(summary["metric"])
+    rps = summary[summary["metric"] == "point_rps"]  # one measurement per point, not 4 samples of it
+    assert len(rps) == 4 and (rps["n"] == 1).all()
+    assert main(["compare", str(out), str(out), "--metrics", "point_rps"]) == 2  # 1 sample a side: inconclusive
     env = json.loads((out / "env.json").read_text())
     assert env["engine"] == "endpoint" and "uvicorn" in env["server"] and env["client_event_loop"] == "uvloop"
     assert env["served"] == {"model": MODEL, "family": "vila", "weights": "random", "variant": "prefix",

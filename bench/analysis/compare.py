@@ -17,8 +17,8 @@ import pandas as pd
 from bench.analysis.console import NARROW
 from bench.analysis.inputs import BadInput, check_results_csv
 from bench.analysis.regress import compare_samples
-from bench.measure.schema import (IDENTITY_DEFAULTS, RESULT_KEY, WORKLOAD_KEYS, counted, fill_identity_columns,
-                                  point_label)
+from bench.measure.schema import (IDENTITY_DEFAULTS, POINT_METRICS, RESULT_KEY, WORKLOAD_KEYS, counted,
+                                  fill_identity_columns, point_label)
 
 DEFAULT_METRICS = ["ttft_ms", "tpot_ms", "prefill_ms", "e2e_ms", "peak_alloc_mb"]
 KEYS = list(RESULT_KEY)
@@ -164,6 +164,9 @@ def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, metrics: list[str], alp
                 continue
             b = groups_b[key][metric].dropna().tolist()
             c = groups_c[key][metric].dropna().tolist()
+            if metric in POINT_METRICS:  # one measurement per point (per run id), however many rows
+                b, c = (g.dropna(subset=[metric]).drop_duplicates("run_id")[metric].tolist()
+                        for g in (groups_b[key], groups_c[key]))
             if not b and not c:
                 continue
             v = compare_samples(b, c, metric, alpha=alpha, factor=factor, min_samples=min_samples)
@@ -232,7 +235,7 @@ def print_table(rows: list[dict], out=None, width: int = NARROW) -> None:
     style = {"regression": "red", "missing": "red", "improvement": "green", "inconclusive": "yellow", "unchanged": ""}
     for r, c in zip(rows, cells):
         c = {**c, "median b": _fmt(r["baseline_median"]), "median c": _fmt(r["candidate_median"]),
-             "ratio": _fmt(r["ratio"], 4), "p": _fmt(r["p_value"], 2)}
+             "ratio": "-" if math.isnan(r["ratio"]) else f"{r['ratio']:.3f}", "p": _fmt(r["p_value"], 2)}
         s = style[r["status"]]
         table.add_row(*[c[h] for h in identity], r["metric"], *[c[h] for h in numbers],
                       f"[{s}]{r['status']}[/]" if s else r["status"])

@@ -224,10 +224,10 @@ COLUMNS: tuple[Column, ...] = (
                                           "of the point's wall time (first request sent to last answer)"),
     _c("point_rps", "requests/s", True, "endpoint mode: the point's completed requests per second of its wall time "
                                         "(first request sent to last answer): the server's throughput at the point's "
-                                        "concurrency and rate (the same on each of its rows; requests_per_s is one "
-                                        "request's)", True, "point req/s"),
+                                        "concurrency and rate (the same on each of its rows, one sample in a summary "
+                                        "or comparison; requests_per_s is one request's)", True, "point req/s"),
     _c("point_output_tok_s", "tokens/s", True, "endpoint mode: the point's completed requests' generated tokens per "
-                                               "second of its wall time (the same on each of its rows)", True,
+                                               "second of its wall time (the same on each of its rows, one sample)", True,
        "point tok/s"),
     _c("output_text", "", None, "decoded output (first 80 characters; meaningless for random weights)"),
 )
@@ -243,6 +243,9 @@ SUMMARY_METRICS: list[str] = [
     "energy_j_per_token", "weight_mb", "token_agree", "kl_mean", "engine_kl_mean", "engine_top1_agree",
 ]
 assert sorted(SUMMARY_METRICS) == sorted(c.name for c in COLUMNS if c.summarized), "SUMMARY_METRICS != summarized"
+# Summarized metrics that are one measurement of a whole point, written on each of its rows: a
+# summary and a comparison take one sample of them per point, never its rows as many samples.
+POINT_METRICS = ("point_rps", "point_output_tok_s")
 
 
 # The phases a time is made of: when its cv makes a summary invalid, the phase with the largest

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from bench.errors import UsageError
-from bench.measure.schema import PHASES_OF, SUMMARY_KEY, SUMMARY_METRICS, counts_in_summary, result_key
+from bench.measure.schema import PHASES_OF, POINT_METRICS, SUMMARY_KEY, SUMMARY_METRICS, counts_in_summary, result_key
 from bench.measure.stats import invalid_reasons, summarize
 
 
@@ -65,6 +65,7 @@ def summarize_runs(rows: list[dict], rule: ValidityRule) -> list[dict]:
         stats = {}
         for metric in SUMMARY_METRICS:
             values = [r.get(metric) for r in runs if r.get(metric) is not None]
+            values = values[:1] if metric in POINT_METRICS else values  # one measurement of the point
             s = summarize(values) if values else {"n": 0}
             if s["n"]:
                 stats[metric] = s
