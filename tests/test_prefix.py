@@ -113,13 +113,12 @@ def test_cold_runs_stop_by_the_same_rule_as_warm_ones(tmp_path):
     where those runs took less than --min-seconds."""
     out = tmp_path / "o"
     assert run_main(["--preset", "tiny-vila", "--device", "cpu", "--variants", "prefix", "--num-runs", "2",
-                     "--max-new-tokens", "4", "--min-seconds", "0.05", "--warmup", "0", "--no-fidelity",
+                     "--max-new-tokens", "4", "--min-seconds", "0.3", "--warmup", "0", "--no-fidelity",
                      "--output-dir", str(out)]) == 0
     summary = [s for s in csv.DictReader(open(out / "summary.csv")) if s["metric"] == "ttft_ms"]
     assert {s["cache_state"] for s in summary} == {"cold", "warm"}
-    for s in summary:  # (or stopped at --max-runs, 20 x --num-runs)
-        assert float(s["measured_s"]) >= 0.05 or int(s["n"]) == 40, s
-        assert "--min-seconds" not in s["invalid_reason"], s
+    for s in summary:  # past --min-seconds, or stopped at --max-runs (20 x --num-runs) short of it
+        assert int(s["n"]) == 40 or (float(s["measured_s"]) >= 0.3 and "--min-seconds" not in s["invalid_reason"]), s
 
 
 def test_a_cache_too_small_for_one_entry_fails_its_point_instead_of_warm_rows_that_never_hit(tmp_path):
