@@ -117,6 +117,13 @@ def _paired(b, c):
     return b if b == c else f"{b if b != '' else '-'} -> {c if c != '' else '-'}"
 
 
+def _samples(rows: pd.DataFrame, metric: str) -> list[float]:
+    """A result's samples of `metric`: one per run, or for a point metric one per run id (each of
+    a point's rows holds the same measurement of the whole point)."""
+    rows = rows.dropna(subset=[metric])
+    return (rows.drop_duplicates("run_id") if metric in POINT_METRICS else rows)[metric].tolist()
+
+
 def _lost_reason(key: dict, cand_rows: pd.DataFrame | None) -> str:
     """Why the candidate has no measured run of a result the baseline has: its skipped or failed
     row of that model, variant, engine and workload point, or else of the whole variant (a row
@@ -162,11 +169,7 @@ def compare_runs(base: pd.DataFrame, cand: pd.DataFrame, metrics: list[str], alp
         for metric in metrics:
             if metric not in groups_b[key] or metric not in groups_c[key]:
                 continue
-            b = groups_b[key][metric].dropna().tolist()
-            c = groups_c[key][metric].dropna().tolist()
-            if metric in POINT_METRICS:  # one measurement per point (per run id), however many rows
-                b, c = (g.dropna(subset=[metric]).drop_duplicates("run_id")[metric].tolist()
-                        for g in (groups_b[key], groups_c[key]))
+            b, c = _samples(groups_b[key], metric), _samples(groups_c[key], metric)
             if not b and not c:
                 continue
             v = compare_samples(b, c, metric, alpha=alpha, factor=factor, min_samples=min_samples)

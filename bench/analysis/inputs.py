@@ -49,10 +49,11 @@ def check_results_csv(path: Path, kind: str = "runs") -> str:
     warning) or summary.csv ("summary"); BadInput when it is not one."""
     what = f"a {kind}.csv written by vlm-bench"
     text = read_text(path, what)
-    if kind == "runs" and whole_rows(text) != text:
-        print(f"warning: {path}: its last row was cut off ({len(text) - len(whole_rows(text))} characters without a "
-              "line end, from a run killed while writing it); it is left out", file=sys.stderr)
-        text = whole_rows(text)
+    whole = whole_rows(text) if kind == "runs" else text
+    if whole != text:
+        print(f"warning: {path}: its last row was cut off ({len(text) - len(whole)} characters without a line end, "
+              "from a run killed while writing it); it is left out", file=sys.stderr)
+        text = whole
     required, numbers = (RUNS_REQUIRED, RUN_METRICS) if kind == "runs" else (SUMMARY_REQUIRED, SUMMARY_NUMBERS)
     try:
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
