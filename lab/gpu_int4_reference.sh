@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # int4 reference runs for one preset (weights=random) on the graph engine: fp16, awq4 and
-# awq4+prefix at batch 1, 4 and 16 with the decode kernel per row count measured on this GPU,
+# awq4+prefix at batch 1, 4, 8 and 16 with the decode kernel per row count measured on this GPU,
 # then the kernel table, then awq4 with the opt-in dense prefill copy and with FBGEMM's
 # mixed-input GEMM for prefill. Usage: bash lab/gpu_int4_reference.sh PRESET OUT_DIR [CANDIDATES]
 # STAGES=batch or STAGES=prefill runs one half (a 7B's whole set takes longer than ten minutes).
@@ -17,12 +17,15 @@ RUN=($PY vila_prefix_benchmark.py --preset "$PRESET" --engine graph --num-runs 1
      --int4-kernels measured --int4-kernel-candidates "$CANDIDATES" --text-prompt 'What is shown in this image?')
 set -x
 if [[ " $STAGES " == *" batch "* ]]; then
-  "${RUN[@]}" --variants fp16,awq4,awq4+prefix --batch-size 1,4,16 --output-dir "$OUT/$PRESET-int4-graph-batch"
+  "${RUN[@]}" --variants fp16,awq4,awq4+prefix --batch-size ${BATCH_SIZES:-1,4,8,16} --output-dir "$OUT/$PRESET-int4-graph-batch"
   $PY -m bench int4-kernels "$CACHE/kernels.json" --out "$OUT/$PRESET-int4-graph-batch/int4_kernels_$PRESET.csv"
   cp "$CACHE/kernels.json" "$OUT/$PRESET-int4-graph-batch/"
 fi
 if [[ " $STAGES " == *" prefill "* ]]; then
   "${RUN[@]}" --variants fp16,awq4 --output-dir "$OUT/$PRESET-awq4-prefill-default"
   "${RUN[@]}" --variants awq4 --int4-prefill-copy --output-dir "$OUT/$PRESET-awq4-prefill-copy"
-  "${RUN[@]}" --variants awq4 --int4-prefill-kernel fbgemm-shuffled --output-dir "$OUT/$PRESET-awq4-prefill-fbgemm"
+  # FBGEMM's mixed-input GEMM only where fbgemm-gpu-genai imports (else the run would be one skipped row)
+  if $PY -c 'import fbgemm_gpu.experimental.gen_ai' 2>/dev/null; then
+    "${RUN[@]}" --variants awq4 --int4-prefill-kernel fbgemm-shuffled --output-dir "$OUT/$PRESET-awq4-prefill-fbgemm"
+  fi
 fi
