@@ -3,7 +3,10 @@
 # awq4+prefix at batch 1, 4, 8 and 16 with the decode kernel per row count measured on this GPU,
 # then the kernel table, then awq4 with the opt-in dense prefill copy and with FBGEMM's
 # mixed-input GEMM for prefill. Usage: bash lab/gpu_int4_reference.sh PRESET OUT_DIR [CANDIDATES]
-# STAGES=batch or STAGES=prefill runs one half (a 7B's whole set takes longer than ten minutes).
+# STAGES=batch or STAGES=prefill runs one half. A stage stopped part-way (a time limit) is finished by
+# running the same command again: a directory that already holds runs.csv is continued with --resume
+# (its finished groups are kept). The first measurement of a 7B's int4 kernels on a GPU is most of the
+# batch stage: about nine minutes of the H200's (results/reference/h200/llava-1.5-7b-int4-graph-batch).
 set -u
 STAGES=${STAGES:-batch prefill}
 PRESET=${1:?preset}; OUT=${2:?output directory}
@@ -15,17 +18,21 @@ PY=${PYTHON:-python3}
 CACHE=${INT4_CACHE_DIR:-${TMPDIR:-/tmp}/vlm-bench-int4-cache-$PRESET}
 RUN=($PY vila_prefix_benchmark.py --preset "$PRESET" --engine graph --num-runs 10 --int4-cache-dir "$CACHE"
      --int4-kernels measured --int4-kernel-candidates "$CANDIDATES" --text-prompt 'What is shown in this image?')
+into() {  # DIR ARGS...: the run into DIR, continued with --resume if an earlier one left rows there
+  local dir=$1; shift
+  if [[ -f "$dir/runs.csv" ]]; then "${RUN[@]}" "$@" --output-dir "$dir" --resume; else "${RUN[@]}" "$@" --output-dir "$dir"; fi
+}
 set -x
 if [[ " $STAGES " == *" batch "* ]]; then
-  "${RUN[@]}" --variants fp16,awq4,awq4+prefix --batch-size ${BATCH_SIZES:-1,4,8,16} --output-dir "$OUT/$PRESET-int4-graph-batch"
+  into "$OUT/$PRESET-int4-graph-batch" --variants fp16,awq4,awq4+prefix --batch-size "${BATCH_SIZES:-1,4,8,16}"
   $PY -m bench int4-kernels "$CACHE/kernels.json" --out "$OUT/$PRESET-int4-graph-batch/int4_kernels_$PRESET.csv"
   cp "$CACHE/kernels.json" "$OUT/$PRESET-int4-graph-batch/"
 fi
 if [[ " $STAGES " == *" prefill "* ]]; then
-  "${RUN[@]}" --variants fp16,awq4 --output-dir "$OUT/$PRESET-awq4-prefill-default"
-  "${RUN[@]}" --variants awq4 --int4-prefill-copy --output-dir "$OUT/$PRESET-awq4-prefill-copy"
+  into "$OUT/$PRESET-awq4-prefill-default" --variants fp16,awq4
+  into "$OUT/$PRESET-awq4-prefill-copy" --variants awq4 --int4-prefill-copy
   # FBGEMM's mixed-input GEMM only where fbgemm-gpu-genai imports (else the run would be one skipped row)
   if $PY -c 'import fbgemm_gpu.experimental.gen_ai' 2>/dev/null; then
-    "${RUN[@]}" --variants awq4 --int4-prefill-kernel fbgemm-shuffled --output-dir "$OUT/$PRESET-awq4-prefill-fbgemm"
+    into "$OUT/$PRESET-awq4-prefill-fbgemm" --variants awq4 --int4-prefill-kernel fbgemm-shuffled
   fi
 fi

@@ -2,6 +2,7 @@
 generated MANIFEST, docs/findings.md and the README's variants table are what the generators
 write, the README names every subcommand, the numbers the docs state are the code's, and every
 relative link resolves."""
+import json
 import re
 import shutil
 
@@ -39,6 +40,14 @@ def test_write_manifest_takes_date_and_command_from_env_json(tmp_path):
     assert m["date"] == "2026-12-04" and m["commit"] == "abc1234" and m["shows"] == "what it shows"
     assert m["command"].startswith("python vila_prefix_benchmark.py --variants awq4,rtn4")
     assert "env_git_sha" in m  # env.json records another sha than the one given
+    assert "resumed" not in m
+    env = json.loads((run / "env.json").read_text())
+    env["resumed"] = [{"at": "2026-12-04T10:00:00+00:00", "command": env["command"] + " --resume"},
+                      {"at": "2026-12-04T10:05:00+00:00", "command": env["command"] + " --resume"}]
+    (run / "env.json").write_text(json.dumps(env))
+    write_manifest(run, "abc1234", "what it shows")
+    assert read_manifest(run)["resumed"] == ("2 times with --resume (the same command plus --resume), "
+                                             "at 2026-12-04T10:00:00+00:00, 2026-12-04T10:05:00+00:00")
     (run / "env.json").unlink()
     with pytest.raises(UsageError):
         write_manifest(run, "abc1234", "what it shows")

@@ -53,6 +53,10 @@ def manifest_fields(run_dir: Path, commit: str, shows: str) -> dict[str, str]:
         "command": shlex.join(argv),
         "shows": " ".join(shows.split()),
     }
+    resumed = [r for r in env.get("resumed") or [] if isinstance(r, dict) and r.get("at")]
+    if resumed:  # finished by later processes (`run --resume`) after the first stopped
+        fields["resumed"] = (f"{len(resumed)} time{'s' if len(resumed) > 1 else ''} with --resume (the same command "
+                             f"plus --resume), at {', '.join(str(r['at']) for r in resumed)}")
     sha = str(env.get("git_sha", ""))
     if sha and not sha.startswith(commit.strip()) and not commit.strip().startswith(sha):
         fields["env_git_sha"] = f"{sha[:7]} (env.json's record; the code that ran is the commit above)"
