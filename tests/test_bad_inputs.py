@@ -270,6 +270,10 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--variants", "fp16,nocache"], "given twice"),  # one variant under two names
     (["--variants", "prefix + static,static+prefix"], "'prefix+static' is the same variant"),
     (["--engine", "hf,hf"], "given twice"),
+    # a flag that would be ignored
+    (["--loader", "serial"], "--loader applies to --video-mode frames"),  # image requests read no frames
+    (["--frames-dir", "f", "--video-mode", "clip", "--loader", "serial"], "a clip request reads all its frames"),
+    (["--loader", ""], "--loader is empty"),
 ])
 def test_flags_that_can_never_run(tmp_path, capsys, args, needle):
     bad_run(tmp_path, capsys, args, needle)

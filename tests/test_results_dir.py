@@ -118,6 +118,12 @@ def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
     assert run_main([*TINY, "--resume", "--output-dir", str(out)]) == 0
     assert read_rows(out / "runs.csv") == read_rows(finished / "runs.csv")
     assert json.loads((out / "env.json").read_text())["resumed"]
+    # a directory written while --loader defaulted to "prefetch" (recorded so) is the same configuration
+    env = json.loads((out / "env.json").read_text())
+    assert env["config"]["loader"] is None
+    env["config"]["loader"] = "prefetch"
+    (out / "env.json").write_text(json.dumps(env))
+    assert run_main([*TINY, "--resume", "--output-dir", str(out)]) == 0
 
 
 @pytest.mark.parametrize("stop_at", [4, 8])  # in fp16's second point; in prefix's first warm group

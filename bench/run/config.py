@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.engines import attention_kernels
 from bench.errors import ArgumentParser, UsageError
 from bench.run.summary import ValidityRule
-from bench.run.workload import LOADERS, VIDEO_MODES, int_list, name_list, workload_points
+from bench.run.workload import DEFAULT_LOADER, LOADERS, VIDEO_MODES, int_list, name_list, workload_points
 from variants.options import empty_flag, flag_fields, opt, options_from, run_facts
 
 DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
@@ -45,8 +45,9 @@ class RunFields:
     num_frames: int = opt("video: frames sampled uniformly (0: every frame)", 8)
     video_mode: str = opt("video: frames (each request shows the next frame, as frame-by-frame analysis) or clip "
                           "(each request shows all sampled frames as one video)", "frames")
-    loader: str = opt("video frames: serial (read + preprocess each frame when needed), prefetch (a background "
-                      "thread does it ahead), or both: serial,prefetch", "prefetch")
+    loader: str | None = opt("--video-mode frames: serial (read + preprocess each frame when needed), prefetch "
+                             "(a background thread does it ahead), or both: serial,prefetch (default: prefetch)",
+                             nonempty="a loader name")
     text_prompt: str | None = opt("the question to measure (default: a built-in list of questions)",
                                   aliases=("--text_prompt", "--query"))
     questions: str | None = opt("file with one measured question per line", nonempty="a path")
@@ -159,8 +160,12 @@ class RunConfigBase:
         self._check_executor()
         if self.video_mode not in VIDEO_MODES:
             raise UsageError(f"unknown --video-mode {self.video_mode!r}; choose {' or '.join(VIDEO_MODES)}")
-        loaders = name_list(self.loader, "--loader", LOADERS)
+        loaders = name_list(self.loader or DEFAULT_LOADER, "--loader", LOADERS)
         video = bool(self.video_path or self.frames_dir)
+        if self.loader is not None and not (video and self.video_mode == "frames"):
+            raise UsageError("--loader applies to --video-mode frames (how each request's next frame is read); "
+                             + ("a clip request reads all its frames before it starts" if video else
+                                "image requests read no frames"))
         images = int_list(self.num_images, "--num-images") if self.num_images is not None else []
         if video and images not in ([], [1]):
             raise UsageError("--num-images applies to image input; a video request shows its frames")
@@ -292,6 +297,9 @@ RunConfig = config_class()
 # configuration fingerprint --resume compares.
 NOT_FINGERPRINTED = ("output_dir", "append", "resume", "wide", "executor", "gpus", "workers", "ray_address",
                      "worker_timeout")
+# Settings left unset (None) that mean a default: fingerprinted as that default, as runs.csv
+# directories written while the flag had it as its value recorded it (--loader).
+FINGERPRINT_DEFAULTS = {"loader": DEFAULT_LOADER}
 
 EXIT_CODES = """exit codes:
   0    every variant and point measured

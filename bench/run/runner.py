@@ -23,7 +23,7 @@ from bench.measure import calibration, compile_events
 from bench.run import envinfo, host, interrupt
 from bench.run import fidelity
 from bench.run.preprocess import place_preprocessing
-from bench.run.config import NOT_FINGERPRINTED, RunConfig
+from bench.run.config import FINGERPRINT_DEFAULTS, NOT_FINGERPRINTED, RunConfig
 from bench.run.plan import Job, build_plan
 from bench.log import status
 from bench.errors import UsageError, VariantUnsupported
@@ -109,7 +109,8 @@ def shape_matched_warmups(adapter, questions: list[str], limit: int = 16) -> lis
 
 def config_fingerprint(config: dict) -> tuple[str, dict]:
     """What --resume compares: the run's settings less where its results go (NOT_FINGERPRINTED),
-    as JSON would store them, and their SHA-256."""
+    unset ones as their defaults (FINGERPRINT_DEFAULTS), as JSON would store them, and their SHA-256."""
+    config = {**config, **{k: v for k, v in FINGERPRINT_DEFAULTS.items() if config.get(k) is None}}
     settings = json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_FINGERPRINTED},
                                      sort_keys=True, default=str))
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16], settings

@@ -14,6 +14,7 @@ from bench.models.visual import VisualInput, png_bytes
 
 VIDEO_MODES = ("clip", "frames")
 LOADERS = ("serial", "prefetch")
+DEFAULT_LOADER = "prefetch"
 
 
 @dataclass(frozen=True)
