@@ -4,11 +4,16 @@ kernels take per step (the kernel table's microseconds at that many rows, one ca
 shape per decoder layer, summed over the layers) and what the rest of the step takes (lm_head,
 attention, norms, the step's other kernels), with the bandwidth at which the chosen kernels read
 the int4 weights (int4_gb_per_s).
-Usage: python lab/int4_decode_budget.py RESULTS_DIR [PRESET]
+With --gb-s B it also gives the least time the int4 weights take read once at B GB/s ("int4 at
+B ms", the same bytes int4_gb_per_s counts) and the TPOT that would give if the rest of the step
+stayed as measured ("tpot at B ms"), and its speed-up over fp16: what kernels at that bandwidth
+would reach without also shortening the rest.
+Usage: python lab/int4_decode_budget.py RESULTS_DIR [PRESET] [--gb-s B]
 (RESULTS_DIR holds summary.csv, runs.csv and int4_kernels_*.csv, e.g.
 results/reference/h100/llava-1.5-7b-int4-graph-batch, as lab/gpu_int4_reference.sh writes them:
 a run of fp16 and awq4 or rtn4 with --int4-kernels measured, then `python -m bench int4-kernels
 CACHE/kernels.json --out RESULTS_DIR/int4_kernels_PRESET.csv`; PRESET defaults to the runs' model)"""
+import argparse
 import sys
 from pathlib import Path
 
@@ -19,7 +24,7 @@ from bench.quiet import quiet_libraries
 from bench.run.limits import model_dims
 
 
-def main(directory: str, preset: str | None = None) -> None:
+def main(directory: str, preset: str | None = None, gb_s: float | None = None) -> None:
     quiet_libraries()
     d = Path(directory)
     runs = pd.read_csv(d / "runs.csv", usecols=["model", "variant"])
@@ -48,6 +53,8 @@ def main(directory: str, preset: str | None = None) -> None:
         out.append({"batch": int(batch), f"tpot {fp16} ms": tpot.at[batch, fp16], f"tpot {int4} ms": tpot.at[batch, int4],
                     "speed-up": tpot.at[batch, fp16] / tpot.at[batch, int4], "int4 kernels ms": kernels_ms,
                     "rest ms": tpot.at[batch, int4] - kernels_ms,
+                    **(_at_bandwidth(rows, layers, tpot.at[batch, int4] - kernels_ms, tpot.at[batch, fp16], gb_s)
+                       if gb_s else {}),
                     "kernels": ", ".join(f"{n}x{k} {name} {us:.1f}us {gb:.0f}GB/s" for n, k, name, us, gb in
                                          zip(rows["out_features"], rows["in_features"], rows["kernel"], rows["us"],
                                              rows["gb_s"]))})
@@ -55,5 +62,20 @@ def main(directory: str, preset: str | None = None) -> None:
     print(pd.DataFrame(out).round(3).to_string(index=False))
 
 
+def _at_bandwidth(rows, layers: int, rest_ms: float, fp16_ms: float, gb_s: float) -> dict:
+    """The chosen shapes' int4 weights read once at gb_s GB/s per step, and the TPOT with the rest as measured."""
+    ms = sum(int4_gb_per_s(n, k, g, 1.0) * 1e-6 / gb_s for n, k, g in
+             zip(rows["out_features"], rows["in_features"], rows["group_size"])) * layers * 1e3
+    return {f"int4 at {gb_s:g} ms": ms, f"tpot at {gb_s:g} ms": ms + rest_ms,
+            f"speed-up at {gb_s:g}": fp16_ms / (ms + rest_ms)}
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("directory")
+    ap.add_argument("preset", nargs="?")
+    ap.add_argument("--gb-s", type=float, default=None, help="a memory bandwidth, GB/s")
+    a = ap.parse_args()
+    if a.gb_s is not None and not a.gb_s > 0:
+        sys.exit("--gb-s must be a bandwidth above 0 GB/s")
+    main(a.directory, a.preset, a.gb_s)
