@@ -27,6 +27,9 @@ from bench.run.limits import model_dims
 def main(directory: str, preset: str | None = None, gb_s: float | None = None) -> None:
     quiet_libraries()
     d = Path(directory)
+    missing = [f for f in ("runs.csv", "summary.csv") if not (d / f).is_file()]
+    if missing:
+        sys.exit(f"{d}: no {' or '.join(missing)} (a results directory of a run with --int4-kernels measured)")
     runs = pd.read_csv(d / "runs.csv", usecols=["model", "variant"])
     preset = preset or runs["model"].iloc[0]
     layers = model_dims(None, preset).layers
