@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # int4 reference runs for one preset (weights=random) on the graph engine: fp16, awq4 and
 # awq4+prefix at batch 1, 4, 8 and 16 with the decode kernel per row count measured on this GPU,
-# then the kernel table, then awq4 with the opt-in dense prefill copy and with FBGEMM's
-# mixed-input GEMM for prefill. Usage: bash lab/gpu_int4_reference.sh PRESET OUT_DIR [CANDIDATES]
+# then the kernel table, then awq4 with the opt-in dense prefill copy, with Marlin's GEMM and with
+# FBGEMM's mixed-input GEMM for prefill. Usage: bash lab/gpu_int4_reference.sh PRESET OUT_DIR [CANDIDATES]
 # STAGES=batch or STAGES=prefill runs one half. A stage stopped part-way (a time limit) is finished by
 # running the same command again: a directory that already holds runs.csv is continued with --resume
 # (its finished groups are kept). The first measurement of a 7B's int4 kernels on a GPU is most of the
@@ -10,9 +10,10 @@
 set -u
 STAGES=${STAGES:-batch prefill}
 PRESET=${1:?preset}; OUT=${2:?output directory}
-# gemlite's GEMMs for 8 to 64 rows (batched decode steps); triton-tiles-splitk is left out: it won no
+# gemlite's GEMMs for 8 to 64 rows (batched decode steps), Marlin's GEMM (compiled on first use, about a
+# minute); triton-tiles-splitk is left out: it won no
 # shape at any row count in the H100 table (results/reference/h100/llava-1.5-7b-int4-graph-batch at 0d5576d)
-CANDIDATES=${3:-tinygemm,dense,gemlite-gemv-revsplitk,fbgemm-shuffled,triton-tiles,gemlite-gemm-splitk,gemlite-gemm}
+CANDIDATES=${3:-tinygemm,dense,gemlite-gemv-revsplitk,fbgemm-shuffled,triton-tiles,gemlite-gemm-splitk,gemlite-gemm,marlin}
 PY=${PYTHON:-python3}
 # the quantized models (GBs) stay out of OUT, which holds results only; kernels.json is copied there
 CACHE=${INT4_CACHE_DIR:-${TMPDIR:-/tmp}/vlm-bench-int4-cache-$PRESET}
@@ -31,6 +32,7 @@ fi
 if [[ " $STAGES " == *" prefill "* ]]; then
   into "$OUT/$PRESET-awq4-prefill-default" --variants fp16,awq4
   into "$OUT/$PRESET-awq4-prefill-copy" --variants awq4 --int4-prefill-copy
+  into "$OUT/$PRESET-awq4-prefill-marlin" --variants awq4 --int4-prefill-kernel marlin
   # FBGEMM's mixed-input GEMM only where fbgemm-gpu-genai imports (else the run would be one skipped row)
   if $PY -c 'import fbgemm_gpu.experimental.gen_ai' 2>/dev/null; then
     into "$OUT/$PRESET-awq4-prefill-fbgemm" --variants awq4 --int4-prefill-kernel fbgemm-shuffled

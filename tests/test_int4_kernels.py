@@ -42,7 +42,7 @@ def test_each_kernel_gives_dequantize_matmul_at_every_row_count_it_serves(name):
     why = kernel.unavailable(DEVICE, DTYPE)
     if why:
         pytest.skip(why)
-    m = _layer()
+    m = _layer(group=128) if kernel.shape_unsupported(_layer()) else _layer()  # marlin: groups of 128
     m.set_row_plan(((choice.ROW_POINTS[-1], name),), DTYPE)
     assert all(m.kernel_at(r) == name for r in range(1, choice.ROW_POINTS[-1] + 1))
     assert m.kernel_at(choice.ROW_POINTS[-1] + 1) == "dense"
@@ -52,6 +52,58 @@ def test_each_kernel_gives_dequantize_matmul_at_every_row_count_it_serves(name):
         assert y.shape == (1, rows, m.out_features) and y.dtype == DTYPE
         err = ((y.float() - want).abs().max() / want.abs().max()).item()
         assert err < (1e-5 if DTYPE == torch.float32 else 5e-3), (name, rows, err)
+
+
+def _unpack8(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([(packed.to(torch.int64) >> (4 * i)) & 15 for i in range(8)], dim=-1).flatten(-2)
+
+
+def test_marlin_layout_holds_every_code_scale_and_zero_once_where_its_kernel_reads_them():
+    """Marlin's weight is 16 x 16 tiles along K, each strip of 64 columns' 1024 codes in the
+    tensor-core fragment order, 8 nibbles a word; its scales and zero points are permuted per 64
+    columns (the zero points also interleaved). Undoing each step gives the layer's codes back."""
+    from bench.quant.w4a16 import marlin
+
+    n, k, g = 192, 384, 128
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(0, 16, (n, k), generator=gen)
+    zero = torch.randint(0, 16, (n, k // g), generator=gen)
+    scale = torch.rand(n, k // g, generator=gen) + 0.5
+    perm, sperm = marlin.weight_perm(), marlin.scale_perm()
+    assert sorted(perm.tolist()) == list(range(1024)) and sorted(sperm.tolist()) == list(range(64))
+    w = marlin.marlin_weight(q)
+    assert w.shape == (k // 16, 2 * n) and w.dtype == torch.int32
+    tiles = torch.empty(k // 16, n * 16, dtype=torch.int64)
+    tiles.view(-1, 1024)[:, perm] = _unpack8(w).view(-1, 1024)
+    back = tiles.view(k // 16, n // 16, 16, 16).permute(0, 2, 1, 3).reshape(k, n).t()
+    assert torch.equal(back, q)
+    s = marlin.marlin_scales(scale)
+    assert s.shape == (k // g, n) and s.dtype == torch.float16
+    unperm = torch.empty_like(s).view(-1, 64)
+    unperm[:, sperm] = s.view(-1, 64)
+    torch.testing.assert_close(unperm.view(k // g, n).t().float(), scale.half().float())
+    z = marlin.marlin_zeros(zero)
+    assert z.shape == (k // g, n // 8) and z.dtype == torch.int32
+    inter = torch.tensor((0, 2, 4, 6, 1, 3, 5, 7))
+    flat = torch.empty(k // g * n // 8, 8, dtype=torch.int64)
+    flat[:, inter] = _unpack8(z).view(-1, 8)
+    zp = torch.empty(k // g * n // 64, 64, dtype=torch.int64)
+    zp[:, sperm] = flat.view(-1, 64)
+    assert torch.equal(zp.view(k // g, n).t(), zero)
+
+
+def test_marlin_refuses_what_its_build_does_not_dispatch():
+    m = KERNELS["marlin"]
+    assert m.unavailable(torch.device("cpu"), torch.float16) == "marlin runs on CUDA only"
+    why = {(n, k, g): m.shape_unsupported(_layer(n=n, k=k, group=g)) for n, k, g in
+           ((256, 256, 128), (256, 256, 64), (96, 256, 128), (256, 128, 128))}
+    assert why[(256, 256, 128)] is None
+    assert all(why[s] and "groups of 128" in why[s] for s in ((256, 256, 64), (96, 256, 128), (256, 128, 128)))
+    from bench.quant.w4a16.marlin import SOURCES
+
+    source = (SOURCES / "gptq_marlin.cu").read_text()  # one dispatch line per tile shape, groups of 128 only
+    assert source.count("AWQ_G128_CALL_IF(marlin_kernels::kU4") == 4
+    assert "GPTQ_CALL_IF(marlin_kernels" not in source and "HQQ_CALL_IF(marlin_kernels" not in source
 
 
 def test_fbgemm_kernels_take_the_layers_own_codes_scales_and_zeros():

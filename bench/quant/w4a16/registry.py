@@ -5,6 +5,7 @@ from bench.quant.w4a16.base import W4A16Kernel
 from bench.quant.w4a16.dense import Dense
 from bench.quant.w4a16.fbgemm import Fbgemm
 from bench.quant.w4a16.gemlite import Gemlite
+from bench.quant.w4a16.marlin import Marlin
 from bench.quant.w4a16.tiles import Tiles
 from bench.quant.w4a16.tinygemm import Tinygemm
 
@@ -21,4 +22,5 @@ KERNELS: dict[str, W4A16Kernel] = {k.name: k for k in (
     Fbgemm("bf16i4bf16_shuffled", shuffled=True),
     Tiles(split_k=False),
     Tiles(split_k=True),
+    Marlin(),
 )}
