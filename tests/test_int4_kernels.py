@@ -92,6 +92,18 @@ def test_marlin_layout_holds_every_code_scale_and_zero_once_where_its_kernel_rea
     assert torch.equal(zp.view(k // g, n).t(), zero)
 
 
+def test_marlin_refuses_codes_its_packing_would_spill_into_their_neighbours():
+    from bench.quant.w4a16.marlin import check_codes
+
+    gen = torch.Generator().manual_seed(0)
+    q, zero = torch.randint(0, 16, (64, 256), generator=gen), torch.randint(0, 16, (64, 2), generator=gen)
+    check_codes(q, zero)
+    with pytest.raises(ValueError, match=r"4-bit zero points \(0..15\); this layer's run 16..16"):
+        check_codes(q, torch.full((64, 2), 16))
+    with pytest.raises(ValueError, match=r"4-bit codes \(0..15\); this layer's run -1..15"):
+        check_codes(torch.cat([q, torch.full((64, 1), -1)], 1), zero)
+
+
 def test_marlin_refuses_what_its_build_does_not_dispatch():
     m = KERNELS["marlin"]
     assert m.unavailable(torch.device("cpu"), torch.float16) == "marlin runs on CUDA only"

@@ -88,6 +88,15 @@ def marlin_zeros(zero: torch.Tensor) -> torch.Tensor:
     return _pack8(z)
 
 
+def check_codes(q: torch.Tensor, zero: torch.Tensor) -> None:
+    """ValueError unless every code and zero point is 4-bit (0..15): packing 8 to a word does not
+    mask them, so one out of range would change its neighbours."""
+    for name, t in (("codes", q), ("zero points", zero)):
+        low, high = int(t.min()), int(t.max())
+        if low < 0 or high > 15:
+            raise ValueError(f"marlin takes 4-bit {name} (0..15); this layer's run {low}..{high}")
+
+
 def build_directory() -> Path:
     """Where the compiled kernels are kept: one directory per torch, CUDA and GPU architecture."""
     major, minor = torch.cuda.get_device_capability()
@@ -152,8 +161,9 @@ class Marlin(W4A16Kernel):
         return None
 
     def prepare(self, layer, dtype: torch.dtype):
-        _build()
         t = layer.to_int4()
+        check_codes(t.q, t.zero)
+        _build()
         dev = layer.packed.device
         tensors = {"qweight": marlin_weight(t.q.to(dev)), "scales": marlin_scales(t.scale.to(dev)),
                    "zeros": marlin_zeros(t.zero.to(dev)),
