@@ -352,13 +352,13 @@ def test_a_kept_plan_naming_an_unknown_kernel_is_measured_again(tmp_path, capsys
     path = tmp_path / "kernels.json"
     PlanCache(path).put(_key((7,)), _plan())
     data = json.loads(path.read_text())
-    data["entries"] = {_key((1, 2), (96, 256, 64)): {**data["entries"][_key((7,))], "plan": [[2, "marlin"]]}}
+    data["entries"] = {_key((1, 2), (96, 256, 64)): {**data["entries"][_key((7,))], "plan": [[2, "machete"]]}}
     path.write_text(json.dumps(data))
     got = choice.choose_kernels([_layer(96, 256)], "measured", DTYPE, path, points=(1, 2))
     assert not got.plans[(96, 256, 64)].cached and {n for _, n in got.plans[(96, 256, 64)].plan} <= set(KERNELS)
     assert len(json.loads(path.read_text())["entries"]) == 2
     capsys.readouterr()
-    assert main(["int4-kernels", str(path)]) == 0 and "1-2 marlin, >2 dense" in capsys.readouterr().out
+    assert main(["int4-kernels", str(path)]) == 0 and "1-2 machete, >2 dense" in capsys.readouterr().out
 
 
 def test_a_dense_copy_is_measured_apart(tmp_path):

@@ -1,5 +1,5 @@
 """Marlin's W4A16 GEMM (Frantar et al.) in vLLM's gptq_marlin form, which takes integer zero
-points: `marlin`, over its own layout of the layer's int4 codes (state_key "marlin").
+points: `marlin`, over its own layout of the layer's int4 codes (state_key "marlin_layout").
 
 Its CUDA source is in marlin_src/ (Apache-2.0; from danieldk/marlin-kernels v0.3.7, vLLM's copy,
 cut to 4-bit weights with integer zero points in groups of 128 and float16 activations: see the
@@ -141,7 +141,7 @@ def _(x, qweight, scales, zeros, workspace):
 
 class Marlin(W4A16Kernel):
     name = "marlin"
-    state_key = "marlin"
+    state_key = "marlin_layout"
     _TENSORS = ("qweight", "scales", "zeros", "workspace")
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
