@@ -104,6 +104,17 @@ def test_marlin_refuses_codes_its_packing_would_spill_into_their_neighbours():
         check_codes(torch.cat([q, torch.full((64, 1), -1)], 1), zero)
 
 
+def test_a_failed_marlin_build_is_one_line_naming_the_compilers_error(tmp_path):
+    from bench.quant.w4a16.marlin import build_failure
+
+    log = RuntimeError("Error building extension 'vlm_bench_marlin': [1/3] nvcc ...\n"
+                       "gptq_marlin.cu(12): error: identifier \"x\" is undefined\n1 error detected")
+    why = build_failure(tmp_path, log)
+    assert why == (f"marlin could not be built in {tmp_path} (RuntimeError: "
+                   'gptq_marlin.cu(12): error: identifier "x" is undefined)')
+    assert build_failure(tmp_path, OSError("no space left")).endswith("(OSError: no space left)")
+
+
 def test_marlin_refuses_what_its_build_does_not_dispatch():
     m = KERNELS["marlin"]
     assert m.unavailable(torch.device("cpu"), torch.float16) == "marlin runs on CUDA only"

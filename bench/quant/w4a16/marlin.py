@@ -114,18 +114,37 @@ def _toolchain_missing() -> str | None:
     return None
 
 
+def build_failure(where: Path, e: BaseException) -> str:
+    """One line saying why the build in `where` failed: the compiler's first error line if the
+    message holds one (torch's holds the whole build log), else the message's first line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    first = next((line for line in lines if "error" in line.lower() and line != lines[0]), lines[0] if lines else "")
+    return f"marlin could not be built in {where} ({e.__class__.__name__}: {first[:200]})"
+
+
 @lru_cache(maxsize=None)
-def _build() -> None:
-    """Compile (or load the compiled) kernels; their op registers as torch.ops.vlm_bench_marlin."""
+def _built() -> str | None:
+    """Compile (or load the compiled) kernels once per process, their op registering as
+    torch.ops.vlm_bench_marlin; None, or why it failed (kept: no layer retries a failed build)."""
     from torch.utils.cpp_extension import load
 
     where = build_directory()
-    where.mkdir(parents=True, exist_ok=True)
     status(f"marlin: loading its CUDA kernels (compiled into {where} on first use)")
-    load(name="vlm_bench_marlin", sources=[str(SOURCES / "gptq_marlin.cu"), str(SOURCES / "binding.cpp")],
-         extra_include_paths=[str(SOURCES)], extra_cflags=["-O3"],
-         extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"], build_directory=str(where),
-         is_python_module=False, verbose=False)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        load(name="vlm_bench_marlin", sources=[str(SOURCES / "gptq_marlin.cu"), str(SOURCES / "binding.cpp")],
+             extra_include_paths=[str(SOURCES)], extra_cflags=["-O3"],
+             extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"], build_directory=str(where),
+             is_python_module=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 - a compiler, toolkit or linker failure: the kernel is left out
+        return build_failure(where, e)
+    return None
+
+
+def _build() -> None:
+    why = _built()
+    if why:
+        raise RuntimeError(why)
 
 
 @torch.library.custom_op("vlm_bench::int4_marlin_mm", mutates_args=())
