@@ -14,6 +14,7 @@ from bench.quant.int4 import Int4Linear, quantize_int4
 from bench.quant.w4a16 import choice, measurements
 from bench.quant.w4a16.base import W4A16Kernel
 from bench.quant.w4a16.registry import KERNELS
+from bench.errors import VariantUnsupported
 
 pytest.importorskip("torchao")
 
@@ -98,9 +99,9 @@ def test_marlin_refuses_codes_its_packing_would_spill_into_their_neighbours():
     gen = torch.Generator().manual_seed(0)
     q, zero = torch.randint(0, 16, (64, 256), generator=gen), torch.randint(0, 16, (64, 2), generator=gen)
     check_codes(q, zero)
-    with pytest.raises(ValueError, match=r"4-bit zero points \(0..15\); this layer's run 16..16"):
+    with pytest.raises(VariantUnsupported, match=r"4-bit zero points \(0..15\); this layer's run 16..16"):
         check_codes(q, torch.full((64, 2), 16))
-    with pytest.raises(ValueError, match=r"4-bit codes \(0..15\); this layer's run -1..15"):
+    with pytest.raises(VariantUnsupported, match=r"4-bit codes \(0..15\); this layer's run -1..15"):
         check_codes(torch.cat([q, torch.full((64, 1), -1)], 1), zero)
 
 
@@ -289,6 +290,47 @@ def test_a_kernel_with_a_row_limit_is_measured_and_chosen_up_to_it_only(monkeypa
     gemvs = [k for k in KERNELS.values() if k.name.startswith("gemlite-gemv")]
     assert len(gemvs) == 3 and {k.max_rows for k in gemvs} == {4}
     assert KERNELS["gemlite-gemm"].max_rows is None and KERNELS["gemlite-gemm-splitk"].max_rows is None
+
+
+class _FailsToBuild(W4A16Kernel):
+    """Builds its code on first use (as marlin does); while `toolchain` is broken the build fails,
+    and the kernel says so from then on."""
+
+    name = "test-builds"
+    state_key = "test-build"
+
+    def __init__(self):
+        self.toolchain_ok, self.failed = False, None
+
+    def unavailable(self, device, dtype):
+        return self.failed
+
+    def prepare(self, layer, dtype):
+        if not self.toolchain_ok:
+            self.failed = "test-builds could not be built (no compiler)"
+            raise VariantUnsupported(self.failed)
+        return {}, None
+
+    def run(self, layer, x):
+        return KERNELS["tinygemm"].run(layer, x)
+
+
+def test_a_plan_measured_while_a_candidates_build_failed_is_not_kept(tmp_path, monkeypatch):
+    """A kernel whose build fails during a measurement is left out with the reason; that plan is
+    not kept (a later process, its toolchain fixed, measures the shape again with the kernel),
+    while a shape measured after the failure, the kernel no longer a candidate, is kept."""
+    kernel = _FailsToBuild()
+    monkeypatch.setitem(KERNELS, kernel.name, kernel)
+    cache = tmp_path / "kernels.json"
+    allowed = ("tinygemm", kernel.name)
+    got = choice.choose_kernels([_layer(), _layer(128, 256)], "measured", DTYPE, cache, points=(1, 2), allowed=allowed)
+    assert "could not be built" in got.plans[(256, 256, 64)].left_out[kernel.name]
+    assert kernel.name not in got.plans[(128, 256, 64)].us
+    kept = json.loads(cache.read_text())["entries"]
+    assert [json.loads(key)["shape"] for key in kept] == [[128, 256, 64]]
+    kernel.toolchain_ok, kernel.failed = True, None  # the next process, the toolchain fixed
+    again = choice.choose_kernels([_layer(seed=3)], "measured", DTYPE, cache, points=(1, 2), allowed=allowed)
+    assert not again.plans[(256, 256, 64)].cached and kernel.name in again.plans[(256, 256, 64)].us
 
 
 def test_measured_choice_is_made_once_per_device_and_shape(tmp_path):

@@ -268,7 +268,8 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
             status(f"int4 kernels: measuring {', '.join(names)} for {shape[0]}x{shape[1]} (group {shape[2]}) "
                    f"at {len(points)} row counts")
             plan = measure(group[0], dtype, points, names, graph, rotation(group, device))
-            cache.put(key, plan)
+            if not any(KERNELS[n].unavailable(device, dtype) for n in names):
+                cache.put(key, plan)  # kept unless a candidate turned unavailable while measured (a failed build)
         choice.plans[shape] = plan
         for m in group:
             m.set_row_plan(plan.plan, dtype)

@@ -5,9 +5,11 @@ Its CUDA source is in marlin_src/ (Apache-2.0; from danieldk/marlin-kernels v0.3
 cut to 4-bit weights with integer zero points in groups of 128 and float16 activations: see the
 note at the top of gptq_marlin.cu). No wheel of it is built for every torch and CUDA release (none
 for torch 2.11 with CUDA 13), so it is compiled on first use with torch.utils.cpp_extension
-(CUDA's nvcc and ninja; tens of seconds) into a build directory kept per torch, CUDA and GPU
+(CUDA's nvcc and ninja; about a minute) into a build directory kept per torch, CUDA and GPU
 architecture (VLM_BENCH_MARLIN_BUILD, default ~/.cache/vlm-bench/); later processes load it.
-A build that fails leaves the kernel out of `--int4-kernels measured` with the reason.
+A build that fails leaves the kernel out of `--int4-kernels measured` with the reason, and makes
+`--int4-kernels marlin` or `--int4-prefill-kernel marlin` a skipped row saying why; from then on
+in that process the kernel is unavailable (so no plan measured without it is kept as one with it).
 
 The layout is Marlin's, made here from the layer's codes (q [N, K] in 0..15, scale and integer
 zero [N, K / 128]; w = (q - zero) * scale): the weight as 16 x 16 tiles along K, each tile's
@@ -28,8 +30,11 @@ from pathlib import Path
 
 import torch
 
+from bench.errors import VariantUnsupported
 from bench.log import status
 from bench.quant.w4a16.base import W4A16Kernel
+
+BUILD_WAIT_S = 900  # the longest a process waits for another's build of the same directory
 
 GROUP = 128  # the one group size this build dispatches (group_blocks 8)
 TILE = 16
@@ -94,7 +99,7 @@ def check_codes(q: torch.Tensor, zero: torch.Tensor) -> None:
     for name, t in (("codes", q), ("zero points", zero)):
         low, high = int(t.min()), int(t.max())
         if low < 0 or high > 15:
-            raise ValueError(f"marlin takes 4-bit {name} (0..15); this layer's run {low}..{high}")
+            raise VariantUnsupported(f"marlin takes 4-bit {name} (0..15); this layer's run {low}..{high}")
 
 
 def build_directory() -> Path:
@@ -104,11 +109,14 @@ def build_directory() -> Path:
     return Path(root) / f"marlin-torch{torch.__version__}-cuda{torch.version.cuda}-sm{major}{minor}"
 
 
+@lru_cache(maxsize=None)
 def _toolchain_missing() -> str | None:
     from torch.utils import cpp_extension
 
-    if cpp_extension.CUDA_HOME is None:
-        return "marlin is compiled on first use and needs CUDA's nvcc: none found (set CUDA_HOME)"
+    home = cpp_extension.CUDA_HOME
+    if home is None or not (Path(home) / "bin" / "nvcc").is_file():
+        return (f"marlin is compiled on first use and needs CUDA's nvcc: none found "
+                f"({'no CUDA toolkit' if home is None else f'no bin/nvcc in {home}'}; set CUDA_HOME)")
     if not cpp_extension.is_ninja_available():
         return "marlin is compiled on first use and needs ninja: pip install ninja"
     return None
@@ -118,7 +126,8 @@ def build_failure(where: Path, e: BaseException) -> str:
     """One line saying why the build in `where` failed: the compiler's first error line if the
     message holds one (torch's holds the whole build log), else the message's first line."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    first = next((line for line in lines if "error" in line.lower() and line != lines[0]), lines[0] if lines else "")
+    first = next((line for line in lines[1:] if "error" in line.lower() or "not found" in line.lower()),
+                 lines[0] if lines else "")
     return f"marlin could not be built in {where} ({e.__class__.__name__}: {first[:200]})"
 
 
@@ -128,14 +137,23 @@ def _built() -> str | None:
     torch.ops.vlm_bench_marlin; None, or why it failed (kept: no layer retries a failed build)."""
     from torch.utils.cpp_extension import load
 
+    from filelock import FileLock, Timeout
+
     where = build_directory()
     status(f"marlin: loading its CUDA kernels (compiled into {where} on first use)")
     try:
         where.mkdir(parents=True, exist_ok=True)
-        load(name="vlm_bench_marlin", sources=[str(SOURCES / "gptq_marlin.cu"), str(SOURCES / "binding.cpp")],
-             extra_include_paths=[str(SOURCES)], extra_cflags=["-O3"],
-             extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"], build_directory=str(where),
-             is_python_module=False, verbose=False)
+        # torch's own build lock is a plain file that a process killed mid-build leaves behind, and
+        # the next one would wait on it for ever; an OS lock (freed when its holder dies) is taken
+        # first, and under it a leftover of torch's is stale
+        with FileLock(str(where) + ".lock", timeout=BUILD_WAIT_S):
+            (where / "lock").unlink(missing_ok=True)
+            load(name="vlm_bench_marlin", sources=[str(SOURCES / "gptq_marlin.cu"), str(SOURCES / "binding.cpp")],
+                 extra_include_paths=[str(SOURCES)], extra_cflags=["-O3"],
+                 extra_cuda_cflags=["-O3", "--expt-relaxed-constexpr"], build_directory=str(where),
+                 is_python_module=False, verbose=False)
+    except Timeout:
+        return f"marlin's build in {where} is held by another process for over {BUILD_WAIT_S} s"
     except Exception as e:  # noqa: BLE001 - a compiler, toolkit or linker failure: the kernel is left out
         return build_failure(where, e)
     return None
@@ -144,7 +162,12 @@ def _built() -> str | None:
 def _build() -> None:
     why = _built()
     if why:
-        raise RuntimeError(why)
+        raise VariantUnsupported(why)
+
+
+def _build_failed() -> str | None:
+    """Why this process's build failed, if one was tried and failed (no build is started here)."""
+    return _built() if _built.cache_info().currsize else None
 
 
 @torch.library.custom_op("vlm_bench::int4_marlin_mm", mutates_args=())
@@ -170,7 +193,7 @@ class Marlin(W4A16Kernel):
             return f"marlin is built here for float16 activations, not {dtype}"
         if torch.cuda.get_device_capability(device)[0] < 8:
             return "marlin needs a GPU of compute capability 8.0 or newer"
-        return _toolchain_missing()
+        return _toolchain_missing() or _build_failed()
 
     def shape_unsupported(self, layer) -> str | None:
         if (layer.group_size != GROUP or layer.in_features % GROUP or layer.in_features <= GROUP

@@ -5,8 +5,8 @@
  *     registers the one op this build serves);
  *   - marlin_mm dispatches only 4-bit weights with integer zero points in groups of 128
  *     (AWQ_G128_CALL_IF below: 4 tile shapes x 1..4 row blocks, 16 kernels instead of about
- *     300 per activation dtype), and gptq_marlin_gemm takes float16 activations only, so one
- *     compile takes seconds, not minutes.
+ *     300 per activation dtype), and gptq_marlin_gemm takes float16 activations only, so it
+ *     compiles in about a minute where the whole file takes several.
  */
 /*
  * Modified by Neural Magic
