@@ -43,11 +43,13 @@ def test_write_manifest_takes_date_and_command_from_env_json(tmp_path):
     assert "resumed" not in m
     env = json.loads((run / "env.json").read_text())
     env["resumed"] = [{"at": "2026-12-04T10:00:00+00:00", "command": env["command"] + " --resume"},
-                      {"at": "2026-12-04T10:05:00+00:00", "command": env["command"] + " --resume"}]
+                      {"at": "2026-12-04T10:05:00+00:00", "command": env["command"] + " --resume --workers 2"}]
     (run / "env.json").write_text(json.dumps(env))
     write_manifest(run, "abc1234", "what it shows")
-    assert read_manifest(run)["resumed"] == ("2 times with --resume (the same command plus --resume), "
-                                             "at 2026-12-04T10:00:00+00:00, 2026-12-04T10:05:00+00:00")
+    assert read_manifest(run)["resumed"] == (
+        "2 times with the command above plus --resume (or as shown), at 2026-12-04T10:00:00+00:00, "
+        "2026-12-04T10:05:00+00:00 "
+        f"({env['command']} --resume --workers 2)")  # a resume given other unfingerprinted flags says so
     (run / "env.json").unlink()
     with pytest.raises(UsageError):
         write_manifest(run, "abc1234", "what it shows")

@@ -117,7 +117,7 @@ def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
     # the same configuration, finished already: nothing runs again
     assert run_main([*TINY, "--resume", "--output-dir", str(out)]) == 0
     assert read_rows(out / "runs.csv") == read_rows(finished / "runs.csv")
-    assert json.loads((out / "env.json").read_text())["resumed"]
+    assert not json.loads((out / "env.json").read_text()).get("resumed")  # it ran nothing: no resume recorded
     # a directory written while --loader defaulted to "prefetch" (recorded so) is the same configuration
     env = json.loads((out / "env.json").read_text())
     assert env["config"]["loader"] is None
@@ -147,6 +147,8 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeyp
     assert run_main([*args[:-2], "--resume", "--output-dir", str(out)]) == 0
     rows = read_rows(out / "runs.csv")
     assert rows[:stop_at - 1] == first and {r["run_id"] for r in rows} == {first[0]["run_id"]}  # the same run
+    resumed = json.loads((out / "env.json").read_text())["resumed"]
+    assert [r["command"].endswith("--resume --output-dir " + str(out)) for r in resumed] == [True]
     groups = {}
     for r in rows:
         assert r["status"] == "ok" and r["kind"] == "measured"

@@ -55,12 +55,21 @@ def manifest_fields(run_dir: Path, commit: str, shows: str) -> dict[str, str]:
     }
     resumed = [r for r in env.get("resumed") or [] if isinstance(r, dict) and r.get("at")]
     if resumed:  # finished by later processes (`run --resume`) after the first stopped
-        fields["resumed"] = (f"{len(resumed)} time{'s' if len(resumed) > 1 else ''} with --resume (the same command "
-                             f"plus --resume), at {', '.join(str(r['at']) for r in resumed)}")
+        same = shlex.join(argv[1:] if argv[0] == "python" else argv) + " --resume"
+        fields["resumed"] = (f"{len(resumed)} time{'s' if len(resumed) > 1 else ''} with the command above plus --resume (or as shown), at "
+                             + ", ".join(str(r["at"]) + ("" if _resume_argv(r) == shlex.split(same) else
+                                                         f" ({shlex.join(_resume_argv(r))})") for r in resumed))
     sha = str(env.get("git_sha", ""))
     if sha and not sha.startswith(commit.strip()) and not commit.strip().startswith(sha):
         fields["env_git_sha"] = f"{sha[:7]} (env.json's record; the code that ran is the commit above)"
     return fields
+
+
+def _resume_argv(record: dict) -> list[str]:
+    """A resume record's command as argv, without a leading `python` (env.json records the script on)."""
+    cmd = record.get("command", "")
+    argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
+    return argv[1:] if argv[:1] == ["python"] else argv
 
 
 def write_manifest(run_dir: Path, commit: str, shows: str) -> Path:

@@ -239,8 +239,9 @@ class Benchmark:
             "model": self.source.name, "weights": self.source.weights, "run_id": self.run_id,
         })
         old = self.old_env
-        if self.mode == "resume" and old is not None:
-            return {**old, "resumed": [*old.get("resumed", []), {"at": utc_now(), "command": self.command}]}
+        if self.mode == "resume" and old is not None:  # recorded once this process has written rows
+            mine = [{"at": utc_now(), "command": self.command}] if self.rows else []
+            return {**old, "resumed": [*old.get("resumed", []), *mine]}
         if self.mode == "append" and old is not None:
             runs = dict(old.get("runs") or {old.get("run_id", "?"): {k: v for k, v in old.items() if k != "runs"}})
             runs[self.run_id] = env
@@ -274,7 +275,7 @@ class Benchmark:
                 raise
             finally:
                 self.writer.close()
-                if self.preprocess_facts and not refused:  # decided per loaded model, after the first write
+                if (self.preprocess_facts or self.rows) and not refused:  # decided per loaded model; a resume's record
                     write_json(self.out_dir / "env.json", self._env())
                 if not refused:
                     self._write_summary()
