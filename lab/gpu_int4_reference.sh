@@ -3,7 +3,7 @@
 # awq4+prefix at batch 1, 4, 8 and 16 with the decode kernel per row count measured on this GPU,
 # then the kernel table, then awq4 with the opt-in dense prefill copy, with Marlin's GEMM and with
 # FBGEMM's mixed-input GEMM for prefill. Usage: bash lab/gpu_int4_reference.sh PRESET OUT_DIR [CANDIDATES]
-# STAGES=batch or STAGES=prefill runs one half. A stage stopped part-way (a time limit) is finished by
+# STAGES=batch or STAGES=prefill runs one half; BATCH_SIZES (default 1,4,8,16) the batch stage's sizes. A stage stopped part-way (a time limit) is finished by
 # running the same command again: a directory that already holds runs.csv is continued with --resume
 # (its finished groups are kept). The first measurement of a 7B's int4 kernels on a GPU is most of the
 # batch stage: about nine minutes of the H200's (results/reference/h200/llava-1.5-7b-int4-graph-batch).

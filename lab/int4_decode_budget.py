@@ -14,6 +14,7 @@ results/reference/h100/llava-1.5-7b-int4-graph-batch, as lab/gpu_int4_reference.
 a run of fp16 and awq4 or rtn4 with --int4-kernels measured, then `python -m bench int4-kernels
 CACHE/kernels.json --out RESULTS_DIR/int4_kernels_PRESET.csv`; PRESET defaults to the runs' model)"""
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -24,18 +25,24 @@ from bench.quiet import quiet_libraries
 from bench.run.limits import model_dims
 
 
+def _fail(message: str) -> None:
+    """One line on stderr, exit 2: a directory this cannot read."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(directory: str, preset: str | None = None, gb_s: float | None = None) -> None:
     quiet_libraries()
     d = Path(directory)
     missing = [f for f in ("runs.csv", "summary.csv") if not (d / f).is_file()]
     if missing:
-        sys.exit(f"{d}: no {' or '.join(missing)} (a results directory of a run with --int4-kernels measured)")
+        _fail(f"{d}: no {' or '.join(missing)} (a results directory of a run with --int4-kernels measured)")
     runs = pd.read_csv(d / "runs.csv", usecols=["model", "variant"])
     preset = preset or runs["model"].iloc[0]
     layers = model_dims(None, preset).layers
     tables = sorted(d.glob("int4_kernels_*.csv"))
     if not tables:
-        sys.exit(f"{d}: no int4_kernels_*.csv (write one with: python -m bench int4-kernels "
+        _fail(f"{d}: no int4_kernels_*.csv (write one with: python -m bench int4-kernels "
                  f"INT4_CACHE_DIR/kernels.json --out {d}/int4_kernels_{preset}.csv)")
     table = pd.concat([pd.read_csv(f) for f in tables])
     chosen = table[table["chosen"].astype(bool) & table["us"].notna()].copy()
@@ -46,7 +53,7 @@ def main(directory: str, preset: str | None = None, gb_s: float | None = None) -
     int4 = next((v for v in tpot.columns if v.startswith(("awq4", "rtn4")) and "prefix" not in v), None)
     fp16 = next((v for v in tpot.columns if v.startswith("fp16")), None)
     if int4 is None or fp16 is None:
-        sys.exit(f"{d}: needs an fp16 variant and an awq4 or rtn4 one (without prefix) measured side by side")
+        _fail(f"{d}: needs an fp16 variant and an awq4 or rtn4 one (without prefix) measured side by side")
     out = []
     for batch in tpot.index:
         rows = chosen[chosen["rows"] == batch]
@@ -79,6 +86,6 @@ if __name__ == "__main__":
     ap.add_argument("preset", nargs="?")
     ap.add_argument("--gb-s", type=float, default=None, help="a memory bandwidth, GB/s")
     a = ap.parse_args()
-    if a.gb_s is not None and not a.gb_s > 0:
-        sys.exit("--gb-s must be a bandwidth above 0 GB/s")
+    if a.gb_s is not None and not (math.isfinite(a.gb_s) and a.gb_s > 0):
+        ap.error("--gb-s must be a bandwidth above 0 GB/s")
     main(a.directory, a.preset, a.gb_s)

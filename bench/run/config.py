@@ -297,8 +297,8 @@ RunConfig = config_class()
 # configuration fingerprint --resume compares.
 NOT_FINGERPRINTED = ("output_dir", "append", "resume", "wide", "executor", "gpus", "workers", "ray_address",
                      "worker_timeout")
-# Settings left unset (None) that mean a default: fingerprinted as that default, as runs.csv
-# directories written while the flag had it as its value recorded it (--loader).
+# Settings left unset (None) that mean a default: fingerprinted as that default, as the env.json of
+# a directory written while the flag had it as its value recorded it (--loader).
 FINGERPRINT_DEFAULTS = {"loader": DEFAULT_LOADER}
 
 EXIT_CODES = """exit codes:
