@@ -32,11 +32,10 @@ def manifest_fields(run_dir: Path, commit: str, shows: str) -> dict[str, str]:
     run_id = str(env.get("run_id", ""))
     if len(run_id) < 8 or not run_id[:8].isdigit():
         raise UsageError(f"{env_path}: run_id {run_id!r} does not start with the run's date (YYYYMMDD)")
-    argv = shlex.split(env["command"]) if isinstance(env.get("command"), str) else list(env.get("command", []))
-    if not argv:
+    recorded = _argv(env.get("command"))
+    if not recorded:
         raise UsageError(f"{env_path}: no command recorded")
-    if argv[0].endswith(".py"):
-        argv = ["python", *argv]
+    argv = ["python", *recorded] if recorded[0].endswith(".py") else recorded
     fields = {
         "date": f"{run_id[:4]}-{run_id[4:6]}-{run_id[6:8]}",
         "commit": commit.strip(),
@@ -55,21 +54,19 @@ def manifest_fields(run_dir: Path, commit: str, shows: str) -> dict[str, str]:
     }
     resumed = [r for r in env.get("resumed") or [] if isinstance(r, dict) and r.get("at")]
     if resumed:  # finished by later processes (`run --resume`) after the first stopped
-        same = shlex.join(argv[1:] if argv[0] == "python" else argv) + " --resume"
-        fields["resumed"] = (f"{len(resumed)} time{'s' if len(resumed) > 1 else ''} with the command above plus --resume (or as shown), at "
-                             + ", ".join(str(r["at"]) + ("" if _resume_argv(r) == shlex.split(same) else
-                                                         f" ({shlex.join(_resume_argv(r))})") for r in resumed))
+        fields["resumed"] = (f"{len(resumed)} time{'s' if len(resumed) > 1 else ''} with the command above plus "
+                             "--resume (or as shown), at "
+                             + ", ".join(str(r["at"]) + ("" if _argv(r.get("command")) == [*recorded, "--resume"] else
+                                                         f" ({shlex.join(_argv(r.get('command')))})") for r in resumed))
     sha = str(env.get("git_sha", ""))
     if sha and not sha.startswith(commit.strip()) and not commit.strip().startswith(sha):
         fields["env_git_sha"] = f"{sha[:7]} (env.json's record; the code that ran is the commit above)"
     return fields
 
 
-def _resume_argv(record: dict) -> list[str]:
-    """A resume record's command as argv, without a leading `python` (env.json records the script on)."""
-    cmd = record.get("command", "")
-    argv = shlex.split(cmd) if isinstance(cmd, str) else list(cmd)
-    return argv[1:] if argv[:1] == ["python"] else argv
+def _argv(command) -> list[str]:
+    """An env.json command (a string, or a list from older versions) as argv."""
+    return shlex.split(command) if isinstance(command, str) else list(command or [])
 
 
 def write_manifest(run_dir: Path, commit: str, shows: str) -> Path:

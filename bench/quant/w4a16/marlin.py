@@ -94,7 +94,7 @@ def marlin_zeros(zero: torch.Tensor) -> torch.Tensor:
 
 
 def check_codes(q: torch.Tensor, zero: torch.Tensor) -> None:
-    """ValueError unless every code and zero point is 4-bit (0..15): packing 8 to a word does not
+    """VariantUnsupported unless every code and zero point is 4-bit (0..15): packing 8 to a word does not
     mask them, so one out of range would change its neighbours."""
     for name, t in (("codes", q), ("zero points", zero)):
         low, high = int(t.min()), int(t.max())
