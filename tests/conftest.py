@@ -17,6 +17,15 @@ torch.set_num_threads(2)
 DEMO = ROOT / "bench" / "assets" / "demo.png"
 
 
+@pytest.fixture(autouse=True)
+def _no_earlier_kernel_measurements(monkeypatch):
+    """Each test starts with none of the int4 kernel measurements a process keeps (a run reuses
+    what it measured for any candidate set: another test's would stand in for this one's)."""
+    from bench.quant.w4a16 import measurements
+
+    monkeypatch.setattr(measurements, "_KEPT", {})
+
+
 @pytest.fixture(scope="session")
 def frames(tmp_path_factory):
     """A folder of 12 small video frames (frame_000.png ...), for --frames-dir."""

@@ -770,19 +770,33 @@ def test_kernel_measurements_of_other_candidates_are_kept_and_listed_apart(tmp_p
     from bench.cli import main
 
     path = tmp_path / "kernels.json"
+    plans = {}
     for allowed in (("tinygemm",), ("dense",), ("dense", "tinygemm")):
         chosen = choice.choose_kernels([_layer()], "measured", DTYPE, path, points=(1, 2), allowed=allowed)
-        assert {n for _, n in chosen.plans[(256, 256, 64)].plan} <= set(allowed)
+        plans[allowed] = chosen.plans[(256, 256, 64)]
+        assert {n for _, n in plans[allowed].plan} <= set(allowed)
     keys = [json.loads(k) for k in json.loads(path.read_text())["entries"]]
     assert sorted(k["candidates"] for k in keys) == [["dense"], ["dense", "tinygemm"], ["tinygemm"]]
+    # each kernel was timed once: the third set took both kernels' times as the first two measured them
+    both = plans[("dense", "tinygemm")]
+    assert set(both.reused) == {"dense", "tinygemm"}
+    assert both.us == {"tinygemm": plans[("tinygemm",)].us["tinygemm"], "dense": plans[("dense",)].us["dense"]}
+    assert not plans[("tinygemm",)].reused and not plans[("dense",)].reused
+    capsys.readouterr()
+    other = choice.choose_kernels([_layer()], "measured", DTYPE, path, points=(1, 4), allowed=("dense", "tinygemm"))
+    assert not other.plans[(256, 256, 64)].reused  # other row counts: another measurement
+    said = capsys.readouterr().err
+    assert re.search(r"measuring (dense, tinygemm|tinygemm, dense) for", said) and "as measured here" not in said
     capsys.readouterr()
     monkeypatch.setenv("COLUMNS", "200")  # the table's width (not a terminal here)
     assert main(["int4-kernels", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "dense, tinygemm" in out and out.count("256x256, g64") == 3
+    assert "dense, tinygemm" in out and out.count("256x256, g64") == 4
     assert main(["int4-kernels", str(path), "--out", str(tmp_path / "t.csv")]) == 0
-    assert {r["candidates"] for r in csv.DictReader(open(tmp_path / "t.csv"))} == {"tinygemm", "dense",
-                                                                                  "dense tinygemm"}
+    table = list(csv.DictReader(open(tmp_path / "t.csv")))
+    assert {r["candidates"] for r in table} == {"tinygemm", "dense", "dense tinygemm"}
+    assert {(r["candidates"], r["reused"]) for r in table if r["rows"] == "4"} == {("dense tinygemm", "false")}
+    assert {r["reused"] for r in table if r["candidates"] == "dense tinygemm" and r["rows"] == "2"} == {"true"}
 
 
 def test_a_cuda_measurement_is_keyed_by_the_cuda_runtime_and_driver():

@@ -9,7 +9,7 @@ from bench.errors import ArgumentParser, UsageError, path_problem
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
 CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "candidates", "out_features", "in_features", "group_size",
-               "kernel", "rows", "us", "int4_gb_per_s", "max_rel_err", "chosen", "left_out"]
+               "kernel", "rows", "us", "int4_gb_per_s", "max_rel_err", "chosen", "left_out", "reused"]
 
 
 def parser() -> ArgumentParser:
@@ -20,7 +20,8 @@ def parser() -> ArgumentParser:
     ap.add_argument("--out", metavar="CSV", default=None,
                     help="write every measurement to this new CSV (device, dtype, library versions, CUDA graph "
                          "or eager, dense copy or not, the candidates chosen from, shape, kernel, rows, us, "
-                         "max_rel_err, chosen, left_out); "
+                         "max_rel_err, chosen, left_out, reused: the times were measured for another "
+                         "candidate set); "
                          "default: print the choices")
     return ap
 

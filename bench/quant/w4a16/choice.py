@@ -133,25 +133,33 @@ def rotation(layers, device: torch.device) -> list:
 
 
 def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | None = None, graph: bool = True,
-            cycle: list | None = None) -> ShapePlan:
+            cycle: list | None = None, earlier: dict | None = None) -> ShapePlan:
     """Time and check every candidate kernel on `layer` at each row count of `points`; `graph`:
     time it captured in a CUDA graph (else launched eagerly); `cycle`: layers of the same shape
     timed calls go through in turn (default: `layer` alone; each is given the candidates' weight
-    formats, which a row plan set afterwards drops where it does not use them)."""
+    formats, which a row plan set afterwards drops where it does not use them); `earlier`: kernel ->
+    (times, errors) measured before on this device and shape (PlanCache.earlier), taken as they are
+    for the candidates they name instead of measuring them again."""
     device = layer.packed.device
     cycle = cycle or [layer]
     ok, left_out = candidates(layer, device, dtype)
     names = ok if names is None else [n for n in names if n in ok]
     left_out.update({n: "not a candidate (--int4-kernel-candidates)" for n in ok if n not in names})
-    gen = torch.Generator(device=device).manual_seed(0)
-    w = layer.to_int4().dequantize(torch.float32).to(device)  # its own tensor: freed below
+    earlier = {n: t for n, t in (earlier or {}).items() if n in names}
+    plan = ShapePlan((layer.out_features, layer.in_features, layer.group_size), (), left_out=left_out,
+                     reused=tuple(n for n in names if n in earlier))
+    for name in plan.reused:
+        plan.us[name], plan.err[name] = dict(earlier[name][0]), dict(earlier[name][1])
+    todo = [n for n in names if n not in earlier]
     inputs = {}
-    for rows in points:
-        x = torch.randn(rows, layer.in_features, generator=gen, device=device, dtype=torch.float32).to(dtype)
-        inputs[rows] = (x, x.float() @ w.T)
-    del w
-    plan = ShapePlan((layer.out_features, layer.in_features, layer.group_size), (), left_out=left_out)
-    for name in names:
+    if todo:
+        gen = torch.Generator(device=device).manual_seed(0)
+        w = layer.to_int4().dequantize(torch.float32).to(device)  # its own tensor: freed below
+        for rows in points:
+            x = torch.randn(rows, layer.in_features, generator=gen, device=device, dtype=torch.float32).to(dtype)
+            inputs[rows] = (x, x.float() @ w.T)
+        del w
+    for name in todo:
         limit = KERNELS[name].max_rows
         served = {rows: xr for rows, xr in inputs.items() if limit is None or rows <= limit}
         if not served:
@@ -212,21 +220,22 @@ def int4_gb_per_s(out_features: int, in_features: int, group_size: int, us: floa
 
 
 def table_rows(plans) -> list[dict]:
-    """One row per (shape, kernel, row count) measured, and one per kernel left out."""
+    """One row per (shape, kernel, row count) measured, and one per kernel left out; `reused`: the
+    times were measured for another candidate set on this device (ShapePlan.reused)."""
     rows = []
     for p in plans:
         for name in sorted(set(p.us) | set(p.left_out)):
             if name not in p.us:
                 rows.append({"out_features": p.shape[0], "in_features": p.shape[1], "group_size": p.shape[2],
                              "kernel": name, "rows": None, "us": None, "int4_gb_per_s": None, "max_rel_err": None,
-                             "chosen": False, "left_out": p.left_out[name]})
+                             "chosen": False, "left_out": p.left_out[name], "reused": False})
                 continue
             for r, us in sorted(p.us[name].items()):
                 serving = next((n for top, n in p.plan if r <= top), "dense")
                 rows.append({"out_features": p.shape[0], "in_features": p.shape[1], "group_size": p.shape[2],
                              "kernel": name, "rows": r, "us": round(us, 3),
                              "int4_gb_per_s": float(f"{int4_gb_per_s(*p.shape, us):.4g}"), "max_rel_err": p.err[name][r],
-                             "chosen": serving == name, "left_out": ""})
+                             "chosen": serving == name, "left_out": "", "reused": name in p.reused})
     return rows
 
 
@@ -265,9 +274,12 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
         key = cache_key(device, dtype, shape, points, names, copy, graph)
         plan = cache.get(key, shape)
         if plan is None:
-            status(f"int4 kernels: measuring {', '.join(names)} for {shape[0]}x{shape[1]} (group {shape[2]}) "
-                   f"at {len(points)} row counts")
-            plan = measure(group[0], dtype, points, names, graph, rotation(group, device))
+            earlier = {n: t for n, t in cache.earlier(key).items() if n in names}
+            todo = [n for n in names if n not in earlier]
+            status(f"int4 kernels: measuring {', '.join(todo) or 'none'} for {shape[0]}x{shape[1]} "
+                   f"(group {shape[2]}) at {len(points)} row counts"
+                   + (f"; {', '.join(earlier)} as measured here for other candidates" if earlier else ""))
+            plan = measure(group[0], dtype, points, names, graph, rotation(group, device), earlier)
             if not any(KERNELS[n].unavailable(device, dtype) for n in names):
                 cache.put(key, plan)  # kept unless a candidate turned unavailable while measured (a failed build)
         choice.plans[shape] = plan

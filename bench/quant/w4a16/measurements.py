@@ -2,6 +2,10 @@
 device, library versions, dtype, weight shape, row counts, candidates and dense copy or not,
 holding the plan chosen and what was measured to choose it.
 
+A kernel's times are measured once per device and shape: a plan for another candidate set takes
+the times of kernels measured for an earlier one (the same key but its candidates), measures only
+the kernels none has timed, and names the kernels whose times it took (`reused`).
+
 Entries are kept in this process too, so every engine of a run reuses a plan measured once,
 kept file or not. Writers merge their entries into the file under a lock (filelock), so runs
 on several GPUs at once keep each other's; an unreadable file is replaced, with a warning.
@@ -38,9 +42,11 @@ class ShapePlan:
     err: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel -> rows -> max relative error
     left_out: dict[str, str] = field(default_factory=dict)  # kernel -> why it was not a candidate
     cached: bool = False  # measured before (this process or the file), not now
+    reused: tuple[str, ...] = ()  # kernels whose times were taken from a plan for other candidates
 
     def to_json(self) -> dict:
-        return {"plan": [list(p) for p in self.plan], "us": self.us, "err": self.err, "left_out": self.left_out}
+        return {"plan": [list(p) for p in self.plan], "us": self.us, "err": self.err, "left_out": self.left_out,
+                "reused": list(self.reused)}
 
     @classmethod
     def from_json(cls, shape, d) -> "ShapePlan":
@@ -61,7 +67,10 @@ class ShapePlan:
         if {k: set(v) for k, v in us.items()} != {k: set(v) for k, v in err.items()}:
             raise ValueError("'us' and 'err' name other kernels or row counts")
         left_out = {_text(k): _text(v) for k, v in _object(d.get("left_out"), "'left_out'").items()}
-        return cls(_shape(shape), plan, us, err, left_out, cached=True)
+        reused = tuple(_text(k) for k in _list(d.get("reused", []), "'reused'"))  # absent in older files
+        if set(reused) - set(us):
+            raise ValueError(f"'reused' names kernels with no times: {sorted(set(reused) - set(us))}")
+        return cls(_shape(shape), plan, us, err, left_out, cached=True, reused=reused)
 
 
 def _bad(what: str, value):
@@ -214,6 +223,31 @@ class PlanCache:
                 _KEPT[key] = d
                 return plan
         return None
+
+    def earlier(self, key: str) -> dict[str, tuple[dict[int, float], dict[int, float]]]:
+        """Kernel -> (times, errors by row count) from the plans kept under keys that differ from
+        `key` in their candidates alone (this process's first, then the file's): what was measured
+        on this device, versions, dtype, shape, row counts, copy and timing for another candidate set."""
+        def rest(k: str):
+            try:
+                fields = json.loads(k)
+            except ValueError:
+                return None
+            return {n: v for n, v in fields.items() if n != "candidates"} if isinstance(fields, dict) else None
+
+        want, found = rest(key), {}
+        for kept in (_KEPT, self.entries):
+            for k, d in kept.items():
+                if k == key or rest(k) != want:
+                    continue
+                try:
+                    plan = ShapePlan.from_json(want.get("shape"), d)
+                except ValueError:
+                    continue
+                for name in plan.us:
+                    if name in KERNELS:
+                        found.setdefault(name, (plan.us[name], plan.err[name]))
+        return found
 
     def put(self, key: str, plan: ShapePlan) -> None:
         _KEPT[key] = plan.to_json()
