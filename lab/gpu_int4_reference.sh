@@ -7,6 +7,9 @@
 # running the same command again: a directory that already holds runs.csv is continued with --resume
 # (its finished groups are kept). The first measurement of a 7B's int4 kernels on a GPU is most of the
 # batch stage: about nine minutes of the H200's (results/reference/h200/llava-1.5-7b-int4-graph-batch).
+# KERNELS_JSON=FILE (a reference directory's kernels.json, measured on this kind of GPU) starts an empty
+# cache directory with it: the kernels it timed are not timed again, only candidates it lacks (the
+# kernel table marks the times it took as reused).
 set -u
 STAGES=${STAGES:-batch prefill}
 PRESET=${1:?preset}; OUT=${2:?output directory}
@@ -23,6 +26,7 @@ into() {  # DIR ARGS...: the run into DIR, continued with --resume if an earlier
   local dir=$1; shift
   if [[ -f "$dir/runs.csv" ]]; then "${RUN[@]}" "$@" --output-dir "$dir" --resume; else "${RUN[@]}" "$@" --output-dir "$dir"; fi
 }
+if [[ -n "${KERNELS_JSON:-}" && ! -f "$CACHE/kernels.json" ]]; then mkdir -p "$CACHE" && cp "$KERNELS_JSON" "$CACHE/kernels.json"; fi
 set -x
 if [[ " $STAGES " == *" batch "* ]]; then
   into "$OUT/$PRESET-int4-graph-batch" --variants fp16,awq4,awq4+prefix --batch-size "${BATCH_SIZES:-1,4,8,16}"
