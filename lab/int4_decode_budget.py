@@ -44,7 +44,7 @@ def main(directory: str, preset: str | None = None, gb_s: float | None = None) -
     if not tables:
         _fail(f"{d}: no int4_kernels_*.csv (write one with: python -m bench int4-kernels "
                  f"INT4_CACHE_DIR/kernels.json --out {d}/int4_kernels_{preset}.csv)")
-    table = pd.concat([pd.read_csv(f) for f in tables])
+    table = _run_candidates(d, pd.concat([pd.read_csv(f) for f in tables]))
     chosen = table[table["chosen"].astype(bool) & table["us"].notna()].copy()
     chosen["gb_s"] = [int4_gb_per_s(n, k, g, us) for n, k, g, us in
                       zip(chosen["out_features"], chosen["in_features"], chosen["group_size"], chosen["us"])]
@@ -70,6 +70,26 @@ def main(directory: str, preset: str | None = None, gb_s: float | None = None) -
                                              rows["gb_s"]))})
     print(f"{preset}: {layers} decoder layers, one call per weight shape per layer per step")
     print(pd.DataFrame(out).round(3).to_string(index=False))
+
+
+def _run_candidates(d: Path, table: pd.DataFrame) -> pd.DataFrame:
+    """The table's measurements for the candidate set the run chose from, where it holds several
+    (kernels.json keeps one entry per set): the largest set within the run's
+    --int4-kernel-candidates (env.json; any, where the run named none)."""
+    if "candidates" not in table.columns or table["candidates"].nunique() < 2:
+        return table
+    import json
+
+    try:
+        config = json.loads((d / "env.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        _fail(f"{d}: its kernel table holds several candidate sets and no env.json says which the run chose from")
+    named = {n for n in str(config.get("int4_kernel_candidates") or "").split(",") if n}
+    sets = {c: set(str(c).split()) for c in table["candidates"].unique()}
+    within = [c for c, kernels in sets.items() if not named or kernels <= named]
+    if not within:
+        _fail(f"{d}: no candidate set of its kernel table is within the run's --int4-kernel-candidates")
+    return table[table["candidates"] == max(within, key=lambda c: len(sets[c]))]
 
 
 def _at_bandwidth(rows, layers: int, rest_ms: float, fp16_ms: float, gb_s: float) -> dict:
