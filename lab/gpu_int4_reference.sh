@@ -26,7 +26,10 @@ into() {  # DIR ARGS...: the run into DIR, continued with --resume if an earlier
   local dir=$1; shift
   if [[ -f "$dir/runs.csv" ]]; then "${RUN[@]}" "$@" --output-dir "$dir" --resume; else "${RUN[@]}" "$@" --output-dir "$dir"; fi
 }
-if [[ -n "${KERNELS_JSON:-}" && ! -f "$CACHE/kernels.json" ]]; then mkdir -p "$CACHE" && cp "$KERNELS_JSON" "$CACHE/kernels.json"; fi
+if [[ -n "${KERNELS_JSON:-}" ]]; then
+  if [[ -f "$CACHE/kernels.json" ]]; then echo "KERNELS_JSON: $CACHE/kernels.json exists and is used as it is" >&2
+  else mkdir -p "$CACHE" && cp "$KERNELS_JSON" "$CACHE/kernels.json" || exit 2; fi
+fi
 set -x
 if [[ " $STAGES " == *" batch "* ]]; then
   into "$OUT/$PRESET-int4-graph-batch" --variants fp16,awq4,awq4+prefix --batch-size "${BATCH_SIZES:-1,4,8,16}"

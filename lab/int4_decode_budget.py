@@ -73,23 +73,34 @@ def main(directory: str, preset: str | None = None, gb_s: float | None = None) -
 
 
 def _run_candidates(d: Path, table: pd.DataFrame) -> pd.DataFrame:
-    """The table's measurements for the candidate set the run chose from, where it holds several
-    (kernels.json keeps one entry per set): the largest set within the run's
-    --int4-kernel-candidates (env.json; any, where the run named none)."""
-    if "candidates" not in table.columns or table["candidates"].nunique() < 2:
+    """The table's measurements the run chose from, where kernels.json kept several entries for a
+    shape (one per candidate set): per shape, the largest set within the run's
+    --int4-kernel-candidates (env.json; any, where the run named none). Candidate sets differ by
+    shape (a kernel that cannot take a shape is none of its candidates), so each shape picks its own."""
+    if "candidates" not in table.columns:
+        return table
+    shape = ["out_features", "in_features", "group_size"]
+    if (table.groupby(shape)["candidates"].nunique() < 2).all():
         return table
     import json
 
     try:
-        config = json.loads((d / "env.json").read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        _fail(f"{d}: its kernel table holds several candidate sets and no env.json says which the run chose from")
+        config = json.loads((d / "env.json").read_text()).get("config")
+    except (OSError, ValueError, AttributeError):
+        config = None
+    if not isinstance(config, dict):
+        _fail(f"{d}: its kernel table holds several candidate sets for a shape and no env.json says which "
+              "the run chose from")
     named = {n for n in str(config.get("int4_kernel_candidates") or "").split(",") if n}
-    sets = {c: set(str(c).split()) for c in table["candidates"].unique()}
-    within = [c for c, kernels in sets.items() if not named or kernels <= named]
-    if not within:
-        _fail(f"{d}: no candidate set of its kernel table is within the run's --int4-kernel-candidates")
-    return table[table["candidates"] == max(within, key=lambda c: len(sets[c]))]
+    keep = []
+    for key, rows in table.groupby(shape):
+        sets = {c: set(str(c).split()) for c in rows["candidates"].unique()}
+        within = [c for c, kernels in sets.items() if not named or kernels <= named]
+        if not within:
+            _fail(f"{d}: no candidate set of its kernel table for {key[0]}x{key[1]} is within the run's "
+                  "--int4-kernel-candidates")
+        keep.append(rows[rows["candidates"] == max(within, key=lambda c: len(sets[c]))])
+    return pd.concat(keep)
 
 
 def _at_bandwidth(rows, layers: int, rest_ms: float, fp16_ms: float, gb_s: float) -> dict:

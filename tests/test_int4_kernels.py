@@ -333,6 +333,43 @@ def test_a_plan_measured_while_a_candidates_build_failed_is_not_kept(tmp_path, m
     assert not again.plans[(256, 256, 64)].cached and kernel.name in again.plans[(256, 256, 64)].us
 
 
+def test_a_kernel_whose_times_are_taken_is_still_made_and_checked_here(tmp_path, monkeypatch):
+    """Times taken from a measurement for other candidates (another process, another machine of
+    the kind) skip only the timing: the kernel's format is made on the layer and its error taken
+    there, so one whose build fails here is left out and that plan is not kept; and a kernel's
+    times are taken only where they cover exactly the row counts it would be timed at now."""
+    kernel, few = _FailsToBuild(), _FewRows()
+    monkeypatch.setitem(KERNELS, kernel.name, kernel)
+    monkeypatch.setitem(KERNELS, few.name, few)
+    cache = tmp_path / "kernels.json"
+    kernel.toolchain_ok = True
+    choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 2), allowed=("tinygemm", kernel.name))
+    monkeypatch.setattr(measurements, "_KEPT", {})  # the next process, on a machine that cannot build it
+    kernel.toolchain_ok = False
+    got = choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 2),
+                                allowed=("dense", "tinygemm", kernel.name)).plans[(256, 256, 64)]
+    assert got.reused == ("tinygemm",) and "could not be built" in got.left_out[kernel.name]
+    assert len(json.loads(cache.read_text())["entries"]) == 1  # not kept
+    entries = json.loads(cache.read_text())["entries"]  # an entry whose GEMV was timed past its row limit now
+    key, entry = next(iter(entries.items()))
+    fields = json.loads(key)
+    fields["candidates"] = ["tinygemm", few.name]
+    entry = {**entry, "us": {**entry["us"], few.name: {"1": 1e-3, "2": 1e-3, "4": 1e-3}},
+             "err": {**entry["err"], few.name: {"1": 0.0, "2": 0.0, "4": 0.0}}}
+    cache.write_text(json.dumps({"version": measurements.CACHE_VERSION,
+                                 "entries": {json.dumps(fields, sort_keys=True): entry}}))
+    monkeypatch.setattr(measurements, "_KEPT", {})
+    plan = choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 2),
+                                 allowed=("tinygemm", few.name, "dense")).plans[(256, 256, 64)]
+    assert few.name not in plan.reused and plan.us[few.name][1] != 1e-3  # 1, 2 and 4 rows kept: timed again
+    assert few.rows == {1, 2}
+    bad = {**plan.to_json(), "reused": ["nope"]}
+    with pytest.raises(ValueError, match="reused"):
+        measurements.ShapePlan.from_json(plan.shape, bad)
+    older = {k: v for k, v in plan.to_json().items() if k != "reused"}  # written before reuse existed
+    assert measurements.ShapePlan.from_json(plan.shape, older).reused == ()
+
+
 def test_measured_choice_is_made_once_per_device_and_shape(tmp_path):
     cache = tmp_path / "kernels.json"
     layers = [_layer(seed=i) for i in range(3)] + [_layer(128, 256, seed=9)]
@@ -786,7 +823,7 @@ def test_kernel_measurements_of_other_candidates_are_kept_and_listed_apart(tmp_p
     other = choice.choose_kernels([_layer()], "measured", DTYPE, path, points=(1, 4), allowed=("dense", "tinygemm"))
     assert not other.plans[(256, 256, 64)].reused  # other row counts: another measurement
     said = capsys.readouterr().err
-    assert re.search(r"measuring (dense, tinygemm|tinygemm, dense) for", said) and "as measured here" not in said
+    assert re.search(r"measuring (dense, tinygemm|tinygemm, dense) for", said) and "checked only" not in said
     capsys.readouterr()
     monkeypatch.setenv("COLUMNS", "200")  # the table's width (not a terminal here)
     assert main(["int4-kernels", str(path)]) == 0

@@ -132,53 +132,62 @@ def rotation(layers, device: torch.device) -> list:
     return layers[:need]
 
 
+def _served(name: str, points) -> tuple[int, ...]:
+    """The row counts of `points` kernel `name` is measured at (those up to its row limit)."""
+    limit = KERNELS[name].max_rows
+    return tuple(rows for rows in points if limit is None or rows <= limit)
+
+
 def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | None = None, graph: bool = True,
             cycle: list | None = None, earlier: dict | None = None) -> ShapePlan:
     """Time and check every candidate kernel on `layer` at each row count of `points`; `graph`:
     time it captured in a CUDA graph (else launched eagerly); `cycle`: layers of the same shape
     timed calls go through in turn (default: `layer` alone; each is given the candidates' weight
     formats, which a row plan set afterwards drops where it does not use them); `earlier`: kernel ->
-    (times, errors) measured before on this device and shape (PlanCache.earlier), taken as they are
-    for the candidates they name instead of measuring them again."""
+    (times, errors) measured before on this kind of device and shape (PlanCache.earlier): a kernel
+    timed there at exactly the row counts it would be timed at now keeps those times and is only
+    checked here (its weight format made and its error taken on `layer` at each row count)."""
     device = layer.packed.device
     cycle = cycle or [layer]
     ok, left_out = candidates(layer, device, dtype)
     names = ok if names is None else [n for n in names if n in ok]
     left_out.update({n: "not a candidate (--int4-kernel-candidates)" for n in ok if n not in names})
-    earlier = {n: t for n, t in (earlier or {}).items() if n in names}
-    plan = ShapePlan((layer.out_features, layer.in_features, layer.group_size), (), left_out=left_out,
-                     reused=tuple(n for n in names if n in earlier))
-    for name in plan.reused:
-        plan.us[name], plan.err[name] = dict(earlier[name][0]), dict(earlier[name][1])
-    todo = [n for n in names if n not in earlier]
+    earlier = {n: earlier[n] for n in names if n in (earlier or {}) and tuple(sorted(earlier[n][0])) == _served(n, points)}
+    plan = ShapePlan((layer.out_features, layer.in_features, layer.group_size), (), left_out=left_out)
+    gen = torch.Generator(device=device).manual_seed(0)
+    w = layer.to_int4().dequantize(torch.float32).to(device)  # its own tensor: freed below
     inputs = {}
-    if todo:
-        gen = torch.Generator(device=device).manual_seed(0)
-        w = layer.to_int4().dequantize(torch.float32).to(device)  # its own tensor: freed below
-        for rows in points:
-            x = torch.randn(rows, layer.in_features, generator=gen, device=device, dtype=torch.float32).to(dtype)
-            inputs[rows] = (x, x.float() @ w.T)
-        del w
-    for name in todo:
-        limit = KERNELS[name].max_rows
-        served = {rows: xr for rows, xr in inputs.items() if limit is None or rows <= limit}
+    for rows in points:
+        x = torch.randn(rows, layer.in_features, generator=gen, device=device, dtype=torch.float32).to(dtype)
+        inputs[rows] = (x, x.float() @ w.T)
+    del w
+    reused = []
+    for name in names:
+        served = {rows: inputs[rows] for rows in _served(name, points)}
         if not served:
-            left_out[name] = f"serves at most {limit} row{'s' * (limit != 1)}; the fewest measured is {min(inputs)}"
+            left_out[name] = (f"serves at most {KERNELS[name].max_rows} row{'s' * (KERNELS[name].max_rows != 1)}; "
+                              f"the fewest measured is {min(inputs)}")
             continue
         try:
-            for m in cycle:
+            for m in (cycle if name not in earlier else [layer]):
                 m.attach_kernel_state(name, dtype)
             us, err = {}, {}
             for rows, (x, ref) in served.items():
                 y = layer.run_kernel(name, x).float()
                 err[rows] = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+                if name in earlier:
+                    continue
                 turn = itertools.cycle(cycle)
                 us[rows] = call_us(lambda x=x: next(turn).run_kernel(name, x), device,
                                    calls=max(32, len(cycle)) if device.type == "cuda" else None, graph=graph)
         except Exception as e:  # noqa: BLE001 - a kernel that cannot run (or be captured) here is left out
             left_out[name] = _short(e)
             continue
+        if name in earlier:
+            us = {rows: earlier[name][0][rows] for rows in served}
+            reused.append(name)
         plan.us[name], plan.err[name] = us, err
+    plan.reused = tuple(reused)
     best = []
     for rows in points:
         timed = [(plan.us[n][rows], n) for n in plan.us if rows in plan.us[n] and plan.err[n][rows] <= TOLERANCE]
@@ -274,11 +283,13 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
         key = cache_key(device, dtype, shape, points, names, copy, graph)
         plan = cache.get(key, shape)
         if plan is None:
-            earlier = {n: t for n, t in cache.earlier(key).items() if n in names}
-            todo = [n for n in names if n not in earlier]
-            status(f"int4 kernels: measuring {', '.join(todo) or 'none'} for {shape[0]}x{shape[1]} "
+            earlier = cache.earlier(key)
+            kept = [n for n in names if n in earlier and tuple(sorted(earlier[n][0])) == _served(n, points)]
+            timed = [n for n in names if n not in kept]
+            status(f"int4 kernels: {'measuring ' + ', '.join(timed) if timed else 'checking'} for {shape[0]}x{shape[1]} "
                    f"(group {shape[2]}) at {len(points)} row counts"
-                   + (f"; {', '.join(earlier)} as measured here for other candidates" if earlier else ""))
+                   + (f"; {', '.join(kept)} checked only, their times taken from a measurement for other "
+                      "candidates on this kind of GPU" if kept else ""))
             plan = measure(group[0], dtype, points, names, graph, rotation(group, device), earlier)
             if not any(KERNELS[n].unavailable(device, dtype) for n in names):
                 cache.put(key, plan)  # kept unless a candidate turned unavailable while measured (a failed build)

@@ -3,8 +3,9 @@ device, library versions, dtype, weight shape, row counts, candidates and dense 
 holding the plan chosen and what was measured to choose it.
 
 A kernel's times are measured once per device and shape: a plan for another candidate set takes
-the times of kernels measured for an earlier one (the same key but its candidates), measures only
-the kernels none has timed, and names the kernels whose times it took (`reused`).
+the times of kernels measured for an earlier one (the same key but its candidates), times only
+the kernels none has timed (choice.measure still makes and checks the others on the layer), and
+names the kernels whose times it took (`reused`).
 
 Entries are kept in this process too, so every engine of a run reuses a plan measured once,
 kept file or not. Writers merge their entries into the file under a lock (filelock), so runs
