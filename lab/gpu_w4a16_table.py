@@ -23,6 +23,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gpu_int4_candidates import shapes_of  # noqa: E402
+
 from bench.measure.results import CsvWriter  # noqa: E402
 from bench.measure.timing import call_us  # noqa: E402
 from bench.models.presets import get_preset  # noqa: E402
@@ -31,13 +33,6 @@ from bench.quant.w4a16 import choice  # noqa: E402
 
 COLUMNS = ["shape", "out_features", "in_features", "kernel", "rows", "us", "int4_gb_per_s", "vs_fp16",
            "max_rel_err", "left_out"]
-
-
-def shapes_of(preset: str) -> dict[str, tuple[int, int]]:
-    llm = get_preset(preset).llm
-    head = llm.hidden // llm.heads
-    return {"qkv": ((llm.heads + 2 * llm.kv_heads) * head, llm.hidden), "o": (llm.hidden, llm.hidden),
-            "gate_up": (2 * llm.mlp, llm.hidden), "down": (llm.hidden, llm.mlp)}
 
 
 def main() -> None:

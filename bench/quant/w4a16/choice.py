@@ -138,6 +138,12 @@ def _served(name: str, points) -> tuple[int, ...]:
     return tuple(rows for rows in points if limit is None or rows <= limit)
 
 
+def _takeable(earlier: dict | None, names, points) -> dict:
+    """Of `earlier` (kernel -> (times, errors), PlanCache.earlier), the kernels of `names` whose
+    times cover exactly the row counts they would be timed at now."""
+    return {n: earlier[n] for n in names if n in (earlier or {}) and tuple(sorted(earlier[n][0])) == _served(n, points)}
+
+
 def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | None = None, graph: bool = True,
             cycle: list | None = None, earlier: dict | None = None) -> ShapePlan:
     """Time and check every candidate kernel on `layer` at each row count of `points`; `graph`:
@@ -152,7 +158,7 @@ def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | Non
     ok, left_out = candidates(layer, device, dtype)
     names = ok if names is None else [n for n in names if n in ok]
     left_out.update({n: "not a candidate (--int4-kernel-candidates)" for n in ok if n not in names})
-    earlier = {n: earlier[n] for n in names if n in (earlier or {}) and tuple(sorted(earlier[n][0])) == _served(n, points)}
+    earlier = _takeable(earlier, names, points)
     plan = ShapePlan((layer.out_features, layer.in_features, layer.group_size), (), left_out=left_out)
     gen = torch.Generator(device=device).manual_seed(0)
     w = layer.to_int4().dequantize(torch.float32).to(device)  # its own tensor: freed below
@@ -165,8 +171,8 @@ def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | Non
     for name in names:
         served = {rows: inputs[rows] for rows in _served(name, points)}
         if not served:
-            left_out[name] = (f"serves at most {KERNELS[name].max_rows} row{'s' * (KERNELS[name].max_rows != 1)}; "
-                              f"the fewest measured is {min(inputs)}")
+            limit = KERNELS[name].max_rows
+            left_out[name] = f"serves at most {limit} row{'s' * (limit != 1)}; the fewest measured is {min(inputs)}"
             continue
         try:
             for m in (cycle if name not in earlier else [layer]):
@@ -283,13 +289,12 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
         key = cache_key(device, dtype, shape, points, names, copy, graph)
         plan = cache.get(key, shape)
         if plan is None:
-            earlier = cache.earlier(key)
-            kept = [n for n in names if n in earlier and tuple(sorted(earlier[n][0])) == _served(n, points)]
-            timed = [n for n in names if n not in kept]
+            earlier = _takeable(cache.earlier(key), names, points)
+            timed = [n for n in names if n not in earlier]
             status(f"int4 kernels: {'measuring ' + ', '.join(timed) if timed else 'checking'} for {shape[0]}x{shape[1]} "
                    f"(group {shape[2]}) at {len(points)} row counts"
-                   + (f"; {', '.join(kept)} checked only, their times taken from a measurement for other "
-                      "candidates on this kind of GPU" if kept else ""))
+                   + (f"; {', '.join(earlier)} checked only, their times taken from a measurement for other "
+                      "candidates on this kind of GPU" if earlier else ""))
             plan = measure(group[0], dtype, points, names, graph, rotation(group, device), earlier)
             if not any(KERNELS[n].unavailable(device, dtype) for n in names):
                 cache.put(key, plan)  # kept unless a candidate turned unavailable while measured (a failed build)
