@@ -38,10 +38,12 @@ if [[ " $STAGES " == *" batch "* ]]; then
 fi
 if [[ " $STAGES " == *" prefill "* ]]; then
   into "$OUT/$PRESET-awq4-prefill-default" --variants fp16,awq4
-  into "$OUT/$PRESET-awq4-prefill-copy" --variants awq4 --int4-prefill-copy
-  into "$OUT/$PRESET-awq4-prefill-marlin" --variants awq4 --int4-prefill-kernel marlin
+  # fp16 again beside each option: prefill ratios only within one process (a process's fp16 prefill
+  # varies by several percent from the next one's on the same GPU)
+  into "$OUT/$PRESET-awq4-prefill-copy" --variants fp16,awq4 --int4-prefill-copy
+  into "$OUT/$PRESET-awq4-prefill-marlin" --variants fp16,awq4 --int4-prefill-kernel marlin
   # FBGEMM's mixed-input GEMM only where fbgemm-gpu-genai imports (else the run would be one skipped row)
   if $PY -c 'import fbgemm_gpu.experimental.gen_ai' 2>/dev/null; then
-    into "$OUT/$PRESET-awq4-prefill-fbgemm" --variants awq4 --int4-prefill-kernel fbgemm-shuffled
+    into "$OUT/$PRESET-awq4-prefill-fbgemm" --variants fp16,awq4 --int4-prefill-kernel fbgemm-shuffled
   fi
 fi
