@@ -453,14 +453,19 @@ def test_a_kept_plan_naming_an_unknown_kernel_is_measured_again(tmp_path, capsys
 
 def test_a_dense_copy_is_measured_apart(tmp_path):
     """--int4-prefill-copy makes `dense` read a kept dense weight instead of dequantizing: a plan
-    measured with copies is not reused for layers without (nor the other way round)."""
+    measured with copies is not reused for layers without (nor the other way round), and `dense`
+    is timed again there; the other kernels, which read their own formats, lend their times."""
     path = tmp_path / "kernels.json"
     plain = choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, path, points=(1, 2))
     copied = _layer(64, 256)
     copied.keep_dense_copy(DTYPE)
     with_copy = choice.choose_kernels([copied], "measured", DTYPE, path, points=(1, 2))
-    assert not plain.plans[(64, 256, 64)].cached and not with_copy.plans[(64, 256, 64)].cached
+    first, second = plain.plans[(64, 256, 64)], with_copy.plans[(64, 256, 64)]
+    assert not first.cached and not second.cached
     assert sorted(json.loads(k)["dense_copy"] for k in json.loads(path.read_text())["entries"]) == [False, True]
+    assert "dense" in first.us and "dense" not in second.reused and second.us["dense"] != first.us["dense"]
+    assert set(second.reused) == set(first.us) - {"dense"} and second.reused
+    assert all(second.us[n] == first.us[n] for n in second.reused)
 
 
 @pytest.mark.parametrize("distribution", ["fbgemm_gpu_genai", "gemlite"])

@@ -22,6 +22,9 @@ class W4A16Kernel:
     # The most rows `--int4-kernels measured` times it at (None: every row count): a kernel built
     # for few rows, whose time grows with them (a GEMV), is not tuned and timed where it cannot win.
     max_rows: int | None = None
+    # Reads the layer's dense copy where it keeps one (--int4-prefill-copy): its time with a copy is
+    # another measurement. The others read their own formats, whose times a copy does not change.
+    reads_dense_copy = False
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this kernel cannot run on `device` with activations of `dtype`; None when it can."""

@@ -236,7 +236,7 @@ def int4_gb_per_s(out_features: int, in_features: int, group_size: int, us: floa
 
 def table_rows(plans) -> list[dict]:
     """One row per (shape, kernel, row count) measured, and one per kernel left out; `reused`: the
-    times were measured for another candidate set on this device (ShapePlan.reused)."""
+    times were measured for another candidate set (or dense copy or not) on this device (ShapePlan.reused)."""
     rows = []
     for p in plans:
         for name in sorted(set(p.us) | set(p.left_out)):
@@ -293,8 +293,8 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
             timed = [n for n in names if n not in earlier]
             status(f"int4 kernels: {'measuring ' + ', '.join(timed) if timed else 'checking'} for {shape[0]}x{shape[1]} "
                    f"(group {shape[2]}) at {len(points)} row counts"
-                   + (f"; {', '.join(earlier)} checked only, their times taken from a measurement for other "
-                      "candidates on this kind of GPU" if earlier else ""))
+                   + (f"; {', '.join(earlier)} checked only, their times taken from an earlier "
+                      "measurement on this kind of GPU" if earlier else ""))
             plan = measure(group[0], dtype, points, names, graph, rotation(group, device), earlier)
             if not any(KERNELS[n].unavailable(device, dtype) for n in names):
                 cache.put(key, plan)  # kept unless a candidate turned unavailable while measured (a failed build)

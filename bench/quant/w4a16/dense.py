@@ -9,6 +9,7 @@ from bench.quant.w4a16.base import W4A16Kernel
 
 class Dense(W4A16Kernel):
     name = "dense"
+    reads_dense_copy = True
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
         return layer.dense_forward(x)

@@ -3,8 +3,9 @@ device, library versions, dtype, weight shape, row counts, candidates and dense 
 holding the plan chosen and what was measured to choose it.
 
 A kernel's times are measured once per device and shape: a plan for another candidate set takes
-the times of kernels measured for an earlier one (the same key but its candidates), times only
-the kernels none has timed (choice.measure still makes and checks the others on the layer), and
+the times of kernels measured for an earlier one (the same key but its candidates, and but dense
+copy or not for kernels other than `dense`, the one that reads the copy), times only the kernels
+none has timed (choice.measure still makes and checks the others on the layer), and
 names the kernels whose times it took (`reused`).
 
 Entries are kept in this process too, so every engine of a run reuses a plan measured once,
@@ -43,7 +44,7 @@ class ShapePlan:
     err: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel -> rows -> max relative error
     left_out: dict[str, str] = field(default_factory=dict)  # kernel -> why it was not a candidate
     cached: bool = False  # measured before (this process or the file), not now
-    reused: tuple[str, ...] = ()  # kernels whose times were taken from a plan for other candidates
+    reused: tuple[str, ...] = ()  # kernels whose times were taken from a plan for other candidates (or copy)
 
     def to_json(self) -> dict:
         return {"plan": [list(p) for p in self.plan], "us": self.us, "err": self.err, "left_out": self.left_out,
@@ -227,26 +228,32 @@ class PlanCache:
 
     def earlier(self, key: str) -> dict[str, tuple[dict[int, float], dict[int, float]]]:
         """Kernel -> (times, errors by row count) from the plans kept under keys that differ from
-        `key` in their candidates alone (this process's first, then the file's): what was measured
-        on this device, versions, dtype, shape, row counts, copy and timing for another candidate set."""
+        `key` in their candidates, or in dense copy or not, alone (this process's first, then the
+        file's): what was measured on this device, versions, dtype, shape, row counts and timing
+        for another candidate set. A kernel that reads the dense copy (`dense`) is taken only from
+        a plan with the same copy or not: with a copy it reads a dense weight instead of
+        dequantizing."""
         def rest(k: str):
             try:
                 fields = json.loads(k)
             except ValueError:
                 return None
-            return {n: v for n, v in fields.items() if n != "candidates"} if isinstance(fields, dict) else None
+            if not isinstance(fields, dict):
+                return None
+            return {n: v for n, v in fields.items() if n not in ("candidates", "dense_copy")}, fields.get("dense_copy")
 
-        want, found = rest(key), {}
+        (want, copy), found = rest(key), {}
         for kept in (_KEPT, self.entries):
             for k, d in kept.items():
-                if k == key or rest(k) != want:
+                other = rest(k)
+                if k == key or other is None or other[0] != want:
                     continue
                 try:
                     plan = ShapePlan.from_json(want.get("shape"), d)
                 except ValueError:
                     continue
                 for name in plan.us:
-                    if name in KERNELS:
+                    if name in KERNELS and (other[1] == copy or not KERNELS[name].reads_dense_copy):
                         found.setdefault(name, (plan.us[name], plan.err[name]))
         return found
 
