@@ -62,7 +62,7 @@ def suffix_graph_replays(engine, start: int, reps: int = 20, before=None) -> dic
         for key, cap in engine.lm_graphs.items():
             if key[0] != "suffix ids" or start + key[1] > key[2]:
                 continue  # (a graph for another prefix length: replaying it here would write past its keys)
-            engine._suffix_inputs(key[1])[1][key[1] + 1] = start
+            engine._suffix_inputs(key[1], key[3])[1][key[3] * key[1] + 1] = start
             launch, gpu = [], []
             for _ in range(reps):
                 torch.cuda.synchronize()

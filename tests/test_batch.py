@@ -114,3 +114,25 @@ def test_cold_batch_on_one_image_prefills_the_prefix_once(engine_cls, checkpoint
     assert calls["vision_images"] == 13  # one image's tiles, not three
     assert calls["prefill_rows"] == [(1, 0), (3, prefix)]  # the prefix once, then the three suffixes
     assert len(engine.policy.lru) == 1 and engine.run(demo_image, "Another question?", 2).cache_hit
+
+
+def test_a_batch_asking_one_question_about_one_image_enters_as_suffix_ids(checkpoint_dirs, demo_image, monkeypatch):
+    """Rows whose prefixes share one length and whose suffixes share another (the benchmark's
+    batches: one image, one question) go in as suffix token ids together (the path GraphEngine
+    replays as one graph), cold after the prefix is prefilled once and warm; each row's tokens
+    equal the request alone. Suffixes of unequal length take the embeddings path."""
+    a = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    engine = StaticEngine(a, PrefixKVPolicy(64))
+    rows = []
+    suffix_token = StaticEngine.suffix_token
+    monkeypatch.setattr(StaticEngine, "suffix_token",
+                        lambda self, ids, start, bucket: rows.append(len(ids)) or suffix_token(self, ids, start, bucket))
+    requests = [(demo_image, QUESTIONS[1])] * 3
+    want = alone(a, requests[:1]) * 3
+    cold = engine.run_batch(requests, N)
+    assert not cold.cache_hit and cold.batch_tokens == want and rows == [3]
+    warm = engine.run_batch(requests, N)
+    assert warm.cache_hit and warm.batch_tokens == want and rows == [3, 3]
+    assert engine.run(demo_image, QUESTIONS[1], N).tokens == want[0] and rows == [3, 3, 1]
+    mixed = [(demo_image, QUESTIONS[0]), (demo_image, QUESTIONS[1])]
+    assert engine.run_batch(mixed, N).batch_tokens == alone(a, mixed) and rows == [3, 3, 1]

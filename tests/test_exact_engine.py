@@ -275,7 +275,7 @@ def test_graph_exact_bookkeeping_gives_hf_tokens_with_a_stand_in_capture(checkpo
     warm = engine.run(demo_image, QUESTIONS[1], 12)
     assert warm.cache_hit and warm.tokens == want[1]
     t = warm.prompt_tokens - warm.cached_tokens
-    assert ("suffix ids", t, warm.prompt_tokens) in engine.lm_graphs
+    assert ("suffix ids", t, warm.prompt_tokens, 1) in engine.lm_graphs
     long = engine.run(demo_image, QUESTIONS[2], 12)  # 16+ queries: views of the buffers once checked
     assert long.cache_hit and long.tokens == want[2]
     t = long.prompt_tokens - long.cached_tokens
@@ -356,3 +356,35 @@ def test_aligned_additive_mask_has_the_values_of_sdpas_own():
         got = _additive_aligned(boolean, dtype)
         assert got.shape == (1, 1, 19, 647) and got.stride(-2) == per_row
         assert torch.equal(got, _additive(boolean, dtype))
+
+
+def test_graph_engine_batch_on_one_question_replays_its_prefix_and_suffix_graphs(checkpoint_dirs, demo_image,
+                                                                                   stand_in_capture):
+    """The graph engine's own bookkeeping for a batch asking one question about one image (the
+    benchmark's batches), captures stood in: cold, the shared prefix is prefilled once by a graph
+    captured on the kept scratch row, then every row's suffix by one suffix graph of the batch;
+    warm, that suffix graph alone; a cold batch on another image replays both graphs. Each row
+    gives the request's tokens alone."""
+    from bench.engines.graph import GraphEngine
+    from PIL import ImageOps
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    hf = HFEngine(adapter, CachePolicy())
+    q, other = QUESTIONS[1], ImageOps.mirror(demo_image)
+    engine = GraphEngine(adapter, PrefixKVPolicy(64))
+    engine.layer_fn, engine.prefill_fn = engine.decoder.layer_at, engine.decoder.layer_from  # uncompiled
+    assert torch._dynamo.config.recompile_limit >= 256  # a compiled step layer per graph's shape, not 8
+    cold = engine.run_batch([(demo_image, q)] * 3, 12)
+    assert not cold.cache_hit and cold.batch_tokens == [hf.run(demo_image, q, 12).tokens] * 3
+    scratch = [k for k in engine.lm_graphs if k[0] == "scratch prefill"]
+    suffix = [k for k in engine.lm_graphs if k[0] == "suffix ids"]
+    assert len(scratch) == 1 and len(suffix) == 1 and suffix[0][3] == 3
+    assert not any(k[0] == "prefill" for k in engine.lm_graphs)  # the batch's rows are never prefilled whole
+    warm = engine.run_batch([(demo_image, q)] * 3, 12)
+    assert warm.cache_hit and warm.batch_tokens == cold.batch_tokens
+    graphs = len(engine.lm_graphs)
+    again = engine.run_batch([(other, q)] * 3, 12)
+    assert not again.cache_hit and again.batch_tokens == [hf.run(other, q, 12).tokens] * 3
+    assert len(engine.lm_graphs) == graphs  # both graphs replayed, none captured
+    engine.run(demo_image, q, 2)  # one row: new working buffers, the scratch row dropped with them
+    assert engine._scratch is None and not any(k[0] == "scratch prefill" for k in engine.lm_graphs)

@@ -38,7 +38,7 @@ def test_static_cache_with_prefix_reuse(family, checkpoint_dirs, demo_image, mon
     by_ids = []
     suffix_token = StaticEngine.suffix_token
     monkeypatch.setattr(StaticEngine, "suffix_token",
-                        lambda self, ids, start, bucket: by_ids.append(len(ids)) or suffix_token(self, ids, start, bucket))
+                        lambda self, ids, start, bucket: by_ids.append(len(ids[0])) or suffix_token(self, ids, start, bucket))
     assert not engine.run(demo_image, "warm-up question", N).cache_hit
     long_q = "Describe the colors in this picture, please, and say which one covers the most area."
     words = long_q.split()
@@ -133,6 +133,12 @@ def test_cuda_graph_engine_warm_requests_equal_generate(checkpoint_dirs, demo_im
         r = engine.run(demo_image, q, N)
         assert r.cache_hit and r.tokens == reference_generate(adapter, demo_image, q, N), q
     assert any(key[0] == "suffix ids" for key in engine.lm_graphs)
+    q = "Why?"  # a batch asking one question about one image: one replay for every row
+    requests = [(demo_image, q)] * 3
+    assert not engine.run_batch(requests, N).cache_hit  # a batch of 3: new buffers, the prefix copied in
+    warm = engine.run_batch(requests, N)
+    assert warm.cache_hit and warm.batch_tokens == [reference_generate(adapter, demo_image, q, N)] * 3
+    assert any(key[0] == "suffix ids" and key[3] == 3 for key in engine.lm_graphs)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -3,16 +3,18 @@ and replayed:
 - the decode step (one token; embedding of the next token written back on the GPU, so replays
   chain without the host), with each decoder layer compiled by torch.compile first (one layer
   compiled and reused by all: "regional compilation"), so elementwise work is fused;
-- the suffix prefill after a prefix hit, one graph per length bucket (padded up), from the
-  suffix's token ids to its first token;
+- the suffix prefill after a prefix hit, one graph per length bucket (padded up) and batch size,
+  from the suffix's token ids to its first token (a batch's rows at once where they share one
+  prefix length and one suffix length);
 - the vision tower + projector, one graph per pixel shape.
-- a one-row full-prompt prefill (a cold single request), one graph per prompt length rounded
-  up to the spec's prefill_round (PREFILL_ROUND), padded after the prompt (causal attention keeps
-  the padding out).
+- a one-row full-prompt prefill (a cold single request, or the prefix a cold batch on one image
+  shares, prefilled once into a one-row buffer kept with the batch's), one graph per prompt
+  length rounded up to the spec's prefill_round (PREFILL_ROUND), padded after the prompt (causal
+  attention keeps the padding out).
 Full-prompt prefill's layer is compiled with a dynamic length (flash attention, fused
 elementwise work) and q/k/v and gate/up run fused at every length (on the H200, llava-1.5-7b,
-628 tokens: 29.3 ms eager -> 15.3 ms; prefill_profile CSV); batches, prefixes prefilled alone
-and long suffixes run it uncaptured, the one-row prefill replays it captured.
+628 tokens: 29.3 ms eager -> 15.3 ms; prefill_profile CSV); whole batches and long suffixes
+run it uncaptured, the one-row prefills replay it captured.
 Unlike the static engine's, its prefill is not bit-identical to transformers' (token_agree
 reports the effect); bench.engines.graph_exact's engine is.
 Anything that cannot be compiled runs uncompiled, and the row says so in `engine_detail`;
@@ -65,7 +67,13 @@ class GraphEngine(StaticEngine):
         self._decode_pool = self._new_decode_pool()
         self.vision_graphs: dict[tuple, _Captured] = {}
         self.notes: dict[str, str] = {}
+        self._scratch: KVBuffers | None = None  # one row for a batch's shared prefix (scratch_cache)
         torch._dynamo.reset()  # compiled code of an earlier model is not reused (nor kept alive)
+        # The step layer is compiled per shape (dynamic=False): one specialization per batch size's
+        # decode and per suffix graph (bucket, attended length, batch size). Past dynamo's default
+        # of 8 per function a new shape would run uncompiled, silently (the engine's bookkeeping
+        # bounds how many there are: batch sizes x buckets x KEY_ROUND steps of the buffers).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         self.decoder.numerics = self.spec.numerics
         self.decoder.one_query_matmul = attention_kernels.deterministic(self.spec.attention)
         options = inductor_options(self.spec.numerics)
@@ -120,7 +128,21 @@ class GraphEngine(StaticEngine):
     def _drop_buffers(self) -> None:
         self.lm_graphs.clear()  # their captured addresses die with the old buffers
         self._decode_pool = self._new_decode_pool()  # and a shared pool's memory with them
+        self._scratch = None
         super()._drop_buffers()
+
+    def scratch_cache(self, tokens: int) -> KVBuffers:
+        """One-row buffers for the prefix a cold batch shares, prefilled once: kept with the
+        working buffers (and dropped with them), so that the prefix's prefill replays a graph
+        captured on them, as a single request's does on the working buffers."""
+        need = -(-tokens // self.spec.prefill_round) * self.spec.prefill_round  # the padded prefill fits
+        if self._scratch is None or self._scratch.max_len < need:
+            for key in [k for k in self.lm_graphs if k[0] == "scratch prefill"]:
+                del self.lm_graphs[key]  # captured on the smaller buffers
+            self._scratch = super().scratch_cache(need)
+        else:
+            self._scratch.reset()
+        return self._scratch
 
     # ---------------------------------------------------------------------------------- capture
     def _capture(self, call, what: str, rewind: bool, warmups: int = 2, pool=None
@@ -161,12 +183,13 @@ class GraphEngine(StaticEngine):
 
     def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
         self.forget_overwritten(cache, start)
-        if (self.prefill_fn is not None and start == 0 and valid is None and cache is self.cache
+        if (self.prefill_fn is not None and start == 0 and valid is None
+                and (cache is self.cache or cache is self._scratch)
                 and cache.valid is None and "prefill graph" not in self.notes):
             padded = -(-embeds.shape[1] // self.spec.prefill_round) * self.spec.prefill_round
             if padded <= cache.max_len:
                 try:
-                    return self._prefill_graphed(embeds, padded)
+                    return self._prefill_graphed(embeds, padded, cache)
                 except VariantUnsupported as e:  # recorded in engine_detail; the compiled prefill runs
                     self.notes["prefill graph"] = f"not captured ({str(e)[:160]})"
         if self.prefill_fn is not None:
@@ -179,23 +202,23 @@ class GraphEngine(StaticEngine):
                 self.prefill_fn = None
         return self.full_prefill(embeds, cache, start, valid=valid)
 
-    def _prefill_graphed(self, embeds: torch.Tensor, padded: int) -> torch.Tensor:
-        """A one-row prefill from column 0 as the replay of the compiled prefill captured at
-        `padded` tokens (a multiple of the spec's prefill_round); the logits are overwritten by
-        the next replay."""
-        key = ("prefill", padded)
+    def _prefill_graphed(self, embeds: torch.Tensor, padded: int, cache: KVBuffers) -> torch.Tensor:
+        """A one-row prefill from column 0 of `cache` (the working buffers or the scratch row) as
+        the replay of the compiled prefill captured on it at `padded` tokens (a multiple of the
+        spec's prefill_round); the logits are overwritten by the next replay."""
+        key = ("prefill" if cache is self.cache else "scratch prefill", padded)
         cap = self.lm_graphs.get(key)
         if cap is None:  # captured on zeros (finite padding), then replayed on this prompt below
             static = torch.zeros(1, padded, embeds.shape[-1], dtype=embeds.dtype, device=embeds.device)
             n_real = torch.full((), padded, dtype=torch.long, device=embeds.device)
             graph, out = self._capture(
-                lambda: self.full_prefill(static, self.cache, 0, self.prefill_fn, n_real=n_real),
+                lambda: self.full_prefill(static, cache, 0, self.prefill_fn, n_real=n_real),
                 f"prefill ({padded} tokens)", False)
             cap = self.lm_graphs[key] = _Captured(graph, (static, n_real), out)
         static, n_real = cap.inputs
         static[:, :embeds.shape[1]].copy_(embeds)  # the padding keeps stale finite embeddings
         n_real.fill_(embeds.shape[1])
-        self.cache.take_deferred()  # the replay writes the length
+        cache.take_deferred()  # the replay writes the length
         cap.graph.replay()
         return cap.output
 
@@ -218,13 +241,15 @@ class GraphEngine(StaticEngine):
         return cap.output.clone()  # the graph's output is overwritten by the next replay
 
     # ---------------------------------------------------------------------------------- LM
-    def _suffix_token_call(self, host: torch.Tensor, dev_in: torch.Tensor, bucket: int, key_len: int) -> torch.Tensor:
-        key = ("suffix ids", bucket, key_len)  # a graph per bucket and attended length
+    def _suffix_token_call(self, host: torch.Tensor, dev_in: torch.Tensor, bucket: int, key_len: int,
+                           batch: int = 1) -> torch.Tensor:
+        key = ("suffix ids", bucket, key_len, batch)  # a graph per bucket, attended length and batch
         cap = self.lm_graphs.get(key)
         if cap is None:  # the graph's first node copies the pinned staging buffer in
             call = super(GraphEngine, self)._suffix_token_call
-            graph, out = self._capture(lambda: call(host, dev_in, bucket, key_len),
-                                       f"suffix prefill ({bucket} tokens)", True)
+            graph, out = self._capture(lambda: call(host, dev_in, bucket, key_len, batch),
+                                       f"suffix prefill ({bucket} tokens" + (f", batch {batch})" if batch > 1 else ")"),
+                                       True)
             cap = self.lm_graphs[key] = _Captured(graph, (host, dev_in), out)
         cap.graph.replay()
         return cap.output  # overwritten by the next replay: decode copies it before any

@@ -41,7 +41,7 @@ class StaticEngine(HFEngine):
         # the next request on the same prefix finds it in place and copies nothing, as a paged
         # KV cache would reference its blocks; a prefill from column 0 forgets every row.
         self.resident: dict[int, weakref.ref] = {}
-        self._staged: dict[int, tuple] = {}  # suffix ids per bucket: host, its numpy view, device
+        self._staged: dict[tuple, tuple] = {}  # suffix ids per (bucket, rows): host, its numpy view, device
         self.prefetch = self._int4_prefetch()
         self.int4_kernels = self._choose_int4_kernels()
 
@@ -222,48 +222,56 @@ class StaticEngine(HFEngine):
 
     # -------------------------------------------------------------- a warm request's suffix
     def _suffix_prefill(self, prepared: list, cache, lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
-        """One request after a prefix hit in the working buffers: its suffix goes in as token
-        ids (`suffix_token`); batches and long suffixes take the embeddings path."""
-        if len(prepared) == 1 and cache is self.cache and cache.valid is None:
-            ids = prepared[0].suffix_ids
-            bucket = self.bucket(len(ids))
+        """Requests after a prefix hit in the working buffers: where every row's prefix has one
+        length and every row's suffix another (one request; a batch asking one question about one
+        image), the suffixes go in as token ids (`suffix_token`: one graph replay on GraphEngine);
+        other batches and long suffixes take the embeddings path."""
+        ids = [p.suffix_ids for p in prepared]
+        if cache is self.cache and len(set(lengths)) == 1 and len({len(i) for i in ids}) == 1:
+            bucket = self.bucket(len(ids[0]))
             if bucket is not None:
                 return self.suffix_token(ids, lengths[0], bucket)
         return super()._suffix_prefill(prepared, cache, lengths)
 
-    def _suffix_inputs(self, bucket: int) -> tuple:
-        """(host staging, its numpy view, device input) for a bucket: [ids padded to `bucket`,
-        real count, start column]. The host side is pinned on CUDA, so staging a request is one
-        asynchronous copy (GraphEngine: a node of the suffix graph, not a call of its own)."""
-        found = self._staged.get(bucket)
+    def _suffix_inputs(self, bucket: int, batch: int = 1) -> tuple:
+        """(host staging, its numpy view, device input) for `batch` rows of a bucket: [each row's
+        ids padded to `bucket`, row after row, real count, start column]. The host side is pinned
+        on CUDA, so staging the rows is one asynchronous copy (GraphEngine: a node of the suffix
+        graph, not a call of its own)."""
+        found = self._staged.get((bucket, batch))
         if found is None:
             dev = self.adapter.device
-            dev_in = torch.zeros(bucket + 2, dtype=torch.long, device=dev)
-            host = torch.zeros(bucket + 2, dtype=torch.long, pin_memory=True) if dev.type == "cuda" else dev_in
-            found = self._staged[bucket] = (host, host.numpy(), dev_in)
+            dev_in = torch.zeros(batch * bucket + 2, dtype=torch.long, device=dev)
+            host = torch.zeros(batch * bucket + 2, dtype=torch.long, pin_memory=True) if dev.type == "cuda" else dev_in
+            found = self._staged[(bucket, batch)] = (host, host.numpy(), dev_in)
         return found
 
-    def suffix_token(self, ids: list[int], start: int, bucket: int) -> tuple[torch.Tensor, list[int]]:
-        """Greedy next token (device [1], host list) after the suffix `ids` written at `start`,
-        the prefix in place before it: the ids, padded to `bucket`, their count and `start` go
-        to the device in one copy, and the buffers' length, embedding, decoder step and argmax
-        follow on the device (one graph replay on GraphEngine: a warm request's first token
-        costs the host a replay and the read of the token, not a dozen launches)."""
-        host, staged, dev_in = self._suffix_inputs(bucket)
-        staged[:len(ids)] = ids
-        staged[len(ids):bucket] = 0  # padding: written past the real tokens, never attended by them
-        staged[bucket] = len(ids)
-        staged[bucket + 1] = start
+    def suffix_token(self, ids: list[list[int]], start: int, bucket: int) -> tuple[torch.Tensor, list[int]]:
+        """Greedy next token of each row (device [rows], host list) after its suffix `ids[row]`
+        (all of one length) written at `start`, its prefix in place before it: the ids, each
+        padded to `bucket`, their count and `start` go to the device in one copy, and the
+        buffers' length, embedding, decoder step and argmax follow on the device (one graph
+        replay on GraphEngine: a warm request's first token costs the host a replay and the read
+        of the token, not a dozen launches)."""
+        batch, n = len(ids), len(ids[0])
+        host, staged, dev_in = self._suffix_inputs(bucket, batch)
+        rows = staged[:batch * bucket].reshape(batch, bucket)
+        rows[:, :n] = ids
+        rows[:, n:] = 0  # padding: written past the real tokens, never attended by them
+        staged[batch * bucket] = n
+        staged[batch * bucket + 1] = start
         self.cache.take_deferred()  # (== start when deferred): the call below writes the length
-        token = self._suffix_token_call(host, dev_in, bucket, self.key_len(start, bucket))
+        token = self._suffix_token_call(host, dev_in, bucket, self.key_len(start, bucket), batch)
         return token, token.tolist()  # the read waits for the copy: `host` is free again after it
 
-    def _suffix_token_call(self, host: torch.Tensor, dev_in: torch.Tensor, bucket: int, key_len: int) -> torch.Tensor:
+    def _suffix_token_call(self, host: torch.Tensor, dev_in: torch.Tensor, bucket: int, key_len: int,
+                           batch: int = 1) -> torch.Tensor:
         if dev_in is not host:
             dev_in.copy_(host, non_blocking=True)
-        self.cache.length.copy_(dev_in[bucket + 1])
-        embeds = self.decoder.embed(dev_in[None, :bucket])
-        return self._lm_step(embeds, dev_in[bucket], key_len)[:, -1].argmax(-1)
+        n = batch * bucket
+        self.cache.length.copy_(dev_in[n + 1])
+        embeds = self.decoder.embed(dev_in[:n].view(batch, bucket))
+        return self._lm_step(embeds, dev_in[n], key_len)[:, -1].argmax(-1)
 
     def _decode_key_len(self, cache) -> int | None:
         """The keys an eager decode step attends over (None: the whole buffers)."""
