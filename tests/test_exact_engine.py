@@ -330,19 +330,26 @@ def test_benchmark_reports_graph_exact_as_hf_exactly(tmp_path, monkeypatch, stan
         assert "transformers' arithmetic" in r["engine_detail"] and "eager-exact numerics" in r["engine_detail"]
 
 
-def test_graph_engine_replays_one_decode_graph_for_every_step_with_a_stand_in_capture(checkpoint_dirs, demo_image,
-                                                                                     stand_in_capture):
+def test_graph_engine_replays_a_decode_graph_per_attended_length_with_a_stand_in_capture(checkpoint_dirs,
+                                                                                        demo_image, stand_in_capture):
     """The decode mechanism graph-exact shares with `graph` (stand-in captures, uncompiled): the
-    graph engine captures one decode step per batch size, replays it for every token, and gives
-    the static engine's tokens, cold and warm."""
+    graph engine's steps attend over the columns written so far rounded up to the spec's
+    key_round, not over the whole buffers, a graph per batch size and such length replayed for
+    every token that reaches it; the static engine's tokens, cold and warm, and a request whose
+    keys cross a multiple of key_round replays two graphs."""
     from bench.engines.graph import GraphEngine
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
     static = StaticEngine(adapter, PrefixKVPolicy(64))
-    want = [static.run(demo_image, q, 12).tokens for q in QUESTIONS]
+    want = [static.run(demo_image, q, 60).tokens for q in QUESTIONS]
     engine = uncompiled(GraphEngine(adapter, PrefixKVPolicy(64)))
-    assert [engine.run(demo_image, q, 12).tokens for q in QUESTIONS] == want
-    assert {k for k in engine.lm_graphs if k[0] == "decode"} == {("decode", 1, None)}
+    got = [engine.run(demo_image, q, 60) for q in QUESTIONS]
+    assert [r.tokens for r in got] == want
+    k = engine.spec.key_round
+    ends = {-(-(r.prompt_tokens + i) // k) * k for r in got for i in range(1, 60)}  # columns a step attends to
+    assert len(ends) >= 2 and min(ends) < engine.max_len  # crossed a multiple; short of the whole buffers
+    assert {key for key in engine.lm_graphs if key[0] == "decode"} == {("decode", 1, e) for e in ends}
+    assert f"a graph per {k} attended columns" in engine.describe()
 
 
 def test_aligned_additive_mask_has_the_values_of_sdpas_own():
@@ -388,3 +395,4 @@ def test_graph_engine_batch_on_one_question_replays_its_prefix_and_suffix_graphs
     assert len(engine.lm_graphs) == graphs  # both graphs replayed, none captured
     engine.run(demo_image, q, 2)  # one row: new working buffers, the scratch row dropped with them
     assert engine._scratch is None and not any(k[0] == "scratch prefill" for k in engine.lm_graphs)
+

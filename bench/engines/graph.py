@@ -2,7 +2,8 @@
 and replayed:
 - the decode step (one token; embedding of the next token written back on the GPU, so replays
   chain without the host), with each decoder layer compiled by torch.compile first (one layer
-  compiled and reused by all: "regional compilation"), so elementwise work is fused;
+  compiled and reused by all: "regional compilation"), so elementwise work is fused; one graph
+  per batch size and attended length (the columns written so far rounded up to KEY_ROUND);
 - the suffix prefill after a prefix hit, one graph per length bucket (padded up) and batch size,
   from the suffix's token ids to its first token (a batch's rows at once where they share one
   prefix length and one suffix length);
@@ -103,11 +104,12 @@ class GraphEngine(StaticEngine):
 
     def _graphs_note(self) -> str:
         """What this engine captures, for engine_detail."""
-        return "CUDA-graph decode + suffix buckets"
+        return f"CUDA-graph decode (a graph per {self.spec.key_round} attended columns) + suffix buckets"
 
     def _new_decode_pool(self):
-        """The memory pool decode graphs share (None: each its own; one graph per batch size)."""
-        return None
+        """The memory pool the decode graphs share (a graph per batch size and attended length,
+        never two replaying at once)."""
+        return torch.cuda.graph_pool_handle()
 
     def describe(self) -> str:
         compiled = "compiled layers" if self._compiled(self.layer_fn) else "uncompiled layers"
@@ -261,9 +263,14 @@ class GraphEngine(StaticEngine):
         return logits
 
     def _decode_lengths(self, cache, steps: int) -> list[int | None]:
-        """The keys each of `steps` decode steps attends over (a graph per distinct value); None:
-        the whole buffers, one graph for every step."""
-        return [None] * steps
+        """The keys each of `steps` decode steps attends over (a graph per distinct value): the
+        columns written by then, rounded up as a suffix's are (`key_len`: the spec's key_round;
+        graph-exact's, exactly), so that a step's attention reads those columns of the buffers,
+        not all max_len of them: at batch 16 a 7B's keys and values over 1024 columns are 8 GiB
+        a step."""
+        # the one host read of the length: the first token is on the host already (nothing waits)
+        start = cache.get_seq_length()
+        return [self.key_len(start + i, 1) for i in range(steps)]
 
     def _decode_graph(self, batch: int, key_len: int | None) -> _Captured:
         """The captured decode step over `key_len` keys; every one of a batch size reads and writes

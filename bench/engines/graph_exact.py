@@ -49,9 +49,6 @@ class GraphExactEngine(ExactRequests, GraphEngine):
     def _graphs_note(self) -> str:
         return "CUDA-graph decode (a graph per attended length) + suffixes (a graph per length and start)"
 
-    def _new_decode_pool(self):
-        return torch.cuda.graph_pool_handle()  # a graph per attended length: their memory shared
-
     def _projection_streams(self) -> list | None:
         """Side streams for the layers' separate GEMMs (FusedProjections.forward); None: in turn."""
         if not self.spec.concurrent_projections or self.adapter.device.type != "cuda":
@@ -62,8 +59,3 @@ class GraphExactEngine(ExactRequests, GraphEngine):
         side = (", separate projections of a step side by side on 3 streams"
                 if self.spec.concurrent_projections and "separate" in self.decoder.fusion else "")
         return super().arithmetic_note() + side
-
-    def _decode_lengths(self, cache, steps: int) -> list[int | None]:
-        # the one host read of the length: the first token is on the host already (nothing waits)
-        first = cache.get_seq_length() + 1
-        return list(range(first, first + steps))

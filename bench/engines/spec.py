@@ -17,9 +17,10 @@ from bench.engines.fused_linear import FUSED_MAX_ROWS
 
 CACHE_ROUND = 256  # buffer length granularity; a longer request reallocates (and recaptures)
 SUFFIX_BUCKETS = (16, 32, 64)  # suffix lengths (after a prefix hit) run as padded fixed-shape steps
-# A suffix bucket attends over the buffers' columns up to its end rounded up to this, not over
-# all of them: cuDNN attention of 32 queries costs 21.9 us per layer over 768 columns against
-# 26.9 us over 1024 (f67f436:results/h200/sdpa_backends_h200.csv), 0.16 ms of a 7B warm suffix.
+# A suffix bucket, and the graph engine's decode step, attend over the buffers' columns up to
+# their end rounded up to this, not over all of them: cuDNN attention of 32 queries costs 21.9 us
+# per layer over 768 columns against 26.9 us over 1024 (f67f436:results/h200/sdpa_backends_h200.csv),
+# 0.16 ms of a 7B warm suffix; a decode step reads each row's keys and values up to it.
 KEY_ROUND = 128
 PREFILL_ROWS = 4096  # a full-prompt prefill's length, for which linears it runs (fused or not)
 # GraphEngine captures a full-prompt prefill per prompt length rounded up to this (padding after
