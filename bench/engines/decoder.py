@@ -93,6 +93,9 @@ class FastDecoder(nn.Module):
         # under deterministic attention kernels (bench.engines.attention_kernels), where cuDNN may not
         # run them and SDPA with a mask would run memory-efficient attention, ~4x slower.
         self.one_query_matmul = False
+        # Compiled one-query steps attend by bench.engines.split_kv_attention instead (the spec's
+        # decode_attention "split-kv"; the graph engines set it).
+        self.split_kv = False
         self.layers = blocks if blocks is not None else self._blocks(lm)
 
     @staticmethod
@@ -219,14 +222,16 @@ class FastDecoder(nn.Module):
         """One layer for tokens at device positions `pos` (graph-capturable; what gets compiled),
         attending over the buffers' first `keys_end` columns (default all).
         Compiled, a few queries (the suffix buckets up to 32; one too under `one_query_matmul`)
-        attend through `_matmul_attention`."""
+        attend through `_matmul_attention`, one through the split-KV kernels under `split_kv`."""
         q, k, v = self._qkv(block, h, cos, sin)
         keys.index_copy_(2, pos, k)
         values.index_copy_(2, pos, v)
         if keys_end is not None and keys_end != keys.shape[2]:
             keys, values = keys[:, :, :keys_end], values[:, :, :keys_end]
         t = q.shape[2]
-        if (1 < t or self.one_query_matmul) and t <= MATMUL_ATTENTION_MAX_T and torch.compiler.is_compiling():
+        if t == 1 and self.split_kv and torch.compiler.is_compiling():
+            o = torch.ops.vlmbench.split_kv_attention(q, keys, values, mask, self.scaling)
+        elif (1 < t or self.one_query_matmul) and t <= MATMUL_ATTENTION_MAX_T and torch.compiler.is_compiling():
             o = self._matmul_attention(q, keys, values, mask)
         else:
             o = self._sdpa(q, keys, values, mask=mask)

@@ -77,6 +77,7 @@ class GraphEngine(StaticEngine):
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
         self.decoder.numerics = self.spec.numerics
         self.decoder.one_query_matmul = attention_kernels.deterministic(self.spec.attention)
+        self.decoder.split_kv = self._split_kv()
         options = inductor_options(self.spec.numerics)
         compile = lambda fn, dynamic: torch.compile(fn, dynamic=dynamic, options=options)  # noqa: E731
         self.layer_fn = self._compiled_step_layer(compile)
@@ -86,6 +87,18 @@ class GraphEngine(StaticEngine):
             self.prefill_fn = self._compiled_prefill_layer(compile)
         else:  # bitsandbytes layers break a compiled graph at every call: slower than eager
             self.notes["prefill"] = "eager (these linears break a compiled graph at every call)"
+
+    def _split_kv(self) -> bool:
+        """Whether compiled one-query steps attend by the split-KV kernels (the spec's
+        decode_attention); VariantUnsupported where they cannot run."""
+        if self.spec.decode_attention != "split-kv":
+            return False
+        from bench.engines import split_kv_attention  # registers vlmbench::split_kv_attention
+
+        why = split_kv_attention.unavailable(self.adapter.device)
+        if why:
+            raise VariantUnsupported(why)
+        return True
 
     def _compiled_step_layer(self, compile):
         """The layer function decode steps and suffixes run, compiled by `compile(fn, dynamic)`."""
@@ -108,8 +121,8 @@ class GraphEngine(StaticEngine):
 
     def _new_decode_pool(self):
         """The memory pool the decode graphs share (a graph per batch size and attended length,
-        never two replaying at once)."""
-        return torch.cuda.graph_pool_handle()
+        never two replaying at once; None off CUDA)."""
+        return torch.cuda.graph_pool_handle() if self.adapter.device.type == "cuda" else None
 
     def describe(self) -> str:
         compiled = "compiled layers" if self._compiled(self.layer_fn) else "uncompiled layers"
@@ -120,7 +133,8 @@ class GraphEngine(StaticEngine):
             prefill += (f" (one row from column 0: CUDA-graphed per {prefill_round}-token length bucket)"
                         if prefill_round > 1 else " (one row from column 0: CUDA-graphed per prompt length)")
         parts = [f"own decoder ({self.decoder.fusion}), static KV, {self._graphs_note()} "
-                 f"({compiled}, {self.spec.numerics} numerics){self.arithmetic_note()}, {prefill}"
+                 f"({compiled}, {self.spec.numerics} numerics"
+                 f"{', split-kv decode attention' if self.decoder.split_kv else ''}){self.arithmetic_note()}, {prefill}"
                  f"{self.prefetch_note()}, "
                  f"vision {self.notes.get('vision', 'graphed')}"
                  f"{attention_kernels.note(self.adapter.device, self.spec.attention)}"]

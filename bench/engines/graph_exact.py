@@ -35,6 +35,9 @@ class GraphExactEngine(ExactRequests, GraphEngine):
     default_spec = EngineSpec(numerics="eager-exact", prefill_round=1, fused_max_rows=FUSED_MAX_ROWS,
                               concurrent_projections=True)
 
+    def _split_kv(self) -> bool:
+        return False  # transformers' own attention call, whatever --decode-attention says
+
     def _compiled_step_layer(self, compile):
         self._exact_layers = ExactLayers(self.decoder, compile, self._projection_streams())
         return self._exact_layers.at

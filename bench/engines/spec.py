@@ -42,6 +42,9 @@ PREFILL_ROUND = 64
 #    deterministic attention kernels: f67f436:results/h200/compile_numerics_llava-1.5-7b-deterministic.csv;
 #    the 0.03% measured earlier with cuDNN attention was that kernel's run-to-run noise).
 NUMERICS = ("fused", "eager-casts", "eager-exact")
+# How the graph engines' compiled one-query steps attend: "matmul" (FastDecoder._matmul_attention)
+# or "split-kv" (bench.engines.split_kv_attention: Triton, the keys read in splits at once)
+DECODE_ATTENTION = ("matmul", "split-kv")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class EngineSpec:
     attention: str = "deterministic"
     # how compiled layers round (NUMERICS); engines that compile nothing ignore it
     numerics: str = "fused"
+    # how compiled one-query decode steps attend (DECODE_ATTENTION); engines that compile nothing ignore it
+    decode_attention: str = "matmul"
     # above this many input rows q/k/v and gate/up run as their separate modules (fused_linear)
     fused_max_rows: int = FUSED_MAX_ROWS
     suffix_buckets: tuple[int, ...] = SUFFIX_BUCKETS
@@ -76,6 +81,9 @@ class EngineSpec:
         attention_kernels.check(self.attention)
         if self.numerics not in NUMERICS:
             raise ValueError(f"unknown numerics {self.numerics!r}; choose from {', '.join(NUMERICS)}")
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"unknown decode attention {self.decode_attention!r}; choose from "
+                             f"{', '.join(DECODE_ATTENTION)}")
         buckets = tuple(self.suffix_buckets)
         if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
             raise ValueError(f"suffix buckets must be distinct positive lengths in ascending order, got {buckets}")

@@ -1,4 +1,5 @@
-"""bench.quant.triton_w4a16's kernel compiled for a CUDA GPU that is not here.
+"""Our Triton kernels (bench.quant.triton_w4a16's, bench.engines.split_kv_attention's) compiled for a
+CUDA GPU that is not here.
 
 Triton's own compiler and the ptxas its wheel ships turn the kernel into PTX and a cubin for a
 named compute capability without a GPU or a CUDA driver, specialized as the JIT specializes it for
@@ -88,16 +89,8 @@ def compile_tiles(rows: int, n: int, k: int, group_size: int, dtype: torch.dtype
     a weight [n, k] in groups of `group_size`, with `config` (TN, BKT, SPLIT_K, num_warps,
     num_stages), compiled for compute capability `capability` (90: H100 / H200). Raises Triton's
     compile error (or ptxas') where the GPU's would."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
     from bench.quant import triton_w4a16 as tw
 
-    fn = tw._tiles_mm_kernel
-    target = GPUTarget("cuda", capability, 32)
-    backend = make_backend(target)
     # meta tensors give the JIT's binder what it reads (dtype, an aligned address) without memory
     x = torch.empty(rows, k, dtype=dtype, device="meta")
     packed = torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, device="meta")
@@ -106,8 +99,23 @@ def compile_tiles(rows: int, n: int, k: int, group_size: int, dtype: torch.dtype
     config = dict(config)
     kwargs = {"G": group_size, "BLOCK_M": tw.rows_block(rows), "MID": tw.TINYGEMM_MID,
               "num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3), **config}
+    return compile_call(tw._tiles_mm_kernel, (x, packed, sz, y, rows, n, k, x.stride(0), y.stride(0)), kwargs,
+                        capability)
+
+
+def compile_call(fn, args: tuple, kwargs: dict, capability: int = 90) -> Compiled:
+    """Triton kernel `fn` specialized as its JIT would for the launch `fn[grid](*args, **kwargs)`
+    (tensors on the meta device stand in for the GPU's), compiled for compute capability
+    `capability`; Triton's compile error (or ptxas') where the GPU's would raise one."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(x, packed, sz, y, rows, n, k, x.stride(0), y.stride(0), **kwargs)
+    bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
     regs, spills = _ptxas_usage(kernel.asm["ptx"], capability)

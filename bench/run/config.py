@@ -12,6 +12,7 @@ from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 from bench.engines import attention_kernels
+from bench.engines.spec import DECODE_ATTENTION
 from bench.errors import ArgumentParser, UsageError
 from bench.run.summary import ValidityRule
 from bench.run.workload import DEFAULT_LOADER, LOADERS, VIDEO_MODES, int_list, name_list, workload_points
@@ -78,6 +79,11 @@ class RunFields:
                                  "queries, such as decode steps: repeated requests give the same tokens) or auto "
                                  "(torch's choice everywhere: on the H200 cuDNN, whose decode kernel does not "
                                  "repeat its output)", "deterministic")
+    decode_attention: str = opt("how the graph engine's compiled one-query decode steps attend (graph-exact keeps "
+                                "transformers' attention): matmul (two "
+                                "batched GEMMs around a softmax, in transformers' eager arithmetic) or split-kv "
+                                "(a Triton kernel reading the keys in splits at once, then combining them; "
+                                "deterministic; fp32 scores)", "matmul")
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
     device: str = opt("cuda, cuda:N, cpu or auto", "auto")
     executor: str = opt("how the sweep's jobs (the variants sharing one loaded model) run: serial (this process), "
@@ -153,6 +159,9 @@ class RunConfigBase:
             raise UsageError(f"--num-frames {self.num_frames}: at most {MAX_FRAMES} (0: every frame)")
         ValidityRule(self.num_runs, self.min_seconds, self.max_cv)  # --max-cv, --min-seconds: as summaries check them
         attention_kernels.check(self.attention_kernels)
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise UsageError(f"unknown --decode-attention {self.decode_attention!r}; choose "
+                             f"{' or '.join(DECODE_ATTENTION)}")
         if self.preprocess not in PREPROCESS_PLACES:
             raise UsageError(f"unknown --preprocess {self.preprocess!r}; choose {' or '.join(PREPROCESS_PLACES)}")
         if not 0 <= self.cpu_threads <= MAX_CPU_THREADS:
@@ -207,6 +216,10 @@ class RunConfigBase:
             raise UsageError("--ray-address applies to --executor ray")
         if self.ray_address is not None:
             ray_endpoint(self.ray_address)
+
+    def engine_options(self) -> dict:
+        """The EngineSpec fields this run sets for every engine (a variant's weights part may add more)."""
+        return {"attention": self.attention_kernels, "decode_attention": self.decode_attention}
 
     def part_options(self, cls: type):
         """The options dataclass `cls` filled from this config."""

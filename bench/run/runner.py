@@ -426,10 +426,10 @@ class Benchmark:
         return [VisualInput((Image.new("1", s),)) for s in dict.fromkeys(sizes)]
 
     def _engine_options(self, variant) -> dict:
-        """EngineSpec fields this run sets for the variant's engine: the run's attention kernels and
-        whatever its weights part chooses (bench.engines.spec)."""
+        """EngineSpec fields this run sets for the variant's engine: the run's (attention kernels,
+        decode attention) and whatever its weights part chooses (bench.engines.spec)."""
         weights = variant.weights
-        return {"attention": self.cfg.attention_kernels, **weights.engine_options(weights.options(self.cfg))}
+        return {**self.cfg.engine_options(), **weights.engine_options(weights.options(self.cfg))}
 
     def _engine_specs(self) -> dict:
         """The spec each variant's engine runs with, by variant (and the fidelity reference's)."""

@@ -90,7 +90,7 @@ def load_engine(cfg, source: ModelSource):
     place_preprocessing(loaded.adapter, cfg.preprocess, device, load_image(cfg.image_path))
     policy = variant.cache.make_policy(variant.cache.options(cfg), loaded.weights_key)
     try:  # what only the loaded model shows (e.g. an int4 kernel this device cannot run)
-        engine = variant.engine.make_engine(loaded.adapter, policy, attention=cfg.attention_kernels,
+        engine = variant.engine.make_engine(loaded.adapter, policy, **cfg.engine_options(),
                                             **variant.weights.engine_options(options))
     except VariantUnsupported as e:
         raise UsageError(f"variant {variant.name} cannot run here: {e}") from None

@@ -1,0 +1,190 @@
+"""One-query attention over the static KV buffers split along the keys ("flash-decoding"): the
+decode step's attention as two Triton kernels instead of a scores GEMM, a softmax and a values
+GEMM.
+
+Why: a decode step's attention reads every row's keys and values up to the attended length once.
+Done as two batched GEMMs of one query row (FastDecoder._matmul_attention), each is a
+latency-bound GEMV over a few MB with the softmax between them: in llava-1.5-7b's batch-1 step
+on the H100 they were 64 GEMMs of about 6 us each over 1024 columns, about a third of the
+memory bandwidth (results/reference/h100/llava-1.5-7b-int4-graph-batch/decode_profile_rtn4_b1.csv).
+Split along the keys, enough programs read at once to reach the bandwidth: program (row, kv head,
+split) reads its keys and values once for all query heads sharing that kv head, keeps a running
+max, sum and weighted values (the online softmax), and a second kernel combines the splits.
+
+Deterministic: the split count is a function of the shapes and the device, and the splits are
+combined in a fixed order, so repeated calls give the same output (unlike cuDNN's one-query
+kernel: bench.engines.attention_kernels). Scores and the softmax are in fp32 (the matmul path
+rounds scores to fp16 first, as transformers' eager attention does), so outputs differ from it
+by rounding.
+
+Written here because no maintained library ships a split-KV decode kernel for strided static
+buffers that torch.compile and CUDA graphs take as they are (FlashAttention's
+flash_attn_with_kvcache does it for its own cache layout and needs a wheel built for the torch
+and CUDA at hand).
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch: the engines attend by matmul or SDPA
+    triton = None
+
+BLOCK_L = 64  # keys per loop iteration
+MIN_GROUP_ROWS = 16  # tl.dot's smallest M: query heads of one kv head, padded up to it
+
+
+def unavailable(device: torch.device) -> str | None:
+    """Why the split-KV kernels cannot run on `device`, or None."""
+    if triton is None:
+        return "split-kv decode attention needs Triton"
+    if device.type != "cuda":
+        return "split-kv decode attention runs on CUDA only"
+    return None
+
+
+def splits_for(batch: int, kv_heads: int, keys: int, programs: int) -> tuple[int, int]:
+    """(keys per split, a multiple of BLOCK_L; number of splits) for `keys` keys: enough splits
+    that batch x kv_heads x splits programs reach `programs` (e.g. twice the SMs), none shorter
+    than one BLOCK_L."""
+    blocks = -(-keys // BLOCK_L)
+    want = max(1, min(blocks, -(-programs // max(1, batch * kv_heads))))
+    per = max(1, blocks // want) * BLOCK_L  # rounded down: at least `want` splits
+    return per, -(-keys // per)
+
+
+if triton is not None:
+    @triton.jit
+    def _partial(Q, K, V, M, Acc, Mx, Sum,
+                 sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
+                 kv_heads, keys, per_split, n_splits, scale,
+                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)  # row * kv_heads + kv head
+        split = tl.program_id(1)
+        b = pid // kv_heads
+        kvh = pid % kv_heads
+        g = tl.arange(0, BLOCK_G)
+        d = tl.arange(0, D)
+        heads = kvh * GROUP + g  # the query heads reading this kv head (transformers' repeat_kv)
+        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        start = split * per_split
+        end = tl.minimum(start + per_split, keys)
+        for lo in range(start, end, BLOCK):
+            cols = lo + tl.arange(0, BLOCK)
+            inside = cols < end
+            k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + d[None, :], mask=inside[:, None],
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK] in fp32
+            add = tl.load(M + b * sm_b + cols * sm_l, mask=inside, other=float("-inf")).to(tl.float32)
+            s = s + add[None, :]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing attended yet: no NaN
+            p = tl.exp(s - m_use[:, None])
+            alpha = tl.exp(m_i - m_use)
+            v = tl.load(V + b * sv_b + kvh * sv_h + cols[:, None] * sv_l + d[None, :], mask=inside[:, None],
+                        other=0.0)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        row = (b * kv_heads * GROUP + heads) * n_splits + split  # [B * H, splits] partials
+        keep = g < GROUP
+        tl.store(Acc + row[:, None] * D + d[None, :], acc, mask=keep[:, None])
+        tl.store(Mx + row, m_i, mask=keep)
+        tl.store(Sum + row, l_i, mask=keep)
+
+    @triton.jit
+    def _combine(Acc, Mx, Sum, Out, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr):
+        pid = tl.program_id(0)  # row * heads + head
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, D)
+        there = s < n_splits
+        mx = tl.load(Mx + pid * n_splits + s, mask=there, other=float("-inf"))
+        m = tl.max(mx, 0)
+        w = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - m))  # splits that attended nothing weigh 0
+        total = tl.sum(tl.load(Sum + pid * n_splits + s, mask=there, other=0.0) * w, 0)
+        acc = tl.load(Acc + (pid * n_splits + s)[:, None] * D + d[None, :], mask=there[:, None], other=0.0)
+        out = tl.sum(acc * w[:, None], 0) / total
+        tl.store(Out + pid * D + d, out.to(Out.dtype.element_ty))
+
+
+def _programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8  # Triton's interpreter on the CPU (tests): a few splits
+
+
+def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+             scale: float, splits: tuple[int, int] | None = None) -> tuple[list, torch.Tensor]:
+    """([(kernel, grid, args, kwargs) of the two launches], output) for `attend`'s arguments, its
+    buffers allocated on q's device (the meta device gives what lab and tests compile for a GPU
+    that is not here: bench.quant.triton_aot)."""
+    b, h, t, d = q.shape
+    kvh, n = keys.shape[1], keys.shape[2]
+    if t != 1 or h % kvh or d & (d - 1) or d < 16:
+        raise ValueError(f"split-kv attention takes one query and a power-of-two head size of 16 or more "
+                         f"with query heads a multiple of kv heads; got q {tuple(q.shape)}, keys {tuple(keys.shape)}")
+    if q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("split-kv attention needs q, keys and values contiguous in their last dimension")
+    group = h // kvh
+    if mask is None:
+        mask = torch.zeros(1, n, dtype=q.dtype, device=q.device)
+    m = mask.reshape(-1, mask.shape[-1])  # [1 or b, L]
+    if m.shape[0] not in (1, b) or m.shape[1] != n:
+        raise ValueError(f"split-kv attention: mask {tuple(mask.shape)} does not broadcast to ({b}, 1, 1, {n})")
+    per, count = splits or splits_for(b, kvh, n, _programs(q.device))
+    acc = torch.empty(b * h, count, d, dtype=torch.float32, device=q.device)
+    mx = torch.empty(b * h, count, dtype=torch.float32, device=q.device)
+    total = torch.empty(b * h, count, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
+    partial = (q, keys, values, m, acc, mx, total,
+               q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+               values.stride(0), values.stride(1), values.stride(2), 0 if m.shape[0] == 1 else m.stride(0),
+               m.stride(1), kvh, n, per, count, scale)
+    return [(_partial, (b * kvh, count), partial,
+             {"GROUP": group, "BLOCK_G": max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), "D": d,
+              "BLOCK": BLOCK_L}),
+            (_combine, (b * h,), (acc, mx, total, out, count),
+             {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count))})], out
+
+
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+           scale: float, splits: tuple[int, int] | None = None) -> torch.Tensor:
+    """Attention of one query per row: q [b, h, 1, d], keys/values [b, kv_heads, L, d] (views of
+    the buffers: any strides with the last dimension contiguous), `mask` additive, broadcastable
+    to [b, 1, 1, L] (None: every key); -> [b, h, 1, d] in q's dtype. `splits` (keys per split,
+    number of splits) overrides splits_for (tests)."""
+    calls, out = launches(q, keys, values, mask, scale, splits)
+    for kernel, grid, args, kwargs in calls:
+        kernel[grid](*args, **kwargs)
+    return out
+
+
+@torch.library.custom_op("vlmbench::split_kv_attention", mutates_args=())
+def split_kv_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                       scale: float) -> torch.Tensor:
+    """`attend` as one op compiled code calls as it is (CUDA-graph capturable: no host sync, its
+    buffers from the caching allocator)."""
+    return attend(q, keys, values, mask, scale)
+
+
+@split_kv_attention.register_fake
+def _(q, keys, values, mask, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def reference(q, keys, values, mask, scale) -> torch.Tensor:
+    """The same attention in fp32 torch ops (tests)."""
+    kvh = keys.shape[1]
+    group = q.shape[1] // kvh
+    k = keys.float().repeat_interleave(group, 1)
+    v = values.float().repeat_interleave(group, 1)
+    s = (q.float() @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask.float()
+    return (torch.softmax(s, -1) @ v).to(q.dtype)
+

@@ -1,0 +1,222 @@
+"""The split-KV decode attention kernels (bench.engines.split_kv_attention) in Triton's
+interpreter on CPU tensors, against softmax attention in fp32, and compiled for sm_90 without a GPU."""
+import subprocess
+import sys
+
+import pytest
+
+from bench.engines.split_kv_attention import BLOCK_L, splits_for
+
+_INTERPRETED = r"""
+import os
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+import triton.runtime.interpreter as interpreter
+
+_patch = getattr(interpreter, "_patch_lang_tensor", None)  # NumPy 2.4 and Triton 3.6's int(): as in test_int4_kernels
+
+def _patched(tensor, scope):
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+if _patch is not None:
+    interpreter._patch_lang_tensor = _patched
+from bench.engines.split_kv_attention import attend, reference
+
+torch.manual_seed(0)
+worst = 0.0
+
+def check(q, k, v, mask, splits=None):
+    global worst
+    got = attend(q, k, v, mask, q.shape[-1] ** -0.5, splits)
+    want = reference(q, k, v, mask, q.shape[-1] ** -0.5)
+    assert got.shape == q.shape and got.dtype == q.dtype, (got.shape, got.dtype)
+    assert torch.equal(got, attend(q, k, v, mask, q.shape[-1] ** -0.5, splits))  # repeats exactly
+    worst = max(worst, ((got.float() - want.float()).abs().max() / want.float().abs().max()).item())
+
+def buffers(b, kvh, cap, d):  # the engine's buffers: [b, kv heads, max_len, d], attended up to L as a view
+    return (torch.randn(b, kvh, cap, d).half(), torch.randn(b, kvh, cap, d).half())
+
+# one row, as many kv heads as query heads; keys not a multiple of the block; causal: -inf past the query
+k, v = buffers(1, 4, 256, 16)
+q = torch.randn(1, 4, 1, 16).half()
+mask = torch.zeros(1, 200).half()
+mask[:, 151:] = float("-inf")
+check(q, k[:, :, :200], v[:, :, :200], mask)
+check(q, k[:, :, :200], v[:, :, :200], None)
+# a padded batch: grouped query heads (4 per kv head), each row its own mask with a gap
+k, v = buffers(2, 2, 256, 32)
+q = torch.randn(2, 8, 1, 32).half()
+mask = torch.zeros(2, 1, 1, 130).half()
+mask[0, ..., 100:] = float("-inf")
+mask[1, ..., 20:60] = float("-inf")
+check(q, k[:, :, :130], v[:, :, :130], mask)
+# 7 query heads per kv head (Qwen2's grouping); splits that attend to nothing (all -inf) and a
+# single split
+k, v = buffers(1, 4, 192, 16)
+q = torch.randn(1, 28, 1, 16).half()
+mask = torch.zeros(1, 192).half()
+mask[:, 41:] = float("-inf")
+check(q, k, v, mask, (64, 3))
+check(q, k, v, mask, (192, 1))
+print(worst)
+"""
+
+
+_STEP = _INTERPRETED.split("from bench.engines.split_kv_attention import")[0] + r"""
+import sys
+from unittest import mock
+from bench.engines.decoder import fast_decoder
+from bench.models.loader import load_checkpoint
+import bench.engines.split_kv_attention as sk  # registers the op
+
+calls = []
+_attend = sk.attend
+sk.attend = lambda *a, **k: calls.append(a[0].shape[0]) or _attend(*a, **k)  # what the op runs
+
+from pathlib import Path
+adapter = load_checkpoint(Path(sys.argv[1]), None, torch.device("cpu"), torch.float16)
+torch.set_grad_enabled(False)
+dec = fast_decoder(adapter)
+worst = 0.0
+for batch in (1, 2):
+    kv = dec.new_buffers(256, batch)
+    torch.manual_seed(batch)
+    embeds = torch.randn(batch, 70, dec.embed.weight.shape[1]).half() * 0.5
+    dec.prefill(embeds, kv, 0)
+    token = torch.randn(batch, 1, embeds.shape[-1]).half() * 0.5
+    saved = kv.positions()
+    out = {}
+    for split in (False, True):
+        dec.split_kv = split
+        kv.set_positions(saved)
+        with mock.patch("torch.compiler.is_compiling", lambda: True):  # layer_at's compiled branches
+            out[split] = torch.stack([dec.step(token, torch.tensor(1), kv, key_len=128)[:, -1].float()
+                                      for _ in range(3)])
+    worst = max(worst, ((out[True] - out[False]).abs().max() / out[False].abs().max()).item())
+print(len(dec.layers), calls.count(1), calls.count(2))
+print(worst)
+"""
+
+
+def test_a_compiled_decode_step_attends_by_the_split_kv_op(tiny_llava_dir):
+    """The decoder's one-query step with `split_kv` on (the branch compiled code takes; the op on
+    CPU tensors in Triton's interpreter) gives the logits of the step attending by SDPA, within
+    fp16 rounding, for one row and for a batch (its additive mask per row), three steps each."""
+    pytest.importorskip("triton")
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", _STEP, str(tiny_llava_dir)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    layers, one_row, two_rows = map(int, done.stdout.split()[-4:-1])
+    assert one_row == two_rows == 3 * layers > 0  # every layer of every split-kv step, and only those
+    assert float(done.stdout.split()[-1]) < 1e-2
+
+
+def test_split_kv_attention_equals_softmax_attention_in_tritons_interpreter():
+    """Every case the decode step meets: one row and a padded batch, equal and grouped query
+    heads (1, 4 and 7 per kv head), keys not a multiple of the block, strided views of longer
+    buffers, additive masks with -inf past the query and in gaps, splits that attend to nothing;
+    fp16 outputs within their rounding of fp32 attention, and bit-identical when repeated."""
+    pytest.importorskip("triton")
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) < 2e-3
+
+
+def test_splits_cover_the_keys_and_fill_the_gpu():
+    """Splits are whole blocks, cover every key exactly once, and number enough for
+    batch x kv heads x splits programs to reach the target where the keys allow."""
+    for batch, kvh, keys, programs in ((1, 32, 640, 264), (16, 32, 768, 264), (1, 4, 100, 264), (1, 8, 64, 8)):
+        per, count = splits_for(batch, kvh, keys, programs)
+        assert per % BLOCK_L == 0 and per * (count - 1) < keys <= per * count
+        assert batch * kvh * count >= programs or per == BLOCK_L or count == 1
+    assert splits_for(1, 32, 640, 264) == (64, 10)
+    assert splits_for(16, 32, 768, 264) == (768, 1)  # 512 programs already
+
+
+@pytest.mark.parametrize("heads,kv_heads,batch", [(32, 32, 1), (32, 32, 16), (28, 4, 1)])
+def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, batch):
+    """Both kernels as a decode step launches them for llava-1.5-7b (32 heads of 128, batch 1
+    and 16) and a Qwen2-7B-style grouping (28 query heads on 4 kv heads), fp16 over strided
+    buffer views, compiled for an H100 / H200 (sm_90) by Triton and ptxas: the scores and values
+    products run on tensor cores, nothing spills."""
+    import torch
+
+    pytest.importorskip("triton")
+    from bench.engines import split_kv_attention as sk
+    from bench.quant import triton_aot
+
+    why = triton_aot.unavailable()
+    if why:
+        pytest.skip(why)
+    meta = torch.device("meta")
+    buf = torch.empty(batch, kv_heads, 1024, 128, dtype=torch.float16, device=meta)
+    q = torch.empty(batch, heads, 1, 128, dtype=torch.float16, device=meta)
+    mask = torch.empty(batch, 1, 1, 640, dtype=torch.float16, device=meta)
+    calls, _ = sk.launches(q, buf[:, :, :640], buf[:, :, :640], mask, 128 ** -0.5, sk.splits_for(batch, kv_heads, 640, 264))
+    partial, combine = (triton_aot.compile_call(kernel, args, kwargs) for kernel, _, args, kwargs in calls)
+    for c in (partial, combine):
+        assert c.spill_bytes == 0 and c.registers <= 255, (c.registers, c.spill_bytes)
+    assert triton_aot.loop_instructions(partial.cubin)["HMMA"] > 0  # tensor cores in the keys loop
+
+
+def test_the_graph_engine_refuses_split_kv_where_it_cannot_run(checkpoint_dirs, monkeypatch):
+    """--decode-attention split-kv on a device the kernels do not run on is the variant's skip
+    reason (VariantUnsupported), not a failure inside a capture; graph-exact keeps transformers'
+    attention whatever it says."""
+    import dataclasses
+
+    import torch
+
+    from bench.engines.cache_policy import CachePolicy
+    from bench.engines.graph import GraphEngine
+    from bench.engines.graph_exact import GraphExactEngine
+    from bench.errors import VariantUnsupported
+    from bench.models.loader import load_checkpoint
+
+    monkeypatch.setattr(GraphEngine, "requires_cuda", False)  # the engine's own checks on the CPU
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cpu"), torch.float32)
+    spec = dataclasses.replace(GraphEngine.default_spec, decode_attention="split-kv")
+    with pytest.raises(VariantUnsupported, match="split-kv decode attention runs on CUDA only"):
+        GraphEngine(adapter, CachePolicy(), spec)
+    exact = GraphExactEngine(adapter, CachePolicy(), dataclasses.replace(GraphExactEngine.default_spec,
+                                                                          decode_attention="split-kv"))
+    assert not exact.decoder.split_kv and "split-kv" not in exact.describe()
+    with pytest.raises(ValueError, match="unknown decode attention 'flash'"):
+        dataclasses.replace(GraphEngine.default_spec, decode_attention="flash")
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
+def test_cuda_graph_engine_decodes_with_split_kv_attention(checkpoint_dirs):
+    """On CUDA the graph engine's captured decode steps with split-kv attention (compiled, the op
+    inside the graph) give the matmul path's logits within fp16 rounding, over attended lengths
+    of two KEY_ROUND buckets, and say so in engine_detail."""
+    import dataclasses
+
+    import torch
+
+    from bench.engines.cache_policy import CachePolicy
+    from bench.engines.graph import GraphEngine
+    from bench.models.loader import load_checkpoint
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), torch.float16)
+    logits = {}
+    for choice in ("matmul", "split-kv"):
+        spec = dataclasses.replace(GraphEngine.default_spec, decode_attention=choice)
+        engine = GraphEngine(adapter, CachePolicy(), spec)
+        torch.manual_seed(0)
+        embeds = torch.randn(1, 120, engine.decoder.embed.weight.shape[1], device="cuda", dtype=torch.float16)
+        assert ("split-kv decode attention" in engine.describe()) == (choice == "split-kv")
+        with torch.inference_mode():
+            cache = engine.new_cache(embeds.shape[1], 16)
+            engine.prefill(embeds * 0.5, cache, 0)
+            token, got = torch.tensor([5], device="cuda"), []
+            for _ in range(12):  # 121..132 keys: the 128 and 256 buckets
+                got.append(engine.decode_step(token, cache)[:, -1].float().clone())
+                token = (token * 7 + 3) % 50
+        logits[choice] = torch.stack(got)
+    torch.testing.assert_close(logits["split-kv"], logits["matmul"], rtol=2e-2, atol=2e-2)
