@@ -1,0 +1,91 @@
+"""The graph engine's one-query decode attention, matmul against split-KV, per batch size and
+attended length, in one process (the `--decode-attention` choice, measured without a model).
+
+For a preset's attention geometry (query and kv heads, head size) each point holds the preset's
+layer count of KV buffers [batch, kv heads, max_len, head], as the engine's static cache does
+(so the L2 cache never holds the keys a call reads), and times one call per layer, cycled, by
+bench.measure.timing.call_us (CUDA graphs of 32 calls): `matmul` is FastDecoder._matmul_attention
+compiled as the graph engine compiles its step (two batched GEMMs around a softmax), `split-kv`
+is bench.engines.split_kv_attention's op. Each point also checks split-kv against fp32 softmax
+attention. `kv_gb_per_s`: the bytes of keys and values a call must read over its time.
+
+    python3 lab/gpu_decode_attention.py --preset llava-1.5-7b --out decode_attention.csv
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.engines import split_kv_attention as sk  # noqa: E402
+from bench.engines.decoder import inductor_options  # noqa: E402
+from bench.measure.results import CsvWriter  # noqa: E402
+from bench.measure.timing import call_us  # noqa: E402
+from bench.models.presets import get_preset  # noqa: E402
+
+COLUMNS = ["preset", "batch", "keys", "max_len", "kind", "us_per_layer", "us_per_step", "kv_gb_per_s",
+           "vs_matmul", "max_rel_err"]
+
+
+def matmul_attention(q, k, v, mask, scale):
+    """FastDecoder._matmul_attention's arithmetic (fp16 scores, softmax in fp32)."""
+    b, h, t, d = q.shape
+    kvh = k.shape[1]
+    scores = torch.matmul(q.reshape(b, kvh, (h // kvh) * t, d), k.transpose(-1, -2)).view(b, h, t, -1) * scale
+    p = torch.softmax(scores + mask, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p.view(b, kvh, (h // kvh) * t, -1), v).view(b, h, t, d)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="llava-1.5-7b")
+    ap.add_argument("--batch-sizes", default="1,4,16")
+    ap.add_argument("--keys", default="640,768,1024", help="attended lengths (the engine's KEY_ROUND multiples)")
+    ap.add_argument("--max-len", type=int, default=1024, help="the buffers' length")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    dims = get_preset(args.preset).llm
+    head = dims.hidden // dims.heads
+    scale = head ** -0.5
+    compiled = torch.compile(matmul_attention, dynamic=False, options=inductor_options("eager-casts"))
+    out = CsvWriter(Path(args.out), COLUMNS)
+    for b, n in itertools.product(map(int, args.batch_sizes.split(",")), map(int, args.keys.split(","))):
+        torch.manual_seed(0)
+        bufs = [(torch.randn(b, dims.kv_heads, args.max_len, head, device=dev, dtype=torch.float16),
+                 torch.randn(b, dims.kv_heads, args.max_len, head, device=dev, dtype=torch.float16))
+                for _ in range(dims.layers)]
+        q = torch.randn(b, dims.heads, 1, head, device=dev, dtype=torch.float16)
+        mask = torch.zeros(b, 1, 1, n, device=dev, dtype=torch.float16)
+        mask[..., n - 40:] = float("-inf")  # the bucket's columns past the query
+        k0, v0 = bufs[0][0][:, :, :n], bufs[0][1][:, :, :n]
+        want = sk.reference(q, k0, v0, mask, scale).float()
+        err = ((sk.attend(q, k0, v0, mask, scale).float() - want).abs().max() / want.abs().max()).item()
+        kv_bytes = 2 * b * dims.kv_heads * n * head * 2
+        times = {}
+        for kind, fn in (("matmul", compiled), ("split-kv", torch.ops.vlmbench.split_kv_attention)):
+            turn = itertools.cycle(bufs)
+
+            def call(fn=fn, turn=turn):
+                k, v = next(turn)
+                return fn(q, k[:, :, :n], v[:, :, :n], mask, scale)
+
+            times[kind] = call_us(call, dev, calls=dims.layers)
+        for kind, us in times.items():
+            row = {"preset": args.preset, "batch": b, "keys": n, "max_len": args.max_len, "kind": kind,
+                   "us_per_layer": round(us, 2), "us_per_step": round(us * dims.layers, 1),
+                   "kv_gb_per_s": round(kv_bytes / us / 1e3, 1), "vs_matmul": round(times["matmul"] / us, 3),
+                   "max_rel_err": f"{err:.2e}" if kind == "split-kv" else ""}
+            out.write(row)
+            print(row, flush=True)
+        del bufs
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
