@@ -51,9 +51,11 @@ def main() -> None:
     # Eager steps over the same KV buffers with the same (compiled) layers: the kernels the graph replays.
     tok = torch.full((args.batch_size,), r.tokens[-1], device="cuda")
 
+    keys = eng.key_len(r.prompt_tokens, 1)  # the columns the graph's step attends over there
+
     def step():  # one decode step at the prompt's end (rewound each time: the buffer is finite)
         eng.cache.length.fill_(r.prompt_tokens)
-        eng.decoder.step(eng.decoder.embed(tok[:, None]), eng.one, eng.cache, eng.layer_fn)
+        eng.decoder.step(eng.decoder.embed(tok[:, None]), eng.one, eng.cache, eng.layer_fn, keys)
 
     with torch.inference_mode():
         for _ in range(3):

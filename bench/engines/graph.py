@@ -74,7 +74,8 @@ class GraphEngine(StaticEngine):
         # decode and per suffix graph (bucket, attended length, batch size). Past dynamo's default
         # of 8 per function a new shape would run uncompiled, silently (the engine's bookkeeping
         # bounds how many there are: batch sizes x buckets x KEY_ROUND steps of the buffers).
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # older torch
+        setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
         self.decoder.numerics = self.spec.numerics
         self.decoder.one_query_matmul = attention_kernels.deterministic(self.spec.attention)
         self.decoder.split_kv = self._split_kv()

@@ -189,9 +189,11 @@ class HFEngine:
         prepared = a.prepare(visual, question)
         cache = self.new_cache(prepared.prompt_tokens, len(continuation))
         image_embeds = self.encode_image(a.pixels_to_device(prepared))
-        rows = [self.prefill(a.prompt_embeds(prepared, image_embeds), cache, 0)[:, -1].float()]
+        # copies: a graph engine's outputs are its graphs' buffers, overwritten by later replays
+        rows = [self.prefill(a.prompt_embeds(prepared, image_embeds), cache, 0)[:, -1].to(torch.float32, copy=True)]
         for tok in continuation[:-1]:
-            rows.append(self.decode_step(torch.tensor([tok], device=a.device), cache)[:, -1].float())
+            rows.append(self.decode_step(torch.tensor([tok], device=a.device), cache)[:, -1]
+                        .to(torch.float32, copy=True))
         return torch.log_softmax(torch.cat(rows), dim=-1).cpu()
 
     def decode(self, token: torch.Tensor, cache, steps: int, tl: Timeline) -> list[torch.Tensor]:

@@ -210,8 +210,8 @@ class StaticEngine(HFEngine):
         return min(self.cache.max_len, -(-(start + bucket) // key_round) * key_round)
 
     def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
-        """Embeddings at host-known columns (a warm single request's short suffix instead enters
-        as token ids: `suffix_token`)."""
+        """Embeddings at host-known columns (a warm request's short suffix, or a batch's of one
+        prefix length and one suffix length, instead enters as token ids: `suffix_token`)."""
         self.forget_overwritten(cache, start)
         with attention_kernels.few_queries(self.spec.attention, embeds.shape[1]):
             return self.full_prefill(embeds, cache, start, valid=valid)
