@@ -68,6 +68,55 @@ def test_readme_variants_table_is_the_registry():
     assert markers("variants")[0] in readme
 
 
+def test_int4_docs_table_is_the_reference_runs():
+    from bench.analysis.int4_against_fp16 import int4_table
+
+    text = (ROOT / "docs" / "int4.md").read_text()
+    assert markers("int4-against-fp16")[0] in text
+    assert text == replace_block(text, "int4-against-fp16", int4_table(ROOT / "results" / "reference")), REGENERATE
+
+
+def _summary_rows(variant, batch, tpot, prefill, valid=True, cache="none"):
+    return [{"model": "m", "variant": variant, "engine": "graph", "cache_state": cache, "batch_size": batch,
+             "status": "ok", "metric": metric, "median": value, "valid": valid}
+            for metric, value in (("tpot_ms", tpot), ("prefill_ms", prefill), ("ttft_ms", prefill + 1))]
+
+
+def test_int4_table_compares_fp16_and_awq4_within_one_run_only(tmp_path):
+    """Ratios per batch come from runs holding both fp16 and awq4 (an awq4-only run is left out);
+    cached rows do not count; the prefill option is read from the command; a ratio meeting its
+    target is ticked only where both summaries are valid."""
+    import pandas as pd
+
+    from bench.analysis.int4_against_fp16 import comparisons, int4_table, prefill_option
+
+    def run(name, rows, command):
+        d = tmp_path / "h100" / name
+        d.mkdir(parents=True)
+        pd.DataFrame(rows).to_csv(d / "summary.csv", index=False)
+        (d / "MANIFEST").write_text(f"date: 2026-12-06\ncommit: abc1234\ngpu: H100\nweights: random\n"
+                                    f"command: {command}\nshows: x\n")
+
+    run("m-batch", _summary_rows("fp16+graph", 1, 6.0, 10.0) + _summary_rows("awq4+graph", 1, 2.0, 10.4)
+        + _summary_rows("fp16+graph", 4, 6.6, 40.0) + _summary_rows("awq4+graph", 4, 6.0, 50.0, valid=False)
+        + _summary_rows("awq4+prefix+graph", 1, 0.5, 0.5, cache="warm"),
+        "python vila_prefix_benchmark.py --variants fp16,awq4,awq4+prefix --batch-size 1,4")
+    run("m-copy", _summary_rows("fp16+graph", 1, 6.0, 10.0) + _summary_rows("awq4+graph", 1, 3.0, 12.0),
+        "python vila_prefix_benchmark.py --variants fp16,awq4 --int4-prefill-copy")
+    run("m-alone", _summary_rows("awq4+graph", 1, 3.0, 10.0), "python vila_prefix_benchmark.py --variants awq4")
+    got = comparisons(tmp_path).set_index(["run", "batch"])
+    assert sorted(got.index) == [("m-batch", 1), ("m-batch", 4), ("m-copy", 1)]
+    assert got.loc[("m-batch", 1), "decode_speedup"] == 3.0 and got.loc[("m-batch", 1), "awq4_tpot_ms"] == 2.0
+    assert got.loc[("m-batch", 4), "prefill_ratio"] == 1.25 and not got.loc[("m-batch", 4), "tpot_valid"]
+    assert got.loc[("m-copy", 1), "prefill_option"] == "dense copy"
+    table = int4_table(tmp_path)
+    assert "| 3.00 ✓ | 10.00 | 10.40 | 1.04 ✓ |" in table  # batch 1: both targets met
+    assert "| 1.10 (not valid) |" in table and "| 1.25 (not valid) |" in table  # awq4's batch-4 rows invalid
+    assert "| 2.00 | 10.00 | 12.00 | 1.20 |" in table  # the copy run meets neither
+    assert prefill_option("x --int4-prefill-kernel marlin") == "marlin"
+    assert prefill_option("x --int4-prefill-kernel=fbgemm-shuffled") == "fbgemm-shuffled"
+
+
 def test_readme_names_every_subcommand_and_fits_a_screenful_of_pages():
     readme = (ROOT / "README.md").read_text()
     missing = [c for c in COMMANDS if f"`{c}`" not in readme]

@@ -1,0 +1,96 @@
+"""awq4 against fp16 in the reference runs that measured both in one process: decode and prefill
+per GPU, model, prefill option and batch size (docs/int4.md's generated table).
+
+Only runs holding `fp16` and `awq4` rows of one engine, not from a prefix cache, count: a ratio is
+taken within one process, never across two (a process's fp16 times vary by several percent from
+the next one's on the same GPU). The prefill option is read from the run's command
+(`--int4-prefill-copy`, `--int4-prefill-kernel NAME`, else the default dequantize-ahead).
+"""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pandas as pd
+
+from bench.analysis.reference import REFERENCE_ROOT, read_manifest, reference_dirs
+
+# The targets the table is read against (int4 at the bandwidth limit): decode at least this many
+# times fp16's speed at batch 1 and no slower at larger batches; prefill at most this much slower.
+DECODE_TARGET_B1, PREFILL_TARGET = 2.9, 1.05
+
+
+def prefill_option(command: str) -> str:
+    """What the awq4 rows of a run prefill with, from its command."""
+    argv = shlex.split(command)
+    if "--int4-prefill-copy" in argv:
+        return "dense copy"
+    for i, a in enumerate(argv):
+        if a == "--int4-prefill-kernel" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--int4-prefill-kernel="):
+            return a.split("=", 1)[1]
+    return "dequantize ahead"
+
+
+def comparisons(root: Path = REFERENCE_ROOT) -> pd.DataFrame:
+    """One row per (run, engine, batch size) where fp16 and awq4 ran in the same process."""
+    rows = []
+    for d in reference_dirs(root):
+        s = pd.read_csv(d / "summary.csv")
+        if "status" in s:
+            s = s[s["status"] == "ok"]
+        s = s[s["cache_state"].fillna("none") == "none"]
+        base = s["variant"].str.split("+").str[0]
+        s = s.assign(weights=base)[base.isin(["fp16", "awq4"])]
+        if set(s["weights"]) != {"fp16", "awq4"}:
+            continue
+        m = read_manifest(d)
+        for (engine, batch), g in s.groupby(["engine", "batch_size"], sort=True):
+            med = g.pivot_table(index="metric", columns="weights", values="median", aggfunc="first")
+            valid = g.pivot_table(index="metric", columns="weights", values="valid", aggfunc="first")
+            if not {"fp16", "awq4"} <= set(med.columns) or "tpot_ms" not in med.index:
+                continue
+
+            def pair(metric):
+                if metric not in med.index:
+                    return None, None, False
+                ok = metric in valid.index and all(str(valid.loc[metric, w]).lower() == "true" for w in ("fp16", "awq4"))
+                return med.loc[metric, "fp16"], med.loc[metric, "awq4"], ok
+
+            f_tpot, a_tpot, tpot_ok = pair("tpot_ms")
+            f_pre, a_pre, pre_ok = pair("prefill_ms")
+            rows.append({"gpu": d.parent.name, "model": str(g["model"].iloc[0]), "run": d.name, "date": m["date"],
+                         "commit": m["commit"], "engine": engine, "prefill_option": prefill_option(m["command"]),
+                         "batch": int(batch), "fp16_tpot_ms": f_tpot, "awq4_tpot_ms": a_tpot,
+                         "decode_speedup": f_tpot / a_tpot, "tpot_valid": tpot_ok,
+                         "fp16_prefill_ms": f_pre, "awq4_prefill_ms": a_pre,
+                         "prefill_ratio": None if f_pre is None else a_pre / f_pre, "prefill_valid": pre_ok})
+    return pd.DataFrame(rows)
+
+
+def _met(value, ok: bool, target: bool) -> str:
+    return f"{value:.2f}" + ("" if ok else " (not valid)") + (" ✓" if ok and target else "")
+
+
+def int4_table(root: Path = REFERENCE_ROOT, link_prefix: str = "../") -> str:
+    """The Markdown table: ✓ where a valid ratio meets its target."""
+    df = comparisons(root)
+    head = ["gpu", "model", "run", "engine", "prefill", "batch", "fp16 TPOT ms", "awq4 TPOT ms",
+            "decode ×fp16", "fp16 prefill ms", "awq4 prefill ms", "prefill ÷fp16"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if df.empty:
+        return "\n".join(lines)
+    df = df.sort_values(["gpu", "model", "date", "run", "engine", "batch"], ascending=[True, True, False, True, True, True])
+    for r in df.itertuples():
+        rel = (Path(REFERENCE_ROOT) / r.gpu / r.run).as_posix()
+        decode_goal = r.decode_speedup >= (DECODE_TARGET_B1 if r.batch == 1 else 1.0)
+        prefill = "-" if r.prefill_ratio is None else _met(r.prefill_ratio, r.prefill_valid,
+                                                            r.prefill_ratio <= PREFILL_TARGET)
+        cells = [r.gpu, r.model, f"[{r.run}]({link_prefix}{rel}/) ({r.date}, {r.commit})", r.engine,
+                 r.prefill_option, r.batch, f"{r.fp16_tpot_ms:.3f}", f"{r.awq4_tpot_ms:.3f}",
+                 _met(r.decode_speedup, r.tpot_valid, decode_goal),
+                 "-" if r.fp16_prefill_ms is None else f"{r.fp16_prefill_ms:.2f}",
+                 "-" if r.awq4_prefill_ms is None else f"{r.awq4_prefill_ms:.2f}", prefill]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
