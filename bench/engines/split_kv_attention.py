@@ -128,8 +128,10 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     if t != 1 or h % kvh or d & (d - 1) or d < 16:
         raise ValueError(f"split-kv attention takes one query and a power-of-two head size of 16 or more "
                          f"with query heads a multiple of kv heads; got q {tuple(q.shape)}, keys {tuple(keys.shape)}")
-    if q.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
-        raise ValueError("split-kv attention needs q, keys and values contiguous in their last dimension")
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("split-kv attention needs keys and values contiguous in their last dimension")
+    if q.stride(-1) != 1:  # (compiled code may hand over another layout; one query is a few KB)
+        q = q.contiguous()
     group = h // kvh
     if mask is None:
         mask = torch.zeros(1, n, dtype=q.dtype, device=q.device)
