@@ -65,7 +65,7 @@ print(worst)
 
 _STEP = _INTERPRETED.split("from bench.engines.split_kv_attention import")[0] + r"""
 import sys
-from unittest import mock
+from pathlib import Path
 from bench.engines.decoder import fast_decoder
 from bench.models.loader import load_checkpoint
 import bench.engines.split_kv_attention as sk  # registers the op
@@ -74,10 +74,10 @@ calls = []
 _attend = sk.attend
 sk.attend = lambda *a, **k: calls.append(a[0].shape[0]) or _attend(*a, **k)  # what the op runs
 
-from pathlib import Path
 adapter = load_checkpoint(Path(sys.argv[1]), None, torch.device("cpu"), torch.float16)
 torch.set_grad_enabled(False)
 dec = fast_decoder(adapter)
+compiled = torch.compile(dec.layer_at, dynamic=False)  # as the graph engine compiles its step layer
 worst = 0.0
 for batch in (1, 2):
     kv = dec.new_buffers(256, batch)
@@ -87,12 +87,11 @@ for batch in (1, 2):
     token = torch.randn(batch, 1, embeds.shape[-1]).half() * 0.5
     saved = kv.positions()
     out = {}
-    for split in (False, True):
+    for split in (False, True):  # eager SDPA, then the compiled layer with the op in its graph
         dec.split_kv = split
         kv.set_positions(saved)
-        with mock.patch("torch.compiler.is_compiling", lambda: True):  # layer_at's compiled branches
-            out[split] = torch.stack([dec.step(token, torch.tensor(1), kv, key_len=128)[:, -1].float()
-                                      for _ in range(3)])
+        out[split] = torch.stack([dec.step(token, torch.tensor(1), kv, compiled if split else None, key_len=128)
+                                  [:, -1].float() for _ in range(3)])
     worst = max(worst, ((out[True] - out[False]).abs().max() / out[False].abs().max()).item())
 print(len(dec.layers), calls.count(1), calls.count(2))
 print(worst)
@@ -100,9 +99,10 @@ print(worst)
 
 
 def test_a_compiled_decode_step_attends_by_the_split_kv_op(tiny_llava_dir):
-    """The decoder's one-query step with `split_kv` on (the branch compiled code takes; the op on
-    CPU tensors in Triton's interpreter) gives the logits of the step attending by SDPA, within
-    fp16 rounding, for one row and for a batch (its additive mask per row), three steps each."""
+    """The decoder's step layer compiled by torch.compile (inductor on the CPU) with `split_kv`
+    on calls the op from its graph (run in Triton's interpreter) at every layer of every step,
+    and gives the logits of the eager step attending by SDPA within fp16 rounding, for one row
+    and for a batch (its additive mask per row), three steps each."""
     pytest.importorskip("triton")
     from tests.conftest import ROOT
 
