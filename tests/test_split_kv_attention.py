@@ -59,6 +59,12 @@ mask = torch.zeros(1, 192).half()
 mask[:, 41:] = float("-inf")
 check(q, k, v, mask, (64, 3))
 check(q, k, v, mask, (192, 1))
+# more splits than the combining kernel holds at once (COMBINE_CHUNK), the last ones past the query
+k, v = buffers(1, 2, 1024, 16)
+q = torch.randn(1, 4, 1, 16).half()
+mask = torch.zeros(1, 1000).half()
+mask[:, 901:] = float("-inf")
+check(q, k[:, :, :1000], v[:, :, :1000], mask, (64, 16))
 print(worst)
 """
 
@@ -138,12 +144,14 @@ def test_splits_cover_the_keys_and_fill_the_gpu():
     assert splits_for(16, 32, 768, 264) == (768, 1)  # 512 programs already
 
 
-@pytest.mark.parametrize("heads,kv_heads,batch", [(32, 32, 1), (32, 32, 16), (28, 4, 1)])
-def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, batch):
+@pytest.mark.parametrize("heads,kv_heads,batch,keys", [(32, 32, 1, 640), (32, 32, 16, 640), (28, 4, 1, 640),
+                                                      (28, 4, 1, 20800)])
+def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, batch, keys):
     """Both kernels as a decode step launches them for llava-1.5-7b (32 heads of 128, batch 1
-    and 16) and a Qwen2-7B-style grouping (28 query heads on 4 kv heads), fp16 over strided
-    buffer views, compiled for an H100 / H200 (sm_90) by Triton and ptxas: the scores and values
-    products run on tensor cores, nothing spills."""
+    and 16) and a Qwen2-7B-style grouping (28 query heads on 4 kv heads; also over a 20k-token
+    video prompt: many splits to combine), fp16 over strided buffer views, compiled for an H100 /
+    H200 (sm_90) by Triton and ptxas: the scores and values products run on tensor cores,
+    nothing spills."""
     import torch
 
     pytest.importorskip("triton")
@@ -154,10 +162,11 @@ def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, bat
     if why:
         pytest.skip(why)
     meta = torch.device("meta")
-    buf = torch.empty(batch, kv_heads, 1024, 128, dtype=torch.float16, device=meta)
+    buf = torch.empty(batch, kv_heads, keys + 256, 128, dtype=torch.float16, device=meta)
     q = torch.empty(batch, heads, 1, 128, dtype=torch.float16, device=meta)
-    mask = torch.empty(batch, 1, 1, 640, dtype=torch.float16, device=meta)
-    calls, _ = sk.launches(q, buf[:, :, :640], buf[:, :, :640], mask, 128 ** -0.5, sk.splits_for(batch, kv_heads, 640, 264))
+    mask = torch.empty(batch, 1, 1, keys, dtype=torch.float16, device=meta)
+    splits = sk.splits_for(batch, kv_heads, keys, 264)
+    calls, _ = sk.launches(q, buf[:, :, :keys], buf[:, :, :keys], mask, 128 ** -0.5, splits)
     partial, combine = (triton_aot.compile_call(kernel, args, kwargs) for kernel, _, args, kwargs in calls)
     for c in (partial, combine):
         assert c.spill_bytes == 0 and c.registers <= 255, (c.registers, c.spill_bytes)

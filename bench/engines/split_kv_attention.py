@@ -34,6 +34,7 @@ except ImportError:  # CPU builds of torch: the engines attend by matmul or SDPA
 
 BLOCK_L = 64  # keys per loop iteration
 MIN_GROUP_ROWS = 16  # tl.dot's smallest M: query heads of one kv head, padded up to it
+COMBINE_CHUNK = 8  # splits whose weighted values the combining kernel holds at once (registers)
 
 
 def unavailable(device: torch.device) -> str | None:
@@ -98,18 +99,25 @@ if triton is not None:
         tl.store(Sum + row, l_i, mask=keep)
 
     @triton.jit
-    def _combine(Acc, Mx, Sum, Out, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    def _combine(Acc, Mx, Sum, Out, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
         pid = tl.program_id(0)  # row * heads + head
         s = tl.arange(0, BLOCK_S)
-        d = tl.arange(0, D)
         there = s < n_splits
         mx = tl.load(Mx + pid * n_splits + s, mask=there, other=float("-inf"))
         m = tl.max(mx, 0)
         w = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - m))  # splits that attended nothing weigh 0
         total = tl.sum(tl.load(Sum + pid * n_splits + s, mask=there, other=0.0) * w, 0)
-        acc = tl.load(Acc + (pid * n_splits + s)[:, None] * D + d[None, :], mask=there[:, None], other=0.0)
-        out = tl.sum(acc * w[:, None], 0) / total
-        tl.store(Out + pid * D + d, out.to(Out.dtype.element_ty))
+        c = tl.arange(0, CHUNK)
+        d = tl.arange(0, D)
+        acc = tl.zeros([D], tl.float32)
+        for lo in range(0, n_splits, CHUNK):  # the weighted values a few splits at a time, in order
+            idx = lo + c
+            ok = idx < n_splits
+            mc = tl.load(Mx + pid * n_splits + idx, mask=ok, other=float("-inf"))
+            wc = tl.where(mc == float("-inf"), 0.0, tl.exp(mc - m))
+            part = tl.load(Acc + (pid * n_splits + idx)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            acc += tl.sum(part * wc[:, None], 0)
+        tl.store(Out + pid * D + d, (acc / total).to(Out.dtype.element_ty))
 
 
 def _programs(device: torch.device) -> int:
@@ -151,7 +159,7 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
              {"GROUP": group, "BLOCK_G": max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), "D": d,
               "BLOCK": BLOCK_L}),
             (_combine, (b * h,), (acc, mx, total, out, count),
-             {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count))})], out
+             {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": COMBINE_CHUNK})], out
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
