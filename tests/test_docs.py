@@ -76,10 +76,11 @@ def test_int4_docs_table_is_the_reference_runs():
     assert text == replace_block(text, "int4-against-fp16", int4_table(ROOT / "results" / "reference")), REGENERATE
 
 
-def _summary_rows(variant, batch, tpot, prefill, valid=True, cache="none"):
+def _summary_rows(variant, batch, tpot, prefill, valid=True, cache="none", question_tokens=0):
+    metrics = [("tpot_ms", tpot)] + ([("prefill_ms", prefill), ("ttft_ms", prefill + 1)] if prefill else [])
     return [{"model": "m", "variant": variant, "engine": "graph", "cache_state": cache, "batch_size": batch,
-             "status": "ok", "metric": metric, "median": value, "valid": valid}
-            for metric, value in (("tpot_ms", tpot), ("prefill_ms", prefill), ("ttft_ms", prefill + 1))]
+             "new_tokens": 128, "question_tokens": question_tokens, "status": "ok", "metric": metric,
+             "median": value, "valid": valid} for metric, value in metrics]
 
 
 def test_int4_table_compares_fp16_and_awq4_within_one_run_only(tmp_path):
@@ -104,15 +105,21 @@ def test_int4_table_compares_fp16_and_awq4_within_one_run_only(tmp_path):
     run("m-copy", _summary_rows("fp16+graph", 1, 6.0, 10.0) + _summary_rows("awq4+graph", 1, 3.0, 12.0),
         "python vila_prefix_benchmark.py --variants fp16,awq4 --int4-prefill-copy")
     run("m-alone", _summary_rows("awq4+graph", 1, 3.0, 10.0), "python vila_prefix_benchmark.py --variants awq4")
-    got = comparisons(tmp_path).set_index(["run", "batch"])
-    assert sorted(got.index) == [("m-batch", 1), ("m-batch", 4), ("m-copy", 1)]
-    assert got.loc[("m-batch", 1), "decode_speedup"] == 3.0 and got.loc[("m-batch", 1), "awq4_tpot_ms"] == 2.0
-    assert got.loc[("m-batch", 4), "prefill_ratio"] == 1.25 and not got.loc[("m-batch", 4), "tpot_valid"]
-    assert got.loc[("m-copy", 1), "prefill_option"] == "dense copy"
+    run("m-points", [r for q, t in ((16, 2.0), (1024, 4.0)) for r in _summary_rows("fp16+graph", 1, 6.0, 0, question_tokens=q)
+                     + _summary_rows("awq4+graph", 1, t, 0, question_tokens=q)],
+        "python vila_prefix_benchmark.py --variants fp16,awq4 --prompt-lengths 16,1024")
+    got = comparisons(tmp_path).set_index(["run", "point"])
+    assert sorted(got.index) == [("m-batch", "b1 n128"), ("m-batch", "b4 n128"), ("m-copy", "b1 n128"),
+                                 ("m-points", "b1 n128 q1024"), ("m-points", "b1 n128 q16")]
+    assert got.loc[("m-batch", "b1 n128"), "decode_speedup"] == 3.0
+    assert got.loc[("m-batch", "b4 n128"), "prefill_ratio"] == 1.25 and not got.loc[("m-batch", "b4 n128"), "tpot_valid"]
+    assert got.loc[("m-copy", "b1 n128"), "prefill_option"] == "dense copy"
+    assert [got.loc[("m-points", p), "decode_speedup"] for p in ("b1 n128 q16", "b1 n128 q1024")] == [3.0, 1.5]
     table = int4_table(tmp_path)
     assert "| 3.00 ✓ | 10.00 | 10.40 | 1.04 ✓ |" in table  # batch 1: both targets met
     assert "| 1.10 (not valid) |" in table and "| 1.25 (not valid) |" in table  # awq4's batch-4 rows invalid
     assert "| 2.00 | 10.00 | 12.00 | 1.20 |" in table  # the copy run meets neither
+    assert "| b1 n128 q1024 | 6.000 | 4.000 | 1.50 | - | - | - |" in table  # no prefill measured: dashes
     assert prefill_option("x --int4-prefill-kernel marlin") == "marlin"
     assert prefill_option("x --int4-prefill-kernel=fbgemm-shuffled") == "fbgemm-shuffled"
 

@@ -124,6 +124,12 @@ def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
     env["config"]["loader"] = "prefetch"
     (out / "env.json").write_text(json.dumps(env))
     assert run_main([*TINY, "--resume", "--output-dir", str(out)]) == 0
+    del env["config"]["decode_attention"]  # written before --decode-attention existed: matmul, the default
+    (out / "env.json").write_text(json.dumps(env))
+    assert run_main([*TINY, "--resume", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    assert run_main([*TINY, "--decode-attention", "split-kv", "--resume", "--output-dir", str(out)]) == 2
+    one_line_error(capsys, "another configuration (--decode-attention 'matmul' -> 'split-kv')")
 
 
 @pytest.mark.parametrize("stop_at", [4, 8])  # in fp16's second point; in prefix's first warm group

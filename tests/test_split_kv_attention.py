@@ -65,6 +65,7 @@ q = torch.randn(1, 4, 1, 16).half()
 mask = torch.zeros(1, 1000).half()
 mask[:, 901:] = float("-inf")
 check(q, k[:, :, :1000], v[:, :, :1000], mask, (64, 16))
+check(q.float(), k[:, :, :300].float(), v[:, :, :300].float(), None)  # fp32: IEEE products
 print(worst)
 """
 
@@ -144,14 +145,15 @@ def test_splits_cover_the_keys_and_fill_the_gpu():
     assert splits_for(16, 32, 768, 264) == (768, 1)  # 512 programs already
 
 
-@pytest.mark.parametrize("heads,kv_heads,batch,keys", [(32, 32, 1, 640), (32, 32, 16, 640), (28, 4, 1, 640),
-                                                      (28, 4, 1, 20800)])
-def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, batch, keys):
+@pytest.mark.parametrize("heads,kv_heads,batch,keys,dtype", [
+    (32, 32, 1, 640, "float16"), (32, 32, 16, 640, "float16"), (28, 4, 1, 640, "bfloat16"),
+    (28, 4, 1, 20800, "float16"), (12, 2, 1, 16832, "float16"), (32, 32, 1, 640, "float32")])
+def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, batch, keys, dtype):
     """Both kernels as a decode step launches them for llava-1.5-7b (32 heads of 128, batch 1
-    and 16) and a Qwen2-7B-style grouping (28 query heads on 4 kv heads; also over a 20k-token
-    video prompt: many splits to combine), fp16 over strided buffer views, compiled for an H100 /
-    H200 (sm_90) by Triton and ptxas: the scores and values products run on tensor cores,
-    nothing spills."""
+    and 16, fp16 and fp32), a Qwen2-7B-style grouping (28 query heads on 4 kv heads, bf16; and
+    fp16 over a 20k-token video prompt) and InternVL3-2B's (12 on 2, 263 splits to combine),
+    over strided buffer views, compiled for an H100 / H200 (sm_90) by Triton and ptxas: the
+    scores and values products run on tensor cores (fp32 in fp32, not TF32), nothing spills."""
     import torch
 
     pytest.importorskip("triton")
@@ -162,15 +164,19 @@ def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, bat
     if why:
         pytest.skip(why)
     meta = torch.device("meta")
-    buf = torch.empty(batch, kv_heads, keys + 256, 128, dtype=torch.float16, device=meta)
-    q = torch.empty(batch, heads, 1, 128, dtype=torch.float16, device=meta)
-    mask = torch.empty(batch, 1, 1, keys, dtype=torch.float16, device=meta)
+    dt = getattr(torch, dtype)
+    buf = torch.empty(batch, kv_heads, keys + 256, 128, dtype=dt, device=meta)
+    q = torch.empty(batch, heads, 1, 128, dtype=dt, device=meta)
+    mask = torch.empty(batch, 1, 1, keys, dtype=dt, device=meta)
     splits = sk.splits_for(batch, kv_heads, keys, 264)
     calls, _ = sk.launches(q, buf[:, :, :keys], buf[:, :, :keys], mask, 128 ** -0.5, splits)
     partial, combine = (triton_aot.compile_call(kernel, args, kwargs) for kernel, _, args, kwargs in calls)
     for c in (partial, combine):
         assert c.spill_bytes == 0 and c.registers <= 255, (c.registers, c.spill_bytes)
-    assert triton_aot.loop_instructions(partial.cubin)["HMMA"] > 0  # tensor cores in the keys loop
+    if dt == torch.float32:
+        assert "tf32" not in partial.ptx  # fp32 products, as the matmul path's
+    else:
+        assert triton_aot.loop_instructions(partial.cubin)["HMMA"] > 0  # tensor cores in the keys loop
 
 
 def test_the_graph_engine_refuses_split_kv_where_it_cannot_run(checkpoint_dirs, monkeypatch):

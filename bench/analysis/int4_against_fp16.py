@@ -1,5 +1,5 @@
 """awq4 against fp16 in the reference runs that measured both in one process: decode and prefill
-per GPU, model, prefill option and batch size (docs/int4.md's generated table).
+per GPU, model, prefill option and workload point (docs/int4.md's generated table).
 
 Only runs holding `fp16` and `awq4` rows of one engine, not from a prefix cache, count: a ratio is
 taken within one process, never across two (a process's fp16 times vary by several percent from
@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.analysis.reference import REFERENCE_ROOT, read_manifest, reference_dirs
+from bench.measure.schema import POINT_DEFAULTS, point_label
 
 # The targets the table is read against (int4 at the bandwidth limit): decode at least this many
 # times fp16's speed at batch 1 and no slower at larger batches; prefill at most this much slower.
@@ -33,8 +34,13 @@ def prefill_option(command: str) -> str:
     return "dequantize ahead"
 
 
+def _value(v):
+    return None if v is None or pd.isna(v) else float(v)
+
+
 def comparisons(root: Path = REFERENCE_ROOT) -> pd.DataFrame:
-    """One row per (run, engine, batch size) where fp16 and awq4 ran in the same process."""
+    """One row per (run, model, engine, dtype, invocation, workload point) where fp16 and awq4
+    ran in the same process."""
     rows = []
     for d in reference_dirs(root):
         s = pd.read_csv(d / "summary.csv")
@@ -46,7 +52,9 @@ def comparisons(root: Path = REFERENCE_ROOT) -> pd.DataFrame:
         if set(s["weights"]) != {"fp16", "awq4"}:
             continue
         m = read_manifest(d)
-        for (engine, batch), g in s.groupby(["engine", "batch_size"], sort=True):
+        points = [c for c in POINT_DEFAULTS if c in s]
+        key = [c for c in ("model", "engine", "dtype", "run_id") if c in s] + points
+        for _, g in s.groupby(key, sort=True, dropna=False):
             med = g.pivot_table(index="metric", columns="weights", values="median", aggfunc="first")
             valid = g.pivot_table(index="metric", columns="weights", values="valid", aggfunc="first")
             if not {"fp16", "awq4"} <= set(med.columns) or "tpot_ms" not in med.index:
@@ -55,14 +63,21 @@ def comparisons(root: Path = REFERENCE_ROOT) -> pd.DataFrame:
             def pair(metric):
                 if metric not in med.index:
                     return None, None, False
+                f, a = _value(med.loc[metric, "fp16"]), _value(med.loc[metric, "awq4"])
                 ok = metric in valid.index and all(str(valid.loc[metric, w]).lower() == "true" for w in ("fp16", "awq4"))
-                return med.loc[metric, "fp16"], med.loc[metric, "awq4"], ok
+                return (f, a, ok) if f is not None and a is not None else (None, None, False)
 
             f_tpot, a_tpot, tpot_ok = pair("tpot_ms")
+            if f_tpot is None:
+                continue
             f_pre, a_pre, pre_ok = pair("prefill_ms")
-            rows.append({"gpu": d.parent.name, "model": str(g["model"].iloc[0]), "run": d.name, "date": m["date"],
-                         "commit": m["commit"], "engine": engine, "prefill_option": prefill_option(m["command"]),
-                         "batch": int(batch), "fp16_tpot_ms": f_tpot, "awq4_tpot_ms": a_tpot,
+            first = g.iloc[0]
+            cells = first[points].astype(object)
+            rows.append({"gpu": d.parent.name, "model": str(first["model"]), "run": d.name, "date": m["date"],
+                         "commit": m["commit"], "engine": first["engine"], "prefill_option": prefill_option(m["command"]),
+                         "batch": int(first.get("batch_size", 1) or 1),
+                         "point": point_label(cells.where(cells.notna(), None).to_dict()),
+                         "fp16_tpot_ms": f_tpot, "awq4_tpot_ms": a_tpot,
                          "decode_speedup": f_tpot / a_tpot, "tpot_valid": tpot_ok,
                          "fp16_prefill_ms": f_pre, "awq4_prefill_ms": a_pre,
                          "prefill_ratio": None if f_pre is None else a_pre / f_pre, "prefill_valid": pre_ok})
@@ -76,21 +91,22 @@ def _met(value, ok: bool, target: bool) -> str:
 def int4_table(root: Path = REFERENCE_ROOT, link_prefix: str = "../") -> str:
     """The Markdown table: ✓ where a valid ratio meets its target."""
     df = comparisons(root)
-    head = ["gpu", "model", "run", "engine", "prefill", "batch", "fp16 TPOT ms", "awq4 TPOT ms",
+    head = ["gpu", "model", "run", "engine", "prefill", "point", "fp16 TPOT ms", "awq4 TPOT ms",
             "decode ×fp16", "fp16 prefill ms", "awq4 prefill ms", "prefill ÷fp16"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if df.empty:
         return "\n".join(lines)
-    df = df.sort_values(["gpu", "model", "date", "run", "engine", "batch"], ascending=[True, True, False, True, True, True])
+    df = df.sort_values(["gpu", "model", "date", "run", "engine", "batch", "point"],
+                        ascending=[True, True, False, True, True, True, True])
     for r in df.itertuples():
         rel = (Path(REFERENCE_ROOT) / r.gpu / r.run).as_posix()
         decode_goal = r.decode_speedup >= (DECODE_TARGET_B1 if r.batch == 1 else 1.0)
-        prefill = "-" if r.prefill_ratio is None else _met(r.prefill_ratio, r.prefill_valid,
-                                                            r.prefill_ratio <= PREFILL_TARGET)
+        prefill = "-" if pd.isna(r.prefill_ratio) else _met(r.prefill_ratio, r.prefill_valid,
+                                                             r.prefill_ratio <= PREFILL_TARGET)
         cells = [r.gpu, r.model, f"[{r.run}]({link_prefix}{rel}/) ({r.date}, {r.commit})", r.engine,
-                 r.prefill_option, r.batch, f"{r.fp16_tpot_ms:.3f}", f"{r.awq4_tpot_ms:.3f}",
+                 r.prefill_option, r.point, f"{r.fp16_tpot_ms:.3f}", f"{r.awq4_tpot_ms:.3f}",
                  _met(r.decode_speedup, r.tpot_valid, decode_goal),
-                 "-" if r.fp16_prefill_ms is None else f"{r.fp16_prefill_ms:.2f}",
-                 "-" if r.awq4_prefill_ms is None else f"{r.awq4_prefill_ms:.2f}", prefill]
+                 "-" if pd.isna(r.fp16_prefill_ms) else f"{r.fp16_prefill_ms:.2f}",
+                 "-" if pd.isna(r.awq4_prefill_ms) else f"{r.awq4_prefill_ms:.2f}", prefill]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ Deterministic: the split count is a function of the shapes and the device, and t
 combined in a fixed order, so repeated calls give the same output (unlike cuDNN's one-query
 kernel: bench.engines.attention_kernels). Scores and the softmax are in fp32 (the matmul path
 rounds scores to fp16 first, as transformers' eager attention does), so outputs differ from it
-by rounding.
+by rounding; fp32 inputs are multiplied in IEEE fp32, not TF32.
 
 Written here because no maintained library ships a split-KV decode kernel for strided static
 buffers that torch.compile and CUDA graphs take as they are (FlashAttention's
@@ -61,7 +61,8 @@ if triton is not None:
     def _partial(Q, K, V, M, Acc, Mx, Sum,
                  sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
                  kv_heads, keys, per_split, n_splits, scale,
-                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+                 GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                 IEEE: tl.constexpr):
         pid = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         b = pid // kv_heads
@@ -80,7 +81,10 @@ if triton is not None:
             inside = cols < end
             k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + d[None, :], mask=inside[:, None],
                         other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK] in fp32
+            if IEEE:  # fp32 inputs: fp32 products, not TF32's (the matmul path's, unless TF32 is on)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK] in fp32
             add = tl.load(M + b * sm_b + cols * sm_l, mask=inside, other=float("-inf")).to(tl.float32)
             s = s + add[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -90,7 +94,10 @@ if triton is not None:
             v = tl.load(V + b * sv_b + kvh * sv_h + cols[:, None] * sv_l + d[None, :], mask=inside[:, None],
                         other=0.0)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         row = (b * kv_heads * GROUP + heads) * n_splits + split  # [B * H, splits] partials
         keep = g < GROUP
@@ -157,7 +164,7 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                m.stride(1), kvh, n, per, count, scale)
     return [(_partial, (b * kvh, count), partial,
              {"GROUP": group, "BLOCK_G": max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), "D": d,
-              "BLOCK": BLOCK_L}),
+              "BLOCK": BLOCK_L, "IEEE": q.dtype == torch.float32}),
             (_combine, (b * h,), (acc, mx, total, out, count),
              {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": COMBINE_CHUNK})], out
 

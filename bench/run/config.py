@@ -311,8 +311,9 @@ RunConfig = config_class()
 NOT_FINGERPRINTED = ("output_dir", "append", "resume", "wide", "executor", "gpus", "workers", "ray_address",
                      "worker_timeout")
 # Settings left unset (None) that mean a default: fingerprinted as that default, as the env.json of
-# a directory written while the flag had it as its value recorded it (--loader).
-FINGERPRINT_DEFAULTS = {"loader": DEFAULT_LOADER}
+# a directory written while the flag had it as its value recorded it (--loader), or before the flag
+# existed (--decode-attention: such runs attended by matmul).
+FINGERPRINT_DEFAULTS = {"loader": DEFAULT_LOADER, "decode_attention": "matmul"}
 
 EXIT_CODES = """exit codes:
   0    every variant and point measured
