@@ -62,7 +62,7 @@ if triton is not None:
                  sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
                  kv_heads, keys, per_split, n_splits, scale,
                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 PRECISION: tl.constexpr):
         pid = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         b = pid // kv_heads
@@ -81,10 +81,7 @@ if triton is not None:
             inside = cols < end
             k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + d[None, :], mask=inside[:, None],
                         other=0.0)
-            if IEEE:  # fp32 inputs: fp32 products, not TF32's (the matmul path's, unless TF32 is on)
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK] in fp32
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK] in fp32
             add = tl.load(M + b * sm_b + cols * sm_l, mask=inside, other=float("-inf")).to(tl.float32)
             s = s + add[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -94,10 +91,7 @@ if triton is not None:
             v = tl.load(V + b * sv_b + kvh * sv_h + cols[:, None] * sv_l + d[None, :], mask=inside[:, None],
                         other=0.0)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         row = (b * kv_heads * GROUP + heads) * n_splits + split  # [B * H, splits] partials
         keep = g < GROUP
@@ -164,7 +158,9 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                m.stride(1), kvh, n, per, count, scale)
     return [(_partial, (b * kvh, count), partial,
              {"GROUP": group, "BLOCK_G": max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), "D": d,
-              "BLOCK": BLOCK_L, "IEEE": q.dtype == torch.float32}),
+              "BLOCK": BLOCK_L,
+              # fp32 inputs: fp32 products, not TF32's (the matmul path's, unless TF32 is on)
+              "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}),
             (_combine, (b * h,), (acc, mx, total, out, count),
              {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": COMBINE_CHUNK})], out
 
