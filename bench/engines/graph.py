@@ -152,7 +152,7 @@ class GraphEngine(StaticEngine):
         """One-row buffers for the prefix a cold batch shares, prefilled once: kept with the
         working buffers (and dropped with them), so that the prefix's prefill replays a graph
         captured on them, as a single request's does on the working buffers."""
-        need = -(-tokens // self.spec.prefill_round) * self.spec.prefill_round  # the padded prefill fits
+        need = self._padded_prefill(tokens)  # the captured prefill's length fits
         if self._scratch is None or self._scratch.max_len < need:
             for key in [k for k in self.lm_graphs if k[0] == "scratch prefill"]:
                 del self.lm_graphs[key]  # captured on the smaller buffers
@@ -203,7 +203,7 @@ class GraphEngine(StaticEngine):
         if (self.prefill_fn is not None and start == 0 and valid is None
                 and (cache is self.cache or cache is self._scratch)
                 and cache.valid is None and "prefill graph" not in self.notes):
-            padded = -(-embeds.shape[1] // self.spec.prefill_round) * self.spec.prefill_round
+            padded = self._padded_prefill(embeds.shape[1])
             if padded <= cache.max_len:
                 try:
                     return self._prefill_graphed(embeds, padded, cache)
@@ -218,6 +218,10 @@ class GraphEngine(StaticEngine):
                 self.notes["prefill"] = f"eager (torch.compile failed: {e.__class__.__name__}: {str(e)[:120]})"
                 self.prefill_fn = None
         return self.full_prefill(embeds, cache, start, valid=valid)
+
+    def _padded_prefill(self, tokens: int) -> int:
+        """The length a one-row prefill of `tokens` is captured at: up to the spec's prefill_round."""
+        return -(-tokens // self.spec.prefill_round) * self.spec.prefill_round
 
     def _prefill_graphed(self, embeds: torch.Tensor, padded: int, cache: KVBuffers) -> torch.Tensor:
         """A one-row prefill from column 0 of `cache` (the working buffers or the scratch row) as
