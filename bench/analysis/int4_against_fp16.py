@@ -14,7 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from bench.analysis.reference import REFERENCE_ROOT, read_manifest, reference_dirs
+from bench.errors import UsageError
 from bench.measure.schema import POINT_DEFAULTS, point_label
+from variants import parse_variant
 
 # The targets the table is read against (int4 at the bandwidth limit): decode at least this many
 # times fp16's speed at batch 1 and no slower at larger batches; prefill at most this much slower.
@@ -34,6 +36,15 @@ def prefill_option(command: str) -> str:
     return "dequantize ahead"
 
 
+def _weights_part(variant: str) -> str | None:
+    """The weights part of a variant name (variants.parse_variant's reading); None for a name
+    this version's registry does not know."""
+    try:
+        return parse_variant(variant).weights.name
+    except UsageError:
+        return None
+
+
 def _value(v):
     return None if v is None or pd.isna(v) else float(v)
 
@@ -47,16 +58,16 @@ def comparisons(root: Path = REFERENCE_ROOT) -> pd.DataFrame:
         if "status" in s:
             s = s[s["status"] == "ok"]
         s = s[s["cache_state"].fillna("none") == "none"]
-        base = s["variant"].str.split("+").str[0]
-        s = s.assign(weights=base)[base.isin(["fp16", "awq4"])]
-        if set(s["weights"]) != {"fp16", "awq4"}:
+        quant = s["variant"].map(_weights_part)
+        s = s.assign(quant=quant)[quant.isin(["fp16", "awq4"])]
+        if set(s["quant"]) != {"fp16", "awq4"}:
             continue
         m = read_manifest(d)
         points = [c for c in POINT_DEFAULTS if c in s]
         key = [c for c in ("model", "engine", "dtype", "run_id") if c in s] + points
         for _, g in s.groupby(key, sort=True, dropna=False):
-            med = g.pivot_table(index="metric", columns="weights", values="median", aggfunc="first")
-            valid = g.pivot_table(index="metric", columns="weights", values="valid", aggfunc="first")
+            med = g.pivot_table(index="metric", columns="quant", values="median", aggfunc="first")
+            valid = g.pivot_table(index="metric", columns="quant", values="valid", aggfunc="first")
             if not {"fp16", "awq4"} <= set(med.columns) or "tpot_ms" not in med.index:
                 continue
 
