@@ -247,8 +247,11 @@ def stand_in_capture(monkeypatch):
 
 
 def uncompiled(engine):
-    """A graph engine whose captured calls run its layers uncompiled (no compiling here)."""
-    engine.layer_fn, engine.prefill_fn = engine.eager_step_layer, engine.eager_prefill_layer
+    """A graph engine whose captured calls run its layers uncompiled (no compiling here): its eager
+    layer functions, or the decoder's own where it has none (the graph engine), so the captured
+    prefill paths still run."""
+    engine.layer_fn = engine.eager_step_layer or engine.decoder.layer_at
+    engine.prefill_fn = engine.eager_prefill_layer or engine.decoder.layer_from
     return engine
 
 
@@ -378,8 +381,7 @@ def test_graph_engine_batch_on_one_question_replays_its_prefix_and_suffix_graphs
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
     hf = HFEngine(adapter, CachePolicy())
     q, other = QUESTIONS[1], ImageOps.mirror(demo_image)
-    engine = GraphEngine(adapter, PrefixKVPolicy(64))
-    engine.layer_fn, engine.prefill_fn = engine.decoder.layer_at, engine.decoder.layer_from  # uncompiled
+    engine = uncompiled(GraphEngine(adapter, PrefixKVPolicy(64)))
     limit = getattr(torch._dynamo.config, "recompile_limit", None) or torch._dynamo.config.cache_size_limit
     assert limit >= 256  # a compiled step layer per graph's shape, not 8
     cold = engine.run_batch([(demo_image, q)] * 3, 12)
