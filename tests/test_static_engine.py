@@ -123,7 +123,11 @@ def test_a_resident_prefix_is_reused_in_place_and_forgotten_when_overwritten(che
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_engine_warm_requests_equal_generate(checkpoint_dirs, demo_image):
     """On the graph engine a warm request is one captured graph from suffix ids to first token
-    (compiled layers, the matmul attention for the bucket's queries): greedy tokens as generate's."""
+    (compiled layers, the matmul attention for the bucket's queries): greedy tokens as generate's,
+    and so are a batch's asking one question about one image, cold (its prefix prefilled once, by
+    a graph on a one-row buffer) and warm."""
+    from PIL import ImageOps
+
     from bench.engines.graph import GraphEngine
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), torch.float32)
@@ -134,9 +138,11 @@ def test_cuda_graph_engine_warm_requests_equal_generate(checkpoint_dirs, demo_im
         assert r.cache_hit and r.tokens == reference_generate(adapter, demo_image, q, N), q
     assert any(key[0] == "suffix ids" for key in engine.lm_graphs)
     q = "Why?"  # a batch asking one question about one image: one replay for every row
-    requests = [(demo_image, q)] * 3
-    assert not engine.run_batch(requests, N).cache_hit  # a batch of 3: new buffers, the prefix copied in
-    warm = engine.run_batch(requests, N)
+    other = ImageOps.mirror(demo_image)  # not stored: the batch's shared prefix is prefilled once
+    cold = engine.run_batch([(other, q)] * 3, N)
+    assert not cold.cache_hit and cold.batch_tokens == [reference_generate(adapter, other, q, N)] * 3
+    assert any(key[0] == "scratch prefill" for key in engine.lm_graphs)
+    warm = engine.run_batch([(demo_image, q)] * 3, N)  # stored by the single requests above
     assert warm.cache_hit and warm.batch_tokens == [reference_generate(adapter, demo_image, q, N)] * 3
     assert any(key[0] == "suffix ids" and key[3] == 3 for key in engine.lm_graphs)
 
