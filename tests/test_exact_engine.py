@@ -37,6 +37,30 @@ class CompiledExactStatic(ExactStatic):
         self.eager_step_layer, self.eager_prefill_layer = layers.at, layers.from_
 
 
+@pytest.fixture(scope="module")
+def cpu_inductor_rounds_as_eager():
+    """Skips a test of compiled parts' bit-equality on the CPU where this torch's CPU inductor does
+    not round bf16 as eager does under eager-exact numerics (torch 2.11: rotary and SiLU differ by
+    a bf16 ulp; 2.13 matches). The claim is graph-exact's on CUDA, where its CUDA tests check it."""
+    from bench.engines.decoder import _rotate
+
+    def parts(x, cos, sin, up):
+        g = x.to(torch.float32)
+        return _rotate(x, cos, sin), (g / (1 + torch.exp(-g))).to(x.dtype) * up
+
+    gen = torch.Generator().manual_seed(0)
+    x, up = (torch.randn(1, 4, 7, 64, generator=gen).bfloat16() for _ in range(2))
+    cos, sin = (torch.randn(1, 7, 64, generator=gen).bfloat16() for _ in range(2))
+    try:
+        got = torch.compile(parts, options=inductor_options("eager-exact"))(x, cos, sin, up)
+    finally:
+        torch._dynamo.reset()
+    want = parts(x, cos, sin, up)
+    if not all(torch.equal(a, b) for a, b in zip(got, want)):
+        pytest.skip(f"torch {torch.__version__}'s CPU inductor rounds bf16 rotary/SiLU unlike eager "
+                    "under eager-exact numerics (graph-exact's bit-equality is checked on CUDA)")
+
+
 def recorded_logits(engine, image, new_tokens: int) -> tuple[list[list[int]], list[torch.Tensor]]:
     """A cold request, then warm ones (prefix hits) on the engine: every request's tokens and
     every decode step's logits, in order."""
@@ -71,7 +95,7 @@ def test_exact_engine_gives_transformers_logits_bit_for_bit(family, checkpoint_d
     assert not all(torch.equal(g, w) for g, w in zip(static, want))
 
 
-def test_compiled_exact_layers_keep_the_logits_bit_identical(checkpoint_dirs, demo_image):
+def test_compiled_exact_layers_keep_the_logits_bit_identical(checkpoint_dirs, demo_image, cpu_inductor_rounds_as_eager):
     """graph-exact's compiled parts (eager-exact numerics) change nothing: teacher-forced log-probs
     bit-identical to the hf engine's; compiled with inductor's own ("fused") numerics they are not."""
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.bfloat16)
@@ -305,7 +329,8 @@ def test_graph_exact_bookkeeping_on_other_families(family, checkpoint_dirs, demo
     assert [engine.run(demo_image, q, 12).tokens for q in QUESTIONS] == want
 
 
-def test_benchmark_reports_graph_exact_as_hf_exactly(tmp_path, monkeypatch, stand_in_capture):
+def test_benchmark_reports_graph_exact_as_hf_exactly(tmp_path, monkeypatch, stand_in_capture,
+                                                    cpu_inductor_rounds_as_eager):
     """Through the whole benchmark (bf16 on the CPU, captures stood in, parts compiled by
     inductor as on a GPU), cold and warm requests: graph-exact's rows report token_agree 1,
     engine_top1_agree 1 and engine_kl_mean 0 against the hf baseline, and say how they ran."""
