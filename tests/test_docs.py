@@ -124,6 +124,47 @@ def test_int4_table_compares_fp16_and_awq4_within_one_run_only(tmp_path):
     assert prefill_option("x --int4-prefill-kernel=fbgemm-shuffled") == "fbgemm-shuffled"
 
 
+def test_int4_table_says_where_a_resumed_run_took_fp16_and_awq4_from_two_processes(tmp_path):
+    """A run finished by --resume: a ratio of fp16 rows written by the first process and awq4 rows
+    by the resumed one is labelled across processes and not ticked; both from the resumed one
+    count as one process; a resume that did not record its first row leaves it unknown."""
+    import json
+
+    import pandas as pd
+
+    from bench.analysis.int4_against_fp16 import comparisons, int4_table
+
+    def run(name, resumed, row_variants):
+        d = tmp_path / "h100" / name
+        d.mkdir(parents=True)
+        pd.DataFrame(_summary_rows("fp16+graph", 1, 6.0, 10.0) + _summary_rows("awq4+graph", 1, 2.0, 10.0)
+                     + _summary_rows("fp16+graph", 4, 6.0, 40.0) + _summary_rows("awq4+graph", 4, 5.0, 40.0)
+                     ).to_csv(d / "summary.csv", index=False)
+        pd.DataFrame([{"timestamp": "t", "kind": "measured", "variant": v, "batch_size": b, "question_tokens": 0,
+                       "new_tokens": 128, "num_images": 1, "loader": ""} for v, b in row_variants]
+                     ).to_csv(d / "runs.csv", index=False)
+        (d / "env.json").write_text(json.dumps({"resumed": resumed}))
+        (d / "MANIFEST").write_text("date: 2026-12-06\ncommit: abc1234\ngpu: H100\nweights: random\n"
+                                    "command: python vila_prefix_benchmark.py --variants fp16,awq4 --batch-size 1,4\n"
+                                    "shows: x\n")
+
+    # the first process wrote fp16 at batch 1 and 4, then stopped; the resumed one wrote awq4 at
+    # both, fp16 again nowhere: batch 1 and 4 cross processes
+    rows = [("fp16+graph", 1), ("fp16+graph", 1), ("fp16+graph", 4), ("awq4+graph", 1), ("awq4+graph", 4)]
+    run("split", [{"first_row": 3, "at": "x", "command": "c --resume"}], rows)
+    # the first process stopped before writing a row of batch 4: the resumed one wrote both there
+    rows = [("fp16+graph", 1), ("awq4+graph", 1), ("fp16+graph", 4), ("awq4+graph", 4)]
+    run("tail", [{"first_row": 2, "at": "x", "command": "c --resume"}], rows)
+    run("old", [{"at": "x", "command": "c --resume"}], rows)
+    got = comparisons(tmp_path).set_index(["run", "batch"])["one_process"].to_dict()
+    assert got == {("old", 1): None, ("old", 4): None, ("split", 1): False, ("split", 4): False,
+                   ("tail", 1): True, ("tail", 4): True}
+    table = int4_table(tmp_path)
+    assert "| 3.00 (across processes) | 10.00 | 10.00 | 1.00 (across processes) |" in table
+    assert "| 3.00 ✓ | 10.00 | 10.00 | 1.00 ✓ |" in table  # the tail run's batch 1
+    assert "| 3.00 (processes unknown) |" in table
+
+
 def test_readme_names_every_subcommand_and_fits_a_screenful_of_pages():
     readme = (ROOT / "README.md").read_text()
     missing = [c for c in COMMANDS if f"`{c}`" not in readme]

@@ -7,6 +7,7 @@ import os
 import pytest
 
 import variants
+from bench.analysis.reference import process_of, processes
 from bench.cli import main, run_main
 from bench.engines import hf as engine_mod
 from bench.measure.results import LOCK_NAME, CsvWriter
@@ -155,6 +156,9 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeyp
     assert rows[:stop_at - 1] == first and {r["run_id"] for r in rows} == {first[0]["run_id"]}  # the same run
     resumed = json.loads((out / "env.json").read_text())["resumed"]
     assert [r["command"].endswith("--resume --output-dir " + str(out)) for r in resumed] == [True]
+    starts = processes(out)  # which process wrote each row: the first's rows, then the resumed one's
+    assert starts == [0, stop_at - 1] and resumed[0]["first_row"] == stop_at - 1
+    assert [process_of(starts, i) for i in range(len(rows))] == [0] * (stop_at - 1) + [1] * (len(rows) - stop_at + 1)
     groups = {}
     for r in rows:
         assert r["status"] == "ok" and r["kind"] == "measured"

@@ -1,10 +1,13 @@
 """awq4 against fp16 in the reference runs that measured both in one process: decode and prefill
 per GPU, model, prefill option and workload point (docs/int4.md's generated table).
 
-Only runs holding `fp16` and `awq4` rows of one engine, not from a prefix cache, count: a ratio is
-taken within one process, never across two (a process's fp16 times vary by several percent from
-the next one's on the same GPU). The prefill option is read from the run's command
-(`--int4-prefill-copy`, `--int4-prefill-kernel NAME`, else the default dequantize-ahead).
+Only runs holding `fp16` and `awq4` rows of one engine, not from a prefix cache, count, and a
+ratio is read as one only where one process wrote both sides (a process's fp16 times vary by
+several percent from the next one's on the same GPU): a run finished by `--resume` may hold
+fp16 rows of one process and awq4 rows of the next, which the table says ("across processes",
+or "processes unknown" where env.json did not record which rows a resumed process wrote) and
+does not tick. The prefill option is read from the run's command (`--int4-prefill-copy`,
+`--int4-prefill-kernel NAME`, else the default dequantize-ahead).
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.analysis.reference import REFERENCE_ROOT, read_manifest, reference_dirs
+from bench.analysis.reference import REFERENCE_ROOT, process_of, processes, read_manifest, reference_dirs
 from bench.errors import UsageError
 from bench.measure.schema import POINT_DEFAULTS, point_label
 from variants import parse_variant
@@ -49,9 +52,33 @@ def _value(v):
     return None if v is None or pd.isna(v) else float(v)
 
 
+def _one_process(run_dir: Path, starts: list[int] | None, key: list[str], group: tuple, variants) -> bool | None:
+    """Whether one process wrote the measured rows of `variants` in the summary group `group`
+    (values of `key`); None: not known (a resume's first row not recorded, or no such rows)."""
+    if starts is None:
+        return None
+    if len(starts) == 1:
+        return True
+    runs = pd.read_csv(run_dir / "runs.csv", dtype=str, keep_default_na=False)
+    keep = runs["variant"].isin(list(variants)) & (runs["kind"] == "measured" if "kind" in runs else True)
+    for col, value in zip(key, group):
+        if col not in runs:
+            continue
+        if value is None or pd.isna(value):
+            keep &= runs[col] == ""
+        elif isinstance(value, str):
+            keep &= runs[col] == value
+        else:
+            keep &= pd.to_numeric(runs[col], errors="coerce") == float(value)
+    rows = runs.index[keep]  # the index is the rows' order in the file
+    if rows.empty:
+        return None
+    return len({process_of(starts, int(i)) for i in rows}) == 1
+
+
 def comparisons(root: Path = REFERENCE_ROOT) -> pd.DataFrame:
-    """One row per (run, model, engine, dtype, invocation, workload point) where fp16 and awq4
-    ran in the same process."""
+    """One row per (run, model, engine, dtype, invocation, workload point) where the run holds
+    fp16 and awq4 rows; `one_process`: whether one process wrote both (None: not known)."""
     rows = []
     for d in reference_dirs(root):
         s = pd.read_csv(d / "summary.csv")
@@ -65,7 +92,8 @@ def comparisons(root: Path = REFERENCE_ROOT) -> pd.DataFrame:
         m = read_manifest(d)
         points = [c for c in POINT_DEFAULTS if c in s]
         key = [c for c in ("model", "engine", "dtype", "run_id") if c in s] + points
-        for _, g in s.groupby(key, sort=True, dropna=False):
+        starts = processes(d)
+        for group, g in s.groupby(key, sort=True, dropna=False):
             med = g.pivot_table(index="metric", columns="quant", values="median", aggfunc="first")
             valid = g.pivot_table(index="metric", columns="quant", values="valid", aggfunc="first")
             if not {"fp16", "awq4"} <= set(med.columns) or "tpot_ms" not in med.index:
@@ -91,12 +119,14 @@ def comparisons(root: Path = REFERENCE_ROOT) -> pd.DataFrame:
                          "fp16_tpot_ms": f_tpot, "awq4_tpot_ms": a_tpot,
                          "decode_speedup": f_tpot / a_tpot, "tpot_valid": tpot_ok,
                          "fp16_prefill_ms": f_pre, "awq4_prefill_ms": a_pre,
-                         "prefill_ratio": None if f_pre is None else a_pre / f_pre, "prefill_valid": pre_ok})
+                         "prefill_ratio": None if f_pre is None else a_pre / f_pre, "prefill_valid": pre_ok,
+                         "one_process": _one_process(d, starts, key, group, set(g["variant"]))})
     return pd.DataFrame(rows)
 
 
-def _met(value, ok: bool, target: bool) -> str:
-    return f"{value:.2f}" + ("" if ok else " (not valid)") + (" ✓" if ok and target else "")
+def _met(value, ok: bool, one_process: bool | None, target: bool) -> str:
+    where = {True: "", False: " (across processes)", None: " (processes unknown)"}[one_process]
+    return f"{value:.2f}" + ("" if ok else " (not valid)") + where + (" ✓" if ok and one_process and target else "")
 
 
 def int4_table(root: Path = REFERENCE_ROOT, link_prefix: str = "../") -> str:
@@ -112,11 +142,12 @@ def int4_table(root: Path = REFERENCE_ROOT, link_prefix: str = "../") -> str:
     for r in df.itertuples():
         rel = (Path(REFERENCE_ROOT) / r.gpu / r.run).as_posix()
         decode_goal = r.decode_speedup >= (DECODE_TARGET_B1 if r.batch == 1 else 1.0)
-        prefill = "-" if pd.isna(r.prefill_ratio) else _met(r.prefill_ratio, r.prefill_valid,
+        one = None if pd.isna(r.one_process) else bool(r.one_process)
+        prefill = "-" if pd.isna(r.prefill_ratio) else _met(r.prefill_ratio, r.prefill_valid, one,
                                                              r.prefill_ratio <= PREFILL_TARGET)
         cells = [r.gpu, r.model, f"[{r.run}]({link_prefix}{rel}/) ({r.date}, {r.commit})", r.engine,
                  r.prefill_option, r.point, f"{r.fp16_tpot_ms:.3f}", f"{r.awq4_tpot_ms:.3f}",
-                 _met(r.decode_speedup, r.tpot_valid, decode_goal),
+                 _met(r.decode_speedup, r.tpot_valid, one, decode_goal),
                  "-" if pd.isna(r.fp16_prefill_ms) else f"{r.fp16_prefill_ms:.2f}",
                  "-" if pd.isna(r.awq4_prefill_ms) else f"{r.awq4_prefill_ms:.2f}", prefill]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")

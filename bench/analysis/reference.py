@@ -69,6 +69,23 @@ def _argv(command) -> list[str]:
     return shlex.split(command) if isinstance(command, str) else list(command or [])
 
 
+def processes(run_dir: Path) -> list[int] | None:
+    """The runs.csv row (0-based, in file order) each process that wrote `run_dir` began at: [0]
+    for a run written by one process, then one per `--resume` that added rows (runs.csv is only
+    appended to). None where a resume's first row was not recorded (written before it was)."""
+    env_path = Path(run_dir) / "env.json"
+    env = json.loads(env_path.read_text()) if env_path.is_file() else {}
+    resumed = [r for r in env.get("resumed") or [] if isinstance(r, dict)]
+    if any(not isinstance(r.get("first_row"), int) for r in resumed):
+        return None
+    return [0, *sorted(r["first_row"] for r in resumed)]
+
+
+def process_of(starts: list[int], row: int) -> int:
+    """The index in `starts` (processes()) of the process that wrote runs.csv's row `row`."""
+    return sum(1 for s in starts[1:] if s <= row)
+
+
 def write_manifest(run_dir: Path, commit: str, shows: str) -> Path:
     path = Path(run_dir) / "MANIFEST"
     fields = manifest_fields(Path(run_dir), commit, shows)

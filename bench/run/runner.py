@@ -225,7 +225,9 @@ class Benchmark:
             raise UsageError(f"--resume: {self.out_dir} holds a run of another configuration ({shown}): "
                              "give its settings, or --append for a new run")
         self.run_id = self.old_env.get("run_id") or self.run_id
-        for r in read_runs(self.out_dir / "runs.csv"):
+        old_rows = read_runs(self.out_dir / "runs.csv")
+        self.first_row = len(old_rows)  # this process's rows follow them (env.json's "resumed" entry)
+        for r in old_rows:
             if r.get("run_id") == self.run_id:
                 key = (r.get("variant"), _point_key(r) if r.get("batch_size") is not None else None)
                 self.prior.setdefault(key, []).append(r)
@@ -240,7 +242,8 @@ class Benchmark:
         })
         old = self.old_env
         if self.mode == "resume" and old is not None:  # recorded once this process has written rows
-            mine = [{"at": utc_now(), "command": self.command}] if self.rows else []
+            # "first_row": runs.csv's rows from that one on are this process's (bench.analysis.reference.processes)
+            mine = [{"first_row": self.first_row, "at": utc_now(), "command": self.command}] if self.rows else []
             return {**old, "resumed": [*old.get("resumed", []), *mine]}
         if self.mode == "append" and old is not None:
             runs = dict(old.get("runs") or {old.get("run_id", "?"): {k: v for k, v in old.items() if k != "runs"}})
