@@ -139,9 +139,11 @@ def _served(name: str, points) -> tuple[int, ...]:
 
 
 def _takeable(earlier: dict | None, names, points) -> dict:
-    """Of `earlier` (kernel -> (times, errors), PlanCache.earlier), the kernels of `names` whose
-    times cover exactly the row counts they would be timed at now."""
-    return {n: earlier[n] for n in names if n in (earlier or {}) and tuple(sorted(earlier[n][0])) == _served(n, points)}
+    """Of `earlier` (kernel -> (times, errors), PlanCache.earlier), the kernels of `names` timed
+    only at row counts they would be timed at now (a kernel timed past its row limit of now was
+    another version of it): the row counts it lacks are timed, the others taken."""
+    return {n: earlier[n] for n in names
+            if n in (earlier or {}) and earlier[n][0] and set(earlier[n][0]) <= set(_served(n, points))}
 
 
 def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | None = None, graph: bool = True,
@@ -151,8 +153,9 @@ def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | Non
     timed calls go through in turn (default: `layer` alone; each is given the candidates' weight
     formats, which a row plan set afterwards drops where it does not use them); `earlier`: kernel ->
     (times, errors) measured before on this kind of device and shape (PlanCache.earlier): a kernel
-    timed there at exactly the row counts it would be timed at now keeps those times and is only
-    checked here (its weight format made and its error taken on `layer` at each row count)."""
+    timed there only at row counts it would be timed at now keeps those times and is checked there
+    (its weight format made and its error taken on `layer` at each row count); the row counts it
+    was not timed at are timed."""
     device = layer.packed.device
     cycle = cycle or [layer]
     ok, left_out = candidates(layer, device, dtype)
@@ -167,33 +170,34 @@ def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | Non
         x = torch.randn(rows, layer.in_features, generator=gen, device=device, dtype=torch.float32).to(dtype)
         inputs[rows] = (x, x.float() @ w.T)
     del w
-    reused = []
+    reused = {}
     for name in names:
         served = {rows: inputs[rows] for rows in _served(name, points)}
         if not served:
             limit = KERNELS[name].max_rows
             left_out[name] = f"serves at most {limit} row{'s' * (limit != 1)}; the fewest measured is {min(inputs)}"
             continue
-        taken = earlier.get(name)  # its times from an earlier measurement: made and checked only
+        taken = earlier.get(name, ({}, {}))[0]  # its times at these rows from an earlier measurement
+        to_time = [rows for rows in served if rows not in taken]
         try:
-            for m in (cycle if taken is None else [layer]):
+            for m in (cycle if to_time else [layer]):
                 m.attach_kernel_state(name, dtype)
-            us = {} if taken is None else {rows: taken[0][rows] for rows in served}
+            us = {rows: taken[rows] for rows in served if rows in taken}
             err = {}
             for rows, (x, ref) in served.items():
                 y = layer.run_kernel(name, x).float()
                 err[rows] = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-                if taken is None:
+                if rows in to_time:
                     turn = itertools.cycle(cycle)
                     us[rows] = call_us(lambda x=x: next(turn).run_kernel(name, x), device,
                                        calls=max(32, len(cycle)) if device.type == "cuda" else None, graph=graph)
         except Exception as e:  # noqa: BLE001 - a kernel that cannot run (or be captured) here is left out
             left_out[name] = _short(e)
             continue
-        if taken is not None:
-            reused.append(name)
-        plan.us[name], plan.err[name] = us, err
-    plan.reused = tuple(reused)
+        if taken:
+            reused[name] = tuple(sorted(taken))
+        plan.us[name], plan.err[name] = dict(sorted(us.items())), err
+    plan.reused = reused
     best = []
     for rows in points:
         timed = [(plan.us[n][rows], n) for n in plan.us if rows in plan.us[n] and plan.err[n][rows] <= TOLERANCE]
@@ -236,7 +240,8 @@ def int4_gb_per_s(out_features: int, in_features: int, group_size: int, us: floa
 
 def table_rows(plans) -> list[dict]:
     """One row per (shape, kernel, row count) measured, and one per kernel left out; `reused`: the
-    times were measured for another candidate set (or dense copy or not) on this device (ShapePlan.reused)."""
+    time was measured for another candidate set, other row counts, or dense copy or not, on this
+    kind of device (ShapePlan.reused)."""
     rows = []
     for p in plans:
         for name in sorted(set(p.us) | set(p.left_out)):
@@ -250,7 +255,7 @@ def table_rows(plans) -> list[dict]:
                 rows.append({"out_features": p.shape[0], "in_features": p.shape[1], "group_size": p.shape[2],
                              "kernel": name, "rows": r, "us": round(us, 3),
                              "int4_gb_per_s": float(f"{int4_gb_per_s(*p.shape, us):.4g}"), "max_rel_err": p.err[name][r],
-                             "chosen": serving == name, "left_out": "", "reused": name in p.reused})
+                             "chosen": serving == name, "left_out": "", "reused": r in p.reused.get(name, ())})
     return rows
 
 
@@ -291,10 +296,14 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
         if plan is None:
             earlier = _takeable(cache.earlier(key), names, points)
             timed = [n for n in names if n not in earlier]
+            partly = {n: [r for r in _served(n, points) if r not in earlier[n][0]] for n in earlier}
+            partly = {n: rows for n, rows in partly.items() if rows}
             status(f"int4 kernels: {'measuring ' + ', '.join(timed) if timed else 'checking'} for {shape[0]}x{shape[1]} "
                    f"(group {shape[2]}) at {len(points)} row counts"
-                   + (f"; {', '.join(earlier)} checked only, their times taken from an earlier "
-                      "measurement on this kind of GPU" if earlier else ""))
+                   + (f"; {', '.join(n for n in earlier if n not in partly)} checked only, their times taken from an "
+                      "earlier measurement on this kind of GPU" if len(partly) < len(earlier) else "")
+                   + "".join(f"; {n} timed at {','.join(map(str, rows))} rows only (the others' times taken)"
+                             for n, rows in partly.items()))
             plan = measure(group[0], dtype, points, names, graph, rotation(group, device), earlier)
             if not any(KERNELS[n].unavailable(device, dtype) for n in names):
                 cache.put(key, plan)  # kept unless a candidate turned unavailable while measured (a failed build)

@@ -2,11 +2,12 @@
 device, library versions, dtype, weight shape, row counts, candidates and dense copy or not,
 holding the plan chosen and what was measured to choose it.
 
-A kernel's times are measured once per device and shape: a plan for another candidate set takes
-the times of kernels measured for an earlier one (the same key but its candidates, and but dense
-copy or not for kernels other than `dense`, the one that reads the copy), times only the kernels
-none has timed (choice.measure still makes and checks the others on the layer), and
-names the kernels whose times it took (`reused`).
+A kernel's times are measured once per device and shape: a plan for another candidate set or
+other row counts takes the times of kernels measured for an earlier one (the same key but its
+candidates and row counts, and but dense copy or not for kernels other than `dense`, the one that
+reads the copy), times only the kernels none has timed and the row counts none has timed them at
+(choice.measure still makes and checks the others on the layer), and names the kernels and row
+counts whose times it took (`reused`).
 
 Entries are kept in this process too, so every engine of a run reuses a plan measured once,
 kept file or not. Writers merge their entries into the file under a lock (filelock), so runs
@@ -44,11 +45,13 @@ class ShapePlan:
     err: dict[str, dict[int, float]] = field(default_factory=dict)  # kernel -> rows -> max relative error
     left_out: dict[str, str] = field(default_factory=dict)  # kernel -> why it was not a candidate
     cached: bool = False  # measured before (this process or the file), not now
-    reused: tuple[str, ...] = ()  # kernels whose times were taken from a plan for other candidates (or copy)
+    # kernel -> the row counts whose times were taken from a plan for other candidates, row counts
+    # (or copy): measured before on this kind of device, not now
+    reused: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"plan": [list(p) for p in self.plan], "us": self.us, "err": self.err, "left_out": self.left_out,
-                "reused": list(self.reused)}
+                "reused": {name: list(rows) for name, rows in self.reused.items()}}
 
     @classmethod
     def from_json(cls, shape, d) -> "ShapePlan":
@@ -69,9 +72,13 @@ class ShapePlan:
         if {k: set(v) for k, v in us.items()} != {k: set(v) for k, v in err.items()}:
             raise ValueError("'us' and 'err' name other kernels or row counts")
         left_out = {_text(k): _text(v) for k, v in _object(d.get("left_out"), "'left_out'").items()}
-        reused = tuple(_text(k) for k in _list(d.get("reused", []), "'reused'"))  # absent in older files
-        if set(reused) - set(us):
-            raise ValueError(f"'reused' names kernels with no times: {sorted(set(reused) - set(us))}")
+        reused = d.get("reused", {})  # absent in older files; a list of kernels (every row count) in some
+        if isinstance(reused, list):
+            reused = {_text(k): sorted(us.get(k, {})) for k in reused}
+        reused = {_text(k): tuple(_count(r) for r in _list(rows, f"'reused' of {k}"))
+                  for k, rows in _object(reused, "'reused'").items()}
+        if any(k not in us or set(rows) - set(us[k]) for k, rows in reused.items()):
+            raise ValueError(f"'reused' names kernels or row counts with no times: {sorted(reused)}")
         return cls(_shape(shape), plan, us, err, left_out, cached=True, reused=reused)
 
 
@@ -228,11 +235,11 @@ class PlanCache:
 
     def earlier(self, key: str) -> dict[str, tuple[dict[int, float], dict[int, float]]]:
         """Kernel -> (times, errors by row count) from the plans kept under keys that differ from
-        `key` in their candidates, or in dense copy or not, alone (this process's first, then the
-        file's): what was measured on this device, versions, dtype, shape, row counts and timing
-        for another candidate set. A kernel that reads the dense copy (`dense`) is taken only from
-        a plan with the same copy or not: with a copy it reads a dense weight instead of
-        dequantizing."""
+        `key` in their candidates, row counts, or dense copy or not, alone (this process's first,
+        then the file's): what was measured on this device, versions, dtype, shape and timing for
+        another candidate set or other row counts (a kernel's times are those of the first plan
+        that has it). A kernel that reads the dense copy (`dense`) is taken only from a plan with
+        the same copy or not: with a copy it reads a dense weight instead of dequantizing."""
         def rest(k: str):
             try:
                 fields = json.loads(k)
@@ -240,7 +247,8 @@ class PlanCache:
                 return None
             if not isinstance(fields, dict):
                 return None
-            return {n: v for n, v in fields.items() if n not in ("candidates", "dense_copy")}, fields.get("dense_copy")
+            return ({n: v for n, v in fields.items() if n not in ("candidates", "points", "dense_copy")},
+                    fields.get("dense_copy"))
 
         (want, copy), found = rest(key), {}
         for kept in (_KEPT, self.entries):
