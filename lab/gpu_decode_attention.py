@@ -50,6 +50,10 @@ def main() -> None:
     dims = get_preset(args.preset).llm
     head = dims.hidden // dims.heads
     scale = head ** -0.5
+    # one specialization per (batch, keys) point, as the engine's per attended length: past dynamo's
+    # default of 8 a point would run uncompiled (the engine raises it likewise)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 256))
     compiled = torch.compile(matmul_attention, dynamic=False, options=inductor_options("eager-casts"))
     out = CsvWriter(Path(args.out), COLUMNS)
     for b, n in itertools.product(map(int, args.batch_sizes.split(",")), map(int, args.keys.split(","))):

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from bench.engines.fused_linear import FUSED_MAX_ROWS
 from bench.quant.int4 import Int4Linear, quantize_int4
 from bench.quant.w4a16 import choice, measurements
 from bench.quant.w4a16.base import W4A16Kernel
@@ -53,6 +54,48 @@ def test_each_kernel_gives_dequantize_matmul_at_every_row_count_it_serves(name):
         assert y.shape == (1, rows, m.out_features) and y.dtype == DTYPE
         err = ((y.float() - want).abs().max() / want.abs().max()).item()
         assert err < (1e-5 if DTYPE == torch.float32 else 5e-3), (name, rows, err)
+
+
+def test_a_prefetched_prefill_reads_its_dense_slot_whatever_the_plan_runs_at_its_rows():
+    """A full prefill whose dense weights were dequantized a layer ahead reads that slot even at
+    row counts the measured plan covers (up to 512: batched suffixes); other calls run the plan."""
+    m = _layer()
+    m.set_row_plan(((choice.ROW_POINTS[-1], "tinygemm"),), DTYPE)
+    x = torch.randn(1, 200, m.in_features).to(DTYPE)
+    m.prefill_weight = torch.zeros(m.out_features, m.in_features, dtype=DTYPE)  # stands out: y is the bias
+    m.read_prefill_weight = True
+    assert torch.equal(m(x), m.bias.expand(1, 200, -1).to(DTYPE))
+    m.read_prefill_weight = False  # after the prefill (DensePrefetch.reading): the plan's kernel
+    err = ((m(x).float() - _reference(m, x)).abs().max() / _reference(m, x).abs().max()).item()
+    assert err < 1e-3
+
+
+def test_the_graph_engine_measures_its_fused_projections_up_to_the_batched_suffix_rows(tiny_llava_dir, monkeypatch):
+    """The graph engine runs its fused projections at every length, so its measured choice
+    covers ROW_POINTS up to 512 (a batch of 16's 32-token suffixes); the static engine's, whose
+    separate projections run above FUSED_MAX_ROWS, stops there."""
+    from bench.engines.cache_policy import CachePolicy
+    from bench.engines.graph import GraphEngine
+    from bench.engines.spec import EngineSpec
+    from bench.engines.static import StaticEngine
+    from bench.models.loader import load_checkpoint
+    from bench.quant.awq import Int4Options, quantize_model
+
+    monkeypatch.setattr(GraphEngine, "requires_cuda", False)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    adapter = load_checkpoint(tiny_llava_dir, None, torch.device("cpu"), torch.float32)
+    quantize_model(adapter, Int4Options(method="rtn", group_size=64))
+    spec = dict(int4_kernels="measured", int4_kernel_candidates=("dense", "tinygemm"))
+    try:
+        graph = GraphEngine(adapter, CachePolicy(), EngineSpec(**spec, fused_max_rows=2**62)).int4_kernels
+    finally:
+        torch._dynamo.reset()
+    assert all(m.decode_rows() == 512 for m in graph.layers)  # (until the next engine sets its own)
+    static = StaticEngine(adapter, CachePolicy(), EngineSpec(**spec)).int4_kernels
+    for plan in graph.plans.values():
+        assert set(plan.us["dense"]) == set(choice.ROW_POINTS) and plan.plan[-1][0] == 512
+    for plan in static.plans.values():
+        assert max(plan.us["dense"]) == FUSED_MAX_ROWS
 
 
 def _unpack8(packed: torch.Tensor) -> torch.Tensor:
@@ -348,7 +391,7 @@ def test_a_kernel_whose_times_are_taken_is_still_made_and_checked_here(tmp_path,
     kernel.toolchain_ok = False
     got = choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 2),
                                 allowed=("dense", "tinygemm", kernel.name)).plans[(256, 256, 64)]
-    assert got.reused == ("tinygemm",) and "could not be built" in got.left_out[kernel.name]
+    assert got.reused == {"tinygemm": (1, 2)} and "could not be built" in got.left_out[kernel.name]
     assert len(json.loads(cache.read_text())["entries"]) == 1  # not kept
     entries = json.loads(cache.read_text())["entries"]  # an entry whose GEMV was timed past its row limit now
     key, entry = next(iter(entries.items()))
@@ -367,7 +410,9 @@ def test_a_kernel_whose_times_are_taken_is_still_made_and_checked_here(tmp_path,
     with pytest.raises(ValueError, match="reused"):
         measurements.ShapePlan.from_json(plan.shape, bad)
     older = {k: v for k, v in plan.to_json().items() if k != "reused"}  # written before reuse existed
-    assert measurements.ShapePlan.from_json(plan.shape, older).reused == ()
+    assert measurements.ShapePlan.from_json(plan.shape, older).reused == {}
+    listed = {**plan.to_json(), "reused": ["tinygemm"]}  # a list of kernels: every row count taken
+    assert measurements.ShapePlan.from_json(plan.shape, listed).reused == {"tinygemm": (1, 2)}
 
 
 def test_measured_choice_is_made_once_per_device_and_shape(tmp_path):
@@ -555,7 +600,8 @@ def test_int4_kernels_flag_end_to_end(tmp_path, capsys):
     assert main(["int4-kernels", str(cache_dir / "kernels.json"), "--out", str(table)]) == 0
     written = list(csv.DictReader(open(table)))
     assert {r["kernel"] for r in written} >= {"tinygemm", "dense"}
-    assert {r["rows"] for r in written if r["rows"]} == {str(r) for r in choice.ROW_POINTS}
+    # the static engine's fused projections run up to FUSED_MAX_ROWS rows: measured up to there
+    assert {r["rows"] for r in written if r["rows"]} == {str(r) for r in choice.ROW_POINTS if r <= FUSED_MAX_ROWS}
     assert any(r["chosen"] == "true" for r in written)
     assert main(["int4-kernels", str(cache_dir / "kernels.json"), "--out", str(table)]) == 2  # exists
     (tmp_path / "bad.json").write_text("[]")
@@ -804,6 +850,26 @@ def test_measured_choice_takes_only_the_named_candidates(tmp_path, capsys):
         assert run_main([*RUN, "--int4-kernels", bad[0], "--int4-kernel-candidates", bad[1],
                          "--output-dir", str(tmp_path / "bad")]) == 2
         assert "--int4-kernel-candidates" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_more_row_counts_time_only_the_rows_not_timed_before(tmp_path, capsys):
+    """A measurement at more row counts (the batched suffixes' rows above 64) takes each kernel's
+    times at the row counts an earlier one timed and times the others only; the table marks
+    which rows' times were taken."""
+    path = tmp_path / "kernels.json"
+    allowed = ("dense", "tinygemm")
+    first = choice.choose_kernels([_layer()], "measured", DTYPE, path, points=(1, 2), allowed=allowed).plans[(256, 256, 64)]
+    capsys.readouterr()
+    more = choice.choose_kernels([_layer()], "measured", DTYPE, path, points=(1, 2, 4), allowed=allowed).plans[(256, 256, 64)]
+    said = capsys.readouterr().err
+    assert more.reused == {"dense": (1, 2), "tinygemm": (1, 2)}
+    assert all(more.us[n][r] == first.us[n][r] for n in allowed for r in (1, 2)) and all(4 in more.us[n] for n in allowed)
+    assert "dense timed at 4 rows only" in said and "tinygemm timed at 4 rows only" in said
+    rows = choice.table_rows([more])
+    assert {(r["kernel"], r["rows"]): r["reused"] for r in rows if r["rows"]} == {
+        (n, r): r != 4 for n in allowed for r in (1, 2, 4)}
+    again = measurements.ShapePlan.from_json(more.shape, json.loads(json.dumps(more.to_json())))
+    assert again.reused == more.reused
 
 
 def test_kernel_measurements_of_other_candidates_are_kept_and_listed_apart(tmp_path, capsys, monkeypatch):

@@ -81,10 +81,12 @@ class StaticEngine(HFEngine):
     def _choose_int4_kernels(self) -> KernelChoice | None:
         """Int4 weights: the kernel per row count of every int4 linear this engine's decoder
         holds (--int4-kernels; measured ones once per device and shape), whatever an earlier
-        engine over the same model chose: those a call of at most max(64, --int4-dense-rows)
-        rows runs (fused or not) take the mode, the others the default; above those rows every
-        call runs --int4-prefill-kernel (a full prefill, and suffixes or batched steps of more
-        rows), on whichever linears it runs, fused or not. None for other weights."""
+        engine over the same model chose: those a call of at most max(ROW_POINTS[-1] or the
+        spec's fused_max_rows if fewer, --int4-dense-rows) rows runs (fused or not) take the
+        mode, measured at the ROW_POINTS up to fused_max_rows, the others the default; above
+        those rows every call runs --int4-prefill-kernel (suffixes or batched steps of more rows),
+        on whichever linears it runs, fused or not, and so does a full prefill whose dense weights
+        were dequantized a layer ahead (the prefetch), at any rows. None for other weights."""
         layers = self._int4_layers()
         if not layers:
             return None
@@ -93,10 +95,13 @@ class StaticEngine(HFEngine):
         if mode == DEFAULT and prefill == "dense":
             reset_kernels(layers, dtype)
             return KernelChoice(DEFAULT, layers)
-        few = self._int4_linears_at(sorted({1, *ROW_POINTS, *(m.dense_rows for m in layers)}))
+        # the row counts the fused projections run (the separate ones above fused_max_rows are
+        # transformers' own calls: they keep the default, as the hf engine runs them)
+        points = tuple(p for p in ROW_POINTS if p <= self.spec.fused_max_rows)
+        few = self._int4_linears_at(sorted({1, *points, *(m.dense_rows for m in layers)}))
         choose_kernels([m for m in layers if id(m) not in few], DEFAULT, dtype)
         cache = Path(self.spec.int4_kernel_cache).expanduser() if self.spec.int4_kernel_cache else None
-        choice = choose_kernels(few.values(), mode, dtype, cache, allowed=self.spec.int4_kernel_candidates,
+        choice = choose_kernels(few.values(), mode, dtype, cache, points, allowed=self.spec.int4_kernel_candidates,
                                 graph=self.replays_graphs)
         # the linears a call of more rows than their decode rows runs (only those hold the
         # kernel's own weight format): checked at one row past each bound and at a full prefill

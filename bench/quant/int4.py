@@ -477,7 +477,9 @@ class Int4Linear(nn.Module):
             x = x * self.input_scale
         rows = x.numel() // self.in_features
         name = self.kernel_at(rows)
-        if name == "dense":
+        if name == "dense" or (self.read_prefill_weight and self.prefill_weight is not None):
+            # a prefill whose dense weights were dequantized ahead (DensePrefetch) reads them,
+            # whatever the plan runs at its rows
             return self.dense_forward(x, self.bias)
         y = self.run_kernel(name, x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
