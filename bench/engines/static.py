@@ -44,6 +44,7 @@ class StaticEngine(HFEngine):
         self._staged: dict[tuple, tuple] = {}  # suffix ids per (bucket, rows): host, its numpy view, device
         self.prefetch = self._int4_prefetch()
         self.int4_kernels = self._choose_int4_kernels()
+        self._prefill_int4 = self._int4_layers()  # told when a prefill calls them (Int4Linear.prefilling)
 
     def _reset_int4_layers(self) -> None:
         """Nothing here: the decoder's int4 kernels and prefetch are set once it is built
@@ -85,8 +86,8 @@ class StaticEngine(HFEngine):
         spec's fused_max_rows if fewer, --int4-dense-rows) rows runs (fused or not) take the
         mode, measured at the ROW_POINTS up to fused_max_rows, the others the default; above
         those rows every call runs --int4-prefill-kernel (suffixes or batched steps of more rows),
-        on whichever linears it runs, fused or not, and so does a full prefill whose dense weights
-        were dequantized a layer ahead (the prefetch), at any rows. None for other weights."""
+        on whichever linears it runs, fused or not, and under a measured plan so does every call of
+        a full prefill (full_prefill), at any rows. None for other weights."""
         layers = self._int4_layers()
         if not layers:
             return None
@@ -129,10 +130,11 @@ class StaticEngine(HFEngine):
                      n_real=None):
         """The decoder's prefill, int4 weights read from the prefetched slots where there are some."""
         layer_fn = layer_fn or self.eager_prefill_layer
-        if self.prefetch is None:
-            return self.decoder.prefill(embeds, cache, start, layer_fn, valid, n_real=n_real)
-        with self.prefetch.reading():
-            return self.decoder.prefill(embeds, cache, start, layer_fn, valid, self.prefetch, n_real)
+        with Int4Linear.prefill_calls(self._prefill_int4):
+            if self.prefetch is None:
+                return self.decoder.prefill(embeds, cache, start, layer_fn, valid, n_real=n_real)
+            with self.prefetch.reading():
+                return self.decoder.prefill(embeds, cache, start, layer_fn, valid, self.prefetch, n_real)
 
     def _step_layer(self):
         """The layer function decode steps and suffixes run."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -336,6 +337,13 @@ class Int4Linear(nn.Module):
         # steps' layer does not.
         self.register_buffer("prefill_weight", None, persistent=False)
         self.read_prefill_weight = False
+        # On while an engine's full-prompt prefill (or a suffix it runs as one) calls this layer
+        # (`prefilling`): under a measured row plan such a call runs the prefill path at any rows
+        # where one is set up for this layer (a prefill kernel chosen, or its dense weight
+        # prefetched or copied; _prefill_path), since the plan's rows above a decode step's are a
+        # batch's suffixes entered together. Compiled code reads it when traced, as
+        # `read_prefill_weight`.
+        self.prefilling = False
         # --int4-prefill-copy: this weight dense, kept for every call above dense_rows (prefill at
         # the dense model's speed, for the dense model's weight memory on top of the int4 one).
         self.register_buffer("dense_copy", None, persistent=False)
@@ -385,6 +393,26 @@ class Int4Linear(nn.Module):
             return _triton_int4.dequantize_tinygemm(self.packed, self.scale_and_zero, self.tile_inverse, out,
                                                     self.group_size, self.published_layout)
         return out.copy_(self.dense_weight(out.dtype))
+
+    def _prefill_path(self) -> bool:
+        """Whether this call, at whatever rows, runs `prefill_kernel`: a prefill's call under a
+        measured plan where the prefill path is set up for this layer (--int4-prefill-kernel
+        given it, or its dense weight prefetched for this prefill or kept as a copy)."""
+        return self.prefilling and self.row_plan is not None and (
+            self.prefill_kernel != "dense" or self.dense_copy is not None
+            or (self.read_prefill_weight and self.prefill_weight is not None))
+
+    @staticmethod
+    @contextmanager
+    def prefill_calls(layers):
+        """Within: `layers` are called by a prefill (`prefilling`); not after."""
+        for m in layers:
+            m.prefilling = True
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.prefilling = False
 
     def kernel_at(self, rows: int) -> str:
         """The kernel (bench.quant.w4a16.registry name) a call of `rows` rows runs: `row_plan`'s
@@ -476,10 +504,8 @@ class Int4Linear(nn.Module):
         if self.input_scale is not None:
             x = x * self.input_scale
         rows = x.numel() // self.in_features
-        name = self.kernel_at(rows)
-        if name == "dense" or (self.read_prefill_weight and self.prefill_weight is not None):
-            # a prefill whose dense weights were dequantized ahead (DensePrefetch) reads them,
-            # whatever the plan runs at its rows
+        name = self.prefill_kernel if self._prefill_path() else self.kernel_at(rows)
+        if name == "dense":
             return self.dense_forward(x, self.bias)
         y = self.run_kernel(name, x.reshape(rows, self.in_features)).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
