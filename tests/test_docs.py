@@ -95,6 +95,9 @@ def test_int4_table_compares_fp16_and_awq4_within_one_run_only(tmp_path):
         d = tmp_path / "h100" / name
         d.mkdir(parents=True)
         pd.DataFrame(rows).to_csv(d / "summary.csv", index=False)
+        point = ["model", "variant", "cache_state", "batch_size", "new_tokens", "question_tokens"]
+        pd.DataFrame(rows)[point].drop_duplicates().assign(kind="measured", worker="serial").to_csv(
+            d / "runs.csv", index=False)  # one row per result, written by this one process
         (d / "MANIFEST").write_text(f"date: 2026-12-06\ncommit: abc1234\ngpu: H100\nweights: random\n"
                                     f"command: {command}\nshows: x\n")
 
@@ -134,16 +137,16 @@ def test_int4_table_says_where_a_resumed_run_took_fp16_and_awq4_from_two_process
 
     from bench.analysis.int4_against_fp16 import comparisons, int4_table
 
-    def run(name, resumed, row_variants):
+    def run(name, resumed, row_variants, worker="serial", env=None):
         d = tmp_path / "h100" / name
         d.mkdir(parents=True)
         pd.DataFrame(_summary_rows("fp16+graph", 1, 6.0, 10.0) + _summary_rows("awq4+graph", 1, 2.0, 10.0)
                      + _summary_rows("fp16+graph", 4, 6.0, 40.0) + _summary_rows("awq4+graph", 4, 5.0, 40.0)
                      ).to_csv(d / "summary.csv", index=False)
         pd.DataFrame([{"timestamp": "t", "kind": "measured", "variant": v, "batch_size": b, "question_tokens": 0,
-                       "new_tokens": 128, "num_images": 1, "loader": ""} for v, b in row_variants]
+                       "new_tokens": 128, "num_images": 1, "loader": "", "worker": worker} for v, b in row_variants]
                      ).to_csv(d / "runs.csv", index=False)
-        (d / "env.json").write_text(json.dumps({"resumed": resumed}))
+        (d / "env.json").write_text(json.dumps(env or {"resumed": resumed}))
         (d / "MANIFEST").write_text("date: 2026-12-06\ncommit: abc1234\ngpu: H100\nweights: random\n"
                                     "command: python vila_prefix_benchmark.py --variants fp16,awq4 --batch-size 1,4\n"
                                     "shows: x\n")
@@ -156,9 +159,15 @@ def test_int4_table_says_where_a_resumed_run_took_fp16_and_awq4_from_two_process
     rows = [("fp16+graph", 1), ("awq4+graph", 1), ("fp16+graph", 4), ("awq4+graph", 4)]
     run("tail", [{"first_row": 2, "at": "x", "command": "c --resume"}], rows)
     run("old", [{"at": "x", "command": "c --resume"}], rows)
+    run("sweep", [], rows, worker="local:0")  # --executor local: a worker process per job
+    # the split run, then another run appended to its directory: its record moved under "runs"
+    split = [("fp16+graph", 1), ("fp16+graph", 1), ("fp16+graph", 4), ("awq4+graph", 1), ("awq4+graph", 4)]
+    run("appended", [], split, env={"run_id": "b", "runs": {
+        "a": {"run_id": "a", "resumed": [{"first_row": 3, "at": "x", "command": "c --resume"}]}, "b": {"run_id": "b"}}})
     got = comparisons(tmp_path).set_index(["run", "batch"])["one_process"].to_dict()
     assert got == {("old", 1): None, ("old", 4): None, ("split", 1): False, ("split", 4): False,
-                   ("tail", 1): True, ("tail", 4): True}
+                   ("tail", 1): True, ("tail", 4): True, ("sweep", 1): False, ("sweep", 4): False,
+                   ("appended", 1): False, ("appended", 4): False}
     table = int4_table(tmp_path)
     assert "| 3.00 (across processes) | 10.00 | 10.00 | 1.00 (across processes) |" in table
     assert "| 3.00 ✓ | 10.00 | 10.00 | 1.00 ✓ |" in table  # the tail run's batch 1

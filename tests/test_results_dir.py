@@ -150,8 +150,16 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeyp
     assert run_main(args) == 130
     first = read_rows(out / "runs.csv")
     assert len(first) == stop_at - 1
-    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", real)
+    seen_during = []  # env.json's resumed entries while the resumed process still runs
+
+    def watched(self, *a, **k):
+        seen_during.append(json.loads((out / "env.json").read_text()).get("resumed"))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", watched)
     assert run_main([*args[:-2], "--resume", "--output-dir", str(out)]) == 0
+    # recorded with its first row (a process killed outright keeps its rows apart from the one's before)
+    assert not seen_during[0] and [e["first_row"] for e in seen_during[-1]] == [stop_at - 1]
     rows = read_rows(out / "runs.csv")
     assert rows[:stop_at - 1] == first and {r["run_id"] for r in rows} == {first[0]["run_id"]}  # the same run
     resumed = json.loads((out / "env.json").read_text())["resumed"]
@@ -169,6 +177,15 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeyp
     assert all(r["cache_hit"] == "true" for r in rows if r["cache_state"] == "warm")  # warm after a resume too
     ttft = [s for s in read_rows(out / "summary.csv") if s["metric"] == "ttft_ms"]
     assert len(ttft) == 6 and all(s["n"] == "2" for s in ttft)
+    if stop_at == 4:  # a run appended, interrupted and resumed, then another appended: both resumes kept
+        calls["n"] = 0
+        monkeypatch.setattr(engine_mod.HFEngine, "run_batch", interrupted)
+        assert run_main([*args[:-2], "--append", "--output-dir", str(out)]) == 130
+        appended_from = len(read_rows(out / "runs.csv"))
+        monkeypatch.setattr(engine_mod.HFEngine, "run_batch", real)
+        assert run_main([*args[:-2], "--resume", "--output-dir", str(out)]) == 0
+        assert run_main([*args[:-2], "--variants", "fp16", "--append", "--output-dir", str(out)]) == 0
+        assert processes(out) == [0, stop_at - 1, appended_from]
 
 
 def test_a_held_lock_refuses_and_a_stale_one_is_taken(tmp_path, capsys):

@@ -18,6 +18,7 @@ import pandas as pd
 
 from bench.analysis.reference import REFERENCE_ROOT, process_of, processes, read_manifest, reference_dirs
 from bench.errors import UsageError
+from bench.measure.results import read_runs
 from bench.measure.schema import POINT_DEFAULTS, point_label
 from variants import parse_variant
 
@@ -54,26 +55,34 @@ def _value(v):
 
 def _one_process(run_dir: Path, starts: list[int] | None, key: list[str], group: tuple, variants) -> bool | None:
     """Whether one process wrote the measured rows of `variants` in the summary group `group`
-    (values of `key`); None: not known (a resume's first row not recorded, or no such rows)."""
-    if starts is None:
+    (values of `key`); None: not known (a resume's first row not recorded, or no such rows).
+    Rows of a sweep's worker processes (--executor local or ray: a job per weights) are never
+    one process's."""
+    if starts is None or not (run_dir / "runs.csv").is_file():
         return None
-    if len(starts) == 1:
-        return True
-    runs = pd.read_csv(run_dir / "runs.csv", dtype=str, keep_default_na=False)
-    keep = runs["variant"].isin(list(variants)) & (runs["kind"] == "measured" if "kind" in runs else True)
-    for col, value in zip(key, group):
-        if col not in runs:
+    rows = []
+    for i, r in enumerate(read_runs(run_dir / "runs.csv")):  # whole rows, in the file's order
+        if r.get("variant") not in variants or r.get("kind", "measured") != "measured":
             continue
-        if value is None or pd.isna(value):
-            keep &= runs[col] == ""
-        elif isinstance(value, str):
-            keep &= runs[col] == value
-        else:
-            keep &= pd.to_numeric(runs[col], errors="coerce") == float(value)
-    rows = runs.index[keep]  # the index is the rows' order in the file
-    if rows.empty:
+        if all(col not in r or _same(r[col], value) for col, value in zip(key, group)):
+            rows.append((i, r))
+    if not rows:
         return None
-    return len({process_of(starts, int(i)) for i in rows}) == 1
+    if any(r.get("worker", "serial") != "serial" for _, r in rows):
+        return False
+    return len({process_of(starts, i) for i, _ in rows}) == 1
+
+
+def _same(cell, value) -> bool:
+    """A runs.csv cell (read_runs: typed back, empty as None) equals a summary group's value."""
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return cell is None or cell == ""
+    if isinstance(value, str):
+        return str(cell) == value
+    try:
+        return cell is not None and float(cell) == float(value)
+    except (TypeError, ValueError):
+        return False
 
 
 def comparisons(root: Path = REFERENCE_ROOT) -> pd.DataFrame:

@@ -75,10 +75,11 @@ def processes(run_dir: Path) -> list[int] | None:
     appended to). None where a resume's first row was not recorded (written before it was)."""
     env_path = Path(run_dir) / "env.json"
     env = json.loads(env_path.read_text()) if env_path.is_file() else {}
-    resumed = [r for r in env.get("resumed") or [] if isinstance(r, dict)]
+    records = [env, *((env.get("runs") or {}).values())]  # --append: each run's own record too
+    resumed = [r for rec in records if isinstance(rec, dict) for r in rec.get("resumed") or [] if isinstance(r, dict)]
     if any(not isinstance(r.get("first_row"), int) for r in resumed):
         return None
-    return [0, *sorted(r["first_row"] for r in resumed)]
+    return [0, *sorted({r["first_row"] for r in resumed})]
 
 
 def process_of(starts: list[int], row: int) -> int:

@@ -246,7 +246,8 @@ class Benchmark:
             mine = [{"first_row": self.first_row, "at": utc_now(), "command": self.command}] if self.rows else []
             return {**old, "resumed": [*old.get("resumed", []), *mine]}
         if self.mode == "append" and old is not None:
-            runs = dict(old.get("runs") or {old.get("run_id", "?"): {k: v for k, v in old.items() if k != "runs"}})
+            # the top level is the latest record of the run before (its "resumed" entries included)
+            runs = {**(old.get("runs") or {}), old.get("run_id", "?"): {k: v for k, v in old.items() if k != "runs"}}
             runs[self.run_id] = env
             return {**env, "runs": runs}
         return env
@@ -517,6 +518,10 @@ class Benchmark:
         else:
             self.writer.write(row)
         self.rows.append(row)
+        if len(self.rows) == 1 and self.sink is None and self.mode == "resume" and self.old_env is not None:
+            # this process's first row: its "resumed" entry now, not only at the end (a process
+            # killed outright would leave its rows counted as the one's before it)
+            write_json(self.out_dir / "env.json", self._env())
 
     def lost_job_rows(self, job: Job, finished: set[str], reason: str, placement: dict) -> None:
         """Failed rows for the work a dead worker left: every workload point of each of the job's
