@@ -56,18 +56,62 @@ def test_each_kernel_gives_dequantize_matmul_at_every_row_count_it_serves(name):
         assert err < (1e-5 if DTYPE == torch.float32 else 5e-3), (name, rows, err)
 
 
-def test_a_prefetched_prefill_reads_its_dense_slot_whatever_the_plan_runs_at_its_rows():
-    """A full prefill whose dense weights were dequantized a layer ahead reads that slot even at
-    row counts the measured plan covers (up to 512: batched suffixes); other calls run the plan."""
+def test_a_prefill_under_a_measured_plan_runs_the_prefill_path_at_any_rows():
+    """A prefill's call (Int4Linear.prefill_calls) under a measured plan, which now covers up to
+    512 rows for batched suffixes, runs the prefill path where it is set up for the layer: its
+    prefetched dense slot, a prefill kernel, or its dense copy; with none set up, or outside a
+    prefill, the plan; without a measured plan (the default and named kernels, the exact
+    engines) the row rule as before, so the exact engines stay transformers' arithmetic."""
     m = _layer()
-    m.set_row_plan(((choice.ROW_POINTS[-1], "tinygemm"),), DTYPE)
     x = torch.randn(1, 200, m.in_features).to(DTYPE)
+    want = _reference(m, x)
+
+    def runs_plan(y):
+        return ((y.float() - want).abs().max() / want.abs().max()).item() < 1e-3
+
+    bias_only = m.bias.expand(1, 200, -1).to(DTYPE)
+    m.set_row_plan(((choice.ROW_POINTS[-1], "tinygemm"),), DTYPE)
     m.prefill_weight = torch.zeros(m.out_features, m.in_features, dtype=DTYPE)  # stands out: y is the bias
-    m.read_prefill_weight = True
-    assert torch.equal(m(x), m.bias.expand(1, 200, -1).to(DTYPE))
-    m.read_prefill_weight = False  # after the prefill (DensePrefetch.reading): the plan's kernel
-    err = ((m(x).float() - _reference(m, x)).abs().max() / _reference(m, x).abs().max()).item()
-    assert err < 1e-3
+    m.read_prefill_weight = True  # DensePrefetch.reading
+    with Int4Linear.prefill_calls([m]):
+        assert m.prefilling and torch.equal(m(x), bias_only)  # the prefetched slot
+    assert not m.prefilling and runs_plan(m(x))  # a batched suffix: the plan
+    m.prefill_weight, m.read_prefill_weight = None, False
+    with Int4Linear.prefill_calls([m]):
+        assert runs_plan(m(x))  # no slot, no copy, dense prefill: nothing set up, the plan
+        m.dense_copy = torch.zeros(m.out_features, m.in_features, dtype=DTYPE)
+        assert torch.equal(m(x), bias_only)  # --int4-prefill-copy
+        m.dense_copy = None
+    m.set_row_plan(None, DTYPE)  # the default: tinygemm up to dense_rows
+    m.dense_rows = 1000
+    m.prefill_weight, m.read_prefill_weight = torch.zeros(m.out_features, m.in_features, dtype=DTYPE), True
+    with Int4Linear.prefill_calls([m]):
+        assert m.kernel_at(200) == "tinygemm" and runs_plan(m(x))
+
+
+def test_an_engine_tells_its_int4_layers_when_a_prefill_calls_them(tiny_llava_dir, demo_image, monkeypatch):
+    """The static engine's full prefill calls its int4 linears with `prefilling` on (so a measured
+    plan's rows do not take a prefill's calls), its decode steps with it off."""
+    from bench.engines.cache_policy import CachePolicy
+    from bench.engines.static import StaticEngine
+    from bench.models.loader import load_checkpoint
+    from bench.quant.awq import Int4Options, quantize_model
+
+    adapter = load_checkpoint(tiny_llava_dir, None, torch.device("cpu"), torch.float32)
+    quantize_model(adapter, Int4Options(method="rtn", group_size=64))
+    engine = StaticEngine(adapter, CachePolicy())
+    seen = []
+    forward = Int4Linear.forward
+
+    def recording(self, x):
+        seen.append((x.numel() // self.in_features, self.prefilling))
+        return forward(self, x)
+
+    monkeypatch.setattr(Int4Linear, "forward", recording)
+    r = engine.run(demo_image, "What is shown?", 3)
+    assert {p for rows, p in seen if rows == r.prompt_tokens} == {True}
+    assert {p for rows, p in seen if rows == 1} == {False}
+    assert not any(m.prefilling for m in engine._prefill_int4)
 
 
 def test_the_graph_engine_measures_its_fused_projections_up_to_the_batched_suffix_rows(tiny_llava_dir, monkeypatch):
@@ -602,6 +646,7 @@ def test_int4_kernels_flag_end_to_end(tmp_path, capsys):
     assert {r["kernel"] for r in written} >= {"tinygemm", "dense"}
     # the static engine's fused projections run up to FUSED_MAX_ROWS rows: measured up to there
     assert {r["rows"] for r in written if r["rows"]} == {str(r) for r in choice.ROW_POINTS if r <= FUSED_MAX_ROWS}
+    assert {r["points"] for r in written} == {" ".join(str(r) for r in choice.ROW_POINTS if r <= FUSED_MAX_ROWS)}
     assert any(r["chosen"] == "true" for r in written)
     assert main(["int4-kernels", str(cache_dir / "kernels.json"), "--out", str(table)]) == 2  # exists
     (tmp_path / "bad.json").write_text("[]")
@@ -870,6 +915,18 @@ def test_more_row_counts_time_only_the_rows_not_timed_before(tmp_path, capsys):
         (n, r): r != 4 for n in allowed for r in (1, 2, 4)}
     again = measurements.ShapePlan.from_json(more.shape, json.loads(json.dumps(more.to_json())))
     assert again.reused == more.reused
+    # another shape, fewer row counts: an entry that timed dense past them (found first) lends
+    # nothing; a later one that did not, its times
+    def plan(points, allowed):
+        return choice.choose_kernels([_layer(128, 256)], "measured", DTYPE, path, points=points,
+                                     allowed=allowed).plans[(128, 256, 64)]
+
+    wide = plan((1, 2, 4), ("dense",))
+    narrow = plan((1, 2), ("dense", "tinygemm"))
+    assert not narrow.reused  # dense timed at 1-4 there: timed again at 1 and 2
+    alone = plan((1, 2), ("dense",))
+    assert alone.reused == {"dense": (1, 2)} and alone.us["dense"] == narrow.us["dense"] != {
+        r: wide.us["dense"][r] for r in (1, 2)}
 
 
 def test_kernel_measurements_of_other_candidates_are_kept_and_listed_apart(tmp_path, capsys, monkeypatch):

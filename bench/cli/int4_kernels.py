@@ -8,7 +8,8 @@ from bench.quant import DEFAULT_CACHE_DIR, KERNELS_FILE
 from bench.errors import ArgumentParser, UsageError, path_problem
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
-CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "candidates", "out_features", "in_features", "group_size",
+CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "candidates", "points", "out_features", "in_features",
+               "group_size",
                "kernel", "rows", "us", "int4_gb_per_s", "max_rel_err", "chosen", "left_out", "reused"]
 
 
@@ -19,9 +20,9 @@ def parser() -> ArgumentParser:
                          "its kernels.json)")
     ap.add_argument("--out", metavar="CSV", default=None,
                     help="write every measurement to this new CSV (device, dtype, library versions, CUDA graph "
-                         "or eager, dense copy or not, the candidates chosen from, shape, kernel, rows, us, "
-                         "max_rel_err, chosen, left_out, reused: the times were measured for another "
-                         "candidate set); "
+                         "or eager, dense copy or not, the candidates chosen from, the row counts measured, "
+                         "shape, kernel, rows, us, max_rel_err, chosen, left_out, reused: the time was "
+                         "measured for another candidate set or other row counts); "
                          "default: print the choices")
     return ap
 
@@ -84,6 +85,7 @@ def main(argv: list[str]) -> int:
         rows = [{"device": fields["device"], "dtype": fields["dtype"],
                  "versions": " ".join(f"{k}={v}" for k, v in sorted(fields["versions"].items())),
                  "graph": fields.get("graph"), "dense_copy": fields.get("dense_copy"), "candidates": " ".join(map(str, fields["candidates"])),
+                 "points": " ".join(map(str, fields["points"])),
                  **row}
                 for fields, plan in entries for row in table_rows([plan])]
         try:

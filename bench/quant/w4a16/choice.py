@@ -142,11 +142,16 @@ def _served(name: str, points) -> tuple[int, ...]:
 
 
 def _takeable(earlier: dict | None, names, points) -> dict:
-    """Of `earlier` (kernel -> (times, errors), PlanCache.earlier), the kernels of `names` timed
-    only at row counts they would be timed at now (a kernel timed past its row limit of now was
-    another version of it): the row counts it lacks are timed, the others taken."""
-    return {n: earlier[n] for n in names
-            if n in (earlier or {}) and earlier[n][0] and set(earlier[n][0]) <= set(_served(n, points))}
+    """Of `earlier` (kernel -> [(times, errors)], PlanCache.earlier), for each kernel of `names`
+    the measurement at the most row counts among those that timed it only at row counts it would
+    be timed at now (one timed past its row limit of now was another version of it): the row
+    counts it lacks are timed, the others taken."""
+    out = {}
+    for n in names:
+        fits = [m for m in (earlier or {}).get(n, ()) if m[0] and set(m[0]) <= set(_served(n, points))]
+        if fits:
+            out[n] = max(fits, key=lambda m: len(m[0]))
+    return out
 
 
 def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | None = None, graph: bool = True,
@@ -155,7 +160,7 @@ def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | Non
     time it captured in a CUDA graph (else launched eagerly); `cycle`: layers of the same shape
     timed calls go through in turn (default: `layer` alone; each is given the candidates' weight
     formats, which a row plan set afterwards drops where it does not use them); `earlier`: kernel ->
-    (times, errors) measured before on this kind of device and shape (PlanCache.earlier): a kernel
+    [(times, errors)] measured before on this kind of device and shape (PlanCache.earlier): a kernel
     timed there only at row counts it would be timed at now keeps those times and is checked there
     (its weight format made and its error taken on `layer` at each row count); the row counts it
     was not timed at are timed."""
@@ -297,7 +302,8 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
         key = cache_key(device, dtype, shape, points, names, copy, graph)
         plan = cache.get(key, shape)
         if plan is None:
-            earlier = _takeable(cache.earlier(key), names, points)
+            kept = cache.earlier(key)
+            earlier = _takeable(kept, names, points)
             timed = [n for n in names if n not in earlier]
             partly = {n: [r for r in _served(n, points) if r not in earlier[n][0]] for n in earlier}
             partly = {n: rows for n, rows in partly.items() if rows}
@@ -307,7 +313,7 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
                       "earlier measurement on this kind of GPU" if len(partly) < len(earlier) else "")
                    + "".join(f"; {n} timed at {','.join(map(str, rows))} rows only (the others' times taken)"
                              for n, rows in partly.items()))
-            plan = measure(group[0], dtype, points, names, graph, rotation(group, device), earlier)
+            plan = measure(group[0], dtype, points, names, graph, rotation(group, device), kept)
             if not any(KERNELS[n].unavailable(device, dtype) for n in names):
                 cache.put(key, plan)  # kept unless a candidate turned unavailable while measured (a failed build)
         choice.plans[shape] = plan

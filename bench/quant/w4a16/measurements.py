@@ -233,13 +233,13 @@ class PlanCache:
                 return plan
         return None
 
-    def earlier(self, key: str) -> dict[str, tuple[dict[int, float], dict[int, float]]]:
-        """Kernel -> (times, errors by row count) from the plans kept under keys that differ from
-        `key` in their candidates, row counts, or dense copy or not, alone (this process's first,
-        then the file's): what was measured on this device, versions, dtype, shape and timing for
-        another candidate set or other row counts (a kernel's times are those of the first plan
-        that has it). A kernel that reads the dense copy (`dense`) is taken only from a plan with
-        the same copy or not: with a copy it reads a dense weight instead of dequantizing."""
+    def earlier(self, key: str) -> dict[str, list[tuple[dict[int, float], dict[int, float]]]]:
+        """Kernel -> [(times, errors by row count)], one per plan kept under a key that differs
+        from `key` in its candidates, row counts, or dense copy or not, alone (this process's
+        first, then the file's): what was measured on this device, versions, dtype, shape and
+        timing for another candidate set or other row counts. A kernel that reads the dense copy
+        (`dense`) is taken only from a plan with the same copy or not: with a copy it reads a dense
+        weight instead of dequantizing."""
         def rest(k: str):
             try:
                 fields = json.loads(k)
@@ -262,7 +262,7 @@ class PlanCache:
                     continue
                 for name in plan.us:
                     if name in KERNELS and (other[1] == copy or not KERNELS[name].reads_dense_copy):
-                        found.setdefault(name, (plan.us[name], plan.err[name]))
+                        found.setdefault(name, []).append((plan.us[name], plan.err[name]))
         return found
 
     def put(self, key: str, plan: ShapePlan) -> None:
