@@ -89,28 +89,38 @@ def test_a_prefill_under_a_measured_plan_runs_the_prefill_path_at_any_rows():
         assert m.kernel_at(200) == "tinygemm" and runs_plan(m(x))
 
 
-def test_an_engine_tells_its_int4_layers_when_a_prefill_calls_them(tiny_llava_dir, demo_image, monkeypatch):
-    """The static engine's full prefill calls its int4 linears with `prefilling` on (so a measured
-    plan's rows do not take a prefill's calls), its decode steps with it off."""
-    from bench.engines.cache_policy import CachePolicy
+def test_an_engine_tells_its_int4_layers_when_a_prompt_prefill_calls_them(tiny_llava_dir, demo_image, monkeypatch):
+    """Under a measured plan the static engine's prefill from column 0 calls its int4 linears with
+    `prefilling` on (the prefill path at any rows); a suffix run as a prefill (longer than a
+    bucket, or a batch's of unequal lengths) and decode steps with it off (the plan)."""
+    from bench.engines.spec import EngineSpec
     from bench.engines.static import StaticEngine
     from bench.models.loader import load_checkpoint
     from bench.quant.awq import Int4Options, quantize_model
+    from variants.prefix import PrefixKVPolicy
 
     adapter = load_checkpoint(tiny_llava_dir, None, torch.device("cpu"), torch.float32)
     quantize_model(adapter, Int4Options(method="rtn", group_size=64))
-    engine = StaticEngine(adapter, CachePolicy())
+    engine = StaticEngine(adapter, PrefixKVPolicy(64),
+                          EngineSpec(int4_kernels="measured", int4_kernel_candidates=("dense", "tinygemm")))
+    assert engine._prefill_int4 and all(m.row_plan is not None for m in engine._prefill_int4)
     seen = []
     forward = Int4Linear.forward
 
     def recording(self, x):
-        seen.append((x.numel() // self.in_features, self.prefilling))
+        if self.row_plan is not None:  # (the separate projections above 64 rows keep the default: no flag)
+            seen.append((x.numel() // self.in_features, self.prefilling))
         return forward(self, x)
 
     monkeypatch.setattr(Int4Linear, "forward", recording)
-    r = engine.run(demo_image, "What is shown?", 3)
-    assert {p for rows, p in seen if rows == r.prompt_tokens} == {True}
+    cold = engine.run(demo_image, "What is shown?", 3)
+    assert {p for rows, p in seen if rows == cold.prompt_tokens} == {True}
     assert {p for rows, p in seen if rows == 1} == {False}
+    seen.clear()
+    long = "Describe " + "every small detail of the picture, " * 12
+    warm = engine.run(demo_image, long, 3)
+    suffix = warm.prompt_tokens - warm.cached_tokens
+    assert warm.cache_hit and suffix > 64 and {p for rows, p in seen if rows == suffix} == {False}
     assert not any(m.prefilling for m in engine._prefill_int4)
 
 

@@ -58,7 +58,8 @@ class Int4VariantOptions:
                                       "default: every kernel that runs here")
     int4_prefill_kernel: str = opt("awq4/rtn4 on the static and graph engines (hf and the exact ones run dense): "
                                    "the kernel every call above the decode kernels' rows runs (a full prefill, "
-                                   "longer suffixes and batched steps): dense (dequantize + GEMM, with "
+                                   "longer suffixes and batched steps; under --int4-kernels measured, every call of "
+                                   "a prompt's prefill, at any rows): dense (dequantize + GEMM, with "
                                    "--int4-prefetch) or a W4A16 kernel by name that reads int4 weights itself (e.g. "
                                    "fbgemm-shuffled; python -m bench int4-kernels lists them); column "
                                    "int4_prefill_kernel", "dense")

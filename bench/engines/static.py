@@ -44,7 +44,9 @@ class StaticEngine(HFEngine):
         self._staged: dict[tuple, tuple] = {}  # suffix ids per (bucket, rows): host, its numpy view, device
         self.prefetch = self._int4_prefetch()
         self.int4_kernels = self._choose_int4_kernels()
-        self._prefill_int4 = self._int4_layers()  # told when a prefill calls them (Int4Linear.prefilling)
+        # the int4 linears a prefill from column 0 tells it calls them (Int4Linear.prefilling):
+        # those with a measured plan, the only ones the flag changes (each is a host write)
+        self._prefill_int4 = [m for m in self._int4_layers() if m.row_plan is not None]
 
     def _reset_int4_layers(self) -> None:
         """Nothing here: the decoder's int4 kernels and prefetch are set once it is built
@@ -87,7 +89,7 @@ class StaticEngine(HFEngine):
         mode, measured at the ROW_POINTS up to fused_max_rows, the others the default; above
         those rows every call runs --int4-prefill-kernel (suffixes or batched steps of more rows),
         on whichever linears it runs, fused or not, and under a measured plan so does every call of
-        a full prefill (full_prefill), at any rows. None for other weights."""
+        a prefill from column 0 (full_prefill), at any rows. None for other weights."""
         layers = self._int4_layers()
         if not layers:
             return None
@@ -130,7 +132,9 @@ class StaticEngine(HFEngine):
                      n_real=None):
         """The decoder's prefill, int4 weights read from the prefetched slots where there are some."""
         layer_fn = layer_fn or self.eager_prefill_layer
-        with Int4Linear.prefill_calls(self._prefill_int4):
+        # a prompt's prefill from column 0 runs the prefill path at any rows; a suffix batch run
+        # as a prefill (unequal lengths, or longer than a bucket) keeps the plan up to its top
+        with Int4Linear.prefill_calls(self._prefill_int4 if start == 0 else ()):
             if self.prefetch is None:
                 return self.decoder.prefill(embeds, cache, start, layer_fn, valid, n_real=n_real)
             with self.prefetch.reading():

@@ -3,7 +3,9 @@
 Quantization parameters come from torchao's affine primitives (asymmetric, integer zero point,
 the AutoAWQ convention: w = (q - z) * s per group of `group_size` input channels).
 
-The layer has two paths, picked per call by the number of rows (tokens) it sees (kernel_at):
+The layer has two paths, picked per call by the number of rows (tokens) it sees (kernel_at), and
+under a measured plan by whether a prompt's prefill calls it (`prefilling`: the prefill path at
+any rows, where one is set up):
 - few rows (decode, short suffixes): a W4A16 kernel reads int4 weights. By default PyTorch's
   tinygemm up to dense_rows; `--int4-kernels` sets another kernel or one measured per row count
   (bench.quant.w4a16: the kernels, and the measured choice per device and shape);
@@ -337,8 +339,8 @@ class Int4Linear(nn.Module):
         # steps' layer does not.
         self.register_buffer("prefill_weight", None, persistent=False)
         self.read_prefill_weight = False
-        # On while an engine's full-prompt prefill (or a suffix it runs as one) calls this layer
-        # (`prefilling`): under a measured row plan such a call runs the prefill path at any rows
+        # On while an engine's prompt prefill from column 0 calls this layer (`prefilling`):
+        # under a measured row plan such a call runs the prefill path at any rows
         # where one is set up for this layer (a prefill kernel chosen, or its dense weight
         # prefetched or copied; _prefill_path), since the plan's rows above a decode step's are a
         # batch's suffixes entered together. Compiled code reads it when traced, as
@@ -428,7 +430,8 @@ class Int4Linear(nn.Module):
 
     def decode_rows(self) -> int:
         """The most rows a call runs the decode kernels at (the plan's last bound, else
-        dense_rows); calls of more rows run `prefill_kernel`."""
+        dense_rows); calls of more rows run `prefill_kernel`, and so do a prompt prefill's calls
+        under a measured plan where the prefill path is set up (_prefill_path)."""
         if self.row_plan is None:
             return self.dense_rows
         return self.row_plan[-1][0] if self.row_plan else 0
