@@ -234,17 +234,17 @@ class Benchmark:
 
     def _env(self) -> dict:
         """env.json's content for this invocation (--append: every run's, under "runs")."""
+        old = self.old_env
+        if self.mode == "resume" and old is not None:  # recorded once this process has written rows
+            # "first_row": runs.csv's rows from that one on are this process's (bench.analysis.reference.processes)
+            mine = [{"first_row": self.first_row, "at": utc_now(), "command": self.command}] if self.rows else []
+            return {**old, "resumed": [*old.get("resumed", []), *mine]}
         env = envinfo.collect(self.command, self.monitor.device_facts(), {
             "config": asdict(self.cfg), "fingerprint": self.fingerprint, "device": str(self.device),
             "dtype": str(self.dtype), "attention_kernels": attention_kernels.describe(self.cfg.attention_kernels),
             "engines": self._engine_specs(), "host": self.host_facts, "preprocess": self.preprocess_facts,
             "model": self.source.name, "weights": self.source.weights, "run_id": self.run_id,
         })
-        old = self.old_env
-        if self.mode == "resume" and old is not None:  # recorded once this process has written rows
-            # "first_row": runs.csv's rows from that one on are this process's (bench.analysis.reference.processes)
-            mine = [{"first_row": self.first_row, "at": utc_now(), "command": self.command}] if self.rows else []
-            return {**old, "resumed": [*old.get("resumed", []), *mine]}
         if self.mode == "append" and old is not None:
             # the top level is the latest record of the run before (its "resumed" entries included)
             runs = {**(old.get("runs") or {}), old.get("run_id", "?"): {k: v for k, v in old.items() if k != "runs"}}
