@@ -777,6 +777,22 @@ def test_prompt_refused_after_load_leaves_an_appended_dir_as_it_was(results_dir,
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
 
 
+def test_a_refused_append_puts_back_a_cut_off_last_row(results_dir, tmp_path, capsys):
+    """runs.csv ending in a row cut off (a killed run): the appending run drops it before writing;
+    refused after the model loaded, it puts those bytes back, the directory as it was."""
+    import shutil
+
+    d = tmp_path / "run"
+    shutil.copytree(results_dir, d)
+    with (d / "runs.csv").open("ab") as f:
+        f.write(b"2026-12-06T00:00:00+00:00,cut-off-ro")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    TRIED.append("--append onto a cut-off row, refused after load")
+    rc = run_main([*RUN, "--output-dir", str(d), "--append", "--text-prompt", "y" * 4100])
+    refused_after_load(capsys, rc, "--text-prompt", "4,096")
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
 def test_count_of_bad_inputs(capsys):
     """Runs last: how many bad inputs this module tried (every one above was handled)."""
     with capsys.disabled():

@@ -306,6 +306,17 @@ class DirLock:
 RESULT_FILES = ("runs.csv", "env.json", "summary.csv")  # what a run writes into its directory
 
 
+def _length_and_tail(path: Path, chunk: int = 1 << 16) -> tuple[int, bytes]:
+    """(the file's length, its bytes after the last newline): what a writer that drops a cut-off
+    last row before appending may have removed (DirState puts it back)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        f.seek(max(0, size - chunk))
+        end = f.read()
+    cut = end.rfind(b"\n")
+    return size, end[cut + 1:] if cut >= 0 or size <= chunk else end
+
+
 class DirState:
     """What a results directory held before a run (runs.csv's length, env.json's and summary.csv's
     bytes, and which of its folders did not exist yet), so that a run refused after it began
@@ -319,11 +330,11 @@ class DirState:
         while not d.exists() and d != d.parent:
             self.created.append(d)
             d = d.parent
-        self.files: dict[str, int | bytes] = {}
+        self.files: dict[str, tuple[int, bytes] | bytes] = {}
         for name in RESULT_FILES if out_dir.is_dir() else ():
             f = out_dir / name
             if f.is_file():
-                self.files[name] = f.stat().st_size if name == "runs.csv" else f.read_bytes()
+                self.files[name] = _length_and_tail(f) if name == "runs.csv" else f.read_bytes()
 
     def restore(self) -> None:
         for name in RESULT_FILES:
@@ -331,9 +342,12 @@ class DirState:
             try:
                 if old is None:
                     f.unlink(missing_ok=True)
-                elif isinstance(old, int):
-                    if f.stat().st_size != old:
-                        os.truncate(f, old)
+                elif isinstance(old, tuple):  # runs.csv: appended to, its cut-off last row dropped
+                    size, tail = old
+                    if f.stat().st_size != size or _length_and_tail(f)[1] != tail:
+                        os.truncate(f, size - len(tail))
+                        with f.open("ab") as out:
+                            out.write(tail)
                 elif f.read_bytes() != old:
                     _atomic_write(f, lambda out, text=old.decode("utf-8"): out.write(text))
             except (OSError, UnicodeDecodeError):
