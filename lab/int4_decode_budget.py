@@ -109,9 +109,12 @@ def _most_points(table: pd.DataFrame) -> pd.DataFrame:
     took its times; counting both would count each kernel twice)."""
     if "points" not in table.columns:
         return table
+    table = table.assign(points=table["points"].fillna("").astype(str))  # a table written before the column
+    key = [c for c in ("device", "dtype", "versions", "graph", "dense_copy", "candidates", "out_features",
+                       "in_features", "group_size") if c in table.columns]
     keep = []
-    for _, rows in table.groupby(["out_features", "in_features", "group_size", "candidates"]):
-        most = max(rows["points"].unique(), key=lambda p: len(str(p).split()))
+    for _, rows in table.groupby(key, dropna=False):
+        most = max(rows["points"].unique(), key=lambda p: len(p.split()))
         keep.append(rows[rows["points"] == most])
     return pd.concat(keep)
 
