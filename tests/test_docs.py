@@ -95,7 +95,7 @@ def test_int4_table_compares_fp16_and_awq4_within_one_run_only(tmp_path):
         d = tmp_path / "h100" / name
         d.mkdir(parents=True)
         pd.DataFrame(rows).to_csv(d / "summary.csv", index=False)
-        point = ["model", "variant", "cache_state", "batch_size", "new_tokens", "question_tokens"]
+        point = ["model", "variant", "engine", "cache_state", "batch_size", "new_tokens", "question_tokens"]
         pd.DataFrame(rows)[point].drop_duplicates().assign(kind="measured", worker="serial").to_csv(
             d / "runs.csv", index=False)  # one row per result, written by this one process
         (d / "MANIFEST").write_text(f"date: 2026-12-06\ncommit: abc1234\ngpu: H100\nweights: random\n"
@@ -143,7 +143,8 @@ def test_int4_table_says_where_a_resumed_run_took_fp16_and_awq4_from_two_process
         pd.DataFrame(_summary_rows("fp16+graph", 1, 6.0, 10.0) + _summary_rows("awq4+graph", 1, 2.0, 10.0)
                      + _summary_rows("fp16+graph", 4, 6.0, 40.0) + _summary_rows("awq4+graph", 4, 5.0, 40.0)
                      ).to_csv(d / "summary.csv", index=False)
-        pd.DataFrame([{"timestamp": "t", "kind": "measured", "variant": v, "batch_size": b, "question_tokens": 0,
+        pd.DataFrame([{"timestamp": "t", "kind": "measured", "model": "m", "variant": v, "engine": "graph",
+                       "cache_state": "none", "batch_size": b, "question_tokens": 0,
                        "new_tokens": 128, "num_images": 1, "loader": "", "worker": worker} for v, b in row_variants]
                      ).to_csv(d / "runs.csv", index=False)
         (d / "env.json").write_text(json.dumps(env or {"resumed": resumed}))

@@ -19,7 +19,7 @@ import pandas as pd
 from bench.analysis.reference import REFERENCE_ROOT, process_of, processes, read_manifest, reference_dirs
 from bench.errors import UsageError
 from bench.measure.results import read_runs
-from bench.measure.schema import POINT_DEFAULTS, point_label
+from bench.measure.schema import POINT_DEFAULTS, fill_identity_columns, point_label
 from variants import parse_variant
 
 # The targets the table is read against (int4 at the bandwidth limit): decode at least this many
@@ -53,36 +53,33 @@ def _value(v):
     return None if v is None or pd.isna(v) else float(v)
 
 
-def _one_process(run_dir: Path, starts: list[int] | None, key: list[str], group: tuple, variants) -> bool | None:
+def _measured_rows(run_dir: Path) -> pd.DataFrame | None:
+    """runs.csv's whole measured rows, their identity columns filled as summary.csv's are, each
+    with its position in the file (`row`: which process wrote it, bench.analysis.reference.processes)."""
+    if not (run_dir / "runs.csv").is_file():
+        return None
+    runs = pd.DataFrame(read_runs(run_dir / "runs.csv"))
+    runs["row"] = range(len(runs))
+    if "kind" in runs:
+        runs = runs[runs["kind"].fillna("measured") == "measured"].copy()
+    fill_identity_columns(runs)
+    return runs
+
+
+def _one_process(runs: pd.DataFrame | None, starts: list[int] | None, key: list[str], group: tuple,
+                 variants) -> bool | None:
     """Whether one process wrote the measured rows of `variants` in the summary group `group`
     (values of `key`); None: not known (a resume's first row not recorded, or no such rows).
     Rows of a sweep's worker processes (--executor local or ray: a job per weights) are never
     one process's."""
-    if starts is None or not (run_dir / "runs.csv").is_file():
+    if starts is None or runs is None:
         return None
-    rows = []
-    for i, r in enumerate(read_runs(run_dir / "runs.csv")):  # whole rows, in the file's order
-        if r.get("variant") not in variants or r.get("kind", "measured") != "measured":
-            continue
-        if all(col not in r or _same(r[col], value) for col, value in zip(key, group)):
-            rows.append((i, r))
-    if not rows:
+    mine = runs[runs["variant"].isin(list(variants)) & (runs[key] == pd.Series(group, index=key)).all(axis=1)]
+    if mine.empty:
         return None
-    if any(r.get("worker", "serial") != "serial" for _, r in rows):
+    if "worker" in mine and (mine["worker"].fillna("serial") != "serial").any():
         return False
-    return len({process_of(starts, i) for i, _ in rows}) == 1
-
-
-def _same(cell, value) -> bool:
-    """A runs.csv cell (read_runs: typed back, empty as None) equals a summary group's value."""
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return cell is None or cell == ""
-    if isinstance(value, str):
-        return str(cell) == value
-    try:
-        return cell is not None and float(cell) == float(value)
-    except (TypeError, ValueError):
-        return False
+    return len({process_of(starts, int(i)) for i in mine["row"]}) == 1
 
 
 def comparisons(root: Path = REFERENCE_ROOT) -> pd.DataFrame:
@@ -91,17 +88,18 @@ def comparisons(root: Path = REFERENCE_ROOT) -> pd.DataFrame:
     rows = []
     for d in reference_dirs(root):
         s = pd.read_csv(d / "summary.csv")
+        fill_identity_columns(s)  # as runs.csv's rows are (_measured_rows): groups match them
         if "status" in s:
             s = s[s["status"] == "ok"]
-        s = s[s["cache_state"].fillna("none") == "none"]
+        s = s[s["cache_state"] == "none"]
         quant = s["variant"].map(_weights_part)
         s = s.assign(quant=quant)[quant.isin(["fp16", "awq4"])]
         if set(s["quant"]) != {"fp16", "awq4"}:
             continue
         m = read_manifest(d)
-        points = [c for c in POINT_DEFAULTS if c in s]
-        key = [c for c in ("model", "engine", "dtype", "run_id") if c in s] + points
-        starts = processes(d)
+        points = list(POINT_DEFAULTS)
+        key = ["model", "engine", "dtype", "run_id", *points]
+        starts, runs = processes(d), _measured_rows(d)
         for group, g in s.groupby(key, sort=True, dropna=False):
             med = g.pivot_table(index="metric", columns="quant", values="median", aggfunc="first")
             valid = g.pivot_table(index="metric", columns="quant", values="valid", aggfunc="first")
@@ -120,16 +118,16 @@ def comparisons(root: Path = REFERENCE_ROOT) -> pd.DataFrame:
                 continue
             f_pre, a_pre, pre_ok = pair("prefill_ms")
             first = g.iloc[0]
-            cells = first[points].astype(object)
+            cells = first[points]
             rows.append({"gpu": d.parent.name, "model": str(first["model"]), "run": d.name, "date": m["date"],
                          "commit": m["commit"], "engine": first["engine"], "prefill_option": prefill_option(m["command"]),
                          "batch": int(first.get("batch_size", 1) or 1),
-                         "point": point_label(cells.where(cells.notna(), None).to_dict()),
+                         "point": point_label(cells.to_dict()),
                          "fp16_tpot_ms": f_tpot, "awq4_tpot_ms": a_tpot,
                          "decode_speedup": f_tpot / a_tpot, "tpot_valid": tpot_ok,
                          "fp16_prefill_ms": f_pre, "awq4_prefill_ms": a_pre,
                          "prefill_ratio": None if f_pre is None else a_pre / f_pre, "prefill_valid": pre_ok,
-                         "one_process": _one_process(d, starts, key, group, set(g["variant"]))})
+                         "one_process": _one_process(runs, starts, key, group, set(g["variant"]))})
     return pd.DataFrame(rows)
 
 
