@@ -55,7 +55,7 @@ class CsvWriter:
                 raise UsageError(f"{path} has other columns (written by another version of the harness): "
                                  "use a new --output-dir")
             data = path.read_bytes()
-            cut = 0 if data.endswith(b"\n") else len(data) - data.rfind(b"\n") - 1
+            cut = len(cut_off_row(data))
             if cut:  # a row cut off by a killed run: rows appended to it would be glued onto it
                 from bench.log import status
 
@@ -146,6 +146,12 @@ def _value(text: str):
         except ValueError:
             pass
     return text
+
+
+def cut_off_row(data: bytes) -> bytes:
+    """runs.csv's bytes after its last line end: a last row cut off by a run killed while writing
+    it (empty when the file ends with a line end)."""
+    return data[data.rfind(b"\n") + 1:]
 
 
 def whole_rows(text: str) -> str:
@@ -307,14 +313,12 @@ RESULT_FILES = ("runs.csv", "env.json", "summary.csv")  # what a run writes into
 
 
 def _length_and_tail(path: Path, chunk: int = 1 << 16) -> tuple[int, bytes]:
-    """(the file's length, its bytes after the last newline): what a writer that drops a cut-off
-    last row before appending may have removed (DirState puts it back)."""
+    """(the file's length, its cut-off last row, read from its last `chunk` bytes): what
+    CsvWriter drops before appending (DirState puts it back)."""
     size = path.stat().st_size
     with path.open("rb") as f:
         f.seek(max(0, size - chunk))
-        end = f.read()
-    cut = end.rfind(b"\n")
-    return size, end[cut + 1:] if cut >= 0 or size <= chunk else end
+        return size, cut_off_row(f.read())
 
 
 class DirState:
