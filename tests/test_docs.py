@@ -96,7 +96,8 @@ def test_int4_table_compares_fp16_and_awq4_within_one_run_only(tmp_path):
         d.mkdir(parents=True)
         pd.DataFrame(rows).to_csv(d / "summary.csv", index=False)
         point = ["model", "variant", "engine", "cache_state", "batch_size", "new_tokens", "question_tokens"]
-        pd.DataFrame(rows)[point].drop_duplicates().assign(kind="measured", worker="serial").to_csv(
+        detail = "compiled layers, split-kv decode attention" if "split-kv" in command else "compiled layers"
+        pd.DataFrame(rows)[point].drop_duplicates().assign(kind="measured", worker="serial", engine_detail=detail).to_csv(
             d / "runs.csv", index=False)  # one row per result, written by this one process
         (d / "MANIFEST").write_text(f"date: 2026-12-06\ncommit: abc1234\ngpu: H100\nweights: random\n"
                                     f"command: {command}\nshows: x\n")
@@ -106,7 +107,7 @@ def test_int4_table_compares_fp16_and_awq4_within_one_run_only(tmp_path):
         + _summary_rows("awq4+prefix+graph", 1, 0.5, 0.5, cache="warm"),
         "python vila_prefix_benchmark.py --variants fp16,awq4,awq4+prefix --batch-size 1,4")
     run("m-copy", _summary_rows("fp16+graph", 1, 6.0, 10.0) + _summary_rows("awq4+graph", 1, 3.0, 12.0),
-        "python vila_prefix_benchmark.py --variants fp16,awq4 --int4-prefill-copy")
+        "python vila_prefix_benchmark.py --variants fp16,awq4 --int4-prefill-copy --decode-attention split-kv")
     run("m-alone", _summary_rows("awq4+graph", 1, 3.0, 10.0), "python vila_prefix_benchmark.py --variants awq4")
     run("m-points", [r for q, t in ((16, 2.0), (1024, 4.0)) for r in _summary_rows("fp16+graph", 1, 6.0, 0, question_tokens=q)
                      + _summary_rows("awq4+graph", 1, t, 0, question_tokens=q)],
@@ -117,11 +118,13 @@ def test_int4_table_compares_fp16_and_awq4_within_one_run_only(tmp_path):
     assert got.loc[("m-batch", "b1 n128"), "decode_speedup"] == 3.0
     assert got.loc[("m-batch", "b4 n128"), "prefill_ratio"] == 1.25 and not got.loc[("m-batch", "b4 n128"), "tpot_valid"]
     assert got.loc[("m-copy", "b1 n128"), "prefill_option"] == "dense copy"
+    assert got.loc[("m-copy", "b1 n128"), "decode_attention"] == "split-kv"  # from the rows' engine_detail
+    assert got.loc[("m-batch", "b1 n128"), "decode_attention"] == "matmul"
     assert [got.loc[("m-points", p), "decode_speedup"] for p in ("b1 n128 q16", "b1 n128 q1024")] == [3.0, 1.5]
     table = int4_table(tmp_path)
     assert "| 3.00 ✓ | 10.00 | 10.40 | 1.04 ✓ |" in table  # batch 1: both targets met
     assert "| 1.10 (not valid) |" in table and "| 1.25 (not valid) |" in table  # awq4's batch-4 rows invalid
-    assert "| 2.00 | 10.00 | 12.00 | 1.20 |" in table  # the copy run meets neither
+    assert "| graph | split-kv | dense copy | b1 n128 | 6.000 | 3.000 | 2.00 | 10.00 | 12.00 | 1.20 |" in table  # neither met
     assert "| b1 n128 q1024 | 6.000 | 4.000 | 1.50 | - | - | - |" in table  # no prefill measured: dashes
     assert prefill_option("x --int4-prefill-kernel marlin") == "marlin"
     assert prefill_option("x --int4-prefill-kernel=fbgemm-shuffled") == "fbgemm-shuffled"

@@ -125,12 +125,17 @@ def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
     env["config"]["loader"] = "prefetch"
     (out / "env.json").write_text(json.dumps(env))
     assert run_main([*TINY, "--resume", "--output-dir", str(out)]) == 0
-    del env["config"]["decode_attention"]  # written before --decode-attention existed: matmul, the default
+    del env["config"]["decode_attention"]  # written before --decode-attention existed: matmul
     (out / "env.json").write_text(json.dumps(env))
-    assert run_main([*TINY, "--resume", "--output-dir", str(out)]) == 0
+    assert run_main([*TINY, "--decode-attention", "matmul", "--resume", "--output-dir", str(out)]) == 0
     capsys.readouterr()
+    before = snapshot(out)
+    # today's default, auto, is split-kv wherever it runs: not that directory's configuration
+    assert run_main([*TINY, "--resume", "--output-dir", str(out)]) == 2
+    one_line_error(capsys, "another configuration (--decode-attention 'matmul' -> 'auto')")
     assert run_main([*TINY, "--decode-attention", "split-kv", "--resume", "--output-dir", str(out)]) == 2
     one_line_error(capsys, "another configuration (--decode-attention 'matmul' -> 'split-kv')")
+    assert snapshot(out) == before
 
 
 @pytest.mark.parametrize("stop_at", [4, 8])  # in fp16's second point; in prefix's first warm group

@@ -181,8 +181,8 @@ def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, bat
 
 def test_the_graph_engine_refuses_split_kv_where_it_cannot_run(checkpoint_dirs, monkeypatch):
     """--decode-attention split-kv on a device the kernels do not run on is the variant's skip
-    reason (VariantUnsupported), not a failure inside a capture; graph-exact keeps transformers'
-    attention whatever it says."""
+    reason (VariantUnsupported), not a failure inside a capture; auto (the default) attends by
+    matmul there; graph-exact keeps transformers' attention whatever it says."""
     import dataclasses
 
     import torch
@@ -198,6 +198,9 @@ def test_the_graph_engine_refuses_split_kv_where_it_cannot_run(checkpoint_dirs, 
     spec = dataclasses.replace(GraphEngine.default_spec, decode_attention="split-kv")
     with pytest.raises(VariantUnsupported, match="split-kv decode attention runs on CUDA only"):
         GraphEngine(adapter, CachePolicy(), spec)
+    assert GraphEngine.default_spec.decode_attention == "auto"  # split-kv where it runs: matmul here
+    auto = GraphEngine(adapter, CachePolicy())
+    assert not auto.decoder.split_kv and "split-kv" not in auto.describe()
     exact = GraphExactEngine(adapter, CachePolicy(), dataclasses.replace(GraphExactEngine.default_spec,
                                                                           decode_attention="split-kv"))
     assert not exact.decoder.split_kv and "split-kv" not in exact.describe()
@@ -209,7 +212,7 @@ def test_the_graph_engine_refuses_split_kv_where_it_cannot_run(checkpoint_dirs, 
 def test_cuda_graph_engine_decodes_with_split_kv_attention(checkpoint_dirs):
     """On CUDA the graph engine's captured decode steps with split-kv attention (compiled, the op
     inside the graph) give the matmul path's logits within fp16 rounding, over attended lengths
-    of two KEY_ROUND buckets, and say so in engine_detail."""
+    of two KEY_ROUND buckets, and say so in engine_detail; auto (the default) runs split-kv here."""
     import dataclasses
 
     import torch
@@ -220,12 +223,12 @@ def test_cuda_graph_engine_decodes_with_split_kv_attention(checkpoint_dirs):
 
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), torch.float16)
     logits = {}
-    for choice in ("matmul", "split-kv"):
+    for choice in ("matmul", "split-kv", "auto"):
         spec = dataclasses.replace(GraphEngine.default_spec, decode_attention=choice)
         engine = GraphEngine(adapter, CachePolicy(), spec)
         torch.manual_seed(0)
         embeds = torch.randn(1, 120, engine.decoder.embed.weight.shape[1], device="cuda", dtype=torch.float16)
-        assert ("split-kv decode attention" in engine.describe()) == (choice == "split-kv")
+        assert ("split-kv decode attention" in engine.describe()) == (choice != "matmul")  # auto: split-kv here
         with torch.inference_mode():
             cache = engine.new_cache(embeds.shape[1], 16)
             engine.prefill(embeds * 0.5, cache, 0)
@@ -235,3 +238,4 @@ def test_cuda_graph_engine_decodes_with_split_kv_attention(checkpoint_dirs):
                 token = (token * 7 + 3) % 50
         logits[choice] = torch.stack(got)
     torch.testing.assert_close(logits["split-kv"], logits["matmul"], rtol=2e-2, atol=2e-2)
+    assert torch.equal(logits["auto"], logits["split-kv"])  # deterministic: the same kernels, the same logits

@@ -1,5 +1,5 @@
 """awq4 against fp16 in the reference runs that measured both in one process: decode and prefill
-per GPU, model, prefill option and workload point (docs/int4.md's generated table).
+per GPU, model, decode attention, prefill option and workload point (docs/int4.md's generated table).
 
 Only runs holding `fp16` and `awq4` rows of one engine, not from a prefix cache, count, and a
 ratio is read as one only where one process wrote both sides (a process's fp16 times vary by
@@ -66,16 +66,31 @@ def _measured_rows(run_dir: Path) -> pd.DataFrame | None:
     return runs
 
 
-def _one_process(runs: pd.DataFrame | None, starts: list[int] | None, key: list[str], group: tuple,
-                 variants) -> bool | None:
-    """Whether one process wrote the measured rows of `variants` in the summary group `group`
-    (values of `key`); None: not known (a resume's first row not recorded, or no such rows).
-    Rows of a sweep's worker processes (--executor local or ray: a job per weights) are never
-    one process's."""
-    if starts is None or runs is None:
+def _group_rows(runs: pd.DataFrame | None, key: list[str], group: tuple, variants) -> pd.DataFrame | None:
+    """The measured rows of `variants` in the summary group `group` (values of `key`)."""
+    if runs is None:
         return None
-    mine = runs[runs["variant"].isin(list(variants)) & (runs[key] == pd.Series(group, index=key)).all(axis=1)]
-    if mine.empty:
+    return runs[runs["variant"].isin(list(variants)) & (runs[key] == pd.Series(group, index=key)).all(axis=1)]
+
+
+def _decode_attention(mine: pd.DataFrame | None, engine: str) -> str:
+    """How the rows' decode steps attended, from their engine_detail: split-kv or matmul on the
+    graph engine (--decode-attention), transformers' own attention on the others; "-" unknown."""
+    if mine is None or mine.empty or "engine_detail" not in mine:
+        return "-"
+    split = mine["engine_detail"].fillna("").astype(str).str.contains("split-kv decode attention")
+    if split.all():
+        return "split-kv"
+    if split.any():
+        return "mixed"
+    return "matmul" if engine == "graph" else "transformers'"
+
+
+def _one_process(mine: pd.DataFrame | None, starts: list[int] | None) -> bool | None:
+    """Whether one process wrote the rows `mine` (_group_rows); None: not known (a resume's first
+    row not recorded, or no such rows). Rows of a sweep's worker processes (--executor local or
+    ray: a job per weights) are never one process's."""
+    if starts is None or mine is None or mine.empty:
         return None
     if "worker" in mine and (mine["worker"].fillna("serial") != "serial").any():
         return False
@@ -119,15 +134,17 @@ def comparisons(root: Path = REFERENCE_ROOT) -> pd.DataFrame:
             f_pre, a_pre, pre_ok = pair("prefill_ms")
             first = g.iloc[0]
             cells = first[points]
+            mine = _group_rows(runs, key, group, set(g["variant"]))
             rows.append({"gpu": d.parent.name, "model": str(first["model"]), "run": d.name, "date": m["date"],
-                         "commit": m["commit"], "engine": first["engine"], "prefill_option": prefill_option(m["command"]),
+                         "commit": m["commit"], "engine": first["engine"],
+                         "decode_attention": _decode_attention(mine, str(first["engine"])), "prefill_option": prefill_option(m["command"]),
                          "batch": int(first.get("batch_size", 1) or 1),
                          "point": point_label(cells.to_dict()),
                          "fp16_tpot_ms": f_tpot, "awq4_tpot_ms": a_tpot,
                          "decode_speedup": f_tpot / a_tpot, "tpot_valid": tpot_ok,
                          "fp16_prefill_ms": f_pre, "awq4_prefill_ms": a_pre,
                          "prefill_ratio": None if f_pre is None else a_pre / f_pre, "prefill_valid": pre_ok,
-                         "one_process": _one_process(runs, starts, key, group, set(g["variant"]))})
+                         "one_process": _one_process(mine, starts)})
     return pd.DataFrame(rows)
 
 
@@ -139,7 +156,7 @@ def _met(value, ok: bool, one_process: bool | None, target: bool) -> str:
 def int4_table(root: Path = REFERENCE_ROOT, link_prefix: str = "../") -> str:
     """The Markdown table: ✓ where a valid ratio meets its target."""
     df = comparisons(root)
-    head = ["gpu", "model", "run", "engine", "prefill", "point", "fp16 TPOT ms", "awq4 TPOT ms",
+    head = ["gpu", "model", "run", "engine", "decode attention", "prefill", "point", "fp16 TPOT ms", "awq4 TPOT ms",
             "decode ×fp16", "fp16 prefill ms", "awq4 prefill ms", "prefill ÷fp16"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if df.empty:
@@ -153,7 +170,7 @@ def int4_table(root: Path = REFERENCE_ROOT, link_prefix: str = "../") -> str:
         prefill = "-" if pd.isna(r.prefill_ratio) else _met(r.prefill_ratio, r.prefill_valid, one,
                                                              r.prefill_ratio <= PREFILL_TARGET)
         cells = [r.gpu, r.model, f"[{r.run}]({link_prefix}{rel}/) ({r.date}, {r.commit})", r.engine,
-                 r.prefill_option, r.point, f"{r.fp16_tpot_ms:.3f}", f"{r.awq4_tpot_ms:.3f}",
+                 r.decode_attention, r.prefill_option, r.point, f"{r.fp16_tpot_ms:.3f}", f"{r.awq4_tpot_ms:.3f}",
                  _met(r.decode_speedup, r.tpot_valid, one, decode_goal),
                  "-" if pd.isna(r.fp16_prefill_ms) else f"{r.fp16_prefill_ms:.2f}",
                  "-" if pd.isna(r.awq4_prefill_ms) else f"{r.awq4_prefill_ms:.2f}", prefill]

@@ -91,15 +91,16 @@ class GraphEngine(StaticEngine):
 
     def _split_kv(self) -> bool:
         """Whether compiled one-query steps attend by the split-KV kernels (the spec's
-        decode_attention); VariantUnsupported where they cannot run."""
-        if self.spec.decode_attention != "split-kv":
+        decode_attention: "auto" where they can run); VariantUnsupported where "split-kv" is
+        asked for and they cannot."""
+        if self.spec.decode_attention == "matmul":
             return False
         from bench.engines import split_kv_attention  # registers vlmbench::split_kv_attention
 
         why = split_kv_attention.unavailable(self.adapter.device)
-        if why:
+        if why and self.spec.decode_attention == "split-kv":
             raise VariantUnsupported(why)
-        return True
+        return not why
 
     def _compiled_step_layer(self, compile):
         """The layer function decode steps and suffixes run, compiled by `compile(fn, dynamic)`."""

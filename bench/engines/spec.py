@@ -42,9 +42,11 @@ PREFILL_ROUND = 64
 #    deterministic attention kernels: f67f436:results/h200/compile_numerics_llava-1.5-7b-deterministic.csv;
 #    the 0.03% measured earlier with cuDNN attention was that kernel's run-to-run noise).
 NUMERICS = ("fused", "eager-casts", "eager-exact")
-# How the graph engines' compiled one-query steps attend: "matmul" (FastDecoder._matmul_attention)
-# or "split-kv" (bench.engines.split_kv_attention: Triton, the keys read in splits at once)
-DECODE_ATTENTION = ("matmul", "split-kv")
+# How the graph engines' compiled one-query steps attend: "matmul" (FastDecoder._matmul_attention),
+# "split-kv" (bench.engines.split_kv_attention: Triton, the keys read in splits at once) or "auto"
+# (split-kv where it runs, CUDA with Triton, else matmul: split-kv gave the lower TPOT at every batch
+# size measured, results/reference/h100/llava-1.5-7b-int4-graph-batch-splitkv against the run beside it)
+DECODE_ATTENTION = ("auto", "matmul", "split-kv")
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ class EngineSpec:
     # how compiled layers round (NUMERICS); engines that compile nothing ignore it
     numerics: str = "fused"
     # how compiled one-query decode steps attend (DECODE_ATTENTION); engines that compile nothing ignore it
-    decode_attention: str = "matmul"
+    decode_attention: str = "auto"
     # above this many input rows q/k/v and gate/up run as their separate modules (fused_linear)
     fused_max_rows: int = FUSED_MAX_ROWS
     suffix_buckets: tuple[int, ...] = SUFFIX_BUCKETS

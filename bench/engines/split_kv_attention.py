@@ -6,7 +6,7 @@ Why: a decode step's attention reads every row's keys and values up to the atten
 Done as two batched GEMMs of one query row (FastDecoder._matmul_attention), each is a
 latency-bound GEMV over a few MB with the softmax between them: in llava-1.5-7b's batch-1 step
 on the H100 they were 64 GEMMs of about 6 us each over 1024 columns, about a third of the
-memory bandwidth (results/reference/h100/llava-1.5-7b-int4-graph-batch/decode_profile_rtn4_b1.csv).
+memory bandwidth (aab5f08:results/reference/h100/llava-1.5-7b-int4-graph-batch/decode_profile_rtn4_b1.csv).
 Split along the keys, enough programs read at once to reach the bandwidth: program (row, kv head,
 split) reads its keys and values once for all query heads sharing that kv head, keeps a running
 max, sum and weighted values (the online softmax), and a second kernel combines the splits.

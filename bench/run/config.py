@@ -81,9 +81,10 @@ class RunFields:
                                  "repeat its output)", "deterministic")
     decode_attention: str = opt("how the graph engine's compiled one-query decode steps attend (graph-exact keeps "
                                 "transformers' attention): matmul (two "
-                                "batched GEMMs around a softmax, in transformers' eager arithmetic) or split-kv "
+                                "batched GEMMs around a softmax, in transformers' eager arithmetic), split-kv "
                                 "(a Triton kernel reading the keys in splits at once, then combining them; "
-                                "deterministic; fp32 scores)", "matmul")
+                                "deterministic; fp32 scores; CUDA only) or auto (split-kv where it runs, else "
+                                "matmul)", "auto")
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
     device: str = opt("cuda, cuda:N, cpu or auto", "auto")
     executor: str = opt("how the sweep's jobs (the variants sharing one loaded model) run: serial (this process), "
