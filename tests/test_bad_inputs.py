@@ -383,13 +383,13 @@ def runs_text(results_dir):
     return (results_dir / "runs.csv").read_text()
 
 
-def _metric_cell(text, value):
-    """runs.csv text with the first measured row's ttft_ms cell replaced by `value`."""
+def _metric_cell(text, value, column="ttft_ms"):
+    """runs.csv text with the first measured row's `column` cell replaced by `value`."""
     import csv
     import io
 
     rows = list(csv.reader(io.StringIO(text)))
-    col = rows[0].index("ttft_ms")
+    col = rows[0].index(column)
     row = next(r for r in rows[1:] if r[rows[0].index("kind")] == "measured")
     row[col] = value
     buf = io.StringIO()
@@ -407,6 +407,7 @@ BAD_RUNS = {
     "truncated": lambda good: good[: good.index("\n", good.index("measured")) - 40] + "\n",
     "nan-cell": lambda good: _metric_cell(good, "nan"),
     "text-cell": lambda good: _metric_cell(good, "fast"),
+    "count-not-whole": lambda good: _metric_cell(good, "abc", "batch_size"),  # an identity column
     "header-only": lambda good: good[: good.index("\n") + 1],
 }
 
@@ -459,7 +460,8 @@ def test_report_bad_summary_csv(results_dir, tmp_path, capsys, case, data):
 
 @pytest.mark.parametrize("data,needle", [(b"", "empty"), ("{not json", "not valid JSON"),
                                          ('{"python": "3.12"}', "no run config"), ("[1, 2]", "no run config"),
-                                         ('{"config": {"max_cv": -1}}', "not valid here")])
+                                         ('{"config": {"max_cv": -1}}', "not valid here"),
+                                         ('{"config": ' + "[" * 100000, "nested too deep")])
 def test_summarize_bad_env_json(results_dir, tmp_path, capsys, data, needle):
     bad = corrupted(results_dir, tmp_path, "env.json", data)
     bad_sub(capsys, ["summarize", bad], "env.json", needle)
@@ -514,6 +516,13 @@ def test_empty_output_paths_of_subcommands(results_dir, tmp_path, capsys, monkey
             "--readme", "no such file", out=tmp_path / "r")
     bad_sub(capsys, ["ci-bench", ""], "OUTPUT_DIR is empty")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_summarize_refuses_a_summary_csv_that_is_a_directory(results_dir, tmp_path, capsys):
+    bad = corrupted(results_dir, tmp_path, "runs.csv", runs_text(results_dir))
+    (bad / "summary.csv").unlink()
+    (bad / "summary.csv").mkdir()
+    bad_sub(capsys, ["summarize", bad], "summary.csv is not a regular file")
 
 
 def test_summarize_refuses_a_directory_a_run_is_writing(results_dir, tmp_path, capsys):
@@ -574,6 +583,10 @@ BAD_KERNEL_FILES = {
     "plan descending": lambda p: _kernel_measurements(p, plan=[[4, "tinygemm"], [2, "dense"]]),
     "errors for other rows": lambda p: _kernel_measurements(p, err={"tinygemm": {"2": 0.0}}),
     "a time not a number": lambda p: _kernel_measurements(p, us={"tinygemm": {"1": "fast"}}),
+    "a time of zero": lambda p: _kernel_measurements(p, us={"tinygemm": {"1": 0}}),
+    "a time below a nanosecond": lambda p: _kernel_measurements(p, us={"tinygemm": {"1": 5e-324}}),
+    "an error that is NaN": lambda p: _kernel_measurements(p, err={"tinygemm": {"1": float("nan")}}),
+    "nested too deep": lambda p: p.write_text("[" * 100000 + "]" * 100000),
 }
 
 

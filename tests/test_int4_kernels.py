@@ -488,6 +488,42 @@ def test_measured_choice_is_made_once_per_device_and_shape(tmp_path):
     assert len(json.loads(cache.read_text())["entries"]) == 1
 
 
+def test_a_kernels_file_that_cannot_be_used_is_measured_again_not_waited_on(tmp_path, monkeypatch, capsys):
+    """A kernels.json that is a FIFO is not opened (reading one blocks until a writer comes): the
+    plans are measured and the file replaced. A kept plan naming a kernel outside its own
+    candidates (a file edited by hand) is measured again. A held lock is waited on once per run,
+    not once per shape."""
+    import os
+    import threading
+
+    from filelock import FileLock
+
+    cache = tmp_path / "kernels.json"
+    os.mkfifo(cache)
+    done = []
+    t = threading.Thread(target=lambda: done.append(choice.choose_kernels([_layer()], "measured", DTYPE, cache,
+                                                                          points=(1, 2))), daemon=True)
+    t.start()
+    t.join(60)
+    assert done, "blocked reading a FIFO"
+    assert "not a regular file" in capsys.readouterr().err and cache.is_file()
+    entries = json.loads(cache.read_text())["entries"]
+    key, entry = next(iter(entries.items()))
+    assert "marlin" not in json.loads(key)["candidates"]
+    cache.write_text(json.dumps({"version": measurements.CACHE_VERSION,
+                                 "entries": {key: {**entry, "plan": [[2, "marlin"]]}}}))
+    monkeypatch.setattr(measurements, "_KEPT", {})
+    plan = choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 2)).plans[(256, 256, 64)]
+    assert not plan.cached and "marlin" not in dict(plan.plan).values()
+    assert "outside their own candidates (marlin); measuring again" in capsys.readouterr().err
+    monkeypatch.setattr(measurements, "_KEPT", {})
+    monkeypatch.setattr(measurements, "LOCK_SECONDS", 0.05)
+    with FileLock(f"{cache}.lock"):  # another process saving
+        choice.choose_kernels([_layer(), _layer(128, 256)], "measured", DTYPE, cache, points=(1, 4))
+    err = capsys.readouterr().err
+    assert err.count("its lock was held") == 1, err  # two shapes measured, the lock waited on once
+
+
 def test_forced_kernel_the_device_cannot_run_is_refused():
     from bench.errors import VariantUnsupported
 

@@ -1,6 +1,7 @@
 """A results directory has one owner (refusals, --append, --resume, the lock file), exit codes,
 faults that stay in their variant or point, and durable writes."""
 import csv
+import io
 import json
 import os
 
@@ -23,7 +24,7 @@ def read_rows(path):
 
 
 def snapshot(d):
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    return {p.name: p.read_bytes() if p.is_file() else "a directory" for p in sorted(d.iterdir())}
 
 
 def one_line_error(capsys, needle):
@@ -373,17 +374,41 @@ def test_summarize_report_and_compare_leave_out_a_row_cut_off_as_resume_does(fin
     assert "its last row was cut off" in said.err and "2/1 runs" in said.out, said
 
 
+def _first_row(text: bytes, change) -> bytes:
+    """runs.csv's bytes with its first row changed by change(header, row) (a list, in place)."""
+    rows = list(csv.reader(io.StringIO(text.decode(), newline="")))
+    change(rows[0], rows[1])
+    buf = io.StringIO(newline="")
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _cell(text: bytes, column: str, value: str) -> bytes:
+    return _first_row(text, lambda head, row: row.__setitem__(head.index(column), value))
+
+
 @pytest.mark.parametrize("name,data,mode,needle", [
     ("env.json", "[1, 2]", "--append", "not an env.json this harness writes"),
     ("env.json", '{"config": "fp16", "run_id": "x"}', "--resume", "not an env.json this harness writes"),
-    ("runs.csv", None, "--resume", "is not UTF-8 text"),
+    ("env.json", '{"config": ' + "[" * 100000, "--resume", "is not readable JSON (RecursionError)"),
+    # rows of binary under the harness's own header
+    ("runs.csv", lambda t: t[: t.index(b"\n") + 1] + b"\xff\xfe\x00 binary\n", "--resume", "is not UTF-8 text"),
+    # a whole row (its line end written) with a field too many, then more rows
+    ("runs.csv", lambda t: _first_row(t, lambda head, row: row.append("extra")), "--resume", "line 2 has"),
+    ("runs.csv", lambda t: _cell(t, "batch_size", "abc"), "--append", "column batch_size: 'abc' is not a whole number"),
+    ("runs.csv", lambda t: _cell(t, "ttft_ms", "fast"), "--resume", "column ttft_ms: 'fast' is not a number"),
+    ("summary.csv", "a directory", "--append", "summary.csv is not a regular file"),
 ])
 def test_append_or_resume_onto_damaged_files(finished, tmp_path, capsys, name, data, mode, needle):
+    """Refused with one line naming the file and what is wrong, nothing written."""
     out = copy_of(finished, tmp_path)
-    if data is None:  # rows of binary under the harness's own header
-        text = (out / name).read_bytes()
-        data = text[: text.index(b"\n") + 1] + b"\xff\xfe\x00 binary\n"
-    (out / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    if data == "a directory":
+        (out / name).unlink()
+        (out / name).mkdir()
+    else:
+        if callable(data):
+            data = data((out / name).read_bytes())
+        (out / name).write_bytes(data if isinstance(data, bytes) else data.encode())
     before = snapshot(out)
     capsys.readouterr()
     assert run_main([*TINY, mode, "--output-dir", str(out)]) == 2

@@ -11,15 +11,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import sys
 from pathlib import Path
 
 from bench.errors import UsageError
-from bench.measure.results import check_creatable, whole_rows
-from bench.measure.schema import COLUMNS
-
-RUN_METRICS = frozenset(c.name for c in COLUMNS if c.higher_is_better is not None)
+from bench.measure.results import check_creatable, rows_problem, whole_rows
+from bench.measure.schema import RUN_METRICS, WHOLE_IDENTITY
 SUMMARY_NUMBERS = frozenset(("n", "median", "mean", "p90", "p99", "stdev", "ci_low", "ci_high", "cv", "measured_s"))
 RUNS_REQUIRED = frozenset(("model", "variant", "kind", "status"))
 SUMMARY_REQUIRED = frozenset(("model", "variant", "status", "metric", "median"))
@@ -56,34 +53,18 @@ def check_results_csv(path: Path, kind: str = "runs") -> str:
         text = whole
     required, numbers = (RUNS_REQUIRED, RUN_METRICS) if kind == "runs" else (SUMMARY_REQUIRED, SUMMARY_NUMBERS)
     try:
-        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-        header = next(reader)
-        missing = required - set(header)
-        if missing:
-            raise BadInput(f"{path}: not {what} (missing columns: {', '.join(sorted(missing))})")
-        checked = [(i, name) for i, name in enumerate(header) if name in numbers]
-        rows = 0
-        for row in reader:
-            if not row:
-                continue
-            rows += 1
-            if len(row) != len(header):
-                raise BadInput(f"{path}: line {reader.line_num} has {len(row)} fields, the header {len(header)} "
-                               "(truncated or corrupt: restore the file or re-run)")
-            for i, name in checked:
-                cell = row[i].strip()
-                if cell == "":
-                    continue
-                try:
-                    ok = not math.isnan(float(cell))
-                except ValueError:
-                    ok = False
-                if not ok:
-                    raise BadInput(f"{path}: line {reader.line_num}, column {name}: {cell[:40]!r} is not a number")
-        if kind == "runs" and not rows:
-            raise BadInput(f"{path}: no rows (a run stopped before its first finished request?)")
+        header = next(csv.reader(io.StringIO(text, newline="")), [])
     except csv.Error as e:
         raise BadInput(f"{path}: not a readable CSV ({e})") from None
+    missing = required - set(header)
+    if missing:
+        raise BadInput(f"{path}: not {what} (missing columns: {', '.join(sorted(missing))})")
+    problem = rows_problem(text, numbers, WHOLE_IDENTITY)
+    if problem:
+        raise BadInput(f"{path}: {problem}" + (" (truncated or corrupt: restore the file or re-run)"
+                                               if "fields" in problem else ""))
+    if kind == "runs" and not any(row for row in list(csv.reader(io.StringIO(text, newline="")))[1:]):
+        raise BadInput(f"{path}: no rows (a run stopped before its first finished request?)")
     return text
 
 
@@ -94,6 +75,8 @@ def read_env_config(path: Path) -> dict:
         env = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadInput(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except RecursionError:
+        raise BadInput(f"{path}: not valid JSON (nested too deep)") from None
     if not isinstance(env, dict) or not isinstance(env.get("config"), dict):
         raise BadInput(f"{path}: no run config (\"config\") in it; was it written by vlm-bench run?")
     return env["config"]

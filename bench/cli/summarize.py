@@ -37,6 +37,9 @@ def main(argv: list[str]) -> int:
         missing = [name for name in ("runs.csv", "env.json") if not (out / name).is_file()]
         if missing:
             raise BadInput(f"{out} is not a results directory: no {' or '.join(missing)}")
+        summary = out / "summary.csv"
+        if (summary.exists() or summary.is_symlink()) and not summary.is_file():
+            raise BadInput(f"{summary} is not a regular file; remove it and run summarize again")
         saved = read_env_config(out / "env.json")
         check_results_csv(out / "runs.csv", "runs")
         # The summary reads three of the run's settings; the rest (whichever version of the

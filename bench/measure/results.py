@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.errors import UsageError
-from bench.measure.schema import RUN_COLUMNS, SUMMARY_COLUMNS
+from bench.measure.schema import RUN_COLUMNS, RUN_METRICS, SUMMARY_COLUMNS, WHOLE_IDENTITY
 
 
 _UNSAFE = frozenset(("Cc", "Cs", "Zl", "Zp"))  # control characters (NUL, escapes, line ends), lone surrogates, separators
@@ -159,6 +159,39 @@ def whole_rows(text: str) -> str:
     return text if not text or text.endswith("\n") else text[: text.rfind("\n") + 1]
 
 
+def rows_problem(text: str, numbers=frozenset(), whole=frozenset()) -> str | None:
+    """Why the CSV `text` is not whole rows of its header (None: it is): a row with another
+    number of fields, a cell of a column in `numbers` that is not a number, or of one in `whole`
+    that is not a whole number (empty cells pass), or no readable CSV at all. Written by hand:
+    csv reads any row it can split, and pandas fills what it cannot read with NaN."""
+    import io
+
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        header = next(reader, [])
+        checked = [(i, name) for i, name in enumerate(header) if name in numbers or name in whole]
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                return f"line {reader.line_num} has {len(row)} fields, the header {len(header)}"
+            for i, name in checked:
+                cell = row[i].strip()
+                if cell == "":
+                    continue
+                try:
+                    value = float(cell)
+                    ok = not math.isnan(value) and (name not in whole or (math.isfinite(value) and value == int(value)))
+                except ValueError:
+                    ok = False
+                if not ok:
+                    return (f"line {reader.line_num}, column {name}: {cell[:40]!r} is not a "
+                            f"{'whole number' if name in whole else 'number'}")
+    except csv.Error as e:
+        return f"not a readable CSV ({e})"
+    return None
+
+
 def read_runs(path: Path) -> list[dict]:
     """runs.csv's whole rows with cells typed back (empty: None, true/false, numbers)."""
     import io
@@ -256,6 +289,15 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
         if header != list(RUN_COLUMNS):
             raise UsageError(f"{runs} has columns this harness does not write (another program's or "
                              "another version's file): use a new --output-dir")
+        if mode not in ("new", "fresh"):
+            problem = rows_problem(whole_rows(runs.read_text(encoding="utf-8")), RUN_METRICS, WHOLE_IDENTITY)
+            if problem:
+                raise UsageError(f"{runs}: {problem} (truncated or corrupt: restore the file or use a new "
+                                 "--output-dir)")
+    summary = out_dir / "summary.csv"
+    if mode not in ("new", "fresh") and (summary.exists() or summary.is_symlink()) and not summary.is_file():
+        raise UsageError(f"{summary} is not a regular file: remove it (summary.csv is rebuilt from runs.csv) or "
+                         "use a new --output-dir")
     if mode in ("new", "fresh"):
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         if mode == "fresh":

@@ -307,6 +307,10 @@ SUMMARY_KEY = (*RESULT_KEY, "run_id")
 IDENTITY_DEFAULTS = {"model": "", "family": "", "weights": "", "variant": "", "engine": "hf", "device": "",
                      "dtype": "", "cache_state": "none", **POINT_DEFAULTS, "run_id": ""}
 assert set(IDENTITY_DEFAULTS) == set(SUMMARY_KEY)
+# runs.csv's cells that must hold a number (or be empty): the metrics, and the identity columns
+# that are counts (a whole number)
+RUN_METRICS = frozenset(c.name for c in COLUMNS if c.higher_is_better is not None)
+WHOLE_IDENTITY = frozenset(k for k, v in IDENTITY_DEFAULTS.items() if isinstance(v, int))
 
 SUMMARY_COLUMNS: dict[str, str] = {
     "model": "as in runs.csv", "family": "as in runs.csv", "weights": "as in runs.csv",

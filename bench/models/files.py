@@ -37,6 +37,8 @@ def read_json_object(file: Path, what: str) -> dict:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UsageError(f"{what}: {file} is not valid JSON ({e}); restore the checkpoint's original file") from None
+    except RecursionError:
+        raise UsageError(f"{what}: {file} is JSON nested too deep; restore the checkpoint's original file") from None
     if not isinstance(data, dict):
         raise UsageError(f"{what}: {file} holds a JSON {type(data).__name__ if data is not None else 'null'}, "
                          "not an object; restore the checkpoint's original file")
@@ -65,7 +67,7 @@ def safetensors_header(file: Path, what: str) -> dict[str, tuple[str, tuple[int,
         raise UsageError(f"{what}: cannot read {file} ({e.strerror or e})") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise _broken(file, what, "the header is not JSON") from None
     if not isinstance(header, dict):
         raise _broken(file, what, "the header is not a JSON object")

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -50,8 +50,15 @@ def save_int4(adapter, path: Path, meta: dict) -> None:
             tensors[name] = t.detach().cpu().contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True),
-                                           "sha256": tensors_digest(tensors)})
+    try:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True),
+                                               "sha256": tensors_digest(tensors)})
+    except SafetensorError as e:  # safetensors' own error for a failed write (read-only directory, full disk)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise OSError(" ".join(str(e).split())) from None
     tmp.replace(path)  # a crash mid-write never leaves a truncated file under the real name
 
 

@@ -204,7 +204,7 @@ class Benchmark:
         if self.out_dir.is_dir() and (self.out_dir / "env.json").is_file() and self.mode != "new":
             try:
                 self.old_env = json.loads((self.out_dir / "env.json").read_text())
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, RecursionError) as e:
                 raise UsageError(f"{self.out_dir / 'env.json'} is not readable JSON ({e.__class__.__name__}): "
                                  "use a new --output-dir") from None
             old = self.old_env

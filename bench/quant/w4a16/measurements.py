@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from bench.errors import path_problem
 from bench.log import status
 from bench.measure.results import write_json
 from bench.quant.w4a16.registry import KERNELS
@@ -65,7 +67,8 @@ class ShapePlan:
             raise ValueError(f"plan {plan}: empty, or row bounds not ascending")
 
         def table(name: str) -> dict[str, dict[int, float]]:
-            return {_text(k): {_count(r): _number(v) for r, v in _object(by, f"{name!r} of {k}").items()}
+            return {_text(k): {_count(r): _number(v, time=name == "us")
+                               for r, v in _object(by, f"{name!r} of {k}").items()}
                     for k, by in _object(d.get(name), repr(name)).items()}
 
         us, err = table("us"), table("err")
@@ -111,9 +114,14 @@ def _count(value) -> int:
     return int(value)
 
 
-def _number(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{value!r} is not a number")
+MIN_US = 1e-3  # a kernel time in a file below a nanosecond is no measurement (CUDA events resolve 0.5 us)
+
+
+def _number(value, time: bool = False) -> float:
+    """A finite number, at least 0 (a `time` in microseconds: at least MIN_US)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+            or (time and value < MIN_US):
+        raise ValueError(f"{value!r} is not a {f'time of at least {MIN_US} us' if time else 'finite, non-negative number'}")
     return float(value)
 
 
@@ -139,11 +147,17 @@ def parse_entry(key: str, entry) -> tuple[dict, ShapePlan]:
 def read_entries(path: Path) -> dict:
     """The entries of a measurements file, not yet checked one by one; ValueError (OSError
     where it cannot be read) saying why it is not one."""
+    problem = path_problem(path)  # a FIFO would block the read for ever
+    if problem:
+        raise ValueError(problem)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    data = json.loads(text)  # JSONDecodeError is a ValueError
+    try:
+        data = json.loads(text)  # JSONDecodeError is a ValueError
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
     if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
         found = data.get("version") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"not a version {CACHE_VERSION} measurements object (found {found!r})")
@@ -208,9 +222,10 @@ class PlanCache:
     def __init__(self, path: Path | None):
         self.path = path
         self.entries: dict[str, dict] = self._read("measuring again") if path is not None else {}
+        self.unsaved = False  # a save found the file's lock held: later plans are not saved either
 
     def _read(self, then: str) -> dict:
-        if not self.path.exists():
+        if not self.path.exists() and not self.path.is_symlink():
             return {}
         try:
             return dict(read_entries(self.path))
@@ -274,13 +289,16 @@ class PlanCache:
         """Merge the entry into the file as it is now (another process may have added some)."""
         from filelock import FileLock, Timeout
 
+        if self.unsaved:
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(f"{self.path}.lock", timeout=LOCK_SECONDS):
                 self.entries = {**self._read("replacing it"), key: entry}
                 write_json(self.path, {"version": CACHE_VERSION, "entries": self.entries})
         except Timeout:
+            self.unsaved = True
             status(f"warning: int4 kernel measurements not saved to {self.path} (its lock was held for "
-                   f"{LOCK_SECONDS} s)")
+                   f"{LOCK_SECONDS} s); this run's other measurements are not saved either")
         except OSError as e:  # the plan is used all the same, only measured again by a later run
             status(f"warning: int4 kernel measurements not saved to {self.path} ({e.strerror or e})")
