@@ -60,14 +60,21 @@ def _read(src, out, n_words, per_program, BLOCK: tl.constexpr):
 
 
 def read_call(buffers: list[torch.Tensor], block: int, programs: int, warps: int):
-    """A function reading the next buffer of `buffers` per call with `programs` programs."""
+    """(a function reading the next buffer of `buffers` per call with about `programs` programs,
+    the programs it launches)."""
     words = buffers[0].numel()
     per = -(-words // programs)
     per = -(-per // block) * block  # whole loads per program
     grid = (-(-words // per),)
     out = torch.empty(grid[0], dtype=torch.int32, device=buffers[0].device)
     turn = itertools.cycle(buffers)
-    return lambda: _read[grid](next(turn), out, words, per, BLOCK=block, num_warps=warps)
+    return (lambda: _read[grid](next(turn), out, words, per, BLOCK=block, num_warps=warps)), grid[0]
+
+
+def calls_for(count: int) -> int:
+    """Calls per captured graph: at least 32 and a whole number of rounds over `count` buffers, so
+    no buffer is read again sooner than after all the others (the L2 cache holds less than them)."""
+    return count * -(-32 // count)
 
 
 def main() -> None:
@@ -82,8 +89,8 @@ def main() -> None:
     sms, l2 = props.multi_processor_count, props.L2_cache_size
     layers_n = get_preset(args.preset).llm.layers
     writer = CsvWriter(Path(args.out), COLUMNS)
-    chosen = _chosen_at_one_row(Path(args.kernels)) if args.kernels else {}
-    step = {"read": 0.0, "chosen": 0.0, "fp16 linear": 0.0}
+    chosen = _chosen_at_one_row(Path(args.kernels), props.name, args.group_size) if args.kernels else {}
+    step = {"read": 0.0, "chosen": 0.0, "read where chosen": 0.0, "fp16 linear": 0.0}
     for shape, (n, k) in shapes_of(args.preset).items():
         nbytes = n * k // 2 + n * (k // args.group_size) * 2 * 2
         count = max(1, -(-choice.L2_MULTIPLE * l2 // nbytes))
@@ -91,21 +98,23 @@ def main() -> None:
         row = {"preset": args.preset, "shape": shape, "out_features": n, "in_features": k, "bytes": nbytes}
         best = None
         for block, per_sm, warps in itertools.product((512, 1024, 2048, 4096), (1, 2, 4, 8), (4, 8)):
-            us = call_us(read_call(bufs, block, per_sm * sms, warps), dev, calls=max(32, count))
-            writer.write({**row, "way": "read", "config": f"block={block} programs={per_sm}xSM warps={warps}",
-                          "us": round(us, 3), "gb_per_s": round(nbytes / us / 1e3, 1)})
+            fn, programs = read_call(bufs, block, per_sm * sms, warps)
+            us = call_us(fn, dev, calls=calls_for(count))
+            config = f"block={block} programs={programs} warps={warps}"
+            writer.write({**row, "way": "read", "config": config, "us": round(us, 3),
+                          "gb_per_s": round(nbytes / us / 1e3, 1)})
             if best is None or us < best[0]:
-                best = (us, f"block={block} {per_sm}xSM {warps} warps")
+                best = (us, config)
         dst = torch.empty_like(bufs[0])
         turn = itertools.cycle(bufs)
-        us = call_us(lambda: dst.copy_(next(turn)), dev, calls=max(32, count))
+        us = call_us(lambda: dst.copy_(next(turn)), dev, calls=calls_for(count))
         writer.write({**row, "way": "copy", "us": round(us, 3), "gb_per_s": round(2 * nbytes / us / 1e3, 1)})
         del bufs
         dst = None  # the copy's buffer, freed
         weights = [torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
                    for _ in range(max(1, -(-choice.L2_MULTIPLE * l2 // (n * k * 2))))]
         x, turn = torch.randn(1, k, device=dev, dtype=torch.float16), itertools.cycle(weights)
-        fp16 = call_us(lambda: F.linear(x, next(turn)), dev, calls=max(32, len(weights)))
+        fp16 = call_us(lambda: F.linear(x, next(turn)), dev, calls=calls_for(len(weights)))
         writer.write({**row, "bytes": n * k * 2, "way": "fp16 linear", "us": round(fp16, 3),
                       "gb_per_s": round(n * k * 2 / fp16 / 1e3, 1)})
         del weights
@@ -117,22 +126,38 @@ def main() -> None:
         if (n, k) in chosen:
             name, us = chosen[(n, k)]
             step["chosen"] += us * layers_n / 1000
+            step["read where chosen"] += best[0] * layers_n / 1000
             line += f"; chosen at 1 row {name} {us:6.1f} us ({us / best[0]:.2f}x the ceiling)"
         print(line, flush=True)
     print(f"per decode step ({layers_n} layers): int4 weights read at the ceiling {step['read']:.3f} ms, "
           f"fp16 linears {step['fp16 linear']:.3f} ms"
-          + (f", chosen int4 kernels {step['chosen']:.3f} ms" if chosen else ""))
+          + (f"; the shapes with a chosen kernel: {step['chosen']:.3f} ms chosen against "
+             f"{step['read where chosen']:.3f} ms at the ceiling" if chosen else ""))
 
 
-def _chosen_at_one_row(path: Path) -> dict:
-    """(out, in) -> (kernel, us) the table chose at one row (its widest measurement per shape)."""
+def _chosen_at_one_row(path: Path, device: str, group_size: int) -> dict:
+    """(out, in) -> (kernel, us) the table chose at one row on `device` for `group_size`, timed in
+    CUDA graphs without a dense copy (as the graph engine decodes); of several measurements of a
+    shape, the one over the most row counts. SystemExit where the table has none for this device
+    or two equally wide ones choose differently."""
     import pandas as pd
 
     t = pd.read_csv(path)
-    t = t[(t["rows"] == 1) & (t["chosen"].astype(str).str.lower() == "true")]
-    if "points" in t:
-        t = t.assign(width=t["points"].astype(str).str.split().str.len()).sort_values("width")
-    return {(int(r.out_features), int(r.in_features)): (r.kernel, float(r.us)) for r in t.itertuples()}
+    truth = lambda col: t[col].astype(str).str.lower() == "true"  # noqa: E731
+    t = t[(t["device"] == device) & (t["group_size"] == group_size) & truth("graph") & ~truth("dense_copy")
+          & (t["rows"] == 1) & truth("chosen")]
+    if t.empty:
+        sys.exit(f"{path}: no kernel chosen at one row on {device} (group {group_size}, graphs, no dense copy)")
+    width = t["points"].astype(str).str.split().str.len() if "points" in t else pd.Series(0, index=t.index)
+    t = t.assign(width=width)
+    out = {}
+    for (n, k), g in t.groupby(["out_features", "in_features"]):
+        widest = g[g["width"] == g["width"].max()]
+        if widest["kernel"].nunique() > 1:
+            sys.exit(f"{path}: {n}x{k} has measurements over as many row counts that chose "
+                     f"{', '.join(sorted(widest['kernel'].unique()))} at one row; give a table of one run")
+        out[(int(n), int(k))] = (widest["kernel"].iloc[0], float(widest["us"].iloc[0]))
+    return out
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def _no_earlier_kernel_measurements(monkeypatch):
     from bench.quant.w4a16 import measurements
 
     monkeypatch.setattr(measurements, "_KEPT", {})
+    monkeypatch.setattr(measurements, "_LOCK_HELD", set())
 
 
 @pytest.fixture(scope="session")

@@ -96,7 +96,9 @@ def test_int4_table_compares_fp16_and_awq4_within_one_run_only(tmp_path):
         d.mkdir(parents=True)
         pd.DataFrame(rows).to_csv(d / "summary.csv", index=False)
         point = ["model", "variant", "engine", "cache_state", "batch_size", "new_tokens", "question_tokens"]
-        detail = "compiled layers, split-kv decode attention" if "split-kv" in command else "compiled layers"
+        detail = ("compiled layers" + (", split-kv decode attention" if "split-kv" in command else "")
+                  + ("SDPA as torch picks (auto)" if "--attention-kernels auto" in command else
+                     ", SDPA without cuDNN below 16 queries (deterministic)"))
         pd.DataFrame(rows)[point].drop_duplicates().assign(kind="measured", worker="serial", engine_detail=detail).to_csv(
             d / "runs.csv", index=False)  # one row per result, written by this one process
         (d / "MANIFEST").write_text(f"date: 2026-12-06\ncommit: abc1234\ngpu: H100\nweights: random\n"
@@ -111,7 +113,7 @@ def test_int4_table_compares_fp16_and_awq4_within_one_run_only(tmp_path):
     run("m-alone", _summary_rows("awq4+graph", 1, 3.0, 10.0), "python vila_prefix_benchmark.py --variants awq4")
     run("m-points", [r for q, t in ((16, 2.0), (1024, 4.0)) for r in _summary_rows("fp16+graph", 1, 6.0, 0, question_tokens=q)
                      + _summary_rows("awq4+graph", 1, t, 0, question_tokens=q)],
-        "python vila_prefix_benchmark.py --variants fp16,awq4 --prompt-lengths 16,1024")
+        "python vila_prefix_benchmark.py --variants fp16,awq4 --prompt-lengths 16,1024 --attention-kernels auto")
     got = comparisons(tmp_path).set_index(["run", "point"])
     assert sorted(got.index) == [("m-batch", "b1 n128"), ("m-batch", "b4 n128"), ("m-copy", "b1 n128"),
                                  ("m-points", "b1 n128 q1024"), ("m-points", "b1 n128 q16")]
@@ -120,6 +122,7 @@ def test_int4_table_compares_fp16_and_awq4_within_one_run_only(tmp_path):
     assert got.loc[("m-copy", "b1 n128"), "prefill_option"] == "dense copy"
     assert got.loc[("m-copy", "b1 n128"), "decode_attention"] == "split-kv"  # from the rows' engine_detail
     assert got.loc[("m-batch", "b1 n128"), "decode_attention"] == "matmul"
+    assert got.loc[("m-points", "b1 n128 q16"), "decode_attention"] == "SDPA"  # --attention-kernels auto
     assert [got.loc[("m-points", p), "decode_speedup"] for p in ("b1 n128 q16", "b1 n128 q1024")] == [3.0, 1.5]
     table = int4_table(tmp_path)
     assert "| 3.00 ✓ | 10.00 | 10.40 | 1.04 ✓ |" in table  # batch 1: both targets met

@@ -195,7 +195,7 @@ def test_saved_awq_model_reloads_with_identical_logits(preset, demo_image, tmp_p
     path = tmp_path / "q.safetensors"
     save_int4(a, path, {"group_size": 32, "method": "awq"})
     assert read_meta(path)["method"] == "awq"
-    with pytest.raises(OSError, match="I/O error"):  # safetensors' own error for a failed write, as an OSError
+    with pytest.raises(OSError):  # safetensors' own error for a failed write, as an OSError
         save_int4(a, Path("/proc/self/q.safetensors"), {"group_size": 32, "method": "awq"})
     b = build_preset(preset, None, CPU, torch.float32, seed=0)
     assert load_int4_file(b, path, dense_rows=32) == 14

@@ -520,8 +520,14 @@ def test_a_kernels_file_that_cannot_be_used_is_measured_again_not_waited_on(tmp_
     monkeypatch.setattr(measurements, "LOCK_SECONDS", 0.05)
     with FileLock(f"{cache}.lock"):  # another process saving
         choice.choose_kernels([_layer(), _layer(128, 256)], "measured", DTYPE, cache, points=(1, 4))
+        choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, cache, points=(1, 4))  # another engine
     err = capsys.readouterr().err
-    assert err.count("its lock was held") == 1, err  # two shapes measured, the lock waited on once
+    assert err.count("its lock was held") == 1, err  # three shapes measured, the lock waited on once
+    # an error measured as NaN (a kernel that returned NaN) is kept and read back, never chosen
+    entries = json.loads(cache.read_text())["entries"]
+    key, entry = next(iter(entries.items()))
+    entry["err"]["tinygemm"] = {r: float("nan") for r in entry["err"]["tinygemm"]}
+    assert measurements.ShapePlan.from_json(json.loads(key)["shape"], entry).err["tinygemm"]
 
 
 def test_forced_kernel_the_device_cannot_run_is_refused():

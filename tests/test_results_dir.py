@@ -397,7 +397,7 @@ def _cell(text: bytes, column: str, value: str) -> bytes:
     ("runs.csv", lambda t: _first_row(t, lambda head, row: row.append("extra")), "--resume", "line 2 has"),
     ("runs.csv", lambda t: _cell(t, "batch_size", "abc"), "--append", "column batch_size: 'abc' is not a whole number"),
     ("runs.csv", lambda t: _cell(t, "ttft_ms", "fast"), "--resume", "column ttft_ms: 'fast' is not a number"),
-    ("summary.csv", "a directory", "--append", "summary.csv is not a regular file"),
+    ("summary.csv", "a directory", "--append", "summary.csv: a directory, not a file; remove it"),
 ])
 def test_append_or_resume_onto_damaged_files(finished, tmp_path, capsys, name, data, mode, needle):
     """Refused with one line naming the file and what is wrong, nothing written."""

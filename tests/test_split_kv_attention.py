@@ -201,6 +201,18 @@ def test_the_graph_engine_refuses_split_kv_where_it_cannot_run(checkpoint_dirs, 
     assert GraphEngine.default_spec.decode_attention == "auto"  # split-kv where it runs: matmul here
     auto = GraphEngine(adapter, CachePolicy())
     assert not auto.decoder.split_kv and "split-kv" not in auto.describe()
+    from bench.engines import split_kv_attention
+
+    if split_kv_attention.triton is not None:  # the model checks, as on a CUDA device
+        cuda = torch.device("cuda")
+        assert "power-of-two head size" in split_kv_attention.unavailable(cuda, 32, 32, 80)
+        assert "multiple of kv heads" in split_kv_attention.unavailable(cuda, 12, 8, 64)
+        assert split_kv_attention.unavailable(cuda, 32, 8, 128) is None
+    # where the kernels run, auto takes them under deterministic attention kernels only
+    monkeypatch.setattr(split_kv_attention, "unavailable", lambda *a: None)
+    assert GraphEngine(adapter, CachePolicy()).decoder.split_kv
+    sdpa = dataclasses.replace(GraphEngine.default_spec, attention="auto")
+    assert not GraphEngine(adapter, CachePolicy(), sdpa).decoder.split_kv
     exact = GraphExactEngine(adapter, CachePolicy(), dataclasses.replace(GraphExactEngine.default_spec,
                                                                           decode_attention="split-kv"))
     assert not exact.decoder.split_kv and "split-kv" not in exact.describe()

@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from bench.errors import UsageError
-from bench.measure.results import check_creatable, rows_problem, whole_rows
+from bench.errors import UsageError, path_problem
+from bench.measure.results import check_creatable, check_rows, whole_rows
 from bench.measure.schema import RUN_METRICS, WHOLE_IDENTITY
 SUMMARY_NUMBERS = frozenset(("n", "median", "mean", "p90", "p99", "stdev", "ci_low", "ci_high", "cv", "measured_s"))
 RUNS_REQUIRED = frozenset(("model", "variant", "kind", "status"))
@@ -29,7 +29,7 @@ class BadInput(Exception):
 def read_text(path: Path, what: str) -> str:
     """The file's text, or BadInput when it is missing, empty, binary or not UTF-8."""
     if not path.is_file():
-        raise BadInput(f"{path}: no such file (expected {what})")
+        raise BadInput(f"{path}: {path_problem(path) or 'no such file'} (expected {what})")
     data = path.read_bytes()
     if not data.strip():
         raise BadInput(f"{path}: empty file (expected {what})")
@@ -59,11 +59,11 @@ def check_results_csv(path: Path, kind: str = "runs") -> str:
     missing = required - set(header)
     if missing:
         raise BadInput(f"{path}: not {what} (missing columns: {', '.join(sorted(missing))})")
-    problem = rows_problem(text, numbers, WHOLE_IDENTITY)
-    if problem:
-        raise BadInput(f"{path}: {problem}" + (" (truncated or corrupt: restore the file or re-run)"
-                                               if "fields" in problem else ""))
-    if kind == "runs" and not any(row for row in list(csv.reader(io.StringIO(text, newline="")))[1:]):
+    try:
+        rows = check_rows(text, numbers, WHOLE_IDENTITY)
+    except ValueError as e:
+        raise BadInput(f"{path}: {e}: restore the file or re-run") from None
+    if kind == "runs" and not rows:
         raise BadInput(f"{path}: no rows (a run stopped before its first finished request?)")
     return text
 

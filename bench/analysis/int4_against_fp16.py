@@ -74,16 +74,16 @@ def _group_rows(runs: pd.DataFrame | None, key: list[str], group: tuple, variant
 
 
 def _decode_attention(mine: pd.DataFrame | None, engine: str) -> str:
-    """How the rows' decode steps attended, from their engine_detail: split-kv or matmul on the
-    graph engine (--decode-attention), transformers' own attention on the others; "-" unknown."""
+    """How the rows' decode steps attended, from their engine_detail: split-kv, matmul or (under
+    --attention-kernels auto) SDPA on the graph engine (--decode-attention), transformers' own
+    attention on the others; "-" unknown."""
     if mine is None or mine.empty or "engine_detail" not in mine:
         return "-"
-    split = mine["engine_detail"].fillna("").astype(str).str.contains("split-kv decode attention")
-    if split.all():
-        return "split-kv"
-    if split.any():
-        return "mixed"
-    return "matmul" if engine == "graph" else "transformers'"
+    detail = mine["engine_detail"].fillna("").astype(str)
+    ways = set(detail.map(lambda d: "split-kv" if "split-kv decode attention" in d else
+                          "transformers'" if engine != "graph" else
+                          "matmul" if "(deterministic)" in d else "SDPA"))
+    return ways.pop() if len(ways) == 1 else "mixed"
 
 
 def _one_process(mine: pd.DataFrame | None, starts: list[int] | None) -> bool | None:

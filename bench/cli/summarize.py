@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
 
     from bench.analysis.inputs import BadInput, check_results_csv, read_env_config
     from bench.errors import UsageError
-    from bench.measure.results import LOCK_NAME, lock_holder, read_runs, write_summary
+    from bench.measure.results import LOCK_NAME, lock_holder, read_runs, summary_problem, write_summary
     from bench.measure.schema import counts_in_summary
     from bench.run.summary import ValidityRule, summarize_runs
 
@@ -37,9 +37,8 @@ def main(argv: list[str]) -> int:
         missing = [name for name in ("runs.csv", "env.json") if not (out / name).is_file()]
         if missing:
             raise BadInput(f"{out} is not a results directory: no {' or '.join(missing)}")
-        summary = out / "summary.csv"
-        if (summary.exists() or summary.is_symlink()) and not summary.is_file():
-            raise BadInput(f"{summary} is not a regular file; remove it and run summarize again")
+        if summary_problem(out):
+            raise BadInput(summary_problem(out))
         saved = read_env_config(out / "env.json")
         check_results_csv(out / "runs.csv", "runs")
         # The summary reads three of the run's settings; the rest (whichever version of the

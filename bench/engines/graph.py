@@ -91,14 +91,17 @@ class GraphEngine(StaticEngine):
 
     def _split_kv(self) -> bool:
         """Whether compiled one-query steps attend by the split-KV kernels (the spec's
-        decode_attention: "auto" where they can run); VariantUnsupported where "split-kv" is
-        asked for and they cannot."""
-        if self.spec.decode_attention == "matmul":
+        decode_attention: "auto" where they can run this model and the attention kernels are
+        deterministic, --attention-kernels auto leaving the steps to torch's SDPA choice);
+        VariantUnsupported where "split-kv" is asked for and they cannot run."""
+        asked = self.spec.decode_attention
+        if asked == "matmul" or (asked == "auto" and not attention_kernels.deterministic(self.spec.attention)):
             return False
         from bench.engines import split_kv_attention  # registers vlmbench::split_kv_attention
 
-        why = split_kv_attention.unavailable(self.adapter.device)
-        if why and self.spec.decode_attention == "split-kv":
+        d = self.decoder
+        why = split_kv_attention.unavailable(self.adapter.device, d.heads, d.kv_heads, d.head_dim)
+        if why and asked == "split-kv":
             raise VariantUnsupported(why)
         return not why
 

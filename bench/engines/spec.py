@@ -44,7 +44,8 @@ PREFILL_ROUND = 64
 NUMERICS = ("fused", "eager-casts", "eager-exact")
 # How the graph engines' compiled one-query steps attend: "matmul" (FastDecoder._matmul_attention),
 # "split-kv" (bench.engines.split_kv_attention: Triton, the keys read in splits at once) or "auto"
-# (split-kv where it runs, CUDA with Triton, else matmul: split-kv gave the lower TPOT at every batch
+# (split-kv where it runs, CUDA with Triton and a power-of-two head size, under deterministic attention
+# kernels; else the matmul path: split-kv gave the lower TPOT at every batch
 # size measured, results/reference/h100/llava-1.5-7b-int4-graph-batch-splitkv against the run beside it)
 DECODE_ATTENTION = ("auto", "matmul", "split-kv")
 

@@ -37,12 +37,18 @@ MIN_GROUP_ROWS = 16  # tl.dot's smallest M: query heads of one kv head, padded u
 COMBINE_CHUNK = 8  # splits whose weighted values the combining kernel holds at once (registers)
 
 
-def unavailable(device: torch.device) -> str | None:
-    """Why the split-KV kernels cannot run on `device`, or None."""
+def unavailable(device: torch.device, heads: int | None = None, kv_heads: int | None = None,
+                head_dim: int | None = None) -> str | None:
+    """Why the split-KV kernels cannot run on `device` (for a model of `heads` query heads,
+    `kv_heads` key/value heads and `head_dim`, where given: what `launches` takes), or None."""
     if triton is None:
         return "split-kv decode attention needs Triton"
     if device.type != "cuda":
         return "split-kv decode attention runs on CUDA only"
+    if head_dim is not None and (head_dim & (head_dim - 1) or head_dim < 16):
+        return f"split-kv decode attention takes a power-of-two head size of 16 or more, not {head_dim}"
+    if heads is not None and kv_heads is not None and heads % kv_heads:
+        return f"split-kv decode attention takes query heads a multiple of kv heads, not {heads} and {kv_heads}"
     return None
 
 

@@ -13,7 +13,7 @@ import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.errors import UsageError
+from bench.errors import UsageError, path_problem
 from bench.measure.schema import RUN_COLUMNS, RUN_METRICS, SUMMARY_COLUMNS, WHOLE_IDENTITY
 
 
@@ -159,13 +159,15 @@ def whole_rows(text: str) -> str:
     return text if not text or text.endswith("\n") else text[: text.rfind("\n") + 1]
 
 
-def rows_problem(text: str, numbers=frozenset(), whole=frozenset()) -> str | None:
-    """Why the CSV `text` is not whole rows of its header (None: it is): a row with another
-    number of fields, a cell of a column in `numbers` that is not a number, or of one in `whole`
-    that is not a whole number (empty cells pass), or no readable CSV at all. Written by hand:
-    csv reads any row it can split, and pandas fills what it cannot read with NaN."""
+def check_rows(text: str, numbers=frozenset(), whole=frozenset()) -> int:
+    """The number of rows of the CSV `text` (less its header and blank lines); ValueError saying
+    why they are not whole rows of its header: a row with another number of fields, a cell of a
+    column in `numbers` that is not a number, or of one in `whole` that is not a whole number
+    (empty cells pass), or no readable CSV at all. Written by hand: csv reads any row it can
+    split, and pandas fills what it cannot read with NaN."""
     import io
 
+    rows = 0
     try:
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         header = next(reader, [])
@@ -173,8 +175,10 @@ def rows_problem(text: str, numbers=frozenset(), whole=frozenset()) -> str | Non
         for row in reader:
             if not row:
                 continue
+            rows += 1
             if len(row) != len(header):
-                return f"line {reader.line_num} has {len(row)} fields, the header {len(header)}"
+                raise ValueError(f"line {reader.line_num} has {len(row)} fields, the header {len(header)} "
+                                 "(truncated or corrupt)")
             for i, name in checked:
                 cell = row[i].strip()
                 if cell == "":
@@ -185,11 +189,20 @@ def rows_problem(text: str, numbers=frozenset(), whole=frozenset()) -> str | Non
                 except ValueError:
                     ok = False
                 if not ok:
-                    return (f"line {reader.line_num}, column {name}: {cell[:40]!r} is not a "
-                            f"{'whole number' if name in whole else 'number'}")
+                    raise ValueError(f"line {reader.line_num}, column {name}: {cell[:40]!r} is not a "
+                                     f"{'whole number' if name in whole else 'number'}")
     except csv.Error as e:
-        return f"not a readable CSV ({e})"
-    return None
+        raise ValueError(f"not a readable CSV ({e})") from None
+    return rows
+
+
+def summary_problem(out_dir: Path) -> str | None:
+    """Why out_dir/summary.csv cannot be replaced by a new one (it is a directory or other
+    non-file), in words for an error message; None when it can (or does not exist)."""
+    summary = out_dir / "summary.csv"
+    if not (summary.exists() or summary.is_symlink()) or summary.is_file():
+        return None
+    return f"{summary}: {path_problem(summary)}; remove it (summary.csv is rebuilt from runs.csv)"
 
 
 def read_runs(path: Path) -> list[dict]:
@@ -290,14 +303,13 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
             raise UsageError(f"{runs} has columns this harness does not write (another program's or "
                              "another version's file): use a new --output-dir")
         if mode not in ("new", "fresh"):
-            problem = rows_problem(whole_rows(runs.read_text(encoding="utf-8")), RUN_METRICS, WHOLE_IDENTITY)
-            if problem:
-                raise UsageError(f"{runs}: {problem} (truncated or corrupt: restore the file or use a new "
-                                 "--output-dir)")
-    summary = out_dir / "summary.csv"
-    if mode not in ("new", "fresh") and (summary.exists() or summary.is_symlink()) and not summary.is_file():
-        raise UsageError(f"{summary} is not a regular file: remove it (summary.csv is rebuilt from runs.csv) or "
-                         "use a new --output-dir")
+            try:
+                check_rows(whole_rows(runs.read_text(encoding="utf-8")), RUN_METRICS, WHOLE_IDENTITY)
+            except ValueError as e:
+                raise UsageError(f"{runs}: {e}: restore the file or use a new --output-dir") from None
+    problem = summary_problem(out_dir)
+    if mode not in ("new", "fresh") and problem:
+        raise UsageError(f"{problem}, or use a new --output-dir")
     if mode in ("new", "fresh"):
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
         if mode == "fresh":

@@ -83,8 +83,9 @@ class RunFields:
                                 "transformers' attention): matmul (two "
                                 "batched GEMMs around a softmax, in transformers' eager arithmetic), split-kv "
                                 "(a Triton kernel reading the keys in splits at once, then combining them; "
-                                "deterministic; fp32 scores; CUDA only) or auto (split-kv where it runs, else "
-                                "matmul)", "auto")
+                                "deterministic; fp32 scores; CUDA only) or auto (split-kv where it runs, with "
+                                "--attention-kernels deterministic; else matmul, or SDPA under --attention-kernels "
+                                "auto)", "auto")
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
     device: str = opt("cuda, cuda:N, cpu or auto", "auto")
     executor: str = opt("how the sweep's jobs (the variants sharing one loaded model) run: serial (this process), "

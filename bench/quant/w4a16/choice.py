@@ -301,10 +301,6 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
                                          + "; ".join(dict.fromkeys(why.get(n, f"{n}: unknown") for n in allowed)))
         key = cache_key(device, dtype, shape, points, names, copy, graph)
         plan = cache.get(key, shape)
-        if plan is not None and not {n for _, n in plan.plan} <= set(names):
-            status(f"warning: int4 kernel measurements for {shape[0]}x{shape[1]} name kernels outside their own "
-                   f"candidates ({', '.join(sorted({n for _, n in plan.plan} - set(names)))}); measuring again")
-            plan = None
         if plan is None:
             kept = cache.earlier(key)
             earlier = _takeable(kept, names, points)

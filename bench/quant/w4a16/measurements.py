@@ -35,6 +35,7 @@ LOCK_SECONDS = 60  # a writer waits this long for another's lock, then keeps its
 KERNEL_LIBRARIES = ("triton", "gemlite", "fbgemm-gpu-genai", "fbgemm-gpu")
 KEY_FIELDS = {"device": str, "versions": dict, "dtype": str, "shape": list, "points": list, "candidates": list}
 _KEPT: dict[str, dict] = {}  # key -> entry: what this process measured or read
+_LOCK_HELD: set[Path] = set()  # files whose lock a save waited LOCK_SECONDS for: not waited on again
 
 
 @dataclass
@@ -118,10 +119,11 @@ MIN_US = 1e-3  # a kernel time in a file below a nanosecond is no measurement (C
 
 
 def _number(value, time: bool = False) -> float:
-    """A finite number, at least 0 (a `time` in microseconds: at least MIN_US)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-            or (time and value < MIN_US):
-        raise ValueError(f"{value!r} is not a {f'time of at least {MIN_US} us' if time else 'finite, non-negative number'}")
+    """A number; a `time` (microseconds) finite and at least MIN_US. (An error may be NaN or
+    infinite: what a kernel that returned NaN or inf measured, never chosen.)"""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            time and not (math.isfinite(value) and value >= MIN_US)):
+        raise ValueError(f"{value!r} is not a {f'time of at least {MIN_US} us' if time else 'number'}")
     return float(value)
 
 
@@ -222,7 +224,6 @@ class PlanCache:
     def __init__(self, path: Path | None):
         self.path = path
         self.entries: dict[str, dict] = self._read("measuring again") if path is not None else {}
-        self.unsaved = False  # a save found the file's lock held: later plans are not saved either
 
     def _read(self, then: str) -> dict:
         if not self.path.exists() and not self.path.is_symlink():
@@ -235,13 +236,23 @@ class PlanCache:
             return {}
 
     def get(self, key: str, shape) -> ShapePlan | None:
-        """The plan kept under `key`, if it names only kernels this harness has."""
+        """The plan kept under `key`, if it names only kernels this harness has, among the key's
+        candidates (a plan naming others, from a file edited by hand, is measured again)."""
+        try:
+            allowed = set(json.loads(key).get("candidates", ()))
+        except (ValueError, AttributeError, TypeError):
+            return None
         for d in (_KEPT.get(key), self.entries.get(key)):
             try:
                 plan = ShapePlan.from_json(shape, d)
             except ValueError:
                 continue
-            if all(name in KERNELS for _, name in plan.plan):
+            names = {name for _, name in plan.plan}
+            if not names <= allowed:
+                status(f"warning: int4 kernel measurements for {shape[0]}x{shape[1]} in {self.path} name kernels "
+                       f"outside their own candidates ({', '.join(sorted(names - allowed))}); measuring again")
+                continue
+            if all(name in KERNELS for name in names):
                 if self.path is not None and key not in self.entries:
                     self._save(key, d)  # measured earlier in this process: into this file too
                 _KEPT[key] = d
@@ -289,7 +300,7 @@ class PlanCache:
         """Merge the entry into the file as it is now (another process may have added some)."""
         from filelock import FileLock, Timeout
 
-        if self.unsaved:
+        if self.path in _LOCK_HELD:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -297,7 +308,7 @@ class PlanCache:
                 self.entries = {**self._read("replacing it"), key: entry}
                 write_json(self.path, {"version": CACHE_VERSION, "entries": self.entries})
         except Timeout:
-            self.unsaved = True
+            _LOCK_HELD.add(self.path)
             status(f"warning: int4 kernel measurements not saved to {self.path} (its lock was held for "
                    f"{LOCK_SECONDS} s); this run's other measurements are not saved either")
         except OSError as e:  # the plan is used all the same, only measured again by a later run
