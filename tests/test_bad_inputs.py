@@ -576,6 +576,11 @@ BAD_KERNEL_FILES = {
     "not JSON": lambda p: p.write_text("{\"version\": 1, "),
     "a list": lambda p: p.write_text("[]"),
     "another version": lambda p: p.write_text('{"version": 9, "entries": {}}'),
+    "a version of true": lambda p: p.write_text('{"version": true, "entries": {}}'),
+    "candidates not names": lambda p: p.write_text(json.dumps({"version": 1, "entries": {json.dumps(
+        {"device": "cpu", "versions": {}, "dtype": "torch.float32", "shape": [32, 256, 64], "points": [1],
+         "candidates": [1]}): {"plan": [[1, "tinygemm"]], "us": {"tinygemm": {"1": 2.0}},
+                               "err": {"tinygemm": {"1": 0.0}}, "left_out": {}}}})),
     "entries a list": lambda p: p.write_text('{"version": 1, "entries": []}'),
     "key not JSON": lambda p: p.write_text('{"version": 1, "entries": {"k": {}}}'),
     "key without fields": lambda p: p.write_text('{"version": 1, "entries": {"{\\"shape\\": [1, 2, 3]}": {}}}'),

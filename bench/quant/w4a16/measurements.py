@@ -143,6 +143,9 @@ def parse_entry(key: str, entry) -> tuple[dict, ShapePlan]:
     for name, kind in KEY_FIELDS.items():
         if not isinstance(fields.get(name), kind):
             raise ValueError(f"key field {name!r} missing or not a {kind.__name__}: {key[:120]}")
+    for name, check in (("points", _count), ("candidates", _text)):
+        for v in fields[name]:
+            check(v)
     return fields, ShapePlan.from_json(fields["shape"], entry)
 
 
@@ -160,7 +163,7 @@ def read_entries(path: Path) -> dict:
         data = json.loads(text)  # JSONDecodeError is a ValueError
     except RecursionError:
         raise ValueError("JSON nested too deep") from None
-    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+    if not isinstance(data, dict) or type(data.get("version")) is not int or data.get("version") != CACHE_VERSION:
         found = data.get("version") if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"not a version {CACHE_VERSION} measurements object (found {found!r})")
     return _object(data.get("entries"), "'entries'")
