@@ -15,8 +15,10 @@
 # measuring (minutes on a 7B) falls in no run: a run stopped by a time limit and resumed would hold
 # fp16 rows of one process and awq4 rows of the next, whose ratio crosses processes.
 # EXTRA='--decode-attention split-kv' (say) adds flags to every run and TAG=-splitkv to every
-# directory name.
-set -u
+# directory name. Every step runs even after one fails; the script then exits 1.
+set -uE
+failed=0
+trap 'failed=1' ERR
 STAGES=${STAGES:-batch prefill}
 PRESET=${1:?preset}; OUT=${2:?output directory}
 # gemlite's GEMMs for 8 to 64 rows (batched decode steps), Marlin's GEMM (compiled on first use, about a
@@ -40,6 +42,7 @@ into() {  # DIR ARGS...: the run into DIR, continued with --resume if an earlier
 }
 if [[ -n "${KERNELS_JSON:-}" ]]; then
   if [[ -f "$CACHE/kernels.json" ]]; then echo "KERNELS_JSON: $CACHE/kernels.json exists and is used as it is" >&2
+  elif [[ ! -f "$KERNELS_JSON" ]]; then echo "KERNELS_JSON: $KERNELS_JSON is not a file" >&2; exit 2
   else mkdir -p "$CACHE" && cp "$KERNELS_JSON" "$CACHE/kernels.json" || exit 2; fi
 fi
 set -x
@@ -62,3 +65,4 @@ if [[ " $STAGES " == *" prefill "* ]]; then
     into "$OUT/$PRESET-awq4-prefill-fbgemm$TAG" --variants fp16,awq4 --int4-prefill-kernel fbgemm-shuffled
   fi
 fi
+exit $failed
