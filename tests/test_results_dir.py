@@ -119,6 +119,16 @@ def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
     # the same configuration, finished already: nothing runs again
     assert run_main([*TINY, "--resume", "--output-dir", str(out)]) == 0
     assert read_rows(out / "runs.csv") == read_rows(finished / "runs.csv")
+    # comma lists spelled otherwise are the same configuration; another sweep is not
+    assert run_main([*TINY, "--batch-size", " 01 ", "--resume", "--output-dir", str(out)]) == 0
+    assert read_rows(out / "runs.csv") == read_rows(finished / "runs.csv")
+    capsys.readouterr()
+    assert run_main([*TINY, "--batch-size", "1,2", "--resume", "--output-dir", str(out)]) == 2
+    one_line_error(capsys, "another configuration (--batch-size '1' -> '1,2')")
+    from bench.run.runner import config_fingerprint
+
+    same = [config_fingerprint({"int4_kernel_candidates": c}) for c in ("dense,tinygemm", "tinygemm, dense,dense")]
+    assert same[0] == same[1]  # a set of kernel names: order and repeats do not matter
     assert not json.loads((out / "env.json").read_text()).get("resumed")  # it ran nothing: no resume recorded
     # a directory written while --loader defaulted to "prefetch" (recorded so) is the same configuration
     env = json.loads((out / "env.json").read_text())

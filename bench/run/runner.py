@@ -107,10 +107,31 @@ def shape_matched_warmups(adapter, questions: list[str], limit: int = 16) -> lis
     return out
 
 
+# Settings given as comma lists whose spelling does not change what is measured: counts ("1, 4",
+# "01,4" and "1,4" sweep the same points) and a set of names (the kernels `measured` chooses from).
+COUNT_LISTS = ("batch_size", "prompt_lengths", "new_tokens", "num_images")
+NAME_SETS = ("int4_kernel_candidates",)
+
+
+def _canonical(key: str, value):
+    """A comma-list setting as one spelling of it (COUNT_LISTS, NAME_SETS); others as they are."""
+    if not isinstance(value, str) or key not in COUNT_LISTS + NAME_SETS:
+        return value
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if key in NAME_SETS:
+        return ",".join(sorted(set(items)))
+    try:
+        return ",".join(str(int(v)) for v in items)
+    except ValueError:
+        return value
+
+
 def config_fingerprint(config: dict) -> tuple[str, dict]:
     """What --resume compares: the run's settings less where its results go (NOT_FINGERPRINTED),
-    unset ones as their defaults (FINGERPRINT_DEFAULTS), as JSON would store them, and their SHA-256."""
+    unset ones as their defaults (FINGERPRINT_DEFAULTS), comma lists in one spelling (_canonical),
+    as JSON would store them, and their SHA-256."""
     config = {**config, **{k: v for k, v in FINGERPRINT_DEFAULTS.items() if config.get(k) is None}}
+    config = {k: _canonical(k, v) for k, v in config.items()}
     settings = json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_FINGERPRINTED},
                                      sort_keys=True, default=str))
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16], settings
