@@ -484,6 +484,8 @@ def test_report_same_dir_twice_and_out_a_file(results_dir, tmp_path, capsys):
     from bench.analysis.report import END, START
     elsewhere.write_text(f"{START}\n{END}\n")
     bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", elsewhere], "--out", out=out)
+    readme.write_text(f"{END}\n{START}\n")  # the markers the wrong way round
+    bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", readme], "in that order", out=out)
     other = tmp_path / "notes"  # another program's folder: the report's files never mix into it
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
@@ -507,6 +509,10 @@ def test_compare_bad_flags(results_dir, tmp_path, capsys):
     bad_sub(capsys, ["compare", results_dir, results_dir, "--min-samples", "few"], "--min-samples")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--factor", "inf"], "--factor")  # nothing could regress
     bad_sub(capsys, ["compare", results_dir, results_dir, "--json", ""], "--json is empty")
+    before = (results_dir / "runs.csv").read_bytes()
+    for over in ("runs.csv", "summary.csv"):  # the verdict written over what was compared
+        bad_sub(capsys, ["compare", results_dir, tmp_path, "--json", results_dir / over], "would overwrite the results")
+    assert (results_dir / "runs.csv").read_bytes() == before
 
 
 def test_empty_output_paths_of_subcommands(results_dir, tmp_path, capsys, monkeypatch):
@@ -687,6 +693,7 @@ def test_docs_bad_arguments(tmp_path, capsys, monkeypatch):
     (["--preset", "nope"], "--preset 'nope'"),
     (["--preset", "tiny-vila", "--dtype", "float8"], "--dtype 'float8'"),
     (["--preset", "tiny-vila", "--device", "mps"], "--device 'mps'"),
+    (["--preset", "tiny-vila", "--seed", str(2**80)], "--seed"),  # past what torch.manual_seed takes
 ])
 def test_make_checkpoint_bad_flags(tmp_path, capsys, args, needle):
     out = tmp_path / "ckpt"
@@ -820,8 +827,9 @@ def test_count_of_bad_inputs(capsys):
 
 # ------------------------------------------------------------------------------- endpoint mode
 class _FakeServer:
-    """An HTTP server on 127.0.0.1 in a thread: GET answers `models` (a JSON body, or a 404 when
-    None), POST streams `chunks` as Server-Sent Events."""
+    """An HTTP server on 127.0.0.1 in a thread: GET answers `models` (a JSON body, bytes as they
+    are, or a 404 when None), POST streams `chunks` as Server-Sent Events, then [DONE] unless the
+    last chunk is None."""
 
     def __init__(self, models=None, chunks=(), hold=False):
         import http.server
@@ -844,15 +852,17 @@ class _FakeServer:
             def do_GET(self):
                 if fake.models is None:
                     self._send(404, b"<html>not here</html>", "text/html")
-                else:
-                    self._send(200, json.dumps(fake.models).encode(), "application/json")
+                else:  # bytes: sent as they are
+                    body = fake.models if isinstance(fake.models, bytes) else json.dumps(fake.models).encode()
+                    self._send(200, body, "application/json")
 
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 fake.posted.set()
                 if hold:
                     fake.release.wait(60)
-                events = "".join(f"data: {c}\n\n" for c in [*fake.chunks, "[DONE]"])
+                done = [] if fake.chunks[-1:] == [None] else ["[DONE]"]  # a last None: the stream stops short
+                events = "".join(f"data: {c}\n\n" for c in [*(c for c in fake.chunks if c is not None), *done])
                 self._send(200, events.encode(), "text/event-stream")
 
         self.models, self.chunks = models, list(chunks)
@@ -919,7 +929,8 @@ def test_endpoint_empty_path_flag_is_not_the_default(tmp_path, capsys, monkeypat
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://", "127.0.0.1:8000/v1", "ftp://host/v1"])
+@pytest.mark.parametrize("url", ["http://127.0.0.1:99999/v1", "http://", "127.0.0.1:8000/v1", "ftp://host/v1",
+                                 "http://[::1/v1"])
 def test_endpoint_url_that_is_not_one(tmp_path, capsys, url):
     bad_endpoint(tmp_path, capsys, url, [], "--endpoint", "URL")
 
@@ -935,6 +946,13 @@ def test_endpoint_server_not_there_or_not_openai(tmp_path, capsys):
         bad_endpoint(tmp_path, capsys, other.url, [], "--model 'm'", "it serves: served-one", model="m")
     with _FakeServer(models={"object": "list", "data": [{"object": "model"}]}) as nameless:
         bad_endpoint(tmp_path, capsys, nameless.url, [], "--model 'm'", "it serves no model by name", model="m")
+    with _FakeServer(models=b"[" * 100000) as deep:  # JSON nested past Python's recursion limit
+        bad_endpoint(tmp_path, capsys, deep.url, [], "not an OpenAI API")
+
+
+def test_endpoint_api_key_with_a_line_break(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-a\nb")
+    bad_endpoint(tmp_path, capsys, f"http://127.0.0.1:{_closed_port()}/v1", [], "OPENAI_API_KEY holds control")
 
 
 def test_endpoint_output_dir_the_system_will_not_make(tmp_path, capsys):
@@ -950,6 +968,8 @@ def test_endpoint_output_dir_the_system_will_not_make(tmp_path, capsys):
     (['{"choices": [{"delta": {"content": "a"}}], "usage": "many"}'], "not OpenAI's"),
     (['{"error": "boom"}'], "boom"),
     (["{{{"], "JSONDecodeError"),
+    (["[" * 50000], "nested too deep"),
+    (['{"choices": [{"delta": {"content": "a"}}]}', None], "ended before data: [DONE]"),  # cut short
     # a count past what was asked for: TPOT and tok/s would be made up
     (['{"choices": [{"delta": {"content": "a"}}], "usage": {"completion_tokens": 100000}}'], "more than the"),
 ])

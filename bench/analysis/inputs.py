@@ -95,10 +95,19 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> None:
         raise BadInput(str(e)) from None
 
 
-def check_out_file(path: str | Path, flag: str) -> None:
+RESULT_FILES = ("runs.csv", "summary.csv", "env.json", "MANIFEST")
+
+
+def check_out_file(path: str | Path, flag: str, inputs=()) -> None:
+    """BadInput unless `path` can be written as a new or replaced file that is none of `inputs`
+    (results directories or files the command reads) nor a results file beside them."""
     if not str(path).strip():
         raise BadInput(f"{flag} is empty; give a file path")
     p = Path(path)
+    for given in map(Path, inputs):
+        folder = given if given.is_dir() else given.parent
+        if p.resolve() in {given.resolve(), *((folder / name).resolve() for name in RESULT_FILES)}:
+            raise BadInput(f"{flag} {path} would overwrite the results it reads ({given}); give another file")
     if p.is_dir():
         raise BadInput(f"{flag} {path} is a directory; give a file path")
     if not p.parent.is_dir():

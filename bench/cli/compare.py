@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.json_path is not None:
-            check_out_file(args.json_path, "--json")
+            check_out_file(args.json_path, "--json", (args.baseline, args.candidate))
         if not (0 < args.alpha < 1) or not 1 <= args.factor < float("inf") or args.min_samples < 1:
             raise BadInput("--alpha must be between 0 and 1, --factor a finite number at least 1 and --min-samples "
                            "at least 1")

@@ -98,11 +98,11 @@ def _check_url(url: str) -> None:
     the run, bench.serve.client.check_server)."""
     from urllib.parse import urlsplit
 
-    parts = urlsplit(url)
     try:
+        parts = urlsplit(url)
         port_ok = parts.port is None or parts.port > 0
-    except ValueError:  # a port past 65535, or not a number
-        port_ok = False
+    except ValueError:  # a port past 65535 or not a number, or a bracketed IPv6 host left open
+        parts, port_ok = urlsplit(""), False
     if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
         raise UsageError(f"--endpoint {url!r}: give an http:// or https:// URL with a host (and a port from 1 to "
                          "65535), e.g. http://127.0.0.1:8000/v1")
@@ -145,6 +145,11 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UsageError(f"{flag} must be a positive, finite number of seconds, got {value}")
         ValidityRule(ns.num_prompts, 0.0, ns.max_cv)  # --max-cv as summaries check it
+        api_key = os.environ.get("OPENAI_API_KEY")
+        if api_key is not None:
+            api_key = api_key.strip()  # a key read from a file keeps its line end
+            if not api_key.isprintable():
+                raise UsageError("OPENAI_API_KEY holds control characters; give the key alone")
         image = str(DEMO_IMAGE) if ns.image_path is None else ns.image_path
         check_image_file(image, "--image-path")
         points = [client.Point(c, r) for c in int_list(ns.concurrency, "--concurrency")
@@ -152,7 +157,7 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
         cfg = endpoint_run.EndpointConfig(
             ns.endpoint, ns.model, points, ns.num_prompts, int_list(ns.new_tokens, "--max-new-tokens"), image,
             load_questions(ns.questions, ns.text_prompt), ns.prefix == "distinct", ns.warmup, ns.seed,
-            None if ns.output_dir is None else Path(ns.output_dir), ns.timeout, ns.max_cv, os.environ.get("OPENAI_API_KEY"),
+            None if ns.output_dir is None else Path(ns.output_dir), ns.timeout, ns.max_cv, api_key or None,
             _slo(ns.slo), ns.duration, int_list(ns.prompt_lengths, "--prompt-lengths"),
             int_list(ns.num_images, "--num-images"), ns.tokenizer)
         import signal

@@ -48,6 +48,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from bench.measure.results import check_creatable
+    from bench.run.config import check_seed
     from bench.models.loader import build_preset, save_checkpoint
     from bench.models.presets import get_preset
     from bench.models.sentencepiece_files import write_sentencepiece
@@ -62,6 +63,7 @@ def main(argv: list[str]) -> int:
         if args.tokenizer_files != "json" and get_preset(args.preset).qwen_tokenizer:
             raise UsageError(f"--tokenizer-files {args.tokenizer_files}: {args.preset}'s Qwen2 tokenizer is published as "
                              "tokenizer.json; SentencePiece files are written for LLaVA, VILA and InternVideo presets")
+        check_seed(args.seed)
         device = resolve_device(args.device)
         if not args.out.strip():
             raise UsageError("--out is empty; give a new or empty directory")

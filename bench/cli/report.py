@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             if problem:
                 raise BadInput(f"--readme {args.readme}: {problem}")
             readme = read_text(Path(args.readme), "a Markdown file")
-            if START not in readme or END not in readme:
-                raise BadInput(f"--readme {args.readme}: no report markers ({START} ... {END})")
+            if START not in readme or END not in readme.split(START, 1)[1]:
+                raise BadInput(f"--readme {args.readme}: no report markers ({START} ... {END}, in that order)")
             if not Path(args.out).resolve().is_relative_to(Path(args.readme).resolve().parent):
                 raise BadInput(f"--out {args.out} must be inside the folder of --readme {args.readme} "
                                "(the README links to its figures)")

@@ -28,6 +28,12 @@ MAX_CPU_THREADS = 1024
 PART_OPTIONS_AFTER = "max_new_tokens"  # where the variant parts' flags go in the field (and --help) order
 
 
+def check_seed(seed: int) -> None:
+    """UsageError unless torch.manual_seed takes `seed` (random weights and questions use it)."""
+    if not -2**63 <= seed < 2**64:
+        raise UsageError(f"--seed {seed}: give a whole number from 0 to 2**64 - 1")
+
+
 @dataclass
 class RunFields:
     """The run's own settings (the variant parts' are in their options dataclasses)."""
@@ -142,8 +148,7 @@ class RunConfigBase:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.warmup < 0 or self.min_seconds < 0 or self.max_runs < 0:
             raise UsageError("--warmup, --min-seconds and --max-runs must not be negative")
-        if not -2**63 <= self.seed < 2**64:  # what torch.manual_seed takes
-            raise UsageError(f"--seed {self.seed}: give a whole number from 0 to 2**64 - 1")
+        check_seed(self.seed)
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise UsageError(f"unknown --dtype {self.dtype!r}; choose auto, float16, bfloat16 or float32")
         if self.image_path is None:

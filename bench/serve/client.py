@@ -101,6 +101,8 @@ class Api:
 
 
 HTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+# a failed row's error when the server refused the connection (one_request's "Class: message")
+CONNECTION_REFUSED = aiohttp.ClientConnectorError.__name__
 
 
 def event_loop() -> str:
@@ -154,7 +156,7 @@ def check_server(base_url: str, model: str, headers: dict, timeout_s: float) -> 
                          "OPENAI_API_KEY to its API key")
     try:
         data = json.loads(text).get("data") if status == 200 else None
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested too deep
         data = None
     if not isinstance(data, list):
         raise UsageError(f"--endpoint {base_url}: not an OpenAI API (GET {url} answered HTTP {status} "
@@ -216,7 +218,10 @@ def _cached_tokens(usage: dict | None) -> int | None:
 
 def _chunk_parts(data: str) -> tuple[dict | None, list[str], str | None, dict]:
     """(usage, content pieces, error message, server columns from `timings`) of one streamed chunk."""
-    obj = json.loads(data)
+    try:
+        obj = json.loads(data)
+    except RecursionError:
+        raise MalformedStream("a chunk is JSON nested too deep") from None
     if not isinstance(obj, dict):
         raise MalformedStream(f"a chunk is a JSON {type(obj).__name__}, not an object")
     if obj.get("error"):
@@ -238,7 +243,7 @@ def _chunk_parts(data: str) -> tuple[dict | None, list[str], str | None, dict]:
 async def one_request(api: Api, body: dict) -> dict:
     """One streamed completion's measurements (status failed with the reason on any error)."""
     t0 = time.perf_counter()
-    times, text, usage, server = [], [], None, {}
+    times, text, usage, server, done = [], [], None, {}, False
     try:
         async with api.session.post(api.url("chat/completions"), json=body) as r:
             if r.status != 200:
@@ -250,6 +255,7 @@ async def one_request(api: Api, body: dict) -> dict:
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    done = True
                     break
                 chunk_usage, pieces, error, chunk_server = _chunk_parts(data)
                 if error is not None:
@@ -263,6 +269,9 @@ async def one_request(api: Api, body: dict) -> dict:
     e2e = (time.perf_counter() - t0) * 1e3
     if not times:
         return {"status": "failed", "error": "the server sent no content"}
+    if not done:  # OpenAI's stream ends with it: without it the answer may be cut short
+        return {"status": "failed", "error": f"the stream ended before data: [DONE] (after {len(times)} content "
+                                             "chunks): the answer may be cut short"}
     ttft = (times[0] - t0) * 1e3
     out_tokens = _count((usage or {}).get("completion_tokens"))
     asked = _count(body.get("max_tokens"))
@@ -294,30 +303,39 @@ async def run_point(api: Api, body, point: Point, seed: int, count: int | None,
                     duration_s: float | None = None) -> list[dict]:
     """Requests body(0), body(1), ... sent as the point says: `count` of them, or as many as
     arrive within `duration_s` (at rate inf: a new one whenever one of the `concurrency` slots
-    frees); rows in the order sent."""
+    frees); rows in the order sent. Once the server refuses a connection (it has gone away) no
+    more are sent: at rate inf each refusal would free its slot at once, a failed row each."""
     rng = random.Random(seed)
     gate = asyncio.Semaphore(point.concurrency)
     # rate inf: a request goes out as a slot frees, its task made only then (never more tasks than
     # slots, however many requests the point sends)
     closed_loop = math.isinf(point.rate)
 
+    refused = []  # a request the server refused to connect: no more are sent (it has gone away)
+
     async def send(b, held: bool):
         if not held:
             await gate.acquire()
         try:
-            return await one_request(api, b)
+            row = await one_request(api, b)
+            if str(row.get("error", "")).startswith(CONNECTION_REFUSED):
+                refused.append(row)
+            return row
         finally:
             gate.release()
 
     tasks, t0, i = [], time.perf_counter(), 0
-    while (i < count) if duration_s is None else (time.perf_counter() - t0 < duration_s):
+    while not refused and ((i < count) if duration_s is None else (time.perf_counter() - t0 < duration_s)):
         if i and not math.isinf(point.rate):
-            await asyncio.sleep(rng.expovariate(point.rate))
+            gap = rng.expovariate(point.rate)
+            if duration_s is not None:  # never past the point's end
+                gap = min(gap, max(0.0, duration_s - (time.perf_counter() - t0)))
+            await asyncio.sleep(gap)
             if duration_s is not None and time.perf_counter() - t0 >= duration_s:
                 break
         if closed_loop:
             await gate.acquire()
-            if duration_s is not None and time.perf_counter() - t0 >= duration_s:
+            if refused or (duration_s is not None and time.perf_counter() - t0 >= duration_s):
                 gate.release()
                 break
         tasks.append(asyncio.create_task(send(body(i), closed_loop)))
