@@ -950,6 +950,23 @@ def test_endpoint_server_not_there_or_not_openai(tmp_path, capsys):
         bad_endpoint(tmp_path, capsys, deep.url, [], "not an OpenAI API")
 
 
+def test_a_point_stops_sending_once_the_server_refuses_connections():
+    """A server gone away mid-point (nothing listens): at rate inf every refusal frees its slot at
+    once, so without a stop a --duration point would write a failed row per refusal, thousands a
+    second. It stops at the first: a row per slot at most."""
+    import math
+
+    from bench.serve import client as cl
+
+    async def point():
+        async with cl.Api(f"http://127.0.0.1:{_closed_port()}/v1", {}, 5.0) as api:
+            return await cl.run_point(api, lambda i: {"model": "m", "messages": []}, cl.Point(2, math.inf), 0,
+                                      None, 2.0)
+
+    rows = cl.run_async(point())
+    assert 1 <= len(rows) <= 2 and all(r["error"].startswith("ClientConnectorError") for r in rows), rows
+
+
 def test_endpoint_api_key_with_a_line_break(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-a\nb")
     bad_endpoint(tmp_path, capsys, f"http://127.0.0.1:{_closed_port()}/v1", [], "OPENAI_API_KEY holds control")
