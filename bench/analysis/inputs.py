@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from bench.errors import UsageError, path_problem
-from bench.measure.results import check_creatable, check_rows, whole_rows
+from bench.measure.results import RESULT_FILES, check_creatable, check_rows, whole_rows
 from bench.measure.schema import RUN_METRICS, WHOLE_IDENTITY
 SUMMARY_NUMBERS = frozenset(("n", "median", "mean", "p90", "p99", "stdev", "ci_low", "ci_high", "cv", "measured_s"))
 RUNS_REQUIRED = frozenset(("model", "variant", "kind", "status"))
@@ -95,9 +95,6 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> None:
         raise BadInput(str(e)) from None
 
 
-RESULT_FILES = ("runs.csv", "summary.csv", "env.json", "MANIFEST")
-
-
 def check_out_file(path: str | Path, flag: str, inputs=()) -> None:
     """BadInput unless `path` can be written as a new or replaced file that is none of `inputs`
     (results directories or files the command reads) nor a results file beside them."""
@@ -106,7 +103,7 @@ def check_out_file(path: str | Path, flag: str, inputs=()) -> None:
     p = Path(path)
     for given in map(Path, inputs):
         folder = given if given.is_dir() else given.parent
-        if p.resolve() in {given.resolve(), *((folder / name).resolve() for name in RESULT_FILES)}:
+        if p.resolve() in {given.resolve(), *((folder / name).resolve() for name in (*RESULT_FILES, "MANIFEST"))}:
             raise BadInput(f"{flag} {path} would overwrite the results it reads ({given}); give another file")
     if p.is_dir():
         raise BadInput(f"{flag} {path} is a directory; give a file path")

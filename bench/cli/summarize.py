@@ -37,8 +37,9 @@ def main(argv: list[str]) -> int:
         missing = [name for name in ("runs.csv", "env.json") if not (out / name).is_file()]
         if missing:
             raise BadInput(f"{out} is not a results directory: no {' or '.join(missing)}")
-        if summary_problem(out):
-            raise BadInput(summary_problem(out))
+        problem = summary_problem(out)
+        if problem:
+            raise BadInput(problem)
         saved = read_env_config(out / "env.json")
         check_results_csv(out / "runs.csv", "runs")
         # The summary reads three of the run's settings; the rest (whichever version of the

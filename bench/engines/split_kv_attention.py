@@ -45,6 +45,11 @@ def unavailable(device: torch.device, heads: int | None = None, kv_heads: int | 
         return "split-kv decode attention needs Triton"
     if device.type != "cuda":
         return "split-kv decode attention runs on CUDA only"
+    return _shape_problem(heads, kv_heads, head_dim)
+
+
+def _shape_problem(heads: int | None, kv_heads: int | None, head_dim: int | None) -> str | None:
+    """Why the kernels cannot take a model of this geometry (None where given parts are fine)."""
     if head_dim is not None and (head_dim & (head_dim - 1) or head_dim < 16):
         return f"split-kv decode attention takes a power-of-two head size of 16 or more, not {head_dim}"
     if heads is not None and kv_heads is not None and heads % kv_heads:
@@ -140,9 +145,9 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     that is not here: bench.quant.triton_aot)."""
     b, h, t, d = q.shape
     kvh, n = keys.shape[1], keys.shape[2]
-    if t != 1 or h % kvh or d & (d - 1) or d < 16:
-        raise ValueError(f"split-kv attention takes one query and a power-of-two head size of 16 or more "
-                         f"with query heads a multiple of kv heads; got q {tuple(q.shape)}, keys {tuple(keys.shape)}")
+    problem = "split-kv attention takes one query" if t != 1 else _shape_problem(h, kvh, d)
+    if problem:
+        raise ValueError(f"{problem}; got q {tuple(q.shape)}, keys {tuple(keys.shape)}")
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("split-kv attention needs keys and values contiguous in their last dimension")
     if q.stride(-1) != 1:  # (compiled code may hand over another layout; one query is a few KB)

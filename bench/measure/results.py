@@ -293,18 +293,17 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
     if runs.is_file() and runs.stat().st_size:
         with runs.open(newline="", encoding="utf-8", errors="replace") as f:
             header = next(csv.reader(f), [])
-        if mode not in ("new", "fresh") and header == list(RUN_COLUMNS):
-            try:
-                runs.read_bytes().decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UsageError(f"{runs} is not UTF-8 text (byte {e.start}): not a file this harness wrote intact; "
-                                 "use a new --output-dir") from None
         if header != list(RUN_COLUMNS):
             raise UsageError(f"{runs} has columns this harness does not write (another program's or "
                              "another version's file): use a new --output-dir")
-        if mode not in ("new", "fresh"):
+        if mode not in ("new", "fresh"):  # appended to or resumed: its rows must be whole ones (read once)
             try:
-                check_rows(whole_rows(runs.read_text(encoding="utf-8")), RUN_METRICS, WHOLE_IDENTITY)
+                text = runs.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UsageError(f"{runs} is not UTF-8 text (byte {e.start}): not a file this harness wrote intact; "
+                                 "use a new --output-dir") from None
+            try:
+                check_rows(whole_rows(text), RUN_METRICS, WHOLE_IDENTITY)
             except ValueError as e:
                 raise UsageError(f"{runs}: {e}: restore the file or use a new --output-dir") from None
     problem = summary_problem(out_dir)
