@@ -355,6 +355,18 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client, ima
     assert ok.usage.completion_tokens == 2 and server["proc"].poll() is None
 
 
+def test_a_client_that_leaves_before_its_body_is_read_leaves_no_traceback(server, client, image_url):
+    body = json.dumps({"model": MODEL, "max_tokens": 2, "messages": _messages("Hi.", image_url)}).encode()
+    with socket.create_connection(("127.0.0.1", server["port"])) as s:  # half the body, then gone
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body[:len(body) // 2])
+        time.sleep(0.2)
+    ok = client.chat.completions.create(model=MODEL, messages=_messages("And now?", image_url), max_tokens=2)
+    assert ok.usage.completion_tokens == 2 and server["proc"].poll() is None
+    log = server["log"].read_text()
+    assert "Traceback" not in log and "ClientDisconnect" not in log, log[-2000:]
+
+
 def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_path, capsys):
     import pandas as pd
 

@@ -38,6 +38,7 @@ import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from bench.serve.body_limit import MAX_REQUEST_MB, MIB, RequestBodyLimit
 from bench.serve.metrics import CONTENT_TYPE, ServerMetrics
@@ -142,7 +143,10 @@ def create_app(engine, model_name: str, default_max_tokens: int, max_batch: int 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         arrived = time.perf_counter()
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:  # the client left before its body was read whole: no one to answer
+            return _gone()
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError):  # not JSON, not UTF-8, an int past Python's digits, nested too deep
