@@ -111,7 +111,7 @@ def test_report_into_a_readme_between_the_markers_its_help_names(tiny_results, t
     assert text.startswith("# Ours") and text.endswith("after\n") and "Speed-up over fp16" in text
 
 
-def test_sweep_figures_follow_the_axes(sweep_results, tmp_path):
+def test_sweep_figures_follow_the_axes(sweep_results, tiny_results, tmp_path):
     from bench.analysis import figures, sources
 
     runs, summary = sources.load([sweep_results])
@@ -127,6 +127,10 @@ def test_sweep_figures_follow_the_axes(sweep_results, tmp_path):
     assert main(["report", str(sweep_results), "--out", str(out)]) == 0
     assert (out / "batch.png").is_file() and (out / "prompt_length.png").is_file() and not (out / "loader.png").exists()
     assert "first workload point" in (out / "report.md").read_text()
+    (out / "mine.png").write_bytes(b"")  # not a figure's name: kept
+    assert main(["report", str(tiny_results), "--out", str(out)]) == 0  # a report with no sweep, over it
+    assert not (out / "batch.png").exists() and not (out / "prompt_length.png").exists()
+    assert (out / "phases.png").is_file() and (out / "mine.png").is_file()
 
 
 def test_committed_notebooks_have_no_outputs():

@@ -106,6 +106,9 @@ def write_report(dirs: list[str | Path], out: str | Path) -> Path:
         fig.savefig(out / f"{name}.png", dpi=110)
         plt.close(fig)
         written.append(name)
+    for name in figures.FIGURES:  # an earlier report's figure this one does not draw would sit beside it
+        if name not in written:
+            (out / f"{name}.png").unlink(missing_ok=True)
     parts = [f"# Benchmark report\n\nSources: {', '.join(str(d) for d in dirs)}."]
     if (summary["series"] != summary["variant"]).any():
         parts.append("Labels add to the variant what tells results of one model and variant apart: the identity "
