@@ -1,6 +1,7 @@
 """Every bad input is one line on stderr naming the input, exit code 2, nothing written, and it
 is refused before any model loads. Fixtures are built here, small; runs go in-process."""
 import json
+import shlex
 import struct
 import zlib
 
@@ -9,6 +10,7 @@ import torch
 from PIL import Image
 
 from bench.cli import main, run_main
+from tests.conftest import ROOT
 
 RUN = ["--preset", "tiny-vila", "--device", "cpu", "--num-runs", "1", "--warmup", "0", "--no-fidelity",
        "--max-new-tokens", "4"]
@@ -522,6 +524,18 @@ def test_empty_output_paths_of_subcommands(results_dir, tmp_path, capsys, monkey
             "--readme", "no such file", out=tmp_path / "r")
     bad_sub(capsys, ["ci-bench", ""], "OUTPUT_DIR is empty")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ci_bench_refuses_a_directory_another_command_wrote(results_dir, tmp_path, capsys):
+    from bench.cli.ci_bench import BASELINE_DIR, CI_BENCH_ARGS, is_ci_bench, other_commands
+
+    before = {p.name: p.read_bytes() for p in results_dir.iterdir()}
+    bad_sub(capsys, ["ci-bench", results_dir], "ci-bench did not make", "vila_prefix_benchmark.py")
+    assert {p.name: p.read_bytes() for p in results_dir.iterdir()} == before
+    ours = shlex.join(["vlm-bench", "run", *CI_BENCH_ARGS, "--append", "--output-dir", "/x y"])
+    assert is_ci_bench(ours) and not is_ci_bench(ours.replace("--num-runs 12", "--num-runs 3"))
+    assert not is_ci_bench(None) and not is_ci_bench("run 'unclosed")
+    assert other_commands(ROOT / BASELINE_DIR) == []  # what ci-bench wrote (twice) it appends to
 
 
 def test_summarize_refuses_a_summary_csv_that_is_a_directory(results_dir, tmp_path, capsys):

@@ -1,8 +1,10 @@
 """`vlm-bench ci-bench DIR`: the tiny CPU benchmark our own CI gates on, and its gate settings (one place)."""
 from __future__ import annotations
 
+import json
 import shlex
 import textwrap
+from pathlib import Path
 
 from bench.cli import PROG, describe
 from bench.errors import ArgumentParser, UsageError
@@ -36,11 +38,39 @@ def parser() -> ArgumentParser:
     return ap
 
 
+def is_ci_bench(command) -> bool:
+    """Whether a command env.json records is ci-bench's run (its settings, then --append and the
+    directory): the command line, not the config, since the config holds paths of the checkout."""
+    try:
+        words = shlex.split(command) if isinstance(command, str) else []
+    except ValueError:
+        return False
+    return any(words[i:i + len(CI_BENCH_ARGS) + 2] == ["run", *CI_BENCH_ARGS, "--append"] for i in range(len(words)))
+
+
+def other_commands(out: Path) -> list[str]:
+    """The commands of the runs in `out` that ci-bench did not make (env.json's top-level record
+    and its earlier runs'); none where there is no readable env.json (run refuses that itself)."""
+    try:
+        env = json.loads((out / "env.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return []
+    if not isinstance(env, dict):
+        return []
+    runs = env.get("runs")
+    records = [env, *(runs.values() if isinstance(runs, dict) else ())]
+    return [str(r.get("command")) for r in records if isinstance(r, dict) and not is_ci_bench(r.get("command"))]
+
+
 def main(argv: list[str]) -> int:
     """Run the tiny CPU benchmark CI gates on (settings above)."""
     args = parser().parse_args(argv)
     if not args.output_dir.strip():
         raise UsageError("OUTPUT_DIR is empty; give the results directory to write")
+    other = other_commands(Path(args.output_dir))
+    if other:  # appended to, its summaries would hold the gate's runs beside another benchmark's
+        raise UsageError(f"OUTPUT_DIR {args.output_dir} holds a run ci-bench did not make ({other[0][:120]}): "
+                         "give a new directory or one ci-bench wrote")
     from bench.cli.run import main as run_main
 
     return run_main([*CI_BENCH_ARGS, "--append", "--output-dir", args.output_dir], prog=f"{PROG} run")
