@@ -449,6 +449,11 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     assert len(measured) >= 4 and (measured["status"] == "ok").all() and set(measured["num_images"]) == {1, 2}
     assert (measured["server_prefix_hit_rate"] == 0.0).all()
     assert not measured["cache_hit"].any() and (measured["cached_tokens"] == 0).all()
+    # a summary of fewer requests than the fewest a point needs names --duration, not --num-prompts
+    short = pd.read_csv(distinct / "summary.csv").query("n < 10")["invalid_reason"]
+    assert len(short) and short.str.contains("requests < --duration's minimum of 10").all(), short.tolist()
+    assert main(["summarize", str(distinct)]) == 0  # rebuilt from env.json's config, the same reasons
+    assert pd.read_csv(distinct / "summary.csv").query("n < 10")["invalid_reason"].tolist() == short.tolist()
 
 
 def test_a_servers_model_entry_states_what_it_runs_in_strings_only():

@@ -45,7 +45,10 @@ def main(argv: list[str]) -> int:
         # The summary reads three of the run's settings; the rest (whichever version of the
         # harness wrote them) do not affect it.
         try:
-            rule = ValidityRule(*(saved[k] for k in ("num_runs", "min_seconds", "max_cv")))
+            named = saved.get("runs_named")  # endpoint mode's --duration (bench.serve.endpoint_run)
+            named = tuple(named) if isinstance(named, list) and len(named) == 2 and \
+                all(isinstance(v, str) for v in named) else None
+            rule = ValidityRule(*(saved[k] for k in ("num_runs", "min_seconds", "max_cv")), runs_named=named)
         except KeyError as e:
             raise BadInput(f"{out / 'env.json'}: its run config is not valid here (no {e.args[0]})") from None
         except UsageError as e:

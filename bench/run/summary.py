@@ -17,6 +17,9 @@ class ValidityRule:
     num_runs: int
     min_seconds: float
     max_cv: float
+    # What a run is called and what sets how many a summary needs, in invalid_reason; None: by the
+    # rows' engine (runs, --num-runs; endpoint mode: requests, --num-prompts)
+    runs_named: tuple[str, str] | None = None
 
     def __post_init__(self):
         if not isinstance(self.num_runs, int) or self.num_runs < 1:
@@ -61,7 +64,8 @@ def summarize_runs(rows: list[dict], rule: ValidityRule) -> list[dict]:
         excluded = len(group) - len(runs)
         measured_s = sum(float(r["e2e_ms"]) for r in runs) / 1e3
         max_cv = math.inf if queueing_point(group[0]) else rule.max_cv
-        runs_named = ("requests", "--num-prompts") if group[0].get("engine") == "endpoint" else ("runs", "--num-runs")
+        runs_named = rule.runs_named or (("requests", "--num-prompts") if group[0].get("engine") == "endpoint"
+                                         else ("runs", "--num-runs"))
         stats = {}
         for metric in SUMMARY_METRICS:
             values = [r.get(metric) for r in runs if r.get(metric) is not None]

@@ -23,6 +23,10 @@ from bench.run.summary import ValidityRule, summarize_runs
 from bench.run.workload import WorkloadPoint, questions_of_length
 from bench.serve import client as cl
 
+# A --duration point's summary needs as many requests as --num-prompts' default (the two flags
+# exclude each other): what its invalid_reason names instead of --num-prompts
+DURATION_RUNS = ("requests", "--duration's minimum of")
+
 
 @dataclass
 class EndpointConfig:
@@ -105,12 +109,13 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
             server = next((r.get("server") for r in rows if r.get("server")), "")
         config = {k: str(v) for k, v in vars(cfg).items() if k != "api_key"}
         # what `summarize` rebuilds summary.csv with (a point's requests are its runs)
-        config.update(num_runs=max(cfg.num_prompts, 1), min_seconds=0.0, max_cv=cfg.max_cv)
+        config.update(num_runs=max(cfg.num_prompts, 1), min_seconds=0.0, max_cv=cfg.max_cv,
+                      runs_named=DURATION_RUNS if cfg.duration_s is not None else None)
         env = envinfo.collect(command, {}, {"config": config, "run_id": run_id, "model": cfg.model,
                                             "engine": "endpoint", "server": server, "served": served,
                                             "interrupted": interrupted, "client_event_loop": cl.event_loop()})
         write_json(out / "env.json", env)
-        summary = summarize_runs(rows, ValidityRule(max(cfg.num_prompts, 1), 0.0, cfg.max_cv))
+        summary = summarize_runs(rows, ValidityRule(max(cfg.num_prompts, 1), 0.0, cfg.max_cv, config["runs_named"]))
         write_summary(out, summary)
     finally:
         lock.release()
