@@ -64,8 +64,8 @@ def summarize_runs(rows: list[dict], rule: ValidityRule) -> list[dict]:
         excluded = len(group) - len(runs)
         measured_s = sum(float(r["e2e_ms"]) for r in runs) / 1e3
         max_cv = math.inf if queueing_point(group[0]) else rule.max_cv
-        runs_named = rule.runs_named or (("requests", "--num-prompts") if group[0].get("engine") == "endpoint"
-                                         else ("runs", "--num-runs"))
+        runs_named = getattr(rule, "runs_named", None) or (  # a RunConfig as the rule has none
+            ("requests", "--num-prompts") if group[0].get("engine") == "endpoint" else ("runs", "--num-runs"))
         stats = {}
         for metric in SUMMARY_METRICS:
             values = [r.get(metric) for r in runs if r.get(metric) is not None]
