@@ -384,6 +384,17 @@ def test_summarize_report_and_compare_leave_out_a_row_cut_off_as_resume_does(fin
     assert "its last row was cut off" in said.err and "2/1 runs" in said.out, said
 
 
+def test_a_runs_csv_a_spreadsheet_saved_with_a_byte_order_mark_is_read_by_resume_as_by_summarize(
+        finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    runs = out / "runs.csv"
+    runs.write_bytes(b"\xef\xbb\xbf" + runs.read_bytes())
+    before = runs.read_bytes()
+    assert main(["summarize", str(out)]) == 0
+    assert run_main([*TINY, "--resume", "--output-dir", str(out)]) == 0  # finished already: nothing to run
+    assert runs.read_bytes() == before  # every result was there: no row added, none lost
+
+
 def _first_row(text: bytes, change) -> bytes:
     """runs.csv's bytes with its first row changed by change(header, row) (a list, in place)."""
     rows = list(csv.reader(io.StringIO(text.decode(), newline="")))

@@ -49,7 +49,7 @@ class CsvWriter:
         self.path, self.columns = path, columns
         new = not path.exists() or path.stat().st_size == 0
         if not new:
-            with path.open(newline="", encoding="utf-8") as f:
+            with path.open(newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is no column
                 header = next(csv.reader(f), [])
             if header != columns:  # appending would put values under the wrong names
                 raise UsageError(f"{path} has other columns (written by another version of the harness): "
@@ -209,7 +209,7 @@ def read_runs(path: Path) -> list[dict]:
     """runs.csv's whole rows with cells typed back (empty: None, true/false, numbers)."""
     import io
 
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         text = whole_rows(f.read())
     return [{k: _value(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(text, newline=""))]
 
@@ -291,14 +291,14 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
         return
     runs = out_dir / "runs.csv"
     if runs.is_file() and runs.stat().st_size:
-        with runs.open(newline="", encoding="utf-8", errors="replace") as f:
+        with runs.open(newline="", encoding="utf-8-sig", errors="replace") as f:
             header = next(csv.reader(f), [])
         if header != list(RUN_COLUMNS):
             raise UsageError(f"{runs} has columns this harness does not write (another program's or "
                              "another version's file): use a new --output-dir")
         if mode not in ("new", "fresh"):  # appended to or resumed: its rows must be whole ones (read once)
             try:
-                text = runs.read_bytes().decode("utf-8")
+                text = runs.read_bytes().decode("utf-8-sig")
             except UnicodeDecodeError as e:
                 raise UsageError(f"{runs} is not UTF-8 text (byte {e.start}): not a file this harness wrote intact; "
                                  "use a new --output-dir") from None
