@@ -1,0 +1,325 @@
+"""Can a one-row W4A16 GEMV on the int4 layer's own packed weight (tinygemm's tile layout, as
+bench.quant.triton_w4a16 reads it) issue half the instructions per weight of triton-tiles, by
+dequantizing and multiplying two weights per instruction (f16x2) instead of one in fp32?
+
+triton-tiles at one row issues about 6 instructions per weight in its K loop at its best
+configuration (lab/triton_tiles_aot.py), 245 registers; at 2.5-2.8 TB/s of int4 weights an H100
+issues at most about 6 (132 SMs x 128 thread-instructions a cycle), an H200 about 4: the kernel is
+bound by issue, and measured at 1.6-1.8x the read ceiling (lab/gpu_read_ceiling.py). Here each
+int32 word (8 nibbles: columns c, c + 1 of four column pairs) becomes four f16x2 values 1024 + q
+with one LOP3 each (and a shift), `sub.f16x2` takes 1032 off exactly (q - 8), `fma.rn.f16x2` with
+the group's scale and zero rounds once to the fp16 weight the dense path makes, and four f16x2
+multiply-adds with x's column pairs leave two fp16 partial sums of four products each, added into
+fp32: about 23 instructions per 8 weights, written as inline PTX (Triton has no f16x2 type).
+
+    python lab/triton_tiles_h2.py aot                 # no GPU: registers and SASS per weight per config
+    python lab/triton_tiles_h2.py interpret           # no GPU: the index math in Triton's interpreter
+    python lab/triton_tiles_h2.py gpu --out h2.csv    # correctness at every shape, then times against
+                                                      # triton-tiles and the read ceiling
+
+The interpreter cannot run PTX: `interpret` runs the same kernel with the f16x2 block replaced by
+the same arithmetic in Triton operations (fp32), so it checks the layout and index math, not the
+PTX; `gpu` checks the PTX against dequantize + matmul.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from pathlib import Path
+
+if len(sys.argv) > 1 and sys.argv[1] == "interpret":
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TINYGEMM_MID = 8  # tinygemm's zero point offset (bench.quant.int4.TINYGEMM_MID)
+MID = tl.constexpr(TINYGEMM_MID)
+
+# $0: fp32 partial sum of the word's 8 products; $1: the word; $2..$5: x's column pairs for
+# nibbles 0..3 (low half: column c, high half: c + 1); $6: the group's (scale, zero) as f16x2
+F16X2 = tl.constexpr("""{
+.reg .b32 t0, t1, t2, t3, u, s2, z2, c, p;
+.reg .b16 sh, zh, plo, phi;
+.reg .f32 flo, fhi;
+mov.b32 {sh, zh}, $6;
+mov.b32 s2, {sh, sh};
+mov.b32 z2, {zh, zh};
+mov.b32 c, 0x64086408;
+lop3.b32 t0, $1, 0x000f000f, 0x64006400, 0xea;
+shr.u32 u, $1, 4;
+lop3.b32 t1, u, 0x000f000f, 0x64006400, 0xea;
+shr.u32 u, $1, 8;
+lop3.b32 t2, u, 0x000f000f, 0x64006400, 0xea;
+shr.u32 u, $1, 12;
+lop3.b32 t3, u, 0x000f000f, 0x64006400, 0xea;
+sub.f16x2 t0, t0, c;
+sub.f16x2 t1, t1, c;
+sub.f16x2 t2, t2, c;
+sub.f16x2 t3, t3, c;
+fma.rn.f16x2 t0, t0, s2, z2;
+fma.rn.f16x2 t1, t1, s2, z2;
+fma.rn.f16x2 t2, t2, s2, z2;
+fma.rn.f16x2 t3, t3, s2, z2;
+mul.rn.f16x2 p, t0, $2;
+fma.rn.f16x2 p, t1, $3, p;
+fma.rn.f16x2 p, t2, $4, p;
+fma.rn.f16x2 p, t3, $5, p;
+mov.b32 {plo, phi}, p;
+cvt.f32.f16 flo, plo;
+cvt.f32.f16 fhi, phi;
+add.f32 flo, flo, fhi;
+mov.b32 $0, flo;
+}""")
+
+
+@triton.jit
+def _half(v, high: tl.constexpr):
+    """The fp16 in the low or high 16 bits of int32 `v`, as fp32 (the interpreter's stand-in)."""
+    if high:
+        bits = (v >> 16) & 0xFFFF
+    else:
+        bits = v & 0xFFFF
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _word_emulated(words, x0, x1, x2, x3, sz):
+    """What F16X2 computes, in fp32 Triton operations (no f16x2 rounding)."""
+    s = _half(sz, False)
+    z = _half(sz, True)
+    out = tl.zeros(words.shape, dtype=tl.float32)
+    for i in tl.static_range(4):
+        if i == 0:
+            xi = x0
+        elif i == 1:
+            xi = x1
+        elif i == 2:
+            xi = x2
+        else:
+            xi = x3
+        v = words >> (4 * i)
+        q_lo = (v & 0xF).to(tl.float32)
+        q_hi = ((v >> 16) & 0xF).to(tl.float32)
+        out += ((q_lo - MID) * s + z) * _half(xi, False) + ((q_hi - MID) * s + z) * _half(xi, True)
+    return out
+
+
+@triton.jit
+def h2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
+              SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+    """y[n] = sum_k x[k] W[n, k] for one row of x (as int32 column pairs, x32 [K / 2]), the
+    weight's tiles as triton-tiles reads them, scale and zero as int32 pairs (sz32 [K / G, N]).
+    One program per TN x 8 weight rows and share of K (SPLIT_K: added into fp32 y by atomics)."""
+    BN: tl.constexpr = TN * 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_tiles = K // 128
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < N
+    per = tl.cdiv(k_tiles, SPLIT_K)
+    kt_lo = pid_k * per
+    lw = tl.arange(0, 16)  # word 4 l + w of a row's tile: columns 32 w + 2 l + 8 i + lo
+    pair = 16 * (lw % 4) + lw // 4  # x's column pair for nibble i = 0 (+ 4 i for the others)
+    acc = tl.zeros((BN, BKT, 16), dtype=tl.float32)
+    for step in range(0, tl.cdiv(per, BKT)):
+        kt = kt_lo + step * BKT + tl.arange(0, BKT)
+        k_ok = (kt < kt_lo + per) & (kt < k_tiles)
+        words = tl.load(p_ptr + ((n // 8)[:, None, None] * k_tiles + kt[None, :, None]) * 128
+                        + (n % 8)[:, None, None] * 16 + lw[None, None, :],
+                        mask=n_ok[:, None, None] & k_ok[None, :, None], other=0)
+        xo = (kt * 64)[:, None] + pair[None, :]
+        x0 = tl.broadcast_to(tl.load(x32 + xo, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
+        x1 = tl.broadcast_to(tl.load(x32 + xo + 4, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
+        x2 = tl.broadcast_to(tl.load(x32 + xo + 8, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
+        x3 = tl.broadcast_to(tl.load(x32 + xo + 12, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
+        sz = tl.load(sz32 + (kt * 128 // G)[None, :] * N + n[:, None], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        sz = tl.broadcast_to(sz[:, :, None], (BN, BKT, 16))
+        if EMULATE:
+            acc += _word_emulated(words, x0, x1, x2, x3, sz)
+        else:
+            acc += tl.inline_asm_elementwise(F16X2, "=r,r,r,r,r,r,r", [words, x0, x1, x2, x3, sz],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+    y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(y_ptr + n, y, mask=n_ok, sem="relaxed")
+
+
+def h2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, n: int, group_size: int,
+          config: dict, emulate: bool = False) -> torch.Tensor:
+    """x [1, K] float16 times the packed weight [N, K]^T -> [1, N] float16 (group_size >= 128)."""
+    assert x.shape[0] == 1 and x.dtype == torch.float16 and group_size >= 128
+    k = x.shape[1]
+    config = dict(config)
+    launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3)}
+    split = config["SPLIT_K"] > 1
+    y = torch.zeros(n, dtype=torch.float32, device=x.device) if split else \
+        torch.empty(n, dtype=torch.float16, device=x.device)
+    grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
+    h2_kernel[grid](x.contiguous().view(torch.int32), packed, scale_and_zero.view(torch.int32), y, n, k,
+                    G=group_size, EMULATE=emulate, **config, **launch)
+    return (y.half() if split else y).view(1, n)
+
+
+def pack_published(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] (0..15) -> tinygemm's CUDA words, every 8 x 128 tile 128 int32 words with its
+    nibbles where bench.quant.int4.tinygemm_tile_source puts them (as the tests pack them)."""
+    from bench.quant.int4 import tinygemm_tile_source
+
+    n, k = q.shape
+    tiles = q.view(n // 8, 8, k // 128, 128).permute(0, 2, 1, 3).reshape(n // 8, k // 128, 1024)
+    nib = tiles[..., tinygemm_tile_source().to(q.device)].long().view(n // 8, k // 128, 128, 8)
+    return (nib << (4 * torch.arange(8, device=q.device))).sum(-1).to(torch.int32).contiguous()
+
+
+def weights(n: int, k: int, g: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed, scale_and_zero [K / G, N, 2] fp16, the dense fp32 weight they stand for)."""
+    from bench.quant.int4 import quantize_int4
+
+    t = quantize_int4(torch.randn(n, k, device=device) * 0.05, g)
+    zero_f = (TINYGEMM_MID - t.zero.float()) * t.scale
+    sz = torch.stack((t.scale, zero_f), -1).transpose(0, 1).contiguous().half()
+    dense = (t.q.float() - TINYGEMM_MID) * sz[..., 0].T.float().repeat_interleave(g, 1) \
+        + sz[..., 1].T.float().repeat_interleave(g, 1)
+    return pack_published(t.q), sz, dense
+
+
+CONFIGS = [{"TN": tn, "BKT": bkt, "SPLIT_K": sk, "num_warps": w, "num_stages": 3}
+           for tn, bkt, sk, w in itertools.product((1, 2, 4), (2, 4, 8), (1, 2, 4), (4, 8))
+           if tn * bkt <= 16]
+
+
+def aot(args) -> int:
+    from bench.quant import triton_aot
+
+    why = triton_aot.unavailable(90)
+    if why:
+        print(why, file=sys.stderr)
+        return 2
+    n, k, g = 4096, 4096, 128
+    for cfg in CONFIGS:
+        if cfg["SPLIT_K"] > 2:
+            continue  # the K loop is the same kernel; one split shown
+        c = dict(cfg)
+        launch = {"num_warps": c.pop("num_warps"), "num_stages": c.pop("num_stages")}
+        x = torch.empty(k // 2, dtype=torch.int32, device="meta")
+        packed = torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, device="meta")
+        sz = torch.empty(k // g, n, 1, dtype=torch.int32, device="meta")
+        y = torch.empty(n, dtype=torch.float32 if c["SPLIT_K"] > 1 else torch.float16, device="meta")
+        try:
+            got = triton_aot.compile_call(h2_kernel, (x, packed, sz, y, n, k), {"G": g, "EMULATE": False, **c, **launch})
+        except Exception as e:  # noqa: BLE001 - each configuration's compile error is a line of the table
+            print(cfg, "error:", str(e).splitlines()[0][:200])
+            continue
+        loop = triton_aot.loop_instructions(got.cubin)
+        per_thread = c["TN"] * 8 * c["BKT"] * 128 // (launch["num_warps"] * 32)
+        print(f"TN={c['TN']} BKT={c['BKT']} SPLIT_K={c['SPLIT_K']} warps={launch['num_warps']}: "
+              f"regs {got.registers} spills {got.spill_bytes} loop {sum(loop.values())} "
+              f"per weight {sum(loop.values()) / per_thread:.2f} ({' '.join(f'{o}:{m}' for o, m in loop.most_common(7))})")
+    return 0
+
+
+def interpret(args) -> int:
+    import triton.runtime.interpreter as interpreter
+
+    # The interpreter holds scalars in one-element arrays that range() cannot take as bounds (as
+    # tests/test_int4_kernels.py patches it): read the element instead
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is not None:
+        def patched(tensor, scope):
+            patch(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        interpreter._patch_lang_tensor = patched
+    torch.manual_seed(0)
+    worst = 0.0
+    for n, k, g in ((48, 384, 128), (64, 512, 256), (40, 256, 128)):
+        packed, sz, dense = weights(n, k, g, "cpu")
+        x = torch.randn(1, k).half()
+        want = x.float() @ dense.T
+        for cfg in ({"TN": 1, "BKT": 2, "SPLIT_K": 1}, {"TN": 2, "BKT": 1, "SPLIT_K": 2},
+                    {"TN": 4, "BKT": 4, "SPLIT_K": 1}, {"TN": 1, "BKT": 1, "SPLIT_K": 3}):
+            y = h2_mm(x, packed, sz, n, g, cfg, emulate=True)
+            err = ((y.float() - want).abs().max() / want.abs().max()).item()
+            worst = max(worst, err)
+            print(n, k, g, cfg, f"max rel err {err:.2e}")
+    print(f"worst {worst:.2e}")
+    return 0 if worst < 1e-3 else 1
+
+
+def gpu(args) -> int:
+    from gpu_int4_candidates import shapes_of
+    from gpu_read_ceiling import calls_for
+
+    from bench.measure.results import CsvWriter
+    from bench.measure.timing import call_us
+    from bench.quant import triton_w4a16
+    from bench.quant.w4a16 import choice
+
+    dev = torch.device("cuda")
+    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
+    writer = CsvWriter(Path(args.out), ["preset", "shape", "out_features", "in_features", "kernel", "config", "us",
+                                        "int4_gb_per_s", "max_rel_err"])
+    torch.manual_seed(0)
+    bad = 0
+    for preset in args.presets:
+        for shape, (n, k) in shapes_of(preset).items():
+            packed, sz, dense = weights(n, k, args.group_size, dev)
+            x = torch.randn(1, k, device=dev).half()
+            want = x.float() @ dense.T
+            count = max(1, -(-choice.L2_MULTIPLE * l2 // (packed.numel() * 4)))
+            layers = [(packed.clone(), sz.clone()) for _ in range(count)]
+            row = {"preset": preset, "shape": shape, "out_features": n, "in_features": k}
+
+            def timed(name, cfg, fn):
+                nonlocal bad
+                y = fn(*layers[0])
+                err = ((y.float() - want).abs().max() / want.abs().max()).item()
+                turn = itertools.cycle(layers)
+                us = call_us(lambda: fn(*next(turn)), dev, calls=calls_for(count))
+                writer.write({**row, "kernel": name, "config": cfg, "us": round(us, 3),
+                              "int4_gb_per_s": round(choice.int4_gb_per_s(n, k, args.group_size, us), 1), "max_rel_err": f"{err:.2e}"})
+                bad += err > 1e-2
+                return us, err
+
+            base, _ = timed("triton-tiles (autotuned)", "", lambda p, s: triton_w4a16.tiles_mm(
+                x, p, s, n, args.group_size, False))
+            best = None
+            for cfg in CONFIGS:
+                try:
+                    us, err = timed("h2", " ".join(f"{a}={b}" for a, b in cfg.items()),
+                                    lambda p, s, c=cfg: h2_mm(x, p, s, n, args.group_size, c))
+                except Exception as e:  # noqa: BLE001 - a configuration that fails is a line, the rest go on
+                    print(preset, shape, cfg, "failed:", str(e).splitlines()[0][:200], flush=True)
+                    continue
+                if best is None or us < best[0]:
+                    best = (us, cfg, err)
+            print(f"{preset} {shape} {n}x{k}: triton-tiles {base:.2f} us; h2 best {best[0]:.2f} us "
+                  f"({base / best[0]:.2f}x, err {best[2]:.1e}) {best[1]}", flush=True)
+            layers = None  # freed before the next shape
+            torch.cuda.empty_cache()
+    return 1 if bad else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="mode", required=True)
+    sub.add_parser("aot")
+    sub.add_parser("interpret")
+    g = sub.add_parser("gpu")
+    g.add_argument("--out", required=True)
+    g.add_argument("--presets", nargs="+", default=["llava-1.5-7b", "vila1.5-3b"])
+    g.add_argument("--group-size", type=int, default=128)
+    args = ap.parse_args()
+    return {"aot": aot, "interpret": interpret, "gpu": gpu}[args.mode](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
