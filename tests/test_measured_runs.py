@@ -80,6 +80,35 @@ def test_a_cache_is_warmed_up_cold_and_warm_for_each_measured_shape(tmp_path):
     assert all(r["question"] != "What is here?" for r in warmups)
 
 
+def test_a_batchs_warm_ups_hold_the_measured_batches_prompt_lengths_row_by_row(tmp_path, monkeypatch):
+    """The graph engines capture per batch shape (rows of one suffix length, or of several): a
+    warm-up batch that mixed the generic warm-up questions into the shape-matched one left the
+    measured batch's graphs to its first measured run."""
+    real, seen = HFEngine.run_batch, []
+
+    def recording(self, requests, new_tokens):
+        seen.append([len(self.adapter.prepare_text(q).suffix_ids) for _, q in requests])
+        seen[-1].append(tuple(q for _, q in requests))
+        return real(self, requests, new_tokens)
+
+    monkeypatch.setattr(HFEngine, "run_batch", recording)
+    questions = tmp_path / "q.txt"
+    questions.write_text("What is here?\nWhat colour is the large shape in the middle of the picture?\n")
+    out = tmp_path / "o"
+    flags = [a for a in BASE if a not in ("--text-prompt", "What is here?")]
+    assert run_main([*flags, "--variants", "prefix", "--batch-size", "3", "--questions", str(questions),
+                     "--output-dir", str(out)]) == 0
+    kinds = [r["kind"] for r in _rows(out)]
+    warm, measured = [seen[i] for i, k in enumerate(kinds) if k == "warmup"], \
+        [seen[i] for i, k in enumerate(kinds) if k == "measured"]
+    asked = set(questions.read_text().splitlines())
+    shapes = {tuple(m[:-1]) for m in measured}
+    assert len(shapes) == 2  # 3 rows of 2 questions cyclically: (a, b, a) then (b, a, b)
+    matched = [w for w in warm if tuple(w[:-1]) in shapes]
+    assert {tuple(w[:-1]) for w in matched} == shapes and len(matched) == 2 * 2  # each cold, then warm
+    assert not any(set(w[-1]) & asked for w in warm)  # never a measured question
+
+
 def _group(cv_phase_ms: list[float], n=6):
     rows = []
     for i in range(n):

@@ -81,29 +81,45 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def shape_matched_warmups(adapter, questions: list[str], limit: int = 16) -> list[str]:
-    """One warm-up per distinct measured prompt length, with other text of the same token count.
+def shape_matched_warmups(adapter, questions: list[str], batch: int = 1,
+                          limit: int = 16) -> list[tuple[list[str], int]]:
+    """Warm-up batches that meet the shapes of the measured ones, with other text of the same
+    token counts: (questions, start) pairs for RequestSource.next, one per distinct sequence of
+    prompt lengths the measured batches hold (a measured batch at `start` n x `batch` holds
+    questions[start:start + batch], cyclically), at most `limit`.
 
     GPU libraries pick kernels per shape on first use (seen on the H200: a 628-token prefill took
-    58 ms the first time, 22 ms after), so every measured shape is warmed, never with a measured
-    question: the question's words in reverse (or rotated) order, or filler words.
-    """
+    58 ms the first time, 22 ms after), and the graph engines capture a graph per batch shape (a
+    batch whose rows share one suffix length runs other graphs than one whose rows differ), so
+    every measured batch shape is warmed, never with a measured question: each question stands
+    in for by its twin, the question's words in reverse (or rotated) order, or filler words of
+    its token count. A length no such text has is left unwarmed."""
     def suffix_len(q: str) -> int:  # tokenization only: the image is the same for every question
         return len(adapter.prepare_text(q).suffix_ids)
 
-    out, seen = [], set()
-    for q in questions:
-        target = suffix_len(q)
-        if target in seen or len(out) >= limit:
+    lengths = {q: suffix_len(q) for q in dict.fromkeys(questions)}
+    twin_of_length: dict[int, str] = {}
+    for q, target in lengths.items():
+        if target in twin_of_length:
             continue
-        seen.add(target)
         words = q.split()
         candidates = [" ".join(reversed(words)), " ".join(words[1:] + words[:1])]
         candidates += [" ".join(["warm"] * k) for k in range(1, 2 * target + 2)]
-        for c in candidates:
-            if c not in questions and suffix_len(c) == target:
-                out.append(c)
-                break
+        twin = next((c for c in candidates if c not in lengths and suffix_len(c) == target), None)
+        if twin is not None:
+            twin_of_length[target] = twin
+    twins = [twin_of_length.get(lengths[q]) for q in questions]
+    out, seen = [], set()
+    for n in range(len(questions)):  # the measured batches' starts repeat after len(questions) batches
+        start = n * batch
+        rows = [(start + i) % len(questions) for i in range(batch)]
+        shape = tuple(lengths[questions[r]] for r in rows)
+        if shape in seen or any(twins[r] is None for r in rows):
+            continue
+        seen.add(shape)
+        out.append((twins, start))
+        if len(out) >= limit:
+            break
     return out
 
 
@@ -617,19 +633,20 @@ class Benchmark:
         prior = [r for r in self.prior.get((base["variant"], _point_key(point.columns())), []) if r.get("status") == "ok"]
         try:
             host.before_warmup()  # a full collection now, not before the measured runs (bench.run.host)
-            warmups = [self.warmups[i % len(self.warmups)] for i in range(cfg.warmup)]
+            generic = [self.warmups[i % len(self.warmups)] for i in range(cfg.warmup)]
+            batches = [(generic, i, False) for i in range(cfg.warmup)]
             if cfg.warmup:
-                warmups += shape_matched_warmups(adapter, questions)
+                batches += [(qs, start, True) for qs, start in
+                            shape_matched_warmups(adapter, questions, point.batch_size)]
             record_warmups = not any(r.get("kind") == "warmup" for r in prior)
             # A cache's cold requests (prefill of the whole prompt, then store) meet other shapes
-            # than its warm ones: each shape-matched warm-up runs cold, then warm.
-            plan = [(i, "warm" if policy.stateful else state) for i in range(len(warmups))]
-            if policy.stateful:
-                plan = [(i, s) for i, _ in plan for s in (("cold", "warm") if i >= cfg.warmup else ("warm",))]
-            for k, (i, cache_state) in enumerate(plan):
+            # than its warm ones: each shape-matched warm-up batch runs cold, then warm.
+            plan = [(qs, start, s) for qs, start, matched in batches
+                    for s in ((("cold", "warm") if matched else ("warm",)) if policy.stateful else (state,))]
+            for k, (qs, start, cache_state) in enumerate(plan):
                 if cache_state == "cold":
                     policy.clear()
-                self._timed_run(engine, source, warmups, i, point,
+                self._timed_run(engine, source, qs, start, point,
                                 {**base, "kind": "warmup", "run_index": k,
                                  "cache_state": None if policy.stateful else state}, record_warmups)
 
