@@ -152,8 +152,56 @@ def h2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, 
         tl.atomic_add(y_ptr + n, y, mask=n_ok, sem="relaxed")
 
 
+@triton.jit
+def h2_rows_last_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
+              SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+    """y[n] = sum_k x[k] W[n, k] for one row of x (as int32 column pairs, x32 [K / 2]), the
+    weight's tiles as triton-tiles reads them, scale and zero as int32 pairs (sz32 [K / G, N]).
+    One program per TN x 8 weight rows and share of K (SPLIT_K: added into fp32 y by atomics).
+    Its tensors hold the rows last, [k-tile, word, row]: a thread's consecutive elements are rows
+    of one word position, which share x's values (loaded once for them), at the cost of loading
+    words one by one instead of four at a time."""
+    BN: tl.constexpr = TN * 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_tiles = K // 128
+    n = pid_n * BN + tl.arange(0, BN)
+    n_ok = n < N
+    per = tl.cdiv(k_tiles, SPLIT_K)
+    kt_lo = pid_k * per
+    lw = tl.arange(0, 16)  # word 4 l + w of a row's tile: columns 32 w + 2 l + 8 i + lo
+    pair = 16 * (lw % 4) + lw // 4  # x's column pair for nibble i = 0 (+ 4 i for the others)
+    acc = tl.zeros((BKT, 16, BN), dtype=tl.float32)
+    for step in range(0, tl.cdiv(per, BKT)):
+        kt = kt_lo + step * BKT + tl.arange(0, BKT)
+        k_ok = (kt < kt_lo + per) & (kt < k_tiles)
+        words = tl.load(p_ptr + ((n // 8)[None, None, :] * k_tiles + kt[:, None, None]) * 128
+                        + (n % 8)[None, None, :] * 16 + lw[None, :, None],
+                        mask=n_ok[None, None, :] & k_ok[:, None, None], other=0)
+        xo = (kt * 64)[:, None] + pair[None, :]
+        x0 = tl.broadcast_to(tl.load(x32 + xo, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
+        x1 = tl.broadcast_to(tl.load(x32 + xo + 4, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
+        x2 = tl.broadcast_to(tl.load(x32 + xo + 8, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
+        x3 = tl.broadcast_to(tl.load(x32 + xo + 12, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
+        sz = tl.load(sz32 + (kt * 128 // G)[:, None] * N + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
+        sz = tl.broadcast_to(sz[:, None, :], (BKT, 16, BN))
+        if EMULATE:
+            acc += _word_emulated(words, x0, x1, x2, x3, sz)
+        else:
+            acc += tl.inline_asm_elementwise(F16X2, "=r,r,r,r,r,r,r", [words, x0, x1, x2, x3, sz],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+    y = tl.sum(tl.sum(acc, axis=1), axis=0)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(y_ptr + n, y, mask=n_ok, sem="relaxed")
+
+
+WAYS = {"h2": h2_kernel, "h2-rows-last": h2_rows_last_kernel}
+
+
 def h2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, n: int, group_size: int,
-          config: dict, emulate: bool = False) -> torch.Tensor:
+          config: dict, emulate: bool = False, way: str = "h2") -> torch.Tensor:
     """x [1, K] float16 times the packed weight [N, K]^T -> [1, N] float16 (group_size >= 128)."""
     assert x.shape[0] == 1 and x.dtype == torch.float16 and group_size >= 128
     k = x.shape[1]
@@ -163,7 +211,7 @@ def h2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, n
     y = torch.zeros(n, dtype=torch.float32, device=x.device) if split else \
         torch.empty(n, dtype=torch.float16, device=x.device)
     grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
-    h2_kernel[grid](x.contiguous().view(torch.int32), packed, scale_and_zero.view(torch.int32), y, n, k,
+    WAYS[way][grid](x.contiguous().view(torch.int32), packed, scale_and_zero.view(torch.int32), y, n, k,
                     G=group_size, EMULATE=emulate, **config, **launch)
     return (y.half() if split else y).view(1, n)
 
@@ -204,7 +252,7 @@ def aot(args) -> int:
         print(why, file=sys.stderr)
         return 2
     n, k, g = 4096, 4096, 128
-    for cfg in CONFIGS:
+    for way, cfg in itertools.product(WAYS, CONFIGS):
         if cfg["SPLIT_K"] > 2:
             continue  # the K loop is the same kernel; one split shown
         c = dict(cfg)
@@ -214,13 +262,13 @@ def aot(args) -> int:
         sz = torch.empty(k // g, n, 1, dtype=torch.int32, device="meta")
         y = torch.empty(n, dtype=torch.float32 if c["SPLIT_K"] > 1 else torch.float16, device="meta")
         try:
-            got = triton_aot.compile_call(h2_kernel, (x, packed, sz, y, n, k), {"G": g, "EMULATE": False, **c, **launch})
+            got = triton_aot.compile_call(WAYS[way], (x, packed, sz, y, n, k), {"G": g, "EMULATE": False, **c, **launch})
         except Exception as e:  # noqa: BLE001 - each configuration's compile error is a line of the table
-            print(cfg, "error:", str(e).splitlines()[0][:200])
+            print(way, cfg, "error:", str(e).splitlines()[0][:200])
             continue
         loop = triton_aot.loop_instructions(got.cubin)
         per_thread = c["TN"] * 8 * c["BKT"] * 128 // (launch["num_warps"] * 32)
-        print(f"TN={c['TN']} BKT={c['BKT']} SPLIT_K={c['SPLIT_K']} warps={launch['num_warps']}: "
+        print(f"{way} TN={c['TN']} BKT={c['BKT']} SPLIT_K={c['SPLIT_K']} warps={launch['num_warps']}: "
               f"regs {got.registers} spills {got.spill_bytes} loop {sum(loop.values())} "
               f"per weight {sum(loop.values()) / per_thread:.2f} ({' '.join(f'{o}:{m}' for o, m in loop.most_common(7))})")
     return 0
@@ -246,10 +294,11 @@ def interpret(args) -> int:
         want = x.float() @ dense.T
         for cfg in ({"TN": 1, "BKT": 2, "SPLIT_K": 1}, {"TN": 2, "BKT": 1, "SPLIT_K": 2},
                     {"TN": 4, "BKT": 4, "SPLIT_K": 1}, {"TN": 1, "BKT": 1, "SPLIT_K": 3}):
-            y = h2_mm(x, packed, sz, n, g, cfg, emulate=True)
-            err = ((y.float() - want).abs().max() / want.abs().max()).item()
-            worst = max(worst, err)
-            print(n, k, g, cfg, f"max rel err {err:.2e}")
+            for way in WAYS:
+                y = h2_mm(x, packed, sz, n, g, cfg, emulate=True, way=way)
+                err = ((y.float() - want).abs().max() / want.abs().max()).item()
+                worst = max(worst, err)
+                print(way, n, k, g, cfg, f"max rel err {err:.2e}")
     print(f"worst {worst:.2e}")
     return 0 if worst < 1e-3 else 1
 
@@ -292,15 +341,15 @@ def gpu(args) -> int:
             base, _ = timed("triton-tiles (autotuned)", "", lambda p, s: triton_w4a16.tiles_mm(
                 x, p, s, n, args.group_size, False))
             best = None
-            for cfg in CONFIGS:
+            for way, cfg in itertools.product(WAYS, CONFIGS):
                 try:
-                    us, err = timed("h2", " ".join(f"{a}={b}" for a, b in cfg.items()),
-                                    lambda p, s, c=cfg: h2_mm(x, p, s, n, args.group_size, c))
+                    us, err = timed(way, " ".join(f"{a}={b}" for a, b in cfg.items()),
+                                    lambda p, s, c=cfg, w=way: h2_mm(x, p, s, n, args.group_size, c, way=w))
                 except Exception as e:  # noqa: BLE001 - a configuration that fails is a line, the rest go on
                     print(preset, shape, cfg, "failed:", str(e).splitlines()[0][:200], flush=True)
                     continue
                 if best is None or us < best[0]:
-                    best = (us, cfg, err)
+                    best = (us, f"{way} {cfg}", err)
             print(f"{preset} {shape} {n}x{k}: triton-tiles {base:.2f} us; h2 best {best[0]:.2f} us "
                   f"({base / best[0]:.2f}x, err {best[2]:.1e}) {best[1]}", flush=True)
             layers = None  # freed before the next shape
