@@ -24,7 +24,7 @@ PRESET=${1:?preset}; OUT=${2:?output directory}
 # gemlite's GEMMs for 8 to 64 rows (batched decode steps), Marlin's GEMM (compiled on first use, about a
 # minute); triton-tiles-splitk is left out: it won no
 # shape at any row count in the H100 table (results/reference/h100/llava-1.5-7b-int4-graph-batch at 0d5576d)
-CANDIDATES=${3:-tinygemm,dense,gemlite-gemv-revsplitk,fbgemm-shuffled,triton-tiles,gemlite-gemm-splitk,gemlite-gemm,marlin}
+CANDIDATES=${3:-tinygemm,dense,gemlite-gemv-revsplitk,fbgemm-shuffled,triton-tiles,triton-f16x2,triton-f16x2-splitk,gemlite-gemm-splitk,gemlite-gemm,marlin}
 PY=${PYTHON:-python3}
 # the quantized models (GBs) stay out of OUT, which holds results only; kernels.json is copied there
 CACHE=${INT4_CACHE_DIR:-${TMPDIR:-/tmp}/vlm-bench-int4-cache-$PRESET}

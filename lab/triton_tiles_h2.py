@@ -11,6 +11,10 @@ with one LOP3 each (and a shift), `sub.f16x2` takes 1032 off exactly (q - 8), `f
 the group's scale and zero rounds once to the fp16 weight the dense path makes, and four f16x2
 multiply-adds with x's column pairs leave two fp16 partial sums of four products each, added into
 fp32: about 23 instructions per 8 weights, written as inline PTX (Triton has no f16x2 type).
+Two ways of laying out a program's words are compared: `h2` (rows first: a thread loads four
+consecutive words of a row at once) and `h2-rows-last` (rows last: a thread's elements are rows of
+one word position, sharing x's loads), the latter the benchmark's `triton-f16x2` kernel
+(bench.quant.triton_f16x2, whose PTX block and interpreter stand-in this script uses).
 
     python lab/triton_tiles_h2.py aot                 # no GPU: registers and SASS per weight per config
     python lab/triton_tiles_h2.py interpret           # no GPU: the index math in Triton's interpreter
@@ -38,76 +42,7 @@ import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-TINYGEMM_MID = 8  # tinygemm's zero point offset (bench.quant.int4.TINYGEMM_MID)
-MID = tl.constexpr(TINYGEMM_MID)
-
-# $0: fp32 partial sum of the word's 8 products; $1: the word; $2..$5: x's column pairs for
-# nibbles 0..3 (low half: column c, high half: c + 1); $6: the group's (scale, zero) as f16x2
-F16X2 = tl.constexpr("""{
-.reg .b32 t0, t1, t2, t3, u, s2, z2, c, p;
-.reg .b16 sh, zh, plo, phi;
-.reg .f32 flo, fhi;
-mov.b32 {sh, zh}, $6;
-mov.b32 s2, {sh, sh};
-mov.b32 z2, {zh, zh};
-mov.b32 c, 0x64086408;
-lop3.b32 t0, $1, 0x000f000f, 0x64006400, 0xea;
-shr.u32 u, $1, 4;
-lop3.b32 t1, u, 0x000f000f, 0x64006400, 0xea;
-shr.u32 u, $1, 8;
-lop3.b32 t2, u, 0x000f000f, 0x64006400, 0xea;
-shr.u32 u, $1, 12;
-lop3.b32 t3, u, 0x000f000f, 0x64006400, 0xea;
-sub.f16x2 t0, t0, c;
-sub.f16x2 t1, t1, c;
-sub.f16x2 t2, t2, c;
-sub.f16x2 t3, t3, c;
-fma.rn.f16x2 t0, t0, s2, z2;
-fma.rn.f16x2 t1, t1, s2, z2;
-fma.rn.f16x2 t2, t2, s2, z2;
-fma.rn.f16x2 t3, t3, s2, z2;
-mul.rn.f16x2 p, t0, $2;
-fma.rn.f16x2 p, t1, $3, p;
-fma.rn.f16x2 p, t2, $4, p;
-fma.rn.f16x2 p, t3, $5, p;
-mov.b32 {plo, phi}, p;
-cvt.f32.f16 flo, plo;
-cvt.f32.f16 fhi, phi;
-add.f32 flo, flo, fhi;
-mov.b32 $0, flo;
-}""")
-
-
-@triton.jit
-def _half(v, high: tl.constexpr):
-    """The fp16 in the low or high 16 bits of int32 `v`, as fp32 (the interpreter's stand-in)."""
-    if high:
-        bits = (v >> 16) & 0xFFFF
-    else:
-        bits = v & 0xFFFF
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _word_emulated(words, x0, x1, x2, x3, sz):
-    """What F16X2 computes, in fp32 Triton operations (no f16x2 rounding)."""
-    s = _half(sz, False)
-    z = _half(sz, True)
-    out = tl.zeros(words.shape, dtype=tl.float32)
-    for i in tl.static_range(4):
-        if i == 0:
-            xi = x0
-        elif i == 1:
-            xi = x1
-        elif i == 2:
-            xi = x2
-        else:
-            xi = x3
-        v = words >> (4 * i)
-        q_lo = (v & 0xF).to(tl.float32)
-        q_hi = ((v >> 16) & 0xF).to(tl.float32)
-        out += ((q_lo - MID) * s + z) * _half(xi, False) + ((q_hi - MID) * s + z) * _half(xi, True)
-    return out
+from bench.quant.triton_f16x2 import F16X2, TINYGEMM_MID, _f16x2_kernel, _words_emulated  # noqa: E402
 
 
 @triton.jit
@@ -141,7 +76,7 @@ def h2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, 
         sz = tl.load(sz32 + (kt * 128 // G)[None, :] * N + n[:, None], mask=n_ok[:, None] & k_ok[None, :], other=0)
         sz = tl.broadcast_to(sz[:, :, None], (BN, BKT, 16))
         if EMULATE:
-            acc += _word_emulated(words, x0, x1, x2, x3, sz)
+            acc += _words_emulated(words, x0, x1, x2, x3, sz)
         else:
             acc += tl.inline_asm_elementwise(F16X2, "=r,r,r,r,r,r,r", [words, x0, x1, x2, x3, sz],
                                              dtype=tl.float32, is_pure=True, pack=1)
@@ -152,52 +87,7 @@ def h2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, 
         tl.atomic_add(y_ptr + n, y, mask=n_ok, sem="relaxed")
 
 
-@triton.jit
-def h2_rows_last_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
-              SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
-    """y[n] = sum_k x[k] W[n, k] for one row of x (as int32 column pairs, x32 [K / 2]), the
-    weight's tiles as triton-tiles reads them, scale and zero as int32 pairs (sz32 [K / G, N]).
-    One program per TN x 8 weight rows and share of K (SPLIT_K: added into fp32 y by atomics).
-    Its tensors hold the rows last, [k-tile, word, row]: a thread's consecutive elements are rows
-    of one word position, which share x's values (loaded once for them), at the cost of loading
-    words one by one instead of four at a time."""
-    BN: tl.constexpr = TN * 8
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    k_tiles = K // 128
-    n = pid_n * BN + tl.arange(0, BN)
-    n_ok = n < N
-    per = tl.cdiv(k_tiles, SPLIT_K)
-    kt_lo = pid_k * per
-    lw = tl.arange(0, 16)  # word 4 l + w of a row's tile: columns 32 w + 2 l + 8 i + lo
-    pair = 16 * (lw % 4) + lw // 4  # x's column pair for nibble i = 0 (+ 4 i for the others)
-    acc = tl.zeros((BKT, 16, BN), dtype=tl.float32)
-    for step in range(0, tl.cdiv(per, BKT)):
-        kt = kt_lo + step * BKT + tl.arange(0, BKT)
-        k_ok = (kt < kt_lo + per) & (kt < k_tiles)
-        words = tl.load(p_ptr + ((n // 8)[None, None, :] * k_tiles + kt[:, None, None]) * 128
-                        + (n % 8)[None, None, :] * 16 + lw[None, :, None],
-                        mask=n_ok[None, None, :] & k_ok[:, None, None], other=0)
-        xo = (kt * 64)[:, None] + pair[None, :]
-        x0 = tl.broadcast_to(tl.load(x32 + xo, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
-        x1 = tl.broadcast_to(tl.load(x32 + xo + 4, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
-        x2 = tl.broadcast_to(tl.load(x32 + xo + 8, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
-        x3 = tl.broadcast_to(tl.load(x32 + xo + 12, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
-        sz = tl.load(sz32 + (kt * 128 // G)[:, None] * N + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
-        sz = tl.broadcast_to(sz[:, None, :], (BKT, 16, BN))
-        if EMULATE:
-            acc += _word_emulated(words, x0, x1, x2, x3, sz)
-        else:
-            acc += tl.inline_asm_elementwise(F16X2, "=r,r,r,r,r,r,r", [words, x0, x1, x2, x3, sz],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-    y = tl.sum(tl.sum(acc, axis=1), axis=0)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(y_ptr + n, y, mask=n_ok, sem="relaxed")
-
-
-WAYS = {"h2": h2_kernel, "h2-rows-last": h2_rows_last_kernel}
+WAYS = {"h2": h2_kernel, "h2-rows-last": _f16x2_kernel}  # the second: bench.quant.triton_f16x2's
 
 
 def h2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, n: int, group_size: int,

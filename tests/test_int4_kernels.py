@@ -748,7 +748,7 @@ def test_cuda_measured_kernels_hold_one_extra_format_per_layer():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", [n for n in KERNELS if n.startswith(("gemlite-", "triton-tiles"))])
+@pytest.mark.parametrize("name", [n for n in KERNELS if n.startswith(("gemlite-", "triton-tiles", "triton-f16x2"))])
 def test_cuda_triton_kernel_compiles_whole_and_matches_eager(name):
     """The graph engine compiles layers calling gemlite's kernels and ours: one opaque op in the
     graph, no break, once per row count, the eager results (split-K kernels sum in another order)."""
@@ -1185,6 +1185,91 @@ def test_the_tiles_kernel_compiles_for_sm90_without_a_gpu():
     assert triton_aot.loop_instructions(dot.cubin)["HMMA"] > 0  # tensor cores in the loop
     assert triton_aot.loop_instructions(elementwise.cubin)["HMMA"] == 0
     assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in dot.ptx and "atom.global" in dot.ptx
+
+
+_INTERPRETED_F16X2 = _INTERPRETED_TILES.split("torch.manual_seed(0)")[0] + r"""
+from bench.quant import triton_f16x2
+
+torch.manual_seed(0)
+worst = 0.0
+for n, k, g in ((40, 384, 128), (64, 512, 256)):  # rows past a program's block, k-tiles past a step's
+    t = quantize_int4(torch.randn(n, k) * 0.05, g)
+    zero_f = (TINYGEMM_MID - t.zero.float()) * t.scale
+    sz = torch.stack((t.scale, zero_f), -1).transpose(0, 1).contiguous().half()  # [K/G, N, 2]
+    w = ((t.q.float() - TINYGEMM_MID) * sz[..., 0].T.float().repeat_interleave(g, 1)
+         + sz[..., 1].T.float().repeat_interleave(g, 1))  # the pairs as the kernel reads them, fp16
+    packed = pack_published(t.q)
+    for rows in (1, 2):  # a second row runs as a call of its own
+        x = torch.randn(rows, k).half()
+        want = x.float() @ w.T
+        for cfg in ({"TN": 2, "BKT": 2, "SPLIT_K": 1}, {"TN": 4, "BKT": 4, "SPLIT_K": 1},
+                    {"TN": 2, "BKT": 1, "SPLIT_K": 3}):
+            y = triton_f16x2.f16x2_mm(x, packed, sz, n, g, cfg["SPLIT_K"] > 1, cfg, emulate=True)
+            assert y.shape == (rows, n) and y.dtype == torch.float16, (y.shape, y.dtype)
+            worst = max(worst, ((y.float() - want).abs().max() / want.abs().max()).item())
+print(worst)
+"""
+
+
+def test_the_f16x2_kernel_reads_the_published_tile_layout_in_tritons_interpreter():
+    """bench.quant.triton_f16x2's GEMV in Triton's interpreter with its PTX block's stand-in (the
+    same arithmetic in fp32): the words, x's column pairs and the scale/zero pairs it reads for
+    each nibble, over partial blocks of rows and k-tiles and split K, against dequantize + matmul."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", _INTERPRETED_F16X2], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert float(done.stdout.split()[-1]) < 1e-3  # the fp16 output's rounding; a wrong pair is far more
+
+
+def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_weight():
+    """The f16x2 GEMV's PTX (inline f16x2 arithmetic) through Triton's compiler and ptxas for
+    sm_90, one configuration the autotuner keeps without split and one with: no spills, the
+    dequantization and products in f16x2 instructions, no int -> float conversion, and its K loop
+    under 4 machine instructions per weight (triton-tiles' best: about 6)."""
+    pytest.importorskip("triton")
+    from bench.quant import triton_aot, triton_f16x2
+
+    why = triton_aot.unavailable()
+    if why:
+        pytest.skip(why)
+    n, k, g = 4096, 4096, 128
+    meta = dict(device="meta")
+    for split, cfg in ((False, {"TN": 4, "BKT": 4, "SPLIT_K": 1}), (True, {"TN": 2, "BKT": 8, "SPLIT_K": 2})):
+        assert any(c.kwargs == cfg for c in triton_f16x2._configs(split))
+        args = (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32,
+                                                                             **meta),
+                torch.empty(k // g, n, 1, dtype=torch.int32, **meta),
+                torch.empty(n, dtype=torch.float32 if split else torch.float16, **meta), n, k)
+        c = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args,
+                                    {"G": g, "EMULATE": False, **cfg, "num_warps": 4, "num_stages": 3})
+        assert c.spill_bytes == 0 and c.registers <= 255, (c.registers, c.spill_bytes)
+        assert "fma.rn.f16x2" in c.ptx and "lop3.b32" in c.ptx and ("atom.global" in c.ptx) == split
+        loop = triton_aot.loop_instructions(c.cubin)
+        assert loop["HFMA2"] > 0 and loop["I2F"] + loop["I2FP"] == 0, loop
+        per_weight = sum(loop.values()) / (cfg["TN"] * 8 * cfg["BKT"] * 128 / (4 * 32))
+        assert per_weight < 4.0, (per_weight, loop)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("split_k", [False, True])
+def test_cuda_f16x2_kernel_matches_dequantize_and_matmul(split_k):
+    """The PTX itself (autotuned, as a layer runs it) against dequantize + matmul in fp32, on
+    shapes whose rows and k-tiles leave partial blocks, at one row and at three (row by row)."""
+    m = Int4Linear.from_int4(quantize_int4(torch.randn(520, 1152) * 0.02, 128), DEVICE, torch.float16)
+    name = "triton-f16x2-splitk" if split_k else "triton-f16x2"
+    why = KERNELS[name].unavailable(DEVICE, torch.float16) or KERNELS[name].shape_unsupported(m)
+    if why:
+        pytest.skip(why)
+    for rows in (1, 3):
+        x = torch.randn(rows, 1152, device=DEVICE, dtype=torch.float16)
+        y, want = m.run_kernel(name, x).float(), _reference(m, x)
+        assert ((y - want).abs().max() / want.abs().max()).item() < 2e-3
 
 
 def test_the_tiles_kernel_compiles_for_a_capability_with_its_own_ptxas():

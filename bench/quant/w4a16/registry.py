@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from bench.quant.w4a16.base import W4A16Kernel
 from bench.quant.w4a16.dense import Dense
+from bench.quant.w4a16.f16x2 import F16x2
 from bench.quant.w4a16.fbgemm import Fbgemm
 from bench.quant.w4a16.gemlite import Gemlite
 from bench.quant.w4a16.marlin import Marlin
@@ -22,5 +23,7 @@ KERNELS: dict[str, W4A16Kernel] = {k.name: k for k in (
     Fbgemm("bf16i4bf16_shuffled", shuffled=True),
     Tiles(split_k=False),
     Tiles(split_k=True),
+    F16x2(split_k=False),
+    F16x2(split_k=True),
     Marlin(),
 )}

@@ -1,0 +1,208 @@
+"""A one-row Triton W4A16 GEMV over the int4 layer's own packed weight (tinygemm's tile layout, as
+bench.quant.triton_w4a16 reads it) that dequantizes and multiplies two weights per instruction.
+
+At one row a W4A16 kernel is bound by the instructions it issues per weight: int4 weights read at
+2.5-2.8 TB/s are 5-6e12 weights a second, and an H100 issues about 6 thread-instructions per weight
+at that rate (132 SMs x 128 a cycle), an H200 about 4. triton-tiles dequantizes and multiplies in
+fp32, one weight per instruction: about 6 per weight in its K loop at its best configuration
+(lab/triton_tiles_aot.py). Here each int32 word of the tile layout (its 8 nibbles: the column pairs
+c, c + 1 for four c) becomes four f16x2 values 1024 + q with one LOP3 each (and a shift),
+`sub.f16x2` takes 1032 off exactly (q - 8, exact in fp16), `fma.rn.f16x2` with the group's scale
+and zero rounds once to the fp16 weight the dense path makes ((q - 8) s + z), and four f16x2
+multiply-adds with x's column pairs leave two fp16 partial sums of four products each, added into
+fp32: 23 instructions per 8 weights, 3.5-3.9 per weight with the loop's loads and addresses
+(sm_90 SASS, lab/triton_tiles_h2.py aot). The f16x2 block is inline PTX: Triton has no type for
+two halves in one register.
+
+The program's tensors hold the weight rows last, [k-tile, word, row], so a thread's consecutive
+elements are rows of one word position and share x's values (loaded once for them). One program
+per TN x 8 weight rows; with `split_k` also one per share of K, the shares added into an fp32
+output by atomics. Block sizes, warps and splits autotune per (N, K) on the first call (Triton's
+autotuner: host-synchronized, so never inside a CUDA graph capture; the kernel class asks to be
+called once before any capture, bench.quant.w4a16.f16x2). float16 activations, groups of 128 or
+more. Hand-written because no maintained library multiplies by this layout.
+
+In Triton's interpreter (no PTX there) EMULATE runs the same index math with the f16x2 block done
+in fp32 Triton operations: the tests check the layout with it, and the PTX on a GPU.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bench.quant.w4a16.base import autotune_bench
+
+TINYGEMM_MID = 8  # bench.quant.int4.TINYGEMM_MID: the zero point's offset
+MID = tl.constexpr(TINYGEMM_MID)
+
+# $0: fp32 sum of the word's 8 products; $1: the word; $2..$5: x's column pairs of nibbles 0..3
+# (low half: column c, high half: c + 1); $6: the group's (scale, zero) as f16x2
+F16X2 = tl.constexpr("""{
+.reg .b32 t0, t1, t2, t3, u, s2, z2, c, p;
+.reg .b16 sh, zh, plo, phi;
+.reg .f32 flo, fhi;
+mov.b32 {sh, zh}, $6;
+mov.b32 s2, {sh, sh};
+mov.b32 z2, {zh, zh};
+mov.b32 c, 0x64086408;
+lop3.b32 t0, $1, 0x000f000f, 0x64006400, 0xea;
+shr.u32 u, $1, 4;
+lop3.b32 t1, u, 0x000f000f, 0x64006400, 0xea;
+shr.u32 u, $1, 8;
+lop3.b32 t2, u, 0x000f000f, 0x64006400, 0xea;
+shr.u32 u, $1, 12;
+lop3.b32 t3, u, 0x000f000f, 0x64006400, 0xea;
+sub.f16x2 t0, t0, c;
+sub.f16x2 t1, t1, c;
+sub.f16x2 t2, t2, c;
+sub.f16x2 t3, t3, c;
+fma.rn.f16x2 t0, t0, s2, z2;
+fma.rn.f16x2 t1, t1, s2, z2;
+fma.rn.f16x2 t2, t2, s2, z2;
+fma.rn.f16x2 t3, t3, s2, z2;
+mul.rn.f16x2 p, t0, $2;
+fma.rn.f16x2 p, t1, $3, p;
+fma.rn.f16x2 p, t2, $4, p;
+fma.rn.f16x2 p, t3, $5, p;
+mov.b32 {plo, phi}, p;
+cvt.f32.f16 flo, plo;
+cvt.f32.f16 fhi, phi;
+add.f32 flo, flo, fhi;
+mov.b32 $0, flo;
+}""")
+
+
+@triton.jit
+def _half(v, high: tl.constexpr):
+    """The fp16 in the low or high 16 bits of int32 `v`, as fp32."""
+    if high:
+        bits = (v >> 16) & 0xFFFF
+    else:
+        bits = v & 0xFFFF
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _words_emulated(words, x0, x1, x2, x3, sz):
+    """What F16X2 computes per word, in fp32 Triton operations (for the interpreter)."""
+    s = _half(sz, False)
+    z = _half(sz, True)
+    out = tl.zeros(words.shape, dtype=tl.float32)
+    for i in tl.static_range(4):
+        if i == 0:
+            xi = x0
+        elif i == 1:
+            xi = x1
+        elif i == 2:
+            xi = x2
+        else:
+            xi = x3
+        v = words >> (4 * i)
+        lo = ((v & 0xF).to(tl.float32) - MID) * s + z
+        hi = (((v >> 16) & 0xF).to(tl.float32) - MID) * s + z
+        out += lo * _half(xi, False) + hi * _half(xi, True)
+    return out
+
+
+@triton.jit
+def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
+                  SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+    """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
+    the scales and zeros as int32 pairs (sz32 [K / G, N])."""
+    BN: tl.constexpr = TN * 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_tiles = K // 128
+    n = pid_n * BN + tl.arange(0, BN)  # weight rows
+    n_ok = n < N
+    per = tl.cdiv(k_tiles, SPLIT_K)  # k-tiles of a share
+    kt_lo = pid_k * per
+    lw = tl.arange(0, 16)  # a row's word 4 l + w of a tile: columns 32 w + 2 l + 8 i + lo, nibble i + 4 lo
+    pair = 16 * (lw % 4) + lw // 4  # x's column pair (32 w + 2 l) / 2 of nibble 0; + 4 i for nibble i
+    acc = tl.zeros((BKT, 16, BN), dtype=tl.float32)
+    for step in range(0, tl.cdiv(per, BKT)):
+        kt = kt_lo + step * BKT + tl.arange(0, BKT)
+        k_ok = (kt < kt_lo + per) & (kt < k_tiles)
+        words = tl.load(p_ptr + ((n // 8)[None, None, :] * k_tiles + kt[:, None, None]) * 128
+                        + (n % 8)[None, None, :] * 16 + lw[None, :, None],
+                        mask=n_ok[None, None, :] & k_ok[:, None, None], other=0)
+        xo = (kt * 64)[:, None] + pair[None, :]
+        x0 = tl.broadcast_to(tl.load(x32 + xo, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
+        x1 = tl.broadcast_to(tl.load(x32 + xo + 4, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
+        x2 = tl.broadcast_to(tl.load(x32 + xo + 8, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
+        x3 = tl.broadcast_to(tl.load(x32 + xo + 12, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
+        sz = tl.load(sz32 + (kt * 128 // G)[:, None] * N + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
+        sz = tl.broadcast_to(sz[:, None, :], (BKT, 16, BN))
+        if EMULATE:
+            acc += _words_emulated(words, x0, x1, x2, x3, sz)
+        else:
+            acc += tl.inline_asm_elementwise(F16X2, "=r,r,r,r,r,r,r", [words, x0, x1, x2, x3, sz],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+    y = tl.sum(tl.sum(acc, axis=1), axis=0)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.atomic_add(y_ptr + n, y, mask=n_ok, sem="relaxed")
+
+
+def _configs(split: bool) -> list:
+    """The candidates (pruned per shape by _prune), kept few: each compiles once, and every shape
+    benchmarks those left on its first call."""
+    space = [(tn, bkt) for tn in (2, 4) for bkt in (4, 8) if tn * bkt <= 16]
+    splits = (2, 4) if split else (1,)
+    return [triton.Config({"TN": tn, "BKT": bkt, "SPLIT_K": sk}, num_warps=w, num_stages=3)
+            for tn, bkt in space for sk in splits for w in (4, 8)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """A share of K is at least one block of k-tiles."""
+    k_tiles = named_args["K"] // 128
+    kept = [c for c in configs if c.kwargs["SPLIT_K"] * c.kwargs["BKT"] <= max(k_tiles, 1)]
+    return kept or [min(configs, key=lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BKT"])]
+
+
+_tuned = triton.autotune(_configs(split=False), key=["N", "K"], do_bench=autotune_bench,
+                         prune_configs_by={"early_config_prune": _prune})(_f16x2_kernel)
+_tuned_split = triton.autotune(_configs(split=True), key=["N", "K"], reset_to_zero=["y_ptr"],
+                               do_bench=autotune_bench, prune_configs_by={"early_config_prune": _prune})(_f16x2_kernel)
+
+
+def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, out_features: int,
+             group_size: int, split_k: bool, config: dict | None = None, emulate: bool = False) -> torch.Tensor:
+    """x [M, K] float16 times the packed int4 weight [N = out_features, K]^T -> [M, N] float16
+    (scale_and_zero [K / group_size, N, 2] float16, group_size a multiple of 128), a row at a time
+    (a GEMV: `--int4-kernels measured` times it at one row only; a fixed `--int4-kernels` runs its
+    calls of more rows row by row). `config` (TN, BKT, SPLIT_K, num_warps, num_stages) skips
+    autotuning, `emulate` runs the interpreter's stand-in for the PTX (tests)."""
+    if x.dtype != torch.float16 or group_size % 128:
+        raise ValueError("f16x2_mm takes float16 activations and groups of a multiple of 128")
+    x = x.contiguous()
+    if x.storage_offset() % 2:  # its column pairs are read as int32 words
+        x = x.clone()
+    if x.shape[0] != 1:
+        return torch.cat([f16x2_mm(x[i:i + 1], packed, scale_and_zero, out_features, group_size, split_k, config,
+                                   emulate) for i in range(x.shape[0])])
+    k, n = x.shape[1], out_features
+    x32 = x.view(torch.int32)
+    sz32 = scale_and_zero.view(torch.int32)
+    split = split_k if config is None else config["SPLIT_K"] > 1
+    y = torch.zeros(n, dtype=torch.float32, device=x.device) if split else \
+        torch.empty(n, dtype=torch.float16, device=x.device)
+    args = (x32, packed, sz32, y, n, k)
+    if config is not None:
+        config = dict(config)
+        launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3)}
+        grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
+        _f16x2_kernel[grid](*args, G=group_size, EMULATE=emulate, **config, **launch)
+    else:
+        def grid(meta):
+            return triton.cdiv(n, 8 * meta["TN"]), meta["SPLIT_K"]
+
+        (_tuned_split if split_k else _tuned)[grid](*args, G=group_size, EMULATE=False)
+    return (y.half() if split else y).view(1, n)
+
+
+def tuning_count() -> int:
+    """Keys the autotuners have tuned so far (compile_events counts a tuning inside a measured run)."""
+    return len(_tuned.cache) + len(_tuned_split.cache)
