@@ -534,6 +534,7 @@ def test_ci_bench_refuses_a_directory_another_command_wrote(results_dir, tmp_pat
     assert {p.name: p.read_bytes() for p in results_dir.iterdir()} == before
     ours = shlex.join(["vlm-bench", "run", *CI_BENCH_ARGS, "--append", "--output-dir", "/x y"])
     assert is_ci_bench(ours) and not is_ci_bench(ours.replace("--num-runs 12", "--num-runs 3"))
+    assert not is_ci_bench(ours + " --num-runs 3")  # a later flag wins: another benchmark
     assert not is_ci_bench(None) and not is_ci_bench("run 'unclosed")
     assert other_commands(ROOT / BASELINE_DIR) == []  # what ci-bench wrote (twice) it appends to
 

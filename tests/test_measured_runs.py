@@ -81,9 +81,9 @@ def test_a_cache_is_warmed_up_cold_and_warm_for_each_measured_shape(tmp_path):
 
 
 def test_a_batchs_warm_ups_hold_the_measured_batches_prompt_lengths_row_by_row(tmp_path, monkeypatch):
-    """The graph engines capture per batch shape (rows of one suffix length, or of several): a
-    warm-up batch that mixed the generic warm-up questions into the shape-matched one left the
-    measured batch's graphs to its first measured run."""
+    """The graph engines capture per batch shape (rows of one suffix length, or of several): each
+    measured batch's sequence of prompt lengths is met by a warm-up batch of other questions, cold
+    and then warm, so no measured run is the first to meet it."""
     real, seen = HFEngine.run_batch, []
 
     def recording(self, requests, new_tokens):

@@ -449,11 +449,17 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     assert len(measured) >= 4 and (measured["status"] == "ok").all() and set(measured["num_images"]) == {1, 2}
     assert (measured["server_prefix_hit_rate"] == 0.0).all()
     assert not measured["cache_hit"].any() and (measured["cached_tokens"] == 0).all()
-    # a summary of fewer requests than the fewest a point needs names --duration, not --num-prompts
-    short = pd.read_csv(distinct / "summary.csv").query("n < 10")["invalid_reason"]
-    assert len(short) and short.str.contains("requests < --duration's minimum of 10").all(), short.tolist()
-    assert main(["summarize", str(distinct)]) == 0  # rebuilt from env.json's config, the same reasons
-    assert pd.read_csv(distinct / "summary.csv").query("n < 10")["invalid_reason"].tolist() == short.tolist()
+    summary = pd.read_csv(distinct / "summary.csv")  # a point's rate: one value over its requests, as many
+    assert summary.query("metric == 'point_rps'")["valid"].all()
+
+    brief = tmp_path / "brief"  # a point too short for the fewest requests a summary needs
+    assert main(["run", "--endpoint", server["url"] + "/v1", "--model", MODEL, "--duration", "0.05",
+                 "--max-new-tokens", "2", "--output-dir", str(brief)]) == 0
+    ttft = pd.read_csv(brief / "summary.csv").query("metric == 'ttft_ms'")
+    assert (ttft["n"] < 10).all() and ttft["invalid_reason"].str.contains("requests < --duration's minimum of 10").all()
+    before = ttft["invalid_reason"].tolist()
+    assert main(["summarize", str(brief)]) == 0  # rebuilt from env.json's config: the same reasons
+    assert pd.read_csv(brief / "summary.csv").query("metric == 'ttft_ms'")["invalid_reason"].tolist() == before
 
 
 def test_a_servers_model_entry_states_what_it_runs_in_strings_only():

@@ -120,8 +120,8 @@ def _invalid_note(summary: list[dict]) -> str | None:
         reason = str(row.get("invalid_reason") or "").split(";")[0]
         names = [title(m).split()[0] for m in VALIDITY_METRICS]
         example = f", e.g. {ident['variant']} {ident['cache_state']} {point} {title(metric).split()[0]}: {reason}"
-        flags = ("--duration or --max-cv" if "--duration" in reason else "--num-prompts or --max-cv") \
-            if _served(summary) else "--num-runs, --min-seconds or --max-cv"
+        flags = "--num-prompts (or --duration) or --max-cv" if _served(summary) else \
+            "--num-runs, --min-seconds or --max-cv"
         return (f"valid no: a {' or '.join(names)} summary missed {flags} (why: "
                 f"summary.csv invalid_reason{example if reason else ''})")
     return None

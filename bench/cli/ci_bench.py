@@ -45,7 +45,8 @@ def is_ci_bench(command) -> bool:
         words = shlex.split(command) if isinstance(command, str) else []
     except ValueError:
         return False
-    return any(words[i:i + len(CI_BENCH_ARGS) + 2] == ["run", *CI_BENCH_ARGS, "--append"] for i in range(len(words)))
+    head = ["run", *CI_BENCH_ARGS, "--append", "--output-dir"]  # then the directory, and nothing after it
+    return any(words[i:i + len(head)] == head and len(words) == i + len(head) + 1 for i in range(len(words)))
 
 
 def other_commands(out: Path) -> list[str]:
@@ -69,8 +70,9 @@ def main(argv: list[str]) -> int:
         raise UsageError("OUTPUT_DIR is empty; give the results directory to write")
     other = other_commands(Path(args.output_dir))
     if other:  # appended to, its summaries would hold the gate's runs beside another benchmark's
-        raise UsageError(f"OUTPUT_DIR {args.output_dir} holds a run ci-bench did not make ({other[0][:120]}): "
-                         "give a new directory or one ci-bench wrote")
+        shown = " ".join(other[0].split())[:120]  # one line, whatever the command's quoted text holds
+        raise UsageError(f"OUTPUT_DIR {args.output_dir} holds a run ci-bench did not make with these settings "
+                         f"({shown}): give a new directory or one ci-bench wrote")
     from bench.cli.run import main as run_main
 
     return run_main([*CI_BENCH_ARGS, "--append", "--output-dir", args.output_dir], prog=f"{PROG} run")

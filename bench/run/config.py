@@ -75,9 +75,10 @@ class RunFields:
     num_runs: int = opt("measured runs per variant (at least)", 10, aliases=("--num_runs",))
     min_seconds: float = opt("measured time per variant (at least), s", 1.0)
     max_runs: int = opt("hard cap on measured runs per variant (0: 20 x --num-runs)", 0)
-    warmup: int = opt("warm-up runs per variant (unmeasured questions); when at least 1, also one per distinct "
-                      "prompt length of the measured questions (cold, then warm, with a cache), so no measured run "
-                      "meets a new shape (0: none)", 2)
+    warmup: int = opt("warm-up runs per variant (unmeasured questions); when at least 1, also one batch per "
+                      "distinct sequence of prompt lengths the measured batches hold, in other text of the same "
+                      "token counts (cold, then warm, with a cache), so no measured run meets a new shape (0: none)",
+                      2)
     max_new_tokens: int = opt("tokens generated per request (fixed: EOS ignored)", 128,
                               aliases=("--max_new_tokens",))
     fidelity: bool = opt("measure token_agree / kl_mean against the fp16 baseline for every variant", True)

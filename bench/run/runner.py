@@ -81,43 +81,47 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def shape_matched_warmups(adapter, questions: list[str], batch: int = 1,
+def shape_matched_warmups(adapter, questions: list[str], batch: int = 1, runs: int | None = None,
                           limit: int = 16) -> list[tuple[list[str], int]]:
     """Warm-up batches that meet the shapes of the measured ones, with other text of the same
     token counts: (questions, start) pairs for RequestSource.next, one per distinct sequence of
-    prompt lengths the measured batches hold (a measured batch at `start` n x `batch` holds
-    questions[start:start + batch], cyclically), at most `limit`.
+    prompt lengths the measured batches hold (measured run n holds questions[n x batch:][:batch],
+    cyclically; `runs`: the most measured runs a group makes), at most `limit`.
 
     GPU libraries pick kernels per shape on first use (seen on the H200: a 628-token prefill took
     58 ms the first time, 22 ms after), and the graph engines capture a graph per batch shape (a
     batch whose rows share one suffix length runs other graphs than one whose rows differ), so
-    every measured batch shape is warmed, never with a measured question: each question stands
-    in for by its twin, the question's words in reverse (or rotated) order, or filler words of
-    its token count. A length no such text has is left unwarmed."""
+    every measured batch shape is warmed, never with a measured question: each question stands in
+    by its twin, the question's words in reverse (or rotated) order, or filler words of its token
+    count. A batch holding a length no such text has is not warmed (real tokenizers have one)."""
     def suffix_len(q: str) -> int:  # tokenization only: the image is the same for every question
         return len(adapter.prepare_text(q).suffix_ids)
 
-    lengths = {q: suffix_len(q) for q in dict.fromkeys(questions)}
-    twin_of_length: dict[int, str] = {}
-    for q, target in lengths.items():
-        if target in twin_of_length:
-            continue
-        words = q.split()
-        candidates = [" ".join(reversed(words)), " ".join(words[1:] + words[:1])]
-        candidates += [" ".join(["warm"] * k) for k in range(1, 2 * target + 2)]
-        twin = next((c for c in candidates if c not in lengths and suffix_len(c) == target), None)
-        if twin is not None:
-            twin_of_length[target] = twin
-    twins = [twin_of_length.get(lengths[q]) for q in questions]
+    lengths: dict[str, int] = {}
+    twin_of_length: dict[int, str | None] = {}
+
+    def twin(q: str) -> str | None:
+        if q not in lengths:
+            lengths[q] = suffix_len(q)
+        target = lengths[q]
+        if target not in twin_of_length:
+            words = q.split()
+            candidates = [" ".join(reversed(words)), " ".join(words[1:] + words[:1])]
+            candidates += [" ".join(["warm"] * k) for k in range(1, 2 * target + 2)]
+            twin_of_length[target] = next((c for c in candidates if c not in questions and suffix_len(c) == target),
+                                          None)
+        return twin_of_length[target]
+
     out, seen = [], set()
-    for n in range(len(questions)):  # the measured batches' starts repeat after len(questions) batches
+    for n in range(min(len(questions), runs or len(questions))):  # starts repeat after len(questions) runs
         start = n * batch
-        rows = [(start + i) % len(questions) for i in range(batch)]
-        shape = tuple(lengths[questions[r]] for r in rows)
-        if shape in seen or any(twins[r] is None for r in rows):
+        rows = [questions[(start + i) % len(questions)] for i in range(batch)]
+        twins = [twin(q) for q in rows]
+        shape = tuple(lengths[q] for q in rows)
+        if shape in seen or None in twins:
             continue
         seen.add(shape)
-        out.append((twins, start))
+        out.append((twins, 0))  # the measured batch's rows in its order, each by its twin
         if len(out) >= limit:
             break
     return out
@@ -637,7 +641,7 @@ class Benchmark:
             batches = [(generic, i, False) for i in range(cfg.warmup)]
             if cfg.warmup:
                 batches += [(qs, start, True) for qs, start in
-                            shape_matched_warmups(adapter, questions, point.batch_size)]
+                            shape_matched_warmups(adapter, questions, point.batch_size, cfg.max_runs)]
             record_warmups = not any(r.get("kind") == "warmup" for r in prior)
             # A cache's cold requests (prefill of the whole prompt, then store) meet other shapes
             # than its warm ones: each shape-matched warm-up batch runs cold, then warm.

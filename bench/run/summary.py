@@ -74,7 +74,9 @@ def summarize_runs(rows: list[dict], rule: ValidityRule) -> list[dict]:
             if s["n"]:
                 stats[metric] = s
         for metric, s in stats.items():
-            reasons = invalid_reasons(s, rule.num_runs, measured_s, rule.min_seconds, max_cv, runs_named)
+            # a point metric is one measurement over the point's requests: they are its runs
+            counted = {**s, "n": len(runs)} if metric in POINT_METRICS else s
+            reasons = invalid_reasons(counted, rule.num_runs, measured_s, rule.min_seconds, max_cv, runs_named)
             valid = not reasons
             if not s["cv"] <= max_cv and metric in PHASES_OF:
                 phase = max((p for p in PHASES_OF[metric] if p in stats), key=lambda p: stats[p]["stdev"],
