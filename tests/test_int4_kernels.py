@@ -1145,20 +1145,25 @@ print(worst)
 """
 
 
-def test_the_tiles_kernel_multiplies_by_the_published_tile_layout_in_tritons_interpreter():
-    """Our Triton kernel (bench.quant.triton_w4a16) on CPU tensors in Triton's interpreter: weights
-    packed as tinygemm's CUDA packer writes them, every program shape it launches (one row
-    block, several, split K, elementwise and tl.dot), against dequantize + matmul in fp32."""
+def _interpreted_worst_error(script: str) -> float:
+    """Run `script` (one of the _INTERPRETED_ ones) in a process of its own under Triton's
+    interpreter; the worst relative error it prints."""
     import subprocess
     import sys
 
     pytest.importorskip("triton")
     from tests.conftest import ROOT
 
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED_TILES], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert float(done.stdout.split()[-1]) < 1e-3  # the fp16 output's rounding; a wrong nibble is far more
+    return float(done.stdout.split()[-1])
+
+
+def test_the_tiles_kernel_multiplies_by_the_published_tile_layout_in_tritons_interpreter():
+    """Our Triton kernel (bench.quant.triton_w4a16) on CPU tensors in Triton's interpreter: weights
+    packed as tinygemm's CUDA packer writes them, every program shape it launches (one row
+    block, several, split K, elementwise and tl.dot), against dequantize + matmul in fp32."""
+    assert _interpreted_worst_error(_INTERPRETED_TILES) < 1e-3  # the fp16 output's rounding; a wrong nibble is far more
 
 
 def test_the_tiles_kernel_compiles_for_sm90_without_a_gpu():
@@ -1215,16 +1220,7 @@ def test_the_f16x2_kernel_reads_the_published_tile_layout_in_tritons_interpreter
     """bench.quant.triton_f16x2's GEMV in Triton's interpreter with its PTX block's stand-in (the
     same arithmetic in fp32): the words, x's column pairs and the scale/zero pairs it reads for
     each nibble, over partial blocks of rows and k-tiles and split K, against dequantize + matmul."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    from tests.conftest import ROOT
-
-    done = subprocess.run([sys.executable, "-c", _INTERPRETED_F16X2], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert float(done.stdout.split()[-1]) < 1e-3  # the fp16 output's rounding; a wrong pair is far more
+    assert _interpreted_worst_error(_INTERPRETED_F16X2) < 1e-3  # the fp16 output's rounding; a wrong pair is far more
 
 
 def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_weight():

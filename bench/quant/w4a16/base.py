@@ -1,6 +1,9 @@
 """What a W4A16 kernel is to Int4Linear."""
 from __future__ import annotations
 
+import importlib
+from functools import lru_cache
+
 import torch
 
 
@@ -60,3 +63,17 @@ def cuda_half_unavailable(name: str, device: torch.device, dtype: torch.dtype) -
     if dtype not in (torch.float16, torch.bfloat16):
         return f"{name} takes float16 or bfloat16 activations, not {dtype}"
     return None
+
+
+@lru_cache(maxsize=None)
+def triton_module(name: str, counter: str):
+    """(bench.quant.`name`, None) for one of our Triton kernel modules, its autotuners' tunings
+    counted by compile_events as `counter` (its tuning_count()); (None, why Triton cannot run it)."""
+    from bench.measure import compile_events
+
+    try:
+        module = importlib.import_module(f"bench.quant.{name}")
+    except Exception as e:  # noqa: BLE001 - no Triton (CPU builds of torch), or one too old
+        return None, f"Triton cannot be imported ({e.__class__.__name__}: {str(e)[:120]})"
+    compile_events.add_counter(counter, module.tuning_count)
+    return module, None

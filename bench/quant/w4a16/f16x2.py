@@ -9,23 +9,14 @@ still falls inside a measured run is counted as one-time work (compile_events).
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
-from bench.measure import compile_events
-from bench.quant.w4a16.base import W4A16Kernel, cuda_half_unavailable
+from bench.quant.w4a16.base import W4A16Kernel, cuda_half_unavailable, triton_module
 
 
-@lru_cache(maxsize=None)
 def _module():
     """(bench.quant.triton_f16x2, None) or (None, why Triton cannot run it)."""
-    try:
-        from bench.quant import triton_f16x2
-    except Exception as e:  # noqa: BLE001 - no Triton (CPU builds of torch), or one too old
-        return None, f"Triton cannot be imported ({e.__class__.__name__}: {str(e)[:120]})"
-    compile_events.add_counter("int4 f16x2 autotuning", triton_f16x2.tuning_count)
-    return triton_f16x2, None
+    return triton_module("triton_f16x2", "int4 f16x2 autotuning")
 
 
 @torch.library.custom_op("vlm_bench::int4_f16x2_mm", mutates_args=())

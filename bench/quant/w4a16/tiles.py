@@ -10,23 +10,14 @@ as one-time work (compile_events).
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
-from bench.measure import compile_events
-from bench.quant.w4a16.base import W4A16Kernel, cuda_half_unavailable
+from bench.quant.w4a16.base import W4A16Kernel, cuda_half_unavailable, triton_module
 
 
-@lru_cache(maxsize=None)
 def _module():
     """(bench.quant.triton_w4a16, None) or (None, why Triton cannot run it)."""
-    try:
-        from bench.quant import triton_w4a16
-    except Exception as e:  # noqa: BLE001 - no Triton (CPU builds of torch), or one too old
-        return None, f"Triton cannot be imported ({e.__class__.__name__}: {str(e)[:120]})"
-    compile_events.add_counter("int4 tiles autotuning", triton_w4a16.tuning_count)
-    return triton_w4a16, None
+    return triton_module("triton_w4a16", "int4 tiles autotuning")
 
 
 @torch.library.custom_op("vlm_bench::int4_tiles_mm", mutates_args=())
