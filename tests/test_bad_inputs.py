@@ -408,6 +408,10 @@ BAD_RUNS = {
     # killed run leaves: left out with a warning, tests/test_results_dir.py)
     "truncated": lambda good: good[: good.index("\n", good.index("measured")) - 40] + "\n",
     "nan-cell": lambda good: _metric_cell(good, "nan"),
+    "inf-cell": lambda good: _metric_cell(good, "inf"),
+    "underscored-number": lambda good: _metric_cell(good, "1_000"),
+    # every row twice: each run would count as two samples
+    "duplicated-rows": lambda good: good + good[good.index("\n") + 1:],
     "text-cell": lambda good: _metric_cell(good, "fast"),
     "count-not-whole": lambda good: _metric_cell(good, "1.5", "batch_size"),  # an identity column
     "header-only": lambda good: good[: good.index("\n") + 1],

@@ -149,6 +149,34 @@ def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
     assert snapshot(out) == before
 
 
+def test_resume_after_a_run_left_out_goes_on_after_every_earlier_attempt(tmp_path, monkeypatch, capsys):
+    """A measured run that captured is recorded, left out and made again; a resume after it numbers
+    its runs past it (it numbered them from the clean ones, writing a second row of one attempt,
+    which summaries would count twice)."""
+    from bench.measure import compile_events
+
+    out = tmp_path / "o"
+    args = [*TINY, "--variants", "fp16", "--output-dir", str(out)]
+    real, calls = engine_mod.HFEngine.run_batch, {"n": 0}
+
+    def captures_then_stops(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            compile_events.note_capture()
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", captures_then_stops)
+    assert run_main(args) == 130
+    assert [(r["run_index"], r["compiles"]) for r in read_rows(out / "runs.csv")] == [("0", "1"), ("1", "0")]
+    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", real)
+    assert run_main([*args[:-2], "--resume", "--output-dir", str(out)]) == 0
+    assert [r["run_index"] for r in read_rows(out / "runs.csv")] == ["0", "1", "2"]
+    capsys.readouterr()
+    assert main(["summarize", str(out)]) == 0 and "from 2 measured runs" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("stop_at", [4, 8])  # in fp16's second point; in prefix's first warm group
 def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeypatch, stop_at):
     out = tmp_path / "o"
@@ -417,7 +445,11 @@ def _cell(text: bytes, column: str, value: str) -> bytes:
     # a whole row (its line end written) with a field too many, then more rows
     ("runs.csv", lambda t: _first_row(t, lambda head, row: row.append("extra")), "--resume", "line 2 has"),
     ("runs.csv", lambda t: _cell(t, "batch_size", "abc"), "--append", "column batch_size: 'abc' is not a whole number"),
-    ("runs.csv", lambda t: _cell(t, "ttft_ms", "fast"), "--resume", "column ttft_ms: 'fast' is not a number"),
+    ("runs.csv", lambda t: _cell(t, "ttft_ms", "fast"), "--resume", "column ttft_ms: 'fast' is not a finite number"),
+    ("runs.csv", lambda t: _cell(t, "ttft_ms", "inf"), "--append", "column ttft_ms: 'inf' is not a finite number"),
+    ("runs.csv", lambda t: _cell(t, "tpot_ms", "1_000"), "--resume", "column tpot_ms: '1_000' is not a finite number"),
+    # a row copied by hand would count twice in every summary
+    ("runs.csv", lambda t: t + t[t.index(b"\n") + 1:], "--append", "repeats the run of line 2"),
     ("summary.csv", "a directory", "--append", "summary.csv: a directory, not a file; remove it"),
 ])
 def test_append_or_resume_onto_damaged_files(finished, tmp_path, capsys, name, data, mode, needle):

@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import re
 import secrets
 import tempfile
 import unicodedata
@@ -14,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.errors import UsageError, path_problem
-from bench.measure.schema import RUN_COLUMNS, RUN_METRICS, SUMMARY_COLUMNS, WHOLE_IDENTITY
+from bench.measure.schema import RUN_COLUMNS, RUN_METRICS, SUMMARY_COLUMNS, SUMMARY_KEY, WHOLE_IDENTITY
 
 
 _UNSAFE = frozenset(("Cc", "Cs", "Zl", "Zp"))  # control characters (NUL, escapes, line ends), lone surrogates, separators
@@ -159,19 +160,29 @@ def whole_rows(text: str) -> str:
     return text if not text or text.endswith("\n") else text[: text.rfind("\n") + 1]
 
 
-def check_rows(text: str, numbers=frozenset(), whole=frozenset()) -> int:
+# A number as the CSV writer writes one: ASCII digits, no underscores, never inf or nan
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+# What tells one run's row from another's in runs.csv: its result, invocation, kind and attempt
+RUN_ROW_KEY = (*SUMMARY_KEY, "kind", "run_index")
+
+
+def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[str, ...] = ()) -> int:
     """The number of rows of the CSV `text` (less its header and blank lines); ValueError saying
     why they are not whole rows of its header: a row with another number of fields, a cell of a
-    column in `numbers` that is not a number, or of one in `whole` that is not a whole number
-    (empty cells pass), or no readable CSV at all. Written by hand: csv reads any row it can
-    split, and pandas fills what it cannot read with NaN."""
+    column in `numbers` that is not a finite number, or of one in `whole` that is not a whole
+    number (empty cells pass), an ok row (status) whose `unique` columns repeat an earlier ok
+    row's (a copied row would count twice), or no readable CSV at all. Written by hand: csv reads
+    any row it can split, and pandas fills what it cannot read with NaN."""
     import io
 
     rows = 0
+    seen: dict[tuple, int] = {}
     try:
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         header = next(reader, [])
         checked = [(i, name) for i, name in enumerate(header) if name in numbers or name in whole]
+        keyed = [header.index(c) for c in unique if c in header] if "status" in header else []
+        status = header.index("status") if keyed else None
         for row in reader:
             if not row:
                 continue
@@ -183,14 +194,19 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset()) -> int:
                 cell = row[i].strip()
                 if cell == "":
                     continue
-                try:
-                    value = float(cell)
-                    ok = not math.isnan(value) and (name not in whole or (math.isfinite(value) and value == int(value)))
-                except ValueError:
-                    ok = False
+                ok = bool(_NUMBER.fullmatch(cell)) and math.isfinite(float(cell))
+                if ok and name in whole:
+                    ok = float(cell) == int(float(cell))
                 if not ok:
                     raise ValueError(f"line {reader.line_num}, column {name}: {cell[:40]!r} is not a "
-                                     f"{'whole number' if name in whole else 'number'}")
+                                     f"{'whole number' if name in whole else 'finite number'}")
+            if keyed and row[status] == "ok":
+                key = tuple(row[i] for i in keyed)
+                if key in seen:
+                    raise ValueError(f"line {reader.line_num} repeats the run of line {seen[key]} (the same "
+                                     f"{', '.join(c for c in unique if c in header)}): a copied row would count "
+                                     "twice")
+                seen[key] = reader.line_num
     except csv.Error as e:
         raise ValueError(f"not a readable CSV ({e})") from None
     return rows
@@ -303,7 +319,7 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
                 raise UsageError(f"{runs} is not UTF-8 text (byte {e.start}): not a file this harness wrote intact; "
                                  "use a new --output-dir") from None
             try:
-                check_rows(whole_rows(text), RUN_METRICS, WHOLE_IDENTITY)
+                check_rows(whole_rows(text), RUN_METRICS, WHOLE_IDENTITY, RUN_ROW_KEY)
             except ValueError as e:
                 raise UsageError(f"{runs}: {e}: restore the file or use a new --output-dir") from None
     problem = summary_problem(out_dir)

@@ -362,10 +362,12 @@ class Benchmark:
         return False
 
     def _group_done(self, rows: list[dict]) -> bool:
-        n = len(rows)
-        measured_s = sum(float(r.get("e2e_ms") or 0) for r in rows) / 1e3
+        """Whether a group's measured rows (--resume) finish it: enough clean runs (those a
+        summary counts) and time, or --max-runs attempts, the runs left out included."""
+        clean = [r for r in rows if counts_in_summary(r)]
+        measured_s = sum(float(r.get("e2e_ms") or 0) for r in clean) / 1e3
         cfg = self.cfg
-        return (n >= cfg.num_runs and measured_s >= cfg.min_seconds) or n >= cfg.max_runs
+        return (len(clean) >= cfg.num_runs and measured_s >= cfg.min_seconds) or len(rows) >= cfg.max_runs
 
     def _run_variants(self) -> None:
         if self.cfg.executor == "serial":
@@ -668,9 +670,11 @@ class Benchmark:
                 bar = tqdm(total=cfg.num_runs, desc=f"{base['variant']} {point.label()} [{cache_state}]",
                            leave=False,
                            disable=None if self.placement["worker"] == "serial" else True)  # a sweep has one bar
+                # --resume: attempts go on after every earlier one, those left out included (their
+                # run_index is taken, and they count toward --max-runs)
+                attempts = max((int(r.get("run_index") or 0) + 1 for r in done), default=0)
                 done = [r for r in done if counts_in_summary(r)]
                 n, measured_s = len(done), sum(float(r.get("e2e_ms") or 0) for r in done) / 1e3
-                attempts = n
                 if policy.stateful and cache_state == "warm" and prior and not ran_cold:
                     # --resume: the cache is empty in this process; one unrecorded run fills it as
                     # the cold runs would have, so the first recorded warm run is warm
