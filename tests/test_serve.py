@@ -235,10 +235,10 @@ def test_a_malformed_request_gets_a_400_counted_once_and_the_next_one_succeeds(s
         refused += 1
     bad_parts = [*({"type": "image_url", "image_url": {"url": _data_url(png)}} for png in _malformed_pngs().values()),
                  {"type": "image_url", "image_url": {"url": "/tmp/" + "a" * 5000}},
-                 {"type": "text", "text": 5}]
+                 {"type": "text", "text": 5}, {"type": "text", "text": "\ud800"}]  # a lone surrogate: no character
     for part in bad_parts:
         body = {"model": MODEL, "messages": [{"role": "user", "content": [part, {"type": "text", "text": "Hi?"}]}]}
-        r = httpx.post(url, json=body, timeout=30)
+        r = httpx.post(url, content=json.dumps(body).encode(), timeout=30)  # ASCII JSON: \ud800 as its escape
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0]", r.text
         refused += 1
     with pytest.raises(openai.BadRequestError) as e:

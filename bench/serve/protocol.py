@@ -198,6 +198,11 @@ def parse_chat(body, default_max_tokens: int, max_tokens_limit: int, num_frames:
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise ApiError("a text part's text must be a string", param=param)
+            try:
+                part["text"].encode("utf-8")
+            except UnicodeEncodeError:  # JSON's \ud800 escapes decode to lone surrogates, no tokenizer's text
+                raise ApiError("a text part's text holds a lone UTF-16 surrogate (not a character)",
+                               param=param) from None
             texts.append(part["text"])
         elif kind == "image_url":
             image, data = _image(_url(part, "image_url", param), param, decoded, blocking, budget)
