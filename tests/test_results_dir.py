@@ -1,9 +1,11 @@
 """A results directory has one owner (refusals, --append, --resume, the lock file), exit codes,
 faults that stay in their variant or point, and durable writes."""
+import contextlib
 import csv
 import io
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -537,3 +539,90 @@ def test_text_cells_escape_control_characters_and_keep_every_other_character():
     kept = "Qu'est-ce que c'est\u00a0? \u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 \U0001F469\u200d\U0001F4BB soft\u00adhyphen 日本"
     assert printable(kept) == kept
     assert printable("a\x00b\x1b[31m\nc\u2028\ud800") == "a\\x00b\\x1b[31m\\nc\\u2028\\ud800"
+
+
+_UNPRIVILEGED = r"""
+import contextlib, io, json, sys
+from bench.cli import main, run_main
+d = json.loads(sys.argv[1])
+said = {}
+for name, call, args in (("summarize read-only dir", main, ["summarize", d["ro"]]),
+                         ("summarize unreadable runs.csv", main, ["summarize", d["hidden"]]),
+                         ("append onto read-only runs.csv", run_main, d["append"]),
+                         ("report into a read-only README", main, ["report", d["ok"], "--out", d["out"],
+                                                                   "--readme", d["readme"]])):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = call(args)
+        except SystemExit as e:
+            rc = e.code
+    said[name] = [rc, err.getvalue()]
+print(json.dumps(said))
+"""
+
+
+def test_results_files_this_user_cannot_read_or_write_are_one_line_errors(finished, tmp_path):
+    """summarize into a read-only directory, a runs.csv this user cannot read, --append onto one it
+    cannot write, report --readme onto a read-only README: one line, exit 2, nothing written.
+    (Run as an unprivileged user: root reads and writes past file modes.)"""
+    import shutil
+    import stat
+    import subprocess
+    import sys
+    import tempfile
+
+    from bench.analysis.report import END, START
+    from tests.conftest import ROOT
+
+    user = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv to drop privileges")
+        user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    base = Path(tempfile.mkdtemp(prefix="vlm-perm-"))  # outside pytest's root-only folder
+    try:
+        base.chmod(0o755)
+        dirs = {k: base / k for k in ("ro", "hidden", "append", "ok")}
+        for d in dirs.values():
+            shutil.copytree(finished, d)
+            d.chmod(0o777)
+        dirs["ro"].chmod(0o555)
+        (dirs["hidden"] / "runs.csv").chmod(0)
+        for f in dirs["append"].iterdir():
+            f.chmod(0o444 if f.name == "runs.csv" else 0o666)
+        readme = base / "README.md"
+        readme.write_text(f"# r\n\n{START}\n{END}\n")
+        readme.chmod(0o444)
+        base.chmod(0o777)
+        spec = {**{k: str(v) for k, v in dirs.items()}, "out": str(base / "report"), "readme": str(readme),
+                "append": [*TINY, "--append", "--output-dir", str(dirs["append"])]}
+        def files():  # what the commands may not change (the user's home is theirs)
+            return {p: p.read_bytes() if p.stat().st_mode & stat.S_IRUSR else None
+                    for p in base.rglob("*") if p.is_file() and "home" not in p.relative_to(base).parts}
+
+        before = files()
+        probe = subprocess.run([*user, sys.executable, "-c", "import bench.cli"], cwd=ROOT, capture_output=True)
+        if probe.returncode:
+            pytest.skip("the unprivileged user cannot read this checkout")
+        home = base / "home"  # the int4 cache's default folder is under it
+        home.mkdir()
+        home.chmod(0o777)
+        done = subprocess.run([*user, sys.executable, "-c", _UNPRIVILEGED, json.dumps(spec)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "HOME": str(home)})
+        assert done.returncode == 0, done.stderr[-3000:]
+        said = json.loads(done.stdout.strip().splitlines()[-1])
+        for name, (rc, err) in said.items():
+            lines = err.strip().splitlines()
+            assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), (name, rc, err[-1500:])
+        assert "not writable" in said["summarize read-only dir"][1]
+        assert "cannot be read" in said["summarize unreadable runs.csv"][1]
+        assert "not readable and writable" in said["append onto read-only runs.csv"][1]
+        assert "is not writable" in said["report into a read-only README"][1]
+        assert not (base / "report").exists()
+        assert files() == before  # nothing written, nothing changed
+    finally:
+        for p in [base, *base.rglob("*")]:
+            with contextlib.suppress(OSError):
+                p.chmod(0o777)
+        shutil.rmtree(base, ignore_errors=True)

@@ -30,7 +30,10 @@ def read_text(path: Path, what: str) -> str:
     """The file's text, or BadInput when it is missing, empty, binary or not UTF-8."""
     if not path.is_file():
         raise BadInput(f"{path}: {path_problem(path) or 'no such file'} (expected {what})")
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as e:  # unreadable: its permissions, or an I/O error
+        raise BadInput(f"{path}: cannot be read ({e.strerror or e.__class__.__name__}) (expected {what})") from None
     if not data.strip():
         raise BadInput(f"{path}: empty file (expected {what})")
     if b"\0" in data:

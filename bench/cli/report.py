@@ -8,6 +8,7 @@ as such.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
             if problem:
                 raise BadInput(f"--readme {args.readme}: {problem}")
             readme = read_text(Path(args.readme), "a Markdown file")
+            if not os.access(args.readme, os.W_OK):  # refused before any figure is drawn
+                raise BadInput(f"--readme {args.readme} is not writable")
             if START not in readme or END not in readme.split(START, 1)[1]:
                 raise BadInput(f"--readme {args.readme}: no report markers ({START} ... {END}, in that order)")
             if not Path(args.out).resolve().is_relative_to(Path(args.readme).resolve().parent):

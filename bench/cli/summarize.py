@@ -1,6 +1,7 @@
 """`vlm-bench summarize DIR`: rebuild summary.csv from runs.csv and env.json."""
 from __future__ import annotations
 
+import os
 import sys
 
 from bench.cli import PROG, describe
@@ -40,6 +41,8 @@ def main(argv: list[str]) -> int:
         problem = summary_problem(out)
         if problem:
             raise BadInput(problem)
+        if not os.access(out, os.W_OK | os.X_OK):  # summary.csv is replaced through a file beside it
+            raise BadInput(f"{out} is not writable: summary.csv cannot be written there")
         saved = read_env_config(out / "env.json")
         check_results_csv(out / "runs.csv", "runs")
         # The summary reads three of the run's settings; the rest (whichever version of the

@@ -267,6 +267,12 @@ def lock_holder(out_dir: Path) -> int | None:
 def check_creatable(path: Path, flag: str, writable: bool = True) -> None:
     """A usage error naming `flag` unless `path` is a directory or could be made one: the nearest
     folder of it that exists is a directory (and, `writable`, one this process may write in)."""
+    try:
+        path.lstat()
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # a folder above it this user may not enter
+        raise UsageError(f"{flag} {path} cannot be reached ({e.strerror or e.__class__.__name__})") from None
     if path.is_symlink() and not path.exists():
         raise UsageError(f"{flag} {path} is a broken symbolic link (or a loop); point it at a directory or remove it")
     if path.exists() and not path.is_dir():
@@ -306,6 +312,12 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
     if not entries:
         return
     runs = out_dir / "runs.csv"
+    for name in RESULT_FILES:  # read (runs.csv appended to) by --append and --resume
+        f = out_dir / name
+        need = os.R_OK | (os.W_OK if name == "runs.csv" and mode not in ("new", "fresh") else 0)
+        if f.is_file() and not os.access(f, need):
+            raise UsageError(f"{f} is not {'readable and writable' if need & os.W_OK else 'readable'} "
+                             "by this user: use a new --output-dir")
     if runs.is_file() and runs.stat().st_size:
         with runs.open(newline="", encoding="utf-8-sig", errors="replace") as f:
             header = next(csv.reader(f), [])
