@@ -171,7 +171,8 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
     why they are not whole rows of its header: a row with another number of fields, a cell of a
     column in `numbers` that is not a finite number, or of one in `whole` that is not a whole
     number (empty cells pass), an ok row (status) whose `unique` columns repeat an earlier ok
-    row's (a copied row would count twice), or no readable CSV at all. Written by hand: csv reads
+    row's (a copied row would count twice; rows with the last of them empty are not numbered, and
+    pass), or no readable CSV at all. Written by hand: csv reads
     any row it can split, and pandas fills what it cannot read with NaN."""
     import io
 
@@ -181,7 +182,7 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         header = next(reader, [])
         checked = [(i, name) for i, name in enumerate(header) if name in numbers or name in whole]
-        keyed = [header.index(c) for c in unique if c in header] if "status" in header else []
+        keyed = [header.index(c) for c in unique] if "status" in header and set(unique) <= set(header) else []
         status = header.index("status") if keyed else None
         for row in reader:
             if not row:
@@ -200,7 +201,7 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
                 if not ok:
                     raise ValueError(f"line {reader.line_num}, column {name}: {cell[:40]!r} is not a "
                                      f"{'whole number' if name in whole else 'finite number'}")
-            if keyed and row[status] == "ok":
+            if keyed and row[status] == "ok" and row[keyed[-1]].strip():  # rows numbered by their last key column
                 key = tuple(row[i] for i in keyed)
                 if key in seen:
                     raise ValueError(f"line {reader.line_num} repeats the run of line {seen[key]} (the same "
