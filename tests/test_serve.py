@@ -462,6 +462,28 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     assert pd.read_csv(brief / "summary.csv").query("metric == 'ttft_ms'")["invalid_reason"].tolist() == before
 
 
+def test_an_interrupted_endpoint_run_keeps_the_requests_its_last_point_finished(server, tmp_path):
+    """Ctrl-C in the middle of a point: the requests that ended have their rows (a point's rows
+    were written only when it ended, so an interrupt lost all of them) and a summary; exit 130."""
+    import pandas as pd
+
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--endpoint", server["url"] + "/v1", "--model",
+                             MODEL, "--num-prompts", "100000", "--max-new-tokens", "2", "--warmup", "0",
+                             "--output-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    before, deadline = _requests(server["url"], "ok"), time.monotonic() + 120
+    while _requests(server["url"], "ok") < before + 5 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130 and "requests that finished" in err, err[-2000:]
+    rows = pd.read_csv(out / "runs.csv")
+    assert len(rows) >= 5 and (rows["kind"] == "measured").all() and (rows["status"] == "ok").all()
+    assert sorted(rows["run_index"]) == list(range(len(rows)))  # the first ones sent, each once
+    assert pd.read_csv(out / "summary.csv").query("metric == 'ttft_ms'")["n"].item() == len(rows)
+
+
 def test_a_servers_model_entry_states_what_it_runs_in_strings_only():
     """vlm-bench serve's "vlm_bench" object in /v1/models is read; another server's entry (vLLM's
     has no such object) or one whose values are not strings states nothing."""

@@ -173,9 +173,9 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
     except KeyboardInterrupt as e:  # endpoint_run.Interrupted once the run has a directory
         out, n = getattr(e, "out", None), getattr(e, "rows", 0)
         where = ("nothing measured was kept" if out is None else
-                 f"no request's row had been written (a point's are written when it ends); {out} holds none"
-                 if not n else f"the rows of {n} requests (a point's are written when it ends) and their summary "
-                               f"are in {out}")
+                 f"no request had finished; {out} holds no row" if not n else
+                 f"the rows of the {n} requests that finished (the last point's without its rates) and their "
+                 f"summary are in {out}")
         print(f"\ninterrupted: {where}", file=sys.stderr)
         return 130
     from bench.analysis.console import print_summary

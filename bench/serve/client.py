@@ -300,11 +300,13 @@ async def one_request(api: Api, body: dict) -> dict:
 
 
 async def run_point(api: Api, body, point: Point, seed: int, count: int | None,
-                    duration_s: float | None = None) -> list[dict]:
+                    duration_s: float | None = None, finished: dict | None = None) -> list[dict]:
     """Requests body(0), body(1), ... sent as the point says: `count` of them, or as many as
     arrive within `duration_s` (at rate inf: a new one whenever one of the `concurrency` slots
     frees); rows in the order sent. Once the server refuses a connection (it has gone away) no
-    more are sent: at rate inf each refusal would free its slot at once, a failed row each."""
+    more are sent: at rate inf each refusal would free its slot at once, a failed row each.
+    `finished`: each request's row is put there under its index as it ends (what a point
+    interrupted before its end has)."""
     rng = random.Random(seed)
     gate = asyncio.Semaphore(point.concurrency)
     # rate inf: a request goes out as a slot frees, its task made only then (never more tasks than
@@ -313,13 +315,15 @@ async def run_point(api: Api, body, point: Point, seed: int, count: int | None,
 
     refused = []  # a request the server refused to connect: no more are sent (it has gone away)
 
-    async def send(b, held: bool):
+    async def send(b, held: bool, index: int):
         if not held:
             await gate.acquire()
         try:
             row = await one_request(api, b)
             if str(row.get("error", "")).startswith(CONNECTION_REFUSED):
                 refused.append(row)
+            if finished is not None:
+                finished[index] = row
             return row
         finally:
             gate.release()
@@ -338,7 +342,7 @@ async def run_point(api: Api, body, point: Point, seed: int, count: int | None,
             if refused or (duration_s is not None and time.perf_counter() - t0 >= duration_s):
                 gate.release()
                 break
-        tasks.append(asyncio.create_task(send(body(i), closed_loop)))
+        tasks.append(asyncio.create_task(send(body(i), closed_loop, i)))
         i += 1
     return list(await asyncio.gather(*tasks))
 

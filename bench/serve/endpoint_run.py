@@ -6,6 +6,7 @@ that cannot be reached or does not serve the model at the start is a usage error
 is written; a request that fails later is a failed row (bench.serve.client)."""
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import time
@@ -164,7 +165,15 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
                     body = [body(i) for i in range(cfg.num_prompts)].__getitem__
                 before = await cl.server_counters(client)
                 t0 = time.perf_counter()
-                results = await cl.run_point(client, body, point, cfg.seed, cfg.num_prompts, cfg.duration_s)
+                finished: dict[int, dict] = {}
+                try:
+                    results = await cl.run_point(client, body, point, cfg.seed, cfg.num_prompts, cfg.duration_s,
+                                                 finished)
+                except asyncio.CancelledError:  # Ctrl-C or SIGTERM: the point's finished requests are kept
+                    for i in sorted(finished):  # (without the point's rates: it did not end)
+                        rows.append(_emit(writer, {**base, **finished[i], "kind": "measured", "run_index": i,
+                                                   "question": measured_qs[i % len(measured_qs)]}))
+                    raise
                 wall_s = time.perf_counter() - t0
                 k += len(results) * num_images
                 after = await cl.server_counters(client)
