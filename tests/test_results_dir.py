@@ -179,6 +179,42 @@ def test_resume_after_a_run_left_out_goes_on_after_every_earlier_attempt(tmp_pat
     assert main(["summarize", str(out)]) == 0 and "from 2 measured runs" in capsys.readouterr().out
 
 
+def test_resume_refuses_inputs_whose_contents_changed_at_the_same_paths(tmp_path, monkeypatch, capsys):
+    """The settings name the image and questions files; their contents are digested too (env.json
+    "inputs"), so a resume after either was rewritten is refused instead of mixing two workloads."""
+    from PIL import Image
+
+    questions, image, out = tmp_path / "q.txt", tmp_path / "x.png", tmp_path / "o"
+    questions.write_text("What is here?\n")
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
+    args = [*TINY, "--variants", "fp16", "--questions", str(questions), "--image-path", str(image),
+            "--output-dir", str(out)]
+    real, calls = engine_mod.HFEngine.run_batch, {"n": 0}
+
+    def stops_at_the_second(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", stops_at_the_second)
+    assert run_main(args) == 130
+    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", real)
+    before = snapshot(out)
+    resume = [*args[:-2], "--resume", "--output-dir", str(out)]
+    questions.write_text("What colour is the shape?\n")
+    capsys.readouterr()
+    assert run_main(resume) == 2
+    one_line_error(capsys, "the questions at the same paths changed")
+    questions.write_text("What is here?\n")
+    Image.new("RGB", (64, 48), (30, 200, 30)).save(image)
+    assert run_main(resume) == 2
+    one_line_error(capsys, "the image at the same paths changed")
+    assert snapshot(out) == before
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(image)  # the run's own inputs again: it finishes
+    assert run_main(resume) == 0 and len(read_rows(out / "runs.csv")) == 2
+
+
 @pytest.mark.parametrize("stop_at", [4, 8])  # in fp16's second point; in prefix's first warm group
 def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeypatch, stop_at):
     out = tmp_path / "o"

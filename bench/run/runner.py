@@ -81,6 +81,46 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _file_digest(path: Path, whole: bool = True) -> str:
+    """SHA-256 of a file's bytes; not `whole`: of its size and its first and last MiB (a video's)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        if whole:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        else:
+            size = path.stat().st_size
+            h.update(str(size).encode() + f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def _tree_digest(root: Path) -> str:
+    """SHA-256 of a folder's file names and sizes and of its config.json (a checkpoint's, a frame
+    folder's): what tells another model or other frames at the same path, without reading GBs."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
+    if (root / "config.json").is_file():
+        h.update((root / "config.json").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def input_digests(cfg, image_file: bytes, questions: list[str]) -> dict[str, str]:
+    """What a run reads from files, as digests env.json keeps: --resume refuses inputs whose
+    contents changed at the same paths (its settings compare only the paths)."""
+    out = {"image": hashlib.sha256(image_file).hexdigest()[:16],
+           "questions": hashlib.sha256("\n".join(questions).encode()).hexdigest()[:16]}
+    if cfg.video_path:
+        out["video"] = _file_digest(Path(cfg.video_path), whole=False)
+    if cfg.frames_dir:
+        out["frames"] = _tree_digest(Path(cfg.frames_dir))
+    if cfg.model_path:
+        out["model"] = _tree_digest(Path(cfg.model_path))
+    return out
+
+
 def shape_matched_warmups(adapter, questions: list[str], batch: int = 1, runs: int | None = None,
                           limit: int = 16) -> list[tuple[list[str], int]]:
     """Warm-up batches that meet the shapes of the measured ones, with other text of the same
@@ -203,6 +243,7 @@ class Benchmark:
             self.frames = FrameSource(cfg.video_path, cfg.frames_dir, cfg.num_frames)
         self.questions = load_questions(cfg.questions, cfg.text_prompt)
         self.warmups = warmup_questions(self.questions)
+        self.inputs = input_digests(cfg, self.image_file, self.questions)
         if cfg.conv_mode is not None:
             from bench.models.templates import get_template
 
@@ -265,6 +306,13 @@ class Benchmark:
                               for k in changed[:3]) + (", ..." if len(changed) > 3 else "")
             raise UsageError(f"--resume: {self.out_dir} holds a run of another configuration ({shown}): "
                              "give its settings, or --append for a new run")
+        old_inputs = self.old_env.get("inputs")
+        if isinstance(old_inputs, dict):  # recorded since runs kept digests of their inputs
+            changed = [k for k in sorted(set(old_inputs) | set(self.inputs)) if old_inputs.get(k) != self.inputs.get(k)]
+            if changed:
+                raise UsageError(f"--resume: {self.out_dir} holds a run of other inputs: the {', '.join(changed)} "
+                                 "at the same paths changed since it began (contents differ); give its inputs, "
+                                 "or --append for a new run")
         self.run_id = self.old_env.get("run_id") or self.run_id
         old_rows = read_runs(self.out_dir / "runs.csv")
         self.first_row = len(old_rows)  # this process's rows follow them (env.json's "resumed" entry)
@@ -285,6 +333,7 @@ class Benchmark:
             "dtype": str(self.dtype), "attention_kernels": attention_kernels.describe(self.cfg.attention_kernels),
             "engines": self._engine_specs(), "host": self.host_facts, "preprocess": self.preprocess_facts,
             "model": self.source.name, "weights": self.source.weights, "run_id": self.run_id,
+            "inputs": self.inputs,
         })
         if self.mode == "append" and old is not None:
             # the top level is the latest record of the run before (its "resumed" entries included)
