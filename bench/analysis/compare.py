@@ -217,8 +217,9 @@ def print_table(rows: list[dict], out=None, width: int = NARROW) -> None:
     """The verdicts as a table of at most `width` columns: an identity column (or the run
     counts) holding one value in every row is said once above the table instead."""
     from rich import box
-    from rich.console import Console
     from rich.table import Table
+
+    from bench.log import stdout_console
 
     extra = [k for k in OPTIONAL_SHOWN if _differs(rows, k)]
     cells = [_cells(r, extra) for r in rows]
@@ -242,7 +243,7 @@ def print_table(rows: list[dict], out=None, width: int = NARROW) -> None:
         s = style[r["status"]]
         table.add_row(*[c[h] for h in identity], r["metric"], *[c[h] for h in numbers],
                       f"[{s}]{r['status']}[/]" if s else r["status"])
-    console = Console(file=out or sys.stdout, width=width)
+    console = stdout_console(file=out or sys.stdout, width=width)
     console.print(f"baseline vs candidate{': ' + said if said else ''}")
     console.print(table)
     console.print("ratio: candidate / baseline (Hodges-Lehmann estimate); p: one-sided Mann-Whitney U")

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+from bench.log import stdout_console
 from bench.measure.schema import RESULT_KEY, VALIDITY_METRICS, WORKLOAD_KEYS, point_label, title
 
 NARROW = 100
@@ -155,11 +156,11 @@ def print_summary(summary: list[dict], out_dir, weights: str, console: Console |
     """Print the end-of-run table, the reasons of skipped/failed results and where the files are;
     `earlier_runs`: other runs the directory holds (--append), whose results are not in `summary`."""
     if console is None:
-        terminal = Console()
+        terminal = stdout_console()
         width = terminal.width if terminal.is_terminal else None
-        console = Console(width=width if wide else min(width or NARROW, NARROW))
+        console = stdout_console(width=width if wide else min(width or NARROW, NARROW))
         if wide and width is None:  # not a terminal: as wide as the table
-            console = Console(width=max(NARROW, _width(console, summary_table(summary, weights))))
+            console = stdout_console(width=max(NARROW, _width(console, summary_table(summary, weights))))
     if wide:
         table, hidden = summary_table(summary, weights), []
     else:

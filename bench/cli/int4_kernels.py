@@ -68,8 +68,9 @@ def main(argv: list[str]) -> int:
 
     quiet_libraries()
     import torch
-    from rich.console import Console
     from rich.table import Table
+
+    from bench.log import stdout_console
 
     from bench.quant.w4a16.choice import plan_text, table_rows
     from bench.quant.w4a16.registry import KERNELS
@@ -95,7 +96,7 @@ def main(argv: list[str]) -> int:
         print(out)
         return 0
 
-    console = Console()
+    console = stdout_console()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     console.print(f"int4 kernels (--int4-kernels NAME, or measured; here: {device.type}, "

@@ -58,9 +58,9 @@ def parser() -> ArgumentParser:
 def main(argv: list[str]) -> int:
     parser().parse_args(argv)
     quiet_libraries()  # before the model modules are imported (torchao's load messages)
-    from rich.console import Console
+    from bench.log import stdout_console
 
-    console = Console()
+    console = stdout_console()
     for table in tables():
         console.print(table)
         console.print()
