@@ -8,7 +8,12 @@ With no arguments it runs a tiny VILA-architecture preset (random weights) on th
 """
 import sys
 
-from bench.cli import run_main
-
 if __name__ == "__main__":
-    sys.exit(run_main())
+    try:
+        from bench.cli import run_main
+
+        code = run_main()
+    except KeyboardInterrupt:  # outside the run's own handling (its imports, its last printing)
+        print("\ninterrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -1,5 +1,10 @@
 import sys
 
-from bench.cli import main
+try:
+    from bench.cli import main
 
-sys.exit(main())
+    code = main()
+except KeyboardInterrupt:  # outside a command's own handling (its imports, its last printing)
+    print("\ninterrupted", file=sys.stderr)
+    code = 130
+sys.exit(code)

@@ -284,3 +284,41 @@ def test_a_reader_that_leaves_before_the_tables_ends_nothing_but_the_output():
     proc.stdout.close()  # no reader left: every write to stdout breaks the pipe
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 0 and "Traceback" not in err, err[-2000:]
+
+
+def test_ctrl_c_while_the_command_starts_ends_it_with_130_and_no_traceback(tmp_path):
+    """SIGINT during the imports (before the run's own handling): one line, exit 130, nothing written."""
+    import signal
+
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "vila_prefix_benchmark.py", "--preset", "tiny-vila", "--output-dir",
+                             str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) <= 3, err[-2000:]
+
+
+def test_a_sweep_worker_process_ends_quietly_on_ctrl_c(monkeypatch):
+    """The whole process group gets Ctrl-C: a worker process's entry ends without a traceback (the
+    sweep reports the interrupt once) and closes its pipe."""
+    import pickle
+
+    from bench.run import spawned, worker
+
+    def interrupted(job, send):
+        raise KeyboardInterrupt
+
+    class Pipe:
+        closed = False
+
+        def send(self, message):
+            raise AssertionError("nothing to send")
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(worker, "measure_job", interrupted)
+    pipe = Pipe()
+    spawned.process_main(pickle.dumps({"name": "local:1"}), pipe)
+    assert pipe.closed

@@ -24,6 +24,8 @@ def process_main(work: bytes, conn) -> None:
         from bench.run import worker
 
         worker.measure_job(pickle.loads(work), conn.send)
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the sweep reports it, once
+        pass
     finally:
         conn.close()
 
