@@ -270,7 +270,7 @@ def check_creatable(path: Path, flag: str, writable: bool = True) -> None:
     folder of it that exists is a directory (and, `writable`, one this process may write in)."""
     try:
         path.lstat()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # to be made (or below a file: said below)
         pass
     except OSError as e:  # a folder above it this user may not enter
         raise UsageError(f"{flag} {path} cannot be reached ({e.strerror or e.__class__.__name__})") from None
