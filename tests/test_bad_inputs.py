@@ -1208,6 +1208,6 @@ def test_endpoint_run_interrupted_is_one_line_exit_130(tmp_path):
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 130 and "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith("interrupted: ") and str(out) in lines[0], err
-    assert "no request's row had been written" in lines[0], err  # the one request was still in flight
+    assert "no request had finished" in lines[0], err  # the one request was still in flight
     assert {p.name for p in out.iterdir()} >= {"runs.csv", "summary.csv", "env.json"}
     assert json.loads((out / "env.json").read_text())["interrupted"] is True
