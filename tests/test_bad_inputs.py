@@ -409,6 +409,8 @@ BAD_RUNS = {
     "truncated": lambda good: good[: good.index("\n", good.index("measured")) - 40] + "\n",
     "nan-cell": lambda good: _metric_cell(good, "nan"),
     "inf-cell": lambda good: _metric_cell(good, "inf"),
+    "unknown-status": lambda good: _metric_cell(good, "weird", "status"),
+    "unknown-kind": lambda good: _metric_cell(good, "final", "kind"),
     "underscored-number": lambda good: _metric_cell(good, "1_000"),
     # every row twice: each run would count as two samples
     "duplicated-rows": lambda good: good + good[good.index("\n") + 1:],

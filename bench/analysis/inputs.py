@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from bench.errors import UsageError, path_problem
-from bench.measure.results import RESULT_FILES, RUN_ROW_KEY, check_creatable, check_rows, whole_rows
+from bench.measure.results import RESULT_FILES, RUN_CHOICES, RUN_ROW_KEY, check_creatable, check_rows, whole_rows
 from bench.measure.schema import RUN_METRICS, WHOLE_IDENTITY
 SUMMARY_NUMBERS = frozenset(("n", "median", "mean", "p90", "p99", "stdev", "ci_low", "ci_high", "cv", "measured_s"))
 RUNS_REQUIRED = frozenset(("model", "variant", "kind", "status"))
@@ -63,7 +63,8 @@ def check_results_csv(path: Path, kind: str = "runs") -> str:
     if missing:
         raise BadInput(f"{path}: not {what} (missing columns: {', '.join(sorted(missing))})")
     try:
-        rows = check_rows(text, numbers, WHOLE_IDENTITY, RUN_ROW_KEY if kind == "runs" else ())
+        runs = kind == "runs"
+        rows = check_rows(text, numbers, WHOLE_IDENTITY, RUN_ROW_KEY if runs else (), RUN_CHOICES if runs else None)
     except ValueError as e:
         raise BadInput(f"{path}: {e}: restore the file or re-run") from None
     if kind == "runs" and not rows:

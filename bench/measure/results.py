@@ -164,13 +164,17 @@ def whole_rows(text: str) -> str:
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 # What tells one run's row from another's in runs.csv: its result, invocation, kind and attempt
 RUN_ROW_KEY = (*SUMMARY_KEY, "kind", "run_index")
+# The values runs.csv's status and kind cells hold (another would be a group of its own, or dropped)
+RUN_CHOICES = {"status": frozenset({"ok", "skipped", "failed"}), "kind": frozenset({"warmup", "measured", ""})}
 
 
-def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[str, ...] = ()) -> int:
+def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[str, ...] = (),
+               choices: dict | None = None) -> int:
     """The number of rows of the CSV `text` (less its header and blank lines); ValueError saying
     why they are not whole rows of its header: a row with another number of fields, a cell of a
     column in `numbers` that is not a finite number, or of one in `whole` that is not a whole
-    number (empty cells pass), an ok row (status) whose `unique` columns repeat an earlier ok
+    number (empty cells pass), a cell of a column in `choices` not among its values, an ok row
+    (status) whose `unique` columns repeat an earlier ok
     row's (a copied row would count twice; rows with the last of them empty are not numbered, and
     pass), or no readable CSV at all. Written by hand: csv reads
     any row it can split, and pandas fills what it cannot read with NaN."""
@@ -184,6 +188,7 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
         checked = [(i, name) for i, name in enumerate(header) if name in numbers or name in whole]
         keyed = [header.index(c) for c in unique] if "status" in header and set(unique) <= set(header) else []
         status = header.index("status") if keyed else None
+        chosen = [(header.index(c), c, values) for c, values in (choices or {}).items() if c in header]
         for row in reader:
             if not row:
                 continue
@@ -201,6 +206,10 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
                 if not ok:
                     raise ValueError(f"line {reader.line_num}, column {name}: {cell[:40]!r} is not a "
                                      f"{'whole number' if name in whole else 'finite number'}")
+            for i, name, values in chosen:
+                if row[i] not in values:
+                    raise ValueError(f"line {reader.line_num}, column {name}: {row[i][:40]!r} is none of "
+                                     f"{', '.join(sorted(v for v in values if v))}")
             if keyed and row[status] == "ok" and row[keyed[-1]].strip():  # rows numbered by their last key column
                 key = tuple(row[i] for i in keyed)
                 if key in seen:
@@ -332,7 +341,7 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
                 raise UsageError(f"{runs} is not UTF-8 text (byte {e.start}): not a file this harness wrote intact; "
                                  "use a new --output-dir") from None
             try:
-                check_rows(whole_rows(text), RUN_METRICS, WHOLE_IDENTITY, RUN_ROW_KEY)
+                check_rows(whole_rows(text), RUN_METRICS, WHOLE_IDENTITY, RUN_ROW_KEY, RUN_CHOICES)
             except ValueError as e:
                 raise UsageError(f"{runs}: {e}: restore the file or use a new --output-dir") from None
     problem = summary_problem(out_dir)
