@@ -235,12 +235,16 @@ def test_a_malformed_request_gets_a_400_counted_once_and_the_next_one_succeeds(s
         refused += 1
     bad_parts = [*({"type": "image_url", "image_url": {"url": _data_url(png)}} for png in _malformed_pngs().values()),
                  {"type": "image_url", "image_url": {"url": "/tmp/" + "a" * 5000}},
+                 {"type": "image_url", "image_url": {"url": str(ROOT)}},  # a folder
                  {"type": "text", "text": 5}, {"type": "text", "text": "\ud800"}]  # a lone surrogate: no character
+    said = []
     for part in bad_parts:
         body = {"model": MODEL, "messages": [{"role": "user", "content": [part, {"type": "text", "text": "Hi?"}]}]}
         r = httpx.post(url, content=json.dumps(body).encode(), timeout=30)  # ASCII JSON: \ud800 as its escape
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0]", r.text
+        said.append(r.json()["error"]["message"])
         refused += 1
+    assert any(m.startswith("a folder, not a file, on the server") for m in said), said
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=_messages("Hi?", image_url), temperature=0.7)
     assert "greedy" in str(e.value)

@@ -69,7 +69,11 @@ def _bytes_of(url: str, param: str) -> bytes:
             return path.read_bytes()
     except (OSError, ValueError) as e:  # a name too long, a file that cannot be read
         raise ApiError(f"the file cannot be read on the server ({e.__class__.__name__})", param=param) from None
-    raise ApiError(f"no such file on the server: {path}", param=param)
+    try:
+        folder = path.is_dir()
+    except (OSError, ValueError):
+        folder = False
+    raise ApiError(f"{'a folder, not a file,' if folder else 'no such file'} on the server: {path}", param=param)
 
 
 # A request's images together, in pixels: twice what one image file may have (PIL warns past
