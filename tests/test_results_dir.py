@@ -662,3 +662,39 @@ def test_results_files_this_user_cannot_read_or_write_are_one_line_errors(finish
             with contextlib.suppress(OSError):
                 p.chmod(0o777)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_rows_of_one_attempt_written_at_different_times_are_read(finished, tmp_path, capsys):
+    """What a resume before attempts were numbered past the runs left out could write (two ok rows
+    of one run_index, at different times) is read; a copied row (the same time too) is refused."""
+    out = copy_of(finished, tmp_path)
+    runs = out / "runs.csv"
+    text = runs.read_text()
+    last = text.splitlines()[-1]
+    stamp = last.split(",")[0]
+    runs.write_text(text + last.replace(stamp, "2026-01-01T00:00:00+00:00", 1) + "\n")
+    assert main(["summarize", str(out)]) == 0
+    runs.write_text(text + last + "\n")
+    capsys.readouterr()
+    assert main(["summarize", str(out)]) == 2
+    one_line_error(capsys, "repeats the run of line")
+
+
+def test_a_checkpoints_digest_leaves_out_hidden_files(tmp_path):
+    """--resume compares the checkpoint's file names, sizes and config.json; what an editor, git or
+    a download tool leaves in hidden folders is not the model."""
+    from bench.run.config import RunConfig
+    from bench.run.runner import input_digests
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"a": 1}')
+    (model / "model.safetensors").write_bytes(b"x" * 10)
+    cfg = RunConfig(model_path=str(model))
+    first = input_digests(cfg, b"img", ["q"])["model"]
+    (model / ".ipynb_checkpoints").mkdir()
+    (model / ".ipynb_checkpoints" / "config-checkpoint.json").write_text("{}")
+    (model / ".DS_Store").write_bytes(b"1")
+    assert input_digests(cfg, b"img", ["q"])["model"] == first
+    (model / "model.safetensors").write_bytes(b"x" * 11)
+    assert input_digests(cfg, b"img", ["q"])["model"] != first

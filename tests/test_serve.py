@@ -466,9 +466,10 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
     assert pd.read_csv(brief / "summary.csv").query("metric == 'ttft_ms'")["invalid_reason"].tolist() == before
 
 
-def test_an_interrupted_endpoint_run_keeps_the_requests_its_last_point_finished(server, tmp_path):
-    """Ctrl-C in the middle of a point: the requests that ended have their rows (a point's rows
-    were written only when it ended, so an interrupt lost all of them) and a summary; exit 130."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_endpoint_run_keeps_the_requests_its_last_point_finished(server, tmp_path, sig):
+    """Ctrl-C (asyncio cancels the run) or SIGTERM (raised where the run is) in the middle of a
+    point: the requests that ended have their rows and a summary; exit 130."""
     import pandas as pd
 
     out = tmp_path / "cut"
@@ -479,7 +480,7 @@ def test_an_interrupted_endpoint_run_keeps_the_requests_its_last_point_finished(
     before, deadline = _requests(server["url"], "ok"), time.monotonic() + 120
     while _requests(server["url"], "ok") < before + 5 and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130 and "requests that finished" in err, err[-2000:]
     rows = pd.read_csv(out / "runs.csv")

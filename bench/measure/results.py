@@ -162,8 +162,10 @@ def whole_rows(text: str) -> str:
 
 # A number as the CSV writer writes one: ASCII digits, no underscores, never inf or nan
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
-# What tells one run's row from another's in runs.csv: its result, invocation, kind and attempt
-RUN_ROW_KEY = (*SUMMARY_KEY, "kind", "run_index")
+# What tells one run's row from another's in runs.csv: its result, invocation, kind, attempt and
+# when it was written (a resume before attempts were numbered past the runs left out could
+# write two rows of one attempt, at different times; a copied row repeats them all)
+RUN_ROW_KEY = (*SUMMARY_KEY, "kind", "run_index", "timestamp")
 # The values runs.csv's status and kind cells hold (another would be a group of its own, or dropped)
 RUN_CHOICES = {"status": frozenset({"ok", "skipped", "failed"}), "kind": frozenset({"warmup", "measured", ""})}
 
@@ -175,8 +177,8 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
     column in `numbers` that is not a finite number, or of one in `whole` that is not a whole
     number (empty cells pass), a cell of a column in `choices` not among its values, an ok row
     (status) whose `unique` columns repeat an earlier ok
-    row's (a copied row would count twice; rows with the last of them empty are not numbered, and
-    pass), or no readable CSV at all. Written by hand: csv reads
+    row's (a copied row would count twice; rows with the last two of them empty are not numbered,
+    and pass), or no readable CSV at all. Written by hand: csv reads
     any row it can split, and pandas fills what it cannot read with NaN."""
     import io
 
@@ -210,7 +212,7 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
                 if row[i] not in values:
                     raise ValueError(f"line {reader.line_num}, column {name}: {row[i][:40]!r} is none of "
                                      f"{', '.join(sorted(v for v in values if v))}")
-            if keyed and row[status] == "ok" and row[keyed[-1]].strip():  # rows numbered by their last key column
+            if keyed and row[status] == "ok" and all(row[i].strip() for i in keyed[-2:]):  # numbered, stamped rows
                 key = tuple(row[i] for i in keyed)
                 if key in seen:
                     raise ValueError(f"line {reader.line_num} repeats the run of line {seen[key]} (the same "

@@ -96,12 +96,20 @@ def _file_digest(path: Path, whole: bool = True) -> str:
     return h.hexdigest()[:16]
 
 
-def _tree_digest(root: Path) -> str:
+def _tree_digest(root: Path, recursive: bool = True) -> str:
     """SHA-256 of a folder's file names and sizes and of its config.json (a checkpoint's, a frame
-    folder's): what tells another model or other frames at the same path, without reading GBs."""
+    folder's), hidden files and folders left out (an editor's, git's, a download tool's cache):
+    what tells another model or other frames at the same path, without reading GBs."""
     h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        h.update(f"{p.relative_to(root).as_posix()}\0{p.stat().st_size}\n".encode())
+    for p in sorted(root.rglob("*") if recursive else root.glob("*")):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        try:
+            if p.is_file():
+                h.update(f"{rel.as_posix()}\0{p.stat().st_size}\n".encode())
+        except OSError:  # gone since it was listed
+            continue
     if (root / "config.json").is_file():
         h.update((root / "config.json").read_bytes())
     return h.hexdigest()[:16]
@@ -115,7 +123,7 @@ def input_digests(cfg, image_file: bytes, questions: list[str]) -> dict[str, str
     if cfg.video_path:
         out["video"] = _file_digest(Path(cfg.video_path), whole=False)
     if cfg.frames_dir:
-        out["frames"] = _tree_digest(Path(cfg.frames_dir))
+        out["frames"] = _tree_digest(Path(cfg.frames_dir), recursive=False)  # the frames are its files
     if cfg.model_path:
         out["model"] = _tree_digest(Path(cfg.model_path))
     return out

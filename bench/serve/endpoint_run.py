@@ -166,34 +166,42 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
                 before = await cl.server_counters(client)
                 t0 = time.perf_counter()
                 finished: dict[int, dict] = {}
+                written: set[int] = set()
+
+                def write(i: int, row: dict, extra: dict) -> None:
+                    rows.append(_emit(writer, {**base, **row, "kind": "measured", "run_index": i,
+                                               "question": measured_qs[i % len(measured_qs)], **extra}))
+                    written.add(i)
+
                 try:
                     results = await cl.run_point(client, body, point, cfg.seed, cfg.num_prompts, cfg.duration_s,
                                                  finished)
-                except asyncio.CancelledError:  # Ctrl-C or SIGTERM: the point's finished requests are kept
-                    for i in sorted(finished):  # (without the point's rates: it did not end)
-                        rows.append(_emit(writer, {**base, **finished[i], "kind": "measured", "run_index": i,
-                                                   "question": measured_qs[i % len(measured_qs)]}))
+                    wall_s = time.perf_counter() - t0
+                    k += len(results) * num_images
+                    after = await cl.server_counters(client)
+                    done = [r for r in results if r["status"] == "ok"]
+                    throughput = {"point_rps": len(done) / wall_s,
+                                  "point_output_tok_s": sum(r["output_tokens"] for r in done) / wall_s}
+                    for r in done:
+                        r.update(throughput)
+                    if cfg.slo:
+                        for r in results:
+                            r["slo_met"] = r["status"] == "ok" and all(
+                                r.get(name) is not None and r[name] <= bound for name, bound in cfg.slo.items())
+                        goodput = sum(r["slo_met"] for r in results) / wall_s
+                        for r in results:
+                            r["goodput_rps"] = goodput
+                    server_side = {"server_prefix_hit_rate": after.prefix_hit_rate(before),
+                                   "server_mean_ttft_ms": after.mean_ttft_ms(before)}
+                    for i, result in enumerate(results):
+                        write(i, result, server_side)
+                # Ctrl-C cancels this task; SIGTERM (signals_interrupt) raises KeyboardInterrupt in it:
+                # the point's finished requests not written yet are kept, without the point's rates
+                # where it did not end
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    for i in sorted(set(finished) - written):
+                        write(i, finished[i], {})
                     raise
-                wall_s = time.perf_counter() - t0
-                k += len(results) * num_images
-                after = await cl.server_counters(client)
-                done = [r for r in results if r["status"] == "ok"]
-                throughput = {"point_rps": len(done) / wall_s,
-                              "point_output_tok_s": sum(r["output_tokens"] for r in done) / wall_s}
-                for r in done:
-                    r.update(throughput)
-                if cfg.slo:
-                    for r in results:
-                        r["slo_met"] = r["status"] == "ok" and all(
-                            r.get(name) is not None and r[name] <= bound for name, bound in cfg.slo.items())
-                    goodput = sum(r["slo_met"] for r in results) / wall_s
-                    for r in results:
-                        r["goodput_rps"] = goodput
-                server_side = {"server_prefix_hit_rate": after.prefix_hit_rate(before),
-                               "server_mean_ttft_ms": after.mean_ttft_ms(before)}
-                for i, result in enumerate(results):
-                    rows.append(_emit(writer, {**base, **result, "kind": "measured", "run_index": i,
-                                               "question": measured_qs[i % len(measured_qs)], **server_side}))
     return rows, server
 
 
