@@ -6,14 +6,7 @@
 
 With no arguments it runs a tiny VILA-architecture preset (random weights) on the demo image.
 """
-import sys
+from bench.cli import entry, run_main
 
 if __name__ == "__main__":
-    try:
-        from bench.cli import run_main
-
-        code = run_main()
-    except KeyboardInterrupt:  # outside the run's own handling (its imports, its last printing)
-        print("\ninterrupted", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+    entry(run_main)

@@ -1,10 +1,3 @@
-import sys
+from bench.cli import entry, main
 
-try:
-    from bench.cli import main
-
-    code = main()
-except KeyboardInterrupt:  # outside a command's own handling (its imports, its last printing)
-    print("\ninterrupted", file=sys.stderr)
-    code = 130
-sys.exit(code)
+entry(main)

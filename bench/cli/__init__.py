@@ -102,3 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_main(argv, prog=f"{PROG} run")
     print(f"error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)} ({PROG} --help)", file=sys.stderr)
     return 2
+
+
+def entry(command) -> None:
+    """A process's entry: exit with `command()`'s code; Ctrl-C outside the command's own handling
+    (its imports, its last printing) ends it with 130 and one line, not a traceback."""
+    try:
+        code = command()
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
