@@ -279,7 +279,8 @@ def test_attention_kernels_choice_is_applied_and_recorded(tmp_path):
 def test_a_reader_that_leaves_before_the_tables_ends_nothing_but_the_output():
     """stdout closed by its reader (`| head -1`): the rest of the tables is dropped and the exit
     code is the command's own (rich ends the process with 1, the code of a failed variant)."""
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "list"], cwd=ROOT, stdout=subprocess.PIPE,
+    base = str(ROOT / "results" / "ci-baseline")  # compare prints its verdicts as a table
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "compare", base, base], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     proc.stdout.close()  # no reader left: every write to stdout breaks the pipe
     err = proc.stderr.read()

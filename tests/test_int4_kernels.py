@@ -1145,25 +1145,30 @@ print(worst)
 """
 
 
-def _interpreted_worst_error(script: str) -> float:
-    """Run `script` (one of the _INTERPRETED_ ones) in a process of its own under Triton's
-    interpreter; the worst relative error it prints."""
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, float]:
+    """The _INTERPRETED_ scripts run in one process of their own under Triton's interpreter (its
+    import set up once): each one's worst relative error."""
     import subprocess
     import sys
 
     pytest.importorskip("triton")
     from tests.conftest import ROOT
 
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    head = _INTERPRETED_TILES.split("torch.manual_seed(0)")[0]  # the interpreter's set-up, once
+    program = head + "".join(script[len(head):].replace("print(worst)", f"print({name!r}, worst)") + "\n"
+                             for name, script in (("tiles", _INTERPRETED_TILES), ("f16x2", _INTERPRETED_F16X2)))
+    done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return float(done.stdout.split()[-1])
+    return {name: float(worst) for name, worst in (line.split() for line in done.stdout.splitlines())
+            if name in ("tiles", "f16x2")}
 
 
-def test_the_tiles_kernel_multiplies_by_the_published_tile_layout_in_tritons_interpreter():
+def test_the_tiles_kernel_multiplies_by_the_published_tile_layout_in_tritons_interpreter(interpreted):
     """Our Triton kernel (bench.quant.triton_w4a16) on CPU tensors in Triton's interpreter: weights
     packed as tinygemm's CUDA packer writes them, every program shape it launches (one row
     block, several, split K, elementwise and tl.dot), against dequantize + matmul in fp32."""
-    assert _interpreted_worst_error(_INTERPRETED_TILES) < 1e-3  # the fp16 output's rounding; a wrong nibble is far more
+    assert interpreted["tiles"] < 1e-3  # the fp16 output's rounding; a wrong nibble is far more
 
 
 def test_the_tiles_kernel_compiles_for_sm90_without_a_gpu():
@@ -1216,11 +1221,11 @@ print(worst)
 """
 
 
-def test_the_f16x2_kernel_reads_the_published_tile_layout_in_tritons_interpreter():
+def test_the_f16x2_kernel_reads_the_published_tile_layout_in_tritons_interpreter(interpreted):
     """bench.quant.triton_f16x2's GEMV in Triton's interpreter with its PTX block's stand-in (the
     same arithmetic in fp32): the words, x's column pairs and the scale/zero pairs it reads for
     each nibble, over partial blocks of rows and k-tiles and split K, against dequantize + matmul."""
-    assert _interpreted_worst_error(_INTERPRETED_F16X2) < 1e-3  # the fp16 output's rounding; a wrong pair is far more
+    assert interpreted["f16x2"] < 1e-3  # the fp16 output's rounding; a wrong pair is far more
 
 
 def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_weight():
