@@ -479,7 +479,8 @@ def _cell(text: bytes, column: str, value: str) -> bytes:
     ("env.json", '{"config": "fp16", "run_id": "x"}', "--resume", "not an env.json this harness writes"),
     ("env.json", '{"config": ' + "[" * 100000, "--resume", "is not readable JSON (RecursionError)"),
     # rows of binary under the harness's own header
-    ("runs.csv", lambda t: t[: t.index(b"\n") + 1] + b"\xff\xfe\x00 binary\n", "--resume", "is not UTF-8 text"),
+    ("runs.csv", lambda t: t[: t.index(b"\n") + 1] + b"\xff\xfe\x00 binary\n", "--resume", "is a binary file"),
+    ("runs.csv", lambda t: t[: t.index(b"\n") + 1] + b"\xff\xfe binary\n", "--resume", "is not UTF-8 text"),
     # a whole row (its line end written) with a field too many, then more rows
     ("runs.csv", lambda t: _first_row(t, lambda head, row: row.append("extra")), "--resume", "line 2 has"),
     ("runs.csv", lambda t: _cell(t, "batch_size", "abc"), "--append", "column batch_size: 'abc' is not a whole number"),

@@ -331,6 +331,9 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
             raise UsageError(f"{f} is not {'readable and writable' if need & os.W_OK else 'readable'} "
                              "by this user: use a new --output-dir")
     if runs.is_file() and runs.stat().st_size:
+        with runs.open("rb") as f:
+            if b"\0" in f.read(1 << 16):
+                raise UsageError(f"{runs} is a binary file, not a runs.csv this harness wrote: use a new --output-dir")
         with runs.open(newline="", encoding="utf-8-sig", errors="replace") as f:
             header = next(csv.reader(f), [])
         if header != list(RUN_COLUMNS):
