@@ -6,7 +6,8 @@ A call is one registered op (vlm_bench::int4_tiles_mm), which torch.compile keep
 one opaque call, as it keeps gemlite's. Both autotune on the first call at each shape and row
 block (host-synchronized), so a layer given one is called once per row count when it is chosen
 (tunes_per_rows), before any capture; a tuning that still falls inside a measured run is counted
-as one-time work (compile_events).
+as one-time work (compile_events). `Tiles` and `tiles_op` also serve the other kernels on these
+tiles (bench.quant.w4a16.f16x2).
 """
 from __future__ import annotations
 
@@ -15,31 +16,36 @@ import torch
 from bench.quant.w4a16.base import W4A16Kernel, cuda_half_unavailable, triton_module
 
 
-def _module():
-    """(bench.quant.triton_w4a16, None) or (None, why Triton cannot run it)."""
-    return triton_module("triton_w4a16", "int4 tiles autotuning")
+def tiles_op(name: str, module: str, counter: str, function: str):
+    """Register vlm_bench::`name`, a call of bench.quant.`module`.`function` (x, packed,
+    scale_and_zero, out_features, group_size, split_k) -> [rows, out_features], its module loaded
+    on first use with its autotuning counted as `counter`; torch.ops.vlm_bench.`name`, what the
+    layers call (and torch.compile keeps whole)."""
+    @torch.library.custom_op(f"vlm_bench::{name}", mutates_args=())
+    def op(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, out_features: int,
+           group_size: int, split_k: bool) -> torch.Tensor:
+        return getattr(triton_module(module, counter)[0], function)(x, packed, scale_and_zero, out_features,
+                                                                   group_size, split_k)
 
+    @op.register_fake
+    def _(x, packed, scale_and_zero, out_features, group_size, split_k):
+        return x.new_empty(x.shape[0], out_features)
 
-@torch.library.custom_op("vlm_bench::int4_tiles_mm", mutates_args=())
-def int4_tiles_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, out_features: int,
-                  group_size: int, split_k: bool) -> torch.Tensor:
-    return _module()[0].tiles_mm(x, packed, scale_and_zero, out_features, group_size, split_k)
-
-
-@int4_tiles_mm.register_fake
-def _(x, packed, scale_and_zero, out_features, group_size, split_k):
-    return x.new_empty(x.shape[0], out_features)
+    return getattr(torch.ops.vlm_bench, name)
 
 
 class Tiles(W4A16Kernel):
     tunes_per_rows = True
+    family = "triton-tiles"  # the kernel's name (and, split K, the name + "-splitk")
+    module, counter = "triton_w4a16", "int4 tiles autotuning"  # its Triton module (base.triton_module)
+    op = tiles_op("int4_tiles_mm", module, counter, "tiles_mm")
 
     def __init__(self, split_k: bool):
         self.split_k = split_k
-        self.name = "triton-tiles-splitk" if split_k else "triton-tiles"
+        self.name = f"{self.family}-splitk" if split_k else self.family
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        return cuda_half_unavailable(self.name, device, dtype) or _module()[1]
+        return cuda_half_unavailable(self.name, device, dtype) or triton_module(self.module, self.counter)[1]
 
     def shape_unsupported(self, layer) -> str | None:
         if not layer.published_layout:
@@ -47,5 +53,5 @@ class Tiles(W4A16Kernel):
         return None
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.vlm_bench.int4_tiles_mm(x.contiguous(), layer.packed, layer.scale_and_zero,
-                                                 layer.out_features, layer.group_size, self.split_k)
+        return self.op(x.contiguous(), layer.packed, layer.scale_and_zero, layer.out_features, layer.group_size,
+                       self.split_k)
