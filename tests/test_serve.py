@@ -244,7 +244,7 @@ def test_a_malformed_request_gets_a_400_counted_once_and_the_next_one_succeeds(s
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content[0]", r.text
         said.append(r.json()["error"]["message"])
         refused += 1
-    assert any(m.startswith("a folder, not a file, on the server") for m in said), said
+    assert any(m.startswith("a directory, not a file on the server") for m in said), said
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=_messages("Hi?", image_url), temperature=0.7)
     assert "greedy" in str(e.value)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bench.errors import UsageError
+from bench.errors import UsageError, path_problem
 from bench.models.visual import VisualInput, upright_rgb
 from bench.serve.image_cache import DecodedImages
 
@@ -70,10 +70,10 @@ def _bytes_of(url: str, param: str) -> bytes:
     except (OSError, ValueError) as e:  # a name too long, a file that cannot be read
         raise ApiError(f"the file cannot be read on the server ({e.__class__.__name__})", param=param) from None
     try:
-        folder = path.is_dir()
-    except (OSError, ValueError):
-        folder = False
-    raise ApiError(f"{'a folder, not a file,' if folder else 'no such file'} on the server: {path}", param=param)
+        problem = path_problem(path)  # a folder, a FIFO, a broken link, or nothing there
+    except ValueError:  # a NUL in the name
+        problem = None
+    raise ApiError(f"{problem or 'no such file'} on the server: {path}", param=param)
 
 
 # A request's images together, in pixels: twice what one image file may have (PIL warns past
