@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from bench.errors import UsageError, path_problem
-from bench.measure.results import RESULT_FILES, RUN_CHOICES, RUN_ROW_KEY, check_creatable, check_rows, whole_rows
-from bench.measure.schema import RUN_METRICS, WHOLE_IDENTITY
+from bench.measure.results import RESULT_FILES, check_creatable, check_rows, check_run_rows, whole_rows
+from bench.measure.schema import WHOLE_IDENTITY
 SUMMARY_NUMBERS = frozenset(("n", "median", "mean", "p90", "p99", "stdev", "ci_low", "ci_high", "cv", "measured_s"))
 RUNS_REQUIRED = frozenset(("model", "variant", "kind", "status"))
 SUMMARY_REQUIRED = frozenset(("model", "variant", "status", "metric", "median"))
@@ -54,7 +54,7 @@ def check_results_csv(path: Path, kind: str = "runs") -> str:
         print(f"warning: {path}: its last row was cut off ({len(text) - len(whole)} characters without a line end, "
               "from a run killed while writing it); it is left out", file=sys.stderr)
         text = whole
-    required, numbers = (RUNS_REQUIRED, RUN_METRICS) if kind == "runs" else (SUMMARY_REQUIRED, SUMMARY_NUMBERS)
+    required = RUNS_REQUIRED if kind == "runs" else SUMMARY_REQUIRED
     try:
         header = next(csv.reader(io.StringIO(text, newline="")), [])
     except csv.Error as e:
@@ -63,8 +63,7 @@ def check_results_csv(path: Path, kind: str = "runs") -> str:
     if missing:
         raise BadInput(f"{path}: not {what} (missing columns: {', '.join(sorted(missing))})")
     try:
-        runs = kind == "runs"
-        rows = check_rows(text, numbers, WHOLE_IDENTITY, RUN_ROW_KEY if runs else (), RUN_CHOICES if runs else None)
+        rows = check_run_rows(text) if kind == "runs" else check_rows(text, SUMMARY_NUMBERS, WHOLE_IDENTITY)
     except ValueError as e:
         raise BadInput(f"{path}: {e}: restore the file or re-run") from None
     if kind == "runs" and not rows:

@@ -224,6 +224,11 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
     return rows
 
 
+def check_run_rows(text: str) -> int:
+    """check_rows for runs.csv: its metrics and counts, one row per run, its status and kind values."""
+    return check_rows(text, RUN_METRICS, WHOLE_IDENTITY, RUN_ROW_KEY, RUN_CHOICES)
+
+
 def summary_problem(out_dir: Path) -> str | None:
     """Why out_dir/summary.csv cannot be replaced by a new one (it is a directory or other
     non-file), in words for an error message; None when it can (or does not exist)."""
@@ -331,11 +336,13 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
             raise UsageError(f"{f} is not {'readable and writable' if need & os.W_OK else 'readable'} "
                              "by this user: use a new --output-dir")
     if runs.is_file() and runs.stat().st_size:
+        import io
+
         with runs.open("rb") as f:
-            if b"\0" in f.read(1 << 16):
-                raise UsageError(f"{runs} is a binary file, not a runs.csv this harness wrote: use a new --output-dir")
-        with runs.open(newline="", encoding="utf-8-sig", errors="replace") as f:
-            header = next(csv.reader(f), [])
+            head = f.read(1 << 16)  # the header line, and enough to tell a binary file
+        if b"\0" in head:
+            raise UsageError(f"{runs} is a binary file, not a runs.csv this harness wrote: use a new --output-dir")
+        header = next(csv.reader(io.StringIO(head.decode("utf-8-sig", errors="replace"), newline="")), [])
         if header != list(RUN_COLUMNS):
             raise UsageError(f"{runs} has columns this harness does not write (another program's or "
                              "another version's file): use a new --output-dir")
@@ -346,7 +353,7 @@ def check_output_dir(out_dir: Path, mode: str) -> None:
                 raise UsageError(f"{runs} is not UTF-8 text (byte {e.start}): not a file this harness wrote intact; "
                                  "use a new --output-dir") from None
             try:
-                check_rows(whole_rows(text), RUN_METRICS, WHOLE_IDENTITY, RUN_ROW_KEY, RUN_CHOICES)
+                check_run_rows(whole_rows(text))
             except ValueError as e:
                 raise UsageError(f"{runs}: {e}: restore the file or use a new --output-dir") from None
     problem = summary_problem(out_dir)

@@ -129,10 +129,18 @@ def input_digests(cfg, image_file: bytes, questions: list[str]) -> dict[str, str
     return out
 
 
+def _progress(rows: list[dict]) -> tuple[int, int, float]:
+    """(attempts made, so the next run's run_index; clean runs, those a summary counts; their
+    measured seconds) of a measured group's rows."""
+    clean = [r for r in rows if counts_in_summary(r)]
+    return (max((int(r.get("run_index") or 0) + 1 for r in rows), default=0), len(clean),
+            sum(float(r.get("e2e_ms") or 0) for r in clean) / 1e3)
+
+
 def shape_matched_warmups(adapter, questions: list[str], batch: int = 1, runs: int | None = None,
-                          limit: int = 16) -> list[tuple[list[str], int]]:
+                          limit: int = 16) -> list[list[str]]:
     """Warm-up batches that meet the shapes of the measured ones, with other text of the same
-    token counts: (questions, start) pairs for RequestSource.next, one per distinct sequence of
+    token counts: each batch's questions in its rows' order, one batch per distinct sequence of
     prompt lengths the measured batches hold (measured run n holds questions[n x batch:][:batch],
     cyclically; `runs`: the most measured runs a group makes), at most `limit`.
 
@@ -169,7 +177,7 @@ def shape_matched_warmups(adapter, questions: list[str], batch: int = 1, runs: i
         if shape in seen or None in twins:
             continue
         seen.add(shape)
-        out.append((twins, 0))  # the measured batch's rows in its order, each by its twin
+        out.append(twins)  # the measured batch's rows in its order, each by its twin
         if len(out) >= limit:
             break
     return out
@@ -251,7 +259,6 @@ class Benchmark:
             self.frames = FrameSource(cfg.video_path, cfg.frames_dir, cfg.num_frames)
         self.questions = load_questions(cfg.questions, cfg.text_prompt)
         self.warmups = warmup_questions(self.questions)
-        self.inputs = input_digests(cfg, self.image_file, self.questions)
         if cfg.conv_mode is not None:
             from bench.models.templates import get_template
 
@@ -286,6 +293,7 @@ class Benchmark:
             self.run_id, self.mode, self.prior = worker["run_id"], worker["mode"], worker["prior"]
             self.placement["worker"] = worker["name"]
             return
+        self.inputs = input_digests(cfg, self.image_file, self.questions)  # env.json's, what --resume compares
         # The results directory has one owner: refused here, before anything is written.
         self.mode = "resume" if cfg.resume else "append" if cfg.append else "new"
         check_output_dir(self.out_dir, self.mode)
@@ -413,18 +421,16 @@ class Benchmark:
             if r.get("kind") == "measured":
                 groups.setdefault(r.get("cache_state"), []).append(r)
         if "none" in groups:
-            return self._group_done(groups["none"])
+            return self._group_done(*_progress(groups["none"]))
         if "cold" in groups:
-            return self._group_done(groups["cold"]) and self._group_done(groups.get("warm", []))
+            return all(self._group_done(*_progress(groups.get(state, []))) for state in ("cold", "warm"))
         return False
 
-    def _group_done(self, rows: list[dict]) -> bool:
-        """Whether a group's measured rows (--resume) finish it: enough clean runs (those a
+    def _group_done(self, attempts: int, clean: int, measured_s: float) -> bool:
+        """Whether a measured group is finished (the stop rule): enough clean runs (those a
         summary counts) and time, or --max-runs attempts, the runs left out included."""
-        clean = [r for r in rows if counts_in_summary(r)]
-        measured_s = sum(float(r.get("e2e_ms") or 0) for r in clean) / 1e3
         cfg = self.cfg
-        return (len(clean) >= cfg.num_runs and measured_s >= cfg.min_seconds) or len(rows) >= cfg.max_runs
+        return (clean >= cfg.num_runs and measured_s >= cfg.min_seconds) or attempts >= cfg.max_runs
 
     def _run_variants(self) -> None:
         if self.cfg.executor == "serial":
@@ -699,7 +705,7 @@ class Benchmark:
             generic = [self.warmups[i % len(self.warmups)] for i in range(cfg.warmup)]
             batches = [(generic, i, False) for i in range(cfg.warmup)]
             if cfg.warmup:
-                batches += [(qs, start, True) for qs, start in
+                batches += [(qs, 0, True) for qs in
                             shape_matched_warmups(adapter, questions, point.batch_size, cfg.max_runs)]
             record_warmups = not any(r.get("kind") == "warmup" for r in prior)
             # A cache's cold requests (prefill of the whole prompt, then store) meet other shapes
@@ -721,17 +727,15 @@ class Benchmark:
                     raise VariantUnsupported("warm runs not measured: --video-mode frames shows each request its "
                                              "own frame, so no request reuses another's cached work (the cold rows "
                                              "are this variant's measurement)")
-                done = [r for r in prior if r.get("kind") == "measured" and r.get("cache_state") == cache_state]
-                if done and self._group_done(done):
+                # --resume: the group goes on from its rows (attempts after every earlier one, those
+                # left out included: their run_index is taken, and they count toward --max-runs)
+                attempts, n, measured_s = _progress([r for r in prior if r.get("kind") == "measured"
+                                                     and r.get("cache_state") == cache_state])
+                if self._group_done(attempts, n, measured_s):
                     continue
                 bar = tqdm(total=cfg.num_runs, desc=f"{base['variant']} {point.label()} [{cache_state}]",
                            leave=False,
                            disable=None if self.placement["worker"] == "serial" else True)  # a sweep has one bar
-                # --resume: attempts go on after every earlier one, those left out included (their
-                # run_index is taken, and they count toward --max-runs)
-                attempts = max((int(r.get("run_index") or 0) + 1 for r in done), default=0)
-                done = [r for r in done if counts_in_summary(r)]
-                n, measured_s = len(done), sum(float(r.get("e2e_ms") or 0) for r in done) / 1e3
                 if policy.stateful and cache_state == "warm" and prior and not ran_cold:
                     # --resume: the cache is empty in this process; one unrecorded run fills it as
                     # the cold runs would have, so the first recorded warm run is warm
@@ -740,9 +744,7 @@ class Benchmark:
                 ran_cold = ran_cold or cache_state == "cold"
                 # n counts clean runs (bench.measure.schema.counts_in_summary): a run that compiled
                 # or captured is recorded, left out, and made again (at most --max-runs attempts).
-                while attempts < cfg.max_runs:
-                    if n >= cfg.num_runs and measured_s >= cfg.min_seconds:
-                        break
+                while not self._group_done(attempts, n, measured_s):
                     if cache_state == "cold":
                         policy.clear()
                     row = self._timed_run(engine, source, questions, n * point.batch_size, point,
