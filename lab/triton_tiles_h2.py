@@ -42,7 +42,8 @@ import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.quant.triton_f16x2 import F16X2, TINYGEMM_MID, _f16x2_kernel, _words_emulated  # noqa: E402
+from bench.quant.int4 import TINYGEMM_MID  # noqa: E402
+from bench.quant.triton_f16x2 import F16X2, _f16x2_kernel, _words_emulated  # noqa: E402
 
 
 @triton.jit

@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from bench.quant.int4 import TINYGEMM_MID
 from bench.quant.w4a16.base import autotune_bench
 
-TINYGEMM_MID = 8  # bench.quant.int4.TINYGEMM_MID: the zero point's offset
 MID = tl.constexpr(TINYGEMM_MID)
 
 # $0: fp32 sum of the word's 8 products; $1: the word; $2..$5: x's column pairs of nibbles 0..3

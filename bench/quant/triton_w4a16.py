@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from bench.quant.int4 import TINYGEMM_MID
 from bench.quant.w4a16.base import autotune_bench
 
-TINYGEMM_MID = 8
 DOT_ROWS = 16  # x rows a tl.dot program takes (its M block); up to ELEMENTWISE_ROWS reduce elementwise
 ELEMENTWISE_ROWS = 4
 
