@@ -412,6 +412,7 @@ BAD_RUNS = {
     "unknown-status": lambda good: _metric_cell(good, "weird", "status"),
     "unknown-kind": lambda good: _metric_cell(good, "final", "kind"),
     "underscored-number": lambda good: _metric_cell(good, "1_000"),
+    "negative-cell": lambda good: _metric_cell(good, "-12.5"),  # compare called it inconclusive
     # every row twice: each run would count as two samples
     "duplicated-rows": lambda good: good + good[good.index("\n") + 1:],
     "text-cell": lambda good: _metric_cell(good, "fast"),

@@ -174,8 +174,9 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
                choices: dict | None = None) -> int:
     """The number of rows of the CSV `text` (less its header and blank lines); ValueError saying
     why they are not whole rows of its header: a row with another number of fields, a cell of a
-    column in `numbers` that is not a finite number, or of one in `whole` that is not a whole
-    number (empty cells pass), a cell of a column in `choices` not among its values, an ok row
+    column in `numbers` that is not a finite number at least 0, or of one in `whole` that is not
+    a whole number at least 0 (empty cells pass; every metric the harness writes is a time,
+    size, rate, share or divergence, none below 0), a cell of a column in `choices` not among its values, an ok row
     (status) whose `unique` columns repeat an earlier ok
     row's (a copied row would count twice; rows with the last two of them empty are not numbered,
     and pass), or no readable CSV at all. Written by hand: csv reads
@@ -208,6 +209,9 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
                 if not ok:
                     raise ValueError(f"line {reader.line_num}, column {name}: {cell[:40]!r} is not a "
                                      f"{'whole number' if name in whole else 'finite number'}")
+                if float(cell) < 0:
+                    raise ValueError(f"line {reader.line_num}, column {name}: {cell[:40]!r} is below 0, "
+                                     "which no measurement the harness writes is")
             for i, name, values in chosen:
                 if row[i] not in values:
                     raise ValueError(f"line {reader.line_num}, column {name}: {row[i][:40]!r} is none of "
