@@ -426,6 +426,51 @@ def test_graph_engine_batch_on_one_question_replays_its_prefix_and_suffix_graphs
 
 
 
+def test_graph_engine_captures_a_whole_batch_prefill_per_length_bucket_with_a_stand_in_capture(
+        checkpoint_dirs, demo_image, stand_in_capture):
+    """A batch of prompts of unequal length, no prefix cache (the benchmark's fp16 and awq4 batch
+    rows): laid out at the longest rounded up to prefill_round and prefilled by one graph of
+    the batch's shape, captured once and replayed for another batch of that bucket; each row
+    gives the request's tokens alone. Past batch_prefill_tokens, or with the spec's 0, nothing is
+    captured and the rows keep their own length."""
+    import dataclasses
+
+    from PIL import ImageOps
+
+    from bench.engines.graph import GraphEngine
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    hf = HFEngine(adapter, CachePolicy())
+    other = ImageOps.mirror(demo_image)
+    longer = QUESTIONS[2] + " Answer in one sentence."  # the longest prompt is not a multiple of the bucket
+    first = [(demo_image, QUESTIONS[0]), (other, QUESTIONS[1]), (demo_image, longer)]
+    second = [(other, longer), (demo_image, QUESTIONS[0]), (other, QUESTIONS[2])]
+    want = {id(b): [hf.run(v, q, 8).tokens for v, q in b] for b in (first, second)}
+    engine = uncompiled(GraphEngine(adapter, CachePolicy()))
+    laid = []
+    prefill = engine.prefill
+    engine.prefill = lambda e, c, s, v=None: laid.append(tuple(e.shape[:2])) or prefill(e, c, s, v)
+    assert engine.run_batch(first, 8).batch_tokens == want[id(first)]
+    round_ = engine.spec.prefill_round
+    keys = [k for k in engine.lm_graphs if k[0] == "batch prefill"]
+    assert keys == [("batch prefill", 3, laid[0][1])] and laid[0][1] % round_ == 0
+    longest = max(adapter.prepare_text(q, v).prompt_tokens for v, q in first)
+    assert longest < laid[0][1] == -(-longest // round_) * round_  # the gaps widened to the bucket
+    assert engine.run_batch(second, 8).batch_tokens == want[id(second)]
+    assert [k for k in engine.lm_graphs if k[0] == "batch prefill"] == keys  # replayed, not captured again
+    assert "a batch's whole CUDA-graphed" in engine.describe()
+
+    for limit in (0, 3 * laid[0][1] - 1):  # off, or one token short of the batch's padded prefill
+        laid.clear()
+        spec = dataclasses.replace(GraphEngine.default_spec, batch_prefill_tokens=limit)
+        engine = uncompiled(GraphEngine(adapter, CachePolicy(), spec))
+        prefill = engine.prefill
+        engine.prefill = lambda e, c, s, v=None: laid.append(tuple(e.shape[:2])) or prefill(e, c, s, v)
+        assert engine.run_batch(first, 8).batch_tokens == want[id(first)]
+        assert laid == [(3, longest)] and not any(k[0] == "batch prefill" for k in engine.lm_graphs)
+        assert ("a batch's whole" in engine.describe()) == bool(limit)
+
+
 def test_graph_engine_teacher_forced_logprobs_keep_every_step_in_fp32(checkpoint_dirs, demo_image, stand_in_capture):
     """The fidelity probe's log-probs on the graph engine in fp32: each decode step's row is a
     copy, not the graph's output buffer the next replay overwrites (rows would all be the last

@@ -168,6 +168,27 @@ def test_cuda_graph_engine_cold_requests_replay_a_captured_prefill(checkpoint_di
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_engine_cold_batch_replays_a_captured_batch_prefill(checkpoint_dirs, demo_image):
+    """A cold batch of prompts of unequal length without a prefix cache is one replay of the
+    compiled prefill captured at the batch's shape (laid out at a 64-token bucket): every row's
+    greedy tokens as generate's alone, for this batch and for another in the same bucket."""
+    from PIL import ImageOps
+
+    from bench.engines.graph import GraphEngine
+
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, torch.device("cuda"), torch.float32)
+    engine = GraphEngine(adapter, CachePolicy())
+    other = ImageOps.mirror(demo_image)
+    for batch in ([(demo_image, "What is shown?"), (other, "Describe the colors in this picture, please."),
+                   (demo_image, "Why?")],
+                  [(other, "Why?"), (demo_image, "Describe the colors, please."), (other, "What is shown?")]):
+        r = engine.run_batch(batch, N)
+        assert r.batch_tokens == [reference_generate(adapter, v, q, N) for v, q in batch]
+    assert len([key for key in engine.lm_graphs if key[0] == "batch prefill"]) == 1
+    assert "batch prefill graph" not in engine.notes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_captured_prefill_takes_the_int4_prefetch_into_its_graph(demo_image, monkeypatch):
     """With int4 weights the side stream that dequantizes a layer ahead is forked and joined
     inside the captured prefill: its replay gives the uncaptured prefill's logits."""
@@ -201,6 +222,20 @@ def test_cuda_captured_prefill_takes_the_int4_prefetch_into_its_graph(demo_image
         want = engine.full_prefill(padded, cache, 0, engine.prefill_fn, n_real=torch.tensor(n, device="cuda"))
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
     assert torch.equal(got, got_again)
+    # a batch's whole prefill too: its graph forks and joins the side stream as well
+    from bench.engines.hf import layout_rows
+
+    with torch.inference_mode():
+        short = adapter.prompt_embeds(q := adapter.prepare(demo_image, "Why?"),
+                                      adapter.encode_image(adapter.pixels_to_device(q)))
+        cache = engine.new_cache(n, 4, 2)
+        width = engine.batch_prompt_columns(n, cache, 4)
+        rows, valid = layout_rows([embeds, short], [p.prefix_tokens, q.prefix_tokens], width)
+        got = engine.prefill(rows, cache, 0, valid).clone()
+        assert ("batch prefill", 2, width) in engine.lm_graphs and "batch prefill graph" not in engine.notes
+        cache.reset()
+        want = engine.full_prefill(rows, cache, 0, engine.prefill_fn, valid)
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("engine_cls", ["hf", "static", "exact"])

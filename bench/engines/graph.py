@@ -66,6 +66,7 @@ class GraphEngine(StaticEngine):
         self.lm_graphs: dict[object, _Captured] = {}
         self._decode_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> (token, its embedding)
         self._decode_pool = self._new_decode_pool()
+        self._batch_prefill_pool = self._new_decode_pool()  # the batches' prefill graphs share one too
         self.vision_graphs: dict[tuple, _Captured] = {}
         self.notes: dict[str, str] = {}
         self._scratch: KVBuffers | None = None  # one row for a batch's shared prefix (scratch_cache)
@@ -125,8 +126,8 @@ class GraphEngine(StaticEngine):
         return f"CUDA-graph decode (a graph per {self.spec.key_round} attended columns) + suffix buckets"
 
     def _new_decode_pool(self):
-        """The memory pool the decode graphs share (a graph per batch size and attended length,
-        never two replaying at once; None off CUDA)."""
+        """A memory pool graphs that never replay at once share: the decode graphs' (a graph per
+        batch size and attended length), the batches' prefill graphs' (None off CUDA)."""
         return torch.cuda.graph_pool_handle() if self.adapter.device.type == "cuda" else None
 
     def describe(self) -> str:
@@ -137,6 +138,9 @@ class GraphEngine(StaticEngine):
         if self.prefill_fn is not None and "prefill graph" not in self.notes:
             prefill += (f" (one row from column 0: CUDA-graphed per {prefill_round}-token length bucket)"
                         if prefill_round > 1 else " (one row from column 0: CUDA-graphed per prompt length)")
+        if self._batch_prefill_captured(1, 1) and self.spec.batch_prefill_tokens:
+            prefill += (f", a batch's whole CUDA-graphed per batch size and {prefill_round}-token bucket up to "
+                        f"{self.spec.batch_prefill_tokens} tokens")
         parts = [f"own decoder ({self.decoder.fusion}), static KV, {self._graphs_note()} "
                  f"({compiled}, {self.spec.numerics} numerics"
                  f"{', split-kv decode attention' if self.decoder.split_kv else ''}){self.arithmetic_note()}, {prefill}"
@@ -149,6 +153,7 @@ class GraphEngine(StaticEngine):
     def _drop_buffers(self) -> None:
         self.lm_graphs.clear()  # their captured addresses die with the old buffers
         self._decode_pool = self._new_decode_pool()  # and a shared pool's memory with them
+        self._batch_prefill_pool = self._new_decode_pool()
         self._scratch = None
         super()._drop_buffers()
 
@@ -204,6 +209,15 @@ class GraphEngine(StaticEngine):
 
     def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
         self.forget_overwritten(cache, start)
+        if (start == 0 and cache is self.cache and cache.valid is not None
+                and embeds.shape[1] == self._padded_prefill(embeds.shape[1])  # laid out at a bucket
+                and self._batch_prefill_captured(*embeds.shape[:2])):
+            if valid is None:  # rows of one length: every column real
+                valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+            try:
+                return self._batch_prefill_graphed(embeds, valid, cache)
+            except VariantUnsupported as e:  # recorded in engine_detail; the compiled prefill runs
+                self.notes["batch prefill graph"] = f"not captured ({str(e)[:160]})"
         if (self.prefill_fn is not None and start == 0 and valid is None
                 and (cache is self.cache or cache is self._scratch)
                 and cache.valid is None and "prefill graph" not in self.notes):
@@ -222,6 +236,43 @@ class GraphEngine(StaticEngine):
                 self.notes["prefill"] = f"eager (torch.compile failed: {e.__class__.__name__}: {str(e)[:120]})"
                 self.prefill_fn = None
         return self.full_prefill(embeds, cache, start, valid=valid)
+
+    def _batch_prefill_captured(self, batch: int, tokens: int) -> bool:
+        """Whether a batch's full prefill of `tokens` columns replays a captured graph: the
+        compiled prefill runs, no capture failed, and batch x tokens is within the spec's
+        batch_prefill_tokens."""
+        return (self.prefill_fn is not None and "batch prefill graph" not in self.notes
+                and batch * tokens <= self.spec.batch_prefill_tokens)
+
+    def batch_prompt_columns(self, tokens: int, cache, max_new_tokens: int) -> int:
+        """Where the batch's prefill is captured, its prompts are laid out at `tokens` rounded up
+        to the spec's prefill_round (as a one-row prefill is padded), so that prompts of nearby
+        lengths replay one graph; the wider gaps are masked like any row's."""
+        padded = self._padded_prefill(tokens)
+        if (cache is self.cache and cache.valid is not None and padded + max_new_tokens <= cache.max_len
+                and self._batch_prefill_captured(cache.batch, padded)):
+            return padded
+        return tokens
+
+    def _batch_prefill_graphed(self, embeds: torch.Tensor, valid: torch.Tensor, cache: KVBuffers) -> torch.Tensor:
+        """A batch's full prefill from column 0 of the working buffers as the replay of the
+        compiled prefill captured at its shape (batch, columns), its rows' tokens and gaps
+        (`valid`) the graph's inputs; the graphs share one memory pool, and the logits are
+        overwritten by the next replay of any of them."""
+        key = ("batch prefill", *embeds.shape[:2])
+        cap = self.lm_graphs.get(key)
+        if cap is None:  # captured on this batch (its warm-ups rewound), then replayed on it below
+            static, static_valid = embeds.clone(), valid.clone()
+            graph, out = self._capture(
+                lambda: self.full_prefill(static, cache, 0, self.prefill_fn, static_valid),
+                f"batch prefill ({embeds.shape[0]} x {embeds.shape[1]} tokens)", True,
+                pool=self._batch_prefill_pool)
+            cap = self.lm_graphs[key] = _Captured(graph, (static, static_valid), out)
+        static, static_valid = cap.inputs
+        static.copy_(embeds)
+        static_valid.copy_(valid)
+        cap.graph.replay()
+        return cap.output
 
     def _padded_prefill(self, tokens: int) -> int:
         """The length a one-row prefill of `tokens` is captured at: up to the spec's prefill_round."""

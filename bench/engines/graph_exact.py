@@ -33,7 +33,7 @@ class GraphExactEngine(ExactRequests, GraphEngine):
     # (FusedProjections.forward): separately they are narrower GEMVs that each read at a lower rate
     # than the fused one they replace. fused_max_rows: the exact decoder fuses no more rows anyway.
     default_spec = EngineSpec(numerics="eager-exact", prefill_round=1, fused_max_rows=FUSED_MAX_ROWS,
-                              concurrent_projections=True)
+                              concurrent_projections=True, batch_prefill_tokens=0)  # one request at a time
 
     def _split_kv(self) -> bool:
         return False  # transformers' own attention call, whatever --decode-attention says

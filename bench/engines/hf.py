@@ -34,12 +34,18 @@ from bench.quant.w4a16.choice import plans_column, reset_kernels
 from bench.quant.w4a16.registry import DEFAULT_KERNEL
 
 
-def layout_rows(rows: list[torch.Tensor], prefix_lens: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stack [1, n_b, H] rows as prefix | gap | rest, every row ending at the last column.
-    Returns (embeds [B, T, H], valid [B, T] bool, None when no row has a gap)."""
+def layout_rows(rows: list[torch.Tensor], prefix_lens: list[int], length: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stack [1, n_b, H] rows as prefix | gap | rest, every row ending at the last column, at
+    `length` columns (default: the longest row's). Returns (embeds [B, T, H], valid [B, T] bool,
+    None when no row has a gap). One row is returned as it is."""
     if len(rows) == 1:
         return rows[0], None
     t = max(r.shape[1] for r in rows)
+    if length is not None:
+        if length < t:
+            raise ValueError(f"a {t}-token row does not fit a layout of {length} columns")
+        t = length
     out = rows[0].new_zeros(len(rows), t, rows[0].shape[-1])
     valid = torch.zeros(len(rows), t, dtype=torch.bool, device=rows[0].device)
     for b, (r, p) in enumerate(zip(rows, prefix_lens)):
@@ -237,6 +243,12 @@ class HFEngine:
     def scratch_cache(self, tokens: int):
         return HFCache()
 
+    def batch_prompt_columns(self, tokens: int, cache, max_new_tokens: int) -> int:
+        """The columns a batch's full prompts of at most `tokens` tokens are laid out at (the rest
+        a masked gap after each row's prefix): `tokens` here; an engine that captures a batch's
+        prefill per length bucket pads up to its bucket."""
+        return tokens
+
     def _suffix_prefill(self, prepared: list, cache, lengths: list[int]) -> tuple[torch.Tensor, list[int]]:
         """Every row's suffix after its restored prefix; (next token ids on device, on host)."""
         embeds, valid = layout_rows([self.adapter.embed_ids(p.suffix_ids) for p in prepared], [0] * len(prepared))
@@ -297,8 +309,9 @@ class HFEngine:
             tl.mark("preprocess", host_only=True)
             image_embeds, embeds_hit = policy.image_embeds(a, prepared, lambda rows: self._encode_rows(prepared, rows))
             tl.mark("vision")
-            embeds, valid = layout_rows([a.prompt_embeds(p, e) for p, e in zip(prepared, image_embeds)],
-                                        [p.prefix_tokens for p in prepared])
+            prompts = [a.prompt_embeds(p, e) for p, e in zip(prepared, image_embeds)]
+            width = self.batch_prompt_columns(max(e.shape[1] for e in prompts), cache, max_new_tokens)
+            embeds, valid = layout_rows(prompts, [p.prefix_tokens for p in prepared], width)
             logits = self.prefill(embeds, cache, 0, valid)
             token = logits[:, -1].argmax(-1)
             first = token.tolist()

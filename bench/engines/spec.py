@@ -29,6 +29,14 @@ PREFILL_ROWS = 4096  # a full-prompt prefill's length, for which linears it runs
 # uncaptured compiled prefill of llava-1.5-7b varied 16.5-20.6 ms between machines, CV 0.2, with
 # 13.9 ms of kernels: f67f436:results/h200/llava-1.5-7b-*-s15, prefill_profile_llava-1.5-7b.csv).
 PREFILL_ROUND = 64
+# GraphEngine also captures a whole batch's full-prompt prefill, laid out at its prompts' longest
+# length rounded up the same way (the rows' gaps widened), up to this many tokens (batch x that
+# length): uncaptured, vila1.5-3b's batch-4 prefill of 4 x 247 tokens took 21.5-26.5 ms on an H100,
+# no less than batch 8's 21.8 ms and with a CV of 0.07: the host's launches, not the GPU, set it
+# (one row took 4.1 ms captured; cf5ae3d:results/reference/h100/vila1.5-3b-int4-graph-batch). Longer
+# batches keep the GPU busy past the host's launches, and their graphs' activations would hold more
+# memory.
+BATCH_PREFILL_TOKENS = 4096
 
 # How traced (torch.compile'd) layers compute RMSNorm and SiLU-gating (`FastDecoder.numerics`):
 #  "fused": the modules as written; inductor fuses them and skips eager's fp16 roundings between ops.
@@ -66,6 +74,8 @@ class EngineSpec:
     prefill_rows: int = PREFILL_ROWS
     # a captured one-row prefill's length granularity (graph engines; 1: every prompt length)
     prefill_round: int = PREFILL_ROUND
+    # a whole batch's prefill is captured up to this many tokens, batch x padded length (graph engine; 0: never)
+    batch_prefill_tokens: int = BATCH_PREFILL_TOKENS
     # a step's separate projections side by side on CUDA side streams (graph-exact)
     concurrent_projections: bool = False
     # int4 weights: a side stream dequantizes the next layer's prefill weights (bench.quant.prefetch),
@@ -91,5 +101,7 @@ class EngineSpec:
         if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
             raise ValueError(f"suffix buckets must be distinct positive lengths in ascending order, got {buckets}")
         object.__setattr__(self, "suffix_buckets", buckets)
-        if min(self.cache_round, self.key_round, self.prefill_round, self.prefill_rows) < 1 or self.fused_max_rows < 0:
-            raise ValueError(f"engine spec with a round below 1 or negative fused_max_rows: {self}")
+        if (min(self.cache_round, self.key_round, self.prefill_round, self.prefill_rows) < 1 or self.fused_max_rows < 0
+                or self.batch_prefill_tokens < 0):
+            raise ValueError(f"engine spec with a round below 1, or a negative fused_max_rows or "
+                             f"batch_prefill_tokens: {self}")
