@@ -218,6 +218,7 @@ class GraphEngine(StaticEngine):
                 return self._batch_prefill_graphed(embeds, valid, cache)
             except VariantUnsupported as e:  # recorded in engine_detail; the compiled prefill runs
                 self.notes["batch prefill graph"] = f"not captured ({str(e)[:160]})"
+                cache.reset()  # a failed capture's warm-ups may have advanced the rows' positions
         if (self.prefill_fn is not None and start == 0 and valid is None
                 and (cache is self.cache or cache is self._scratch)
                 and cache.valid is None and "prefill graph" not in self.notes):
