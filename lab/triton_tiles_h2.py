@@ -13,8 +13,9 @@ multiply-adds with x's column pairs leave two fp16 partial sums of four products
 fp32: about 23 instructions per 8 weights, written as inline PTX (Triton has no f16x2 type).
 Two ways of laying out a program's words are compared: `h2` (rows first: a thread loads four
 consecutive words of a row at once) and `h2-rows-last` (rows last: a thread's elements are rows of
-one word position, sharing x's loads), the latter the benchmark's `triton-f16x2` kernel
-(bench.quant.triton_f16x2, whose PTX block and interpreter stand-in this script uses).
+one word position, sharing x's loads), both the benchmark's `triton-f16x2` kernel
+(bench.quant.triton_f16x2, its ROWS_FIRST), over many more configurations than its autotuner
+keeps. Results on an H100: lab/results/h100/triton_tiles_h2_*.csv.
 
     python lab/triton_tiles_h2.py aot                 # no GPU: registers and SASS per weight per config
     python lab/triton_tiles_h2.py interpret           # no GPU: the index math in Triton's interpreter
@@ -38,57 +39,15 @@ if len(sys.argv) > 1 and sys.argv[1] == "interpret":
 
 import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quant.int4 import TINYGEMM_MID  # noqa: E402
-from bench.quant.triton_f16x2 import F16X2, _f16x2_kernel, _words_emulated  # noqa: E402
+from bench.quant.triton_f16x2 import _f16x2_kernel  # noqa: E402
 
 
-@triton.jit
-def h2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
-              SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
-    """y[n] = sum_k x[k] W[n, k] for one row of x (as int32 column pairs, x32 [K / 2]), the
-    weight's tiles as triton-tiles reads them, scale and zero as int32 pairs (sz32 [K / G, N]).
-    One program per TN x 8 weight rows and share of K (SPLIT_K: added into fp32 y by atomics)."""
-    BN: tl.constexpr = TN * 8
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    k_tiles = K // 128
-    n = pid_n * BN + tl.arange(0, BN)
-    n_ok = n < N
-    per = tl.cdiv(k_tiles, SPLIT_K)
-    kt_lo = pid_k * per
-    lw = tl.arange(0, 16)  # word 4 l + w of a row's tile: columns 32 w + 2 l + 8 i + lo
-    pair = 16 * (lw % 4) + lw // 4  # x's column pair for nibble i = 0 (+ 4 i for the others)
-    acc = tl.zeros((BN, BKT, 16), dtype=tl.float32)
-    for step in range(0, tl.cdiv(per, BKT)):
-        kt = kt_lo + step * BKT + tl.arange(0, BKT)
-        k_ok = (kt < kt_lo + per) & (kt < k_tiles)
-        words = tl.load(p_ptr + ((n // 8)[:, None, None] * k_tiles + kt[None, :, None]) * 128
-                        + (n % 8)[:, None, None] * 16 + lw[None, None, :],
-                        mask=n_ok[:, None, None] & k_ok[None, :, None], other=0)
-        xo = (kt * 64)[:, None] + pair[None, :]
-        x0 = tl.broadcast_to(tl.load(x32 + xo, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
-        x1 = tl.broadcast_to(tl.load(x32 + xo + 4, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
-        x2 = tl.broadcast_to(tl.load(x32 + xo + 8, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
-        x3 = tl.broadcast_to(tl.load(x32 + xo + 12, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
-        sz = tl.load(sz32 + (kt * 128 // G)[None, :] * N + n[:, None], mask=n_ok[:, None] & k_ok[None, :], other=0)
-        sz = tl.broadcast_to(sz[:, :, None], (BN, BKT, 16))
-        if EMULATE:
-            acc += _words_emulated(words, x0, x1, x2, x3, sz)
-        else:
-            acc += tl.inline_asm_elementwise(F16X2, "=r,r,r,r,r,r,r", [words, x0, x1, x2, x3, sz],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-    y = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.atomic_add(y_ptr + n, y, mask=n_ok, sem="relaxed")
-
-
-WAYS = {"h2": h2_kernel, "h2-rows-last": _f16x2_kernel}  # the second: bench.quant.triton_f16x2's
+# bench.quant.triton_f16x2's kernel in its two layouts (its ROWS_FIRST)
+WAYS = {"h2": True, "h2-rows-last": False}
 
 
 def h2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, n: int, group_size: int,
@@ -102,7 +61,8 @@ def h2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, n
     y = torch.zeros(n, dtype=torch.float32, device=x.device) if split else \
         torch.empty(n, dtype=torch.float16, device=x.device)
     grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
-    WAYS[way][grid](x.contiguous().view(torch.int32), packed, scale_and_zero.view(torch.int32), y, n, k,
+    _f16x2_kernel[grid](x.contiguous().view(torch.int32), packed, scale_and_zero.view(torch.int32), y, n, k,
+                        ROWS_FIRST=WAYS[way],
                     G=group_size, EMULATE=emulate, **config, **launch)
     return (y.half() if split else y).view(1, n)
 
@@ -153,7 +113,8 @@ def aot(args) -> int:
         sz = torch.empty(k // g, n, 1, dtype=torch.int32, device="meta")
         y = torch.empty(n, dtype=torch.float32 if c["SPLIT_K"] > 1 else torch.float16, device="meta")
         try:
-            got = triton_aot.compile_call(WAYS[way], (x, packed, sz, y, n, k), {"G": g, "EMULATE": False, **c, **launch})
+            got = triton_aot.compile_call(_f16x2_kernel, (x, packed, sz, y, n, k),
+                                          {"G": g, "EMULATE": False, "ROWS_FIRST": WAYS[way], **c, **launch})
         except Exception as e:  # noqa: BLE001 - each configuration's compile error is a line of the table
             print(way, cfg, "error:", str(e).splitlines()[0][:200])
             continue

@@ -10,14 +10,19 @@ c, c + 1 for four c) becomes four f16x2 values 1024 + q with one LOP3 each (and 
 `sub.f16x2` takes 1032 off exactly (q - 8, exact in fp16), `fma.rn.f16x2` with the group's scale
 and zero rounds once to the fp16 weight the dense path makes ((q - 8) s + z), and four f16x2
 multiply-adds with x's column pairs leave two fp16 partial sums of four products each, added into
-fp32: 23 instructions per 8 weights, 3.5-3.9 per weight with the loop's loads and addresses
-(sm_90 SASS, lab/triton_tiles_h2.py aot). The f16x2 block is inline PTX: Triton has no type for
-two halves in one register.
+fp32: 23 instructions per 8 weights, 3.5-4.7 per weight with the loop's loads and addresses in
+the configurations kept below (sm_90 SASS, lab/triton_tiles_h2.py aot; fewer where a thread holds
+more weights). The fastest configuration of a shape is not always the one issuing fewest: more,
+smaller programs also hide more of the memory's latency. The f16x2 block is inline PTX: Triton has
+no type for two halves in one register.
 
-The program's tensors hold the weight rows last, [k-tile, word, row], so a thread's consecutive
-elements are rows of one word position and share x's values (loaded once for them). One program
-per TN x 8 weight rows; with `split_k` also one per share of K, the shares added into an fp32
-output by atomics. Block sizes, warps and splits autotune per (N, K) on the first call (Triton's
+A program's words are laid out rows first, [row, k-tile, word] (a thread's consecutive elements
+are consecutive words of one row, loaded at once), or rows last, [k-tile, word, row] (they are
+rows of one word position and share x's values, loaded once for them): on an H100 rows first was
+the faster at 7 of llava-1.5-7b's and vila1.5-3b's 8 weight shapes, by up to 1.3x, rows last at
+llava's gate/up projection, by 1.08x (lab/triton_tiles_h2.py gpu). One program per TN x 8 weight
+rows; with `split_k` also one per share of K, the shares added into an fp32 output by atomics.
+The layout, block sizes, warps and splits autotune per (N, K) on the first call (Triton's
 autotuner: host-synchronized, so never inside a CUDA graph capture; the kernel class asks to be
 called once before any capture, bench.quant.w4a16.f16x2). float16 activations, groups of 128 or
 more. Hand-written because no maintained library multiplies by this layout.
@@ -106,20 +111,42 @@ def _words_emulated(words, x0, x1, x2, x3, sz):
 
 
 @triton.jit
-def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
-                  SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
-    """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
-    the scales and zeros as int32 pairs (sz32 [K / G, N])."""
-    BN: tl.constexpr = TN * 8
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    k_tiles = K // 128
-    n = pid_n * BN + tl.arange(0, BN)  # weight rows
-    n_ok = n < N
-    per = tl.cdiv(k_tiles, SPLIT_K)  # k-tiles of a share
-    kt_lo = pid_k * per
-    lw = tl.arange(0, 16)  # a row's word 4 l + w of a tile: columns 32 w + 2 l + 8 i + lo, nibble i + 4 lo
-    pair = 16 * (lw % 4) + lw // 4  # x's column pair (32 w + 2 l) / 2 of nibble 0; + 4 i for nibble i
+def _products(words, x0, x1, x2, x3, sz, EMULATE: tl.constexpr):
+    """Each word's 8 products summed in fp32, by the PTX block (or its stand-in)."""
+    if EMULATE:
+        return _words_emulated(words, x0, x1, x2, x3, sz)
+    return tl.inline_asm_elementwise(F16X2, "=r,r,r,r,r,r,r", [words, x0, x1, x2, x3, sz],
+                                     dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _rows_first(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, G: tl.constexpr, BN: tl.constexpr,
+                BKT: tl.constexpr, EMULATE: tl.constexpr):
+    """The K loop over [row, k-tile, word] tensors: a thread's elements are consecutive words of
+    one row (loaded at once); returns each row's sum."""
+    acc = tl.zeros((BN, BKT, 16), dtype=tl.float32)
+    for step in range(0, tl.cdiv(per, BKT)):
+        kt = kt_lo + step * BKT + tl.arange(0, BKT)
+        k_ok = (kt < kt_lo + per) & (kt < k_tiles)
+        words = tl.load(p_ptr + ((n // 8)[:, None, None] * k_tiles + kt[None, :, None]) * 128
+                        + (n % 8)[:, None, None] * 16 + lw[None, None, :],
+                        mask=n_ok[:, None, None] & k_ok[None, :, None], other=0)
+        xo = (kt * 64)[:, None] + pair[None, :]
+        x0 = tl.broadcast_to(tl.load(x32 + xo, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
+        x1 = tl.broadcast_to(tl.load(x32 + xo + 4, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
+        x2 = tl.broadcast_to(tl.load(x32 + xo + 8, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
+        x3 = tl.broadcast_to(tl.load(x32 + xo + 12, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
+        sz = tl.load(sz32 + (kt * 128 // G)[None, :] * N + n[:, None], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        sz = tl.broadcast_to(sz[:, :, None], (BN, BKT, 16))
+        acc += _products(words, x0, x1, x2, x3, sz, EMULATE)
+    return tl.sum(tl.sum(acc, axis=2), axis=1)
+
+
+@triton.jit
+def _rows_last(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, G: tl.constexpr, BN: tl.constexpr,
+               BKT: tl.constexpr, EMULATE: tl.constexpr):
+    """The K loop over [k-tile, word, row] tensors: a thread's elements are rows of one word
+    position, sharing x's values (loaded once for them); returns each row's sum."""
     acc = tl.zeros((BKT, 16, BN), dtype=tl.float32)
     for step in range(0, tl.cdiv(per, BKT)):
         kt = kt_lo + step * BKT + tl.arange(0, BKT)
@@ -134,12 +161,30 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
         x3 = tl.broadcast_to(tl.load(x32 + xo + 12, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
         sz = tl.load(sz32 + (kt * 128 // G)[:, None] * N + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
         sz = tl.broadcast_to(sz[:, None, :], (BKT, 16, BN))
-        if EMULATE:
-            acc += _words_emulated(words, x0, x1, x2, x3, sz)
-        else:
-            acc += tl.inline_asm_elementwise(F16X2, "=r,r,r,r,r,r,r", [words, x0, x1, x2, x3, sz],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-    y = tl.sum(tl.sum(acc, axis=1), axis=0)
+        acc += _products(words, x0, x1, x2, x3, sz, EMULATE)
+    return tl.sum(tl.sum(acc, axis=1), axis=0)
+
+
+@triton.jit
+def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
+                  SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr):
+    """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
+    the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
+    first or rows last (ROWS_FIRST)."""
+    BN: tl.constexpr = TN * 8
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k_tiles = K // 128
+    n = pid_n * BN + tl.arange(0, BN)  # weight rows
+    n_ok = n < N
+    per = tl.cdiv(k_tiles, SPLIT_K)  # k-tiles of a share
+    kt_lo = pid_k * per
+    lw = tl.arange(0, 16)  # a row's word 4 l + w of a tile: columns 32 w + 2 l + 8 i + lo, nibble i + 4 lo
+    pair = 16 * (lw % 4) + lw // 4  # x's column pair (32 w + 2 l) / 2 of nibble 0; + 4 i for nibble i
+    if ROWS_FIRST:
+        y = _rows_first(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, G, BN, BKT, EMULATE)
+    else:
+        y = _rows_last(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, G, BN, BKT, EMULATE)
     if SPLIT_K == 1:
         tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -148,11 +193,18 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
 
 def _configs(split: bool) -> list:
     """The candidates (pruned per shape by _prune), kept few: each compiles once, and every shape
-    benchmarks those left on its first call."""
-    space = [(tn, bkt) for tn in (2, 4) for bkt in (4, 8) if tn * bkt <= 16]
-    splits = (2, 4) if split else (1,)
-    return [triton.Config({"TN": tn, "BKT": bkt, "SPLIT_K": sk}, num_warps=w, num_stages=3)
-            for tn, bkt in space for sk in splits for w in (4, 8)]
+    benchmarks those left on its first call. Those that won a shape of llava-1.5-7b or
+    vila1.5-3b on an H100 in either layout (lab/triton_tiles_h2.py gpu, which times many more):
+    rows first with one or two row blocks, rows last with two or four."""
+    if split:
+        space = [(rows_first, tn, 4, 4) for rows_first in (True, False) for tn in (1, 2)]
+        splits = (2, 4)
+    else:
+        space = [(True, 1, 4, 4), (True, 1, 8, 8), (True, 2, 4, 4), (True, 2, 8, 8),
+                 (False, 2, 4, 4), (False, 4, 4, 4), (False, 4, 4, 8)]
+        splits = (1,)
+    return [triton.Config({"TN": tn, "BKT": bkt, "SPLIT_K": sk, "ROWS_FIRST": rows_first}, num_warps=w, num_stages=3)
+            for rows_first, tn, bkt, w in space for sk in splits]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -173,10 +225,10 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     """x [M, K] float16 times the packed int4 weight [N = out_features, K]^T -> [M, N] float16
     (scale_and_zero [K / group_size, N, 2] float16, group_size a multiple of 128), a row at a time
     (a GEMV: `--int4-kernels measured` times it at one row only; a fixed `--int4-kernels` runs its
-    calls of more rows row by row). `config` (TN, BKT, SPLIT_K, num_warps, num_stages) skips
-    autotuning, `emulate` runs the interpreter's stand-in for the PTX (tests)."""
-    if x.dtype != torch.float16 or group_size % 128:
-        raise ValueError("f16x2_mm takes float16 activations and groups of a multiple of 128")
+    calls of more rows row by row). `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True),
+    num_warps, num_stages) skips autotuning, `emulate` runs the interpreter's stand-in for the PTX (tests)."""
+    if x.dtype != torch.float16 or scale_and_zero.dtype != torch.float16 or group_size % 128:
+        raise ValueError("f16x2_mm takes float16 activations, scales and zeros, and groups of a multiple of 128")
     x = x.contiguous()
     if x.storage_offset() % 2:  # its column pairs are read as int32 words
         x = x.clone()
@@ -191,7 +243,7 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
         torch.empty(n, dtype=torch.float16, device=x.device)
     args = (x32, packed, sz32, y, n, k)
     if config is not None:
-        config = dict(config)
+        config = {"ROWS_FIRST": True, **config}
         launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3)}
         grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
         _f16x2_kernel[grid](*args, G=group_size, EMULATE=emulate, **config, **launch)

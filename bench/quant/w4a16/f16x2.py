@@ -1,12 +1,18 @@
 """The project's f16x2 Triton GEMV (bench.quant.triton_f16x2) on the layer's packed weight, for one
 row (a batch-1 decode step): `triton-f16x2` (one program per block of weight rows, all of K) and
-`triton-f16x2-splitk` (K split in shares added by fp32 atomics). They hold no weight of their own.
+`triton-f16x2-splitk` (K split in shares added by fp32 atomics).
+
+They read the tiles triton-tiles reads, and are its kernel class with their own limits. The
+kernel multiplies by fp16 scales and zeros: where the layer keeps them in bfloat16 (what tinygemm
+takes on CUDA builds without a float16 kernel, e.g. torch 2.11 on an H100), both hold one float16
+copy of them (state key "f16x2", [K / group, N, 2]: 1/16 of the int4 weight's bytes at groups of
+128, counted in int4_kernel_mb). The copy is exact for every bfloat16 value in float16's normal
+range; the dense path rounds the weights it makes to float16 too.
 
 A call is one registered op (vlm_bench::int4_f16x2_mm), which torch.compile keeps in its graph as
 one opaque call. Both autotune on the first call at each shape (host-synchronized), so a layer
 given one is called once when it is chosen (tunes_per_rows), before any capture; a tuning that
-still falls inside a measured run is counted as one-time work (compile_events). They read the
-tiles triton-tiles reads, and are its kernel class with their own limits.
+still falls inside a measured run is counted as one-time work (compile_events).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ class F16x2(Tiles):
     family = "triton-f16x2"
     module, counter = "triton_f16x2", "int4 f16x2 autotuning"
     op = tiles_op("int4_f16x2_mm", module, counter, "f16x2_mm")
+    state_key = "f16x2"  # a float16 copy of the scales and zeros, where the layer's are not float16
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         why = super().unavailable(device, dtype)
@@ -32,6 +39,20 @@ class F16x2(Tiles):
             return why
         if layer.group_size % 128:
             return f"{self.name} takes groups of a multiple of 128 inputs, not {layer.group_size}"
-        if layer.scale_and_zero.dtype != torch.float16:
-            return f"{self.name} reads float16 scales and zeros, not {layer.scale_and_zero.dtype}"
         return None
+
+    def prepare(self, layer, dtype: torch.dtype):
+        """The float16 copy of the scales and zeros, none where the layer's are float16."""
+        if layer.scale_and_zero.dtype == torch.float16:
+            return {}, None
+        return {"scale_and_zero": layer.scale_and_zero.to(torch.float16)}, "copy"
+
+    def scale_and_zero(self, layer) -> torch.Tensor:
+        """The float16 scales and zeros the kernel reads: the layer's, or the copy it holds."""
+        if layer.kernel_meta.get(self.state_key) == "copy":
+            return layer.kernel_state(self.state_key, "scale_and_zero")[0]
+        return layer.scale_and_zero
+
+    def run(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x.contiguous(), layer.packed, self.scale_and_zero(layer), layer.out_features,
+                       layer.group_size, self.split_k)
