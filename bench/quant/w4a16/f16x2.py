@@ -49,6 +49,8 @@ class F16x2(Tiles):
 
     def scale_and_zero(self, layer) -> torch.Tensor:
         """The float16 scales and zeros the kernel reads: the layer's, or the copy it holds."""
+        if layer.scale_and_zero.dtype != torch.float16 and self.state_key not in layer.kernel_meta:
+            layer.attach_kernel_state(self.name, torch.float16)  # a call before the layer was given the kernel
         if layer.kernel_meta.get(self.state_key) == "copy":
             return layer.kernel_state(self.state_key, "scale_and_zero")[0]
         return layer.scale_and_zero
