@@ -276,6 +276,13 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--loader", "serial"], "--loader applies to --video-mode frames"),  # image requests read no frames
     (["--frames-dir", "f", "--video-mode", "clip", "--loader", "serial"], "a clip request reads all its frames"),
     (["--loader", ""], "--loader is empty"),
+    # past what could run (each would hang or exhaust memory before a row is written)
+    (["--warmup", str(10**20)], "--warmup 100000000000000000000: at most"),
+    (["--executor", "local", "--workers", str(10**20)], "--workers must be between 0 and"),
+    (["--variants", "rtn4", "--int4-dense-rows", str(10**9)], "--int4-dense-rows must be between 0 and"),
+    (["--variants", "rtn4", "--int4-dense-rows", "-1"], "--int4-dense-rows must be between 0 and"),
+    (["--variants", "rtn4", "--int4-cache-dir", " "], "--int4-cache-dir is blank"),  # not a folder named ' '
+    (["--max-tiles", "0"], "--max-tiles must be at least 1"),
 ])
 def test_flags_that_can_never_run(tmp_path, capsys, args, needle):
     bad_run(tmp_path, capsys, args, needle)
@@ -618,6 +625,13 @@ BAD_KERNEL_FILES = {
     "a time of zero": lambda p: _kernel_measurements(p, us={"tinygemm": {"1": 0}}),
     "a time below a nanosecond": lambda p: _kernel_measurements(p, us={"tinygemm": {"1": 5e-324}}),
     "an error that is not a number": lambda p: _kernel_measurements(p, err={"tinygemm": {"1": "small"}}),
+    # a plan's bound decides how many row counts are tuned before a run: one never timed could be any
+    "a plan bound never timed": lambda p: _kernel_measurements(p, plan=[[4, "tinygemm"]]),
+    "a plan bound past any count": lambda p: _kernel_measurements(p, plan=[[10**30, "tinygemm"]]),
+    "a shape past any size": lambda p: p.write_text(json.dumps({"version": 1, "entries": {json.dumps(
+        {"device": "cpu", "versions": {}, "dtype": "torch.float32", "shape": [10**400, 256, 64], "points": [1],
+         "candidates": ["tinygemm"]}): {"plan": [[1, "tinygemm"]], "us": {"tinygemm": {"1": 2.0}},
+                                        "err": {"tinygemm": {"1": 0.0}}, "left_out": {}}}})),
     "nested too deep": lambda p: p.write_text("[" * 100000 + "]" * 100000),
 }
 
@@ -929,6 +943,8 @@ def bad_endpoint(tmp_path, capsys, url, args, *needles, model="m"):
     (["--tokenizer", "/nonexistent/tok"], "--tokenizer /nonexistent/tok: no such directory"),  # before any request
     (["--max-cv", "nan"], "--max-cv"),
     (["--max-cv", "0"], "--max-cv"),
+    (["--num-prompts", str(10**20)], "--num-prompts must be between 1 and"),  # every body is made up front
+    (["--warmup", str(10**20)], "--warmup must be between 0 and"),
 ])
 def test_endpoint_flags_that_can_never_run(tmp_path, capsys, args, needle):
     bad_endpoint(tmp_path, capsys, f"http://127.0.0.1:{_closed_port()}/v1", args, needle)

@@ -477,6 +477,9 @@ def _cell(text: bytes, column: str, value: str) -> bytes:
 @pytest.mark.parametrize("name,data,mode,needle", [
     ("env.json", "[1, 2]", "--append", "not an env.json this harness writes"),
     ("env.json", '{"config": "fp16", "run_id": "x"}', "--resume", "not an env.json this harness writes"),
+    ("env.json", "{}", "--append", "not an env.json this harness writes"),
+    # its rows' run could not be continued under its own id
+    ("env.json", lambda t: t.replace(b'"run_id"', b'"run_id_"', 1), "--resume", "records no run_id"),
     ("env.json", '{"config": ' + "[" * 100000, "--resume", "is not readable JSON (RecursionError)"),
     # rows of binary under the harness's own header
     ("runs.csv", lambda t: t[: t.index(b"\n") + 1] + b"\xff\xfe\x00 binary\n", "--resume", "is a binary file"),

@@ -25,6 +25,9 @@ from bench.quant.w4a16.registry import KERNELS
 from variants.base import WeightsPart, quantized_columns
 from variants.options import empty_flag, opt, run_fact
 
+# rows the decode kernels may serve: each kernel that tunes per row count is called at every one
+# of them before the runs (bench.quant.w4a16.choice.tune_per_rows)
+MAX_DENSE_ROWS = 4096
 MAX_CALIB = 1024  # calibration requests (each runs the whole VLM, outside any measurement)
 VERSION = 1  # bump when quantization output changes, so old saved files are not reused
 
@@ -73,8 +76,11 @@ class Int4VariantOptions:
             raise UsageError(empty_flag(self))
         if self.int4_group_size not in (32, 64, 128, 256):
             raise UsageError(f"--int4-group-size must be 32, 64, 128 or 256, got {self.int4_group_size}")
-        if self.awq_calib < 1 or self.int4_dense_rows < 0:
-            raise UsageError("--awq-calib must be at least 1 and --int4-dense-rows not negative")
+        if self.awq_calib < 1:
+            raise UsageError("--awq-calib must be at least 1")
+        if not 0 <= self.int4_dense_rows <= MAX_DENSE_ROWS:
+            raise UsageError(f"--int4-dense-rows must be between 0 and {MAX_DENSE_ROWS:,} (calls of more rows are "
+                             f"prefills: --int4-prefill-kernel), got {self.int4_dense_rows}")
         if self.awq_calib > MAX_CALIB:
             raise UsageError(f"--awq-calib {self.awq_calib}: at most {MAX_CALIB:,} calibration requests (AutoAWQ "
                              "calibrates on 128 samples)")
@@ -104,6 +110,8 @@ class Int4VariantOptions:
             if self.int4_kernels != MEASURED:
                 raise UsageError("--int4-kernel-candidates limits what --int4-kernels measured chooses from; it "
                                  f"does not go with --int4-kernels {self.int4_kernels}")
+        if self.int4_cache_dir and not self.int4_cache_dir.strip():
+            raise UsageError("--int4-cache-dir is blank; give a directory, or '' to never save")
         if self.int4_cache_dir:  # (an unwritable one only warns: the model is quantized again next time)
             check_creatable(Path(self.int4_cache_dir).expanduser(), "--int4-cache-dir", writable=False)
 

@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 from bench.cli import PROG, describe
-from bench.errors import ArgumentParser, UsageError
+from bench.errors import ArgumentParser, UsageError, path_problem
 
 # One CPU thread and --calibrate: every request is timed next to a fixed reference workload
 # (bench.measure.calibration) and the gate compares the ratios, so another process on the
@@ -52,6 +52,8 @@ def is_ci_bench(command) -> bool:
 def other_commands(out: Path) -> list[str]:
     """The commands of the runs in `out` that ci-bench did not make (env.json's top-level record
     and its earlier runs'); none where there is no readable env.json (run refuses that itself)."""
+    if path_problem(out / "env.json"):  # (a FIFO would block the read for ever)
+        return []
     try:
         env = json.loads((out / "env.json").read_text())
     except (OSError, ValueError, RecursionError):

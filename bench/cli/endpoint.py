@@ -13,6 +13,9 @@ from bench.cli import PROG
 from bench.errors import ArgumentParser, UsageError, path_problem
 
 
+MAX_PROMPTS = 100_000  # measured requests per point: their bodies are made before the first is sent
+
+
 def wants_endpoint(argv: list[str]) -> bool:
     return any(a == "--endpoint" or a.startswith("--endpoint=") for a in argv)
 
@@ -139,8 +142,13 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
                 raise UsageError(f"--tokenizer {ns.tokenizer}: {problem}; give the served model's tokenizer folder")
         if ns.output_dir is not None:  # written anew: endpoint mode neither appends nor resumes
             check_output_dir(Path(ns.output_dir), "fresh")
-        if ns.num_prompts < 1 or ns.warmup < 0:
-            raise UsageError("--num-prompts must be at least 1 and --warmup not negative")
+        from bench.run.config import MAX_WARMUP
+
+        if not 1 <= ns.num_prompts <= MAX_PROMPTS:
+            raise UsageError(f"--num-prompts must be between 1 and {MAX_PROMPTS:,} (requests made up front), "
+                             f"got {ns.num_prompts}")
+        if not 0 <= ns.warmup <= MAX_WARMUP:
+            raise UsageError(f"--warmup must be between 0 and {MAX_WARMUP} warm-up requests, got {ns.warmup}")
         for flag, value in (("--duration", ns.duration), ("--timeout", ns.timeout)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UsageError(f"{flag} must be a positive, finite number of seconds, got {value}")

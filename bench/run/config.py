@@ -25,6 +25,8 @@ MAX_FRAMES = 4096  # sampled video frames (each is at least one image token of t
 PREPROCESS_PLACES = ("device", "cpu")
 EXECUTORS = ("serial", "local", "ray")
 MAX_CPU_THREADS = 1024
+MAX_WARMUP = 1000  # warm-up requests per variant (or endpoint point): their questions are made up front
+MAX_WORKERS = 1024  # --executor local's worker processes (each loads its own model)
 PART_OPTIONS_AFTER = "max_new_tokens"  # where the variant parts' flags go in the field (and --help) order
 
 
@@ -149,6 +151,8 @@ class RunConfigBase:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
         if self.warmup < 0 or self.min_seconds < 0 or self.max_runs < 0:
             raise UsageError("--warmup, --min-seconds and --max-runs must not be negative")
+        if self.warmup > MAX_WARMUP:
+            raise UsageError(f"--warmup {self.warmup}: at most {MAX_WARMUP} warm-up runs per variant")
         check_seed(self.seed)
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise UsageError(f"unknown --dtype {self.dtype!r}; choose auto, float16, bfloat16 or float32")
@@ -162,8 +166,10 @@ class RunConfigBase:
             self.part_options(cls)
         if self.video_path and self.frames_dir:
             raise UsageError("give --video-path or --frames-dir, not both")
-        if self.num_frames < 0 or self.max_tiles < 1:
-            raise UsageError("--num-frames must not be negative and --max-tiles must be at least 1")
+        if self.num_frames < 0:
+            raise UsageError("--num-frames must not be negative")
+        if self.max_tiles < 1:
+            raise UsageError("--max-tiles must be at least 1")
         if self.max_tiles > MAX_TILES:
             raise UsageError(f"--max-tiles {self.max_tiles}: at most {MAX_TILES} tiles per image "
                              "(InternVL's processors use up to 12; 40 at most)")
@@ -205,8 +211,8 @@ class RunConfigBase:
             self.executor = "local" if self.gpus or self.workers else "serial"
         if self.executor not in EXECUTORS:
             raise UsageError(f"unknown --executor {self.executor!r}; choose {', '.join(EXECUTORS)}")
-        if self.workers < 0:
-            raise UsageError("--workers must not be negative")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise UsageError(f"--workers must be between 0 and {MAX_WORKERS} worker processes, got {self.workers}")
         if self.gpus is not None and not self.gpus.strip():
             raise UsageError("--gpus is empty; give GPU indices, e.g. 0,1, or all")
         if self.executor != "local" and self.gpus:

@@ -308,7 +308,7 @@ class Benchmark:
                 raise UsageError(f"{self.out_dir / 'env.json'} is not readable JSON ({e.__class__.__name__}): "
                                  "use a new --output-dir") from None
             old = self.old_env
-            if not (isinstance(old, dict) and isinstance(old.get("config", {}), dict)
+            if not (isinstance(old, dict) and isinstance(old.get("config"), dict)
                     and isinstance(old.get("runs", {}), dict) and isinstance(old.get("run_id", ""), str)):
                 raise UsageError(f"{self.out_dir / 'env.json'} is not an env.json this harness writes (its config, "
                                  "runs or run_id are of another kind): use a new --output-dir")
@@ -317,6 +317,9 @@ class Benchmark:
             self._prepare_resume(settings)
 
     def _prepare_resume(self, settings: dict) -> None:
+        if not self.old_env.get("run_id"):  # its rows could not be told from this process's
+            raise UsageError(f"--resume: {self.out_dir / 'env.json'} records no run_id, so its run cannot be "
+                             "continued; use --append for a new run beside it, or a new --output-dir")
         old_settings = config_fingerprint(self.old_env.get("config") or {})[1]
         if old_settings != settings:
             changed = sorted(k for k in set(old_settings) | set(settings) if old_settings.get(k) != settings.get(k))

@@ -108,10 +108,14 @@ def _text(value) -> str:
     return value
 
 
+MAX_COUNT = 2**31 - 1  # no row count or weight dimension reaches it
+
+
 def _count(value) -> int:
     """A positive row count or size, as an int or the string of one (JSON object keys)."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit() or int(value) < 1:
-        raise ValueError(f"{value!r} is not a positive whole number")
+    if (isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).isdigit()
+            or not 1 <= int(value) <= MAX_COUNT):
+        raise ValueError(f"{str(value)[:40]!r} is not a whole number from 1 to {MAX_COUNT}")
     return int(value)
 
 
@@ -146,7 +150,10 @@ def parse_entry(key: str, entry) -> tuple[dict, ShapePlan]:
     for name, check in (("points", _count), ("candidates", _text)):
         for v in fields[name]:
             check(v)
-    return fields, ShapePlan.from_json(fields["shape"], entry)
+    plan = ShapePlan.from_json(fields["shape"], entry)
+    if not {top for top, _ in plan.plan} <= set(fields["points"]):  # a plan's bounds are row counts it timed
+        raise ValueError(f"plan {plan.plan} bounds rows outside its measured row counts {fields['points']}")
+    return fields, plan
 
 
 def read_entries(path: Path) -> dict:
