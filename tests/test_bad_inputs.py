@@ -133,9 +133,10 @@ def test_video_bomb_refused_before_a_frame_is_decoded(tmp_path, capsys):
 
 def test_video_frames_held_to_the_image_limit(tmp_path, capsys, monkeypatch):
     video = ffv1_video(tmp_path / "v.mkv")  # a real, decodable video, past a lowered limit
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # below the demo image's too: a video run reads no image
+    image = small_png(tmp_path / "small.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     for mode in ("clip", "frames"):
-        bad_run(tmp_path, capsys, ["--video-path", str(video), "--video-mode", mode],
+        bad_run(tmp_path, capsys, ["--image-path", str(image), "--video-path", str(video), "--video-mode", mode],
                 "--video-path", "256x256", "too large")
 
 

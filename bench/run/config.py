@@ -156,10 +156,6 @@ class RunConfigBase:
         check_seed(self.seed)
         if self.dtype not in ("auto", "float16", "bfloat16", "float32"):
             raise UsageError(f"unknown --dtype {self.dtype!r}; choose auto, float16, bfloat16 or float32")
-        if self.image_path is not None and (self.video_path or self.frames_dir):
-            raise UsageError(f"--image-path applies to image input; give it or "
-                             f"{'--video-path' if self.video_path else '--frames-dir'}, not both "
-                             "(a video request shows its frames)")
         if self.image_path is None:
             self.image_path = str(DEMO_IMAGE)
         for cls in self.option_classes:  # each options dataclass checks its own values

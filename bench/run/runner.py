@@ -115,12 +115,11 @@ def _tree_digest(root: Path, recursive: bool = True) -> str:
     return h.hexdigest()[:16]
 
 
-def input_digests(cfg, image_file: bytes | None, questions: list[str]) -> dict[str, str]:
+def input_digests(cfg, image_file: bytes, questions: list[str]) -> dict[str, str]:
     """What a run reads from files, as digests env.json keeps: --resume refuses inputs whose
     contents changed at the same paths (its settings compare only the paths)."""
-    out = {"questions": hashlib.sha256("\n".join(questions).encode()).hexdigest()[:16]}
-    if image_file is not None:  # image input (a video run reads no image)
-        out["image"] = hashlib.sha256(image_file).hexdigest()[:16]
+    out = {"image": hashlib.sha256(image_file).hexdigest()[:16],
+           "questions": hashlib.sha256("\n".join(questions).encode()).hexdigest()[:16]}
     if cfg.video_path:
         out["video"] = _file_digest(Path(cfg.video_path), whole=False)
     if cfg.frames_dir:
@@ -251,14 +250,13 @@ class Benchmark:
                 raise UsageError(f"--variants/--engine: {same} the same variant ({'+'.join(parts)}) given twice; "
                                  "give it once")
             seen[parts] = v.name
-        self.image = self.image_file = self.frames = None  # a video request shows its frames only
+        self.image = load_image(cfg.image_path)
+        self.image_file = Path(cfg.image_path).read_bytes()  # what a request would carry (prefix key)
+        self.frames = None
         if cfg.video_path or cfg.frames_dir:
             from bench.run.media import FrameSource
 
             self.frames = FrameSource(cfg.video_path, cfg.frames_dir, cfg.num_frames)
-        else:
-            self.image = load_image(cfg.image_path)
-            self.image_file = Path(cfg.image_path).read_bytes()  # what a request would carry (prefix key)
         self.questions = load_questions(cfg.questions, cfg.text_prompt)
         self.warmups = warmup_questions(self.questions)
         if cfg.conv_mode is not None:
@@ -329,8 +327,7 @@ class Benchmark:
                              "give its settings, or --append for a new run")
         old_inputs = self.old_env.get("inputs")
         if isinstance(old_inputs, dict):  # recorded since runs kept digests of their inputs
-            # the inputs both recorded (which inputs a run reads follows from its settings, compared above)
-            changed = [k for k in sorted(set(old_inputs) & set(self.inputs)) if old_inputs[k] != self.inputs[k]]
+            changed = [k for k in sorted(set(old_inputs) | set(self.inputs)) if old_inputs.get(k) != self.inputs.get(k)]
             if changed:
                 raise UsageError(f"--resume: {self.out_dir} holds a run of other inputs: the {', '.join(changed)} "
                                  "at the same paths changed since it began (contents differ); give its inputs, "
