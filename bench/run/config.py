@@ -45,7 +45,8 @@ class RunFields:
                                  aliases=("--model_path",), nonempty="a directory")
     preset: str | None = opt(f"architecture preset with random weights (default: {DEFAULT_PRESET} when no "
                              "--model-path)", nonempty="a preset name")
-    image_path: str | None = opt("image file (default: the demo image shipped with the repo)",
+    image_path: str | None = opt("image file (default: the demo image shipped with the repo); with --video-path or "
+                                 "--frames-dir the requests show the frames, and awq4 calibrates on this image",
                                  aliases=("--image_path", "--image-file"), nonempty="a path")
     video_path: str | None = opt("video file (decoded with PyAV); frames sampled uniformly (--num-frames)",
                                  nonempty="a path")
