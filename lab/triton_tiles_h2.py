@@ -62,8 +62,7 @@ def h2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, n
         torch.empty(n, dtype=torch.float16, device=x.device)
     grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
     _f16x2_kernel[grid](x.contiguous().view(torch.int32), packed, scale_and_zero.view(torch.int32), y, n, k,
-                        ROWS_FIRST=WAYS[way],
-                    G=group_size, EMULATE=emulate, **config, **launch)
+                        ROWS_FIRST=WAYS[way], G=group_size, EMULATE=emulate, **config, **launch)
     return (y.half() if split else y).view(1, n)
 
 

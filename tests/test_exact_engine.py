@@ -459,6 +459,14 @@ def test_graph_engine_captures_a_whole_batch_prefill_per_length_bucket_with_a_st
     assert engine.run_batch(second, 8).batch_tokens == want[id(second)]
     assert [k for k in engine.lm_graphs if k[0] == "batch prefill"] == keys  # replayed, not captured again
     assert "a batch's whole CUDA-graphed" in engine.describe()
+    # rows of one length that is a bucket's already: no gap at all, every column real
+    q = QUESTIONS[0]
+    while adapter.prepare_text(q, demo_image).prompt_tokens % round_:
+        q += " and"  # a token a word
+    even = [(demo_image, q), (other, q)]
+    width = adapter.prepare_text(q, demo_image).prompt_tokens
+    assert engine.run_batch(even, 8).batch_tokens == [hf.run(v, q, 8).tokens for v, q in even]
+    assert ("batch prefill", 2, width) in engine.lm_graphs and laid[-1] == (2, width)
 
     for limit in (0, 3 * laid[0][1] - 1):  # off, or one token short of the batch's padded prefill
         laid.clear()
@@ -474,9 +482,11 @@ def test_graph_engine_captures_a_whole_batch_prefill_per_length_bucket_with_a_st
     # uncaptured prefill runs from a reset and gives the same tokens, and no capture is tried again
     engine = uncompiled(GraphEngine(adapter, CachePolicy()))
     capture = engine._capture
+    tried = []
 
     def failing(call, what, rewind, warmups=2, pool=None):
         if what.startswith("batch prefill"):
+            tried.append(what)
             call()
             raise VariantUnsupported(f"{what} cannot be captured in a CUDA graph: test")
         return capture(call, what, rewind, warmups, pool)
@@ -487,6 +497,7 @@ def test_graph_engine_captures_a_whole_batch_prefill_per_length_bucket_with_a_st
         # each row's positions went on from its own prompt (tokens of a tiny model hardly move with them)
         assert engine.cache.next_pos.tolist() == [adapter.prepare_text(q, v).prompt_tokens + 7 for v, q in batch]
     assert "batch prefill graph: not captured" in engine.describe() and "a batch's whole" not in engine.describe()
+    assert len(tried) == 1  # the second batch is not captured again
 
 
 def test_graph_engine_teacher_forced_logprobs_keep_every_step_in_fp32(checkpoint_dirs, demo_image, stand_in_capture):

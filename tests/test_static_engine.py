@@ -234,8 +234,11 @@ def test_cuda_captured_prefill_takes_the_int4_prefetch_into_its_graph(demo_image
         got = engine.prefill(rows, cache, 0, valid).clone()
         assert ("batch prefill", 2, width) in engine.lm_graphs and "batch prefill graph" not in engine.notes
         cache.reset()
+        got_again = engine.prefill(rows, cache, 0, valid).clone()  # a second replay: slots refilled
+        cache.reset()
         want = engine.full_prefill(rows, cache, 0, engine.prefill_fn, valid)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+    assert torch.equal(got, got_again)
 
 
 @pytest.mark.parametrize("engine_cls", ["hf", "static", "exact"])

@@ -11,11 +11,14 @@ and replayed:
 - a one-row full-prompt prefill (a cold single request, or the prefix a cold batch on one image
   shares, prefilled once into a one-row buffer kept with the batch's), one graph per prompt
   length rounded up to the spec's prefill_round (PREFILL_ROUND), padded after the prompt (causal
-  attention keeps the padding out).
+  attention keeps the padding out);
+- a whole batch's full-prompt prefill (a cold batch without a shared prefix), one graph per batch
+  size and prompt width rounded up the same way (each row's gap after its prefix widened and
+  masked), up to the spec's batch_prefill_tokens (batch x width), all in one memory pool.
 Full-prompt prefill's layer is compiled with a dynamic length (flash attention, fused
 elementwise work) and q/k/v and gate/up run fused at every length (on the H200, llava-1.5-7b,
-628 tokens: 29.3 ms eager -> 15.3 ms; prefill_profile CSV); whole batches and long suffixes
-run it uncaptured, the one-row prefills replay it captured.
+628 tokens: 29.3 ms eager -> 15.3 ms; prefill_profile CSV); batches past batch_prefill_tokens and
+long suffixes run it uncaptured, the prefills above replay it captured.
 Unlike the static engine's, its prefill is not bit-identical to transformers' (token_agree
 reports the effect); bench.engines.graph_exact's engine is.
 Anything that cannot be compiled runs uncompiled, and the row says so in `engine_detail`;
@@ -65,8 +68,8 @@ class GraphEngine(StaticEngine):
         super().__init__(adapter, policy, spec)
         self.lm_graphs: dict[object, _Captured] = {}
         self._decode_inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # batch -> (token, its embedding)
-        self._decode_pool = self._new_decode_pool()
-        self._batch_prefill_pool = self._new_decode_pool()  # the batches' prefill graphs share one too
+        self._decode_pool = self._new_pool()
+        self._batch_prefill_pool = self._new_pool()  # the batches' prefill graphs share one too
         self.vision_graphs: dict[tuple, _Captured] = {}
         self.notes: dict[str, str] = {}
         self._scratch: KVBuffers | None = None  # one row for a batch's shared prefix (scratch_cache)
@@ -125,7 +128,7 @@ class GraphEngine(StaticEngine):
         """What this engine captures, for engine_detail."""
         return f"CUDA-graph decode (a graph per {self.spec.key_round} attended columns) + suffix buckets"
 
-    def _new_decode_pool(self):
+    def _new_pool(self):
         """A memory pool graphs that never replay at once share: the decode graphs' (a graph per
         batch size and attended length), the batches' prefill graphs' (None off CUDA)."""
         return torch.cuda.graph_pool_handle() if self.adapter.device.type == "cuda" else None
@@ -138,7 +141,7 @@ class GraphEngine(StaticEngine):
         if self.prefill_fn is not None and "prefill graph" not in self.notes:
             prefill += (f" (one row from column 0: CUDA-graphed per {prefill_round}-token length bucket)"
                         if prefill_round > 1 else " (one row from column 0: CUDA-graphed per prompt length)")
-        if self._batch_prefill_captured(1, 1) and self.spec.batch_prefill_tokens:
+        if self._batch_prefill_graphable(1, 1):
             prefill += (f", a batch's whole CUDA-graphed per batch size and {prefill_round}-token bucket up to "
                         f"{self.spec.batch_prefill_tokens} tokens")
         parts = [f"own decoder ({self.decoder.fusion}), static KV, {self._graphs_note()} "
@@ -152,8 +155,8 @@ class GraphEngine(StaticEngine):
 
     def _drop_buffers(self) -> None:
         self.lm_graphs.clear()  # their captured addresses die with the old buffers
-        self._decode_pool = self._new_decode_pool()  # and a shared pool's memory with them
-        self._batch_prefill_pool = self._new_decode_pool()
+        self._decode_pool = self._new_pool()  # and a shared pool's memory with them
+        self._batch_prefill_pool = self._new_pool()
         self._scratch = None
         super()._drop_buffers()
 
@@ -209,9 +212,7 @@ class GraphEngine(StaticEngine):
 
     def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
         self.forget_overwritten(cache, start)
-        if (start == 0 and cache is self.cache and cache.valid is not None
-                and embeds.shape[1] == self._padded_prefill(embeds.shape[1])  # laid out at a bucket
-                and self._batch_prefill_captured(*embeds.shape[:2])):
+        if start == 0 and self._batch_graph_at(cache, embeds.shape[1]):
             if valid is None:  # rows of one length: every column real
                 valid = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
             try:
@@ -238,20 +239,26 @@ class GraphEngine(StaticEngine):
                 self.prefill_fn = None
         return self.full_prefill(embeds, cache, start, valid=valid)
 
-    def _batch_prefill_captured(self, batch: int, tokens: int) -> bool:
-        """Whether a batch's full prefill of `tokens` columns replays a captured graph: the
-        compiled prefill runs, no capture failed, and batch x tokens is within the spec's
+    def _batch_prefill_graphable(self, batch: int, width: int) -> bool:
+        """Whether a batch's full prefill `width` columns wide may replay a captured graph: the
+        compiled prefill runs, no capture failed, and batch x width is within the spec's
         batch_prefill_tokens."""
         return (self.prefill_fn is not None and "batch prefill graph" not in self.notes
-                and batch * tokens <= self.spec.batch_prefill_tokens)
+                and batch * width <= self.spec.batch_prefill_tokens)
+
+    def _batch_graph_at(self, cache, width: int) -> bool:
+        """Whether a full prefill `width` columns wide from column 0 of `cache` replays a batch
+        prefill graph: the working buffers of a batch, a width at a prefill_round bucket (as
+        batch_prompt_columns lays one out) and a graphable size."""
+        return (cache is self.cache and cache.valid is not None and width == self._padded_prefill(width)
+                and self._batch_prefill_graphable(cache.batch, width))
 
     def batch_prompt_columns(self, tokens: int, cache, max_new_tokens: int) -> int:
         """Where the batch's prefill is captured, its prompts are laid out at `tokens` rounded up
         to the spec's prefill_round (as a one-row prefill is padded), so that prompts of nearby
         lengths replay one graph; the wider gaps are masked like any row's."""
         padded = self._padded_prefill(tokens)
-        if (cache is self.cache and cache.valid is not None and padded + max_new_tokens <= cache.max_len
-                and self._batch_prefill_captured(cache.batch, padded)):
+        if padded + max_new_tokens <= getattr(cache, "max_len", 0) and self._batch_graph_at(cache, padded):
             return padded
         return tokens
 

@@ -195,7 +195,8 @@ def _configs(split: bool) -> list:
     """The candidates (pruned per shape by _prune), kept few: each compiles once, and every shape
     benchmarks those left on its first call. Those that won a shape of llava-1.5-7b or
     vila1.5-3b on an H100 in either layout (lab/triton_tiles_h2.py gpu, which times many more):
-    rows first with one or two row blocks, rows last with two or four."""
+    without split, rows first with one or two row blocks and rows last with two or four; split,
+    both layouts with one or two."""
     if split:
         space = [(rows_first, tn, 4, 4) for rows_first in (True, False) for tn in (1, 2)]
         splits = (2, 4)

@@ -48,12 +48,11 @@ class F16x2(Tiles):
         return {"scale_and_zero": layer.scale_and_zero.to(torch.float16)}, "copy"
 
     def scale_and_zero(self, layer) -> torch.Tensor:
-        """The float16 scales and zeros the kernel reads: the layer's, or the copy it holds."""
-        if layer.scale_and_zero.dtype != torch.float16 and self.state_key not in layer.kernel_meta:
-            layer.attach_kernel_state(self.name, torch.float16)  # a call before the layer was given the kernel
+        """The float16 scales and zeros the kernel reads: the layer's, the copy it holds, or (a
+        call before the layer was given the kernel) one made for this call alone."""
         if layer.kernel_meta.get(self.state_key) == "copy":
             return layer.kernel_state(self.state_key, "scale_and_zero")[0]
-        return layer.scale_and_zero
+        return layer.scale_and_zero.to(torch.float16)
 
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
         return self.op(x.contiguous(), layer.packed, self.scale_and_zero(layer), layer.out_features,
