@@ -17,6 +17,29 @@ torch.set_num_threads(2)
 DEMO = ROOT / "bench" / "assets" / "demo.png"
 
 
+def interrupt():
+    """What Ctrl-C does to the code running: raise KeyboardInterrupt."""
+    raise KeyboardInterrupt
+
+
+def on_run_batch_call(monkeypatch, at: dict) -> tuple[dict, object]:
+    """Patch HFEngine.run_batch (every engine's batch entry) so that before its n-th call, counted
+    from 1, `at[n]()` runs (it may raise, e.g. `interrupt`); returns (the call counter {"n": calls
+    so far}, which a test may reset; the unpatched run_batch, to set back)."""
+    from bench.engines.hf import HFEngine
+
+    real, calls = HFEngine.run_batch, {"n": 0}
+
+    def counted(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] in at:
+            at[calls["n"]]()
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(HFEngine, "run_batch", counted)
+    return calls, real
+
+
 @pytest.fixture(autouse=True)
 def _no_earlier_kernel_measurements(monkeypatch):
     """Each test starts with none of the int4 kernel measurements a process keeps (a run reuses

@@ -10,7 +10,7 @@ import torch
 from bench.cli import main, run_main
 from bench.measure.metrics import phases_total_ms
 from bench.measure.schema import RUN_COLUMNS, SUMMARY_COLUMNS
-from tests.conftest import DEMO, ROOT
+from tests.conftest import DEMO, ROOT, interrupt, on_run_batch_call
 from variants.base import WeightsPart
 
 
@@ -204,18 +204,7 @@ def test_failed_variant_is_a_row_and_sweep_goes_on(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_keeps_finished_rows(tmp_path, monkeypatch, capsys):
-    from bench.engines import hf as engine_mod
-
-    calls = {"n": 0}
-    real_run = engine_mod.HFEngine.run_batch
-
-    def flaky(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_run(self, *a, **k)
-
-    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", flaky)
+    on_run_batch_call(monkeypatch, {4: interrupt})
     out = tmp_path / "o"
     rc = run_main(["--preset", "tiny-vila", "--num-runs", "5", "--max-new-tokens", "4", "--warmup", "1", "--no-fidelity",
                    "--output-dir", str(out)])

@@ -14,6 +14,7 @@ from bench.measure import compile_events
 from bench.models.loader import build_preset
 from bench.run import host
 from bench.run.preprocess import place_preprocessing
+from tests.conftest import on_run_batch_call
 from bench.run.runner import Benchmark
 from bench.run.summary import ValidityRule, summarize_runs
 
@@ -26,15 +27,8 @@ def _rows(out, name="runs.csv"):
 
 
 def test_a_run_that_compiles_is_recorded_left_out_and_replaced(tmp_path, monkeypatch):
-    real, calls = HFEngine.run_batch, []
-
-    def capturing_on_the_fourth_call(self, requests, new_tokens):
-        calls.append(1)
-        if len(calls) == 4:  # two warm-ups (one generic, one shape-matched), then the 2nd measured run
-            compile_events.note_capture()
-        return real(self, requests, new_tokens)
-
-    monkeypatch.setattr(HFEngine, "run_batch", capturing_on_the_fourth_call)
+    # two warm-ups (one generic, one shape-matched), then the 2nd measured run
+    on_run_batch_call(monkeypatch, {4: compile_events.note_capture})
     out = tmp_path / "o"
     assert run_main([*BASE, "--variants", "fp16", "--output-dir", str(out)]) == 0
     measured = [r for r in _rows(out) if r["kind"] == "measured"]

@@ -14,6 +14,7 @@ from bench.analysis.reference import process_of, processes
 from bench.cli import main, run_main
 from bench.engines import hf as engine_mod
 from bench.measure.results import LOCK_NAME, CsvWriter
+from tests.conftest import interrupt, on_run_batch_call
 from variants.base import WeightsPart
 
 TINY = ["--preset", "tiny-vila", "--device", "cpu", "--num-runs", "2", "--min-seconds", "0", "--max-new-tokens", "4",
@@ -159,17 +160,7 @@ def test_resume_after_a_run_left_out_goes_on_after_every_earlier_attempt(tmp_pat
 
     out = tmp_path / "o"
     args = [*TINY, "--variants", "fp16", "--output-dir", str(out)]
-    real, calls = engine_mod.HFEngine.run_batch, {"n": 0}
-
-    def captures_then_stops(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            compile_events.note_capture()
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", captures_then_stops)
+    _, real = on_run_batch_call(monkeypatch, {1: compile_events.note_capture, 3: interrupt})
     assert run_main(args) == 130
     assert [(r["run_index"], r["compiles"]) for r in read_rows(out / "runs.csv")] == [("0", "1"), ("1", "0")]
     monkeypatch.setattr(engine_mod.HFEngine, "run_batch", real)
@@ -189,15 +180,7 @@ def test_resume_refuses_inputs_whose_contents_changed_at_the_same_paths(tmp_path
     Image.new("RGB", (64, 48), (200, 30, 30)).save(image)
     args = [*TINY, "--variants", "fp16", "--questions", str(questions), "--image-path", str(image),
             "--output-dir", str(out)]
-    real, calls = engine_mod.HFEngine.run_batch, {"n": 0}
-
-    def stops_at_the_second(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", stops_at_the_second)
+    _, real = on_run_batch_call(monkeypatch, {2: interrupt})
     assert run_main(args) == 130
     monkeypatch.setattr(engine_mod.HFEngine, "run_batch", real)
     before = snapshot(out)
@@ -219,16 +202,7 @@ def test_resume_refuses_inputs_whose_contents_changed_at_the_same_paths(tmp_path
 def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeypatch, stop_at):
     out = tmp_path / "o"
     args = [*TINY, "--variants", "fp16,prefix", "--new-tokens", "2,4", "--output-dir", str(out)]
-    real = engine_mod.HFEngine.run_batch
-    calls = {"n": 0}
-
-    def interrupted(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == stop_at:
-            raise KeyboardInterrupt
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", interrupted)
+    _, real = on_run_batch_call(monkeypatch, {stop_at: interrupt})
     assert run_main(args) == 130
     first = read_rows(out / "runs.csv")
     assert len(first) == stop_at - 1
@@ -260,8 +234,7 @@ def test_resume_finishes_an_interrupted_run_without_duplicates(tmp_path, monkeyp
     ttft = [s for s in read_rows(out / "summary.csv") if s["metric"] == "ttft_ms"]
     assert len(ttft) == 6 and all(s["n"] == "2" for s in ttft)
     if stop_at == 4:  # a run appended, interrupted and resumed, then another appended: both resumes kept
-        calls["n"] = 0
-        monkeypatch.setattr(engine_mod.HFEngine, "run_batch", interrupted)
+        on_run_batch_call(monkeypatch, {stop_at: interrupt})
         assert run_main([*args[:-2], "--append", "--output-dir", str(out)]) == 130
         appended_from = len(read_rows(out / "runs.csv"))
         monkeypatch.setattr(engine_mod.HFEngine, "run_batch", real)
@@ -517,16 +490,7 @@ def _signalled_at_the_second_batch(signal_it, tmp_path, monkeypatch, capsys) -> 
     """A 5-run tiny run whose second batch first calls signal_it(): it ends with exit 130 and
     "interrupted", keeping 1 to 4 rows, all ok; those rows."""
     out = tmp_path / "o"
-    real = engine_mod.HFEngine.run_batch
-    calls = {"n": 0}
-
-    def signalled(self, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            signal_it()
-        return real(self, *a, **k)
-
-    monkeypatch.setattr(engine_mod.HFEngine, "run_batch", signalled)
+    on_run_batch_call(monkeypatch, {2: signal_it})
     assert run_main([*TINY, "--num-runs", "5", "--output-dir", str(out)]) == 130
     assert "interrupted" in capsys.readouterr().err
     rows = read_rows(out / "runs.csv")
