@@ -258,7 +258,7 @@ class GraphEngine(StaticEngine):
         to the spec's prefill_round (as a one-row prefill is padded), so that prompts of nearby
         lengths replay one graph; the wider gaps are masked like any row's."""
         padded = self._padded_prefill(tokens)
-        if padded + max_new_tokens <= getattr(cache, "max_len", 0) and self._batch_graph_at(cache, padded):
+        if self._batch_graph_at(cache, padded) and padded + max_new_tokens <= cache.max_len:
             return padded
         return tokens
 
