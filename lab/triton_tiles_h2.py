@@ -15,7 +15,7 @@ Two ways of laying out a program's words are compared: `h2` (rows first: a threa
 consecutive words of a row at once) and `h2-rows-last` (rows last: a thread's elements are rows of
 one word position, sharing x's loads), both the benchmark's `triton-f16x2` kernel
 (bench.quant.triton_f16x2, its ROWS_FIRST), over many more configurations than its autotuner
-keeps. Results on an H100: lab/results/h100/triton_tiles_h2_*.csv.
+keeps. Results on an H100: results/lab/h100/triton_tiles_h2_*.csv.
 
     python lab/triton_tiles_h2.py aot                 # no GPU: registers and SASS per weight per config
     python lab/triton_tiles_h2.py interpret           # no GPU: the index math in Triton's interpreter
