@@ -366,12 +366,17 @@ class _FewRows(W4A16Kernel):
         return KERNELS["tinygemm"].run(layer, x)
 
 
-def test_a_kernel_with_a_row_limit_is_measured_and_chosen_up_to_it_only(monkeypatch):
+def test_a_kernel_with_a_row_limit_is_measured_and_chosen_up_to_it_only(monkeypatch, tmp_path, capsys):
     """gemlite's GEMVs serve at most 4 rows under gemlite's own dispatch: they are neither tuned
-    nor timed above (each tuning costs seconds per row count on the GPU), and never chosen there."""
+    nor timed above (each tuning costs seconds per row count on the GPU), and never chosen there;
+    the measurement's status line says which row counts such a kernel is measured at."""
     few = _FewRows()
     monkeypatch.setitem(KERNELS, few.name, few)
     m = _layer(bias=False)
+    choice.choose_kernels([m], "measured", DTYPE, tmp_path / "kernels.json", points=(1, 2, 4, 8),
+                          allowed=("tinygemm", few.name))
+    assert f"measuring tinygemm, {few.name} (1,2 rows) for 256x256 (group 64) at 4 row counts" in capsys.readouterr().err
+    few.rows.clear()
     plan = choice.measure(m, DTYPE, points=(1, 2, 4, 8), names=["tinygemm", few.name])
     assert few.rows == {1, 2} and set(plan.us[few.name]) == set(plan.err[few.name]) == {1, 2}
     assert set(plan.us["tinygemm"]) == {1, 2, 4, 8}

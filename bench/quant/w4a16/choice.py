@@ -141,6 +141,17 @@ def _served(name: str, points) -> tuple[int, ...]:
     return tuple(rows for rows in points if limit is None or rows <= limit)
 
 
+def _with_rows(points):
+    """name -> the name, with the row counts it is measured at where its row limit leaves out some
+    of `points` ("triton-f16x2 (1 row)")."""
+    def named(name: str) -> str:
+        served = _served(name, points)
+        if not served or len(served) == len(points):  # (none: left out, with the reason)
+            return name
+        return f"{name} ({','.join(map(str, served))} row{'s' * (served != (1,))})"
+    return named
+
+
 def _takeable(earlier: dict | None, names, points) -> dict:
     """Of `earlier` (kernel -> [(times, errors)], PlanCache.earlier), for each kernel of `names`
     the measurement at the most row counts among those that timed it only at row counts it would
@@ -307,7 +318,8 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
             timed = [n for n in names if n not in earlier]
             partly = {n: [r for r in _served(n, points) if r not in earlier[n][0]] for n in earlier}
             partly = {n: rows for n, rows in partly.items() if rows}
-            status(f"int4 kernels: {'measuring ' + ', '.join(timed) if timed else 'checking'} for {shape[0]}x{shape[1]} "
+            status(f"int4 kernels: {'measuring ' + ', '.join(map(_with_rows(points), timed)) if timed else 'checking'} "
+                   f"for {shape[0]}x{shape[1]} "
                    f"(group {shape[2]}) at {len(points)} row counts"
                    + (f"; {', '.join(n for n in earlier if n not in partly)} checked only, their times taken from an "
                       "earlier measurement on this kind of GPU" if len(partly) < len(earlier) else "")
