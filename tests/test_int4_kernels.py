@@ -435,31 +435,41 @@ def test_a_plan_measured_while_a_candidates_build_failed_is_not_kept(tmp_path, m
     assert not again.plans[(256, 256, 64)].cached and kernel.name in again.plans[(256, 256, 64)].us
 
 
-def test_a_kernel_whose_times_are_taken_is_still_made_and_checked_here(tmp_path, monkeypatch):
+def _rewrite_entry(cache, candidates, **times):
+    """Give the file's one entry the candidates `candidates` and, per kernel of `times`, those
+    times (row count -> us) with errors of 0."""
+    entries = json.loads(cache.read_text())["entries"]
+    key, entry = next(iter(entries.items()))
+    fields = json.loads(key)
+    fields["candidates"] = list(candidates)
+    for name, by_rows in times.items():
+        entry = {**entry, "us": {**entry["us"], name: {str(r): t for r, t in by_rows.items()}},
+                 "err": {**entry["err"], name: {str(r): 0.0 for r in by_rows}}}
+    cache.write_text(json.dumps({"version": measurements.CACHE_VERSION,
+                                 "entries": {json.dumps(fields, sort_keys=True): entry}}))
+
+
+def test_a_kernel_whose_times_are_taken_is_still_made_and_checked_here_where_it_is_chosen(tmp_path, monkeypatch):
     """Times taken from a measurement for other candidates (another process, another machine of
-    the kind) skip only the timing: the kernel's format is made on the layer and its error taken
-    there, so one whose build fails here is left out and that plan is not kept; and a kernel's
-    times are taken only where they cover exactly the row counts it would be timed at now."""
+    the kind) skip the timing: the kernel's format is made on the layer and its error taken there
+    where it would be chosen, so one whose build fails here is left out and that plan is not kept;
+    and a kernel's times are taken only where they cover exactly the row counts it would be timed
+    at now."""
     kernel, few = _FailsToBuild(), _FewRows()
     monkeypatch.setitem(KERNELS, kernel.name, kernel)
     monkeypatch.setitem(KERNELS, few.name, few)
     cache = tmp_path / "kernels.json"
     kernel.toolchain_ok = True
     choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 2), allowed=("tinygemm", kernel.name))
+    _rewrite_entry(cache, ("tinygemm", kernel.name), **{kernel.name: {1: 1e-3, 2: 1e-3}})  # the fastest
     monkeypatch.setattr(measurements, "_KEPT", {})  # the next process, on a machine that cannot build it
     kernel.toolchain_ok = False
     got = choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 2),
                                 allowed=("dense", "tinygemm", kernel.name)).plans[(256, 256, 64)]
     assert got.reused == {"tinygemm": (1, 2)} and "could not be built" in got.left_out[kernel.name]
     assert len(json.loads(cache.read_text())["entries"]) == 1  # not kept
-    entries = json.loads(cache.read_text())["entries"]  # an entry whose GEMV was timed past its row limit now
-    key, entry = next(iter(entries.items()))
-    fields = json.loads(key)
-    fields["candidates"] = ["tinygemm", few.name]
-    entry = {**entry, "us": {**entry["us"], few.name: {"1": 1e-3, "2": 1e-3, "4": 1e-3}},
-             "err": {**entry["err"], few.name: {"1": 0.0, "2": 0.0, "4": 0.0}}}
-    cache.write_text(json.dumps({"version": measurements.CACHE_VERSION,
-                                 "entries": {json.dumps(fields, sort_keys=True): entry}}))
+    # an entry whose GEMV was timed past its row limit now
+    _rewrite_entry(cache, ("tinygemm", few.name), **{few.name: {1: 1e-3, 2: 1e-3, 4: 1e-3}})
     monkeypatch.setattr(measurements, "_KEPT", {})
     plan = choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 2),
                                  allowed=("tinygemm", few.name, "dense")).plans[(256, 256, 64)]
@@ -468,10 +478,62 @@ def test_a_kernel_whose_times_are_taken_is_still_made_and_checked_here(tmp_path,
     bad = {**plan.to_json(), "reused": ["nope"]}
     with pytest.raises(ValueError, match="reused"):
         measurements.ShapePlan.from_json(plan.shape, bad)
-    older = {k: v for k, v in plan.to_json().items() if k != "reused"}  # written before reuse existed
+    older = {k: v for k, v in plan.to_json().items() if k not in ("reused", "unchecked")}  # before reuse existed
     assert measurements.ShapePlan.from_json(plan.shape, older).reused == {}
     listed = {**plan.to_json(), "reused": ["tinygemm"]}  # a list of kernels: every row count taken
     assert measurements.ShapePlan.from_json(plan.shape, listed).reused == {"tinygemm": (1, 2)}
+
+
+class _Counting(W4A16Kernel):
+    """tinygemm's result (or, while `wrong`, twice it), recording the rows of every call."""
+
+    def __init__(self, name):
+        self.name, self.calls, self.wrong = name, [], False
+
+    def run(self, layer, x):
+        self.calls.append(x.shape[0])
+        y = KERNELS["tinygemm"].run(layer, x)
+        return 2 * y if self.wrong else y
+
+
+def test_a_kernel_whose_times_are_all_taken_is_called_only_where_it_would_be_chosen(tmp_path, monkeypatch):
+    """Checking every reused kernel at every row count compiled each one's code at each (tens of
+    seconds a shape on an H100) for kernels that served nothing: now the fastest by its kept times
+    is checked at a row count before it is chosen there, the others keep their earlier errors
+    (`unchecked`, the table's error_reused), and one wrong here is passed over for the next."""
+    fast, slow = _Counting("test-fast"), _Counting("test-slow")
+    for k in (fast, slow):
+        monkeypatch.setitem(KERNELS, k.name, k)
+    cache, names = tmp_path / "kernels.json", ("tinygemm", fast.name, slow.name)
+    choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 2, 4), allowed=names)
+    slowest = {1: 1e9, 2: 1e9, 4: 1e9}
+    _rewrite_entry(cache, names, **{fast.name: {1: 1e-3, 2: 1e-3, 4: 1e9}, slow.name: slowest,
+                                    "tinygemm": {1: 1e9, 2: 1e9, 4: 1e-3}})
+
+    def again():
+        monkeypatch.setattr(measurements, "_KEPT", {})  # another process
+        fast.calls.clear(), slow.calls.clear()
+        return choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 2, 4),
+                                     allowed=(*names, "dense")).plans[(256, 256, 64)]
+
+    plan = again()  # dense, a new candidate, is timed; the others' times are taken
+    assert plan.reused == {n: (1, 2, 4) for n in names}
+    assert sorted(fast.calls) == [1, 2] and slow.calls == []
+    assert plan.plan == ((2, fast.name), (4, "tinygemm"))
+    assert plan.unchecked == {fast.name: (4,), slow.name: (1, 2, 4), "tinygemm": (1, 2)}
+    assert all(plan.err[fast.name][r] < 1e-3 for r in (1, 2)) and plan.err[slow.name] == {1: 0.0, 2: 0.0, 4: 0.0}
+    rows = {(r["kernel"], r["rows"]): r["error_reused"] for r in choice.table_rows([plan])}
+    assert rows[(fast.name, 1)] is False and rows[(fast.name, 4)] is True and rows[("dense", 4)] is False
+    assert measurements.ShapePlan.from_json(plan.shape, json.loads(json.dumps(plan.to_json()))).unchecked == plan.unchecked
+    with pytest.raises(ValueError, match="unchecked"):  # errors taken where times were not
+        measurements.ShapePlan.from_json(plan.shape, {**plan.to_json(), "unchecked": {"dense": [1]}})
+
+    _rewrite_entry(cache, names, **{fast.name: {1: 1e-3, 2: 1e-3, 4: 1e9}, slow.name: slowest,
+                                    "tinygemm": {1: 1e9, 2: 1e9, 4: 1e-3}})
+    fast.wrong = True  # its kept errors say it is right; here it is not
+    plan = again()
+    assert sorted(fast.calls) == [1, 2] and all(plan.err[fast.name][r] > choice.TOLERANCE for r in (1, 2))
+    assert {n for top, n in plan.plan if top <= 2} == {"dense"}  # the fastest of the rest, checked
 
 
 def test_measured_choice_is_made_once_per_device_and_shape(tmp_path):

@@ -10,7 +10,8 @@ from bench.errors import ArgumentParser, UsageError, path_problem
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
 CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "candidates", "points", "out_features", "in_features",
                "group_size",
-               "kernel", "rows", "us", "int4_gb_per_s", "max_rel_err", "chosen", "left_out", "reused"]
+               "kernel", "rows", "us", "int4_gb_per_s", "max_rel_err", "chosen", "left_out", "reused",
+               "error_reused"]
 
 
 def parser() -> ArgumentParser:
@@ -22,7 +23,8 @@ def parser() -> ArgumentParser:
                     help="write every measurement to this new CSV (device, dtype, library versions, CUDA graph "
                          "or eager, dense copy or not, the candidates chosen from, the row counts measured, "
                          "shape, kernel, rows, us, max_rel_err, chosen, left_out, reused: the time was "
-                         "measured for another candidate set or other row counts); "
+                         "measured for another candidate set or other row counts, error_reused: so was the "
+                         "error, where the kernel was not chosen); "
                          "default: print the choices")
     return ap
 

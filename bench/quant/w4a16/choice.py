@@ -172,9 +172,12 @@ def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | Non
     timed calls go through in turn (default: `layer` alone; each is given the candidates' weight
     formats, which a row plan set afterwards drops where it does not use them); `earlier`: kernel ->
     [(times, errors)] measured before on this kind of device and shape (PlanCache.earlier): a kernel
-    timed there only at row counts it would be timed at now keeps those times and is checked there
-    (its weight format made and its error taken on `layer` at each row count); the row counts it
-    was not timed at are timed."""
+    timed there only at row counts it would be timed at now keeps those times; the row counts it
+    was not timed at are timed (and it is checked on `layer` at each row count). One that needs
+    no timing is checked on `layer` (its weight format made, its error taken) only where it would
+    be chosen, fastest by its kept times, and keeps its earlier errors elsewhere (`unchecked`):
+    checking every kernel at every row count compiles and runs each one's code for each (gemlite's
+    per row-count configurations, Triton autotuning), for kernels most of which serve nothing."""
     device = layer.packed.device
     cycle = cycle or [layer]
     ok, left_out = candidates(layer, device, dtype)
@@ -189,41 +192,65 @@ def measure(layer, dtype: torch.dtype, points=ROW_POINTS, names: list[str] | Non
         x = torch.randn(rows, layer.in_features, generator=gen, device=device, dtype=torch.float32).to(dtype)
         inputs[rows] = (x, x.float() @ w.T)
     del w
-    reused = {}
+
+    def error(name: str, rows: int) -> float:
+        x, ref = inputs[rows]
+        y = layer.run_kernel(name, x).float()
+        return ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+    reused, unchecked = {}, {}
     for name in names:
-        served = {rows: inputs[rows] for rows in _served(name, points)}
+        served = _served(name, points)
         if not served:
             limit = KERNELS[name].max_rows
             left_out[name] = f"serves at most {limit} row{'s' * (limit != 1)}; the fewest measured is {min(inputs)}"
             continue
-        taken = earlier.get(name, ({}, {}))[0]  # its times at these rows from an earlier measurement
+        taken, taken_err = earlier.get(name, ({}, {}))  # its times at these rows from an earlier measurement
         to_time = [rows for rows in served if rows not in taken]
+        if taken:
+            reused[name] = tuple(sorted(taken))
+        if not to_time:  # checked below, where it would be chosen
+            plan.us[name], plan.err[name] = {r: taken[r] for r in served}, {r: taken_err[r] for r in served}
+            unchecked[name] = set(served)
+            continue
         try:
-            for m in (cycle if to_time else [layer]):
+            for m in cycle:
                 m.attach_kernel_state(name, dtype)
             us = {rows: taken[rows] for rows in served if rows in taken}
             err = {}
-            for rows, (x, ref) in served.items():
-                y = layer.run_kernel(name, x).float()
-                err[rows] = ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+            for rows in served:
+                err[rows] = error(name, rows)
                 if rows in to_time:
+                    x = inputs[rows][0]
                     turn = itertools.cycle(cycle)
                     us[rows] = call_us(lambda x=x: next(turn).run_kernel(name, x), device,
                                        calls=max(32, len(cycle)) if device.type == "cuda" else None, graph=graph)
         except Exception as e:  # noqa: BLE001 - a kernel that cannot run (or be captured) here is left out
             left_out[name] = _short(e)
+            reused.pop(name, None)
             continue
-        if taken:
-            reused[name] = tuple(sorted(taken))
         plan.us[name], plan.err[name] = dict(sorted(us.items())), err
-    plan.reused = reused
     best = []
     for rows in points:
-        timed = [(plan.us[n][rows], n) for n in plan.us if rows in plan.us[n] and plan.err[n][rows] <= TOLERANCE]
-        if not timed:
-            raise VariantUnsupported(f"no int4 kernel gives correct results for {plan.shape[0]}x{plan.shape[1]} "
-                                     f"at {rows} rows here ({'; '.join(f'{k}: {v}' for k, v in left_out.items())})")
-        best.append((rows, min(timed)[1]))
+        while True:
+            timed = [(plan.us[n][rows], n) for n in plan.us if rows in plan.us[n] and plan.err[n][rows] <= TOLERANCE]
+            if not timed:
+                raise VariantUnsupported(f"no int4 kernel gives correct results for {plan.shape[0]}x{plan.shape[1]} "
+                                         f"at {rows} rows here ({'; '.join(f'{k}: {v}' for k, v in left_out.items())})")
+            name = min(timed)[1]
+            if rows not in unchecked.get(name, ()):
+                break
+            try:  # the fastest by its kept times: checked on this layer before it is chosen
+                layer.attach_kernel_state(name, dtype)
+                plan.err[name][rows] = error(name, rows)
+                unchecked[name].discard(rows)
+            except Exception as e:  # noqa: BLE001 - as above: left out with the reason
+                left_out[name] = _short(e)
+                for table in (plan.us, plan.err, reused, unchecked):
+                    table.pop(name, None)
+        best.append((rows, name))
+    plan.reused = reused
+    plan.unchecked = {n: tuple(sorted(rows)) for n, rows in unchecked.items() if rows}
     merged: list[tuple[int, str]] = []
     for rows, name in best:  # consecutive points with one winner are one range
         if merged and merged[-1][1] == name:
@@ -260,21 +287,23 @@ def int4_gb_per_s(out_features: int, in_features: int, group_size: int, us: floa
 def table_rows(plans) -> list[dict]:
     """One row per (shape, kernel, row count) measured, and one per kernel left out; `reused`: the
     time was measured for another candidate set, other row counts, or dense copy or not, on this
-    kind of device (ShapePlan.reused)."""
+    kind of device (ShapePlan.reused); `error_reused`: so was the error (the kernel was not chosen
+    there, so not checked again: ShapePlan.unchecked)."""
     rows = []
     for p in plans:
         for name in sorted(set(p.us) | set(p.left_out)):
             if name not in p.us:
                 rows.append({"out_features": p.shape[0], "in_features": p.shape[1], "group_size": p.shape[2],
                              "kernel": name, "rows": None, "us": None, "int4_gb_per_s": None, "max_rel_err": None,
-                             "chosen": False, "left_out": p.left_out[name], "reused": False})
+                             "chosen": False, "left_out": p.left_out[name], "reused": False, "error_reused": False})
                 continue
             for r, us in sorted(p.us[name].items()):
                 serving = next((n for top, n in p.plan if r <= top), "dense")
                 rows.append({"out_features": p.shape[0], "in_features": p.shape[1], "group_size": p.shape[2],
                              "kernel": name, "rows": r, "us": round(us, 3),
                              "int4_gb_per_s": float(f"{int4_gb_per_s(*p.shape, us):.4g}"), "max_rel_err": p.err[name][r],
-                             "chosen": serving == name, "left_out": "", "reused": r in p.reused.get(name, ())})
+                             "chosen": serving == name, "left_out": "", "reused": r in p.reused.get(name, ()),
+                             "error_reused": r in p.unchecked.get(name, ())})
     return rows
 
 
@@ -321,8 +350,9 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
             status(f"int4 kernels: {'measuring ' + ', '.join(map(_with_rows(points), timed)) if timed else 'checking'} "
                    f"for {shape[0]}x{shape[1]} "
                    f"(group {shape[2]}) at {len(points)} row counts"
-                   + (f"; {', '.join(n for n in earlier if n not in partly)} checked only, their times taken from an "
-                      "earlier measurement on this kind of GPU" if len(partly) < len(earlier) else "")
+                   + (f"; {', '.join(n for n in earlier if n not in partly)} checked only where one would be chosen, "
+                      "their times taken from an earlier measurement on this kind of GPU"
+                      if len(partly) < len(earlier) else "")
                    + "".join(f"; {n} timed at {','.join(map(str, rows))} rows only (the others' times taken)"
                              for n, rows in partly.items()))
             plan = measure(group[0], dtype, points, names, graph, rotation(group, device), kept)

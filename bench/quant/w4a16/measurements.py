@@ -6,8 +6,9 @@ A kernel's times are measured once per device and shape: a plan for another cand
 other row counts takes the times of kernels measured for an earlier one (the same key but its
 candidates and row counts, and but dense copy or not for kernels other than `dense`, the one that
 reads the copy), times only the kernels none has timed and the row counts none has timed them at
-(choice.measure still makes and checks the others on the layer), and names the kernels and row
-counts whose times it took (`reused`).
+(choice.measure makes and checks a kernel whose times it took on the layer where it would be
+chosen), and names the kernels and row counts whose times it took (`reused`) and those whose
+errors it took too (`unchecked`).
 
 Entries are kept in this process too, so every engine of a run reuses a plan measured once,
 kept file or not. Writers merge their entries into the file under a lock (filelock), so runs
@@ -51,10 +52,14 @@ class ShapePlan:
     # kernel -> the row counts whose times were taken from a plan for other candidates, row counts
     # (or copy): measured before on this kind of device, not now
     reused: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # kernel -> the row counts (of its reused ones) whose error was taken too, not checked on this
+    # shape's layer now: where it was not chosen (choice.measure checks a kernel where it is)
+    unchecked: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"plan": [list(p) for p in self.plan], "us": self.us, "err": self.err, "left_out": self.left_out,
-                "reused": {name: list(rows) for name, rows in self.reused.items()}}
+                "reused": {name: list(rows) for name, rows in self.reused.items()},
+                "unchecked": {name: list(rows) for name, rows in self.unchecked.items()}}
 
     @classmethod
     def from_json(cls, shape, d) -> "ShapePlan":
@@ -83,7 +88,11 @@ class ShapePlan:
                   for k, rows in _object(reused, "'reused'").items()}
         if any(k not in us or set(rows) - set(us[k]) for k, rows in reused.items()):
             raise ValueError(f"'reused' names kernels or row counts with no times: {sorted(reused)}")
-        return cls(_shape(shape), plan, us, err, left_out, cached=True, reused=reused)
+        unchecked = {_text(k): tuple(_count(r) for r in _list(rows, f"'unchecked' of {k}"))
+                     for k, rows in _object(d.get("unchecked", {}), "'unchecked'").items()}  # absent in older files
+        if any(set(rows) - set(reused.get(k, ())) for k, rows in unchecked.items()):
+            raise ValueError(f"'unchecked' names kernels or row counts whose times were not reused: {sorted(unchecked)}")
+        return cls(_shape(shape), plan, us, err, left_out, cached=True, reused=reused, unchecked=unchecked)
 
 
 def _bad(what: str, value):
