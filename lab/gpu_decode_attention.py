@@ -8,8 +8,13 @@ bench.measure.timing.call_us (CUDA graphs of 32 calls): `matmul` is FastDecoder.
 compiled as the graph engine compiles its step (two batched GEMMs around a softmax), `split-kv`
 is bench.engines.split_kv_attention's op. Each point also checks split-kv against fp32 softmax
 attention. `kv_gb_per_s`: the bytes of keys and values a call must read over its time.
+`--configs` also times split-kv under other launch configurations (split_kv_attention.Config:
+keys per block, programs per SM, tensor cores or not, warps), each checked likewise, as
+`split-kv[<config>]` rows: what would make the engine's default faster.
 
     python3 lab/gpu_decode_attention.py --preset llava-1.5-7b --out decode_attention.csv
+    python3 lab/gpu_decode_attention.py --preset llava-1.5-7b --batch-sizes 1 --keys 640 \
+        --configs grid --out decode_attention_configs.csv
 """
 from __future__ import annotations
 
@@ -38,14 +43,29 @@ def matmul_attention(q, k, v, mask, scale):
     return FastDecoder._matmul_attention(SimpleNamespace(scaling=scale), q, k, v, mask)
 
 
+def configs(spec: str) -> list:
+    """--configs: '' (none), 'grid' (blocks 32/64/128 x programs per SM 1/2/4 x dot or not x 4 or 8
+    warps), or ';'-separated 'block=32,programs_per_sm=4,dot=0,num_warps=4' settings."""
+    if not spec:
+        return []
+    if spec == "grid":
+        return [sk.Config(block, per_sm, dot, warps) for block in (32, 64, 128) for per_sm in (1, 2, 4)
+                for dot in (True, False) for warps in (4, 8)]
+    return [sk.Config(**{k: int(v) if k != "dot" else v not in ("0", "false") for k, v in
+                         (part.split("=") for part in one.split(","))}) for one in spec.split(";")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llava-1.5-7b")
     ap.add_argument("--batch-sizes", default="1,4,16")
     ap.add_argument("--keys", default="640,768,1024", help="attended lengths (the engine's KEY_ROUND multiples)")
     ap.add_argument("--max-len", type=int, default=1024, help="the buffers' length")
+    ap.add_argument("--configs", default="", help="split-kv launch configurations to time too ('grid' or "
+                    "'block=32,programs_per_sm=4,dot=0,num_warps=4;...')")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    others = configs(args.configs)
     dev = torch.device("cuda")
     dims = get_preset(args.preset).llm
     head = dims.hidden // dims.heads
@@ -66,10 +86,14 @@ def main() -> None:
         mask[..., n - 40:] = float("-inf")  # the bucket's columns past the query
         k0, v0 = bufs[0][0][:, :, :n], bufs[0][1][:, :, :n]
         want = sk.reference(q, k0, v0, mask, scale).float()
-        err = ((sk.attend(q, k0, v0, mask, scale).float() - want).abs().max() / want.abs().max()).item()
+        errs = {}
+        for name, config in [("split-kv", sk.DEFAULT), *((f"split-kv[{c.label()}]", c) for c in others)]:
+            got = sk.attend(q, k0, v0, mask, scale, config=config).float()
+            errs[name] = ((got - want).abs().max() / want.abs().max()).item()
         kv_bytes = 2 * b * dims.kv_heads * n * head * 2
         times = {}
-        for kind, fn in (("matmul", compiled), ("split-kv", torch.ops.vlmbench.split_kv_attention)):
+        for kind, fn in (("matmul", compiled), ("split-kv", torch.ops.vlmbench.split_kv_attention),
+                         *((f"split-kv[{c.label()}]", lambda *a, c=c: sk.attend(*a, config=c)) for c in others)):
             turn = itertools.cycle(bufs)
 
             def call(fn=fn, turn=turn):
@@ -81,7 +105,7 @@ def main() -> None:
             row = {"preset": args.preset, "batch": b, "keys": n, "max_len": args.max_len, "kind": kind,
                    "us_per_layer": round(us, 2), "us_per_step": round(us * dims.layers, 1),
                    "kv_gb_per_s": round(kv_bytes / us / 1e3, 1), "vs_matmul": round(times["matmul"] / us, 3),
-                   "max_rel_err": f"{err:.2e}" if kind == "split-kv" else ""}
+                   "max_rel_err": f"{errs[kind]:.2e}" if kind in errs else ""}
             out.write(row)
             print(row, flush=True)
         del bufs

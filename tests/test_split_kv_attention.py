@@ -21,17 +21,17 @@ def _patched(tensor, scope):
 
 if _patch is not None:
     interpreter._patch_lang_tensor = _patched
-from bench.engines.split_kv_attention import attend, reference
+from bench.engines.split_kv_attention import DEFAULT, Config, attend, reference
 
 torch.manual_seed(0)
 worst = 0.0
 
-def check(q, k, v, mask, splits=None):
+def check(q, k, v, mask, splits=None, config=DEFAULT):
     global worst
-    got = attend(q, k, v, mask, q.shape[-1] ** -0.5, splits)
+    got = attend(q, k, v, mask, q.shape[-1] ** -0.5, splits, config)
     want = reference(q, k, v, mask, q.shape[-1] ** -0.5)
     assert got.shape == q.shape and got.dtype == q.dtype, (got.shape, got.dtype)
-    assert torch.equal(got, attend(q, k, v, mask, q.shape[-1] ** -0.5, splits))  # repeats exactly
+    assert torch.equal(got, attend(q, k, v, mask, q.shape[-1] ** -0.5, splits, config))  # repeats exactly
     worst = max(worst, ((got.float() - want.float()).abs().max() / want.float().abs().max()).item())
 
 def buffers(b, kvh, cap, d):  # the engine's buffers: [b, kv heads, max_len, d], attended up to L as a view
@@ -44,6 +44,10 @@ mask = torch.zeros(1, 200).half()
 mask[:, 151:] = float("-inf")
 check(q, k[:, :, :200], v[:, :, :200], mask)
 check(q, k[:, :, :200], v[:, :, :200], None)
+# the other launch configurations (lab/gpu_decode_attention.py --configs): products by broadcast
+# multiply-and-sum, shorter blocks, more programs
+check(q, k[:, :, :200], v[:, :, :200], mask, config=Config(block=32, dot=False))
+check(q, k[:, :, :200], v[:, :, :200], mask, config=Config(block=128, programs_per_sm=4, num_warps=8))
 # a padded batch: grouped query heads (4 per kv head), each row its own mask with a gap
 k, v = buffers(2, 2, 256, 32)
 q = torch.randn(2, 8, 1, 32).half()
@@ -59,6 +63,7 @@ mask = torch.zeros(1, 192).half()
 mask[:, 41:] = float("-inf")
 check(q, k, v, mask, (64, 3))
 check(q, k, v, mask, (192, 1))
+check(q, k, v, mask, None, Config(dot=False))  # 7 heads padded to 8, not 16
 # more splits than the combining kernel holds at once (COMBINE_CHUNK), the last ones past the query
 k, v = buffers(1, 2, 1024, 16)
 q = torch.randn(1, 4, 1, 16).half()
@@ -137,12 +142,23 @@ def test_split_kv_attention_equals_softmax_attention_in_tritons_interpreter():
 def test_splits_cover_the_keys_and_fill_the_gpu():
     """Splits are whole blocks, cover every key exactly once, and number enough for
     batch x kv heads x splits programs to reach the target where the keys allow."""
-    for batch, kvh, keys, programs in ((1, 32, 640, 264), (16, 32, 768, 264), (1, 4, 100, 264), (1, 8, 64, 8)):
-        per, count = splits_for(batch, kvh, keys, programs)
-        assert per % BLOCK_L == 0 and per * (count - 1) < keys <= per * count
-        assert batch * kvh * count >= programs or per == BLOCK_L or count == 1
+    for block in (BLOCK_L, 32, 128):
+        for batch, kvh, keys, programs in ((1, 32, 640, 264), (16, 32, 768, 264), (1, 4, 100, 264), (1, 8, 64, 8)):
+            per, count = splits_for(batch, kvh, keys, programs, block)
+            assert per % block == 0 and per * (count - 1) < keys <= per * count
+            assert batch * kvh * count >= programs or per == block or count == 1
     assert splits_for(1, 32, 640, 264) == (64, 10)
     assert splits_for(16, 32, 768, 264) == (768, 1)  # 512 programs already
+    assert splits_for(1, 32, 640, 528, 32) == (32, 20)
+
+
+def test_a_launch_configuration_is_checked_when_made():
+    from bench.engines.split_kv_attention import DEFAULT, Config
+
+    assert DEFAULT == Config(BLOCK_L, 2, True, 4) and "dot=1" in DEFAULT.label()
+    for bad in ({"block": 48}, {"block": 8}, {"programs_per_sm": 0}, {"num_warps": 3}):
+        with pytest.raises(ValueError, match="split-kv"):
+            Config(**bad)
 
 
 @pytest.mark.parametrize("heads,kv_heads,batch,keys,dtype", [
@@ -251,3 +267,32 @@ def test_cuda_graph_engine_decodes_with_split_kv_attention(checkpoint_dirs):
         logits[choice] = torch.stack(got)
     torch.testing.assert_close(logits["split-kv"], logits["matmul"], rtol=2e-2, atol=2e-2)
     assert torch.equal(logits["auto"], logits["split-kv"])  # deterministic: the same kernels, the same logits
+
+
+@pytest.mark.parametrize("heads,kv_heads,config", [
+    (32, 32, {"dot": False}), (32, 32, {"dot": False, "block": 32, "num_warps": 2}),
+    (32, 32, {"block": 128, "num_warps": 8}), (28, 4, {"dot": False, "block": 32})])
+def test_the_other_launch_configurations_compile_for_sm90_without_spilling(heads, kv_heads, config):
+    """What lab/gpu_decode_attention.py --configs times, for llava-1.5-7b (one query head per kv
+    head) and a Qwen2-7B-style grouping, fp16 at batch 1: compiled for sm_90, nothing spills; by
+    broadcast multiply-and-sum no tensor-core instruction is left in the keys loop, except where
+    the products would not fit a thread's registers (7 heads padded to 8 x 32 keys x 128 spilled:
+    tl.dot is kept there)."""
+    import torch
+
+    pytest.importorskip("triton")
+    from bench.engines import split_kv_attention as sk
+    from bench.quant import triton_aot
+
+    why = triton_aot.unavailable()
+    if why:
+        pytest.skip(why)
+    meta, config = torch.device("meta"), sk.Config(**config)
+    buf = torch.empty(1, kv_heads, 896, 128, dtype=torch.float16, device=meta)
+    q = torch.empty(1, heads, 1, 128, dtype=torch.float16, device=meta)
+    mask = torch.empty(1, 1, 1, 640, dtype=torch.float16, device=meta)
+    splits = sk.splits_for(1, kv_heads, 640, 132 * config.programs_per_sm, config.block)
+    calls, _ = sk.launches(q, buf[:, :, :640], buf[:, :, :640], mask, 128 ** -0.5, splits, config)
+    partial = triton_aot.compile_call(*(calls[0][i] for i in (0, 2, 3)))
+    assert partial.spill_bytes == 0 and partial.registers <= 255, (partial.registers, partial.spill_bytes)
+    assert (triton_aot.loop_instructions(partial.cubin).get("HMMA", 0) > 0) == (config.dot or heads > kv_heads)

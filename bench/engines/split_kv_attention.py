@@ -24,6 +24,8 @@ and CUDA at hand).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 try:
@@ -35,6 +37,37 @@ except ImportError:  # CPU builds of torch: the engines attend by matmul or SDPA
 BLOCK_L = 64  # keys per loop iteration
 MIN_GROUP_ROWS = 16  # tl.dot's smallest M: query heads of one kv head, padded up to it
 COMBINE_CHUNK = 8  # splits whose weighted values the combining kernel holds at once (registers)
+# products a thread may hold by broadcast multiply-and-sum (Config.dot False) before the launch takes
+# tl.dot instead: 7 query heads padded to 8 x 32 keys x 128 (Qwen2-7B's) spill on sm_90 at 4 warps
+BROADCAST_REGISTERS = 64
+
+
+@dataclass(frozen=True)
+class Config:
+    """How the partial kernel is launched: `block` keys per loop iteration (a power of two of 16
+    or more), splits enough for `programs_per_sm` programs per SM, scores and weighted values by
+    `dot` (tensor cores; the query heads of a kv head padded to MIN_GROUP_ROWS rows) or by
+    broadcast multiply-and-sum in fp32 (CUDA cores; the query heads padded to a power of two
+    only; tl.dot all the same where those products would pass BROADCAST_REGISTERS a thread),
+    `num_warps` warps a program. The engine launches DEFAULT; lab/gpu_decode_attention.py
+    --configs times others."""
+
+    block: int = BLOCK_L
+    programs_per_sm: int = 2
+    dot: bool = True
+    num_warps: int = 4
+
+    def __post_init__(self):
+        if self.block < 16 or self.block & (self.block - 1):
+            raise ValueError(f"split-kv block {self.block}: a power of two of 16 or more")
+        if self.programs_per_sm < 1 or self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"split-kv config {self}: programs_per_sm at least 1, num_warps a power of two to 16")
+
+    def label(self) -> str:
+        return f"block={self.block} programs_per_sm={self.programs_per_sm} dot={int(self.dot)} warps={self.num_warps}"
+
+
+DEFAULT = Config()
 
 
 def unavailable(device: torch.device, heads: int | None = None, kv_heads: int | None = None,
@@ -57,13 +90,13 @@ def _shape_problem(heads: int | None, kv_heads: int | None, head_dim: int | None
     return None
 
 
-def splits_for(batch: int, kv_heads: int, keys: int, programs: int) -> tuple[int, int]:
-    """(keys per split, a multiple of BLOCK_L; number of splits) for `keys` keys: enough splits
+def splits_for(batch: int, kv_heads: int, keys: int, programs: int, block: int = BLOCK_L) -> tuple[int, int]:
+    """(keys per split, a multiple of `block`; number of splits) for `keys` keys: enough splits
     that batch x kv_heads x splits programs reach `programs` (e.g. twice the SMs), none shorter
-    than one BLOCK_L."""
-    blocks = -(-keys // BLOCK_L)
+    than one block."""
+    blocks = -(-keys // block)
     want = max(1, min(blocks, -(-programs // max(1, batch * kv_heads))))
-    per = max(1, blocks // want) * BLOCK_L  # rounded down: at least `want` splits
+    per = max(1, blocks // want) * block  # rounded down: at least `want` splits
     return per, -(-keys // per)
 
 
@@ -73,7 +106,7 @@ if triton is not None:
                  sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
                  kv_heads, keys, per_split, n_splits, scale,
                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                 PRECISION: tl.constexpr):
+                 PRECISION: tl.constexpr, DOT: tl.constexpr):
         pid = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         b = pid // kv_heads
@@ -92,7 +125,10 @@ if triton is not None:
             inside = cols < end
             k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + d[None, :], mask=inside[:, None],
                         other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK] in fp32
+            if DOT:
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK] in fp32
+            else:
+                s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale
             add = tl.load(M + b * sm_b + cols * sm_l, mask=inside, other=float("-inf")).to(tl.float32)
             s = s + add[None, :]
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -102,7 +138,10 @@ if triton is not None:
             v = tl.load(V + b * sv_b + kvh * sv_h + cols[:, None] * sv_l + d[None, :], mask=inside[:, None],
                         other=0.0)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            if DOT:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            else:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
             m_i = m_new
         row = (b * kv_heads * GROUP + heads) * n_splits + split  # [B * H, splits] partials
         keep = g < GROUP
@@ -132,14 +171,15 @@ if triton is not None:
         tl.store(Out + pid * D + d, (acc / total).to(Out.dtype.element_ty))
 
 
-def _programs(device: torch.device) -> int:
+def _programs(device: torch.device, per_sm: int) -> int:
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8  # Triton's interpreter on the CPU (tests): a few splits
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * per_sm  # Triton's interpreter on the CPU (tests): a few splits
 
 
 def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-             scale: float, splits: tuple[int, int] | None = None) -> tuple[list, torch.Tensor]:
+             scale: float, splits: tuple[int, int] | None = None,
+             config: Config = DEFAULT) -> tuple[list, torch.Tensor]:
     """([(kernel, grid, args, kwargs) of the two launches], output) for `attend`'s arguments, its
     buffers allocated on q's device (the meta device gives what lab and tests compile for a GPU
     that is not here: bench.quant.triton_aot)."""
@@ -153,12 +193,13 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     if q.stride(-1) != 1:  # (compiled code may hand over another layout; one query is a few KB)
         q = q.contiguous()
     group = h // kvh
+    dot = config.dot or triton.next_power_of_2(group) * config.block * d > BROADCAST_REGISTERS * 32 * config.num_warps
     if mask is None:
         mask = torch.zeros(1, n, dtype=q.dtype, device=q.device)
     m = mask.reshape(-1, mask.shape[-1])  # [1 or b, L]
     if m.shape[0] not in (1, b) or m.shape[1] != n:
         raise ValueError(f"split-kv attention: mask {tuple(mask.shape)} does not broadcast to ({b}, 1, 1, {n})")
-    per, count = splits or splits_for(b, kvh, n, _programs(q.device))
+    per, count = splits or splits_for(b, kvh, n, _programs(q.device, config.programs_per_sm), config.block)
     acc = torch.empty(b * h, count, d, dtype=torch.float32, device=q.device)
     mx = torch.empty(b * h, count, dtype=torch.float32, device=q.device)
     total = torch.empty(b * h, count, dtype=torch.float32, device=q.device)
@@ -168,8 +209,8 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                values.stride(0), values.stride(1), values.stride(2), 0 if m.shape[0] == 1 else m.stride(0),
                m.stride(1), kvh, n, per, count, scale)
     return [(_partial, (b * kvh, count), partial,
-             {"GROUP": group, "BLOCK_G": max(MIN_GROUP_ROWS, triton.next_power_of_2(group)), "D": d,
-              "BLOCK": BLOCK_L,
+             {"GROUP": group, "D": d, "BLOCK": config.block, "DOT": dot, "num_warps": config.num_warps,
+              "BLOCK_G": max(MIN_GROUP_ROWS if dot else 1, triton.next_power_of_2(group)),
               # fp32 inputs: fp32 products, not TF32's (the matmul path's, unless TF32 is on)
               "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}),
             (_combine, (b * h,), (acc, mx, total, out, count),
@@ -177,12 +218,12 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-           scale: float, splits: tuple[int, int] | None = None) -> torch.Tensor:
+           scale: float, splits: tuple[int, int] | None = None, config: Config = DEFAULT) -> torch.Tensor:
     """Attention of one query per row: q [b, h, 1, d], keys/values [b, kv_heads, L, d] (views of
     the buffers: any strides with the last dimension contiguous), `mask` additive, broadcastable
     to [b, 1, 1, L] (None: every key); -> [b, h, 1, d] in q's dtype. `splits` (keys per split,
-    number of splits) overrides splits_for (tests)."""
-    calls, out = launches(q, keys, values, mask, scale, splits)
+    number of splits) overrides splits_for (tests); `config`: how the kernels are launched."""
+    calls, out = launches(q, keys, values, mask, scale, splits, config)
     for kernel, grid, args, kwargs in calls:
         kernel[grid](*args, **kwargs)
     return out
