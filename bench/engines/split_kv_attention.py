@@ -64,7 +64,7 @@ class Config:
             raise ValueError(f"split-kv config {self}: programs_per_sm at least 1, num_warps a power of two to 16")
 
     def label(self) -> str:
-        return f"block={self.block} programs_per_sm={self.programs_per_sm} dot={int(self.dot)} warps={self.num_warps}"
+        return f"block={self.block} programs_per_sm={self.programs_per_sm} dot={int(self.dot)} num_warps={self.num_warps}"
 
 
 DEFAULT = Config()
