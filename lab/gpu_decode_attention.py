@@ -51,8 +51,7 @@ def configs(spec: str) -> list:
     if spec == "grid":
         return [sk.Config(block, per_sm, dot, warps) for block in (32, 64, 128) for per_sm in (1, 2, 4)
                 for dot in (True, False) for warps in (4, 8)]
-    return [sk.Config(**{k: int(v) if k != "dot" else v not in ("0", "false") for k, v in
-                         (part.split("=") for part in one.split(","))}) for one in spec.split(";")]
+    return [sk.Config.parse(one) for one in spec.split(";")]
 
 
 def main() -> None:

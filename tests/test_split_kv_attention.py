@@ -155,7 +155,12 @@ def test_splits_cover_the_keys_and_fill_the_gpu():
 def test_a_launch_configuration_is_checked_when_made():
     from bench.engines.split_kv_attention import DEFAULT, Config
 
-    assert DEFAULT == Config(BLOCK_L, 2, True, 4) and "dot=1" in DEFAULT.label()
+    assert DEFAULT == Config(BLOCK_L, 2, True, 4) and DEFAULT.label() == "block=64,programs_per_sm=2,dot=1,num_warps=4"
+    other = Config(32, 4, False, 8)
+    assert Config.parse(other.label()) == other and Config.parse("dot=0") == Config(dot=False)
+    for bad in ("blocks=32", "block=-1", "dot=yes", "block=48"):
+        with pytest.raises(ValueError, match="split-kv"):
+            Config.parse(bad)
     for bad in ({"block": 48}, {"block": 8}, {"programs_per_sm": 0}, {"num_warps": 3}):
         with pytest.raises(ValueError, match="split-kv"):
             Config(**bad)

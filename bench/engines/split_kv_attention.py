@@ -64,7 +64,20 @@ class Config:
             raise ValueError(f"split-kv config {self}: programs_per_sm at least 1, num_warps a power of two to 16")
 
     def label(self) -> str:
-        return f"block={self.block} programs_per_sm={self.programs_per_sm} dot={int(self.dot)} num_warps={self.num_warps}"
+        """As `parse` reads it."""
+        return f"block={self.block},programs_per_sm={self.programs_per_sm},dot={int(self.dot)},num_warps={self.num_warps}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Config":
+        """'block=32,dot=0' (any of the fields; the others DEFAULT's); ValueError naming what is wrong."""
+        fields = {}
+        for part in filter(None, text.split(",")):
+            name, _, value = part.partition("=")
+            if name not in cls.__dataclass_fields__ or not value.isdigit():
+                raise ValueError(f"split-kv config {text!r}: {part!r} is not one of "
+                                 f"{', '.join(cls.__dataclass_fields__)} = a whole number")
+            fields[name] = bool(int(value)) if name == "dot" else int(value)
+        return cls(**fields)
 
 
 DEFAULT = Config()
