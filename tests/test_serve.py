@@ -4,6 +4,7 @@ import base64
 import contextlib
 import io
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -468,8 +469,8 @@ def test_endpoint_mode_sweeps_concurrency_and_rate_into_runs_csv(server, tmp_pat
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_an_interrupted_endpoint_run_keeps_the_requests_its_last_point_finished(server, tmp_path, sig):
-    """Ctrl-C (asyncio cancels the run) or SIGTERM (raised where the run is) in the middle of a
-    point: the requests that ended have their rows and a summary; exit 130."""
+    """Ctrl-C or SIGTERM in the middle of a point: the requests that ended have their rows and a
+    summary, nothing is printed but the one line; exit 130."""
     import pandas as pd
 
     out = tmp_path / "cut"
@@ -483,10 +484,50 @@ def test_an_interrupted_endpoint_run_keeps_the_requests_its_last_point_finished(
     proc.send_signal(sig)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130 and "requests that finished" in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted:") and "Traceback" not in err, err[-2000:]
+    finished = int(re.search(r"the rows of the (\d+) requests", err).group(1))
     rows = pd.read_csv(out / "runs.csv")
-    assert len(rows) >= 5 and (rows["kind"] == "measured").all() and (rows["status"] == "ok").all()
+    assert len(rows) == finished >= 5 and (rows["kind"] == "measured").all() and (rows["status"] == "ok").all()
     assert sorted(rows["run_index"]) == list(range(len(rows)))  # the first ones sent, each once
     assert pd.read_csv(out / "summary.csv").query("metric == 'ttft_ms'")["n"].item() == len(rows)
+
+
+def test_a_second_signal_while_the_finished_requests_are_written_loses_none(server, tmp_path, monkeypatch, capsys):
+    """SIGTERM stops a point; another comes while its finished requests' rows are being written
+    (`timeout` signals the command and then its process group): every finished request keeps
+    its row. The second signal used to stop the writing, a run of 1000 finished requests keeping
+    one row."""
+    import asyncio
+    import os
+
+    from bench.cli import main
+    from bench.measure.results import read_runs
+    from bench.serve import endpoint_run
+
+    run_point, emit, measured = endpoint_run.cl.run_point, endpoint_run._emit, []
+
+    async def stopped_part_way(client, body, point, seed, count, duration=None, finished=None):
+        work = asyncio.ensure_future(run_point(client, body, point, seed, count, duration, finished))
+        if finished is not None:  # (None: the warm-ups)
+            while len(finished) < 12 and not work.done():
+                await asyncio.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return await work
+
+    def emit_signalled(writer, row):
+        if row["kind"] == "measured" and not measured:
+            os.kill(os.getpid(), signal.SIGTERM)  # while the first of them is written
+        measured.append(row["kind"] == "measured")
+        return emit(writer, row)
+
+    monkeypatch.setattr(endpoint_run.cl, "run_point", stopped_part_way)
+    monkeypatch.setattr(endpoint_run, "_emit", emit_signalled)
+    out = tmp_path / "cut"
+    assert main(["run", "--endpoint", server["url"] + "/v1", "--model", MODEL, "--num-prompts", "100000",
+                 "--max-new-tokens", "2", "--warmup", "0", "--output-dir", str(out)]) == 130
+    err = capsys.readouterr().err
+    finished = int(re.search(r"the rows of the (\d+) requests", err).group(1))
+    assert finished == len(read_runs(out / "runs.csv")) == sum(measured) >= 12
 
 
 def test_a_servers_model_entry_states_what_it_runs_in_strings_only():

@@ -7,8 +7,11 @@ is written; a request that fails later is a failed row (bench.serve.client)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -101,7 +104,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
         interrupted = False
         try:
             rows, server = cl.run_async(_measure(cfg, questions, image_file, image, run_id, writer, served))
-        except KeyboardInterrupt:  # the rows written so far are the run's
+        except (KeyboardInterrupt, asyncio.CancelledError):  # the rows written so far are the run's
             interrupted = True
         finally:
             writer.close()
@@ -125,9 +128,47 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
     return out, rows, summary
 
 
+@contextlib.contextmanager
+def _signals_cancel(task: asyncio.Task, signals=(signal.SIGINT, signal.SIGTERM)):
+    """Within (on the main thread, in the running loop): Ctrl-C and SIGTERM cancel `task`, once.
+    The loop runs the handler between its steps, so no KeyboardInterrupt lands inside a request's
+    task (asyncio prints those as never-retrieved task exceptions), and a second signal, such as
+    `timeout` sends (to the command, then to its process group), cannot cut short the writing of
+    the rows of the requests that finished. The handlers before come back after."""
+    loop = asyncio.get_running_loop()
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous, asked = {s: signal.getsignal(s) for s in signals}, []
+
+    def stop():
+        if not asked:
+            asked.append(True)
+            task.cancel()
+
+    try:
+        for s in signals:
+            loop.add_signal_handler(s, stop)
+    except NotImplementedError:  # (loops without signal handlers: Python's own handlers stay)
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s in signals:
+            loop.remove_signal_handler(s)
+            signal.signal(s, previous[s])
+
+
 async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, image, run_id: str,
                    writer, served: dict) -> tuple[list[dict], str]:
     """`served`: what the server says it runs (bench.serve.client.served_identity)."""
+    with _signals_cancel(asyncio.current_task()):
+        return await _measure_points(cfg, questions, image_file, image, run_id, writer, served)
+
+
+async def _measure_points(cfg: EndpointConfig, questions: dict, image_file: bytes, image, run_id: str,
+                          writer, served: dict) -> tuple[list[dict], str]:
     base_url = cfg.endpoint.rstrip("/") + "/"
     rows: list[dict] = []
     connections = max(p.concurrency for p in cfg.points) + 2
@@ -195,9 +236,8 @@ async def _measure(cfg: EndpointConfig, questions: dict, image_file: bytes, imag
                                    "server_mean_ttft_ms": after.mean_ttft_ms(before)}
                     for i, result in enumerate(results):
                         write(i, result, server_side)
-                # Ctrl-C cancels this task; SIGTERM (signals_interrupt) raises KeyboardInterrupt in it:
-                # the point's finished requests not written yet are kept, without the point's rates
-                # where it did not end
+                # Ctrl-C and SIGTERM cancel this task (_signals_cancel): the point's finished requests
+                # not written yet are kept, without the point's rates where it did not end
                 except (asyncio.CancelledError, KeyboardInterrupt):
                     for i in sorted(set(finished) - written):
                         write(i, finished[i], {})
