@@ -668,3 +668,46 @@ def test_a_checkpoints_digest_leaves_out_hidden_files(tmp_path):
     assert input_digests(cfg, b"img", ["q"])["model"] == first
     (model / "model.safetensors").write_bytes(b"x" * 11)
     assert input_digests(cfg, b"img", ["q"])["model"] != first
+
+
+def test_a_disk_that_fills_is_one_line_and_its_own_exit_code(tmp_path, monkeypatch, capsys):
+    """No space left while a run writes its rows (or any command its files): one line naming the
+    file and what to do, exit code 4 (NO_ROOM), not an 85-line chained traceback and exit 1 (which
+    says some variant failed); the rows written before stay, and --resume continues once there is
+    room. The entry script (no `main` around it) says the same."""
+    import errno
+
+    from bench.cli import NO_ROOM, entry
+
+    write, written = CsvWriter.write, []
+
+    def filling(self, row):
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        written.append(row)
+        return write(self, row)
+
+    monkeypatch.setattr(CsvWriter, "write", filling)
+    out = tmp_path / "o"
+    capsys.readouterr()
+    assert main(["run", *TINY, "--variants", "fp16,prefix", "--output-dir", str(out)]) == NO_ROOM == 4
+    err = capsys.readouterr().err.strip()  # (the run's status lines, then the error)
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("error: no space left on the device writing") \
+        and "runs.csv" in last, err
+    assert len(read_rows(out / "runs.csv")) == 3
+    monkeypatch.setattr(CsvWriter, "write", write)  # room again
+    assert main(["run", *TINY, "--variants", "fp16,prefix", "--output-dir", str(out), "--resume"]) == 0
+    assert len(read_rows(out / "runs.csv")) == 6  # the 3 kept and the 3 not written before
+
+    def full():
+        try:
+            raise ValueError("while writing")  # a library's own error, raised while handling ENOSPC
+        finally:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+    with pytest.raises(SystemExit) as stop:
+        entry(full)
+    assert stop.value.code == NO_ROOM and "no space left on the device (Disk quota exceeded)" in capsys.readouterr().err
+    with pytest.raises(ZeroDivisionError):  # anything else keeps its traceback
+        entry(lambda: 1 / 0)

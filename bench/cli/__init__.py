@@ -3,6 +3,7 @@ each with a main(argv) -> exit code; `python vila_prefix_benchmark.py FLAGS` is 
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from dataclasses import dataclass
@@ -82,8 +83,40 @@ def run_main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.p
     return run(argv, prog=prog)
 
 
+NO_ROOM = 4  # the exit code when the disk (or the user's quota) filled while writing
+
+
+def _no_room(e: BaseException) -> OSError | None:
+    """The no-space (or over-quota) OSError `e` is or was raised while handling, else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _said_no_room(e: Exception) -> int:
+    """NO_ROOM, having said so in one line, when `e` comes of a full disk; else `e` again."""
+    full = _no_room(e)
+    if full is None:
+        raise e
+    where = f" writing {full.filename}" if full.filename else ""
+    print(f"error: no space left on the device{where} ({full.strerror}); a run's finished rows are in its "
+          "runs.csv (--resume continues it once there is room)", file=sys.stderr)
+    return NO_ROOM
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The command's exit code; a disk that fills while it writes is one line and NO_ROOM."""
+    try:
+        return _command(sys.argv[1:] if argv is None else argv)
+    except Exception as e:
+        return _said_no_room(e)
+
+
+def _command(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "--version"):
         try:
             parser().parse_args(argv[:1] or ["--help"])
@@ -106,10 +139,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry(command) -> None:
     """A process's entry: exit with `command()`'s code; Ctrl-C outside the command's own handling
-    (its imports, its last printing) ends it with 130 and one line, not a traceback."""
+    (its imports, its last printing) ends it with 130 and one line, not a traceback, and a full
+    disk with NO_ROOM and one line."""
     try:
         code = command()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         code = 130
+    except Exception as e:  # (a full disk: one line; anything else: its traceback)
+        code = _said_no_room(e)
     sys.exit(code)
