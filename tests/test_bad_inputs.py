@@ -275,6 +275,8 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--engine", "hf,hf"], "given twice"),
     # a flag that would be ignored
     (["--loader", "serial"], "--loader applies to --video-mode frames"),  # image requests read no frames
+    (["--video-mode", "clip"], "--video-mode applies to video input"),  # recorded, then an image run
+    (["--video-mode", ""], "--video-mode is empty"),
     (["--frames-dir", "f", "--video-mode", "clip", "--loader", "serial"], "a clip request reads all its frames"),
     (["--loader", ""], "--loader is empty"),
     # past what could run (each would hang or exhaust memory before a row is written)

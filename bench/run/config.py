@@ -53,8 +53,9 @@ class RunFields:
     frames_dir: str | None = opt("folder of extracted video frames (sorted by name), sampled like --video-path",
                                  nonempty="a directory")
     num_frames: int = opt("video: frames sampled uniformly (0: every frame)", 8)
-    video_mode: str = opt("video: frames (each request shows the next frame, as frame-by-frame analysis) or clip "
-                          "(each request shows all sampled frames as one video)", "frames")
+    video_mode: str | None = opt("video: frames (each request shows the next frame, as frame-by-frame analysis) or "
+                                 "clip (each request shows all sampled frames as one video) (default: frames)",
+                                 nonempty="a mode")
     loader: str | None = opt("--video-mode frames: serial (read + preprocess each frame when needed), prefetch "
                              "(a background thread does it ahead), or both: serial,prefetch (default: prefetch)",
                              nonempty="a loader name")
@@ -182,10 +183,15 @@ class RunConfigBase:
         if not 0 <= self.cpu_threads <= MAX_CPU_THREADS:
             raise UsageError(f"--cpu-threads must be between 0 (auto) and {MAX_CPU_THREADS}, got {self.cpu_threads}")
         self._check_executor()
-        if self.video_mode not in VIDEO_MODES:
-            raise UsageError(f"unknown --video-mode {self.video_mode!r}; choose {' or '.join(VIDEO_MODES)}")
-        loaders = name_list(self.loader or DEFAULT_LOADER, "--loader", LOADERS)
         video = bool(self.video_path or self.frames_dir)
+        if self.video_mode is not None and self.video_mode not in VIDEO_MODES:
+            raise UsageError(f"unknown --video-mode {self.video_mode!r}; choose {' or '.join(VIDEO_MODES)}")
+        if self.video_mode is not None and not video:
+            raise UsageError("--video-mode applies to video input (--video-path or --frames-dir); image requests "
+                             "show their images")
+        if video and self.video_mode is None:
+            self.video_mode = "frames"
+        loaders = name_list(self.loader or DEFAULT_LOADER, "--loader", LOADERS)
         if self.loader is not None and not (video and self.video_mode == "frames"):
             raise UsageError("--loader applies to --video-mode frames (how each request's next frame is read); "
                              + ("a clip request reads all its frames before it starts" if video else
@@ -326,9 +332,10 @@ RunConfig = config_class()
 NOT_FINGERPRINTED = ("output_dir", "append", "resume", "wide", "executor", "gpus", "workers", "ray_address",
                      "worker_timeout")
 # Settings left unset (None) that mean a default: fingerprinted as that default, as the env.json of
-# a directory written while the flag had it as its value recorded it (--loader), or before the flag
-# existed (--decode-attention: such runs attended by matmul).
-FINGERPRINT_DEFAULTS = {"loader": DEFAULT_LOADER, "decode_attention": "matmul"}
+# a directory written while the flag had it as its value recorded it (--loader; --video-mode, which
+# image runs recorded as frames), or before the flag existed (--decode-attention: such runs
+# attended by matmul).
+FINGERPRINT_DEFAULTS = {"loader": DEFAULT_LOADER, "decode_attention": "matmul", "video_mode": "frames"}
 
 EXIT_CODES = """exit codes:
   0    every variant and point measured
