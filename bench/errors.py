@@ -37,6 +37,23 @@ def path_problem(path, want: str = "file") -> str | None:
     return None if os.access(p, os.R_OK) else "not readable (permission denied)"
 
 
+def is_link_loop(path) -> bool:
+    """Whether following `path`'s symbolic links goes round in a loop (nothing can be read or
+    written there)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
+
+
+def real_path(path) -> Path:
+    """`path` with its symbolic links followed (os.path.realpath), for telling whether two paths
+    name one file. Path.resolve raises RuntimeError on a link loop; here a loop stays in the
+    path as it is, for the check that reads or writes it to name (path_problem, is_link_loop)."""
+    return Path(os.path.realpath(path))
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Wraps at spaces only (names such as graph-exact or bnb4-fp4 stay whole); a description or
     epilog written with line breaks is printed as written."""

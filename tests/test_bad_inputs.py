@@ -533,6 +533,21 @@ def test_compare_bad_flags(results_dir, tmp_path, capsys):
     assert (results_dir / "runs.csv").read_bytes() == before
 
 
+def test_link_loops_given_to_compare_and_report(results_dir, tmp_path, capsys):
+    loop = tmp_path / "loop1"
+    loop.symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--json", loop], "--json", "symbolic link loop")
+    assert loop.is_symlink()  # the link is left as it was, not replaced by a verdict
+    looped = tmp_path / "looped"  # a results directory whose runs.csv links to itself
+    looped.mkdir()
+    (looped / "runs.csv").symlink_to("runs.csv")
+    js = tmp_path / "verdict.json"
+    bad_sub(capsys, ["compare", results_dir, looped, "--json", js], "looped", out=js)
+    report = tmp_path / "report"
+    bad_sub(capsys, ["report", loop, "--out", report], "loop1", out=report)
+
+
 def test_empty_output_paths_of_subcommands(results_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # an empty path is never taken for the current folder
     bad_sub(capsys, ["report", results_dir, "--out", ""], "--out is empty")

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.errors import UsageError, path_problem
+from bench.errors import UsageError, is_link_loop, path_problem, real_path
 from bench.measure.results import RESULT_FILES, check_creatable, check_rows, check_run_rows, whole_rows
 from bench.measure.schema import WHOLE_IDENTITY
 SUMMARY_NUMBERS = frozenset(("n", "median", "mean", "p90", "p99", "stdev", "ci_low", "ci_high", "cv", "measured_s"))
@@ -104,9 +104,11 @@ def check_out_file(path: str | Path, flag: str, inputs=()) -> None:
     if not str(path).strip():
         raise BadInput(f"{flag} is empty; give a file path")
     p = Path(path)
-    for given in map(Path, inputs):
+    if is_link_loop(p):
+        raise BadInput(f"{flag} {path} is a symbolic link loop; give a file path")
+    for given in map(Path, inputs):  # an input that is a link loop is named where it is read
         folder = given if given.is_dir() else given.parent
-        if p.resolve() in {given.resolve(), *((folder / name).resolve() for name in (*RESULT_FILES, "MANIFEST"))}:
+        if real_path(p) in {real_path(given), *(real_path(folder / name) for name in (*RESULT_FILES, "MANIFEST"))}:
             raise BadInput(f"{flag} {path} would overwrite the results it reads ({given}); give another file")
     if p.is_dir():
         raise BadInput(f"{flag} {path} is a directory; give a file path")

@@ -20,6 +20,7 @@ import pandas as pd
 from bench.analysis import figures
 from bench.analysis.inputs import check_out_dir
 from bench.analysis.sources import BASELINE, first_point, label_order, load, status_rows
+from bench.errors import real_path
 from bench.measure.schema import VALIDITY_METRICS, WORKLOAD_KEYS
 
 
@@ -142,7 +143,7 @@ def embed_in_readme(readme: Path, report_md: Path) -> None:
     text = readme.read_text()
     if START not in text or END not in text.split(START, 1)[1]:
         raise FileNotFoundError(f"{readme}: no report markers ({START} ... {END}, in that order)")
-    rel = report_md.parent.resolve().relative_to(readme.parent.resolve())
+    rel = real_path(report_md.parent).relative_to(real_path(readme).parent)
     body = report_md.read_text().split("\n", 1)[1]  # drop the report's own title
     body = body.replace("](", f"]({rel.as_posix()}/")
     head, rest = text.split(START, 1)

@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from bench.analysis.inputs import BadInput, check_results_csv
+from bench.errors import real_path
 from bench.measure.schema import WORKLOAD_KEYS, fill_identity_columns
 
 BASELINE = ("fp16", "hf")
@@ -28,7 +29,7 @@ def check_dirs(dirs: list[str | Path]) -> dict[tuple[str, str], str]:
     seen: dict[Path, str] = {}
     texts = {}
     for d in dirs:
-        key = Path(d).resolve()
+        key = real_path(d)
         if key in seen:
             raise BadInput(f"{d}: given twice (also as {seen[key]}); give each results directory once")
         seen[key] = str(d)
@@ -44,7 +45,7 @@ def check_dirs(dirs: list[str | Path]) -> dict[tuple[str, str], str]:
 def source_names(dirs: list[str | Path]) -> list[str]:
     """What the labels call each directory: its name, or as many of its last path parts as make
     the names differ (`a/results`, `b/results`)."""
-    parts = [Path(d).resolve().parts for d in dirs]
+    parts = [real_path(d).parts for d in dirs]
     for k in range(1, max(map(len, parts), default=0) + 1):
         names = [Path(*p[-k:]).as_posix() for p in parts]
         if len(set(names)) == len(names):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from bench.cli import PROG, describe
-from bench.errors import ArgumentParser, path_problem
+from bench.errors import ArgumentParser, path_problem, real_path
 from bench.analysis.inputs import BadInput, check_out_dir, read_text
 from bench.analysis.report import END, START, embed_in_readme, write_report
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise BadInput(f"--readme {args.readme} is not writable")
             if START not in readme or END not in readme.split(START, 1)[1]:
                 raise BadInput(f"--readme {args.readme}: no report markers ({START} ... {END}, in that order)")
-            if not Path(args.out).resolve().is_relative_to(Path(args.readme).resolve().parent):
+            if not real_path(args.out).is_relative_to(real_path(args.readme).parent):
                 raise BadInput(f"--out {args.out} must be inside the folder of --readme {args.readme} "
                                "(the README links to its figures)")
         path = write_report(args.dirs, args.out)
