@@ -518,6 +518,19 @@ def test_compare_same_dir_twice_is_a_comparison(results_dir, capsys):
     assert rc in (0, 2) and "Traceback" not in out.err and "verdict" in out.out
 
 
+def test_compare_json_of_an_inconclusive_verdict_is_strict_json(results_dir, tmp_path, capsys):
+    # one run a side: no ratio or p-value, written as null (NaN is no JSON; jq and browsers refuse it)
+    js = tmp_path / "verdict.json"
+    assert main(["compare", str(results_dir), str(results_dir), "--json", str(js)]) == 2
+    capsys.readouterr()
+
+    def refuse(name):
+        raise AssertionError(f"{name} in {js}")
+
+    data = json.loads(js.read_text(), parse_constant=refuse)
+    assert data["verdict"] == "inconclusive" and data["comparisons"][0]["ratio"] is None
+
+
 def test_compare_bad_flags(results_dir, tmp_path, capsys):
     bad_sub(capsys, ["compare", results_dir, results_dir, "--json", tmp_path], "--json", "directory")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--alpha", "2"], "--alpha")

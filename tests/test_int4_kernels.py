@@ -597,6 +597,18 @@ def test_a_kernels_file_that_cannot_be_used_is_measured_again_not_waited_on(tmp_
     assert measurements.ShapePlan.from_json(json.loads(key)["shape"], entry).err["tinygemm"]
 
 
+def test_an_error_of_nan_or_inf_is_saved_as_null_and_read_back_as_nan(tmp_path):
+    from bench.measure.results import write_json
+
+    plan = measurements.ShapePlan((256, 256, 64), ((4, "dense"),), us={"dense": {1: 2.0, 4: 3.0}},
+                                  err={"dense": {1: float("nan"), 4: float("inf")}})
+    write_json(tmp_path / "kernels.json", plan.to_json())
+    text = (tmp_path / "kernels.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = measurements.ShapePlan.from_json([256, 256, 64], json.loads(text))
+    assert all(e != e for e in back.err["dense"].values())  # NaN: never within the tolerance, never chosen
+
+
 def test_forced_kernel_the_device_cannot_run_is_refused():
     from bench.errors import VariantUnsupported
 

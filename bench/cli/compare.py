@@ -1,18 +1,17 @@
 """`vlm-bench compare BASELINE CANDIDATE`: the regression verdict between two results."""
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
-from pathlib import Path
 
 from pandas.api.types import is_numeric_dtype
 
 from bench.cli import PROG, describe
-from bench.errors import ArgumentParser
+from bench.errors import ArgumentParser, real_path
 from bench.analysis.inputs import check_out_file
 from bench.analysis.compare import (DEFAULT_METRICS, KEYS, BadInput, compare_runs, load_rows, parse_where,
                                     print_table, select)
+from bench.measure.results import write_json
 from bench.measure.schema import counted, point_label
 
 _DETAILS = """\
@@ -114,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                else "inconclusive" if counts["inconclusive"] else "pass")
     if args.json_path:
         try:
-            Path(args.json_path).write_text(json.dumps({"verdict": verdict, "counts": counts, "alpha": args.alpha,
-                                                        "factor": args.factor, "comparisons": rows}, indent=2,
-                                                       default=str))
+            # through a symbolic link to its target, as a plain write would (an atomic one replaces the link)
+            write_json(real_path(args.json_path), {"verdict": verdict, "counts": counts, "alpha": args.alpha,
+                                                   "factor": args.factor, "comparisons": rows})
         except OSError as e:
             print(f"error: --json {args.json_path}: cannot write it ({e.strerror or e})", file=sys.stderr)
             return 2

@@ -1,4 +1,4 @@
-"""The one CSV writer (append + flush + fsync per row), the atomic env.json / summary writers,
+"""The one CSV writer (append + flush + fsync per row), the atomic JSON and summary writers,
 and a results directory's ownership: its lock file and the checks before a run writes into it."""
 from __future__ import annotations
 
@@ -131,8 +131,21 @@ def write_summary(out_dir: Path, rows: list[dict]) -> Path:
     return write_csv(out_dir / "summary.csv", list(SUMMARY_COLUMNS), rows)
 
 
+def _finite(value):
+    """`value` with every NaN or infinite float in it as None: JSON has no such numbers (the
+    NaN and Infinity json.dumps writes by default are refused by strict readers, jq among them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2, default=str) + "\n"
+    """`data` as strict JSON (a NaN or infinite number as null), written atomically."""
+    text = json.dumps(_finite(data), indent=2, default=str, allow_nan=False) + "\n"
     _atomic_write(path, lambda f: f.write(text))
 
 

@@ -133,7 +133,10 @@ MIN_US = 1e-3  # a kernel time in a file below a nanosecond is no measurement (C
 
 def _number(value, time: bool = False) -> float:
     """A number; a `time` (microseconds) finite and at least MIN_US. (An error may be NaN or
-    infinite: what a kernel that returned NaN or inf measured, never chosen.)"""
+    infinite: what a kernel that returned NaN or inf measured, never chosen; the file holds it
+    as null, JSON having no such numbers, and it is read back as NaN.)"""
+    if value is None and not time:
+        return math.nan
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             time and not (math.isfinite(value) and value >= MIN_US)):
         raise ValueError(f"{value!r} is not a {f'time of at least {MIN_US} us' if time else 'number'}")
