@@ -755,6 +755,18 @@ def test_docs_bad_arguments(tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+def test_docs_replaces_only_a_file_it_wrote(tmp_path, capsys):
+    for name, text in (("runs.csv", "model,variant\nm,fp16\n"), ("config.json", '{"model_type": "llava"}\n'),
+                       ("notes.md", "# Results\n\nwritten by hand\n")):
+        f = tmp_path / name
+        f.write_text(text)
+        bad_sub(capsys, ["docs", f], name, "did not write")
+        assert f.read_text() == text
+    readme = tmp_path / "README.md"
+    assert main(["docs", str(readme)]) == 0 and main(["docs", str(readme)]) == 0  # new, then regenerated
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--preset", "nope"], "--preset 'nope'"),
     (["--preset", "tiny-vila", "--dtype", "float8"], "--dtype 'float8'"),
