@@ -54,6 +54,12 @@ def real_path(path) -> Path:
     return Path(os.path.realpath(path))
 
 
+def shown_path(path) -> str:
+    """`path` as text any file or terminal takes: bytes of its name that are not UTF-8 (held by
+    os.fsdecode as lone surrogates, which no UTF-8 file can hold) as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class HelpFormatter(argparse.HelpFormatter):
     """Wraps at spaces only (names such as graph-exact or bnb4-fp4 stay whole); a description or
     epilog written with line breaks is printed as written."""

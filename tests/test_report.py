@@ -1,5 +1,6 @@
 """Notebooks execute (nbclient) against a tiny CPU run; the static report writes its figures."""
 import os
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -96,6 +97,47 @@ def test_a_report_of_nothing_measured_says_so_instead_of_an_empty_table(tmp_path
     md = (tmp_path / "report" / "report.md").read_text()
     assert "No measured result (see Skipped or failed)." in md and "needs CUDA" in md
     assert all(line.count("|") != 1 and line.strip() != "|  |" for line in md.splitlines()), md
+
+
+def test_a_directory_name_that_is_not_utf8_is_written_escaped(tmp_path, capsys, monkeypatch):
+    from bench.analysis import figures
+
+    monkeypatch.setattr(figures, "FIGURES", {})  # the names are in report.md's text
+    odd = os.fsdecode(os.fsencode(tmp_path) + b"/o\xff")  # as the shell passes such a name
+    write_results(Path(odd), [{"variant": "fp16"}])
+    write_results(tmp_path / "plain", [{"variant": "fp16"}])
+    out = tmp_path / "report"
+    assert main(["report", odd, str(tmp_path / "plain"), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "o\\xff." not in md and "/o\\xff, " in md and "fp16 (o\\xff)" in md  # the source and its label
+    from bench.analysis.report import END, START
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{START}\n{END}\n")
+    capsys.readouterr()
+    assert main(["report", odd, "--out", odd + "-report", "--readme", str(readme)]) == 2  # no link can name it
+    assert "not UTF-8" in capsys.readouterr().err and not os.path.exists(odd + "-report")
+
+
+def test_a_report_that_fails_leaves_out_as_it_was(tmp_path, monkeypatch):
+    from bench.analysis import figures, report
+
+    write_results(tmp_path / "res", [{"variant": "fp16"}])
+    earlier = tmp_path / "earlier"  # an earlier report's files
+    earlier.mkdir()
+    (earlier / "report.md").write_text("# Benchmark report\n")
+    (earlier / "phases.png").write_bytes(b"an earlier figure")
+    before = {p.name: p.read_bytes() for p in earlier.iterdir()}
+
+    def broken(summary):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setitem(figures.FIGURES, "latency_ci", broken)  # the second figure: the first is drawn
+    for out in (tmp_path / "new" / "report", earlier):
+        with pytest.raises(RuntimeError, match="drawing failed"):
+            report.write_report([tmp_path / "res"], out)
+    assert not (tmp_path / "new").exists()
+    assert {p.name: p.read_bytes() for p in earlier.iterdir()} == before
 
 
 def test_report_into_a_readme_between_the_markers_its_help_names(tiny_results, tmp_path, capsys):

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from bench.analysis.inputs import BadInput, check_results_csv
-from bench.errors import real_path
+from bench.errors import real_path, shown_path
 from bench.measure.schema import WORKLOAD_KEYS, fill_identity_columns
 
 BASELINE = ("fp16", "hf")
@@ -44,13 +44,14 @@ def check_dirs(dirs: list[str | Path]) -> dict[tuple[str, str], str]:
 
 def source_names(dirs: list[str | Path]) -> list[str]:
     """What the labels call each directory: its name, or as many of its last path parts as make
-    the names differ (`a/results`, `b/results`)."""
+    the names differ (`a/results`, `b/results`); bytes that are not UTF-8 as \\xNN escapes
+    (labels go into report.md and figures)."""
     parts = [real_path(d).parts for d in dirs]
     for k in range(1, max(map(len, parts), default=0) + 1):
-        names = [Path(*p[-k:]).as_posix() for p in parts]
+        names = [shown_path(Path(*p[-k:]).as_posix()) for p in parts]
         if len(set(names)) == len(names):
             return names
-    return [Path(*p).as_posix() for p in parts]
+    return [shown_path(Path(*p).as_posix()) for p in parts]
 
 
 def load(dirs: list[str | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:

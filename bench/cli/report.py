@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from bench.cli import PROG, describe
-from bench.errors import ArgumentParser, path_problem, real_path
+from bench.errors import ArgumentParser, path_problem, real_path, shown_path
 from bench.analysis.inputs import BadInput, check_out_dir, read_text
 from bench.analysis.report import END, START, embed_in_readme, write_report
 
@@ -56,11 +56,18 @@ def main(argv: list[str] | None = None) -> int:
             if not real_path(args.out).is_relative_to(real_path(args.readme).parent):
                 raise BadInput(f"--out {args.out} must be inside the folder of --readme {args.readme} "
                                "(the README links to its figures)")
-        path = write_report(args.dirs, args.out)
+            rel = real_path(args.out).relative_to(real_path(args.readme).parent)
+            if shown_path(rel) != str(rel):  # a link in a UTF-8 README cannot name it
+                raise BadInput(f"--out {shown_path(args.out)}: its name is not UTF-8 text, which the links of "
+                               f"--readme {args.readme} to its figures cannot hold; give another --out")
+        try:
+            path = write_report(args.dirs, args.out)
+        except OSError as e:  # a full disk, a folder the system will not make: the report left nothing
+            raise BadInput(f"--out {shown_path(args.out)}: cannot write the report ({e.strerror or e})") from None
         if args.readme:
             embed_in_readme(Path(args.readme), path)
     except (FileNotFoundError, BadInput) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path}" + (f" and its block in {args.readme}" if args.readme else ""))
+    print(f"wrote {shown_path(path)}" + (f" and its block in {shown_path(args.readme)}" if args.readme else ""))
     return 0
