@@ -280,7 +280,19 @@ def _vila_model_type_wrong(d, family):
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def _top_set(key, value):
+    def change(d, family):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg[key] = value
+        (d / "config.json").write_text(json.dumps(cfg))
+    change.__name__ = f"_{key}_{value}"
+    return change
+
+
 CASES += [("llava", _llava_image_token_past_vocab), ("vila", _vila_model_type_wrong)]
+# a vision layer past the tower's hidden states, or not one: a failed row (IndexError, TypeError) before
+CASES += [("vila", _top_set("mm_vision_select_layer", v)) for v in (-99, 10, "x")]
+CASES += [("vila", _top_set("mm_vision_select_feature", "cls")), ("llava", _top_set("vision_feature_layer", 40))]
 CASES += [(fam, lambda d, family: (d / "model.safetensors").rename(d / "pytorch_model.bin"))
           for fam in ("llava", "internvl")]
 

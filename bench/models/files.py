@@ -283,6 +283,19 @@ def check_layer_counts(configs, names, what: str, where: Path) -> None:
                              f"{held} layers; the weights do not belong to this config.json")
 
 
+def check_feature_layer(value, layers, key: str, what: str, where: Path) -> None:
+    """`value` (the config's `key`) names one of the vision tower's `layers` + 1 hidden states
+    (an integer from -(layers + 1) to layers, or a list of them where transformers takes one); a
+    request indexing past them failed at its first image (IndexError), or at every one."""
+    if not isinstance(layers, int) or isinstance(layers, bool):
+        return
+    for v in value if isinstance(value, list) and value else [value]:
+        if isinstance(v, bool) or not isinstance(v, int) or not -(layers + 1) <= v <= layers:
+            raise UsageError(f"{what}: {where / 'config.json'}: {key}={value!r} is not a layer of the vision tower's "
+                             f"{layers} (an integer from {-(layers + 1)} to {layers}; -2: the second-to-last); restore "
+                             "the checkpoint's original file")
+
+
 def check_awq_tensors(tensors: dict[str, tuple[str, tuple[int, ...]]], group_size: int, what: str,
                       where: Path) -> None:
     """AutoAWQ GEMM layout: each quantized linear has qweight [K, N/8], qzeros [K/G, N/8] (int32)

@@ -13,8 +13,8 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
 from bench.models.cache_arg import cache_arg
-from bench.models.files import (check_awq_tensors, check_layer_counts, check_shapes, checked_weights, one_line,
-                                require_preprocessor, require_tokenizer)
+from bench.models.files import (check_awq_tensors, check_feature_layer, check_layer_counts, check_shapes,
+                                checked_weights, one_line, require_preprocessor, require_tokenizer)
 
 VISION_MODULES = ["model.vision_tower", "model.multi_modal_projector"]
 
@@ -89,6 +89,10 @@ def native_checker(model_cls, config_cls, adjust=None):
         elif not qc:
             check_shapes(tensors, expected_tensors(model_cls, config_cls, path, what, set(tensors), adjust), what, path)
         check_image_token(config, what, path)
+        if "vision_feature_layer" in config:
+            check_feature_layer(config["vision_feature_layer"],
+                                (config.get("vision_config") or {}).get("num_hidden_layers"),
+                                "vision_feature_layer", what, path)
         tokenizer_from(path, what)  # loads (no code runs): a broken file is an error before the run starts
         image_processor_from(path, what)
 

@@ -23,8 +23,8 @@ from bench.models.base import PreparedPrompt, VLMAdapter
 from bench.models.cache_arg import cache_arg
 from bench.models.family import RANDOM_WEIGHTS_MARK, Family
 from bench.models.files import (
-    check_awq_tensors, check_layer_counts, check_shapes, checked_weights, one_line, read_json_object,
-    require_preprocessor, require_tokenizer,
+    check_awq_tensors, check_feature_layer, check_layer_counts, check_shapes, checked_weights, one_line,
+    read_json_object, require_preprocessor, require_tokenizer,
 )
 from bench.models.native import image_processor_from, pretrained, tokenizer_from
 from bench.models.templates import ConvTemplate
@@ -223,6 +223,12 @@ def check_vila(path: Path, config: dict) -> None:
                 raise UsageError(f"{what}: {folder / 'config.json'} does not describe a model ({one_line(e)})") from None
             check_shapes(tensors, expected, what, folder)
         configs[part] = cfg
+    check_feature_layer(config.get("mm_vision_select_layer", -2), configs["vision_tower"].num_hidden_layers,
+                        "mm_vision_select_layer", what, path)
+    if config.get("mm_vision_select_feature", "cls_patch") not in ("patch", "cls_patch"):
+        raise UsageError(f"{what}: {path / 'config.json'}: mm_vision_select_feature "
+                         f"{config.get('mm_vision_select_feature')!r} is not patch or cls_patch; restore the "
+                         "checkpoint's original file")
     require_tokenizer(path / "llm", what)
     require_preprocessor(path / "vision_tower", what)
     tokenizer_from(path / "llm", what)
