@@ -265,6 +265,7 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--text-prompt", "\ufeff\u200b"], "--text-prompt is empty"),  # invisible characters only
     (["--num-runs", "5", "--max-runs", "2"], "--max-runs 2"),
     (["--seed", str(2**70)], "--seed"),
+    (["--seed", "-1"], "--seed -1: give a whole number from 0"),
     (["--variants", "awq4", "--awq-calib", "100000"], "--awq-calib 100000"),
     (["--variants", "+"], "--variants '+'"),
     (["--variants", "fp16+"], "an empty part"),  # a part left out, not the default

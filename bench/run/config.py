@@ -31,8 +31,9 @@ PART_OPTIONS_AFTER = "max_new_tokens"  # where the variant parts' flags go in th
 
 
 def check_seed(seed: int) -> None:
-    """UsageError unless torch.manual_seed takes `seed` (random weights and questions use it)."""
-    if not -2**63 <= seed < 2**64:
+    """UsageError unless `seed` is a whole number from 0 to 2**64 - 1, what the message says
+    (torch.manual_seed takes negatives too; random weights and questions use it)."""
+    if not 0 <= seed < 2**64:
         raise UsageError(f"--seed {seed}: give a whole number from 0 to 2**64 - 1")
 
 
