@@ -197,6 +197,12 @@ def test_saved_awq_model_reloads_with_identical_logits(preset, demo_image, tmp_p
     assert read_meta(path)["method"] == "awq"
     with pytest.raises(OSError):  # safetensors' own error for a failed write, as an OSError
         save_int4(a, Path("/proc/self/q.safetensors"), {"group_size": 32, "method": "awq"})
+    taken = tmp_path / "taken" / "q.safetensors"  # a folder where the file goes: no .tmp file left beside it
+    taken.mkdir(parents=True)
+    (taken / "x").write_text("")
+    with pytest.raises(OSError):
+        save_int4(a, taken, {"group_size": 32, "method": "awq"})
+    assert sorted(p.name for p in taken.parent.iterdir()) == ["q.safetensors"]
     b = build_preset(preset, None, CPU, torch.float32, seed=0)
     assert load_int4_file(b, path, dense_rows=32) == 14
     assert torch.equal(_logits(a, demo_image), _logits(b, demo_image))

@@ -53,13 +53,15 @@ def save_int4(adapter, path: Path, meta: dict) -> None:
     try:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True),
                                                "sha256": tensors_digest(tensors)})
-    except SafetensorError as e:  # safetensors' own error for a failed write (read-only directory, full disk)
+        tmp.replace(path)  # a crash mid-write never leaves a truncated file under the real name
+    except (SafetensorError, OSError) as e:  # a failed write (read-only directory, full disk; the name a folder)
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise OSError(" ".join(str(e).split())) from None
-    tmp.replace(path)  # a crash mid-write never leaves a truncated file under the real name
+        if isinstance(e, OSError):
+            raise
+        raise OSError(" ".join(str(e).split())) from None  # (safetensors' own error for it)
 
 
 class CorruptInt4File(ValueError):
