@@ -818,6 +818,29 @@ def test_make_checkpoint_interrupted_while_writing_leaves_nothing(tmp_path, caps
     assert (list(out.iterdir()) == []) if existed else not out.exists()
 
 
+def test_make_checkpoint_that_fills_the_disk_leaves_nothing(tmp_path, capsys, monkeypatch):
+    # safetensors reports a full disk as its own error, not an OSError: a traceback and a half
+    # checkpoint (config files, no weights) before
+    from safetensors import SafetensorError
+
+    import bench.models.loader as loader
+
+    real = loader.save_checkpoint
+
+    def save_then_fill(adapter, out, *args, **kwargs):
+        real(adapter, out, *args, **kwargs)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(loader, "save_checkpoint", save_then_fill)
+    out = tmp_path / "ckpt"
+    TRIED.append("make-checkpoint disk full")
+    rc = exit_code(main, ["make-checkpoint", "--preset", "tiny-llava", "--out", out, "--dtype", "float32"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2 and len(lines) == 1 and "could not be written" in lines[0] and "No space left" in lines[0], err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("out_exists", [False, True])
 def test_context_limit_when_config_is_silent(tiny_vila_dir, tmp_path, capsys, out_exists):
     """No max_position_embeddings in config.json: the positions are the config class's default,

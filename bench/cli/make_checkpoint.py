@@ -46,6 +46,7 @@ def main(argv: list[str]) -> int:
     from pathlib import Path
 
     import torch
+    from safetensors import SafetensorError
 
     from bench.measure.results import check_creatable
     from bench.run.config import check_seed
@@ -81,15 +82,18 @@ def main(argv: list[str]) -> int:
                 for folder in (out, out / "llm"):  # the llava-hf root, VILA's llm/
                     if (folder / "tokenizer.json").is_file():
                         write_sentencepiece(folder, keep_json=args.tokenizer_files == "both")
-        except (OSError, KeyboardInterrupt) as e:  # a full disk, a place that refuses writes, Ctrl-C: no
-            if existed:                                 # half-written checkpoint stays
+        # a full disk (safetensors says so in an error of its own), a place that refuses writes,
+        # Ctrl-C: no half-written checkpoint stays
+        except (OSError, SafetensorError, KeyboardInterrupt) as e:
+            if existed:
                 for p in out.iterdir():
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
             else:
                 shutil.rmtree(out, ignore_errors=True)
             if isinstance(e, KeyboardInterrupt):
                 raise
-            raise UsageError(f"--out {args.out}: the checkpoint could not be written ({e.strerror or e})") from None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+            raise UsageError(f"--out {args.out}: the checkpoint could not be written ({why})") from None
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
