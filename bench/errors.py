@@ -7,7 +7,17 @@ import textwrap
 from pathlib import Path
 
 
-class UsageError(Exception):
+class OneLineError(Exception):
+    """An error printed as one line: a line break or other control character in what it quotes (a
+    path, a flag's value) is shown escaped (\\n), so the message stays one line for people and for
+    scripts that read the last line."""
+
+    def __str__(self) -> str:
+        return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode("ascii")
+                       for c in super().__str__())
+
+
+class UsageError(OneLineError):
     """Bad input from the user (missing image, bad model dir, unknown choice)."""
 
 

@@ -266,6 +266,9 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--num-runs", "5", "--max-runs", "2"], "--max-runs 2"),
     (["--seed", str(2**70)], "--seed"),
     (["--seed", "-1"], "--seed -1: give a whole number from 0"),
+    # a line break (or a name that is not UTF-8) in what the message quotes: shown escaped, one line
+    (["--image-path", "/no/such\ncat.png"], "--image-path /no/such\\ncat.png: no such file"),
+    (["--image-path", "/no/such\udcffcat.png"], "/no/such\\udcffcat.png"),
     (["--variants", "awq4", "--awq-calib", "100000"], "--awq-calib 100000"),
     (["--variants", "+"], "--variants '+'"),
     (["--variants", "fp16+"], "an empty part"),  # a part left out, not the default

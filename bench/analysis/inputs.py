@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.errors import UsageError, is_link_loop, path_problem, real_path
+from bench.errors import OneLineError, UsageError, is_link_loop, path_problem, real_path
 from bench.measure.results import RESULT_FILES, check_creatable, check_rows, check_run_rows, whole_rows
 from bench.measure.schema import WHOLE_IDENTITY
 SUMMARY_NUMBERS = frozenset(("n", "median", "mean", "p90", "p99", "stdev", "ci_low", "ci_high", "cv", "measured_s"))
@@ -22,7 +22,7 @@ RUNS_REQUIRED = frozenset(("model", "variant", "kind", "status"))
 SUMMARY_REQUIRED = frozenset(("model", "variant", "status", "metric", "median"))
 
 
-class BadInput(Exception):
+class BadInput(OneLineError):
     """A results file or argument the subcommand cannot use (printed as one line, exit 2)."""
 
 
