@@ -99,6 +99,17 @@ def test_a_report_of_nothing_measured_says_so_instead_of_an_empty_table(tmp_path
     assert all(line.count("|") != 1 and line.strip() != "|  |" for line in md.splitlines()), md
 
 
+def test_a_report_of_a_summary_without_results_says_how_to_rebuild_it(tmp_path):
+    """A summary.csv of its header only (runs.csv has measured rows): no pointer to a Skipped or
+    failed section the report does not have."""
+    write_results(tmp_path / "d", [{"variant": "fp16"}])
+    summary = tmp_path / "d" / "summary.csv"
+    summary.write_text(summary.read_text().splitlines()[0] + "\n")
+    assert main(["report", str(tmp_path / "d"), "--out", str(tmp_path / "report")]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "Skipped or failed" not in md and "summarize DIR" in md
+
+
 def test_a_directory_name_that_is_not_utf8_is_written_escaped(tmp_path, capsys, monkeypatch):
     from bench.analysis import figures
 

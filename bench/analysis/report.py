@@ -147,12 +147,14 @@ def _draw(dirs: list[str | Path], runs: pd.DataFrame, summary: pd.DataFrame, out
     if (runs.get("weights") == "random").any():
         parts.append("**weights=random**: timings are real (shapes decide time); text, token agreement and KL "
                      "measure numeric behaviour only.")
-    sp = speedup_table(summary)
+    sp, st = speedup_table(summary), status_rows(summary)
     parts.append("## Speed-up over fp16 (hf engine)\n\n" + (
         "Ratios of medians, baseline / variant (>1 is faster or smaller; - where a result has no baseline of its "
         "own identity or no such column). `valid` = enough runs, time and CV under the threshold for TTFT and "
-        "TPOT.\n\n" + _md(sp) if not sp.empty else "No measured result (see Skipped or failed)."))
-    st = status_rows(summary)
+        "TPOT.\n\n" + _md(sp) if not sp.empty else
+        "No measured result (see Skipped or failed)." if not st.empty else
+        "No measured result: summary.csv holds no result (`python -m bench summarize DIR` rebuilds it from "
+        "runs.csv)."))
     ok = summary[summary["status"] == "ok"]
     if any(ok[k].nunique() > 1 for k in WORKLOAD_KEYS):
         parts.append("Workload sweeps: the table and the per-variant figures show each model's first workload "
