@@ -110,6 +110,21 @@ def test_a_report_of_a_summary_without_results_says_how_to_rebuild_it(tmp_path):
     assert "Skipped or failed" not in md and "summarize DIR" in md
 
 
+def test_a_report_of_a_directory_a_run_is_writing_says_so(tmp_path, capsys):
+    from bench.measure.results import DirLock
+
+    write_results(tmp_path / "d", [{"variant": "fp16"}])
+    (tmp_path / "d" / "summary.csv").unlink()  # written when the run ends
+    lock = DirLock(tmp_path / "d")
+    try:
+        capsys.readouterr()
+        assert main(["report", str(tmp_path / "d"), "--out", str(tmp_path / "report")]) == 2
+        assert "no summary.csv; a run is writing it (PID" in capsys.readouterr().err
+    finally:
+        lock.release()
+    assert not (tmp_path / "report").exists()
+
+
 def test_a_directory_name_that_is_not_utf8_is_written_escaped(tmp_path, capsys, monkeypatch):
     from bench.analysis import figures
 

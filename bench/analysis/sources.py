@@ -15,6 +15,7 @@ import pandas as pd
 
 from bench.analysis.inputs import BadInput, check_results_csv
 from bench.errors import real_path, shown_path
+from bench.measure.results import LOCK_NAME, lock_holder
 from bench.measure.schema import WORKLOAD_KEYS, fill_identity_columns
 
 BASELINE = ("fp16", "hf")
@@ -37,7 +38,10 @@ def check_dirs(dirs: list[str | Path]) -> dict[tuple[str, str], str]:
             raise BadInput(f"{d}: not a results directory")
         for name in ("runs", "summary"):
             if not (Path(d) / f"{name}.csv").is_file():
-                raise BadInput(f"{d}: no {name}.csv")
+                holder = lock_holder(Path(d))  # a run writes summary.csv when it ends
+                raise BadInput(f"{d}: no {name}.csv" + (
+                    "" if holder is None else f"; a run is writing it ({f'PID {holder}, ' if holder > 0 else ''}"
+                                              f"lock file {Path(d) / LOCK_NAME}): read it once the run has ended"))
             texts[(str(d), f"{name}.csv")] = check_results_csv(Path(d) / f"{name}.csv", name)
     return texts
 
