@@ -6,11 +6,11 @@ triton-tiles at one row issues about 6 instructions per weight in its K loop at 
 configuration (lab/triton_tiles_aot.py), 245 registers; at 2.5-2.8 TB/s of int4 weights an H100
 issues at most about 6 (132 SMs x 128 thread-instructions a cycle), an H200 about 4: the kernel is
 bound by issue, and measured at 1.6-1.8x the read ceiling (lab/gpu_read_ceiling.py). Here each
-int32 word (8 nibbles: columns c, c + 1 of four column pairs) becomes four f16x2 values 1024 + q
-with one LOP3 each (and a shift), `sub.f16x2` takes 1032 off exactly (q - 8), `fma.rn.f16x2` with
-the group's scale and zero rounds once to the fp16 weight the dense path makes, and four f16x2
-multiply-adds with x's column pairs leave two fp16 partial sums of four products each, added into
-fp32: about 23 instructions per 8 weights, written as inline PTX (Triton has no f16x2 type).
+int32 word (8 nibbles: columns c, c + 1 of four column pairs) becomes four f16x2 weights and four
+f16x2 multiply-adds with x's column pairs leave two fp16 partial sums of four products each, added
+into fp32: about 21 instructions per 8 weights, written as inline PTX (Triton has no f16x2 type;
+bench.quant.triton_f16x2 says how; the H100 CSVs of results/lab/h100 were measured with its
+earlier dequantization, 23 instructions per 8 weights).
 Two ways of laying out a program's words are compared: `h2` (rows first: a thread loads four
 consecutive words of a row at once) and `h2-rows-last` (rows last: a thread's elements are rows of
 one word position, sharing x's loads), both the benchmark's `triton-f16x2` kernel

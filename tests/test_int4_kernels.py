@@ -1312,7 +1312,8 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
     """The f16x2 GEMV's PTX (inline f16x2 arithmetic) through Triton's compiler and ptxas for
     sm_90, configurations the autotuner keeps in both layouts, without split and with: no spills, the
     dequantization and products in f16x2 instructions, no int -> float conversion, and its K loop
-    under 5 machine instructions per weight (triton-tiles' best: about 6)."""
+    under 4.5 machine instructions per weight (triton-tiles' best: about 6; 4.6 before the
+    dequantization took nibbles 1 and 3 with their own mask, a shift and a sub fewer per pair)."""
     pytest.importorskip("triton")
     from bench.quant import triton_aot, triton_f16x2
 
@@ -1337,7 +1338,7 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
         loop = triton_aot.loop_instructions(c.cubin)
         assert loop["HFMA2"] > 0 and loop["I2F"] + loop["I2FP"] == 0, loop
         per_weight = sum(loop.values()) / (cfg["TN"] * 8 * cfg["BKT"] * 128 / (warps * 32))
-        assert per_weight < 5.0, (per_weight, loop)
+        assert per_weight < 4.5, (per_weight, loop)
 
 
 def test_the_f16x2_kernels_hold_a_float16_copy_of_bfloat16_scales_only(monkeypatch):

@@ -6,13 +6,14 @@ At one row a W4A16 kernel is bound by the instructions it issues per weight: int
 at that rate (132 SMs x 128 a cycle), an H200 about 4. triton-tiles dequantizes and multiplies in
 fp32, one weight per instruction: about 6 per weight in its K loop at its best configuration
 (lab/triton_tiles_aot.py). Here each int32 word of the tile layout (its 8 nibbles: the column pairs
-c, c + 1 for four c) becomes four f16x2 values 1024 + q with one LOP3 each (and a shift),
-`sub.f16x2` takes 1032 off exactly (q - 8, exact in fp16), `fma.rn.f16x2` with the group's scale
-and zero rounds once to the fp16 weight the dense path makes ((q - 8) s + z), and four f16x2
-multiply-adds with x's column pairs leave two fp16 partial sums of four products each, added into
-fp32: 23 instructions per 8 weights, 3.5-4.7 per weight with the loop's loads and addresses in
-the configurations kept below (sm_90 SASS, lab/triton_tiles_h2.py aot; fewer where a thread holds
-more weights). The fastest configuration of a shape is not always the one issuing fewest: more,
+c, c + 1 for four c) becomes four f16x2 values with one LOP3 each and one shift (Marlin's
+dequantization): nibbles 0 and 2 as 1024 + q, which `sub.f16x2` takes 1032 off, nibbles 1 and 3
+as 1024 + 16 q, which `fma.rn.f16x2` by 1/16 and -72 takes to q - 8 (both exact in fp16); an
+`fma.rn.f16x2` with the group's scale and zero rounds once to the fp16 weight the dense path makes
+((q - 8) s + z), and four f16x2 multiply-adds with x's column pairs leave two fp16 partial sums of
+four products each, added into fp32: 21 instructions per 8 weights, 3.2-4.4 per weight with the
+loop's loads and addresses in the configurations kept below (sm_90 SASS, lab/triton_tiles_h2.py
+aot; fewer where a thread holds more weights). The fastest configuration of a shape is not always the one issuing fewest: more,
 smaller programs also hide more of the memory's latency. The f16x2 block is inline PTX: Triton has
 no type for two halves in one register.
 
@@ -44,24 +45,24 @@ MID = tl.constexpr(TINYGEMM_MID)
 # $0: fp32 sum of the word's 8 products; $1: the word; $2..$5: x's column pairs of nibbles 0..3
 # (low half: column c, high half: c + 1); $6: the group's (scale, zero) as f16x2
 F16X2 = tl.constexpr("""{
-.reg .b32 t0, t1, t2, t3, u, s2, z2, c, p;
+.reg .b32 t0, t1, t2, t3, u, s2, z2, c, k, m, p;
 .reg .b16 sh, zh, plo, phi;
 .reg .f32 flo, fhi;
 mov.b32 {sh, zh}, $6;
 mov.b32 s2, {sh, sh};
 mov.b32 z2, {zh, zh};
 mov.b32 c, 0x64086408;
+mov.b32 k, 0x2c002c00;
+mov.b32 m, 0xd480d480;
 lop3.b32 t0, $1, 0x000f000f, 0x64006400, 0xea;
-shr.u32 u, $1, 4;
-lop3.b32 t1, u, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 t1, $1, 0x00f000f0, 0x64006400, 0xea;
 shr.u32 u, $1, 8;
 lop3.b32 t2, u, 0x000f000f, 0x64006400, 0xea;
-shr.u32 u, $1, 12;
-lop3.b32 t3, u, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 t3, u, 0x00f000f0, 0x64006400, 0xea;
 sub.f16x2 t0, t0, c;
-sub.f16x2 t1, t1, c;
+fma.rn.f16x2 t1, t1, k, m;
 sub.f16x2 t2, t2, c;
-sub.f16x2 t3, t3, c;
+fma.rn.f16x2 t3, t3, k, m;
 fma.rn.f16x2 t0, t0, s2, z2;
 fma.rn.f16x2 t1, t1, s2, z2;
 fma.rn.f16x2 t2, t2, s2, z2;
