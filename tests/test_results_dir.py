@@ -128,6 +128,11 @@ def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
     capsys.readouterr()
     assert run_main([*TINY, "--batch-size", "1,2", "--resume", "--output-dir", str(out)]) == 2
     one_line_error(capsys, "another configuration (--batch-size '1' -> '1,2')")
+    # --max-runs 0 follows --num-runs: a change of --num-runs names that flag alone; one given, itself
+    assert run_main([*TINY, "--num-runs", "3", "--resume", "--output-dir", str(out)]) == 2
+    one_line_error(capsys, "another configuration (--num-runs 2 -> 3):")
+    assert run_main([*TINY, "--max-runs", "50", "--resume", "--output-dir", str(out)]) == 2
+    one_line_error(capsys, "another configuration (--max-runs 40 -> 50):")
     from bench.run.runner import config_fingerprint
 
     same = [config_fingerprint({"int4_kernel_candidates": c}) for c in ("dense,tinygemm", "tinygemm, dense,dense")]

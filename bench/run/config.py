@@ -30,6 +30,9 @@ MAX_WORKERS = 1024  # --executor local's worker processes (each loads its own mo
 PART_OPTIONS_AFTER = "max_new_tokens"  # where the variant parts' flags go in the field (and --help) order
 
 
+MAX_RUNS_PER_RUN = 20  # --max-runs 0: this many measured runs per --num-runs at most
+
+
 def check_seed(seed: int) -> None:
     """UsageError unless `seed` is a whole number from 0 to 2**64 - 1, what the message says
     (torch.manual_seed takes negatives too; random weights and questions use it)."""
@@ -205,7 +208,7 @@ class RunConfigBase:
             int_list(self.new_tokens, "--new-tokens") or [self.max_new_tokens], images,
             loaders if video and self.video_mode == "frames" else [])
         if self.max_runs == 0:
-            self.max_runs = 20 * self.num_runs
+            self.max_runs = MAX_RUNS_PER_RUN * self.num_runs
         elif self.max_runs < self.num_runs:
             raise UsageError(f"--max-runs {self.max_runs} caps the runs below --num-runs {self.num_runs}; give "
                              "--max-runs at least --num-runs (0: 20 x --num-runs)")

@@ -213,6 +213,15 @@ def config_fingerprint(config: dict) -> tuple[str, dict]:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16], settings
 
 
+def _derived(key: str, *settings: dict) -> bool:
+    """Whether `key` holds, in each of `settings`, the value another setting gives it (--max-runs 0:
+    MAX_RUNS_PER_RUN x --num-runs), so a difference in it is that setting's, not one to name."""
+    from bench.run.config import MAX_RUNS_PER_RUN
+
+    return key == "max_runs" and all(
+        isinstance(s.get("num_runs"), int) and s.get("max_runs") == MAX_RUNS_PER_RUN * s["num_runs"] for s in settings)
+
+
 def _point_key(row) -> tuple:
     """A row's workload point as text (runs.csv cells and in-memory values compare alike)."""
     from bench.measure.schema import WORKLOAD_KEYS
@@ -320,7 +329,8 @@ class Benchmark:
                              "continued; use --append for a new run beside it, or a new --output-dir")
         old_settings = config_fingerprint(self.old_env.get("config") or {})[1]
         if old_settings != settings:
-            changed = sorted(k for k in set(old_settings) | set(settings) if old_settings.get(k) != settings.get(k))
+            changed = sorted(k for k in set(old_settings) | set(settings) if old_settings.get(k) != settings.get(k)
+                             and not _derived(k, old_settings, settings))
             shown = ", ".join(f"--{k.replace('_', '-')} {old_settings.get(k)!r} -> {settings.get(k)!r}"
                               for k in changed[:3]) + (", ..." if len(changed) > 3 else "")
             raise UsageError(f"--resume: {self.out_dir} holds a run of another configuration ({shown}): "
