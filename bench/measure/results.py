@@ -183,12 +183,17 @@ RUN_ROW_KEY = (*SUMMARY_KEY, "kind", "run_index", "timestamp")
 RUN_CHOICES = {"status": frozenset({"ok", "skipped", "failed"}), "kind": frozenset({"warmup", "measured", ""})}
 
 
+# No measurement the harness writes reaches it (1e15 ms is 30,000 years; tokens, MB, J alike); a
+# cell past it is damage, and its squares overflow the summaries' arithmetic
+MAX_CELL = 1e15
+
+
 def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[str, ...] = (),
                choices: dict | None = None) -> int:
     """The number of rows of the CSV `text` (less its header and blank lines); ValueError saying
     why they are not whole rows of its header: a row with another number of fields, a cell of a
-    column in `numbers` that is not a finite number at least 0, or of one in `whole` that is not
-    a whole number at least 0 (empty cells pass; every metric the harness writes is a time,
+    column in `numbers` that is not a finite number from 0 to MAX_CELL, or of one in `whole` that
+    is not a whole number in that range (empty cells pass; every metric the harness writes is a time,
     size, rate, share or divergence, none below 0), a cell of a column in `choices` not among its values, an ok row
     (status) whose `unique` columns repeat an earlier ok
     row's (a copied row would count twice; rows with the last two of them empty are not numbered,
@@ -222,9 +227,10 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
                 if not ok:
                     raise ValueError(f"line {reader.line_num}, column {name}: {cell[:40]!r} is not a "
                                      f"{'whole number' if name in whole else 'finite number'}")
-                if float(cell) < 0:
-                    raise ValueError(f"line {reader.line_num}, column {name}: {cell[:40]!r} is below 0, "
-                                     "which no measurement the harness writes is")
+                if not 0 <= float(cell) <= MAX_CELL:
+                    raise ValueError(f"line {reader.line_num}, column {name}: {cell[:40]!r} is "
+                                     f"{'below 0' if float(cell) < 0 else f'above {MAX_CELL:g}'}, which no "
+                                     "measurement the harness writes is")
             for i, name, values in chosen:
                 if row[i] not in values:
                     raise ValueError(f"line {reader.line_num}, column {name}: {row[i][:40]!r} is none of "
