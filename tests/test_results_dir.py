@@ -360,7 +360,7 @@ def test_exit_codes_are_in_help():
     from bench.run.config import build_parser
 
     text = build_parser().format_help()
-    assert "exit codes:" in text and "130" in text and "nothing measured" in text
+    assert "exit codes:" in text and "130" in text and "nothing measured" in text and "no space left" in text
 
 
 def test_rows_are_fsynced(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """`vlm-bench run` (and `python vila_prefix_benchmark.py`): measure variants, write a results directory.
 
 Exit codes (bench.run.config.EXIT_CODES): 0 all measured, 1 some variant or point failed, 2 usage
-error, 3 nothing measured, 130 interrupted (finished rows kept)."""
+error, 3 nothing measured, 4 no space left while writing (rows kept), 130 interrupted (finished rows
+kept)."""
 from __future__ import annotations
 
 import shlex
