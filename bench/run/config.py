@@ -27,10 +27,8 @@ EXECUTORS = ("serial", "local", "ray")
 MAX_CPU_THREADS = 1024
 MAX_WARMUP = 1000  # warm-up requests per variant (or endpoint point): their questions are made up front
 MAX_WORKERS = 1024  # --executor local's worker processes (each loads its own model)
-PART_OPTIONS_AFTER = "max_new_tokens"  # where the variant parts' flags go in the field (and --help) order
-
-
 MAX_RUNS_PER_RUN = 20  # --max-runs 0: this many measured runs per --num-runs at most
+PART_OPTIONS_AFTER = "max_new_tokens"  # where the variant parts' flags go in the field (and --help) order
 
 
 def check_seed(seed: int) -> None:
@@ -82,7 +80,7 @@ class RunFields:
                          "1 = no tiling)", 12)
     num_runs: int = opt("measured runs per variant (at least)", 10, aliases=("--num_runs",))
     min_seconds: float = opt("measured time per variant (at least), s", 1.0)
-    max_runs: int = opt("hard cap on measured runs per variant (0: 20 x --num-runs)", 0)
+    max_runs: int = opt(f"hard cap on measured runs per variant (0: {MAX_RUNS_PER_RUN} x --num-runs)", 0)
     warmup: int = opt("warm-up runs per variant (unmeasured questions); when at least 1, also one batch per "
                       "distinct sequence of prompt lengths the measured batches hold, in other text of the same "
                       "token counts (cold, then warm, with a cache), so no measured run meets a new shape (0: none)",
@@ -211,7 +209,7 @@ class RunConfigBase:
             self.max_runs = MAX_RUNS_PER_RUN * self.num_runs
         elif self.max_runs < self.num_runs:
             raise UsageError(f"--max-runs {self.max_runs} caps the runs below --num-runs {self.num_runs}; give "
-                             "--max-runs at least --num-runs (0: 20 x --num-runs)")
+                             f"--max-runs at least --num-runs (0: {MAX_RUNS_PER_RUN} x --num-runs)")
 
     def _check_executor(self) -> None:
         if not self.executor:

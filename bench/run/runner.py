@@ -23,7 +23,7 @@ from bench.measure import calibration, compile_events
 from bench.run import envinfo, host, interrupt
 from bench.run import fidelity
 from bench.run.preprocess import place_preprocessing
-from bench.run.config import FINGERPRINT_DEFAULTS, NOT_FINGERPRINTED, RunConfig
+from bench.run.config import FINGERPRINT_DEFAULTS, MAX_RUNS_PER_RUN, NOT_FINGERPRINTED, RunConfig
 from bench.run.plan import Job, build_plan
 from bench.log import status
 from bench.errors import UsageError, VariantUnsupported
@@ -216,8 +216,6 @@ def config_fingerprint(config: dict) -> tuple[str, dict]:
 def _derived(key: str, *settings: dict) -> bool:
     """Whether `key` holds, in each of `settings`, the value another setting gives it (--max-runs 0:
     MAX_RUNS_PER_RUN x --num-runs), so a difference in it is that setting's, not one to name."""
-    from bench.run.config import MAX_RUNS_PER_RUN
-
     return key == "max_runs" and all(
         isinstance(s.get("num_runs"), int) and s.get("max_runs") == MAX_RUNS_PER_RUN * s["num_runs"] for s in settings)
 
