@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.pdl import enabled as pdl_enabled
+
 try:
     import triton
     import triton.language as tl
@@ -119,7 +121,10 @@ if triton is not None:
                  sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
                  kv_heads, keys, per_split, n_splits, scale,
                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                 PRECISION: tl.constexpr, DOT: tl.constexpr):
+                 PRECISION: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # launched with programmatic dependent launch (bench.pdl): the kernel before wrote q, keys, values
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         b = pid // kv_heads
@@ -163,7 +168,11 @@ if triton is not None:
         tl.store(Sum + row, l_i, mask=keep)
 
     @triton.jit
-    def _combine(Acc, Mx, Sum, Out, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr):
+    def _combine(Acc, Mx, Sum, Out, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
+                 PDL: tl.constexpr = False):
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)  # row * heads + head
         s = tl.arange(0, BLOCK_S)
         there = s < n_splits
@@ -221,13 +230,14 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
                values.stride(0), values.stride(1), values.stride(2), 0 if m.shape[0] == 1 else m.stride(0),
                m.stride(1), kvh, n, per, count, scale)
+    pdl = {"PDL": True, "launch_pdl": True} if pdl_enabled(q.device) else {}
     return [(_partial, (b * kvh, count), partial,
-             {"GROUP": group, "D": d, "BLOCK": config.block, "DOT": dot, "num_warps": config.num_warps,
+             {**pdl, "GROUP": group, "D": d, "BLOCK": config.block, "DOT": dot, "num_warps": config.num_warps,
               "BLOCK_G": max(MIN_GROUP_ROWS if dot else 1, triton.next_power_of_2(group)),
               # fp32 inputs: fp32 products, not TF32's (the matmul path's, unless TF32 is on)
               "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}),
             (_combine, (b * h,), (acc, mx, total, out, count),
-             {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": COMBINE_CHUNK})], out
+             {**pdl, "D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": COMBINE_CHUNK})], out
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,

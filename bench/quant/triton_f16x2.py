@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bench.pdl import enabled as pdl_enabled
 from bench.quant.int4 import TINYGEMM_MID
 from bench.quant.w4a16.base import autotune_bench
 
@@ -168,10 +169,14 @@ def _rows_last(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, G: t
 
 @triton.jit
 def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
-                  SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr):
+                  SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
-    first or rows last (ROWS_FIRST)."""
+    first or rows last (ROWS_FIRST). PDL: launched with programmatic dependent launch (bench.pdl):
+    wait for the kernel before, then let the next one start."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     BN: tl.constexpr = TN * 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -244,16 +249,18 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     y = torch.zeros(n, dtype=torch.float32, device=x.device) if split else \
         torch.empty(n, dtype=torch.float16, device=x.device)
     args = (x32, packed, sz32, y, n, k)
+    # a split output is zeroed by the kernel before (torch.zeros), which the programs' wait orders
+    pdl = {"PDL": True, "launch_pdl": True} if not emulate and pdl_enabled(x.device) else {}
     if config is not None:
         config = {"ROWS_FIRST": True, **config}
-        launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3)}
+        launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3), **pdl}
         grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
         _f16x2_kernel[grid](*args, G=group_size, EMULATE=emulate, **config, **launch)
     else:
         def grid(meta):
             return triton.cdiv(n, 8 * meta["TN"]), meta["SPLIT_K"]
 
-        (_tuned_split if split_k else _tuned)[grid](*args, G=group_size, EMULATE=False)
+        (_tuned_split if split_k else _tuned)[grid](*args, G=group_size, EMULATE=False, **pdl)
     return (y.half() if split else y).view(1, n)
 
 
