@@ -55,15 +55,23 @@ def test_split_kv_kernels_wait_for_the_kernel_before_under_pdl(monkeypatch, on):
 
 
 @pytest.mark.parametrize("on", [False, True])
-def test_the_f16x2_kernel_waits_for_the_kernel_before_under_pdl(on):
+@pytest.mark.parametrize("tn,split", [(1, 1), (2, 1), (2, 4)])
+def test_the_f16x2_kernel_prefetches_its_weights_then_waits_for_the_kernel_before_under_pdl(on, tn, split):
+    """Under PDL the program's weights (no kernel's output) are asked of L2 before the wait, one
+    bulk prefetch per tile row; the activations are read after it."""
     triton_aot = _aot()
     from bench.quant import triton_f16x2
 
     n, k, g = 4096, 4096, 128
     meta = dict(device="meta")
     args = (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, **meta),
-            torch.empty(k // g, n, 1, dtype=torch.int32, **meta), torch.empty(n, dtype=torch.float16, **meta), n, k)
+            torch.empty(k // g, n, 1, dtype=torch.int32, **meta),
+            torch.empty(n, dtype=torch.float32 if split > 1 else torch.float16, **meta), n, k)
     c = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args,
-                                {"G": g, "EMULATE": False, "TN": 1, "BKT": 8, "SPLIT_K": 1, "ROWS_FIRST": True,
-                                 "num_warps": 8, "num_stages": 3, **({"PDL": True, "launch_pdl": True} if on else {})})
+                                {"G": g, "EMULATE": False, "TN": tn, "BKT": 4, "SPLIT_K": split, "ROWS_FIRST": True,
+                                 "num_warps": 4, "num_stages": 3, **({"PDL": True, "launch_pdl": True} if on else {})})
     assert _waits_first(c.ptx) == on and ("griddepcontrol" in c.ptx) == on
+    prefetch = c.ptx.find("cp.async.bulk.prefetch.L2.global")
+    assert (0 <= prefetch < c.ptx.find("griddepcontrol.wait")) == on
+    assert c.ptx.count("cp.async.bulk.prefetch.L2.global") == (tn if on else 0)
+    assert c.spill_bytes == 0

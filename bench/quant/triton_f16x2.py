@@ -122,6 +122,20 @@ def _products(words, x0, x1, x2, x3, sz, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(ptr, nbytes):
+    """The program's first thread asks the L2 cache for [ptr, ptr + nbytes) (sm_90's bulk
+    prefetch, one instruction; nbytes a multiple of 16), without waiting for it."""
+    tl.inline_asm_elementwise("""{
+    .reg .pred p;
+    .reg .u32 t;
+    mov.u32 t, %tid.x;
+    setp.eq.u32 p, t, 0;
+    @p cp.async.bulk.prefetch.L2.global [$1], $2;
+    mov.u32 $0, 0;
+    }""", "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _rows_first(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, G: tl.constexpr, BN: tl.constexpr,
                 BKT: tl.constexpr, EMULATE: tl.constexpr):
     """The K loop over [row, k-tile, word] tensors: a thread's elements are consecutive words of
@@ -174,13 +188,20 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). PDL: launched with programmatic dependent launch (bench.pdl):
     wait for the kernel before, then let the next one start."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     BN: tl.constexpr = TN * 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_tiles = K // 128
+    if PDL:
+        # the weights are no kernel's output: their reading starts while the kernel before ends
+        kt0 = pid_k * tl.cdiv(k_tiles, SPLIT_K)
+        for t in tl.static_range(TN):
+            tile_row = pid_n * TN + t
+            if (tile_row * 8 < N) & (kt0 < k_tiles):
+                _prefetch_l2(p_ptr + (tile_row * k_tiles + kt0) * 128,
+                             (tl.minimum(tl.cdiv(k_tiles, SPLIT_K), k_tiles - kt0) * 512).to(tl.int32))
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     n = pid_n * BN + tl.arange(0, BN)  # weight rows
     n_ok = n < N
     per = tl.cdiv(k_tiles, SPLIT_K)  # k-tiles of a share
