@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU builds of torch
+    triton = None
+
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels launched on `device` now take PDL: a CUDA device of compute capability 9
@@ -25,3 +31,19 @@ def enabled(device: torch.device) -> bool:
     if not getattr(inductor_config.triton, "enable_pdl", False):
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+if triton is not None:
+    @triton.jit
+    def prefetch_l2(ptr, nbytes):
+        """The program's first thread asks the L2 cache for [ptr, ptr + nbytes) (sm_90's bulk
+        prefetch, one instruction; ptr 16-byte aligned, nbytes a multiple of 16) without waiting
+        for it: what a kernel under PDL may read before its wait, of memory no kernel before it writes."""
+        tl.inline_asm_elementwise("""{
+        .reg .pred p;
+        .reg .u32 t;
+        mov.u32 t, %tid.x;
+        setp.eq.u32 p, t, 0;
+        @p cp.async.bulk.prefetch.L2.global [$1], $2;
+        mov.u32 $0, 0;
+        }""", "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)

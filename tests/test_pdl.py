@@ -52,6 +52,8 @@ def test_split_kv_kernels_wait_for_the_kernel_before_under_pdl(monkeypatch, on):
         assert kwargs.get("launch_pdl", False) == on
         c = triton_aot.compile_call(kernel, args, kwargs)
         assert _waits_first(c.ptx) == on and ("griddepcontrol" in c.ptx) == on
+        # the partial kernel asks L2 for its split's keys and values before the wait
+        assert c.ptx.count("cp.async.bulk.prefetch.L2.global") == (2 if on and kernel is sk._partial else 0)
 
 
 @pytest.mark.parametrize("on", [False, True])

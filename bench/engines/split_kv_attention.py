@@ -33,6 +33,8 @@ from bench.pdl import enabled as pdl_enabled
 try:
     import triton
     import triton.language as tl
+
+    from bench.pdl import prefetch_l2
 except ImportError:  # CPU builds of torch: the engines attend by matmul or SDPA
     triton = None
 
@@ -122,13 +124,19 @@ if triton is not None:
                  kv_heads, keys, per_split, n_splits, scale,
                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                  PRECISION: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False):
-        if PDL:  # launched with programmatic dependent launch (bench.pdl): the kernel before wrote q, keys, values
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         b = pid // kv_heads
         kvh = pid % kv_heads
+        start = split * per_split
+        end = tl.minimum(start + per_split, keys)
+        if PDL:  # launched with programmatic dependent launch (bench.pdl): the kernel before wrote q and a key
+            if (sk_l == D) & (sv_l == D) & (end > start):  # the split's keys and values asked of L2 meanwhile
+                nbytes = ((end - start) * D * (K.dtype.element_ty.primitive_bitwidth // 8)).to(tl.int32)
+                prefetch_l2(K + b * sk_b + kvh * sk_h + start * D, nbytes)
+                prefetch_l2(V + b * sv_b + kvh * sv_h + start * D, nbytes)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
         heads = kvh * GROUP + g  # the query heads reading this kv head (transformers' repeat_kv)
@@ -136,8 +144,6 @@ if triton is not None:
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
-        start = split * per_split
-        end = tl.minimum(start + per_split, keys)
         for lo in range(start, end, BLOCK):
             cols = lo + tl.arange(0, BLOCK)
             inside = cols < end

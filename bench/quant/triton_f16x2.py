@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bench.pdl import enabled as pdl_enabled
+from bench.pdl import enabled as pdl_enabled, prefetch_l2
 from bench.quant.int4 import TINYGEMM_MID
 from bench.quant.w4a16.base import autotune_bench
 
@@ -122,20 +122,6 @@ def _products(words, x0, x1, x2, x3, sz, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptr, nbytes):
-    """The program's first thread asks the L2 cache for [ptr, ptr + nbytes) (sm_90's bulk
-    prefetch, one instruction; nbytes a multiple of 16), without waiting for it."""
-    tl.inline_asm_elementwise("""{
-    .reg .pred p;
-    .reg .u32 t;
-    mov.u32 t, %tid.x;
-    setp.eq.u32 p, t, 0;
-    @p cp.async.bulk.prefetch.L2.global [$1], $2;
-    mov.u32 $0, 0;
-    }""", "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _rows_first(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, G: tl.constexpr, BN: tl.constexpr,
                 BKT: tl.constexpr, EMULATE: tl.constexpr):
     """The K loop over [row, k-tile, word] tensors: a thread's elements are consecutive words of
@@ -198,7 +184,7 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
         for t in tl.static_range(TN):
             tile_row = pid_n * TN + t
             if (tile_row * 8 < N) & (kt0 < k_tiles):
-                _prefetch_l2(p_ptr + (tile_row * k_tiles + kt0) * 128,
+                prefetch_l2(p_ptr + (tile_row * k_tiles + kt0) * 128,
                              (tl.minimum(tl.cdiv(k_tiles, SPLIT_K), k_tiles - kt0) * 512).to(tl.int32))
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
