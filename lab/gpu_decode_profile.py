@@ -15,6 +15,8 @@ With int4 weights the kernels per row count are --int4-kernels' (as `run`'s flag
 chooses per shape on this GPU first, --int4-kernel-candidates limiting the candidates;
 --int4-kernel-cache reuses a kernels.json measured on this kind of GPU with those candidates, e.g. a
 reference run's, and adds what it measures to it).
+--inductor NAME=VALUE sets an inductor option first (triton.enable_pdl=1: programmatic dependent
+launch for the generated kernels and, through bench.pdl, the project's own; combo_kernels=1).
 --batch-size B profiles a step of B rows (after a batch of B requests), the kernels a batched
 decode step replays.
 """
@@ -63,16 +65,16 @@ def main() -> None:
         torch.cuda.synchronize()
         per_kernel = kernel_times(step, args.steps)
     total = sum(ms for ms, _ in per_kernel.values())
-    w = CsvWriter(Path(args.out), ["model", "weights", "batch_size", "int4_kernels", "step_ms", "kernel",
+    w = CsvWriter(Path(args.out), ["model", "weights", "batch_size", "int4_kernels", "inductor", "step_ms", "kernel",
                                    "ms_per_step", "launches_per_step", "share"])
     plan = eng.int4_kernels.column() if eng.int4_kernels is not None else ""
     for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
         w.write({"model": args.preset, "weights": args.weights, "batch_size": args.batch_size, "int4_kernels": plan,
-                 "step_ms": step_ms,
+                 "inductor": ";".join(args.inductor), "step_ms": step_ms,
                  "kernel": name[:120], "ms_per_step": ms, "launches_per_step": n, "share": ms / total})
     w.close()
     launches = sum(n for _, n in per_kernel.values())
-    print(f"{args.preset} {args.weights} b{args.batch_size} {plan}: graph step {step_ms:.2f} ms; kernel time {total:.2f} ms in {launches:.0f} kernels/step; "
+    print(f"{args.preset} {args.weights} b{args.batch_size} {plan} {' '.join(args.inductor)}: graph step {step_ms:.2f} ms; kernel time {total:.2f} ms in {launches:.0f} kernels/step; "
           f"LLM weights {weight_bytes / 1e9:.2f} GB -> {weight_bytes / step_ms / 1e6:.0f} GB/s achieved")
     for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:8]:
         print(f"  {ms:6.3f} ms  {n:5.0f}x  {name[:90]}")

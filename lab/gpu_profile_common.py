@@ -21,11 +21,31 @@ from bench.engines.graph import GraphEngine  # noqa: E402
 QUESTION = "What is shown in this image?"
 
 
+class _InductorSetting(argparse.Action):
+    """--inductor NAME=VALUE: set torch._inductor.config's NAME (dotted: triton.enable_pdl) to the
+    integer VALUE before anything compiles (e.g. triton.enable_pdl=1, combo_kernels=1)."""
+
+    def __call__(self, parser, namespace, text, option_string=None):
+        from torch._inductor import config as inductor_config
+
+        name, _, value = text.partition("=")
+        owner, _, leaf = name.rpartition(".")
+        target = inductor_config
+        for part in filter(None, owner.split(".")):
+            target = getattr(target, part, None)
+        if target is None or not hasattr(target, leaf) or not value.lstrip("-").isdigit():
+            parser.error(f"--inductor {text!r}: not NAME=INTEGER of an inductor setting this torch has")
+        setattr(target, leaf, type(getattr(target, leaf))(int(value)))
+        getattr(namespace, self.dest).append(text)
+
+
 def profile_parser(preset: str) -> argparse.ArgumentParser:
-    """--preset and --out, which every profiling script takes."""
+    """--preset and --out, which every profiling script takes, and --inductor settings."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default=preset)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--inductor", action=_InductorSetting, default=[], metavar="NAME=VALUE",
+                    help="an inductor setting for this process (repeatable): triton.enable_pdl=1, combo_kernels=1")
     return ap
 
 
