@@ -1,12 +1,15 @@
-"""Programmatic dependent launch (PDL, Hopper and later): whether the project's own Triton
-kernels launch with it. They do where torch.compile's generated kernels do
-(torch._inductor.config.triton.enable_pdl, TORCHINDUCTOR_ENABLE_PDL=1, absent from older torch),
-so that one switch covers every kernel of a compiled decode step.
+"""Programmatic dependent launch (PDL, Hopper and later) of a compiled decode step's kernels:
+torch.compile's generated kernels (inductor's switch, torch._inductor.config.triton.enable_pdl,
+absent from older torch) and the project's own Triton kernels (triton-f16x2, split-KV attention),
+which launch with it exactly where inductor's do, so one switch covers the step. The engines set
+it from their spec (`--pdl auto|off`) when they are made (`configure`).
 
 A kernel launched with PDL may start while the kernel before it finishes; it waits
 (griddepcontrol.wait, Triton's gdc_wait) before it reads anything that kernel may write or writes
-anything at all, and lets the next kernel start (gdc_launch_dependents) once it has. What that
-saves is the launch gap between two short kernels, many per decode step.
+anything at all, and lets the next kernel start (gdc_launch_dependents) once it has. Before the
+wait the project's kernels ask the L2 cache for what no kernel writes (their weights, the keys
+and values of earlier positions: `prefetch_l2`). What that saves is the gap between two short
+kernels, of which a decode step has a dozen per layer.
 """
 from __future__ import annotations
 
@@ -18,19 +21,50 @@ try:
 except ImportError:  # CPU builds of torch
     triton = None
 
+MODES = ("auto", "off")  # auto: on where the GPU (compute capability 9+) and torch have it
 
-def enabled(device: torch.device) -> bool:
-    """Whether kernels launched on `device` now take PDL: a CUDA device of compute capability 9
-    or more, and inductor's PDL switch on."""
+
+def unavailable(device: torch.device) -> str | None:
+    """Why kernels on `device` cannot launch with PDL, or None."""
     if device.type != "cuda" or torch.version.hip:
-        return False
+        return "PDL needs an NVIDIA GPU"
+    try:
+        from torch._inductor import config as inductor_config
+    except ImportError:
+        return "PDL needs torch's inductor"
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        return f"torch {torch.__version__}'s inductor has no PDL switch"
+    if triton is None or not hasattr(tl.extra.cuda, "gdc_wait"):
+        return "PDL needs Triton's grid dependency control (gdc_wait)"
+    major = torch.cuda.get_device_capability(device)[0]
+    if major < 9:
+        return f"PDL needs compute capability 9 or more (this GPU: {major})"
+    return None
+
+
+def configure(mode: str, device: torch.device) -> bool:
+    """Switch PDL on (mode "auto", where it can run on `device`) or off for the kernels compiled
+    and launched from now on in this process; whether it is on."""
+    if mode not in MODES:
+        raise ValueError(f"unknown PDL mode {mode!r}; choose {' or '.join(MODES)}")
+    on = mode == "auto" and unavailable(device) is None
     try:
         from torch._inductor import config as inductor_config
     except ImportError:
         return False
-    if not getattr(inductor_config.triton, "enable_pdl", False):
+    if hasattr(inductor_config.triton, "enable_pdl"):
+        inductor_config.triton.enable_pdl = on
+    return on
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether kernels launched on `device` now take PDL: inductor's switch on, and PDL able to
+    run there."""
+    try:
+        from torch._inductor import config as inductor_config
+    except ImportError:
         return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return bool(getattr(inductor_config.triton, "enable_pdl", False)) and unavailable(device) is None
 
 
 if triton is not None:

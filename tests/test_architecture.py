@@ -4,8 +4,8 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-# Higher layers may import lower ones, never the reverse. Modules at bench/ itself (errors, log)
-# are the base every layer may use.
+# Higher layers may import lower ones, never the reverse. Modules at bench/ itself (errors, log,
+# quiet, pdl: process-wide settings) are the base every layer may use.
 LAYERS = ["bench.measure", "bench.quant", "bench.models", "bench.engines", "variants", "bench.run",
           "bench.serve", "bench.analysis", "bench.cli"]
 PACKAGES = ("bench", "variants")
@@ -62,7 +62,7 @@ def test_imports_point_down_the_layers():
 
 
 def test_every_product_module_is_in_a_layer_or_the_base():
-    base = {"bench", "bench.__main__", "bench.errors", "bench.log", "bench.quiet"}
+    base = {"bench", "bench.__main__", "bench.errors", "bench.log", "bench.quiet", "bench.pdl"}
     loose = [_module(p) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
              if _layer(_module(p)) is None and _module(p) not in base]
     assert loose == []

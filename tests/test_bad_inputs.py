@@ -233,6 +233,7 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--max-cv", "0"], "--max-cv"),
     (["--max-cv", "nan"], "--max-cv"),
     (["--decode-attention", "flash"], "--decode-attention 'flash'"),
+    (["--pdl", "on"], "--pdl 'on'"),
     (["--variants", "prefix", "--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
     (["--variants", "prefix", "--prefix-cache-mb", "0"], "--prefix-cache-mb"),
     (["--device", "mps"], "--device 'mps'"),

@@ -688,6 +688,21 @@ def test_a_dense_copy_is_measured_apart(tmp_path):
     assert all(second.us[n] == first.us[n] for n in second.reused)
 
 
+def test_kernels_that_launch_with_pdl_are_measured_apart_under_pdl(tmp_path, monkeypatch):
+    """Under programmatic dependent launch (bench.pdl) a kernel that launches with it is another
+    measurement: a plan measured without is not reused, that kernel is timed again and the others
+    lend their times; with no such kernel among the candidates PDL changes nothing (same plan)."""
+    path = tmp_path / "kernels.json"
+    plain = choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, path, points=(1, 2)).plans[(64, 256, 64)]
+    monkeypatch.setattr(choice, "pdl_enabled", lambda device: True)
+    assert choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, path, points=(1, 2)).plans[(64, 256, 64)].cached
+    monkeypatch.setattr(KERNELS["tinygemm"], "launches_pdl", True)
+    under = choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, path, points=(1, 2)).plans[(64, 256, 64)]
+    assert not under.cached and "tinygemm" in under.us and "tinygemm" not in under.reused
+    assert set(under.reused) == set(plain.us) - {"tinygemm"} and under.reused
+    assert sorted(bool(json.loads(k).get("pdl")) for k in json.loads(path.read_text())["entries"]) == [False, True]
+
+
 @pytest.mark.parametrize("distribution", ["fbgemm_gpu_genai", "gemlite"])
 def test_a_kernel_librarys_upgrade_is_measured_again(tmp_path, monkeypatch, distribution):
     """A measurement is keyed by the versions of the libraries whose kernels it timed (FBGEMM's

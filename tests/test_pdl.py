@@ -9,17 +9,17 @@ import torch
 from bench import pdl
 
 
-def test_pdl_is_off_on_the_cpu_and_wherever_inductor_keeps_it_off(monkeypatch):
+def test_pdl_is_off_on_the_cpu_and_wherever_inductor_keeps_it_off():
     from torch._inductor import config as inductor_config
 
     if not hasattr(inductor_config.triton, "enable_pdl"):
         pytest.skip("this torch's inductor has no PDL switch")
-    monkeypatch.setattr(inductor_config.triton, "enable_pdl", True)
-    assert not pdl.enabled(torch.device("cpu")) and not pdl.enabled(torch.device("meta"))
-    if torch.cuda.is_available():
-        assert pdl.enabled(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
-        monkeypatch.setattr(inductor_config.triton, "enable_pdl", False)
-        assert not pdl.enabled(torch.device("cuda"))
+    # (inductor's config.patch, not monkeypatch: undoing that deletes a config attribute)
+    with inductor_config.patch({"triton.enable_pdl": True}):
+        assert not pdl.enabled(torch.device("cpu")) and not pdl.enabled(torch.device("meta"))
+        if torch.cuda.is_available():
+            assert pdl.enabled(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert not pdl.enabled(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _waits_first(ptx: str) -> bool:
@@ -77,3 +77,33 @@ def test_the_f16x2_kernel_prefetches_its_weights_then_waits_for_the_kernel_befor
     assert (0 <= prefetch < c.ptx.find("griddepcontrol.wait")) == on
     assert c.ptx.count("cp.async.bulk.prefetch.L2.global") == (tn if on else 0)
     assert c.spill_bytes == 0
+
+
+def test_an_engine_sets_pdl_for_the_process_when_made(tiny_llava_dir, monkeypatch):
+    """Each engine switches PDL on (auto, where it can run) or off for what is compiled and
+    launched after it is made, so no earlier engine's setting carries over; engine_detail names
+    it where a kernel the engine runs takes it (an eager engine: an int4 kernel that does)."""
+    from torch._inductor import config as inductor_config
+
+    from bench.engines.cache_policy import CachePolicy
+    from bench.engines.spec import EngineSpec
+    from bench.engines.static import StaticEngine
+    from bench.quant.w4a16.registry import KERNELS
+    from tests.test_int4_kernels import _int4_rtn
+
+    if not hasattr(inductor_config.triton, "enable_pdl"):
+        pytest.skip("this torch's inductor has no PDL switch")
+    adapter = _int4_rtn(tiny_llava_dir)  # tinygemm up to 8 rows, dense above
+    with pytest.raises(ValueError, match="unknown PDL mode 'on'"):
+        EngineSpec(pdl="on")
+    with inductor_config.patch({"triton.enable_pdl": True}):  # as an earlier engine on a GPU left it
+        engine = StaticEngine(adapter, CachePolicy(), EngineSpec())
+        assert not engine.pdl and not inductor_config.triton.enable_pdl and "PDL" not in engine.describe()
+        monkeypatch.setattr(pdl, "unavailable", lambda device: None)  # as on an H100
+        engine = StaticEngine(adapter, CachePolicy(), EngineSpec())
+        assert engine.pdl and inductor_config.triton.enable_pdl
+        assert "PDL" not in engine.describe()  # tinygemm and dense launch without it
+        monkeypatch.setattr(KERNELS["tinygemm"], "launches_pdl", True)
+        assert "PDL (programmatic dependent launch)" in engine.describe()
+        engine = StaticEngine(adapter, CachePolicy(), EngineSpec(pdl="off"))
+        assert not engine.pdl and not inductor_config.triton.enable_pdl and "PDL" not in engine.describe()

@@ -149,9 +149,12 @@ class GraphEngine(StaticEngine):
                  f"{', split-kv decode attention' if self.decoder.split_kv else ''}){self.arithmetic_note()}, {prefill}"
                  f"{self.prefetch_note()}, "
                  f"vision {self.notes.get('vision', 'graphed')}"
-                 f"{attention_kernels.note(self.adapter.device, self.spec.attention)}"]
+                 f"{attention_kernels.note(self.adapter.device, self.spec.attention)}{self.pdl_note()}"]
         parts += [f"{k}: {v}" for k, v in self.notes.items() if k not in ("vision", "prefill")]  # incl. "prefill graph"
         return "; ".join(parts)
+
+    def _launches_pdl(self) -> bool:
+        return self._compiled(self.layer_fn) or super()._launches_pdl()
 
     def _drop_buffers(self) -> None:
         self.lm_graphs.clear()  # their captured addresses die with the old buffers

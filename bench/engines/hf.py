@@ -23,6 +23,7 @@ from bench.engines.cache_policy import CachePolicy
 from bench.engines.decoder import built_decoder
 from bench.engines.spec import EngineSpec
 from bench.engines.token_feed import TokenFeed
+from bench import pdl
 from bench.log import status
 from bench.models.base import VLMAdapter
 from bench.measure.request import RequestResult
@@ -89,6 +90,9 @@ class HFEngine:
     def __init__(self, adapter: VLMAdapter, policy: CachePolicy, spec: EngineSpec | None = None):
         self.adapter, self.policy = adapter, policy
         self.spec = self.default_spec if spec is None else spec
+        # PDL for what this engine compiles and launches (bench.pdl): set for the process when an
+        # engine is made, so that an earlier engine's setting never carries over
+        self.pdl = pdl.configure(self.spec.pdl, adapter.device)
         self._reset_int4_layers()
 
     def _reset_int4_layers(self) -> None:

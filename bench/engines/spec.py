@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from bench.engines import attention_kernels
 from bench.engines.fused_linear import FUSED_MAX_ROWS
+from bench.pdl import MODES as PDL_MODES
 
 CACHE_ROUND = 256  # buffer length granularity; a longer request reallocates (and recaptures)
 SUFFIX_BUCKETS = (16, 32, 64)  # suffix lengths (after a prefix hit) run as padded fixed-shape steps
@@ -67,6 +68,9 @@ class EngineSpec:
     numerics: str = "fused"
     # how compiled one-query decode steps attend (DECODE_ATTENTION); engines that compile nothing ignore it
     decode_attention: str = "auto"
+    # programmatic dependent launch of compiled steps' kernels and the project's Triton kernels
+    # (bench.pdl.MODES: auto = where the GPU and torch have it, or off); set when an engine is made
+    pdl: str = "auto"
     # above this many input rows q/k/v and gate/up run as their separate modules (fused_linear)
     fused_max_rows: int = FUSED_MAX_ROWS
     suffix_buckets: tuple[int, ...] = SUFFIX_BUCKETS
@@ -98,6 +102,8 @@ class EngineSpec:
         if self.decode_attention not in DECODE_ATTENTION:
             raise ValueError(f"unknown decode attention {self.decode_attention!r}; choose from "
                              f"{', '.join(DECODE_ATTENTION)}")
+        if self.pdl not in PDL_MODES:
+            raise ValueError(f"unknown PDL mode {self.pdl!r}; choose from {', '.join(PDL_MODES)}")
         buckets = tuple(self.suffix_buckets)
         if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
             raise ValueError(f"suffix buckets must be distinct positive lengths in ascending order, got {buckets}")

@@ -20,6 +20,7 @@ from bench.quant.int4 import Int4Linear, int4_modules
 from bench.quant.prefetch import DensePrefetch, drop_slots
 from bench.quant.w4a16.choice import (DEFAULT, ROW_POINTS, KernelChoice, choose_kernels, reset_kernels,
                                       set_prefill_kernel)
+from bench.quant.w4a16.registry import KERNELS
 
 
 class StaticEngine(HFEngine):
@@ -161,7 +162,17 @@ class StaticEngine(HFEngine):
 
     def describe(self) -> str:
         return (f"own decoder ({self.decoder.fusion}), static KV, eager{self.arithmetic_note()}{self.prefetch_note()}"
-                f"{attention_kernels.note(self.adapter.device, self.spec.attention)}")
+                f"{attention_kernels.note(self.adapter.device, self.spec.attention)}{self.pdl_note()}")
+
+    def pdl_note(self) -> str:
+        """", PDL ..." where kernels of this engine launch with programmatic dependent launch."""
+        return ", PDL (programmatic dependent launch)" if self.pdl and self._launches_pdl() else ""
+
+    def _launches_pdl(self) -> bool:
+        """Whether a kernel this engine runs takes PDL where it is on: an int4 kernel that does
+        (an eager engine launches no other; GraphEngine's compiled layers all do)."""
+        return any(KERNELS[name].launches_pdl for m in self._int4_layers()
+                   for name in ({m.kernel, m.prefill_kernel} | {n for _, n in m.row_plan or ()}) if name in KERNELS)
 
     def _check_batch(self, batch: int) -> None:
         """Raise VariantUnsupported for a batch size this engine does not run (any runs here)."""

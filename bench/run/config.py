@@ -13,6 +13,7 @@ from pathlib import Path
 
 from bench.engines import attention_kernels
 from bench.engines.spec import DECODE_ATTENTION
+from bench.pdl import MODES as PDL_MODES
 from bench.errors import ArgumentParser, UsageError
 from bench.run.summary import ValidityRule
 from bench.run.workload import DEFAULT_LOADER, LOADERS, VIDEO_MODES, int_list, name_list, workload_points
@@ -99,6 +100,10 @@ class RunFields:
                                 "deterministic; fp32 scores; CUDA only) or auto (split-kv where it runs, with "
                                 "--attention-kernels deterministic; else matmul, or SDPA under --attention-kernels "
                                 "auto)", "auto")
+    pdl: str = opt("programmatic dependent launch of the static and graph engines' kernels (the compiled "
+                   "layers' and the project's Triton kernels): each may start while the one before ends, "
+                   "waiting for its output; auto (on where the GPU, compute capability 9+, and torch have it) "
+                   "or off", "auto")
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
     device: str = opt("cuda, cuda:N, cpu or auto", "auto")
     executor: str = opt("how the sweep's jobs (the variants sharing one loaded model) run: serial (this process), "
@@ -180,6 +185,8 @@ class RunConfigBase:
         if self.decode_attention not in DECODE_ATTENTION:
             raise UsageError(f"unknown --decode-attention {self.decode_attention!r}; choose "
                              f"{' or '.join(DECODE_ATTENTION)}")
+        if self.pdl not in PDL_MODES:
+            raise UsageError(f"unknown --pdl {self.pdl!r}; choose {' or '.join(PDL_MODES)}")
         if self.preprocess not in PREPROCESS_PLACES:
             raise UsageError(f"unknown --preprocess {self.preprocess!r}; choose {' or '.join(PREPROCESS_PLACES)}")
         if not 0 <= self.cpu_threads <= MAX_CPU_THREADS:
@@ -242,7 +249,7 @@ class RunConfigBase:
 
     def engine_options(self) -> dict:
         """The EngineSpec fields this run sets for every engine (a variant's weights part may add more)."""
-        return {"attention": self.attention_kernels, "decode_attention": self.decode_attention}
+        return {"attention": self.attention_kernels, "decode_attention": self.decode_attention, "pdl": self.pdl}
 
     def part_options(self, cls: type):
         """The options dataclass `cls` filled from this config."""
@@ -336,8 +343,8 @@ NOT_FINGERPRINTED = ("output_dir", "append", "resume", "wide", "executor", "gpus
 # Settings left unset (None) that mean a default: fingerprinted as that default, as the env.json of
 # a directory written while the flag had it as its value recorded it (--loader; --video-mode, which
 # image runs recorded as frames), or before the flag existed (--decode-attention: such runs
-# attended by matmul).
-FINGERPRINT_DEFAULTS = {"loader": DEFAULT_LOADER, "decode_attention": "matmul", "video_mode": "frames"}
+# attended by matmul; --pdl: launched without PDL).
+FINGERPRINT_DEFAULTS = {"loader": DEFAULT_LOADER, "decode_attention": "matmul", "video_mode": "frames", "pdl": "off"}
 
 EXIT_CODES = """exit codes:
   0    every variant and point measured

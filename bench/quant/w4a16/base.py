@@ -28,6 +28,9 @@ class W4A16Kernel:
     # Reads the layer's dense copy where it keeps one (--int4-prefill-copy): its time with a copy is
     # another measurement. The others read their own formats, whose times a copy does not change.
     reads_dense_copy = False
+    # Launches with programmatic dependent launch where it is on (bench.pdl): its time with PDL is
+    # another measurement. The others launch as they always do.
+    launches_pdl = False
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this kernel cannot run on `device` with activations of `dtype`; None when it can."""

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from bench.errors import VariantUnsupported
+from bench.pdl import enabled as pdl_enabled
 from bench.log import status
 from bench.measure.timing import call_us
 from bench.quant.w4a16.measurements import PlanCache, ShapePlan, cache_key
@@ -339,7 +340,8 @@ def choose_kernels(layers, mode: str, dtype: torch.dtype, cache_file: Path | Non
                 raise VariantUnsupported(f"--int4-kernel-candidates {','.join(allowed)}: none of them runs here "
                                          f"on {shape[0]}x{shape[1]} (group {shape[2]}): "
                                          + "; ".join(dict.fromkeys(why.get(n, f"{n}: unknown") for n in allowed)))
-        key = cache_key(device, dtype, shape, points, names, copy, graph)
+        pdl = pdl_enabled(device) and any(KERNELS[n].launches_pdl for n in names)
+        key = cache_key(device, dtype, shape, points, names, copy, graph, pdl)
         plan = cache.get(key, shape)
         if plan is None:
             kept = cache.earlier(key)

@@ -27,6 +27,7 @@ class F16x2(Tiles):
     module, counter = "triton_f16x2", "int4 f16x2 autotuning"
     op = tiles_op("int4_f16x2_mm", module, counter, "f16x2_mm")
     state_key = "f16x2"  # a float16 copy of the scales and zeros, where the layer's are not float16
+    launches_pdl = True  # bench.quant.triton_f16x2 under bench.pdl
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         why = super().unavailable(device, dtype)

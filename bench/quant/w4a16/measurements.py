@@ -230,14 +230,18 @@ def _device_name(device: torch.device) -> str:
 
 
 def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidates, dense_copy: bool = False,
-              graph: bool = True) -> str:
+              graph: bool = True, pdl: bool = False) -> str:
     """`dense_copy`: the layers keep a dense copy (--int4-prefill-copy), which the `dense` kernel
     reads instead of dequantizing: another measurement. `graph`: timed inside CUDA graphs (the
-    graph engines) or launched eagerly (the others): on CUDA another measurement too."""
-    return json.dumps({"device": _device_name(device), "versions": _versions(device), "dtype": str(dtype),
-                       "shape": list(shape), "points": list(points), "candidates": sorted(candidates),
-                       "dense_copy": bool(dense_copy), "graph": bool(graph) and device.type == "cuda"},
-                      sort_keys=True)
+    graph engines) or launched eagerly (the others): on CUDA another measurement too. `pdl`: the
+    kernels that take programmatic dependent launch launch with it (bench.pdl): for them another
+    measurement (a key without it: launched without)."""
+    fields = {"device": _device_name(device), "versions": _versions(device), "dtype": str(dtype),
+              "shape": list(shape), "points": list(points), "candidates": sorted(candidates),
+              "dense_copy": bool(dense_copy), "graph": bool(graph) and device.type == "cuda"}
+    if pdl:
+        fields["pdl"] = True
+    return json.dumps(fields, sort_keys=True)
 
 
 class PlanCache:
@@ -283,11 +287,12 @@ class PlanCache:
 
     def earlier(self, key: str) -> dict[str, list[tuple[dict[int, float], dict[int, float]]]]:
         """Kernel -> [(times, errors by row count)], one per plan kept under a key that differs
-        from `key` in its candidates, row counts, or dense copy or not, alone (this process's
-        first, then the file's): what was measured on this device, versions, dtype, shape and
-        timing for another candidate set or other row counts. A kernel that reads the dense copy
-        (`dense`) is taken only from a plan with the same copy or not: with a copy it reads a dense
-        weight instead of dequantizing."""
+        from `key` in its candidates, row counts, dense copy or not, or PDL or not, alone (this
+        process's first, then the file's): what was measured on this device, versions, dtype, shape
+        and timing for another candidate set or other row counts. A kernel that reads the dense
+        copy (`dense`) is taken only from a plan with the same copy or not: with a copy it reads a
+        dense weight instead of dequantizing; one that launches with PDL (`launches_pdl`) only from
+        a plan with PDL the same."""
         def rest(k: str):
             try:
                 fields = json.loads(k)
@@ -295,10 +300,10 @@ class PlanCache:
                 return None
             if not isinstance(fields, dict):
                 return None
-            return ({n: v for n, v in fields.items() if n not in ("candidates", "points", "dense_copy")},
-                    fields.get("dense_copy"))
+            return ({n: v for n, v in fields.items() if n not in ("candidates", "points", "dense_copy", "pdl")},
+                    fields.get("dense_copy"), bool(fields.get("pdl")))
 
-        (want, copy), found = rest(key), {}
+        (want, copy, pdl), found = rest(key), {}
         for kept in (_KEPT, self.entries):
             for k, d in kept.items():
                 other = rest(k)
@@ -309,7 +314,8 @@ class PlanCache:
                 except ValueError:
                     continue
                 for name in plan.us:
-                    if name in KERNELS and (other[1] == copy or not KERNELS[name].reads_dense_copy):
+                    if name in KERNELS and (other[1] == copy or not KERNELS[name].reads_dense_copy) and (
+                            other[2] == pdl or not KERNELS[name].launches_pdl):
                         found.setdefault(name, []).append((plan.us[name], plan.err[name]))
         return found
 
