@@ -15,8 +15,8 @@ With int4 weights the kernels per row count are --int4-kernels' (as `run`'s flag
 chooses per shape on this GPU first, --int4-kernel-candidates limiting the candidates;
 --int4-kernel-cache reuses a kernels.json measured on this kind of GPU with those candidates, e.g. a
 reference run's, and adds what it measures to it).
---inductor NAME=VALUE sets an inductor option first (triton.enable_pdl=1: programmatic dependent
-launch for the generated kernels and, through bench.pdl, the project's own; combo_kernels=1).
+--pdl off launches without programmatic dependent launch (as run's flag; auto, the default: on where
+the GPU has it); --inductor NAME=VALUE sets an inductor option first (combo_kernels=1).
 --batch-size B profiles a step of B rows (after a batch of B requests), the kernels a batched
 decode step replays.
 """
@@ -40,8 +40,9 @@ def main() -> None:
     ap.add_argument("--int4-kernel-candidates", default=None)
     ap.add_argument("--int4-kernel-cache", default="", help="a kernels.json to reuse (default: measure)")
     ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--pdl", default="auto", help="programmatic dependent launch: auto or off (as run's --pdl)")
     args = ap.parse_args()
-    spec = EngineSpec(int4_kernels=args.int4_kernels, int4_kernel_cache=args.int4_kernel_cache,
+    spec = EngineSpec(pdl=args.pdl, int4_kernels=args.int4_kernels, int4_kernel_cache=args.int4_kernel_cache,
                       int4_kernel_candidates=tuple(args.int4_kernel_candidates.split(","))
                       if args.int4_kernel_candidates else ())
     a, eng, _, r = graph_engine_after_one_request(args.preset, 128, args.weights, spec, args.batch_size)
@@ -65,16 +66,16 @@ def main() -> None:
         torch.cuda.synchronize()
         per_kernel = kernel_times(step, args.steps)
     total = sum(ms for ms, _ in per_kernel.values())
-    w = CsvWriter(Path(args.out), ["model", "weights", "batch_size", "int4_kernels", "inductor", "step_ms", "kernel",
+    w = CsvWriter(Path(args.out), ["model", "weights", "batch_size", "int4_kernels", "inductor", "pdl", "step_ms", "kernel",
                                    "ms_per_step", "launches_per_step", "share"])
     plan = eng.int4_kernels.column() if eng.int4_kernels is not None else ""
     for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
         w.write({"model": args.preset, "weights": args.weights, "batch_size": args.batch_size, "int4_kernels": plan,
-                 "inductor": ";".join(args.inductor), "step_ms": step_ms,
+                 "inductor": ";".join(args.inductor), "pdl": eng.pdl, "step_ms": step_ms,
                  "kernel": name[:120], "ms_per_step": ms, "launches_per_step": n, "share": ms / total})
     w.close()
     launches = sum(n for _, n in per_kernel.values())
-    print(f"{args.preset} {args.weights} b{args.batch_size} {plan} {' '.join(args.inductor)}: graph step {step_ms:.2f} ms; kernel time {total:.2f} ms in {launches:.0f} kernels/step; "
+    print(f"{args.preset} {args.weights} b{args.batch_size} {plan} {' '.join(args.inductor)}{' PDL' if eng.pdl else ''}: graph step {step_ms:.2f} ms; kernel time {total:.2f} ms in {launches:.0f} kernels/step; "
           f"LLM weights {weight_bytes / 1e9:.2f} GB -> {weight_bytes / step_ms / 1e6:.0f} GB/s achieved")
     for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:8]:
         print(f"  {ms:6.3f} ms  {n:5.0f}x  {name[:90]}")

@@ -23,7 +23,8 @@ QUESTION = "What is shown in this image?"
 
 class _InductorSetting(argparse.Action):
     """--inductor NAME=VALUE: set torch._inductor.config's NAME (dotted: triton.enable_pdl) to the
-    integer VALUE before anything compiles (e.g. triton.enable_pdl=1, combo_kernels=1)."""
+    integer VALUE before anything compiles (e.g. combo_kernels=1; PDL is the engines' --pdl, which
+    sets triton.enable_pdl when an engine is made)."""
 
     def __call__(self, parser, namespace, text, option_string=None):
         from torch._inductor import config as inductor_config
@@ -45,7 +46,7 @@ def profile_parser(preset: str) -> argparse.ArgumentParser:
     ap.add_argument("--preset", default=preset)
     ap.add_argument("--out", required=True)
     ap.add_argument("--inductor", action=_InductorSetting, default=[], metavar="NAME=VALUE",
-                    help="an inductor setting for this process (repeatable): triton.enable_pdl=1, combo_kernels=1")
+                    help="an inductor setting for this process (repeatable), e.g. combo_kernels=1")
     return ap
 
 
