@@ -15,8 +15,8 @@ With int4 weights the kernels per row count are --int4-kernels' (as `run`'s flag
 chooses per shape on this GPU first, --int4-kernel-candidates limiting the candidates;
 --int4-kernel-cache reuses a kernels.json measured on this kind of GPU with those candidates, e.g. a
 reference run's, and adds what it measures to it).
---pdl off launches without programmatic dependent launch (as run's flag; auto, the default: on where
-the GPU has it); --inductor NAME=VALUE sets an inductor option first (combo_kernels=1).
+--pdl auto launches with programmatic dependent launch where the GPU has it (as run's flag; off, the
+default, without); --inductor NAME=VALUE sets an inductor option first (combo_kernels=1).
 --batch-size B profiles a step of B rows (after a batch of B requests), the kernels a batched
 decode step replays.
 """
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--int4-kernel-candidates", default=None)
     ap.add_argument("--int4-kernel-cache", default="", help="a kernels.json to reuse (default: measure)")
     ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--pdl", default="auto", help="programmatic dependent launch: auto or off (as run's --pdl)")
+    ap.add_argument("--pdl", default="off", help="programmatic dependent launch: auto or off (as run's --pdl)")
     args = ap.parse_args()
     spec = EngineSpec(pdl=args.pdl, int4_kernels=args.int4_kernels, int4_kernel_cache=args.int4_kernel_cache,
                       int4_kernel_candidates=tuple(args.int4_kernel_candidates.split(","))

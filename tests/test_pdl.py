@@ -97,13 +97,13 @@ def test_an_engine_sets_pdl_for_the_process_when_made(tiny_llava_dir, monkeypatc
     with pytest.raises(ValueError, match="unknown PDL mode 'on'"):
         EngineSpec(pdl="on")
     with inductor_config.patch({"triton.enable_pdl": True}):  # as an earlier engine on a GPU left it
-        engine = StaticEngine(adapter, CachePolicy(), EngineSpec())
+        engine = StaticEngine(adapter, CachePolicy(), EngineSpec(pdl="auto"))
         assert not engine.pdl and not inductor_config.triton.enable_pdl and "PDL" not in engine.describe()
         monkeypatch.setattr(pdl, "unavailable", lambda device: None)  # as on an H100
-        engine = StaticEngine(adapter, CachePolicy(), EngineSpec())
+        engine = StaticEngine(adapter, CachePolicy(), EngineSpec(pdl="auto"))
         assert engine.pdl and inductor_config.triton.enable_pdl
         assert "PDL" not in engine.describe()  # tinygemm and dense launch without it
         monkeypatch.setattr(KERNELS["tinygemm"], "launches_pdl", True)
         assert "PDL (programmatic dependent launch)" in engine.describe()
-        engine = StaticEngine(adapter, CachePolicy(), EngineSpec(pdl="off"))
+        engine = StaticEngine(adapter, CachePolicy(), EngineSpec())  # off, the default
         assert not engine.pdl and not inductor_config.triton.enable_pdl and "PDL" not in engine.describe()

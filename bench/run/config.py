@@ -103,7 +103,7 @@ class RunFields:
     pdl: str = opt("programmatic dependent launch of the static and graph engines' kernels (the compiled "
                    "layers' and the project's Triton kernels): each may start while the one before ends, "
                    "waiting for its output; auto (on where the GPU, compute capability 9+, and torch have it) "
-                   "or off", "auto")
+                   "or off", "off")
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
     device: str = opt("cuda, cuda:N, cpu or auto", "auto")
     executor: str = opt("how the sweep's jobs (the variants sharing one loaded model) run: serial (this process), "
