@@ -688,7 +688,7 @@ def test_a_dense_copy_is_measured_apart(tmp_path):
     assert all(second.us[n] == first.us[n] for n in second.reused)
 
 
-def test_kernels_that_launch_with_pdl_are_measured_apart_under_pdl(tmp_path, monkeypatch):
+def test_kernels_that_launch_with_pdl_are_measured_apart_under_pdl(tmp_path, monkeypatch, capsys):
     """Under programmatic dependent launch (bench.pdl) a kernel that launches with it is another
     measurement: a plan measured without is not reused, that kernel is timed again and the others
     lend their times; with no such kernel among the candidates PDL changes nothing (same plan)."""
@@ -701,6 +701,13 @@ def test_kernels_that_launch_with_pdl_are_measured_apart_under_pdl(tmp_path, mon
     assert not under.cached and "tinygemm" in under.us and "tinygemm" not in under.reused
     assert set(under.reused) == set(plain.us) - {"tinygemm"} and under.reused
     assert sorted(bool(json.loads(k).get("pdl")) for k in json.loads(path.read_text())["entries"]) == [False, True]
+    from bench.cli import main
+
+    capsys.readouterr()
+    assert main(["int4-kernels", str(path)]) == 0 and capsys.readouterr().out.count("PDL") == 1  # one of two plans
+    assert main(["int4-kernels", str(path), "--out", str(tmp_path / "t.csv")]) == 0
+    with open(tmp_path / "t.csv", newline="") as f:
+        assert {r["pdl"] for r in csv.DictReader(f)} == {"false", "true"}
 
 
 @pytest.mark.parametrize("distribution", ["fbgemm_gpu_genai", "gemlite"])
