@@ -7,8 +7,9 @@ it from their spec (`--pdl auto|off`) when they are made (`configure`).
 A kernel launched with PDL may start while the kernel before it finishes; it waits
 (griddepcontrol.wait, Triton's gdc_wait) before it reads anything that kernel may write or writes
 anything at all, and lets the next kernel start (gdc_launch_dependents) once it has. Before the
-wait the project's kernels ask the L2 cache for what no kernel writes (their weights, the keys
-and values of earlier positions: `prefetch_l2`). What that saves is the gap between two short
+wait the project's kernels ask the L2 cache for their weights, or their split's keys and values
+(`prefetch_l2`: a hint that only warms L2, where a write of the kernel before lands whenever it
+comes; nothing is read before the wait). What that saves is the gap between two short
 kernels, of which a decode step has a dozen per layer.
 """
 from __future__ import annotations
@@ -72,7 +73,7 @@ if triton is not None:
     def prefetch_l2(ptr, nbytes):
         """The program's first thread asks the L2 cache for [ptr, ptr + nbytes) (sm_90's bulk
         prefetch, one instruction; ptr 16-byte aligned, nbytes a multiple of 16) without waiting
-        for it: what a kernel under PDL may read before its wait, of memory no kernel before it writes."""
+        for it: what a kernel under PDL may ask for before its wait (nothing is read into registers)."""
         tl.inline_asm_elementwise("""{
         .reg .pred p;
         .reg .u32 t;

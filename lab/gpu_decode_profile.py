@@ -29,6 +29,7 @@ import torch
 from gpu_profile_common import graph_engine_after_one_request, kernel_times, profile_parser
 
 from bench.engines.spec import EngineSpec
+from bench.pdl import MODES as PDL_MODES
 from bench.measure.results import CsvWriter
 
 
@@ -40,7 +41,8 @@ def main() -> None:
     ap.add_argument("--int4-kernel-candidates", default=None)
     ap.add_argument("--int4-kernel-cache", default="", help="a kernels.json to reuse (default: measure)")
     ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--pdl", default="off", help="programmatic dependent launch: auto or off (as run's --pdl)")
+    ap.add_argument("--pdl", default=EngineSpec.pdl, choices=PDL_MODES,
+                    help="programmatic dependent launch (as run's --pdl)")
     args = ap.parse_args()
     spec = EngineSpec(pdl=args.pdl, int4_kernels=args.int4_kernels, int4_kernel_cache=args.int4_kernel_cache,
                       int4_kernel_candidates=tuple(args.int4_kernel_candidates.split(","))
@@ -66,8 +68,8 @@ def main() -> None:
         torch.cuda.synchronize()
         per_kernel = kernel_times(step, args.steps)
     total = sum(ms for ms, _ in per_kernel.values())
-    w = CsvWriter(Path(args.out), ["model", "weights", "batch_size", "int4_kernels", "inductor", "pdl", "step_ms", "kernel",
-                                   "ms_per_step", "launches_per_step", "share"])
+    w = CsvWriter(Path(args.out), ["model", "weights", "batch_size", "int4_kernels", "inductor", "pdl", "step_ms",
+                                   "kernel", "ms_per_step", "launches_per_step", "share"])
     plan = eng.int4_kernels.column() if eng.int4_kernels is not None else ""
     for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
         w.write({"model": args.preset, "weights": args.weights, "batch_size": args.batch_size, "int4_kernels": plan,
@@ -75,7 +77,9 @@ def main() -> None:
                  "kernel": name[:120], "ms_per_step": ms, "launches_per_step": n, "share": ms / total})
     w.close()
     launches = sum(n for _, n in per_kernel.values())
-    print(f"{args.preset} {args.weights} b{args.batch_size} {plan} {' '.join(args.inductor)}{' PDL' if eng.pdl else ''}: graph step {step_ms:.2f} ms; kernel time {total:.2f} ms in {launches:.0f} kernels/step; "
+    settings = " ".join([*args.inductor, *(["PDL"] if eng.pdl else [])])
+    print(f"{args.preset} {args.weights} b{args.batch_size} {plan} {settings}: graph step {step_ms:.2f} ms; "
+          f"kernel time {total:.2f} ms in {launches:.0f} kernels/step; "
           f"LLM weights {weight_bytes / 1e9:.2f} GB -> {weight_bytes / step_ms / 1e6:.0f} GB/s achieved")
     for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:8]:
         print(f"  {ms:6.3f} ms  {n:5.0f}x  {name[:90]}")

@@ -30,14 +30,18 @@ class _InductorSetting(argparse.Action):
         from torch._inductor import config as inductor_config
 
         name, _, value = text.partition("=")
+        if name == "triton.enable_pdl":  # each engine sets it from its spec when made
+            parser.error("--inductor triton.enable_pdl: give --pdl auto|off, which the engine applies")
         owner, _, leaf = name.rpartition(".")
         target = inductor_config
         for part in filter(None, owner.split(".")):
             target = getattr(target, part, None)
-        if target is None or not hasattr(target, leaf) or not value.lstrip("-").isdigit():
-            parser.error(f"--inductor {text!r}: not NAME=INTEGER of an inductor setting this torch has")
-        setattr(target, leaf, type(getattr(target, leaf))(int(value)))
-        getattr(namespace, self.dest).append(text)
+        current = getattr(target, leaf, None) if target is not None else None
+        if not isinstance(current, (bool, int)) or not value.lstrip("-").isdigit():
+            parser.error(f"--inductor {text!r}: not NAME=INTEGER of a boolean or integer inductor setting "
+                         "this torch has")
+        setattr(target, leaf, type(current)(int(value)))
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), text])
 
 
 def profile_parser(preset: str) -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ import torch
 from bench import pdl
 
 
-def test_pdl_is_off_on_the_cpu_and_wherever_inductor_keeps_it_off():
+def test_pdl_is_off_on_the_cpu_and_wherever_inductor_keeps_it_off(monkeypatch):
     from torch._inductor import config as inductor_config
 
     if not hasattr(inductor_config.triton, "enable_pdl"):
@@ -17,9 +17,11 @@ def test_pdl_is_off_on_the_cpu_and_wherever_inductor_keeps_it_off():
     # (inductor's config.patch, not monkeypatch: undoing that deletes a config attribute)
     with inductor_config.patch({"triton.enable_pdl": True}):
         assert not pdl.enabled(torch.device("cpu")) and not pdl.enabled(torch.device("meta"))
-        if torch.cuda.is_available():
-            assert pdl.enabled(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
-    assert not pdl.enabled(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        assert "NVIDIA GPU" in pdl.unavailable(torch.device("cpu"))
+    monkeypatch.setattr(pdl, "unavailable", lambda device: None)  # as on an H100
+    for on in (True, False):
+        with inductor_config.patch({"triton.enable_pdl": on}):
+            assert pdl.enabled(torch.device("cuda")) == on
 
 
 def _waits_first(ptx: str) -> bool:
@@ -66,7 +68,8 @@ def test_the_f16x2_kernel_prefetches_its_weights_then_waits_for_the_kernel_befor
 
     n, k, g = 4096, 4096, 128
     meta = dict(device="meta")
-    args = (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, **meta),
+    args = (torch.empty(k // 2, dtype=torch.int32, **meta),
+            torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, **meta),
             torch.empty(k // g, n, 1, dtype=torch.int32, **meta),
             torch.empty(n, dtype=torch.float32 if split > 1 else torch.float16, **meta), n, k)
     c = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args,

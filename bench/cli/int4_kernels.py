@@ -8,8 +8,8 @@ from bench.quant import DEFAULT_CACHE_DIR, KERNELS_FILE
 from bench.errors import ArgumentParser, UsageError, path_problem
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
-CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "pdl", "candidates", "points", "out_features", "in_features",
-               "group_size",
+CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "pdl", "candidates", "points", "out_features",
+               "in_features", "group_size",
                "kernel", "rows", "us", "int4_gb_per_s", "max_rel_err", "chosen", "left_out", "reused",
                "error_reused"]
 
@@ -87,7 +87,8 @@ def main(argv: list[str]) -> int:
             raise UsageError(f"{path} holds no measurements; run with --int4-kernels measured first")
         rows = [{"device": fields["device"], "dtype": fields["dtype"],
                  "versions": " ".join(f"{k}={v}" for k, v in sorted(fields["versions"].items())),
-                 "graph": fields.get("graph"), "dense_copy": fields.get("dense_copy"), "pdl": bool(fields.get("pdl")), "candidates": " ".join(map(str, fields["candidates"])),
+                 "graph": fields.get("graph"), "dense_copy": fields.get("dense_copy"),
+                 "pdl": bool(fields.get("pdl")), "candidates": " ".join(map(str, fields["candidates"])),
                  "points": " ".join(map(str, fields["points"])),
                  **row}
                 for fields, plan in entries for row in table_rows([plan])]

@@ -18,12 +18,12 @@ import weakref
 import torch
 from transformers import DynamicCache
 
+from bench import pdl
 from bench.engines import attention_kernels
 from bench.engines.cache_policy import CachePolicy
 from bench.engines.decoder import built_decoder
 from bench.engines.spec import EngineSpec
 from bench.engines.token_feed import TokenFeed
-from bench import pdl
 from bench.log import status
 from bench.models.base import VLMAdapter
 from bench.measure.request import RequestResult
@@ -91,7 +91,8 @@ class HFEngine:
         self.adapter, self.policy = adapter, policy
         self.spec = self.default_spec if spec is None else spec
         # PDL for what this engine compiles and launches (bench.pdl): set for the process when an
-        # engine is made, so that an earlier engine's setting never carries over
+        # engine is made, so that an earlier engine's setting never carries over. Launches read the
+        # process's switch, so engines alive together must share it (a run's --pdl is run-wide).
         self.pdl = pdl.configure(self.spec.pdl, adapter.device)
         self._reset_int4_layers()
 

@@ -123,7 +123,8 @@ if triton is not None:
                  sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
                  kv_heads, keys, per_split, n_splits, scale,
                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                 PRECISION: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False):
+                 PRECISION: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False,
+                 PREFETCH: tl.constexpr = False):
         pid = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         b = pid // kv_heads
@@ -131,7 +132,10 @@ if triton is not None:
         start = split * per_split
         end = tl.minimum(start + per_split, keys)
         if PDL:  # launched with programmatic dependent launch (bench.pdl): the kernel before wrote q and a key
-            if (sk_l == D) & (sv_l == D) & (end > start):  # the split's keys and values asked of L2 meanwhile
+            # the split's keys and values asked of L2 meanwhile (PREFETCH: both buffers 16-byte aligned; the
+            # newest key and value among them, which the kernel before writes: a prefetch only warms L2,
+            # where that write lands whenever it comes, and nothing is read before the wait)
+            if PREFETCH & (sk_l == D) & (sv_l == D) & (end > start):
                 nbytes = ((end - start) * D * (K.dtype.element_ty.primitive_bitwidth // 8)).to(tl.int32)
                 prefetch_l2(K + b * sk_b + kvh * sk_h + start * D, nbytes)
                 prefetch_l2(V + b * sv_b + kvh * sv_h + start * D, nbytes)
@@ -237,8 +241,10 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                values.stride(0), values.stride(1), values.stride(2), 0 if m.shape[0] == 1 else m.stride(0),
                m.stride(1), kvh, n, per, count, scale)
     pdl = {"PDL": True, "launch_pdl": True} if pdl_enabled(q.device) else {}
+    prefetch = {"PREFETCH": keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0} if pdl else {}
     return [(_partial, (b * kvh, count), partial,
-             {**pdl, "GROUP": group, "D": d, "BLOCK": config.block, "DOT": dot, "num_warps": config.num_warps,
+             {**pdl, **prefetch, "GROUP": group, "D": d, "BLOCK": config.block, "DOT": dot,
+              "num_warps": config.num_warps,
               "BLOCK_G": max(MIN_GROUP_ROWS if dot else 1, triton.next_power_of_2(group)),
               # fp32 inputs: fp32 products, not TF32's (the matmul path's, unless TF32 is on)
               "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}),

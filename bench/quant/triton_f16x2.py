@@ -178,20 +178,19 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_tiles = K // 128
+    per = tl.cdiv(k_tiles, SPLIT_K)  # k-tiles of a share
+    kt_lo = pid_k * per
     if PDL:
         # the weights are no kernel's output: their reading starts while the kernel before ends
-        kt0 = pid_k * tl.cdiv(k_tiles, SPLIT_K)
         for t in tl.static_range(TN):
             tile_row = pid_n * TN + t
-            if (tile_row * 8 < N) & (kt0 < k_tiles):
-                prefetch_l2(p_ptr + (tile_row * k_tiles + kt0) * 128,
-                             (tl.minimum(tl.cdiv(k_tiles, SPLIT_K), k_tiles - kt0) * 512).to(tl.int32))
+            if (tile_row * 8 < N) & (kt_lo < k_tiles):
+                prefetch_l2(p_ptr + (tile_row * k_tiles + kt_lo) * 128,
+                            (tl.minimum(per, k_tiles - kt_lo) * 512).to(tl.int32))
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     n = pid_n * BN + tl.arange(0, BN)  # weight rows
     n_ok = n < N
-    per = tl.cdiv(k_tiles, SPLIT_K)  # k-tiles of a share
-    kt_lo = pid_k * per
     lw = tl.arange(0, 16)  # a row's word 4 l + w of a tile: columns 32 w + 2 l + 8 i + lo, nibble i + 4 lo
     pair = 16 * (lw % 4) + lw // 4  # x's column pair (32 w + 2 l) / 2 of nibble 0; + 4 i for nibble i
     if ROWS_FIRST:
@@ -228,9 +227,9 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BKT"])]
 
 
-_tuned = triton.autotune(_configs(split=False), key=["N", "K"], do_bench=autotune_bench,
+_tuned = triton.autotune(_configs(split=False), key=["N", "K", "PDL"], do_bench=autotune_bench,
                          prune_configs_by={"early_config_prune": _prune})(_f16x2_kernel)
-_tuned_split = triton.autotune(_configs(split=True), key=["N", "K"], reset_to_zero=["y_ptr"],
+_tuned_split = triton.autotune(_configs(split=True), key=["N", "K", "PDL"], reset_to_zero=["y_ptr"],
                                do_bench=autotune_bench, prune_configs_by={"early_config_prune": _prune})(_f16x2_kernel)
 
 
@@ -257,7 +256,9 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
         torch.empty(n, dtype=torch.float16, device=x.device)
     args = (x32, packed, sz32, y, n, k)
     # a split output is zeroed by the kernel before (torch.zeros), which the programs' wait orders
-    pdl = {"PDL": True, "launch_pdl": True} if not emulate and pdl_enabled(x.device) else {}
+    # PDL always named: it keys the autotuners (a configuration tuned without PDL is not taken with it)
+    on = not emulate and pdl_enabled(x.device)
+    pdl = {"PDL": on, **({"launch_pdl": True} if on else {})}
     if config is not None:
         config = {"ROWS_FIRST": True, **config}
         launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3), **pdl}

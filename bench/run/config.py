@@ -100,10 +100,10 @@ class RunFields:
                                 "deterministic; fp32 scores; CUDA only) or auto (split-kv where it runs, with "
                                 "--attention-kernels deterministic; else matmul, or SDPA under --attention-kernels "
                                 "auto)", "auto")
-    pdl: str = opt("programmatic dependent launch of the static and graph engines' kernels (the compiled "
-                   "layers' and the project's Triton kernels): each may start while the one before ends, "
-                   "waiting for its output; auto (on where the GPU, compute capability 9+, and torch have it) "
-                   "or off", "off")
+    pdl: str = opt("programmatic dependent launch of the graph engine's compiled layers' Triton kernels, "
+                   "the split-KV attention kernels and the triton-f16x2 int4 GEMV (static engine too): each may "
+                   "start while the one before ends, waiting for its output; auto (on where the GPU, compute "
+                   "capability 9+, and torch have it) or off", "off")
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
     device: str = opt("cuda, cuda:N, cpu or auto", "auto")
     executor: str = opt("how the sweep's jobs (the variants sharing one loaded model) run: serial (this process), "

@@ -548,7 +548,7 @@ class Benchmark:
 
     def _engine_options(self, variant) -> dict:
         """EngineSpec fields this run sets for the variant's engine: the run's (attention kernels,
-        decode attention) and whatever its weights part chooses (bench.engines.spec)."""
+        decode attention, PDL) and whatever its weights part chooses (bench.engines.spec)."""
         weights = variant.weights
         return {**self.cfg.engine_options(), **weights.engine_options(weights.options(self.cfg))}
 
