@@ -289,7 +289,20 @@ def _top_set(key, value):
     return change
 
 
+def _top_del(key):
+    def change(d, family):
+        cfg = json.loads((d / "config.json").read_text())
+        del cfg[key]
+        (d / "config.json").write_text(json.dumps(cfg))
+    change.__name__ = f"_{key}_deleted"
+    return change
+
+
 CASES += [("llava", _llava_image_token_past_vocab), ("vila", _vila_model_type_wrong)]
+# an image token id the tokenizer does not give the placeholder (left out: the class default, past
+# the tiny vocabulary): every request's prompt held no image token, so every row failed
+CASES += [("llava", _top_set("image_token_index", 5)), ("internvl", _top_set("image_token_id", 5)),
+          ("llava", _top_del("image_token_index")), ("internvl", _top_del("image_token_id"))]
 # a vision layer past the tower's hidden states, or not one: a failed row (IndexError, TypeError) before
 CASES += [("vila", _top_set("mm_vision_select_layer", v)) for v in (-99, 10, "x")]
 CASES += [("vila", _top_set("mm_vision_select_feature", "cls")), ("llava", _top_set("vision_feature_layer", 40))]

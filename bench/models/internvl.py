@@ -208,7 +208,7 @@ FAMILY = Family(
     load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles: load_internvl(
         path, template, device, dtype, weights, quantization, strip_quant, max_tiles),
     build=build_internvl, save=save_native, llm_key="language_model.", 
-    check=native_checker(InternVLForConditionalGeneration, InternVLConfig,
+    check=native_checker(InternVLForConditionalGeneration, InternVLConfig, IMAGE_CONTEXT,
                          adjust=lambda model, config: config.__dict__.get(VITA_MARK) and vita_projector(model)),
     text_config=native_text_config(InternVLConfig), architectures=("InternVLForConditionalGeneration",),
 )

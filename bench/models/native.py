@@ -73,10 +73,11 @@ def native_text_config(config_cls):
     return lambda path: config_cls.from_pretrained(path).get_text_config(decoder=True)
 
 
-def native_checker(model_cls, config_cls, adjust=None):
+def native_checker(model_cls, config_cls, placeholder: str, adjust=None):
     """check(path, config) for a -hf layout: before loading, the weights are whole safetensors
     (headers, shards) holding every tensor the config implies, in its shape; the tokenizer and the
-    image processor config are there."""
+    image processor config are there, and the tokenizer gives the image `placeholder` the
+    prompts hold the config's image token id."""
 
     def check(path: Path, config: dict) -> None:
         what = f"--model-path {path}"
@@ -88,25 +89,36 @@ def native_checker(model_cls, config_cls, adjust=None):
             check_awq_tensors(tensors, int(qc.get("group_size", qc.get("q_group_size", 128)) or 0), what, path)
         elif not qc:
             check_shapes(tensors, expected_tensors(model_cls, config_cls, path, what, set(tensors), adjust), what, path)
-        check_image_token(config, what, path)
         if "vision_feature_layer" in config:
             check_feature_layer(config["vision_feature_layer"],
                                 (config.get("vision_config") or {}).get("num_hidden_layers"),
                                 "vision_feature_layer", what, path)
-        tokenizer_from(path, what)  # loads (no code runs): a broken file is an error before the run starts
+        tokenizer = tokenizer_from(path, what)  # loads (no code runs): a broken file is an error before the run starts
+        check_image_token(config, config_cls().image_token_id, tokenizer, placeholder, what, path)
         image_processor_from(path, what)
 
     return check
 
 
-def check_image_token(config: dict, what: str, path: Path) -> None:
-    """The image placeholder's id is a token of the language model's vocabulary (one past it
-    makes every request fail at its embedding lookup)."""
-    token = config.get("image_token_id", config.get("image_token_index"))
+def check_image_token(config: dict, default: int, tokenizer, placeholder: str, what: str, path: Path) -> None:
+    """The image placeholder's id (the config class's `default` where config.json gives none) is a
+    token of the language model's vocabulary (one past it makes every request fail at its
+    embedding lookup), and the id the tokenizer gives `placeholder` (another id makes every
+    request fail: no prompt holds the token the model puts the image at)."""
+    token = config.get("image_token_id", config.get("image_token_index", default))
+    if not isinstance(token, int):
+        return  # a null or a string: the config class's validation names it
     vocab = (config.get("text_config") or {}).get("vocab_size")
-    if isinstance(token, int) and isinstance(vocab, int) and not 0 <= token < vocab:
+    if isinstance(vocab, int) and not 0 <= token < vocab:
         raise UsageError(f"{what}: {path / 'config.json'} gives the image token id {token}, outside the "
                          f"vocabulary of {vocab:,} tokens; restore the checkpoint's original file")
+    found = tokenizer.convert_tokens_to_ids(placeholder)
+    if found is None or found == tokenizer.unk_token_id:
+        raise UsageError(f"{what}: the tokenizer has no {placeholder} token (the image placeholder); copy the "
+                         "checkpoint's tokenizer files")
+    if found != token:
+        raise UsageError(f"{what}: {path / 'config.json'} gives the image token id {token}, but the tokenizer "
+                         f"gives {placeholder} the id {found}; restore the checkpoint's original files")
 
 
 def expected_tensors(model_cls, config_cls, path: Path, what: str, names: set[str],
