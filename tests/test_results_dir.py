@@ -478,6 +478,9 @@ def _cell(text: bytes, column: str, value: str) -> bytes:
     ("runs.csv", lambda t: _cell(t, "ttft_ms", "-3.5"), "--append", "column ttft_ms: '-3.5' is below 0"),
     ("runs.csv", lambda t: _cell(t, "question_tokens", "-1"), "--resume", "column question_tokens: '-1' is below 0"),
     ("runs.csv", lambda t: _cell(t, "ttft_ms", "1e308"), "--resume", "column ttft_ms: '1e308' is above 1e+15"),
+    # --resume counts the attempts made from the run indexes
+    ("runs.csv", lambda t: _cell(t, "run_index", "x"), "--resume", "column run_index: 'x' is not a whole number"),
+    ("runs.csv", lambda t: _cell(t, "run_index", "-2"), "--resume", "column run_index: '-2' is not a whole number"),
     # a row copied by hand would count twice in every summary
     ("runs.csv", lambda t: t + t[t.index(b"\n") + 1:], "--append", "repeats the run of line 2"),
     ("summary.csv", "a directory", "--append", "summary.csv: a directory, not a file; remove it"),

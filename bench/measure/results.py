@@ -181,6 +181,10 @@ _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 RUN_ROW_KEY = (*SUMMARY_KEY, "kind", "run_index", "timestamp")
 # The values runs.csv's status and kind cells hold (another would be a group of its own, or dropped)
 RUN_CHOICES = {"status": frozenset({"ok", "skipped", "failed"}), "kind": frozenset({"warmup", "measured", ""})}
+# Columns of run indexes: a whole number from -1 (a prefix variant's cold run before the measured
+# ones) up, as the writer writes it (--resume counts the attempts made from them)
+RUN_INDEXES = frozenset({"run_index"})
+_INDEX = re.compile(r"-1|\d+", re.ASCII)
 
 
 # No measurement the harness writes reaches it (1e15 ms is 30,000 years; tokens, MB, J alike); a
@@ -189,12 +193,13 @@ MAX_CELL = 1e15
 
 
 def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[str, ...] = (),
-               choices: dict | None = None) -> int:
+               choices: dict | None = None, indexes=frozenset()) -> int:
     """The number of rows of the CSV `text` (less its header and blank lines); ValueError saying
     why they are not whole rows of its header: a row with another number of fields, a cell of a
     column in `numbers` that is not a finite number from 0 to MAX_CELL, or of one in `whole` that
     is not a whole number in that range (empty cells pass; every metric the harness writes is a time,
-    size, rate, share or divergence, none below 0), a cell of a column in `choices` not among its values, an ok row
+    size, rate, share or divergence, none below 0), of one in `indexes` that is not a whole number
+    from -1 up, a cell of a column in `choices` not among its values, an ok row
     (status) whose `unique` columns repeat an earlier ok
     row's (a copied row would count twice; rows with the last two of them empty are not numbered,
     and pass), or no readable CSV at all. Written by hand: csv reads
@@ -210,6 +215,7 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
         keyed = [header.index(c) for c in unique] if "status" in header and set(unique) <= set(header) else []
         status = header.index("status") if keyed else None
         chosen = [(header.index(c), c, values) for c, values in (choices or {}).items() if c in header]
+        indexed = [(i, name) for i, name in enumerate(header) if name in indexes]
         for row in reader:
             if not row:
                 continue
@@ -231,6 +237,10 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
                     raise ValueError(f"line {reader.line_num}, column {name}: {cell[:40]!r} is "
                                      f"{'below 0' if float(cell) < 0 else f'above {MAX_CELL:g}'}, which no "
                                      "measurement the harness writes is")
+            for i, name in indexed:
+                if row[i].strip() and not _INDEX.fullmatch(row[i].strip()):
+                    raise ValueError(f"line {reader.line_num}, column {name}: {row[i][:40]!r} is not a whole "
+                                     "number from -1")
             for i, name, values in chosen:
                 if row[i] not in values:
                     raise ValueError(f"line {reader.line_num}, column {name}: {row[i][:40]!r} is none of "
@@ -248,8 +258,9 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
 
 
 def check_run_rows(text: str) -> int:
-    """check_rows for runs.csv: its metrics and counts, one row per run, its status and kind values."""
-    return check_rows(text, RUN_METRICS, WHOLE_IDENTITY, RUN_ROW_KEY, RUN_CHOICES)
+    """check_rows for runs.csv: its metrics and counts, one row per run, its status and kind values,
+    its run indexes."""
+    return check_rows(text, RUN_METRICS, WHOLE_IDENTITY, RUN_ROW_KEY, RUN_CHOICES, RUN_INDEXES)
 
 
 def summary_problem(out_dir: Path) -> str | None:
