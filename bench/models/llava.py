@@ -117,6 +117,7 @@ FAMILY = Family(
     load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles: load_llava(
         path, template, device, dtype, weights, quantization, strip_quant),
     build=build_llava, save=save_native, llm_key="language_model.", 
-    check=native_checker(LlavaForConditionalGeneration, LlavaConfig, IMAGE_PLACEHOLDER), text_config=native_text_config(LlavaConfig),
+    check=native_checker(LlavaForConditionalGeneration, LlavaConfig, IMAGE_PLACEHOLDER),
+    text_config=native_text_config(LlavaConfig),
     architectures=("LlavaForConditionalGeneration",),
 )
