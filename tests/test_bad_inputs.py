@@ -516,6 +516,26 @@ def test_report_same_dir_twice_and_out_a_file(results_dir, tmp_path, capsys):
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
+def test_compare_of_a_directory_a_run_is_writing_says_so(results_dir, tmp_path, capsys):
+    """Its rows so far are part of a sweep: a result not yet run read as missing, and passed under
+    --allow-missing."""
+    import shutil
+
+    from bench.measure.results import DirLock
+
+    live = tmp_path / "live"
+    shutil.copytree(results_dir, live)
+    lock = DirLock(live)
+    try:
+        js = tmp_path / "verdict.json"
+        bad_sub(capsys, ["compare", results_dir, live, "--allow-missing", "--min-samples", "1", "--json", js],
+                "being written by a run (PID", out=js)
+        bad_sub(capsys, ["compare", live / "runs.csv", results_dir], "being written by a run (PID")
+    finally:
+        lock.release()
+    assert main(["compare", str(results_dir), str(live), "--min-samples", "1"]) in (0, 2)  # ended: compared
+
+
 def test_compare_same_dir_twice_is_a_comparison(results_dir, capsys):
     # compare A A is allowed: every result is compared with itself (too few runs here: inconclusive)
     rc = main(["compare", str(results_dir), str(results_dir), "--min-samples", "1"])

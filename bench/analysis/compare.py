@@ -17,6 +17,7 @@ import pandas as pd
 from bench.analysis.console import NARROW
 from bench.analysis.inputs import BadInput, check_results_csv
 from bench.analysis.regress import compare_samples
+from bench.measure.results import LOCK_NAME, lock_holder
 from bench.measure.schema import (IDENTITY_DEFAULTS, POINT_METRICS, RESULT_KEY, WORKLOAD_KEYS, counted,
                                   fill_identity_columns, point_label)
 
@@ -37,6 +38,10 @@ def load_rows(path: str | Path) -> pd.DataFrame:
     p = Path(path)
     if p.is_dir():
         p = p / "runs.csv"
+    holder = lock_holder(p.parent)
+    if holder is not None:  # its rows so far are part of a sweep: a result not yet run would read as lost
+        raise BadInput(f"{path} is being written by a run ({f'PID {holder}, ' if holder > 0 else ''}lock file "
+                       f"{p.parent / LOCK_NAME}); compare it once the run has ended")
     if not p.is_file():
         raise BadInput(f"{path}: no runs.csv there")
     text = check_results_csv(p, "runs")
