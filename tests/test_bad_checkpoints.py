@@ -617,6 +617,9 @@ def _int32_embedding(d):
     ("vita", _top_config(vocab_size=0)),
     ("vita", _top_config(mm_hidden_size=999)),  # the projector takes another width
     ("vita", _top_config(architectures=["Qwen2ForCausalLM"])),
+    # not a list of class names: a TypeError traceback from the layouts' detection before
+    ("vita", _top_config(architectures=5)),
+    ("internvideo", _top_config(architectures=2.5)),
     ("vita", _int32_embedding),
 ])
 def test_broken_internvideo_and_vita_checkpoints(family, breaks, tiny_internvideo_dir, tiny_vita_dir, tmp_path,

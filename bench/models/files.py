@@ -237,12 +237,16 @@ POSITIVE_NUMBERS = ("rms_norm_eps", "layer_norm_eps", "rope_theta", "downsample_
 def check_config_values(config: dict, what: str, file: Path) -> None:
     """A usage error when a config (or a config nested in it) gives a size that is not a whole
     number above zero, or an epsilon or RoPE base that is not a finite number above zero (a NaN
-    or negative value in config.json builds a model that computes garbage or cannot be built)."""
+    or negative value in config.json builds a model that computes garbage or cannot be built), or
+    architectures that are not a list of class names (the families' layout checks look in it)."""
     def bad(key, value, kind):
         raise UsageError(f"{what}: {file} gives {key} = {value!r}, not {kind}; restore the checkpoint's "
                          "original file")
 
     for key, value in config.items():
+        if key == "architectures" and value is not None and not (
+                isinstance(value, list) and all(isinstance(n, str) for n in value)):
+            bad(key, value, "a list of class names")
         if isinstance(value, dict):
             check_config_values(value, what, file)
         elif value is None or isinstance(value, (list, str)):
@@ -255,14 +259,12 @@ def check_config_values(config: dict, what: str, file: Path) -> None:
 
 
 def check_architectures(config: dict, accepted: tuple[str, ...], layout: str, what: str, file: Path) -> None:
-    """config.json's "architectures" (when it says) names a model class of the layout it was found
-    to be: weights of another model in a familiar layout are refused, not loaded into this one."""
+    """config.json's "architectures" (when it says; a list of class names, check_config_values)
+    names a model class of the layout it was found to be: weights of another model in a familiar
+    layout are refused, not loaded into this one."""
     names = config.get("architectures")
     if names is None or not accepted:
         return
-    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise UsageError(f"{what}: {file} gives architectures = {names!r}, not a list of class names; restore "
-                         "the checkpoint's original file")
     if names and not set(names) & set(accepted):
         raise UsageError(f"{what}: {file} names architectures {', '.join(names)}, but a checkpoint in the "
                          f"{layout} is {' or '.join(accepted)}; give a checkpoint of a supported model")
