@@ -306,6 +306,7 @@ CASES += [("llava", _top_set("image_token_index", 5)), ("internvl", _top_set("im
 # a vision layer past the tower's hidden states, or not one: a failed row (IndexError, TypeError) before
 CASES += [("vila", _top_set("mm_vision_select_layer", v)) for v in (-99, 10, "x", [-2, -1])]
 CASES += [("vila", _top_set("mm_vision_select_feature", "cls")), ("llava", _top_set("vision_feature_layer", 40))]
+CASES += [("internvl", _top_set("vision_feature_layer", [-1, -2]))]  # the adapters index with one layer
 CASES += [(fam, lambda d, family: (d / "model.safetensors").rename(d / "pytorch_model.bin"))
           for fam in ("llava", "internvl")]
 

@@ -285,16 +285,16 @@ def check_layer_counts(configs, names, what: str, where: Path) -> None:
                              f"{held} layers; the weights do not belong to this config.json")
 
 
-def check_feature_layer(value, layers, key: str, what: str, where: Path, lists: bool = True) -> None:
-    """`value` (the config's `key`) names one of the vision tower's `layers` + 1 hidden states
-    (an integer from -(layers + 1) to layers, or with `lists` a list of them, where transformers
-    takes one); a request indexing past them failed at its first image (IndexError), or at every
-    one, and one indexing with a list where the family takes one layer at every one (TypeError)."""
+def check_feature_layer(value, layers, key: str, what: str, where: Path) -> None:
+    """`value` (the config's `key`) names one of the vision tower's `layers` + 1 hidden states:
+    an integer from -(layers + 1) to layers (the adapters index the hidden states with it, so a
+    list, which transformers takes for some families, is refused too); a request indexing past
+    them failed at its first image (IndexError), or at every one, with a list at every one
+    (TypeError)."""
     if not isinstance(layers, int) or isinstance(layers, bool):
         return
-    for v in value if lists and isinstance(value, list) and value else [value]:
-        if isinstance(v, bool) or not isinstance(v, int) or not -(layers + 1) <= v <= layers:
-            raise UsageError(f"{what}: {where / 'config.json'}: {key}={value!r} is not a layer of the vision tower's "
+    if isinstance(value, bool) or not isinstance(value, int) or not -(layers + 1) <= value <= layers:
+        raise UsageError(f"{what}: {where / 'config.json'}: {key}={value!r} is not a layer of the vision tower's "
                              f"{layers} (an integer from {-(layers + 1)} to {layers}; -2: the second-to-last); restore "
                              "the checkpoint's original file")
 

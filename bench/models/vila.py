@@ -224,7 +224,7 @@ def check_vila(path: Path, config: dict) -> None:
             check_shapes(tensors, expected, what, folder)
         configs[part] = cfg
     check_feature_layer(config.get("mm_vision_select_layer", -2), configs["vision_tower"].num_hidden_layers,
-                        "mm_vision_select_layer", what, path, lists=False)  # VILA indexes with it as is
+                        "mm_vision_select_layer", what, path)
     if config.get("mm_vision_select_feature", "cls_patch") not in ("patch", "cls_patch"):
         raise UsageError(f"{what}: {path / 'config.json'}: mm_vision_select_feature "
                          f"{config.get('mm_vision_select_feature')!r} is not patch or cls_patch; restore the "
