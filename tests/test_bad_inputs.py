@@ -178,7 +178,9 @@ def test_questions_file_of_invisible_lines(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("preset,question", [("tiny-llava", "<image> What is it?"),
-                                             ("tiny-internvl", "What is <IMG_CONTEXT> here?")])
+                                             ("tiny-internvl", "What is <IMG_CONTEXT> here?"),
+                                             ("tiny-vila", "<image> What is it?"),
+                                             ("tiny-vita", "What is <image> here?")])
 def test_question_holding_the_image_placeholder(tmp_path, capsys, preset, question):
     """The model would look for one image more than the request shows: a usage error naming the
     flag (known once the tokenizer is loaded), never a failed row."""

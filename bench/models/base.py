@@ -85,14 +85,20 @@ def split_at_image_tokens(ids: list[int], image_token: int, images: int, prefix_
     return segments, ids[prefix_len:]
 
 
+def refuse_placeholder(adapter, question: str, placeholder: str) -> None:
+    """QuestionError where the question holds the model's image placeholder: the model's own code
+    would look for one image more than the request has (the harness places each image's tokens)."""
+    if placeholder in question:
+        raise QuestionError(f"the question holds {placeholder!r}, the image placeholder of {adapter.name}; remove it "
+                            "(the harness places each image's tokens itself)")
+
+
 def prepare_by_placeholders(adapter, question: str, image_block: str, placeholder: str, placeholder_id: int,
                             image_tokens: list[int]) -> PreparedPrompt:
     """Tokenize the whole prompt as the model's own processor does (in one call; per request
     only the text from the last `placeholder`, an added token: `_tokenize_prompt`), with one
     placeholder id per image, and split it into text segments, images and suffix."""
-    if placeholder in question:  # the model would look for one image more than the request has
-        raise QuestionError(f"the question holds {placeholder!r}, the image placeholder of {adapter.name}; remove it "
-                            "(the harness places each image's tokens itself)")
+    refuse_placeholder(adapter, question, placeholder)
     prefix_text, suffix_text = adapter.template.split(question, image_block)
     full = adapter._tokenize_prompt(prefix_text + suffix_text, prefix_text.rindex(placeholder))
     prefix = adapter._tokenize_fixed(prefix_text, add_bos=True)

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from bench.errors import UsageError
-from bench.models.base import PreparedPrompt, VLMAdapter
+from bench.models.base import PreparedPrompt, VLMAdapter, refuse_placeholder
 from bench.models.cache_arg import cache_arg
 from bench.models.family import RANDOM_WEIGHTS_MARK, Family
 from bench.models.files import (
@@ -28,6 +28,8 @@ from bench.models.files import (
 )
 from bench.models.native import image_processor_from, pretrained, tokenizer_from
 from bench.models.templates import ConvTemplate
+
+IMAGE_PLACEHOLDER = "<image>"  # DEFAULT_IMAGE_TOKEN of VILA's code, where its tokenizer_image_token splits a prompt
 
 
 class DownSampleBlock(nn.Module):
@@ -105,6 +107,7 @@ class VilaAdapter(VLMAdapter):
                 and int(getattr(p, "resample", 3)) == 3)
 
     def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
+        refuse_placeholder(self, question, IMAGE_PLACEHOLDER)  # VILA's tokenizer_image_token splits at it
         n = self.image_count(visual)
         head, suffix_text = self.template.split(question, "")
         # VILA tokenizes the text around each image separately (tokenizer_image_token): BOS only

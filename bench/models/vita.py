@@ -55,7 +55,7 @@ import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from bench.errors import UsageError
-from bench.models.base import PreparedPrompt
+from bench.models.base import PreparedPrompt, refuse_placeholder
 from bench.models.family import RANDOM_WEIGHTS_MARK, Family
 from bench.models.files import (check_weight_dtype, checked_weights, named_tokenizer, one_line, read_json_object,
                                 require_tokenizer, weight_files)
@@ -85,6 +85,7 @@ class VITAAdapter(InternVLAdapter):
     family = "vita"
 
     def prepare_text(self, question: str, visual=None) -> PreparedPrompt:
+        refuse_placeholder(self, question, IMAGE_PLACEHOLDER)  # VITA's tokenizer_image_token splits at it
         images, video = self.images_of(visual)
         template = self.template
         if template.name == VITA_TEMPLATE:
