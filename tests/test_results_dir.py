@@ -666,6 +666,21 @@ def test_two_rows_of_one_attempt_written_at_different_times_are_read(finished, t
     one_line_error(capsys, "repeats the run of line")
 
 
+def test_a_runs_csv_naming_a_column_twice_is_refused_by_every_reader(finished, tmp_path, capsys):
+    """A reader by name keeps one of two columns of one name and loses the other unseen: summarize,
+    compare and report refuse the file with one line naming the column."""
+    out = copy_of(finished, tmp_path)
+    runs = out / "runs.csv"
+    runs.write_bytes(_first_row(runs.read_bytes(), lambda head, row: head.__setitem__(head.index("tpot_ms"), "ttft_ms")))
+    before = snapshot(out)
+    for args in (["summarize", str(out)], ["compare", str(finished), str(out)],
+                 ["report", str(out), "--out", str(tmp_path / "report")]):
+        capsys.readouterr()
+        assert main(args) == 2, args
+        one_line_error(capsys, "the header names 'ttft_ms' more than once")
+    assert snapshot(out) == before and not (tmp_path / "report").exists()
+
+
 def test_a_checkpoints_digest_leaves_out_hidden_files(tmp_path):
     """--resume compares the checkpoint's file names, sizes and config.json; what an editor, git or
     a download tool leaves in hidden folders is not the model."""

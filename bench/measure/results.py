@@ -202,7 +202,7 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
     from -1 up, a cell of a column in `choices` not among its values, an ok row
     (status) whose `unique` columns repeat an earlier ok
     row's (a copied row would count twice; rows with the last two of them empty are not numbered,
-    and pass), or no readable CSV at all. Written by hand: csv reads
+    and pass), a header naming a column twice, or no readable CSV at all. Written by hand: csv reads
     any row it can split, and pandas fills what it cannot read with NaN."""
     import io
 
@@ -211,6 +211,9 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
     try:
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         header = next(reader, [])
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:  # a reader by name keeps one of them: the other column's values would be lost unseen
+            raise ValueError(f"line 1: the header names {', '.join(map(repr, twice))} more than once")
         checked = [(i, name) for i, name in enumerate(header) if name in numbers or name in whole]
         keyed = [header.index(c) for c in unique] if "status" in header and set(unique) <= set(header) else []
         status = header.index("status") if keyed else None
