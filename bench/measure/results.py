@@ -182,9 +182,8 @@ RUN_ROW_KEY = (*SUMMARY_KEY, "kind", "run_index", "timestamp")
 # The values runs.csv's status and kind cells hold (another would be a group of its own, or dropped)
 RUN_CHOICES = {"status": frozenset({"ok", "skipped", "failed"}), "kind": frozenset({"warmup", "measured", ""})}
 # Columns of run indexes: a whole number from -1 (a prefix variant's cold run before the measured
-# ones) up, as the writer writes it (--resume counts the attempts made from them)
+# ones) up, as the writer writes it or pandas rewrites it ("0.0"; --resume counts the attempts made from them)
 RUN_INDEXES = frozenset({"run_index"})
-_INDEX = re.compile(r"-1|\d+", re.ASCII)
 
 
 # No measurement the harness writes reaches it (1e15 ms is 30,000 years; tokens, MB, J alike); a
@@ -241,7 +240,9 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
                                      f"{'below 0' if float(cell) < 0 else f'above {MAX_CELL:g}'}, which no "
                                      "measurement the harness writes is")
             for i, name in indexed:
-                if row[i].strip() and not _INDEX.fullmatch(row[i].strip()):
+                cell = row[i].strip()
+                if cell and not (_NUMBER.fullmatch(cell) and math.isfinite(float(cell))
+                                 and float(cell) == int(float(cell)) >= -1):
                     raise ValueError(f"line {reader.line_num}, column {name}: {row[i][:40]!r} is not a whole "
                                      "number from -1")
             for i, name, values in chosen:

@@ -133,7 +133,7 @@ def _progress(rows: list[dict]) -> tuple[int, int, float]:
     """(attempts made, so the next run's run_index; clean runs, those a summary counts; their
     measured seconds) of a measured group's rows."""
     clean = [r for r in rows if counts_in_summary(r)]
-    return (max((int(r.get("run_index") or 0) + 1 for r in rows), default=0), len(clean),
+    return (max((int(float(r.get("run_index") or 0)) + 1 for r in rows), default=0), len(clean),
             sum(float(r.get("e2e_ms") or 0) for r in clean) / 1e3)
 
 
