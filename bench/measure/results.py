@@ -175,6 +175,15 @@ def whole_rows(text: str) -> str:
 
 # A number as the CSV writer writes one: ASCII digits, no underscores, never inf or nan
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
+
+
+def _is_number(cell: str, whole: bool = False) -> bool:
+    """Whether `cell` is a finite number as the writer writes one (with `whole`, a whole number,
+    also as pandas rewrites one: "4.0")."""
+    ok = bool(_NUMBER.fullmatch(cell)) and math.isfinite(float(cell))
+    return ok and (not whole or float(cell) == int(float(cell)))
+
+
 # What tells one run's row from another's in runs.csv: its result, invocation, kind, attempt and
 # when it was written (a resume before attempts were numbered past the runs left out could
 # write two rows of one attempt, at different times; a copied row repeats them all)
@@ -229,10 +238,7 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
                 cell = row[i].strip()
                 if cell == "":
                     continue
-                ok = bool(_NUMBER.fullmatch(cell)) and math.isfinite(float(cell))
-                if ok and name in whole:
-                    ok = float(cell) == int(float(cell))
-                if not ok:
+                if not _is_number(cell, name in whole):
                     raise ValueError(f"line {reader.line_num}, column {name}: {cell[:40]!r} is not a "
                                      f"{'whole number' if name in whole else 'finite number'}")
                 if not 0 <= float(cell) <= MAX_CELL:
@@ -241,8 +247,7 @@ def check_rows(text: str, numbers=frozenset(), whole=frozenset(), unique: tuple[
                                      "measurement the harness writes is")
             for i, name in indexed:
                 cell = row[i].strip()
-                if cell and not (_NUMBER.fullmatch(cell) and math.isfinite(float(cell))
-                                 and float(cell) == int(float(cell)) >= -1):
+                if cell and not (_is_number(cell, whole=True) and float(cell) >= -1):
                     raise ValueError(f"line {reader.line_num}, column {name}: {row[i][:40]!r} is not a whole "
                                      "number from -1")
             for i, name, values in chosen:
