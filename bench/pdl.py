@@ -25,15 +25,18 @@ except ImportError:  # CPU builds of torch
 MODES = ("auto", "off")  # auto: on where the GPU (compute capability 9+) and torch have it
 
 
+def _inductor_triton():
+    """inductor's Triton settings, imported when first asked for (not when the command line starts)."""
+    from torch._inductor import config as inductor_config
+
+    return inductor_config.triton
+
+
 def unavailable(device: torch.device) -> str | None:
     """Why kernels on `device` cannot launch with PDL, or None."""
     if device.type != "cuda" or torch.version.hip:
         return "PDL needs an NVIDIA GPU"
-    try:
-        from torch._inductor import config as inductor_config
-    except ImportError:
-        return "PDL needs torch's inductor"
-    if not hasattr(inductor_config.triton, "enable_pdl"):
+    if not hasattr(_inductor_triton(), "enable_pdl"):
         return f"torch {torch.__version__}'s inductor has no PDL switch"
     if triton is None or not hasattr(tl.extra.cuda, "gdc_wait"):
         return "PDL needs Triton's grid dependency control (gdc_wait)"
@@ -49,23 +52,15 @@ def configure(mode: str, device: torch.device) -> bool:
     if mode not in MODES:
         raise ValueError(f"unknown PDL mode {mode!r}; choose {' or '.join(MODES)}")
     on = mode == "auto" and unavailable(device) is None
-    try:
-        from torch._inductor import config as inductor_config
-    except ImportError:
-        return False
-    if hasattr(inductor_config.triton, "enable_pdl"):
-        inductor_config.triton.enable_pdl = on
+    if hasattr(_inductor_triton(), "enable_pdl"):
+        _inductor_triton().enable_pdl = on
     return on
 
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels launched on `device` now take PDL: inductor's switch on, and PDL able to
     run there."""
-    try:
-        from torch._inductor import config as inductor_config
-    except ImportError:
-        return False
-    return bool(getattr(inductor_config.triton, "enable_pdl", False)) and unavailable(device) is None
+    return bool(getattr(_inductor_triton(), "enable_pdl", False)) and unavailable(device) is None
 
 
 if triton is not None:
