@@ -663,6 +663,15 @@ def _kernel_measurements(path, **entry) -> None:
         path.write_text(json.dumps(data))
 
 
+def _kernel_key_fields(path, **fields) -> None:
+    """A kernels.json of one measured plan whose key's `fields` are overridden."""
+    _kernel_measurements(path)
+    data = json.loads(path.read_text())
+    (key, entry), = data["entries"].items()
+    data["entries"] = {json.dumps({**json.loads(key), **fields}, sort_keys=True): entry}
+    path.write_text(json.dumps(data))
+
+
 BAD_KERNEL_FILES = {
     "not UTF-8": lambda p: p.write_bytes(b"\xff\xfe{}"),
     "not JSON": lambda p: p.write_text("{\"version\": 1, "),
@@ -691,6 +700,11 @@ BAD_KERNEL_FILES = {
          "candidates": ["tinygemm"]}): {"plan": [[1, "tinygemm"]], "us": {"tinygemm": {"1": 2.0}},
                                         "err": {"tinygemm": {"1": 0.0}}, "left_out": {}}}})),
     "nested too deep": lambda p: p.write_text("[" * 100000 + "]" * 100000),
+    # the listing would show them as they are, and a run would never match them
+    "dense_copy a number": lambda p: _kernel_key_fields(p, dense_copy=5),
+    "graph a string": lambda p: _kernel_key_fields(p, graph="yes"),
+    "pdl null": lambda p: _kernel_key_fields(p, pdl=None),
+    "a version not a string": lambda p: _kernel_key_fields(p, versions={"torch": 2.11}),
 }
 
 

@@ -35,6 +35,7 @@ LOCK_SECONDS = 60  # a writer waits this long for another's lock, then keeps its
 # (FBGEMM's gen_ai kernels ship in either of its two)
 KERNEL_LIBRARIES = ("triton", "gemlite", "fbgemm-gpu-genai", "fbgemm-gpu")
 KEY_FIELDS = {"device": str, "versions": dict, "dtype": str, "shape": list, "points": list, "candidates": list}
+OPTIONAL_KEY_FIELDS = ("dense_copy", "graph", "pdl")  # booleans, absent in older files (pdl: where on)
 _KEPT: dict[str, dict] = {}  # key -> entry: what this process measured or read
 _LOCK_HELD: set[Path] = set()  # files whose lock a save waited LOCK_SECONDS for: not waited on again
 
@@ -159,6 +160,12 @@ def parse_entry(key: str, entry) -> tuple[dict, ShapePlan]:
     for name, kind in KEY_FIELDS.items():
         if not isinstance(fields.get(name), kind):
             raise ValueError(f"key field {name!r} missing or not a {kind.__name__}: {key[:120]}")
+    for name in OPTIONAL_KEY_FIELDS:
+        if name in fields and not isinstance(fields[name], bool):
+            raise ValueError(f"key field {name!r} is not true or false: {key[:120]}")
+    for name, version in fields["versions"].items():
+        if not isinstance(version, str):
+            raise ValueError(f"key field 'versions': {name!r} is not a version string: {key[:120]}")
     for name, check in (("points", _count), ("candidates", _text)):
         for v in fields[name]:
             check(v)
