@@ -1036,8 +1036,9 @@ def bad_endpoint(tmp_path, capsys, url, args, *needles, model="m"):
     TRIED.append(f"--endpoint {url} {' '.join(args)}")
     rc = exit_code(main, ["run", "--endpoint", url, "--model", model, "--num-prompts", "1", "--warmup", "0",
                           "--output-dir", out, *args])
-    assert_one_line(capsys, rc, *needles)
+    err = assert_one_line(capsys, rc, *needles)
     assert not out.exists(), "a refused run must write nothing"
+    return err
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -1077,6 +1078,13 @@ def test_endpoint_empty_path_flag_is_not_the_default(tmp_path, capsys, monkeypat
                                  "http://[::1/v1"])
 def test_endpoint_url_that_is_not_one(tmp_path, capsys, url):
     bad_endpoint(tmp_path, capsys, url, [], "--endpoint", "URL")
+
+
+@pytest.mark.parametrize("url", ["http://user:secret@127.0.0.1:8000/v1", "http://secret@127.0.0.1:8000/v1",
+                                 "http://:secret@127.0.0.1:8000/v1"])
+def test_endpoint_url_with_credentials_is_refused_before_results_keep_them(tmp_path, capsys, url):
+    err = bad_endpoint(tmp_path, capsys, url, [], "--endpoint", "OPENAI_API_KEY")
+    assert "secret" not in err
 
 
 def test_endpoint_server_not_there_or_not_openai(tmp_path, capsys):
