@@ -563,6 +563,9 @@ def test_compare_bad_flags(results_dir, tmp_path, capsys):
     bad_sub(capsys, ["compare", results_dir, results_dir, "--alpha", "2"], "--alpha")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--metrics", "model,ttft_ms"], "--metrics model", "not numbers")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--metrics", ","], "--metrics is empty")
+    # a numeric identity column is what pairs the results, not a measurement of them
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--metrics", "new_tokens"], "--metrics new_tokens",
+            "not numbers")
     bad_sub(capsys, ["compare", results_dir], "CANDIDATE")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--min-samples", "few"], "--min-samples")
     bad_sub(capsys, ["compare", results_dir, results_dir, "--factor", "inf"], "--factor")  # nothing could regress
@@ -571,6 +574,15 @@ def test_compare_bad_flags(results_dir, tmp_path, capsys):
     for over in ("runs.csv", "summary.csv"):  # the verdict written over what was compared
         bad_sub(capsys, ["compare", results_dir, tmp_path, "--json", results_dir / over], "would overwrite the results")
     assert (results_dir / "runs.csv").read_bytes() == before
+
+
+def test_compare_metric_named_twice_is_one_verdict(results_dir, tmp_path, capsys):
+    js = tmp_path / "verdict.json"
+    exit_code(main, ["compare", results_dir, results_dir, "--metrics", "ttft_ms,ttft_ms", "--json", js])
+    capsys.readouterr()
+    verdict = json.loads(js.read_text())  # one result (fp16, one point): one verdict, counted once
+    assert [r["metric"] for r in verdict["comparisons"]] == ["ttft_ms"]
+    assert sum(verdict["counts"].values()) == 1
 
 
 def test_link_loops_given_to_compare_and_report(results_dir, tmp_path, capsys):

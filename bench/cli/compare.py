@@ -75,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
         base = select(counted(load_rows(args.baseline)), base_where, "baseline", "--baseline-where")
         cand_rows = load_rows(args.candidate)
         cand = select(counted(cand_rows), cand_where, "candidate", "--candidate-where")
-        metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+        metrics = list(dict.fromkeys(m.strip() for m in args.metrics.split(",") if m.strip()))  # each once
         if not metrics:
             raise BadInput(f"--metrics is empty; give runs.csv columns, e.g. {','.join(DEFAULT_METRICS)}")
         unknown = [m for m in metrics if m not in base.columns or m not in cand.columns]
         if unknown:
             raise BadInput(f"metric(s) not in both results: {', '.join(unknown)}")
-        text = [m for m in metrics if not (is_numeric_dtype(base[m]) and is_numeric_dtype(cand[m]))]
+        text = [m for m in metrics if m in KEYS or not (is_numeric_dtype(base[m]) and is_numeric_dtype(cand[m]))]
         if text:
             raise BadInput(f"--metrics {', '.join(text)}: not numbers (an identity or text column); give measured "
                            f"columns, e.g. {','.join(DEFAULT_METRICS)}")
