@@ -972,6 +972,20 @@ def test_a_refused_append_puts_back_a_cut_off_last_row(results_dir, tmp_path, ca
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
 
 
+def test_resume_of_a_served_run_says_what_it_holds(results_dir, tmp_path, capsys):
+    """A directory `run --endpoint` wrote: no in-process settings match it, so the refusal says so
+    instead of listing every setting as changed."""
+    env = json.loads((results_dir / "env.json").read_text())
+    env["config"] = {"endpoint": "http://127.0.0.1:8000/v1", "model": "m", "num_prompts": "2"}
+    d = corrupted(results_dir, tmp_path, "env.json", json.dumps(env))
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    TRIED.append("--resume of a directory run --endpoint wrote")
+    rc = run_main([*RUN, "--output-dir", str(d), "--resume"])
+    err = assert_one_line(capsys, rc, "--resume", "run --endpoint", "--append")
+    assert "another configuration" not in err
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+
+
 def test_count_of_bad_inputs(capsys):
     """Runs last: how many bad inputs this module tried (every one above was handled)."""
     with capsys.disabled():

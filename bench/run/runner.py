@@ -325,6 +325,10 @@ class Benchmark:
         if not self.old_env.get("run_id"):  # its rows could not be told from this process's
             raise UsageError(f"--resume: {self.out_dir / 'env.json'} records no run_id, so its run cannot be "
                              "continued; use --append for a new run beside it, or a new --output-dir")
+        if "endpoint" in self.old_env["config"]:  # no in-process settings could match a served run's
+            raise UsageError(f"--resume: {self.out_dir} holds a run of a served model (run --endpoint), which an "
+                             "in-process run cannot continue; use --append for a new run beside it, or a new "
+                             "--output-dir")
         old_settings = config_fingerprint(self.old_env.get("config") or {})[1]
         if old_settings != settings:
             changed = sorted(k for k in set(old_settings) | set(settings) if old_settings.get(k) != settings.get(k)
