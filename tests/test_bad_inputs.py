@@ -1269,6 +1269,7 @@ SERVE = ["serve", "--preset", "tiny-vila", "--device", "cpu", "--max-new-tokens"
     (["--num-runs", "4"], "unrecognized arguments: --num-runs"),  # measurement flags are run's, not serve's
     (["--questions", "q.txt"], "unrecognized arguments: --questions"),
     (["--served-model-name", ""], "--served-model-name is empty"),
+    (["--served-model-name", "tiny\nvila"], "--served-model-name 'tiny\\nvila' holds control characters"),
     (["--host", ""], "--host is empty"),
     (["--image-path", "/nonexistent/cat.png"], "--image-path /nonexistent/cat.png: no such file"),
     (["--variants", "fp16+graph"], "cannot run here"),  # checked before the port is taken

@@ -76,6 +76,9 @@ def main(argv: list[str]) -> int:
         raise UsageError("--host is empty; give an address to listen on (0.0.0.0: every interface)")
     if serve["served_model_name"] is not None and not serve["served_model_name"].strip():
         raise UsageError("--served-model-name is empty; give the model id clients send, or leave the flag out")
+    if serve["served_model_name"] is not None and not serve["served_model_name"].isprintable():
+        raise UsageError(f"--served-model-name {serve['served_model_name']!r} holds control characters (a line "
+                         "break, a tab); give the model id clients send")
     if not 0 < serve["port"] < 65536:
         raise UsageError(f"--port {serve['port']}: not a TCP port")
     cfg = config_class()(**ns)
