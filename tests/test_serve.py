@@ -530,6 +530,17 @@ def test_a_second_signal_while_the_finished_requests_are_written_loses_none(serv
     assert finished == len(read_runs(out / "runs.csv")) == sum(measured) >= 12
 
 
+@pytest.mark.parametrize("host,url", [("127.0.0.1", "http://127.0.0.1:8000/v1"), ("::1", "http://[::1]:8000/v1"),
+                                      ("localhost", "http://localhost:8000/v1")])
+def test_the_url_a_server_announces_is_one_a_client_can_give(host, url):
+    from urllib.parse import urlsplit
+
+    from bench.cli.serve import base_url
+
+    assert base_url(host, 8000) == url
+    assert (urlsplit(url).hostname, urlsplit(url).port) == (host, 8000)
+
+
 def test_a_servers_model_entry_states_what_it_runs_in_strings_only():
     """vlm-bench serve's "vlm_bench" object in /v1/models is read; another server's entry (vLLM's
     has no such object) or one whose values are not strings states nothing."""

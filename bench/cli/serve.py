@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
             host.before_warmup()  # the loaded heap frozen out of the collector's walks (bench.serve.worker)
             if stop.is_set():
                 raise KeyboardInterrupt
-            status(f"serving {name} ({variant}, {engine.name} engine) on http://{serve['host']}:{serve['port']}/v1 "
+            status(f"serving {name} ({variant}, {engine.name} engine) on {base_url(serve['host'], serve['port'])} "
                    f"({http_stack()})")
             serving = True
             _Server(uvicorn.Config(app, host=serve["host"], port=serve["port"], log_level="warning")).run(
@@ -156,6 +156,11 @@ def _exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def base_url(host: str, port: int) -> str:
+    """The API's base URL clients give for a server on host:port (an IPv6 address in brackets)."""
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
 def listening_socket(host: str, port: int):
