@@ -1106,6 +1106,13 @@ def test_endpoint_url_that_is_not_one(tmp_path, capsys, url):
     bad_endpoint(tmp_path, capsys, url, [], "--endpoint", "URL")
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/v1?key=1", "http://127.0.0.1:8000/v1#models",
+                                 "http://127.0.0.1:8000/v1 ", " http://127.0.0.1:8000/v1"])
+def test_endpoint_url_that_is_more_than_a_base_url(tmp_path, capsys, url):
+    """The client appends /models and /chat/completions to it: a query or fragment would swallow them."""
+    bad_endpoint(tmp_path, capsys, url, [], "--endpoint", "base URL alone")
+
+
 @pytest.mark.parametrize("url", ["http://user:secret@127.0.0.1:8000/v1", "http://secret@127.0.0.1:8000/v1",
                                  "http://:secret@127.0.0.1:8000/v1"])
 def test_endpoint_url_with_credentials_is_refused_before_results_keep_them(tmp_path, capsys, url):

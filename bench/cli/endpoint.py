@@ -109,6 +109,9 @@ def _check_url(url: str) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
         raise UsageError(f"--endpoint {url!r}: give an http:// or https:// URL with a host (and a port from 1 to "
                          "65535), e.g. http://127.0.0.1:8000/v1")
+    if parts.query or parts.fragment or url.strip() != url:  # paths are appended to it: BASE/chat/completions
+        raise UsageError(f"--endpoint {url!r}: give the API's base URL alone (no ?query, #fragment or surrounding "
+                         "space), e.g. http://127.0.0.1:8000/v1")
     if parts.username is not None or parts.password is not None:  # env.json and runs.csv keep the URL
         raise UsageError("--endpoint holds a user name or password, which the results files would keep; give the "
                          "URL without them and the API key in OPENAI_API_KEY")
