@@ -671,7 +671,8 @@ def test_a_runs_csv_naming_a_column_twice_is_refused_by_every_reader(finished, t
     compare and report refuse the file with one line naming the column."""
     out = copy_of(finished, tmp_path)
     runs = out / "runs.csv"
-    runs.write_bytes(_first_row(runs.read_bytes(), lambda head, row: head.__setitem__(head.index("tpot_ms"), "ttft_ms")))
+    runs.write_bytes(_first_row(runs.read_bytes(),
+                                lambda head, row: head.__setitem__(head.index("tpot_ms"), "ttft_ms")))
     before = snapshot(out)
     for args in (["summarize", str(out)], ["compare", str(finished), str(out)],
                  ["report", str(out), "--out", str(tmp_path / "report")]):

@@ -295,8 +295,8 @@ def check_feature_layer(value, layers, key: str, what: str, where: Path) -> None
         return
     if isinstance(value, bool) or not isinstance(value, int) or not -(layers + 1) <= value <= layers:
         raise UsageError(f"{what}: {where / 'config.json'}: {key}={value!r} is not a layer of the vision tower's "
-                             f"{layers} (an integer from {-(layers + 1)} to {layers}; -2: the second-to-last); restore "
-                             "the checkpoint's original file")
+                         f"{layers} (an integer from {-(layers + 1)} to {layers}; -2: the second-to-last); restore "
+                         "the checkpoint's original file")
 
 
 def check_awq_tensors(tensors: dict[str, tuple[str, tuple[int, ...]]], group_size: int, what: str,

@@ -5,10 +5,10 @@ PDL or not, holding the plan chosen and what was measured to choose it.
 A kernel's times are measured once per device and shape: a plan for another candidate set or
 other row counts takes the times of kernels measured for an earlier one (the same key but its
 candidates and row counts, and but dense copy or not for kernels other than `dense`, the one that
-reads the copy, and but PDL or not for kernels that do not launch with it), times only the kernels none has timed and the row counts none has timed them at
-(choice.measure makes and checks a kernel whose times it took on the layer where it would be
-chosen), and names the kernels and row counts whose times it took (`reused`) and those whose
-errors it took too (`unchecked`).
+reads the copy, and but PDL or not for kernels that do not launch with it), times only the
+kernels none has timed and the row counts none has timed them at (choice.measure makes and checks
+a kernel whose times it took on the layer where it would be chosen), and names the kernels and
+row counts whose times it took (`reused`) and those whose errors it took too (`unchecked`).
 
 Entries are kept in this process too, so every engine of a run reuses a plan measured once,
 kept file or not. Writers merge their entries into the file under a lock (filelock), so runs
