@@ -20,11 +20,9 @@ from pathlib import Path
 
 import torch
 
-from gpu_profile_common import QUESTION, demo_image, event_times_ms, kernel_times, profile_parser
+from gpu_profile_common import QUESTION, demo_image, event_times_ms, kernel_times, preset_adapter, profile_parser
 
 from bench.engines.cache_policy import CachePolicy
-from bench.models.loader import build_preset
-from bench.quant.awq import Int4Options, quantize_model
 from bench.quant.int4 import Int4Linear
 from bench.measure.results import CsvWriter
 from bench.engines.graph import GraphEngine
@@ -59,9 +57,7 @@ def main() -> None:
     kw = CsvWriter(Path(args.kernels_out), ["model", "weights", "dense_path", "kernel", "ms", "launches"]) \
         if args.kernels_out else None
     for weights, traced in (("fp16", True), ("rtn4", True), ("rtn4", False)):
-        adapter = build_preset(args.preset, None, torch.device("cuda"), torch.float16)
-        if weights == "rtn4":
-            quantize_model(adapter, Int4Options(method="rtn", group_size=128))
+        adapter = preset_adapter(args.preset, weights)
         engine = GraphEngine(adapter, CachePolicy())
         trace_dense(engine, traced)  # read when the layer compiles (the engine reset dynamo)
         with torch.inference_mode():

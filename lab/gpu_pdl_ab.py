@@ -19,13 +19,12 @@ from pathlib import Path
 
 import torch
 
-from gpu_profile_common import QUESTION, demo_image, profile_parser
+from gpu_profile_common import QUESTION, demo_image, preset_adapter, profile_parser
 
 from bench.engines.cache_policy import CachePolicy
 from bench.engines.graph import GraphEngine
 from bench.engines.spec import EngineSpec
 from bench.measure.results import CsvWriter
-from bench.models.loader import build_preset
 
 
 def main() -> None:
@@ -37,15 +36,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     args = ap.parse_args()
     image = demo_image()
-    adapters = {}
-    for weights in args.weights.split(","):
-        adapters[weights] = build_preset(args.preset, None, torch.device("cuda"), torch.float16)
-        if weights == "rtn4":
-            from bench.quant.awq import Int4Options, quantize_model
-
-            quantize_model(adapters[weights], Int4Options(method="rtn", group_size=128))
-        elif weights != "fp16":
-            raise SystemExit(f"--weights: fp16 and/or rtn4, got {weights!r}")
+    adapters = {weights: preset_adapter(args.preset, weights) for weights in args.weights.split(",")}
     w = CsvWriter(Path(args.out), ["model", "weights", "int4_kernels", "round", "pdl", "pdl_on", "step_ms",
                                    "step_ms_p10", "step_ms_p90", "steps"])
     start = time.monotonic()

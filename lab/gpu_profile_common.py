@@ -128,13 +128,9 @@ def compiled_matmul_attention(heads: int, kv_heads: int, head_dim: int):
     return torch.compile(dec._matmul_attention, dynamic=False)
 
 
-def graph_engine_after_one_request(preset: str, new_tokens: int, weights: str = "fp16", spec=None,
-                                   batch: int = 1):
-    """(adapter, engine, image, result): the preset on CUDA in fp16, its decoder linears
-    round-to-nearest int4 (group 128) when `weights` is "rtn4" (awq4 runs the same kernels), on
-    the graph engine with `spec` (an EngineSpec: e.g. its int4 kernels), one request run (graphs
-    captured), or one batch of `batch` requests (the engine's buffers then hold `batch` rows)."""
-    image = demo_image()
+def preset_adapter(preset: str, weights: str = "fp16"):
+    """The preset on CUDA in fp16 (random weights), its decoder linears round-to-nearest int4
+    (group 128) when `weights` is "rtn4" (awq4 runs the same kernels)."""
     adapter = build_preset(preset, None, torch.device("cuda"), torch.float16)
     if weights == "rtn4":
         from bench.quant.awq import Int4Options, quantize_model
@@ -142,6 +138,17 @@ def graph_engine_after_one_request(preset: str, new_tokens: int, weights: str = 
         quantize_model(adapter, Int4Options(method="rtn", group_size=128))
     elif weights != "fp16":
         raise SystemExit(f"--weights: fp16 or rtn4, got {weights!r}")
+    return adapter
+
+
+def graph_engine_after_one_request(preset: str, new_tokens: int, weights: str = "fp16", spec=None,
+                                   batch: int = 1):
+    """(adapter, engine, image, result): the preset on CUDA in fp16, its decoder linears
+    round-to-nearest int4 (group 128) when `weights` is "rtn4" (awq4 runs the same kernels), on
+    the graph engine with `spec` (an EngineSpec: e.g. its int4 kernels), one request run (graphs
+    captured), or one batch of `batch` requests (the engine's buffers then hold `batch` rows)."""
+    image = demo_image()
+    adapter = preset_adapter(preset, weights)
     engine = GraphEngine(adapter, CachePolicy(), spec)
     return adapter, engine, image, engine.run_batch([(image, QUESTION)] * batch, new_tokens)
 
