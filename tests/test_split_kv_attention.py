@@ -21,7 +21,8 @@ def _patched(tensor, scope):
 
 if _patch is not None:
     interpreter._patch_lang_tensor = _patched
-from bench.engines.split_kv_attention import DEFAULT, Config, attend, reference
+import dataclasses
+from bench.engines.split_kv_attention import _COUNTS, DEFAULT, Config, attend, reference
 
 torch.manual_seed(0)
 worst = 0.0
@@ -32,6 +33,11 @@ def check(q, k, v, mask, splits=None, config=DEFAULT):
     want = reference(q, k, v, mask, q.shape[-1] ** -0.5)
     assert got.shape == q.shape and got.dtype == q.dtype, (got.shape, got.dtype)
     assert torch.equal(got, attend(q, k, v, mask, q.shape[-1] ** -0.5, splits, config))  # repeats exactly
+    # the splits combined by the partial kernel's last program: the same output, bit for bit, and
+    # every count set back to zero for the next launch
+    other = dataclasses.replace(config, fused_combine=not config.fused_combine)
+    assert torch.equal(got, attend(q, k, v, mask, q.shape[-1] ** -0.5, splits, other))
+    assert not _COUNTS[q.device][-1].any()
     worst = max(worst, ((got.float() - want.float()).abs().max() / want.float().abs().max()).item())
 
 def buffers(b, kvh, cap, d):  # the engine's buffers: [b, kv heads, max_len, d], attended up to L as a view
@@ -155,9 +161,11 @@ def test_splits_cover_the_keys_and_fill_the_gpu():
 def test_a_launch_configuration_is_checked_when_made():
     from bench.engines.split_kv_attention import DEFAULT, Config
 
-    assert DEFAULT == Config(BLOCK_L, 2, True, 4) and DEFAULT.label() == "block=64,programs_per_sm=2,dot=1,num_warps=4"
-    other = Config(32, 4, False, 8)
+    assert DEFAULT == Config(BLOCK_L, 2, True, 4, False)
+    assert DEFAULT.label() == "block=64,programs_per_sm=2,dot=1,num_warps=4,fused_combine=0"
+    other = Config(32, 4, False, 8, True)
     assert Config.parse(other.label()) == other and Config.parse("dot=0") == Config(dot=False)
+    assert Config.parse("fused_combine=1") == Config(fused_combine=True)
     for bad in ("blocks=32", "block=-1", "dot=yes", "block=48"):
         with pytest.raises(ValueError, match="split-kv"):
             Config.parse(bad)
@@ -198,6 +206,14 @@ def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, bat
         assert "tf32" not in partial.ptx  # fp32 products, as the matmul path's
     else:
         assert triton_aot.loop_instructions(partial.cubin)["HMMA"] > 0  # tensor cores in the keys loop
+    # the splits combined by the partial kernel's last program: one launch, nothing spills, the
+    # count an acquire-release atomic at GPU scope after a barrier
+    calls, _ = sk.launches(q, buf[:, :, :keys], buf[:, :, :keys], mask, 128 ** -0.5, splits,
+                           sk.Config(fused_combine=True))
+    assert len(calls) == 1
+    fused = triton_aot.compile_call(*(calls[0][i] for i in (0, 2, 3)))
+    assert fused.spill_bytes == 0 and fused.registers <= 255, (fused.registers, fused.spill_bytes)
+    assert "atom.global.gpu.acq_rel.add" in fused.ptx and "bar.sync" in fused.ptx
 
 
 def test_the_graph_engine_refuses_split_kv_where_it_cannot_run(checkpoint_dirs, monkeypatch):
@@ -272,6 +288,41 @@ def test_cuda_graph_engine_decodes_with_split_kv_attention(checkpoint_dirs):
         logits[choice] = torch.stack(got)
     torch.testing.assert_close(logits["split-kv"], logits["matmul"], rtol=2e-2, atol=2e-2)
     assert torch.equal(logits["auto"], logits["split-kv"])  # deterministic: the same kernels, the same logits
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
+def test_cuda_fused_combine_gives_the_second_kernels_output_bit_for_bit():
+    """On a GPU, where the programs of a row and kv head finish in any order and at once: the
+    splits combined by the last of them give the two-kernel output exactly, call after call and
+    replayed in a CUDA graph, for llava-1.5-7b's heads (batch 1 and 16) and a Qwen2-style
+    grouping, and every count is back at zero after each call."""
+    import dataclasses
+
+    import torch
+
+    from bench.engines import split_kv_attention as sk
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    for b, heads, kvh, n in ((1, 32, 32, 640), (16, 32, 32, 200), (1, 28, 4, 1000)):
+        keys, values = (torch.randn(b, kvh, n + 64, 128, device=dev, dtype=torch.float16) for _ in range(2))
+        q = torch.randn(b, heads, 1, 128, device=dev, dtype=torch.float16)
+        mask = torch.zeros(b, 1, 1, n, device=dev, dtype=torch.float16)
+        mask[..., n - 30:] = float("-inf")
+        args = (q, keys[:, :, :n], values[:, :, :n], mask, 128 ** -0.5)
+        for config in (sk.DEFAULT, sk.Config(block=32, programs_per_sm=4)):
+            want = sk.attend(*args, config=dataclasses.replace(config, fused_combine=False))
+            fused = dataclasses.replace(config, fused_combine=True)
+            for _ in range(50):
+                assert torch.equal(sk.attend(*args, config=fused), want)
+            assert not sk._COUNTS[dev][-1].any()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = sk.attend(*args, config=fused)
+            for _ in range(20):
+                graph.replay()
+                assert torch.equal(out, want)
+            assert not sk._COUNTS[dev][-1].any()
 
 
 @pytest.mark.parametrize("heads,kv_heads,config", [

@@ -9,7 +9,10 @@ on the H100 they were 64 GEMMs of about 6 us each over 1024 columns, about a thi
 memory bandwidth (aab5f08:results/reference/h100/llava-1.5-7b-int4-graph-batch/decode_profile_rtn4_b1.csv).
 Split along the keys, enough programs read at once to reach the bandwidth: program (row, kv head,
 split) reads its keys and values once for all query heads sharing that kv head, keeps a running
-max, sum and weighted values (the online softmax), and a second kernel combines the splits.
+max, sum and weighted values (the online softmax), and the splits are combined: by a second
+kernel, or (Config.fused_combine) by the program of each row and kv head that finishes last,
+which finds it is last by an atomic count (the threadfence-reduction pattern of CUDA's
+samples): one launch a layer fewer.
 
 Deterministic: the split count is a function of the shapes and the device, and the splits are
 combined in a fixed order, so repeated calls give the same output (unlike cuDNN's one-query
@@ -53,13 +56,15 @@ class Config:
     `dot` (tensor cores; the query heads of a kv head padded to MIN_GROUP_ROWS rows) or by
     broadcast multiply-and-sum in fp32 (CUDA cores; the query heads padded to a power of two
     only; tl.dot all the same where those products would pass BROADCAST_REGISTERS a thread),
-    `num_warps` warps a program. The engine launches DEFAULT; lab/gpu_decode_attention.py
-    --configs times others."""
+    `num_warps` warps a program; the splits combined by a second kernel or, `fused_combine`, by
+    the partial kernel's last program of each row and kv head. The engine launches DEFAULT;
+    lab/gpu_decode_attention.py --configs times others."""
 
     block: int = BLOCK_L
     programs_per_sm: int = 2
     dot: bool = True
     num_warps: int = 4
+    fused_combine: bool = False
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
@@ -69,7 +74,8 @@ class Config:
 
     def label(self) -> str:
         """As `parse` reads it."""
-        return f"block={self.block},programs_per_sm={self.programs_per_sm},dot={int(self.dot)},num_warps={self.num_warps}"
+        return (f"block={self.block},programs_per_sm={self.programs_per_sm},dot={int(self.dot)},"
+                f"num_warps={self.num_warps},fused_combine={int(self.fused_combine)}")
 
     @classmethod
     def parse(cls, text: str) -> "Config":
@@ -80,7 +86,7 @@ class Config:
             if name not in cls.__dataclass_fields__ or not value.isdigit():
                 raise ValueError(f"split-kv config {text!r}: {part!r} is not one of "
                                  f"{', '.join(cls.__dataclass_fields__)} = a whole number")
-            fields[name] = bool(int(value)) if name == "dot" else int(value)
+            fields[name] = bool(int(value)) if cls.__dataclass_fields__[name].type in (bool, "bool") else int(value)
         return cls(**fields)
 
 
@@ -118,13 +124,42 @@ def splits_for(batch: int, kv_heads: int, keys: int, programs: int, block: int =
 
 
 if triton is not None:
+    @triton.jit(noinline=True)
+    def _combine_row(Acc, Mx, Sum, Out, pid, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                     CHUNK: tl.constexpr):
+        """Out[pid] from the partials of query row `pid` (row * heads + head), in split order.
+        The loads go to L2 (.cg): under fused_combine other programs wrote them just before. Not
+        inlined: inlined after the keys loop of fp32 inputs, it took all 255 registers and spilled (sm_90)."""
+        s = tl.arange(0, BLOCK_S)
+        there = s < n_splits
+        mx = tl.load(Mx + pid * n_splits + s, mask=there, other=float("-inf"), cache_modifier=".cg")
+        m = tl.max(mx, 0)
+        w = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - m))  # splits that attended nothing weigh 0
+        total = tl.sum(tl.load(Sum + pid * n_splits + s, mask=there, other=0.0, cache_modifier=".cg") * w, 0)
+        c = tl.arange(0, CHUNK)
+        d = tl.arange(0, D)
+        acc = tl.zeros([D], tl.float32)
+        for lo in range(0, n_splits, CHUNK):  # the weighted values a few splits at a time, in order
+            idx = lo + c
+            ok = idx < n_splits
+            mc = tl.load(Mx + pid * n_splits + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            wc = tl.where(mc == float("-inf"), 0.0, tl.exp(mc - m))
+            part = tl.load(Acc + (pid * n_splits + idx)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0,
+                           cache_modifier=".cg")
+            acc += tl.sum(part * wc[:, None], 0)
+        tl.store(Out + pid * D + d, (acc / total).to(Out.dtype.element_ty))
+
     @triton.jit
     def _partial(Q, K, V, M, Acc, Mx, Sum,
                  sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
-                 kv_heads, keys, per_split, n_splits, scale,
+                 kv_heads, keys, per_split, n_splits, scale, Out, Count,
                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                  PRECISION: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False,
-                 PREFETCH: tl.constexpr = False):
+                 PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
+                 CHUNK: tl.constexpr = 8):
+        """The partials of split `program_id(1)` for the query heads of one row and kv head
+        (`program_id(0)`); COMBINE: the last of that row and kv head's programs to finish (counted
+        in Count[program_id(0)], which it sets back to 0 for the next launch) combines them into Out."""
         pid = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         b = pid // kv_heads
@@ -176,6 +211,15 @@ if triton is not None:
         tl.store(Acc + row[:, None] * D + d[None, :], acc, mask=keep[:, None])
         tl.store(Mx + row, m_i, mask=keep)
         tl.store(Sum + row, l_i, mask=keep)
+        if COMBINE:
+            # every thread's stores issued before the count (a barrier), the count acquire-release at
+            # GPU scope: the program that counts last sees every split's partials
+            tl.debug_barrier()
+            if tl.atomic_add(Count + pid, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+                tl.store(Count + pid, 0)
+                for gi in range(GROUP):
+                    _combine_row(Acc, Mx, Sum, Out, b * kv_heads * GROUP + kvh * GROUP + gi, n_splits, D,
+                                 BLOCK_S, CHUNK)
 
     @triton.jit
     def _combine(Acc, Mx, Sum, Out, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
@@ -183,30 +227,31 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        pid = tl.program_id(0)  # row * heads + head
-        s = tl.arange(0, BLOCK_S)
-        there = s < n_splits
-        mx = tl.load(Mx + pid * n_splits + s, mask=there, other=float("-inf"))
-        m = tl.max(mx, 0)
-        w = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - m))  # splits that attended nothing weigh 0
-        total = tl.sum(tl.load(Sum + pid * n_splits + s, mask=there, other=0.0) * w, 0)
-        c = tl.arange(0, CHUNK)
-        d = tl.arange(0, D)
-        acc = tl.zeros([D], tl.float32)
-        for lo in range(0, n_splits, CHUNK):  # the weighted values a few splits at a time, in order
-            idx = lo + c
-            ok = idx < n_splits
-            mc = tl.load(Mx + pid * n_splits + idx, mask=ok, other=float("-inf"))
-            wc = tl.where(mc == float("-inf"), 0.0, tl.exp(mc - m))
-            part = tl.load(Acc + (pid * n_splits + idx)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-            acc += tl.sum(part * wc[:, None], 0)
-        tl.store(Out + pid * D + d, (acc / total).to(Out.dtype.element_ty))
+        _combine_row(Acc, Mx, Sum, Out, tl.program_id(0), n_splits, D, BLOCK_S, CHUNK)  # row * heads + head
 
 
 def _programs(device: torch.device, per_sm: int) -> int:
     if device.type == "cuda":
         return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
     return 4 * per_sm  # Triton's interpreter on the CPU (tests): a few splits
+
+
+# Per device, the fused combine's counts (int32 zeros, each set back to zero by the launch that
+# counted it): allocated outside any CUDA graph capture and never freed, since captured launches
+# keep their address; one too small is replaced, the old one kept alive for the graphs holding it.
+_COUNTS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _counts(device: torch.device, n: int) -> torch.Tensor | None:
+    """A zeroed int32 tensor of at least `n` counts on `device`, or None while a capture is under
+    way and none is large enough (the launch then combines by the second kernel)."""
+    held = _COUNTS.setdefault(device, [])
+    if held and held[-1].numel() >= n:
+        return held[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    held.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+    return held[-1]
 
 
 def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
@@ -236,20 +281,23 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     mx = torch.empty(b * h, count, dtype=torch.float32, device=q.device)
     total = torch.empty(b * h, count, dtype=torch.float32, device=q.device)
     out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
+    counts = _counts(q.device, b * kvh) if config.fused_combine else None
     partial = (q, keys, values, m, acc, mx, total,
                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
                values.stride(0), values.stride(1), values.stride(2), 0 if m.shape[0] == 1 else m.stride(0),
-               m.stride(1), kvh, n, per, count, scale)
+               m.stride(1), kvh, n, per, count, scale, out, acc if counts is None else counts)
     pdl = {"PDL": True, "launch_pdl": True} if pdl_enabled(q.device) else {}
     prefetch = {"PREFETCH": keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0} if pdl else {}
-    return [(_partial, (b * kvh, count), partial,
-             {**pdl, **prefetch, "GROUP": group, "D": d, "BLOCK": config.block, "DOT": dot,
-              "num_warps": config.num_warps,
-              "BLOCK_G": max(MIN_GROUP_ROWS if dot else 1, triton.next_power_of_2(group)),
-              # fp32 inputs: fp32 products, not TF32's (the matmul path's, unless TF32 is on)
-              "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}),
-            (_combine, (b * h,), (acc, mx, total, out, count),
-             {**pdl, "D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": COMBINE_CHUNK})], out
+    combining = {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": COMBINE_CHUNK}
+    calls = [(_partial, (b * kvh, count), partial,
+              {**pdl, **prefetch, **combining, "GROUP": group, "BLOCK": config.block, "DOT": dot,
+               "COMBINE": counts is not None, "num_warps": config.num_warps,
+               "BLOCK_G": max(MIN_GROUP_ROWS if dot else 1, triton.next_power_of_2(group)),
+               # fp32 inputs: fp32 products, not TF32's (the matmul path's, unless TF32 is on)
+               "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"})]
+    if counts is None:
+        calls.append((_combine, (b * h,), (acc, mx, total, out, count), {**pdl, **combining}))
+    return calls, out
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
