@@ -301,12 +301,13 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-           scale: float, splits: tuple[int, int] | None = None, config: Config = DEFAULT) -> torch.Tensor:
+           scale: float, splits: tuple[int, int] | None = None, config: Config | None = None) -> torch.Tensor:
     """Attention of one query per row: q [b, h, 1, d], keys/values [b, kv_heads, L, d] (views of
     the buffers: any strides with the last dimension contiguous), `mask` additive, broadcastable
     to [b, 1, 1, L] (None: every key); -> [b, h, 1, d] in q's dtype. `splits` (keys per split,
-    number of splits) overrides splits_for (tests); `config`: how the kernels are launched."""
-    calls, out = launches(q, keys, values, mask, scale, splits, config)
+    number of splits) overrides splits_for (tests); `config`: how the kernels are launched
+    (default: the module's DEFAULT as it is at the call)."""
+    calls, out = launches(q, keys, values, mask, scale, splits, config or DEFAULT)
     for kernel, grid, args, kwargs in calls:
         kernel[grid](*args, **kwargs)
     return out

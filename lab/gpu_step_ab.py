@@ -1,0 +1,93 @@
+"""Does a setting shorten the graph engine's decode step? Both of its values in one process,
+alternated round by round (a process's step varies by a few percent from the next one's, so two
+processes decide nothing), for fp16 and int4 (rtn4) weights of one preset: each round makes a new
+graph engine per weights and value (compiled and captured afresh), runs one request and records
+its decode steps' median. Writes one CSV row per round, weights and value.
+
+    python lab/gpu_step_ab.py --ab pdl --preset llava-1.5-7b --rounds 3 --out $OUT/pdl_ab_llava-1.5-7b.csv
+    python lab/gpu_step_ab.py --ab fused-combine --preset llava-1.5-7b --out $OUT/fused_combine_ab_llava-1.5-7b.csv
+
+--ab pdl: the engines' `--pdl` off against auto (programmatic dependent launch); fused-combine: the
+split-KV decode attention's splits combined by a second kernel (0) or by the partial kernel's last
+program (1; bench.engines.split_kv_attention.Config.fused_combine, set on the module's DEFAULT,
+which each capture reads). --int4-kernels as run's flag (default triton-f16x2: what `measured`
+chooses at one row on every decoder shape of llava-1.5-7b and vila1.5-3b on an H100); --seconds
+stops starting rounds after that long (the rounds finished are written as they finish).
+(The PDL CSVs under results/lab/h100 were written at ef34b17 by this script's earlier form,
+lab/gpu_pdl_ab.py, with columns pdl and pdl_on for setting/value and on.)
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from gpu_profile_common import QUESTION, demo_image, preset_adapter, profile_parser
+
+from bench.engines import split_kv_attention as sk
+from bench.engines.cache_policy import CachePolicy
+from bench.engines.graph import GraphEngine
+from bench.engines.spec import EngineSpec
+from bench.measure.results import CsvWriter
+
+
+def _pdl(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    return EngineSpec(pdl=value, int4_kernels=int4_kernels), lambda engine: engine.pdl
+
+
+def _fused_combine(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    sk.DEFAULT = dataclasses.replace(sk.DEFAULT, fused_combine=value == "1")
+    return EngineSpec(int4_kernels=int4_kernels), lambda engine: sk.DEFAULT.fused_combine and engine.decoder.split_kv
+
+
+# setting -> (its two values, value -> (the engine's spec, engine -> whether the value took effect))
+SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine)}
+
+
+def main() -> None:
+    ap = profile_parser("llava-1.5-7b")
+    ap.add_argument("--ab", choices=sorted(SETTINGS), default="pdl")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=float("inf"))
+    ap.add_argument("--weights", default="fp16,rtn4")
+    ap.add_argument("--int4-kernels", default="triton-f16x2")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    args = ap.parse_args()
+    values, setting = SETTINGS[args.ab]
+    image = demo_image()
+    adapters = {weights: preset_adapter(args.preset, weights) for weights in args.weights.split(",")}
+    w = CsvWriter(Path(args.out), ["model", "weights", "int4_kernels", "round", "setting", "value", "on", "step_ms",
+                                   "step_ms_p10", "step_ms_p90", "steps"])
+    start = time.monotonic()
+    for rnd in range(args.rounds):
+        if time.monotonic() - start > args.seconds:
+            break
+        order = values if rnd % 2 == 0 else values[::-1]  # neither always first
+        for weights, adapter in adapters.items():
+            for value in order:
+                torch._dynamo.reset()
+                spec, took = setting(value, args.int4_kernels)
+                engine = GraphEngine(adapter, CachePolicy(), spec)
+                engine.run_batch([(image, QUESTION)], args.new_tokens)  # compiled and captured here
+                steps = sorted(engine.run_batch([(image, QUESTION)], args.new_tokens).step_ms)
+                q = statistics.quantiles(steps, n=10)
+                row = {"model": args.preset, "weights": weights,
+                       "int4_kernels": args.int4_kernels if weights != "fp16" else "", "round": rnd,
+                       "setting": args.ab, "value": value, "on": bool(took(engine)),
+                       "step_ms": statistics.median(steps), "step_ms_p10": q[0], "step_ms_p90": q[-1],
+                       "steps": len(steps)}
+                w.write(row)
+                print(f"round {rnd} {weights} {args.ab}={value}: {row['step_ms']:.3f} ms "
+                      f"(p10 {q[0]:.3f}, p90 {q[-1]:.3f}, {len(steps)} steps)", flush=True)
+                del engine
+                gc.collect()
+                torch.cuda.empty_cache()
+    w.close()
+
+
+if __name__ == "__main__":
+    main()
