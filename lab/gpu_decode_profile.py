@@ -60,7 +60,7 @@ def main() -> None:
 
     def step():  # one decode step at the prompt's end (rewound each time: the buffer is finite)
         eng.cache.length.fill_(r.prompt_tokens)
-        eng.decoder.step(eng.decoder.embed(tok[:, None]), eng.one, eng.cache, eng.layer_fn, keys)
+        eng.step_call(eng.decoder.embed(tok[:, None]), eng.one, keys)
 
     with torch.inference_mode():
         for _ in range(3):

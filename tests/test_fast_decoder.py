@@ -272,10 +272,10 @@ def repeatable_decode_step(engine: StaticEngine, image):
     saved, length = engine.cache.data.clone(), engine.cache.length.clone()
     emb = dec.embed(torch.tensor([[token]]))
 
-    def step(layer_fn=None):
+    def step(layer_fn=None, deferred=False):
         engine.cache.data.copy_(saved)
         engine.cache.length.copy_(length)
-        return dec.step(emb, engine.one, engine.cache, layer_fn)
+        return dec.step(emb, engine.one, engine.cache, layer_fn, deferred=deferred)
 
     return step
 
@@ -286,25 +286,29 @@ def test_eager_exact_numerics_make_the_compiled_step_write_what_eager_does(check
     mean in its own order: with torch 2.13 here its logits differ in the last bits (torch 2.11's
     CPU inductor happens to match). On the H200, with deterministic attention kernels, eager-exact
     leaves none of a layer's outputs off eager's, fused 48%
-    (f67f436:results/h200/compile_numerics_llava-1.5-7b-deterministic.csv)."""
+    (f67f436:results/h200/compile_numerics_llava-1.5-7b-deterministic.csv). So does the graph
+    engine's compiled layer_at_deferred (each MLP output added by the next layer), and eagerly it
+    is the same arithmetic as layer_at: the same logits, bit for bit."""
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
     engine = StaticEngine(adapter, CachePolicy())
     dec = engine.decoder
     with torch.inference_mode():
         step = repeatable_decode_step(engine, demo_image)
         want = step()
+        assert torch.equal(step(deferred=True), want)
         differ = {}
         try:
-            for numerics in ("fused", "eager-exact"):
+            for numerics, deferred in (("fused", False), ("eager-exact", False), ("eager-exact", True)):
                 torch._dynamo.reset()
                 dec.numerics = numerics
-                got = step(torch.compile(dec.layer_at, dynamic=False, options=inductor_options(numerics)))
+                layer = dec.layer_at_deferred if deferred else dec.layer_at
+                got = step(torch.compile(layer, dynamic=False, options=inductor_options(numerics)), deferred)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-                differ[numerics] = int((got != want).sum())
+                differ[numerics, deferred] = int((got != want).sum())
         finally:
             dec.numerics = "fused"
             torch._dynamo.reset()
-    assert differ["eager-exact"] == 0, differ
+    assert differ["eager-exact", False] == differ["eager-exact", True] == 0, differ
 
 
 @pytest.mark.parametrize("one_query_matmul", [False, True])

@@ -181,8 +181,12 @@ class FastDecoder(nn.Module):
 
     def _out_mlp(self, block, h, o):
         h = self._attn_out(block, h, o)
+        return h + self._mlp(block, h)
+
+    def _mlp(self, block, h):
+        """The MLP's output for the residual stream h (before it is added to h)."""
         gate, up = block.gate_up(self._norm(block.ln2, h))
-        return h + block.down(self._gate(block, gate, up))
+        return block.down(self._gate(block, gate, up))
 
     def _sdpa(self, q, k, v, mask=None, causal=False):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling,
@@ -223,6 +227,20 @@ class FastDecoder(nn.Module):
         attending over the buffers' first `keys_end` columns (default all).
         Compiled, a few queries (the suffix buckets up to 32; one too under `one_query_matmul`)
         attend through `_matmul_attention`, one through the split-KV kernels under `split_kv`."""
+        return self._out_mlp(block, h, self._attend_at(block, h, cos, sin, pos, mask, keys, values, keys_end))
+
+    def layer_at_deferred(self, block, h, pending, cos, sin, pos, mask, keys, values, keys_end: int | None = None):
+        """`layer_at` with the residual add of each layer's MLP output deferred to the next layer:
+        the layer's input is h + pending (the layer before's MLP output; zeros for the first), and it
+        returns (its residual stream after attention, its MLP output). The same additions in the same
+        order, but compiled one layer at a time, the add lands in the next layer's first RMSNorm
+        kernel instead of a kernel of its own (one launch a layer fewer in a captured step)."""
+        h = h + pending
+        h = self._attn_out(block, h, self._attend_at(block, h, cos, sin, pos, mask, keys, values, keys_end))
+        return h, self._mlp(block, h)
+
+    def _attend_at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None):
+        """`layer_at`'s attention output [b, heads, t, d] (its new keys and values written)."""
         q, k, v = self._qkv(block, h, cos, sin)
         keys.index_copy_(2, pos, k)
         values.index_copy_(2, pos, v)
@@ -235,7 +253,7 @@ class FastDecoder(nn.Module):
             o = self._matmul_attention(q, keys, values, mask)
         else:
             o = self._sdpa(q, keys, values, mask=mask)
-        return self._out_mlp(block, h, o)
+        return o
 
     def _layer_mask(self, mask: torch.Tensor | None, dtype: torch.dtype):
         """The boolean mask (True: attend) as the layers take it: the additive one."""
@@ -316,15 +334,16 @@ class FastDecoder(nn.Module):
         return self._row_logits(h, (n_real - 1).reshape(1))
 
     def step(self, embeds: torch.Tensor, n_real: torch.Tensor, kv: KVBuffers, layer_fn=None,
-             key_len: int | None = None) -> torch.Tensor:
+             key_len: int | None = None, deferred: bool = False) -> torch.Tensor:
         """Tokens written from the device column kv.length (graph-capturable); the first
         `n_real` (device scalar) are real (a batch of several rows: all of them, as in decode).
         Returns logits of the last real token [b, 1, vocab].
         `layer_fn` replaces `layer_at` (GraphEngine passes its compiled copy); it gets the whole
-        buffers and the number of columns to attend over.
+        buffers and the number of columns to attend over. `deferred`: `layer_fn` is (a copy of)
+        `layer_at_deferred`, each layer's MLP output added by the next.
         `key_len`: attend over the buffers' first `key_len` columns only (the caller knows every
         token written so far lies below it); default all `max_len` of them."""
-        layer_fn = layer_fn or self.layer_at
+        layer_fn = layer_fn or (self.layer_at_deferred if deferred else self.layer_at)
         keys_end = key_len or kv.max_len
         t = embeds.shape[1]
         kv.settle()
@@ -337,8 +356,14 @@ class FastDecoder(nn.Module):
             cos, sin, mask = self._padded_step(embeds, kv, cols, causal, keys_end)
         mask = self._layer_mask(mask, embeds.dtype)
         h = embeds
-        for block, layer in zip(self.layers, kv.layers):
-            h = layer_fn(block, h, cos, sin, cols, mask, layer.keys, layer.values, keys_end)
+        if deferred:
+            pending = torch.zeros_like(embeds)
+            for block, layer in zip(self.layers, kv.layers):
+                h, pending = layer_fn(block, h, pending, cos, sin, cols, mask, layer.keys, layer.values, keys_end)
+            h = h + pending
+        else:
+            for block, layer in zip(self.layers, kv.layers):
+                h = layer_fn(block, h, cos, sin, cols, mask, layer.keys, layer.values, keys_end)
         index = (n_real - 1).reshape(1)
         kv.length.add_(n_real)
         if kv.next_pos is not None:

@@ -85,6 +85,7 @@ class GraphEngine(StaticEngine):
         self.decoder.split_kv = self._split_kv()
         options = inductor_options(self.spec.numerics)
         compile = lambda fn, dynamic: torch.compile(fn, dynamic=dynamic, options=options)  # noqa: E731
+        self.step_defers = False  # whether layer_fn is layer_at_deferred's compiled copy (set by the next line)
         self.layer_fn = self._compiled_step_layer(compile)
         self.prefill_fn = None
         first = self.decoder.layers[0]
@@ -110,8 +111,12 @@ class GraphEngine(StaticEngine):
         return not why
 
     def _compiled_step_layer(self, compile):
-        """The layer function decode steps and suffixes run, compiled by `compile(fn, dynamic)`."""
-        return compile(self.decoder.layer_at, False)
+        """The layer function decode steps and suffixes run, compiled by `compile(fn, dynamic)`:
+        layer_at_deferred, whose MLP residual add fuses into the next layer's first norm (in
+        llava-1.5-7b's captured int4 decode step on the H100 that add was a kernel of its own, 32
+        launches of 1.2 us: results/lab/h100/decode_profile_llava-1.5-7b-rtn4-f16x2.csv)."""
+        self.step_defers = True
+        return compile(self.decoder.layer_at_deferred, False)
 
     def _compiled_prefill_layer(self, compile):
         """The layer function full prefills run, compiled (dynamic length)."""
@@ -202,15 +207,20 @@ class GraphEngine(StaticEngine):
             self.cache.set_positions(saved)
         return graph, out
 
+    def step_call(self, embeds, n_real, key_len: int | None = None):
+        """The decoder's step through this engine's step layer (lab profiles call it as the graphs do)."""
+        return self.decoder.step(embeds, n_real, self.cache, self.layer_fn, key_len,
+                                 deferred=self.layer_fn is not None and self.step_defers)
+
     def _lm_step(self, embeds, n_real, key_len: int | None = None):
         try:
-            return self.decoder.step(embeds, n_real, self.cache, self.layer_fn, key_len)
+            return self.step_call(embeds, n_real, key_len)
         except Exception as e:  # noqa: BLE001 - compile failures have many types; recorded below
             if self.layer_fn is None or isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
             self.notes["compile"] = f"torch.compile failed ({e.__class__.__name__}: {str(e)[:120]}), layers run " \
                                     f"uncompiled"
-            self.layer_fn = None
+            self.layer_fn, self.step_defers = None, False
             return self.decoder.step(embeds, n_real, self.cache, self.eager_step_layer, key_len)
 
     def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:

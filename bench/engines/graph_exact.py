@@ -38,7 +38,7 @@ class GraphExactEngine(ExactRequests, GraphEngine):
     def _split_kv(self) -> bool:
         return False  # transformers' own attention call, whatever --decode-attention says
 
-    def _compiled_step_layer(self, compile):
+    def _compiled_step_layer(self, compile):  # transformers' additions, each where it makes them
         self._exact_layers = ExactLayers(self.decoder, compile, self._projection_streams())
         return self._exact_layers.at
 
