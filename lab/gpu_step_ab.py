@@ -10,7 +10,8 @@ its decode steps' median. Writes one CSV row per round, weights and value.
 --ab pdl: the engines' `--pdl` off against auto (programmatic dependent launch); fused-combine: the
 split-KV decode attention's splits combined by a second kernel (0) or by the partial kernel's last
 program (1; bench.engines.split_kv_attention.Config.fused_combine, set on the module's DEFAULT,
-which each capture reads). --int4-kernels as run's flag (default triton-f16x2: what `measured`
+which each capture reads); deferred-residual: the step layer compiled from FastDecoder.layer_at
+(0) or layer_at_deferred (1, the engine's own: each MLP residual add fused into the next layer). --int4-kernels as run's flag (default triton-f16x2: what `measured`
 chooses at one row on every decoder shape of llava-1.5-7b and vila1.5-3b on an H100); --seconds
 stops starting rounds after that long (the rounds finished are written as they finish).
 (The PDL CSVs under results/lab/h100 were written at ef34b17 by this script's earlier form,
@@ -30,6 +31,7 @@ from gpu_profile_common import QUESTION, demo_image, preset_adapter, profile_par
 
 from bench.engines import split_kv_attention as sk
 from bench.engines.cache_policy import CachePolicy
+from bench.engines.decoder import inductor_options
 from bench.engines.graph import GraphEngine
 from bench.engines.spec import EngineSpec
 from bench.measure.results import CsvWriter
@@ -44,8 +46,21 @@ def _fused_combine(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]
     return EngineSpec(int4_kernels=int4_kernels), lambda engine: sk.DEFAULT.fused_combine and engine.decoder.split_kv
 
 
-# setting -> (its two values, value -> (the engine's spec, engine -> whether the value took effect))
-SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine)}
+def _deferred_residual(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    def took(engine) -> bool:
+        if value == "0":  # the engine's step layer compiled from layer_at instead (nothing compiled yet)
+            options = inductor_options(engine.spec.numerics)
+            engine.layer_fn = torch.compile(engine.decoder.layer_at, dynamic=False, options=options)
+            engine.step_defers = False
+        return engine.step_defers
+
+    return EngineSpec(int4_kernels=int4_kernels), took
+
+
+# setting -> (its two values, value -> (the engine's spec, engine -> whether the value took effect,
+# called before the engine runs anything))
+SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine),
+            "deferred-residual": (("0", "1"), _deferred_residual)}
 
 
 def main() -> None:
@@ -72,12 +87,13 @@ def main() -> None:
                 torch._dynamo.reset()
                 spec, took = setting(value, args.int4_kernels)
                 engine = GraphEngine(adapter, CachePolicy(), spec)
+                on = bool(took(engine))
                 engine.run_batch([(image, QUESTION)], args.new_tokens)  # compiled and captured here
                 steps = sorted(engine.run_batch([(image, QUESTION)], args.new_tokens).step_ms)
                 q = statistics.quantiles(steps, n=10)
                 row = {"model": args.preset, "weights": weights,
                        "int4_kernels": args.int4_kernels if weights != "fp16" else "", "round": rnd,
-                       "setting": args.ab, "value": value, "on": bool(took(engine)),
+                       "setting": args.ab, "value": value, "on": on,
                        "step_ms": statistics.median(steps), "step_ms_p10": q[0], "step_ms_p90": q[-1],
                        "steps": len(steps)}
                 w.write(row)
