@@ -16,7 +16,9 @@ chooses per shape on this GPU first, --int4-kernel-candidates limiting the candi
 --int4-kernel-cache reuses a kernels.json measured on this kind of GPU with those candidates, e.g. a
 reference run's, and adds what it measures to it).
 --pdl auto launches with programmatic dependent launch where the GPU has it (as run's flag; off, the
-default, without); --inductor NAME=VALUE sets an inductor option first (combo_kernels=1).
+default, without); --inductor NAME=VALUE sets an inductor option first (combo_kernels=1);
+--split-kv CONFIG launches the split-KV attention so (fused_combine=1: its splits combined in its
+partial kernel).
 --batch-size B profiles a step of B rows (after a batch of B requests), the kernels a batched
 decode step replays.
 """
@@ -28,6 +30,7 @@ import torch
 
 from gpu_profile_common import graph_engine_after_one_request, kernel_times, profile_parser
 
+from bench.engines import split_kv_attention as sk
 from bench.engines.spec import EngineSpec
 from bench.pdl import MODES as PDL_MODES
 from bench.measure.results import CsvWriter
@@ -43,7 +46,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--pdl", default=EngineSpec.pdl, choices=PDL_MODES,
                     help="programmatic dependent launch (as run's --pdl)")
+    ap.add_argument("--split-kv", default="", help="the split-KV attention's launch configuration "
+                    "(split_kv_attention.Config.parse: 'fused_combine=1'; default its DEFAULT)")
     args = ap.parse_args()
+    if args.split_kv:
+        sk.DEFAULT = sk.Config.parse(args.split_kv)
     spec = EngineSpec(pdl=args.pdl, int4_kernels=args.int4_kernels, int4_kernel_cache=args.int4_kernel_cache,
                       int4_kernel_candidates=tuple(args.int4_kernel_candidates.split(","))
                       if args.int4_kernel_candidates else ())
