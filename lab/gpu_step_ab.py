@@ -11,7 +11,8 @@ its decode steps' median. Writes one CSV row per round, weights and value.
 split-KV decode attention's splits combined by a second kernel (0) or by the partial kernel's last
 program (1; bench.engines.split_kv_attention.Config.fused_combine, set on the module's DEFAULT,
 which each capture reads); deferred-residual: the step layer compiled from FastDecoder.layer_at
-(0) or layer_at_deferred (1, the engine's own: each MLP residual add fused into the next layer). --int4-kernels as run's flag (default triton-f16x2: what `measured`
+(0) or layer_at_deferred (1, the engine's own: each MLP residual add fused into the next layer,
+keys and values written by one copy). --int4-kernels as run's flag (default triton-f16x2: what `measured`
 chooses at one row on every decoder shape of llava-1.5-7b and vila1.5-3b on an H100); --seconds
 stops starting rounds after that long (the rounds finished are written as they finish).
 (The PDL CSVs under results/lab/h100 were written at ef34b17 by this script's earlier form,

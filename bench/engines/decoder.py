@@ -229,21 +229,29 @@ class FastDecoder(nn.Module):
         attend through `_matmul_attention`, one through the split-KV kernels under `split_kv`."""
         return self._out_mlp(block, h, self._attend_at(block, h, cos, sin, pos, mask, keys, values, keys_end))
 
-    def layer_at_deferred(self, block, h, pending, cos, sin, pos, mask, keys, values, keys_end: int | None = None):
-        """`layer_at` with the residual add of each layer's MLP output deferred to the next layer:
-        the layer's input is h + pending (the layer before's MLP output; zeros for the first), and it
-        returns (its residual stream after attention, its MLP output). The same additions in the same
-        order, but compiled one layer at a time, the add lands in the next layer's first RMSNorm
-        kernel instead of a kernel of its own (one launch a layer fewer in a captured step)."""
+    def layer_at_deferred(self, block, h, pending, cos, sin, pos, mask, pair, keys_end: int | None = None):
+        """`layer_at` as the graph engine compiles it, two launches a layer fewer in a captured step:
+        - the residual add of each layer's MLP output is deferred to the next layer: the layer's
+          input is h + pending (the layer before's MLP output; zeros for the first), and it returns
+          (its residual stream after attention, its MLP output). The same additions in the same
+          order, but compiled one layer at a time, the add lands in the next layer's first RMSNorm
+          kernel instead of a kernel of its own;
+        - keys and values come as one tensor, `pair` [2, b, kv_heads, L, d] (KVLayer.pair), written
+          by one index_copy_: as two views of one buffer, each written in turn, they were two kernels."""
         h = h + pending
-        h = self._attn_out(block, h, self._attend_at(block, h, cos, sin, pos, mask, keys, values, keys_end))
+        o = self._attend_at(block, h, cos, sin, pos, mask, pair[0], pair[1], keys_end, pair)
+        h = self._attn_out(block, h, o)
         return h, self._mlp(block, h)
 
-    def _attend_at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None):
-        """`layer_at`'s attention output [b, heads, t, d] (its new keys and values written)."""
+    def _attend_at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None, pair=None):
+        """`layer_at`'s attention output [b, heads, t, d] (its new keys and values written; by one
+        write into `pair` where given, whose [0] and [1] are keys and values)."""
         q, k, v = self._qkv(block, h, cos, sin)
-        keys.index_copy_(2, pos, k)
-        values.index_copy_(2, pos, v)
+        if pair is not None:
+            pair.index_copy_(3, pos, torch.stack((k, v)))
+        else:
+            keys.index_copy_(2, pos, k)
+            values.index_copy_(2, pos, v)
         if keys_end is not None and keys_end != keys.shape[2]:
             keys, values = keys[:, :, :keys_end], values[:, :, :keys_end]
         t = q.shape[2]
@@ -359,7 +367,7 @@ class FastDecoder(nn.Module):
         if deferred:
             pending = torch.zeros_like(embeds)
             for block, layer in zip(self.layers, kv.layers):
-                h, pending = layer_fn(block, h, pending, cos, sin, cols, mask, layer.keys, layer.values, keys_end)
+                h, pending = layer_fn(block, h, pending, cos, sin, cols, mask, layer.pair, keys_end)
             h = h + pending
         else:
             for block, layer in zip(self.layers, kv.layers):

@@ -10,6 +10,7 @@ import torch
 class KVLayer:
     keys: torch.Tensor  # [batch, kv_heads, max_len, head_dim]
     values: torch.Tensor
+    pair: torch.Tensor  # [2, batch, kv_heads, max_len, head_dim]: keys and values, one tensor
 
 
 class KVBuffers:
@@ -28,7 +29,7 @@ class KVBuffers:
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, max_len: int, device, dtype, batch: int = 1):
         self.data = torch.zeros(layers, 2, batch, kv_heads, max_len, head_dim, device=device, dtype=dtype)
-        self.layers = [KVLayer(self.data[i, 0], self.data[i, 1]) for i in range(layers)]
+        self.layers = [KVLayer(self.data[i, 0], self.data[i, 1], self.data[i]) for i in range(layers)]
         self.length = torch.zeros((), dtype=torch.long, device=device)
         self.deferred: int | None = None  # the length when the device tensor does not hold it yet
         self.max_len, self.batch = max_len, batch
