@@ -23,6 +23,9 @@ except ImportError:  # CPU builds of torch
     triton = None
 
 MODES = ("auto", "off")  # auto: on where the GPU (compute capability 9+) and torch have it
+# Whether the project's kernels launched with PDL ask L2 for their weights (keys, values) before
+# their wait: read at each launch; lab/gpu_step_ab.py --ab pdl-prefetch times the step without it.
+PREFETCH = True
 
 
 def _inductor_triton():

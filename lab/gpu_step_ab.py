@@ -12,9 +12,11 @@ split-KV decode attention's splits combined by a second kernel (0) or by the par
 program (1; bench.engines.split_kv_attention.Config.fused_combine, set on the module's DEFAULT,
 which each capture reads); deferred-residual: the step layer compiled from FastDecoder.layer_at
 (0) or layer_at_deferred (1, the engine's own: each MLP residual add fused into the next layer,
-keys and values written by one copy). --int4-kernels as run's flag (default triton-f16x2: what `measured`
-chooses at one row on every decoder shape of llava-1.5-7b and vila1.5-3b on an H100); --seconds
-stops starting rounds after that long (the rounds finished are written as they finish).
+keys and values written by one copy); pdl-prefetch: under `--pdl auto`, the project's kernels
+without (0) or with (1, bench.pdl.PREFETCH's default) their L2 prefetch before the wait.
+--int4-kernels as run's flag (default triton-f16x2: what `measured` chooses at one row on every
+decoder shape of llava-1.5-7b and vila1.5-3b on an H100); --seconds stops starting rounds after
+that long (the rounds finished are written as they finish).
 (The PDL CSVs under results/lab/h100 were written at ef34b17 by this script's earlier form,
 lab/gpu_pdl_ab.py, with columns pdl and pdl_on for setting/value and on.)
 """
@@ -30,6 +32,7 @@ import torch
 
 from gpu_profile_common import QUESTION, demo_image, preset_adapter, profile_parser
 
+from bench import pdl
 from bench.engines import split_kv_attention as sk
 from bench.engines.cache_policy import CachePolicy
 from bench.engines.decoder import inductor_options
@@ -58,10 +61,15 @@ def _deferred_residual(value: str, int4_kernels: str) -> tuple[EngineSpec, calla
     return EngineSpec(int4_kernels=int4_kernels), took
 
 
+def _pdl_prefetch(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    pdl.PREFETCH = value == "1"
+    return EngineSpec(pdl="auto", int4_kernels=int4_kernels), lambda engine: engine.pdl and pdl.PREFETCH
+
+
 # setting -> (its two values, value -> (the engine's spec, engine -> whether the value took effect,
 # called before the engine runs anything))
 SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine),
-            "deferred-residual": (("0", "1"), _deferred_residual)}
+            "deferred-residual": (("0", "1"), _deferred_residual), "pdl-prefetch": (("0", "1"), _pdl_prefetch)}
 
 
 def main() -> None:

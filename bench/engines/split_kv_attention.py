@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench import pdl as pdl_settings
 from bench.pdl import enabled as pdl_enabled
 
 try:
@@ -287,7 +288,8 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                values.stride(0), values.stride(1), values.stride(2), 0 if m.shape[0] == 1 else m.stride(0),
                m.stride(1), kvh, n, per, count, scale, out, acc if counts is None else counts)
     pdl = {"PDL": True, "launch_pdl": True} if pdl_enabled(q.device) else {}
-    prefetch = {"PREFETCH": keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0} if pdl else {}
+    prefetch = {"PREFETCH": pdl_settings.PREFETCH and keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0
+                } if pdl else {}
     combining = {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": COMBINE_CHUNK}
     calls = [(_partial, (b * kvh, count), partial,
               {**pdl, **prefetch, **combining, "GROUP": group, "BLOCK": config.block, "DOT": dot,

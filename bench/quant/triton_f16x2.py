@@ -13,8 +13,8 @@ as 1024 + 16 q, which `fma.rn.f16x2` by 1/16 and -72 takes to q - 8 (both exact 
 ((q - 8) s + z), and four f16x2 multiply-adds with x's column pairs leave two fp16 partial sums of
 four products each, added into fp32: 21 instructions per 8 weights, 3.2-4.4 per weight with the
 loop's loads and addresses in the configurations kept below (sm_90 SASS, lab/triton_tiles_h2.py
-aot; fewer where a thread holds more weights). The fastest configuration of a shape is not always the one issuing fewest: more,
-smaller programs also hide more of the memory's latency. The f16x2 block is inline PTX: Triton has
+aot; fewer where a thread holds more weights). The fastest configuration of a shape is not always
+the one issuing fewest: more, smaller programs also hide more of the memory's latency. The f16x2 block is inline PTX: Triton has
 no type for two halves in one register.
 
 A program's words are laid out rows first, [row, k-tile, word] (a thread's consecutive elements
@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bench import pdl as pdl_settings
 from bench.pdl import enabled as pdl_enabled, prefetch_l2
 from bench.quant.int4 import TINYGEMM_MID
 from bench.quant.w4a16.base import autotune_bench
@@ -169,11 +170,13 @@ def _rows_last(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, G: t
 
 @triton.jit
 def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
-                  SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False):
+                  SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False,
+                  PREFETCH: tl.constexpr = True):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). PDL: launched with programmatic dependent launch (bench.pdl):
-    wait for the kernel before, then let the next one start."""
+    wait for the kernel before (PREFETCH: asking L2 for the program's weights first), then let the
+    next one start."""
     BN: tl.constexpr = TN * 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -182,11 +185,12 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
     kt_lo = pid_k * per
     if PDL:
         # the weights are no kernel's output: their reading starts while the kernel before ends
-        for t in tl.static_range(TN):
-            tile_row = pid_n * TN + t
-            if (tile_row * 8 < N) & (kt_lo < k_tiles):
-                prefetch_l2(p_ptr + (tile_row * k_tiles + kt_lo) * 128,
-                            (tl.minimum(per, k_tiles - kt_lo) * 512).to(tl.int32))
+        if PREFETCH:
+            for t in tl.static_range(TN):
+                tile_row = pid_n * TN + t
+                if (tile_row * 8 < N) & (kt_lo < k_tiles):
+                    prefetch_l2(p_ptr + (tile_row * k_tiles + kt_lo) * 128,
+                                (tl.minimum(per, k_tiles - kt_lo) * 512).to(tl.int32))
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     n = pid_n * BN + tl.arange(0, BN)  # weight rows
@@ -227,9 +231,9 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BKT"])]
 
 
-_tuned = triton.autotune(_configs(split=False), key=["N", "K", "PDL"], do_bench=autotune_bench,
+_tuned = triton.autotune(_configs(split=False), key=["N", "K", "PDL", "PREFETCH"], do_bench=autotune_bench,
                          prune_configs_by={"early_config_prune": _prune})(_f16x2_kernel)
-_tuned_split = triton.autotune(_configs(split=True), key=["N", "K", "PDL"], reset_to_zero=["y_ptr"],
+_tuned_split = triton.autotune(_configs(split=True), key=["N", "K", "PDL", "PREFETCH"], reset_to_zero=["y_ptr"],
                                do_bench=autotune_bench, prune_configs_by={"early_config_prune": _prune})(_f16x2_kernel)
 
 
@@ -258,7 +262,7 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     # a split output is zeroed by the kernel before (torch.zeros), which the programs' wait orders
     # PDL always named: it keys the autotuners (a configuration tuned without PDL is not taken with it)
     on = not emulate and pdl_enabled(x.device)
-    pdl = {"PDL": on, **({"launch_pdl": True} if on else {})}
+    pdl = {"PDL": on, "PREFETCH": on and pdl_settings.PREFETCH, **({"launch_pdl": True} if on else {})}
     if config is not None:
         config = {"ROWS_FIRST": True, **config}
         launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3), **pdl}
