@@ -2,6 +2,8 @@
 (bench.engines.decoder.NUMERICS), one decode step of a preset (random weights, after a real
 prompt's prefill), every layer fed the eager step's input for it: the share of output elements
 that differ from eager's and the largest difference, and the same for the step's logits.
+It compiles FastDecoder.layer_at; the graph engine compiles layer_at_deferred, whose outputs are
+layer_at's bit for bit under the eager numerics (tests/test_fast_decoder.py checks it on the CPU).
 
     python lab/gpu_compile_numerics.py --preset llava-1.5-7b --out compile_numerics_llava-1.5-7b.csv
         [--attention-kernels auto]  (bench.engines.attention_kernels; default deterministic)

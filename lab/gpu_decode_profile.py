@@ -75,12 +75,13 @@ def main() -> None:
         torch.cuda.synchronize()
         per_kernel = kernel_times(step, args.steps)
     total = sum(ms for ms, _ in per_kernel.values())
-    w = CsvWriter(Path(args.out), ["model", "weights", "batch_size", "int4_kernels", "inductor", "pdl", "step_ms",
-                                   "kernel", "ms_per_step", "launches_per_step", "share"])
+    w = CsvWriter(Path(args.out), ["model", "weights", "batch_size", "int4_kernels", "inductor", "pdl", "split_kv",
+                                   "step_ms", "kernel", "ms_per_step", "launches_per_step", "share"])
     plan = eng.int4_kernels.column() if eng.int4_kernels is not None else ""
     for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
         w.write({"model": args.preset, "weights": args.weights, "batch_size": args.batch_size, "int4_kernels": plan,
-                 "inductor": ";".join(args.inductor), "pdl": eng.pdl, "step_ms": step_ms,
+                 "inductor": ";".join(args.inductor), "pdl": eng.pdl,
+                 "split_kv": sk.DEFAULT.label() if eng.decoder.split_kv else "", "step_ms": step_ms,
                  "kernel": name[:120], "ms_per_step": ms, "launches_per_step": n, "share": ms / total})
     w.close()
     launches = sum(n for _, n in per_kernel.values())

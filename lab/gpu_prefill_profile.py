@@ -50,7 +50,7 @@ def main() -> None:
 
             def call(x=x, n=n):
                 kv.length.fill_(p.prefix_tokens)
-                return dec.step(x, n, kv, eng.layer_fn, deferred=eng.step_defers)
+                return dec.step(x, n, kv, eng.layer_fn)
             dec.prefill(prefix, kv, 0)
             for _ in range(3):
                 call()

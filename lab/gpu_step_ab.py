@@ -55,8 +55,7 @@ def _deferred_residual(value: str, int4_kernels: str) -> tuple[EngineSpec, calla
         if value == "0":  # the engine's step layer compiled from layer_at instead (nothing compiled yet)
             options = inductor_options(engine.spec.numerics)
             engine.layer_fn = torch.compile(engine.decoder.layer_at, dynamic=False, options=options)
-            engine.step_defers = False
-        return engine.step_defers
+        return getattr(engine.layer_fn, "defers_residual", False)
 
     return EngineSpec(int4_kernels=int4_kernels), took
 

@@ -272,10 +272,15 @@ def stand_in_capture(monkeypatch):
 
 def uncompiled(engine):
     """A graph engine whose captured calls run its layers uncompiled (no compiling here): its eager
-    layer functions, or the decoder's own where it has none (the graph engine), so the captured
-    prefill paths still run."""
-    engine.layer_fn = engine.eager_step_layer or engine.decoder.layer_at
+    layer functions, or where it has none (the graph engine) the decoder's own in the form the
+    engine compiles them (its step layer deferring each MLP residual add), so the captured
+    prefill paths still run. Its steps must not fall back as after a compile failure (`notes`:
+    that would hide any error in the layers)."""
+    from bench.engines.decoder import deferring
+
+    engine.layer_fn = engine.eager_step_layer or deferring(engine.decoder.layer_at_deferred)
     engine.prefill_fn = engine.eager_prefill_layer or engine.decoder.layer_from
+    engine._lm_step = lambda embeds, n_real, key_len=None: engine.step_call(embeds, n_real, key_len)
     return engine
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bench.engines.cache_policy import CachePolicy
-from bench.engines.decoder import FastDecoder, fast_decoder, inductor_options
+from bench.engines.decoder import FastDecoder, deferring, fast_decoder, inductor_options
 from bench.engines.fused_linear import FusedProjections
 from bench.models.loader import load_checkpoint
 from bench.engines.kv_buffers import KVBuffers
@@ -272,10 +272,10 @@ def repeatable_decode_step(engine: StaticEngine, image):
     saved, length = engine.cache.data.clone(), engine.cache.length.clone()
     emb = dec.embed(torch.tensor([[token]]))
 
-    def step(layer_fn=None, deferred=False):
+    def step(layer_fn=None):
         engine.cache.data.copy_(saved)
         engine.cache.length.copy_(length)
-        return dec.step(emb, engine.one, engine.cache, layer_fn, deferred=deferred)
+        return dec.step(emb, engine.one, engine.cache, layer_fn)
 
     return step
 
@@ -295,14 +295,15 @@ def test_eager_exact_numerics_make_the_compiled_step_write_what_eager_does(check
     with torch.inference_mode():
         step = repeatable_decode_step(engine, demo_image)
         want = step()
-        assert torch.equal(step(deferred=True), want)
+        assert torch.equal(step(deferring(dec.layer_at_deferred)), want)
         differ = {}
         try:
             for numerics, deferred in (("fused", False), ("eager-exact", False), ("eager-exact", True)):
                 torch._dynamo.reset()
                 dec.numerics = numerics
-                layer = dec.layer_at_deferred if deferred else dec.layer_at
-                got = step(torch.compile(layer, dynamic=False, options=inductor_options(numerics)), deferred)
+                layer = torch.compile(dec.layer_at_deferred if deferred else dec.layer_at, dynamic=False,
+                                      options=inductor_options(numerics))
+                got = step(deferring(layer) if deferred else layer)
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
                 differ[numerics, deferred] = int((got != want).sum())
         finally:

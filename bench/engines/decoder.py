@@ -223,19 +223,24 @@ class FastDecoder(nn.Module):
         return self._out_mlp(block, h, o)
 
     def layer_at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None = None):
-        """One layer for tokens at device positions `pos` (graph-capturable; what gets compiled),
-        attending over the buffers' first `keys_end` columns (default all).
+        """One layer for tokens at device positions `pos` (graph-capturable; what the graph
+        engines compile, as `layer_at_deferred`), attending over the buffers' first `keys_end`
+        columns (default all).
         Compiled, a few queries (the suffix buckets up to 32; one too under `one_query_matmul`)
         attend through `_matmul_attention`, one through the split-KV kernels under `split_kv`."""
         return self._out_mlp(block, h, self._attend_at(block, h, cos, sin, pos, mask, keys, values, keys_end))
 
     def layer_at_deferred(self, block, h, pending, cos, sin, pos, mask, pair, keys_end: int | None = None):
-        """`layer_at` as the graph engine compiles it, two launches a layer fewer in a captured step:
+        """`layer_at` as the graph engine compiles it (called through `deferring`), two launches a
+        layer fewer in a captured step (and two more a step: the first layer's zeros, the last
+        layer's add):
         - the residual add of each layer's MLP output is deferred to the next layer: the layer's
           input is h + pending (the layer before's MLP output; zeros for the first), and it returns
           (its residual stream after attention, its MLP output). The same additions in the same
           order, but compiled one layer at a time, the add lands in the next layer's first RMSNorm
-          kernel instead of a kernel of its own;
+          kernel instead of a kernel of its own. Under the eager numerics (eager-casts, eager-exact)
+          the sum is rounded to fp16 there as before, so the outputs are layer_at's bit for bit;
+          "fused" lets that norm read it unrounded;
         - keys and values come as one tensor, `pair` [2, b, kv_heads, L, d] (KVLayer.pair), written
           by one index_copy_: as two views of one buffer, each written in turn, they were two kernels."""
         h = h + pending
@@ -342,16 +347,17 @@ class FastDecoder(nn.Module):
         return self._row_logits(h, (n_real - 1).reshape(1))
 
     def step(self, embeds: torch.Tensor, n_real: torch.Tensor, kv: KVBuffers, layer_fn=None,
-             key_len: int | None = None, deferred: bool = False) -> torch.Tensor:
+             key_len: int | None = None) -> torch.Tensor:
         """Tokens written from the device column kv.length (graph-capturable); the first
         `n_real` (device scalar) are real (a batch of several rows: all of them, as in decode).
         Returns logits of the last real token [b, 1, vocab].
-        `layer_fn` replaces `layer_at` (GraphEngine passes its compiled copy); it gets the whole
-        buffers and the number of columns to attend over. `deferred`: `layer_fn` is (a copy of)
-        `layer_at_deferred`, each layer's MLP output added by the next.
+        `layer_fn` replaces `layer_at`; it gets the whole buffers and the number of columns to
+        attend over; one made by `deferring` (GraphEngine's compiled layer_at_deferred) takes and
+        returns each layer's MLP output for the next to add.
         `key_len`: attend over the buffers' first `key_len` columns only (the caller knows every
         token written so far lies below it); default all `max_len` of them."""
-        layer_fn = layer_fn or (self.layer_at_deferred if deferred else self.layer_at)
+        layer_fn = layer_fn or self.layer_at
+        deferred = getattr(layer_fn, "defers_residual", False)
         keys_end = key_len or kv.max_len
         t = embeds.shape[1]
         kv.settle()
@@ -393,6 +399,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def deferring(layer_fn):
+    """`layer_fn` (FastDecoder.layer_at_deferred, compiled or not) as FastDecoder.step calls it:
+    marked as taking and returning each layer's MLP output (a function of its own, so the mark
+    goes wherever the function goes and nothing else carries it)."""
+    def layer(*args, **kwargs):
+        return layer_fn(*args, **kwargs)
+
+    layer.defers_residual = True
+    return layer
 
 
 # The decoder built over each loaded model's modules (weak: it goes with its model).

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from bench.engines import attention_kernels
-from bench.engines.decoder import inductor_options
+from bench.engines.decoder import deferring, inductor_options
 from bench.engines.kv_buffers import KVBuffers
 from bench.engines.spec import EngineSpec
 from bench.engines.static import StaticEngine
@@ -85,7 +85,6 @@ class GraphEngine(StaticEngine):
         self.decoder.split_kv = self._split_kv()
         options = inductor_options(self.spec.numerics)
         compile = lambda fn, dynamic: torch.compile(fn, dynamic=dynamic, options=options)  # noqa: E731
-        self.step_defers = False  # whether layer_fn is layer_at_deferred's compiled copy (set by the next line)
         self.layer_fn = self._compiled_step_layer(compile)
         self.prefill_fn = None
         first = self.decoder.layers[0]
@@ -116,8 +115,7 @@ class GraphEngine(StaticEngine):
         keys and values are written by one copy (in llava-1.5-7b's captured int4 decode step on the
         H100 the add and the values' copy were kernels of their own, 32 launches each of 1.2 and 1.1
         us: results/lab/h100/decode_profile_llava-1.5-7b-rtn4-f16x2.csv)."""
-        self.step_defers = True
-        return compile(self.decoder.layer_at_deferred, False)
+        return deferring(compile(self.decoder.layer_at_deferred, False))
 
     def _compiled_prefill_layer(self, compile):
         """The layer function full prefills run, compiled (dynamic length)."""
@@ -210,8 +208,7 @@ class GraphEngine(StaticEngine):
 
     def step_call(self, embeds, n_real, key_len: int | None = None):
         """The decoder's step through this engine's step layer (lab profiles call it as the graphs do)."""
-        return self.decoder.step(embeds, n_real, self.cache, self.layer_fn, key_len,
-                                 deferred=self.layer_fn is not None and self.step_defers)
+        return self.decoder.step(embeds, n_real, self.cache, self._step_layer(), key_len)
 
     def _lm_step(self, embeds, n_real, key_len: int | None = None):
         try:
@@ -221,8 +218,8 @@ class GraphEngine(StaticEngine):
                 raise
             self.notes["compile"] = f"torch.compile failed ({e.__class__.__name__}: {str(e)[:120]}), layers run " \
                                     f"uncompiled"
-            self.layer_fn, self.step_defers = None, False
-            return self.decoder.step(embeds, n_real, self.cache, self.eager_step_layer, key_len)
+            self.layer_fn = None
+            return self.step_call(embeds, n_real, key_len)
 
     def prefill(self, embeds: torch.Tensor, cache: KVBuffers, start: int, valid=None) -> torch.Tensor:
         self.forget_overwritten(cache, start)

@@ -1,6 +1,6 @@
 """One-query attention over the static KV buffers split along the keys ("flash-decoding"): the
-decode step's attention as two Triton kernels instead of a scores GEMM, a softmax and a values
-GEMM.
+decode step's attention as two Triton kernels (or one, Config.fused_combine) instead of a scores
+GEMM, a softmax and a values GEMM.
 
 Why: a decode step's attention reads every row's keys and values up to the attended length once.
 Done as two batched GEMMs of one query row (FastDecoder._matmul_attention), each is a
@@ -240,6 +240,8 @@ def _programs(device: torch.device, per_sm: int) -> int:
 # Per device, the fused combine's counts (int32 zeros, each set back to zero by the launch that
 # counted it): allocated outside any CUDA graph capture and never freed, since captured launches
 # keep their address; one too small is replaced, the old one kept alive for the graphs holding it.
+# Shared by every fused launch on the device, so two must never run at once (two streams): the
+# engines launch them on one stream, one layer after another.
 _COUNTS: dict[torch.device, list[torch.Tensor]] = {}
 
 
@@ -258,7 +260,8 @@ def _counts(device: torch.device, n: int) -> torch.Tensor | None:
 def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
              scale: float, splits: tuple[int, int] | None = None,
              config: Config = DEFAULT) -> tuple[list, torch.Tensor]:
-    """([(kernel, grid, args, kwargs) of the two launches], output) for `attend`'s arguments, its
+    """([(kernel, grid, args, kwargs) of the launches: partial and combine, or the partial alone
+    under fused_combine], output) for `attend`'s arguments, its
     buffers allocated on q's device (the meta device gives what lab and tests compile for a GPU
     that is not here: bench.quant.triton_aot)."""
     b, h, t, d = q.shape

@@ -1,8 +1,10 @@
 """The `static` engine: KV buffers allocated once and reused by every request, driven by our
 own decoder forward (bench.engines.decoder) in eager calls. Runs anywhere (the CPU tests check
-its greedy tokens against transformers' generate); it is exactly the sequence of calls the
-`graph` engine (bench.engines.graph) captures. It keeps long inputs on the original, separate
-projections, so its prefill is bit-identical to transformers'.
+its greedy tokens against transformers' generate); it makes the calls the `graph` engine
+(bench.engines.graph) compiles and captures, with the same arithmetic (that engine's compiled step
+layer adds each layer's MLP output in the next layer and writes keys and values by one copy).
+It keeps long inputs on the original, separate projections, so its prefill is bit-identical to
+transformers'.
 """
 from __future__ import annotations
 
