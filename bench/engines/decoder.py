@@ -231,9 +231,10 @@ class FastDecoder(nn.Module):
         return self._out_mlp(block, h, self._attend_at(block, h, cos, sin, pos, mask, keys, values, keys_end))
 
     def layer_at_deferred(self, block, h, pending, cos, sin, pos, mask, pair, keys_end: int | None = None):
-        """`layer_at` as the graph engine compiles it (called through `deferring`), two launches a
-        layer fewer in a captured step (and two more a step: the first layer's zeros, the last
-        layer's add):
+        """`layer_at` as the graph engine compiles it (called through `deferring`), written to
+        launch two kernels a layer fewer in a captured step (and two more a step: the first
+        layer's zeros, the last layer's add; lab/gpu_step_ab.py --ab deferred-residual times it
+        against layer_at):
         - the residual add of each layer's MLP output is deferred to the next layer: the layer's
           input is h + pending (the layer before's MLP output; zeros for the first), and it returns
           (its residual stream after attention, its MLP output). The same additions in the same

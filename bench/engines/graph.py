@@ -111,10 +111,10 @@ class GraphEngine(StaticEngine):
 
     def _compiled_step_layer(self, compile):
         """The layer function decode steps and suffixes run, compiled by `compile(fn, dynamic)`:
-        layer_at_deferred, whose MLP residual add fuses into the next layer's first norm and whose
-        keys and values are written by one copy (in llava-1.5-7b's captured int4 decode step on the
-        H100 the add and the values' copy were kernels of their own, 32 launches each of 1.2 and 1.1
-        us: results/lab/h100/decode_profile_llava-1.5-7b-rtn4-f16x2.csv)."""
+        layer_at_deferred, whose MLP residual add goes into the next layer's first norm and whose
+        keys and values are written by one copy (compiled from layer_at, in llava-1.5-7b's captured
+        int4 decode step on the H100 the add and the values' copy were kernels of their own, 32
+        launches each of 1.2 and 1.1 us: results/lab/h100/decode_profile_llava-1.5-7b-rtn4-f16x2.csv)."""
         return deferring(compile(self.decoder.layer_at_deferred, False))
 
     def _compiled_prefill_layer(self, compile):

@@ -14,8 +14,8 @@ as 1024 + 16 q, which `fma.rn.f16x2` by 1/16 and -72 takes to q - 8 (both exact 
 four products each, added into fp32: 21 instructions per 8 weights, 3.2-4.4 per weight with the
 loop's loads and addresses in the configurations kept below (sm_90 SASS, lab/triton_tiles_h2.py
 aot; fewer where a thread holds more weights). The fastest configuration of a shape is not always
-the one issuing fewest: more, smaller programs also hide more of the memory's latency. The f16x2 block is inline PTX: Triton has
-no type for two halves in one register.
+the one issuing fewest: more, smaller programs also hide more of the memory's latency. The f16x2
+block is inline PTX: Triton has no type for two halves in one register.
 
 A program's words are laid out rows first, [row, k-tile, word] (a thread's consecutive elements
 are consecutive words of one row, loaded at once), or rows last, [k-tile, word, row] (they are
