@@ -259,11 +259,12 @@ def _counts(device: torch.device, n: int) -> torch.Tensor | None:
 
 def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
              scale: float, splits: tuple[int, int] | None = None,
-             config: Config = DEFAULT) -> tuple[list, torch.Tensor]:
+             config: Config | None = None) -> tuple[list, torch.Tensor]:
     """([(kernel, grid, args, kwargs) of the launches: partial and combine, or the partial alone
-    under fused_combine], output) for `attend`'s arguments, its
-    buffers allocated on q's device (the meta device gives what lab and tests compile for a GPU
-    that is not here: bench.quant.triton_aot)."""
+    under fused_combine], output) for `attend`'s arguments (`config` default: the module's DEFAULT
+    as it is at the call), its buffers allocated on q's device (the meta device gives what lab and
+    tests compile for a GPU that is not here: bench.quant.triton_aot)."""
+    config = config or DEFAULT
     b, h, t, d = q.shape
     kvh, n = keys.shape[1], keys.shape[2]
     problem = "split-kv attention takes one query" if t != 1 else _shape_problem(h, kvh, d)
@@ -311,8 +312,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     the buffers: any strides with the last dimension contiguous), `mask` additive, broadcastable
     to [b, 1, 1, L] (None: every key); -> [b, h, 1, d] in q's dtype. `splits` (keys per split,
     number of splits) overrides splits_for (tests); `config`: how the kernels are launched
-    (default: the module's DEFAULT as it is at the call)."""
-    calls, out = launches(q, keys, values, mask, scale, splits, config or DEFAULT)
+    (`launches`' default)."""
+    calls, out = launches(q, keys, values, mask, scale, splits, config)
     for kernel, grid, args, kwargs in calls:
         kernel[grid](*args, **kwargs)
     return out
