@@ -30,4 +30,4 @@ if ! command -v nvidia-smi >/dev/null 2>&1 && ! python -c "import triton" >/dev/
     python -m pip install -q "triton==3.6.0"
 fi
 python -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}, cuda={torch.cuda.is_available()}')"
-echo "ready (nothing to activate): .venv/bin/python vila_prefix_benchmark.py runs the benchmark, .venv/bin/python -m pytest the tests"
+echo "ready (nothing to activate): .venv/bin/python vila_prefix_benchmark.py runs the benchmark, .venv/bin/python -m pytest -n 2 the tests"

@@ -12,7 +12,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench.quiet import quiet_libraries  # noqa: E402
 
 quiet_libraries()
-torch.set_num_threads(2)
+# Two threads, shared among pytest-xdist's workers (`-n 2` gives each one): more threads than cores
+# only makes every worker wait.
+torch.set_num_threads(max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 DEMO = ROOT / "bench" / "assets" / "demo.png"
 

@@ -214,7 +214,7 @@ def test_ci_runs_the_readme_set_up_and_test_commands():
     readme = (ROOT / "README.md").read_text()
     ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
           if line.strip() and not line.startswith(("#", "set ", "cd "))]
-    assert ci == ["./environment_setup.sh", ".venv/bin/python -m pytest"]
+    assert ci == ["./environment_setup.sh", ".venv/bin/python -m pytest -n 2"]
     assert all(f"\n{cmd}" in readme for cmd in ci)
 
 
