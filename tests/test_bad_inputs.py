@@ -230,7 +230,7 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--new-tokens", "4,100000"], "--new-tokens"),
     (["--prompt-lengths", str(10**7)], "--prompt-lengths"),
     (["--max-tiles", str(10**6)], "--max-tiles"),
-    (["--num-frames", str(10**8)], "--num-frames"),
+    (["--frames-dir", "f", "--num-frames", str(10**8)], "--num-frames 100000000: at most 4096"),
     (["--max-cv", "-0.5"], "--max-cv"),
     (["--max-cv", "0"], "--max-cv"),
     (["--max-cv", "nan"], "--max-cv"),
@@ -283,6 +283,8 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     # a flag that would be ignored
     (["--loader", "serial"], "--loader applies to --video-mode frames"),  # image requests read no frames
     (["--video-mode", "clip"], "--video-mode applies to video input"),  # recorded, then an image run
+    (["--num-frames", "16"], "--num-frames applies to video input"),  # image requests show their images
+    (["--num-frames", "8"], "--num-frames applies to video input"),  # the default, but given for nothing
     (["--video-mode", ""], "--video-mode is empty"),
     (["--frames-dir", "f", "--video-mode", "clip", "--loader", "serial"], "a clip request reads all its frames"),
     (["--loader", ""], "--loader is empty"),

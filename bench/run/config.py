@@ -23,6 +23,7 @@ DEMO_IMAGE = Path(__file__).resolve().parents[1] / "assets" / "demo.png"
 DEFAULT_PRESET = "tiny-vila"
 MAX_TILES = 64  # InternVL tiles per still image (its processors use max_num 12, some configs up to 40)
 MAX_FRAMES = 4096  # sampled video frames (each is at least one image token of the prompt)
+DEFAULT_FRAMES = 8  # --num-frames left out
 PREPROCESS_PLACES = ("device", "cpu")
 EXECUTORS = ("serial", "local", "ray")
 MAX_CPU_THREADS = 1024
@@ -55,7 +56,7 @@ class RunFields:
                                  nonempty="a path")
     frames_dir: str | None = opt("folder of extracted video frames (sorted by name), sampled like --video-path",
                                  nonempty="a directory")
-    num_frames: int = opt("video: frames sampled uniformly (0: every frame)", 8)
+    num_frames: int | None = opt(f"video: frames sampled uniformly (default: {DEFAULT_FRAMES}; 0: every frame)")
     video_mode: str | None = opt("video: frames (each request shows the next frame, as frame-by-frame analysis) or "
                                  "clip (each request shows all sampled frames as one video) (default: frames)",
                                  nonempty="a mode")
@@ -171,6 +172,8 @@ class RunConfigBase:
             self.part_options(cls)
         if self.video_path and self.frames_dir:
             raise UsageError("give --video-path or --frames-dir, not both")
+        if self.num_frames is None:
+            self.num_frames = DEFAULT_FRAMES
         if self.num_frames < 0:
             raise UsageError("--num-frames must not be negative")
         if self.max_tiles < 1:
@@ -421,4 +424,8 @@ def config_from_args(argv: list[str] | None, parser: argparse.ArgumentParser | N
     """The run config of a command line (parsed by `parser`, default build_parser())."""
     cls = config_class()
     ns = (parser or build_parser(cls)).parse_args(argv)
+    if ns.num_frames is not None and not (ns.video_path or ns.frames_dir):
+        # a run's requests show the images; `serve` keeps --num-frames for its video_url requests
+        raise UsageError("--num-frames applies to video input (--video-path or --frames-dir); image requests show "
+                         "their images (--num-images)")
     return cls(**vars(ns))
