@@ -513,6 +513,11 @@ def test_report_same_dir_twice_and_out_a_file(results_dir, tmp_path, capsys):
     bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", elsewhere], "--out", out=out)
     readme.write_text(f"{END}\n{START}\n")  # the markers the wrong way round
     bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", readme], "in that order", out=out)
+    readme.write_text(f"{START}\nkept?\n{START}\n{END}\n")  # a pair's block would drop the line between
+    bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", readme], "start marker is in it 2 times", out=out)
+    assert readme.read_text() == f"{START}\nkept?\n{START}\n{END}\n"
+    readme.write_text(f"{START}\n{END}\n{START}\n{END}\n")
+    bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", readme], "keep one of each", out=out)
     other = tmp_path / "notes"  # another program's folder: the report's files never mix into it
     other.mkdir()
     (other / "notes.txt").write_text("keep me")

@@ -323,3 +323,13 @@ def test_a_clip_is_keyed_by_the_files_its_frames_came_from(frames_dir, video_pat
     im.putpixel((0, 0), (1, 2, 3))
     im.save(first)
     assert FrameSource(frames_dir=str(changed), num_frames=4).clip().content_digest() != from_dir.content_digest()
+
+
+def test_a_questions_file_is_split_at_line_ends_only(tmp_path):
+    """\n, \r\n and \r end a question; a form feed or U+2028 inside one (str.splitlines() would
+    split there) stays in it."""
+    from bench.run.questions import load_questions
+
+    p = tmp_path / "q.txt"
+    p.write_bytes("\ufeffWhat is\u2028this?\r\nSecond\x0cquestion\rThird\u0085one\n\n  \nlast".encode())
+    assert load_questions(str(p), None) == ["What is\u2028this?", "Second\x0cquestion", "Third\u0085one", "last"]

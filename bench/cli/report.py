@@ -15,7 +15,7 @@ from pathlib import Path
 from bench.cli import PROG, describe
 from bench.errors import ArgumentParser, path_problem, real_path, shown_path
 from bench.analysis.inputs import BadInput, check_out_dir, read_text
-from bench.analysis.report import END, START, embed_in_readme, write_report
+from bench.analysis.report import END, START, embed_in_readme, marker_problem, write_report
 
 
 def parser() -> ArgumentParser:
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             readme = read_text(Path(args.readme), "a Markdown file")
             if not os.access(args.readme, os.W_OK):  # refused before any figure is drawn
                 raise BadInput(f"--readme {args.readme} is not writable")
-            if START not in readme or END not in readme.split(START, 1)[1]:
-                raise BadInput(f"--readme {args.readme}: no report markers ({START} ... {END}, in that order)")
+            if problem := marker_problem(readme):
+                raise BadInput(f"--readme {args.readme}: {problem}")
             if not real_path(args.out).is_relative_to(real_path(args.readme).parent):
                 raise BadInput(f"--out {args.out} must be inside the folder of --readme {args.readme} "
                                "(the README links to its figures)")

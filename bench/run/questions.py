@@ -1,6 +1,7 @@
 """Which questions a run measures and warms up on (texts: bench.models.prompts). Warm-up questions
 never overlap the measured ones."""
 import os
+import re
 import unicodedata
 
 from bench.models.prompts import BUILTIN_QUESTIONS, WARMUP_QUESTIONS
@@ -33,7 +34,9 @@ def load_questions(path: str | None, text_prompt: str | None) -> list[str]:
                              "one question per line") from None
         if "\x00" in text:
             raise UsageError(f"--questions {path}: a binary file (NUL bytes); give UTF-8 text, one question per line")
-        lines = [ln.strip() for ln in text.splitlines() if not blank(ln)]
+        # lines end at \n, \r\n or \r only: str.splitlines() would also split a question at a form
+        # feed, U+2028 and the like
+        lines = [ln.strip() for ln in re.split(r"\r\n|\r|\n", text) if not blank(ln)]
         if not lines:
             raise UsageError(f"--questions {path}: no questions in it (every line is empty); give one question "
                              "per line")
