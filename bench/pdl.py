@@ -23,9 +23,10 @@ except ImportError:  # CPU builds of torch
     triton = None
 
 MODES = ("auto", "off")  # auto: on where the GPU (compute capability 9+) and torch have it
-# Whether the project's kernels launched with PDL ask L2 for their weights (keys, values) before
-# their wait: read at each launch; lab/gpu_step_ab.py --ab pdl-prefetch times the step without it.
-PREFETCH = True
+# How much of its weights a triton-f16x2 program launched with PDL asks L2 for before its wait, in
+# quarters (4: all of them; 0: none; split-KV attention prefetches its keys and values unless 0):
+# read at each launch; lab/gpu_step_ab.py --ab pdl-prefetch times the step at other values.
+PREFETCH = 4
 
 
 def _inductor_triton():

@@ -1,4 +1,4 @@
-"""Does a setting shorten the graph engine's decode step? Both of its values in one process,
+"""Does a setting shorten the graph engine's decode step? Each of its values in one process,
 alternated round by round (a process's step varies by a few percent from the next one's, so two
 processes decide nothing), for fp16 and int4 (rtn4) weights of one preset: each round makes a new
 graph engine per weights and value (compiled and captured afresh), runs one request and records
@@ -12,8 +12,10 @@ split-KV decode attention's splits combined by a second kernel (0) or by the par
 program (1; bench.engines.split_kv_attention.Config.fused_combine, set on the module's DEFAULT,
 which each capture reads); deferred-residual: the step layer compiled from FastDecoder.layer_at
 (0) or layer_at_deferred (1, the engine's own: each MLP residual add fused into the next layer,
-keys and values written by one copy); pdl-prefetch: under `--pdl auto`, the project's kernels
-without (0) or with (1, bench.pdl.PREFETCH's default) their L2 prefetch before the wait.
+keys and values written by one copy); pdl-prefetch: `--pdl off` (off) against `--pdl auto` with
+triton-f16x2 asking L2 for the first 0 to 4 quarters of its weights before the wait
+(bench.pdl.PREFETCH; 4 is the default; split-KV attention prefetches its keys and values unless 0).
+`--values` times other values, or more than two, in the same rounds.
 --int4-kernels as run's flag (default triton-f16x2: what `measured` chooses at one row on every
 decoder shape of llava-1.5-7b and vila1.5-3b on an H100); --seconds stops starting rounds after
 that long (the rounds finished are written as they finish).
@@ -61,14 +63,17 @@ def _deferred_residual(value: str, int4_kernels: str) -> tuple[EngineSpec, calla
 
 
 def _pdl_prefetch(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
-    pdl.PREFETCH = value == "1"
-    return EngineSpec(pdl="auto", int4_kernels=int4_kernels), lambda engine: engine.pdl and pdl.PREFETCH
+    if value == "off":  # no PDL at all
+        return EngineSpec(pdl="off", int4_kernels=int4_kernels), lambda engine: False
+    pdl.PREFETCH = int(value)
+    return EngineSpec(pdl="auto", int4_kernels=int4_kernels), lambda engine: engine.pdl and pdl.PREFETCH > 0
 
 
-# setting -> (its two values, value -> (the engine's spec, engine -> whether the value took effect,
-# called before the engine runs anything))
+# setting -> (its values by default, value -> (the engine's spec, engine -> whether the value took
+# effect, called before the engine runs anything))
 SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine),
-            "deferred-residual": (("0", "1"), _deferred_residual), "pdl-prefetch": (("0", "1"), _pdl_prefetch)}
+            "deferred-residual": (("0", "1"), _deferred_residual),
+            "pdl-prefetch": (("off", "0", "1", "4"), _pdl_prefetch)}
 
 
 def main() -> None:
@@ -79,8 +84,10 @@ def main() -> None:
     ap.add_argument("--weights", default="fp16,rtn4")
     ap.add_argument("--int4-kernels", default="triton-f16x2")
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--values", help="comma list of the setting's values to time (default: the setting's own)")
     args = ap.parse_args()
     values, setting = SETTINGS[args.ab]
+    values = tuple(args.values.split(",")) if args.values else values
     image = demo_image()
     adapters = {weights: preset_adapter(args.preset, weights) for weights in args.weights.split(",")}
     w = CsvWriter(Path(args.out), ["model", "weights", "int4_kernels", "round", "setting", "value", "on", "step_ms",

@@ -59,10 +59,11 @@ def test_split_kv_kernels_wait_for_the_kernel_before_under_pdl(monkeypatch, on):
 
 
 @pytest.mark.parametrize("on", [False, True])
-@pytest.mark.parametrize("tn,split", [(1, 1), (2, 1), (2, 4)])
-def test_the_f16x2_kernel_prefetches_its_weights_then_waits_for_the_kernel_before_under_pdl(on, tn, split):
+@pytest.mark.parametrize("tn,split,quarters", [(1, 1, 4), (2, 1, 4), (2, 4, 4), (2, 1, 1), (2, 1, 0)])
+def test_the_f16x2_kernel_prefetches_its_weights_then_waits_for_the_kernel_before_under_pdl(on, tn, split, quarters):
     """Under PDL the program's weights (no kernel's output) are asked of L2 before the wait, one
-    bulk prefetch per tile row; the activations are read after it."""
+    bulk prefetch per tile row of the first `quarters` quarters of its k-tiles (bench.pdl.PREFETCH;
+    none at 0); the activations are read after it."""
     triton_aot = _aot()
     from bench.quant import triton_f16x2
 
@@ -74,11 +75,17 @@ def test_the_f16x2_kernel_prefetches_its_weights_then_waits_for_the_kernel_befor
             torch.empty(n, dtype=torch.float32 if split > 1 else torch.float16, **meta), n, k)
     c = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args,
                                 {"G": g, "EMULATE": False, "TN": tn, "BKT": 4, "SPLIT_K": split, "ROWS_FIRST": True,
-                                 "num_warps": 4, "num_stages": 3, **({"PDL": True, "launch_pdl": True} if on else {})})
+                                 "num_warps": 4, "num_stages": 3, "PREFETCH": quarters,
+                                 **({"PDL": True, "launch_pdl": True} if on else {})})
     assert _waits_first(c.ptx) == on and ("griddepcontrol" in c.ptx) == on
+    prefetches = on and quarters > 0
     prefetch = c.ptx.find("cp.async.bulk.prefetch.L2.global")
-    assert (0 <= prefetch < c.ptx.find("griddepcontrol.wait")) == on
-    assert c.ptx.count("cp.async.bulk.prefetch.L2.global") == (tn if on else 0)
+    assert (0 <= prefetch < c.ptx.find("griddepcontrol.wait")) == prefetches
+    assert c.ptx.count("cp.async.bulk.prefetch.L2.global") == (tn if prefetches else 0)
+    if prefetches:  # a k-tile of a tile row is 512 bytes: the size asked for is k-tiles x 128 x quarters
+        size = re.search(r"cp\.async\.bulk\.prefetch\.L2\.global \[%rd\d+\], (%r\d+);", c.ptx).group(1)
+        shifts = re.findall(rf"shl\.b32\s+{size}, %r\d+, (\d+);", c.ptx)
+        assert shifts == [str((128 * quarters).bit_length() - 1)]
     assert c.spill_bytes == 0
 
 

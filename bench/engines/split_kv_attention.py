@@ -292,7 +292,7 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                values.stride(0), values.stride(1), values.stride(2), 0 if m.shape[0] == 1 else m.stride(0),
                m.stride(1), kvh, n, per, count, scale, out, acc if counts is None else counts)
     pdl = {"PDL": True, "launch_pdl": True} if pdl_enabled(q.device) else {}
-    prefetch = {"PREFETCH": pdl_settings.PREFETCH and keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0
+    prefetch = {"PREFETCH": pdl_settings.PREFETCH > 0 and keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0
                 } if pdl else {}
     combining = {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": COMBINE_CHUNK}
     calls = [(_partial, (b * kvh, count), partial,

@@ -171,12 +171,12 @@ def _rows_last(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, G: t
 @triton.jit
 def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
                   SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False,
-                  PREFETCH: tl.constexpr = True):
+                  PREFETCH: tl.constexpr = 4):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). PDL: launched with programmatic dependent launch (bench.pdl):
-    wait for the kernel before (PREFETCH: asking L2 for the program's weights first), then let the
-    next one start."""
+    wait for the kernel before (asking L2 first for the first PREFETCH quarters of the program's
+    weights, bench.pdl.PREFETCH), then let the next one start."""
     BN: tl.constexpr = TN * 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -185,12 +185,12 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
     kt_lo = pid_k * per
     if PDL:
         # the weights are no kernel's output: their reading starts while the kernel before ends
-        if PREFETCH:
+        if PREFETCH > 0:
             for t in tl.static_range(TN):
                 tile_row = pid_n * TN + t
                 if (tile_row * 8 < N) & (kt_lo < k_tiles):
                     prefetch_l2(p_ptr + (tile_row * k_tiles + kt_lo) * 128,
-                                (tl.minimum(per, k_tiles - kt_lo) * 512).to(tl.int32))
+                                (tl.minimum(per, k_tiles - kt_lo) * (128 * PREFETCH)).to(tl.int32))
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     n = pid_n * BN + tl.arange(0, BN)  # weight rows
@@ -262,7 +262,7 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     # a split output is zeroed by the kernel before (torch.zeros), which the programs' wait orders
     # PDL always named: it keys the autotuners (a configuration tuned without PDL is not taken with it)
     on = not emulate and pdl_enabled(x.device)
-    pdl = {"PDL": on, "PREFETCH": on and pdl_settings.PREFETCH, **({"launch_pdl": True} if on else {})}
+    pdl = {"PDL": on, "PREFETCH": pdl_settings.PREFETCH if on else 0, **({"launch_pdl": True} if on else {})}
     if config is not None:
         config = {"ROWS_FIRST": True, **config}
         launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3), **pdl}
