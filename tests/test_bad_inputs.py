@@ -514,7 +514,7 @@ def test_report_same_dir_twice_and_out_a_file(results_dir, tmp_path, capsys):
     readme.write_text(f"{END}\n{START}\n")  # the markers the wrong way round
     bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", readme], "in that order", out=out)
     readme.write_text(f"{START}\nkept?\n{START}\n{END}\n")  # a pair's block would drop the line between
-    bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", readme], "start marker is in it 2 times", out=out)
+    bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", readme], "keep one of each", ": 2,", out=out)
     assert readme.read_text() == f"{START}\nkept?\n{START}\n{END}\n"
     readme.write_text(f"{START}\n{END}\n{START}\n{END}\n")
     bad_sub(capsys, ["report", results_dir, "--out", out, "--readme", readme], "keep one of each", out=out)
@@ -581,6 +581,19 @@ def test_compare_bad_flags(results_dir, tmp_path, capsys):
     for over in ("runs.csv", "summary.csv"):  # the verdict written over what was compared
         bad_sub(capsys, ["compare", results_dir, tmp_path, "--json", results_dir / over], "would overwrite the results")
     assert (results_dir / "runs.csv").read_bytes() == before
+    other = tmp_path / "other"  # another results directory's files, or anything else, are no verdicts
+    other.mkdir()
+    for name, text in (("runs.csv", runs_text(results_dir)), ("notes.txt", "keep me"), ("v.json", '{"a": 1}')):
+        (other / name).write_text(text)
+        bad_sub(capsys, ["compare", results_dir, results_dir, "--json", other / name], "exists and is no verdicts file")
+        assert (other / name).read_text() == text
+    js = other / "verdict.json"  # an earlier --json is replaced
+    exit_code(main, ["compare", results_dir, results_dir, "--json", js])
+    first = js.read_text()
+    js.write_text(first.replace('"alpha"', '"alpha" ', 1))
+    exit_code(main, ["compare", results_dir, results_dir, "--json", js])
+    capsys.readouterr()
+    assert js.read_text() == first
 
 
 def test_compare_metric_named_twice_is_one_verdict(results_dir, tmp_path, capsys):

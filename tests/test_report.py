@@ -179,6 +179,31 @@ def test_report_into_a_readme_between_the_markers_its_help_names(tiny_results, t
     assert text.startswith("# Ours") and text.endswith("after\n") and "Speed-up over fp16" in text
 
 
+def test_report_into_a_readme_keeps_the_rest_of_it_byte_for_byte(tiny_results, tmp_path, capsys):
+    """Outside the markers a README with Windows line ends and non-ASCII text comes back as it
+    was (the block takes its line ends); a results directory named like a marker stays text, so
+    the README can take the next report; the README cannot be a file the report writes."""
+    import shutil
+
+    from bench.analysis.report import END, START
+
+    named = tmp_path / f"run {END}"  # what the report quotes: its results directory's name
+    shutil.copytree(tiny_results, named)
+    readme = tmp_path / "README.md"
+    head, tail = "# Ünsere Läufe\r\n\r\n".encode(), "\r\nnach — after\r\n".encode()
+    readme.write_bytes(head + f"{START}\r\n{END}".encode() + tail)
+    for _ in range(2):  # the second report replaces the first's block
+        assert main(["report", str(named), "--out", str(tmp_path / "r"), "--readme", str(readme)]) == 0
+        data = readme.read_bytes()
+        assert data.startswith(head + START.encode() + b"\r\n") and data.endswith(b"\r\n" + END.encode() + tail)
+        assert data.count(END.encode()) == 1 and b"\n" not in data.replace(b"\r\n", b"")
+    out = tmp_path / "r"
+    (out / "report.md").write_text(f"{START}\n{END}\n")  # markers there too: still the report's own file
+    before = (out / "report.md").read_bytes()
+    assert main(["report", str(named), "--out", str(out), "--readme", str(out / "report.md")]) == 2
+    assert "a file the report writes" in capsys.readouterr().err and (out / "report.md").read_bytes() == before
+
+
 def test_sweep_figures_follow_the_axes(sweep_results, tiny_results, tmp_path):
     from bench.analysis import figures, sources
 

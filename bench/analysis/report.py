@@ -176,19 +176,23 @@ def marker_problem(text: str) -> str | None:
     if not starts or END not in text.split(START, 1)[1]:
         return f"no report markers ({START} ... {END}, in that order)"
     if starts > 1 or ends > 1:
-        return (f"the report's start marker is in it {starts} times and its end marker {ends}; keep one of each "
-                f"({START} ... {END})")
+        return f"keep one of each of the report's markers ({START}: {starts}, {END}: {ends})"
     return None
 
 
 def embed_in_readme(readme: Path, report_md: Path) -> None:
-    """Put the report's table and figures between the markers, links relative to the README."""
-    text = readme.read_text()
+    """Put the report's table and figures between the markers, links relative to the README; the
+    rest of the README is kept byte for byte (UTF-8 whatever the locale, its own line ends)."""
+    text = readme.read_bytes().decode("utf-8")
     if problem := marker_problem(text):
         raise FileNotFoundError(f"{readme}: {problem}")
     rel = real_path(report_md.parent).relative_to(real_path(readme).parent)
-    body = report_md.read_text().split("\n", 1)[1]  # drop the report's own title
+    body = report_md.read_bytes().decode("utf-8").split("\n", 1)[1]  # drop the report's own title
     body = body.replace("](", f"]({rel.as_posix()}/")
+    # what the results say (a directory's name, an error) never makes a marker of the README's
+    body = body.replace("<!--", "&lt;!--")
     head, rest = text.split(START, 1)
     tail = rest.split(END, 1)[1]
-    readme.write_text(f"{head}{START}\n{body.strip()}\n{END}{tail}")
+    nl = "\r\n" if rest.startswith("\r\n") else "\n"
+    block = nl.join(body.strip().split("\n"))
+    readme.write_bytes(f"{head}{START}{nl}{block}{nl}{END}{tail}".encode("utf-8"))

@@ -1,6 +1,8 @@
 """`vlm-bench compare BASELINE CANDIDATE`: the regression verdict between two results."""
 from __future__ import annotations
 
+import json
+import os
 import sys
 from collections import Counter
 
@@ -62,11 +64,24 @@ def parser() -> ArgumentParser:
     return ap
 
 
+def _verdicts_file(path: str) -> bool:
+    """Whether `path` holds what an earlier --json wrote (the only existing file it replaces)."""
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read(1 << 26))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"verdict", "counts", "alpha", "comparisons"} <= data.keys()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.json_path is not None:
             check_out_file(args.json_path, "--json", (args.baseline, args.candidate))
+            if os.path.lexists(args.json_path) and not _verdicts_file(args.json_path):
+                raise BadInput(f"--json {args.json_path} exists and is no verdicts file of compare's; give a new "
+                               "file (or an earlier --json, which is replaced)")
         if not (0 < args.alpha < 1) or not 1 <= args.factor < float("inf") or args.min_samples < 1:
             raise BadInput("--alpha must be between 0 and 1, --factor a finite number at least 1 and --min-samples "
                            "at least 1")

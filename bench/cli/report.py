@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise BadInput(f"--readme {args.readme} is not writable")
             if problem := marker_problem(readme):
                 raise BadInput(f"--readme {args.readme}: {problem}")
+            written = real_path(args.readme)
+            if written.parent == real_path(args.out) and (written.name == "report.md" or written.suffix == ".png"):
+                raise BadInput(f"--readme {args.readme} is a file the report writes into --out {args.out}; give "
+                               "the README that holds the markers")
             if not real_path(args.out).is_relative_to(real_path(args.readme).parent):
                 raise BadInput(f"--out {args.out} must be inside the folder of --readme {args.readme} "
                                "(the README links to its figures)")
