@@ -135,6 +135,17 @@ def test_local_workers_give_the_serial_rows_and_a_dead_worker_failed_rows(serial
     assert {r["variant"] for r in summary} >= {"fp16", "prefix"}
 
 
+def test_local_workers_more_than_jobs_leave_the_cpu_threads_to_those_that_run(tmp_path, monkeypatch):
+    """--workers 8 for one job starts one worker, which gets every CPU thread (not an eighth)."""
+    from bench.run import worker
+
+    given, real = [], worker.payload
+    monkeypatch.setattr(worker, "payload", lambda *a: given.append(a[3]) or real(*a))
+    out = tmp_path / "o"
+    assert run_main([*RUN, "--variants", "fp16", "--workers", "8", "--output-dir", str(out)]) == 0
+    assert given == [os.cpu_count()] and {r["status"] for r in rows_of(out)} == {"ok"}
+
+
 def test_summary_keeps_the_variants_order_whatever_order_jobs_finish_in(tmp_path):
     """One worker takes the largest job (fp16 + prefix) first; the summary still lists rtn4 first."""
     out = tmp_path / "o"

@@ -333,3 +333,15 @@ def test_a_questions_file_is_split_at_line_ends_only(tmp_path):
     p = tmp_path / "q.txt"
     p.write_bytes("\ufeffWhat is\u2028this?\r\nSecond\x0cquestion\rThird\u0085one\n\n  \nlast".encode())
     assert load_questions(str(p), None) == ["What is\u2028this?", "Second\x0cquestion", "Third\u0085one", "last"]
+
+
+def test_hidden_files_in_a_frames_folder_are_no_frames(frames):
+    """macOS's ._NAME.png copies (resource forks, not images) and other hidden files are skipped."""
+    (frames / "._frame_000.png").write_bytes(b"\x00\x05\x16\x07 not a png")
+    (frames / ".thumb.png").write_bytes(b"")
+    try:
+        source = FrameSource(frames_dir=str(frames), num_frames=0)
+        assert source.total == 12 and all(not p.name.startswith(".") for p in source.files)
+    finally:
+        (frames / "._frame_000.png").unlink()
+        (frames / ".thumb.png").unlink()

@@ -130,7 +130,7 @@ def local_slots(cfg, device) -> list[str | None]:
 def run_local(bench, jobs: list[Job]) -> None:
     """Each job in a fresh spawned process (a dead one takes only its job with it), at most one
     per slot at a time; messages come through a pipe per process, read as they arrive."""
-    slots = local_slots(bench.cfg, bench.device)
+    slots = local_slots(bench.cfg, bench.device)[:max(1, len(jobs))]  # a worker more than jobs would idle
     cpu_threads = max(1, (os.cpu_count() or 1) // len(slots)) if slots[0] is None else 0
     ctx = multiprocessing.get_context("spawn")
     queue = largest_first(jobs)

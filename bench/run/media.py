@@ -55,7 +55,9 @@ class FrameSource:
             problem = path_problem(d, "directory")
             if problem:
                 raise UsageError(f"--frames-dir {frames_dir}: {problem}")
-            self.files = sorted(p for p in d.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+            # hidden files are no frames (macOS's ._NAME.png copies of resource forks among them)
+            self.files = sorted(p for p in d.iterdir() if p.suffix.lower() in FRAME_SUFFIXES
+                                and not p.name.startswith("."))
             if not self.files:
                 raise UsageError(f"--frames-dir {frames_dir}: no image files ({', '.join(FRAME_SUFFIXES)})")
             self.total = len(self.files)
