@@ -93,3 +93,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} ({self.prog} --help lists the flags)")
+
+
+def check_seed(seed: int) -> None:
+    """UsageError unless `seed` is a whole number from 0 to 2**64 - 1, what the message says
+    (torch.manual_seed takes negatives too; random weights, questions and endpoint mode's
+    arrivals use it)."""
+    if not 0 <= seed < 2**64:
+        raise UsageError(f"--seed {seed}: give a whole number from 0 to 2**64 - 1")

@@ -1091,6 +1091,8 @@ def bad_endpoint(tmp_path, capsys, url, args, *needles, model="m"):
     (["--num-prompts", "x"], "--num-prompts"),
     (["--append"], "--append"),  # in-process flags are not endpoint mode's
     (["--timeout", "0"], "--timeout"),
+    (["--seed", "-1"], "--seed -1: give a whole number from 0"),  # as an in-process run's
+    (["--seed", str(2**64)], "--seed 18446744073709551616"),
     (["--timeout", "nan"], "--timeout"),
     (["--duration", "inf"], "--duration"),  # would send requests for ever
     (["--duration", "5"], "not both"),  # with --num-prompts: which one would stop the point?

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench.analysis.console import NARROW
 from bench.cli import PROG
-from bench.errors import ArgumentParser, UsageError, path_problem
+from bench.errors import ArgumentParser, UsageError, check_seed, path_problem
 
 
 MAX_PROMPTS = 100_000  # measured requests per point: their bodies are made before the first is sent
@@ -155,6 +155,7 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
                              f"got {ns.num_prompts}")
         if not 0 <= ns.warmup <= MAX_WARMUP:
             raise UsageError(f"--warmup must be between 0 and {MAX_WARMUP} warm-up requests, got {ns.warmup}")
+        check_seed(ns.seed)  # the range an in-process run takes
         for flag, value in (("--duration", ns.duration), ("--timeout", ns.timeout)):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UsageError(f"{flag} must be a positive, finite number of seconds, got {value}")

@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
     from safetensors import SafetensorError
 
     from bench.measure.results import check_creatable
-    from bench.run.config import check_seed
+    from bench.errors import check_seed
     from bench.models.loader import build_preset, save_checkpoint
     from bench.models.presets import get_preset
     from bench.models.sentencepiece_files import write_sentencepiece

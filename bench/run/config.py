@@ -14,7 +14,7 @@ from pathlib import Path
 from bench.engines import attention_kernels
 from bench.engines.spec import DECODE_ATTENTION
 from bench.pdl import MODES as PDL_MODES
-from bench.errors import ArgumentParser, UsageError
+from bench.errors import ArgumentParser, UsageError, check_seed
 from bench.run.summary import ValidityRule
 from bench.run.workload import DEFAULT_LOADER, LOADERS, VIDEO_MODES, int_list, name_list, workload_points
 from variants.options import empty_flag, flag_fields, opt, options_from, run_facts
@@ -31,13 +31,6 @@ MAX_WARMUP = 1000  # warm-up requests per variant (or endpoint point): their que
 MAX_WORKERS = 1024  # --executor local's worker processes (each loads its own model)
 MAX_RUNS_PER_RUN = 20  # --max-runs 0: this many measured runs per --num-runs at most
 PART_OPTIONS_AFTER = "max_new_tokens"  # where the variant parts' flags go in the field (and --help) order
-
-
-def check_seed(seed: int) -> None:
-    """UsageError unless `seed` is a whole number from 0 to 2**64 - 1, what the message says
-    (torch.manual_seed takes negatives too; random weights and questions use it)."""
-    if not 0 <= seed < 2**64:
-        raise UsageError(f"--seed {seed}: give a whole number from 0 to 2**64 - 1")
 
 
 @dataclass
