@@ -202,8 +202,8 @@ def test_questions_not_utf8_text(tmp_path, capsys, data):
 def test_prompt_longer_than_context(tmp_path, capsys):
     q = tmp_path / "long.txt"
     q.write_text("word " * 60_000 + "\n")
-    bad_run(tmp_path, capsys, ["--questions", str(q)], "--questions", "4,096")
-    bad_run(tmp_path, capsys, ["--text-prompt", "why " * 5000], "--text-prompt", "4,096")
+    bad_run(tmp_path, capsys, ["--questions", str(q)], "--questions", "4,096", "give shorter questions in it")
+    bad_run(tmp_path, capsys, ["--text-prompt", "why " * 5000], "--text-prompt", "4,096", "give a shorter question")
     # one 3 MB word: refused from its length before it is tokenized (which took minutes)
     q.write_text("x" * 3_000_000 + "\n")
     bad_run(tmp_path, capsys, ["--questions", str(q)], "--questions", "at least 11,")
