@@ -204,6 +204,24 @@ def test_report_into_a_readme_keeps_the_rest_of_it_byte_for_byte(tiny_results, t
     assert "a file the report writes" in capsys.readouterr().err and (out / "report.md").read_bytes() == before
 
 
+def test_a_report_of_results_without_a_median_draws_without_warnings(tiny_results, tmp_path):
+    """Every median missing (a summary.csv edited, or written by failed runs only): the figures
+    draw no legend of nothing, which matplotlib would warn of."""
+    import shutil
+    import warnings
+
+    import pandas as pd
+
+    blank = tmp_path / "blank"
+    shutil.copytree(tiny_results, blank)
+    summary = pd.read_csv(blank / "summary.csv")
+    summary["median"] = float("nan")
+    summary.to_csv(blank / "summary.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["report", str(blank), "--out", str(tmp_path / "r")]) == 0
+
+
 def test_sweep_figures_follow_the_axes(sweep_results, tiny_results, tmp_path):
     from bench.analysis import figures, sources
 

@@ -71,7 +71,10 @@ def fit_notes(fig) -> None:
 
 
 def legend_outside(ax, **kw):
-    """The axes' legend to the right of it (constrained layout makes room)."""
+    """The axes' legend to the right of it (constrained layout makes room); none where nothing
+    drawn has a label (every value missing), which matplotlib would warn of."""
+    if "handles" not in kw and not ax.get_legend_handles_labels()[0]:
+        return None
     return ax.legend(fontsize=TICK_FONT, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, **kw)
 
 
