@@ -161,11 +161,11 @@ def test_splits_cover_the_keys_and_fill_the_gpu():
 def test_a_launch_configuration_is_checked_when_made():
     from bench.engines.split_kv_attention import DEFAULT, Config
 
-    assert DEFAULT == Config(BLOCK_L, 2, True, 4, False)
-    assert DEFAULT.label() == "block=64,programs_per_sm=2,dot=1,num_warps=4,fused_combine=0"
+    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True)
+    assert DEFAULT.label() == "block=64,programs_per_sm=2,dot=1,num_warps=4,fused_combine=1"
     other = Config(32, 4, False, 8, True)
     assert Config.parse(other.label()) == other and Config.parse("dot=0") == Config(dot=False)
-    assert Config.parse("fused_combine=1") == Config(fused_combine=True)
+    assert Config.parse("fused_combine=0") == Config(fused_combine=False) != DEFAULT
     for bad in ("blocks=32", "block=-1", "dot=yes", "block=48"):
         with pytest.raises(ValueError, match="split-kv"):
             Config.parse(bad)
@@ -198,7 +198,8 @@ def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, bat
     q = torch.empty(batch, heads, 1, 128, dtype=dt, device=meta)
     mask = torch.empty(batch, 1, 1, keys, dtype=dt, device=meta)
     splits = sk.splits_for(batch, kv_heads, keys, 264)
-    calls, _ = sk.launches(q, buf[:, :, :keys], buf[:, :, :keys], mask, 128 ** -0.5, splits)
+    calls, _ = sk.launches(q, buf[:, :, :keys], buf[:, :, :keys], mask, 128 ** -0.5, splits,
+                           sk.Config(fused_combine=False))
     partial, combine = (triton_aot.compile_call(kernel, args, kwargs) for kernel, _, args, kwargs in calls)
     for c in (partial, combine):
         assert c.spill_bytes == 0 and c.registers <= 255, (c.registers, c.spill_bytes)
@@ -315,14 +316,14 @@ def test_cuda_fused_combine_gives_the_second_kernels_output_bit_for_bit():
             fused = dataclasses.replace(config, fused_combine=True)
             for _ in range(50):
                 assert torch.equal(sk.attend(*args, config=fused), want)
-            assert not sk._COUNTS[dev][-1].any()
+            assert not sk._COUNTS[q.device][-1].any()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = sk.attend(*args, config=fused)
             for _ in range(20):
                 graph.replay()
                 assert torch.equal(out, want)
-            assert not sk._COUNTS[dev][-1].any()
+            assert not sk._COUNTS[q.device][-1].any()
 
 
 @pytest.mark.parametrize("heads,kv_heads,config", [
