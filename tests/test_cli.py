@@ -39,12 +39,17 @@ def test_seed_command_line(tiny_vila_dir, tmp_path, capsys):
     measured = [r for r in rows if r["kind"] == "measured"]
     assert len(measured) == 3 and all(r["question"] == "What is in the picture?" for r in measured)
     assert all(r["question"] != "What is in the picture?" for r in rows if r["kind"] == "warmup")
+    gaps = []
     for r in rows:
         r = floats(r)
         assert r["status"] == "ok" and r["weights"] == "random" and r["new_tokens"] == "12"
-        assert abs(phases_total_ms(r) - r["e2e_ms"]) <= 0.02 * r["e2e_ms"], r
+        # the phases never overlap (counted twice); what they leave out is a request's untimed host
+        # code, which a preemption on a busy machine can lengthen in one request, not in all
+        assert phases_total_ms(r) <= 1.02 * r["e2e_ms"], r
+        gaps.append((r["e2e_ms"] - phases_total_ms(r)) / r["e2e_ms"])
         assert int(r["prompt_tokens"]) > int(r["prefix_tokens"]) > 9 and r["cached_tokens"] == "0"
         assert r["cache_state"] == "none" and r["cache_hit"] == "false"
+    assert min(gaps) <= 0.02, gaps  # a phase left untimed would be missing from every request
     summary = read_rows(out / "summary.csv")
     assert list(summary[0]) == list(SUMMARY_COLUMNS)
     ttft = [s for s in summary if s["metric"] == "ttft_ms"]

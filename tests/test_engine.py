@@ -48,14 +48,19 @@ def test_engine_tokens_equal_generate(family, checkpoint_dirs, demo_image):
 def test_phases_add_up_to_e2e(checkpoint_dirs, demo_image):
     adapter = load_checkpoint(checkpoint_dirs["vila"], None, CPU, torch.float32)
     engine = HFEngine(adapter, CachePolicy())
-    for q in ("a", "What colors dominate the scene?"):
+    gaps = []
+    for q in ("a", "What colors dominate the scene?", "a"):
         r = engine.run(demo_image, q, 16)
         row = request_metrics(r, 16)
-        assert abs(phases_total_ms(row) - row["e2e_ms"]) <= 0.02 * row["e2e_ms"]
+        # never counted twice; the untimed host code between phases is short, except where a
+        # preemption on a busy machine lengthens it in one request (so the least of three)
+        assert phases_total_ms(row) <= 1.02 * row["e2e_ms"]
+        gaps.append((row["e2e_ms"] - phases_total_ms(row)) / row["e2e_ms"])
         assert row["ttft_ms"] == pytest.approx(row["preprocess_ms"] + row["lookup_ms"] + row["restore_ms"] + row["vision_ms"]
                                                + row["prefill_ms"])
         assert row["tpot_ms"] == pytest.approx((row["e2e_ms"] - row["ttft_ms"]) / 15)
         assert row["decode_tok_s"] == pytest.approx(15 / (row["decode_ms"] / 1e3))
+    assert min(gaps) <= 0.02, gaps  # a phase left untimed would be missing from every request
 
 
 def test_timeline_phases_tile():
