@@ -65,6 +65,8 @@ def _deferred_residual(value: str, int4_kernels: str) -> tuple[EngineSpec, calla
 def _pdl_prefetch(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     if value == "off":  # no PDL at all
         return EngineSpec(pdl="off", int4_kernels=int4_kernels), lambda engine: False
+    if value not in ("0", "1", "2", "3", "4"):
+        raise SystemExit(f"--ab pdl-prefetch value {value!r}: off, or 0 to 4 quarters")
     pdl.PREFETCH = int(value)
     return EngineSpec(pdl="auto", int4_kernels=int4_kernels), lambda engine: engine.pdl and pdl.PREFETCH > 0
 

@@ -1,6 +1,7 @@
 """Every bad input is one line on stderr naming the input, exit code 2, nothing written, and it
 is refused before any model loads. Fixtures are built here, small; runs go in-process."""
 import json
+import os
 import shlex
 import struct
 import zlib
@@ -285,6 +286,7 @@ def test_context_limit_from_checkpoint_config(tiny_vila_dir, tmp_path, capsys):
     (["--video-mode", "clip"], "--video-mode applies to video input"),  # recorded, then an image run
     (["--num-frames", "16"], "--num-frames applies to video input"),  # image requests show their images
     (["--num-frames", "8"], "--num-frames applies to video input"),  # the default, but given for nothing
+    (["--video-path", "", "--num-frames", "4"], "--video-path is empty"),
     (["--video-mode", ""], "--video-mode is empty"),
     (["--frames-dir", "f", "--video-mode", "clip", "--loader", "serial"], "a clip request reads all its frames"),
     (["--loader", ""], "--loader is empty"),
@@ -587,6 +589,13 @@ def test_compare_bad_flags(results_dir, tmp_path, capsys):
         (other / name).write_text(text)
         bad_sub(capsys, ["compare", results_dir, results_dir, "--json", other / name], "exists and is no verdicts file")
         assert (other / name).read_text() == text
+    fifo = other / "fifo"  # not a regular file: refused unopened (a FIFO would block the read)
+    os.mkfifo(fifo)
+    bad_sub(capsys, ["compare", results_dir, results_dir, "--json", fifo], "exists and is no verdicts file")
+    empty = other / "empty.json"  # as mktemp makes it: replaced
+    empty.write_bytes(b"")
+    exit_code(main, ["compare", results_dir, results_dir, "--json", empty])
+    assert json.loads(empty.read_text())["verdict"]
     js = other / "verdict.json"  # an earlier --json is replaced
     exit_code(main, ["compare", results_dir, results_dir, "--json", js])
     first = js.read_text()
@@ -1007,7 +1016,8 @@ def test_resume_of_a_served_run_says_what_it_holds(results_dir, tmp_path, capsys
 
 
 def test_count_of_bad_inputs(capsys):
-    """Runs last: how many bad inputs this module tried (every one above was handled)."""
+    """How many bad inputs this module tried (every one above was handled): run in one process
+    (no -n), it runs last and counts them all; under pytest-xdist, its worker's share, not shown."""
     with capsys.disabled():
         print(f"\nbad inputs tried: {len(TRIED)}")
 

@@ -117,3 +117,18 @@ def test_an_engine_sets_pdl_for_the_process_when_made(tiny_llava_dir, monkeypatc
         assert "PDL (programmatic dependent launch)" in engine.describe()
         engine = StaticEngine(adapter, CachePolicy(), EngineSpec())  # off, the default
         assert not engine.pdl and not inductor_config.triton.enable_pdl and "PDL" not in engine.describe()
+
+
+def test_the_f16x2_kernel_refuses_a_prefetch_that_is_no_count_of_quarters(monkeypatch):
+    """bench.pdl.PREFETCH is 0 to 4 quarters: True (its old form) or 8 would ask L2 for the wrong
+    bytes (past the program's weights), so a launch under PDL refuses them."""
+    pytest.importorskip("triton")
+    from bench.quant import triton_f16x2
+
+    monkeypatch.setattr(triton_f16x2, "pdl_enabled", lambda device: True)
+    x = torch.zeros(1, 256, dtype=torch.float16)
+    for bad in (True, 8, -1, 1.5):
+        monkeypatch.setattr(pdl, "PREFETCH", bad)
+        with pytest.raises(ValueError, match="quarters of a program's weights, 0 to 4"):
+            triton_f16x2.f16x2_mm(x, torch.zeros(4, 2, 32, 4, dtype=torch.int32),
+                                  torch.zeros(2, 32, 2, dtype=torch.float16), 32, 128, False)

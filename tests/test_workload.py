@@ -335,13 +335,13 @@ def test_a_questions_file_is_split_at_line_ends_only(tmp_path):
     assert load_questions(str(p), None) == ["What is\u2028this?", "Second\x0cquestion", "Third\u0085one", "last"]
 
 
-def test_hidden_files_in_a_frames_folder_are_no_frames(frames):
+def test_hidden_files_in_a_frames_folder_are_no_frames(frames, tmp_path):
     """macOS's ._NAME.png copies (resource forks, not images) and other hidden files are skipped."""
-    (frames / "._frame_000.png").write_bytes(b"\x00\x05\x16\x07 not a png")
-    (frames / ".thumb.png").write_bytes(b"")
-    try:
-        source = FrameSource(frames_dir=str(frames), num_frames=0)
-        assert source.total == 12 and all(not p.name.startswith(".") for p in source.files)
-    finally:
-        (frames / "._frame_000.png").unlink()
-        (frames / ".thumb.png").unlink()
+    import shutil
+
+    folder = tmp_path / "frames"
+    shutil.copytree(frames, folder)
+    (folder / "._frame_000.png").write_bytes(b"\x00\x05\x16\x07 not a png")
+    (folder / ".thumb.png").write_bytes(b"")
+    source = FrameSource(frames_dir=str(folder), num_frames=0)
+    assert source.total == 12 and all(not p.name.startswith(".") for p in source.files)

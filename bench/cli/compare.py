@@ -60,13 +60,19 @@ def parser() -> ArgumentParser:
     ap.add_argument("--allow-missing", action="store_true",
                     help="pass although the candidate lacks results the baseline has (still listed as missing; "
                          "default: such a result fails the comparison)")
-    ap.add_argument("--json", dest="json_path", help="also write the verdicts here as JSON (default: none)")
+    ap.add_argument("--json", dest="json_path", help="also write the verdicts here as JSON: a new or empty file, or an earlier --json, "
+                                               "which is replaced (default: none)")
     return ap
 
 
 def _verdicts_file(path: str) -> bool:
-    """Whether `path` holds what an earlier --json wrote (the only existing file it replaces)."""
+    """Whether `path` holds what an earlier --json wrote, or nothing (an empty file, as mktemp
+    makes): the only existing files it replaces. Not a regular file (a FIFO would block): no."""
     try:
+        if not os.path.isfile(path):
+            return False
+        if os.path.getsize(path) == 0:
+            return True
         with open(path, "rb") as f:
             data = json.loads(f.read(1 << 26))
     except (OSError, ValueError):
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.json_path is not None:
             check_out_file(args.json_path, "--json", (args.baseline, args.candidate))
-            if os.path.lexists(args.json_path) and not _verdicts_file(args.json_path):
+            if os.path.exists(args.json_path) and not _verdicts_file(args.json_path):
                 raise BadInput(f"--json {args.json_path} exists and is no verdicts file of compare's; give a new "
                                "file (or an earlier --json, which is replaced)")
         if not (0 < args.alpha < 1) or not 1 <= args.factor < float("inf") or args.min_samples < 1:

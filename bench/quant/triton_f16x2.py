@@ -262,7 +262,10 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     # a split output is zeroed by the kernel before (torch.zeros), which the programs' wait orders
     # PDL always named: it keys the autotuners (a configuration tuned without PDL is not taken with it)
     on = not emulate and pdl_enabled(x.device)
-    pdl = {"PDL": on, "PREFETCH": pdl_settings.PREFETCH if on else 0, **({"launch_pdl": True} if on else {})}
+    quarters = pdl_settings.PREFETCH
+    if on and (isinstance(quarters, bool) or quarters not in range(5)):
+        raise ValueError(f"bench.pdl.PREFETCH {quarters!r}: quarters of a program's weights, 0 to 4")
+    pdl = {"PDL": on, "PREFETCH": quarters if on else 0, **({"launch_pdl": True} if on else {})}
     if config is not None:
         config = {"ROWS_FIRST": True, **config}
         launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3), **pdl}

@@ -417,7 +417,7 @@ def config_from_args(argv: list[str] | None, parser: argparse.ArgumentParser | N
     """The run config of a command line (parsed by `parser`, default build_parser())."""
     cls = config_class()
     ns = (parser or build_parser(cls)).parse_args(argv)
-    if ns.num_frames is not None and not (ns.video_path or ns.frames_dir):
+    if ns.num_frames is not None and ns.video_path is None and ns.frames_dir is None:
         # a run's requests show the images; `serve` keeps --num-frames for its video_url requests
         raise UsageError("--num-frames applies to video input (--video-path or --frames-dir); image requests show "
                          "their images (--num-images)")
