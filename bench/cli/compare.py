@@ -60,8 +60,8 @@ def parser() -> ArgumentParser:
     ap.add_argument("--allow-missing", action="store_true",
                     help="pass although the candidate lacks results the baseline has (still listed as missing; "
                          "default: such a result fails the comparison)")
-    ap.add_argument("--json", dest="json_path", help="also write the verdicts here as JSON: a new or empty file, or an earlier --json, "
-                                               "which is replaced (default: none)")
+    ap.add_argument("--json", dest="json_path", help="also write the verdicts here as JSON: a new or empty file, or "
+                                                     "an earlier --json, which is replaced (default: none)")
     return ap
 
 

@@ -93,9 +93,14 @@ def _check_point(cfg, dims: ModelDims, model: str, point, text: int, image: int,
     if dims.max_pos is not None and total > dims.max_pos:
         parts = {new_flag: point.new_tokens, text_flag: text, image_flag: image}
         flag = max(parts, key=parts.get)
-        advice = ("give shorter questions in it" if flag.startswith("--questions ")
-                  else "give a shorter question" if flag == "--text-prompt"
-                  else f"lower {flag}" if flag.startswith("--") else "give a shorter question with --text-prompt")
+        if flag.startswith("--questions "):
+            advice = "give shorter questions in it"
+        elif flag == "--text-prompt":
+            advice = "give a shorter question"
+        elif flag.startswith("--"):
+            advice = f"lower {flag}"
+        else:  # the built-in questions
+            advice = "give a shorter question with --text-prompt"
         raise UsageError(f"{flag}: the request {words[1]} {total:,} positions ({text:,} {words[0]} + {image:,} "
                          f"image tokens + {point.new_tokens:,} new tokens) but {model} has {dims.max_pos:,}; "
                          f"{advice}")
