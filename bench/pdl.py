@@ -7,10 +7,10 @@ it from their spec (`--pdl auto|off`) when they are made (`configure`).
 A kernel launched with PDL may start while the kernel before it finishes; it waits
 (griddepcontrol.wait, Triton's gdc_wait) before it reads anything that kernel may write or writes
 anything at all, and lets the next kernel start (gdc_launch_dependents) once it has. Before the
-wait the project's kernels ask the L2 cache for their weights, or their split's keys and values
-(`prefetch_l2`: a hint that only warms L2, where a write of the kernel before lands whenever it
-comes; nothing is read before the wait). What that saves is the gap between two short
-kernels, of which a decode step has a dozen per layer.
+wait the project's kernels can ask the L2 cache for their weights, or their split's keys and
+values (PREFETCH; `prefetch_l2`: a hint that only warms L2, where a write of the kernel before
+lands whenever it comes; nothing is read before the wait). What that saves is the gap between two
+short kernels, of which a decode step has several per layer. The engines' default (`--pdl auto`).
 """
 from __future__ import annotations
 
@@ -25,8 +25,11 @@ except ImportError:  # CPU builds of torch
 MODES = ("auto", "off")  # auto: on where the GPU (compute capability 9+) and torch have it
 # How much of its weights a triton-f16x2 program launched with PDL asks L2 for before its wait, in
 # quarters (4: all of them; 0: none; split-KV attention prefetches its keys and values unless 0):
-# read at each launch; lab/gpu_step_ab.py --ab pdl-prefetch times the step at other values.
-PREFETCH = 4
+# read at each launch; lab/gpu_step_ab.py --ab pdl-prefetch times the step at other values. None by
+# default: on an H100 (results/lab/h100/pdl-prefetch_ab_*.csv) PDL without prefetching shortened
+# llava-1.5-7b's int4 decode step by 5% and vila1.5-3b's by 8%, one quarter about as much, and all
+# four quarters lengthened both (by 7% and 15%), more than PDL saved.
+PREFETCH = 0
 
 
 def _inductor_triton():

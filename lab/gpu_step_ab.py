@@ -14,7 +14,8 @@ which each capture reads); deferred-residual: the step layer compiled from FastD
 (0) or layer_at_deferred (1, the engine's own: each MLP residual add fused into the next layer,
 keys and values written by one copy); pdl-prefetch: `--pdl off` (off) against `--pdl auto` with
 triton-f16x2 asking L2 for the first 0 to 4 quarters of its weights before the wait
-(bench.pdl.PREFETCH; 4 is the default; split-KV attention prefetches its keys and values unless 0).
+(bench.pdl.PREFETCH; 0 is the default; split-KV attention prefetches its keys and values unless 0).
+The other settings are timed under the engines' default `--pdl auto` (off before 2026-12-07).
 `--values` times other values, or more than two, in the same rounds.
 --int4-kernels as run's flag (default triton-f16x2: what `measured` chooses at one row on every
 decoder shape of llava-1.5-7b and vila1.5-3b on an H100); --seconds stops starting rounds after
@@ -68,7 +69,7 @@ def _pdl_prefetch(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     if value not in ("0", "1", "2", "3", "4"):
         raise SystemExit(f"--ab pdl-prefetch value {value!r}: off, or 0 to 4 quarters")
     pdl.PREFETCH = int(value)
-    return EngineSpec(pdl="auto", int4_kernels=int4_kernels), lambda engine: engine.pdl and pdl.PREFETCH > 0
+    return EngineSpec(pdl="auto", int4_kernels=int4_kernels), lambda engine: engine.pdl
 
 
 # setting -> (its values by default, value -> (the engine's spec, engine -> whether the value took

@@ -745,6 +745,8 @@ BAD_KERNEL_FILES = {
     "dense_copy a number": lambda p: _kernel_key_fields(p, dense_copy=5),
     "graph a string": lambda p: _kernel_key_fields(p, graph="yes"),
     "pdl null": lambda p: _kernel_key_fields(p, pdl=None),
+    "pdl_prefetch past four quarters": lambda p: _kernel_key_fields(p, pdl=True, pdl_prefetch=8),
+    "pdl_prefetch true": lambda p: _kernel_key_fields(p, pdl=True, pdl_prefetch=True),
     "a version not a string": lambda p: _kernel_key_fields(p, versions={"torch": 2.11}),
 }
 

@@ -701,13 +701,23 @@ def test_kernels_that_launch_with_pdl_are_measured_apart_under_pdl(tmp_path, mon
     assert not under.cached and "tinygemm" in under.us and "tinygemm" not in under.reused
     assert set(under.reused) == set(plain.us) - {"tinygemm"} and under.reused
     assert sorted(bool(json.loads(k).get("pdl")) for k in json.loads(path.read_text())["entries"]) == [False, True]
+    # another share of the weights asked of L2 before the wait (bench.pdl.PREFETCH) is another
+    # measurement again, of that kernel only
+    from bench import pdl
+
+    monkeypatch.setattr(pdl, "PREFETCH", 2)
+    other = choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, path, points=(1, 2)).plans[(64, 256, 64)]
+    assert not other.cached and "tinygemm" not in other.reused and set(other.reused) == set(under.reused)
+    keys = [json.loads(k) for k in json.loads(path.read_text())["entries"]]
+    assert sorted(str(k.get("pdl_prefetch")) for k in keys) == ["0", "2", "None"]
     from bench.cli import main
 
     capsys.readouterr()
-    assert main(["int4-kernels", str(path)]) == 0 and capsys.readouterr().out.count("PDL") == 1  # one of two plans
+    assert main(["int4-kernels", str(path)]) == 0 and capsys.readouterr().out.count("PDL (prefetch") == 2
     assert main(["int4-kernels", str(path), "--out", str(tmp_path / "t.csv")]) == 0
     with open(tmp_path / "t.csv", newline="") as f:
-        assert {r["pdl"] for r in csv.DictReader(f)} == {"false", "true"}
+        assert {(r["pdl"], r["pdl_prefetch"]) for r in csv.DictReader(f)} == {("false", ""), ("true", "0"),
+                                                                             ("true", "2")}
 
 
 @pytest.mark.parametrize("distribution", ["fbgemm_gpu_genai", "gemlite"])

@@ -41,11 +41,13 @@ def _aot():
 
 
 @pytest.mark.parametrize("on", [False, True])
-def test_split_kv_kernels_wait_for_the_kernel_before_under_pdl(monkeypatch, on):
+@pytest.mark.parametrize("quarters", [0, 4])
+def test_split_kv_kernels_wait_for_the_kernel_before_under_pdl(monkeypatch, on, quarters):
     triton_aot = _aot()
     from bench.engines import split_kv_attention as sk
 
     monkeypatch.setattr(sk, "pdl_enabled", lambda device: on)
+    monkeypatch.setattr(pdl, "PREFETCH", quarters)
     meta = torch.device("meta")
     buf = torch.empty(1, 32, 1024, 128, dtype=torch.float16, device=meta)
     q = torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta)
@@ -54,8 +56,10 @@ def test_split_kv_kernels_wait_for_the_kernel_before_under_pdl(monkeypatch, on):
         assert kwargs.get("launch_pdl", False) == on
         c = triton_aot.compile_call(kernel, args, kwargs)
         assert _waits_first(c.ptx) == on and ("griddepcontrol" in c.ptx) == on
-        # the partial kernel asks L2 for its split's keys and values before the wait
-        assert c.ptx.count("cp.async.bulk.prefetch.L2.global") == (2 if on and kernel is sk._partial else 0)
+        # the partial kernel asks L2 for its split's keys and values before the wait (bench.pdl.PREFETCH
+        # not 0; it is 0 by default)
+        prefetches = on and quarters > 0 and kernel is sk._partial
+        assert c.ptx.count("cp.async.bulk.prefetch.L2.global") == (2 if prefetches else 0)
 
 
 @pytest.mark.parametrize("on", [False, True])
@@ -115,7 +119,8 @@ def test_an_engine_sets_pdl_for_the_process_when_made(tiny_llava_dir, monkeypatc
         assert "PDL" not in engine.describe()  # tinygemm and dense launch without it
         monkeypatch.setattr(KERNELS["tinygemm"], "launches_pdl", True)
         assert "PDL (programmatic dependent launch)" in engine.describe()
-        engine = StaticEngine(adapter, CachePolicy(), EngineSpec())  # off, the default
+        assert StaticEngine(adapter, CachePolicy(), EngineSpec()).pdl  # auto, the default
+        engine = StaticEngine(adapter, CachePolicy(), EngineSpec(pdl="off"))
         assert not engine.pdl and not inductor_config.triton.enable_pdl and "PDL" not in engine.describe()
 
 

@@ -155,13 +155,15 @@ def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
     assert run_main([*TINY, "--decode-attention", "split-kv", "--resume", "--output-dir", str(out)]) == 2
     one_line_error(capsys, "another configuration (--decode-attention 'matmul' -> 'split-kv')")
     assert snapshot(out) == before
+    assert env["config"]["pdl"] == "auto"  # the default
     del env["config"]["pdl"]  # written before --pdl existed: launched without PDL, as --pdl off does
     (out / "env.json").write_text(json.dumps(env))
     before = snapshot(out)
-    assert run_main([*TINY, "--decode-attention", "matmul", "--pdl", "auto", "--resume", "--output-dir", str(out)]) == 2
-    one_line_error(capsys, "another configuration (--pdl 'off' -> 'auto')")
+    for pdl in ([], ["--pdl", "auto"]):  # today's default is auto
+        assert run_main([*TINY, "--decode-attention", "matmul", *pdl, "--resume", "--output-dir", str(out)]) == 2
+        one_line_error(capsys, "another configuration (--pdl 'off' -> 'auto')")
     assert snapshot(out) == before
-    assert run_main([*TINY, "--decode-attention", "matmul", "--resume", "--output-dir", str(out)]) == 0
+    assert run_main([*TINY, "--decode-attention", "matmul", "--pdl", "off", "--resume", "--output-dir", str(out)]) == 0
 
 
 def test_resume_after_a_run_left_out_goes_on_after_every_earlier_attempt(tmp_path, monkeypatch, capsys):

@@ -8,10 +8,9 @@ from bench.quant import DEFAULT_CACHE_DIR, KERNELS_FILE
 from bench.errors import ArgumentParser, UsageError, path_problem
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
-CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "pdl", "candidates", "points", "out_features",
-               "in_features", "group_size",
-               "kernel", "rows", "us", "int4_gb_per_s", "max_rel_err", "chosen", "left_out", "reused",
-               "error_reused"]
+CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "pdl", "pdl_prefetch", "candidates", "points",
+               "out_features", "in_features", "group_size", "kernel", "rows", "us", "int4_gb_per_s", "max_rel_err",
+               "chosen", "left_out", "reused", "error_reused"]
 
 
 def parser() -> ArgumentParser:
@@ -88,7 +87,8 @@ def main(argv: list[str]) -> int:
         rows = [{"device": fields["device"], "dtype": fields["dtype"],
                  "versions": " ".join(f"{k}={v}" for k, v in sorted(fields["versions"].items())),
                  "graph": fields.get("graph"), "dense_copy": fields.get("dense_copy"),
-                 "pdl": bool(fields.get("pdl")), "candidates": " ".join(map(str, fields["candidates"])),
+                 "pdl": bool(fields.get("pdl")), "pdl_prefetch": fields.get("pdl_prefetch", 4) if fields.get("pdl") else "",
+                 "candidates": " ".join(map(str, fields["candidates"])),
                  "points": " ".join(map(str, fields["points"])),
                  **row}
                 for fields, plan in entries for row in table_rows([plan])]
@@ -124,7 +124,7 @@ def main(argv: list[str]) -> int:
         n, k, g = plan.shape
         eager = fields.get("graph") is False and not fields["device"].startswith("cpu")  # timed launched eagerly
         copy = ((", dense copy" if fields.get("dense_copy") else "") + (", eager" if eager else "")
-                + (", PDL" if fields.get("pdl") else ""))
+                + (f", PDL (prefetch {fields.get('pdl_prefetch', 4)}/4)" if fields.get("pdl") else ""))
         chosen.add_row(fields["device"], fields["dtype"], f"{n}x{k}, g{g}{copy}",
                        ", ".join(map(str, fields["candidates"])), plan_text(plan.plan, 0))
     console.print(chosen)

@@ -70,7 +70,7 @@ class EngineSpec:
     decode_attention: str = "auto"
     # programmatic dependent launch of compiled steps' kernels and the project's Triton kernels
     # (bench.pdl.MODES: auto = where the GPU and torch have it, or off); set when an engine is made
-    pdl: str = "off"
+    pdl: str = "auto"
     # above this many input rows q/k/v and gate/up run as their separate modules (fused_linear)
     fused_max_rows: int = FUSED_MAX_ROWS
     suffix_buckets: tuple[int, ...] = SUFFIX_BUCKETS

@@ -97,7 +97,8 @@ class RunFields:
     pdl: str = opt("programmatic dependent launch of the graph engine's compiled layers' Triton kernels, "
                    "the split-KV attention kernels and the triton-f16x2 int4 GEMV (static engine too): each may "
                    "start while the one before ends, waiting for its output; auto (on where the GPU, compute "
-                   "capability 9+, and torch have it) or off", "off")
+                   "capability 9+, and torch have it) or off (each kernel launched after the one before "
+                   "has finished)", "auto")
     max_cv: float = opt("a summary is valid only if its coefficient of variation is at most this", 0.10)
     device: str = opt("cuda, cuda:N, cpu or auto", "auto")
     executor: str = opt("how the sweep's jobs (the variants sharing one loaded model) run: serial (this process), "

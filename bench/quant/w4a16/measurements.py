@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench import pdl as pdl_settings
 from bench.errors import path_problem
 from bench.log import status
 from bench.measure.results import write_json
@@ -163,6 +164,8 @@ def parse_entry(key: str, entry) -> tuple[dict, ShapePlan]:
     for name in OPTIONAL_KEY_FIELDS:
         if name in fields and not isinstance(fields[name], bool):
             raise ValueError(f"key field {name!r} is not true or false: {key[:120]}")
+    if "pdl_prefetch" in fields and (type(fields["pdl_prefetch"]) is not int or not 0 <= fields["pdl_prefetch"] <= 4):
+        raise ValueError(f"key field 'pdl_prefetch' is not 0 to 4 quarters: {key[:120]}")
     for name, version in fields["versions"].items():
         if not isinstance(version, str):
             raise ValueError(f"key field 'versions': {name!r} is not a version string: {key[:120]}")
@@ -242,13 +245,22 @@ def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidate
     reads instead of dequantizing: another measurement. `graph`: timed inside CUDA graphs (the
     graph engines) or launched eagerly (the others): on CUDA another measurement too. `pdl`: the
     kernels that take programmatic dependent launch launch with it (bench.pdl): for them another
-    measurement (a key without it: launched without)."""
+    measurement (a key without it: launched without), and another again for each share of their
+    weights asked of L2 before the wait (`pdl_prefetch`, bench.pdl.PREFETCH; a key with `pdl` and
+    without it was measured when all of them were, 4)."""
     fields = {"device": _device_name(device), "versions": _versions(device), "dtype": str(dtype),
               "shape": list(shape), "points": list(points), "candidates": sorted(candidates),
               "dense_copy": bool(dense_copy), "graph": bool(graph) and device.type == "cuda"}
     if pdl:
         fields["pdl"] = True
+        fields["pdl_prefetch"] = pdl_settings.PREFETCH
     return json.dumps(fields, sort_keys=True)
+
+
+def _pdl_launch(fields: dict):
+    """How a key's kernels that take PDL were launched: None (without), else the quarters of their
+    weights asked of L2 first."""
+    return fields.get("pdl_prefetch", 4) if fields.get("pdl") else None
 
 
 class PlanCache:
@@ -294,12 +306,12 @@ class PlanCache:
 
     def earlier(self, key: str) -> dict[str, list[tuple[dict[int, float], dict[int, float]]]]:
         """Kernel -> [(times, errors by row count)], one per plan kept under a key that differs
-        from `key` in its candidates, row counts, dense copy or not, or PDL or not, alone (this
+        from `key` in its candidates, row counts, dense copy or not, or PDL (and its prefetch), alone (this
         process's first, then the file's): what was measured on this device, versions, dtype, shape
         and timing for another candidate set or other row counts. A kernel that reads the dense
         copy (`dense`) is taken only from a plan with the same copy or not: with a copy it reads a
         dense weight instead of dequantizing; one that launches with PDL (`launches_pdl`) only from
-        a plan with PDL the same."""
+        a plan with PDL and its prefetch the same."""
         def rest(k: str):
             try:
                 fields = json.loads(k)
@@ -307,8 +319,9 @@ class PlanCache:
                 return None
             if not isinstance(fields, dict):
                 return None
-            return ({n: v for n, v in fields.items() if n not in ("candidates", "points", "dense_copy", "pdl")},
-                    fields.get("dense_copy"), bool(fields.get("pdl")))
+            return ({n: v for n, v in fields.items()
+                     if n not in ("candidates", "points", "dense_copy", "pdl", "pdl_prefetch")},
+                    fields.get("dense_copy"), _pdl_launch(fields))
 
         (want, copy, pdl), found = rest(key), {}
         for kept in (_KEPT, self.entries):
