@@ -87,7 +87,8 @@ def main(argv: list[str]) -> int:
         rows = [{"device": fields["device"], "dtype": fields["dtype"],
                  "versions": " ".join(f"{k}={v}" for k, v in sorted(fields["versions"].items())),
                  "graph": fields.get("graph"), "dense_copy": fields.get("dense_copy"),
-                 "pdl": bool(fields.get("pdl")), "pdl_prefetch": fields.get("pdl_prefetch", 4) if fields.get("pdl") else "",
+                 "pdl": bool(fields.get("pdl")),
+                 "pdl_prefetch": fields.get("pdl_prefetch", 4) if fields.get("pdl") else "",
                  "candidates": " ".join(map(str, fields["candidates"])),
                  "points": " ".join(map(str, fields["points"])),
                  **row}
