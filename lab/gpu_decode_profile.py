@@ -15,8 +15,8 @@ With int4 weights the kernels per row count are --int4-kernels' (as `run`'s flag
 chooses per shape on this GPU first, --int4-kernel-candidates limiting the candidates;
 --int4-kernel-cache reuses a kernels.json measured on this kind of GPU with those candidates, e.g. a
 reference run's, and adds what it measures to it).
---pdl auto launches with programmatic dependent launch where the GPU has it (as run's flag; off, the
-default, without); --inductor NAME=VALUE sets an inductor option first (combo_kernels=1);
+--pdl auto, the default, launches with programmatic dependent launch where the GPU has it (as run's
+flag; off without); --inductor NAME=VALUE sets an inductor option first (combo_kernels=1);
 --split-kv CONFIG launches the split-KV attention so (fused_combine=1: its splits combined in its
 partial kernel).
 --batch-size B profiles a step of B rows (after a batch of B requests), the kernels a batched
