@@ -2,7 +2,9 @@
 alternated round by round (a process's step varies by a few percent from the next one's, so two
 processes decide nothing), for fp16 and int4 (rtn4) weights of one preset: each round makes a new
 graph engine per weights and value (compiled and captured afresh), runs one request and records
-its decode steps' median. Writes one CSV row per round, weights and value.
+its decode steps' median. Writes one CSV row per round, weights and value, with a digest of the
+request's greedy tokens (`tokens_sha`: the same digest for two values means the same answer; a
+setting that only changes how kernels are launched, as PDL and its prefetch do, must not change it).
 
     python lab/gpu_step_ab.py --ab pdl --preset llava-1.5-7b --rounds 3 --out $OUT/pdl_ab_llava-1.5-7b.csv
     python lab/gpu_step_ab.py --ab fused-combine --preset llava-1.5-7b --out $OUT/fused_combine_ab_llava-1.5-7b.csv
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import statistics
 import time
 from pathlib import Path
@@ -94,7 +97,7 @@ def main() -> None:
     image = demo_image()
     adapters = {weights: preset_adapter(args.preset, weights) for weights in args.weights.split(",")}
     w = CsvWriter(Path(args.out), ["model", "weights", "int4_kernels", "round", "setting", "value", "on", "step_ms",
-                                   "step_ms_p10", "step_ms_p90", "steps"])
+                                   "step_ms_p10", "step_ms_p90", "steps", "tokens_sha"])
     start = time.monotonic()
     for rnd in range(args.rounds):
         if time.monotonic() - start > args.seconds:
@@ -107,16 +110,18 @@ def main() -> None:
                 engine = GraphEngine(adapter, CachePolicy(), spec)
                 on = bool(took(engine))
                 engine.run_batch([(image, QUESTION)], args.new_tokens)  # compiled and captured here
-                steps = sorted(engine.run_batch([(image, QUESTION)], args.new_tokens).step_ms)
+                result = engine.run_batch([(image, QUESTION)], args.new_tokens)
+                steps = sorted(result.step_ms)
                 q = statistics.quantiles(steps, n=10)
                 row = {"model": args.preset, "weights": weights,
                        "int4_kernels": args.int4_kernels if weights != "fp16" else "", "round": rnd,
                        "setting": args.ab, "value": value, "on": on,
                        "step_ms": statistics.median(steps), "step_ms_p10": q[0], "step_ms_p90": q[-1],
-                       "steps": len(steps)}
+                       "steps": len(steps),
+                       "tokens_sha": hashlib.sha1(str(result.tokens).encode()).hexdigest()[:12]}
                 w.write(row)
                 print(f"round {rnd} {weights} {args.ab}={value}: {row['step_ms']:.3f} ms "
-                      f"(p10 {q[0]:.3f}, p90 {q[-1]:.3f}, {len(steps)} steps)", flush=True)
+                      f"(p10 {q[0]:.3f}, p90 {q[-1]:.3f}, {len(steps)} steps, tokens {row['tokens_sha']})", flush=True)
                 del engine
                 gc.collect()
                 torch.cuda.empty_cache()
