@@ -30,6 +30,11 @@ MODES = ("auto", "off")  # auto: on where the GPU (compute capability 9+) and to
 # llava-1.5-7b's int4 decode step by 5% and vila1.5-3b's by 8%, one quarter about as much, and all
 # four quarters lengthened both (by 7% and 15%), more than PDL saved.
 PREFETCH = 0
+# Whether a triton-f16x2 program launched with PDL loads the first block of its weights and their
+# scales into registers before its wait (as a software pipeline's first stage, with no traffic of
+# its own; the activations are read after it): lab/gpu_step_ab.py --ab pdl-preload times it. Off
+# until measured.
+PRELOAD = False
 
 
 def _inductor_triton():

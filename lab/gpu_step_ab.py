@@ -17,6 +17,8 @@ which each capture reads); deferred-residual: the step layer compiled from FastD
 keys and values written by one copy); pdl-prefetch: `--pdl off` (off) against `--pdl auto` with
 triton-f16x2 asking L2 for the first 0 to 4 quarters of its weights before the wait
 (bench.pdl.PREFETCH; 0 is the default; split-KV attention prefetches its keys and values unless 0).
+pdl-preload: under PDL, triton-f16x2's programs load the first block of their weights before the
+wait (1, bench.pdl.PRELOAD) or not (0, the default).
 The other settings are timed under the engines' default `--pdl auto` (off before 2026-12-07).
 `--values` times other values, or more than two, in the same rounds.
 --int4-kernels as run's flag (default triton-f16x2: what `measured` chooses at one row on every
@@ -75,11 +77,18 @@ def _pdl_prefetch(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     return EngineSpec(pdl="auto", int4_kernels=int4_kernels), lambda engine: engine.pdl
 
 
+def _pdl_preload(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    if value not in ("0", "1"):
+        raise SystemExit(f"--ab pdl-preload value {value!r}: 0 or 1")
+    pdl.PRELOAD = value == "1"
+    return EngineSpec(pdl="auto", int4_kernels=int4_kernels), lambda engine: engine.pdl and pdl.PRELOAD
+
+
 # setting -> (its values by default, value -> (the engine's spec, engine -> whether the value took
 # effect, called before the engine runs anything))
 SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine),
             "deferred-residual": (("0", "1"), _deferred_residual),
-            "pdl-prefetch": (("off", "0", "1", "4"), _pdl_prefetch)}
+            "pdl-prefetch": (("off", "0", "1", "4"), _pdl_prefetch), "pdl-preload": (("0", "1"), _pdl_preload)}
 
 
 def main() -> None:

@@ -747,6 +747,7 @@ BAD_KERNEL_FILES = {
     "pdl null": lambda p: _kernel_key_fields(p, pdl=None),
     "pdl_prefetch past four quarters": lambda p: _kernel_key_fields(p, pdl=True, pdl_prefetch=8),
     "pdl_prefetch true": lambda p: _kernel_key_fields(p, pdl=True, pdl_prefetch=True),
+    "pdl_preload a number": lambda p: _kernel_key_fields(p, pdl=True, pdl_prefetch=0, pdl_preload=1),
     "a version not a string": lambda p: _kernel_key_fields(p, versions={"torch": 2.11}),
 }
 

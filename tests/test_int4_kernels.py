@@ -710,10 +710,15 @@ def test_kernels_that_launch_with_pdl_are_measured_apart_under_pdl(tmp_path, mon
     assert not other.cached and "tinygemm" not in other.reused and set(other.reused) == set(under.reused)
     keys = [json.loads(k) for k in json.loads(path.read_text())["entries"]]
     assert sorted(str(k.get("pdl_prefetch")) for k in keys) == ["0", "2", "None"]
+    monkeypatch.setattr(pdl, "PRELOAD", True)  # its first block loaded before the wait: another again
+    preloaded = choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, path, points=(1, 2)).plans[(64, 256, 64)]
+    assert not preloaded.cached and "tinygemm" not in preloaded.reused
+    assert [json.loads(k).get("pdl_preload") for k in json.loads(path.read_text())["entries"]].count(True) == 1
+    monkeypatch.setattr(pdl, "PRELOAD", False)
     from bench.cli import main
 
     capsys.readouterr()
-    assert main(["int4-kernels", str(path)]) == 0 and capsys.readouterr().out.count("PDL (prefetch") == 2
+    assert main(["int4-kernels", str(path)]) == 0 and capsys.readouterr().out.count("PDL (prefetch") == 3
     assert main(["int4-kernels", str(path), "--out", str(tmp_path / "t.csv")]) == 0
     with open(tmp_path / "t.csv", newline="") as f:
         assert {(r["pdl"], r["pdl_prefetch"]) for r in csv.DictReader(f)} == {("false", ""), ("true", "0"),
@@ -1326,7 +1331,10 @@ for n, k, g in ((40, 384, 128), (64, 512, 256)):  # rows past a program's block,
         want = x.float() @ w.T
         for cfg in [{**c, "ROWS_FIRST": rows_first} for rows_first in (True, False)  # both layouts
                     for c in ({"TN": 2, "BKT": 2, "SPLIT_K": 1}, {"TN": 4, "BKT": 4, "SPLIT_K": 1},
-                              {"TN": 2, "BKT": 1, "SPLIT_K": 3}, {"TN": 1, "BKT": 2, "SPLIT_K": 1})]:
+                              {"TN": 2, "BKT": 1, "SPLIT_K": 3}, {"TN": 1, "BKT": 2, "SPLIT_K": 1},
+                              # the first block loaded ahead of the K loop (bench.pdl.PRELOAD)
+                              {"TN": 2, "BKT": 2, "SPLIT_K": 1, "PRELOAD": True},
+                              {"TN": 2, "BKT": 1, "SPLIT_K": 3, "PRELOAD": True})]:
             y = triton_f16x2.f16x2_mm(x, packed, sz, n, g, cfg["SPLIT_K"] > 1, cfg, emulate=True)
             assert y.shape == (rows, n) and y.dtype == torch.float16, (y.shape, y.dtype)
             worst = max(worst, ((y.float() - want).abs().max() / want.abs().max()).item())

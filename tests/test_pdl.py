@@ -93,6 +93,35 @@ def test_the_f16x2_kernel_prefetches_its_weights_then_waits_for_the_kernel_befor
     assert c.spill_bytes == 0
 
 
+@pytest.mark.parametrize("rows_first,split", [(True, 1), (False, 1), (True, 4)])
+def test_the_f16x2_kernel_preloads_its_first_weights_before_the_wait_under_pdl(rows_first, split):
+    """With PRELOAD (bench.pdl.PRELOAD) the program's first block of weights and of their scales
+    is loaded before the PDL wait (no kernel writes them) and nothing else is: no store, and the
+    activations (the kernel before's output) after it; its K loop keeps its per-weight cost."""
+    triton_aot = _aot()
+    from bench.quant import triton_f16x2
+
+    n, k, g, tn, bkt, warps = 4096, 4096, 128, 2, 4, 4
+    meta = dict(device="meta")
+    args = (torch.empty(k // 2, dtype=torch.int32, **meta),
+            torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, **meta),
+            torch.empty(k // g, n, 1, dtype=torch.int32, **meta),
+            torch.empty(n, dtype=torch.float32 if split > 1 else torch.float16, **meta), n, k)
+    cfg = {"G": g, "EMULATE": False, "TN": tn, "BKT": bkt, "SPLIT_K": split, "ROWS_FIRST": rows_first,
+           "num_warps": warps, "num_stages": 3, "PREFETCH": 0, "PDL": True, "launch_pdl": True}
+    plain = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args, cfg)
+    pre = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args, {**cfg, "PRELOAD": True})
+    assert _waits_first(plain.ptx) and not _waits_first(pre.ptx)
+    before = pre.ptx[:pre.ptx.find("griddepcontrol.wait")]
+    assert re.search(r"\bld\.global", before) and not re.search(r"\b(st|atom|red)\.global", before)
+    # the first block's words and scales: each thread's share of TN x 8 rows x BKT k-tiles x 16 words, and a
+    # scale pair per row and k-tile (vector loads may fetch several of either at once)
+    assert len(re.findall(r"\bld\.global", before)) <= tn * 8 * bkt * (16 + 1) // (warps * 32)
+    assert pre.spill_bytes == 0
+    loops = [triton_aot.loop_instructions(c.cubin) for c in (plain, pre)]
+    assert sum(loops[1].values()) <= sum(loops[0].values()) * 1.05, loops
+
+
 def test_an_engine_sets_pdl_for_the_process_when_made(tiny_llava_dir, monkeypatch):
     """Each engine switches PDL on (auto, where it can run) or off for what is compiled and
     launched after it is made, so no earlier engine's setting carries over; engine_detail names

@@ -8,9 +8,9 @@ from bench.quant import DEFAULT_CACHE_DIR, KERNELS_FILE
 from bench.errors import ArgumentParser, UsageError, path_problem
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
-CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "pdl", "pdl_prefetch", "candidates", "points",
-               "out_features", "in_features", "group_size", "kernel", "rows", "us", "int4_gb_per_s", "max_rel_err",
-               "chosen", "left_out", "reused", "error_reused"]
+CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload", "candidates",
+               "points", "out_features", "in_features", "group_size", "kernel", "rows", "us", "int4_gb_per_s",
+               "max_rel_err", "chosen", "left_out", "reused", "error_reused"]
 
 
 def parser() -> ArgumentParser:
@@ -89,6 +89,7 @@ def main(argv: list[str]) -> int:
                  "graph": fields.get("graph"), "dense_copy": fields.get("dense_copy"),
                  "pdl": bool(fields.get("pdl")),
                  "pdl_prefetch": fields.get("pdl_prefetch", 4) if fields.get("pdl") else "",
+                 "pdl_preload": bool(fields.get("pdl_preload")) if fields.get("pdl") else "",
                  "candidates": " ".join(map(str, fields["candidates"])),
                  "points": " ".join(map(str, fields["points"])),
                  **row}
@@ -125,7 +126,8 @@ def main(argv: list[str]) -> int:
         n, k, g = plan.shape
         eager = fields.get("graph") is False and not fields["device"].startswith("cpu")  # timed launched eagerly
         copy = ((", dense copy" if fields.get("dense_copy") else "") + (", eager" if eager else "")
-                + (f", PDL (prefetch {fields.get('pdl_prefetch', 4)}/4)" if fields.get("pdl") else ""))
+                + (f", PDL (prefetch {fields.get('pdl_prefetch', 4)}/4"
+                   f"{', preload' if fields.get('pdl_preload') else ''})" if fields.get("pdl") else ""))
         chosen.add_row(fields["device"], fields["dtype"], f"{n}x{k}, g{g}{copy}",
                        ", ".join(map(str, fields["candidates"])), plan_text(plan.plan, 0))
     console.print(chosen)

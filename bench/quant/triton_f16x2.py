@@ -123,66 +123,115 @@ def _products(words, x0, x1, x2, x3, sz, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _rows_first(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, G: tl.constexpr, BN: tl.constexpr,
-                BKT: tl.constexpr, EMULATE: tl.constexpr):
-    """The K loop over [row, k-tile, word] tensors: a thread's elements are consecutive words of
-    one row (loaded at once); returns each row's sum."""
-    acc = tl.zeros((BN, BKT, 16), dtype=tl.float32)
-    for step in range(0, tl.cdiv(per, BKT)):
-        kt = kt_lo + step * BKT + tl.arange(0, BKT)
-        k_ok = (kt < kt_lo + per) & (kt < k_tiles)
+def _words(p_ptr, k_tiles, kt, k_ok, n, n_ok, lw, ROWS_FIRST: tl.constexpr):
+    """The words of k-tiles `kt` for rows `n`: [row, k-tile, word] rows first (a thread's elements
+    are consecutive words of one row, loaded at once), [k-tile, word, row] rows last (they are rows
+    of one word position, sharing x's values, loaded once for them)."""
+    if ROWS_FIRST:
         words = tl.load(p_ptr + ((n // 8)[:, None, None] * k_tiles + kt[None, :, None]) * 128
                         + (n % 8)[:, None, None] * 16 + lw[None, None, :],
                         mask=n_ok[:, None, None] & k_ok[None, :, None], other=0)
-        xo = (kt * 64)[:, None] + pair[None, :]
-        x0 = tl.broadcast_to(tl.load(x32 + xo, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
-        x1 = tl.broadcast_to(tl.load(x32 + xo + 4, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
-        x2 = tl.broadcast_to(tl.load(x32 + xo + 8, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
-        x3 = tl.broadcast_to(tl.load(x32 + xo + 12, mask=k_ok[:, None], other=0)[None, :, :], (BN, BKT, 16))
-        sz = tl.load(sz32 + (kt * 128 // G)[None, :] * N + n[:, None], mask=n_ok[:, None] & k_ok[None, :], other=0)
-        sz = tl.broadcast_to(sz[:, :, None], (BN, BKT, 16))
-        acc += _products(words, x0, x1, x2, x3, sz, EMULATE)
-    return tl.sum(tl.sum(acc, axis=2), axis=1)
-
-
-@triton.jit
-def _rows_last(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, G: tl.constexpr, BN: tl.constexpr,
-               BKT: tl.constexpr, EMULATE: tl.constexpr):
-    """The K loop over [k-tile, word, row] tensors: a thread's elements are rows of one word
-    position, sharing x's values (loaded once for them); returns each row's sum."""
-    acc = tl.zeros((BKT, 16, BN), dtype=tl.float32)
-    for step in range(0, tl.cdiv(per, BKT)):
-        kt = kt_lo + step * BKT + tl.arange(0, BKT)
-        k_ok = (kt < kt_lo + per) & (kt < k_tiles)
+    else:
         words = tl.load(p_ptr + ((n // 8)[None, None, :] * k_tiles + kt[:, None, None]) * 128
                         + (n % 8)[None, None, :] * 16 + lw[None, :, None],
                         mask=n_ok[None, None, :] & k_ok[:, None, None], other=0)
-        xo = (kt * 64)[:, None] + pair[None, :]
-        x0 = tl.broadcast_to(tl.load(x32 + xo, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
-        x1 = tl.broadcast_to(tl.load(x32 + xo + 4, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
-        x2 = tl.broadcast_to(tl.load(x32 + xo + 8, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
-        x3 = tl.broadcast_to(tl.load(x32 + xo + 12, mask=k_ok[:, None], other=0)[:, :, None], (BKT, 16, BN))
+    return words
+
+
+@triton.jit
+def _scales(sz32, N, kt, k_ok, n, n_ok, G: tl.constexpr, ROWS_FIRST: tl.constexpr):
+    """The scale/zero pairs of k-tiles `kt`'s groups for rows `n`: [row, k-tile] or [k-tile, row]."""
+    if ROWS_FIRST:
+        sz = tl.load(sz32 + (kt * 128 // G)[None, :] * N + n[:, None], mask=n_ok[:, None] & k_ok[None, :], other=0)
+    else:
         sz = tl.load(sz32 + (kt * 128 // G)[:, None] * N + n[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
+    return sz
+
+
+@triton.jit
+def _x(x32, xo, k_ok, BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.constexpr):
+    """x's column pairs at offsets `xo` [k-tile, word], broadcast over the rows."""
+    v = tl.load(x32 + xo, mask=k_ok[:, None], other=0)
+    if ROWS_FIRST:
+        v = tl.broadcast_to(v[None, :, :], (BN, BKT, 16))
+    else:
+        v = tl.broadcast_to(v[:, :, None], (BKT, 16, BN))
+    return v
+
+
+@triton.jit
+def _accumulate(acc, words, x0, x1, x2, x3, sz, BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.constexpr,
+                EMULATE: tl.constexpr):
+    """acc plus the products of a block's words with x's column pairs (sz broadcast over the words)."""
+    if ROWS_FIRST:
+        sz = tl.broadcast_to(sz[:, :, None], (BN, BKT, 16))
+    else:
         sz = tl.broadcast_to(sz[:, None, :], (BKT, 16, BN))
-        acc += _products(words, x0, x1, x2, x3, sz, EMULATE)
-    return tl.sum(tl.sum(acc, axis=1), axis=0)
+    return acc + _products(words, x0, x1, x2, x3, sz, EMULATE)
+
+
+@triton.jit
+def _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0, sz0, G: tl.constexpr,
+            BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.constexpr, PRELOADED: tl.constexpr,
+            EMULATE: tl.constexpr):
+    """The K loop over the program's share of k-tiles; returns each row's sum. PRELOADED: the
+    first block's words and scales are `words0`, `sz0` (loaded before the kernel's PDL wait)."""
+    if ROWS_FIRST:
+        acc = tl.zeros((BN, BKT, 16), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BKT, 16, BN), dtype=tl.float32)
+    first = 0
+    if PRELOADED:
+        kt = kt_lo + tl.arange(0, BKT)
+        k_ok = (kt < kt_lo + per) & (kt < k_tiles)
+        xo = (kt * 64)[:, None] + pair[None, :]
+        x0, x1 = _x(x32, xo, k_ok, BN, BKT, ROWS_FIRST), _x(x32, xo + 4, k_ok, BN, BKT, ROWS_FIRST)
+        x2, x3 = _x(x32, xo + 8, k_ok, BN, BKT, ROWS_FIRST), _x(x32, xo + 12, k_ok, BN, BKT, ROWS_FIRST)
+        acc = _accumulate(acc, words0, x0, x1, x2, x3, sz0, BN, BKT, ROWS_FIRST, EMULATE)
+        first = 1
+    for step in range(first, tl.cdiv(per, BKT)):
+        kt = kt_lo + step * BKT + tl.arange(0, BKT)
+        k_ok = (kt < kt_lo + per) & (kt < k_tiles)
+        words = _words(p_ptr, k_tiles, kt, k_ok, n, n_ok, lw, ROWS_FIRST)
+        xo = (kt * 64)[:, None] + pair[None, :]
+        x0, x1 = _x(x32, xo, k_ok, BN, BKT, ROWS_FIRST), _x(x32, xo + 4, k_ok, BN, BKT, ROWS_FIRST)
+        x2, x3 = _x(x32, xo + 8, k_ok, BN, BKT, ROWS_FIRST), _x(x32, xo + 12, k_ok, BN, BKT, ROWS_FIRST)
+        sz = _scales(sz32, N, kt, k_ok, n, n_ok, G, ROWS_FIRST)
+        acc = _accumulate(acc, words, x0, x1, x2, x3, sz, BN, BKT, ROWS_FIRST, EMULATE)
+    if ROWS_FIRST:
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+    else:
+        y = tl.sum(tl.sum(acc, axis=1), axis=0)
+    return y
 
 
 @triton.jit
 def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
                   SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False,
-                  PREFETCH: tl.constexpr = 4):
+                  PREFETCH: tl.constexpr = 4, PRELOAD: tl.constexpr = False):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). PDL: launched with programmatic dependent launch (bench.pdl):
     wait for the kernel before (asking L2 first for the first PREFETCH quarters of the program's
-    weights, bench.pdl.PREFETCH), then let the next one start."""
+    weights, bench.pdl.PREFETCH), then let the next one start. PRELOAD: the first block of the
+    program's weights and scales is loaded (into registers) before that wait (bench.pdl.PRELOAD)."""
     BN: tl.constexpr = TN * 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_tiles = K // 128
     per = tl.cdiv(k_tiles, SPLIT_K)  # k-tiles of a share
     kt_lo = pid_k * per
+    n = pid_n * BN + tl.arange(0, BN)  # weight rows
+    n_ok = n < N
+    lw = tl.arange(0, 16)  # a row's word 4 l + w of a tile: columns 32 w + 2 l + 8 i + lo, nibble i + 4 lo
+    pair = 16 * (lw % 4) + lw // 4  # x's column pair (32 w + 2 l) / 2 of nibble 0; + 4 i for nibble i
+    words0 = 0
+    sz0 = 0
+    if PRELOAD:  # the weights and scales are no kernel's output: read while the kernel before ends
+        kt0 = kt_lo + tl.arange(0, BKT)
+        ok0 = (kt0 < kt_lo + per) & (kt0 < k_tiles)
+        words0 = _words(p_ptr, k_tiles, kt0, ok0, n, n_ok, lw, ROWS_FIRST)
+        sz0 = _scales(sz32, N, kt0, ok0, n, n_ok, G, ROWS_FIRST)
     if PDL:
         # the weights are no kernel's output: their reading starts while the kernel before ends
         if PREFETCH > 0:
@@ -193,14 +242,8 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
                                 (tl.minimum(per, k_tiles - kt_lo) * (128 * PREFETCH)).to(tl.int32))
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    n = pid_n * BN + tl.arange(0, BN)  # weight rows
-    n_ok = n < N
-    lw = tl.arange(0, 16)  # a row's word 4 l + w of a tile: columns 32 w + 2 l + 8 i + lo, nibble i + 4 lo
-    pair = 16 * (lw % 4) + lw // 4  # x's column pair (32 w + 2 l) / 2 of nibble 0; + 4 i for nibble i
-    if ROWS_FIRST:
-        y = _rows_first(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, G, BN, BKT, EMULATE)
-    else:
-        y = _rows_last(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, G, BN, BKT, EMULATE)
+    y = _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0, sz0, G, BN, BKT, ROWS_FIRST,
+                PRELOAD, EMULATE)
     if SPLIT_K == 1:
         tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -231,10 +274,11 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BKT"])]
 
 
-_tuned = triton.autotune(_configs(split=False), key=["N", "K", "PDL", "PREFETCH"], do_bench=autotune_bench,
+_KEY = ["N", "K", "PDL", "PREFETCH", "PRELOAD"]
+_tuned = triton.autotune(_configs(split=False), key=_KEY, do_bench=autotune_bench,
                          prune_configs_by={"early_config_prune": _prune})(_f16x2_kernel)
-_tuned_split = triton.autotune(_configs(split=True), key=["N", "K", "PDL", "PREFETCH"], reset_to_zero=["y_ptr"],
-                               do_bench=autotune_bench, prune_configs_by={"early_config_prune": _prune})(_f16x2_kernel)
+_tuned_split = triton.autotune(_configs(split=True), key=_KEY, reset_to_zero=["y_ptr"], do_bench=autotune_bench,
+                               prune_configs_by={"early_config_prune": _prune})(_f16x2_kernel)
 
 
 def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, out_features: int,
@@ -243,7 +287,9 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     (scale_and_zero [K / group_size, N, 2] float16, group_size a multiple of 128), a row at a time
     (a GEMV: `--int4-kernels measured` times it at one row only; a fixed `--int4-kernels` runs its
     calls of more rows row by row). `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True),
-    num_warps, num_stages) skips autotuning, `emulate` runs the interpreter's stand-in for the PTX (tests)."""
+    num_warps, num_stages; PRELOAD) skips autotuning, `emulate` runs the interpreter's stand-in for the PTX
+    (tests). Under PDL the programs preload their first block of weights before the wait where
+    bench.pdl.PRELOAD says so."""
     if x.dtype != torch.float16 or scale_and_zero.dtype != torch.float16 or group_size % 128:
         raise ValueError("f16x2_mm takes float16 activations, scales and zeros, and groups of a multiple of 128")
     x = x.contiguous()
@@ -265,10 +311,12 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     quarters = pdl_settings.PREFETCH
     if on and (isinstance(quarters, bool) or quarters not in range(5)):
         raise ValueError(f"bench.pdl.PREFETCH {quarters!r}: quarters of a program's weights, 0 to 4")
-    pdl = {"PDL": on, "PREFETCH": quarters if on else 0, **({"launch_pdl": True} if on else {})}
+    pdl = {"PDL": on, "PREFETCH": quarters if on else 0, "PRELOAD": on and bool(pdl_settings.PRELOAD),
+           **({"launch_pdl": True} if on else {})}
     if config is not None:
-        config = {"ROWS_FIRST": True, **config}
-        launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3), **pdl}
+        config = {"ROWS_FIRST": True, **config}  # may name PRELOAD (tests: the interpreter runs no PDL)
+        launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3),
+                  **{k: v for k, v in pdl.items() if k not in config}}
         grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
         _f16x2_kernel[grid](*args, G=group_size, EMULATE=emulate, **config, **launch)
     else:

@@ -36,7 +36,8 @@ LOCK_SECONDS = 60  # a writer waits this long for another's lock, then keeps its
 # (FBGEMM's gen_ai kernels ship in either of its two)
 KERNEL_LIBRARIES = ("triton", "gemlite", "fbgemm-gpu-genai", "fbgemm-gpu")
 KEY_FIELDS = {"device": str, "versions": dict, "dtype": str, "shape": list, "points": list, "candidates": list}
-OPTIONAL_KEY_FIELDS = ("dense_copy", "graph", "pdl")  # booleans, absent in older files (pdl: where on)
+# booleans, absent in older files (pdl: where on; pdl_preload: where on, under pdl)
+OPTIONAL_KEY_FIELDS = ("dense_copy", "graph", "pdl", "pdl_preload")
 _KEPT: dict[str, dict] = {}  # key -> entry: what this process measured or read
 _LOCK_HELD: set[Path] = set()  # files whose lock a save waited LOCK_SECONDS for: not waited on again
 
@@ -247,20 +248,23 @@ def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidate
     kernels that take programmatic dependent launch launch with it (bench.pdl): for them another
     measurement (a key without it: launched without), and another again for each share of their
     weights asked of L2 before the wait (`pdl_prefetch`, bench.pdl.PREFETCH; a key with `pdl` and
-    without it was measured when all of them were, 4)."""
+    without it was measured when all of them were, 4) and with their first block preloaded
+    (`pdl_preload`, bench.pdl.PRELOAD)."""
     fields = {"device": _device_name(device), "versions": _versions(device), "dtype": str(dtype),
               "shape": list(shape), "points": list(points), "candidates": sorted(candidates),
               "dense_copy": bool(dense_copy), "graph": bool(graph) and device.type == "cuda"}
     if pdl:
         fields["pdl"] = True
         fields["pdl_prefetch"] = pdl_settings.PREFETCH
+        if pdl_settings.PRELOAD:
+            fields["pdl_preload"] = True
     return json.dumps(fields, sort_keys=True)
 
 
 def _pdl_launch(fields: dict):
     """How a key's kernels that take PDL were launched: None (without), else the quarters of their
-    weights asked of L2 first."""
-    return fields.get("pdl_prefetch", 4) if fields.get("pdl") else None
+    weights asked of L2 first and whether their first block was preloaded."""
+    return (fields.get("pdl_prefetch", 4), bool(fields.get("pdl_preload"))) if fields.get("pdl") else None
 
 
 class PlanCache:
@@ -320,7 +324,7 @@ class PlanCache:
             if not isinstance(fields, dict):
                 return None
             return ({n: v for n, v in fields.items()
-                     if n not in ("candidates", "points", "dense_copy", "pdl", "pdl_prefetch")},
+                     if n not in ("candidates", "points", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload")},
                     fields.get("dense_copy"), _pdl_launch(fields))
 
         (want, copy, pdl), found = rest(key), {}
