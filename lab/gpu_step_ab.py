@@ -81,7 +81,10 @@ def _pdl_preload(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     if value not in ("0", "1"):
         raise SystemExit(f"--ab pdl-preload value {value!r}: 0 or 1")
     pdl.PRELOAD = value == "1"
-    return EngineSpec(pdl="auto", int4_kernels=int4_kernels), lambda engine: engine.pdl and pdl.PRELOAD
+    # on only where triton-f16x2 runs under PDL (fp16 weights, or other int4 kernels: nothing preloads)
+    f16x2 = int4_kernels.startswith("triton-f16x2")
+    return EngineSpec(pdl="auto", int4_kernels=int4_kernels), \
+        lambda engine: engine.pdl and pdl.PRELOAD and f16x2 and bool(engine._int4_layers())
 
 
 # setting -> (its values by default, value -> (the engine's spec, engine -> whether the value took
