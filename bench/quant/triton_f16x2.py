@@ -160,6 +160,14 @@ def _x(x32, xo, k_ok, BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.conste
 
 
 @triton.jit
+def _xs(x32, kt, k_ok, pair, BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.constexpr):
+    """x's column pairs for nibbles 0 to 3 of k-tiles `kt`'s words (_x)."""
+    xo = (kt * 64)[:, None] + pair[None, :]
+    return (_x(x32, xo, k_ok, BN, BKT, ROWS_FIRST), _x(x32, xo + 4, k_ok, BN, BKT, ROWS_FIRST),
+            _x(x32, xo + 8, k_ok, BN, BKT, ROWS_FIRST), _x(x32, xo + 12, k_ok, BN, BKT, ROWS_FIRST))
+
+
+@triton.jit
 def _accumulate(acc, words, x0, x1, x2, x3, sz, BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.constexpr,
                 EMULATE: tl.constexpr):
     """acc plus the products of a block's words with x's column pairs (sz broadcast over the words)."""
@@ -184,18 +192,14 @@ def _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0,
     if PRELOADED:
         kt = kt_lo + tl.arange(0, BKT)
         k_ok = (kt < kt_lo + per) & (kt < k_tiles)
-        xo = (kt * 64)[:, None] + pair[None, :]
-        x0, x1 = _x(x32, xo, k_ok, BN, BKT, ROWS_FIRST), _x(x32, xo + 4, k_ok, BN, BKT, ROWS_FIRST)
-        x2, x3 = _x(x32, xo + 8, k_ok, BN, BKT, ROWS_FIRST), _x(x32, xo + 12, k_ok, BN, BKT, ROWS_FIRST)
+        x0, x1, x2, x3 = _xs(x32, kt, k_ok, pair, BN, BKT, ROWS_FIRST)
         acc = _accumulate(acc, words0, x0, x1, x2, x3, sz0, BN, BKT, ROWS_FIRST, EMULATE)
         first = 1
     for step in range(first, tl.cdiv(per, BKT)):
         kt = kt_lo + step * BKT + tl.arange(0, BKT)
         k_ok = (kt < kt_lo + per) & (kt < k_tiles)
         words = _words(p_ptr, k_tiles, kt, k_ok, n, n_ok, lw, ROWS_FIRST)
-        xo = (kt * 64)[:, None] + pair[None, :]
-        x0, x1 = _x(x32, xo, k_ok, BN, BKT, ROWS_FIRST), _x(x32, xo + 4, k_ok, BN, BKT, ROWS_FIRST)
-        x2, x3 = _x(x32, xo + 8, k_ok, BN, BKT, ROWS_FIRST), _x(x32, xo + 12, k_ok, BN, BKT, ROWS_FIRST)
+        x0, x1, x2, x3 = _xs(x32, kt, k_ok, pair, BN, BKT, ROWS_FIRST)
         sz = _scales(sz32, N, kt, k_ok, n, n_ok, G, ROWS_FIRST)
         acc = _accumulate(acc, words, x0, x1, x2, x3, sz, BN, BKT, ROWS_FIRST, EMULATE)
     if ROWS_FIRST:
