@@ -13,6 +13,22 @@ CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "pdl", "pdl
                "max_rel_err", "chosen", "left_out", "reused", "error_reused"]
 
 
+def _pdl_columns(fields: dict) -> dict:
+    """The kernel table's pdl_prefetch and pdl_preload of a measurement's key (empty without PDL)."""
+    from bench.quant.w4a16.measurements import pdl_launch
+
+    launch = pdl_launch(fields)
+    return {"pdl_prefetch": launch[0] if launch else "", "pdl_preload": launch[1] if launch else ""}
+
+
+def _pdl_text(fields: dict) -> str:
+    """How the listing names a measurement's PDL launch (nothing without PDL)."""
+    from bench.quant.w4a16.measurements import pdl_launch
+
+    launch = pdl_launch(fields)
+    return f", PDL (prefetch {launch[0]}/4{', preload' if launch[1] else ''})" if launch else ""
+
+
 def parser() -> ArgumentParser:
     ap = ArgumentParser(prog=f"{PROG} int4-kernels", description=describe("int4-kernels"))
     ap.add_argument("file", nargs="?", metavar="FILE", default=None,
@@ -87,9 +103,7 @@ def main(argv: list[str]) -> int:
         rows = [{"device": fields["device"], "dtype": fields["dtype"],
                  "versions": " ".join(f"{k}={v}" for k, v in sorted(fields["versions"].items())),
                  "graph": fields.get("graph"), "dense_copy": fields.get("dense_copy"),
-                 "pdl": bool(fields.get("pdl")),
-                 "pdl_prefetch": fields.get("pdl_prefetch", 4) if fields.get("pdl") else "",
-                 "pdl_preload": bool(fields.get("pdl_preload")) if fields.get("pdl") else "",
+                 "pdl": bool(fields.get("pdl")), **_pdl_columns(fields),
                  "candidates": " ".join(map(str, fields["candidates"])),
                  "points": " ".join(map(str, fields["points"])),
                  **row}
@@ -126,8 +140,7 @@ def main(argv: list[str]) -> int:
         n, k, g = plan.shape
         eager = fields.get("graph") is False and not fields["device"].startswith("cpu")  # timed launched eagerly
         copy = ((", dense copy" if fields.get("dense_copy") else "") + (", eager" if eager else "")
-                + (f", PDL (prefetch {fields.get('pdl_prefetch', 4)}/4"
-                   f"{', preload' if fields.get('pdl_preload') else ''})" if fields.get("pdl") else ""))
+                + _pdl_text(fields))
         chosen.add_row(fields["device"], fields["dtype"], f"{n}x{k}, g{g}{copy}",
                        ", ".join(map(str, fields["candidates"])), plan_text(plan.plan, 0))
     console.print(chosen)

@@ -261,7 +261,7 @@ def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidate
     return json.dumps(fields, sort_keys=True)
 
 
-def _pdl_launch(fields: dict):
+def pdl_launch(fields: dict):
     """How a key's kernels that take PDL were launched: None (without), else the quarters of their
     weights asked of L2 first and whether their first block was preloaded."""
     return (fields.get("pdl_prefetch", 4), bool(fields.get("pdl_preload"))) if fields.get("pdl") else None
@@ -325,7 +325,7 @@ class PlanCache:
                 return None
             return ({n: v for n, v in fields.items()
                      if n not in ("candidates", "points", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload")},
-                    fields.get("dense_copy"), _pdl_launch(fields))
+                    fields.get("dense_copy"), pdl_launch(fields))
 
         (want, copy, pdl), found = rest(key), {}
         for kept in (_KEPT, self.entries):
