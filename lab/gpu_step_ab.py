@@ -18,7 +18,9 @@ keys and values written by one copy); pdl-prefetch: `--pdl off` (off) against `-
 triton-f16x2 asking L2 for the first 0 to 4 quarters of its weights before the wait
 (bench.pdl.PREFETCH; 0 is the default; split-KV attention prefetches its keys and values unless 0).
 pdl-preload: under PDL, triton-f16x2's programs load the first block of their weights before the
-wait (1, bench.pdl.PRELOAD) or not (0, the default).
+wait (1, bench.pdl.PRELOAD) or not (0, the default). f16x2-stages: the K loop stage counts
+triton-f16x2's autotuner chooses from (bench.quant.triton_f16x2.K_STAGES; 1: not pipelined, 1+3:
+either, the default), tuned afresh for each value.
 The other settings are timed under the engines' default `--pdl auto` (off before 2026-12-07).
 `--values` times other values, or more than two, in the same rounds.
 --int4-kernels as run's flag (default triton-f16x2: what `measured` chooses at one row on every
@@ -87,11 +89,28 @@ def _pdl_preload(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
         lambda engine: engine.pdl and pdl.PRELOAD and f16x2 and bool(engine._int4_layers())
 
 
+def _f16x2_stages(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    from bench.quant import triton_f16x2
+
+    try:
+        stages = tuple(int(v) for v in value.split("+"))
+    except ValueError:
+        stages = ()
+    if not stages or any(v not in (1, 2, 3, 4) for v in stages):
+        raise SystemExit(f"--ab f16x2-stages value {value!r}: stage counts 1 to 4 joined by +, e.g. 1+3")
+    triton_f16x2.K_STAGES = stages
+    for tuner in (triton_f16x2._tuned, triton_f16x2._tuned_split):  # tuned again from the new candidates
+        tuner.cache.clear()
+    f16x2 = int4_kernels.startswith("triton-f16x2")
+    return EngineSpec(int4_kernels=int4_kernels), lambda engine: stages != (1,) and f16x2 and bool(engine._int4_layers())
+
+
 # setting -> (its values by default, value -> (the engine's spec, engine -> whether the value took
 # effect, called before the engine runs anything))
 SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine),
             "deferred-residual": (("0", "1"), _deferred_residual),
-            "pdl-prefetch": (("off", "0", "1", "4"), _pdl_prefetch), "pdl-preload": (("0", "1"), _pdl_preload)}
+            "pdl-prefetch": (("off", "0", "1", "4"), _pdl_prefetch), "pdl-preload": (("0", "1"), _pdl_preload),
+            "f16x2-stages": (("1", "1+3"), _f16x2_stages)}
 
 
 def main() -> None:

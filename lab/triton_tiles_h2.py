@@ -21,6 +21,8 @@ keeps. Results on an H100: results/lab/h100/triton_tiles_h2_*.csv.
     python lab/triton_tiles_h2.py interpret           # no GPU: the index math in Triton's interpreter
     python lab/triton_tiles_h2.py gpu --out h2.csv    # correctness at every shape, then times against
                                                       # triton-tiles and the read ceiling
+    python lab/triton_tiles_h2.py gpu --product-configs --presets llava-1.5-7b --out stages.csv
+        # the same for triton-f16x2's own candidates at each K-loop stage count (KS)
 
 The interpreter cannot run PTX: `interpret` runs the same kernel with the f16x2 block replaced by
 the same arithmetic in Triton operations (fp32), so it checks the layout and index math, not the
@@ -154,6 +156,22 @@ def interpret(args) -> int:
     return 0 if worst < 1e-3 else 1
 
 
+def candidates(args) -> list[tuple[str, dict]]:
+    """(way, configuration) to time: the grid CONFIGS in both ways, or (--product-configs) the
+    autotuner's own candidates of bench.quant.triton_f16x2 without split, at every K-loop stage
+    count it has (KS), whatever its K_STAGES keeps."""
+    if not args.product_configs:
+        return list(itertools.product(WAYS, CONFIGS))
+    from bench.quant import triton_f16x2
+
+    out = []
+    for c in triton_f16x2._configs(split=False):
+        cfg = {k: v for k, v in c.kwargs.items() if k != "ROWS_FIRST"}
+        out.append(("h2" if c.kwargs["ROWS_FIRST"] else "h2-rows-last",
+                    {**cfg, "num_warps": c.num_warps, "num_stages": c.num_stages}))
+    return out
+
+
 def gpu(args) -> int:
     from gpu_int4_candidates import shapes_of
     from gpu_read_ceiling import calls_for
@@ -195,8 +213,8 @@ def gpu(args) -> int:
             base = min(timed(f"triton-tiles{'-splitk' if split else ''} (autotuned)", "",
                              lambda a, p, s, split=split: triton_w4a16.tiles_mm(a, p, s, n, args.group_size, split))[0]
                        for split in (False, True))
-            best = None
-            for way, cfg in itertools.product(WAYS, CONFIGS):
+            best, by_stages = None, {}
+            for way, cfg in candidates(args):
                 try:
                     us, err = timed(way, " ".join(f"{a}={b}" for a, b in cfg.items()),
                                     lambda a, p, s, c=cfg, w=way: h2_mm(a, p, s, n, args.group_size, c, way=w))
@@ -205,12 +223,15 @@ def gpu(args) -> int:
                     continue
                 if best is None or us < best[0]:
                     best = (us, f"{way} {cfg}", err)
+                ks = cfg.get("KS", 1)
+                by_stages[ks] = min(by_stages.get(ks, us), us)
             if best is None:
                 print(f"{preset} {shape} {n}x{k}: triton-tiles {base:.2f} us; every h2 configuration failed", flush=True)
                 bad += 1
             else:
                 print(f"{preset} {shape} {n}x{k}: triton-tiles (faster of its two) {base:.2f} us; h2 best "
-                      f"{best[0]:.2f} us ({base / best[0]:.2f}x, err {best[2]:.1e}) {best[1]}", flush=True)
+                      f"{best[0]:.2f} us ({base / best[0]:.2f}x, err {best[2]:.1e}) {best[1]}; best by K-loop stages: "
+                      + ", ".join(f"{ks}: {us:.2f} us" for ks, us in sorted(by_stages.items())), flush=True)
             layers = None  # freed before the next shape
             torch.cuda.empty_cache()
     return 1 if bad else 0
@@ -225,6 +246,8 @@ def main() -> int:
     g.add_argument("--out", required=True)
     g.add_argument("--presets", nargs="+", default=["llava-1.5-7b", "vila1.5-3b"])
     g.add_argument("--group-size", type=int, default=128)
+    g.add_argument("--product-configs", action="store_true",
+                   help="time triton-f16x2's own autotuner candidates at each K-loop stage count instead of the grid")
     args = ap.parse_args()
     return {"aot": aot, "interpret": interpret, "gpu": gpu}[args.mode](args)
 

@@ -181,9 +181,10 @@ def _accumulate(acc, words, x0, x1, x2, x3, sz, BN: tl.constexpr, BKT: tl.conste
 @triton.jit
 def _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0, sz0, G: tl.constexpr,
             BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.constexpr, PRELOADED: tl.constexpr,
-            EMULATE: tl.constexpr):
+            KS: tl.constexpr, EMULATE: tl.constexpr):
     """The K loop over the program's share of k-tiles; returns each row's sum. PRELOADED: the
-    first block's words and scales are `words0`, `sz0` (loaded before the kernel's PDL wait)."""
+    first block's words and scales are `words0`, `sz0` (loaded before the kernel's PDL wait). KS:
+    the loop's stages (K_STAGES; 1: not pipelined)."""
     if ROWS_FIRST:
         acc = tl.zeros((BN, BKT, 16), dtype=tl.float32)
     else:
@@ -195,7 +196,7 @@ def _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0,
         x0, x1, x2, x3 = _xs(x32, kt, k_ok, pair, BN, BKT, ROWS_FIRST)
         acc = _accumulate(acc, words0, x0, x1, x2, x3, sz0, BN, BKT, ROWS_FIRST, EMULATE)
         first = 1
-    for step in range(first, tl.cdiv(per, BKT)):
+    for step in tl.range(first, tl.cdiv(per, BKT), num_stages=KS):
         kt = kt_lo + step * BKT + tl.arange(0, BKT)
         k_ok = (kt < kt_lo + per) & (kt < k_tiles)
         words = _words(p_ptr, k_tiles, kt, k_ok, n, n_ok, lw, ROWS_FIRST)
@@ -212,13 +213,14 @@ def _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0,
 @triton.jit
 def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
                   SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False,
-                  PREFETCH: tl.constexpr = 4, PRELOAD: tl.constexpr = False):
+                  PREFETCH: tl.constexpr = 4, PRELOAD: tl.constexpr = False, KS: tl.constexpr = 1):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). PDL: launched with programmatic dependent launch (bench.pdl):
     wait for the kernel before (asking L2 first for the first PREFETCH quarters of the program's
     weights, bench.pdl.PREFETCH), then let the next one start. PRELOAD: the first block of the
-    program's weights and scales is loaded (into registers) before that wait (bench.pdl.PRELOAD)."""
+    program's weights and scales is loaded (into registers) before that wait (bench.pdl.PRELOAD).
+    KS: the K loop's stages (K_STAGES)."""
     BN: tl.constexpr = TN * 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -247,11 +249,20 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     y = _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0, sz0, G, BN, BKT, ROWS_FIRST,
-                PRELOAD, EMULATE)
+                PRELOAD, KS, EMULATE)
     if SPLIT_K == 1:
         tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
         tl.atomic_add(y_ptr + n, y, mask=n_ok, sem="relaxed")
+
+
+# the K loop's stage counts the autotuners try (KS): 1, a step's loads issued at its top and waited
+# for at once (ptxas keeps them there: more loads issued ahead in registers are sunk back to their
+# use); 3, Triton's pipeliner copies the next two steps' words, scales and x into shared memory
+# asynchronously (cp.async) while a step multiplies. A program's loads in flight are what its SM's
+# share of the memory's bandwidth needs where the grid is a few programs per SM (o_proj's 512 of 8
+# rows on 132 SMs). lab/gpu_step_ab.py --ab f16x2-stages times a restriction of it.
+K_STAGES = (1, 3)
 
 
 def _configs(split: bool) -> list:
@@ -259,7 +270,8 @@ def _configs(split: bool) -> list:
     benchmarks those left on its first call. Those that won a shape of llava-1.5-7b or
     vila1.5-3b on an H100 in either layout (lab/triton_tiles_h2.py gpu, which times many more):
     without split, rows first with one or two row blocks and rows last with two or four; split,
-    both layouts with one or two."""
+    both layouts with one or two; each at the stage counts of K_STAGES (_prune keeps those that
+    K_STAGES names when it is called)."""
     if split:
         space = [(rows_first, tn, 4, 4) for rows_first in (True, False) for tn in (1, 2)]
         splits = (2, 4)
@@ -267,15 +279,17 @@ def _configs(split: bool) -> list:
         space = [(True, 1, 4, 4), (True, 1, 8, 8), (True, 2, 4, 4), (True, 2, 8, 8),
                  (False, 2, 4, 4), (False, 4, 4, 4), (False, 4, 4, 8)]
         splits = (1,)
-    return [triton.Config({"TN": tn, "BKT": bkt, "SPLIT_K": sk, "ROWS_FIRST": rows_first}, num_warps=w, num_stages=3)
-            for rows_first, tn, bkt, w in space for sk in splits]
+    return [triton.Config({"TN": tn, "BKT": bkt, "SPLIT_K": sk, "ROWS_FIRST": rows_first, "KS": ks}, num_warps=w,
+                          num_stages=3)
+            for rows_first, tn, bkt, w in space for sk in splits for ks in (1, 2, 3, 4)]
 
 
 def _prune(configs, named_args, **kwargs):
-    """A share of K is at least one block of k-tiles."""
+    """A share of K is at least one block of k-tiles; the K loop's stages those of K_STAGES."""
     k_tiles = named_args["K"] // 128
-    kept = [c for c in configs if c.kwargs["SPLIT_K"] * c.kwargs["BKT"] <= max(k_tiles, 1)]
-    return kept or [min(configs, key=lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BKT"])]
+    staged = [c for c in configs if c.kwargs["KS"] in K_STAGES] or configs
+    kept = [c for c in staged if c.kwargs["SPLIT_K"] * c.kwargs["BKT"] <= max(k_tiles, 1)]
+    return kept or [min(staged, key=lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BKT"])]
 
 
 _KEY = ["N", "K", "PDL", "PREFETCH", "PRELOAD"]
@@ -290,8 +304,8 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     """x [M, K] float16 times the packed int4 weight [N = out_features, K]^T -> [M, N] float16
     (scale_and_zero [K / group_size, N, 2] float16, group_size a multiple of 128), a row at a time
     (a GEMV: `--int4-kernels measured` times it at one row only; a fixed `--int4-kernels` runs its
-    calls of more rows row by row). `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True),
-    num_warps, num_stages; PRELOAD) skips autotuning, `emulate` runs the interpreter's stand-in for the PTX
+    calls of more rows row by row). `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True), KS
+    (default 1), num_warps, num_stages; PRELOAD) skips autotuning, `emulate` runs the interpreter's stand-in for the PTX
     (tests). Under PDL the programs preload their first block of weights before the wait where
     bench.pdl.PRELOAD says so."""
     if x.dtype != torch.float16 or scale_and_zero.dtype != torch.float16 or group_size % 128:
