@@ -33,8 +33,9 @@ MODES = ("auto", "off")  # auto: on where the GPU (compute capability 9+) and to
 PREFETCH = 0
 # Whether a triton-f16x2 program launched with PDL loads the first block of its weights and their
 # scales into registers before its wait (as a software pipeline's first stage, with no traffic of
-# its own; the activations are read after it): lab/gpu_step_ab.py --ab pdl-preload times it. Off
-# until measured.
+# its own; the activations are read after it): lab/gpu_step_ab.py --ab pdl-preload times it. Off:
+# on an H100 it lengthened llava-1.5-7b's and vila1.5-3b's int4 decode step a little in every
+# round (results/lab/h100/pdl-preload_ab_*.csv).
 PRELOAD = False
 
 

@@ -261,7 +261,10 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
 # use); 3, Triton's pipeliner copies the next two steps' words, scales and x into shared memory
 # asynchronously (cp.async) while a step multiplies. A program's loads in flight are what its SM's
 # share of the memory's bandwidth needs where the grid is a few programs per SM (o_proj's 512 of 8
-# rows on 132 SMs). lab/gpu_step_ab.py --ab f16x2-stages times a restriction of it.
+# rows on 132 SMs), bought with the copies' instructions (x's words one by one). On an H100 the
+# pipelined loop won llava-1.5-7b's qkv shape and no other of its or vila1.5-3b's
+# (results/lab/h100/f16x2_stages_*.csv); lab/gpu_step_ab.py --ab f16x2-stages times the step with
+# and without it.
 K_STAGES = (1, 3)
 
 
