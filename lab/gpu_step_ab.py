@@ -102,7 +102,8 @@ def _f16x2_stages(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     for tuner in (triton_f16x2._tuned, triton_f16x2._tuned_split):  # tuned again from the new candidates
         tuner.cache.clear()
     f16x2 = int4_kernels.startswith("triton-f16x2")
-    return EngineSpec(int4_kernels=int4_kernels), lambda engine: stages != (1,) and f16x2 and bool(engine._int4_layers())
+    return EngineSpec(int4_kernels=int4_kernels), \
+        lambda engine: stages != (1,) and f16x2 and bool(engine._int4_layers())
 
 
 # setting -> (its values by default, value -> (the engine's spec, engine -> whether the value took
