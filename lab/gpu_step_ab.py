@@ -18,9 +18,9 @@ keys and values written by one copy); pdl-prefetch: `--pdl off` (off) against `-
 triton-f16x2 asking L2 for the first 0 to 4 quarters of its weights before the wait
 (bench.pdl.PREFETCH; 0 is the default; split-KV attention prefetches its keys and values unless 0).
 pdl-preload: under PDL, triton-f16x2's programs load the first block of their weights before the
-wait (1, bench.pdl.PRELOAD) or not (0, the default). f16x2-stages: the K loop stage counts
-triton-f16x2's autotuner chooses from (bench.quant.triton_f16x2.K_STAGES; 1: not pipelined, 1+3:
-either, the default), tuned afresh for each value.
+wait (1, bench.pdl.PRELOAD) or not (0, the default). f16x2-stages: the K loops triton-f16x2's
+autotuner chooses from (bench.quant.triton_f16x2.K_LOOPS, joined by +: 1 not pipelined, 3 three
+stages, either with `w`, x read by whole k-tiles; 1+3 the default), tuned afresh for each value.
 The other settings are timed under the engines' default `--pdl auto` (off before 2026-12-07).
 `--values` times other values, or more than two, in the same rounds.
 --int4-kernels as run's flag (default triton-f16x2: what `measured` chooses at one row on every
@@ -92,18 +92,17 @@ def _pdl_preload(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
 def _f16x2_stages(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     from bench.quant import triton_f16x2
 
-    try:
-        stages = tuple(int(v) for v in value.split("+"))
-    except ValueError:
-        stages = ()
-    if not stages or any(v not in (1, 2, 3, 4) for v in stages):
-        raise SystemExit(f"--ab f16x2-stages value {value!r}: stage counts 1 to 4 joined by +, e.g. 1+3")
-    triton_f16x2.K_STAGES = stages
+    loops = tuple(value.split("+"))
+    known = {triton_f16x2.loop_name(c.kwargs) for c in triton_f16x2._configs(split=False)}
+    if not all(loop in known for loop in loops):
+        raise SystemExit(f"--ab f16x2-stages value {value!r}: K loops joined by +, each of {', '.join(sorted(known))}"
+                         " (e.g. 1+3)")
+    triton_f16x2.K_LOOPS = loops
     for tuner in (triton_f16x2._tuned, triton_f16x2._tuned_split):  # tuned again from the new candidates
         tuner.cache.clear()
     f16x2 = int4_kernels.startswith("triton-f16x2")
     return EngineSpec(int4_kernels=int4_kernels), \
-        lambda engine: stages != (1,) and f16x2 and bool(engine._int4_layers())
+        lambda engine: loops != ("1",) and f16x2 and bool(engine._int4_layers())
 
 
 # setting -> (its values by default, value -> (the engine's spec, engine -> whether the value took

@@ -22,7 +22,7 @@ keeps. Results on an H100: results/lab/h100/triton_tiles_h2_*.csv.
     python lab/triton_tiles_h2.py gpu --out h2.csv    # correctness at every shape, then times against
                                                       # triton-tiles and the read ceiling
     python lab/triton_tiles_h2.py gpu --product-configs --presets llava-1.5-7b --out stages.csv
-        # the same for triton-f16x2's own candidates at each K-loop stage count (KS)
+        # the same for triton-f16x2's own candidates with each K loop (KS, XW)
 
 The interpreter cannot run PTX: `interpret` runs the same kernel with the f16x2 block replaced by
 the same arithmetic in Triton operations (fp32), so it checks the layout and index math, not the
@@ -45,7 +45,7 @@ import triton  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quant.int4 import TINYGEMM_MID  # noqa: E402
-from bench.quant.triton_f16x2 import _f16x2_kernel  # noqa: E402
+from bench.quant.triton_f16x2 import _f16x2_kernel, loop_name  # noqa: E402
 
 
 # bench.quant.triton_f16x2's kernel in its two layouts (its ROWS_FIRST)
@@ -158,8 +158,8 @@ def interpret(args) -> int:
 
 def candidates(args) -> list[tuple[str, dict]]:
     """(way, configuration) to time: the grid CONFIGS in both ways, or (--product-configs) the
-    autotuner's own candidates of bench.quant.triton_f16x2 without split, at every K-loop stage
-    count it has (KS), whatever its K_STAGES keeps."""
+    autotuner's own candidates of bench.quant.triton_f16x2 without split, with every K loop it has
+    (KS and XW), whatever its K_LOOPS keeps."""
     if not args.product_configs:
         return list(itertools.product(WAYS, CONFIGS))
     from bench.quant import triton_f16x2
@@ -213,7 +213,7 @@ def gpu(args) -> int:
             base = min(timed(f"triton-tiles{'-splitk' if split else ''} (autotuned)", "",
                              lambda a, p, s, split=split: triton_w4a16.tiles_mm(a, p, s, n, args.group_size, split))[0]
                        for split in (False, True))
-            best, by_stages = None, {}
+            best, by_loop = None, {}
             for way, cfg in candidates(args):
                 try:
                     us, err = timed(way, " ".join(f"{a}={b}" for a, b in cfg.items()),
@@ -223,15 +223,15 @@ def gpu(args) -> int:
                     continue
                 if best is None or us < best[0]:
                     best = (us, f"{way} {cfg}", err)
-                ks = cfg.get("KS", 1)
-                by_stages[ks] = min(by_stages.get(ks, us), us)
+                loop = loop_name(cfg)
+                by_loop[loop] = min(by_loop.get(loop, us), us)
             if best is None:
                 print(f"{preset} {shape} {n}x{k}: triton-tiles {base:.2f} us; every h2 configuration failed", flush=True)
                 bad += 1
             else:
                 print(f"{preset} {shape} {n}x{k}: triton-tiles (faster of its two) {base:.2f} us; h2 best "
-                      f"{best[0]:.2f} us ({base / best[0]:.2f}x, err {best[2]:.1e}) {best[1]}; best by K-loop stages: "
-                      + ", ".join(f"{ks}: {us:.2f} us" for ks, us in sorted(by_stages.items())), flush=True)
+                      f"{best[0]:.2f} us ({base / best[0]:.2f}x, err {best[2]:.1e}) {best[1]}; best by K loop: "
+                      + ", ".join(f"{loop}: {us:.2f} us" for loop, us in sorted(by_loop.items())), flush=True)
             layers = None  # freed before the next shape
             torch.cuda.empty_cache()
     return 1 if bad else 0
@@ -247,7 +247,7 @@ def main() -> int:
     g.add_argument("--presets", nargs="+", default=["llava-1.5-7b", "vila1.5-3b"])
     g.add_argument("--group-size", type=int, default=128)
     g.add_argument("--product-configs", action="store_true",
-                   help="time triton-f16x2's own autotuner candidates at each K-loop stage count instead of the grid")
+                   help="time triton-f16x2's own autotuner candidates with each K loop instead of the grid")
     args = ap.parse_args()
     return {"aot": aot, "interpret": interpret, "gpu": gpu}[args.mode](args)
 

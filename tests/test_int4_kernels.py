@@ -1335,9 +1335,11 @@ for n, k, g in ((40, 384, 128), (64, 512, 256)):  # rows past a program's block,
                               # the first block loaded ahead of the K loop (bench.pdl.PRELOAD)
                               {"TN": 2, "BKT": 2, "SPLIT_K": 1, "PRELOAD": True},
                               {"TN": 2, "BKT": 1, "SPLIT_K": 3, "PRELOAD": True},
-                              # the K loop pipelined (bench.quant.triton_f16x2.K_STAGES)
+                              # the K loop pipelined, x read by whole k-tiles (bench.quant.triton_f16x2.K_LOOPS)
                               {"TN": 1, "BKT": 1, "SPLIT_K": 1, "KS": 3},
-                              {"TN": 2, "BKT": 1, "SPLIT_K": 2, "KS": 3, "PRELOAD": True})]:
+                              {"TN": 2, "BKT": 1, "SPLIT_K": 2, "KS": 3, "PRELOAD": True},
+                              {"TN": 2, "BKT": 2, "SPLIT_K": 1, "XW": True},
+                              {"TN": 1, "BKT": 1, "SPLIT_K": 3, "KS": 3, "XW": True, "PRELOAD": True})]:
             y = triton_f16x2.f16x2_mm(x, packed, sz, n, g, cfg["SPLIT_K"] > 1, cfg, emulate=True)
             assert y.shape == (rows, n) and y.dtype == torch.float16, (y.shape, y.dtype)
             worst = max(worst, ((y.float() - want).abs().max() / want.abs().max()).item())
@@ -1358,7 +1360,8 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
     dequantization and products in f16x2 instructions, no int -> float conversion, and its K loop
     under 4.5 machine instructions per weight (triton-tiles' best: about 6; 4.6 before the
     dequantization took nibbles 1 and 3 with their own mask, a shift and a sub fewer per pair);
-    pipelined (KS 3), its loads asynchronous copies into shared memory, under 6.5."""
+    pipelined (KS 3), its loads asynchronous copies into shared memory, under 6.5; with x read by
+    whole k-tiles (XW), fewer loads and no more instructions."""
     pytest.importorskip("triton")
     from bench.quant import triton_aot, triton_f16x2
 
@@ -1373,6 +1376,7 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
                               (False, {"TN": 1, "BKT": 4, "SPLIT_K": 1, "ROWS_FIRST": True, "KS": 3}, 4),
                               (False, {"TN": 4, "BKT": 4, "SPLIT_K": 1, "ROWS_FIRST": False, "KS": 3}, 4),
                               (True, {"TN": 2, "BKT": 4, "SPLIT_K": 2, "ROWS_FIRST": False, "KS": 1}, 4)):
+        cfg = {**cfg, "XW": False}
         assert any(c.kwargs == cfg and c.num_warps == warps for c in triton_f16x2._configs(split))
         args = (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32,
                                                                              **meta),
@@ -1390,6 +1394,17 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
         # the pipelined loop's copies and shared-memory reads cost instructions (x's words one by one):
         # its loads in flight are bought with issue slots, which the autotuner weighs by timing
         assert per_weight < (4.5 if cfg["KS"] == 1 else 6.5), (per_weight, loop)
+        if split:
+            continue
+        # x read by whole k-tiles (XW): a few wide loads put in order through shared memory instead
+        # of a load per word, fewer instructions per weight in both loops
+        whole = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args,
+                                        {"G": g, "EMULATE": False, **cfg, "XW": True, "num_warps": warps,
+                                         "num_stages": 3})
+        assert whole.spill_bytes == 0, whole.spill_bytes
+        fewer = triton_aot.loop_instructions(whole.cubin)
+        assert fewer["LDG"] + fewer["LDGSTS"] < loop["LDG"] + loop["LDGSTS"], (fewer, loop)
+        assert sum(fewer.values()) <= sum(loop.values()), (fewer, loop)
 
 
 def test_the_f16x2_kernels_hold_a_float16_copy_of_bfloat16_scales_only(monkeypatch):

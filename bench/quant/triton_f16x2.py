@@ -160,11 +160,38 @@ def _x(x32, xo, k_ok, BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.conste
 
 
 @triton.jit
-def _xs(x32, kt, k_ok, pair, BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.constexpr):
-    """x's column pairs for nibbles 0 to 3 of k-tiles `kt`'s words (_x)."""
+def _xs(x32, kt, k_ok, pair, BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.constexpr, XW: tl.constexpr):
+    """x's column pairs for nibbles 0 to 3 of k-tiles `kt`'s words: each gathered where the words
+    want it (_x), or (XW) whole k-tiles loaded contiguously and put in order in registers (_xs_whole)."""
+    if XW:
+        return _xs_whole(x32, kt, k_ok, BN, BKT, ROWS_FIRST)
     xo = (kt * 64)[:, None] + pair[None, :]
     return (_x(x32, xo, k_ok, BN, BKT, ROWS_FIRST), _x(x32, xo + 4, k_ok, BN, BKT, ROWS_FIRST),
             _x(x32, xo + 8, k_ok, BN, BKT, ROWS_FIRST), _x(x32, xo + 12, k_ok, BN, BKT, ROWS_FIRST))
+
+
+@triton.jit
+def _xs_whole(x32, kt, k_ok, BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.constexpr):
+    """_xs by whole k-tiles: each k-tile's 64 column pairs loaded contiguously ([b, i, a], pair
+    16 b + 4 i + a of word 4 a + b's nibble i), then put in the words' order in registers."""
+    xo = (kt * 64)[:, None] + tl.arange(0, 64)[None, :]
+    v = tl.load(x32 + xo, mask=k_ok[:, None], other=0)
+    v = tl.reshape(tl.permute(tl.reshape(v, (BKT, 4, 4, 4)), (0, 3, 1, 2)), (BKT, 16, 2, 2))  # [kt, word, i // 2, i % 2]
+    even, odd = tl.split(v)
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return (_bx(x0, BN, BKT, ROWS_FIRST), _bx(x1, BN, BKT, ROWS_FIRST), _bx(x2, BN, BKT, ROWS_FIRST),
+            _bx(x3, BN, BKT, ROWS_FIRST))
+
+
+@triton.jit
+def _bx(v, BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.constexpr):
+    """x's column pairs `v` [k-tile, word] broadcast over the rows, in the program's layout."""
+    if ROWS_FIRST:
+        v = tl.broadcast_to(v[None, :, :], (BN, BKT, 16))
+    else:
+        v = tl.broadcast_to(v[:, :, None], (BKT, 16, BN))
+    return v
 
 
 @triton.jit
@@ -181,10 +208,10 @@ def _accumulate(acc, words, x0, x1, x2, x3, sz, BN: tl.constexpr, BKT: tl.conste
 @triton.jit
 def _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0, sz0, G: tl.constexpr,
             BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.constexpr, PRELOADED: tl.constexpr,
-            KS: tl.constexpr, EMULATE: tl.constexpr):
+            KS: tl.constexpr, XW: tl.constexpr, EMULATE: tl.constexpr):
     """The K loop over the program's share of k-tiles; returns each row's sum. PRELOADED: the
     first block's words and scales are `words0`, `sz0` (loaded before the kernel's PDL wait). KS:
-    the loop's stages (K_STAGES; 1: not pipelined)."""
+    the loop's stages (1: not pipelined; K_LOOPS). XW: x read by whole k-tiles (_xs)."""
     if ROWS_FIRST:
         acc = tl.zeros((BN, BKT, 16), dtype=tl.float32)
     else:
@@ -193,14 +220,14 @@ def _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0,
     if PRELOADED:
         kt = kt_lo + tl.arange(0, BKT)
         k_ok = (kt < kt_lo + per) & (kt < k_tiles)
-        x0, x1, x2, x3 = _xs(x32, kt, k_ok, pair, BN, BKT, ROWS_FIRST)
+        x0, x1, x2, x3 = _xs(x32, kt, k_ok, pair, BN, BKT, ROWS_FIRST, XW)
         acc = _accumulate(acc, words0, x0, x1, x2, x3, sz0, BN, BKT, ROWS_FIRST, EMULATE)
         first = 1
     for step in tl.range(first, tl.cdiv(per, BKT), num_stages=KS):
         kt = kt_lo + step * BKT + tl.arange(0, BKT)
         k_ok = (kt < kt_lo + per) & (kt < k_tiles)
         words = _words(p_ptr, k_tiles, kt, k_ok, n, n_ok, lw, ROWS_FIRST)
-        x0, x1, x2, x3 = _xs(x32, kt, k_ok, pair, BN, BKT, ROWS_FIRST)
+        x0, x1, x2, x3 = _xs(x32, kt, k_ok, pair, BN, BKT, ROWS_FIRST, XW)
         sz = _scales(sz32, N, kt, k_ok, n, n_ok, G, ROWS_FIRST)
         acc = _accumulate(acc, words, x0, x1, x2, x3, sz, BN, BKT, ROWS_FIRST, EMULATE)
     if ROWS_FIRST:
@@ -213,14 +240,15 @@ def _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0,
 @triton.jit
 def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
                   SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False,
-                  PREFETCH: tl.constexpr = 4, PRELOAD: tl.constexpr = False, KS: tl.constexpr = 1):
+                  PREFETCH: tl.constexpr = 4, PRELOAD: tl.constexpr = False, KS: tl.constexpr = 1,
+                  XW: tl.constexpr = False):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). PDL: launched with programmatic dependent launch (bench.pdl):
     wait for the kernel before (asking L2 first for the first PREFETCH quarters of the program's
     weights, bench.pdl.PREFETCH), then let the next one start. PRELOAD: the first block of the
     program's weights and scales is loaded (into registers) before that wait (bench.pdl.PRELOAD).
-    KS: the K loop's stages (K_STAGES)."""
+    KS, XW: the K loop (K_LOOPS)."""
     BN: tl.constexpr = TN * 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -249,23 +277,30 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     y = _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0, sz0, G, BN, BKT, ROWS_FIRST,
-                PRELOAD, KS, EMULATE)
+                PRELOAD, KS, XW, EMULATE)
     if SPLIT_K == 1:
         tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
         tl.atomic_add(y_ptr + n, y, mask=n_ok, sem="relaxed")
 
 
-# the K loop's stage counts the autotuners try (KS): 1, a step's loads issued at its top and waited
-# for at once (ptxas keeps them there: more loads issued ahead in registers are sunk back to their
-# use); 3, Triton's pipeliner copies the next two steps' words, scales and x into shared memory
-# asynchronously (cp.async) while a step multiplies. A program's loads in flight are what its SM's
-# share of the memory's bandwidth needs where the grid is a few programs per SM (o_proj's 512 of 8
-# rows on 132 SMs), bought with the copies' instructions (x's words one by one). On an H100 the
-# pipelined loop won llava-1.5-7b's qkv shape and no other of its or vila1.5-3b's
-# (results/lab/h100/f16x2_stages_*.csv); lab/gpu_step_ab.py --ab f16x2-stages times the step with
-# and without it.
-K_STAGES = (1, 3)
+# The K loops the autotuners try, each "KS" or "KSw": KS its stages, 1 (a step's loads issued at its
+# top and waited for at once; ptxas keeps them there: more loads issued ahead in registers are sunk
+# back to their use) or 2 to 4 (Triton's pipeliner copies the next KS - 1 steps' words, scales and x
+# into shared memory asynchronously, cp.async, while a step multiplies); `w`: x read by whole
+# k-tiles, contiguously, and put in the words' order in registers (through shared memory) instead of
+# gathered word by word (XW, _xs). A program's loads in flight are what its SM's share of the
+# memory's bandwidth needs where the grid is a few programs per SM (o_proj's 512 of 8 rows on 132
+# SMs); the copies cost instructions, x's one by one most (lab/triton_tiles_h2.py aot counts them).
+# On an H100 the pipelined loop with gathered x won llava-1.5-7b's qkv shape and no other of its or
+# vila1.5-3b's (results/lab/h100/f16x2_stages_*.csv); lab/triton_tiles_h2.py gpu --product-configs
+# times every loop per shape and lab/gpu_step_ab.py --ab f16x2-loops the step with a choice of them.
+K_LOOPS = ("1", "3")
+
+
+def loop_name(kwargs: dict) -> str:
+    """A configuration's K loop as K_LOOPS spells it."""
+    return f"{kwargs.get('KS', 1)}{'w' if kwargs.get('XW') else ''}"
 
 
 def _configs(split: bool) -> list:
@@ -273,8 +308,8 @@ def _configs(split: bool) -> list:
     benchmarks those left on its first call. Those that won a shape of llava-1.5-7b or
     vila1.5-3b on an H100 in either layout (lab/triton_tiles_h2.py gpu, which times many more):
     without split, rows first with one or two row blocks and rows last with two or four; split,
-    both layouts with one or two; each at the stage counts of K_STAGES (_prune keeps those that
-    K_STAGES names when it is called)."""
+    both layouts with one or two; each with every K loop (_prune keeps those K_LOOPS names when it
+    is called)."""
     if split:
         space = [(rows_first, tn, 4, 4) for rows_first in (True, False) for tn in (1, 2)]
         splits = (2, 4)
@@ -282,17 +317,17 @@ def _configs(split: bool) -> list:
         space = [(True, 1, 4, 4), (True, 1, 8, 8), (True, 2, 4, 4), (True, 2, 8, 8),
                  (False, 2, 4, 4), (False, 4, 4, 4), (False, 4, 4, 8)]
         splits = (1,)
-    return [triton.Config({"TN": tn, "BKT": bkt, "SPLIT_K": sk, "ROWS_FIRST": rows_first, "KS": ks}, num_warps=w,
-                          num_stages=3)
-            for rows_first, tn, bkt, w in space for sk in splits for ks in (1, 2, 3, 4)]
+    return [triton.Config({"TN": tn, "BKT": bkt, "SPLIT_K": sk, "ROWS_FIRST": rows_first, "KS": ks, "XW": xw},
+                          num_warps=w, num_stages=3)
+            for rows_first, tn, bkt, w in space for sk in splits for ks in (1, 2, 3, 4) for xw in (False, True)]
 
 
 def _prune(configs, named_args, **kwargs):
-    """A share of K is at least one block of k-tiles; the K loop's stages those of K_STAGES."""
+    """A share of K is at least one block of k-tiles; the K loops those of K_LOOPS."""
     k_tiles = named_args["K"] // 128
-    staged = [c for c in configs if c.kwargs["KS"] in K_STAGES] or configs
-    kept = [c for c in staged if c.kwargs["SPLIT_K"] * c.kwargs["BKT"] <= max(k_tiles, 1)]
-    return kept or [min(staged, key=lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BKT"])]
+    looped = [c for c in configs if loop_name(c.kwargs) in K_LOOPS] or configs
+    kept = [c for c in looped if c.kwargs["SPLIT_K"] * c.kwargs["BKT"] <= max(k_tiles, 1)]
+    return kept or [min(looped, key=lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BKT"])]
 
 
 _KEY = ["N", "K", "PDL", "PREFETCH", "PRELOAD"]
@@ -308,7 +343,7 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     (scale_and_zero [K / group_size, N, 2] float16, group_size a multiple of 128), a row at a time
     (a GEMV: `--int4-kernels measured` times it at one row only; a fixed `--int4-kernels` runs its
     calls of more rows row by row). `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True), KS
-    (default 1), num_warps, num_stages; PRELOAD) skips autotuning, `emulate` runs the interpreter's stand-in for the PTX
+    (default 1), XW (default False), num_warps, num_stages; PRELOAD) skips autotuning, `emulate` runs the interpreter's stand-in for the PTX
     (tests). Under PDL the programs preload their first block of weights before the wait where
     bench.pdl.PRELOAD says so."""
     if x.dtype != torch.float16 or scale_and_zero.dtype != torch.float16 or group_size % 128:
