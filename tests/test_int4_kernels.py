@@ -725,6 +725,42 @@ def test_kernels_that_launch_with_pdl_are_measured_apart_under_pdl(tmp_path, mon
                                                                              ("true", "2")}
 
 
+def test_a_kernels_own_timing_settings_are_measured_apart(tmp_path, monkeypatch, capsys):
+    """A kernel's timing settings (W4A16Kernel.timing_settings: triton-f16x2's K loops) key its
+    measurement: other settings time that kernel again, the others lend their times; a key from
+    before the kernel had settings stands for its settings_before, reused where they still hold."""
+    path = tmp_path / "kernels.json"
+    tinygemm = KERNELS["tinygemm"]
+    monkeypatch.setattr(tinygemm, "settings_before", {"k_loops": ["1"]}, raising=False)
+    before = choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, path, points=(1, 2)).plans[(64, 256, 64)]
+    assert "kernel_settings" not in json.loads(next(iter(json.loads(path.read_text())["entries"])))
+    settings = {"k_loops": ["1"]}
+    monkeypatch.setattr(tinygemm, "timing_settings", lambda: settings)
+    # the settings it had before it had any: the same measurement, its times lent (not timed again)
+    same = choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, path, points=(1, 2)).plans[(64, 256, 64)]
+    assert not same.cached and "tinygemm" in same.reused and set(same.reused) == set(before.us)
+    settings = {"k_loops": ["1", "3"]}
+    other = choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, path, points=(1, 2)).plans[(64, 256, 64)]
+    assert not other.cached and "tinygemm" in other.us and "tinygemm" not in other.reused
+    assert set(other.reused) == set(before.us) - {"tinygemm"} and other.reused
+    keys = [json.loads(k) for k in json.loads(path.read_text())["entries"]]
+    assert sorted(str(k.get("kernel_settings")) for k in keys) == [
+        "None", "{'tinygemm': {'k_loops': ['1', '3']}}", "{'tinygemm': {'k_loops': ['1']}}"]
+    assert choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, path, points=(1, 2)).plans[(64, 256, 64)].cached
+    from bench.cli import main
+
+    capsys.readouterr()
+    assert main(["int4-kernels", str(path)]) == 0
+    out = capsys.readouterr().out  # each measurement names the settings tinygemm was timed with
+    assert out.count("k_loops=1,3") == 1 and out.count("k_loops=1") == 3, out
+    assert main(["int4-kernels", str(path), "--out", str(tmp_path / "t.csv")]) == 0
+    with open(tmp_path / "t.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["kernel_settings"] for r in rows if r["kernel"] == "tinygemm"} == {'{"k_loops": ["1"]}',
+                                                                                 '{"k_loops": ["1", "3"]}'}
+    assert {r["kernel_settings"] for r in rows if r["kernel"] != "tinygemm"} == {""}  # none, or left out
+
+
 @pytest.mark.parametrize("distribution", ["fbgemm_gpu_genai", "gemlite"])
 def test_a_kernel_librarys_upgrade_is_measured_again(tmp_path, monkeypatch, distribution):
     """A measurement is keyed by the versions of the libraries whose kernels it timed (FBGEMM's

@@ -8,8 +8,8 @@ from bench.quant import DEFAULT_CACHE_DIR, KERNELS_FILE
 from bench.errors import ArgumentParser, UsageError, path_problem
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
-CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload", "candidates",
-               "points", "out_features", "in_features", "group_size", "kernel", "rows", "us", "int4_gb_per_s",
+CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload",
+               "kernel_settings", "candidates", "points", "out_features", "in_features", "group_size", "kernel", "rows", "us", "int4_gb_per_s",
                "max_rel_err", "chosen", "left_out", "reused", "error_reused"]
 
 
@@ -29,6 +29,27 @@ def _pdl_text(fields: dict) -> str:
     return f", PDL (prefetch {launch[0]}/4{', preload' if launch[1] else ''})" if launch else ""
 
 
+def _settings_column(fields: dict, kernel: str) -> str:
+    """The kernel table's kernel_settings of a row: the settings (JSON) its kernel was measured with
+    (measurements.kernel_settings), empty for a kernel that has none or was no candidate (left out)."""
+    import json
+
+    from bench.quant.w4a16.measurements import kernel_settings
+
+    settings = kernel_settings(fields, kernel) if kernel in fields["candidates"] else None
+    return "" if settings is None else json.dumps(settings, sort_keys=True)
+
+
+def _settings_text(fields: dict) -> str:
+    """How the listing names the timing settings of a measurement's candidates that have them."""
+    from bench.quant.w4a16.measurements import kernel_settings
+
+    named = [(name, kernel_settings(fields, str(name))) for name in fields["candidates"]]
+    return "".join(f", {name} " + " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+                                           for k, v in sorted(settings.items()))
+                   for name, settings in named if settings)
+
+
 def parser() -> ArgumentParser:
     ap = ArgumentParser(prog=f"{PROG} int4-kernels", description=describe("int4-kernels"))
     ap.add_argument("file", nargs="?", metavar="FILE", default=None,
@@ -36,8 +57,8 @@ def parser() -> ArgumentParser:
                          "its kernels.json)")
     ap.add_argument("--out", metavar="CSV", default=None,
                     help="write every measurement to this new CSV (device, dtype, library versions, CUDA graph "
-                         "or eager, dense copy or not, the candidates chosen from, the row counts measured, "
-                         "shape, kernel, rows, us, max_rel_err, chosen, left_out, reused: the time was "
+                         "or eager, dense copy or not, PDL, the kernel's timing settings, the candidates chosen "
+                         "from, the row counts measured, shape, kernel, rows, us, max_rel_err, chosen, left_out, reused: the time was "
                          "measured for another candidate set or other row counts, error_reused: so was the "
                          "error, where the kernel was not chosen); "
                          "default: print the choices")
@@ -104,6 +125,7 @@ def main(argv: list[str]) -> int:
                  "versions": " ".join(f"{k}={v}" for k, v in sorted(fields["versions"].items())),
                  "graph": fields.get("graph"), "dense_copy": fields.get("dense_copy"),
                  "pdl": bool(fields.get("pdl")), **_pdl_columns(fields),
+                 "kernel_settings": _settings_column(fields, row["kernel"]),
                  "candidates": " ".join(map(str, fields["candidates"])),
                  "points": " ".join(map(str, fields["points"])),
                  **row}
@@ -140,7 +162,7 @@ def main(argv: list[str]) -> int:
         n, k, g = plan.shape
         eager = fields.get("graph") is False and not fields["device"].startswith("cpu")  # timed launched eagerly
         copy = ((", dense copy" if fields.get("dense_copy") else "") + (", eager" if eager else "")
-                + _pdl_text(fields))
+                + _pdl_text(fields) + _settings_text(fields))
         chosen.add_row(fields["device"], fields["dtype"], f"{n}x{k}, g{g}{copy}",
                        ", ".join(map(str, fields["candidates"])), plan_text(plan.plan, 0))
     console.print(chosen)

@@ -31,6 +31,14 @@ class W4A16Kernel:
     # Launches with programmatic dependent launch where it is on (bench.pdl): its time with PDL is
     # another measurement. The others launch as they always do.
     launches_pdl = False
+    # What a key without the kernel's timing_settings was measured with (None: it had none then).
+    settings_before: dict | None = None
+
+    def timing_settings(self) -> dict | None:
+        """What the kernel's time depends on besides its name, the device, the library versions
+        and how it is launched (the configurations its autotuner chooses from, say), as JSON
+        values: each is another measurement (bench.quant.w4a16.measurements.cache_key). None: nothing."""
+        return None
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """Why this kernel cannot run on `device` with activations of `dtype`; None when it can."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from bench.quant.w4a16.base import triton_module
 from bench.quant.w4a16.tiles import Tiles, tiles_op
 
 
@@ -28,6 +29,12 @@ class F16x2(Tiles):
     op = tiles_op("int4_f16x2_mm", module, counter, "f16x2_mm")
     state_key = "f16x2"  # a float16 copy of the scales and zeros, where the layer's are not float16
     launches_pdl = True  # bench.quant.triton_f16x2 under bench.pdl
+    settings_before = {"k_loops": ["1"]}  # measured before its autotuner chose among K loops
+
+    def timing_settings(self) -> dict | None:
+        """The K loops its autotuner chooses from (bench.quant.triton_f16x2.K_LOOPS)."""
+        module = triton_module(self.module, self.counter)[0]
+        return {"k_loops": list(module.K_LOOPS)} if module is not None else None
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         why = super().unavailable(device, dtype)

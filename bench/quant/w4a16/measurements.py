@@ -5,7 +5,8 @@ PDL or not, holding the plan chosen and what was measured to choose it.
 A kernel's times are measured once per device and shape: a plan for another candidate set or
 other row counts takes the times of kernels measured for an earlier one (the same key but its
 candidates and row counts, and but dense copy or not for kernels other than `dense`, the one that
-reads the copy, and but PDL or not for kernels that do not launch with it), times only the
+reads the copy, but PDL or not for kernels that do not launch with it, and with each kernel's own
+timing settings the same, W4A16Kernel.timing_settings), times only the
 kernels none has timed and the row counts none has timed them at (choice.measure makes and checks
 a kernel whose times it took on the layer where it would be chosen), and names the kernels and
 row counts whose times it took (`reused`) and those whose errors it took too (`unchecked`).
@@ -167,6 +168,9 @@ def parse_entry(key: str, entry) -> tuple[dict, ShapePlan]:
             raise ValueError(f"key field {name!r} is not true or false: {key[:120]}")
     if "pdl_prefetch" in fields and (type(fields["pdl_prefetch"]) is not int or not 0 <= fields["pdl_prefetch"] <= 4):
         raise ValueError(f"key field 'pdl_prefetch' is not 0 to 4 quarters: {key[:120]}")
+    if "kernel_settings" in fields and not (isinstance(fields["kernel_settings"], dict) and all(
+            isinstance(v, dict) for v in fields["kernel_settings"].values())):
+        raise ValueError(f"key field 'kernel_settings' is not an object of objects: {key[:120]}")
     for name, version in fields["versions"].items():
         if not isinstance(version, str):
             raise ValueError(f"key field 'versions': {name!r} is not a version string: {key[:120]}")
@@ -249,7 +253,9 @@ def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidate
     measurement (a key without it: launched without), and another again for each share of their
     weights asked of L2 before the wait (`pdl_prefetch`, bench.pdl.PREFETCH; a key with `pdl` and
     without it was measured when all of them were, 4) and with their first block preloaded
-    (`pdl_preload`, bench.pdl.PRELOAD)."""
+    (`pdl_preload`, bench.pdl.PRELOAD). A candidate's timing settings (W4A16Kernel.timing_settings:
+    the configurations its autotuner chooses from, say) are kept under `kernel_settings`: another
+    measurement for each."""
     fields = {"device": _device_name(device), "versions": _versions(device), "dtype": str(dtype),
               "shape": list(shape), "points": list(points), "candidates": sorted(candidates),
               "dense_copy": bool(dense_copy), "graph": bool(graph) and device.type == "cuda"}
@@ -258,7 +264,20 @@ def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidate
         fields["pdl_prefetch"] = pdl_settings.PREFETCH
         if pdl_settings.PRELOAD:
             fields["pdl_preload"] = True
+    settings = {name: got for name in sorted(candidates)
+                if name in KERNELS and (got := KERNELS[name].timing_settings()) is not None}
+    if settings:
+        fields["kernel_settings"] = settings
     return json.dumps(fields, sort_keys=True)
+
+
+def kernel_settings(fields: dict, name: str) -> dict | None:
+    """The timing settings kernel `name` was measured with under a key of these fields: the key's,
+    or for a key without them what the kernel had before it had any (settings_before)."""
+    kept = fields.get("kernel_settings")
+    if isinstance(kept, dict) and name in kept:
+        return kept[name]
+    return KERNELS[name].settings_before if name in KERNELS else None
 
 
 def pdl_launch(fields: dict):
@@ -310,12 +329,13 @@ class PlanCache:
 
     def earlier(self, key: str) -> dict[str, list[tuple[dict[int, float], dict[int, float]]]]:
         """Kernel -> [(times, errors by row count)], one per plan kept under a key that differs
-        from `key` in its candidates, row counts, dense copy or not, or PDL (and its prefetch), alone (this
-        process's first, then the file's): what was measured on this device, versions, dtype, shape
-        and timing for another candidate set or other row counts. A kernel that reads the dense
-        copy (`dense`) is taken only from a plan with the same copy or not: with a copy it reads a
-        dense weight instead of dequantizing; one that launches with PDL (`launches_pdl`) only from
-        a plan with PDL and its prefetch the same."""
+        from `key` in its candidates, row counts, dense copy or not, PDL (and its prefetch) or
+        kernel settings, alone (this process's first, then the file's): what was measured on this
+        device, versions, dtype, shape and timing for another candidate set or other row counts. A
+        kernel that reads the dense copy (`dense`) is taken only from a plan with the same copy or
+        not: with a copy it reads a dense weight instead of dequantizing; one that launches with
+        PDL (`launches_pdl`) only from a plan with PDL and its prefetch the same; any only from a
+        plan with its own timing settings the same (kernel_settings)."""
         def rest(k: str):
             try:
                 fields = json.loads(k)
@@ -324,10 +344,11 @@ class PlanCache:
             if not isinstance(fields, dict):
                 return None
             return ({n: v for n, v in fields.items()
-                     if n not in ("candidates", "points", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload")},
-                    fields.get("dense_copy"), pdl_launch(fields))
+                     if n not in ("candidates", "points", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload",
+                                  "kernel_settings")},
+                    fields.get("dense_copy"), pdl_launch(fields), fields)
 
-        (want, copy, pdl), found = rest(key), {}
+        (want, copy, pdl, mine), found = rest(key), {}
         for kept in (_KEPT, self.entries):
             for k, d in kept.items():
                 other = rest(k)
@@ -339,7 +360,8 @@ class PlanCache:
                     continue
                 for name in plan.us:
                     if name in KERNELS and (other[1] == copy or not KERNELS[name].reads_dense_copy) and (
-                            other[2] == pdl or not KERNELS[name].launches_pdl):
+                            other[2] == pdl or not KERNELS[name].launches_pdl) and (
+                            kernel_settings(other[3], name) == kernel_settings(mine, name)):
                         found.setdefault(name, []).append((plan.us[name], plan.err[name]))
         return found
 
