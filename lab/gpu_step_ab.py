@@ -93,13 +93,10 @@ def _f16x2_stages(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     from bench.quant import triton_f16x2
 
     loops = tuple(value.split("+"))
-    known = {triton_f16x2.loop_name(c.kwargs) for c in triton_f16x2._configs(split=False)}
-    if not all(loop in known for loop in loops):
-        raise SystemExit(f"--ab f16x2-stages value {value!r}: K loops joined by +, each of {', '.join(sorted(known))}"
-                         " (e.g. 1+3)")
-    triton_f16x2.K_LOOPS = loops
-    for tuner in (triton_f16x2._tuned, triton_f16x2._tuned_split):  # tuned again from the new candidates
-        tuner.cache.clear()
+    if not set(loops) <= set(triton_f16x2.LOOP_NAMES):
+        raise SystemExit(f"--ab f16x2-stages value {value!r}: K loops joined by +, each of "
+                         f"{', '.join(triton_f16x2.LOOP_NAMES)} (e.g. 1+3)")
+    triton_f16x2.K_LOOPS = loops  # the autotuners' choice is keyed by them: tuned afresh for each value
     f16x2 = int4_kernels.startswith("triton-f16x2")
     return EngineSpec(int4_kernels=int4_kernels), \
         lambda engine: loops != ("1",) and f16x2 and bool(engine._int4_layers())
@@ -125,6 +122,8 @@ def main() -> None:
     args = ap.parse_args()
     values, setting = SETTINGS[args.ab]
     values = tuple(args.values.split(",")) if args.values else values
+    for value in values:  # a value the setting refuses, refused before any model loads
+        setting(value, args.int4_kernels)
     image = demo_image()
     adapters = {weights: preset_adapter(args.preset, weights) for weights in args.weights.split(",")}
     w = CsvWriter(Path(args.out), ["model", "weights", "int4_kernels", "round", "setting", "value", "on", "step_ms",

@@ -731,7 +731,7 @@ def test_a_kernels_own_timing_settings_are_measured_apart(tmp_path, monkeypatch,
     before the kernel had settings stands for its settings_before, reused where they still hold."""
     path = tmp_path / "kernels.json"
     tinygemm = KERNELS["tinygemm"]
-    monkeypatch.setattr(tinygemm, "settings_before", {"k_loops": ["1"]}, raising=False)
+    monkeypatch.setattr(tinygemm, "settings_before", {"k_loops": ["1"]})
     before = choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, path, points=(1, 2)).plans[(64, 256, 64)]
     assert "kernel_settings" not in json.loads(next(iter(json.loads(path.read_text())["entries"])))
     settings = {"k_loops": ["1"]}
@@ -752,13 +752,50 @@ def test_a_kernels_own_timing_settings_are_measured_apart(tmp_path, monkeypatch,
     capsys.readouterr()
     assert main(["int4-kernels", str(path)]) == 0
     out = capsys.readouterr().out  # each measurement names the settings tinygemm was timed with
-    assert out.count("k_loops=1,3") == 1 and out.count("k_loops=1") == 3, out
+    assert out.count("k_loops=1,3") == 1 and len(re.findall(r"k_loops=1(?!,)", out)) == 2, out
     assert main(["int4-kernels", str(path), "--out", str(tmp_path / "t.csv")]) == 0
     with open(tmp_path / "t.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["kernel_settings"] for r in rows if r["kernel"] == "tinygemm"} == {'{"k_loops": ["1"]}',
                                                                                  '{"k_loops": ["1", "3"]}'}
     assert {r["kernel_settings"] for r in rows if r["kernel"] != "tinygemm"} == {""}  # none, or left out
+
+
+def test_f16x2_k_loops_key_its_autotuning_and_its_measurements(monkeypatch):
+    """triton-f16x2's K loops (bench.quant.triton_f16x2.K_LOOPS): checked and sorted, the only
+    loops its autotuners keep (never none, a short K included), part of their tuning key and of
+    the kernel measurement key; an entry from before the key had them stands for the single
+    loop, its times lent to a choice among that loop alone."""
+    pytest.importorskip("triton")
+    from bench.quant import triton_f16x2 as f
+    from bench.quant.w4a16.measurements import PlanCache, cache_key
+
+    assert "LOOPS" in f._KEY and f.loop_name({"KS": 3, "XW": True}) == "3w" and f.loop_name({}) == "1"
+    assert {f.loop_name(c.kwargs) for c in f._configs(False)} == set(f.LOOP_NAMES)
+    for bad in ((), "1", ("5",), ["1", "2x"]):
+        monkeypatch.setattr(f, "K_LOOPS", bad)
+        with pytest.raises(ValueError, match="K_LOOPS"):
+            f.k_loops()
+    monkeypatch.setattr(f, "K_LOOPS", ("3", "1", "3"))
+    assert f.k_loops() == ("1", "3") and KERNELS["triton-f16x2"].timing_settings() == {"k_loops": ["1", "3"]}
+    for k, loops in ((4096, "1+3"), (4096, "3w"), (128, "1+1w")):  # 128: one k-tile, fewer than any block
+        kept = f._prune(f._configs(False), {"K": k}, LOOPS=loops)
+        assert kept and {f.loop_name(c.kwargs) for c in kept} <= set(loops.split("+")), (k, loops)
+    assert len(f._prune(f._configs(False), {"K": 4096}, LOOPS="1+3")) == 14
+    names = ["tinygemm", "triton-f16x2"]
+    key = cache_key(DEVICE, DTYPE, (32, 256, 128), (1,), names)
+    assert json.loads(key)["kernel_settings"] == {"triton-f16x2": {"k_loops": ["1", "3"]}}
+    old = json.loads(key)  # a key written before the measurement key had the K loops
+    del old["kernel_settings"]
+    old["points"] = [1, 2]
+    cache = PlanCache(None)
+    cache.entries[json.dumps(old, sort_keys=True)] = choice.ShapePlan(
+        (32, 256, 128), ((2, "triton-f16x2"),), {"triton-f16x2": {1: 1.0, 2: 2.0}, "tinygemm": {1: 3.0, 2: 4.0}},
+        {"triton-f16x2": {1: 0.0, 2: 0.0}, "tinygemm": {1: 0.0, 2: 0.0}}).to_json()
+    assert set(cache.earlier(key)) == {"tinygemm"}  # timed with one loop: not a choice among two
+    monkeypatch.setattr(f, "K_LOOPS", ("1",))
+    single = cache_key(DEVICE, DTYPE, (32, 256, 128), (1,), names)
+    assert single != key and set(cache.earlier(single)) == {"tinygemm", "triton-f16x2"}
 
 
 @pytest.mark.parametrize("distribution", ["fbgemm_gpu_genai", "gemlite"])
@@ -1371,7 +1408,8 @@ for n, k, g in ((40, 384, 128), (64, 512, 256)):  # rows past a program's block,
                               # the first block loaded ahead of the K loop (bench.pdl.PRELOAD)
                               {"TN": 2, "BKT": 2, "SPLIT_K": 1, "PRELOAD": True},
                               {"TN": 2, "BKT": 1, "SPLIT_K": 3, "PRELOAD": True},
-                              # the K loop pipelined, x read by whole k-tiles (bench.quant.triton_f16x2.K_LOOPS)
+                              # the K loop pipelined, x read by whole k-tiles (bench.quant.triton_f16x2.K_LOOPS;
+                              # the interpreter runs no pipeline: KS checks the loop's index math only)
                               {"TN": 1, "BKT": 1, "SPLIT_K": 1, "KS": 3},
                               {"TN": 2, "BKT": 1, "SPLIT_K": 2, "KS": 3, "PRELOAD": True},
                               {"TN": 2, "BKT": 2, "SPLIT_K": 1, "XW": True},
@@ -1397,7 +1435,7 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
     under 4.5 machine instructions per weight (triton-tiles' best: about 6; 4.6 before the
     dequantization took nibbles 1 and 3 with their own mask, a shift and a sub fewer per pair);
     pipelined (KS 3), its loads asynchronous copies into shared memory, under 6.5; with x read by
-    whole k-tiles (XW), fewer loads and no more instructions."""
+    whole k-tiles (XW), fewer loads and about as many instructions or fewer."""
     pytest.importorskip("triton")
     from bench.quant import triton_aot, triton_f16x2
 
@@ -1430,17 +1468,16 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
         # the pipelined loop's copies and shared-memory reads cost instructions (x's words one by one):
         # its loads in flight are bought with issue slots, which the autotuner weighs by timing
         assert per_weight < (4.5 if cfg["KS"] == 1 else 6.5), (per_weight, loop)
-        if split:
-            continue
         # x read by whole k-tiles (XW): a few wide loads put in order through shared memory instead
-        # of a load per word, fewer instructions per weight in both loops
+        # of a load per word; fewer loads, and at most 1% more instructions (rows last with split K:
+        # 231 against 229), in both loops
         whole = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args,
                                         {"G": g, "EMULATE": False, **cfg, "XW": True, "num_warps": warps,
                                          "num_stages": 3})
         assert whole.spill_bytes == 0, whole.spill_bytes
         fewer = triton_aot.loop_instructions(whole.cubin)
         assert fewer["LDG"] + fewer["LDGSTS"] < loop["LDG"] + loop["LDGSTS"], (fewer, loop)
-        assert sum(fewer.values()) <= sum(loop.values()), (fewer, loop)
+        assert sum(fewer.values()) <= 1.01 * sum(loop.values()), (fewer, loop)
 
 
 def test_the_f16x2_kernels_hold_a_float16_copy_of_bfloat16_scales_only(monkeypatch):

@@ -9,8 +9,8 @@ from bench.errors import ArgumentParser, UsageError, path_problem
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
 CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload",
-               "kernel_settings", "candidates", "points", "out_features", "in_features", "group_size", "kernel", "rows", "us", "int4_gb_per_s",
-               "max_rel_err", "chosen", "left_out", "reused", "error_reused"]
+               "kernel_settings", "candidates", "points", "out_features", "in_features", "group_size", "kernel",
+               "rows", "us", "int4_gb_per_s", "max_rel_err", "chosen", "left_out", "reused", "error_reused"]
 
 
 def _pdl_columns(fields: dict) -> dict:
@@ -31,7 +31,8 @@ def _pdl_text(fields: dict) -> str:
 
 def _settings_column(fields: dict, kernel: str) -> str:
     """The kernel table's kernel_settings of a row: the settings (JSON) its kernel was measured with
-    (measurements.kernel_settings), empty for a kernel that has none or was no candidate (left out)."""
+    (measurements.kernel_settings), empty for a kernel that has none or is not among the key's
+    candidates (one that cannot run here, say)."""
     import json
 
     from bench.quant.w4a16.measurements import kernel_settings
@@ -58,9 +59,9 @@ def parser() -> ArgumentParser:
     ap.add_argument("--out", metavar="CSV", default=None,
                     help="write every measurement to this new CSV (device, dtype, library versions, CUDA graph "
                          "or eager, dense copy or not, PDL, the kernel's timing settings, the candidates chosen "
-                         "from, the row counts measured, shape, kernel, rows, us, max_rel_err, chosen, left_out, reused: the time was "
-                         "measured for another candidate set or other row counts, error_reused: so was the "
-                         "error, where the kernel was not chosen); "
+                         "from, the row counts measured, shape, kernel, rows, us, max_rel_err, chosen, "
+                         "left_out, reused: the time was measured for another candidate set or other row "
+                         "counts, error_reused: so was the error, where the kernel was not chosen); "
                          "default: print the choices")
     return ap
 

@@ -12,8 +12,9 @@ as 1024 + 16 q, which `fma.rn.f16x2` by 1/16 and -72 takes to q - 8 (both exact 
 `fma.rn.f16x2` with the group's scale and zero rounds once to the fp16 weight the dense path makes
 ((q - 8) s + z), and four f16x2 multiply-adds with x's column pairs leave two fp16 partial sums of
 four products each, added into fp32: 21 instructions per 8 weights, 3.2-4.4 per weight with the
-loop's loads and addresses in the configurations kept below (sm_90 SASS, lab/triton_tiles_h2.py
-aot; fewer where a thread holds more weights). The fastest configuration of a shape is not always
+loop's loads and addresses in the configurations kept below with the unpipelined K loop (sm_90
+SASS, lab/triton_tiles_h2.py aot; fewer where a thread holds more weights, more in the pipelined
+loop, K_LOOPS). The fastest configuration of a shape is not always
 the one issuing fewest: more, smaller programs also hide more of the memory's latency. The f16x2
 block is inline PTX: Triton has no type for two halves in one register.
 
@@ -23,7 +24,7 @@ rows of one word position and share x's values, loaded once for them): on an H10
 the faster at 7 of llava-1.5-7b's and vila1.5-3b's 8 weight shapes, by up to 1.3x, rows last at
 llava's gate/up projection, by 1.08x (lab/triton_tiles_h2.py gpu). One program per TN x 8 weight
 rows; with `split_k` also one per share of K, the shares added into an fp32 output by atomics.
-The layout, block sizes, warps and splits autotune per (N, K) on the first call (Triton's
+The layout, block sizes, warps, splits and K loop autotune per (N, K) on the first call (Triton's
 autotuner: host-synchronized, so never inside a CUDA graph capture; the kernel class asks to be
 called once before any capture, bench.quant.w4a16.f16x2). float16 activations, groups of 128 or
 more. Hand-written because no maintained library multiplies by this layout.
@@ -176,7 +177,8 @@ def _xs_whole(x32, kt, k_ok, BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl
     16 b + 4 i + a of word 4 a + b's nibble i), then put in the words' order in registers."""
     xo = (kt * 64)[:, None] + tl.arange(0, 64)[None, :]
     v = tl.load(x32 + xo, mask=k_ok[:, None], other=0)
-    v = tl.reshape(tl.permute(tl.reshape(v, (BKT, 4, 4, 4)), (0, 3, 1, 2)), (BKT, 16, 2, 2))  # [kt, word, i // 2, i % 2]
+    v = tl.permute(tl.reshape(v, (BKT, 4, 4, 4)), (0, 3, 1, 2))  # [kt, a, b, i]: word 4 a + b's nibble i
+    v = tl.reshape(v, (BKT, 16, 2, 2))  # [kt, word, i // 2, i % 2]
     even, odd = tl.split(v)
     x0, x2 = tl.split(even)
     x1, x3 = tl.split(odd)
@@ -241,14 +243,15 @@ def _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0,
 def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
                   SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False,
                   PREFETCH: tl.constexpr = 4, PRELOAD: tl.constexpr = False, KS: tl.constexpr = 1,
-                  XW: tl.constexpr = False):
+                  XW: tl.constexpr = False, LOOPS: tl.constexpr = ""):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). PDL: launched with programmatic dependent launch (bench.pdl):
     wait for the kernel before (asking L2 first for the first PREFETCH quarters of the program's
     weights, bench.pdl.PREFETCH), then let the next one start. PRELOAD: the first block of the
     program's weights and scales is loaded (into registers) before that wait (bench.pdl.PRELOAD).
-    KS, XW: the K loop (K_LOOPS)."""
+    KS, XW: the K loop (K_LOOPS). LOOPS (unused here): the K loops the autotuner chose among, which
+    key its choice."""
     BN: tl.constexpr = TN * 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -291,16 +294,30 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
 # k-tiles, contiguously, and put in the words' order in registers (through shared memory) instead of
 # gathered word by word (XW, _xs). A program's loads in flight are what its SM's share of the
 # memory's bandwidth needs where the grid is a few programs per SM (o_proj's 512 of 8 rows on 132
-# SMs); the copies cost instructions, x's one by one most (lab/triton_tiles_h2.py aot counts them).
-# On an H100 the pipelined loop with gathered x won llava-1.5-7b's qkv shape and no other of its or
-# vila1.5-3b's (results/lab/h100/f16x2_stages_*.csv); lab/triton_tiles_h2.py gpu --product-configs
-# times every loop per shape and lab/gpu_step_ab.py --ab f16x2-loops the step with a choice of them.
+# SMs); the copies cost instructions, x's one by one most (tests/test_int4_kernels.py counts them in
+# sm_90 SASS). On an H100 the pipelined loop with gathered x won llava-1.5-7b's qkv shape and no
+# other of its or vila1.5-3b's without split (results/lab/h100/f16x2_stages_*.csv; split configurations
+# untimed); lab/triton_tiles_h2.py gpu --product-configs times every loop per shape without split, and
+# lab/gpu_step_ab.py --ab f16x2-stages the step with a choice of them.
 K_LOOPS = ("1", "3")
 
 
 def loop_name(kwargs: dict) -> str:
     """A configuration's K loop as K_LOOPS spells it."""
     return f"{kwargs.get('KS', 1)}{'w' if kwargs.get('XW') else ''}"
+
+
+LOOP_NAMES = tuple(f"{ks}{w}" for ks in (1, 2, 3, 4) for w in ("", "w"))  # every K loop _configs has
+
+
+def k_loops() -> tuple[str, ...]:
+    """K_LOOPS checked and sorted (the same choice however it is written); ValueError naming what
+    is wrong: not a tuple or list, empty, or a loop no configuration has."""
+    loops = K_LOOPS
+    if not isinstance(loops, (tuple, list)) or not loops or not set(loops) <= set(LOOP_NAMES):
+        raise ValueError(f"bench.quant.triton_f16x2.K_LOOPS {loops!r}: a tuple of K loops, each of "
+                         f"{', '.join(LOOP_NAMES)}")
+    return tuple(sorted(set(loops)))
 
 
 def _configs(split: bool) -> list:
@@ -323,14 +340,16 @@ def _configs(split: bool) -> list:
 
 
 def _prune(configs, named_args, **kwargs):
-    """A share of K is at least one block of k-tiles; the K loops those of K_LOOPS."""
+    """A share of K is at least one block of k-tiles; the K loops those the call names (LOOPS, as
+    f16x2_mm passes k_loops(): every loop _configs has, so never none)."""
     k_tiles = named_args["K"] // 128
-    looped = [c for c in configs if loop_name(c.kwargs) in K_LOOPS] or configs
+    loops = kwargs["LOOPS"].split("+")
+    looped = [c for c in configs if loop_name(c.kwargs) in loops]
     kept = [c for c in looped if c.kwargs["SPLIT_K"] * c.kwargs["BKT"] <= max(k_tiles, 1)]
     return kept or [min(looped, key=lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BKT"])]
 
 
-_KEY = ["N", "K", "PDL", "PREFETCH", "PRELOAD"]
+_KEY = ["N", "K", "PDL", "PREFETCH", "PRELOAD", "LOOPS"]
 _tuned = triton.autotune(_configs(split=False), key=_KEY, do_bench=autotune_bench,
                          prune_configs_by={"early_config_prune": _prune})(_f16x2_kernel)
 _tuned_split = triton.autotune(_configs(split=True), key=_KEY, reset_to_zero=["y_ptr"], do_bench=autotune_bench,
@@ -343,9 +362,9 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     (scale_and_zero [K / group_size, N, 2] float16, group_size a multiple of 128), a row at a time
     (a GEMV: `--int4-kernels measured` times it at one row only; a fixed `--int4-kernels` runs its
     calls of more rows row by row). `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True), KS
-    (default 1), XW (default False), num_warps, num_stages; PRELOAD) skips autotuning, `emulate` runs the interpreter's stand-in for the PTX
-    (tests). Under PDL the programs preload their first block of weights before the wait where
-    bench.pdl.PRELOAD says so."""
+    (default 1), XW (default False), num_warps, num_stages; PRELOAD) skips autotuning, `emulate`
+    runs the interpreter's stand-in for the PTX (tests). Under PDL the programs preload their
+    first block of weights before the wait where bench.pdl.PRELOAD says so."""
     if x.dtype != torch.float16 or scale_and_zero.dtype != torch.float16 or group_size % 128:
         raise ValueError("f16x2_mm takes float16 activations, scales and zeros, and groups of a multiple of 128")
     x = x.contiguous()
@@ -379,7 +398,8 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
         def grid(meta):
             return triton.cdiv(n, 8 * meta["TN"]), meta["SPLIT_K"]
 
-        (_tuned_split if split_k else _tuned)[grid](*args, G=group_size, EMULATE=False, **pdl)
+        (_tuned_split if split_k else _tuned)[grid](*args, G=group_size, EMULATE=False, LOOPS="+".join(k_loops()),
+                                                   **pdl)
     return (y.half() if split else y).view(1, n)
 
 

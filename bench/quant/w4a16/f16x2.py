@@ -32,9 +32,9 @@ class F16x2(Tiles):
     settings_before = {"k_loops": ["1"]}  # measured before its autotuner chose among K loops
 
     def timing_settings(self) -> dict | None:
-        """The K loops its autotuner chooses from (bench.quant.triton_f16x2.K_LOOPS)."""
+        """The K loops its autotuner chooses from (bench.quant.triton_f16x2.K_LOOPS, sorted)."""
         module = triton_module(self.module, self.counter)[0]
-        return {"k_loops": list(module.K_LOOPS)} if module is not None else None
+        return {"k_loops": list(module.k_loops())} if module is not None else None
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         why = super().unavailable(device, dtype)

@@ -1,6 +1,7 @@
 """The measured kernel choices' file (the int4 cache directory's `kernels.json`): one entry per
-device, library versions, dtype, weight shape, row counts, candidates, dense copy or not and
-PDL or not, holding the plan chosen and what was measured to choose it.
+device, library versions, dtype, weight shape, row counts, candidates, dense copy or not, PDL
+or not and the candidates' own timing settings, holding the plan chosen and what was measured
+to choose it.
 
 A kernel's times are measured once per device and shape: a plan for another candidate set or
 other row counts takes the times of kernels measured for an earlier one (the same key but its
