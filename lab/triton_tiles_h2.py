@@ -18,6 +18,7 @@ one word position, sharing x's loads), both the benchmark's `triton-f16x2` kerne
 keeps. Results on an H100: results/lab/h100/triton_tiles_h2_*.csv.
 
     python lab/triton_tiles_h2.py aot                 # no GPU: registers and SASS per weight per config
+    python lab/triton_tiles_h2.py aot --product-configs  # the same for triton-f16x2's own candidates, every K loop
     python lab/triton_tiles_h2.py interpret           # no GPU: the index math in Triton's interpreter
     python lab/triton_tiles_h2.py gpu --out h2.csv    # correctness at every shape, then times against
                                                       # triton-tiles and the read ceiling
@@ -104,7 +105,7 @@ def aot(args) -> int:
         print(why, file=sys.stderr)
         return 2
     n, k, g = 4096, 4096, 128
-    for way, cfg in itertools.product(WAYS, CONFIGS):
+    for way, cfg in candidates(args):
         if cfg["SPLIT_K"] > 2:
             continue  # the K loop is the same kernel; one split shown
         c = dict(cfg)
@@ -121,9 +122,10 @@ def aot(args) -> int:
             continue
         loop = triton_aot.loop_instructions(got.cubin)
         per_thread = c["TN"] * 8 * c["BKT"] * 128 // (launch["num_warps"] * 32)
-        print(f"{way} TN={c['TN']} BKT={c['BKT']} SPLIT_K={c['SPLIT_K']} warps={launch['num_warps']}: "
-              f"regs {got.registers} spills {got.spill_bytes} loop {sum(loop.values())} "
-              f"per weight {sum(loop.values()) / per_thread:.2f} ({' '.join(f'{o}:{m}' for o, m in loop.most_common(7))})")
+        common = " ".join(f"{o}:{m}" for o, m in loop.most_common(7))
+        print(f"{way} TN={c['TN']} BKT={c['BKT']} SPLIT_K={c['SPLIT_K']} loop={loop_name(c)} "
+              f"warps={launch['num_warps']}: regs {got.registers} spills {got.spill_bytes} loop {sum(loop.values())} "
+              f"per weight {sum(loop.values()) / per_thread:.2f} ({common})")
     return 0
 
 
@@ -240,7 +242,9 @@ def gpu(args) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="mode", required=True)
-    sub.add_parser("aot")
+    a = sub.add_parser("aot")
+    a.add_argument("--product-configs", action="store_true",
+                   help="compile triton-f16x2's own autotuner candidates with each K loop instead of the grid")
     sub.add_parser("interpret")
     g = sub.add_parser("gpu")
     g.add_argument("--out", required=True)

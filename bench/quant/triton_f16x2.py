@@ -294,8 +294,8 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
 # k-tiles, contiguously, and put in the words' order in registers (through shared memory) instead of
 # gathered word by word (XW, _xs). A program's loads in flight are what its SM's share of the
 # memory's bandwidth needs where the grid is a few programs per SM (o_proj's 512 of 8 rows on 132
-# SMs); the copies cost instructions, x's one by one most (tests/test_int4_kernels.py counts them in
-# sm_90 SASS). On an H100 the pipelined loop with gathered x won llava-1.5-7b's qkv shape and no
+# SMs); the copies cost instructions, x's one by one most (lab/triton_tiles_h2.py aot
+# --product-configs counts them in sm_90 SASS). On an H100 the pipelined loop with gathered x won llava-1.5-7b's qkv shape and no
 # other of its or vila1.5-3b's without split (results/lab/h100/f16x2_stages_*.csv; split configurations
 # untimed); lab/triton_tiles_h2.py gpu --product-configs times every loop per shape without split, and
 # lab/gpu_step_ab.py --ab f16x2-stages the step with a choice of them.
