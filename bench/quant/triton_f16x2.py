@@ -152,12 +152,7 @@ def _scales(sz32, N, kt, k_ok, n, n_ok, G: tl.constexpr, ROWS_FIRST: tl.constexp
 @triton.jit
 def _x(x32, xo, k_ok, BN: tl.constexpr, BKT: tl.constexpr, ROWS_FIRST: tl.constexpr):
     """x's column pairs at offsets `xo` [k-tile, word], broadcast over the rows."""
-    v = tl.load(x32 + xo, mask=k_ok[:, None], other=0)
-    if ROWS_FIRST:
-        v = tl.broadcast_to(v[None, :, :], (BN, BKT, 16))
-    else:
-        v = tl.broadcast_to(v[:, :, None], (BKT, 16, BN))
-    return v
+    return _bx(tl.load(x32 + xo, mask=k_ok[:, None], other=0), BN, BKT, ROWS_FIRST)
 
 
 @triton.jit
@@ -295,19 +290,17 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
 # gathered word by word (XW, _xs). A program's loads in flight are what its SM's share of the
 # memory's bandwidth needs where the grid is a few programs per SM (o_proj's 512 of 8 rows on 132
 # SMs); the copies cost instructions, x's one by one most (lab/triton_tiles_h2.py aot
-# --product-configs counts them in sm_90 SASS). On an H100 the pipelined loop with gathered x won llava-1.5-7b's qkv shape and no
-# other of its or vila1.5-3b's without split (results/lab/h100/f16x2_stages_*.csv; split configurations
-# untimed); lab/triton_tiles_h2.py gpu --product-configs times every loop per shape without split, and
-# lab/gpu_step_ab.py --ab f16x2-stages the step with a choice of them.
+# --product-configs counts them in sm_90 SASS). On an H100 the pipelined loop with gathered x won
+# llava-1.5-7b's qkv shape and no other of its or vila1.5-3b's without split
+# (results/lab/h100/f16x2_stages_*.csv; split configurations untimed); lab/triton_tiles_h2.py gpu
+# --product-configs times every loop per shape without split, and lab/gpu_step_ab.py --ab
+# f16x2-stages the step with a choice of them.
 K_LOOPS = ("1", "3")
 
 
 def loop_name(kwargs: dict) -> str:
     """A configuration's K loop as K_LOOPS spells it."""
     return f"{kwargs.get('KS', 1)}{'w' if kwargs.get('XW') else ''}"
-
-
-LOOP_NAMES = tuple(f"{ks}{w}" for ks in (1, 2, 3, 4) for w in ("", "w"))  # every K loop _configs has
 
 
 def k_loops() -> tuple[str, ...]:
@@ -337,6 +330,9 @@ def _configs(split: bool) -> list:
     return [triton.Config({"TN": tn, "BKT": bkt, "SPLIT_K": sk, "ROWS_FIRST": rows_first, "KS": ks, "XW": xw},
                           num_warps=w, num_stages=3)
             for rows_first, tn, bkt, w in space for sk in splits for ks in (1, 2, 3, 4) for xw in (False, True)]
+
+
+LOOP_NAMES = tuple(dict.fromkeys(loop_name(c.kwargs) for c in _configs(split=False)))  # every K loop there is
 
 
 def _prune(configs, named_args, **kwargs):
