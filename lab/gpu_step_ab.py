@@ -20,7 +20,7 @@ triton-f16x2 asking L2 for the first 0 to 4 quarters of its weights before the w
 pdl-preload: under PDL, triton-f16x2's programs load the first block of their weights before the
 wait (1, bench.pdl.PRELOAD) or not (0, the default). f16x2-stages: the K loops triton-f16x2's
 autotuner chooses from (bench.quant.triton_f16x2.K_LOOPS, joined by +: 1 not pipelined, 3 three
-stages, either with `w`, x read by whole k-tiles; 1+3 the default), tuned afresh for each value.
+stages, either with `w`, x read by whole k-tiles; 1+1w+3+3w the default), tuned afresh for each value.
 The other settings are timed under the engines' default `--pdl auto` (off before 2026-12-07).
 `--values` times other values, or more than two, in the same rounds.
 --int4-kernels as run's flag (default triton-f16x2: what `measured` chooses at one row on every

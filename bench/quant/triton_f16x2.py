@@ -290,12 +290,13 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
 # gathered word by word (XW, _xs). A program's loads in flight are what its SM's share of the
 # memory's bandwidth needs where the grid is a few programs per SM (o_proj's 512 of 8 rows on 132
 # SMs); the copies cost instructions, x's one by one most (lab/triton_tiles_h2.py aot
-# --product-configs counts them in sm_90 SASS). On an H100 the pipelined loop with gathered x won
-# llava-1.5-7b's qkv shape and no other of its or vila1.5-3b's without split
-# (results/lab/h100/f16x2_stages_*.csv; split configurations untimed); lab/triton_tiles_h2.py gpu
-# --product-configs times every loop per shape without split, and lab/gpu_step_ab.py --ab
-# f16x2-stages the step with a choice of them.
-K_LOOPS = ("1", "3")
+# --product-configs counts them in sm_90 SASS). On an H100 x read by whole k-tiles won llava-1.5-7b's
+# qkv, o and down shapes (unpipelined), the plain loop its gate/up shape, and the step with all four
+# loops to choose from was shorter than with 1 and 3 alone in every round
+# (results/lab/h100/f16x2_stages_h100_xw.csv, f16x2-stages_ab_xw_llava-1.5-7b.csv; split
+# configurations untimed); lab/triton_tiles_h2.py gpu --product-configs times every loop per shape
+# without split, and lab/gpu_step_ab.py --ab f16x2-stages the step with a choice of them.
+K_LOOPS = ("1", "3", "1w", "3w")
 
 
 def loop_name(kwargs: dict) -> str:
