@@ -24,12 +24,12 @@ except ImportError:  # CPU builds of torch
 
 MODES = ("auto", "off")  # auto: on where the GPU (compute capability 9+) and torch have it
 # How much of its weights a triton-f16x2 program launched with PDL asks L2 for before its wait, in
-# quarters (4: all of them; 0: none; split-KV attention prefetches its keys and values unless 0):
-# read at each launch; lab/gpu_step_ab.py --ab pdl-prefetch times the step at other values. None by
-# default: on an H100 (results/lab/h100/pdl-prefetch_ab_*.csv) PDL without prefetching shortened
-# llava-1.5-7b's int4 decode step by 5% and vila1.5-3b's by 8%, one quarter about as much, and all
-# four quarters lengthened both (by 7% and 15%), more than PDL saved. The GEMV's and the attention's
-# prefetches were switched together there: neither was timed without the other.
+# quarters (4: all of them; 0: none): read at each launch; lab/gpu_step_ab.py --ab pdl-prefetch
+# times the step at other values. None by default: on an H100 (results/lab/h100/pdl-prefetch_ab_*.csv)
+# PDL without prefetching shortened llava-1.5-7b's int4 decode step by 5% and vila1.5-3b's by 8%,
+# one quarter about as much, and all four quarters lengthened both (by 7% and 15%), more than PDL
+# saved. Split-KV attention's keys and values were prefetched with any quarters there (up to
+# 9d5d362); they are its own setting since (bench.engines.split_kv_attention.Config.prefetch).
 PREFETCH = 0
 # Whether a triton-f16x2 program launched with PDL loads the first block of its weights and their
 # scales into registers before its wait (as a software pipeline's first stage, with no traffic of

@@ -16,12 +16,16 @@ which each capture reads); deferred-residual: the step layer compiled from FastD
 (0) or layer_at_deferred (1, the engine's own: each MLP residual add fused into the next layer,
 keys and values written by one copy); pdl-prefetch: `--pdl off` (off) against `--pdl auto` with
 triton-f16x2 asking L2 for the first 0 to 4 quarters of its weights before the wait
-(bench.pdl.PREFETCH; 0 is the default; split-KV attention prefetches its keys and values unless 0).
+(bench.pdl.PREFETCH; 0 is the default; up to 9d5d362 split-KV attention prefetched its keys and
+values with any quarters, since its own setting: split-kv's prefetch).
 pdl-preload: under PDL, triton-f16x2's programs load the first block of their weights before the
 wait (1, bench.pdl.PRELOAD) or not (0, the default). f16x2-stages: the K loops triton-f16x2's
 autotuner chooses from (bench.quant.triton_f16x2.K_LOOPS, joined by +: 1 not pipelined, 3 three
 stages, either with `w`, x read by whole k-tiles; 1+1w+3+3w the default), tuned afresh for each value.
-The other settings are timed under the engines' default `--pdl auto` (off before 2026-12-07).
+split-kv: the split-KV attention's launch configuration (bench.engines.split_kv_attention.Config,
+set on the module's DEFAULT), its fields joined by / (e.g. combine_chunk=8/prefetch=1; the
+fields not named are the defaults'): by default the splits' partials combined 8 at a time against
+all 16 at once. The other settings are timed under the engines' default `--pdl auto` (off before 2026-12-07).
 `--values` times other values, or more than two, in the same rounds.
 --int4-kernels as run's flag (default triton-f16x2: what `measured` chooses at one row on every
 decoder shape of llava-1.5-7b and vila1.5-3b on an H100); --seconds stops starting rounds after
@@ -58,6 +62,15 @@ def _pdl(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
 def _fused_combine(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     sk.DEFAULT = dataclasses.replace(sk.DEFAULT, fused_combine=value == "1")
     return EngineSpec(int4_kernels=int4_kernels), lambda engine: sk.DEFAULT.fused_combine and engine.decoder.split_kv
+
+
+def _split_kv(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    try:
+        sk.DEFAULT = sk.Config.parse(value.replace("/", ","))
+    except ValueError as e:
+        raise SystemExit(f"--ab split-kv value {value!r} (Config fields joined by /, e.g. combine_chunk=8/prefetch=1): "
+                         f"{e}") from None
+    return EngineSpec(int4_kernels=int4_kernels), lambda engine: engine.decoder.split_kv
 
 
 def _deferred_residual(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
@@ -108,7 +121,8 @@ def _f16x2_stages(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
 SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine),
             "deferred-residual": (("0", "1"), _deferred_residual),
             "pdl-prefetch": (("off", "0", "1", "4"), _pdl_prefetch), "pdl-preload": (("0", "1"), _pdl_preload),
-            "f16x2-stages": (("1", "1+3"), _f16x2_stages)}
+            "f16x2-stages": (("1", "1+3"), _f16x2_stages),
+            "split-kv": (("combine_chunk=8", "combine_chunk=16"), _split_kv)}
 
 
 def main() -> None:

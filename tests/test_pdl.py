@@ -41,25 +41,29 @@ def _aot():
 
 
 @pytest.mark.parametrize("on", [False, True])
-@pytest.mark.parametrize("quarters", [0, 4])
-def test_split_kv_kernels_wait_for_the_kernel_before_under_pdl(monkeypatch, on, quarters):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_split_kv_kernels_wait_for_the_kernel_before_under_pdl(monkeypatch, on, prefetch):
     triton_aot = _aot()
     from bench.engines import split_kv_attention as sk
 
     monkeypatch.setattr(sk, "pdl_enabled", lambda device: on)
-    monkeypatch.setattr(pdl, "PREFETCH", quarters)
+    monkeypatch.setattr(pdl, "PREFETCH", 4)  # the GEMV's setting: not the attention's
     meta = torch.device("meta")
     buf = torch.empty(1, 32, 1024, 128, dtype=torch.float16, device=meta)
     q = torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta)
-    calls, _ = sk.launches(q, buf[:, :, :640], buf[:, :, :640], None, 128 ** -0.5, sk.splits_for(1, 32, 640, 264))
+    config = sk.Config(prefetch=prefetch, fused_combine=False)
+    calls, _ = sk.launches(q, buf[:, :, :640], buf[:, :, :640], None, 128 ** -0.5, sk.splits_for(1, 32, 640, 264),
+                           config)
+    assert len(calls) == 2
     for kernel, _, args, kwargs in calls:
         assert kwargs.get("launch_pdl", False) == on
         c = triton_aot.compile_call(kernel, args, kwargs)
         assert _waits_first(c.ptx) == on and ("griddepcontrol" in c.ptx) == on
-        # the partial kernel asks L2 for its split's keys and values before the wait (bench.pdl.PREFETCH
-        # not 0; it is 0 by default)
-        prefetches = on and quarters > 0 and kernel is sk._partial
+        # the partial kernel asks L2 for its split's keys and values before the wait (Config.prefetch;
+        # off by default)
+        prefetches = on and prefetch and kernel is sk._partial
         assert c.ptx.count("cp.async.bulk.prefetch.L2.global") == (2 if prefetches else 0)
+    assert not sk.DEFAULT.prefetch
 
 
 @pytest.mark.parametrize("on", [False, True])

@@ -70,12 +70,15 @@ mask[:, 41:] = float("-inf")
 check(q, k, v, mask, (64, 3))
 check(q, k, v, mask, (192, 1))
 check(q, k, v, mask, None, Config(dot=False))  # 7 heads padded to 8, not 16
-# more splits than the combining kernel holds at once (COMBINE_CHUNK), the last ones past the query
+# more splits than the combining kernel holds at once (Config.combine_chunk; 16 splits at once by
+# default, read in one go), the last ones past the query
 k, v = buffers(1, 2, 1024, 16)
 q = torch.randn(1, 4, 1, 16).half()
 mask = torch.zeros(1, 1000).half()
 mask[:, 901:] = float("-inf")
 check(q, k[:, :, :1000], v[:, :, :1000], mask, (64, 16))
+check(q, k[:, :, :1000], v[:, :, :1000], mask, (64, 16), Config(combine_chunk=4))
+check(q, k[:, :, :1000], v[:, :, :1000], mask, (32, 32))
 check(q.float(), k[:, :, :300].float(), v[:, :, :300].float(), None)  # fp32: IEEE products
 print(worst)
 """
@@ -161,15 +164,18 @@ def test_splits_cover_the_keys_and_fill_the_gpu():
 def test_a_launch_configuration_is_checked_when_made():
     from bench.engines.split_kv_attention import DEFAULT, Config
 
-    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True)
-    assert DEFAULT.label() == "block=64,programs_per_sm=2,dot=1,num_warps=4,fused_combine=1"
-    other = Config(32, 4, False, 8, True)
+    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False)
+    assert DEFAULT.label() == ("block=64,programs_per_sm=2,dot=1,num_warps=4,fused_combine=1,combine_chunk=16,"
+                               "prefetch=0")
+    other = Config(32, 4, False, 8, True, 4, True)
     assert Config.parse(other.label()) == other and Config.parse("dot=0") == Config(dot=False)
     assert Config.parse("fused_combine=0") == Config(fused_combine=False) != DEFAULT
-    for bad in ("blocks=32", "block=-1", "dot=yes", "block=48"):
+    # a label written before the combine's chunk and the prefetch were fields: theirs are the defaults
+    assert Config.parse("block=64,programs_per_sm=2,dot=1,num_warps=4,fused_combine=1") == DEFAULT
+    for bad in ("blocks=32", "block=-1", "dot=yes", "block=48", "combine_chunk=12"):
         with pytest.raises(ValueError, match="split-kv"):
             Config.parse(bad)
-    for bad in ({"block": 48}, {"block": 8}, {"programs_per_sm": 0}, {"num_warps": 3}):
+    for bad in ({"block": 48}, {"block": 8}, {"programs_per_sm": 0}, {"num_warps": 3}, {"combine_chunk": 1}):
         with pytest.raises(ValueError, match="split-kv"):
             Config(**bad)
 

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 
-from bench import pdl as pdl_settings
 from bench.pdl import enabled as pdl_enabled
 
 try:
@@ -46,7 +45,11 @@ except ImportError:  # CPU builds of torch: the engines attend by matmul or SDPA
 
 BLOCK_L = 64  # keys per loop iteration
 MIN_GROUP_ROWS = 16  # tl.dot's smallest M: query heads of one kv head, padded up to it
-COMBINE_CHUNK = 8  # splits whose weighted values the combining kernel holds at once (registers)
+# splits whose weighted values the combining kernel holds at once (registers); a row of no more splits
+# is read in one go, one round trip to L2 where 8 at a time made three: on an H100 that shortened
+# llava-1.5-7b's one-row attention at 640 keys (10 splits) and its int4 step in every round
+# (results/lab/h100/decode_attention_combine_llava-1.5-7b.csv, split-kv_ab_llava-1.5-7b.csv)
+COMBINE_CHUNK = 16
 # products a thread may hold by broadcast multiply-and-sum (Config.dot False) before the launch takes
 # tl.dot instead: 7 query heads padded to 8 x 32 keys x 128 (Qwen2-7B's) spill on sm_90 at 4 warps
 BROADCAST_REGISTERS = 64
@@ -60,25 +63,33 @@ class Config:
     broadcast multiply-and-sum in fp32 (CUDA cores; the query heads padded to a power of two
     only; tl.dot all the same where those products would pass BROADCAST_REGISTERS a thread),
     `num_warps` warps a program; the splits combined by a second kernel or, `fused_combine`, by
-    the partial kernel's last program of each row and kv head. The engine launches DEFAULT;
-    lab/gpu_decode_attention.py --configs times others."""
+    the partial kernel's last program of each row and kv head, `combine_chunk` splits' weighted
+    values at a time (a power of two; where there are no more splits than that, all of a row's
+    partials are read at once); `prefetch`: launched with PDL, each program asks L2 for its
+    split's keys and values before its wait. The engine launches DEFAULT;
+    lab/gpu_decode_attention.py --configs and lab/gpu_step_ab.py --ab split-kv time others."""
 
     block: int = BLOCK_L
     programs_per_sm: int = 2
     dot: bool = True
     num_warps: int = 4
     fused_combine: bool = True
+    combine_chunk: int = COMBINE_CHUNK
+    prefetch: bool = False
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
             raise ValueError(f"split-kv block {self.block}: a power of two of 16 or more")
+        if self.combine_chunk < 2 or self.combine_chunk & (self.combine_chunk - 1):
+            raise ValueError(f"split-kv combine_chunk {self.combine_chunk}: a power of two of 2 or more")
         if self.programs_per_sm < 1 or self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"split-kv config {self}: programs_per_sm at least 1, num_warps a power of two to 16")
 
     def label(self) -> str:
         """As `parse` reads it."""
         return (f"block={self.block},programs_per_sm={self.programs_per_sm},dot={int(self.dot)},"
-                f"num_warps={self.num_warps},fused_combine={int(self.fused_combine)}")
+                f"num_warps={self.num_warps},fused_combine={int(self.fused_combine)},"
+                f"combine_chunk={self.combine_chunk},prefetch={int(self.prefetch)}")
 
     @classmethod
     def parse(cls, text: str) -> "Config":
@@ -135,21 +146,28 @@ if triton is not None:
         inlined: inlined after the keys loop of fp32 inputs, it took all 255 registers and spilled (sm_90)."""
         s = tl.arange(0, BLOCK_S)
         there = s < n_splits
+        d = tl.arange(0, D)
         mx = tl.load(Mx + pid * n_splits + s, mask=there, other=float("-inf"), cache_modifier=".cg")
+        sums = tl.load(Sum + pid * n_splits + s, mask=there, other=0.0, cache_modifier=".cg")
+        if BLOCK_S <= CHUNK:  # every split's weighted values asked for with the rest: one round trip to L2
+            part = tl.load(Acc + (pid * n_splits + s)[:, None] * D + d[None, :], mask=there[:, None], other=0.0,
+                           cache_modifier=".cg")
         m = tl.max(mx, 0)
         w = tl.where(mx == float("-inf"), 0.0, tl.exp(mx - m))  # splits that attended nothing weigh 0
-        total = tl.sum(tl.load(Sum + pid * n_splits + s, mask=there, other=0.0, cache_modifier=".cg") * w, 0)
-        c = tl.arange(0, CHUNK)
-        d = tl.arange(0, D)
-        acc = tl.zeros([D], tl.float32)
-        for lo in range(0, n_splits, CHUNK):  # the weighted values a few splits at a time, in order
-            idx = lo + c
-            ok = idx < n_splits
-            mc = tl.load(Mx + pid * n_splits + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            wc = tl.where(mc == float("-inf"), 0.0, tl.exp(mc - m))
-            part = tl.load(Acc + (pid * n_splits + idx)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0,
-                           cache_modifier=".cg")
-            acc += tl.sum(part * wc[:, None], 0)
+        total = tl.sum(sums * w, 0)
+        if BLOCK_S <= CHUNK:
+            acc = tl.sum(part * w[:, None], 0)
+        else:
+            c = tl.arange(0, CHUNK)
+            acc = tl.zeros([D], tl.float32)
+            for lo in range(0, n_splits, CHUNK):  # the weighted values a few splits at a time, in order
+                idx = lo + c
+                ok = idx < n_splits
+                mc = tl.load(Mx + pid * n_splits + idx, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                wc = tl.where(mc == float("-inf"), 0.0, tl.exp(mc - m))
+                part = tl.load(Acc + (pid * n_splits + idx)[:, None] * D + d[None, :], mask=ok[:, None],
+                               other=0.0, cache_modifier=".cg")
+                acc += tl.sum(part * wc[:, None], 0)
         tl.store(Out + pid * D + d, (acc / total).to(Out.dtype.element_ty))
 
     @triton.jit
@@ -294,9 +312,9 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                values.stride(0), values.stride(1), values.stride(2), 0 if m.shape[0] == 1 else m.stride(0),
                m.stride(1), kvh, n, per, count, scale, out, acc if counts is None else counts)
     pdl = {"PDL": True, "launch_pdl": True} if pdl_enabled(q.device) else {}
-    prefetch = {"PREFETCH": pdl_settings.PREFETCH > 0 and keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0
+    prefetch = {"PREFETCH": config.prefetch and keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0
                 } if pdl else {}
-    combining = {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": COMBINE_CHUNK}
+    combining = {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": config.combine_chunk}
     calls = [(_partial, (b * kvh, count), partial,
               {**pdl, **prefetch, **combining, "GROUP": group, "BLOCK": config.block, "DOT": dot,
                "COMBINE": counts is not None, "num_warps": config.num_warps,
