@@ -22,6 +22,9 @@ pdl-preload: under PDL, triton-f16x2's programs load the first block of their we
 wait (1, bench.pdl.PRELOAD) or not (0, the default). f16x2-stages: the K loops triton-f16x2's
 autotuner chooses from (bench.quant.triton_f16x2.K_LOOPS, joined by +: 1 not pipelined, 3 three
 stages, either with `w`, x read by whole k-tiles; 1+1w+3+3w the default), tuned afresh for each value.
+f16x2-tuning: triton-f16x2's configuration per shape chosen by Triton's autotuner (triton; as up to
+9d5d362, lab/gpu_f16x2_tuning_spread.py) or by the kernel's own tuning in CUDA graphs (graph, the
+default since), tuned afresh in every round.
 split-kv: the split-KV attention's launch configuration (bench.engines.split_kv_attention.Config,
 set on the module's DEFAULT), its fields joined by / (e.g. combine_chunk=8/prefetch=1; the
 fields not named are the defaults'): by default the splits' partials combined 8 at a time against
@@ -62,6 +65,34 @@ def _pdl(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
 def _fused_combine(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     sk.DEFAULT = dataclasses.replace(sk.DEFAULT, fused_combine=value == "1")
     return EngineSpec(int4_kernels=int4_kernels), lambda engine: sk.DEFAULT.fused_combine and engine.decoder.split_kv
+
+
+_ORIGINAL = {}  # what a setting swaps out, as the module had it
+
+
+def _f16x2_tuning(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    from bench.quant import triton_f16x2
+
+    if value not in ("graph", "triton"):
+        raise SystemExit(f"--ab f16x2-tuning value {value!r}: graph or triton")
+    graph_tune = _ORIGINAL.setdefault("f16x2 tune", triton_f16x2._tune)  # the module's own (swapped below)
+    triton_f16x2._TUNED.clear()  # tuned afresh in each round, by the value's tuning
+    if value == "triton":
+        from gpu_f16x2_tuning_spread import triton_autotuner, triton_tune
+
+        autotuner = triton_autotuner()
+
+        def tune(x32, packed, sz32, n, k, group_size, split, pdl_launch):
+            if split:
+                return graph_tune(x32, packed, sz32, n, k, group_size, split, pdl_launch)
+            best = triton_tune(autotuner, x32, packed, sz32, n, k, group_size, pdl_launch)[0][0]
+            return {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+
+        triton_f16x2._tune = tune
+    else:
+        triton_f16x2._tune = graph_tune
+    f16x2 = int4_kernels.startswith("triton-f16x2")
+    return EngineSpec(int4_kernels=int4_kernels), lambda engine: f16x2 and bool(engine._int4_layers())
 
 
 def _split_kv(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
@@ -122,7 +153,8 @@ SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused
             "deferred-residual": (("0", "1"), _deferred_residual),
             "pdl-prefetch": (("off", "0", "1", "4"), _pdl_prefetch), "pdl-preload": (("0", "1"), _pdl_preload),
             "f16x2-stages": (("1", "1+3"), _f16x2_stages),
-            "split-kv": (("combine_chunk=8", "combine_chunk=16"), _split_kv)}
+            "split-kv": (("combine_chunk=8", "combine_chunk=16"), _split_kv),
+            "f16x2-tuning": (("triton", "graph"), _f16x2_tuning)}
 
 
 def main() -> None:

@@ -761,41 +761,53 @@ def test_a_kernels_own_timing_settings_are_measured_apart(tmp_path, monkeypatch,
     assert {r["kernel_settings"] for r in rows if r["kernel"] != "tinygemm"} == {""}  # none, or left out
 
 
-def test_f16x2_k_loops_key_its_autotuning_and_its_measurements(monkeypatch):
+def test_f16x2_k_loops_key_its_tuning_and_its_measurements(monkeypatch):
     """triton-f16x2's K loops (bench.quant.triton_f16x2.K_LOOPS): checked and sorted, the only
-    loops its autotuners keep (never none, a short K included), part of their tuning key and of
-    the kernel measurement key; an entry from before the key had them stands for the single
-    loop, its times lent to a choice among that loop alone."""
+    loops its tuning keeps (never none, a short K included), part of its tuning key and of the
+    kernel measurement key with how it tunes; an entry from before the key had them (or from
+    before it tuned in CUDA graphs) is not taken for it."""
     pytest.importorskip("triton")
     from bench.quant import triton_f16x2 as f
     from bench.quant.w4a16.measurements import PlanCache, cache_key
 
-    assert "LOOPS" in f._KEY and f.loop_name({"KS": 3, "XW": True}) == "3w" and f.loop_name({}) == "1"
+    assert f.loop_name({"KS": 3, "XW": True}) == "3w" and f.loop_name({}) == "1"
+    pdl = {"PDL": True, "PREFETCH": 0, "PRELOAD": False}
+    before = f.tuning_key(DEVICE, 4096, 4096, 128, False, pdl)
+    monkeypatch.setattr(f, "K_LOOPS", ("1",))
+    assert f.tuning_key(DEVICE, 4096, 4096, 128, False, pdl) != before  # another choice of loops: tuned afresh
+    assert f.tuning_key(DEVICE, 4096, 4096, 128, False, {**pdl, "PDL": False}) != \
+        f.tuning_key(DEVICE, 4096, 4096, 128, False, pdl)
     assert {f.loop_name(c.kwargs) for c in f._configs(False)} == set(f.LOOP_NAMES)
     for bad in ((), "1", ("5",), ["1", "2x"]):
         monkeypatch.setattr(f, "K_LOOPS", bad)
         with pytest.raises(ValueError, match="K_LOOPS"):
             f.k_loops()
     monkeypatch.setattr(f, "K_LOOPS", ("3", "1", "3"))
-    assert f.k_loops() == ("1", "3") and KERNELS["triton-f16x2"].timing_settings() == {"k_loops": ["1", "3"]}
-    for k, loops in ((4096, "1+3"), (4096, "3w"), (128, "1+1w")):  # 128: one k-tile, fewer than any block
-        kept = f._prune(f._configs(False), {"K": k}, LOOPS=loops)
-        assert kept and {f.loop_name(c.kwargs) for c in kept} <= set(loops.split("+")), (k, loops)
-    assert len(f._prune(f._configs(False), {"K": 4096}, LOOPS="1+3")) == 14
+    assert f.k_loops() == ("1", "3")
+    assert KERNELS["triton-f16x2"].timing_settings() == {"k_loops": ["1", "3"], "tuning": "graph"}
+    for k, loops in ((4096, ("1", "3")), (4096, ("3w",)), (128, ("1", "1w"))):  # 128: one k-tile, fewer than any block
+        kept = f._prune(f._configs(False), k, loops)
+        assert kept and {f.loop_name(c.kwargs) for c in kept} <= set(loops), (k, loops)
+    assert len(f._prune(f._configs(False), 4096, ("1", "3"))) == 14
     names = ["tinygemm", "triton-f16x2"]
     key = cache_key(DEVICE, DTYPE, (32, 256, 128), (1,), names)
-    assert json.loads(key)["kernel_settings"] == {"triton-f16x2": {"k_loops": ["1", "3"]}}
-    old = json.loads(key)  # a key written before the measurement key had the K loops
-    del old["kernel_settings"]
-    old["points"] = [1, 2]
+    assert json.loads(key)["kernel_settings"] == {"triton-f16x2": {"k_loops": ["1", "3"], "tuning": "graph"}}
     cache = PlanCache(None)
-    cache.entries[json.dumps(old, sort_keys=True)] = choice.ShapePlan(
+    plan = choice.ShapePlan(
         (32, 256, 128), ((2, "triton-f16x2"),), {"triton-f16x2": {1: 1.0, 2: 2.0}, "tinygemm": {1: 3.0, 2: 4.0}},
         {"triton-f16x2": {1: 0.0, 2: 0.0}, "tinygemm": {1: 0.0, 2: 0.0}}).to_json()
-    assert set(cache.earlier(key)) == {"tinygemm"}  # timed with one loop: not a choice among two
+    for settings in (None, {"k_loops": ["1", "3"]}):  # before the K loops were in the key; before the graph tuning
+        old = json.loads(key)
+        old["points"] = [1, 2]
+        if settings is None:
+            del old["kernel_settings"]
+        else:
+            old["kernel_settings"] = {"triton-f16x2": settings}
+        cache.entries[json.dumps(old, sort_keys=True)] = plan
+    assert set(cache.earlier(key)) == {"tinygemm"}  # triton-f16x2 timed otherwise tuned: not taken
     monkeypatch.setattr(f, "K_LOOPS", ("1",))
     single = cache_key(DEVICE, DTYPE, (32, 256, 128), (1,), names)
-    assert single != key and set(cache.earlier(single)) == {"tinygemm", "triton-f16x2"}
+    assert single != key and set(cache.earlier(single)) == {"tinygemm"}
 
 
 @pytest.mark.parametrize("distribution", ["fbgemm_gpu_genai", "gemlite"])
@@ -1430,7 +1442,7 @@ def test_the_f16x2_kernel_reads_the_published_tile_layout_in_tritons_interpreter
 
 def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_weight():
     """The f16x2 GEMV's PTX (inline f16x2 arithmetic) through Triton's compiler and ptxas for
-    sm_90, configurations the autotuner keeps in both layouts, without split and with: no spills, the
+    sm_90, configurations its tuning keeps in both layouts, without split and with: no spills, the
     dequantization and products in f16x2 instructions, no int -> float conversion, and its K loop
     under 4.5 machine instructions per weight (triton-tiles' best: about 6; 4.6 before the
     dequantization took nibbles 1 and 3 with their own mask, a shift and a sub fewer per pair);
@@ -1466,7 +1478,7 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
         assert (loop["LDGSTS"] > 0 and loop["LDS"] > 0) == (cfg["KS"] > 1), loop
         per_weight = sum(loop.values()) / (cfg["TN"] * 8 * cfg["BKT"] * 128 / (warps * 32))
         # the pipelined loop's copies and shared-memory reads cost instructions (x's words one by one):
-        # its loads in flight are bought with issue slots, which the autotuner weighs by timing
+        # its loads in flight are bought with issue slots, which the tuning weighs by timing
         assert per_weight < (4.5 if cfg["KS"] == 1 else 6.5), (per_weight, loop)
         # x read by whole k-tiles (XW): a few wide loads put in order through shared memory instead
         # of a load per word; fewer loads, and at most 1% more instructions (rows last with split K:
@@ -1516,14 +1528,19 @@ def test_the_f16x2_kernels_hold_a_float16_copy_of_bfloat16_scales_only(monkeypat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("split_k", [False, True])
 def test_cuda_f16x2_kernel_matches_dequantize_and_matmul(split_k):
-    """The PTX itself (autotuned, as a layer runs it) against dequantize + matmul in fp32, on a
+    """The PTX itself (tuned, as a layer runs it) against dequantize + matmul in fp32, on a
     shape whose rows and k-tiles leave partial blocks, at one row and at three (row by row), with
-    ordinary activations and with outliers."""
+    ordinary activations and with outliers; every configuration its tuning may choose there too.
+    The tuning happens once per shape and K loops, chooses one of the candidates kept for them,
+    and refuses to start inside a CUDA graph capture."""
     m = Int4Linear.from_int4(quantize_int4(torch.randn(520, 1152) * 0.02, 128), DEVICE, torch.float16)
     name = "triton-f16x2-splitk" if split_k else "triton-f16x2"
     why = KERNELS[name].unavailable(DEVICE, torch.float16) or KERNELS[name].shape_unsupported(m)
     if why:
         pytest.skip(why)
+    from bench.quant import triton_f16x2 as f
+
+    tuned = f.tuning_count()
     for rows in (1, 3):
         x = torch.randn(rows, 1152, device=DEVICE, dtype=torch.float16)
         loud = x.clone()  # outliers of a few thousand, as down_proj's inputs have: the fp16 partial sums hold
@@ -1531,6 +1548,20 @@ def test_cuda_f16x2_kernel_matches_dequantize_and_matmul(split_k):
         for a in (x, loud):
             y, want = m.run_kernel(name, a).float(), _reference(m, a)
             assert torch.isfinite(y).all() and ((y - want).abs().max() / want.abs().max()).item() < 2e-3
+    assert f.tuning_count() == tuned + 1  # one shape: tuned once
+    kept = f._prune(f._configs(split_k), 1152, f.k_loops())
+    chosen = [c for key, c in f._TUNED.items() if key[1:5] == (520, 1152, 128, split_k)]
+    assert len(chosen) == 1 and any(c.kwargs == {k: v for k, v in chosen[0].items() if k in c.kwargs} and
+                                    c.num_warps == chosen[0]["num_warps"] for c in kept), chosen
+    x = torch.randn(1, 1152, device=DEVICE, dtype=torch.float16)
+    for c in kept:
+        config = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        y = f.f16x2_mm(x, m.packed, KERNELS[name].scale_and_zero(m), 520, 128, split_k, config).float()
+        want = _reference(m, x)
+        assert ((y - want).abs().max() / want.abs().max()).item() < 2e-3, config
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capture"), torch.cuda.graph(graph):
+        f.f16x2_mm(x, m.packed, KERNELS[name].scale_and_zero(m), 512, 128, split_k)  # a shape not tuned yet
 
 
 def test_the_tiles_kernel_compiles_for_a_capability_with_its_own_ptxas():

@@ -54,6 +54,7 @@ check(q, k[:, :, :200], v[:, :, :200], None)
 # multiply-and-sum, shorter blocks, more programs
 check(q, k[:, :, :200], v[:, :, :200], mask, config=Config(block=32, dot=False))
 check(q, k[:, :, :200], v[:, :, :200], mask, config=Config(block=128, programs_per_sm=4, num_warps=8))
+check(q, k[:, :, :200], v[:, :, :200], mask, (64, 4), Config(q_with_keys=True, num_stages=2))  # q read per block
 # a padded batch: grouped query heads (4 per kv head), each row its own mask with a gap
 k, v = buffers(2, 2, 256, 32)
 q = torch.randn(2, 8, 1, 32).half()
@@ -164,10 +165,10 @@ def test_splits_cover_the_keys_and_fill_the_gpu():
 def test_a_launch_configuration_is_checked_when_made():
     from bench.engines.split_kv_attention import DEFAULT, Config
 
-    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False)
+    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False, False, 2)
     assert DEFAULT.label() == ("block=64,programs_per_sm=2,dot=1,num_warps=4,fused_combine=1,combine_chunk=16,"
-                               "prefetch=0")
-    other = Config(32, 4, False, 8, True, 4, True)
+                               "prefetch=0,q_with_keys=0,num_stages=2")
+    other = Config(32, 4, False, 8, True, 4, True, True, 3)
     assert Config.parse(other.label()) == other and Config.parse("dot=0") == Config(dot=False)
     assert Config.parse("fused_combine=0") == Config(fused_combine=False) != DEFAULT
     # a label written before the combine's chunk and the prefetch were fields: theirs are the defaults
@@ -175,7 +176,8 @@ def test_a_launch_configuration_is_checked_when_made():
     for bad in ("blocks=32", "block=-1", "dot=yes", "block=48", "combine_chunk=12"):
         with pytest.raises(ValueError, match="split-kv"):
             Config.parse(bad)
-    for bad in ({"block": 48}, {"block": 8}, {"programs_per_sm": 0}, {"num_warps": 3}, {"combine_chunk": 1}):
+    for bad in ({"block": 48}, {"block": 8}, {"programs_per_sm": 0}, {"num_warps": 3}, {"combine_chunk": 1},
+                {"num_stages": 0}):
         with pytest.raises(ValueError, match="split-kv"):
             Config(**bad)
 
@@ -220,6 +222,8 @@ def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, bat
     assert len(calls) == 1
     fused = triton_aot.compile_call(*(calls[0][i] for i in (0, 2, 3)))
     assert fused.spill_bytes == 0 and fused.registers <= 255, (fused.registers, fused.spill_bytes)
+    if dt != torch.float32:  # two pipeline stages (Config.num_stages): four programs fit an SM's 228 KB
+        assert fused.shared_bytes <= 228 * 1024 // 4 - 1024, fused.shared_bytes
     assert "atom.global.gpu.acq_rel.add" in fused.ptx and "bar.sync" in fused.ptx
 
 

@@ -66,7 +66,16 @@ class Config:
     the partial kernel's last program of each row and kv head, `combine_chunk` splits' weighted
     values at a time (a power of two; where there are no more splits than that, all of a row's
     partials are read at once); `prefetch`: launched with PDL, each program asks L2 for its
-    split's keys and values before its wait. The engine launches DEFAULT;
+    split's keys and values before its wait; `q_with_keys`: the query read with each block's keys
+    (copied asynchronously with them) instead of before the loop (whose copy into shared memory
+    must arrive before the keys are asked for); `num_stages`: the keys loop's pipeline stages
+    (Triton's; 2 holds half the shared memory of 3, so more programs fit on an SM; fp32 inputs 3).
+
+    Measured on an H100 (results/lab/h100/decode_attention_stages_llava-1.5-7b.csv; the step:
+    split-kv_ab_stages_llava-1.5-7b.csv): 2 stages shortened llava-1.5-7b's attention at 16 rows
+    and at one row over 1024 keys and left it at 640 keys, the step level; the query with the keys
+    shortened it a little more at 2 stages, by less than a step shows: off. Prefetching lengthened
+    the step (split-kv_ab_llava-1.5-7b.csv): off. The engine launches DEFAULT;
     lab/gpu_decode_attention.py --configs and lab/gpu_step_ab.py --ab split-kv time others."""
 
     block: int = BLOCK_L
@@ -76,12 +85,16 @@ class Config:
     fused_combine: bool = True
     combine_chunk: int = COMBINE_CHUNK
     prefetch: bool = False
+    q_with_keys: bool = False
+    num_stages: int = 2
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
             raise ValueError(f"split-kv block {self.block}: a power of two of 16 or more")
         if self.combine_chunk < 2 or self.combine_chunk & (self.combine_chunk - 1):
             raise ValueError(f"split-kv combine_chunk {self.combine_chunk}: a power of two of 2 or more")
+        if self.num_stages < 1:
+            raise ValueError(f"split-kv num_stages {self.num_stages}: 1 or more")
         if self.programs_per_sm < 1 or self.num_warps not in (1, 2, 4, 8, 16):
             raise ValueError(f"split-kv config {self}: programs_per_sm at least 1, num_warps a power of two to 16")
 
@@ -89,7 +102,8 @@ class Config:
         """As `parse` reads it."""
         return (f"block={self.block},programs_per_sm={self.programs_per_sm},dot={int(self.dot)},"
                 f"num_warps={self.num_warps},fused_combine={int(self.fused_combine)},"
-                f"combine_chunk={self.combine_chunk},prefetch={int(self.prefetch)}")
+                f"combine_chunk={self.combine_chunk},prefetch={int(self.prefetch)},q_with_keys={int(self.q_with_keys)},"
+                f"num_stages={self.num_stages}")
 
     @classmethod
     def parse(cls, text: str) -> "Config":
@@ -177,7 +191,7 @@ if triton is not None:
                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                  PRECISION: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False,
                  PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
-                 CHUNK: tl.constexpr = 8):
+                 CHUNK: tl.constexpr = 8, Q_WITH_KEYS: tl.constexpr = False):
         """The partials of split `program_id(1)` for the query heads of one row and kv head
         (`program_id(0)`); COMBINE: the last of that row and kv head's programs to finish (counted
         in Count[program_id(0)], which it sets back to 0 for the next launch) combines them into Out."""
@@ -200,13 +214,17 @@ if triton is not None:
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
         heads = kvh * GROUP + g  # the query heads reading this kv head (transformers' repeat_kv)
-        q = tl.load(Q + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+        q_at = Q + b * sq_b + heads[:, None] * sq_h + d[None, :]
+        if not Q_WITH_KEYS:
+            q = tl.load(q_at, mask=(g < GROUP)[:, None], other=0.0)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
         for lo in range(start, end, BLOCK):
             cols = lo + tl.arange(0, BLOCK)
             inside = cols < end
+            if Q_WITH_KEYS:  # (lo < end: not loop-invariant to the compiler, so the load stays in the loop)
+                q = tl.load(q_at, mask=(g < GROUP)[:, None] & (lo < end), other=0.0)
             k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + d[None, :], mask=inside[:, None],
                         other=0.0)
             if DOT:
@@ -318,6 +336,9 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     calls = [(_partial, (b * kvh, count), partial,
               {**pdl, **prefetch, **combining, "GROUP": group, "BLOCK": config.block, "DOT": dot,
                "COMBINE": counts is not None, "num_warps": config.num_warps,
+               # fp32 inputs (tests) keep 3 stages: at 2, ptxas spills 8 bytes in the two-kernel partial (sm_90)
+               "num_stages": 3 if q.dtype == torch.float32 else config.num_stages,
+               "Q_WITH_KEYS": config.q_with_keys,
                "BLOCK_G": max(MIN_GROUP_ROWS if dot else 1, triton.next_power_of_2(group)),
                # fp32 inputs: fp32 products, not TF32's (the matmul path's, unless TF32 is on)
                "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"})]

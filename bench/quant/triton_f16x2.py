@@ -24,8 +24,8 @@ rows of one word position and share x's values, loaded once for them): on an H10
 the faster at 7 of llava-1.5-7b's and vila1.5-3b's 8 weight shapes, by up to 1.3x, rows last at
 llava's gate/up projection, by 1.08x (lab/triton_tiles_h2.py gpu). One program per TN x 8 weight
 rows; with `split_k` also one per share of K, the shares added into an fp32 output by atomics.
-The layout, block sizes, warps, splits and K loop autotune per (N, K) on the first call (Triton's
-autotuner: host-synchronized, so never inside a CUDA graph capture; the kernel class asks to be
+The layout, block sizes, warps, splits and K loop are tuned per (N, K) on the first call (_tune:
+timed in CUDA graphs, host-synchronized, so never inside a capture; the kernel class asks to be
 called once before any capture, bench.quant.w4a16.f16x2). float16 activations, groups of 128 or
 more. Hand-written because no maintained library multiplies by this layout.
 
@@ -34,6 +34,8 @@ in fp32 Triton operations: the tests check the layout with it, and the PTX on a 
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -41,7 +43,6 @@ import triton.language as tl
 from bench import pdl as pdl_settings
 from bench.pdl import enabled as pdl_enabled, prefetch_l2
 from bench.quant.int4 import TINYGEMM_MID
-from bench.quant.w4a16.base import autotune_bench
 
 MID = tl.constexpr(TINYGEMM_MID)
 
@@ -238,15 +239,14 @@ def _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0,
 def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
                   SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False,
                   PREFETCH: tl.constexpr = 4, PRELOAD: tl.constexpr = False, KS: tl.constexpr = 1,
-                  XW: tl.constexpr = False, LOOPS: tl.constexpr = ""):
+                  XW: tl.constexpr = False):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). PDL: launched with programmatic dependent launch (bench.pdl):
     wait for the kernel before (asking L2 first for the first PREFETCH quarters of the program's
     weights, bench.pdl.PREFETCH), then let the next one start. PRELOAD: the first block of the
     program's weights and scales is loaded (into registers) before that wait (bench.pdl.PRELOAD).
-    KS, XW: the K loop (K_LOOPS). LOOPS (unused here): the K loops the autotuner chose among, which
-    key its choice."""
+    KS, XW: the K loop (K_LOOPS)."""
     BN: tl.constexpr = TN * 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -282,7 +282,7 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
         tl.atomic_add(y_ptr + n, y, mask=n_ok, sem="relaxed")
 
 
-# The K loops the autotuners try, each "KS" or "KSw": KS its stages, 1 (a step's loads issued at its
+# The K loops the tuning tries, each "KS" or "KSw": KS its stages, 1 (a step's loads issued at its
 # top and waited for at once; ptxas keeps them there: more loads issued ahead in registers are sunk
 # back to their use) or 2 to 4 (Triton's pipeliner copies the next KS - 1 steps' words, scales and x
 # into shared memory asynchronously, cp.async, while a step multiplies); `w`: x read by whole
@@ -336,21 +336,78 @@ def _configs(split: bool) -> list:
 LOOP_NAMES = tuple(dict.fromkeys(loop_name(c.kwargs) for c in _configs(split=False)))  # every K loop there is
 
 
-def _prune(configs, named_args, **kwargs):
-    """A share of K is at least one block of k-tiles; the K loops those the call names (LOOPS, as
-    f16x2_mm passes k_loops(): every loop _configs has, so never none)."""
-    k_tiles = named_args["K"] // 128
-    loops = kwargs["LOOPS"].split("+")
+def _prune(configs, k: int, loops: tuple[str, ...]):
+    """Those of `configs` with one of `loops` (as k_loops() gives them; never none: every loop
+    _configs has) whose share of K (`k` columns) is at least one block of k-tiles, or the one with
+    the fewest k-tiles a share."""
+    k_tiles = k // 128
     looped = [c for c in configs if loop_name(c.kwargs) in loops]
     kept = [c for c in looped if c.kwargs["SPLIT_K"] * c.kwargs["BKT"] <= max(k_tiles, 1)]
     return kept or [min(looped, key=lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BKT"])]
 
 
-_KEY = ["N", "K", "PDL", "PREFETCH", "PRELOAD", "LOOPS"]
-_tuned = triton.autotune(_configs(split=False), key=_KEY, do_bench=autotune_bench,
-                         prune_configs_by={"early_config_prune": _prune})(_f16x2_kernel)
-_tuned_split = triton.autotune(_configs(split=True), key=_KEY, reset_to_zero=["y_ptr"], do_bench=autotune_bench,
-                               prune_configs_by={"early_config_prune": _prune})(_f16x2_kernel)
+# The configuration each shape runs with, chosen by _tune on its first call and kept for the process:
+# tuning_key -> the launch configuration
+_TUNED: dict[tuple, dict] = {}
+TUNE_L2_MULTIPLE = 2  # the weight's copies a tuning's timed calls cycle through hold this many L2 caches
+
+
+def tuning_key(device: torch.device, n: int, k: int, group_size: int, split: bool, pdl: dict) -> tuple:
+    """What a tuning is kept under: the device, the shape, split K or not, the PDL launch settings
+    and the K loops (k_loops(): a change of K_LOOPS in a process tunes afresh)."""
+    return (device, n, k, group_size, split, pdl["PDL"], pdl["PREFETCH"], pdl["PRELOAD"], k_loops())
+
+
+def _launch(x32, packed, sz32, n: int, k: int, group_size: int, config: dict, pdl: dict,
+            emulate: bool = False) -> torch.Tensor:
+    """One launch with `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True), KS, XW, num_warps,
+    num_stages; PRELOAD) -> y [N] (fp32 under split K, which the kernel's atomics add into zeros)."""
+    config = {"ROWS_FIRST": True, **config}  # may name PRELOAD (tests: the interpreter runs no PDL)
+    launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3),
+              **{name: v for name, v in pdl.items() if name not in config}}
+    split = config["SPLIT_K"] > 1
+    y = torch.zeros(n, dtype=torch.float32, device=x32.device) if split else \
+        torch.empty(n, dtype=torch.float16, device=x32.device)
+    grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
+    _f16x2_kernel[grid](x32, packed, sz32, y, n, k, G=group_size, EMULATE=emulate, **config, **launch)
+    return y
+
+
+def _tune(x32, packed, sz32, n: int, k: int, group_size: int, split: bool, pdl: dict) -> dict:
+    """The fastest of the candidates _prune keeps for this shape and the K loops (split K or
+    not), each timed as a decode step runs it: calls captured back to back in a CUDA graph
+    (bench.measure.timing.call_us) with the launch's PDL settings, cycling through copies of the
+    weight that hold TUNE_L2_MULTIPLE times the L2 cache (fewer where memory runs short), so each
+    call reads its weight from memory as a step's layers do.
+
+    Not Triton's autotuner (which this kernel had before): its benchmark times each call alone
+    after a write that flushes L2, and on an H100 that ranked the candidates far from their times
+    in a graph (llava-1.5-7b's down projection: its choice 16.5 us, and 14.3 in another process,
+    where the graph's fastest took 12.2) and chose differently from one process to the next
+    (results/lab/h100/f16x2_tuning_spread_*.csv; the step with each choice: 2.34 and 2.38 ms)."""
+    from bench.measure.timing import call_us
+
+    if x32.device.type != "cuda":
+        raise ValueError("triton-f16x2 tunes on CUDA only: name a `config` elsewhere")
+    configs = _prune(_configs(split), k, k_loops())
+    l2 = torch.cuda.get_device_properties(x32.device).L2_cache_size
+    size = packed.numel() * packed.element_size() + sz32.numel() * sz32.element_size()
+    copies = [(packed, sz32)]
+    try:
+        while len(copies) * size < TUNE_L2_MULTIPLE * l2:
+            copies.append((packed.clone(), sz32.clone()))
+    except torch.cuda.OutOfMemoryError:  # the copies made so far: the timings read partly from L2
+        pass
+    calls = len(copies) * -(-32 // len(copies))  # a whole number of rounds over the copies, at least 32 calls
+    best = None
+    for candidate in configs:
+        config = {**candidate.kwargs, "num_warps": candidate.num_warps, "num_stages": candidate.num_stages}
+        turn = itertools.cycle(copies)
+        us = call_us(lambda: _launch(x32, *next(turn), n, k, group_size, dict(config), pdl), x32.device, calls=calls)
+        if best is None or us < best[0]:
+            best = (us, config)
+    del copies
+    return best[1]
 
 
 def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, out_features: int,
@@ -359,7 +416,7 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     (scale_and_zero [K / group_size, N, 2] float16, group_size a multiple of 128), a row at a time
     (a GEMV: `--int4-kernels measured` times it at one row only; a fixed `--int4-kernels` runs its
     calls of more rows row by row). `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True), KS
-    (default 1), XW (default False), num_warps, num_stages; PRELOAD) skips autotuning, `emulate`
+    (default 1), XW (default False), num_warps, num_stages; PRELOAD) skips the tuning, `emulate`
     runs the interpreter's stand-in for the PTX (tests). Under PDL the programs preload their
     first block of weights before the wait where bench.pdl.PRELOAD says so."""
     if x.dtype != torch.float16 or scale_and_zero.dtype != torch.float16 or group_size % 128:
@@ -373,33 +430,26 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     k, n = x.shape[1], out_features
     x32 = x.view(torch.int32)
     sz32 = scale_and_zero.view(torch.int32)
-    split = split_k if config is None else config["SPLIT_K"] > 1
-    y = torch.zeros(n, dtype=torch.float32, device=x.device) if split else \
-        torch.empty(n, dtype=torch.float16, device=x.device)
-    args = (x32, packed, sz32, y, n, k)
-    # a split output is zeroed by the kernel before (torch.zeros), which the programs' wait orders
-    # PDL always named: it keys the autotuners (a configuration tuned without PDL is not taken with it)
+    args = (x32, packed, sz32, n, k, group_size)
+    # PDL always named: it keys the tunings (a configuration tuned without PDL is not taken with it)
     on = not emulate and pdl_enabled(x.device)
     quarters = pdl_settings.PREFETCH
     if on and (isinstance(quarters, bool) or quarters not in range(5)):
         raise ValueError(f"bench.pdl.PREFETCH {quarters!r}: quarters of a program's weights, 0 to 4")
     pdl = {"PDL": on, "PREFETCH": quarters if on else 0, "PRELOAD": on and bool(pdl_settings.PRELOAD),
            **({"launch_pdl": True} if on else {})}
-    if config is not None:
-        config = {"ROWS_FIRST": True, **config}  # may name PRELOAD (tests: the interpreter runs no PDL)
-        launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3),
-                  **{k: v for k, v in pdl.items() if k not in config}}
-        grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
-        _f16x2_kernel[grid](*args, G=group_size, EMULATE=emulate, **config, **launch)
-    else:
-        def grid(meta):
-            return triton.cdiv(n, 8 * meta["TN"]), meta["SPLIT_K"]
-
-        (_tuned_split if split_k else _tuned)[grid](*args, G=group_size, EMULATE=False, LOOPS="+".join(k_loops()),
-                                                   **pdl)
-    return (y.half() if split else y).view(1, n)
+    if config is None:
+        key = tuning_key(x.device, n, k, group_size, split_k, pdl)
+        if key not in _TUNED:
+            if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("triton-f16x2 tunes on its first call at a shape, which a CUDA graph capture "
+                                   "must not contain: call it once before capturing")
+            _TUNED[key] = _tune(*args, split_k, pdl)
+        config = _TUNED[key]
+    y = _launch(*args, dict(config), pdl, emulate)
+    return (y.half() if y.dtype == torch.float32 else y).view(1, n)
 
 
 def tuning_count() -> int:
-    """Keys the autotuners have tuned so far (compile_events counts a tuning inside a measured run)."""
-    return len(_tuned.cache) + len(_tuned_split.cache)
+    """Shapes tuned so far (compile_events counts a tuning inside a measured run)."""
+    return len(_TUNED)

@@ -10,7 +10,7 @@ copy of them (state key "f16x2", [K / group, N, 2]: 1/16 of the int4 weight's by
 range; the dense path rounds the weights it makes to float16 too.
 
 A call is one registered op (vlm_bench::int4_f16x2_mm), which torch.compile keeps in its graph as
-one opaque call. Both autotune on the first call at each shape (host-synchronized), so a layer
+one opaque call. Both tune on the first call at each shape (host-synchronized), so a layer
 given one is called once when it is chosen (tunes_per_rows), before any capture; a tuning that
 still falls inside a measured run is counted as one-time work (compile_events).
 """
@@ -25,16 +25,18 @@ from bench.quant.w4a16.tiles import Tiles, tiles_op
 class F16x2(Tiles):
     max_rows = 1  # a GEMV of one row (more run row by row): measured at one row only
     family = "triton-f16x2"
-    module, counter = "triton_f16x2", "int4 f16x2 autotuning"
+    module, counter = "triton_f16x2", "int4 f16x2 tuning"
     op = tiles_op("int4_f16x2_mm", module, counter, "f16x2_mm")
     state_key = "f16x2"  # a float16 copy of the scales and zeros, where the layer's are not float16
     launches_pdl = True  # bench.quant.triton_f16x2 under bench.pdl
-    settings_before = {"k_loops": ["1"]}  # measured before its autotuner chose among K loops
+    settings_before = {"k_loops": ["1"]}  # measured before its tuning chose among K loops
 
     def timing_settings(self) -> dict | None:
-        """The K loops its autotuner chooses from (bench.quant.triton_f16x2.K_LOOPS, sorted)."""
+        """The K loops its tuning chooses from (bench.quant.triton_f16x2.K_LOOPS, sorted) and how
+        it tunes: "graph" (bench.quant.triton_f16x2._tune; a measurement without it was of the
+        configuration Triton's autotuner chose)."""
         module = triton_module(self.module, self.counter)[0]
-        return {"k_loops": list(module.k_loops())} if module is not None else None
+        return {"k_loops": list(module.k_loops()), "tuning": "graph"} if module is not None else None
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         why = super().unavailable(device, dtype)
