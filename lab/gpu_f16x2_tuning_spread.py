@@ -1,6 +1,6 @@
 """Does triton-f16x2's tuning choose the same configuration each time it tunes a shape, and what
 does another choice cost? Two tunings are compared: Triton's autotuner as the kernel had it up to
-9d5d362 (bench.quant.w4a16.base.autotune_bench: each candidate's calls timed one by one after a
+b0f85fb (bench.quant.w4a16.base.autotune_bench: each candidate's calls timed one by one after a
 write that flushes L2; `triton`) and the kernel's own since (bench.quant.triton_f16x2._tune: each
 candidate's calls captured back to back in a CUDA graph over copies of the weight that L2 cannot
 hold; `graph`).
@@ -53,7 +53,7 @@ def label(config) -> str:
 
 def triton_autotuner(rep_ms: float = 10.0):
     """Triton's autotuner over triton-f16x2's candidates without split, as the kernel had it up to
-    9d5d362 (pruned by the K loops of K_LOOPS), its benchmark `rep_ms` long."""
+    b0f85fb (pruned by the K loops of K_LOOPS), its benchmark `rep_ms` long."""
     import triton
     import triton.testing
 

@@ -4,7 +4,9 @@ processes decide nothing), for fp16 and int4 (rtn4) weights of one preset: each 
 graph engine per weights and value (compiled and captured afresh), runs one request and records
 its decode steps' median. Writes one CSV row per round, weights and value, with a digest of the
 request's greedy tokens (`tokens_sha`: the same digest for two values means the same answer; a
-setting that only changes how kernels are launched, as PDL and its prefetch do, must not change it).
+setting that only changes how kernels are launched, as PDL and its prefetch do, must not change it)
+and of the configurations triton-f16x2 was tuned to in the process so far (`f16x2_configs`; the
+f16x2-tuning setting tunes afresh each round, so there it is the round's own).
 
     python lab/gpu_step_ab.py --ab pdl --preset llava-1.5-7b --rounds 3 --out $OUT/pdl_ab_llava-1.5-7b.csv
     python lab/gpu_step_ab.py --ab fused-combine --preset llava-1.5-7b --out $OUT/fused_combine_ab_llava-1.5-7b.csv
@@ -20,10 +22,10 @@ triton-f16x2 asking L2 for the first 0 to 4 quarters of its weights before the w
 values with any quarters, since its own setting: split-kv's prefetch).
 pdl-preload: under PDL, triton-f16x2's programs load the first block of their weights before the
 wait (1, bench.pdl.PRELOAD) or not (0, the default). f16x2-stages: the K loops triton-f16x2's
-autotuner chooses from (bench.quant.triton_f16x2.K_LOOPS, joined by +: 1 not pipelined, 3 three
+tuning chooses from (bench.quant.triton_f16x2.K_LOOPS, joined by +: 1 not pipelined, 3 three
 stages, either with `w`, x read by whole k-tiles; 1+1w+3+3w the default), tuned afresh for each value.
 f16x2-tuning: triton-f16x2's configuration per shape chosen by Triton's autotuner (triton; as up to
-9d5d362, lab/gpu_f16x2_tuning_spread.py) or by the kernel's own tuning in CUDA graphs (graph, the
+b0f85fb, lab/gpu_f16x2_tuning_spread.py) or by the kernel's own tuning in CUDA graphs (graph, the
 default since), tuned afresh in every round.
 split-kv: the split-KV attention's launch configuration (bench.engines.split_kv_attention.Config,
 set on the module's DEFAULT), its fields joined by / (e.g. combine_chunk=8/prefetch=1; the
@@ -42,6 +44,7 @@ import dataclasses
 import gc
 import hashlib
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -75,6 +78,8 @@ def _f16x2_tuning(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
 
     if value not in ("graph", "triton"):
         raise SystemExit(f"--ab f16x2-tuning value {value!r}: graph or triton")
+    if not int4_kernels.startswith("triton-f16x2") or int4_kernels.endswith("splitk"):
+        raise SystemExit(f"--ab f16x2-tuning compares tunings of triton-f16x2 without split, not {int4_kernels}")
     graph_tune = _ORIGINAL.setdefault("f16x2 tune", triton_f16x2._tune)  # the module's own (swapped below)
     triton_f16x2._TUNED.clear()  # tuned afresh in each round, by the value's tuning
     if value == "triton":
@@ -137,7 +142,7 @@ def _f16x2_stages(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     from bench.quant import triton_f16x2
 
     loops = tuple(value.split("+"))
-    triton_f16x2.K_LOOPS = loops  # the autotuners' choice is keyed by them: tuned afresh for each value
+    triton_f16x2.K_LOOPS = loops  # they key its tuning (tuning_key): tuned afresh for each value
     try:
         triton_f16x2.k_loops()
     except ValueError as e:
@@ -152,9 +157,17 @@ def _f16x2_stages(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
 SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine),
             "deferred-residual": (("0", "1"), _deferred_residual),
             "pdl-prefetch": (("off", "0", "1", "4"), _pdl_prefetch), "pdl-preload": (("0", "1"), _pdl_preload),
-            "f16x2-stages": (("1", "1+3"), _f16x2_stages),
+            "f16x2-stages": (("1+3", "1+1w+3+3w"), _f16x2_stages),
             "split-kv": (("combine_chunk=8", "combine_chunk=16"), _split_kv),
             "f16x2-tuning": (("triton", "graph"), _f16x2_tuning)}
+
+
+def _f16x2_configs() -> str:
+    """A digest of the configurations triton-f16x2 was tuned to in this process so far (sorted; ""
+    where it has not run): the same digest, the same kernels."""
+    module = sys.modules.get("bench.quant.triton_f16x2")
+    tuned = sorted(map(str, getattr(module, "_TUNED", {}).values()))
+    return hashlib.sha1(str(tuned).encode()).hexdigest()[:12] if tuned else ""
 
 
 def main() -> None:
@@ -174,7 +187,7 @@ def main() -> None:
     image = demo_image()
     adapters = {weights: preset_adapter(args.preset, weights) for weights in args.weights.split(",")}
     w = CsvWriter(Path(args.out), ["model", "weights", "int4_kernels", "round", "setting", "value", "on", "step_ms",
-                                   "step_ms_p10", "step_ms_p90", "steps", "tokens_sha"])
+                                   "step_ms_p10", "step_ms_p90", "steps", "tokens_sha", "f16x2_configs"])
     start = time.monotonic()
     for rnd in range(args.rounds):
         if time.monotonic() - start > args.seconds:
@@ -195,7 +208,8 @@ def main() -> None:
                        "setting": args.ab, "value": value, "on": on,
                        "step_ms": statistics.median(steps), "step_ms_p10": q[0], "step_ms_p90": q[-1],
                        "steps": len(steps),
-                       "tokens_sha": hashlib.sha1(str(result.tokens).encode()).hexdigest()[:12]}
+                       "tokens_sha": hashlib.sha1(str(result.tokens).encode()).hexdigest()[:12],
+                       "f16x2_configs": _f16x2_configs()}
                 w.write(row)
                 print(f"round {rnd} {weights} {args.ab}={value}: {row['step_ms']:.3f} ms "
                       f"(p10 {q[0]:.3f}, p90 {q[-1]:.3f}, {len(steps)} steps, tokens {row['tokens_sha']})", flush=True)

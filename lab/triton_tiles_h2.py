@@ -14,7 +14,7 @@ earlier dequantization, 23 instructions per 8 weights).
 Two ways of laying out a program's words are compared: `h2` (rows first: a thread loads four
 consecutive words of a row at once) and `h2-rows-last` (rows last: a thread's elements are rows of
 one word position, sharing x's loads), both the benchmark's `triton-f16x2` kernel
-(bench.quant.triton_f16x2, its ROWS_FIRST), over many more configurations than its autotuner
+(bench.quant.triton_f16x2, its ROWS_FIRST), over many more configurations than its tuning
 keeps. Results on an H100: results/lab/h100/triton_tiles_h2_*.csv.
 
     python lab/triton_tiles_h2.py aot                 # no GPU: registers and SASS per weight per config
@@ -160,7 +160,7 @@ def interpret(args) -> int:
 
 def candidates(args) -> list[tuple[str, dict]]:
     """(way, configuration) to time: the grid CONFIGS in both ways, or (--product-configs) the
-    autotuner's own candidates of bench.quant.triton_f16x2 without split, with every K loop it has
+    tuning's own candidates of bench.quant.triton_f16x2 without split, with every K loop it has
     (KS and XW), whatever its K_LOOPS keeps."""
     if not args.product_configs:
         return list(itertools.product(WAYS, CONFIGS))
@@ -244,14 +244,14 @@ def main() -> int:
     sub = ap.add_subparsers(dest="mode", required=True)
     a = sub.add_parser("aot")
     a.add_argument("--product-configs", action="store_true",
-                   help="compile triton-f16x2's own autotuner candidates with each K loop instead of the grid")
+                   help="compile triton-f16x2's own tuning candidates with each K loop instead of the grid")
     sub.add_parser("interpret")
     g = sub.add_parser("gpu")
     g.add_argument("--out", required=True)
     g.add_argument("--presets", nargs="+", default=["llava-1.5-7b", "vila1.5-3b"])
     g.add_argument("--group-size", type=int, default=128)
     g.add_argument("--product-configs", action="store_true",
-                   help="time triton-f16x2's own autotuner candidates with each K loop instead of the grid")
+                   help="time triton-f16x2's own tuning candidates with each K loop instead of the grid")
     args = ap.parse_args()
     return {"aot": aot, "interpret": interpret, "gpu": gpu}[args.mode](args)
 

@@ -80,6 +80,8 @@ mask[:, 901:] = float("-inf")
 check(q, k[:, :, :1000], v[:, :, :1000], mask, (64, 16))
 check(q, k[:, :, :1000], v[:, :, :1000], mask, (64, 16), Config(combine_chunk=4))
 check(q, k[:, :, :1000], v[:, :, :1000], mask, (32, 32))
+check(q, k[:, :, :1000], v[:, :, :1000], mask, (96, 11), Config(combine_chunk=4))  # a partial last chunk
+check(q, k[:, :, :900], v[:, :, :900], mask[:, :900], (53, 17))  # 17 splits: 16, then 1 of a masked chunk
 check(q.float(), k[:, :, :300].float(), v[:, :, :300].float(), None)  # fp32: IEEE products
 print(worst)
 """

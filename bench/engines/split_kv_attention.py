@@ -70,6 +70,8 @@ class Config:
     (copied asynchronously with them) instead of before the loop (whose copy into shared memory
     must arrive before the keys are asked for); `num_stages`: the keys loop's pipeline stages
     (Triton's; 2 holds half the shared memory of 3, so more programs fit on an SM; fp32 inputs 3).
+    A label without some fields (one written before they were fields) parses to today's defaults
+    for them, not to what was launched then (fused_combine=1 meant 8 splits at a time, 3 stages).
 
     Measured on an H100 (results/lab/h100/decode_attention_stages_llava-1.5-7b.csv; the step:
     split-kv_ab_stages_llava-1.5-7b.csv): 2 stages shortened llava-1.5-7b's attention at 16 rows
@@ -155,7 +157,8 @@ if triton is not None:
     @triton.jit(noinline=True)
     def _combine_row(Acc, Mx, Sum, Out, pid, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr,
                      CHUNK: tl.constexpr):
-        """Out[pid] from the partials of query row `pid` (row * heads + head), in split order.
+        """Out[pid] from the partials of query row `pid` (row * heads + head), in a fixed order
+        (all at once where BLOCK_S <= CHUNK, else CHUNK splits at a time in split order).
         The loads go to L2 (.cg): under fused_combine other programs wrote them just before. Not
         inlined: inlined after the keys loop of fp32 inputs, it took all 255 registers and spilled (sm_90)."""
         s = tl.arange(0, BLOCK_S)
@@ -191,7 +194,7 @@ if triton is not None:
                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                  PRECISION: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False,
                  PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
-                 CHUNK: tl.constexpr = 8, Q_WITH_KEYS: tl.constexpr = False):
+                 CHUNK: tl.constexpr = 16, Q_WITH_KEYS: tl.constexpr = False):
         """The partials of split `program_id(1)` for the query heads of one row and kv head
         (`program_id(0)`); COMBINE: the last of that row and kv head's programs to finish (counted
         in Count[program_id(0)], which it sets back to 0 for the next launch) combines them into Out."""

@@ -58,9 +58,10 @@ class W4A16Kernel:
 
 
 def autotune_bench(fn, quantiles):
-    """The benchmark Triton's autotuners run for each candidate configuration of our kernels and
-    gemlite's: Triton's own (L2 flushed between calls) over 5 ms of warm-up and 10 ms of calls, not
-    its default 25 and 100; a kernel of a few to tens of microseconds still gets hundreds of calls,
+    """The benchmark Triton's autotuners run for each candidate configuration of triton-tiles and
+    gemlite's kernels (triton-f16x2 tunes in CUDA graphs instead: bench.quant.triton_f16x2._tune):
+    Triton's own (L2 flushed between calls) over 5 ms of warm-up and 10 ms of calls, not its
+    default 25 and 100; a kernel of a few to tens of microseconds still gets hundreds of calls,
     and a 7B's weight shapes tune in seconds, not minutes."""
     import triton.testing
 
@@ -78,7 +79,7 @@ def cuda_half_unavailable(name: str, device: torch.device, dtype: torch.dtype) -
 
 @lru_cache(maxsize=None)
 def triton_module(name: str, counter: str):
-    """(bench.quant.`name`, None) for one of our Triton kernel modules, its autotuners' tunings
+    """(bench.quant.`name`, None) for one of our Triton kernel modules, its tunings
     counted by compile_events as `counter` (its tuning_count()); (None, why Triton cannot run it)."""
     from bench.measure import compile_events
 

@@ -19,7 +19,7 @@ from bench.quant.w4a16.base import W4A16Kernel, cuda_half_unavailable, triton_mo
 def tiles_op(name: str, module: str, counter: str, function: str):
     """Register vlm_bench::`name`, a call of bench.quant.`module`.`function` (x, packed,
     scale_and_zero, out_features, group_size, split_k) -> [rows, out_features], its module loaded
-    on first use with its autotuning counted as `counter`; torch.ops.vlm_bench.`name`, what the
+    on first use with its tuning counted as `counter`; torch.ops.vlm_bench.`name`, what the
     layers call (and torch.compile keeps whole)."""
     @torch.library.custom_op(f"vlm_bench::{name}", mutates_args=())
     def op(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, out_features: int,
