@@ -83,6 +83,27 @@ check(q, k[:, :, :1000], v[:, :, :1000], mask, (32, 32))
 check(q, k[:, :, :1000], v[:, :, :1000], mask, (96, 11), Config(combine_chunk=4))  # a partial last chunk
 check(q, k[:, :, :900], v[:, :, :900], mask[:, :900], (53, 17))  # 17 splits: 16, then 1 of a masked chunk
 check(q.float(), k[:, :, :300].float(), v[:, :, :300].float(), None)  # fp32: IEEE products
+# the query handed over unrotated with its position's cos and sin (Config.rotary): the same bits
+# as attending to the query the decoder rotates (bench.engines.decoder._rotate, eager fp16), for
+# a projection's view of q (heads strided), per-row and broadcast cos/sin, q before and with the keys
+from bench.engines.decoder import _rotate
+k, v = buffers(2, 2, 256, 32)
+proj = torch.randn(2, 1, 8 * 32).half() * 3
+q = proj.view(2, 1, 8, 32).transpose(1, 2)
+mask = torch.zeros(2, 1, 1, 200).half()
+mask[1, ..., 150:] = float("-inf")
+for cos, sin in ((torch.randn(2, 1, 32).half(), torch.randn(2, 1, 32).half()),
+                 (torch.rand(1, 1, 32).half(), -torch.rand(1, 1, 32).half())):
+    for config in (DEFAULT, Config(q_with_keys=True), Config(dot=False, fused_combine=False)):
+        want = attend(_rotate(q, cos, sin), k[:, :, :200], v[:, :, :200], mask, 32 ** -0.5, (64, 4), config)
+        got = attend(q, k[:, :, :200], v[:, :, :200], mask, 32 ** -0.5, (64, 4), config, cos, sin)
+        assert torch.equal(got, want), (got - want).abs().max()
+    # rounded once (the "fused" numerics): q cos + rotate_half(q) sin in fp32
+    once = ((q.float() * cos.unsqueeze(1).float() + _rotate(q.float(), torch.zeros_like(cos).float(),
+                                                             sin.float()))).half()
+    want = attend(once, k[:, :, :200], v[:, :, :200], mask, 32 ** -0.5, (64, 4))
+    got = attend(q, k[:, :, :200], v[:, :, :200], mask, 32 ** -0.5, (64, 4), None, cos, sin, eager_rounding=False)
+    assert torch.equal(got, want), (got - want).abs().max()
 print(worst)
 """
 
@@ -96,7 +117,7 @@ import bench.engines.split_kv_attention as sk  # registers the op
 
 calls = []
 _attend = sk.attend
-sk.attend = lambda *a, **k: calls.append(a[0].shape[0]) or _attend(*a, **k)  # what the op runs
+sk.attend = lambda *a, **k: calls.append(a[0].shape[0] * (-1 if k.get("cos") is not None else 1)) or _attend(*a, **k)
 
 adapter = load_checkpoint(Path(sys.argv[1]), None, torch.device("cpu"), torch.float16)
 torch.set_grad_enabled(False)
@@ -119,6 +140,24 @@ for batch in (1, 2):
     worst = max(worst, ((out[True] - out[False]).abs().max() / out[False].abs().max()).item())
 print(len(dec.layers), calls.count(1), calls.count(2))
 print(worst)
+# the query handed to the op unrotated (Config.rotary): under eager numerics the same logits, bit
+# for bit; under "fused" (rounded once, as inductor may round otherwise) within fp16 rounding
+import dataclasses
+from bench.engines.decoder import inductor_options
+dec.split_kv = True
+differ = []
+for numerics in ("eager-casts", "fused"):
+    dec.numerics = numerics
+    out = {}
+    for rotary in (False, True):
+        torch._dynamo.reset()
+        sk.DEFAULT = dataclasses.replace(sk.DEFAULT, rotary=rotary)
+        layer = torch.compile(dec.layer_at, dynamic=False, options=inductor_options(numerics))
+        kv.set_positions(saved)
+        out[rotary] = torch.stack([dec.step(token, torch.tensor(1), kv, layer, key_len=128)[:, -1].float()
+                                   for _ in range(3)])
+    differ.append(((out[True] - out[False]).abs().max() / out[False].abs().max()).item())
+print(calls.count(-2), *differ)
 """
 
 
@@ -126,16 +165,21 @@ def test_a_compiled_decode_step_attends_by_the_split_kv_op(tiny_llava_dir):
     """The decoder's step layer compiled by torch.compile (inductor on the CPU) with `split_kv`
     on calls the op from its graph (run in Triton's interpreter) at every layer of every step,
     and gives the logits of the eager step attending by SDPA within fp16 rounding, for one row
-    and for a batch (its additive mask per row), three steps each."""
+    and for a batch (its additive mask per row), three steps each; with the query handed over
+    unrotated and rotated by the kernel (Config.rotary) the same logits bit for bit under eager
+    numerics, within fp16 rounding under "fused"."""
     pytest.importorskip("triton")
     from tests.conftest import ROOT
 
     done = subprocess.run([sys.executable, "-c", _STEP, str(tiny_llava_dir)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    layers, one_row, two_rows = map(int, done.stdout.split()[-4:-1])
+    layers, one_row, two_rows = map(int, done.stdout.split()[-7:-4])
     assert one_row == two_rows == 3 * layers > 0  # every layer of every split-kv step, and only those
-    assert float(done.stdout.split()[-1]) < 1e-2
+    assert float(done.stdout.split()[-4]) < 1e-2
+    rotated, eager, fused = done.stdout.split()[-3:]
+    # the query rotated in the kernel: the same bits under eager numerics, within rounding under fused
+    assert int(rotated) == 2 * 3 * layers and float(eager) == 0.0 and float(fused) < 1e-2
 
 
 def test_split_kv_attention_equals_softmax_attention_in_tritons_interpreter():
@@ -167,10 +211,10 @@ def test_splits_cover_the_keys_and_fill_the_gpu():
 def test_a_launch_configuration_is_checked_when_made():
     from bench.engines.split_kv_attention import DEFAULT, Config
 
-    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False, False, 2)
+    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False, False, 2, False)
     assert DEFAULT.label() == ("block=64,programs_per_sm=2,dot=1,num_warps=4,fused_combine=1,combine_chunk=16,"
-                               "prefetch=0,q_with_keys=0,num_stages=2")
-    other = Config(32, 4, False, 8, True, 4, True, True, 3)
+                               "prefetch=0,q_with_keys=0,num_stages=2,rotary=0")
+    other = Config(32, 4, False, 8, True, 4, True, True, 3, True)
     assert Config.parse(other.label()) == other and Config.parse("dot=0") == Config(dot=False)
     assert Config.parse("fused_combine=0") == Config(fused_combine=False) != DEFAULT
     # a label written before the combine's chunk and the prefetch were fields: theirs are the defaults
@@ -224,6 +268,12 @@ def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, bat
     assert len(calls) == 1
     fused = triton_aot.compile_call(*(calls[0][i] for i in (0, 2, 3)))
     assert fused.spill_bytes == 0 and fused.registers <= 255, (fused.registers, fused.spill_bytes)
+    # the query rotated in the kernel (Config.rotary): its cos and sin read, nothing spills
+    rope = torch.empty(batch, 1, 128, dtype=dt, device=meta)
+    calls, _ = sk.launches(q, buf[:, :, :keys], buf[:, :, :keys], mask, 128 ** -0.5, splits, sk.Config(), rope, rope)
+    rotated = triton_aot.compile_call(*(calls[0][i] for i in (0, 2, 3)))
+    assert rotated.spill_bytes == 0 and rotated.registers <= 255, (rotated.registers, rotated.spill_bytes)
+    assert rotated.ptx.count("ld.global") > fused.ptx.count("ld.global")
     if dt != torch.float32:  # two pipeline stages (Config.num_stages): four programs fit an SM's 228 KB
         assert fused.shared_bytes <= 228 * 1024 // 4 - 1024, fused.shared_bytes
     assert "atom.global.gpu.acq_rel.add" in fused.ptx and "bar.sync" in fused.ptx

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.errors import VariantUnsupported
+from bench.engines import split_kv_attention
 from bench.engines.fused_linear import FusedProjections
 from bench.engines.kv_buffers import KVBuffers
 from bench.engines.row_mean import ordered_row_mean
@@ -163,16 +164,16 @@ class FastDecoder(nn.Module):
         g = gate.to(torch.float32)
         return (g / (1 + torch.exp(-g))).to(gate.dtype) * up
 
-    def _qkv(self, block, h, cos, sin):
-        return self._heads_rotated(*block.qkv(self._norm(block.ln1, h)), cos, sin)
+    def _qkv(self, block, h, cos, sin, rotate_q: bool = True):
+        return self._heads_rotated(*block.qkv(self._norm(block.ln1, h)), cos, sin, rotate_q)
 
-    def _heads_rotated(self, q, k, v, cos, sin):
-        """Projection outputs [b, t, n*d] as [b, n, t, d] heads, q and k rotated."""
+    def _heads_rotated(self, q, k, v, cos, sin, rotate_q: bool = True):
+        """Projection outputs [b, t, n*d] as [b, n, t, d] heads, k rotated and (rotate_q) q."""
         b, t, _ = q.shape
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        return _rotate(q, cos, sin) if rotate_q else q, _rotate(k, cos, sin), v
 
     def _attn_out(self, block, h, o):
         """The residual stream after attention: h + o_proj(o), o [b, heads, t, d]."""
@@ -252,7 +253,11 @@ class FastDecoder(nn.Module):
     def _attend_at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None, pair=None):
         """`layer_at`'s attention output [b, heads, t, d] (its new keys and values written; by one
         write into `pair` where given, whose [0] and [1] are keys and values)."""
-        q, k, v = self._qkv(block, h, cos, sin)
+        split_kv = h.shape[1] == 1 and self.split_kv and torch.compiler.is_compiling()
+        # the query handed over unrotated, with cos and sin, and rotated by the attention kernel
+        # (split_kv_attention.Config.rotary), rounding as the numerics do
+        rotary = split_kv and split_kv_attention.DEFAULT.rotary
+        q, k, v = self._qkv(block, h, cos, sin, rotate_q=not rotary)
         if pair is not None:
             pair.index_copy_(3, pos, torch.stack((k, v)))
         else:
@@ -261,8 +266,9 @@ class FastDecoder(nn.Module):
         if keys_end is not None and keys_end != keys.shape[2]:
             keys, values = keys[:, :, :keys_end], values[:, :, :keys_end]
         t = q.shape[2]
-        if t == 1 and self.split_kv and torch.compiler.is_compiling():
-            o = torch.ops.vlmbench.split_kv_attention(q, keys, values, mask, self.scaling)
+        if split_kv:
+            o = torch.ops.vlmbench.split_kv_attention(q, keys, values, mask, self.scaling,
+                                                      *((cos, sin, self.numerics != "fused") if rotary else ()))
         elif (1 < t or self.one_query_matmul) and t <= MATMUL_ATTENTION_MAX_T and torch.compiler.is_compiling():
             o = self._matmul_attention(q, keys, values, mask)
         else:

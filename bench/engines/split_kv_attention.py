@@ -69,7 +69,12 @@ class Config:
     split's keys and values before its wait; `q_with_keys`: the query read with each block's keys
     (copied asynchronously with them) instead of before the loop (whose copy into shared memory
     must arrive before the keys are asked for); `num_stages`: the keys loop's pipeline stages
-    (Triton's; 2 holds half the shared memory of 3, so more programs fit on an SM; fp32 inputs 3).
+    (Triton's; 2 holds half the shared memory of 3, so more programs fit on an SM; fp32 inputs 3);
+    `rotary`: the engines' compiled one-query steps hand the query over unrotated, with its
+    position's cos and sin, and the partial kernel rotates it (one kernel a layer fewer: the
+    query's rotation no longer a kernel of its own), rounding as their numerics do: op by op as
+    eager does under the eager numerics (the same bits), once under "fused"
+    (bench.engines.decoder.FastDecoder._attend_at).
     A label without some fields (one written before they were fields) parses to today's defaults
     for them, not to what was launched then (fused_combine=1 meant 8 splits at a time, 3 stages).
 
@@ -89,6 +94,7 @@ class Config:
     prefetch: bool = False
     q_with_keys: bool = False
     num_stages: int = 2
+    rotary: bool = False
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
@@ -105,7 +111,7 @@ class Config:
         return (f"block={self.block},programs_per_sm={self.programs_per_sm},dot={int(self.dot)},"
                 f"num_warps={self.num_warps},fused_combine={int(self.fused_combine)},"
                 f"combine_chunk={self.combine_chunk},prefetch={int(self.prefetch)},q_with_keys={int(self.q_with_keys)},"
-                f"num_stages={self.num_stages}")
+                f"num_stages={self.num_stages},rotary={int(self.rotary)}")
 
     @classmethod
     def parse(cls, text: str) -> "Config":
@@ -188,13 +194,38 @@ if triton is not None:
         tl.store(Out + pid * D + d, (acc / total).to(Out.dtype.element_ty))
 
     @triton.jit
+    def _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, ok, GROUP: tl.constexpr, D: tl.constexpr,
+               ROTARY: tl.constexpr, EAGER: tl.constexpr):
+        """The query heads `heads` of row `b` [BLOCK_G, D] (rows past GROUP, or where `ok` is
+        false, zero); ROTARY: the query as given, rotated here by cos C and sin S (row b's, [D]) as
+        transformers' apply_rotary_pos_emb does, q cos + rotate_half(q) sin, in fp32 and rounded
+        to the query's dtype at the end, or (EAGER) after each multiplication and after the sum,
+        as eager rounds them."""
+        at = Q + b * sq_b + heads[:, None] * sq_h
+        keep = (g < GROUP)[:, None] & ok
+        q = tl.load(at + d[None, :], mask=keep, other=0.0)
+        if ROTARY:
+            other = tl.load(at + ((d + D // 2) % D)[None, :], mask=keep, other=0.0).to(tl.float32)
+            half = tl.where((d < D // 2)[None, :], -other, other)  # rotate_half(q): (-q[D/2:], q[:D/2])
+            c = tl.load(C + b * sc_b + d).to(tl.float32)
+            s = tl.load(S + b * ss_b + d).to(tl.float32)
+            a = q.to(tl.float32) * c[None, :]
+            r = half * s[None, :]
+            if EAGER:
+                a = a.to(q.dtype).to(tl.float32)
+                r = r.to(q.dtype).to(tl.float32)
+            q = (a + r).to(q.dtype)
+        return q
+
+    @triton.jit
     def _partial(Q, K, V, M, Acc, Mx, Sum,
                  sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
-                 kv_heads, keys, per_split, n_splits, scale, Out, Count,
+                 kv_heads, keys, per_split, n_splits, scale, Out, Count, C, S, sc_b, ss_b,
                  GROUP: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                  PRECISION: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False,
                  PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
-                 CHUNK: tl.constexpr = 16, Q_WITH_KEYS: tl.constexpr = False):
+                 CHUNK: tl.constexpr = 16, Q_WITH_KEYS: tl.constexpr = False, ROTARY: tl.constexpr = False,
+                 EAGER: tl.constexpr = True):
         """The partials of split `program_id(1)` for the query heads of one row and kv head
         (`program_id(0)`); COMBINE: the last of that row and kv head's programs to finish (counted
         in Count[program_id(0)], which it sets back to 0 for the next launch) combines them into Out."""
@@ -217,9 +248,8 @@ if triton is not None:
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
         heads = kvh * GROUP + g  # the query heads reading this kv head (transformers' repeat_kv)
-        q_at = Q + b * sq_b + heads[:, None] * sq_h + d[None, :]
         if not Q_WITH_KEYS:
-            q = tl.load(q_at, mask=(g < GROUP)[:, None], other=0.0)
+            q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, True, GROUP, D, ROTARY, EAGER)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
@@ -227,7 +257,7 @@ if triton is not None:
             cols = lo + tl.arange(0, BLOCK)
             inside = cols < end
             if Q_WITH_KEYS:  # (lo < end: not loop-invariant to the compiler, so the load stays in the loop)
-                q = tl.load(q_at, mask=(g < GROUP)[:, None] & (lo < end), other=0.0)
+                q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, lo < end, GROUP, D, ROTARY, EAGER)
             k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + d[None, :], mask=inside[:, None],
                         other=0.0)
             if DOT:
@@ -299,8 +329,9 @@ def _counts(device: torch.device, n: int) -> torch.Tensor | None:
 
 
 def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-             scale: float, splits: tuple[int, int] | None = None,
-             config: Config | None = None) -> tuple[list, torch.Tensor]:
+             scale: float, splits: tuple[int, int] | None = None, config: Config | None = None,
+             cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+             eager_rounding: bool = True) -> tuple[list, torch.Tensor]:
     """([(kernel, grid, args, kwargs) of the launches: partial and combine, or the partial alone
     under fused_combine], output) for `attend`'s arguments (`config` default: the module's DEFAULT
     as it is at the call), its buffers allocated on q's device (the meta device gives what lab and
@@ -315,6 +346,12 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
         raise ValueError("split-kv attention needs keys and values contiguous in their last dimension")
     if q.stride(-1) != 1:  # (compiled code may hand over another layout; one query is a few KB)
         q = q.contiguous()
+    if (cos is None) != (sin is None):
+        raise ValueError("split-kv attention rotates the query by cos and sin: both or neither")
+    rope = [t.reshape(-1, t.shape[-1]) for t in (cos, sin)] if cos is not None else [q, q]  # [1 or b, d]
+    if cos is not None and any(t.shape[0] not in (1, b) or t.shape[1] != d or t.stride(-1) != 1 for t in rope):
+        raise ValueError(f"split-kv attention: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} are not one "
+                         f"position's [1 or {b}, 1, {d}], contiguous in the last dimension")
     group = h // kvh
     dot = config.dot or triton.next_power_of_2(group) * config.block * d > BROADCAST_REGISTERS * 32 * config.num_warps
     if mask is None:
@@ -331,7 +368,8 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     partial = (q, keys, values, m, acc, mx, total,
                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
                values.stride(0), values.stride(1), values.stride(2), 0 if m.shape[0] == 1 else m.stride(0),
-               m.stride(1), kvh, n, per, count, scale, out, acc if counts is None else counts)
+               m.stride(1), kvh, n, per, count, scale, out, acc if counts is None else counts,
+               *rope, *(0 if t.shape[0] == 1 else t.stride(0) for t in rope))
     pdl = {"PDL": True, "launch_pdl": True} if pdl_enabled(q.device) else {}
     prefetch = {"PREFETCH": config.prefetch and keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0
                 } if pdl else {}
@@ -341,7 +379,7 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                "COMBINE": counts is not None, "num_warps": config.num_warps,
                # fp32 inputs (tests) keep 3 stages: at 2, ptxas spills 8 bytes in the two-kernel partial (sm_90)
                "num_stages": 3 if q.dtype == torch.float32 else config.num_stages,
-               "Q_WITH_KEYS": config.q_with_keys,
+               "Q_WITH_KEYS": config.q_with_keys, "ROTARY": cos is not None, "EAGER": eager_rounding,
                "BLOCK_G": max(MIN_GROUP_ROWS if dot else 1, triton.next_power_of_2(group)),
                # fp32 inputs: fp32 products, not TF32's (the matmul path's, unless TF32 is on)
                "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"})]
@@ -351,13 +389,17 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-           scale: float, splits: tuple[int, int] | None = None, config: Config | None = None) -> torch.Tensor:
+           scale: float, splits: tuple[int, int] | None = None, config: Config | None = None,
+           cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+           eager_rounding: bool = True) -> torch.Tensor:
     """Attention of one query per row: q [b, h, 1, d], keys/values [b, kv_heads, L, d] (views of
     the buffers: any strides with the last dimension contiguous), `mask` additive, broadcastable
     to [b, 1, 1, L] (None: every key); -> [b, h, 1, d] in q's dtype. `splits` (keys per split,
     number of splits) overrides splits_for (tests); `config`: how the kernels are launched
-    (`launches`' default)."""
-    calls, out = launches(q, keys, values, mask, scale, splits, config)
+    (`launches`' default). `cos`, `sin` (the query's position's, [1 or b, 1, d]): q is not rotated
+    yet; the kernel rotates it as transformers' apply_rotary_pos_emb does, rounding as eager does
+    (`eager_rounding`) or once."""
+    calls, out = launches(q, keys, values, mask, scale, splits, config, cos, sin, eager_rounding)
     for kernel, grid, args, kwargs in calls:
         kernel[grid](*args, **kwargs)
     return out
@@ -365,14 +407,15 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
 
 @torch.library.custom_op("vlmbench::split_kv_attention", mutates_args=())
 def split_kv_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float) -> torch.Tensor:
+                       scale: float, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                       eager_rounding: bool = True) -> torch.Tensor:
     """`attend` as one op compiled code calls as it is (CUDA-graph capturable: no host sync, its
     buffers from the caching allocator)."""
-    return attend(q, keys, values, mask, scale)
+    return attend(q, keys, values, mask, scale, cos=cos, sin=sin, eager_rounding=eager_rounding)
 
 
 @split_kv_attention.register_fake
-def _(q, keys, values, mask, scale):
+def _(q, keys, values, mask, scale, cos=None, sin=None, eager_rounding=True):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
