@@ -196,6 +196,30 @@ def test_split_kv_attention_equals_softmax_attention_in_tritons_interpreter():
     assert float(done.stdout.split()[-1]) < 2e-3
 
 
+def test_split_kv_attention_refuses_a_cos_and_sin_it_cannot_rotate_by():
+    """cos and sin are one position's per row ([1 or b, 1, d] or [1 or b, d]), both or neither, in
+    q's dtype and on its device: anything else is a one-line ValueError, not a wrong rotation."""
+    pytest.importorskip("triton")
+    import torch
+
+    from bench.engines import split_kv_attention as sk
+
+    meta = torch.device("meta")
+    buf = torch.empty(2, 4, 256, 64, dtype=torch.float16, device=meta)
+    q = torch.empty(2, 8, 1, 64, dtype=torch.float16, device=meta)
+    good = torch.empty(2, 1, 64, dtype=torch.float16, device=meta)
+    assert sk.launches(q, buf, buf, None, 0.125, None, None, good, good)[0][0][3]["ROTARY"]
+    assert sk.launches(q, buf, buf, None, 0.125, None, None, good[:1, 0], good[:1, 0])[0][0][3]["ROTARY"]
+    for cos, sin in ((good, None), (torch.empty(1, 2, 64, dtype=torch.float16, device=meta), good),
+                     (torch.empty(2, 1, 32, dtype=torch.float16, device=meta), good),
+                     (torch.empty(3, 1, 64, dtype=torch.float16, device=meta), good),
+                     (torch.empty(2, 8, 1, 64, dtype=torch.float16, device=meta), good),
+                     (good.float(), good), (torch.empty((), dtype=torch.float16, device=meta), good),
+                     (torch.empty(2, 1, 64, dtype=torch.float16), good)):
+        with pytest.raises(ValueError, match="split-kv attention"):
+            sk.launches(q, buf, buf, None, 0.125, None, None, cos, sin)
+
+
 def test_splits_cover_the_keys_and_fill_the_gpu():
     """Splits are whole blocks, cover every key exactly once, and number enough for
     batch x kv heads x splits programs to reach the target where the keys allow."""
@@ -269,12 +293,18 @@ def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, bat
     assert len(calls) == 1
     fused = triton_aot.compile_call(*(calls[0][i] for i in (0, 2, 3)))
     assert fused.spill_bytes == 0 and fused.registers <= 255, (fused.registers, fused.spill_bytes)
-    # the query rotated in the kernel (Config.rotary): its cos and sin read, nothing spills
+    # the query rotated in the kernel (Config.rotary): its cos and sin read, nothing spills; rounded
+    # as eager does, its products and sum in PTX with explicit rounding, none contracted into an FMA
+    # (Triton's own `*` then `+` became fma.rn.f16 on sm_90: the product never rounded alone)
+    import re
+
     rope = torch.empty(batch, 1, 128, dtype=dt, device=meta)
     calls, _ = sk.launches(q, buf[:, :, :keys], buf[:, :, :keys], mask, 128 ** -0.5, splits, sk.Config(), rope, rope)
     rotated = triton_aot.compile_call(*(calls[0][i] for i in (0, 2, 3)))
     assert rotated.spill_bytes == 0 and rotated.registers <= 255, (rotated.registers, rotated.spill_bytes)
     assert rotated.ptx.count("ld.global") > fused.ptx.count("ld.global")
+    assert "mul.rn.f32" in rotated.ptx and "add.rn.f32" in rotated.ptx
+    assert not re.search(r"fma\.rn\.b?f16", rotated.ptx)
     if dt != torch.float32:  # two pipeline stages (Config.num_stages): four programs fit an SM's 228 KB
         assert fused.shared_bytes <= 228 * 1024 // 4 - 1024, fused.shared_bytes
     assert "atom.global.gpu.acq_rel.add" in fused.ptx and "bar.sync" in fused.ptx
@@ -352,6 +382,32 @@ def test_cuda_graph_engine_decodes_with_split_kv_attention(checkpoint_dirs):
         logits[choice] = torch.stack(got)
     torch.testing.assert_close(logits["split-kv"], logits["matmul"], rtol=2e-2, atol=2e-2)
     assert torch.equal(logits["auto"], logits["split-kv"])  # deterministic: the same kernels, the same logits
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
+def test_cuda_the_query_rotated_in_the_kernel_is_eagers_bit_for_bit():
+    """On a GPU (where Triton may contract a product and a sum into one FMA): the query handed
+    over unrotated and rotated by the kernel, rounded as eager rounds (Config.rotary), gives the
+    output of attending to the query the decoder rotates (bench.engines.decoder._rotate) bit for
+    bit, in fp16 and bf16, for llava-1.5-7b's heads and a Qwen2-style grouping, one row and four."""
+    import torch
+
+    from bench.engines import split_kv_attention as sk
+    from bench.engines.decoder import _rotate
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    for dt in (torch.float16, torch.bfloat16):
+        for b, heads, kvh in ((1, 32, 32), (4, 28, 4)):
+            keys, values = (torch.randn(b, kvh, 704, 128, device=dev, dtype=dt) for _ in range(2))
+            proj = torch.randn(b, 1, heads * 128, device=dev, dtype=dt) * 4
+            q = proj.view(b, 1, heads, 128).transpose(1, 2)  # a view of the projection, as the step hands it
+            pos = torch.arange(b, device=dev)[:, None].float() * 97 + 600
+            freq = pos[..., None] / 10000 ** (torch.arange(0, 128, 2, device=dev) / 128)
+            cos, sin = (f(torch.cat((freq, freq), -1)).to(dt) for f in (torch.cos, torch.sin))  # [b, 1, 128]
+            args = (keys[:, :, :640], values[:, :, :640], None, 128 ** -0.5)
+            want = sk.attend(_rotate(q, cos, sin), *args)
+            assert torch.equal(sk.attend(q, *args, cos=cos, sin=sin), want), (dt, b, heads)
 
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")

@@ -7,7 +7,8 @@ on the H200 (f67f436:results/h200/decode_profile_llava-1.5-7b.csv). This forward
 for everything numeric (RMSNorm, rotary embedding, activation, projections, lm_head, so weight
 variants apply unchanged) and differs only in
 - q/k/v and gate/up run as one GEMM each (bench.engines.fused_linear),
-- keys/values are written straight into fixed buffers and attended with SDPA,
+- keys/values are written straight into fixed buffers and attended with SDPA (compiled one-query
+  steps: bench.engines.split_kv_attention's kernels, which also rotate the query, or matmul),
 - two ways to say where a call writes:
   * `prefill(embeds, kv, start)` - host-known start (eager, any length): causal flash attention
     over the new tokens when start == 0, a causal-offset mask over the buffer otherwise;

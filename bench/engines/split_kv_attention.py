@@ -161,6 +161,24 @@ def splits_for(batch: int, kv_heads: int, keys: int, programs: int, block: int =
 
 
 if triton is not None:
+    # q cos + rotate_half(q) sin as eager computes it in `dtype`: $0 = fp32(round(q c)) + fp32(round(h s))
+    # ($1 q, $2 cos, $3 rotate_half(q), $4 sin, all fp32), each product and the sum rounded to nearest
+    # (explicit .rn: never contracted into an FMA), the products rounded to fp16 / bf16 (not for fp32)
+    _ROPE = """{{
+    .reg .f32 a, r;
+    .reg .b16 h;
+    mul.rn.f32 a, $1, $2;
+    {round_a}
+    mul.rn.f32 r, $3, $4;
+    {round_r}
+    add.rn.f32 $0, a, r;
+    }}"""
+    _ROPE_F16 = tl.constexpr(_ROPE.format(round_a="cvt.rn.f16.f32 h, a; cvt.f32.f16 a, h;",
+                                          round_r="cvt.rn.f16.f32 h, r; cvt.f32.f16 r, h;"))
+    _ROPE_BF16 = tl.constexpr(_ROPE.format(round_a="cvt.rn.bf16.f32 h, a; cvt.f32.bf16 a, h;",
+                                           round_r="cvt.rn.bf16.f32 h, r; cvt.f32.bf16 r, h;"))
+    _ROPE_F32 = tl.constexpr(_ROPE.format(round_a="", round_r=""))
+
     @triton.jit(noinline=True)
     def _combine_row(Acc, Mx, Sum, Out, pid, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr,
                      CHUNK: tl.constexpr):
@@ -196,12 +214,14 @@ if triton is not None:
 
     @triton.jit
     def _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, ok, GROUP: tl.constexpr, D: tl.constexpr,
-               ROTARY: tl.constexpr, EAGER: tl.constexpr):
+               ROTARY: tl.constexpr, EAGER: tl.constexpr, PTX: tl.constexpr):
         """The query heads `heads` of row `b` [BLOCK_G, D] (rows past GROUP, or where `ok` is
         false, zero); ROTARY: the query as given, rotated here by cos C and sin S (row b's, [D]) as
         transformers' apply_rotary_pos_emb does, q cos + rotate_half(q) sin, in fp32 and rounded
         to the query's dtype at the end, or (EAGER) after each multiplication and after the sum,
-        as eager rounds them."""
+        as eager rounds them. PTX (compiled for a GPU, not in the interpreter): EAGER's products
+        and sum in inline PTX with explicit rounding, which no compiler contracts into an FMA
+        (Triton's `*` then `+` may become one: fma.rn.f16 rounds a product once, with the sum)."""
         at = Q + b * sq_b + heads[:, None] * sq_h
         keep = (g < GROUP)[:, None] & ok
         q = tl.load(at + d[None, :], mask=keep, other=0.0)
@@ -210,12 +230,22 @@ if triton is not None:
             half = tl.where((d < D // 2)[None, :], -other, other)  # rotate_half(q): (-q[D/2:], q[:D/2])
             c = tl.load(C + b * sc_b + d).to(tl.float32)
             s = tl.load(S + b * ss_b + d).to(tl.float32)
-            a = q.to(tl.float32) * c[None, :]
-            r = half * s[None, :]
-            if EAGER:
-                a = a.to(q.dtype).to(tl.float32)
-                r = r.to(q.dtype).to(tl.float32)
-            q = (a + r).to(q.dtype)
+            if EAGER and PTX:
+                if q.dtype == tl.float16:
+                    asm: tl.constexpr = _ROPE_F16
+                elif q.dtype == tl.bfloat16:
+                    asm: tl.constexpr = _ROPE_BF16
+                else:
+                    asm: tl.constexpr = _ROPE_F32
+                q = tl.inline_asm_elementwise(asm, "=f,f,f,f,f", [q.to(tl.float32), c[None, :], half, s[None, :]],
+                                              dtype=tl.float32, is_pure=True, pack=1).to(q.dtype)
+            else:
+                a = q.to(tl.float32) * c[None, :]
+                r = half * s[None, :]
+                if EAGER:
+                    a = a.to(q.dtype).to(tl.float32)
+                    r = r.to(q.dtype).to(tl.float32)
+                q = (a + r).to(q.dtype)
         return q
 
     @triton.jit
@@ -226,7 +256,7 @@ if triton is not None:
                  PRECISION: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False,
                  PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
                  CHUNK: tl.constexpr = 16, Q_WITH_KEYS: tl.constexpr = False, ROTARY: tl.constexpr = False,
-                 EAGER: tl.constexpr = True):
+                 EAGER: tl.constexpr = True, PTX: tl.constexpr = True):
         """The partials of split `program_id(1)` for the query heads of one row and kv head
         (`program_id(0)`); COMBINE: the last of that row and kv head's programs to finish (counted
         in Count[program_id(0)], which it sets back to 0 for the next launch) combines them into Out."""
@@ -250,7 +280,7 @@ if triton is not None:
         d = tl.arange(0, D)
         heads = kvh * GROUP + g  # the query heads reading this kv head (transformers' repeat_kv)
         if not Q_WITH_KEYS:
-            q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, True, GROUP, D, ROTARY, EAGER)
+            q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, True, GROUP, D, ROTARY, EAGER, PTX)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
@@ -258,7 +288,7 @@ if triton is not None:
             cols = lo + tl.arange(0, BLOCK)
             inside = cols < end
             if Q_WITH_KEYS:  # (lo < end: not loop-invariant to the compiler, so the load stays in the loop)
-                q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, lo < end, GROUP, D, ROTARY, EAGER)
+                q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, lo < end, GROUP, D, ROTARY, EAGER, PTX)
             k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + d[None, :], mask=inside[:, None],
                         other=0.0)
             if DOT:
@@ -349,10 +379,15 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
         q = q.contiguous()
     if (cos is None) != (sin is None):
         raise ValueError("split-kv attention rotates the query by cos and sin: both or neither")
-    rope = [t.reshape(-1, t.shape[-1]) for t in (cos, sin)] if cos is not None else [q, q]  # [1 or b, d]
-    if cos is not None and any(t.shape[0] not in (1, b) or t.shape[1] != d or t.stride(-1) != 1 for t in rope):
-        raise ValueError(f"split-kv attention: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} are not one "
-                         f"position's [1 or {b}, 1, {d}], contiguous in the last dimension")
+    rope = [q, q]  # (unread without cos and sin)
+    if cos is not None:
+        for r in (cos, sin):
+            if (r.dim() not in (2, 3) or r.shape[0] not in (1, b) or r.shape[-1] != d
+                    or r.dim() == 3 and r.shape[1] != 1 or r.dtype != q.dtype or r.device != q.device):
+                raise ValueError(f"split-kv attention: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} ({cos.dtype}, "
+                                 f"{sin.dtype}) are not one position's [1 or {b}, 1, {d}] in q's dtype ({q.dtype}) "
+                                 f"and device")
+        rope = [r.reshape(r.shape[0], d).contiguous() for r in (cos, sin)]  # [1 or b, d]
     group = h // kvh
     dot = config.dot or triton.next_power_of_2(group) * config.block * d > BROADCAST_REGISTERS * 32 * config.num_warps
     if mask is None:
@@ -370,7 +405,7 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
                values.stride(0), values.stride(1), values.stride(2), 0 if m.shape[0] == 1 else m.stride(0),
                m.stride(1), kvh, n, per, count, scale, out, acc if counts is None else counts,
-               *rope, *(0 if t.shape[0] == 1 else t.stride(0) for t in rope))
+               *rope, *(0 if r.shape[0] == 1 else r.stride(0) for r in rope))
     pdl = {"PDL": True, "launch_pdl": True} if pdl_enabled(q.device) else {}
     prefetch = {"PREFETCH": config.prefetch and keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0
                 } if pdl else {}
@@ -381,6 +416,7 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                # fp32 inputs (tests) keep 3 stages: at 2, ptxas spills 8 bytes in the two-kernel partial (sm_90)
                "num_stages": 3 if q.dtype == torch.float32 else config.num_stages,
                "Q_WITH_KEYS": config.q_with_keys, "ROTARY": cos is not None, "EAGER": eager_rounding,
+               "PTX": q.device.type != "cpu",  # Triton's interpreter runs no PTX (the meta device: compiled ahead)
                "BLOCK_G": max(MIN_GROUP_ROWS if dot else 1, triton.next_power_of_2(group)),
                # fp32 inputs: fp32 products, not TF32's (the matmul path's, unless TF32 is on)
                "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"})]
