@@ -6,8 +6,9 @@ layer count of KV buffers [batch, kv heads, max_len, head], as the engine's stat
 (so the L2 cache never holds the keys a call reads), and times one call per layer, cycled, by
 bench.measure.timing.call_us (CUDA graphs of 32 calls): `matmul` is FastDecoder._matmul_attention
 compiled as the graph engine compiles its step (two batched GEMMs around a softmax), `split-kv`
-is bench.engines.split_kv_attention's op. Each point also checks split-kv against fp32 softmax
-attention. `kv_gb_per_s`: the bytes of keys and values a call must read over its time.
+is bench.engines.split_kv_attention's kernels as the op launches them (given the query unrotated,
+with its cos and sin, where Config.rotary says so, as the engine gives it). Each point also
+checks split-kv against fp32 softmax attention. `kv_gb_per_s`: the bytes of keys and values a call must read over its time.
 `--configs` also times split-kv under other launch configurations (split_kv_attention.Config:
 keys per block, programs per SM, tensor cores or not, warps), each checked likewise, as
 `split-kv[<config>]` rows: what would make the engine's default faster.
@@ -29,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engines import split_kv_attention as sk  # noqa: E402
-from bench.engines.decoder import FastDecoder, inductor_options  # noqa: E402
+from bench.engines.decoder import FastDecoder, _rotate, inductor_options  # noqa: E402
 from bench.measure.results import CsvWriter  # noqa: E402
 from bench.measure.timing import call_us  # noqa: E402
 from bench.models.presets import get_preset  # noqa: E402
@@ -41,6 +42,15 @@ COLUMNS = ["preset", "batch", "keys", "max_len", "kind", "us_per_layer", "us_per
 def matmul_attention(q, k, v, mask, scale):
     """The graph engine's own FastDecoder._matmul_attention (it reads only the decoder's scaling)."""
     return FastDecoder._matmul_attention(SimpleNamespace(scaling=scale), q, k, v, mask)
+
+
+def split_kv(config, raw, q, cos, sin):
+    """(keys, values, mask, scale) -> split-kv attention under `config` as the engine calls it: the
+    query unrotated with cos and sin where Config.rotary says so (rounded as the eager numerics
+    round), else rotated before."""
+    if config.rotary:
+        return lambda *a: sk.attend(raw, *a, config=config, cos=cos, sin=sin)
+    return lambda *a: sk.attend(q, *a, config=config)
 
 
 def configs(spec: str) -> list:
@@ -80,24 +90,28 @@ def main() -> None:
         bufs = [(torch.randn(b, dims.kv_heads, args.max_len, head, device=dev, dtype=torch.float16),
                  torch.randn(b, dims.kv_heads, args.max_len, head, device=dev, dtype=torch.float16))
                 for _ in range(dims.layers)]
-        q = torch.randn(b, dims.heads, 1, head, device=dev, dtype=torch.float16)
+        raw = torch.randn(b, dims.heads, 1, head, device=dev, dtype=torch.float16)  # before its rotation
+        angle = torch.rand(b, 1, head // 2, device=dev) * 6.28
+        cos, sin = (f(torch.cat((angle, angle), -1)).half() for f in (torch.cos, torch.sin))
+        q = _rotate(raw, cos, sin)  # as the matmul path and split-kv without Config.rotary get it
         mask = torch.zeros(b, 1, 1, n, device=dev, dtype=torch.float16)
         mask[..., n - 40:] = float("-inf")  # the bucket's columns past the query
         k0, v0 = bufs[0][0][:, :, :n], bufs[0][1][:, :, :n]
         want = sk.reference(q, k0, v0, mask, scale).float()
         errs = {}
-        for name, config in [("split-kv", sk.DEFAULT), *((f"split-kv[{c.label()}]", c) for c in others)]:
-            got = sk.attend(q, k0, v0, mask, scale, config=config).float()
+        kinds = [("split-kv", sk.DEFAULT), *((f"split-kv[{c.label()}]", c) for c in others)]
+        for name, config in kinds:
+            got = split_kv(config, raw, q, cos, sin)(k0, v0, mask, scale).float()
             errs[name] = ((got - want).abs().max() / want.abs().max()).item()
         kv_bytes = 2 * b * dims.kv_heads * n * head * 2
         times = {}
-        for kind, fn in (("matmul", compiled), ("split-kv", torch.ops.vlmbench.split_kv_attention),
-                         *((f"split-kv[{c.label()}]", lambda *a, c=c: sk.attend(*a, config=c)) for c in others)):
+        for kind, fn in (("matmul", lambda *a: compiled(q, *a)), *((name, split_kv(c, raw, q, cos, sin))
+                                                                  for name, c in kinds)):
             turn = itertools.cycle(bufs)
 
             def call(fn=fn, turn=turn):
                 k, v = next(turn)
-                return fn(q, k[:, :, :n], v[:, :, :n], mask, scale)
+                return fn(k[:, :, :n], v[:, :, :n], mask, scale)
 
             times[kind] = call_us(call, dev, calls=dims.layers)
         for kind, us in times.items():
