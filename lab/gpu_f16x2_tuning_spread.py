@@ -34,7 +34,7 @@ from triton_tiles_h2 import weights  # noqa: E402
 
 from bench import pdl  # noqa: E402
 from bench.measure.results import CsvWriter  # noqa: E402
-from bench.measure.timing import call_us  # noqa: E402
+from bench.measure.timing import call_us, copies_past_l2  # noqa: E402
 from bench.quant import triton_f16x2 as f  # noqa: E402
 from bench.quant.w4a16 import choice  # noqa: E402
 
@@ -90,13 +90,12 @@ def main() -> int:
     autotuner = triton_autotuner(args.rep_ms)
     pdl_on = pdl.enabled(dev)
     launch = {"PDL": pdl_on, "PREFETCH": 0, "PRELOAD": False, **({"launch_pdl": True} if pdl_on else {})}
-    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
     out = CsvWriter(Path(args.out), COLUMNS)
     torch.manual_seed(0)
     for shape, (n, k) in shapes_of(args.preset).items():
         packed, sz, _ = weights(n, k, args.group_size, dev)
         x = torch.randn(1, k, device=dev).half()
-        count = max(1, -(-choice.L2_MULTIPLE * l2 // (packed.numel() * 4)))
+        count = copies_past_l2(dev, packed.numel() * 4)
         layers = [(packed.clone(), sz.clone()) for _ in range(count)]
         row = {"preset": args.preset, "shape": shape, "out_features": n, "in_features": k, "rep_ms": args.rep_ms}
         chosen = {}

@@ -40,9 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_int4_candidates import shapes_of  # noqa: E402
 
 from bench.measure.results import CsvWriter  # noqa: E402
-from bench.measure.timing import call_us  # noqa: E402
+from bench.measure.timing import call_us, copies_past_l2  # noqa: E402
 from bench.models.presets import get_preset  # noqa: E402
-from bench.quant.w4a16 import choice  # noqa: E402
 
 COLUMNS = ["preset", "shape", "out_features", "in_features", "bytes", "way", "config", "us", "gb_per_s"]
 
@@ -86,14 +85,14 @@ def main() -> None:
     args = ap.parse_args()
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
-    sms, l2 = props.multi_processor_count, props.L2_cache_size
+    sms = props.multi_processor_count
     layers_n = get_preset(args.preset).llm.layers
     writer = CsvWriter(Path(args.out), COLUMNS)
     chosen = _chosen_at_one_row(Path(args.kernels), props.name, args.group_size) if args.kernels else {}
     step = {"read": 0.0, "chosen": 0.0, "read where chosen": 0.0, "fp16 linear": 0.0}
     for shape, (n, k) in shapes_of(args.preset).items():
         nbytes = n * k // 2 + n * (k // args.group_size) * 2 * 2
-        count = max(1, -(-choice.L2_MULTIPLE * l2 // nbytes))
+        count = copies_past_l2(dev, nbytes)
         bufs = [torch.randint(-2**31, 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device=dev) for _ in range(count)]
         row = {"preset": args.preset, "shape": shape, "out_features": n, "in_features": k, "bytes": nbytes}
         best = None
@@ -112,7 +111,7 @@ def main() -> None:
         del bufs
         dst = None  # the copy's buffer, freed
         weights = [torch.randn(n, k, device=dev, dtype=torch.float16) * 0.02
-                   for _ in range(max(1, -(-choice.L2_MULTIPLE * l2 // (n * k * 2))))]
+                   for _ in range(copies_past_l2(dev, n * k * 2))]
         x, turn = torch.randn(1, k, device=dev, dtype=torch.float16), itertools.cycle(weights)
         fp16 = call_us(lambda: F.linear(x, next(turn)), dev, calls=calls_for(len(weights)))
         writer.write({**row, "bytes": n * k * 2, "way": "fp16 linear", "us": round(fp16, 3),

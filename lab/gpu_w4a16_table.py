@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_int4_candidates import shapes_of  # noqa: E402
 
 from bench.measure.results import CsvWriter  # noqa: E402
-from bench.measure.timing import call_us  # noqa: E402
+from bench.measure.timing import call_us, copies_past_l2  # noqa: E402
 from bench.models.presets import get_preset  # noqa: E402
 from bench.quant.int4 import Int4Linear, quantize_int4  # noqa: E402
 from bench.quant.w4a16 import choice  # noqa: E402
@@ -44,17 +44,16 @@ def main() -> None:
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.float16
     names = [n for n in args.candidates.split(",") if n]
-    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
     writer = CsvWriter(Path(args.out), COLUMNS)
     layers_n = get_preset(args.preset).llm.layers
     floor: dict[int, float] = {}
     gen = torch.Generator().manual_seed(0)
     for shape, (n, k) in shapes_of(args.preset).items():
-        count = max(1, -(-choice.L2_MULTIPLE * l2 // (n * k // 2)))
+        count = copies_past_l2(dev, n * k // 2)
         layers = [Int4Linear.from_int4(quantize_int4(torch.randn(n, k, generator=gen) * 0.02, args.group_size),
                                        dev, dtype) for _ in range(count)]
         plan = choice.measure(layers[0], dtype, choice.ROW_POINTS, names, True, layers)
-        dense_w = [m.to_int4().dequantize(dtype).to(dev) for m in layers[:max(1, -(-choice.L2_MULTIPLE * l2 // (n * k * 2)))]]
+        dense_w = [m.to_int4().dequantize(dtype).to(dev) for m in layers[:copies_past_l2(dev, n * k * 2)]]
         del layers
         for rows in choice.ROW_POINTS:
             x = torch.randn(rows, k, device=dev, dtype=dtype)

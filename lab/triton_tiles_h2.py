@@ -179,12 +179,11 @@ def gpu(args) -> int:
     from gpu_read_ceiling import calls_for
 
     from bench.measure.results import CsvWriter
-    from bench.measure.timing import call_us
+    from bench.measure.timing import call_us, copies_past_l2
     from bench.quant import triton_w4a16
     from bench.quant.w4a16 import choice
 
     dev = torch.device("cuda")
-    l2 = torch.cuda.get_device_properties(dev).L2_cache_size
     writer = CsvWriter(Path(args.out), ["preset", "shape", "out_features", "in_features", "kernel", "config", "us",
                                         "int4_gb_per_s", "max_rel_err"])
     torch.manual_seed(0)
@@ -196,7 +195,7 @@ def gpu(args) -> int:
             loud = x.clone()  # activations with outliers, as down_proj's inputs have: the fp16 partial sums
             loud[0, torch.randperm(k, device=dev)[:8]] = 2000.0
             wants = [(x, x.float() @ dense.T), (loud, loud.float() @ dense.T)]
-            count = max(1, -(-choice.L2_MULTIPLE * l2 // (packed.numel() * 4)))
+            count = copies_past_l2(dev, packed.numel() * 4)
             layers = [(packed.clone(), sz.clone()) for _ in range(count)]
             row = {"preset": preset, "shape": shape, "out_features": n, "in_features": k}
 

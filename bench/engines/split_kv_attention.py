@@ -109,10 +109,7 @@ class Config:
 
     def label(self) -> str:
         """As `parse` reads it."""
-        return (f"block={self.block},programs_per_sm={self.programs_per_sm},dot={int(self.dot)},"
-                f"num_warps={self.num_warps},fused_combine={int(self.fused_combine)},"
-                f"combine_chunk={self.combine_chunk},prefetch={int(self.prefetch)},q_with_keys={int(self.q_with_keys)},"
-                f"num_stages={self.num_stages},rotary={int(self.rotary)}")
+        return ",".join(f"{name}={int(getattr(self, name))}" for name in self.__dataclass_fields__)
 
     @classmethod
     def parse(cls, text: str) -> "Config":

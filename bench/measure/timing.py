@@ -107,6 +107,17 @@ def sum_by_label(phases: list[tuple[str, float]]) -> dict[str, float]:
     return totals
 
 
+L2_MULTIPLE = 2  # timed calls over weights cycle through copies holding at least this many L2 caches
+
+
+def copies_past_l2(device: torch.device, nbytes: int) -> int:
+    """How many copies of `nbytes` of weights timed calls on CUDA `device` cycle through so that
+    each call reads its copy from memory, not from the L2 cache: enough to hold L2_MULTIPLE L2 caches
+    (at least one)."""
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(1, -(-L2_MULTIPLE * l2 // max(1, nbytes)))
+
+
 def call_us(fn, device: torch.device, calls: int | None = None, reps: int | None = None, warmup: int = 3,
             graph: bool = True) -> float:
     """Median time of one call of `fn`, microseconds: what a kernel costs where it runs, timed by

@@ -350,7 +350,6 @@ def _prune(configs, k: int, loops: tuple[str, ...]):
 # The configuration each shape runs with, chosen by _tune on its first call and kept for the process:
 # tuning_key -> the launch configuration
 _TUNED: dict[tuple, dict] = {}
-TUNE_L2_MULTIPLE = 2  # the weight's copies a tuning's timed calls cycle through hold this many L2 caches
 
 
 def tuning_key(device: torch.device, n: int, k: int, group_size: int, split: bool, pdl: dict) -> tuple:
@@ -362,7 +361,8 @@ def tuning_key(device: torch.device, n: int, k: int, group_size: int, split: boo
 def _launch(x32, packed, sz32, n: int, k: int, group_size: int, config: dict, pdl: dict,
             emulate: bool = False) -> torch.Tensor:
     """One launch with `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True), KS, XW, num_warps,
-    num_stages; PRELOAD) -> y [N] (fp32 under split K, which the kernel's atomics add into zeros)."""
+    num_stages; PRELOAD; left as it is) -> y [N] (fp32 under split K, which the kernel's atomics add
+    into zeros)."""
     config = {"ROWS_FIRST": True, **config}  # may name PRELOAD (tests: the interpreter runs no PDL)
     launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3),
               **{name: v for name, v in pdl.items() if name not in config}}
@@ -378,8 +378,8 @@ def _tune(x32, packed, sz32, n: int, k: int, group_size: int, split: bool, pdl: 
     """The fastest of the candidates _prune keeps for this shape and the K loops (split K or
     not), each timed as a decode step runs it: calls captured back to back in a CUDA graph
     (bench.measure.timing.call_us) with the launch's PDL settings, cycling through copies of the
-    weight that hold TUNE_L2_MULTIPLE times the L2 cache (fewer where memory runs short), so each
-    call reads its weight from memory as a step's layers do.
+    weight past the L2 cache (timing.copies_past_l2; fewer where memory runs short), so each call
+    reads its weight from memory as a step's layers do.
 
     A candidate Triton cannot compile or launch here is passed over, as Triton's autotuner does.
 
@@ -389,16 +389,15 @@ def _tune(x32, packed, sz32, n: int, k: int, group_size: int, split: bool, pdl: 
     projection a configuration of 16.4 us in five tunings of six, where this tuning chose one of
     12.0 in six of six (results/lab/h100/f16x2_tuning_spread_llava-1.5-7b.csv); three processes'
     int4 steps took 2.34, 2.34 and 2.38 ms (f16x2_autotuner_processes_llava-1.5-7b.csv)."""
-    from bench.measure.timing import call_us
+    from bench.measure.timing import call_us, copies_past_l2
 
     if x32.device.type != "cuda":
         raise ValueError("triton-f16x2 tunes on CUDA only: name a `config` elsewhere")
     configs = _prune(_configs(split), k, k_loops())
-    l2 = torch.cuda.get_device_properties(x32.device).L2_cache_size
-    size = packed.numel() * packed.element_size() + sz32.numel() * sz32.element_size()
+    want = copies_past_l2(x32.device, packed.numel() * packed.element_size() + sz32.numel() * sz32.element_size())
     copies = [(packed, sz32)]
     try:
-        while len(copies) * size < TUNE_L2_MULTIPLE * l2:
+        while len(copies) < want:
             copies.append((packed.clone(), sz32.clone()))
     except torch.cuda.OutOfMemoryError:  # fewer copies (one given back for the captures): partly read from L2
         if len(copies) > 1:
@@ -409,7 +408,7 @@ def _tune(x32, packed, sz32, n: int, k: int, group_size: int, split: bool, pdl: 
         config = {**candidate.kwargs, "num_warps": candidate.num_warps, "num_stages": candidate.num_stages}
         turn = itertools.cycle(copies)
         try:
-            us = call_us(lambda: _launch(x32, *next(turn), n, k, group_size, dict(config), pdl), x32.device,
+            us = call_us(lambda: _launch(x32, *next(turn), n, k, group_size, config, pdl), x32.device,
                          calls=calls)
         except (OutOfResources, PTXASError):  # too many registers or too much shared memory for this GPU
             continue
@@ -457,7 +456,7 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
                                    "must not contain: call it once before capturing")
             _TUNED[key] = _tune(*args, split_k, pdl)
         config = _TUNED[key]
-    y = _launch(*args, dict(config), pdl, emulate)
+    y = _launch(*args, config, pdl, emulate)
     return (y.half() if y.dtype == torch.float32 else y).view(1, n)
 
 

@@ -35,7 +35,7 @@ import torch
 from bench.errors import VariantUnsupported
 from bench.pdl import enabled as pdl_enabled
 from bench.log import status
-from bench.measure.timing import call_us
+from bench.measure.timing import call_us, copies_past_l2
 from bench.quant.w4a16.measurements import PlanCache, ShapePlan, cache_key
 from bench.quant.w4a16.registry import DEFAULT_KERNEL, KERNELS
 
@@ -122,18 +122,13 @@ def _short(e: BaseException) -> str:
     return f"{e.__class__.__name__}: {' '.join(str(e).split())[:200]}"
 
 
-L2_MULTIPLE = 2  # timed calls cycle over layers holding at least this many L2 caches of weights
-
-
 def rotation(layers, device: torch.device) -> list:
-    """The layers (of one shape) timed calls cycle over: on CUDA as many as hold L2_MULTIPLE times
+    """The layers (of one shape) timed calls cycle over: on CUDA as many as hold timing.L2_MULTIPLE times
     the GPU's L2 cache in int4 weights (all of them when they hold less), else the first."""
     layers = list(layers)
     if device.type != "cuda":
         return layers[:1]
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    need = max(1, -(-L2_MULTIPLE * l2 // max(1, layers[0].weight_bytes())))
-    return layers[:need]
+    return layers[:copies_past_l2(device, layers[0].weight_bytes())]
 
 
 def _served(name: str, points) -> tuple[int, ...]:
