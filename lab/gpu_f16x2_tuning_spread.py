@@ -42,13 +42,9 @@ COLUMNS = ["preset", "shape", "out_features", "in_features", "rep_ms", "tuning",
            "runner_up_us", "us", "us_min", "us_max", "int4_gb_per_s"]
 
 
-def launch_of(config) -> dict:
-    """A triton.Config as f16x2_mm's `config` takes it."""
-    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-
-
-def label(config) -> str:
-    return " ".join(f"{k}={v}" for k, v in launch_of(config).items())
+def label(config: dict) -> str:
+    """A launch configuration (triton_f16x2.launch_config's) as the CSV names it."""
+    return " ".join(f"{k}={v}" for k, v in config.items())
 
 
 def triton_autotuner(rep_ms: float = 10.0):
@@ -103,14 +99,15 @@ def main() -> int:
         for i in range(args.tunings):
             timings = triton_tune(autotuner, x32, layers[0][0], sz32, n, k, args.group_size, launch)
             (best, best_t), (runner, runner_t) = timings[0], timings[1]
-            chosen.setdefault(label(best), launch_of(best))
+            best, runner = f.launch_config(best), f.launch_config(runner)
+            chosen.setdefault(label(best), best)
             out.write({**row, "tuning": "triton", "kind": "tuning", "index": i, "config": label(best),
                        "tuner_us": round(best_t[0] * 1e3, 3), "runner_up_us": round(runner_t[0] * 1e3, 3)})
             print(shape, "triton tuning", i, label(best), f"{best_t[0] * 1e3:.3f} us, runner-up {label(runner)} "
                   f"{runner_t[0] * 1e3:.3f} us", flush=True)
         for i in range(args.tunings):
             config = f._tune(x32, layers[0][0], sz32, n, k, args.group_size, False, launch)
-            name = " ".join(f"{a}={b}" for a, b in config.items())
+            name = label(config)
             chosen.setdefault(name, config)
             out.write({**row, "tuning": "graph", "kind": "tuning", "index": i, "config": name})
             print(shape, "graph tuning", i, name, flush=True)

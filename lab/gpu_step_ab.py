@@ -91,13 +91,12 @@ def _f16x2_tuning(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
             if split:
                 return graph_tune(x32, packed, sz32, n, k, group_size, split, pdl_launch)
             best = triton_tune(autotuner, x32, packed, sz32, n, k, group_size, pdl_launch)[0][0]
-            return {**best.kwargs, "num_warps": best.num_warps, "num_stages": best.num_stages}
+            return triton_f16x2.launch_config(best)
 
         triton_f16x2._tune = tune
     else:
         triton_f16x2._tune = graph_tune
-    f16x2 = int4_kernels.startswith("triton-f16x2")
-    return EngineSpec(int4_kernels=int4_kernels), lambda engine: f16x2 and bool(engine._int4_layers())
+    return EngineSpec(int4_kernels=int4_kernels), lambda engine: bool(engine._int4_layers())
 
 
 def _split_kv(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:

@@ -168,9 +168,8 @@ def candidates(args) -> list[tuple[str, dict]]:
 
     out = []
     for c in triton_f16x2._configs(split=False):
-        cfg = {k: v for k, v in c.kwargs.items() if k != "ROWS_FIRST"}
-        out.append(("h2" if c.kwargs["ROWS_FIRST"] else "h2-rows-last",
-                    {**cfg, "num_warps": c.num_warps, "num_stages": c.num_stages}))
+        cfg = triton_f16x2.launch_config(c)
+        out.append(("h2" if cfg.pop("ROWS_FIRST") else "h2-rows-last", cfg))
     return out
 
 

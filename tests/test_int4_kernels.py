@@ -1555,7 +1555,7 @@ def test_cuda_f16x2_kernel_matches_dequantize_and_matmul(split_k):
                                     c.num_warps == chosen[0]["num_warps"] for c in kept), chosen
     x = torch.randn(1, 1152, device=DEVICE, dtype=torch.float16)
     for c in kept:
-        config = {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+        config = f.launch_config(c)
         y = f.f16x2_mm(x, m.packed, KERNELS[name].scale_and_zero(m), 520, 128, split_k, config).float()
         want = _reference(m, x)
         assert ((y - want).abs().max() / want.abs().max()).item() < 2e-3, config

@@ -337,6 +337,11 @@ def _configs(split: bool) -> list:
 LOOP_NAMES = tuple(dict.fromkeys(loop_name(c.kwargs) for c in _configs(split=False)))  # every K loop there is
 
 
+def launch_config(candidate: triton.Config) -> dict:
+    """A candidate (_configs) as f16x2_mm's and _launch's `config` take it."""
+    return {**candidate.kwargs, "num_warps": candidate.num_warps, "num_stages": candidate.num_stages}
+
+
 def _prune(configs, k: int, loops: tuple[str, ...]):
     """Those of `configs` with one of `loops` (as k_loops() gives them; never none: every loop
     _configs has) whose share of K (`k` columns) is at least one block of k-tiles, or the one with
@@ -405,7 +410,7 @@ def _tune(x32, packed, sz32, n: int, k: int, group_size: int, split: bool, pdl: 
     calls = len(copies) * -(-32 // len(copies))  # a whole number of rounds over the copies, at least 32 calls
     best = None
     for candidate in configs:
-        config = {**candidate.kwargs, "num_warps": candidate.num_warps, "num_stages": candidate.num_stages}
+        config = launch_config(candidate)
         turn = itertools.cycle(copies)
         try:
             us = call_us(lambda: _launch(x32, *next(turn), n, k, group_size, config, pdl), x32.device,
