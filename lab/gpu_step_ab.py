@@ -31,6 +31,12 @@ split-kv: the split-KV attention's launch configuration (bench.engines.split_kv_
 set on the module's DEFAULT), its fields joined by / (e.g. combine_chunk=8/prefetch=1; the
 fields not named are the defaults'): by default the splits' partials combined 8 at a time against
 all 16 at once. The other settings are timed under the engines' default `--pdl auto` (off before 2026-12-07).
+knockout: the step with some of its work left out, to bound what fusing it elsewhere could gain (the
+tokens are then meaningless; the GEMVs' and attention's times do not depend on the values): none,
+add-norm (the residual adds and RMSNorms of every layer: the GEMVs read each other's outputs
+directly), silu (the down projection reads the up half of the gate/up output), kv-write (the new
+key's rotation and the key and value writes), attention (its output is the query; the keys and
+values still written), several joined by +. Split-KV attention's steps only (one row, CUDA).
 `--values` times other values, or more than two, in the same rounds.
 --int4-kernels as run's flag (default triton-f16x2: what `measured` chooses at one row on every
 decoder shape of llava-1.5-7b and vila1.5-3b on an H100); --seconds stops starting rounds after
@@ -57,7 +63,7 @@ from bench.engines import split_kv_attention as sk
 from bench.engines.cache_policy import CachePolicy
 from bench.engines.decoder import inductor_options
 from bench.engines.graph import GraphEngine
-from bench.engines.spec import EngineSpec
+from bench.engines.spec import NUMERICS, EngineSpec
 from bench.measure.results import CsvWriter
 
 
@@ -118,6 +124,56 @@ def _deferred_residual(value: str, int4_kernels: str) -> tuple[EngineSpec, calla
     return EngineSpec(int4_kernels=int4_kernels), took
 
 
+def _no_add_norm(self, block, h, pending, cos, sin, pos, mask, pair, keys_end=None):
+    """layer_at_deferred without its two residual adds (knockout add-norm; its norms are gone by _norm)."""
+    o = self._attend_at(block, h, cos, sin, pos, mask, pair[0], pair[1], keys_end, pair)
+    b, _, t, _ = o.shape
+    h = block.o(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+    return h, self._mlp(block, h)
+
+
+def _no_kv_write(self, block, h, cos, sin, pos, mask, keys, values, keys_end=None, pair=None):
+    """_attend_at without the new key's rotation and the keys' and values' write (knockout kv-write;
+    calls of more than one query, or uncompiled, as they were)."""
+    if not (h.shape[1] == 1 and self.split_kv and torch.compiler.is_compiling()):
+        return _ORIGINAL["FastDecoder._attend_at"](self, block, h, cos, sin, pos, mask, keys, values, keys_end, pair)
+    q, _, _ = self._qkv(block, h, cos, sin, rotate_q=not sk.DEFAULT.rotary)
+    keys, values = keys[:, :, :keys_end], values[:, :, :keys_end]
+    return torch.ops.vlmbench.split_kv_attention(q, keys, values, mask, self.scaling,
+                                                 *((cos, sin, self.numerics != "fused") if sk.DEFAULT.rotary else ()))
+
+
+def _no_attention(self, block, h, cos, sin, pos, mask, keys, values, keys_end=None, pair=None):
+    """_attend_at with the query (unrotated, as split-KV attention takes it) in place of the attention's
+    output (knockout attention; calls of more than one query, or uncompiled, as they were)."""
+    if not (h.shape[1] == 1 and self.split_kv and torch.compiler.is_compiling()):
+        return _ORIGINAL["FastDecoder._attend_at"](self, block, h, cos, sin, pos, mask, keys, values, keys_end, pair)
+    q, k, v = self._qkv(block, h, cos, sin, rotate_q=False)
+    pair.index_copy_(3, pos, torch.stack((k, v)))
+    return q
+
+
+# knockout value -> {FastDecoder method: its stand-in}; several joined by +
+_KNOCKOUTS = {"none": {}, "add-norm": {"_norm": lambda self, norm, x: x, "layer_at_deferred": _no_add_norm},
+              "silu": {"_gate": lambda self, block, gate, up: up}, "kv-write": {"_attend_at": _no_kv_write},
+              "attention": {"_attend_at": _no_attention}}
+
+
+def _knockout(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    from bench.engines.decoder import FastDecoder
+
+    names = value.split("+")
+    if not set(names) <= set(_KNOCKOUTS) or "kv-write" in names and "attention" in names:
+        raise SystemExit(f"--ab knockout value {value!r}: {', '.join(_KNOCKOUTS)} joined by + (not both kv-write "
+                         "and attention)")
+    for name in {m for stand_ins in _KNOCKOUTS.values() for m in stand_ins}:  # the decoder's own methods first
+        setattr(FastDecoder, name, _ORIGINAL.setdefault(f"FastDecoder.{name}", getattr(FastDecoder, name)))
+    for name in names:
+        for method, stand_in in _KNOCKOUTS[name].items():
+            setattr(FastDecoder, method, stand_in)
+    return EngineSpec(int4_kernels=int4_kernels), lambda engine: value != "none" and engine.decoder.split_kv
+
+
 def _pdl_prefetch(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     if value == "off":  # no PDL at all
         return EngineSpec(pdl="off", int4_kernels=int4_kernels), lambda engine: False
@@ -158,7 +214,8 @@ SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused
             "pdl-prefetch": (("off", "0", "1", "4"), _pdl_prefetch), "pdl-preload": (("0", "1"), _pdl_preload),
             "f16x2-stages": (("1+3", "1+1w+3+3w"), _f16x2_stages),
             "split-kv": (("combine_chunk=8", "combine_chunk=16"), _split_kv),
-            "f16x2-tuning": (("triton", "graph"), _f16x2_tuning)}
+            "f16x2-tuning": (("triton", "graph"), _f16x2_tuning),
+            "knockout": (("none", "add-norm", "silu", "kv-write", "attention", "add-norm+silu+attention"), _knockout)}
 
 
 def _f16x2_configs() -> str:
@@ -178,6 +235,9 @@ def main() -> None:
     ap.add_argument("--int4-kernels", default="triton-f16x2")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--values", help="comma list of the setting's values to time (default: the setting's own)")
+    ap.add_argument("--numerics", choices=NUMERICS, default="fused",
+                    help="how the compiled layers round (EngineSpec.numerics; default fused, as every A/B up to "
+                         "2026-12-07 ran: the graph engine's own default is eager-casts)")
     args = ap.parse_args()
     values, setting = SETTINGS[args.ab]
     values = tuple(args.values.split(",")) if args.values else values
@@ -185,8 +245,8 @@ def main() -> None:
         setting(value, args.int4_kernels)
     image = demo_image()
     adapters = {weights: preset_adapter(args.preset, weights) for weights in args.weights.split(",")}
-    w = CsvWriter(Path(args.out), ["model", "weights", "int4_kernels", "round", "setting", "value", "on", "step_ms",
-                                   "step_ms_p10", "step_ms_p90", "steps", "tokens_sha", "f16x2_configs"])
+    w = CsvWriter(Path(args.out), ["model", "weights", "int4_kernels", "round", "setting", "value", "on", "numerics",
+                                   "step_ms", "step_ms_p10", "step_ms_p90", "steps", "tokens_sha", "f16x2_configs"])
     start = time.monotonic()
     for rnd in range(args.rounds):
         if time.monotonic() - start > args.seconds:
@@ -196,6 +256,7 @@ def main() -> None:
             for value in order:
                 torch._dynamo.reset()
                 spec, took = setting(value, args.int4_kernels)
+                spec = dataclasses.replace(spec, numerics=args.numerics)
                 engine = GraphEngine(adapter, CachePolicy(), spec)
                 on = bool(took(engine))
                 engine.run_batch([(image, QUESTION)], args.new_tokens)  # compiled and captured here
@@ -204,7 +265,7 @@ def main() -> None:
                 q = statistics.quantiles(steps, n=10)
                 row = {"model": args.preset, "weights": weights,
                        "int4_kernels": args.int4_kernels if weights != "fp16" else "", "round": rnd,
-                       "setting": args.ab, "value": value, "on": on,
+                       "setting": args.ab, "value": value, "on": on, "numerics": args.numerics,
                        "step_ms": statistics.median(steps), "step_ms_p10": q[0], "step_ms_p90": q[-1],
                        "steps": len(steps),
                        "tokens_sha": hashlib.sha1(str(result.tokens).encode()).hexdigest()[:12],
