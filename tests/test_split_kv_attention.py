@@ -104,6 +104,35 @@ for cos, sin in ((torch.randn(2, 1, 32).half(), torch.randn(2, 1, 32).half()),
     want = attend(once, k[:, :, :200], v[:, :, :200], mask, 32 ** -0.5, (64, 4))
     got = attend(q, k[:, :, :200], v[:, :, :200], mask, 32 ** -0.5, (64, 4), None, cos, sin, eager_rounding=False)
     assert torch.equal(got, want), (got - want).abs().max()
+# the step's new key and value written by the kernel (Config.write_kv): the same buffers and the same
+# output, bit for bit, as writing them first (the key rotated as the decoder rotates it) and attending
+# after; a column in the first split, in a later one (grouped heads, a batch, per-row cos/sin), past
+# the attended columns (written there, not attended) and past the buffers (written nowhere)
+def written(b, kvh, heads, col, n, splits, rope, config=DEFAULT):
+    k, v = buffers(b, kvh, 256, 32)
+    proj = torch.randn(b, 1, (heads + 2 * kvh) * 32).half() * 3
+    q, kn, vn = proj.split([heads * 32, kvh * 32, kvh * 32], -1)
+    q, kn, vn = (t.view(b, 1, -1, 32).transpose(1, 2) for t in (q, kn, vn))  # the step's views
+    mask = torch.zeros(b, 1, 1, n).half()
+    mask[..., min(col, n - 1) + 1:] = float("-inf")
+    pos = torch.tensor([col])
+    want_k, want_v = k.clone(), v.clone()
+    if col < 256:
+        want_k[:, :, col:col + 1] = _rotate(kn, *rope) if rope else kn
+        want_v[:, :, col:col + 1] = vn
+    qr = _rotate(q, *rope) if rope else q
+    want = attend(qr, want_k[:, :, :n], want_v[:, :, :n], mask, 32 ** -0.5, splits, config)
+    got = attend(q, k[:, :, :n], v[:, :, :n], mask, 32 ** -0.5, splits, config, *rope, new=(kn, vn, pos, 256))
+    assert torch.equal(k, want_k) and torch.equal(v, want_v), (b, col, n)
+    assert torch.equal(got, want), (b, col, n, (got - want).abs().max())
+
+rope1 = (torch.randn(1, 1, 32).half(), torch.randn(1, 1, 32).half())
+for rope in ((), rope1):
+    written(1, 2, 2, 5, 100, (64, 2), rope)
+    written(1, 2, 2, 70, 100, (64, 2), rope, Config(fused_combine=False))
+    written(2, 2, 8, 130, 200, (64, 4), (torch.randn(2, 1, 32).half(), torch.randn(2, 1, 32).half()) if rope else ())
+    written(1, 2, 2, 150, 100, (64, 2), rope)  # past the attended columns
+    written(1, 2, 2, 300, 100, (64, 2), rope)  # past the buffers
 print(worst)
 """
 
@@ -159,6 +188,26 @@ for numerics in ("eager-casts", "fused"):
                                    for _ in range(3)])
     differ.append(((out[True] - out[False]).abs().max() / out[False].abs().max()).item())
 print(calls.count(-2), *differ)
+# the new key and value written by the attention kernel (Config.write_kv) in the graph engine's own
+# step layer (layer_at_deferred: the layer's buffers as one `pair`): the same logits and the same
+# buffers, bit for bit, under eager numerics, with the key rotated by the kernel and by inductor
+from bench.engines.decoder import deferring
+writes = []
+_writing = sk.attend
+sk.attend = lambda *a, **k: writes.append(k.get("new") is not None) or _writing(*a, **k)
+dec.numerics = "eager-casts"
+for rotary in (True, False):
+    out, data = {}, {}
+    for write_kv in (False, True):
+        torch._dynamo.reset()
+        sk.DEFAULT = dataclasses.replace(sk.DEFAULT, rotary=rotary, write_kv=write_kv)
+        layer = deferring(torch.compile(dec.layer_at_deferred, dynamic=False, options=inductor_options("eager-casts")))
+        kv.set_positions(saved)
+        out[write_kv] = torch.stack([dec.step(token, torch.tensor(1), kv, layer, key_len=128)[:, -1].float()
+                                     for _ in range(3)])
+        data[write_kv] = kv.data.clone()
+    print(int(torch.equal(out[True], out[False]) and torch.equal(data[True], data[False])))
+print(sum(writes))
 """
 
 
@@ -168,19 +217,23 @@ def test_a_compiled_decode_step_attends_by_the_split_kv_op(tiny_llava_dir):
     and gives the logits of the eager step attending by SDPA within fp16 rounding, for one row
     and for a batch (its additive mask per row), three steps each; with the query handed over
     unrotated and rotated by the kernel (Config.rotary) the same logits bit for bit under eager
-    numerics, within fp16 rounding under "fused"."""
+    numerics, within fp16 rounding under "fused"; with the new key and value written by the kernel
+    (Config.write_kv, in the graph engine's own step layer) the same logits and buffers bit for bit."""
     pytest.importorskip("triton")
     from tests.conftest import ROOT
 
     done = subprocess.run([sys.executable, "-c", _STEP, str(tiny_llava_dir)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    layers, one_row, two_rows = map(int, done.stdout.split()[-7:-4])
+    layers, one_row, two_rows = map(int, done.stdout.split()[-10:-7])
     assert one_row == two_rows == 3 * layers > 0  # every layer of every split-kv step, and only those
-    assert float(done.stdout.split()[-4]) < 1e-2
-    rotated, eager, fused = done.stdout.split()[-3:]
+    assert float(done.stdout.split()[-7]) < 1e-2
+    rotated, eager, fused = done.stdout.split()[-6:-3]
     # the query rotated in the kernel: the same bits under eager numerics, within rounding under fused
     assert int(rotated) == 2 * 3 * layers and float(eager) == 0.0 and float(fused) < 1e-2
+    # the new key and value written by the kernel: the same logits and buffers, with and without rotary
+    same_rotated, same_plain, writes = map(int, done.stdout.split()[-3:])
+    assert same_rotated == same_plain == 1 and writes == 2 * 3 * layers
 
 
 def test_split_kv_attention_equals_softmax_attention_in_tritons_interpreter():
@@ -236,10 +289,10 @@ def test_splits_cover_the_keys_and_fill_the_gpu():
 def test_a_launch_configuration_is_checked_when_made():
     from bench.engines.split_kv_attention import DEFAULT, Config
 
-    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False, False, 2, True)
+    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False, False, 2, True, True)
     assert DEFAULT.label() == ("block=64,programs_per_sm=2,dot=1,num_warps=4,fused_combine=1,combine_chunk=16,"
-                               "prefetch=0,q_with_keys=0,num_stages=2,rotary=1")
-    other = Config(32, 4, False, 8, True, 4, True, True, 3, False)
+                               "prefetch=0,q_with_keys=0,num_stages=2,rotary=1,write_kv=1")
+    other = Config(32, 4, False, 8, True, 4, True, True, 3, False, False)
     assert Config.parse(other.label()) == other and Config.parse("dot=0") == Config(dot=False)
     assert Config.parse("fused_combine=0") == Config(fused_combine=False) != DEFAULT
     # a label written before the combine's chunk and the prefetch were fields: theirs are the defaults
@@ -305,6 +358,17 @@ def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, bat
     assert rotated.ptx.count("ld.global") > fused.ptx.count("ld.global")
     assert "mul.rn.f32" in rotated.ptx and "add.rn.f32" in rotated.ptx
     assert not re.search(r"fma\.rn\.b?f16", rotated.ptx)
+    # the new key (rotated) and value written by the kernel (Config.write_kv): nothing spills, the
+    # same shared memory, the new key's rotation as eager rounds it too
+    new = (torch.empty(batch, kv_heads, 1, 128, dtype=dt, device=meta),) * 2 + (
+        torch.empty(1, dtype=torch.long, device=meta), keys + 256)
+    calls, _ = sk.launches(q, buf[:, :, :keys], buf[:, :, :keys], mask, 128 ** -0.5, splits, sk.Config(), rope, rope,
+                           new=new)
+    writing = triton_aot.compile_call(*(calls[0][i] for i in (0, 2, 3)))
+    assert writing.spill_bytes == 0 and writing.registers <= 255, (writing.registers, writing.spill_bytes)
+    assert writing.shared_bytes == rotated.shared_bytes and writing.ptx.count("st.global") > rotated.ptx.count(
+        "st.global")
+    assert not re.search(r"fma\.rn\.b?f16", writing.ptx)
     if dt != torch.float32:  # two pipeline stages (Config.num_stages): four programs fit an SM's 228 KB
         assert fused.shared_bytes <= 228 * 1024 // 4 - 1024, fused.shared_bytes
     assert "atom.global.gpu.acq_rel.add" in fused.ptx and "bar.sync" in fused.ptx
@@ -408,6 +472,52 @@ def test_cuda_the_query_rotated_in_the_kernel_is_eagers_bit_for_bit():
             args = (keys[:, :, :640], values[:, :, :640], None, 128 ** -0.5)
             want = sk.attend(_rotate(q, cos, sin), *args)
             assert torch.equal(sk.attend(q, *args, cos=cos, sin=sin), want), (dt, b, heads)
+
+
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
+def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_bit():
+    """On a GPU (where the program holding the new column reads back what its threads just wrote,
+    its keys copied asynchronously): the step's new key and value written by the partial kernel
+    (Config.write_kv), the key rotated there as eager rounds, leave the buffers and give the output
+    of writing them first (the key rotated by the decoder's _rotate) and attending after, bit for
+    bit, in fp16 and bf16, one row and four grouped, call after call and replayed in a CUDA graph."""
+    import torch
+
+    from bench.engines import split_kv_attention as sk
+    from bench.engines.decoder import _rotate
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    for dt in (torch.float16, torch.bfloat16):
+        for b, heads, kvh, col in ((1, 32, 32, 600), (4, 28, 4, 131)):
+            keys, values = (torch.randn(b, kvh, 704, 128, device=dev, dtype=dt) for _ in range(2))
+            proj = torch.randn(b, 1, (heads + 2 * kvh) * 128, device=dev, dtype=dt) * 4
+            q, kn, vn = (t.view(b, 1, -1, 128).transpose(1, 2) for t in proj.split([heads * 128, kvh * 128,
+                                                                                  kvh * 128], -1))
+            freq = torch.full((b, 1, 64), float(col), device=dev) / 10000 ** (torch.arange(0, 128, 2, device=dev) / 128)
+            cos, sin = (f(torch.cat((freq, freq), -1)).to(dt) for f in (torch.cos, torch.sin))
+            mask = torch.zeros(b, 1, 1, 640, device=dev, dtype=dt)
+            mask[..., col + 1:] = float("-inf")
+            want_k, want_v = keys.clone(), values.clone()
+            want_k[:, :, col:col + 1], want_v[:, :, col:col + 1] = _rotate(kn, cos, sin), vn
+            want = sk.attend(_rotate(q, cos, sin), want_k[:, :, :640], want_v[:, :, :640], mask, 128 ** -0.5)
+            pos = torch.tensor([col], device=dev)
+
+            def call():
+                return sk.attend(q, keys[:, :, :640], values[:, :, :640], mask, 128 ** -0.5, cos=cos, sin=sin,
+                                 new=(kn, vn, pos, 704))
+
+            for _ in range(3):
+                assert torch.equal(call(), want) and torch.equal(keys, want_k) and torch.equal(values, want_v)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = call()
+            for _ in range(5):
+                keys.copy_(torch.randn_like(keys))  # (stale contents at the new column, each replay)
+                want_k[:, :, :col], want_k[:, :, col + 1:] = keys[:, :, :col], keys[:, :, col + 1:]
+                want = sk.attend(_rotate(q, cos, sin), want_k[:, :, :640], want_v[:, :, :640], mask, 128 ** -0.5)
+                graph.replay()
+                assert torch.equal(out, want) and torch.equal(keys, want_k), (dt, b)
 
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")

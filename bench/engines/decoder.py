@@ -165,16 +165,16 @@ class FastDecoder(nn.Module):
         g = gate.to(torch.float32)
         return (g / (1 + torch.exp(-g))).to(gate.dtype) * up
 
-    def _qkv(self, block, h, cos, sin, rotate_q: bool = True):
-        return self._heads_rotated(*block.qkv(self._norm(block.ln1, h)), cos, sin, rotate_q)
+    def _qkv(self, block, h, cos, sin, rotate_q: bool = True, rotate_k: bool = True):
+        return self._heads_rotated(*block.qkv(self._norm(block.ln1, h)), cos, sin, rotate_q, rotate_k)
 
-    def _heads_rotated(self, q, k, v, cos, sin, rotate_q: bool = True):
-        """Projection outputs [b, t, n*d] as [b, n, t, d] heads, k rotated and (rotate_q) q."""
+    def _heads_rotated(self, q, k, v, cos, sin, rotate_q: bool = True, rotate_k: bool = True):
+        """Projection outputs [b, t, n*d] as [b, n, t, d] heads, (rotate_q) q and (rotate_k) k rotated."""
         b, t, _ = q.shape
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        return _rotate(q, cos, sin) if rotate_q else q, _rotate(k, cos, sin), v
+        return _rotate(q, cos, sin) if rotate_q else q, _rotate(k, cos, sin) if rotate_k else k, v
 
     def _attn_out(self, block, h, o):
         """The residual stream after attention: h + o_proj(o), o [b, heads, t, d]."""
@@ -258,7 +258,13 @@ class FastDecoder(nn.Module):
         # the query handed over unrotated, with cos and sin, and rotated by the attention kernel
         # (split_kv_attention.Config.rotary), rounding as the numerics do
         rotary = split_kv and split_kv_attention.DEFAULT.rotary
-        q, k, v = self._qkv(block, h, cos, sin, rotate_q=not rotary)
+        # the new key and value written by the attention kernel (Config.write_kv), the key rotated there too
+        writing = split_kv and pair is not None and split_kv_attention.DEFAULT.write_kv
+        q, k, v = self._qkv(block, h, cos, sin, rotate_q=not rotary, rotate_k=not (writing and rotary))
+        rope = (cos, sin, self.numerics != "fused") if rotary else ()
+        if writing:
+            return torch.ops.vlmbench.split_kv_attention_writing(q, k, v, pos, pair, keys_end or pair.shape[3], mask,
+                                                                 self.scaling, *rope)
         if pair is not None:
             pair.index_copy_(3, pos, torch.stack((k, v)))
         else:
@@ -268,8 +274,7 @@ class FastDecoder(nn.Module):
             keys, values = keys[:, :, :keys_end], values[:, :, :keys_end]
         t = q.shape[2]
         if split_kv:
-            o = torch.ops.vlmbench.split_kv_attention(q, keys, values, mask, self.scaling,
-                                                      *((cos, sin, self.numerics != "fused") if rotary else ()))
+            o = torch.ops.vlmbench.split_kv_attention(q, keys, values, mask, self.scaling, *rope)
         elif (1 < t or self.one_query_matmul) and t <= MATMUL_ATTENTION_MAX_T and torch.compiler.is_compiling():
             o = self._matmul_attention(q, keys, values, mask)
         else:

@@ -76,6 +76,10 @@ class Config:
     eager does under the eager numerics (the same bits), once under "fused"
     (bench.engines.decoder.FastDecoder._attend_at). On an H100 that shortened llava-1.5-7b's int4
     step in every round with the same tokens (results/lab/h100/split-kv_ab_rotary_llava-1.5-7b.csv).
+    `write_kv`: the engines' compiled one-query steps hand the step's new key (unrotated, under
+    `rotary`) and value to the partial kernel, whose program holding their column writes them into
+    the layer's buffers before reading its keys (op split_kv_attention_writing): the key's
+    rotation and the write no longer a kernel of their own.
     A label without some fields (one written before they were fields) parses to today's defaults
     for them, not to what was launched then (fused_combine=1 meant 8 splits at a time, 3 stages).
 
@@ -96,6 +100,7 @@ class Config:
     q_with_keys: bool = False
     num_stages: int = 2
     rotary: bool = True
+    write_kv: bool = True
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
@@ -253,10 +258,16 @@ if triton is not None:
                  PRECISION: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr = False,
                  PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
                  CHUNK: tl.constexpr = 16, Q_WITH_KEYS: tl.constexpr = False, ROTARY: tl.constexpr = False,
-                 EAGER: tl.constexpr = True, PTX: tl.constexpr = True):
+                 EAGER: tl.constexpr = True, PTX: tl.constexpr = True, KN=None, VN=None, Pos=None, skn_b=0,
+                 skn_h=0, svn_b=0, svn_h=0, cap=0, WRITE: tl.constexpr = False):
         """The partials of split `program_id(1)` for the query heads of one row and kv head
         (`program_id(0)`); COMBINE: the last of that row and kv head's programs to finish (counted
-        in Count[program_id(0)], which it sets back to 0 for the next launch) combines them into Out."""
+        in Count[program_id(0)], which it sets back to 0 for the next launch) combines them into Out.
+        WRITE: the step's new key KN (rotated here as the query is, ROTARY) and value VN [b, kv
+        heads, D] are first written at column Pos[0] by the program whose split holds it (the
+        last split's where it lies past the attended keys), which then reads them back with the
+        rest of its keys (after a barrier: every thread's store before any thread's load); a column
+        past the buffers' `cap` columns nowhere."""
         pid = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         b = pid // kv_heads
@@ -276,6 +287,17 @@ if triton is not None:
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
         heads = kvh * GROUP + g  # the query heads reading this kv head (transformers' repeat_kv)
+        if WRITE:
+            new_col = tl.load(Pos)
+            held = ((new_col >= start) & (new_col < end)) | ((split == n_splits - 1) & (new_col >= keys))
+            mine = held & (new_col >= 0) & (new_col < cap)
+            # the new key as a one-head "query" of its kv head (row 0 of [BLOCK_G, D]), rotated as the query is
+            kn = _query(KN, C, S, b, kvh + g, g, d, skn_b, skn_h, sc_b, ss_b, mine, 1, D, ROTARY, EAGER, PTX)
+            tl.store(K + b * sk_b + kvh * sk_h + new_col * sk_l + g[:, None] * 0 + d[None, :], kn,
+                     mask=(g == 0)[:, None] & mine)
+            vn = tl.load(VN + b * svn_b + kvh * svn_h + d, mask=(d < D) & mine, other=0.0)
+            tl.store(V + b * sv_b + kvh * sv_h + new_col * sv_l + d, vn, mask=(d < D) & mine)
+            tl.debug_barrier()
         if not Q_WITH_KEYS:
             q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, True, GROUP, D, ROTARY, EAGER, PTX)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -359,7 +381,7 @@ def _counts(device: torch.device, n: int) -> torch.Tensor | None:
 def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
              scale: float, splits: tuple[int, int] | None = None, config: Config | None = None,
              cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-             eager_rounding: bool = True) -> tuple[list, torch.Tensor]:
+             eager_rounding: bool = True, new: tuple | None = None) -> tuple[list, torch.Tensor]:
     """([(kernel, grid, args, kwargs) of the launches: partial and combine, or the partial alone
     under fused_combine], output) for `attend`'s arguments (`config` default: the module's DEFAULT
     as it is at the call), its buffers allocated on q's device (the meta device gives what lab and
@@ -385,6 +407,7 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                                  f"{sin.dtype}) are not one position's [1 or {b}, 1, {d}] in q's dtype ({q.dtype}) "
                                  f"and device")
         rope = [r.reshape(r.shape[0], d).contiguous() for r in (cos, sin)]  # [1 or b, d]
+    written = _new_key_and_value(new, q, keys, values)
     group = h // kvh
     dot = config.dot or triton.next_power_of_2(group) * config.block * d > BROADCAST_REGISTERS * 32 * config.num_warps
     if mask is None:
@@ -416,24 +439,47 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                "PTX": q.device.type != "cpu",  # Triton's interpreter runs no PTX (the meta device: compiled ahead)
                "BLOCK_G": max(MIN_GROUP_ROWS if dot else 1, triton.next_power_of_2(group)),
                # fp32 inputs: fp32 products, not TF32's (the matmul path's, unless TF32 is on)
-               "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"})]
+               "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32", **written})]
     if counts is None:
         calls.append((_combine, (b * h,), (acc, mx, total, out, count), {**pdl, **combining}))
     return calls, out
 
 
+def _new_key_and_value(new: tuple | None, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> dict:
+    """The partial kernel's arguments for writing `new` = (key [b, kv heads, 1, d], value [b, kv
+    heads, 1, d], column: a one-element integer tensor[, capacity]) into keys and values (none for
+    None). keys and values may be views of the first columns of buffers of `capacity` columns
+    (default: as many as the views have): a column past the attended ones is written there, one
+    past the buffers nowhere. ValueError naming what does not fit."""
+    if new is None:
+        return {}
+    k_new, v_new, pos, capacity = (*new, None)[:4]
+    b, kvh, d = keys.shape[0], keys.shape[1], keys.shape[3]
+    for name, t in (("key", k_new), ("value", v_new)):
+        if (tuple(t.shape) != (b, kvh, 1, d) or t.stride(-1) != 1 or t.dtype != q.dtype or t.device != q.device):
+            raise ValueError(f"split-kv attention: the new {name} {tuple(t.shape)} ({t.dtype}) is not [{b}, {kvh}, 1, "
+                             f"{d}] in q's dtype ({q.dtype}) and device, contiguous in its last dimension")
+    if pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64) or pos.device != q.device:
+        raise ValueError(f"split-kv attention: the new column {tuple(pos.shape)} ({pos.dtype}) is not one integer on "
+                         "q's device")
+    return {"KN": k_new, "VN": v_new, "Pos": pos, "skn_b": k_new.stride(0), "skn_h": k_new.stride(1),
+            "svn_b": v_new.stride(0), "svn_h": v_new.stride(1), "cap": capacity or keys.shape[2], "WRITE": True}
+
+
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
            scale: float, splits: tuple[int, int] | None = None, config: Config | None = None,
            cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-           eager_rounding: bool = True) -> torch.Tensor:
+           eager_rounding: bool = True, new: tuple | None = None) -> torch.Tensor:
     """Attention of one query per row: q [b, h, 1, d], keys/values [b, kv_heads, L, d] (views of
     the buffers: any strides with the last dimension contiguous), `mask` additive, broadcastable
     to [b, 1, 1, L] (None: every key); -> [b, h, 1, d] in q's dtype. `splits` (keys per split,
     number of splits) overrides splits_for (tests); `config`: how the kernels are launched
     (`launches`' default). `cos`, `sin` (the query's position's, [1 or b, 1, d]): q is not rotated
     yet; the kernel rotates it as transformers' apply_rotary_pos_emb does, rounding as eager does
-    (`eager_rounding`) or once."""
-    calls, out = launches(q, keys, values, mask, scale, splits, config, cos, sin, eager_rounding)
+    (`eager_rounding`) or once. `new` = (key, value, column[, capacity]): the step's new key and
+    value [b, kv_heads, 1, d] are written into keys and values at `column` (a one-element device
+    tensor) first, the key rotated as q is where cos and sin are given (_new_key_and_value)."""
+    calls, out = launches(q, keys, values, mask, scale, splits, config, cos, sin, eager_rounding, new)
     for kernel, grid, args, kwargs in calls:
         kernel[grid](*args, **kwargs)
     return out
@@ -450,6 +496,24 @@ def split_kv_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
 
 @split_kv_attention.register_fake
 def _(q, keys, values, mask, scale, cos=None, sin=None, eager_rounding=True):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("vlmbench::split_kv_attention_writing", mutates_args=("pair",))
+def split_kv_attention_writing(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor,
+                               pair: torch.Tensor, keys_end: int, mask: torch.Tensor | None, scale: float,
+                               cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                               eager_rounding: bool = True) -> torch.Tensor:
+    """`attend` over the first `keys_end` columns of a layer's key/value buffer `pair` [2, b,
+    kv_heads, L, d] (bench.engines.kv_buffers' KVLayer.pair) after writing the step's new key
+    and value at column `pos` (Config.write_kv): one op compiled code calls as it is, the
+    buffer its mutated argument."""
+    return attend(q, pair[0, :, :, :keys_end], pair[1, :, :, :keys_end], mask, scale, cos=cos, sin=sin,
+                  eager_rounding=eager_rounding, new=(k_new, v_new, pos, pair.shape[3]))
+
+
+@split_kv_attention_writing.register_fake
+def _(q, k_new, v_new, pos, pair, keys_end, mask, scale, cos=None, sin=None, eager_rounding=True):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
