@@ -16,7 +16,8 @@ split-KV decode attention's splits combined by a second kernel (0) or by the par
 program (1; bench.engines.split_kv_attention.Config.fused_combine, set on the module's DEFAULT,
 which each capture reads); deferred-residual: the step layer compiled from FastDecoder.layer_at
 (0) or layer_at_deferred (1, the engine's own: each MLP residual add fused into the next layer,
-keys and values written by one copy); pdl-prefetch: `--pdl off` (off) against `--pdl auto` with
+keys and values written by one copy, or since 1ff4e3f by split-KV attention's kernel, write_kv,
+which layer_at's step does not do); pdl-prefetch: `--pdl off` (off) against `--pdl auto` with
 triton-f16x2 asking L2 for the first 0 to 4 quarters of its weights before the wait
 (bench.pdl.PREFETCH; 0 is the default; up to 9d5d362 split-KV attention prefetched its keys and
 values with any quarters, since its own setting: split-kv's prefetch).
@@ -35,8 +36,10 @@ knockout: the step with some of its work left out, to bound what fusing it elsew
 tokens are then meaningless; the GEMVs' and attention's times do not depend on the values): none,
 add-norm (the residual adds and RMSNorms of every layer: the GEMVs read each other's outputs
 directly), silu (the down projection reads the up half of the gate/up output), kv-write (the new
-key's rotation and the key and value writes), attention (its output is the query; the keys and
-values still written), several joined by +. Split-KV attention's steps only (one row, CUDA).
+key's rotation and the key and value writes, by a kernel of their own or, split-kv's write_kv, by
+the attention kernel), attention (its output is the query; the keys and values still written by
+a kernel of their own, except under write_kv: then left out too), several joined by +. Split-KV
+attention's steps only (one row, CUDA).
 `--values` times other values, or more than two, in the same rounds.
 --int4-kernels as run's flag (default triton-f16x2: what `measured` chooses at one row on every
 decoder shape of llava-1.5-7b and vila1.5-3b on an H100); --seconds stops starting rounds after
@@ -148,8 +151,9 @@ def _no_attention(self, block, h, cos, sin, pos, mask, keys, values, keys_end=No
     output (knockout attention; calls of more than one query, or uncompiled, as they were)."""
     if not (h.shape[1] == 1 and self.split_kv and torch.compiler.is_compiling()):
         return _ORIGINAL["FastDecoder._attend_at"](self, block, h, cos, sin, pos, mask, keys, values, keys_end, pair)
-    q, k, v = self._qkv(block, h, cos, sin, rotate_q=False)
-    pair.index_copy_(3, pos, torch.stack((k, v)))
+    q, k, v = self._qkv(block, h, cos, sin, rotate_q=False, rotate_k=not sk.DEFAULT.write_kv)
+    if not sk.DEFAULT.write_kv:  # (the write is the attention kernel's own under write_kv: left out with it)
+        pair.index_copy_(3, pos, torch.stack((k, v)))
     return q
 
 

@@ -245,7 +245,9 @@ class FastDecoder(nn.Module):
           the sum is rounded to fp16 there as before, so the outputs are layer_at's bit for bit;
           "fused" lets that norm read it unrounded;
         - keys and values come as one tensor, `pair` [2, b, kv_heads, L, d] (KVLayer.pair), written
-          by one index_copy_: as two views of one buffer, each written in turn, they were two kernels."""
+          by one index_copy_: as two views of one buffer, each written in turn, they were two kernels;
+          in a compiled one-query step attending by split-KV they are written by its kernel
+          (split_kv_attention.Config.write_kv: no kernel of their own)."""
         h = h + pending
         o = self._attend_at(block, h, cos, sin, pos, mask, pair[0], pair[1], keys_end, pair)
         h = self._attn_out(block, h, o)

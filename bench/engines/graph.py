@@ -112,7 +112,8 @@ class GraphEngine(StaticEngine):
     def _compiled_step_layer(self, compile):
         """The layer function decode steps and suffixes run, compiled by `compile(fn, dynamic)`:
         layer_at_deferred, whose MLP residual add goes into the next layer's first norm and whose
-        keys and values are written by one copy (compiled from layer_at, in llava-1.5-7b's captured
+        keys and values are written by one copy, or where it attends by split-KV by its attention
+        kernel (split_kv_attention.Config.write_kv) (compiled from layer_at, in llava-1.5-7b's captured
         int4 decode step on the H100 the add and the values' copy were kernels of their own, 32
         launches each of 1.2 and 1.1 us: results/lab/h100/decode_profile_llava-1.5-7b-rtn4-f16x2.csv)."""
         return deferring(compile(self.decoder.layer_at_deferred, False))
@@ -363,6 +364,9 @@ class GraphEngine(StaticEngine):
         a step."""
         # the one host read of the length: the first token is on the host already (nothing waits)
         start = cache.get_seq_length()
+        if start + steps > cache.max_len:  # (split-KV attention writing keys would drop one past the buffers)
+            raise ValueError(f"{steps} decode steps from column {start} do not fit the {cache.max_len}-column "
+                             "KV buffers")
         return [self.key_len(start + i, 1) for i in range(steps)]
 
     def _decode_graph(self, batch: int, key_len: int | None) -> _Captured:

@@ -76,10 +76,13 @@ class Config:
     eager does under the eager numerics (the same bits), once under "fused"
     (bench.engines.decoder.FastDecoder._attend_at). On an H100 that shortened llava-1.5-7b's int4
     step in every round with the same tokens (results/lab/h100/split-kv_ab_rotary_llava-1.5-7b.csv).
-    `write_kv`: the engines' compiled one-query steps hand the step's new key (unrotated, under
-    `rotary`) and value to the partial kernel, whose program holding their column writes them into
-    the layer's buffers before reading its keys (op split_kv_attention_writing): the key's
-    rotation and the write no longer a kernel of their own.
+    `write_kv`: the graph engine's compiled one-query step (FastDecoder.layer_at_deferred, whose
+    layer buffers are one `pair`) hands the step's new key (unrotated, under `rotary`) and value to
+    the partial kernel, whose program holding their column writes them into the layer's buffers
+    before reading its keys (op split_kv_attention_writing): the key's rotation and the write no
+    longer a kernel of their own, the same buffers and tokens. On an H100 that shortened
+    llava-1.5-7b's fp16 and int4 steps and vila1.5-3b's fp16 step in every round and lengthened
+    vila1.5-3b's int4 step by less than 1% (results/lab/h100/split-kv_ab_write_kv_*.csv).
     A label without some fields (one written before they were fields) parses to today's defaults
     for them, not to what was launched then (fused_combine=1 meant 8 splits at a time, 3 stages).
 
@@ -274,10 +277,11 @@ if triton is not None:
         kvh = pid % kv_heads
         start = split * per_split
         end = tl.minimum(start + per_split, keys)
-        if PDL:  # launched with programmatic dependent launch (bench.pdl): the kernel before wrote q and a key
-            # the split's keys and values asked of L2 meanwhile (PREFETCH: both buffers 16-byte aligned; the
-            # newest key and value among them, which the kernel before writes: a prefetch only warms L2,
-            # where that write lands whenever it comes, and nothing is read before the wait)
+        if PDL:  # launched with programmatic dependent launch (bench.pdl): the kernel before wrote q (and,
+            # without WRITE, the new key and value); the split's keys and values asked of L2 meanwhile
+            # (PREFETCH: both buffers 16-byte aligned; the newest key and value among them, which the kernel
+            # before or this one writes: a prefetch only warms L2, where that write lands whenever it comes,
+            # and nothing is read before the wait)
             if PREFETCH & (sk_l == D) & (sv_l == D) & (end > start):
                 nbytes = ((end - start) * D * (K.dtype.element_ty.primitive_bitwidth // 8)).to(tl.int32)
                 prefetch_l2(K + b * sk_b + kvh * sk_h + start * D, nbytes)
@@ -290,14 +294,13 @@ if triton is not None:
         if WRITE:
             new_col = tl.load(Pos)
             held = ((new_col >= start) & (new_col < end)) | ((split == n_splits - 1) & (new_col >= keys))
-            mine = held & (new_col >= 0) & (new_col < cap)
-            # the new key as a one-head "query" of its kv head (row 0 of [BLOCK_G, D]), rotated as the query is
-            kn = _query(KN, C, S, b, kvh + g, g, d, skn_b, skn_h, sc_b, ss_b, mine, 1, D, ROTARY, EAGER, PTX)
-            tl.store(K + b * sk_b + kvh * sk_h + new_col * sk_l + g[:, None] * 0 + d[None, :], kn,
-                     mask=(g == 0)[:, None] & mine)
-            vn = tl.load(VN + b * svn_b + kvh * svn_h + d, mask=(d < D) & mine, other=0.0)
-            tl.store(V + b * sv_b + kvh * sv_h + new_col * sv_l + d, vn, mask=(d < D) & mine)
-            tl.debug_barrier()
+            if held & (new_col >= 0) & (new_col < cap):  # (a column past the buffers: written nowhere)
+                # the new key as a one-head "query" of its kv head (row 0 of [BLOCK_G, D]), rotated as the query is
+                kn = _query(KN, C, S, b, kvh + g, g, d, skn_b, skn_h, sc_b, ss_b, True, 1, D, ROTARY, EAGER, PTX)
+                tl.store(K + b * sk_b + kvh * sk_h + new_col * sk_l + g[:, None] * 0 + d[None, :], kn,
+                         mask=(g == 0)[:, None])
+                tl.store(V + b * sv_b + kvh * sv_h + new_col * sv_l + d, tl.load(VN + b * svn_b + kvh * svn_h + d))
+            tl.debug_barrier()  # every thread's stores before any thread's loads of the keys below
         if not Q_WITH_KEYS:
             q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, True, GROUP, D, ROTARY, EAGER, PTX)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
