@@ -19,6 +19,8 @@ reference run's, and adds what it measures to it).
 flag; off without); --inductor NAME=VALUE sets an inductor option first (combo_kernels=1);
 --split-kv CONFIG launches the split-KV attention so (fused_combine=1: its splits combined in its
 partial kernel).
+--numerics the compiled layers' rounding (EngineSpec.numerics); --knockout leaves work out of the
+step as lab/gpu_step_ab.py --ab knockout does (its tokens then mean nothing).
 --batch-size B profiles a step of B rows (after a batch of B requests), the kernels a batched
 decode step replays.
 """
@@ -31,7 +33,8 @@ import torch
 from gpu_profile_common import graph_engine_after_one_request, kernel_times, profile_parser
 
 from bench.engines import split_kv_attention as sk
-from bench.engines.spec import EngineSpec
+from bench.engines.spec import NUMERICS, EngineSpec
+from gpu_step_ab import _knockout
 from bench.pdl import MODES as PDL_MODES
 from bench.measure.results import CsvWriter
 
@@ -48,10 +51,17 @@ def main() -> None:
                     help="programmatic dependent launch (as run's --pdl)")
     ap.add_argument("--split-kv", default="", help="the split-KV attention's launch configuration "
                     "(split_kv_attention.Config.parse: 'fused_combine=1'; default its DEFAULT)")
+    ap.add_argument("--numerics", choices=NUMERICS, default="fused",
+                    help="how the compiled layers round (default fused, as up to 2026-12-07; the graph engine's "
+                         "own default is eager-casts)")
+    ap.add_argument("--knockout", default="none", help="work left out of the step, as lab/gpu_step_ab.py "
+                    "--ab knockout's values (e.g. silu): which kernels take its time, or more")
     args = ap.parse_args()
     if args.split_kv:
         sk.DEFAULT = sk.Config.parse(args.split_kv)
-    spec = EngineSpec(pdl=args.pdl, int4_kernels=args.int4_kernels, int4_kernel_cache=args.int4_kernel_cache,
+    _knockout(args.knockout, args.int4_kernels)
+    spec = EngineSpec(pdl=args.pdl, numerics=args.numerics, int4_kernels=args.int4_kernels,
+                      int4_kernel_cache=args.int4_kernel_cache,
                       int4_kernel_candidates=tuple(args.int4_kernel_candidates.split(","))
                       if args.int4_kernel_candidates else ())
     a, eng, _, r = graph_engine_after_one_request(args.preset, 128, args.weights, spec, args.batch_size)
@@ -76,12 +86,14 @@ def main() -> None:
         per_kernel = kernel_times(step, args.steps)
     total = sum(ms for ms, _ in per_kernel.values())
     w = CsvWriter(Path(args.out), ["model", "weights", "batch_size", "int4_kernels", "inductor", "pdl", "split_kv",
-                                   "step_ms", "kernel", "ms_per_step", "launches_per_step", "share"])
+                                   "numerics", "knockout", "step_ms", "kernel", "ms_per_step", "launches_per_step",
+                                   "share"])
     plan = eng.int4_kernels.column() if eng.int4_kernels is not None else ""
     for name, (ms, n) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0]):
         w.write({"model": args.preset, "weights": args.weights, "batch_size": args.batch_size, "int4_kernels": plan,
                  "inductor": ";".join(args.inductor), "pdl": eng.pdl,
-                 "split_kv": sk.DEFAULT.label() if eng.decoder.split_kv else "", "step_ms": step_ms,
+                 "split_kv": sk.DEFAULT.label() if eng.decoder.split_kv else "", "numerics": args.numerics,
+                 "knockout": args.knockout, "step_ms": step_ms,
                  "kernel": name[:120], "ms_per_step": ms, "launches_per_step": n, "share": ms / total})
     w.close()
     launches = sum(n for _, n in per_kernel.values())
