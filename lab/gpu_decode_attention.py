@@ -8,7 +8,8 @@ bench.measure.timing.call_us (CUDA graphs of 32 calls): `matmul` is FastDecoder.
 compiled as the graph engine compiles its step (two batched GEMMs around a softmax), `split-kv`
 is bench.engines.split_kv_attention's kernels as the op launches them (given the query unrotated,
 with its cos and sin, where Config.rotary says so, and writing the step's new key and value where
-Config.write_kv says so, as the engine gives them). Each point also
+Config.write_kv says so, as the engine gives them; the matmul rows write nothing, where the step
+writes by a kernel of its own, so `vs_matmul` leaves that kernel out). Each point also
 checks split-kv against fp32 softmax attention. `kv_gb_per_s`: the bytes of keys and values a
 call must read over its time.
 `--configs` also times split-kv under other launch configurations (split_kv_attention.Config:

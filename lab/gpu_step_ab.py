@@ -151,8 +151,11 @@ def _no_attention(self, block, h, cos, sin, pos, mask, keys, values, keys_end=No
     output (knockout attention; calls of more than one query, or uncompiled, as they were)."""
     if not (h.shape[1] == 1 and self.split_kv and torch.compiler.is_compiling()):
         return _ORIGINAL["FastDecoder._attend_at"](self, block, h, cos, sin, pos, mask, keys, values, keys_end, pair)
-    q, k, v = self._qkv(block, h, cos, sin, rotate_q=False, rotate_k=not sk.DEFAULT.write_kv)
-    if not sk.DEFAULT.write_kv:  # (the write is the attention kernel's own under write_kv: left out with it)
+    q, k, v = self._qkv(block, h, cos, sin, rotate_q=False, rotate_k=pair is None or not sk.DEFAULT.write_kv)
+    if pair is None:  # (layer_at's step)
+        keys.index_copy_(2, pos, k)
+        values.index_copy_(2, pos, v)
+    elif not sk.DEFAULT.write_kv:  # (the write is the attention kernel's own under write_kv: left out with it)
         pair.index_copy_(3, pos, torch.stack((k, v)))
     return q
 
@@ -168,14 +171,15 @@ def _knockout(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
 
     names = value.split("+")
     if not set(names) <= set(_KNOCKOUTS) or "kv-write" in names and "attention" in names:
-        raise SystemExit(f"--ab knockout value {value!r}: {', '.join(_KNOCKOUTS)} joined by + (not both kv-write "
+        raise SystemExit(f"knockout {value!r}: {', '.join(_KNOCKOUTS)} joined by + (not both kv-write "
                          "and attention)")
     for name in {m for stand_ins in _KNOCKOUTS.values() for m in stand_ins}:  # the decoder's own methods first
         setattr(FastDecoder, name, _ORIGINAL.setdefault(f"FastDecoder.{name}", getattr(FastDecoder, name)))
     for name in names:
         for method, stand_in in _KNOCKOUTS[name].items():
             setattr(FastDecoder, method, stand_in)
-    return EngineSpec(int4_kernels=int4_kernels), lambda engine: value != "none" and engine.decoder.split_kv
+    # (kv-write and attention leave out work of split-KV steps only)
+    return EngineSpec(int4_kernels=int4_kernels), lambda engine: value != "none"
 
 
 def _pdl_prefetch(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:

@@ -274,6 +274,47 @@ def test_split_kv_attention_refuses_a_cos_and_sin_it_cannot_rotate_by():
             sk.launches(q, buf, buf, None, 0.125, None, None, cos, sin)
 
 
+def test_split_kv_attention_refuses_a_new_key_or_value_it_cannot_write():
+    """The step's new key and value (Config.write_kv) are one position's [b, kv heads, 1, d] in q's
+    dtype and device, contiguous in d, and their column one integer on q's device: anything else is
+    a one-line ValueError before any launch, not a write elsewhere in the buffers."""
+    pytest.importorskip("triton")
+    import torch
+
+    from bench.engines import split_kv_attention as sk
+
+    meta = torch.device("meta")
+    buf = torch.empty(2, 4, 256, 64, dtype=torch.float16, device=meta)
+    q = torch.empty(2, 8, 1, 64, dtype=torch.float16, device=meta)
+    kv = torch.empty(2, 4, 1, 64, dtype=torch.float16, device=meta)
+    col = torch.zeros(1, dtype=torch.long, device=meta)
+    assert sk.launches(q, buf, buf, None, 0.125, new=(kv, kv, col))[0][0][3]["WRITE"]
+    for new in ((torch.empty(2, 4, 2, 64, dtype=torch.float16, device=meta), kv, col), (kv, kv.float(), col),
+                (kv, torch.empty(1, 4, 1, 64, dtype=torch.float16, device=meta), col),
+                (torch.empty(2, 4, 1, 128, dtype=torch.float16, device=meta)[..., ::2], kv, col),
+                (kv, kv, torch.zeros(2, dtype=torch.long, device=meta)), (kv, kv, col.float()),
+                (kv, kv, torch.zeros(1, dtype=torch.long))):
+        with pytest.raises(ValueError, match="split-kv attention: the new"):
+            sk.launches(q, buf, buf, None, 0.125, new=new)
+
+
+def test_the_graph_engine_refuses_decode_steps_past_its_buffers():
+    """Steps that would write past the KV buffers' last column are refused on the host before any
+    replay (split-KV attention writing the new key and value drops a column past the buffers)."""
+    import torch
+
+    from bench.engines.graph import GraphEngine
+    from bench.engines.kv_buffers import KVBuffers
+
+    cache = KVBuffers(2, 2, 16, 64, torch.device("cpu"), torch.float16)
+    cache.length.fill_(60)
+    engine = GraphEngine.__new__(GraphEngine)  # (_decode_lengths reads only key_len)
+    engine.key_len = lambda end, t: end + t
+    assert GraphEngine._decode_lengths(engine, cache, 4) == [61, 62, 63, 64]
+    with pytest.raises(ValueError, match="5 decode steps from column 60 do not fit the 64-column KV buffers"):
+        GraphEngine._decode_lengths(engine, cache, 5)
+
+
 def test_splits_cover_the_keys_and_fill_the_gpu():
     """Splits are whole blocks, cover every key exactly once, and number enough for
     batch x kv heads x splits programs to reach the target where the keys allow."""
@@ -519,11 +560,12 @@ def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_
             with torch.cuda.graph(graph):
                 out = call()
             for _ in range(5):
-                keys.copy_(torch.randn_like(keys))  # (stale contents at the new column, each replay)
-                want_k[:, :, :col], want_k[:, :, col + 1:] = keys[:, :, :col], keys[:, :, col + 1:]
+                for buf, want_buf in ((keys, want_k), (values, want_v)):  # stale contents at the new column
+                    buf.copy_(torch.randn_like(buf))
+                    want_buf[:, :, :col], want_buf[:, :, col + 1:] = buf[:, :, :col], buf[:, :, col + 1:]
                 want = sk.attend(_rotate(q, cos, sin), want_k[:, :, :640], want_v[:, :, :640], mask, 128 ** -0.5)
                 graph.replay()
-                assert torch.equal(out, want) and torch.equal(keys, want_k), (dt, b)
+                assert torch.equal(out, want) and torch.equal(keys, want_k) and torch.equal(values, want_v), (dt, b)
 
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")

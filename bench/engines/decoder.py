@@ -8,7 +8,8 @@ for everything numeric (RMSNorm, rotary embedding, activation, projections, lm_h
 variants apply unchanged) and differs only in
 - q/k/v and gate/up run as one GEMM each (bench.engines.fused_linear),
 - keys/values are written straight into fixed buffers and attended with SDPA (compiled one-query
-  steps: bench.engines.split_kv_attention's kernels, which also rotate the query, or matmul),
+  steps: bench.engines.split_kv_attention's kernels, which also rotate the query and, in the graph
+  engine's step layer, write the new key and value, or matmul),
 - two ways to say where a call writes:
   * `prefill(embeds, kv, start)` - host-known start (eager, any length): causal flash attention
     over the new tokens when start == 0, a causal-offset mask over the buffer otherwise;
@@ -255,7 +256,8 @@ class FastDecoder(nn.Module):
 
     def _attend_at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None, pair=None):
         """`layer_at`'s attention output [b, heads, t, d] (its new keys and values written; by one
-        write into `pair` where given, whose [0] and [1] are keys and values)."""
+        write into `pair` where given, whose [0] and [1] are keys and values, or, compiled one-query
+        steps attending by split-KV with `pair`, by the attention kernel: Config.write_kv)."""
         split_kv = h.shape[1] == 1 and self.split_kv and torch.compiler.is_compiling()
         # the query handed over unrotated, with cos and sin, and rotated by the attention kernel
         # (split_kv_attention.Config.rotary), rounding as the numerics do

@@ -361,7 +361,7 @@ class GraphEngine(StaticEngine):
         columns written by then, rounded up as a suffix's are (`key_len`: the spec's key_round;
         graph-exact's, exactly), so that a step's attention reads those columns of the buffers,
         not all max_len of them: at batch 16 a 7B's keys and values over 1024 columns are 8 GiB
-        a step."""
+        a step. ValueError where the steps would pass the buffers' last column."""
         # the one host read of the length: the first token is on the host already (nothing waits)
         start = cache.get_seq_length()
         if start + steps > cache.max_len:  # (split-KV attention writing keys would drop one past the buffers)

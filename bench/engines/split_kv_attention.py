@@ -80,7 +80,8 @@ class Config:
     layer buffers are one `pair`) hands the step's new key (unrotated, under `rotary`) and value to
     the partial kernel, whose program holding their column writes them into the layer's buffers
     before reading its keys (op split_kv_attention_writing): the key's rotation and the write no
-    longer a kernel of their own, the same buffers and tokens. On an H100 that shortened
+    longer a kernel of their own; under the eager numerics the same buffers and tokens bit for bit
+    (under "fused" the key is rounded once, as the query is). On an H100 that shortened
     llava-1.5-7b's fp16 and int4 steps and vila1.5-3b's fp16 step in every round and lengthened
     vila1.5-3b's int4 step by less than 1% (results/lab/h100/split-kv_ab_write_kv_*.csv).
     A label without some fields (one written before they were fields) parses to today's defaults
@@ -388,7 +389,7 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     """([(kernel, grid, args, kwargs) of the launches: partial and combine, or the partial alone
     under fused_combine], output) for `attend`'s arguments (`config` default: the module's DEFAULT
     as it is at the call), its buffers allocated on q's device (the meta device gives what lab and
-    tests compile for a GPU that is not here: bench.quant.triton_aot)."""
+    tests compile for a GPU that is not here: bench.quant.triton_aot). `new`: as `attend`'s."""
     config = config or DEFAULT
     b, h, t, d = q.shape
     kvh, n = keys.shape[1], keys.shape[2]

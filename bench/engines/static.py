@@ -2,7 +2,8 @@
 own decoder forward (bench.engines.decoder) in eager calls. Runs anywhere (the CPU tests check
 its greedy tokens against transformers' generate); it makes the calls the `graph` engine
 (bench.engines.graph) compiles and captures, with the same arithmetic (that engine's compiled step
-layer adds each layer's MLP output in the next layer and writes keys and values by one copy).
+layer adds each layer's MLP output in the next layer and writes keys and values by one copy, or
+in its split-KV attention kernel).
 It keeps long inputs on the original, separate projections, so its prefill is bit-identical to
 transformers'.
 """
