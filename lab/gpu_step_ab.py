@@ -138,7 +138,7 @@ def _no_add_norm(self, block, h, pending, cos, sin, pos, mask, pair, keys_end=No
 def _no_kv_write(self, block, h, cos, sin, pos, mask, keys, values, keys_end=None, pair=None):
     """_attend_at without the new key's rotation and the keys' and values' write (knockout kv-write;
     calls of more than one query, or uncompiled, as they were)."""
-    if not (h.shape[1] == 1 and self.split_kv and torch.compiler.is_compiling()):
+    if not self._attends_by_split_kv(h):
         return _ORIGINAL["FastDecoder._attend_at"](self, block, h, cos, sin, pos, mask, keys, values, keys_end, pair)
     q, _, _ = self._qkv(block, h, cos, sin, rotate_q=not sk.DEFAULT.rotary)
     keys, values = keys[:, :, :keys_end], values[:, :, :keys_end]
@@ -149,7 +149,7 @@ def _no_kv_write(self, block, h, cos, sin, pos, mask, keys, values, keys_end=Non
 def _no_attention(self, block, h, cos, sin, pos, mask, keys, values, keys_end=None, pair=None):
     """_attend_at with the query (unrotated, as split-KV attention takes it) in place of the attention's
     output (knockout attention; calls of more than one query, or uncompiled, as they were)."""
-    if not (h.shape[1] == 1 and self.split_kv and torch.compiler.is_compiling()):
+    if not self._attends_by_split_kv(h):
         return _ORIGINAL["FastDecoder._attend_at"](self, block, h, cos, sin, pos, mask, keys, values, keys_end, pair)
     q, k, v = self._qkv(block, h, cos, sin, rotate_q=False, rotate_k=pair is None or not sk.DEFAULT.write_kv)
     if pair is None:  # (layer_at's step)

@@ -254,11 +254,16 @@ class FastDecoder(nn.Module):
         h = self._attn_out(block, h, o)
         return h, self._mlp(block, h)
 
+    def _attends_by_split_kv(self, h) -> bool:
+        """Whether `_attend_at` of layer input `h` attends by split-KV attention: one query, traced
+        by torch.compile, `split_kv` on."""
+        return h.shape[1] == 1 and self.split_kv and torch.compiler.is_compiling()
+
     def _attend_at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None, pair=None):
         """`layer_at`'s attention output [b, heads, t, d] (its new keys and values written; by one
         write into `pair` where given, whose [0] and [1] are keys and values, or, compiled one-query
         steps attending by split-KV with `pair`, by the attention kernel: Config.write_kv)."""
-        split_kv = h.shape[1] == 1 and self.split_kv and torch.compiler.is_compiling()
+        split_kv = self._attends_by_split_kv(h)
         # the query handed over unrotated, with cos and sin, and rotated by the attention kernel
         # (split_kv_attention.Config.rotary), rounding as the numerics do
         rotary = split_kv and split_kv_attention.DEFAULT.rotary

@@ -411,7 +411,7 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                                  f"{sin.dtype}) are not one position's [1 or {b}, 1, {d}] in q's dtype ({q.dtype}) "
                                  f"and device")
         rope = [r.reshape(r.shape[0], d).contiguous() for r in (cos, sin)]  # [1 or b, d]
-    written = _new_key_and_value(new, q, keys, values)
+    written = _new_key_and_value(new, q, keys)
     group = h // kvh
     dot = config.dot or triton.next_power_of_2(group) * config.block * d > BROADCAST_REGISTERS * 32 * config.num_warps
     if mask is None:
@@ -449,7 +449,7 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     return calls, out
 
 
-def _new_key_and_value(new: tuple | None, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> dict:
+def _new_key_and_value(new: tuple | None, q: torch.Tensor, keys: torch.Tensor) -> dict:
     """The partial kernel's arguments for writing `new` = (key [b, kv heads, 1, d], value [b, kv
     heads, 1, d], column: a one-element integer tensor[, capacity]) into keys and values (none for
     None). keys and values may be views of the first columns of buffers of `capacity` columns
@@ -498,9 +498,12 @@ def split_kv_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     return attend(q, keys, values, mask, scale, cos=cos, sin=sin, eager_rounding=eager_rounding)
 
 
-@split_kv_attention.register_fake
-def _(q, keys, values, mask, scale, cos=None, sin=None, eager_rounding=True):
+def _output_like_q(q, *args, **kwargs):
+    """Both ops' output as compiled code traces it: [b, h, 1, d] like q, contiguous."""
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+split_kv_attention.register_fake(_output_like_q)
 
 
 @torch.library.custom_op("vlmbench::split_kv_attention_writing", mutates_args=("pair",))
@@ -516,9 +519,7 @@ def split_kv_attention_writing(q: torch.Tensor, k_new: torch.Tensor, v_new: torc
                   eager_rounding=eager_rounding, new=(k_new, v_new, pos, pair.shape[3]))
 
 
-@split_kv_attention_writing.register_fake
-def _(q, k_new, v_new, pos, pair, keys_end, mask, scale, cos=None, sin=None, eager_rounding=True):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+split_kv_attention_writing.register_fake(_output_like_q)
 
 
 def reference(q, keys, values, mask, scale) -> torch.Tensor:
