@@ -15,6 +15,11 @@ autotuner's benchmark length (autotune_bench: 10 ms of calls after 5 of warm-up)
 
     python3 lab/gpu_f16x2_tuning_spread.py --preset llava-1.5-7b --out f16x2_tuning_spread.csv
     python3 lab/gpu_f16x2_tuning_spread.py --preset llava-1.5-7b --rep-ms 50 --out spread_rep50.csv
+    python3 lab/gpu_f16x2_tuning_spread.py --preset llava-1.5-7b --triton-tunings 0 --tunings 2 \
+        --graph-splits none,2+4 --out f16x2_splits_llava-1.5-7b.csv
+
+--graph-splits: the graph tuning under each choice of bench.quant.triton_f16x2.SPLITS (the K splits
+it tries besides none), its `tuning` column naming the choice.
 """
 from __future__ import annotations
 
@@ -67,8 +72,8 @@ def triton_tune(autotuner, x32, packed, sz32, n: int, k: int, group_size: int, p
 
     autotuner.cache.clear()
     y = torch.empty(n, dtype=torch.float16, device=x32.device)
-    autotuner[lambda meta: (triton.cdiv(n, 8 * meta["TN"]), 1)](x32, packed, sz32, y, n, k, G=group_size,
-                                                                 EMULATE=False, **pdl_launch)
+    autotuner[lambda meta: (triton.cdiv(n, 8 * meta["TN"]), 1)](x32, packed, sz32, y, None, None, n, k,
+                                                                 G=group_size, EMULATE=False, **pdl_launch)
     return sorted(autotuner.configs_timings.items(), key=lambda kv: kv[1])
 
 
@@ -76,11 +81,18 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llava-1.5-7b")
     ap.add_argument("--tunings", type=int, default=6)
+    ap.add_argument("--triton-tunings", type=int, default=None, help="Triton autotuner's tunings (default --tunings)")
+    ap.add_argument("--graph-splits", default=None,
+                    help="the graph tuning under each of these SPLITS, comma-separated (none, 2, 2+4; "
+                         "default: the module's own)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--rep-ms", type=float, default=10.0)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    triton_tunings = args.tunings if args.triton_tunings is None else args.triton_tunings
+    choices = [f.splits()] if args.graph_splits is None else \
+        [() if v == "none" else tuple(int(s) for s in v.split("+")) for v in args.graph_splits.split(",")]
     dev = torch.device("cuda")
     pdl.configure("auto", dev)
     autotuner = triton_autotuner(args.rep_ms)
@@ -96,7 +108,7 @@ def main() -> int:
         row = {"preset": args.preset, "shape": shape, "out_features": n, "in_features": k, "rep_ms": args.rep_ms}
         chosen = {}
         x32, sz32 = x.view(torch.int32), layers[0][1].view(torch.int32)
-        for i in range(args.tunings):
+        for i in range(triton_tunings):
             timings = triton_tune(autotuner, x32, layers[0][0], sz32, n, k, args.group_size, launch)
             (best, best_t), (runner, runner_t) = timings[0], timings[1]
             best, runner = f.launch_config(best), f.launch_config(runner)
@@ -105,12 +117,15 @@ def main() -> int:
                        "tuner_us": round(best_t[0] * 1e3, 3), "runner_up_us": round(runner_t[0] * 1e3, 3)})
             print(shape, "triton tuning", i, label(best), f"{best_t[0] * 1e3:.3f} us, runner-up {label(runner)} "
                   f"{runner_t[0] * 1e3:.3f} us", flush=True)
-        for i in range(args.tunings):
-            config = f._tune(x32, layers[0][0], sz32, n, k, args.group_size, False, launch)
-            name = label(config)
-            chosen.setdefault(name, config)
-            out.write({**row, "tuning": "graph", "kind": "tuning", "index": i, "config": name})
-            print(shape, "graph tuning", i, name, flush=True)
+        for splits in choices:
+            f.SPLITS = splits
+            tuning = "graph" if args.graph_splits is None else f"graph splits={'+'.join(map(str, splits)) or 'none'}"
+            for i in range(args.tunings):
+                config = f._tune(x32, layers[0][0], sz32, n, k, args.group_size, False, launch)
+                name = label(config)
+                chosen.setdefault(name, config)
+                out.write({**row, "tuning": tuning, "kind": "tuning", "index": i, "config": name})
+                print(shape, tuning, i, name, flush=True)
         times = {name: [] for name in chosen}
         for _ in range(args.repeats):
             for name, config in chosen.items():

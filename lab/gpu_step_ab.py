@@ -25,6 +25,9 @@ pdl-preload: under PDL, triton-f16x2's programs load the first block of their we
 wait (1, bench.pdl.PRELOAD) or not (0, the default). f16x2-stages: the K loops triton-f16x2's
 tuning chooses from (bench.quant.triton_f16x2.K_LOOPS, joined by +: 1 not pipelined, 3 three
 stages, either with `w`, x read by whole k-tiles; 1+1w+3+3w the default), tuned afresh for each value.
+f16x2-splits: the K splits triton-f16x2's tuning tries besides none (bench.quant.triton_f16x2.SPLITS,
+joined by +, or none; each split's shares summed by the program that finishes last), tuned afresh for
+each value.
 f16x2-tuning: triton-f16x2's configuration per shape chosen by Triton's autotuner (triton; as up to
 b0f85fb, lab/gpu_f16x2_tuning_spread.py) or by the kernel's own tuning in CUDA graphs (graph, the
 default since), tuned afresh in every round.
@@ -215,12 +218,26 @@ def _f16x2_stages(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
         lambda engine: loops != ("1",) and f16x2 and bool(engine._int4_layers())
 
 
+def _f16x2_splits(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    from bench.quant import triton_f16x2
+
+    triton_f16x2.SPLITS = () if value == "none" else tuple(int(v) if v.isdigit() else v for v in value.split("+"))
+    try:  # they key its tuning (tuning_key): tuned afresh for each value
+        triton_f16x2.splits()
+    except ValueError as e:
+        raise SystemExit(f"--ab f16x2-splits value {value!r} (none, or splits joined by +, e.g. 2+4): {e}") from None
+    f16x2 = int4_kernels == "triton-f16x2"
+    return EngineSpec(int4_kernels=int4_kernels), \
+        lambda engine: bool(triton_f16x2.SPLITS) and f16x2 and bool(engine._int4_layers())
+
+
 # setting -> (its values by default, value -> (the engine's spec, engine -> whether the value took
 # effect, called before the engine runs anything))
 SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine),
             "deferred-residual": (("0", "1"), _deferred_residual),
             "pdl-prefetch": (("off", "0", "1", "4"), _pdl_prefetch), "pdl-preload": (("0", "1"), _pdl_preload),
             "f16x2-stages": (("1+3", "1+1w+3+3w"), _f16x2_stages),
+            "f16x2-splits": (("none", "2", "2+4"), _f16x2_splits),
             "split-kv": (("combine_chunk=8", "combine_chunk=16"), _split_kv),
             "f16x2-tuning": (("triton", "graph"), _f16x2_tuning),
             "knockout": (("none", "add-norm", "silu", "kv-write", "attention", "add-norm+silu+attention"), _knockout)}

@@ -41,11 +41,11 @@ if len(sys.argv) > 1 and sys.argv[1] == "interpret":
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.quant.int4 import TINYGEMM_MID  # noqa: E402
+from bench.quant import triton_f16x2  # noqa: E402
 from bench.quant.triton_f16x2 import _f16x2_kernel, loop_name  # noqa: E402
 
 
@@ -58,15 +58,10 @@ def h2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, n
     """x [1, K] float16 times the packed weight [N, K]^T -> [1, N] float16 (group_size >= 128)."""
     assert x.shape[0] == 1 and x.dtype == torch.float16 and group_size >= 128
     k = x.shape[1]
-    config = dict(config)
-    launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3)}
-    split = config["SPLIT_K"] > 1
-    y = torch.zeros(n, dtype=torch.float32, device=x.device) if split else \
-        torch.empty(n, dtype=torch.float16, device=x.device)
-    grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
-    _f16x2_kernel[grid](x.contiguous().view(torch.int32), packed, scale_and_zero.view(torch.int32), y, n, k,
-                        ROWS_FIRST=WAYS[way], G=group_size, EMULATE=emulate, **config, **launch)
-    return (y.half() if split else y).view(1, n)
+    y = triton_f16x2._launch(x.contiguous().view(torch.int32), packed, scale_and_zero.view(torch.int32), n, k,
+                             group_size, {**config, "ROWS_FIRST": WAYS[way]},
+                             {"PDL": False, "PREFETCH": 0, "PRELOAD": False}, emulate)
+    return y.view(1, n)
 
 
 def pack_published(q: torch.Tensor) -> torch.Tensor:
@@ -113,9 +108,11 @@ def aot(args) -> int:
         x = torch.empty(k // 2, dtype=torch.int32, device="meta")
         packed = torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, device="meta")
         sz = torch.empty(k // g, n, 1, dtype=torch.int32, device="meta")
-        y = torch.empty(n, dtype=torch.float32 if c["SPLIT_K"] > 1 else torch.float16, device="meta")
+        y = torch.empty(n, dtype=torch.float16, device="meta")
+        scratch = (torch.empty(c["SPLIT_K"] * n, device="meta"), torch.empty(n // 8, dtype=torch.int32, device="meta")) \
+            if c["SPLIT_K"] > 1 else (None, None)
         try:
-            got = triton_aot.compile_call(_f16x2_kernel, (x, packed, sz, y, n, k),
+            got = triton_aot.compile_call(_f16x2_kernel, (x, packed, sz, y, *scratch, n, k),
                                           {"G": g, "EMULATE": False, "ROWS_FIRST": WAYS[way], **c, **launch})
         except Exception as e:  # noqa: BLE001 - each configuration's compile error is a line of the table
             print(way, cfg, "error:", str(e).splitlines()[0][:200])

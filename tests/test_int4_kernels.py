@@ -784,14 +784,18 @@ def test_f16x2_k_loops_key_its_tuning_and_its_measurements(monkeypatch):
             f.k_loops()
     monkeypatch.setattr(f, "K_LOOPS", ("3", "1", "3"))
     assert f.k_loops() == ("1", "3")
-    assert KERNELS["triton-f16x2"].timing_settings() == {"k_loops": ["1", "3"], "tuning": "graph"}
+    monkeypatch.setattr(f, "SPLITS", (4, 2))
+    assert KERNELS["triton-f16x2"].timing_settings() == {"k_loops": ["1", "3"], "tuning": "graph", "splits": [2, 4]}
+    assert KERNELS["triton-f16x2-splitk"].timing_settings() == {"k_loops": ["1", "3"], "tuning": "graph",
+                                                                "splits": [2, 4]}
     for k, loops in ((4096, ("1", "3")), (4096, ("3w",)), (128, ("1", "1w"))):  # 128: one k-tile, fewer than any block
         kept = f._prune(f._configs(False), k, loops)
         assert kept and {f.loop_name(c.kwargs) for c in kept} <= set(loops), (k, loops)
     assert len(f._prune(f._configs(False), 4096, ("1", "3"))) == 14
     names = ["tinygemm", "triton-f16x2"]
     key = cache_key(DEVICE, DTYPE, (32, 256, 128), (1,), names)
-    assert json.loads(key)["kernel_settings"] == {"triton-f16x2": {"k_loops": ["1", "3"], "tuning": "graph"}}
+    assert json.loads(key)["kernel_settings"] == {"triton-f16x2": {"k_loops": ["1", "3"], "tuning": "graph",
+                                                                   "splits": [2, 4]}}
     cache = PlanCache(None)
     plan = choice.ShapePlan(
         (32, 256, 128), ((2, "triton-f16x2"),), {"triton-f16x2": {1: 1.0, 2: 2.0}, "tinygemm": {1: 3.0, 2: 4.0}},
@@ -808,6 +812,34 @@ def test_f16x2_k_loops_key_its_tuning_and_its_measurements(monkeypatch):
     monkeypatch.setattr(f, "K_LOOPS", ("1",))
     single = cache_key(DEVICE, DTYPE, (32, 256, 128), (1,), names)
     assert single != key and set(cache.earlier(single)) == {"tinygemm"}
+
+
+def test_f16x2_splits_are_among_its_tunings_candidates_and_key_its_tuning(monkeypatch):
+    """The K splits triton-f16x2's tuning tries besides no split (bench.quant.triton_f16x2.SPLITS):
+    checked and sorted, its split candidates those splits' (none for an empty choice), part of
+    its tuning key; triton-f16x2-splitk's candidates are every split's, whatever SPLITS says."""
+    pytest.importorskip("triton")
+    from bench.quant import triton_f16x2 as f
+
+    pdl = {"PDL": True, "PREFETCH": 0, "PRELOAD": False}
+    assert f.SPLIT_SHARES == (2, 4)
+    for chosen, want in (((), set()), ((2,), {2}), ((4, 2, 4), {2, 4})):
+        monkeypatch.setattr(f, "SPLITS", chosen)
+        assert f.splits() == tuple(sorted(want))
+        shares = {c.kwargs["SPLIT_K"] for c in f.candidates(False)}
+        assert shares == {1} | want, (chosen, shares)
+        assert {c.kwargs["SPLIT_K"] for c in f.candidates(True)} == {2, 4}
+        assert [c for c in f.candidates(False) if c.kwargs["SPLIT_K"] == 1] == f._configs(False)
+    keys = set()
+    for chosen in ((), (2,), (2, 4)):
+        monkeypatch.setattr(f, "SPLITS", chosen)
+        keys.add(f.tuning_key(DEVICE, 4096, 4096, 128, False, pdl))
+        assert f.tuning_key(DEVICE, 4096, 4096, 128, True, pdl)[-1] == ()  # split K's own: not keyed by SPLITS
+    assert len(keys) == 3  # another choice of splits: tuned afresh
+    for bad in ((3,), "2", (1, 2), None):
+        monkeypatch.setattr(f, "SPLITS", bad)
+        with pytest.raises(ValueError, match="SPLITS"):
+            f.splits()
 
 
 @pytest.mark.parametrize("distribution", ["fbgemm_gpu_genai", "gemlite"])
@@ -1429,6 +1461,9 @@ for n, k, g in ((40, 384, 128), (64, 512, 256)):  # rows past a program's block,
             y = triton_f16x2.f16x2_mm(x, packed, sz, n, g, cfg["SPLIT_K"] > 1, cfg, emulate=True)
             assert y.shape == (rows, n) and y.dtype == torch.float16, (y.shape, y.dtype)
             worst = max(worst, ((y.float() - want).abs().max() / want.abs().max()).item())
+            # split K: every row block's count set back to zero by the program that summed its shares
+            assert all(not c.any() for _, c in triton_f16x2._SCRATCH.get(x.device, [])), cfg
+assert len(triton_f16x2._SCRATCH[torch.device("cpu")]) >= 1  # the split calls had scratch
 print(worst)
 """
 
@@ -1464,14 +1499,19 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
                               (True, {"TN": 2, "BKT": 4, "SPLIT_K": 2, "ROWS_FIRST": False, "KS": 1}, 4)):
         cfg = {**cfg, "XW": False}
         assert any(c.kwargs == cfg and c.num_warps == warps for c in triton_f16x2._configs(split))
+        scratch = (torch.empty(2 * n, **meta), torch.empty(n // 8, dtype=torch.int32, **meta)) if split else (None, None)
         args = (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32,
                                                                              **meta),
-                torch.empty(k // g, n, 1, dtype=torch.int32, **meta),
-                torch.empty(n, dtype=torch.float32 if split else torch.float16, **meta), n, k)
+                torch.empty(k // g, n, 1, dtype=torch.int32, **meta), torch.empty(n, dtype=torch.float16, **meta),
+                *scratch, n, k)
         c = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args,
                                     {"G": g, "EMULATE": False, **cfg, "num_warps": warps, "num_stages": 3})
         assert c.spill_bytes == 0 and c.registers <= 255, (c.registers, c.spill_bytes)
         assert "fma.rn.f16x2" in c.ptx and "lop3.b32" in c.ptx and ("atom.global" in c.ptx) == split
+        if split:  # the shares summed by the last program: one count (acquire-release, GPU scope), no float atomics,
+            # the shares' sums read past L1 (written by other SMs' programs)
+            assert re.findall(r"atom\.global\.[\w.]+", c.ptx) == ["atom.global.gpu.acq_rel.add.u32"], c.ptx
+            assert "red.global" not in c.ptx and re.search(r"ld\.global\.cg\.", c.ptx)
         loop = triton_aot.loop_instructions(c.cubin)
         assert loop["HFMA2"] > 0 and loop["I2F"] + loop["I2FP"] == 0, loop
         # pipelined: the next steps' words copied into shared memory asynchronously, read from there

@@ -80,7 +80,9 @@ def test_the_f16x2_kernel_prefetches_its_weights_then_waits_for_the_kernel_befor
     args = (torch.empty(k // 2, dtype=torch.int32, **meta),
             torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, **meta),
             torch.empty(k // g, n, 1, dtype=torch.int32, **meta),
-            torch.empty(n, dtype=torch.float32 if split > 1 else torch.float16, **meta), n, k)
+            torch.empty(n, dtype=torch.float16, **meta),
+            *((torch.empty(split * n, **meta), torch.empty(n // 8, dtype=torch.int32, **meta)) if split > 1
+              else (None, None)), n, k)
     c = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args,
                                 {"G": g, "EMULATE": False, "TN": tn, "BKT": 4, "SPLIT_K": split, "ROWS_FIRST": True,
                                  "num_warps": 4, "num_stages": 3, "PREFETCH": quarters,
@@ -110,7 +112,9 @@ def test_the_f16x2_kernel_preloads_its_first_weights_before_the_wait_under_pdl(r
     args = (torch.empty(k // 2, dtype=torch.int32, **meta),
             torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, **meta),
             torch.empty(k // g, n, 1, dtype=torch.int32, **meta),
-            torch.empty(n, dtype=torch.float32 if split > 1 else torch.float16, **meta), n, k)
+            torch.empty(n, dtype=torch.float16, **meta),
+            *((torch.empty(split * n, **meta), torch.empty(n // 8, dtype=torch.int32, **meta)) if split > 1
+              else (None, None)), n, k)
     cfg = {"G": g, "EMULATE": False, "TN": tn, "BKT": bkt, "SPLIT_K": split, "ROWS_FIRST": rows_first,
            "num_warps": warps, "num_stages": 3, "PREFETCH": 0, "PDL": True, "launch_pdl": True}
     plain = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args, cfg)

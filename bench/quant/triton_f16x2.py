@@ -23,8 +23,10 @@ are consecutive words of one row, loaded at once), or rows last, [k-tile, word, 
 rows of one word position and share x's values, loaded once for them): on an H100 rows first was
 the faster at 7 of llava-1.5-7b's and vila1.5-3b's 8 weight shapes, by up to 1.3x, rows last at
 llava's gate/up projection, by 1.08x (lab/triton_tiles_h2.py gpu). One program per TN x 8 weight
-rows; with `split_k` also one per share of K, the shares added into an fp32 output by atomics.
-The layout, block sizes, warps, splits and K loop are tuned per (N, K) on the first call (_tune:
+rows, and with split K one per share of K, the shares' fp32 sums added in order by the program
+of the row block that finishes last (`split_k`: split K only; without it the tuning also tries
+the splits SPLITS names). The layout, block sizes, warps, splits and K loop are tuned per (N, K)
+on the first call (_tune:
 timed in CUDA graphs, host-synchronized, so never inside a capture; the kernel class asks to be
 called once before any capture, bench.quant.w4a16.f16x2). float16 activations, groups of 128 or
 more. Hand-written because no maintained library multiplies by this layout.
@@ -237,13 +239,16 @@ def _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0,
 
 
 @triton.jit
-def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constexpr, BKT: tl.constexpr,
+def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.constexpr, TN: tl.constexpr,
+                  BKT: tl.constexpr,
                   SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False,
                   PREFETCH: tl.constexpr = 4, PRELOAD: tl.constexpr = False, KS: tl.constexpr = 1,
                   XW: tl.constexpr = False):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
-    first or rows last (ROWS_FIRST). PDL: launched with programmatic dependent launch (bench.pdl):
+    first or rows last (ROWS_FIRST). Split K (SPLIT_K > 1): each share's sums go to ws_ptr
+    (fp32 [SPLIT_K, N]) and the program of a row block that counts last in count_ptr (int32 per
+    row block, zeros; it sets its count back to zero) adds the shares in order and writes y. PDL: launched with programmatic dependent launch (bench.pdl):
     wait for the kernel before (asking L2 first for the first PREFETCH quarters of the program's
     weights, bench.pdl.PREFETCH), then let the next one start. PRELOAD: the first block of the
     program's weights and scales is loaded (into registers) before that wait (bench.pdl.PRELOAD).
@@ -280,7 +285,18 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, N, K, G: tl.constexpr, TN: tl.constex
     if SPLIT_K == 1:
         tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
-        tl.atomic_add(y_ptr + n, y, mask=n_ok, sem="relaxed")
+        # serial split K: every thread's sums stored before the count (a barrier), the count
+        # acquire-release at GPU scope, so the program that counts last sees every share's sums; it
+        # adds them in share order (the same bits every call, unlike atomics adding them in the
+        # order they come) and writes y itself: one launch, no zeroed fp32 output and no cast after
+        tl.store(ws_ptr + pid_k * N + n, y, mask=n_ok)
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            tl.store(count_ptr + pid_n, 0)
+            total = tl.load(ws_ptr + n, mask=n_ok, other=0.0, cache_modifier=".cg")
+            for share in tl.static_range(1, SPLIT_K):
+                total += tl.load(ws_ptr + share * N + n, mask=n_ok, other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + n, total.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 # The K loops the tuning tries, each "KS" or "KSw": KS its stages, 1 (a step's loads issued at its
@@ -335,6 +351,35 @@ def _configs(split: bool) -> list:
 
 
 LOOP_NAMES = tuple(dict.fromkeys(loop_name(c.kwargs) for c in _configs(split=False)))  # every K loop there is
+SPLIT_SHARES = tuple(sorted({c.kwargs["SPLIT_K"] for c in _configs(split=True)}))  # the shares a split may have
+
+# The K splits triton-f16x2's tuning tries besides all of K in one program (each of SPLIT_SHARES;
+# the split configurations of _configs): with the shares summed by the program that finishes last
+# (no atomics, no extra launch) a split costs a store and a load of fp32 sums per share and row.
+# None by default: on an H100 the tuning with splits 2 and 4 to choose from chose no split at any
+# of llava-1.5-7b's four shapes (results/lab/h100/f16x2_splits_llava-1.5-7b.csv), so the step
+# was the same (f16x2-splits_ab_llava-1.5-7b.csv), and the candidates would double its tuning.
+# lab/gpu_step_ab.py --ab f16x2-splits times the step with other choices,
+# lab/gpu_f16x2_tuning_spread.py --graph-splits the tuning's choice per shape.
+SPLITS = ()
+
+
+def splits() -> tuple[int, ...]:
+    """SPLITS checked and sorted; ValueError naming what is wrong: not a tuple or list, or a
+    split no configuration has (empty: no split)."""
+    chosen = SPLITS
+    if not isinstance(chosen, (tuple, list)) or not set(chosen) <= set(SPLIT_SHARES):
+        raise ValueError(f"bench.quant.triton_f16x2.SPLITS {chosen!r}: a tuple of K splits, each of "
+                         f"{', '.join(map(str, SPLIT_SHARES))} (empty: none)")
+    return tuple(sorted(set(chosen)))
+
+
+def candidates(split: bool) -> list:
+    """What a tuning chooses among before pruning: split K's configurations (split), or those
+    without split and the split ones whose shares SPLITS names."""
+    if split:
+        return _configs(True)
+    return _configs(False) + [c for c in _configs(True) if c.kwargs["SPLIT_K"] in splits()]
 
 
 def launch_config(candidate: triton.Config) -> dict:
@@ -358,24 +403,50 @@ _TUNED: dict[tuple, dict] = {}
 
 
 def tuning_key(device: torch.device, n: int, k: int, group_size: int, split: bool, pdl: dict) -> tuple:
-    """What a tuning is kept under: the device, the shape, split K or not, the PDL launch settings
-    and the K loops (k_loops(): a change of K_LOOPS in a process tunes afresh)."""
-    return (device, n, k, group_size, split, pdl["PDL"], pdl["PREFETCH"], pdl["PRELOAD"], k_loops())
+    """What a tuning is kept under: the device, the shape, split K or not, the PDL launch settings,
+    the K loops and the splits tried without split K (k_loops(), splits(): a change of K_LOOPS or
+    SPLITS in a process tunes afresh)."""
+    return (device, n, k, group_size, split, pdl["PDL"], pdl["PREFETCH"], pdl["PRELOAD"], k_loops(),
+            () if split else splits())
+
+
+# Per device, split K's scratch (fp32 sums of every share, int32 counts per row block: zeros, each
+# set back to zero by the program that counted last), shared by every launch on the device, so two
+# must never run at once (two streams; the engines run their layers on one). Allocated outside any
+# CUDA graph capture and never freed, since captured launches keep their address; one too small is
+# replaced, the old one kept alive for the graphs holding it. At most 4 x 22016 sums and 2752
+# counts for llava-1.5-7b's shapes: 0.36 MB.
+_SCRATCH: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _scratch(device: torch.device, sums: int, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 sums, zeroed int32 counts) of at least `sums` and `blocks` on `device`; RuntimeError
+    while a capture is under way and none is large enough (the shape's first call, before any
+    capture, makes them)."""
+    held = _SCRATCH.setdefault(device, [])
+    if held and held[-1][0].numel() >= sums and held[-1][1].numel() >= blocks:
+        return held[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("triton-f16x2's split K needs scratch memory larger than any call before the capture "
+                           "made: call it once at this shape before capturing")
+    if held:
+        sums, blocks = max(sums, held[-1][0].numel()), max(blocks, held[-1][1].numel())
+    held.append((torch.empty(max(sums, 1 << 14), dtype=torch.float32, device=device),
+                 torch.zeros(max(blocks, 1024), dtype=torch.int32, device=device)))
+    return held[-1]
 
 
 def _launch(x32, packed, sz32, n: int, k: int, group_size: int, config: dict, pdl: dict,
             emulate: bool = False) -> torch.Tensor:
     """One launch with `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True), KS, XW, num_warps,
-    num_stages; PRELOAD; left as it is) -> y [N] (fp32 under split K, which the kernel's atomics add
-    into zeros)."""
+    num_stages; PRELOAD; left as it is) -> y [N] float16 (split K: summed in the kernel, _scratch)."""
     config = {"ROWS_FIRST": True, **config}  # may name PRELOAD (tests: the interpreter runs no PDL)
     launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3),
               **{name: v for name, v in pdl.items() if name not in config}}
-    split = config["SPLIT_K"] > 1
-    y = torch.zeros(n, dtype=torch.float32, device=x32.device) if split else \
-        torch.empty(n, dtype=torch.float16, device=x32.device)
+    y = torch.empty(n, dtype=torch.float16, device=x32.device)
     grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
-    _f16x2_kernel[grid](x32, packed, sz32, y, n, k, G=group_size, EMULATE=emulate, **config, **launch)
+    ws, counts = _scratch(x32.device, config["SPLIT_K"] * n, grid[0]) if config["SPLIT_K"] > 1 else (None, None)
+    _f16x2_kernel[grid](x32, packed, sz32, y, ws, counts, n, k, G=group_size, EMULATE=emulate, **config, **launch)
     return y
 
 
@@ -398,7 +469,7 @@ def _tune(x32, packed, sz32, n: int, k: int, group_size: int, split: bool, pdl: 
 
     if x32.device.type != "cuda":
         raise ValueError("triton-f16x2 tunes on CUDA only: name a `config` elsewhere")
-    configs = _prune(_configs(split), k, k_loops())
+    configs = _prune(candidates(split), k, k_loops())
     want = copies_past_l2(x32.device, packed.numel() * packed.element_size() + sz32.numel() * sz32.element_size())
     copies = [(packed, sz32)]
     try:
@@ -430,7 +501,8 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     """x [M, K] float16 times the packed int4 weight [N = out_features, K]^T -> [M, N] float16
     (scale_and_zero [K / group_size, N, 2] float16, group_size a multiple of 128), a row at a time
     (a GEMV: `--int4-kernels measured` times it at one row only; a fixed `--int4-kernels` runs its
-    calls of more rows row by row). `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True), KS
+    calls of more rows row by row). `split_k`: tuned among split K's configurations only (else
+    among those without split and SPLITS' split ones). `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True), KS
     (default 1), XW (default False), num_warps, num_stages; PRELOAD) skips the tuning, `emulate`
     runs the interpreter's stand-in for the PTX (tests). Under PDL the programs preload their
     first block of weights before the wait where bench.pdl.PRELOAD says so."""
@@ -461,8 +533,7 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
                                    "must not contain: call it once before capturing")
             _TUNED[key] = _tune(*args, split_k, pdl)
         config = _TUNED[key]
-    y = _launch(*args, config, pdl, emulate)
-    return (y.half() if y.dtype == torch.float32 else y).view(1, n)
+    return _launch(*args, config, pdl, emulate).view(1, n)
 
 
 def tuning_count() -> int:

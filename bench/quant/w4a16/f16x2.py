@@ -1,6 +1,8 @@
 """The project's f16x2 Triton GEMV (bench.quant.triton_f16x2) on the layer's packed weight, for one
-row (a batch-1 decode step): `triton-f16x2` (one program per block of weight rows, all of K) and
-`triton-f16x2-splitk` (K split in shares added by fp32 atomics).
+row (a batch-1 decode step): `triton-f16x2` (one program per block of weight rows and all of K,
+or per block and share of K where its tuning finds a split faster: bench.quant.triton_f16x2.SPLITS)
+and `triton-f16x2-splitk` (K split in shares always; the shares' fp32 sums added by the program
+that finishes last, in order, with 0.36 MB of scratch per GPU at most for llava-1.5-7b).
 
 They read the tiles triton-tiles reads, and are its kernel class with their own limits. The
 kernel multiplies by fp16 scales and zeros: where the layer keeps them in bfloat16 (what tinygemm
@@ -32,11 +34,15 @@ class F16x2(Tiles):
     settings_before = {"k_loops": ["1"]}  # measured before its tuning chose among K loops
 
     def timing_settings(self) -> dict | None:
-        """The K loops its tuning chooses from (bench.quant.triton_f16x2.K_LOOPS, sorted) and how
-        it tunes: "graph" (bench.quant.triton_f16x2._tune; a measurement without it was of the
-        configuration Triton's autotuner chose)."""
+        """The K loops its tuning chooses from (bench.quant.triton_f16x2.K_LOOPS, sorted), how it
+        tunes: "graph" (bench.quant.triton_f16x2._tune; a measurement without it was of the
+        configuration Triton's autotuner chose), and the K splits it tries (a measurement without
+        them was of splits' sums added by atomics, up to afcdc78, or of no split)."""
         module = triton_module(self.module, self.counter)[0]
-        return {"k_loops": list(module.k_loops()), "tuning": "graph"} if module is not None else None
+        if module is None:
+            return None
+        splits = module.SPLIT_SHARES if self.split_k else module.splits()
+        return {"k_loops": list(module.k_loops()), "tuning": "graph", "splits": list(splits)}
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         why = super().unavailable(device, dtype)
