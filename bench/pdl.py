@@ -37,6 +37,16 @@ PREFETCH = 0
 # on an H100 it lengthened llava-1.5-7b's and vila1.5-3b's int4 decode step a little in every
 # round (results/lab/h100/pdl-preload_ab_*.csv).
 PRELOAD = False
+# Where the project's kernels launched with PDL let the next kernel start (gdc_launch_dependents):
+# right after their wait (False), as inductor's kernels do, or after their main loop (True: the
+# triton-f16x2 GEMV's K loop, split-KV attention's keys loop), so the next kernel's programs are
+# placed on the SMs when this one's are nearly done, not wherever room was left beside them while
+# it ran. On by default: on an H100 it shortened the int4 decode step of llava-1.5-7b by 21-24 us and
+# of vila1.5-3b by 54 us in every round (fp16: within the rounds' spread), and where a GEMV follows a
+# GEMV directly (the SiLU knockout) it turned 0.17 ms longer into 0.05 ms shorter
+# (results/lab/h100/pdl-late_ab_*.csv, knockout_ab_late_llava-1.5-7b.csv; lab/gpu_step_ab.py --ab
+# pdl-late). Launches measured without it are another measurement (`pdl_late` in kernels.json's keys).
+LATE = True
 
 
 def _inductor_triton():

@@ -25,6 +25,8 @@ pdl-preload: under PDL, triton-f16x2's programs load the first block of their we
 wait (1, bench.pdl.PRELOAD) or not (0, the default). f16x2-stages: the K loops triton-f16x2's
 tuning chooses from (bench.quant.triton_f16x2.K_LOOPS, joined by +: 1 not pipelined, 3 three
 stages, either with `w`, x read by whole k-tiles; 1+1w+3+3w the default), tuned afresh for each value.
+pdl-late: under PDL, triton-f16x2 and split-KV attention let the next kernel start after their main
+loop (1, bench.pdl.LATE) or right after their wait (0, the default).
 f16x2-splits: the K splits triton-f16x2's tuning tries besides none (bench.quant.triton_f16x2.SPLITS,
 joined by +, or none; each split's shares summed by the program that finishes last), tuned afresh for
 each value.
@@ -204,6 +206,13 @@ def _pdl_preload(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
         lambda engine: engine.pdl and pdl.PRELOAD and f16x2 and bool(engine._int4_layers())
 
 
+def _pdl_late(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    if value not in ("0", "1"):
+        raise SystemExit(f"--ab pdl-late value {value!r}: 0 or 1")
+    pdl.LATE = value == "1"  # read at each launch (and keying triton-f16x2's tuning: tuned afresh for each value)
+    return EngineSpec(pdl="auto", int4_kernels=int4_kernels), lambda engine: engine.pdl and pdl.LATE
+
+
 def _f16x2_stages(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     from bench.quant import triton_f16x2
 
@@ -236,6 +245,7 @@ def _f16x2_splits(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
 SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine),
             "deferred-residual": (("0", "1"), _deferred_residual),
             "pdl-prefetch": (("off", "0", "1", "4"), _pdl_prefetch), "pdl-preload": (("0", "1"), _pdl_preload),
+            "pdl-late": (("0", "1"), _pdl_late),
             "f16x2-stages": (("1+3", "1+1w+3+3w"), _f16x2_stages),
             "f16x2-splits": (("none", "2", "2+4"), _f16x2_splits),
             "split-kv": (("combine_chunk=8", "combine_chunk=16"), _split_kv),

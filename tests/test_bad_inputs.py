@@ -748,6 +748,7 @@ BAD_KERNEL_FILES = {
     "pdl_prefetch past four quarters": lambda p: _kernel_key_fields(p, pdl=True, pdl_prefetch=8),
     "pdl_prefetch true": lambda p: _kernel_key_fields(p, pdl=True, pdl_prefetch=True),
     "pdl_preload a number": lambda p: _kernel_key_fields(p, pdl=True, pdl_prefetch=0, pdl_preload=1),
+    "pdl_late a string": lambda p: _kernel_key_fields(p, pdl=True, pdl_prefetch=0, pdl_late="yes"),
     "a version not a string": lambda p: _kernel_key_fields(p, versions={"torch": 2.11}),
     "kernel_settings a list": lambda p: _kernel_key_fields(p, kernel_settings=[["1", "3"]]),
     "a kernel's settings a string": lambda p: _kernel_key_fields(p, kernel_settings={"triton-f16x2": "1,3"}),

@@ -715,14 +715,24 @@ def test_kernels_that_launch_with_pdl_are_measured_apart_under_pdl(tmp_path, mon
     assert not preloaded.cached and "tinygemm" not in preloaded.reused
     assert [json.loads(k).get("pdl_preload") for k in json.loads(path.read_text())["entries"]].count(True) == 1
     monkeypatch.setattr(pdl, "PRELOAD", False)
+    assert pdl.LATE  # the next kernel let start after the main loop by default: in the keys so far
+    assert all(k.get("pdl_late") is True for k in map(json.loads, json.loads(path.read_text())["entries"])
+               if k.get("pdl"))
+    monkeypatch.setattr(pdl, "LATE", False)  # let start right after the wait: another measurement again
+    early = choice.choose_kernels([_layer(64, 256)], "measured", DTYPE, path, points=(1, 2)).plans[(64, 256, 64)]
+    assert not early.cached and "tinygemm" not in early.reused and set(early.reused) == set(under.reused)
+    assert [k.get("pdl_late") for k in map(json.loads, json.loads(path.read_text())["entries"])
+            if k.get("pdl")].count(None) == 1
     from bench.cli import main
 
     capsys.readouterr()
-    assert main(["int4-kernels", str(path)]) == 0 and capsys.readouterr().out.count("PDL (prefetch") == 3
+    assert main(["int4-kernels", str(path)]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("PDL (prefetch") == 4, listing
     assert main(["int4-kernels", str(path), "--out", str(tmp_path / "t.csv")]) == 0
     with open(tmp_path / "t.csv", newline="") as f:
-        assert {(r["pdl"], r["pdl_prefetch"]) for r in csv.DictReader(f)} == {("false", ""), ("true", "0"),
-                                                                             ("true", "2")}
+        assert {(r["pdl"], r["pdl_prefetch"], r["pdl_late"]) for r in csv.DictReader(f)} == {
+            ("false", "", ""), ("true", "0", "true"), ("true", "2", "true"), ("true", "2", "false")}
 
 
 def test_a_kernels_own_timing_settings_are_measured_apart(tmp_path, monkeypatch, capsys):

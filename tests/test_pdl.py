@@ -174,3 +174,44 @@ def test_the_f16x2_kernel_refuses_a_prefetch_that_is_no_count_of_quarters(monkey
         with pytest.raises(ValueError, match="quarters of a program's weights, 0 to 4"):
             triton_f16x2.f16x2_mm(x, torch.zeros(4, 2, 32, 4, dtype=torch.int32),
                                   torch.zeros(2, 32, 2, dtype=torch.float16), 32, 128, False)
+
+
+def _between(ptx: str, marker: str) -> tuple[int, int, int]:
+    """(where launch_dependents is, where the first and the last `marker` instruction are) in `ptx`."""
+    marks = [m.start() for m in re.finditer(re.escape(marker), ptx)]
+    assert marks, marker
+    return ptx.find("griddepcontrol.launch_dependents"), marks[0], marks[-1]
+
+
+@pytest.mark.parametrize("late", [False, True])
+def test_the_kernels_let_the_next_start_after_their_main_loop_when_late(monkeypatch, late):
+    """bench.pdl.LATE: triton-f16x2 and split-KV attention's partial kernel let the next kernel
+    start (launch_dependents) after their main loop (the GEMV's f16x2 products, the attention's
+    exponentials) instead of right after their wait; they wait first either way."""
+    triton_aot = _aot()
+    from bench.engines import split_kv_attention as sk
+    from bench.quant import triton_f16x2
+
+    n, k, g = 4096, 4096, 128
+    meta = dict(device="meta")
+    args = (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, **meta),
+            torch.empty(k // g, n, 1, dtype=torch.int32, **meta), torch.empty(n, dtype=torch.float16, **meta),
+            None, None, n, k)
+    c = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args,
+                                {"G": g, "EMULATE": False, "TN": 2, "BKT": 4, "SPLIT_K": 1, "ROWS_FIRST": True,
+                                 "num_warps": 4, "num_stages": 3, "PDL": True, "LATE": late, "launch_pdl": True})
+    launch, first, last = _between(c.ptx, "fma.rn.f16x2")
+    assert _waits_first(c.ptx) and c.ptx.count("griddepcontrol.launch_dependents") == 1
+    assert (launch > last) if late else (launch < first), (launch, first, last)
+
+    monkeypatch.setattr(sk, "pdl_enabled", lambda device: True)
+    monkeypatch.setattr(pdl, "LATE", late)
+    buf = torch.empty(1, 32, 1024, 128, dtype=torch.float16, **meta)
+    q = torch.empty(1, 32, 1, 128, dtype=torch.float16, **meta)
+    calls, _ = sk.launches(q, buf[:, :, :640], buf[:, :, :640], None, 128 ** -0.5, sk.splits_for(1, 32, 640, 264),
+                           sk.Config(fused_combine=False))  # (the fused combine's exponentials: after the loop)
+    kernel, _, args, kwargs = calls[0]
+    c = triton_aot.compile_call(kernel, args, kwargs)
+    launch, first, last = _between(c.ptx, "ex2.approx")
+    assert _waits_first(c.ptx) and c.ptx.count("griddepcontrol.launch_dependents") == 1
+    assert (launch > last) if late else (launch < first), (launch, first, last)

@@ -9,16 +9,18 @@ from bench.errors import ArgumentParser, UsageError, path_problem
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
 CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload",
-               "kernel_settings", "candidates", "points", "out_features", "in_features", "group_size", "kernel",
-               "rows", "us", "int4_gb_per_s", "max_rel_err", "chosen", "left_out", "reused", "error_reused"]
+               "pdl_late", "kernel_settings", "candidates", "points", "out_features", "in_features", "group_size",
+               "kernel", "rows", "us", "int4_gb_per_s", "max_rel_err", "chosen", "left_out", "reused", "error_reused"]
 
 
 def _pdl_columns(fields: dict) -> dict:
-    """The kernel table's pdl_prefetch and pdl_preload of a measurement's key (empty without PDL)."""
+    """The kernel table's pdl_prefetch, pdl_preload and pdl_late of a measurement's key (empty
+    without PDL)."""
     from bench.quant.w4a16.measurements import pdl_launch
 
     launch = pdl_launch(fields)
-    return {"pdl_prefetch": launch[0] if launch else "", "pdl_preload": launch[1] if launch else ""}
+    return {"pdl_prefetch": launch[0] if launch else "", "pdl_preload": launch[1] if launch else "",
+            "pdl_late": launch[2] if launch else ""}
 
 
 def _pdl_text(fields: dict) -> str:
@@ -26,7 +28,8 @@ def _pdl_text(fields: dict) -> str:
     from bench.quant.w4a16.measurements import pdl_launch
 
     launch = pdl_launch(fields)
-    return f", PDL (prefetch {launch[0]}/4{', preload' if launch[1] else ''})" if launch else ""
+    return f", PDL (prefetch {launch[0]}/4{', preload' if launch[1] else ''}{', late' if launch[2] else ''})" \
+        if launch else ""
 
 
 def _settings_column(fields: dict, kernel: str) -> str:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench import pdl as pdl_settings
 from bench.pdl import enabled as pdl_enabled
 
 try:
@@ -263,7 +264,7 @@ if triton is not None:
                  PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
                  CHUNK: tl.constexpr = 16, Q_WITH_KEYS: tl.constexpr = False, ROTARY: tl.constexpr = False,
                  EAGER: tl.constexpr = True, PTX: tl.constexpr = True, KN=None, VN=None, Pos=None, skn_b=0,
-                 skn_h=0, svn_b=0, svn_h=0, cap=0, WRITE: tl.constexpr = False):
+                 skn_h=0, svn_b=0, svn_h=0, cap=0, WRITE: tl.constexpr = False, LATE: tl.constexpr = False):
         """The partials of split `program_id(1)` for the query heads of one row and kv head
         (`program_id(0)`); COMBINE: the last of that row and kv head's programs to finish (counted
         in Count[program_id(0)], which it sets back to 0 for the next launch) combines them into Out.
@@ -288,7 +289,8 @@ if triton is not None:
                 prefetch_l2(K + b * sk_b + kvh * sk_h + start * D, nbytes)
                 prefetch_l2(V + b * sv_b + kvh * sv_h + start * D, nbytes)
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            if not LATE:  # (LATE, bench.pdl.LATE: after the keys loop)
+                tl.extra.cuda.gdc_launch_dependents()
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, D)
         heads = kvh * GROUP + g  # the query heads reading this kv head (transformers' repeat_kv)
@@ -332,6 +334,8 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
             m_i = m_new
+        if PDL and LATE:
+            tl.extra.cuda.gdc_launch_dependents()
         row = (b * kv_heads * GROUP + heads) * n_splits + split  # [B * H, splits] partials
         keep = g < GROUP
         tl.store(Acc + row[:, None] * D + d[None, :], acc, mask=keep[:, None])
@@ -349,10 +353,10 @@ if triton is not None:
 
     @triton.jit
     def _combine(Acc, Mx, Sum, Out, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = False, LATE: tl.constexpr = False):
         if PDL:
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_launch_dependents()  # (a short kernel: LATE changes nothing here)
         _combine_row(Acc, Mx, Sum, Out, tl.program_id(0), n_splits, D, BLOCK_S, CHUNK)  # row * heads + head
 
 
@@ -430,7 +434,7 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                values.stride(0), values.stride(1), values.stride(2), 0 if m.shape[0] == 1 else m.stride(0),
                m.stride(1), kvh, n, per, count, scale, out, acc if counts is None else counts,
                *rope, *(0 if r.shape[0] == 1 else r.stride(0) for r in rope))
-    pdl = {"PDL": True, "launch_pdl": True} if pdl_enabled(q.device) else {}
+    pdl = {"PDL": True, "LATE": bool(pdl_settings.LATE), "launch_pdl": True} if pdl_enabled(q.device) else {}
     prefetch = {"PREFETCH": config.prefetch and keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0
                 } if pdl else {}
     combining = {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": config.combine_chunk}

@@ -243,7 +243,7 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
                   BKT: tl.constexpr,
                   SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False,
                   PREFETCH: tl.constexpr = 4, PRELOAD: tl.constexpr = False, KS: tl.constexpr = 1,
-                  XW: tl.constexpr = False):
+                  XW: tl.constexpr = False, LATE: tl.constexpr = False):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). Split K (SPLIT_K > 1): each share's sums go to ws_ptr
@@ -252,7 +252,8 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
     wait for the kernel before (asking L2 first for the first PREFETCH quarters of the program's
     weights, bench.pdl.PREFETCH), then let the next one start. PRELOAD: the first block of the
     program's weights and scales is loaded (into registers) before that wait (bench.pdl.PRELOAD).
-    KS, XW: the K loop (K_LOOPS)."""
+    LATE: the next kernel is let start after the K loop instead (bench.pdl.LATE). KS, XW: the K
+    loop (K_LOOPS)."""
     BN: tl.constexpr = TN * 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -279,9 +280,12 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
                     prefetch_l2(p_ptr + (tile_row * k_tiles + kt_lo) * 128,
                                 (tl.minimum(per, k_tiles - kt_lo) * (128 * PREFETCH)).to(tl.int32))
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if not LATE:
+            tl.extra.cuda.gdc_launch_dependents()
     y = _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0, sz0, G, BN, BKT, ROWS_FIRST,
                 PRELOAD, KS, XW, EMULATE)
+    if PDL and LATE:
+        tl.extra.cuda.gdc_launch_dependents()
     if SPLIT_K == 1:
         tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -406,8 +410,8 @@ def tuning_key(device: torch.device, n: int, k: int, group_size: int, split: boo
     """What a tuning is kept under: the device, the shape, split K or not, the PDL launch settings,
     the K loops and the splits tried without split K (k_loops(), splits(): a change of K_LOOPS or
     SPLITS in a process tunes afresh)."""
-    return (device, n, k, group_size, split, pdl["PDL"], pdl["PREFETCH"], pdl["PRELOAD"], k_loops(),
-            () if split else splits())
+    return (device, n, k, group_size, split, pdl["PDL"], pdl["PREFETCH"], pdl["PRELOAD"], pdl.get("LATE", False),
+            k_loops(), () if split else splits())
 
 
 # Per device, split K's scratch (fp32 sums of every share, int32 counts per row block: zeros, each
@@ -524,7 +528,7 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     if on and (isinstance(quarters, bool) or quarters not in range(5)):
         raise ValueError(f"bench.pdl.PREFETCH {quarters!r}: quarters of a program's weights, 0 to 4")
     pdl = {"PDL": on, "PREFETCH": quarters if on else 0, "PRELOAD": on and bool(pdl_settings.PRELOAD),
-           **({"launch_pdl": True} if on else {})}
+           "LATE": on and bool(pdl_settings.LATE), **({"launch_pdl": True} if on else {})}
     if config is None:
         key = tuning_key(x.device, n, k, group_size, split_k, pdl)
         if key not in _TUNED:

@@ -38,8 +38,8 @@ LOCK_SECONDS = 60  # a writer waits this long for another's lock, then keeps its
 # (FBGEMM's gen_ai kernels ship in either of its two)
 KERNEL_LIBRARIES = ("triton", "gemlite", "fbgemm-gpu-genai", "fbgemm-gpu")
 KEY_FIELDS = {"device": str, "versions": dict, "dtype": str, "shape": list, "points": list, "candidates": list}
-# booleans, absent in older files (pdl: where on; pdl_preload: where on, under pdl)
-OPTIONAL_KEY_FIELDS = ("dense_copy", "graph", "pdl", "pdl_preload")
+# booleans, absent in older files (pdl: where on; pdl_preload, pdl_late: where on, under pdl)
+OPTIONAL_KEY_FIELDS = ("dense_copy", "graph", "pdl", "pdl_preload", "pdl_late")
 _KEPT: dict[str, dict] = {}  # key -> entry: what this process measured or read
 _LOCK_HELD: set[Path] = set()  # files whose lock a save waited LOCK_SECONDS for: not waited on again
 
@@ -254,7 +254,8 @@ def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidate
     measurement (a key without it: launched without), and another again for each share of their
     weights asked of L2 before the wait (`pdl_prefetch`, bench.pdl.PREFETCH; a key with `pdl` and
     without it was measured when all of them were, 4) and with their first block preloaded
-    (`pdl_preload`, bench.pdl.PRELOAD). A candidate's timing settings (W4A16Kernel.timing_settings:
+    (`pdl_preload`, bench.pdl.PRELOAD), and with the next kernel let start after their main loop
+    (`pdl_late`, bench.pdl.LATE; a key without it: right after their wait). A candidate's timing settings (W4A16Kernel.timing_settings:
     the configurations its autotuner chooses from, say) are kept under `kernel_settings`: another
     measurement for each."""
     fields = {"device": _device_name(device), "versions": _versions(device), "dtype": str(dtype),
@@ -265,6 +266,8 @@ def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidate
         fields["pdl_prefetch"] = pdl_settings.PREFETCH
         if pdl_settings.PRELOAD:
             fields["pdl_preload"] = True
+        if pdl_settings.LATE:
+            fields["pdl_late"] = True
     settings = {name: got for name in sorted(candidates)
                 if name in KERNELS and (got := KERNELS[name].timing_settings()) is not None}
     if settings:
@@ -283,8 +286,10 @@ def kernel_settings(fields: dict, name: str) -> dict | None:
 
 def pdl_launch(fields: dict):
     """How a key's kernels that take PDL were launched: None (without), else the quarters of their
-    weights asked of L2 first and whether their first block was preloaded."""
-    return (fields.get("pdl_prefetch", 4), bool(fields.get("pdl_preload"))) if fields.get("pdl") else None
+    weights asked of L2 first, whether their first block was preloaded and whether they let the
+    next kernel start after their main loop."""
+    return (fields.get("pdl_prefetch", 4), bool(fields.get("pdl_preload")), bool(fields.get("pdl_late"))) \
+        if fields.get("pdl") else None
 
 
 class PlanCache:
@@ -345,7 +350,7 @@ class PlanCache:
             if not isinstance(fields, dict):
                 return None
             return ({n: v for n, v in fields.items()
-                     if n not in ("candidates", "points", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload",
+                     if n not in ("candidates", "points", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload", "pdl_late",
                                   "kernel_settings")},
                     fields.get("dense_copy"), pdl_launch(fields), fields)
 
