@@ -109,8 +109,8 @@ def aot(args) -> int:
         packed = torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, device="meta")
         sz = torch.empty(k // g, n, 1, dtype=torch.int32, device="meta")
         y = torch.empty(n, dtype=torch.float16, device="meta")
-        scratch = (torch.empty(c["SPLIT_K"] * n, device="meta"), torch.empty(n // 8, dtype=torch.int32, device="meta")) \
-            if c["SPLIT_K"] > 1 else (None, None)
+        scratch = (torch.empty(c["SPLIT_K"] * n, device="meta"),
+                   torch.empty(n // 8, dtype=torch.int32, device="meta")) if c["SPLIT_K"] > 1 else (None, None)
         try:
             got = triton_aot.compile_call(_f16x2_kernel, (x, packed, sz, y, *scratch, n, k),
                                           {"G": g, "EMULATE": False, "ROWS_FIRST": WAYS[way], **c, **launch})

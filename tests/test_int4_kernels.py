@@ -1509,7 +1509,8 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
                               (True, {"TN": 2, "BKT": 4, "SPLIT_K": 2, "ROWS_FIRST": False, "KS": 1}, 4)):
         cfg = {**cfg, "XW": False}
         assert any(c.kwargs == cfg and c.num_warps == warps for c in triton_f16x2._configs(split))
-        scratch = (torch.empty(2 * n, **meta), torch.empty(n // 8, dtype=torch.int32, **meta)) if split else (None, None)
+        scratch = (torch.empty(2 * n, **meta), torch.empty(n // 8, dtype=torch.int32, **meta)) if split else \
+            (None, None)
         args = (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32,
                                                                              **meta),
                 torch.empty(k // g, n, 1, dtype=torch.int32, **meta), torch.empty(n, dtype=torch.float16, **meta),

@@ -194,7 +194,8 @@ def test_the_kernels_let_the_next_start_after_their_main_loop_when_late(monkeypa
 
     n, k, g = 4096, 4096, 128
     meta = dict(device="meta")
-    args = (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, **meta),
+    args = (torch.empty(k // 2, dtype=torch.int32, **meta),
+            torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, **meta),
             torch.empty(k // g, n, 1, dtype=torch.int32, **meta), torch.empty(n, dtype=torch.float16, **meta),
             None, None, n, k)
     c = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args,

@@ -248,12 +248,12 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). Split K (SPLIT_K > 1): each share's sums go to ws_ptr
     (fp32 [SPLIT_K, N]) and the program of a row block that counts last in count_ptr (int32 per
-    row block, zeros; it sets its count back to zero) adds the shares in order and writes y. PDL: launched with programmatic dependent launch (bench.pdl):
-    wait for the kernel before (asking L2 first for the first PREFETCH quarters of the program's
-    weights, bench.pdl.PREFETCH), then let the next one start. PRELOAD: the first block of the
-    program's weights and scales is loaded (into registers) before that wait (bench.pdl.PRELOAD).
-    LATE: the next kernel is let start after the K loop instead (bench.pdl.LATE). KS, XW: the K
-    loop (K_LOOPS)."""
+    row block, zeros; it sets its count back to zero) adds the shares in order and writes y.
+    PDL: launched with programmatic dependent launch (bench.pdl): wait for the kernel before
+    (asking L2 first for the first PREFETCH quarters of the program's weights, bench.pdl.PREFETCH),
+    then let the next one start (LATE, bench.pdl.LATE: after the K loop instead). PRELOAD: the
+    first block of the program's weights and scales is loaded (into registers) before that wait
+    (bench.pdl.PRELOAD). KS, XW: the K loop (K_LOOPS)."""
     BN: tl.constexpr = TN * 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)

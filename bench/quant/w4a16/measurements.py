@@ -255,9 +255,9 @@ def cache_key(device: torch.device, dtype: torch.dtype, shape, points, candidate
     weights asked of L2 before the wait (`pdl_prefetch`, bench.pdl.PREFETCH; a key with `pdl` and
     without it was measured when all of them were, 4) and with their first block preloaded
     (`pdl_preload`, bench.pdl.PRELOAD), and with the next kernel let start after their main loop
-    (`pdl_late`, bench.pdl.LATE; a key without it: right after their wait). A candidate's timing settings (W4A16Kernel.timing_settings:
-    the configurations its autotuner chooses from, say) are kept under `kernel_settings`: another
-    measurement for each."""
+    (`pdl_late`, bench.pdl.LATE; a key without it: right after their wait). A candidate's timing
+    settings (W4A16Kernel.timing_settings: the configurations its autotuner chooses from, say) are
+    kept under `kernel_settings`: another measurement for each."""
     fields = {"device": _device_name(device), "versions": _versions(device), "dtype": str(dtype),
               "shape": list(shape), "points": list(points), "candidates": sorted(candidates),
               "dense_copy": bool(dense_copy), "graph": bool(graph) and device.type == "cuda"}
@@ -350,8 +350,8 @@ class PlanCache:
             if not isinstance(fields, dict):
                 return None
             return ({n: v for n, v in fields.items()
-                     if n not in ("candidates", "points", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload", "pdl_late",
-                                  "kernel_settings")},
+                     if n not in ("candidates", "points", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload",
+                                  "pdl_late", "kernel_settings")},
                     fields.get("dense_copy"), pdl_launch(fields), fields)
 
         (want, copy, pdl, mine), found = rest(key), {}
