@@ -6,7 +6,8 @@ it from their spec (`--pdl auto|off`) when they are made (`configure`).
 
 A kernel launched with PDL may start while the kernel before it finishes; it waits
 (griddepcontrol.wait, Triton's gdc_wait) before it reads anything that kernel may write or writes
-anything at all, and lets the next kernel start (gdc_launch_dependents) once it has. Before the
+anything at all, and lets the next kernel start (gdc_launch_dependents) once it has (the
+project's kernels, with LATE, after their main loop instead). Before the
 wait the project's kernels can ask the L2 cache for their weights, or their split's keys and
 values (PREFETCH; `prefetch_l2`: a hint that only warms L2, where a write of the kernel before
 lands whenever it comes; nothing is read before the wait). What that saves is the gap between two
@@ -41,7 +42,7 @@ PRELOAD = False
 # right after their wait (False), as inductor's kernels do, or after their main loop (True: the
 # triton-f16x2 GEMV's K loop, split-KV attention's keys loop), so the next kernel's programs are
 # placed on the SMs when this one's are nearly done, not wherever room was left beside them while
-# it ran. On by default: on an H100 it shortened the int4 decode step of llava-1.5-7b by 21-24 us and
+# it ran. On by default: on an H100 it shortened the int4 decode step of llava-1.5-7b by 22-23 us and
 # of vila1.5-3b by 54 us in every round (fp16: within the rounds' spread), and where a GEMV follows a
 # GEMV directly (the SiLU knockout) it turned 0.17 ms longer into 0.05 ms shorter
 # (results/lab/h100/pdl-late_ab_*.csv, knockout_ab_late_llava-1.5-7b.csv; lab/gpu_step_ab.py --ab

@@ -97,7 +97,8 @@ def main() -> int:
     pdl.configure("auto", dev)
     autotuner = triton_autotuner(args.rep_ms)
     pdl_on = pdl.enabled(dev)
-    launch = {"PDL": pdl_on, "PREFETCH": 0, "PRELOAD": False, **({"launch_pdl": True} if pdl_on else {})}
+    launch = {"PDL": pdl_on, "PREFETCH": 0, "PRELOAD": False, "LATE": pdl_on and bool(pdl.LATE),
+              **({"launch_pdl": True} if pdl_on else {})}
     out = CsvWriter(Path(args.out), COLUMNS)
     torch.manual_seed(0)
     for shape, (n, k) in shapes_of(args.preset).items():

@@ -26,7 +26,7 @@ wait (1, bench.pdl.PRELOAD) or not (0, the default). f16x2-stages: the K loops t
 tuning chooses from (bench.quant.triton_f16x2.K_LOOPS, joined by +: 1 not pipelined, 3 three
 stages, either with `w`, x read by whole k-tiles; 1+1w+3+3w the default), tuned afresh for each value.
 pdl-late: under PDL, triton-f16x2 and split-KV attention let the next kernel start after their main
-loop (1, bench.pdl.LATE) or right after their wait (0, the default).
+loop (1, bench.pdl.LATE, the default) or right after their wait (0).
 f16x2-splits: the K splits triton-f16x2's tuning tries besides none (bench.quant.triton_f16x2.SPLITS,
 joined by +, or none; each split's shares summed by the program that finishes last), tuned afresh for
 each value.

@@ -794,6 +794,8 @@ def test_f16x2_k_loops_key_its_tuning_and_its_measurements(monkeypatch):
             f.k_loops()
     monkeypatch.setattr(f, "K_LOOPS", ("3", "1", "3"))
     assert f.k_loops() == ("1", "3")
+    monkeypatch.setattr(f, "SPLITS", ())  # no split tried: the settings it had before it could split
+    assert KERNELS["triton-f16x2"].timing_settings() == {"k_loops": ["1", "3"], "tuning": "graph"}
     monkeypatch.setattr(f, "SPLITS", (4, 2))
     assert KERNELS["triton-f16x2"].timing_settings() == {"k_loops": ["1", "3"], "tuning": "graph", "splits": [2, 4]}
     assert KERNELS["triton-f16x2-splitk"].timing_settings() == {"k_loops": ["1", "3"], "tuning": "graph",
@@ -822,6 +824,34 @@ def test_f16x2_k_loops_key_its_tuning_and_its_measurements(monkeypatch):
     monkeypatch.setattr(f, "K_LOOPS", ("1",))
     single = cache_key(DEVICE, DTYPE, (32, 256, 128), (1,), names)
     assert single != key and set(cache.earlier(single)) == {"tinygemm"}
+
+
+def test_f16x2_launches_with_the_pdl_late_start_it_is_tuned_under(monkeypatch):
+    """Under PDL, f16x2_mm launches the kernel with bench.pdl.LATE as it is at the call (where the
+    next kernel may start: after the K loop or right after the wait), and a tuning is kept apart
+    for each (tuning_key); without PDL the setting is off."""
+    pytest.importorskip("triton")
+    from bench import pdl
+    from bench.quant import triton_f16x2 as f
+
+    seen = []
+
+    def launch(x32, packed, sz32, n, k, group_size, config, pdl_launch, emulate=False):
+        seen.append(pdl_launch)
+        return torch.zeros(n, dtype=torch.float16)
+
+    monkeypatch.setattr(f, "_launch", launch)
+    x, packed = torch.randn(1, 256).half(), torch.zeros(8, 2, 32, 4, dtype=torch.int32)
+    sz = torch.zeros(2, 64, 2).half()
+    config = {"TN": 1, "BKT": 2, "SPLIT_K": 1}
+    for on in (True, False):
+        monkeypatch.setattr(f, "pdl_enabled", lambda device: on)
+        for late in (True, False):
+            monkeypatch.setattr(pdl, "LATE", late)
+            f.f16x2_mm(x, packed, sz, 64, 128, False, config)
+            assert seen[-1]["PDL"] == on and seen[-1]["LATE"] == (on and late), seen[-1]
+    keys = {f.tuning_key(DEVICE, 4096, 4096, 128, False, launch) for launch in seen[:2]}
+    assert len(keys) == 2  # late or not: tuned apart
 
 
 def test_f16x2_splits_are_among_its_tunings_candidates_and_key_its_tuning(monkeypatch):

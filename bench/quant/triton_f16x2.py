@@ -418,8 +418,10 @@ def tuning_key(device: torch.device, n: int, k: int, group_size: int, split: boo
 # set back to zero by the program that counted last), shared by every launch on the device, so two
 # must never run at once (two streams; the engines run their layers on one). Allocated outside any
 # CUDA graph capture and never freed, since captured launches keep their address; one too small is
-# replaced, the old one kept alive for the graphs holding it. At most 4 x 22016 sums and 2752
-# counts for llava-1.5-7b's shapes: 0.36 MB.
+# replaced, the old one kept alive for the graphs holding it. The first holds SCRATCH_SUMS sums and
+# SCRATCH_COUNTS counts (1 MB and 32 KB): 4 shares of 65536 rows, enough for every preset's decoder
+# shapes (llava-1.5-7b's largest, gate/up: 4 x 22016 sums, 2752 counts), so one is all they make.
+SCRATCH_SUMS, SCRATCH_COUNTS = 1 << 18, 1 << 13
 _SCRATCH: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
@@ -435,8 +437,8 @@ def _scratch(device: torch.device, sums: int, blocks: int) -> tuple[torch.Tensor
                            "made: call it once at this shape before capturing")
     if held:
         sums, blocks = max(sums, held[-1][0].numel()), max(blocks, held[-1][1].numel())
-    held.append((torch.empty(max(sums, 1 << 14), dtype=torch.float32, device=device),
-                 torch.zeros(max(blocks, 1024), dtype=torch.int32, device=device)))
+    held.append((torch.empty(max(sums, SCRATCH_SUMS), dtype=torch.float32, device=device),
+                 torch.zeros(max(blocks, SCRATCH_COUNTS), dtype=torch.int32, device=device)))
     return held[-1]
 
 

@@ -2,7 +2,7 @@
 row (a batch-1 decode step): `triton-f16x2` (one program per block of weight rows and all of K,
 or per block and share of K where its tuning finds a split faster: bench.quant.triton_f16x2.SPLITS)
 and `triton-f16x2-splitk` (K split in shares always; the shares' fp32 sums added by the program
-that finishes last, in order, with 0.36 MB of scratch per GPU at most for llava-1.5-7b).
+that finishes last, in order, in 1 MB of scratch per GPU, bench.quant.triton_f16x2._scratch).
 
 They read the tiles triton-tiles reads, and are its kernel class with their own limits. The
 kernel multiplies by fp16 scales and zeros: where the layer keeps them in bfloat16 (what tinygemm
@@ -36,13 +36,17 @@ class F16x2(Tiles):
     def timing_settings(self) -> dict | None:
         """The K loops its tuning chooses from (bench.quant.triton_f16x2.K_LOOPS, sorted), how it
         tunes: "graph" (bench.quant.triton_f16x2._tune; a measurement without it was of the
-        configuration Triton's autotuner chose), and the K splits it tries (a measurement without
-        them was of splits' sums added by atomics, up to afcdc78, or of no split)."""
+        configuration Triton's autotuner chose), and the K splits it tries where it tries any (a
+        measurement without them was of no split, or for triton-f16x2-splitk of its shares' sums
+        added by atomics, up to afcdc78)."""
         module = triton_module(self.module, self.counter)[0]
         if module is None:
             return None
+        settings = {"k_loops": list(module.k_loops()), "tuning": "graph"}
         splits = module.SPLIT_SHARES if self.split_k else module.splits()
-        return {"k_loops": list(module.k_loops()), "tuning": "graph", "splits": list(splits)}
+        if splits:  # (none: as before the tuning could split)
+            settings["splits"] = list(splits)
+        return settings
 
     def unavailable(self, device: torch.device, dtype: torch.dtype) -> str | None:
         why = super().unavailable(device, dtype)

@@ -335,13 +335,13 @@ class PlanCache:
 
     def earlier(self, key: str) -> dict[str, list[tuple[dict[int, float], dict[int, float]]]]:
         """Kernel -> [(times, errors by row count)], one per plan kept under a key that differs
-        from `key` in its candidates, row counts, dense copy or not, PDL (and its prefetch) or
-        kernel settings, alone (this process's first, then the file's): what was measured on this
-        device, versions, dtype, shape and timing for another candidate set or other row counts. A
-        kernel that reads the dense copy (`dense`) is taken only from a plan with the same copy or
-        not: with a copy it reads a dense weight instead of dequantizing; one that launches with
-        PDL (`launches_pdl`) only from a plan with PDL and its prefetch the same; any only from a
-        plan with its own timing settings the same (kernel_settings)."""
+        from `key` in its candidates, row counts, dense copy or not, PDL (and its prefetch, preload
+        or late start) or kernel settings, alone (this process's first, then the file's): what was
+        measured on this device, versions, dtype, shape and timing for another candidate set or
+        other row counts. A kernel that reads the dense copy (`dense`) is taken only from a plan
+        with the same copy or not: with a copy it reads a dense weight instead of dequantizing; one
+        that launches with PDL (`launches_pdl`) only from a plan whose PDL launch is the same
+        (pdl_launch); any only from a plan with its own timing settings the same (kernel_settings)."""
         def rest(k: str):
             try:
                 fields = json.loads(k)
