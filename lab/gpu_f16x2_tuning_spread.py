@@ -47,6 +47,12 @@ COLUMNS = ["preset", "shape", "out_features", "in_features", "rep_ms", "tuning",
            "runner_up_us", "us", "us_min", "us_max", "int4_gb_per_s"]
 
 
+def splits_value(text: str) -> tuple:
+    """A choice of bench.quant.triton_f16x2.SPLITS as these scripts spell it: none, or splits joined
+    by + (2+4); checked by triton_f16x2.splits() where it is set."""
+    return () if text == "none" else tuple(int(v) if v.isdigit() else v for v in text.split("+"))
+
+
 def label(config: dict) -> str:
     """A launch configuration (triton_f16x2.launch_config's) as the CSV names it."""
     return " ".join(f"{k}={v}" for k, v in config.items())
@@ -91,8 +97,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     triton_tunings = args.tunings if args.triton_tunings is None else args.triton_tunings
-    choices = [f.splits()] if args.graph_splits is None else \
-        [() if v == "none" else tuple(int(s) for s in v.split("+")) for v in args.graph_splits.split(",")]
+    choices = [f.splits()] if args.graph_splits is None else [splits_value(v) for v in args.graph_splits.split(",")]
     dev = torch.device("cuda")
     pdl.configure("auto", dev)
     autotuner = triton_autotuner(args.rep_ms)

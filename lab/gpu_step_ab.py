@@ -229,8 +229,9 @@ def _f16x2_stages(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
 
 def _f16x2_splits(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     from bench.quant import triton_f16x2
+    from gpu_f16x2_tuning_spread import splits_value
 
-    triton_f16x2.SPLITS = () if value == "none" else tuple(int(v) if v.isdigit() else v for v in value.split("+"))
+    triton_f16x2.SPLITS = splits_value(value)
     try:  # they key its tuning (tuning_key): tuned afresh for each value
         triton_f16x2.splits()
     except ValueError as e:

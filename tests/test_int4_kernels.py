@@ -781,7 +781,7 @@ def test_f16x2_k_loops_key_its_tuning_and_its_measurements(monkeypatch):
     from bench.quant.w4a16.measurements import PlanCache, cache_key
 
     assert f.loop_name({"KS": 3, "XW": True}) == "3w" and f.loop_name({}) == "1"
-    pdl = {"PDL": True, "PREFETCH": 0, "PRELOAD": False}
+    pdl = {"PDL": True, "PREFETCH": 0, "PRELOAD": False, "LATE": True}
     before = f.tuning_key(DEVICE, 4096, 4096, 128, False, pdl)
     monkeypatch.setattr(f, "K_LOOPS", ("1",))
     assert f.tuning_key(DEVICE, 4096, 4096, 128, False, pdl) != before  # another choice of loops: tuned afresh
@@ -861,7 +861,7 @@ def test_f16x2_splits_are_among_its_tunings_candidates_and_key_its_tuning(monkey
     pytest.importorskip("triton")
     from bench.quant import triton_f16x2 as f
 
-    pdl = {"PDL": True, "PREFETCH": 0, "PRELOAD": False}
+    pdl = {"PDL": True, "PREFETCH": 0, "PRELOAD": False, "LATE": True}
     assert f.SPLIT_SHARES == (2, 4)
     for chosen, want in (((), set()), ((2,), {2}), ((4, 2, 4), {2, 4})):
         monkeypatch.setattr(f, "SPLITS", chosen)

@@ -353,10 +353,10 @@ if triton is not None:
 
     @triton.jit
     def _combine(Acc, Mx, Sum, Out, n_splits, D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK: tl.constexpr,
-                 PDL: tl.constexpr = False, LATE: tl.constexpr = False):
+                 PDL: tl.constexpr = False):
         if PDL:
             tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()  # (a short kernel: LATE changes nothing here)
+            tl.extra.cuda.gdc_launch_dependents()
         _combine_row(Acc, Mx, Sum, Out, tl.program_id(0), n_splits, D, BLOCK_S, CHUNK)  # row * heads + head
 
 
@@ -434,12 +434,13 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
                values.stride(0), values.stride(1), values.stride(2), 0 if m.shape[0] == 1 else m.stride(0),
                m.stride(1), kvh, n, per, count, scale, out, acc if counts is None else counts,
                *rope, *(0 if r.shape[0] == 1 else r.stride(0) for r in rope))
-    pdl = {"PDL": True, "LATE": bool(pdl_settings.LATE), "launch_pdl": True} if pdl_enabled(q.device) else {}
-    prefetch = {"PREFETCH": config.prefetch and keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0
-                } if pdl else {}
+    pdl = {"PDL": True, "launch_pdl": True} if pdl_enabled(q.device) else {}
+    # the partial kernel's own PDL settings (the combine, short, lets the next kernel start at once)
+    partial_pdl = {"PREFETCH": config.prefetch and keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0,
+                   "LATE": bool(pdl_settings.LATE)} if pdl else {}
     combining = {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": config.combine_chunk}
     calls = [(_partial, (b * kvh, count), partial,
-              {**pdl, **prefetch, **combining, "GROUP": group, "BLOCK": config.block, "DOT": dot,
+              {**pdl, **partial_pdl, **combining, "GROUP": group, "BLOCK": config.block, "DOT": dot,
                "COMBINE": counts is not None, "num_warps": config.num_warps,
                # fp32 inputs (tests) keep 3 stages: at 2, ptxas spills 8 bytes in the two-kernel partial (sm_90)
                "num_stages": 3 if q.dtype == torch.float32 else config.num_stages,

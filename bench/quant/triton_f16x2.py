@@ -26,9 +26,8 @@ llava's gate/up projection, by 1.08x (lab/triton_tiles_h2.py gpu). One program p
 rows, and with split K one per share of K, the shares' fp32 sums added in order by the program
 of the row block that finishes last (`split_k`: split K only; without it the tuning also tries
 the splits SPLITS names). The layout, block sizes, warps, splits and K loop are tuned per (N, K)
-on the first call (_tune:
-timed in CUDA graphs, host-synchronized, so never inside a capture; the kernel class asks to be
-called once before any capture, bench.quant.w4a16.f16x2). float16 activations, groups of 128 or
+on the first call (_tune: timed in CUDA graphs, host-synchronized, so never inside a capture; the
+kernel class asks to be called once before any capture, bench.quant.w4a16.f16x2). float16 activations, groups of 128 or
 more. Hand-written because no maintained library multiplies by this layout.
 
 In Triton's interpreter (no PTX there) EMULATE runs the same index math with the f16x2 block done
@@ -240,8 +239,8 @@ def _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0,
 
 @triton.jit
 def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.constexpr, TN: tl.constexpr,
-                  BKT: tl.constexpr,
-                  SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr, PDL: tl.constexpr = False,
+                  BKT: tl.constexpr, SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr,
+                  PDL: tl.constexpr = False,
                   PREFETCH: tl.constexpr = 4, PRELOAD: tl.constexpr = False, KS: tl.constexpr = 1,
                   XW: tl.constexpr = False, LATE: tl.constexpr = False):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
@@ -410,7 +409,7 @@ def tuning_key(device: torch.device, n: int, k: int, group_size: int, split: boo
     """What a tuning is kept under: the device, the shape, split K or not, the PDL launch settings,
     the K loops and the splits tried without split K (k_loops(), splits(): a change of K_LOOPS or
     SPLITS in a process tunes afresh)."""
-    return (device, n, k, group_size, split, pdl["PDL"], pdl["PREFETCH"], pdl["PRELOAD"], pdl.get("LATE", False),
+    return (device, n, k, group_size, split, pdl["PDL"], pdl["PREFETCH"], pdl["PRELOAD"], pdl["LATE"],
             k_loops(), () if split else splits())
 
 
@@ -508,8 +507,9 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     (scale_and_zero [K / group_size, N, 2] float16, group_size a multiple of 128), a row at a time
     (a GEMV: `--int4-kernels measured` times it at one row only; a fixed `--int4-kernels` runs its
     calls of more rows row by row). `split_k`: tuned among split K's configurations only (else
-    among those without split and SPLITS' split ones). `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True), KS
-    (default 1), XW (default False), num_warps, num_stages; PRELOAD) skips the tuning, `emulate`
+    among those without split and SPLITS' split ones). `config` (TN, BKT, SPLIT_K, ROWS_FIRST
+    (default True), KS (default 1), XW (default False), num_warps, num_stages; PRELOAD) skips the
+    tuning, `emulate`
     runs the interpreter's stand-in for the PTX (tests). Under PDL the programs preload their
     first block of weights before the wait where bench.pdl.PRELOAD says so."""
     if x.dtype != torch.float16 or scale_and_zero.dtype != torch.float16 or group_size % 128:
