@@ -99,6 +99,38 @@ def test_the_f16x2_kernel_prefetches_its_weights_then_waits_for_the_kernel_befor
     assert c.spill_bytes == 0
 
 
+@pytest.mark.parametrize("writes", [False, True])
+def test_split_kv_attention_preloads_its_first_keys_before_the_wait_only_where_it_writes_the_new_ones(
+        monkeypatch, writes):
+    """Config.preload under PDL: where the partial kernel writes the step's new key and value
+    itself (write_kv), each program loads its split's first keys, values and mask before the wait,
+    and stores nothing there; where a kernel before wrote them, it waits first (a load before the
+    wait could read the column before that write)."""
+    triton_aot = _aot()
+    from bench.engines import split_kv_attention as sk
+
+    monkeypatch.setattr(sk, "pdl_enabled", lambda device: True)
+    meta = torch.device("meta")
+    pair = torch.empty(2, 1, 32, 1024, 128, dtype=torch.float16, device=meta)
+    q = torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta)
+    new = (torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta),
+           torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta),
+           torch.empty(1, dtype=torch.int64, device=meta), 1024) if writes else None
+    mask = torch.empty(1, 1, 1, 640, dtype=torch.float16, device=meta)
+    compiled = {}
+    for preload in (False, True):
+        calls, _ = sk.launches(q, pair[0, :, :, :640], pair[1, :, :, :640], mask, 128 ** -0.5,
+                               sk.splits_for(1, 32, 640, 264), sk.Config(preload=preload), new=new)
+        (kernel, _, args, kwargs), = calls
+        compiled[preload] = triton_aot.compile_call(kernel, args, kwargs)
+    assert _waits_first(compiled[False].ptx)
+    pre = compiled[True]
+    assert _waits_first(pre.ptx) != writes and pre.spill_bytes == 0
+    before = pre.ptx[:pre.ptx.find("griddepcontrol.wait")]
+    assert bool(re.search(r"\bld\.global", before)) == writes and not re.search(r"\b(st|atom|red)\.global", before)
+    assert not sk.DEFAULT.preload
+
+
 @pytest.mark.parametrize("rows_first,split", [(True, 1), (False, 1), (True, 4)])
 def test_the_f16x2_kernel_preloads_its_first_weights_before_the_wait_under_pdl(rows_first, split):
     """With PRELOAD (bench.pdl.PRELOAD) the program's first block of weights and of their scales

@@ -55,6 +55,12 @@ check(q, k[:, :, :200], v[:, :, :200], None)
 check(q, k[:, :, :200], v[:, :, :200], mask, config=Config(block=32, dot=False))
 check(q, k[:, :, :200], v[:, :, :200], mask, config=Config(block=128, programs_per_sm=4, num_warps=8))
 check(q, k[:, :, :200], v[:, :, :200], mask, (64, 4), Config(q_with_keys=True, num_stages=2))  # q read per block
+# each split's first block read before the (PDL) wait (Config.preload): the same bits as without,
+# with one block a split, with more (the loop goes on after the first), with q read per block
+plain = attend(q, k[:, :, :200], v[:, :, :200], mask, 0.25, (128, 2))
+assert torch.equal(attend(q, k[:, :, :200], v[:, :, :200], mask, 0.25, (128, 2), Config(preload=True)), plain)
+check(q, k[:, :, :200], v[:, :, :200], mask, (64, 4), Config(preload=True))
+check(q, k[:, :, :200], v[:, :, :200], mask, (128, 2), Config(preload=True, q_with_keys=True, block=32))
 # a padded batch: grouped query heads (4 per kv head), each row its own mask with a gap
 k, v = buffers(2, 2, 256, 32)
 q = torch.randn(2, 8, 1, 32).half()
@@ -133,6 +139,11 @@ for rope in ((), rope1):
     written(2, 2, 8, 130, 200, (64, 4), (torch.randn(2, 1, 32).half(), torch.randn(2, 1, 32).half()) if rope else ())
     written(1, 2, 2, 150, 100, (64, 2), rope)  # past the attended columns
     written(1, 2, 2, 300, 100, (64, 2), rope)  # past the buffers
+    # the first block read before the write (Config.preload), the written column read again: in the
+    # first block of a split, in a later block of one, past the attended columns
+    for col in (5, 70, 100, 150):
+        written(1, 2, 2, col, 100 + 28 * (col == 100), (128, 1) if col == 70 else (64, 2), rope, Config(preload=True))
+    written(2, 2, 8, 131, 200, (64, 4), (), Config(preload=True, block=32))
 print(worst)
 """
 
@@ -331,10 +342,10 @@ def test_splits_cover_the_keys_and_fill_the_gpu():
 def test_a_launch_configuration_is_checked_when_made():
     from bench.engines.split_kv_attention import DEFAULT, Config
 
-    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False, False, 2, True, True)
+    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False, False, 2, True, True, False)
     assert DEFAULT.label() == ("block=64,programs_per_sm=2,dot=1,num_warps=4,fused_combine=1,combine_chunk=16,"
-                               "prefetch=0,q_with_keys=0,num_stages=2,rotary=1,write_kv=1")
-    other = Config(32, 4, False, 8, True, 4, True, True, 3, False, False)
+                               "prefetch=0,q_with_keys=0,num_stages=2,rotary=1,write_kv=1,preload=0")
+    other = Config(32, 4, False, 8, True, 4, True, True, 3, False, False, True)
     assert Config.parse(other.label()) == other and Config.parse("dot=0") == Config(dot=False)
     assert Config.parse("fused_combine=0") == Config(fused_combine=False) != DEFAULT
     # a label written before the combine's chunk and the prefetch were fields: theirs are the defaults
@@ -522,12 +533,15 @@ def test_cuda_the_query_rotated_in_the_kernel_is_eagers_bit_for_bit():
 
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
-def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_bit():
+@pytest.mark.parametrize("preload", [False, True])
+def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_bit(preload):
     """On a GPU (where the program holding the new column reads back what its threads just wrote,
     its keys copied asynchronously): the step's new key and value written by the partial kernel
     (Config.write_kv), the key rotated there as eager rounds, leave the buffers and give the output
     of writing them first (the key rotated by the decoder's _rotate) and attending after, bit for
-    bit, in fp16 and bf16, one row and four grouped, call after call and replayed in a CUDA graph."""
+    bit, in fp16 and bf16, one row and four grouped, call after call and replayed in a CUDA graph;
+    also where each program read its first keys before the write (Config.preload: the new column
+    lies in the first block of its split), its own write read again."""
     import torch
 
     from bench.engines import split_kv_attention as sk
@@ -551,8 +565,8 @@ def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_
             pos = torch.tensor([col], device=dev)
 
             def call():
-                return sk.attend(q, keys[:, :, :640], values[:, :, :640], mask, 128 ** -0.5, cos=cos, sin=sin,
-                                 new=(kn, vn, pos, 704))
+                return sk.attend(q, keys[:, :, :640], values[:, :, :640], mask, 128 ** -0.5,
+                                 config=sk.Config(preload=preload), cos=cos, sin=sin, new=(kn, vn, pos, 704))
 
             for _ in range(3):
                 assert torch.equal(call(), want) and torch.equal(keys, want_k) and torch.equal(values, want_v)

@@ -85,6 +85,11 @@ class Config:
     (under "fused" the key is rounded once, as the query is). On an H100 that shortened
     llava-1.5-7b's fp16 and int4 steps and vila1.5-3b's fp16 step in every round and lengthened
     vila1.5-3b's int4 step by less than 1% (results/lab/h100/split-kv_ab_write_kv_*.csv).
+    `preload`: each program loads its split's first block of keys, values and mask into registers
+    before its PDL wait (the kernel before wrote none of them), and, where it wrote the step's new
+    key and value (write_kv), their column again after the write: only where the kernel writes
+    them (else the write is a kernel of its own, before this one, whose output a load before the
+    wait must not read) or without PDL (where it changes nothing but the order of the loads).
     A label without some fields (one written before they were fields) parses to today's defaults
     for them, not to what was launched then (fused_combine=1 meant 8 splits at a time, 3 stages).
 
@@ -106,6 +111,7 @@ class Config:
     num_stages: int = 2
     rotary: bool = True
     write_kv: bool = True
+    preload: bool = False
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
@@ -256,6 +262,26 @@ if triton is not None:
         return q
 
     @triton.jit
+    def _keys_block(q, k, v, add, m_i, l_i, acc, scale, DOT: tl.constexpr, PRECISION: tl.constexpr):
+        """The online softmax's running max, sum and weighted values (m_i, l_i, acc) after a block
+        of keys `k` and values `v` [BLOCK, D] with their additive mask `add` [BLOCK]."""
+        if DOT:
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK] in fp32
+        else:
+            s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale
+        s = s + add.to(tl.float32)[None, :]
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing attended yet: no NaN
+        p = tl.exp(s - m_use[:, None])
+        alpha = tl.exp(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _partial(Q, K, V, M, Acc, Mx, Sum,
                  sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_l,
                  kv_heads, keys, per_split, n_splits, scale, Out, Count, C, S, sc_b, ss_b,
@@ -264,7 +290,8 @@ if triton is not None:
                  PREFETCH: tl.constexpr = False, COMBINE: tl.constexpr = False, BLOCK_S: tl.constexpr = 2,
                  CHUNK: tl.constexpr = 16, Q_WITH_KEYS: tl.constexpr = False, ROTARY: tl.constexpr = False,
                  EAGER: tl.constexpr = True, PTX: tl.constexpr = True, KN=None, VN=None, Pos=None, skn_b=0,
-                 skn_h=0, svn_b=0, svn_h=0, cap=0, WRITE: tl.constexpr = False, LATE: tl.constexpr = False):
+                 skn_h=0, svn_b=0, svn_h=0, cap=0, WRITE: tl.constexpr = False, LATE: tl.constexpr = False,
+                 PRELOAD: tl.constexpr = False):
         """The partials of split `program_id(1)` for the query heads of one row and kv head
         (`program_id(0)`); COMBINE: the last of that row and kv head's programs to finish (counted
         in Count[program_id(0)], which it sets back to 0 for the next launch) combines them into Out.
@@ -279,6 +306,16 @@ if triton is not None:
         kvh = pid % kv_heads
         start = split * per_split
         end = tl.minimum(start + per_split, keys)
+        if PRELOAD:  # the split's first block of keys, values and mask: none is the kernel before's output
+            # (the step's new key and value, which this kernel writes, are read again after the write)
+            cols0 = start + tl.arange(0, BLOCK)
+            inside0 = cols0 < end
+            d0 = tl.arange(0, D)
+            k0 = tl.load(K + b * sk_b + kvh * sk_h + cols0[:, None] * sk_l + d0[None, :], mask=inside0[:, None],
+                         other=0.0)
+            v0 = tl.load(V + b * sv_b + kvh * sv_h + cols0[:, None] * sv_l + d0[None, :], mask=inside0[:, None],
+                         other=0.0)
+            add0 = tl.load(M + b * sm_b + cols0 * sm_l, mask=inside0, other=float("-inf"))
         if PDL:  # launched with programmatic dependent launch (bench.pdl): the kernel before wrote q (and,
             # without WRITE, the new key and value); the split's keys and values asked of L2 meanwhile
             # (PREFETCH: both buffers 16-byte aligned; the newest key and value among them, which the kernel
@@ -309,31 +346,29 @@ if triton is not None:
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
-        for lo in range(start, end, BLOCK):
+        first = start
+        if PRELOAD:
+            if WRITE:  # the column this program just wrote, read again (the other programs' loads are all masked off)
+                again = (cols0 == new_col) & inside0
+                k0 = tl.where(again[:, None], tl.load(K + b * sk_b + kvh * sk_h + cols0[:, None] * sk_l + d[None, :],
+                                                      mask=again[:, None], other=0.0), k0)
+                v0 = tl.where(again[:, None], tl.load(V + b * sv_b + kvh * sv_h + cols0[:, None] * sv_l + d[None, :],
+                                                      mask=again[:, None], other=0.0), v0)
+            if Q_WITH_KEYS:
+                q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, True, GROUP, D, ROTARY, EAGER, PTX)
+            m_i, l_i, acc = _keys_block(q, k0, v0, add0, m_i, l_i, acc, scale, DOT, PRECISION)
+            first = start + BLOCK
+        for lo in range(first, end, BLOCK):
             cols = lo + tl.arange(0, BLOCK)
             inside = cols < end
             if Q_WITH_KEYS:  # (lo < end: not loop-invariant to the compiler, so the load stays in the loop)
                 q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, lo < end, GROUP, D, ROTARY, EAGER, PTX)
             k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + d[None, :], mask=inside[:, None],
                         other=0.0)
-            if DOT:
-                s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [BLOCK_G, BLOCK] in fp32
-            else:
-                s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale
-            add = tl.load(M + b * sm_b + cols * sm_l, mask=inside, other=float("-inf")).to(tl.float32)
-            s = s + add[None, :]
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing attended yet: no NaN
-            p = tl.exp(s - m_use[:, None])
-            alpha = tl.exp(m_i - m_use)
+            add = tl.load(M + b * sm_b + cols * sm_l, mask=inside, other=float("-inf"))
             v = tl.load(V + b * sv_b + kvh * sv_h + cols[:, None] * sv_l + d[None, :], mask=inside[:, None],
                         other=0.0)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DOT:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            else:
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-            m_i = m_new
+            m_i, l_i, acc = _keys_block(q, k, v, add, m_i, l_i, acc, scale, DOT, PRECISION)
         if PDL and LATE:
             tl.extra.cuda.gdc_launch_dependents()
         row = (b * kv_heads * GROUP + heads) * n_splits + split  # [B * H, splits] partials
@@ -438,6 +473,8 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     # the partial kernel's own PDL settings (the combine, short, lets the next kernel start at once)
     partial_pdl = {"PREFETCH": config.prefetch and keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0,
                    "LATE": bool(pdl_settings.LATE)} if pdl else {}
+    # the first keys before the wait only where this kernel writes the new column (Config.preload)
+    partial_pdl["PRELOAD"] = config.preload and (not pdl or bool(written))
     combining = {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": config.combine_chunk}
     calls = [(_partial, (b * kvh, count), partial,
               {**pdl, **partial_pdl, **combining, "GROUP": group, "BLOCK": config.block, "DOT": dot,
