@@ -35,7 +35,7 @@ PREFILL_ROUND = 64
 # length): uncaptured, vila1.5-3b's batch-4 prefill of 4 x 247 tokens took 21.5-26.5 ms on an H100,
 # no less than batch 8's 21.8 ms and with a CV of 0.07: the host's launches, not the GPU, set it
 # (one row took 4.1 ms captured; cf5ae3d:results/reference/h100/vila1.5-3b-int4-graph-batch);
-# captured, 10.8 ms with a CV of 0.003 (f1e1e1d, results/reference/h100/vila1.5-3b-int4-graph-batch). Longer
+# captured, 10.8 ms with a CV of 0.003 (f1e1e1d:results/reference/h100/vila1.5-3b-int4-graph-batch). Longer
 # batches keep the GPU busy past the host's launches, and their graphs' activations would hold more
 # memory.
 BATCH_PREFILL_TOKENS = 4096
