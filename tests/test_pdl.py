@@ -99,13 +99,21 @@ def test_the_f16x2_kernel_prefetches_its_weights_then_waits_for_the_kernel_befor
     assert c.spill_bytes == 0
 
 
-@pytest.mark.parametrize("writes", [False, True])
+def _bytes_loaded(ptx: str) -> int:
+    """Bytes a thread reads by the global loads in `ptx` (ld.global[.vN].bBITS each)."""
+    loads = re.findall(r"\bld\.global(?:\.[\w:]+)*?(?:\.v(\d))?\.[bfsu](\d+)\s", ptx)
+    return sum(int(v or 1) * int(bits) // 8 for v, bits in loads)
+
+
+@pytest.mark.parametrize("writes,mask", [(False, True), (True, True), (True, False)])
 def test_split_kv_attention_preloads_its_first_keys_before_the_wait_only_where_it_writes_the_new_ones(
-        monkeypatch, writes):
+        monkeypatch, writes, mask):
     """Config.preload under PDL: where the partial kernel writes the step's new key and value
-    itself (write_kv), each program loads its split's first keys, values and mask before the wait,
-    and stores nothing there; where a kernel before wrote them, it waits first (a load before the
-    wait could read the column before that write)."""
+    itself (write_kv) and the mask is the caller's, each program loads its split's first keys,
+    values and mask before the wait, nothing else (not q, written by the kernel before), and
+    stores nothing there; where a kernel before wrote the new key and value, or the launch made
+    the mask (zeros for None) just before, it waits first (a load before the wait could read
+    them before they are written)."""
     triton_aot = _aot()
     from bench.engines import split_kv_attention as sk
 
@@ -116,18 +124,24 @@ def test_split_kv_attention_preloads_its_first_keys_before_the_wait_only_where_i
     new = (torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta),
            torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta),
            torch.empty(1, dtype=torch.int64, device=meta), 1024) if writes else None
-    mask = torch.empty(1, 1, 1, 640, dtype=torch.float16, device=meta)
+    additive = torch.empty(1, 1, 1, 640, dtype=torch.float16, device=meta) if mask else None
     compiled = {}
     for preload in (False, True):
-        calls, _ = sk.launches(q, pair[0, :, :, :640], pair[1, :, :, :640], mask, 128 ** -0.5,
-                               sk.splits_for(1, 32, 640, 264), sk.Config(preload=preload), new=new)
+        config = sk.Config(preload=preload)
+        calls, _ = sk.launches(q, pair[0, :, :, :640], pair[1, :, :, :640], additive, 128 ** -0.5,
+                               sk.splits_for(1, 32, 640, 264), config, new=new)
         (kernel, _, args, kwargs), = calls
         compiled[preload] = triton_aot.compile_call(kernel, args, kwargs)
     assert _waits_first(compiled[False].ptx)
     pre = compiled[True]
-    assert _waits_first(pre.ptx) != writes and pre.spill_bytes == 0
+    ahead = writes and mask
+    assert _waits_first(pre.ptx) != ahead and pre.spill_bytes == 0
     before = pre.ptx[:pre.ptx.find("griddepcontrol.wait")]
-    assert bool(re.search(r"\bld\.global", before)) == writes and not re.search(r"\b(st|atom|red)\.global", before)
+    assert not re.search(r"\b(st|atom|red)\.global", before)
+    # a thread's share of the block's keys and values (64 x 128 fp16 each over 128 threads), and of
+    # its 64-column mask: 256 bytes and a few more (q's share would be 32 more)
+    kv = 2 * config.block * 128 * 2 // (config.num_warps * 32)
+    assert kv <= _bytes_loaded(before) <= kv + 16 if ahead else _bytes_loaded(before) == 0
     assert not sk.DEFAULT.preload
 
 

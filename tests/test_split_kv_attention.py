@@ -534,23 +534,27 @@ def test_cuda_the_query_rotated_in_the_kernel_is_eagers_bit_for_bit():
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
 @pytest.mark.parametrize("preload", [False, True])
-def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_bit(preload):
+def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_bit(preload, monkeypatch):
     """On a GPU (where the program holding the new column reads back what its threads just wrote,
     its keys copied asynchronously): the step's new key and value written by the partial kernel
     (Config.write_kv), the key rotated there as eager rounds, leave the buffers and give the output
     of writing them first (the key rotated by the decoder's _rotate) and attending after, bit for
     bit, in fp16 and bf16, one row and four grouped, call after call and replayed in a CUDA graph;
-    also where each program read its first keys before the write (Config.preload: the new column
-    lies in the first block of its split), its own write read again."""
+    also launched under PDL with each program's first keys read before its wait and the write
+    (Config.preload), the written column in the first block of its split or in the second, its
+    own write read again."""
     import torch
 
     from bench.engines import split_kv_attention as sk
     from bench.engines.decoder import _rotate
 
+    if preload:  # as the graph engine launches it (the kernel before here wrote none of the keys)
+        monkeypatch.setattr(sk, "pdl_enabled", lambda device: sk.pdl_settings.unavailable(device) is None)
     dev = torch.device("cuda")
     torch.manual_seed(0)
+    cases = ((1, 32, 32, 600, None), (4, 28, 4, 131, None), (1, 32, 32, 530, (128, 5)), (1, 32, 32, 600, (128, 5)))
     for dt in (torch.float16, torch.bfloat16):
-        for b, heads, kvh, col in ((1, 32, 32, 600), (4, 28, 4, 131)):
+        for b, heads, kvh, col, splits in cases:
             keys, values = (torch.randn(b, kvh, 704, 128, device=dev, dtype=dt) for _ in range(2))
             proj = torch.randn(b, 1, (heads + 2 * kvh) * 128, device=dev, dtype=dt) * 4
             q, kn, vn = (t.view(b, 1, -1, 128).transpose(1, 2) for t in proj.split([heads * 128, kvh * 128,
@@ -561,12 +565,12 @@ def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_
             mask[..., col + 1:] = float("-inf")
             want_k, want_v = keys.clone(), values.clone()
             want_k[:, :, col:col + 1], want_v[:, :, col:col + 1] = _rotate(kn, cos, sin), vn
-            want = sk.attend(_rotate(q, cos, sin), want_k[:, :, :640], want_v[:, :, :640], mask, 128 ** -0.5)
+            want = sk.attend(_rotate(q, cos, sin), want_k[:, :, :640], want_v[:, :, :640], mask, 128 ** -0.5, splits)
             pos = torch.tensor([col], device=dev)
 
             def call():
-                return sk.attend(q, keys[:, :, :640], values[:, :, :640], mask, 128 ** -0.5,
-                                 config=sk.Config(preload=preload), cos=cos, sin=sin, new=(kn, vn, pos, 704))
+                return sk.attend(q, keys[:, :, :640], values[:, :, :640], mask, 128 ** -0.5, splits,
+                                 sk.Config(preload=preload), cos=cos, sin=sin, new=(kn, vn, pos, 704))
 
             for _ in range(3):
                 assert torch.equal(call(), want) and torch.equal(keys, want_k) and torch.equal(values, want_v)
@@ -577,7 +581,8 @@ def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_
                 for buf, want_buf in ((keys, want_k), (values, want_v)):  # stale contents at the new column
                     buf.copy_(torch.randn_like(buf))
                     want_buf[:, :, :col], want_buf[:, :, col + 1:] = buf[:, :, :col], buf[:, :, col + 1:]
-                want = sk.attend(_rotate(q, cos, sin), want_k[:, :, :640], want_v[:, :, :640], mask, 128 ** -0.5)
+                want = sk.attend(_rotate(q, cos, sin), want_k[:, :, :640], want_v[:, :, :640], mask, 128 ** -0.5,
+                                 splits)
                 graph.replay()
                 assert torch.equal(out, want) and torch.equal(keys, want_k) and torch.equal(values, want_v), (dt, b)
 

@@ -89,7 +89,8 @@ class Config:
     before its PDL wait (the kernel before wrote none of them), and, where it wrote the step's new
     key and value (write_kv), their column again after the write: only where the kernel writes
     them (else the write is a kernel of its own, before this one, whose output a load before the
-    wait must not read) or without PDL (where it changes nothing but the order of the loads).
+    wait must not read) and the mask is the caller's (not zeros made for None by the launch just
+    before), or without PDL (where it changes nothing but the order of the loads).
     On an H100 it lengthened llava-1.5-7b's int4 step by about 0.14 ms and vila1.5-3b's by about
     0.01 in every round, with the same tokens (results/lab/h100/split-kv_ab_preload_*.csv): off.
     A label without some fields (one written before they were fields) parses to today's defaults
@@ -301,7 +302,10 @@ if triton is not None:
         heads, D] are first written at column Pos[0] by the program whose split holds it (the
         last split's where it lies past the attended keys), which then reads them back with the
         rest of its keys (after a barrier: every thread's store before any thread's load); a column
-        past the buffers' `cap` columns nowhere."""
+        past the buffers' `cap` columns nowhere. PRELOAD (Config.preload): the split's first block
+        of keys, values and mask read before the PDL wait (the launch passes it only where the
+        kernel before wrote none of them: bench.pdl), and the written column read again after the
+        write."""
         pid = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         b = pid // kv_heads
@@ -321,8 +325,8 @@ if triton is not None:
         if PDL:  # launched with programmatic dependent launch (bench.pdl): the kernel before wrote q (and,
             # without WRITE, the new key and value); the split's keys and values asked of L2 meanwhile
             # (PREFETCH: both buffers 16-byte aligned; the newest key and value among them, which the kernel
-            # before or this one writes: a prefetch only warms L2, where that write lands whenever it comes,
-            # and nothing is read before the wait)
+            # before or this one writes: a prefetch only warms L2, where that write lands whenever it comes;
+            # nothing else is read before the wait but PRELOAD's block)
             if PREFETCH & (sk_l == D) & (sv_l == D) & (end > start):
                 nbytes = ((end - start) * D * (K.dtype.element_ty.primitive_bitwidth // 8)).to(tl.int32)
                 prefetch_l2(K + b * sk_b + kvh * sk_h + start * D, nbytes)
@@ -455,7 +459,8 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     written = _new_key_and_value(new, q, keys)
     group = h // kvh
     dot = config.dot or triton.next_power_of_2(group) * config.block * d > BROADCAST_REGISTERS * 32 * config.num_warps
-    if mask is None:
+    made_mask = mask is None
+    if made_mask:
         mask = torch.zeros(1, n, dtype=q.dtype, device=q.device)
     m = mask.reshape(-1, mask.shape[-1])  # [1 or b, L]
     if m.shape[0] not in (1, b) or m.shape[1] != n:
@@ -475,8 +480,9 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     # the partial kernel's own PDL settings (the combine, short, lets the next kernel start at once)
     partial_pdl = {"PREFETCH": config.prefetch and keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0,
                    "LATE": bool(pdl_settings.LATE)} if pdl else {}
-    # the first keys before the wait only where this kernel writes the new column (Config.preload)
-    partial_pdl["PRELOAD"] = config.preload and (not pdl or bool(written))
+    # the first keys before the wait only where this kernel writes the new column and the mask is the
+    # caller's (Config.preload): the zeros made above for None are the launch just before
+    partial_pdl["PRELOAD"] = config.preload and (not pdl or bool(written) and not made_mask)
     combining = {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": config.combine_chunk}
     calls = [(_partial, (b * kvh, count), partial,
               {**pdl, **partial_pdl, **combining, "GROUP": group, "BLOCK": config.block, "DOT": dot,
