@@ -92,7 +92,8 @@ class Config:
     wait must not read) and the mask is the caller's (not zeros made for None by the launch just
     before), or without PDL (where it changes nothing but the order of the loads).
     On an H100 it lengthened llava-1.5-7b's int4 step by about 0.14 ms and vila1.5-3b's by about
-    0.01 in every round, with the same tokens (results/lab/h100/split-kv_ab_preload_*.csv): off.
+    0.01 in every round, with the same tokens (results/lab/h100/split-kv_ab_preload_*.csv), the
+    attention kernel itself longer (decode_profile_llava-1.5-7b-rtn4-f16x2-preload.csv): off.
     A label without some fields (one written before they were fields) parses to today's defaults
     for them, not to what was launched then (fused_combine=1 meant 8 splits at a time, 3 stages).
 
