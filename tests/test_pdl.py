@@ -145,6 +145,30 @@ def test_split_kv_attention_preloads_its_first_keys_before_the_wait_only_where_i
     assert not sk.DEFAULT.preload
 
 
+@pytest.mark.parametrize("early", [False, True])
+def test_split_kv_attention_reads_the_new_columns_index_before_the_wait_with_pos_early(monkeypatch, early):
+    """Config.pos_early under PDL: where the partial kernel writes the step's new key and value,
+    the column's index (one int64) is its only read before the wait; without it, nothing is."""
+    triton_aot = _aot()
+    from bench.engines import split_kv_attention as sk
+
+    monkeypatch.setattr(sk, "pdl_enabled", lambda device: True)
+    meta = torch.device("meta")
+    pair = torch.empty(2, 1, 32, 1024, 128, dtype=torch.float16, device=meta)
+    q = torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta)
+    new = (torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta),
+           torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta),
+           torch.empty(1, dtype=torch.int64, device=meta), 1024)
+    mask = torch.empty(1, 1, 1, 640, dtype=torch.float16, device=meta)
+    calls, _ = sk.launches(q, pair[0, :, :, :640], pair[1, :, :, :640], mask, 128 ** -0.5,
+                           sk.splits_for(1, 32, 640, 264), sk.Config(pos_early=early), new=new)
+    (kernel, _, args, kwargs), = calls
+    c = triton_aot.compile_call(kernel, args, kwargs)
+    before = c.ptx[:c.ptx.find("griddepcontrol.wait")]
+    assert _bytes_loaded(before) == (8 if early else 0) and not re.search(r"\b(st|atom|red)\.global", before)
+    assert c.spill_bytes == 0 and not sk.DEFAULT.pos_early
+
+
 @pytest.mark.parametrize("rows_first,split", [(True, 1), (False, 1), (True, 4)])
 def test_the_f16x2_kernel_preloads_its_first_weights_before_the_wait_under_pdl(rows_first, split):
     """With PRELOAD (bench.pdl.PRELOAD) the program's first block of weights and of their scales

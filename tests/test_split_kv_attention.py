@@ -144,6 +144,9 @@ for rope in ((), rope1):
     for col in (5, 70, 100, 150):
         written(1, 2, 2, col, 100 + 28 * (col == 100), (128, 1) if col == 70 else (64, 2), rope, Config(preload=True))
     written(2, 2, 8, 131, 200, (64, 4), (), Config(preload=True, block=32))
+    # the new column's index read before the wait (Config.pos_early): the same buffers and bits
+    written(1, 2, 2, 70, 100, (64, 2), rope, Config(pos_early=True))
+    written(1, 2, 2, 300, 100, (64, 2), rope, Config(pos_early=True, preload=True))
 print(worst)
 """
 
@@ -342,10 +345,10 @@ def test_splits_cover_the_keys_and_fill_the_gpu():
 def test_a_launch_configuration_is_checked_when_made():
     from bench.engines.split_kv_attention import DEFAULT, Config
 
-    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False, False, 2, True, True, False)
+    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False, False, 2, True, True, False, False)
     assert DEFAULT.label() == ("block=64,programs_per_sm=2,dot=1,num_warps=4,fused_combine=1,combine_chunk=16,"
-                               "prefetch=0,q_with_keys=0,num_stages=2,rotary=1,write_kv=1,preload=0")
-    other = Config(32, 4, False, 8, True, 4, True, True, 3, False, False, True)
+                               "prefetch=0,q_with_keys=0,num_stages=2,rotary=1,write_kv=1,preload=0,pos_early=0")
+    other = Config(32, 4, False, 8, True, 4, True, True, 3, False, False, True, True)
     assert Config.parse(other.label()) == other and Config.parse("dot=0") == Config(dot=False)
     assert Config.parse("fused_combine=0") == Config(fused_combine=False) != DEFAULT
     # a label written before the combine's chunk and the prefetch were fields: theirs are the defaults
@@ -533,8 +536,8 @@ def test_cuda_the_query_rotated_in_the_kernel_is_eagers_bit_for_bit():
 
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
-@pytest.mark.parametrize("preload", [False, True])
-def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_bit(preload, monkeypatch):
+@pytest.mark.parametrize("setting", ["", "preload=1", "pos_early=1"])
+def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_bit(setting, monkeypatch):
     """On a GPU (where the program holding the new column reads back what its threads just wrote,
     its keys copied asynchronously): the step's new key and value written by the partial kernel
     (Config.write_kv), the key rotated there as eager rounds, leave the buffers and give the output
@@ -542,13 +545,14 @@ def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_
     bit, in fp16 and bf16, one row and four grouped, call after call and replayed in a CUDA graph;
     also launched under PDL with each program's first keys read before its wait and the write
     (Config.preload), the written column in the first block of its split or in the second, its
-    own write read again."""
+    own write read again, and with the column's index read before the wait (Config.pos_early)."""
     import torch
 
     from bench.engines import split_kv_attention as sk
     from bench.engines.decoder import _rotate
 
-    if preload:  # as the graph engine launches it (the kernel before here wrote none of the keys)
+    config = sk.Config.parse(setting)
+    if setting:  # as the graph engine launches it (the kernel before here wrote none of the keys, nor pos)
         monkeypatch.setattr(sk, "pdl_enabled", lambda device: sk.pdl_settings.unavailable(device) is None)
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -570,7 +574,7 @@ def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_
 
             def call():
                 return sk.attend(q, keys[:, :, :640], values[:, :, :640], mask, 128 ** -0.5, splits,
-                                 sk.Config(preload=preload), cos=cos, sin=sin, new=(kn, vn, pos, 704))
+                                 config, cos=cos, sin=sin, new=(kn, vn, pos, 704))
 
             for _ in range(3):
                 assert torch.equal(call(), want) and torch.equal(keys, want_k) and torch.equal(values, want_v)

@@ -94,6 +94,9 @@ class Config:
     On an H100 it lengthened llava-1.5-7b's int4 step by about 0.14 ms and vila1.5-3b's by about
     0.01 in every round, with the same tokens (results/lab/h100/split-kv_ab_preload_*.csv), the
     attention kernel itself longer (decode_profile_llava-1.5-7b-rtn4-f16x2-preload.csv): off.
+    `pos_early`: under write_kv, each program reads the new column's index (the step's position,
+    which the engines' steps compute at their start, never the kernel before) before its PDL wait
+    instead of after it, where every program's keys waited for it. Not measured yet: off.
     A label without some fields (one written before they were fields) parses to today's defaults
     for them, not to what was launched then (fused_combine=1 meant 8 splits at a time, 3 stages).
 
@@ -116,6 +119,7 @@ class Config:
     rotary: bool = True
     write_kv: bool = True
     preload: bool = False
+    pos_early: bool = False
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
@@ -295,7 +299,7 @@ if triton is not None:
                  CHUNK: tl.constexpr = 16, Q_WITH_KEYS: tl.constexpr = False, ROTARY: tl.constexpr = False,
                  EAGER: tl.constexpr = True, PTX: tl.constexpr = True, KN=None, VN=None, Pos=None, skn_b=0,
                  skn_h=0, svn_b=0, svn_h=0, cap=0, WRITE: tl.constexpr = False, LATE: tl.constexpr = False,
-                 PRELOAD: tl.constexpr = False):
+                 PRELOAD: tl.constexpr = False, POS_EARLY: tl.constexpr = False):
         """The partials of split `program_id(1)` for the query heads of one row and kv head
         (`program_id(0)`); COMBINE: the last of that row and kv head's programs to finish (counted
         in Count[program_id(0)], which it sets back to 0 for the next launch) combines them into Out.
@@ -306,13 +310,15 @@ if triton is not None:
         past the buffers' `cap` columns nowhere. PRELOAD (Config.preload): the split's first block
         of keys, values and mask read before the PDL wait (the launch passes it only where the
         kernel before wrote none of them: bench.pdl), and the written column read again after the
-        write."""
+        write. POS_EARLY (Config.pos_early): Pos read before the PDL wait."""
         pid = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         b = pid // kv_heads
         kvh = pid % kv_heads
         start = split * per_split
         end = tl.minimum(start + per_split, keys)
+        if WRITE & POS_EARLY:  # the new column's index before the PDL wait: no output of the kernel before
+            new_col = tl.load(Pos)
         if PRELOAD:  # the split's first block of keys, values and mask: none is the kernel before's output
             # (the step's new key and value, which this kernel writes, are read again after the write)
             cols0 = start + tl.arange(0, BLOCK)
@@ -339,7 +345,8 @@ if triton is not None:
         d = tl.arange(0, D)
         heads = kvh * GROUP + g  # the query heads reading this kv head (transformers' repeat_kv)
         if WRITE:
-            new_col = tl.load(Pos)
+            if not POS_EARLY:
+                new_col = tl.load(Pos)
             held = ((new_col >= start) & (new_col < end)) | ((split == n_splits - 1) & (new_col >= keys))
             if held & (new_col >= 0) & (new_col < cap):  # (a column past the buffers: written nowhere)
                 # the new key as a one-head "query" of its kv head (row 0 of [BLOCK_G, D]), rotated as the query is
@@ -484,6 +491,7 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     # the first keys before the wait only where this kernel writes the new column and the mask is the
     # caller's (Config.preload): the zeros made above for None are the launch just before
     partial_pdl["PRELOAD"] = config.preload and (not pdl or bool(written) and not made_mask)
+    partial_pdl["POS_EARLY"] = config.pos_early and bool(written)
     combining = {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": config.combine_chunk}
     calls = [(_partial, (b * kvh, count), partial,
               {**pdl, **partial_pdl, **combining, "GROUP": group, "BLOCK": config.block, "DOT": dot,
@@ -565,7 +573,8 @@ def split_kv_attention_writing(q: torch.Tensor, k_new: torch.Tensor, v_new: torc
     """`attend` over the first `keys_end` columns of a layer's key/value buffer `pair` [2, b,
     kv_heads, L, d] (bench.engines.kv_buffers' KVLayer.pair) after writing the step's new key
     and value at column `pos` (Config.write_kv): one op compiled code calls as it is, the
-    buffer its mutated argument."""
+    buffer its mutated argument. `pos` must not be the output of the kernel launched just before
+    (Config.pos_early reads it before the PDL wait): the engines' steps compute it at their start."""
     return attend(q, pair[0, :, :, :keys_end], pair[1, :, :, :keys_end], mask, scale, cos=cos, sin=sin,
                   eager_rounding=eager_rounding, new=(k_new, v_new, pos, pair.shape[3]))
 
