@@ -114,7 +114,7 @@ for cos, sin in ((torch.randn(2, 1, 32).half(), torch.randn(2, 1, 32).half()),
 # output, bit for bit, as writing them first (the key rotated as the decoder rotates it) and attending
 # after; a column in the first split, in a later one (grouped heads, a batch, per-row cos/sin), past
 # the attended columns (written there, not attended) and past the buffers (written nowhere)
-def written(b, kvh, heads, col, n, splits, rope, config=DEFAULT):
+def written(b, kvh, heads, col, n, splits, rope, config=DEFAULT, causal=False):
     k, v = buffers(b, kvh, 256, 32)
     proj = torch.randn(b, 1, (heads + 2 * kvh) * 32).half() * 3
     q, kn, vn = proj.split([heads * 32, kvh * 32, kvh * 32], -1)
@@ -128,7 +128,8 @@ def written(b, kvh, heads, col, n, splits, rope, config=DEFAULT):
         want_v[:, :, col:col + 1] = vn
     qr = _rotate(q, *rope) if rope else q
     want = attend(qr, want_k[:, :, :n], want_v[:, :, :n], mask, 32 ** -0.5, splits, config)
-    got = attend(q, k[:, :, :n], v[:, :, :n], mask, 32 ** -0.5, splits, config, *rope, new=(kn, vn, pos, 256))
+    got = attend(q, k[:, :, :n], v[:, :, :n], None if causal else mask, 32 ** -0.5, splits, config, *rope,
+                 new=(kn, vn, pos, 256), causal=causal)
     assert torch.equal(k, want_k) and torch.equal(v, want_v), (b, col, n)
     assert torch.equal(got, want), (b, col, n, (got - want).abs().max())
 
@@ -147,6 +148,11 @@ for rope in ((), rope1):
     # the new column's index read before the wait (Config.pos_early): the same buffers and bits
     written(1, 2, 2, 70, 100, (64, 2), rope, Config(pos_early=True))
     written(1, 2, 2, 300, 100, (64, 2), rope, Config(pos_early=True, preload=True))
+    # the causal mask made by the kernel from the new column (`causal`, Config.causal_mask): the
+    # same bits as handing it over; in a later split, with the first block read early, past the keys
+    written(1, 2, 2, 70, 100, (64, 2), rope, causal=True)
+    written(2, 2, 8, 131, 200, (64, 4), (), Config(preload=True, block=32), causal=True)
+    written(1, 2, 2, 150, 100, (64, 2), rope, Config(pos_early=True), causal=True)
 print(worst)
 """
 
@@ -167,6 +173,7 @@ torch.set_grad_enabled(False)
 dec = fast_decoder(adapter)
 compiled = torch.compile(dec.layer_at, dynamic=False)  # as the graph engine compiles its step layer
 worst = 0.0
+rows = {}
 for batch in (1, 2):
     kv = dec.new_buffers(256, batch)
     torch.manual_seed(batch)
@@ -174,6 +181,7 @@ for batch in (1, 2):
     dec.prefill(embeds, kv, 0)
     token = torch.randn(batch, 1, embeds.shape[-1]).half() * 0.5
     saved = kv.positions()
+    rows[batch] = (kv, saved, token)
     out = {}
     for split in (False, True):  # eager SDPA, then the compiled layer with the op in its graph
         dec.split_kv = split
@@ -223,6 +231,23 @@ for rotary in (True, False):
         data[write_kv] = kv.data.clone()
     print(int(torch.equal(out[True], out[False]) and torch.equal(data[True], data[False])))
 print(sum(writes))
+# one row's causal mask made by the kernel from the new column (Config.causal_mask): no mask handed
+# over, the same logits and buffers bit for bit
+made = []
+_causal = sk.attend
+sk.attend = lambda *a, **k: made.append(k.get("causal", False)) or _causal(*a, **k)
+kv, saved, token = rows[1]
+out, data = {}, {}
+for causal_mask in (False, True):
+    torch._dynamo.reset()
+    sk.DEFAULT = dataclasses.replace(sk.DEFAULT, rotary=True, write_kv=True, causal_mask=causal_mask)
+    layer = deferring(torch.compile(dec.layer_at_deferred, dynamic=False, options=inductor_options("eager-casts")))
+    kv.set_positions(saved)
+    kv.data[..., embeds.shape[1]:, :] = 0
+    out[causal_mask] = torch.stack([dec.step(token, torch.tensor(1), kv, layer, key_len=128)[:, -1].float()
+                                    for _ in range(3)])
+    data[causal_mask] = kv.data.clone()
+print(int(torch.equal(out[True], out[False]) and torch.equal(data[True], data[False])), sum(made))
 """
 
 
@@ -233,22 +258,26 @@ def test_a_compiled_decode_step_attends_by_the_split_kv_op(tiny_llava_dir):
     and for a batch (its additive mask per row), three steps each; with the query handed over
     unrotated and rotated by the kernel (Config.rotary) the same logits bit for bit under eager
     numerics, within fp16 rounding under "fused"; with the new key and value written by the kernel
-    (Config.write_kv, in the graph engine's own step layer) the same logits and buffers bit for bit."""
+    (Config.write_kv, in the graph engine's own step layer) the same logits and buffers bit for bit,
+    and so with one row's causal mask made by the kernel (Config.causal_mask)."""
     pytest.importorskip("triton")
     from tests.conftest import ROOT
 
     done = subprocess.run([sys.executable, "-c", _STEP, str(tiny_llava_dir)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    layers, one_row, two_rows = map(int, done.stdout.split()[-10:-7])
+    layers, one_row, two_rows = map(int, done.stdout.split()[-12:-9])
     assert one_row == two_rows == 3 * layers > 0  # every layer of every split-kv step, and only those
-    assert float(done.stdout.split()[-7]) < 1e-2
-    rotated, eager, fused = done.stdout.split()[-6:-3]
+    assert float(done.stdout.split()[-9]) < 1e-2
+    rotated, eager, fused = done.stdout.split()[-8:-5]
     # the query rotated in the kernel: the same bits under eager numerics, within rounding under fused
     assert int(rotated) == 2 * 3 * layers and float(eager) == 0.0 and float(fused) < 1e-2
     # the new key and value written by the kernel: the same logits and buffers, with and without rotary
-    same_rotated, same_plain, writes = map(int, done.stdout.split()[-3:])
+    same_rotated, same_plain, writes = map(int, done.stdout.split()[-5:-2])
     assert same_rotated == same_plain == 1 and writes == 2 * 3 * layers
+    # one row's causal mask made by the kernel: the same logits and buffers, at every layer of every step
+    same_causal, causal_calls = map(int, done.stdout.split()[-2:])
+    assert same_causal == 1 and causal_calls == 3 * layers
 
 
 def test_split_kv_attention_equals_softmax_attention_in_tritons_interpreter():
@@ -310,6 +339,11 @@ def test_split_kv_attention_refuses_a_new_key_or_value_it_cannot_write():
                 (kv, kv, torch.zeros(1, dtype=torch.long))):
         with pytest.raises(ValueError, match="split-kv attention: the new"):
             sk.launches(q, buf, buf, None, 0.125, new=new)
+    # a causal mask made from the new column: with the new key and value, and no mask of the caller's
+    assert sk.launches(q, buf, buf, None, 0.125, new=(kv, kv, col), causal=True)[0][0][3]["CAUSAL"]
+    for args in ({"mask": torch.empty(2, 256, dtype=torch.float16, device=meta), "new": (kv, kv, col)}, {"mask": None}):
+        with pytest.raises(ValueError, match="causal mask from the new column"):
+            sk.launches(q, buf, buf, args["mask"], 0.125, new=args.get("new"), causal=True)
 
 
 def test_the_graph_engine_refuses_decode_steps_past_its_buffers():
@@ -345,10 +379,11 @@ def test_splits_cover_the_keys_and_fill_the_gpu():
 def test_a_launch_configuration_is_checked_when_made():
     from bench.engines.split_kv_attention import DEFAULT, Config
 
-    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False, False, 2, True, True, False, False)
+    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False, False, 2, True, True, False, False, False)
     assert DEFAULT.label() == ("block=64,programs_per_sm=2,dot=1,num_warps=4,fused_combine=1,combine_chunk=16,"
-                               "prefetch=0,q_with_keys=0,num_stages=2,rotary=1,write_kv=1,preload=0,pos_early=0")
-    other = Config(32, 4, False, 8, True, 4, True, True, 3, False, False, True, True)
+                               "prefetch=0,q_with_keys=0,num_stages=2,rotary=1,write_kv=1,preload=0,pos_early=0,"
+                               "causal_mask=0")
+    other = Config(32, 4, False, 8, True, 4, True, True, 3, False, False, True, True, True)
     assert Config.parse(other.label()) == other and Config.parse("dot=0") == Config(dot=False)
     assert Config.parse("fused_combine=0") == Config(fused_combine=False) != DEFAULT
     # a label written before the combine's chunk and the prefetch were fields: theirs are the defaults
@@ -536,7 +571,7 @@ def test_cuda_the_query_rotated_in_the_kernel_is_eagers_bit_for_bit():
 
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
-@pytest.mark.parametrize("setting", ["", "preload=1", "pos_early=1"])
+@pytest.mark.parametrize("setting", ["", "preload=1", "pos_early=1", "causal_mask=1"])
 def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_bit(setting, monkeypatch):
     """On a GPU (where the program holding the new column reads back what its threads just wrote,
     its keys copied asynchronously): the step's new key and value written by the partial kernel
@@ -545,7 +580,8 @@ def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_
     bit, in fp16 and bf16, one row and four grouped, call after call and replayed in a CUDA graph;
     also launched under PDL with each program's first keys read before its wait and the write
     (Config.preload), the written column in the first block of its split or in the second, its
-    own write read again, and with the column's index read before the wait (Config.pos_early)."""
+    own write read again, with the column's index read before the wait (Config.pos_early), and with
+    the causal mask made by the kernel from the column (`causal`, Config.causal_mask)."""
     import torch
 
     from bench.engines import split_kv_attention as sk
@@ -573,8 +609,9 @@ def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_
             pos = torch.tensor([col], device=dev)
 
             def call():
-                return sk.attend(q, keys[:, :, :640], values[:, :, :640], mask, 128 ** -0.5, splits,
-                                 config, cos=cos, sin=sin, new=(kn, vn, pos, 704))
+                return sk.attend(q, keys[:, :, :640], values[:, :, :640], None if config.causal_mask else mask,
+                                 128 ** -0.5, splits, config, cos=cos, sin=sin, new=(kn, vn, pos, 704),
+                                 causal=config.causal_mask)
 
             for _ in range(3):
                 assert torch.equal(call(), want) and torch.equal(keys, want_k) and torch.equal(values, want_v)

@@ -272,8 +272,12 @@ class FastDecoder(nn.Module):
         q, k, v = self._qkv(block, h, cos, sin, rotate_q=not rotary, rotate_k=not (writing and rotary))
         rope = (cos, sin, self.numerics != "fused") if rotary else ()
         if writing:
-            return torch.ops.vlmbench.split_kv_attention_writing(q, k, v, pos, pair, keys_end or pair.shape[3], mask,
-                                                                 self.scaling, *rope)
+            # a 2-D mask here is `step`'s for unpadded rows, every column up to the new one: the
+            # kernel may make it from the column (split_kv_attention.Config.causal_mask)
+            causal = split_kv_attention.DEFAULT.causal_mask and mask is not None and mask.dim() == 2
+            return torch.ops.vlmbench.split_kv_attention_writing(
+                q, k, v, pos, pair, keys_end or pair.shape[3], None if causal else mask, self.scaling, *rope,
+                **({"causal": True} if causal else {}))
         if pair is not None:
             pair.index_copy_(3, pos, torch.stack((k, v)))
         else:

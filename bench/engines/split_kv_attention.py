@@ -97,6 +97,10 @@ class Config:
     `pos_early`: under write_kv, each program reads the new column's index (the step's position,
     which the engines' steps compute at their start, never the kernel before) before its PDL wait
     instead of after it, where every program's keys waited for it. Not measured yet: off.
+    `causal_mask`: under write_kv, the engines' one-row steps (whose mask is the causal one: every
+    column up to the new one) hand the kernel no mask, and it attends to the columns up to the new
+    one, the mask made from the column's index instead of read after the keys (one round trip to
+    memory fewer; the same bits: FastDecoder._attend_at). Not measured yet: off.
     A label without some fields (one written before they were fields) parses to today's defaults
     for them, not to what was launched then (fused_combine=1 meant 8 splits at a time, 3 stages).
 
@@ -120,6 +124,7 @@ class Config:
     write_kv: bool = True
     preload: bool = False
     pos_early: bool = False
+    causal_mask: bool = False
 
     def __post_init__(self):
         if self.block < 16 or self.block & (self.block - 1):
@@ -299,7 +304,7 @@ if triton is not None:
                  CHUNK: tl.constexpr = 16, Q_WITH_KEYS: tl.constexpr = False, ROTARY: tl.constexpr = False,
                  EAGER: tl.constexpr = True, PTX: tl.constexpr = True, KN=None, VN=None, Pos=None, skn_b=0,
                  skn_h=0, svn_b=0, svn_h=0, cap=0, WRITE: tl.constexpr = False, LATE: tl.constexpr = False,
-                 PRELOAD: tl.constexpr = False, POS_EARLY: tl.constexpr = False):
+                 PRELOAD: tl.constexpr = False, POS_EARLY: tl.constexpr = False, CAUSAL: tl.constexpr = False):
         """The partials of split `program_id(1)` for the query heads of one row and kv head
         (`program_id(0)`); COMBINE: the last of that row and kv head's programs to finish (counted
         in Count[program_id(0)], which it sets back to 0 for the next launch) combines them into Out.
@@ -310,7 +315,8 @@ if triton is not None:
         past the buffers' `cap` columns nowhere. PRELOAD (Config.preload): the split's first block
         of keys, values and mask read before the PDL wait (the launch passes it only where the
         kernel before wrote none of them: bench.pdl), and the written column read again after the
-        write. POS_EARLY (Config.pos_early): Pos read before the PDL wait."""
+        write. POS_EARLY (Config.pos_early): Pos read before the PDL wait. CAUSAL (WRITE only): M
+        unread, the keys attended those up to the new column (`attend`'s `causal`)."""
         pid = tl.program_id(0)  # row * kv_heads + kv head
         split = tl.program_id(1)
         b = pid // kv_heads
@@ -328,7 +334,8 @@ if triton is not None:
                          other=0.0)
             v0 = tl.load(V + b * sv_b + kvh * sv_h + cols0[:, None] * sv_l + d0[None, :], mask=inside0[:, None],
                          other=0.0)
-            add0 = tl.load(M + b * sm_b + cols0 * sm_l, mask=inside0, other=float("-inf"))
+            if not CAUSAL:
+                add0 = tl.load(M + b * sm_b + cols0 * sm_l, mask=inside0, other=float("-inf"))
         if PDL:  # launched with programmatic dependent launch (bench.pdl): the kernel before wrote q (and,
             # without WRITE, the new key and value); the split's keys and values asked of L2 meanwhile
             # (PREFETCH: both buffers 16-byte aligned; the newest key and value among them, which the kernel
@@ -370,6 +377,8 @@ if triton is not None:
                                                       mask=again[:, None], other=0.0), v0)
             if Q_WITH_KEYS:
                 q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, True, GROUP, D, ROTARY, EAGER, PTX)
+            if CAUSAL:
+                add0 = tl.where(inside0 & (cols0 <= new_col), 0.0, float("-inf"))
             m_i, l_i, acc = _keys_block(q, k0, v0, add0, m_i, l_i, acc, scale, DOT, PRECISION)
             first = start + BLOCK
         for lo in range(first, end, BLOCK):
@@ -379,7 +388,10 @@ if triton is not None:
                 q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, lo < end, GROUP, D, ROTARY, EAGER, PTX)
             k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + d[None, :], mask=inside[:, None],
                         other=0.0)
-            add = tl.load(M + b * sm_b + cols * sm_l, mask=inside, other=float("-inf"))
+            if CAUSAL:  # the columns up to the new one: its causal mask, made here instead of read
+                add = tl.where(inside & (cols <= new_col), 0.0, float("-inf"))
+            else:
+                add = tl.load(M + b * sm_b + cols * sm_l, mask=inside, other=float("-inf"))
             v = tl.load(V + b * sv_b + kvh * sv_h + cols[:, None] * sv_l + d[None, :], mask=inside[:, None],
                         other=0.0)
             m_i, l_i, acc = _keys_block(q, k, v, add, m_i, l_i, acc, scale, DOT, PRECISION)
@@ -438,7 +450,7 @@ def _counts(device: torch.device, n: int) -> torch.Tensor | None:
 def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
              scale: float, splits: tuple[int, int] | None = None, config: Config | None = None,
              cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-             eager_rounding: bool = True, new: tuple | None = None) -> tuple[list, torch.Tensor]:
+             eager_rounding: bool = True, new: tuple | None = None, causal: bool = False) -> tuple[list, torch.Tensor]:
     """([(kernel, grid, args, kwargs) of the launches: partial and combine, or the partial alone
     under fused_combine], output) for `attend`'s arguments (`config` default: the module's DEFAULT
     as it is at the call), its buffers allocated on q's device (the meta device gives what lab and
@@ -467,10 +479,13 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     written = _new_key_and_value(new, q, keys)
     group = h // kvh
     dot = config.dot or triton.next_power_of_2(group) * config.block * d > BROADCAST_REGISTERS * 32 * config.num_warps
-    made_mask = mask is None
+    if causal and (not written or mask is not None):
+        raise ValueError("split-kv attention makes a causal mask from the new column: it takes the new key and value "
+                         "(`new`) and no mask")
+    made_mask = mask is None and not causal
     if made_mask:
         mask = torch.zeros(1, n, dtype=q.dtype, device=q.device)
-    m = mask.reshape(-1, mask.shape[-1])  # [1 or b, L]
+    m = keys[:1, 0, :, 0] if causal else mask.reshape(-1, mask.shape[-1])  # [1 or b, L] (causal: a view, unread)
     if m.shape[0] not in (1, b) or m.shape[1] != n:
         raise ValueError(f"split-kv attention: mask {tuple(mask.shape)} does not broadcast to ({b}, 1, 1, {n})")
     per, count = splits or splits_for(b, kvh, n, _programs(q.device, config.programs_per_sm), config.block)
@@ -492,6 +507,7 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     # caller's (Config.preload): the zeros made above for None are the launch just before
     partial_pdl["PRELOAD"] = config.preload and (not pdl or bool(written) and not made_mask)
     partial_pdl["POS_EARLY"] = config.pos_early and bool(written)
+    partial_pdl["CAUSAL"] = causal
     combining = {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": config.combine_chunk}
     calls = [(_partial, (b * kvh, count), partial,
               {**pdl, **partial_pdl, **combining, "GROUP": group, "BLOCK": config.block, "DOT": dot,
@@ -532,7 +548,7 @@ def _new_key_and_value(new: tuple | None, q: torch.Tensor, keys: torch.Tensor) -
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
            scale: float, splits: tuple[int, int] | None = None, config: Config | None = None,
            cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-           eager_rounding: bool = True, new: tuple | None = None) -> torch.Tensor:
+           eager_rounding: bool = True, new: tuple | None = None, causal: bool = False) -> torch.Tensor:
     """Attention of one query per row: q [b, h, 1, d], keys/values [b, kv_heads, L, d] (views of
     the buffers: any strides with the last dimension contiguous), `mask` additive, broadcastable
     to [b, 1, 1, L] (None: every key); -> [b, h, 1, d] in q's dtype. `splits` (keys per split,
@@ -541,8 +557,10 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     yet; the kernel rotates it as transformers' apply_rotary_pos_emb does, rounding as eager does
     (`eager_rounding`) or once. `new` = (key, value, column[, capacity]): the step's new key and
     value [b, kv_heads, 1, d] are written into keys and values at `column` (a one-element device
-    tensor) first, the key rotated as q is where cos and sin are given (_new_key_and_value)."""
-    calls, out = launches(q, keys, values, mask, scale, splits, config, cos, sin, eager_rounding, new)
+    tensor) first, the key rotated as q is where cos and sin are given (_new_key_and_value).
+    `causal` (with `new`, and no mask): every row attends to the columns up to the new one, the
+    mask made in the kernel (Config.causal_mask)."""
+    calls, out = launches(q, keys, values, mask, scale, splits, config, cos, sin, eager_rounding, new, causal)
     for kernel, grid, args, kwargs in calls:
         kernel[grid](*args, **kwargs)
     return out
@@ -569,14 +587,15 @@ split_kv_attention.register_fake(_output_like_q)
 def split_kv_attention_writing(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, pos: torch.Tensor,
                                pair: torch.Tensor, keys_end: int, mask: torch.Tensor | None, scale: float,
                                cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                               eager_rounding: bool = True) -> torch.Tensor:
+                               eager_rounding: bool = True, causal: bool = False) -> torch.Tensor:
     """`attend` over the first `keys_end` columns of a layer's key/value buffer `pair` [2, b,
     kv_heads, L, d] (bench.engines.kv_buffers' KVLayer.pair) after writing the step's new key
     and value at column `pos` (Config.write_kv): one op compiled code calls as it is, the
     buffer its mutated argument. `pos` must not be the output of the kernel launched just before
-    (Config.pos_early reads it before the PDL wait): the engines' steps compute it at their start."""
+    (Config.pos_early reads it before the PDL wait): the engines' steps compute it at their start.
+    `causal`: no mask, the columns up to `pos` attended (Config.causal_mask)."""
     return attend(q, pair[0, :, :, :keys_end], pair[1, :, :, :keys_end], mask, scale, cos=cos, sin=sin,
-                  eager_rounding=eager_rounding, new=(k_new, v_new, pos, pair.shape[3]))
+                  eager_rounding=eager_rounding, new=(k_new, v_new, pos, pair.shape[3]), causal=causal)
 
 
 split_kv_attention_writing.register_fake(_output_like_q)
