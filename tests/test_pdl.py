@@ -167,6 +167,16 @@ def test_split_kv_attention_reads_the_new_columns_index_before_the_wait_with_pos
     before = c.ptx[:c.ptx.find("griddepcontrol.wait")]
     assert _bytes_loaded(before) == (8 if early else 0) and not re.search(r"\b(st|atom|red)\.global", before)
     assert c.spill_bytes == 0 and not sk.DEFAULT.pos_early
+    # the causal mask made from the column (`causal`, Config.causal_mask): the mask's loads gone, nothing else
+    calls, _ = sk.launches(q, pair[0, :, :, :640], pair[1, :, :, :640], None, 128 ** -0.5,
+                           sk.splits_for(1, 32, 640, 264), sk.Config(pos_early=early), new=new, causal=True)
+    (kernel, _, args, kwargs), = calls
+    made = triton_aot.compile_call(kernel, args, kwargs)
+    mask_pointer = "_partial_param_3]"  # M, the fourth argument: its address never even read
+    assert mask_pointer in c.ptx and mask_pointer not in made.ptx and made.spill_bytes == 0
+    copies = [len(re.findall(r"cp\.async\.c[ag]", k.ptx)) for k in (c, made)]
+    assert copies[0] > copies[1], copies  # (the keys and values still copied as before)
+    assert not sk.DEFAULT.causal_mask
 
 
 @pytest.mark.parametrize("rows_first,split", [(True, 1), (False, 1), (True, 4)])

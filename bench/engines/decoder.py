@@ -274,7 +274,7 @@ class FastDecoder(nn.Module):
         if writing:
             # a 2-D mask here is `step`'s for unpadded rows, every column up to the new one: the
             # kernel may make it from the column (split_kv_attention.Config.causal_mask)
-            causal = split_kv_attention.DEFAULT.causal_mask and mask is not None and mask.dim() == 2
+            causal = split_kv_attention.DEFAULT.causal_mask and isinstance(mask, torch.Tensor) and mask.dim() == 2
             return torch.ops.vlmbench.split_kv_attention_writing(
                 q, k, v, pos, pair, keys_end or pair.shape[3], None if causal else mask, self.scaling, *rope,
                 **({"causal": True} if causal else {}))

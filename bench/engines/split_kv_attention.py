@@ -100,7 +100,8 @@ class Config:
     `causal_mask`: under write_kv, the engines' one-row steps (whose mask is the causal one: every
     column up to the new one) hand the kernel no mask, and it attends to the columns up to the new
     one, the mask made from the column's index instead of read after the keys (one round trip to
-    memory fewer; the same bits: FastDecoder._attend_at). Not measured yet: off.
+    memory fewer), the columns past it not read (the same bits: FastDecoder._attend_at). Not
+    measured yet: off.
     A label without some fields (one written before they were fields) parses to today's defaults
     for them, not to what was launched then (fused_combine=1 meant 8 splits at a time, 3 stages).
 
@@ -340,7 +341,7 @@ if triton is not None:
             # without WRITE, the new key and value); the split's keys and values asked of L2 meanwhile
             # (PREFETCH: both buffers 16-byte aligned; the newest key and value among them, which the kernel
             # before or this one writes: a prefetch only warms L2, where that write lands whenever it comes;
-            # nothing else is read before the wait but PRELOAD's block)
+            # nothing else is read before the wait but PRELOAD's block and POS_EARLY's Pos)
             if PREFETCH & (sk_l == D) & (sv_l == D) & (end > start):
                 nbytes = ((end - start) * D * (K.dtype.element_ty.primitive_bitwidth // 8)).to(tl.int32)
                 prefetch_l2(K + b * sk_b + kvh * sk_h + start * D, nbytes)
@@ -368,6 +369,9 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
         first = start
+        stop = end  # the split's columns attended: under CAUSAL none past the new one (nor read in the loop)
+        if CAUSAL:
+            stop = tl.minimum(end, (new_col + 1).to(tl.int32))
         if PRELOAD:
             if WRITE:  # the column this program just wrote, read again (the other programs' loads are all masked off)
                 again = (cols0 == new_col) & inside0
@@ -378,18 +382,18 @@ if triton is not None:
             if Q_WITH_KEYS:
                 q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, True, GROUP, D, ROTARY, EAGER, PTX)
             if CAUSAL:
-                add0 = tl.where(inside0 & (cols0 <= new_col), 0.0, float("-inf"))
+                add0 = tl.where(cols0 < stop, 0.0, float("-inf"))
             m_i, l_i, acc = _keys_block(q, k0, v0, add0, m_i, l_i, acc, scale, DOT, PRECISION)
             first = start + BLOCK
-        for lo in range(first, end, BLOCK):
+        for lo in range(first, stop, BLOCK):
             cols = lo + tl.arange(0, BLOCK)
-            inside = cols < end
-            if Q_WITH_KEYS:  # (lo < end: not loop-invariant to the compiler, so the load stays in the loop)
-                q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, lo < end, GROUP, D, ROTARY, EAGER, PTX)
+            inside = cols < stop
+            if Q_WITH_KEYS:  # (lo < stop: not loop-invariant to the compiler, so the load stays in the loop)
+                q = _query(Q, C, S, b, heads, g, d, sq_b, sq_h, sc_b, ss_b, lo < stop, GROUP, D, ROTARY, EAGER, PTX)
             k = tl.load(K + b * sk_b + kvh * sk_h + cols[:, None] * sk_l + d[None, :], mask=inside[:, None],
                         other=0.0)
             if CAUSAL:  # the columns up to the new one: its causal mask, made here instead of read
-                add = tl.where(inside & (cols <= new_col), 0.0, float("-inf"))
+                add = tl.where(inside, 0.0, float("-inf"))
             else:
                 add = tl.load(M + b * sm_b + cols * sm_l, mask=inside, other=float("-inf"))
             v = tl.load(V + b * sv_b + kvh * sv_h + cols[:, None] * sv_l + d[None, :], mask=inside[:, None],
@@ -557,7 +561,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     yet; the kernel rotates it as transformers' apply_rotary_pos_emb does, rounding as eager does
     (`eager_rounding`) or once. `new` = (key, value, column[, capacity]): the step's new key and
     value [b, kv_heads, 1, d] are written into keys and values at `column` (a one-element device
-    tensor) first, the key rotated as q is where cos and sin are given (_new_key_and_value).
+    tensor) first, the key rotated as q is where cos and sin are given (_new_key_and_value); under
+    PDL with Config.pos_early, `column` must not be the output of the kernel launched just before.
     `causal` (with `new`, and no mask): every row attends to the columns up to the new one, the
     mask made in the kernel (Config.causal_mask)."""
     calls, out = launches(q, keys, values, mask, scale, splits, config, cos, sin, eager_rounding, new, causal)
