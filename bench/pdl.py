@@ -7,14 +7,14 @@ it from their spec (`--pdl auto|off`) when they are made (`configure`).
 A kernel launched with PDL may start while the kernel before it finishes; it waits
 (griddepcontrol.wait, Triton's gdc_wait) before it reads anything that kernel may write or writes
 anything at all, and lets the next kernel start (gdc_launch_dependents) once it has (the
-project's kernels, with LATE, after their main loop instead). Before the
-wait the project's kernels can ask the L2 cache for their weights, or their split's keys and
-values (PREFETCH; `prefetch_l2`: a hint that only warms L2, where a write of the kernel before
-lands whenever it comes), or read into registers what no kernel writes (triton-f16x2's PRELOAD:
-its weights) or what only kernels before the one before wrote (split-KV attention's
-Config.preload: its keys, values and mask; Config.pos_early: the new column's index): every kernel under PDL waits for the one before it before it
-lets the next start, so when a kernel starts, all but the one just before it have finished and
-their writes are visible. What that saves is the gap between two short kernels, of which a decode
+project's kernels, with LATE, after their main loop instead). Before the wait the project's
+kernels can ask the L2 cache for their weights, or their split's keys and values (PREFETCH;
+`prefetch_l2`: a hint that only warms L2, where a write of the kernel before lands whenever it
+comes), or read into registers what no kernel writes (triton-f16x2's PRELOAD: its weights) or
+what only kernels before the one before wrote (split-KV attention's Config.preload: its keys,
+values and mask; Config.pos_early: the new column's index): every kernel under PDL waits for the
+one before it before it lets the next start, so when a kernel starts, all but the one just before
+it have finished and their writes are visible. What that saves is the gap between two short kernels, of which a decode
 step has several per layer. The engines' default (`--pdl auto`).
 """
 from __future__ import annotations
