@@ -105,6 +105,23 @@ def _bytes_loaded(ptx: str) -> int:
     return sum(int(v or 1) * int(bits) // 8 for v, bits in loads)
 
 
+def _partial_compiled(triton_aot, sk, config, writes: bool = True, mask: bool = True, causal: bool = False):
+    """split-KV's partial kernel under PDL for llava-1.5-7b's one-row step (32 heads of 128, 640
+    of 1024 columns attended) compiled for sm_90: writing the step's new key and value (`writes`),
+    with the caller's mask (`mask`) or the causal one made from the new column (`causal`)."""
+    meta = torch.device("meta")
+    pair = torch.empty(2, 1, 32, 1024, 128, dtype=torch.float16, device=meta)
+    q = torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta)
+    new = (torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta),
+           torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta),
+           torch.empty(1, dtype=torch.int64, device=meta), 1024) if writes else None
+    additive = torch.empty(1, 1, 1, 640, dtype=torch.float16, device=meta) if mask else None
+    calls, _ = sk.launches(q, pair[0, :, :, :640], pair[1, :, :, :640], additive, 128 ** -0.5,
+                           sk.splits_for(1, 32, 640, 264), config, new=new, causal=causal)
+    (kernel, _, args, kwargs), = calls
+    return triton_aot.compile_call(kernel, args, kwargs)
+
+
 @pytest.mark.parametrize("writes,mask", [(False, True), (True, True), (True, False)])
 def test_split_kv_attention_preloads_its_first_keys_before_the_wait_only_where_it_writes_the_new_ones(
         monkeypatch, writes, mask):
@@ -118,20 +135,9 @@ def test_split_kv_attention_preloads_its_first_keys_before_the_wait_only_where_i
     from bench.engines import split_kv_attention as sk
 
     monkeypatch.setattr(sk, "pdl_enabled", lambda device: True)
-    meta = torch.device("meta")
-    pair = torch.empty(2, 1, 32, 1024, 128, dtype=torch.float16, device=meta)
-    q = torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta)
-    new = (torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta),
-           torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta),
-           torch.empty(1, dtype=torch.int64, device=meta), 1024) if writes else None
-    additive = torch.empty(1, 1, 1, 640, dtype=torch.float16, device=meta) if mask else None
-    compiled = {}
-    for preload in (False, True):
-        config = sk.Config(preload=preload)
-        calls, _ = sk.launches(q, pair[0, :, :, :640], pair[1, :, :, :640], additive, 128 ** -0.5,
-                               sk.splits_for(1, 32, 640, 264), config, new=new)
-        (kernel, _, args, kwargs), = calls
-        compiled[preload] = triton_aot.compile_call(kernel, args, kwargs)
+    config = sk.Config(preload=True)
+    compiled = {preload: _partial_compiled(triton_aot, sk, sk.Config(preload=preload), writes, mask)
+                for preload in (False, True)}
     assert _waits_first(compiled[False].ptx)
     pre = compiled[True]
     ahead = writes and mask
@@ -153,25 +159,12 @@ def test_split_kv_attention_reads_the_new_columns_index_before_the_wait_with_pos
     from bench.engines import split_kv_attention as sk
 
     monkeypatch.setattr(sk, "pdl_enabled", lambda device: True)
-    meta = torch.device("meta")
-    pair = torch.empty(2, 1, 32, 1024, 128, dtype=torch.float16, device=meta)
-    q = torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta)
-    new = (torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta),
-           torch.empty(1, 32, 1, 128, dtype=torch.float16, device=meta),
-           torch.empty(1, dtype=torch.int64, device=meta), 1024)
-    mask = torch.empty(1, 1, 1, 640, dtype=torch.float16, device=meta)
-    calls, _ = sk.launches(q, pair[0, :, :, :640], pair[1, :, :, :640], mask, 128 ** -0.5,
-                           sk.splits_for(1, 32, 640, 264), sk.Config(pos_early=early), new=new)
-    (kernel, _, args, kwargs), = calls
-    c = triton_aot.compile_call(kernel, args, kwargs)
+    c = _partial_compiled(triton_aot, sk, sk.Config(pos_early=early))
     before = c.ptx[:c.ptx.find("griddepcontrol.wait")]
     assert _bytes_loaded(before) == (8 if early else 0) and not re.search(r"\b(st|atom|red)\.global", before)
     assert c.spill_bytes == 0 and not sk.DEFAULT.pos_early
     # the causal mask made from the column (`causal`, Config.causal_mask): the mask's loads gone, nothing else
-    calls, _ = sk.launches(q, pair[0, :, :, :640], pair[1, :, :, :640], None, 128 ** -0.5,
-                           sk.splits_for(1, 32, 640, 264), sk.Config(pos_early=early), new=new, causal=True)
-    (kernel, _, args, kwargs), = calls
-    made = triton_aot.compile_call(kernel, args, kwargs)
+    made = _partial_compiled(triton_aot, sk, sk.Config(pos_early=early), mask=False, causal=True)
     mask_pointer = "_partial_param_3]"  # M, the fourth argument: its address never even read
     assert mask_pointer in c.ptx and mask_pointer not in made.ptx and made.spill_bytes == 0
     copies = [len(re.findall(r"cp\.async\.c[ag]", k.ptx)) for k in (c, made)]
