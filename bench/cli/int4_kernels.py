@@ -18,9 +18,7 @@ def _pdl_columns(fields: dict) -> dict:
     without PDL)."""
     from bench.quant.w4a16.measurements import pdl_launch
 
-    launch = pdl_launch(fields)
-    return {"pdl_prefetch": launch[0] if launch else "", "pdl_preload": launch[1] if launch else "",
-            "pdl_late": launch[2] if launch else ""}
+    return dict(zip(("pdl_prefetch", "pdl_preload", "pdl_late"), pdl_launch(fields) or ("", "", "")))
 
 
 def _pdl_text(fields: dict) -> str:

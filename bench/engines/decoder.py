@@ -277,7 +277,7 @@ class FastDecoder(nn.Module):
             causal = split_kv_attention.DEFAULT.causal_mask and isinstance(mask, torch.Tensor) and mask.dim() == 2
             return torch.ops.vlmbench.split_kv_attention_writing(
                 q, k, v, pos, pair, keys_end or pair.shape[3], None if causal else mask, self.scaling, *rope,
-                **({"causal": True} if causal else {}))
+                causal=causal)
         if pair is not None:
             pair.index_copy_(3, pos, torch.stack((k, v)))
         else:

@@ -507,15 +507,15 @@ def launches(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     # the partial kernel's own PDL settings (the combine, short, lets the next kernel start at once)
     partial_pdl = {"PREFETCH": config.prefetch and keys.data_ptr() % 16 == 0 and values.data_ptr() % 16 == 0,
                    "LATE": bool(pdl_settings.LATE)} if pdl else {}
-    # the first keys before the wait only where this kernel writes the new column and the mask is the
-    # caller's (Config.preload): the zeros made above for None are the launch just before
-    partial_pdl["PRELOAD"] = config.preload and (not pdl or bool(written) and not made_mask)
-    partial_pdl["POS_EARLY"] = config.pos_early and bool(written)
-    partial_pdl["CAUSAL"] = causal
+    # what it reads before its wait (with or without PDL): the first keys only where this kernel writes
+    # the new column and the mask is the caller's (Config.preload: the zeros made above for None are
+    # the launch just before), the column's index (Config.pos_early)
+    early = {"PRELOAD": config.preload and (not pdl or bool(written) and not made_mask),
+             "POS_EARLY": config.pos_early and bool(written)}
     combining = {"D": d, "BLOCK_S": max(2, triton.next_power_of_2(count)), "CHUNK": config.combine_chunk}
     calls = [(_partial, (b * kvh, count), partial,
-              {**pdl, **partial_pdl, **combining, "GROUP": group, "BLOCK": config.block, "DOT": dot,
-               "COMBINE": counts is not None, "num_warps": config.num_warps,
+              {**pdl, **partial_pdl, **early, **combining, "CAUSAL": causal, "GROUP": group, "BLOCK": config.block,
+               "DOT": dot, "COMBINE": counts is not None, "num_warps": config.num_warps,
                # fp32 inputs (tests) keep 3 stages: at 2, ptxas spills 8 bytes in the two-kernel partial (sm_90)
                "num_stages": 3 if q.dtype == torch.float32 else config.num_stages,
                "Q_WITH_KEYS": config.q_with_keys, "ROTARY": cos is not None, "EAGER": eager_rounding,
