@@ -384,11 +384,11 @@ def test_splits_cover_the_keys_and_fill_the_gpu():
 def test_a_launch_configuration_is_checked_when_made():
     from bench.engines.split_kv_attention import DEFAULT, Config
 
-    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False, False, 2, True, True, False, False, False)
+    assert DEFAULT == Config(BLOCK_L, 2, True, 4, True, 16, False, False, 2, True, True, False, False, True)
     assert DEFAULT.label() == ("block=64,programs_per_sm=2,dot=1,num_warps=4,fused_combine=1,combine_chunk=16,"
                                "prefetch=0,q_with_keys=0,num_stages=2,rotary=1,write_kv=1,preload=0,pos_early=0,"
-                               "causal_mask=0")
-    other = Config(32, 4, False, 8, True, 4, True, True, 3, False, False, True, True, True)
+                               "causal_mask=1")
+    other = Config(32, 4, False, 8, True, 4, True, True, 3, False, False, True, True, False)
     assert Config.parse(other.label()) == other and Config.parse("dot=0") == Config(dot=False)
     assert Config.parse("fused_combine=0") == Config(fused_combine=False) != DEFAULT
     # a label written before the combine's chunk and the prefetch were fields: theirs are the defaults
@@ -576,7 +576,7 @@ def test_cuda_the_query_rotated_in_the_kernel_is_eagers_bit_for_bit():
 
 
 @pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs CUDA")
-@pytest.mark.parametrize("setting", ["", "preload=1", "pos_early=1", "causal_mask=1"])
+@pytest.mark.parametrize("setting", ["", "causal_mask=0", "preload=1", "preload=1,causal_mask=0", "pos_early=1"])
 def test_cuda_the_new_key_and_value_written_by_the_kernel_are_the_steps_bit_for_bit(setting, monkeypatch):
     """On a GPU (where the program holding the new column reads back what its threads just wrote,
     its keys copied asynchronously): the step's new key and value written by the partial kernel
