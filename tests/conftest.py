@@ -1,3 +1,4 @@
+import functools
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,27 @@ quiet_libraries()
 torch.set_num_threads(max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 DEMO = ROOT / "bench" / "assets" / "demo.png"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_inductor_rounds_as_eager(dtype: torch.dtype, numerics: str) -> bool:
+    """Whether this torch's CPU inductor rounds the rotary embedding and SiLU in `dtype` as eager
+    does under `numerics` (torch 2.11: bf16 and fp16 by an ulp off; 2.13: the same bits). Where it
+    does not, a compiled part cannot equal eager bit for bit on the CPU, whatever our code does."""
+    from bench.engines.decoder import _rotate, inductor_options
+
+    def parts(x, cos, sin, up):
+        g = x.to(torch.float32)
+        return _rotate(x, cos, sin), (g / (1 + torch.exp(-g))).to(x.dtype) * up
+
+    gen = torch.Generator().manual_seed(0)
+    x, up = (torch.randn(1, 4, 7, 64, generator=gen).to(dtype) for _ in range(2))
+    cos, sin = (torch.randn(1, 7, 64, generator=gen).to(dtype) for _ in range(2))
+    try:
+        got = torch.compile(parts, options=inductor_options(numerics))(x, cos, sin, up)
+    finally:
+        torch._dynamo.reset()
+    return all(torch.equal(a, b) for a, b in zip(got, parts(x, cos, sin, up)))
 
 
 def interrupt():

@@ -40,23 +40,11 @@ class CompiledExactStatic(ExactStatic):
 @pytest.fixture(scope="module")
 def cpu_inductor_rounds_as_eager():
     """Skips a test of compiled parts' bit-equality on the CPU where this torch's CPU inductor does
-    not round bf16 as eager does under eager-exact numerics (torch 2.11: rotary and SiLU differ by
-    a bf16 ulp; 2.13 matches). The claim is graph-exact's on CUDA, where its CUDA tests check it."""
-    from bench.engines.decoder import _rotate
+    not round bf16 as eager does under eager-exact numerics (tests.conftest). The claim is
+    graph-exact's on CUDA, where its CUDA tests check it."""
+    from tests.conftest import cpu_inductor_rounds_as_eager as rounds_as_eager
 
-    def parts(x, cos, sin, up):
-        g = x.to(torch.float32)
-        return _rotate(x, cos, sin), (g / (1 + torch.exp(-g))).to(x.dtype) * up
-
-    gen = torch.Generator().manual_seed(0)
-    x, up = (torch.randn(1, 4, 7, 64, generator=gen).bfloat16() for _ in range(2))
-    cos, sin = (torch.randn(1, 7, 64, generator=gen).bfloat16() for _ in range(2))
-    try:
-        got = torch.compile(parts, options=inductor_options("eager-exact"))(x, cos, sin, up)
-    finally:
-        torch._dynamo.reset()
-    want = parts(x, cos, sin, up)
-    if not all(torch.equal(a, b) for a, b in zip(got, want)):
+    if not rounds_as_eager(torch.bfloat16, "eager-exact"):
         pytest.skip(f"torch {torch.__version__}'s CPU inductor rounds bf16 rotary/SiLU unlike eager "
                     "under eager-exact numerics (graph-exact's bit-equality is checked on CUDA)")
 

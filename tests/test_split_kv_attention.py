@@ -265,7 +265,9 @@ def test_a_compiled_decode_step_attends_by_the_split_kv_op(tiny_llava_dir):
     (Config.write_kv, in the graph engine's own step layer) the same logits and buffers bit for bit,
     and so with one row's causal mask made by the kernel (Config.causal_mask)."""
     pytest.importorskip("triton")
-    from tests.conftest import ROOT
+    import torch
+
+    from tests.conftest import ROOT, cpu_inductor_rounds_as_eager
 
     done = subprocess.run([sys.executable, "-c", _STEP, str(tiny_llava_dir)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
@@ -274,8 +276,10 @@ def test_a_compiled_decode_step_attends_by_the_split_kv_op(tiny_llava_dir):
     assert one_row == two_rows == 3 * layers > 0  # every layer of every split-kv step, and only those
     assert float(done.stdout.split()[-9]) < 1e-2
     rotated, eager, fused = done.stdout.split()[-8:-5]
-    # the query rotated in the kernel: the same bits under eager numerics, within rounding under fused
-    assert int(rotated) == 2 * 3 * layers and float(eager) == 0.0 and float(fused) < 1e-2
+    # the query rotated in the kernel: the same bits under eager numerics (where this torch's CPU
+    # inductor rotates as eager does: the other side's rotation is its own), within rounding under fused
+    assert int(rotated) == 2 * 3 * layers and float(fused) < 1e-2
+    assert float(eager) == 0.0 if cpu_inductor_rounds_as_eager(torch.float16, "eager-casts") else float(eager) < 1e-2
     # the new key and value written by the kernel: the same logits and buffers, with and without rotary
     same_rotated, same_plain, writes = map(int, done.stdout.split()[-5:-2])
     assert same_rotated == same_plain == 1 and writes == 2 * 3 * layers

@@ -11,6 +11,7 @@ the registers and the spills of each configuration (the tests and lab/triton_til
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import tempfile
 from collections import Counter
@@ -38,6 +39,8 @@ def loop_instructions(cubin: bytes, capability: int = 90) -> Counter:
         src = Path(tmp) / "k.cubin"
         src.write_bytes(cubin)
         cuobjdump = Path(nvidia.get_ptxas(capability).path).with_name("cuobjdump")
+        if not cuobjdump.is_file():  # a ptxas chosen by TRITON_PTXAS_PATH (e.g. torch's) with none beside it
+            cuobjdump = Path(shutil.which("cuobjdump") or cuobjdump)
         sass = subprocess.run([str(cuobjdump), "-sass", str(src)],
                               capture_output=True, text=True, check=True).stdout
     code = [(int(m.group(1), 16), m.group(2).strip())
