@@ -1,8 +1,5 @@
 """Our own CI gate: the tiny CPU benchmark against the committed baseline, and an end-to-end check
 that the gate fails on injected per-token work and passes an interleaved A/A pair."""
-import contextlib
-import multiprocessing
-import os
 import subprocess
 import sys
 import pytest
@@ -12,6 +9,7 @@ from bench.cli.ci_bench import BASELINE_DIR, CI_BENCH_ARGS, CI_GATE_FACTOR, CI_G
 from bench.cli import main, run_main
 from bench.models.vila import VilaAdapter
 from tests.conftest import ROOT
+from tests.cpu_burner import cpu_burner
 
 # The gate's measurement settings (CI_BENCH_ARGS) on a smaller workload, with as many runs a side as
 # the gate compares (ci-bench run twice into one directory: 2 x 12). With 10 a side one noisy run
@@ -33,35 +31,6 @@ def test_ci_benchmark_against_committed_baseline(tmp_path):
     rc = main(["compare", str(ROOT / BASELINE_DIR), str(tmp_path / "cand"), "--metrics", CI_GATE_METRICS,
                "--factor", str(CI_GATE_FACTOR), "--json", str(tmp_path / "verdict.json")])
     assert rc == 0, (tmp_path / "verdict.json").read_text()
-
-
-def _burn(stop, burning, ready) -> None:
-    ready.put(os.getpid())
-    while not stop.is_set():
-        if burning.wait(0.05):
-            sum(i * i for i in range(10_000))
-
-
-@contextlib.contextmanager
-def cpu_burner():
-    """Another program on every core, saturating them while the event it yields is set: started
-    (its interpreters up, their imports done) before the event is handed over, so none of that
-    falls in a measurement."""
-    ctx = multiprocessing.get_context("spawn")
-    stop, burning, ready = ctx.Event(), ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_burn, args=(stop, burning, ready), daemon=True) for _ in range(os.cpu_count() or 2)]
-    for proc in procs:
-        proc.start()
-    try:
-        for _ in procs:
-            ready.get(timeout=120)
-        yield burning
-    finally:
-        stop.set()
-        for proc in procs:
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
 
 
 def test_gate_holds_beside_a_cpu_burner_and_catches_a_slowdown_of_30_percent(tmp_path, monkeypatch):
