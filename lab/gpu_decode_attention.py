@@ -8,7 +8,8 @@ bench.measure.timing.call_us (CUDA graphs of 32 calls): `matmul` is FastDecoder.
 compiled as the graph engine compiles its step (two batched GEMMs around a softmax), `split-kv`
 is bench.engines.split_kv_attention's kernels as the op launches them (given the query unrotated,
 with its cos and sin, where Config.rotary says so, and writing the step's new key and value where
-Config.write_kv says so, as the engine gives them; the matmul rows write nothing, where the step
+Config.write_kv says so, and at batch 1 making the causal mask from its column where
+Config.causal_mask says so too, as the engine gives them; the matmul rows write nothing, where the step
 writes by a kernel of its own, so `vs_matmul` leaves that kernel out). Each point also
 checks split-kv against fp32 softmax attention. `kv_gb_per_s`: the bytes of keys and values a
 call must read over its time.
@@ -47,15 +48,22 @@ def matmul_attention(q, k, v, mask, scale):
     return FastDecoder._matmul_attention(SimpleNamespace(scaling=scale), q, k, v, mask)
 
 
-def split_kv(config, raw, q, cos, sin, new):
+def split_kv(config, raw, q, cos, sin, new, one_row: bool):
     """(keys, values, mask, scale) -> split-kv attention under `config` as the engine calls it: the
     query unrotated with cos and sin where Config.rotary says so (rounded as the eager numerics
     round), else rotated before; the step's new key and value `new` (key, value, column) written
-    by the kernel where Config.write_kv says so (the key rotated with the query)."""
+    by the kernel where Config.write_kv says so (the key rotated with the query); and, for one row
+    (`one_row`) where Config.causal_mask says so too, no mask: the kernel attends to the columns up
+    to the new one (the mask given must attend to the same ones)."""
     written = {"new": new} if config.write_kv else {}
-    if config.rotary:
-        return lambda *a: sk.attend(raw, *a, config=config, cos=cos, sin=sin, **written)
-    return lambda *a: sk.attend(q, *a, config=config, **written)
+    made = {"causal": True} if config.write_kv and config.causal_mask and one_row else {}
+
+    def attend(k, v, mask, scale):
+        mask = None if made else mask
+        if config.rotary:
+            return sk.attend(raw, k, v, mask, scale, config=config, cos=cos, sin=sin, **written, **made)
+        return sk.attend(q, k, v, mask, scale, config=config, **written, **made)
+    return attend
 
 
 def configs(spec: str) -> list:
@@ -101,20 +109,25 @@ def main() -> None:
         q = _rotate(raw, cos, sin)  # as the matmul path and split-kv without Config.rotary get it
         mask = torch.zeros(b, 1, 1, n, device=dev, dtype=torch.float16)
         mask[..., n - 40:] = float("-inf")  # the bucket's columns past the query
-        # a new key and value, written (Config.write_kv) at the first column past the query: each
-        # call writes what the one before did there, and no output depends on it
-        new = (*(torch.randn(b, dims.kv_heads, 1, head, device=dev, dtype=torch.float16) for _ in range(2)),
-               torch.tensor([n - 40], device=dev))
+        # a new key and value, written (Config.write_kv) at the last column attended, which every
+        # buffer already holds: the key zeros (the same bits rotated or not), so each call writes
+        # what is there, and the causal mask made from that column (Config.causal_mask) attends to
+        # the columns the mask does
+        new = (torch.zeros(b, dims.kv_heads, 1, head, device=dev, dtype=torch.float16),
+               torch.randn(b, dims.kv_heads, 1, head, device=dev, dtype=torch.float16),
+               torch.tensor([n - 41], device=dev))
+        for k, v in bufs:
+            k[:, :, n - 41], v[:, :, n - 41] = new[0][:, :, 0], new[1][:, :, 0]
         k0, v0 = bufs[0][0][:, :, :n], bufs[0][1][:, :, :n]
         want = sk.reference(q, k0, v0, mask, scale).float()
         errs = {}
         kinds = [("split-kv", sk.DEFAULT), *((f"split-kv[{c.label()}]", c) for c in others)]
         for name, config in kinds:
-            got = split_kv(config, raw, q, cos, sin, new)(k0, v0, mask, scale).float()
+            got = split_kv(config, raw, q, cos, sin, new, b == 1)(k0, v0, mask, scale).float()
             errs[name] = ((got - want).abs().max() / want.abs().max()).item()
         kv_bytes = 2 * b * dims.kv_heads * n * head * 2
         times = {}
-        for kind, fn in (("matmul", lambda *a: compiled(q, *a)), *((name, split_kv(c, raw, q, cos, sin, new))
+        for kind, fn in (("matmul", lambda *a: compiled(q, *a)), *((name, split_kv(c, raw, q, cos, sin, new, b == 1))
                                                                   for name, c in kinds)):
             turn = itertools.cycle(bufs)
 

@@ -17,7 +17,8 @@ program (1; bench.engines.split_kv_attention.Config.fused_combine, set on the mo
 which each capture reads); deferred-residual: the step layer compiled from FastDecoder.layer_at
 (0) or layer_at_deferred (1, the engine's own: each MLP residual add fused into the next layer,
 keys and values written by one copy, or since 1ff4e3f by split-KV attention's kernel, write_kv,
-which layer_at's step does not do); pdl-prefetch: `--pdl off` (off) against `--pdl auto` with
+which layer_at's step does not do, nor, with it, the one-row causal mask made from the new column,
+causal_mask); pdl-prefetch: `--pdl off` (off) against `--pdl auto` with
 triton-f16x2 asking L2 for the first 0 to 4 quarters of its weights before the wait
 (bench.pdl.PREFETCH; 0 is the default; up to 9d5d362 split-KV attention prefetched its keys and
 values with any quarters, since its own setting: split-kv's prefetch).
@@ -142,7 +143,8 @@ def _no_add_norm(self, block, h, pending, cos, sin, pos, mask, pair, keys_end=No
 
 def _no_kv_write(self, block, h, cos, sin, pos, mask, keys, values, keys_end=None, pair=None):
     """_attend_at without the new key's rotation and the keys' and values' write (knockout kv-write;
-    calls of more than one query, or uncompiled, as they were)."""
+    calls of more than one query, or uncompiled, as they were). The kernel then reads the caller's
+    mask: the causal one made from the new column (Config.causal_mask) comes with the write only."""
     if not self._attends_by_split_kv(h):
         return _ORIGINAL["FastDecoder._attend_at"](self, block, h, cos, sin, pos, mask, keys, values, keys_end, pair)
     q, _, _ = self._qkv(block, h, cos, sin, rotate_q=not sk.DEFAULT.rotary)

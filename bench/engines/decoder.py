@@ -272,7 +272,7 @@ class FastDecoder(nn.Module):
         q, k, v = self._qkv(block, h, cos, sin, rotate_q=not rotary, rotate_k=not (writing and rotary))
         rope = (cos, sin, self.numerics != "fused") if rotary else ()
         if writing:
-            # a 2-D mask here is `step`'s for unpadded rows, every column up to the new one: the
+            # a 2-D mask here is `step`'s for one row's buffers (kv.valid None), every column up to the new one: the
             # kernel may make it from the column (split_kv_attention.Config.causal_mask)
             causal = split_kv_attention.DEFAULT.causal_mask and isinstance(mask, torch.Tensor) and mask.dim() == 2
             return torch.ops.vlmbench.split_kv_attention_writing(
