@@ -21,15 +21,15 @@ DEMO = ROOT / "bench" / "assets" / "demo.png"
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_inductor_rounds_as_eager(dtype: torch.dtype, numerics: str) -> bool:
-    """Whether this torch's CPU inductor rounds the rotary embedding and SiLU in `dtype` as eager
-    does under `numerics` (torch 2.11: bf16 and fp16 by an ulp off; 2.13: the same bits). Where it
-    does not, a compiled part cannot equal eager bit for bit on the CPU, whatever our code does."""
+def cpu_inductor_rounds_as_eager(dtype: torch.dtype, numerics: str, silu: bool = True) -> bool:
+    """Whether this torch's CPU inductor rounds the rotary embedding and (`silu`) SiLU in `dtype`
+    as eager does under `numerics` (torch 2.11: bf16 and fp16 by an ulp off; 2.13: the same bits).
+    Where it does not, a compiled part cannot equal eager bit for bit on the CPU, whatever our code does."""
     from bench.engines.decoder import _rotate, inductor_options
 
     def parts(x, cos, sin, up):
         g = x.to(torch.float32)
-        return _rotate(x, cos, sin), (g / (1 + torch.exp(-g))).to(x.dtype) * up
+        return _rotate(x, cos, sin), *(((g / (1 + torch.exp(-g))).to(x.dtype) * up,) if silu else ())
 
     gen = torch.Generator().manual_seed(0)
     x, up = (torch.randn(1, 4, 7, 64, generator=gen).to(dtype) for _ in range(2))

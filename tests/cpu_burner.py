@@ -1,9 +1,11 @@
 """Another program saturating every core, for timing tests. A module of its own, importing
-nothing heavy: each burner process (spawned) imports it, in well under a second, where importing
-the test module (transformers and all) took about nine."""
+nothing heavy: each burner process (spawned) imports it in well under a second, where a test
+module importing transformers would take seconds."""
 import contextlib
 import multiprocessing
 import os
+import queue
+import time
 
 
 def _burn(stop, burning, ready) -> None:
@@ -24,8 +26,16 @@ def cpu_burner():
     for proc in procs:
         proc.start()
     try:
-        for _ in procs:
-            ready.get(timeout=120)
+        started, deadline = 0, time.monotonic() + 120
+        while started < len(procs):
+            try:
+                ready.get(timeout=1)
+                started += 1
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode is not None]
+                if dead or time.monotonic() > deadline:
+                    raise RuntimeError(f"CPU burner: {started} of {len(procs)} processes started "
+                                       f"(exit codes of those that ended: {dead})") from None
         yield burning
     finally:
         stop.set()

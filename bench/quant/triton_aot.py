@@ -32,7 +32,8 @@ class Compiled:
 
 def loop_instructions(cubin: bytes, capability: int = 90) -> Counter:
     """The machine instructions (SASS, by opcode) of the kernel's first loop, its K loop: what a
-    thread issues per step, from the cuobjdump of Triton's wheel (beside its ptxas for `capability`)."""
+    thread issues per step, from the cuobjdump of Triton's wheel (beside its ptxas for `capability`;
+    where none lies there, as beside a ptxas TRITON_PTXAS_PATH names, the one on PATH)."""
     from triton.backends.nvidia import compiler as nvidia
 
     with tempfile.TemporaryDirectory() as tmp:
