@@ -15,9 +15,9 @@ from tests.cpu_burner import cpu_burner
 # the gate compares (ci-bench run twice into one directory: 2 x 12). With 10 a side one noisy run
 # on a busy CI host moved the +30% pair's estimate to 1.19 (p 0.013) and the slowdown went uncaught.
 RUNS, TURNS = 24, 4
-SMALL = ["--preset", "tiny-vila", "--device", "cpu", "--variants", "fp16", "--num-runs", str(RUNS), "--min-seconds", "0",
-         "--max-new-tokens", "32", "--warmup", "1", "--no-fidelity", "--cpu-threads", "1", "--calibrate",
-         "--text-prompt", "What is here?"]
+SMALL = ["--preset", "tiny-vila", "--device", "cpu", "--variants", "fp16", "--num-runs", str(RUNS),
+         "--min-seconds", "0", "--max-new-tokens", "32", "--warmup", "1", "--no-fidelity", "--cpu-threads", "1",
+         "--calibrate", "--text-prompt", "What is here?"]
 
 
 @pytest.mark.timing
