@@ -12,12 +12,13 @@ from tests.conftest import ROOT
 from tests.cpu_burner import cpu_burner
 
 # The gate's measurement settings (CI_BENCH_ARGS) on a smaller workload, with as many runs a side as
-# the gate compares (ci-bench run twice into one directory: 2 x 12). With 10 a side one noisy run
-# on a busy CI host moved the +30% pair's estimate to 1.19 (p 0.013) and the slowdown went uncaught.
+# the gate compares (ci-bench run twice into one directory: 2 x 12), RUNS // TURNS at a time, appended.
+# With 10 a side one noisy run on a busy CI host moved the +30% pair's estimate to 1.19 (p 0.013) and
+# the slowdown went uncaught.
 RUNS, TURNS = 24, 4
-SMALL = ["--preset", "tiny-vila", "--device", "cpu", "--variants", "fp16", "--num-runs", str(RUNS),
-         "--min-seconds", "0", "--max-new-tokens", "32", "--warmup", "1", "--no-fidelity", "--cpu-threads", "1",
-         "--calibrate", "--text-prompt", "What is here?"]
+SMALL_TURN = ["--preset", "tiny-vila", "--device", "cpu", "--variants", "fp16", "--num-runs", str(RUNS // TURNS),
+              "--min-seconds", "0", "--max-new-tokens", "32", "--warmup", "1", "--no-fidelity", "--cpu-threads", "1",
+              "--calibrate", "--text-prompt", "What is here?", "--append"]
 
 
 @pytest.mark.timing
@@ -59,17 +60,15 @@ def test_gate_holds_beside_a_cpu_burner_and_catches_a_slowdown_of_30_percent(tmp
                 budget[0] -= 1
         return real(self, inputs_embeds, cache, logits_to_keep)
 
-    turn = [*SMALL[:SMALL.index("--num-runs")], "--num-runs", str(RUNS // TURNS),
-            *SMALL[SMALL.index("--num-runs") + 2:], "--append"]
     with cpu_burner() as burning:
         for _ in range(TURNS):
             burning.clear()
-            assert run_main([*turn, "--output-dir", str(quiet)]) == 0
+            assert run_main([*SMALL_TURN, "--output-dir", str(quiet)]) == 0
             burning.set()
-            assert run_main([*turn, "--output-dir", str(busy)]) == 0
+            assert run_main([*SMALL_TURN, "--output-dir", str(busy)]) == 0
             with monkeypatch.context() as patched:
                 patched.setattr(VilaAdapter, "lm_forward", with_extra_work)
-                assert run_main([*turn, "--output-dir", str(slow)]) == 0
+                assert run_main([*SMALL_TURN, "--output-dir", str(slow)]) == 0
     assert main(["compare", str(quiet), str(busy), *gate]) == 0
     assert main(["compare", str(quiet), str(slow), *gate]) == 1
 
