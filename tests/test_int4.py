@@ -571,8 +571,9 @@ def test_cuda_prefill_copies_are_each_layers_own():
     for m in layers:
         m.keep_dense_copy(torch.float16)
     assert len({m.dense_copy.data_ptr() for m in layers}) == 3
-    for m in layers:
-        torch.testing.assert_close(m.dense_copy, m.to_int4().dequantize(torch.float16).cuda())
+    for m in layers:  # made on the GPU: within fp16 rounding of the CPU's dequantization (2^-14 near 0)
+        torch.testing.assert_close(m.dense_copy, m.to_int4().dequantize(torch.float16).cuda(), atol=1e-4, rtol=1e-3)
+    assert not torch.equal(layers[0].dense_copy, layers[1].dense_copy)
 
 
 def test_layers_the_cuda_kernel_cannot_take_stay_dense():

@@ -282,8 +282,10 @@ def test_a_compiled_decode_step_attends_by_the_split_kv_op(tiny_llava_dir):
     as_eager = cpu_inductor_rounds_as_eager(torch.float16, "eager-casts", silu=False)
     assert float(eager) == 0.0 if as_eager else float(eager) < 1e-2
     # the new key and value written by the kernel: the same logits and buffers, with and without rotary
+    # (the key rotated by the kernel against inductor's rotation: the same bits where this torch's CPU
+    # inductor rotates as eager does)
     same_rotated, same_plain, writes = map(int, done.stdout.split()[-5:-2])
-    assert same_rotated == same_plain == 1 and writes == 2 * 3 * layers
+    assert same_plain == 1 and writes == 2 * 3 * layers and (same_rotated == 1 or not as_eager)
     # one row's causal mask made by the kernel: the same logits and buffers, at every layer of every step
     # (and only there: two rows read their masks)
     same_causal, causal_calls = map(int, done.stdout.split()[-2:])
