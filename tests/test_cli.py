@@ -190,6 +190,36 @@ class _NeedsGpu(_OOMWeights):
         return "gpuonly needs a CUDA device" if device.type != "cuda" else None
 
 
+@pytest.mark.parametrize("preset,tiles", [("tiny-llava", False), ("tiny-vila", False), ("tiny-internvl", True),
+                                          ("tiny-internvideo", False), ("tiny-vita", True)])
+def test_max_tiles_set_for_a_model_that_takes_images_whole_is_a_warning(preset, tiles, tmp_path):
+    """--max-tiles changes nothing for LLaVA, VILA and InternVideo2.5 merging frames' tokens (its
+    presets), which take each image whole: set to other than its default it says so in one warning
+    line; the default says nothing. A checkpoint written from the preset reads the same."""
+    from bench.models.loader import build_preset, save_checkpoint
+    from bench.models.source import ModelSource
+
+    save_checkpoint(build_preset(preset, None, torch.device("cpu"), torch.float32), tmp_path / preset)
+    for path, name in ((None, preset), (str(tmp_path / preset), None)):
+        assert ModelSource(path, name, None).max_tiles_warning() is None  # the default
+        warning = ModelSource(path, name, None, max_tiles=4).max_tiles_warning()
+        if tiles:
+            assert warning is None
+        else:
+            assert warning.startswith("warning: --max-tiles 4 changes nothing for") and "\n" not in warning
+            assert warning.endswith(": it takes each image whole")
+
+
+def test_max_tiles_warning_is_said_once_by_a_run(tmp_path, capsys):
+    args = ["--preset", "tiny-llava", "--num-runs", "1", "--min-seconds", "0", "--max-new-tokens", "2",
+            "--warmup", "0", "--no-fidelity", "--max-tiles", "6"]
+    assert run_main([*args, "--output-dir", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: --max-tiles 6 changes nothing for tiny-llava: it takes each image whole") == 1
+    assert run_main([*args[:-2], "--output-dir", str(tmp_path / "d")]) == 0
+    assert "--max-tiles" not in capsys.readouterr().err
+
+
 def test_failed_variant_is_a_row_and_sweep_goes_on(tmp_path, monkeypatch):
     import variants
 

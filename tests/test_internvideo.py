@@ -17,6 +17,7 @@ from bench.errors import UsageError
 from bench.models.internvideo import FRAME_TOKENS
 from bench.models.loader import build_preset, load_checkpoint, read_checkpoint_config, save_checkpoint
 from bench.models.presets import get_preset
+from bench.models.source import ModelSource
 from bench.models.token_merge import merge_schedule, merge_tokens
 from bench.models.visual import VisualInput
 from tests.conftest import assert_answers_as_built
@@ -284,6 +285,9 @@ def test_internvl2_5_remote_layout_runs_unmerged(ckpt, tmp_path):
     config["auto_map"] = {k: v.replace("_hico2", "") for k, v in config["auto_map"].items()}
     (plain / "config.json").write_text(json.dumps(config))
     adapter = load_checkpoint(plain, None, CPU, torch.float32, max_tiles=12)
+    # --max-tiles applies here (still images tiled), not to the merging layout it was copied from
+    assert ModelSource(str(plain), None, None, max_tiles=4).max_tiles_warning() is None
+    assert ModelSource(str(ckpt), None, None, max_tiles=4).max_tiles_warning().endswith("takes each image whole")
     clip = VisualInput(tuple(Image.new("RGB", (64, 48), (40 * i, 0, 0)) for i in range(3)), video=True)
     prepared = adapter.prepare(clip, "What happens?")
     assert prepared.image_tokens == [4] * 3  # 56 px tiles: 4x4 patches pixel-shuffled to 4 tokens

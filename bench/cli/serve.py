@@ -99,6 +99,8 @@ def main(argv: list[str]) -> int:
     from bench.serve.app import create_app
     from bench.serve.worker import EngineThread
 
+    if warning := source.max_tiles_warning():
+        status(warning)
     stop = interrupt.requested
     serving, _Server = False, _server_class(stop)
     try:

@@ -9,6 +9,8 @@ from typing import Callable
 
 # Written into checkpoints made from presets, so loading one still says weights=random.
 RANDOM_WEIGHTS_MARK = "bench_random_weights"
+# Tiles per still image where a family cuts images into tiles (`--max-tiles`; InternVL's processors' max_num)
+DEFAULT_MAX_TILES = 12
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class Family:
     visual_group: Callable[[dict | None], int] = lambda config: 1
     # The model classes config.json's "architectures" may name for this layout (empty: any).
     architectures: tuple[str, ...] = ()
+    # (checkpoint's config.json, None for a preset) -> whether still images are cut into tiles (an
+    # aspect-ratio grid + a thumbnail) up to `--max-tiles` (else each is taken whole)
+    tiles_images: Callable[[dict | None], bool] = lambda config: False
 
     def llm_files(self, path: Path) -> tuple[list[Path], Callable[[str], bool]]:
         """(safetensors files holding the language model, which of their keys are its)."""

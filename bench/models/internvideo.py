@@ -336,4 +336,6 @@ FAMILY = Family(
     build=build_internvideo, save=save_internvideo, llm_key="language_model.", check=check_internvideo,
     text_config=_text_config, architectures=("InternVLChatModel",),
     visual_group=lambda config: GROUP_FRAMES if config is None or merged_frame_tokens(config) else 1,
+    # tiled where frames' tokens are not merged (merging models and presets take each image whole)
+    tiles_images=lambda config: config is not None and not merged_frame_tokens(config),
 )

@@ -21,14 +21,13 @@ from torch import nn
 from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from bench.models.base import PreparedPrompt, prepare_by_placeholders
-from bench.models.family import RANDOM_WEIGHTS_MARK, Family
+from bench.models.family import DEFAULT_MAX_TILES, RANDOM_WEIGHTS_MARK, Family
 from bench.models.native import NativeVLMAdapter, load_native, native_checker, native_text_config, save_native
 from bench.models.templates import ConvTemplate
 from bench.models.visual import as_visual
 
 START_IMAGE, END_IMAGE, IMAGE_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-DEFAULT_MAX_TILES = 12
 
 
 class InternVLAdapter(NativeVLMAdapter):
@@ -211,4 +210,5 @@ FAMILY = Family(
     check=native_checker(InternVLForConditionalGeneration, InternVLConfig, IMAGE_CONTEXT,
                          adjust=lambda model, config: config.__dict__.get(VITA_MARK) and vita_projector(model)),
     text_config=native_text_config(InternVLConfig), architectures=("InternVLForConditionalGeneration",),
+    tiles_images=lambda config: True,
 )

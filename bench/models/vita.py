@@ -346,5 +346,5 @@ FAMILY = Family(
     load=lambda path, config, template, device, dtype, weights, quantization, strip_quant, max_tiles:
         load_vita(path, template, device, dtype, weights, max_tiles),
     build=build_vita, save=save_vita, llm_key="model.layers.", check=check_vita, text_config=_text_config,
-    architectures=("VITAQwen2ForCausalLM",),
+    architectures=("VITAQwen2ForCausalLM",), tiles_images=lambda config: True,
 )

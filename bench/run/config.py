@@ -15,6 +15,7 @@ from bench.engines import attention_kernels
 from bench.engines.spec import DECODE_ATTENTION
 from bench.pdl import MODES as PDL_MODES
 from bench.errors import ArgumentParser, UsageError, check_seed
+from bench.models.family import DEFAULT_MAX_TILES
 from bench.run.summary import ValidityRule
 from bench.run.workload import DEFAULT_LOADER, LOADERS, VIDEO_MODES, int_list, name_list, workload_points
 from variants.options import empty_flag, flag_fields, opt, options_from, run_facts
@@ -71,8 +72,8 @@ class RunFields:
     new_tokens: str | None = opt("generated-token counts to sweep, e.g. 32,128 (default: --max-new-tokens)")
     num_images: str | None = opt("images per prompt (the image, then flips/rotations of it); a list sweeps it "
                                  "(default: 1, or the frames a model merges together: 4 for InternVideo2.5)")
-    max_tiles: int = opt("InternVL: tiles per still image (aspect-ratio grid + thumbnail, as its processor; "
-                         "1 = no tiling)", 12)
+    max_tiles: int = opt("InternVL, InternVideo2.5, VITA-1.5: tiles per still image (aspect-ratio grid + "
+                         "thumbnail, as their processors; 1 = no tiling)", DEFAULT_MAX_TILES)
     num_runs: int = opt("measured runs per variant (at least)", 10, aliases=("--num_runs",))
     min_seconds: float = opt("measured time per variant (at least), s", 1.0)
     max_runs: int = opt(f"hard cap on measured runs per variant (0: {MAX_RUNS_PER_RUN} x --num-runs)", 0)

@@ -378,6 +378,8 @@ class Benchmark:
         """Measure every variant into the results directory; a usage error found on the way (one
         only a loaded model shows) leaves the directory as it was before."""
         before = DirState(self.out_dir)
+        if self.placement["worker"] == "serial" and (warning := self.source.max_tiles_warning()):
+            status(warning)  # (a sweep's parent says it; its workers do not)
         try:
             self._run_into_dir()
         except UsageError:
