@@ -69,7 +69,8 @@ def test_preset_swap_equals_transformers_quantized_load(spec, checkpoint_dirs, d
 def test_fidelity_columns(tmp_path):
     out = tmp_path / "o"
     assert run_main(["--preset", "tiny-vila", "--variants", "fp16,bnb8,bnb4,prefix", "--num-runs", "2",
-                     "--max-new-tokens", "32", "--min-seconds", "0", "--warmup", "0", "--output-dir", str(out)]) == 0
+                     "--device", "cpu", "--max-new-tokens", "32", "--min-seconds", "0", "--warmup", "0",
+                     "--output-dir", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "runs.csv")))
     fid = {}
     for r in rows:

@@ -226,7 +226,7 @@ def test_failed_variant_is_a_row_and_sweep_goes_on(tmp_path, monkeypatch):
     real = variants.registry
     monkeypatch.setattr(variants, "registry", lambda: {**real(), "oomtest": _OOMWeights(), "gpuonly": _NeedsGpu()})
     out = tmp_path / "o"
-    rc = run_main(["--preset", "tiny-llava", "--variants", "oomtest,gpuonly,fp16", "--num-runs", "2",
+    rc = run_main(["--preset", "tiny-llava", "--variants", "oomtest,gpuonly,fp16", "--num-runs", "2", "--device", "cpu",
                    "--min-seconds", "0", "--max-new-tokens", "4", "--warmup", "0", "--output-dir", str(out)])
     assert rc == 1  # one variant failed, another measured
     rows = read_rows(out / "runs.csv")

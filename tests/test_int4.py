@@ -286,8 +286,8 @@ def test_cli_on_autoawq_checkpoint_skips_fp16_and_runs_awq4(checkpoint_dirs, tmp
     awq_dir = write_autoawq_checkpoint(checkpoint_dirs["llava"], tmp_path / "awq", "llava")
     out = tmp_path / "out"
     code = run_main(["--model-path", str(awq_dir), "--variants", "fp16,awq4,rtn4", "--num-runs", "2",
-                     "--min-seconds", "0", "--max-new-tokens", "4", "--warmup", "0", "--output-dir", str(out),
-                     "--int4-cache-dir", ""])
+                     "--device", "cpu", "--min-seconds", "0", "--max-new-tokens", "4", "--warmup", "0",
+                     "--output-dir", str(out), "--int4-cache-dir", ""])
     assert code == 0
     rows = list(csv.DictReader(open(out / "runs.csv")))
     by = {r["variant"]: r for r in rows}
@@ -303,7 +303,7 @@ def test_autoawq_checkpoint_missing_a_layer_is_a_usage_error(checkpoint_dirs, tm
     for file in awq_dir.glob("*.safetensors"):
         state = {k: v for k, v in load_file(str(file)).items() if ".layers.1.mlp.down_proj." not in k}
         save_file(state, str(file), metadata={"format": "pt"})
-    assert run_main(["--model-path", str(awq_dir), "--variants", "awq4", "--num-runs", "1"]) == 2
+    assert run_main(["--model-path", str(awq_dir), "--variants", "awq4", "--num-runs", "1", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "neither int4 nor full weights" in err and "layers.1.mlp.down_proj" in err
 
@@ -517,7 +517,8 @@ def test_prefill_copy_gives_the_same_tokens_and_is_counted_as_weights(tmp_path):
         out = tmp_path / flag
         assert run_main(["--preset", "tiny-llava", "--variants", "rtn4", "--engine", "static", "--num-runs", "2",
                          "--min-seconds", "0", "--max-new-tokens", "6", "--warmup", "0", "--no-fidelity",
-                         "--int4-cache-dir", "", "--int4-group-size", "32", flag, "--output-dir", str(out)]) == 0
+                         "--int4-cache-dir", "", "--int4-group-size", "32", flag, "--device", "cpu",
+                         "--output-dir", str(out)]) == 0
         rows[flag] = [r for r in csv.DictReader(open(out / "runs.csv")) if r["kind"] == "measured"]
     plain, copy = rows["--no-int4-prefill-copy"], rows["--int4-prefill-copy"]
     assert [r["output_text"] for r in copy] == [r["output_text"] for r in plain]

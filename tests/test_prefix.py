@@ -141,7 +141,7 @@ def test_cold_and_warm_rows_and_ttft_gain(tmp_path):
     so another program's load on this machine barely changes it) is well under fp16's."""
     out = tmp_path / "o"
     assert run_main(["--preset", "tiny-llava", "--variants", "fp16,embedcache,prefix", "--num-runs", "8",
-                     "--max-new-tokens", "4", "--min-seconds", "0", "--cpu-threads", "1",
+                     "--max-new-tokens", "4", "--min-seconds", "0", "--cpu-threads", "1", "--device", "cpu",
                      "--output-dir", str(out)]) == 0
     rows = list(csv.DictReader(open(out / "runs.csv")))
     measured = [r for r in rows if r["kind"] == "measured"]
