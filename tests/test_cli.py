@@ -206,7 +206,7 @@ def test_max_tiles_set_for_a_model_that_takes_images_whole_is_a_warning(preset, 
         if tiles:
             assert warning is None
         else:
-            assert warning.startswith("warning: --max-tiles 4 changes nothing for") and "\n" not in warning
+            assert warning.startswith("warning: --max-tiles 4 changes nothing for the model") and "\n" not in warning
             assert warning.endswith(": it takes each image whole")
 
 
@@ -215,9 +215,14 @@ def test_max_tiles_warning_is_said_once_by_a_run(tmp_path, capsys):
             "--warmup", "0", "--no-fidelity", "--max-tiles", "6"]
     assert run_main([*args, "--output-dir", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
-    assert err.count("warning: --max-tiles 6 changes nothing for tiny-llava: it takes each image whole") == 1
+    assert err.count("warning: --max-tiles 6 changes nothing for the model tiny-llava: it takes each image whole") == 1
     assert run_main([*args[:-2], "--output-dir", str(tmp_path / "d")]) == 0
     assert "--max-tiles" not in capsys.readouterr().err
+    # said once the run has started: a usage error on the way there (the directory's lock) is one line
+    (tmp_path / "locked" / ".lock").mkdir(parents=True)
+    assert run_main([*args, "--output-dir", str(tmp_path / "locked")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error:") and "lock" in err, err
 
 
 def test_failed_variant_is_a_row_and_sweep_goes_on(tmp_path, monkeypatch):

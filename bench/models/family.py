@@ -43,7 +43,8 @@ class Family:
     # The model classes config.json's "architectures" may name for this layout (empty: any).
     architectures: tuple[str, ...] = ()
     # (checkpoint's config.json, None for a preset) -> whether still images are cut into tiles (an
-    # aspect-ratio grid + a thumbnail) up to `--max-tiles` (else each is taken whole)
+    # aspect-ratio grid + a thumbnail) up to `--max-tiles`; where not, a run given --max-tiles warns
+    # that it changes nothing for the model (a family that tiles must say so here)
     tiles_images: Callable[[dict | None], bool] = lambda config: False
 
     def llm_files(self, path: Path) -> tuple[list[Path], Callable[[str], bool]]:

@@ -23,7 +23,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from bench.errors import UsageError
 from bench.models.base import PreparedPrompt, VLMAdapter
-from bench.models.family import RANDOM_WEIGHTS_MARK, Family
+from bench.models.family import DEFAULT_MAX_TILES, RANDOM_WEIGHTS_MARK, Family
 from bench.models.files import (check_shapes, checked_weights, named_tokenizer, one_line, read_json_object,
                                 require_tokenizer, weight_files)
 from bench.models.internvl import IMAGE_CONTEXT, InternVLAdapter, internvl_image_processor
@@ -208,7 +208,7 @@ def check_internvideo(path: Path, config: dict) -> None:
 
 
 def load_internvideo(path: Path, template: ConvTemplate, device: torch.device, dtype: torch.dtype,
-                     weights: str, max_tiles: int = 12) -> InternVideoAdapter:
+                     weights: str, max_tiles: int = DEFAULT_MAX_TILES) -> InternVideoAdapter:
     from safetensors.torch import load_file
 
     what = f"--model-path {path}"

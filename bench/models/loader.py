@@ -9,7 +9,7 @@ import torch
 
 from bench.errors import UsageError
 from bench.models.base import VLMAdapter
-from bench.models.family import RANDOM_WEIGHTS_MARK
+from bench.models.family import DEFAULT_MAX_TILES, RANDOM_WEIGHTS_MARK
 from bench.models.files import check_architectures, check_config_values, one_line, read_json_object
 from bench.models.presets import Preset, get_preset
 from bench.models.registry import families, get_family, layouts
@@ -97,7 +97,7 @@ def awq_quantization(path: Path, family: str, config: dict) -> dict | None:
 
 
 def load_checkpoint(path: Path, conv_mode: str | None, device: torch.device, dtype: torch.dtype,
-                    quantization: tuple | None = None, max_tiles: int = 12) -> VLMAdapter:
+                    quantization: tuple | None = None, max_tiles: int = DEFAULT_MAX_TILES) -> VLMAdapter:
     family, config = read_checkpoint_config(path)
     weights = "random" if config.get(RANDOM_WEIGHTS_MARK) else "checkpoint"
     spec = get_family(family)
@@ -143,7 +143,7 @@ def load_awq_checkpoint(adapter: VLMAdapter, path: Path, family: str, qc: dict) 
 
 
 def build_preset(name: str, conv_mode: str | None, device: torch.device, dtype: torch.dtype,
-                 seed: int = 0, max_tiles: int = 12) -> VLMAdapter:
+                 seed: int = 0, max_tiles: int = DEFAULT_MAX_TILES) -> VLMAdapter:
     """Random weights, created directly on `device` (a 7B model never passes through CPU memory)."""
     preset: Preset = get_preset(name)
     template = get_template(conv_mode or preset.conv_mode)

@@ -44,7 +44,8 @@ class ModelSource:
         family = families().get(self.family)
         if self.max_tiles == DEFAULT_MAX_TILES or family is None or family.tiles_images(self.config):
             return None
-        return f"warning: --max-tiles {self.max_tiles} changes nothing for {self.name}: it takes each image whole"
+        return (f"warning: --max-tiles {self.max_tiles} changes nothing for the model {self.name}: it takes each "
+                "image whole")
 
     def load(self, device: torch.device, dtype: torch.dtype, quantization: tuple | None = None) -> VLMAdapter:
         """`quantization` = (transformers quantization config, include vision): applied while a

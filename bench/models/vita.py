@@ -56,7 +56,7 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 from bench.errors import UsageError
 from bench.models.base import PreparedPrompt, refuse_placeholder
-from bench.models.family import RANDOM_WEIGHTS_MARK, Family
+from bench.models.family import DEFAULT_MAX_TILES, RANDOM_WEIGHTS_MARK, Family
 from bench.models.files import (check_weight_dtype, checked_weights, named_tokenizer, one_line, read_json_object,
                                 require_tokenizer, weight_files)
 from bench.models.internvl import InternVLAdapter, internvl_image_processor, vita_projector
@@ -252,7 +252,7 @@ def check_vita(path: Path, config: dict) -> None:
 
 
 def load_vita(path: Path, template: ConvTemplate, device: torch.device, dtype: torch.dtype, weights: str,
-              max_tiles: int = 12) -> VITAAdapter:
+              max_tiles: int = DEFAULT_MAX_TILES) -> VITAAdapter:
     from safetensors import safe_open
 
     what = f"--model-path {path}"

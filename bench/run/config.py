@@ -72,8 +72,9 @@ class RunFields:
     new_tokens: str | None = opt("generated-token counts to sweep, e.g. 32,128 (default: --max-new-tokens)")
     num_images: str | None = opt("images per prompt (the image, then flips/rotations of it); a list sweeps it "
                                  "(default: 1, or the frames a model merges together: 4 for InternVideo2.5)")
-    max_tiles: int = opt("InternVL, InternVideo2.5, VITA-1.5: tiles per still image (aspect-ratio grid + "
-                         "thumbnail, as their processors; 1 = no tiling)", DEFAULT_MAX_TILES)
+    max_tiles: int = opt("tiles per still image (aspect-ratio grid + thumbnail, as the processor; 1 = no tiling) "
+                         "where the model tiles: InternVL, VITA-1.5, InternVL2.5 in the InternVideo2.5 layout "
+                         "(no frame merging)", DEFAULT_MAX_TILES)
     num_runs: int = opt("measured runs per variant (at least)", 10, aliases=("--num_runs",))
     min_seconds: float = opt("measured time per variant (at least), s", 1.0)
     max_runs: int = opt(f"hard cap on measured runs per variant (0: {MAX_RUNS_PER_RUN} x --num-runs)", 0)

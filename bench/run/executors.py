@@ -138,6 +138,7 @@ def run_local(bench, jobs: list[Job]) -> None:
     running: dict = {}  # receiving end -> (process, job, slot)
     progress = Progress(bench, jobs)
     status(f"sweep: {len(jobs)} job(s) on {len(slots)} local worker(s)")
+    bench.say_started()
     try:
         while queue or running:
             while queue and free:
@@ -234,6 +235,7 @@ def run_ray(bench, jobs: list[Job]) -> None:
                              "on a CPU machine give --workers N for N logical GPUs")
         logical = "logical " if bench.device.type != "cuda" else ""  # --workers N on a CPU: N slots named GPU
         status(f"sweep: {len(jobs)} job(s) as Ray tasks on {int(gpus)} {logical}GPU(s)")
+        bench.say_started()
         # cloudpickle, as Ray pickles: a part registered from a script (__main__) travels by value
         pending = {task.remote(ray.cloudpickle.dumps(worker.payload(bench, job, "ray"))): job
                    for job in largest_first(jobs)}

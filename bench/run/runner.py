@@ -378,8 +378,6 @@ class Benchmark:
         """Measure every variant into the results directory; a usage error found on the way (one
         only a loaded model shows) leaves the directory as it was before."""
         before = DirState(self.out_dir)
-        if self.placement["worker"] == "serial" and (warning := self.source.max_tiles_warning()):
-            status(warning)  # (a sweep's parent says it; its workers do not)
         try:
             self._run_into_dir()
         except UsageError:
@@ -449,8 +447,15 @@ class Benchmark:
         cfg = self.cfg
         return (clean >= cfg.num_runs and measured_s >= cfg.min_seconds) or attempts >= cfg.max_runs
 
+    def say_started(self) -> None:
+        """The run's one-line warnings about its configuration, once it has started (past every
+        usage error its start may raise: the directory, its lock, a sweep's workers)."""
+        if warning := self.source.max_tiles_warning():
+            status(warning)
+
     def _run_variants(self) -> None:
         if self.cfg.executor == "serial":
+            self.say_started()
             for job in self.plan:
                 self.run_job(job)
             return
