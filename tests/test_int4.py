@@ -573,9 +573,12 @@ def test_cuda_prefill_copies_are_each_layers_own():
         m.keep_dense_copy(torch.float16)
     assert len({m.dense_copy.data_ptr() for m in layers}) == 3
     weights = [m.to_int4().dequantize(torch.float32).cuda() for m in layers]
-    for i, m in enumerate(layers):  # made on the GPU: its own layer's weight within rounding, far from the others'
+    # each its own layer's weight, far from the others': within the rounding of the zero offset the
+    # layer keeps in its scales' dtype (bfloat16 for tinygemm on some CUDA builds) against the
+    # integer zero the reference rebuilds
+    for i, m in enumerate(layers):
         off = [(m.dense_copy.float() - w).abs().max().item() for w in weights]
-        assert off[i] < 2e-3 and all(d > 1e-2 for j, d in enumerate(off) if j != i), off
+        assert off[i] < 1e-3 and all(d > 1e-2 for j, d in enumerate(off) if j != i), off
 
 
 def test_layers_the_cuda_kernel_cannot_take_stay_dense():

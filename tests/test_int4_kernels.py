@@ -1019,7 +1019,9 @@ def test_cuda_measured_kernels_hold_one_extra_format_per_layer():
     names = {m.kernel, m.prefill_kernel, "dense", *(n for _, n in plan.plan)}
     keys = {KERNELS[n].state_key for n in names} - {None}
     assert set(m.kernel_meta) == keys, (plan.plan, m.kernel_meta)
-    assert m.kernel_state_bytes() > 0 or not keys & {"gemlite", "marlin_layout"}
+    one = {KERNELS[n].state_key: n for n in sorted(names) if KERNELS[n].state_key}  # a kernel per key
+    formats = [KERNELS[n].prepare(m, torch.float16)[0] for n in one.values()]
+    assert m.kernel_state_bytes() == sum(t.numel() * t.element_size() for f in formats for t in f.values())
     m.set_row_plan(None, torch.float16)
     assert m.kernel_state_bytes() == 0 and not m.kernel_meta
 

@@ -230,7 +230,9 @@ for rotary in (True, False):
         out[write_kv] = torch.stack([dec.step(token, torch.tensor(1), kv, layer, key_len=128)[:, -1].float()
                                      for _ in range(3)])
         data[write_kv] = kv.data.clone()
-    print(int(torch.equal(out[True], out[False]) and torch.equal(data[True], data[False])))
+    far = max(((out[True] - out[False]).abs().max() / out[False].abs().max()).item(),
+              ((data[True].float() - data[False].float()).abs().max() / data[False].float().abs().max()).item())
+    print(int(torch.equal(out[True], out[False]) and torch.equal(data[True], data[False])), far)
 print(sum(writes))
 # one row's causal mask made by the kernel from the new column (Config.causal_mask): no mask handed
 # over, the same logits and buffers bit for bit
@@ -262,8 +264,9 @@ def test_a_compiled_decode_step_attends_by_the_split_kv_op(tiny_llava_dir):
     and for a batch (its additive mask per row), three steps each; with the query handed over
     unrotated and rotated by the kernel (Config.rotary) the same logits bit for bit under eager
     numerics, within fp16 rounding under "fused"; with the new key and value written by the kernel
-    (Config.write_kv, in the graph engine's own step layer) the same logits and buffers bit for bit,
-    and so with one row's causal mask made by the kernel (Config.causal_mask)."""
+    (Config.write_kv, in the graph engine's own step layer) the same logits and buffers bit for bit
+    (with the key rotated there: where this torch's CPU inductor rotates as eager does, else within
+    fp16 rounding), and so with one row's causal mask made by the kernel (Config.causal_mask)."""
     pytest.importorskip("triton")
     import torch
 
@@ -272,10 +275,10 @@ def test_a_compiled_decode_step_attends_by_the_split_kv_op(tiny_llava_dir):
     done = subprocess.run([sys.executable, "-c", _STEP, str(tiny_llava_dir)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    layers, one_row, two_rows = map(int, done.stdout.split()[-12:-9])
+    layers, one_row, two_rows = map(int, done.stdout.split()[-14:-11])
     assert one_row == two_rows == 3 * layers > 0  # every layer of every split-kv step, and only those
-    assert float(done.stdout.split()[-9]) < 1e-2
-    rotated, eager, fused = done.stdout.split()[-8:-5]
+    assert float(done.stdout.split()[-11]) < 1e-2
+    rotated, eager, fused = done.stdout.split()[-10:-7]
     # the query rotated in the kernel: the same bits under eager numerics (where this torch's CPU
     # inductor rotates as eager does: the other side's rotation is its own), within rounding under fused
     assert int(rotated) == 2 * 3 * layers and float(fused) < 1e-2
@@ -283,9 +286,10 @@ def test_a_compiled_decode_step_attends_by_the_split_kv_op(tiny_llava_dir):
     assert float(eager) == 0.0 if as_eager else float(eager) < 1e-2
     # the new key and value written by the kernel: the same logits and buffers, with and without rotary
     # (the key rotated by the kernel against inductor's rotation: the same bits where this torch's CPU
-    # inductor rotates as eager does)
-    same_rotated, same_plain, writes = map(int, done.stdout.split()[-5:-2])
-    assert same_plain == 1 and writes == 2 * 3 * layers and (same_rotated == 1 or not as_eager)
+    # inductor rotates as eager does, else within fp16 rounding)
+    same_rotated, rotated_off, same_plain, _, writes = done.stdout.split()[-7:-2]
+    assert int(same_plain) == 1 and int(writes) == 2 * 3 * layers
+    assert int(same_rotated) == 1 if as_eager else float(rotated_off) < 1e-2
     # one row's causal mask made by the kernel: the same logits and buffers, at every layer of every step
     # (and only there: two rows read their masks)
     same_causal, causal_calls = map(int, done.stdout.split()[-2:])
