@@ -728,6 +728,7 @@ def test_kernels_that_launch_with_pdl_are_measured_apart_under_pdl(tmp_path, mon
     from bench.cli import main
 
     capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "400")  # the table unwrapped, whatever the device's name takes
     assert main(["int4-kernels", str(path)]) == 0
     listing = capsys.readouterr().out
     assert listing.count("PDL (prefetch") == 4, listing
@@ -762,6 +763,7 @@ def test_a_kernels_own_timing_settings_are_measured_apart(tmp_path, monkeypatch,
     from bench.cli import main
 
     capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "400")  # the table unwrapped, whatever the device's name takes
     assert main(["int4-kernels", str(path)]) == 0
     out = capsys.readouterr().out  # each measurement names the settings tinygemm was timed with
     assert out.count("k_loops=1,3") == 1 and len(re.findall(r"k_loops=1(?!,)", out)) == 2, out
@@ -979,7 +981,7 @@ def test_int4_kernels_flag_end_to_end(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("[]")
     assert main(["int4-kernels", str(tmp_path / "bad.json")]) == 2
 
-    unrunnable = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, torch.float32)), None)
+    unrunnable = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, DTYPE)), None)  # at the run's dtype
     if unrunnable:
         out = tmp_path / "forced"
         assert run_main([*RUN, "--int4-cache-dir", "", "--int4-kernels", unrunnable, "--output-dir", str(out)]) == 3
@@ -1070,7 +1072,7 @@ def test_a_prefill_kernel_runs_above_the_plan_and_is_refused_with_a_dense_copy(t
     assert {r["int4_prefetch_mb"] for r in rows} == {""}  # nothing to dequantize ahead
     assert "dequantized a layer ahead" not in rows[0]["engine_detail"]
 
-    unrunnable = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, torch.float32)), None)
+    unrunnable = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, DTYPE)), None)  # at the run's dtype
     if unrunnable:
         out = tmp_path / "forced"
         assert run_main([*RUN, "--int4-cache-dir", "", "--int4-prefill-kernel", unrunnable,
@@ -1213,14 +1215,14 @@ def test_measured_choice_takes_only_the_named_candidates(tmp_path, capsys):
     (plan,) = chosen.plans.values()
     assert {n for _, n in plan.plan} == {"tinygemm"} and set(plan.us) == {"tinygemm"}
     assert "--int4-kernel-candidates" in plan.left_out["dense"]
-    unrunnable = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, torch.float32)), None)
+    unrunnable = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, DTYPE)), None)  # at the run's dtype
     if unrunnable:
         out = tmp_path / "none"
         assert run_main([*RUN, "--int4-cache-dir", "", "--int4-kernels", "measured", "--int4-kernel-candidates",
                          unrunnable, "--output-dir", str(out)]) == 3
         (row,) = list(csv.DictReader(open(out / "runs.csv")))
         assert row["status"] == "skipped" and "none of them runs here" in row["error"]
-        assert KERNELS[unrunnable].unavailable(DEVICE, torch.float32) in row["error"]  # and why not
+        assert KERNELS[unrunnable].unavailable(DEVICE, DTYPE) in row["error"]  # and why not
     for bad in (["measured", "nope"], ["measured", "tinygemm,nope"], ["measured", ","], ["tinygemm", "tinygemm"],
                 ["dense", "tinygemm,dense"]):  # without `measured` it would change nothing: refused
         capsys.readouterr()
