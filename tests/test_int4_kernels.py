@@ -33,6 +33,11 @@ def _layer(n=256, k=256, group=64, bias=True, seed=0) -> Int4Linear:
     return Int4Linear.from_int4(quantize_int4(w, group), DEVICE, DTYPE, bias=b)
 
 
+def _unrunnable() -> str | None:
+    """A kernel this device cannot run at the runs' dtype (RUN's: DTYPE), if there is one."""
+    return next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, DTYPE)), None)
+
+
 def _reference(m: Int4Linear, x: torch.Tensor) -> torch.Tensor:
     w = m.to_int4().dequantize(torch.float32).to(x.device)
     y = x.float() @ w.T
@@ -614,7 +619,7 @@ def test_an_error_of_nan_or_inf_is_saved_as_null_and_read_back_as_nan(tmp_path):
 def test_forced_kernel_the_device_cannot_run_is_refused():
     from bench.errors import VariantUnsupported
 
-    name = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, DTYPE)), None)
+    name = _unrunnable()
     if name is None:
         pytest.skip("every kernel runs here")
     with pytest.raises(VariantUnsupported, match=name):
@@ -981,7 +986,7 @@ def test_int4_kernels_flag_end_to_end(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("[]")
     assert main(["int4-kernels", str(tmp_path / "bad.json")]) == 2
 
-    unrunnable = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, DTYPE)), None)  # at the run's dtype
+    unrunnable = _unrunnable()
     if unrunnable:
         out = tmp_path / "forced"
         assert run_main([*RUN, "--int4-cache-dir", "", "--int4-kernels", unrunnable, "--output-dir", str(out)]) == 3
@@ -1072,7 +1077,7 @@ def test_a_prefill_kernel_runs_above_the_plan_and_is_refused_with_a_dense_copy(t
     assert {r["int4_prefetch_mb"] for r in rows} == {""}  # nothing to dequantize ahead
     assert "dequantized a layer ahead" not in rows[0]["engine_detail"]
 
-    unrunnable = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, DTYPE)), None)  # at the run's dtype
+    unrunnable = _unrunnable()
     if unrunnable:
         out = tmp_path / "forced"
         assert run_main([*RUN, "--int4-cache-dir", "", "--int4-prefill-kernel", unrunnable,
@@ -1215,7 +1220,7 @@ def test_measured_choice_takes_only_the_named_candidates(tmp_path, capsys):
     (plan,) = chosen.plans.values()
     assert {n for _, n in plan.plan} == {"tinygemm"} and set(plan.us) == {"tinygemm"}
     assert "--int4-kernel-candidates" in plan.left_out["dense"]
-    unrunnable = next((n for n, k in KERNELS.items() if k.unavailable(DEVICE, DTYPE)), None)  # at the run's dtype
+    unrunnable = _unrunnable()
     if unrunnable:
         out = tmp_path / "none"
         assert run_main([*RUN, "--int4-cache-dir", "", "--int4-kernels", "measured", "--int4-kernel-candidates",
