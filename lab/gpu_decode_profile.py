@@ -20,7 +20,8 @@ flag; off without); --inductor NAME=VALUE sets an inductor option first (combo_k
 --split-kv CONFIG launches the split-KV attention so (fused_combine=1: its splits combined in its
 partial kernel).
 --numerics the compiled layers' rounding (EngineSpec.numerics); --knockout leaves work out of the
-step as lab/gpu_step_ab.py --ab knockout does (its tokens then mean nothing).
+step as lab/gpu_step_ab.py --ab knockout does (its tokens then mean nothing); --fold-norms profiles the
+step layer with each RMSNorm in the GEMV before it (lab/gpu_step_ab.py --ab fold-norms).
 --batch-size B profiles a step of B rows (after a batch of B requests), the kernels a batched
 decode step replays.
 """
@@ -56,11 +57,13 @@ def main() -> None:
                          "own default is eager-casts)")
     ap.add_argument("--knockout", default="none", help="work left out of the step, as lab/gpu_step_ab.py "
                     "--ab knockout's values (e.g. silu): which kernels take its time, or more")
+    ap.add_argument("--fold-norms", action="store_true", help="EngineSpec.fold_norms: each RMSNorm with the "
+                    "residual add before it, in triton-f16x2's launch of o_proj and down_proj")
     args = ap.parse_args()
     if args.split_kv:
         sk.DEFAULT = sk.Config.parse(args.split_kv)
     _knockout(args.knockout, args.int4_kernels)
-    spec = EngineSpec(pdl=args.pdl, numerics=args.numerics, int4_kernels=args.int4_kernels,
+    spec = EngineSpec(pdl=args.pdl, numerics=args.numerics, int4_kernels=args.int4_kernels, fold_norms=args.fold_norms,
                       int4_kernel_cache=args.int4_kernel_cache,
                       int4_kernel_candidates=tuple(args.int4_kernel_candidates.split(","))
                       if args.int4_kernel_candidates else ())

@@ -31,6 +31,9 @@ loop (1, bench.pdl.LATE, the default) or right after their wait (0).
 f16x2-splits: the K splits triton-f16x2's tuning tries besides none (bench.quant.triton_f16x2.SPLITS,
 joined by +, or none; each split's shares summed by the program that finishes last), tuned afresh for
 each value.
+fold-norms: the step layer compiled from FastDecoder.layer_at_deferred (0) or layer_at_folded (1,
+EngineSpec.fold_norms: each RMSNorm with the residual add before it in triton-f16x2's launch of o_proj
+and down_proj, bench.quant.triton_f16x2._add_norm; "on" where the int4 layers run triton-f16x2).
 f16x2-tuning: triton-f16x2's configuration per shape chosen by Triton's autotuner (triton; as up to
 b0f85fb, lab/gpu_f16x2_tuning_spread.py) or by the kernel's own tuning in CUDA graphs (graph, the
 default since), tuned afresh in every round.
@@ -243,6 +246,14 @@ def _f16x2_splits(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
         lambda engine: bool(triton_f16x2.SPLITS) and f16x2 and bool(engine._int4_layers())
 
 
+def _fold_norms(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    if value not in ("0", "1"):
+        raise SystemExit(f"--ab fold-norms value {value!r}: 0 or 1")
+    f16x2 = int4_kernels.startswith("triton-f16x2")
+    return EngineSpec(int4_kernels=int4_kernels, fold_norms=value == "1"), \
+        lambda engine: getattr(engine.layer_fn, "folds_norms", False) and f16x2 and bool(engine._int4_layers())
+
+
 # setting -> (its values by default, value -> (the engine's spec, engine -> whether the value took
 # effect, called before the engine runs anything))
 SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine),
@@ -252,7 +263,7 @@ SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused
             "f16x2-stages": (("1+3", "1+1w+3+3w"), _f16x2_stages),
             "f16x2-splits": (("none", "2", "2+4"), _f16x2_splits),
             "split-kv": (("combine_chunk=8", "combine_chunk=16"), _split_kv),
-            "f16x2-tuning": (("triton", "graph"), _f16x2_tuning),
+            "f16x2-tuning": (("triton", "graph"), _f16x2_tuning), "fold-norms": (("0", "1"), _fold_norms),
             "knockout": (("none", "add-norm", "silu", "kv-write", "attention", "add-norm+silu+attention"), _knockout)}
 
 

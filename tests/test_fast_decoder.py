@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bench.engines.cache_policy import CachePolicy
-from bench.engines.decoder import FastDecoder, deferring, fast_decoder, inductor_options
+from bench.engines.decoder import FastDecoder, deferring, fast_decoder, folding, inductor_options
 from bench.engines.fused_linear import FusedProjections
 from bench.models.loader import load_checkpoint
 from bench.engines.kv_buffers import KVBuffers
@@ -310,6 +310,28 @@ def test_eager_exact_numerics_make_the_compiled_step_write_what_eager_does(check
             dec.numerics = "fused"
             torch._dynamo.reset()
     assert differ["eager-exact", False] == differ["eager-exact", True] == 0, differ
+
+
+def test_a_step_with_each_norm_made_at_the_end_of_the_layer_before_gives_the_same_logits(checkpoint_dirs, demo_image):
+    """The graph engine's step layer under fold_norms (layer_at_folded: each RMSNorm made with
+    the residual add before it, the last layer's the model's final norm, which the step's logits
+    then read) is layer_at's arithmetic where no kernel folds them (here: float32 weights, dense):
+    eagerly the same logits bit for bit, and compiled under eager-exact numerics too."""
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    engine = StaticEngine(adapter, CachePolicy())
+    dec = engine.decoder
+    with torch.inference_mode():
+        step = repeatable_decode_step(engine, demo_image)
+        want = step()
+        assert torch.equal(step(folding(dec.layer_at_folded)), want)
+        try:
+            torch._dynamo.reset()
+            dec.numerics = "eager-exact"
+            layer = torch.compile(dec.layer_at_folded, dynamic=False, options=inductor_options("eager-exact"))
+            assert torch.equal(step(folding(layer)), want)
+        finally:
+            dec.numerics = "fused"
+            torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("one_query_matmul", [False, True])

@@ -845,7 +845,7 @@ def test_f16x2_launches_with_the_pdl_late_start_it_is_tuned_under(monkeypatch):
 
     seen = []
 
-    def launch(x32, packed, sz32, n, k, group_size, config, pdl_launch, emulate=False):
+    def launch(x32, packed, sz32, n, k, group_size, config, pdl_launch, emulate=False, norm=None):
         seen.append(pdl_launch)
         return torch.zeros(n, dtype=torch.float16)
 
@@ -1444,11 +1444,12 @@ def interpreted() -> dict[str, float]:
 
     head = _INTERPRETED_TILES.split("torch.manual_seed(0)")[0]  # the interpreter's set-up, once
     program = head + "".join(script[len(head):].replace("print(worst)", f"print({name!r}, worst)") + "\n"
-                             for name, script in (("tiles", _INTERPRETED_TILES), ("f16x2", _INTERPRETED_F16X2)))
+                             for name, script in (("tiles", _INTERPRETED_TILES), ("f16x2", _INTERPRETED_F16X2),
+                                                  ("f16x2-norm", _INTERPRETED_F16X2_NORM)))
     done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return {name: float(worst) for name, worst in (line.split() for line in done.stdout.splitlines())
-            if name in ("tiles", "f16x2")}
+            if name in ("tiles", "f16x2", "f16x2-norm")}
 
 
 def test_the_tiles_kernel_multiplies_by_the_published_tile_layout_in_tritons_interpreter(interpreted):
@@ -1521,6 +1522,46 @@ for n, k, g in ((40, 384, 128), (64, 512, 256)):  # rows past a program's block,
 assert len(triton_f16x2._SCRATCH[torch.device("cpu")]) >= 1  # the split calls had scratch
 print(worst)
 """
+
+
+_INTERPRETED_F16X2_NORM = _INTERPRETED_TILES.split("torch.manual_seed(0)")[0] + r"""
+from bench.quant import triton_f16x2
+
+torch.manual_seed(0)
+worst = 0.0
+for n, k, g in ((40, 384, 128), (72, 256, 128)):  # partial row blocks; row blocks past a power of two (9)
+    t = quantize_int4(torch.randn(n, k) * 0.05, g)
+    zero_f = (TINYGEMM_MID - t.zero.float()) * t.scale
+    sz = torch.stack((t.scale, zero_f), -1).transpose(0, 1).contiguous().half()  # [K/G, N, 2]
+    packed = pack_published(t.q)
+    x = torch.randn(1, k).half()
+    residual = (torch.randn(1, n) * 4).half()
+    weight = (torch.rand(n) + 0.5).half()
+    for cfg in ({"TN": 1, "BKT": 2, "SPLIT_K": 1}, {"TN": 2, "BKT": 1, "SPLIT_K": 3, "PRELOAD": True},
+                {"TN": 4, "BKT": 2, "SPLIT_K": 1, "ROWS_FIRST": False, "XW": True}):
+        y = triton_f16x2.f16x2_mm(x, packed, sz, n, g, cfg["SPLIT_K"] > 1, cfg, emulate=True)
+        h, xn = triton_f16x2.f16x2_mm_add_norm(x, packed, sz, n, g, cfg["SPLIT_K"] > 1, residual, weight, 1e-5, cfg,
+                                               emulate=True)
+        assert h.shape == xn.shape == (1, n) and h.dtype == xn.dtype == torch.float16
+        assert torch.equal(h, residual + y), cfg  # the add rounded as eager's
+        hf = h.float()  # eager's RMSNorm, op by op (its mean summed in torch's order)
+        want = weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).half()
+        worst = max(worst, ((xn.float() - want.float()).abs().max() / want.float().abs().max()).item())
+        # the count set back to zero by the block that normalized: the next call counts from zero
+        assert triton_f16x2._NORM_SCRATCH[torch.device("cpu")][1].item() == 0, cfg
+        assert all(not c.any() for _, c in triton_f16x2._SCRATCH.get(x.device, [])), cfg
+print(worst)
+"""
+
+
+def test_the_f16x2_kernel_adds_the_residual_and_normalizes_in_its_tail_in_tritons_interpreter(interpreted):
+    """bench.quant.triton_f16x2.f16x2_mm_add_norm (o_proj or down_proj with the residual add and
+    the next RMSNorm in its launch) in Triton's interpreter, with and without split K, both
+    layouts and a number of row blocks that is not a power of two: the sum is the plain GEMV's
+    output added to the residual exactly as eager PyTorch adds (checked in the script), and the
+    normalized row is eager's RMSNorm op by op within one fp16 rounding (its mean sums in another
+    order); the count the last block reads is back at zero after every call."""
+    assert interpreted["f16x2-norm"] < 2e-3  # one fp16 rounding (2^-11 relative) off at most; a wrong scale far more
 
 
 def test_the_f16x2_kernel_reads_the_published_tile_layout_in_tritons_interpreter(interpreted):
@@ -1657,6 +1698,86 @@ def test_cuda_f16x2_kernel_matches_dequantize_and_matmul(split_k):
     graph = torch.cuda.CUDAGraph()
     with pytest.raises(RuntimeError, match="capture"), torch.cuda.graph(graph):
         f.f16x2_mm(x, m.packed, KERNELS[name].scale_and_zero(m), 512, 128, split_k)  # a shape not tuned yet
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("split_k", [False, True])
+def test_cuda_f16x2_add_norm_is_the_gemv_the_add_and_transformers_rmsnorm(split_k):
+    """The PTX with the residual add and the next RMSNorm in its launch (run_add_norm, what
+    FastDecoder.layer_at_folded calls for o_proj and down_proj at one row): the sum is the plain
+    GEMV's output plus the residual, bit for bit, and the normalized row transformers' LlamaRMSNorm
+    of it within one fp16 rounding, with the tuned configuration and every one its tuning may
+    choose (one of 65 row blocks, a partial one); replayed from a CUDA graph, the same again and
+    again (the last block's count set back to zero). A layer offers it at one row only."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    m = Int4Linear.from_int4(quantize_int4(torch.randn(520, 1152) * 0.02, 128), DEVICE, torch.float16)
+    name = "triton-f16x2-splitk" if split_k else "triton-f16x2"
+    kernel = KERNELS[name]
+    why = kernel.unavailable(DEVICE, torch.float16) or kernel.shape_unsupported(m)
+    if why:
+        pytest.skip(why)
+    from bench.quant import triton_f16x2 as f
+
+    m.set_row_plan(None, torch.float16, kernel=name)
+    assert m.add_norm_kernel(1) is kernel and m.add_norm_kernel(2) is None
+    norm = LlamaRMSNorm(520, eps=1e-5).to(DEVICE, torch.float16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(520) + 0.5)
+    x = torch.randn(1, 1152, device=DEVICE, dtype=torch.float16)
+    residual = torch.randn(1, 520, device=DEVICE, dtype=torch.float16) * 4
+
+    def check(h, xn, y):
+        assert torch.equal(h, residual + y)
+        want = norm(h).float()
+        assert ((xn.float() - want).abs().max() / want.abs().max()).item() < 2e-3
+
+    with torch.no_grad():
+        h, xn = kernel.run_add_norm(m, x, residual, norm)
+        check(h, xn, m.run_kernel(name, x))
+        sz = kernel.scale_and_zero(m)
+        for c in f._prune(f._configs(split_k), 1152, f.k_loops()):
+            config = f.launch_config(c)
+            check(*f.f16x2_mm_add_norm(x, m.packed, sz, 520, 128, split_k, residual, norm.weight, 1e-5, config),
+                  f.f16x2_mm(x, m.packed, sz, 520, 128, split_k, config))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = kernel.run_add_norm(m, x, residual, norm)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out[0], h) and torch.equal(out[1], xn)
+
+
+@pytest.mark.parametrize("split", [1, 4])
+def test_the_f16x2_kernel_with_the_add_and_norm_compiles_for_sm90_with_the_same_k_loop(split):
+    """The add-and-norm epilogue (NORM, llava-1.5-7b's o_proj under PDL: 512 row blocks) compiled
+    for sm_90: no spills, one GPU-scope acquire-release count more than the plain kernel (split K's
+    per row block stays), the mean divided with IEEE rounding and the rsqrt inductor calls, and the
+    K loop (the kernel's time) within two machine instructions of the plain kernel's."""
+    pytest.importorskip("triton")
+    from bench.quant import triton_aot, triton_f16x2
+
+    why = triton_aot.unavailable()
+    if why:
+        pytest.skip(why)
+    n, k, g = 4096, 4096, 128
+    meta = dict(device="meta")
+    args = (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, **meta),
+            torch.empty(k // g, n, 1, dtype=torch.int32, **meta), torch.empty(n, dtype=torch.float16, **meta),
+            *((torch.empty(split * n, **meta), torch.empty(n // 8, dtype=torch.int32, **meta)) if split > 1
+              else (None, None)), n, k)
+    plain = {"G": g, "EMULATE": False, "TN": 1, "BKT": 4, "SPLIT_K": split, "ROWS_FIRST": True, "num_warps": 4,
+             "num_stages": 3, "PDL": True, "launch_pdl": True, "LATE": True}
+    half = lambda size: torch.empty(size, dtype=torch.float16, **meta)  # noqa: E731
+    norm = {**plain, "res_ptr": half(n), "g_ptr": half(n), "xn_ptr": half(n), "ss_ptr": torch.empty(2048, **meta),
+            "grid_count_ptr": torch.empty(1, dtype=torch.int32, **meta), "eps": 1e-5, "NORM": True, "PB": 512}
+    a, b = (triton_aot.compile_call(triton_f16x2._f16x2_kernel, args, kw) for kw in (plain, norm))
+    assert a.spill_bytes == b.spill_bytes == 0
+    assert b.ptx.count("atom.global.gpu.acq_rel.add") == a.ptx.count("atom.global.gpu.acq_rel.add") + 1 == split // 4 + 1
+    assert "div.rn.f32" in b.ptx and "rsqrt.approx.ftz.f32" in b.ptx and "rsqrt" not in a.ptx
+    loop_a, loop_b = (sum(triton_aot.loop_instructions(c.cubin).values()) for c in (a, b))
+    assert abs(loop_b - loop_a) <= 2, (loop_a, loop_b)
 
 
 def test_the_tiles_kernel_compiles_for_a_capability_with_its_own_ptxas():

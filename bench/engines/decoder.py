@@ -166,8 +166,10 @@ class FastDecoder(nn.Module):
         g = gate.to(torch.float32)
         return (g / (1 + torch.exp(-g))).to(gate.dtype) * up
 
-    def _qkv(self, block, h, cos, sin, rotate_q: bool = True, rotate_k: bool = True):
-        return self._heads_rotated(*block.qkv(self._norm(block.ln1, h)), cos, sin, rotate_q, rotate_k)
+    def _qkv(self, block, h, cos, sin, rotate_q: bool = True, rotate_k: bool = True, normed=None):
+        """q, k, v heads of layer input h (`normed`: its first RMSNorm's output, made already)."""
+        x = self._norm(block.ln1, h) if normed is None else normed
+        return self._heads_rotated(*block.qkv(x), cos, sin, rotate_q, rotate_k)
 
     def _heads_rotated(self, q, k, v, cos, sin, rotate_q: bool = True, rotate_k: bool = True):
         """Projection outputs [b, t, n*d] as [b, n, t, d] heads, (rotate_q) q and (rotate_k) k rotated."""
@@ -254,22 +256,57 @@ class FastDecoder(nn.Module):
         h = self._attn_out(block, h, o)
         return h, self._mlp(block, h)
 
+    def layer_at_folded(self, block, h, x, next_norm, cos, sin, pos, mask, pair, keys_end: int | None = None):
+        """`layer_at_deferred` as the graph engine compiles it under the spec's fold_norms (called
+        through `folding`): each RMSNorm made with the residual add before it, at the end of the
+        layer before instead of the start of its own. It takes the layer's input h and its first
+        norm's output x (None: made here, the first layer) and returns (its output h, `next_norm`(h):
+        the next layer's first norm, or after the last layer the model's final norm). Where the
+        o_proj and down_proj run an int4 kernel that can (Int4Linear.add_norm_kernel: triton-f16x2 at
+        one row), each adds its output to h and normalizes the sum in its own launch
+        (bench.quant.triton_f16x2._add_norm): two kernels a layer fewer than layer_at_deferred's
+        step. Elsewhere the same additions and norms as layer_at in the same order, the add fused
+        into the norm's kernel when compiled."""
+        if x is None:
+            x = self._norm(block.ln1, h)
+        o = self._attend_at(block, h, cos, sin, pos, mask, pair[0], pair[1], keys_end, pair, normed=x)
+        b, _, t, _ = o.shape
+        h, x = self._add_norm(block.o, o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim), h, block.ln2)
+        gate, up = block.gate_up(x)
+        return self._add_norm(block.down, self._gate(block, gate, up), h, next_norm)
+
+    def _add_norm(self, linear: nn.Module, x: torch.Tensor, h: torch.Tensor, norm: nn.Module):
+        """(h + linear(x), norm(h + linear(x))): in one launch of the linear's kernel where it can
+        (compiled, one row, float16, an RMSNorm, numerics other than eager-exact, whose mean the
+        kernel would sum in another order), else as two steps."""
+        find = getattr(linear, "add_norm_kernel", None)
+        rows = x.numel() // x.shape[-1]
+        kernel = (find(rows) if find is not None and torch.compiler.is_compiling() and self.numerics != "eager-exact"
+                  and hasattr(norm, "variance_epsilon") and x.dtype == h.dtype == norm.weight.dtype == torch.float16
+                  else None)
+        if kernel is not None:
+            out, normed = kernel.run_add_norm(linear, x.reshape(1, -1), h.reshape(1, -1), norm)
+            return out.view(h.shape), normed.view(h.shape)
+        h = h + linear(x)
+        return h, self._norm(norm, h)
+
     def _attends_by_split_kv(self, h) -> bool:
         """Whether `_attend_at` of layer input `h` attends by split-KV attention: one query, traced
         by torch.compile, `split_kv` on."""
         return h.shape[1] == 1 and self.split_kv and torch.compiler.is_compiling()
 
-    def _attend_at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None, pair=None):
+    def _attend_at(self, block, h, cos, sin, pos, mask, keys, values, keys_end: int | None, pair=None, normed=None):
         """`layer_at`'s attention output [b, heads, t, d] (its new keys and values written; by one
         write into `pair` where given, whose [0] and [1] are keys and values, or, compiled one-query
-        steps attending by split-KV with `pair`, by the attention kernel: Config.write_kv)."""
+        steps attending by split-KV with `pair`, by the attention kernel: Config.write_kv).
+        `normed`: h's first RMSNorm, made already (layer_at_folded)."""
         split_kv = self._attends_by_split_kv(h)
         # the query handed over unrotated, with cos and sin, and rotated by the attention kernel
         # (split_kv_attention.Config.rotary), rounding as the numerics do
         rotary = split_kv and split_kv_attention.DEFAULT.rotary
         # the new key and value written by the attention kernel (Config.write_kv), the key rotated there too
         writing = split_kv and pair is not None and split_kv_attention.DEFAULT.write_kv
-        q, k, v = self._qkv(block, h, cos, sin, rotate_q=not rotary, rotate_k=not (writing and rotary))
+        q, k, v = self._qkv(block, h, cos, sin, rotate_q=not rotary, rotate_k=not (writing and rotary), normed=normed)
         rope = (cos, sin, self.numerics != "fused") if rotary else ()
         if writing:
             # a 2-D mask here is `step`'s for one row's buffers (kv.valid None), every column up to the new one: the
@@ -379,11 +416,13 @@ class FastDecoder(nn.Module):
         Returns logits of the last real token [b, 1, vocab].
         `layer_fn` replaces `layer_at`; it gets the whole buffers and the number of columns to
         attend over; one made by `deferring` (GraphEngine's compiled layer_at_deferred) takes and
-        returns each layer's MLP output for the next to add.
+        returns each layer's MLP output for the next to add, one made by `folding`
+        (layer_at_folded) each layer's first norm, the last layer's the final norm.
         `key_len`: attend over the buffers' first `key_len` columns only (the caller knows every
         token written so far lies below it); default all `max_len` of them."""
         layer_fn = layer_fn or self.layer_at
         deferred = getattr(layer_fn, "defers_residual", False)
+        folded = getattr(layer_fn, "folds_norms", False)
         keys_end = key_len or kv.max_len
         t = embeds.shape[1]
         kv.settle()
@@ -396,7 +435,11 @@ class FastDecoder(nn.Module):
             cos, sin, mask = self._padded_step(embeds, kv, cols, causal, keys_end)
         mask = self._layer_mask(mask, embeds.dtype)
         h = embeds
-        if deferred:
+        normed = None  # the final norm's output (folded)
+        if folded:
+            for block, layer, after in zip(self.layers, kv.layers, [b.ln1 for b in self.layers[1:]] + [self.norm]):
+                h, normed = layer_fn(block, h, normed, after, cos, sin, cols, mask, layer.pair, keys_end)
+        elif deferred:
             pending = torch.zeros_like(embeds)
             for block, layer in zip(self.layers, kv.layers):
                 h, pending = layer_fn(block, h, pending, cos, sin, cols, mask, layer.pair, keys_end)
@@ -408,6 +451,8 @@ class FastDecoder(nn.Module):
         kv.length.add_(n_real)
         if kv.next_pos is not None:
             kv.next_pos.add_(n_real)
+        if normed is not None:
+            return self.lm_head(normed.index_select(1, index))
         return self._row_logits(h, index)
 
 
@@ -435,6 +480,16 @@ def deferring(layer_fn):
         return layer_fn(*args, **kwargs)
 
     layer.defers_residual = True
+    return layer
+
+
+def folding(layer_fn):
+    """`layer_fn` (FastDecoder.layer_at_folded, compiled or not) as FastDecoder.step calls it:
+    marked as taking each layer's first norm and returning the next one's (as `deferring`)."""
+    def layer(*args, **kwargs):
+        return layer_fn(*args, **kwargs)
+
+    layer.folds_norms = True
     return layer
 
 

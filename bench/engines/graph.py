@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from bench.engines import attention_kernels
-from bench.engines.decoder import deferring, inductor_options
+from bench.engines.decoder import deferring, folding, inductor_options
 from bench.engines.kv_buffers import KVBuffers
 from bench.engines.spec import EngineSpec
 from bench.engines.static import StaticEngine
@@ -116,6 +116,8 @@ class GraphEngine(StaticEngine):
         kernel (split_kv_attention.Config.write_kv) (compiled from layer_at, in llava-1.5-7b's captured
         int4 decode step on the H100 the add and the values' copy were kernels of their own, 32
         launches each of 1.2 and 1.1 us: results/lab/h100/decode_profile_llava-1.5-7b-rtn4-f16x2.csv)."""
+        if self.spec.fold_norms:  # each RMSNorm with the add before it, in the GEMV's launch where it can
+            return folding(compile(self.decoder.layer_at_folded, False))
         return deferring(compile(self.decoder.layer_at_deferred, False))
 
     def _compiled_prefill_layer(self, compile):

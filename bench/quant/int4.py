@@ -428,6 +428,15 @@ class Int4Linear(nn.Module):
                 return name
         return self.prefill_kernel
 
+    def add_norm_kernel(self, rows: int):
+        """The kernel a call of `rows` rows runs if that kernel can also add the output to the
+        residual stream and normalize it in the same launch (`run_add_norm`: triton-f16x2 at one
+        row) and this layer has no bias or input scale to apply; else None."""
+        if self.bias is not None or self.input_scale is not None or self._prefill_path():
+            return None
+        kernel = KERNELS[self.kernel_at(rows)]
+        return kernel if hasattr(kernel, "run_add_norm") and rows <= (kernel.max_rows or rows) else None
+
     def decode_rows(self) -> int:
         """The most rows a call runs the decode kernels at (the plan's last bound, else
         dense_rows); calls of more rows run `prefill_kernel`, and so do a prompt prefill's calls

@@ -242,7 +242,9 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
                   BKT: tl.constexpr, SPLIT_K: tl.constexpr, ROWS_FIRST: tl.constexpr, EMULATE: tl.constexpr,
                   PDL: tl.constexpr = False,
                   PREFETCH: tl.constexpr = 4, PRELOAD: tl.constexpr = False, KS: tl.constexpr = 1,
-                  XW: tl.constexpr = False, LATE: tl.constexpr = False):
+                  XW: tl.constexpr = False, LATE: tl.constexpr = False,
+                  res_ptr=None, g_ptr=None, xn_ptr=None, ss_ptr=None, grid_count_ptr=None, eps=0.0,
+                  NORM: tl.constexpr = False, PB: tl.constexpr = 1, NB: tl.constexpr = 1024):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). Split K (SPLIT_K > 1): each share's sums go to ws_ptr
@@ -252,7 +254,8 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
     (asking L2 first for the first PREFETCH quarters of the program's weights, bench.pdl.PREFETCH),
     then let the next one start (LATE, bench.pdl.LATE: after the K loop instead). PRELOAD: the
     first block of the program's weights and scales is loaded (into registers) before that wait
-    (bench.pdl.PRELOAD). KS, XW: the K loop (K_LOOPS)."""
+    (bench.pdl.PRELOAD). KS, XW: the K loop (K_LOOPS). NORM: y is added to the residual stream
+    and the sum is normalized (_add_norm; y_ptr gets the sum)."""
     BN: tl.constexpr = TN * 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -286,7 +289,10 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
     if PDL and LATE:
         tl.extra.cuda.gdc_launch_dependents()
     if SPLIT_K == 1:
-        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+        if NORM:
+            _add_norm(y, n, n_ok, N, y_ptr, res_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB, NB)
+        else:
+            tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
         # serial split K: every thread's sums stored before the count (a barrier), the count
         # acquire-release at GPU scope, so the program that counts last sees every share's sums; it
@@ -299,7 +305,44 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
             total = tl.load(ws_ptr + n, mask=n_ok, other=0.0, cache_modifier=".cg")
             for share in tl.static_range(1, SPLIT_K):
                 total += tl.load(ws_ptr + share * N + n, mask=n_ok, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + n, total.to(y_ptr.dtype.element_ty), mask=n_ok)
+            if NORM:
+                _add_norm(total, n, n_ok, N, y_ptr, res_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB, NB)
+            else:
+                tl.store(y_ptr + n, total.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _add_norm(y, n, n_ok, N, h_ptr, res_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB: tl.constexpr,
+              NB: tl.constexpr):
+    """A row block's sums `y` (fp32) of a one-row GEMV whose output goes into the residual stream
+    and then through RMSNorm (a decoder layer's o_proj or down_proj): h = res + y and
+    xn = g * (h * rsqrt(mean(h^2) + eps)), rounded to fp16 where eager PyTorch rounds (y, h, the
+    normalized h, xn), written to h_ptr and xn_ptr. Each row block stores its sum of h^2 in
+    ss_ptr; the block that counts last in grid_count_ptr (one int32, zero; set back to zero) sums
+    them in block order (the same bits every call) and normalizes all N of h: the next layer's
+    norm in this launch's tail instead of a kernel of its own. The mean sums in another order than
+    eager's (as the "eager-casts" numerics allow: bench.engines.spec.NUMERICS)."""
+    res = tl.load(res_ptr + n, mask=n_ok, other=0.0)
+    h = (res.to(tl.float32) + y.to(tl.float16).to(tl.float32)).to(tl.float16)
+    tl.store(h_ptr + n, h, mask=n_ok)
+    hf = h.to(tl.float32)
+    tl.store(ss_ptr + tl.program_id(0), tl.sum(hf * hf, axis=0))
+    # as split K's shares: stored before the count (a barrier), the count acquire-release at GPU
+    # scope, so the block that counts last sees every block's h and sum
+    tl.debug_barrier()
+    blocks = tl.num_programs(0)
+    if tl.atomic_add(grid_count_ptr, 1, sem="acq_rel", scope="gpu") == blocks - 1:
+        tl.store(grid_count_ptr, 0)
+        b = tl.arange(0, PB)
+        ss = tl.load(ss_ptr + b, mask=b < blocks, other=0.0, cache_modifier=".cg")
+        inv = tl.math.rsqrt(tl.math.div_rn(tl.sum(ss, axis=0), N.to(tl.float32)) + eps)
+        for start in tl.range(0, N, NB):
+            i = start + tl.arange(0, NB)
+            ok = i < N
+            hv = tl.load(h_ptr + i, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            gv = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
+            normed = (hv * inv).to(tl.float16).to(tl.float32)
+            tl.store(xn_ptr + i, (normed * gv).to(tl.float16), mask=ok)
 
 
 # The K loops the tuning tries, each "KS" or "KSw": KS its stages, 1 (a step's loads issued at its
@@ -441,18 +484,50 @@ def _scratch(device: torch.device, sums: int, blocks: int) -> tuple[torch.Tensor
     return held[-1]
 
 
+# Per device, the add-and-norm epilogue's scratch (_add_norm: fp32 sums of h^2 per row block, one
+# int32 count, zero, set back to zero by the block that counted last), shared by every launch as
+# split K's is (_scratch): allocated before any capture, never freed. NORM_BLOCKS row blocks at most
+# (a hidden size of 8 x NORM_BLOCKS at one row block of 8 rows).
+NORM_BLOCKS = 2048
+_NORM_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _norm_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 sums, zeroed int32 count) for _add_norm on `device`; RuntimeError while a capture is
+    under way and none is made yet."""
+    if device not in _NORM_SCRATCH:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("triton-f16x2's add-and-norm needs scratch memory no call before the capture made: "
+                               "call it once before capturing")
+        _NORM_SCRATCH[device] = (torch.empty(NORM_BLOCKS, dtype=torch.float32, device=device),
+                                 torch.zeros(1, dtype=torch.int32, device=device))
+    return _NORM_SCRATCH[device]
+
+
 def _launch(x32, packed, sz32, n: int, k: int, group_size: int, config: dict, pdl: dict,
-            emulate: bool = False) -> torch.Tensor:
+            emulate: bool = False, norm: tuple | None = None):
     """One launch with `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True), KS, XW, num_warps,
-    num_stages; PRELOAD; left as it is) -> y [N] float16 (split K: summed in the kernel, _scratch)."""
+    num_stages; PRELOAD; left as it is) -> y [N] float16 (split K: summed in the kernel, _scratch);
+    with `norm` (residual [N], weight [N], eps; float16 but eps) -> (residual + y, its RMSNorm:
+    _add_norm)."""
     config = {"ROWS_FIRST": True, **config}  # may name PRELOAD (tests: the interpreter runs no PDL)
     launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3),
               **{name: v for name, v in pdl.items() if name not in config}}
     y = torch.empty(n, dtype=torch.float16, device=x32.device)
     grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
     ws, counts = _scratch(x32.device, config["SPLIT_K"] * n, grid[0]) if config["SPLIT_K"] > 1 else (None, None)
-    _f16x2_kernel[grid](x32, packed, sz32, y, ws, counts, n, k, G=group_size, EMULATE=emulate, **config, **launch)
-    return y
+    if norm is None:
+        _f16x2_kernel[grid](x32, packed, sz32, y, ws, counts, n, k, G=group_size, EMULATE=emulate, **config, **launch)
+        return y
+    residual, weight, eps = norm
+    if grid[0] > NORM_BLOCKS:
+        raise ValueError(f"triton-f16x2's add-and-norm takes at most {NORM_BLOCKS} row blocks, not {grid[0]}")
+    sums, count = _norm_scratch(x32.device)
+    xn = torch.empty(n, dtype=torch.float16, device=x32.device)
+    _f16x2_kernel[grid](x32, packed, sz32, y, ws, counts, n, k, G=group_size, EMULATE=emulate, **config, **launch,
+                        res_ptr=residual, g_ptr=weight, xn_ptr=xn, ss_ptr=sums, grid_count_ptr=count, eps=eps,
+                        NORM=True, PB=triton.next_power_of_2(grid[0]))
+    return y, xn
 
 
 def _tune(x32, packed, sz32, n: int, k: int, group_size: int, split: bool, pdl: dict) -> dict:
@@ -512,14 +587,46 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
     tuning, `emulate`
     runs the interpreter's stand-in for the PTX (tests). Under PDL the programs preload their
     first block of weights before the wait where bench.pdl.PRELOAD says so."""
+    x = _checked(x, scale_and_zero, group_size)
+    if x.shape[0] != 1:
+        return torch.cat([f16x2_mm(x[i:i + 1], packed, scale_and_zero, out_features, group_size, split_k, config,
+                                   emulate) for i in range(x.shape[0])])
+    return _call(x, packed, scale_and_zero, out_features, group_size, split_k, config, emulate).view(1, out_features)
+
+
+def f16x2_mm_add_norm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, out_features: int,
+                      group_size: int, split_k: bool, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                      config: dict | None = None, emulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """f16x2_mm of one row x [1, K] added to `residual` [1, N] and put through RMSNorm with
+    `weight` [N] (all float16) in the same launch (_add_norm): (h, xn) [1, N] float16, h =
+    residual + y and xn = weight * (h * rsqrt(mean(h^2) + eps)) rounded as eager PyTorch rounds
+    each op (the mean summed in another order). Tuned and configured as f16x2_mm at the shape."""
+    x = _checked(x, scale_and_zero, group_size)
+    n = out_features
+    if x.shape[0] != 1 or residual.shape != (1, n) or weight.shape != (n,):
+        raise ValueError(f"f16x2_mm_add_norm takes one row, a residual [1, {n}] and a weight [{n}]; got "
+                         f"{tuple(x.shape)}, {tuple(residual.shape)}, {tuple(weight.shape)}")
+    if residual.dtype != torch.float16 or weight.dtype != torch.float16:
+        raise ValueError("f16x2_mm_add_norm takes a float16 residual and norm weight")
+    norm = (residual.contiguous().view(n), weight.contiguous(), float(eps))
+    h, xn = _call(x, packed, scale_and_zero, n, group_size, split_k, config, emulate, norm)
+    return h.view(1, n), xn.view(1, n)
+
+
+def _checked(x: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x as the kernel reads it (contiguous, its column pairs int32-aligned); ValueError for
+    what it does not take."""
     if x.dtype != torch.float16 or scale_and_zero.dtype != torch.float16 or group_size % 128:
         raise ValueError("f16x2_mm takes float16 activations, scales and zeros, and groups of a multiple of 128")
     x = x.contiguous()
     if x.storage_offset() % 2:  # its column pairs are read as int32 words
         x = x.clone()
-    if x.shape[0] != 1:
-        return torch.cat([f16x2_mm(x[i:i + 1], packed, scale_and_zero, out_features, group_size, split_k, config,
-                                   emulate) for i in range(x.shape[0])])
+    return x
+
+
+def _call(x, packed, scale_and_zero, out_features: int, group_size: int, split_k: bool, config: dict | None,
+          emulate: bool, norm: tuple | None = None):
+    """One row's launch (_launch), the shape tuned on its first call unless `config` is given."""
     k, n = x.shape[1], out_features
     x32 = x.view(torch.int32)
     sz32 = scale_and_zero.view(torch.int32)
@@ -539,7 +646,7 @@ def f16x2_mm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor
                                    "must not contain: call it once before capturing")
             _TUNED[key] = _tune(*args, split_k, pdl)
         config = _TUNED[key]
-    return _launch(*args, config, pdl, emulate).view(1, n)
+    return _launch(*args, config, pdl, emulate, norm)
 
 
 def tuning_count() -> int:

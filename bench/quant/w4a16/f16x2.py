@@ -12,7 +12,9 @@ copy of them (state key "f16x2", [K / group, N, 2]: 1/16 of the int4 weight's by
 range; the dense path rounds the weights it makes to float16 too.
 
 A call is one registered op (vlm_bench::int4_f16x2_mm), which torch.compile keeps in its graph as
-one opaque call. Both tune on the first call at each shape (host-synchronized), so a layer
+one opaque call; so is a call that also adds its output to the residual stream and normalizes the
+sum (vlm_bench::int4_f16x2_mm_add_norm, `run_add_norm`: a decoder layer's o_proj or down_proj
+followed by the next RMSNorm, in one launch: bench.quant.triton_f16x2._add_norm). Both tune on the first call at each shape (host-synchronized), so a layer
 given one is called once when it is chosen (tunes_per_rows), before any capture; a tuning that
 still falls inside a measured run is counted as one-time work (compile_events).
 """
@@ -22,6 +24,20 @@ import torch
 
 from bench.quant.w4a16.base import triton_module
 from bench.quant.w4a16.tiles import Tiles, tiles_op
+
+
+@torch.library.custom_op("vlm_bench::int4_f16x2_mm_add_norm", mutates_args=())
+def _mm_add_norm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, out_features: int,
+                 group_size: int, split_k: bool, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    module = triton_module(F16x2.module, F16x2.counter)[0]
+    return module.f16x2_mm_add_norm(x, packed, scale_and_zero, out_features, group_size, split_k, residual, weight,
+                                    eps)
+
+
+@_mm_add_norm.register_fake
+def _(x, packed, scale_and_zero, out_features, group_size, split_k, residual, weight, eps):
+    return residual.new_empty(1, out_features), residual.new_empty(1, out_features)
 
 
 class F16x2(Tiles):
@@ -77,3 +93,11 @@ class F16x2(Tiles):
     def run(self, layer, x: torch.Tensor) -> torch.Tensor:
         return self.op(x.contiguous(), layer.packed, self.scale_and_zero(layer), layer.out_features,
                        layer.group_size, self.split_k)
+
+    def run_add_norm(self, layer, x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual + layer(x), norm(residual + layer(x))) for one row x [1, in_features] (float16),
+        `norm` an RMSNorm (weight, variance_epsilon), in one launch."""
+        return torch.ops.vlm_bench.int4_f16x2_mm_add_norm(
+            x.contiguous(), layer.packed, self.scale_and_zero(layer), layer.out_features, layer.group_size,
+            self.split_k, residual, norm.weight, norm.variance_epsilon)
