@@ -334,6 +334,26 @@ def test_a_step_with_each_norm_made_at_the_end_of_the_layer_before_gives_the_sam
             torch._dynamo.reset()
 
 
+def test_the_graph_engine_compiles_the_folded_step_layer_under_fold_norms_and_says_so(checkpoint_dirs, monkeypatch):
+    """EngineSpec.fold_norms: the graph engine's step layer is layer_at_folded (marked for
+    FastDecoder.step by `folding`), and its engine_detail says each RMSNorm is made with the add
+    before it; off (the default), layer_at_deferred and nothing said."""
+    from bench.engines.graph import GraphEngine
+    from bench.engines.spec import EngineSpec
+
+    monkeypatch.setattr(GraphEngine, "requires_cuda", False)  # (built, not run: no capture here)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
+    try:
+        for fold in (False, True):
+            engine = GraphEngine(adapter, CachePolicy(), EngineSpec(numerics="eager-casts", fold_norms=fold))
+            assert getattr(engine.layer_fn, "folds_norms", False) == fold
+            assert getattr(engine.layer_fn, "defers_residual", False) != fold
+            assert ("each RMSNorm with the add before it" in engine.describe()) == fold
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("one_query_matmul", [False, True])
 def test_a_compiled_decode_step_attends_by_matmul_where_cudnn_is_off(one_query_matmul, checkpoint_dirs,
                                                                       demo_image, monkeypatch):

@@ -1771,7 +1771,8 @@ def test_the_f16x2_kernel_with_the_add_and_norm_compiles_for_sm90_with_the_same_
              "num_stages": 3, "PDL": True, "launch_pdl": True, "LATE": True}
     half = lambda size: torch.empty(size, dtype=torch.float16, **meta)  # noqa: E731
     norm = {**plain, "res_ptr": half(n), "g_ptr": half(n), "xn_ptr": half(n), "ss_ptr": torch.empty(2048, **meta),
-            "grid_count_ptr": torch.empty(1, dtype=torch.int32, **meta), "eps": 1e-5, "NORM": True, "PB": 512}
+            "grid_count_ptr": torch.empty(1, dtype=torch.int32, **meta), "eps": 1e-5, "NORM": True, "PB": 512,
+            "NB": 4096}
     a, b = (triton_aot.compile_call(triton_f16x2._f16x2_kernel, args, kw) for kw in (plain, norm))
     assert a.spill_bytes == b.spill_bytes == 0
     assert b.ptx.count("atom.global.gpu.acq_rel.add") == a.ptx.count("atom.global.gpu.acq_rel.add") + 1 == split // 4 + 1

@@ -151,9 +151,13 @@ class GraphEngine(StaticEngine):
         if self._batch_prefill_graphable(1, 1):
             prefill += (f", a batch's whole CUDA-graphed per batch size and {prefill_round}-token bucket up to "
                         f"{self.spec.batch_prefill_tokens} tokens")
+        folds = (", each RMSNorm with the add before it (in triton-f16x2's launch where it runs)"
+                 if getattr(self.layer_fn, "folds_norms", False) else "")
         parts = [f"own decoder ({self.decoder.fusion}), static KV, {self._graphs_note()} "
                  f"({compiled}, {self.spec.numerics} numerics"
-                 f"{', split-kv decode attention' if self.decoder.split_kv else ''}){self.arithmetic_note()}, {prefill}"
+                 f"{', split-kv decode attention' if self.decoder.split_kv else ''}"
+                 f"{folds})"
+                 f"{self.arithmetic_note()}, {prefill}"
                  f"{self.prefetch_note()}, "
                  f"vision {self.notes.get('vision', 'graphed')}"
                  f"{attention_kernels.note(self.adapter.device, self.spec.attention)}{self.pdl_note()}"]

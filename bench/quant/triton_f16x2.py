@@ -244,7 +244,7 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
                   PREFETCH: tl.constexpr = 4, PRELOAD: tl.constexpr = False, KS: tl.constexpr = 1,
                   XW: tl.constexpr = False, LATE: tl.constexpr = False,
                   res_ptr=None, g_ptr=None, xn_ptr=None, ss_ptr=None, grid_count_ptr=None, eps=0.0,
-                  NORM: tl.constexpr = False, PB: tl.constexpr = 1, NB: tl.constexpr = 1024):
+                  NORM: tl.constexpr = False, PB: tl.constexpr = 1, NB: tl.constexpr = 8192):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). Split K (SPLIT_K > 1): each share's sums go to ws_ptr
@@ -284,13 +284,16 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
         tl.extra.cuda.gdc_wait()
         if not LATE:
             tl.extra.cuda.gdc_launch_dependents()
+    res = 0.0
+    if NORM:  # the residual rows (an earlier kernel's output: after the wait), loaded while the K loop runs
+        res = tl.load(res_ptr + n, mask=n_ok, other=0.0)
     y = _k_loop(x32, p_ptr, sz32, N, k_tiles, kt_lo, per, n, n_ok, lw, pair, words0, sz0, G, BN, BKT, ROWS_FIRST,
                 PRELOAD, KS, XW, EMULATE)
     if PDL and LATE:
         tl.extra.cuda.gdc_launch_dependents()
     if SPLIT_K == 1:
         if NORM:
-            _add_norm(y, n, n_ok, N, y_ptr, res_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB, NB)
+            _add_norm(y, res, n, n_ok, N, y_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB, NB)
         else:
             tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -306,23 +309,23 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
             for share in tl.static_range(1, SPLIT_K):
                 total += tl.load(ws_ptr + share * N + n, mask=n_ok, other=0.0, cache_modifier=".cg")
             if NORM:
-                _add_norm(total, n, n_ok, N, y_ptr, res_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB, NB)
+                _add_norm(total, res, n, n_ok, N, y_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB, NB)
             else:
                 tl.store(y_ptr + n, total.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
-def _add_norm(y, n, n_ok, N, h_ptr, res_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB: tl.constexpr,
+def _add_norm(y, res, n, n_ok, N, h_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB: tl.constexpr,
               NB: tl.constexpr):
     """A row block's sums `y` (fp32) of a one-row GEMV whose output goes into the residual stream
-    and then through RMSNorm (a decoder layer's o_proj or down_proj): h = res + y and
+    (its rows `res`, fp16) and then through RMSNorm (a decoder layer's o_proj or down_proj): h = res + y and
     xn = g * (h * rsqrt(mean(h^2) + eps)), rounded to fp16 where eager PyTorch rounds (y, h, the
     normalized h, xn), written to h_ptr and xn_ptr. Each row block stores its sum of h^2 in
     ss_ptr; the block that counts last in grid_count_ptr (one int32, zero; set back to zero) sums
     them in block order (the same bits every call) and normalizes all N of h: the next layer's
     norm in this launch's tail instead of a kernel of its own. The mean sums in another order than
-    eager's (as the "eager-casts" numerics allow: bench.engines.spec.NUMERICS)."""
-    res = tl.load(res_ptr + n, mask=n_ok, other=0.0)
+    eager's (as the "eager-casts" numerics allow: bench.engines.spec.NUMERICS). NB: the elements
+    normalized at once (the whole row up to 8192: one round trip to L2 for the row and the weight)."""
     h = (res.to(tl.float32) + y.to(tl.float16).to(tl.float32)).to(tl.float16)
     tl.store(h_ptr + n, h, mask=n_ok)
     hf = h.to(tl.float32)
@@ -526,7 +529,7 @@ def _launch(x32, packed, sz32, n: int, k: int, group_size: int, config: dict, pd
     xn = torch.empty(n, dtype=torch.float16, device=x32.device)
     _f16x2_kernel[grid](x32, packed, sz32, y, ws, counts, n, k, G=group_size, EMULATE=emulate, **config, **launch,
                         res_ptr=residual, g_ptr=weight, xn_ptr=xn, ss_ptr=sums, grid_count_ptr=count, eps=eps,
-                        NORM=True, PB=triton.next_power_of_2(grid[0]))
+                        NORM=True, PB=triton.next_power_of_2(grid[0]), NB=min(triton.next_power_of_2(n), 8192))
     return y, xn
 
 
