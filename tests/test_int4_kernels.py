@@ -1700,6 +1700,31 @@ def test_cuda_f16x2_kernel_matches_dequantize_and_matmul(split_k):
         f.f16x2_mm(x, m.packed, KERNELS[name].scale_and_zero(m), 512, 128, split_k)  # a shape not tuned yet
 
 
+def test_a_layer_offers_the_add_and_norm_only_where_its_kernel_at_those_rows_can_and_it_has_nothing_to_apply():
+    """Int4Linear.add_norm_kernel (what FastDecoder.layer_at_folded asks o_proj and down_proj):
+    the kernel its plan runs at the rows if that kernel adds and normalizes in its launch
+    (triton-f16x2 or its split-K form, at one row only), none for other kernels or rows, none for a
+    layer with a bias or an input scale to apply after the product, none on the prefill path."""
+    w = quantize_int4(torch.randn(64, 256) * 0.05, 128)
+    m = Int4Linear.from_int4(w, DEVICE, torch.float16)
+    for name in ("triton-f16x2", "triton-f16x2-splitk"):
+        m.set_row_plan(((1, name), (8, "tinygemm")), torch.float16)
+        assert m.add_norm_kernel(1) is KERNELS[name] and m.add_norm_kernel(2) is None
+    m.set_row_plan(((8, "tinygemm"),), torch.float16)
+    assert m.add_norm_kernel(1) is None
+    m.set_row_plan(None, torch.float16, kernel="triton-f16x2")
+    assert m.add_norm_kernel(1) is KERNELS["triton-f16x2"] and m.add_norm_kernel(2) is None
+    for extra in ({"bias": torch.randn(64)}, {"input_scale": torch.rand(256) + 0.5}):
+        other = Int4Linear.from_int4(w, DEVICE, torch.float16, **extra)
+        other.set_row_plan(((1, "triton-f16x2"),), torch.float16)
+        assert other.kernel_at(1) == "triton-f16x2" and other.add_norm_kernel(1) is None
+    m.set_row_plan(((1, "triton-f16x2"),), torch.float16)
+    m.keep_dense_copy(torch.float16)  # a prefill's calls read the copy: the prefill path
+    with Int4Linear.prefill_calls([m]):
+        assert m.add_norm_kernel(1) is None
+    assert m.add_norm_kernel(1) is KERNELS["triton-f16x2"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("split_k", [False, True])
 def test_cuda_f16x2_add_norm_is_the_gemv_the_add_and_transformers_rmsnorm(split_k):
