@@ -288,7 +288,10 @@ def test_eager_exact_numerics_make_the_compiled_step_write_what_eager_does(check
     leaves none of a layer's outputs off eager's, fused 48%
     (f67f436:results/h200/compile_numerics_llava-1.5-7b-deterministic.csv). So does the graph
     engine's compiled layer_at_deferred (each MLP output added by the next layer), and eagerly it
-    is the same arithmetic as layer_at: the same logits, bit for bit."""
+    is the same arithmetic as layer_at: the same logits, bit for bit. So too its step layer under
+    fold_norms (layer_at_folded: each RMSNorm made with the residual add before it, the last
+    layer's the model's final norm, which the step's logits then read) where no kernel folds them
+    (here: float32 weights, dense)."""
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
     engine = StaticEngine(adapter, CachePolicy())
     dec = engine.decoder
@@ -296,42 +299,24 @@ def test_eager_exact_numerics_make_the_compiled_step_write_what_eager_does(check
         step = repeatable_decode_step(engine, demo_image)
         want = step()
         assert torch.equal(step(deferring(dec.layer_at_deferred)), want)
+        assert torch.equal(step(folding(dec.layer_at_folded)), want)
+        forms = {"plain": (dec.layer_at, lambda f: f), "deferred": (dec.layer_at_deferred, deferring),
+                 "folded": (dec.layer_at_folded, folding)}
         differ = {}
         try:
-            for numerics, deferred in (("fused", False), ("eager-exact", False), ("eager-exact", True)):
+            for numerics, form in (("fused", "plain"), ("eager-exact", "plain"), ("eager-exact", "deferred"),
+                                   ("eager-exact", "folded")):
                 torch._dynamo.reset()
                 dec.numerics = numerics
-                layer = torch.compile(dec.layer_at_deferred if deferred else dec.layer_at, dynamic=False,
-                                      options=inductor_options(numerics))
-                got = step(deferring(layer) if deferred else layer)
+                fn, mark = forms[form]
+                got = step(mark(torch.compile(fn, dynamic=False, options=inductor_options(numerics))))
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-                differ[numerics, deferred] = int((got != want).sum())
+                differ[numerics, form] = int((got != want).sum())
         finally:
             dec.numerics = "fused"
             torch._dynamo.reset()
-    assert differ["eager-exact", False] == differ["eager-exact", True] == 0, differ
-
-
-def test_a_step_with_each_norm_made_at_the_end_of_the_layer_before_gives_the_same_logits(checkpoint_dirs, demo_image):
-    """The graph engine's step layer under fold_norms (layer_at_folded: each RMSNorm made with
-    the residual add before it, the last layer's the model's final norm, which the step's logits
-    then read) is layer_at's arithmetic where no kernel folds them (here: float32 weights, dense):
-    eagerly the same logits bit for bit, and compiled under eager-exact numerics too."""
-    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float32)
-    engine = StaticEngine(adapter, CachePolicy())
-    dec = engine.decoder
-    with torch.inference_mode():
-        step = repeatable_decode_step(engine, demo_image)
-        want = step()
-        assert torch.equal(step(folding(dec.layer_at_folded)), want)
-        try:
-            torch._dynamo.reset()
-            dec.numerics = "eager-exact"
-            layer = torch.compile(dec.layer_at_folded, dynamic=False, options=inductor_options("eager-exact"))
-            assert torch.equal(step(folding(layer)), want)
-        finally:
-            dec.numerics = "fused"
-            torch._dynamo.reset()
+    assert differ["eager-exact", "plain"] == differ["eager-exact", "deferred"] == differ["eager-exact", "folded"] == 0, \
+        differ
 
 
 def test_the_graph_engine_compiles_the_folded_step_layer_under_fold_norms_and_says_so(checkpoint_dirs, monkeypatch):

@@ -1571,6 +1571,28 @@ def test_the_f16x2_kernel_reads_the_published_tile_layout_in_tritons_interpreter
     assert interpreted["f16x2"] < 1e-3  # the fp16 output's rounding; a wrong pair is far more
 
 
+def _aot():
+    """bench.quant.triton_aot, or the test skipped where Triton or its ptxas is missing."""
+    pytest.importorskip("triton")
+    from bench.quant import triton_aot
+
+    if why := triton_aot.unavailable():
+        pytest.skip(why)
+    return triton_aot
+
+
+def _f16x2_args(n: int, k: int, g: int, shares: int) -> tuple:
+    """_f16x2_kernel's positional arguments for an N x K weight in groups of g, on the meta device
+    (what triton_aot.compile_call specializes on), with split K's scratch where shares > 1."""
+    meta = dict(device="meta")
+    scratch = ((torch.empty(shares * n, **meta), torch.empty(n // 8, dtype=torch.int32, **meta)) if shares > 1
+               else (None, None))
+    return (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32,
+                                                                         **meta),
+            torch.empty(k // g, n, 1, dtype=torch.int32, **meta), torch.empty(n, dtype=torch.float16, **meta),
+            *scratch, n, k)
+
+
 def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_weight():
     """The f16x2 GEMV's PTX (inline f16x2 arithmetic) through Triton's compiler and ptxas for
     sm_90, configurations its tuning keeps in both layouts, without split and with: no spills, the
@@ -1579,14 +1601,10 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
     dequantization took nibbles 1 and 3 with their own mask, a shift and a sub fewer per pair);
     pipelined (KS 3), its loads asynchronous copies into shared memory, under 6.5; with x read by
     whole k-tiles (XW), fewer loads and about as many instructions or fewer."""
-    pytest.importorskip("triton")
-    from bench.quant import triton_aot, triton_f16x2
+    triton_aot = _aot()
+    from bench.quant import triton_f16x2
 
-    why = triton_aot.unavailable()
-    if why:
-        pytest.skip(why)
     n, k, g = 4096, 4096, 128
-    meta = dict(device="meta")
     for split, cfg, warps in ((False, {"TN": 4, "BKT": 4, "SPLIT_K": 1, "ROWS_FIRST": False, "KS": 1}, 4),
                               (False, {"TN": 1, "BKT": 8, "SPLIT_K": 1, "ROWS_FIRST": True, "KS": 1}, 8),
                               (False, {"TN": 2, "BKT": 4, "SPLIT_K": 1, "ROWS_FIRST": True, "KS": 1}, 4),
@@ -1595,12 +1613,7 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
                               (True, {"TN": 2, "BKT": 4, "SPLIT_K": 2, "ROWS_FIRST": False, "KS": 1}, 4)):
         cfg = {**cfg, "XW": False}
         assert any(c.kwargs == cfg and c.num_warps == warps for c in triton_f16x2._configs(split))
-        scratch = (torch.empty(2 * n, **meta), torch.empty(n // 8, dtype=torch.int32, **meta)) if split else \
-            (None, None)
-        args = (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32,
-                                                                             **meta),
-                torch.empty(k // g, n, 1, dtype=torch.int32, **meta), torch.empty(n, dtype=torch.float16, **meta),
-                *scratch, n, k)
+        args = _f16x2_args(n, k, g, cfg["SPLIT_K"])
         c = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args,
                                     {"G": g, "EMULATE": False, **cfg, "num_warps": warps, "num_stages": 3})
         assert c.spill_bytes == 0 and c.registers <= 255, (c.registers, c.spill_bytes)
@@ -1780,18 +1793,12 @@ def test_the_f16x2_kernel_with_the_add_and_norm_compiles_for_sm90_with_the_same_
     for sm_90: no spills, one GPU-scope acquire-release count more than the plain kernel (split K's
     per row block stays), the mean divided with IEEE rounding and the rsqrt inductor calls, and the
     K loop (the kernel's time) within two machine instructions of the plain kernel's."""
-    pytest.importorskip("triton")
-    from bench.quant import triton_aot, triton_f16x2
+    triton_aot = _aot()
+    from bench.quant import triton_f16x2
 
-    why = triton_aot.unavailable()
-    if why:
-        pytest.skip(why)
     n, k, g = 4096, 4096, 128
     meta = dict(device="meta")
-    args = (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, **meta),
-            torch.empty(k // g, n, 1, dtype=torch.int32, **meta), torch.empty(n, dtype=torch.float16, **meta),
-            *((torch.empty(split * n, **meta), torch.empty(n // 8, dtype=torch.int32, **meta)) if split > 1
-              else (None, None)), n, k)
+    args = _f16x2_args(n, k, g, split)
     plain = {"G": g, "EMULATE": False, "TN": 1, "BKT": 4, "SPLIT_K": split, "ROWS_FIRST": True, "num_warps": 4,
              "num_stages": 3, "PDL": True, "launch_pdl": True, "LATE": True}
     half = lambda size: torch.empty(size, dtype=torch.float16, **meta)  # noqa: E731
