@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--fold-norms", action="store_true", help="EngineSpec.fold_norms: each RMSNorm with the "
                     "residual add before it, in triton-f16x2's launch of o_proj and down_proj")
     args = ap.parse_args()
+    if args.fold_norms and "add-norm" in args.knockout.split("+"):
+        raise SystemExit("--knockout add-norm leaves out the adds and norms of layer_at_deferred's step, which "
+                         "--fold-norms does not run")
     if args.split_kv:
         sk.DEFAULT = sk.Config.parse(args.split_kv)
     _knockout(args.knockout, args.int4_kernels)

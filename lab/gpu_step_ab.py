@@ -144,24 +144,27 @@ def _no_add_norm(self, block, h, pending, cos, sin, pos, mask, pair, keys_end=No
     return h, self._mlp(block, h)
 
 
-def _no_kv_write(self, block, h, cos, sin, pos, mask, keys, values, keys_end=None, pair=None):
+def _no_kv_write(self, block, h, cos, sin, pos, mask, keys, values, keys_end=None, pair=None, normed=None):
     """_attend_at without the new key's rotation and the keys' and values' write (knockout kv-write;
     calls of more than one query, or uncompiled, as they were). The kernel then reads the caller's
     mask: the causal one made from the new column (Config.causal_mask) comes with the write only."""
     if not self._attends_by_split_kv(h):
-        return _ORIGINAL["FastDecoder._attend_at"](self, block, h, cos, sin, pos, mask, keys, values, keys_end, pair)
-    q, _, _ = self._qkv(block, h, cos, sin, rotate_q=not sk.DEFAULT.rotary)
+        return _ORIGINAL["FastDecoder._attend_at"](self, block, h, cos, sin, pos, mask, keys, values, keys_end, pair,
+                                                   normed)
+    q, _, _ = self._qkv(block, h, cos, sin, rotate_q=not sk.DEFAULT.rotary, normed=normed)
     keys, values = keys[:, :, :keys_end], values[:, :, :keys_end]
     return torch.ops.vlmbench.split_kv_attention(q, keys, values, mask, self.scaling,
                                                  *((cos, sin, self.numerics != "fused") if sk.DEFAULT.rotary else ()))
 
 
-def _no_attention(self, block, h, cos, sin, pos, mask, keys, values, keys_end=None, pair=None):
+def _no_attention(self, block, h, cos, sin, pos, mask, keys, values, keys_end=None, pair=None, normed=None):
     """_attend_at with the query (unrotated, as split-KV attention takes it) in place of the attention's
     output (knockout attention; calls of more than one query, or uncompiled, as they were)."""
     if not self._attends_by_split_kv(h):
-        return _ORIGINAL["FastDecoder._attend_at"](self, block, h, cos, sin, pos, mask, keys, values, keys_end, pair)
-    q, k, v = self._qkv(block, h, cos, sin, rotate_q=False, rotate_k=pair is None or not sk.DEFAULT.write_kv)
+        return _ORIGINAL["FastDecoder._attend_at"](self, block, h, cos, sin, pos, mask, keys, values, keys_end, pair,
+                                                   normed)
+    q, k, v = self._qkv(block, h, cos, sin, rotate_q=False, rotate_k=pair is None or not sk.DEFAULT.write_kv,
+                        normed=normed)
     if pair is None:  # (layer_at's step)
         keys.index_copy_(2, pos, k)
         values.index_copy_(2, pos, v)
@@ -249,9 +252,10 @@ def _f16x2_splits(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
 def _fold_norms(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     if value not in ("0", "1"):
         raise SystemExit(f"--ab fold-norms value {value!r}: 0 or 1")
-    f16x2 = int4_kernels.startswith("triton-f16x2")
+    # on where the step layer folds and an int4 layer's kernel at one row does it in its launch
     return EngineSpec(int4_kernels=int4_kernels, fold_norms=value == "1"), \
-        lambda engine: getattr(engine.layer_fn, "folds_norms", False) and f16x2 and bool(engine._int4_layers())
+        lambda engine: getattr(engine.layer_fn, "folds_norms", False) and any(
+            m.add_norm_kernel(1) is not None for m in engine._int4_layers())
 
 
 # setting -> (its values by default, value -> (the engine's spec, engine -> whether the value took

@@ -264,18 +264,20 @@ def test_teacher_forced_through_the_engine_matches_transformers(family, checkpoi
 
 
 def repeatable_decode_step(engine: StaticEngine, image):
-    """After a 2-token request, `step(layer_fn=None)`: the same one-token decode step each call
-    (buffers rewound first), through `layer_fn` (e.g. a compiled layer) or the eager layer.
-    Call under inference mode."""
+    """After a 2-token request, `step(layer_fn=None, tokens=1)`: the same one-token decode step
+    each call (buffers rewound first), or a step of `tokens` copies of that token, through
+    `layer_fn` (e.g. a compiled layer) or the eager layer. Call under inference mode."""
     dec = engine.decoder
     token = engine.run(image, "What is shown?", 2).tokens[-1]
     saved, length = engine.cache.data.clone(), engine.cache.length.clone()
     emb = dec.embed(torch.tensor([[token]]))
 
-    def step(layer_fn=None):
+    def step(layer_fn=None, tokens=1):
         engine.cache.data.copy_(saved)
         engine.cache.length.copy_(length)
-        return dec.step(emb, engine.one, engine.cache, layer_fn)
+        if tokens == 1:
+            return dec.step(emb, engine.one, engine.cache, layer_fn)
+        return dec.step(emb.repeat(1, tokens, 1), torch.tensor(tokens), engine.cache, layer_fn)
 
     return step
 
@@ -315,8 +317,54 @@ def test_eager_exact_numerics_make_the_compiled_step_write_what_eager_does(check
         finally:
             dec.numerics = "fused"
             torch._dynamo.reset()
-    assert differ["eager-exact", "plain"] == differ["eager-exact", "deferred"] == differ["eager-exact", "folded"] == 0, \
-        differ
+    assert [differ["eager-exact", form] for form in forms] == [0, 0, 0], differ
+
+
+def test_a_folded_step_hands_each_add_and_norm_to_the_kernel_of_o_proj_and_down_proj(checkpoint_dirs, demo_image,
+                                                                                      monkeypatch):
+    """Where o_proj and down_proj offer to add and normalize in their launch (Int4Linear.add_norm_kernel;
+    here a stand-in doing eager's arithmetic in torch ops, so that the wiring is what is checked), a
+    traced one-row float16 step under eager-casts numerics (tracing stood in for by
+    torch.compiler.is_compiling) hands each layer's o_proj its residual and its second norm, its
+    down_proj the next layer's first norm and the last layer's the model's final norm, and reads
+    the logits from that: the logits of layer_at_deferred's step, bit for bit. A step of two
+    tokens (offered nothing) gives that step's logits too, its last rows normalized afterwards."""
+    adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float16)
+    engine = StaticEngine(adapter, CachePolicy())
+    dec = engine.decoder
+    calls = []
+
+    class AddNorm:  # what a kernel's run_add_norm returns, in eager's ops
+        def run_add_norm(self, layer, x, residual, norm):
+            calls.append((layer, norm))
+            h = residual + layer(x)
+            hf = h.float()
+            return h, norm.weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).half()
+
+    kernel = AddNorm()
+    final = []  # the rows the model's final norm module takes (the steps' logits after the layers: _row_logits)
+    forward = dec.norm.forward
+    monkeypatch.setattr(dec.norm, "forward", lambda h: final.append(h.shape[:2]) or forward(h))
+    for block in dec.layers:
+        for linear in (block.o, block.down):
+            monkeypatch.setattr(linear, "add_norm_kernel", lambda rows: kernel if rows == 1 else None, raising=False)
+    monkeypatch.setattr(dec, "numerics", "eager-casts")
+    with torch.inference_mode():
+        step = repeatable_decode_step(engine, demo_image)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        for tokens in (1, 2):
+            calls.clear()
+            final.clear()
+            want = step(deferring(dec.layer_at_deferred), tokens)
+            assert not calls and final == [(1, 1)]
+            final.clear()
+            assert torch.equal(step(folding(dec.layer_at_folded), tokens), want), tokens
+            assert final == ([] if tokens == 1 else [(1, 1)]), final  # two tokens: the last one's row normalized
+            final.clear()
+            norms = [n for b, after in zip(dec.layers, [*dec.layers[1:], None]) for n in
+                     (b.ln2, after.ln1 if after is not None else dec.norm)]
+            layers = [m for b in dec.layers for m in (b.o, b.down)]
+            assert calls == (list(zip(layers, norms)) if tokens == 1 else []), tokens
 
 
 def test_the_graph_engine_compiles_the_folded_step_layer_under_fold_norms_and_says_so(checkpoint_dirs, monkeypatch):

@@ -1527,6 +1527,10 @@ print(worst)
 _INTERPRETED_F16X2_NORM = _INTERPRETED_TILES.split("torch.manual_seed(0)")[0] + r"""
 from bench.quant import triton_f16x2
 
+def eager_norm(h, weight, eps):  # transformers' RMSNorm op by op, as eager PyTorch rounds it
+    hf = h.float()
+    return weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).half()
+
 torch.manual_seed(0)
 worst = 0.0
 for n, k, g in ((40, 384, 128), (72, 256, 128)):  # partial row blocks; row blocks past a power of two (9)
@@ -1534,19 +1538,23 @@ for n, k, g in ((40, 384, 128), (72, 256, 128)):  # partial row blocks; row bloc
     zero_f = (TINYGEMM_MID - t.zero.float()) * t.scale
     sz = torch.stack((t.scale, zero_f), -1).transpose(0, 1).contiguous().half()  # [K/G, N, 2]
     packed = pack_published(t.q)
-    x = torch.randn(1, k).half()
-    residual = (torch.randn(1, n) * 4).half()
     weight = (torch.rand(n) + 0.5).half()
     for cfg in ({"TN": 1, "BKT": 2, "SPLIT_K": 1}, {"TN": 2, "BKT": 1, "SPLIT_K": 3, "PRELOAD": True},
                 {"TN": 4, "BKT": 2, "SPLIT_K": 1, "ROWS_FIRST": False, "XW": True}):
-        y = triton_f16x2.f16x2_mm(x, packed, sz, n, g, cfg["SPLIT_K"] > 1, cfg, emulate=True)
-        h, xn = triton_f16x2.f16x2_mm_add_norm(x, packed, sz, n, g, cfg["SPLIT_K"] > 1, residual, weight, 1e-5, cfg,
-                                               emulate=True)
+        args = (packed, sz, n, g, cfg["SPLIT_K"] > 1)
+        # ordinary rows: the sum is the GEMV's output added as eager adds, the norm within an fp16 rounding
+        x, residual = torch.randn(1, k).half(), (torch.randn(1, n) * 4).half()
+        h, xn = triton_f16x2.f16x2_mm_add_norm(x, *args, residual, weight, 1e-5, cfg, emulate=True)
         assert h.shape == xn.shape == (1, n) and h.dtype == xn.dtype == torch.float16
-        assert torch.equal(h, residual + y), cfg  # the add rounded as eager's
-        hf = h.float()  # eager's RMSNorm, op by op (its mean summed in torch's order)
-        want = weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).half()
-        worst = max(worst, ((xn.float() - want.float()).abs().max() / want.float().abs().max()).item())
+        assert torch.equal(h, residual + triton_f16x2.f16x2_mm(x, *args, cfg, emulate=True)), cfg
+        want = eager_norm(h, weight, 1e-5).float()
+        worst = max(worst, ((xn.float() - want).abs() / want.abs().clamp_min(1e-3)).max().item())
+        # rows whose squares sum exactly in any order (halves up to 8, x zero): the norm is eager's bit for
+        # bit, each rounding and an eps that counts included
+        residual = (torch.randint(-16, 17, (1, n)) * 0.5).half()
+        h, xn = triton_f16x2.f16x2_mm_add_norm(torch.zeros(1, k).half(), *args, residual, weight, 0.3, cfg,
+                                               emulate=True)
+        assert torch.equal(h, residual) and torch.equal(xn, eager_norm(h, weight, 0.3)), cfg
         # the count set back to zero by the block that normalized: the next call counts from zero
         assert triton_f16x2._NORM_SCRATCH[torch.device("cpu")][1].item() == 0, cfg
         assert all(not c.any() for _, c in triton_f16x2._SCRATCH.get(x.device, [])), cfg
@@ -1557,11 +1565,12 @@ print(worst)
 def test_the_f16x2_kernel_adds_the_residual_and_normalizes_in_its_tail_in_tritons_interpreter(interpreted):
     """bench.quant.triton_f16x2.f16x2_mm_add_norm (o_proj or down_proj with the residual add and
     the next RMSNorm in its launch) in Triton's interpreter, with and without split K, both
-    layouts and a number of row blocks that is not a power of two: the sum is the plain GEMV's
-    output added to the residual exactly as eager PyTorch adds (checked in the script), and the
-    normalized row is eager's RMSNorm op by op within one fp16 rounding (its mean sums in another
-    order); the count the last block reads is back at zero after every call."""
-    assert interpreted["f16x2-norm"] < 2e-3  # one fp16 rounding (2^-11 relative) off at most; a wrong scale far more
+    layouts and a number of row blocks that is not a power of two (checked in the script): the sum
+    is the plain GEMV's output added to the residual exactly as eager PyTorch adds; the normalized
+    row is eager's RMSNorm op by op bit for bit where the squares sum exactly in any order, and
+    within one fp16 rounding of it where the kernel's order of summing them may round otherwise;
+    the count the last block reads is back at zero after every call."""
+    assert interpreted["f16x2-norm"] <= 2 ** -10  # an element one fp16 step off at most
 
 
 def test_the_f16x2_kernel_reads_the_published_tile_layout_in_tritons_interpreter(interpreted):
@@ -1745,7 +1754,7 @@ def test_cuda_f16x2_add_norm_is_the_gemv_the_add_and_transformers_rmsnorm(split_
     FastDecoder.layer_at_folded calls for o_proj and down_proj at one row): the sum is the plain
     GEMV's output plus the residual, bit for bit, and the normalized row transformers' LlamaRMSNorm
     of it within one fp16 rounding, with the tuned configuration and every one its tuning may
-    choose (one of 65 row blocks, a partial one); replayed from a CUDA graph, the same again and
+    choose (65 row blocks of 8 rows; of 16 or 32, the last one partial); replayed from a CUDA graph, the same again and
     again (the last block's count set back to zero). A layer offers it at one row only."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -1788,11 +1797,11 @@ def test_cuda_f16x2_add_norm_is_the_gemv_the_add_and_transformers_rmsnorm(split_
 
 
 @pytest.mark.parametrize("split", [1, 4])
-def test_the_f16x2_kernel_with_the_add_and_norm_compiles_for_sm90_with_the_same_k_loop(split):
+def test_the_f16x2_kernel_with_the_add_and_norm_compiles_for_sm90_with_no_longer_k_loop(split):
     """The add-and-norm epilogue (NORM, llava-1.5-7b's o_proj under PDL: 512 row blocks) compiled
     for sm_90: no spills, one GPU-scope acquire-release count more than the plain kernel (split K's
     per row block stays), the mean divided with IEEE rounding and the rsqrt inductor calls, and the
-    K loop (the kernel's time) within two machine instructions of the plain kernel's."""
+    K loop (the kernel's time) no more than two machine instructions longer than the plain kernel's."""
     triton_aot = _aot()
     from bench.quant import triton_f16x2
 
@@ -1807,10 +1816,11 @@ def test_the_f16x2_kernel_with_the_add_and_norm_compiles_for_sm90_with_the_same_
             "NB": 4096}
     a, b = (triton_aot.compile_call(triton_f16x2._f16x2_kernel, args, kw) for kw in (plain, norm))
     assert a.spill_bytes == b.spill_bytes == 0
-    assert b.ptx.count("atom.global.gpu.acq_rel.add") == a.ptx.count("atom.global.gpu.acq_rel.add") + 1 == split // 4 + 1
+    counts = [c.ptx.count("atom.global.gpu.acq_rel.add") for c in (a, b)]
+    assert counts == [split // 4, split // 4 + 1], counts
     assert "div.rn.f32" in b.ptx and "rsqrt.approx.ftz.f32" in b.ptx and "rsqrt" not in a.ptx
     loop_a, loop_b = (sum(triton_aot.loop_instructions(c.cubin).values()) for c in (a, b))
-    assert abs(loop_b - loop_a) <= 2, (loop_a, loop_b)
+    assert loop_b <= loop_a + 2, (loop_a, loop_b)  # (ptxas schedules the two a little differently)
 
 
 def test_the_tiles_kernel_compiles_for_a_capability_with_its_own_ptxas():

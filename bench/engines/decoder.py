@@ -261,7 +261,9 @@ class FastDecoder(nn.Module):
         through `folding`): each RMSNorm made with the residual add before it, at the end of the
         layer before instead of the start of its own. It takes the layer's input h and its first
         norm's output x (None: made here, the first layer) and returns (its output h, `next_norm`(h):
-        the next layer's first norm, or after the last layer the model's final norm). Where the
+        the next layer's first norm, or after the last layer the model's final norm; None where
+        `next_norm` is: the last layer of a step of several rows, whose logits then read one row
+        normalized as `_row_logits` does). Where the
         o_proj and down_proj run an int4 kernel that can (Int4Linear.add_norm_kernel: triton-f16x2 at
         one row), each adds its output to h and normalizes the sum in its own launch
         (bench.quant.triton_f16x2._add_norm): two kernels a layer fewer than layer_at_deferred's
@@ -275,10 +277,12 @@ class FastDecoder(nn.Module):
         gate, up = block.gate_up(x)
         return self._add_norm(block.down, self._gate(block, gate, up), h, next_norm)
 
-    def _add_norm(self, linear: nn.Module, x: torch.Tensor, h: torch.Tensor, norm: nn.Module):
+    def _add_norm(self, linear: nn.Module, x: torch.Tensor, h: torch.Tensor, norm: nn.Module | None):
         """(h + linear(x), norm(h + linear(x))): in one launch of the linear's kernel where it can
         (compiled, one row, float16, an RMSNorm, numerics other than eager-exact, whose mean the
-        kernel would sum in another order), else as two steps."""
+        kernel would sum in another order), else as two steps; (h + linear(x), None) without a norm."""
+        if norm is None:
+            return h + linear(x), None
         find = getattr(linear, "add_norm_kernel", None)
         rows = x.numel() // x.shape[-1]
         kernel = (find(rows) if find is not None and torch.compiler.is_compiling() and self.numerics != "eager-exact"
@@ -437,7 +441,10 @@ class FastDecoder(nn.Module):
         h = embeds
         normed = None  # the final norm's output (folded)
         if folded:
-            for block, layer, after in zip(self.layers, kv.layers, [b.ln1 for b in self.layers[1:]] + [self.norm]):
+            # the final norm with the last layer's add for one row; a step of several rows normalizes the
+            # rows its logits read afterwards (_row_logits), as the other layer functions' steps do
+            last = self.norm if embeds.shape[0] * t == 1 else None
+            for block, layer, after in zip(self.layers, kv.layers, [b.ln1 for b in self.layers[1:]] + [last]):
                 h, normed = layer_fn(block, h, normed, after, cos, sin, cols, mask, layer.pair, keys_end)
         elif deferred:
             pending = torch.zeros_like(embeds)

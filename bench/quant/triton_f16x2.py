@@ -324,12 +324,13 @@ def _add_norm(y, res, n, n_ok, N, h_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, 
     ss_ptr; the block that counts last in grid_count_ptr (one int32, zero; set back to zero) sums
     them in block order (the same bits every call) and normalizes all N of h: the next layer's
     norm in this launch's tail instead of a kernel of its own. The mean sums in another order than
-    eager's (as the "eager-casts" numerics allow: bench.engines.spec.NUMERICS). NB: the elements
+    eager's (as the "eager-casts" numerics allow: bench.engines.spec.NUMERICS), and compiled for a
+    GPU its squares go into fused multiply-adds unrounded (eager rounds each to fp32). NB: the elements
     normalized at once (the whole row up to 8192: one round trip to L2 for the row and the weight)."""
     h = (res.to(tl.float32) + y.to(tl.float16).to(tl.float32)).to(tl.float16)
     tl.store(h_ptr + n, h, mask=n_ok)
     hf = h.to(tl.float32)
-    tl.store(ss_ptr + tl.program_id(0), tl.sum(hf * hf, axis=0))
+    tl.store(ss_ptr + tl.program_id(0), tl.sum(tl.where(n_ok, hf * hf, 0.0), axis=0))
     # as split K's shares: stored before the count (a barrier), the count acquire-release at GPU
     # scope, so the block that counts last sees every block's h and sum
     tl.debug_barrier()

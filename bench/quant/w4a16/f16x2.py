@@ -14,9 +14,10 @@ range; the dense path rounds the weights it makes to float16 too.
 A call is one registered op (vlm_bench::int4_f16x2_mm), which torch.compile keeps in its graph as
 one opaque call; so is a call that also adds its output to the residual stream and normalizes the
 sum (vlm_bench::int4_f16x2_mm_add_norm, `run_add_norm`: a decoder layer's o_proj or down_proj
-followed by the next RMSNorm, in one launch: bench.quant.triton_f16x2._add_norm). Both tune on the first call at each shape (host-synchronized), so a layer
-given one is called once when it is chosen (tunes_per_rows), before any capture; a tuning that
-still falls inside a measured run is counted as one-time work (compile_events).
+followed by the next RMSNorm, in one launch: bench.quant.triton_f16x2._add_norm). Both tune on
+the first call at each shape (host-synchronized), so a layer given one is called once when it is
+chosen (tunes_per_rows), before any capture; a tuning that still falls inside a measured run is
+counted as one-time work (compile_events).
 """
 from __future__ import annotations
 
