@@ -490,22 +490,25 @@ def _scratch(device: torch.device, sums: int, blocks: int) -> tuple[torch.Tensor
 
 # Per device, the add-and-norm epilogue's scratch (_add_norm: fp32 sums of h^2 per row block, one
 # int32 count, zero, set back to zero by the block that counted last), shared by every launch as
-# split K's is (_scratch): allocated before any capture, never freed. NORM_BLOCKS row blocks at most
-# (a hidden size of 8 x NORM_BLOCKS at one row block of 8 rows).
+# split K's is (_scratch): allocated outside any capture and never freed; one too small is
+# replaced, the old one kept alive for the graphs holding it. The first holds NORM_BLOCKS sums: a
+# hidden size up to 16384 at row blocks of 8 rows, every preset's.
 NORM_BLOCKS = 2048
-_NORM_SCRATCH: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_NORM_SCRATCH: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
-def _norm_scratch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 sums, zeroed int32 count) for _add_norm on `device`; RuntimeError while a capture is
-    under way and none is made yet."""
-    if device not in _NORM_SCRATCH:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("triton-f16x2's add-and-norm needs scratch memory no call before the capture made: "
-                               "call it once before capturing")
-        _NORM_SCRATCH[device] = (torch.empty(NORM_BLOCKS, dtype=torch.float32, device=device),
-                                 torch.zeros(1, dtype=torch.int32, device=device))
-    return _NORM_SCRATCH[device]
+def _norm_scratch(device: torch.device, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 sums of at least `blocks`, zeroed int32 count) for _add_norm on `device`;
+    RuntimeError while a capture is under way and none is large enough."""
+    held = _NORM_SCRATCH.setdefault(device, [])
+    if held and held[-1][0].numel() >= blocks:
+        return held[-1]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("triton-f16x2's add-and-norm needs scratch memory larger than any call before the "
+                           "capture made: call it once at this shape before capturing")
+    held.append((torch.empty(max(blocks, NORM_BLOCKS), dtype=torch.float32, device=device),
+                 torch.zeros(1, dtype=torch.int32, device=device)))
+    return held[-1]
 
 
 def _launch(x32, packed, sz32, n: int, k: int, group_size: int, config: dict, pdl: dict,
@@ -524,9 +527,7 @@ def _launch(x32, packed, sz32, n: int, k: int, group_size: int, config: dict, pd
         _f16x2_kernel[grid](x32, packed, sz32, y, ws, counts, n, k, G=group_size, EMULATE=emulate, **config, **launch)
         return y
     residual, weight, eps = norm
-    if grid[0] > NORM_BLOCKS:
-        raise ValueError(f"triton-f16x2's add-and-norm takes at most {NORM_BLOCKS} row blocks, not {grid[0]}")
-    sums, count = _norm_scratch(x32.device)
+    sums, count = _norm_scratch(x32.device, grid[0])
     xn = torch.empty(n, dtype=torch.float16, device=x32.device)
     _f16x2_kernel[grid](x32, packed, sz32, y, ws, counts, n, k, G=group_size, EMULATE=emulate, **config, **launch,
                         res_ptr=residual, g_ptr=weight, xn_ptr=xn, ss_ptr=sums, grid_count_ptr=count, eps=eps,
