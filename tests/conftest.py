@@ -21,6 +21,30 @@ DEMO = ROOT / "bench" / "assets" / "demo.png"
 
 
 @functools.lru_cache(maxsize=None)
+def triton_aot_or_skip(capability: int = 90):
+    """bench.quant.triton_aot, or the calling test skipped where Triton, or its ptxas for
+    `capability`, is missing."""
+    pytest.importorskip("triton")
+    from bench.quant import triton_aot
+
+    if why := triton_aot.unavailable(capability):
+        pytest.skip(why)
+    return triton_aot
+
+
+def f16x2_meta_args(n: int, k: int, g: int, shares: int) -> tuple:
+    """bench.quant.triton_f16x2._f16x2_kernel's positional arguments for an N x K weight in groups
+    of g, on the meta device (what triton_aot.compile_call specializes on), with split K's scratch
+    where shares > 1."""
+    meta = dict(device="meta")
+    scratch = ((torch.empty(shares * n, **meta), torch.empty(n // 8, dtype=torch.int32, **meta)) if shares > 1
+               else (None, None))
+    return (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32,
+                                                                         **meta),
+            torch.empty(k // g, n, 1, dtype=torch.int32, **meta), torch.empty(n, dtype=torch.float16, **meta),
+            *scratch, n, k)
+
+
 def cpu_inductor_rounds_as_eager(dtype: torch.dtype, numerics: str, silu: bool = True) -> bool:
     """Whether this torch's CPU inductor rounds the rotary embedding and (`silu`) SiLU in `dtype`
     as eager does under `numerics` (torch 2.11: bf16 and fp16 by an ulp off; 2.13: the same bits).

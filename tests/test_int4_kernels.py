@@ -16,6 +16,7 @@ from bench.quant.w4a16 import choice, measurements
 from bench.quant.w4a16.base import W4A16Kernel
 from bench.quant.w4a16.registry import KERNELS
 from bench.errors import VariantUnsupported
+from tests.conftest import f16x2_meta_args, triton_aot_or_skip
 
 pytest.importorskip("torchao")
 
@@ -1465,12 +1466,7 @@ def test_the_tiles_kernel_compiles_for_sm90_without_a_gpu():
     with split K (16 rows, bf16, groups of 64) compile, fit the registers without spilling, and
     run on tensor cores and fp32 atomics. (The interpreter checks none of this; lab/triton_tiles_aot.py
     compiles every configuration the autotuner keeps.)"""
-    pytest.importorskip("triton")
-    from bench.quant import triton_aot
-
-    why = triton_aot.unavailable()
-    if why:
-        pytest.skip(why)
+    triton_aot = triton_aot_or_skip()
     elementwise = triton_aot.compile_tiles(1, 4096, 4096, 128, torch.float16, False, {"TN": 1, "BKT": 2, "SPLIT_K": 1})
     dot = triton_aot.compile_tiles(16, 4096, 11008, 64, torch.bfloat16, True, {"TN": 2, "BKT": 2, "SPLIT_K": 4})
     for c in (elementwise, dot):
@@ -1584,28 +1580,6 @@ def test_the_f16x2_kernel_reads_the_published_tile_layout_in_tritons_interpreter
     assert interpreted["f16x2"] < 1e-3  # the fp16 output's rounding; a wrong pair is far more
 
 
-def _aot():
-    """bench.quant.triton_aot, or the test skipped where Triton or its ptxas is missing."""
-    pytest.importorskip("triton")
-    from bench.quant import triton_aot
-
-    if why := triton_aot.unavailable():
-        pytest.skip(why)
-    return triton_aot
-
-
-def _f16x2_args(n: int, k: int, g: int, shares: int) -> tuple:
-    """_f16x2_kernel's positional arguments for an N x K weight in groups of g, on the meta device
-    (what triton_aot.compile_call specializes on), with split K's scratch where shares > 1."""
-    meta = dict(device="meta")
-    scratch = ((torch.empty(shares * n, **meta), torch.empty(n // 8, dtype=torch.int32, **meta)) if shares > 1
-               else (None, None))
-    return (torch.empty(k // 2, dtype=torch.int32, **meta), torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32,
-                                                                         **meta),
-            torch.empty(k // g, n, 1, dtype=torch.int32, **meta), torch.empty(n, dtype=torch.float16, **meta),
-            *scratch, n, k)
-
-
 def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_weight():
     """The f16x2 GEMV's PTX (inline f16x2 arithmetic) through Triton's compiler and ptxas for
     sm_90, configurations its tuning keeps in both layouts, without split and with: no spills, the
@@ -1614,7 +1588,7 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
     dequantization took nibbles 1 and 3 with their own mask, a shift and a sub fewer per pair);
     pipelined (KS 3), its loads asynchronous copies into shared memory, under 6.5; with x read by
     whole k-tiles (XW), fewer loads and about as many instructions or fewer."""
-    triton_aot = _aot()
+    triton_aot = triton_aot_or_skip()
     from bench.quant import triton_f16x2
 
     n, k, g = 4096, 4096, 128
@@ -1626,7 +1600,7 @@ def test_the_f16x2_kernel_compiles_for_sm90_and_issues_fewer_instructions_per_we
                               (True, {"TN": 2, "BKT": 4, "SPLIT_K": 2, "ROWS_FIRST": False, "KS": 1}, 4)):
         cfg = {**cfg, "XW": False}
         assert any(c.kwargs == cfg and c.num_warps == warps for c in triton_f16x2._configs(split))
-        args = _f16x2_args(n, k, g, cfg["SPLIT_K"])
+        args = f16x2_meta_args(n, k, g, cfg["SPLIT_K"])
         c = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args,
                                     {"G": g, "EMULATE": False, **cfg, "num_warps": warps, "num_stages": 3})
         assert c.spill_bytes == 0 and c.registers <= 255, (c.registers, c.spill_bytes)
@@ -1806,12 +1780,12 @@ def test_the_f16x2_kernel_with_the_add_and_norm_compiles_for_sm90_with_no_longer
     for sm_90: no spills, one GPU-scope acquire-release count more than the plain kernel (split K's
     per row block stays), the mean divided with IEEE rounding and the rsqrt inductor calls, and the
     K loop (the kernel's time) no more than two machine instructions longer than the plain kernel's."""
-    triton_aot = _aot()
+    triton_aot = triton_aot_or_skip()
     from bench.quant import triton_f16x2
 
     n, k, g = 4096, 4096, 128
     meta = dict(device="meta")
-    args = _f16x2_args(n, k, g, split)
+    args = f16x2_meta_args(n, k, g, split)
     plain = {"G": g, "EMULATE": False, "TN": 1, "BKT": 4, "SPLIT_K": split, "ROWS_FIRST": True, "num_warps": 4,
              "num_stages": 3, "PDL": True, "launch_pdl": True, "LATE": True}
     half = lambda size: torch.empty(size, dtype=torch.float16, **meta)  # noqa: E731
@@ -1830,12 +1804,7 @@ def test_the_f16x2_kernel_with_the_add_and_norm_compiles_for_sm90_with_no_longer
 def test_the_tiles_kernel_compiles_for_a_capability_with_its_own_ptxas():
     """sm_100 (B200) PTX goes through the ptxas Triton ships for it (the sm_90 one refuses it),
     as lab/triton_tiles_aot.py --capability 100 asks."""
-    pytest.importorskip("triton")
-    from bench.quant import triton_aot
-
-    why = triton_aot.unavailable(100)
-    if why:
-        pytest.skip(why)
+    triton_aot = triton_aot_or_skip(100)
     c = triton_aot.compile_tiles(1, 4096, 4096, 128, torch.float16, False, {"TN": 1, "BKT": 2, "SPLIT_K": 1},
                                  capability=100)
     assert c.registers > 0 and c.spill_bytes == 0 and ".target sm_100a" in c.ptx

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from bench import pdl
+from tests.conftest import f16x2_meta_args, triton_aot_or_skip
 
 
 def test_pdl_is_off_on_the_cpu_and_wherever_inductor_keeps_it_off(monkeypatch):
@@ -31,19 +32,10 @@ def _waits_first(ptx: str) -> bool:
     return 0 <= wait < first and "griddepcontrol.launch_dependents" in ptx
 
 
-def _aot():
-    pytest.importorskip("triton")
-    from bench.quant import triton_aot
-
-    if why := triton_aot.unavailable():
-        pytest.skip(why)
-    return triton_aot
-
-
 @pytest.mark.parametrize("on", [False, True])
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_split_kv_kernels_wait_for_the_kernel_before_under_pdl(monkeypatch, on, prefetch):
-    triton_aot = _aot()
+    triton_aot = triton_aot_or_skip()
     from bench.engines import split_kv_attention as sk
 
     monkeypatch.setattr(sk, "pdl_enabled", lambda device: on)
@@ -72,18 +64,11 @@ def test_the_f16x2_kernel_prefetches_its_weights_then_waits_for_the_kernel_befor
     """Under PDL the program's weights (no kernel's output) are asked of L2 before the wait, one
     bulk prefetch per tile row of the first `quarters` quarters of its k-tiles (bench.pdl.PREFETCH;
     none at 0); the activations are read after it."""
-    triton_aot = _aot()
+    triton_aot = triton_aot_or_skip()
     from bench.quant import triton_f16x2
 
     n, k, g = 4096, 4096, 128
-    meta = dict(device="meta")
-    args = (torch.empty(k // 2, dtype=torch.int32, **meta),
-            torch.empty(n // 8, k // 128, 32, 4, dtype=torch.int32, **meta),
-            torch.empty(k // g, n, 1, dtype=torch.int32, **meta),
-            torch.empty(n, dtype=torch.float16, **meta),
-            *((torch.empty(split * n, **meta), torch.empty(n // 8, dtype=torch.int32, **meta)) if split > 1
-              else (None, None)), n, k)
-    c = triton_aot.compile_call(triton_f16x2._f16x2_kernel, args,
+    c = triton_aot.compile_call(triton_f16x2._f16x2_kernel, f16x2_meta_args(n, k, g, split),
                                 {"G": g, "EMULATE": False, "TN": tn, "BKT": 4, "SPLIT_K": split, "ROWS_FIRST": True,
                                  "num_warps": 4, "num_stages": 3, "PREFETCH": quarters,
                                  **({"PDL": True, "launch_pdl": True} if on else {})})
@@ -131,7 +116,7 @@ def test_split_kv_attention_preloads_its_first_keys_before_the_wait_only_where_i
     stores nothing there; where a kernel before wrote the new key and value, or the launch made
     the mask (zeros for None) just before, it waits first (a load before the wait could read
     them before they are written)."""
-    triton_aot = _aot()
+    triton_aot = triton_aot_or_skip()
     from bench.engines import split_kv_attention as sk
 
     monkeypatch.setattr(sk, "pdl_enabled", lambda device: True)
@@ -155,7 +140,7 @@ def test_split_kv_attention_preloads_its_first_keys_before_the_wait_only_where_i
 def test_split_kv_attention_reads_the_new_columns_index_before_the_wait_with_pos_early(monkeypatch, early):
     """Config.pos_early under PDL: where the partial kernel writes the step's new key and value,
     the column's index (one int64) is its only read before the wait; without it, nothing is."""
-    triton_aot = _aot()
+    triton_aot = triton_aot_or_skip()
     from bench.engines import split_kv_attention as sk
 
     monkeypatch.setattr(sk, "pdl_enabled", lambda device: True)
@@ -177,7 +162,7 @@ def test_the_f16x2_kernel_preloads_its_first_weights_before_the_wait_under_pdl(r
     """With PRELOAD (bench.pdl.PRELOAD) the program's first block of weights and of their scales
     is loaded before the PDL wait (no kernel writes them) and nothing else is: no store, and the
     activations (the kernel before's output) after it; its K loop keeps its per-weight cost."""
-    triton_aot = _aot()
+    triton_aot = triton_aot_or_skip()
     from bench.quant import triton_f16x2
 
     n, k, g, tn, bkt, warps = 4096, 4096, 128, 2, 4, 4
@@ -261,7 +246,7 @@ def test_the_kernels_let_the_next_start_after_their_main_loop_when_late(monkeypa
     """bench.pdl.LATE: triton-f16x2 and split-KV attention's partial kernel let the next kernel
     start (launch_dependents) after their main loop (the GEMV's f16x2 products, the attention's
     exponentials) instead of right after their wait; they wait first either way."""
-    triton_aot = _aot()
+    triton_aot = triton_aot_or_skip()
     from bench.engines import split_kv_attention as sk
     from bench.quant import triton_f16x2
 

@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from bench.engines.split_kv_attention import BLOCK_L, splits_for
+from tests.conftest import triton_aot_or_skip
 
 _INTERPRETED = r"""
 import os
@@ -426,13 +427,9 @@ def test_split_kv_attention_compiles_for_sm90_without_a_gpu(heads, kv_heads, bat
     scores and values products run on tensor cores (fp32 in fp32, not TF32), nothing spills."""
     import torch
 
-    pytest.importorskip("triton")
+    triton_aot = triton_aot_or_skip()
     from bench.engines import split_kv_attention as sk
-    from bench.quant import triton_aot
 
-    why = triton_aot.unavailable()
-    if why:
-        pytest.skip(why)
     meta = torch.device("meta")
     dt = getattr(torch, dtype)
     buf = torch.empty(batch, kv_heads, keys + 256, 128, dtype=dt, device=meta)
