@@ -475,16 +475,24 @@ def _scratch(device: torch.device, sums: int, blocks: int) -> tuple[torch.Tensor
     """(fp32 sums, zeroed int32 counts) of at least `sums` and `blocks` on `device`; RuntimeError
     while a capture is under way and none is large enough (the shape's first call, before any
     capture, makes them)."""
-    held = _SCRATCH.setdefault(device, [])
-    if held and held[-1][0].numel() >= sums and held[-1][1].numel() >= blocks:
+    return _held(_SCRATCH.setdefault(device, []), device, max(sums, SCRATCH_SUMS), max(blocks, SCRATCH_COUNTS),
+                 "split K")
+
+
+def _held(held: list, device: torch.device, sums: int, counts: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last of `held` (a device's scratch, oldest first) if it has at least `sums` fp32 sums
+    and `counts` int32 counts, else a new one large enough for it and for what the last one held,
+    appended (the old ones kept for the graphs holding them); RuntimeError naming `what` while a
+    capture is under way and a new one is needed."""
+    if held and held[-1][0].numel() >= sums and held[-1][1].numel() >= counts:
         return held[-1]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("triton-f16x2's split K needs scratch memory larger than any call before the capture "
+        raise RuntimeError(f"triton-f16x2's {what} needs scratch memory larger than any call before the capture "
                            "made: call it once at this shape before capturing")
     if held:
-        sums, blocks = max(sums, held[-1][0].numel()), max(blocks, held[-1][1].numel())
-    held.append((torch.empty(max(sums, SCRATCH_SUMS), dtype=torch.float32, device=device),
-                 torch.zeros(max(blocks, SCRATCH_COUNTS), dtype=torch.int32, device=device)))
+        sums, counts = max(sums, held[-1][0].numel()), max(counts, held[-1][1].numel())
+    held.append((torch.empty(sums, dtype=torch.float32, device=device),
+                 torch.zeros(counts, dtype=torch.int32, device=device)))
     return held[-1]
 
 
@@ -500,15 +508,7 @@ _NORM_SCRATCH: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 def _norm_scratch(device: torch.device, blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 sums of at least `blocks`, zeroed int32 count) for _add_norm on `device`;
     RuntimeError while a capture is under way and none is large enough."""
-    held = _NORM_SCRATCH.setdefault(device, [])
-    if held and held[-1][0].numel() >= blocks:
-        return held[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("triton-f16x2's add-and-norm needs scratch memory larger than any call before the "
-                           "capture made: call it once at this shape before capturing")
-    held.append((torch.empty(max(blocks, NORM_BLOCKS), dtype=torch.float32, device=device),
-                 torch.zeros(1, dtype=torch.int32, device=device)))
-    return held[-1]
+    return _held(_NORM_SCRATCH.setdefault(device, []), device, max(blocks, NORM_BLOCKS), 1, "add-and-norm")
 
 
 def _launch(x32, packed, sz32, n: int, k: int, group_size: int, config: dict, pdl: dict,
