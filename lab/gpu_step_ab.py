@@ -139,8 +139,7 @@ def _deferred_residual(value: str, int4_kernels: str) -> tuple[EngineSpec, calla
 def _no_add_norm(self, block, h, pending, cos, sin, pos, mask, pair, keys_end=None):
     """layer_at_deferred without its two residual adds (knockout add-norm; its norms are gone by _norm)."""
     o = self._attend_at(block, h, cos, sin, pos, mask, pair[0], pair[1], keys_end, pair)
-    b, _, t, _ = o.shape
-    h = block.o(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+    h = block.o(self._merged_heads(o))
     return h, self._mlp(block, h)
 
 

@@ -181,8 +181,12 @@ class FastDecoder(nn.Module):
 
     def _attn_out(self, block, h, o):
         """The residual stream after attention: h + o_proj(o), o [b, heads, t, d]."""
+        return h + block.o(self._merged_heads(o))
+
+    def _merged_heads(self, o):
+        """Attention output heads [b, heads, t, d] as o_proj takes them: [b, t, heads * d]."""
         b, _, t, _ = o.shape
-        return h + block.o(o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        return o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
 
     def _out_mlp(self, block, h, o):
         h = self._attn_out(block, h, o)
@@ -263,17 +267,15 @@ class FastDecoder(nn.Module):
         norm's output x (None: made here, the first layer) and returns (its output h, `next_norm`(h):
         the next layer's first norm, or after the last layer the model's final norm; None where
         `next_norm` is: the last layer of a step of several rows, whose logits then read one row
-        normalized as `_row_logits` does). Where the
-        o_proj and down_proj run an int4 kernel that can (Int4Linear.add_norm_kernel: triton-f16x2 at
-        one row), each adds its output to h and normalizes the sum in its own launch
-        (bench.quant.triton_f16x2._add_norm): two kernels a layer fewer than layer_at_deferred's
-        step. Elsewhere the same additions and norms as layer_at in the same order, the add fused
-        into the norm's kernel when compiled."""
+        normalized as `_row_logits` does). Where the o_proj and down_proj run an int4 kernel that
+        can (Int4Linear.add_norm_kernel: triton-f16x2 at one row), each adds its output to h and
+        normalizes the sum in its own launch (bench.quant.triton_f16x2._add_norm): two kernels a
+        layer fewer than layer_at_deferred's step. Elsewhere the same additions and norms as
+        layer_at in the same order, the add fused into the norm's kernel when compiled."""
         if x is None:
             x = self._norm(block.ln1, h)
         o = self._attend_at(block, h, cos, sin, pos, mask, pair[0], pair[1], keys_end, pair, normed=x)
-        b, _, t, _ = o.shape
-        h, x = self._add_norm(block.o, o.transpose(1, 2).reshape(b, t, self.heads * self.head_dim), h, block.ln2)
+        h, x = self._add_norm(block.o, self._merged_heads(o), h, block.ln2)
         gate, up = block.gate_up(x)
         return self._add_norm(block.down, self._gate(block, gate, up), h, next_norm)
 

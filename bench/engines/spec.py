@@ -92,10 +92,10 @@ class EngineSpec:
     int4_kernel_cache: str = ""
     int4_kernel_candidates: tuple[str, ...] = ()  # the kernels `measured` chooses from (empty: all)
     # the graph engine's step layer (graph-exact's makes transformers' additions: not this) makes
-    # each RMSNorm with the residual add before it, and where
-    # an int4 o_proj or down_proj runs triton-f16x2 (one row) that kernel does both in its launch
-    # (FastDecoder.layer_at_folded); off: layer_at_deferred. The kernel's mean sums in its own
-    # order, so under "eager-exact" numerics the norms stay kernels of their own.
+    # each RMSNorm with the residual add before it, and where an int4 o_proj or down_proj runs
+    # triton-f16x2 (one row) that kernel does both in its launch (FastDecoder.layer_at_folded);
+    # off: layer_at_deferred. The kernel's mean sums in its own order, so under "eager-exact"
+    # numerics the norms stay kernels of their own.
     fold_norms: bool = False
     # int4 weights: the kernel every call above the decode kernels' rows runs (a full prefill,
     # longer suffixes and batched steps; "dense": dequantize + GEMM)
