@@ -487,9 +487,13 @@ def test_cuda_prefetched_prefill_matches_in_line():
     assert len(prefetch.graphs) == 5
 
 
-@pytest.mark.parametrize("flag,prefetched", [("--int4-prefetch", True), ("--no-int4-prefetch", False)])
-def test_int4_prefetch_flag_reaches_the_engine(flag, prefetched, tmp_path):
-    """--no-int4-prefetch keeps in-line dequantization (no dense slots); every row says which ran."""
+@pytest.mark.parametrize("flag,prefetched,folded", [("--int4-prefetch", True, False),
+                                                   ("--no-int4-prefetch", False, False),
+                                                   ("--int4-fold-norms", True, True)])
+def test_int4_prefetch_flag_reaches_the_engine(flag, prefetched, folded, tmp_path):
+    """--no-int4-prefetch keeps in-line dequantization (no dense slots); every row says which ran.
+    --int4-fold-norms reaches the engines' spec (the graph engine's folded step layer:
+    test_fast_decoder)."""
     import csv
 
     from bench.cli import run_main
@@ -503,6 +507,7 @@ def test_int4_prefetch_flag_reaches_the_engine(flag, prefetched, tmp_path):
     assert all(("dequantized a layer ahead" in r["engine_detail"]) == prefetched for r in rows)
     env = json.loads((out / "env.json").read_text())  # the spec the engine ran with
     assert env["engines"]["rtn4+static"]["int4_prefetch"] is prefetched
+    assert env["engines"]["rtn4+static"]["fold_norms"] is folded
 
 
 def test_prefill_copy_gives_the_same_tokens_and_is_counted_as_weights(tmp_path):

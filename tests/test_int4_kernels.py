@@ -1067,7 +1067,7 @@ def test_a_prefill_kernel_runs_above_the_plan_and_is_refused_with_a_dense_copy(t
     assert choice.plans_column([m]) == "tinygemm"
     x = torch.randn(1, 100, m.in_features, device=DEVICE).to(DTYPE)
     y, want = m(x), _reference(m, x)
-    assert ((y.float() - want).abs().max() / want.abs().max()).item() < 1e-4
+    assert ((y.float() - want).abs().max() / want.abs().max()).item() < (1e-4 if DTYPE == torch.float32 else ERR)
     m.set_prefill_kernel("dense", DTYPE)
     assert m.kernel_at(500) == "dense"
 

@@ -66,6 +66,10 @@ class Int4VariantOptions:
                                    "--int4-prefetch) or a W4A16 kernel by name that reads int4 weights itself (e.g. "
                                    "fbgemm-shuffled; python -m bench int4-kernels lists them); column "
                                    "int4_prefill_kernel", "dense")
+    int4_fold_norms: bool = opt("awq4/rtn4 on the graph engine: each layer's residual add and RMSNorm run in the "
+                                "launch of the int4 o_proj / down_proj before them where that is triton-f16x2 at "
+                                "one row (decode at batch 1; engine_detail says so); the norm's mean sums in the "
+                                "kernel's order, so tokens may differ from the default's by rounding", False)
     int4_cache_dir: str = opt("awq4/rtn4: where quantized models (and kernel measurements) are saved and reused "
                               "('' = never)", DEFAULT_CACHE_DIR)
     image_path: str | None = run_fact()  # awq4 calibrates on this image (unless --awq-calib-dir)
@@ -167,7 +171,7 @@ class Int4Weights(WeightsPart):
         return {"int4_prefetch": bool(options.int4_prefetch) and not options.int4_prefill_copy,
                 "int4_kernels": options.int4_kernels, "int4_kernel_cache": cache,
                 "int4_prefill_kernel": options.int4_prefill_kernel,
-                "int4_kernel_candidates": options.candidate_kernels()}
+                "int4_kernel_candidates": options.candidate_kernels(), "fold_norms": options.int4_fold_norms}
 
     def key(self, options: Int4VariantOptions) -> tuple:
         o = options.quantization(self.method)

@@ -342,8 +342,9 @@ NOT_FINGERPRINTED = ("output_dir", "append", "resume", "wide", "executor", "gpus
 # Settings left unset (None) that mean a default: fingerprinted as that default, as the env.json of
 # a directory written while the flag had it as its value recorded it (--loader; --video-mode, which
 # image runs recorded as frames), or before the flag existed (--decode-attention: such runs
-# attended by matmul; --pdl: launched without PDL).
-FINGERPRINT_DEFAULTS = {"loader": DEFAULT_LOADER, "decode_attention": "matmul", "video_mode": "frames", "pdl": "off"}
+# attended by matmul; --pdl: launched without PDL; --int4-fold-norms: norms of their own).
+FINGERPRINT_DEFAULTS = {"loader": DEFAULT_LOADER, "decode_attention": "matmul", "video_mode": "frames", "pdl": "off",
+                        "int4_fold_norms": False}
 
 EXIT_CODES = """exit codes:
   0    every variant and point measured
