@@ -21,8 +21,28 @@ class UsageError(OneLineError):
     """Bad input from the user (missing image, bad model dir, unknown choice)."""
 
 
+class NothingWritten(OSError):
+    """An OSError (a full disk) that stopped a run before it finished any row: the directory it
+    was writing is as it was before (bench.measure.results.DirState)."""
+
+
+def no_room(e: BaseException | None) -> OSError | None:
+    """The no-space (or over-quota) OSError `e` is or was raised while handling, else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class VariantUnsupported(Exception):
     """This variant cannot run here (device, kernel capture): a skipped row with the reason."""
+
+
+# path_problem's words for a path that is not there or cannot be read (the rest: there, but of another kind)
+UNREAD = ("no such", "cannot be read", "not readable")
 
 
 def path_problem(path, want: str = "file") -> str | None:

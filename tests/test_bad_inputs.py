@@ -1,5 +1,6 @@
 """Every bad input is one line on stderr naming the input, exit code 2, nothing written, and it
 is refused before any model loads. Fixtures are built here, small; runs go in-process."""
+import contextlib
 import json
 import os
 import shlex
@@ -56,14 +57,18 @@ def bad_run(tmp_path, capsys, args, *needles):
     out = tmp_path / "results"
     TRIED.append(" ".join(str(a) for a in args))
     rc = exit_code(run_main, [*RUN, "--output-dir", str(out), *args])
-    assert_one_line(capsys, rc, *needles)
+    err = assert_one_line(capsys, rc, *needles)
     assert not out.exists(), "a refused run must write nothing"
+    return err
 
 
 # ---------------------------------------------------------------------------------------- images
 def test_image_bomb(tmp_path, capsys):
     bomb = png_header(tmp_path / "bomb.png", 100_000, 100_000)
-    bad_run(tmp_path, capsys, ["--image-path", str(bomb)], "--image-path", "bomb.png", "too large")
+    err = bad_run(tmp_path, capsys, ["--image-path", str(bomb)], "--image-path", "bomb.png", "too large")
+    # its size and the one limit (PIL's error threshold, twice it, is not named beside it)
+    assert f"(10,000,000,000 pixels); give a smaller image (at most {Image.MAX_IMAGE_PIXELS:,} pixels)" in err, err
+    assert str(2 * Image.MAX_IMAGE_PIXELS) not in err.replace(",", ""), err
 
 
 def test_image_bomb_warning_range(tmp_path, capsys, monkeypatch):
@@ -642,7 +647,9 @@ def test_ci_bench_refuses_a_directory_another_command_wrote(results_dir, tmp_pat
     from bench.cli.ci_bench import BASELINE_DIR, CI_BENCH_ARGS, is_ci_bench, other_commands
 
     before = {p.name: p.read_bytes() for p in results_dir.iterdir()}
-    bad_sub(capsys, ["ci-bench", results_dir], "ci-bench did not make", "vila_prefix_benchmark.py")
+    err = bad_sub(capsys, ["ci-bench", results_dir], "ci-bench did not make", "vila_prefix_benchmark.py")
+    command = " ".join(other_commands(results_dir)[0].split())  # shown whole, or cut with an ellipsis
+    assert (f"({command}):" if len(command) <= 120 else f"({command[:119]}…):") in err, err
     assert {p.name: p.read_bytes() for p in results_dir.iterdir()} == before
     ours = shlex.join(["vlm-bench", "run", *CI_BENCH_ARGS, "--append", "--output-dir", "/x y"])
     assert is_ci_bench(ours) and not is_ci_bench(ours.replace("--num-runs 12", "--num-runs 3"))
@@ -651,11 +658,16 @@ def test_ci_bench_refuses_a_directory_another_command_wrote(results_dir, tmp_pat
     assert other_commands(ROOT / BASELINE_DIR) == []  # what ci-bench wrote (twice) it appends to
 
 
-def test_summarize_refuses_a_summary_csv_that_is_a_directory(results_dir, tmp_path, capsys):
+def test_summarize_and_report_refuse_a_results_file_that_is_a_directory(results_dir, tmp_path, capsys):
     bad = corrupted(results_dir, tmp_path, "runs.csv", runs_text(results_dir))
     (bad / "summary.csv").unlink()
     (bad / "summary.csv").mkdir()
     bad_sub(capsys, ["summarize", bad], "summary.csv: a directory, not a file; remove it")
+    bad_sub(capsys, ["report", bad, "--out", tmp_path / "r"], "its summary.csv is a directory, not a file",
+            out=tmp_path / "r")  # (it said "no summary.csv")
+    (bad / "env.json").unlink()
+    (bad / "env.json").mkdir()
+    bad_sub(capsys, ["summarize", bad], "its env.json is a directory, not a file")  # (it said "no env.json")
 
 
 def test_summarize_refuses_a_directory_a_run_is_writing(results_dir, tmp_path, capsys):
@@ -1158,11 +1170,43 @@ def test_endpoint_url_with_credentials_is_refused_before_results_keep_them(tmp_p
     assert "secret" not in err
 
 
+@contextlib.contextmanager
+def _not_http():
+    """A port on 127.0.0.1 whose listener answers every connection with a line that is not HTTP."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def answer():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"garbage\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
 def test_endpoint_server_not_there_or_not_openai(tmp_path, capsys):
     """Refused before anything is written: nothing listens, a plain web server, a model it does
     not serve."""
     url = f"http://127.0.0.1:{_closed_port()}/v1"
     bad_endpoint(tmp_path, capsys, url, [], "--endpoint", "cannot reach")
+    with _not_http() as port:  # reached, but what answers is no HTTP server
+        bad_endpoint(tmp_path, capsys, f"http://127.0.0.1:{port}/v1", [], "not an HTTP response")
     with _FakeServer(models=None) as plain:
         bad_endpoint(tmp_path, capsys, plain.url, [], "not an OpenAI API", "HTTP 404")
     with _FakeServer(models={"object": "list", "data": [{"id": "served-one"}]}) as other:
@@ -1235,6 +1279,10 @@ def _two_streamed_requests(tmp_path, capsys, chunks: list[str], rc: int) -> list
     with open(out / "runs.csv", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["kind"] == "measured"]
     assert len(rows) == 2, rows
+    if rc == 3:  # nothing measured: said on stderr as an in-process run says it, with the first error
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: nothing measured: every request failed (the first: ") \
+            and rows[0]["error"] in last and str(out / "runs.csv") in last, err
     return rows
 
 
@@ -1378,6 +1426,10 @@ def test_serve_image_past_the_pixel_limit(served, tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     r = served.post("/v1/chat/completions", json=_chat(image))
     assert r.status_code == 400 and "too large" in r.json()["error"]["message"], r.text
+    # past twice the limit PIL refuses it at open: the same words, with its size (it said "cannot be decoded")
+    r = served.post("/v1/chat/completions", json=_chat(png_header(tmp_path / "bomb.png", 5000, 5000).read_bytes()))
+    assert r.status_code == 400 and r.json()["error"]["message"] == (
+        "the image (25,000,000 pixels) is too large to decode safely; send at most 1,000 pixels"), r.text
 
 
 def test_endpoint_output_dir_not_empty_names_what_endpoint_mode_takes(tmp_path, capsys):

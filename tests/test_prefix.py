@@ -1,6 +1,7 @@
 """Prefix KV reuse and the image-embedding cache: same tokens as no reuse, right hits and misses."""
 import csv
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -134,6 +135,8 @@ def test_a_cache_too_small_for_one_entry_fails_its_point_instead_of_warm_rows_th
         assert {r["cache_state"] for r in mine if r["status"] == "ok"} == {"cold"}
         failed = [r for r in mine if r["status"] == "failed"]
         assert len(failed) == 1 and "--prefix-cache-mb 0.0001 cannot hold one" in failed[0]["error"], failed
+        size = re.search(r"\(([\d,.]+) (MiB|bytes)\)", failed[0]["error"])  # its size, never "0.00 MiB"
+        assert size and float(size[1].replace(",", "")) * (2**20 if size[2] == "MiB" else 1) > 0.0001 * 2**20
 
 
 def test_cold_and_warm_rows_and_ttft_gain(tmp_path):

@@ -150,7 +150,7 @@ def test_a_missing_results_reason_is_its_points_and_where_narrowing_is_no_loss(t
     only_lost = write_results(tmp_path / "lost", [{"variant": "prefix", "status": "skipped", "error": "no GPU"}])
     assert compare_main([str(base), str(only_lost), "--baseline-where", "variant=prefix"]) == 1
     assert compare_main([str(base), str(only_lost), "--baseline-where", "variant=prefix", "--allow-missing"]) == 2
-    assert "no result" in capsys.readouterr().err
+    assert "the candidate has no measured run" in capsys.readouterr().err
 
 
 def test_compare_bad_input(tmp_path, capsys):
@@ -302,6 +302,13 @@ def test_compare_across_pairs_a_served_endpoint_with_its_in_process_run(tmp_path
     across = ["--across", "engine,variant,weights,family,device,dtype", "--metrics", "ttft_ms,tpot_ms"]
     assert compare_main([str(tmp_path / "inproc"), str(tmp_path / "same")]) == 2  # nothing in common
     assert "--across" in capsys.readouterr().err
+    # a side that measured nothing is said to be that, not offered --across
+    write_results(tmp_path / "skipped", [{**inproc, "status": "skipped", "error": "needs CUDA"}])
+    for sides, which in (([tmp_path / "skipped"] * 2, "the baseline and the candidate have"),
+                         ([tmp_path / "skipped", tmp_path / "inproc"], "the baseline has")):
+        assert compare_main([str(p) for p in sides]) == 2
+        err = capsys.readouterr().err
+        assert f"{which} no measured run to compare" in err and "--across" not in err, err
     out = tmp_path / "v.json"
     assert compare_main([str(tmp_path / "inproc"), str(tmp_path / "same"), *across, "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["comparisons"]

@@ -745,3 +745,37 @@ def test_a_disk_that_fills_is_one_line_and_its_own_exit_code(tmp_path, monkeypat
     assert stop.value.code == NO_ROOM and "no space left on the device (Disk quota exceeded)" in capsys.readouterr().err
     with pytest.raises(ZeroDivisionError):  # anything else keeps its traceback
         entry(lambda: 1 / 0)
+
+
+def test_a_disk_full_before_any_row_leaves_nothing_and_names_the_file(tmp_path, monkeypatch, capsys):
+    """A disk with no room for the run's first file (env.json, written before any model loads;
+    its write fails in the write, not the open, so the OSError names no file): exit 4, one line
+    naming env.json and saying nothing was written, and no directory left that --resume, a rerun or
+    summarize would refuse (it used to hold runs.csv and summary.csv without env.json, and the
+    line promised --resume). `docs` leaves no part of its file."""
+    import errno
+    import tempfile
+
+    from bench.cli import NO_ROOM
+
+    real = tempfile.mkstemp
+
+    def no_room(*args, **kwargs):
+        fd, name = real(*args, **kwargs)
+        os.close(fd)
+        fd = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC, as on a full disk
+        return fd, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_room)
+    out = tmp_path / "new" / "o"
+    capsys.readouterr()
+    assert main(["run", *TINY, "--variants", "fp16", "--output-dir", str(out)]) == NO_ROOM
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (f"error: no space left on the device writing {out / 'env.json'} "
+                    f"({os.strerror(errno.ENOSPC)}); nothing was written"), last
+    assert not (tmp_path / "new").exists()
+    assert main(["docs", str(tmp_path / "README.md")]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"cannot write it ({os.strerror(errno.ENOSPC)})")
+    assert not (tmp_path / "README.md").exists()  # atomically: no part of the file
+    monkeypatch.setattr(tempfile, "mkstemp", real)  # room again
+    assert main(["run", *TINY, "--variants", "fp16", "--output-dir", str(out)]) == 0

@@ -492,6 +492,33 @@ def test_an_interrupted_endpoint_run_keeps_the_requests_its_last_point_finished(
     assert pd.read_csv(out / "summary.csv").query("metric == 'ttft_ms'")["n"].item() == len(rows)
 
 
+def test_an_endpoint_run_killed_part_way_leaves_rows_summarize_reads(server, tmp_path):
+    """SIGKILL (no handler runs) after the first point's rows are written: env.json, written before
+    them and saying the run did not finish, lets `summarize` rebuild the summary of those rows (it
+    used to be written at the end only: "not a results directory")."""
+    import pandas as pd
+
+    from bench.cli import main
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--endpoint", server["url"] + "/v1", "--model",
+                             MODEL, "--concurrency", "1,2,3,4,5,6,7,8", "--num-prompts", "4", "--max-new-tokens", "2",
+                             "--warmup", "0", "--output-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            (out / "runs.csv").is_file() and len((out / "runs.csv").read_text().splitlines()) >= 5):
+        time.sleep(0.1)
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL  # (not finished before)
+    assert json.loads((out / "env.json").read_text())["interrupted"] is True and not (out / "summary.csv").exists()
+    assert main(["summarize", str(out)]) == 0
+    written = pd.read_csv(out / "runs.csv")
+    ttft = pd.read_csv(out / "summary.csv").query("metric == 'ttft_ms'")
+    assert len(written) >= 4 and ttft["n"].tolist() == [4] * len(ttft)
+    assert sorted(ttft["variant"]) == sorted({f"c{c} rinf" for c in written["concurrency"]})  # the points written
+
+
 def test_a_second_signal_while_the_finished_requests_are_written_loses_none(server, tmp_path, monkeypatch, capsys):
     """SIGTERM stops a point; another comes while its finished requests' rows are being written
     (`timeout` signals the command and then its process group): every finished request keeps

@@ -63,8 +63,10 @@ class _BudgetedPolicy(CachePolicy):
     def refusal(self) -> str | None:
         if not self.refused_bytes:
             return None
-        return (f"--prefix-cache-mb {self.capacity_mb:g} cannot hold one {self.entry} "
-                f"({self.refused_bytes / 2**20:,.2f} MiB): no request could reuse it")
+        size = self.refused_bytes
+        size = f"{size / 2**20:,.2f} MiB" if size >= 2**20 / 100 else f"{size:,} bytes"  # (never "0.00 MiB")
+        return (f"--prefix-cache-mb {self.capacity_mb:g} cannot hold one {self.entry} ({size}): no request could "
+                "reuse it")
 
 
 class PrefixKVPolicy(_BudgetedPolicy):

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.errors import path_problem
+from bench.measure.results import write_text
 from bench.measure.schema import COLUMNS, IDENTITY_DEFAULTS, RESULT_KEY, SUMMARY_COLUMNS, SUMMARY_METRICS
 
 # Every file this command writes holds this; a file without it is not one to replace
@@ -99,5 +100,5 @@ def replace_problem(path: str | Path) -> str | None:
 def write_results_readme(path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render())
+    write_text(path, render())  # atomically: a full disk leaves the old file, not part of the new one
     return path

@@ -3,12 +3,11 @@ each with a main(argv) -> exit code; `python vila_prefix_benchmark.py FLAGS` is 
 """
 from __future__ import annotations
 
-import errno
 import importlib
 import sys
 from dataclasses import dataclass
 
-from bench.errors import ArgumentParser, UsageError
+from bench.errors import ArgumentParser, NothingWritten, UsageError, no_room
 
 PROG = "vlm-bench"
 
@@ -86,34 +85,37 @@ def run_main(argv: list[str] | None = None, prog: str = "vila_prefix_benchmark.p
 NO_ROOM = 4  # the exit code when the disk (or the user's quota) filled while writing
 
 
-def _no_room(e: BaseException) -> OSError | None:
-    """The no-space (or over-quota) OSError `e` is or was raised while handling, else None."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def _said_no_room(e: Exception) -> int:
-    """NO_ROOM, having said so in one line, when `e` comes of a full disk; else `e` again."""
-    full = _no_room(e)
+def _said_no_room(e: Exception, argv: list[str], run: bool) -> int:
+    """NO_ROOM, having said so in one line (naming the file, and for a `run` with `argv` what it
+    kept), when `e` comes of a full disk; else `e` again."""
+    full = no_room(e)
     if full is None:
         raise e
     where = f" writing {full.filename}" if full.filename else ""
-    print(f"error: no space left on the device{where} ({full.strerror}); a run's finished rows are in its "
-          "runs.csv (--resume continues it once there is room)", file=sys.stderr)
+    kept = ""
+    if isinstance(full, NothingWritten):
+        kept = "; nothing was written"
+    elif run and "--endpoint" in argv:  # (an endpoint run cannot be resumed)
+        kept = "; the run's finished rows are in its runs.csv"
+    elif run:
+        kept = "; a run's finished rows are in its runs.csv (--resume continues it once there is room)"
+    print(f"error: no space left on the device{where} ({full.strerror}){kept}", file=sys.stderr)
     return NO_ROOM
+
+
+def _runs(argv: list[str]) -> bool:
+    """Whether `vlm-bench ARGV` is the run command (named, or flags without a command)."""
+    return bool(argv) and (argv[0] == "run" or (argv[0].startswith("-") and argv[0] not in ("-h", "--help",
+                                                                                             "--version")))
 
 
 def main(argv: list[str] | None = None) -> int:
     """The command's exit code; a disk that fills while it writes is one line and NO_ROOM."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return _command(sys.argv[1:] if argv is None else argv)
+        return _command(argv)
     except Exception as e:
-        return _said_no_room(e)
+        return _said_no_room(e, argv, _runs(argv))
 
 
 def _command(argv: list[str]) -> int:
@@ -147,5 +149,5 @@ def entry(command) -> None:
         print("\ninterrupted", file=sys.stderr)
         code = 130
     except Exception as e:  # (a full disk: one line; anything else: its traceback)
-        code = _said_no_room(e)
+        code = _said_no_room(e, sys.argv[1:], command is run_main or _runs(sys.argv[1:]))
     sys.exit(code)

@@ -119,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         lost_some = any(r["status"] == "missing" and r["reason"] != "not in the candidate" for r in rows)
         if (args.allow_missing or not lost_some) and not any(r["status"] != "missing" for r in rows):
             paired = [k for k in KEYS if k not in across]
+            empty = [side for side, df in (("baseline", base), ("candidate", cand)) if df.empty]
+            if empty:  # (what --across would pair does not matter then)
+                raise BadInput(f"the {' and the '.join(empty)} {'have' if len(empty) == 2 else 'has'} no measured run "
+                               "to compare (every row skipped, failed or a warm-up)")
             if not paired:
                 raise BadInput("baseline or candidate has no measured run to compare")
             raise BadInput(f"baseline and candidate have no result ({', '.join(paired)}) in common"

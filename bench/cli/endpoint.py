@@ -200,4 +200,11 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
     # as the server states it (vlm-bench serve does: bench.serve.client.served_identity), else "served"
     print_summary(summary, out, rows[0]["weights"] if rows else "served", wide=ns.wide)
     print(f"{len(ok)}/{len(measured)} measured requests ok")
-    return 3 if not ok else 1 if len(ok) < len(measured) else 0
+    if not ok:  # as an in-process run that measured nothing says it
+        failed = next((r for r in measured if r.get("error")), None)
+        first = failed["error"] if failed else ""
+        why = f" (the first: {first if len(first) <= 200 else first[:199] + '…'})" if first else ""
+        print(f"error: nothing measured: every request failed{why}; the errors are in {out / 'runs.csv'}",
+              file=sys.stderr)
+        return 3
+    return 1 if len(ok) < len(measured) else 0

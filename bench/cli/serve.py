@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import signal
 import threading
+import warnings
 from pathlib import Path
 
 from bench.cli import PROG, describe
@@ -59,6 +60,11 @@ def parser():
 
 def main(argv: list[str]) -> int:
     quiet_libraries()
+    # PIL warns (two lines on stderr) on opening an image past Image.MAX_IMAGE_PIXELS; a request's
+    # image is refused then, a 400 saying so (bench.serve.protocol._decode)
+    from PIL import Image
+
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     from bench.run.config import config_class
 
     ns = vars(parser().parse_args(argv))

@@ -2,6 +2,7 @@
 and a results directory's ownership: its lock file and the checks before a run writes into it."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import json
@@ -70,11 +71,13 @@ class CsvWriter:
             self._sync()
 
     def _sync(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        with _naming(self.path):
+            self._f.flush()
+            os.fsync(self._f.fileno())
 
     def write(self, row: dict) -> None:
-        self._w.writerow({k: _cell(row.get(k)) for k in self.columns})
+        with _naming(self.path):
+            self._w.writerow({k: _cell(row.get(k)) for k in self.columns})
         self._sync()
 
     def close(self) -> None:
@@ -94,23 +97,41 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() gives a new file under this process's umask
 
 
+@contextlib.contextmanager
+def _naming(path: Path):
+    """Within: an OSError that names no file (a write or flush the disk had no room for) is raised
+    again naming `path`, so the one line a user reads says which file."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
+
+
 def _atomic_write(path: Path, write) -> None:
     """Write a file through a temporary file in its directory, fsynced, then os.replace: readers
     see the old file or the new one, never a partial (or 0-byte) one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 would make results readable by their writer alone
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    with _naming(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+            os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 would make results readable by their writer alone
+            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+
+def write_text(path: Path, text: str) -> None:
+    """`text` written to `path` atomically (_atomic_write)."""
+    _atomic_write(path, lambda f: f.write(text))
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> Path:

@@ -6,6 +6,7 @@ Adapters turn it into image placeholders in the prompt (one per image; InternVL 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,11 +99,22 @@ def group_refusal(model: str, group: int, shown: int) -> str:
             f"--num-frames a multiple of {group}, since --video-mode frames shows one frame per request)")
 
 
+BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)  # PIL: past its pixel limit (twice it: an error)
+
+
+def bomb_pixels(e: BaseException) -> str:
+    """The pixel count a decompression-bomb error or warning of PIL's states, as " (N pixels)" ('' if
+    it states none): the one limit a message names is Image.MAX_IMAGE_PIXELS, not PIL's own wording
+    of its warning and error thresholds."""
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    return f" ({int(found[1]):,} pixels)" if found else ""
+
+
 def _image_error(e: BaseException) -> str:
     """What is wrong with an image file, in words (a decompression bomb: its pixel count)."""
-    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return (f"too large to decode safely ({e}); give a smaller image (at most "
-                f"{Image.MAX_IMAGE_PIXELS} pixels)").replace("\n", " ")
+    if isinstance(e, BOMB):
+        return (f"too large to decode safely{bomb_pixels(e)}; give a smaller image (at most "
+                f"{Image.MAX_IMAGE_PIXELS:,} pixels)")
     return f"not a readable image ({e.__class__.__name__})"
 
 

@@ -26,7 +26,7 @@ from bench.run.preprocess import place_preprocessing
 from bench.run.config import FINGERPRINT_DEFAULTS, MAX_RUNS_PER_RUN, NOT_FINGERPRINTED, RunConfig
 from bench.run.plan import Job, build_plan
 from bench.log import status
-from bench.errors import UsageError, VariantUnsupported
+from bench.errors import NothingWritten, UsageError, VariantUnsupported, no_room
 from bench.run.monitors import GpuMonitor
 from bench.measure.metrics import request_metrics
 from bench.measure.schema import counts_in_summary
@@ -376,13 +376,20 @@ class Benchmark:
     # ------------------------------------------------------------------------------------
     def run(self) -> Path:
         """Measure every variant into the results directory; a usage error found on the way (one
-        only a loaded model shows) leaves the directory as it was before."""
+        only a loaded model shows), or a disk that fills before any row is finished (NothingWritten),
+        leaves the directory as it was before."""
         before = DirState(self.out_dir)
         try:
             self._run_into_dir()
         except UsageError:
             before.restore()
             raise
+        except Exception as e:  # (a full disk's OSError, or an error raised while handling one)
+            full = no_room(e)
+            if full is None or self.rows:  # finished rows are kept (--resume continues)
+                raise
+            before.restore()  # (a directory holding no env.json, which nothing could continue or read)
+            raise NothingWritten(full.errno, full.strerror, full.filename) from e
         return self.out_dir
 
     def _run_into_dir(self) -> None:

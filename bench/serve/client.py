@@ -149,8 +149,11 @@ def check_server(base_url: str, model: str, headers: dict, timeout_s: float) -> 
     try:
         status, text = run_async(get())
     except HTTP_ERRORS as e:
-        raise UsageError(f"--endpoint {base_url}: cannot reach the server ({e.__class__.__name__}: "
-                         f"{' '.join(str(e).split()) or 'no answer'})") from None
+        detail = f"{e.__class__.__name__}: {' '.join(str(e).split()) or 'no answer'}"
+        if isinstance(e, aiohttp.ClientResponseError):  # something answered on the port, not in HTTP
+            raise UsageError(f"--endpoint {base_url}: the server's answer is not an HTTP response ({detail}); is "
+                             "the URL's port the API server's?") from None
+        raise UsageError(f"--endpoint {base_url}: cannot reach the server ({detail})") from None
     if status in (401, 403):
         raise UsageError(f"--endpoint {base_url}: the server refused the request (HTTP {status}); set "
                          "OPENAI_API_KEY to its API key")

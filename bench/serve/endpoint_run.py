@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.errors import UsageError
-from bench.measure.results import (DirLock, check_output_dir, make_dir, new_run_id, read_runs, run_writer, utc_now,
-                                   write_json, write_summary)
+from bench.errors import NothingWritten, UsageError, no_room
+from bench.measure.results import (DirLock, DirState, check_output_dir, make_dir, new_run_id, read_runs, run_writer,
+                                   utc_now, write_json, write_summary)
 from bench.models.visual import load_image
 from bench.run import envinfo
 from bench.run.questions import warmup_questions
@@ -97,10 +97,34 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
     image = load_image(cfg.image_path)
     # before anything is written
     served = cl.served_identity(cl.check_server(cfg.endpoint, cfg.model, _headers(cfg), cfg.timeout_s))
+    config = {k: str(v) for k, v in vars(cfg).items() if k != "api_key"}
+    # what `summarize` rebuilds summary.csv with (a point's requests are its runs)
+    config.update(num_runs=max(cfg.num_prompts, 1), min_seconds=0.0, max_cv=cfg.max_cv,
+                  runs_named=DURATION_RUNS if cfg.duration_s is not None else None)
+
+    def env(server: str, interrupted: bool) -> dict:
+        return envinfo.collect(command, {}, {"config": config, "run_id": run_id, "model": cfg.model,
+                                             "engine": "endpoint", "server": server, "served": served,
+                                             "interrupted": interrupted, "client_event_loop": cl.event_loop()})
+
+    before = DirState(out)
     make_dir(out, "--output-dir")
     lock = DirLock(out)
     try:
-        writer = run_writer(out)
+        writer = None
+        try:
+            # first, as an in-process run writes it, so that a run killed part-way leaves rows that
+            # `summarize` reads; "interrupted" until the run's end writes it again
+            write_json(out / "env.json", env("", True))
+            writer = run_writer(out)
+        except Exception as e:  # a full disk before any row: nothing is left
+            full = no_room(e)
+            if full is None:
+                raise
+            if writer is not None:
+                writer.close()
+            before.restore()
+            raise NothingWritten(full.errno, full.strerror, full.filename) from e
         interrupted = False
         try:
             rows, server = cl.run_async(_measure(cfg, questions, image_file, image, run_id, writer, served))
@@ -111,14 +135,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
         if interrupted:
             rows = read_runs(out / "runs.csv") if (out / "runs.csv").is_file() else []
             server = next((r.get("server") for r in rows if r.get("server")), "")
-        config = {k: str(v) for k, v in vars(cfg).items() if k != "api_key"}
-        # what `summarize` rebuilds summary.csv with (a point's requests are its runs)
-        config.update(num_runs=max(cfg.num_prompts, 1), min_seconds=0.0, max_cv=cfg.max_cv,
-                      runs_named=DURATION_RUNS if cfg.duration_s is not None else None)
-        env = envinfo.collect(command, {}, {"config": config, "run_id": run_id, "model": cfg.model,
-                                            "engine": "endpoint", "server": server, "served": served,
-                                            "interrupted": interrupted, "client_event_loop": cl.event_loop()})
-        write_json(out / "env.json", env)
+        write_json(out / "env.json", env(server, interrupted))
         summary = summarize_runs(rows, ValidityRule(max(cfg.num_prompts, 1), 0.0, cfg.max_cv, config["runs_named"]))
         write_summary(out, summary)
     finally:

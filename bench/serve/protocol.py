@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from bench.errors import UsageError, path_problem
-from bench.models.visual import VisualInput, upright_rgb
+from bench.models.visual import BOMB, VisualInput, bomb_pixels, upright_rgb
 from bench.serve.image_cache import DecodedImages
 
 
@@ -107,6 +107,9 @@ def _decode(data: bytes, param: str, budget: _PixelBudget) -> Image.Image:
             return upright_rgb(im)
     except ApiError:
         raise
+    except BOMB as e:  # past twice the limit PIL refuses it at open: the same words as above
+        raise ApiError(f"the image{bomb_pixels(e)} is too large to decode safely; send at most "
+                       f"{Image.MAX_IMAGE_PIXELS:,} pixels", param=param) from None
     except Exception as e:  # noqa: BLE001 - a malformed file raises what its plugin meets (UnidentifiedImageError,
         # OSError, ValueError, SyntaxError, EOFError, struct.error, ...): the request's image, a 400
         raise ApiError(f"the image cannot be decoded ({e.__class__.__name__})", param=param) from None
