@@ -27,14 +27,15 @@ class NothingWritten(OSError):
 
 
 def no_room(e: BaseException | None) -> OSError | None:
-    """The no-space (or over-quota) OSError `e` is or was raised while handling, else None."""
-    seen = set()
+    """The no-space (or over-quota) OSError `e` is or was raised while handling, else None: the
+    first that names its file where one does (a retry while cleaning up may name none)."""
+    seen, found = set(), []
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return e
+            found.append(e)
         e = e.__cause__ or e.__context__
-    return None
+    return next((f for f in found if f.filename), found[0] if found else None)
 
 
 class VariantUnsupported(Exception):

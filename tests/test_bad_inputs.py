@@ -664,10 +664,10 @@ def test_summarize_and_report_refuse_a_results_file_that_is_a_directory(results_
     (bad / "summary.csv").mkdir()
     bad_sub(capsys, ["summarize", bad], "summary.csv: a directory, not a file; remove it")
     bad_sub(capsys, ["report", bad, "--out", tmp_path / "r"], "its summary.csv is a directory, not a file",
-            out=tmp_path / "r")  # (it said "no summary.csv")
+            out=tmp_path / "r")  # (not "no summary.csv")
     (bad / "env.json").unlink()
     (bad / "env.json").mkdir()
-    bad_sub(capsys, ["summarize", bad], "its env.json is a directory, not a file")  # (it said "no env.json")
+    bad_sub(capsys, ["summarize", bad], "its env.json is a directory, not a file")  # (not "no env.json")
 
 
 def test_summarize_refuses_a_directory_a_run_is_writing(results_dir, tmp_path, capsys):
@@ -1045,14 +1045,15 @@ def test_count_of_bad_inputs(capsys):
 class _FakeServer:
     """An HTTP server on 127.0.0.1 in a thread: GET answers `models` (a JSON body, bytes as they
     are, or a 404 when None), POST streams `chunks` as Server-Sent Events, then [DONE] unless the
-    last chunk is None."""
+    last chunk is None. `hold`: POSTs wait for `release`; `hold_after` N: those after the first N."""
 
-    def __init__(self, models=None, chunks=(), hold=False):
+    def __init__(self, models=None, chunks=(), hold=False, hold_after=None):
         import http.server
         import threading
 
         fake = self
-        self.posted, self.release = threading.Event(), threading.Event()  # hold: POSTs wait for release
+        self.posted, self.release, self.held = threading.Event(), threading.Event(), threading.Event()
+        self.lock, self.count = threading.Lock(), 0  # POSTs so far
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def log_message(self, *args):
@@ -1075,7 +1076,11 @@ class _FakeServer:
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("content-length") or 0))
                 fake.posted.set()
-                if hold:
+                with fake.lock:
+                    fake.count += 1
+                    held = hold or (hold_after is not None and fake.count > hold_after)
+                if held:
+                    fake.held.set()
                     fake.release.wait(60)
                 done = [] if fake.chunks[-1:] == [None] else ["[DONE]"]  # a last None: the stream stops short
                 events = "".join(f"data: {c}\n\n" for c in [*(c for c in fake.chunks if c is not None), *done])
@@ -1286,6 +1291,55 @@ def _two_streamed_requests(tmp_path, capsys, chunks: list[str], rc: int) -> list
     return rows
 
 
+def test_endpoint_run_killed_part_way_leaves_rows_summarize_reads(tmp_path):
+    """SIGKILL (no handler runs) while the second point waits on the server, the first point's
+    rows written: env.json, written before any row and saying the run did not finish, lets
+    `summarize` rebuild those rows' summary."""
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    out = tmp_path / "killed"
+    with _FakeServer(models={"data": [{"id": "m"}]}, chunks=STREAM_OK, hold_after=3) as fake:
+        proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--endpoint", fake.url, "--model", "m",
+                                 "--concurrency", "1,2", "--num-prompts", "3", "--warmup", "0", "--output-dir",
+                                 str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert fake.held.wait(120), "the second point never began"
+        proc.kill()
+        assert proc.wait(timeout=60) == -9
+    assert json.loads((out / "env.json").read_text())["interrupted"] is True and not (out / "summary.csv").exists()
+    assert main(["summarize", str(out)]) == 0
+    ttft = pd.read_csv(out / "summary.csv").query("metric == 'ttft_ms'")
+    assert ttft["variant"].tolist() == ["c1 rinf"] and ttft["n"].tolist() == [3]
+
+
+def test_endpoint_run_on_a_full_disk(tmp_path, monkeypatch, capsys):
+    """No room for the first row: exit 4, one line naming runs.csv, and the directory as it was
+    (no env.json and header saying the run is there); a run that measured nothing because every
+    request failed says so in one line, whatever the server's error holds (a proxy's HTML page)."""
+    import errno
+
+    from tests.test_results_dir import disk_full_at_rows
+
+    out = tmp_path / "new" / "endpoint"
+    with _FakeServer(models={"data": [{"id": "m"}]}, chunks=STREAM_OK) as fake, monkeypatch.context() as m:
+        disk_full_at_rows(m)
+        code = exit_code(main, ["run", "--endpoint", fake.url, "--model", "m", "--num-prompts", "2", "--warmup", "0",
+                                "--output-dir", out])
+    err = capsys.readouterr().err.strip()
+    assert code == 4 and err.splitlines()[-1] == (f"error: no space left on the device writing {out / 'runs.csv'} "
+                                                  f"({os.strerror(errno.ENOSPC)}); nothing was written"), err
+    assert not (tmp_path / "new").exists()
+    page = '{"error": "<html>\\n<body>\\n502 Bad Gateway\\n</body>\\n</html>"}'
+    rows = _two_streamed_requests(tmp_path, capsys, [page], 3)  # (its stderr: one line, the error as runs.csv has it)
+    assert "502 Bad Gateway\\n" in rows[0]["error"]  # (the line breaks as runs.csv escapes them)
+
+
+STREAM_OK = ['{"choices": [{"delta": {"content": "a"}}]}',
+             '{"choices": [{"delta": {"content": "b"}, "finish_reason": "length"}]}']
+
+
 def test_endpoint_text_of_control_bytes_keeps_runs_csv_readable(tmp_path, capsys):
     """A random-weights model served streams NUL and other control characters: the row's
     output_text holds their escapes, so summarize, report and compare read the directory."""
@@ -1426,7 +1480,7 @@ def test_serve_image_past_the_pixel_limit(served, tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     r = served.post("/v1/chat/completions", json=_chat(image))
     assert r.status_code == 400 and "too large" in r.json()["error"]["message"], r.text
-    # past twice the limit PIL refuses it at open: the same words, with its size (it said "cannot be decoded")
+    # past twice the limit PIL refuses it at open: the same words, with its size (not "cannot be decoded")
     r = served.post("/v1/chat/completions", json=_chat(png_header(tmp_path / "bomb.png", 5000, 5000).read_bytes()))
     assert r.status_code == 400 and r.json()["error"]["message"] == (
         "the image (25,000,000 pixels) is too large to decode safely; send at most 1,000 pixels"), r.text

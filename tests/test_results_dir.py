@@ -164,6 +164,14 @@ def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
         one_line_error(capsys, "another configuration (--pdl 'off' -> 'auto')")
     assert snapshot(out) == before
     assert run_main([*TINY, "--decode-attention", "matmul", "--pdl", "off", "--resume", "--output-dir", str(out)]) == 0
+    env = json.loads((out / "env.json").read_text())
+    assert env["config"]["int4_fold_norms"] is False  # the default
+    del env["config"]["int4_fold_norms"]  # written before --int4-fold-norms existed: norms of their own
+    (out / "env.json").write_text(json.dumps(env))
+    old = [*TINY, "--decode-attention", "matmul", "--pdl", "off", "--resume", "--output-dir", str(out)]
+    assert run_main([*old, "--int4-fold-norms"]) == 2
+    one_line_error(capsys, "another configuration (--int4-fold-norms False -> True)")
+    assert run_main(old) == 0
 
 
 def test_resume_after_a_run_left_out_goes_on_after_every_earlier_attempt(tmp_path, monkeypatch, capsys):
@@ -747,35 +755,80 @@ def test_a_disk_that_fills_is_one_line_and_its_own_exit_code(tmp_path, monkeypat
         entry(lambda: 1 / 0)
 
 
+def disk_full_at_rows(monkeypatch, env_too: bool = False) -> None:
+    """From the first row a run writes on, runs.csv is on a full disk (/dev/full: every write
+    and flush fails with ENOSPC and, as a real one's, names no file); with `env_too`, from then on
+    every file written atomically (env.json, summary.csv) too."""
+    import tempfile
+
+    from bench.measure import results
+
+    write, mkstemp, full = CsvWriter.write, tempfile.mkstemp, []
+
+    def onto_full(self, row):
+        if not full:
+            full.append(True)
+            self._f.close()
+            self._f = open("/dev/full", "w", newline="", encoding="utf-8")
+            self._w = csv.DictWriter(self._f, fieldnames=self.columns, extrasaction="raise")
+        return write(self, row)
+
+    def mkstemp_full(*args, **kwargs):
+        fd, name = mkstemp(*args, **kwargs)
+        if full and env_too:
+            os.close(fd)
+            fd = os.open("/dev/full", os.O_WRONLY)
+        return fd, name
+
+    monkeypatch.setattr(CsvWriter, "write", onto_full)
+    monkeypatch.setattr(results.tempfile, "mkstemp", mkstemp_full)
+
+
 def test_a_disk_full_before_any_row_leaves_nothing_and_names_the_file(tmp_path, monkeypatch, capsys):
-    """A disk with no room for the run's first file (env.json, written before any model loads;
-    its write fails in the write, not the open, so the OSError names no file): exit 4, one line
-    naming env.json and saying nothing was written, and no directory left that --resume, a rerun or
-    summarize would refuse (it used to hold runs.csv and summary.csv without env.json, and the
-    line promised --resume). `docs` leaves no part of its file."""
+    """A disk with no room for the run's first file (env.json, written before any model loads)
+    or its first row: exit 4, one line naming the file (a write's or flush's OSError names none;
+    the file is named all the same) and saying nothing was written, and no directory left (one
+    holding runs.csv and summary.csv without env.json, which --resume, a rerun and summarize
+    refuse). An --append whose env.json the full disk keeps from being put back is not said to
+    have written nothing. `docs` leaves no part of its file."""
     import errno
     import tempfile
 
     from bench.cli import NO_ROOM
 
+    no_space = os.strerror(errno.ENOSPC)
     real = tempfile.mkstemp
 
     def no_room(*args, **kwargs):
         fd, name = real(*args, **kwargs)
         os.close(fd)
-        fd = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC, as on a full disk
-        return fd, name
+        return os.open("/dev/full", os.O_WRONLY), name  # every write: ENOSPC, as on a full disk
 
-    monkeypatch.setattr(tempfile, "mkstemp", no_room)
-    out = tmp_path / "new" / "o"
-    capsys.readouterr()
-    assert main(["run", *TINY, "--variants", "fp16", "--output-dir", str(out)]) == NO_ROOM
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last == (f"error: no space left on the device writing {out / 'env.json'} "
-                    f"({os.strerror(errno.ENOSPC)}); nothing was written"), last
-    assert not (tmp_path / "new").exists()
-    assert main(["docs", str(tmp_path / "README.md")]) == 2
-    assert capsys.readouterr().err.strip().endswith(f"cannot write it ({os.strerror(errno.ENOSPC)})")
-    assert not (tmp_path / "README.md").exists()  # atomically: no part of the file
-    monkeypatch.setattr(tempfile, "mkstemp", real)  # room again
-    assert main(["run", *TINY, "--variants", "fp16", "--output-dir", str(out)]) == 0
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkstemp", no_room)
+        out = tmp_path / "new" / "o"
+        capsys.readouterr()
+        assert main(["run", *TINY, "--variants", "fp16", "--output-dir", str(out)]) == NO_ROOM
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last == (f"error: no space left on the device writing {out / 'env.json'} ({no_space}); nothing was "
+                        "written")
+        assert not (tmp_path / "new").exists()
+        assert main(["docs", str(tmp_path / "README.md")]) == NO_ROOM
+        said = capsys.readouterr().err.strip()
+        assert said == f"error: no space left on the device writing {tmp_path / 'README.md'} ({no_space})"
+        assert not (tmp_path / "README.md").exists()  # atomically: no part of the file
+    with monkeypatch.context() as m:
+        disk_full_at_rows(m)
+        assert main(["run", *TINY, "--variants", "fp16", "--output-dir", str(out)]) == NO_ROOM
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1] == (f"error: no space left on the device writing {out / 'runs.csv'} "
+                                                f"({no_space}); nothing was written") and "summary.csv" not in err, err
+        assert not (tmp_path / "new").exists()
+    assert main(["run", *TINY, "--variants", "fp16", "--output-dir", str(out)]) == 0  # room again
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with monkeypatch.context() as m:
+        disk_full_at_rows(m, env_too=True)  # env.json names the appended run: not put back
+        assert main(["run", *TINY, "--variants", "fp16", "--output-dir", str(out), "--append"]) == NO_ROOM
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "writing" in last and "nothing was written" not in last and "--resume" in last, last
+    assert (out / "runs.csv").read_bytes() == kept["runs.csv"]

@@ -151,6 +151,21 @@ def _png_url(image) -> str:
     return _data_url(buf.getvalue())
 
 
+def test_an_image_past_the_pixel_limit_is_a_400_and_no_warning_on_the_servers_stderr(server, client, tmp_path):
+    """An image between PIL's limit and twice it (PIL warns, two lines, on opening it): refused with
+    its size and the limit, and the server's log holds no warning of PIL's."""
+    from PIL import Image
+
+    from tests.test_bad_inputs import png_header
+
+    bomb = png_header(tmp_path / "bomb.png", 10_000, 10_000).read_bytes()  # 1e8 pixels: a header, a few bytes
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=_messages("What?", _data_url(bomb)), max_tokens=2)
+    assert (f"(10000x10000 = 100,000,000 pixels) is too large to decode safely; send at most "
+            f"{Image.MAX_IMAGE_PIXELS:,} pixels") in str(e.value)
+    assert "DecompressionBombWarning" not in server["log"].read_text()
+
+
 def test_an_image_sent_again_in_the_same_bytes_is_not_decoded_again(server, client):
     from PIL import Image
 
@@ -490,33 +505,6 @@ def test_an_interrupted_endpoint_run_keeps_the_requests_its_last_point_finished(
     assert len(rows) == finished >= 5 and (rows["kind"] == "measured").all() and (rows["status"] == "ok").all()
     assert sorted(rows["run_index"]) == list(range(len(rows)))  # the first ones sent, each once
     assert pd.read_csv(out / "summary.csv").query("metric == 'ttft_ms'")["n"].item() == len(rows)
-
-
-def test_an_endpoint_run_killed_part_way_leaves_rows_summarize_reads(server, tmp_path):
-    """SIGKILL (no handler runs) after the first point's rows are written: env.json, written before
-    them and saying the run did not finish, lets `summarize` rebuild the summary of those rows (it
-    used to be written at the end only: "not a results directory")."""
-    import pandas as pd
-
-    from bench.cli import main
-
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--endpoint", server["url"] + "/v1", "--model",
-                             MODEL, "--concurrency", "1,2,3,4,5,6,7,8", "--num-prompts", "4", "--max-new-tokens", "2",
-                             "--warmup", "0", "--output-dir", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not (
-            (out / "runs.csv").is_file() and len((out / "runs.csv").read_text().splitlines()) >= 5):
-        time.sleep(0.1)
-    proc.kill()
-    assert proc.wait(timeout=60) == -signal.SIGKILL  # (not finished before)
-    assert json.loads((out / "env.json").read_text())["interrupted"] is True and not (out / "summary.csv").exists()
-    assert main(["summarize", str(out)]) == 0
-    written = pd.read_csv(out / "runs.csv")
-    ttft = pd.read_csv(out / "summary.csv").query("metric == 'ttft_ms'")
-    assert len(written) >= 4 and ttft["n"].tolist() == [4] * len(ttft)
-    assert sorted(ttft["variant"]) == sorted({f"c{c} rinf" for c in written["concurrency"]})  # the points written
 
 
 def test_a_second_signal_while_the_finished_requests_are_written_loses_none(server, tmp_path, monkeypatch, capsys):

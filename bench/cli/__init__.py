@@ -95,7 +95,7 @@ def _said_no_room(e: Exception, argv: list[str], run: bool) -> int:
     kept = ""
     if isinstance(full, NothingWritten):
         kept = "; nothing was written"
-    elif run and "--endpoint" in argv:  # (an endpoint run cannot be resumed)
+    elif run and any(a == "--endpoint" or a.startswith("--endpoint=") for a in argv):  # (cannot be resumed)
         kept = "; the run's finished rows are in its runs.csv"
     elif run:
         kept = "; a run's finished rows are in its runs.csv (--resume continues it once there is room)"

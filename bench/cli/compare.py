@@ -9,7 +9,7 @@ from collections import Counter
 from pandas.api.types import is_numeric_dtype
 
 from bench.cli import PROG, describe
-from bench.errors import ArgumentParser, real_path
+from bench.errors import ArgumentParser, no_room, real_path
 from bench.analysis.inputs import check_out_file
 from bench.analysis.compare import (DEFAULT_METRICS, KEYS, BadInput, compare_runs, load_rows, parse_where,
                                     print_table, select)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             empty = [side for side, df in (("baseline", base), ("candidate", cand)) if df.empty]
             if empty:  # (what --across would pair does not matter then)
                 raise BadInput(f"the {' and the '.join(empty)} {'have' if len(empty) == 2 else 'has'} no measured run "
-                               "to compare (every row skipped, failed or a warm-up)")
+                               "to compare (every row skipped, failed, a warm-up or one that compiled)")
             if not paired:
                 raise BadInput("baseline or candidate has no measured run to compare")
             raise BadInput(f"baseline and candidate have no result ({', '.join(paired)}) in common"
@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             write_json(real_path(args.json_path), {"verdict": verdict, "counts": counts, "alpha": args.alpha,
                                                    "factor": args.factor, "comparisons": rows})
         except OSError as e:
+            if no_room(e):  # exit 4, the one line naming the file (bench.cli.main)
+                raise
             print(f"error: --json {args.json_path}: cannot write it ({e.strerror or e})", file=sys.stderr)
             return 2
     print(f"verdict: {verdict} ({', '.join(f'{k} {v}' for k, v in counts.items())})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from bench.cli import PROG, describe
-from bench.errors import ArgumentParser
+from bench.errors import ArgumentParser, no_room
 
 DEFAULT_PATH = "results/README.md"
 
@@ -31,6 +31,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
+        if no_room(e):  # exit 4, the one line naming the file (bench.cli.main)
+            raise
         print(f"error: {PROG} docs {args.path}: cannot write it ({e.strerror or e})", file=sys.stderr)
         return 2
     print(f"wrote {path}")

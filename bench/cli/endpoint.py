@@ -11,6 +11,7 @@ from pathlib import Path
 from bench.analysis.console import NARROW
 from bench.cli import PROG
 from bench.errors import ArgumentParser, UsageError, check_seed, path_problem
+from bench.measure.results import printable
 
 
 MAX_PROMPTS = 100_000  # measured requests per point: their bodies are made before the first is sent
@@ -202,7 +203,7 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
     print(f"{len(ok)}/{len(measured)} measured requests ok")
     if not ok:  # as an in-process run that measured nothing says it
         failed = next((r for r in measured if r.get("error")), None)
-        first = failed["error"] if failed else ""
+        first = printable(failed["error"]) if failed else ""  # one line, as runs.csv has it (a proxy's HTML page)
         why = f" (the first: {first if len(first) <= 200 else first[:199] + '…'})" if first else ""
         print(f"error: nothing measured: every request failed{why}; the errors are in {out / 'runs.csv'}",
               file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bench.cli import PROG, describe
 from bench.quant import DEFAULT_CACHE_DIR, KERNELS_FILE
-from bench.errors import ArgumentParser, UsageError, path_problem
+from bench.errors import ArgumentParser, UsageError, no_room, path_problem
 
 DEFAULT_FILE = f"{DEFAULT_CACHE_DIR}/{KERNELS_FILE}"  # where a run with the default --int4-cache-dir keeps them
 CSV_COLUMNS = ["device", "dtype", "versions", "graph", "dense_copy", "pdl", "pdl_prefetch", "pdl_preload",
@@ -135,6 +135,8 @@ def main(argv: list[str]) -> int:
         try:
             write_csv(out, CSV_COLUMNS, rows)
         except OSError as e:
+            if no_room(e):  # exit 4, the one line naming the file (bench.cli.main)
+                raise
             raise UsageError(f"--out {out}: cannot write it ({e.strerror or e})") from None
         print(out)
         return 0

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from bench.cli import PROG, describe
-from bench.errors import ArgumentParser, path_problem, real_path, shown_path
+from bench.errors import ArgumentParser, no_room, path_problem, real_path, shown_path
 from bench.analysis.inputs import BadInput, check_out_dir, read_text
 from bench.analysis.report import END, START, embed_in_readme, marker_problem, write_report
 
@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
                                f"--readme {args.readme} to its figures cannot hold; give another --out")
         try:
             path = write_report(args.dirs, args.out)
-        except OSError as e:  # a full disk, a folder the system will not make: the report left nothing
+        except OSError as e:  # a full disk (exit 4), a folder the system will not make: the report left nothing
+            if no_room(e):
+                raise
             raise BadInput(f"--out {shown_path(args.out)}: cannot write the report ({e.strerror or e})") from None
         if args.readme:
             embed_in_readme(Path(args.readme), path)

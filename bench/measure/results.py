@@ -64,6 +64,7 @@ class CsvWriter:
                 status(f"warning: {path}: its last row was cut off ({cut} bytes without a line end, from a run "
                        "killed while writing it); it is dropped")
                 os.truncate(path, len(data) - cut)
+        self.rows = 0  # rows written by this writer
         self._f = path.open("a", newline="", encoding="utf-8")
         self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="raise")
         if new:
@@ -79,9 +80,11 @@ class CsvWriter:
         with _naming(self.path):
             self._w.writerow({k: _cell(row.get(k)) for k in self.columns})
         self._sync()
+        self.rows += 1
 
     def close(self) -> None:
-        self._f.close()
+        with _naming(self.path):  # (a row a full disk refused is still buffered: closing tries it again)
+            self._f.close()
 
 
 def run_writer(out_dir: Path) -> CsvWriter:
@@ -113,7 +116,10 @@ def _atomic_write(path: Path, write) -> None:
     """Write a file through a temporary file in its directory, fsynced, then os.replace: readers
     see the old file or the new one, never a partial (or 0-byte) one."""
     with _naming(path):
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as e:  # (no inode left: named as the file it was to become, not the temporary one)
+            raise OSError(e.errno, e.strerror, str(path)) from e
         try:
             os.fchmod(fd, _FILE_MODE)  # mkstemp's 0600 would make results readable by their writer alone
             with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
@@ -507,7 +513,10 @@ class DirState:
             if f.is_file():
                 self.files[name] = _length_and_tail(f) if name == "runs.csv" else f.read_bytes()
 
-    def restore(self) -> None:
+    def restore(self) -> bool:
+        """Whether everything was put back (best effort: a full disk may not let env.json be
+        rewritten)."""
+        whole = True
         for name in RESULT_FILES:
             f, old = self.out_dir / name, self.files.get(name)
             try:
@@ -522,12 +531,14 @@ class DirState:
                 elif f.read_bytes() != old:
                     _atomic_write(f, lambda out, text=old.decode("utf-8"): out.write(text))
             except (OSError, UnicodeDecodeError):
-                pass  # best effort: the usage error is what the user is told
+                whole = False  # best effort: the error that stopped the run is what the user is told
         for d in self.created:
             try:
                 d.rmdir()  # only while empty
             except OSError:
+                whole = False
                 break
+        return whole
 
 
 def new_run_id() -> str:

@@ -351,7 +351,8 @@ EXIT_CODES = """exit codes:
   1    some variant or point failed (others measured)
   2    usage error (bad flag, input or --output-dir); nothing written
   3    nothing measured (every variant skipped or failed)
-  4    no space left on the device while writing; rows written before are kept (--resume)
+  4    no space left on the device while writing; rows written before are kept (--resume), and
+       a run that had written none leaves its directory as it was
   130  interrupted (Ctrl-C or SIGTERM); finished rows are kept in runs.csv"""
 
 

@@ -388,7 +388,10 @@ class Benchmark:
             full = no_room(e)
             if full is None or self.rows:  # finished rows are kept (--resume continues)
                 raise
-            before.restore()  # (a directory holding no env.json, which nothing could continue or read)
+            # (else a directory holding no env.json, which nothing could continue or read); where the
+            # disk lets nothing be put back (an --append's env.json), the error is said as it is
+            if not before.restore():
+                raise
             raise NothingWritten(full.errno, full.strerror, full.filename) from e
         return self.out_dir
 
@@ -404,6 +407,9 @@ class Benchmark:
                 self._run_variants()
             except UsageError:
                 refused = True
+                raise
+            except Exception as e:  # a full disk before any row: nothing to summarize (run() puts the directory back)
+                refused = no_room(e) is not None and not self.rows
                 raise
             finally:
                 self.writer.close()

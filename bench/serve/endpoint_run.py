@@ -110,6 +110,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
     before = DirState(out)
     make_dir(out, "--output-dir")
     lock = DirLock(out)
+    stopped = None  # the error of a full disk that stopped the run before any row was written
     try:
         writer = None
         try:
@@ -117,29 +118,32 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
             # `summarize` reads; "interrupted" until the run's end writes it again
             write_json(out / "env.json", env("", True))
             writer = run_writer(out)
-        except Exception as e:  # a full disk before any row: nothing is left
-            full = no_room(e)
-            if full is None:
-                raise
-            if writer is not None:
+            interrupted = False
+            try:
+                rows, server = cl.run_async(_measure(cfg, questions, image_file, image, run_id, writer, served))
+            except (KeyboardInterrupt, asyncio.CancelledError):  # the rows written so far are the run's
+                interrupted = True
+            finally:
                 writer.close()
-            before.restore()
-            raise NothingWritten(full.errno, full.strerror, full.filename) from e
-        interrupted = False
-        try:
-            rows, server = cl.run_async(_measure(cfg, questions, image_file, image, run_id, writer, served))
-        except (KeyboardInterrupt, asyncio.CancelledError):  # the rows written so far are the run's
-            interrupted = True
-        finally:
-            writer.close()
-        if interrupted:
-            rows = read_runs(out / "runs.csv") if (out / "runs.csv").is_file() else []
-            server = next((r.get("server") for r in rows if r.get("server")), "")
-        write_json(out / "env.json", env(server, interrupted))
-        summary = summarize_runs(rows, ValidityRule(max(cfg.num_prompts, 1), 0.0, cfg.max_cv, config["runs_named"]))
-        write_summary(out, summary)
+        except Exception as e:  # (a full disk's OSError, or an error raised while handling one)
+            if no_room(e) is None or (writer is not None and writer.rows):
+                raise
+            stopped = e
+        if stopped is None:
+            if interrupted:
+                rows = read_runs(out / "runs.csv") if (out / "runs.csv").is_file() else []
+                server = next((r.get("server") for r in rows if r.get("server")), "")
+            write_json(out / "env.json", env(server, interrupted))
+            summary = summarize_runs(rows, ValidityRule(max(cfg.num_prompts, 1), 0.0, cfg.max_cv,
+                                                        config["runs_named"]))
+            write_summary(out, summary)
     finally:
         lock.release()
+    if stopped is not None:  # no row: the directory as it was (where the disk lets it be put back)
+        if not before.restore():
+            raise stopped
+        full = no_room(stopped)
+        raise NothingWritten(full.errno, full.strerror, full.filename) from stopped
     if interrupted:
         raise Interrupted(out, len(rows))
     return out, rows, summary
