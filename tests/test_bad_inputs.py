@@ -1176,8 +1176,9 @@ def test_endpoint_url_with_credentials_is_refused_before_results_keep_them(tmp_p
 
 
 @contextlib.contextmanager
-def _not_http():
-    """A port on 127.0.0.1 whose listener answers every connection with a line that is not HTTP."""
+def _not_http(redirect: bool = False):
+    """A port on 127.0.0.1 whose listener answers every connection with a line that is not HTTP
+    (`redirect`: with an HTTP redirect to the same URL)."""
     import socket
     import threading
 
@@ -1192,8 +1193,9 @@ def _not_http():
             except OSError:
                 continue
             with conn:
-                conn.recv(65536)
-                conn.sendall(b"garbage\r\n\r\n")
+                asked = conn.recv(65536).split(b" ")
+                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: " + asked[1] + b"\r\nContent-Length: 0\r\n"
+                             b"Connection: close\r\n\r\n" if redirect and len(asked) > 1 else b"garbage\r\n\r\n")
 
     thread = threading.Thread(target=answer, daemon=True)
     thread.start()
@@ -1212,6 +1214,8 @@ def test_endpoint_server_not_there_or_not_openai(tmp_path, capsys):
     bad_endpoint(tmp_path, capsys, url, [], "--endpoint", "cannot reach")
     with _not_http() as port:  # reached, but what answers is no HTTP server
         bad_endpoint(tmp_path, capsys, f"http://127.0.0.1:{port}/v1", [], "not an HTTP response")
+    with _not_http(redirect=True) as port:  # reached, an HTTP server sending it round in a loop
+        bad_endpoint(tmp_path, capsys, f"http://127.0.0.1:{port}/v1", [], "redirect again and again")
     with _FakeServer(models=None) as plain:
         bad_endpoint(tmp_path, capsys, plain.url, [], "not an OpenAI API", "HTTP 404")
     with _FakeServer(models={"object": "list", "data": [{"id": "served-one"}]}) as other:

@@ -755,6 +755,22 @@ def test_a_disk_that_fills_is_one_line_and_its_own_exit_code(tmp_path, monkeypat
         entry(lambda: 1 / 0)
 
 
+@pytest.mark.parametrize("argv,kept", [
+    (["run", "--endpoint", "http://h/v1"], "; the run's finished rows are in its runs.csv"),
+    (["--endpoint=http://h/v1"], "; the run's finished rows are in its runs.csv"),  # (no --resume there)
+    (["--num-runs", "3"], "; a run's finished rows are in its runs.csv (--resume continues it once there is room)"),
+    (["summarize", "d"], ""),
+])
+def test_a_full_disk_line_says_what_each_command_kept(argv, kept, capsys):
+    import errno
+
+    from bench.cli import NO_ROOM, _runs, _said_no_room
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "d/runs.csv")
+    assert _said_no_room(full, argv, _runs(argv)) == NO_ROOM
+    assert capsys.readouterr().err == f"error: no space left on the device writing d/runs.csv ({full.strerror}){kept}\n"
+
+
 def disk_full_at_rows(monkeypatch, env_too: bool = False) -> None:
     """From the first row a run writes on, runs.csv is on a full disk (/dev/full: every write
     and flush fails with ENOSPC and, as a real one's, names no file); with `env_too`, from then on

@@ -150,8 +150,11 @@ def check_server(base_url: str, model: str, headers: dict, timeout_s: float) -> 
         status, text = run_async(get())
     except HTTP_ERRORS as e:
         detail = f"{e.__class__.__name__}: {' '.join(str(e).split()) or 'no answer'}"
+        if isinstance(e, aiohttp.TooManyRedirects):
+            raise UsageError(f"--endpoint {base_url}: the server's answers redirect again and again ({detail}); "
+                             "give the API's own base URL") from None
         if type(e) is aiohttp.ClientResponseError:  # something answered on the port, not in HTTP (not a subclass:
-            # too many redirects, a proxy's refusal)
+            # a proxy's refusal, say)
             raise UsageError(f"--endpoint {base_url}: the server's answer is not an HTTP response ({detail}); is "
                              "the URL's port the API server's?") from None
         raise UsageError(f"--endpoint {base_url}: cannot reach the server ({detail})") from None
