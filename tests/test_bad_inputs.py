@@ -1192,7 +1192,7 @@ def _not_http(redirect: bool = False):
                 conn, _ = listener.accept()
             except OSError:
                 continue
-            with conn:
+            with conn, contextlib.suppress(OSError):  # (a client gone: the next connection is answered)
                 asked = conn.recv(65536).split(b" ")
                 conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: " + asked[1] + b"\r\nContent-Length: 0\r\n"
                              b"Connection: close\r\n\r\n" if redirect and len(asked) > 1 else b"garbage\r\n\r\n")
@@ -1309,8 +1309,10 @@ def test_endpoint_run_killed_part_way_leaves_rows_summarize_reads(tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "bench", "run", "--endpoint", fake.url, "--model", "m",
                                  "--concurrency", "1,2", "--num-prompts", "3", "--warmup", "0", "--output-dir",
                                  str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert fake.held.wait(120), "the second point never began"
-        proc.kill()
+        try:
+            assert fake.held.wait(120), "the second point never began"
+        finally:
+            proc.kill()
         assert proc.wait(timeout=60) == -9
     assert json.loads((out / "env.json").read_text())["interrupted"] is True and not (out / "summary.csv").exists()
     assert main(["summarize", str(out)]) == 0

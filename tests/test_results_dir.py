@@ -755,9 +755,12 @@ def test_a_disk_that_fills_is_one_line_and_its_own_exit_code(tmp_path, monkeypat
         entry(lambda: 1 / 0)
 
 
+ENDPOINT_KEPT = "; the run's finished rows are in its runs.csv (`summarize` builds their summary once there is room)"
+
+
 @pytest.mark.parametrize("argv,kept", [
-    (["run", "--endpoint", "http://h/v1"], "; the run's finished rows are in its runs.csv"),
-    (["--endpoint=http://h/v1"], "; the run's finished rows are in its runs.csv"),  # (no --resume there)
+    (["run", "--endpoint", "http://h/v1"], ENDPOINT_KEPT),
+    (["--endpoint=http://h/v1"], ENDPOINT_KEPT),  # (no --resume there)
     (["--num-runs", "3"], "; a run's finished rows are in its runs.csv (--resume continues it once there is room)"),
     (["summarize", "d"], ""),
 ])
@@ -771,33 +774,58 @@ def test_a_full_disk_line_says_what_each_command_kept(argv, kept, capsys):
     assert capsys.readouterr().err == f"error: no space left on the device writing d/runs.csv ({full.strerror}){kept}\n"
 
 
-def disk_full_at_rows(monkeypatch, env_too: bool = False) -> None:
-    """From the first row a run writes on, runs.csv is on a full disk (/dev/full: every write
-    and flush fails with ENOSPC and, as a real one's, names no file); with `env_too`, from then on
-    every file written atomically (env.json, summary.csv) too."""
+class FullFile(io.StringIO):
+    """A text file on a full disk: every write fails with ENOSPC naming no file, as a real
+    write's or flush's does."""
+
+    def write(self, text):
+        import errno
+
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def full_disk(monkeypatch, when=lambda: True) -> None:
+    """Files written atomically (env.json, summary.csv, docs) land on a full disk while `when()`
+    holds: their temporary files' writes fail (FullFile). No device is opened."""
     import tempfile
 
     from bench.measure import results
 
-    write, mkstemp, full = CsvWriter.write, tempfile.mkstemp, []
+    mkstemp, fdopen, ours = tempfile.mkstemp, os.fdopen, set()
+
+    def mkstemp_full(*args, **kwargs):
+        fd, name = mkstemp(*args, **kwargs)
+        if when():
+            ours.add(fd)
+        return fd, name
+
+    def fdopen_full(fd, *args, **kwargs):
+        if fd in ours:
+            ours.discard(fd)
+            os.close(fd)
+            return FullFile()
+        return fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(results.tempfile, "mkstemp", mkstemp_full)
+    monkeypatch.setattr(results.os, "fdopen", fdopen_full)
+
+
+def disk_full_at_rows(monkeypatch, env_too: bool = False) -> None:
+    """From the first row a run writes on, runs.csv is on a full disk (FullFile); with `env_too`,
+    from then on every file written atomically (env.json, summary.csv) too."""
+    write, full = CsvWriter.write, []
 
     def onto_full(self, row):
         if not full:
             full.append(True)
             self._f.close()
-            self._f = open("/dev/full", "w", newline="", encoding="utf-8")
+            self._f = FullFile()
             self._w = csv.DictWriter(self._f, fieldnames=self.columns, extrasaction="raise")
         return write(self, row)
 
-    def mkstemp_full(*args, **kwargs):
-        fd, name = mkstemp(*args, **kwargs)
-        if full and env_too:
-            os.close(fd)
-            fd = os.open("/dev/full", os.O_WRONLY)
-        return fd, name
-
     monkeypatch.setattr(CsvWriter, "write", onto_full)
-    monkeypatch.setattr(results.tempfile, "mkstemp", mkstemp_full)
+    if env_too:
+        full_disk(monkeypatch, when=lambda: bool(full))
 
 
 def test_a_disk_full_before_any_row_leaves_nothing_and_names_the_file(tmp_path, monkeypatch, capsys):
@@ -808,20 +836,12 @@ def test_a_disk_full_before_any_row_leaves_nothing_and_names_the_file(tmp_path, 
     refuse). An --append whose env.json the full disk keeps from being put back is not said to
     have written nothing. `docs` leaves no part of its file."""
     import errno
-    import tempfile
 
     from bench.cli import NO_ROOM
 
     no_space = os.strerror(errno.ENOSPC)
-    real = tempfile.mkstemp
-
-    def no_room(*args, **kwargs):
-        fd, name = real(*args, **kwargs)
-        os.close(fd)
-        return os.open("/dev/full", os.O_WRONLY), name  # every write: ENOSPC, as on a full disk
-
     with monkeypatch.context() as m:
-        m.setattr(tempfile, "mkstemp", no_room)
+        full_disk(m)
         out = tmp_path / "new" / "o"
         capsys.readouterr()
         assert main(["run", *TINY, "--variants", "fp16", "--output-dir", str(out)]) == NO_ROOM

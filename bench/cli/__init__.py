@@ -95,12 +95,18 @@ def _said_no_room(e: Exception, argv: list[str], run: bool) -> int:
     kept = ""
     if isinstance(full, NothingWritten):
         kept = "; nothing was written"
-    elif run and any(a == "--endpoint" or a.startswith("--endpoint=") for a in argv):  # (cannot be resumed)
-        kept = "; the run's finished rows are in its runs.csv"
+    elif run and _endpoint(argv):  # (cannot be resumed)
+        kept = "; the run's finished rows are in its runs.csv (`summarize` builds their summary once there is room)"
     elif run:
         kept = "; a run's finished rows are in its runs.csv (--resume continues it once there is room)"
     print(f"error: no space left on the device{where} ({full.strerror}){kept}", file=sys.stderr)
     return NO_ROOM
+
+
+def _endpoint(argv: list[str]) -> bool:
+    from bench.cli.endpoint import wants_endpoint
+
+    return wants_endpoint(argv)
 
 
 def _runs(argv: list[str]) -> bool:

@@ -66,10 +66,15 @@ class CsvWriter:
                 os.truncate(path, len(data) - cut)
         self.rows = 0  # rows written by this writer
         self._f = path.open("a", newline="", encoding="utf-8")
-        self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="raise")
-        if new:
-            self._w.writeheader()
-            self._sync()
+        try:
+            self._w = csv.DictWriter(self._f, fieldnames=columns, extrasaction="raise")
+            if new:
+                self._w.writeheader()
+                self._sync()
+        except BaseException:  # (a full disk: the header is not left buffered for a later flush)
+            with contextlib.suppress(OSError):
+                self._f.close()
+            raise
 
     def _sync(self) -> None:
         with _naming(self.path):
@@ -497,8 +502,9 @@ def _length_and_tail(path: Path, chunk: int = 1 << 16) -> tuple[int, bytes]:
 class DirState:
     """What a results directory held before a run (runs.csv's length, env.json's and summary.csv's
     bytes, and which of its folders did not exist yet), so that a run refused after it began
-    writing (a usage error found once the model is loaded) puts it back: restore() truncates
-    runs.csv, rewrites what changed, removes the files and empty folders the run created."""
+    writing (a usage error found once the model is loaded) puts it back: restore_files() truncates
+    runs.csv, rewrites what changed and removes the files the run created, remove_created() the
+    empty folders it created."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = out_dir
@@ -513,9 +519,10 @@ class DirState:
             if f.is_file():
                 self.files[name] = _length_and_tail(f) if name == "runs.csv" else f.read_bytes()
 
-    def restore(self) -> bool:
-        """Whether everything was put back (best effort: a full disk may not let env.json be
-        rewritten)."""
+    def restore_files(self) -> bool:
+        """runs.csv, env.json and summary.csv as they were (call while holding the directory's lock,
+        so no other run's writing is undone); whether all of them were (best effort: a full disk
+        may not let env.json be rewritten)."""
         whole = True
         for name in RESULT_FILES:
             f, old = self.out_dir / name, self.files.get(name)
@@ -531,14 +538,17 @@ class DirState:
                 elif f.read_bytes() != old:
                     _atomic_write(f, lambda out, text=old.decode("utf-8"): out.write(text))
             except (OSError, UnicodeDecodeError):
-                whole = False  # best effort: the error that stopped the run is what the user is told
+                whole = False  # the error that stopped the run is what the user is told
+        return whole
+
+    def remove_created(self) -> None:
+        """The folders the run made, where they are empty (after its lock is released: the lock
+        file is in the innermost one)."""
         for d in self.created:
             try:
-                d.rmdir()  # only while empty
+                d.rmdir()  # only while empty (another run's files in a parent: kept)
             except OSError:
-                whole = False
                 break
-        return whole
 
 
 def new_run_id() -> str:

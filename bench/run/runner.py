@@ -380,24 +380,15 @@ class Benchmark:
         leaves the directory as it was before."""
         before = DirState(self.out_dir)
         try:
-            self._run_into_dir()
-        except UsageError:
-            before.restore()
+            self._run_into_dir(before)
+        except (UsageError, NothingWritten):
+            before.remove_created()
             raise
-        except Exception as e:  # (a full disk's OSError, or an error raised while handling one)
-            full = no_room(e)
-            if full is None or self.rows:  # finished rows are kept (--resume continues)
-                raise
-            # (else a directory holding no env.json, which nothing could continue or read); where the
-            # disk lets nothing be put back (an --append's env.json), the error is said as it is
-            if not before.restore():
-                raise
-            raise NothingWritten(full.errno, full.strerror, full.filename) from e
         return self.out_dir
 
-    def _run_into_dir(self) -> None:
+    def _run_into_dir(self, before: DirState) -> None:
         make_dir(self.out_dir, "--output-dir")
-        lock = DirLock(self.out_dir)  # a concurrent writer is refused here
+        lock = DirLock(self.out_dir)  # a concurrent writer is refused here (its directory left alone)
         try:
             self.writer = run_writer(self.out_dir)  # refuses a runs.csv with other columns
             self.host_facts = host.set_cpu_threads(self.cpu_threads)
@@ -408,7 +399,7 @@ class Benchmark:
             except UsageError:
                 refused = True
                 raise
-            except Exception as e:  # a full disk before any row: nothing to summarize (run() puts the directory back)
+            except Exception as e:  # a full disk before any row: nothing to summarize (the files are put back)
                 refused = no_room(e) is not None and not self.rows
                 raise
             finally:
@@ -417,6 +408,18 @@ class Benchmark:
                     write_json(self.out_dir / "env.json", self._env())
                 if not refused:
                     self._write_summary()
+        except UsageError:
+            before.restore_files()  # under the lock
+            raise
+        except Exception as e:  # (a full disk's OSError, or an error raised while handling one)
+            full = no_room(e)
+            if full is None or self.rows:  # finished rows are kept (--resume continues)
+                raise
+            # (else a directory holding no env.json, which nothing could continue or read); where the
+            # disk lets nothing be put back (an --append's env.json), the error is said as it is
+            if not before.restore_files():
+                raise
+            raise NothingWritten(full.errno, full.strerror, full.filename) from e
         finally:
             lock.release()
 

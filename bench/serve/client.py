@@ -153,8 +153,8 @@ def check_server(base_url: str, model: str, headers: dict, timeout_s: float) -> 
         if isinstance(e, aiohttp.TooManyRedirects):
             raise UsageError(f"--endpoint {base_url}: the server's answers redirect again and again ({detail}); "
                              "give the API's own base URL") from None
-        if type(e) is aiohttp.ClientResponseError:  # something answered on the port, not in HTTP (not a subclass:
-            # a proxy's refusal, say)
+        # ClientResponseError itself: something answered on the port, not in HTTP (its subclasses are other answers)
+        if type(e) is aiohttp.ClientResponseError:
             raise UsageError(f"--endpoint {base_url}: the server's answer is not an HTTP response ({detail}); is "
                              "the URL's port the API server's?") from None
         raise UsageError(f"--endpoint {base_url}: cannot reach the server ({detail})") from None

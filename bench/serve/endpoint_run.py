@@ -128,6 +128,9 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
         except Exception as e:  # (a full disk's OSError, or an error raised while handling one)
             if no_room(e) is None or (writer is not None and writer.rows):
                 raise
+            # no row: the files as they were (under the lock), where the disk lets them be put back
+            if not before.restore_files():
+                raise
             stopped = e
         if stopped is None:
             if interrupted:
@@ -139,9 +142,8 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
             write_summary(out, summary)
     finally:
         lock.release()
-    if stopped is not None:  # no row: the directory as it was (where the disk lets it be put back)
-        if not before.restore():
-            raise stopped
+    if stopped is not None:
+        before.remove_created()
         full = no_room(stopped)
         raise NothingWritten(full.errno, full.strerror, full.filename) from stopped
     if interrupted:

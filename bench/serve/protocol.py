@@ -107,7 +107,7 @@ def _decode(data: bytes, param: str, budget: _PixelBudget) -> Image.Image:
             return upright_rgb(im)
     except ApiError:
         raise
-    except BOMB as e:  # past twice the limit PIL refuses it at open (its size unknown here but as PIL states it)
+    except BOMB as e:  # past twice the limit PIL refuses it at open: its size as PIL's error states it
         raise ApiError(f"the image{bomb_pixels(e)} is too large to decode safely; send at most "
                        f"{Image.MAX_IMAGE_PIXELS:,} pixels", param=param) from None
     except Exception as e:  # noqa: BLE001 - a malformed file raises what its plugin meets (UnidentifiedImageError,
