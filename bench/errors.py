@@ -42,10 +42,6 @@ class VariantUnsupported(Exception):
     """This variant cannot run here (device, kernel capture): a skipped row with the reason."""
 
 
-# path_problem's words for a path that is not there or cannot be read (the rest: there, but of another kind)
-UNREAD = ("no such", "cannot be read", "not readable")
-
-
 def path_problem(path, want: str = "file") -> str | None:
     """Why `path` cannot be read as a `want` ("file": a regular file; "directory"), in words for
     an error message (None: it can): missing, a broken or looping symbolic link, the other kind,
@@ -66,6 +62,16 @@ def path_problem(path, want: str = "file") -> str | None:
     if not stat.S_ISREG(mode):
         return "not a regular file (a FIFO, socket or device)"
     return None if os.access(p, os.R_OK) else "not readable (permission denied)"
+
+
+def not_a_file(path) -> str | None:
+    """path_problem's words where `path` is there but holds no file to read (a directory, a FIFO
+    or device, a broken or looping symbolic link); None where it is a file, where nothing is there
+    (os.path.lexists: said by the caller) and where it cannot be read (said where it is read)."""
+    if not os.path.lexists(path):
+        return None
+    problem = path_problem(path)
+    return None if problem is None or problem.startswith(("cannot be read", "not readable")) else problem
 
 
 def is_link_loop(path) -> bool:

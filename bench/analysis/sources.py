@@ -8,13 +8,14 @@ that both hold fp16 for one model give two labelled rows, never a mean of the tw
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from bench.analysis.inputs import BadInput, check_results_csv
-from bench.errors import UNREAD, path_problem, real_path, shown_path
+from bench.errors import not_a_file, real_path, shown_path
 from bench.measure.results import LOCK_NAME, lock_holder
 from bench.measure.schema import WORKLOAD_KEYS, fill_identity_columns
 
@@ -37,10 +38,10 @@ def check_dirs(dirs: list[str | Path]) -> dict[tuple[str, str], str]:
         if not Path(d).is_dir():
             raise BadInput(f"{d}: not a results directory")
         for name in ("runs", "summary"):
-            problem = path_problem(Path(d) / f"{name}.csv")
-            if problem and not problem.startswith(UNREAD):  # there, but no file (a directory, say)
+            problem = not_a_file(Path(d) / f"{name}.csv")
+            if problem:  # there, but no file (a directory, say)
                 raise BadInput(f"{d}: its {name}.csv is {problem}")
-            if problem and problem.startswith("no such"):
+            if not os.path.lexists(Path(d) / f"{name}.csv"):
                 holder = lock_holder(Path(d))  # a run writes summary.csv when it ends
                 raise BadInput(f"{d}: no {name}.csv" + (
                     "" if holder is None else f"; a run is writing it ({f'PID {holder}, ' if holder > 0 else ''}"

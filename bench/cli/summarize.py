@@ -5,7 +5,7 @@ import os
 import sys
 
 from bench.cli import PROG, describe
-from bench.errors import UNREAD, ArgumentParser, path_problem
+from bench.errors import ArgumentParser, not_a_file
 
 
 def parser() -> ArgumentParser:
@@ -35,11 +35,11 @@ def main(argv: list[str]) -> int:
         if holder is not None:  # its summary.csv is the run's to write; one written now would miss rows
             raise BadInput(f"{out} is being written by a run ({f'PID {holder}, ' if holder > 0 else ''}lock file "
                            f"{out / LOCK_NAME}); summarize it once the run has ended")
-        problems = {name: path_problem(out / name) for name in ("runs.csv", "env.json")}
-        wrong = [f"its {name} is {p}" for name, p in problems.items() if p and not p.startswith(UNREAD)]
-        if wrong:  # there, but no file (a directory, say); one not there or unreadable: said below
+        names = ("runs.csv", "env.json")
+        wrong = [f"its {name} is {problem}" for name in names if (problem := not_a_file(out / name))]
+        if wrong:  # there, but no file (a directory, say); one unreadable: said where it is read
             raise BadInput(f"{out}: {' and '.join(wrong)}")
-        missing = [name for name, p in problems.items() if p and p.startswith("no such")]
+        missing = [name for name in names if not os.path.lexists(out / name)]
         if missing:
             raise BadInput(f"{out} is not a results directory: no {' or '.join(missing)}")
         problem = summary_problem(out)

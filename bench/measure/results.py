@@ -15,7 +15,7 @@ import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.errors import UsageError, path_problem
+from bench.errors import NothingWritten, UsageError, no_room, path_problem
 from bench.measure.schema import RUN_COLUMNS, RUN_METRICS, SUMMARY_COLUMNS, SUMMARY_KEY, WHOLE_IDENTITY
 
 
@@ -540,6 +540,15 @@ class DirState:
             except (OSError, UnicodeDecodeError):
                 whole = False  # the error that stopped the run is what the user is told
         return whole
+
+    def nothing_written(self, e: BaseException, rows: int) -> NothingWritten | None:
+        """Where `e` is a full disk's and stopped a run before it wrote any row (`rows`), and every
+        file is put back (restore_files: under the lock): the NothingWritten to raise from `e`; else
+        None (`e` is raised as it is: finished rows are kept, or the disk let nothing be put back)."""
+        full = no_room(e)
+        if full is None or rows or not self.restore_files():
+            return None
+        return NothingWritten(full.errno, full.strerror, full.filename)
 
     def remove_created(self) -> None:
         """The folders the run made, where they are empty (after its lock is released: the lock

@@ -412,14 +412,11 @@ class Benchmark:
             before.restore_files()  # under the lock
             raise
         except Exception as e:  # (a full disk's OSError, or an error raised while handling one)
-            full = no_room(e)
-            if full is None or self.rows:  # finished rows are kept (--resume continues)
+            # no row: not a directory holding no env.json, which nothing could continue or read
+            nothing = before.nothing_written(e, len(self.rows))
+            if nothing is None:
                 raise
-            # (else a directory holding no env.json, which nothing could continue or read); where the
-            # disk lets nothing be put back (an --append's env.json), the error is said as it is
-            if not before.restore_files():
-                raise
-            raise NothingWritten(full.errno, full.strerror, full.filename) from e
+            raise nothing from e
         finally:
             lock.release()
 

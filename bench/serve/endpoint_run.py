@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.errors import NothingWritten, UsageError, no_room
+from bench.errors import UsageError
 from bench.measure.results import (DirLock, DirState, check_output_dir, make_dir, new_run_id, read_runs, run_writer,
                                    utc_now, write_json, write_summary)
 from bench.models.visual import load_image
@@ -110,7 +110,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
     before = DirState(out)
     make_dir(out, "--output-dir")
     lock = DirLock(out)
-    stopped = None  # the error of a full disk that stopped the run before any row was written
+    stopped = None  # NothingWritten: a full disk stopped the run before any row was written
     try:
         writer = None
         try:
@@ -126,12 +126,10 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
             finally:
                 writer.close()
         except Exception as e:  # (a full disk's OSError, or an error raised while handling one)
-            if no_room(e) is None or (writer is not None and writer.rows):
+            stopped = before.nothing_written(e, writer.rows if writer is not None else 0)
+            if stopped is None:
                 raise
-            # no row: the files as they were (under the lock), where the disk lets them be put back
-            if not before.restore_files():
-                raise
-            stopped = e
+            cause = e
         if stopped is None:
             if interrupted:
                 rows = read_runs(out / "runs.csv") if (out / "runs.csv").is_file() else []
@@ -144,8 +142,7 @@ def run(cfg: EndpointConfig, command: str = "") -> tuple[Path, list[dict], list[
         lock.release()
     if stopped is not None:
         before.remove_created()
-        full = no_room(stopped)
-        raise NothingWritten(full.errno, full.strerror, full.filename) from stopped
+        raise stopped from cause
     if interrupted:
         raise Interrupted(out, len(rows))
     return out, rows, summary
