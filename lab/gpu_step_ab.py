@@ -34,6 +34,9 @@ each value.
 fold-norms: the step layer compiled from FastDecoder.layer_at_deferred (0) or layer_at_folded (1,
 EngineSpec.fold_norms: each RMSNorm with the residual add before it in triton-f16x2's launch of o_proj
 and down_proj, bench.quant.triton_f16x2._add_norm; "on" where the int4 layers run triton-f16x2).
+norm-ahead: the folded step (fold-norms 1) with the last row block of the add-and-norm tail asking
+for the first pass's h and norm weight after adding the row blocks' sums (0) or with them (1,
+bench.quant.triton_f16x2.NORM_AHEAD, the default since 2026-12-08): the same bits.
 f16x2-tuning: triton-f16x2's configuration per shape chosen by Triton's autotuner (triton; as up to
 b0f85fb, lab/gpu_f16x2_tuning_spread.py) or by the kernel's own tuning in CUDA graphs (graph, the
 default since), tuned afresh in every round.
@@ -257,6 +260,16 @@ def _fold_norms(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
             m.add_norm_kernel(1) is not None for m in engine._int4_layers())
 
 
+def _norm_ahead(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    from bench.quant import triton_f16x2
+
+    if value not in ("0", "1"):
+        raise SystemExit(f"--ab norm-ahead value {value!r}: 0 or 1")
+    triton_f16x2.NORM_AHEAD = value == "1"  # read at each launch (a constexpr: compiled for each value)
+    spec, folds = _fold_norms("1", int4_kernels)
+    return spec, lambda engine: triton_f16x2.NORM_AHEAD and folds(engine)
+
+
 # setting -> (its values by default, value -> (the engine's spec, engine -> whether the value took
 # effect, called before the engine runs anything))
 SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine),
@@ -267,6 +280,7 @@ SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused
             "f16x2-splits": (("none", "2", "2+4"), _f16x2_splits),
             "split-kv": (("combine_chunk=8", "combine_chunk=16"), _split_kv),
             "f16x2-tuning": (("triton", "graph"), _f16x2_tuning), "fold-norms": (("0", "1"), _fold_norms),
+            "norm-ahead": (("0", "1"), _norm_ahead),
             "knockout": (("none", "add-norm", "silu", "kv-write", "attention", "add-norm+silu+attention"), _knockout)}
 
 

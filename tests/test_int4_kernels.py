@@ -1543,6 +1543,13 @@ for n, k, g in ((40, 384, 128), (72, 256, 128)):  # partial row blocks; row bloc
         x, residual = torch.randn(1, k).half(), (torch.randn(1, n) * 4).half()
         h, xn = triton_f16x2.f16x2_mm_add_norm(x, *args, residual, weight, 1e-5, cfg, emulate=True)
         assert h.shape == xn.shape == (1, n) and h.dtype == xn.dtype == torch.float16
+        # the tail's first pass asked for after the sums, and passes of 16 elements (several, the last
+        # partial), ahead or not: the same bits
+        for ahead, chunk in ((False, 8192), (True, 16), (False, 16)):
+            triton_f16x2.NORM_AHEAD, triton_f16x2.NORM_CHUNK = ahead, chunk
+            again = triton_f16x2.f16x2_mm_add_norm(x, *args, residual, weight, 1e-5, cfg, emulate=True)
+            assert torch.equal(again[0], h) and torch.equal(again[1], xn), (cfg, ahead, chunk)
+        triton_f16x2.NORM_AHEAD, triton_f16x2.NORM_CHUNK = True, 8192
         assert torch.equal(h, residual + triton_f16x2.f16x2_mm(x, *args, cfg, emulate=True)), cfg
         want = eager_norm(h, weight, 1e-5).float()
         worst = max(worst, ((xn.float() - want).abs() / want.abs().clamp_min(1e-3)).max().item())

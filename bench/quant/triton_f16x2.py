@@ -244,7 +244,8 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
                   PREFETCH: tl.constexpr = 4, PRELOAD: tl.constexpr = False, KS: tl.constexpr = 1,
                   XW: tl.constexpr = False, LATE: tl.constexpr = False,
                   res_ptr=None, g_ptr=None, xn_ptr=None, ss_ptr=None, grid_count_ptr=None, eps=0.0,
-                  NORM: tl.constexpr = False, PB: tl.constexpr = 1, NB: tl.constexpr = 8192):
+                  NORM: tl.constexpr = False, PB: tl.constexpr = 1, NB: tl.constexpr = 8192,
+                  AHEAD: tl.constexpr = True):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). Split K (SPLIT_K > 1): each share's sums go to ws_ptr
@@ -293,7 +294,7 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
         tl.extra.cuda.gdc_launch_dependents()
     if SPLIT_K == 1:
         if NORM:
-            _add_norm(y, res, n, n_ok, N, y_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB, NB)
+            _add_norm(y, res, n, n_ok, N, y_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB, NB, AHEAD)
         else:
             tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -309,14 +310,14 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
             for share in tl.static_range(1, SPLIT_K):
                 total += tl.load(ws_ptr + share * N + n, mask=n_ok, other=0.0, cache_modifier=".cg")
             if NORM:
-                _add_norm(total, res, n, n_ok, N, y_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB, NB)
+                _add_norm(total, res, n, n_ok, N, y_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB, NB, AHEAD)
             else:
                 tl.store(y_ptr + n, total.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
 def _add_norm(y, res, n, n_ok, N, h_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB: tl.constexpr,
-              NB: tl.constexpr):
+              NB: tl.constexpr, AHEAD: tl.constexpr):
     """A row block's sums `y` (fp32) of a one-row GEMV whose output goes into the residual stream
     (its rows `res`, fp16) and then through RMSNorm (a decoder layer's o_proj or down_proj): h = res + y and
     xn = g * (h * rsqrt(mean(h^2) + eps)), rounded to fp16 where eager PyTorch rounds (y, h, the
@@ -326,7 +327,9 @@ def _add_norm(y, res, n, n_ok, N, h_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, 
     norm in this launch's tail instead of a kernel of its own. The mean sums in another order than
     eager's (as the "eager-casts" numerics allow: bench.engines.spec.NUMERICS), and compiled for a
     GPU its squares go into fused multiply-adds unrounded (eager rounds each to fp32). NB: the elements
-    normalized at once (the whole row up to 8192: one round trip to L2 for the row and the weight)."""
+    normalized at once (the whole row up to NORM_CHUNK: one round trip to L2 for the row and the
+    weight); AHEAD (NORM_AHEAD): the first NB of them asked for before the sums are added, so the
+    last block waits for one round trip after its count, not two."""
     h = (res.to(tl.float32) + y.to(tl.float16).to(tl.float32)).to(tl.float16)
     tl.store(h_ptr + n, h, mask=n_ok)
     hf = h.to(tl.float32)
@@ -337,16 +340,31 @@ def _add_norm(y, res, n, n_ok, N, h_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, 
     blocks = tl.num_programs(0)
     if tl.atomic_add(grid_count_ptr, 1, sem="acq_rel", scope="gpu") == blocks - 1:
         tl.store(grid_count_ptr, 0)
+        first = 0
+        if AHEAD:  # the first NB of h and the weight asked for with the sums: one round trip to L2, not two
+            i = tl.arange(0, NB)
+            ok = i < N
+            hv = tl.load(h_ptr + i, mask=ok, other=0.0, cache_modifier=".cg")
+            gv = tl.load(g_ptr + i, mask=ok, other=0.0)
+            first = NB
         b = tl.arange(0, PB)
         ss = tl.load(ss_ptr + b, mask=b < blocks, other=0.0, cache_modifier=".cg")
         inv = tl.math.rsqrt(tl.math.div_rn(tl.sum(ss, axis=0), N.to(tl.float32)) + eps)
-        for start in tl.range(0, N, NB):
+        if AHEAD:
+            _normed_store(hv, gv, inv, xn_ptr, i, ok)
+        for start in tl.range(first, N, NB):
             i = start + tl.arange(0, NB)
             ok = i < N
-            hv = tl.load(h_ptr + i, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-            gv = tl.load(g_ptr + i, mask=ok, other=0.0).to(tl.float32)
-            normed = (hv * inv).to(tl.float16).to(tl.float32)
-            tl.store(xn_ptr + i, (normed * gv).to(tl.float16), mask=ok)
+            hv = tl.load(h_ptr + i, mask=ok, other=0.0, cache_modifier=".cg")
+            gv = tl.load(g_ptr + i, mask=ok, other=0.0)
+            _normed_store(hv, gv, inv, xn_ptr, i, ok)
+
+
+@triton.jit
+def _normed_store(hv, gv, inv, xn_ptr, i, ok):
+    """xn[i] = g * (h * inv), rounded to fp16 where eager PyTorch's RMSNorm rounds (h, g fp16)."""
+    normed = (hv.to(tl.float32) * inv).to(tl.float16).to(tl.float32)
+    tl.store(xn_ptr + i, (normed * gv.to(tl.float32)).to(tl.float16), mask=ok)
 
 
 # The K loops the tuning tries, each "KS" or "KSw": KS its stages, 1 (a step's loads issued at its
@@ -502,6 +520,12 @@ def _held(held: list, device: torch.device, sums: int, counts: int, what: str) -
 # replaced, the old one kept alive for the graphs holding it. The first holds NORM_BLOCKS sums: a
 # hidden size up to 16384 at row blocks of 8 rows, every preset's.
 NORM_BLOCKS = 2048
+# The add-and-norm tail's elements a pass (_add_norm's NB: the whole hidden row of every preset, up
+# to 8192), and whether its last block asks for the first pass's h and weight together with the row
+# blocks' sums (NORM_AHEAD) or after adding them; read at each launch. The same bits either way:
+# lab/gpu_step_ab.py --ab norm-ahead times the folded step both ways.
+NORM_CHUNK = 8192
+NORM_AHEAD = True
 _NORM_SCRATCH: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
@@ -531,7 +555,9 @@ def _launch(x32, packed, sz32, n: int, k: int, group_size: int, config: dict, pd
     xn = torch.empty(n, dtype=torch.float16, device=x32.device)
     _f16x2_kernel[grid](x32, packed, sz32, y, ws, counts, n, k, G=group_size, EMULATE=emulate, **config, **launch,
                         res_ptr=residual, g_ptr=weight, xn_ptr=xn, ss_ptr=sums, grid_count_ptr=count, eps=eps,
-                        NORM=True, PB=triton.next_power_of_2(grid[0]), NB=min(triton.next_power_of_2(n), 8192))
+                        NORM=True, PB=triton.next_power_of_2(grid[0]),
+                        NB=min(triton.next_power_of_2(n), NORM_CHUNK),
+                        AHEAD=bool(NORM_AHEAD))
     return y, xn
 
 
