@@ -37,6 +37,10 @@ and down_proj, bench.quant.triton_f16x2._add_norm; "on" where the int4 layers ru
 norm-ahead: the folded step (fold-norms 1) with the last row block of the add-and-norm tail asking
 for the first pass's h and norm weight after adding the row blocks' sums (0) or with them (1,
 bench.quant.triton_f16x2.NORM_AHEAD, the default since 2026-12-08): the same bits.
+fold-gate: the folded step (fold-norms 1) with the MLP's SiLU(gate) * up made by a kernel of its own
+(0) or in the launch of triton-f16x2's fused gate/up projection (1, FastDecoder.fold_gate, the
+default, bench.quant.triton_f16x2._gated; the same arithmetic as inductor's kernel for it, so the
+tokens should not change).
 f16x2-tuning: triton-f16x2's configuration per shape chosen by Triton's autotuner (triton; as up to
 b0f85fb, lab/gpu_f16x2_tuning_spread.py) or by the kernel's own tuning in CUDA graphs (graph, the
 default since), tuned afresh in every round.
@@ -270,6 +274,17 @@ def _norm_ahead(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
     return spec, lambda engine: triton_f16x2.NORM_AHEAD and folds(engine)
 
 
+def _fold_gate(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
+    if value not in ("0", "1"):
+        raise SystemExit(f"--ab fold-gate value {value!r}: 0 or 1")
+    spec, folds = _fold_norms("1", int4_kernels)
+
+    def on(engine) -> bool:  # read when the step layer is first traced (after this call)
+        engine.decoder.fold_gate = value == "1"
+        return value == "1" and folds(engine)
+    return spec, on
+
+
 # setting -> (its values by default, value -> (the engine's spec, engine -> whether the value took
 # effect, called before the engine runs anything))
 SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused_combine),
@@ -280,7 +295,7 @@ SETTINGS = {"pdl": (("off", "auto"), _pdl), "fused-combine": (("0", "1"), _fused
             "f16x2-splits": (("none", "2", "2+4"), _f16x2_splits),
             "split-kv": (("combine_chunk=8", "combine_chunk=16"), _split_kv),
             "f16x2-tuning": (("triton", "graph"), _f16x2_tuning), "fold-norms": (("0", "1"), _fold_norms),
-            "norm-ahead": (("0", "1"), _norm_ahead),
+            "norm-ahead": (("0", "1"), _norm_ahead), "fold-gate": (("0", "1"), _fold_gate),
             "knockout": (("none", "add-norm", "silu", "kv-write", "attention", "add-norm+silu+attention"), _knockout)}
 
 

@@ -1446,11 +1446,12 @@ def interpreted() -> dict[str, float]:
     head = _INTERPRETED_TILES.split("torch.manual_seed(0)")[0]  # the interpreter's set-up, once
     program = head + "".join(script[len(head):].replace("print(worst)", f"print({name!r}, worst)") + "\n"
                              for name, script in (("tiles", _INTERPRETED_TILES), ("f16x2", _INTERPRETED_F16X2),
-                                                  ("f16x2-norm", _INTERPRETED_F16X2_NORM)))
+                                                  ("f16x2-norm", _INTERPRETED_F16X2_NORM),
+                                                  ("f16x2-gate", _INTERPRETED_F16X2_GATE)))
     done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return {name: float(worst) for name, worst in (line.split() for line in done.stdout.splitlines())
-            if name in ("tiles", "f16x2", "f16x2-norm")}
+            if name in ("tiles", "f16x2", "f16x2-norm", "f16x2-gate")}
 
 
 def test_the_tiles_kernel_multiplies_by_the_published_tile_layout_in_tritons_interpreter(interpreted):
@@ -1578,6 +1579,52 @@ def test_the_f16x2_kernel_adds_the_residual_and_normalizes_in_its_tail_in_triton
     the count the last block reads is back at zero after every call; the scratch they use grows
     when a shape needs more row blocks than it holds."""
     assert interpreted["f16x2-norm"] <= 2 ** -10  # an element one fp16 step off at most
+
+
+_INTERPRETED_F16X2_GATE = _INTERPRETED_TILES.split("torch.manual_seed(0)")[0] + r"""
+from bench.quant import triton_f16x2
+
+torch.manual_seed(0)
+worst = 0.0
+for half, k, g in ((24, 384, 128), (40, 256, 128)):  # the gate's rows past a program's block (8 or 16 a half)
+    n = 2 * half
+    t = quantize_int4(torch.randn(n, k) * 0.05, g)
+    zero_f = (TINYGEMM_MID - t.zero.float()) * t.scale
+    sz = torch.stack((t.scale, zero_f), -1).transpose(0, 1).contiguous().half()  # [K/G, N, 2]
+    packed = pack_published(t.q)
+    x = (torch.randn(1, k) * 2).half()
+    for cfg in [{**c, "ROWS_FIRST": rows_first} for rows_first in (True, False)
+                for c in ({"TN": 2, "BKT": 2, "SPLIT_K": 1}, {"TN": 4, "BKT": 1, "SPLIT_K": 1},
+                          {"TN": 2, "BKT": 1, "SPLIT_K": 3, "PRELOAD": True},
+                          {"TN": 2, "BKT": 2, "SPLIT_K": 1, "XW": True, "KS": 3})]:
+        # the plain GEMV's gate and up outputs (the same sums: each row summed in the same order), then
+        # SiLU and the product as eager PyTorch computes them
+        gate, up = triton_f16x2.f16x2_mm(x, packed, sz, n, g, cfg["SPLIT_K"] > 1, cfg, emulate=True).split(half, 1)
+        want = (torch.nn.functional.silu(gate) * up).float()
+        got = triton_f16x2.f16x2_mm_gated(x, packed, sz, n, g, cfg["SPLIT_K"] > 1, cfg, emulate=True)
+        assert got.shape == (1, half) and got.dtype == torch.float16, (got.shape, got.dtype)
+        worst = max(worst, ((got.float() - want).abs() / want.abs().clamp_min(1e-3)).max().item())
+        assert all(not c.any() for _, c in triton_f16x2._SCRATCH.get(x.device, [])), cfg
+for bad in (dict(config={"TN": 1, "BKT": 2, "SPLIT_K": 1}), dict(out_features=40)):
+    try:
+        triton_f16x2.f16x2_mm_gated(x, packed, sz, bad.get("out_features", n), g, False, bad.get("config"),
+                                    emulate=True)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError(bad)
+print(worst)
+"""
+
+
+def test_the_f16x2_kernel_applies_silu_and_the_up_projection_in_its_tail_in_tritons_interpreter(interpreted):
+    """bench.quant.triton_f16x2.f16x2_mm_gated (a fused gate/up projection whose programs each take
+    gate rows and the same up rows, writing SiLU(gate) * up) in Triton's interpreter, both layouts,
+    split K, the first block preloaded, x read by whole k-tiles, a gate whose rows end inside a
+    program's block: the plain GEMV's gate and up outputs through eager PyTorch's SiLU and
+    product, to within one fp16 rounding (the interpreter's exp is NumPy's); an odd TN and a
+    weight whose halves are no multiple of 8 rows refused."""
+    assert interpreted["f16x2-gate"] <= 2 ** -10  # an element one fp16 step off at most; a wrong row is far more
 
 
 def test_the_f16x2_kernel_reads_the_published_tile_layout_in_tritons_interpreter(interpreted):
@@ -1806,6 +1853,67 @@ def test_the_f16x2_kernel_with_the_add_and_norm_compiles_for_sm90_with_no_longer
     assert "div.rn.f32" in b.ptx and "rsqrt.approx.ftz.f32" in b.ptx and "rsqrt" not in a.ptx
     loop_a, loop_b = (sum(triton_aot.loop_instructions(c.cubin).values()) for c in (a, b))
     assert loop_b <= loop_a + 2, (loop_a, loop_b)  # (ptxas schedules the two a little differently)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("split_k", [False, True])
+def test_cuda_f16x2_gated_is_silu_of_the_gate_half_times_the_up_half(split_k):
+    """The PTX with SiLU and the product in its launch (run_gated, what FastDecoder._gated calls for
+    a fused gate/up projection at one row): the plain GEMV's halves through PyTorch's SiLU and
+    product, bit for bit (libdevice's exp, as ATen's and inductor's kernels), with the tuned
+    configuration and every one with an even TN its tuning may choose (a gate of 520 rows: the last
+    program's rows partial); replayed from a CUDA graph, the same. A layer offers it at one row only."""
+    half = 520
+    m = Int4Linear.from_int4(quantize_int4(torch.randn(2 * half, 1152) * 0.02, 128), DEVICE, torch.float16)
+    name = "triton-f16x2-splitk" if split_k else "triton-f16x2"
+    kernel = KERNELS[name]
+    why = kernel.unavailable(DEVICE, torch.float16) or kernel.shape_unsupported(m)
+    if why:
+        pytest.skip(why)
+    from bench.quant import triton_f16x2 as f
+
+    m.set_row_plan(None, torch.float16, kernel=name)
+    assert m.gate_kernel(1) is kernel and m.gate_kernel(2) is None
+    x = torch.randn(1, 1152, device=DEVICE, dtype=torch.float16) * 4
+
+    def want(y):
+        gate, up = y.split(half, 1)
+        return torch.nn.functional.silu(gate) * up
+
+    with torch.no_grad():
+        got = kernel.run_gated(m, x)
+        assert got.shape == (1, half) and torch.equal(got, want(m.run_kernel(name, x)))
+        sz = kernel.scale_and_zero(m)
+        for c in f._prune(f._configs(split_k), 1152, f.k_loops(), gate=True):
+            config = f.launch_config(c)
+            assert torch.equal(f.f16x2_mm_gated(x, m.packed, sz, 2 * half, 128, split_k, config),
+                               want(f.f16x2_mm(x, m.packed, sz, 2 * half, 128, split_k, config))), config
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = kernel.run_gated(m, x)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, got)
+
+
+@pytest.mark.parametrize("split", [1, 4])
+def test_the_f16x2_kernel_with_silu_and_the_product_compiles_for_sm90_with_no_longer_k_loop(split):
+    """The gated epilogue (GATE: llava-1.5-7b's fused gate/up, 22016 rows, under PDL) compiled for
+    sm_90: no spills, an IEEE division (not Triton's approximate `/`), and the K loop no more than
+    two machine instructions longer than the plain kernel's at the same TN."""
+    triton_aot = triton_aot_or_skip()
+    from bench.quant import triton_f16x2
+
+    n, k, g = 22016, 4096, 128
+    args = f16x2_meta_args(n, k, g, split)
+    plain = {"G": g, "EMULATE": False, "TN": 2, "BKT": 4, "SPLIT_K": split, "ROWS_FIRST": True, "num_warps": 4,
+             "num_stages": 3, "PDL": True, "launch_pdl": True, "LATE": True, "PREFETCH": 1}
+    a, b = (triton_aot.compile_call(triton_f16x2._f16x2_kernel, args, kw) for kw in (plain, {**plain, "GATE": True}))
+    assert a.spill_bytes == b.spill_bytes == 0
+    assert "div.rn.f32" in b.ptx and "div.full" not in b.ptx and "div.rn.f32" not in a.ptx
+    loop_a, loop_b = (sum(triton_aot.loop_instructions(c.cubin).values()) for c in (a, b))
+    assert loop_b <= loop_a + 2, (loop_a, loop_b)
 
 
 def test_the_tiles_kernel_compiles_for_a_capability_with_its_own_ptxas():

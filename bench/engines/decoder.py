@@ -99,6 +99,9 @@ class FastDecoder(nn.Module):
         # Compiled one-query steps attend by bench.engines.split_kv_attention instead (the spec's
         # decode_attention "split-kv"; the graph engines set it).
         self.split_kv = False
+        # layer_at_folded's MLP input SiLU(gate) * up made in the fused gate/up projection's launch where
+        # its kernel can (_gated); off: by a kernel of its own (lab/gpu_step_ab.py --ab fold-gate).
+        self.fold_gate = True
         self.layers = blocks if blocks is not None else self._blocks(lm)
 
     @staticmethod
@@ -270,14 +273,33 @@ class FastDecoder(nn.Module):
         normalized as `_row_logits` does). Where the o_proj and down_proj run an int4 kernel that
         can (Int4Linear.add_norm_kernel: triton-f16x2 at one row), each adds its output to h and
         normalizes the sum in its own launch (bench.quant.triton_f16x2._add_norm): two kernels a
-        layer fewer than layer_at_deferred's step. Elsewhere the same additions and norms as
-        layer_at in the same order, the add fused into the norm's kernel when compiled."""
+        layer fewer than layer_at_deferred's step; and where the fused gate/up projection's can
+        (_gated), it makes the MLP's SiLU(gate) * up in its launch: one fewer again. Elsewhere the
+        same additions and norms as layer_at in the same order, the add fused into the norm's kernel
+        when compiled."""
         if x is None:
             x = self._norm(block.ln1, h)
         o = self._attend_at(block, h, cos, sin, pos, mask, pair[0], pair[1], keys_end, pair, normed=x)
         h, x = self._add_norm(block.o, self._merged_heads(o), h, block.ln2)
-        gate, up = block.gate_up(x)
-        return self._add_norm(block.down, self._gate(block, gate, up), h, next_norm)
+        return self._add_norm(block.down, self._gated(block, x), h, next_norm)
+
+    def _gated(self, block, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's SiLU(gate) * up of its input x: in one launch of the fused gate/up projection's
+        kernel where it can (fold_gate; compiled, one row, float16, SiLU, two halves, numerics other
+        than eager-exact: Int4Linear.gate_kernel, triton-f16x2's _gated, rounding as _gate does),
+        else as _gate after the projection."""
+        rows = x.numel() // x.shape[-1]
+        pair = block.gate_up
+        halves = len(pair.sizes) == 2 and pair.sizes[0] == pair.sizes[1]
+        fused = pair.fused if halves and pair.runs_fused(rows) else None
+        find = getattr(fused, "gate_kernel", None)
+        kernel = (find(rows) if find is not None and self.fold_gate and torch.compiler.is_compiling()
+                  and self.numerics != "eager-exact" and self.config.hidden_act == "silu" and x.dtype == torch.float16
+                  else None)
+        if kernel is not None:
+            return kernel.run_gated(fused, x.reshape(1, -1)).view(*x.shape[:-1], -1)
+        gate, up = pair(x)
+        return self._gate(block, gate, up)
 
     def _add_norm(self, linear: nn.Module, x: torch.Tensor, h: torch.Tensor, norm: nn.Module | None):
         """(h + linear(x), norm(h + linear(x))): in one launch of the linear's kernel where it can

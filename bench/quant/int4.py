@@ -437,6 +437,16 @@ class Int4Linear(nn.Module):
         kernel = KERNELS[self.kernel_at(rows)]
         return kernel if hasattr(kernel, "run_add_norm") and rows <= (kernel.max_rows or rows) else None
 
+    def gate_kernel(self, rows: int):
+        """For a fused gate/up layer (its first half of rows the gate projection's): the kernel a call of
+        `rows` rows runs if that kernel can also apply SiLU to the gate half and multiply by the up
+        half in the same launch (`run_gated`: triton-f16x2 at one row), each half a multiple of 8
+        rows and no bias or input scale to apply; else None."""
+        if self.out_features % 16:
+            return None
+        kernel = self.add_norm_kernel(rows)
+        return kernel if hasattr(kernel, "run_gated") else None
+
     def decode_rows(self) -> int:
         """The most rows a call runs the decode kernels at (the plan's last bound, else
         dense_rows); calls of more rows run `prefill_kernel`, and so do a prompt prefill's calls

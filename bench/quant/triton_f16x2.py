@@ -40,6 +40,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from bench import pdl as pdl_settings
@@ -245,7 +246,7 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
                   XW: tl.constexpr = False, LATE: tl.constexpr = False,
                   res_ptr=None, g_ptr=None, xn_ptr=None, ss_ptr=None, grid_count_ptr=None, eps=0.0,
                   NORM: tl.constexpr = False, PB: tl.constexpr = 1, NB: tl.constexpr = 8192,
-                  AHEAD: tl.constexpr = True):
+                  AHEAD: tl.constexpr = True, GATE: tl.constexpr = False):
     """y[n] = sum_k x[k] W[n, k] for one row of x, given as int32 column pairs (x32 [K / 2]),
     the scales and zeros as int32 pairs (sz32 [K / G, N]); the program's words laid out rows
     first or rows last (ROWS_FIRST). Split K (SPLIT_K > 1): each share's sums go to ws_ptr
@@ -256,15 +257,24 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
     then let the next one start (LATE, bench.pdl.LATE: after the K loop instead). PRELOAD: the
     first block of the program's weights and scales is loaded (into registers) before that wait
     (bench.pdl.PRELOAD). KS, XW: the K loop (K_LOOPS). NORM: y is added to the residual stream
-    and the sum is normalized (_add_norm; y_ptr gets the sum)."""
+    and the sum is normalized (_add_norm; y_ptr gets the sum). GATE: the weight is a gate
+    projection's N / 2 rows over an up projection's (a fused gate/up), each program's rows half
+    gate rows and the same rows of the up half (TN even), and y_ptr [N / 2] gets SiLU(gate) * up
+    (_gated)."""
     BN: tl.constexpr = TN * 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k_tiles = K // 128
     per = tl.cdiv(k_tiles, SPLIT_K)  # k-tiles of a share
     kt_lo = pid_k * per
-    n = pid_n * BN + tl.arange(0, BN)  # weight rows
-    n_ok = n < N
+    if GATE:  # gate rows r, then up rows N / 2 + r
+        j = tl.arange(0, BN)
+        r = pid_n * (BN // 2) + j % (BN // 2)
+        n = r + (j // (BN // 2)) * (N // 2)
+        n_ok = r < N // 2
+    else:
+        n = pid_n * BN + tl.arange(0, BN)  # weight rows
+        n_ok = n < N
     lw = tl.arange(0, 16)  # a row's word 4 l + w of a tile: columns 32 w + 2 l + 8 i + lo, nibble i + 4 lo
     pair = 16 * (lw % 4) + lw // 4  # x's column pair (32 w + 2 l) / 2 of nibble 0; + 4 i for nibble i
     words0 = 0
@@ -278,7 +288,10 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
         # the weights are no kernel's output: their reading starts while the kernel before ends
         if PREFETCH > 0:
             for t in tl.static_range(TN):
-                tile_row = pid_n * TN + t
+                if GATE:  # the program's gate tiles, then its up tiles (N / 2 a multiple of 8)
+                    tile_row = (t // (TN // 2)) * (N // 16) + pid_n * (TN // 2) + t % (TN // 2)
+                else:
+                    tile_row = pid_n * TN + t
                 if (tile_row * 8 < N) & (kt_lo < k_tiles):
                     prefetch_l2(p_ptr + (tile_row * k_tiles + kt_lo) * 128,
                                 (tl.minimum(per, k_tiles - kt_lo) * (128 * PREFETCH)).to(tl.int32))
@@ -295,6 +308,8 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
     if SPLIT_K == 1:
         if NORM:
             _add_norm(y, res, n, n_ok, N, y_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB, NB, AHEAD)
+        elif GATE:
+            _gated(y, pid_n, N // 2, y_ptr, BN, EMULATE)
         else:
             tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -311,8 +326,27 @@ def _f16x2_kernel(x32, p_ptr, sz32, y_ptr, ws_ptr, count_ptr, N, K, G: tl.conste
                 total += tl.load(ws_ptr + share * N + n, mask=n_ok, other=0.0, cache_modifier=".cg")
             if NORM:
                 _add_norm(total, res, n, n_ok, N, y_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, eps, PB, NB, AHEAD)
+            elif GATE:
+                _gated(total, pid_n, N // 2, y_ptr, BN, EMULATE)
             else:
                 tl.store(y_ptr + n, total.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _gated(y, pid_n, half, y_ptr, BN: tl.constexpr, EMULATE: tl.constexpr):
+    """A GATE program's sums `y` (fp32; its BN / 2 gate rows, then the same up rows) as the
+    decoder's MLP takes them: SiLU(gate) * up, rounded to fp16 where eager PyTorch rounds (gate and
+    up, SiLU's output, the product), SiLU as x / (1 + exp(-x)) in fp32 with libdevice's exp and an
+    IEEE division (what ATen's kernel and inductor's for FastDecoder._gate under eager numerics
+    compute; the interpreter's exp in EMULATE)."""
+    gate, up = tl.split(tl.trans(tl.reshape(y.to(tl.float16).to(tl.float32), (2, BN // 2))))
+    if EMULATE:
+        e = tl.exp(-gate)
+    else:
+        e = libdevice.exp(-gate)
+    act = tl.math.div_rn(gate, 1.0 + e).to(tl.float16).to(tl.float32)  # IEEE division, as ATen's (`/`: approximate)
+    r = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+    tl.store(y_ptr + r, (act * up).to(tl.float16), mask=r < half)
 
 
 @triton.jit
@@ -455,12 +489,12 @@ def launch_config(candidate: triton.Config) -> dict:
     return {**candidate.kwargs, "num_warps": candidate.num_warps, "num_stages": candidate.num_stages}
 
 
-def _prune(configs, k: int, loops: tuple[str, ...]):
+def _prune(configs, k: int, loops: tuple[str, ...], gate: bool = False):
     """Those of `configs` with one of `loops` (as k_loops() gives them; never none: every loop
     _configs has) whose share of K (`k` columns) is at least one block of k-tiles, or the one with
-    the fewest k-tiles a share."""
+    the fewest k-tiles a share; for `gate` (GATE) those with an even TN only (every layout has some)."""
     k_tiles = k // 128
-    looped = [c for c in configs if loop_name(c.kwargs) in loops]
+    looped = [c for c in configs if loop_name(c.kwargs) in loops and not (gate and c.kwargs["TN"] % 2)]
     kept = [c for c in looped if c.kwargs["SPLIT_K"] * c.kwargs["BKT"] <= max(k_tiles, 1)]
     return kept or [min(looped, key=lambda c: c.kwargs["SPLIT_K"] * c.kwargs["BKT"])]
 
@@ -470,12 +504,14 @@ def _prune(configs, k: int, loops: tuple[str, ...]):
 _TUNED: dict[tuple, dict] = {}
 
 
-def tuning_key(device: torch.device, n: int, k: int, group_size: int, split: bool, pdl: dict) -> tuple:
+def tuning_key(device: torch.device, n: int, k: int, group_size: int, split: bool, pdl: dict,
+               gate: bool = False) -> tuple:
     """What a tuning is kept under: the device, the shape, split K or not, the PDL launch settings,
     the K loops and the splits tried without split K (k_loops(), splits(): a change of K_LOOPS or
     SPLITS in a process tunes afresh)."""
-    return (device, n, k, group_size, split, pdl["PDL"], pdl["PREFETCH"], pdl["PRELOAD"], pdl["LATE"],
-            k_loops(), () if split else splits())
+    key = (device, n, k, group_size, split, pdl["PDL"], pdl["PREFETCH"], pdl["PRELOAD"], pdl["LATE"],
+           k_loops(), () if split else splits())
+    return (*key, "gate") if gate else key
 
 
 # Per device, split K's scratch (fp32 sums of every share, int32 counts per row block: zeros, each
@@ -536,19 +572,20 @@ def _norm_scratch(device: torch.device, blocks: int) -> tuple[torch.Tensor, torc
 
 
 def _launch(x32, packed, sz32, n: int, k: int, group_size: int, config: dict, pdl: dict,
-            emulate: bool = False, norm: tuple | None = None):
+            emulate: bool = False, norm: tuple | None = None, gate: bool = False):
     """One launch with `config` (TN, BKT, SPLIT_K, ROWS_FIRST (default True), KS, XW, num_warps,
     num_stages; PRELOAD; left as it is) -> y [N] float16 (split K: summed in the kernel, _scratch);
     with `norm` (residual [N], weight [N], eps; float16 but eps) -> (residual + y, its RMSNorm:
-    _add_norm)."""
+    _add_norm); with `gate` (an even TN) -> SiLU(y[:N/2]) * y[N/2:] [N / 2] (_gated)."""
     config = {"ROWS_FIRST": True, **config}  # may name PRELOAD (tests: the interpreter runs no PDL)
     launch = {"num_warps": config.pop("num_warps", 4), "num_stages": config.pop("num_stages", 3),
               **{name: v for name, v in pdl.items() if name not in config}}
-    y = torch.empty(n, dtype=torch.float16, device=x32.device)
-    grid = (triton.cdiv(n, 8 * config["TN"]), config["SPLIT_K"])
+    y = torch.empty(n // 2 if gate else n, dtype=torch.float16, device=x32.device)
+    grid = (triton.cdiv(y.numel(), (4 if gate else 8) * config["TN"]), config["SPLIT_K"])
     ws, counts = _scratch(x32.device, config["SPLIT_K"] * n, grid[0]) if config["SPLIT_K"] > 1 else (None, None)
     if norm is None:
-        _f16x2_kernel[grid](x32, packed, sz32, y, ws, counts, n, k, G=group_size, EMULATE=emulate, **config, **launch)
+        _f16x2_kernel[grid](x32, packed, sz32, y, ws, counts, n, k, G=group_size, EMULATE=emulate, **config, **launch,
+                            GATE=gate)
         return y
     residual, weight, eps = norm
     sums, count = _norm_scratch(x32.device, grid[0])
@@ -561,9 +598,9 @@ def _launch(x32, packed, sz32, n: int, k: int, group_size: int, config: dict, pd
     return y, xn
 
 
-def _tune(x32, packed, sz32, n: int, k: int, group_size: int, split: bool, pdl: dict) -> dict:
+def _tune(x32, packed, sz32, n: int, k: int, group_size: int, split: bool, pdl: dict, gate: bool = False) -> dict:
     """The fastest of the candidates _prune keeps for this shape and the K loops (split K or
-    not), each timed as a decode step runs it: calls captured back to back in a CUDA graph
+    not; `gate`: as _launch's), each timed as a decode step runs it: calls captured back to back in a CUDA graph
     (bench.measure.timing.call_us) with the launch's PDL settings, cycling through copies of the
     weight past the L2 cache (timing.copies_past_l2; fewer where memory runs short), so each call
     reads its weight from memory as a step's layers do.
@@ -580,7 +617,7 @@ def _tune(x32, packed, sz32, n: int, k: int, group_size: int, split: bool, pdl: 
 
     if x32.device.type != "cuda":
         raise ValueError("triton-f16x2 tunes on CUDA only: name a `config` elsewhere")
-    configs = _prune(candidates(split), k, k_loops())
+    configs = _prune(candidates(split), k, k_loops(), gate)
     want = copies_past_l2(x32.device, packed.numel() * packed.element_size() + sz32.numel() * sz32.element_size())
     copies = [(packed, sz32)]
     try:
@@ -595,7 +632,7 @@ def _tune(x32, packed, sz32, n: int, k: int, group_size: int, split: bool, pdl: 
         config = launch_config(candidate)
         turn = itertools.cycle(copies)
         try:
-            us = call_us(lambda: _launch(x32, *next(turn), n, k, group_size, config, pdl), x32.device,
+            us = call_us(lambda: _launch(x32, *next(turn), n, k, group_size, config, pdl, gate=gate), x32.device,
                          calls=calls)
         except (OutOfResources, PTXASError):  # too many registers or too much shared memory for this GPU
             continue
@@ -644,6 +681,23 @@ def f16x2_mm_add_norm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: tor
     return h.view(1, n), xn.view(1, n)
 
 
+def f16x2_mm_gated(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, out_features: int,
+                   group_size: int, split_k: bool, config: dict | None = None, emulate: bool = False) -> torch.Tensor:
+    """SiLU(gate) * up [1, out_features / 2] float16 of one row x [1, K] through a fused gate/up
+    weight (its first out_features / 2 rows the gate projection's, the rest the up projection's;
+    out_features / 2 a multiple of 8) in one launch (_gated): the decoder's MLP input, rounded as
+    eager PyTorch rounds each op. Tuned on its first call at the shape as f16x2_mm, among the
+    configurations with an even TN (a tuning of its own); `config` as f16x2_mm's, with an even TN."""
+    x = _checked(x, scale_and_zero, group_size)
+    if x.shape[0] != 1 or out_features % 16:
+        raise ValueError(f"f16x2_mm_gated takes one row and a gate/up weight of a multiple of 16 rows; got "
+                         f"{tuple(x.shape)} and {out_features} rows")
+    if config is not None and config["TN"] % 2:
+        raise ValueError(f"f16x2_mm_gated takes an even TN, not {config['TN']}")
+    out = _call(x, packed, scale_and_zero, out_features, group_size, split_k, config, emulate, gate=True)
+    return out.view(1, out_features // 2)
+
+
 def _checked(x: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int) -> torch.Tensor:
     """x as the kernel reads it (contiguous, its column pairs int32-aligned); ValueError for
     what it does not take."""
@@ -656,7 +710,7 @@ def _checked(x: torch.Tensor, scale_and_zero: torch.Tensor, group_size: int) -> 
 
 
 def _call(x, packed, scale_and_zero, out_features: int, group_size: int, split_k: bool, config: dict | None,
-          emulate: bool, norm: tuple | None = None):
+          emulate: bool, norm: tuple | None = None, gate: bool = False):
     """One row's launch (_launch), the shape tuned on its first call unless `config` is given."""
     k, n = x.shape[1], out_features
     x32 = x.view(torch.int32)
@@ -670,14 +724,14 @@ def _call(x, packed, scale_and_zero, out_features: int, group_size: int, split_k
     pdl = {"PDL": on, "PREFETCH": quarters if on else 0, "PRELOAD": on and bool(pdl_settings.PRELOAD),
            "LATE": on and bool(pdl_settings.LATE), **({"launch_pdl": True} if on else {})}
     if config is None:
-        key = tuning_key(x.device, n, k, group_size, split_k, pdl)
+        key = tuning_key(x.device, n, k, group_size, split_k, pdl, gate)
         if key not in _TUNED:
             if x.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("triton-f16x2 tunes on its first call at a shape, which a CUDA graph capture "
                                    "must not contain: call it once before capturing")
-            _TUNED[key] = _tune(*args, split_k, pdl)
+            _TUNED[key] = _tune(*args, split_k, pdl, gate)
         config = _TUNED[key]
-    return _launch(*args, config, pdl, emulate, norm)
+    return _launch(*args, config, pdl, emulate, norm, gate)
 
 
 def tuning_count() -> int:

@@ -14,7 +14,9 @@ range; the dense path rounds the weights it makes to float16 too.
 A call is one registered op (vlm_bench::int4_f16x2_mm), which torch.compile keeps in its graph as
 one opaque call; so is a call that also adds its output to the residual stream and normalizes the
 sum (vlm_bench::int4_f16x2_mm_add_norm, `run_add_norm`: a decoder layer's o_proj or down_proj
-followed by the next RMSNorm, in one launch: bench.quant.triton_f16x2._add_norm). Both tune on
+followed by the next RMSNorm, in one launch: bench.quant.triton_f16x2._add_norm), and one that
+applies SiLU to a fused gate/up projection's gate half and multiplies by its up half
+(vlm_bench::int4_f16x2_mm_gated, `run_gated`: bench.quant.triton_f16x2._gated). All tune on
 the first call at each shape (host-synchronized), so a layer given one is called once when it is
 chosen (tunes_per_rows), before any capture; a tuning that still falls inside a measured run is
 counted as one-time work (compile_events).
@@ -39,6 +41,18 @@ def _mm_add_norm(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Te
 @_mm_add_norm.register_fake
 def _(x, packed, scale_and_zero, out_features, group_size, split_k, residual, weight, eps):
     return residual.new_empty(1, out_features), residual.new_empty(1, out_features)
+
+
+@torch.library.custom_op("vlm_bench::int4_f16x2_mm_gated", mutates_args=())
+def _mm_gated(x: torch.Tensor, packed: torch.Tensor, scale_and_zero: torch.Tensor, out_features: int,
+              group_size: int, split_k: bool) -> torch.Tensor:
+    module = triton_module(F16x2.module, F16x2.counter)[0]
+    return module.f16x2_mm_gated(x, packed, scale_and_zero, out_features, group_size, split_k)
+
+
+@_mm_gated.register_fake
+def _(x, packed, scale_and_zero, out_features, group_size, split_k):
+    return x.new_empty(1, out_features // 2)
 
 
 class F16x2(Tiles):
@@ -102,3 +116,9 @@ class F16x2(Tiles):
         return torch.ops.vlm_bench.int4_f16x2_mm_add_norm(
             x.contiguous(), layer.packed, self.scale_and_zero(layer), layer.out_features, layer.group_size,
             self.split_k, residual, norm.weight, norm.variance_epsilon)
+
+    def run_gated(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up [1, out_features / 2] for one row x [1, in_features] (float16) of a fused
+        gate/up layer (its first half of rows the gate's), in one launch."""
+        return torch.ops.vlm_bench.int4_f16x2_mm_gated(x.contiguous(), layer.packed, self.scale_and_zero(layer),
+                                                        layer.out_features, layer.group_size, self.split_k)
