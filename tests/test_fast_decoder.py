@@ -327,7 +327,9 @@ def test_a_folded_step_hands_each_add_and_norm_to_the_kernel_of_o_proj_and_down_
     traced one-row float16 step under eager-casts numerics (tracing stood in for by
     torch.compiler.is_compiling) hands each layer's o_proj its residual and its second norm, its
     down_proj the next layer's first norm and the last layer's the model's final norm, and reads
-    the logits from that: the logits of layer_at_deferred's step, bit for bit. A step of two
+    the logits from that: the logits of layer_at_deferred's step, bit for bit. So where the fused
+    gate/up projection offers SiLU(gate) * up in its launch (Int4Linear.gate_kernel; a stand-in
+    again): each layer's MLP input is asked of it, unless the decoder's fold_gate is off. A step of two
     tokens (offered nothing) gives that step's logits too, its last rows normalized afterwards."""
     adapter = load_checkpoint(checkpoint_dirs["llava"], None, CPU, torch.float16)
     engine = StaticEngine(adapter, CachePolicy())
@@ -341,24 +343,35 @@ def test_a_folded_step_hands_each_add_and_norm_to_the_kernel_of_o_proj_and_down_
             hf = h.float()
             return h, norm.weight * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).half()
 
-    kernel = AddNorm()
+    class Gated:  # what a kernel's run_gated returns, in eager's ops
+        def run_gated(self, layer, x):
+            gated.append(layer)
+            gate, up = layer(x).float().chunk(2, dim=-1)
+            return (gate / (1 + torch.exp(-gate))).half() * up.half()
+
+    kernel, gate_kernel, gated = AddNorm(), Gated(), []
     final = []  # the rows the model's final norm module takes (the steps' logits after the layers: _row_logits)
     forward = dec.norm.forward
     monkeypatch.setattr(dec.norm, "forward", lambda h: final.append(h.shape[:2]) or forward(h))
     for block in dec.layers:
         for linear in (block.o, block.down):
             monkeypatch.setattr(linear, "add_norm_kernel", lambda rows: kernel if rows == 1 else None, raising=False)
+        monkeypatch.setattr(block.gate_up.fused, "gate_kernel", lambda rows: gate_kernel if rows == 1 else None,
+                            raising=False)
     monkeypatch.setattr(dec, "numerics", "eager-casts")
     with torch.inference_mode():
         step = repeatable_decode_step(engine, demo_image)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        for tokens in (1, 2):
+        for tokens, fold_gate in ((1, True), (1, False), (2, True)):
             calls.clear()
             final.clear()
+            gated.clear()
+            monkeypatch.setattr(dec, "fold_gate", fold_gate)
             want = step(deferring(dec.layer_at_deferred), tokens)
-            assert not calls and final == [(1, 1)]
+            assert not calls and not gated and final == [(1, 1)]
             final.clear()
             assert torch.equal(step(folding(dec.layer_at_folded), tokens), want), tokens
+            assert gated == ([b.gate_up.fused for b in dec.layers] if tokens == 1 and fold_gate else []), tokens
             assert final == ([] if tokens == 1 else [(1, 1)]), final  # two tokens: the last one's row normalized
             final.clear()
             norms = [n for b, after in zip(dec.layers, [*dec.layers[1:], None]) for n in
