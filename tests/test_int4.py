@@ -487,13 +487,14 @@ def test_cuda_prefetched_prefill_matches_in_line():
     assert len(prefetch.graphs) == 5
 
 
-@pytest.mark.parametrize("flag,prefetched,folded", [("--int4-prefetch", True, False),
-                                                   ("--no-int4-prefetch", False, False),
-                                                   ("--int4-fold-norms", True, True)])
+@pytest.mark.parametrize("flag,prefetched,folded", [("--int4-prefetch", True, True),
+                                                   ("--no-int4-prefetch", False, True),
+                                                   ("--int4-fold-norms", True, True),
+                                                   ("--no-int4-fold-norms", True, False)])
 def test_int4_prefetch_flag_reaches_the_engine(flag, prefetched, folded, tmp_path):
     """--no-int4-prefetch keeps in-line dequantization (no dense slots); every row says which ran.
-    --int4-fold-norms reaches the engines' spec (the graph engine's folded step layer:
-    test_fast_decoder)."""
+    --int4-fold-norms (the default) and --no-int4-fold-norms reach the engines' spec (the graph
+    engine's folded step layer: test_fast_decoder)."""
     import csv
 
     from bench.cli import run_main

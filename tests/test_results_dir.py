@@ -165,13 +165,14 @@ def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
     assert snapshot(out) == before
     assert run_main([*TINY, "--decode-attention", "matmul", "--pdl", "off", "--resume", "--output-dir", str(out)]) == 0
     env = json.loads((out / "env.json").read_text())
-    assert env["config"]["int4_fold_norms"] is False  # the default
+    assert env["config"]["int4_fold_norms"] is True  # the default
     del env["config"]["int4_fold_norms"]  # written before --int4-fold-norms existed: norms of their own
     (out / "env.json").write_text(json.dumps(env))
     old = [*TINY, "--decode-attention", "matmul", "--pdl", "off", "--resume", "--output-dir", str(out)]
-    assert run_main([*old, "--int4-fold-norms"]) == 2
-    one_line_error(capsys, "another configuration (--int4-fold-norms False -> True)")
-    assert run_main(old) == 0
+    for fold in ([], ["--int4-fold-norms"]):  # today's default folds
+        assert run_main([*old, *fold]) == 2
+        one_line_error(capsys, "another configuration (--int4-fold-norms False -> True)")
+    assert run_main([*old, "--no-int4-fold-norms"]) == 0
 
 
 def test_resume_after_a_run_left_out_goes_on_after_every_earlier_attempt(tmp_path, monkeypatch, capsys):

@@ -67,9 +67,10 @@ class Int4VariantOptions:
                                    "fbgemm-shuffled; python -m bench int4-kernels lists them); column "
                                    "int4_prefill_kernel", "dense")
     int4_fold_norms: bool = opt("awq4/rtn4 on the graph engine: each layer's residual add and RMSNorm run in the "
-                                "launch of the int4 o_proj / down_proj before them where that is triton-f16x2 at "
-                                "one row (decode at batch 1; engine_detail says so); the norm's mean sums in the "
-                                "kernel's order, so tokens may differ from the default's by rounding", False)
+                                "launch of the int4 o_proj / down_proj before them, and SiLU(gate) * up in the "
+                                "fused gate/up projection's, where that is triton-f16x2 at one row (decode at "
+                                "batch 1; engine_detail says so); the norm's mean sums in the kernel's order, so "
+                                "tokens may differ by rounding (--no-int4-fold-norms: kernels of their own)", True)
     int4_cache_dir: str = opt("awq4/rtn4: where quantized models (and kernel measurements) are saved and reused "
                               "('' = never)", DEFAULT_CACHE_DIR)
     image_path: str | None = run_fact()  # awq4 calibrates on this image (unless --awq-calib-dir)

@@ -151,7 +151,8 @@ class GraphEngine(StaticEngine):
         if self._batch_prefill_graphable(1, 1):
             prefill += (f", a batch's whole CUDA-graphed per batch size and {prefill_round}-token bucket up to "
                         f"{self.spec.batch_prefill_tokens} tokens")
-        folds = (", each RMSNorm with the add before it (in triton-f16x2's launch where it runs)"
+        gate = " and SiLU(gate) * up with the gate/up projection" if self.decoder.fold_gate else ""
+        folds = (f", each RMSNorm with the add before it{gate} (in triton-f16x2's launch where it runs)"
                  if getattr(self.layer_fn, "folds_norms", False) else "")
         parts = [f"own decoder ({self.decoder.fusion}), static KV, {self._graphs_note()} "
                  f"({compiled}, {self.spec.numerics} numerics"
