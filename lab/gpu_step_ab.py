@@ -112,9 +112,9 @@ def _f16x2_tuning(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
 
         autotuner = triton_autotuner()
 
-        def tune(x32, packed, sz32, n, k, group_size, split, pdl_launch):
-            if split:
-                return graph_tune(x32, packed, sz32, n, k, group_size, split, pdl_launch)
+        def tune(x32, packed, sz32, n, k, group_size, split, pdl_launch, gate=False):
+            if split or gate:  # (the autotuner times the plain GEMV only)
+                return graph_tune(x32, packed, sz32, n, k, group_size, split, pdl_launch, gate)
             best = triton_tune(autotuner, x32, packed, sz32, n, k, group_size, pdl_launch)[0][0]
             return triton_f16x2.launch_config(best)
 

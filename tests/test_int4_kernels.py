@@ -846,7 +846,7 @@ def test_f16x2_launches_with_the_pdl_late_start_it_is_tuned_under(monkeypatch):
 
     seen = []
 
-    def launch(x32, packed, sz32, n, k, group_size, config, pdl_launch, emulate=False, norm=None):
+    def launch(x32, packed, sz32, n, k, group_size, config, pdl_launch, emulate=False, norm=None, gate=False):
         seen.append(pdl_launch)
         return torch.zeros(n, dtype=torch.float16)
 
