@@ -58,7 +58,8 @@ def main() -> None:
     ap.add_argument("--knockout", default="none", help="work left out of the step, as lab/gpu_step_ab.py "
                     "--ab knockout's values (e.g. silu): which kernels take its time, or more")
     ap.add_argument("--fold-norms", action="store_true", help="EngineSpec.fold_norms: each RMSNorm with the "
-                    "residual add before it, in triton-f16x2's launch of o_proj and down_proj")
+                    "residual add before it, in triton-f16x2's launch of o_proj and down_proj, and SiLU(gate) * up "
+                    "in its launch of gate/up (since c3a77d1)")
     args = ap.parse_args()
     if args.fold_norms and "add-norm" in args.knockout.split("+"):
         raise SystemExit("--knockout add-norm leaves out the adds and norms of layer_at_deferred's step, which "

@@ -33,14 +33,16 @@ joined by +, or none; each split's shares summed by the program that finishes la
 each value.
 fold-norms: the step layer compiled from FastDecoder.layer_at_deferred (0) or layer_at_folded (1,
 EngineSpec.fold_norms: each RMSNorm with the residual add before it in triton-f16x2's launch of o_proj
-and down_proj, bench.quant.triton_f16x2._add_norm; "on" where the int4 layers run triton-f16x2).
+and down_proj, bench.quant.triton_f16x2._add_norm; "on" where the int4 layers run triton-f16x2;
+since c3a77d1 also SiLU(gate) * up in its launch of gate/up, fold-gate, which the fold-norms CSVs
+of 2026-12-07 predate).
 norm-ahead: the folded step (fold-norms 1) with the last row block of the add-and-norm tail asking
 for the first pass's h and norm weight after adding the row blocks' sums (0) or with them (1,
 bench.quant.triton_f16x2.NORM_AHEAD, the default since 2026-12-08): the same bits.
 fold-gate: the folded step (fold-norms 1) with the MLP's SiLU(gate) * up made by a kernel of its own
 (0) or in the launch of triton-f16x2's fused gate/up projection (1, FastDecoder.fold_gate, the
-default, bench.quant.triton_f16x2._gated; the same arithmetic as inductor's kernel for it, so the
-tokens should not change).
+default, bench.quant.triton_f16x2._gated: ATen's SiLU; the tokens may differ, as the gated launch
+is tuned apart from the plain one and may sum in another order).
 f16x2-tuning: triton-f16x2's configuration per shape chosen by Triton's autotuner (triton; as up to
 b0f85fb, lab/gpu_f16x2_tuning_spread.py) or by the kernel's own tuning in CUDA graphs (graph, the
 default since), tuned afresh in every round.
@@ -281,7 +283,9 @@ def _fold_gate(value: str, int4_kernels: str) -> tuple[EngineSpec, callable]:
 
     def on(engine) -> bool:  # read when the step layer is first traced (after this call)
         engine.decoder.fold_gate = value == "1"
-        return value == "1" and folds(engine)
+        pairs = [b.gate_up.fused for b in engine.decoder.layers]
+        return value == "1" and folds(engine) and any(getattr(m, "gate_kernel", lambda rows: None)(1) is not None
+                                                      for m in pairs)
     return spec, on
 
 

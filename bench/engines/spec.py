@@ -93,9 +93,11 @@ class EngineSpec:
     int4_kernel_candidates: tuple[str, ...] = ()  # the kernels `measured` chooses from (empty: all)
     # the graph engine's step layer (graph-exact's makes transformers' additions: not this) makes
     # each RMSNorm with the residual add before it, and where an int4 o_proj or down_proj runs
-    # triton-f16x2 (one row) that kernel does both in its launch (FastDecoder.layer_at_folded);
+    # triton-f16x2 (one row) that kernel does both in its launch, and the fused gate/up projection's
+    # SiLU(gate) * up in its own (FastDecoder.layer_at_folded, _gated; FastDecoder.fold_gate);
     # off: layer_at_deferred. The kernel's mean sums in its own order, so under "eager-exact"
-    # numerics the norms stay kernels of their own.
+    # numerics the norms stay kernels of their own. The awq4/rtn4 variants set it on by default
+    # (--int4-fold-norms); fp16 runs leave it off (no kernel there folds anything).
     fold_norms: bool = False
     # int4 weights: the kernel every call above the decode kernels' rows runs (a full prefill,
     # longer suffixes and batched steps; "dense": dequantize + GEMM)

@@ -337,8 +337,9 @@ def _gated(y, pid_n, half, y_ptr, BN: tl.constexpr, EMULATE: tl.constexpr):
     """A GATE program's sums `y` (fp32; its BN / 2 gate rows, then the same up rows) as the
     decoder's MLP takes them: SiLU(gate) * up, rounded to fp16 where eager PyTorch rounds (gate and
     up, SiLU's output, the product), SiLU as x / (1 + exp(-x)) in fp32 with libdevice's exp and an
-    IEEE division (what ATen's kernel and inductor's for FastDecoder._gate under eager numerics
-    compute; the interpreter's exp in EMULATE)."""
+    IEEE division (ATen's SiLU bit for bit; inductor's kernel for FastDecoder._gate computes the same
+    where its eager_numerics.division_rounding exists, which decoder.inductor_options sets; the
+    interpreter's exp in EMULATE)."""
     gate, up = tl.split(tl.trans(tl.reshape(y.to(tl.float16).to(tl.float32), (2, BN // 2))))
     if EMULATE:
         e = tl.exp(-gate)
@@ -508,7 +509,8 @@ def tuning_key(device: torch.device, n: int, k: int, group_size: int, split: boo
                gate: bool = False) -> tuple:
     """What a tuning is kept under: the device, the shape, split K or not, the PDL launch settings,
     the K loops and the splits tried without split K (k_loops(), splits(): a change of K_LOOPS or
-    SPLITS in a process tunes afresh)."""
+    SPLITS in a process tunes afresh), and "gate" last for the gated launch (_gated: tuned apart,
+    among even TNs, so its sums may be in another order than the plain launch's at the shape)."""
     key = (device, n, k, group_size, split, pdl["PDL"], pdl["PREFETCH"], pdl["PRELOAD"], pdl["LATE"],
            k_loops(), () if split else splits())
     return (*key, "gate") if gate else key

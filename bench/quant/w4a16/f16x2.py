@@ -18,8 +18,10 @@ followed by the next RMSNorm, in one launch: bench.quant.triton_f16x2._add_norm)
 applies SiLU to a fused gate/up projection's gate half and multiplies by its up half
 (vlm_bench::int4_f16x2_mm_gated, `run_gated`: bench.quant.triton_f16x2._gated). All tune on
 the first call at each shape (host-synchronized), so a layer given one is called once when it is
-chosen (tunes_per_rows), before any capture; a tuning that still falls inside a measured run is
-counted as one-time work (compile_events).
+chosen (tunes_per_rows), before any capture; the gated op, which that call does not run (a
+layer does not know it is a gate/up pair), tunes on the graph engine's first call of its step,
+in the warm-ups before the capture (never inside one: the tuning refuses). A tuning that still
+falls inside a measured run is counted as one-time work (compile_events).
 """
 from __future__ import annotations
 
