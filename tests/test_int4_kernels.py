@@ -1779,6 +1779,19 @@ def test_a_layer_offers_the_add_and_norm_only_where_its_kernel_at_those_rows_can
     assert m.add_norm_kernel(1) is KERNELS["triton-f16x2"]
 
 
+def _f16x2_layer_or_skip(rows: int, split_k: bool):
+    """(an int4 layer of `rows` x 1152 on the GPU running triton-f16x2, or its split-K form, the
+    kernel's name, the kernel); the test skipped where the kernel cannot run it."""
+    m = Int4Linear.from_int4(quantize_int4(torch.randn(rows, 1152) * 0.02, 128), DEVICE, torch.float16)
+    name = "triton-f16x2-splitk" if split_k else "triton-f16x2"
+    kernel = KERNELS[name]
+    why = kernel.unavailable(DEVICE, torch.float16) or kernel.shape_unsupported(m)
+    if why:
+        pytest.skip(why)
+    m.set_row_plan(None, torch.float16, kernel=name)
+    return m, name, kernel
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("split_k", [False, True])
 def test_cuda_f16x2_add_norm_is_the_gemv_the_add_and_transformers_rmsnorm(split_k):
@@ -1790,15 +1803,9 @@ def test_cuda_f16x2_add_norm_is_the_gemv_the_add_and_transformers_rmsnorm(split_
     again (the last block's count set back to zero). A layer offers it at one row only."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    m = Int4Linear.from_int4(quantize_int4(torch.randn(520, 1152) * 0.02, 128), DEVICE, torch.float16)
-    name = "triton-f16x2-splitk" if split_k else "triton-f16x2"
-    kernel = KERNELS[name]
-    why = kernel.unavailable(DEVICE, torch.float16) or kernel.shape_unsupported(m)
-    if why:
-        pytest.skip(why)
+    m, name, kernel = _f16x2_layer_or_skip(520, split_k)
     from bench.quant import triton_f16x2 as f
 
-    m.set_row_plan(None, torch.float16, kernel=name)
     assert m.add_norm_kernel(1) is kernel and m.add_norm_kernel(2) is None
     norm = LlamaRMSNorm(520, eps=1e-5).to(DEVICE, torch.float16)
     with torch.no_grad():
@@ -1864,15 +1871,9 @@ def test_cuda_f16x2_gated_is_silu_of_the_gate_half_times_the_up_half(split_k):
     configuration (its own tuning's) and every one with an even TN its tuning may choose (a gate of 520 rows: the last
     program's rows partial); replayed from a CUDA graph, the same. A layer offers it at one row only."""
     half = 520
-    m = Int4Linear.from_int4(quantize_int4(torch.randn(2 * half, 1152) * 0.02, 128), DEVICE, torch.float16)
-    name = "triton-f16x2-splitk" if split_k else "triton-f16x2"
-    kernel = KERNELS[name]
-    why = kernel.unavailable(DEVICE, torch.float16) or kernel.shape_unsupported(m)
-    if why:
-        pytest.skip(why)
+    m, name, kernel = _f16x2_layer_or_skip(2 * half, split_k)
     from bench.quant import triton_f16x2 as f
 
-    m.set_row_plan(None, torch.float16, kernel=name)
     assert m.gate_kernel(1) is kernel and m.gate_kernel(2) is None
     x = torch.randn(1, 1152, device=DEVICE, dtype=torch.float16) * 4
 
