@@ -1545,8 +1545,8 @@ for n, k, g in ((40, 384, 128), (72, 256, 128)):  # partial row blocks; row bloc
         h, xn = triton_f16x2.f16x2_mm_add_norm(x, *args, residual, weight, 1e-5, cfg, emulate=True)
         assert h.shape == xn.shape == (1, n) and h.dtype == xn.dtype == torch.float16
         # the tail's first pass asked for after the sums, and passes of 16 elements (several, the last
-        # partial), ahead or not: the same bits
-        for ahead, chunk in ((False, 8192), (True, 16), (False, 16)):
+        # partial), ahead or not: the same bits (at the first configuration of each shape)
+        for ahead, chunk in ((False, 8192), (True, 16), (False, 16)) if cfg["TN"] == 1 else ():
             triton_f16x2.NORM_AHEAD, triton_f16x2.NORM_CHUNK = ahead, chunk
             again = triton_f16x2.f16x2_mm_add_norm(x, *args, residual, weight, 1e-5, cfg, emulate=True)
             assert torch.equal(again[0], h) and torch.equal(again[1], xn), (cfg, ahead, chunk)
