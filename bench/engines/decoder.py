@@ -292,14 +292,22 @@ class FastDecoder(nn.Module):
         pair = block.gate_up
         halves = len(pair.sizes) == 2 and pair.sizes[0] == pair.sizes[1]
         fused = pair.fused if halves and pair.runs_fused(rows) else None
-        find = getattr(fused, "gate_kernel", None)
-        kernel = (find(rows) if find is not None and self.fold_gate and torch.compiler.is_compiling()
-                  and self.numerics != "eager-exact" and self.config.hidden_act == "silu" and x.dtype == torch.float16
-                  else None)
+        kernel = self._epilogue_kernel(fused, "gate_kernel", x, self.fold_gate and self.config.hidden_act == "silu")
         if kernel is not None:
             return kernel.run_gated(fused, x.reshape(1, -1)).view(*x.shape[:-1], -1)
         gate, up = pair(x)
         return self._gate(block, gate, up)
+
+    def _epilogue_kernel(self, module, offer: str, x: torch.Tensor, ok: bool):
+        """The kernel `module`'s `offer` (Int4Linear.add_norm_kernel or gate_kernel) names for x's rows
+        where it may do the work after the projection in its launch: a traced (compiled) call of
+        float16 x under numerics other than eager-exact, and `ok` (the caller's own conditions); else
+        None."""
+        find = getattr(module, offer, None)
+        if (find is None or not ok or x.dtype != torch.float16 or not torch.compiler.is_compiling()
+                or self.numerics == "eager-exact"):
+            return None
+        return find(x.numel() // x.shape[-1])
 
     def _add_norm(self, linear: nn.Module, x: torch.Tensor, h: torch.Tensor, norm: nn.Module | None):
         """(h + linear(x), norm(h + linear(x))): in one launch of the linear's kernel where it can
@@ -307,11 +315,8 @@ class FastDecoder(nn.Module):
         kernel would sum in another order), else as two steps; (h + linear(x), None) without a norm."""
         if norm is None:
             return h + linear(x), None
-        find = getattr(linear, "add_norm_kernel", None)
-        rows = x.numel() // x.shape[-1]
-        kernel = (find(rows) if find is not None and torch.compiler.is_compiling() and self.numerics != "eager-exact"
-                  and hasattr(norm, "variance_epsilon") and x.dtype == h.dtype == norm.weight.dtype == torch.float16
-                  else None)
+        kernel = self._epilogue_kernel(linear, "add_norm_kernel", x,
+                                       hasattr(norm, "variance_epsilon") and x.dtype == h.dtype == norm.weight.dtype)
         if kernel is not None:
             out, normed = kernel.run_add_norm(linear, x.reshape(1, -1), h.reshape(1, -1), norm)
             return out.view(h.shape), normed.view(h.shape)

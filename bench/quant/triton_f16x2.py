@@ -377,10 +377,7 @@ def _add_norm(y, res, n, n_ok, N, h_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, 
         tl.store(grid_count_ptr, 0)
         first = 0
         if AHEAD:  # the first NB of h and the weight asked for with the sums: one round trip to L2, not two
-            i = tl.arange(0, NB)
-            ok = i < N
-            hv = tl.load(h_ptr + i, mask=ok, other=0.0, cache_modifier=".cg")
-            gv = tl.load(g_ptr + i, mask=ok, other=0.0)
+            i, ok, hv, gv = _tail_pass(h_ptr, g_ptr, 0, N, NB)
             first = NB
         b = tl.arange(0, PB)
         ss = tl.load(ss_ptr + b, mask=b < blocks, other=0.0, cache_modifier=".cg")
@@ -388,11 +385,18 @@ def _add_norm(y, res, n, n_ok, N, h_ptr, g_ptr, xn_ptr, ss_ptr, grid_count_ptr, 
         if AHEAD:
             _normed_store(hv, gv, inv, xn_ptr, i, ok)
         for start in tl.range(first, N, NB):
-            i = start + tl.arange(0, NB)
-            ok = i < N
-            hv = tl.load(h_ptr + i, mask=ok, other=0.0, cache_modifier=".cg")
-            gv = tl.load(g_ptr + i, mask=ok, other=0.0)
+            i, ok, hv, gv = _tail_pass(h_ptr, g_ptr, start, N, NB)
             _normed_store(hv, gv, inv, xn_ptr, i, ok)
+
+
+@triton.jit
+def _tail_pass(h_ptr, g_ptr, start, N, NB: tl.constexpr):
+    """One pass of the add-and-norm tail: its elements' indices from `start`, which of them are in
+    the row, and their h (past L1: other blocks wrote it) and norm weight, fp16."""
+    i = start + tl.arange(0, NB)
+    ok = i < N
+    return (i, ok, tl.load(h_ptr + i, mask=ok, other=0.0, cache_modifier=".cg"),
+            tl.load(g_ptr + i, mask=ok, other=0.0))
 
 
 @triton.jit
