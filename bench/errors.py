@@ -64,6 +64,12 @@ def path_problem(path, want: str = "file") -> str | None:
     return None if os.access(p, os.R_OK) else "not readable (permission denied)"
 
 
+def clipped(text: str, width: int) -> str:
+    """`text` as it is up to `width` characters, else cut to `width` with its last one an ellipsis
+    (cut visibly: a cut path reads as no path)."""
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
 def not_a_file(path) -> str | None:
     """path_problem's words where `path` is there but holds no file to read (a directory, a FIFO
     or device, a broken or looping symbolic link); None where it is a file, where nothing is there

@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 from bench.cli import PROG, describe
-from bench.errors import ArgumentParser, UsageError, path_problem
+from bench.errors import ArgumentParser, UsageError, clipped, path_problem
 
 # One CPU thread and --calibrate: every request is timed next to a fixed reference workload
 # (bench.measure.calibration) and the gate compares the ratios, so another process on the
@@ -72,8 +72,7 @@ def main(argv: list[str]) -> int:
         raise UsageError("OUTPUT_DIR is empty; give the results directory to write")
     other = other_commands(Path(args.output_dir))
     if other:  # appended to, its summaries would hold the gate's runs beside another benchmark's
-        shown = " ".join(other[0].split())  # one line, whatever the command's quoted text holds
-        shown = shown if len(shown) <= 120 else shown[:119] + "…"  # (cut visibly: a cut path is no path)
+        shown = clipped(" ".join(other[0].split()), 120)  # one line, whatever the command's quoted text holds
         raise UsageError(f"OUTPUT_DIR {args.output_dir} holds a run ci-bench did not make with these settings "
                          f"({shown}): give a new directory or one ci-bench wrote")
     from bench.cli.run import main as run_main

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from bench.analysis.console import NARROW
 from bench.cli import PROG
-from bench.errors import ArgumentParser, UsageError, check_seed, path_problem
+from bench.errors import ArgumentParser, UsageError, check_seed, clipped, path_problem
 from bench.measure.results import printable
 
 
@@ -204,7 +204,7 @@ def main(argv: list[str], prog: str = f"{PROG} run") -> int:
     if not ok:  # as an in-process run that measured nothing says it
         failed = next((r for r in measured if r.get("error")), None)
         first = printable(failed["error"]) if failed else ""  # one line, as runs.csv has it (a proxy's HTML page)
-        why = f" (the first: {first if len(first) <= 200 else first[:199] + '…'})" if first else ""
+        why = f" (the first: {clipped(first, 200)})" if first else ""
         print(f"error: nothing measured: every request failed{why}; the errors are in {out / 'runs.csv'}",
               file=sys.stderr)
         return 3
