@@ -112,7 +112,7 @@ def test_append_to_a_new_dir_is_a_first_run(tmp_path):
     assert len({r["run_id"] for r in read_rows(out / "runs.csv")}) == 1
 
 
-def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
+def test_resume_needs_the_same_configuration(finished, tmp_path, capsys, monkeypatch):
     out = copy_of(finished, tmp_path)
     before = snapshot(out)
     capsys.readouterr()
@@ -133,6 +133,19 @@ def test_resume_needs_the_same_configuration(finished, tmp_path, capsys):
     one_line_error(capsys, "another configuration (--num-runs 2 -> 3):")
     assert run_main([*TINY, "--max-runs", "50", "--resume", "--output-dir", str(out)]) == 2
     one_line_error(capsys, "another configuration (--max-runs 40 -> 50):")
+    # a path spelled otherwise names the same file or directory (relative to where the run begins,
+    # "./", a trailing "/", "~" expanded): the same configuration; another directory is not
+    from bench.quant import DEFAULT_CACHE_DIR
+    from bench.run.config import DEMO_IMAGE
+
+    monkeypatch.chdir(DEMO_IMAGE.parent)
+    spelled = ["--image-path", f"./{DEMO_IMAGE.name}", "--int4-cache-dir", f"{Path(DEFAULT_CACHE_DIR).expanduser()}/"]
+    assert run_main([*TINY, *spelled, "--resume", "--output-dir", str(out)]) == 0
+    assert read_rows(out / "runs.csv") == read_rows(finished / "runs.csv")
+    capsys.readouterr()
+    assert run_main([*TINY, "--int4-cache-dir", str(tmp_path / "other"), "--resume", "--output-dir", str(out)]) == 2
+    one_line_error(capsys, f"another configuration (--int4-cache-dir '{Path(DEFAULT_CACHE_DIR).expanduser()}' -> "
+                           f"'{tmp_path / 'other'}')")
     from bench.run.runner import config_fingerprint
 
     same = [config_fingerprint({"int4_kernel_candidates": c}) for c in ("dense,tinygemm", "tinygemm, dense,dense")]

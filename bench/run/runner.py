@@ -187,10 +187,16 @@ def shape_matched_warmups(adapter, questions: list[str], batch: int = 1, runs: i
 # "01,4" and "1,4" sweep the same points) and a set of names (the kernels `measured` chooses from).
 COUNT_LISTS = ("batch_size", "prompt_lengths", "new_tokens", "num_images")
 NAME_SETS = ("int4_kernel_candidates",)
+# Settings naming a file or directory, which "c1", "./c1/" and "/abs/c1" (from where the run began),
+# or "~/x" and its expansion, name alike: compared as absolute paths ("": none, as given)
+PATHS = ("model_path", "image_path", "video_path", "frames_dir", "questions", "awq_calib_dir", "int4_cache_dir")
 
 
 def _canonical(key: str, value):
-    """A comma-list setting as one spelling of it (COUNT_LISTS, NAME_SETS); others as they are."""
+    """A comma-list setting as one spelling of it (COUNT_LISTS, NAME_SETS), a path as an absolute
+    one (PATHS); others as they are."""
+    if isinstance(value, str) and value and key in PATHS:
+        return os.path.abspath(os.path.expanduser(value))
     if not isinstance(value, str) or key not in COUNT_LISTS + NAME_SETS:
         return value
     items = [v.strip() for v in value.split(",") if v.strip()]
@@ -204,7 +210,8 @@ def _canonical(key: str, value):
 
 def config_fingerprint(config: dict) -> tuple[str, dict]:
     """What --resume compares: the run's settings less where its results go (NOT_FINGERPRINTED),
-    unset ones as their defaults (FINGERPRINT_DEFAULTS), comma lists in one spelling (_canonical),
+    unset ones as their defaults (FINGERPRINT_DEFAULTS), comma lists in one spelling and paths
+    absolute (_canonical),
     as JSON would store them, and their SHA-256."""
     config = {**config, **{k: v for k, v in FINGERPRINT_DEFAULTS.items() if config.get(k) is None}}
     config = {k: _canonical(k, v) for k, v in config.items()}
