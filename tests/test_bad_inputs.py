@@ -776,6 +776,31 @@ def test_int4_kernels_command_bad_file(tmp_path, capsys, case):
     bad_sub(capsys, ["int4-kernels", f, "--out", out], "kernels.json", out=out)
 
 
+def test_one_malformed_kernel_measurement_spoils_no_other(tmp_path, capsys):
+    """A kernels.json holding a well-formed entry and a malformed one (a negative time, an entry that
+    is no object, a plan that is a string): `int4-kernels` lists and writes the good entry with one
+    warning line naming the other (a run drops it: test_int4_kernels)."""
+    import csv
+
+    from bench.quant.w4a16 import measurements
+    from bench.quant.w4a16.measurements import cache_key
+
+    f = tmp_path / "kernels.json"
+    _kernel_measurements(f)
+    (key, entry), = json.loads(f.read_text())["entries"].items()
+    other = cache_key(torch.device("cpu"), torch.float32, (64, 256, 64), (1,), ["tinygemm"])
+    for bad in ({**entry, "us": {"tinygemm": {"1": -1.0}}}, None, {**entry, "plan": "tinygemm"}):
+        f.write_text(json.dumps({"version": measurements.CACHE_VERSION, "entries": {other: bad, key: entry}}))
+        capsys.readouterr()
+        assert main(["int4-kernels", str(f)]) == 0
+        out, err = capsys.readouterr()
+        assert "32x256, g64" in out and "64x256" not in out, out
+        assert err.count("\n") == 1 and "1 of 2 entries malformed and left out" in err, err
+        table = tmp_path / f"t{len(list(tmp_path.glob('t*.csv')))}.csv"
+        assert main(["int4-kernels", str(f), "--out", str(table)]) == 0
+        assert {(r["out_features"], r["kernel"]) for r in csv.DictReader(open(table))} == {("32", "tinygemm")}
+
+
 def test_int4_kernels_command_bad_paths(tmp_path, capsys):
     good = tmp_path / "kernels.json"
     _kernel_measurements(good)

@@ -563,6 +563,33 @@ def test_measured_choice_is_made_once_per_device_and_shape(tmp_path):
     assert len(json.loads(cache.read_text())["entries"]) == 1
 
 
+def test_a_malformed_entry_is_left_out_and_dropped_at_the_next_save(tmp_path, monkeypatch, capsys):
+    """One malformed entry of a kernels.json (a negative time) spoils no other: a run warns once
+    (not once per shape or save), reuses the well-formed entry and writes the file without the
+    malformed one, so that `int4-kernels` then lists it without a warning."""
+    from bench.cli import main
+
+    cache = tmp_path / "kernels.json"
+    monkeypatch.setattr(measurements, "_KEPT", {})
+    first = choice.choose_kernels([_layer()], "measured", DTYPE, cache, points=(1, 2))
+    (good, entry), = json.loads(cache.read_text())["entries"].items()
+    bad = good.replace('"shape": [256, 256, 64]', '"shape": [512, 256, 64]')
+    assert bad != good
+    cache.write_text(json.dumps({"version": measurements.CACHE_VERSION,
+                                 "entries": {good: entry, bad: {**entry, "us": {"tinygemm": {"1": -1.0}}}}}))
+    monkeypatch.setattr(measurements, "_KEPT", {})
+    monkeypatch.setattr(measurements, "_BAD_WARNED", set())
+    capsys.readouterr()
+    again = choice.choose_kernels([_layer(seed=3), _layer(128, 256), _layer(64, 256)], "measured", DTYPE, cache,
+                                  points=(1, 2))
+    err = capsys.readouterr().err
+    assert err.count("entries malformed") == 1 and "1 of 2 entries malformed" in err, err
+    assert again.plans[(256, 256, 64)].cached and again.plans[(256, 256, 64)].plan == first.plans[(256, 256, 64)].plan
+    entries = json.loads(cache.read_text())["entries"]
+    assert good in entries and bad not in entries and len(entries) == 3
+    assert main(["int4-kernels", str(cache)]) == 0 and not capsys.readouterr().err
+
+
 def test_a_kernels_file_that_cannot_be_used_is_measured_again_not_waited_on(tmp_path, monkeypatch, capsys):
     """A kernels.json that is a FIFO is not opened (reading one blocks until a writer comes): the
     plans are measured and the file replaced. A kept plan naming a kernel outside its own
@@ -655,9 +682,9 @@ def test_two_writers_keep_each_others_measurements(tmp_path):
 
     path = tmp_path / "kernels.json"
     first, second = PlanCache(path), PlanCache(path)
-    first.put(_key((3,)), _plan())
-    second.put(_key((5,)), _plan())
-    assert set(json.loads(path.read_text())["entries"]) == {_key((3,)), _key((5,))}
+    first.put(_key((1, 3)), _plan())
+    second.put(_key((1, 5)), _plan())
+    assert set(json.loads(path.read_text())["entries"]) == {_key((1, 3)), _key((1, 5))}
 
 
 def test_a_kept_plan_naming_an_unknown_kernel_is_measured_again(tmp_path, capsys):

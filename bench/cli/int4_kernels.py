@@ -3,6 +3,8 @@ here, and what `--int4-kernels measured` measured and chose (kept in the int4 ca
 kernels.json), as a table or, with --out, a CSV (one row per shape, kernel and row count)."""
 from __future__ import annotations
 
+import sys
+
 from bench.cli import PROG, describe
 from bench.quant import DEFAULT_CACHE_DIR, KERNELS_FILE
 from bench.errors import ArgumentParser, UsageError, no_room, path_problem
@@ -69,7 +71,7 @@ def parser() -> ArgumentParser:
 
 def _entries(path, explicit: bool) -> list[tuple[dict, object]]:
     """[(key fields, ShapePlan)] of the file; [] when the default file does not exist yet."""
-    from bench.quant.w4a16.measurements import parse_entry, read_entries
+    from bench.quant.w4a16.measurements import parse_entries, read_entries
 
     if path.is_dir():
         raise UsageError(f"{path} is a directory; give the kernels.json file in it")
@@ -81,11 +83,19 @@ def _entries(path, explicit: bool) -> list[tuple[dict, object]]:
     if problem:
         raise UsageError(f"{path}: {problem}")
     try:
-        return [parse_entry(key, entry) for key, entry in read_entries(path).items()]
+        entries = read_entries(path)
     except OSError as e:
         raise UsageError(f"{path}: cannot read it ({e.strerror or e})") from None
     except ValueError as e:
         raise UsageError(f"{path} is not an int4 kernel measurements file ({' '.join(str(e).split())[:200]})") from None
+    good, bad = parse_entries(entries)
+    if bad:
+        why = next(iter(bad.values()))
+        if not good:
+            raise UsageError(f"{path} is not an int4 kernel measurements file (none of its {len(bad)} entries "
+                             f"reads: {why})")
+        print(f"warning: {path}: {len(bad)} of {len(entries)} entries malformed and left out ({why})", file=sys.stderr)
+    return [(fields, plan) for _, fields, plan in good]
 
 
 def _check_out(out) -> None:

@@ -14,7 +14,8 @@ row counts whose times it took (`reused`) and those whose errors it took too (`u
 
 Entries are kept in this process too, so every engine of a run reuses a plan measured once,
 kept file or not. Writers merge their entries into the file under a lock (filelock), so runs
-on several GPUs at once keep each other's; an unreadable file is replaced, with a warning.
+on several GPUs at once keep each other's; an unreadable file is replaced, with a warning, and a
+malformed entry (parse_entries) is left out and dropped at the next save, with one.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ KEY_FIELDS = {"device": str, "versions": dict, "dtype": str, "shape": list, "poi
 # booleans, absent in older files (pdl: where on; pdl_preload, pdl_late: where on, under pdl)
 OPTIONAL_KEY_FIELDS = ("dense_copy", "graph", "pdl", "pdl_preload", "pdl_late")
 _KEPT: dict[str, dict] = {}  # key -> entry: what this process measured or read
+_BAD_WARNED: set[Path] = set()  # files whose malformed entries a warning named already
 _LOCK_HELD: set[Path] = set()  # files whose lock a save waited LOCK_SECONDS for: not waited on again
 
 
@@ -184,6 +186,18 @@ def parse_entry(key: str, entry) -> tuple[dict, ShapePlan]:
     return fields, plan
 
 
+def parse_entries(entries: dict) -> tuple[list[tuple[str, dict, ShapePlan]], dict[str, str]]:
+    """([(key, its fields, the plan)] of the entries parse_entry reads, {key: why not} of the
+    others): one malformed entry (a hand edit, another program's) spoils no other."""
+    good, bad = [], {}
+    for key, entry in entries.items():
+        try:
+            good.append((key, *parse_entry(key, entry)))
+        except ValueError as e:
+            bad[key] = " ".join(str(e).split())[:200]
+    return good, bad
+
+
 def read_entries(path: Path) -> dict:
     """The entries of a measurements file, not yet checked one by one; ValueError (OSError
     where it cannot be read) saying why it is not one."""
@@ -300,14 +314,22 @@ class PlanCache:
         self.entries: dict[str, dict] = self._read("measuring again") if path is not None else {}
 
     def _read(self, then: str) -> dict:
+        """The file's well-formed entries (parse_entries): those it cannot read are left out, so a
+        save writes the file without them (once a process, a warning says how many)."""
         if not self.path.exists() and not self.path.is_symlink():
             return {}
         try:
-            return dict(read_entries(self.path))
+            entries = read_entries(self.path)
         except (ValueError, OSError) as e:
             status(f"warning: int4 kernel measurements {self.path} unreadable ({' '.join(str(e).split())[:160]}); "
                    f"{then}")
             return {}
+        good, bad = parse_entries(entries)
+        if bad and self.path not in _BAD_WARNED:
+            _BAD_WARNED.add(self.path)
+            status(f"warning: int4 kernel measurements {self.path}: {len(bad)} of {len(entries)} entries malformed "
+                   f"({next(iter(bad.values()))[:120]}), left out and dropped from the file at its next save")
+        return {key: entries[key] for key, _, _ in good}
 
     def get(self, key: str, shape) -> ShapePlan | None:
         """The plan kept under `key`, if it names only kernels this harness has, among the key's
