@@ -590,6 +590,22 @@ def test_a_malformed_entry_is_left_out_and_dropped_at_the_next_save(tmp_path, mo
     assert main(["int4-kernels", str(cache)]) == 0 and not capsys.readouterr().err
 
 
+def test_a_newer_versions_kernels_file_is_read_by_no_run_and_never_replaced(tmp_path, monkeypatch, capsys):
+    """A kernels.json of a later version than this harness writes (a newer harness's) is not
+    replaced: the run measures without it, says so once, and leaves the file as it was."""
+    cache = tmp_path / "kernels.json"
+    newer = json.dumps({"version": measurements.CACHE_VERSION + 1, "entries": {"a newer key": {"plan": "?"}}})
+    cache.write_text(newer)
+    monkeypatch.setattr(measurements, "_KEPT", {})
+    monkeypatch.setattr(measurements, "_LOCK_HELD", set())
+    capsys.readouterr()
+    chosen = choice.choose_kernels([_layer(), _layer(128, 256)], "measured", DTYPE, cache, points=(1, 2))
+    assert not any(p.cached for p in chosen.plans.values())
+    err = capsys.readouterr().err
+    assert err.count("written by a newer version") == 1 and "saving nothing there" in err, err
+    assert cache.read_text() == newer
+
+
 def test_a_kernels_file_that_cannot_be_used_is_measured_again_not_waited_on(tmp_path, monkeypatch, capsys):
     """A kernels.json that is a FIFO is not opened (reading one blocks until a writer comes): the
     plans are measured and the file replaced. A kept plan naming a kernel outside its own

@@ -43,7 +43,9 @@ KEY_FIELDS = {"device": str, "versions": dict, "dtype": str, "shape": list, "poi
 OPTIONAL_KEY_FIELDS = ("dense_copy", "graph", "pdl", "pdl_preload", "pdl_late")
 _KEPT: dict[str, dict] = {}  # key -> entry: what this process measured or read
 _BAD_WARNED: set[Path] = set()  # files whose malformed entries a warning named already
-_LOCK_HELD: set[Path] = set()  # files whose lock a save waited LOCK_SECONDS for: not waited on again
+# files not saved to again: one whose lock a save waited LOCK_SECONDS for (not waited on again), or a
+# newer version's (NewerFile)
+_LOCK_HELD: set[Path] = set()
 
 
 @dataclass
@@ -186,6 +188,10 @@ def parse_entry(key: str, entry) -> tuple[dict, ShapePlan]:
     return fields, plan
 
 
+class NewerFile(ValueError):
+    """A measurements file of a later version than CACHE_VERSION: a newer harness's, never replaced."""
+
+
 def parse_entries(entries: dict) -> tuple[list[tuple[str, dict, ShapePlan]], dict[str, str]]:
     """([(key, its fields, the plan)] of the entries parse_entry reads, {key: why not} of the
     others): one malformed entry (a hand edit, another program's) spoils no other."""
@@ -214,7 +220,9 @@ def read_entries(path: Path) -> dict:
         raise ValueError("JSON nested too deep") from None
     if not isinstance(data, dict) or type(data.get("version")) is not int or data.get("version") != CACHE_VERSION:
         found = data.get("version") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"not a version {CACHE_VERSION} measurements object (found {found!r})")
+        newer = type(found) is int and found > CACHE_VERSION
+        why = f"not a version {CACHE_VERSION} measurements object (found {found!r})"
+        raise NewerFile(why) if newer else ValueError(why)
     return _object(data.get("entries"), "'entries'")
 
 
@@ -320,6 +328,12 @@ class PlanCache:
             return {}
         try:
             entries = read_entries(self.path)
+        except NewerFile as e:
+            if self.path not in _LOCK_HELD:  # (no save tries it again, nor says so again)
+                _LOCK_HELD.add(self.path)
+                status(f"warning: int4 kernel measurements {self.path} were written by a newer version of the "
+                       f"harness ({' '.join(str(e).split())[:80]}); measuring without them, saving nothing there")
+            return {}
         except (ValueError, OSError) as e:
             status(f"warning: int4 kernel measurements {self.path} unreadable ({' '.join(str(e).split())[:160]}); "
                    f"{then}")
@@ -407,7 +421,10 @@ class PlanCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(f"{self.path}.lock", timeout=LOCK_SECONDS):
-                self.entries = {**self._read("replacing it"), key: entry}
+                kept = self._read("replacing it")
+                if self.path in _LOCK_HELD:  # a newer version's since it was first read
+                    return
+                self.entries = {**kept, key: entry}
                 write_json(self.path, {"version": CACHE_VERSION, "entries": self.entries})
         except Timeout:
             _LOCK_HELD.add(self.path)
