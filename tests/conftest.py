@@ -91,11 +91,13 @@ def on_run_batch_call(monkeypatch, at: dict) -> tuple[dict, object]:
 @pytest.fixture(autouse=True)
 def _no_earlier_kernel_measurements(monkeypatch):
     """Each test starts with none of the int4 kernel measurements a process keeps (a run reuses
-    what it measured for any candidate set: another test's would stand in for this one's)."""
+    what it measured for any candidate set: another test's would stand in for this one's), and
+    with no file marked unsaved or warned about."""
     from bench.quant.w4a16 import measurements
 
     monkeypatch.setattr(measurements, "_KEPT", {})
-    monkeypatch.setattr(measurements, "_LOCK_HELD", set())
+    monkeypatch.setattr(measurements, "_NOT_SAVED", set())
+    monkeypatch.setattr(measurements, "_BAD_WARNED", set())
 
 
 @pytest.fixture(scope="session")

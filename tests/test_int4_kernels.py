@@ -578,7 +578,6 @@ def test_a_malformed_entry_is_left_out_and_dropped_at_the_next_save(tmp_path, mo
     cache.write_text(json.dumps({"version": measurements.CACHE_VERSION,
                                  "entries": {good: entry, bad: {**entry, "us": {"tinygemm": {"1": -1.0}}}}}))
     monkeypatch.setattr(measurements, "_KEPT", {})
-    monkeypatch.setattr(measurements, "_BAD_WARNED", set())
     capsys.readouterr()
     again = choice.choose_kernels([_layer(seed=3), _layer(128, 256), _layer(64, 256)], "measured", DTYPE, cache,
                                   points=(1, 2))
@@ -596,8 +595,6 @@ def test_a_newer_versions_kernels_file_is_read_by_no_run_and_never_replaced(tmp_
     cache = tmp_path / "kernels.json"
     newer = json.dumps({"version": measurements.CACHE_VERSION + 1, "entries": {"a newer key": {"plan": "?"}}})
     cache.write_text(newer)
-    monkeypatch.setattr(measurements, "_KEPT", {})
-    monkeypatch.setattr(measurements, "_LOCK_HELD", set())
     capsys.readouterr()
     chosen = choice.choose_kernels([_layer(), _layer(128, 256)], "measured", DTYPE, cache, points=(1, 2))
     assert not any(p.cached for p in chosen.plans.values())

@@ -45,7 +45,7 @@ _KEPT: dict[str, dict] = {}  # key -> entry: what this process measured or read
 _BAD_WARNED: set[Path] = set()  # files whose malformed entries a warning named already
 # files not saved to again: one whose lock a save waited LOCK_SECONDS for (not waited on again), or a
 # newer version's (NewerFile)
-_LOCK_HELD: set[Path] = set()
+_NOT_SAVED: set[Path] = set()
 
 
 @dataclass
@@ -329,8 +329,8 @@ class PlanCache:
         try:
             entries = read_entries(self.path)
         except NewerFile as e:
-            if self.path not in _LOCK_HELD:  # (no save tries it again, nor says so again)
-                _LOCK_HELD.add(self.path)
+            if self.path not in _NOT_SAVED:  # (no save tries it again, nor says so again)
+                _NOT_SAVED.add(self.path)
                 status(f"warning: int4 kernel measurements {self.path} were written by a newer version of the "
                        f"harness ({' '.join(str(e).split())[:80]}); measuring without them, saving nothing there")
             return {}
@@ -416,18 +416,18 @@ class PlanCache:
         """Merge the entry into the file as it is now (another process may have added some)."""
         from filelock import FileLock, Timeout
 
-        if self.path in _LOCK_HELD:
+        if self.path in _NOT_SAVED:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with FileLock(f"{self.path}.lock", timeout=LOCK_SECONDS):
                 kept = self._read("replacing it")
-                if self.path in _LOCK_HELD:  # a newer version's since it was first read
+                if self.path in _NOT_SAVED:  # a newer version's since it was first read
                     return
                 self.entries = {**kept, key: entry}
                 write_json(self.path, {"version": CACHE_VERSION, "entries": self.entries})
         except Timeout:
-            _LOCK_HELD.add(self.path)
+            _NOT_SAVED.add(self.path)
             status(f"warning: int4 kernel measurements not saved to {self.path} (its lock was held for "
                    f"{LOCK_SECONDS} s); this run's other measurements are not saved either")
         except OSError as e:  # the plan is used all the same, only measured again by a later run
